@@ -541,7 +541,7 @@ def test_from_png_controlnet_by_folder_and_hash(tmp_path, capsys):
     import shutil
 
     from sdengine.catalog import builtin_path
-    from sdengine.metadata import model_hash
+    from sdengine.metadata import legacy_hash, model_hash
 
     edges, made = _controlnet_png(tmp_path)
     text = Image.open(made).info["parameters"]
@@ -550,7 +550,11 @@ def test_from_png_controlnet_by_folder_and_hash(tmp_path, capsys):
     shutil.copytree(builtin_path("controlnets", "emoji-controlnet-canny"), folder / "mycanny")
     weights = sorted((folder / "mycanny").glob("**/diffusion_pytorch_model*.safetensors"))[0]
     good = model_hash(weights)[:8]
-    for digest, ok in ((good, True), ("0123abcd" if good != "0123abcd" else "ffffffff", False)):
+    # sd-webui-controlnet writes A1111's old hash (SHA-256 of the 64 KiB at 1 MiB): found too (it was refused)
+    old = legacy_hash(weights)
+    assert weights.stat().st_size > 0x110000 and old != good
+    bad = next(d for d in ("0123abcd", "ffffffff") if d not in (good, old))
+    for digest, ok in ((old, True), (good, True), (bad, False)):
         png = tmp_path / f"a1111-{ok}.png"
         from sdengine.metadata import save_png
 
@@ -573,7 +577,7 @@ def test_from_png_controlnet_by_folder_and_hash(tmp_path, capsys):
                 np.asarray(Image.open(made)), np.asarray(Image.open(tmp_path / "o-True" / "00000-4.png"))
             )
         else:
-            assert rc == 2 and "hash" in err and "mycanny" in err, err
+            assert rc == 2 and f"has hash [{good}] (A1111 old hash [{old}])" in err and "mycanny" in err, err
     # a name found nowhere
     assert (
         _generate(

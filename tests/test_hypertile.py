@@ -264,7 +264,9 @@ def test_an_a1111_infotext_is_read(caplog):
     )
     kwargs = to_generate_kwargs(parse_parameters(text))
     assert kwargs["hypertile"] == (256, 2, 1) and kwargs["hypertile_hires_only"] is False
-    assert "Hypertile VAE" in caplog.text  # not reproduced: named in the warning
+    assert (
+        kwargs["hypertile_vae"] == (128, 3, 3) and "Hypertile VAE" not in caplog.text
+    )  # run: tests/test_hypertile_vae.py
     with pytest.raises(SdengineError, match="Hypertile U-Net: 'yes' is not True or False"):
         to_generate_kwargs(parse_parameters(text.replace("U-Net: True", "U-Net: yes")))
 

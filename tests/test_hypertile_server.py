@@ -1,7 +1,8 @@
 """HyperTile on A1111's routes: its Hypertile U-Net options (``hypertile_enable_unet``, ``..._secondpass``,
 ``hypertile_max_tile_unet``, ``..._swap_size_unet``, ``..._max_depth_unet``) in ``override_settings`` and ``POST
 /sdapi/v1/options`` become the job's ``hypertile`` (the pipeline's keywords are recorded), its infotext keys are read
-back into those options, the VAE switch and bad values are one-line 400s; the image is the Python API's."""
+back into those options (the VAE's too: tests/test_hypertile_vae.py), bad values are one-line 400s; the image is the
+Python API's."""
 
 from __future__ import annotations
 
@@ -108,8 +109,10 @@ def test_an_infotext_sets_the_hypertile_options(served) -> None:
     assert _ht(rec.calls[-1]) == ((192, 3, 2), False)
     r = c.post("/sdapi/v1/txt2img", json={**A1111_BODY, "infotext": text + ", Hypertile rule: comfyui"})
     assert r.status_code == 400 and "Hypertile rule" in r.json()["detail"] and "\n" not in r.json()["detail"]
+    # A1111's Hypertile VAE is run (tests/test_hypertile_vae.py): this model's VAE has no middle attention to tile
     r = c.post("/sdapi/v1/txt2img", json={**A1111_BODY, "infotext": text + ", Hypertile VAE: True"})
-    assert r.status_code == 400 and "hypertile_enable_vae" in r.json()["detail"], r.text
+    assert r.status_code == 400 and "hypertile_vae: HyperTile VAE tiles" in r.json()["detail"], r.text
+    assert "\n" not in r.json()["detail"]
 
 
 @pytest.mark.parametrize(
@@ -120,7 +123,7 @@ def test_an_infotext_sets_the_hypertile_options(served) -> None:
         ("hypertile_max_tile_unet", 4096, "hypertile_max_tile_unet must be a whole number in [0, 2048], got 4096"),
         ("hypertile_swap_size_unet", 2.5, "hypertile_swap_size_unet must be a whole number in [0, 128]"),
         ("hypertile_max_depth_unet", -1, "hypertile_max_depth_unet must be a whole number in [0, 10]"),
-        ("hypertile_enable_vae", True, "HyperTile on the VAE is not implemented in sdengine"),
+        ("hypertile_enable_vae", "yes", "hypertile_enable_vae must be true or false"),
     ],
 )
 def test_bad_hypertile_options_are_one_line_400s(served, option, value, said) -> None:

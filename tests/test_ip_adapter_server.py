@@ -120,10 +120,21 @@ def decode(data: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
 
 
-def python_api(folders: dict[str, Path], units: list[tuple[str, float, str, str]], **kw: Any) -> np.ndarray:
-    """The Python API's image with units (adapter file in the folder, scale, encoder in the folder, rule)."""
+def python_api(
+    folders: dict[str, Path], units: list[tuple[str, float, str, str]], window: tuple[float, float] = (0, 1), **kw: Any
+) -> np.ndarray:
+    """The Python API's image with units (adapter file in the folder, scale, encoder in the folder, rule), each
+    acting in ``window`` (start, end)."""
     ip = [
-        IPAdapterUnit(folders["ipa"] / a, scale=s, images=picture(), clip_vision=folders["clip"] / c, negative_rule=r)
+        IPAdapterUnit(
+            folders["ipa"] / a,
+            scale=s,
+            images=picture(),
+            clip_vision=folders["clip"] / c,
+            negative_rule=r,
+            start=window[0],
+            end=window[1],
+        )
         for a, s, c, r in units
     ]
     r = shared_loader("emoji", "cpu")(PROMPT, progress=False, ip_adapters=ip or None, **{**GEN, **kw})
@@ -148,6 +159,7 @@ def test_lists_and_a_native_job_equal_the_python_api(client, folders) -> None:
         {"prompt": PROMPT, **GEN, "ip_adapters": [{"model": "plain.safetensors", "image": image_id, "scale": 0.8}]},
     )
     np.testing.assert_array_equal(got, want)
+    one = want
     # the Plus adapter with ComfyUI's negative, named encoder; and both units together
     want = python_api(folders, [("sub/plus.bin", 1.2, "small", "comfyui")])
     unit = {
@@ -166,6 +178,11 @@ def test_lists_and_a_native_job_equal_the_python_api(client, folders) -> None:
     ]
     got, _ = run_job(client, {"prompt": PROMPT, **GEN, "ip_adapters": body})
     np.testing.assert_array_equal(got, python_api(folders, both))
+    windowed = python_api(folders, [("plain.safetensors", 0.8, "small", "diffusers")], (0.2, 0.7))
+    unit = {"model": "plain.safetensors", "image": image_id, "scale": 0.8, "start": 0.2, "end": 0.7}
+    got, _ = run_job(client, {"prompt": PROMPT, **GEN, "ip_adapters": [unit]})
+    np.testing.assert_array_equal(got, windowed)
+    assert np.abs(windowed.astype(int) - one.astype(int)).max() > 0  # the window changes the image
     got, _ = run_job(
         client,
         {"prompt": PROMPT, **GEN, "ip_adapters": [{"model": "plain.safetensors", "image": image_id, "scale": 0}]},
@@ -196,6 +213,10 @@ def test_native_errors_are_one_line_400s(client, folders) -> None:
             "unknown CLIP vision 'nope'; available: big.safetensors, small",
         ),
         ({"model": "plain.safetensors", "image": "not-an-image"}, "IP-Adapter unit 0 image"),
+        (
+            {"model": "plain.safetensors", "start": 0.8, "end": 0.2},
+            "IP-Adapter unit 0: start (0.8) must be less than end (0.2)",
+        ),
     ):
         r = post(**unit)
         assert r.status_code == 400, (unit, r.text)
@@ -205,7 +226,8 @@ def test_native_errors_are_one_line_400s(client, folders) -> None:
     for unit in (
         {"model": "plain.safetensors", "scale": 9},
         {"model": "plain.safetensors", "negative_rule": "a1111"},
-        {"model": "plain.safetensors", "start": 0.5},
+        {"model": "plain.safetensors", "start": 1.5},
+        {"model": "plain.safetensors", "weight": 0.5},
     ):
         assert post(**unit).status_code == 422, unit
     r = client.post(
@@ -252,10 +274,8 @@ def test_a_server_without_the_folders_says_which_flag(tmp_path, folders) -> None
 def test_a1111_ip_adapter_units(server, folders) -> None:
     """webuiapi's ControlNetUnit with the extension's IP-Adapter modules: the model as the extension lists it (no
     suffix, a hash title too), weight the scale; the module's family picks the encoder (a ViT-H module takes the
-    tiny encoders, whose family is unknown, by width); the lists name them; a window is refused while the
-    pipeline's unit has none; unknown models and encoders that do not fit are 400s."""
-    from sdengine.server.ip_adapters import has_window
-
+    tiny encoders, whose family is unknown, by width); the lists name them; a window is the pipeline's (said in
+    the notes); unknown models and encoders that do not fit are 400s."""
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="DPM++ 2M", scheduler="Karras")
     assert {"plain", "sub/plus"} <= set(api.controlnet_model_list())
     assert {"ip-adapter_clip_h", "ip-adapter_clip_sd15", "ip-adapter-auto"} <= set(api.controlnet_module_list())
@@ -284,10 +304,17 @@ def test_a1111_ip_adapter_units(server, folders) -> None:
     assert "width 32, and no encoder of the ViT-bigG/14 family its module runs in --clip-vision-dir" in refused(
         module="ip-adapter_clip_g", model="odd"
     )
-    if not has_window():
-        assert "a window of steps (start 0.2, end 1) is not supported" in refused(
-            module="ip-adapter_clip_h", model="plain", guidance_start=0.2
-        )
+    # a window: the pipeline's (ComfyUI's sigma rule), said in the notes
+    unit = webuiapi.ControlNetUnit(
+        image=picture(), module="ip-adapter_clip_h", model="plain", weight=0.8, guidance_start=0.3, guidance_end=0.9
+    )
+    r = api.txt2img(prompt=PROMPT, controlnet_units=[unit], alwayson_scripts={}, **common)
+    want = python_api(folders, [("plain.safetensors", 0.8, "small", "diffusers")], (0.3, 0.9))
+    np.testing.assert_array_equal(np.asarray(r.image.convert("RGB")), want)
+    assert any("judged by each model call's sigma" in n for n in r.info["notes"]), r.info
+    assert "start (0.9) must be less than end (0.3)" in refused(
+        module="ip-adapter_clip_h", model="plain", guidance_start=0.9, guidance_end=0.3
+    )
     r = httpx.post(
         f"{server.url}/controlnet/detect",
         json={"controlnet_module": "ip-adapter_clip_h", "controlnet_input_images": [b64(picture())]},

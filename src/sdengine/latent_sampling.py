@@ -459,6 +459,7 @@ def sample_latents(
     guidance_rule: Any = None,
     third: Sequence[TextCondition] = (),
     deep_shrink: Any = None,
+    ip_adapters: Sequence[Any] = (),
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -504,7 +505,12 @@ def sample_latents(
     negative and ``third`` predicted as ComfyUI's calc_cond_batch weighs its entries (the regional path), then the
     rule's combination; not with ``guidance_rescale`` or ``pag_scale``.
     ``deep_shrink``: a :class:`sdengine.nn.deep_shrink.DeepShrink` patch of the U-Net in the calls whose sigma is in
-    its window (ComfyUI's PatchModelAddDownscale); not with a ControlNet or T2I-Adapter.
+    its window (ComfyUI's PatchModelAddDownscale), or a chain of them applied in ComfyUI's order (chained nodes);
+    not with a ControlNet or T2I-Adapter.
+    ``ip_adapters``: :class:`sdengine.pipeline.ip_adapter.IPAdapterUnit` values (ComfyUI_IPAdapter_plus's model
+    patches), on the U-Net's cross-attention of every call, each in its start / end sigma window; the conditional
+    rows take their images' tokens, the unconditional rows their negatives'; not with regional entries or a guider
+    over three conditionings.
     """
     if guidance_rule is not None and not third:
         raise LatentSamplingError("a guider over three conditionings needs its third conditioning")
@@ -555,6 +561,20 @@ def sample_latents(
         attention_map = functools.partial(middle_attention_mass, pipe.unet)
     dev = pipe.device
     b, _, h, w = latent.shape
+    ip = None
+    if ip_adapters:
+        from sdengine.pipeline.ip_adapter import check_units, image_tokens
+
+        if regional:
+            raise LatentSamplingError(
+                "IP-Adapter cannot run with conditioning areas, masks, strengths, several negatives or a guider over "
+                "three conditionings in sdengine: sample with one plain positive and negative"
+            )
+        try:
+            ip_units = check_units(list(ip_adapters), pipe.unet, b)
+            ip = image_tokens(ip_units, b, dev, pipe.dtype, log_sigmas=pipe.noise_schedule.log_sigmas)
+        except SdengineError as e:
+            raise LatentSamplingError(str(e)) from None
     f = pipe.vae_scale_factor
     name, sched = sampling.resolve(sampler, schedule, sdxl=getattr(pipe, "text_kind", "") == "sdxl")
     latent = latent.float().to(dev)
@@ -840,6 +860,10 @@ def sample_latents(
                     for d in distinct
                 ]
                 part_net = net.with_kinds(kinds)
+            if ip is not None:  # the IP-Adapters on the U-Net's cross-attention, their tokens in the conditioning
+                from sdengine.nn.ip_adapter import IPAdapterNet
+
+                part_net = IPAdapterNet(part_net, pipe.unet, ip.layers)
             den = shrunk(
                 Denoiser(UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, prediction, timestep_mode=t_mode)
             )
@@ -847,6 +871,9 @@ def sample_latents(
             c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
             uncond_args: dict[str, Tensor] = {"crossattn": u}
             extra: dict[str, Tensor] = {"crossattn": c.expand(b, -1, -1)}
+            if ip is not None:
+                uncond_args["ip_tokens"] = ip.uncond
+                extra["ip_tokens"] = ip.cond
             if "vector" in pos and "vector" in neg:
                 pos_vec, neg_vec = pos["vector"], neg["vector"]
                 sizes = getattr(pipe.conditioner, "size_vectors", None)

@@ -320,7 +320,7 @@ def _number_or_none(text: str | None) -> float | None:
 
 
 _FREEU_FACTOR_FIELDS = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
-# A1111's Hypertile U-Net fields and sdengine's two (its "Hypertile VAE ..." ones are not reproduced: warned of)
+# A1111's Hypertile U-Net fields and sdengine's two
 HYPERTILE_UNET_FIELDS = (
     "Hypertile U-Net",
     "Hypertile U-Net second pass",
@@ -329,6 +329,13 @@ HYPERTILE_UNET_FIELDS = (
     "Hypertile U-Net swap size",
     "Hypertile rule",
     "Hypertile scale depth",
+)
+# A1111's Hypertile VAE fields (the request's hypertile_vae)
+HYPERTILE_VAE_FIELDS = (
+    "Hypertile VAE",
+    "Hypertile VAE max depth",
+    "Hypertile VAE max tile size",
+    "Hypertile VAE swap size",
 )
 
 
@@ -432,7 +439,8 @@ def to_generate_kwargs(
     (Forge's "kohya_hrfix_enabled: True", "kohya_hrfix_block_number" ...: :func:`deep_shrink_kwargs`), ``hypertile``,
     ``hypertile_hires_only``, ``hypertile_rule`` and ``hypertile_scale_depth`` (A1111's "Hypertile U-Net: True" or
     "Hypertile U-Net second pass: True", its "Hypertile U-Net max tile size" / "max depth" / "swap size", 256 / 3 / 3
-    where missing; sdengine's "Hypertile rule", "Hypertile scale depth"), ``subseed`` and
+    where missing; sdengine's "Hypertile rule", "Hypertile scale depth"), ``hypertile_vae`` (A1111's "Hypertile VAE:
+    True", its "Hypertile VAE max tile size" / "swap size" / "max depth", 128 / 3 / 3 where missing), ``subseed`` and
     ``subseed_strength`` ("Variation seed", "Variation seed strength"), ``seed_resize_from_w`` and
     ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
@@ -539,6 +547,11 @@ def to_generate_kwargs(
         kwargs["hypertile_rule"] = parsed.get("Hypertile rule", "a1111").strip()
         if "Hypertile scale depth" in parsed:
             kwargs["hypertile_scale_depth"] = _true(parsed, "Hypertile scale depth")
+    if _true(parsed, "Hypertile VAE"):  # A1111's Hypertile VAE (its settings where not its defaults 128, 3, 3)
+        kwargs["hypertile_vae"] = tuple(
+            _parse_int(parsed, f"Hypertile VAE {name}") if f"Hypertile VAE {name}" in parsed else default
+            for name, default in (("max tile size", 128), ("swap size", 3), ("max depth", 3))
+        )
     if "Variation seed" in parsed:
         kwargs["subseed"] = _parse_int(parsed, "Variation seed")
         # A1111 writes the strength only when it is not 0; a missing one is 0 (the seed's image)
@@ -657,6 +670,7 @@ def to_generate_kwargs(
         "freeu_rule",
         *DEEP_SHRINK_INFOTEXT_FIELDS,
         *HYPERTILE_UNET_FIELDS,
+        *HYPERTILE_VAE_FIELDS,
         "Variation seed",
         "Variation seed strength",
         "Seed resize from",
@@ -690,7 +704,14 @@ def to_generate_kwargs(
     # "ControlNet N" fields (and their step rule) are the caller's: they need the control image (see
     # recorded_controlnets)
     used |= {"ControlNet step rule", "ControlNet guess mode"}
-    ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS and not _RE_CONTROLNET.match(k)]
+    ignored = [
+        k
+        for k in parsed
+        if k not in used
+        and k not in _DESCRIPTIVE_FIELDS
+        and not _RE_CONTROLNET.match(k)
+        and not _RE_IP_ADAPTER.match(k)  # the caller's too: they need the picture (recorded_ip_adapters)
+    ]
     if ignored:
         log.warning("infotext fields not reproduced by sdengine (the image may differ): %s", ", ".join(ignored))
     return kwargs
@@ -1074,6 +1095,119 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
     return [dataclasses.replace(u, rule=r) for u, r in zip(units, rules, strict=True)]
 
 
+_RE_IP_ADAPTER = re.compile(r"^IP-Adapter (\d+)$")
+
+
+def _named(name: str, digest: str | None) -> str:
+    """``NAME [HASH]`` (A1111's way of naming a model file), the separators A1111's readers split on removed."""
+    clean = _RE_CONTROLNET_SEPARATORS.sub("", name)
+    return f"{clean} [{digest}]" if digest else clean
+
+
+def format_ip_adapter(
+    model: str,
+    *,
+    model_hash: str | None = None,
+    weight: float = 1.0,
+    clip_vision: str | None = None,
+    clip_vision_hash: str | None = None,
+    negative_rule: str | None = None,
+    images: int | None = None,
+    start: float = 0.0,
+    end: float = 1.0,
+    scaling: str = "output",
+    layer_scales: Sequence[float] | None = None,
+) -> str:
+    """An ``IP-Adapter N`` field's value (sdengine's own field): ``Model: NAME [HASH], Weight: W, CLIP vision: NAME
+    [HASH], Negative rule: R, Images: K`` (``Start`` / ``End`` where the unit ran over part of the steps;
+    ``Scaling: S`` where it is not "output"; ``Layer weights: W1 W2 ...`` where each layer had its own). The
+    adapter's and the encoder's names are their file stems (a folder's name), the hashes :func:`model_hash` of the
+    file (a folder's weights file); ``clip_vision``, ``negative_rule`` and ``images`` are left out for a unit given
+    CLIP vision outputs instead of pictures. Numbers are written exactly (read back to the same float)."""
+    parts: list[tuple[str, Any]] = [("Model", _named(model, model_hash)), ("Weight", float(weight))]
+    if clip_vision is not None:
+        parts.append(("CLIP vision", _named(clip_vision, clip_vision_hash)))
+    if negative_rule is not None:
+        parts.append(("Negative rule", negative_rule))
+    if images is not None:
+        parts.append(("Images", int(images)))
+    if float(start) != 0.0 or float(end) != 1.0:
+        parts += [("Start", float(start)), ("End", float(end))]
+    if scaling != "output":
+        parts.append(("Scaling", scaling))
+    if layer_scales is not None:
+        parts.append(("Layer weights", " ".join(_number(float(v)) for v in layer_scales)))
+    return ", ".join(f"{k}: {_number(v) if isinstance(v, int | float) else v}" for k, v in parts)
+
+
+@dataclass(frozen=True)
+class RecordedIPAdapter:
+    """One ``IP-Adapter N`` field of an infotext (:func:`format_ip_adapter`): the adapter's name and hash (None when
+    not written), its weight, the CLIP vision encoder's name and hash, the negative rule and the number of pictures
+    (None where not written: a unit given CLIP vision outputs), the start and end fractions of the steps."""
+
+    name: str
+    hash: str | None
+    weight: float
+    clip_vision: str | None = None
+    clip_vision_hash: str | None = None
+    negative_rule: str | None = None
+    images: int | None = None
+    start: float = 0.0
+    end: float = 1.0
+    scaling: str = "output"
+    layer_scales: tuple[float, ...] | None = None
+
+
+def _name_and_hash(text: str) -> tuple[str, str | None]:
+    hm = _RE_MODEL_HASH.match(text.strip())
+    return (hm.group(1).strip(), hm.group(2).lower()) if hm else (text.strip(), None)
+
+
+def recorded_ip_adapters(parsed: Mapping[str, str]) -> list[RecordedIPAdapter]:
+    """The IP-Adapters an infotext records (sdengine's ``IP-Adapter N`` fields), in their order. A field without a
+    model, or with a weight, start, end or picture count that is not a number, is a MetadataError."""
+    out: list[tuple[int, RecordedIPAdapter]] = []
+    for key, value in parsed.items():
+        m = _RE_IP_ADAPTER.match(key)
+        if m is None:
+            continue
+        fields = {k.strip(): v.strip() for k, v in parse_fields(value)}
+        model = fields.get("Model", "")
+        if not model:
+            raise MetadataError(f"{key}: no model recorded in {value!r}")
+        name, digest = _name_and_hash(model)
+        try:
+            weight = float(fields.get("Weight", "1"))
+            start, end = float(fields.get("Start", "0")), float(fields.get("End", "1"))
+            images = int(fields["Images"]) if "Images" in fields else None
+            layers = tuple(float(v) for v in fields["Layer weights"].split()) if "Layer weights" in fields else None
+        except ValueError:
+            raise MetadataError(
+                f"{key}: a weight, start, end, layer weight or picture count is not a number in {value!r}"
+            ) from None
+        if layers is not None and (not layers or not all(math.isfinite(v) for v in layers)):
+            raise MetadataError(f"{key}: Layer weights must be finite numbers ({value!r})")
+        if not math.isfinite(weight) or (images is not None and images < 1):
+            raise MetadataError(f"{key}: weight {weight} / Images {images} cannot be run again ({value!r})")
+        encoder, encoder_hash = _name_and_hash(fields["CLIP vision"]) if "CLIP vision" in fields else (None, None)
+        unit = RecordedIPAdapter(
+            name,
+            digest,
+            weight,
+            encoder,
+            encoder_hash,
+            fields.get("Negative rule"),
+            images,
+            start,
+            end,
+            fields.get("Scaling", "output"),
+            layers,
+        )
+        out.append((int(m.group(1)), unit))
+    return [r for _, r in sorted(out, key=lambda t: t[0])]
+
+
 # ---------------------------------------------------------------------------------------- files
 
 
@@ -1128,6 +1262,17 @@ def _sha256(path: str | Path, offset: int = 0) -> str:
 def model_hash(path: str | Path) -> str:
     """A1111's "Model hash": the first 10 hex digits of the file's SHA-256 (read in 1 MiB blocks)."""
     return _sha256(path)[:10]
+
+
+def legacy_hash(path: str | Path) -> str:
+    """A1111's old model hash (its ``model_hash``/``legacy_hash``, also kohya's ``ss_sd_model_hash`` and the hash
+    sd-webui-controlnet writes beside a ControlNet's name): SHA-256 of the 64 KiB at offset 1 MiB, first 8 hex
+    digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        h.update(f.read(0x10000))
+    return h.hexdigest()[:8]
 
 
 def files_hash(paths: Sequence[str | Path]) -> str:
@@ -1188,4 +1333,7 @@ __all__ = [
     "CONTROLNET_MODULES",
     "CONTROLNET_THRESHOLDS",
     "format_controlnet",
+    "format_ip_adapter",
+    "recorded_ip_adapters",
+    "RecordedIPAdapter",
 ]

@@ -308,6 +308,8 @@ def _refuse_overwriting_an_input(out: Path, a: argparse.Namespace) -> None:
         while len(parts) > 1 and _number(parts[-1]) is not None:
             parts.pop()
         inputs.append(("--control", ":".join(parts)))
+    for text in getattr(a, "ip_image", None) or []:  # IMAGE[+IMAGE...]
+        inputs += [("--ip-image", text)] + [("--ip-image", part) for part in text.split("+")]
     for flag, given in inputs:
         try:
             same = bool(given) and os.path.samefile(out, given)
@@ -408,14 +410,15 @@ def _apply_deep_shrink_flags(a: argparse.Namespace, kwargs: dict[str, Any]) -> N
         kwargs["deep_shrink"] = {**base, **extra}
 
 
-def _hypertile_arg(text: str) -> tuple[int, int, int] | None:
-    """--hypertile's value: TILE[,SWAP[,DEPTH]] (A1111's defaults 256, 3, 3 for those left out), on, or off."""
+def _hypertile_arg(text: str, flag: str = "--hypertile", tile: int = 256) -> tuple[int, int, int] | None:
+    """--hypertile's value: TILE[,SWAP[,DEPTH]] (A1111's defaults 256, 3, 3 for those left out), on, or off
+    (``flag`` and ``tile``: --hypertile-vae's, whose A1111 defaults are 128, 3, 3)."""
     t = text.strip().lower()
     if t in ("off", "none"):
         return None
-    defaults = [256, 3, 3]
+    defaults = [tile, 3, 3]
     if t == "on":
-        return (256, 3, 3)
+        return (tile, 3, 3)
     parts = [x.strip() for x in text.split(",")]
     try:
         if not 1 <= len(parts) <= 3:
@@ -423,7 +426,7 @@ def _hypertile_arg(text: str) -> tuple[int, int, int] | None:
         values = [int(x) for x in parts] + defaults[len(parts) :]
     except ValueError:
         raise UsageError(
-            f"--hypertile takes TILE[,SWAP[,DEPTH]] whole numbers (e.g. 256,3,3), on or off; got {text!r}"
+            f"{flag} takes TILE[,SWAP[,DEPTH]] whole numbers (e.g. {tile},3,3), on or off; got {text!r}"
         ) from None
     return (values[0], values[1], values[2])
 
@@ -587,7 +590,7 @@ def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: st
     """The ControlNet a PNG names: a built-in name, else ``NAME`` (folder) or ``NAME.safetensors`` in
     ``--controlnets-dir``; where the PNG records a hash, the file found must have it."""
     from ..catalog import builtin_path
-    from ..metadata import model_hash
+    from ..metadata import legacy_hash, model_hash
 
     path = builtin_path("controlnets", name)
     if path is None and controlnets_dir is not None:
@@ -607,11 +610,14 @@ def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: st
         files = [path] if path.is_file() else sorted(path.glob("**/diffusion_pytorch_model*.safetensors"))
         weights = files[0] if files else None
         found = model_hash(weights) if weights is not None else ""
+        # sd-webui-controlnet writes A1111's old 8-digit hash (64 KiB at 1 MiB), sdengine the file's SHA-256
+        old = legacy_hash(weights) if weights is not None and len(digest) == 8 else ""
         n = min(len(digest), len(found))
-        if not n or found[:n] != digest[:n]:
+        if digest.lower() != old and (not n or found[:n] != digest[:n].lower()):
             raise ControlNetError(
                 f"{png} was made with ControlNet {name!r} [{digest}], but {path} has hash "
-                f"[{found[: len(digest)] or 'unknown'}]: give the same ControlNet with --controlnet"
+                f"[{found[: len(digest)] or 'unknown'}]{f' (A1111 old hash [{old}])' if old else ''}: give the same "
+                "ControlNet with --controlnet"
             )
     return str(path)
 
@@ -623,8 +629,10 @@ def _controlnets_from_png(
     in order); the models are the ones it names, unless ``--controlnet`` gives others. Weight, start and end
     are the recorded ones unless the ``--control`` spec gives them."""
     from ..metadata import recorded_controlnets
+    from .generate_ip import refuse_a1111_ip_adapter
 
     recorded = recorded_controlnets(parsed)
+    refuse_a1111_ip_adapter(recorded, a.from_png)
     if not recorded:
         if not (a.control or a.controlnet):
             return []
@@ -836,6 +844,8 @@ def run(a: argparse.Namespace) -> int:
     _apply_deep_shrink_flags(a, kwargs)
     if a.hypertile is not None:  # "off" turns a --from-png image's HyperTile off
         kwargs["hypertile"] = _hypertile_arg(a.hypertile)
+    if a.hypertile_vae is not None:  # the VAE's (A1111's Hypertile VAE); "off" turns a --from-png image's off
+        kwargs["hypertile_vae"] = _hypertile_arg(a.hypertile_vae, "--hypertile-vae", 128)
     for flag, key, value in (
         ("--hypertile-hires-only", "hypertile_hires_only", a.hypertile_hires_only),
         ("--hypertile-rule", "hypertile_rule", a.hypertile_rule),
@@ -924,6 +934,17 @@ def run(a: argparse.Namespace) -> int:
             thresholds=control_thresholds(a),
             processor_res=control_resolutions(a),
         )
+    from . import generate_ip
+
+    if a.from_png is None and (a.ip_adapters_dir is not None or a.clip_vision_dir is not None):
+        flag = "--ip-adapters-dir" if a.ip_adapters_dir is not None else "--clip-vision-dir"
+        raise UsageError(
+            f"{flag} is where --from-png looks up the file a PNG names: it has no effect without --from-png "
+            "(--ip-adapter and --clip-vision take a path)"
+        )
+    ip_units = generate_ip.units_from_png(a, parsed) if a.from_png else generate_ip.units_from_cli(a)
+    if ip_units:
+        kwargs["ip_adapters"] = ip_units
     if a.no_progress:
         kwargs["progress"] = False
     if a.controlnets_dir is not None and a.from_png is None:  # --controlnet takes a path or a built-in name
@@ -1250,6 +1271,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="FOLDER",
         help="where --from-png looks up the ControlNet a PNG names (built-in names need none)",
     )
+    from . import generate_ip
+
+    generate_ip.register(p)
     p.add_argument(
         "--lora",
         action="append",
@@ -1369,6 +1393,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "TILE the tile size in pixels (A1111's max tile size, 0-2048), SWAP how many tile counts to draw from "
         "(0-128), DEPTH the deepest layers tiled (0-10); left out: A1111's 256, 3, 3; on = 256,3,3; off turns a "
         "--from-png image's off",
+    )
+    p.add_argument(
+        "--hypertile-vae",
+        default=None,
+        metavar="TILE[,SWAP[,DEPTH]]",
+        help="HyperTile on the VAE (A1111's Hypertile VAE): the VAE decoder's middle-block attention within tiles; "
+        "TILE, SWAP, DEPTH as --hypertile's (A1111's rule; its one layer is depth 0); left out: A1111's 128, 3, 3; "
+        "on = 128,3,3; off turns a --from-png image's off",
     )
     p.add_argument(
         "--hypertile-hires-only",

@@ -12,7 +12,9 @@ IP-Adapter (:mod:`sdengine.nn.ip_adapter`) sets a cross-attention layer's ``ip_a
 queries then also attend to the image tokens, and that answer, scaled, is added to the text's before ``to_out``.
 
 HyperTile (:mod:`sdengine.nn.hypertile`) sets a self-attention layer's ``hypertile`` for a block: the layer then
-hands its self-attention to it, which runs it on each tile of the feature map as its own batch row.
+hands its self-attention to it, which runs it on each tile of the feature map as its own batch row. On a
+:class:`SpatialSelfAttention` (the VAE decoder's middle block), ``spatial_tiles`` is set instead: the whole block
+(group norm, attention, residual) is handed over, as A1111's Hypertile VAE wraps it.
 
 Self-attention guidance (Hong et al. 2023, "Improving Sample Quality of Diffusion Models Using Self-Attention
 Guidance") reads a self-attention map: an :class:`AttentionMass` set on a layer (``map_probe``) records, for some rows
@@ -315,8 +317,17 @@ class SpatialSelfAttention(Attention):
         super().__init__(channels, heads, channels // heads, bias=True)
         self.group_norm = nn.GroupNorm(norm_groups, channels, eps=eps) if norm_groups is not None else None
         self.rescale_output_factor = rescale_output_factor
+        # HyperTile on the VAE: called as spatial_tiles(x, block) in place of this block, which it runs on tiles of
+        # the (B, C, H, W) map (sdengine.nn.hypertile.vae_hypertile_applied; set only inside it)
+        self.spatial_tiles: Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        tiles = self.spatial_tiles
+        if tiles is not None:
+            return tiles(x, self._block)
+        return self._block(x)
+
+    def _block(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         h = self.group_norm(x) if self.group_norm is not None else x
         h = h.flatten(2).transpose(1, 2)  # (B, HW, C)

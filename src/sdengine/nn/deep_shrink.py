@@ -23,13 +23,22 @@ so is a call outside the window (``start`` after ``end``: no call).
 down block has a ``shrink`` slot and each up block a ``regrow`` slot; ``None``, the default, costs one attribute
 test); :class:`DeepShrinkDenoiser` wraps a denoiser ``(x, sigma, **cond)`` and applies it to the calls whose sigma
 is in the window.
+
+A chain (ComfyUI's chained ``PatchModelAddDownscale`` nodes: a sequence of settings, first node first) stacks, as
+ComfyUI's patch lists do: in a call, every setting whose window holds the call's sigma shrinks its block; at one
+block the settings shrinking before the skip run first (chain order), then the skip is kept, then those shrinking
+after it (chain order); where an up block meets a skip of another size, the hidden state is resized with the
+*first* setting's ``upscale_method`` (ComfyUI's first output patch does the resize, the later ones then see equal
+sizes), whichever settings shrank in that call. A call with two or more settings in their windows runs them
+through forward hooks on the blocks' layers (a "before" setting on the layer that makes its block's output, an
+"after" one on the layer that takes it next), as a down block's single slot holds one.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +122,11 @@ class DeepShrink:
             if unknown:
                 raise UsageError(f"unknown deep shrink setting {unknown[0]!r}; the settings: {', '.join(FIELDS)}")
             return cls(**{str(k): v for k, v in value.items()})
+        if isinstance(value, Sequence) and value and isinstance(value[0], DeepShrink | Mapping | list | tuple):
+            raise UsageError(
+                "deep shrink here takes one setting, not a chain of them (chained settings stack in ComfyUI's "
+                "PatchModelAddDownscale nodes and sdengine.nn.deep_shrink.deep_shrink_applied)"
+            )
         if isinstance(value, Sequence) and not isinstance(value, str | bytes) and len(value) in (2, 4, 5, 6, 7):
             return cls(*value)
         raise UsageError(
@@ -124,6 +138,26 @@ class DeepShrink:
         """(sigma at ``start``, sigma at ``end``) on the schedule of ``log_sigmas``: a call is patched when its
         sigma lies between the two, both included (ComfyUI's rule)."""
         return percent_to_sigma(log_sigmas, self.start), percent_to_sigma(log_sigmas, self.end)
+
+
+MAX_DEEP_SHRINK_CHAIN = 16  # chained PatchModelAddDownscale nodes sdengine takes (a bound on one call's hooks)
+
+
+def _setting_like(v: Any) -> bool:
+    return isinstance(v, DeepShrink | Mapping) or (isinstance(v, Sequence) and not isinstance(v, str | bytes))
+
+
+def deep_shrink_chain(value: Any) -> tuple[DeepShrink, ...]:
+    """The settings of ``value`` as a chain, first applied first: one setting (what :meth:`DeepShrink.coerce`
+    takes) is a chain of one; a non-empty sequence of settings (each a :class:`DeepShrink`, a mapping or a key) is
+    ComfyUI's chained nodes in order; ``None`` or an empty sequence is no chain (``()``)."""
+    if value is None or (isinstance(value, Sequence) and not isinstance(value, str | bytes) and len(value) == 0):
+        return ()
+    if isinstance(value, DeepShrink | Mapping) or not _setting_like(value[0]):  # a key starts with its block
+        return (DeepShrink.coerce(value),)
+    if len(value) > MAX_DEEP_SHRINK_CHAIN:
+        raise UsageError(f"at most {MAX_DEEP_SHRINK_CHAIN} chained deep shrink settings, got {len(value)}")
+    return tuple(DeepShrink.coerce(v) for v in value)
 
 
 # Forge's "Kohya HRFix Integrated" infotext fields, in its order (its script's extra_generation_params)
@@ -162,16 +196,18 @@ def locate_input_block(unet: Any, block: int) -> tuple[int, int]:
     raise UsageError(f"deep shrink block {block} is past the U-Net's last input block ({input_block_count(unet) - 1})")
 
 
-def check_deep_shrink(unet: Any, settings: DeepShrink) -> None:
-    """Raise (one line) when ``settings.block`` is not an input block of ``unet`` after ``conv_in``."""
+def check_deep_shrink(unet: Any, settings: DeepShrink | Sequence[DeepShrink]) -> None:
+    """Raise (one line) when the block of ``settings`` (one, or each of a chain) is not an input block of ``unet``
+    after ``conv_in``."""
     if not hasattr(unet, "down_blocks") or not hasattr(unet, "up_blocks"):
         raise UsageError(f"deep shrink needs a U-Net with down and up blocks, not a {type(unet).__name__}")
     last = input_block_count(unet) - 1
-    if not 1 <= settings.block <= last:
-        raise UsageError(
-            f"deep shrink block {settings.block} is not an input block of this U-Net: it has blocks 1 to {last} "
-            "(ComfyUI's numbering: 0 is conv_in, 3 the first downsample)"
-        )
+    for s in deep_shrink_chain(settings):
+        if not 1 <= s.block <= last:
+            raise UsageError(
+                f"deep shrink block {s.block} is not an input block of this U-Net: it has blocks 1 to {last} "
+                "(ComfyUI's numbering: 0 is conv_in, 3 the first downsample)"
+            )
 
 
 def shrunk_size(height: int, width: int, factor: float) -> tuple[int, int]:
@@ -201,23 +237,87 @@ class _Regrow:
         return resize_nchw(x, int(skip.shape[-1]), int(skip.shape[-2]), self.method)
 
 
+def _in_turn(resizes: list[Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
+    def run(x: Tensor) -> Tensor:
+        for r in resizes:
+            x = r(x)
+        return x
+
+    return run
+
+
+def block_layers(unet: Any) -> list[tuple[Any, Any]]:
+    """For input block k = 1, 2, ... of ``unet`` (item k - 1): (the layer whose output is that block's output, the
+    layer the output goes into next: the block's next layer, the next down block, the middle block or, without
+    one, the first up block)."""
+    made: list[Any] = []
+    takes: list[Any] = []
+    for b in unet.down_blocks:
+        for j in range(len(b.resnets)):
+            made.append(b.attentions[j] if b.attentions is not None else b.resnets[j])
+            takes.append(b.resnets[j + 1] if j + 1 < len(b.resnets) else None)
+        if b.downsamplers is not None:
+            made.append(b.downsamplers[0])
+            takes.append(None)
+    k = 0
+    for i, b in enumerate(unet.down_blocks):
+        n = len(b.resnets) + (b.downsamplers is not None)
+        if b.downsamplers is not None:
+            takes[k + n - 2] = b.downsamplers[0]  # the last layer's output goes into the downsample
+        nxt = unet.down_blocks[i + 1] if i + 1 < len(unet.down_blocks) else unet.mid_block
+        takes[k + n - 1] = nxt if nxt is not None else unet.up_blocks[0]
+        k += n
+    return list(zip(made, takes, strict=True))
+
+
 @contextmanager
-def deep_shrink_applied(unet: Any, settings: DeepShrink | None) -> Iterator[None]:
-    """``unet`` runs with ``settings``' patch in every call inside the block (``None``: as it is); restored after."""
-    if settings is None:
+def _hooked(unet: Any, chain: Sequence[DeepShrink]) -> Iterator[None]:
+    """Every setting of ``chain`` shrinks its block in the calls inside the block, through forward hooks."""
+    layers = block_layers(unet)
+    before: dict[int, list[Callable[[Tensor], Tensor]]] = {}
+    after: dict[int, list[Callable[[Tensor], Tensor]]] = {}
+    for s in chain:
+        (after if s.after_skip else before).setdefault(s.block, []).append(_Shrink(s.factor, s.downscale_method))
+    handles = []
+    try:
+        for block, resizes in before.items():
+            run = _in_turn(resizes)
+            handles.append(layers[block - 1][0].register_forward_hook(lambda _m, _a, out, run=run: run(out)))
+        for block, resizes in after.items():
+            run = _in_turn(resizes)
+            handles.append(
+                layers[block - 1][1].register_forward_pre_hook(lambda _m, args, run=run: (run(args[0]), *args[1:]))
+            )
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def deep_shrink_applied(unet: Any, settings: DeepShrink | Sequence[DeepShrink] | None) -> Iterator[None]:
+    """``unet`` runs with the patch of ``settings`` (one, or a chain: all of it, stacked as the module docstring
+    says) in every call inside the block (``None`` or an empty chain: as it is); restored after."""
+    chain = deep_shrink_chain(settings)
+    if not chain:
         yield
         return
-    check_deep_shrink(unet, settings)
-    i, j = locate_input_block(unet, settings.block)
+    check_deep_shrink(unet, chain)
+    first = chain[0]
+    i, j = locate_input_block(unet, first.block)
     down = unet.down_blocks[i]
     ups = list(unet.up_blocks)
     before = (down.shrink, [b.regrow for b in ups])
     try:
-        down.shrink = (j, _Shrink(settings.factor, settings.downscale_method), settings.after_skip)
-        regrow = _Regrow(settings.upscale_method)
+        regrow = _Regrow(first.upscale_method)  # ComfyUI: the first output patch resizes, the later see equal sizes
         for b in ups:
             b.regrow = regrow
-        yield
+        if len(chain) == 1:
+            down.shrink = (j, _Shrink(first.factor, first.downscale_method), first.after_skip)
+            yield
+        else:
+            with _hooked(unet, chain):
+                yield
     finally:
         down.shrink = before[0]
         for b, old in zip(ups, before[1], strict=True):
@@ -231,21 +331,29 @@ def first_sigma(sigma: Tensor | float) -> float:
 
 class DeepShrinkDenoiser:
     """``inner`` (a denoiser ``(x, sigma, **cond) -> x0`` over ``unet``: :class:`sdengine.diffusion.denoisers.Denoiser`
-    or one that wraps it) with ``settings``' patch on ``unet`` for the calls whose sigma is in the window (read on the
-    schedule ``inner.schedule``). What samplers read of a denoiser (``schedule``, ``prediction``, ``off_grid``,
+    or one that wraps it) with the patch of ``settings`` (one, or a chain: module docstring) on ``unet`` for the calls
+    whose sigma is in a setting's window (read on the schedule ``inner.schedule``); a chain's calls run the settings
+    whose windows hold their sigma. What samplers read of a denoiser (``schedule``, ``prediction``, ``off_grid``,
     ``with_timesteps``, ``takes_step``, ``takes_row_kinds``) passes through."""
 
-    def __init__(self, inner: Any, unet: Any, settings: DeepShrink) -> None:
-        check_deep_shrink(unet, settings)
-        self.inner, self.unet, self.settings = inner, unet, settings
-        self.sigma_start, self.sigma_end = settings.sigma_window(inner.schedule.log_sigmas)
+    def __init__(self, inner: Any, unet: Any, settings: DeepShrink | Sequence[DeepShrink]) -> None:
+        chain = deep_shrink_chain(settings)
+        if not chain:
+            raise UsageError("deep shrink needs at least one setting")
+        check_deep_shrink(unet, chain)
+        self.inner, self.unet, self.chain = inner, unet, chain
+        self.windows = [s.sigma_window(inner.schedule.log_sigmas) for s in chain]
 
     def _over(self, inner: Any) -> DeepShrinkDenoiser:
-        return DeepShrinkDenoiser(inner, self.unet, self.settings)
+        return DeepShrinkDenoiser(inner, self.unet, self.chain)
+
+    def active(self, sigma: float) -> tuple[DeepShrink, ...]:
+        """The settings that patch a call at ``sigma``, in chain order."""
+        return tuple(s for s, (hi, lo) in zip(self.chain, self.windows, strict=True) if lo <= sigma <= hi)
 
     def in_window(self, sigma: float) -> bool:
         """Whether a call at ``sigma`` is patched."""
-        return self.sigma_end <= sigma <= self.sigma_start
+        return bool(self.active(sigma))
 
     @property
     def schedule(self) -> Any:
@@ -277,9 +385,13 @@ class DeepShrinkDenoiser:
         return self.inner.timestep(sigma)  # type: ignore[no-any-return]
 
     def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
-        if not self.in_window(first_sigma(sigma)):
+        active = self.active(first_sigma(sigma))
+        if not active:
             return self.inner(x, sigma, **cond)  # type: ignore[no-any-return]
-        with deep_shrink_applied(self.unet, self.settings):
+        first = self.chain[0]
+        if active[0] is not first:  # the chain's first setting still does the resizing up (ComfyUI's output patch)
+            active = (DeepShrink(*active[0].key[:-1], first.upscale_method), *active[1:])
+        with deep_shrink_applied(self.unet, active):
             return self.inner(x, sigma, **cond)  # type: ignore[no-any-return]
 
 
@@ -288,12 +400,15 @@ __all__ = [
     "FIELDS",
     "INFOTEXT_FIELDS",
     "MAX_DEEP_SHRINK_BLOCK",
+    "MAX_DEEP_SHRINK_CHAIN",
     "MAX_DEEP_SHRINK_FACTOR",
     "MIN_DEEP_SHRINK_FACTOR",
     "DeepShrink",
     "DeepShrinkDenoiser",
+    "block_layers",
     "check_deep_shrink",
     "deep_shrink_applied",
+    "deep_shrink_chain",
     "deep_shrink_infotext",
     "first_sigma",
     "input_block_count",

@@ -25,8 +25,13 @@ Which layers, by depth (``max_depth`` and shallower are tiled):
 - ``"a1111"``: SD 1.x / 2.x, the self-attention layers of resolution level ``d`` (the middle block is the deepest);
   SDXL (a U-Net with the text-time vector), A1111's table: the first attention level's first transformer block is
   depth 0, its other blocks and every deeper level's blocks depth 1, the middle block depth 2;
-- ``"comfyui"``: every self-attention layer at resolution level ``d`` whose token count is
-  ``(H / 2**d) * (W / 2**d)`` of the latent's ``H x W`` (so a level that halves an odd side is left alone).
+- ``"comfyui"``: every self-attention layer whose token count is ``(H / 2**d) * (W / 2**d)`` of the latent's
+  ``H x W`` for a ``d`` of 0 to ``max_depth`` (the first such ``d`` is its depth; a level that halves an odd side
+  is left alone). Without Deep Shrink that is the layers of resolution level ``d``; under Deep Shrink
+  (:mod:`sdengine.nn.deep_shrink`) a layer is matched by the tokens of its shrunk feature map against the latent
+  the model was called with, as ComfyUI's node reads ``original_shape``: a level-1 layer shrunk by 2 has the tokens
+  of depth 2, tiled (with depth 2's tile size) only when ``max_depth`` reaches 2, and a level-0 layer after a shrunk
+  block 1 or 2 is no longer depth 0. (The check that some layer is tiled still counts the layers by level.)
 
 Where sdengine differs from both tools (docs/CONTRACTS.md): the tiles are rectangles of the layer's true ``H x W``
 grid. Both tools recover the grid from the token count and the aspect ratio as ``round(sqrt(L * W / H))`` "rows" of
@@ -35,8 +40,27 @@ rectangles of the image; for square images the tiles are the same. ComfyUI's nod
 attention then reads the untiled keys and values in contiguous chunks of the token sequence); sdengine tiles the
 queries, keys and values together, as A1111 and the HyperTile paper do.
 
+With self-attention guidance (:mod:`sdengine.diffusion.sag`), whose map is the middle block's first self-attention
+layer's over the whole grid: where that layer is not cut (one tile: the usual case, the middle block being the
+deepest), SAG reads the map of the attention the layer ran and the other layers are tiled as without SAG. A call
+that would cut it while SAG reads its map is a one-line error: the layer would run tile-local attention whose map is
+not the whole-grid one SAG's mask is made of (ComfyUI's node there hands SAG the tiles' score matrices, a map of
+another size that its blur map reshapes or fails on), so neither reading is a true SAG.
+
 :func:`hypertile_applied` installs it on a :class:`sdengine.models.unet.UNet` for a block of code;
 :class:`HyperTileNet` wraps a network call in it (the latent's size is read from each call's input).
+
+HyperTile on the VAE (A1111's Hypertile VAE: ``hypertile_enable_vae``, its ``hypertile.py`` read for facts): the one
+layer tiled is the VAE decoder's middle-block self-attention (A1111's ``decoder.mid_block.attentions.0`` /
+``decoder.mid.attn_1``, depth 0: every ``max_depth`` tiles it; the encoder's is never tiled, so an encode is as
+without it). The whole block (its group norm, attention, output projection and residual) runs on each tile of the
+``(B, C, H, W)`` map as its own batch row, as A1111 wraps the block's forward: the group norm's statistics are each
+tile's own. Tile counts: the ``"a1111"`` rule at depth 0 (``max(128, min(T, tile_size)) // 8`` latent cells, ``T``
+the decoded image's largest power-of-two divisor), a draw of the rows' count then the columns' at each decode (made
+even with one candidate), from a generator seeded with the first seed (:func:`vae_hypertile_applied`). A1111 has
+one generator for the U-Net and the VAE: where the U-Net is tiled too, the pipeline hands the VAE's generator to the
+U-Net's pass (reseeded with the first seed at the pass's start, as A1111 reseeds before each tiled pass), so the
+decode draws after the U-Net's draws as there.
 """
 
 from __future__ import annotations
@@ -152,10 +176,15 @@ class HyperTileRun:
     the current call; ``scale``: pixels per latent cell (the VAE's downscale; the image's size is the latent's
     times it)."""
 
-    def __init__(self, settings: HyperTile, seed: int, scale: int = LATENT_FACTOR) -> None:
+    def __init__(
+        self, settings: HyperTile, seed: int, scale: int = LATENT_FACTOR, rng: random.Random | None = None
+    ) -> None:
         self.settings = settings
         self.scale = int(scale)
-        self.rng = random.Random(int(seed))
+        # ``rng``: a generator shared with another run (A1111's one generator for the U-Net and the VAE), seeded
+        # here; else its own
+        self.rng = rng if rng is not None else random.Random()
+        self.rng.seed(int(seed))
         self.latent: tuple[int, int] = (0, 0)
         self.chosen: list[tuple[int, int]] = []  # (nh, nw) of each tiled call, in order (for tests and notes)
 
@@ -180,8 +209,9 @@ class HyperTileRun:
 class LayerTiles:
     """What a tiled self-attention layer calls in place of its attention (``Attention.hypertile``)."""
 
-    def __init__(self, run: HyperTileRun, level: int, depth: int) -> None:
+    def __init__(self, run: HyperTileRun, level: int, depth: int, layer: Any = None) -> None:
         self.run, self.level, self.depth = run, level, depth
+        self.layer = layer  # the attention layer it tiles (its SAG probe is read: see __call__)
 
     def __call__(self, x: Tensor, attend: Callable[[Tensor], Tensor], grid: tuple[int, int] | None = None) -> Tensor:
         """``grid``: the (H, W) of the layer's feature map as its transformer saw it (a hidden state Deep Shrink
@@ -190,13 +220,90 @@ class LayerTiles:
         h, w = grid if grid is not None and grid[0] * grid[1] == x.shape[1] else run.grid(self.level)
         if h * w != x.shape[1]:  # not this layer's grid (a model of another shape): as it is
             return attend(x)
+        depth = self.depth
         if run.settings.rule == "comfyui":
-            lh, lw = run.latent
-            scale = 2**self.level
-            if (lh / scale) * (lw / scale) != x.shape[1]:  # ComfyUI matches the level by this exact product
+            found = comfyui_depth(run.latent, int(x.shape[1]), run.settings.max_depth)
+            if found is None:  # ComfyUI matches the depth by this exact product of the called latent's sides
                 return attend(x)
-        nh, nw = run.choose(h, w, self.depth)
+            depth = found
+        nh, nw = run.choose(h, w, depth)
+        if nh * nw > 1 and getattr(self.layer, "map_probe", None) is not None:
+            raise UsageError(
+                f"HyperTile cuts the middle block's self-attention ({h}x{w} tokens) into {nh}x{nw} tiles, whose "
+                "map self-attention guidance reads: lower HyperTile's max_depth or raise its tile size, or drop SAG"
+            )
         return tiled_attention(x, h, w, nh, nw, attend)
+
+
+def tiled_map(x: Tensor, nh: int, nw: int, block: Callable[[Tensor], Tensor]) -> Tensor:
+    """``block`` (B', C, h, w) -> (B', C', h, w) run on each of the ``nh x nw`` tiles of the map ``x`` (B, C, H, W)
+    as its own batch row (rows ordered batch, tile row, tile column); the result put back together (B, C', H, W)."""
+    if nh * nw == 1:
+        return block(x)
+    B, C, H, W = x.shape
+    th, tw = H // nh, W // nw
+    t = x.reshape(B, C, nh, th, nw, tw).permute(0, 2, 4, 1, 3, 5).reshape(B * nh * nw, C, th, tw)
+    out = block(t)
+    D = out.shape[1]
+    return out.reshape(B, nh, nw, D, th, tw).permute(0, 3, 1, 4, 2, 5).reshape(B, D, H, W)
+
+
+def vae_hypertile_layer(vae: Any) -> Any:
+    """The layer HyperTile tiles in ``vae``: its decoder's middle-block self-attention (a one-line error for a VAE
+    without one: a tiny VAE, or a VAE built without the middle block's attention)."""
+    attentions = getattr(getattr(getattr(vae, "decoder", None), "mid_block", None), "attentions", None)
+    if not attentions or not hasattr(attentions[0], "spatial_tiles"):
+        raise UsageError(
+            f"HyperTile VAE tiles the VAE decoder's middle-block self-attention, which this {type(vae).__name__} "
+            "does not have: turn hypertile_vae off"
+        )
+    return attentions[0]
+
+
+class VaeTiles:
+    """What the VAE decoder's middle-block attention calls in place of itself (``spatial_tiles``): the tile counts of
+    each call drawn by ``run`` (depth 0, ``run.latent`` the decoded latent's size), the block run per tile."""
+
+    def __init__(self, run: HyperTileRun) -> None:
+        self.run = run
+
+    def __call__(self, x: Tensor, block: Callable[[Tensor], Tensor]) -> Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if self.run.latent == (0, 0):  # called outside a decode that set it: the map is at the latent's size
+            self.run.latent = (h, w)
+        nh, nw = self.run.choose(h, w, 0)
+        return tiled_map(x, nh, nw, block)
+
+
+@contextmanager
+def vae_hypertile_applied(vae: Any, run: HyperTileRun | None, latent: tuple[int, int] | None = None) -> Iterator[None]:
+    """``vae``'s decoder's middle-block attention runs HyperTile with ``run`` inside the block (``None``: as it is);
+    ``latent``: the (h, w) of the whole latent being decoded (its image's size picks the tile size, also when a tiled
+    decode calls the decoder on parts of it). As before after it, whatever happens."""
+    if run is None:
+        yield
+        return
+    layer = vae_hypertile_layer(vae)
+    before, latent_before = layer.spatial_tiles, run.latent
+    if latent is not None:
+        run.latent = (int(latent[0]), int(latent[1]))
+    try:
+        layer.spatial_tiles = VaeTiles(run)
+        yield
+    finally:
+        layer.spatial_tiles = before
+        run.latent = latent_before
+
+
+def comfyui_depth(latent: tuple[int, int], tokens: int, max_depth: int) -> int | None:
+    """ComfyUI's node's depth of a self-attention call of ``tokens`` tokens in a model called with a latent of
+    ``latent`` (H, W): the first ``d`` in 0 .. ``max_depth`` with ``(H / 2**d) * (W / 2**d) == tokens`` (None:
+    not tiled)."""
+    lh, lw = latent
+    for d in range(max_depth + 1):
+        if (lh / 2**d) * (lw / 2**d) == tokens:
+            return d
+    return None
 
 
 def hypertile_layers(unet: Any, settings: HyperTile) -> list[tuple[Any, int, int]]:
@@ -247,10 +354,12 @@ def hypertile_applied(unet: Any, run: HyperTileRun | None) -> Iterator[None]:
         yield
         return
     layers = hypertile_layers(unet, run.settings)
+    if run.settings.rule == "comfyui":  # every self-attention layer: each call's tokens decide (comfyui_depth)
+        layers = hypertile_layers(unet, HyperTile(run.settings.tile_size, 0, MAX_DEPTH, "comfyui"))
     before = [layer.hypertile for layer, _, _ in layers]
     try:
         for layer, level, depth in layers:
-            layer.hypertile = LayerTiles(run, level, depth)
+            layer.hypertile = LayerTiles(run, level, depth, layer)
         yield
     finally:
         for (layer, _, _), old in zip(layers, before, strict=True):
@@ -260,15 +369,21 @@ def hypertile_applied(unet: Any, run: HyperTileRun | None) -> Iterator[None]:
 
 class HyperTileNet:
     """``net`` (the U-Net, or what calls it: a controlled U-Net) called with HyperTile on ``unet`` for each call;
-    one generator for all calls (seeded with ``seed``), the latent's size read from each call's input (``scale``
-    pixels per latent cell)."""
+    one generator for all calls (seeded with ``seed``; ``rng``: that generator, shared with the VAE's HyperTile as
+    A1111's), the latent's size read from each call's input (``scale`` pixels per latent cell)."""
 
     def __init__(
-        self, net: Callable[..., Tensor], unet: Any, settings: HyperTile, seed: int, scale: int = LATENT_FACTOR
+        self,
+        net: Callable[..., Tensor],
+        unet: Any,
+        settings: HyperTile,
+        seed: int,
+        scale: int = LATENT_FACTOR,
+        rng: random.Random | None = None,
     ) -> None:
         check_hypertile(unet, settings)
         self.net, self.unet = net, unet
-        self.run = HyperTileRun(settings, seed, scale)
+        self.run = HyperTileRun(settings, seed, scale, rng)
         # what UNetAdapter asks of the network it calls
         self.takes_step = bool(getattr(net, "takes_step", False))
         self.takes_row_kinds = bool(getattr(net, "takes_row_kinds", False))
@@ -290,6 +405,7 @@ __all__ = [
     "HyperTileRun",
     "LayerTiles",
     "check_hypertile",
+    "comfyui_depth",
     "draw_count",
     "hypertile_applied",
     "hypertile_layers",
@@ -297,4 +413,8 @@ __all__ = [
     "smallest_tile",
     "tile_counts",
     "tiled_attention",
+    "tiled_map",
+    "vae_hypertile_applied",
+    "vae_hypertile_layer",
+    "VaeTiles",
 ]

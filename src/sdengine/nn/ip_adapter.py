@@ -43,21 +43,64 @@ def cross_attention_layers(unet: Any) -> list[Attention]:
     return [m for b in blocks for m in b.modules() if isinstance(m, Attention) and m.is_cross_attention]
 
 
+def transformer_places(unet: Any) -> list[tuple[str, int]]:
+    """Each cross-attention layer of ``unet`` (in :func:`cross_attention_layers` order) as ComfyUI places it: its
+    block kind ("input", "middle", "output") and the index of its spatial transformer in the order ComfyUI's U-Net
+    runs them (``transformer_index``: the down blocks', then the middle block's, then the up blocks')."""
+    from sdengine.nn.transformer import SpatialTransformer
+
+    groups: list[tuple[str, list[nn.Module]]] = [
+        ("input", list(getattr(unet, "down_blocks", ()))),
+        ("output", list(getattr(unet, "up_blocks", ()))),
+        ("middle", [m for m in (getattr(unet, "mid_block", None),) if m is not None]),
+    ]
+    found: dict[str, list[int]] = {}  # kind -> the transformer ordinal (within the kind) of each layer
+    for kind, blocks in groups:
+        ordinal, own = 0, []
+        for b in blocks:
+            for m in b.modules():
+                if isinstance(m, SpatialTransformer):
+                    own += [ordinal for a in m.modules() if isinstance(a, Attention) and a.is_cross_attention]
+                    ordinal += 1
+        found[kind] = own
+    n_in = len(set(found["input"]))
+    n_mid = len(set(found["middle"]))
+    first = {"input": 0, "middle": n_in, "output": n_in + n_mid}
+    return [(kind, first[kind] + t) for kind, _ in groups for t in found[kind]]
+
+
 def _model_name(count: int) -> str:
     name = KNOWN_LAYER_COUNTS.get(count)
     return f"{count} ({name})" if name else str(count)
 
 
+# How an adapter's scale weighs its image attention (ComfyUI_IPAdapter_plus's embeds_scaling): "output" (its
+# "V only", diffusers' rule): the attention's output times the scale; "kv" ("K+V"): the image keys and values times
+# the scale, then the attention; "k_mean_v" ("K+mean(V)"): the keys times the scale, the values' mean over the
+# tokens times the scale (each value's difference from the mean kept).
+SCALINGS = ("output", "kv", "k_mean_v")
+
+
 @dataclass(frozen=True)
 class AdapterLayers:
     """One adapter's key and value projections, one pair per cross-attention layer (in :func:`cross_attention_layers`
-    order), its scale and how many image tokens it has in a call's ``ip_tokens`` (after the earlier adapters')."""
+    order), its scale and how many image tokens it has in a call's ``ip_tokens`` (after the earlier adapters').
+    ``layer_scales``: a scale per layer in place of ``scale`` (None: ``scale`` everywhere); ``scaling``: one of
+    :data:`SCALINGS`; ``window``: (low, high) -- the adapter acts in a call whose sigma (the sampler's
+    ``step.sigma``) lies in it, ComfyUI's rule (None: every call)."""
 
     to_k: Sequence[nn.Module]
     to_v: Sequence[nn.Module]
     scale: float
     tokens: int
     name: str = "IP-Adapter"
+    layer_scales: Sequence[float] | None = None
+    scaling: str = "output"
+    window: tuple[float, float] | None = None
+
+    def scale_of(self, i: int) -> float:
+        """The scale of cross-attention layer ``i``."""
+        return float(self.scale if self.layer_scales is None else self.layer_scales[i])
 
 
 def check_fits(unet: Any, adapter: AdapterLayers) -> list[Attention]:
@@ -69,6 +112,10 @@ def check_fits(unet: Any, adapter: AdapterLayers) -> list[Attention]:
             f"{adapter.name} has {_model_name(n)} cross-attention layers and this U-Net has "
             f"{_model_name(len(layers))}: it was made for another model family"
         )
+    if adapter.layer_scales is not None and len(adapter.layer_scales) != n:
+        raise UsageError(f"{adapter.name}: {len(adapter.layer_scales)} layer scales for {n} cross-attention layers")
+    if adapter.scaling not in SCALINGS:
+        raise UsageError(f"{adapter.name}: unknown scaling {adapter.scaling!r}; use one of {', '.join(SCALINGS)}")
     for i, (layer, to_k) in enumerate(zip(layers, adapter.to_k, strict=True)):
         w = getattr(to_k, "weight", None)
         want = (layer.to_k.out_features, layer.to_k.in_features)
@@ -81,15 +128,17 @@ def check_fits(unet: Any, adapter: AdapterLayers) -> list[Attention]:
     return layers
 
 
+Part = tuple[nn.Module, nn.Module, float, int, int, str]  # to_k_ip, to_v_ip, scale, first token, count, scaling
+Parts = list[list[Part]]
+
+
 class DecoupledAttention:
     """What a cross-attention layer's ``ip_attention`` is during a call: the image tokens' attention of the layer's
     queries, each adapter's scaled, summed; None when every scale is 0."""
 
-    def __init__(
-        self, layer: Attention, parts: Sequence[tuple[nn.Module, nn.Module, float, int, int]], tokens: Tensor
-    ) -> None:
+    def __init__(self, layer: Attention, parts: Sequence[Part], tokens: Tensor) -> None:
         self.heads, self.upcast = layer.heads, layer.upcast
-        self.parts = parts  # (to_k_ip, to_v_ip, scale, first token, token count)
+        self.parts = parts  # (to_k_ip, to_v_ip, scale, first token, token count, scaling)
         self.tokens = tokens  # (B or 1, T, C)
 
     def __call__(self, q: Tensor) -> Tensor | None:
@@ -99,28 +148,35 @@ class DecoupledAttention:
             if tokens.shape[0] != 1:
                 raise UsageError(f"IP-Adapter got image tokens for {tokens.shape[0]} rows in a call of {q.shape[0]}")
             tokens = tokens.expand(q.shape[0], -1, -1)
-        for to_k, to_v, scale, first, count in self.parts:
+        for to_k, to_v, scale, first, count, scaling in self.parts:
             if scale == 0:
                 continue
             t = tokens[:, first : first + count]  # (B, n, C)
-            h = scaled_dot_product_attention(q, to_k(t), to_v(t), self.heads, upcast=self.upcast)  # (B, L, inner)
-            out = h * scale if out is None else out + h * scale
+            k, v = to_k(t), to_v(t)
+            if scaling == "output":
+                h = scaled_dot_product_attention(q, k, v, self.heads, upcast=self.upcast) * scale  # (B, L, inner)
+            else:
+                if scaling == "kv":
+                    v = v * scale
+                else:  # "k_mean_v"
+                    mean = v.mean(dim=1, keepdim=True)
+                    v = (v - mean) + mean * scale
+                h = scaled_dot_product_attention(q, k * scale, v, self.heads, upcast=self.upcast)
+            out = h if out is None else out + h
         return out
-
-
-Parts = list[list[tuple[nn.Module, nn.Module, float, int, int]]]
 
 
 def layer_parts(unet: Any, adapters: Sequence[AdapterLayers]) -> tuple[list[Attention], Parts, int]:
     """The cross-attention layers of ``unet``, checked against every adapter, each layer's (to_k_ip, to_v_ip, scale,
-    first token, token count) per adapter, and the adapters' token count in all."""
+    first token, token count, scaling) per adapter, and the adapters' token count in all."""
     layers = cross_attention_layers(unet)
     parts: Parts = [[] for _ in layers]
     first = 0
     for adapter in adapters:
         check_fits(unet, adapter)
         for i in range(len(layers)):
-            parts[i].append((adapter.to_k[i], adapter.to_v[i], float(adapter.scale), first, adapter.tokens))
+            part = (adapter.to_k[i], adapter.to_v[i], adapter.scale_of(i), first, adapter.tokens, adapter.scaling)
+            parts[i].append(part)
         first += adapter.tokens
     return layers, parts, first
 
@@ -146,9 +202,15 @@ def ip_attention_applied(unet: Any, adapters: Sequence[AdapterLayers], tokens: T
         yield
 
 
+# the sigma ComfyUI judges a call by when it is handed none (CrossAttentionPatch's stand-in)
+NO_SIGMA = 999999999.9
+
+
 class IPAdapterNet:
     """``net`` (the U-Net, or what calls it) called with the adapters on ``unet``'s cross-attention: the call's image
-    tokens come as the keyword ``ip_tokens`` (B, T, C) and are not passed on."""
+    tokens come as the keyword ``ip_tokens`` (B, T, C) and are not passed on. An adapter with a ``window`` acts in
+    the calls whose sigma (the sampler's ``step.sigma``; ComfyUI's stand-in :data:`NO_SIGMA` without one) lies in
+    it, ``low <= sigma <= high``; then the net takes the sampler's ``step`` (passed on if ``net`` takes it)."""
 
     takes_ip_tokens = True
 
@@ -156,18 +218,35 @@ class IPAdapterNet:
         self.net, self.unet, self.adapters = net, unet, list(adapters)
         self.plan = layer_parts(unet, self.adapters)  # checked once, not per call
         # what UNetAdapter asks of the network it calls
-        self.takes_step = bool(getattr(net, "takes_step", False))
+        self.inner_takes_step = bool(getattr(net, "takes_step", False))
+        self.windowed = any(a.window is not None for a in self.adapters)
+        self.takes_step = self.inner_takes_step or self.windowed
         self.takes_row_kinds = bool(getattr(net, "takes_row_kinds", False))
+
+    def active(self, sigma: float | None) -> list[bool]:
+        """Which adapters act in a call at ``sigma``."""
+        s = NO_SIGMA if sigma is None else float(sigma)
+        return [a.window is None or a.window[0] <= s <= a.window[1] for a in self.adapters]
 
     def __call__(self, *args: Any, ip_tokens: Tensor | None = None, **kwargs: Any) -> Tensor:
         if ip_tokens is None:
             raise UsageError("IP-Adapter: the call got no image tokens (ip_tokens)")
-        with _applied(*self.plan, ip_tokens):
+        layers, parts, total = self.plan
+        if self.windowed:
+            step = kwargs.get("step")
+            if not self.inner_takes_step:
+                kwargs.pop("step", None)
+            on = self.active(getattr(step, "sigma", None))
+            if not all(on):  # this call without the adapters out of their window
+                parts = [[p for p, a in zip(own, on, strict=True) if a] for own in parts]
+        with _applied(layers, parts, total, ip_tokens):
             return self.net(*args, **kwargs)
 
 
 __all__ = [
     "KNOWN_LAYER_COUNTS",
+    "NO_SIGMA",
+    "SCALINGS",
     "AdapterLayers",
     "DecoupledAttention",
     "IPAdapterNet",
@@ -175,4 +254,5 @@ __all__ = [
     "cross_attention_layers",
     "ip_attention_applied",
     "layer_parts",
+    "transformer_places",
 ]

@@ -55,7 +55,14 @@ from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.nn.attention import CHUNK_SCORES, identity_attention, pag_layers
 from sdengine.nn.deep_shrink import DeepShrink, DeepShrinkDenoiser, check_deep_shrink, deep_shrink_infotext
 from sdengine.nn.freeu import FreeU, FreeUNet, check_freeu
-from sdengine.nn.hypertile import HyperTile, HyperTileNet, check_hypertile
+from sdengine.nn.hypertile import (
+    HyperTile,
+    HyperTileNet,
+    HyperTileRun,
+    check_hypertile,
+    vae_hypertile_applied,
+    vae_hypertile_layer,
+)
 from sdengine.nn.ip_adapter import AdapterLayers, IPAdapterNet
 from sdengine.nn.transformer import middle_attention_mass, middle_transformer
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
@@ -130,16 +137,29 @@ def _grid_steps(p: Prepared) -> int:
 
 # A1111's Hypertile U-Net defaults: its infotext writes a setting only where it is not the default
 A1111_HYPERTILE_DEFAULTS = {"tile_size": 256, "swap_size": 3, "max_depth": 3}
+A1111_HYPERTILE_VAE_DEFAULTS = {"tile_size": 128, "swap_size": 3, "max_depth": 3}  # its Hypertile VAE's
 
 
 def hypertile_infotext(request: GenerationRequest) -> dict[str, Any]:
     """The infotext fields of a request's HyperTile: A1111's "Hypertile U-Net: True" (or, tiling only the hires
     fix's second pass, "Hypertile U-Net second pass: True" where a second pass runs), its "Hypertile U-Net max tile
     size", "max depth", "swap size" where not its defaults 256, 3, 3; sdengine's "Hypertile rule" and "Hypertile
-    scale depth" where not "a1111" and true."""
+    scale depth" where not "a1111" and true; then A1111's "Hypertile VAE: True" and its "Hypertile VAE max depth", "max
+    tile size", "swap size" where not its defaults 3, 128, 3 (``hypertile_vae``)."""
+    row: dict[str, Any] = {}
     tiles = request.hypertile_config()
-    if tiles is None or (request.hypertile_hires_only and not request.enable_hr):
-        return {}
+    if tiles is not None and not (request.hypertile_hires_only and not request.enable_hr):
+        row.update(_unet_hypertile_infotext(request, tiles))
+    vae = request.hypertile_vae_config()
+    if vae is not None:
+        row["Hypertile VAE"] = True
+        for key, name in (("max_depth", "max depth"), ("tile_size", "max tile size"), ("swap_size", "swap size")):
+            if getattr(vae, key) != A1111_HYPERTILE_VAE_DEFAULTS[key]:
+                row[f"Hypertile VAE {name}"] = getattr(vae, key)
+    return row
+
+
+def _unet_hypertile_infotext(request: GenerationRequest, tiles: HyperTile) -> dict[str, Any]:
     row: dict[str, Any] = {}
     row["Hypertile U-Net second pass" if request.hypertile_hires_only else "Hypertile U-Net"] = True
     for key, name in (("max_depth", "max depth"), ("tile_size", "max tile size"), ("swap_size", "swap size")):
@@ -173,6 +193,9 @@ class Prepared:
     hires: Any = None  # a sdengine.pipeline.hires.HiresPlan when the request asks for the hires fix
     # the first step of an img2img run where the request's strength does not say it (the hires second pass)
     start_step: int | None = None
+    # HyperTile on the VAE (request.hypertile_vae): its generator, seeded with the first seed and shared by the
+    # copies of this (the hires fix's passes), so the decodes draw in turn as A1111's (sdengine.nn.hypertile)
+    vae_tiles: HyperTileRun | None = None
 
 
 def _no_extra_tokens(encoder: Any) -> Any:
@@ -745,6 +768,12 @@ class Pipeline:
         tiles = r.hypertile_config()
         if tiles is not None:  # HyperTile has a self-attention layer to tile in this U-Net (one line)
             check_hypertile(self.unet, tiles)
+        vae_tiles = r.hypertile_vae_config()
+        if vae_tiles is not None:  # and on the VAE, its decoder's middle-block attention (one line)
+            try:
+                vae_hypertile_layer(self.vae)
+            except UsageError as e:
+                raise GenerationError(str(e)) from None
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
@@ -864,6 +893,7 @@ class Pipeline:
             notes,
             r.subseeds(),
             hires,
+            vae_tiles=None if vae_tiles is None else HyperTileRun(vae_tiles, int(seeds[0]), self.vae_scale_factor),
         )
 
     # -- the call -------------------------------------------------------------------------------------
@@ -945,6 +975,7 @@ class Pipeline:
                     lora_dir=lora_dir,
                     controlnets=units,
                     guess_mode=bool(request.guess_mode),
+                    ip_adapters=request.ip_adapters or (),
                     mask_blur=float(request.mask_blur) if p.mask is not None else None,
                     resize_mode=init_resize_mode(request) if (p.init is not None or units) else None,
                     sampler_options=request.sampler_options,
@@ -1227,12 +1258,20 @@ class Pipeline:
         # HyperTile draws each call's tiles in Python: the plain network too (the whole-loop graph keys it and the
         # seed in its plan)
         tiles = r.hypertile_settings()
-        hypertile = None if tiles is None else (tiles, int(p.seeds[0]))
+        hypertile: tuple[Any, ...] | None = None if tiles is None else (tiles, int(p.seeds[0]))
+        # HyperTile on the VAE too: A1111's one generator, reseeded at this pass's start, draws the U-Net's tiles,
+        # then the decode's (the whole-loop graph, whose draws are made once at its recording, is not replayed)
+        shared_draws = hypertile is not None and p.vae_tiles is not None
+        if shared_draws:
+            assert p.vae_tiles is not None
+            hypertile = (tiles, int(p.seeds[0]), p.vae_tiles.rng)
         # SAG records the middle block's attention map in the plain U-Net's calls: the same
         sag = r.sag_settings()
         # IP-Adapter sets the plain U-Net's cross-attention layers per call (its image tokens ride in the
         # conditioning dict as ip_tokens): the plain network too, and no whole-loop graph
-        ip = image_tokens(list(r.ip_adapters or ()), len(p.seeds), dev, self.dtype)
+        ip = image_tokens(
+            list(r.ip_adapters or ()), len(p.seeds), dev, self.dtype, log_sigmas=self.noise_schedule.log_sigmas
+        )
         if ip is not None:
             cond = {**cond, "ip_tokens": ip.cond[rows]}
             uncond = {**uncond, "ip_tokens": ip.uncond[rows]}
@@ -1305,6 +1344,7 @@ class Pipeline:
             and loop.usable()
             and p.sampler not in sampling.ADAPTIVE_SAMPLERS  # its steps depend on the model's answers
             and brownian is None  # a Brownian tree's noise is read at the run's sigmas, not drawn beforehand
+            and not shared_draws
         )
         init_latent = start.init_latent if start.from_init else None
         plan = self.loop_plan(p, init_latent is not None, first, noise_from)
@@ -1352,7 +1392,7 @@ class Pipeline:
         freeu: FreeU | None = None,
         sag: tuple[Any, ...] | None = None,
         deep_shrink: DeepShrink | None = None,
-        hypertile: tuple[HyperTile, int] | None = None,
+        hypertile: tuple[Any, ...] | None = None,
         ip_adapters: Sequence[AdapterLayers] | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
@@ -1363,15 +1403,17 @@ class Pipeline:
         self-attention guidance (:meth:`GenerationRequest.sag_settings`; the rule "diffusers" unless given), reading
         the middle-block attention map of this pipeline's U-Net (the plain network runs it too); ``deep_shrink``: Deep
         Shrink on this pipeline's U-Net in the calls whose sigma is in its window (:mod:`sdengine.nn.deep_shrink`; the
-        plain network too); ``hypertile``: (settings, seed) of HyperTile on this pipeline's U-Net's self-attention,
-        one generator seeded with ``seed`` for this denoiser's calls (:mod:`sdengine.nn.hypertile`); ``ip_adapters``:
+        plain network too); ``hypertile``: (settings, seed[, generator]) of HyperTile on this pipeline's U-Net's
+        self-attention, one generator (the one given, else its own) seeded with ``seed`` for this denoiser's calls
+        (:mod:`sdengine.nn.hypertile`); ``ip_adapters``:
         IP-Adapters on this pipeline's U-Net's cross-attention, the calls' image tokens read from the conditioning's
         ``ip_tokens`` (:mod:`sdengine.nn.ip_adapter`; the plain network too)."""
         net = self.unet if net is None else net
         if freeu is not None:
             net = FreeUNet(net, self.unet, freeu)
         if hypertile is not None:
-            net = HyperTileNet(net, self.unet, hypertile[0], hypertile[1], scale=self.vae_scale_factor)
+            rng = hypertile[2] if len(hypertile) > 2 else None
+            net = HyperTileNet(net, self.unet, hypertile[0], hypertile[1], scale=self.vae_scale_factor, rng=rng)
         if ip_adapters:
             net = IPAdapterNet(net, self.unet, ip_adapters)
         model: Any = UNetAdapter(net, self.dtype)
@@ -1538,11 +1580,13 @@ class Pipeline:
         # Decode one image at a time: the VAE's activations at full size dominate memory, and a row's
         # pixels then never depend on the batch.
         out = []
-        decoder = self.graphed("vae")
+        # HyperTile on the VAE draws each decode's tiles in Python: the VAE itself, not its graph
+        decoder = self.graphed("vae") if p.vae_tiles is None else None
         for i in range(x.shape[0]):
-            img, upcast = vae_utils.decode(
-                self.vae, x[i : i + 1], tiled=p.tiled, upcast=self.vae_upcast, warn=False, decoder=decoder
-            )
+            with vae_hypertile_applied(self.vae, p.vae_tiles, (int(x.shape[-2]), int(x.shape[-1]))):
+                img, upcast = vae_utils.decode(
+                    self.vae, x[i : i + 1], tiled=p.tiled, upcast=self.vae_upcast, warn=False, decoder=decoder
+                )
             if upcast and not self.vae_upcast:
                 self.vae_upcast = True
                 _note(

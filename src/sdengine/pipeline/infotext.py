@@ -111,6 +111,50 @@ def lora_hashes(loras: Sequence[tuple[Any, Any]], lora_dir: str | Path | None) -
     return out
 
 
+def _file_name_and_hash(source: Any) -> tuple[str, str | None]:
+    """The name an infotext gives a file or folder (its stem, a folder's name) and its hash (:func:`model_hash` of
+    the file, of a folder's one weights file; None when there is no such file)."""
+    path = Path(source)
+    if path.is_dir():
+        weights = [p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.is_file()]
+        return path.name, files_hash_cached(weights[:1])
+    return path.stem, files_hash_cached([path]) if path.is_file() else None
+
+
+def ip_adapter_infotext(unit: Any) -> str:
+    """The ``IP-Adapter N`` value of a request's :class:`sdengine.pipeline.ip_adapter.IPAdapterUnit` (as given, before
+    its files are loaded: :func:`sdengine.metadata.format_ip_adapter`). A file names itself and its hash; a loaded
+    adapter or encoder its file name only (no hash: ``--from-png`` then needs the file named again)."""
+    from sdengine.metadata import format_ip_adapter
+    from sdengine.models.clip_vision import CLIPVisionModel
+
+    if isinstance(unit.adapter, str | Path):
+        model, digest = _file_name_and_hash(unit.adapter)
+    else:
+        model, digest = Path(unit.name).stem, None
+    encoder = encoder_hash = rule = count = None
+    if unit.images is not None:  # pictures through a CLIP vision encoder (else the caller's outputs: not recorded)
+        if isinstance(unit.clip_vision, CLIPVisionModel):
+            encoder = Path(unit.clip_vision.name or "CLIP vision").stem
+        elif unit.clip_vision is not None:
+            encoder, encoder_hash = _file_name_and_hash(unit.clip_vision)
+        rule = unit.negative_rule
+        count = len(unit.images) if isinstance(unit.images, list | tuple) else 1
+    return format_ip_adapter(
+        model,
+        model_hash=digest,
+        weight=float(unit.scale),
+        clip_vision=encoder,
+        clip_vision_hash=encoder_hash,
+        negative_rule=rule,
+        images=count,
+        start=float(unit.start),
+        end=float(unit.end),
+        scaling=unit.scaling,
+        layer_scales=unit.layer_scales,
+    )
+
+
 # the defaults of the sampler options A1111 writes under its own names (metadata.A1111_SAMPLER_FIELDS)
 SAMPLER_OPTION_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
 
@@ -153,6 +197,7 @@ def call_parameters(
     sdxl: Any = None,
     clip_skip_rule: str = "sdengine",
     guess_mode: bool = False,
+    ip_adapters: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
@@ -193,6 +238,8 @@ def call_parameters(
         params[f"ControlNet {k}"] = unit.infotext()
     if guess_mode and controlnets:  # sdengine's field: diffusers' guess mode (the extension has none)
         params["ControlNet guess mode"] = True
+    for k, ip_unit in enumerate(ip_adapters):  # sdengine's field (docs/ip-adapter.md, Command line)
+        params[f"IP-Adapter {k}"] = ip_adapter_infotext(ip_unit)
     if any(unit.rule != "diffusers" for unit in controlnets):  # sdengine's field, read back by --from-png:
         # A1111's ControlNet extension counts start/end its own way (pipeline.control.step_keep), one per unit
         params["ControlNet step rule"] = ",".join(unit.rule for unit in controlnets)
@@ -247,6 +294,7 @@ __all__ = [
     "format_infotext",
     "hash_cache_file",
     "hashed_files",
+    "ip_adapter_infotext",
     "lora_hashes",
     "weights_file",
 ]

@@ -28,7 +28,7 @@ from sdengine.errors import GenerationError, UsageError
 from sdengine.io.images import load_image
 from sdengine.models.clip_vision import CLIPVisionModel, ImageLike, clip_image_tensor
 from sdengine.models.ip_adapter import IPAdapter
-from sdengine.nn.ip_adapter import AdapterLayers, check_fits
+from sdengine.nn.ip_adapter import SCALINGS, AdapterLayers, check_fits
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,15 @@ class IPAdapterUnit:
 
     Instead of ``embeds``, ``images`` (a picture, or a list the rows all take together) and ``clip_vision`` (a
     :class:`CLIPVisionModel` or its file / folder) are encoded at the call as :func:`unit_from_images` does, the
-    unconditional rows' input by ``negative_rule``."""
+    unconditional rows' input by ``negative_rule``.
+
+    ``start`` / ``end``: the fractions of the model's schedule the adapter acts between, ComfyUI's sigma rule
+    (ComfyUI_IPAdapter_plus's start_at / end_at: a model call acts when its sigma lies between
+    ``percent_to_sigma(end)`` and ``percent_to_sigma(start)``, judged at every call); 0 and 1: every call.
+    ``layer_scales``: a scale per cross-attention layer in place of ``scale`` (in the file's layer order; None:
+    ``scale`` everywhere); ``scaling``: how the scale weighs the image attention
+    (:data:`sdengine.nn.ip_adapter.SCALINGS`: "output", the default, or ComfyUI_IPAdapter_plus's "kv" and
+    "k_mean_v")."""
 
     adapter: IPAdapter | str | Path
     embeds: Tensor | None = None
@@ -51,6 +59,10 @@ class IPAdapterUnit:
     images: Any = None
     clip_vision: CLIPVisionModel | str | Path | None = None
     negative_rule: str = "diffusers"
+    start: float = 0.0
+    end: float = 1.0
+    layer_scales: tuple[float, ...] | None = None
+    scaling: str = "output"
 
     @property
     def name(self) -> str:
@@ -73,6 +85,7 @@ class IPAdapterUnit:
             raise GenerationError(
                 f"IP-Adapter negative_rule {self.negative_rule!r}: choose one of {', '.join(NEGATIVE_RULES)}"
             )
+        check_unit_extras(self)
         if self.images is not None or self.embeds is None:
             if self.embeds is not None or self.negative is not None:
                 raise GenerationError("an IP-Adapter unit takes images or embeds (and negative), not both")
@@ -113,11 +126,19 @@ class IPAdapterUnit:
         counts = [1 if t.dim() == one else int(t.shape[0]) for t in (self.embeds, self.negative) if t is not None]
         return counts[0], counts[-1]
 
-    def layers(self) -> AdapterLayers:
-        """The adapter's projections and scale for the U-Net's layers; the token count is filled in per run."""
+    def layers(self, log_sigmas: Tensor | None = None) -> AdapterLayers:
+        """The adapter's projections and scale for the U-Net's layers; the token count is filled in per run, the
+        sigma window of ``start`` / ``end`` on the schedule of ``log_sigmas`` (None: no window)."""
         assert isinstance(self.adapter, IPAdapter), "resolve_unit first"
         return AdapterLayers(
-            list(self.adapter.to_k_ip), list(self.adapter.to_v_ip), float(self.scale), 0, self.adapter.name
+            list(self.adapter.to_k_ip),
+            list(self.adapter.to_v_ip),
+            float(self.scale),
+            0,
+            self.adapter.name,
+            layer_scales=None if self.layer_scales is None else tuple(float(v) for v in self.layer_scales),
+            scaling=self.scaling,
+            window=unit_window(self, log_sigmas),
         )
 
 
@@ -241,9 +262,14 @@ class IPTokens:
 
 
 def image_tokens(
-    units: Sequence[IPAdapterUnit], rows: int, device: torch.device | str, dtype: torch.dtype
+    units: Sequence[IPAdapterUnit],
+    rows: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    log_sigmas: Tensor | None = None,
 ) -> IPTokens | None:
-    """The tokens of every unit for ``rows`` rows (projected once, in ``dtype`` on ``device``); None without units."""
+    """The tokens of every unit for ``rows`` rows (projected once, in ``dtype`` on ``device``); None without units.
+    ``log_sigmas``: the model's schedule, for the units' start / end windows."""
     if not units:
         return None
     cond, uncond, layers = [], [], []
@@ -257,8 +283,7 @@ def image_tokens(
                 raise UsageError(f"{adapter.name}: negative gives {neg.shape[1]} tokens, embeds {pos.shape[1]}")
             cond.append(_rows(pos, rows, adapter))
             uncond.append(_rows(neg, rows, adapter))
-            base = u.layers()
-            layers.append(AdapterLayers(base.to_k, base.to_v, base.scale, int(pos.shape[1]), base.name))
+            layers.append(dataclasses.replace(u.layers(log_sigmas), tokens=int(pos.shape[1])))
     return IPTokens(torch.cat(cond, dim=1), torch.cat(uncond, dim=1), layers)
 
 
@@ -329,15 +354,46 @@ def unit_from_images(
     return IPAdapterUnit(adapter, embeds.clone(), float(scale), None if negative is None else negative.clone())
 
 
+def check_unit_extras(unit: IPAdapterUnit) -> None:
+    """One line for a unit's start / end, layer scales or scaling that cannot run."""
+    for what, v in (("start", unit.start), ("end", unit.end)):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+            raise GenerationError(f"IP-Adapter {what} must be a number in [0, 1], got {v!r}")
+    if unit.start > unit.end:
+        raise GenerationError(f"IP-Adapter start {unit.start:g} is after its end {unit.end:g}")
+    if unit.scaling not in SCALINGS:
+        raise GenerationError(f"IP-Adapter scaling {unit.scaling!r}: choose one of {', '.join(SCALINGS)}")
+    if unit.layer_scales is not None:
+        values = list(unit.layer_scales)
+        n = len(unit.adapter.to_k_ip) if isinstance(unit.adapter, IPAdapter) else len(values)  # a file: checked later
+        if len(values) != n or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        ):
+            raise GenerationError(f"IP-Adapter {unit.name}: layer_scales must be {n} finite numbers (one per layer)")
+
+
+def unit_window(unit: IPAdapterUnit, log_sigmas: Tensor | None) -> tuple[float, float] | None:
+    """``(low, high)``: the sigmas a unit's start / end let it act between on the schedule of ``log_sigmas``
+    (:func:`sdengine.pipeline.control.comfy_sigma_window`, ComfyUI's rule); None for the whole run (0 and 1) or
+    without a schedule."""
+    if log_sigmas is None or (float(unit.start) <= 0.0 and float(unit.end) >= 1.0):
+        return None
+    from sdengine.pipeline.control import comfy_sigma_window
+
+    return comfy_sigma_window(log_sigmas, float(unit.start), float(unit.end))
+
+
 __all__ = [
     "NEGATIVE_RULES",
     "IPAdapterUnit",
     "IPTokens",
     "check_encoder",
+    "check_unit_extras",
     "check_units",
     "forget_loaded",
     "resolve_unit",
     "encoder_width",
     "image_tokens",
     "unit_from_images",
+    "unit_window",
 ]

@@ -160,6 +160,10 @@ class GenerationRequest:
     hypertile_hires_only: bool = False
     hypertile_rule: str = "a1111"
     hypertile_scale_depth: bool = True
+    # HyperTile on the VAE (A1111's Hypertile VAE): (tile_size, swap_size, max_depth) of the VAE decoder's
+    # middle-block attention (A1111's defaults 128, 3, 3; its one layer is depth 0, so every max_depth tiles it),
+    # A1111's rule, drawn from the first seed; None = off. Infotext "Hypertile VAE" (sdengine.nn.hypertile)
+    hypertile_vae: Sequence[int] | None = None
     callback: StepCallback | None = None
     progress: bool = True
     vae_tiling: bool | None = None
@@ -348,6 +352,14 @@ class GenerationRequest:
         tile, swap, depth = (int(x) for x in self.hypertile)
         return HyperTile(tile, swap, depth, rule=self.hypertile_rule, scale_depth=bool(self.hypertile_scale_depth))
 
+    def hypertile_vae_config(self) -> HyperTile | None:
+        """``hypertile_vae`` as A1111-rule :class:`sdengine.nn.hypertile.HyperTile` settings (None: off); call after
+        :meth:`validate`."""
+        if self.hypertile_vae is None:
+            return None
+        tile, swap, depth = (int(x) for x in self.hypertile_vae)
+        return HyperTile(tile, swap, depth)
+
     def hypertile_settings(self) -> HyperTile | None:
         """The HyperTile settings of this request's own sampling pass (None: off; also with
         ``hypertile_hires_only``, which the hires fix's second pass clears); call after :meth:`validate`."""
@@ -391,17 +403,23 @@ class GenerationRequest:
         for name in ("hypertile_hires_only", "hypertile_scale_depth"):
             if not isinstance(getattr(self, name), bool):
                 raise GenerationError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if v is None:
-            return
-        if isinstance(v, str | bytes) or not isinstance(v, Sequence) or len(v) != 3:
-            raise GenerationError(
-                f"hypertile must be three whole numbers (tile_size, swap_size, max_depth), e.g. (256, 3, 3); got {v!r}"
-            )
-        for name, x, hi in zip(
-            ("tile_size", "swap_size", "max_depth"), v, (MAX_TILE_SIZE, MAX_SWAP_SIZE, MAX_DEPTH), strict=True
+        if self.hypertile_vae is not None and self.vae_decode == "tiny":
+            raise GenerationError("hypertile_vae tiles the full VAE's decoder; vae_decode='tiny' runs none: drop one")
+        for field, v, e in (
+            ("hypertile", self.hypertile, "(256, 3, 3)"),
+            ("hypertile_vae", self.hypertile_vae, "(128, 3, 3)"),
         ):
-            if not _is_int(x) or not 0 <= x <= hi:
-                raise GenerationError(f"hypertile {name} must be a whole number in [0, {hi}], got {x!r}")
+            if v is None:
+                continue
+            if isinstance(v, str | bytes) or not isinstance(v, Sequence) or len(v) != 3:
+                raise GenerationError(
+                    f"{field} must be three whole numbers (tile_size, swap_size, max_depth), e.g. {e}; got {v!r}"
+                )
+            for name, x, hi in zip(
+                ("tile_size", "swap_size", "max_depth"), v, (MAX_TILE_SIZE, MAX_SWAP_SIZE, MAX_DEPTH), strict=True
+            ):
+                if not _is_int(x) or not 0 <= x <= hi:
+                    raise GenerationError(f"{field} {name} must be a whole number in [0, {hi}], got {x!r}")
 
     def validate(self) -> GenerationRequest:
         """Raise a one-line GenerationError for the first setting that cannot run; return self. Checks that

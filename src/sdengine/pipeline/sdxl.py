@@ -24,6 +24,7 @@ from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, img2img_start, im
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
 from sdengine.metadata import REFINER_SWITCH_RULES
+from sdengine.nn.hypertile import vae_hypertile_applied
 from sdengine.pipeline.core import (
     Pipeline,
     Prepared,
@@ -468,8 +469,9 @@ class SDXLPipeline(Pipeline):
 
 def decode_with(model: Any, p: Prepared, x: torch.Tensor) -> torch.Tensor:
     """(1, 3, H, W) in [0, 1]: a hand-off's final latent decoded by ``model``'s VAE (the refiner's), with the
-    float32 fall-back noted once."""
-    img, upcast = vae_utils.decode(model.vae, x, tiled=p.tiled, upcast=model.vae_upcast, warn=False)
+    float32 fall-back noted once; HyperTile on the VAE where the request asks (``p.vae_tiles``)."""
+    with vae_hypertile_applied(model.vae, p.vae_tiles, (int(x.shape[-2]), int(x.shape[-1]))):
+        img, upcast = vae_utils.decode(model.vae, x, tiled=p.tiled, upcast=model.vae_upcast, warn=False)
     if upcast and not model.vae_upcast:
         model.vae_upcast = True
         p.notes.append("the VAE decode in half precision gave NaN/inf; decoded again in float32")

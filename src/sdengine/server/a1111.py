@@ -160,17 +160,21 @@ FIXED_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_old_scheduling": (_FALSE, "A1111's old prompt-editing timeline is not implemented in sdengine"),
     "use_downcasted_alpha_bar": (_FALSE, "A1111's downcast alphas_cumprod is not implemented in sdengine"),
     "tiling": (_FALSE, "send the request's tiling field instead"),
-    "hypertile_enable_vae": (_FALSE, "HyperTile on the VAE is not implemented in sdengine (its U-Net's is)"),
 }
-# A1111's Hypertile U-Net options (its built-in Hypertile extension) and their defaults: the HyperTile of requests
-# (GenerationRequest.hypertile; sdengine.nn.hypertile, A1111's rule). hypertile_enable_unet tiles every pass,
-# hypertile_enable_unet_secondpass the hires fix's second pass (alone, or with the first when both are on).
+# A1111's Hypertile U-Net and VAE options (its built-in Hypertile extension) and their defaults: the HyperTile of
+# requests (GenerationRequest.hypertile and hypertile_vae; sdengine.nn.hypertile, A1111's rule). hypertile_enable_unet
+# tiles every pass, hypertile_enable_unet_secondpass the hires fix's second pass (alone, or with the first when both
+# are on); hypertile_enable_vae the VAE decoder's middle-block attention at every decode.
 HYPERTILE_OPTIONS: dict[str, Any] = {
     "hypertile_enable_unet": False,
     "hypertile_enable_unet_secondpass": False,
     "hypertile_max_depth_unet": 3,
     "hypertile_max_tile_unet": 256,
     "hypertile_swap_size_unet": 3,
+    "hypertile_enable_vae": False,
+    "hypertile_max_depth_vae": 3,
+    "hypertile_max_tile_vae": 128,
+    "hypertile_swap_size_vae": 3,
 }
 # A1111's sampler-parameter options sdengine runs (the values a request's own field takes when it gives none;
 # eta: eta_ddim for DDIM, eta_ancestral for the others, as A1111), and the UniPC ones (sdengine's UniPC's options
@@ -243,6 +247,9 @@ INFOTEXT_OPTIONS = {
     "Hypertile U-Net max tile size": "hypertile_max_tile_unet",
     "Hypertile U-Net swap size": "hypertile_swap_size_unet",
     "Hypertile VAE": "hypertile_enable_vae",
+    "Hypertile VAE max depth": "hypertile_max_depth_vae",
+    "Hypertile VAE max tile size": "hypertile_max_tile_vae",
+    "Hypertile VAE swap size": "hypertile_swap_size_vae",
 }
 
 
@@ -255,7 +262,9 @@ def check_hypertile_option(name: str, value: Any, where: str = "") -> Any:
         if not isinstance(value, bool):
             raise BadRequest(f"{where}{name} must be true or false, got {repr(value)[:100]}")
         return value
-    hi = {"hypertile_max_depth_unet": MAX_DEPTH, "hypertile_max_tile_unet": MAX_TILE_SIZE}.get(name, MAX_SWAP_SIZE)
+    hi = {"max_depth": MAX_DEPTH, "max_tile": MAX_TILE_SIZE}.get(
+        name[len("hypertile_") : name.rindex("_")], MAX_SWAP_SIZE
+    )
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
@@ -264,13 +273,17 @@ def check_hypertile_option(name: str, value: Any, where: str = "") -> Any:
 
 
 def hypertile_fields(settings: dict[str, Any]) -> dict[str, Any]:
-    """The request fields of A1111's Hypertile U-Net options (checked values of all HYPERTILE_OPTIONS): ``hypertile``
-    (max tile, swap size, max depth) and ``hypertile_hires_only``; {} when neither switch is on."""
+    """The request fields of A1111's Hypertile options (checked values of all HYPERTILE_OPTIONS): ``hypertile``
+    (max tile, swap size, max depth) and ``hypertile_hires_only`` where a U-Net switch is on, ``hypertile_vae`` (max
+    tile, swap size, max depth) where the VAE's is; {} when none is."""
+    out: dict[str, Any] = {}
     every, second = settings["hypertile_enable_unet"], settings["hypertile_enable_unet_secondpass"]
-    if not (every or second):
-        return {}
-    tiles = tuple(settings[f"hypertile_{k}_unet"] for k in ("max_tile", "swap_size", "max_depth"))
-    return {"hypertile": tiles, "hypertile_hires_only": not every}
+    if every or second:
+        tiles = tuple(settings[f"hypertile_{k}_unet"] for k in ("max_tile", "swap_size", "max_depth"))
+        out.update(hypertile=tiles, hypertile_hires_only=not every)
+    if settings["hypertile_enable_vae"]:
+        out["hypertile_vae"] = tuple(settings[f"hypertile_{k}_vae"] for k in ("max_tile", "swap_size", "max_depth"))
+    return out
 
 
 def infotext_value(text: str) -> Any:
@@ -1783,6 +1796,11 @@ def install(app: FastAPI, services: Any) -> None:
         ip_requests: list[IPAdapterRequest] = []
         units, resizes, processor_res = control_units(unit_args, init, ignored, detect_maps, ip_requests)
         ip_requests = [dataclasses.replace(r, model=ip_adapter_name(r.model)) for r in ip_requests]
+        if notes is not None and any((r.start, r.end) != (0.0, 1.0) for r in ip_requests):
+            notes.append(
+                "IP-Adapter guidance_start/guidance_end: judged by each model call's sigma (ComfyUI_IPAdapter_plus's "
+                "rule), not by the extension's step count"
+            )
         if not (body.get("enable_hr") and init is None):  # no second pass: no mode of its own to record
             units = [dataclasses.replace(u, hires_mode=None) for u in units]
         if body.get("enable_hr") and init is None and isinstance(unit_args, list):
@@ -2656,7 +2674,7 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = check_background(v)
             elif k in SAMPLER_OPTIONS:  # eta_ancestral, s_churn, uni_pc_order, ...: of requests that give none
                 changes[k] = check_sampler_option(k, v)
-            elif k in HYPERTILE_OPTIONS:  # A1111's Hypertile U-Net of requests that give none
+            elif k in HYPERTILE_OPTIONS:  # A1111's Hypertile U-Net and VAE of requests that give none
                 changes[k] = check_hypertile_option(k, v)
             elif k in FIXED_OPTIONS:  # run one way only: that way, else a 400 naming the option
                 changes[k] = check_fixed_option(k, v)

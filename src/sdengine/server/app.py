@@ -670,14 +670,21 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         """HyperTile that would tile no self-attention layer of the model is a 400 now when a worker holds the
         model; before its first load the job fails with the same line when it runs."""
         kw = generation.kwargs
-        if kw.get("hypertile") is None:
+        if kw.get("hypertile") is None and kw.get("hypertile_vae") is None:
             return
         loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        from sdengine.nn.hypertile import HyperTile, check_hypertile, vae_hypertile_layer
+
+        if kw.get("hypertile_vae") is not None and getattr(loaded, "vae", None) is not None:
+            try:
+                vae_hypertile_layer(loaded.vae)  # type: ignore[union-attr]
+            except SdengineError as e:
+                raise BadRequest(f"hypertile_vae: {e}") from None
+        if kw.get("hypertile") is None:
+            return
         unet = getattr(loaded, "unet", None)
         if unet is None:
             return
-        from sdengine.nn.hypertile import HyperTile, check_hypertile
-
         try:
             tile, swap, depth = kw["hypertile"]
             rule, scale = kw.get("hypertile_rule", "a1111"), kw.get("hypertile_scale_depth", True)
@@ -808,7 +815,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         """Queue a generation; answers at once with the job id and its place in the queue (0 = next)."""
         fields = req.model_dump(exclude={"controlnets", "loras", "ip_adapters"})
         fields["ip_adapters"] = [
-            IPAdapterRequest(u.model, u.image, u.scale, u.clip_vision, u.negative_rule) for u in req.ip_adapters
+            IPAdapterRequest(u.model, u.image, u.scale, u.clip_vision, u.negative_rule, start=u.start, end=u.end)
+            for u in req.ip_adapters
         ]
         fields["controlnets"] = [
             ControlRequest(

@@ -31,7 +31,7 @@ from sdengine.server.errors import BadRequest, redact_paths
 MAX_IP_ADAPTERS = 4  # IP-Adapter units of one request
 SCALE_RANGE = (-1.0, 5.0)  # a unit's scale (ComfyUI_IPAdapter_plus's weight range; A1111's 0-2 lies inside it)
 NEGATIVE_RULES = ("diffusers", "comfyui")  # sdengine.pipeline.ip_adapter.NEGATIVE_RULES (torch-free here)
-UNIT_KEYS = ("model", "image", "scale", "clip_vision", "negative_rule")  # a native / OpenAI unit's fields
+UNIT_KEYS = ("model", "image", "scale", "clip_vision", "negative_rule", "start", "end")  # a native / OpenAI unit's
 
 # The CLIP vision families by the tower's width (hidden size), and what each is called in errors
 FAMILY_WIDTHS = {"vit-h": 1280, "vit-bigg": 1664}
@@ -98,7 +98,13 @@ def parse_units(raw: Any, what: str = "ip_adapters") -> list[IPAdapterRequest]:
         rule = u.get("negative_rule", "diffusers")
         out.append(
             IPAdapterRequest(
-                str(u["model"]), u["image"], u.get("scale", 1.0), clip or None, rule if rule is not None else ""
+                str(u["model"]),
+                u["image"],
+                u.get("scale", 1.0),
+                clip or None,
+                rule if rule is not None else "",
+                start=u.get("start", 0.0),
+                end=u.get("end", 1.0),
             )
         )
     return out

@@ -308,6 +308,7 @@ def build_generation(
     hypertile_hires_only: bool = False,
     hypertile_rule: str = "a1111",
     hypertile_scale_depth: bool = True,
+    hypertile_vae: Sequence[int] | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
@@ -318,7 +319,8 @@ def build_generation(
     GenerationRequest.validate below). ``hypertile``:
     HyperTile's (tile size, swap size, max depth), None: off; ``hypertile_hires_only``: the hires fix's second pass
     only; ``hypertile_rule``, ``hypertile_scale_depth``: how it tiles (checked by GenerationRequest.validate; such a
-    job runs alone, its tiles drawn from its own first seed). ``ip_adapters``: IP-Adapter units
+    job runs alone, its tiles drawn from its own first seed); ``hypertile_vae``: HyperTile on the VAE's decoder (tile
+    size, swap size, max depth), None: off (such a job runs alone too). ``ip_adapters``: IP-Adapter units
     (:class:`sdengine.server.ip_adapters.IPAdapterRequest`, or the native job's list of objects): names resolved in
     their folders, the CLIP vision encoder chosen, the pictures decoded; the worker loads the files."""
     from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
@@ -530,6 +532,8 @@ def build_generation(
         kwargs.update(hypertile=tuple(hypertile), hypertile_hires_only=hypertile_hires_only)
         if hypertile_rule != "a1111" or hypertile_scale_depth is not True:
             kwargs.update(hypertile_rule=hypertile_rule, hypertile_scale_depth=hypertile_scale_depth)
+    if hypertile_vae is not None:  # left out when off (batch_key: a job with it runs alone, its draws its own)
+        kwargs["hypertile_vae"] = tuple(hypertile_vae)
     if freeu_settings is not None:  # left out when off, so that such jobs batch as before
         kwargs.update(zip(("freeu", "freeu_version", "freeu_rule"), freeu_settings, strict=True))
     if deep_shrink is not None:  # checked by GenerationRequest.validate below

@@ -80,6 +80,15 @@ class IPAdapterSpec(BaseModel):
         "normalised pixel tensor's encoding) or 'comfyui' (ComfyUI_IPAdapter_plus: a black picture's); plain "
         "adapters: zeros either way",
     )
+    start: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="the fraction of the schedule where the adapter starts acting (ComfyUI_IPAdapter_plus's start_at: "
+        "judged by each model call's sigma)",
+    )
+    end: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="where it stops (end_at); 0 and 1: every call")
 
 
 class HiresSpec(BaseModel):
@@ -228,6 +237,14 @@ class JobRequest(BaseModel):
         strict=True,
         description="the smallest tile doubles with each depth (A1111 always; ComfyUI's node's default: false). "
         "Used only with hypertile; infotext 'Hypertile scale depth' when false",
+    )
+    hypertile_vae: list[Annotated[int, Field(ge=0, le=2048, strict=True)]] | None = Field(
+        None,
+        min_length=3,
+        max_length=3,
+        description="HyperTile on the VAE (A1111's Hypertile VAE) as [tile_size, swap_size, max_depth]: the VAE "
+        "decoder's middle-block attention within tiles (A1111's rule; its one layer is depth 0); A1111's defaults "
+        "[128, 3, 3]; null: off. Infotext 'Hypertile VAE'",
     )
     seed: int = Field(-1, ge=-1, le=2**53 - 1, description="-1: random")
     width: int | None = SIDE

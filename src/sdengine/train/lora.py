@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from sdengine.errors import SdengineError
+from sdengine.metadata import legacy_hash
 
 from .. import distributed
 from ..weights.lora import LoRALayer, kohya_name, lora_targets, patch_layers
@@ -315,13 +316,6 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _legacy_model_hash(path: Path) -> str:
-    """A1111's old 8-hex model hash (kohya's ss_sd_model_hash): SHA-256 of 64 KiB at offset 1 MiB."""
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-
-
 def base_model_file(source: Path | None) -> Path | None:
     """The file whose hash identifies the base model: the single file, or a folder's U-Net weights."""
     if source is None:
@@ -524,7 +518,7 @@ def kohya_metadata(
         "ss_v2": str(v2),
         "ss_v_parameterization": str(pipe.prediction_type == "v_prediction"),
         "ss_sd_model_name": str(spec.model),
-        "ss_sd_model_hash": _legacy_model_hash(base) if base else "",
+        "ss_sd_model_hash": legacy_hash(base) if base else "",
         "ss_new_sd_model_hash": _file_sha256(base) if base else "",
         "ss_output_name": spec.output_name,
         "ss_resolution": f"({resolution}, {resolution})",

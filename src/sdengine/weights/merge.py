@@ -50,6 +50,8 @@ from typing import Any, Literal
 
 import torch
 
+from sdengine.metadata import legacy_hash
+
 from . import keymaps as km
 from .io import (
     PICKLE_SUFFIXES,
@@ -183,15 +185,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def legacy_hash(path: str | Path) -> str:
-    """A1111's old model hash (its ``legacy_hash``): SHA-256 of the 64 KiB at offset 1 MiB, first 8 hex digits."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        h.update(f.read(0x10000))
-    return h.hexdigest()[:8]
 
 
 def _json_value(text: str | None) -> Any:

@@ -35,6 +35,8 @@ def builtin_object_info() -> dict[str, Any]:
 EMPTY_CHOICES = {
     "vae_name": "`taesd` when the server runs with `--tiny-vae`",
     "model_name": "the files of `--upscalers-dir`",
+    "clip_name": "the encoders of `--clip-vision-dir`",
+    "ipadapter_file": "the files of `--ip-adapters-dir`",
 }
 
 

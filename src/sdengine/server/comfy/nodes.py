@@ -38,7 +38,7 @@ from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from sdengine.errors import SdengineError
-from sdengine.nn.deep_shrink import DeepShrink
+from sdengine.nn.deep_shrink import deep_shrink_chain
 from sdengine.nn.freeu import MAX_FREEU_FACTOR, FreeU, freeu_applied
 from sdengine.nn.hypertile import HyperTile, HyperTileRun, check_hypertile, hypertile_applied
 from sdengine.nn.resize import resize_nchw as resize_by_method
@@ -207,12 +207,15 @@ class ModelHandle:
     perp_neg: tuple[Any, ...] = field(default=(), compare=False, repr=False)
     # SelfAttentionGuidance: (scale, blur_sigma), () = off (sdengine.server.comfy.nodes_guidance)
     sag: tuple[float, ...] = ()
-    # PatchModelAddDownscale (Deep Shrink): sdengine.nn.deep_shrink.DeepShrink.key, () = off (the last one applied
-    # counts: sdengine runs one; nodes_patches.py)
+    # PatchModelAddDownscale (Deep Shrink): the chained nodes' sdengine.nn.deep_shrink.DeepShrink.key each, first
+    # applied first, () = off (they stack, as ComfyUI's patch lists: nodes_patches.py)
     deep_shrink: tuple[Any, ...] = ()
     # HyperTile: its settings' key (tile_size, swap_size, max_depth, "comfyui", scale_depth), () = off (the last node
     # applied counts; sdengine.server.comfy.nodes_hypertile)
     hypertile: tuple[Any, ...] = ()
+    # ComfyUI_IPAdapter_plus's IPAdapter nodes: sdengine.pipeline.ip_adapter.IPAdapterUnit values, one per node in the
+    # order applied (each adds its own, as the pack's attn2 patches add up; sdengine.server.comfy.nodes_ipadapter)
+    ip_adapters: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -1074,7 +1077,8 @@ def _sample(
             sag_rule="comfyui",  # the SelfAttentionGuidance node is ComfyUI's under either seed rule
             prediction=model.prediction,
             zero_terminal_snr=model.zsnr,
-            deep_shrink=DeepShrink(*model.deep_shrink) if model.deep_shrink else None,
+            deep_shrink=deep_shrink_chain(model.deep_shrink) or None,
+            ip_adapters=getattr(model, "ip_adapters", ()),
             callback=report,
             batch_index=latent_image.get("batch_index"),
             guidance_rule=guidance_rule,

@@ -14,6 +14,7 @@ from sdengine.errors import SdengineError
 from sdengine.nn.deep_shrink import (
     DEEP_SHRINK_METHODS,
     MAX_DEEP_SHRINK_BLOCK,
+    MAX_DEEP_SHRINK_CHAIN,
     MAX_DEEP_SHRINK_FACTOR,
     MIN_DEEP_SHRINK_FACTOR,
     DeepShrink,
@@ -34,7 +35,8 @@ def patch_model_add_downscale(
 ) -> tuple[Any]:
     """ComfyUI's PatchModelAddDownscale: input block ``block_number``'s output divided by ``downscale_factor`` in the
     model calls whose sigma lies between the percents' sigmas, resized back where the up blocks meet a full-size
-    skip (:mod:`sdengine.nn.deep_shrink`). A second one replaces the first (sdengine runs one such patch)."""
+    skip (:mod:`sdengine.nn.deep_shrink`). Chained nodes stack in order, as ComfyUI's patch lists do (a chain:
+    :func:`sdengine.nn.deep_shrink.deep_shrink_chain`)."""
     try:
         settings = DeepShrink(
             block_number,
@@ -47,7 +49,9 @@ def patch_model_add_downscale(
         )
     except SdengineError as e:
         raise NodeError(str(e)) from None
-    return (replace(model, deep_shrink=settings.key),)
+    if len(model.deep_shrink) >= MAX_DEEP_SHRINK_CHAIN:
+        raise NodeError(f"at most {MAX_DEEP_SHRINK_CHAIN} chained PatchModelAddDownscale nodes")
+    return (replace(model, deep_shrink=(*model.deep_shrink, settings.key)),)
 
 
 PATCH_NODES: dict[str, NodeDef] = {

@@ -14,6 +14,7 @@ from sdengine.server.comfy.nodes_files import FILE_NODES
 from sdengine.server.comfy.nodes_guidance import GUIDANCE_NODES
 from sdengine.server.comfy.nodes_hypertile import HYPERTILE_NODES
 from sdengine.server.comfy.nodes_image import IMAGE_NODES
+from sdengine.server.comfy.nodes_ipadapter import IPADAPTER_NODES
 from sdengine.server.comfy.nodes_latent import LATENT_NODES
 from sdengine.server.comfy.nodes_merge import NODES as MERGE_NODES
 from sdengine.server.comfy.nodes_patches import PATCH_NODES
@@ -32,4 +33,5 @@ NODES: dict[str, NodeDef] = {
     **HYPERTILE_NODES,
     **UTILITY_NODES,
     **CLIP_VISION_NODES,
+    **IPADAPTER_NODES,
 }
