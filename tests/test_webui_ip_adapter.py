@@ -78,13 +78,20 @@ def test_the_ip_adapter_section_runs_the_apis_unit(page, server, folders, tmp_pa
     page.select_option("#ipa-model", "sub/plus.bin")
     page.select_option("#ipa-rule", "comfyui")
     page.fill("#ipa-scale", "1.2")
+    page.fill("#ipa-end", "0.8")
     page.fill("#prompt", "a red apple")
     page.fill("#steps", "3")
     page.fill("#seed", "3")
     page.click("#generate")
     params = wait_result(page)
     with httpx.Client(base_url=server.url, timeout=120) as client:
-        unit = {"model": "sub/plus.bin", "image": upload(client, image.read_bytes()), "scale": 1.2}
+        unit = {
+            "model": "sub/plus.bin",
+            "image": upload(client, image.read_bytes()),
+            "scale": 1.2,
+            "start": 0,
+            "end": 0.8,
+        }
         body = {"prompt": "a red apple", "steps": 3, "seed": 3, "width": 64, "height": 64, "cfg_scale": 7}
         expected, infotext = api_image(client, {**body, "ip_adapters": [{**unit, "negative_rule": "comfyui"}]})
         plain, _ = api_image(client, body)
@@ -96,6 +103,7 @@ def test_the_ip_adapter_section_runs_the_apis_unit(page, server, folders, tmp_pa
     page.wait_for_selector("body[data-ready=true]")
     assert page.input_value("#ipa-model") == "sub/plus.bin" and page.input_value("#ipa-scale") == "1.2"
     assert page.input_value("#ipa-rule") == "comfyui" and page.is_checked("#ipa-enabled")
+    assert page.input_value("#ipa-end") == "0.8"
     # an adapter no encoder fits: the server's line, in the section
     page.click("#ip-adapter-section summary")
     page.set_input_files("#ipa-file", str(image))

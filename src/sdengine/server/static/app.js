@@ -23,7 +23,8 @@ FIELDS.push("deep_shrink", "deep_shrink_block", "deep_shrink_factor", "deep_shri
   "deep_shrink_after_skip", "deep_shrink_downscale", "deep_shrink_upscale"); // Deep Shrink (off, on) and its settings
 FIELDS.push("hypertile", "hypertile_tile", "hypertile_swap", "hypertile_depth", "hypertile_rule",
   "hypertile_scale_depth"); // HyperTile (off, on, hires fix's second pass only) and its settings
-FIELDS.push("ipa-model", "ipa-clip", "ipa-scale", "ipa-rule"); // the IP-Adapter unit (its picture is not kept)
+FIELDS.push("ipa-model", "ipa-clip", "ipa-scale", "ipa-start", "ipa-end", "ipa-rule"); // the IP-Adapter unit
+// (its picture is not kept)
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
   align_your_steps: "Align Your Steps (SDXL's table on SDXL)", align_your_steps_sdxl: "Align Your Steps, SDXL table",
@@ -102,6 +103,7 @@ function askForKey(message) {
 // the ControlNet extension's control modes, as its infotext's "Control Mode" names them
 const CN_MODES = { balanced: "Balanced", prompt: "My prompt is more important",
   controlnet: "ControlNet is more important" };
+const IPA_LABELS = { scale: "IP-Adapter scale", start: "IP-Adapter start", end: "IP-Adapter end" };
 const CN_LABELS = { weight: "ControlNet weight", start: "ControlNet start", end: "ControlNet end",
   low: "ControlNet Canny low threshold", high: "ControlNet Canny high threshold" };
 
@@ -122,7 +124,7 @@ function nestedInput(loc) {
     return { id: HYPERTILE_INPUTS[index][0], label: HYPERTILE_INPUTS[index][1] };
   }
   if (list === "controlnets" && index === 0 && CN_LABELS[key]) return { id: `cn-${key}`, label: CN_LABELS[key] };
-  if (list === "ip_adapters" && index === 0 && key === "scale") return { id: "ipa-scale", label: "IP-Adapter scale" };
+  if (list === "ip_adapters" && index === 0 && IPA_LABELS[key]) return { id: `ipa-${key}`, label: IPA_LABELS[key] };
   if (list === "loras" && key === "weight") {
     const ticked = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked ? [i] : []));
     const i = ticked[index];
@@ -610,7 +612,8 @@ async function loadPickers() {
   for (const c of encoders.clip_vision) option(clip, c.name);
   const none = !adapters.ip_adapters.length;
   $("ipa-none").hidden = !none;
-  for (const id of ["ipa-enabled", "ipa-model", "ipa-clip", "ipa-scale", "ipa-rule", "ipa-file"]) $(id).disabled = none;
+  for (const id of ["ipa-enabled", "ipa-model", "ipa-clip", "ipa-scale", "ipa-start", "ipa-end", "ipa-rule",
+    "ipa-file"]) $(id).disabled = none;
   if (none) $("ipa-enabled").checked = false;
 }
 
@@ -994,6 +997,13 @@ function setControlImage(blob) {
   $("controlnet-section").open = true;
 }
 
+/** The IP-Adapter's window, sent only where it is not the whole schedule (0 and 1, the API's defaults). */
+function ipaWindow() {
+  const start = number("ipa-start", "IP-Adapter start", false);
+  const end = number("ipa-end", "IP-Adapter end", false);
+  return start === 0 && end === 1 ? {} : { start, end };
+}
+
 function setIpAdapterImage(blob) {
   state.ipaBlob = blob;
   URL.revokeObjectURL($("ipa-source").src);
@@ -1166,6 +1176,7 @@ async function buildRequest() {
     body.ip_adapters = [{
       model: $("ipa-model").value, image: await upload(state.ipaBlob, "ip_adapter"),
       scale: number("ipa-scale", "IP-Adapter scale", false),
+      ...ipaWindow(),
       ...($("ipa-clip").value ? { clip_vision: $("ipa-clip").value } : {}),
       ...($("ipa-rule").value !== "diffusers" ? { negative_rule: $("ipa-rule").value } : {}),
     }];
