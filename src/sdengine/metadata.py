@@ -923,6 +923,10 @@ CONTROLNET_THRESHOLDS: dict[str, tuple[str, ...]] = {
     "threshold": ("threshold",),
     "scribble": ("threshold",),
     "softedge": ("blur",),
+    # the reference units' (no model) "Style Fidelity" slider
+    "reference_only": ("style_fidelity",),
+    "reference_adain": ("style_fidelity",),
+    "reference_adain+attn": ("style_fidelity",),
 }
 # The extension scales the control image to a short side of its "Processor Res" before these preprocessors (its
 # resize_image_with_pad); a unit's -1 is the preprocessor's default resolution, 512 for each of them (its

@@ -218,6 +218,9 @@ class DownBlock(nn.Module):
         # block's j-th output (its layers' in order, then its downsample's) resized by ``resize`` after it is kept
         # as a skip (after_skip) or before
         self.shrink: tuple[int, Callable[[Tensor], Tensor], bool] | None = None
+        # reference control's AdaIN (sdengine.nn.reference; set only inside reference_applied()): called as
+        # reference_norm(i, x) on layer i's output, before it is kept as a skip
+        self.reference_norm: Callable[[int, Tensor], Tensor] | None = None
 
     def forward(
         self, x: Tensor, temb: Tensor, context: Tensor | None, extra: Tensor | None = None
@@ -230,8 +233,10 @@ class DownBlock(nn.Module):
             x = resnet(x, temb)  # (B, out, H, W)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
-                if extra is not None and i == len(self.resnets) - 1:
-                    x = _add_feature(x, extra)
+            if self.reference_norm is not None:
+                x = self.reference_norm(i, x)
+            if self.attentions is not None and extra is not None and i == len(self.resnets) - 1:
+                x = _add_feature(x, extra)
             if shrink is not None and shrink[0] == i:
                 x = _kept_shrunk(x, skips, shrink)
             else:
@@ -279,12 +284,15 @@ class MidBlock(nn.Module):
         if attention != "none":
             depth = cfg.depth_at(len(cfg.block_out_channels) - 1)
             self.attentions = nn.ModuleList([_attention(attention, ch, heads, cfg, mid=True, depth=depth)])
+        # reference control's AdaIN (sdengine.nn.reference): reference_norm(-1, out) on the block's output
+        self.reference_norm: Callable[[int, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, temb: Tensor, context: Tensor | None) -> Tensor:
         x = self.resnets[0](x, temb)
         if self.attentions is not None:
             x = self.attentions[0](x, context)
-        return self.resnets[1](x, temb)  # (B, C, H, W)
+        x = self.resnets[1](x, temb)  # (B, C, H, W)
+        return x if self.reference_norm is None else self.reference_norm(-1, x)
 
 
 class UpBlock(nn.Module):
@@ -325,6 +333,9 @@ class UpBlock(nn.Module):
         # Deep Shrink (sdengine.nn.deep_shrink.deep_shrink_applied sets it): None, or (h, skip) -> h resized to the
         # skip's size where the two differ, before they are concatenated
         self.regrow: Callable[[Tensor, Tensor], Tensor] | None = None
+        # reference control's AdaIN (sdengine.nn.reference; set only inside reference_applied()): called as
+        # reference_norm(i, x) on layer i's output (the last layer's after the upsampler, as LDM's output blocks)
+        self.reference_norm: Callable[[int, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor | None) -> Tensor:
         """Consumes its skips from the end of ``skips`` (the list is shortened in place)."""
@@ -339,11 +350,15 @@ class UpBlock(nn.Module):
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
+            if self.reference_norm is not None and (self.upsamplers is None or i < len(self.resnets) - 1):
+                x = self.reference_norm(i, x)
         if self.upsamplers is not None:
             # Match the next skip's size exactly, so odd sizes (e.g. 8*k+4 latents) still line up.
             target = tuple(skips[-1].shape[-2:])
             size = None if target == (2 * x.shape[-2], 2 * x.shape[-1]) else target
             x = self.upsamplers[0](x, size)
+            if self.reference_norm is not None:
+                x = self.reference_norm(len(self.resnets) - 1, x)
         return x
 
 

@@ -11,6 +11,10 @@ layers (diffusers' ``pag_applied_layers`` rule), :func:`identity_attention` swit
 IP-Adapter (:mod:`sdengine.nn.ip_adapter`) sets a cross-attention layer's ``ip_attention`` for a call: the layer's
 queries then also attend to the image tokens, and that answer, scaled, is added to the text's before ``to_out``.
 
+Reference control (:mod:`sdengine.nn.reference`) sets a self-attention layer's ``reference`` for a call: it records
+the layer's input in the reference image's pass and, in the generation's, lets the queries attend to the recorded
+tokens too (they are concatenated to the keys and values).
+
 HyperTile (:mod:`sdengine.nn.hypertile`) sets a self-attention layer's ``hypertile`` for a block: the layer then
 hands its self-attention to it, which runs it on each tile of the feature map as its own batch row. On a
 :class:`SpatialSelfAttention` (the VAE decoder's middle block), ``spatial_tiles`` is set instead: the whole block
@@ -162,6 +166,9 @@ class Attention(nn.Module):
         # IP-Adapter: called as ip_attention(q) in a cross-attention, its answer (the image tokens' attention,
         # scaled) added to the text's (sdengine.nn.ip_adapter; set only inside ip_attention_applied())
         self.ip_attention: Callable[[Tensor], Tensor | None] | None = None
+        # reference control (sdengine.nn.reference; set only inside reference_applied()): called as
+        # reference(x, attend) in place of the self-attention, attend(queries, keys_values or None for x itself)
+        self.reference: Callable[[Tensor, Callable[[Tensor, Tensor | None], Tensor]], Tensor] | None = None
         # fused query/key/value products (enable_fused_qkv); the stacked weights are a cache, not parameters
         self.fused_projections = False
         # bumped when the stacked weights are dropped (sdengine.nn.fingerprint: a CUDA graph reading them is stale)
@@ -185,6 +192,8 @@ class Attention(nn.Module):
             else:
                 m = mask[:b] if mask is not None and mask.dim() == 4 and mask.shape[0] == x.shape[0] else mask
                 h = torch.cat([self._self_attend(x[:b], m), self.to_v(x[b:])])
+        elif context is None and self.reference is not None:  # reference control: recorded tokens join the keys
+            h = self.reference(x, lambda q, kv: self._self_attend(q, mask) if kv is None else self._attend(q, kv, None))
         elif context is None:
             h = self._self_attend(x, mask)  # (B, L, inner)
         elif self.ip_attention is None:

@@ -38,6 +38,7 @@ from sdengine.models.controlnet import ControlNet
 from sdengine.models.t2i_adapter import T2IAdapter
 from sdengine.models.unet import UNetConfig
 from sdengine.names import did_you_mean
+from sdengine.nn.reference import ADAIN_KINDS, REFERENCE_KINDS, ReferenceMachine, reference_applied
 from sdengine.weights.io import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ STEP_RULES = ("diffusers", "a1111", "comfyui")
 CONTROL_MODES = tuple(CONTROL_MODE_NAMES)  # ("balanced", "prompt", "controlnet"), the extension's names there
 SOFT_BASE = 0.825  # the extension's soft injection: residual i of 13 times 0.825 ** (12 - i)
 ADAPTER_SOFT = (0.25, 0.62, 0.825, 1.0)  # ... and a T2I-Adapter's four features
+REFERENCE_FIDELITY = 0.5  # the extension's default style fidelity of its reference preprocessors (threshold_a)
 
 
 def soft_scales(n: int, adapter: bool = False) -> list[float]:
@@ -93,10 +95,21 @@ class ControlUnit:
     processor_res: int | None = None
     mode: str = "balanced"
     hires_mode: str | None = None
+    # a reference unit's (model "reference_only" / "reference_adain" / "reference_adain+attn") style fidelity, the
+    # extension's threshold_a: None = 0.5, its default; other units take none
+    style_fidelity: float | None = None
+
+    @property
+    def reference(self) -> str | None:
+        """The reference kind (:data:`REFERENCE_KINDS`) of a unit without a model, else None."""
+        return self.model if isinstance(self.model, str) and self.model in REFERENCE_KINDS else None
 
     def __post_init__(self) -> None:
         if self.rule not in STEP_RULES:
             raise ControlNetError(f"unknown ControlNet step rule {self.rule!r}; use one of: {', '.join(STEP_RULES)}")
+        if self.reference is not None or self.style_fidelity is not None:
+            check_reference_unit(self)
+            return
         if self.module is not None or self.module_options:  # written into the infotext: checked now, not after
             from sdengine.control.preprocess import PREPROCESSORS, option_names
 
@@ -144,7 +157,14 @@ class ControlUnit:
 
     @property
     def label(self) -> str:
+        if self.reference is not None:
+            return "None"  # the extension's model of a reference unit
         return Path(self.model).stem if isinstance(self.model, str | Path) else type(self.model).__name__
+
+    @property
+    def fidelity(self) -> float:
+        """A reference unit's style fidelity (0.5 when not given)."""
+        return REFERENCE_FIDELITY if self.style_fidelity is None else float(self.style_fidelity)
 
     def infotext(self) -> str:
         """The unit's ``ControlNet N`` value as A1111's ControlNet extension writes it (``Module: canny, Model:
@@ -152,6 +172,17 @@ class ControlUnit:
         E, Control Mode: ...``, and sdengine's ``Hires Control Mode``; :func:`sdengine.metadata.format_controlnet`)."""
         from sdengine.metadata import format_controlnet
 
+        if self.reference is not None:  # Module: reference_only, Model: None, ..., Threshold A: the style fidelity
+            return format_controlnet(
+                "None",
+                weight=self.scale,
+                start=self.start,
+                end=self.end,
+                module=self.reference,
+                options={"style_fidelity": self.fidelity},
+                mode=self.mode,
+                hires_mode=self.hires_mode,
+            )
         return format_controlnet(
             self.label,
             weight=self.scale,
@@ -163,6 +194,39 @@ class ControlUnit:
             mode=self.mode,
             hires_mode=self.hires_mode,
         )
+
+
+def check_reference_unit(unit: ControlUnit) -> None:
+    """A reference unit's own checks: a known kind, a style fidelity in [0, 1], no preprocessor or options."""
+    if unit.reference is None:
+        if isinstance(unit.model, str) and unit.model.strip().lower() in REFERENCE_KINDS:
+            raise ControlNetError(f"reference control is spelt {unit.model.strip().lower()!r}, got {unit.model!r}")
+        raise ControlNetError(
+            f"style_fidelity is a reference unit's setting (model one of {', '.join(REFERENCE_KINDS)}), not of a "
+            "ControlNet's"
+        )
+    f = unit.style_fidelity
+    if f is not None and (isinstance(f, bool) or not isinstance(f, int | float) or not 0.0 <= float(f) <= 1.0):
+        raise ControlNetError(f"{unit.reference}: style_fidelity must be a number in [0, 1], got {f!r}")
+    if unit.module not in (None, unit.reference) or unit.module_options or unit.processor_res is not None:
+        raise ControlNetError(f"{unit.reference} takes the reference image as it is: no preprocessor or its options")
+    for mode in (unit.mode, unit.hires_mode):
+        if mode is not None and mode not in CONTROL_MODES:
+            raise ControlNetError(f"unknown ControlNet control mode {mode!r}; use one of: {', '.join(CONTROL_MODES)}")
+
+
+def reference_fidelity(unit_mode: str, fidelity: float, *, sdxl: bool = False, hires: bool = False) -> float:
+    """The style fidelity a reference pass runs with (the extension's ``current_style_fidelity``): the unit's,
+    clamped to [0, 1], cubed on SDXL; 1 in the "controlnet" mode, else 0 in the "prompt" mode and in the hires
+    fix's second pass."""
+    f = max(0.0, min(1.0, float(fidelity)))
+    if sdxl:
+        f = f**3.0
+    if unit_mode == "controlnet":
+        return 1.0
+    if unit_mode == "prompt" or hires:
+        return 0.0
+    return f
 
 
 def check_unit_settings(scale: float, start: float, end: float, *, name: str = "ControlNet") -> None:
@@ -281,6 +345,78 @@ class PreparedUnit:
     mode: str = "balanced"  # CONTROL_MODES: "prompt" and "controlnet" take the soft weights, "controlnet" cond rows
 
 
+@dataclass
+class PreparedReference:
+    """A loaded reference unit: its kind, the reference image's latent(s) (N, C, h, w) (scaled as the U-Net's
+    latents), its weight, the style fidelity its passes run with, and the steps (or sigma window) it acts on."""
+
+    kind: str
+    latent: Tensor
+    scale: float
+    fidelity: float
+    keep: list[bool]
+    window: tuple[float, float] | None = None
+
+    def active(self, step: int, sigma: float | None) -> bool:
+        if self.window is not None and sigma is not None:
+            return self.window[0] <= sigma <= self.window[1]
+        return self.keep[min(step, len(self.keep) - 1)]
+
+
+class ReferencePasses:
+    """What runs the reference units' passes before each call of the generation's U-Net: the units, the noise
+    schedule's ``alphas_cumprod`` (the reference latent noised to the call's timestep, rounded, as the extension's
+    ``predict_q_sample``) and the generator of the fresh noise each pass draws (the extension's ``randn_like``)."""
+
+    def __init__(self, units: list[PreparedReference], alphas_cumprod: Tensor, generator: torch.Generator) -> None:
+        self.units = units
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.generator = generator
+        self.machine = ReferenceMachine()
+        self.adain = any(u.kind in ADAIN_KINDS for u in units)
+
+    def noised(self, latent: Tensor, t: Tensor, rows: int) -> Tensor:
+        """``sqrt(a_t) * latent + sqrt(1 - a_t) * noise`` per row, ``t`` rounded to the nearest timestep."""
+        n = self.alphas_cumprod.shape[0]
+        idx = torch.round(t.double().reshape(-1).cpu()).long().clamp(0, n - 1)
+        if idx.shape[0] == 1:
+            idx = idx.expand(rows)
+        a = self.alphas_cumprod[idx].to(latent.device)
+        shape = (rows, 1, 1, 1)
+        noise = torch.randn((rows, *latent.shape[1:]), generator=self.generator, dtype=torch.float32)
+        noise = noise.to(latent.device, latent.dtype)
+        return (a.sqrt().reshape(shape) * latent + (1 - a).sqrt().reshape(shape) * noise).to(latent.dtype)
+
+    def run(
+        self,
+        unet: Any,
+        x: Tensor,
+        t: Tensor | float,
+        encoder_hidden_states: Tensor,
+        flags: Sequence[bool],
+        kinds: Sequence[str],
+        kw: Mapping[str, Any],
+    ) -> None:
+        """The passes of the active units (``flags``), in order, each writing into the U-Net's taps."""
+        b = x.shape[0]
+        tt = torch.as_tensor(t, device=x.device)
+        self.machine.uncond_rows = [i for i, k in enumerate(kinds) if k == "uncond"]
+        extra = {"class_labels": kw["class_labels"]} if kw.get("class_labels") is not None else {}
+        dt = _module_dtype(unet, x.dtype) if isinstance(unet, torch.nn.Module) else x.dtype
+        for unit, on in zip(self.units, flags, strict=True):
+            if not on:
+                continue
+            latent = _maps_for_rows(unit.latent, kinds)
+            ref = self.noised(latent.float(), tt if tt.ndim else tt.reshape(1), b)
+            if x.shape[1] == 2 * ref.shape[1] + 1:  # a 9-channel U-Net: an empty mask and the latent itself
+                ref = torch.cat([ref, torch.zeros_like(ref[:, :1]), latent.float()], dim=1)
+            self.machine.write(unit.kind, unit.scale, unit.fidelity)
+            try:
+                unet(ref.to(dt), t, encoder_hidden_states=encoder_hidden_states, **extra)
+            finally:
+                self.machine.read()
+
+
 def _step_index(step: SamplerStep | int | None) -> int:
     if step is None:
         raise ControlNetError(
@@ -322,10 +458,13 @@ class ControlledUNet:
         *,
         guess_mode: bool = False,
         adapter_cache: dict[tuple[int, int, tuple[str, ...]], tuple[Tensor, int, list[Tensor]]] | None = None,
+        references: ReferencePasses | None = None,
     ) -> None:
         self.unet = unet
         self.units = units
         self.guess_mode = guess_mode
+        # the reference units (no model: sd-webui-controlnet's reference_only / reference_adain[+attn])
+        self.references = references
         # A T2I-Adapter's features depend on its map alone (not on the latent, the step or the prompt): computed
         # once per generation (per map and set of CFG rows it acts on), as diffusers' adapter pipelines do, and
         # shared with the with_kinds copies. Key (net, map, row kinds) -> (the map, its version, the features).
@@ -339,7 +478,9 @@ class ControlledUNet:
     def with_kinds(self, kinds: Sequence[frozenset[str] | None]) -> ControlledUNet:
         """The same U-Net and loaded units (shared, nothing copied), each acting on the rows of ``kinds``."""
         units = [replace(u, kinds=k) for u, k in zip(self.units, kinds, strict=True)]
-        return ControlledUNet(self.unet, units, guess_mode=self.guess_mode, adapter_cache=self.adapter_cache)
+        return ControlledUNet(
+            self.unet, units, guess_mode=self.guess_mode, adapter_cache=self.adapter_cache, references=self.references
+        )
 
     def active(self, step: int, sigma: float | None = None) -> list[bool]:
         """Which units act at the run's step ``step`` (a call at ``sigma``: units of the comfyui rule judge it)."""
@@ -503,7 +644,16 @@ class ControlledUNet:
         index = _step_index(step)
         images = [u.image for u in self.units]
         active = self.active(index, _step_sigma(step))
-        return self.forward_with(x, t, encoder_hidden_states, active, images, row_kinds, **kw)
+        refs = self.references
+        flags = [] if refs is None else [u.active(index, _step_sigma(step)) for u in refs.units]
+        if refs is None or not any(flags):
+            return self.forward_with(x, t, encoder_hidden_states, active, images, row_kinds, **kw)
+        if not isinstance(self.unet, torch.nn.Module):
+            raise ControlNetError("reference control needs sdengine's U-Net module, not a compiled or graphed one")
+        kinds = tuple(row_kinds) if row_kinds is not None else ("cond",) * x.shape[0]
+        with reference_applied(self.unet, refs.machine, adain_used=refs.adain):
+            refs.run(self.unet, x, t, encoder_hidden_states, flags, kinds, kw)
+            return self.forward_with(x, t, encoder_hidden_states, active, images, row_kinds, **kw)
 
     def forward_with(
         self,
@@ -672,6 +822,9 @@ def build_controlled_unet(
     resize_mode: str = "just resize",
     note: Callable[[str], None] | None = None,
     noise_schedule: Any = None,
+    encode_reference: Callable[[Tensor], Tensor] | None = None,
+    reference_seed: int = 0,
+    hires: bool = False,
 ) -> ControlledUNet:
     """The U-Net callable with ControlNets attached, for the Denoiser to use in place of the U-Net.
 
@@ -681,6 +834,11 @@ def build_controlled_unet(
     window holds no whole step (``step_keep`` all off: say start 0.31, end 0.39 of 10 steps) acts on nothing:
     that is said through ``note`` (the pipeline's notes), or as a warning without one. Units of the
     ``"comfyui"`` rule need ``noise_schedule`` (its ``log_sigmas``) and ``grid.sigmas``.
+
+    Reference units (model ``"reference_only"``, ``"reference_adain"``, ``"reference_adain+attn"``: no network,
+    :mod:`sdengine.nn.reference`) need ``encode_reference`` ((N, 3, H, W) images in [0, 1] -> the U-Net's latents),
+    ``noise_schedule`` (its ``alphas_cumprod``) and ``reference_seed`` (the generator of their passes' noise);
+    ``hires``: this is the hires fix's second pass (their style fidelity is 0 there, as the extension's).
     """
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     if device is None:
@@ -691,10 +849,31 @@ def build_controlled_unet(
     if steps < 1:
         raise ControlNetError(f"no steps to control (grid of {timesteps.shape[0] + start_step}, start {start_step})")
     prepared: list[PreparedUnit] = []
+    references: list[PreparedReference] = []
     for k, raw in enumerate(units):
         if isinstance(raw, tuple | list) and len(raw) != 5:
             raise ControlNetError(f"ControlNet unit {k} must be (model_or_path, image, scale, start, end)")
         unit = ControlUnit.coerce(raw)
+        if unit.reference is not None:
+            references.append(
+                _prepare_reference(
+                    unit,
+                    k,
+                    unet=unet,
+                    width=width,
+                    height=height,
+                    steps=steps,
+                    start_step=start_step,
+                    grid=grid,
+                    resize_mode=resize_mode,
+                    note=note,
+                    noise_schedule=noise_schedule,
+                    encode=encode_reference,
+                    device=device,
+                    hires=hires,
+                )
+            )
+            continue
         model = unit.model
         name = f"ControlNet {k + 1}" if not isinstance(model, str | Path) else f"ControlNet {Path(model).name}"
         check_unit_settings(float(unit.scale), float(unit.start), float(unit.end), name=name)
@@ -748,7 +927,72 @@ def build_controlled_unet(
                 log.warning(msg)
         image_t = img.to(device=device, dtype=net.dtype)
         prepared.append(PreparedUnit(net, image_t, float(unit.scale), keep, window=window, mode=unit.mode))
-    return ControlledUNet(unet, prepared, guess_mode=guess_mode)
+    passes = None
+    if references:
+        generator = torch.Generator("cpu").manual_seed(int(reference_seed))
+        passes = ReferencePasses(references, noise_schedule.alphas_cumprod, generator)
+    return ControlledUNet(unet, prepared, guess_mode=guess_mode, references=passes)
+
+
+def _unit_window(
+    unit: ControlUnit, name: str, *, steps: int, start_step: int, grid: Any, noise_schedule: Any
+) -> tuple[list[bool], tuple[float, float] | None]:
+    if unit.rule != "comfyui":
+        return step_keep(steps, float(unit.start), float(unit.end), unit.rule), None
+    sigmas = getattr(grid, "sigmas", None)
+    if noise_schedule is None or sigmas is None:
+        raise ControlNetError(f"{name}: the comfyui step rule needs the noise schedule and the grid's sigmas")
+    window = comfy_sigma_window(noise_schedule.log_sigmas, float(unit.start), float(unit.end))
+    return sigma_keep(torch.as_tensor(sigmas).reshape(-1)[start_step : start_step + steps], window), window
+
+
+def _prepare_reference(
+    unit: ControlUnit,
+    k: int,
+    *,
+    unet: Any,
+    width: int,
+    height: int,
+    steps: int,
+    start_step: int,
+    grid: Any,
+    resize_mode: str,
+    note: Callable[[str], None] | None,
+    noise_schedule: Any,
+    encode: Callable[[Tensor], Tensor] | None,
+    device: Any,
+    hires: bool,
+) -> PreparedReference:
+    """A reference unit checked against the U-Net and its image encoded (see :func:`build_controlled_unet`)."""
+    from sdengine.nn.reference import adain_points
+
+    kind = unit.reference
+    assert kind is not None
+    name = f"ControlNet unit {k} ({kind})"
+    check_unit_settings(float(unit.scale), float(unit.start), float(unit.end), name=name)
+    if encode is None or noise_schedule is None or getattr(noise_schedule, "alphas_cumprod", None) is None:
+        raise ControlNetError(f"{name}: reference control needs the pipeline's VAE and noise schedule")
+    if not isinstance(unet, torch.nn.Module) or not hasattr(unet, "down_blocks"):
+        raise ControlNetError(f"{name}: reference control needs sdengine's U-Net module")
+    if kind in ADAIN_KINDS:
+        adain_points(unet)  # the layout check, now rather than at the first step
+    keep, window = _unit_window(
+        unit, name, steps=steps, start_step=start_step, grid=grid, noise_schedule=noise_schedule
+    )
+    if not any(keep):
+        msg = no_step_message(name, steps, float(unit.start), float(unit.end), unit.rule)
+        if note is not None:
+            note(msg)
+        else:
+            warnings.warn(msg, stacklevel=3)
+            log.warning(msg)
+    img = control_image_tensor(unit.image, width, height, resize_mode).to(device)
+    with torch.no_grad():
+        latent = encode(img)
+    cfg = getattr(unet, "config", None)
+    sdxl = getattr(cfg, "addition_time_embed_dim", None) is not None
+    fidelity = reference_fidelity(unit.mode, unit.fidelity, sdxl=sdxl, hires=hires)
+    return PreparedReference(kind, latent, float(unit.scale), fidelity, keep, window)
 
 
 __all__ = [
@@ -758,10 +1002,16 @@ __all__ = [
     "ControlledUNet",
     "GraphedControlledUNet",
     "HINT_NEAREST_CENTRE",
+    "PreparedReference",
     "PreparedUnit",
+    "REFERENCE_FIDELITY",
+    "REFERENCE_KINDS",
+    "ReferencePasses",
     "STEP_RULES",
     "build_controlled_unet",
+    "check_reference_unit",
     "check_unit_settings",
+    "reference_fidelity",
     "control_image_tensor",
     "no_step_message",
     "comfy_sigma_window",

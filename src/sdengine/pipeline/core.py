@@ -1279,6 +1279,9 @@ class Pipeline:
         if not units and plain:
             net = self.graphed("unet") or net
         if units:
+            if pag is not None and any(u.reference is not None for u in units):
+                # PAG's perturbed layers answer with the identity map, without the reference's tokens
+                raise GenerationError("reference control and PAG (pag_scale) cannot run together")
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
             net = build_controlled_unet(
                 net,
@@ -1293,10 +1296,12 @@ class Pipeline:
                 resize_mode=resize_mode_name(r.resize_mode),
                 note=lambda t: _note(p.notes, t) if t not in p.notes else None,
                 noise_schedule=self.noise_schedule,
+                encode_reference=lambda img: self._reference_latents(img, p.tiled),
+                reference_seed=int(p.seeds[rows[0]]),
             )
-            # graphs on, the U-Net unhooked: the controlled step
+            # graphs on, the U-Net unhooked: the controlled step (reference units hook the U-Net's layers per call)
             plain = pag is None and freeu is None and sag is None and hypertile is None and ip is None
-            if self.graphed("unet") is not None and plain:
+            if self.graphed("unet") is not None and plain and net.references is None:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(
@@ -1379,6 +1384,11 @@ class Pipeline:
             x = blend.finish(x)
         require_finite(x, "latents after sampling")  # before the VAE: a NaN latent decodes to black
         return x
+
+    def _reference_latents(self, images: Tensor, tiled: bool | None) -> Tensor:
+        """Reference control's latents of (N, 3, H, W) images in [0, 1]: the VAE posterior's mean, scaled."""
+        post = vae_utils.encode_moments(self.vae, images * 2.0 - 1.0, tiled=tiled)
+        return self.vae.scale_latents(post.mean.float())
 
     def guided_denoiser(
         self,

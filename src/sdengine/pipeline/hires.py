@@ -344,6 +344,15 @@ def second_prepared(p: Any, callback: StepCallback | None = None) -> Any:
     r = p.request
     if any(u.hires_mode is not None for u in r.control_units()):  # a unit's mode in the second pass
         r = r.replace(controlnets=[dataclasses.replace(u, mode=u.hires_mode or u.mode) for u in r.control_units()])
+    if any(u.reference is not None and u.mode != "controlnet" for u in r.control_units()):
+        # the extension's reference units run with style fidelity 0 in the second pass (but "ControlNet is more
+        # important": 1, which the unit's mode gives)
+        r = r.replace(
+            controlnets=[
+                dataclasses.replace(u, style_fidelity=0.0) if u.reference is not None and u.mode != "controlnet" else u
+                for u in r.control_units()
+            ]
+        )
     return dataclasses.replace(
         p,
         start_step=plan.start,

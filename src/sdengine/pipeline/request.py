@@ -269,6 +269,7 @@ class GenerationRequest:
                 {"model": u.model, "image": u.image, "scale": u.scale, "start": u.start, "end": u.end, "rule": u.rule}
                 | ({"mode": u.mode} if u.mode != "balanced" else {})
                 | ({"hires_mode": u.hires_mode} if u.hires_mode is not None else {})
+                | ({"style_fidelity": u.style_fidelity} if u.style_fidelity is not None else {})
                 for u in self.control_units()
             ]  # the same image objects, not copies
         return out
