@@ -916,6 +916,10 @@ CONTROLNET_MODULES = {
     "softedge": "softedge",
     "softedge_sobel": "softedge",
 }
+# The extension's reference preprocessors: units without a model (sdengine.nn.reference), the "Style Fidelity" slider
+# (threshold_a, in [0, 1], 0.5 by default) their one option
+REFERENCE_MODULES = ("reference_only", "reference_adain", "reference_adain+attn")
+REFERENCE_FIDELITY_DEFAULT = 0.5
 # The preprocessor options the extension's "Threshold A" / "Threshold B" sliders hold, per preprocessor (canny's
 # low and high thresholds, the threshold of threshold and scribble; softedge's blur is sdengine's own)
 CONTROLNET_THRESHOLDS: dict[str, tuple[str, ...]] = {
@@ -1336,6 +1340,8 @@ __all__ = [
     "RecordedControlNet",
     "CONTROLNET_MODULES",
     "CONTROLNET_THRESHOLDS",
+    "REFERENCE_FIDELITY_DEFAULT",
+    "REFERENCE_MODULES",
     "format_controlnet",
     "format_ip_adapter",
     "recorded_ip_adapters",

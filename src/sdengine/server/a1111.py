@@ -38,7 +38,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sdengine.diffusion import sampling
 from sdengine.errors import SdengineError
 from sdengine.io.resize import resize_image, resize_mode_name
-from sdengine.metadata import CONTROLNET_MODULES, CONTROLNET_PROCESSOR_RES, CONTROLNET_SCALED
+from sdengine.metadata import (
+    CONTROLNET_MODULES,
+    CONTROLNET_PROCESSOR_RES,
+    CONTROLNET_SCALED,
+    REFERENCE_FIDELITY_DEFAULT,
+    REFERENCE_MODULES,
+)
 from sdengine.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerFault, Unprocessable
 from sdengine.server.ip_adapters import A1111_MODULES, IPAdapterRequest, resolve_a1111_model, unit_names
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job, visible
@@ -1384,9 +1390,14 @@ def control_units(
         if not isinstance(image, str):
             raise BadRequest(f"ControlNet unit {k}: image must be a base64 string")
         model = u.get("model")
+        module = str(u.get("module") or "none").strip().lower()
+        if module in REFERENCE_MODULES:  # the extension's reference units: no model, the image as it is
+            units.append(reference_unit(u, k, image, ignored))
+            resize = _unit_control(u.get("resize_mode", 1), RESIZE_MODES, f"ControlNet unit {k}: resize_mode")
+            resizes.append((k, next(i for i, n in RESIZE_MODES.items() if n == resize)))
+            continue
         if not isinstance(model, str) or model.strip() in ("", "None", "none"):
             raise BadRequest(f"ControlNet unit {k}: choose a model (GET /controlnet/model_list)")
-        module = str(u.get("module") or "none").strip().lower()
         if module in A1111_MODULES and ip_units is not None:
             # the extension's IP-Adapter unit: no control map, no control mode (its no_control_mode), no resize
             if u.get("control_mode", 0) not in (0, CONTROL_MODES[0]):
@@ -1458,6 +1469,31 @@ def control_units(
             )
         )
     return units, resizes, processor_res
+
+
+def reference_unit(u: dict[str, Any], k: int, image: str, ignored: list[str]) -> ControlRequest:
+    """A unit of the extension's reference modules (``reference_only``, ``reference_adain``,
+    ``reference_adain+attn``): its model is not read (the extension sets none), ``threshold_a`` is the style
+    fidelity (outside [0, 1], or -1: the default 0.5, as the extension's bound check resets it)."""
+    module = str(u.get("module")).strip().lower()
+    model = u.get("model")
+    if model is not None and not (isinstance(model, str) and model.strip() in ("", "None", "none")):
+        ignored.append(f"controlnet.args[{k}].model")  # the extension loads no model for these modules
+    fidelity = u.get("threshold_a", -1)
+    fidelity = -1 if fidelity is None else _num(fidelity, "threshold_a")
+    if not 0.0 <= fidelity <= 1.0:
+        fidelity = REFERENCE_FIDELITY_DEFAULT
+    mode = _unit_control(u.get("control_mode", 0), CONTROL_MODES, f"ControlNet unit {k}: control_mode")
+    return ControlRequest(
+        model=module,
+        image=image,
+        weight=_num(u.get("weight", 1.0), "weight"),
+        start=_num(u.get("guidance_start", 0.0), "guidance_start"),
+        end=_num(u.get("guidance_end", 1.0), "guidance_end"),
+        options={"style_fidelity": float(fidelity)},
+        rule="a1111",
+        mode=UNIT_MODES[mode],
+    )
 
 
 def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, resize_mode: int) -> int:
@@ -2731,7 +2767,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/controlnet/module_list", tags=["a1111"])
     def cn_modules() -> dict[str, Any]:
-        return {"module_list": list(MODULES) + list(A1111_MODULES), "module_detail": {}}
+        return {"module_list": list(MODULES) + list(A1111_MODULES) + list(REFERENCE_MODULES), "module_detail": {}}
 
 
 def _empty_list() -> list[Any]:

@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from sdengine.diffusion import sampling
+from sdengine.metadata import REFERENCE_MODULES
 from sdengine.server.catalog import Catalog, strip_title
 from sdengine.server.config import ServerConfig
 from sdengine.server.errors import BadRequest, redact_paths
@@ -421,6 +422,30 @@ def build_generation(
     if len(controlnets) > MAX_CONTROLNETS:
         raise BadRequest(f"at most {MAX_CONTROLNETS} ControlNet units per request, got {len(controlnets)}")
     for k, unit in enumerate(controlnets):
+        if unit.model in REFERENCE_MODULES:  # no model: the reference image as it is (sdengine.nn.reference)
+            picture = image(unit.image, f"ControlNet unit {k} image")
+            assert picture is not None
+            start = _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0)
+            end = _finite(unit.end, f"ControlNet unit {k} end", 0.0, 1.0)
+            if start >= end:
+                raise BadRequest(f"ControlNet unit {k}: start ({start:g}) must be less than end ({end:g})")
+            weight = _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0)
+            fidelity = unit.options.get("style_fidelity")
+            if fidelity is not None:
+                fidelity = _finite(fidelity, f"ControlNet unit {k} style fidelity", 0.0, 1.0)
+            units.append(
+                ControlUnit(
+                    unit.model,
+                    ImageOps.exif_transpose(picture).convert("RGB"),
+                    weight,
+                    start,
+                    end,
+                    unit.rule,
+                    mode=unit.mode,
+                    style_fidelity=fidelity,
+                )
+            )
+            continue
         path = catalog.resolve_controlnet(unit.model)
         control = image(unit.image, f"ControlNet unit {k} image")
         assert control is not None
