@@ -462,3 +462,25 @@ def test_dataclass_round_trip_keeps_the_fidelity() -> None:
     d = r.to_dict()["controlnets"][0]
     assert d["style_fidelity"] == 0.25 and d["model"] == "reference_adain"
     assert ControlUnit.coerce(d) == dataclasses.replace(u, image=d["image"])
+
+
+def test_cli_control_reference_needs_no_controlnet(pipe, tiny_sd1_folder, tmp_path, capsys) -> None:
+    from sdengine.cli import main
+
+    ref = tmp_path / "ref.png"
+    picture(32, 32, seed=4).save(ref)
+    out = tmp_path / "out.png"
+    args = ["generate", "a cat", "--model", str(tiny_sd1_folder), "--steps", "2", "--width", "32", "--height", "32"]
+    args += ["--seed", "1", "--no-progress", "--out", str(out)]
+    assert main([*args, "--control", f"reference_only:{ref}:0.9", "--control-threshold-a", "0.3"]) == 0
+    info = Image.open(out).info["parameters"]
+    assert 'ControlNet 0: "Module: reference_only, Model: None, Weight: 0.9, Threshold A: 0.3' in info
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, "steps": 2, "width": 32, "height": 32}
+    want = pipe("a cat", seed=1, controlnets=[ControlUnit("reference_only", str(ref), 0.9, style_fidelity=0.3)], **kw)
+    np.testing.assert_array_equal(arr(Image.open(out)), arr(want.images[0]))
+    # a model-free control next to a modelled one: only the modelled one pairs with --controlnet
+    capsys.readouterr()
+    assert main([*args, "--control", f"reference_only:{ref}", "--control", f"canny:{ref}"]) != 0
+    assert "1 --control but 0 --controlnet" in capsys.readouterr().err
+    assert main([*args, "--control", f"reference_only:{ref}", "--control-res", "256"]) != 0
+    assert "reference_only takes the image as it is" in capsys.readouterr().err

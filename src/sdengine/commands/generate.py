@@ -65,13 +65,14 @@ def parse_control_spec_full(text: str) -> tuple[str, ControlUnit]:
     Trailing numbers are options, everything between the type and them is the image path (so
     ``C:\\x.png`` and names with colons still work)."""
     from ..control import PREPROCESSORS, unknown_type_message
+    from ..metadata import REFERENCE_MODULES
     from ..pipeline.control import check_unit_settings
 
     kind, sep, rest = text.partition(":")
     kind = kind.strip().lower()
     if not sep or not rest:
         raise ControlNetError(f"--control {text!r}: expected TYPE:IMAGE[:WEIGHT[:START:END]], e.g. canny:edges.png:0.8")
-    if kind not in PREPROCESSORS:
+    if kind not in PREPROCESSORS and kind not in REFERENCE_MODULES:  # reference_*: a unit without a model
         raise ControlNetError(unknown_type_message(kind))
     parts = rest.split(":")
     numbers: list[float] = []
@@ -122,16 +123,23 @@ def control_units_from_cli(
     the image as it is."""
     from ..control import option_names, preprocess
     from ..control.preprocess import load_control_image, option_defaults, pixel_perfect_resolution, processor_resize
-    from ..metadata import CONTROLNET_SCALED, CONTROLNET_THRESHOLDS
+    from ..metadata import CONTROLNET_SCALED, CONTROLNET_THRESHOLDS, REFERENCE_MODULES
 
-    if len(controls) != len(controlnets):
+    # reference_only / reference_adain / reference_adain+attn take no model: the others pair with --controlnet
+    modelled = [t for t in controls if t.partition(":")[0].strip().lower() not in REFERENCE_MODULES]
+    if len(modelled) != len(controlnets):
         raise ControlNetError(
-            f"{len(controls)} --control but {len(controlnets)} --controlnet: give one "
-            "--controlnet MODEL per --control TYPE:IMAGE"
+            f"{len(modelled)} --control but {len(controlnets)} --controlnet: give one "
+            "--controlnet MODEL per --control TYPE:IMAGE (reference_* controls take none)"
         )
+    paths = iter(controlnets)
     out = []
-    for k, (text, path) in enumerate(zip(controls, controlnets, strict=True)):
+    for k, text in enumerate(controls):
         kind, unit = parse_control_spec_full(text)
+        if kind in REFERENCE_MODULES:
+            out.append(_reference_from_cli(text, kind, unit, k, len(controls), thresholds, processor_res))
+            continue
+        path = next(paths)
         options = {n: v for n, v in preprocess_options.items() if n in option_names(kind)}
         image, res = unit.image, None
         r = recorded[k] if recorded is not None else None
@@ -182,6 +190,32 @@ def control_units_from_cli(
             )
         )
     return out
+
+
+def _reference_from_cli(
+    text: str,
+    kind: str,
+    unit: ControlUnit,
+    k: int,
+    n: int,
+    thresholds: Sequence[Sequence[float]],
+    processor_res: Sequence[int],
+) -> ControlUnit:
+    """A ``--control reference_*:IMAGE[:WEIGHT[:START:END]]``: a reference unit (no model, the image as it is), its
+    style fidelity the ``--control-threshold-a`` value (-1 or none: 0.5, the extension's default)."""
+    res = (processor_res[k] if len(processor_res) > 1 else processor_res[0]) if processor_res else -1
+    if res != -1 and (len(processor_res) > 1 or n == 1):
+        raise UsageError(f"--control-res {res}: {kind} takes the image as it is, at no resolution (give -1 for it)")
+    fidelity = None
+    a_values = thresholds[0] if thresholds else []
+    if a_values:
+        value = a_values[k] if len(a_values) > 1 else a_values[0]
+        if value != -1 and (len(a_values) > 1 or n == 1 or 0.0 <= value <= 1.0):
+            fidelity = value
+    b_values = thresholds[1] if len(thresholds) > 1 else []
+    if b_values and (b_values[k] if len(b_values) > 1 else b_values[0]) != -1 and (len(b_values) > 1 or n == 1):
+        raise UsageError(f"--control-threshold-b: {kind} has no threshold B (give -1 for it)")
+    return dataclasses.replace(unit, model=kind, image=str(unit.image), style_fidelity=fidelity)
 
 
 def control_thresholds(a: argparse.Namespace) -> list[list[float]]:
@@ -641,6 +675,13 @@ def _controlnets_from_png(
             a.controlnet or [],
             thresholds=control_thresholds(a),
             processor_res=control_resolutions(a),
+        )
+    from ..metadata import REFERENCE_MODULES
+
+    if any(r.module in REFERENCE_MODULES for r in recorded):
+        raise ControlNetError(
+            f"{a.from_png} was made with a reference unit ({', '.join(str(r.module) for r in recorded)}): "
+            "--from-png does not remake reference units; give --control reference_only:IMAGE and the settings"
         )
     names = ", ".join(r.name for r in recorded)
     if not a.control:
@@ -1239,7 +1280,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         action="append",
         default=None,
         metavar="TYPE:IMAGE[:WEIGHT[:START:END]]",
-        help="a ControlNet input (repeatable; pairs with --controlnet in order)",
+        help="a ControlNet input (repeatable; pairs with --controlnet in order); TYPE reference_only, "
+        "reference_adain or reference_adain+attn: a reference image, no --controlnet (docs/controlnet.md)",
     )
     p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")
     for slider, what in (
