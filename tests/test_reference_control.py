@@ -429,10 +429,48 @@ def test_hires_second_pass_runs_with_fidelity_zero(pipe) -> None:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("reference")
-    with live_server(server_config(tmp)) as s:
-        yield webuiapi.WebUIApi(host="127.0.0.1", port=s.port, sampler="DPM++ 2M", scheduler="Karras")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    with live_server(server_config(tmp_path_factory.mktemp("reference"))) as s:
+        yield s
+
+
+@pytest.fixture()
+def api(server):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="DPM++ 2M", scheduler="Karras")
+
+
+def test_native_job_reference_unit(server) -> None:
+    import base64
+    import io
+
+    from _live_server import run_job, wait_job
+
+    buf = io.BytesIO()
+    picture(64, 64, seed=4).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    gen = {"seed": 3, "steps": 3, "width": 64, "height": 64, "sampler": "dpmpp_2m", "schedule": "karras"}
+    unit = {"model": "reference_adain+attn", "image": image, "weight": 0.9, "style_fidelity": 0.2}
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        # the emoji model's U-Net has 3 levels of 1 layer: AdaIN is refused in one line; attention runs
+        r = c.post("/v1/jobs", json={"prompt": "a red apple", **gen, "controlnets": [unit]})
+        assert r.status_code == 202, r.text
+        failed = wait_job(c, r.json()["id"])
+        assert failed["state"] == "failed" and "reference_adain is defined for SD1/SD2" in str(failed), failed
+        got, _ = run_job(c, {"prompt": "a red apple", **gen, "controlnets": [{**unit, "model": "reference_only"}]})
+        bad = c.post("/v1/jobs", json={"prompt": "a", **gen, "controlnets": [{**unit, "preprocessor": "canny"}]})
+        assert bad.status_code == 400 and "takes the image as it is" in bad.text
+        cn = {**unit, "model": "emoji-controlnet-canny"}
+        bad = c.post("/v1/jobs", json={"prompt": "a", **gen, "controlnets": [cn]})
+        assert bad.status_code == 400 and "style_fidelity is a reference unit's" in bad.text
+        bad = c.post("/v1/jobs", json={"prompt": "a", **gen, "controlnets": [{**unit, "style_fidelity": 1.5}]})
+        assert bad.status_code in (400, 422)
+    want = shared_loader("emoji", "cpu")(
+        "a red apple",
+        **gen,
+        progress=False,
+        controlnets=[ControlUnit("reference_only", picture(64, 64, seed=4), 0.9, style_fidelity=0.2)],
+    )
+    np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
 
 
 def test_a1111_reference_unit_equals_the_python_call(api) -> None:

@@ -826,7 +826,11 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 c.start,
                 c.end,
                 c.preprocessor,
-                {k: v for k, v in (("low", c.low), ("high", c.high)) if v is not None},
+                {
+                    k: v
+                    for k, v in (("low", c.low), ("high", c.high), ("style_fidelity", c.style_fidelity))
+                    if v is not None
+                },
                 c.rule,
                 mode=c.mode,
             )

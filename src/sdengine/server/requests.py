@@ -423,6 +423,8 @@ def build_generation(
         raise BadRequest(f"at most {MAX_CONTROLNETS} ControlNet units per request, got {len(controlnets)}")
     for k, unit in enumerate(controlnets):
         if unit.model in REFERENCE_MODULES:  # no model: the reference image as it is (sdengine.nn.reference)
+            if unit.preprocessor not in ("none", "") or set(unit.options) - {"style_fidelity"}:
+                raise BadRequest(f"ControlNet unit {k}: {unit.model} takes the image as it is (no preprocessor)")
             picture = image(unit.image, f"ControlNet unit {k} image")
             assert picture is not None
             start = _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0)
@@ -446,6 +448,10 @@ def build_generation(
                 )
             )
             continue
+        if "style_fidelity" in unit.options:
+            raise BadRequest(
+                f"ControlNet unit {k}: style_fidelity is a reference unit's ({', '.join(REFERENCE_MODULES)})"
+            )
         path = catalog.resolve_controlnet(unit.model)
         control = image(unit.image, f"ControlNet unit {k} image")
         assert control is not None

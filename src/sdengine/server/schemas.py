@@ -42,6 +42,14 @@ class ControlNetSpec(BaseModel):
     preprocessor: str = Field("none", max_length=64, description="none, canny, scribble, threshold, softedge, invert")
     low: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, description="canny low threshold")
     high: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, description="canny high threshold")
+    style_fidelity: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="a reference unit's (model reference_only, reference_adain, reference_adain+attn) style fidelity "
+        "(default 0.5)",
+    )
     rule: Literal["diffusers", "a1111", "comfyui"] = Field(
         "diffusers",
         description="how start/end pick the steps: 'diffusers' (a step wholly inside the window), 'a1111' (A1111's "
