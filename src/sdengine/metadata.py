@@ -1039,6 +1039,12 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
             continue
         fields = {k.strip(): v.strip() for k, v in parse_fields(value)}
         model = fields.get("Model", "").strip()
+        module = fields.get("Module", "").strip().lower()
+        if module in REFERENCE_MODULES:  # a reference unit: no model to load
+            raise MetadataError(
+                f"{key}: a {module} unit (no model): --from-png does not remake reference units; give it with "
+                f"--control {module}:IMAGE and its settings"
+            )
         if not model or model.lower() == "none":
             raise MetadataError(f"{key}: no model recorded in {value!r}")
         hm = _RE_MODEL_HASH.match(model)

@@ -676,13 +676,6 @@ def _controlnets_from_png(
             thresholds=control_thresholds(a),
             processor_res=control_resolutions(a),
         )
-    from ..metadata import REFERENCE_MODULES
-
-    if any(r.module in REFERENCE_MODULES for r in recorded):
-        raise ControlNetError(
-            f"{a.from_png} was made with a reference unit ({', '.join(str(r.module) for r in recorded)}): "
-            "--from-png does not remake reference units; give --control reference_only:IMAGE and the settings"
-        )
     names = ", ".join(r.name for r in recorded)
     if not a.control:
         raise ControlNetError(
