@@ -1039,11 +1039,11 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
             continue
         fields = {k.strip(): v.strip() for k, v in parse_fields(value)}
         model = fields.get("Model", "").strip()
-        module = fields.get("Module", "").strip().lower()
-        if module in REFERENCE_MODULES:  # a reference unit: no model to load
+        kind = fields.get("Module", "").strip().lower()
+        if kind in REFERENCE_MODULES:  # a reference unit: no model to load
             raise MetadataError(
-                f"{key}: a {module} unit (no model): --from-png does not remake reference units; give it with "
-                f"--control {module}:IMAGE and its settings"
+                f"{key}: a {kind} unit (no model): --from-png does not remake reference units; give it with "
+                f"--control {kind}:IMAGE and its settings"
             )
         if not model or model.lower() == "none":
             raise MetadataError(f"{key}: no model recorded in {value!r}")
