@@ -537,6 +537,8 @@ def test_cli_control_reference_needs_no_controlnet(pipe, tiny_sd1_folder, tmp_pa
     assert "1 --control but 0 --controlnet" in capsys.readouterr().err
     assert main([*args, "--control", f"reference_only:{ref}", "--control-res", "256"]) != 0
     assert "reference_only takes the image as it is" in capsys.readouterr().err
+    assert main([*args, "--control", f"reference_only:{ref}", "--control-threshold-b", "5"]) != 0
+    assert "reference_only has no threshold B" in capsys.readouterr().err
     again = ["generate", "--from-png", str(out), "--model", str(tiny_sd1_folder), "--no-progress"]
     assert main([*again, "--out", str(tmp_path / "again.png"), "--control", f"reference_only:{ref}"]) != 0
     err = capsys.readouterr().err
