@@ -72,6 +72,7 @@ LAYERS: dict[str, int] = {
     "bench_timeline": 3,  # one generation's profiler trace cut into the pipeline's stages (GPU busy, idle gaps)
     "grids": 3,  # X/Y/Z plots and batch grids over the pipeline
     "outpaint": 3,  # extend the canvas: pad, mask the new area, inpaint, paste the original back
+    "sd_upscale": 3,  # A1111's SD upscale script: upscale, tiles, img2img each, the overlap blend
     "batch_render": 3,  # generate --prompts: a checked list of requests, resumable, sharded over ranks
     # 4: the front ends
     "demo": 4,
