@@ -225,3 +225,111 @@ def test_n_iter_makes_one_upscale_each_from_seed_plus_n(tiny_pipe):
     assert res.upscaler == "None" and "SD upscale upscaler: None" in res.infotexts[1]
     one = tiny_pipe("x", init_image=img, width=16, height=16, seed=10, **KW)
     np.testing.assert_array_equal(np.asarray(res.images[1]), np.asarray(one.images[0]))
+
+
+# -- the A1111 route (the real webuiapi client, a live server with the emoji model) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    from _live_server import live_server, server_config
+    from sdengine.models.esrgan import UpscalerSpec, build_upscaler
+    from sdengine.weights.upscaler_file import save_upscaler
+
+    tmp = tmp_path_factory.mktemp("sd_upscale")
+    folder = tmp / "upscalers"
+    folder.mkdir()
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    model = build_upscaler(UpscalerSpec("compact", 4, 3, 3, 8, 1))
+    save_upscaler(model.eval(), folder / "4x-Tiny.pth")
+    with live_server(server_config(tmp, upscalers_dir=folder)) as s:
+        s.folder = folder  # type: ignore[attr-defined]
+        yield s
+
+
+@pytest.fixture()
+def api(server):
+    import webuiapi
+
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler", scheduler="Automatic")
+
+
+A1111_KW = {"steps": 2, "cfg_scale": 7.0, "denoising_strength": 0.5, "width": 64, "height": 64}
+PY_KW = {
+    "steps": 2,
+    "cfg_scale": 7.0,
+    "strength": 0.5,
+    "sampler": "euler",
+    "schedule": "uniform",  # A1111's "Automatic" for Euler
+    "strength_rule": "a1111",
+    "progress": False,
+}
+
+
+def test_a1111_route_equals_the_python_call(api, server):
+    from _live_server import shared_loader
+
+    init = _picture(48, 48, seed=7)
+    assert "sd upscale" in api.get_scripts()["img2img"]
+    r = api.img2img(
+        images=[init],
+        prompt="a red apple",
+        seed=4,
+        batch_size=2,
+        n_iter=2,
+        script_name="SD upscale",
+        script_args=[None, 16, 1, 2],  # info, overlap, upscaler_index (1: Lanczos), scale_factor
+        **A1111_KW,
+    )
+    assert [im.size for im in r.images] == [(96, 96), (96, 96)]
+    pipe = shared_loader("emoji", "cpu")
+    want = sd_upscale(
+        pipe, init, "a red apple", width=64, height=64, scale=2, overlap=16, seed=4, batch_size=2, n_iter=2, **PY_KW
+    )
+    assert want.tile_seeds == [[4, 5, 5, 6], [5, 6, 6, 7]]
+    for got, made in zip(r.images, want.images, strict=True):
+        np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(made))
+    info = r.info["infotexts"][0]
+    assert "SD upscale overlap: 16, SD upscale upscaler: Lanczos" in info and "Size: 64x64" in info
+    assert "Seed: 4," in info
+
+
+def test_a1111_route_with_a_model_upscaler_and_errors(api, server):
+    import httpx
+    import webuiapi
+
+    from _live_server import shared_loader
+
+    init = _picture(24, 24, seed=8)
+    r = api.img2img(
+        images=[init], prompt="x", seed=2, script_name="sd UPSCALE", script_args=["", 0, "4x-tiny", 3], **A1111_KW
+    )
+    pipe = shared_loader("emoji", "cpu")
+    want = sd_upscale(
+        pipe,
+        init,
+        "x",
+        width=64,
+        height=64,
+        scale=3,
+        overlap=0,
+        upscaler="4x-Tiny",
+        upscalers_dir=server.folder,
+        seed=2,
+        **PY_KW,
+    )
+    assert r.image.size == (72, 72) and "SD upscale upscaler: 4x-Tiny" in r.info["infotexts"][0]
+    np.testing.assert_array_equal(np.asarray(r.image.convert("RGB")), np.asarray(want.images[0]))
+    body = {"init_images": [webuiapi.raw_b64_img(init)], "prompt": "x", "script_name": "SD upscale", **A1111_KW}
+    for args, msg in (
+        ([None, 64, 1, 2], "overlap 64 must be smaller than the tile size 64x64"),
+        ([None, 8, 9, 2], "upscaler_index"),
+        ([None, 8, "ESRGAN_4x", 2], "not one of /sdapi/v1/upscalers"),
+        ([None, 8, 1, 0], "scale_factor"),
+        ([None, -1, 1, 2], "overlap"),
+    ):
+        resp = httpx.post(f"{api.baseurl}/img2img", json={**body, "script_args": args}, timeout=60)
+        assert resp.status_code == 400 and msg in resp.text and "\\n" not in resp.json()["detail"], resp.text
+    resp = httpx.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "script_name": "SD upscale"}, timeout=60)
+    assert resp.status_code == 400 and "not found" in resp.text

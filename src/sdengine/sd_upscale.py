@@ -197,10 +197,14 @@ def check_scale(image_size: tuple[int, int], scale: Any, upscaler: str = "Lanczo
 
 
 def upscale_init(
-    image: Image.Image, scale: float, upscaler: str = "Lanczos", upscalers_dir: str | Path | None = None
+    image: Image.Image,
+    scale: float,
+    upscaler: str | tuple[str, Path | None] = "Lanczos",
+    upscalers_dir: str | Path | None = None,
 ) -> tuple[str, Image.Image]:
-    """(the upscaler's listed name, the upscaled image) as the script makes it: "None" leaves the image as it is."""
-    name, model_file = resolve_upscaler(upscaler, upscalers_dir)
+    """(the upscaler's listed name, the upscaled image) as the script makes it: "None" leaves the image as it is.
+    ``upscaler``: a name, or (name, model file or None) already resolved (the server's list)."""
+    name, model_file = upscaler if isinstance(upscaler, tuple) else resolve_upscaler(upscaler, upscalers_dir)
     check_scale(image.size, scale, name)
     if name == "None":
         return name, image
@@ -262,7 +266,7 @@ def sd_upscale(
     height: int,
     scale: float = 2.0,
     overlap: int = 64,
-    upscaler: str = "Lanczos",
+    upscaler: str | tuple[str, Path | None] = "Lanczos",
     upscalers_dir: str | Path | None = None,
     batch_size: int = 1,
     n_iter: int = 1,
@@ -274,7 +278,8 @@ def sd_upscale(
     """A1111's SD upscale of ``image`` with ``pipe`` (a :class:`sdengine.pipeline.Pipeline`, or any callable
     taking its fields and returning a GenerationResult): tiles of ``width`` x ``height``, ``overlap`` pixels,
     ``batch_size`` tiles per seed group and ``n_iter`` upscales (see the module's docstring for the seeds).
-    ``kwargs`` are the img2img's other fields (steps, strength, sampler, negative prompt, ...)."""
+    ``kwargs`` are the img2img's other fields (steps, strength, sampler, negative prompt, ...); ``upscaler`` a
+    name or (name, model file or None) already resolved."""
     for bad in ("mask", "init_image", "hires", "batch_count"):
         if kwargs.get(bad) not in (None, False):
             raise GenerationError(f"SD upscale: {bad} cannot be used with it (it tiles its own init image)")
@@ -289,7 +294,7 @@ def sd_upscale(
     if image is None:
         raise GenerationError("SD upscale needs an init image")
     img = load_image(image, "SD upscale init image", mode="RGB", background=(255, 255, 255), error=GenerationError)
-    name, _ = resolve_upscaler(upscaler, upscalers_dir)
+    name = upscaler[0] if isinstance(upscaler, tuple) else resolve_upscaler(upscaler, upscalers_dir)[0]
     size = check_scale(img.size, scale, name)
     plan_grid(size[0], size[1], width, height, overlap)  # said before the upscaler model runs
     name, big = upscale_init(img, scale, upscaler, upscalers_dir)
@@ -314,7 +319,7 @@ def sd_upscale(
             extra: dict[str, Any] = {"seed": s}
             if variation:
                 extra.update(subseed=sub, subseed_strength=subseed_strength)
-            result = pipe(prompt, init_image=crop, width=width, height=height, batch_size=1, **extra, **kwargs)
+            result = pipe(prompt=prompt, init_image=crop, width=width, height=height, batch_size=1, **extra, **kwargs)
             if info is None:
                 info = with_script_info(result.infotexts[0], overlap, name)
             notes.extend(x for x in result.notes if x not in notes)

@@ -45,6 +45,7 @@ from sdengine.metadata import (
     REFERENCE_FIDELITY_DEFAULT,
     REFERENCE_MODULES,
 )
+from sdengine.sd_upscale import TITLE as SD_UPSCALE_TITLE
 from sdengine.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerFault, Unprocessable
 from sdengine.server.ip_adapters import A1111_MODULES, IPAdapterRequest, resolve_a1111_model, unit_names
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job, visible
@@ -1009,12 +1010,81 @@ def refuse_unsupported(body: dict[str, Any], txt2img: bool) -> None:
         )
 
 
+def sd_upscale_script(overlap: int, upscaler: tuple[str, Path | None], scale: float, n_iter: int) -> Callable[..., Any]:
+    """The worker's call for A1111's SD upscale: given the job's pipeline call and its fields (the init image, the
+    tile size as width x height, batch_size, the seeds), :func:`sdengine.sd_upscale.sd_upscale` with them."""
+
+    def script(call: Callable[..., Any], **kw: Any) -> Any:
+        from sdengine.sd_upscale import sd_upscale
+
+        image, prompt = kw.pop("init_image"), kw.pop("prompt", "")
+        width, height, batch = kw.pop("width"), kw.pop("height"), int(kw.pop("batch_size", 1))
+        kw.pop("mask", None)
+        return sd_upscale(
+            call,
+            image,
+            prompt,
+            width=width,
+            height=height,
+            scale=scale,
+            overlap=overlap,
+            upscaler=upscaler,
+            batch_size=batch,
+            n_iter=n_iter,
+            **kw,
+        )
+
+    return script
+
+
+def is_sd_upscale(body: dict[str, Any], txt2img: bool = False) -> bool:
+    """Whether the request names A1111's "SD upscale" script (an img2img script; its title matched case-blind)."""
+    script = body.get("script_name")
+    return not txt2img and isinstance(script, str) and script.strip().lower() == SD_UPSCALE_TITLE.lower()
+
+
+def sd_upscale_args(body: dict[str, Any], upscaler_names: list[str]) -> tuple[int, str, float]:
+    """(overlap, upscaler name, scale factor) of the SD upscale script's ``script_args`` ``[info, overlap,
+    upscaler_index, scale_factor]``: the index into ``upscaler_names`` (``/sdapi/v1/upscalers``' list) or a name
+    (case-blind, as A1111 takes one too); missing trailing args take the script's defaults (64, the first
+    upscaler, 2)."""
+    args = body.get("script_args") or []
+    if not isinstance(args, list) or len(args) > 4:
+        raise BadRequest(
+            f"script_args of {SD_UPSCALE_TITLE!r} must be a list [info, overlap, upscaler_index, scale_factor], got "
+            f"{repr(args)[:100]}"
+        )
+    overlap, index, scale = [*args[1:], 64, 0, 2.0][:3] if len(args) > 1 else (64, 0, 2.0)
+    if isinstance(overlap, float) and overlap.is_integer():
+        overlap = int(overlap)
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= 4096:
+        raise BadRequest(f"script_args[1] (overlap) must be a whole number of pixels in [0, 4096], got {overlap!r}")
+    if isinstance(index, str):
+        by_lower = {n.lower(): n for n in upscaler_names}
+        if index.strip().lower() not in by_lower:
+            raise BadRequest(
+                f"script_args[2] (upscaler) {index!r} is not one of /sdapi/v1/upscalers: {', '.join(upscaler_names)}"
+            )
+        name = by_lower[index.strip().lower()]
+    elif isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(upscaler_names):
+        raise BadRequest(
+            f"script_args[2] (upscaler_index) must be an index into /sdapi/v1/upscalers (0 to "
+            f"{len(upscaler_names) - 1}: {', '.join(upscaler_names)}), got {index!r}"
+        )
+    else:
+        name = upscaler_names[index]
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+        raise BadRequest(f"script_args[3] (scale_factor) must be a number > 0, got {scale!r}")
+    return overlap, name, float(scale)
+
+
 def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
     script = body.get("script_name")
-    if script not in (None, ""):  # A1111 answers 422 for a script it does not have; sdengine has none
+    # A1111 answers 422 for a script it does not have; sdengine has SD upscale (img2img) only
+    if script not in (None, "") and not is_sd_upscale(body, txt2img):
         raise BadRequest(
-            f"Script {script!r} not found: sdengine runs no selectable scripts (X/Y/Z plot, prompt matrix, ...); "
-            "send no script_name"
+            f"Script {script!r} not found: sdengine runs {SD_UPSCALE_TITLE!r} (img2img) only of A1111's selectable "
+            "scripts (not X/Y/Z plot, prompt matrix, ...)"
         )
     out = []
     hr = bool(body.get("enable_hr"))
@@ -1946,6 +2016,7 @@ def install(app: FastAPI, services: Any) -> None:
         refiner_pass = fields.pop("hires_refiner_pass", "second pass")
         hr_model = fields.pop("hr_model", None)
         sd_vae = fields.pop("sd_vae", "Automatic")
+        script = fields.pop("sd_upscale", None)
         if fields.get("init_image") is None and not fields.get("controlnets") and not fields.get("ip_adapters"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
@@ -1955,6 +2026,10 @@ def install(app: FastAPI, services: Any) -> None:
         # a size the model cannot make (off its multiple, over its limit, the hires fix's too) is a 400 before
         # any job is queued or any model loaded, as POST /v1/jobs answers it
         services.precheck(generation)
+        if script is not None:  # A1111's SD upscale: the script makes the n_iter upscales, a call per tile
+            overlap, chosen, scale = script
+            generation.script = sd_upscale_script(overlap, chosen, scale, generation.n_iter)
+            generation.n_iter = 1
         generation.sdxl_options = sdxl_options
         job_vae(generation, sd_vae)
         if refiner is not None:
@@ -2261,6 +2336,22 @@ def install(app: FastAPI, services: Any) -> None:
         # A1111 runs the refiner in img2img too, switching on the img2img's schedule (with a mask, its blend runs on
         # the refiner's steps as well)
         refiner = hand_off(body, fields, ignored)
+        if is_sd_upscale(body):
+            for what, given in (("mask", req.mask), ("ControlNet units", fields["controlnets"])):
+                if given:
+                    raise BadRequest(f"script {SD_UPSCALE_TITLE!r}: {what} cannot be used with it in sdengine")
+            names = [*EXTRAS_UPSCALERS, *(e.name for e in catalog.upscalers())]
+            overlap, name, scale = sd_upscale_args(body, names)
+            chosen = (name, None) if name in EXTRAS_UPSCALERS else catalog.resolve_upscaler(name)
+            init_size = (await run_in_threadpool(services.uploads.image, req.init_images[0], "init image")).size
+            try:  # the scale, the grid and the overlap: a 400 before any job is queued
+                from sdengine.sd_upscale import check_scale, plan_grid
+
+                big = check_scale(init_size, scale, name)
+                plan_grid(*big, req.width, req.height, overlap)
+            except SdengineError as e:
+                raise BadRequest(str(e)) from None
+            fields["sd_upscale"] = (overlap, chosen, scale)
         finish = None
         if req.mask:
             size: tuple[int, int] | None = (req.width, req.height)
@@ -2604,7 +2695,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/sdapi/v1/scripts", tags=["a1111"])
     def scripts() -> dict[str, Any]:
-        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet", SD_UPSCALE_TITLE.lower()]}
 
     @app.get("/sdapi/v1/cmd-flags", tags=["a1111"])
     def cmd_flags() -> dict[str, Any]:

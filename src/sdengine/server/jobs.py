@@ -942,6 +942,13 @@ class Worker(threading.Thread):
                     **kw,
                 )
 
+        script = getattr(g, "script", None)
+        if script is not None:  # A1111's SD upscale: the script calls the pipeline once per tile
+            inner = call
+
+            def call(**kw: Any) -> Any:
+                return script(inner, **kw)
+
         failed = self.use_vae(g, (pipe, refiner, hr))
         if failed is not None:
             m.finish(job, FAILED, failed)

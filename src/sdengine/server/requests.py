@@ -94,6 +94,9 @@ class Generation:
     vae: str | None = None
     vae_name: str | None = None
     checkpoint_vae: bool = False
+    # a script the worker calls instead of the pipeline, with the pipeline's call and the fields (A1111's SD
+    # upscale: sdengine.server.a1111.sd_upscale_script); None: the pipeline's call
+    script: Callable[..., Any] | None = None
 
     @property
     def images(self) -> int:
