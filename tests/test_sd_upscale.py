@@ -333,3 +333,26 @@ def test_a1111_route_with_a_model_upscaler_and_errors(api, server):
         assert resp.status_code == 400 and msg in resp.text and "\\n" not in resp.json()["detail"], resp.text
     resp = httpx.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "script_name": "SD upscale"}, timeout=60)
     assert resp.status_code == 400 and "not found" in resp.text
+
+
+def test_cli_sd_upscale_equals_the_python_call(tiny_sd1_folder, tiny_pipe, tmp_path, capsys):
+    from sdengine.cli import main
+
+    init = tmp_path / "init.png"
+    _picture(24, 24, seed=5).save(init)
+    out = tmp_path / "o"
+    args = ["generate", "a wall", "--model", str(tiny_sd1_folder), "--steps", "2", "--seed", "3", "--sampler", "euler"]
+    args += ["--init-image", str(init), "--strength", "0.5", "--width", "32", "--height", "32", "--no-progress"]
+    assert main([*args, "--sd-upscale", "2,8", "--n-iter", "2", "--out", str(out)]) == 0
+    made = sorted(out.glob("*.png"))
+    assert [p.name for p in made] == ["00000-3.png", "00001-4.png"]
+    want = sd_upscale(tiny_pipe, init, "a wall", width=32, height=32, scale=2, overlap=8, seed=3, n_iter=2, **KW)
+    for path, image in zip(made, want.images, strict=True):
+        got = Image.open(path)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(image))
+        assert "SD upscale overlap: 8, SD upscale upscaler: Lanczos" in got.text["parameters"]
+    capsys.readouterr()
+    assert main([*args, "--upscaler", "None", "--out", str(tmp_path / "x")]) == 2
+    assert "--upscaler names --sd-upscale's upscaler" in capsys.readouterr().err
+    assert main([*args, "--sd-upscale", "2,32", "--out", str(tmp_path / "x")]) == 2
+    assert "overlap 32 must be smaller than the tile size 32x32" in capsys.readouterr().err

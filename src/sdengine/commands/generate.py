@@ -1010,11 +1010,29 @@ def run(a: argparse.Namespace) -> int:
             )
         if a.strength is None:
             kwargs["strength"] = 1.0  # the new area starts from the stretched edges: repaint it fully
+    sd_up = None
+    if getattr(a, "sd_upscale", None) is not None:  # A1111's SD upscale script (sdengine.sd_upscale)
+        from ..sd_upscale import parse_sd_upscale
+
+        sd_up = parse_sd_upscale(a.sd_upscale)
+        other = [
+            f
+            for f, v in (("--refiner", a.refiner), ("--hr-checkpoint", a.hr_checkpoint), ("--outpaint", a.outpaint))
+            if v is not None
+        ]
+        if other or a.init_image is None or a.mask is not None:
+            raise UsageError(
+                "--sd-upscale upscales --init-image in tiles of --width x --height: give --init-image, and no --mask"
+                + (f"; drop {', '.join(other)}" if other else "")
+            )
+    elif getattr(a, "upscaler", None) is not None:
+        raise UsageError("--upscaler names --sd-upscale's upscaler: give --sd-upscale SCALE[,OVERLAP] too")
     n_iter = 1 if a.n_iter is None else a.n_iter
     if n_iter < 1:
         raise UsageError(f"--n-iter must be a positive number of batches, got {n_iter}")
     batch = int(kwargs.get("batch_size", 1))
-    out, out_is_file = output_target(a.out, batch, n_iter)
+    # SD upscale makes one image per --n-iter (its batch size groups the tiles' seeds)
+    out, out_is_file = output_target(a.out, 1 if sd_up is not None else batch, n_iter)
     if a.grid and out_is_file:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
     if out_is_file:
@@ -1070,6 +1088,24 @@ def run(a: argparse.Namespace) -> int:
 
     def make(kw: dict[str, Any]) -> Any:
         prompt = kw.pop("prompt", "")
+        if sd_up is not None:
+            from ..sd_upscale import sd_upscale
+
+            size = int(getattr(pipe, "default_size", 512))
+            return sd_upscale(
+                pipe,
+                kw.pop("init_image"),
+                prompt,
+                width=kw.pop("width", None) or size,
+                height=kw.pop("height", None) or size,
+                scale=sd_up[0],
+                overlap=sd_up[1],
+                upscaler=a.upscaler or "Lanczos",
+                upscalers_dir=kw.pop("upscalers_dir", None),
+                batch_size=int(kw.pop("batch_size", 1)),
+                n_iter=n_iter,
+                **kw,
+            )
         if sides is not None:
             from ..outpaint import outpaint
 
@@ -1091,7 +1127,7 @@ def run(a: argparse.Namespace) -> int:
     index = next_index(out) if out.is_dir() else 0
     images: list[Any] = []
     first: Any = None
-    for kw in iterations:
+    for kw in iterations[:1] if sd_up is not None else iterations:  # SD upscale: its n_iter upscales in one call
         result = make(kw)
         if first is None:
             first = result
@@ -1267,6 +1303,20 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="L,R,T,B",
         help="extend --init-image by these pixels left, right, top, bottom (one number: all sides) "
         "and fill the new area; the new size must be a multiple of 8",
+    )
+    p.add_argument(
+        "--sd-upscale",
+        default=None,
+        metavar="SCALE[,OVERLAP]",
+        help="A1111's SD upscale script: --init-image upscaled by SCALE (--upscaler), cut into tiles of --width x "
+        "--height overlapping by OVERLAP pixels (default 64), each tile img2img'd, blended back (docs/sd-upscale.md)",
+    )
+    p.add_argument(
+        "--upscaler",
+        default=None,
+        metavar="NAME",
+        help="--sd-upscale's upscaler: Lanczos (default), None (no upscale: the image tiled as it is), or an "
+        "upscaler model of --upscalers-dir",
     )
     p.add_argument(
         "--control",
