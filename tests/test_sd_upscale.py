@@ -215,6 +215,26 @@ def test_tiles_are_img2img_of_each_crop_with_a1111s_seeds(tiny_pipe):
     np.testing.assert_array_equal(big, np.asarray(combine_grid(res.grid, outs)))  # and the blends too
 
 
+def test_progress_counts_every_tile_of_every_upscale(tiny_pipe):
+    seen = []
+    res = sd_upscale(
+        tiny_pipe,
+        _picture(16, 16),
+        "x",
+        width=16,
+        height=16,
+        scale=1.5,
+        overlap=8,
+        n_iter=2,
+        seed=1,
+        callback=lambda info: seen.append((info.step, info.steps)) or True,
+        **KW,
+    )
+    assert res.grid.count == 4 and res.images[0].size == (24, 24)
+    per = seen[0][1] // 8  # steps of one tile run
+    assert seen == [(k, 8 * per) for k in range(1, 8 * per + 1)]
+
+
 def test_n_iter_makes_one_upscale_each_from_seed_plus_n(tiny_pipe):
     img = _picture(16, 16, seed=4)
     res = sd_upscale(

@@ -19,6 +19,7 @@ upscaler`` added.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Callable
@@ -306,6 +307,8 @@ def sd_upscale(
     variation = bool(subseed_strength)
     if variation and (subseed is None or int(subseed) == -1):
         subseed = secrets.randbelow(2**32)
+    callback = kwargs.pop("callback", None)
+    calls = grid.count * n_iter
     images: list[Image.Image] = []
     infotexts: list[str] = []
     starts: list[int] = []
@@ -315,10 +318,12 @@ def sd_upscale(
     for n in range(n_iter):
         seeds = tile_seeds(grid.count, batch_size, int(seed), n, subseed if variation else None, variation)
         outs: list[Image.Image] = []
-        for crop, (s, sub) in zip(crops, seeds, strict=True):
+        for k, (crop, (s, sub)) in enumerate(zip(crops, seeds, strict=True)):
             extra: dict[str, Any] = {"seed": s}
             if variation:
                 extra.update(subseed=sub, subseed_strength=subseed_strength)
+            if callback is not None:  # the steps counted over the whole script: every tile of every upscale
+                extra["callback"] = _counting(callback, n * grid.count + k, calls)
             result = pipe(prompt=prompt, init_image=crop, width=width, height=height, batch_size=1, **extra, **kwargs)
             if info is None:
                 info = with_script_info(result.infotexts[0], overlap, name)
@@ -330,6 +335,15 @@ def sd_upscale(
         starts.append(int(seed) + n)
         all_tile_seeds.append([s for s, _ in seeds])
     return SdUpscaleResult(images, infotexts, starts, grid, all_tile_seeds, name, notes)
+
+
+def _counting(callback: Callable[[Any], Any], done: int, calls: int) -> Callable[[Any], Any]:
+    """A tile's step callback: its StepInfo with ``step`` and ``steps`` counted over all ``calls`` tile runs."""
+
+    def tile(info: Any) -> Any:
+        return callback(dataclasses.replace(info, step=done * info.steps + info.step, steps=info.steps * calls))
+
+    return tile
 
 
 def parse_sd_upscale(text: str) -> tuple[float, int]:

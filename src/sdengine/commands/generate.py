@@ -1025,6 +1025,10 @@ def run(a: argparse.Namespace) -> int:
                 "--sd-upscale upscales --init-image in tiles of --width x --height: give --init-image, and no --mask"
                 + (f"; drop {', '.join(other)}" if other else "")
             )
+        if a.width is not None and a.height is not None and sd_up[1] >= min(a.width, a.height):
+            from ..sd_upscale import plan_grid
+
+            plan_grid(a.width, a.height, a.width, a.height, sd_up[1])  # its one line, before the model loads
     elif getattr(a, "upscaler", None) is not None:
         raise UsageError("--upscaler names --sd-upscale's upscaler: give --sd-upscale SCALE[,OVERLAP] too")
     n_iter = 1 if a.n_iter is None else a.n_iter
