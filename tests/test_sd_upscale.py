@@ -348,6 +348,7 @@ def test_a1111_route_with_a_model_upscaler_and_errors(api, server):
         ([None, 8, "ESRGAN_4x", 2], "not one of /sdapi/v1/upscalers"),
         ([None, 8, 1, 0], "scale_factor"),
         ([None, -1, 1, 2], "overlap"),
+        ([None, 8, 1, 200], "over this server's limit of 16777216 pixels"),  # 4800 x 4800
     ):
         resp = httpx.post(f"{api.baseurl}/img2img", json={**body, "script_args": args}, timeout=60)
         assert resp.status_code == 400 and msg in resp.text and "\\n" not in resp.json()["detail"], resp.text

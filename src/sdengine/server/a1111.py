@@ -2351,6 +2351,11 @@ def install(app: FastAPI, services: Any) -> None:
                 plan_grid(*big, req.width, req.height, overlap)
             except SdengineError as e:
                 raise BadRequest(str(e)) from None
+            if big[0] * big[1] > services.config.max_image_pixels:
+                raise BadRequest(
+                    f"script {SD_UPSCALE_TITLE!r}: the upscaled image {big[0]}x{big[1]} is over this server's limit "
+                    f"of {services.config.max_image_pixels} pixels (--max-image-pixels)"
+                )
             fields["sd_upscale"] = (overlap, chosen, scale)
         finish = None
         if req.mask:
