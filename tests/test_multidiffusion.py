@@ -1,0 +1,224 @@
+"""MultiDiffusion (sdengine.diffusion.multidiffusion, docs/multidiffusion.md) against diffusers'
+StableDiffusionPanoramaPipeline on the same tiny random SD1 weights, fp32 CPU: the same views (diffusers' own
+``get_views``, told the window and stride and the tiny VAE's factor of 2 instead of its fixed 8), the same
+scheduler, the same start noise. diffusers steps its scheduler per view and averages the latents after the step;
+sdengine averages the views' x0 predictions before its sampler's step. For DDIM (eta 0) and Euler the step is
+affine in the prediction with the same coefficients for every cell, so both averages give the same latents
+(up to rounding), which these tests check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import sdengine  # noqa: E402
+from _pipeline_models import diffusers_scheduler, picture  # noqa: E402
+from sdengine.diffusion.multidiffusion import MultiDiffusion, MultiDiffusionDenoiser, views  # noqa: E402
+from sdengine.errors import UsageError  # noqa: E402
+from sdengine.pipeline import GenerationError  # noqa: E402
+
+TOL = 1e-4  # max absolute difference on 0..1 pixels
+STEPS = 5
+PROMPT, NEGATIVE = "a mountain panorama at dawn", "blurry"
+SEED = 7
+WINDOW, STRIDE = 16, 8  # latent cells; the tiny VAE's factor is 2, so 32 pixels
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1_folder):
+    return tiny_sd1_folder, sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def panorama(sd1):
+    import diffusers
+
+    folder = sd1[0]
+    ref = diffusers.StableDiffusionPanoramaPipeline.from_pretrained(
+        folder, local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def _theirs(ref, folder, sampler: str, width: int, height: int, *, circular=False, view_batch=1, cfg=7.5):
+    cls = type(ref)
+    factor = ref.vae_scale_factor
+    # diffusers' get_views divides the pixel size by a fixed 8: hand it the size whose eighth is the latent's
+    ref.get_views = lambda h, w, circular_padding=False: cls.get_views(
+        ref, h * 8 // factor, w * 8 // factor, window_size=WINDOW, stride=STRIDE, circular_padding=circular_padding
+    )
+    ref.scheduler = diffusers_scheduler(folder, sampler)
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    return ref(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        width=width,
+        height=height,
+        num_inference_steps=STEPS,
+        guidance_scale=cfg,
+        generator=gen,
+        output_type="np",
+        circular_padding=circular,
+        view_batch_size=view_batch,
+    ).images
+
+
+def _ours(pipe, sampler: str, width: int, height: int, tiled, **kw):
+    args = dict(
+        steps=STEPS,
+        sampler=sampler,
+        schedule="normal",
+        cfg_scale=7.5,
+        seed=SEED,
+        width=width,
+        height=height,
+        progress=False,
+        tiled_diffusion=tiled,
+    )
+    args.update(kw)
+    return pipe(PROMPT, NEGATIVE, **args)
+
+
+def _max(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize(
+    "sampler,width,height,view_batch",
+    [("ddim", 96, 32, 1), ("euler", 96, 32, 3), ("ddim", 64, 48, 4)],
+)
+def test_matches_diffusers_panorama(sd1, panorama, sampler, width, height, view_batch):
+    folder, pipe = sd1
+    n = len(views(height // 2, width // 2, MultiDiffusion(WINDOW, STRIDE)))
+    assert n == (5 if height == 32 else 6)  # overlapping views in one row, or in two rows and three columns
+    theirs = _theirs(panorama, folder, sampler, width, height, view_batch=view_batch)
+    ours = _ours(pipe, sampler, width, height, (WINDOW, STRIDE, False, view_batch))
+    assert ours.arrays.std() > 0.05  # a real picture
+    assert _max(ours.arrays, theirs) < TOL
+    # and MultiDiffusion changed the picture: the plain pipeline's differs
+    plain = _ours(pipe, sampler, width, height, None).arrays
+    assert _max(plain, theirs) > 100 * TOL
+
+
+def test_circular_matches_diffusers_panorama(sd1, panorama):
+    folder, pipe = sd1
+    theirs = _theirs(panorama, folder, "ddim", 96, 32, circular=True, view_batch=2)
+    ours = _ours(pipe, "ddim", 96, 32, {"window": WINDOW, "stride": STRIDE, "circular": True, "view_batch": 2})
+    assert _max(ours.arrays, theirs) < TOL
+    straight = _ours(pipe, "ddim", 96, 32, (WINDOW, STRIDE)).arrays
+    assert _max(straight, theirs) > 100 * TOL  # the wrapped views changed it
+
+
+def test_window_as_large_as_the_image_is_the_plain_pipeline(sd1):
+    _, pipe = sd1
+    for kw in ({}, {"init_image": picture(64, 32), "strength": 0.6}):
+        plain = _ours(pipe, "euler", 64, 32, None, **kw).arrays
+        whole = _ours(pipe, "euler", 64, 32, (64, 8), **kw).arrays  # one view, cut to the 16 x 32 latent
+        assert _max(plain, whole) <= 1e-6
+
+
+def test_img2img_runs_on_views(sd1):
+    _, pipe = sd1
+    init = picture(96, 32)
+    plain = _ours(pipe, "euler", 96, 32, None, init_image=init, strength=0.7).arrays
+    tiled = _ours(pipe, "euler", 96, 32, (WINDOW, STRIDE), init_image=init, strength=0.7)
+    batched = _ours(pipe, "euler", 96, 32, (WINDOW, STRIDE, False, 5), init_image=init, strength=0.7).arrays
+    assert _max(tiled.arrays, plain) > 100 * TOL  # the views changed it ...
+    assert _max(tiled.arrays, batched) < 1e-5  # ... and the view batch size did not
+    assert (
+        "Tiled Diffusion: MultiDiffusion, Tiled Diffusion window: 16x16, Tiled Diffusion stride: 8"
+        in tiled.infotexts[0]
+    )
+
+
+# ------------------------------------------------------------------------------------------ the wrapper
+
+
+class _PositionBlind:
+    """x0 = x * (1 + mean of the view): depends on what the view holds, so a wrong crop or count shows."""
+
+    schedule = None
+    prediction = "epsilon"
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __call__(self, x, sigma, **cond):
+        self.shapes.append(tuple(x.shape))
+        assert cond["crossattn"].shape[0] == x.shape[0] and cond["concat"].shape == (x.shape[0], 1, *x.shape[2:])
+        return x * (1 + x.mean(dim=(1, 2, 3), keepdim=True)) + cond["concat"]
+
+
+@pytest.mark.parametrize("circular", [False, True])
+def test_wrapper_averages_views_per_cell(circular):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 11, generator=g)
+    concat = torch.randn(2, 1, 6, 11, generator=g)
+    settings = MultiDiffusion(4, 3, circular, 2)
+    inner = _PositionBlind()
+    den = MultiDiffusionDenoiser(inner, settings)
+    out = den(x, torch.tensor([1.0, 1.0]), crossattn=torch.ones(2, 3, 5), concat=concat)
+    total, count = torch.zeros_like(x), torch.zeros(6, 11)
+    layout = views(6, 11, settings)
+    for top, bottom, left, right in layout:
+        cols = [c % 11 for c in range(left, right)]
+        v = x[:, :, top:bottom, cols]
+        x0 = v * (1 + v.mean(dim=(1, 2, 3), keepdim=True)) + concat[:, :, top:bottom, cols]
+        for j, c in enumerate(cols):
+            total[:, :, top:bottom, c] += x0[..., j]
+            count[top:bottom, c] += 1
+    assert bool((count > 0).all())
+    assert torch.allclose(out, total / count, atol=1e-6)
+    assert inner.shapes[0] == (4, 4, 4, 4)  # two views of two rows in one call, window-sized
+    assert len(inner.shapes) == -(-len(layout) // 2)
+
+
+def test_views_cover_the_edges():
+    # diffusers' get_views would stop at 0, 8 (cells 24..29 uncovered); one more view is flush with the edge
+    assert [v[2:] for v in views(16, 30, MultiDiffusion(16, 8))] == [(0, 16), (8, 24), (14, 30)]
+    assert views(10, 10, MultiDiffusion(64, 8)) == [(0, 10, 0, 10)]
+    assert [v[2] for v in views(8, 20, MultiDiffusion(8, 8, True))] == [0, 8, 16]
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "value,words",
+    [
+        ((16, 32), "larger than the window"),
+        ((0, 8), "window must be a whole number"),
+        ((16, 8, "yes"), "circular must be true or false"),
+        ((16, 8, False, 0), "view_batch must be a whole number"),
+        ({"window": 16, "overlap": 8}, "unknown tiled diffusion setting 'overlap'"),
+        ({"method": "mixture of diffusers"}, "unknown tiled diffusion method"),
+        ("64,8", "tiled diffusion takes"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(sd1, value, words):
+    _, pipe = sd1
+    with pytest.raises(GenerationError, match=words) as e:
+        _ours(pipe, "euler", 64, 32, value)
+    assert "\n" not in str(e.value)
+
+
+def test_circular_needs_a_latent_wider_than_the_window(sd1):
+    _, pipe = sd1
+    with pytest.raises(GenerationError, match="wider than the window"):
+        _ours(pipe, "euler", 32, 32, (16, 8, True))
+    with pytest.raises(UsageError, match="wider than the window"):
+        views(16, 16, MultiDiffusion(16, 8, True))
+
+
+def test_controlnets_are_refused(sd1):
+    _, pipe = sd1
+    with pytest.raises(GenerationError, match="cannot run with ControlNets"):
+        _ours(pipe, "euler", 64, 32, (16, 8), controlnets=[("x", picture(64, 32), 1.0)])
