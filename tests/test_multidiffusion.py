@@ -261,3 +261,73 @@ def test_sdxl_base_and_refiner_run_on_views(tmp_path):
     assert _max(r_plain, r_whole) <= 1e-6
     assert _max(r_plain, r_tiled.arrays) > 100 * TOL
     assert "Tiled Diffusion window: 16x16" in r_tiled.infotexts[0]
+
+
+# ------------------------------------------------------------------------------------------ CLI and infotext
+
+
+def test_the_cli_runs_it_and_reads_it_back_from_png(sd1, tmp_path):
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    folder, pipe = sd1
+    out = tmp_path / "p.png"
+    common = ["--model", str(folder), "--steps", "3", "--width", "96", "--height", "32", "--seed", "7"]
+    common += ["--sampler", "euler", "--no-progress", "--dtype", "fp32"]
+    assert main(["generate", PROMPT, *common, "--tiled-diffusion", "16x12,8,circular,batch=2", "--out", str(out)]) == 0
+    want = pipe(
+        PROMPT,
+        steps=3,
+        width=96,
+        height=32,
+        seed=7,
+        sampler="euler",
+        progress=False,
+        tiled_diffusion={"window": 16, "window_height": 12, "stride": 8, "circular": True, "view_batch": 2},
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want.images[0]))
+    text = Image.open(out).info["parameters"]
+    assert "Tiled Diffusion window: 16x12, Tiled Diffusion stride: 8, Tiled Diffusion circular: True" in text
+    again = tmp_path / "again.png"
+    args = ["generate", "--from-png", str(out), "--model", str(folder), "--no-progress", "--dtype", "fp32"]
+    assert main([*args, "--out", str(again)]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    off = tmp_path / "off.png"
+    assert main([*args, "--tiled-diffusion", "off", "--out", str(off)]) == 0
+    assert "Tiled Diffusion" not in Image.open(off).info["parameters"]
+
+
+def test_infotext_fields_read_back():
+    from sdengine.metadata import MetadataError, parse_parameters, to_generate_kwargs
+
+    base = "a\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 96x32"
+    kw = to_generate_kwargs(
+        parse_parameters(
+            base + ", Tiled Diffusion: MultiDiffusion, Tiled Diffusion window: 64x64, Tiled Diffusion stride: 8"
+        )
+    )
+    assert MultiDiffusion.coerce(kw["tiled_diffusion"]) == MultiDiffusion(64, 8)
+    assert "tiled_diffusion" not in to_generate_kwargs(parse_parameters(base))
+    with pytest.raises(MetadataError, match="Tiled Diffusion window must be WIDTHxHEIGHT"):
+        to_generate_kwargs(parse_parameters(base + ", Tiled Diffusion: MultiDiffusion, Tiled Diffusion window: 64"))
+
+
+@pytest.mark.parametrize(
+    "value,why",
+    [
+        ("64", "--tiled-diffusion takes WINDOW[xHEIGHT],STRIDE"),
+        ("64,8,wrap", "--tiled-diffusion takes WINDOW[xHEIGHT],STRIDE"),
+        ("64x32x2,8", "--tiled-diffusion takes WINDOW[xHEIGHT],STRIDE"),
+        ("64,80", "larger than the window"),
+        ("64,8,batch=0", "view_batch must be a whole number"),
+    ],
+)
+def test_bad_cli_values_are_one_line_errors(tmp_path, capsys, value, why):
+    from sdengine.cli import main
+
+    rc = main(
+        ["generate", "x", "--model", str(tmp_path / "none"), "--tiled-diffusion", value, "--out", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and why in err, err
