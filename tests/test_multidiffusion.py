@@ -331,3 +331,34 @@ def test_bad_cli_values_are_one_line_errors(tmp_path, capsys, value, why):
     )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and why in err, err
+
+
+def test_half_precision_latents_are_summed_in_float32():
+    x = torch.randn(1, 4, 8, 40, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    settings = MultiDiffusion(8, 1)  # up to 8 views a cell
+
+    def inner(v, sigma, **cond):
+        return v * 1.001
+
+    out = MultiDiffusionDenoiser(inner, settings)(x, torch.tensor([1.0]))
+    # every view answers the same bf16 number for a cell: summed in float32 (exact for up to 8 of them) and
+    # divided by the count, the mean is that number again; summed in bf16 it would round
+    assert out.dtype == torch.bfloat16 and torch.equal(out, inner(x, None))
+
+
+def test_sag_needs_views_that_take_its_blur(sd1):
+    _, pipe = sd1
+    with pytest.raises(GenerationError, match="tiled diffusion's views: self-attention guidance blurs"):
+        _ours(pipe, "euler", 96, 32, (4, 2), sag_scale=0.5)
+
+
+def test_both_hires_passes_run_on_views(sd1):
+    _, pipe = sd1
+    hr = dict(enable_hr=True, hr_scale=2.0, strength=0.5, hr_upscaler="Latent")
+    plain = _ours(pipe, "euler", 48, 32, None, **hr)
+    whole = _ours(pipe, "euler", 48, 32, (48, 8), **hr)  # the second pass's 32 x 48 latent: one view
+    tiled = _ours(pipe, "euler", 48, 32, (WINDOW, STRIDE), **hr)
+    assert plain.arrays.shape[1:3] == (64, 96)
+    assert _max(plain.arrays, whole.arrays) <= 1e-6
+    assert _max(plain.arrays, tiled.arrays) > 100 * TOL
+    assert "Tiled Diffusion stride: 8" in tiled.infotexts[0] and "Hires upscale: 2" in tiled.infotexts[0]

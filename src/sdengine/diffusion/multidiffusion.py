@@ -195,9 +195,11 @@ class MultiDiffusionDenoiser:
         layout = views(h, w, self.settings)
         sigma = torch.as_tensor(sigma, dtype=torch.float32)
         sigma = sigma.reshape(-1).expand(b) if sigma.numel() == 1 else sigma
-        value = torch.zeros_like(x)
-        count = torch.zeros((1, 1, h, w), dtype=x.dtype, device=x.device)
-        uncond = torch.zeros_like(x) if guidance_parts is not None else None
+        # the sums in float32 whatever the latent's precision (a cell may take window / stride squared views)
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        value = torch.zeros_like(x, dtype=acc)
+        count = torch.zeros((1, 1, h, w), dtype=acc, device=x.device)
+        uncond = torch.zeros_like(x, dtype=acc) if guidance_parts is not None else None
         columns = torch.arange(w, device=x.device)
         k = self.settings.view_batch
         for first in range(0, len(layout), k):
@@ -218,17 +220,17 @@ class MultiDiffusionDenoiser:
             out = self.inner(_crop(x, batch, cols), torch.cat([sigma] * n) if n > 1 else sigma, **extra, **args)
             for j, ((top, bottom, _, _), c) in enumerate(zip(batch, cols, strict=True)):
                 rows = slice(j * b, (j + 1) * b)
-                value[..., top:bottom, :].index_add_(-1, c, out[rows])
-                count[..., top:bottom, :].index_add_(-1, c, torch.ones_like(out[:1, :1]))
+                value[..., top:bottom, :].index_add_(-1, c, out[rows].to(acc))
+                count[..., top:bottom, :].index_add_(-1, c, torch.ones_like(out[:1, :1], dtype=acc))
                 if uncond is not None:
                     assert parts is not None
                     if parts.uncond is None:
                         raise UsageError(f"{type(self.inner).__name__} left the views' unconditional x0 unset")
-                    uncond[..., top:bottom, :].index_add_(-1, c, parts.uncond[rows])
+                    uncond[..., top:bottom, :].index_add_(-1, c, parts.uncond[rows].to(acc))
         # every cell is covered (views() leaves no gap); the division of diffusers' torch.where(count > 0, ...)
         if uncond is not None:
-            guidance_parts.uncond = uncond / count
-        return value / count
+            guidance_parts.uncond = (uncond / count).to(x.dtype)
+        return (value / count).to(x.dtype)
 
 
 __all__ = [

@@ -771,10 +771,16 @@ class Pipeline:
             check_hypertile(self.unet, tiles)
         multi = r.tiled_diffusion_settings()
         if multi is not None:  # the views can be laid out on this latent (one line, before any model runs)
+            f = self.vae_scale_factor
             try:
-                multi.check_size(height // self.vae_scale_factor, width // self.vae_scale_factor)
+                multi.check_size(height // f, width // f)
             except UsageError as e:
                 raise GenerationError(str(e)) from None
+            if r.sag_scale and r.sag_rule == "diffusers":  # SAG blurs each view's latent: the views must take it
+                view = (min(multi.window, width // f) * f, min(multi.height, height // f) * f)
+                too_small = sag_size_error(*view, f)
+                if too_small:
+                    raise GenerationError(f"tiled diffusion's views: {too_small}")
         vae_tiles = r.hypertile_vae_config()
         if vae_tiles is not None:  # and on the VAE, its decoder's middle-block attention (one line)
             try:
