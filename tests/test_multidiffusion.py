@@ -362,3 +362,16 @@ def test_both_hires_passes_run_on_views(sd1):
     assert _max(plain.arrays, whole.arrays) <= 1e-6
     assert _max(plain.arrays, tiled.arrays) > 100 * TOL
     assert "Tiled Diffusion stride: 8" in tiled.infotexts[0] and "Hires upscale: 2" in tiled.infotexts[0]
+
+
+def test_the_unet_only_sees_windows(sd1):
+    _, pipe = sd1
+    seen: list[tuple[int, ...]] = []
+    handle = pipe.unet.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    try:
+        _ours(pipe, "euler", 96, 64, (WINDOW, STRIDE, False, 3))
+    finally:
+        handle.remove()
+    # a 32 x 48 latent: 3 rows of 5 views, 3 views (6 rows with the unconditional ones) per call
+    assert seen and {s[-2:] for s in seen} == {(WINDOW, WINDOW)}
+    assert len(seen) == STEPS * 5 and {s[0] for s in seen} == {6}
