@@ -18,6 +18,7 @@ pytest.importorskip("diffusers")
 import sdengine  # noqa: E402
 from _pipeline_models import diffusers_scheduler, picture  # noqa: E402
 from sdengine.diffusion.multidiffusion import MultiDiffusion, MultiDiffusionDenoiser, views  # noqa: E402
+from sdengine.diffusion.samplers import GuidanceParts  # noqa: E402
 from sdengine.errors import UsageError  # noqa: E402
 from sdengine.pipeline import GenerationError  # noqa: E402
 
@@ -126,6 +127,16 @@ def test_window_as_large_as_the_image_is_the_plain_pipeline(sd1):
         assert _max(plain, whole) <= 1e-6
 
 
+@pytest.mark.parametrize("sampler", ["euler_cfg_pp", "dpmpp_2m_cfg_pp"])
+def test_cfg_pp_samplers_average_the_unconditional_x0_too(sd1, sampler):
+    _, pipe = sd1
+    plain = _ours(pipe, sampler, 64, 32, None, cfg_scale=1.0).arrays  # CFG++ scales are small
+    whole = _ours(pipe, sampler, 64, 32, (64, 8), cfg_scale=1.0).arrays
+    tiled = _ours(pipe, sampler, 64, 32, (WINDOW, STRIDE, False, 2), cfg_scale=1.0).arrays
+    assert _max(plain, whole) <= 1e-6
+    assert _max(plain, tiled) > 100 * TOL and tiled.std() > 0.05
+
+
 def test_img2img_runs_on_views(sd1):
     _, pipe = sd1
     init = picture(96, 32)
@@ -152,10 +163,15 @@ class _PositionBlind:
     def __init__(self) -> None:
         self.shapes: list[tuple[int, ...]] = []
 
-    def __call__(self, x, sigma, **cond):
+    takes_guidance_parts = True
+
+    def __call__(self, x, sigma, guidance_parts=None, **cond):
         self.shapes.append(tuple(x.shape))
         assert cond["crossattn"].shape[0] == x.shape[0] and cond["concat"].shape == (x.shape[0], 1, *x.shape[2:])
-        return x * (1 + x.mean(dim=(1, 2, 3), keepdim=True)) + cond["concat"]
+        out = x * (1 + x.mean(dim=(1, 2, 3), keepdim=True)) + cond["concat"]
+        if guidance_parts is not None:  # a CFG++ sampler's unconditional x0: another function of the view
+            guidance_parts.uncond = out * x.std(dim=(1, 2, 3), keepdim=True)
+        return out
 
 
 @pytest.mark.parametrize("circular", [False, True])
@@ -166,18 +182,22 @@ def test_wrapper_averages_views_per_cell(circular):
     settings = MultiDiffusion(4, 3, circular, 2)
     inner = _PositionBlind()
     den = MultiDiffusionDenoiser(inner, settings)
-    out = den(x, torch.tensor([1.0, 1.0]), crossattn=torch.ones(2, 3, 5), concat=concat)
-    total, count = torch.zeros_like(x), torch.zeros(6, 11)
+    parts = GuidanceParts()
+    out = den(x, torch.tensor([1.0, 1.0]), crossattn=torch.ones(2, 3, 5), concat=concat, guidance_parts=parts)
+    total, count, total_u = torch.zeros_like(x), torch.zeros(6, 11), torch.zeros_like(x)
     layout = views(6, 11, settings)
     for top, bottom, left, right in layout:
         cols = [c % 11 for c in range(left, right)]
         v = x[:, :, top:bottom, cols]
         x0 = v * (1 + v.mean(dim=(1, 2, 3), keepdim=True)) + concat[:, :, top:bottom, cols]
+        u0 = x0 * v.std(dim=(1, 2, 3), keepdim=True)
         for j, c in enumerate(cols):
             total[:, :, top:bottom, c] += x0[..., j]
+            total_u[:, :, top:bottom, c] += u0[..., j]
             count[top:bottom, c] += 1
     assert bool((count > 0).all())
     assert torch.allclose(out, total / count, atol=1e-6)
+    assert parts.uncond is not None and torch.allclose(parts.uncond, total_u / count, atol=1e-6)
     assert inner.shapes[0] == (4, 4, 4, 4)  # two views of two rows in one call, window-sized
     assert len(inner.shapes) == -(-len(layout) // 2)
 
@@ -375,3 +395,18 @@ def test_the_unet_only_sees_windows(sd1):
     # a 32 x 48 latent: 3 rows of 5 views, 3 views (6 rows with the unconditional ones) per call
     assert seen and {s[-2:] for s in seen} == {(WINDOW, WINDOW)}
     assert len(seen) == STEPS * 5 and {s[0] for s in seen} == {6}
+
+
+def test_a_batch_of_rows_equals_each_row_alone(sd1):
+    """Two seeds with two prompts in one call, three views per U-Net call (six rows of the conditional and the
+    unconditional text each, repeated view by view): each row is the image of its seed made alone. (diffusers'
+    panorama pipeline pairs the rows with the wrong texts for more than one image per call: its
+    ``torch.cat([negative, positive])`` embeddings against ``repeat_interleave(2)`` latents.)"""
+    _, pipe = sd1
+    tiled = (WINDOW, STRIDE, False, 3)
+    args = dict(steps=STEPS, sampler="euler", cfg_scale=7.5, width=96, height=32, progress=False, tiled_diffusion=tiled)
+    both = pipe([PROMPT, "a forest"], [NEGATIVE, "dark"], seed=[SEED, SEED + 5], **args).arrays
+    one = pipe(PROMPT, NEGATIVE, seed=SEED, **args).arrays
+    two = pipe("a forest", "dark", seed=SEED + 5, **args).arrays
+    assert _max(both[:1], one) < 1e-5 and _max(both[1:], two) < 1e-5
+    assert _max(one, two) > 100 * TOL

@@ -160,11 +160,14 @@ class MultiDiffusionDenoiser:
     over the views that cover it. A CFG++ sampler's unconditional x0 (``guidance_parts``) is averaged the same
     way. ``schedule``, ``prediction``, ``off_grid``, ``with_timesteps`` and ``takes_step`` pass through."""
 
-    takes_guidance_parts = True
-
     def __init__(self, inner: Any, settings: MultiDiffusion) -> None:
         self.inner = inner
         self.settings = settings
+
+    @property
+    def takes_guidance_parts(self) -> bool:
+        """Whether a CFG++ sampler's unconditional x0 can be had (the inner denoiser's guidance gives it)."""
+        return bool(getattr(self.inner, "takes_guidance_parts", False))
 
     def _over(self, inner: Any) -> MultiDiffusionDenoiser:
         return MultiDiffusionDenoiser(inner, self.settings)
