@@ -318,7 +318,10 @@ def test_the_cli_runs_it_and_reads_it_back_from_png(sd1, tmp_path):
     assert "Tiled Diffusion" not in Image.open(off).info["parameters"]
 
 
-def test_infotext_fields_read_back():
+def test_infotext_fields_read_back(caplog):
+    import json
+    import logging
+
     from sdengine.metadata import MetadataError, parse_parameters, to_generate_kwargs
 
     base = "a\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 96x32"
@@ -329,6 +332,14 @@ def test_infotext_fields_read_back():
     )
     assert MultiDiffusion.coerce(kw["tiled_diffusion"]) == MultiDiffusion(64, 8)
     assert "tiled_diffusion" not in to_generate_kwargs(parse_parameters(base))
+    # the A1111 extension's one field, a dictionary (its tiles are laid out otherwise): not read, warned of
+    extension = "{'Method': 'MultiDiffusion', 'Tile tile width': 96, 'Tile tile height': 96, 'Tile Overlap': 48}"
+    with caplog.at_level(logging.WARNING, logger="sdengine.metadata"):
+        kw = to_generate_kwargs(parse_parameters(base + ", Tiled Diffusion: " + json.dumps(extension)))
+    assert (
+        "tiled_diffusion" not in kw
+        and "not reproduced by sdengine (the image may differ): Tiled Diffusion" in caplog.text
+    )
     with pytest.raises(MetadataError, match="Tiled Diffusion window must be WIDTHxHEIGHT"):
         to_generate_kwargs(parse_parameters(base + ", Tiled Diffusion: MultiDiffusion, Tiled Diffusion window: 64"))
 

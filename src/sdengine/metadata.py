@@ -351,8 +351,10 @@ TILED_DIFFUSION_FIELDS = (
 def tiled_diffusion_kwargs(parsed: Mapping[str, str]) -> dict[str, Any] | None:
     """The request's ``tiled_diffusion`` mapping of sdengine's "Tiled Diffusion: MultiDiffusion", "Tiled Diffusion
     window: WxH" (latent cells), "Tiled Diffusion stride", "... circular: True" and "... batch" (1 where missing);
-    None without the first."""
-    if "Tiled Diffusion" not in parsed:
+    None without the first (or with the A1111 extension's dictionary there)."""
+    if "Tiled Diffusion" not in parsed or parsed["Tiled Diffusion"].strip().startswith("{"):
+        # the A1111 Tiled Diffusion extension writes one field, a dictionary of its settings: its tiles are laid
+        # out otherwise, so it is left to the "not reproduced" warning
         return None
     window = parsed.get("Tiled Diffusion window", "").strip()
     sides = window.lower().split("x")
@@ -704,7 +706,6 @@ def to_generate_kwargs(
         *DEEP_SHRINK_INFOTEXT_FIELDS,
         *HYPERTILE_UNET_FIELDS,
         *HYPERTILE_VAE_FIELDS,
-        *TILED_DIFFUSION_FIELDS,
         "Variation seed",
         "Variation seed strength",
         "Seed resize from",
@@ -738,6 +739,8 @@ def to_generate_kwargs(
     # "ControlNet N" fields (and their step rule) are the caller's: they need the control image (see
     # recorded_controlnets)
     used |= {"ControlNet step rule", "ControlNet guess mode"}
+    if "tiled_diffusion" in kwargs:  # sdengine's MultiDiffusion fields (not the A1111 extension's dictionary)
+        used |= set(TILED_DIFFUSION_FIELDS)
     ignored = [
         k
         for k in parsed
