@@ -3,8 +3,8 @@ StableDiffusionPanoramaPipeline on the same tiny random SD1 weights, fp32 CPU: t
 ``get_views``, told the window and stride and the tiny VAE's factor of 2 instead of its fixed 8), the same
 scheduler, the same start noise. diffusers steps its scheduler per view and averages the latents after the step;
 sdengine averages the views' x0 predictions before its sampler's step. For a deterministic sampler (DDIM at eta 0,
-Euler, DPM++ 2M, LMS) the step is affine in the predictions with the same coefficients for every cell, so both
-averages give the same latents up to rounding (seen: max 2e-6 on 0..1 pixels), which these tests check; an
+Euler, DPM++ 2M, LMS, Heun, DPM2) the step is affine in the predictions with the same coefficients for every cell,
+so both averages give the same latents up to rounding (seen: max 2e-6 on 0..1 pixels), which these tests check; an
 ancestral sampler's noise is drawn per view by diffusers, per cell by sdengine (docs/multidiffusion.md)."""
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _max(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize(
     "sampler,width,height,view_batch",
-    [("ddim", 96, 32, 1), ("euler", 96, 32, 3), ("ddim", 64, 48, 4), ("dpmpp_2m", 96, 32, 1)],
+    [("ddim", 96, 32, 1), ("euler", 96, 32, 3), ("ddim", 64, 48, 4), ("dpmpp_2m", 96, 32, 1), ("heun", 96, 32, 5)],
 )
 def test_matches_diffusers_panorama(sd1, panorama, sampler, width, height, view_batch):
     folder, pipe = sd1
