@@ -458,6 +458,7 @@ DOC_VALUES = {
     "sampler": "Euler a",
     "schedule": "karras",
     "vae": "None",  # the model file's own VAE: valid on a server without --vaes-dir
+    "ip_adapters": [],  # no unit: valid on a server without --ip-adapters-dir (a form sends "[]")
     "strength": 0.8,
     "sag_scale": 0.5,  # self-attention guidance (the job runs it)
     "sag_blur_sigma": 2.0,

@@ -40,6 +40,7 @@ from sdengine.errors import SdengineError
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.metadata import CONTROLNET_MODULES, CONTROLNET_PROCESSOR_RES, CONTROLNET_SCALED
 from sdengine.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerFault, Unprocessable
+from sdengine.server.ip_adapters import A1111_MODULES, IPAdapterRequest, resolve_a1111_model, unit_names
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job, visible
 from sdengine.server.requests import ControlRequest, check_vae_choice, set_job_vae
 
@@ -1337,14 +1338,21 @@ def _number_or_none(v: Any) -> float | None:
 
 
 def control_units(
-    args: Any, init: str | None, ignored: list[str], detect_maps: list[int] | None = None
+    args: Any,
+    init: str | None,
+    ignored: list[str],
+    detect_maps: list[int] | None = None,
+    ip_units: list[IPAdapterRequest] | None = None,
 ) -> tuple[list[ControlRequest], list[tuple[int, int]], dict[int, int]]:
     """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units (each with its ``control_mode``), each
     unit's (index, resize mode number; a unit without one has the extension's default, "Crop and Resize"), and
     the ``processor_res`` of the units whose image goes through a preprocessor (by their place in the units;
     :data:`PIXEL_PERFECT` for a ``pixel_perfect`` unit, whose resolution comes from its image's size).
     ``detect_maps``: filled with the places of the units whose detected map the answer appends (the extension's
-    ``save_detected_map``, true by default)."""
+    ``save_detected_map``, true by default). ``ip_units``: filled with the units whose module is one of the
+    extension's IP-Adapter preprocessors (:data:`sdengine.server.ip_adapters.A1111_MODULES`), as IP-Adapter
+    requests (``weight`` the scale, the module the CLIP vision family; the model as sent); without it such a
+    module is unknown."""
     if args is None:
         return [], [], {}
     if not isinstance(args, list):
@@ -1379,6 +1387,22 @@ def control_units(
         if not isinstance(model, str) or model.strip() in ("", "None", "none"):
             raise BadRequest(f"ControlNet unit {k}: choose a model (GET /controlnet/model_list)")
         module = str(u.get("module") or "none").strip().lower()
+        if module in A1111_MODULES and ip_units is not None:
+            # the extension's IP-Adapter unit: no control map, no control mode (its no_control_mode), no resize
+            if u.get("control_mode", 0) not in (0, CONTROL_MODES[0]):
+                ignored.append(f"controlnet.args[{k}].control_mode")
+            ip_units.append(
+                IPAdapterRequest(
+                    model=model,
+                    image=image,
+                    scale=_num(u.get("weight", 1.0), "weight"),
+                    family=A1111_MODULES[module],
+                    several="first",  # an A1111 client cannot name the encoder: the first that fits
+                    start=_num(u.get("guidance_start", 0.0), "guidance_start"),
+                    end=_num(u.get("guidance_end", 1.0), "guidance_end"),
+                )
+            )
+            continue
         if module not in MODULES:
             raise BadRequest(
                 f"ControlNet unit {k}: module {module!r} is not available; available: {', '.join(MODULES)}"
@@ -1769,7 +1793,14 @@ def install(app: FastAPI, services: Any) -> None:
         ignored.extend(f"alwayson_scripts.controlnet.{k}" for k in (cn or {}) if k != "args")
         unit_args = (cn or {}).get("args")
         detect_maps: list[int] = []
-        units, resizes, processor_res = control_units(unit_args, init, ignored, detect_maps)
+        ip_requests: list[IPAdapterRequest] = []
+        units, resizes, processor_res = control_units(unit_args, init, ignored, detect_maps, ip_requests)
+        ip_requests = [dataclasses.replace(r, model=ip_adapter_name(r.model)) for r in ip_requests]
+        if notes is not None and any((r.start, r.end) != (0.0, 1.0) for r in ip_requests):
+            notes.append(
+                "IP-Adapter guidance_start/guidance_end: judged by each model call's sigma (ComfyUI_IPAdapter_plus's "
+                "rule), not by the extension's step count"
+            )
         if not (body.get("enable_hr") and init is None):  # no second pass: no mode of its own to record
             units = [dataclasses.replace(u, hires_mode=None) for u in units]
         if body.get("enable_hr") and init is None and isinstance(unit_args, list):
@@ -1813,6 +1844,7 @@ def install(app: FastAPI, services: Any) -> None:
             vae_decode=vae_decode,
             vae_encode=vae_encode,
             controlnets=units,
+            ip_adapters=ip_requests,
             resize_mode=mode,
             processor_res=processor_res,  # taken out by run() before the build
             # A1111's variation seed: subseed + k for image k, and (with a strength above 0) one seed for all
@@ -1835,6 +1867,19 @@ def install(app: FastAPI, services: Any) -> None:
             sdxl_options=sdxl_settings(xl),  # taken out by run(): an SDXL model's only (Generation.sdxl_options)
             sd_vae=sd_vae,  # taken out by run() (Generation.vae)
         )
+
+    def ip_adapter_name(model: str) -> str:
+        """An IP-Adapter unit's ``model`` as the extension names it (``name [hash]``, the file's name without its
+        suffix) -> the name of GET /v1/ip_adapters; a 400 listing them when none has it."""
+        found = resolve_a1111_model(catalog, model)
+        if found is None:
+            if catalog.ip_adapters_dir is None:
+                raise BadRequest(
+                    f"unknown IP-Adapter {model!r}: the server has no IP-Adapter files (serve --ip-adapters-dir DIR)"
+                )
+            have = ", ".join(unit_names(catalog)) or "none"
+            raise BadRequest(f"unknown IP-Adapter {model!r}; available: {have}")
+        return found
 
     def build_scaled(fields: dict[str, Any], processor_res: dict[int, int]) -> Any:
         """The build, with each preprocessed unit's image scaled to its ``processor_res`` first (a pixel-perfect
@@ -1865,7 +1910,7 @@ def install(app: FastAPI, services: Any) -> None:
         refiner_pass = fields.pop("hires_refiner_pass", "second pass")
         hr_model = fields.pop("hr_model", None)
         sd_vae = fields.pop("sd_vae", "Automatic")
-        if fields.get("init_image") is None and not fields.get("controlnets"):
+        if fields.get("init_image") is None and not fields.get("controlnets") and not fields.get("ip_adapters"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
             generation = await run_in_threadpool(build_scaled, fields, processor_res)
@@ -2652,6 +2697,8 @@ def install(app: FastAPI, services: Any) -> None:
         if unknown:
             raise BadRequest(f"unknown detect fields: {', '.join(unknown)}")
         module = req.controlnet_module.strip().lower()
+        if module in A1111_MODULES:
+            raise Unprocessable(f"{module} is an IP-Adapter preprocessor: it makes no detected map")
         if module not in MODULES:
             raise Unprocessable(f"Module not available: {req.controlnet_module!r}; available: {', '.join(MODULES)}")
         images = req.controlnet_input_images or req.controlnet_images
@@ -2680,11 +2727,11 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/controlnet/model_list", tags=["a1111"])
     def cn_models() -> dict[str, Any]:
-        return {"model_list": [e.name for e in catalog.controlnets()]}
+        return {"model_list": [e.name for e in catalog.controlnets()] + unit_names(catalog)}
 
     @app.get("/controlnet/module_list", tags=["a1111"])
     def cn_modules() -> dict[str, Any]:
-        return {"module_list": list(MODULES), "module_detail": {}}
+        return {"module_list": list(MODULES) + list(A1111_MODULES), "module_detail": {}}
 
 
 def _empty_list() -> list[Any]:

@@ -28,6 +28,7 @@ from sdengine.errors import SdengineError
 from sdengine.server.catalog import Catalog
 from sdengine.server.config import ServerConfig
 from sdengine.server.errors import BadRequest, NotFound, QueueFull, redact_paths, register_client_folder, status_of
+from sdengine.server.ip_adapters import IPAdapterRequest
 from sdengine.server.jobs import FINISHED, Job, JobManager, Loader, visible
 from sdengine.server.requests import ControlRequest, Generation, build_generation
 from sdengine.server.schemas import JobRequest
@@ -812,7 +813,11 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     @app.post("/v1/jobs", status_code=202, tags=["native"])
     async def create_job(req: JobRequest) -> dict[str, Any]:
         """Queue a generation; answers at once with the job id and its place in the queue (0 = next)."""
-        fields = req.model_dump(exclude={"controlnets", "loras"})
+        fields = req.model_dump(exclude={"controlnets", "loras", "ip_adapters"})
+        fields["ip_adapters"] = [
+            IPAdapterRequest(u.model, u.image, u.scale, u.clip_vision, u.negative_rule, start=u.start, end=u.end)
+            for u in req.ip_adapters
+        ]
         fields["controlnets"] = [
             ControlRequest(
                 c.model,
@@ -830,7 +835,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         fields["loras"] = [
             (lo.name, lo.weight if lo.unet_weight is None else (lo.weight, lo.unet_weight)) for lo in req.loras
         ]
-        if req.init_image is None and req.mask is None and not req.controlnets and req.vae is None:
+        cheap = not req.controlnets and not req.ip_adapters and req.vae is None
+        if req.init_image is None and req.mask is None and cheap:
             generation = services.build(**fields)  # no image to decode (nor VAE file to read): cheap, no thread hop
         else:
             generation = await asyncio.to_thread(lambda: services.build(**fields))

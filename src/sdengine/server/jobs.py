@@ -832,6 +832,10 @@ class Worker(threading.Thread):
     def pipeline(self, model: str) -> Any:
         if self.model != model:
             self.pipe = None  # free the old model (and a hand-off's refiner) before loading the next
+            if self.model is not None:  # and the IP-Adapter files its jobs kept (a CLIP vision encoder is large)
+                from sdengine.pipeline.ip_adapter import forget_loaded
+
+                forget_loaded()
             self.model = None
             self.refiner_pipe, self.refiner_model = None, None
             self.hr_pipe, self.hr_model = None, None

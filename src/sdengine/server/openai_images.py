@@ -36,8 +36,9 @@ What the ``openai`` client sends maps onto the pipeline this way:
   ``sag_scale``, ``sag_blur_sigma`` and ``sag_rule`` (self-attention guidance), ``deep_shrink`` (Deep Shrink, the
   native job's object; also, and in a form, a JSON object or "block,factor[,start,end]"), ``hypertile``,
   ``hypertile_hires_only``, ``hypertile_rule`` and ``hypertile_scale_depth`` (HyperTile, as the native job's; in a
-  form ``hypertile`` is "tile_size,swap_size,max_depth" and the switches ``true``/``false``), and ``strength``
-  (edits, variations).
+  form ``hypertile`` is "tile_size,swap_size,max_depth" and the switches ``true``/``false``), ``ip_adapters``
+  (IP-Adapter units, the native job's list of objects; in a form one JSON string), and ``strength`` (edits,
+  variations).
 * ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
   (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
   VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
@@ -100,6 +101,7 @@ EXTENSIONS += ("pag_scale", "pag_layers")
 EXTENSIONS += ("freeu", "freeu_version", "freeu_rule")
 EXTENSIONS += ("sag_scale", "sag_blur_sigma", "sag_rule")
 EXTENSIONS += ("deep_shrink", "hypertile", "hypertile_hires_only", "hypertile_rule", "hypertile_scale_depth")
+EXTENSIONS += ("ip_adapters",)
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
 # field is refused as OpenAI refuses an unknown parameter, never dropped (a misspelt ``seed`` would draw another
@@ -164,6 +166,7 @@ class GenerationsRequest(BaseModel):
     hypertile_hires_only: Any = None
     hypertile_rule: Any = None
     hypertile_scale_depth: Any = None
+    ip_adapters: Any = None  # the native job's list of units (checked by the request builder)
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
 
@@ -694,6 +697,7 @@ def install(app: FastAPI, services: Any) -> None:
                     "hypertile_hires_only": form_flag(fields, "hypertile_hires_only"),
                     "hypertile_rule": fields.get("hypertile_rule") or None,
                     "hypertile_scale_depth": form_flag(fields, "hypertile_scale_depth"),
+                    "ip_adapters": fields.get("ip_adapters") or None,  # a JSON list of units
                 }
             ),
         )
@@ -905,6 +909,11 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             "type": "boolean",
             "default": True,
             "description": "sdengine: the smallest tile doubles with each depth, as the native job's",
+        },
+        "ip_adapters": {
+            "oneOf": [{"type": "array", "maxItems": 4, "items": {"type": "object"}}, text],
+            "description": "sdengine: IP-Adapter units {model, image, scale, clip_vision, negative_rule}, as the "
+            "native job's ip_adapters (in a form: one JSON string)",
         },
     }
     for key, allowed in CHOICES.items():  # transparent: refused, so not listed

@@ -108,6 +108,9 @@ class Generation:
         units = self.kwargs.get("controlnets")
         if units:
             self.kwargs["controlnets"] = [dataclasses.replace(u, image=None) for u in units]
+        ip_units = self.kwargs.get("ip_adapters")
+        if ip_units:
+            self.kwargs["ip_adapters"] = [dataclasses.replace(u, images=None) for u in ip_units]
         self.finish = None
 
 
@@ -270,6 +273,7 @@ def build_generation(
     clip_skip: int = 1,
     clip_skip_rule: str = "sdengine",
     guess_mode: bool = False,
+    ip_adapters: Any = (),
     n_iter: int = 1,
     default_model: str | None = None,
     hires: dict[str, Any] | None = None,
@@ -317,8 +321,11 @@ def build_generation(
     HyperTile's (tile size, swap size, max depth), None: off; ``hypertile_hires_only``: the hires fix's second pass
     only; ``hypertile_rule``, ``hypertile_scale_depth``: how it tiles (checked by GenerationRequest.validate; such a
     job runs alone, its tiles drawn from its own first seed); ``hypertile_vae``: HyperTile on the VAE's decoder (tile
-    size, swap size, max depth), None: off (such a job runs alone too). ``tiled_diffusion``: MultiDiffusion's settings
-    (the pipeline's ``tiled_diffusion``; checked by GenerationRequest.validate; such a job runs alone)."""
+    size, swap size, max depth), None: off (such a job runs alone too). ``ip_adapters``: IP-Adapter units
+    (:class:`sdengine.server.ip_adapters.IPAdapterRequest`, or the native job's list of objects): names resolved in
+    their folders, the CLIP vision encoder chosen, the pictures decoded; the worker loads the files.
+    ``tiled_diffusion``: MultiDiffusion's settings (the pipeline's ``tiled_diffusion``; checked by
+    GenerationRequest.validate; such a job runs alone)."""
     from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.pipeline.request import MAX_SAG_SCALE
@@ -442,6 +449,13 @@ def build_generation(
             )
         )
 
+    from sdengine.server.ip_adapters import IPAdapterRequest, build_units, parse_units
+
+    ip_requests = ip_adapters
+    if not (isinstance(ip_adapters, list | tuple) and all(isinstance(u, IPAdapterRequest) for u in ip_adapters)):
+        ip_requests = parse_units(ip_adapters)  # the native job's objects (OpenAI's extra_body, a form's JSON)
+    ip_units = build_units(catalog, ip_requests, image)
+
     chosen = model if model else (default_model or config.model)
     ref = catalog.resolve_model(chosen)
     kwargs: dict[str, Any] = {
@@ -465,6 +479,8 @@ def build_generation(
     }
     if guess_mode:
         kwargs["guess_mode"] = True
+    if ip_units:  # left out without units (such a job runs alone: batch_key knows no ip_adapters)
+        kwargs["ip_adapters"] = ip_units
     if vae_decode != "full":  # checked by GenerationRequest.validate below; whether the model has one, by the job
         kwargs["vae_decode"] = vae_decode
     if vae_encode != "full":

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdengine.server.ip_adapters import MAX_IP_ADAPTERS, SCALE_RANGE
 from sdengine.server.requests import MAX_CONTROLNETS, MAX_LORAS, MAX_PAG_LAYERS, MAX_PAG_PATTERN
 
 # The bounds that depend on the server's settings (--max-side, --max-steps, --max-batch-size) are not in these
@@ -52,6 +53,42 @@ class ControlNetSpec(BaseModel):
         "residual i of 13 times 0.825**(12-i)), 'controlnet' (\"ControlNet is more important\": those weights, on "
         "the conditional half of classifier-free guidance only)",
     )
+
+
+class IPAdapterSpec(BaseModel):
+    """One IP-Adapter unit (docs/ip-adapter.md#server): the adapter, its picture, the CLIP vision encoder."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=512, description="a name from GET /v1/ip_adapters")
+    image: str = Field(..., min_length=1, description="an upload id (POST /v1/uploads) or a base64 image")
+    scale: float = Field(
+        1.0,
+        ge=SCALE_RANGE[0],
+        le=SCALE_RANGE[1],
+        allow_inf_nan=False,
+        description="the weight of the image tokens' attention (0: no effect)",
+    )
+    clip_vision: str | None = Field(
+        None,
+        max_length=512,
+        description="a name from GET /v1/clip_vision; null: the encoder of --clip-vision-dir whose width fits the "
+        "adapter (read from the files' headers; several that fit: a 400 asking to choose)",
+    )
+    negative_rule: Literal["diffusers", "comfyui"] = Field(
+        "diffusers",
+        description="what the unconditional rows see for Plus / full-face adapters: 'diffusers' (an all-zero "
+        "normalised pixel tensor's encoding) or 'comfyui' (ComfyUI_IPAdapter_plus: a black picture's); plain "
+        "adapters: zeros either way",
+    )
+    start: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="the fraction of the schedule where the adapter starts acting (ComfyUI_IPAdapter_plus's start_at: "
+        "judged by each model call's sigma)",
+    )
+    end: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="where it stops (end_at); 0 and 1: every call")
 
 
 class HiresSpec(BaseModel):
@@ -254,6 +291,11 @@ class JobRequest(BaseModel):
         description="A1111's img2img noise multiplier: the init is noised with the noise times this",
     )
     controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=MAX_CONTROLNETS)
+    ip_adapters: list[IPAdapterSpec] = Field(
+        default_factory=list,
+        max_length=MAX_IP_ADAPTERS,
+        description="IP-Adapter units (an image prompt each): needs serve --ip-adapters-dir and --clip-vision-dir",
+    )
     loras: list[LoRASpec] = Field(default_factory=list, max_length=MAX_LORAS)
     clip_skip: int = Field(1, ge=1, le=24)
     clip_skip_rule: Literal["sdengine", "a1111", "a1111_sdxl_clip_l"] = Field(

@@ -23,6 +23,8 @@ FIELDS.push("deep_shrink", "deep_shrink_block", "deep_shrink_factor", "deep_shri
   "deep_shrink_after_skip", "deep_shrink_downscale", "deep_shrink_upscale"); // Deep Shrink (off, on) and its settings
 FIELDS.push("hypertile", "hypertile_tile", "hypertile_swap", "hypertile_depth", "hypertile_rule",
   "hypertile_scale_depth"); // HyperTile (off, on, hires fix's second pass only) and its settings
+FIELDS.push("ipa-model", "ipa-clip", "ipa-scale", "ipa-start", "ipa-end", "ipa-rule"); // the IP-Adapter unit
+// (its picture is not kept)
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
   align_your_steps: "Align Your Steps (SDXL's table on SDXL)", align_your_steps_sdxl: "Align Your Steps, SDXL table",
@@ -39,7 +41,7 @@ const state = {
   samplers: [], scheduleLabels: {}, styles: [], sizes: {}, loras: [], embeddings: [], activePrompt: "prompt", tiny: {}, tinyEncoder: {}, model: null,
   lastSeed: null, jobId: null, running: false,
   cancelAsked: false, jobDone: false, jobStep: 0,
-  initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
+  initBlob: null, controlBlob: null, ipaBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
 };
 
 // ------------------------------------------------------------------------------------------ the API
@@ -101,6 +103,7 @@ function askForKey(message) {
 // the ControlNet extension's control modes, as its infotext's "Control Mode" names them
 const CN_MODES = { balanced: "Balanced", prompt: "My prompt is more important",
   controlnet: "ControlNet is more important" };
+const IPA_LABELS = { scale: "IP-Adapter scale", start: "IP-Adapter start", end: "IP-Adapter end" };
 const CN_LABELS = { weight: "ControlNet weight", start: "ControlNet start", end: "ControlNet end",
   low: "ControlNet Canny low threshold", high: "ControlNet Canny high threshold" };
 
@@ -121,6 +124,7 @@ function nestedInput(loc) {
     return { id: HYPERTILE_INPUTS[index][0], label: HYPERTILE_INPUTS[index][1] };
   }
   if (list === "controlnets" && index === 0 && CN_LABELS[key]) return { id: `cn-${key}`, label: CN_LABELS[key] };
+  if (list === "ip_adapters" && index === 0 && IPA_LABELS[key]) return { id: `ipa-${key}`, label: IPA_LABELS[key] };
   if (list === "loras" && key === "weight") {
     const ticked = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked ? [i] : []));
     const i = ticked[index];
@@ -190,7 +194,8 @@ async function api(path, options = {}) {
 
 const getJSON = async (path) => (await api(path)).json();
 
-const UPLOAD_LABELS = { init_image: "init image", mask: "mask", controlnet: "ControlNet control image" };
+const UPLOAD_LABELS = { init_image: "init image", mask: "mask", controlnet: "ControlNet control image",
+  ip_adapter: "IP-Adapter image" };
 
 /** The image as the server takes it: a PNG, JPEG or WebP as it is; another format the browser can show (GIF,
  * BMP, AVIF, ...; A1111 takes them) as a PNG of its pixels. Such a file was shown, painted on, and then refused. */
@@ -232,6 +237,7 @@ async function fetchImage(url) {
 // -------------------------------------------------------------------------------------- errors
 
 const ERROR_FIELDS = [
+  [/ip-adapter|ip_adapters|clip vision/i, "ip_adapter"], // first: its lines name widths, models and images
   // Deep Shrink's and HyperTile's first: their lines name blocks, sizes and the ControlNets they cannot run with
   [/deep shrink block|deep_shrink\.block/i, "deep_shrink_block"],
   [/deep shrink factor|deep_shrink\.factor/i, "deep_shrink_factor"],
@@ -285,7 +291,8 @@ const ERROR_FIELDS = [
   [/negative_prompt/i, "negative_prompt"],
   [/\bprompt\b/i, "prompt"],
 ];
-const FIELD_ALIASES = { controlnets: "controlnet", loras: "loras", init_image: "init_image", mask: "mask" };
+const FIELD_ALIASES = { controlnets: "controlnet", loras: "loras", init_image: "init_image", mask: "mask",
+  ip_adapters: "ip_adapter" };
 
 function fieldOf(message, hint) {
   if (hint && $(`err-${FIELD_ALIASES[hint] || hint}`)) return FIELD_ALIASES[hint] || hint;
@@ -594,6 +601,20 @@ async function loadPickers() {
   pre.replaceChildren();
   for (const p of controlnets.preprocessors) option(pre, p);
   if (controlnets.preprocessors.includes("canny")) pre.value = "canny";
+  // the IP-Adapters and CLIP vision encoders of the server's folders; none: the section says how to add them
+  const [adapters, encoders] = await Promise.all([getJSON("/v1/ip_adapters"), getJSON("/v1/clip_vision")]);
+  const ipa = $("ipa-model");
+  ipa.replaceChildren();
+  for (const a of adapters.ip_adapters) option(ipa, a.name);
+  const clip = $("ipa-clip");
+  clip.replaceChildren();
+  option(clip, "", "Automatic (the one that fits)");
+  for (const c of encoders.clip_vision) option(clip, c.name);
+  const none = !adapters.ip_adapters.length;
+  $("ipa-none").hidden = !none;
+  for (const id of ["ipa-enabled", "ipa-model", "ipa-clip", "ipa-scale", "ipa-start", "ipa-end", "ipa-rule",
+    "ipa-file"]) $(id).disabled = none;
+  if (none) $("ipa-enabled").checked = false;
 }
 
 // ----------------------------------------------------------------------------------- settings
@@ -610,6 +631,7 @@ function saveSettings(event) {
   const s = {};
   for (const id of FIELDS) s[id] = $(id).value;
   s.cnEnabled = $("cn-enabled").checked;
+  s.ipaEnabled = $("ipa-enabled").checked;
   s.hrEnabled = $("hr-enabled").checked;
   s.tiling = $("tiling").checked;
   s.styles = chosenStyles().map((st) => st.name);
@@ -640,6 +662,7 @@ function restoreSettings() {
     if (!editedEarly.has(id)) setValue(id, s[id]);
   }
   $("cn-enabled").checked = !!s.cnEnabled;
+  $("ipa-enabled").checked = !!s.ipaEnabled && !$("ipa-enabled").disabled;
   $("hr-enabled").checked = !!s.hrEnabled;
   if (!editedEarly.has("tiling")) $("tiling").checked = !!s.tiling;
   if (Array.isArray(s.styles)) tickStyles(s.styles);
@@ -974,6 +997,28 @@ function setControlImage(blob) {
   $("controlnet-section").open = true;
 }
 
+/** The IP-Adapter's window, sent only where it is not the whole schedule (0 and 1, the API's defaults). */
+function ipaWindow() {
+  const start = number("ipa-start", "IP-Adapter start", false);
+  const end = number("ipa-end", "IP-Adapter end", false);
+  return start === 0 && end === 1 ? {} : { start, end };
+}
+
+function setIpAdapterImage(blob) {
+  state.ipaBlob = blob;
+  URL.revokeObjectURL($("ipa-source").src);
+  $("err-ip_adapter").textContent = "";
+  $("ipa-source").onerror = () => {  // not an image: said now, not sent later
+    state.ipaBlob = null;
+    $("ipa-source").hidden = true;
+    showError("ip_adapter", `${blob.name || "that file"}: not an image this page can read (PNG, JPEG or WebP)`);
+  };
+  $("ipa-source").src = URL.createObjectURL(blob);
+  $("ipa-source").hidden = false;
+  if (!$("ipa-enabled").disabled) $("ipa-enabled").checked = true;
+  $("ip-adapter-section").open = true;
+}
+
 function cnOptions() {
   const unit = { preprocessor: $("cn-pre").value };
   if (unit.preprocessor === "canny") {  // an empty box was once sent as null and silently became the default
@@ -1123,6 +1168,17 @@ async function buildRequest() {
       end: number("cn-end", "ControlNet end", false),
       ...($("cn-rule").value !== "diffusers" ? { rule: $("cn-rule").value } : {}),
       ...($("cn-mode").value !== "balanced" ? { mode: $("cn-mode").value } : {}),
+    }];
+  }
+  if ($("ipa-enabled").checked) {
+    if (!$("ipa-model").value) throw new ApiError(400, "this server has no IP-Adapter", "ip_adapter");
+    if (!state.ipaBlob) throw new ApiError(400, "IP-Adapter: pick or drop an image prompt", "ip_adapter");
+    body.ip_adapters = [{
+      model: $("ipa-model").value, image: await upload(state.ipaBlob, "ip_adapter"),
+      scale: number("ipa-scale", "IP-Adapter scale", false),
+      ...ipaWindow(),
+      ...($("ipa-clip").value ? { clip_vision: $("ipa-clip").value } : {}),
+      ...($("ipa-rule").value !== "diffusers" ? { negative_rule: $("ipa-rule").value } : {}),
     }];
   }
   body.loras = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked
@@ -1505,6 +1561,7 @@ function installDrop() {
     e.preventDefault();
     if (e.target.closest?.("#init-drop, #init-stage")) setInitImage(file);
     else if (e.target.closest?.("#cn-drop")) setControlImage(file);
+    else if (e.target.closest?.("#ipa-drop")) setIpAdapterImage(file);
     else readDroppedImage(file);
   });
 }
@@ -1613,6 +1670,7 @@ function install() {
   $("init-file").addEventListener("change", (e) => { if (e.target.files[0]) setInitImage(e.target.files[0]); });
   $("cn-file").addEventListener("change", (e) => { if (e.target.files[0]) setControlImage(e.target.files[0]); });
   $("cn-preview-button").addEventListener("click", previewControl);
+  $("ipa-file").addEventListener("change", (e) => { if (e.target.files[0]) setIpAdapterImage(e.target.files[0]); });
   $("mask-invert").addEventListener("click", () => painter.invert());
   $("mask-clear").addEventListener("click", () => painter.clear());
   $("mask-undo").addEventListener("click", () => painter.undo());
