@@ -431,7 +431,7 @@ def to_generate_kwargs(
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
-    ``guidance_rescale`` ("CFG Rescale phi"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
+    ``guidance_rescale`` ("CFG Rescale phi"), ``image_cfg_scale`` (A1111's "Image CFG scale"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
     layers"), ``sag_scale``, ``sag_blur_sigma`` and ``sag_rule`` (sdengine's "SAG scale", "SAG blur sigma", "SAG
     rule" where not diffusers; Forge's "sag_enabled: True", "sag_scale", "sag_blur_sigma", its rule "comfyui"),
     ``freeu``, ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
@@ -504,6 +504,8 @@ def to_generate_kwargs(
         kwargs["mask_blur"] = _parse_float(parsed, "Mask blur")
     if "CFG Rescale phi" in parsed:
         kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
+    if "Image CFG scale" in parsed:  # A1111's: an instruct-pix2pix model's image guidance
+        kwargs["image_cfg_scale"] = _parse_float(parsed, "Image CFG scale")
     if "PAG scale" in parsed:  # sdengine's: perturbed-attention guidance, its layers "mid" unless written
         kwargs["pag_scale"] = _parse_float(parsed, "PAG scale")
         kwargs["pag_layers"] = parsed.get("PAG layers", "mid").strip()
@@ -653,6 +655,7 @@ def to_generate_kwargs(
         "Clip skip",
         "Mask blur",
         "CFG Rescale phi",
+        "Image CFG scale",
         "PAG scale",
         "PAG layers",
         "SAG scale",
