@@ -431,7 +431,7 @@ def to_generate_kwargs(
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
-    ``guidance_rescale`` ("CFG Rescale phi"), ``image_cfg_scale`` (A1111's "Image CFG scale"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
+    ``guidance_rescale`` ("CFG Rescale phi"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
     layers"), ``sag_scale``, ``sag_blur_sigma`` and ``sag_rule`` (sdengine's "SAG scale", "SAG blur sigma", "SAG
     rule" where not diffusers; Forge's "sag_enabled: True", "sag_scale", "sag_blur_sigma", its rule "comfyui"),
     ``freeu``, ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
@@ -465,6 +465,7 @@ def to_generate_kwargs(
     "Refiner switch at" (an SDXL base -> refiner hand-off, not a request setting), so they are not warned of.
     With ``hires=True``, ``hr_checkpoint=True`` and ``hr_refiner=True`` say the caller reproduces A1111's "Hires
     checkpoint" (the second pass's model) and "Hires refiner" (the pass that handed off); else they are warned of.
+    A1111's "Image CFG scale" (an instruct-pix2pix model's image guidance) gives ``image_cfg_scale``.
     """
     kwargs: dict[str, Any] = {
         "prompt": parsed.get("Prompt", ""),

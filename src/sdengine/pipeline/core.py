@@ -972,7 +972,9 @@ class Pipeline:
                     model_hash=self.model_hash(),
                     vae=self.vae_name(),
                     vae_hash=self.vae_hash(),
-                    strength=float(request.strength) if p.init is not None and not _ip2p_pure_noise(self, r=request) else None,
+                    strength=float(request.strength)
+                    if p.init is not None and not _ip2p_pure_noise(self, r=request)
+                    else None,
                     clip_skip=request.clip_skip,
                     clip_skip_rule=request.clip_skip_rule,
                     guidance_rescale=float(request.guidance_rescale),
@@ -1491,7 +1493,7 @@ class Pipeline:
             steps=_grid_steps(p),
             schedule=p.schedule,
             scheduler_config=self.scheduler_config,
-            cfg_scale=float(r.cfg_scale),
+            cfg_scale=ip2p_cfg(self, r),
             rescale=float(r.guidance_rescale),
             sampler_options=r.sampler_options,
             strength=grid_strength(r) if from_init else 1.0,
@@ -1722,11 +1724,16 @@ def ip2p_cfg(pipe: Any, r: GenerationRequest) -> float:
 def check_instruct_pix2pix(pipe: Any, r: GenerationRequest, notes: list[str]) -> None:
     """One line for what an instruct-pix2pix request cannot run, before any model runs (docs/instruct-pix2pix.md)."""
     if not pipe.instruct_pix2pix:
-        if r.image_cfg_scale is not None:
+        if r.image_cfg_scale is not None and r.strength_rule in A1111_STRENGTH_RULES:
+            # A1111 keeps the image CFG scale of "edit" models only (its UI sends one for every img2img)
+            _note(notes, f"image_cfg_scale is not used: {pipe.name} is not an instruct-pix2pix model (A1111's rule)")
+        elif r.image_cfg_scale is not None:
             raise GenerationError(
                 f"image_cfg_scale guides an instruct-pix2pix model (an 8-channel U-Net); {pipe.name} is not one"
             )
         return
+    if pipe.text_kind == "sdxl":
+        raise GenerationError(f"{pipe.name}: SDXL instruct-pix2pix models (8-channel U-Nets) are not supported")
     if r.init_image is None:
         raise GenerationError(f"{pipe.name} is an instruct-pix2pix model: it edits an init image, give one")
     for on, what in (
@@ -1737,12 +1744,12 @@ def check_instruct_pix2pix(pipe: Any, r: GenerationRequest, notes: list[str]) ->
         if on:
             raise GenerationError(f"{pipe.name} is an instruct-pix2pix model, which takes no {what}")
     if image_guidance(pipe, r) is not None:
-        for on, what in (
+        for value, what in (
             (r.pag_scale, "pag_scale"),
             (r.sag_scale, "sag_scale"),
             (r.guidance_rescale, "guidance_rescale"),
         ):
-            if on:
+            if value:
                 raise GenerationError(
                     f"{what} does not combine with instruct-pix2pix's image guidance (image_cfg_scale "
                     f"{r.image_cfg():g}); set image_cfg_scale 1 with strength_rule 'a1111' for plain CFG"
