@@ -1736,13 +1736,9 @@ def check_instruct_pix2pix(pipe: Any, r: GenerationRequest, notes: list[str]) ->
         raise GenerationError(f"{pipe.name}: SDXL instruct-pix2pix models (8-channel U-Nets) are not supported")
     if r.init_image is None:
         raise GenerationError(f"{pipe.name} is an instruct-pix2pix model: it edits an init image, give one")
-    for on, what in (
-        (r.mask is not None, "a mask (inpainting)"),
-        (r.enable_hr, "the hires fix"),
-        (r.init_latent_resize, "init_latent_resize"),
-    ):
-        if on:
-            raise GenerationError(f"{pipe.name} is an instruct-pix2pix model, which takes no {what}")
+    for on, what in ((r.mask is not None, "a mask (inpainting)"), (r.init_latent_resize, "init_latent_resize")):
+        if on:  # (the hires fix takes no init image: refused by the request)
+            raise GenerationError(f"{pipe.name} is an instruct-pix2pix model: it does not take {what}")
     if image_guidance(pipe, r) is not None:
         for value, what in (
             (r.pag_scale, "pag_scale"),
