@@ -287,6 +287,11 @@ def test_the_a1111_img2img_route_equals_the_python_call(ip2p, image, tmp_path):
     with live_server(server_config(tmp_path, model=str(folder)), loader=default_loader(None)) as server:
         with httpx.Client(base_url=server.url, timeout=300) as c:
             answers = [c.post("/sdapi/v1/img2img", json={**body, **extra}) for extra in ({"image_cfg_scale": 1.6}, {})]
+            text = json.loads(answers[0].json()["info"])["infotexts"][0]
+            pasted = c.post("/sdapi/v1/img2img", json={"init_images": body["init_images"], "infotext": text})
+    assert pasted.status_code == 200, pasted.text
+    assert json.loads(pasted.json()["info"])["infotexts"][0] == text  # A1111's infotext field reads it back
+    assert pasted.json()["images"][0] == answers[0].json()["images"][0]
     got = []
     for r in answers:
         assert r.status_code == 200, r.text
@@ -300,3 +305,14 @@ def test_the_a1111_img2img_route_equals_the_python_call(ip2p, image, tmp_path):
         got.append((pixels, parse_parameters(text)["Image CFG scale"]))
     assert got[0][1] == "1.6" and got[1][1] == "1"  # A1111's None: 1 (plain CFG)
     assert _mad(got[0][0], got[1][0]) > 0.1  # on 0..255 pixels
+
+
+def test_comfyuis_latent_sampling_refuses_the_8_channel_unet_in_one_line(ip2p):
+    from sdengine.latent_sampling import encode_text, sample_latents
+
+    _, pipe = ip2p
+    text = encode_text(pipe, PROMPT)
+    with pytest.raises(SdengineError) as e:
+        sample_latents(pipe, [text], [text], torch.zeros(1, 4, 4, 4), seed=1, steps=2, cfg=5.0)
+    assert "instruct-pix2pix U-Nets (8 channels) are not supported here" in str(e.value)
+    assert "\n" not in str(e.value)

@@ -527,6 +527,11 @@ def sample_latents(
         raise LatentSamplingError(
             f"{pipe.name}: 9-channel inpainting U-Nets are not supported here; use an ordinary model with a noise mask"
         )
+    if getattr(pipe, "instruct_pix2pix", False):
+        raise LatentSamplingError(
+            f"{pipe.name}: instruct-pix2pix U-Nets (8 channels) are not supported here; run them through the pipeline "
+            "(init_image, image_cfg_scale: docs/instruct-pix2pix.md)"
+        )
     if latent.ndim != 4 or latent.shape[1] != pipe.latent_channels:
         raise LatentSamplingError(
             f"latent of shape {tuple(latent.shape)} does not fit {pipe.name} ({pipe.latent_channels} channels)"

@@ -1628,6 +1628,8 @@ def install(app: FastAPI, services: Any) -> None:
                 raise BadRequest(f"infotext: Hires checkpoint: {e}") from None
         if not hires and "noise_multiplier" in found:  # img2img's (txt2img has no such field)
             filled["initial_noise_multiplier"] = found["noise_multiplier"]
+        if not hires and "image_cfg_scale" in found:  # img2img's "Image CFG scale" (instruct-pix2pix models)
+            filled["image_cfg_scale"] = found["image_cfg_scale"]
         for key, value in (found.get("sampler_options") or {}).items():  # "Eta", "Sigma churn", ...
             if key in SAMPLER_FIELDS:
                 filled[key] = value
