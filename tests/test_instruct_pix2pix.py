@@ -316,3 +316,16 @@ def test_comfyuis_latent_sampling_refuses_the_8_channel_unet_in_one_line(ip2p):
         sample_latents(pipe, [text], [text], torch.zeros(1, 4, 4, 4), seed=1, steps=2, cfg=5.0)
     assert "instruct-pix2pix U-Nets (8 channels) are not supported here" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_prompt_editing_runs_under_the_three_way_guidance(ip2p, image):
+    """Prompt editing's text rows follow guidance's row kinds: the two unconditional blocks both take the negative."""
+    _, pipe = ip2p
+
+    def run(prompt: str) -> np.ndarray:
+        return pipe(prompt, NEGATIVE, init_image=image, steps=STEPS, sampler="euler", seed=SEED, width=SIZE,
+                    height=SIZE, progress=False).arrays  # fmt: skip
+
+    red, blue, edited = run("make it red"), run("make it blue"), run("[make it red:make it blue:2]")
+    assert _mad(edited, red) > 1e-4 and _mad(edited, blue) > 1e-4  # (the second unconditional block once failed:
+    # prompt editing looked for a second row of texts)
