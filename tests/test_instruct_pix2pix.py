@@ -307,15 +307,67 @@ def test_the_a1111_img2img_route_equals_the_python_call(ip2p, image, tmp_path):
     assert _mad(got[0][0], got[1][0]) > 0.1  # on 0..255 pixels
 
 
-def test_comfyuis_latent_sampling_refuses_the_8_channel_unet_in_one_line(ip2p):
-    from sdengine.latent_sampling import encode_text, sample_latents
+def _comfy(pipe: Any, image: Any) -> tuple[Any, Any, Any]:
+    from sdengine.latent_sampling import encode_text
+    from sdengine.server.comfy.nodes import RunContext, VaeHandle, image_to_tensor
+    from sdengine.server.comfy.nodes_edit import instruct_pix_to_pix_conditioning
+
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    pos, neg = [encode_text(pipe, PROMPT)], [encode_text(pipe, NEGATIVE)]
+    return instruct_pix_to_pix_conditioning(ctx, pos, neg, VaeHandle("m"), image_to_tensor(image))
+
+
+def test_comfyuis_node_samples_as_the_pipeline_at_image_scale_1(ip2p, image):
+    """InstructPixToPixConditioning + ComfyUI's sampling (plain CFG, the image in both halves) under the sdengine
+    seed rule: the pipeline's latent at image_cfg_scale 1 (its three-way formula at 1 is that CFG)."""
+    from sdengine.latent_sampling import sample_latents
+    from sdengine.pipeline.request import GenerationRequest
 
     _, pipe = ip2p
-    text = encode_text(pipe, PROMPT)
-    with pytest.raises(SdengineError) as e:
-        sample_latents(pipe, [text], [text], torch.zeros(1, 4, 4, 4), seed=1, steps=2, cfg=5.0)
-    assert "instruct-pix2pix U-Nets (8 channels) are not supported here" in str(e.value)
-    assert "\n" not in str(e.value)
+    pos, neg, latent = _comfy(pipe, image)
+    assert float(latent["samples"].abs().max()) == 0.0 and latent["samples"].shape[-1] == SIZE // pipe.vae_scale_factor
+    z = sample_latents(pipe, pos, neg, latent["samples"], seed=SEED, steps=STEPS, cfg=6.0, sampler="euler",
+                       schedule="normal", seed_rule="sdengine")  # fmt: skip
+    kw = dict(steps=STEPS, sampler="euler", schedule="normal", cfg_scale=6.0, seed=SEED, width=SIZE, height=SIZE)
+    r = GenerationRequest(PROMPT, NEGATIVE, init_image=image, image_cfg_scale=1.0, progress=False, **kw)
+    ours = pipe.sample_latents(pipe.prepare(r))
+    assert float((z - ours).abs().max()) < 1e-4
+    # the image matters: without it (zeros in both halves, ComfyUI's rule for an entry with none) another latent
+    bare = [replace_cond(e) for e in pos], [replace_cond(e) for e in neg]
+    z0 = sample_latents(pipe, *bare, latent["samples"], seed=SEED, steps=STEPS, cfg=6.0, sampler="euler",
+                        schedule="normal", seed_rule="sdengine")  # fmt: skip
+    assert float((z0 - z).abs().mean()) > 1e-3
+
+
+def replace_cond(entry: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(entry, cond={k: v for k, v in entry.cond.items() if k != "concat"})
+
+
+def test_comfyuis_sampling_refuses_what_it_cannot_run_in_one_line(ip2p, image):
+    from dataclasses import replace
+
+    from sdengine.latent_sampling import sample_latents
+
+    _, pipe = ip2p
+    pos, neg, latent = _comfy(pipe, image)
+    small = torch.zeros(1, 4, 2, 2)
+    for p, n, z, why in (
+        ([replace(pos[0], strength=0.5)], neg, latent["samples"], "samples with one plain positive and negative"),
+        (pos, neg, small, "does not fit the sampled latent"),
+    ):
+        with pytest.raises(SdengineError) as e:
+            sample_latents(pipe, p, n, z, seed=1, steps=2, cfg=5.0)
+        assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_node_is_listed_in_the_registry():
+    from sdengine.server.comfy.registry import NODES
+
+    node = NODES["InstructPixToPixConditioning"]
+    assert [i.name for i in node.inputs] == ["positive", "negative", "vae", "pixels"]
+    assert node.outputs == ("CONDITIONING", "CONDITIONING", "LATENT")
 
 
 def test_prompt_editing_runs_under_the_three_way_guidance(ip2p, image):
