@@ -263,12 +263,12 @@ def _b64(img: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def test_the_a1111_img2img_route_equals_the_python_call(ip2p, image, tmp_path):
+def test_the_a1111_img2img_route_and_the_native_job_equal_the_python_call(ip2p, image, tmp_path):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
     from PIL import Image
 
-    from _live_server import live_server, server_config
+    from _live_server import live_server, run_job, server_config
     from sdengine.server.app import default_loader
 
     folder, pipe = ip2p
@@ -289,6 +289,14 @@ def test_the_a1111_img2img_route_equals_the_python_call(ip2p, image, tmp_path):
             answers = [c.post("/sdapi/v1/img2img", json={**body, **extra}) for extra in ({"image_cfg_scale": 1.6}, {})]
             text = json.loads(answers[0].json()["info"])["infotexts"][0]
             pasted = c.post("/sdapi/v1/img2img", json={"init_images": body["init_images"], "infotext": text})
+            job = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": STEPS, "width": SIZE, "height": SIZE,
+                   "seed": SEED, "sampler": "euler", "cfg_scale": 6, "init_image": body["init_images"][0],
+                   "image_cfg_scale": 1.4}  # fmt: skip
+            native, native_job = run_job(c, job)
+            native_text = Image.open(io.BytesIO(c.get(native_job["images"][0]["url"]).content)).info["parameters"]
+    assert "Image CFG scale: 1.4" in native_text  # the native job's field
+    direct = pipe(init_image=image, progress=False, **to_generate_kwargs(parse_parameters(native_text)))
+    np.testing.assert_array_equal(native, np.asarray(direct.images[0]))
     assert pasted.status_code == 200, pasted.text
     assert json.loads(pasted.json()["info"])["infotexts"][0] == text  # A1111's infotext field reads it back
     assert pasted.json()["images"][0] == answers[0].json()["images"][0]
