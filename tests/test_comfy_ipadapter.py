@@ -19,8 +19,8 @@ from torch import nn
 
 import sdengine
 from _comfy_live import live_client, prompt_image, run_prompt
+from _ip_models import random_adapter, random_encoder
 from _live_server import server_config
-from sdengine.models.ip_adapter import ImageProjModel, IPAdapter, Resampler
 from sdengine.nn.attention import scaled_dot_product_attention
 from sdengine.nn.ip_adapter import DecoupledAttention, cross_attention_layers, transformer_places
 from sdengine.server.catalog import Catalog
@@ -35,37 +35,6 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 SEED, STEPS = 5, 4
 HIDDEN, PROJ = 64, 16  # the tiny encoder's widths (Plus reads the hidden states, plain the projected embedding)
-
-
-def _encoder(hidden: int, proj: int, seed: int) -> Any:
-    """A tiny encoder file sdengine reads without a config: one head per 64 of width, gelu."""
-    cfg = transformers.CLIPVisionConfig(
-        hidden_size=hidden, intermediate_size=40, num_hidden_layers=2, num_attention_heads=hidden // 64, patch_size=8,
-        image_size=32, projection_dim=proj, hidden_act="gelu", layer_norm_eps=1e-5,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    m = transformers.CLIPVisionModelWithProjection(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape) * 0.05)
-    return m
-
-
-def _adapter(unet: Any, kind: str, seed: int, drop_last: bool = False) -> IPAdapter:
-    torch.manual_seed(seed)
-    layers = cross_attention_layers(unet)
-    cross = layers[0].to_k.in_features
-    widths = [layer.to_k.out_features for layer in layers]
-    proj: nn.Module
-    if kind == "plain":
-        proj, embed = ImageProjModel(PROJ, cross, 4), PROJ
-    else:
-        proj, embed = Resampler(HIDDEN, 64, cross, depth=2, heads=1, num_queries=4), HIDDEN
-    adapter = IPAdapter(kind, proj, embed, cross, widths[:-1] if drop_last else widths)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.add_(torch.randn(p.shape) * (0.3 if p.dim() > 1 else 0.1))
-    return adapter.eval()
 
 
 def _picture(seed: int, h: int = 40, w: int = 48) -> np.ndarray:
@@ -83,11 +52,21 @@ def env(tiny_sd1_folder, tmp_path_factory):
         d.mkdir()
     convert(tiny_sd1_folder, models / "a.safetensors")
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
-    for name, enc in (("tiny.safetensors", _encoder(HIDDEN, PROJ, 0)), ("wide.safetensors", _encoder(128, 24, 1))):
+    for name, enc in (
+        ("tiny.safetensors", random_encoder(HIDDEN, PROJ, 0, heads=HIDDEN // 64, intermediate=40)),
+        ("wide.safetensors", random_encoder(128, 24, 1, heads=128 // 64, intermediate=40)),
+    ):
         safetensors_torch.save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(cv / name))
-    save_ip_adapter(_adapter(pipe.unet, "plain", 1), ipa / "plain.safetensors")
-    save_ip_adapter(_adapter(pipe.unet, "plus", 2), ipa / "plus.safetensors")
-    save_ip_adapter(_adapter(pipe.unet, "plain", 3, drop_last=True), ipa / "other_model.safetensors")
+    save_ip_adapter(
+        random_adapter(pipe.unet, "plain", PROJ, 1, width=64, depth=2, heads=1, queries=4), ipa / "plain.safetensors"
+    )
+    save_ip_adapter(
+        random_adapter(pipe.unet, "plus", HIDDEN, 2, width=64, depth=2, heads=1, queries=4), ipa / "plus.safetensors"
+    )
+    save_ip_adapter(
+        random_adapter(pipe.unet, "plain", PROJ, 3, width=64, depth=2, heads=1, queries=4, drop_last=True),
+        ipa / "other_model.safetensors",
+    )
     # the names the unified loader's presets look for (the pack's file-name rules)
     (cv / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors").write_bytes((cv / "tiny.safetensors").read_bytes())
     (ipa / "ip-adapter_sd15.safetensors").write_bytes((ipa / "plain.safetensors").read_bytes())
@@ -535,7 +514,7 @@ def test_sdxl_latents_take_a_windowed_adapter(tmp_path):
     from sdengine.pipeline.ip_adapter import IPAdapterUnit
 
     pipe = sdengine.load_pipeline(make_sdxl_folder(tmp_path / "tiny-sdxl"), device="cpu")
-    adapter = _adapter(pipe.unet, "plain", 4)
+    adapter = random_adapter(pipe.unet, "plain", PROJ, 4, width=64, depth=2, heads=1, queries=4)
     from sdengine.models import unet as unet_mod
     from sdengine.models.unet_sdxl import SDXL_BASE
 

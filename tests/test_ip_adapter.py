@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
+from _ip_models import random_adapter, random_encoder  # noqa: E402
 from _pipeline_models import diffusers_pipeline, mask_picture, picture  # noqa: E402
 from sdengine.errors import SdengineError  # noqa: E402
-from sdengine.models.ip_adapter import ImageProjModel, IPAdapter, MLPProjModel, Resampler  # noqa: E402
+from sdengine.models.ip_adapter import ImageProjModel, IPAdapter  # noqa: E402
 from sdengine.nn.ip_adapter import cross_attention_layers, ip_attention_applied  # noqa: E402
 from sdengine.pipeline import GenerationError  # noqa: E402
 from sdengine.pipeline.ip_adapter import IPAdapterUnit, unit_from_images  # noqa: E402
@@ -30,25 +30,6 @@ EMBED = 24  # the CLIP image embedding's width (plain)
 HIDDEN, TOKENS = 40, 9  # the CLIP hidden states' width and count (Plus, full)
 
 
-def _random_adapter(unet, kind: str, seed: int) -> IPAdapter:
-    """A random adapter of ``kind`` for ``unet``, every weight (norms too) moved off its default."""
-    torch.manual_seed(seed)
-    layers = cross_attention_layers(unet)
-    cross = layers[0].to_k.in_features
-    proj: nn.Module
-    if kind == "plain":
-        proj, embed = ImageProjModel(EMBED, cross, 4), EMBED
-    elif kind == "full":
-        proj, embed = MLPProjModel(HIDDEN, cross), HIDDEN
-    else:  # four perceiver layers (diffusers' loader builds four whatever the file has), two heads of 64, 16 queries
-        proj, embed = Resampler(HIDDEN, 128, cross, depth=4, heads=2, num_queries=16), HIDDEN
-    adapter = IPAdapter(kind, proj, embed, cross, [layer.to_k.out_features for layer in layers])
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.add_(torch.randn(p.shape) * (0.3 if p.dim() > 1 else 0.1))
-    return adapter.eval()
-
-
 @pytest.fixture(scope="module")
 def sd1(tiny_sd1_folder):
     return tiny_sd1_folder, sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
@@ -57,9 +38,9 @@ def sd1(tiny_sd1_folder):
 @pytest.fixture(scope="module")
 def files(sd1, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ip-adapters")
-    save_ip_adapter(_random_adapter(sd1[1].unet, "plain", 1), folder / "ip-adapter_tiny.safetensors")
-    save_ip_adapter(_random_adapter(sd1[1].unet, "plus", 2), folder / "ip-adapter-plus_tiny.bin")
-    save_ip_adapter(_random_adapter(sd1[1].unet, "full", 3), folder / "ip-adapter-full_tiny.safetensors")
+    save_ip_adapter(random_adapter(sd1[1].unet, "plain", EMBED, 1), folder / "ip-adapter_tiny.safetensors")
+    save_ip_adapter(random_adapter(sd1[1].unet, "plus", HIDDEN, 2), folder / "ip-adapter-plus_tiny.bin")
+    save_ip_adapter(random_adapter(sd1[1].unet, "full", HIDDEN, 3), folder / "ip-adapter-full_tiny.safetensors")
     return folder
 
 
@@ -175,7 +156,7 @@ def test_inpainting_matches_diffusers(sd1, tiny_inpaint_folder, tmp_path):
         ("inpaint", tiny_inpaint_folder, sdengine.load_pipeline(tiny_inpaint_folder, device="cpu")),
         ("inpaint4", sd1[0], sd1[1]),
     ):
-        save_ip_adapter(_random_adapter(pipe.unet, "plain", 4), tmp_path / f"{kind}.safetensors")
+        save_ip_adapter(random_adapter(pipe.unet, "plain", EMBED, 4), tmp_path / f"{kind}.safetensors")
         unit = IPAdapterUnit(load_ip_adapter(tmp_path / f"{kind}.safetensors"), pos, scale=0.7)
         ours = _ours(pipe, [unit], init_image=img, mask=mask, strength=1.0)
         theirs = _theirs(
@@ -199,7 +180,7 @@ def test_sdxl_matches_diffusers(tmp_path):
 
     folder = make_sdxl_folder(tmp_path / "tiny-sdxl")
     pipe = sdengine.load_pipeline(folder, device="cpu")
-    save_ip_adapter(_random_adapter(pipe.unet, "plus", 6), tmp_path / "ip-adapter-plus_sdxl.safetensors")
+    save_ip_adapter(random_adapter(pipe.unet, "plus", HIDDEN, 6), tmp_path / "ip-adapter-plus_sdxl.safetensors")
     pos, neg = _embeds("plus", 9)
     unit = IPAdapterUnit(load_ip_adapter(tmp_path / "ip-adapter-plus_sdxl.safetensors"), pos, 0.8, neg)
     ours = _ours(pipe, [unit])
@@ -435,24 +416,10 @@ def test_image_to_encoder_to_adapter_matches_diffusers(sd1, tmp_path):
     from sdengine.weights.clip_vision_file import load_clip_vision
 
     folder, pipe = sd1
-    cfg = transformers.CLIPVisionConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        patch_size=8,
-        image_size=32,
-        projection_dim=EMBED,
-        hidden_act="gelu",
-    )
-    torch.manual_seed(0)
-    hf = transformers.CLIPVisionModelWithProjection(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn(p.shape) * 0.05)
+    hf = random_encoder(HIDDEN, EMBED, 0, layers=3)
     hf.save_pretrained(tmp_path / "image_encoder")
     encoder = load_clip_vision(tmp_path / "image_encoder")
-    save_ip_adapter(_random_adapter(pipe.unet, "plus", 11), tmp_path / "plus.bin")
+    save_ip_adapter(random_adapter(pipe.unet, "plus", HIDDEN, 11), tmp_path / "plus.bin")
     image = picture(40, 48)
 
     pixels = clip_image_tensor(image, size=32)
@@ -488,9 +455,9 @@ def test_image_to_encoder_to_adapter_matches_diffusers(sd1, tmp_path):
     # or the files and the picture themselves, read at the call (and kept for the next: a replaced file is read again)
     by_file = IPAdapterUnit(tmp_path / "plus.bin", scale=0.9, images=image, clip_vision=tmp_path / "image_encoder")
     assert np.array_equal(_ours(pipe, [by_file]), ours)
-    save_ip_adapter(_random_adapter(pipe.unet, "plus", 12), tmp_path / "plus.bin")
+    save_ip_adapter(random_adapter(pipe.unet, "plus", HIDDEN, 12), tmp_path / "plus.bin")
     assert _mad(_ours(pipe, [by_file]), ours) > 1e-3
-    save_ip_adapter(_random_adapter(pipe.unet, "plus", 11), tmp_path / "plus.bin")
+    save_ip_adapter(random_adapter(pipe.unet, "plus", HIDDEN, 11), tmp_path / "plus.bin")
     for bad, message in (
         (IPAdapterUnit(tmp_path / "plus.bin", images=image), "images need a CLIP vision encoder"),
         (IPAdapterUnit(tmp_path / "plus.bin", pos, images=image, clip_vision=encoder), "images or embeds"),

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
 import sdengine  # noqa: E402
+from _ip_models import random_adapter, random_encoder  # noqa: E402
 from _pipeline_models import picture  # noqa: E402
 from sdengine.cli import main  # noqa: E402
 from sdengine.errors import SdengineError  # noqa: E402
@@ -29,7 +29,6 @@ from sdengine.metadata import (  # noqa: E402
     save_png,
     to_generate_kwargs,
 )
-from sdengine.models.ip_adapter import ImageProjModel, IPAdapter, Resampler  # noqa: E402
 from sdengine.nn.ip_adapter import cross_attention_layers  # noqa: E402
 from sdengine.pipeline.ip_adapter import IPAdapterUnit  # noqa: E402
 from sdengine.weights.ip_adapter_file import save_ip_adapter  # noqa: E402
@@ -41,45 +40,15 @@ FLAGS = ["--steps", str(STEPS), "--sampler", "euler", "--schedule", "normal", "-
 CALL = dict(steps=STEPS, sampler="euler", schedule="normal", cfg_scale=7.5, seed=SEED, progress=False)
 
 
-def _adapter(unet, kind: str, seed: int) -> IPAdapter:
-    """A random adapter for ``unet``: plain (reads the image embedding) or Plus (the hidden states)."""
-    torch.manual_seed(seed)
-    layers = cross_attention_layers(unet)
-    cross = layers[0].to_k.in_features
-    if kind == "plain":
-        proj, embed = ImageProjModel(EMBED, cross, 4), EMBED
-    else:
-        proj, embed = Resampler(HIDDEN, 128, cross, depth=4, heads=2, num_queries=16), HIDDEN
-    adapter = IPAdapter(kind, proj, embed, cross, [layer.to_k.out_features for layer in layers])
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.add_(torch.randn(p.shape) * (0.3 if p.dim() > 1 else 0.1))
-    return adapter.eval()
-
-
 @pytest.fixture(scope="module")
 def kit(tiny_sd1_folder, tmp_path_factory):
     """The model folder, its pipeline and a folder with adapters/, encoders/image_encoder and two pictures."""
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
     root = tmp_path_factory.mktemp("ipcli")
     (root / "adapters").mkdir()
-    save_ip_adapter(_adapter(pipe.unet, "plain", 1), root / "adapters" / "ip-adapter_tiny.safetensors")
-    save_ip_adapter(_adapter(pipe.unet, "plus", 2), root / "adapters" / "ip-adapter-plus_tiny.bin")
-    cfg = transformers.CLIPVisionConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        patch_size=8,
-        image_size=32,
-        projection_dim=EMBED,
-        hidden_act="gelu",
-    )
-    torch.manual_seed(0)
-    hf = transformers.CLIPVisionModelWithProjection(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn(p.shape) * 0.05)
+    save_ip_adapter(random_adapter(pipe.unet, "plain", EMBED, 1), root / "adapters" / "ip-adapter_tiny.safetensors")
+    save_ip_adapter(random_adapter(pipe.unet, "plus", HIDDEN, 2), root / "adapters" / "ip-adapter-plus_tiny.bin")
+    hf = random_encoder(HIDDEN, EMBED, 0, layers=3)
     hf.save_pretrained(root / "encoders" / "image_encoder")
     picture(40, 48).save(root / "cat.png")
     picture(32, 32, seed=2).save(root / "dog.png")
@@ -217,7 +186,9 @@ def test_from_png_makes_it_again_with_the_picture(kit, tmp_path, capsys):
     assert "the CLIP vision encoder 'image_encoder', which is not found: give --clip-vision-dir" in err
     other = tmp_path / "other"
     other.mkdir()
-    save_ip_adapter(_adapter(pipe.unet, "plain", 9), other / "ip-adapter_tiny.safetensors")  # same name, new weights
+    save_ip_adapter(
+        random_adapter(pipe.unet, "plain", EMBED, 9), other / "ip-adapter_tiny.safetensors"
+    )  # same name, new weights
     err = _refused(capsys, *base, *cat, *dirs[2:], "--ip-adapters-dir", str(other), "--out", str(tmp_path / "x.png"))
     assert f"[{model_hash(adapter)}], but {other / 'ip-adapter_tiny.safetensors'} has hash" in err
     assert "give the same file with --ip-adapter FILE" in err

@@ -15,56 +15,20 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 import webuiapi
 from PIL import Image
 
+from _ip_models import random_adapter, random_encoder
 from _live_server import live_server, run_job, server_config, shared_loader
 
 transformers = pytest.importorskip("transformers")
 
-from sdengine.models.ip_adapter import ImageProjModel, IPAdapter, Resampler  # noqa: E402
-from sdengine.nn.ip_adapter import cross_attention_layers  # noqa: E402
 from sdengine.pipeline.ip_adapter import IPAdapterUnit  # noqa: E402
 from sdengine.weights.ip_adapter_file import save_ip_adapter  # noqa: E402
 
 GEN = {"seed": 3, "steps": 3, "width": 64, "height": 64, "sampler": "dpmpp_2m", "schedule": "karras"}
 PROMPT = "a red apple"
 EMBED, HIDDEN = 24, 40  # encoder "small": image embedding 24, hidden 40; encoder "big": 48 and 64
-
-
-def random_adapter(unet: Any, kind: str, embed: int, seed: int) -> IPAdapter:
-    torch.manual_seed(seed)
-    layers = cross_attention_layers(unet)
-    cross = layers[0].to_k.in_features
-    if kind == "plain":
-        proj: torch.nn.Module = ImageProjModel(embed, cross, 4)
-    else:
-        proj = Resampler(embed, 64, cross, depth=1, heads=1, num_queries=4)
-    adapter = IPAdapter(kind, proj, embed, cross, [layer.to_k.out_features for layer in layers])
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.add_(torch.randn(p.shape) * (0.5 if p.dim() > 1 else 0.1))
-    return adapter.eval()
-
-
-def random_encoder(hidden: int, projection: int, seed: int) -> Any:
-    cfg = transformers.CLIPVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        patch_size=8,
-        image_size=32,
-        projection_dim=projection,
-        hidden_act="gelu",
-    )
-    torch.manual_seed(seed)
-    model = transformers.CLIPVisionModelWithProjection(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape) * 0.05)
-    return model
 
 
 def make_folders(tmp: Path) -> dict[str, Path]:
@@ -74,10 +38,20 @@ def make_folders(tmp: Path) -> dict[str, Path]:
     ipa, clip = tmp / "ipadapter", tmp / "clip_vision"
     (ipa / "sub").mkdir(parents=True)
     clip.mkdir()
-    save_ip_adapter(random_adapter(unet, "plain", EMBED, 1), ipa / "plain.safetensors")
-    save_ip_adapter(random_adapter(unet, "plus", HIDDEN, 2), ipa / "sub" / "plus.bin")
-    save_ip_adapter(random_adapter(unet, "plain", 48, 3), ipa / "big.safetensors")  # fits the "big" encoder
-    save_ip_adapter(random_adapter(unet, "plain", 32, 4), ipa / "odd.safetensors")  # no encoder gives 32
+    save_ip_adapter(
+        random_adapter(unet, "plain", EMBED, 1, width=64, depth=1, heads=1, queries=4, jitter=0.5),
+        ipa / "plain.safetensors",
+    )
+    save_ip_adapter(
+        random_adapter(unet, "plus", HIDDEN, 2, width=64, depth=1, heads=1, queries=4, jitter=0.5),
+        ipa / "sub" / "plus.bin",
+    )
+    save_ip_adapter(
+        random_adapter(unet, "plain", 48, 3, width=64, depth=1, heads=1, queries=4, jitter=0.5), ipa / "big.safetensors"
+    )  # fits the "big" encoder
+    save_ip_adapter(
+        random_adapter(unet, "plain", 32, 4, width=64, depth=1, heads=1, queries=4, jitter=0.5), ipa / "odd.safetensors"
+    )  # no encoder gives 32
     (ipa / "junk.safetensors").write_bytes(b"not weights at all")
     random_encoder(HIDDEN, EMBED, 5).save_pretrained(clip / "small")  # a folder: config.json + model.safetensors
     from safetensors.torch import save_file

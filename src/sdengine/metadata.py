@@ -338,6 +338,38 @@ HYPERTILE_VAE_FIELDS = (
     "Hypertile VAE swap size",
 )
 
+# sdengine's MultiDiffusion fields (the request's tiled_diffusion: sdengine.diffusion.multidiffusion)
+TILED_DIFFUSION_FIELDS = (
+    "Tiled Diffusion",
+    "Tiled Diffusion window",
+    "Tiled Diffusion stride",
+    "Tiled Diffusion circular",
+    "Tiled Diffusion batch",
+)
+
+
+def tiled_diffusion_kwargs(parsed: Mapping[str, str]) -> dict[str, Any] | None:
+    """The request's ``tiled_diffusion`` mapping of sdengine's "Tiled Diffusion: MultiDiffusion", "Tiled Diffusion
+    window: WxH" (latent cells), "Tiled Diffusion stride", "... circular: True" and "... batch" (1 where missing);
+    None without the first (or with the A1111 extension's dictionary there)."""
+    if "Tiled Diffusion" not in parsed or parsed["Tiled Diffusion"].strip().startswith("{"):
+        # the A1111 Tiled Diffusion extension writes one field, a dictionary of its settings: its tiles are laid
+        # out otherwise, so it is left to the "not reproduced" warning
+        return None
+    window = parsed.get("Tiled Diffusion window", "").strip()
+    sides = window.lower().split("x")
+    if len(sides) != 2 or not all(x.strip().isdigit() for x in sides):
+        raise MetadataError(f"Tiled Diffusion window must be WIDTHxHEIGHT in latent cells, got {window!r}")
+    w, h = (int(x) for x in sides)
+    return {
+        "method": parsed["Tiled Diffusion"].strip(),
+        "window": w,
+        "window_height": None if h == w else h,
+        "stride": _parse_int(parsed, "Tiled Diffusion stride"),
+        "circular": _true(parsed, "Tiled Diffusion circular"),
+        "view_batch": _parse_int(parsed, "Tiled Diffusion batch") if "Tiled Diffusion batch" in parsed else 1,
+    }
+
 
 def _true(parsed: Mapping[str, str], key: str) -> bool:
     """Whether a field reads "True" (A1111 writes booleans so); a missing one is False, another value an error."""
@@ -555,6 +587,9 @@ def to_generate_kwargs(
             _parse_int(parsed, f"Hypertile VAE {name}") if f"Hypertile VAE {name}" in parsed else default
             for name, default in (("max tile size", 128), ("swap size", 3), ("max depth", 3))
         )
+    tiled = tiled_diffusion_kwargs(parsed)  # sdengine's MultiDiffusion
+    if tiled is not None:
+        kwargs["tiled_diffusion"] = tiled
     if "Variation seed" in parsed:
         kwargs["subseed"] = _parse_int(parsed, "Variation seed")
         # A1111 writes the strength only when it is not 0; a missing one is 0 (the seed's image)
@@ -708,6 +743,8 @@ def to_generate_kwargs(
     # "ControlNet N" fields (and their step rule) are the caller's: they need the control image (see
     # recorded_controlnets)
     used |= {"ControlNet step rule", "ControlNet guess mode"}
+    if "tiled_diffusion" in kwargs:  # sdengine's MultiDiffusion fields (not the A1111 extension's dictionary)
+        used |= set(TILED_DIFFUSION_FIELDS)
     ignored = [
         k
         for k in parsed

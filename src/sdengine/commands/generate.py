@@ -444,6 +444,39 @@ def _apply_deep_shrink_flags(a: argparse.Namespace, kwargs: dict[str, Any]) -> N
         kwargs["deep_shrink"] = {**base, **extra}
 
 
+def _tiled_diffusion_arg(text: str) -> dict[str, Any] | None:
+    """--tiled-diffusion's value: WINDOW[xHEIGHT],STRIDE[,circular][,batch=N] in latent cells, on (diffusers'
+    64,8), or off."""
+    t = text.strip().lower()
+    if t in ("off", "none"):
+        return None
+    if t == "on":
+        return {"window": 64, "stride": 8}
+    parts = [x.strip() for x in t.split(",")]
+    try:
+        if len(parts) < 2:
+            raise ValueError
+        sides = parts[0].split("x")
+        if len(sides) > 2:
+            raise ValueError
+        out: dict[str, Any] = {"window": int(sides[0]), "stride": int(parts[1])}
+        if len(sides) == 2:
+            out["window_height"] = int(sides[1])
+        for extra in parts[2:]:
+            if extra == "circular" and "circular" not in out:
+                out["circular"] = True
+            elif extra.startswith("batch=") and "view_batch" not in out:
+                out["view_batch"] = int(extra[len("batch=") :])
+            else:
+                raise ValueError
+        return out
+    except ValueError:
+        raise UsageError(
+            "--tiled-diffusion takes WINDOW[xHEIGHT],STRIDE[,circular][,batch=N] in latent cells (e.g. 64,8 or "
+            f"96x64,48,batch=4), on (64,8) or off; got {text!r}"
+        ) from None
+
+
 def _hypertile_arg(text: str, flag: str = "--hypertile", tile: int = 256) -> tuple[int, int, int] | None:
     """--hypertile's value: TILE[,SWAP[,DEPTH]] (A1111's defaults 256, 3, 3 for those left out), on, or off
     (``flag`` and ``tile``: --hypertile-vae's, whose A1111 defaults are 128, 3, 3)."""
@@ -880,6 +913,8 @@ def run(a: argparse.Namespace) -> int:
     _apply_deep_shrink_flags(a, kwargs)
     if a.hypertile is not None:  # "off" turns a --from-png image's HyperTile off
         kwargs["hypertile"] = _hypertile_arg(a.hypertile)
+    if a.tiled_diffusion is not None:  # MultiDiffusion; "off" turns a --from-png image's off
+        kwargs["tiled_diffusion"] = _tiled_diffusion_arg(a.tiled_diffusion)
     if a.hypertile_vae is not None:  # the VAE's (A1111's Hypertile VAE); "off" turns a --from-png image's off
         kwargs["hypertile_vae"] = _hypertile_arg(a.hypertile_vae, "--hypertile-vae", 128)
     for flag, key, value in (
@@ -1438,6 +1473,15 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "TILE the tile size in pixels (A1111's max tile size, 0-2048), SWAP how many tile counts to draw from "
         "(0-128), DEPTH the deepest layers tiled (0-10); left out: A1111's 256, 3, 3; on = 256,3,3; off turns a "
         "--from-png image's off",
+    )
+    p.add_argument(
+        "--tiled-diffusion",
+        default=None,
+        metavar="WINDOW[xHEIGHT],STRIDE[,circular][,batch=N]",
+        help="MultiDiffusion (docs/multidiffusion.md): the latent denoised as overlapping windows whose predictions "
+        "are averaged at every step; WINDOW (and HEIGHT) and STRIDE in latent cells (8 pixels for SD), circular "
+        "wraps the views around the left and right edges (a 360-degree panorama), batch=N views per U-Net call; "
+        "on = 64,8 (diffusers' panorama pipeline); off turns a --from-png image's off",
     )
     p.add_argument(
         "--hypertile-vae",

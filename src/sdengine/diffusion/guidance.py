@@ -208,8 +208,12 @@ class CFGDenoiser:
         for k, v in cond.items():
             if k in self.uncond and uncond:
                 u = self.uncond[k].to(v.device)
-                if u.shape[0] != b:  # one unconditional value for the whole batch
-                    u = u.expand(b, *u.shape[1:]) if u.shape[0] == 1 else u
+                if u.shape[0] == 1 and b != 1:  # one unconditional value for the whole batch
+                    u = u.expand(b, *u.shape[1:])
+                elif 0 < u.shape[0] < b and b % u.shape[0] == 0:
+                    # the rows repeated in blocks (MultiDiffusion's view batches, sdengine.diffusion.multidiffusion:
+                    # the rows of each view in turn): the unconditional rows repeated alike
+                    u = u.repeat(b // u.shape[0], *([1] * (u.ndim - 1)))
                 both[k] = torch.cat([v if kind == "cond" else u for kind in kinds])
             elif isinstance(v, Tensor) and v.shape[:1] == (b,):
                 both[k] = torch.cat([v] * n)

@@ -35,6 +35,7 @@ from sdengine.diffusion import sampling
 from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser, ImageCFGDenoiser
+from sdengine.diffusion.multidiffusion import DECODE_PADDING, MultiDiffusionDenoiser
 from sdengine.diffusion.philox import make_generator
 from sdengine.diffusion.sag import fits_blur
 from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
@@ -773,6 +774,18 @@ class Pipeline:
         tiles = r.hypertile_config()
         if tiles is not None:  # HyperTile has a self-attention layer to tile in this U-Net (one line)
             check_hypertile(self.unet, tiles)
+        multi = r.tiled_diffusion_settings()
+        if multi is not None:  # the views can be laid out on this latent (one line, before any model runs)
+            f = self.vae_scale_factor
+            try:
+                multi.check_size(height // f, width // f)
+            except UsageError as e:
+                raise GenerationError(str(e)) from None
+            if r.sag_scale and r.sag_rule == "diffusers":  # SAG blurs each view's latent: the views must take it
+                view = (min(multi.window, width // f) * f, min(multi.height, height // f) * f)
+                too_small = sag_size_error(*view, f)
+                if too_small:
+                    raise GenerationError(f"tiled diffusion's views: {too_small}")
         vae_tiles = r.hypertile_vae_config()
         if vae_tiles is not None:  # and on the VAE, its decoder's middle-block attention (one line)
             try:
@@ -873,8 +886,9 @@ class Pipeline:
                     f"control image {k} {size[0]}x{size[1]} fitted to {width}x{height} "
                     f"({resize_mode_name(r.resize_mode)})",
                 )
-        if (width, height) != (self.default_size, self.default_size):
+        if (width, height) != (self.default_size, self.default_size) and multi is None:
             # larger sizes tend to repeat the subject (the model never saw them); say so rather than stay silent
+            # (not under tiled diffusion: the U-Net sees the windows only)
             _note(
                 notes,
                 f"{width}x{height} is not the model's training size {self.default_size}x"
@@ -1041,6 +1055,9 @@ class Pipeline:
             if shrink is not None:  # Forge's Kohya HRFix fields, as its script writes them
                 row.update(deep_shrink_infotext(shrink))
             row.update(hypertile_infotext(request))
+            multi = request.tiled_diffusion_settings()
+            if multi is not None:  # sdengine's MultiDiffusion fields (sdengine.metadata.tiled_diffusion_kwargs)
+                row.update(multi.infotext())
             if self.instruct_pix2pix:  # A1111's field: the image guidance of an instruct-pix2pix model
                 row["Image CFG scale"] = request.image_cfg()
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
@@ -1334,6 +1351,12 @@ class Pipeline:
             ip_adapters=None if ip is None else ip.layers,
             image_cfg=image_cfg,
         )
+        multi = r.tiled_diffusion_settings()
+        if multi is not None:  # MultiDiffusion: the guided denoiser run on windows of the latent, averaged
+            if texts is not None and multi.view_batch > 1:  # prompt editing's rows count one view's
+                multi = dataclasses.replace(multi, view_batch=1)
+                _note(p.notes, "tiled diffusion: prompt editing runs one view per call (view_batch 1)")
+            den = MultiDiffusionDenoiser(den, multi)
         blend: Any = None
         if r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None:
             # A1111's blend, for every U-Net: its k-diffusion samplers' on x0, its timestep samplers' on x
@@ -1367,6 +1390,7 @@ class Pipeline:
             and p.sampler not in sampling.ADAPTIVE_SAMPLERS  # its steps depend on the model's answers
             and brownian is None  # a Brownian tree's noise is read at the run's sigmas, not drawn beforehand
             and not shared_draws
+            and multi is None  # the recorded loop calls the U-Net on the whole latent
             and image_cfg is None  # the three-way guidance is not the recorded loop's
         )
         init_latent = start.init_latent if start.from_init else None
@@ -1607,7 +1631,18 @@ class Pipeline:
         )
 
     def decode_latents(self, p: Prepared, x: Tensor) -> Tensor:
-        """(N, 3, H, W) images in [0, 1] of sampled latents."""
+        """(N, 3, H, W) images in [0, 1] of sampled latents; circular tiled diffusion's decoded with the latent's
+        columns wrapped around its sides (:data:`sdengine.diffusion.multidiffusion.DECODE_PADDING` cells each side,
+        diffusers' ``decode_latents_with_padding``), then cut back, so that its left and right edges meet."""
+        multi = p.request.tiled_diffusion_settings()
+        pad = min(DECODE_PADDING, int(x.shape[-1])) if multi is not None and multi.circular else 0
+        if not pad:
+            return self._decode_latents(p, x)
+        img = self._decode_latents(p, torch.cat([x[..., -pad:], x, x[..., :pad]], dim=-1))
+        cut = pad * (img.shape[-1] // (x.shape[-1] + 2 * pad))
+        return img[..., cut : img.shape[-1] - cut]
+
+    def _decode_latents(self, p: Prepared, x: Tensor) -> Tensor:
         if p.request.vae_decode == "tiny":
             return self.decode_tiny(x)
         # Decode one image at a time: the VAE's activations at full size dominate memory, and a row's

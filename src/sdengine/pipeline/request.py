@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sdengine.diffusion import sampling
+from sdengine.diffusion.multidiffusion import MultiDiffusion
 from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
 from sdengine.diffusion.schedules import STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError, SdengineError
@@ -238,6 +239,11 @@ class GenerationRequest:
     hr_schedule: str | None = None  # None = the schedule rule of ``schedule`` (A1111's hr_scheduler)
     hr_prompt: str = ""  # "" = the row's prompt
     hr_negative_prompt: str = ""  # "" = the row's negative prompt
+    # MultiDiffusion (sdengine.diffusion.multidiffusion, docs/multidiffusion.md): the latent denoised as overlapping
+    # windows whose x0 predictions are averaged at every model call. A MultiDiffusion, a mapping of its fields
+    # (window, stride, circular, view_batch, window_height, method; window and stride in latent cells) or
+    # (window, stride[, circular[, view_batch]]); None = off. Both hires passes. Infotext "Tiled Diffusion: ..."
+    tiled_diffusion: Any = None
 
     # -- building ---------------------------------------------------------------------------------------
 
@@ -370,6 +376,23 @@ class GenerationRequest:
         """The HyperTile settings of this request's own sampling pass (None: off; also with
         ``hypertile_hires_only``, which the hires fix's second pass clears); call after :meth:`validate`."""
         return None if self.hypertile_hires_only else self.hypertile_config()
+
+    def tiled_diffusion_settings(self) -> MultiDiffusion | None:
+        """``tiled_diffusion`` as :class:`sdengine.diffusion.multidiffusion.MultiDiffusion` (None: off); call after
+        :meth:`validate`."""
+        return None if self.tiled_diffusion is None else MultiDiffusion.coerce(self.tiled_diffusion)
+
+    def _validate_tiled_diffusion(self) -> None:
+        if self.tiled_diffusion is None:
+            return
+        try:
+            MultiDiffusion.coerce(self.tiled_diffusion)
+        except GenerationError:
+            raise
+        except SdengineError as e:
+            raise GenerationError(str(e)) from None
+        if self.controlnets:  # their hints are the whole image's, the views' latents a window's
+            raise GenerationError("tiled diffusion cannot run with ControlNets or T2I-Adapters: drop one of the two")
 
     def control_units(self) -> list[ControlUnit]:
         return [ControlUnit.coerce(u) for u in (self.controlnets or [])]
@@ -522,6 +545,7 @@ class GenerationRequest:
         self._validate_freeu()
         self._validate_deep_shrink()
         self._validate_hypertile()
+        self._validate_tiled_diffusion()
         if self.clip_skip_rule not in CLIP_SKIP_RULES:
             raise GenerationError(
                 f"unknown clip_skip_rule {self.clip_skip_rule!r}; use one of: {', '.join(CLIP_SKIP_RULES)}"

@@ -18,6 +18,7 @@ from PIL import Image
 from sdengine import vae_utils
 from sdengine.diffusion import sampling
 from sdengine.diffusion.brownian import BrownianSpec
+from sdengine.diffusion.multidiffusion import MultiDiffusionDenoiser
 from sdengine.diffusion.philox import make_generator
 from sdengine.diffusion.samplers import SamplingInterrupted
 from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, img2img_start, img2img_steps
@@ -451,6 +452,9 @@ class SDXLPipeline(Pipeline):
             if p.init is not None and request.vae_encode == "tiny":
                 row["Tiny VAE encode"] = self.tiny_vae.name  # the init latent is the tiny encoder's
             row.update(hypertile_infotext(request))  # A1111's Hypertile U-Net fields (both models ran it)
+            multi = request.tiled_diffusion_settings()
+            if multi is not None:  # sdengine's MultiDiffusion fields (both models ran it)
+                row.update(multi.infotext())
             if p.hires is not None:
                 row.update(infotext_fields(p, i, sdxl=getattr(second_model, "text_kind", "") == "sdxl"))
                 if hr_model is not None:  # A1111's field: the second pass's model
@@ -579,17 +583,22 @@ def hand_off_latents(
     tiles = request.hypertile_settings()  # and HyperTile, each model's generator seeded with the first seed
     ht = None if tiles is None else (tiles, int(p.seeds[0]))
     guides: dict[str, Any] = dict(pag=pag, freeu=freeu, sag=sag, hypertile=ht)
+    multi = request.tiled_diffusion_settings()  # MultiDiffusion: each model's guided denoiser run on the views
+
+    def tiled(den: Any) -> Any:
+        return den if multi is None else MultiDiffusionDenoiser(den, multi)
+
     runs = [
         (
             base,
-            blended(base.guided_denoiser(cfg_scale, uncond, rescale, deep_shrink=shrink, **guides)),
+            blended(tiled(base.guided_denoiser(cfg_scale, uncond, rescale, deep_shrink=shrink, **guides))),
             cond,
             first,
             k,
         ),
         (
             refiner,
-            blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale, **guides)),
+            blended(tiled(refiner.guided_denoiser(cfg_scale, r_uncond, rescale, **guides))),
             r_cond,
             k,
             grid.steps,

@@ -310,6 +310,7 @@ def build_generation(
     hypertile_rule: str = "a1111",
     hypertile_scale_depth: bool = True,
     hypertile_vae: Sequence[int] | None = None,
+    tiled_diffusion: dict[str, Any] | None = None,
     image_cfg_scale: float | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
@@ -324,7 +325,9 @@ def build_generation(
     job runs alone, its tiles drawn from its own first seed); ``hypertile_vae``: HyperTile on the VAE's decoder (tile
     size, swap size, max depth), None: off (such a job runs alone too). ``ip_adapters``: IP-Adapter units
     (:class:`sdengine.server.ip_adapters.IPAdapterRequest`, or the native job's list of objects): names resolved in
-    their folders, the CLIP vision encoder chosen, the pictures decoded; the worker loads the files."""
+    their folders, the CLIP vision encoder chosen, the pictures decoded; the worker loads the files.
+    ``tiled_diffusion``: MultiDiffusion's settings (the pipeline's ``tiled_diffusion``; checked by
+    GenerationRequest.validate; such a job runs alone)."""
     from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.pipeline.request import MAX_SAG_SCALE
@@ -572,6 +575,8 @@ def build_generation(
         kwargs.update(zip(("freeu", "freeu_version", "freeu_rule"), freeu_settings, strict=True))
     if deep_shrink is not None:  # checked by GenerationRequest.validate below
         kwargs["deep_shrink"] = deep_shrink
+    if tiled_diffusion is not None:  # checked by GenerationRequest.validate below (a job with it runs alone)
+        kwargs["tiled_diffusion"] = dict(tiled_diffusion)
     if init_latent_resize:  # A1111's img2img resize mode 3 (left out when off, so such jobs batch as before)
         kwargs["init_latent_resize"] = init_latent_resize  # checked by GenerationRequest.validate below
     if hires is not None:

@@ -140,6 +140,19 @@ class DeepShrinkSpec(BaseModel):
     upscale_method: Literal["bicubic", "nearest-exact", "bilinear", "area", "bislerp"] = "bicubic"
 
 
+class TiledDiffusionSpec(BaseModel):
+    """MultiDiffusion's settings (sdengine.diffusion.multidiffusion), window and stride in latent cells:
+    docs/multidiffusion.md."""
+
+    model_config = ConfigDict(extra="forbid")
+    window: int = Field(64, ge=1, le=1024, strict=True, description="the views' width in latent cells (8 px for SD)")
+    window_height: int | None = Field(None, ge=1, le=1024, strict=True, description="null: the window")
+    stride: int = Field(8, ge=1, le=1024, strict=True, description="cells between views, at most the window")
+    circular: bool = Field(False, strict=True, description="the views wrap around the left and right edges")
+    view_batch: int = Field(1, ge=1, le=64, strict=True, description="views per U-Net call")
+    method: Literal["multidiffusion"] = "multidiffusion"
+
+
 class JobRequest(BaseModel):
     """POST /v1/jobs. Images are upload ids (from POST /v1/uploads) or base64 (data URLs too)."""
 
@@ -253,6 +266,11 @@ class JobRequest(BaseModel):
         description="HyperTile on the VAE (A1111's Hypertile VAE) as [tile_size, swap_size, max_depth]: the VAE "
         "decoder's middle-block attention within tiles (A1111's rule; its one layer is depth 0); A1111's defaults "
         "[128, 3, 3]; null: off. Infotext 'Hypertile VAE'",
+    )
+    tiled_diffusion: TiledDiffusionSpec | None = Field(
+        None,
+        description="MultiDiffusion: the latent denoised as overlapping windows whose predictions are averaged at "
+        "every step (panoramas, large images); null: off. Infotext 'Tiled Diffusion'",
     )
     seed: int = Field(-1, ge=-1, le=2**53 - 1, description="-1: random")
     width: int | None = SIDE
