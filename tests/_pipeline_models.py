@@ -1,7 +1,7 @@
 """Random Stable Diffusion pipelines saved as diffusers folders, for end-to-end tests of sdengine's pipeline
 against diffusers' own pipelines (the oracle) on the same weights.
 
-``make_sd_folder(dst, size="tiny"|"medium", kind="sd1"|"sd2"|"inpaint"|"inpaint4")`` writes a folder with a
+``make_sd_folder(dst, size="tiny"|"medium", kind="sd1"|"sd2"|"inpaint"|"inpaint4"|"ip2p")`` writes a folder with a
 random U-Net, VAE and CLIP text encoder (sdengine's TINY/MEDIUM presets in diffusers' classes), sdengine's
 shipped CLIP vocabulary as the tokenizer (so both sides tokenise alike), and the scheduler config SD 1.5
 (PNDM) or SD 2.1 (DDIM, v-prediction) ships. ``diffusers_pipeline(folder, kind)`` loads the oracle.
@@ -63,6 +63,8 @@ def configs(size: str, kind: str):
         unet = dataclasses.replace(unet, use_linear_projection=True, upcast_attention=True)
     if kind == "inpaint":
         unet = dataclasses.replace(unet, in_channels=9)
+    if kind == "ip2p":  # instruct-pix2pix: the noisy latent + the image's latent
+        unet = dataclasses.replace(unet, in_channels=8)
     unet = dataclasses.replace(unet, cross_attention_dim=text.hidden_size)
     return unet, vae, text
 
@@ -78,7 +80,8 @@ def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.n
 
 def make_sd_folder(dst: Path, *, size: str = "tiny", kind: str = "sd1", seed: int = 0) -> Path:
     """Write a random SD pipeline as a diffusers folder at ``dst`` (kind: sd1, sd2 (v-prediction), inpaint
-    (9-channel U-Net), inpaint4 (an SD1 model saved as an inpainting pipeline))."""
+    (9-channel U-Net), inpaint4 (an SD1 model saved as an inpainting pipeline), ip2p (an 8-channel instruct-pix2pix
+    U-Net))."""
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig as HFConfig
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -120,6 +123,8 @@ def _pipeline_class(kind: str, img2img: bool = False):
 
     if kind in ("inpaint", "inpaint4"):
         return diffusers.StableDiffusionInpaintPipeline
+    if kind == "ip2p":
+        return diffusers.StableDiffusionInstructPix2PixPipeline
     return diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
 
 

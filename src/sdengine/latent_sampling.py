@@ -423,6 +423,24 @@ def _model_schedule(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 
 
 @_model_schedule
+def edit_image(cond: Mapping[str, Tensor], pipe: Any, b: int, h: int, w: int, dev: Any) -> Tensor:
+    """An instruct-pix2pix U-Net's extra channels for one conditioning entry: its ``concat`` image latent
+    (InstructPixToPixConditioning's, unscaled), one row or one per latent row, or zeros where it carries none (as
+    ComfyUI's ``IP2P.concat_cond``); an image of another size than the latent is a one-line error."""
+    channels = int(pipe.unet.config.in_channels) - int(pipe.latent_channels)
+    image = cond.get("concat")
+    if image is None:
+        return torch.zeros(b, channels, h, w, device=dev)
+    if image.ndim != 4 or image.shape[1] != channels or tuple(image.shape[-2:]) != (h, w):
+        raise LatentSamplingError(
+            f"the instruct-pix2pix image latent {tuple(image.shape)} does not fit the sampled latent ({b}, "
+            f"{pipe.latent_channels}, {h}, {w}): encode the image at the size sampled"
+        )
+    if image.shape[0] not in (1, b):
+        raise LatentSamplingError(f"the instruct-pix2pix image batch of {image.shape[0]} does not fit {b} latents")
+    return image.to(dev).expand(b, -1, -1, -1)
+
+
 def sample_latents(
     pipe: Any,
     positive: Sequence[TextCondition],
@@ -536,6 +554,12 @@ def sample_latents(
     # ComfyUI's weighted sum of the entries' predictions (see _Regional): for regional entries, and for several
     # negative ones (ComfyUI averages them as it averages the positive ones)
     regional = any(e.regional for e in (*positive, *negative)) or len(negative) > 1 or guidance_rule is not None
+    edit = bool(getattr(pipe, "instruct_pix2pix", False))
+    if edit and (regional):
+        raise LatentSamplingError(
+            f"{pipe.name}: an instruct-pix2pix U-Net (8 channels) samples with one plain positive and negative here "
+            "(no areas, masks, strengths, several entries or a guider over three conditionings)"
+        )
     if (guidance_rescale or pag_scale) and (regional or (guidance_rescale and len(positive) > 1)):
         raise LatentSamplingError(
             "CFG rescale and perturbed-attention guidance take one whole-latent negative conditioning and no area, "
@@ -874,6 +898,9 @@ def sample_latents(
             if ip is not None:
                 uncond_args["ip_tokens"] = ip.uncond
                 extra["ip_tokens"] = ip.cond
+            if edit:  # instruct-pix2pix: each half's image latent in the U-Net's extra channels (ComfyUI's IP2P)
+                extra["concat"] = edit_image(pos, pipe, b, h, w, dev)
+                uncond_args["concat"] = edit_image(neg, pipe, b, h, w, dev)
             if "vector" in pos and "vector" in neg:
                 pos_vec, neg_vec = pos["vector"], neg["vector"]
                 sizes = getattr(pipe.conditioner, "size_vectors", None)

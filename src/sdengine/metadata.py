@@ -497,6 +497,7 @@ def to_generate_kwargs(
     "Refiner switch at" (an SDXL base -> refiner hand-off, not a request setting), so they are not warned of.
     With ``hires=True``, ``hr_checkpoint=True`` and ``hr_refiner=True`` say the caller reproduces A1111's "Hires
     checkpoint" (the second pass's model) and "Hires refiner" (the pass that handed off); else they are warned of.
+    A1111's "Image CFG scale" (an instruct-pix2pix model's image guidance) gives ``image_cfg_scale``.
     """
     kwargs: dict[str, Any] = {
         "prompt": parsed.get("Prompt", ""),
@@ -536,6 +537,8 @@ def to_generate_kwargs(
         kwargs["mask_blur"] = _parse_float(parsed, "Mask blur")
     if "CFG Rescale phi" in parsed:
         kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
+    if "Image CFG scale" in parsed:  # A1111's: an instruct-pix2pix model's image guidance
+        kwargs["image_cfg_scale"] = _parse_float(parsed, "Image CFG scale")
     if "PAG scale" in parsed:  # sdengine's: perturbed-attention guidance, its layers "mid" unless written
         kwargs["pag_scale"] = _parse_float(parsed, "PAG scale")
         kwargs["pag_layers"] = parsed.get("PAG layers", "mid").strip()
@@ -688,6 +691,7 @@ def to_generate_kwargs(
         "Clip skip",
         "Mask blur",
         "CFG Rescale phi",
+        "Image CFG scale",
         "PAG scale",
         "PAG layers",
         "SAG scale",

@@ -789,6 +789,7 @@ def _refuse_flags_without_effect(
         ),
         ("--vae-encode", a.vae_encode, img2img or hires, second_pass),
         ("--mask", a.mask, a.init_image is not None, "--init-image (the image to inpaint)"),
+        ("--image-cfg-scale", a.image_cfg_scale, a.init_image is not None, "--init-image (the image to edit)"),
         ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
         ("--resize-mode", a.resize_mode, img2img or bool(a.control), "--init-image or --control"),
         ("--refiner-switch-at", a.refiner_switch_at, a.refiner is not None, "--refiner"),
@@ -884,6 +885,7 @@ def run(a: argparse.Namespace) -> int:
         "strength": a.strength,
         "clip_skip": a.clip_skip,
         "guidance_rescale": a.guidance_rescale,
+        "image_cfg_scale": a.image_cfg_scale,
         "mask_blur": a.mask_blur,
         "resize_mode": a.resize_mode,
         "subseed": a.subseed,
@@ -1427,6 +1429,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "image's Clip skip is A1111's instead (SD 1.x only)",
     )
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
+    p.add_argument(
+        "--image-cfg-scale",
+        type=float,
+        default=None,
+        help="an instruct-pix2pix model's image guidance (needs --init-image): uncond + cfg (cond - image_cond) + "
+        "this (image_cond - uncond); default 1.5 (diffusers'), 1 under --strength-rule a1111. Infotext 'Image CFG "
+        "scale' (A1111's)",
+    )
     p.add_argument(
         "--pag-scale",
         type=float,

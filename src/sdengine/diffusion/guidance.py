@@ -361,3 +361,85 @@ class PerpNeg:
 
     def __repr__(self) -> str:
         return f"PerpNeg{' patch' * self.patch}(cfg {self.cfg:g}, neg_scale {self.neg_scale:g})"
+
+
+# ------------------------------------------------------------------------ InstructPix2Pix's image guidance
+
+
+class ImageCFGDenoiser:
+    """InstructPix2Pix's guidance (Brooks et al. 2023, eq. 3; diffusers' StableDiffusionInstructPix2PixPipeline,
+    A1111's ``combine_denoised_for_edit_model``): three row blocks in ONE batched call of ``inner``, in the order
+    both stack them: (prompt, image), (negative prompt, image), (negative prompt, no image: zeros in the
+    ``concat`` channels), and ``x0 = u + scale * (c - i) + image_scale * (i - u)`` for their x0s ``c``, ``i``,
+    ``u`` (x0 is affine in the network's output at one x and sigma, so this equals the formula on eps).
+    ``uncond`` holds the negative prompt's values for the conditioning keys (as :class:`CFGDenoiser`'s); the
+    image latent rides in ``concat``. Row kinds for a ``takes_row_kinds`` inner denoiser: "cond", then "uncond"
+    for both other blocks. A CFG++ sampler's unconditional x0: the last block's (neither text nor image)."""
+
+    takes_guidance_parts = True
+
+    def __init__(self, inner: Any, scale: float, image_scale: float, uncond: Mapping[str, Tensor]) -> None:
+        for name, v in (("guidance scale", scale), ("image guidance scale", image_scale)):
+            if not float(v) >= 0 or not math.isfinite(float(v)):
+                raise UsageError(f"{name} must be a finite number >= 0, got {v!r}")
+        self.inner = inner
+        self.scale = float(scale)
+        self.image_scale = float(image_scale)
+        self.uncond = dict(uncond)
+
+    def _over(self, inner: Any) -> ImageCFGDenoiser:
+        return ImageCFGDenoiser(inner, self.scale, self.image_scale, self.uncond)
+
+    @property
+    def takes_row_kinds(self) -> bool:
+        return False
+
+    @property
+    def schedule(self) -> Any:
+        return self.inner.schedule
+
+    @property
+    def prediction(self) -> str:
+        return self.inner.prediction
+
+    @property
+    def off_grid(self) -> ImageCFGDenoiser:
+        inner_off = getattr(self.inner, "off_grid", self.inner)
+        return self if inner_off is self.inner else self._over(inner_off)
+
+    @property
+    def takes_step(self) -> bool:
+        return bool(getattr(self.inner, "takes_step", False))
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> ImageCFGDenoiser:
+        inner = self.inner.with_timesteps(sigmas, timesteps) if hasattr(self.inner, "with_timesteps") else self.inner
+        return self._over(inner)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, *, guidance_parts: Any = None, **cond: Any) -> Tensor:
+        if "concat" not in cond:
+            raise UsageError("instruct-pix2pix guidance needs the image latent (the 'concat' conditioning)")
+        b = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        sigma = sigma.reshape(-1).expand(b) if sigma.numel() == 1 else sigma
+        args: dict[str, Any] = {}
+        for k, v in cond.items():
+            if k == "concat":
+                args[k] = torch.cat([v, v, torch.zeros_like(v)])
+            elif k in self.uncond:
+                u = self.uncond[k].to(v.device)
+                u = u.expand(b, *u.shape[1:]) if u.shape[0] == 1 and b != 1 else u
+                args[k] = torch.cat([v, u, u])
+            elif isinstance(v, Tensor) and v.shape[:1] == (b,):
+                args[k] = torch.cat([v] * 3)
+            else:
+                args[k] = v
+        if getattr(self.inner, "takes_row_kinds", False):
+            args["row_kinds"] = ("cond",) * b + ("uncond",) * (2 * b)
+        out = self.inner(torch.cat([x] * 3), torch.cat([sigma] * 3), **args)
+        x0_c, x0_i, x0_u = out.chunk(3)
+        if guidance_parts is not None:
+            guidance_parts.uncond = x0_u
+        return x0_u + self.scale * (x0_c - x0_i) + self.image_scale * (x0_i - x0_u)
+
+    def __repr__(self) -> str:
+        return f"ImageCFGDenoiser(scale {self.scale:g}, image scale {self.image_scale:g})"

@@ -34,7 +34,7 @@ from sdengine import vae_utils
 from sdengine.diffusion import sampling
 from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.denoisers import Denoiser
-from sdengine.diffusion.guidance import CFGDenoiser
+from sdengine.diffusion.guidance import CFGDenoiser, ImageCFGDenoiser
 from sdengine.diffusion.multidiffusion import DECODE_PADDING, MultiDiffusionDenoiser
 from sdengine.diffusion.philox import make_generator
 from sdengine.diffusion.sag import fits_blur
@@ -76,7 +76,7 @@ from sdengine.pipeline.infotext import (
     init_resize_mode,
 )
 from sdengine.pipeline.ip_adapter import check_units, image_tokens
-from sdengine.pipeline.latents import A1111Blend, InpaintBlend, blur_mask, start_latents
+from sdengine.pipeline.latents import A1111Blend, InpaintBlend, blur_mask, image_latent, start_latents
 from sdengine.pipeline.loop_graph import LoopPlan
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
@@ -344,6 +344,11 @@ class Pipeline:
     @property
     def inpainting(self) -> bool:
         return self.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def instruct_pix2pix(self) -> bool:
+        """An InstructPix2Pix U-Net: the noisy latent and the image's latent in (8 channels for SD's 4)."""
+        return self.unet.config.in_channels == 2 * self.latent_channels
 
     @property
     def default_size(self) -> int:
@@ -789,6 +794,7 @@ class Pipeline:
                 raise GenerationError(str(e)) from None
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
+        check_instruct_pix2pix(self, r, notes)
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
         name, sched = sampling.resolve(r.sampler, r.schedule, sdxl=self.text_kind == "sdxl")
@@ -980,7 +986,9 @@ class Pipeline:
                     model_hash=self.model_hash(),
                     vae=self.vae_name(),
                     vae_hash=self.vae_hash(),
-                    strength=float(request.strength) if p.init is not None else None,
+                    strength=float(request.strength)
+                    if p.init is not None and not _ip2p_pure_noise(self, r=request)
+                    else None,
                     clip_skip=request.clip_skip,
                     clip_skip_rule=request.clip_skip_rule,
                     guidance_rescale=float(request.guidance_rescale),
@@ -1050,6 +1058,8 @@ class Pipeline:
             multi = request.tiled_diffusion_settings()
             if multi is not None:  # sdengine's MultiDiffusion fields (sdengine.metadata.tiled_diffusion_kwargs)
                 row.update(multi.infotext())
+            if self.instruct_pix2pix:  # A1111's field: the image guidance of an instruct-pix2pix model
+                row["Image CFG scale"] = request.image_cfg()
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -1187,8 +1197,9 @@ class Pipeline:
     ) -> Tensor:
         r = p.request
         dev = self.device
-        steps, strength, cfg_scale = _grid_steps(p), float(r.strength), float(r.cfg_scale)
+        steps, strength, cfg_scale = _grid_steps(p), float(r.strength), ip2p_cfg(self, r)
         gens = [make_generator(p.seeds[i], r.noise_source) for i in rows]
+        pure_noise = _ip2p_pure_noise(self, r)  # diffusers' instruct-pix2pix: the image in the concat only
         start = start_latents(
             self.vae,
             generators=gens,
@@ -1196,7 +1207,7 @@ class Pipeline:
             width=p.width,
             height=p.height,
             scale_factor=self.vae_scale_factor,
-            init=p.init,
+            init=None if pure_noise else p.init,
             mask=p.mask,
             mask_blur=float(r.mask_blur),
             strength=strength,
@@ -1234,6 +1245,11 @@ class Pipeline:
             start.noise = start.noise * float(r.noise_multiplier)
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}
+        if self.instruct_pix2pix and p.init is not None:  # the image's latent: the VAE's mode, unscaled
+            tiny = self.tiny_vae if r.vae_encode == "tiny" else None
+            image = image_latent(self.vae, p.init, tiled=p.tiled, device=dev, tiny=tiny)
+            cond = {**cond, "concat": image.expand(len(rows), -1, -1, -1)}
+        image_cfg = image_guidance(self, r)
         a1111_grid = _a1111_grid(p)
         grid = sampling.make_grid(
             p.sampler,
@@ -1333,6 +1349,7 @@ class Pipeline:
             deep_shrink=shrink,
             hypertile=hypertile,
             ip_adapters=None if ip is None else ip.layers,
+            image_cfg=image_cfg,
         )
         multi = r.tiled_diffusion_settings()
         if multi is not None:  # MultiDiffusion: the guided denoiser run on windows of the latent, averaged
@@ -1374,6 +1391,7 @@ class Pipeline:
             and brownian is None  # a Brownian tree's noise is read at the run's sigmas, not drawn beforehand
             and not shared_draws
             and multi is None  # the recorded loop calls the U-Net on the whole latent
+            and image_cfg is None  # the three-way guidance is not the recorded loop's
         )
         init_latent = start.init_latent if start.from_init else None
         plan = self.loop_plan(p, init_latent is not None, first, noise_from)
@@ -1428,6 +1446,7 @@ class Pipeline:
         deep_shrink: DeepShrink | None = None,
         hypertile: tuple[Any, ...] | None = None,
         ip_adapters: Sequence[AdapterLayers] | None = None,
+        image_cfg: float | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
         place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step; ``pag``: (scale,
@@ -1441,7 +1460,9 @@ class Pipeline:
         self-attention, one generator (the one given, else its own) seeded with ``seed`` for this denoiser's calls
         (:mod:`sdengine.nn.hypertile`); ``ip_adapters``:
         IP-Adapters on this pipeline's U-Net's cross-attention, the calls' image tokens read from the conditioning's
-        ``ip_tokens`` (:mod:`sdengine.nn.ip_adapter`; the plain network too)."""
+        ``ip_tokens`` (:mod:`sdengine.nn.ip_adapter`; the plain network too); ``image_cfg``: InstructPix2Pix's
+        image guidance scale, the three-way guidance (:class:`sdengine.diffusion.guidance.ImageCFGDenoiser`) in
+        place of CFG (None: CFG)."""
         net = self.unet if net is None else net
         if freeu is not None:
             net = FreeUNet(net, self.unet, freeu)
@@ -1468,6 +1489,8 @@ class Pipeline:
             sag_rule = str(sag[2]) if len(sag) > 2 else "diffusers"
             middle_transformer(self.unet)  # one line where the U-Net has no middle-block transformer
             attention_map = partial(middle_attention_mass, self.unet)
+        if image_cfg is not None:
+            return ImageCFGDenoiser(den, cfg_scale, image_cfg, uncond)
         return CFGDenoiser(
             den,
             cfg_scale,
@@ -1494,7 +1517,7 @@ class Pipeline:
             steps=_grid_steps(p),
             schedule=p.schedule,
             scheduler_config=self.scheduler_config,
-            cfg_scale=float(r.cfg_scale),
+            cfg_scale=ip2p_cfg(self, r),
             rescale=float(r.guidance_rescale),
             sampler_options=r.sampler_options,
             strength=grid_strength(r) if from_init else 1.0,
@@ -1703,6 +1726,67 @@ def circular_padding(*modules: Any) -> Iterator[int]:
     finally:
         for conv in convs:
             conv.padding_mode = "zeros"
+
+
+def _ip2p_pure_noise(pipe: Any, r: GenerationRequest) -> bool:
+    """Whether an instruct-pix2pix run starts from pure noise over the whole schedule, the image in the concat
+    channels only (diffusers' pipeline, which has no strength): under strength_rule "diffusers". A1111's rules run
+    it as img2img, the init latent noised to the strength."""
+    return bool(getattr(pipe, "instruct_pix2pix", False)) and r.strength_rule == "diffusers"
+
+
+def image_guidance(pipe: Any, r: GenerationRequest) -> float | None:
+    """The image guidance scale of the three-way guidance an instruct-pix2pix run uses, or None where it is plain
+    CFG: diffusers guides only where cfg_scale > 1 and the image scale >= 1 (else the prompt's rows alone: cfg 1,
+    :func:`cfg_of`); A1111 guides three ways unless the image scale is 1 (then plain CFG with the image in both
+    rows, which the three-way formula equals)."""
+    if not getattr(pipe, "instruct_pix2pix", False) or r.init_image is None:
+        return None
+    g, ig = float(r.cfg_scale), r.image_cfg()
+    if r.strength_rule == "diffusers":
+        return ig if g > 1.0 and ig >= 1.0 else None
+    return None if ig == 1.0 else ig
+
+
+def ip2p_cfg(pipe: Any, r: GenerationRequest) -> float:
+    """The CFG scale a run guides with: the request's, but 1 (the prompt's rows alone) for an instruct-pix2pix
+    model under strength_rule "diffusers" where diffusers guides not at all (cfg_scale <= 1 or image scale < 1)."""
+    if _ip2p_pure_noise(pipe, r) and image_guidance(pipe, r) is None:
+        return 1.0
+    return float(r.cfg_scale)
+
+
+def check_instruct_pix2pix(pipe: Any, r: GenerationRequest, notes: list[str]) -> None:
+    """One line for what an instruct-pix2pix request cannot run, before any model runs (docs/instruct-pix2pix.md)."""
+    if not pipe.instruct_pix2pix:
+        if r.image_cfg_scale is not None and r.strength_rule in A1111_STRENGTH_RULES:
+            # A1111 keeps the image CFG scale of "edit" models only (its UI sends one for every img2img)
+            _note(notes, f"image_cfg_scale is not used: {pipe.name} is not an instruct-pix2pix model (A1111's rule)")
+        elif r.image_cfg_scale is not None:
+            raise GenerationError(
+                f"image_cfg_scale guides an instruct-pix2pix model (an 8-channel U-Net); {pipe.name} is not one"
+            )
+        return
+    if pipe.text_kind == "sdxl":
+        raise GenerationError(f"{pipe.name}: SDXL instruct-pix2pix models (8-channel U-Nets) are not supported")
+    if r.init_image is None:
+        raise GenerationError(f"{pipe.name} is an instruct-pix2pix model: it edits an init image, give one")
+    for on, what in ((r.mask is not None, "a mask (inpainting)"), (r.init_latent_resize, "init_latent_resize")):
+        if on:  # (the hires fix takes no init image: refused by the request)
+            raise GenerationError(f"{pipe.name} is an instruct-pix2pix model: it does not take {what}")
+    if image_guidance(pipe, r) is not None:
+        for value, what in (
+            (r.pag_scale, "pag_scale"),
+            (r.sag_scale, "sag_scale"),
+            (r.guidance_rescale, "guidance_rescale"),
+        ):
+            if value:
+                raise GenerationError(
+                    f"{what} does not combine with instruct-pix2pix's image guidance (image_cfg_scale "
+                    f"{r.image_cfg():g}); set image_cfg_scale 1 with strength_rule 'a1111' for plain CFG"
+                )
+    if _ip2p_pure_noise(pipe, r) and r.strength != GenerationRequest.defaults()["strength"]:
+        _note(notes, "instruct-pix2pix starts from pure noise under strength_rule 'diffusers': strength is not used")
 
 
 def _silent(_: str) -> None:

@@ -156,6 +156,19 @@ def start_latents(
     return StartLatents(noise, init_latent, from_init, blend, concat, rounded)
 
 
+def image_latent(vae: Any, image: Image.Image, *, tiled: bool | None, device: torch.device, tiny: Any = None) -> Tensor:
+    """InstructPix2Pix's image conditioning (diffusers' ``prepare_image_latents``, A1111's
+    ``edit_image_conditioning``): the VAE posterior's mode of the image, NOT scaled by the VAE's scaling factor,
+    (1, C, h, w); no random number is drawn. ``tiny``: a tiny VAE's encoder in place of the VAE's."""
+    img = image_tensor(image).to(device)
+    post = (
+        vae_utils.tiny_encode_moments(tiny, vae, img)
+        if tiny is not None
+        else vae_utils.encode_moments(vae, img, tiled=tiled)
+    )
+    return post.mode().float()
+
+
 class LatentBlend:
     """What the inpainting blends share: a denoiser wrapper (around ``inner``, whose ``schedule`` and
     ``prediction`` it answers) that keeps the known region (``mask == 0``, ``keep`` = 1 - mask) from the init

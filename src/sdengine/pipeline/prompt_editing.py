@@ -130,7 +130,7 @@ class StepTexts:
         for kind in kinds:
             j = counts[kind]
             counts[kind] += 1
-            p, n = self.rows[j].texts_at(index)
+            p, n = self.rows[j % len(self.rows)].texts_at(index)  # a block of rows again (PAG, ip2p)
             out.append(p if kind == "cond" else n)
         return tuple(out)
 
@@ -144,7 +144,7 @@ class StepTexts:
             for kind in kinds:
                 j = counts[kind]
                 counts[kind] += 1
-                c, u = self.rows[j].at(index)
+                c, u = self.rows[j % len(self.rows)].at(index)
                 parts.append(c if kind == "cond" else u)
             got = {k: torch.cat([part[k] for part in parts]) for k in keys}
             self._stacked[key] = got

@@ -113,6 +113,11 @@ class GenerationRequest:
     # sdengine.text.conditioners.effective_clip_skip)
     clip_skip_rule: str = "sdengine"
     guidance_rescale: float = 0.0
+    # InstructPix2Pix's image guidance (an 8-channel U-Net; docs/instruct-pix2pix.md): x0 = uncond + cfg_scale *
+    # (cond - image_cond) + image_cfg_scale * (image_cond - uncond). None: 1.5 (diffusers' default) under
+    # strength_rule "diffusers", 1 under A1111's (its API's None: plain CFG, the image in both rows). Infotext
+    # "Image CFG scale" (A1111's key)
+    image_cfg_scale: float | None = None
     # Perturbed-attention guidance (Ahn et al. 2024; diffusers' StableDiffusionPAGPipeline): a third pass of the
     # conditional rows with the identity attention map in the self-attention layers ``pag_layers`` names (diffusers'
     # pag_applied_layers: regular expressions searched in the U-Net's layer names, a list or one comma-separated
@@ -445,6 +450,23 @@ class GenerationRequest:
                 if not _is_int(x) or not 0 <= x <= hi:
                     raise GenerationError(f"{field} {name} must be a whole number in [0, {hi}], got {x!r}")
 
+    def _validate_image_cfg(self) -> None:
+        """InstructPix2Pix's image guidance scale: None or a number in [0, MAX_CFG_SCALE]; it needs an init image
+        (whether the model is an instruct-pix2pix one is the pipeline's check)."""
+        v = self.image_cfg_scale
+        if v is None:
+            return
+        if not _is_number(v) or not math.isfinite(v) or not 0 <= v <= MAX_CFG_SCALE:
+            raise GenerationError(f"image_cfg_scale must be a number in [0, {MAX_CFG_SCALE:g}], got {v!r}")
+        if self.init_image is None:
+            raise GenerationError("image_cfg_scale guides towards an init image: it needs one (instruct-pix2pix)")
+
+    def image_cfg(self) -> float:
+        """The image guidance scale an instruct-pix2pix run uses (None: diffusers' 1.5, A1111's 1)."""
+        if self.image_cfg_scale is not None:
+            return float(self.image_cfg_scale)
+        return 1.0 if self.strength_rule in ("a1111", "a1111_fix_steps") else 1.5
+
     def validate(self) -> GenerationRequest:
         """Raise a one-line GenerationError for the first setting that cannot run; return self. Checks that
         need the model (size multiple, step limit, memory) are the pipeline's."""
@@ -519,6 +541,7 @@ class GenerationRequest:
             raise GenerationError(f"sag_blur_sigma must be a number in (0, {MAX_SAG_BLUR_SIGMA:g}], got {sag_blur!r}")
         if not isinstance(self.sag_rule, str) or self.sag_rule not in SAG_RULES:
             raise GenerationError(f"unknown sag_rule {self.sag_rule!r}; use one of: {', '.join(SAG_RULES)}")
+        self._validate_image_cfg()
         self._validate_freeu()
         self._validate_deep_shrink()
         self._validate_hypertile()

@@ -481,7 +481,7 @@ USED = {
     "seed_resize_from_h",
 }
 LATENT_FILLS = {2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill -> masked_content
-IMG2IMG_USED = {"initial_noise_multiplier"}  # A1111's img2img fields that its txt2img does not have
+IMG2IMG_USED = {"initial_noise_multiplier", "image_cfg_scale"}  # A1111's img2img fields that its txt2img does not have
 TXT2IMG_USED = {"firstphase_width", "firstphase_height"}  # A1111's txt2img fields that its img2img does not have
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag (<lora:...>, <hypernet:...>)
 # The unit keys read above, and the extension's keys that do not change the image.
@@ -1698,6 +1698,8 @@ def install(app: FastAPI, services: Any) -> None:
                 raise BadRequest(f"infotext: Hires checkpoint: {e}") from None
         if not hires and "noise_multiplier" in found:  # img2img's (txt2img has no such field)
             filled["initial_noise_multiplier"] = found["noise_multiplier"]
+        if not hires and "image_cfg_scale" in found:  # img2img's "Image CFG scale" (instruct-pix2pix models)
+            filled["image_cfg_scale"] = found["image_cfg_scale"]
         for key, value in (found.get("sampler_options") or {}).items():  # "Eta", "Sigma churn", ...
             if key in SAMPLER_FIELDS:
                 filled[key] = value
@@ -2331,6 +2333,8 @@ def install(app: FastAPI, services: Any) -> None:
         fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule=rule)
         if req.mask and req.inpainting_fill in LATENT_FILLS:
             fields["masked_content"] = LATENT_FILLS[req.inpainting_fill]
+        if body.get("image_cfg_scale") is not None:  # instruct-pix2pix's; other models ignore it, as A1111's
+            fields["image_cfg_scale"] = body["image_cfg_scale"]
         if body.get("initial_noise_multiplier") is not None:  # A1111's "Noise multiplier" (checked by the build)
             fields["noise_multiplier"] = body["initial_noise_multiplier"]
         # A1111 runs the refiner in img2img too, switching on the img2img's schedule (with a mask, its blend runs on

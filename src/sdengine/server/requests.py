@@ -314,6 +314,7 @@ def build_generation(
     hypertile_scale_depth: bool = True,
     hypertile_vae: Sequence[int] | None = None,
     tiled_diffusion: dict[str, Any] | None = None,
+    image_cfg_scale: float | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
@@ -551,6 +552,8 @@ def build_generation(
         kwargs["discard_penultimate_sigma"] = discard_penultimate_sigma  # checked by GenerationRequest.validate
     if zero_terminal_snr:  # A1111's sd_noise_schedule Zero Terminal SNR (left out when off, as above)
         kwargs["zero_terminal_snr"] = zero_terminal_snr  # checked by GenerationRequest.validate below
+    if image_cfg_scale is not None:  # instruct-pix2pix's image guidance (checked by GenerationRequest.validate)
+        kwargs["image_cfg_scale"] = image_cfg_scale
     if noise_multiplier != 1:  # A1111's img2img "Noise multiplier" (left out at 1, so such jobs batch as before)
         kwargs["noise_multiplier"] = noise_multiplier  # checked by GenerationRequest.validate below
     if strength_rule != "diffusers":  # checked by GenerationRequest.validate below

@@ -298,6 +298,15 @@ class JobRequest(BaseModel):
         allow_inf_nan=False,
         description="A1111's img2img noise multiplier: the init is noised with the noise times this",
     )
+    image_cfg_scale: float | None = Field(
+        None,
+        ge=0,
+        le=100,  # sdengine.pipeline.request.MAX_CFG_SCALE
+        allow_inf_nan=False,
+        description="an instruct-pix2pix model's image guidance (needs an init_image): uncond + cfg (cond - "
+        "image_cond) + image_cfg_scale (image_cond - uncond); null: 1.5 (diffusers'), 1 under strength_rule "
+        "'a1111'. Infotext 'Image CFG scale'",
+    )
     controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=MAX_CONTROLNETS)
     ip_adapters: list[IPAdapterSpec] = Field(
         default_factory=list,

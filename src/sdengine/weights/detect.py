@@ -1,9 +1,9 @@
 """Which network is this? Read the architecture off tensor shapes (ComfyUI-style) and synthesise diffusers configs.
 
 Single-file LDM checkpoints carry no config. What the shapes tell us:
-- UNet: conv_in's input channels (4 normal, 9 inpainting), the cross-attention context width (768: SD1 with
-  OpenAI CLIP ViT-L, 1024: SD2 with OpenCLIP ViT-H), the number of levels/blocks, where attention sits, and
-  whether SpatialTransformer projections are 1x1 convs (SD1) or Linear (SD2).
+- UNet: conv_in's input channels (4 normal, 8 instruct-pix2pix, 9 inpainting), the cross-attention context width
+  (768: SD1 with OpenAI CLIP ViT-L, 1024: SD2 with OpenCLIP ViT-H), the number of levels/blocks, where attention sits,
+  and whether SpatialTransformer projections are 1x1 convs (SD1) or Linear (SD2).
 - What shapes cannot tell: attention heads (SD1 uses 8 heads, SD2 64-channel heads) and whether SD2 predicts
   epsilon (512 "base") or v (768): the caller may pass `prediction_type`; we default like diffusers.
 """
@@ -91,11 +91,11 @@ def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
             f"no model.diffusion_model.* UNet weights found (top-level names: {prefixes}): "
             "not a Stable Diffusion 1.x/2.x checkpoint"
         )
-    if conv_in.shape[1] not in (4, 9):
-        kind = {8: "instruct-pix2pix", 7: "the SD x4 upscaler"}.get(int(conv_in.shape[1]), "an unknown model")
+    if conv_in.shape[1] not in (4, 8, 9):
+        kind = {7: "the SD x4 upscaler"}.get(int(conv_in.shape[1]), "an unknown model")
         raise UnsupportedModelError(
             f"found a UNet with {conv_in.shape[1]} input channels: looks like {kind}, not supported "
-            "(SD takes 4, inpainting 9)"
+            "(SD takes 4, instruct-pix2pix 8, inpainting 9)"
         )
 
 
@@ -376,9 +376,15 @@ class Detected:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def instruct_pix2pix(self) -> bool:
+        """An 8-channel U-Net: the noisy latent + an image's latent (docs/instruct-pix2pix.md)."""
+        return int(self.unet_config.get("in_channels", 4)) == 8
+
+    @property
     def description(self) -> str:
         name = {"sd1": "SD 1.x", "sd2": "SD 2.x", "custom": "custom SD-like"}[self.family]
-        return f"{name}{' inpainting' if self.inpainting else ''} ({self.prediction_type})"
+        kind = " inpainting" if self.inpainting else " instruct-pix2pix" if self.instruct_pix2pix else ""
+        return f"{name}{kind} ({self.prediction_type})"
 
 
 def detect_ldm(

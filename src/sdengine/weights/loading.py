@@ -897,7 +897,11 @@ def _fill_diffusers_folder(
     )
     tok_src = Path(tokenizer_dir) if tokenizer_dir else ckpt.tokenizer_dir
     index: dict[str, Any] = {
-        "_class_name": "StableDiffusionInpaintPipeline" if ckpt.inpainting else "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionInpaintPipeline"
+        if ckpt.inpainting
+        else "StableDiffusionInstructPix2PixPipeline"
+        if cfgs["unet"].get("in_channels") == 8
+        else "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],

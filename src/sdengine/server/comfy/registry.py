@@ -10,6 +10,7 @@ from __future__ import annotations
 from sdengine.server.comfy.nodes import NODES as CORE_NODES
 from sdengine.server.comfy.nodes import NodeDef
 from sdengine.server.comfy.nodes_clip_vision import CLIP_VISION_NODES
+from sdengine.server.comfy.nodes_edit import EDIT_NODES
 from sdengine.server.comfy.nodes_files import FILE_NODES
 from sdengine.server.comfy.nodes_guidance import GUIDANCE_NODES
 from sdengine.server.comfy.nodes_hypertile import HYPERTILE_NODES
@@ -34,4 +35,5 @@ NODES: dict[str, NodeDef] = {
     **UTILITY_NODES,
     **CLIP_VISION_NODES,
     **IPADAPTER_NODES,
+    **EDIT_NODES,
 }
