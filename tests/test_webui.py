@@ -501,7 +501,7 @@ def test_hypertile_is_sent_with_the_job_saved_and_reused(page, client):
     """HyperTile's switch (off, on, the hires fix's second pass only), tile size, swap size, depth and rule (scale
     depth under More options) are sent with the job: the API's image, the parameters name it (A1111's Hypertile
     U-Net keys), "Reuse parameters" and the result's PNG dropped set them again; a swap size the server refuses
-    (200) is said at its box, the input kept; A1111's second-pass-only key sets that choice, its VAE tiling named."""
+    (200) is said at its box, the input kept; A1111's second-pass-only key sets that choice, its VAE tiling ticked."""
     page.eval_on_selector("#more-section", "(d) => { d.open = true; }")  # the advanced settings
     page.fill("#prompt", "a red apple")
     page.fill("#steps", "4")
@@ -560,7 +560,7 @@ def test_hypertile_is_sent_with_the_job_saved_and_reused(page, client):
     drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "a1111.png")
     page.wait_for_function("document.querySelector('#seed').value === '11'")
     assert tuple(page.input_value(sel) for sel in ids) == ("hires", "256", "3", "2", "a1111", "true")
-    assert "Hypertile VAE (this page tiles the U-Net only)" in page.text_content("#err-general")
+    assert page.is_checked("#hypertile_vae")  # its VAE tiling too (tests/test_webui_more.py)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "a cat face\nSteps: 5, Sampler: Euler, CFG scale: 7, Seed: 12, Size: 64x64")
     drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "plain.png")

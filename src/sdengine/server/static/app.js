@@ -25,6 +25,11 @@ FIELDS.push("hypertile", "hypertile_tile", "hypertile_swap", "hypertile_depth", 
   "hypertile_scale_depth"); // HyperTile (off, on, hires fix's second pass only) and its settings
 FIELDS.push("ipa-model", "ipa-clip", "ipa-scale", "ipa-start", "ipa-end", "ipa-rule"); // the IP-Adapter unit
 // (its picture is not kept)
+FIELDS.push("hypertile_vae_tile", "hypertile_vae_swap", "hypertile_vae_depth"); // HyperTile VAE's settings
+FIELDS.push("tiled_diffusion_window", "tiled_diffusion_window_height", "tiled_diffusion_stride",
+  "tiled_diffusion_batch"); // MultiDiffusion's settings
+// the checkboxes kept with the settings (their value is their ticked state, not .value)
+const CHECKS = ["hypertile_vae", "tiled_diffusion", "tiled_diffusion_circular"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
   align_your_steps: "Align Your Steps (SDXL's table on SDXL)", align_your_steps_sdxl: "Align Your Steps, SDXL table",
@@ -123,6 +128,12 @@ function nestedInput(loc) {
   if (list === "hypertile" && HYPERTILE_INPUTS[index]) {
     return { id: HYPERTILE_INPUTS[index][0], label: HYPERTILE_INPUTS[index][1] };
   }
+  if (list === "hypertile_vae" && HYPERTILE_VAE_INPUTS[index]) {
+    return { id: HYPERTILE_VAE_INPUTS[index][0], label: HYPERTILE_VAE_INPUTS[index][1] };
+  }
+  if (list === "tiled_diffusion" && TILED_DIFFUSION_INPUTS[index]) {
+    return { id: TILED_DIFFUSION_INPUTS[index][0], label: TILED_DIFFUSION_INPUTS[index][1] };
+  }
   if (list === "controlnets" && index === 0 && CN_LABELS[key]) return { id: `cn-${key}`, label: CN_LABELS[key] };
   if (list === "ip_adapters" && index === 0 && IPA_LABELS[key]) return { id: `ipa-${key}`, label: IPA_LABELS[key] };
   if (list === "loras" && key === "weight") {
@@ -141,6 +152,14 @@ const DEEP_SHRINK_INPUTS = { block: ["deep_shrink_block", "Deep Shrink block"],
   upscale_method: ["deep_shrink_upscale", "Deep Shrink upscale method"] };
 const HYPERTILE_INPUTS = [["hypertile_tile", "HyperTile tile size"], ["hypertile_swap", "HyperTile swap size"],
   ["hypertile_depth", "HyperTile depth"]];
+const HYPERTILE_VAE_INPUTS = [["hypertile_vae_tile", "HyperTile VAE tile size"],
+  ["hypertile_vae_swap", "HyperTile VAE swap size"], ["hypertile_vae_depth", "HyperTile VAE depth"]];
+// the native job's tiled_diffusion settings (sdengine.diffusion.multidiffusion) and the inputs that hold them
+const TILED_DIFFUSION_INPUTS = { window: ["tiled_diffusion_window", "Tiled diffusion window"],
+  window_height: ["tiled_diffusion_window_height", "Tiled diffusion window height"],
+  stride: ["tiled_diffusion_stride", "Tiled diffusion stride"],
+  circular: ["tiled_diffusion_circular", "Tiled diffusion circular"],
+  view_batch: ["tiled_diffusion_batch", "Tiled diffusion view batch"] };
 const HR_INPUTS = { hr_scale: ["hr-scale", "Hires upscale by"], hr_upscaler: ["hr-upscaler", "Hires upscaler"],
   hr_second_pass_steps: ["hr-steps", "Hires steps"], hr_resize_x: ["hr-resize-x", "Hires resize width"],
   hr_resize_y: ["hr-resize-y", "Hires resize height"], hr_sampler: ["hr-sampler", "Hires sampler"],
@@ -247,6 +266,17 @@ const ERROR_FIELDS = [
   [/deep shrink downscale_method|deep_shrink\.downscale/i, "deep_shrink_downscale"],
   [/deep shrink upscale_method|deep_shrink\.upscale/i, "deep_shrink_upscale"],
   [/deep[_ ]shrink/i, "deep_shrink"],
+  // HyperTile VAE's and tiled diffusion's before HyperTile's and the size's ("... latent wider than the window")
+  [/hypertile_vae tile_size/i, "hypertile_vae_tile"],
+  [/hypertile_vae swap_size/i, "hypertile_vae_swap"],
+  [/hypertile_vae max_depth/i, "hypertile_vae_depth"],
+  [/hypertile_vae|hypertile vae/i, "hypertile_vae"],
+  [/tiled diffusion window_height|tiled_diffusion\.window_height/i, "tiled_diffusion_window_height"],
+  [/tiled diffusion window|tiled_diffusion\.window/i, "tiled_diffusion_window"],
+  [/tiled diffusion stride|tiled_diffusion\.stride/i, "tiled_diffusion_stride"],
+  [/tiled diffusion view_batch|tiled_diffusion\.view_batch/i, "tiled_diffusion_batch"],
+  [/circular tiled diffusion|tiled diffusion circular|tiled_diffusion\.circular/i, "tiled_diffusion_circular"],
+  [/tiled[_ ]diffusion/i, "tiled_diffusion"],
   [/hypertile tile_size/i, "hypertile_tile"],
   [/hypertile swap_size/i, "hypertile_swap"],
   [/hypertile max_depth/i, "hypertile_depth"],
@@ -634,6 +664,7 @@ function saveSettings(event) {
   s.ipaEnabled = $("ipa-enabled").checked;
   s.hrEnabled = $("hr-enabled").checked;
   s.tiling = $("tiling").checked;
+  s.checks = Object.fromEntries(CHECKS.map((id) => [id, $(id).checked]));
   s.styles = chosenStyles().map((st) => st.name);
   s.loras = Object.fromEntries(state.loras.map((l, i) => [l.name,
     { use: $(`lora-use-${i}`).checked, weight: $(`lora-weight-${i}`).value }]));
@@ -665,6 +696,7 @@ function restoreSettings() {
   $("ipa-enabled").checked = !!s.ipaEnabled && !$("ipa-enabled").disabled;
   $("hr-enabled").checked = !!s.hrEnabled;
   if (!editedEarly.has("tiling")) $("tiling").checked = !!s.tiling;
+  for (const id of CHECKS) if (!editedEarly.has(id)) $(id).checked = !!s.checks?.[id];
   if (Array.isArray(s.styles)) tickStyles(s.styles);
   state.loras.forEach((l, i) => {
     const saved = s.loras?.[l.name];
@@ -779,7 +811,7 @@ function applyInfotext(text) {
   }
   // HyperTile: A1111's "Hypertile U-Net: True" (every pass) or "Hypertile U-Net second pass: True" (the hires fix's
   // only), its max tile size / swap size / max depth (256, 3, 3 where missing), sdengine's "Hypertile rule" and
-  // "Hypertile scale depth"; A1111's HyperTile on the VAE said missing; else off
+  // "Hypertile scale depth"; else off
   const tiled = /^true$/i.test((f["Hypertile U-Net"] || "").trim());
   const tiledHires = !tiled && /^true$/i.test((f["Hypertile U-Net second pass"] || "").trim());
   const tileOf = (key, fallback) => ((tiled || tiledHires) && f[key] ? f[key].trim() : fallback);
@@ -790,7 +822,16 @@ function applyInfotext(text) {
   const tileRule = tileOf("Hypertile rule", "a1111");
   if (!put("hypertile_rule", tileRule)) missing.push(`Hypertile rule ${tileRule}`);
   put("hypertile_scale_depth", tileOf("Hypertile scale depth", "True").toLowerCase() === "false" ? "false" : "true");
-  if (/^true$/i.test((f["Hypertile VAE"] || "").trim())) missing.push("Hypertile VAE (this page tiles the U-Net only)");
+  // HyperTile on the VAE: A1111's "Hypertile VAE: True", its max tile size / swap size / max depth (128, 3, 3 where
+  // missing), as sdengine.metadata reads them; else off
+  const vaeTiled = /^true$/i.test((f["Hypertile VAE"] || "").trim());
+  $("hypertile_vae").checked = vaeTiled;
+  if (f["Hypertile VAE"]) set.push("hypertile_vae");
+  const vaeTileOf = (key, fallback) => parseInt(vaeTiled && f[key] ? f[key].trim() : fallback, 10);
+  put("hypertile_vae_tile", vaeTileOf("Hypertile VAE max tile size", "128"));
+  put("hypertile_vae_swap", vaeTileOf("Hypertile VAE swap size", "3"));
+  put("hypertile_vae_depth", vaeTileOf("Hypertile VAE max depth", "3"));
+  applyTiledDiffusion(f, put, set, missing);
   if (f.Seed) put("seed", f.Seed);
   const size = /^(\d+)x(\d+)$/.exec(f.Size || "");
   if (size) { put("width", size[1]); put("height", size[2]); }
@@ -837,6 +878,7 @@ function applyInfotext(text) {
   if (f.Model && !put("model", f.Model)) missing.push(`model ${f.Model}`);
   applyHires(f, put, missing);
   applyControlNet(f, put, missing, own);
+  applyIpAdapter(f, put, missing);
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
   // (twice the weight).
   state.loras.forEach((l, i) => { $(`lora-use-${i}`).checked = false; });
@@ -878,6 +920,69 @@ function applyControlNet(f, put, missing, own) {
   if (!mode || !put("cn-mode", mode[0])) missing.push(`ControlNet control mode ${unit["Control Mode"]}`);
   if (unit["Hires Control Mode"]) missing.push(`ControlNet hires control mode ${unit["Hires Control Mode"]}`);
   for (const k of keys.slice(1)) missing.push(`${k} (this page runs one ControlNet)`);
+}
+
+/** MultiDiffusion of an infotext, as sdengine.metadata.tiled_diffusion_kwargs reads it: sdengine's "Tiled Diffusion:
+ * MultiDiffusion", "Tiled Diffusion window: WxH" (latent cells), "Tiled Diffusion stride", "... circular: True" and
+ * "... batch" (1 where missing): ticked with its settings, or unticked for an image made without it. The A1111
+ * extension's one-field dictionary (its own tile layout) and a method this page lacks are said. */
+function applyTiledDiffusion(f, put, set, missing) {
+  const text = (f["Tiled Diffusion"] || "").trim();
+  const ours = text.toLowerCase() === "multidiffusion";
+  const cells = /^(\d+)x(\d+)$/i.exec((f["Tiled Diffusion window"] || "").trim());
+  if (text && !ours) missing.push(text.startsWith("{") ? "Tiled Diffusion (the A1111 extension's settings: its "
+    + "tiles are laid out otherwise)" : `Tiled Diffusion ${text}`);
+  else if (ours && !cells) missing.push(`Tiled Diffusion window ${f["Tiled Diffusion window"] || "(none)"}`);
+  const on = ours && !!cells;
+  $("tiled_diffusion").checked = on;
+  $("tiled_diffusion_circular").checked = on && /^true$/i.test((f["Tiled Diffusion circular"] || "").trim());
+  if (text) set.push("tiled_diffusion");
+  put("tiled_diffusion_window", on ? parseInt(cells[1], 10) : 64);
+  put("tiled_diffusion_window_height", on && cells[2] !== cells[1] ? parseInt(cells[2], 10) : "");
+  put("tiled_diffusion_stride", on && f["Tiled Diffusion stride"] ? parseInt(f["Tiled Diffusion stride"], 10) : 8);
+  put("tiled_diffusion_batch", on && f["Tiled Diffusion batch"] ? parseInt(f["Tiled Diffusion batch"], 10) : 1);
+}
+
+/** A file of the server's list (GET /v1/ip_adapters, /v1/clip_vision: paths in its folder) that an infotext names by
+ * its stem (sdengine writes the file's or folder's name without its suffix and folders); null if none or several. */
+function fileByStem(select, name) {
+  const stem = (path) => path.split("/").pop().replace(/\.(safetensors|bin|pt|pth|ckpt)$/i, "");
+  const found = [...select.options].filter((o) => o.value && stem(o.value) === name);
+  return found.length === 1 ? found[0].value : null;
+}
+
+/** The IP-Adapter of an infotext (sdengine's "IP-Adapter 0: "Model: NAME [HASH], Weight: w, CLIP vision: NAME [HASH],
+ * Negative rule: r, Images: k[, Start: s, End: e]"", as sdengine.metadata.recorded_ip_adapters reads it): ticked with
+ * its model, scale, window, encoder and rule (the picture is not in the infotext: the one picked stays), or unticked
+ * for an image made without one. What this page cannot set is said: a model or encoder this server lacks, a scaling
+ * or per-layer weights, a second unit. */
+function applyIpAdapter(f, put, missing) {
+  const keys = Object.keys(f).filter((k) => /^IP-Adapter \d+$/.test(k)).sort((a, b) => parseInt(a.slice(11), 10)
+    - parseInt(b.slice(11), 10));
+  $("ipa-enabled").checked = keys.length > 0 && !$("ipa-enabled").disabled;
+  if (!keys.length) return;
+  const unit = {};
+  for (const m of String(f[keys[0]]).matchAll(/\s*([^:,]+):\s*([^,]*)/g)) unit[m[1].trim()] = m[2].trim();
+  const nameOf = (text) => (text || "").replace(/\s*\[[0-9a-fA-F]+\]$/, "").trim();
+  const model = fileByStem($("ipa-model"), nameOf(unit.Model));
+  if (!model || !put("ipa-model", model)) missing.push(`IP-Adapter ${nameOf(unit.Model)}`);
+  put("ipa-scale", unit.Weight !== undefined ? parseFloat(unit.Weight) : 1);
+  put("ipa-start", unit.Start !== undefined ? parseFloat(unit.Start) : 0);
+  put("ipa-end", unit.End !== undefined ? parseFloat(unit.End) : 1);
+  if (unit["CLIP vision"] !== undefined) {
+    const clip = fileByStem($("ipa-clip"), nameOf(unit["CLIP vision"]));
+    if (!clip || !put("ipa-clip", clip)) missing.push(`CLIP vision ${nameOf(unit["CLIP vision"])}`);
+  } else {
+    put("ipa-clip", "");
+  }
+  const rule = (unit["Negative rule"] || "diffusers").trim();
+  if (!put("ipa-rule", rule)) missing.push(`IP-Adapter negative rule ${rule}`);
+  if (unit.Scaling && unit.Scaling !== "output") missing.push(`IP-Adapter scaling ${unit.Scaling}`);
+  if (unit["Layer weights"]) missing.push("IP-Adapter layer weights (this page sets one scale)");
+  if (unit.Images && parseInt(unit.Images, 10) > 1) {
+    missing.push(`IP-Adapter ${unit.Images} pictures (this page sends one)`);
+  }
+  for (const k of keys.slice(1)) missing.push(`${k} (this page runs one IP-Adapter)`);
 }
 
 /** The hires fix of an infotext ("Hires upscale", "Hires steps", "Hires upscaler"; A1111's names): ticked
@@ -1115,6 +1220,18 @@ async function buildRequest() {
     Object.assign(body, { hypertile: HYPERTILE_INPUTS.map(([id, label]) => number(id, label, true)),
       hypertile_hires_only: $("hypertile").value === "hires", hypertile_rule: $("hypertile_rule").value,
       hypertile_scale_depth: $("hypertile_scale_depth").value === "true" });
+  }
+  if ($("hypertile_vae").checked) { // HyperTile on the VAE; not sent when off
+    body.hypertile_vae = HYPERTILE_VAE_INPUTS.map(([id, label]) => number(id, label, true));
+  }
+  if ($("tiled_diffusion").checked) { // MultiDiffusion; not sent when off
+    const [heightId, heightLabel] = TILED_DIFFUSION_INPUTS.window_height;
+    const height = $(heightId).value.trim() === "" && $(heightId).validity.valid ? null
+      : number(heightId, heightLabel, true);
+    body.tiled_diffusion = { window: number(...TILED_DIFFUSION_INPUTS.window, true),
+      ...(height !== null ? { window_height: height } : {}),
+      stride: number(...TILED_DIFFUSION_INPUTS.stride, true), circular: $("tiled_diffusion_circular").checked,
+      view_batch: number(...TILED_DIFFUSION_INPUTS.view_batch, true) };
   }
   const mode = $("mode").value;
   if ($("hr-enabled").checked) {
