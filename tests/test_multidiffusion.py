@@ -334,6 +334,17 @@ def test_a_map_of_another_size_than_the_latent_is_refused_in_one_line():
     with pytest.raises(ControlNetError, match="not a whole number of pixels per cell") as e:
         net.view_hints([(0, 8, 0, 8)], (12, 20), 1)
     assert "\n" not in str(e.value)
+    # a T2I-Adapter's pixel unshuffle (factor 4 here, 2 latent cells) needs views of whole multiples of it
+    from sdengine.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
+
+    adapter = T2IAdapter(T2IAdapterConfig(3, (32, 64), 2, 4, "full_adapter")).eval()
+    net = PC.build_controlled_unet(
+        unet, [PC.ControlUnit(adapter, torch.rand(1, 3, 24, 40), 1.0)], width=40, height=24, grid=torch.tensor([500.0])
+    )
+    net.view_hints([(0, 8, 0, 8)], (12, 20), 1)  # 16 x 16 pixels: taken
+    with pytest.raises(ControlNetError, match="is not a multiple of the T2I-Adapter's factor 4") as e:
+        net.view_hints([(0, 8, 0, 7)], (12, 20), 1)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("kind", ["controlnet", "adapter"])

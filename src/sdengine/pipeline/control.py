@@ -509,7 +509,10 @@ class ControlledUNet:
         key = (tuple(batch), size, rows)
         crops = self.view_state.get(key)
         if crops is None:
-            crops = [_view_maps(u.image, batch, size, rows, k) for k, u in enumerate(self.units)]
+            crops = [
+                _view_maps(u.image, batch, size, rows, k, u.net if isinstance(u.net, T2IAdapter) else None)
+                for k, u in enumerate(self.units)
+            ]
             self.view_state[key] = crops
         self.view_state["now"] = crops
 
@@ -795,20 +798,33 @@ def _check_features(feats: Sequence[Tensor], unet: Any, x: Tensor, k: int) -> No
 
 
 def _view_maps(
-    maps: Tensor, batch: list[tuple[int, int, int, int]], size: tuple[int, int], rows: int, k: int
+    maps: Tensor,
+    batch: list[tuple[int, int, int, int]],
+    size: tuple[int, int],
+    rows: int,
+    k: int,
+    net: Any = None,
 ) -> Tensor:
     """The maps (N, C, H, W) of a latent of ``size`` cells cut to the views of ``batch`` (see
     :meth:`ControlledUNet.view_hints`): ``rows`` maps per view, row ``r`` of a view taking map ``r % N``."""
     h, w = size
     mh, mw = int(maps.shape[-2]), int(maps.shape[-1])
     f = mh // h if h else 0
-    # a ControlNet's map is the image's size (f cells a side of the latent's); a T2I-Adapter's may be rounded up to
-    # its unshuffle factor (fewer than f more pixels)
-    if f < 1 or not (f * h <= mh < f * (h + 1) and f * w <= mw < f * (w + 1)):
+    # a ControlNet's map is the image's size (f pixels a latent cell); a T2I-Adapter's may be rounded up to its
+    # unshuffle factor (a few more pixels: the same f a cell on both sides)
+    if f < 1 or not (f * h <= mh < (f + 1) * h and f * w <= mw < (f + 1) * w):
         raise ControlNetError(
             f"control unit {k + 1}: its map is {mw}x{mh} pixels, not a whole number of pixels per cell of the "
             f"{w}x{h} latent the tiled diffusion views cut"
         )
+    unshuffle = int(getattr(getattr(net, "config", None), "downscale_factor", 1)) if net is not None else 1
+    for top, bottom, left, right in batch:
+        if ((bottom - top) * f) % unshuffle or ((right - left) * f) % unshuffle:
+            raise ControlNetError(
+                f"control unit {k + 1}: a tiled diffusion view of {(right - left) * f}x{(bottom - top) * f} pixels "
+                f"is not a multiple of the T2I-Adapter's factor {unshuffle} (choose a window, window height and image "
+                f"size in multiples of {max(1, unshuffle // f)} latent cells)"
+            )
     pick = [r % int(maps.shape[0]) for r in range(rows)]
     out = []
     for top, bottom, left, right in batch:
