@@ -111,3 +111,23 @@ def test_img2img_takes_it_and_refuses_the_extensions_upscaler(client) -> None:
     assert not np.array_equal(decode(r.json()["images"][0]), decode(plain.json()["images"][0]))
     r = client.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": {NAME: {"args": [*args, "R-ESRGAN 4x+"]}}})
     assert r.status_code == 400 and "args[10] (upscaler_name): the extension's upscale" in r.json()["detail"], r.text
+
+
+def test_a_controlnet_unit_runs_with_it_as_in_the_python_api(server) -> None:
+    """The extension runs sd-webui-controlnet's units per tile: so does sdengine (each view on its cut map)."""
+    from sdengine.control import canny
+    from sdengine.pipeline import ControlUnit
+    from sdengine.server.catalog import BUILTIN_CONTROLNETS
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="DPM++ 2M", scheduler="Karras")
+    gradient = Image.linear_gradient("L").resize((128, 64)).convert("RGB")
+    control = canny(gradient.rotate(30, fillcolor=(255, 255, 255)))
+    unit = webuiapi.ControlNetUnit(image=control, module="none", model="emoji-controlnet-canny", weight=0.8)
+    args = [True, "MultiDiffusion", False, True, 1024, 1024, 8, 8, 4, 2]
+    kw: dict[str, Any] = dict(prompt="a red apple", seed=3, steps=3, width=128, height=64, cfg_scale=7.0)
+    r = api.txt2img(**kw, controlnet_units=[unit], alwayson_scripts={NAME: {"args": args}})
+    cu = ControlUnit(BUILTIN_CONTROLNETS["emoji-controlnet-canny"], control, 0.8, rule="a1111")
+    tiled = {"window": 8, "window_height": 8, "stride": 4, "view_batch": 2}
+    want = python_api(tiled_diffusion=tiled, controlnets=[cu], strength_rule="a1111")[0]
+    np.testing.assert_array_equal(np.asarray(r.image.convert("RGB")), want)
+    assert not np.array_equal(want, python_api(tiled_diffusion=tiled)[0])  # the unit acted
