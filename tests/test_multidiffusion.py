@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 pytest.importorskip("diffusers")
 
@@ -239,10 +240,131 @@ def test_circular_needs_a_latent_wider_than_the_window(sd1):
         views(16, 16, MultiDiffusion(16, 8, True))
 
 
-def test_controlnets_are_refused(sd1):
+# ------------------------------------------------------------------------------------------ ControlNet
+
+
+def _control_models(unet_config, seed: int = 1):
+    from _pipeline_models import _perturb
+    from sdengine.models.controlnet import ControlNet, ControlNetConfig
+    from sdengine.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
+
+    torch.manual_seed(seed)
+    cn = ControlNet(ControlNetConfig.from_unet(unet_config, conditioning_embedding_out_channels=(8, 16))).eval()
+    _perturb(cn, seed, 0.05)  # zero convs non-zero, so the ControlNet matters
+    adapter = T2IAdapter(T2IAdapterConfig(3, (32, 64), 2, 2, "full_adapter")).eval()
+    _perturb(adapter, seed + 1, 0.05)
+    return cn, adapter
+
+
+def _wrapped_cut(t: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
+    """t[..., top:bottom, left:right] with the columns past the right edge wrapped, by slicing (not the code's
+    index_select)."""
+    w = t.shape[-1]
+    rows = t[..., top:bottom, :]
+    if right <= w:
+        return rows[..., left:right]
+    return torch.cat([rows[..., left:], rows[..., : right - w]], dim=-1)
+
+
+@pytest.mark.parametrize("circular,view_batch", [(False, 1), (False, 3), (True, 2)])
+def test_controlled_views_equal_each_view_run_by_hand_on_its_cut_hint(circular, view_batch):
+    """One MultiDiffusion call over a controlled U-Net (a ControlNet and a T2I-Adapter, two latent rows with two
+    maps, CFG's cond and uncond rows) equals each view's controlled U-Net run by hand on the hints cut to its
+    pixel window (latent cells x the VAE factor 2), averaged per cell by hand."""
+    from dataclasses import replace
+
+    from sdengine.models.unet import TINY_SD, UNet
+    from sdengine.pipeline import control as PC
+
+    torch.manual_seed(0)
+    unet = UNet(TINY_SD).eval()
+    cn, adapter = _control_models(TINY_SD)
+    h, w, f = 12, 40, 2
+    maps = torch.rand(2, 3, h * f, w * f)
+    units = [PC.ControlUnit(cn, maps, 0.8), PC.ControlUnit(adapter, maps.flip(0), 1.2)]
+    net = PC.build_controlled_unet(unet, units, width=w * f, height=h * f, grid=torch.tensor([500.0]))
+    settings = MultiDiffusion(16, 8, circular, view_batch, window_height=8)
+    x, ctx, t = torch.randn(2, 4, h, w), torch.randn(2, 5, 32), 500.0
+
+    def denoiser(network):  # CFG's rows: the conditional ones, then the unconditional ones (tagged)
+        def run(xv, sigma, **_):
+            n = xv.shape[0]
+            c = ctx.repeat(n // 2, 1, 1)
+            out = network(
+                torch.cat([xv, xv]),
+                t,
+                encoder_hidden_states=torch.cat([c, c]),
+                step=0,
+                row_kinds=("cond",) * n + ("uncond",) * n,
+            )
+            return out[:n] + 2 * (out[:n] - out[n:])
+
+        return run
+
+    layout = views(h, w, settings)
+    assert len(layout) >= 6 and (max(v[3] for v in layout) > w) == circular
+    with torch.no_grad():
+        got = MultiDiffusionDenoiser(denoiser(net), settings, view_hook=net.view_hints)(x, 1.0)
+        assert "now" not in net.view_state  # the whole maps again once the views are done
+        value, count = torch.zeros_like(x), torch.zeros(1, 1, h, w)
+        for top, bottom, left, right in layout:
+            cut = [replace(u, image=_wrapped_cut(u.image, top * f, bottom * f, left * f, right * f)) for u in net.units]
+            one = PC.ControlledUNet(unet, cut)
+            out = denoiser(one)(_wrapped_cut(x, top, bottom, left, right), 1.0)
+            cols = torch.arange(left, right) % w
+            value[..., top:bottom, :].index_add_(-1, cols, out)
+            count[..., top:bottom, :].index_add_(-1, cols, torch.ones(1, 1, bottom - top, right - left))
+        want = value / count
+        assert (got - want).abs().max().item() < 1e-5
+        # the hints acted: the same views without the units differ
+        bare = MultiDiffusionDenoiser(denoiser(PC.ControlledUNet(unet, [])), settings)(x, 1.0)
+        assert (got - bare).abs().max().item() > 1e-3
+
+
+def test_a_map_of_another_size_than_the_latent_is_refused_in_one_line():
+    from sdengine.errors import ControlNetError
+    from sdengine.models.unet import TINY_SD, UNet
+    from sdengine.pipeline import control as PC
+
+    unet = UNet(TINY_SD).eval()
+    cn, _ = _control_models(TINY_SD)
+    net = PC.build_controlled_unet(
+        unet, [PC.ControlUnit(cn, torch.rand(1, 3, 24, 24), 1.0)], width=24, height=24, grid=torch.tensor([500.0])
+    )
+    with pytest.raises(ControlNetError, match="not a whole number of pixels per cell") as e:
+        net.view_hints([(0, 8, 0, 8)], (12, 20), 1)
+    assert "\n" not in str(e.value)
+    # a T2I-Adapter's pixel unshuffle (factor 4 here, 2 latent cells) needs views of whole multiples of it
+    from sdengine.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
+
+    adapter = T2IAdapter(T2IAdapterConfig(3, (32, 64), 2, 4, "full_adapter")).eval()
+    net = PC.build_controlled_unet(
+        unet, [PC.ControlUnit(adapter, torch.rand(1, 3, 24, 40), 1.0)], width=40, height=24, grid=torch.tensor([500.0])
+    )
+    net.view_hints([(0, 8, 0, 8)], (12, 20), 1)  # 16 x 16 pixels: taken
+    with pytest.raises(ControlNetError, match="is not a multiple of the T2I-Adapter's factor 4") as e:
+        net.view_hints([(0, 8, 0, 7)], (12, 20), 1)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "adapter"])
+def test_pipeline_controlnet_with_one_whole_window_is_the_plain_controlnet_image(sd1, kind):
     _, pipe = sd1
-    with pytest.raises(GenerationError, match="cannot run with ControlNets"):
-        _ours(pipe, "euler", 64, 32, (16, 8), controlnets=[("x", picture(64, 32), 1.0)])
+    cn, adapter = _control_models(pipe.unet.config)
+    unit = [(cn if kind == "controlnet" else adapter, picture(96, 32, seed=4), 0.9)]
+    plain = _ours(pipe, "euler", 96, 32, None, controlnets=unit).arrays
+    whole = _ours(pipe, "euler", 96, 32, (48, 8), controlnets=unit).arrays  # the whole 16 x 48 latent: one view
+    assert _max(plain, whole) <= 1e-6
+    tiled = _ours(pipe, "euler", 96, 32, (WINDOW, STRIDE, False, 2), controlnets=unit).arrays
+    bare = _ours(pipe, "euler", 96, 32, (WINDOW, STRIDE, False, 2)).arrays
+    assert _max(tiled, bare) > 100 * TOL  # the views' hints acted
+    assert _max(tiled, plain) > 100 * TOL  # and the views changed the picture
+
+
+def test_reference_units_are_refused(sd1):
+    _, pipe = sd1
+    with pytest.raises(GenerationError, match="cannot run with reference control units"):
+        _ours(pipe, "euler", 64, 32, (16, 8), controlnets=[("reference_only", picture(64, 32), 1.0)])
 
 
 # ------------------------------------------------------------------------------------------ other models

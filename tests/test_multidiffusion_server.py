@@ -48,6 +48,15 @@ def test_a_native_job_takes_tiled_diffusion(client):
         "image": base64.b64encode(buf.getvalue()).decode(),
         "preprocessor": "none",
     }
-    r = client.post("/v1/jobs", json={**body, "tiled_diffusion": {"window": 12}, "controlnets": [unit]})
-    assert r.status_code == 400 and "tiled diffusion cannot run with ControlNets" in r.json()["detail"], r.text
+    # a ControlNet runs with it (each view on its cut map: tests/test_multidiffusion.py) and changes the image
+    tiled = {**body, "tiled_diffusion": {"window": 12, "stride": 6, "view_batch": 2}}
+    r = client.post("/v1/jobs", json={**tiled, "controlnets": [unit]})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"], timeout=300)
+    assert job["state"] == "done", job
+    controlled = np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]["url"]).content)).convert("RGB"))
+    assert controlled.shape == got.shape and not np.array_equal(controlled, got)
+    ref = {**unit, "model": "reference_only"}
+    r = client.post("/v1/jobs", json={**tiled, "controlnets": [ref]})
+    assert r.status_code == 400 and "cannot run with reference control units" in r.json()["detail"], r.text
     assert client.get("/v1/jobs").json()["queued"] == 0

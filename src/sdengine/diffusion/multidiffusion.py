@@ -13,7 +13,7 @@ this equals diffusers' panorama pipeline exactly (deterministic samplers) and wh
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,8 @@ METHODS = ("multidiffusion",)
 MAX_WINDOW = 1024  # latent cells (8192 pixels in SD's latent space)
 MAX_VIEW_BATCH = 64
 DECODE_PADDING = 8  # latent cells wrapped around each side for a circular run's VAE decode (diffusers')
+# (the call's views or None when done, the latent's (height, width), its rows): MultiDiffusionDenoiser's view_hook
+ViewHook = Callable[[list[tuple[int, int, int, int]] | None, tuple[int, int], int], None]
 FIELDS = ("window", "stride", "circular", "view_batch", "window_height", "method")
 
 
@@ -158,11 +160,17 @@ class MultiDiffusionDenoiser:
     an inpainting model's ``concat``), calls ``inner`` on ``view_batch`` views at a time (the rows of all views
     in one batch, view by view; the other conditioning tensors repeated per view), and returns each cell's mean
     over the views that cover it. A CFG++ sampler's unconditional x0 (``guidance_parts``) is averaged the same
-    way. ``schedule``, ``prediction``, ``off_grid``, ``with_timesteps`` and ``takes_step`` pass through."""
+    way. ``schedule``, ``prediction``, ``off_grid``, ``with_timesteps`` and ``takes_step`` pass through.
 
-    def __init__(self, inner: Any, settings: MultiDiffusion) -> None:
+    ``view_hook``: called before each network call with the call's views (top, bottom, left, right in latent
+    cells, as :func:`views` gives them), the latent's (height, width) and its row count, and with ``None`` once the
+    views are done: how a network holding conditioning of its own at the image's size (a ControlNet's hints,
+    :meth:`sdengine.pipeline.control.ControlledUNet.view_hints`) crops it to the views."""
+
+    def __init__(self, inner: Any, settings: MultiDiffusion, *, view_hook: ViewHook | None = None) -> None:
         self.inner = inner
         self.settings = settings
+        self.view_hook = view_hook
 
     @property
     def takes_guidance_parts(self) -> bool:
@@ -170,7 +178,7 @@ class MultiDiffusionDenoiser:
         return bool(getattr(self.inner, "takes_guidance_parts", False))
 
     def _over(self, inner: Any) -> MultiDiffusionDenoiser:
-        return MultiDiffusionDenoiser(inner, self.settings)
+        return MultiDiffusionDenoiser(inner, self.settings, view_hook=self.view_hook)
 
     @property
     def schedule(self) -> Any:
@@ -203,8 +211,34 @@ class MultiDiffusionDenoiser:
         value = torch.zeros_like(x, dtype=acc)
         count = torch.zeros((1, 1, h, w), dtype=acc, device=x.device)
         uncond = torch.zeros_like(x, dtype=acc) if guidance_parts is not None else None
-        columns = torch.arange(w, device=x.device)
         k = self.settings.view_batch
+        hook = self.view_hook
+        try:
+            self._views(x, sigma, layout, k, hook, value, count, uncond, guidance_parts, cond)
+        finally:
+            if hook is not None:
+                hook(None, (h, w), b)
+        # every cell is covered (views() leaves no gap); the division of diffusers' torch.where(count > 0, ...)
+        if uncond is not None:
+            guidance_parts.uncond = (uncond / count).to(x.dtype)
+        return (value / count).to(x.dtype)
+
+    def _views(
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        layout: list[tuple[int, int, int, int]],
+        k: int,
+        hook: ViewHook | None,
+        value: Tensor,
+        count: Tensor,
+        uncond: Tensor | None,
+        guidance_parts: Any,
+        cond: dict[str, Any],
+    ) -> None:
+        b, _, h, w = x.shape
+        acc = value.dtype
+        columns = torch.arange(w, device=x.device)
         for first in range(0, len(layout), k):
             batch = layout[first : first + k]
             n = len(batch)
@@ -218,6 +252,8 @@ class MultiDiffusionDenoiser:
                     args[key] = torch.cat([v] * n) if n > 1 else v
                 else:
                     args[key] = v
+            if hook is not None:
+                hook(batch, (h, w), b)
             parts = GuidanceParts() if guidance_parts is not None else None
             extra = {} if parts is None else {"guidance_parts": parts}
             out = self.inner(_crop(x, batch, cols), torch.cat([sigma] * n) if n > 1 else sigma, **extra, **args)
@@ -230,10 +266,6 @@ class MultiDiffusionDenoiser:
                     if parts.uncond is None:
                         raise UsageError(f"{type(self.inner).__name__} left the views' unconditional x0 unset")
                     uncond[..., top:bottom, :].index_add_(-1, c, parts.uncond[rows].to(acc))
-        # every cell is covered (views() leaves no gap); the division of diffusers' torch.where(count > 0, ...)
-        if uncond is not None:
-            guidance_parts.uncond = (uncond / count).to(x.dtype)
-        return (value / count).to(x.dtype)
 
 
 __all__ = [
@@ -244,5 +276,6 @@ __all__ = [
     "METHODS",
     "MultiDiffusion",
     "MultiDiffusionDenoiser",
+    "ViewHook",
     "views",
 ]

@@ -459,6 +459,7 @@ class ControlledUNet:
         guess_mode: bool = False,
         adapter_cache: dict[tuple[int, int, tuple[str, ...]], tuple[Tensor, int, list[Tensor]]] | None = None,
         references: ReferencePasses | None = None,
+        view_state: dict[Any, Any] | None = None,
     ) -> None:
         self.unet = unet
         self.units = units
@@ -469,6 +470,10 @@ class ControlledUNet:
         # once per generation (per map and set of CFG rows it acts on), as diffusers' adapter pipelines do, and
         # shared with the with_kinds copies. Key (net, map, row kinds) -> (the map, its version, the features).
         self.adapter_cache = {} if adapter_cache is None else adapter_cache
+        # MultiDiffusion's views (view_hints): "now" the units' maps cropped to the call's views (absent: the
+        # whole maps), the other keys those crops per view batch, made once per generation (an adapter's features
+        # then come from its cache); shared with the with_kinds copies
+        self.view_state: dict[Any, Any] = {} if view_state is None else view_state
 
     def __getattr__(self, name: str) -> Any:  # config, dtype, ... of the wrapped U-Net
         if name == "unet":
@@ -479,8 +484,37 @@ class ControlledUNet:
         """The same U-Net and loaded units (shared, nothing copied), each acting on the rows of ``kinds``."""
         units = [replace(u, kinds=k) for u, k in zip(self.units, kinds, strict=True)]
         return ControlledUNet(
-            self.unet, units, guess_mode=self.guess_mode, adapter_cache=self.adapter_cache, references=self.references
+            self.unet,
+            units,
+            guess_mode=self.guess_mode,
+            adapter_cache=self.adapter_cache,
+            references=self.references,
+            view_state=self.view_state,
         )
+
+    def unit_images(self) -> list[Tensor]:
+        """Each unit's control map(s) for this call: the whole maps, or their crops to MultiDiffusion's views."""
+        now = self.view_state.get("now")
+        return [u.image for u in self.units] if now is None else list(now)
+
+    def view_hints(self, batch: list[tuple[int, int, int, int]] | None, size: tuple[int, int], rows: int) -> None:
+        """MultiDiffusion's view hook (:class:`sdengine.diffusion.multidiffusion.MultiDiffusionDenoiser`): the
+        next calls' latent rows are ``rows`` rows of each view of ``batch`` (top, bottom, left, right in latent
+        cells of a latent of ``size``; columns past the right edge wrap), view by view, so each unit's map is cut
+        to each view's pixel window (the cells times the map's pixels per cell), the rows of a view taking the
+        maps the whole latent's rows take. ``None``: the views are done, the whole maps again."""
+        if batch is None:
+            self.view_state.pop("now", None)
+            return
+        key = (tuple(batch), size, rows)
+        crops = self.view_state.get(key)
+        if crops is None:
+            crops = [
+                _view_maps(u.image, batch, size, rows, k, u.net if isinstance(u.net, T2IAdapter) else None)
+                for k, u in enumerate(self.units)
+            ]
+            self.view_state[key] = crops
+        self.view_state["now"] = crops
 
     def active(self, step: int, sigma: float | None = None) -> list[bool]:
         """Which units act at the run's step ``step`` (a call at ``sigma``: units of the comfyui rule judge it)."""
@@ -506,7 +540,7 @@ class ControlledUNet:
             t,
             encoder_hidden_states,
             active=self.active(step),
-            images=[u.image for u in self.units],
+            images=self.unit_images(),
             row_kinds=row_kinds,
             class_labels=class_labels,
         )
@@ -642,7 +676,7 @@ class ControlledUNet:
         **kw: Any,
     ) -> Tensor:
         index = _step_index(step)
-        images = [u.image for u in self.units]
+        images = self.unit_images()
         active = self.active(index, _step_sigma(step))
         refs = self.references
         flags = [] if refs is None else [u.active(index, _step_sigma(step)) for u in refs.units]
@@ -761,6 +795,43 @@ def _check_features(feats: Sequence[Tensor], unet: Any, x: Tensor, k: int) -> No
                 f"T2I-Adapter of unit {k + 1}: its feature {i} is {tuple(f.shape[1:])} where the U-Net needs "
                 f"{want[i]} (an adapter of another model family or a map size it cannot divide)"
             )
+
+
+def _view_maps(
+    maps: Tensor,
+    batch: list[tuple[int, int, int, int]],
+    size: tuple[int, int],
+    rows: int,
+    k: int,
+    net: Any = None,
+) -> Tensor:
+    """The maps (N, C, H, W) of a latent of ``size`` cells cut to the views of ``batch`` (see
+    :meth:`ControlledUNet.view_hints`): ``rows`` maps per view, row ``r`` of a view taking map ``r % N``."""
+    h, w = size
+    mh, mw = int(maps.shape[-2]), int(maps.shape[-1])
+    f = mh // h if h else 0
+    # a ControlNet's map is the image's size (f pixels a latent cell); a T2I-Adapter's may be rounded up to its
+    # unshuffle factor (a few more pixels: the same f a cell on both sides)
+    if f < 1 or not (f * h <= mh < (f + 1) * h and f * w <= mw < (f + 1) * w):
+        raise ControlNetError(
+            f"control unit {k + 1}: its map is {mw}x{mh} pixels, not a whole number of pixels per cell of the "
+            f"{w}x{h} latent the tiled diffusion views cut"
+        )
+    unshuffle = int(getattr(getattr(net, "config", None), "downscale_factor", 1)) if net is not None else 1
+    for top, bottom, left, right in batch:
+        if ((bottom - top) * f) % unshuffle or ((right - left) * f) % unshuffle:
+            raise ControlNetError(
+                f"control unit {k + 1}: a tiled diffusion view of {(right - left) * f}x{(bottom - top) * f} pixels "
+                f"is not a multiple of the T2I-Adapter's factor {unshuffle} (choose a window, window height and image "
+                f"size in multiples of {max(1, unshuffle // f)} latent cells)"
+            )
+    pick = [r % int(maps.shape[0]) for r in range(rows)]
+    out = []
+    for top, bottom, left, right in batch:
+        cols = torch.arange(left * f, right * f, device=maps.device) % (w * f)  # a circular view's wrap
+        view = maps[:, :, top * f : bottom * f].index_select(-1, cols)
+        out.append(view if pick == list(range(int(maps.shape[0]))) else view[pick])
+    return torch.cat(out)
 
 
 def _maps_for_rows(maps: Tensor, kinds: Sequence[str]) -> Tensor:

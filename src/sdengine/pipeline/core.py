@@ -66,7 +66,7 @@ from sdengine.nn.hypertile import (
 )
 from sdengine.nn.ip_adapter import AdapterLayers, IPAdapterNet
 from sdengine.nn.transformer import middle_attention_mass, middle_transformer
-from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
+from sdengine.pipeline.control import ControlledUNet, ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import (
     call_parameters,
@@ -1334,7 +1334,8 @@ class Pipeline:
             )
             # graphs on, the U-Net unhooked: the controlled step (reference units hook the U-Net's layers per call)
             plain = pag is None and freeu is None and sag is None and hypertile is None and ip is None
-            if self.graphed("unet") is not None and plain and net.references is None:
+            views = r.tiled_diffusion is None  # MultiDiffusion's views cut the maps per call (view_hints)
+            if self.graphed("unet") is not None and plain and net.references is None and views:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(
@@ -1356,7 +1357,8 @@ class Pipeline:
             if texts is not None and multi.view_batch > 1:  # prompt editing's rows count one view's
                 multi = dataclasses.replace(multi, view_batch=1)
                 _note(p.notes, "tiled diffusion: prompt editing runs one view per call (view_batch 1)")
-            den = MultiDiffusionDenoiser(den, multi)
+            hook = net.view_hints if isinstance(net, ControlledUNet) else None  # each view's ControlNet hints
+            den = MultiDiffusionDenoiser(den, multi, view_hook=hook)
         blend: Any = None
         if r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None:
             # A1111's blend, for every U-Net: its k-diffusion samplers' on x0, its timestep samplers' on x

@@ -391,8 +391,10 @@ class GenerationRequest:
             raise
         except SdengineError as e:
             raise GenerationError(str(e)) from None
-        if self.controlnets:  # their hints are the whole image's, the views' latents a window's
-            raise GenerationError("tiled diffusion cannot run with ControlNets or T2I-Adapters: drop one of the two")
+        # ControlNets and T2I-Adapters take their maps cut to each view (ControlledUNet.view_hints); a reference
+        # unit's passes run the U-Net on the whole reference latent, not a view's
+        if any(u.reference is not None for u in self.control_units()):
+            raise GenerationError("tiled diffusion cannot run with reference control units: drop one of the two")
 
     def control_units(self) -> list[ControlUnit]:
         return [ControlUnit.coerce(u) for u in (self.controlnets or [])]

@@ -1409,6 +1409,97 @@ def forge_sag(scripts: dict[str, Any], cfg_scale: Any, hires: bool, infotext: An
     return {"sag_scale": scale, "sag_blur_sigma": blur, "sag_rule": rule}
 
 
+# The A1111 "Tiled Diffusion" extension (pkuliyi2015/multidiffusion-upscaler-for-automatic1111,
+# scripts/tilediffusion.py), as its alwayson_scripts entry names it (lower case): its ui()'s args, in order. Its
+# "MultiDiffusion" method is sdengine's tiled_diffusion (window = the latent tile, stride = tile - overlap, view
+# batch = tile batch size; its tiles are spread evenly, sdengine's views step by the stride: docs/multidiffusion.md);
+# "Overwrite image size" sets txt2img's size. The arguments that would change the image otherwise (its upscaler,
+# noise inversion, region prompts) are a 400; the rest is listed as ignored. A shorter list keeps the UI's defaults.
+TILED_DIFFUSION_SCRIPT = "tiled diffusion"
+TILED_DIFFUSION_ARGS = (
+    "enabled", "method", "overwrite_size", "keep_input_size", "image_width", "image_height", "tile_width",
+    "tile_height", "overlap", "batch_size", "upscaler_name", "scale_factor", "noise_inverse", "noise_inverse_steps",
+    "noise_inverse_retouch", "noise_inverse_renoise_strength", "noise_inverse_renoise_kernel", "control_tensor_cpu",
+    "enable_bbox_control", "draw_background", "causal_layers",
+)  # fmt: skip
+# the UI's values (txt2img's overlap 48; img2img's 8)
+TILED_DIFFUSION_DEFAULTS = (
+    False, "MultiDiffusion", False, True, 1024, 1024, 96, 96, 48, 4, "None", 2.0, False, 10, 1, 1, 64, False, False,
+    False, False,
+)  # fmt: skip
+
+
+def tiled_diffusion_script(
+    scripts: dict[str, Any], txt2img: bool, ignored: list[str], notes: list[str] | None = None
+) -> tuple[dict[str, Any] | None, tuple[int, int] | None]:
+    """The Tiled Diffusion extension's entry in ``alwayson_scripts`` (lower-cased names; taken out of ``scripts``):
+    (the request's ``tiled_diffusion`` mapping, None when absent or not enabled; txt2img's (width, height) when
+    "Overwrite image size" is on). A one-line 400 for an entry of another shape, another method (Mixture of
+    Diffusers), a value out of range or an argument that would change the image and is not done."""
+    entry = scripts.pop(TILED_DIFFUSION_SCRIPT, None)
+    if entry is None:
+        return None, None
+    where = f"alwayson_scripts.{TILED_DIFFUSION_SCRIPT}"
+    given = entry.get("args") if isinstance(entry, dict) else None
+    if not isinstance(given, list):
+        raise BadRequest(f"{where} must be an object {{args: [enabled, method, ...]}} (the extension's), got "
+                         f"{repr(entry)[:100]}")  # fmt: skip
+    args: list[Any] = list(TILED_DIFFUSION_DEFAULTS)
+    if not txt2img:
+        args[8] = 8
+    args[: len(given)] = given[: len(args)]
+
+    def label(i: int) -> str:
+        return f"{where}.args[{i}] ({TILED_DIFFUSION_ARGS[i]})"
+
+    for i in (0, 2, 3, 12, 17, 18, 19, 20):
+        if not isinstance(args[i], bool):
+            raise BadRequest(f"{label(i)} must be true or false, got {repr(args[i])[:100]}")
+    if not args[0]:
+        return None, None
+    if args[1] == "Mixture of Diffusers":
+        raise BadRequest(f"{label(1)}: Mixture of Diffusers is not supported; sdengine runs 'MultiDiffusion'")
+    if args[1] != "MultiDiffusion":
+        raise BadRequest(f"{label(1)} must be 'MultiDiffusion' (or the unsupported 'Mixture of Diffusers'), got "
+                         f"{repr(args[1])[:100]}")  # fmt: skip
+    for i in (4, 5, 6, 7, 8, 9):
+        v = args[i]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not float(v).is_integer():
+            raise BadRequest(f"{label(i)} must be a whole number, got {repr(v)[:100]}")
+    tile_w, tile_h, overlap, batch = (int(args[i]) for i in (6, 7, 8, 9))
+    if overlap < 0 or overlap >= min(tile_w, tile_h):
+        raise BadRequest(f"{label(8)} must be at least 0 and smaller than the tiles ({tile_w}x{tile_h}), got {overlap}")
+    if not txt2img and args[10] not in ("None", None):
+        raise BadRequest(f"{label(10)}: the extension's upscale of the init image is not supported (upscale it "
+                         "first: /sdapi/v1/extra-single-image), use 'None'")  # fmt: skip
+    if args[12]:
+        raise BadRequest(f"{label(12)}: noise inversion is not supported")
+    if args[18]:
+        raise BadRequest(f"{label(18)}: region prompt control is not supported")
+    if tile_w != tile_h and notes is not None:
+        notes.append(f"tiled diffusion: one stride for both sides, {min(tile_w, tile_h) - overlap} (the smaller tile "
+                     "less the overlap)")  # fmt: skip
+    from sdengine.diffusion.multidiffusion import MultiDiffusion
+
+    settings = {"window": tile_w, "window_height": tile_h, "stride": min(tile_w, tile_h) - overlap}
+    settings["view_batch"] = batch
+    try:
+        MultiDiffusion.coerce(settings)
+    except SdengineError as e:
+        raise BadRequest(f"{where}: {e}") from None
+    # the arguments that change nothing here: listed where sent otherwise than the UI's defaults
+    unused = [3] if not txt2img and args[3] else []
+    unused += [i for i in (11, 17, 19, 20) if i < len(given) and args[i] != TILED_DIFFUSION_DEFAULTS[i]]
+    ignored.extend(label(i) for i in unused)
+    size = None
+    if txt2img and args[2]:
+        for i in (4, 5):
+            if not 8 <= int(args[i]) <= 16384:
+                raise BadRequest(f"{label(i)} must be in [8, 16384], got {args[i]}")
+        size = (int(args[4]), int(args[5]))
+    return settings, size
+
+
 def _number_or_none(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
@@ -1895,6 +1986,8 @@ def install(app: FastAPI, services: Any) -> None:
         # Forge's SAG script: sdengine's SAG under ComfyUI's rule
         hires = bool(body.get("enable_hr")) and init is None
         sag = forge_sag(scripts, req.cfg_scale, hires, (req.model_extra or {}).get("infotext"))
+        # the Tiled Diffusion extension's MultiDiffusion: sdengine's tiled_diffusion (its txt2img size override)
+        tiled, tiled_size = tiled_diffusion_script(scripts, init is None, ignored, notes)
         ignored.extend(f"alwayson_scripts.{k}" for k in scripts)
         if cn is not None and not isinstance(cn, dict):
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
@@ -1942,8 +2035,9 @@ def install(app: FastAPI, services: Any) -> None:
             **({} if deep_shrink is None else {"deep_shrink": deep_shrink}),
             **hypertile_fields(tiles),
             seed=req.seed,
-            width=req.width,
-            height=req.height,
+            width=req.width if tiled_size is None else tiled_size[0],
+            height=req.height if tiled_size is None else tiled_size[1],
+            **({} if tiled is None else {"tiled_diffusion": tiled}),
             batch_size=req.batch_size,
             n_iter=req.n_iter,
             clip_skip=clip_skip,
