@@ -16,7 +16,7 @@ def _referenced() -> list[tuple[str, str]]:
         if not line.startswith("|"):
             continue
         current = None
-        for m in re.finditer(r"`(?:(test_\w+\.py))?::(test_\w+)", line):
+        for m in re.finditer(r"`(?:(?:tests/)?(test_\w+\.py))?::(test_\w+)", line):
             current = m.group(1) or current
             assert current, f"a row refers to ::{m.group(2)} before naming its file: {line}"
             refs.append((current, m.group(2)))
