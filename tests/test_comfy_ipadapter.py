@@ -573,3 +573,35 @@ def test_the_unified_loader_and_the_simple_node_are_the_advanced_node_on_the_pre
     want = _graph({"file": "ip-adapter-plus_sd15.safetensors", "weight": 0.9}, image=img)
     want["21"]["inputs"]["clip_name"] = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
     assert np.array_equal(prompt_image(c, g), prompt_image(c, want))
+
+
+def test_free_with_unload_models_drops_the_files_the_jobs_units_kept(env, monkeypatch):
+    """POST /free with unload_models dropped the Comfy loaders' adapters and encoders but not the ones the native
+    and OpenAI jobs' units keep (sdengine.pipeline.ip_adapter's file cache: a ViT-H encoder is 632M parameters):
+    a unit resolved after the /free reads its files again (new objects), one resolved before it is kept."""
+    import sdengine.weights.clip_vision_file as cvf
+    from sdengine.pipeline.ip_adapter import IPAdapterUnit, resolve_unit
+
+    reads = []
+    real = cvf.load_clip_vision
+    monkeypatch.setattr(cvf, "load_clip_vision", lambda *a, **kw: reads.append(a[0]) or real(*a, **kw))
+    ipa, cv = env["ctx"].catalog.ip_adapters_dir, env["ctx"].catalog.clip_vision_dir
+    unit = IPAdapterUnit(
+        Path(ipa) / "plain.safetensors", images=_picture(0), clip_vision=Path(cv) / "tiny.safetensors", scale=0.5
+    )
+
+    def loaded() -> tuple[Any, Any]:
+        done = resolve_unit(unit, torch.device("cpu"), torch.float32)
+        return done.adapter, done.embeds
+
+    adapter, embeds = loaded()
+    again, same_embeds = loaded()
+    assert again is adapter and torch.equal(same_embeds, embeds) and len(reads) <= 1  # kept between calls
+    c = env["client"]
+    assert c.post("/free", json={"free_memory": True, "unload_models": False}).status_code == 200
+    before = len(reads)
+    assert loaded()[0] is adapter and len(reads) == before  # the node cache only: the files stay
+    assert c.post("/free", json={"unload_models": True}).status_code == 200
+    fresh, fresh_embeds = loaded()
+    assert fresh is not adapter and torch.equal(fresh_embeds, embeds)  # read again, the same weights
+    assert len(reads) == before + 1  # the encoder too

@@ -473,6 +473,9 @@ DOC_VALUES = {
     "hypertile_hires_only": False,
     "hypertile_rule": "comfyui",
     "hypertile_scale_depth": False,
+    # off (a form's empty field): emoji's VAE has no middle attention to tile (tests/test_openai_tiled_extensions.py)
+    "hypertile_vae": "",
+    "tiled_diffusion": '{"window": 8, "stride": 4}',  # MultiDiffusion (a form's JSON string; JSON takes the object)
 }
 
 

@@ -151,8 +151,10 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(int(n) for n in e["shape"]) for k, e in header.items()}
 
 
-def _adapter_input(path: Path) -> tuple[bool, int]:
-    """(reads hidden states, the CLIP width it reads) of an IP-Adapter file, by its image projection's shapes."""
+def adapter_file_kind(path: Path) -> tuple[str, int]:
+    """(kind, the CLIP width it reads) of an IP-Adapter file, by its image projection's shapes (a safetensors
+    header; no weights read): ``plain`` reads the image embedding, ``plus`` (a resampler) and ``full`` (full face:
+    an MLP) the hidden states. A file that is not one (or a FaceID one) is a one-line WeightsError."""
     from sdengine.weights.io import WeightsError
 
     sd = _shapes(path)
@@ -160,16 +162,24 @@ def _adapter_input(path: Path) -> tuple[bool, int]:
     if faceid or any(k.startswith("image_proj.perceiver_resampler.") for k in sd):
         raise WeightsError(f"{path}: IP-Adapter FaceID files are not supported (an id-embedding projection)")
     if len(sd.get("image_proj.proj_in.weight", ())) == 2:  # Plus: the resampler reads the hidden states
-        return True, sd["image_proj.proj_in.weight"][1]
+        return "plus", sd["image_proj.proj_in.weight"][1]
     if "image_proj.proj.3.weight" in sd and len(sd.get("image_proj.proj.0.weight", ())) == 2:  # full face: an MLP
-        return True, sd["image_proj.proj.0.weight"][1]
+        return "full", sd["image_proj.proj.0.weight"][1]
     if len(sd.get("image_proj.proj.weight", ())) == 2:
-        return False, sd["image_proj.proj.weight"][1]
+        return "plain", sd["image_proj.proj.weight"][1]
     raise WeightsError(f"{path}: not an IP-Adapter file (no image_proj.proj / proj_in weights; names {sorted(sd)[:3]})")
 
 
-def _encoder_widths(path: Path) -> tuple[int, int | None]:
-    """(hidden width, image embedding width or None) of a CLIP vision file or folder, by its shapes."""
+def _adapter_input(path: Path) -> tuple[bool, int]:
+    """(reads hidden states, the CLIP width it reads) of an IP-Adapter file (:func:`adapter_file_kind`)."""
+    kind, width = adapter_file_kind(path)
+    return kind != "plain", width
+
+
+def encoder_file_info(path: Path) -> dict[str, Any]:
+    """A CLIP vision file's or folder's ``width`` (the tower's hidden size), ``layers`` (its transformer layers) and
+    ``projection`` (the image embedding's width, None without a projection), by its shapes (no weights read from a
+    safetensors file). One that is not an encoder is a one-line WeightsError."""
     from sdengine.weights.clip_vision_file import FOLDER_WEIGHTS
     from sdengine.weights.io import WeightsError
 
@@ -181,7 +191,22 @@ def _encoder_widths(path: Path) -> tuple[int, int | None]:
     if emb is None or len(emb) != 1:
         raise WeightsError(f"{where}: not a CLIP vision encoder (no vision_model.embeddings.class_embedding)")
     proj = sd.get("visual_projection.weight")
-    return emb[0], (proj[0] if proj is not None and len(proj) == 2 else None)
+    layers = set()
+    for k in sd:
+        rest = k.removeprefix("vision_model.").removeprefix("encoder.layers.")
+        if rest != k.removeprefix("vision_model.") and rest.split(".", 1)[0].isdigit():
+            layers.add(int(rest.split(".", 1)[0]))
+    return {
+        "width": emb[0],
+        "layers": len(layers),
+        "projection": proj[0] if proj is not None and len(proj) == 2 else None,
+    }
+
+
+def _encoder_widths(path: Path) -> tuple[int, int | None]:
+    """(hidden width, image embedding width or None) of a CLIP vision file or folder (:func:`encoder_file_info`)."""
+    info = encoder_file_info(path)
+    return info["width"], info["projection"]
 
 
 def adapter_input(path: Path, name: str) -> tuple[bool, int]:

@@ -36,9 +36,11 @@ What the ``openai`` client sends maps onto the pipeline this way:
   ``sag_scale``, ``sag_blur_sigma`` and ``sag_rule`` (self-attention guidance), ``deep_shrink`` (Deep Shrink, the
   native job's object; also, and in a form, a JSON object or "block,factor[,start,end]"), ``hypertile``,
   ``hypertile_hires_only``, ``hypertile_rule`` and ``hypertile_scale_depth`` (HyperTile, as the native job's; in a
-  form ``hypertile`` is "tile_size,swap_size,max_depth" and the switches ``true``/``false``), ``ip_adapters``
-  (IP-Adapter units, the native job's list of objects; in a form one JSON string), and ``strength`` (edits,
-  variations).
+  form ``hypertile`` is "tile_size,swap_size,max_depth" and the switches ``true``/``false``), ``hypertile_vae``
+  (HyperTile on the VAE's decoder, as the native job's; in a form "tile_size,swap_size,max_depth"),
+  ``tiled_diffusion`` (MultiDiffusion, the native job's object, the defaults for settings left out; in a form a
+  JSON object), ``ip_adapters`` (IP-Adapter units, the native job's list of objects; in a form one JSON string),
+  and ``strength`` (edits, variations).
 * ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
   (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
   VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
@@ -101,6 +103,7 @@ EXTENSIONS += ("pag_scale", "pag_layers")
 EXTENSIONS += ("freeu", "freeu_version", "freeu_rule")
 EXTENSIONS += ("sag_scale", "sag_blur_sigma", "sag_rule")
 EXTENSIONS += ("deep_shrink", "hypertile", "hypertile_hires_only", "hypertile_rule", "hypertile_scale_depth")
+EXTENSIONS += ("hypertile_vae", "tiled_diffusion")
 EXTENSIONS += ("ip_adapters",)
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
@@ -166,6 +169,8 @@ class GenerationsRequest(BaseModel):
     hypertile_hires_only: Any = None
     hypertile_rule: Any = None
     hypertile_scale_depth: Any = None
+    hypertile_vae: Any = None
+    tiled_diffusion: Any = None  # the native job's object (or a JSON string, as in a form): checked by patch_fields
     ip_adapters: Any = None  # the native job's list of units (checked by the request builder)
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
@@ -199,10 +204,13 @@ def check_fields(route: str, names: Any) -> None:
 
 def param_of(message: str) -> str | None:
     """The request field an error message is about, for OpenAI's ``error.param``: its first word ("size must ...",
-    "unknown model ..."); ``width``/``height`` and a ``WxH`` the model refuses ("1024x1024 is too large ...") come
-    from ``size``."""
+    "unknown model ..."), or its first two joined ("tiled diffusion stride ..." is ``tiled_diffusion``'s);
+    ``width``/``height`` and a ``WxH`` the model refuses ("1024x1024 is too large ...") come from ``size``."""
     words = message.removeprefix("unknown ").split(" ", 1)
     word = words[0].strip("'\":,")
+    two = "_".join(message.removeprefix("unknown ").split(" ", 2)[:2]).strip("'\":,").lower()
+    if word not in PARAMS and two in PARAMS:  # the request builder's "tiled diffusion ...", "deep shrink ..."
+        return two
     word = "size" if word in ("width", "height") or _SIZE.match(word) else word
     return word if word in PARAMS else None
 
@@ -276,11 +284,12 @@ def deep_shrink_of(value: Any) -> dict[str, Any] | None:
     return dict(zip(FIELDS, settings.key, strict=True))
 
 
-def hypertile_of(value: Any) -> list[int] | None:
-    """The ``hypertile`` extension as the native job's [tile_size, swap_size, max_depth]: a list of three whole
-    numbers, or a string (a form field) "tile_size,swap_size,max_depth"; "" or null: off. Their ranges are the
-    request builder's to check (its message starts with ``hypertile``)."""
-    shape = "hypertile must be three whole numbers [tile_size, swap_size, max_depth] (e.g. [256, 3, 3]), got"
+def hypertile_of(value: Any, key: str = "hypertile") -> list[int] | None:
+    """The ``hypertile`` (or ``hypertile_vae``: ``key``) extension as the native job's [tile_size, swap_size,
+    max_depth]: a list of three whole numbers, or a string (a form field) "tile_size,swap_size,max_depth"; "" or
+    null: off. Their ranges are the request builder's to check (its message starts with the field's name)."""
+    example = "[128, 3, 3]" if key == "hypertile_vae" else "[256, 3, 3]"
+    shape = f"{key} must be three whole numbers [tile_size, swap_size, max_depth] (e.g. {example}), got"
     if isinstance(value, str):
         text = value.strip()
         if not text:
@@ -288,24 +297,56 @@ def hypertile_of(value: Any) -> list[int] | None:
         try:
             value = [int(x.strip()) for x in text.split(",")]
         except ValueError:
-            raise ParamError(f"{shape} {text[:100]!r}", "hypertile") from None
+            raise ParamError(f"{shape} {text[:100]!r}", key) from None
     if not isinstance(value, list) or len(value) != 3:
-        raise ParamError(f"{shape} {repr(value)[:100]}", "hypertile")
+        raise ParamError(f"{shape} {repr(value)[:100]}", key)
     for x in value:
         if isinstance(x, bool) or not isinstance(x, int):
-            raise ParamError(f"{shape} {repr(value)[:100]}", "hypertile")
+            raise ParamError(f"{shape} {repr(value)[:100]}", key)
     return value
 
 
+def tiled_diffusion_of(value: Any) -> dict[str, Any] | None:
+    """The ``tiled_diffusion`` extension as the native job's object, every setting (the defaults for those left
+    out), checked as the native job checks it: an object, or a string (a form field) holding one; "" or null: off.
+    A bad one is a one-line 400 with ``param`` ``tiled_diffusion``."""
+    from pydantic import ValidationError
+
+    from sdengine.server.schemas import TiledDiffusionSpec
+
+    shape = "tiled_diffusion must be an object {window, window_height, stride, circular, view_batch, method}"
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ParamError(f"{shape}; got {text[:100]!r} (not JSON)", "tiled_diffusion") from None
+    if not isinstance(value, dict):
+        raise ParamError(f"{shape}; got {repr(value)[:100]}", "tiled_diffusion")
+    try:
+        return TiledDiffusionSpec.model_validate(value).model_dump()
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        got = repr(err.get("input"))[:100]
+        raise ParamError(f"tiled_diffusion.{where}: {err['msg']} (got {got})", "tiled_diffusion") from None
+
+
 def patch_fields(out: dict[str, Any]) -> dict[str, Any]:
-    """Deep Shrink's and HyperTile's extensions in ``out`` (those sent) checked and in the native job's shapes, so
-    that a bad one is a 400 naming its field before the request builder sees it."""
+    """Deep Shrink's, HyperTile's and MultiDiffusion's extensions in ``out`` (those sent) checked and in the native
+    job's shapes, so that a bad one is a 400 naming its field before the request builder sees it."""
     from sdengine.nn.hypertile import HYPERTILE_RULES
 
     if "deep_shrink" in out:
         out["deep_shrink"] = deep_shrink_of(out["deep_shrink"])
     if "hypertile" in out:
         out["hypertile"] = hypertile_of(out["hypertile"])
+    if "hypertile_vae" in out:
+        out["hypertile_vae"] = hypertile_of(out["hypertile_vae"], "hypertile_vae")
+    if "tiled_diffusion" in out:
+        out["tiled_diffusion"] = tiled_diffusion_of(out["tiled_diffusion"])
     for key in ("hypertile_hires_only", "hypertile_scale_depth"):
         if key in out and not isinstance(out[key], bool):
             raise ParamError(f"{key} must be true or false, got {repr(out[key])[:100]}", key)
@@ -697,6 +738,8 @@ def install(app: FastAPI, services: Any) -> None:
                     "hypertile_hires_only": form_flag(fields, "hypertile_hires_only"),
                     "hypertile_rule": fields.get("hypertile_rule") or None,
                     "hypertile_scale_depth": form_flag(fields, "hypertile_scale_depth"),
+                    "hypertile_vae": fields.get("hypertile_vae") or None,  # "tile_size,swap_size,max_depth"
+                    "tiled_diffusion": fields.get("tiled_diffusion") or None,  # a JSON object
                     "ip_adapters": fields.get("ip_adapters") or None,  # a JSON list of units
                 }
             ),
@@ -881,7 +924,10 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             "description": "sdengine: which up blocks FreeU changes, as the native job's freeu_rule",
         },
         "deep_shrink": {
-            "oneOf": [{"type": "object", "additionalProperties": False, "properties": deep_shrink_schema()}, text],
+            "oneOf": [
+                {"type": "object", "additionalProperties": False, "properties": spec_schema("DeepShrinkSpec")},
+                text,
+            ],
             "description": "sdengine: Deep Shrink (kohya's, ComfyUI's PatchModelAddDownscale, Forge's Kohya HRFix) as "
             "the native job's deep_shrink object (the defaults for settings left out); a string (a form) holds a JSON "
             'object or "block,factor[,start,end]"; none: off',
@@ -910,6 +956,22 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             "default": True,
             "description": "sdengine: the smallest tile doubles with each depth, as the native job's",
         },
+        "hypertile_vae": {
+            "oneOf": [
+                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 3, "maxItems": 3},
+                text,
+            ],
+            "description": "sdengine: HyperTile on the VAE's decoder (A1111's Hypertile VAE) as the native job's "
+            'hypertile_vae [tile_size, swap_size, max_depth] ("tile_size,swap_size,max_depth" in a form); none: off',
+        },
+        "tiled_diffusion": {
+            "oneOf": [
+                {"type": "object", "additionalProperties": False, "properties": spec_schema("TiledDiffusionSpec")},
+                text,
+            ],
+            "description": "sdengine: MultiDiffusion (the latent denoised as overlapping windows) as the native job's "
+            "tiled_diffusion object (the defaults for settings left out; a form sends it as a JSON string); none: off",
+        },
         "ip_adapters": {
             "oneOf": [{"type": "array", "maxItems": 4, "items": {"type": "object"}}, text],
             "description": "sdengine: IP-Adapter units {model, image, scale, clip_vision, negative_rule}, as the "
@@ -926,12 +988,18 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def deep_shrink_schema() -> dict[str, Any]:
-    """The native job's Deep Shrink settings (their ranges and defaults) as JSON Schema properties."""
-    from sdengine.server.schemas import DeepShrinkSpec
+def spec_schema(name: str) -> dict[str, Any]:
+    """The native job's settings object ``name`` of :mod:`sdengine.server.schemas` (``DeepShrinkSpec``,
+    ``TiledDiffusionSpec``: their ranges and defaults) as JSON Schema properties."""
+    from sdengine.server import schemas
 
-    props: dict[str, Any] = DeepShrinkSpec.model_json_schema()["properties"]
+    props: dict[str, Any] = getattr(schemas, name).model_json_schema()["properties"]
     return {name: {k: v for k, v in prop.items() if k != "title"} for name, prop in props.items()}
+
+
+def deep_shrink_schema() -> dict[str, Any]:
+    """The native job's Deep Shrink settings as JSON Schema properties (:func:`spec_schema`)."""
+    return spec_schema("DeepShrinkSpec")
 
 
 def request_schema(route: str, config: Any) -> dict[str, Any]:

@@ -990,6 +990,9 @@ def apply_free(st: ComfyState, services: Any, own: Any = None) -> None:
         from sdengine.server.comfy.nodes_ipadapter import forget_ipadapters
 
         forget_ipadapters()  # IPAdapterModelLoader's kept adapters: the same
+        from sdengine.pipeline.ip_adapter import forget_loaded
+
+        forget_loaded()  # and the adapter / encoder files the native and OpenAI jobs' units kept (an encoder is large)
         for w in services.manager.workers:
             if w.current is None or w is own:
                 w.pipe, w.model = None, None
