@@ -422,7 +422,6 @@ def _model_schedule(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return run
 
 
-@_model_schedule
 def edit_image(cond: Mapping[str, Tensor], pipe: Any, b: int, h: int, w: int, dev: Any) -> Tensor:
     """An instruct-pix2pix U-Net's extra channels for one conditioning entry: its ``concat`` image latent
     (InstructPixToPixConditioning's, unscaled), one row or one per latent row, or zeros where it carries none (as
@@ -441,6 +440,7 @@ def edit_image(cond: Mapping[str, Tensor], pipe: Any, b: int, h: int, w: int, de
     return image.to(dev).expand(b, -1, -1, -1)
 
 
+@_model_schedule
 def sample_latents(
     pipe: Any,
     positive: Sequence[TextCondition],

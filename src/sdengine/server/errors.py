@@ -213,16 +213,20 @@ def _redact_bare(text: str, roots: list[str]) -> str:
         path, end = m.group("p"), m.end()
         if _redact_one(path, roots) is None:  # a route, a path the client sent: as it is
             continue
-        # a server path may hold spaces: it takes the words up to the last one that goes on with a separator
+        # a server path may hold spaces: it takes the words up to the last one that goes on with a separator,
+        # looking a few words past each separator (the count starts again at each: "/tmp/a b c d e/f g h i j/x")
         pos = end
-        for _ in range(_CONTINUATION_WORDS if path[-1] not in ",;:!?" else 0):
+        budget = _CONTINUATION_WORDS if path[-1] not in ",;:!?" else 0
+        while budget > 0:
             w = _NEXT_WORD.match(text, pos)
             if w is None or w.group("w")[0] in "/\\" or re.match(r"[A-Za-z]:[\\/]", w.group("w")):
                 break  # the line ended, or another absolute path starts
             pos = w.end()
             word = w.group("w")
+            budget -= 1
             if "/" in word or "\\" in word:
                 end = pos
+                budget = _CONTINUATION_WORDS
             if word[-1] in ",;:!?":  # a clause ends here
                 break
         new = _redact_one(text[m.start() : end], roots)
