@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, ExitStack
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor
@@ -55,7 +55,48 @@ Perturb = Callable[[int], AbstractContextManager[Any]]
 AttentionMap = Callable[[int, int], AbstractContextManager[Any]]
 
 
-class CFGDenoiser:
+class GuidedDenoiser:
+    """What every guidance wrapper here is to the samplers: the inner denoiser's schedule, prediction and step
+    argument passed on, and the same guidance over another inner denoiser (:meth:`_over`) for off-grid sigmas and
+    pinned timesteps. Subclasses hold ``inner`` and define ``_over``."""
+
+    inner: Any
+
+    def _over(self, inner: Any) -> Self:
+        raise NotImplementedError
+
+    @property
+    def takes_row_kinds(self) -> bool:
+        return False  # the tags are made here; a wrapper around this one sees one kind of row
+
+    # The sampling entry point reads these from the denoiser it is given.
+    @property
+    def schedule(self) -> Any:
+        return self.inner.schedule
+
+    @property
+    def prediction(self) -> str:
+        return self.inner.prediction
+
+    @property
+    def off_grid(self) -> Self:
+        """The same guidance over the inner denoiser's un-pinned timesteps (for off-grid sigmas)."""
+        inner_off = getattr(self.inner, "off_grid", self.inner)
+        return self if inner_off is self.inner else self._over(inner_off)
+
+    @property
+    def takes_step(self) -> bool:
+        return bool(getattr(self.inner, "takes_step", False))
+
+    # The CFG++ samplers' hook (sdengine.diffusion.samplers.GuidanceParts): the unconditional x0 of each call.
+    takes_guidance_parts = True
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> Self:
+        inner = self.inner.with_timesteps(sigmas, timesteps) if hasattr(self.inner, "with_timesteps") else self.inner
+        return self._over(inner)
+
+
+class CFGDenoiser(GuidedDenoiser):
     """See the module docstring. An inner denoiser with ``takes_row_kinds = True`` is also handed
     ``row_kinds``: a tuple with "cond" or "uncond" for every row of the batch it gets (a perturbed row is "cond")."""
 
@@ -117,36 +158,6 @@ class CFGDenoiser:
             attention_map=self.attention_map,
             sag_rule=self.sag_rule,
         )
-
-    @property
-    def takes_row_kinds(self) -> bool:
-        return False  # the tags are made here; a wrapper around this one sees one kind of row
-
-    # The sampling entry point reads these from the denoiser it is given.
-    @property
-    def schedule(self) -> Any:
-        return self.inner.schedule
-
-    @property
-    def prediction(self) -> str:
-        return self.inner.prediction
-
-    @property
-    def off_grid(self) -> CFGDenoiser:
-        """The same guidance over the inner denoiser's un-pinned timesteps (for off-grid sigmas)."""
-        inner_off = getattr(self.inner, "off_grid", self.inner)
-        return self if inner_off is self.inner else self._over(inner_off)
-
-    @property
-    def takes_step(self) -> bool:
-        return bool(getattr(self.inner, "takes_step", False))
-
-    # The CFG++ samplers' hook (sdengine.diffusion.samplers.GuidanceParts): the unconditional x0 of each call.
-    takes_guidance_parts = True
-
-    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> CFGDenoiser:
-        inner = self.inner.with_timesteps(sigmas, timesteps) if hasattr(self.inner, "with_timesteps") else self.inner
-        return self._over(inner)
 
     def __call__(self, x: Tensor, sigma: Tensor | float, *, guidance_parts: Any = None, **cond: Any) -> Tensor:
         """The guided x0; ``guidance_parts`` (a CFG++ sampler's GuidanceParts) also gets the unconditional x0, the
@@ -366,7 +377,7 @@ class PerpNeg:
 # ------------------------------------------------------------------------ InstructPix2Pix's image guidance
 
 
-class ImageCFGDenoiser:
+class ImageCFGDenoiser(GuidedDenoiser):
     """InstructPix2Pix's guidance (Brooks et al. 2023, eq. 3; diffusers' StableDiffusionInstructPix2PixPipeline,
     A1111's ``combine_denoised_for_edit_model``): three row blocks in ONE batched call of ``inner``, in the order
     both stack them: (prompt, image), (negative prompt, image), (negative prompt, no image: zeros in the
@@ -375,8 +386,6 @@ class ImageCFGDenoiser:
     ``uncond`` holds the negative prompt's values for the conditioning keys (as :class:`CFGDenoiser`'s); the
     image latent rides in ``concat``. Row kinds for a ``takes_row_kinds`` inner denoiser: "cond", then "uncond"
     for both other blocks. A CFG++ sampler's unconditional x0: the last block's (neither text nor image)."""
-
-    takes_guidance_parts = True
 
     def __init__(self, inner: Any, scale: float, image_scale: float, uncond: Mapping[str, Tensor]) -> None:
         for name, v in (("guidance scale", scale), ("image guidance scale", image_scale)):
@@ -389,31 +398,6 @@ class ImageCFGDenoiser:
 
     def _over(self, inner: Any) -> ImageCFGDenoiser:
         return ImageCFGDenoiser(inner, self.scale, self.image_scale, self.uncond)
-
-    @property
-    def takes_row_kinds(self) -> bool:
-        return False
-
-    @property
-    def schedule(self) -> Any:
-        return self.inner.schedule
-
-    @property
-    def prediction(self) -> str:
-        return self.inner.prediction
-
-    @property
-    def off_grid(self) -> ImageCFGDenoiser:
-        inner_off = getattr(self.inner, "off_grid", self.inner)
-        return self if inner_off is self.inner else self._over(inner_off)
-
-    @property
-    def takes_step(self) -> bool:
-        return bool(getattr(self.inner, "takes_step", False))
-
-    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> ImageCFGDenoiser:
-        inner = self.inner.with_timesteps(sigmas, timesteps) if hasattr(self.inner, "with_timesteps") else self.inner
-        return self._over(inner)
 
     def __call__(self, x: Tensor, sigma: Tensor | float, *, guidance_parts: Any = None, **cond: Any) -> Tensor:
         if "concat" not in cond:
