@@ -307,10 +307,11 @@ def check_encoder(encoder: CLIPVisionModel, adapter: IPAdapter) -> None:
     width = encoder_width(encoder, adapter)
     if width != adapter.embed_dim:
         what = "hidden states" if adapter.reads_hidden_states else "image embeddings"
+        named = f"the CLIP vision encoder {encoder.name}" if encoder.name else "the CLIP vision encoder"
         raise UsageError(
-            f"{adapter.name} reads CLIP vision {what} of width {adapter.embed_dim}; the CLIP vision encoder "
-            f"{encoder.name or ''} gives {width} ({encoder.extra_repr()}): use the encoder it was trained with "
-            "(ViT-H/14 for the SD 1.5 and *_vit-h adapters, ViT-bigG/14 for ip-adapter_sdxl)".replace("  ", " ")
+            f"{adapter.name} reads CLIP vision {what} of width {adapter.embed_dim}; {named} gives {width} "
+            f"({encoder.extra_repr()}): use the encoder it was trained with (ViT-H/14 for the SD 1.5 and *_vit-h "
+            "adapters, ViT-bigG/14 for ip-adapter_sdxl)"
         )
 
 
