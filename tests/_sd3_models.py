@@ -88,9 +88,9 @@ def make_sd3_folder(dst: Path, *, seed: int = 0, sd35: bool = False, t5: bool = 
             sample_size=SIZE // 2,
             patch_size=2,
             in_channels=16,
-            num_layers=3,
-            attention_head_dim=8,
-            num_attention_heads=4,
+            num_layers=2,  # Stability's layout has one head per block: a single file's config is read so
+            attention_head_dim=16,
+            num_attention_heads=2,
             joint_attention_dim=JOINT,
             caption_projection_dim=32,
             pooled_projection_dim=64,

@@ -669,6 +669,8 @@ def to_generate_kwargs(
         if not isinstance(sdxl, dict) or not sdxl:
             raise MetadataError(f"SDXL options: {parsed['SDXL options']!r} is not a JSON object of SDXL settings")
         kwargs["sdxl"] = sdxl
+    if "Shift" in parsed:  # a flow model's time shift (SD3; Forge's field name)
+        kwargs["shift"] = _parse_float(parsed, "Shift")
     if parsed.get("Tiny VAE"):  # sdengine's field: the tiny VAE decoded (the run needs one loaded again)
         kwargs["vae_decode"] = "tiny"
     if parsed.get("Tiny VAE encode"):  # and this one: its encoder made the init image's latent
@@ -727,6 +729,7 @@ def to_generate_kwargs(
         "Clip skip rule",
         "Sampler options",
         "SDXL options",
+        "Shift",
         "Prediction type",  # a loading option: the caller's (sdengine generate --from-png passes it on)
         "Pad conds",  # A1111's padding of the shorter of prompt and negative prompt: what sdengine always does
     }

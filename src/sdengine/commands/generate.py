@@ -898,6 +898,7 @@ def run(a: argparse.Namespace) -> int:
         "sag_scale": a.sag_scale,
         "sag_blur_sigma": a.sag_blur_sigma,
         "sag_rule": a.sag_rule,
+        "shift": a.shift,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
     if a.pag_layers is not None and not kwargs.get("pag_scale"):
@@ -1112,8 +1113,18 @@ def run(a: argparse.Namespace) -> int:
         config=a.config,
         embeddings_dir=a.embeddings_dir,
         tiny_vae=a.tiny_vae,
+        clip_l=a.clip_l,
+        clip_g=a.clip_g,
+        t5=a.t5,
     )
     t1 = time.perf_counter()
+    family = getattr(pipe, "family_defaults", None)  # SD3: Euler on its flow grid, cfg 7, 28 steps (diffusers')
+    if family:
+        for kw in iterations:
+            if "sampler" not in kw and "schedule" not in kw:
+                kw.update(sampler=family["sampler"], schedule=family["schedule"])
+            for key in ("cfg_scale", "steps"):
+                kw.setdefault(key, family[key])
     refiner: Any = None
     sdxl_base: Any = None
     if a.refiner is not None and sides is None:  # SDXL base -> refiner hand-off
@@ -1204,9 +1215,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--model", default=None, help="model folder, file or built-in name (default: emoji)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {HELP_DEFAULTS['steps']})")
     p.add_argument(
-        "--sampler", default=None, help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']})"
+        "--steps", type=int, default=None, help=f"sampling steps (default {HELP_DEFAULTS['steps']}; SD3: 28)"
+    )
+    p.add_argument(
+        "--sampler",
+        default=None,
+        help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']}; SD3: euler on its normal schedule)",
     )
     p.add_argument(
         "--schedule",
@@ -1220,7 +1235,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--cfg",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g})",
+        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g}; SD3: 7)",
     )
     p.add_argument(
         "--seed",
@@ -1581,6 +1596,33 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--config",
         default=None,
         help="a single file's config: an LDM .yaml or a diffusers folder (default: MODEL.yaml beside the file)",
+    )
+    p.add_argument(
+        "--clip-l",
+        default=None,
+        metavar="FILE",
+        help="SD3: the CLIP-L text encoder (ComfyUI's clip_l.safetensors or a text_encoder/ folder), for a model "
+        "file without it or in place of its own",
+    )
+    p.add_argument(
+        "--clip-g",
+        default=None,
+        metavar="FILE",
+        help="SD3: the OpenCLIP bigG text encoder (ComfyUI's clip_g.safetensors or a text_encoder_2/ folder)",
+    )
+    p.add_argument(
+        "--t5",
+        default=None,
+        metavar="FILE",
+        help="SD3: the T5-XXL text encoder (t5xxl_fp16.safetensors, a text_encoder_3/ folder); without one a model "
+        "that has none runs with zeros in T5's place",
+    )
+    p.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        metavar="F",
+        help="SD3: the flow schedule's time shift (default: the model's, 3.0); written to the PNG as 'Shift'",
     )
     p.add_argument("--prompt-2", default=None, help="SDXL: the prompt of the second text encoder (default: the prompt)")
     p.add_argument("--negative-2", default=None, help="SDXL: the second encoder's negative prompt")

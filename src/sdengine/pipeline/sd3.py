@@ -280,7 +280,19 @@ class SD3Pipeline(Pipeline):
             raise GenerationError(f"{self.name} (SD3): {refused[0]}")
         if isinstance(request.schedule, str) and request.schedule.strip().lower() == "auto":
             request = request.replace(schedule="normal")  # SD3's own grid (diffusers' FlowMatchEulerDiscreteScheduler)
-        return super().prepare(request)
+        p = super().prepare(request)
+        from sdengine.diffusion.flow import FLOW_SCHEDULES, flow_sampler_view
+        from sdengine.errors import UsageError
+
+        try:  # the samplers and schedules that are right on a flow model (sdengine.diffusion.flow)
+            flow_sampler_view(p.sampler)
+        except UsageError as e:
+            raise GenerationError(f"{self.name} (SD3): {e}") from None
+        if p.schedule not in FLOW_SCHEDULES:
+            raise GenerationError(
+                f"{self.name} (SD3): schedule {p.schedule!r} is not one of a flow model's: {', '.join(FLOW_SCHEDULES)}"
+            )
+        return p
 
     @contextmanager
     def _shift(self, request: GenerationRequest) -> Iterator[None]:
