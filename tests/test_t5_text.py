@@ -214,7 +214,10 @@ def test_file_layouts_load_the_same_weights(tmp_path: Path) -> None:
     }
     safetensors_torch.save_file({**others, **{SD3_PREFIX + k: v for k, v in _sd(hf).items()}}, str(sd3))
 
-    for path in (tmp_path / "folder", tmp_path / "sharded", pipe, single, alias, sd3):
+    pickle = tmp_path / "t5xxl.bin"  # a weights-only pickle
+    torch.save(_sd(hf), pickle)
+
+    for path in (tmp_path / "folder", tmp_path / "sharded", pipe, single, alias, sd3, pickle):
         model = load_t5_encoder(path)
         assert model.config == real, path
         _same_weights(model, hf)
