@@ -389,3 +389,17 @@ def test_detection():
         check_supported(sd)
     with pytest.raises(UnsupportedModelError, match=r"double_blocks\.\*: looks like Flux"):
         check_supported({"double_blocks.0.img_attn.qkv.weight": torch.ones(1)})
+
+
+def test_release_layouts_on_meta_equal_diffusers_and_read_back_from_shapes():
+    """The released architectures, built on the meta device (no memory): the same tensor names and shapes as
+    diffusers' model of the same config, and a single file of them gives the config back from its shapes."""
+    from sdengine.models.mmdit import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM
+    from sdengine.nn.meta_init import skip_meta_init
+
+    for cfg in (SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE):
+        with torch.device("meta"), skip_meta_init():
+            ours = MMDiT(cfg).state_dict()
+            theirs = SD3Transformer2DModel(**diffusers_kwargs(cfg)).state_dict()
+        assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+        assert config_from_stability(sdengine_to_stability(ours, cfg)) == cfg
