@@ -175,6 +175,8 @@ def test_bad_conditioning_and_skip_layers():
         ({"dual_attention_layers": (1, 1)}, r"repeats a block"),
         ({"caption_projection_dim": 16}, r"caption_projection_dim=16 must equal the width .* = 24"),
         ({"num_layers": 0}, r"MMDiT config: num_layers=0 is out of range"),
+        ({"num_layers": [3, 3]}, r"MMDiT config: num_layers=\[3, 3\] is not an integer"),
+        ({"patch_size": 2.0}, r"MMDiT config: patch_size=2\.0 is not an integer"),
         ({"pos_embed_max_size": 5000}, r"pos_embed_max_size=5000 is out of range"),
         (
             {"num_layers": 120, "num_attention_heads": 200, "attention_head_dim": 64, "caption_projection_dim": 12800},
@@ -199,7 +201,8 @@ def test_config_from_diffusers_and_back():
 def test_release_presets_are_the_real_sizes():
     from sdengine.models.mmdit import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM
 
-    # diffusers' counts of the released transformers (their config.json's): 2.03 B, 2.24 B, 8.06 B
+    # the released transformers' configs (diffusers' config.json); the meta test below checks the count against
+    # diffusers' model of each
     assert round(parameter_count(SD3_MEDIUM) / 1e9, 2) == 2.03
     assert round(parameter_count(SD35_MEDIUM) / 1e9, 2) == 2.24
     assert round(parameter_count(SD35_LARGE) / 1e9, 2) == 8.06
@@ -327,6 +330,8 @@ def test_load_dtype_and_device(tmp_path):
     with torch.no_grad():
         out = loaded(x, t, ctx, pooled)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    with torch.no_grad():  # float32 inputs are taken in the model's dtype
+        assert torch.equal(loaded(*(v.float() for v in (x, t, ctx, pooled))), out)
 
 
 def test_config_from_shapes():
@@ -400,6 +405,8 @@ def test_release_layouts_on_meta_equal_diffusers_and_read_back_from_shapes():
     for cfg in (SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE):
         with torch.device("meta"), skip_meta_init():
             ours = MMDiT(cfg).state_dict()
-            theirs = SD3Transformer2DModel(**diffusers_kwargs(cfg)).state_dict()
+            model = SD3Transformer2DModel(**diffusers_kwargs(cfg))
+        theirs = model.state_dict()
+        assert parameter_count(cfg) == sum(p.numel() for p in model.parameters())
         assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
         assert config_from_stability(sdengine_to_stability(ours, cfg)) == cfg

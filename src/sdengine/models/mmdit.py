@@ -95,6 +95,10 @@ class MMDiTConfig:
             raise ConfigError(f"MMDiT config: dual_attention_layers={layers!r} is not a list of block indices")
         object.__setattr__(self, "dual_attention_layers", tuple(layers))
         check_config("mmdit", self)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name not in ("dual_attention_layers", "qk_norm") and type(v) is not int:
+                raise ConfigError(f"MMDiT config: {f.name}={v!r} is not an integer")
         n = self.num_layers
         for i in self.dual_attention_layers:
             if type(i) is not int or not 0 <= i < n:
@@ -420,10 +424,15 @@ class MMDiT(nn.Module):
         skip_layers: Sequence[int] = (),
     ) -> Tensor:
         """(B, C, H, W) latents at ``timestep`` (B,) on the 0..1000 scale, text states (B, L,
-        joint_attention_dim) and pooled text (B, pooled_projection_dim) -> the velocity (B, C_out, H, W).
+        joint_attention_dim) and pooled text (B, pooled_projection_dim), taken in the model's dtype -> the
+        velocity (B, C_out, H, W) in that dtype.
         ``skip_layers``: joint blocks left out (skip-layer guidance)."""
         t = self._check(hidden_states, timestep, encoder_hidden_states, pooled_projections, skip_layers)
         skip = set(skip_layers)
+        dtype = self.proj_out.weight.dtype  # inputs are taken in the model's dtype (the timestep stays as given)
+        hidden_states = hidden_states.to(dtype)
+        encoder_hidden_states = encoder_hidden_states.to(dtype)
+        pooled_projections = pooled_projections.to(dtype)
         p, c_out = self.config.patch_size, self.config.out_channels
         b, _, hh, ww = hidden_states.shape
         x = self.pos_embed(hidden_states)  # (B, h*w, D)
