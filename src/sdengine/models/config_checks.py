@@ -35,6 +35,7 @@ KINDS = {
     "minilm": "MiniLM text",
     "clip_vision": "CLIP vision",
     "t5": "T5 text",
+    "mmdit": "MMDiT",
     "scheduler": "scheduler",
 }
 
@@ -81,6 +82,11 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "d_ff": (1, 65536),
     "relative_attention_num_buckets": (2, 1024),
     "relative_attention_max_distance": (2, 65536),
+    # diffusion transformers (SD3's MMDiT: 24-38 blocks of 1536-2432, a 192 or 384 position grid)
+    "joint_attention_dim": (1, 16384),
+    "caption_projection_dim": (1, 16384),
+    "pooled_projection_dim": (1, 16384),
+    "pos_embed_max_size": (1, 1024),
     # scheduler
     "num_train_timesteps": (1, 100_000),
     "steps_offset": (0, 100_000),
@@ -122,6 +128,8 @@ MAX_TRAINED_BETAS = INT_BOUNDS["num_train_timesteps"][1]
 # Rough lower estimate of a network's parameter count: above this it is not a model sdengine runs (SDXL's
 # U-Net has 2.6 B) and building even its meta skeleton or reading its file would be a hazard.
 MAX_PARAMETERS = 5_000_000_000
+# Kinds whose real models are larger get their own limit (SD3.5 Large's MMDiT has 8.1 B parameters).
+MAX_PARAMETERS_BY_KIND = {"mmdit": 20_000_000_000}
 
 
 def _values(config: Any) -> Mapping[str, Any]:
@@ -208,6 +216,16 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         gated = str(values.get("feed_forward_proj", "")).startswith("gated")
         per_layer = 4 * d * inner + (3 if gated else 2) * d * (values.get("d_ff") or 0)
         return (values.get("num_layers") or 0) * per_layer + (values.get("vocab_size") or 0) * d
+    if kind == "mmdit":
+
+        def one(name: str) -> int:  # lists are refused by the MMDiT config itself; count them as nothing here
+            v = values.get(name)
+            return v if type(v) is int else 0
+
+        h = one("num_attention_heads") * one("attention_head_dim")
+        grid = one("pos_embed_max_size")
+        # per block: two streams of q/k/v/out (4 h^2), a 4x MLP (8 h^2) and the adaLN modulation (6 h^2)
+        return one("num_layers") * 36 * h * h + grid * grid * h
     if kind == "clip_vision":
         h = values.get("hidden_size") or 0
         per_layer = 4 * h * h + 2 * h * (values.get("intermediate_size") or 0)
@@ -236,11 +254,20 @@ def check_config(kind: str, config: Any) -> None:
         if name in values and not isinstance(values[name], list | tuple):
             raise ConfigError(f"{what} config: {name}={_show(values[name])} is not a list of channel counts")
     n = estimate_parameters(kind, values)
-    if n > MAX_PARAMETERS:
+    limit = MAX_PARAMETERS_BY_KIND.get(kind, MAX_PARAMETERS)
+    if n > limit:
         raise ConfigError(
-            f"{what} config describes a network of at least {n:.2e} parameters (limit {MAX_PARAMETERS:.0e}); "
+            f"{what} config describes a network of at least {n:.2e} parameters (limit {limit:.0e}); "
             "refusing to build it"
         )
 
 
-__all__ = ["FLOAT_BOUNDS", "INT_BOUNDS", "MAX_PARAMETERS", "ConfigError", "check_config", "estimate_parameters"]
+__all__ = [
+    "FLOAT_BOUNDS",
+    "INT_BOUNDS",
+    "MAX_PARAMETERS",
+    "MAX_PARAMETERS_BY_KIND",
+    "ConfigError",
+    "check_config",
+    "estimate_parameters",
+]
