@@ -830,12 +830,14 @@ def run(a: argparse.Namespace) -> int:
     if a.hr_refiner_pass is not None:  # a bad pass is one line before anything loads
         a.hr_refiner_pass = hr_refiner_pass(a.hr_refiner_pass)
     kwargs: dict[str, Any] = request_defaults()
+    chosen: set[str] = set()  # the settings given (flags, --from-png): a model family's defaults leave them be
     model = a.model
     vae = a.vae
     prediction_type = a.prediction_type
     if a.from_png:
         png_kwargs, parsed = _from_png(a.from_png)
         kwargs.update(png_kwargs)
+        chosen |= set(png_kwargs)
         if prediction_type is None and parsed.get("Prediction type"):  # an override the image was made with
             prediction_type = parsed["Prediction type"]
             if prediction_type not in PREDICTION_TYPES:
@@ -901,6 +903,7 @@ def run(a: argparse.Namespace) -> int:
         "shift": a.shift,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
+    chosen |= {k for k, v in explicit.items() if v is not None}
     if a.pag_layers is not None and not kwargs.get("pag_scale"):
         raise UsageError("--pag-layers has no effect without a --pag-scale above 0: drop it, or add --pag-scale")
     if a.sag_blur_sigma is not None and not kwargs.get("sag_scale"):
@@ -1121,10 +1124,9 @@ def run(a: argparse.Namespace) -> int:
     family = getattr(pipe, "family_defaults", None)  # SD3: Euler on its flow grid, cfg 7, 28 steps (diffusers')
     if family:
         for kw in iterations:
-            if "sampler" not in kw and "schedule" not in kw:
+            if "sampler" not in chosen and "schedule" not in chosen:
                 kw.update(sampler=family["sampler"], schedule=family["schedule"])
-            for key in ("cfg_scale", "steps"):
-                kw.setdefault(key, family[key])
+            kw.update({key: family[key] for key in ("cfg_scale", "steps") if key not in chosen})
     refiner: Any = None
     sdxl_base: Any = None
     if a.refiner is not None and sides is None:  # SDXL base -> refiner hand-off
