@@ -138,10 +138,10 @@ def write_single_file(folder: Path, dst: Path, *, clips: bool = True, t5: bool =
     (sdengine's writer of Stability's names), the VAE under ``first_stage_model.`` (LDM names), and with ``clips``
     / ``t5`` the text encoders under ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.`` (transformers' names)."""
     from safetensors.torch import load_file, save_file
-    from sdengine.weights.mmdit_file import load_mmdit, sdengine_to_stability
 
     from sdengine.weights import keymaps as km
     from sdengine.weights.detect import vae_layout_from_diffusers
+    from sdengine.weights.mmdit_file import load_mmdit, sdengine_to_stability
 
     out: dict[str, torch.Tensor] = {}
     mmdit = load_mmdit(folder, dtype=torch.float32)

@@ -286,7 +286,9 @@ def test_cli_generates_sd3_with_its_defaults_and_from_png_runs_it_again(sd3, tmp
     direct = pipe(PROMPT, NEGATIVE, steps=3, seed=5, sampler="euler", schedule="normal", cfg_scale=7.0, shift=2.5)
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(direct.images[0]))
     again = tmp_path / "b"
-    assert main(["generate", "--from-png", str(made), "--model", str(folder), "--out", str(again), "--no-progress"]) == 0
+    assert (
+        main(["generate", "--from-png", str(made), "--model", str(folder), "--out", str(again), "--no-progress"]) == 0
+    )
     remade = next(again.glob("*.png"))
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(remade)))
     assert Image.open(remade).info["parameters"] == text

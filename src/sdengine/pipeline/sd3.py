@@ -129,7 +129,7 @@ class SD3Pipeline(Pipeline):
     def __init__(
         self,
         *,
-        transformer: torch.nn.Module,
+        transformer: Any,
         vae: torch.nn.Module,
         text_encoder: torch.nn.Module,
         text_encoder_2: torch.nn.Module,
@@ -152,7 +152,7 @@ class SD3Pipeline(Pipeline):
         self.tokenizer_3 = tokenizer_3
         self.encoder_sources = dict(encoder_sources or {})  # text encoders given apart from the model (--clip-l ...)
         self._call_shift: float | None = None
-        cfg = transformer.config  # type: ignore[union-attr]
+        cfg = transformer.config  # an MMDiTConfig
         conditioner = SD3Conditioner(
             text_encoder.eval().requires_grad_(False),
             self.text_encoder_2,
@@ -372,7 +372,11 @@ def load_sd3(
         )
     transformer = load_mmdit(path, device=device, dtype=dtype)
     vae = sf.load_sd3_vae(path, device=device, dtype=dtype)
-    encoders = {k: sf.load_clip_encoder(where[k], k, device=device, dtype=dtype) for k in ("clip_l", "clip_g")}
+    encoders = {
+        k: sf.load_clip_encoder(p, k, device=device, dtype=dtype)
+        for k in ("clip_l", "clip_g")
+        if (p := where[k]) is not None
+    }
     t5_model = None
     tokenizer_3 = None
     if where["t5"] is not None:

@@ -173,20 +173,21 @@ class SD3Conditioner:
 
     def t5_states(self, prompt: str, note: Note = _ignore) -> Tensor:
         """T5's (1, 256, joint) states of the prompt's text (zeros without T5)."""
-        if self.t5 is None:
+        t5, tokenizer = self.t5, self.t5_tokenizer
+        if t5 is None or tokenizer is None:
             return torch.zeros(1, self.t5_length, self.joint_dim)
         from sdengine.text.encode_cache import cached_call
 
         text, weighted = t5_text(prompt)
         if weighted:
             note("T5 reads the prompt without its emphasis weights (they apply to the CLIP encoders only)")
-        ids, _mask = self.t5_tokenizer([text], self.t5_length)  # no mask: diffusers' SD3 attends to the padding
+        ids, _mask = tokenizer([text], self.t5_length)  # no mask: diffusers' SD3 attends to the padding
         ids = torch.as_tensor(ids, dtype=torch.long)
-        if len(self.t5_tokenizer.encode(text)) > self.t5_length:
+        if len(tokenizer.encode(text)) > self.t5_length:
             note(f"T5 reads the first {self.t5_length} tokens of the prompt; the rest is cut off (CLIP reads it all)")
-        param = next(iter(self.t5.parameters()))
+        param = next(iter(t5.parameters()))
         ids = ids.to(param.device)
-        states = cached_call(self.t5, ("t5", tuple(ids[0].tolist())), lambda: self.t5(ids))
+        states = cached_call(t5, ("t5", tuple(ids[0].tolist())), lambda: t5(ids))
         return states.float()
 
     def text(self, prompt: str, clip_skip: int = 1, chunks: int = 0, note: Note = _ignore) -> tuple[Tensor, Tensor]:
