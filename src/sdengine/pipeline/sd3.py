@@ -336,7 +336,7 @@ def load_sd3(
     :mod:`sdengine.weights.sd3_files` for the layouts). ``clip_l``, ``clip_g``, ``t5``: text encoders given apart
     (files or folders), used in place of the model's own; a model without CLIP encoders needs both CLIP ones; T5
     is optional (without it its 256 tokens are zeros, as diffusers' ``text_encoder_3=None``)."""
-    from sdengine.pipeline.loading import _load_tokenizer, _pad_token_id
+    from sdengine.pipeline.loading import clip_pad_token_id, clip_tokenizer
     from sdengine.text.t5_tokenizer import load_t5_tokenizer
     from sdengine.weights import sd3_files as sf
     from sdengine.weights.io import load_file
@@ -385,7 +385,7 @@ def load_sd3(
         tokenizer_3 = load_t5_tokenizer(tok3 if tok3 is not None and (tok3 / "tokenizer.json").is_file() else None)
     tok_dir = path / "tokenizer" if folder and (path / "tokenizer").is_dir() else None
     tok2_dir = path / "tokenizer_2" if folder and (path / "tokenizer_2").is_dir() else None
-    tokenizer, tokenizer_2 = _load_tokenizer(tok_dir), _load_tokenizer(tok2_dir)
+    tokenizer, tokenizer_2 = clip_tokenizer(tok_dir), clip_tokenizer(tok2_dir)
     return SD3Pipeline(
         transformer=transformer,
         vae=vae,
@@ -397,8 +397,8 @@ def load_sd3(
         tokenizer_3=tokenizer_3,
         scheduler_config=sf.scheduler_config(path),
         # SD3's CLIP-L pads with its end token, bigG with "!" (as SDXL's): the folders' tokenizer configs say so
-        pad_token_id=_pad_token_id(tok_dir, tokenizer.vocab, "sd1"),
-        pad_token_id_2=_pad_token_id(tok2_dir, tokenizer_2.vocab, "sd2"),
+        pad_token_id=clip_pad_token_id(tok_dir, tokenizer.vocab, "sd1"),
+        pad_token_id_2=clip_pad_token_id(tok2_dir, tokenizer_2.vocab, "sd2"),
         device=device,
         dtype=dtype,
         name=name or path.name.removesuffix(path.suffix) or path.name,
