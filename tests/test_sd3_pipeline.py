@@ -175,6 +175,32 @@ def test_sd35_blocks_match_diffusers(tmp_path):
     assert mad < TOL
 
 
+def test_skip_layer_guidance_matches_diffusers(sd3):
+    """SD3.5's skip-layer guidance (diffusers' skip_guidance_layers): with start 0.01 and stop 0.5 of 6 steps the
+    steps 1 and 2 run the conditional rows again without block 0."""
+    folder, pipe = sd3
+    sd3_opts = {"skip_guidance_layers": [0], "skip_layer_guidance_start": 0.01, "skip_layer_guidance_stop": 0.5}
+    result = _ours(pipe, steps=6, sd3=sd3_opts)
+    theirs = _theirs(
+        diffusers_sd3(folder),
+        num_inference_steps=6,
+        skip_guidance_layers=[0],
+        skip_layer_guidance_start=0.01,
+        skip_layer_guidance_stop=0.5,
+    )
+    mad = _mad(result.arrays, theirs)
+    print(f"sd3 skip-layer guidance: mean abs {mad:.2e}")
+    assert mad < TOL
+    assert _mad(result.arrays, _ours(pipe, steps=6).arrays) > 1e-3  # it changed the image
+    text = result.infotexts[0]
+    assert "Skip layer guidance: 2.8, Skip layers: 0, Skip layer start: 0.01, Skip layer stop: 0.5" in text
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    again = to_generate_kwargs(parse_parameters(text))
+    assert again["sd3"] == {**sd3_opts, "skip_layer_guidance_scale": 2.8}
+    assert np.array_equal(pipe(**again, progress=False).arrays, result.arrays)
+
+
 def test_single_file_gives_the_folders_image(sd3, single):
     folder, pipe = sd3
     from_file = sdengine.load_pipeline(single, device="cpu")
@@ -244,6 +270,8 @@ def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
         ({"prompt": "a [cat:dog:0.5]"}, r"prompt editing \(\[a:b:when\], \[a\|b\]\) is not supported for SD3"),
         ({"shift": 0.0}, r"shift must be a number in \(0, 100\]"),
         ({"sampler": "ddim"}, "ddim"),
+        ({"sd3": {"skip_guidance_layers": [5]}}, r"sd3 skip_guidance_layers 5 is not a joint block of this MMDiT"),
+        ({"sd3": {"skip_layers": [1]}}, "unknown sd3 settings: skip_layers"),
     ],
 )
 def test_settings_made_for_unets_are_refused_in_one_line(sd3, settings, message):

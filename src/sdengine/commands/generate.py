@@ -36,6 +36,24 @@ if TYPE_CHECKING:
 HELP_DEFAULTS: dict[str, Any] = {"steps": 25, "sampler": "dpmpp_2m", "cfg_scale": 7.5, "strength": 0.75}
 
 
+def _slg_arg(value: str | None) -> dict[str, Any] | None:
+    """``--slg LAYERS[:SCALE[:START:STOP]]`` -> the request's ``sd3`` settings (a one-line UsageError else)."""
+    if value is None:
+        return None
+    parts = value.split(":")
+    try:
+        if len(parts) not in (1, 2, 4):
+            raise ValueError
+        layers = [int(x) for x in parts[0].split(",")]
+        numbers = [float(x) for x in parts[1:]]
+    except ValueError:
+        raise UsageError(
+            f"--slg {value!r}: expected LAYERS[:SCALE[:START:STOP]], e.g. 7,8,9 or 7,8,9:2.8 or 7,8,9:2.8:0.01:0.2"
+        ) from None
+    keys = ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop")
+    return {"skip_guidance_layers": layers, **dict(zip(keys, numbers, strict=False))}
+
+
 def request_defaults() -> dict[str, Any]:
     """The defaults a generate run starts from: GenerationRequest's, with seed -1 (random)."""
     from ..pipeline.request import GenerationRequest
@@ -901,6 +919,7 @@ def run(a: argparse.Namespace) -> int:
         "sag_blur_sigma": a.sag_blur_sigma,
         "sag_rule": a.sag_rule,
         "shift": a.shift,
+        "sd3": _slg_arg(a.slg),
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
     chosen |= {k for k, v in explicit.items() if v is not None}
@@ -1625,6 +1644,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         metavar="F",
         help="SD3: the flow schedule's time shift (default: the model's, 3.0); written to the PNG as 'Shift'",
+    )
+    p.add_argument(
+        "--slg",
+        default=None,
+        metavar="LAYERS[:SCALE[:START:STOP]]",
+        help="SD3.5: skip-layer guidance on these joint blocks (e.g. 7,8,9, Stability's for SD3.5 Medium), scale "
+        "(default 2.8), from START to STOP as fractions of the steps (default 0.01:0.2); diffusers' "
+        "skip_guidance_layers; written to the PNG and read back by --from-png",
     )
     p.add_argument("--prompt-2", default=None, help="SDXL: the prompt of the second text encoder (default: the prompt)")
     p.add_argument("--negative-2", default=None, help="SDXL: the second encoder's negative prompt")
