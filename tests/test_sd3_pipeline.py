@@ -240,15 +240,23 @@ def test_single_file_without_text_encoders_needs_the_clip_flags(sd3, tmp_path):
 
 
 def test_encoder_files_are_checked(sd3, single, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sdengine.weights.io import WeightsError
+
     folder, _ = sd3
     with pytest.raises(GenerationError, match=r"--t5 .*missing\.safetensors: no such file or folder"):
         sdengine.load_pipeline(single, device="cpu", t5=tmp_path / "missing.safetensors")
-    with pytest.raises(Exception, match=r"holds SD3's clip_g, not its clip_l"):
-        from safetensors.torch import load_file, save_file
-
-        sd = {k: v for k, v in load_file(single).items() if k.startswith("text_encoders.clip_g.")}
-        save_file(sd, str(tmp_path / "g_only.safetensors"))
-        sdengine.load_pipeline(single, device="cpu", clip_l=tmp_path / "g_only.safetensors")
+    sd = load_file(single)
+    save_file({k: v for k, v in sd.items() if k.startswith("text_encoders.clip_g.")}, str(tmp_path / "g.safetensors"))
+    with pytest.raises(WeightsError, match=r"g\.safetensors: holds SD3's clip_g, not its clip_l"):
+        sdengine.load_pipeline(single, device="cpu", clip_l=tmp_path / "g.safetensors")
+    plain = {k: v for k, v in load_file(folder / "text_encoder" / "model.safetensors").items() if "projection" not in k}
+    save_file(plain, str(tmp_path / "no_proj.safetensors"))
+    with pytest.raises(WeightsError, match=r"not a CLIP text encoder with a projection"):
+        sdengine.load_pipeline(single, device="cpu", clip_l=tmp_path / "no_proj.safetensors")
+    with pytest.raises(GenerationError, match=r"\(SD3\): a separate VAE \(vae= / --vae\) is not supported for SD3 yet"):
+        sdengine.load_pipeline(single, device="cpu", vae=folder / "vae")
 
 
 def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
@@ -272,6 +280,11 @@ def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
         ({"sampler": "ddim"}, "ddim"),
         ({"sd3": {"skip_guidance_layers": [5]}}, r"sd3 skip_guidance_layers 5 is not a joint block of this MMDiT"),
         ({"sd3": {"skip_layers": [1]}}, "unknown sd3 settings: skip_layers"),
+        ({"sd3": {"skip_guidance_layers": [0, 0]}}, r"sd3 skip_guidance_layers repeats a block: \[0, 0\]"),
+        (
+            {"sd3": {"skip_guidance_layers": [0], "skip_layer_guidance_start": 0.5, "skip_layer_guidance_stop": 0.2}},
+            "must be fractions of the steps with start <= stop",
+        ),
     ],
 )
 def test_settings_made_for_unets_are_refused_in_one_line(sd3, settings, message):
@@ -294,6 +307,8 @@ def test_shift_is_refused_for_a_unet_model(tiny_sd1_folder):
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
     with pytest.raises(GenerationError, match=r"shift applies to flow models \(SD3\) only"):
         pipe("a cat", steps=1, shift=2.0, width=32, height=32, progress=False)
+    with pytest.raises(GenerationError, match=r"sd3 settings apply to SD3 models only"):
+        pipe("a cat", steps=1, sd3={"skip_guidance_layers": [1]}, width=32, height=32, progress=False)
 
 
 def test_cli_generates_sd3_with_its_defaults_and_from_png_runs_it_again(sd3, tmp_path):
