@@ -335,3 +335,41 @@ def test_cli_generates_sd3_with_its_defaults_and_from_png_runs_it_again(sd3, tmp
     remade = next(again.glob("*.png"))
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(remade)))
     assert Image.open(remade).info["parameters"] == text
+
+
+def test_images_equal_with_recorded_graphs(sd3):
+    """The CUDA-graph path (on by default on a GPU in half precision: sdengine.fastpath) recorded on the CPU with the
+    test stand-in: the MMDiT replays (with skip-layer guidance's second call too) and the image is the eager one."""
+    from _cpu_graphs import CPUBackend
+
+    _, pipe = sd3
+    slg = {"skip_guidance_layers": [0], "skip_layer_guidance_stop": 0.5}
+    plain, plain_slg = _ours(pipe).arrays, _ours(pipe, steps=6, sd3=slg).arrays
+    try:
+        assert pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
+        np.testing.assert_array_equal(_ours(pipe).arrays, plain)
+        net = pipe.cuda_graphs["unet"]
+        assert net.replays > 0
+        np.testing.assert_array_equal(_ours(pipe, steps=6, sd3=slg).arrays, plain_slg)
+    finally:
+        pipe.cuda_graphs = None
+
+
+def test_long_and_weighted_prompts(sd3):
+    """A prompt past 75 CLIP tokens takes a second 77-token chunk on the CLIP side (A1111's rule), T5 keeps its 256
+    tokens; emphasis acts on the CLIP states only, and T5 reads the text without the brackets (both said in notes)."""
+    from sdengine.text.sd3_conditioner import t5_text
+
+    _, pipe = sd3
+    long_prompt = "a red apple on a table, " * 16  # about 100 CLIP tokens
+    notes: list[str] = []
+    cond, uncond = pipe.conditioner.pair(long_prompt, "blurry", note=notes.append)
+    assert cond["crossattn"].shape == uncond["crossattn"].shape == (1, 2 * 77 + 256, 160)
+    assert t5_text("a (red:1.3) apple BREAK on [a] table <lora:x:1>") == ("a red apple on a table ", True)
+    plain, _ = pipe.conditioner.pair("a red apple", "")
+    weighted, _ = pipe.conditioner.pair("a (red:1.3) apple", "", note=notes.append)
+    assert not torch.equal(weighted["crossattn"][:, :77], plain["crossattn"][:, :77])  # CLIP's states weighted
+    assert torch.equal(weighted["crossattn"][:, 77:], plain["crossattn"][:, 77:])  # T5's the plain text's
+    assert any("T5 reads the prompt without its emphasis weights" in n for n in notes)
+    result = _ours(pipe, long_prompt, steps=2)
+    assert result.arrays.shape == (1, SIZE, SIZE, 3)
