@@ -94,6 +94,21 @@ def test_conditioning_equals_diffusers_encode_prompt(sd3):
     assert float(cond["crossattn"][:, 77:].abs().max()) > 0
 
 
+def test_clip_skip_is_diffusers_clip_skip_plus_one(sd3):
+    """sdengine's clip_skip 2 reads hidden_states[-3] of both CLIP encoders: diffusers' clip_skip=1 (which it
+    applies to the prompt only; sdengine to the negative prompt too)."""
+    folder, pipe = sd3
+    ref = diffusers_sd3(folder)
+    cond, _ = pipe.conditioner.pair(PROMPT, NEGATIVE, clip_skip=2)
+    pe, _, pp, _ = ref.encode_prompt(PROMPT, None, None, negative_prompt=NEGATIVE, device="cpu", clip_skip=1)
+    assert float((cond["crossattn"] - pe).abs().max()) < 1e-4
+    assert float((cond["vector"] - pp).abs().max()) < 1e-5
+    default, _ = pipe.conditioner.pair(PROMPT, NEGATIVE)
+    assert not torch.equal(default["crossattn"][:, :77], cond["crossattn"][:, :77])
+    with pytest.raises(GenerationError, match=r"clip_skip must be an integer in 0\.\.2 for SD3, got 3"):
+        pipe.conditioner.pair(PROMPT, NEGATIVE, clip_skip=3)
+
+
 def test_txt2img_with_cfg_and_negative_matches_diffusers(sd3):
     folder, pipe = sd3
     result = _ours(pipe)
