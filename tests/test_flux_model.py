@@ -185,8 +185,10 @@ def test_input_errors() -> None:
         model(latent, t, context, pooled[:1], g)
     with pytest.raises(UsageError, match=r"timestep must be a number or have shape \(2,\)"):
         model(latent, t[:1].repeat(3), context, pooled, g)
-    with pytest.raises(UsageError, match="finite"):
+    with pytest.raises(UsageError, match=r"timestep must be finite, got \[1\.0, nan\]"):
         model(latent, torch.tensor([1.0, float("nan")]), context, pooled, g)
+    with pytest.raises(UsageError, match=r"guidance must be finite"):
+        model(latent, t, context, pooled, float("inf"))
     schnell = FluxTransformer(TINY).eval()
     with pytest.raises(UsageError, match="takes no guidance scale"):
         schnell(latent, t, context, pooled, g)
@@ -197,6 +199,7 @@ def test_input_errors() -> None:
     [
         ({"axes_dims_rope": (4, 6, 8)}, r"adds up to 18, not attention_head_dim=16"),
         ({"axes_dims_rope": (5, 5, 6)}, r"three even numbers"),
+        ({"axes_dims_rope": 16}, r"axes_dims_rope=16 is not a list"),
         ({"patch_size": 2}, r"patch_size=2 is not supported"),
         ({"in_channels": 18}, r"in_channels=18 is not a multiple of 4"),
         ({"num_layers": 1000}, r"num_layers=1000 is out of range"),
@@ -286,6 +289,9 @@ def test_sharded_folder_loads(tmp_path: Path) -> None:
     model = load_flux_transformer(tmp_path / "transformer")
     assert model.dtype == torch.float32
     assert torch.equal(_run(model, TINY_DEV), _run(_ours(reference, TINY_DEV), TINY_DEV))
+    half = load_flux_transformer(tmp_path / "transformer", dtype="bf16")  # converted as read
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(_run(half, TINY_DEV), _run(_ours(reference, TINY_DEV).to(torch.bfloat16), TINY_DEV))
 
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["bfl", "comfyui"])
@@ -339,6 +345,11 @@ def test_scaled_float8_file_is_multiplied_out(tmp_path: Path) -> None:
     expected = FluxTransformer(TINY).eval()
     expected.load_state_dict(bfl_to_diffusers(want))
     assert torch.equal(_run(model, TINY), _run(expected, TINY))
+    # in bf16 (float8's default) the float32 scale multiplies before the one rounding to bf16
+    half = load_flux_transformer(path, axes_dims_rope=(4, 6, 6))
+    assert half.dtype == torch.bfloat16
+    got = half.transformer_blocks[0].ff.net[2].weight
+    assert torch.equal(got, want["double_blocks.0.img_mlp.2.weight"].to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("cfg", [FLUX_DEV, FLUX_SCHNELL], ids=["dev", "schnell"])
@@ -390,6 +401,12 @@ def test_file_errors(tmp_path: Path) -> None:
         load(bfl)
     with pytest.raises(WeightsError, match=r"float8 is a storage dtype"):
         load(bfl, dtype=torch.float8_e4m3fn, **axes)
+    fill = {**bfl, "img_in.weight": torch.zeros(32, 96)}  # FLUX.1 Fill: 384 in, 64 out at full size
+    with pytest.raises(WeightsError, match=r"96 numbers in and 16 out: a FLUX.1 Fill, Depth or Canny model"):
+        load(fill, **axes)
+    chroma = {**bfl, "distilled_guidance_layer.in_proj.weight": torch.zeros(2, 2)}
+    with pytest.raises(WeightsError, match=r"a Chroma model .* not supported"):
+        load(chroma, **axes)
     with pytest.raises(WeightsError, match=r"an SD3 transformer \(joint_blocks\.\*\), not a Flux one"):
         load({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2, 2)})
     with pytest.raises(WeightsError, match=r"not a Flux transformer \(no double_blocks"):
