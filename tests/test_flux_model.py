@@ -440,3 +440,16 @@ def test_rope_tables_follow_the_size() -> None:
         fresh.load_state_dict(model.state_dict())
         with torch.no_grad():
             assert torch.equal(model(latent, t, context, pooled), fresh(latent, t, context, pooled))
+
+
+def test_a_file_in_the_compute_dtype_is_not_copied(tmp_path: Path) -> None:
+    """A bf16 file loaded in bf16: the parameters are views of the file's memory map (q/k/v split from the fused
+    projections too), except the final modulation, whose halves are swapped into new tensors."""
+    bfl = {k: v.to(torch.bfloat16) for k, v in diffusers_to_bfl(_diffusers_model(TINY, seed=10).state_dict()).items()}
+    path = tmp_path / "flux1-tiny-bf16.safetensors"
+    save_safetensors(bfl, path)
+    model = load_flux_transformer(path, axes_dims_rope=(4, 6, 6))
+    assert model.dtype == torch.bfloat16
+    storages = {n: p.untyped_storage().data_ptr() for n, p in model.named_parameters()}
+    shared = {ptr for n, ptr in storages.items() if not n.startswith("norm_out.")}
+    assert len(shared) == 1 and model.x_embedder.weight.untyped_storage().nbytes() == path.stat().st_size
