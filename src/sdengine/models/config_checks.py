@@ -35,6 +35,7 @@ KINDS = {
     "minilm": "MiniLM text",
     "clip_vision": "CLIP vision",
     "mmdit": "MMDiT",
+    "t5": "T5 text",
     "scheduler": "scheduler",
 }
 
@@ -80,6 +81,12 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "caption_projection_dim": (1, 16384),
     "pooled_projection_dim": (1, 16384),
     "pos_embed_max_size": (1, 1024),
+    # T5 encoders (T5-XXL: d_model 4096, d_kv 64, d_ff 10240, 24 layers of 64 heads, 32 buckets up to 128)
+    "d_model": (1, 16384),
+    "d_kv": (1, 1024),
+    "d_ff": (1, 65536),
+    "relative_attention_num_buckets": (2, 1024),
+    "relative_attention_max_distance": (2, 65536),
     # scheduler
     "num_train_timesteps": (1, 100_000),
     "steps_offset": (0, 100_000),
@@ -89,6 +96,7 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
 FLOAT_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "norm_eps": (0.0, 1.0, False),
     "layer_norm_eps": (0.0, 1.0, False),
+    "layer_norm_epsilon": (0.0, 1.0, False),
     "scaling_factor": (0.0, 1000.0, False),
     "shift_factor": (-1000.0, 1000.0, True),
     "freq_shift": (-1000.0, 1000.0, True),
@@ -213,6 +221,11 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         grid = one("pos_embed_max_size")
         # per block: two streams of q/k/v/out (4 h^2), a 4x MLP (8 h^2) and the adaLN modulation (6 h^2)
         return one("num_layers") * 36 * h * h + grid * grid * h
+    if kind == "t5":
+        d, inner = values.get("d_model") or 0, (values.get("num_heads") or 0) * (values.get("d_kv") or 0)
+        gated = str(values.get("feed_forward_proj", "")).startswith("gated")
+        per_layer = 4 * d * inner + (3 if gated else 2) * d * (values.get("d_ff") or 0)
+        return (values.get("num_layers") or 0) * per_layer + (values.get("vocab_size") or 0) * d
     if kind == "clip_vision":
         h = values.get("hidden_size") or 0
         per_layer = 4 * h * h + 2 * h * (values.get("intermediate_size") or 0)
