@@ -383,6 +383,38 @@ def test_stochastic_samplers_land_on_the_data_law(name: str) -> None:
     assert float((std / C - 1).abs().max()) < 0.05, std
 
 
+class _Guided:
+    """A guided denoiser as the CFG++ samplers see it: a guided x0 (the Gaussian one) and an unconditional x0 (the
+    Gaussian one pulled towards 0), handed back through ``guidance_parts``."""
+
+    takes_guidance_parts = True
+
+    def __init__(self) -> None:
+        self.inner = FlowDenoiser(gaussian_net, FlowSchedule.sd3())
+        self.schedule = self.inner.schedule
+
+    def __call__(self, x, sigma, guidance_parts=None, **extra):
+        x0 = self.inner(x, sigma, **extra)
+        if guidance_parts is not None:
+            guidance_parts.uncond = 0.7 * x0
+        return x0
+
+
+def test_euler_cfg_pp_is_the_papers_rule_with_flow_alpha() -> None:
+    """CFG++ Euler (DDIM) on a flow model: ``x' = (1 - s') x0_guided + s' (x - (1 - s) x0_uncond) / s`` (Chung et
+    al. 2024, with alpha = 1 - s), re-derived in float64."""
+    steps, noise = 6, _noise(seed=15)
+    got = sampling.sample(_Guided(), noise, sampler="euler_cfg_pp", steps=steps)
+    s = flow_grid(FlowSchedule.sd3(), steps).sigmas.double().tolist()
+    s[0] = FlowSchedule.sd3().percent_to_sigma(1e-4)  # the VE view's start (ComfyUI's offset), from the same noise
+    s[0] = float(torch.tensor(s[0], dtype=torch.float32))
+    x = noise.double()
+    for i in range(steps):
+        x0 = gaussian_x0(x, torch.tensor([s[i]], dtype=torch.float64))
+        x = x0 if s[i + 1] == 0 else (1 - s[i + 1]) * x0 + s[i + 1] / s[i] * (x - (1 - s[i]) * 0.7 * x0)
+    torch.testing.assert_close(got.double(), x, rtol=0, atol=1e-4)
+
+
 def test_noise_scaling_and_denoiser() -> None:
     x0, eps = _noise(seed=13), _noise(seed=14)
     x = flow_noise_scaling(0.25, eps, x0)
