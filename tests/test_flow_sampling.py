@@ -129,6 +129,18 @@ def test_flux_mu_from_latent_size() -> None:
     assert flow_grid(FlowSchedule.flux(), 4).sigmas.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
 
 
+def test_flux_table_schedules_rederived() -> None:
+    """ComfyUI's ModelSamplingFlux: a 10000-entry table e^mu / (e^mu + 1/t - 1), t = k / 10000; its simple
+    schedule picks from it, and lands (n dividing 10000) on the Flux pipelines' linspace(1, 1/n, n) grid."""
+    mu, T, steps = 1.0, 10_000, 8
+    fs = FlowSchedule.flux(mu=mu)
+    table = math.exp(mu) / (math.exp(mu) + (1 / (np.arange(1, T + 1) / T) - 1))
+    np.testing.assert_allclose(fs.sigmas.numpy(), table, rtol=3e-7)
+    simple = [table[-(1 + int(x * (T / steps)))] for x in range(steps)] + [0.0]
+    np.testing.assert_allclose(flow_grid(fs, steps, "simple").sigmas.numpy(), simple, rtol=3e-7)
+    np.testing.assert_allclose(flow_grid(fs, steps, "simple").sigmas.numpy(), flow_grid(fs, steps).sigmas.numpy(), 3e-7)
+
+
 @pytest.mark.parametrize("kind", ["karras", "exponential"])
 def test_karras_exponential_grids_equal_flow_match_euler(kind: str) -> None:
     sch = FlowMatchEulerDiscreteScheduler(shift=3.0, **{f"use_{kind}_sigmas": True})
@@ -501,6 +513,29 @@ def test_callback_and_interrupt_see_flow_values() -> None:
             callback=lambda i, *_: i < 2,
         )
     torch.testing.assert_close(stopped.value.x, seen["dpmpp_2m"][2][2])
+
+
+def test_step_aware_networks_see_flow_sigmas_in_the_ve_view() -> None:
+    """A network that takes the sampler's step (ControlNet windows, inpainting blends) gets the flow sigma of each
+    call and the flow timestep, in the VE view as in the flow one."""
+
+    class Net:
+        takes_step = True
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, float, float]] = []
+
+        def __call__(self, x, t, step=None):
+            self.seen.append((step.index, step.sigma, float(t[0])))
+            return gaussian_net(x, t)
+
+    grid = flow_grid(FlowSchedule.sd3(), 5).sigmas.tolist()
+    for name in ("euler", "dpmpp_2m"):
+        net = Net()
+        sampling.sample(FlowDenoiser(net, FlowSchedule.sd3()), _noise(), sampler=name, steps=5)
+        assert [i for i, _, _ in net.seen] == list(range(5))
+        assert [s for _, s, _ in net.seen][1:] == grid[1:-1]  # the VE view's start is the offset, 0.99997
+        assert [t for _, _, t in net.seen][1:] == pytest.approx([1000 * s for s in grid[1:-1]], rel=1e-6)
 
 
 def test_vp_models_untouched_by_flow_option() -> None:
