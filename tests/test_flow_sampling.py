@@ -22,7 +22,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from sdengine.diffusion import samplers as S
 from sdengine.diffusion import sampling
@@ -270,7 +275,7 @@ def _dpm_loop(sch, x: torch.Tensor, generators=None) -> torch.Tensor:
     # not that rounding, is what is compared here)
     for i, t in enumerate(sch.timesteps):
         v = toy_net(x, (sch.sigmas[i] * 1000).reshape(1).expand(x.shape[0]))
-        x = sch.step(v, t, x, generator=generators).prev_sample
+        x = (sch.step(v, t, x) if generators is None else sch.step(v, t, x, generator=generators)).prev_sample
     return x
 
 
@@ -290,6 +295,26 @@ def test_dpmpp_2m_equals_flow_dpm_solver(shift: float, steps: int) -> None:
     want = _dpm_loop(sch, noise.clone())
     got = sampling.sample(
         FlowDenoiser(toy_net, FlowSchedule(shift=shift)), noise, sampler="dpmpp_2m", steps=steps, sigmas=sch.sigmas
+    )
+    torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("steps", [6, 20])
+def test_unipc_equals_flow_unipc(steps: int) -> None:
+    noise = _noise(seed=16)
+    sch = UniPCMultistepScheduler(
+        use_flow_sigmas=True,
+        prediction_type="flow_prediction",
+        flow_shift=3.0,
+        solver_order=2,
+        solver_type="bh2",
+        predict_x0=True,
+        final_sigmas_type="zero",
+    )
+    sch.set_timesteps(steps)
+    want = _dpm_loop(sch, noise.clone())
+    got = sampling.sample(
+        FlowDenoiser(toy_net, FlowSchedule.sd3()), noise, sampler="unipc", steps=steps, sigmas=sch.sigmas
     )
     torch.testing.assert_close(got, want, **TOL)
 

@@ -427,7 +427,8 @@ class VEView:
 # sampler -> the view it runs in on a flow model: "flow", as written with sigma = s (ODE samplers whose steps are
 # built from d = (x - x0) / sigma); "rf", ComfyUI's flow form of its noise (Euler a); "ve", in the VE view
 # (:class:`VEView`: exponential integrators and SDE samplers, exact there). tests/test_flow_sampling.py holds each
-# against the exact x0 of Gaussian data, and Euler, Heun and DPM++ 2M (2M SDE) against diffusers' flow schedulers.
+# against the exact x0 of Gaussian data, and Euler, Heun, DPM++ 2M, 2M SDE and UniPC against diffusers' flow
+# schedulers.
 FLOW_SAMPLERS: dict[str, str] = {
     **dict.fromkeys(("euler", "heun", "dpm2", "lms", "ipndm", "ipndm_v", "heunpp2", "gradient_estimation"), "flow"),
     "euler_a": "rf",
