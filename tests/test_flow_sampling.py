@@ -319,6 +319,27 @@ def test_unipc_equals_flow_unipc(steps: int) -> None:
     torch.testing.assert_close(got, want, **TOL)
 
 
+def test_cfg_over_a_flow_denoiser_equals_diffusers_guided_euler() -> None:
+    """Classifier-free guidance (sdengine.diffusion.guidance.CFGDenoiser) over a FlowDenoiser is SD3's guidance
+    (``v = v_u + g (v_c - v_u)``, FlowMatchEulerDiscreteScheduler), x0 being affine in v."""
+    from sdengine.diffusion.guidance import CFGDenoiser
+
+    def net(x, t, encoder_hidden_states):
+        return toy_net(x, t) + 0.3 * encoder_hidden_states.reshape(-1, 1, 1, 1)
+
+    cond, uncond, g, noise = torch.tensor([1.0, -0.5]), torch.tensor([0.0]), 4.5, _noise(seed=17)
+    sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sch.set_timesteps(8)
+    x = noise.clone()
+    for t in sch.timesteps:
+        tt = t.reshape(1).expand(2)
+        v_c, v_u = net(x, tt, cond), net(x, tt, uncond.expand(2))
+        x = sch.step(v_u + g * (v_c - v_u), t, x).prev_sample
+    guided = CFGDenoiser(FlowDenoiser(net, FlowSchedule.sd3()), g, {"encoder_hidden_states": uncond})
+    got = sampling.sample(guided, noise, sampler="euler", steps=8, extra_args={"encoder_hidden_states": cond})
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-4)
+
+
 def test_dpmpp_2m_sde_equals_flow_dpm_solver() -> None:
     noise = _noise(seed=7)
     sch = DPMSolverMultistepScheduler(
