@@ -62,10 +62,27 @@ def is_sd3_state_dict(keys: Iterable[str]) -> bool:
     return len(seen) == len(_SD3_DIFFUSERS)
 
 
-def model_family(keys: Iterable[str]) -> Literal["sd3"] | None:
-    """The diffusion-transformer family a state dict holds, by its keys: ``"sd3"`` for SD3/SD3.5's MMDiT;
-    None for anything else (the U-Net files go through :func:`check_supported` and :func:`detect_ldm`)."""
-    return "sd3" if is_sd3_state_dict(keys) else None
+# The first tensors of a Flux transformer in BFL's layout (flux1-dev/-schnell.safetensors; ComfyUI adds the prefix)
+_FLUX_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")
+FLUX_PREFIX = "model.diffusion_model."
+
+
+def is_flux_state_dict(keys: Iterable[str]) -> bool:
+    """Whether these tensor names are a Flux transformer's in Black Forest Labs' layout (``double_blocks.*``,
+    ``single_blocks.*``), with or without ComfyUI's ``model.diffusion_model.`` prefix: the weights themselves,
+    not a LoRA for them (whose names end in ``lora_A.weight``, ``lora_down.weight``, ...)."""
+    markers = set(_FLUX_MARKERS) | {FLUX_PREFIX + m for m in _FLUX_MARKERS}
+    return any(k in markers for k in keys)
+
+
+def model_family(keys: Iterable[str]) -> Literal["sd3", "flux"] | None:
+    """The diffusion-transformer family a state dict holds, by its keys: ``"sd3"`` for SD3/SD3.5's MMDiT,
+    ``"flux"`` for FLUX.1's transformer in BFL's layout; None for anything else (the U-Net files go through
+    :func:`check_supported` and :func:`detect_ldm`)."""
+    names = list(keys)
+    if is_sd3_state_dict(names):
+        return "sd3"
+    return "flux" if is_flux_state_dict(names) else None
 
 
 def _ints(pattern: str, keys: list[str]) -> set[int]:
@@ -92,6 +109,11 @@ def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
         raise UnsupportedModelError(
             "found SD3's MMDiT (joint_blocks.*): an SD3 model, not an SD 1.x/2.x checkpoint "
             "(sdengine.weights.mmdit_file loads its transformer)"
+        )
+    if is_flux_state_dict(keys):
+        raise UnsupportedModelError(
+            "found double_blocks.*: looks like Flux (FLUX.1's transformer), not an SD checkpoint; "
+            "sdengine.weights.flux_file.load_flux_transformer loads it"
         )
     if any("double_blocks." in k for k in keys[:2000]):
         raise UnsupportedModelError("found double_blocks.*: looks like Flux, not supported")
