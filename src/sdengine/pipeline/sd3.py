@@ -313,11 +313,7 @@ class SD3Pipeline(Pipeline):
         """The model's flow schedule, or during a call with a ``shift`` that shift's."""
         if self._call_shift is None:
             return self.base_schedule
-        return FlowSchedule(
-            shift=self._call_shift,
-            num_train_timesteps=self.base_schedule.num_train_timesteps,
-            shift_terminal=self.base_schedule.shift_terminal,
-        )
+        return dataclasses.replace(self.base_schedule, shift=self._call_shift, mu=None)  # the rest as the model's
 
     def network_adapter(self, net: Any) -> MMDiTAdapter:
         return MMDiTAdapter(net, self.dtype, self._call_slg)
