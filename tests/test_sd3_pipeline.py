@@ -390,3 +390,14 @@ def test_long_and_weighted_prompts(sd3):
     assert any("T5 reads the prompt without its emphasis weights" in n for n in notes)
     result = _ours(pipe, long_prompt, steps=2)
     assert result.arrays.shape == (1, SIZE, SIZE, 3)
+
+
+def test_latent_sampling_refuses_sd3_in_one_line(sd3):
+    """The ComfyUI route's sampler (sdengine.latent_sampling) builds U-Net denoisers: SD3 is refused there."""
+    from sdengine.latent_sampling import LatentSamplingError, TextCondition, sample_latents
+
+    _, pipe = sd3
+    cond, uncond = pipe.conditioner.pair(PROMPT, NEGATIVE)
+    latent = torch.zeros(1, 16, SIZE // 2, SIZE // 2)
+    with pytest.raises(LatentSamplingError, match=r"SD3 / flow models are not supported here yet; run the pipeline"):
+        sample_latents(pipe, [TextCondition(cond)], [TextCondition(uncond)], latent, seed=1, steps=2, cfg=5.0)
