@@ -18,9 +18,15 @@ decode, infotext):
 The 16-channel VAE needs nothing new: ``shift_factor`` and ``scaling_factor`` come from its config
 (:meth:`sdengine.models.vae.AutoencoderKL.scale_latents`).
 
-What is made for U-Nets is refused before any work, one line each (:data:`REFUSED`): ControlNets, T2I-Adapters,
-IP-Adapters, LoRA files, U-Net patches (PAG, SAG, FreeU, Deep Shrink, HyperTile), instruct-pix2pix guidance, A1111's
-step rules, Zero Terminal SNR, the hires fix, tiled diffusion, tiling, prompt editing, textual-inversion files.
+SD3.5's skip-layer guidance (the request's ``sd3`` settings, :class:`SD3Options`) runs inside
+:class:`MMDiTAdapter`. What is made for U-Nets is refused before any work, one line each (:func:`refusals`):
+ControlNets, T2I-Adapters, IP-Adapters, LoRA files, U-Net patches (PAG, SAG, FreeU, Deep Shrink, HyperTile),
+instruct-pix2pix guidance, A1111's step rules, Zero Terminal SNR, the hires fix, tiled diffusion, tiling, prompt
+editing, textual-inversion files, and samplers that are not right on a flow model.
+
+The core learns all of this through its family hooks (``training_schedule``, ``network_adapter``, ``x0_denoiser``,
+``img2img_first_step``, ``noised_latent``, ``network_activation_bytes``, ``infotext_fields``), which SD 1.x/2.x
+and SDXL keep at their defaults.
 """
 
 from __future__ import annotations
