@@ -122,6 +122,13 @@ def test_txt2img_with_cfg_and_negative_matches_diffusers(sd3):
     assert "Shift: 3" in result.infotexts[0] and "Sampler: Euler" in result.infotexts[0]
 
 
+def test_auto_schedule_is_the_flow_grid_unless_the_sampler_names_one(sd3):
+    _, pipe = sd3
+    assert "Schedule type: Normal" in _ours(pipe, steps=2, schedule="auto").infotexts[0]
+    text = _ours(pipe, steps=2, sampler="DPM++ 2M Karras").infotexts[0]
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in text
+
+
 def test_shift_of_a_request_matches_diffusers_with_that_shift(sd3):
     import diffusers
 

@@ -401,7 +401,8 @@ class SD3Pipeline(Pipeline):
             raise GenerationError(f"{self.name} (SD3): {refused[0]}")
         SD3Options.coerce(request.sd3, int(self.unet.config.num_layers))  # bad settings: one line, before any work
         if isinstance(request.schedule, str) and request.schedule.strip().lower() == "auto":
-            request = request.replace(schedule="normal")  # SD3's own grid (diffusers' FlowMatchEulerDiscreteScheduler)
+            # SD3's own grid (diffusers' FlowMatchEulerDiscreteScheduler), unless the sampler's name says one
+            request = request.replace(schedule=None)
         p = super().prepare(request)
         from sdengine.diffusion.flow import FLOW_SCHEDULES, flow_sampler_view
         from sdengine.errors import UsageError
