@@ -129,6 +129,16 @@ def test_auto_schedule_is_the_flow_grid_unless_the_sampler_names_one(sd3):
     assert "Sampler: DPM++ 2M, Schedule type: Karras" in text
 
 
+def test_a1111_rules_run_txt2img_as_the_diffusers_rule(sd3):
+    """The server's A1111 routes set A1111's step rules and clip skip rule: on an SD3 txt2img with a sampler they do
+    not change, the image is the diffusers rule's (and the rule is not written into the infotext)."""
+    _, pipe = sd3
+    a1111 = _ours(pipe, strength_rule="a1111", clip_skip_rule="a1111", clip_skip=2)
+    np.testing.assert_array_equal(a1111.arrays, _ours(pipe).arrays)
+    assert "Strength rule" not in a1111.infotexts[0]
+    assert any("Clip skip 2 not applied" in n for n in a1111.notes)
+
+
 def test_shift_of_a_request_matches_diffusers_with_that_shift(sd3):
     import diffusers
 
@@ -321,7 +331,11 @@ def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
         ({"prompt": "a cat <lora:foo:0.5>"}, "LoRA files for SD3 are not supported yet"),
         ({"pag_scale": 2.0}, "pag_scale .*not for SD3"),
         ({"enable_hr": True, "hr_sampler": "ddim"}, "sampler 'ddim' cannot run on a flow model"),
-        ({"strength_rule": "a1111"}, "A1111's step rules are not supported for SD3"),
+        (
+            {"strength_rule": "a1111", "init_image": "x.png"},
+            "A1111's step rules are not supported for SD3 with an init",
+        ),
+        ({"strength_rule": "a1111", "sampler": "dpmpp_2m_sde"}, "A1111's step rules are not supported for SD3"),
         ({"zero_terminal_snr": True}, "zero_terminal_snr rescales a VP schedule"),
         ({"controlnets": [("cn", None, 1.0)]}, "ControlNets and T2I-Adapters are made for U-Nets"),
         ({"freeu": [1.1, 1.2, 0.9, 0.2]}, "FreeU scales U-Net decoder features"),

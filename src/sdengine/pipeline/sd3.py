@@ -203,6 +203,23 @@ class MMDiTAdapter:
         return v
 
 
+def _a1111_rule_changes_nothing(r: GenerationRequest) -> bool:
+    """Whether A1111's step rules (``strength_rule`` "a1111", what the server's A1111 routes set) leave this request
+    as the "diffusers" rule runs it: txt2img without the hires fix, with a sampler whose grid, sigmas and noise they
+    do not touch (not DDIM / PLMS, DPM2 / DPM2 a / DPM++ 3M SDE, or the Brownian-tree SDE samplers). A1111's
+    img2img and hires step counts are not SD3's (diffusers'), so those are refused."""
+    from sdengine.diffusion.sampling import A1111_DISCARD_SAMPLERS, BROWNIAN_SAMPLERS, resolve
+    from sdengine.diffusion.schedules import A1111_GRID_SAMPLERS
+
+    if r.init_image is not None or r.enable_hr:
+        return False
+    try:
+        name = resolve(r.sampler, r.schedule)[0]
+    except ValueError:
+        return True  # the sampler's own one-line error comes from the core
+    return name not in (*A1111_GRID_SAMPLERS, *A1111_DISCARD_SAMPLERS, *BROWNIAN_SAMPLERS)
+
+
 def refusals(request: GenerationRequest) -> list[str]:
     """The settings of ``request`` an SD3 model cannot run, each as its one-line reason (empty: it can run)."""
     from sdengine.prompts import extract_lora_tags
@@ -224,8 +241,9 @@ def refusals(request: GenerationRequest) -> list[str]:
         (r.image_cfg_scale is not None, "image_cfg_scale guides instruct-pix2pix U-Nets; not for SD3"),
         (bool(r.zero_terminal_snr), "zero_terminal_snr rescales a VP schedule; SD3's flow has none to rescale"),
         (
-            r.strength_rule != "diffusers",
-            f"strength_rule {r.strength_rule!r}: A1111's step rules are not supported for SD3 (use 'diffusers')",
+            r.strength_rule != "diffusers" and not _a1111_rule_changes_nothing(r),
+            f"strength_rule {r.strength_rule!r}: A1111's step rules are not supported for SD3 with an init image, the "
+            "hires fix, or a sampler whose run they change (DDIM, PLMS, DPM2, the SDE samplers); use 'diffusers'",
         ),
         (bool(r.discard_penultimate_sigma), "discard_penultimate_sigma is not supported for SD3"),
         (r.tiled_diffusion_settings() is not None, "tiled diffusion is not supported for SD3 yet"),
