@@ -448,3 +448,34 @@ def test_latent_sampling_refuses_sd3_in_one_line(sd3):
     latent = torch.zeros(1, 16, SIZE // 2, SIZE // 2)
     with pytest.raises(LatentSamplingError, match=r"SD3 / flow models are not supported here yet; run the pipeline"):
         sample_latents(pipe, [TextCondition(cond)], [TextCondition(uncond)], latent, seed=1, steps=2, cfg=5.0)
+
+
+def test_server_native_and_a1111_txt2img_routes_run_sd3(sd3, tmp_path):
+    """``sdengine serve`` with an SD3 folder in its models folder: a native job gives the pipeline's image; A1111's
+    txt2img route runs with a flow scheduler and refuses its "Automatic" (A1111's uniform for Euler) in one line."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import shutil
+
+    import httpx
+    from PIL import Image
+
+    from _live_server import live_server, run_job, server_config
+
+    folder, pipe = sd3
+    models = tmp_path / "models"
+    shutil.copytree(folder, models / "tiny-sd3")
+    body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 3, "width": SIZE, "height": SIZE, "seed": 5}
+    want = pipe(PROMPT, NEGATIVE, steps=3, seed=5, width=SIZE, height=SIZE, sampler="euler", progress=False)
+    with live_server(server_config(tmp_path, models_dir=models)) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            pixels, _ = run_job(client, {**body, "model": "tiny-sd3", "sampler": "euler", "schedule": "normal"})
+            np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
+            a1111 = {**body, "override_settings": {"sd_model_checkpoint": "tiny-sd3"}, "sampler_name": "Euler"}
+            r = client.post("/sdapi/v1/txt2img", json={**a1111, "scheduler": "Simple"})
+            assert r.status_code == 200, r.text
+            image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+            assert "Shift: 3" in image.info["parameters"] and "Schedule type: Simple" in image.info["parameters"]
+            r = client.post("/sdapi/v1/txt2img", json=a1111)
+            assert r.status_code == 400 and "schedule 'uniform' is not one of a flow model's" in r.text
