@@ -261,6 +261,21 @@ def test_hires_fix_second_pass_is_an_sd3_img2img(sd3):
     assert _mad(latent.arrays, out.arrays) > 1e-3  # another start: the first pass's latent, not its pixels
 
 
+def test_prompt_editing_switches_the_sd3_conditioning(sd3):
+    """A1111's prompt editing on SD3: each scheduled text's CLIP part padded to the call's most chunks (T5's tokens
+    stay last), the texts switched per step. An alternation of one text is that text's image exactly; a switch
+    halfway is neither text's image."""
+    _, pipe = sd3
+    plain = _ours(pipe, "a red apple", steps=4).arrays
+    same = _ours(pipe, "[a red apple|a red apple]", steps=4).arrays
+    np.testing.assert_array_equal(same, plain)
+    switched = _ours(pipe, "[a red apple:a green pear:2]", steps=4).arrays
+    assert _mad(switched, plain) > 1e-5 and _mad(switched, _ours(pipe, "a green pear", steps=4).arrays) > 1e-5
+    long_text = "a red apple on a table, " * 16  # two chunks against one: padded before T5's tokens
+    mixed = _ours(pipe, f"[{long_text}|{long_text}]", "[blurry|blurry]", steps=2).arrays
+    np.testing.assert_allclose(mixed, _ours(pipe, long_text, "blurry", steps=2).arrays, atol=1e-6, rtol=0)
+
+
 def test_single_file_gives_the_folders_image(sd3, single):
     folder, pipe = sd3
     from_file = sdengine.load_pipeline(single, device="cpu")
@@ -339,7 +354,6 @@ def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
         ({"zero_terminal_snr": True}, "zero_terminal_snr rescales a VP schedule"),
         ({"controlnets": [("cn", None, 1.0)]}, "ControlNets and T2I-Adapters are made for U-Nets"),
         ({"freeu": [1.1, 1.2, 0.9, 0.2]}, "FreeU scales U-Net decoder features"),
-        ({"prompt": "a [cat:dog:0.5]"}, r"prompt editing \(\[a:b:when\], \[a\|b\]\) is not supported for SD3"),
         ({"shift": 0.0}, r"shift must be a number in \(0, 100\]"),
         ({"sampler": "ddim"}, "ddim"),
         ({"sd3": {"skip_guidance_layers": [5]}}, r"sd3 skip_guidance_layers 5 is not a joint block of this MMDiT"),
