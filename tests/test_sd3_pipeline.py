@@ -493,3 +493,19 @@ def test_server_native_and_a1111_txt2img_routes_run_sd3(sd3, tmp_path):
             assert "Shift: 3" in image.info["parameters"] and "Schedule type: Simple" in image.info["parameters"]
             r = client.post("/sdapi/v1/txt2img", json=a1111)
             assert r.status_code == 400 and "schedule 'uniform' is not one of a flow model's" in r.text
+
+
+def test_batch_rows_equal_the_same_seed_alone_and_a_callback_cancels(sd3):
+    """The core's contracts hold for SD3: row i of a batch is seed i's image alone (1e-5, BLAS), a variation seed at
+    strength 0 changes nothing, and a callback returning False cancels with the steps done."""
+    from sdengine.pipeline.result import Cancelled
+
+    _, pipe = sd3
+    both = _ours(pipe, seed=[3, 4], steps=3).arrays
+    np.testing.assert_allclose(both[1], _ours(pipe, seed=4, steps=3).arrays[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        both[0], _ours(pipe, seed=3, steps=3, subseed=9, subseed_strength=0.0).arrays[0], atol=1e-5
+    )
+    with pytest.raises(Cancelled) as stop:
+        _ours(pipe, steps=3, callback=lambda info: info.step < 2)
+    assert stop.value.step == 2
