@@ -49,7 +49,6 @@ from sdengine.pipeline.core import Pipeline, Prepared, as_request
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import GenerationResult
-from sdengine.text.conditioners import Conditioning
 from sdengine.text.sd3_conditioner import T5_LENGTH, SD3Conditioner
 
 # The defaults of an SD3 run where the caller chose none (the CLI's; diffusers' StableDiffusion3Pipeline: its
@@ -496,11 +495,6 @@ class SD3Pipeline(Pipeline):
             )
         with self._call_settings(request):
             return super().__call__(request)
-
-    def conditioning_pair(
-        self, prompt: str, negative: str, p: Prepared, note: Any
-    ) -> tuple[Conditioning, Conditioning]:
-        return self.conditioner.pair(prompt, negative, clip_skip=self.clip_skip_of(p.request), note=note)
 
 
 # -- loading -------------------------------------------------------------------------------------------------
