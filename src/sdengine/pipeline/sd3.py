@@ -529,12 +529,9 @@ def load_sd3(
         if value is not None and not Path(value).exists():
             raise GenerationError(f"{ENCODER_FLAGS[key]} {value}: no such file or folder")
     # what the model holds itself
-    if folder:
-        own = {
-            "clip_l": sf.folder_component(path, "text_encoder"),
-            "clip_g": sf.folder_component(path, "text_encoder_2"),
-            "t5": sf.folder_component(path, "text_encoder_3"),
-        }
+    if folder:  # (a component given apart need not be in the folder)
+        subs = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
+        own = {k: sf.folder_component(path, sub) if given[k] is None else None for k, sub in subs.items()}
     else:
         keys = list(load_file(path)[0])  # a memory map: no tensor is read here
         own = {
