@@ -222,17 +222,10 @@ def _a1111_rule_changes_nothing(r: GenerationRequest) -> bool:
 
 def refusals(request: GenerationRequest) -> list[str]:
     """The settings of ``request`` an SD3 model cannot run, each as its one-line reason (empty: it can run)."""
-    from sdengine.prompts import extract_lora_tags
-
     r = request
-    texts = [r.prompt] if isinstance(r.prompt, str) else [t for t in (r.prompt or []) if isinstance(t, str)]
     checks = [
         (bool(r.controlnets), "ControlNets and T2I-Adapters are made for U-Nets; SD3 ControlNets are not supported"),
         (bool(r.ip_adapters), "IP-Adapters are made for U-Nets; SD3 takes none here"),
-        (
-            bool(r.loras) or any(extract_lora_tags(t)[1] for t in texts),
-            "LoRA files for SD3 are not supported yet (the LoRA code patches U-Net and CLIP layers)",
-        ),
         (bool(r.pag_scale), "pag_scale (perturbed-attention guidance) patches U-Net layers; not for SD3"),
         (bool(r.sag_scale), "sag_scale (self-attention guidance) reads the U-Net's middle block; not for SD3"),
         (r.freeu_settings() is not None, "FreeU scales U-Net decoder features; not for SD3"),
@@ -277,6 +270,7 @@ class SD3Pipeline(Pipeline):
         name: str = "model",
         source: Path | None = None,
         encoder_sources: dict[str, Path] | None = None,
+        lora_dir: str | Path | None = None,
     ) -> None:
         self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False)
         self.text_encoder_3 = text_encoder_3.eval().requires_grad_(False) if text_encoder_3 is not None else None
@@ -314,6 +308,7 @@ class SD3Pipeline(Pipeline):
             name=name,
             source=source,
             conditioner=conditioner,
+            lora_dir=lora_dir,
         )
         if int(cfg.in_channels) != self.latent_channels:
             raise GenerationError(
@@ -511,6 +506,7 @@ def load_sd3(
     clip_g: str | Path | None = None,
     t5: str | Path | None = None,
     name: str | None = None,
+    lora_dir: str | Path | None = None,
 ) -> SD3Pipeline:
     """An SD3 / SD3.5 diffusers folder or Stability single file -> :class:`SD3Pipeline` (see
     :mod:`sdengine.weights.sd3_files` for the layouts). ``clip_l``, ``clip_g``, ``t5``: text encoders given apart
@@ -581,6 +577,7 @@ def load_sd3(
         name=name or path.name.removesuffix(path.suffix) or path.name,
         source=path,
         encoder_sources={k: Path(v) for k, v in given.items() if v is not None},
+        lora_dir=lora_dir,
     )
 
 
