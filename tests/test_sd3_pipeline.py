@@ -6,6 +6,7 @@ the CLI with its infotext and --from-png, and the refusals."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ STEPS = 4
 PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
 SEED = 3
 CFG = 5.0
+EMOJI_LORA = Path(sdengine.__file__).parent / "assets" / "loras" / "emoji-fruit.safetensors"  # a U-Net LoRA
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +362,10 @@ def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
     [
         ({"loras": [("x.safetensors", 1.0)]}, "LoRA file 'x.safetensors' does not exist"),
         ({"prompt": "a cat <lora:foo:0.5>"}, "LoRA 'foo': no LoRA folder was given to look the name up in"),
+        (
+            {"loras": [(EMOJI_LORA, 1.0)]},
+            "none of its 145 layers match .* a LoRA for a model with .*, the model is SD3",
+        ),
         ({"pag_scale": 2.0}, "pag_scale .*not for SD3"),
         ({"enable_hr": True, "hr_sampler": "ddim"}, "sampler 'ddim' cannot run on a flow model"),
         (
