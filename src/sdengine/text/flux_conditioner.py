@@ -141,9 +141,7 @@ class FluxConditioner:
         n_clip = len(self.tokenizer.encode(text))
         if n_clip > CLIP_LENGTH - 2:
             note(f"CLIP-L reads the first {CLIP_LENGTH - 2} tokens of the prompt for Flux's pooled vector")
-        full, _ = self.t5_tokenizer([text], 1 << 20)
-        n_t5 = int((torch.as_tensor(full) != int(getattr(self.t5_tokenizer, "pad_token_id", 0))).sum())
-        if n_t5 > self.max_sequence_length:
+        if len(self.t5_tokenizer.encode(text)) > self.max_sequence_length:  # its pieces and the end token
             note(f"T5 reads the first {self.max_sequence_length} tokens of the prompt; the rest is cut off")
 
     def text(self, prompt: str, *, what: str = "prompt", note: Note = _ignore) -> Conditioning:
