@@ -5,8 +5,9 @@ by diffusers itself, for parity tests of sdengine's Flux pipeline against ``Flux
 The architecture is Flux.1's at a fraction of the width: a transformer with one double-stream and two
 single-stream blocks (heads of 16 numbers, RoPE axes 4 + 6 + 6), 16 latent channels (64 numbers per 2x2
 patch); a 16-channel VAE without quant convs and with Flux's scaling and shift factors (two levels: 2x, so sizes
-are multiples of 4 here, 16 for the real 8x VAE); a CLIP-L-shaped text encoder (sdengine's shipped CLIP
-vocabulary); a T5 v1.1-shaped encoder (gated GELU) on a tiny Unigram vocabulary built with ``tokenizers``;
+are multiples of 4 here, 16 for the real 8x VAE); a CLIP-L-shaped text encoder (64-wide heads, as
+CLIP's, so that its architecture reads off a file's shapes; sdengine's shipped CLIP vocabulary); a T5 v1.1-shaped
+encoder (gated GELU, T5's relative-attention distance 128) on a tiny Unigram vocabulary built with ``tokenizers``;
 Flux's ``FlowMatchEulerDiscreteScheduler`` configs (dev: dynamic shifting; schnell: none).
 """
 
@@ -45,18 +46,18 @@ FLUX_TRANSFORMER = dict(
     attention_head_dim=16,
     num_attention_heads=2,
     joint_attention_dim=32,
-    pooled_projection_dim=32,
+    pooled_projection_dim=64,
     axes_dims_rope=[4, 6, 6],
 )
 CLIP_L = dict(
     vocab_size=49408,
-    hidden_size=32,
+    hidden_size=64,
     intermediate_size=64,
     num_hidden_layers=2,
-    num_attention_heads=4,
+    num_attention_heads=1,
     max_position_embeddings=77,
     hidden_act="quick_gelu",
-    projection_dim=32,
+    projection_dim=64,
     bos_token_id=0,
     eos_token_id=2,
     pad_token_id=1,
@@ -68,7 +69,7 @@ T5 = dict(
     num_layers=2,
     num_heads=4,
     relative_attention_num_buckets=8,
-    relative_attention_max_distance=16,
+    relative_attention_max_distance=128,
     feed_forward_proj="gated-gelu",
     dropout_rate=0.0,
     is_encoder_decoder=False,
@@ -154,9 +155,7 @@ def make_flux_folder(dst: Path, *, guidance: bool = True, seed: int = 0) -> Path
     write_t5_tokenizer(dst / "tokenizer_2")
     tokenizer_2 = T5TokenizerFast.from_pretrained(dst / "tokenizer_2")
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**(DEV_SCHEDULER if guidance else SCHNELL_SCHEDULER))
-    pipe = diffusers.FluxPipeline(
-        scheduler=scheduler, tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts
-    )
+    pipe = diffusers.FluxPipeline(scheduler=scheduler, tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts)
     pipe.save_pretrained(dst)
     return dst
 

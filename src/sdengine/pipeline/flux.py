@@ -44,6 +44,7 @@ from sdengine import vae_utils
 from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule, flux_image_seq_len
 from sdengine.errors import GenerationError
 from sdengine.pipeline.core import Pipeline, Prepared
+from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.text.conditioners import Conditioning
 from sdengine.text.flux_conditioner import FluxConditioner
@@ -215,6 +216,12 @@ class FluxPipeline(Pipeline):
     def pooled_dim(self) -> int | None:
         return None  # the vector is not a U-Net's class embedding (see unet_text_kwargs of Pipeline)
 
+    def model_hash(self) -> str | None:
+        """A1111's "Model hash" of the transformer's weights (a single file itself, a folder's ``transformer/``)."""
+        if self._model_hash is None:
+            self._model_hash = files_hash_cached(hashed_files(self.source, "transformer"))
+        return self._model_hash
+
     def request_defaults(self) -> dict[str, Any]:
         """Flux's settings where a call does not give them (see the module docstring)."""
         out: dict[str, Any] = {
@@ -311,9 +318,7 @@ class FluxPipeline(Pipeline):
         g = self.distilled_guidance(request)
         return {} if g is None else {"Distilled CFG Scale": g}
 
-    def __call__(
-        self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any
-    ) -> Any:
+    def __call__(self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any) -> Any:
         """As :meth:`Pipeline.__call__`, with Flux's defaults (:meth:`request_defaults`) for the settings a call
         given as keywords leaves out (a :class:`GenerationRequest` is taken as it is)."""
         if not isinstance(prompt, GenerationRequest):

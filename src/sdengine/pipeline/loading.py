@@ -64,6 +64,8 @@ def load_pipeline(
     embeddings_dir: str | Path | None = None,
     fast_path: str | Iterable[str] | None = None,
     tiny_vae: str | Path | None = None,
+    clip_l: str | Path | None = None,
+    t5: str | Path | None = None,
 ) -> Pipeline | PixelPipeline:
     """A diffusers folder, a single SD 1.x/2.x/SDXL ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
@@ -79,11 +81,13 @@ def load_pipeline(
     :mod:`sdengine.fastpath` to apply (names, ``"default"`` or ``"none"``; default: ``$SDENGINE_FAST_PATH``, else
     ``"default"``, which on the CPU in fp32 is :data:`sdengine.fastpath.DEFAULT_OPTIONS`). ``tiny_vae``: a tiny
     VAE (a TAESD ``taesd_decoder`` file or an ``AutoencoderTiny`` folder, :mod:`sdengine.models.tiny_vae`) for
-    previews and ``vae_decode="tiny"``; without it, a model folder's own ``vae_tiny/`` is loaded when it has one."""
+    previews and ``vae_decode="tiny"``; without it, a model folder's own ``vae_tiny/`` is loaded when it has one.
+    ``clip_l``, ``t5``: a Flux model's text encoders given apart from a diffusion-model file (and ``vae`` its VAE,
+    BFL's ``ae.safetensors``), or in place of a folder's (:mod:`sdengine.pipeline.flux_loading`)."""
     from sdengine.text.encode_cache import max_entries
 
     max_entries()  # a bad $SDENGINE_TEXT_CACHE is refused before any model loads
-    pipe = _load(name_or_path, device, dtype, vae, prediction_type, lora_dir, config, embeddings_dir)
+    pipe = _load(name_or_path, device, dtype, vae, prediction_type, lora_dir, config, embeddings_dir, clip_l, t5)
     if not isinstance(pipe, Pipeline):
         if tiny_vae is not None:
             raise GenerationError(f"{name_or_path}: a pixel DDPM has no latents for a tiny VAE to decode")
@@ -111,6 +115,8 @@ def _load(
     lora_dir: str | Path | None,
     config: str | Path | None,
     embeddings_dir: str | Path | None,
+    clip_l: str | Path | None = None,
+    t5: str | Path | None = None,
 ) -> Pipeline | PixelPipeline:
     from sdengine.weights import build_models, load_checkpoint
     from sdengine.weights.loading import text_encoder_kind
@@ -142,6 +148,22 @@ def _load(
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
     if config is not None and path.is_dir():
         raise GenerationError(f"{path}: config= is for single files (a diffusers folder carries its own configs)")
+    from sdengine.pipeline import flux_loading
+
+    if flux_loading.is_flux_folder(path) or flux_loading.is_flux_file(path):
+        _flux_takes_no(path, prediction_type, config, embeddings_dir)
+        return flux_loading.load_flux_pipeline(
+            path,
+            device=resolve_device(device),
+            dtype=resolve_dtype(dtype, resolve_device(device)),
+            vae=vae,
+            clip_l=clip_l,
+            t5=t5,
+            lora_dir=lora_dir,
+        )
+    if clip_l is not None or t5 is not None:
+        flag = "clip_l" if clip_l is not None else "t5"
+        raise GenerationError(f"{path}: {flag}= gives a Flux model's text encoder; {path.name} is not a Flux model")
     if vae is None and (beside := vae_beside(path)) is not None:
         vae = beside  # A1111's "Automatic": NAME.vae.pt / .vae.safetensors beside NAME.safetensors
         log.info("%s: using the VAE beside it, %s", path, beside.name)
@@ -203,6 +225,17 @@ def _load(
         lora_dir=lora_dir,
         vae_source=Path(vae) if vae is not None else None,
     )
+
+
+def _flux_takes_no(path: Path, prediction_type: Any, config: Any, embeddings_dir: Any) -> None:
+    """What a Flux model does not take, one line each (before anything loads)."""
+    for value, what in (
+        (prediction_type, "prediction_type (a Flux transformer predicts the flow's velocity)"),
+        (config, "config= (a Flux file's architecture comes from its shapes)"),
+        (embeddings_dir, "embeddings (textual-inversion vectors are SD's CLIP tokens)"),
+    ):
+        if value is not None:
+            raise GenerationError(f"{path.name} is a Flux model: {what} does not apply")
 
 
 def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:

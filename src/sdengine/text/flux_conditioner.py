@@ -89,8 +89,8 @@ class FluxConditioner:
         width = int(clip_l.config.hidden_size)
         if width != int(pooled_projection_dim):
             raise GenerationError(
-                f"{name}: CLIP-L's pooled output is {width} wide but the Flux transformer takes {pooled_projection_dim} "
-                "(pooled_projection_dim): not this model's CLIP-L"
+                f"{name}: CLIP-L's pooled output is {width} wide but the Flux transformer takes "
+                f"{pooled_projection_dim} (pooled_projection_dim): not this model's CLIP-L"
             )
         t5_width = int(getattr(t5.config, "d_model", joint_attention_dim))
         if t5_width != int(joint_attention_dim):
