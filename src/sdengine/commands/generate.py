@@ -830,6 +830,7 @@ def run(a: argparse.Namespace) -> int:
     if a.hr_refiner_pass is not None:  # a bad pass is one line before anything loads
         a.hr_refiner_pass = hr_refiner_pass(a.hr_refiner_pass)
     kwargs: dict[str, Any] = request_defaults()
+    png_kwargs: dict[str, Any] = {}
     model = a.model
     vae = a.vae
     prediction_type = a.prediction_type
@@ -886,6 +887,7 @@ def run(a: argparse.Namespace) -> int:
         "clip_skip": a.clip_skip,
         "guidance_rescale": a.guidance_rescale,
         "image_cfg_scale": a.image_cfg_scale,
+        "distilled_cfg_scale": a.guidance,
         "mask_blur": a.mask_blur,
         "resize_mode": a.resize_mode,
         "subseed": a.subseed,
@@ -1112,8 +1114,15 @@ def run(a: argparse.Namespace) -> int:
         config=a.config,
         embeddings_dir=a.embeddings_dir,
         tiny_vae=a.tiny_vae,
+        clip_l=a.clip_l,
+        t5=a.t5,
     )
     t1 = time.perf_counter()
+    family_defaults = getattr(pipe, "request_defaults", None)
+    if callable(family_defaults):  # a family with defaults of its own (Flux): where neither a flag nor the PNG says
+        given = {k for k, v in explicit.items() if v is not None} | set(png_kwargs if a.from_png else ())
+        for kw in iterations:
+            kw.update({k: v for k, v in family_defaults().items() if k not in given})
     refiner: Any = None
     sdxl_base: Any = None
     if a.refiner is not None and sides is None:  # SDXL base -> refiner hand-off
@@ -1430,6 +1439,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
     p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        metavar="G",
+        help="FLUX.1 [dev]: the distilled guidance scale, an input of the model (default 3.5; Forge's 'Distilled CFG "
+        "Scale', its infotext name); Flux runs at --cfg 1 by default (one pass per step, no negative prompt)",
+    )
+    p.add_argument(
         "--image-cfg-scale",
         type=float,
         default=None,
@@ -1576,6 +1593,18 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--vae",
         default=None,
         help="another VAE: an A1111 .vae.pt/.vae.safetensors, a .safetensors, or a diffusers VAE folder",
+    )
+    p.add_argument(
+        "--clip-l",
+        default=None,
+        metavar="FILE",
+        help="Flux: the CLIP-L text encoder for a diffusion-model file (ComfyUI's clip_l.safetensors, or a folder)",
+    )
+    p.add_argument(
+        "--t5",
+        default=None,
+        metavar="FILE",
+        help="Flux: the T5-XXL text encoder for a diffusion-model file (ComfyUI's t5xxl_fp16.safetensors, or a folder)",
     )
     p.add_argument(
         "--config",

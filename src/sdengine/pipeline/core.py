@@ -794,6 +794,8 @@ class Pipeline:
                 raise GenerationError(str(e)) from None
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
+        if r.distilled_cfg_scale is not None and self.text_kind != "flux":
+            raise GenerationError(f"distilled_cfg_scale applies to FLUX.1 [dev] only; {self.name} is not a Flux model")
         check_instruct_pix2pix(self, r, notes)
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")

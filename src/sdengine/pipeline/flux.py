@@ -313,7 +313,7 @@ class FluxPipeline(Pipeline):
         finally:
             self._call_schedule = None
 
-    def infotext_extras(self, request: GenerationRequest) -> dict[str, Any]:
+    def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
         """Forge's "Distilled CFG Scale" of a [dev] call."""
         g = self.distilled_guidance(request)
         return {} if g is None else {"Distilled CFG Scale": g}
