@@ -34,6 +34,7 @@ KINDS = {
     "bert": "BERT text",
     "minilm": "MiniLM text",
     "clip_vision": "CLIP vision",
+    "t5": "T5 text",
     "scheduler": "scheduler",
 }
 
@@ -74,6 +75,12 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "patch_size": (1, 1024),
     "image_size": (1, 4096),
     "projection_dim": (1, 16384),
+    # T5 encoders (T5-XXL: d_model 4096, d_kv 64, d_ff 10240, 24 layers of 64 heads, 32 buckets up to 128)
+    "d_model": (1, 16384),
+    "d_kv": (1, 1024),
+    "d_ff": (1, 65536),
+    "relative_attention_num_buckets": (2, 1024),
+    "relative_attention_max_distance": (2, 65536),
     # scheduler
     "num_train_timesteps": (1, 100_000),
     "steps_offset": (0, 100_000),
@@ -83,6 +90,7 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
 FLOAT_BOUNDS: dict[str, tuple[float, float, bool]] = {
     "norm_eps": (0.0, 1.0, False),
     "layer_norm_eps": (0.0, 1.0, False),
+    "layer_norm_epsilon": (0.0, 1.0, False),
     "scaling_factor": (0.0, 1000.0, False),
     "shift_factor": (-1000.0, 1000.0, True),
     "freq_shift": (-1000.0, 1000.0, True),
@@ -195,6 +203,11 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         per_layer = 4 * h * h + 2 * h * (values.get("intermediate_size") or 0)
         tables = ((values.get("vocab_size") or 0) + (values.get("max_position_embeddings") or 0)) * h
         return (values.get("num_hidden_layers") or 0) * per_layer + tables
+    if kind == "t5":
+        d, inner = values.get("d_model") or 0, (values.get("num_heads") or 0) * (values.get("d_kv") or 0)
+        gated = str(values.get("feed_forward_proj", "")).startswith("gated")
+        per_layer = 4 * d * inner + (3 if gated else 2) * d * (values.get("d_ff") or 0)
+        return (values.get("num_layers") or 0) * per_layer + (values.get("vocab_size") or 0) * d
     if kind == "clip_vision":
         h = values.get("hidden_size") or 0
         per_layer = 4 * h * h + 2 * h * (values.get("intermediate_size") or 0)
