@@ -3,18 +3,18 @@ by diffusers itself, for parity tests of sdengine's Flux pipeline against ``Flux
 ``FluxImg2ImgPipeline``, and the same weights as BFL / ComfyUI single files.
 
 The architecture is Flux.1's at a fraction of the width: a transformer with one double-stream and two
-single-stream blocks (heads of 16 numbers, RoPE axes 4 + 6 + 6), 16 latent channels (64 numbers per 2x2
-patch); a 16-channel VAE without quant convs and with Flux's scaling and shift factors (two levels: 2x, so sizes
-are multiples of 4 here, 16 for the real 8x VAE); a CLIP-L-shaped text encoder (64-wide heads, as
-CLIP's, so that its architecture reads off a file's shapes; sdengine's shipped CLIP vocabulary); a T5 v1.1-shaped
-encoder (gated GELU, T5's relative-attention distance 128) on a tiny Unigram vocabulary built with ``tokenizers``;
+single-stream blocks of one 128-wide head (Flux.1's head and RoPE axes 16 + 56 + 56), 16 latent channels (64
+numbers per 2x2 patch); a 16-channel VAE without quant convs, with Flux's scaling and shift factors and 32 groups
+per norm (two levels: 2x, so sizes are multiples of 4 here, 16 for the real 8x VAE). Every width is one a file's
+shapes tell (as for the real models), so the single-file routes load the same weights. A CLIP-L-shaped text
+encoder (64-wide heads, as CLIP's; sdengine's shipped CLIP vocabulary); a T5 v1.1-shaped
+encoder (gated GELU, T5's relative-attention distance 128) on T5 v1.1's vocabulary (sdengine's shipped one);
 Flux's ``FlowMatchEulerDiscreteScheduler`` configs (dev: dynamic shifting; schnell: none).
 """
 
 from __future__ import annotations
 
 import logging
-import string
 from pathlib import Path
 
 import torch
@@ -27,10 +27,10 @@ FLUX_VAE = dict(
     out_channels=3,
     down_block_types=["DownEncoderBlock2D"] * 2,
     up_block_types=["UpDecoderBlock2D"] * 2,
-    block_out_channels=[16, 32],
+    block_out_channels=[32, 32],
     layers_per_block=1,
     latent_channels=16,
-    norm_num_groups=8,
+    norm_num_groups=32,
     sample_size=32,
     scaling_factor=0.3611,
     shift_factor=0.1159,
@@ -43,11 +43,11 @@ FLUX_TRANSFORMER = dict(
     in_channels=64,
     num_layers=1,
     num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
+    attention_head_dim=128,
+    num_attention_heads=1,
     joint_attention_dim=32,
     pooled_projection_dim=64,
-    axes_dims_rope=[4, 6, 6],
+    axes_dims_rope=[16, 56, 56],
 )
 CLIP_L = dict(
     vocab_size=49408,
@@ -86,7 +86,6 @@ DEV_SCHEDULER = dict(
     max_image_seq_len=4096,
 )
 SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
-WORDS = "a red apple on table blurry dark cat dog photo of the in with and".split()
 
 
 def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -99,29 +98,17 @@ def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.n
 
 
 def write_t5_tokenizer(dst: Path) -> Path:
-    """A tiny T5-style Unigram tokenizer (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, Metaspace, ``</s>`` appended)
-    as a transformers ``T5TokenizerFast`` folder (``tokenizer.json``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    """sdengine's shipped T5 v1.1 vocabulary (Flux's ``tokenizer_2``) as a transformers ``T5TokenizerFast`` folder
+    (``tokenizer.json``): the single-file routes, which carry no tokenizer, use the same one."""
+    import gzip
+
     from transformers import T5TokenizerFast
 
-    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -2.0}
-    for i, w in enumerate(WORDS):
-        pieces.setdefault("▁" + w, -1.0 - 0.01 * i)
-    for c in string.ascii_lowercase + string.digits + ",.!?()[]:":
-        pieces.setdefault(c, -5.0)
-    for c in string.ascii_lowercase:
-        pieces.setdefault("▁" + c, -6.0)
-    tok = Tokenizer(models.Unigram(list(pieces.items()), unk_id=2, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
+    from sdengine.text.t5_tokenizer import shipped_tokenizer_path
+
     dst.mkdir(parents=True, exist_ok=True)
-    tok.save(str(dst / "tokenizer.json"))
-    fast = T5TokenizerFast(
-        tokenizer_file=str(dst / "tokenizer.json"), eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
-    )
+    (dst / "tokenizer.json").write_bytes(gzip.decompress(shipped_tokenizer_path().read_bytes()))
+    fast = T5TokenizerFast(tokenizer_file=str(dst / "tokenizer.json"), eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(dst)
     return dst
 
@@ -137,8 +124,7 @@ def flux_components(*, guidance: bool, seed: int = 0) -> dict:
     ).eval()
     vae = _perturb(diffusers.AutoencoderKL(**FLUX_VAE), seed + 2, 0.02).eval()
     clip = _perturb(CLIPTextModel(CLIPTextConfig(**CLIP_L)), seed + 3, 0.02).eval()
-    vocab = len(WORDS) + 80  # more than the tiny tokenizer's pieces
-    t5 = _perturb(T5EncoderModel(T5Config(vocab_size=vocab, **T5)), seed + 4, 0.02).eval()
+    t5 = _perturb(T5EncoderModel(T5Config(vocab_size=32128, **T5)), seed + 4, 0.02).eval()  # T5 v1.1's table
     return {"transformer": transformer, "vae": vae, "text_encoder": clip, "text_encoder_2": t5}
 
 
