@@ -57,14 +57,14 @@ def test_loads_as_flux(dev, schnell):
     assert pipe.vae.config.scaling_factor == pytest.approx(0.3611)
     assert pipe.vae.config.shift_factor == pytest.approx(0.1159)
     assert pipe.latent_channels == 16 and pipe.size_multiple == 4  # 2 x the VAE's 2x (16 for Flux.1's 8x)
-    assert pipe.request_defaults() == {
+    assert pipe.family_defaults == {
         "steps": 28,
         "cfg_scale": 1.0,
         "sampler": "euler",
         "schedule": "normal",
         "distilled_cfg_scale": 3.5,
     }
-    assert schnell[1].request_defaults()["steps"] == 4 and "distilled_cfg_scale" not in schnell[1].request_defaults()
+    assert schnell[1].family_defaults["steps"] == 4 and "distilled_cfg_scale" not in schnell[1].family_defaults
 
 
 def test_conditioning_matches_diffusers_encode_prompt(dev):

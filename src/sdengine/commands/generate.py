@@ -1118,11 +1118,11 @@ def run(a: argparse.Namespace) -> int:
         t5=a.t5,
     )
     t1 = time.perf_counter()
-    family_defaults = getattr(pipe, "request_defaults", None)
-    if callable(family_defaults):  # a family with defaults of its own (Flux): where neither a flag nor the PNG says
+    family_defaults = getattr(pipe, "family_defaults", None)
+    if family_defaults:  # a family with defaults of its own (SD3, Flux): where neither a flag nor the PNG says
         given = {k for k, v in explicit.items() if v is not None} | set(png_kwargs if a.from_png else ())
         for kw in iterations:
-            kw.update({k: v for k, v in family_defaults().items() if k not in given})
+            kw.update({k: v for k, v in family_defaults.items() if k not in given})
     refiner: Any = None
     sdxl_base: Any = None
     if a.refiner is not None and sides is None:  # SDXL base -> refiner hand-off

@@ -17,7 +17,7 @@ VAE decode with its fp32 fall-back, infotext); what Flux changes goes through th
   (diffusers' ``FluxImg2ImgPipeline``); the init latent is the VAE posterior's sample, shifted and scaled
   (``(z - 0.1159) * 0.3611`` for Flux.1's VAE).
 
-Flux's defaults (:meth:`FluxPipeline.request_defaults`) differ from SD's: ``cfg_scale`` 1 (one pass per step,
+Flux's defaults (:attr:`FluxPipeline.family_defaults`) differ from SD's: ``cfg_scale`` 1 (one pass per step,
 no negative prompt: Flux has no real CFG; above 1 with a negative prompt it is diffusers' ``true_cfg_scale``),
 the ``euler`` sampler on the ``normal`` grid (diffusers' FlowMatchEulerDiscreteScheduler), 28 steps for [dev]
 and 4 for [schnell] (the step counts of diffusers' examples), the distilled guidance 3.5 for [dev]
@@ -40,7 +40,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdengine import vae_utils
 from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule, flux_image_seq_len
 from sdengine.errors import GenerationError
 from sdengine.pipeline.core import Pipeline, Prepared
@@ -109,6 +108,7 @@ _REFUSED: tuple[tuple[str, Any, str], ...] = (
     ("tiling", bool, "tiling (seamless images) is not supported for Flux yet"),
     ("seed_resize_from_w", bool, "seed_resize_from is not supported for Flux"),
     ("discard_penultimate_sigma", bool, "discard_penultimate_sigma is A1111's option for SD's schedules"),
+    ("shift", lambda v: v is not None, "Flux [dev] shifts its schedule by the image size, [schnell] not at all"),
 )
 
 
@@ -222,8 +222,9 @@ class FluxPipeline(Pipeline):
             self._model_hash = files_hash_cached(hashed_files(self.source, "transformer"))
         return self._model_hash
 
-    def request_defaults(self) -> dict[str, Any]:
-        """Flux's settings where a call does not give them (see the module docstring)."""
+    @property
+    def family_defaults(self) -> dict[str, Any]:
+        """The settings a Flux run takes where its caller chose none (see the module docstring)."""
         out: dict[str, Any] = {
             "steps": DEV_STEPS if self.guidance_distilled else SCHNELL_STEPS,
             "cfg_scale": 1.0,
@@ -234,18 +235,17 @@ class FluxPipeline(Pipeline):
             out["distilled_cfg_scale"] = DEV_GUIDANCE
         return out
 
-    def estimate_memory(self, width: int, height: int, batch_size: int, *, cfg: bool, tiled: bool) -> int:
-        """Rough peak bytes of one call: the transformer's tokens (image + text) through a block for the whole
-        batch (fused attention: no N x N scores), or the VAE decode of one image, whichever is larger."""
-        f = self.vae_scale_factor
-        tokens = (height // (f * PATCH)) * (width // (f * PATCH)) + int(self.conditioner.max_sequence_length)  # type: ignore[attr-defined]
-        bytes_per = torch.finfo(self.dtype).bits // 8
-        rows = batch_size * (2 if cfg else 1)
-        hidden = int(self.transformer.config.num_attention_heads) * int(self.transformer.config.attention_head_dim)
-        net = rows * tokens * hidden * bytes_per * 16  # q, k, v, the 4x MLP and the residual stream
-        vae = vae_utils.vae_decode_bytes(self.vae, height, width, tiled=tiled, bytes_per=bytes_per)
-        images = batch_size * 3 * height * width * 4 * 3
-        return max(net, vae) + images
+    def network_activation_bytes(self, rows: int, h: int, w: int, bytes_per: int) -> int:
+        """The transformer's: every block holds the image and text tokens at its width, a 4x MLP and a few
+        temporaries (counted as 12 maps), plus attention scores where a kernel materialises them (heads x N x N
+        in float32, at most CHUNK_SCORES per row)."""
+        from sdengine.nn.attention import CHUNK_SCORES
+
+        cfg = self.transformer.config
+        n = (h // PATCH) * (w // PATCH) + int(self.conditioner.max_sequence_length)  # type: ignore[attr-defined]
+        width = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
+        scores = min(CHUNK_SCORES, int(cfg.num_attention_heads) * n * n) * 4
+        return rows * (n * width * bytes_per * 12 + scores)
 
     # -- a call ---------------------------------------------------------------------------------------------
 
@@ -293,6 +293,8 @@ class FluxPipeline(Pipeline):
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         self.check_request(request)
+        if isinstance(request.schedule, str) and request.schedule.strip().lower() == "auto":
+            request = request.replace(schedule="normal")  # Flux's own grid (diffusers' FluxPipeline sigmas)
         return super().prepare(request)
 
     def conditioning_pair(
@@ -319,10 +321,10 @@ class FluxPipeline(Pipeline):
         return {} if g is None else {"Distilled CFG Scale": g}
 
     def __call__(self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any) -> Any:
-        """As :meth:`Pipeline.__call__`, with Flux's defaults (:meth:`request_defaults`) for the settings a call
+        """As :meth:`Pipeline.__call__`, with Flux's defaults (:attr:`family_defaults`) for the settings a call
         given as keywords leaves out (a :class:`GenerationRequest` is taken as it is)."""
         if not isinstance(prompt, GenerationRequest):
-            kwargs = {**self.request_defaults(), **kwargs}
+            kwargs = {**self.family_defaults, **kwargs}
         if hr_model is not None:
             raise GenerationError(f"the hires fix is not supported for Flux yet ({self.name})")
         return super().__call__(prompt, negative_prompt, **kwargs)
