@@ -214,7 +214,18 @@ def test_file_layouts_load_the_same_weights(tmp_path: Path) -> None:
     }
     safetensors_torch.save_file({**others, **{SD3_PREFIX + k: v for k, v in _sd(hf).items()}}, str(sd3))
 
-    for path in (tmp_path / "folder", tmp_path / "sharded", pipe, single, alias, sd3):
+    full = transformers.T5ForConditionalGeneration(hf.config).eval()  # encoder and decoder: the encoder is read
+    full.encoder.load_state_dict(hf.encoder.state_dict())
+    full.shared.load_state_dict(hf.shared.state_dict())
+    both = tmp_path / "t5_full.safetensors"
+    safetensors_torch.save_file(
+        {k: v.detach().clone().contiguous() for k, v in full.state_dict().items() if "embed_tokens" not in k}, str(both)
+    )
+    assert any(k.startswith("decoder.") for k in safetensors_torch.load_file(str(both)))
+    pickle = tmp_path / "t5xxl.bin"  # a weights-only pickle
+    torch.save(_sd(hf), pickle)
+
+    for path in (tmp_path / "folder", tmp_path / "sharded", pipe, single, alias, sd3, both, pickle):
         model = load_t5_encoder(path)
         assert model.config == real, path
         _same_weights(model, hf)

@@ -62,9 +62,16 @@ def use_backend(name: str) -> None:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None, is_causal: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on (B, heads, L, d) inputs, the call every sdengine network makes.
+    ``scale`` multiplies the scores (None: 1/sqrt(d); T5 passes 1.0).
 
     A masked call on a CUDA device never runs cuDNN's fused kernel: in the torch releases this was measured with
     (2.11) it gives silently wrong results for some masks (a float32 mask described to cuDNN in the inputs'
@@ -77,8 +84,8 @@ def attention(
         kinds = _kinds()
         safe = [kinds[b] for b in ("flash", "efficient", "math") if kinds[b] is not None]
         with sdpa_kernel(safe):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
 def current_backend() -> str:

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from sdengine.errors import UsageError
 from sdengine.models.config_checks import ConfigError, check_config
+from sdengine.sdpa_backends import attention
 
 FeedForward = Literal["gated-gelu", "relu"]
 FEED_FORWARDS: tuple[str, ...] = ("gated-gelu", "relu")
@@ -204,7 +205,9 @@ class T5SelfAttention(nn.Module):
         """x: (B, L, d_model); bias: the additive scores (B or 1, heads, L, L) in x's dtype."""
         B, L, _ = x.shape
         q, k, v = (proj(x).view(B, L, self.heads, self.d_kv).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (B, heads, L, d_kv)
+        # F.scaled_dot_product_attention with the bias as its additive float mask and scale 1 (through sdengine's
+        # one call site, which keeps masked CUDA calls off cuDNN's kernel)
+        out = attention(q, k, v, mask=bias, scale=1.0)  # (B, heads, L, d_kv)
         return self.o(out.transpose(1, 2).reshape(B, L, self.heads * self.d_kv))
 
 
