@@ -395,11 +395,18 @@ class TimeTextEmbedding(nn.Module):
         self.text_embedder = TimestepEmbedding(pooled_dim, dim)  # the same Linear-SiLU-Linear
 
     def forward(self, timestep: Tensor, guidance: Tensor | None, pooled: Tensor) -> Tensor:
+        """timestep (B,) on the 0..1000 scale, guidance (B,) the scale itself, pooled (B, pooled_dim) -> (B, dim).
+
+        The numbers fed to the sinusoid are rounded as BFL's and diffusers' code rounds them: t in 0..1 and the
+        guidance scale are cast to the model's dtype and multiplied by 1000 in it. In float32 that is t itself;
+        in bfloat16 it moves 875 to 876 and 3.5 x 1000 to 3504, and the released models were run (and
+        distilled) with those numbers, so a bf16 Flux here sees what it sees there."""
         dtype = pooled.dtype
-        vec = self.timestep_embedder(timestep_embedding(timestep, TIME_FEATURES).to(dtype))
+        t = (timestep.float() / 1000).to(dtype) * 1000
+        vec = self.timestep_embedder(timestep_embedding(t, TIME_FEATURES).to(dtype))
         if self.guidance_embedder is not None and guidance is not None:
-            g = timestep_embedding(guidance.float() * GUIDANCE_SCALE, TIME_FEATURES)
-            vec = vec + self.guidance_embedder(g.to(dtype))
+            g = guidance.to(dtype) * GUIDANCE_SCALE
+            vec = vec + self.guidance_embedder(timestep_embedding(g, TIME_FEATURES).to(dtype))
         return vec + self.text_embedder(pooled)
 
 
@@ -437,6 +444,8 @@ class FluxTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.name = ""  # the file it came from (set by the loader)
+        self._rope_key: tuple[int, int, int, torch.device] | None = None
+        self._rope: tuple[Tensor, Tensor] | None = None
         dim = config.hidden_size
         heads, head_dim = config.num_attention_heads, config.attention_head_dim
         out = config.out_channels or config.in_channels
@@ -459,6 +468,17 @@ class FluxTransformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.x_embedder.weight.device
+
+    def rope_tables(self, text: int, rows: int, cols: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The cos/sin tables of ``text`` text tokens (ids 0) followed by a rows x cols grid of image tokens; the
+        last ones made are kept (a generation's every step asks for the same), so that the steps after the first
+        copy nothing from the CPU (a step recorded as a CUDA graph could not)."""
+        key = (text, rows, cols, device)
+        if self._rope_key != key or self._rope is None:
+            ids = torch.cat([torch.zeros(text, 3), image_ids(rows, cols)])  # text first, as in the attention
+            self._rope = rope_angles(ids.to(device), self.config.axes_dims_rope)
+            self._rope_key = key
+        return self._rope
 
     def _check_inputs(
         self, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor
@@ -520,9 +540,8 @@ class FluxTransformer(nn.Module):
         x = self.x_embedder(pack_latents(hidden_states.to(dtype)))  # (B, N, dim), N = H/2 * W/2
         context = self.context_embedder(encoder_hidden_states.to(dtype))  # (B, L, dim)
         vec = self.time_text_embed(t, g, pooled_projections.to(dtype))  # (B, dim)
+        rope = self.rope_tables(context.shape[1], H // PATCH, W // PATCH, device)
         L = context.shape[1]
-        ids = torch.cat([torch.zeros(L, 3), image_ids(H // PATCH, W // PATCH)])  # text first, as in attention
-        rope = rope_angles(ids.to(device), cfg.axes_dims_rope)
 
         for block in self.transformer_blocks:
             x, context = block(x, context, vec, rope)
