@@ -35,6 +35,7 @@ KINDS = {
     "minilm": "MiniLM text",
     "clip_vision": "CLIP vision",
     "t5": "T5 text",
+    "mmdit": "MMDiT",
     "scheduler": "scheduler",
     "flux": "Flux transformer",
 }
@@ -88,6 +89,9 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "joint_attention_dim": (1, 16384),
     "pooled_projection_dim": (1, 16384),
     "axes_dims_rope": (2, 4096),
+    # diffusion transformers (SD3's MMDiT: 24-38 blocks of 1536-2432, a 192 or 384 position grid)
+    "caption_projection_dim": (1, 16384),
+    "pos_embed_max_size": (1, 1024),
     # scheduler
     "num_train_timesteps": (1, 100_000),
     "steps_offset": (0, 100_000),
@@ -129,8 +133,8 @@ MAX_TRAINED_BETAS = INT_BOUNDS["num_train_timesteps"][1]
 # Rough lower estimate of a network's parameter count: above this it is not a model sdengine runs (SDXL's
 # U-Net has 2.6 B) and building even its meta skeleton or reading its file would be a hazard.
 MAX_PARAMETERS = 5_000_000_000
-# Per-kind limits above that one: Flux.1's transformer has 11.9 B parameters.
-MAX_PARAMETERS_BY_KIND = {"flux": 30_000_000_000}
+# Per-kind limits above that one: Flux.1's transformer has 11.9 B parameters, SD3.5 Large's MMDiT 8.1 B.
+MAX_PARAMETERS_BY_KIND = {"flux": 30_000_000_000, "mmdit": 20_000_000_000}
 
 
 def _values(config: Any) -> Mapping[str, Any]:
@@ -217,6 +221,16 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         gated = str(values.get("feed_forward_proj", "")).startswith("gated")
         per_layer = 4 * d * inner + (3 if gated else 2) * d * (values.get("d_ff") or 0)
         return (values.get("num_layers") or 0) * per_layer + (values.get("vocab_size") or 0) * d
+    if kind == "mmdit":
+
+        def one(name: str) -> int:  # lists are refused by the MMDiT config itself; count them as nothing here
+            v = values.get(name)
+            return v if type(v) is int else 0
+
+        h = one("num_attention_heads") * one("attention_head_dim")
+        grid = one("pos_embed_max_size")
+        # per block: two streams of q/k/v/out (4 h^2), a 4x MLP (8 h^2) and the adaLN modulation (6 h^2)
+        return one("num_layers") * 36 * h * h + grid * grid * h
     if kind == "clip_vision":
         h = values.get("hidden_size") or 0
         per_layer = 4 * h * h + 2 * h * (values.get("intermediate_size") or 0)

@@ -39,6 +39,35 @@ class UnsupportedModelError(WeightsError):
     """The file holds a network sdengine does not implement (SD3, Flux, an upscaler, ...) or a part of one."""
 
 
+# SD3's MMDiT in Stability's layout: joint_blocks.N.{x_block,context_block}.* with the prefix of a whole
+# checkpoint (model.diffusion_model.) or without it (ComfyUI's "diffusion model only" files).
+_SD3_STABILITY = re.compile(r"^(?:model\.diffusion_model\.)?joint_blocks\.\d+\.(?:x_block|context_block)\.")
+# ... and in diffusers' names (SD3Transformer2DModel): these keys together (Flux's transformer has the
+# joint attention too, but no position table).
+_SD3_DIFFUSERS = ("pos_embed.pos_embed", "context_embedder.weight", "transformer_blocks.0.attn.add_q_proj.weight")
+
+
+def is_sd3_state_dict(keys: Iterable[str]) -> bool:
+    """Whether a state dict's keys hold SD3's (or SD3.5's) MMDiT: Stability's ``joint_blocks.*`` (with or
+    without ``model.diffusion_model.``) or diffusers' ``SD3Transformer2DModel`` names. Other parts of the
+    file (text encoders, VAE) do not matter; a LoRA's names (``lora_*``, ``.lora_A.``) are not weights."""
+    seen: set[str] = set()
+    for k in keys:
+        if ".lora_" in k or k.startswith("lora_"):
+            return False
+        if _SD3_STABILITY.match(k):
+            return True
+        if k in _SD3_DIFFUSERS:
+            seen.add(k)
+    return len(seen) == len(_SD3_DIFFUSERS)
+
+
+def model_family(keys: Iterable[str]) -> Literal["sd3"] | None:
+    """The diffusion-transformer family a state dict holds, by its keys: ``"sd3"`` for SD3/SD3.5's MMDiT;
+    None for anything else (the U-Net files go through :func:`check_supported` and :func:`detect_ldm`)."""
+    return "sd3" if is_sd3_state_dict(keys) else None
+
+
 def _ints(pattern: str, keys: list[str]) -> set[int]:
     rx = re.compile(pattern)
     return {int(m.group(1)) for k in keys if (m := rx.match(k))}
@@ -71,8 +100,11 @@ def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
         )
     if any(k.startswith("conditioner.embedders.") for k in keys):
         raise UnsupportedModelError("found conditioner.embedders.*: looks like SDXL; load it with load_checkpoint")
-    if any("joint_blocks." in k for k in keys[:2000]):
-        raise UnsupportedModelError("found joint_blocks.*: looks like SD3 (MMDiT), not supported")
+    if is_sd3_state_dict(keys):
+        raise UnsupportedModelError(
+            "found SD3's MMDiT (joint_blocks.*): an SD3 model, not an SD 1.x/2.x checkpoint "
+            "(sdengine.weights.mmdit_file loads its transformer)"
+        )
     if is_flux_state_dict(keys):
         raise UnsupportedModelError(
             "found double_blocks.*: a Flux transformer (FLUX.1), not an SD checkpoint; it loads with "
