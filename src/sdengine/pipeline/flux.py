@@ -129,7 +129,7 @@ class FluxPipeline(Pipeline):
         self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False)
         self.tokenizer_2 = tokenizer_2
         te = kwargs["text_encoder"].eval().requires_grad_(False)
-        cfg = transformer.config  # type: ignore[union-attr]
+        cfg: Any = self.transformer.config
         conditioner = FluxConditioner(
             te,
             kwargs["tokenizer"],
