@@ -249,8 +249,22 @@ def test_sd_model_refuses_distilled_guidance(tiny_sd1_folder):
 
 
 def test_text_encoder_flags_refused_for_sd(tiny_sd1_folder):
-    with pytest.raises(GenerationError, match="t5"):
+    with pytest.raises(GenerationError, match="--t5 give an SD3 or Flux model's text encoders; this is neither"):
         sdengine.load_pipeline(tiny_sd1_folder, device="cpu", t5="t5xxl.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prediction_type": "epsilon"}, "prediction_type: a Flux transformer predicts the flow's velocity"),
+        ({"config": "x.yaml"}, "config= does not apply"),
+        ({"embeddings_dir": "."}, "textual-inversion embeddings"),
+        ({"clip_g": "clip_g.safetensors"}, "clip_g .--clip-g. is SD3's OpenCLIP bigG"),
+    ],
+)
+def test_flux_load_refusals(dev, kwargs, message):
+    with pytest.raises(GenerationError, match=rf"tiny-flux-dev \(Flux\): {message}"):
+        sdengine.load_pipeline(dev[0], device="cpu", **kwargs)
 
 
 # -- the command line --------------------------------------------------------------------------------------------

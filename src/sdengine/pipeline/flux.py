@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdengine.diffusion import sampling
 from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule, flux_image_seq_len
 from sdengine.errors import GenerationError
 from sdengine.pipeline.core import Pipeline, Prepared
@@ -300,8 +301,14 @@ class FluxPipeline(Pipeline):
     def conditioning_pair(
         self, prompt: str, negative: str, p: Prepared, note: Any, *, note_unused: bool = True
     ) -> tuple[Conditioning, Conditioning]:
-        cond: FluxConditioner = self.conditioner  # type: ignore[assignment]
-        return cond.pair(prompt, negative, note=note, guidance=self.distilled_guidance(p.request))
+        conditioner: FluxConditioner = self.conditioner  # type: ignore[assignment]
+        guidance = self.distilled_guidance(p.request)
+        if float(p.request.cfg_scale) == 1.0 and p.sampler not in sampling.CFG_PP_SAMPLERS:
+            # one pass per step: the unconditional half is never run (CFGDenoiser at scale 1), so T5 does not
+            # encode the (empty) negative prompt for it
+            cond = conditioner.with_guidance(conditioner.text(prompt, note=note), guidance)
+            return cond, cond
+        return conditioner.pair(prompt, negative, note=note, guidance=guidance)
 
     def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
         with self._schedule_of(p.width, p.height):
