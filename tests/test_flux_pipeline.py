@@ -81,6 +81,7 @@ def test_conditioning_matches_diffusers_encode_prompt(dev):
 def test_schedule_is_diffusers_flux_grid(dev):
     """[dev]'s sigmas at 48x32: linspace(1, 1/n, n) shifted by mu of (32/2/2)*(48/2/2) = 96 tokens."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
     from sdengine.diffusion.flow import flow_grid
 
     _, pipe, ref = dev
