@@ -1,6 +1,6 @@
-"""Flux.1 end to end against diffusers' FluxPipeline / FluxImg2ImgPipeline on tiny random Flux folders ([dev] with
+"""Flux.1 end to end against diffusers' FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline on tiny random Flux folders ([dev] with
 the guidance embedding, [schnell] without): loading (diffusers folders, BFL's transformer file with ``ae``-style VAE
-and text-encoder files, ComfyUI's all-in-one checkpoint), conditioning, images, img2img, the CLI and its
+and text-encoder files, ComfyUI's all-in-one checkpoint), conditioning, images, img2img, inpainting, the CLI and its
 ``--from-png``, and the one-line refusals."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
 from _flux_models import diffusers_flux, make_flux_folder  # noqa: E402
-from _pipeline_models import picture  # noqa: E402
+from _pipeline_models import mask_picture, picture  # noqa: E402
 from sdengine.cli import main  # noqa: E402
 from sdengine.errors import GenerationError  # noqa: E402
 from sdengine.pipeline.flux import FluxPipeline  # noqa: E402
@@ -145,6 +145,23 @@ def test_img2img_matches_diffusers(dev):
     assert ours.parameters["strength"] == 0.6
 
 
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_inpainting_matches_diffusers(dev, strength):
+    """A mask on the plain model: the known region put back on the flow's path before every step after the first
+    (FluxInpaintPipeline's blend after each step), the clean init latent at the end."""
+    import diffusers
+
+    folder, pipe, _ = dev
+    ref = diffusers.FluxInpaintPipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    init, mask = picture(W, H), mask_picture(W, H)
+    ours = pipe(
+        PROMPT, steps=4, seed=SEED, width=W, height=H, init_image=init, mask=mask, strength=strength, progress=False
+    )
+    theirs = _theirs(ref, image=init, mask_image=mask, strength=strength, guidance_scale=3.5)
+    assert _mad(ours.arrays, theirs) < TOL
+
+
 # -- single files ------------------------------------------------------------------------------------------------
 
 
@@ -222,7 +239,6 @@ def test_missing_parts_name_their_flag(dev, tmp_path):
         ({"controlnets": [("canny", picture(W, H), 1.0)]}, "controlnets: ControlNets and T2I-Adapters"),
         ({"loras": [("x.safetensors", 1.0)]}, "loras: LoRAs are not supported for Flux"),
         ({"prompt": "a cat <lora:x:1>"}, "<lora:...> tags: LoRAs are not supported for Flux"),
-        ({"init_image": picture(W, H), "mask": picture(W, H)}, "mask: inpainting"),
         ({"enable_hr": True}, "enable_hr: the hires fix"),
         ({"pag_scale": 1.0}, "pag_scale: perturbed-attention guidance"),
         ({"clip_skip": 2}, "clip_skip 2 does not apply to Flux"),

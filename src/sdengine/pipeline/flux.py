@@ -15,7 +15,8 @@ VAE decode with its fp32 fall-back, infotext); what Flux changes goes through th
   shift 1); ``s' = e^mu / (e^mu + 1/s - 1)``;
 * img2img: the flow start ``s x_noise + (1 - s) x_init`` at the first step ``int(n - min(n * strength, n))``
   (diffusers' ``FluxImg2ImgPipeline``); the init latent is the VAE posterior's sample, shifted and scaled
-  (``(z - 0.1159) * 0.3611`` for Flux.1's VAE).
+  (``(z - 0.1159) * 0.3611`` for Flux.1's VAE); inpainting (a mask on the plain model) puts the known region back
+  on the same path before every step (``FluxInpaintPipeline``).
 
 Flux's defaults (:attr:`FluxPipeline.family_defaults`) differ from SD's: ``cfg_scale`` 1 (one pass per step,
 no negative prompt: Flux has no real CFG; above 1 with a negative prompt it is diffusers' ``true_cfg_scale``),
@@ -26,7 +27,7 @@ x the 2x2 patches).
 
 What does not apply to Flux is refused before any model runs (:meth:`FluxPipeline.prepare`): U-Net ControlNets,
 T2I-Adapters, LoRAs, IP-Adapters, textual-inversion embeddings, PAG, SAG, FreeU, Deep Shrink, HyperTile, tiled
-diffusion, inpainting masks, the hires fix, InstructPix2Pix's image guidance, SDXL settings, clip skip.
+diffusion, the hires fix, InstructPix2Pix's image guidance, SDXL settings, clip skip, SD3's shift.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ import torch
 from torch import Tensor
 
 from sdengine.diffusion import sampling
-from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule, flux_image_seq_len
+from sdengine.diffusion.flow import (
+    FlowDenoiser,
+    FlowSchedule,
+    flow_img2img_start,
+    flow_noise_scaling,
+    flux_image_seq_len,
+)
 from sdengine.errors import GenerationError
 from sdengine.pipeline.core import Pipeline, Prepared
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
@@ -93,7 +100,6 @@ _REFUSED: tuple[tuple[str, Any, str], ...] = (
     ("controlnets", bool, "ControlNets and T2I-Adapters are U-Net networks"),
     ("ip_adapters", bool, "IP-Adapters are U-Net adapters"),
     ("loras", bool, "LoRAs are not supported for Flux yet"),
-    ("mask", lambda v: v is not None, "inpainting (a mask) is not supported for Flux yet"),
     ("enable_hr", bool, "the hires fix is not supported for Flux yet"),
     ("pag_scale", bool, "perturbed-attention guidance (pag_scale) reads U-Net attention layers"),
     ("sag_scale", bool, "self-attention guidance (sag_scale) reads the U-Net's middle block"),
@@ -182,6 +188,14 @@ class FluxPipeline(Pipeline):
 
     def x0_denoiser(self, model: Any) -> FlowDenoiser:
         return FlowDenoiser(model, self.noise_schedule)
+
+    def img2img_first_step(self, steps: int, strength: float, rule: str, sampler: str) -> int:
+        """diffusers' FluxImg2ImgPipeline: ``int(n - min(n strength, n))``."""
+        return flow_img2img_start(steps, strength)
+
+    def noised_latent(self, latent: Tensor, noise: Tensor, sigma: Any) -> Tensor:
+        """The flow's ``s noise + (1 - s) latent`` (inpainting's known region, as FluxInpaintPipeline's)."""
+        return flow_noise_scaling(sigma, noise, latent)
 
     # -- facts about the model ------------------------------------------------------------------------------
 
