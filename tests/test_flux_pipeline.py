@@ -1,7 +1,7 @@
-"""Flux.1 end to end against diffusers' FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline on tiny random Flux folders ([dev] with
-the guidance embedding, [schnell] without): loading (diffusers folders, BFL's transformer file with ``ae``-style VAE
-and text-encoder files, ComfyUI's all-in-one checkpoint), conditioning, images, img2img, inpainting, the CLI and its
-``--from-png``, and the one-line refusals."""
+"""Flux.1 end to end against diffusers' FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline on tiny random
+Flux folders ([dev] with the guidance embedding, [schnell] without): loading (diffusers folders, BFL's transformer
+file with ``ae``-style VAE and text-encoder files, ComfyUI's all-in-one checkpoint), conditioning, images, img2img,
+inpainting, the CLI and its ``--from-png``, and the one-line refusals."""
 
 from __future__ import annotations
 
