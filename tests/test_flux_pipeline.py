@@ -162,6 +162,24 @@ def test_inpainting_matches_diffusers(dev, strength):
     assert _mad(ours.arrays, theirs) < TOL
 
 
+def test_graphs_replay_the_same_images(dev):
+    """CUDA graphs' paths (recorded with the CPU stand-in): the transformer's step graph and the whole loop as one
+    graph give the eager images; the distilled guidance is an input of the recorded loop, not baked in."""
+    from _cpu_graphs import CPUBackend
+
+    pipe = sdengine.load_pipeline(dev[0], device="cpu", fast_path="none")
+    args = dict(steps=2, seed=SEED, width=W, height=H, progress=False)
+    want = {g: pipe(PROMPT, distilled_cfg_scale=g, **args).arrays for g in (3.5, 6.0)}
+    pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
+    np.testing.assert_array_equal(pipe(PROMPT, **args).arrays, want[3.5])
+    assert pipe.cuda_graphs["unet"].replays > 0
+    pipe.cuda_graphs = None
+    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
+    for g in (3.5, 6.0):
+        np.testing.assert_array_equal(pipe(PROMPT, distilled_cfg_scale=g, **args).arrays, want[g])
+    assert pipe.cuda_graphs["loop"].recordings == 1
+
+
 # -- single files ------------------------------------------------------------------------------------------------
 
 
