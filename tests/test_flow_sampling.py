@@ -22,7 +22,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from sdengine.diffusion import samplers as S
 from sdengine.diffusion import sampling
@@ -127,6 +132,18 @@ def test_flux_mu_from_latent_size() -> None:
     assert dynamic_shift_mu(flux_image_seq_len(64, 64)) == pytest.approx(0.5 + 0.65 * (1024 - 256) / 3840)
     assert FlowSchedule.flux().mu is None  # schnell: no shift
     assert flow_grid(FlowSchedule.flux(), 4).sigmas.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_flux_table_schedules_rederived() -> None:
+    """ComfyUI's ModelSamplingFlux: a 10000-entry table e^mu / (e^mu + 1/t - 1), t = k / 10000; its simple
+    schedule picks from it, and lands (n dividing 10000) on the Flux pipelines' linspace(1, 1/n, n) grid."""
+    mu, T, steps = 1.0, 10_000, 8
+    fs = FlowSchedule.flux(mu=mu)
+    table = math.exp(mu) / (math.exp(mu) + (1 / (np.arange(1, T + 1) / T) - 1))
+    np.testing.assert_allclose(fs.sigmas.numpy(), table, rtol=3e-7)
+    simple = [table[-(1 + int(x * (T / steps)))] for x in range(steps)] + [0.0]
+    np.testing.assert_allclose(flow_grid(fs, steps, "simple").sigmas.numpy(), simple, rtol=3e-7)
+    np.testing.assert_allclose(flow_grid(fs, steps, "simple").sigmas.numpy(), flow_grid(fs, steps).sigmas.numpy(), 3e-7)
 
 
 @pytest.mark.parametrize("kind", ["karras", "exponential"])
@@ -258,7 +275,7 @@ def _dpm_loop(sch, x: torch.Tensor, generators=None) -> torch.Tensor:
     # not that rounding, is what is compared here)
     for i, t in enumerate(sch.timesteps):
         v = toy_net(x, (sch.sigmas[i] * 1000).reshape(1).expand(x.shape[0]))
-        x = sch.step(v, t, x, generator=generators).prev_sample
+        x = (sch.step(v, t, x) if generators is None else sch.step(v, t, x, generator=generators)).prev_sample
     return x
 
 
@@ -280,6 +297,47 @@ def test_dpmpp_2m_equals_flow_dpm_solver(shift: float, steps: int) -> None:
         FlowDenoiser(toy_net, FlowSchedule(shift=shift)), noise, sampler="dpmpp_2m", steps=steps, sigmas=sch.sigmas
     )
     torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("steps", [6, 20])
+def test_unipc_equals_flow_unipc(steps: int) -> None:
+    noise = _noise(seed=16)
+    sch = UniPCMultistepScheduler(
+        use_flow_sigmas=True,
+        prediction_type="flow_prediction",
+        flow_shift=3.0,
+        solver_order=2,
+        solver_type="bh2",
+        predict_x0=True,
+        final_sigmas_type="zero",
+    )
+    sch.set_timesteps(steps)
+    want = _dpm_loop(sch, noise.clone())
+    got = sampling.sample(
+        FlowDenoiser(toy_net, FlowSchedule.sd3()), noise, sampler="unipc", steps=steps, sigmas=sch.sigmas
+    )
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_cfg_over_a_flow_denoiser_equals_diffusers_guided_euler() -> None:
+    """Classifier-free guidance (sdengine.diffusion.guidance.CFGDenoiser) over a FlowDenoiser is SD3's guidance
+    (``v = v_u + g (v_c - v_u)``, FlowMatchEulerDiscreteScheduler), x0 being affine in v."""
+    from sdengine.diffusion.guidance import CFGDenoiser
+
+    def net(x, t, encoder_hidden_states):
+        return toy_net(x, t) + 0.3 * encoder_hidden_states.reshape(-1, 1, 1, 1)
+
+    cond, uncond, g, noise = torch.tensor([1.0, -0.5]), torch.tensor([0.0]), 4.5, _noise(seed=17)
+    sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sch.set_timesteps(8)
+    x = noise.clone()
+    for t in sch.timesteps:
+        tt = t.reshape(1).expand(2)
+        v_c, v_u = net(x, tt, cond), net(x, tt, uncond.expand(2))
+        x = sch.step(v_u + g * (v_c - v_u), t, x).prev_sample
+    guided = CFGDenoiser(FlowDenoiser(net, FlowSchedule.sd3()), g, {"encoder_hidden_states": uncond})
+    got = sampling.sample(guided, noise, sampler="euler", steps=8, extra_args={"encoder_hidden_states": cond})
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-4)
 
 
 def test_dpmpp_2m_sde_equals_flow_dpm_solver() -> None:
@@ -501,6 +559,29 @@ def test_callback_and_interrupt_see_flow_values() -> None:
             callback=lambda i, *_: i < 2,
         )
     torch.testing.assert_close(stopped.value.x, seen["dpmpp_2m"][2][2])
+
+
+def test_step_aware_networks_see_flow_sigmas_in_the_ve_view() -> None:
+    """A network that takes the sampler's step (ControlNet windows, inpainting blends) gets the flow sigma of each
+    call and the flow timestep, in the VE view as in the flow one."""
+
+    class Net:
+        takes_step = True
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, float, float]] = []
+
+        def __call__(self, x, t, step=None):
+            self.seen.append((step.index, step.sigma, float(t[0])))
+            return gaussian_net(x, t)
+
+    grid = flow_grid(FlowSchedule.sd3(), 5).sigmas.tolist()
+    for name in ("euler", "dpmpp_2m"):
+        net = Net()
+        sampling.sample(FlowDenoiser(net, FlowSchedule.sd3()), _noise(), sampler=name, steps=5)
+        assert [i for i, _, _ in net.seen] == list(range(5))
+        assert [s for _, s, _ in net.seen][1:] == grid[1:-1]  # the VE view's start is the offset, 0.99997
+        assert [t for _, _, t in net.seen][1:] == pytest.approx([1000 * s for s in grid[1:-1]], rel=1e-6)
 
 
 def test_vp_models_untouched_by_flow_option() -> None:

@@ -111,6 +111,21 @@ def test_batch_rows_are_independent_and_scalar_timestep():
     assert torch.equal(same_t, per_row)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_equals_diffusers(dtype):
+    """In half precision the same operations in the same order: the same numbers as diffusers' model in that
+    dtype (measured: bit-identical on the CPU; the test allows one unit in the last place of the output)."""
+    ref = reference(DUAL).to(dtype)
+    x, t, ctx, pooled = inputs(DUAL)
+    with torch.no_grad():
+        want = ref(x.to(dtype), ctx.to(dtype), pooled.to(dtype), t).sample
+        got = ours_from(ref, DUAL).to(dtype)(x, t, ctx, pooled)
+    assert got.dtype == dtype
+    scale = want.float().abs().max().item()
+    ulp = torch.finfo(dtype).eps * 2.0 ** int(torch.tensor(scale).log2().floor())  # at the output's magnitude
+    assert (want.float() - got.float()).abs().max().item() <= ulp
+
+
 def test_position_table_equals_diffusers():
     for cfg in (PLAIN, dataclasses.replace(PLAIN, sample_size=16, pos_embed_max_size=9)):
         torch.manual_seed(0)

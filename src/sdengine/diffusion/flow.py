@@ -50,6 +50,8 @@ FLOW_SPACINGS: tuple[str, ...] = ("scheduler", "flux")
 # ComfyUI's offset_first_sigma_for_snr: a VE-view sampler cannot start at s = 1 (sigma_ve = inf); it starts at
 # the schedule's sigma of this percent instead, from the same noise.
 FIRST_SIGMA_PERCENT = 1e-4
+# ComfyUI's ModelSamplingFlux keeps a 10000-entry table (its simple / beta / sgm_uniform pick from it)
+FLUX_TABLE_LENGTH = 10_000
 # diffusers' calculate_shift defaults (FluxPipeline; FlowMatchEulerDiscreteScheduler's config keys)
 FLUX_SHIFT_DEFAULTS: dict[str, float] = {
     "base_shift": 0.5,
@@ -126,7 +128,8 @@ class FlowSchedule:
     def flux(cls, *, mu: float | None = None, image_seq_len: int | None = None, **shift_config: float) -> FlowSchedule:
         """Flux: dev with its dynamic shift (``mu``, or ``image_seq_len`` tokens: :func:`flux_image_seq_len`;
         ``shift_config``: base_shift, max_shift, base_image_seq_len, max_image_seq_len), schnell with neither (no
-        shift). The `normal` grid is the Flux pipelines' ``linspace(1, 1/n, n)``."""
+        shift). The `normal` grid is the Flux pipelines' ``linspace(1, 1/n, n)``; the table has the 10000 entries of
+        ComfyUI's ModelSamplingFlux."""
         unknown = sorted(set(shift_config) - set(FLUX_SHIFT_DEFAULTS))
         if unknown:
             valid = ", ".join(FLUX_SHIFT_DEFAULTS)
@@ -140,7 +143,7 @@ class FlowSchedule:
                 base_image_seq_len=int(settings["base_image_seq_len"]),
                 max_image_seq_len=int(settings["max_image_seq_len"]),
             )
-        return cls(mu=mu, spacing="flux")
+        return cls(mu=mu, spacing="flux", num_train_timesteps=FLUX_TABLE_LENGTH)
 
     @classmethod
     def from_config(
@@ -168,7 +171,10 @@ class FlowSchedule:
                     raise UsageError("this flow scheduler shifts by resolution: give mu or image_seq_len")
                 mu = dynamic_shift_mu(
                     image_seq_len,
-                    **{k: type(v)(cfg.get(k, v)) for k, v in FLUX_SHIFT_DEFAULTS.items()},  # type: ignore[arg-type]
+                    base_shift=float(cfg.get("base_shift", FLUX_SHIFT_DEFAULTS["base_shift"])),
+                    max_shift=float(cfg.get("max_shift", FLUX_SHIFT_DEFAULTS["max_shift"])),
+                    base_image_seq_len=int(cfg.get("base_image_seq_len", FLUX_SHIFT_DEFAULTS["base_image_seq_len"])),
+                    max_image_seq_len=int(cfg.get("max_image_seq_len", FLUX_SHIFT_DEFAULTS["max_image_seq_len"])),
                 )
             return cls(mu=float(mu), **common)
         return cls(shift=float(cfg.get("shift", 1.0)), **common)
@@ -402,7 +408,10 @@ class VEView:
 
     def __call__(self, x: Tensor, sigma: Tensor | float, **extra: Any) -> Tensor:
         ve = torch.as_tensor(sigma, dtype=torch.float32).detach().cpu().reshape(-1)
-        s = torch.tensor([self.flow_sigma(float(v)) for v in ve], dtype=torch.float32)
+        if bool((ve == ve[0]).all()):  # one level for the batch (every sampler step)
+            s = torch.full((ve.shape[0],), self.flow_sigma(float(ve[0])), dtype=torch.float32)
+        else:
+            s = torch.tensor([self.flow_sigma(float(v)) for v in ve], dtype=torch.float32)
         step = extra.get("step")
         if isinstance(step, SamplerStep) and step.sigma is not None:
             extra["step"] = replace(step, sigma=self.flow_sigma(float(step.sigma)))
@@ -418,7 +427,8 @@ class VEView:
 # sampler -> the view it runs in on a flow model: "flow", as written with sigma = s (ODE samplers whose steps are
 # built from d = (x - x0) / sigma); "rf", ComfyUI's flow form of its noise (Euler a); "ve", in the VE view
 # (:class:`VEView`: exponential integrators and SDE samplers, exact there). tests/test_flow_sampling.py holds each
-# against the exact x0 of Gaussian data, and Euler, Heun and DPM++ 2M (2M SDE) against diffusers' flow schedulers.
+# against the exact x0 of Gaussian data, and Euler, Heun, DPM++ 2M, 2M SDE and UniPC against diffusers' flow
+# schedulers.
 FLOW_SAMPLERS: dict[str, str] = {
     **dict.fromkeys(("euler", "heun", "dpm2", "lms", "ipndm", "ipndm_v", "heunpp2", "gradient_estimation"), "flow"),
     "euler_a": "rf",

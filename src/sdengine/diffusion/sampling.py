@@ -20,6 +20,10 @@ scheduler class + config that gives the same numbers (the parity tests build tha
 * Returns the final latent in the network's (VP) scaling: x0 when the last sigma is 0 (every sampler
   except DDIM/PLMS with ``set_alpha_to_one=False``, which end at alphas_cumprod[0] as diffusers does).
 * ``callback(step, sigma, x, denoised)``; returning False raises samplers.SamplingInterrupted.
+* Flow-matching models (SD3, Flux): a ``.schedule`` (or ``noise_schedule``) that is a
+  :class:`sdengine.diffusion.flow.FlowSchedule` runs :func:`_sample_flow` instead: the flow grid, the flow start
+  (``noise``, or ``flow_noise_scaling`` of the init), the samplers that are right on flow models in the view that
+  makes them so, the rest refused; it returns the flow-scaled latent (docs/flow-matching.md).
 
 All input errors are a one-line ``ValueError`` raised before any model call.
 """

@@ -34,8 +34,8 @@ KINDS = {
     "bert": "BERT text",
     "minilm": "MiniLM text",
     "clip_vision": "CLIP vision",
-    "t5": "T5 text",
     "mmdit": "MMDiT",
+    "t5": "T5 text",
     "scheduler": "scheduler",
     "flux": "Flux transformer",
 }
@@ -77,21 +77,21 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "patch_size": (1, 1024),
     "image_size": (1, 4096),
     "projection_dim": (1, 16384),
+    # diffusion transformers (SD3's MMDiT: 24-38 blocks of 1536-2432, a 192 or 384 position grid)
+    "joint_attention_dim": (1, 16384),
+    "caption_projection_dim": (1, 16384),
+    "pooled_projection_dim": (1, 16384),
+    "pos_embed_max_size": (1, 1024),
     # T5 encoders (T5-XXL: d_model 4096, d_kv 64, d_ff 10240, 24 layers of 64 heads, 32 buckets up to 128)
     "d_model": (1, 16384),
     "d_kv": (1, 1024),
     "d_ff": (1, 65536),
     "relative_attention_num_buckets": (2, 1024),
     "relative_attention_max_distance": (2, 65536),
-    # Flux's transformer (dev/schnell: 19 double-stream and 38 single-stream blocks, 4096-wide T5 states,
-    # 768-wide pooled CLIP, RoPE axes 16 + 56 + 56 = the 128-wide head)
+    # Flux's transformer (dev/schnell: 19 double-stream and 38 single-stream blocks, RoPE axes 16 + 56 + 56 = the
+    # 128-wide head; its text and pooled widths are the diffusion transformers' above)
     "num_single_layers": (0, 256),
-    "joint_attention_dim": (1, 16384),
-    "pooled_projection_dim": (1, 16384),
     "axes_dims_rope": (2, 4096),
-    # diffusion transformers (SD3's MMDiT: 24-38 blocks of 1536-2432, a 192 or 384 position grid)
-    "caption_projection_dim": (1, 16384),
-    "pos_embed_max_size": (1, 1024),
     # scheduler
     "num_train_timesteps": (1, 100_000),
     "steps_offset": (0, 100_000),
@@ -133,8 +133,9 @@ MAX_TRAINED_BETAS = INT_BOUNDS["num_train_timesteps"][1]
 # Rough lower estimate of a network's parameter count: above this it is not a model sdengine runs (SDXL's
 # U-Net has 2.6 B) and building even its meta skeleton or reading its file would be a hazard.
 MAX_PARAMETERS = 5_000_000_000
-# Per-kind limits above that one: Flux.1's transformer has 11.9 B parameters, SD3.5 Large's MMDiT 8.1 B.
-MAX_PARAMETERS_BY_KIND = {"flux": 30_000_000_000, "mmdit": 20_000_000_000}
+# Kinds whose real models are larger get their own limit (SD3.5 Large's MMDiT has 8.1 B parameters, Flux.1's
+# transformer 11.9 B).
+MAX_PARAMETERS_BY_KIND = {"mmdit": 20_000_000_000, "flux": 30_000_000_000}
 
 
 def _values(config: Any) -> Mapping[str, Any]:
@@ -216,11 +217,6 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         per_layer = 4 * h * h + 2 * h * (values.get("intermediate_size") or 0)
         tables = ((values.get("vocab_size") or 0) + (values.get("max_position_embeddings") or 0)) * h
         return (values.get("num_hidden_layers") or 0) * per_layer + tables
-    if kind == "t5":
-        d, inner = values.get("d_model") or 0, (values.get("num_heads") or 0) * (values.get("d_kv") or 0)
-        gated = str(values.get("feed_forward_proj", "")).startswith("gated")
-        per_layer = 4 * d * inner + (3 if gated else 2) * d * (values.get("d_ff") or 0)
-        return (values.get("num_layers") or 0) * per_layer + (values.get("vocab_size") or 0) * d
     if kind == "mmdit":
 
         def one(name: str) -> int:  # lists are refused by the MMDiT config itself; count them as nothing here
@@ -231,6 +227,11 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         grid = one("pos_embed_max_size")
         # per block: two streams of q/k/v/out (4 h^2), a 4x MLP (8 h^2) and the adaLN modulation (6 h^2)
         return one("num_layers") * 36 * h * h + grid * grid * h
+    if kind == "t5":
+        d, inner = values.get("d_model") or 0, (values.get("num_heads") or 0) * (values.get("d_kv") or 0)
+        gated = str(values.get("feed_forward_proj", "")).startswith("gated")
+        per_layer = 4 * d * inner + (3 if gated else 2) * d * (values.get("d_ff") or 0)
+        return (values.get("num_layers") or 0) * per_layer + (values.get("vocab_size") or 0) * d
     if kind == "clip_vision":
         h = values.get("hidden_size") or 0
         per_layer = 4 * h * h + 2 * h * (values.get("intermediate_size") or 0)

@@ -101,6 +101,8 @@ class FluxConfig:
         if isinstance(self.axes_dims_rope, list):
             object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
         check_config("flux", _numbers(dataclasses.asdict(self)))
+        if not isinstance(self.axes_dims_rope, tuple):
+            raise ConfigError(f"Flux transformer config: axes_dims_rope={self.axes_dims_rope!r} is not a list")
         if type(self.guidance_embeds) is not bool:
             raise ConfigError(f"Flux transformer config: guidance_embeds={self.guidance_embeds!r} is not true/false")
         if self.patch_size != 1:
@@ -428,13 +430,17 @@ class FinalLayer(nn.Module):
 
 
 def _batch_vector(value: Tensor | float, batch: int, name: str, device: torch.device) -> Tensor:
-    """A per-row number as a (B,) float32 tensor: a scalar (Python or 0-d) is repeated, a (B,) kept."""
-    t = torch.as_tensor(value, device=device)
+    """A per-row number as a (B,) float32 tensor on ``device``: a scalar (Python or 0-d) is repeated, a (B,) kept.
+    Numbers given on the CPU are checked to be finite (one on the GPU is not: that check would wait for the GPU
+    at every step, and the pipeline refuses a non-finite result anyway)."""
+    t = torch.as_tensor(value)
     if t.ndim == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
         raise UsageError(f"Flux transformer: {name} must be a number or have shape ({batch},), got {tuple(t.shape)}")
-    return t.float()
+    if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
+        raise UsageError(f"Flux transformer: {name} must be finite, got {t.tolist()}")
+    return t.to(device=device, dtype=torch.float32)
 
 
 class FluxTransformer(nn.Module):
@@ -495,7 +501,8 @@ class FluxTransformer(nn.Module):
                 f"Flux transformer: the latent's height and width must be even (2x2 patches), got {H}x{W} "
                 f"(an image size that is a multiple of 16 pixels gives one)"
             )
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[::2] != (B, cfg.joint_attention_dim):
+        text = encoder_hidden_states
+        if text.ndim != 3 or text.shape[0] != B or text.shape[2] != cfg.joint_attention_dim:
             raise UsageError(
                 f"Flux transformer: encoder_hidden_states must be (B={B}, L, {cfg.joint_attention_dim}), "
                 f"got {tuple(encoder_hidden_states.shape)}"
@@ -534,14 +541,12 @@ class FluxTransformer(nn.Module):
         device, dtype = hidden_states.device, self.dtype
         t = _batch_vector(timestep, B, "timestep", device)
         g = _batch_vector(guidance, B, "guidance", device) if guidance is not None else None
-        if not bool(torch.isfinite(t).all()) or (g is not None and not bool(torch.isfinite(g).all())):
-            raise UsageError("Flux transformer: timestep and guidance must be finite numbers")
 
         x = self.x_embedder(pack_latents(hidden_states.to(dtype)))  # (B, N, dim), N = H/2 * W/2
         context = self.context_embedder(encoder_hidden_states.to(dtype))  # (B, L, dim)
         vec = self.time_text_embed(t, g, pooled_projections.to(dtype))  # (B, dim)
-        rope = self.rope_tables(context.shape[1], H // PATCH, W // PATCH, device)
         L = context.shape[1]
+        rope = self.rope_tables(L, H // PATCH, W // PATCH, device)  # (L + N, head_dim) each, text first
 
         for block in self.transformer_blocks:
             x, context = block(x, context, vec, rope)

@@ -65,9 +65,10 @@ EPS = 1e-6  # every layer norm and RMS norm of the MMDiT
 
 @dataclass(frozen=True)
 class MMDiTConfig:
-    """Architecture of an MMDiT; the field names (and defaults: SD3 Medium's layout, but 18 blocks) are
-    diffusers' ``SD3Transformer2DModel`` config. The width is ``num_attention_heads * attention_head_dim``,
-    which ``caption_projection_dim`` must equal (the context stream has the image stream's width).
+    """Architecture of an MMDiT; the field names and defaults (an 18-block layout of no release: see the
+    presets below) are diffusers' ``SD3Transformer2DModel`` config's. The width is ``num_attention_heads *
+    attention_head_dim``, which ``caption_projection_dim`` must equal (the context stream has the image
+    stream's width).
 
     ``sample_size`` (latent size of training) only sets the scale of the position table built here
     (positions are spaced ``sample_size / patch_size / pos_embed_max_size``); a loaded model takes the table
@@ -464,7 +465,7 @@ SD35_MEDIUM = MMDiTConfig(
 SD35_LARGE = MMDiTConfig(
     num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm"
 )
-# A tiny layout for tests: every feature, a few thousand parameters per block.
+# A tiny layout for tests: every feature, 71 k parameters.
 TINY_MMDIT = MMDiTConfig(
     sample_size=8,
     patch_size=2,

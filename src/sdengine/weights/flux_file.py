@@ -192,8 +192,8 @@ def bfl_to_diffusers(sd: Mapping[str, torch.Tensor], where: str = "<state dict>"
         for bfl, ours in _SINGLE_NORMS.items():
             out[b + ours] = take(a + bfl)
         fused = src.get(f"{a}linear1.weight")
-        rows = int(fused.shape[0]) if isinstance(fused, torch.Tensor) and fused.ndim == 2 else 7 * hidden
-        sizes = [hidden, hidden, hidden, rows - 3 * hidden]
+        rows = int(fused.shape[0]) if isinstance(fused, torch.Tensor) and fused.ndim == 2 else 0
+        sizes = [hidden, hidden, hidden, rows - 3 * hidden if rows > 3 * hidden else 4 * hidden]
         for p in ("weight", "bias"):
             split(f"{a}linear1.{p}", sizes, [f"{b}{t}.{p}" for t in _SINGLE_FUSED])
     if src:
@@ -255,6 +255,11 @@ def config_from_shapes(
     where). ``axes_dims_rope``: the RoPE split of a head, needed when the head is not FLUX.1's 128 numbers."""
     hidden, in_channels = _shape(sd, "x_embedder.weight", 2, where)
     out_channels = _shape(sd, "proj_out.weight", 2, where)[0]
+    if in_channels > out_channels:
+        raise WeightsError(
+            f"{where}: the image tokens have {in_channels} numbers in and {out_channels} out: a FLUX.1 Fill, Depth "
+            "or Canny model (a masked image or control latents beside the noisy one), not supported"
+        )
     joint = _shape(sd, "context_embedder.weight", 2, where)[1]
     pooled = _shape(sd, "time_text_embed.text_embedder.linear_1.weight", 2, where)[1]
     doubles = _indices(_OURS_DOUBLE, list(sd), "double-stream block", where)
@@ -298,6 +303,11 @@ def config_from_shapes(
 def _to_ours(sd: Mapping[str, Any], where: str) -> StateDict:
     """Any accepted layout's tensors -> diffusers' names."""
     sd = _unscale_fp8(strip_prefix(sd, where), where)
+    if any(k.startswith("distilled_guidance_layer.") for k in sd):
+        raise WeightsError(
+            f"{where}: a Chroma model (Flux-derived, one modulation network for all blocks: "
+            "distilled_guidance_layer.*), not FLUX.1; not supported"
+        )
     if is_flux_state_dict(sd) or any(k.startswith(("double_blocks.", "single_blocks.", "img_in.")) for k in sd):
         return bfl_to_diffusers(sd, where)
     if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.")) for k in sd):
@@ -333,7 +343,8 @@ def _unscale_fp8(sd: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _file_dtype(path: Path) -> torch.dtype | None:
-    """The dtype most of a safetensors file's floating tensors have (None for other files)."""
+    """The dtype most of a safetensors file's floating tensors have, float8 if any has it (None for other
+    files)."""
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         return None
     with SafetensorsReader(path) as r:
@@ -342,7 +353,8 @@ def _file_dtype(path: Path) -> torch.dtype | None:
             dt = r.dtype(name)
             if dt.is_floating_point:
                 counts[dt] = counts.get(dt, 0) + 1
-    return max(counts, key=lambda d: counts[d]) if counts else None
+    float8 = [d for d in counts if d in FLOAT8]  # a float8 file keeps its biases, norms and scales wider
+    return float8[0] if float8 else max(counts, key=lambda d: counts[d]) if counts else None
 
 
 def compute_dtype(stored: torch.dtype | None, dtype: str | torch.dtype | None) -> torch.dtype:
@@ -358,10 +370,32 @@ def compute_dtype(stored: torch.dtype | None, dtype: str | torch.dtype | None) -
     return stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
-def _read(files: list[Path], dtype: torch.dtype | None) -> StateDict:
+def _keeps_its_dtype(name: str) -> bool:
+    # scaled float8's scales stay float32 until they have multiplied their weight (rounding them first costs digits)
+    return name.endswith((".scale_weight", ".scale_input"))
+
+
+def read_transformer_tensors(path: Path, dtype: torch.dtype) -> StateDict:
+    """The transformer's tensors of one weights file (ComfyUI's prefix removed, anything beside it left unread),
+    floating ones in ``dtype``. A safetensors file's tensors already in ``dtype`` stay zero-copy views of its
+    memory map; the others are read one at a time with ordinary I/O and converted (float8 -> bf16: the converted
+    weights' memory, not the file's as well), so a bundled VAE or T5 encoder is never read."""
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return strip_prefix(load_file(path, dtype)[0], str(path))
+    views = load_file(path)[0]  # views of the map: nothing is read yet
+    prefixed = any(k.startswith(FLUX_PREFIX) for k in views)
+    chosen = strip_prefix(views, str(path))
+    with SafetensorsReader(path) as reader:
+        for k, v in chosen.items():
+            if v.is_floating_point() and v.dtype != dtype and not _keeps_its_dtype(k):
+                chosen[k] = reader.read(FLUX_PREFIX + k if prefixed else k).to(dtype)
+    return chosen
+
+
+def _read(files: list[Path], dtype: torch.dtype) -> StateDict:
     sd: StateDict = {}
     for f in files:
-        part = load_file(f, dtype)[0]
+        part = read_transformer_tensors(f, dtype)
         both = sd.keys() & part.keys()
         if both:
             raise WeightsError(f"{f}: tensor {sorted(both)[0]} is also in another shard")
@@ -450,7 +484,7 @@ def load_flux_transformer(
     if p.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise WeightsError(f"{p}: expected a .safetensors file or a diffusers folder")
     target = compute_dtype(_file_dtype(p), dtype)
-    model = flux_from_state(load_file(p, target)[0], str(p), axes_dims_rope=axes_dims_rope, device=device, dtype=target)
+    model = flux_from_state(_read([p], target), str(p), axes_dims_rope=axes_dims_rope, device=device, dtype=target)
     model.name = p.name
     return model
 
@@ -464,6 +498,7 @@ __all__ = [
     "flux_from_state",
     "is_flux_state_dict",
     "load_flux_transformer",
+    "read_transformer_tensors",
     "strip_prefix",
     "swap_halves",
 ]
