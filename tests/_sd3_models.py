@@ -6,15 +6,15 @@ The architecture is SD3's at a fraction of the width: an ``SD3Transformer2DModel
 MMDiT-X blocks and RMS-normed q/k), a 16-channel VAE without quant convs and with SD3's scaling and shift factors,
 CLIP-L-like and bigG-like ``CLIPTextModelWithProjection`` encoders (64-wide heads, as the real ones: a single file's
 configs are read off the shapes), a T5 encoder, SD3's ``FlowMatchEulerDiscreteScheduler`` (shift 3.0). sdengine's
-shipped CLIP vocabulary is the CLIP tokenizer (tokenizer_2 pads with "!", as SD3's does); the T5 tokenizer is a
-small SentencePiece-style Unigram vocabulary built with the ``tokenizers`` library.
+shipped CLIP vocabulary is the CLIP tokenizer (tokenizer_2 pads with "!", as SD3's does) and its shipped T5 v1.1
+vocabulary the T5 tokenizer (what a single file without tokenizers is read with).
 """
 
 from __future__ import annotations
 
-import json
+import gzip
 import logging
-import string
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ for _name in ("diffusers", "transformers"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 SIZE = 32  # pixels: the 2x VAE gives 16x16 latents, 8x8 patches of 2
-JOINT = 192  # T5's width = the MMDiT's joint width; CLIP-L 64 + bigG 128 = 192
+JOINT = 160  # T5's width = the MMDiT's joint width; CLIP-L 64 + bigG 64 = 128, zero-padded to it
 SD3_VAE = dict(
     block_out_channels=(32, 32),
     down_block_types=("DownEncoderBlock2D",) * 2,
@@ -47,25 +47,6 @@ def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.n
     return module
 
 
-def t5_tokenizer_json(dst: Path) -> Path:
-    """A tiny T5-style tokenizer.json (Unigram over letters and a few words, ``▁`` word starts, ``</s>``, ``<pad>``
-    id 0, ``<unk>`` id 2 as T5's), written with the ``tokenizers`` library."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    words = ["a", "red", "apple", "on", "table", "blurry", "dark", "cat", "the", "of"]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(f"▁{w}", -4.0) for w in words]
-    vocab += [(c, -5.0) for c in string.ascii_lowercase + string.digits + ",.()!:"]
-    vocab += [(f"▁{c}", -6.0) for c in string.ascii_lowercase]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tok.normalizer = normalizers.Sequence([normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(dst))
-    return dst
-
-
 def make_sd3_folder(dst: Path, *, seed: int = 0, sd35: bool = False, t5: bool = True) -> Path:
     """Write a random tiny SD3 (``sd35``: with SD3.5 Medium's MMDiT-X block and q/k norms) pipeline as a
     diffusers folder; ``t5`` False: no text_encoder_3 (model_index says null)."""
@@ -79,6 +60,7 @@ def make_sd3_folder(dst: Path, *, seed: int = 0, sd35: bool = False, t5: bool = 
         T5TokenizerFast,
     )
 
+    from sdengine.text.t5_tokenizer import shipped_tokenizer_path
     from sdengine.weights.loading import write_clip_tokenizer
 
     torch.manual_seed(seed)
@@ -88,9 +70,9 @@ def make_sd3_folder(dst: Path, *, seed: int = 0, sd35: bool = False, t5: bool = 
             sample_size=SIZE // 2,
             patch_size=2,
             in_channels=16,
-            num_layers=3,
-            attention_head_dim=8,
-            num_attention_heads=4,
+            num_layers=2,  # Stability's layout has one head per block: a single file's config is read so
+            attention_head_dim=16,
+            num_attention_heads=2,
             joint_attention_dim=JOINT,
             caption_projection_dim=32,
             pooled_projection_dim=64,
@@ -106,10 +88,10 @@ def make_sd3_folder(dst: Path, *, seed: int = 0, sd35: bool = False, t5: bool = 
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=1, projection_dim=32
     )
     clip_g = CLIPTextConfig(
-        hidden_size=128,
+        hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=3,
-        num_attention_heads=2,
+        num_attention_heads=1,
         projection_dim=32,
         hidden_act="gelu",
     )
@@ -119,11 +101,12 @@ def make_sd3_folder(dst: Path, *, seed: int = 0, sd35: bool = False, t5: bool = 
     write_clip_tokenizer(dst / "tokenizer_2", pad="!")
     te3 = tok3 = None
     if t5:
-        tj = t5_tokenizer_json(dst / "_t5" / "tokenizer.json")
+        tj = dst / "_t5" / "tokenizer.json"  # sdengine's shipped T5 v1.1 vocabulary, SD3's tokenizer_3
+        tj.parent.mkdir(parents=True, exist_ok=True)
+        tj.write_bytes(gzip.decompress(shipped_tokenizer_path().read_bytes()))
         tok3 = T5TokenizerFast(tokenizer_file=str(tj), eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-        vocab = json.loads(tj.read_text())["model"]["vocab"]
         cfg = T5Config(
-            vocab_size=len(vocab),
+            vocab_size=32128,  # T5 v1.1's embedding rows (the vocabulary's 32100 pieces, padded)
             d_model=JOINT,
             d_kv=16,
             d_ff=96,
@@ -146,6 +129,7 @@ def make_sd3_folder(dst: Path, *, seed: int = 0, sd35: bool = False, t5: bool = 
         tokenizer_3=tok3,
     )
     pipe.save_pretrained(dst)
+    shutil.rmtree(dst / "_t5", ignore_errors=True)
     return dst
 
 
@@ -154,10 +138,10 @@ def write_single_file(folder: Path, dst: Path, *, clips: bool = True, t5: bool =
     (sdengine's writer of Stability's names), the VAE under ``first_stage_model.`` (LDM names), and with ``clips``
     / ``t5`` the text encoders under ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.`` (transformers' names)."""
     from safetensors.torch import load_file, save_file
-    from sdengine.weights.mmdit_file import load_mmdit, sdengine_to_stability
 
     from sdengine.weights import keymaps as km
     from sdengine.weights.detect import vae_layout_from_diffusers
+    from sdengine.weights.mmdit_file import load_mmdit, sdengine_to_stability
 
     out: dict[str, torch.Tensor] = {}
     mmdit = load_mmdit(folder, dtype=torch.float32)

@@ -52,6 +52,17 @@ def _load_tokenizer(tokenizer_dir: Path | None) -> CLIPTokenizer:
     return CLIPTokenizer.load()
 
 
+def clip_tokenizer(tokenizer_dir: Path | None) -> CLIPTokenizer:
+    """A folder's CLIP tokenizer (``vocab.json`` and ``merges.txt``), else the shipped CLIP vocabulary."""
+    return _load_tokenizer(tokenizer_dir)
+
+
+def clip_pad_token_id(tokenizer_dir: Path | None, vocab: Mapping[str, int], family: str) -> int:
+    """The id a CLIP tokenizer pads with: its folder's ``pad_token``, else by family (``"sd2"``: OpenCLIP's "!",
+    else the end token)."""
+    return _pad_token_id(tokenizer_dir, vocab, family)
+
+
 def load_pipeline(
     name_or_path: str | Path,
     device: str | torch.device = "auto",

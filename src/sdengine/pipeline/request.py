@@ -232,6 +232,9 @@ class GenerationRequest:
     # (sdengine.diffusion.flow.FlowSchedule); None = the model's own (its scheduler config's, 3.0 for SD3).
     # Infotext "Shift"
     shift: float | None = None
+    # SD3 only: skip-layer guidance (skip_guidance_layers, skip_layer_guidance_scale / _start / _stop;
+    # sdengine.pipeline.sd3.SD3Options); None = off. Infotext "Skip layer guidance", "Skip layers", ...
+    sd3: Mapping[str, Any] | None = None
     # The hires fix (A1111's names; sdengine.pipeline.hires): a txt2img pass at width x height, an upscale,
     # then an img2img pass at ``strength`` (A1111's denoising_strength).
     enable_hr: bool = False

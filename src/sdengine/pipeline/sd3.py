@@ -25,8 +25,11 @@ step rules, Zero Terminal SNR, the hires fix, tiled diffusion, tiling, prompt ed
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +50,126 @@ from sdengine.text.sd3_conditioner import T5_LENGTH, SD3Conditioner
 SD3_DEFAULTS: dict[str, Any] = {"sampler": "euler", "schedule": "normal", "cfg_scale": 7.0, "steps": 28}
 
 
+@dataclass(frozen=True)
+class SD3Options:
+    """SD3-only settings of a request (``GenerationRequest.sd3``): skip-layer guidance (SD3.5 Medium's
+    recommended extra guidance; diffusers' ``skip_guidance_layers``, ``skip_layer_guidance_scale``,
+    ``skip_layer_guidance_start``, ``skip_layer_guidance_stop``, with its defaults). Empty ``skip_guidance_layers``:
+    off. Stability recommends layers 7, 8, 9 for SD3.5 Medium."""
+
+    skip_guidance_layers: tuple[int, ...] = ()
+    skip_layer_guidance_scale: float = 2.8
+    skip_layer_guidance_start: float = 0.01
+    skip_layer_guidance_stop: float = 0.2
+
+    @classmethod
+    def coerce(cls, value: Any, num_layers: int | None = None) -> SD3Options:
+        """From a request's ``sd3`` dict (a list for the layers); a bad value is a one-line GenerationError."""
+        if value is None:
+            opts = cls()
+        elif isinstance(value, SD3Options):
+            opts = value
+        else:
+            if not isinstance(value, Mapping):
+                raise GenerationError(f"sd3 settings must be a mapping, got {type(value).__name__}")
+            names = [f.name for f in dataclasses.fields(cls)]
+            unknown = sorted(str(k) for k in set(value) - set(names))
+            if unknown:
+                raise GenerationError(f"unknown sd3 settings: {', '.join(unknown)}; valid: {', '.join(names)}")
+            kw: dict[str, Any] = {}
+            layers = value.get("skip_guidance_layers")
+            if layers is not None:
+                if isinstance(layers, int) and not isinstance(layers, bool):
+                    layers = [layers]
+                if not isinstance(layers, list | tuple) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in layers
+                ):
+                    raise GenerationError(f"sd3 skip_guidance_layers must be a list of block numbers, got {layers!r}")
+                kw["skip_guidance_layers"] = tuple(int(i) for i in layers)
+            for key in names[1:]:
+                v = value.get(key)
+                if v is None:
+                    continue
+                if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                    raise GenerationError(f"sd3 {key} must be a number, got {v!r}")
+                kw[key] = float(v)
+            opts = cls(**kw)
+        if not -100.0 <= opts.skip_layer_guidance_scale <= 100.0:
+            raise GenerationError(
+                f"sd3 skip_layer_guidance_scale must be in [-100, 100], got {opts.skip_layer_guidance_scale}"
+            )
+        if not 0.0 <= opts.skip_layer_guidance_start <= opts.skip_layer_guidance_stop <= 1.0:
+            raise GenerationError(
+                "sd3 skip_layer_guidance_start and _stop must be fractions of the steps with start <= stop, got "
+                f"{opts.skip_layer_guidance_start} and {opts.skip_layer_guidance_stop}"
+            )
+        if len(set(opts.skip_guidance_layers)) != len(opts.skip_guidance_layers):
+            raise GenerationError(f"sd3 skip_guidance_layers repeats a block: {list(opts.skip_guidance_layers)}")
+        if num_layers is not None:
+            bad = [i for i in opts.skip_guidance_layers if not 0 <= i < num_layers]
+            if bad:
+                raise GenerationError(
+                    f"sd3 skip_guidance_layers {bad[0]} is not a joint block of this MMDiT (0 to {num_layers - 1})"
+                )
+        return opts
+
+    def changed(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, JSON-ready (what :meth:`coerce` reads back)."""
+        default = SD3Options()
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v != getattr(default, f.name):
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+@dataclass(frozen=True)
+class SkipLayerRun:
+    """Skip-layer guidance as one call runs it: the blocks left out, its scale divided by the CFG scale (see
+    :class:`MMDiTAdapter`), and the steps ``i`` it acts on, ``first < i < last`` with ``first = start * steps``,
+    ``last = stop * steps`` (diffusers' rule, ``i`` counted from 0 over the steps that run)."""
+
+    layers: tuple[int, ...]
+    scale_over_cfg: float
+    first: float
+    last: float
+
+    def on(self, index: int) -> bool:
+        return self.first < index < self.last
+
+
 class MMDiTAdapter:
     """THE map from the conditioning dict onto the MMDiT's arguments (as :class:`UNetAdapter` is for U-Nets):
     ``crossattn`` -> ``encoder_hidden_states``, ``vector`` -> ``pooled_projections``; the network runs in
-    ``dtype`` and its velocity comes back as float32. ``skip_layers``: the joint blocks left out (skip-layer
-    guidance)."""
+    ``dtype`` and its velocity comes back as float32.
+
+    ``slg``: skip-layer guidance (Stability's SD3.5 recipe; diffusers' ``skip_guidance_layers``). At the steps it
+    acts on, CFG's conditional rows run a second time with ``slg.layers`` left out, and diffusers' guided velocity
+    ``u + g (c - u) + s (c - c_skip)`` comes out of the guidance's own ``u + g (c' - u)`` when the conditional rows
+    answer ``c' = c + (s / g) (c - c_skip)``; x0 is affine in the velocity at one ``x`` and sigma, so the same holds
+    for the x0 the guidance mixes. It acts only where guidance runs unconditional rows (diffusers: with
+    ``guidance_scale > 1``)."""
 
     takes_step = False
     takes_row_kinds = False
 
-    def __init__(self, net: Any, dtype: torch.dtype, skip_layers: tuple[int, ...] = ()) -> None:
+    def __init__(self, net: Any, dtype: torch.dtype, slg: SkipLayerRun | None = None) -> None:
         self.net = net
         self.dtype = dtype
-        self.skip_layers = tuple(skip_layers)
+        self.slg = slg
+        if slg is not None:
+            self.takes_step = self.takes_row_kinds = True
+
+    def _run(self, x: Tensor, t: Tensor, crossattn: Tensor, vector: Tensor, **kw: Any) -> Tensor:
+        out = self.net(
+            x.to(self.dtype),
+            t.to(x.device),
+            encoder_hidden_states=crossattn.to(self.dtype),
+            pooled_projections=vector.to(self.dtype),
+            **kw,
+        )
+        return out.float()
 
     def __call__(
         self,
@@ -69,23 +179,22 @@ class MMDiTAdapter:
         crossattn: Tensor,
         vector: Tensor | None = None,
         concat: Tensor | None = None,
+        step: Any = None,
+        row_kinds: Any = None,
         **_: Any,
     ) -> Tensor:
         if vector is None:
             raise GenerationError("the MMDiT needs the pooled text vector ('vector' of the conditioning)")
         if concat is not None:
             raise GenerationError("the MMDiT takes no extra latent channels ('concat' conditioning)")
-        kw: dict[str, Any] = {}
-        if self.skip_layers:
-            kw["skip_layers"] = self.skip_layers
-        out = self.net(
-            x.to(self.dtype),
-            t.to(x.device),
-            encoder_hidden_states=crossattn.to(self.dtype),
-            pooled_projections=vector.to(self.dtype),
-            **kw,
-        )
-        return out.float()
+        v = self._run(x, t, crossattn, vector)
+        slg = self.slg
+        if slg is None or step is None or row_kinds is None or "uncond" not in row_kinds or not slg.on(step.index):
+            return v
+        rows = [i for i, kind in enumerate(row_kinds) if kind == "cond"]
+        skipped = self._run(x[rows], t[rows], crossattn[rows], vector[rows], skip_layers=slg.layers)
+        v[rows] = v[rows] + slg.scale_over_cfg * (v[rows] - skipped)
+        return v
 
 
 def refusals(request: GenerationRequest) -> list[str]:
@@ -129,7 +238,7 @@ class SD3Pipeline(Pipeline):
     def __init__(
         self,
         *,
-        transformer: torch.nn.Module,
+        transformer: Any,
         vae: torch.nn.Module,
         text_encoder: torch.nn.Module,
         text_encoder_2: torch.nn.Module,
@@ -152,7 +261,8 @@ class SD3Pipeline(Pipeline):
         self.tokenizer_3 = tokenizer_3
         self.encoder_sources = dict(encoder_sources or {})  # text encoders given apart from the model (--clip-l ...)
         self._call_shift: float | None = None
-        cfg = transformer.config  # type: ignore[union-attr]
+        self._call_slg: SkipLayerRun | None = None
+        cfg = transformer.config  # an MMDiTConfig
         conditioner = SD3Conditioner(
             text_encoder.eval().requires_grad_(False),
             self.text_encoder_2,
@@ -210,7 +320,7 @@ class SD3Pipeline(Pipeline):
         )
 
     def network_adapter(self, net: Any) -> MMDiTAdapter:
-        return MMDiTAdapter(net, self.dtype)
+        return MMDiTAdapter(net, self.dtype, self._call_slg)
 
     def x0_denoiser(self, model: Any) -> FlowDenoiser:
         return FlowDenoiser(model, self.noise_schedule)
@@ -222,8 +332,17 @@ class SD3Pipeline(Pipeline):
         return flow_noise_scaling(sigma, noise, latent)
 
     def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
-        """ "Shift": the flow shift the run sampled with (Forge's field name); read back by ``--from-png``."""
-        return {"Shift": float(self.shift_of(request))}
+        """ "Shift": the flow shift the run sampled with (Forge's field name); skip-layer guidance's "Skip layer
+        guidance" (its scale), "Skip layers", "Skip layer start" and "Skip layer stop" where it is on (sdengine's
+        fields); read back by ``--from-png``."""
+        row: dict[str, Any] = {"Shift": float(self.shift_of(request))}
+        opts = SD3Options.coerce(request.sd3)
+        if opts.skip_guidance_layers:
+            row["Skip layer guidance"] = opts.skip_layer_guidance_scale
+            row["Skip layers"] = ",".join(str(i) for i in opts.skip_guidance_layers)
+            row["Skip layer start"] = opts.skip_layer_guidance_start
+            row["Skip layer stop"] = opts.skip_layer_guidance_stop
+        return row
 
     def network_activation_bytes(self, rows: int, h: int, w: int, bytes_per: int) -> int:
         """The MMDiT's: every block holds the image and text tokens at its width, a 4x MLP and a few
@@ -278,17 +397,42 @@ class SD3Pipeline(Pipeline):
         refused = refusals(request)
         if refused:
             raise GenerationError(f"{self.name} (SD3): {refused[0]}")
+        SD3Options.coerce(request.sd3, int(self.unet.config.num_layers))  # bad settings: one line, before any work
         if isinstance(request.schedule, str) and request.schedule.strip().lower() == "auto":
             request = request.replace(schedule="normal")  # SD3's own grid (diffusers' FlowMatchEulerDiscreteScheduler)
-        return super().prepare(request)
+        p = super().prepare(request)
+        from sdengine.diffusion.flow import FLOW_SCHEDULES, flow_sampler_view
+        from sdengine.errors import UsageError
+
+        try:  # the samplers and schedules that are right on a flow model (sdengine.diffusion.flow)
+            flow_sampler_view(p.sampler)
+        except UsageError as e:
+            raise GenerationError(f"{self.name} (SD3): {e}") from None
+        if p.schedule not in FLOW_SCHEDULES:
+            raise GenerationError(
+                f"{self.name} (SD3): schedule {p.schedule!r} is not one of a flow model's: {', '.join(FLOW_SCHEDULES)}"
+            )
+        return p
 
     @contextmanager
-    def _shift(self, request: GenerationRequest) -> Iterator[None]:
+    def _call_settings(self, request: GenerationRequest) -> Iterator[None]:
+        """A call's shift and skip-layer guidance, which the schedule and the adapter read while it runs."""
         self._call_shift = None if request.shift is None else float(request.shift)
+        opts = SD3Options.coerce(request.sd3, int(self.unet.config.num_layers))
+        cfg = float(request.cfg_scale)
+        if opts.skip_guidance_layers and cfg > 1.0:  # diffusers: with guidance only
+            steps = int(request.steps)
+            self._call_slg = SkipLayerRun(
+                opts.skip_guidance_layers,
+                opts.skip_layer_guidance_scale / cfg,
+                steps * opts.skip_layer_guidance_start,
+                steps * opts.skip_layer_guidance_stop,
+            )
         try:
             yield
         finally:
             self._call_shift = None
+            self._call_slg = None
 
     def __call__(
         self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any
@@ -296,7 +440,7 @@ class SD3Pipeline(Pipeline):
         request = as_request(prompt, negative_prompt, kwargs)
         if hr_model is not None and hr_model is not self:
             raise GenerationError(f"{self.name} (SD3): hr_model needs the hires fix, which SD3 does not support yet")
-        with self._shift(request):
+        with self._call_settings(request):
             return super().__call__(request)
 
     def conditioning_pair(
@@ -324,7 +468,7 @@ def load_sd3(
     :mod:`sdengine.weights.sd3_files` for the layouts). ``clip_l``, ``clip_g``, ``t5``: text encoders given apart
     (files or folders), used in place of the model's own; a model without CLIP encoders needs both CLIP ones; T5
     is optional (without it its 256 tokens are zeros, as diffusers' ``text_encoder_3=None``)."""
-    from sdengine.pipeline.loading import _load_tokenizer, _pad_token_id
+    from sdengine.pipeline.loading import clip_pad_token_id, clip_tokenizer
     from sdengine.text.t5_tokenizer import load_t5_tokenizer
     from sdengine.weights import sd3_files as sf
     from sdengine.weights.io import load_file
@@ -360,7 +504,11 @@ def load_sd3(
         )
     transformer = load_mmdit(path, device=device, dtype=dtype)
     vae = sf.load_sd3_vae(path, device=device, dtype=dtype)
-    encoders = {k: sf.load_clip_encoder(where[k], k, device=device, dtype=dtype) for k in ("clip_l", "clip_g")}
+    encoders = {
+        k: sf.load_clip_encoder(p, k, device=device, dtype=dtype)
+        for k in ("clip_l", "clip_g")
+        if (p := where[k]) is not None
+    }
     t5_model = None
     tokenizer_3 = None
     if where["t5"] is not None:
@@ -369,7 +517,7 @@ def load_sd3(
         tokenizer_3 = load_t5_tokenizer(tok3 if tok3 is not None and (tok3 / "tokenizer.json").is_file() else None)
     tok_dir = path / "tokenizer" if folder and (path / "tokenizer").is_dir() else None
     tok2_dir = path / "tokenizer_2" if folder and (path / "tokenizer_2").is_dir() else None
-    tokenizer, tokenizer_2 = _load_tokenizer(tok_dir), _load_tokenizer(tok2_dir)
+    tokenizer, tokenizer_2 = clip_tokenizer(tok_dir), clip_tokenizer(tok2_dir)
     return SD3Pipeline(
         transformer=transformer,
         vae=vae,
@@ -381,8 +529,8 @@ def load_sd3(
         tokenizer_3=tokenizer_3,
         scheduler_config=sf.scheduler_config(path),
         # SD3's CLIP-L pads with its end token, bigG with "!" (as SDXL's): the folders' tokenizer configs say so
-        pad_token_id=_pad_token_id(tok_dir, tokenizer.vocab, "sd1"),
-        pad_token_id_2=_pad_token_id(tok2_dir, tokenizer_2.vocab, "sd2"),
+        pad_token_id=clip_pad_token_id(tok_dir, tokenizer.vocab, "sd1"),
+        pad_token_id_2=clip_pad_token_id(tok2_dir, tokenizer_2.vocab, "sd2"),
         device=device,
         dtype=dtype,
         name=name or path.name.removesuffix(path.suffix) or path.name,
@@ -391,4 +539,13 @@ def load_sd3(
     )
 
 
-__all__ = ["ENCODER_FLAGS", "SD3_DEFAULTS", "MMDiTAdapter", "SD3Pipeline", "load_sd3", "refusals"]
+__all__ = [
+    "ENCODER_FLAGS",
+    "SD3_DEFAULTS",
+    "MMDiTAdapter",
+    "SD3Options",
+    "SD3Pipeline",
+    "SkipLayerRun",
+    "load_sd3",
+    "refusals",
+]

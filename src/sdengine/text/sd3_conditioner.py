@@ -15,7 +15,7 @@ SD3 (Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution
 
 Prompts are read as for SD 1.x on the CLIP side (A1111 emphasis, ``BREAK``, 75-token chunks, each chunk its
 own 77-token context, once per encoder); the pooled vectors are the first chunk's. T5 reads the same text with
-the emphasis syntax taken out (``a (red:1.3) apple`` -> ``a red apple``; ``BREAK`` dropped): its weights are
+the emphasis syntax taken out (``a (red:1.3) apple`` -> ``a red apple``; ``BREAK`` a space): its weights are
 not applied to T5's states (said in a note), and T5's 256 tokens do not take chunks. For a plain prompt of at
 most 75 CLIP tokens the result equals diffusers' ``encode_prompt``.
 
@@ -49,13 +49,13 @@ def _ignore(_: str) -> None:
 
 
 def t5_text(prompt: str) -> tuple[str, bool]:
-    """What T5 reads of an A1111 prompt: the text with ``<lora:...>`` tags, emphasis brackets and ``BREAK``
-    taken out, and whether any weight other than 1 was dropped."""
+    """What T5 reads of an A1111 prompt: the text with ``<lora:...>`` tags and emphasis brackets taken out and
+    ``BREAK`` as a space, and whether any weight other than 1 was dropped."""
     from sdengine.prompts import extract_lora_tags, parse_prompt_attention
 
     plain, _ = extract_lora_tags(prompt)
     pieces = parse_prompt_attention(plain)
-    text = "".join(piece for piece, weight in pieces if not (piece == "BREAK" and weight == -1.0))
+    text = "".join(" " if (piece == "BREAK" and weight == -1.0) else piece for piece, weight in pieces)
     weighted = any(weight not in (1.0, -1.0) for _, weight in pieces)
     return text, weighted
 
@@ -173,20 +173,21 @@ class SD3Conditioner:
 
     def t5_states(self, prompt: str, note: Note = _ignore) -> Tensor:
         """T5's (1, 256, joint) states of the prompt's text (zeros without T5)."""
-        if self.t5 is None:
+        t5, tokenizer = self.t5, self.t5_tokenizer
+        if t5 is None or tokenizer is None:
             return torch.zeros(1, self.t5_length, self.joint_dim)
         from sdengine.text.encode_cache import cached_call
 
         text, weighted = t5_text(prompt)
         if weighted:
             note("T5 reads the prompt without its emphasis weights (they apply to the CLIP encoders only)")
-        ids, _mask = self.t5_tokenizer([text], self.t5_length)  # no mask: diffusers' SD3 attends to the padding
+        ids, _mask = tokenizer([text], self.t5_length)  # no mask: diffusers' SD3 attends to the padding
         ids = torch.as_tensor(ids, dtype=torch.long)
-        if len(self.t5_tokenizer.encode(text)) > self.t5_length:
+        if len(tokenizer.encode(text)) > self.t5_length:
             note(f"T5 reads the first {self.t5_length} tokens of the prompt; the rest is cut off (CLIP reads it all)")
-        param = next(iter(self.t5.parameters()))
+        param = next(iter(t5.parameters()))
         ids = ids.to(param.device)
-        states = cached_call(self.t5, ("t5", tuple(ids[0].tolist())), lambda: self.t5(ids))
+        states = cached_call(t5, ("t5", tuple(ids[0].tolist())), lambda: t5(ids))
         return states.float()
 
     def text(self, prompt: str, clip_skip: int = 1, chunks: int = 0, note: Note = _ignore) -> tuple[Tensor, Tensor]:

@@ -120,14 +120,13 @@ def load_sd3_vae(source: Path, *, device: torch.device, dtype: torch.dtype) -> t
     scaling and shift factors)."""
     from sdengine.models.vae import AutoencoderKL, VAEConfig
 
-    from .loading import _check_config, _load_component_folder, build_on_meta
+    from .loading import build_on_meta, load_component_folder
 
     if source.is_dir():
         sub = source / "vae"
         if not (sub / "config.json").is_file():
             raise WeightsError(f"{source}: missing vae/config.json")
-        _check_config(sub / "config.json", "vae", _read_json(sub / "config.json", "vae config"))
-        sd, cfg = _load_component_folder(sub, "vae")
+        sd, cfg = load_component_folder(sub, "vae")
     else:
         whole = load_file(source)[0]
         sd = {k.removeprefix(VAE_PREFIX): v for k, v in whole.items() if k.startswith(VAE_PREFIX)}
@@ -198,15 +197,14 @@ def build_clip(
 def load_clip_encoder(path: str | Path, which: str, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """SD3's CLIP-L (``which`` "clip_l") or bigG ("clip_g") from a diffusers ``text_encoder*/`` folder, a separate
     file (ComfyUI's ``clip_l.safetensors``) or an SD3 single file that holds it."""
-    from .loading import _check_config, _load_component_folder
+    from .loading import load_component_folder
 
     p = Path(path)
     where = f"{p.name} ({which})"
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise WeightsError(f"{p}: not a text encoder folder (no config.json)")
-        _check_config(p / "config.json", "clip_text", _read_json(p / "config.json", "text encoder config"))
-        sd, cfg = _load_component_folder(p, "clip_text")
+        sd, cfg = load_component_folder(p, "clip_text")
         return build_clip(_clip_part(sd, which), cfg, where=where, device=device, dtype=dtype)
     if not p.is_file():
         raise WeightsError(f"{p}: no such {which} text encoder file or folder")
