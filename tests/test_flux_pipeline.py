@@ -284,7 +284,9 @@ def test_sd_model_refuses_distilled_guidance(tiny_sd1_folder):
 
 
 def test_text_encoder_flags_refused_for_sd(tiny_sd1_folder):
-    with pytest.raises(GenerationError, match="--t5 give an SD3 or Flux model's text encoders; this is neither"):
+    with pytest.raises(
+        GenerationError, match="--t5 give an SD3 model's text encoders; this is not an SD3 model, nor a Flux one"
+    ):
         sdengine.load_pipeline(tiny_sd1_folder, device="cpu", t5="t5xxl.safetensors")
 
 
