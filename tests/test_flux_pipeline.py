@@ -263,6 +263,8 @@ def test_missing_parts_name_their_flag(dev, tmp_path):
         ({"prompt": "a [cat:dog:0.5] photo"}, "prompt editing .* is not supported for Flux"),
         ({"width": 50}, "width 50 is not a multiple of 4"),
         ({"distilled_cfg_scale": -1.0}, r"distilled_cfg_scale must be in \[0, 100\]"),
+        ({"sampler": "ddim"}, "sampler 'ddim' cannot run on a flow model"),
+        ({"shift": 2.0}, "shift: Flux .dev. shifts its schedule by the image size"),
     ],
 )
 def test_refuses_what_flux_does_not_take(dev, kwargs, message):

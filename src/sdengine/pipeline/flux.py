@@ -43,13 +43,15 @@ from torch import Tensor
 
 from sdengine.diffusion import sampling
 from sdengine.diffusion.flow import (
+    FLUX_TABLE_LENGTH,
     FlowDenoiser,
     FlowSchedule,
     flow_img2img_start,
     flow_noise_scaling,
+    flow_sampler_view,
     flux_image_seq_len,
 )
-from sdengine.errors import GenerationError
+from sdengine.errors import GenerationError, UsageError
 from sdengine.pipeline.core import Pipeline, Prepared
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
@@ -169,14 +171,16 @@ class FluxPipeline(Pipeline):
 
     def flow_schedule(self, width: int, height: int) -> FlowSchedule:
         """The schedule of a ``width`` x ``height`` image: [dev]'s ``mu`` from its token count, the `normal` grid
-        spaced as diffusers' Flux pipelines space it (``linspace(1, 1/n, n)``)."""
+        spaced as diffusers' Flux pipelines space it (``linspace(1, 1/n, n)``), the 10000-entry table of ComfyUI's
+        ModelSamplingFlux for the table schedules (``simple``, ``beta``, ``sgm_uniform``)."""
         f = self.vae_scale_factor
         tokens = flux_image_seq_len(height // f, width // f, PATCH)
         try:
             schedule = FlowSchedule.from_config(self.scheduler_config, image_seq_len=tokens)
         except Exception as e:  # a UsageError naming the option
             raise GenerationError(f"{self.name}: scheduler config: {e}") from None
-        return dataclasses.replace(schedule, spacing="flux")
+        # the `normal` grid is diffusers' Flux pipelines'; the table (simple, beta, sgm_uniform) ComfyUI's for Flux
+        return dataclasses.replace(schedule, spacing="flux", num_train_timesteps=FLUX_TABLE_LENGTH)
 
     @property
     def noise_schedule(self) -> Any:
@@ -310,7 +314,12 @@ class FluxPipeline(Pipeline):
         self.check_request(request)
         if isinstance(request.schedule, str) and request.schedule.strip().lower() == "auto":
             request = request.replace(schedule="normal")  # Flux's own grid (diffusers' FluxPipeline sigmas)
-        return super().prepare(request)
+        p = super().prepare(request)
+        try:  # a sampler with no right form on a flow model: one line before any model runs
+            flow_sampler_view(p.sampler)
+        except UsageError as e:
+            raise GenerationError(str(e)) from None
+        return p
 
     def conditioning_pair(
         self, prompt: str, negative: str, p: Prepared, note: Any, *, note_unused: bool = True
