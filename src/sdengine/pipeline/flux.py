@@ -339,16 +339,21 @@ class FluxPipeline(Pipeline):
         return conditioner.pair(prompt, negative, note=note, guidance=guidance)
 
     def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
-        with self._schedule_of(p.width, p.height):
+        with self._call_settings(p):
             return super().sample_latents(p, init_latent)
 
     @contextmanager
-    def _schedule_of(self, width: int, height: int) -> Iterator[None]:
-        self._call_schedule = self.flow_schedule(width, height)
+    def _call_settings(self, p: Prepared) -> Iterator[None]:
+        """For one call: the schedule of its size, and its distilled guidance for the texts prompt editing encodes
+        one by one (:meth:`FluxConditioner.encode`)."""
+        conditioner: FluxConditioner = self.conditioner  # type: ignore[assignment]
+        self._call_schedule = self.flow_schedule(p.width, p.height)
+        conditioner.call_guidance = self.distilled_guidance(p.request)
         try:
             yield
         finally:
             self._call_schedule = None
+            conditioner.call_guidance = None
 
     def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
         """Forge's "Distilled CFG Scale" of a [dev] call."""
