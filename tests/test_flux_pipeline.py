@@ -327,13 +327,13 @@ def test_hires_on_another_model_is_refused(dev, schnell):
 
 
 def test_schnell_refuses_distilled_guidance(schnell):
-    with pytest.raises(GenerationError, match=r"distilled_cfg_scale applies to FLUX.1 \[dev\]"):
+    with pytest.raises(GenerationError, match=r"distilled_cfg_scale \(--guidance\) applies to FLUX.1 \[dev\]"):
         schnell[1](PROMPT, steps=1, width=W, height=H, distilled_cfg_scale=3.5, progress=False)
 
 
 def test_sd_model_refuses_distilled_guidance(tiny_sd1_folder):
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
-    with pytest.raises(GenerationError, match="distilled_cfg_scale applies to FLUX.1 .dev. only"):
+    with pytest.raises(GenerationError, match=r"distilled_cfg_scale \(--guidance\) applies to FLUX.1 .dev. only"):
         pipe(PROMPT, steps=1, distilled_cfg_scale=3.5, progress=False)
 
 

@@ -275,8 +275,8 @@ class FluxPipeline(Pipeline):
         if not self.guidance_distilled:
             if value is not None:
                 raise GenerationError(
-                    f"distilled_cfg_scale applies to FLUX.1 [dev]; {self.name} is [schnell]-like (no guidance "
-                    "embedding): drop it"
+                    f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev]; {self.name} is [schnell]-like (no "
+                    "guidance embedding): drop it"
                 )
             return None
         if value is None:
