@@ -295,6 +295,8 @@ def test_missing_parts_name_their_flag(dev, tmp_path):
         given = {k: v for k, v in parts.items() if k != left_out}
         with pytest.raises(GenerationError, match=f"flux1.safetensors holds no .* give it with {flag} FILE"):
             sdengine.load_pipeline(model, device="cpu", **given)
+    with pytest.raises(GenerationError, match="--clip-l nope.safetensors: no such file or folder"):
+        sdengine.load_pipeline(model, device="cpu", **{**parts, "clip_l": "nope.safetensors"})
 
 
 # -- refusals ----------------------------------------------------------------------------------------------------
