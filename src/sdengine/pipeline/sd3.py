@@ -21,8 +21,9 @@ The 16-channel VAE needs nothing new: ``shift_factor`` and ``scaling_factor`` co
 SD3.5's skip-layer guidance (the request's ``sd3`` settings, :class:`SD3Options`) runs inside
 :class:`MMDiTAdapter`. What is made for U-Nets is refused before any work, one line each (:func:`refusals`):
 ControlNets, T2I-Adapters, IP-Adapters, LoRA files, U-Net patches (PAG, SAG, FreeU, Deep Shrink, HyperTile),
-instruct-pix2pix guidance, A1111's step rules, Zero Terminal SNR, another hires model, tiled diffusion, tiling, prompt
-editing, textual-inversion files, and samplers that are not right on a flow model.
+instruct-pix2pix guidance, A1111's step rules where they would change the run, Zero Terminal SNR, another hires
+model, tiled diffusion, tiling, textual-inversion files, and samplers that are not right on a flow model. Prompt
+editing and the hires fix run as for the other families.
 
 The core learns all of this through its family hooks (``training_schedule``, ``network_adapter``, ``x0_denoiser``,
 ``img2img_first_step``, ``noised_latent``, ``network_activation_bytes``, ``infotext_fields``), which SD 1.x/2.x
@@ -203,6 +204,23 @@ class MMDiTAdapter:
         return v
 
 
+def _a1111_rule_changes_nothing(r: GenerationRequest) -> bool:
+    """Whether A1111's step rules (``strength_rule`` "a1111", what the server's A1111 routes set) leave this request
+    as the "diffusers" rule runs it: txt2img without the hires fix, with a sampler whose grid, sigmas and noise they
+    do not touch (not DDIM / PLMS, DPM2 / DPM2 a / DPM++ 3M SDE, or the Brownian-tree SDE samplers). A1111's
+    img2img and hires step counts are not SD3's (diffusers'), so those are refused."""
+    from sdengine.diffusion.sampling import A1111_DISCARD_SAMPLERS, BROWNIAN_SAMPLERS, resolve
+    from sdengine.diffusion.schedules import A1111_GRID_SAMPLERS
+
+    if r.init_image is not None or r.enable_hr:
+        return False
+    try:
+        name = resolve(r.sampler, r.schedule)[0]
+    except ValueError:
+        return True  # the sampler's own one-line error comes from the core
+    return name not in (*A1111_GRID_SAMPLERS, *A1111_DISCARD_SAMPLERS, *BROWNIAN_SAMPLERS)
+
+
 def refusals(request: GenerationRequest) -> list[str]:
     """The settings of ``request`` an SD3 model cannot run, each as its one-line reason (empty: it can run)."""
     from sdengine.prompts import extract_lora_tags
@@ -224,8 +242,9 @@ def refusals(request: GenerationRequest) -> list[str]:
         (r.image_cfg_scale is not None, "image_cfg_scale guides instruct-pix2pix U-Nets; not for SD3"),
         (bool(r.zero_terminal_snr), "zero_terminal_snr rescales a VP schedule; SD3's flow has none to rescale"),
         (
-            r.strength_rule != "diffusers",
-            f"strength_rule {r.strength_rule!r}: A1111's step rules are not supported for SD3 (use 'diffusers')",
+            r.strength_rule != "diffusers" and not _a1111_rule_changes_nothing(r),
+            f"strength_rule {r.strength_rule!r}: A1111's step rules are not supported for SD3 with an init image, the "
+            "hires fix, or a sampler whose run they change (DDIM, PLMS, DPM2, the SDE samplers); use 'diffusers'",
         ),
         (bool(r.discard_penultimate_sigma), "discard_penultimate_sigma is not supported for SD3"),
         (r.tiled_diffusion_settings() is not None, "tiled diffusion is not supported for SD3 yet"),
@@ -428,6 +447,7 @@ class SD3Pipeline(Pipeline):
     def _call_settings(self, request: GenerationRequest) -> Iterator[None]:
         """A call's shift and skip-layer guidance, which the schedule and the adapter read while it runs."""
         self._call_shift = None if request.shift is None else float(request.shift)
+        self.conditioner.edit_chunks = self._edit_chunks(request)  # type: ignore[attr-defined]
         opts = SD3Options.coerce(request.sd3, int(self.unet.config.num_layers))
         cfg = float(request.cfg_scale)
         if opts.skip_guidance_layers and cfg > 1.0:  # diffusers: with guidance only
@@ -443,6 +463,28 @@ class SD3Pipeline(Pipeline):
         finally:
             self._call_shift = None
             self._call_slg = None
+
+    def _edit_chunks(self, request: GenerationRequest) -> int:
+        """The most CLIP chunks a text of the call's prompt-editing schedules takes (prompts, negative prompts and
+        the hires fix's, at either pass's step count): what every scheduled text is padded to."""
+        from sdengine.prompts import extract_lora_tags
+        from sdengine.text.schedule import prompt_schedule
+
+        r = request
+        if not isinstance(r.steps, int) or r.steps < 1:
+            return 1  # validate() says why
+        texts = [t for t in (*r.prompts(), *r.negative_prompts(), r.hr_prompt, r.hr_negative_prompt) if t]
+        if not any("[" in t for t in texts):
+            return 1  # no editing: the pair path pads on its own
+        counts = {r.steps, int(r.hr_second_pass_steps) or r.steps} if r.enable_hr else {r.steps}
+        cond: Any = self.conditioner
+        chunks = 1
+        for text in texts:
+            plain, _ = extract_lora_tags(text)
+            for steps in counts:
+                for _, scheduled in prompt_schedule(plain, steps):
+                    chunks = max(chunks, cond.chunk_count(scheduled))
+        return chunks
 
     def __call__(
         self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any
