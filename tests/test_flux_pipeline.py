@@ -386,3 +386,26 @@ def test_cli_defaults_infotext_and_from_png(dev, tmp_path):
         == 0
     )
     assert float(parse_parameters(read_png_parameters(guided))["Distilled CFG Scale"]) == 5.0
+
+
+def test_server_native_job_runs_flux(dev, tmp_path):
+    """``sdengine serve`` with a Flux folder in its models folder: a native job gives the pipeline's image (the
+    server's requests have SD's defaults and no distilled-guidance field: cfg_scale 1 is given, the guidance is
+    [dev]'s default 3.5)."""
+    pytest.importorskip("fastapi")
+    import shutil
+
+    import httpx
+
+    from _live_server import live_server, run_job, server_config
+
+    folder, pipe, _ = dev
+    models = tmp_path / "models"
+    shutil.copytree(folder, models / "tiny-flux")
+    body = {"prompt": PROMPT, "steps": 3, "width": W, "height": H, "seed": 5, "cfg_scale": 1.0}
+    want = pipe(PROMPT, steps=3, seed=5, width=W, height=H, progress=False)
+    with live_server(server_config(tmp_path, models_dir=models)) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            job = {**body, "model": "tiny-flux", "sampler": "euler", "schedule": "normal"}
+            pixels, _ = run_job(client, job)
+            np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
