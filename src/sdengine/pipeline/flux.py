@@ -2,7 +2,7 @@
 
 Black Forest Labs' FLUX.1 (2024) is a rectified flow (Liu et al. 2023; Esser et al. 2024, "Scaling Rectified Flow
 Transformers for High-Resolution Image Synthesis") in a 16-channel latent; [dev] is guidance-distilled (Meng et al.
-2023, "On Distillation of Guided Diffusion Models"), [schnell] timestep-distilled for 1-4 steps (adversarial
+2023, "On Distillation of Guided Diffusion Models"), [schnell] timestep-distilled for 1-4 steps (latent adversarial
 diffusion distillation, Sauer et al. 2024). The network is :mod:`sdengine.models.flux`.
 
 Everything after the conditioning dict is :class:`sdengine.pipeline.core.Pipeline`'s (seeds, samplers, img2img,
