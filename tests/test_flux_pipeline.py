@@ -388,6 +388,22 @@ def test_cli_defaults_infotext_and_from_png(dev, tmp_path):
     assert float(parse_parameters(read_png_parameters(guided))["Distilled CFG Scale"]) == 5.0
 
 
+def test_cli_prompt_list_takes_flux_defaults(dev, tmp_path):
+    """``generate --prompts``: each line runs with Flux's defaults where neither a flag nor the line sets them."""
+    from sdengine.metadata import parse_parameters, read_png_parameters
+
+    folder, _, _ = dev
+    prompts = tmp_path / "list.txt"
+    prompts.write_text(f"{PROMPT}\n--prompt 'a dog' --cfg_scale 2 --steps 2\n")
+    args = ["generate", "--model", str(folder), "--prompts", str(prompts), "--width", str(W), "--height", str(H)]
+    assert main([*args, "--steps", "3", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    first, second = sorted((tmp_path / "out").glob("*.png"))
+    a = parse_parameters(read_png_parameters(first))
+    b = parse_parameters(read_png_parameters(second))
+    assert (a["Steps"], float(a["CFG scale"]), a["Sampler"]) == ("3", 1.0, "Euler")  # the flag, Flux's cfg and sampler
+    assert (b["Steps"], float(b["CFG scale"])) == ("2", 2.0)  # the line's
+
+
 def test_server_native_job_runs_flux(dev, tmp_path):
     """``sdengine serve`` with a Flux folder in its models folder: a native job gives the pipeline's image (the
     server's requests have SD's defaults and no distilled-guidance field: cfg_scale 1 is given, the guidance is
