@@ -254,8 +254,11 @@ def _single_files(folder, dst):
     return files
 
 
-def test_bfl_files_match_diffusers(dev, tmp_path):
-    folder, _, ref = dev
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_bfl_files_match_diffusers(dev, schnell, tmp_path, variant):
+    """The diffusion-model file has no scheduler: [dev]'s (dynamic shift) comes from its guidance embedding,
+    [schnell]'s (none) from its lack of one."""
+    folder, _, ref = dev if variant == "dev" else schnell
     _single_files(folder, tmp_path)
     pipe = sdengine.load_pipeline(
         tmp_path / "flux1.safetensors",
@@ -264,7 +267,7 @@ def test_bfl_files_match_diffusers(dev, tmp_path):
         clip_l=tmp_path / "clip_l.safetensors",
         t5=tmp_path / "t5xxl.safetensors",
     )
-    assert isinstance(pipe, FluxPipeline) and pipe.variant == "dev"
+    assert isinstance(pipe, FluxPipeline) and pipe.variant == variant
     ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, progress=False)
     assert _mad(ours.arrays, _theirs(ref, guidance_scale=3.5, num_inference_steps=3)) < TOL
     assert ours.parameters["vae"] == "ae.safetensors" and ours.parameters["vae_hash"]
