@@ -213,6 +213,14 @@ def test_graphs_replay_the_same_images(dev):
     assert pipe.cuda_graphs["loop"].recordings == 1
 
 
+def test_emphasis_is_read_as_plain_text_with_a_note(dev):
+    _, pipe, _ = dev
+    args = dict(steps=2, seed=SEED, width=W, height=H, progress=False)
+    weighted = pipe("a (red:1.3) apple on a [table]", **args)
+    np.testing.assert_array_equal(weighted.arrays, pipe("a red apple on a table", **args).arrays)
+    assert any("without its emphasis weights" in n for n in weighted.notes)
+
+
 def test_prompt_editing(dev):
     """A1111's prompt editing: each text encoded once (T5 and CLIP, with the call's distilled guidance), switched per
     step. Two texts that read the same to Flux (emphasis is taken out) give the plain prompt's image exactly; a
