@@ -334,6 +334,22 @@ def test_encoder_files_are_checked(sd3, single, tmp_path):
         sdengine.load_pipeline(single, device="cpu", vae=folder / "vae")
 
 
+def test_a_folder_missing_a_listed_component_is_refused(sd3, tmp_path):
+    import shutil
+
+    from sdengine.weights.io import WeightsError
+
+    folder, _ = sd3
+    copy = tmp_path / "broken"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "text_encoder_3")  # model_index.json still lists it: never run without T5 silently
+    with pytest.raises(WeightsError, match=r"model_index.json lists text_encoder_3 but the folder has no"):
+        sdengine.load_pipeline(copy, device="cpu")
+    shutil.rmtree(copy / "vae")
+    with pytest.raises(WeightsError, match=r"missing vae/config.json"):
+        sdengine.load_pipeline(copy, device="cpu", t5=folder / "text_encoder_3")
+
+
 def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
     with pytest.raises(GenerationError, match=r"--clip-l, --t5 give an SD3 model's text encoders; this is not an SD3"):
         sdengine.load_pipeline(tiny_sd1_folder, device="cpu", clip_l="x", t5="y")

@@ -49,7 +49,6 @@ from sdengine.pipeline.core import Pipeline, Prepared, as_request
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import GenerationResult
-from sdengine.text.conditioners import Conditioning
 from sdengine.text.sd3_conditioner import T5_LENGTH, SD3Conditioner
 
 # The defaults of an SD3 run where the caller chose none (the CLI's; diffusers' StableDiffusion3Pipeline: its
@@ -497,11 +496,6 @@ class SD3Pipeline(Pipeline):
         with self._call_settings(request):
             return super().__call__(request)
 
-    def conditioning_pair(
-        self, prompt: str, negative: str, p: Prepared, note: Any
-    ) -> tuple[Conditioning, Conditioning]:
-        return self.conditioner.pair(prompt, negative, clip_skip=self.clip_skip_of(p.request), note=note)
-
 
 # -- loading -------------------------------------------------------------------------------------------------
 
@@ -535,12 +529,9 @@ def load_sd3(
         if value is not None and not Path(value).exists():
             raise GenerationError(f"{ENCODER_FLAGS[key]} {value}: no such file or folder")
     # what the model holds itself
-    if folder:
-        own = {
-            "clip_l": sf.folder_component(path, "text_encoder"),
-            "clip_g": sf.folder_component(path, "text_encoder_2"),
-            "t5": sf.folder_component(path, "text_encoder_3"),
-        }
+    if folder:  # (a component given apart need not be in the folder)
+        subs = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
+        own = {k: sf.folder_component(path, sub) if given[k] is None else None for k, sub in subs.items()}
     else:
         keys = list(load_file(path)[0])  # a memory map: no tensor is read here
         own = {
