@@ -332,8 +332,9 @@ class FluxPipeline(Pipeline):
         return p
 
     def conditioning_pair(
-        self, prompt: str, negative: str, p: Prepared, note: Any, *, note_unused: bool = True
+        self, prompt: str, negative: str, p: Prepared, note: Any
     ) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) of a row with the request's distilled guidance ([dev])."""
         conditioner: FluxConditioner = self.conditioner  # type: ignore[assignment]
         guidance = self.distilled_guidance(p.request)
         if float(p.request.cfg_scale) == 1.0 and p.sampler not in sampling.CFG_PP_SAMPLERS:
