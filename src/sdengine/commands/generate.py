@@ -906,6 +906,7 @@ def run(a: argparse.Namespace) -> int:
         "clip_skip": a.clip_skip,
         "guidance_rescale": a.guidance_rescale,
         "image_cfg_scale": a.image_cfg_scale,
+        "distilled_cfg_scale": a.guidance,
         "mask_blur": a.mask_blur,
         "resize_mode": a.resize_mode,
         "subseed": a.subseed,
@@ -1053,7 +1054,7 @@ def run(a: argparse.Namespace) -> int:
     if a.prompts is not None:  # a list of requests: sdengine.batch_render
         from .generate_list import run_list
 
-        return run_list(a, kwargs, model)
+        return run_list(a, kwargs, model, chosen)
 
     sides = None
     if a.outpaint is not None:
@@ -1140,7 +1141,8 @@ def run(a: argparse.Namespace) -> int:
         t5=a.t5,
     )
     t1 = time.perf_counter()
-    family = getattr(pipe, "family_defaults", None)  # SD3: Euler on its flow grid, cfg 7, 28 steps (diffusers')
+    # SD3: Euler on its flow grid, cfg 7, 28 steps (diffusers'); Flux: Euler, cfg 1, 28 ([dev]) or 4 ([schnell]) steps
+    family = getattr(pipe, "family_defaults", None)
     if family:
         for kw in iterations:
             if "sampler" not in chosen and "schedule" not in chosen:
@@ -1237,12 +1239,16 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--model", default=None, help="model folder, file or built-in name (default: emoji)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument(
-        "--steps", type=int, default=None, help=f"sampling steps (default {HELP_DEFAULTS['steps']}; SD3: 28)"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"sampling steps (default {HELP_DEFAULTS['steps']}; SD3 and FLUX.1 [dev]: 28, [schnell]: 4)",
     )
     p.add_argument(
         "--sampler",
         default=None,
-        help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']}; SD3: euler on its normal schedule)",
+        help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']}; SD3, Flux: euler on the normal "
+        "flow schedule)",
     )
     p.add_argument(
         "--schedule",
@@ -1256,7 +1262,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--cfg",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g}; SD3: 7)",
+        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g}; SD3: 7; Flux: 1, "
+        "see --guidance)",
     )
     p.add_argument(
         "--seed",
@@ -1466,6 +1473,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
     p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        metavar="G",
+        help="FLUX.1 [dev]: the distilled guidance scale, an input of the model (default 3.5; Forge's 'Distilled CFG "
+        "Scale', its infotext name); Flux runs at --cfg 1 by default (one pass per step, no negative prompt)",
+    )
+    p.add_argument(
         "--image-cfg-scale",
         type=float,
         default=None,
@@ -1622,8 +1637,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--clip-l",
         default=None,
         metavar="FILE",
-        help="SD3: the CLIP-L text encoder (ComfyUI's clip_l.safetensors or a text_encoder/ folder), for a model "
-        "file without it or in place of its own",
+        help="SD3, Flux: the CLIP-L text encoder (ComfyUI's clip_l.safetensors or a text_encoder/ folder), for a "
+        "model file without it or in place of its own",
     )
     p.add_argument(
         "--clip-g",
@@ -1635,8 +1650,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--t5",
         default=None,
         metavar="FILE",
-        help="SD3: the T5-XXL text encoder (t5xxl_fp16.safetensors, a text_encoder_3/ folder); without one a model "
-        "that has none runs with zeros in T5's place",
+        help="SD3, Flux: the T5-XXL text encoder (t5xxl_fp16.safetensors, a text_encoder_3/ or text_encoder_2/ "
+        "folder); without one an SD3 model that has none runs with zeros in T5's place (Flux needs it)",
     )
     p.add_argument(
         "--shift",

@@ -828,6 +828,10 @@ class Pipeline:
                 raise GenerationError(str(e)) from None
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
+        if r.distilled_cfg_scale is not None and self.text_kind != "flux":
+            raise GenerationError(
+                f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev] only; {self.name} is not a Flux model"
+            )
         if r.sd3 is not None and self.text_kind != "sd3":
             raise GenerationError(f"sd3 settings apply to SD3 models only; {self.name} is not one")
         if r.shift is not None and isinstance(self.base_schedule, NoiseSchedule):
