@@ -199,6 +199,7 @@ class SD3ControlNet(nn.Module):
     def __init__(self, config: SD3ControlNetConfig) -> None:
         super().__init__()
         self.config = config
+        self.name = ""  # the file it came from (set by the loader)
         base = config.base()
         d, p = config.inner_dim, config.patch_size
         self.pos_embed: nn.Module | None = None
@@ -359,6 +360,7 @@ class FluxControlNet(nn.Module):
     def __init__(self, config: FluxControlNetConfig) -> None:
         super().__init__()
         self.config = config
+        self.name = ""  # the file it came from (set by the loader)
         base = config.base()
         dim, heads, hd = base.hidden_size, base.num_attention_heads, base.attention_head_dim
         self.time_text_embed = TimeTextEmbedding(dim, base.pooled_projection_dim, base.guidance_embeds)

@@ -331,6 +331,11 @@ class Pipeline:
         """The conditioning dict -> the network's arguments (:class:`UNetAdapter` for the U-Nets)."""
         return UNetAdapter(net, self.dtype)
 
+    def controlled_network(self, net: Any, units: list[ControlUnit], **kw: Any) -> Any:
+        """The network with the request's ControlNet units attached: the controlled U-Net
+        (:func:`build_controlled_unet`, whose arguments ``kw`` are); SD3 and Flux attach their own."""
+        return build_controlled_unet(net, units, **kw)
+
     def x0_denoiser(self, model: Any) -> Any:
         """The adapted network -> the x0-denoiser the samplers call: VP-trained U-Nets in the VE view
         (:class:`sdengine.diffusion.denoisers.Denoiser`, by ``prediction_type``)."""
@@ -1361,7 +1366,7 @@ class Pipeline:
                 # PAG's perturbed layers answer with the identity map, without the reference's tokens
                 raise GenerationError("reference control and PAG (pag_scale) cannot run together")
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
-            net = build_controlled_unet(
+            net = self.controlled_network(
                 net,
                 units,
                 width=p.width,
@@ -1380,7 +1385,8 @@ class Pipeline:
             # graphs on, the U-Net unhooked: the controlled step (reference units hook the U-Net's layers per call)
             plain = pag is None and freeu is None and sag is None and hypertile is None and ip is None
             views = r.tiled_diffusion is None  # MultiDiffusion's views cut the maps per call (view_hints)
-            if self.graphed("unet") is not None and plain and net.references is None and views:
+            controlled = isinstance(net, ControlledUNet)  # SD3 / Flux attach their own (no graphs)
+            if controlled and self.graphed("unet") is not None and plain and net.references is None and views:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(

@@ -80,6 +80,8 @@ class FluxAdapter:
     def __init__(self, net: Any, dtype: torch.dtype) -> None:
         self.net = net
         self.dtype = dtype
+        # ControlNets attached (sdengine.pipeline.dit_control): the step and the rows' CFG kinds go through
+        self.takes_step = self.takes_row_kinds = bool(getattr(net, "takes_step", False))
 
     def __call__(
         self,
@@ -91,21 +93,25 @@ class FluxAdapter:
         guidance: Tensor | None = None,
         concat: Tensor | None = None,
         ip_tokens: Tensor | None = None,
+        step: Any = None,
+        row_kinds: Any = None,
     ) -> Tensor:
         if concat is not None or ip_tokens is not None:
             raise GenerationError("the Flux transformer takes no concatenated channels or IP-Adapter tokens")
+        control = {"step": step, "row_kinds": row_kinds} if self.takes_step else {}
         return self.net(
             x.to(self.dtype),
             t,
             encoder_hidden_states=crossattn.to(self.dtype),
             pooled_projections=vector.to(self.dtype),
             guidance=None if guidance is None else guidance.to(device=x.device, dtype=torch.float32),
+            **control,
         ).float()
 
 
 # What Flux refuses: (request field, how to tell it is set, the one line)
 _REFUSED: tuple[tuple[str, Any, str], ...] = (
-    ("controlnets", bool, "ControlNets and T2I-Adapters are U-Net networks"),
+    ("guess_mode", bool, "guess_mode is a U-Net ControlNet setting; Flux ControlNets do not take it"),
     ("ip_adapters", bool, "IP-Adapters are U-Net adapters"),
     ("loras", bool, "LoRAs are not supported for Flux yet"),
     ("pag_scale", bool, "perturbed-attention guidance (pag_scale) reads U-Net attention layers"),
@@ -197,6 +203,12 @@ class FluxPipeline(Pipeline):
 
     def x0_denoiser(self, model: Any) -> FlowDenoiser:
         return FlowDenoiser(model, self.noise_schedule)
+
+    def controlled_network(self, net: Any, units: list[Any], **kw: Any) -> Any:
+        """Flux ControlNets on the transformer (:func:`sdengine.pipeline.dit_control.build_controlled_dit`)."""
+        from sdengine.pipeline.dit_control import build_controlled_dit, vae_encoder
+
+        return build_controlled_dit(net, units, family="flux", **vae_encoder(self.vae), **kw)
 
     def img2img_first_step(self, steps: int, strength: float, rule: str, sampler: str) -> int:
         """diffusers' FluxImg2ImgPipeline: ``int(n - min(n strength, n))``."""

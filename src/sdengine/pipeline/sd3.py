@@ -165,7 +165,8 @@ class MMDiTAdapter:
         self.net = net
         self.dtype = dtype
         self.slg = slg
-        if slg is not None:
+        self.controlled = bool(getattr(net, "takes_step", False))  # ControlNets attached (pipeline.dit_control)
+        if slg is not None or self.controlled:
             self.takes_step = self.takes_row_kinds = True
 
     def _run(self, x: Tensor, t: Tensor, crossattn: Tensor, vector: Tensor, **kw: Any) -> Tensor:
@@ -194,12 +195,15 @@ class MMDiTAdapter:
             raise GenerationError("the MMDiT needs the pooled text vector ('vector' of the conditioning)")
         if concat is not None:
             raise GenerationError("the MMDiT takes no extra latent channels ('concat' conditioning)")
-        v = self._run(x, t, crossattn, vector)
+        control = {"step": step, "row_kinds": row_kinds} if self.controlled else {}
+        v = self._run(x, t, crossattn, vector, **control)
         slg = self.slg
         if slg is None or step is None or row_kinds is None or "uncond" not in row_kinds or not slg.on(step.index):
             return v
         rows = [i for i, kind in enumerate(row_kinds) if kind == "cond"]
-        skipped = self._run(x[rows], t[rows], crossattn[rows], vector[rows], skip_layers=slg.layers)
+        if self.controlled:
+            control["row_kinds"] = ["cond"] * len(rows)
+        skipped = self._run(x[rows], t[rows], crossattn[rows], vector[rows], skip_layers=slg.layers, **control)
         v[rows] = v[rows] + slg.scale_over_cfg * (v[rows] - skipped)
         return v
 
@@ -225,7 +229,6 @@ def refusals(request: GenerationRequest) -> list[str]:
     """The settings of ``request`` an SD3 model cannot run, each as its one-line reason (empty: it can run)."""
     r = request
     checks = [
-        (bool(r.controlnets), "ControlNets and T2I-Adapters are made for U-Nets; SD3 ControlNets are not supported"),
         (bool(r.ip_adapters), "IP-Adapters are made for U-Nets; SD3 takes none here"),
         (bool(r.pag_scale), "pag_scale (perturbed-attention guidance) patches U-Net layers; not for SD3"),
         (bool(r.sag_scale), "sag_scale (self-attention guidance) reads the U-Net's middle block; not for SD3"),
@@ -243,7 +246,7 @@ def refusals(request: GenerationRequest) -> list[str]:
         (r.tiled_diffusion_settings() is not None, "tiled diffusion is not supported for SD3 yet"),
         (bool(r.tiling), "tiling (seamless images) pads U-Net convolutions; not for SD3"),
         (r.sdxl is not None, "sdxl settings apply to SDXL models only"),
-        (bool(r.guess_mode), "guess_mode is a ControlNet setting; SD3 takes no ControlNet"),
+        (bool(r.guess_mode), "guess_mode is a U-Net ControlNet setting; SD3 ControlNets do not take it"),
     ]
     return [why for on, why in checks if on]
 
@@ -339,6 +342,12 @@ class SD3Pipeline(Pipeline):
 
     def x0_denoiser(self, model: Any) -> FlowDenoiser:
         return FlowDenoiser(model, self.noise_schedule)
+
+    def controlled_network(self, net: Any, units: list[Any], **kw: Any) -> Any:
+        """SD3 ControlNets on the MMDiT (:func:`sdengine.pipeline.dit_control.build_controlled_dit`)."""
+        from sdengine.pipeline.dit_control import build_controlled_dit, vae_encoder
+
+        return build_controlled_dit(net, units, family="sd3", **vae_encoder(self.vae), **kw)
 
     def img2img_first_step(self, steps: int, strength: float, rule: str, sampler: str) -> int:
         return flow_img2img_start(steps, strength)
