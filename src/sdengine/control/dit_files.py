@@ -116,7 +116,9 @@ def _build(kind: str, config: Any, sd: Mapping[str, Tensor], name: str) -> DiTCo
     if result.missing_keys or result.unexpected_keys:
         parts = []
         if result.missing_keys:
-            parts.append(f"missing {', '.join(result.missing_keys[:3])}" + (" ..." if len(result.missing_keys) > 3 else ""))
+            parts.append(
+                f"missing {', '.join(result.missing_keys[:3])}" + (" ..." if len(result.missing_keys) > 3 else "")
+            )
         if result.unexpected_keys:
             extra = result.unexpected_keys
             parts.append(f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""))

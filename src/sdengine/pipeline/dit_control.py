@@ -127,6 +127,7 @@ class ControlledDiT:
             dt = net.dtype
             cond = _maps_for_rows(unit.latent, kinds)
             tt = t.expand(b) if t.ndim == 0 else t
+            got: tuple[list[Tensor], list[Tensor]]
             if isinstance(net, SD3ControlNet):
                 zeros = net.config.force_zeros_for_pooled_projection
                 ctx = context.to(dt) if net.config.joint_attention_dim is not None else None
