@@ -340,3 +340,26 @@ def test_refusals_are_one_line(sd3, flux, tmp_path, tiny_sd1_folder):
     save_safetensors({"controlnet_down_blocks.0.weight": torch.zeros(4, 4, 1, 1)}, bad)
     with pytest.raises(SdengineError, match="is a U-Net ControlNet"):
         sd3_pipe(PROMPT, controlnets=[ControlUnit(str(bad), img)], **sargs)
+
+
+def test_cli_control_on_flux_union_equals_the_pipeline_and_writes_the_unit(flux, tmp_path):
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters
+
+    folder, pipe, _, _, union = flux
+    hint = tmp_path / "hint.png"
+    _picture(FW, FH, 8).save(hint)
+    out = tmp_path / "out"
+    args = ["generate", PROMPT, "--model", str(folder), "--seed", "5", "--steps", "2", "--width", str(FW)]
+    args += ["--height", str(FH), "--no-progress", "--out", str(out)]
+    control = ["--control", f"none:{hint}:0.9", "--controlnet", str(union), "--control-union-mode", "canny"]
+    assert main([*args, *control]) == 0
+    made = next(out.glob("*.png"))
+    fields = parse_parameters(Image.open(made).info["parameters"])
+    assert "Union Mode: canny" in fields["ControlNet 0"] and "Weight: 0.9" in fields["ControlNet 0"]
+    unit = ControlUnit(str(union), Image.open(hint).convert("RGB"), scale=0.9, union_mode="canny")
+    direct = pipe(PROMPT, steps=2, seed=5, width=FW, height=FH, controlnets=[unit], progress=False)
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(direct.images[0]))
+    assert main([*args, "--control-union-mode", "canny"]) != 0  # without --control: refused

@@ -210,6 +210,23 @@ def control_units_from_cli(
     return out
 
 
+def union_modes(a: Any, kwargs: dict[str, Any]) -> None:
+    """``--control-union-mode MODE`` (repeatable): a Flux Union ControlNet's control kind, one per ``--control`` in
+    order (``none`` for a unit whose ControlNet is not a Union one), set on the request's units."""
+    modes = getattr(a, "control_union_mode", None) or []
+    if not modes:
+        return
+    units = list(kwargs.get("controlnets") or [])
+    if not units:
+        raise UsageError("--control-union-mode is a Flux Union ControlNet's setting: it needs --control/--controlnet")
+    if len(modes) != len(units):
+        raise UsageError(f"{len(modes)} --control-union-mode for {len(units)} --control: give one per --control")
+    kwargs["controlnets"] = [
+        dataclasses.replace(u, union_mode=None if m.strip().lower() == "none" else m.strip().lower())
+        for u, m in zip(units, modes, strict=True)
+    ]
+
+
 def _reference_from_cli(
     text: str,
     kind: str,
@@ -1029,6 +1046,7 @@ def run(a: argparse.Namespace) -> int:
             thresholds=control_thresholds(a),
             processor_res=control_resolutions(a),
         )
+    union_modes(a, kwargs)
     from . import generate_ip
 
     if a.from_png is None and (a.ip_adapters_dir is not None or a.clip_vision_dir is not None):
@@ -1411,6 +1429,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "reference_adain or reference_adain+attn: a reference image, no --controlnet (docs/controlnet.md)",
     )
     p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")
+    p.add_argument(
+        "--control-union-mode",
+        action="append",
+        default=None,
+        metavar="MODE",
+        help="a Flux Union ControlNet's control kind (canny, tile, depth, blur, pose, gray, lq or a number), one "
+        "per --control in order; none for a unit that is not a Union (docs/controlnet.md)",
+    )
     for slider, what in (
         ("a", "canny's low threshold, threshold's and scribble's threshold, softedge's blur"),
         ("b", "canny's high threshold"),
