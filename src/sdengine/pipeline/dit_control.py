@@ -36,12 +36,11 @@ import torch
 from torch import Tensor
 
 from sdengine.control.dit_files import DiTControlNet, read_dit_controlnet
+from sdengine.diffusion.samplers import SamplerStep
 from sdengine.errors import ControlNetError
 from sdengine.models.dit_controlnet import FluxControlNet, SD3ControlNet
 from sdengine.pipeline.control import (
     ControlUnit,
-    _maps_for_rows,
-    _step_index,
     check_unit_settings,
     control_image_tensor,
     no_step_message,
@@ -168,6 +167,26 @@ class ControlledDiT:
                 kw["controlnet_block_samples"] = res[0] or None
                 kw["controlnet_single_block_samples"] = res[1] or None
         return self.base(x, t, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections, **kw)
+
+
+def _step_index(step: Any) -> int:
+    if step is None:
+        raise ControlNetError("the controlled transformer needs the sampler's step (step=SamplerStep(...))")
+    return step.index if isinstance(step, SamplerStep) else int(step)
+
+
+def _maps_for_rows(maps: Tensor, kinds: Sequence[str]) -> Tensor:
+    """The control latent of each row: one for every row, or one per image: row ``j`` of its CFG kind (the
+    conditional rows in order, then the unconditional ones) takes latent ``j % len(maps)``."""
+    m, n = int(maps.shape[0]), len(kinds)
+    if m == 1:
+        return maps.expand(n, -1, -1, -1)
+    seen: dict[str, int] = {}
+    want = []
+    for k in kinds:
+        want.append(seen.get(k, 0) % m)
+        seen[k] = seen.get(k, 0) + 1
+    return maps[torch.tensor(want, device=maps.device)]
 
 
 def _add(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:

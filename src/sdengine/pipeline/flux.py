@@ -34,7 +34,8 @@ x the 2x2 patches).
 What does not apply to Flux is refused before any model runs (:meth:`FluxPipeline.prepare`): U-Net ControlNets,
 T2I-Adapters, LoRAs, IP-Adapters, textual-inversion embeddings, PAG, SAG, FreeU, Deep Shrink, HyperTile, tiled
 diffusion, InstructPix2Pix's image guidance, SDXL settings, clip skip, SD3's shift, a hires pass on another model.
-The hires fix runs as for SD, its second pass starting as Flux's img2img does.
+The hires fix runs as for SD, its second pass starting as Flux's img2img does. Flux ControlNets (the Union ones
+too) run through :mod:`sdengine.pipeline.dit_control` (:meth:`FluxPipeline.controlled_network`).
 """
 
 from __future__ import annotations

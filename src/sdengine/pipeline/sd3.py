@@ -19,8 +19,10 @@ The 16-channel VAE needs nothing new: ``shift_factor`` and ``scaling_factor`` co
 (:meth:`sdengine.models.vae.AutoencoderKL.scale_latents`).
 
 SD3.5's skip-layer guidance (the request's ``sd3`` settings, :class:`SD3Options`) runs inside
-:class:`MMDiTAdapter`. What is made for U-Nets is refused before any work, one line each (:func:`refusals`):
-ControlNets, T2I-Adapters, IP-Adapters, U-Net patches (PAG, SAG, FreeU, Deep Shrink, HyperTile),
+:class:`MMDiTAdapter`; SD3 ControlNets through :mod:`sdengine.pipeline.dit_control` (:meth:`controlled_network`).
+What is made for U-Nets is refused before any work, one line each (:func:`refusals`; U-Net ControlNets by
+:mod:`sdengine.pipeline.dit_control`): T2I-Adapters, IP-Adapters, U-Net patches (PAG, SAG, FreeU, Deep Shrink,
+HyperTile),
 instruct-pix2pix guidance, A1111's step rules where they would change the run, Zero Terminal SNR, another hires
 model, tiled diffusion, tiling, textual-inversion files, and samplers that are not right on a flow model. Prompt
 editing, the hires fix and LoRAs in diffusers' SD3 format (:mod:`sdengine.weights.lora_keys`: ``transformer.``,
