@@ -65,7 +65,7 @@ def _sd3_controlnet(folder: Path, dst: Path, seed: int, **extra) -> Path:
 
     cfg = json.loads((folder / "transformer" / "config.json").read_text())
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    cfg.update(num_layers=2, **extra)
+    cfg.update({"num_layers": 2, **extra})
     cn = SD3ControlNetModel(**cfg).eval()
     _randomise(cn, seed, 0.05)
     cn.save_pretrained(dst)
@@ -363,3 +363,34 @@ def test_cli_control_on_flux_union_equals_the_pipeline_and_writes_the_unit(flux,
     direct = pipe(PROMPT, steps=2, seed=5, width=FW, height=FH, controlnets=[unit], progress=False)
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(direct.images[0]))
     assert main([*args, "--control-union-mode", "canny"]) != 0  # without --control: refused
+
+
+def test_sd3_single_file_reads_its_config_from_the_shapes(sd3, tmp_path):
+    from safetensors.torch import load_file
+
+    from sdengine.control.dit_files import sd3_config_from_weights
+
+    folder, pipe, _, cn, _ = sd3
+    qk = _sd3_controlnet(folder, tmp_path / "qk-cn", 14, qk_norm="rms_norm", dual_attention_layers=[1])
+    sd = load_file(qk / "diffusion_pytorch_model.safetensors")
+    file = tmp_path / "qk-cn.safetensors"
+    save_safetensors(sd, file)
+    cfg = sd3_config_from_weights(sd)
+    want = json.loads((qk / "config.json").read_text())
+    for key in ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pos_embed_max_size"):
+        assert getattr(cfg, key) == want[key], key
+    assert cfg.qk_norm == "rms_norm" and cfg.dual_attention_layers == (1,)
+    image = _picture(SIZE, SIZE, 9)
+    args = dict(steps=2, sampler="euler", cfg_scale=3.0, seed=SEED, width=SIZE, height=SIZE, progress=False)
+    a = pipe(PROMPT, NEGATIVE, controlnets=[ControlUnit(str(qk), image)], **args)
+    b = pipe(PROMPT, NEGATIVE, controlnets=[ControlUnit(str(file), image)], **args)
+    assert np.array_equal(a.arrays, b.arrays)
+
+
+def test_units_of_different_depths_are_refused(sd3, tmp_path):
+    folder, pipe, _, cn, _ = sd3
+    deep = _sd3_controlnet(folder, tmp_path / "deep-cn", 15, num_layers=3)
+    image = _picture(SIZE, SIZE)
+    units = [ControlUnit(str(cn), image), ControlUnit(str(deep), image)]
+    with pytest.raises(SdengineError, match="give 2 and 3 residuals"):
+        pipe(PROMPT, controlnets=units, steps=1, seed=SEED, width=SIZE, height=SIZE, progress=False)
