@@ -316,7 +316,7 @@ def test_missing_parts_name_their_flag(dev, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"controlnets": [("canny", picture(W, H), 1.0)]}, "controlnets: ControlNets and T2I-Adapters"),
+        ({"guess_mode": True}, "guess_mode: guess_mode is a U-Net ControlNet setting"),
         ({"loras": [("x.safetensors", 1.0)]}, "loras: LoRAs are not supported for Flux"),
         ({"prompt": "a cat <lora:x:1>"}, "<lora:...> tags: LoRAs are not supported for Flux"),
         ({"pag_scale": 1.0}, "pag_scale: perturbed-attention guidance"),

@@ -374,7 +374,7 @@ def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
         ),
         ({"strength_rule": "a1111", "sampler": "dpmpp_2m_sde"}, "A1111's step rules are not supported for SD3"),
         ({"zero_terminal_snr": True}, "zero_terminal_snr rescales a VP schedule"),
-        ({"controlnets": [("cn", None, 1.0)]}, "ControlNets and T2I-Adapters are made for U-Nets"),
+        ({"guess_mode": True}, "guess_mode is a U-Net ControlNet setting"),
         ({"freeu": [1.1, 1.2, 0.9, 0.2]}, "FreeU scales U-Net decoder features"),
         ({"shift": 0.0}, r"shift must be a number in \(0, 100\]"),
         ({"sampler": "ddim"}, "ddim"),
