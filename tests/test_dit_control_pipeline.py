@@ -363,6 +363,11 @@ def test_cli_control_on_flux_union_equals_the_pipeline_and_writes_the_unit(flux,
     direct = pipe(PROMPT, steps=2, seed=5, width=FW, height=FH, controlnets=[unit], progress=False)
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(direct.images[0]))
     assert main([*args, "--control-union-mode", "canny"]) != 0  # without --control: refused
+    again = tmp_path / "again"  # --from-png reads the unit back, its Union Mode too
+    redo = ["generate", "--from-png", str(made), "--model", str(folder), "--control", f"none:{hint}"]
+    assert main([*redo, "--controlnet", str(union), "--out", str(again), "--no-progress"]) == 0
+    remade = next(again.glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(remade)))
 
 
 def test_sd3_single_file_reads_its_config_from_the_shapes(sd3, tmp_path):

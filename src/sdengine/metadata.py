@@ -1070,6 +1070,7 @@ class RecordedControlNet:
     # the extension's "Pixel Perfect": the processor resolution is worked out from the control image's size and
     # the output's (sdengine.control.preprocess.pixel_perfect_resolution), not the recorded Processor Res
     pixel_perfect: bool = False
+    union_mode: str | None = None  # sdengine's "Union Mode": a Flux Union ControlNet's control kind
 
     @property
     def preprocessor(self) -> str | None:
@@ -1161,6 +1162,7 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
             resize_mode,
             hires_mode,
             pixel_perfect and preprocessor in CONTROLNET_SCALED,
+            fields.get("Union Mode"),
         )
         out.append((int(m.group(1) or 0), unit))
     units = [r for _, r in sorted(out, key=lambda t: t[0])]

@@ -774,6 +774,7 @@ def _controlnets_from_png(
             rule=r.rule,
             mode=r.mode,
             hires_mode=r.hires_mode,
+            union_mode=r.union_mode,
         )
         for u, r, text in zip(units, recorded, a.control, strict=True)
     ]
