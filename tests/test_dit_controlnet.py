@@ -218,3 +218,20 @@ def test_configs_refuse_what_is_not_implemented():
         FluxControlNetConfig.from_diffusers({**FLUX_BASE, "conditioning_embedding_channels": 16})
     with pytest.raises(ConfigError, match="not 'FluxControlNetModel'"):
         FluxControlNetConfig.from_diffusers({"_class_name": "ControlNetModel"})
+
+
+def test_full_size_flux_union_names_shapes_and_config_from_shapes():
+    """InstantX's FLUX.1-dev-Controlnet-Union layout (5 double blocks, no single ones, 10 modes) at full size on the
+    meta device: diffusers' names and shapes, and the config read back from them."""
+    from diffusers import FluxControlNetModel
+
+    from sdengine.control.dit_files import flux_config_from_weights
+
+    cfg = dict(num_layers=5, num_single_layers=0, guidance_embeds=True, num_mode=10)
+    with torch.device("meta"):
+        theirs = FluxControlNetModel(**cfg)
+        ours = FluxControlNet(FluxControlNetConfig(**cfg))
+    want = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert got == want
+    assert flux_config_from_weights(theirs.state_dict()) == FluxControlNetConfig(**cfg)
