@@ -235,3 +235,31 @@ def test_full_size_flux_union_names_shapes_and_config_from_shapes():
     got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert got == want
     assert flux_config_from_weights(theirs.state_dict()) == FluxControlNetConfig(**cfg)
+
+
+def test_full_size_sd35_large_controlnet_layout():
+    """Stability's SD3.5 Large ControlNets' layout (no text stream, the base model's patch embedding, no position
+    table, a caption width their blocks do not use) at full size on the meta device: diffusers' names and shapes."""
+    from diffusers import SD3ControlNetModel
+
+    cfg = dict(
+        num_layers=19,
+        num_attention_heads=38,
+        attention_head_dim=64,
+        caption_projection_dim=2048,
+        joint_attention_dim=None,
+        pos_embed_type=None,
+        use_pos_embed=False,
+        pos_embed_max_size=None,
+        force_zeros_for_pooled_projection=False,
+    )
+    with torch.device("meta"):
+        theirs = SD3ControlNetModel(**cfg)
+        ours = SD3ControlNet(SD3ControlNetConfig.from_diffusers(dict(theirs.config)))
+    want = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
+    from sdengine.control.dit_files import sd3_config_from_weights
+
+    read = sd3_config_from_weights(theirs.state_dict())
+    assert (read.num_layers, read.num_attention_heads, read.attention_head_dim) == (19, 38, 64)
+    assert read.joint_attention_dim is None and not read.use_pos_embed and not read.force_zeros_for_pooled_projection

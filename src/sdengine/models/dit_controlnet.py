@@ -93,7 +93,7 @@ class SD3ControlNetConfig:
     caption_projection_dim: int = 1152
     pooled_projection_dim: int = 2048
     out_channels: int = 16
-    pos_embed_max_size: int = 96
+    pos_embed_max_size: int | None = 96
     extra_conditioning_channels: int = 0
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
@@ -124,8 +124,13 @@ class SD3ControlNetConfig:
         """The MMDiT config of the copy's blocks (a text width of 1 stands in where there is no text stream)."""
         names = {f.name for f in dataclasses.fields(MMDiTConfig)}
         values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
-        if values["joint_attention_dim"] is None:
+        if values["joint_attention_dim"] is None:  # no text stream: its widths are not used
             values["joint_attention_dim"] = 1
+            values["caption_projection_dim"] = self.inner_dim
+        if values["pos_embed_max_size"] is None:
+            if self.use_pos_embed and self.pos_embed_type == "sincos":
+                raise ConfigError("SD3 ControlNet config: sin-cos positions need pos_embed_max_size")
+            values["pos_embed_max_size"] = max(self.sample_size // self.patch_size, 1)  # not used: no table
         values["dual_attention_layers"] = tuple(values["dual_attention_layers"])
         return MMDiTConfig(**values)
 
@@ -146,7 +151,7 @@ class SD3ControlNetConfig:
             values.pop("dual_attention_layers", None)
         if values.get("out_channels", 0) is None:
             values["out_channels"] = values.get("in_channels", cls.in_channels)
-        check_config("mmdit", {k: v for k, v in values.items() if k != "joint_attention_dim" or v is not None})
+        check_config("mmdit", {k: v for k, v in values.items() if v is not None})
         try:
             return cls(**values)
         except TypeError as e:
