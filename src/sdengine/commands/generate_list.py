@@ -57,6 +57,9 @@ def run_list(a: argparse.Namespace, kwargs: dict[str, Any], model: str) -> int:
             config=a.config,
             embeddings_dir=a.embeddings_dir,
             tiny_vae=a.tiny_vae,
+            clip_l=a.clip_l,  # SD3's and Flux's text encoders given apart
+            clip_g=a.clip_g,
+            t5=a.t5,
         )
 
     report = render_prompt_list(items, a.out, load, world=world, progress=not a.no_progress)
