@@ -1145,7 +1145,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     def models() -> dict[str, Any]:
         """The models jobs may name (OpenAI's list shape; ``current`` marks the default; ``tiny_vae``: it can
         decode with a tiny VAE; ``tiny_vae_encoder``: encode with one; ``family``: "sd", "sdxl", "sd3", "flux" or
-        "pixel", which settings its jobs take; null when not told before the model loads)."""
+        "pixel", which settings its jobs take; null when not told before the model loads; ``defaults``: an SD3 or
+        Flux model's own steps, cfg_scale, sampler and schedule, which its jobs get where they give none)."""
         now = int(time.time())
         current = services.options.get("sd_model_checkpoint")
         return {
@@ -1161,6 +1162,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                     "tiny_vae": has_tiny_vae(e.ref),
                     "tiny_vae_encoder": has_tiny_encoder(e.ref),
                     "family": model_family(e.ref),
+                    "defaults": services.family_defaults(e.name),
                 }
                 for e in catalog.models()
             ],
