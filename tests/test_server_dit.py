@@ -153,6 +153,7 @@ def test_a1111_txt2img_and_img2img_on_flux_and_sd3(served):
         strength=0.7, progress=False,
     ).images[0]  # fmt: skip
     np.testing.assert_array_equal(_pixels(_b64_image(r.json()["images"][0])), _pixels(want))
+    assert "A1111's step rule is not implemented for SD3 / Flux models" in r.json()["info"]
     # SD3 with sdengine's shift and sd3 fields (A1111 and Forge have none for them)
     slg = {"skip_guidance_layers": [1], "skip_layer_guidance_stop": 1.0}
     sd3_body = {**body, "cfg_scale": 5, "override_settings": {"sd_model_checkpoint": "tiny-sd3"}}
@@ -165,6 +166,10 @@ def test_a1111_txt2img_and_img2img_on_flux_and_sd3(served):
     )  # fmt: skip
     np.testing.assert_array_equal(_pixels(image), _pixels(want.images[0]))
     assert "Shift: 1.5" in image.info["parameters"] and "Skip layers: 1" in image.info["parameters"]
+    # the image's infotext (A1111's "infotext" field) runs it again: its Shift and skip-layer fields
+    r = client.post("/sdapi/v1/txt2img", json={"infotext": image.info["parameters"], **sd3_body})
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(_pixels(_b64_image(r.json()["images"][0])), _pixels(want.images[0]))
     # Forge sends distilled_cfg_scale 3.5 (its default) for every model: ignored (and listed) off Flux; else a 400
     r = client.post("/sdapi/v1/txt2img", json={**sd3_body, "distilled_cfg_scale": 3.5})
     assert r.status_code == 200, r.text

@@ -1734,6 +1734,8 @@ INFOTEXT_FIELDS = {
     **{k: k for k in ("subseed", "subseed_strength", "mask_blur", "enable_hr", "hr_scale", "hr_resize_x")},
     **{k: k for k in ("hr_resize_y", "hr_second_pass_steps", "hr_upscaler", "hr_prompt", "hr_negative_prompt")},
     **{k: k for k in ("seed_resize_from_w", "seed_resize_from_h", "tiling")},
+    # the model family's own: Forge's "Distilled CFG Scale" (Flux), "Shift" and the skip-layer fields (SD3)
+    **{k: k for k in ("distilled_cfg_scale", "shift", "sd3")},
     "sampler": "sampler_name",
     "schedule": "scheduler",
     "strength": "denoising_strength",
