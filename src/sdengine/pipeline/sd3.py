@@ -49,7 +49,6 @@ from sdengine.pipeline.core import Pipeline, Prepared, as_request
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import GenerationResult
-from sdengine.text.conditioners import Conditioning
 from sdengine.text.sd3_conditioner import T5_LENGTH, SD3Conditioner
 
 # The defaults of an SD3 run where the caller chose none (the CLI's; diffusers' StableDiffusion3Pipeline: its
@@ -223,17 +222,10 @@ def _a1111_rule_changes_nothing(r: GenerationRequest) -> bool:
 
 def refusals(request: GenerationRequest) -> list[str]:
     """The settings of ``request`` an SD3 model cannot run, each as its one-line reason (empty: it can run)."""
-    from sdengine.prompts import extract_lora_tags
-
     r = request
-    texts = [r.prompt] if isinstance(r.prompt, str) else [t for t in (r.prompt or []) if isinstance(t, str)]
     checks = [
         (bool(r.controlnets), "ControlNets and T2I-Adapters are made for U-Nets; SD3 ControlNets are not supported"),
         (bool(r.ip_adapters), "IP-Adapters are made for U-Nets; SD3 takes none here"),
-        (
-            bool(r.loras) or any(extract_lora_tags(t)[1] for t in texts),
-            "LoRA files for SD3 are not supported yet (the LoRA code patches U-Net and CLIP layers)",
-        ),
         (bool(r.pag_scale), "pag_scale (perturbed-attention guidance) patches U-Net layers; not for SD3"),
         (bool(r.sag_scale), "sag_scale (self-attention guidance) reads the U-Net's middle block; not for SD3"),
         (r.freeu_settings() is not None, "FreeU scales U-Net decoder features; not for SD3"),
@@ -278,6 +270,7 @@ class SD3Pipeline(Pipeline):
         name: str = "model",
         source: Path | None = None,
         encoder_sources: dict[str, Path] | None = None,
+        lora_dir: str | Path | None = None,
     ) -> None:
         self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False)
         self.text_encoder_3 = text_encoder_3.eval().requires_grad_(False) if text_encoder_3 is not None else None
@@ -315,6 +308,7 @@ class SD3Pipeline(Pipeline):
             name=name,
             source=source,
             conditioner=conditioner,
+            lora_dir=lora_dir,
         )
         if int(cfg.in_channels) != self.latent_channels:
             raise GenerationError(
@@ -497,11 +491,6 @@ class SD3Pipeline(Pipeline):
         with self._call_settings(request):
             return super().__call__(request)
 
-    def conditioning_pair(
-        self, prompt: str, negative: str, p: Prepared, note: Any
-    ) -> tuple[Conditioning, Conditioning]:
-        return self.conditioner.pair(prompt, negative, clip_skip=self.clip_skip_of(p.request), note=note)
-
 
 # -- loading -------------------------------------------------------------------------------------------------
 
@@ -517,6 +506,7 @@ def load_sd3(
     clip_g: str | Path | None = None,
     t5: str | Path | None = None,
     name: str | None = None,
+    lora_dir: str | Path | None = None,
 ) -> SD3Pipeline:
     """An SD3 / SD3.5 diffusers folder or Stability single file -> :class:`SD3Pipeline` (see
     :mod:`sdengine.weights.sd3_files` for the layouts). ``clip_l``, ``clip_g``, ``t5``: text encoders given apart
@@ -535,12 +525,9 @@ def load_sd3(
         if value is not None and not Path(value).exists():
             raise GenerationError(f"{ENCODER_FLAGS[key]} {value}: no such file or folder")
     # what the model holds itself
-    if folder:
-        own = {
-            "clip_l": sf.folder_component(path, "text_encoder"),
-            "clip_g": sf.folder_component(path, "text_encoder_2"),
-            "t5": sf.folder_component(path, "text_encoder_3"),
-        }
+    if folder:  # (a component given apart need not be in the folder)
+        subs = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
+        own = {k: sf.folder_component(path, sub) if given[k] is None else None for k, sub in subs.items()}
     else:
         keys = list(load_file(path)[0])  # a memory map: no tensor is read here
         own = {
@@ -590,6 +577,7 @@ def load_sd3(
         name=name or path.name.removesuffix(path.suffix) or path.name,
         source=path,
         encoder_sources={k: Path(v) for k, v in given.items() if v is not None},
+        lora_dir=lora_dir,
     )
 
 
