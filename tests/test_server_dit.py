@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 import sdengine  # noqa: E402
 from _flux_models import make_flux_folder  # noqa: E402
 from _live_server import live_server, run_job, server_config, shared_loader  # noqa: E402
-from _sd3_models import make_sd3_folder  # noqa: E402
+from _sd3_models import make_sd3_folder, write_single_file  # noqa: E402
 
 PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
 W, H = 48, 32  # the tiny models' 2x VAEs: multiples of 4
@@ -35,6 +35,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serverdit")
     models = root / "models"
     make_sd3_folder(models / "tiny-sd3")
+    write_single_file(models / "tiny-sd3", models / "tiny_sd3_file.safetensors")  # the family read from its header
     make_flux_folder(models / "tiny-flux", guidance=True)
     sd3 = sdengine.load_pipeline(models / "tiny-sd3", device="cpu")
     flux = sdengine.load_pipeline(models / "tiny-flux", device="cpu")
@@ -63,7 +64,10 @@ def _one_line_400(r: httpx.Response, *needles: str) -> str:
 def test_models_are_listed_with_their_family_and_size(served):
     _, client, _, _ = served
     data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-    assert (data["tiny-sd3"]["family"], data["tiny-flux"]["family"], data["emoji"]["family"]) == ("sd3", "flux", "sd")
+    families = [data[k]["family"] for k in ("tiny-sd3", "tiny_sd3_file.safetensors", "tiny-flux", "emoji")]
+    assert families == ["sd3", "sd3", "flux", "sd"]
+    assert data["tiny-flux"]["defaults"] == {"steps": 28, "cfg_scale": 1.0, "sampler": "euler", "schedule": "normal"}
+    assert data["emoji"]["defaults"] == {}
     titles = {m["title"] for m in client.get("/sdapi/v1/sd-models").json()}
     assert {"tiny-sd3", "tiny-flux"} <= titles
     sizes = client.get("/v1/sizes").json()["models"]
@@ -178,6 +182,15 @@ def test_a1111_txt2img_and_img2img_on_flux_and_sd3(served):
     _one_line_400(r, "distilled_cfg_scale applies to FLUX.1 [dev] models only; tiny-sd3 is not a Flux model")
     r = client.post("/sdapi/v1/txt2img", json={**flux_body, "shift": 2.0})
     _one_line_400(r, "shift applies to SD3 models only")
+    # the model chosen by the options (A1111's model switch) instead of override_settings: the same Flux image
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-flux"}).status_code == 200
+    try:
+        r = client.post("/sdapi/v1/txt2img", json={**body, "distilled_cfg_scale": 4.5})
+        assert r.status_code == 200, r.text
+        want = flux(PROMPT, steps=STEPS, seed=7, width=W, height=H, distilled_cfg_scale=4.5, progress=False).images[0]
+        np.testing.assert_array_equal(_pixels(_b64_image(r.json()["images"][0])), _pixels(want))
+    finally:
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "emoji"})
 
 
 def test_openai_generations_on_flux_with_extra_body(served):
@@ -188,6 +201,21 @@ def test_openai_generations_on_flux_with_extra_body(served):
     got = _b64_image(r.json()["data"][0]["b64_json"])
     want = flux(PROMPT, steps=STEPS, seed=11, width=W, height=H, distilled_cfg_scale=2.5, progress=False).images[0]
     np.testing.assert_array_equal(_pixels(got), _pixels(want))
+    # an edit (a form): the fields as text, Flux's defaults under them, img2img at OpenAI's strength 0.75
+    buf = io.BytesIO()
+    got.save(buf, format="PNG")
+    form = {"model": "tiny-flux", "prompt": "a green apple", "size": f"{W}x{H}", "seed": "2", "steps": str(STEPS)}
+    r = client.post(
+        "/v1/images/edits", data={**form, "distilled_cfg_scale": "6"}, files={"image": ("a.png", buf.getvalue())}
+    )
+    assert r.status_code == 200, r.text
+    want = flux(
+        "a green apple", steps=STEPS, seed=2, width=W, height=H, distilled_cfg_scale=6.0, init_image=got.convert("RGB"),
+        strength=0.75, progress=False,
+    ).images[0]  # fmt: skip
+    np.testing.assert_array_equal(_pixels(_b64_image(r.json()["data"][0]["b64_json"])), _pixels(want))
+    r = client.post("/v1/images/edits", data={**form, "shift": "x"}, files={"image": ("a.png", buf.getvalue())})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "shift", r.text
     r = client.post("/v1/images/generations", json={**body, "model": "emoji", "size": "64x64", "shift": 2.0})
     assert r.status_code == 400 and "shift applies to SD3 models only; emoji is not one" in r.text, r.text
     r = client.post("/v1/images/generations", json={**body, "sd3": "[1"})

@@ -99,14 +99,33 @@ def family_before_load(ref: str) -> str | None:
     (by its ``model_index.json`` or its tensor names), SDXL (:func:`sdxl_before_load`), a built-in pixel model; "sd"
     for any other Stable Diffusion folder or file; None when that cannot be told (an unreadable file)."""
     from sdengine.pipeline import BUILTIN_PIXEL, BUILTIN_SD
-    from sdengine.pipeline.flux_loading import is_flux_file, is_flux_folder
-    from sdengine.weights.sd3_files import is_sd3
 
     if ref in BUILTIN_PIXEL:
         return "pixel"
     path = Path(BUILTIN_SD.get(ref, Path(ref)))
-    if not path.exists():
+    try:  # a file's header is read once (and again when it changes): GET /v1/models asks for every model
+        st = path.stat()
+    except OSError:
         return None
+    key = (str(path), st.st_mtime_ns, st.st_size) if path.is_file() else None
+    if key is not None and key in _FAMILIES_READ:
+        return _FAMILIES_READ[key]
+    family = _family_of_path(ref, path)
+    if key is not None:
+        if len(_FAMILIES_READ) > 1024:
+            _FAMILIES_READ.clear()
+        _FAMILIES_READ[key] = family
+    return family
+
+
+_FAMILIES_READ: dict[tuple[str, int, int], str | None] = {}  # model files' families (path, mtime, size)
+
+
+def _family_of_path(ref: str, path: Path) -> str | None:
+    """:func:`family_before_load` of an existing folder or file (SD3 and Flux first: their files are no SD's)."""
+    from sdengine.pipeline.flux_loading import is_flux_file, is_flux_folder
+    from sdengine.weights.sd3_files import is_sd3
+
     if is_sd3(path):
         return "sd3"
     if is_flux_folder(path) if path.is_dir() else is_flux_file(path):
