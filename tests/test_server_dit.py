@@ -170,6 +170,17 @@ def test_a1111_txt2img_and_img2img_on_flux_and_sd3(served):
     )  # fmt: skip
     np.testing.assert_array_equal(_pixels(image), _pixels(want.images[0]))
     assert "Shift: 1.5" in image.info["parameters"] and "Skip layers: 1" in image.info["parameters"]
+    # img2img on SD3: diffusers' step count, as the pipeline's img2img
+    r2 = client.post(
+        "/sdapi/v1/img2img",
+        json={**sd3_body, "shift": 1.5, "init_images": [r.json()["images"][0]], "denoising_strength": 0.6},
+    )
+    assert r2.status_code == 200, r2.text
+    want2 = sd3(
+        PROMPT, steps=STEPS, seed=7, width=W, height=H, cfg_scale=5, sampler="euler", schedule="normal", shift=1.5,
+        init_image=image.convert("RGB"), strength=0.6, progress=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(_pixels(_b64_image(r2.json()["images"][0])), _pixels(want2.images[0]))
     # the image's infotext (A1111's "infotext" field) runs it again: its Shift and skip-layer fields
     r = client.post("/sdapi/v1/txt2img", json={"infotext": image.info["parameters"], **sd3_body})
     assert r.status_code == 200, r.text
@@ -193,8 +204,8 @@ def test_a1111_txt2img_and_img2img_on_flux_and_sd3(served):
         client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "emoji"})
 
 
-def test_openai_generations_on_flux_with_extra_body(served):
-    _, client, _, flux = served
+def test_openai_generations_on_flux_and_sd3_with_extra_body(served):
+    _, client, sd3, flux = served
     body = {"model": "tiny-flux", "prompt": PROMPT, "size": f"{W}x{H}", "seed": 11, "steps": STEPS}
     r = client.post("/v1/images/generations", json={**body, "distilled_cfg_scale": 2.5})
     assert r.status_code == 200, r.text
@@ -216,6 +227,13 @@ def test_openai_generations_on_flux_with_extra_body(served):
     np.testing.assert_array_equal(_pixels(_b64_image(r.json()["data"][0]["b64_json"])), _pixels(want))
     r = client.post("/v1/images/edits", data={**form, "shift": "x"}, files={"image": ("a.png", buf.getvalue())})
     assert r.status_code == 400 and r.json()["error"]["param"] == "shift", r.text
+    # SD3: its shift and skip-layer guidance, SD3's defaults (Euler, normal, cfg 7) under what is sent
+    slg = {"skip_guidance_layers": [1]}
+    r = client.post("/v1/images/generations", json={**body, "model": "tiny-sd3", "shift": 4.0, "sd3": slg})
+    assert r.status_code == 200, r.text
+    want = sd3(PROMPT, **{**sd3.family_defaults, "steps": STEPS}, seed=11, width=W, height=H, shift=4.0, sd3=slg,
+               progress=False).images[0]  # fmt: skip
+    np.testing.assert_array_equal(_pixels(_b64_image(r.json()["data"][0]["b64_json"])), _pixels(want))
     r = client.post("/v1/images/generations", json={**body, "model": "emoji", "size": "64x64", "shift": 2.0})
     assert r.status_code == 400 and "shift applies to SD3 models only; emoji is not one" in r.text, r.text
     r = client.post("/v1/images/generations", json={**body, "sd3": "[1"})
