@@ -248,3 +248,33 @@ def test_flux_defaults_fill_what_a_native_job_leaves_out(served):
     want = flux(PROMPT, steps=2, seed=3, width=W, height=H, progress=False).images[0]
     np.testing.assert_array_equal(got, _pixels(want))
     assert "Sampler: Euler" in job["images"][0]["infotext"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("shift", "2"),
+        ("shift", True),
+        ("shift", 1e9),
+        ("sd3", "x"),
+        ("sd3", [1]),
+        ("sd3", {"skip_guidance_layers": "1"}),
+    ]
+    + [("sd3", {"skip_layer_guidance_start": 0.5, "skip_layer_guidance_stop": 0.1}), ("distilled_cfg_scale", True)]
+    + [("distilled_cfg_scale", "a"), ("distilled_cfg_scale", 1e9)],
+)
+def test_bad_family_values_are_one_line_4xx_on_every_protocol(served, field, value):
+    """A malformed family setting is refused in one line on every protocol, never a 500 or a job."""
+    _, client, _, _ = served
+    model = "tiny-flux" if field == "distilled_cfg_scale" else "tiny-sd3"
+    base = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, field: value}
+    answers = [
+        client.post("/v1/jobs", json={**base, "model": model}),
+        client.post("/sdapi/v1/txt2img", json={**base, "override_settings": {"sd_model_checkpoint": model}}),
+        client.post("/v1/images/generations", json={**base, "model": model, "size": f"{W}x{H}"}),
+    ]
+    for r in answers:
+        assert r.status_code in (400, 422), (r.request.url, r.status_code, r.text)
+        body = r.json()
+        message = body["error"]["message"] if "error" in body else body["detail"]
+        assert isinstance(message, str) and "\n" not in message and message, (r.request.url, body)

@@ -334,6 +334,7 @@ class JobRequest(BaseModel):
         ge=0,
         le=100,  # sdengine.pipeline.flux.MAX_DISTILLED_CFG
         allow_inf_nan=False,
+        strict=True,  # a JSON string or true is not a number here
         description="FLUX.1 [dev] models only: the distilled guidance scale, an input of the transformer (Forge's "
         "'Distilled CFG Scale', ComfyUI's FluxGuidance); null: the model's 3.5. Any other model (SD, SDXL, SD3, Flux "
         "[schnell]) answers a 400. Infotext 'Distilled CFG Scale'",
@@ -343,6 +344,7 @@ class JobRequest(BaseModel):
         gt=0,
         le=100,  # sdengine.pipeline.request.MAX_SHIFT
         allow_inf_nan=False,
+        strict=True,  # a JSON string or true is not a number here
         description="SD3 / SD3.5 models only: the flow schedule's time shift, s' = shift s / (1 + (shift - 1) s) "
         "(ComfyUI's ModelSamplingSD3); null: the model's own (3.0). Other models answer a 400. Infotext 'Shift'",
     )
