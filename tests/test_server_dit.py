@@ -79,7 +79,7 @@ def test_models_are_listed_with_their_family_and_size(served):
 
 
 def test_native_jobs_give_the_pipelines_images_and_switch_models(served):
-    _, client, sd3, flux = served
+    server, client, sd3, flux = served
     base = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": STEPS, "width": W, "height": H, "seed": 5}
     # SD3 with its shift and skip-layer guidance; the sampler and schedule left out: SD3's own (Euler, normal)
     slg = {"skip_guidance_layers": [0], "skip_layer_guidance_scale": 2.0, "skip_layer_guidance_stop": 0.9}
@@ -91,6 +91,12 @@ def test_native_jobs_give_the_pipelines_images_and_switch_models(served):
     assert np.abs(got.astype(int) - _pixels(plain.images[0]).astype(int)).max() > 0  # the settings changed it
     params = job["images"][0]["infotext"]
     assert "Shift: 2" in params and "Skip layers: 0" in params, params
+    # the same weights as a Stability single file (its CLIP encoders inside): served as the folder's model
+    got, _ = run_job(client, {**base, "model": "tiny_sd3_file.safetensors", "sampler": "euler", "schedule": "normal"})
+    single = sdengine.load_pipeline(server.services.catalog.resolve_model("tiny_sd3_file.safetensors"), device="cpu")
+    want = single(PROMPT, NEGATIVE, steps=STEPS, seed=5, width=W, height=H, sampler="euler", cfg_scale=7.0,
+                  progress=False)  # fmt: skip
+    np.testing.assert_array_equal(got, _pixels(want.images[0]))
     # an SD 1.x job between, then Flux with its distilled guidance, cfg / sampler / schedule left out (Flux's)
     emoji, _ = run_job(client, {**base, "model": "emoji", "width": 64, "height": 64, "steps": 2})
     want_emoji = shared_loader("emoji", "cpu")(
