@@ -20,10 +20,11 @@ The 16-channel VAE needs nothing new: ``shift_factor`` and ``scaling_factor`` co
 
 SD3.5's skip-layer guidance (the request's ``sd3`` settings, :class:`SD3Options`) runs inside
 :class:`MMDiTAdapter`. What is made for U-Nets is refused before any work, one line each (:func:`refusals`):
-ControlNets, T2I-Adapters, IP-Adapters, LoRA files, U-Net patches (PAG, SAG, FreeU, Deep Shrink, HyperTile),
+ControlNets, T2I-Adapters, IP-Adapters, U-Net patches (PAG, SAG, FreeU, Deep Shrink, HyperTile),
 instruct-pix2pix guidance, A1111's step rules where they would change the run, Zero Terminal SNR, another hires
 model, tiled diffusion, tiling, textual-inversion files, and samplers that are not right on a flow model. Prompt
-editing and the hires fix run as for the other families.
+editing, the hires fix and LoRAs in diffusers' SD3 format (:mod:`sdengine.weights.lora_keys`: ``transformer.``,
+``text_encoder.``, ``text_encoder_2.`` PEFT names) run as for the other families.
 
 The core learns all of this through its family hooks (``training_schedule``, ``network_adapter``, ``x0_denoiser``,
 ``img2img_first_step``, ``noised_latent``, ``network_activation_bytes``, ``infotext_fields``), which SD 1.x/2.x
