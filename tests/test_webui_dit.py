@@ -98,6 +98,8 @@ def test_a_flux_model_shows_its_distilled_guidance_and_gives_the_apis_image(page
 def test_sd3_shift_and_skip_layer_guidance_are_sent_and_refusals_marked(page, client):
     page.select_option("#model", "tiny-sd3")
     assert page.is_visible("#shift") and page.is_visible("#slg_layers") and page.is_hidden("#distilled_cfg_scale")
+    # SD3's defaults (GET /v1/models): Euler on the flow's own grid at CFG 7
+    assert [page.input_value(sel) for sel in ("#sampler", "#schedule", "#cfg_scale")] == ["euler", "normal", "7"]
     page.fill("#prompt", "a red apple")
     page.fill("#steps", "3")
     page.fill("#seed", "2")
@@ -117,6 +119,12 @@ def test_sd3_shift_and_skip_layer_guidance_are_sent_and_refusals_marked(page, cl
     expected, infotext = api_image(client, body)
     np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
     assert params == infotext
+    # "Reuse parameters" sets the shift and the skip-layer settings again
+    page.fill("#shift", "")
+    page.fill("#slg_layers", "")
+    page.fill("#slg_stop", "0.2")
+    page.click("#results button:text('Reuse parameters')")
+    assert [page.input_value(sel) for sel in ("#shift", "#slg_layers", "#slg_stop")] == ["2", "1", "1"]
     # a block the MMDiT does not have: the server's line, at the blocks' input, the input kept
     page.fill("#slg_layers", "1, 7")
     page.click("#generate")
