@@ -423,6 +423,12 @@ def made_by_sdengine(parsed: Mapping[str, str]) -> bool:
 A1111_RANDN_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 
 
+# SD3's skip-layer guidance in the infotext (beside "Skip layers"): field -> GenerationRequest.sd3 key
+SKIP_LAYER_FIELDS = {
+    "Skip layer guidance": "skip_layer_guidance_scale",
+    "Skip layer start": "skip_layer_guidance_start",
+    "Skip layer stop": "skip_layer_guidance_stop",
+}
 # how a base -> refiner hand-off picks its switch step (sdengine.pipeline.sdxl.switch_step): diffusers' rule, A1111's
 REFINER_SWITCH_RULES = ("diffusers", "a1111")
 
@@ -669,6 +675,18 @@ def to_generate_kwargs(
         if not isinstance(sdxl, dict) or not sdxl:
             raise MetadataError(f"SDXL options: {parsed['SDXL options']!r} is not a JSON object of SDXL settings")
         kwargs["sdxl"] = sdxl
+    if "Shift" in parsed:  # a flow model's time shift (SD3; Forge's field name)
+        kwargs["shift"] = _parse_float(parsed, "Shift")
+    if "Skip layers" in parsed:  # sdengine's fields: SD3's skip-layer guidance (GenerationRequest.sd3)
+        try:
+            layers = [int(x) for x in parsed["Skip layers"].split(",")]
+        except ValueError:
+            raise MetadataError(f"Skip layers: {parsed['Skip layers']!r} is not a list of block numbers") from None
+        slg: dict[str, Any] = {"skip_guidance_layers": layers}
+        for field, key in SKIP_LAYER_FIELDS.items():
+            if field in parsed:
+                slg[key] = _parse_float(parsed, field)
+        kwargs["sd3"] = slg
     if parsed.get("Tiny VAE"):  # sdengine's field: the tiny VAE decoded (the run needs one loaded again)
         kwargs["vae_decode"] = "tiny"
     if parsed.get("Tiny VAE encode"):  # and this one: its encoder made the init image's latent
@@ -727,6 +745,9 @@ def to_generate_kwargs(
         "Clip skip rule",
         "Sampler options",
         "SDXL options",
+        "Shift",
+        "Skip layers",
+        *SKIP_LAYER_FIELDS,
         "Prediction type",  # a loading option: the caller's (sdengine generate --from-png passes it on)
         "Pad conds",  # A1111's padding of the shorter of prompt and negative prompt: what sdengine always does
     }

@@ -36,6 +36,24 @@ if TYPE_CHECKING:
 HELP_DEFAULTS: dict[str, Any] = {"steps": 25, "sampler": "dpmpp_2m", "cfg_scale": 7.5, "strength": 0.75}
 
 
+def _slg_arg(value: str | None) -> dict[str, Any] | None:
+    """``--slg LAYERS[:SCALE[:START:STOP]]`` -> the request's ``sd3`` settings (a one-line UsageError else)."""
+    if value is None:
+        return None
+    parts = value.split(":")
+    try:
+        if len(parts) not in (1, 2, 4):
+            raise ValueError
+        layers = [int(x) for x in parts[0].split(",")]
+        numbers = [float(x) for x in parts[1:]]
+    except ValueError:
+        raise UsageError(
+            f"--slg {value!r}: expected LAYERS[:SCALE[:START:STOP]], e.g. 7,8,9 or 7,8,9:2.8 or 7,8,9:2.8:0.01:0.2"
+        ) from None
+    keys = ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop")
+    return {"skip_guidance_layers": layers, **dict(zip(keys, numbers, strict=False))}
+
+
 def request_defaults() -> dict[str, Any]:
     """The defaults a generate run starts from: GenerationRequest's, with seed -1 (random)."""
     from ..pipeline.request import GenerationRequest
@@ -830,12 +848,14 @@ def run(a: argparse.Namespace) -> int:
     if a.hr_refiner_pass is not None:  # a bad pass is one line before anything loads
         a.hr_refiner_pass = hr_refiner_pass(a.hr_refiner_pass)
     kwargs: dict[str, Any] = request_defaults()
+    chosen: set[str] = set()  # the settings given (flags, --from-png): a model family's defaults leave them be
     model = a.model
     vae = a.vae
     prediction_type = a.prediction_type
     if a.from_png:
         png_kwargs, parsed = _from_png(a.from_png)
         kwargs.update(png_kwargs)
+        chosen |= set(png_kwargs)
         if prediction_type is None and parsed.get("Prediction type"):  # an override the image was made with
             prediction_type = parsed["Prediction type"]
             if prediction_type not in PREDICTION_TYPES:
@@ -898,8 +918,11 @@ def run(a: argparse.Namespace) -> int:
         "sag_scale": a.sag_scale,
         "sag_blur_sigma": a.sag_blur_sigma,
         "sag_rule": a.sag_rule,
+        "shift": a.shift,
+        "sd3": _slg_arg(a.slg),
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
+    chosen |= {k for k, v in explicit.items() if v is not None}
     if a.pag_layers is not None and not kwargs.get("pag_scale"):
         raise UsageError("--pag-layers has no effect without a --pag-scale above 0: drop it, or add --pag-scale")
     if a.sag_blur_sigma is not None and not kwargs.get("sag_scale"):
@@ -1112,8 +1135,17 @@ def run(a: argparse.Namespace) -> int:
         config=a.config,
         embeddings_dir=a.embeddings_dir,
         tiny_vae=a.tiny_vae,
+        clip_l=a.clip_l,
+        clip_g=a.clip_g,
+        t5=a.t5,
     )
     t1 = time.perf_counter()
+    family = getattr(pipe, "family_defaults", None)  # SD3: Euler on its flow grid, cfg 7, 28 steps (diffusers')
+    if family:
+        for kw in iterations:
+            if "sampler" not in chosen and "schedule" not in chosen:
+                kw.update(sampler=family["sampler"], schedule=family["schedule"])
+            kw.update({key: family[key] for key in ("cfg_scale", "steps") if key not in chosen})
     refiner: Any = None
     sdxl_base: Any = None
     if a.refiner is not None and sides is None:  # SDXL base -> refiner hand-off
@@ -1204,9 +1236,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--model", default=None, help="model folder, file or built-in name (default: emoji)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {HELP_DEFAULTS['steps']})")
     p.add_argument(
-        "--sampler", default=None, help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']})"
+        "--steps", type=int, default=None, help=f"sampling steps (default {HELP_DEFAULTS['steps']}; SD3: 28)"
+    )
+    p.add_argument(
+        "--sampler",
+        default=None,
+        help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']}; SD3: euler on its normal schedule)",
     )
     p.add_argument(
         "--schedule",
@@ -1220,7 +1256,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--cfg",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g})",
+        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g}; SD3: 7)",
     )
     p.add_argument(
         "--seed",
@@ -1581,6 +1617,41 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--config",
         default=None,
         help="a single file's config: an LDM .yaml or a diffusers folder (default: MODEL.yaml beside the file)",
+    )
+    p.add_argument(
+        "--clip-l",
+        default=None,
+        metavar="FILE",
+        help="SD3: the CLIP-L text encoder (ComfyUI's clip_l.safetensors or a text_encoder/ folder), for a model "
+        "file without it or in place of its own",
+    )
+    p.add_argument(
+        "--clip-g",
+        default=None,
+        metavar="FILE",
+        help="SD3: the OpenCLIP bigG text encoder (ComfyUI's clip_g.safetensors or a text_encoder_2/ folder)",
+    )
+    p.add_argument(
+        "--t5",
+        default=None,
+        metavar="FILE",
+        help="SD3: the T5-XXL text encoder (t5xxl_fp16.safetensors, a text_encoder_3/ folder); without one a model "
+        "that has none runs with zeros in T5's place",
+    )
+    p.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        metavar="F",
+        help="SD3: the flow schedule's time shift (default: the model's, 3.0); written to the PNG as 'Shift'",
+    )
+    p.add_argument(
+        "--slg",
+        default=None,
+        metavar="LAYERS[:SCALE[:START:STOP]]",
+        help="SD3.5: skip-layer guidance on these joint blocks (e.g. 7,8,9, Stability's for SD3.5 Medium), scale "
+        "(default 2.8), from START to STOP as fractions of the steps (default 0.01:0.2); diffusers' "
+        "skip_guidance_layers; written to the PNG and read back by --from-png",
     )
     p.add_argument("--prompt-2", default=None, help="SDXL: the prompt of the second text encoder (default: the prompt)")
     p.add_argument("--negative-2", default=None, help="SDXL: the second encoder's negative prompt")

@@ -295,7 +295,7 @@ class Pipeline:
         self.source = source
         self.lora_dir = lora_dir
         # the model's own training schedule; noise_schedule is it, or a call's Zero Terminal SNR rescale of it
-        self.base_schedule = NoiseSchedule.from_config(**self.scheduler_config)
+        self.base_schedule = self.training_schedule()
         self._zero_snr_schedule: NoiseSchedule | None = None
         self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
         self._cuda_graphs: dict[str, Any] | None = None
@@ -319,6 +319,36 @@ class Pipeline:
         self._vae_hash: str | None = None
         # sdengine.models.tiny_vae.TinyAutoencoder for previews and vae_decode="tiny" (set_tiny_vae)
         self.tiny_vae: Any = None
+
+    # -- what a model family changes (SD3: sdengine.pipeline.sd3) ------------------------------------------
+
+    def training_schedule(self) -> Any:
+        """The model's own training schedule (``base_schedule``), from its scheduler config: the discrete VP
+        schedule of the U-Net families."""
+        return NoiseSchedule.from_config(**self.scheduler_config)
+
+    def network_adapter(self, net: Any) -> Any:
+        """The conditioning dict -> the network's arguments (:class:`UNetAdapter` for the U-Nets)."""
+        return UNetAdapter(net, self.dtype)
+
+    def x0_denoiser(self, model: Any) -> Any:
+        """The adapted network -> the x0-denoiser the samplers call: VP-trained U-Nets in the VE view
+        (:class:`sdengine.diffusion.denoisers.Denoiser`, by ``prediction_type``)."""
+        return Denoiser(model, self.noise_schedule, self.prediction_type)
+
+    def img2img_first_step(self, steps: int, strength: float, rule: str, sampler: str) -> int:
+        """The first step of an img2img run on a grid of ``steps`` steps
+        (:func:`sdengine.diffusion.schedules.img2img_start`, by ``rule``)."""
+        return img2img_start(steps, strength, rule, sampler)
+
+    def noised_latent(self, latent: Tensor, noise: Tensor, sigma: Any) -> Tensor:
+        """A clean latent on the model's noising path at ``sigma`` (inpainting's known region): ``latent + sigma
+        noise`` in the VE view the U-Net families sample in."""
+        return latent + noise * sigma
+
+    def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
+        """The infotext fields a model family adds to every image of ``request`` (none here)."""
+        return {}
 
     # -- facts about the model ------------------------------------------------------------------------
 
@@ -685,6 +715,13 @@ class Pipeline:
         h, w = height // f, width // f
         bytes_per = torch.finfo(self.dtype).bits // 8
         rows = batch_size * (2 if cfg else 1)
+        unet = self.network_activation_bytes(rows, h, w, bytes_per)
+        vae = vae_utils.vae_decode_bytes(self.vae, height, width, tiled=tiled, bytes_per=bytes_per)
+        images = batch_size * 3 * height * width * 4 * 3  # float images, arrays and uint8 copies
+        return max(unet, vae) + images
+
+    def network_activation_bytes(self, rows: int, h: int, w: int, bytes_per: int) -> int:
+        """Rough peak activation bytes of one network call on ``rows`` latents of ``h`` x ``w`` (the U-Net's)."""
         c0 = int(self.unet.config.block_out_channels[0])
         # The first level keeps (layers + 1) skips and a few temporaries of c0 x h x w per row; the
         # attention runs through SDPA (fused kernels, no heads x N x N matrix), counted as one more map.
@@ -693,10 +730,7 @@ class Pipeline:
         # at most CHUNK_SCORES per row (sdengine.nn.attention runs larger attentions in query chunks), else
         # heads x N x N with 8 heads (SD 1.x's; errs high for fewer), in float32 for the softmax.
         n = h * w
-        unet += rows * min(CHUNK_SCORES, 8 * n * n) * 4
-        vae = vae_utils.vae_decode_bytes(self.vae, height, width, tiled=tiled, bytes_per=bytes_per)
-        images = batch_size * 3 * height * width * 4 * 3  # float images, arrays and uint8 copies
-        return max(unet, vae) + images
+        return unet + rows * min(CHUNK_SCORES, 8 * n * n) * 4
 
     def _check_memory(
         self, width: int, height: int, batch_size: int, cfg: bool, tiled: bool | None, notes: list[str]
@@ -794,6 +828,10 @@ class Pipeline:
                 raise GenerationError(str(e)) from None
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
+        if r.sd3 is not None and self.text_kind != "sd3":
+            raise GenerationError(f"sd3 settings apply to SD3 models only; {self.name} is not one")
+        if r.shift is not None and isinstance(self.base_schedule, NoiseSchedule):
+            raise GenerationError(f"shift applies to flow models (SD3) only; {self.name} is not one")
         check_instruct_pix2pix(self, r, notes)
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
@@ -1060,6 +1098,7 @@ class Pipeline:
                 row.update(multi.infotext())
             if self.instruct_pix2pix:  # A1111's field: the image guidance of an instruct-pix2pix model
                 row["Image CFG scale"] = request.image_cfg()
+            row.update(self.infotext_fields(request))
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -1275,7 +1314,7 @@ class Pipeline:
             elif r.strength_rule == "a1111_fix_steps":  # the last steps of the longer schedule (_grid_steps)
                 first = length - (steps - img2img_steps(int(r.steps), strength, r.strength_rule, p.sampler)[1])
             else:
-                first = img2img_start(length, strength, r.strength_rule, p.sampler)
+                first = self.img2img_first_step(length, strength, r.strength_rule, p.sampler)
             if a1111_grid:
                 first, noise_from = a1111_timestep_start(grid.steps, steps - first)
         net: Any = self.unet
@@ -1302,8 +1341,10 @@ class Pipeline:
         sag = r.sag_settings()
         # IP-Adapter sets the plain U-Net's cross-attention layers per call (its image tokens ride in the
         # conditioning dict as ip_tokens): the plain network too, and no whole-loop graph
-        ip = image_tokens(
-            list(r.ip_adapters or ()), len(p.seeds), dev, self.dtype, log_sigmas=self.noise_schedule.log_sigmas
+        ip = (
+            image_tokens(list(r.ip_adapters), len(p.seeds), dev, self.dtype, log_sigmas=self.noise_schedule.log_sigmas)
+            if r.ip_adapters
+            else None
         )
         if ip is not None:
             cond = {**cond, "ip_tokens": ip.cond[rows]}
@@ -1366,7 +1407,9 @@ class Pipeline:
             den = blend = A1111Blend(den, start.init_latent, start.rounded_mask, before=before)
         elif start.blend_mask is not None:
             assert start.init_latent is not None
-            den = blend = InpaintBlend(den, start.init_latent, start.noise, start.blend_mask)
+            den = blend = InpaintBlend(
+                den, start.init_latent, start.noise, start.blend_mask, noising=self.noised_latent
+            )
 
         run_steps = grid.steps - first
         from tqdm.auto import tqdm
@@ -1473,12 +1516,12 @@ class Pipeline:
             net = HyperTileNet(net, self.unet, hypertile[0], hypertile[1], scale=self.vae_scale_factor, rng=rng)
         if ip_adapters:
             net = IPAdapterNet(net, self.unet, ip_adapters)
-        model: Any = UNetAdapter(net, self.dtype)
+        model: Any = self.network_adapter(net)
         if texts is not None:  # prompt editing: the text rows of each step (sdengine.pipeline.prompt_editing)
             from sdengine.pipeline.prompt_editing import StepTexts
 
             model = StepTexts(model, texts)
-        den: Any = Denoiser(model, self.noise_schedule, self.prediction_type)
+        den: Any = self.x0_denoiser(model)
         if deep_shrink is not None:
             den = DeepShrinkDenoiser(den, self.unet, deep_shrink)
         pag_scale, perturb = 0.0, None
