@@ -503,7 +503,8 @@ def to_generate_kwargs(
     "Refiner switch at" (an SDXL base -> refiner hand-off, not a request setting), so they are not warned of.
     With ``hires=True``, ``hr_checkpoint=True`` and ``hr_refiner=True`` say the caller reproduces A1111's "Hires
     checkpoint" (the second pass's model) and "Hires refiner" (the pass that handed off); else they are warned of.
-    A1111's "Image CFG scale" (an instruct-pix2pix model's image guidance) gives ``image_cfg_scale``.
+    A1111's "Image CFG scale" (an instruct-pix2pix model's image guidance) gives ``image_cfg_scale``, Forge's
+    "Distilled CFG Scale" (FLUX.1 [dev]'s distilled guidance) ``distilled_cfg_scale``.
     """
     kwargs: dict[str, Any] = {
         "prompt": parsed.get("Prompt", ""),
@@ -545,6 +546,8 @@ def to_generate_kwargs(
         kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
     if "Image CFG scale" in parsed:  # A1111's: an instruct-pix2pix model's image guidance
         kwargs["image_cfg_scale"] = _parse_float(parsed, "Image CFG scale")
+    if "Distilled CFG Scale" in parsed:  # Forge's: FLUX.1 [dev]'s distilled guidance scale
+        kwargs["distilled_cfg_scale"] = _parse_float(parsed, "Distilled CFG Scale")
     if "PAG scale" in parsed:  # sdengine's: perturbed-attention guidance, its layers "mid" unless written
         kwargs["pag_scale"] = _parse_float(parsed, "PAG scale")
         kwargs["pag_layers"] = parsed.get("PAG layers", "mid").strip()
@@ -710,6 +713,7 @@ def to_generate_kwargs(
         "Mask blur",
         "CFG Rescale phi",
         "Image CFG scale",
+        "Distilled CFG Scale",
         "PAG scale",
         "PAG layers",
         "SAG scale",

@@ -849,6 +849,7 @@ def run(a: argparse.Namespace) -> int:
         a.hr_refiner_pass = hr_refiner_pass(a.hr_refiner_pass)
     kwargs: dict[str, Any] = request_defaults()
     chosen: set[str] = set()  # the settings given (flags, --from-png): a model family's defaults leave them be
+    png_kwargs: dict[str, Any] = {}
     model = a.model
     vae = a.vae
     prediction_type = a.prediction_type
@@ -906,6 +907,7 @@ def run(a: argparse.Namespace) -> int:
         "clip_skip": a.clip_skip,
         "guidance_rescale": a.guidance_rescale,
         "image_cfg_scale": a.image_cfg_scale,
+        "distilled_cfg_scale": a.guidance,
         "mask_blur": a.mask_blur,
         "resize_mode": a.resize_mode,
         "subseed": a.subseed,
@@ -1140,12 +1142,14 @@ def run(a: argparse.Namespace) -> int:
         t5=a.t5,
     )
     t1 = time.perf_counter()
-    family = getattr(pipe, "family_defaults", None)  # SD3: Euler on its flow grid, cfg 7, 28 steps (diffusers')
+    # a family with defaults of its own (SD3: Euler on its flow grid, cfg 7, 28 steps; Flux): where neither a flag
+    # nor the PNG says
+    family = getattr(pipe, "family_defaults", None)
     if family:
         for kw in iterations:
             if "sampler" not in chosen and "schedule" not in chosen:
-                kw.update(sampler=family["sampler"], schedule=family["schedule"])
-            kw.update({key: family[key] for key in ("cfg_scale", "steps") if key not in chosen})
+                kw.update({key: family[key] for key in ("sampler", "schedule") if key in family})
+            kw.update({k: v for k, v in family.items() if k not in ("sampler", "schedule") and k not in chosen})
     refiner: Any = None
     sdxl_base: Any = None
     if a.refiner is not None and sides is None:  # SDXL base -> refiner hand-off
@@ -1466,6 +1470,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
     p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        metavar="G",
+        help="FLUX.1 [dev]: the distilled guidance scale, an input of the model (default 3.5; Forge's 'Distilled CFG "
+        "Scale', its infotext name); Flux runs at --cfg 1 by default (one pass per step, no negative prompt)",
+    )
+    p.add_argument(
         "--image-cfg-scale",
         type=float,
         default=None,
@@ -1622,7 +1634,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--clip-l",
         default=None,
         metavar="FILE",
-        help="SD3: the CLIP-L text encoder (ComfyUI's clip_l.safetensors or a text_encoder/ folder), for a model "
+        help="SD3 / Flux: the CLIP-L text encoder (ComfyUI's clip_l.safetensors or a text_encoder/ folder), for a model "
         "file without it or in place of its own",
     )
     p.add_argument(
@@ -1635,7 +1647,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--t5",
         default=None,
         metavar="FILE",
-        help="SD3: the T5-XXL text encoder (t5xxl_fp16.safetensors, a text_encoder_3/ folder); without one a model "
+        help="SD3 / Flux: the T5-XXL text encoder (t5xxl_fp16.safetensors, a text_encoder_3/ folder); without one a model "
         "that has none runs with zeros in T5's place",
     )
     p.add_argument(

@@ -96,7 +96,8 @@ def load_pipeline(
     previews and ``vae_decode="tiny"``; without it, a model folder's own ``vae_tiny/`` is loaded when it has one.
     ``clip_l``, ``clip_g``, ``t5``: an SD3 model's text encoders given apart (files or folders; a single file
     without its CLIP encoders needs the two CLIP ones, see :func:`sdengine.pipeline.sd3.load_sd3`); other models
-    refuse them."""
+    refuse them. For a Flux model, ``clip_l`` and ``t5`` (and ``vae``, BFL's ``ae.safetensors``) give a diffusion-model
+    file's parts, or replace a folder's (:mod:`sdengine.pipeline.flux_loading`)."""
     from sdengine.text.encode_cache import max_entries
 
     max_entries()  # a bad $SDENGINE_TEXT_CACHE is refused before any model loads
@@ -164,11 +165,15 @@ def _load(
 
     if is_sd3(path):
         return _load_sd3(path, key, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
+    from sdengine.pipeline import flux_loading
+
+    if flux_loading.is_flux_folder(path) or flux_loading.is_flux_file(path):
+        return _load_flux(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if given:
         from sdengine.pipeline.sd3 import ENCODER_FLAGS
 
         flags = ", ".join(ENCODER_FLAGS[k] for k in given)
-        raise GenerationError(f"{path.name}: {flags} give an SD3 model's text encoders; this is not an SD3 model")
+        raise GenerationError(f"{path.name}: {flags} give an SD3 or Flux model's text encoders; this is neither")
     if config is not None and path.is_dir():
         raise GenerationError(f"{path}: config= is for single files (a diffusers folder carries its own configs)")
     if vae is None and (beside := vae_beside(path)) is not None:
@@ -231,6 +236,34 @@ def _load(
         source=path,
         lora_dir=lora_dir,
         vae_source=Path(vae) if vae is not None else None,
+    )
+
+
+def _load_flux(
+    path: Path,
+    dev: torch.device,
+    dt: torch.dtype,
+    vae: Any,
+    prediction_type: Any,
+    config: Any,
+    embeddings_dir: Any,
+    lora_dir: Any,
+    encoders: Mapping[str, Any],
+) -> Pipeline:
+    """A Flux folder or file -> FluxPipeline (:mod:`sdengine.pipeline.flux_loading`); what it does not take refused,
+    one line each, before anything loads."""
+    from sdengine.pipeline.flux_loading import load_flux_pipeline
+
+    for on, what in (
+        (prediction_type is not None, "prediction_type: a Flux transformer predicts the flow's velocity"),
+        (config is not None, "config= does not apply (a Flux file's architecture comes from its shapes)"),
+        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
+        ("clip_g" in encoders, "clip_g (--clip-g) is SD3's OpenCLIP bigG; Flux has CLIP-L and T5 only"),
+    ):
+        if on:
+            raise GenerationError(f"{path.name} (Flux): {what}")
+    return load_flux_pipeline(
+        path, device=dev, dtype=dt, vae=vae, clip_l=encoders.get("clip_l"), t5=encoders.get("t5"), lora_dir=lora_dir
     )
 
 

@@ -119,6 +119,9 @@ class GenerationRequest:
     # strength_rule "diffusers", 1 under A1111's (its API's None: plain CFG, the image in both rows). Infotext
     # "Image CFG scale" (A1111's key)
     image_cfg_scale: float | None = None
+    # FLUX.1 [dev] only: the distilled guidance scale, an input of its transformer (sdengine.pipeline.flux); None =
+    # the model's default (3.5). Infotext "Distilled CFG Scale" (Forge's name)
+    distilled_cfg_scale: float | None = None
     # Perturbed-attention guidance (Ahn et al. 2024; diffusers' StableDiffusionPAGPipeline): a third pass of the
     # conditional rows with the identity attention map in the self-attention layers ``pag_layers`` names (diffusers'
     # pag_applied_layers: regular expressions searched in the U-Net's layer names, a list or one comma-separated

@@ -1,0 +1,312 @@
+"""Flux.1 end to end against diffusers' FluxPipeline / FluxImg2ImgPipeline / FluxInpaintPipeline on tiny random
+Flux folders ([dev] with the guidance embedding, [schnell] without): loading (diffusers folders, BFL's transformer
+file with ``ae``-style VAE and text-encoder files, ComfyUI's all-in-one checkpoint), conditioning, images, img2img,
+inpainting, the CLI and its ``--from-png``, and the one-line refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import sdengine  # noqa: E402
+from _flux_models import diffusers_flux, make_flux_folder  # noqa: E402
+from _pipeline_models import mask_picture, picture  # noqa: E402
+from sdengine.cli import main  # noqa: E402
+from sdengine.errors import GenerationError  # noqa: E402
+from sdengine.pipeline.flux import FluxPipeline  # noqa: E402
+
+TOL = 1e-4  # mean absolute difference on 0..1 pixels (fp32, CPU)
+PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
+SEED = 3
+W, H = 48, 32  # non-square; the tiny VAE is 2x: multiples of 4 (16 for Flux.1's 8x VAE)
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+    folder = make_flux_folder(tmp_path_factory.mktemp("flux") / "tiny-flux-dev", guidance=True)
+    return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_flux(folder)
+
+
+@pytest.fixture(scope="module")
+def schnell(tmp_path_factory):
+    folder = make_flux_folder(tmp_path_factory.mktemp("flux") / "tiny-flux-schnell", guidance=False, seed=1)
+    return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_flux(folder)
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+def _theirs(ref, prompt: str = PROMPT, **kw) -> np.ndarray:
+    args = dict(num_inference_steps=4, height=H, width=W, generator=torch.Generator().manual_seed(SEED))
+    args.update(kw)
+    return ref(prompt, output_type="np", **args).images
+
+
+# -- loading and conditioning ----------------------------------------------------------------------------------
+
+
+def test_loads_as_flux(dev, schnell):
+    _, pipe, _ = dev
+    assert isinstance(pipe, FluxPipeline) and pipe.variant == "dev" and pipe.text_kind == "flux"
+    assert schnell[1].variant == "schnell"
+    assert pipe.vae.config.scaling_factor == pytest.approx(0.3611)
+    assert pipe.vae.config.shift_factor == pytest.approx(0.1159)
+    assert pipe.latent_channels == 16 and pipe.size_multiple == 4  # 2 x the VAE's 2x (16 for Flux.1's 8x)
+    assert pipe.family_defaults == {
+        "steps": 28,
+        "cfg_scale": 1.0,
+        "sampler": "euler",
+        "schedule": "normal",
+        "distilled_cfg_scale": 3.5,
+    }
+    assert schnell[1].family_defaults["steps"] == 4 and "distilled_cfg_scale" not in schnell[1].family_defaults
+
+
+def test_conditioning_matches_diffusers_encode_prompt(dev):
+    _, pipe, ref = dev
+    with torch.no_grad():
+        states, pooled, _ = ref.encode_prompt(PROMPT, None, max_sequence_length=512)
+    cond, uncond = pipe.conditioner.pair(PROMPT, "", guidance=3.5)
+    assert cond["crossattn"].shape == (1, 512, 32) and cond["vector"].shape == (1, 64)
+    assert float((cond["crossattn"] - states).abs().max()) < 1e-5
+    assert float((cond["vector"] - pooled).abs().max()) < 1e-5
+    assert cond["guidance"].tolist() == [3.5] and uncond["guidance"].tolist() == [3.5]
+
+
+def test_schedule_is_diffusers_flux_grid(dev):
+    """[dev]'s sigmas at 48x32: linspace(1, 1/n, n) shifted by mu of (32/2/2)*(48/2/2) = 96 tokens."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from sdengine.diffusion.flow import flow_grid
+
+    _, pipe, ref = dev
+    mu = calculate_shift(96, 256, 4096, 0.5, 1.15)
+    ref.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=mu)
+    grid = flow_grid(pipe.flow_schedule(W, H), 6)
+    assert torch.allclose(grid.sigmas.double(), ref.scheduler.sigmas.double(), atol=1e-6)
+
+
+# -- images ------------------------------------------------------------------------------------------------------
+
+
+def test_dev_txt2img_matches_diffusers(dev):
+    _, pipe, ref = dev
+    ours = pipe(PROMPT, steps=4, seed=SEED, width=W, height=H, progress=False)
+    theirs = _theirs(ref, guidance_scale=3.5)
+    assert _mad(ours.arrays, theirs) < TOL
+    assert ours.parameters["Distilled CFG Scale"] == 3.5 and ours.parameters["cfg_scale"] == 1.0
+
+
+def test_dev_distilled_guidance_matches_diffusers(dev):
+    _, pipe, ref = dev
+    ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, distilled_cfg_scale=6.0, progress=False)
+    theirs = _theirs(ref, guidance_scale=6.0, num_inference_steps=3)
+    assert _mad(ours.arrays, theirs) < TOL
+    plain = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, progress=False)
+    assert _mad(ours.arrays, plain.arrays) > 10 * TOL  # the guidance is an input that changes the image
+
+
+def test_true_cfg_matches_diffusers(dev):
+    """cfg_scale above 1 with a negative prompt: diffusers' true_cfg_scale (two passes, the same guidance)."""
+    _, pipe, ref = dev
+    ours = pipe(PROMPT, NEGATIVE, steps=3, seed=SEED, width=W, height=H, cfg_scale=2.5, progress=False)
+    theirs = _theirs(ref, negative_prompt=NEGATIVE, true_cfg_scale=2.5, guidance_scale=3.5, num_inference_steps=3)
+    assert _mad(ours.arrays, theirs) < TOL
+
+
+def test_schnell_txt2img_matches_diffusers(schnell):
+    _, pipe, ref = schnell
+    ours = pipe(PROMPT, seed=SEED, width=W, height=H, progress=False)  # schnell's 4 steps by default
+    theirs = _theirs(ref)
+    assert ours.parameters["steps"] == 4 and "Distilled CFG Scale" not in ours.parameters
+    assert _mad(ours.arrays, theirs) < TOL
+
+
+def test_batch_rows_match_diffusers_generators(dev):
+    _, pipe, ref = dev
+    ours = pipe([PROMPT, "a dog"], seed=[SEED, 7], steps=2, width=W, height=H, progress=False)
+    gens = [torch.Generator().manual_seed(s) for s in (SEED, 7)]
+    theirs = ref([PROMPT, "a dog"], num_inference_steps=2, height=H, width=W, generator=gens, output_type="np").images
+    assert _mad(ours.arrays, theirs) < TOL
+
+
+def test_img2img_matches_diffusers(dev):
+    folder, pipe, _ = dev
+    ref = diffusers_flux(folder, img2img=True)
+    init = picture(W, H)
+    ours = pipe(PROMPT, steps=5, seed=SEED, width=W, height=H, init_image=init, strength=0.6, progress=False)
+    theirs = _theirs(ref, image=init, strength=0.6, num_inference_steps=5, guidance_scale=3.5)
+    assert _mad(ours.arrays, theirs) < TOL
+    assert ours.parameters["strength"] == 0.6
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_inpainting_matches_diffusers(dev, strength):
+    """A mask on the plain model: the known region put back on the flow's path before every step after the first
+    (FluxInpaintPipeline's blend after each step), the clean init latent at the end."""
+    import diffusers
+
+    folder, pipe, _ = dev
+    ref = diffusers.FluxInpaintPipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    init, mask = picture(W, H), mask_picture(W, H)
+    ours = pipe(
+        PROMPT, steps=4, seed=SEED, width=W, height=H, init_image=init, mask=mask, strength=strength, progress=False
+    )
+    theirs = _theirs(ref, image=init, mask_image=mask, strength=strength, guidance_scale=3.5)
+    assert _mad(ours.arrays, theirs) < TOL
+
+
+# -- single files ------------------------------------------------------------------------------------------------
+
+
+def _single_files(folder, dst):
+    """The folder's weights as BFL / ComfyUI ship them: flux1 transformer, ae.safetensors, clip_l, t5xxl."""
+    from safetensors.torch import load_file, save_file
+
+    from sdengine.weights import keymaps as km
+    from sdengine.weights.detect import vae_layout_from_diffusers
+    from sdengine.weights.flux_file import diffusers_to_bfl
+
+    dst.mkdir(exist_ok=True)
+    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    ae, unknown = km.vae_diffusers_to_ldm(vae, vae_layout_from_diffusers(vae))
+    assert not unknown
+    clip = load_file(folder / "text_encoder" / "model.safetensors")
+    clip = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in clip.items()}
+    t5 = load_file(folder / "text_encoder_2" / "model.safetensors")
+    files = {"flux1": transformer, "ae": ae, "clip_l": clip, "t5xxl": t5}
+    for name, sd in files.items():
+        save_file({k: v.contiguous() for k, v in sd.items()}, dst / f"{name}.safetensors")
+    return files
+
+
+def test_bfl_files_match_diffusers(dev, tmp_path):
+    folder, _, ref = dev
+    _single_files(folder, tmp_path)
+    pipe = sdengine.load_pipeline(
+        tmp_path / "flux1.safetensors",
+        device="cpu",
+        vae=tmp_path / "ae.safetensors",
+        clip_l=tmp_path / "clip_l.safetensors",
+        t5=tmp_path / "t5xxl.safetensors",
+    )
+    assert isinstance(pipe, FluxPipeline) and pipe.variant == "dev"
+    ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, progress=False)
+    assert _mad(ours.arrays, _theirs(ref, guidance_scale=3.5, num_inference_steps=3)) < TOL
+    assert ours.parameters["vae"] == "ae.safetensors" and ours.parameters["vae_hash"]
+
+
+def test_comfyui_all_in_one_matches_diffusers(dev, tmp_path):
+    from safetensors.torch import save_file
+
+    folder, _, ref = dev
+    parts = _single_files(folder, tmp_path / "parts")
+    one = {f"model.diffusion_model.{k}": v for k, v in parts["flux1"].items()}
+    one.update({f"vae.{k}": v for k, v in parts["ae"].items()})
+    one.update({f"text_encoders.clip_l.transformer.{k}": v for k, v in parts["clip_l"].items()})
+    one.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in parts["t5xxl"].items()})
+    save_file({k: v.contiguous() for k, v in one.items()}, tmp_path / "flux1-dev-comfy.safetensors")
+    pipe = sdengine.load_pipeline(tmp_path / "flux1-dev-comfy.safetensors", device="cpu")
+    ours = pipe(PROMPT, steps=2, seed=SEED, width=W, height=H, progress=False)
+    assert _mad(ours.arrays, _theirs(ref, guidance_scale=3.5, num_inference_steps=2)) < TOL
+
+
+def test_missing_parts_name_their_flag(dev, tmp_path):
+    folder, _, _ = dev
+    _single_files(folder, tmp_path)
+    model = tmp_path / "flux1.safetensors"
+    parts = {"vae": tmp_path / "ae.safetensors", "clip_l": tmp_path / "clip_l.safetensors"}
+    parts["t5"] = tmp_path / "t5xxl.safetensors"
+    for left_out, flag in (("vae", "--vae"), ("clip_l", "--clip-l"), ("t5", "--t5")):
+        given = {k: v for k, v in parts.items() if k != left_out}
+        with pytest.raises(GenerationError, match=f"flux1.safetensors holds no .* give it with {flag} FILE"):
+            sdengine.load_pipeline(model, device="cpu", **given)
+
+
+# -- refusals ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"controlnets": [("canny", picture(W, H), 1.0)]}, "controlnets: ControlNets and T2I-Adapters"),
+        ({"loras": [("x.safetensors", 1.0)]}, "loras: LoRAs are not supported for Flux"),
+        ({"prompt": "a cat <lora:x:1>"}, "<lora:...> tags: LoRAs are not supported for Flux"),
+        ({"enable_hr": True}, "enable_hr: the hires fix"),
+        ({"pag_scale": 1.0}, "pag_scale: perturbed-attention guidance"),
+        ({"clip_skip": 2}, "clip_skip 2 does not apply to Flux"),
+        ({"prompt": "a [cat:dog:0.5] photo"}, "prompt editing .* is not supported for Flux"),
+        ({"width": 50}, "width 50 is not a multiple of 4"),
+        ({"distilled_cfg_scale": -1.0}, r"distilled_cfg_scale must be in \[0, 100\]"),
+    ],
+)
+def test_refuses_what_flux_does_not_take(dev, kwargs, message):
+    _, pipe, _ = dev
+    args = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "progress": False, **kwargs}
+    with pytest.raises(GenerationError, match=message):
+        pipe(**args)
+
+
+def test_schnell_refuses_distilled_guidance(schnell):
+    with pytest.raises(GenerationError, match=r"distilled_cfg_scale applies to FLUX.1 \[dev\]"):
+        schnell[1](PROMPT, steps=1, width=W, height=H, distilled_cfg_scale=3.5, progress=False)
+
+
+def test_sd_model_refuses_distilled_guidance(tiny_sd1_folder):
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+    with pytest.raises(GenerationError, match="distilled_cfg_scale applies to FLUX.1 .dev. only"):
+        pipe(PROMPT, steps=1, distilled_cfg_scale=3.5, progress=False)
+
+
+def test_text_encoder_flags_refused_for_sd(tiny_sd1_folder):
+    with pytest.raises(GenerationError, match="--t5 give an SD3 or Flux model's text encoders; this is neither"):
+        sdengine.load_pipeline(tiny_sd1_folder, device="cpu", t5="t5xxl.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prediction_type": "epsilon"}, "prediction_type: a Flux transformer predicts the flow's velocity"),
+        ({"config": "x.yaml"}, "config= does not apply"),
+        ({"embeddings_dir": "."}, "textual-inversion embeddings"),
+        ({"clip_g": "clip_g.safetensors"}, "clip_g .--clip-g. is SD3's OpenCLIP bigG"),
+    ],
+)
+def test_flux_load_refusals(dev, kwargs, message):
+    with pytest.raises(GenerationError, match=rf"tiny-flux-dev \(Flux\): {message}"):
+        sdengine.load_pipeline(dev[0], device="cpu", **kwargs)
+
+
+# -- the command line --------------------------------------------------------------------------------------------
+
+
+def test_cli_defaults_infotext_and_from_png(dev, tmp_path):
+    from PIL import Image
+
+    from sdengine.metadata import parse_parameters, read_png_parameters
+
+    folder, _, ref = dev
+    out = tmp_path / "a.png"
+    args = ["generate", "--model", str(folder), PROMPT, "--steps", "3", "--seed", str(SEED)]
+    assert main([*args, "--width", str(W), "--height", str(H), "--out", str(out), "--no-progress"]) == 0
+    parsed = parse_parameters(read_png_parameters(out))
+    assert float(parsed["Distilled CFG Scale"]) == 3.5 and float(parsed["CFG scale"]) == 1.0
+    assert parsed["Sampler"] == "Euler" and parsed["Steps"] == "3"
+    first = np.asarray(Image.open(out), dtype=np.float32) / 255
+    assert _mad(first, _theirs(ref, guidance_scale=3.5, num_inference_steps=3)[0]) < 1.0 / 255
+    again = tmp_path / "b.png"
+    assert main(["generate", "--from-png", str(out), "--model", str(folder), "--out", str(again), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    guided = tmp_path / "c.png"
+    assert (
+        main([*args, "--width", str(W), "--height", str(H), "--guidance", "5", "--out", str(guided), "--no-progress"])
+        == 0
+    )
+    assert float(parse_parameters(read_png_parameters(guided))["Distilled CFG Scale"]) == 5.0
