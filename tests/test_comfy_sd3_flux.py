@@ -1,0 +1,327 @@
+"""SD3 and Flux through sdengine's ComfyUI nodes (server/comfy/nodes_sd3_flux.py) on tiny random models saved in
+the real layouts: Stability's SD3 single file with its text encoders, ComfyUI's separate files (a diffusion model
+in ``diffusion_models/``, ``clip_l`` / ``clip_g`` / ``t5xxl`` in ``text_encoders/``, a VAE in ``--vaes-dir``), BFL's
+Flux transformer and ``ae.safetensors``.
+
+API-format workflows run through the executor ``sdengine comfy run`` and the server use (graph.validate +
+Executor); the IMAGE each VAEDecode gives is held against the Python pipeline's image of the same settings (the
+pipeline's own call, whose noise for one image is ComfyUI's, on the same 8x-smaller latent) within 1e-5. Node errors
+are one line."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import sdengine  # noqa: E402
+from _flux_models import make_flux_folder  # noqa: E402
+from _sd3_models import make_sd3_folder, write_single_file  # noqa: E402
+from sdengine.server.catalog import Catalog  # noqa: E402
+from sdengine.server.comfy.graph import Executor, NodeFailed, validate  # noqa: E402
+from sdengine.server.comfy.nodes import Outputs, RunContext  # noqa: E402
+from sdengine.server.comfy.nodes_sd3_flux import forget_parts  # noqa: E402
+
+PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
+SEED, STEPS = 5, 4
+SIDE = 64  # the graph's image side: EmptySD3LatentImage's latent is 8x8 (the tiny VAEs are 2x: 16 pixels out)
+TOL = 1e-5
+
+
+def _save(sd: dict[str, torch.Tensor], path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def _ldm_vae(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from sdengine.weights import keymaps as km
+    from sdengine.weights.detect import vae_layout_from_diffusers
+
+    vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    ldm, unknown = km.vae_diffusers_to_ldm(vae, vae_layout_from_diffusers(vae))
+    assert not unknown
+    return ldm
+
+
+def _clip_file(folder: Path, sub: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd = load_file(folder / sub / "model.safetensors")
+    return {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """An SD3 single file in models/, and its parts as ComfyUI keeps them."""
+    from safetensors.torch import load_file
+
+    from sdengine.weights.mmdit_file import load_mmdit, sdengine_to_stability
+
+    root = tmp_path_factory.mktemp("comfy_sd3")
+    folder = make_sd3_folder(root / "sd3-folder")
+    models = root / "models"
+    models.mkdir()
+    write_single_file(folder, models / "sd3-tiny.safetensors")
+    mmdit = load_mmdit(folder, dtype=torch.float32)
+    _save(sdengine_to_stability(mmdit.state_dict(), mmdit.config), models / "diffusion_models" / "sd3-mmdit.safetensors")
+    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
+    _save(_clip_file(folder, "text_encoder_2"), models / "text_encoders" / "clip_g.safetensors")
+    _save(load_file(folder / "text_encoder_3" / "model.safetensors"), models / "clip" / "t5xxl_tiny.safetensors")
+    _save(_ldm_vae(folder), root / "vaes" / "sd3_vae.safetensors")
+    return root, sdengine.load_pipeline(models / "sd3-tiny.safetensors", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """FLUX.1 [dev]: BFL's transformer in diffusion_models/, CLIP-L and T5 in text_encoders/, ae in vaes/."""
+    from safetensors.torch import load_file
+
+    from sdengine.weights.flux_file import diffusers_to_bfl
+
+    root = tmp_path_factory.mktemp("comfy_flux")
+    folder = make_flux_folder(root / "flux-folder", guidance=True)
+    models = root / "models"
+    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    _save(transformer, models / "unet" / "flux1-tiny.safetensors")
+    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
+    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
+    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+    return root, sdengine.load_pipeline(folder, device="cpu")
+
+
+def _run(root: Path, prompt: dict[str, Any], pipes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run an API prompt as `sdengine comfy run` does; every node's outputs by id."""
+    forget_parts()
+    catalog = Catalog(root / "models", None, None, vaes_dir=root / "vaes")
+    folders = Outputs(root / "out", root / "in", root / "temp")
+    loaded = dict(pipes or {})
+
+    def pipeline(ref: str) -> Any:
+        if ref not in loaded:
+            loaded[ref] = sdengine.load_pipeline(ref, device="cpu")
+        return loaded[ref]
+
+    class Env:
+        def __init__(self) -> None:
+            self.catalog, self.folders, self.limits = catalog, folders, {}
+
+    graph, _, errors = validate(prompt, Env())
+    assert not errors, errors
+    ctx = RunContext(
+        pipeline=pipeline, catalog=catalog, folders=folders, seed_rule="comfyui", device="cpu", save_lock=threading.Lock()
+    )
+    ex = Executor()
+    ex.run(graph, ctx, cancelled=lambda: False, event=lambda name, data: None)
+    return {nid: entry.outputs for nid, entry in ex.cache.items()}
+
+
+def _sampler(model: list, pos: list, neg: list, latent: list, sampler="euler", scheduler="simple", cfg=4.0) -> dict:
+    return {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": model, "seed": SEED, "steps": STEPS, "cfg": cfg, "sampler_name": sampler,
+            "scheduler": scheduler, "positive": pos, "negative": neg, "latent_image": latent, "denoise": 1.0,
+        },
+    }  # fmt: skip
+
+
+def _pixels(image: torch.Tensor) -> np.ndarray:
+    return image[0].numpy().astype(np.float64)
+
+
+def _pipeline_image(pipe: Any, **kw: Any) -> np.ndarray:
+    """The pipeline's image of a 16 x 16 picture (latent 8 x 8: the graph's), HWC in [0, 1]."""
+    args: dict[str, Any] = dict(steps=STEPS, seed=SEED, width=16, height=16, sampler="euler", progress=False)
+    args.update(kw)
+    return pipe(PROMPT, NEGATIVE, **args).arrays[0].astype(np.float64)
+
+
+def sd3_graph(loader: dict[str, dict], model: list, clip: list, vae: list, **sampler: Any) -> dict:
+    return {
+        **loader,
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": clip}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": clip}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIDE, "height": SIDE, "batch_size": 1}},
+        "6": _sampler(model, ["3", 0], ["4", 0], ["5", 0], **sampler),
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": vae}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "sd3"}},
+    }
+
+
+# -- SD3 ------------------------------------------------------------------------------------------------------------
+
+
+def test_sd3_checkpoint_workflow_equals_the_pipeline(sd3):
+    root, pipe = sd3
+    ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3-tiny.safetensors"}}}
+    ref = str((root / "models" / "sd3-tiny.safetensors").resolve())
+    out = _run(root, sd3_graph(ckpt, ["1", 0], ["1", 1], ["1", 2]), {ref: pipe})
+    ours = _pixels(out["7"][0])
+    theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=4.0)
+    assert ours.shape == theirs.shape == (16, 16, 3)
+    assert np.abs(ours - theirs).max() < TOL
+    assert ours.std() > 0.01  # an image, not a flat field
+    assert out["6"][0]["samples"].shape == (1, 16, 8, 8)
+    assert list((root / "out").glob("sd3_*.png"))
+
+
+def test_sd3_separate_files_equal_the_checkpoint(sd3):
+    root, pipe = sd3
+    parts = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "sd3-mmdit.safetensors", "weight_dtype": "default"}},
+        "2": {
+            "class_type": "TripleCLIPLoader",
+            "inputs": {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                       "clip_name3": "t5xxl_tiny.safetensors"},
+        },  # fmt: skip
+        "9": {"class_type": "VAELoader", "inputs": {"vae_name": "sd3_vae.safetensors"}},
+        "10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
+    }
+    out = _run(root, sd3_graph(parts, ["10", 0], ["2", 0], ["9", 0], sampler="dpmpp_2m", scheduler="sgm_uniform"))
+    theirs = _pipeline_image(pipe, sampler="dpmpp_2m", schedule="sgm_uniform", cfg_scale=4.0)
+    assert np.abs(_pixels(out["7"][0]) - theirs).max() < TOL
+    # another shift is another schedule: another image
+    parts["10"]["inputs"]["shift"] = 6.0
+    other = _run(root, sd3_graph(parts, ["10", 0], ["2", 0], ["9", 0], sampler="dpmpp_2m", scheduler="sgm_uniform"))
+    assert np.abs(_pixels(other["7"][0]) - theirs).max() > 1e-3
+    pipe6 = _pipeline_image(pipe, sampler="dpmpp_2m", schedule="sgm_uniform", cfg_scale=4.0, shift=6.0)
+    assert np.abs(_pixels(other["7"][0]) - pipe6).max() < TOL
+
+
+def test_clip_text_encode_sd3_with_one_text_equals_clip_text_encode(sd3):
+    root, pipe = sd3
+    ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3-tiny.safetensors"}}}
+    ref = str((root / "models" / "sd3-tiny.safetensors").resolve())
+    g = sd3_graph(ckpt, ["1", 0], ["1", 1], ["1", 2])
+    g["3"] = {
+        "class_type": "CLIPTextEncodeSD3",
+        "inputs": {"clip": ["1", 1], "clip_l": PROMPT, "clip_g": PROMPT, "t5xxl": PROMPT, "empty_padding": "none"},
+    }
+    out = _run(root, g, {ref: pipe})
+    theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=4.0)
+    assert np.abs(_pixels(out["7"][0]) - theirs).max() < TOL
+    g["3"]["inputs"]["t5xxl"] = "a green pear"  # T5 reads another text: another image
+    assert np.abs(_pixels(_run(root, g, {ref: pipe})["7"][0]) - theirs).max() > 1e-3
+
+
+def test_sd3_ksampler_advanced_halves_equal_one_run(sd3):
+    root, pipe = sd3
+    ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3-tiny.safetensors"}}}
+    ref = str((root / "models" / "sd3-tiny.safetensors").resolve())
+    g = sd3_graph(ckpt, ["1", 0], ["1", 1], ["1", 2])
+    common = {"model": ["1", 0], "noise_seed": SEED, "steps": STEPS, "cfg": 4.0, "sampler_name": "euler",
+              "scheduler": "simple", "positive": ["3", 0], "negative": ["4", 0]}  # fmt: skip
+    g["6"] = {"class_type": "KSamplerAdvanced", "inputs": {**common, "add_noise": "enable", "latent_image": ["5", 0],
+              "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}}  # fmt: skip
+    g["11"] = {"class_type": "KSamplerAdvanced", "inputs": {**common, "add_noise": "disable", "latent_image": ["6", 0],
+               "start_at_step": 2, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}  # fmt: skip
+    g["7"]["inputs"]["samples"] = ["11", 0]
+    out = _run(root, g, {ref: pipe})
+    theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=4.0)
+    assert np.abs(_pixels(out["7"][0]) - theirs).max() < 1e-4  # Euler split in two: the same steps
+
+
+# -- Flux -----------------------------------------------------------------------------------------------------------
+
+
+def flux_graph(guidance: float = 3.5) -> dict:
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-tiny.safetensors", "weight_dtype": "default"}},
+        "2": {
+            "class_type": "DualCLIPLoader",
+            "inputs": {"clip_name1": "t5xxl.safetensors", "clip_name2": "clip_l.safetensors", "type": "flux"},
+        },
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["2", 0]}},
+        "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": guidance}},
+        "5": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
+        "6": {
+            "class_type": "ModelSamplingFlux",
+            "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5, "width": SIDE, "height": SIDE},
+        },
+        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIDE, "height": SIDE, "batch_size": 1}},
+        "8": _sampler(["6", 0], ["4", 0], ["5", 0], ["7", 0], cfg=1.0),
+        "9": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "flux"}},
+    }
+
+
+def test_flux_separate_files_workflow_equals_the_pipeline(flux):
+    root, pipe = flux
+    out = _run(root, flux_graph())
+    ours = _pixels(out["10"][0])
+    theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=1.0, distilled_cfg_scale=3.5)
+    assert ours.shape == theirs.shape == (16, 16, 3)
+    assert np.abs(ours - theirs).max() < TOL
+    assert ours.std() > 0.01
+    other = _run(root, flux_graph(guidance=6.0))["10"][0]  # the distilled guidance reaches the transformer
+    assert np.abs(_pixels(other) - _pipeline_image(pipe, schedule="simple", cfg_scale=1.0, distilled_cfg_scale=6.0)).max() < TOL
+    assert np.abs(_pixels(other) - ours).max() > 1e-3
+
+
+def test_flux_sampler_custom_advanced_equals_ksampler(flux):
+    root, _ = flux
+    g = flux_graph()
+    plain = _pixels(_run(root, g)["10"][0])
+    del g["8"], g["5"]
+    g.update({
+        "12": {"class_type": "BasicGuider", "inputs": {"model": ["6", 0], "conditioning": ["4", 0]}},
+        "13": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "14": {"class_type": "BasicScheduler", "inputs": {"model": ["6", 0], "scheduler": "simple", "steps": STEPS,
+                                                          "denoise": 1.0}},
+        "15": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
+        "16": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["15", 0], "guider": ["12", 0],
+               "sampler": ["13", 0], "sigmas": ["14", 0], "latent_image": ["7", 0]}},
+    })  # fmt: skip
+    g["10"]["inputs"]["samples"] = ["16", 0]
+    assert np.abs(_pixels(_run(root, g)["10"][0]) - plain).max() < TOL
+
+
+# -- node errors ----------------------------------------------------------------------------------------------------
+
+
+def _node_error(root: Path, prompt: dict, pipes: dict | None = None) -> str:
+    with pytest.raises(NodeFailed) as info:
+        _run(root, prompt, pipes)
+    message = str(info.value.error if hasattr(info.value, "error") else info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_refusals_are_one_line_node_errors(sd3, flux, tiny_sd1_folder):
+    root, pipe = sd3
+    ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3-tiny.safetensors"}}}
+    ref = str((root / "models" / "sd3-tiny.safetensors").resolve())
+    g = sd3_graph(ckpt, ["1", 0], ["1", 1], ["1", 2], sampler="ddim")
+    assert "ddim" in _node_error(root, g, {ref: pipe})
+    g = sd3_graph(ckpt, ["1", 0], ["1", 1], ["1", 2])
+    g["10"] = {"class_type": "FreeU", "inputs": {"model": ["1", 0], "b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2}}
+    g["6"]["inputs"]["model"] = ["10", 0]
+    assert "FreeU" in _node_error(root, g, {ref: pipe})
+    # an SD 1.x CLIP into CLIPTextEncodeSD3
+    import shutil
+
+    if not (root / "models" / "sd1").is_dir():
+        shutil.copytree(tiny_sd1_folder, root / "models" / "sd1")
+    sd1 = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1"}}}
+    g = sd3_graph(sd1, ["1", 0], ["1", 1], ["1", 2])
+    g["3"] = {"class_type": "CLIPTextEncodeSD3",
+              "inputs": {"clip": ["1", 1], "clip_l": "a", "clip_g": "a", "t5xxl": "a", "empty_padding": "none"}}  # fmt: skip
+    sd1_pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+    assert "not SD3's" in _node_error(root, g, {str((root / "models" / "sd1").resolve()): sd1_pipe})
+    # ModelSamplingSD3 on Flux
+    froot, _ = flux
+    fg = flux_graph()
+    fg["6"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
+    assert "ModelSamplingSD3 is for SD3 models" in _node_error(froot, fg)
