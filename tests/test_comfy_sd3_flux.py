@@ -74,7 +74,9 @@ def sd3(tmp_path_factory):
     models.mkdir()
     write_single_file(folder, models / "sd3-tiny.safetensors")
     mmdit = load_mmdit(folder, dtype=torch.float32)
-    _save(sdengine_to_stability(mmdit.state_dict(), mmdit.config), models / "diffusion_models" / "sd3-mmdit.safetensors")
+    _save(
+        sdengine_to_stability(mmdit.state_dict(), mmdit.config), models / "diffusion_models" / "sd3-mmdit.safetensors"
+    )
     _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
     _save(_clip_file(folder, "text_encoder_2"), models / "text_encoders" / "clip_g.safetensors")
     _save(load_file(folder / "text_encoder_3" / "model.safetensors"), models / "clip" / "t5xxl_tiny.safetensors")
@@ -119,7 +121,12 @@ def _run(root: Path, prompt: dict[str, Any], pipes: dict[str, Any] | None = None
     graph, _, errors = validate(prompt, Env())
     assert not errors, errors
     ctx = RunContext(
-        pipeline=pipeline, catalog=catalog, folders=folders, seed_rule="comfyui", device="cpu", save_lock=threading.Lock()
+        pipeline=pipeline,
+        catalog=catalog,
+        folders=folders,
+        seed_rule="comfyui",
+        device="cpu",
+        save_lock=threading.Lock(),
     )
     ex = Executor()
     ex.run(graph, ctx, cancelled=lambda: False, event=lambda name, data: None)
@@ -182,8 +189,11 @@ def test_sd3_separate_files_equal_the_checkpoint(sd3):
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "sd3-mmdit.safetensors", "weight_dtype": "default"}},
         "2": {
             "class_type": "TripleCLIPLoader",
-            "inputs": {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
-                       "clip_name3": "t5xxl_tiny.safetensors"},
+            "inputs": {
+                "clip_name1": "clip_l.safetensors",
+                "clip_name2": "clip_g.safetensors",
+                "clip_name3": "t5xxl_tiny.safetensors",
+            },
         },  # fmt: skip
         "9": {"class_type": "VAELoader", "inputs": {"vae_name": "sd3_vae.safetensors"}},
         "10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
@@ -266,7 +276,10 @@ def test_flux_separate_files_workflow_equals_the_pipeline(flux):
     assert np.abs(ours - theirs).max() < TOL
     assert ours.std() > 0.01
     other = _run(root, flux_graph(guidance=6.0))["10"][0]  # the distilled guidance reaches the transformer
-    assert np.abs(_pixels(other) - _pipeline_image(pipe, schedule="simple", cfg_scale=1.0, distilled_cfg_scale=6.0)).max() < TOL
+    assert (
+        np.abs(_pixels(other) - _pipeline_image(pipe, schedule="simple", cfg_scale=1.0, distilled_cfg_scale=6.0)).max()
+        < TOL
+    )
     assert np.abs(_pixels(other) - ours).max() > 1e-3
 
 

@@ -275,7 +275,9 @@ def test_encoder_files_are_checked(sd3, single, tmp_path):
 
 
 def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
-    with pytest.raises(GenerationError, match=r"--clip-l, --t5 give an SD3 or Flux model.s text encoders; this is neither"):
+    with pytest.raises(
+        GenerationError, match=r"--clip-l, --t5 give an SD3 or Flux model.s text encoders; this is neither"
+    ):
         sdengine.load_pipeline(tiny_sd1_folder, device="cpu", clip_l="x", t5="y")
 
 

@@ -244,23 +244,31 @@ def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) 
     )
 
 
-def _conditioner(ctx: RunContext, clip: ClipHandle) -> tuple[str, Any]:
+def _conditioner(ctx: RunContext, clip: ClipHandle, want: str | None = None) -> tuple[str, Any]:
     """(family, conditioner) of a CLIP from the CLIP loaders or of an SD3 / Flux checkpoint; a node error for
-    another model's CLIP."""
+    another model's CLIP, or (``want``: "sd3", "flux") another family's."""
     if clip.loras or clip.merges:
         raise NodeError("LoRAs and CLIP merges on SD3 / Flux text encoders are not supported here")
     if clip.encoders:
         dev, dtype = _device_dtype(ctx)
         key = ("encoders", clip.clip_type, *(p for _, p in clip.encoders), str(dev), str(dtype))
         try:
-            return clip.clip_type, _cached(key, lambda: _build_conditioner(clip, dev, dtype))
+            family, cond = clip.clip_type, _cached(key, lambda: _build_conditioner(clip, dev, dtype))
         except (OSError, SdengineError) as e:
             raise NodeError(f"text encoders: {str(e).splitlines()[0]}") from None
-    pipe = ctx.pipeline(clip.ref)
-    family = _family_of_pipe(pipe)
+        name = f"the {clip.clip_type} text encoders'"
+    else:
+        pipe = ctx.pipeline(clip.ref)
+        family, cond = _family_of_pipe(pipe), pipe.conditioner
+        name = f"{getattr(pipe, 'name', clip.ref)}'s"
+    if want is not None and family != want:
+        node, parts = ("CLIPTextEncodeSD3", "SD3's CLIP-L, bigG and T5") if want == "sd3" else (
+            "CLIPTextEncodeFlux", "Flux's CLIP-L and T5-XXL")  # fmt: skip
+        label = "SD3's" if want == "sd3" else "Flux's"
+        raise NodeError(f"{node} encodes with {parts}; {name} CLIP is not {label}")
     if family is None:
-        raise NodeError(f"{getattr(pipe, 'name', clip.ref)}'s CLIP is not an SD3 or Flux model's")
-    return family, pipe.conditioner
+        raise NodeError(f"{name} CLIP is not an SD3 or Flux model's")
+    return family, cond
 
 
 def is_flow_clip(ctx: RunContext, clip: ClipHandle) -> bool:
@@ -368,9 +376,7 @@ def clip_text_encode_sd3(
     """ComfyUI's CLIPTextEncodeSD3: ``clip_l`` to CLIP-L, ``clip_g`` to bigG, ``t5xxl`` to T5 (the CLIP sides
     padded to one chunk count with the empty prompt's chunks). ``empty_padding`` "none" leaves an empty text's
     encoder out in ComfyUI, which sdengine's SD3 conditioning does not do: an empty text there is refused."""
-    family, cond = _conditioner(ctx, clip)
-    if family != "sd3":
-        raise NodeError("CLIPTextEncodeSD3 encodes with SD3's CLIP-L, bigG and T5; this CLIP is not SD3's")
+    _, cond = _conditioner(ctx, clip, "sd3")
     texts = {"clip_l": str(clip_l), "clip_g": str(clip_g), "t5xxl": str(t5xxl)}
     if empty_padding == "none" and any(not v.strip() for v in texts.values()):
         empty = ", ".join(k for k, v in texts.items() if not v.strip())
@@ -400,9 +406,7 @@ def clip_text_encode_flux(ctx: RunContext, clip: ClipHandle, clip_l: str, t5xxl:
     distilled guidance."""
     from sdengine.latent_sampling import TextCondition
 
-    family, cond = _conditioner(ctx, clip)
-    if family != "flux":
-        raise NodeError("CLIPTextEncodeFlux encodes with Flux's CLIP-L and T5-XXL; this CLIP is not Flux's")
+    _, cond = _conditioner(ctx, clip, "flux")
     with torch.inference_mode():
         vector = cond.text(str(clip_l))["vector"]
         states = cond.text(str(t5xxl))["crossattn"]
@@ -508,7 +512,9 @@ def _flow_scheduler(name: str) -> str:
     from sdengine.diffusion.flow import FLOW_SCHEDULES
 
     if name not in FLOW_SCHEDULES:
-        raise NodeError(f"scheduler {name!r} is not supported on flow models (SD3, Flux); use {', '.join(FLOW_SCHEDULES)}")
+        raise NodeError(
+            f"scheduler {name!r} is not supported on flow models (SD3, Flux); use {', '.join(FLOW_SCHEDULES)}"
+        )
     return name
 
 
@@ -640,6 +646,7 @@ def sample_flow(
             )
         if sigmas is None:  # the window holds no step: the latent as it came, as ComfyUI
             return (dict(latent_image),)
+
         def report(r: Any) -> bool:
             if last_denoised is not None:
                 last_denoised[:] = [_raw_out(r.denoised.float(), family)]
