@@ -83,7 +83,8 @@ def test_conditioning_equals_diffusers_encode_prompt(sd3):
     folder, pipe = sd3
     ref = diffusers_sd3(folder)
     cond, uncond = pipe.conditioner.pair(PROMPT, NEGATIVE)
-    pe, ne, pp, npp = ref.encode_prompt(PROMPT, None, None, negative_prompt=NEGATIVE, device="cpu")
+    with torch.no_grad():
+        pe, ne, pp, npp = ref.encode_prompt(PROMPT, None, None, negative_prompt=NEGATIVE, device="cpu")
     assert cond["crossattn"].shape == pe.shape == (1, 77 + 256, 160)
     assert float((cond["crossattn"] - pe).abs().max()) < 1e-4
     assert float((uncond["crossattn"] - ne).abs().max()) < 1e-4
@@ -100,7 +101,8 @@ def test_clip_skip_is_diffusers_clip_skip_plus_one(sd3):
     folder, pipe = sd3
     ref = diffusers_sd3(folder)
     cond, _ = pipe.conditioner.pair(PROMPT, NEGATIVE, clip_skip=2)
-    pe, _, pp, _ = ref.encode_prompt(PROMPT, None, None, negative_prompt=NEGATIVE, device="cpu", clip_skip=1)
+    with torch.no_grad():
+        pe, _, pp, _ = ref.encode_prompt(PROMPT, None, None, negative_prompt=NEGATIVE, device="cpu", clip_skip=1)
     assert float((cond["crossattn"] - pe).abs().max()) < 1e-4
     assert float((cond["vector"] - pp).abs().max()) < 1e-5
     default, _ = pipe.conditioner.pair(PROMPT, NEGATIVE)
@@ -118,6 +120,23 @@ def test_txt2img_with_cfg_and_negative_matches_diffusers(sd3):
     print(f"sd3 txt2img: mean abs {mad:.2e}")
     assert mad < TOL
     assert "Shift: 3" in result.infotexts[0] and "Sampler: Euler" in result.infotexts[0]
+
+
+def test_auto_schedule_is_the_flow_grid_unless_the_sampler_names_one(sd3):
+    _, pipe = sd3
+    assert "Schedule type: Normal" in _ours(pipe, steps=2, schedule="auto").infotexts[0]
+    text = _ours(pipe, steps=2, sampler="DPM++ 2M Karras").infotexts[0]
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in text
+
+
+def test_a1111_rules_run_txt2img_as_the_diffusers_rule(sd3):
+    """The server's A1111 routes set A1111's step rules and clip skip rule: on an SD3 txt2img with a sampler they do
+    not change, the image is the diffusers rule's (and the rule is not written into the infotext)."""
+    _, pipe = sd3
+    a1111 = _ours(pipe, strength_rule="a1111", clip_skip_rule="a1111", clip_skip=2)
+    np.testing.assert_array_equal(a1111.arrays, _ours(pipe).arrays)
+    assert "Strength rule" not in a1111.infotexts[0]
+    assert any("Clip skip 2 not applied" in n for n in a1111.notes)
 
 
 def test_shift_of_a_request_matches_diffusers_with_that_shift(sd3):
@@ -216,6 +235,32 @@ def test_skip_layer_guidance_matches_diffusers(sd3):
     assert np.array_equal(pipe(**again, progress=False).arrays, result.arrays)
 
 
+def test_hires_fix_second_pass_is_an_sd3_img2img(sd3):
+    """The hires fix on SD3: with a pixel upscaler the second pass is the img2img of the Lanczos-resized first image
+    (its first step by diffusers' SD3 rule); with the latent upscaler the flow latent is interpolated and noised."""
+    from PIL import Image
+
+    _, pipe = sd3
+    big = 2 * SIZE
+    hr = dict(enable_hr=True, hr_upscaler="Lanczos", hr_resize_x=big, strength=0.55, hr_second_pass_steps=5)
+    out = _ours(pipe, **hr)
+    assert out.images[0].size == (big, big)
+    first = _ours(pipe).images[0]  # the first pass as it would be saved (8 bits)
+    want = _ours(
+        pipe,
+        init_image=first.resize((big, big), Image.Resampling.LANCZOS),
+        strength=0.55,
+        steps=5,
+        width=big,
+        height=big,
+    )
+    np.testing.assert_allclose(out.arrays[0], want.arrays[0], atol=1e-6, rtol=0)
+    assert "Hires upscaler: Lanczos" in out.infotexts[0] and "Shift: 3" in out.infotexts[0]
+    latent = _ours(pipe, enable_hr=True, hr_scale=2, strength=0.55, hr_second_pass_steps=5)
+    assert latent.images[0].size == (big, big) and latent.arrays.std() > 0.02
+    assert _mad(latent.arrays, out.arrays) > 1e-3  # another start: the first pass's latent, not its pixels
+
+
 def test_single_file_gives_the_folders_image(sd3, single):
     folder, pipe = sd3
     from_file = sdengine.load_pipeline(single, device="cpu")
@@ -287,8 +332,12 @@ def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
         ({"loras": [("x.safetensors", 1.0)]}, "LoRA files for SD3 are not supported yet"),
         ({"prompt": "a cat <lora:foo:0.5>"}, "LoRA files for SD3 are not supported yet"),
         ({"pag_scale": 2.0}, "pag_scale .*not for SD3"),
-        ({"enable_hr": True}, "the hires fix is not supported for SD3 yet"),
-        ({"strength_rule": "a1111"}, "A1111's step rules are not supported for SD3"),
+        ({"enable_hr": True, "hr_sampler": "ddim"}, "sampler 'ddim' cannot run on a flow model"),
+        (
+            {"strength_rule": "a1111", "init_image": "x.png"},
+            "A1111's step rules are not supported for SD3 with an init",
+        ),
+        ({"strength_rule": "a1111", "sampler": "dpmpp_2m_sde"}, "A1111's step rules are not supported for SD3"),
         ({"zero_terminal_snr": True}, "zero_terminal_snr rescales a VP schedule"),
         ({"controlnets": [("cn", None, 1.0)]}, "ControlNets and T2I-Adapters are made for U-Nets"),
         ({"freeu": [1.1, 1.2, 0.9, 0.2]}, "FreeU scales U-Net decoder features"),
@@ -390,3 +439,14 @@ def test_long_and_weighted_prompts(sd3):
     assert any("T5 reads the prompt without its emphasis weights" in n for n in notes)
     result = _ours(pipe, long_prompt, steps=2)
     assert result.arrays.shape == (1, SIZE, SIZE, 3)
+
+
+def test_latent_sampling_refuses_sd3_in_one_line(sd3):
+    """The ComfyUI route's sampler (sdengine.latent_sampling) builds U-Net denoisers: SD3 is refused there."""
+    from sdengine.latent_sampling import LatentSamplingError, TextCondition, sample_latents
+
+    _, pipe = sd3
+    cond, uncond = pipe.conditioner.pair(PROMPT, NEGATIVE)
+    latent = torch.zeros(1, 16, SIZE // 2, SIZE // 2)
+    with pytest.raises(LatentSamplingError, match=r"SD3 / flow models are not supported here yet; run the pipeline"):
+        sample_latents(pipe, [TextCondition(cond)], [TextCondition(uncond)], latent, seed=1, steps=2, cfg=5.0)

@@ -545,6 +545,8 @@ def sample_latents(
         raise LatentSamplingError(
             f"{pipe.name}: 9-channel inpainting U-Nets are not supported here; use an ordinary model with a noise mask"
         )
+    if getattr(pipe, "prediction_type", None) == "flow":  # SD3: its pipeline's call only (docs/sd3.md)
+        raise LatentSamplingError(f"{pipe.name}: SD3 / flow models are not supported here yet; run the pipeline")
     if latent.ndim != 4 or latent.shape[1] != pipe.latent_channels:
         raise LatentSamplingError(
             f"latent of shape {tuple(latent.shape)} does not fit {pipe.name} ({pipe.latent_channels} channels)"

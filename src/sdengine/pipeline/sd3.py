@@ -18,9 +18,15 @@ decode, infotext):
 The 16-channel VAE needs nothing new: ``shift_factor`` and ``scaling_factor`` come from its config
 (:meth:`sdengine.models.vae.AutoencoderKL.scale_latents`).
 
-What is made for U-Nets is refused before any work, one line each (:data:`REFUSED`): ControlNets, T2I-Adapters,
-IP-Adapters, LoRA files, U-Net patches (PAG, SAG, FreeU, Deep Shrink, HyperTile), instruct-pix2pix guidance, A1111's
-step rules, Zero Terminal SNR, the hires fix, tiled diffusion, tiling, prompt editing, textual-inversion files.
+SD3.5's skip-layer guidance (the request's ``sd3`` settings, :class:`SD3Options`) runs inside
+:class:`MMDiTAdapter`. What is made for U-Nets is refused before any work, one line each (:func:`refusals`):
+ControlNets, T2I-Adapters, IP-Adapters, LoRA files, U-Net patches (PAG, SAG, FreeU, Deep Shrink, HyperTile),
+instruct-pix2pix guidance, A1111's step rules, Zero Terminal SNR, another hires model, tiled diffusion, tiling, prompt
+editing, textual-inversion files, and samplers that are not right on a flow model.
+
+The core learns all of this through its family hooks (``training_schedule``, ``network_adapter``, ``x0_denoiser``,
+``img2img_first_step``, ``noised_latent``, ``network_activation_bytes``, ``infotext_fields``), which SD 1.x/2.x
+and SDXL keep at their defaults.
 """
 
 from __future__ import annotations
@@ -197,6 +203,23 @@ class MMDiTAdapter:
         return v
 
 
+def _a1111_rule_changes_nothing(r: GenerationRequest) -> bool:
+    """Whether A1111's step rules (``strength_rule`` "a1111", what the server's A1111 routes set) leave this request
+    as the "diffusers" rule runs it: txt2img without the hires fix, with a sampler whose grid, sigmas and noise they
+    do not touch (not DDIM / PLMS, DPM2 / DPM2 a / DPM++ 3M SDE, or the Brownian-tree SDE samplers). A1111's
+    img2img and hires step counts are not SD3's (diffusers'), so those are refused."""
+    from sdengine.diffusion.sampling import A1111_DISCARD_SAMPLERS, BROWNIAN_SAMPLERS, resolve
+    from sdengine.diffusion.schedules import A1111_GRID_SAMPLERS
+
+    if r.init_image is not None or r.enable_hr:
+        return False
+    try:
+        name = resolve(r.sampler, r.schedule)[0]
+    except ValueError:
+        return True  # the sampler's own one-line error comes from the core
+    return name not in (*A1111_GRID_SAMPLERS, *A1111_DISCARD_SAMPLERS, *BROWNIAN_SAMPLERS)
+
+
 def refusals(request: GenerationRequest) -> list[str]:
     """The settings of ``request`` an SD3 model cannot run, each as its one-line reason (empty: it can run)."""
     from sdengine.prompts import extract_lora_tags
@@ -218,11 +241,11 @@ def refusals(request: GenerationRequest) -> list[str]:
         (r.image_cfg_scale is not None, "image_cfg_scale guides instruct-pix2pix U-Nets; not for SD3"),
         (bool(r.zero_terminal_snr), "zero_terminal_snr rescales a VP schedule; SD3's flow has none to rescale"),
         (
-            r.strength_rule != "diffusers",
-            f"strength_rule {r.strength_rule!r}: A1111's step rules are not supported for SD3 (use 'diffusers')",
+            r.strength_rule != "diffusers" and not _a1111_rule_changes_nothing(r),
+            f"strength_rule {r.strength_rule!r}: A1111's step rules are not supported for SD3 with an init image, the "
+            "hires fix, or a sampler whose run they change (DDIM, PLMS, DPM2, the SDE samplers); use 'diffusers'",
         ),
         (bool(r.discard_penultimate_sigma), "discard_penultimate_sigma is not supported for SD3"),
-        (bool(r.enable_hr), "the hires fix is not supported for SD3 yet (run img2img on an upscaled image)"),
         (r.tiled_diffusion_settings() is not None, "tiled diffusion is not supported for SD3 yet"),
         (bool(r.tiling), "tiling (seamless images) pads U-Net convolutions; not for SD3"),
         (r.sdxl is not None, "sdxl settings apply to SDXL models only"),
@@ -313,11 +336,7 @@ class SD3Pipeline(Pipeline):
         """The model's flow schedule, or during a call with a ``shift`` that shift's."""
         if self._call_shift is None:
             return self.base_schedule
-        return FlowSchedule(
-            shift=self._call_shift,
-            num_train_timesteps=self.base_schedule.num_train_timesteps,
-            shift_terminal=self.base_schedule.shift_terminal,
-        )
+        return dataclasses.replace(self.base_schedule, shift=self._call_shift, mu=None)  # the rest as the model's
 
     def network_adapter(self, net: Any) -> MMDiTAdapter:
         return MMDiTAdapter(net, self.dtype, self._call_slg)
@@ -399,19 +418,28 @@ class SD3Pipeline(Pipeline):
             raise GenerationError(f"{self.name} (SD3): {refused[0]}")
         SD3Options.coerce(request.sd3, int(self.unet.config.num_layers))  # bad settings: one line, before any work
         if isinstance(request.schedule, str) and request.schedule.strip().lower() == "auto":
-            request = request.replace(schedule="normal")  # SD3's own grid (diffusers' FlowMatchEulerDiscreteScheduler)
+            # SD3's own grid (diffusers' FlowMatchEulerDiscreteScheduler), unless the sampler's name says one
+            request = request.replace(schedule=None)
         p = super().prepare(request)
         from sdengine.diffusion.flow import FLOW_SCHEDULES, flow_sampler_view
         from sdengine.errors import UsageError
 
-        try:  # the samplers and schedules that are right on a flow model (sdengine.diffusion.flow)
-            flow_sampler_view(p.sampler)
-        except UsageError as e:
-            raise GenerationError(f"{self.name} (SD3): {e}") from None
-        if p.schedule not in FLOW_SCHEDULES:
-            raise GenerationError(
-                f"{self.name} (SD3): schedule {p.schedule!r} is not one of a flow model's: {', '.join(FLOW_SCHEDULES)}"
-            )
+        passes = [(p.sampler, p.schedule)] + ([(p.hires.sampler, p.hires.schedule)] if p.hires is not None else [])
+        for sampler, schedule in passes:
+            try:  # the samplers and schedules that are right on a flow model (sdengine.diffusion.flow)
+                flow_sampler_view(sampler)
+            except UsageError as e:
+                raise GenerationError(f"{self.name} (SD3): {e}") from None
+            if schedule not in FLOW_SCHEDULES:
+                flows = ", ".join(FLOW_SCHEDULES)
+                raise GenerationError(f"{self.name} (SD3): schedule {schedule!r} is not one of a flow model's: {flows}")
+        if p.hires is not None:  # the second pass is an SD3 img2img: its first step by diffusers' SD3 rule
+            start = flow_img2img_start(p.hires.steps, float(request.strength))
+            if start >= p.hires.steps:
+                raise GenerationError(
+                    f"{self.name} (SD3): hires strength {request.strength} of {p.hires.steps} steps runs no step"
+                )
+            p = dataclasses.replace(p, hires=dataclasses.replace(p.hires, start=start))
         return p
 
     @contextmanager
@@ -439,7 +467,9 @@ class SD3Pipeline(Pipeline):
     ) -> GenerationResult:
         request = as_request(prompt, negative_prompt, kwargs)
         if hr_model is not None and hr_model is not self:
-            raise GenerationError(f"{self.name} (SD3): hr_model needs the hires fix, which SD3 does not support yet")
+            raise GenerationError(
+                f"{self.name} (SD3): another model for the hires fix's second pass (hr_model) is not supported"
+            )
         with self._call_settings(request):
             return super().__call__(request)
 
