@@ -145,6 +145,39 @@ def test_img2img_matches_diffusers(dev):
     assert ours.parameters["strength"] == 0.6
 
 
+def test_hires_latent_second_pass_is_img2img_of_the_upscaled_latent(dev):
+    """The hires fix: the first pass's latent upscaled (bilinear, "Latent"), then img2img at the larger size from
+    the same seed, its schedule shifted by the larger size's token count ([dev])."""
+    import torch.nn.functional as F
+
+    from sdengine.pipeline.request import GenerationRequest
+
+    _, pipe, _ = dev
+    base = dict(prompt=PROMPT, steps=4, seed=SEED, width=W, height=H, distilled_cfg_scale=3.5, cfg_scale=1.0)
+    base.update(sampler="euler", schedule="normal", progress=False)
+    out = pipe(**base, enable_hr=True, hr_scale=2, hr_upscaler="Latent", strength=0.6, hr_second_pass_steps=5)
+    assert out.arrays.shape == (1, 2 * H, 2 * W, 3) and "Hires upscaler: Latent" in out.infotexts[0]
+    with torch.inference_mode():
+        first = pipe.sample_latents(pipe.prepare(GenerationRequest(**base)))
+        f = pipe.vae_scale_factor
+        up = F.interpolate(first, size=(2 * H // f, 2 * W // f), mode="bilinear", antialias=False)
+        p2 = pipe.prepare(GenerationRequest(**{**base, "steps": 5, "width": 2 * W, "height": 2 * H, "strength": 0.6}))
+        want = pipe.decode_latents(p2, pipe.sample_latents(p2, up))
+    np.testing.assert_allclose(out.arrays[0], want[0].permute(1, 2, 0).numpy(), atol=1e-6, rtol=0)
+
+
+def test_hires_pixel_second_pass_is_img2img_of_the_lanczos_resized_first_image(dev):
+    from PIL import Image
+
+    _, pipe, _ = dev
+    base = dict(steps=3, seed=SEED, width=W, height=H, progress=False)
+    out = pipe(PROMPT, **base, enable_hr=True, hr_upscaler="Lanczos", hr_resize_x=2 * W, strength=0.5)
+    big = pipe(PROMPT, **base).images[0].resize((2 * W, 2 * H), Image.Resampling.LANCZOS)
+    want = pipe(PROMPT, **{**base, "width": 2 * W, "height": 2 * H}, init_image=big, strength=0.5)
+    np.testing.assert_allclose(out.arrays[0], want.arrays[0], atol=1e-6, rtol=0)
+    assert not np.allclose(out.arrays[0], np.asarray(big, np.float32) / 255, atol=0.05)  # the pass changed it
+
+
 @pytest.mark.parametrize("strength", [0.6, 1.0])
 def test_inpainting_matches_diffusers(dev, strength):
     """A mask on the plain model: the known region put back on the flow's path before every step after the first
@@ -160,6 +193,24 @@ def test_inpainting_matches_diffusers(dev, strength):
     )
     theirs = _theirs(ref, image=init, mask_image=mask, strength=strength, guidance_scale=3.5)
     assert _mad(ours.arrays, theirs) < TOL
+
+
+def test_graphs_replay_the_same_images(dev):
+    """CUDA graphs' paths (recorded with the CPU stand-in): the transformer's step graph and the whole loop as one
+    graph give the eager images; the distilled guidance is an input of the recorded loop, not baked in."""
+    from _cpu_graphs import CPUBackend
+
+    pipe = sdengine.load_pipeline(dev[0], device="cpu", fast_path="none")
+    args = dict(steps=2, seed=SEED, width=W, height=H, progress=False)
+    want = {g: pipe(PROMPT, distilled_cfg_scale=g, **args).arrays for g in (3.5, 6.0)}
+    pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
+    np.testing.assert_array_equal(pipe(PROMPT, **args).arrays, want[3.5])
+    assert pipe.cuda_graphs["unet"].replays > 0
+    pipe.cuda_graphs = None
+    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
+    for g in (3.5, 6.0):
+        np.testing.assert_array_equal(pipe(PROMPT, distilled_cfg_scale=g, **args).arrays, want[g])
+    assert pipe.cuda_graphs["loop"].recordings == 1
 
 
 # -- single files ------------------------------------------------------------------------------------------------
@@ -239,12 +290,13 @@ def test_missing_parts_name_their_flag(dev, tmp_path):
         ({"controlnets": [("canny", picture(W, H), 1.0)]}, "controlnets: ControlNets and T2I-Adapters"),
         ({"loras": [("x.safetensors", 1.0)]}, "loras: LoRAs are not supported for Flux"),
         ({"prompt": "a cat <lora:x:1>"}, "<lora:...> tags: LoRAs are not supported for Flux"),
-        ({"enable_hr": True}, "enable_hr: the hires fix"),
         ({"pag_scale": 1.0}, "pag_scale: perturbed-attention guidance"),
         ({"clip_skip": 2}, "clip_skip 2 does not apply to Flux"),
         ({"prompt": "a [cat:dog:0.5] photo"}, "prompt editing .* is not supported for Flux"),
         ({"width": 50}, "width 50 is not a multiple of 4"),
         ({"distilled_cfg_scale": -1.0}, r"distilled_cfg_scale must be in \[0, 100\]"),
+        ({"sampler": "ddim"}, "sampler 'ddim' cannot run on a flow model"),
+        ({"shift": 2.0}, "shift: Flux .dev. shifts its schedule by the image size"),
     ],
 )
 def test_refuses_what_flux_does_not_take(dev, kwargs, message):
@@ -252,6 +304,11 @@ def test_refuses_what_flux_does_not_take(dev, kwargs, message):
     args = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "progress": False, **kwargs}
     with pytest.raises(GenerationError, match=message):
         pipe(**args)
+
+
+def test_hires_on_another_model_is_refused(dev, schnell):
+    with pytest.raises(GenerationError, match="hr_model: the hires fix's second pass runs on tiny-flux-dev itself"):
+        dev[1](PROMPT, steps=2, width=W, height=H, enable_hr=True, hr_model=schnell[1], progress=False)
 
 
 def test_schnell_refuses_distilled_guidance(schnell):
@@ -266,7 +323,9 @@ def test_sd_model_refuses_distilled_guidance(tiny_sd1_folder):
 
 
 def test_text_encoder_flags_refused_for_sd(tiny_sd1_folder):
-    with pytest.raises(GenerationError, match="--t5 give an SD3 or Flux model's text encoders; this is neither"):
+    with pytest.raises(
+        GenerationError, match="--t5 give an SD3 model's text encoders; this is not an SD3 model, nor a Flux one"
+    ):
         sdengine.load_pipeline(tiny_sd1_folder, device="cpu", t5="t5xxl.safetensors")
 
 

@@ -849,7 +849,6 @@ def run(a: argparse.Namespace) -> int:
         a.hr_refiner_pass = hr_refiner_pass(a.hr_refiner_pass)
     kwargs: dict[str, Any] = request_defaults()
     chosen: set[str] = set()  # the settings given (flags, --from-png): a model family's defaults leave them be
-    png_kwargs: dict[str, Any] = {}
     model = a.model
     vae = a.vae
     prediction_type = a.prediction_type
@@ -1142,14 +1141,13 @@ def run(a: argparse.Namespace) -> int:
         t5=a.t5,
     )
     t1 = time.perf_counter()
-    # a family with defaults of its own (SD3: Euler on its flow grid, cfg 7, 28 steps; Flux): where neither a flag
-    # nor the PNG says
+    # SD3: Euler on its flow grid, cfg 7, 28 steps (diffusers'); Flux: Euler, cfg 1, 28 ([dev]) or 4 ([schnell]) steps
     family = getattr(pipe, "family_defaults", None)
     if family:
         for kw in iterations:
             if "sampler" not in chosen and "schedule" not in chosen:
-                kw.update({key: family[key] for key in ("sampler", "schedule") if key in family})
-            kw.update({k: v for k, v in family.items() if k not in ("sampler", "schedule") and k not in chosen})
+                kw.update(sampler=family["sampler"], schedule=family["schedule"])
+            kw.update({key: family[key] for key in ("cfg_scale", "steps") if key not in chosen})
     refiner: Any = None
     sdxl_base: Any = None
     if a.refiner is not None and sides is None:  # SDXL base -> refiner hand-off
@@ -1634,8 +1632,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--clip-l",
         default=None,
         metavar="FILE",
-        help="SD3 / Flux: the CLIP-L text encoder (ComfyUI's clip_l.safetensors or a text_encoder/ folder), for a model "
-        "file without it or in place of its own",
+        help="SD3, Flux: the CLIP-L text encoder (ComfyUI's clip_l.safetensors or a text_encoder/ folder), for a "
+        "model file without it or in place of its own",
     )
     p.add_argument(
         "--clip-g",
@@ -1647,8 +1645,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--t5",
         default=None,
         metavar="FILE",
-        help="SD3 / Flux: the T5-XXL text encoder (t5xxl_fp16.safetensors, a text_encoder_3/ folder); without one a model "
-        "that has none runs with zeros in T5's place",
+        help="SD3, Flux: the T5-XXL text encoder (t5xxl_fp16.safetensors, a text_encoder_3/ or text_encoder_2/ "
+        "folder); without one an SD3 model that has none runs with zeros in T5's place (Flux needs it)",
     )
     p.add_argument(
         "--shift",

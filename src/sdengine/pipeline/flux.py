@@ -27,7 +27,8 @@ x the 2x2 patches).
 
 What does not apply to Flux is refused before any model runs (:meth:`FluxPipeline.prepare`): U-Net ControlNets,
 T2I-Adapters, LoRAs, IP-Adapters, textual-inversion embeddings, PAG, SAG, FreeU, Deep Shrink, HyperTile, tiled
-diffusion, the hires fix, InstructPix2Pix's image guidance, SDXL settings, clip skip, SD3's shift.
+diffusion, InstructPix2Pix's image guidance, SDXL settings, clip skip, SD3's shift, a hires pass on another model.
+The hires fix runs as for SD, its second pass starting as Flux's img2img does.
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ from torch import Tensor
 
 from sdengine.diffusion import sampling
 from sdengine.diffusion.flow import (
+    FLUX_TABLE_LENGTH,
     FlowDenoiser,
     FlowSchedule,
     flow_img2img_start,
     flow_noise_scaling,
+    flow_sampler_view,
     flux_image_seq_len,
 )
-from sdengine.errors import GenerationError
+from sdengine.errors import GenerationError, UsageError
 from sdengine.pipeline.core import Pipeline, Prepared
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
@@ -100,7 +103,6 @@ _REFUSED: tuple[tuple[str, Any, str], ...] = (
     ("controlnets", bool, "ControlNets and T2I-Adapters are U-Net networks"),
     ("ip_adapters", bool, "IP-Adapters are U-Net adapters"),
     ("loras", bool, "LoRAs are not supported for Flux yet"),
-    ("enable_hr", bool, "the hires fix is not supported for Flux yet"),
     ("pag_scale", bool, "perturbed-attention guidance (pag_scale) reads U-Net attention layers"),
     ("sag_scale", bool, "self-attention guidance (sag_scale) reads the U-Net's middle block"),
     ("freeu", lambda v: v is not None, "FreeU changes the U-Net's up blocks"),
@@ -169,14 +171,16 @@ class FluxPipeline(Pipeline):
 
     def flow_schedule(self, width: int, height: int) -> FlowSchedule:
         """The schedule of a ``width`` x ``height`` image: [dev]'s ``mu`` from its token count, the `normal` grid
-        spaced as diffusers' Flux pipelines space it (``linspace(1, 1/n, n)``)."""
+        spaced as diffusers' Flux pipelines space it (``linspace(1, 1/n, n)``), the 10000-entry table of ComfyUI's
+        ModelSamplingFlux for the table schedules (``simple``, ``beta``, ``sgm_uniform``)."""
         f = self.vae_scale_factor
         tokens = flux_image_seq_len(height // f, width // f, PATCH)
         try:
             schedule = FlowSchedule.from_config(self.scheduler_config, image_seq_len=tokens)
         except Exception as e:  # a UsageError naming the option
             raise GenerationError(f"{self.name}: scheduler config: {e}") from None
-        return dataclasses.replace(schedule, spacing="flux")
+        # the `normal` grid is diffusers' Flux pipelines'; the table (simple, beta, sgm_uniform) ComfyUI's for Flux
+        return dataclasses.replace(schedule, spacing="flux", num_train_timesteps=FLUX_TABLE_LENGTH)
 
     @property
     def noise_schedule(self) -> Any:
@@ -310,7 +314,17 @@ class FluxPipeline(Pipeline):
         self.check_request(request)
         if isinstance(request.schedule, str) and request.schedule.strip().lower() == "auto":
             request = request.replace(schedule="normal")  # Flux's own grid (diffusers' FluxPipeline sigmas)
-        return super().prepare(request)
+        p = super().prepare(request)
+        try:  # a sampler with no right form on a flow model: one line before any model runs
+            flow_sampler_view(p.sampler)
+            if p.hires is not None:
+                flow_sampler_view(p.hires.sampler)
+        except UsageError as e:
+            raise GenerationError(str(e)) from None
+        if p.hires is not None:  # the second pass starts as Flux's img2img does (FluxImg2ImgPipeline's rule)
+            start = flow_img2img_start(p.hires.steps, float(request.strength))
+            p.hires = dataclasses.replace(p.hires, start=start)
+        return p
 
     def conditioning_pair(
         self, prompt: str, negative: str, p: Prepared, note: Any, *, note_unused: bool = True
@@ -346,8 +360,8 @@ class FluxPipeline(Pipeline):
         given as keywords leaves out (a :class:`GenerationRequest` is taken as it is)."""
         if not isinstance(prompt, GenerationRequest):
             kwargs = {**self.family_defaults, **kwargs}
-        if hr_model is not None:
-            raise GenerationError(f"the hires fix is not supported for Flux yet ({self.name})")
+        if hr_model is not None and hr_model is not self:
+            raise GenerationError(f"hr_model: the hires fix's second pass runs on {self.name} itself for Flux")
         return super().__call__(prompt, negative_prompt, **kwargs)
 
 

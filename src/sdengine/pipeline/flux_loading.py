@@ -213,22 +213,6 @@ def load_t5(path: Path, dtype: torch.dtype, device: Any) -> Any:
     return load_t5_encoder(path, device=device, dtype=dtype)
 
 
-def _clip_pad_id(tokenizer_dir: Path | None, vocab: Mapping[str, int]) -> int:
-    """The CLIP tokenizer's pad id: its folder's ``pad_token`` (Flux's is ``<|endoftext|>``), else the end token."""
-    from sdengine.text.clip_tokenizer import EOS_TOKEN_ID
-
-    if tokenizer_dir is not None:
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            f = tokenizer_dir / name
-            if f.is_file():
-                pad = json.loads(f.read_text()).get("pad_token")
-                if isinstance(pad, dict):
-                    pad = pad.get("content")
-                if isinstance(pad, str) and pad in vocab:
-                    return int(vocab[pad])
-    return EOS_TOKEN_ID
-
-
 def _missing(path: Path, what: str, flag: str, keyword: str, example: str) -> GenerationError:
     return GenerationError(
         f"{path.name} holds no {what}: give it with {flag} FILE ({keyword}= in Python; e.g. {example})"
@@ -250,7 +234,7 @@ def load_flux_pipeline(
     lora_dir: Any = None,
 ) -> FluxPipeline:
     """A Flux folder or file (see the module docstring) -> :class:`FluxPipeline` on ``device`` in ``dtype``."""
-    from sdengine.text.clip_tokenizer import CLIPTokenizer
+    from sdengine.pipeline.loading import clip_pad_token_id, clip_tokenizer
     from sdengine.text.t5_tokenizer import load_t5_tokenizer
     from sdengine.weights.flux_file import load_flux_transformer
     from sdengine.weights.io import WeightsError
@@ -264,11 +248,7 @@ def load_flux_pipeline(
             clip = load_clip_l(Path(clip_l) if clip_l is not None else path / "text_encoder", dtype, device)
             t5_model = load_t5(Path(t5) if t5 is not None else path / "text_encoder_2", dtype, device)
             tok_dir = path / "tokenizer"
-            tokenizer = (
-                CLIPTokenizer.load(tok_dir / "vocab.json", tok_dir / "merges.txt")
-                if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file()
-                else CLIPTokenizer.load()
-            )
+            tokenizer = clip_tokenizer(tok_dir)
             tok2 = path / "tokenizer_2"
             tokenizer_2 = load_t5_tokenizer(tok2 if (tok2 / "tokenizer.json").is_file() else None)
             sched_path = path / "scheduler" / "scheduler_config.json"
@@ -277,7 +257,7 @@ def load_flux_pipeline(
                 if sched_path.is_file()
                 else (DEV_SCHEDULER if transformer.config.guidance_embeds else SCHNELL_SCHEDULER)
             )
-            pad = _clip_pad_id(tok_dir if tok_dir.is_dir() else None, tokenizer.vocab)
+            pad = clip_pad_token_id(tok_dir if tok_dir.is_dir() else None, tokenizer.vocab, "sd1")
         else:
             names = tensor_names(path)
             if vae is not None:
@@ -299,10 +279,10 @@ def load_flux_pipeline(
                 t5_model = load_t5(path, dtype, device)
             else:
                 raise _missing(path, "T5 text encoder", "--t5", "t5", "ComfyUI's t5xxl_fp16.safetensors")
-            tokenizer = CLIPTokenizer.load()
+            tokenizer = clip_tokenizer(None)
             tokenizer_2 = load_t5_tokenizer(None)
             scheduler = DEV_SCHEDULER if transformer.config.guidance_embeds else SCHNELL_SCHEDULER
-            pad = _clip_pad_id(None, tokenizer.vocab)
+            pad = clip_pad_token_id(None, tokenizer.vocab, "sd1")  # CLIP-L pads with its end token
     except WeightsError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
     return FluxPipeline(

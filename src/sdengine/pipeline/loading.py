@@ -173,7 +173,10 @@ def _load(
         from sdengine.pipeline.sd3 import ENCODER_FLAGS
 
         flags = ", ".join(ENCODER_FLAGS[k] for k in given)
-        raise GenerationError(f"{path.name}: {flags} give an SD3 or Flux model's text encoders; this is neither")
+        raise GenerationError(
+            f"{path.name}: {flags} give an SD3 model's text encoders; this is not an SD3 model, nor a Flux one (which "
+            "takes --clip-l and --t5)"
+        )
     if config is not None and path.is_dir():
         raise GenerationError(f"{path}: config= is for single files (a diffusers folder carries its own configs)")
     if vae is None and (beside := vae_beside(path)) is not None:
