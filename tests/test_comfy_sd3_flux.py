@@ -329,8 +329,8 @@ def test_refusals_are_one_line_node_errors(sd3, flux, tiny_sd1_folder):
         shutil.copytree(tiny_sd1_folder, root / "models" / "sd1")
     sd1 = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1"}}}
     g = sd3_graph(sd1, ["1", 0], ["1", 1], ["1", 2])
-    g["3"] = {"class_type": "CLIPTextEncodeSD3",
-              "inputs": {"clip": ["1", 1], "clip_l": "a", "clip_g": "a", "t5xxl": "a", "empty_padding": "none"}}  # fmt: skip
+    texts = {"clip_l": "a", "clip_g": "a", "t5xxl": "a", "empty_padding": "none"}
+    g["3"] = {"class_type": "CLIPTextEncodeSD3", "inputs": {"clip": ["1", 1], **texts}}
     sd1_pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
     assert "not SD3's" in _node_error(root, g, {str((root / "models" / "sd1").resolve()): sd1_pipe})
     # ModelSamplingSD3 on Flux

@@ -234,7 +234,7 @@ class ClipHandle:
     loras: tuple[tuple[str, float], ...] = ()
     merges: tuple[Any, ...] = ()  # the CLIP merge nodes' weight patches (nodes_merge), applied while encoding
     # DualCLIPLoader / TripleCLIPLoader's text encoder files: (("clip_l", path), ("clip_g", path), ("t5xxl", path)),
-    # and their type ("sd3", "flux"); ``ref`` then names them ("text-encoders:...", sdengine.server.comfy.nodes_sd3_flux)
+    # and their type ("sd3", "flux"); ``ref`` then names them ("text-encoders:...": nodes_sd3_flux.py)
     encoders: tuple[tuple[str, str], ...] = ()
     clip_type: str = ""
 

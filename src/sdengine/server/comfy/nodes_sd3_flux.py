@@ -222,8 +222,8 @@ def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) 
     from sdengine.text.sd3_conditioner import SD3Conditioner
     from sdengine.weights.sd3_files import load_clip_encoder
 
-    enc_l = load_clip_encoder(files["clip_l"], "clip_l", device=dev, dtype=dtype)
-    enc_g = load_clip_encoder(files["clip_g"], "clip_g", device=dev, dtype=dtype)
+    enc_l: Any = load_clip_encoder(files["clip_l"], "clip_l", device=dev, dtype=dtype)
+    enc_g: Any = load_clip_encoder(files["clip_g"], "clip_g", device=dev, dtype=dtype)
     tok_g = clip_tokenizer(None)
     # the joint width: T5's; without T5 SD3's (T5-XXL's 4096), fitted to the model's when it samples
     joint = int(t5.config.d_model) if t5 is not None else 4096
@@ -247,6 +247,7 @@ def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) 
 def _conditioner(ctx: RunContext, clip: ClipHandle, want: str | None = None) -> tuple[str, Any]:
     """(family, conditioner) of a CLIP from the CLIP loaders or of an SD3 / Flux checkpoint; a node error for
     another model's CLIP, or (``want``: "sd3", "flux") another family's."""
+    family: str | None
     if clip.loras or clip.merges:
         raise NodeError("LoRAs and CLIP merges on SD3 / Flux text encoders are not supported here")
     if clip.encoders:
