@@ -338,3 +338,105 @@ def test_refusals_are_one_line_node_errors(sd3, flux, tiny_sd1_folder):
     fg = flux_graph()
     fg["6"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
     assert "ModelSamplingSD3 is for SD3 models" in _node_error(froot, fg)
+
+
+# -- more loaders and nodes -------------------------------------------------------------------------------------------
+
+
+def test_flux_all_in_one_checkpoint_and_clip_text_encode_flux(flux):
+    root, pipe = flux
+    from safetensors.torch import load_file
+
+    models = root / "models"
+    one = {f"model.diffusion_model.{k}": v for k, v in load_file(models / "unet" / "flux1-tiny.safetensors").items()}
+    one.update({f"vae.{k}": v for k, v in load_file(root / "vaes" / "ae.safetensors").items()})
+    clip = load_file(models / "text_encoders" / "clip_l.safetensors")
+    one.update({f"text_encoders.clip_l.transformer.{k}": v for k, v in clip.items()})
+    t5 = load_file(models / "text_encoders" / "t5xxl.safetensors")
+    one.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5.items()})
+    _save(one, models / "flux1-tiny-aio.safetensors")
+    g = flux_graph()
+    g["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-tiny-aio.safetensors"}}
+    del g["2"], g["9"]
+    g["3"]["inputs"]["clip"] = ["1", 1]
+    g["10"]["inputs"]["vae"] = ["1", 2]
+    theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=1.0, distilled_cfg_scale=3.5)
+    assert np.abs(_pixels(_run(root, g)["10"][0]) - theirs).max() < TOL
+    # CLIPTextEncodeFlux with the prompt in both boxes and guidance 3.5 is CLIPTextEncode + FluxGuidance
+    g["4"] = {
+        "class_type": "CLIPTextEncodeFlux",
+        "inputs": {"clip": ["1", 1], "clip_l": PROMPT, "t5xxl": PROMPT, "guidance": 3.5},
+    }
+    assert np.abs(_pixels(_run(root, g)["10"][0]) - theirs).max() < TOL
+
+
+def test_sd3_dual_clip_loader_without_t5_equals_a_model_without_t5(sd3, tmp_path):
+    root, _ = sd3
+    folder = root / "sd3-folder"
+    no_t5 = write_single_file(folder, tmp_path / "sd3-no-t5.safetensors", t5=False)
+    pipe = sdengine.load_pipeline(no_t5, device="cpu")
+    parts = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "sd3-mmdit.safetensors", "weight_dtype": "default"}},
+        "2": {
+            "class_type": "DualCLIPLoader",
+            "inputs": {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors", "type": "sd3"},
+        },
+        "9": {"class_type": "VAELoader", "inputs": {"vae_name": "sd3_vae.safetensors"}},
+    }
+    out = _run(root, sd3_graph(parts, ["1", 0], ["2", 0], ["9", 0]))
+    theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=4.0)
+    assert np.abs(_pixels(out["7"][0]) - theirs).max() < TOL
+
+
+def test_sd3_vae_encode_and_partial_denoise_follow_comfyuis_rules(sd3):
+    """VAEEncode's raw mean, ComfyUI's process_in, its denoise grid (the last 4 + 1 sigmas of 8 steps) and its start
+    ``s0 noise + (1 - s0) latent``, written out from the public pieces."""
+    from sdengine import vae_utils
+    from sdengine.diffusion import sampling
+    from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule, flow_grid
+    from sdengine.diffusion.guidance import CFGDenoiser
+
+    root, pipe = sd3
+    ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3-tiny.safetensors"}}}
+    ref = str((root / "models" / "sd3-tiny.safetensors").resolve())
+    g = sd3_graph(ckpt, ["1", 0], ["1", 1], ["1", 2])
+    g["5"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["12", 0], "vae": ["1", 2]}}
+    g["12"] = {"class_type": "ImageScale", "inputs": {"image": ["13", 0], "upscale_method": "nearest-exact",
+               "width": 16, "height": 16, "crop": "disabled"}}  # fmt: skip
+    g["13"] = {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0}}
+    g["6"]["inputs"]["denoise"] = 0.5  # from EmptyImage's black picture
+    out = _run(root, g, {ref: pipe})
+    raw = out["5"][0]["samples"]
+    with torch.inference_mode():
+        black = torch.zeros(1, 3, 16, 16) - 1.0
+        mean = vae_utils.encode_moments(pipe.vae, black).mean.float()
+    assert torch.allclose(raw, mean, atol=1e-6)  # VAEEncode: the raw posterior mean
+    cond, uncond = pipe.conditioner.pair(PROMPT, NEGATIVE)
+    schedule = FlowSchedule.sd3(3.0)
+    den = CFGDenoiser(FlowDenoiser(pipe.network_adapter(pipe.unet), schedule), 4.0, uncond, rule="comfyui")
+    sigmas = flow_grid(schedule, 2 * STEPS, "simple", comfy=True).sigmas[-(STEPS + 1) :]
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(SEED))
+    start = (raw - 0.0609) * 1.5305
+    with torch.inference_mode():
+        x = sampling.sample(den, noise, sampler="euler", steps=STEPS, sigmas=sigmas, extra_args=cond,
+                            init_latent=start, start_step=0, noise_schedule=schedule)  # fmt: skip
+        expected = vae_utils.to_unit(vae_utils.decode(pipe.vae, pipe.vae.scale_latents(x / 1.5305 + 0.0609))[0])
+    assert np.abs(_pixels(out["7"][0]) - expected[0].permute(1, 2, 0).numpy()).max() < TOL
+    assert np.abs(_pixels(out["7"][0]) - _pipeline_image(pipe, schedule="simple", cfg_scale=4.0)).max() > 1e-3
+
+
+def test_flux_workflow_posted_to_the_server(flux):
+    from _comfy_live import live_client, prompt_image
+    from _live_server import server_config
+
+    root, pipe = flux
+    forget_parts()
+    config = server_config(root / "server", models_dir=root / "models", vaes_dir=root / "vaes")
+    with live_client(config) as (_, client):
+        info = client.get("/object_info").json()
+        assert info["UNETLoader"]["input"]["required"]["unet_name"][0] == ["flux1-tiny.safetensors"]
+        assert "t5xxl.safetensors" in info["DualCLIPLoader"]["input"]["required"]["clip_name1"][0]
+        png = prompt_image(client, flux_graph())
+    theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=1.0, distilled_cfg_scale=3.5)
+    assert png.shape == (16, 16, 3)
+    assert np.abs(png.astype(np.float64) - np.round(theirs * 255)).max() <= 1
