@@ -332,12 +332,21 @@ def test_refusals_are_one_line_node_errors(sd3, flux, tiny_sd1_folder):
     texts = {"clip_l": "a", "clip_g": "a", "t5xxl": "a", "empty_padding": "none"}
     g["3"] = {"class_type": "CLIPTextEncodeSD3", "inputs": {"clip": ["1", 1], **texts}}
     sd1_pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
-    assert "not SD3's" in _node_error(root, g, {str((root / "models" / "sd1").resolve()): sd1_pipe})
+    sd1_ref = {str((root / "models" / "sd1").resolve()): sd1_pipe}
+    assert "not SD3's" in _node_error(root, g, sd1_ref)
+    # SkipLayerGuidanceSD3 on a U-Net, and on Flux
+    g = sd3_graph(sd1, ["10", 0], ["1", 1], ["1", 2])
+    g["10"] = {"class_type": "SkipLayerGuidanceSD3", "inputs": {"model": ["1", 0], "layers": "1", "scale": 3.0,
+               "start_percent": 0.01, "end_percent": 0.15}}  # fmt: skip
+    assert "this model is a U-Net" in _node_error(root, g, sd1_ref)
     # ModelSamplingSD3 on Flux
     froot, _ = flux
     fg = flux_graph()
     fg["6"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
     assert "ModelSamplingSD3 is for SD3 models" in _node_error(froot, fg)
+    fg["6"] = {"class_type": "SkipLayerGuidanceSD3", "inputs": {"model": ["1", 0], "layers": "1", "scale": 3.0,
+               "start_percent": 0.01, "end_percent": 0.15}}  # fmt: skip
+    assert "skip-layer guidance is SD3's" in _node_error(froot, fg)
 
 
 # -- more loaders and nodes -------------------------------------------------------------------------------------------
@@ -440,3 +449,50 @@ def test_flux_workflow_posted_to_the_server(flux):
     theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=1.0, distilled_cfg_scale=3.5)
     assert png.shape == (16, 16, 3)
     assert np.abs(png.astype(np.float64) - np.round(theirs * 255)).max() <= 1
+
+
+def test_skip_layer_guidance_sd3_adds_comfyuis_term_in_its_window(sd3):
+    """SkipLayerGuidanceSD3 as ComfyUI's post-CFG function, written out: in the sigma window the guided x0 plus
+    ``scale * (x0_cond - x0_cond with block 1 left out)``; outside it plain CFG."""
+    from functools import partial
+
+    from sdengine import vae_utils
+    from sdengine.diffusion import sampling
+    from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule, flow_grid
+    from sdengine.diffusion.guidance import CFGDenoiser
+    from sdengine.pipeline.sd3 import MMDiTAdapter
+
+    root, pipe = sd3
+    ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3-tiny.safetensors"}}}
+    ref = str((root / "models" / "sd3-tiny.safetensors").resolve())
+    g = sd3_graph(ckpt, ["10", 0], ["1", 1], ["1", 2])
+    slg = {"model": ["1", 0], "layers": "[1]", "scale": 2.5, "start_percent": 0.2, "end_percent": 0.7}
+    g["10"] = {"class_type": "SkipLayerGuidanceSD3", "inputs": slg}
+    ours = _pixels(_run(root, g, {ref: pipe})["7"][0])
+
+    schedule = FlowSchedule.sd3(3.0)
+    cond, uncond = pipe.conditioner.pair(PROMPT, NEGATIVE)
+    plain = FlowDenoiser(pipe.network_adapter(pipe.unet), schedule)
+    skipped = FlowDenoiser(MMDiTAdapter(partial(pipe.unet, skip_layers=(1,)), pipe.dtype), schedule)
+    guided = CFGDenoiser(plain, 4.0, uncond, rule="comfyui")
+    high, low = schedule.percent_to_sigma(0.2), schedule.percent_to_sigma(0.7)
+    sigmas = flow_grid(schedule, STEPS, "simple", comfy=True).sigmas
+    inside = [float(s) for s in sigmas[:-1] if low <= float(s) <= high]
+    assert 0 < len(inside) < STEPS  # the window takes some of the steps, not all
+
+    def slg_den(x, sigma, **kw):
+        out = guided(x, sigma, **kw)
+        if low <= float(sigma) <= high:
+            out = out + 2.5 * (plain(x, sigma, **kw) - skipped(x, sigma, **kw))
+        return out
+
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(SEED))
+    with torch.inference_mode():
+        x = sampling.sample(slg_den, noise, sampler="euler", steps=STEPS, sigmas=sigmas, extra_args=cond,
+                            noise_schedule=schedule)  # fmt: skip
+        image = vae_utils.to_unit(vae_utils.decode(pipe.vae, x)[0])[0].permute(1, 2, 0).numpy()
+    assert np.abs(ours - image).max() < TOL
+    assert np.abs(ours - _pipeline_image(pipe, schedule="simple", cfg_scale=4.0)).max() > 1e-3
+    # a block the MMDiT does not have, and the node on a U-Net: one-line node errors
+    g["10"]["inputs"]["layers"] = "7, 8, 9"
+    assert "skip_layers" in _node_error(root, g, {ref: pipe})

@@ -1018,6 +1018,40 @@ class FlowModel:
     channels: int
     device: Any
     name: str = "model"
+    # layers -> the network with those blocks left out (SD3's MMDiT: skip-layer guidance), None where it has none
+    skipping: Callable[[tuple[int, ...]], Callable[..., Tensor]] | None = None
+
+
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """ComfyUI's SkipLayerGuidanceSD3 (SkipLayerGuidanceDiT, after Stability's SD3.5 recipe): at the model calls whose
+    sigma lies in ``[percent_to_sigma(end_percent), percent_to_sigma(start_percent)]``, the guided x0 gets
+    ``scale * (x0_cond - x0_cond_skipped)``, the conditional rows run once more with ``layers`` left out (a post-CFG
+    term, as PAG's; at cfg 1 too)."""
+
+    layers: tuple[int, ...]
+    scale: float
+    start_percent: float = 0.01
+    end_percent: float = 0.15
+
+
+class _SkipLayerGuided:
+    """A guided flow denoiser with :class:`SkipLayerGuidance`'s term added in its sigma window."""
+
+    def __init__(self, guided: Any, cond: Any, skipped: Any, scale: float, high: float, low: float) -> None:
+        self.guided, self.cond, self.skipped = guided, cond, skipped
+        self.scale, self.high, self.low = scale, high, low
+
+    def __getattr__(self, name: str) -> Any:  # what the samplers ask of the guided denoiser
+        return getattr(self.guided, name)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
+        out = self.guided(x, sigma, **kw)
+        s = float(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[0])
+        if self.scale > 0 and self.low <= s <= self.high:
+            args = {k: v for k, v in kw.items() if k not in ("guidance_parts", "step")}
+            out = out + (self.cond(x, sigma, **args) - self.skipped(x, sigma, **args)) * self.scale
+        return out
 
 
 def flow_sigmas(
@@ -1087,6 +1121,7 @@ def sample_flow_latents(
     callback: Callable[[StepReport], bool | None] | None = None,
     batch_index: Sequence[int] | None = None,
     sampler_options: Mapping[str, Any] | None = None,
+    skip_layer_guidance: SkipLayerGuidance | None = None,
 ) -> Tensor:
     """Sample a flow model from ``latent`` (B, C, h, w) in its scaled latent space along ``sigmas`` (decreasing, at
     most 1: :func:`flow_sigmas`, or a SamplerCustom's list), as ComfyUI's samplers run a flow model: the start is
@@ -1096,7 +1131,8 @@ def sample_flow_latents(
     (docs/flow-matching.md: the samplers that are not right there are refused, one line). A run ending above 0
     answers ComfyUI's ``latent / (1 - s)`` (its inverse noise scaling), which a next run without added noise
     continues exactly. Noise: ``seed_rule`` as :func:`sample_latents` (the step noise from ``BatchNoise`` under
-    ComfyUI's rule; the SDE samplers draw it there too, not from a Brownian tree)."""
+    ComfyUI's rule; the SDE samplers draw it there too, not from a Brownian tree). ``skip_layer_guidance``: see
+    :class:`SkipLayerGuidance` (a model with ``skipping``)."""
     from sdengine.diffusion.flow import FlowDenoiser
 
     if seed_rule not in SEED_RULES:
@@ -1137,7 +1173,16 @@ def sample_flow_latents(
             raise LatentSamplingError(f"the positive and negative conditionings differ in their {key!r} entry")
         extra[key] = pos[key].to(dev).expand(b, *pos[key].shape[1:])
         uncond[key] = neg[key].to(dev)
-    guided = CFGDenoiser(FlowDenoiser(model.network, model.schedule), float(cfg), uncond, rule="comfyui")
+    den = FlowDenoiser(model.network, model.schedule)
+    guided: Any = CFGDenoiser(den, float(cfg), uncond, rule="comfyui")
+    slg = skip_layer_guidance
+    if slg is not None and slg.layers and slg.scale > 0:
+        if model.skipping is None:
+            raise LatentSamplingError(f"{model.name} cannot leave blocks out: skip-layer guidance is SD3's (MMDiT)")
+        skipped = FlowDenoiser(model.skipping(tuple(slg.layers)), model.schedule)
+        high = model.schedule.percent_to_sigma(float(slg.start_percent))
+        low = model.schedule.percent_to_sigma(float(slg.end_percent))
+        guided = _SkipLayerGuided(guided, den, skipped, float(slg.scale), high, low)
     run_steps = given.shape[0] - 1
 
     def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:

@@ -225,6 +225,8 @@ class ModelHandle:
     diffusion_model: str = ""
     weight_dtype: str = "default"
     flow_sampling: tuple[Any, ...] = ()
+    # SkipLayerGuidanceSD3: (layers, scale, start_percent, end_percent), () = off
+    skip_layer_guidance: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1041,6 +1043,8 @@ def _sample(
             ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
             last_denoised, options, discard_penultimate, guidance_rule, third, **window,
         )  # fmt: skip
+    if getattr(model, "skip_layer_guidance", ()):
+        raise NodeError("SkipLayerGuidanceSD3 leaves out joint blocks of SD3's MMDiT; this model is a U-Net")
     if getattr(model, "perp_neg", ()):  # ComfyUI's PerpNeg patch: its CFG function in place of CFG (the node's cfg)
         if guidance_rule is not None:
             raise NodeError(f"{guidance_rule!r} cannot guide a model with the PerpNeg patch: use one or the other")

@@ -32,10 +32,12 @@ ddpm, ...) and ComfyUI's fp8 weight storage.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -450,6 +452,18 @@ def model_sampling_flux(
     return (replace(model, flow_sampling=("flux", mu)),)
 
 
+def skip_layer_guidance_sd3(
+    ctx: RunContext, model: ModelHandle, layers: str, scale: float, start_percent: float, end_percent: float
+) -> tuple[Any]:
+    """ComfyUI's SkipLayerGuidanceSD3: between ``start_percent`` and ``end_percent`` of the schedule, the guided x0
+    plus ``scale * (x0_cond - x0_cond with the joint blocks `layers` left out)`` (the block numbers read from the
+    text, as ComfyUI: every run of digits)."""
+    numbers = tuple(int(n) for n in re.findall(r"\d+", str(layers)))
+    if not numbers or float(scale) == 0.0:  # ComfyUI: the model as it was
+        return (model,)
+    return (replace(model, skip_layer_guidance=(numbers, float(scale), float(start_percent), float(end_percent))),)
+
+
 def _schedule(family: str, guidance_embeds: bool, model: ModelHandle) -> Any:
     """The flow schedule ComfyUI samples this model on (see the module docstring)."""
     from sdengine.diffusion.flow import FlowSchedule
@@ -480,11 +494,17 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
     else:
         pipe = ctx.pipeline(model.ref)
         family = _family_of_pipe(pipe) or ""
-        net, dev, name = pipe.unet, pipe.device, pipe.name
+        net, dev, name, dtype = pipe.unet, pipe.device, pipe.name, pipe.dtype
         adapter = pipe.network_adapter(net)
     guidance = bool(getattr(net.config, "guidance_embeds", False))
     joint = int(net.config.joint_attention_dim) if family == "sd3" else None
-    flow = FlowModel(adapter, _schedule(family, guidance, model), FLOW_CHANNELS, dev, name)
+    skipping = None
+    if family == "sd3":  # the MMDiT with blocks left out (SkipLayerGuidanceSD3), through the same adapter
+
+        def skipping(layers: tuple[int, ...]) -> Any:
+            return MMDiTAdapter(partial(net, skip_layers=layers), dtype)
+
+    flow = FlowModel(adapter, _schedule(family, guidance, model), FLOW_CHANNELS, dev, name, skipping)
     return family, flow, guidance, joint
 
 
@@ -613,7 +633,7 @@ def sample_flow(
     sigmas: torch.Tensor | None = None,
 ) -> tuple[Any]:
     """KSampler / KSamplerAdvanced / SamplerCustom on an SD3 or Flux model (see the module docstring)."""
-    from sdengine.latent_sampling import LatentSamplingError, flow_sigmas, sample_flow_latents
+    from sdengine.latent_sampling import LatentSamplingError, SkipLayerGuidance, flow_sigmas, sample_flow_latents
     from sdengine.pipeline.finite import require_finite
 
     _check_patches(model)
@@ -667,6 +687,7 @@ def sample_flow(
             callback=report,
             batch_index=latent_image.get("batch_index"),
             sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
+            skip_layer_guidance=SkipLayerGuidance(*model.skip_layer_guidance) if model.skip_layer_guidance else None,
         )
     except LatentSamplingError as e:
         raise NodeError(str(e)) from None
@@ -799,6 +820,23 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         model_sampling_sd3,
         description="SD3's flow schedule with this shift (its table of 1000, ComfyUI's ModelSamplingDiscreteFlow); "
         "on a Flux model: a node error when it samples.",
+    ),
+    "SkipLayerGuidanceSD3": NodeDef(
+        "SkipLayerGuidanceSD3",
+        "SkipLayerGuidanceSD3",
+        "advanced/guidance",
+        (
+            Input("model", "MODEL"),
+            Input("layers", "STRING", "7, 8, 9"),
+            Input("scale", "FLOAT", 3.0, 0.0, 10.0, 0.1),
+            Input("start_percent", "FLOAT", 0.01, 0.0, 1.0, 0.001),
+            Input("end_percent", "FLOAT", 0.15, 0.0, 1.0, 0.001),
+        ),
+        ("MODEL",),
+        skip_layer_guidance_sd3,
+        description="Skip-layer guidance on SD3's MMDiT as ComfyUI's: where the sigma lies between start_percent and "
+        "end_percent of the schedule, scale x (x0_cond - x0_cond with the joint blocks in layers left out) added after "
+        "CFG; on Flux: a node error when it samples.",
     ),
     "ModelSamplingFlux": NodeDef(
         "ModelSamplingFlux",
