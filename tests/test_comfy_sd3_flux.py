@@ -496,3 +496,50 @@ def test_skip_layer_guidance_sd3_adds_comfyuis_term_in_its_window(sd3):
     # a block the MMDiT does not have, and the node on a U-Net: one-line node errors
     g["10"]["inputs"]["layers"] = "7, 8, 9"
     assert "skip_layers" in _node_error(root, g, {ref: pipe})
+
+
+def test_flux_noise_mask_inpaints_as_comfyuis_x0_inpaint(flux):
+    """SetLatentNoiseMask on a Flux latent: every call reads the known half on its noising path ``s noise + (1 - s)
+    latent`` and answers the latent there (ComfyUI's KSamplerX0Inpaint), written out from the public pieces."""
+    from sdengine import vae_utils
+    from sdengine.diffusion import sampling
+    from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule, flow_grid
+    from sdengine.pipeline.flux import FluxAdapter
+
+    root, pipe = flux
+    g = flux_graph()
+    g.update({
+        "20": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0x3366CC}},
+        "21": {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["9", 0]}},
+        "22": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 16, "height": 16}},
+        "23": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 8, "height": 16}},
+        "24": {"class_type": "MaskComposite", "inputs": {"destination": ["22", 0], "source": ["23", 0], "x": 0,
+                                                          "y": 0, "operation": "add"}},
+        "25": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["21", 0], "mask": ["24", 0]}},
+    })  # fmt: skip
+    g["8"]["inputs"]["latent_image"] = ["25", 0]
+    out = _run(root, g)
+    raw = out["21"][0]["samples"]
+    assert raw.shape == (1, 16, 8, 8)
+
+    schedule = FlowSchedule.flux(mu=float(out["6"][0].flow_sampling[1]))
+    cond = pipe.conditioner.with_guidance(pipe.conditioner.text(PROMPT), 3.5)
+    den = FlowDenoiser(FluxAdapter(pipe.unet, pipe.dtype), schedule)
+    latent = (raw - 0.1159) * 0.3611
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(SEED))
+    mask = torch.zeros(1, 16, 8, 8)
+    mask[..., :4] = 1.0  # the left half is repainted
+
+    def inpaint(x, sigma, **kw):
+        s = float(sigma)
+        x = x * mask + (s * noise + (1 - s) * latent) * (1 - mask)
+        return den(x, sigma, **kw) * mask + latent * (1 - mask)
+
+    sigmas = flow_grid(schedule, STEPS, "simple", comfy=True).sigmas
+    with torch.inference_mode():
+        x = sampling.sample(inpaint, noise, sampler="euler", steps=STEPS, sigmas=sigmas, extra_args=cond,
+                            noise_schedule=schedule)  # fmt: skip
+        image = vae_utils.to_unit(vae_utils.decode(pipe.vae, x)[0])[0].permute(1, 2, 0).numpy()
+    ours = _pixels(out["10"][0])
+    assert np.abs(ours - image).max() < TOL
+    assert torch.allclose(out["8"][0]["samples"][..., 4:], raw[..., 4:], atol=1e-5)  # the known half is the latent

@@ -1097,6 +1097,38 @@ def flow_sigmas(
     return sigmas
 
 
+class _FlowInpaint:
+    """ComfyUI's KSamplerX0Inpaint on a flow model: every model call reads ``x`` with the known region (``mask`` 0)
+    replaced by the latent on its noising path, ``s noise + (1 - s) latent``, and its x0 there is the latent itself
+    (the sampler's own ``x`` is left as it is)."""
+
+    def __init__(self, inner: Any, latent: Tensor, noise: Tensor, mask: Tensor) -> None:
+        self.inner, self.latent, self.noise, self.mask = inner, latent, noise, mask
+        self.keep = 1.0 - mask
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
+        from sdengine.diffusion.flow import flow_noise_scaling
+
+        s = float(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[0])
+        x = x * self.mask + flow_noise_scaling(s, self.noise, self.latent) * self.keep
+        return self.inner(x, sigma, **kw) * self.mask + self.latent * self.keep
+
+
+def flow_noise_mask(mask: Tensor, shape: Sequence[int]) -> Tensor:
+    """ComfyUI's prepare_mask: a noise mask ((B, 1, H, W), (B, H, W) or (H, W); 1 = repaint) resized bilinearly to
+    the latent's sides, for every channel and row of a latent of ``shape`` (B, C, h, w)."""
+    m = mask.float()
+    m = F.interpolate(m.reshape(-1, 1, m.shape[-2], m.shape[-1]), size=(int(shape[2]), int(shape[3])), mode="bilinear")
+    b = int(shape[0])
+    if m.shape[0] not in (1, b) and b % m.shape[0] != 0:
+        raise LatentSamplingError(f"a noise mask batch of {m.shape[0]} does not fit the latent batch of {b}")
+    m = m.repeat(math.ceil(b / m.shape[0]), 1, 1, 1)[:b]
+    return m.expand(-1, int(shape[1]), -1, -1)
+
+
 def _flow_entry(entries: Sequence[TextCondition], which: str, model: FlowModel) -> dict[str, Tensor]:
     if len(entries) != 1 or entries[0].regional or entries[0].controls:
         raise LatentSamplingError(
@@ -1122,6 +1154,7 @@ def sample_flow_latents(
     batch_index: Sequence[int] | None = None,
     sampler_options: Mapping[str, Any] | None = None,
     skip_layer_guidance: SkipLayerGuidance | None = None,
+    noise_mask: Tensor | None = None,
 ) -> Tensor:
     """Sample a flow model from ``latent`` (B, C, h, w) in its scaled latent space along ``sigmas`` (decreasing, at
     most 1: :func:`flow_sigmas`, or a SamplerCustom's list), as ComfyUI's samplers run a flow model: the start is
@@ -1132,7 +1165,8 @@ def sample_flow_latents(
     answers ComfyUI's ``latent / (1 - s)`` (its inverse noise scaling), which a next run without added noise
     continues exactly. Noise: ``seed_rule`` as :func:`sample_latents` (the step noise from ``BatchNoise`` under
     ComfyUI's rule; the SDE samplers draw it there too, not from a Brownian tree). ``skip_layer_guidance``: see
-    :class:`SkipLayerGuidance` (a model with ``skipping``)."""
+    :class:`SkipLayerGuidance` (a model with ``skipping``). ``noise_mask`` (1 = repaint): ComfyUI's inpainting of a
+    plain model (:class:`_FlowInpaint`, the mask as :func:`flow_noise_mask` fits it)."""
     from sdengine.diffusion.flow import FlowDenoiser
 
     if seed_rule not in SEED_RULES:
@@ -1183,6 +1217,8 @@ def sample_flow_latents(
         high = model.schedule.percent_to_sigma(float(slg.start_percent))
         low = model.schedule.percent_to_sigma(float(slg.end_percent))
         guided = _SkipLayerGuided(guided, den, skipped, float(slg.scale), high, low)
+    if noise_mask is not None:
+        guided = _FlowInpaint(guided, latent, noise, flow_noise_mask(noise_mask, latent.shape).to(dev))
     run_steps = given.shape[0] - 1
 
     def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:

@@ -22,11 +22,12 @@ nodes as the U-Nets, and so does sdengine:
   a 16-channel VAE (the checkpoint's, or VAELoader's ``ae.safetensors`` / SD3's VAE) read and write raw latents.
 * Sampling: KSampler, KSamplerAdvanced, SamplerCustom and SamplerCustomAdvanced (with BasicScheduler, KSamplerSelect,
   RandomNoise, CFGGuider / BasicGuider) walk ComfyUI's sigma lists on the flow table
-  (:func:`sdengine.latent_sampling.flow_sigmas`) with :func:`sdengine.latent_sampling.sample_flow_latents`.
+  (:func:`sdengine.latent_sampling.flow_sigmas`) with :func:`sdengine.latent_sampling.sample_flow_latents`; a
+  latent's noise mask (SetLatentNoiseMask) inpaints as ComfyUI's KSamplerX0Inpaint.
 
 What does not apply to these models is refused with one line: the U-Net's model patches (LoRAs, FreeU, PAG, SAG,
 RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges, ModelSamplingDiscrete), ControlNets, regional conditioning,
-noise masks, the guiders over three conditionings, the samplers that step on a VP model's timesteps (ddim, lcm,
+the guiders over three conditionings, the samplers that step on a VP model's timesteps (ddim, lcm,
 ddpm, ...) and ComfyUI's fp8 weight storage.
 """
 
@@ -639,8 +640,6 @@ def sample_flow(
     _check_patches(model)
     if guidance_rule is not None:
         raise NodeError(f"{guidance_rule!r} is not supported on SD3 / Flux models here: use CFGGuider or BasicGuider")
-    if latent_image.get("noise_mask") is not None:
-        raise NodeError("a noise mask (inpainting) is not supported on SD3 / Flux models here yet")
     if steps > ctx.max_steps:
         raise NodeError(f"steps {steps} is over the server's limit of {ctx.max_steps}")
     if float(denoise) <= 0.0:
@@ -688,6 +687,7 @@ def sample_flow(
             batch_index=latent_image.get("batch_index"),
             sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
             skip_layer_guidance=SkipLayerGuidance(*model.skip_layer_guidance) if model.skip_layer_guidance else None,
+            noise_mask=latent_image.get("noise_mask"),
         )
     except LatentSamplingError as e:
         raise NodeError(str(e)) from None
@@ -699,7 +699,7 @@ def sample_flow(
             "samples": raw,
             "size": (b, h * LATENT_FACTOR, w * LATENT_FACTOR),
             "posterior": None,
-            "noise_mask": None,
+            "noise_mask": latent_image.get("noise_mask"),
             **({"batch_index": latent_image["batch_index"]} if "batch_index" in latent_image else {}),
         },
     )
