@@ -543,3 +543,34 @@ def test_flux_noise_mask_inpaints_as_comfyuis_x0_inpaint(flux):
     ours = _pixels(out["10"][0])
     assert np.abs(ours - image).max() < TOL
     assert torch.allclose(out["8"][0]["samples"][..., 4:], raw[..., 4:], atol=1e-5)  # the known half is the latent
+
+
+def test_flux_schnell_and_sd35_checkpoints_equal_their_pipelines(tmp_path):
+    """FLUX.1 [schnell] (no guidance input: FluxGuidance is left out of its conditioning; its schedule unshifted) and
+    SD3.5 Medium's MMDiT-X (a second attention, q/k norms) through the same nodes."""
+    from safetensors.torch import load_file
+
+    from sdengine.weights.flux_file import diffusers_to_bfl
+
+    folder = make_flux_folder(tmp_path / "schnell", guidance=False, seed=1)
+    models = tmp_path / "models"
+    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    _save(transformer, models / "unet" / "flux1-tiny.safetensors")
+    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
+    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
+    _save(_ldm_vae(folder), tmp_path / "vaes" / "ae.safetensors")
+    g = flux_graph()
+    del g["6"]  # [schnell]: ComfyUI's unshifted FLOW schedule, the pipeline's too
+    g["8"]["inputs"]["model"] = ["1", 0]
+    pipe = sdengine.load_pipeline(folder, device="cpu")
+    theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=1.0)
+    assert np.abs(_pixels(_run(tmp_path, g)["10"][0]) - theirs).max() < TOL
+
+    sd35 = make_sd3_folder(tmp_path / "sd35", sd35=True, seed=2)
+    write_single_file(sd35, models / "sd35-tiny.safetensors")
+    ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd35-tiny.safetensors"}}}
+    pipe = sdengine.load_pipeline(models / "sd35-tiny.safetensors", device="cpu")
+    ref = str((models / "sd35-tiny.safetensors").resolve())
+    out = _run(tmp_path, sd3_graph(ckpt, ["1", 0], ["1", 1], ["1", 2], sampler="heun", scheduler="beta"), {ref: pipe})
+    theirs = _pipeline_image(pipe, sampler="heun", schedule="beta", cfg_scale=4.0)
+    assert np.abs(_pixels(out["7"][0]) - theirs).max() < TOL

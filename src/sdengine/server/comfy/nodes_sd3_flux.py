@@ -98,7 +98,9 @@ PARTS_KEPT = 2  # a transformer and a set of text encoders: each may be many GB
 def _cached(key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
     from sdengine.io.paths import file_state
 
-    full = (*key, *(s for p in key if isinstance(p, str) and Path(p).exists() for s in file_state(p)))
+    # a file replaced under the same name is loaded again: its state (size, time) is part of the key
+    files = [p for p in key if isinstance(p, str) and Path(p).is_absolute() and Path(p).exists()]
+    full = (*key, *(s for p in files for s in file_state(p)))
     with _PARTS_LOCK:
         if full in _PARTS:
             _PARTS.move_to_end(full)
