@@ -261,6 +261,21 @@ def test_hires_fix_second_pass_is_an_sd3_img2img(sd3):
     assert _mad(latent.arrays, out.arrays) > 1e-3  # another start: the first pass's latent, not its pixels
 
 
+def test_prompt_editing_switches_the_sd3_conditioning(sd3):
+    """A1111's prompt editing on SD3: each scheduled text's CLIP part padded to the call's most chunks (T5's tokens
+    stay last), the texts switched per step. An alternation of one text is that text's image exactly; a switch
+    halfway is neither text's image."""
+    _, pipe = sd3
+    plain = _ours(pipe, "a red apple", steps=4).arrays
+    same = _ours(pipe, "[a red apple|a red apple]", steps=4).arrays
+    np.testing.assert_array_equal(same, plain)
+    switched = _ours(pipe, "[a red apple:a green pear:2]", steps=4).arrays
+    assert _mad(switched, plain) > 1e-5 and _mad(switched, _ours(pipe, "a green pear", steps=4).arrays) > 1e-5
+    long_text = "a red apple on a table, " * 16  # two chunks against one: padded before T5's tokens
+    mixed = _ours(pipe, f"[{long_text}|{long_text}]", "[blurry|blurry]", steps=2).arrays
+    np.testing.assert_allclose(mixed, _ours(pipe, long_text, "blurry", steps=2).arrays, atol=1e-6, rtol=0)
+
+
 def test_single_file_gives_the_folders_image(sd3, single):
     folder, pipe = sd3
     from_file = sdengine.load_pipeline(single, device="cpu")
@@ -319,6 +334,22 @@ def test_encoder_files_are_checked(sd3, single, tmp_path):
         sdengine.load_pipeline(single, device="cpu", vae=folder / "vae")
 
 
+def test_a_folder_missing_a_listed_component_is_refused(sd3, tmp_path):
+    import shutil
+
+    from sdengine.weights.io import WeightsError
+
+    folder, _ = sd3
+    copy = tmp_path / "broken"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "text_encoder_3")  # model_index.json still lists it: never run without T5 silently
+    with pytest.raises(WeightsError, match=r"model_index.json lists text_encoder_3 but the folder has no"):
+        sdengine.load_pipeline(copy, device="cpu")
+    shutil.rmtree(copy / "vae")
+    with pytest.raises(WeightsError, match=r"missing vae/config.json"):
+        sdengine.load_pipeline(copy, device="cpu", t5=folder / "text_encoder_3")
+
+
 def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
     with pytest.raises(
         GenerationError, match=r"--clip-l, --t5 give an SD3 or Flux model.s text encoders; this is neither"
@@ -341,7 +372,6 @@ def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
         ({"zero_terminal_snr": True}, "zero_terminal_snr rescales a VP schedule"),
         ({"controlnets": [("cn", None, 1.0)]}, "ControlNets and T2I-Adapters are made for U-Nets"),
         ({"freeu": [1.1, 1.2, 0.9, 0.2]}, "FreeU scales U-Net decoder features"),
-        ({"prompt": "a [cat:dog:0.5]"}, r"prompt editing \(\[a:b:when\], \[a\|b\]\) is not supported for SD3"),
         ({"shift": 0.0}, r"shift must be a number in \(0, 100\]"),
         ({"sampler": "ddim"}, "ddim"),
         ({"sd3": {"skip_guidance_layers": [5]}}, r"sd3 skip_guidance_layers 5 is not a joint block of this MMDiT"),
@@ -450,3 +480,50 @@ def test_latent_sampling_refuses_sd3_in_one_line(sd3):
     latent = torch.zeros(1, 16, SIZE // 2, SIZE // 2)
     with pytest.raises(LatentSamplingError, match=r"SD3 / flow models are not supported here yet; run the pipeline"):
         sample_latents(pipe, [TextCondition(cond)], [TextCondition(uncond)], latent, seed=1, steps=2, cfg=5.0)
+
+
+def test_server_native_and_a1111_txt2img_routes_run_sd3(sd3, tmp_path):
+    """``sdengine serve`` with an SD3 folder in its models folder: a native job gives the pipeline's image; A1111's
+    txt2img route runs with a flow scheduler and refuses its "Automatic" (A1111's uniform for Euler) in one line."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import shutil
+
+    import httpx
+    from PIL import Image
+
+    from _live_server import live_server, run_job, server_config
+
+    folder, pipe = sd3
+    models = tmp_path / "models"
+    shutil.copytree(folder, models / "tiny-sd3")
+    body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 3, "width": SIZE, "height": SIZE, "seed": 5}
+    want = pipe(PROMPT, NEGATIVE, steps=3, seed=5, width=SIZE, height=SIZE, sampler="euler", progress=False)
+    with live_server(server_config(tmp_path, models_dir=models)) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            pixels, _ = run_job(client, {**body, "model": "tiny-sd3", "sampler": "euler", "schedule": "normal"})
+            np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
+            a1111 = {**body, "override_settings": {"sd_model_checkpoint": "tiny-sd3"}, "sampler_name": "Euler"}
+            r = client.post("/sdapi/v1/txt2img", json={**a1111, "scheduler": "Simple"})
+            assert r.status_code == 200, r.text
+            image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+            assert "Shift: 3" in image.info["parameters"] and "Schedule type: Simple" in image.info["parameters"]
+            r = client.post("/sdapi/v1/txt2img", json=a1111)
+            assert r.status_code == 400 and "schedule 'uniform' is not one of a flow model's" in r.text
+
+
+def test_batch_rows_equal_the_same_seed_alone_and_a_callback_cancels(sd3):
+    """The core's contracts hold for SD3: row i of a batch is seed i's image alone (1e-5, BLAS), a variation seed at
+    strength 0 changes nothing, and a callback returning False cancels with the steps done."""
+    from sdengine.pipeline.result import Cancelled
+
+    _, pipe = sd3
+    both = _ours(pipe, seed=[3, 4], steps=3).arrays
+    np.testing.assert_allclose(both[1], _ours(pipe, seed=4, steps=3).arrays[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        both[0], _ours(pipe, seed=3, steps=3, subseed=9, subseed_strength=0.0).arrays[0], atol=1e-5
+    )
+    with pytest.raises(Cancelled) as stop:
+        _ours(pipe, steps=3, callback=lambda info: info.step < 2)
+    assert stop.value.step == 2

@@ -164,7 +164,7 @@ def _load(
     from sdengine.weights.sd3_files import is_sd3
 
     if is_sd3(path):
-        return _load_sd3(path, key, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
+        return _load_sd3(path, dev, dt, vae, prediction_type, config, embeddings_dir, given)
     from sdengine.pipeline import flux_loading
 
     if flux_loading.is_flux_folder(path) or flux_loading.is_flux_file(path):
@@ -341,14 +341,12 @@ def _load_sdxl(
 
 def _load_sd3(
     path: Path,
-    key: str,
     dev: torch.device,
     dt: torch.dtype,
     vae: Any,
     prediction_type: Any,
     config: Any,
     embeddings_dir: Any,
-    lora_dir: Any,
     encoders: Mapping[str, Any],
 ) -> Pipeline:
     """An SD3 / SD3.5 folder or single file -> SD3Pipeline; the loading options made for U-Net models refused."""

@@ -21,8 +21,9 @@ The 16-channel VAE needs nothing new: ``shift_factor`` and ``scaling_factor`` co
 SD3.5's skip-layer guidance (the request's ``sd3`` settings, :class:`SD3Options`) runs inside
 :class:`MMDiTAdapter`. What is made for U-Nets is refused before any work, one line each (:func:`refusals`):
 ControlNets, T2I-Adapters, IP-Adapters, LoRA files, U-Net patches (PAG, SAG, FreeU, Deep Shrink, HyperTile),
-instruct-pix2pix guidance, A1111's step rules, Zero Terminal SNR, another hires model, tiled diffusion, tiling, prompt
-editing, textual-inversion files, and samplers that are not right on a flow model.
+instruct-pix2pix guidance, A1111's step rules where they would change the run, Zero Terminal SNR, another hires
+model, tiled diffusion, tiling, textual-inversion files, and samplers that are not right on a flow model. Prompt
+editing and the hires fix run as for the other families.
 
 The core learns all of this through its family hooks (``training_schedule``, ``network_adapter``, ``x0_denoiser``,
 ``img2img_first_step``, ``noised_latent``, ``network_activation_bytes``, ``infotext_fields``), which SD 1.x/2.x
@@ -48,7 +49,6 @@ from sdengine.pipeline.core import Pipeline, Prepared, as_request
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import GenerationResult
-from sdengine.text.conditioners import Conditioning
 from sdengine.text.sd3_conditioner import T5_LENGTH, SD3Conditioner
 
 # The defaults of an SD3 run where the caller chose none (the CLI's; diffusers' StableDiffusion3Pipeline: its
@@ -446,6 +446,7 @@ class SD3Pipeline(Pipeline):
     def _call_settings(self, request: GenerationRequest) -> Iterator[None]:
         """A call's shift and skip-layer guidance, which the schedule and the adapter read while it runs."""
         self._call_shift = None if request.shift is None else float(request.shift)
+        self.conditioner.edit_chunks = self._edit_chunks(request)  # type: ignore[attr-defined]
         opts = SD3Options.coerce(request.sd3, int(self.unet.config.num_layers))
         cfg = float(request.cfg_scale)
         if opts.skip_guidance_layers and cfg > 1.0:  # diffusers: with guidance only
@@ -462,6 +463,28 @@ class SD3Pipeline(Pipeline):
             self._call_shift = None
             self._call_slg = None
 
+    def _edit_chunks(self, request: GenerationRequest) -> int:
+        """The most CLIP chunks a text of the call's prompt-editing schedules takes (prompts, negative prompts and
+        the hires fix's, at either pass's step count): what every scheduled text is padded to."""
+        from sdengine.prompts import extract_lora_tags
+        from sdengine.text.schedule import prompt_schedule
+
+        r = request
+        if not isinstance(r.steps, int) or r.steps < 1:
+            return 1  # validate() says why
+        texts = [t for t in (*r.prompts(), *r.negative_prompts(), r.hr_prompt, r.hr_negative_prompt) if t]
+        if not any("[" in t for t in texts):
+            return 1  # no editing: the pair path pads on its own
+        counts = {r.steps, int(r.hr_second_pass_steps) or r.steps} if r.enable_hr else {r.steps}
+        cond: Any = self.conditioner
+        chunks = 1
+        for text in texts:
+            plain, _ = extract_lora_tags(text)
+            for steps in counts:
+                for _, scheduled in prompt_schedule(plain, steps):
+                    chunks = max(chunks, cond.chunk_count(scheduled))
+        return chunks
+
     def __call__(
         self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any
     ) -> GenerationResult:
@@ -472,11 +495,6 @@ class SD3Pipeline(Pipeline):
             )
         with self._call_settings(request):
             return super().__call__(request)
-
-    def conditioning_pair(
-        self, prompt: str, negative: str, p: Prepared, note: Any
-    ) -> tuple[Conditioning, Conditioning]:
-        return self.conditioner.pair(prompt, negative, clip_skip=self.clip_skip_of(p.request), note=note)
 
 
 # -- loading -------------------------------------------------------------------------------------------------
@@ -511,12 +529,9 @@ def load_sd3(
         if value is not None and not Path(value).exists():
             raise GenerationError(f"{ENCODER_FLAGS[key]} {value}: no such file or folder")
     # what the model holds itself
-    if folder:
-        own = {
-            "clip_l": sf.folder_component(path, "text_encoder"),
-            "clip_g": sf.folder_component(path, "text_encoder_2"),
-            "t5": sf.folder_component(path, "text_encoder_3"),
-        }
+    if folder:  # (a component given apart need not be in the folder)
+        subs = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
+        own = {k: sf.folder_component(path, sub) if given[k] is None else None for k, sub in subs.items()}
     else:
         keys = list(load_file(path)[0])  # a memory map: no tensor is read here
         own = {

@@ -97,6 +97,7 @@ class SD3Conditioner:
         self.pad_token_id_2 = pad_token_id_2
         self.joint_dim = int(joint_attention_dim)
         self.t5_length = int(t5_length)
+        self.edit_chunks = 1  # the CLIP chunks every prompt-editing text is padded to (see encode)
         self.dtype = dtype
         self.device = device
         self.name = name
@@ -195,6 +196,10 @@ class SD3Conditioner:
         clip, pooled = self.clip_text(prompt, clip_skip, chunks)
         return torch.cat([clip, self.t5_states(prompt, note).to(clip.device)], dim=1), pooled
 
+    def chunk_count(self, prompt: str) -> int:
+        """The 77-token chunks ``prompt`` takes on the CLIP side (the more of the two encoders')."""
+        return self._chunk_count(prompt)
+
     def _chunk_count(self, prompt: str) -> int:
         from sdengine.prompts import prompt_chunks
 
@@ -217,10 +222,18 @@ class SD3Conditioner:
         uncond = {"crossattn": u.to(self.dtype), "vector": u_pooled.to(self.dtype)}
         return cond, uncond
 
-    def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Any = None) -> Conditioning:
-        """Prompt editing pads each scheduled text's states at their end, where SD3's T5 tokens sit: refused
-        rather than half right."""
-        raise GenerationError("prompt editing ([a:b:when], [a|b]) is not supported for SD3 yet")
+    def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Note = _ignore) -> Conditioning:
+        """One text of a prompt-editing schedule: ``{"crossattn", "vector"}`` with the CLIP part padded to
+        ``edit_chunks`` chunks (the most any text of the call has: the pipeline sets it), so that every text's
+        states have one length and T5's tokens stay last (prompt editing would otherwise pad at the end)."""
+        self.check_clip_skip(clip_skip)
+        if self._chunk_count(text) > self.edit_chunks:
+            raise GenerationError(
+                f"{what}: a prompt-editing text of {self._chunk_count(text)} chunks, more than the "
+                f"{self.edit_chunks} counted for this call"
+            )
+        z, pooled = self.text(text, clip_skip, self.edit_chunks, note)
+        return {"crossattn": z.to(self.dtype), "vector": pooled.to(self.dtype)}
 
     def __call__(self, prompts: Sequence[str], *, clip_skip: int = 1) -> Conditioning:
         """One row per prompt (all of one chunk count)."""

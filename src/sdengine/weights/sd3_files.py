@@ -91,12 +91,15 @@ def is_sd3(path: str | Path) -> bool:
 
 
 def folder_component(folder: Path, name: str) -> Path | None:
-    """``folder/name`` when ``model_index.json`` lists that component (not null) and its folder exists."""
+    """``folder/name`` when ``model_index.json`` lists that component (not null), None when it does not; listed
+    but missing is a WeightsError (never a model silently run without it)."""
     index = _read_json(folder / "model_index.json", "model_index.json")
     entry = index.get(name)
     listed = isinstance(entry, list | tuple) and len(entry) == 2 and entry[0] is not None and entry[1] is not None
     sub = folder / name
-    return sub if listed and sub.is_dir() else None
+    if listed and not sub.is_dir():
+        raise WeightsError(f"{folder}: model_index.json lists {name} but the folder has no {name}/")
+    return sub if listed else None
 
 
 def scheduler_config(source: Path) -> dict[str, Any]:
