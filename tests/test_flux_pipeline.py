@@ -213,6 +213,22 @@ def test_graphs_replay_the_same_images(dev):
     assert pipe.cuda_graphs["loop"].recordings == 1
 
 
+def test_prompt_editing(dev):
+    """A1111's prompt editing: each text encoded once (T5 and CLIP, with the call's distilled guidance), switched per
+    step. Two texts that read the same to Flux (emphasis is taken out) give the plain prompt's image exactly; a
+    real switch gives neither prompt's image."""
+    _, pipe, _ = dev
+    args = dict(steps=4, seed=SEED, width=W, height=H, progress=False)
+    cat = pipe("a cat photo", **args).arrays
+    same = pipe("[a (cat:1.0) photo:a cat photo:0.5]", **args).arrays
+    np.testing.assert_allclose(same, cat, atol=1e-6, rtol=0)
+    dog = pipe("a dog photo", **args).arrays
+    switched = pipe("[a cat photo:a dog photo:0.5]", **args).arrays
+    assert _mad(switched, cat) > 10 * TOL and _mad(switched, dog) > 10 * TOL
+    with_cfg = pipe("[a cat photo:a dog photo:0.5]", "blurry", cfg_scale=2.0, **args).arrays
+    assert _mad(with_cfg, switched) > 10 * TOL
+
+
 # -- single files ------------------------------------------------------------------------------------------------
 
 
@@ -238,8 +254,11 @@ def _single_files(folder, dst):
     return files
 
 
-def test_bfl_files_match_diffusers(dev, tmp_path):
-    folder, _, ref = dev
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_bfl_files_match_diffusers(dev, schnell, tmp_path, variant):
+    """The diffusion-model file has no scheduler: [dev]'s (dynamic shift) comes from its guidance embedding,
+    [schnell]'s (none) from its lack of one."""
+    folder, _, ref = dev if variant == "dev" else schnell
     _single_files(folder, tmp_path)
     pipe = sdengine.load_pipeline(
         tmp_path / "flux1.safetensors",
@@ -248,7 +267,7 @@ def test_bfl_files_match_diffusers(dev, tmp_path):
         clip_l=tmp_path / "clip_l.safetensors",
         t5=tmp_path / "t5xxl.safetensors",
     )
-    assert isinstance(pipe, FluxPipeline) and pipe.variant == "dev"
+    assert isinstance(pipe, FluxPipeline) and pipe.variant == variant
     ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, progress=False)
     assert _mad(ours.arrays, _theirs(ref, guidance_scale=3.5, num_inference_steps=3)) < TOL
     assert ours.parameters["vae"] == "ae.safetensors" and ours.parameters["vae_hash"]
@@ -279,6 +298,8 @@ def test_missing_parts_name_their_flag(dev, tmp_path):
         given = {k: v for k, v in parts.items() if k != left_out}
         with pytest.raises(GenerationError, match=f"flux1.safetensors holds no .* give it with {flag} FILE"):
             sdengine.load_pipeline(model, device="cpu", **given)
+    with pytest.raises(GenerationError, match="--clip-l nope.safetensors: no such file or folder"):
+        sdengine.load_pipeline(model, device="cpu", **{**parts, "clip_l": "nope.safetensors"})
 
 
 # -- refusals ----------------------------------------------------------------------------------------------------
@@ -292,7 +313,6 @@ def test_missing_parts_name_their_flag(dev, tmp_path):
         ({"prompt": "a cat <lora:x:1>"}, "<lora:...> tags: LoRAs are not supported for Flux"),
         ({"pag_scale": 1.0}, "pag_scale: perturbed-attention guidance"),
         ({"clip_skip": 2}, "clip_skip 2 does not apply to Flux"),
-        ({"prompt": "a [cat:dog:0.5] photo"}, "prompt editing .* is not supported for Flux"),
         ({"width": 50}, "width 50 is not a multiple of 4"),
         ({"distilled_cfg_scale": -1.0}, r"distilled_cfg_scale must be in \[0, 100\]"),
         ({"sampler": "ddim"}, "sampler 'ddim' cannot run on a flow model"),
@@ -312,13 +332,13 @@ def test_hires_on_another_model_is_refused(dev, schnell):
 
 
 def test_schnell_refuses_distilled_guidance(schnell):
-    with pytest.raises(GenerationError, match=r"distilled_cfg_scale applies to FLUX.1 \[dev\]"):
+    with pytest.raises(GenerationError, match=r"distilled_cfg_scale \(--guidance\) applies to FLUX.1 \[dev\]"):
         schnell[1](PROMPT, steps=1, width=W, height=H, distilled_cfg_scale=3.5, progress=False)
 
 
 def test_sd_model_refuses_distilled_guidance(tiny_sd1_folder):
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
-    with pytest.raises(GenerationError, match="distilled_cfg_scale applies to FLUX.1 .dev. only"):
+    with pytest.raises(GenerationError, match=r"distilled_cfg_scale \(--guidance\) applies to FLUX.1 .dev. only"):
         pipe(PROMPT, steps=1, distilled_cfg_scale=3.5, progress=False)
 
 
@@ -369,3 +389,42 @@ def test_cli_defaults_infotext_and_from_png(dev, tmp_path):
         == 0
     )
     assert float(parse_parameters(read_png_parameters(guided))["Distilled CFG Scale"]) == 5.0
+
+
+def test_cli_prompt_list_takes_flux_defaults(dev, tmp_path):
+    """``generate --prompts``: each line runs with Flux's defaults where neither a flag nor the line sets them."""
+    from sdengine.metadata import parse_parameters, read_png_parameters
+
+    folder, _, _ = dev
+    prompts = tmp_path / "list.txt"
+    prompts.write_text(f"{PROMPT}\n--prompt 'a dog' --cfg_scale 2 --steps 2\n")
+    args = ["generate", "--model", str(folder), "--prompts", str(prompts), "--width", str(W), "--height", str(H)]
+    assert main([*args, "--steps", "3", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    first, second = sorted((tmp_path / "out").glob("*.png"))
+    a = parse_parameters(read_png_parameters(first))
+    b = parse_parameters(read_png_parameters(second))
+    assert (a["Steps"], float(a["CFG scale"]), a["Sampler"]) == ("3", 1.0, "Euler")  # the flag, Flux's cfg and sampler
+    assert (b["Steps"], float(b["CFG scale"])) == ("2", 2.0)  # the line's
+
+
+def test_server_native_job_runs_flux(dev, tmp_path):
+    """``sdengine serve`` with a Flux folder in its models folder: a native job gives the pipeline's image (the
+    server's requests have SD's defaults and no distilled-guidance field: cfg_scale 1 is given, the guidance is
+    [dev]'s default 3.5)."""
+    pytest.importorskip("fastapi")
+    import shutil
+
+    import httpx
+
+    from _live_server import live_server, run_job, server_config
+
+    folder, pipe, _ = dev
+    models = tmp_path / "models"
+    shutil.copytree(folder, models / "tiny-flux")
+    body = {"prompt": PROMPT, "steps": 3, "width": W, "height": H, "seed": 5, "cfg_scale": 1.0}
+    want = pipe(PROMPT, steps=3, seed=5, width=W, height=H, progress=False)
+    with live_server(server_config(tmp_path, models_dir=models)) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            job = {**body, "model": "tiny-flux", "sampler": "euler", "schedule": "normal"}
+            pixels, _ = run_job(client, job)
+            np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))

@@ -1054,7 +1054,7 @@ def run(a: argparse.Namespace) -> int:
     if a.prompts is not None:  # a list of requests: sdengine.batch_render
         from .generate_list import run_list
 
-        return run_list(a, kwargs, model)
+        return run_list(a, kwargs, model, chosen)
 
     sides = None
     if a.outpaint is not None:

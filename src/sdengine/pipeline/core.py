@@ -828,10 +828,12 @@ class Pipeline:
                 raise GenerationError(str(e)) from None
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
+        if r.distilled_cfg_scale is not None and self.text_kind != "flux":
+            raise GenerationError(
+                f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev] only; {self.name} is not a Flux model"
+            )
         if r.sd3 is not None and self.text_kind != "sd3":
             raise GenerationError(f"sd3 settings apply to SD3 models only; {self.name} is not one")
-        if r.distilled_cfg_scale is not None and self.text_kind != "flux":
-            raise GenerationError(f"distilled_cfg_scale applies to FLUX.1 [dev] only; {self.name} is not a Flux model")
         if r.shift is not None and isinstance(self.base_schedule, NoiseSchedule):
             raise GenerationError(f"shift applies to flow models (SD3) only; {self.name} is not one")
         check_instruct_pix2pix(self, r, notes)

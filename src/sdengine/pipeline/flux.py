@@ -1,10 +1,16 @@
 """FLUX.1 [dev] and [schnell] behind the same pipeline: a rectified-flow transformer, T5 + CLIP-L, a 16-channel VAE.
 
+Black Forest Labs' FLUX.1 (2024) is a rectified flow (Liu et al. 2023; Esser et al. 2024, "Scaling Rectified Flow
+Transformers for High-Resolution Image Synthesis") in a 16-channel latent; [dev] is guidance-distilled (Meng et al.
+2023, "On Distillation of Guided Diffusion Models"), [schnell] timestep-distilled for 1-4 steps (latent adversarial
+diffusion distillation, Sauer et al. 2024). The network is :mod:`sdengine.models.flux`.
+
 Everything after the conditioning dict is :class:`sdengine.pipeline.core.Pipeline`'s (seeds, samplers, img2img,
 VAE decode with its fp32 fall-back, infotext); what Flux changes goes through the core's model-family hooks:
 
 * the conditioning: :class:`sdengine.text.flux_conditioner.FluxConditioner` (T5's states as ``crossattn``,
-  CLIP-L's pooled output as ``vector``, the distilled guidance scale as ``guidance`` for [dev]);
+  CLIP-L's pooled output as ``vector``, the distilled guidance scale as ``guidance`` for [dev]; prompt editing's
+  texts each with the call's guidance);
 * the network's arguments: :class:`FluxAdapter` (``crossattn`` -> ``encoder_hidden_states``, ``vector`` ->
   ``pooled_projections``, ``guidance`` -> ``guidance``);
 * the denoiser and schedule: the flow's (:mod:`sdengine.diffusion.flow`, ``x0 = x - s v``), with the grid
@@ -85,7 +91,6 @@ class FluxAdapter:
         guidance: Tensor | None = None,
         concat: Tensor | None = None,
         ip_tokens: Tensor | None = None,
-        **_: Any,
     ) -> Tensor:
         if concat is not None or ip_tokens is not None:
             raise GenerationError("the Flux transformer takes no concatenated channels or IP-Adapter tokens")
@@ -275,8 +280,8 @@ class FluxPipeline(Pipeline):
         if not self.guidance_distilled:
             if value is not None:
                 raise GenerationError(
-                    f"distilled_cfg_scale applies to FLUX.1 [dev]; {self.name} is [schnell]-like (no guidance "
-                    "embedding): drop it"
+                    f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev]; {self.name} is [schnell]-like (no "
+                    "guidance embedding): drop it"
                 )
             return None
         if value is None:
@@ -339,16 +344,21 @@ class FluxPipeline(Pipeline):
         return conditioner.pair(prompt, negative, note=note, guidance=guidance)
 
     def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
-        with self._schedule_of(p.width, p.height):
+        with self._call_settings(p):
             return super().sample_latents(p, init_latent)
 
     @contextmanager
-    def _schedule_of(self, width: int, height: int) -> Iterator[None]:
-        self._call_schedule = self.flow_schedule(width, height)
+    def _call_settings(self, p: Prepared) -> Iterator[None]:
+        """For one call: the schedule of its size, and its distilled guidance for the texts prompt editing encodes
+        one by one (:meth:`FluxConditioner.encode`)."""
+        conditioner: FluxConditioner = self.conditioner  # type: ignore[assignment]
+        self._call_schedule = self.flow_schedule(p.width, p.height)
+        conditioner.call_guidance = self.distilled_guidance(p.request)
         try:
             yield
         finally:
             self._call_schedule = None
+            conditioner.call_guidance = None
 
     def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
         """Forge's "Distilled CFG Scale" of a [dev] call."""

@@ -40,6 +40,9 @@ COMFY_CLIP_L = "text_encoders.clip_l.transformer."
 COMFY_T5 = "text_encoders.t5xxl.transformer."
 VAE_PREFIXES = ("vae.", "first_stage_model.")
 TRANSFORMER_PREFIX = "model.diffusion_model."
+FLAGS = {"vae": "--vae", "clip_l": "--clip-l", "t5": "--t5"}  # the command line's names of the parts given apart
+CLIP_L_FILE = "ComfyUI's clip_l.safetensors"
+T5_FILE = "ComfyUI's t5xxl_fp16.safetensors"
 
 # scheduler/scheduler_config.json of FLUX.1-dev and FLUX.1-schnell
 DEV_SCHEDULER: dict[str, Any] = {
@@ -213,12 +216,6 @@ def load_t5(path: Path, dtype: torch.dtype, device: Any) -> Any:
     return load_t5_encoder(path, device=device, dtype=dtype)
 
 
-def _missing(path: Path, what: str, flag: str, keyword: str, example: str) -> GenerationError:
-    return GenerationError(
-        f"{path.name} holds no {what}: give it with {flag} FILE ({keyword}= in Python; e.g. {example})"
-    )
-
-
 # -- the pipeline ---------------------------------------------------------------------------------------------
 
 
@@ -240,11 +237,27 @@ def load_flux_pipeline(
     from sdengine.weights.io import WeightsError
 
     name = name or path.name.removesuffix(path.suffix) or path.name
+    given = {"vae": vae, "clip_l": clip_l, "t5": t5}
+    for key, value in given.items():
+        if value is not None and not Path(value).exists():
+            raise GenerationError(f"{FLAGS[key]} {value}: no such file or folder")
     try:
+        # what a single file lacks is said before the transformer (the large part) is read
+        names = [] if path.is_dir() else tensor_names(path)
+        if not path.is_dir():
+            for key, what, held, example in (
+                ("vae", "VAE", any(n.startswith(VAE_PREFIXES) for n in names), "Flux's ae.safetensors"),
+                ("clip_l", "CLIP-L text encoder", any(n.startswith(COMFY_CLIP_L) for n in names), CLIP_L_FILE),
+                ("t5", "T5 text encoder", any(n.startswith(COMFY_T5) for n in names), T5_FILE),
+            ):
+                if given[key] is None and not held:
+                    raise GenerationError(
+                        f"{path.name} holds no {what}: give it with {FLAGS[key]} FILE ({key}= in Python; e.g. "
+                        f"{example})"
+                    )
         transformer = load_flux_transformer(path, device=device, dtype=dtype)
         if path.is_dir():
             vae_model = load_flux_vae(Path(vae) if vae is not None else path / "vae", dtype, device)
-            vae_source_named = Path(vae) if vae is not None else None
             clip = load_clip_l(Path(clip_l) if clip_l is not None else path / "text_encoder", dtype, device)
             t5_model = load_t5(Path(t5) if t5 is not None else path / "text_encoder_2", dtype, device)
             tok_dir = path / "tokenizer"
@@ -259,26 +272,13 @@ def load_flux_pipeline(
             )
             pad = clip_pad_token_id(tok_dir if tok_dir.is_dir() else None, tokenizer.vocab, "sd1")
         else:
-            names = tensor_names(path)
-            if vae is not None:
-                vae_model = load_flux_vae(Path(vae), dtype, device)
-            else:
-                vae_model = _vae_of_checkpoint(path, names, dtype, device)
-                if vae_model is None:
-                    raise _missing(path, "VAE", "--vae", "vae", "Flux's ae.safetensors")
-            vae_source_named = Path(vae) if vae is not None else None
-            if clip_l is not None:
-                clip = load_clip_l(Path(clip_l), dtype, device)
-            elif any(n.startswith(COMFY_CLIP_L) for n in names):
-                clip = load_clip_l(path, dtype, device)
-            else:
-                raise _missing(path, "CLIP-L text encoder", "--clip-l", "clip_l", "ComfyUI's clip_l.safetensors")
-            if t5 is not None:
-                t5_model = load_t5(Path(t5), dtype, device)
-            elif any(n.startswith(COMFY_T5) for n in names):
-                t5_model = load_t5(path, dtype, device)
-            else:
-                raise _missing(path, "T5 text encoder", "--t5", "t5", "ComfyUI's t5xxl_fp16.safetensors")
+            vae_model = (
+                load_flux_vae(Path(vae), dtype, device)
+                if vae is not None
+                else _vae_of_checkpoint(path, names, dtype, device)
+            )
+            clip = load_clip_l(Path(clip_l) if clip_l is not None else path, dtype, device)
+            t5_model = load_t5(Path(t5) if t5 is not None else path, dtype, device)
             tokenizer = clip_tokenizer(None)
             tokenizer_2 = load_t5_tokenizer(None)
             scheduler = DEV_SCHEDULER if transformer.config.guidance_embeds else SCHNELL_SCHEDULER
@@ -299,7 +299,7 @@ def load_flux_pipeline(
         name=name,
         source=path,
         lora_dir=lora_dir,
-        vae_source=vae_source_named,
+        vae_source=Path(vae) if vae is not None else None,  # named in the infotext ("VAE", "VAE hash")
     )
 
 

@@ -86,6 +86,9 @@ class FluxConditioner:
         self.dtype = dtype
         self.device = device
         self.name = name
+        # the distilled guidance of the generation call under way ([dev]; the pipeline sets it for the call), which
+        # encode() adds to each text's conditioning: prompt editing encodes its texts one by one
+        self.call_guidance: float | None = None
         width = int(clip_l.config.hidden_size)
         if width != int(pooled_projection_dim):
             raise GenerationError(
@@ -183,10 +186,13 @@ class FluxConditioner:
         uncond = self.with_guidance(self.text(negative, what="negative prompt", note=note), guidance)
         return cond, uncond
 
-    def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Any = None) -> Conditioning:
-        """Prompt editing switches the texts' states per step, without the guidance entry that Flux [dev]
-        needs in every conditioning: refused rather than half right."""
-        raise GenerationError("prompt editing ([a:b:when], [a|b]) is not supported for Flux")
+    def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Note | None = None) -> Conditioning:
+        """One text's conditioning (prompt editing's texts, each encoded once, switched per step), with the
+        guidance entry of the call under way (:attr:`call_guidance`, set by the pipeline)."""
+        self.check_clip_skip(clip_skip)
+        if self.guidance and self.call_guidance is None:
+            raise GenerationError(f"{self.name}: encode() outside a generation call has no distilled guidance")
+        return self.with_guidance(self.text(text, what=what, note=note or _ignore), self.call_guidance)
 
     def __call__(self, prompts: Sequence[str], *, clip_skip: int = 1, guidance: float | None = None) -> Conditioning:
         """One row per prompt (all of one length: T5's ``max_sequence_length``)."""
