@@ -27,8 +27,8 @@ nodes as the U-Nets, and so does sdengine:
 
 What does not apply to these models is refused with one line: the U-Net's model patches (LoRAs, FreeU, PAG, SAG,
 RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges, ModelSamplingDiscrete), ControlNets, regional conditioning,
-the guiders over three conditionings, the samplers that step on a VP model's timesteps (ddim, lcm,
-ddpm, ...) and ComfyUI's fp8 weight storage.
+the guiders over three conditionings, the samplers that are not right on flow models (ddim, lcm, ddpm, dpm_fast,
+...) and ComfyUI's fp8 weight storage.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _cached(key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
 
 
 def forget_parts() -> None:
-    """Drop the transformers and text encoders kept here (tests; a server frees them when it stops)."""
+    """Drop the transformers and text encoders kept here (what a test does between graphs)."""
     with _PARTS_LOCK:
         _PARTS.clear()
 
