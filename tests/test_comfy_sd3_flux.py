@@ -445,6 +445,9 @@ def test_flux_workflow_posted_to_the_server(flux):
         info = client.get("/object_info").json()
         assert info["UNETLoader"]["input"]["required"]["unet_name"][0] == ["flux1-tiny.safetensors"]
         assert "t5xxl.safetensors" in info["DualCLIPLoader"]["input"]["required"]["clip_name1"][0]
+        assert {"diffusion_models", "text_encoders"} <= set(client.get("/models").json())
+        assert client.get("/models/unet").json() == client.get("/models/diffusion_models").json()
+        assert client.get("/models/clip").json() == ["clip_l.safetensors", "t5xxl.safetensors"]
         png = prompt_image(client, flux_graph())
     theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=1.0, distilled_cfg_scale=3.5)
     assert png.shape == (16, 16, 3)
