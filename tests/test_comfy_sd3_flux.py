@@ -598,3 +598,65 @@ def test_every_comfyui_sampler_runs_or_is_one_line_refused_on_sd3(sd3):
         assert bool(torch.isfinite(image).all()) and float(image.std()) > 0.01, name
     # the samplers of a VP model's timesteps, and those not right in the VE view yet (docs/flow-matching.md)
     assert refused == {"dpm_fast", "dpm_adaptive", "sa_solver", "sa_solver_pece", "ddpm", "lcm", "ddim"}
+
+
+def test_a_ui_format_flux_workflow_converts_and_runs(flux):
+    """ComfyUI's Flux example layout in the page's own (UI) format, as `sdengine comfy run` reads it: the widgets in
+    ComfyUI's order (DualCLIPLoader without its newer `device` widget, RandomNoise with its control widget)."""
+    from sdengine.server.comfy.workflow import convert
+
+    root, pipe = flux
+
+    def node(i, kind, inputs, outputs, widgets):
+        ins = [{"name": n, "type": t, "link": link} for n, t, link in inputs]
+        outs = [{"name": t, "type": t, "links": links} for t, links in outputs]
+        return {"id": i, "type": kind, "mode": 0, "inputs": ins, "outputs": outs, "widgets_values": widgets}
+
+    nodes = [
+        node(1, "UNETLoader", [], [("MODEL", [1])], ["flux1-tiny.safetensors", "default"]),
+        node(2, "DualCLIPLoader", [], [("CLIP", [2])], ["t5xxl.safetensors", "clip_l.safetensors", "flux"]),
+        node(3, "CLIPTextEncode", [("clip", "CLIP", 2)], [("CONDITIONING", [3])], [PROMPT]),
+        node(4, "FluxGuidance", [("conditioning", "CONDITIONING", 3)], [("CONDITIONING", [4])], [3.5]),
+        node(5, "ModelSamplingFlux", [("model", "MODEL", 1)], [("MODEL", [5, 6])], [1.15, 0.5, SIDE, SIDE]),
+        node(6, "BasicGuider", [("model", "MODEL", 5), ("conditioning", "CONDITIONING", 4)], [("GUIDER", [7])], []),
+        node(7, "KSamplerSelect", [], [("SAMPLER", [8])], ["euler"]),
+        node(8, "BasicScheduler", [("model", "MODEL", 6)], [("SIGMAS", [9])], ["simple", STEPS, 1.0]),
+        node(9, "RandomNoise", [], [("NOISE", [10])], [SEED, "fixed"]),
+        node(10, "EmptySD3LatentImage", [], [("LATENT", [11])], [SIDE, SIDE, 1]),
+        node(
+            11,
+            "SamplerCustomAdvanced",
+            [
+                ("noise", "NOISE", 10),
+                ("guider", "GUIDER", 7),
+                ("sampler", "SAMPLER", 8),
+                ("sigmas", "SIGMAS", 9),
+                ("latent_image", "LATENT", 11),
+            ],
+            [("LATENT", [12]), ("LATENT", [])],
+            [],
+        ),  # fmt: skip
+        node(12, "VAELoader", [], [("VAE", [13])], ["ae.safetensors"]),
+        node(13, "VAEDecode", [("samples", "LATENT", 12), ("vae", "VAE", 13)], [("IMAGE", [14])], []),
+        node(14, "SaveImage", [("images", "IMAGE", 14)], [], ["flux-ui"]),
+    ]
+    links = [
+        [1, 1, 0, 5, 0, "MODEL"], [2, 2, 0, 3, 0, "CLIP"], [3, 3, 0, 4, 0, "CONDITIONING"],
+        [4, 4, 0, 6, 1, "CONDITIONING"], [5, 5, 0, 6, 0, "MODEL"], [6, 5, 0, 8, 0, "MODEL"], [7, 6, 0, 11, 1, "GUIDER"],
+        [8, 7, 0, 11, 2, "SAMPLER"], [9, 8, 0, 11, 3, "SIGMAS"], [10, 9, 0, 11, 0, "NOISE"],
+        [11, 10, 0, 11, 4, "LATENT"], [12, 11, 0, 13, 0, "LATENT"], [13, 12, 0, 13, 1, "VAE"],
+        [14, 13, 0, 14, 0, "IMAGE"],
+    ]  # fmt: skip
+    prompt = convert({"nodes": nodes, "links": links})
+    assert prompt["2"]["inputs"]["type"] == "flux" and prompt["9"]["inputs"]["noise_seed"] == SEED
+    out = _run(root, prompt)
+    theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=1.0, distilled_cfg_scale=3.5)
+    assert np.abs(_pixels(out["13"][0]) - theirs).max() < TOL
+    # a newer page writes the optional device widget too; fewer values than the required widgets stay an error
+    from sdengine.server.comfy.workflow import WorkflowError
+
+    nodes[1]["widgets_values"] = ["t5xxl.safetensors", "clip_l.safetensors", "flux", "default"]
+    assert convert({"nodes": nodes, "links": links})["2"]["inputs"]["device"] == "default"
+    nodes[1]["widgets_values"] = ["t5xxl.safetensors", "clip_l.safetensors"]
+    with pytest.raises(WorkflowError, match="2 widget values for 4 widgets"):
+        convert({"nodes": nodes, "links": links})
