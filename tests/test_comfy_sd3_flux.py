@@ -660,3 +660,22 @@ def test_a_ui_format_flux_workflow_converts_and_runs(flux):
     nodes[1]["widgets_values"] = ["t5xxl.safetensors", "clip_l.safetensors"]
     with pytest.raises(WorkflowError, match="2 widget values for 4 widgets"):
         convert({"nodes": nodes, "links": links})
+
+
+def test_part_handles_in_pipeline_nodes_and_unsampling_are_one_line_errors(flux):
+    root, _ = flux
+    g = flux_graph()
+    g["12"] = {"class_type": "FlipSigmas", "inputs": {"sigmas": ["13", 0]}}
+    g["13"] = {"class_type": "BasicScheduler", "inputs": {"model": ["6", 0], "scheduler": "simple", "steps": STEPS,
+                                                          "denoise": 1.0}}  # fmt: skip
+    g["8"] = {"class_type": "SamplerCustom", "inputs": {"model": ["6", 0], "add_noise": True, "noise_seed": SEED,
+              "cfg": 1.0, "positive": ["4", 0], "negative": ["5", 0], "sampler": ["14", 0], "sigmas": ["12", 0],
+              "latent_image": ["7", 0]}}  # fmt: skip
+    g["14"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    assert "unsampling" in _node_error(root, g)
+    # a node that needs a checkpoint's pipeline, handed UNETLoader's MODEL
+    g = flux_graph()
+    g["10"] = {"class_type": "CheckpointSave", "inputs": {"model": ["1", 0], "clip": ["2", 0], "vae": ["9", 0],
+               "filename_prefix": "x"}}  # fmt: skip
+    del g["11"]
+    assert "needs a checkpoint's model" in _node_error(root, g)

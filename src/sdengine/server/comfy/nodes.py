@@ -128,6 +128,10 @@ SCHEDULER_NAMES = {
 # SD3's and Flux's latents: a LATENT of 16 channels holds the VAE's raw latents, as ComfyUI's (the flow models scale
 # them in and out with their own latent format while sampling: nodes_sd3_flux.py); the 4-channel ones the model's
 RAW_LATENT_CHANNELS = 16
+# the references of UNETLoader's MODEL and the CLIP loaders' CLIP (nodes_sd3_flux.py): parts, never a pipeline's
+DIFFUSION_MODEL_REF = "diffusion-model:"
+TEXT_ENCODERS_REF = "text-encoders:"
+PART_REFS = (DIFFUSION_MODEL_REF, TEXT_ENCODERS_REF)
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
 LATENT_UPSCALE_METHODS = (*UPSCALE_METHODS, "bislerp")  # ComfyUI's latent nodes also slerp
 
@@ -467,6 +471,21 @@ class RunContext:
     device: str = "cpu"  # the worker's: where networks that belong to no pipeline (the tiny VAE) run
     # (PNG bytes, index, count) -> sent to the prompt's client as ComfyUI's progress and binary image frames
     send_image: Callable[[bytes, int, int], None] | None = None
+
+    def __post_init__(self) -> None:
+        # A MODEL from UNETLoader or a CLIP from the CLIP loaders is a part alone, not a pipeline the worker could load
+        # (nodes_sd3_flux.py): a node that needs a checkpoint's pipeline says so, and the worker's model stays loaded
+        load = self.pipeline
+
+        def pipeline(ref: str) -> Any:
+            if isinstance(ref, str) and ref.startswith(PART_REFS):
+                raise NodeError(
+                    "this node needs a checkpoint's model (CheckpointLoaderSimple); a MODEL from UNETLoader or a CLIP "
+                    "from DualCLIPLoader / TripleCLIPLoader is a part alone, which it does not take"
+                )
+            return load(ref)
+
+        self.pipeline = pipeline
 
     def check_size(self, width: int, height: int, batch: int = 1) -> None:
         if max(width, height) > self.max_side:
@@ -1505,6 +1524,11 @@ def sampler_custom(
         return _lcm_upscale_custom(
             ctx, model, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image, guider
         )
+    from sdengine.server.comfy.nodes_sd3_flux import is_flow_model
+
+    rising = sigmas.values.shape[0] > 1 and float(sigmas.values[-1]) > float(sigmas.values[0])
+    if (sigmas.flipped is not None or rising) and is_flow_model(ctx, model):
+        raise NodeError("unsampling (rising sigmas, FlipSigmas) is not supported on SD3 / Flux models here")
     values = _unsampling_grid(ctx, sigmas, model, sampler) if sigmas.flipped is not None else sigmas.values
     if values.shape[0] == 0:  # ComfyUI: no sigma, no sampling; the latent passes through
         return (dict(latent_image), dict(latent_image))

@@ -47,9 +47,11 @@ import torch.nn.functional as F
 
 from sdengine.errors import SdengineError
 from sdengine.server.comfy.nodes import (
+    DIFFUSION_MODEL_REF,
     DISCARD_PENULTIMATE_SAMPLERS,
     SAMPLER_NAMES,
     SAMPLER_OPTIONS,
+    TEXT_ENCODERS_REF,
     ClipHandle,
     Input,
     ModelHandle,
@@ -70,8 +72,6 @@ WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 CLIP_TYPES = ("sd3", "flux")
 MAX_FLOAT = 100.0
 SIDE_MAX = 16384
-DIFFUSION_PREFIX = "diffusion-model:"
-ENCODERS_PREFIX = "text-encoders:"
 
 
 def _family_of_pipe(pipe: Any) -> str | None:
@@ -303,7 +303,7 @@ def unet_loader(ctx: RunContext, unet_name: str, weight_dtype: str) -> tuple[Any
     """ComfyUI's UNETLoader ("Load Diffusion Model") on a Flux or SD3 transformer file, loaded now (a broken file
     fails here)."""
     path = ctx.catalog.resolve_diffusion_model(unet_name)
-    handle = ModelHandle(DIFFUSION_PREFIX + str(path), diffusion_model=str(path), weight_dtype=str(weight_dtype))
+    handle = ModelHandle(DIFFUSION_MODEL_REF + str(path), diffusion_model=str(path), weight_dtype=str(weight_dtype))
     _transformer(ctx, handle)
     return (handle,)
 
@@ -318,7 +318,7 @@ def _clip_loader(ctx: RunContext, names: list[str], clip_type: str, node: str) -
         if isinstance(e, NodeError):
             raise
         raise NodeError(f"{node}: {str(e).splitlines()[0]}") from None
-    handle = ClipHandle(ENCODERS_PREFIX + ",".join(p for _, p in roles), encoders=roles, clip_type=clip_type)
+    handle = ClipHandle(TEXT_ENCODERS_REF + ",".join(p for _, p in roles), encoders=roles, clip_type=clip_type)
     _conditioner(ctx, handle)  # load now: a broken file fails at this node
     return (handle,)
 
