@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -90,26 +89,27 @@ def _device_dtype(ctx: RunContext) -> tuple[torch.device, torch.dtype]:
 # Parts loaded apart from a pipeline (UNETLoader, the CLIP loaders), kept for the next prompts
 # ---------------------------------------------------------------------------------------------------
 
-_PARTS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_PARTS: dict[tuple[str, str], tuple[tuple[Any, ...], Any]] = {}  # (kind, device) -> (key, the loaded part)
 _PARTS_LOCK = threading.Lock()
-PARTS_KEPT = 2  # a transformer and a set of text encoders: each may be many GB
 
 
-def _cached(key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
+def _cached(kind: str, device: str, key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
+    """``load()`` once per ``key`` (its files and dtype) and file state; one part of each ``kind`` (a transformer, a
+    set of text encoders) is kept per device, the one before freed before the next loads (each may be many GB)."""
     from sdengine.io.paths import file_state
 
     # a file replaced under the same name is loaded again: its state (size, time) is part of the key
     files = [p for p in key if isinstance(p, str) and Path(p).is_absolute() and Path(p).exists()]
     full = (*key, *(s for p in files for s in file_state(p)))
+    slot = (kind, device)
     with _PARTS_LOCK:
-        if full in _PARTS:
-            _PARTS.move_to_end(full)
-            return _PARTS[full]
+        held = _PARTS.get(slot)
+        if held is not None and held[0] == full:
+            return held[1]
+        _PARTS.pop(slot, None)
     value = load()
     with _PARTS_LOCK:
-        _PARTS[full] = value
-        while len(_PARTS) > PARTS_KEPT:
-            _PARTS.popitem(last=False)
+        _PARTS[slot] = (full, value)
     return value
 
 
@@ -146,7 +146,7 @@ def _transformer(ctx: RunContext, model: ModelHandle) -> tuple[str, Any]:
     dev, dtype = _device_dtype(ctx)
     path = Path(model.diffusion_model)
     try:
-        return _cached(("transformer", str(path), str(dev), str(dtype)), lambda: _load_transformer(path, dev, dtype))
+        return _cached("transformer", str(dev), (str(path), str(dtype)), lambda: _load_transformer(path, dev, dtype))
     except NodeError:
         raise
     except (OSError, SdengineError) as e:
@@ -257,9 +257,12 @@ def _conditioner(ctx: RunContext, clip: ClipHandle, want: str | None = None) -> 
         raise NodeError("LoRAs and CLIP merges on SD3 / Flux text encoders are not supported here")
     if clip.encoders:
         dev, dtype = _device_dtype(ctx)
-        key = ("encoders", clip.clip_type, *(p for _, p in clip.encoders), str(dev), str(dtype))
+        key = (clip.clip_type, *(p for _, p in clip.encoders), str(dtype))
         try:
-            family, cond = clip.clip_type, _cached(key, lambda: _build_conditioner(clip, dev, dtype))
+            family, cond = (
+                clip.clip_type,
+                _cached("encoders", str(dev), key, lambda: _build_conditioner(clip, dev, dtype)),
+            )
         except (OSError, SdengineError) as e:
             raise NodeError(f"text encoders: {str(e).splitlines()[0]}") from None
         name = f"the {clip.clip_type} text encoders'"
