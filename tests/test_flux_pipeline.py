@@ -213,6 +213,14 @@ def test_graphs_replay_the_same_images(dev):
     assert pipe.cuda_graphs["loop"].recordings == 1
 
 
+def test_emphasis_is_read_as_plain_text_with_a_note(dev):
+    _, pipe, _ = dev
+    args = dict(steps=2, seed=SEED, width=W, height=H, progress=False)
+    weighted = pipe("a (red:1.3) apple on a [table]", **args)
+    np.testing.assert_array_equal(weighted.arrays, pipe("a red apple on a table", **args).arrays)
+    assert any("without its emphasis weights" in n for n in weighted.notes)
+
+
 def test_prompt_editing(dev):
     """A1111's prompt editing: each text encoded once (T5 and CLIP, with the call's distilled guidance), switched per
     step. Two texts that read the same to Flux (emphasis is taken out) give the plain prompt's image exactly; a
@@ -316,6 +324,7 @@ def test_missing_parts_name_their_flag(dev, tmp_path):
         ({"width": 50}, "width 50 is not a multiple of 4"),
         ({"distilled_cfg_scale": -1.0}, r"distilled_cfg_scale must be in \[0, 100\]"),
         ({"sampler": "ddim"}, "sampler 'ddim' cannot run on a flow model"),
+        ({"strength_rule": "a1111", "init_image": picture(W, H)}, "strength_rule 'a1111': A1111's step rules"),
         ({"shift": 2.0}, "shift: Flux .dev. shifts its schedule by the image size"),
     ],
 )
@@ -408,13 +417,17 @@ def test_cli_prompt_list_takes_flux_defaults(dev, tmp_path):
 
 
 def test_server_native_job_runs_flux(dev, tmp_path):
-    """``sdengine serve`` with a Flux folder in its models folder: a native job gives the pipeline's image (the
-    server's requests have SD's defaults and no distilled-guidance field: cfg_scale 1 is given, the guidance is
-    [dev]'s default 3.5)."""
+    """``sdengine serve`` with a Flux folder in its models folder: a native job gives the pipeline's image, A1111's
+    txt2img route runs it with a flow scheduler (the requests have SD's defaults and no distilled-guidance field:
+    cfg_scale 1 is given, the guidance is [dev]'s 3.5, Forge's field is listed as ignored)."""
     pytest.importorskip("fastapi")
+    import base64
+    import io
+    import json
     import shutil
 
     import httpx
+    from PIL import Image
 
     from _live_server import live_server, run_job, server_config
 
@@ -428,3 +441,10 @@ def test_server_native_job_runs_flux(dev, tmp_path):
             job = {**body, "model": "tiny-flux", "sampler": "euler", "schedule": "normal"}
             pixels, _ = run_job(client, job)
             np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
+            a1111 = {**body, "override_settings": {"sd_model_checkpoint": "tiny-flux"}, "sampler_name": "Euler"}
+            r = client.post("/sdapi/v1/txt2img", json={**a1111, "scheduler": "Simple", "distilled_cfg_scale": 5})
+            assert r.status_code == 200, r.text
+            image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+            text = image.info["parameters"]
+            assert "Distilled CFG Scale: 3.5" in text and "Schedule type: Simple" in text and "CFG scale: 1," in text
+            assert "distilled_cfg_scale" in json.loads(r.json()["info"])["ignored"]  # Forge's field: said, not run

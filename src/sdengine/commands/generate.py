@@ -1239,12 +1239,16 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--model", default=None, help="model folder, file or built-in name (default: emoji)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument(
-        "--steps", type=int, default=None, help=f"sampling steps (default {HELP_DEFAULTS['steps']}; SD3: 28)"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"sampling steps (default {HELP_DEFAULTS['steps']}; SD3 and FLUX.1 [dev]: 28, [schnell]: 4)",
     )
     p.add_argument(
         "--sampler",
         default=None,
-        help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']}; SD3: euler on its normal schedule)",
+        help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']}; SD3, Flux: euler on the normal "
+        "flow schedule)",
     )
     p.add_argument(
         "--schedule",
@@ -1258,7 +1262,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--cfg",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g}; SD3: 7)",
+        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g}; SD3: 7; Flux: 1, "
+        "see --guidance)",
     )
     p.add_argument(
         "--seed",

@@ -59,7 +59,7 @@ from sdengine.diffusion.flow import (
     flux_image_seq_len,
 )
 from sdengine.errors import GenerationError, UsageError
-from sdengine.pipeline.core import Pipeline, Prepared
+from sdengine.pipeline.core import Pipeline, Prepared, a1111_changes_run
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.text.conditioners import Conditioning
@@ -308,11 +308,6 @@ class FluxPipeline(Pipeline):
             )
         if r.vae_decode == "tiny" or r.vae_encode == "tiny":
             raise GenerationError("a tiny VAE (TAESD) decodes SD's 4-channel latents, not Flux's 16 channels")
-        if r.strength_rule != "diffusers":
-            raise GenerationError(
-                f"strength_rule {r.strength_rule!r}: Flux's img2img counts its steps as diffusers' "
-                "FluxImg2ImgPipeline ('diffusers')"
-            )
         self.distilled_guidance(r)
 
     def prepare(self, request: GenerationRequest) -> Prepared:
@@ -326,14 +321,23 @@ class FluxPipeline(Pipeline):
                 flow_sampler_view(p.hires.sampler)
         except UsageError as e:
             raise GenerationError(str(e)) from None
+        if request.strength_rule != "diffusers" and (
+            p.init is not None or p.hires is not None or a1111_changes_run(p)
+        ):  # A1111's step rules (its API routes set them) are accepted where they change nothing: plain txt2img
+            raise GenerationError(
+                f"strength_rule {request.strength_rule!r}: A1111's step rules are not supported for Flux with an init "
+                "image, the hires fix or a sampler whose run they change (the Brownian SDE samplers); Flux counts "
+                "img2img steps as diffusers' FluxImg2ImgPipeline ('diffusers')"
+            )
         if p.hires is not None:  # the second pass starts as Flux's img2img does (FluxImg2ImgPipeline's rule)
             start = flow_img2img_start(p.hires.steps, float(request.strength))
             p.hires = dataclasses.replace(p.hires, start=start)
         return p
 
     def conditioning_pair(
-        self, prompt: str, negative: str, p: Prepared, note: Any, *, note_unused: bool = True
+        self, prompt: str, negative: str, p: Prepared, note: Any
     ) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) of a row with the request's distilled guidance ([dev])."""
         conditioner: FluxConditioner = self.conditioner  # type: ignore[assignment]
         guidance = self.distilled_guidance(p.request)
         if float(p.request.cfg_scale) == 1.0 and p.sampler not in sampling.CFG_PP_SAMPLERS:

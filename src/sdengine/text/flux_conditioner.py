@@ -17,8 +17,8 @@ FLUX.1 [dev] and [schnell] (Black Forest Labs 2024) read the prompt twice:
 These are diffusers' ``FluxPipeline.encode_prompt`` (``_get_clip_prompt_embeds``: ``pooler_output`` of the
 77-token CLIP ids; ``_get_t5_prompt_embeds``: ``max_length`` padding and truncation). The prompt's A1111 syntax
 is taken out first, as for SD3's T5 (:func:`sdengine.text.sd3_conditioner.t5_text`): ``<lora:...>`` tags,
-emphasis brackets (the weights are not applied: a note says so) and ``BREAK``; a plain prompt is read as
-diffusers reads it.
+emphasis brackets (the weights are not applied: a note says so), and ``BREAK`` reads as a space; a plain prompt
+is read as diffusers reads it.
 
 Flux has no negative prompt of its own: at ``cfg_scale`` 1 (the default for Flux) there is one pass per step
 and the negative prompt is not encoded. ``cfg_scale`` above 1 runs classifier-free guidance on top of the

@@ -79,7 +79,7 @@ def is_sd3_file(path: Path) -> bool:
         return False
     try:
         entries, _, _ = read_safetensors_header(path)
-    except (WeightsError, OSError):
+    except (WeightsError, OSError, ValueError, RecursionError):  # not readable: the usual loader says why
         return False
     return is_sd3_state_dict(entries)
 
