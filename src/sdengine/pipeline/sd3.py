@@ -20,10 +20,11 @@ The 16-channel VAE needs nothing new: ``shift_factor`` and ``scaling_factor`` co
 
 SD3.5's skip-layer guidance (the request's ``sd3`` settings, :class:`SD3Options`) runs inside
 :class:`MMDiTAdapter`. What is made for U-Nets is refused before any work, one line each (:func:`refusals`):
-ControlNets, T2I-Adapters, IP-Adapters, LoRA files, U-Net patches (PAG, SAG, FreeU, Deep Shrink, HyperTile),
+ControlNets, T2I-Adapters, IP-Adapters, U-Net patches (PAG, SAG, FreeU, Deep Shrink, HyperTile),
 instruct-pix2pix guidance, A1111's step rules where they would change the run, Zero Terminal SNR, another hires
 model, tiled diffusion, tiling, textual-inversion files, and samplers that are not right on a flow model. Prompt
-editing and the hires fix run as for the other families.
+editing, the hires fix and LoRAs in diffusers' SD3 format (:mod:`sdengine.weights.lora_keys`: ``transformer.``,
+``text_encoder.``, ``text_encoder_2.`` PEFT names) run as for the other families.
 
 The core learns all of this through its family hooks (``training_schedule``, ``network_adapter``, ``x0_denoiser``,
 ``img2img_first_step``, ``noised_latent``, ``network_activation_bytes``, ``infotext_fields``), which SD 1.x/2.x
@@ -222,17 +223,10 @@ def _a1111_rule_changes_nothing(r: GenerationRequest) -> bool:
 
 def refusals(request: GenerationRequest) -> list[str]:
     """The settings of ``request`` an SD3 model cannot run, each as its one-line reason (empty: it can run)."""
-    from sdengine.prompts import extract_lora_tags
-
     r = request
-    texts = [r.prompt] if isinstance(r.prompt, str) else [t for t in (r.prompt or []) if isinstance(t, str)]
     checks = [
         (bool(r.controlnets), "ControlNets and T2I-Adapters are made for U-Nets; SD3 ControlNets are not supported"),
         (bool(r.ip_adapters), "IP-Adapters are made for U-Nets; SD3 takes none here"),
-        (
-            bool(r.loras) or any(extract_lora_tags(t)[1] for t in texts),
-            "LoRA files for SD3 are not supported yet (the LoRA code patches U-Net and CLIP layers)",
-        ),
         (bool(r.pag_scale), "pag_scale (perturbed-attention guidance) patches U-Net layers; not for SD3"),
         (bool(r.sag_scale), "sag_scale (self-attention guidance) reads the U-Net's middle block; not for SD3"),
         (r.freeu_settings() is not None, "FreeU scales U-Net decoder features; not for SD3"),
@@ -277,6 +271,7 @@ class SD3Pipeline(Pipeline):
         name: str = "model",
         source: Path | None = None,
         encoder_sources: dict[str, Path] | None = None,
+        lora_dir: str | Path | None = None,
     ) -> None:
         self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False)
         self.text_encoder_3 = text_encoder_3.eval().requires_grad_(False) if text_encoder_3 is not None else None
@@ -314,6 +309,7 @@ class SD3Pipeline(Pipeline):
             name=name,
             source=source,
             conditioner=conditioner,
+            lora_dir=lora_dir,
         )
         if int(cfg.in_channels) != self.latent_channels:
             raise GenerationError(
@@ -511,6 +507,7 @@ def load_sd3(
     clip_g: str | Path | None = None,
     t5: str | Path | None = None,
     name: str | None = None,
+    lora_dir: str | Path | None = None,
 ) -> SD3Pipeline:
     """An SD3 / SD3.5 diffusers folder or Stability single file -> :class:`SD3Pipeline` (see
     :mod:`sdengine.weights.sd3_files` for the layouts). ``clip_l``, ``clip_g``, ``t5``: text encoders given apart
@@ -581,6 +578,7 @@ def load_sd3(
         name=name or path.name.removesuffix(path.suffix) or path.name,
         source=path,
         encoder_sources={k: Path(v) for k, v in given.items() if v is not None},
+        lora_dir=lora_dir,
     )
 
 

@@ -128,6 +128,11 @@ class ModelIndex:
             self.fixed_text_encoder, text_encoder = type(text_encoder).__name__, None
         self.unet, self.text_encoder = unet, text_encoder
         self.aliases: dict[str, Target] = {}
+        # SD3's MMDiT (held where the U-Net is): diffusers / PEFT files name its layers ``transformer.<module>``
+        self.mmdit = unet is not None and hasattr(getattr(unet, "config", None), "joint_attention_dim")
+        if self.mmdit:
+            for name, m in adapter_targets(unet):  # type: ignore[arg-type]
+                self.aliases.setdefault(f"transformer.{name}", Target("unet", name, m))
         if unet is not None:
             ldm = unet_ldm_names(unet)
             for name, m in adapter_targets(unet):
@@ -172,6 +177,8 @@ class ModelIndex:
                     self.aliases.setdefault(alias, t)
 
     def family(self) -> str:
+        if self.mmdit:
+            return "SD3"
         if self.text_encoder_2 is not None:
             return "SDXL"
         cfg = getattr(self.unet, "config", None)
@@ -329,6 +336,8 @@ def match_lora(
     model = index.family()
     if family is not None and model == "SDXL" and family.startswith("SDXL"):
         family = model  # the SDXL hints (a second text encoder, label_emb) are what an SDXL model has
+    if family is not None and model == "SD3" and (family.startswith("SDXL (it carries a second") or "SD3" in family):
+        family = model  # SD3 has a second text encoder and is a diffusion transformer
     hint = f"; it looks like a LoRA for {family}, the model is {model}" if family and family != model else ""
     if wrong:
         raise LoRAFileError(f"{where}: shapes do not match this model: {_some(wrong, 2)}{hint}")
