@@ -105,7 +105,8 @@ def flux(tmp_path_factory):
 def _run(root: Path, prompt: dict[str, Any], pipes: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run an API prompt as `sdengine comfy run` does; every node's outputs by id."""
     forget_parts()
-    catalog = Catalog(root / "models", None, None, vaes_dir=root / "vaes")
+    loras = root / "loras" if (root / "loras").is_dir() else None
+    catalog = Catalog(root / "models", loras, None, vaes_dir=root / "vaes")
     folders = Outputs(root / "out", root / "in", root / "temp")
     loaded = dict(pipes or {})
 
@@ -679,3 +680,40 @@ def test_part_handles_in_pipeline_nodes_and_unsampling_are_one_line_errors(flux)
                "filename_prefix": "x"}}  # fmt: skip
     del g["11"]
     assert "needs a checkpoint's model" in _node_error(root, g)
+
+
+def test_lora_loader_on_sd3_equals_the_pipelines_lora(sd3):
+    """A LoRA in diffusers' SD3 format (PEFT names behind ``transformer.``, ``text_encoder.``, ``text_encoder_2.``)
+    through LoraLoader on the checkpoint: the pipeline's image with the same LoRA; the model is its own again after."""
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from _sd3_models import diffusers_sd3
+
+    root, pipe = sd3
+    maker = diffusers_sd3(root / "sd3-folder")
+    torch.manual_seed(0)
+    mmdit = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_out"]
+    maker.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=mmdit, init_lora_weights=False))
+    clip = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    maker.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=clip, init_lora_weights=False))
+    maker.text_encoder_2.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=clip, init_lora_weights=False))
+    sd = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(maker.transformer).items()}
+    sd.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(maker.text_encoder).items()})
+    sd.update({f"text_encoder_2.{k}": v for k, v in get_peft_model_state_dict(maker.text_encoder_2).items()})
+    (root / "loras").mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "loras" / "sd3-lora.safetensors"))
+
+    ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3-tiny.safetensors"}}}
+    ref = str((root / "models" / "sd3-tiny.safetensors").resolve())
+    g = sd3_graph(ckpt, ["10", 0], ["10", 1], ["1", 2])
+    g["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+               "lora_name": "sd3-lora.safetensors", "strength_model": 1.0, "strength_clip": 1.0}}  # fmt: skip
+    ours = _pixels(_run(root, g, {ref: pipe})["7"][0])
+    lora = [(root / "loras" / "sd3-lora.safetensors", 1.0)]
+    theirs = _pipeline_image(pipe, schedule="simple", cfg_scale=4.0, loras=lora)
+    plain = _pipeline_image(pipe, schedule="simple", cfg_scale=4.0)
+    assert np.abs(ours - theirs).max() < TOL
+    assert np.abs(ours - plain).max() > 1e-3  # the LoRA changed the image
+    g = sd3_graph(ckpt, ["1", 0], ["1", 1], ["1", 2])
+    assert np.abs(_pixels(_run(root, g, {ref: pipe})["7"][0]) - plain).max() < TOL  # and is gone after the call

@@ -25,7 +25,8 @@ nodes as the U-Nets, and so does sdengine:
   (:func:`sdengine.latent_sampling.flow_sigmas`) with :func:`sdengine.latent_sampling.sample_flow_latents`; a
   latent's noise mask (SetLatentNoiseMask) inpaints as ComfyUI's KSamplerX0Inpaint.
 
-What does not apply to these models is refused with one line: the U-Net's model patches (LoRAs, FreeU, PAG, SAG,
+LoraLoader's LoRAs apply to SD3's MMDiT and CLIP encoders as the SD3 pipeline applies them. What does not apply to
+these models is refused with one line: the U-Net's model patches (LoRAs on Flux, FreeU, PAG, SAG,
 RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges, ModelSamplingDiscrete), ControlNets, regional conditioning,
 the guiders over three conditionings, the samplers that are not right on flow models (ddim, lcm, ddpm, dpm_fast,
 ...) and ComfyUI's fp8 weight storage.
@@ -35,7 +36,8 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -253,8 +255,8 @@ def _conditioner(ctx: RunContext, clip: ClipHandle, want: str | None = None) -> 
     """(family, conditioner) of a CLIP from the CLIP loaders or of an SD3 / Flux checkpoint; a node error for
     another model's CLIP, or (``want``: "sd3", "flux") another family's."""
     family: str | None
-    if clip.loras or clip.merges:
-        raise NodeError("LoRAs and CLIP merges on SD3 / Flux text encoders are not supported here")
+    if clip.merges:
+        raise NodeError("CLIP merges on SD3 / Flux text encoders are not supported here")
     if clip.encoders:
         dev, dtype = _device_dtype(ctx)
         key = (clip.clip_type, *(p for _, p in clip.encoders), str(dtype))
@@ -367,7 +369,7 @@ def encode_flow(ctx: RunContext, clip: ClipHandle, text: str) -> Any:
     prompt (SD3: CLIP-L + bigG states zero-padded, T5's 256 tokens, the two pooled outputs; Flux: T5's states and
     CLIP-L's pooled output)."""
     family, cond = _conditioner(ctx, clip)
-    with torch.inference_mode():
+    with _encoder_loras(clip, cond, family):
         if family == "sd3":
             states, pooled = cond.text(str(text), _sd3_clip_skip(clip, cond))
             return _sd3_entry(states, pooled, cond.dtype)
@@ -394,7 +396,7 @@ def clip_text_encode_sd3(
             "which is not supported here): give it a text or use empty_padding"
         )
     skip = _sd3_clip_skip(clip, cond)
-    with torch.inference_mode():
+    with _encoder_loras(clip, cond, "sd3"):
         zl, pl = cond.clip_text(texts["clip_l"], skip)
         zg, pg = cond.clip_text(texts["clip_g"], skip)
         chunks = max(zl.shape[1], zg.shape[1]) // 77
@@ -416,7 +418,7 @@ def clip_text_encode_flux(ctx: RunContext, clip: ClipHandle, clip_l: str, t5xxl:
     from sdengine.latent_sampling import TextCondition
 
     _, cond = _conditioner(ctx, clip, "flux")
-    with torch.inference_mode():
+    with _encoder_loras(clip, cond, "flux"):
         vector = cond.text(str(clip_l))["vector"]
         states = cond.text(str(t5xxl))["crossattn"]
     out = {"crossattn": states, "vector": vector, "guidance": torch.tensor([float(guidance)])}
@@ -566,10 +568,58 @@ _UNET_PATCHES = (
 )
 
 
-def _check_patches(model: ModelHandle) -> None:
+def _check_patches(model: ModelHandle, family: str) -> None:
+    """The U-Net patches a flow MODEL carries are refused; LoRAs apply to SD3's MMDiT (diffusers' SD3 format, as the
+    pipeline applies them), not yet to Flux."""
     on = [label for field, label in _UNET_PATCHES if getattr(model, field, None)]
+    if family == "sd3" and on and on[0] == _UNET_PATCHES[0][1]:
+        on = on[1:]
     if on:
         raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on SD3 / Flux models here")
+
+
+@contextmanager
+def _transformer_loras(ctx: RunContext, model: ModelHandle, family: str) -> Iterator[None]:
+    """LoraLoader's LoRAs on SD3's MMDiT for this call (:func:`sdengine.weights.lora.apply_loras`, their transformer
+    part), removed after it."""
+    if not model.loras:
+        yield
+        return
+    from sdengine.weights.lora import apply_loras
+
+    net = _transformer(ctx, model)[1] if model.diffusion_model else ctx.pipeline(model.ref).unet
+    try:
+        handle = apply_loras(net, None, list(model.loras), part="unet")
+    except (OSError, SdengineError) as e:
+        raise NodeError(f"LoRA: {str(e).splitlines()[0]}") from None
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _encoder_loras(clip: ClipHandle, cond: Any, family: str) -> Iterator[None]:
+    """LoraLoader's LoRAs on SD3's CLIP-L and bigG while encoding (their text-encoder part); Flux's: refused."""
+    if not clip.loras:
+        with torch.inference_mode():
+            yield
+        return
+    if family != "sd3":
+        raise NodeError("LoRAs on Flux's text encoders are not supported here yet (strength_clip 0 leaves them out)")
+    from sdengine.weights.lora import apply_loras
+
+    try:
+        handle = apply_loras(
+            None, cond.text_encoder, list(clip.loras), text_encoder_2=cond.text_encoder_2, part="text_encoders"
+        )
+    except (OSError, SdengineError) as e:
+        raise NodeError(f"LoRA: {str(e).splitlines()[0]}") from None
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        handle.remove()
 
 
 def _raw_in(z: torch.Tensor, family: str) -> torch.Tensor:
@@ -642,7 +692,6 @@ def sample_flow(
     from sdengine.latent_sampling import LatentSamplingError, SkipLayerGuidance, flow_sigmas, sample_flow_latents
     from sdengine.pipeline.finite import require_finite
 
-    _check_patches(model)
     if guidance_rule is not None:
         raise NodeError(f"{guidance_rule!r} is not supported on SD3 / Flux models here: use CFGGuider or BasicGuider")
     if steps > ctx.max_steps:
@@ -650,6 +699,7 @@ def sample_flow(
     if float(denoise) <= 0.0:
         return (dict(latent_image),)
     family, flow, guidance, joint = _flow_parts(ctx, model)
+    _check_patches(model, family)
     z = latent_image.get("samples")
     if z is None:  # EmptyLatentImage's size: ComfyUI's 8 x 8 pixels a latent pixel
         b, h, w = latent_image["size"]
@@ -677,23 +727,26 @@ def sample_flow(
                 last_denoised[:] = [_raw_out(r.denoised.float(), family)]
             return ctx.progress(r.step, r.steps, r.denoised) if ctx.progress is not None else True
 
-        out = sample_flow_latents(
-            flow,
-            _fit_conditioning(positive, family, guidance, joint),
-            _fit_conditioning(negative, family, guidance, joint),
-            _raw_in(z.float(), family),
-            sigmas,
-            seed=int(seed),
-            cfg=float(cfg),
-            sampler=SAMPLER_NAMES[sampler_name],
-            seed_rule=ctx.seed_rule,
-            add_noise=add_noise,
-            callback=report,
-            batch_index=latent_image.get("batch_index"),
-            sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
-            skip_layer_guidance=SkipLayerGuidance(*model.skip_layer_guidance) if model.skip_layer_guidance else None,
-            noise_mask=latent_image.get("noise_mask"),
-        )
+        with _transformer_loras(ctx, model, family):
+            out = sample_flow_latents(
+                flow,
+                _fit_conditioning(positive, family, guidance, joint),
+                _fit_conditioning(negative, family, guidance, joint),
+                _raw_in(z.float(), family),
+                sigmas,
+                seed=int(seed),
+                cfg=float(cfg),
+                sampler=SAMPLER_NAMES[sampler_name],
+                seed_rule=ctx.seed_rule,
+                add_noise=add_noise,
+                callback=report,
+                batch_index=latent_image.get("batch_index"),
+                sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
+                skip_layer_guidance=SkipLayerGuidance(*model.skip_layer_guidance)
+                if model.skip_layer_guidance
+                else None,
+                noise_mask=latent_image.get("noise_mask"),
+            )
     except LatentSamplingError as e:
         raise NodeError(str(e)) from None
     require_finite(out, f"sampled latent ({sampler_name}, {scheduler}, {steps} steps)")
