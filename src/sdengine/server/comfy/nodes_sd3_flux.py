@@ -575,7 +575,8 @@ def _check_patches(model: ModelHandle, family: str) -> None:
     if family == "sd3" and on and on[0] == _UNET_PATCHES[0][1]:
         on = on[1:]
     if on:
-        raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on SD3 / Flux models here")
+        label = "SD3" if family == "sd3" else "Flux"
+        raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on {label} models here")
 
 
 @contextmanager
