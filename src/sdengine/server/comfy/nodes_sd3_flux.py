@@ -488,8 +488,8 @@ def _schedule(family: str, guidance_embeds: bool, model: ModelHandle) -> Any:
 
 
 def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, Any]:
-    """(family, the latent-sampling FlowModel, whether it takes the distilled guidance, the MMDiT's joint width or
-    None) of a flow MODEL."""
+    """(family, the latent-sampling FlowModel, whether it takes the distilled guidance, the widths of its token
+    states and pooled vector) of a flow MODEL."""
     from sdengine.latent_sampling import FlowModel
     from sdengine.pipeline.flux import FluxAdapter
     from sdengine.pipeline.sd3 import MMDiTAdapter
@@ -505,7 +505,7 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
         net, dev, name, dtype = pipe.unet, pipe.device, pipe.name, pipe.dtype
         adapter = pipe.network_adapter(net)
     guidance = bool(getattr(net.config, "guidance_embeds", False))
-    joint = int(net.config.joint_attention_dim) if family == "sd3" else None
+    widths = (int(net.config.joint_attention_dim), int(net.config.pooled_projection_dim))
     skipping = None
     if family == "sd3":  # the MMDiT with blocks left out (SkipLayerGuidanceSD3), through the same adapter
 
@@ -513,7 +513,7 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
             return MMDiTAdapter(partial(net, skip_layers=layers), dtype)
 
     flow = FlowModel(adapter, _schedule(family, guidance, model), FLOW_CHANNELS, dev, name, skipping)
-    return family, flow, guidance, joint
+    return family, flow, guidance, widths
 
 
 def is_flow_model(ctx: RunContext, model: ModelHandle) -> bool:
@@ -634,7 +634,7 @@ def _raw_out(z: torch.Tensor, family: str) -> torch.Tensor:
     return z / scale + shift
 
 
-def _fit_conditioning(entries: list[Any], family: str, guidance: bool, joint: int | None) -> list[Any]:
+def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: tuple[int, int]) -> list[Any]:
     """The entries as this model reads them: SD3's token states fitted to its joint width (zero columns added, or
     cut where they are zeros: a T5-less CLIP's padding); Flux [dev]'s guidance 3.5 where none is set, [schnell]'s
     left out (it has no guidance input)."""
@@ -644,10 +644,12 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, joint: in
         x = cond.get("crossattn")
         if x is None or x.ndim != 3:
             raise NodeError("this conditioning has no token states (crossattn): encode it with the model's CLIP")
+        joint, pooled = widths
+        vector = cond.get("vector")
+        label = "SD3" if family == "sd3" else "Flux"
+        if vector is None or int(vector.shape[-1]) != pooled or (family == "sd3" and "guidance" in cond):
+            raise NodeError(f"this conditioning is not this {label} model's (encode it with its CLIP)")
         if family == "sd3":
-            if "guidance" in cond or "vector" not in cond:
-                raise NodeError("this conditioning is not SD3's (encode it with an SD3 CLIP)")
-            assert joint is not None
             width = int(x.shape[-1])
             if width < joint:
                 cond["crossattn"] = F.pad(x, (0, joint - width))
@@ -656,8 +658,8 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, joint: in
                     raise NodeError(f"the conditioning's token states are {width} wide, the MMDiT's are {joint}")
                 cond["crossattn"] = x[..., :joint]
         else:
-            if "vector" not in cond:
-                raise NodeError("this conditioning is not Flux's (encode it with a Flux CLIP)")
+            if int(x.shape[-1]) != joint:
+                raise NodeError(f"this conditioning is not this {label} model's (encode it with its CLIP)")
             if guidance and "guidance" not in cond:
                 cond["guidance"] = torch.tensor([FLUX_GUIDANCE])
             elif not guidance:
@@ -699,7 +701,7 @@ def sample_flow(
         raise NodeError(f"steps {steps} is over the server's limit of {ctx.max_steps}")
     if float(denoise) <= 0.0:
         return (dict(latent_image),)
-    family, flow, guidance, joint = _flow_parts(ctx, model)
+    family, flow, guidance, widths = _flow_parts(ctx, model)
     _check_patches(model, family)
     z = latent_image.get("samples")
     if z is None:  # EmptyLatentImage's size: ComfyUI's 8 x 8 pixels a latent pixel
@@ -731,8 +733,8 @@ def sample_flow(
         with _transformer_loras(ctx, model, family):
             out = sample_flow_latents(
                 flow,
-                _fit_conditioning(positive, family, guidance, joint),
-                _fit_conditioning(negative, family, guidance, joint),
+                _fit_conditioning(positive, family, guidance, widths),
+                _fit_conditioning(negative, family, guidance, widths),
                 _raw_in(z.float(), family),
                 sigmas,
                 seed=int(seed),
