@@ -129,7 +129,9 @@ class ModelIndex:
         self.unet, self.text_encoder = unet, text_encoder
         self.aliases: dict[str, Target] = {}
         # SD3's MMDiT (held where the U-Net is): diffusers / PEFT files name its layers ``transformer.<module>``
-        self.mmdit = unet is not None and hasattr(getattr(unet, "config", None), "joint_attention_dim")
+        from sdengine.models.mmdit import MMDiT
+
+        self.mmdit = isinstance(unet, MMDiT)
         if self.mmdit:
             for name, m in adapter_targets(unet):  # type: ignore[arg-type]
                 self.aliases.setdefault(f"transformer.{name}", Target("unet", name, m))
