@@ -372,6 +372,13 @@ class Pipeline:
         return self.vae.config.latent_channels
 
     @property
+    def latent_rgb_map(self) -> vae_utils.LatentRGBMap | None:
+        """The cheap previews' latent -> RGB map of this model family's latents (:class:`sdengine.vae_utils.
+        LatentRGBMap`); SD's for 4-channel latents, None (grey previews) for a latent space with no known map. SD3
+        and Flux name theirs."""
+        return vae_utils.SD_LATENT_RGB if self.latent_channels == vae_utils.SD_LATENT_RGB.channels else None
+
+    @property
     def inpainting(self) -> bool:
         return self.unet.config.in_channels == 2 * self.latent_channels + 1
 
@@ -428,7 +435,7 @@ class Pipeline:
                 f"the tiny VAE {tiny.name} decodes {cfg.latent_channels}-channel latents at "
                 f"{cfg.downscale_factor}x, but {self.name}'s are {self.latent_channels}-channel at "
                 f"{self.vae_scale_factor}x: use the tiny VAE made for this model family (taesd for SD 1.x/2.x, "
-                "taesdxl for SDXL)"
+                "taesdxl for SDXL, taesd3 for SD3, taef1 for Flux.1)"
             )
         if not cfg.has_decoder:
             raise GenerationError(f"the tiny VAE {tiny.name} has no decoder (give its taesd_decoder file)")
@@ -1424,7 +1431,9 @@ class Pipeline:
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
             bar.update(i + 1 - bar.n)
             if callback is not None:
-                return callback(StepInfo(i + 1, run_steps, float(sigma), x, denoised, self.tiny_vae))
+                return callback(
+                    StepInfo(i + 1, run_steps, float(sigma), x, denoised, self.tiny_vae, self.latent_rgb_map)
+                )
             return None
 
         loop = None if self._tiling else (self.cuda_graphs or {}).get("loop")
@@ -1467,7 +1476,7 @@ class Pipeline:
                     den, plan, start.noise, init_latent, cond, generators=gens, callback=on_step, brownian=brownian
                 )
         except SamplingInterrupted as e:
-            raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised)) from None
+            raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised, self.latent_rgb_map)) from None
         finally:
             bar.close()
             padding.close()
