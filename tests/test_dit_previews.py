@@ -236,6 +236,14 @@ def test_a_tiny_vae_for_other_latents_is_refused_on_flux(flux):
     eight_x.save_pretrained(root / "taef1-8x")
     with pytest.raises(GenerationError, match="16-channel latents at 8x"):
         pipe.set_tiny_vae(root / "taef1-8x")
+    # TAESD3 fits Flux's shapes (16 channels, here 2x) but not its latent space: its released name says so
+    taesd_files(reference_tiny(**TINY_2X), root / "sd3files", "taesd3")
+    with pytest.raises(
+        GenerationError,
+        match=r"taesd3_decoder.safetensors is named for SD3 \(taesd3\), but "
+        r"tiny-flux-schnell is FLUX.1: its latents need taef1 \(taef1_decoder.safetensors\)",
+    ):
+        pipe.set_tiny_vae(root / "sd3files" / "taesd3_decoder.safetensors")
     assert pipe.tiny_vae is not None and pipe.tiny_vae.name == "taef1"  # the one it had is kept
 
 
@@ -269,6 +277,9 @@ def test_sd3_tiny_decode_and_previews_match_diffusers(tmp_path):
     ).images
     assert _mad(ours.arrays, theirs) < TOL
     assert "Tiny VAE: taesd3" in ours.infotexts[0]
+    taesd_files(tiny_ref, tmp_path / "fluxfiles", "taef1")
+    with pytest.raises(GenerationError, match=r"taef1_decoder.safetensors is named for FLUX.1 \(taef1\), but tiny-sd3"):
+        pipe.set_tiny_vae(tmp_path / "fluxfiles" / "taef1_decoder.safetensors")
     assert len(seen) == 2
     for latent_rgb, tiny_rgb, denoised in seen:
         assert np.array_equal(latent_rgb, vae_utils.latent_rgb(denoised, vae_utils.SD3_LATENT_RGB).numpy())

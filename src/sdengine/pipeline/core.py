@@ -439,9 +439,24 @@ class Pipeline:
             )
         if not cfg.has_decoder:
             raise GenerationError(f"the tiny VAE {tiny.name} has no decoder (give its taesd_decoder file)")
+        self._check_tiny_vae_family(tiny.name)
         self.tiny_vae = tiny.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         if self.cuda_graphs is not None:  # its decode replays from graphs as the VAE's does
             self.cuda_graphs = {**self.cuda_graphs, "tiny_vae": self._tiny_vae_graph(self.tiny_vae)}
+
+    def _check_tiny_vae_family(self, name: str) -> None:
+        """TAESD3 and TAEF1 both decode 16-channel 8x latents, so their shapes cannot tell them apart; their
+        released names can: one named for the other 16-channel family is refused (it would give off colours)."""
+        rgb = self.latent_rgb_map
+        own = TINY_VAE_NAMES.get(rgb.name) if rgb is not None else None
+        if rgb is None or own is None:
+            return
+        for family, prefix in TINY_VAE_NAMES.items():
+            if prefix != own and name.lower().startswith(prefix):
+                raise GenerationError(
+                    f"the tiny VAE {name} is named for {TINY_VAE_FAMILIES[family]} ({prefix}), but {self.name} is "
+                    f"{TINY_VAE_FAMILIES[rgb.name]}: its latents need {own} ({own}_decoder.safetensors)"
+                )
 
     # How many separately chosen VAEs (set_vae) a pipeline keeps loaded for the next generations.
     VAES_KEPT = 3
@@ -1740,6 +1755,12 @@ class Pipeline:
                 img = self.tiny_vae.decode(x[i : i + 1].to(self.dtype)).float()
                 out.append(vae_utils.to_unit(require_finite(img, "decoded image (tiny VAE)")))
         return torch.cat(out)
+
+
+# The released tiny VAEs of the 16-channel latent spaces, by latent map name (docs/tiny-vae.md): both are 16
+# channels at 8x, told apart only by their names (taesd3_decoder.safetensors, madebyollin/taef1, ...).
+TINY_VAE_NAMES = {"sd3": "taesd3", "flux": "taef1"}
+TINY_VAE_FAMILIES = {"sd3": "SD3", "flux": "FLUX.1"}
 
 
 @contextmanager
