@@ -284,3 +284,35 @@ def test_sd3_tiny_decode_and_previews_match_diffusers(tmp_path):
     for latent_rgb, tiny_rgb, denoised in seen:
         assert np.array_equal(latent_rgb, vae_utils.latent_rgb(denoised, vae_utils.SD3_LATENT_RGB).numpy())
         assert np.abs(tiny_rgb.astype(int) - _their_rgb(tiny_ref, denoised).astype(int)).max() <= 1
+
+
+def test_cli_tiny_vae_on_flux_and_from_png(flux, tmp_path):
+    """``generate --tiny-vae`` on a Flux model decodes with it (as stable-diffusion.cpp's ``--taesd``), records it,
+    and ``--from-png`` with the same ``--tiny-vae`` gives the same pixels."""
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters, read_png_parameters
+
+    folder, pipe, _, root = flux
+    out = tmp_path / "a.png"
+    args = [
+        "generate",
+        "--model",
+        str(folder),
+        PROMPT,
+        "--steps",
+        "2",
+        "--seed",
+        str(SEED),
+        "--tiny-vae",
+        str(root / "taef1"),
+    ]
+    assert main([*args, "--width", str(W), "--height", str(H), "--out", str(out), "--no-progress"]) == 0
+    assert parse_parameters(read_png_parameters(out))["Tiny VAE"] == "taef1"
+    want = pipe(PROMPT, steps=2, seed=SEED, width=W, height=H, vae_decode="tiny", progress=False).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
+    again = tmp_path / "b.png"
+    rerun = ["generate", "--from-png", str(out), "--model", str(folder), "--tiny-vae", str(root / "taef1")]
+    assert main([*rerun, "--out", str(again), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
