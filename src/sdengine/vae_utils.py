@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -296,6 +297,12 @@ def to_unit(images: Tensor) -> Tensor:
     return (images / 2 + 0.5).clamp(0, 1)
 
 
+@functools.lru_cache(maxsize=16)
+def _map_tensors(rgb_map: LatentRGBMap, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A map's (C, 3) factors and (3,) bias on ``device``, made once (no host copy on a GPU preview's path)."""
+    return torch.tensor(rgb_map.factors, device=device), torch.tensor(rgb_map.bias, device=device)
+
+
 def latent_rgb(latents: Tensor, rgb_map: LatentRGBMap | None = None) -> Tensor:
     """(B, C, h, w) latents -> uint8 (B, h, w, 3) RGB at latent resolution, computed where the latents are.
 
@@ -306,8 +313,7 @@ def latent_rgb(latents: Tensor, rgb_map: LatentRGBMap | None = None) -> Tensor:
     if rgb_map is None or rgb_map.channels != z.shape[1]:
         rgb_map = SD_LATENT_RGB if z.shape[1] == SD_LATENT_RGB.channels else None
     if rgb_map is not None:
-        factors = torch.tensor(rgb_map.factors, device=z.device)
-        bias = torch.tensor(rgb_map.bias, device=z.device)
+        factors, bias = _map_tensors(rgb_map, z.device)
         rgb = torch.einsum("bchw,cr->bhwr", z, factors) + bias
     else:
         rgb = z.mean(dim=1)[..., None].expand(*z.shape[:1], *z.shape[2:], 3)
