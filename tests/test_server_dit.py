@@ -13,6 +13,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 
@@ -284,3 +285,19 @@ def test_bad_family_values_are_one_line_4xx_on_every_protocol(served, field, val
         body = r.json()
         message = body["error"]["message"] if "error" in body else body["detail"]
         assert isinstance(message, str) and "\n" not in message and message, (r.request.url, body)
+
+
+def test_live_previews_use_each_familys_latent_colours(served):
+    """The server's latent previews (no tiny VAE) colour SD3's and Flux's 16-channel latents with their own maps
+    (ComfyUI's factors), not the grey channel mean a 16-channel latent got before."""
+    from sdengine import vae_utils
+
+    server, _, sd3, flux = served
+    manager = server.services.manager
+    z = torch.randn(1, 16, 6, 5, generator=torch.Generator().manual_seed(0))
+    grey = vae_utils.latent_rgb(z)
+    for pipe, own in ((sd3, vae_utils.SD3_LATENT_RGB), (flux, vae_utils.FLUX_LATENT_RGB)):
+        got = manager.preview_rgb(pipe)(z)
+        assert torch.equal(got, vae_utils.latent_rgb(z, own))
+        assert not torch.equal(got, grey)
+        assert not torch.equal(got[..., 0], got[..., 1])  # colour, not grey
