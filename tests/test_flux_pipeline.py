@@ -418,8 +418,8 @@ def test_cli_prompt_list_takes_flux_defaults(dev, tmp_path):
 
 def test_server_native_job_runs_flux(dev, tmp_path):
     """``sdengine serve`` with a Flux folder in its models folder: a native job gives the pipeline's image, A1111's
-    txt2img route runs it with a flow scheduler (the requests have SD's defaults and no distilled-guidance field:
-    cfg_scale 1 is given, the guidance is [dev]'s 3.5, Forge's field is listed as ignored)."""
+    txt2img route runs it with a flow scheduler and Forge's ``distilled_cfg_scale`` (tests/test_server_dit.py tests
+    the server's Flux and SD3 settings further)."""
     pytest.importorskip("fastapi")
     import base64
     import io
@@ -446,5 +446,5 @@ def test_server_native_job_runs_flux(dev, tmp_path):
             assert r.status_code == 200, r.text
             image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
             text = image.info["parameters"]
-            assert "Distilled CFG Scale: 3.5" in text and "Schedule type: Simple" in text and "CFG scale: 1," in text
-            assert "distilled_cfg_scale" in json.loads(r.json()["info"])["ignored"]  # Forge's field: said, not run
+            assert "Distilled CFG Scale: 5" in text and "Schedule type: Simple" in text and "CFG scale: 1," in text
+            assert "distilled_cfg_scale" not in json.loads(r.json()["info"])["ignored"]  # Forge's field: run

@@ -488,7 +488,8 @@ def test_latent_sampling_refuses_sd3_in_one_line(sd3):
 
 def test_server_native_and_a1111_txt2img_routes_run_sd3(sd3, tmp_path):
     """``sdengine serve`` with an SD3 folder in its models folder: a native job gives the pipeline's image; A1111's
-    txt2img route runs with a flow scheduler and refuses its "Automatic" (A1111's uniform for Euler) in one line."""
+    txt2img route runs with a flow scheduler, and its "Automatic" is the flow grid (Euler's A1111 uniform grid is
+    no flow schedule): the native job's image."""
     pytest.importorskip("fastapi")
     import base64
     import io
@@ -503,6 +504,7 @@ def test_server_native_and_a1111_txt2img_routes_run_sd3(sd3, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(folder, models / "tiny-sd3")
     body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 3, "width": SIZE, "height": SIZE, "seed": 5}
+    body["cfg_scale"] = 7.5  # the pipeline's default (a native job that leaves it out runs SD3's 7.0, as the CLI)
     want = pipe(PROMPT, NEGATIVE, steps=3, seed=5, width=SIZE, height=SIZE, sampler="euler", progress=False)
     with live_server(server_config(tmp_path, models_dir=models)) as server:
         with httpx.Client(base_url=server.url, timeout=300) as client:
@@ -513,8 +515,10 @@ def test_server_native_and_a1111_txt2img_routes_run_sd3(sd3, tmp_path):
             assert r.status_code == 200, r.text
             image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
             assert "Shift: 3" in image.info["parameters"] and "Schedule type: Simple" in image.info["parameters"]
-            r = client.post("/sdapi/v1/txt2img", json=a1111)
-            assert r.status_code == 400 and "schedule 'uniform' is not one of a flow model's" in r.text
+            r = client.post("/sdapi/v1/txt2img", json=a1111)  # "Automatic": the flow grid, as Forge runs SD3
+            assert r.status_code == 200, r.text
+            image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+            np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(want.images[0]))
 
 
 def test_batch_rows_equal_the_same_seed_alone_and_a_callback_cancels(sd3):

@@ -377,6 +377,13 @@ class Pipeline:
         return self.vae.config.latent_channels
 
     @property
+    def latent_rgb_map(self) -> vae_utils.LatentRGBMap | None:
+        """The cheap previews' latent -> RGB map of this model family's latents (:class:`sdengine.vae_utils.
+        LatentRGBMap`); SD's for 4-channel latents, None (grey previews) for a latent space with no known map. SD3
+        and Flux name theirs."""
+        return vae_utils.SD_LATENT_RGB if self.latent_channels == vae_utils.SD_LATENT_RGB.channels else None
+
+    @property
     def inpainting(self) -> bool:
         return self.unet.config.in_channels == 2 * self.latent_channels + 1
 
@@ -433,13 +440,28 @@ class Pipeline:
                 f"the tiny VAE {tiny.name} decodes {cfg.latent_channels}-channel latents at "
                 f"{cfg.downscale_factor}x, but {self.name}'s are {self.latent_channels}-channel at "
                 f"{self.vae_scale_factor}x: use the tiny VAE made for this model family (taesd for SD 1.x/2.x, "
-                "taesdxl for SDXL)"
+                "taesdxl for SDXL, taesd3 for SD3, taef1 for Flux.1)"
             )
         if not cfg.has_decoder:
             raise GenerationError(f"the tiny VAE {tiny.name} has no decoder (give its taesd_decoder file)")
+        self._check_tiny_vae_family(tiny.name)
         self.tiny_vae = tiny.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         if self.cuda_graphs is not None:  # its decode replays from graphs as the VAE's does
             self.cuda_graphs = {**self.cuda_graphs, "tiny_vae": self._tiny_vae_graph(self.tiny_vae)}
+
+    def _check_tiny_vae_family(self, name: str) -> None:
+        """TAESD3 and TAEF1 both decode 16-channel 8x latents, so their shapes cannot tell them apart; their
+        released names can: one named for the other 16-channel family is refused (it would give off colours)."""
+        rgb = self.latent_rgb_map
+        own = TINY_VAE_NAMES.get(rgb.name) if rgb is not None else None
+        if rgb is None or own is None:
+            return
+        for family, prefix in TINY_VAE_NAMES.items():
+            if prefix != own and name.lower().startswith(prefix):
+                raise GenerationError(
+                    f"the tiny VAE {name} is named for {TINY_VAE_FAMILIES[family]} ({prefix}), but {self.name} is "
+                    f"{TINY_VAE_FAMILIES[rgb.name]}: its latents need {own} ({own}_decoder.safetensors)"
+                )
 
     # How many separately chosen VAEs (set_vae) a pipeline keeps loaded for the next generations.
     VAES_KEPT = 3
@@ -1430,7 +1452,9 @@ class Pipeline:
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
             bar.update(i + 1 - bar.n)
             if callback is not None:
-                return callback(StepInfo(i + 1, run_steps, float(sigma), x, denoised, self.tiny_vae))
+                return callback(
+                    StepInfo(i + 1, run_steps, float(sigma), x, denoised, self.tiny_vae, self.latent_rgb_map)
+                )
             return None
 
         loop = None if self._tiling else (self.cuda_graphs or {}).get("loop")
@@ -1473,7 +1497,7 @@ class Pipeline:
                     den, plan, start.noise, init_latent, cond, generators=gens, callback=on_step, brownian=brownian
                 )
         except SamplingInterrupted as e:
-            raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised)) from None
+            raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised, self.latent_rgb_map)) from None
         finally:
             bar.close()
             padding.close()
@@ -1737,6 +1761,12 @@ class Pipeline:
                 img = self.tiny_vae.decode(x[i : i + 1].to(self.dtype)).float()
                 out.append(vae_utils.to_unit(require_finite(img, "decoded image (tiny VAE)")))
         return torch.cat(out)
+
+
+# The released tiny VAEs of the 16-channel latent spaces, by latent map name (docs/tiny-vae.md): both are 16
+# channels at 8x, told apart only by their names (taesd3_decoder.safetensors, madebyollin/taef1, ...).
+TINY_VAE_NAMES = {"sd3": "taesd3", "flux": "taef1"}
+TINY_VAE_FAMILIES = {"sd3": "SD3", "flux": "FLUX.1"}
 
 
 @contextmanager

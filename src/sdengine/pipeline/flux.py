@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdengine import vae_utils
 from sdengine.diffusion import sampling
 from sdengine.diffusion.flow import (
     FLUX_TABLE_LENGTH,
@@ -202,6 +203,11 @@ class FluxPipeline(Pipeline):
     def network_adapter(self, net: Any) -> FluxAdapter:
         return FluxAdapter(net, self.dtype)
 
+    @property
+    def latent_rgb_map(self) -> vae_utils.LatentRGBMap:
+        """Flux.1's latent -> RGB preview map (ComfyUI's; docs/tiny-vae.md)."""
+        return vae_utils.FLUX_LATENT_RGB
+
     def x0_denoiser(self, model: Any) -> FlowDenoiser:
         return FlowDenoiser(model, self.noise_schedule)
 
@@ -319,8 +325,6 @@ class FluxPipeline(Pipeline):
             raise GenerationError(
                 f"clip_skip {r.clip_skip} does not apply to Flux (it reads CLIP-L's pooled output): leave it at 1"
             )
-        if r.vae_decode == "tiny" or r.vae_encode == "tiny":
-            raise GenerationError("a tiny VAE (TAESD) decodes SD's 4-channel latents, not Flux's 16 channels")
         self.distilled_guidance(r)
 
     def prepare(self, request: GenerationRequest) -> Prepared:

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdengine import vae_utils
 from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule, flow_img2img_start, flow_noise_scaling
 from sdengine.errors import GenerationError
 from sdengine.pipeline.core import Pipeline, Prepared, as_request
@@ -338,6 +339,11 @@ class SD3Pipeline(Pipeline):
         if self._call_shift is None:
             return self.base_schedule
         return dataclasses.replace(self.base_schedule, shift=self._call_shift, mu=None)  # the rest as the model's
+
+    @property
+    def latent_rgb_map(self) -> vae_utils.LatentRGBMap:
+        """SD3's latent -> RGB preview map (ComfyUI's; docs/tiny-vae.md)."""
+        return vae_utils.SD3_LATENT_RGB
 
     def network_adapter(self, net: Any) -> MMDiTAdapter:
         return MMDiTAdapter(net, self.dtype, self._call_slg)
