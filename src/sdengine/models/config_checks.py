@@ -37,6 +37,7 @@ KINDS = {
     "mmdit": "MMDiT",
     "t5": "T5 text",
     "scheduler": "scheduler",
+    "flux": "Flux transformer",
 }
 
 # Integer fields (diffusers / transformers names, which the dataclasses share): inclusive bounds. A field
@@ -87,6 +88,12 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "d_ff": (1, 65536),
     "relative_attention_num_buckets": (2, 1024),
     "relative_attention_max_distance": (2, 65536),
+    # Flux's transformer (dev/schnell: 19 double-stream and 38 single-stream blocks, 4096-wide T5 states,
+    # 768-wide pooled CLIP, RoPE axes 16 + 56 + 56 = the 128-wide head)
+    "num_single_layers": (0, 256),
+    "joint_attention_dim": (1, 16384),
+    "pooled_projection_dim": (1, 16384),
+    "axes_dims_rope": (2, 4096),
     # scheduler
     "num_train_timesteps": (1, 100_000),
     "steps_offset": (0, 100_000),
@@ -128,8 +135,9 @@ MAX_TRAINED_BETAS = INT_BOUNDS["num_train_timesteps"][1]
 # Rough lower estimate of a network's parameter count: above this it is not a model sdengine runs (SDXL's
 # U-Net has 2.6 B) and building even its meta skeleton or reading its file would be a hazard.
 MAX_PARAMETERS = 5_000_000_000
-# Kinds whose real models are larger get their own limit (SD3.5 Large's MMDiT has 8.1 B parameters).
-MAX_PARAMETERS_BY_KIND = {"mmdit": 20_000_000_000}
+# Kinds whose real models are larger get their own limit (SD3.5 Large's MMDiT has 8.1 B parameters, Flux.1's
+# transformer 11.9 B).
+MAX_PARAMETERS_BY_KIND = {"mmdit": 20_000_000_000, "flux": 30_000_000_000}
 
 
 def _values(config: Any) -> Mapping[str, Any]:
@@ -230,6 +238,12 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         h = values.get("hidden_size") or 0
         per_layer = 4 * h * h + 2 * h * (values.get("intermediate_size") or 0)
         return (values.get("num_layers") or 0) * per_layer
+    if kind == "flux":
+        heads, head = values.get("num_attention_heads") or 0, values.get("attention_head_dim") or 0
+        h = int(heads) * int(head) if isinstance(heads, int) and isinstance(head, int) else 0
+        double = values.get("num_layers") or 0  # two streams x (qkv, out, 4x MLP in and out, 6 modulations)
+        single = values.get("num_single_layers") or 0  # fused qkv + MLP in, attention + MLP out, 3 modulations
+        return int(double) * 36 * h * h + int(single) * 15 * h * h
     return 0
 
 

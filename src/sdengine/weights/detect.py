@@ -75,6 +75,18 @@ def _ints(pattern: str, keys: list[str]) -> set[int]:
 
 # ------------------------------------------------------------------------------------------ refuse early
 
+# The first tensors of a Flux transformer in BFL's layout (flux1-dev/-schnell.safetensors; ComfyUI adds the prefix)
+_FLUX_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")
+FLUX_PREFIX = "model.diffusion_model."
+
+
+def is_flux_state_dict(keys: Iterable[str]) -> bool:
+    """Whether these tensor names are a Flux transformer's in Black Forest Labs' layout (``double_blocks.*``,
+    ``single_blocks.*``), with or without ComfyUI's ``model.diffusion_model.`` prefix: the weights themselves,
+    not a LoRA for them (whose names end in ``lora_A.weight``, ``lora_down.weight``, ...)."""
+    markers = set(_FLUX_MARKERS) | {FLUX_PREFIX + m for m in _FLUX_MARKERS}
+    return any(k in markers for k in keys)
+
 
 def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
     """Raise UnsupportedModelError naming what the file looks like when it is not an SD1/SD2 checkpoint."""
@@ -92,6 +104,11 @@ def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
         raise UnsupportedModelError(
             "found SD3's MMDiT (joint_blocks.*): an SD3 model, not an SD 1.x/2.x checkpoint "
             "(sdengine.weights.mmdit_file loads its transformer)"
+        )
+    if is_flux_state_dict(keys):
+        raise UnsupportedModelError(
+            "found double_blocks.*: a Flux transformer (FLUX.1), not an SD checkpoint; it loads with "
+            "sdengine.weights.flux_file.load_flux_transformer"
         )
     if any("double_blocks." in k for k in keys[:2000]):
         raise UnsupportedModelError("found double_blocks.*: looks like Flux, not supported")

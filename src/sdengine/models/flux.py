@@ -1,0 +1,572 @@
+"""Flux.1's transformer: a rectified-flow diffusion transformer with double- and single-stream blocks.
+
+Black Forest Labs' FLUX.1 [dev] and [schnell] (2024; the architecture follows Esser et al. 2024, "Scaling
+Rectified Flow Transformers for High-Resolution Image Synthesis" (SD3's MMDiT), with parallel blocks after
+Dehghani et al. 2023 and rotary position embeddings after Su et al. 2021, "RoFormer").
+
+Reading order: config, rotary embedding, the two block kinds, the model.
+
+What the network sees:
+
+* the image: the 16-channel latent cut into 2x2 patches, each patch one token of 64 numbers
+  (``x_embedder``: 64 -> hidden, 3072 in Flux.1); a 1024x1024 image is a 128x128 latent, 64x64 = 4096 tokens;
+* the text: T5-XXL's hidden states, 4096 wide (``context_embedder``: 4096 -> hidden), 256 or 512 tokens;
+* one conditioning vector per image: the timestep's sinusoidal features through an MLP, plus (dev only) the
+  distilled guidance scale's features through another MLP, plus CLIP-L's pooled 768-wide text embedding
+  through a third. It steers every block through adaptive layer norm (shift, scale and a gate per branch:
+  "adaLN-Zero", Peebles & Xie 2023).
+
+Positions are not added to the tokens: each token carries three integer ids, (0, row, col) for an image patch and
+(0, 0, 0) for every text token, and attention rotates each head's query and key by angles made of those ids
+(RoPE, split over the head's 128 numbers: 16 for the first axis, 56 for rows, 56 for columns). Two tokens'
+score then depends on their offset, not on where they are, so Flux runs at sizes it was not trained at.
+
+Blocks:
+
+* double-stream (19 in Flux.1): image and text tokens keep separate weights (modulation, q/k/v, output
+  projection, MLP) but attend jointly: their queries, keys and values are concatenated (text first) for one
+  attention. Queries and keys get an RMS norm per head (Henry et al. 2020; Dehghani et al. 2023) before RoPE;
+* single-stream (38): the text and image tokens are one sequence with one set of weights; one modulation,
+  then attention and an MLP side by side on the same normalised input, their outputs concatenated into one
+  output projection (a "parallel" block).
+
+Then a last adaptive layer norm (scale and shift from the conditioning vector) and a projection back to 64
+numbers per token, unpacked into the latent's shape.
+
+The parameter names are diffusers' ``FluxTransformer2DModel``, so a diffusers ``transformer/`` state dict loads
+with a strict ``load_state_dict``; BFL's own files are renamed by :mod:`sdengine.weights.flux_file`.
+
+The interface is the one sdengine's SD3 transformer keeps, so one pipeline core drives both:
+``forward(hidden_states, timestep, encoder_hidden_states, pooled_projections, guidance)`` takes the *unpacked*
+latent (B, 16, H, W) and returns the prediction (the flow's velocity) in the same shape; ``timestep`` is on the
+0..1000 scale (1000 x the flow's t). diffusers' FluxPipeline passes t in 0..1 and its model multiplies by 1000:
+here the multiplication is the caller's. ``guidance`` is the guidance scale itself (dev: 3.5 typical), which the
+model multiplies by 1000 as BFL's and diffusers' do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdengine.errors import UsageError
+from sdengine.models.config_checks import ConfigError, check_config
+from sdengine.nn.attention import scaled_dot_product_attention
+from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+ROPE_THETA = 10000.0  # the base of the rotary frequencies (BFL's and diffusers' theta)
+TIME_FEATURES = 256  # sinusoidal features of the timestep and of the guidance scale
+GUIDANCE_SCALE = 1000.0  # the guidance scale enters the sinusoid multiplied by this (as t did, in 0..1)
+PATCH = 2  # latent pixels per patch side: 2x2 patches of the latent are the image tokens
+
+
+def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The config's values for the bounds check (``out_channels`` None means "as in_channels")."""
+    return {k: v for k, v in values.items() if not (k == "out_channels" and v is None)}
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """Architecture of a Flux transformer; the names are those of diffusers' ``FluxTransformer2DModel`` config.
+
+    ``in_channels``: numbers per image token, 4 x the latent's channels (2x2 patches: 64 for Flux.1's 16-channel
+    latent). ``patch_size`` is diffusers' name for a patching it does not do (always 1: the 2x2 packing
+    happens before the network, here inside :meth:`FluxTransformer.forward`). ``guidance_embeds``: the
+    guidance-distilled [dev] model, which takes the guidance scale as an input ([schnell] does not).
+    ``axes_dims_rope``: how many numbers of each head the three position ids rotate; they add up to the head.
+    """
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.axes_dims_rope, list):
+            object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+        check_config("flux", _numbers(dataclasses.asdict(self)))
+        if not isinstance(self.axes_dims_rope, tuple):
+            raise ConfigError(f"Flux transformer config: axes_dims_rope={self.axes_dims_rope!r} is not a list")
+        if type(self.guidance_embeds) is not bool:
+            raise ConfigError(f"Flux transformer config: guidance_embeds={self.guidance_embeds!r} is not true/false")
+        if self.patch_size != 1:
+            raise ConfigError(
+                f"Flux transformer config: patch_size={self.patch_size} is not supported (Flux packs 2x2 latent "
+                "patches before the network; patch_size is 1)"
+            )
+        for name in ("in_channels", "out_channels"):
+            value = getattr(self, name)
+            if value is not None and value % (PATCH * PATCH):
+                raise ConfigError(
+                    f"Flux transformer config: {name}={value} is not a multiple of 4 (2x2 patches of the latent)"
+                )
+        if len(self.axes_dims_rope) != 3 or any(d % 2 for d in self.axes_dims_rope):
+            raise ConfigError(
+                f"Flux transformer config: axes_dims_rope={list(self.axes_dims_rope)} must be three even numbers "
+                "(RoPE over the three position ids)"
+            )
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ConfigError(
+                f"Flux transformer config: axes_dims_rope={list(self.axes_dims_rope)} adds up to "
+                f"{sum(self.axes_dims_rope)}, not attention_head_dim={self.attention_head_dim}"
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of every token inside the network (heads x head width; 3072 in Flux.1)."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the (unpacked) latent the model takes: ``in_channels / 4`` (16 for Flux.1)."""
+        return self.in_channels // (PATCH * PATCH)
+
+    @property
+    def out_latent_channels(self) -> int:
+        """Channels of the (unpacked) prediction the model returns."""
+        return (self.out_channels or self.in_channels) // (PATCH * PATCH)
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> FluxConfig:
+        """A diffusers ``transformer/config.json``; keys starting with ``_`` (class name, versions) are
+        ignored, any other unknown key is refused (one line naming them)."""
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"a Flux transformer config must be a mapping, got {type(config).__name__}")
+        name = config.get("_class_name")
+        if name is not None and name != "FluxTransformer2DModel":
+            raise ConfigError(f"not a Flux transformer config: _class_name={name!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+        if unknown:
+            raise ConfigError(f"unknown Flux transformer config options: {', '.join(unknown)}")
+        values = {k: v for k, v in config.items() if k in known}
+        check_config("flux", _numbers(values))
+        try:
+            return cls(**values)
+        except TypeError as e:  # a list where a number belongs, ...
+            raise ConfigError(f"Flux transformer config: {e}") from None
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The diffusers ``config.json`` for this architecture."""
+        out: dict[str, Any] = {"_class_name": "FluxTransformer2DModel"}
+        out.update(dataclasses.asdict(self))
+        out["axes_dims_rope"] = list(self.axes_dims_rope)
+        return out
+
+
+FLUX_SCHNELL = FluxConfig()  # FLUX.1 [schnell]: timestep-distilled, no guidance input
+FLUX_DEV = FluxConfig(guidance_embeds=True)  # FLUX.1 [dev]: guidance-distilled
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary position embedding (Su et al. 2021)
+
+
+def rope_frequencies(dim: int, theta: float = ROPE_THETA) -> Tensor:
+    """The rotation frequencies of one axis of ``dim`` numbers, ``theta ** (-2j / dim)`` for j < dim / 2
+    (float64): what :func:`rope_angles` multiplies the positions by."""
+    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+
+def rope_angles(ids: Tensor, axes_dims: tuple[int, ...], theta: float = ROPE_THETA) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles of tokens with position ``ids`` (L, n_axes): (L, head_dim) each.
+
+    Axis ``a`` owns ``axes_dims[a]`` numbers of every head, taken as ``axes_dims[a] / 2`` consecutive pairs; pair
+    ``j`` turns by ``position_a * theta ** (-2j / axes_dims[a])``. Each angle is written twice (once for each
+    number of its pair), so the tables line up with the head. The angles are computed in float64 (positions up
+    to a few hundred times frequencies near 1 keep their digits), the tables returned in float32.
+    """
+    pos = ids.to(device="cpu", dtype=torch.float64)  # tiny: a few thousand x 3; float64 is not on every device
+    cos, sin = [], []
+    for axis, dim in enumerate(axes_dims):
+        angles = pos[:, axis, None] * rope_frequencies(dim, theta)[None, :]  # (L, dim/2)
+        cos.append(angles.cos().repeat_interleave(2, dim=1))  # (L, dim)
+        sin.append(angles.sin().repeat_interleave(2, dim=1))
+    return (
+        torch.cat(cos, dim=1).to(device=ids.device, dtype=torch.float32),
+        torch.cat(sin, dim=1).to(device=ids.device, dtype=torch.float32),
+    )
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x[2j], x[2j+1]) of every head by its angle: x (B, L, heads, d), cos/sin (L, d).
+
+    The pair as a complex number x[2j] + i x[2j+1] multiplied by e^(i angle): (a cos - b sin, a sin + b cos).
+    Computed in float32, returned in x's dtype.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, L, heads, d/2, 2)
+    a, b = pairs.unbind(-1)
+    turned = torch.stack([-b, a], dim=-1).flatten(-2)  # (B, L, heads, d): the pair turned by 90 degrees
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.float() * c + turned * s).to(x.dtype)
+
+
+def image_ids(rows: int, cols: int, *, device: torch.device | str | None = None) -> Tensor:
+    """Position ids of a rows x cols grid of image tokens, row-major: (rows * cols, 3) of (0, row, col)."""
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3).to(device)
+
+
+def pack_latents(latents: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch one token, row-major; a token's numbers are channel
+    by channel, each channel's four pixels in the order (top-left, top-right, bottom-left, bottom-right)."""
+    B, C, H, W = latents.shape
+    x = latents.reshape(B, C, H // 2, 2, W // 2, 2)  # (B, C, rows, dy, cols, dx)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
+    """The inverse of :func:`pack_latents`: (B, H/2 * W/2, 4C) -> (B, C, H, W)."""
+    B, _, D = tokens.shape
+    x = tokens.reshape(B, height // 2, width // 2, D // 4, 2, 2)  # (B, rows, cols, C, dy, dx)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, height, width)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class GELUProjection(nn.Module):
+    """Linear then tanh-approximated GELU: the first layer of Flux's MLPs (key ``proj``)."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class MLP(nn.Module):
+    """Linear (4x wider) -> GELU (tanh) -> Linear, keys ``net.0.proj`` and ``net.2`` (diffusers' FeedForward)."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([GELUProjection(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class Modulation(nn.Module):
+    """SiLU -> Linear of the conditioning vector into ``n`` (shift, scale, gate ...) vectors of width ``dim``
+    (key ``linear``); the layer norm they modulate has no weights of its own."""
+
+    def __init__(self, dim: int, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.linear = nn.Linear(dim, n * dim)
+
+    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
+        return self.linear(F.silu(vec)).unsqueeze(1).chunk(self.n, dim=-1)  # n x (B, 1, dim)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: a layer norm without weights, then the conditioning's scale and shift."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+
+
+def _clip_fp16(x: Tensor) -> Tensor:
+    # Flux's activations outgrow float16 in some blocks; diffusers clips the residual stream, so do we
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+class JointAttention(nn.Module):
+    """The attention of both block kinds: q/k/v projections, an RMS norm per head on q and k, RoPE, one scaled
+    dot-product attention over [text, image] tokens.
+
+    ``context_dim`` set (double-stream): the text tokens have their own projections (``add_q_proj``,
+    ``add_k_proj``, ``add_v_proj``, ``norm_added_q/k``, ``to_add_out``) and each stream gets its part of the
+    output projected back (``to_out.0`` for the image). Unset (single-stream): one set of projections over the
+    whole sequence and no output projection (the block's ``proj_out`` does it, together with the MLP's)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, joint: bool) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
+        self.joint = joint
+        if joint:
+            # A ModuleList (not Sequential) only to keep diffusers' key names `to_out.0.*`.
+            self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+            self.add_q_proj = nn.Linear(dim, inner)
+            self.add_k_proj = nn.Linear(dim, inner)
+            self.add_v_proj = nn.Linear(dim, inner)
+            self.norm_added_q = nn.RMSNorm(head_dim, eps=1e-6)
+            self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6)
+            self.to_add_out = nn.Linear(inner, dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim))  # (B, L, heads, d)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], context: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """x: (B, L, dim) image tokens (or the whole sequence, single-stream); context: (B, S, dim) text tokens
+        (double-stream); rope: the cos/sin tables of the (S + L) tokens, text first."""
+        q = self.norm_q(self._heads(self.to_q(x)))
+        k = self.norm_k(self._heads(self.to_k(x)))
+        v = self._heads(self.to_v(x))
+        if context is not None:
+            q = torch.cat([self.norm_added_q(self._heads(self.add_q_proj(context))), q], dim=1)
+            k = torch.cat([self.norm_added_k(self._heads(self.add_k_proj(context))), k], dim=1)
+            v = torch.cat([self._heads(self.add_v_proj(context)), v], dim=1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        h = scaled_dot_product_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.heads)  # (B, S+L, inner)
+        if context is None:
+            return h
+        S = context.shape[1]
+        return self.to_out[0](h[:, S:]), self.to_add_out(h[:, :S])
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text streams with their own weights, one joint attention (diffusers' ``FluxTransformerBlock``;
+    BFL's ``DoubleStreamBlock``)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.norm1 = Modulation(dim, 6)  # the image's shift/scale/gate for attention, then for the MLP
+        self.norm1_context = Modulation(dim, 6)  # the text's
+        self.attn = JointAttention(dim, heads, head_dim, joint=True)
+        self.ff = MLP(dim)
+        self.ff_context = MLP(dim)
+
+    def forward(self, x: Tensor, context: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(vec)
+        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(vec)
+        img, txt = self.attn(modulate(x, shift1, scale1), rope, modulate(context, c_shift1, c_scale1))
+        x = x + gate1 * img
+        x = x + gate2 * self.ff(modulate(x, shift2, scale2))
+        context = context + c_gate1 * txt
+        context = context + c_gate2 * self.ff_context(modulate(context, c_shift2, c_scale2))
+        return _clip_fp16(x), _clip_fp16(context)
+
+
+class SingleStreamBlock(nn.Module):
+    """Text and image tokens as one sequence; attention and MLP in parallel on the same input, one output
+    projection over both (diffusers' ``FluxSingleTransformerBlock``; BFL's ``SingleStreamBlock``)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.norm = Modulation(dim, 3)
+        self.attn = JointAttention(dim, heads, head_dim, joint=False)
+        self.proj_mlp = nn.Linear(dim, dim * mlp_ratio)
+        self.proj_out = nn.Linear(dim + dim * mlp_ratio, dim)
+
+    def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        shift, scale, gate = self.norm(vec)
+        h = modulate(x, shift, scale)
+        attn = cast(Tensor, self.attn(h, rope))  # (B, L, dim): no context, so one tensor
+        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
+        return _clip_fp16(x + gate * self.proj_out(torch.cat([attn, mlp], dim=-1)))
+
+
+class TimeTextEmbedding(nn.Module):
+    """The conditioning vector: MLP(sinusoid(t)) [+ MLP(sinusoid(1000 g))] + MLP(pooled text) (diffusers'
+    ``CombinedTimestep[Guidance]TextProjEmbeddings``; BFL's ``time_in``, ``guidance_in``, ``vector_in``)."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool) -> None:
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(TIME_FEATURES, dim)
+        self.guidance_embedder = TimestepEmbedding(TIME_FEATURES, dim) if guidance else None
+        self.text_embedder = TimestepEmbedding(pooled_dim, dim)  # the same Linear-SiLU-Linear
+
+    def forward(self, timestep: Tensor, guidance: Tensor | None, pooled: Tensor) -> Tensor:
+        """timestep (B,) on the 0..1000 scale, guidance (B,) the scale itself, pooled (B, pooled_dim) -> (B, dim).
+
+        The numbers fed to the sinusoid are rounded as BFL's and diffusers' code rounds them: t in 0..1 and the
+        guidance scale are cast to the model's dtype and multiplied by 1000 in it. In float32 that is t itself;
+        in bfloat16 it moves 875 to 876 and 3.5 x 1000 to 3504, and the released models were run (and
+        distilled) with those numbers, so a bf16 Flux here sees what it sees there."""
+        dtype = pooled.dtype
+        t = (timestep.float() / 1000).to(dtype) * 1000
+        vec = self.timestep_embedder(timestep_embedding(t, TIME_FEATURES).to(dtype))
+        if self.guidance_embedder is not None and guidance is not None:
+            g = guidance.to(dtype) * GUIDANCE_SCALE
+            vec = vec + self.guidance_embedder(timestep_embedding(g, TIME_FEATURES).to(dtype))
+        return vec + self.text_embedder(pooled)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (diffusers' ``AdaLayerNormContinuous``: the linear's output is (scale, shift), in that order; BFL's
+    ``final_layer.adaLN_modulation`` has them as (shift, scale), which the file loader swaps)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        scale, shift = self.linear(F.silu(vec)).unsqueeze(1).chunk(2, dim=-1)
+        return modulate(x, shift, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+def _batch_vector(value: Tensor | float, batch: int, name: str, device: torch.device) -> Tensor:
+    """A per-row number as a (B,) float32 tensor on ``device``: a scalar (Python or 0-d) is repeated, a (B,) kept.
+    Numbers given on the CPU are checked to be finite (one on the GPU is not: that check would wait for the GPU
+    at every step, and the pipeline refuses a non-finite result anyway)."""
+    t = torch.as_tensor(value)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise UsageError(f"Flux transformer: {name} must be a number or have shape ({batch},), got {tuple(t.shape)}")
+    if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
+        raise UsageError(f"Flux transformer: {name} must be finite, got {t.tolist()}")
+    return t.to(device=device, dtype=torch.float32)
+
+
+class FluxTransformer(nn.Module):
+    """Flux.1's transformer (see the module docstring); diffusers' ``FluxTransformer2DModel`` parameter names."""
+
+    def __init__(self, config: FluxConfig = FLUX_SCHNELL) -> None:
+        super().__init__()
+        self.config = config
+        self.name = ""  # the file it came from (set by the loader)
+        self._rope_key: tuple[int, int, int, torch.device] | None = None
+        self._rope: tuple[Tensor, Tensor] | None = None
+        dim = config.hidden_size
+        heads, head_dim = config.num_attention_heads, config.attention_head_dim
+        out = config.out_channels or config.in_channels
+        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, config.guidance_embeds)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(config.in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(
+            [DoubleStreamBlock(dim, heads, head_dim) for _ in range(config.num_layers)]
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            [SingleStreamBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)]
+        )
+        self.norm_out = FinalLayer(dim)
+        self.proj_out = nn.Linear(dim, out)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_embedder.weight.device
+
+    def rope_tables(self, text: int, rows: int, cols: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The cos/sin tables of ``text`` text tokens (ids 0) followed by a rows x cols grid of image tokens; the
+        last ones made are kept (a generation's every step asks for the same), so that the steps after the first
+        copy nothing from the CPU (a step recorded as a CUDA graph could not)."""
+        key = (text, rows, cols, device)
+        if self._rope_key != key or self._rope is None:
+            ids = torch.cat([torch.zeros(text, 3), image_ids(rows, cols)])  # text first, as in the attention
+            self._rope = rope_angles(ids.to(device), self.config.axes_dims_rope)
+            self._rope_key = key
+        return self._rope
+
+    def _check_inputs(
+        self, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor
+    ) -> tuple[int, int, int]:
+        cfg = self.config
+        if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.latent_channels:
+            raise UsageError(
+                f"Flux transformer: hidden_states must be a (B, {cfg.latent_channels}, H, W) latent, "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        B, _, H, W = hidden_states.shape
+        if H % PATCH or W % PATCH:
+            raise UsageError(
+                f"Flux transformer: the latent's height and width must be even (2x2 patches), got {H}x{W} "
+                f"(an image size that is a multiple of 16 pixels gives one)"
+            )
+        text = encoder_hidden_states
+        if text.ndim != 3 or text.shape[0] != B or text.shape[2] != cfg.joint_attention_dim:
+            raise UsageError(
+                f"Flux transformer: encoder_hidden_states must be (B={B}, L, {cfg.joint_attention_dim}), "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+        if tuple(pooled_projections.shape) != (B, cfg.pooled_projection_dim):
+            raise UsageError(
+                f"Flux transformer: pooled_projections must be ({B}, {cfg.pooled_projection_dim}), "
+                f"got {tuple(pooled_projections.shape)}"
+            )
+        return B, H, W
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        timestep: Tensor | float,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+        guidance: Tensor | float | None = None,
+    ) -> Tensor:
+        """The velocity prediction for the latent ``hidden_states`` (B, C, H, W) at ``timestep`` (B,) on the
+        0..1000 scale (1000 x the flow's t; 1000 is pure noise), given T5 states ``encoder_hidden_states``
+        (B, L, 4096), CLIP's pooled embedding ``pooled_projections`` (B, 768) and, for a guidance-distilled
+        (dev) model, the guidance scale ``guidance`` (B,) (e.g. 3.5; None for schnell) -> (B, C, H, W)."""
+        cfg = self.config
+        B, H, W = self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections)
+        if cfg.guidance_embeds and guidance is None:
+            raise UsageError(
+                "Flux transformer: this model is guidance-distilled (FLUX.1 [dev]): pass guidance, the guidance "
+                "scale (e.g. 3.5)"
+            )
+        if not cfg.guidance_embeds and guidance is not None:
+            raise UsageError(
+                "Flux transformer: this model takes no guidance scale (FLUX.1 [schnell]-like, no guidance "
+                "embedding): pass guidance=None"
+            )
+        device, dtype = hidden_states.device, self.dtype
+        t = _batch_vector(timestep, B, "timestep", device)
+        g = _batch_vector(guidance, B, "guidance", device) if guidance is not None else None
+
+        x = self.x_embedder(pack_latents(hidden_states.to(dtype)))  # (B, N, dim), N = H/2 * W/2
+        context = self.context_embedder(encoder_hidden_states.to(dtype))  # (B, L, dim)
+        vec = self.time_text_embed(t, g, pooled_projections.to(dtype))  # (B, dim)
+        L = context.shape[1]
+        rope = self.rope_tables(L, H // PATCH, W // PATCH, device)  # (L + N, head_dim) each, text first
+
+        for block in self.transformer_blocks:
+            x, context = block(x, context, vec, rope)
+        seq = torch.cat([context, x], dim=1)  # (B, L + N, dim)
+        for block in self.single_transformer_blocks:
+            seq = block(seq, vec, rope)
+        x = seq[:, L:]
+        x = self.proj_out(self.norm_out(x, vec))  # (B, N, 4 C_out)
+        return unpack_latents(x, H, W)
+
+
+__all__ = [
+    "FLUX_DEV",
+    "FLUX_SCHNELL",
+    "FluxConfig",
+    "FluxTransformer",
+    "apply_rope",
+    "image_ids",
+    "pack_latents",
+    "rope_angles",
+    "rope_frequencies",
+    "unpack_latents",
+]
