@@ -1,7 +1,7 @@
 """Flux.1's transformer: the same numbers as diffusers' ``FluxTransformer2DModel`` on tiny random weights (guidance
-on and off, non-square latents, batch 2; float32, bf16 and fp16), its files (a diffusers ``transformer/`` folder, plain and sharded; BFL's
-single-file layout with and without ComfyUI's prefix, cross-checked with diffusers' own converter; float8 weights),
-the config read from the shapes, and one-line errors for bad inputs, configs and files."""
+on and off, non-square latents, batch 2; float32, bf16 and fp16), its files (a diffusers ``transformer/`` folder,
+plain and sharded; BFL's single-file layout with and without ComfyUI's prefix, cross-checked with diffusers' own
+converter; float8 weights), the config read from the shapes, and one-line errors for bad inputs, configs and files."""
 
 from __future__ import annotations
 

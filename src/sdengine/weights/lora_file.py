@@ -56,9 +56,10 @@ class UnsafeLoRANameError(LoRAFileError, UnsafePathError):
 # -------------------------------------------------------------------------------------------- file names
 
 
-# kohya/A1111: `<layer>.lora_down.weight`, `<layer>.lora_up.weight`, `<layer>.alpha`; layer names have no dots.
+# kohya/A1111: `<layer>.lora_down.weight`, `<layer>.lora_up.weight`, `<layer>.alpha`; layer names have no dots
+# (OneTrainer's diffusion-transformer files: `lora_transformer_<diffusers module name with underscores>`).
 _KOHYA_RE = re.compile(
-    r"^(?P<layer>lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
+    r"^(?P<layer>lora_(?:unet|te\d?|transformer)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
 )
 # ComfyUI's own layout (what its LoraSave node writes, and what its loader reads for any model): the model's state
 # dict name of the layer, `diffusion_model.<LDM U-Net name>` / `text_encoders.clip_l.transformer.<CLIP name>`, with

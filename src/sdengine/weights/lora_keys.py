@@ -25,6 +25,7 @@ from torch import nn
 
 from ..nn.lycoris import NORM_TYPES
 from . import keymaps as km
+from .lora_dit_keys import DIT_PREFIX, FLUX_FAMILY, SD3_FAMILY, dit_family
 from .lora_file import LoRAFile, LoRAFileError, LoRAFormat, LoRALayerWeights
 from .lycoris_file import LycorisLayerWeights
 
@@ -32,22 +33,29 @@ Component = Literal["unet", "text_encoder", "text_encoder_2"]
 
 _COMFY_TE = "text_encoders."  # ComfyUI's prefix of text-encoder layer names
 
+# Names that give away a diffusion transformer, most specific first (checked before the SD hints below).
+_DIT_HINTS = [
+    (re.compile(r"double_blocks|single_blocks|single_transformer_blocks"), FLUX_FAMILY),
+    (re.compile(r"joint_blocks|context_block|x_block"), SD3_FAMILY),
+    (
+        # ComfyUI names SD U-Net layers diffusion_model.<LDM name> too: only other names there are a transformer's
+        re.compile(
+            r"^lora_transformer_|^transformer\.|^diffusion_model\.(?!(?:input_blocks|middle_block|output_blocks|"
+            r"time_embed|out)\.)"
+        ),
+        "a diffusion transformer (SD3/Flux-style)",
+    ),
+]
 # Names that give away another architecture.
 _ARCH_HINTS = [
+    *_DIT_HINTS,
     (
         re.compile(r"^lora_te2_|^text_encoder_2\.|^text_encoders\.clip_g\."),
         "SDXL (it carries a second text encoder, lora_te2_/text_encoder_2)",
     ),
     (re.compile(r"label_emb|add_embedding"), "SDXL (it carries the added-conditioning embedding)"),
-    (
-        # ComfyUI names SD U-Net layers diffusion_model.<LDM name> too: only other names there are a transformer's
-        re.compile(
-            r"^lora_transformer_|^transformer\.|^diffusion_model\.(?!(?:input_blocks|middle_block|output_blocks|"
-            r"time_embed|out)\.)|double_blocks|single_blocks|joint_blocks"
-        ),
-        "a diffusion transformer (SD3/Flux-style)",
-    ),
 ]
+_DIT_GENERIC = _DIT_HINTS[-1][1]
 # Cross-attention width (attn2.to_k input) -> family: the one shape that tells SD1, SD2 and SDXL apart.
 _CONTEXT_WIDTH = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 _CROSS_KV_RE = re.compile(r"attn2[._]to_[kv]$")
@@ -128,7 +136,11 @@ class ModelIndex:
             self.fixed_text_encoder, text_encoder = type(text_encoder).__name__, None
         self.unet, self.text_encoder = unet, text_encoder
         self.aliases: dict[str, Target] = {}
-        if unet is not None:
+        self.dit = dit_family(unet)  # SD3's MMDiT or Flux's transformer: the file's names go through lora_dit_keys
+        if unet is not None and self.dit is not None:
+            for name, m in adapter_targets(unet):  # split_dit_layers rewrote every name it knows to these
+                self.aliases[DIT_PREFIX + name] = Target("unet", name, m)
+        elif unet is not None:
             ldm = unet_ldm_names(unet)
             for name, m in adapter_targets(unet):
                 t = Target("unet", name, m)
@@ -172,6 +184,8 @@ class ModelIndex:
                     self.aliases.setdefault(alias, t)
 
     def family(self) -> str:
+        if self.dit is not None:
+            return self.dit
         if self.text_encoder_2 is not None:
             return "SDXL"
         cfg = getattr(self.unet, "config", None)
@@ -183,8 +197,15 @@ class ModelIndex:
         return f"a custom model (cross-attention width {width})" if width else "this model"
 
 
-def _lora_family(lf: LoRAFile) -> str | None:
+def _lora_family(lf: LoRAFile, dit: bool = False) -> str | None:
+    """The family a file's names give away (None: no hint). ``dit``: the model is a diffusion transformer, whose
+    own text encoders (SD3's CLIP-G as lora_te2_, MMDiT-X's attn2) are no hint of SDXL."""
     names = list(lf.layers) + list(lf.lycoris) + lf.unknown + [k for ks in lf.unsupported.values() for k in ks]
+    for rx, label in _DIT_HINTS:  # a transformer's names first: its text-encoder names could read as SDXL's
+        if any(rx.search(key) for key in names):
+            return label
+    if dit:
+        return None
     for key in names:
         for rx, label in _ARCH_HINTS:
             if rx.search(key):
@@ -198,6 +219,16 @@ def _lora_family(lf: LoRAFile) -> str | None:
         if _CROSS_KV_RE.search(key) and not isinstance(shape, str) and shape[1] > 0:
             return _CONTEXT_WIDTH.get(shape[1], f"a model with cross-attention width {shape[1]}")
     return None
+
+
+def check_dit_family(lf: LoRAFile, index: ModelIndex) -> None:
+    """A file whose names are the other diffusion transformer's (Flux's ``double_blocks`` on SD3, SD3's
+    ``joint_blocks`` on Flux) is a :class:`LoRAFileError` naming both, before its layers are split by the rows of a
+    model they were not made for."""
+    family = _lora_family(lf, dit=True)
+    if index.dit is not None and family in (FLUX_FAMILY, SD3_FAMILY) and family != index.dit:
+        where = str(lf.path) if lf.path is not None else lf.name
+        raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {index.dit}")
 
 
 def _fit_lycoris(w: LycorisLayerWeights, module: nn.Module) -> str | None:
@@ -325,10 +356,12 @@ def match_lora(
             wrong.append(f"{target.component}.{target.name} ({why})")
             continue
         lycoris[key] = (target, lw)
-    family = _lora_family(lf)
+    family = _lora_family(lf, dit=index.dit is not None)
     model = index.family()
     if family is not None and model == "SDXL" and family.startswith("SDXL"):
         family = model  # the SDXL hints (a second text encoder, label_emb) are what an SDXL model has
+    if family == _DIT_GENERIC and index.dit is not None:
+        family = model  # diffusers' transformer names: the shapes tell SD3 from Flux
     hint = f"; it looks like a LoRA for {family}, the model is {model}" if family and family != model else ""
     if wrong:
         raise LoRAFileError(f"{where}: shapes do not match this model: {_some(wrong, 2)}{hint}")
@@ -352,6 +385,7 @@ __all__ = [
     "ModelIndex",
     "Target",
     "adapter_targets",
+    "check_dit_family",
     "kohya_name",
     "lora_targets",
     "match_lora",
