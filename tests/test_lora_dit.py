@@ -271,6 +271,38 @@ def test_flux_kohya_weights_stack_fuse_and_unfuse(tmp_path: Path, monkeypatch: p
         assert torch.equal(v, before[k]) and v.data_ptr() == ptrs[k], k
 
 
+def test_flux_xlabs_lora_matches_diffusers(tmp_path: Path) -> None:
+    """XLabs' processor LoRAs (``double_blocks.<i>.processor.qkv_lora1/2``, ``proj_lora1/2``, a single block's
+    ``qkv_lora``), read by diffusers' own XLabs converter."""
+    from diffusers.loaders import lora_pipeline
+
+    ref, ours = flux_pair(seed=5)
+    d = FLUX.hidden_size
+    g = torch.Generator().manual_seed(11)
+    sd = {}
+    for i in range(FLUX.num_layers):
+        for part, rows in (("qkv_lora1", 3 * d), ("qkv_lora2", 3 * d), ("proj_lora1", d), ("proj_lora2", d)):
+            down, up = _pair(g, rows, d)
+            (
+                sd[f"double_blocks.{i}.processor.{part}.down.weight"],
+                sd[f"double_blocks.{i}.processor.{part}.up.weight"],
+            ) = (
+                down,
+                up,
+            )
+    down, up = _pair(g, 3 * d, d)
+    sd["single_blocks.1.processor.qkv_lora.down.weight"], sd["single_blocks.1.processor.qkv_lora.up.weight"] = down, up
+    conv = lora_pipeline.FluxLoraLoaderMixin.lora_state_dict(dict(sd))
+    ref.load_lora_adapter(conv, prefix="transformer", adapter_name="x")
+    want = run_flux(ref)
+    with apply_loras(ours, None, [(write(tmp_path, "xlabs", sd), 1.0)]) as h:
+        rep = h.reports[0]
+        got = run_flux(ours)
+    assert rep.complete and len(rep.matched) == FLUX.num_layers * 8 + 3
+    assert err(want, run_flux(ours)) > 1e-2
+    assert err(got, want) < TOL, err(got, want)
+
+
 def test_flux_split_rows_follow_diffusers_routes() -> None:
     """The routes of the fused and swapped layers: q, k, v (and the MLP) take consecutive row blocks of up;
     the final modulation's halves swap."""
@@ -344,8 +376,7 @@ def test_flux_text_encoder_layers_and_unknown_keys_are_reported(tmp_path: Path) 
     """kohya's CLIP-L layers (``lora_te1_``) go to the text encoder given; T5 layers (``lora_te3_``), which
     sdengine does not adapt, are listed unmatched in the report, never dropped silently."""
     _, ours = flux_pair()
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                      num_attention_heads=4, projection_dim=16)).eval()  # fmt: skip
+    te = _tiny_clip(32)
     g = torch.Generator().manual_seed(2)
     sd = native_lora({"double_blocks.0.img_attn.qkv": (3 * FLUX.hidden_size, FLUX.hidden_size)}, 1, "kohya")
     te_key = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
@@ -418,6 +449,41 @@ def test_sd3_stability_names_match_merged_diffusers(style: str, tmp_path: Path) 
     assert err(want, run_sd3(ref)) > 1e-2
     assert err(got, want) < TOL, err(got, want)
     assert err(fused, want) < TOL
+
+
+def _tiny_clip(width: int) -> CLIPTextModel:
+    cfg = CLIPTextConfig(vocab_size=100, hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, projection_dim=16)  # fmt: skip
+    return CLIPTextModel(cfg).eval()
+
+
+def test_sd3_kohya_file_with_both_clip_encoders(tmp_path: Path) -> None:
+    """sd-scripts' SD3 files: ``lora_te1_`` is CLIP-L, ``lora_te2_`` CLIP-G (not a hint of SDXL on SD3); each
+    goes to its encoder, the MMDiT's layers to the MMDiT. (T5, ``lora_te3_``, is not adapted: reported.)"""
+    ref, ours = sd3_pair()
+    clip_l, clip_g = _tiny_clip(32), _tiny_clip(48)
+    g = torch.Generator().manual_seed(6)
+    sd = native_lora({"joint_blocks.1.context_block.attn.qkv": (3 * SD3.inner_dim, SD3.inner_dim)}, 2, "kohya")
+    for prefix, width in (("lora_te1_", 32), ("lora_te2_", 48)):
+        key = prefix + "text_model_encoder_layers_1_mlp_fc1"
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = _pair(g, 37, width)
+    key = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
+    sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = _pair(g, 64, 64)
+    ids = torch.tensor([[0, 5, 17, 99]])
+    with torch.no_grad():
+        base_g = clip_g(ids).last_hidden_state
+    with apply_loras(ours, clip_l, [(write(tmp_path, "sd3te", sd), 1.0)], text_encoder_2=clip_g) as h:
+        rep = h.reports[0]
+        with torch.no_grad():
+            assert err(clip_g(ids).last_hidden_state, base_g) > 1e-4
+    assert rep.matched == [
+        "text_encoder:text_model.encoder.layers.1.mlp.fc1",
+        "text_encoder_2:text_model.encoder.layers.1.mlp.fc1",
+        "unet:transformer_blocks.1.attn.add_k_proj",
+        "unet:transformer_blocks.1.attn.add_q_proj",
+        "unet:transformer_blocks.1.attn.add_v_proj",
+    ]
+    assert rep.unmatched == [key]
 
 
 # ------------------------------------------------------------------------------------------------------ errors

@@ -8,7 +8,9 @@ A LoRA (Hu et al. 2021) for a diffusion transformer names its layers in one of t
 * the original checkpoints' names (Black Forest Labs' for Flux, Stability's for SD3, Esser et al. 2024), as the
   model's own single files spell them: ``double_blocks.0.img_attn.qkv``, ``single_blocks.3.linear1``,
   ``joint_blocks.5.x_block.attn.qkv`` -- behind ``diffusion_model.`` (ComfyUI; with ``lora_down`` / ``lora_up``
-  or ``lora_A`` / ``lora_B``) or with underscores behind ``lora_unet_`` (kohya's sd-scripts).
+  or ``lora_A`` / ``lora_B``) or with underscores behind ``lora_unet_`` (kohya's sd-scripts);
+* XLabs' Flux LoRAs: ``double_blocks.0.processor.qkv_lora1`` (the image stream's qkv; ``2``: the text's),
+  ``proj_lora1/2``, ``single_blocks.0.processor.qkv_lora`` (the attention's rows of ``linear1``).
 
 The original layouts differ from diffusers' in two ways that matter to a LoRA:
 
@@ -122,13 +124,23 @@ def _flux_native(model: FluxTransformer) -> Iterator[tuple[str, tuple[Route, ...
         a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         for native, ours in double.items():
             yield a + native, (Route(b + ours),)
-        yield a + "img_attn.qkv", _split(model, tuple(b + f"attn.to_{p}" for p in "qkv"))
-        yield a + "txt_attn.qkv", _split(model, tuple(b + f"attn.add_{p}_proj" for p in "qkv"))
+        img_qkv = _split(model, tuple(b + f"attn.to_{p}" for p in "qkv"))
+        txt_qkv = _split(model, tuple(b + f"attn.add_{p}_proj" for p in "qkv"))
+        yield a + "img_attn.qkv", img_qkv
+        yield a + "txt_attn.qkv", txt_qkv
+        # XLabs' processor LoRAs: 1 is the image stream, 2 the text's
+        yield a + "processor.qkv_lora1", img_qkv
+        yield a + "processor.qkv_lora2", txt_qkv
+        yield a + "processor.proj_lora1", (Route(b + "attn.to_out.0"),)
+        yield a + "processor.proj_lora2", (Route(b + "attn.to_add_out"),)
     for i in range(len(model.single_transformer_blocks)):
         a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         yield a + "modulation.lin", (Route(b + "norm.linear"),)
         yield a + "linear2", (Route(b + "proj_out"),)
         yield a + "linear1", _split(model, (*(b + f"attn.to_{p}" for p in "qkv"), b + "proj_mlp"))
+        # XLabs: a LoRA on the attention's part of linear1 only (q, k, v), and on linear2 (diffusers' rule)
+        yield a + "processor.qkv_lora", _split(model, tuple(b + f"attn.to_{p}" for p in "qkv"))
+        yield a + "processor.proj_lora", (Route(b + "proj_out"),)
 
 
 def _sd3_native(model: MMDiT) -> Iterator[tuple[str, tuple[Route, ...]]]:
