@@ -414,6 +414,45 @@ def test_sd3_peft_lora_matches_diffusers(tmp_path: Path) -> None:
     assert err(got, want) < TOL, err(got, want)
 
 
+def test_sd3_lora_saved_by_diffusers_with_peft_alpha(tmp_path: Path) -> None:
+    """A LoRA trained the diffusers way (PEFT ``LoraConfig(r=4, lora_alpha=8)`` on the attention projections), saved
+    by ``StableDiffusion3Pipeline.save_lora_weights`` with its adapter metadata, loaded back by diffusers: sdengine
+    reads the alpha from ``lora_adapter_metadata`` (scale 2) and gives the same output."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    ref, ours = sd3_pair(seed=3)
+    base = run_sd3(ours)
+    trained = diffusers.SD3Transformer2DModel(**_kwargs(SD3)).eval()
+    trained.load_state_dict(ref.state_dict())
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=RANK, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    trained.add_adapter(config)
+    diffusers.StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(trained),
+        transformer_lora_adapter_metadata=config.to_dict(),
+        weight_name="trained.safetensors",
+    )
+    path = tmp_path / "trained.safetensors"
+    # diffusers' pipeline loader reads the file's metadata (load_lora_adapter on a path alone would not: scale 1)
+    components = dict.fromkeys(["scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                "text_encoder_3", "tokenizer_3"])  # fmt: skip
+    diffusers.StableDiffusion3Pipeline(transformer=ref, **components).load_lora_weights(path, adapter_name="t")
+    want = run_sd3(ref)
+    assert err(want, run_sd3(trained)) < TOL  # ... the model the LoRA was trained on
+    with apply_loras(ours, None, [(path, 1.0)]) as h:
+        rep = h.reports[0]
+        got = run_sd3(ours)
+        layers = list(h.loras[0].layers)
+    assert rep.complete and rep.format == "peft" and len(rep.matched) == 4 * 3 + 4 * 1  # 3 blocks + attn2 of block 0
+    assert {layer.scale for layer in layers} == {2.0}
+    assert err(want, base) > 1e-2
+    assert err(got, want) < TOL, err(got, want)
+
+
 def _sd3_merged(ref, layers: dict[str, tuple[int, ...]], sd: dict, style: str, weight: float):
     """diffusers' model with the LoRA merged into its Stability-layout weights (W + weight * alpha/r * up @ down,
     in Stability's own names), converted back by diffusers' single-file converter."""
