@@ -569,6 +569,24 @@ def test_lycoris_on_a_fused_layer_and_two_layers_on_one_module_are_refused(tmp_p
     assert not any(m._forward_hooks for m in ours.modules())
 
 
+def test_a_control_lora_that_widens_the_input_is_refused(tmp_path: Path) -> None:
+    """BFL's Canny/Depth control LoRAs widen ``img_in`` (twice the latent channels) and replace the qk-norm
+    scales: the input layer's shape does not fit this model, so the file is refused, not half applied."""
+    _, ours = flux_pair()
+    d = FLUX.hidden_size
+    g = torch.Generator().manual_seed(0)
+    sd = native_lora({"double_blocks.0.img_attn.proj": (d, d)}, 1, "peft")
+    sd["diffusion_model.img_in.lora_A.weight"], sd["diffusion_model.img_in.lora_B.weight"] = _pair(
+        g, d, 2 * FLUX.in_channels
+    )
+    sd["diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale"] = torch.ones(FLUX.attention_head_dim)
+    with pytest.raises(
+        LoRAError, match=r"shapes do not match this model: unet\.x_embedder \(LoRA maps 32 -> 32, layer 16"
+    ):
+        apply_loras(ours, None, [(write(tmp_path, "canny", sd), 1.0)])
+    assert not any(m._forward_hooks for m in ours.modules())
+
+
 def test_an_sd_unet_lora_on_a_transformer_names_no_match(tmp_path: Path) -> None:
     _, ours = flux_pair()
     key = "lora_unet_down_blocks_0_attentions_0_proj_in"
