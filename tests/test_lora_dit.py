@@ -373,8 +373,8 @@ def test_flux_lycoris_on_one_to_one_layer(tmp_path: Path) -> None:
 
 
 def test_flux_text_encoder_layers_and_unknown_keys_are_reported(tmp_path: Path) -> None:
-    """kohya's CLIP-L layers (``lora_te1_``) go to the text encoder given; T5 layers (``lora_te3_``), which
-    sdengine does not adapt, are listed unmatched in the report, never dropped silently."""
+    """kohya's CLIP-L layers (``lora_te1_``) go to the text encoder given; T5 layers (``lora_te3_``), with no T5
+    given, are listed unmatched in the report, never dropped silently."""
     _, ours = flux_pair()
     te = _tiny_clip(32)
     g = torch.Generator().manual_seed(2)
@@ -393,6 +393,49 @@ def test_flux_text_encoder_layers_and_unknown_keys_are_reported(tmp_path: Path) 
     ]
     assert rep.unmatched == [t5_key] and not rep.complete
     assert "1 unmatched: lora_te3_encoder_block_0_layer_0_SelfAttention_q" in rep.summary()
+
+
+def test_flux_t5_layers_apply_to_the_t5_given_as_second_encoder(tmp_path: Path) -> None:
+    """Flux's T5 given as ``text_encoder_2`` (the Flux pipeline's layout, diffusers' name for it): kohya's
+    ``lora_te3_`` and ComfyUI's ``text_encoders.t5xxl.transformer.`` layers adapt it; its output equals the T5
+    with ``W + alpha/r up @ down`` written into the weights (diffusers' Flux loader reads no T5 layers)."""
+    from sdengine.models.t5_text import TINY as T5_TINY
+    from sdengine.models.t5_text import T5Encoder
+
+    _, ours = flux_pair()
+    t5 = T5Encoder(T5_TINY).eval()
+    _randomize(t5, 3)
+    g = torch.Generator().manual_seed(4)
+    sd = native_lora({"double_blocks.0.img_attn.proj": (FLUX.hidden_size, FLUX.hidden_size)}, 1, "kohya")
+    merged = {k: v.clone() for k, v in t5.state_dict().items()}
+    for key, name, alpha in (
+        ("lora_te3_encoder_block_1_layer_0_SelfAttention_v", "encoder.block.1.layer.0.SelfAttention.v", 2.0),
+        (
+            "text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_1",
+            "encoder.block.0.layer.1.DenseReluDense.wi_1",
+            None,
+        ),
+    ):
+        w = merged[f"{name}.weight"]
+        down, up = _pair(g, w.shape[0], w.shape[1])
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
+        if alpha is not None:
+            sd[f"{key}.alpha"] = torch.tensor(alpha)
+        merged[f"{name}.weight"] = w + (alpha or RANK) / RANK * 0.9 * (up @ down)
+    want_t5 = T5Encoder(T5_TINY).eval()
+    want_t5.load_state_dict(merged)
+    ids = torch.tensor([[3, 40, 200, 1]])
+    with torch.no_grad():
+        want = want_t5(ids)
+        with apply_loras(ours, None, [(write(tmp_path, "t5", sd), 0.9)], text_encoder_2=t5) as h:
+            got = t5(ids)
+        base = t5(ids)
+    assert h.reports[0].complete
+    assert [m for m in h.reports[0].matched if m.startswith("text_encoder_2:")] == [
+        "text_encoder_2:encoder.block.0.layer.1.DenseReluDense.wi_1",
+        "text_encoder_2:encoder.block.1.layer.0.SelfAttention.v",
+    ]
+    assert err(got, want) < 1e-5 and err(want, base) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------------- SD3

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..models.t5_text import T5Encoder
 from ..nn.lycoris import NORM_TYPES
 from . import keymaps as km
 from .lora_dit_keys import DIT_PREFIX, FLUX_FAMILY, SD3_FAMILY, dit_family
@@ -170,7 +171,9 @@ class ModelIndex:
                 ):
                     self.aliases.setdefault(alias, t)
         self.text_encoder_2 = text_encoder_2
-        if text_encoder_2 is not None:  # SDXL's second encoder: kohya lora_te2_, PEFT/diffusers text_encoder_2.
+        # SDXL's second encoder (kohya lora_te2_, PEFT/diffusers text_encoder_2.), or Flux's T5 (diffusers'
+        # text_encoder_2 too)
+        if text_encoder_2 is not None:
             for name, m in adapter_targets(text_encoder_2):
                 t = Target("text_encoder_2", name, m)
                 short = name.removeprefix(km.TEXT_MODEL)
@@ -182,6 +185,9 @@ class ModelIndex:
                     f"{_COMFY_TE}clip_g.transformer.{km.TEXT_MODEL}{short}",  # ComfyUI
                 ):
                     self.aliases.setdefault(alias, t)
+                if isinstance(text_encoder_2, T5Encoder):  # Flux's second encoder: kohya's lora_te3_, ComfyUI's
+                    for alias in ("lora_te3_" + name.replace(".", "_"), f"{_COMFY_TE}t5xxl.transformer.{name}"):
+                        self.aliases.setdefault(alias, t)
 
     def family(self) -> str:
         if self.dit is not None:
