@@ -372,6 +372,49 @@ def test_flux_lycoris_on_one_to_one_layer(tmp_path: Path) -> None:
     assert err(got, run_flux(want_model)) < TOL
 
 
+def test_flux_loha_and_lokr_on_fused_and_swapped_layers(tmp_path: Path) -> None:
+    """LoKr and LoHa on BFL's fused ``img_attn.qkv`` / ``linear1`` and on the (shift, scale) final modulation: each
+    part of the model takes its rows of the update; the same model as the update added to the BFL-layout weights
+    (``kron(w1, w2)``, ``(w1a w1b) * (w2a w2b)``, times alpha / rank) and converted. Patched, fused, removed."""
+    from sdengine.weights.flux_file import bfl_to_diffusers
+
+    ref, ours = flux_pair(seed=8)
+    d = FLUX.hidden_size
+    bfl = diffusers_to_bfl(ref.state_dict())
+    merged = dict(bfl)
+    g = torch.Generator().manual_seed(12)
+    sd: dict[str, torch.Tensor] = {}
+    w = 0.7
+    # LoKr: w1 (a, c) x w2 (b, e) = (a b, c e); whole w2, no alpha (scale 1)
+    for name, rows_a in (("double_blocks.1.img_attn.qkv", 3), ("single_blocks.0.linear1", 7)):
+        k = "lora_unet_" + name.replace(".", "_")
+        w1, w2 = torch.randn(rows_a, 4, generator=g), 0.05 * torch.randn(d, d // 4, generator=g)
+        sd[f"{k}.lokr_w1"], sd[f"{k}.lokr_w2"] = w1, w2
+        merged[f"{name}.weight"] = merged[f"{name}.weight"] + w * torch.kron(w1, w2)
+    # LoHa (rank 2, alpha 1: scale 0.5) on the final modulation, whose halves swap
+    name, k = "final_layer.adaLN_modulation.1", "diffusion_model.final_layer.adaLN_modulation.1"
+    f = [0.3 * torch.randn(*s_, generator=g) for s_ in ((2 * d, 2), (2, d), (2 * d, 2), (2, d))]
+    sd.update({f"{k}.hada_w1_a": f[0], f"{k}.hada_w1_b": f[1], f"{k}.hada_w2_a": f[2], f"{k}.hada_w2_b": f[3]})
+    sd[f"{k}.alpha"] = torch.tensor(1.0)
+    merged[f"{name}.weight"] = merged[f"{name}.weight"] + w * 0.5 * (f[0] @ f[1]) * (f[2] @ f[3])
+    want_model = FluxTransformer(FLUX).eval()
+    want_model.load_state_dict(bfl_to_diffusers(merged), strict=True)
+    want = run_flux(want_model)
+    base = run_flux(ours)
+    before = {k_: v.clone() for k_, v in ours.state_dict().items()}
+    with apply_loras(ours, None, [(write(tmp_path, "lyco", sd), w)]) as h:
+        rep = h.reports[0]
+        got = run_flux(ours)
+        h.fuse()
+        fused = run_flux(ours)
+        h.unfuse()
+    assert rep.complete and len(rep.matched) == 3 + 4 + 1 and rep.algorithms == ["LoHa", "LoKr"]
+    assert err(want, base) > 1e-2
+    assert err(got, want) < TOL, err(got, want)
+    assert err(fused, want) < TOL, err(fused, want)
+    assert all(torch.equal(v, before[k_]) for k_, v in ours.state_dict().items())
+
+
 def test_flux_text_encoder_layers_and_unknown_keys_are_reported(tmp_path: Path) -> None:
     """kohya's CLIP-L layers (``lora_te1_``) go to the text encoder given; T5 layers (``lora_te3_``), with no T5
     given, are listed unmatched in the report, never dropped silently."""
@@ -600,9 +643,9 @@ def test_lycoris_on_a_fused_layer_and_two_layers_on_one_module_are_refused(tmp_p
     _, ours = flux_pair()
     d = FLUX.hidden_size
     key = "lora_unet_double_blocks_0_img_attn_qkv"
-    lokr = {f"{key}.lokr_w1": torch.ones(3, 4), f"{key}.lokr_w2": torch.ones(d, d // 4)}
-    with pytest.raises(LoRAError, match=r"img_attn_qkv is a LoKr layer on a fused layer .*not LoKr"):
-        apply_loras(ours, None, [(write(tmp_path, "lokr", lokr), 1.0)])
+    ia3 = {f"{key}.weight": torch.ones(3 * d), f"{key}.on_input": torch.tensor(False)}
+    with pytest.raises(LoRAError, match=r"img_attn_qkv is a \(IA\)\^3 layer on a fused layer .*cannot be cut"):
+        apply_loras(ours, None, [(write(tmp_path, "ia3", ia3), 1.0)])
     g = torch.Generator().manual_seed(0)
     twice = native_lora({"double_blocks.0.img_attn.qkv": (3 * d, d)}, 1, "kohya")
     q = "transformer.transformer_blocks.0.attn.to_q"

@@ -312,6 +312,7 @@ def lycoris_layer(lw: LycorisLayerWeights, module: nn.Module, multiplier: float)
         magnitude=magnitude,
         magnitude_on_output=on_output,
         conv=LoRALayer.geometry(module),
+        rows=lw.rows,
     )
 
 

@@ -24,8 +24,10 @@ The original layouts differ from diffusers' in two ways that matter to a LoRA:
 rewrites a parsed file onto the model's module names (``transformer.<module>``), which
 :class:`sdengine.weights.lora_keys.ModelIndex` then matches like any other LoRA, so the same
 apply/fuse/unfuse/report path serves these models. Names it does not know are left as they are (reported unmatched,
-never dropped). LyCORIS layers (LoKr, LoHa, ...) map onto layers that are one module in both vocabularies; on a
-fused or swapped layer they are refused (their update is not a row-split of two factors).
+never dropped). LyCORIS layers map onto layers that are one module in both vocabularies as they are; on a fused or
+swapped layer, LoHa, LoKr and LoCon-Tucker updates (built from their factors alone) give each part its rows of the
+update, and weight/bias differences are cut by rows; the others (OFT, (IA)^3, GLoRA, DoRA), whose update depends on
+the whole base layer, are refused there.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch import nn
 
 from ..models.flux import FluxTransformer
 from ..models.mmdit import MMDiT
+from ..nn.lycoris import FACTOR_ONLY
 from .lora_file import LoRAFile, LoRAFileError, LoRALayerWeights
 from .lycoris_file import LycorisLayerWeights
 
@@ -258,20 +261,35 @@ def split_dit_layers(lf: LoRAFile, model: nn.Module) -> LoRAFile:
         if rs is None:
             lycoris[key] = lw
             continue
-        if (len(rs) != 1 or rs[0].rows) and lw.algo not in ROW_WISE:
+        cut = len(rs) != 1 or bool(rs[0].rows)
+        if not cut:
+            new = DIT_PREFIX + rs[0].target
+            claim(new, key)
+            lycoris[new] = dataclasses.replace(lw, key=new)
+            continue
+        if lw.algo in ROW_WISE:  # a difference: its rows are cut here
+            check_rows(key, int(next(iter(lw.parts.values())).shape[0]), rs)
+            for r in rs:
+                new = DIT_PREFIX + r.target
+                claim(new, key)
+                lycoris[new] = dataclasses.replace(lw, key=new, parts={k: _cut(t, r.rows) for k, t in lw.parts.items()})
+            continue
+        if lw.algo not in FACTOR_ONLY or lw.magnitude is not None:
             kind = "fused" if len(rs) > 1 else "(shift, scale)-swapped"
             raise LoRAFileError(
                 f"{where}: {key} is a {lw.label} layer on a {kind} layer of the original layout "
-                f"({' + '.join(r.target for r in rs)}); sdengine splits LoRA pairs and weight/bias differences "
-                f"there, not {lw.label}"
+                f"({' + '.join(r.target for r in rs)}); its update depends on the whole layer, so it cannot be cut "
+                "into the model's parts (LoRA, LoHa, LoKr and weight/bias differences can)"
             )
-        rows = next(int(t.shape[0]) for t in lw.parts.values())
-        check_rows(key, rows, rs)
-        for r in rs:
+        shape = lw.shape()
+        if isinstance(shape, str):
+            raise LoRAFileError(f"{where}: {key}: {shape}")
+        check_rows(key, shape[0], rs)
+        for r in rs:  # the factors stay whole; each part's layer takes its rows of their update
             new = DIT_PREFIX + r.target
             claim(new, key)
-            parts = {k: _cut(t, r.rows) for k, t in lw.parts.items()}
-            lycoris[new] = dataclasses.replace(lw, key=new, parts=parts)
+            rows = r.rows or ((0, shape[0]),)
+            lycoris[new] = dataclasses.replace(lw, key=new, rows=rows)
     return dataclasses.replace(lf, layers=layers, lycoris=lycoris)
 
 
