@@ -1,7 +1,8 @@
 """Flux.1's transformer: the same numbers as diffusers' ``FluxTransformer2DModel`` on tiny random weights (guidance
 on and off, non-square latents, batch 2; float32, bf16 and fp16), its files (a diffusers ``transformer/`` folder,
 plain and sharded; BFL's single-file layout with and without ComfyUI's prefix, cross-checked with diffusers' own
-converter; float8 weights), the config read from the shapes, and one-line errors for bad inputs, configs and files."""
+converter; float8 and scaled float8 weights), the config read from the shapes, and one-line errors for bad inputs,
+configs and files."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from sdengine.models.flux import (
     pack_latents,
     unpack_latents,
 )
-from sdengine.weights.detect import UnsupportedModelError, check_supported
+from sdengine.weights.detect import UnsupportedModelError, check_supported, model_family
 from sdengine.weights.flux_file import (
     bfl_to_diffusers,
     config_from_shapes,
@@ -373,7 +374,8 @@ def test_detection() -> None:
     assert is_flux_state_dict({"model.diffusion_model." + k: v for k, v in bfl.items()})
     assert not is_flux_state_dict(["double_blocks.0.img_attn.qkv.lora_A.weight", "x.weight"])  # a LoRA for Flux
     assert not is_flux_state_dict(["model.diffusion_model.input_blocks.0.0.weight"])
-    with pytest.raises(UnsupportedModelError, match=r"a Flux transformer \(FLUX.1\), not an SD checkpoint"):
+    assert model_family(bfl) == "flux" and model_family(k for k in bfl) == "flux"
+    with pytest.raises(UnsupportedModelError, match=r"looks like Flux \(FLUX.1's transformer\), not an SD checkp"):
         check_supported(bfl)
 
 

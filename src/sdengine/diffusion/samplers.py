@@ -350,18 +350,37 @@ def sample_euler_a(
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     eta: float = 1.0,
+    flow: bool = False,
 ) -> Tensor:
-    """Ancestral Euler: an Euler step to sigma_down plus fresh noise of size sigma_up (k-diffusion)."""
+    """Ancestral Euler: an Euler step to sigma_down plus fresh noise of size sigma_up (k-diffusion). ``flow``: on a
+    flow model's ``x = (1 - s) x0 + s eps`` (sdengine.diffusion.flow), with :func:`flow_ancestral_step`'s split."""
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
         denoised = loop.model(x, sigma, step=i)
-        down, up = ancestral_step(sigma, sigma_next, eta)
-        x = _euler_to(x, denoised, sigma, down)
-        if sigma_next > 0:
+        if flow:
+            down, rescale, up = flow_ancestral_step(sigma, sigma_next, eta)
+            x = _euler_to(x, denoised, sigma, down) * rescale
+        else:
+            down, up = ancestral_step(sigma, sigma_next, eta)
+            x = _euler_to(x, denoised, sigma, down)
+        if sigma_next > 0 and (eta > 0 or not flow):  # ComfyUI's flow rule draws nothing at eta 0
             x = x + loop.noise(x) * up
         loop.done(i, x, denoised)
     return x
+
+
+def flow_ancestral_step(s_from: float, s_to: float, eta: float = 1.0) -> tuple[float, float, float]:
+    """ComfyUI's ancestral step on a flow model (its ``sample_euler_ancestral_RF``): (s_down, rescale, noise).
+    Euler goes down to ``s_down = s_to (1 + (s_to / s_from - 1) eta)``, where ``x = (1 - s_down) x0 + s_down eps``;
+    ``rescale = (1 - s_to) / (1 - s_down)`` brings x0's share to ``1 - s_to``, leaving noise of size ``s_down
+    rescale``, and fresh noise of size ``sqrt(s_to^2 - (s_down rescale)^2)`` tops it up to ``s_to``. At ``s_to = 0``
+    the step is x0 itself (0, 1, 0)."""
+    if s_to == 0.0:
+        return 0.0, 1.0, 0.0
+    down = s_to * (1 + (s_to / s_from - 1) * eta)
+    rescale = (1 - s_to) / (1 - down)
+    return down, rescale, math.sqrt(max(s_to**2 - (down * rescale) ** 2, 0.0))
 
 
 @torch.no_grad()

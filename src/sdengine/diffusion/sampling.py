@@ -20,6 +20,10 @@ scheduler class + config that gives the same numbers (the parity tests build tha
 * Returns the final latent in the network's (VP) scaling: x0 when the last sigma is 0 (every sampler
   except DDIM/PLMS with ``set_alpha_to_one=False``, which end at alphas_cumprod[0] as diffusers does).
 * ``callback(step, sigma, x, denoised)``; returning False raises samplers.SamplingInterrupted.
+* Flow-matching models (SD3, Flux): a ``.schedule`` (or ``noise_schedule``) that is a
+  :class:`sdengine.diffusion.flow.FlowSchedule` runs :func:`_sample_flow` instead: the flow grid, the flow start
+  (``noise``, or ``flow_noise_scaling`` of the init), the samplers that are right on flow models in the view that
+  makes them so, the rest refused; it returns the flow-scaled latent (docs/flow-matching.md).
 
 All input errors are a one-line ``ValueError`` raised before any model call.
 """
@@ -36,6 +40,17 @@ from torch import Tensor
 
 from sdengine.diffusion import samplers as S
 from sdengine.diffusion.brownian import BrownianSpec
+from sdengine.diffusion.flow import (
+    FIRST_SIGMA_PERCENT,
+    FLOW_SCHEDULES,
+    FlowSchedule,
+    VEView,
+    flow_grid,
+    flow_img2img_start,
+    flow_noise_scaling,
+    flow_sampler_view,
+    ve_sigma,
+)
 from sdengine.diffusion.schedules import (
     A1111_GRID_SAMPLERS,
     SCHEDULES,
@@ -644,7 +659,8 @@ def sampler_option_names(name: str) -> list[str]:
     import inspect
 
     fn = SAMPLERS[name].fn
-    fixed = {"generators", "callback", "extra_args", "steps_after"}  # steps_after: sample's own (end_step)
+    # steps_after: sample's own (end_step); flow: set by sample() on flow models
+    fixed = {"generators", "callback", "extra_args", "steps_after", "flow"}
     params = list(inspect.signature(fn).parameters.values())[3:]  # after (denoiser, x, sigmas)
     return [p.name for p in params if p.name not in fixed and p.kind is inspect.Parameter.KEYWORD_ONLY]
 
@@ -707,8 +723,8 @@ def sample(
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
     ns = noise_schedule if noise_schedule is not None else getattr(denoiser, "schedule", None)
-    if not isinstance(ns, NoiseSchedule):
-        raise UsageError("sample() needs noise_schedule= or a denoiser with a .schedule NoiseSchedule")
+    if not isinstance(ns, NoiseSchedule | FlowSchedule):
+        raise UsageError("sample() needs noise_schedule= or a denoiser with a .schedule NoiseSchedule or FlowSchedule")
     if not isinstance(steps, int) or not 1 <= steps <= ns.num_train_timesteps:
         raise UsageError(f"steps must be an integer between 1 and {ns.num_train_timesteps}, got {steps!r}")
     if not 0.0 < float(strength) <= 1.0:
@@ -726,6 +742,35 @@ def sample(
     if unknown:  # else a TypeError from deep inside the sampler
         known = ", ".join(sampler_option_names(name)) or "none"
         raise UsageError(f"sampler {name!r} has no option {', '.join(map(str, unknown))}; its options: {known}")
+
+    if isinstance(ns, FlowSchedule):
+        return _sample_flow(
+            denoiser,
+            noise,
+            name,
+            sched,
+            steps,
+            ns,
+            generators=generators,
+            callback=callback,
+            extra_args=extra_args,
+            init_latent=init_latent,
+            strength=strength,
+            start_step=start_step,
+            options=options,
+            end_step=end_step,
+            sigmas=sigmas,
+            discard_penultimate=discard_penultimate,
+            comfy_grid=comfy_grid,
+            end_as_run=end_as_run,
+            end_at_zero=end_at_zero,
+            vp_only={
+                "a1111_grid": a1111_grid,
+                "noise_from": noise_from is not None,
+                "brownian": brownian is not None,
+                "noise_scale": noise_scale is not None,
+            },
+        )
 
     explicit = sigmas is not None
     if sigmas is not None:
@@ -826,6 +871,106 @@ def sample(
     )
     # Back to the network's (VP) scaling of the level we stopped at: identity when it is 0.
     return x / math.sqrt(1 + float(sigmas[-1]) ** 2)
+
+
+def _sample_flow(
+    denoiser: Callable[..., Tensor],
+    noise: Tensor,
+    name: str,
+    sched: str,
+    steps: int,
+    ns: FlowSchedule,
+    *,
+    generators: S.Generators | None,
+    callback: S.Callback | None,
+    extra_args: dict[str, Any] | None,
+    init_latent: Tensor | None,
+    strength: float,
+    start_step: int | None,
+    options: dict[str, Any],
+    end_step: int | None,
+    sigmas: Tensor | None,
+    discard_penultimate: bool,
+    comfy_grid: bool,
+    end_as_run: bool,
+    end_at_zero: bool,
+    vp_only: Mapping[str, bool],
+) -> Tensor:
+    """:func:`sample` on a flow model (sdengine.diffusion.flow): the flow grid and start, and the sampler run in
+    the view that makes it right there (:data:`sdengine.diffusion.flow.FLOW_SAMPLERS`). Returns the flow-scaled
+    latent at the last sigma (x0 when it is 0)."""
+    view = flow_sampler_view(name)
+    given_vp = [key for key, on in vp_only.items() if on]
+    if given_vp:
+        raise UsageError(f"{', '.join(given_vp)} is a setting of VP models' sampling; flow models have none")
+    if sched not in FLOW_SCHEDULES:
+        raise UsageError(f"flow models cannot use schedule {sched!r}; they take: {', '.join(FLOW_SCHEDULES)}")
+    if float(options.get("s_churn", 0.0)) > 0:
+        raise UsageError(f"s_churn adds VE noise; {name!r} runs on flow models without it")
+
+    if sigmas is not None:
+        given = sigmas.detach().to("cpu", torch.float32).reshape(-1)
+        if given.shape[0] != steps + 1:
+            raise UsageError(f"{given.shape[0]} sigmas make {given.shape[0] - 1} steps, not {steps}")
+        if sigma_list_problem(given) is not None or sigmas_rise(given) or float(given.max()) > 1.0:
+            raise UsageError("a flow model's sigmas must be finite, decreasing, at most 1 and end at or above 0")
+        grid = SamplingGrid(sigmas=given, timesteps=given[:-1] * ns.multiplier)
+    else:
+        grid = flow_grid(ns, steps + (1 if discard_penultimate else 0), sched, comfy=comfy_grid)
+        if discard_penultimate:
+            grid = drop_penultimate(grid)
+    if start_step is None:
+        start_step = flow_img2img_start(grid.steps, strength) if init_latent is not None else 0
+    if not 0 <= start_step < grid.steps:
+        raise UsageError(f"start_step must be in [0, {grid.steps}), got {start_step}")
+    stop = grid.steps
+    if end_step is not None:
+        if not start_step < end_step <= grid.steps:
+            raise UsageError(f"end_step must be in ({start_step}, {grid.steps}], got {end_step}")
+        stop = end_step
+    run = grid.sigmas[start_step : stop + 1]
+    if end_at_zero and stop < grid.steps:
+        run = torch.cat([run[:-1], run.new_zeros(1)])
+    if init_latent is None and start_step == 0:
+        x = noise.clone()  # txt2img starts from pure noise (s = 1), as diffusers' flow pipelines
+    else:
+        base = init_latent if init_latent is not None else torch.zeros_like(noise)
+        x = flow_noise_scaling(float(run[0]), noise, base)
+    if name == "unipc" and stop < grid.steps and not end_as_run:
+        options["steps_after"] = grid.steps - stop
+    fn = SAMPLERS[name].fn
+    if view != "ve":
+        if view == "rf":
+            options["flow"] = True
+        return fn(denoiser, x, run, generators=generators, callback=callback, extra_args=extra_args, **options)
+
+    # The VE view: x_ve = x / (1 - s), sigma_ve = s / (1 - s); a first s of 1 (sigma_ve infinite) is started at
+    # ComfyUI's offset instead.
+    flow_s = [float(v) for v in run]
+    if flow_s[0] >= 1.0:
+        flow_s[0] = float(torch.tensor(ns.percent_to_sigma(FIRST_SIGMA_PERCENT), dtype=torch.float32))
+    ve = torch.tensor([ve_sigma(v) for v in flow_s], dtype=torch.float32)
+    view_den = VEView(denoiser, torch.tensor(flow_s, dtype=torch.float32))
+
+    def flow_callback(i: int, _sigma: float, x_ve: Tensor, denoised: Tensor) -> bool | None:
+        assert callback is not None
+        return callback(i, flow_s[i], x_ve * (1.0 - flow_s[i + 1]), denoised)
+
+    try:
+        out = fn(
+            view_den,
+            x / (1.0 - flow_s[0]),
+            ve,
+            generators=generators,
+            callback=None if callback is None else flow_callback,
+            extra_args=extra_args,
+            **options,
+        )
+    except S.SamplingInterrupted as stopped:
+        raise S.SamplingInterrupted(
+            stopped.step, stopped.x * (1.0 - flow_s[stopped.step + 1]), stopped.denoised
+        ) from None
+    return out * (1.0 - flow_s[-1])
 
 
 def noise_draws(

@@ -88,8 +88,8 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "d_ff": (1, 65536),
     "relative_attention_num_buckets": (2, 1024),
     "relative_attention_max_distance": (2, 65536),
-    # Flux's transformer (dev/schnell: 19 double-stream and 38 single-stream blocks, 4096-wide T5 states,
-    # 768-wide pooled CLIP, RoPE axes 16 + 56 + 56 = the 128-wide head; text and pooled widths bounded above)
+    # Flux's transformer (dev/schnell: 19 double-stream and 38 single-stream blocks, RoPE axes 16 + 56 + 56 = the
+    # 128-wide head; its text and pooled widths are the diffusion transformers' above)
     "num_single_layers": (0, 256),
     "axes_dims_rope": (2, 4096),
     # scheduler

@@ -62,19 +62,6 @@ def is_sd3_state_dict(keys: Iterable[str]) -> bool:
     return len(seen) == len(_SD3_DIFFUSERS)
 
 
-def model_family(keys: Iterable[str]) -> Literal["sd3"] | None:
-    """The diffusion-transformer family a state dict holds, by its keys: ``"sd3"`` for SD3/SD3.5's MMDiT;
-    None for anything else (the U-Net files go through :func:`check_supported` and :func:`detect_ldm`)."""
-    return "sd3" if is_sd3_state_dict(keys) else None
-
-
-def _ints(pattern: str, keys: list[str]) -> set[int]:
-    rx = re.compile(pattern)
-    return {int(m.group(1)) for k in keys if (m := rx.match(k))}
-
-
-# ------------------------------------------------------------------------------------------ refuse early
-
 # The first tensors of a Flux transformer in BFL's layout (flux1-dev/-schnell.safetensors; ComfyUI adds the prefix)
 _FLUX_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")
 FLUX_PREFIX = "model.diffusion_model."
@@ -86,6 +73,24 @@ def is_flux_state_dict(keys: Iterable[str]) -> bool:
     not a LoRA for them (whose names end in ``lora_A.weight``, ``lora_down.weight``, ...)."""
     markers = set(_FLUX_MARKERS) | {FLUX_PREFIX + m for m in _FLUX_MARKERS}
     return any(k in markers for k in keys)
+
+
+def model_family(keys: Iterable[str]) -> Literal["sd3", "flux"] | None:
+    """The diffusion-transformer family a state dict holds, by its keys: ``"sd3"`` for SD3/SD3.5's MMDiT,
+    ``"flux"`` for FLUX.1's transformer in BFL's layout; None for anything else (the U-Net files go through
+    :func:`check_supported` and :func:`detect_ldm`)."""
+    names = list(keys)
+    if is_sd3_state_dict(names):
+        return "sd3"
+    return "flux" if is_flux_state_dict(names) else None
+
+
+def _ints(pattern: str, keys: list[str]) -> set[int]:
+    rx = re.compile(pattern)
+    return {int(m.group(1)) for k in keys if (m := rx.match(k))}
+
+
+# ------------------------------------------------------------------------------------------ refuse early
 
 
 def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
@@ -107,8 +112,8 @@ def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
         )
     if is_flux_state_dict(keys):
         raise UnsupportedModelError(
-            "found double_blocks.*: a Flux transformer (FLUX.1), not an SD checkpoint; it loads with "
-            "sdengine.weights.flux_file.load_flux_transformer"
+            "found double_blocks.*: looks like Flux (FLUX.1's transformer), not an SD checkpoint; "
+            "sdengine.weights.flux_file.load_flux_transformer loads it"
         )
     if any("double_blocks." in k for k in keys[:2000]):
         raise UnsupportedModelError("found double_blocks.*: looks like Flux, not supported")
