@@ -672,7 +672,8 @@ def test_routes_view_upload_queue_object_info(client, server):
     assert client.get("/api/object_info/KSampler").json()["KSampler"]["output"] == ["LATENT"]
     assert client.get("/object_info/Nope").json() == {}
     # ComfyUI's model folders: what each loader lists (these routes were missing: 404)
-    assert client.get("/models").json() == ["checkpoints", "loras", "controlnet", "vae", "clip_vision", "ipadapter"]
+    folders = ["checkpoints", "loras", "controlnet", "vae", "clip_vision", "diffusion_models", "text_encoders"]
+    assert client.get("/models").json() == [*folders, "ipadapter"]
     assert client.get("/models/clip_vision").json() == [] and client.get("/models/ipadapter").json() == []  # no folders
     assert client.get("/api/models/checkpoints").json() == ["emoji"]
     assert client.get("/models/loras").json() == info["LoraLoader"]["input"]["required"]["lora_name"][0]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,8 @@ class ListItem:
     names: tuple[str, ...]
     source: str = "--prompts"  # the list's file, for errors found when the line renders
     prompts: tuple[str, ...] = ()  # each image's prompt (to tell this line's finished files from others)
+    # the settings the command's flags or the line gave: a model family's defaults (SD3, Flux) leave them be
+    chosen: frozenset[str] = frozenset()
 
     @property
     def line(self) -> int:
@@ -155,9 +157,29 @@ def _line_settings(path: Path, lineno: int, text: str, jsonl: bool) -> dict[str,
     return data
 
 
-def parse_prompt_list(path: str | Path, defaults: Mapping[str, Any], base_seed: int = 0) -> list[ListItem]:
+def with_family_defaults(
+    settings: Mapping[str, Any], family: Mapping[str, Any] | None, chosen: Iterable[str]
+) -> dict[str, Any]:
+    """``settings`` with a model family's defaults (``pipe.family_defaults``: SD3's, Flux's) where neither the
+    command's flags nor the line chose them, by ``generate``'s rule: the sampler and schedule as a pair (when
+    neither was chosen), ``cfg_scale`` and ``steps`` each."""
+    out = dict(settings)
+    if not family:
+        return out
+    chosen = set(chosen)
+    if "sampler" not in chosen and "schedule" not in chosen:
+        out.update({k: family[k] for k in ("sampler", "schedule") if k in family})
+    out.update({k: family[k] for k in ("cfg_scale", "steps") if k in family and k not in chosen})
+    return out
+
+
+def parse_prompt_list(
+    path: str | Path, defaults: Mapping[str, Any], base_seed: int = 0, chosen: Iterable[str] = ()
+) -> list[ListItem]:
     """Every request of the file, checked (see the module notes); ``defaults`` are the fields every line starts
-    from. Raises :class:`PromptListError` naming the first bad line; an empty list is an error too."""
+    from, ``chosen`` those of them the command's flags gave (the rest a model family may replace:
+    :func:`with_family_defaults`). Raises :class:`PromptListError` naming the first bad line; an empty list is an
+    error too."""
     from .pipeline.request import GenerationRequest
 
     path = Path(path)
@@ -191,7 +213,8 @@ def parse_prompt_list(path: str | Path, defaults: Mapping[str, Any], base_seed: 
             if len(seeds) == 1
             else tuple(f"{index:05d}-{k}-{s}.png" for k, s in enumerate(seeds))
         )
-        items.append(ListItem(index, settings, tuple(seeds), names, str(path), prompts))
+        picked = frozenset(chosen) | frozenset(given)
+        items.append(ListItem(index, settings, tuple(seeds), names, str(path), prompts, picked))
     if not items:
         raise PromptListError(f"--prompts {path}: no requests (every line is blank)")
     return items
@@ -234,9 +257,11 @@ def render_prompt_list(
         return report
     out.mkdir(parents=True, exist_ok=True)
     pipe = load()
+    family = getattr(pipe, "family_defaults", None)
     for it in todo:
+        settings = with_family_defaults(it.settings, family, it.chosen)
         try:  # what only the model can check (a size that is no multiple of its VAE's factor) names the line too
-            result = pipe(GenerationRequest.from_dict({**it.settings, "progress": progress}))
+            result = pipe(GenerationRequest.from_dict({**settings, "progress": progress}))
         except SdengineError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PromptListError(f"{it.source}:{it.line}: {first}") from None
@@ -317,4 +342,5 @@ __all__ = [
     "rank_device",
     "render_prompt_list",
     "summary_line",
+    "with_family_defaults",
 ]

@@ -545,6 +545,8 @@ def sample_latents(
         raise LatentSamplingError(
             f"{pipe.name}: 9-channel inpainting U-Nets are not supported here; use an ordinary model with a noise mask"
         )
+    if getattr(pipe, "prediction_type", None) == "flow":  # SD3: its pipeline's call only (docs/sd3.md)
+        raise LatentSamplingError(f"{pipe.name}: SD3 / flow models are not supported here yet; run the pipeline")
     if latent.ndim != 4 or latent.shape[1] != pipe.latent_channels:
         raise LatentSamplingError(
             f"latent of shape {tuple(latent.shape)} does not fit {pipe.name} ({pipe.latent_channels} channels)"
@@ -995,4 +997,256 @@ def sample_latents(
         x = x * math.sqrt(1 + float(given[-1]) ** 2)
     if inpaint is not None:
         x = inpaint.finish(x)
+    return x.float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flow models (SD3, Flux): what the ComfyUI nodes sample them with
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class FlowModel:
+    """A rectified-flow model as a node graph holds it (SD3's MMDiT, Flux's transformer): ``network`` maps
+    ``(x, t, **conditioning) -> v`` (the pipeline family's adapter: ``MMDiTAdapter`` / ``FluxAdapter``), ``schedule``
+    the :class:`sdengine.diffusion.flow.FlowSchedule` it is sampled on (ComfyUI's ModelSamplingDiscreteFlow /
+    ModelSamplingFlux: its table feeds the `simple`, `beta`, `sgm_uniform` and ComfyUI's `normal` lists),
+    ``channels`` its latent channels, ``name`` for messages."""
+
+    network: Callable[..., Tensor]
+    schedule: Any
+    channels: int
+    device: Any
+    name: str = "model"
+    # layers -> the network with those blocks left out (SD3's MMDiT: skip-layer guidance), None where it has none
+    skipping: Callable[[tuple[int, ...]], Callable[..., Tensor]] | None = None
+
+
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """ComfyUI's SkipLayerGuidanceSD3 (SkipLayerGuidanceDiT, after Stability's SD3.5 recipe): at the model calls whose
+    sigma lies in ``[percent_to_sigma(end_percent), percent_to_sigma(start_percent)]``, the guided x0 gets
+    ``scale * (x0_cond - x0_cond_skipped)``, the conditional rows run once more with ``layers`` left out (a post-CFG
+    term, as PAG's; at cfg 1 too)."""
+
+    layers: tuple[int, ...]
+    scale: float
+    start_percent: float = 0.01
+    end_percent: float = 0.15
+
+
+class _SkipLayerGuided:
+    """A guided flow denoiser with :class:`SkipLayerGuidance`'s term added in its sigma window."""
+
+    def __init__(self, guided: Any, cond: Any, skipped: Any, scale: float, high: float, low: float) -> None:
+        self.guided, self.cond, self.skipped = guided, cond, skipped
+        self.scale, self.high, self.low = scale, high, low
+
+    def __getattr__(self, name: str) -> Any:  # what the samplers ask of the guided denoiser
+        return getattr(self.guided, name)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
+        out = self.guided(x, sigma, **kw)
+        s = float(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[0])
+        if self.scale > 0 and self.low <= s <= self.high:
+            args = {k: v for k, v in kw.items() if k not in ("guidance_parts", "step")}
+            out = out + (self.cond(x, sigma, **args) - self.skipped(x, sigma, **args)) * self.scale
+        return out
+
+
+def flow_sigmas(
+    schedule: Any,
+    steps: int,
+    scheduler: str,
+    *,
+    denoise: float = 1.0,
+    start_at_step: int = 0,
+    end_at_step: int | None = None,
+    leftover_noise: bool = False,
+    discard_penultimate_sigma: bool = False,
+) -> Tensor | None:
+    """The sigmas ComfyUI's KSampler / KSamplerAdvanced walk on a flow model: the ``scheduler``'s list (ComfyUI's,
+    :func:`sdengine.diffusion.flow.flow_grid` with ``comfy=True``) of ``int(steps / denoise)`` steps, its last
+    ``steps + 1``; then the window ``[start_at_step, end_at_step]``, its last sigma 0 unless ``leftover_noise``
+    (ComfyUI's force_full_denoise). None: no step to run (ComfyUI hands the latent back as it came)."""
+    from sdengine.diffusion.flow import flow_grid
+
+    if not 0.0 < denoise <= 1.0:
+        raise LatentSamplingError(f"denoise must be in (0, 1], got {denoise}")
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    if total > int(schedule.num_train_timesteps):
+        raise LatentSamplingError(
+            f"denoise {denoise:g} with {steps} steps runs the last {steps} of a {total}-step schedule, over the "
+            f"model's {schedule.num_train_timesteps}: raise denoise or lower steps"
+        )
+    try:
+        grid = flow_grid(schedule, total + (1 if discard_penultimate_sigma else 0), scheduler, comfy=True)
+    except SdengineError as e:
+        raise LatentSamplingError(str(e)) from None
+    if discard_penultimate_sigma:
+        grid = sampling.drop_penultimate(grid)
+    sigmas = grid.sigmas[-(steps + 1) :].clone()
+    if end_at_step is not None and end_at_step < sigmas.shape[0] - 1:
+        sigmas = sigmas[: end_at_step + 1].clone()
+        if not leftover_noise:
+            sigmas[-1] = 0.0
+    if start_at_step:
+        if start_at_step >= sigmas.shape[0] - 1:
+            return None
+        sigmas = sigmas[start_at_step:]
+    return sigmas
+
+
+class _FlowInpaint:
+    """ComfyUI's KSamplerX0Inpaint on a flow model: every model call reads ``x`` with the known region (``mask`` 0)
+    replaced by the latent on its noising path, ``s noise + (1 - s) latent``, and its x0 there is the latent itself
+    (the sampler's own ``x`` is left as it is)."""
+
+    def __init__(self, inner: Any, latent: Tensor, noise: Tensor, mask: Tensor) -> None:
+        self.inner, self.latent, self.noise, self.mask = inner, latent, noise, mask
+        self.keep = 1.0 - mask
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
+        from sdengine.diffusion.flow import flow_noise_scaling
+
+        s = float(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[0])
+        x = x * self.mask + flow_noise_scaling(s, self.noise, self.latent) * self.keep
+        return self.inner(x, sigma, **kw) * self.mask + self.latent * self.keep
+
+
+def flow_noise_mask(mask: Tensor, shape: Sequence[int]) -> Tensor:
+    """ComfyUI's prepare_mask: a noise mask ((B, 1, H, W), (B, H, W) or (H, W); 1 = repaint) resized bilinearly to
+    the latent's sides, for every channel and row of a latent of ``shape`` (B, C, h, w)."""
+    m = mask.float()
+    m = F.interpolate(m.reshape(-1, 1, m.shape[-2], m.shape[-1]), size=(int(shape[2]), int(shape[3])), mode="bilinear")
+    b = int(shape[0])
+    if m.shape[0] not in (1, b) and b % m.shape[0] != 0:
+        raise LatentSamplingError(f"a noise mask batch of {m.shape[0]} does not fit the latent batch of {b}")
+    m = m.repeat(math.ceil(b / m.shape[0]), 1, 1, 1)[:b]
+    return m.expand(-1, int(shape[1]), -1, -1)
+
+
+def _flow_entry(entries: Sequence[TextCondition], which: str, model: FlowModel) -> dict[str, Tensor]:
+    if len(entries) != 1 or entries[0].regional or entries[0].controls:
+        raise LatentSamplingError(
+            f"{model.name} (a flow model) samples with one plain {which} conditioning here: no ConditioningCombine, "
+            "areas, masks, strengths, timestep ranges or ControlNets"
+        )
+    return dict(entries[0].cond)
+
+
+def sample_flow_latents(
+    model: FlowModel,
+    positive: Sequence[TextCondition],
+    negative: Sequence[TextCondition],
+    latent: Tensor,
+    sigmas: Tensor,
+    *,
+    seed: int,
+    cfg: float,
+    sampler: str = "euler",
+    seed_rule: str = "comfyui",
+    add_noise: bool = True,
+    callback: Callable[[StepReport], bool | None] | None = None,
+    batch_index: Sequence[int] | None = None,
+    sampler_options: Mapping[str, Any] | None = None,
+    skip_layer_guidance: SkipLayerGuidance | None = None,
+    noise_mask: Tensor | None = None,
+) -> Tensor:
+    """Sample a flow model from ``latent`` (B, C, h, w) in its scaled latent space along ``sigmas`` (decreasing, at
+    most 1: :func:`flow_sigmas`, or a SamplerCustom's list), as ComfyUI's samplers run a flow model: the start is
+    ``s0 noise + (1 - s0) latent`` (ComfyUI's CONST noise scaling; an empty latent is zeros, pure noise at s0 = 1),
+    classifier-free guidance over the :class:`sdengine.diffusion.flow.FlowDenoiser` (one pass at ``cfg`` 1, as
+    ComfyUI's shortcut), the sampler run as :func:`sdengine.diffusion.sampling.sample` runs it on flow models
+    (docs/flow-matching.md: the samplers that are not right there are refused, one line). A run ending above 0
+    answers ComfyUI's ``latent / (1 - s)`` (its inverse noise scaling), which a next run without added noise
+    continues exactly. Noise: ``seed_rule`` as :func:`sample_latents` (the step noise from ``BatchNoise`` under
+    ComfyUI's rule; the SDE samplers draw it there too, not from a Brownian tree). ``skip_layer_guidance``: see
+    :class:`SkipLayerGuidance` (a model with ``skipping``). ``noise_mask`` (1 = repaint): ComfyUI's inpainting of a
+    plain model (:class:`_FlowInpaint`, the mask as :func:`flow_noise_mask` fits it)."""
+    from sdengine.diffusion.flow import FlowDenoiser
+
+    if seed_rule not in SEED_RULES:
+        raise LatentSamplingError(f"unknown seed rule {seed_rule!r}; use one of {', '.join(SEED_RULES)}")
+    if not positive or not negative:
+        raise LatentSamplingError("sampling needs positive and negative conditioning")
+    if latent.ndim != 4 or latent.shape[1] != model.channels:
+        raise LatentSamplingError(
+            f"latent of shape {tuple(latent.shape)} does not fit {model.name} ({model.channels} channels)"
+        )
+    pos = _flow_entry(positive, "positive", model)
+    neg = _flow_entry(negative, "negative", model)
+    given = sigmas.detach().to("cpu", torch.float32).reshape(-1)
+    if given.shape[0] < 2:
+        raise LatentSamplingError(f"{given.shape[0]} sigmas make no step")
+    dev = model.device
+    b = latent.shape[0]
+    latent = latent.float().to(dev)
+    gens: Any
+    if seed_rule == "sdengine":
+        if seed + b - 1 > 2**64 - 1:
+            raise LatentSamplingError(
+                f"seed {seed} is out of range for a batch of {b}: row seeds (seed + row) run up to 2**64 - 1"
+            )
+        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(b)]
+        noise = torch.cat([torch.randn((1, *latent.shape[1:]), generator=g) for g in gens])
+    else:
+        churn = torch.Generator("cpu").manual_seed(seed)
+        noise = make_noise(latent.shape, seed, "comfyui", batch_index, generator=churn)
+        gens = BatchNoise.seeded(b, seed, churn)
+    noise = noise.to(dev) if add_noise else torch.zeros_like(latent)
+
+    c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
+    extra: dict[str, Tensor] = {"crossattn": c.expand(b, -1, -1)}
+    uncond: dict[str, Tensor] = {"crossattn": u}
+    for key in sorted((set(pos) | set(neg)) - {"crossattn"}):
+        if key not in pos or key not in neg:
+            raise LatentSamplingError(f"the positive and negative conditionings differ in their {key!r} entry")
+        extra[key] = pos[key].to(dev).expand(b, *pos[key].shape[1:])
+        uncond[key] = neg[key].to(dev)
+    den = FlowDenoiser(model.network, model.schedule)
+    guided: Any = CFGDenoiser(den, float(cfg), uncond, rule="comfyui")
+    slg = skip_layer_guidance
+    if slg is not None and slg.layers and slg.scale > 0:
+        if model.skipping is None:
+            raise LatentSamplingError(f"{model.name} cannot leave blocks out: skip-layer guidance is SD3's (MMDiT)")
+        skipped = FlowDenoiser(model.skipping(tuple(slg.layers)), model.schedule)
+        high = model.schedule.percent_to_sigma(float(slg.start_percent))
+        low = model.schedule.percent_to_sigma(float(slg.end_percent))
+        guided = _SkipLayerGuided(guided, den, skipped, float(slg.scale), high, low)
+    if noise_mask is not None:
+        guided = _FlowInpaint(guided, latent, noise, flow_noise_mask(noise_mask, latent.shape).to(dev))
+    run_steps = given.shape[0] - 1
+
+    def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
+        return callback(StepReport(i + 1, run_steps, denoised)) if callback is not None else None
+
+    try:
+        with torch.inference_mode():
+            x = sampling.sample(
+                guided,
+                noise,
+                sampler=sampler,
+                steps=run_steps,
+                generators=gens,
+                callback=on_step,
+                extra_args=extra,
+                init_latent=latent,
+                start_step=0,
+                noise_schedule=model.schedule,
+                sigmas=given,
+                sampler_options=sampler_options,
+            )
+    except SamplingInterrupted as e:
+        raise SamplingStopped(e.step + 1, run_steps, e.denoised) from None
+    except SdengineError as e:
+        if isinstance(e, LatentSamplingError):
+            raise
+        raise LatentSamplingError(f"{model.name}: {e}") from None
+    last = float(given[-1])
+    if last > 0:
+        x = x / (1.0 - last)  # ComfyUI's inverse noise scaling of a flow model (a window with leftover noise)
     return x.float()

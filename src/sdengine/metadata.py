@@ -423,6 +423,12 @@ def made_by_sdengine(parsed: Mapping[str, str]) -> bool:
 A1111_RANDN_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 
 
+# SD3's skip-layer guidance in the infotext (beside "Skip layers"): field -> GenerationRequest.sd3 key
+SKIP_LAYER_FIELDS = {
+    "Skip layer guidance": "skip_layer_guidance_scale",
+    "Skip layer start": "skip_layer_guidance_start",
+    "Skip layer stop": "skip_layer_guidance_stop",
+}
 # how a base -> refiner hand-off picks its switch step (sdengine.pipeline.sdxl.switch_step): diffusers' rule, A1111's
 REFINER_SWITCH_RULES = ("diffusers", "a1111")
 
@@ -497,7 +503,8 @@ def to_generate_kwargs(
     "Refiner switch at" (an SDXL base -> refiner hand-off, not a request setting), so they are not warned of.
     With ``hires=True``, ``hr_checkpoint=True`` and ``hr_refiner=True`` say the caller reproduces A1111's "Hires
     checkpoint" (the second pass's model) and "Hires refiner" (the pass that handed off); else they are warned of.
-    A1111's "Image CFG scale" (an instruct-pix2pix model's image guidance) gives ``image_cfg_scale``.
+    A1111's "Image CFG scale" (an instruct-pix2pix model's image guidance) gives ``image_cfg_scale``, Forge's
+    "Distilled CFG Scale" (FLUX.1 [dev]'s distilled guidance) ``distilled_cfg_scale``.
     """
     kwargs: dict[str, Any] = {
         "prompt": parsed.get("Prompt", ""),
@@ -539,6 +546,8 @@ def to_generate_kwargs(
         kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
     if "Image CFG scale" in parsed:  # A1111's: an instruct-pix2pix model's image guidance
         kwargs["image_cfg_scale"] = _parse_float(parsed, "Image CFG scale")
+    if "Distilled CFG Scale" in parsed:  # Forge's: FLUX.1 [dev]'s distilled guidance scale
+        kwargs["distilled_cfg_scale"] = _parse_float(parsed, "Distilled CFG Scale")
     if "PAG scale" in parsed:  # sdengine's: perturbed-attention guidance, its layers "mid" unless written
         kwargs["pag_scale"] = _parse_float(parsed, "PAG scale")
         kwargs["pag_layers"] = parsed.get("PAG layers", "mid").strip()
@@ -669,6 +678,18 @@ def to_generate_kwargs(
         if not isinstance(sdxl, dict) or not sdxl:
             raise MetadataError(f"SDXL options: {parsed['SDXL options']!r} is not a JSON object of SDXL settings")
         kwargs["sdxl"] = sdxl
+    if "Shift" in parsed:  # a flow model's time shift (SD3; Forge's field name)
+        kwargs["shift"] = _parse_float(parsed, "Shift")
+    if "Skip layers" in parsed:  # sdengine's fields: SD3's skip-layer guidance (GenerationRequest.sd3)
+        try:
+            layers = [int(x) for x in parsed["Skip layers"].split(",")]
+        except ValueError:
+            raise MetadataError(f"Skip layers: {parsed['Skip layers']!r} is not a list of block numbers") from None
+        slg: dict[str, Any] = {"skip_guidance_layers": layers}
+        for field, key in SKIP_LAYER_FIELDS.items():
+            if field in parsed:
+                slg[key] = _parse_float(parsed, field)
+        kwargs["sd3"] = slg
     if parsed.get("Tiny VAE"):  # sdengine's field: the tiny VAE decoded (the run needs one loaded again)
         kwargs["vae_decode"] = "tiny"
     if parsed.get("Tiny VAE encode"):  # and this one: its encoder made the init image's latent
@@ -692,6 +713,7 @@ def to_generate_kwargs(
         "Mask blur",
         "CFG Rescale phi",
         "Image CFG scale",
+        "Distilled CFG Scale",
         "PAG scale",
         "PAG layers",
         "SAG scale",
@@ -727,6 +749,9 @@ def to_generate_kwargs(
         "Clip skip rule",
         "Sampler options",
         "SDXL options",
+        "Shift",
+        "Skip layers",
+        *SKIP_LAYER_FIELDS,
         "Prediction type",  # a loading option: the caller's (sdengine generate --from-png passes it on)
         "Pad conds",  # A1111's padding of the shorter of prompt and negative prompt: what sdengine always does
     }
@@ -1045,6 +1070,7 @@ class RecordedControlNet:
     # the extension's "Pixel Perfect": the processor resolution is worked out from the control image's size and
     # the output's (sdengine.control.preprocess.pixel_perfect_resolution), not the recorded Processor Res
     pixel_perfect: bool = False
+    union_mode: str | None = None  # sdengine's "Union Mode": a Flux Union ControlNet's control kind
 
     @property
     def preprocessor(self) -> str | None:
@@ -1136,6 +1162,7 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
             resize_mode,
             hires_mode,
             pixel_perfect and preprocessor in CONTROLNET_SCALED,
+            fields.get("Union Mode"),
         )
         out.append((int(m.group(1) or 0), unit))
     units = [r for _, r in sorted(out, key=lambda t: t[0])]

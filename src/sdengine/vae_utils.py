@@ -8,15 +8,19 @@
 * Tiling: the latent is cut into overlapping tiles, each tile is decoded on its own and the overlaps are
   blended with linear ramps. GroupNorm statistics are per tile, so the result is not bit-equal to an
   untiled decode; the tests state the measured difference (see tests/test_pipeline_vae.py).
-* :func:`latent_preview`: a fixed linear map from SD's 4 latent channels to RGB (the "cheap approximation"
-  of A1111's live preview), no network call, so it can run after every step.
+* :func:`latent_preview`: a fixed linear map from the latent channels to RGB (the "cheap approximation" of
+  A1111's live preview), no network call, so it can run after every step. Each latent space has its own map
+  (:class:`LatentRGBMap`: SD's 4 channels, SD3's and Flux's 16); the pipeline names its family's
+  (``Pipeline.latent_rgb_map``). A latent with no known map shows the mean of its channels in grey.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,16 +37,83 @@ OVERLAP_LATENT = 16
 # Tile automatically when an image has more latent positions than this (SD: above 1024x1024 pixels).
 AUTO_TILE_LATENT_AREA = 128 * 128
 
-# A1111's cheap latent -> RGB approximation for SD 1.x/2.x latents (modules/sd_samplers_common.py):
-# rgb = latent @ coefs, roughly in [-1, 1].
-_SD_LATENT_RGB = torch.tensor(
-    [
-        [0.298, 0.207, 0.208],
-        [0.187, 0.286, 0.173],
-        [-0.158, 0.189, 0.264],
-        [-0.184, -0.271, -0.473],
-    ]
+
+@dataclass(frozen=True)
+class LatentRGBMap:
+    """A fixed linear map from one latent space's channels to RGB, ``rgb = latent @ factors + bias`` per
+    position, roughly in [-1, 1]: a least-squares fit of the VAE's decode, averaged over each 8x8 patch (the
+    "cheap approximation" previews). ``factors`` has one (R, G, B) row per latent channel; the maps apply to the
+    diffusion model's latents (scaled, and shifted where the VAE has a ``shift_factor``), the ones the sampler
+    sees."""
+
+    name: str
+    factors: tuple[tuple[float, float, float], ...]
+    bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def channels(self) -> int:
+        return len(self.factors)
+
+
+# SD 1.x/2.x (4 channels): A1111's approximation (modules/sd_samplers_common.py), no bias.
+SD_LATENT_RGB = LatentRGBMap(
+    "sd",
+    (
+        (0.298, 0.207, 0.208),
+        (0.187, 0.286, 0.173),
+        (-0.158, 0.189, 0.264),
+        (-0.184, -0.271, -0.473),
+    ),
 )
+
+# SD3 / SD3.5 (16 channels) and FLUX.1 (16 channels, another VAE): ComfyUI's latent_rgb_factors and
+# latent_rgb_factors_bias of its SD3 and Flux latent formats (comfy/latent_formats.py, classes SD3 and Flux),
+# which its Latent2RGB previewer applies to the sampler's x0 estimate, in the model's (scaled and shifted) space.
+SD3_LATENT_RGB = LatentRGBMap(
+    "sd3",
+    (
+        (-0.0922, -0.0175, 0.0749),
+        (0.0311, 0.0633, 0.0954),
+        (0.1994, 0.0927, 0.0458),
+        (0.0856, 0.0339, 0.0902),
+        (0.0587, 0.0272, -0.0496),
+        (-0.0006, 0.1104, 0.0309),
+        (0.0978, 0.0306, 0.0427),
+        (-0.0042, 0.1038, 0.1358),
+        (-0.0194, 0.0020, 0.0669),
+        (-0.0488, 0.0130, -0.0268),
+        (0.0922, 0.0988, 0.0951),
+        (-0.0278, 0.0524, -0.0542),
+        (0.0332, 0.0456, 0.0895),
+        (-0.0069, -0.0030, -0.0810),
+        (-0.0596, -0.0465, -0.0293),
+        (-0.1448, -0.1463, -0.1189),
+    ),
+    (0.2394, 0.2135, 0.1925),
+)
+FLUX_LATENT_RGB = LatentRGBMap(
+    "flux",
+    (
+        (-0.0346, 0.0244, 0.0681),
+        (0.0034, 0.0210, 0.0687),
+        (0.0275, -0.0668, -0.0433),
+        (-0.0174, 0.0160, 0.0617),
+        (0.0859, 0.0721, 0.0329),
+        (0.0004, 0.0383, 0.0115),
+        (0.0405, 0.0861, 0.0915),
+        (-0.0236, -0.0185, -0.0259),
+        (-0.0245, 0.0250, 0.1180),
+        (0.1008, 0.0755, -0.0421),
+        (-0.0515, 0.0201, 0.0011),
+        (0.0428, -0.0012, -0.0036),
+        (0.0817, 0.0765, 0.0749),
+        (-0.1264, -0.0522, -0.1103),
+        (-0.0280, -0.0881, -0.0499),
+        (-0.1262, -0.0982, -0.0778),
+    ),
+    (-0.0329, -0.0718, -0.0851),
+)
+LATENT_RGB_MAPS = {m.name: m for m in (SD_LATENT_RGB, SD3_LATENT_RGB, FLUX_LATENT_RGB)}
 
 
 def downscale_factor(vae: AutoencoderKL) -> int:
@@ -226,16 +297,36 @@ def to_unit(images: Tensor) -> Tensor:
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def latent_rgb(latents: Tensor) -> Tensor:
+@functools.lru_cache(maxsize=16)
+def _map_tensors(rgb_map: LatentRGBMap, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A map's (C, 3) factors and (3,) bias on ``device``, made once (no host copy on a GPU preview's path)."""
+    return torch.tensor(rgb_map.factors, device=device), torch.tensor(rgb_map.bias, device=device)
+
+
+def latent_rgb(latents: Tensor, rgb_map: LatentRGBMap | None = None) -> Tensor:
     """(B, C, h, w) latents -> uint8 (B, h, w, 3) RGB at latent resolution, computed where the latents are.
 
-    4-channel (SD) latents use A1111's fixed linear approximation; other latents show their channel mean in grey."""
+    ``rgb_map``: the latent space's map (the pipeline's ``latent_rgb_map``). Without one, or when its channel
+    count is not the latents' (never an error: a preview must not stop a generation), 4-channel latents use SD's
+    map and any other count shows the mean of its channels in grey."""
     z = latents.detach().float()
-    if z.shape[1] == 4:
-        rgb = torch.einsum("bchw,cr->bhwr", z, _SD_LATENT_RGB.to(z.device))
+    if rgb_map is None or rgb_map.channels != z.shape[1]:
+        rgb_map = SD_LATENT_RGB if z.shape[1] == SD_LATENT_RGB.channels else None
+    if rgb_map is not None:
+        factors, bias = _map_tensors(rgb_map, z.device)
+        rgb = torch.einsum("bchw,cr->bhwr", z, factors) + bias
     else:
         rgb = z.mean(dim=1)[..., None].expand(*z.shape[:1], *z.shape[2:], 3)
     return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def latent_rgb_for(rgb_map: LatentRGBMap | None) -> Callable[[Tensor], Tensor]:
+    """:func:`latent_rgb` with ``rgb_map`` fixed: a ``to_rgb`` for :class:`LatentPreviewer`."""
+
+    def to_rgb(latents: Tensor) -> Tensor:
+        return latent_rgb(latents, rgb_map)
+
+    return to_rgb
 
 
 def tiny_vae_rgb(tiny: Any) -> Callable[[Tensor], Tensor]:
@@ -252,11 +343,11 @@ def tiny_vae_rgb(tiny: Any) -> Callable[[Tensor], Tensor]:
     return to_rgb
 
 
-def latent_preview(latents: Tensor) -> np.ndarray:
-    """(B, C, h, w) latents -> uint8 (B, h, w, 3) RGB at latent resolution, without the VAE (:func:`latent_rgb`,
-    computed on the CPU). Meant for progress previews, not for output; waits for the device. A sampling loop that
-    must not wait uses :class:`LatentPreviewer`."""
-    return latent_rgb(latents.detach().float().cpu()).numpy()
+def latent_preview(latents: Tensor, rgb_map: LatentRGBMap | None = None) -> np.ndarray:
+    """(B, C, h, w) latents -> uint8 (B, h, w, 3) RGB at latent resolution, without the VAE (:func:`latent_rgb`
+    with ``rgb_map``, computed on the CPU). Meant for progress previews, not for output; waits for the device. A
+    sampling loop that must not wait uses :class:`LatentPreviewer`."""
+    return latent_rgb(latents.detach().float().cpu(), rgb_map).numpy()
 
 
 class LatentPreviewer:

@@ -36,6 +36,24 @@ if TYPE_CHECKING:
 HELP_DEFAULTS: dict[str, Any] = {"steps": 25, "sampler": "dpmpp_2m", "cfg_scale": 7.5, "strength": 0.75}
 
 
+def _slg_arg(value: str | None) -> dict[str, Any] | None:
+    """``--slg LAYERS[:SCALE[:START:STOP]]`` -> the request's ``sd3`` settings (a one-line UsageError else)."""
+    if value is None:
+        return None
+    parts = value.split(":")
+    try:
+        if len(parts) not in (1, 2, 4):
+            raise ValueError
+        layers = [int(x) for x in parts[0].split(",")]
+        numbers = [float(x) for x in parts[1:]]
+    except ValueError:
+        raise UsageError(
+            f"--slg {value!r}: expected LAYERS[:SCALE[:START:STOP]], e.g. 7,8,9 or 7,8,9:2.8 or 7,8,9:2.8:0.01:0.2"
+        ) from None
+    keys = ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop")
+    return {"skip_guidance_layers": layers, **dict(zip(keys, numbers, strict=False))}
+
+
 def request_defaults() -> dict[str, Any]:
     """The defaults a generate run starts from: GenerationRequest's, with seed -1 (random)."""
     from ..pipeline.request import GenerationRequest
@@ -190,6 +208,23 @@ def control_units_from_cli(
             )
         )
     return out
+
+
+def union_modes(a: Any, kwargs: dict[str, Any]) -> None:
+    """``--control-union-mode MODE`` (repeatable): a Flux Union ControlNet's control kind, one per ``--control`` in
+    order (``none`` for a unit whose ControlNet is not a Union one), set on the request's units."""
+    modes = getattr(a, "control_union_mode", None) or []
+    if not modes:
+        return
+    units = list(kwargs.get("controlnets") or [])
+    if not units:
+        raise UsageError("--control-union-mode is a Flux Union ControlNet's setting: it needs --control/--controlnet")
+    if len(modes) != len(units):
+        raise UsageError(f"{len(modes)} --control-union-mode for {len(units)} --control: give one per --control")
+    kwargs["controlnets"] = [
+        dataclasses.replace(u, union_mode=None if m.strip().lower() == "none" else m.strip().lower())
+        for u, m in zip(units, modes, strict=True)
+    ]
 
 
 def _reference_from_cli(
@@ -739,6 +774,7 @@ def _controlnets_from_png(
             rule=r.rule,
             mode=r.mode,
             hires_mode=r.hires_mode,
+            union_mode=r.union_mode,
         )
         for u, r, text in zip(units, recorded, a.control, strict=True)
     ]
@@ -830,12 +866,14 @@ def run(a: argparse.Namespace) -> int:
     if a.hr_refiner_pass is not None:  # a bad pass is one line before anything loads
         a.hr_refiner_pass = hr_refiner_pass(a.hr_refiner_pass)
     kwargs: dict[str, Any] = request_defaults()
+    chosen: set[str] = set()  # the settings given (flags, --from-png): a model family's defaults leave them be
     model = a.model
     vae = a.vae
     prediction_type = a.prediction_type
     if a.from_png:
         png_kwargs, parsed = _from_png(a.from_png)
         kwargs.update(png_kwargs)
+        chosen |= set(png_kwargs)
         if prediction_type is None and parsed.get("Prediction type"):  # an override the image was made with
             prediction_type = parsed["Prediction type"]
             if prediction_type not in PREDICTION_TYPES:
@@ -886,6 +924,7 @@ def run(a: argparse.Namespace) -> int:
         "clip_skip": a.clip_skip,
         "guidance_rescale": a.guidance_rescale,
         "image_cfg_scale": a.image_cfg_scale,
+        "distilled_cfg_scale": a.guidance,
         "mask_blur": a.mask_blur,
         "resize_mode": a.resize_mode,
         "subseed": a.subseed,
@@ -898,8 +937,11 @@ def run(a: argparse.Namespace) -> int:
         "sag_scale": a.sag_scale,
         "sag_blur_sigma": a.sag_blur_sigma,
         "sag_rule": a.sag_rule,
+        "shift": a.shift,
+        "sd3": _slg_arg(a.slg),
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
+    chosen |= {k for k, v in explicit.items() if v is not None}
     if a.pag_layers is not None and not kwargs.get("pag_scale"):
         raise UsageError("--pag-layers has no effect without a --pag-scale above 0: drop it, or add --pag-scale")
     if a.sag_blur_sigma is not None and not kwargs.get("sag_scale"):
@@ -1005,6 +1047,7 @@ def run(a: argparse.Namespace) -> int:
             thresholds=control_thresholds(a),
             processor_res=control_resolutions(a),
         )
+    union_modes(a, kwargs)
     from . import generate_ip
 
     if a.from_png is None and (a.ip_adapters_dir is not None or a.clip_vision_dir is not None):
@@ -1030,7 +1073,7 @@ def run(a: argparse.Namespace) -> int:
     if a.prompts is not None:  # a list of requests: sdengine.batch_render
         from .generate_list import run_list
 
-        return run_list(a, kwargs, model)
+        return run_list(a, kwargs, model, chosen)
 
     sides = None
     if a.outpaint is not None:
@@ -1112,8 +1155,18 @@ def run(a: argparse.Namespace) -> int:
         config=a.config,
         embeddings_dir=a.embeddings_dir,
         tiny_vae=a.tiny_vae,
+        clip_l=a.clip_l,
+        clip_g=a.clip_g,
+        t5=a.t5,
     )
     t1 = time.perf_counter()
+    # SD3: Euler on its flow grid, cfg 7, 28 steps (diffusers'); Flux: Euler, cfg 1, 28 ([dev]) or 4 ([schnell]) steps
+    family = getattr(pipe, "family_defaults", None)
+    if family:
+        for kw in iterations:
+            if "sampler" not in chosen and "schedule" not in chosen:
+                kw.update(sampler=family["sampler"], schedule=family["schedule"])
+            kw.update({key: family[key] for key in ("cfg_scale", "steps") if key not in chosen})
     refiner: Any = None
     sdxl_base: Any = None
     if a.refiner is not None and sides is None:  # SDXL base -> refiner hand-off
@@ -1204,9 +1257,17 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--model", default=None, help="model folder, file or built-in name (default: emoji)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {HELP_DEFAULTS['steps']})")
     p.add_argument(
-        "--sampler", default=None, help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']})"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"sampling steps (default {HELP_DEFAULTS['steps']}; SD3 and FLUX.1 [dev]: 28, [schnell]: 4)",
+    )
+    p.add_argument(
+        "--sampler",
+        default=None,
+        help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']}; SD3, Flux: euler on the normal "
+        "flow schedule)",
     )
     p.add_argument(
         "--schedule",
@@ -1220,7 +1281,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--cfg",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g})",
+        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g}; SD3: 7; Flux: 1, "
+        "see --guidance)",
     )
     p.add_argument(
         "--seed",
@@ -1368,6 +1430,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "reference_adain or reference_adain+attn: a reference image, no --controlnet (docs/controlnet.md)",
     )
     p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")
+    p.add_argument(
+        "--control-union-mode",
+        action="append",
+        default=None,
+        metavar="MODE",
+        help="a Flux Union ControlNet's control kind (canny, tile, depth, blur, pose, gray, lq or a number), one "
+        "per --control in order; none for a unit that is not a Union (docs/controlnet.md)",
+    )
     for slider, what in (
         ("a", "canny's low threshold, threshold's and scribble's threshold, softedge's blur"),
         ("b", "canny's high threshold"),
@@ -1429,6 +1499,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "image's Clip skip is A1111's instead (SD 1.x only)",
     )
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        metavar="G",
+        help="FLUX.1 [dev]: the distilled guidance scale, an input of the model (default 3.5; Forge's 'Distilled CFG "
+        "Scale', its infotext name); Flux runs at --cfg 1 by default (one pass per step, no negative prompt)",
+    )
     p.add_argument(
         "--image-cfg-scale",
         type=float,
@@ -1581,6 +1659,41 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--config",
         default=None,
         help="a single file's config: an LDM .yaml or a diffusers folder (default: MODEL.yaml beside the file)",
+    )
+    p.add_argument(
+        "--clip-l",
+        default=None,
+        metavar="FILE",
+        help="SD3, Flux: the CLIP-L text encoder (ComfyUI's clip_l.safetensors or a text_encoder/ folder), for a "
+        "model file without it or in place of its own",
+    )
+    p.add_argument(
+        "--clip-g",
+        default=None,
+        metavar="FILE",
+        help="SD3: the OpenCLIP bigG text encoder (ComfyUI's clip_g.safetensors or a text_encoder_2/ folder)",
+    )
+    p.add_argument(
+        "--t5",
+        default=None,
+        metavar="FILE",
+        help="SD3, Flux: the T5-XXL text encoder (t5xxl_fp16.safetensors, a text_encoder_3/ or text_encoder_2/ "
+        "folder); without one an SD3 model that has none runs with zeros in T5's place (Flux needs it)",
+    )
+    p.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        metavar="F",
+        help="SD3: the flow schedule's time shift (default: the model's, 3.0); written to the PNG as 'Shift'",
+    )
+    p.add_argument(
+        "--slg",
+        default=None,
+        metavar="LAYERS[:SCALE[:START:STOP]]",
+        help="SD3.5: skip-layer guidance on these joint blocks (e.g. 7,8,9, Stability's for SD3.5 Medium), scale "
+        "(default 2.8), from START to STOP as fractions of the steps (default 0.01:0.2); diffusers' "
+        "skip_guidance_layers; written to the PNG and read back by --from-png",
     )
     p.add_argument("--prompt-2", default=None, help="SDXL: the prompt of the second text encoder (default: the prompt)")
     p.add_argument("--negative-2", default=None, help="SDXL: the second encoder's negative prompt")

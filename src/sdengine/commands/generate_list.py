@@ -32,8 +32,9 @@ def check_list_flags(a: argparse.Namespace) -> None:
         raise UsageError(f"--prompts writes one PNG per line into a folder: --out {a.out} names one file")
 
 
-def run_list(a: argparse.Namespace, kwargs: dict[str, Any], model: str) -> int:
-    """Parse and check the whole list, then render this process's share of it (see sdengine.batch_render)."""
+def run_list(a: argparse.Namespace, kwargs: dict[str, Any], model: str, chosen: Any = ()) -> int:
+    """Parse and check the whole list, then render this process's share of it (see sdengine.batch_render).
+    ``chosen``: the request fields the command's flags set (a model family's defaults leave them be)."""
     from ..batch_render import parse_prompt_list, print_summary, rank_device, render_prompt_list
     from ..distributed import env_world
 
@@ -41,7 +42,7 @@ def run_list(a: argparse.Namespace, kwargs: dict[str, Any], model: str) -> int:
     defaults = dict(kwargs)
     seed = defaults.pop("seed", None)
     base = 0 if seed is None or seed == -1 else seed
-    items = parse_prompt_list(a.prompts, defaults, base_seed=base)
+    items = parse_prompt_list(a.prompts, defaults, base_seed=base, chosen=chosen)
     world = env_world()
     device = rank_device(a.device, world)
 
@@ -57,6 +58,9 @@ def run_list(a: argparse.Namespace, kwargs: dict[str, Any], model: str) -> int:
             config=a.config,
             embeddings_dir=a.embeddings_dir,
             tiny_vae=a.tiny_vae,
+            clip_l=a.clip_l,  # SD3's and Flux's text encoders given apart
+            clip_g=a.clip_g,
+            t5=a.t5,
         )
 
     report = render_prompt_list(items, a.out, load, world=world, progress=not a.no_progress)

@@ -47,7 +47,8 @@ model multiplies by 1000 as BFL's and diffusers' do.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -521,11 +522,17 @@ class FluxTransformer(nn.Module):
         encoder_hidden_states: Tensor,
         pooled_projections: Tensor,
         guidance: Tensor | float | None = None,
+        controlnet_block_samples: Sequence[Tensor] | None = None,
+        controlnet_single_block_samples: Sequence[Tensor] | None = None,
     ) -> Tensor:
         """The velocity prediction for the latent ``hidden_states`` (B, C, H, W) at ``timestep`` (B,) on the
         0..1000 scale (1000 x the flow's t; 1000 is pure noise), given T5 states ``encoder_hidden_states``
         (B, L, 4096), CLIP's pooled embedding ``pooled_projections`` (B, 768) and, for a guidance-distilled
-        (dev) model, the guidance scale ``guidance`` (B,) (e.g. 3.5; None for schnell) -> (B, C, H, W)."""
+        (dev) model, the guidance scale ``guidance`` (B,) (e.g. 3.5; None for schnell) -> (B, C, H, W).
+
+        ``controlnet_block_samples`` / ``controlnet_single_block_samples``: a Flux ControlNet's residuals (B, N, dim)
+        on the image tokens, m of them for n blocks of a kind: block i gets ``[i // ceil(n / m)]`` after it runs
+        (diffusers' rule; :mod:`sdengine.models.dit_controlnet`)."""
         cfg = self.config
         B, H, W = self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections)
         if cfg.guidance_embeds and guidance is None:
@@ -548,11 +555,18 @@ class FluxTransformer(nn.Module):
         L = context.shape[1]
         rope = self.rope_tables(L, H // PATCH, W // PATCH, device)  # (L + N, head_dim) each, text first
 
-        for block in self.transformer_blocks:
+        double, single = controlnet_block_samples, controlnet_single_block_samples
+        every = math.ceil(len(self.transformer_blocks) / len(double)) if double else 0
+        for i, block in enumerate(self.transformer_blocks):
             x, context = block(x, context, vec, rope)
+            if double:  # a ControlNet's residual on the image tokens
+                x = x + double[i // every].to(x.dtype)
         seq = torch.cat([context, x], dim=1)  # (B, L + N, dim)
-        for block in self.single_transformer_blocks:
+        every = math.ceil(len(self.single_transformer_blocks) / len(single)) if single else 0
+        for i, block in enumerate(self.single_transformer_blocks):
             seq = block(seq, vec, rope)
+            if single:
+                seq = torch.cat([seq[:, :L], seq[:, L:] + single[i // every].to(seq.dtype)], dim=1)
         x = seq[:, L:]
         x = self.proj_out(self.norm_out(x, vec))  # (B, N, 4 C_out)
         return unpack_latents(x, H, W)

@@ -423,11 +423,15 @@ class MMDiT(nn.Module):
         encoder_hidden_states: Tensor,
         pooled_projections: Tensor,
         skip_layers: Sequence[int] = (),
+        block_controlnet_hidden_states: Sequence[Tensor] | None = None,
     ) -> Tensor:
         """(B, C, H, W) latents at ``timestep`` (B,) on the 0..1000 scale, text states (B, L,
         joint_attention_dim) and pooled text (B, pooled_projection_dim), taken in the model's dtype -> the
         velocity (B, C_out, H, W) in that dtype.
-        ``skip_layers``: joint blocks left out (skip-layer guidance)."""
+        ``skip_layers``: joint blocks left out (skip-layer guidance).
+        ``block_controlnet_hidden_states``: an SD3 ControlNet's residuals (B, h*w, D), m of them: block i (all but
+        the last) gets residual ``int(i / (n / m))`` added to its image tokens, skipped or not (diffusers' rule;
+        :mod:`sdengine.models.dit_controlnet`)."""
         t = self._check(hidden_states, timestep, encoder_hidden_states, pooled_projections, skip_layers)
         skip = set(skip_layers)
         dtype = self.proj_out.weight.dtype  # inputs are taken in the model's dtype (the timestep stays as given)
@@ -440,9 +444,13 @@ class MMDiT(nn.Module):
         c = self.time_text_embed(t, pooled_projections)  # (B, D)
         silu_c = F.silu(c)  # what every adaLN projection reads
         context = self.context_embedder(encoder_hidden_states)  # (B, L, D)
+        control = block_controlnet_hidden_states
+        n = len(self.transformer_blocks)
         for i, block in enumerate(self.transformer_blocks):
             if i not in skip:
                 x, context = block(x, context, silu_c)
+            if control and not block.pre_only:  # a ControlNet's residual (diffusers: after every full block)
+                x = x + control[int(i / (n / len(control)))].to(x.dtype)
         scale, shift = self.norm_out(silu_c)
         x = self.proj_out(modulate(layer_norm(x), shift, scale))  # (B, h*w, p*p*C_out)
         h, w = hh // p, ww // p

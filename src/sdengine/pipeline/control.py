@@ -98,6 +98,9 @@ class ControlUnit:
     # a reference unit's (model "reference_only" / "reference_adain" / "reference_adain+attn") style fidelity, the
     # extension's threshold_a: None = 0.5, its default; other units take none
     style_fidelity: float | None = None
+    # a Flux Union ControlNet's control kind (sdengine.pipeline.dit_control.UNION_MODES' name or its number); other
+    # ControlNets take none
+    union_mode: int | str | None = None
 
     @property
     def reference(self) -> str | None:
@@ -183,7 +186,7 @@ class ControlUnit:
                 mode=self.mode,
                 hires_mode=self.hires_mode,
             )
-        return format_controlnet(
+        text = format_controlnet(
             self.label,
             weight=self.scale,
             start=self.start,
@@ -194,6 +197,8 @@ class ControlUnit:
             mode=self.mode,
             hires_mode=self.hires_mode,
         )
+        # sdengine's field: a Flux Union ControlNet's control kind
+        return text if self.union_mode is None else f"{text}, Union Mode: {self.union_mode}"
 
 
 def check_reference_unit(unit: ControlUnit) -> None:
@@ -949,6 +954,8 @@ def build_controlled_unet(
         name = f"ControlNet {k + 1}" if not isinstance(model, str | Path) else f"ControlNet {Path(model).name}"
         check_unit_settings(float(unit.scale), float(unit.start), float(unit.end), name=name)
         net: ControlNet | T2IAdapter
+        if getattr(model, "family", None) in ("sd3", "flux"):
+            raise ControlNetError(f"{name} is an {model.family.upper()} ControlNet; this model is a U-Net")
         if isinstance(model, ControlNet):
             # A model the caller owns (maybe one being trained): moved if it must be, otherwise left alone.
             net = model

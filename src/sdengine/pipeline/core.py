@@ -295,7 +295,7 @@ class Pipeline:
         self.source = source
         self.lora_dir = lora_dir
         # the model's own training schedule; noise_schedule is it, or a call's Zero Terminal SNR rescale of it
-        self.base_schedule = NoiseSchedule.from_config(**self.scheduler_config)
+        self.base_schedule = self.training_schedule()
         self._zero_snr_schedule: NoiseSchedule | None = None
         self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
         self._cuda_graphs: dict[str, Any] | None = None
@@ -320,6 +320,41 @@ class Pipeline:
         # sdengine.models.tiny_vae.TinyAutoencoder for previews and vae_decode="tiny" (set_tiny_vae)
         self.tiny_vae: Any = None
 
+    # -- what a model family changes (SD3: sdengine.pipeline.sd3) ------------------------------------------
+
+    def training_schedule(self) -> Any:
+        """The model's own training schedule (``base_schedule``), from its scheduler config: the discrete VP
+        schedule of the U-Net families."""
+        return NoiseSchedule.from_config(**self.scheduler_config)
+
+    def network_adapter(self, net: Any) -> Any:
+        """The conditioning dict -> the network's arguments (:class:`UNetAdapter` for the U-Nets)."""
+        return UNetAdapter(net, self.dtype)
+
+    def controlled_network(self, net: Any, units: list[ControlUnit], **kw: Any) -> Any:
+        """The network with the request's ControlNet units attached: the controlled U-Net
+        (:func:`build_controlled_unet`, whose arguments ``kw`` are); SD3 and Flux attach their own."""
+        return build_controlled_unet(net, units, **kw)
+
+    def x0_denoiser(self, model: Any) -> Any:
+        """The adapted network -> the x0-denoiser the samplers call: VP-trained U-Nets in the VE view
+        (:class:`sdengine.diffusion.denoisers.Denoiser`, by ``prediction_type``)."""
+        return Denoiser(model, self.noise_schedule, self.prediction_type)
+
+    def img2img_first_step(self, steps: int, strength: float, rule: str, sampler: str) -> int:
+        """The first step of an img2img run on a grid of ``steps`` steps
+        (:func:`sdengine.diffusion.schedules.img2img_start`, by ``rule``)."""
+        return img2img_start(steps, strength, rule, sampler)
+
+    def noised_latent(self, latent: Tensor, noise: Tensor, sigma: Any) -> Tensor:
+        """A clean latent on the model's noising path at ``sigma`` (inpainting's known region): ``latent + sigma
+        noise`` in the VE view the U-Net families sample in."""
+        return latent + noise * sigma
+
+    def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
+        """The infotext fields a model family adds to every image of ``request`` (none here)."""
+        return {}
+
     # -- facts about the model ------------------------------------------------------------------------
 
     @property
@@ -340,6 +375,13 @@ class Pipeline:
     @property
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
+
+    @property
+    def latent_rgb_map(self) -> vae_utils.LatentRGBMap | None:
+        """The cheap previews' latent -> RGB map of this model family's latents (:class:`sdengine.vae_utils.
+        LatentRGBMap`); SD's for 4-channel latents, None (grey previews) for a latent space with no known map. SD3
+        and Flux name theirs."""
+        return vae_utils.SD_LATENT_RGB if self.latent_channels == vae_utils.SD_LATENT_RGB.channels else None
 
     @property
     def inpainting(self) -> bool:
@@ -398,13 +440,28 @@ class Pipeline:
                 f"the tiny VAE {tiny.name} decodes {cfg.latent_channels}-channel latents at "
                 f"{cfg.downscale_factor}x, but {self.name}'s are {self.latent_channels}-channel at "
                 f"{self.vae_scale_factor}x: use the tiny VAE made for this model family (taesd for SD 1.x/2.x, "
-                "taesdxl for SDXL)"
+                "taesdxl for SDXL, taesd3 for SD3, taef1 for Flux.1)"
             )
         if not cfg.has_decoder:
             raise GenerationError(f"the tiny VAE {tiny.name} has no decoder (give its taesd_decoder file)")
+        self._check_tiny_vae_family(tiny.name)
         self.tiny_vae = tiny.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         if self.cuda_graphs is not None:  # its decode replays from graphs as the VAE's does
             self.cuda_graphs = {**self.cuda_graphs, "tiny_vae": self._tiny_vae_graph(self.tiny_vae)}
+
+    def _check_tiny_vae_family(self, name: str) -> None:
+        """TAESD3 and TAEF1 both decode 16-channel 8x latents, so their shapes cannot tell them apart; their
+        released names can: one named for the other 16-channel family is refused (it would give off colours)."""
+        rgb = self.latent_rgb_map
+        own = TINY_VAE_NAMES.get(rgb.name) if rgb is not None else None
+        if rgb is None or own is None:
+            return
+        for family, prefix in TINY_VAE_NAMES.items():
+            if prefix != own and name.lower().startswith(prefix):
+                raise GenerationError(
+                    f"the tiny VAE {name} is named for {TINY_VAE_FAMILIES[family]} ({prefix}), but {self.name} is "
+                    f"{TINY_VAE_FAMILIES[rgb.name]}: its latents need {own} ({own}_decoder.safetensors)"
+                )
 
     # How many separately chosen VAEs (set_vae) a pipeline keeps loaded for the next generations.
     VAES_KEPT = 3
@@ -685,6 +742,13 @@ class Pipeline:
         h, w = height // f, width // f
         bytes_per = torch.finfo(self.dtype).bits // 8
         rows = batch_size * (2 if cfg else 1)
+        unet = self.network_activation_bytes(rows, h, w, bytes_per)
+        vae = vae_utils.vae_decode_bytes(self.vae, height, width, tiled=tiled, bytes_per=bytes_per)
+        images = batch_size * 3 * height * width * 4 * 3  # float images, arrays and uint8 copies
+        return max(unet, vae) + images
+
+    def network_activation_bytes(self, rows: int, h: int, w: int, bytes_per: int) -> int:
+        """Rough peak activation bytes of one network call on ``rows`` latents of ``h`` x ``w`` (the U-Net's)."""
         c0 = int(self.unet.config.block_out_channels[0])
         # The first level keeps (layers + 1) skips and a few temporaries of c0 x h x w per row; the
         # attention runs through SDPA (fused kernels, no heads x N x N matrix), counted as one more map.
@@ -693,10 +757,7 @@ class Pipeline:
         # at most CHUNK_SCORES per row (sdengine.nn.attention runs larger attentions in query chunks), else
         # heads x N x N with 8 heads (SD 1.x's; errs high for fewer), in float32 for the softmax.
         n = h * w
-        unet += rows * min(CHUNK_SCORES, 8 * n * n) * 4
-        vae = vae_utils.vae_decode_bytes(self.vae, height, width, tiled=tiled, bytes_per=bytes_per)
-        images = batch_size * 3 * height * width * 4 * 3  # float images, arrays and uint8 copies
-        return max(unet, vae) + images
+        return unet + rows * min(CHUNK_SCORES, 8 * n * n) * 4
 
     def _check_memory(
         self, width: int, height: int, batch_size: int, cfg: bool, tiled: bool | None, notes: list[str]
@@ -794,6 +855,14 @@ class Pipeline:
                 raise GenerationError(str(e)) from None
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
+        if r.distilled_cfg_scale is not None and self.text_kind != "flux":
+            raise GenerationError(
+                f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev] only; {self.name} is not a Flux model"
+            )
+        if r.sd3 is not None and self.text_kind != "sd3":
+            raise GenerationError(f"sd3 settings apply to SD3 models only; {self.name} is not one")
+        if r.shift is not None and isinstance(self.base_schedule, NoiseSchedule):
+            raise GenerationError(f"shift applies to flow models (SD3) only; {self.name} is not one")
         check_instruct_pix2pix(self, r, notes)
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
@@ -1060,6 +1129,7 @@ class Pipeline:
                 row.update(multi.infotext())
             if self.instruct_pix2pix:  # A1111's field: the image guidance of an instruct-pix2pix model
                 row["Image CFG scale"] = request.image_cfg()
+            row.update(self.infotext_fields(request))
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -1275,7 +1345,7 @@ class Pipeline:
             elif r.strength_rule == "a1111_fix_steps":  # the last steps of the longer schedule (_grid_steps)
                 first = length - (steps - img2img_steps(int(r.steps), strength, r.strength_rule, p.sampler)[1])
             else:
-                first = img2img_start(length, strength, r.strength_rule, p.sampler)
+                first = self.img2img_first_step(length, strength, r.strength_rule, p.sampler)
             if a1111_grid:
                 first, noise_from = a1111_timestep_start(grid.steps, steps - first)
         net: Any = self.unet
@@ -1302,8 +1372,10 @@ class Pipeline:
         sag = r.sag_settings()
         # IP-Adapter sets the plain U-Net's cross-attention layers per call (its image tokens ride in the
         # conditioning dict as ip_tokens): the plain network too, and no whole-loop graph
-        ip = image_tokens(
-            list(r.ip_adapters or ()), len(p.seeds), dev, self.dtype, log_sigmas=self.noise_schedule.log_sigmas
+        ip = (
+            image_tokens(list(r.ip_adapters), len(p.seeds), dev, self.dtype, log_sigmas=self.noise_schedule.log_sigmas)
+            if r.ip_adapters
+            else None
         )
         if ip is not None:
             cond = {**cond, "ip_tokens": ip.cond[rows]}
@@ -1316,7 +1388,7 @@ class Pipeline:
                 # PAG's perturbed layers answer with the identity map, without the reference's tokens
                 raise GenerationError("reference control and PAG (pag_scale) cannot run together")
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
-            net = build_controlled_unet(
+            net = self.controlled_network(
                 net,
                 units,
                 width=p.width,
@@ -1335,7 +1407,8 @@ class Pipeline:
             # graphs on, the U-Net unhooked: the controlled step (reference units hook the U-Net's layers per call)
             plain = pag is None and freeu is None and sag is None and hypertile is None and ip is None
             views = r.tiled_diffusion is None  # MultiDiffusion's views cut the maps per call (view_hints)
-            if self.graphed("unet") is not None and plain and net.references is None and views:
+            controlled = isinstance(net, ControlledUNet)  # SD3 / Flux attach their own (no graphs)
+            if controlled and self.graphed("unet") is not None and plain and net.references is None and views:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(
@@ -1366,7 +1439,9 @@ class Pipeline:
             den = blend = A1111Blend(den, start.init_latent, start.rounded_mask, before=before)
         elif start.blend_mask is not None:
             assert start.init_latent is not None
-            den = blend = InpaintBlend(den, start.init_latent, start.noise, start.blend_mask)
+            den = blend = InpaintBlend(
+                den, start.init_latent, start.noise, start.blend_mask, noising=self.noised_latent
+            )
 
         run_steps = grid.steps - first
         from tqdm.auto import tqdm
@@ -1377,7 +1452,9 @@ class Pipeline:
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
             bar.update(i + 1 - bar.n)
             if callback is not None:
-                return callback(StepInfo(i + 1, run_steps, float(sigma), x, denoised, self.tiny_vae))
+                return callback(
+                    StepInfo(i + 1, run_steps, float(sigma), x, denoised, self.tiny_vae, self.latent_rgb_map)
+                )
             return None
 
         loop = None if self._tiling else (self.cuda_graphs or {}).get("loop")
@@ -1420,7 +1497,7 @@ class Pipeline:
                     den, plan, start.noise, init_latent, cond, generators=gens, callback=on_step, brownian=brownian
                 )
         except SamplingInterrupted as e:
-            raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised)) from None
+            raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised, self.latent_rgb_map)) from None
         finally:
             bar.close()
             padding.close()
@@ -1473,12 +1550,12 @@ class Pipeline:
             net = HyperTileNet(net, self.unet, hypertile[0], hypertile[1], scale=self.vae_scale_factor, rng=rng)
         if ip_adapters:
             net = IPAdapterNet(net, self.unet, ip_adapters)
-        model: Any = UNetAdapter(net, self.dtype)
+        model: Any = self.network_adapter(net)
         if texts is not None:  # prompt editing: the text rows of each step (sdengine.pipeline.prompt_editing)
             from sdengine.pipeline.prompt_editing import StepTexts
 
             model = StepTexts(model, texts)
-        den: Any = Denoiser(model, self.noise_schedule, self.prediction_type)
+        den: Any = self.x0_denoiser(model)
         if deep_shrink is not None:
             den = DeepShrinkDenoiser(den, self.unet, deep_shrink)
         pag_scale, perturb = 0.0, None
@@ -1684,6 +1761,12 @@ class Pipeline:
                 img = self.tiny_vae.decode(x[i : i + 1].to(self.dtype)).float()
                 out.append(vae_utils.to_unit(require_finite(img, "decoded image (tiny VAE)")))
         return torch.cat(out)
+
+
+# The released tiny VAEs of the 16-channel latent spaces, by latent map name (docs/tiny-vae.md): both are 16
+# channels at 8x, told apart only by their names (taesd3_decoder.safetensors, madebyollin/taef1, ...).
+TINY_VAE_NAMES = {"sd3": "taesd3", "flux": "taef1"}
+TINY_VAE_FAMILIES = {"sd3": "SD3", "flux": "FLUX.1"}
 
 
 @contextmanager

@@ -292,7 +292,9 @@ def _shifted(callback: StepCallback | None, before: int, total: int) -> StepCall
         return None
 
     def shifted(info: StepInfo) -> bool | None:
-        return callback(StepInfo(before + info.step, total, info.sigma, info.latents, info.denoised, info.tiny_vae))
+        return callback(
+            StepInfo(before + info.step, total, info.sigma, info.latents, info.denoised, info.tiny_vae, info.rgb_map)
+        )
 
     return shifted
 

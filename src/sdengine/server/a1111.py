@@ -479,7 +479,11 @@ USED = {
     "tiling",
     "seed_resize_from_w",  # A1111's "Resize seed from": both above 0, else it does nothing (there too)
     "seed_resize_from_h",
+    "distilled_cfg_scale",  # Forge's: FLUX.1 [dev]'s distilled guidance
+    "shift",  # sdengine's (as its native job's): SD3's time shift
+    "sd3",  # sdengine's (as its native job's): SD3's skip-layer guidance
 }
+FLOW_FAMILIES = ("sd3", "flux")  # the families whose A1111 requests run diffusers' step rules (flow_fields)
 LATENT_FILLS = {2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill -> masked_content
 IMG2IMG_USED = {"initial_noise_multiplier", "image_cfg_scale"}  # A1111's img2img fields that its txt2img does not have
 TXT2IMG_USED = {"firstphase_width", "firstphase_height"}  # A1111's txt2img fields that its img2img does not have
@@ -1730,6 +1734,8 @@ INFOTEXT_FIELDS = {
     **{k: k for k in ("subseed", "subseed_strength", "mask_blur", "enable_hr", "hr_scale", "hr_resize_x")},
     **{k: k for k in ("hr_resize_y", "hr_second_pass_steps", "hr_upscaler", "hr_prompt", "hr_negative_prompt")},
     **{k: k for k in ("seed_resize_from_w", "seed_resize_from_h", "tiling")},
+    # the model family's own: Forge's "Distilled CFG Scale" (Flux), "Shift" and the skip-layer fields (SD3)
+    **{k: k for k in ("distilled_cfg_scale", "shift", "sd3")},
     "sampler": "sampler_name",
     "schedule": "scheduler",
     "strength": "denoising_strength",
@@ -2068,6 +2074,9 @@ def install(app: FastAPI, services: Any) -> None:
             hires_refiner_pass=refiner_pass,  # taken out by run() (Generation.hires_refiner_pass)
             sdxl_options=sdxl_settings(xl),  # taken out by run(): an SDXL model's only (Generation.sdxl_options)
             sd_vae=sd_vae,  # taken out by run() (Generation.vae)
+            # the model family's own settings (Forge's distilled_cfg_scale; sdengine's shift and sd3): checked by
+            # the build and, against the model's family, by the precheck (flow_fields: Forge's default 3.5)
+            **{k: body[k] for k in ("distilled_cfg_scale", "shift", "sd3") if body.get(k) is not None},
         )
 
     def ip_adapter_name(model: str) -> str:
@@ -2106,6 +2115,7 @@ def install(app: FastAPI, services: Any) -> None:
         styled: Txt2ImgRequest | None = None,
         refiner: tuple[str, str, float] | None = None,
     ) -> JSONResponse:
+        flow_fields(fields, ignored, notes)
         processor_res = fields.pop("processor_res", {})
         detect_maps = fields.pop("detect_maps", [])
         sdxl_options = fields.pop("sdxl_options", None)
@@ -2148,6 +2158,31 @@ def install(app: FastAPI, services: Any) -> None:
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
         await job.wait_finished()
         return _response(job, req, ignored, notes or [], detect_maps, styled)
+
+    def flow_fields(fields: dict[str, Any], ignored: list[str], notes: list[str] | None) -> None:
+        """An A1111 request on an SD3 or Flux model runs as Forge runs them where A1111's rules are a U-Net
+        sampler's: the scheduler "Automatic" is the model's own flow grid ("normal"), and the step counts of img2img
+        and the hires fix are diffusers' (``strength_rule`` "diffusers": A1111's count is not implemented for flow
+        models; its img2img_fix_steps is refused by the job's check). Forge's API sends ``distilled_cfg_scale``
+        3.5 (its default) for every model: on a model that is not Flux that value is listed as ignored (Forge
+        ignores it there too); any other value is the precheck's 400."""
+        from sdengine.pipeline.flux import DEV_GUIDANCE
+
+        family = services.family(fields.get("model"))
+        if family != "flux" and fields.get("distilled_cfg_scale") == DEV_GUIDANCE:
+            fields.pop("distilled_cfg_scale")
+            ignored.append("distilled_cfg_scale")
+        if family not in FLOW_FAMILIES:
+            return
+        if str(fields.get("schedule") or "").lower() in ("automatic", "auto"):
+            fields["schedule"] = "normal"
+        if fields.get("strength_rule") == "a1111":
+            fields["strength_rule"] = "diffusers"
+            if notes is not None and (fields.get("init_image") is not None or fields.get("hires")):
+                notes.append(
+                    "img2img / hires steps counted as diffusers' (int(steps x strength)): A1111's step rule is not "
+                    "implemented for SD3 / Flux models"
+                )
 
     def check_hr_model(generation: Any, hr_model: tuple[str, str], hands_off: bool) -> None:
         """A1111's ``hr_checkpoint_name`` naming another model: what its second pass cannot run is a 400 before

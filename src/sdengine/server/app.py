@@ -70,6 +70,39 @@ class Services:
         job = Job(generation, **job_fields)
         return job, self.manager.submit(job)
 
+    def _model(self, model: str | None) -> tuple[str | None, Any]:
+        """The loader reference of ``model`` (None: the current model; None for an unknown name) and the pipeline a
+        worker holds of it (None before its first load)."""
+        try:
+            ref = self.catalog.resolve_model(model or str(self.options.get("sd_model_checkpoint") or self.config.model))
+        except SdengineError:
+            return None, None
+        return ref, next((w.pipe for w in self.manager.workers if w.model == ref and w.pipe is not None), None)
+
+    def family(self, model: str | None) -> str | None:
+        """The family of ``model`` (page_api.FAMILIES; None: the current model): its loaded pipeline's, else read
+        from its files; None when not told (an unknown name, an unreadable file)."""
+        from sdengine.server.page_api import family_before_load, family_of_pipe
+
+        ref, loaded = self._model(model)
+        if ref is None:
+            return None
+        return family_of_pipe(loaded) if loaded is not None else family_before_load(ref)
+
+    def family_defaults(self, model: str | None) -> dict[str, Any]:
+        """The settings a job on ``model`` (None: the current one) takes where its request gives none, when they
+        are not SD's (the native job's and OpenAI's defaults: 25 steps of dpmpp_2m / karras at cfg 7.5): an SD3
+        or Flux model's own (its pipeline's ``family_defaults``: Euler on the flow's ``normal`` grid, cfg 7 for
+        SD3, cfg 1 for Flux). {} for other models (and an unknown name: the build answers it)."""
+        from sdengine.server.page_api import family_defaults_before_load
+
+        ref, loaded = self._model(model)
+        if ref is None:
+            return {}
+        own = getattr(loaded, "family_defaults", None) if loaded is not None else family_defaults_before_load(ref)
+        keys = ("steps", "cfg_scale", "sampler", "schedule")  # the rest (distilled guidance) is the pipeline's
+        return {k: v for k, v in (own or {}).items() if k in keys}
+
 
 def resolve_devices(names: tuple[str, ...]) -> list[str]:
     """``auto`` -> every visible CUDA GPU (one worker each), else the CPU; other names as given."""
@@ -796,7 +829,67 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             except SdengineError as e:
                 raise BadRequest(str(e)) from None
 
+    def check_family_settings(generation: Generation) -> None:
+        """What the job's model family does not take is a 400 now (never a setting silently dropped, nor a job
+        that fails once it runs): a family's own settings on another family (distilled_cfg_scale on anything but
+        FLUX.1 [dev], shift or sd3 settings on anything but SD3) and the U-Net settings SD3 and Flux refuse (their
+        pipelines' one-line reasons). The family is the loaded pipeline's, else read from the model's folder or
+        file; when it cannot be told the job says it when it runs."""
+        from sdengine.errors import SdengineError
+        from sdengine.pipeline import GenerationRequest
+        from sdengine.server.page_api import (
+            family_before_load,
+            family_of_pipe,
+            flux_distilled_before_load,
+            transformer_blocks_before_load,
+        )
+
+        kw = generation.kwargs
+        loaded = loaded_pipe(generation)
+        family = family_of_pipe(loaded) if loaded is not None else family_before_load(generation.model)
+        if family is None:
+            return
+        name = generation.model_name
+        if kw.get("distilled_cfg_scale") is not None:
+            if family != "flux":
+                raise BadRequest(f"distilled_cfg_scale applies to FLUX.1 [dev] models only; {name} is not a Flux model")
+            dev = loaded.guidance_distilled if loaded is not None else flux_distilled_before_load(generation.model)
+            if dev is False:
+                raise BadRequest(
+                    f"distilled_cfg_scale applies to FLUX.1 [dev] models only; {name} is [schnell]-like (no "
+                    "guidance embedding): drop it"
+                )
+        if kw.get("shift") is not None and family != "sd3":
+            why = "Flux shifts its schedule by the image size" if family == "flux" else f"{name} is not one"
+            raise BadRequest(f"shift applies to SD3 models only; {why}")
+        if kw.get("sd3") is not None and family != "sd3":
+            raise BadRequest(f"sd3 settings apply to SD3 models only; {name} is not one")
+        if family not in ("sd3", "flux"):
+            return
+        try:
+            r = GenerationRequest(**kw)
+        except TypeError:
+            return  # the build checked the fields; the job names anything else
+        try:
+            if family == "sd3":
+                from sdengine.pipeline.sd3 import SD3Options, refusals
+
+                reasons = refusals(r)
+                if reasons:
+                    raise BadRequest(f"{reasons[0]} ({name} is an SD3 model)")
+                if kw.get("sd3") is not None:
+                    if loaded is not None:
+                        blocks = getattr(getattr(getattr(loaded, "unet", None), "config", None), "num_layers", None)
+                    else:
+                        blocks = transformer_blocks_before_load(generation.model)
+                    SD3Options.coerce(kw["sd3"], None if blocks is None else int(blocks))
+            elif loaded is not None:  # Flux: its pipeline's own check (what it refuses, one line each)
+                loaded.check_request(r)
+        except SdengineError as e:
+            raise BadRequest(str(e)) from None
+
     def precheck(generation: Generation) -> None:
+        check_family_settings(generation)
         check_size_multiple(generation)
         check_not_too_large(generation)
         check_hires_not_too_small(generation)
@@ -814,6 +907,9 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     async def create_job(req: JobRequest) -> dict[str, Any]:
         """Queue a generation; answers at once with the job id and its place in the queue (0 = next)."""
         fields = req.model_dump(exclude={"controlnets", "loras", "ip_adapters"})
+        # an SD3 / Flux model's own defaults for the settings the request leaves out (SD's are the schema's)
+        given = req.model_fields_set
+        fields.update({k: v for k, v in services.family_defaults(req.model).items() if k not in given})
         fields["ip_adapters"] = [
             IPAdapterRequest(u.model, u.image, u.scale, u.clip_vision, u.negative_rule, start=u.start, end=u.end)
             for u in req.ip_adapters
@@ -1038,10 +1134,19 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         own = Path(BUILTIN_SD.get(ref, Path(ref))) / TINY_VAE_FOLDER
         return own.is_dir() and tiny_vae_has_encoder(own)
 
+    def model_family(ref: str) -> str | None:
+        """The family GET /v1/models tells (page_api.FAMILIES): the loaded pipeline's, else read from the files."""
+        from sdengine.server.page_api import family_before_load, family_of_pipe
+
+        loaded = next((w.pipe for w in manager.workers if w.model == ref and w.pipe is not None), None)
+        return family_of_pipe(loaded) if loaded is not None else family_before_load(ref)
+
     @app.get("/v1/models", tags=["native", "openai"])
     def models() -> dict[str, Any]:
         """The models jobs may name (OpenAI's list shape; ``current`` marks the default; ``tiny_vae``: it can
-        decode with a tiny VAE; ``tiny_vae_encoder``: encode with one)."""
+        decode with a tiny VAE; ``tiny_vae_encoder``: encode with one; ``family``: "sd", "sdxl", "sd3", "flux" or
+        "pixel", which settings its jobs take; null when not told before the model loads; ``defaults``: an SD3 or
+        Flux model's own steps, cfg_scale, sampler and schedule, which its jobs get where they give none)."""
         now = int(time.time())
         current = services.options.get("sd_model_checkpoint")
         return {
@@ -1056,6 +1161,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                     "current": e.name == current,
                     "tiny_vae": has_tiny_vae(e.ref),
                     "tiny_vae_encoder": has_tiny_encoder(e.ref),
+                    "family": model_family(e.ref),
+                    "defaults": services.family_defaults(e.name),
                 }
                 for e in catalog.models()
             ],

@@ -27,6 +27,9 @@ MODEL_SUFFIXES = WEIGHT_SUFFIXES["models"]  # what `sdengine list models` lists 
 # ip-adapter_sd15.bin, transformers' pytorch_model.bin), which are only ever read weights-only
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin")
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a diffusers image_encoder/ folder's weights
+# ComfyUI's model sub-folders, looked for inside --models-dir (its checkpoints sit at the top, as ever)
+DIFFUSION_MODEL_FOLDERS = ("diffusion_models", "unet")
+TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")  # A1111 titles: "name [hash]"
 
 
@@ -317,6 +320,35 @@ class Catalog:
         """A listed IP-Adapter name -> its file; BadRequest as :meth:`resolve_clip_vision`."""
         return _resolve_listed(self.ip_adapters_dir, name, "IP-Adapter", "--ip-adapters-dir", self.ip_adapters)
 
+    # -- ComfyUI's diffusion models and text encoders (UNETLoader, DualCLIPLoader, TripleCLIPLoader) --------------
+
+    def _sub_entries(self, folders: tuple[str, ...]) -> list[Entry]:
+        """The ``.safetensors`` files of these sub-folders of ``--models-dir`` (ComfyUI's ``models/`` names), by
+        their path inside their sub-folder; a name in two of them is the first one's."""
+        out: dict[str, Entry] = {}
+        if self.models_dir is None:
+            return []
+        for sub in folders:
+            root = self.models_dir / sub
+            if root.is_dir() and is_inside(self.models_dir, root):
+                for e in _weight_entries(root, (".safetensors",), folders=False):
+                    out.setdefault(e.name, e)
+        return sorted(out.values(), key=lambda e: e.name)
+
+    def diffusion_models(self) -> list[Entry]:
+        """UNETLoader's files: ``--models-dir``'s ``diffusion_models/`` and ``unet/`` (ComfyUI's two names)."""
+        return self._sub_entries(DIFFUSION_MODEL_FOLDERS)
+
+    def resolve_diffusion_model(self, name: str) -> Path:
+        return _resolve_sub(self.models_dir, DIFFUSION_MODEL_FOLDERS, name, "diffusion model", self.diffusion_models)
+
+    def text_encoders(self) -> list[Entry]:
+        """The CLIP loaders' files: ``--models-dir``'s ``text_encoders/`` and ``clip/`` (ComfyUI's two names)."""
+        return self._sub_entries(TEXT_ENCODER_FOLDERS)
+
+    def resolve_text_encoder(self, name: str) -> Path:
+        return _resolve_sub(self.models_dir, TEXT_ENCODER_FOLDERS, name, "text encoder", self.text_encoders)
+
     @staticmethod
     def _safetensors_inside(root: Path, name: str, what: str, folders: bool = False) -> Path:
         if name.lower().endswith(PICKLE_SUFFIXES):
@@ -380,4 +412,27 @@ def _resolve_listed(root: Path | None, name: str, what: str, flag: str, listed: 
         if entry.name == name:
             return Path(entry.ref)
     have = ", ".join(x.name for x in entries) or f"none ({flag} has no {what} files)"
+    raise BadRequest(f"unknown {what} {name!r}; available: {have}")
+
+
+def _resolve_sub(models_dir: Path | None, folders: tuple[str, ...], name: str, what: str, listed: Any) -> Path:
+    """``name`` as ``listed()`` lists the files of ``folders`` inside ``models_dir``; a one-line BadRequest naming
+    the choices (or the folders to make) when it is not one of them, a name that leaves its folder said so."""
+    if not isinstance(name, str):
+        raise BadRequest(f"{what} name must be a string, got {type(name).__name__}")
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise BadRequest(f"{what} {name!r}: pickle files are not loaded by the server; use .safetensors")
+    for entry in listed():
+        if entry.name == name:
+            return Path(entry.ref)
+    if models_dir is not None:
+        for sub in folders:
+            try:
+                resolve_inside(models_dir / sub, name, what)
+            except UnsafePathError as e:
+                raise BadRequest(str(e)) from None
+            except FileNotFoundError:
+                pass
+    where = " or ".join(f"{sub}/" for sub in folders)
+    have = ", ".join(e.name for e in listed()) or f"none (put them in {where} of --models-dir)"
     raise BadRequest(f"unknown {what} {name!r}; available: {have}")

@@ -429,12 +429,13 @@ class JobManager:
 
     def preview_rgb(self, pipe: Any) -> Any:
         """The previews' latents -> RGB map for ``pipe``: its tiny VAE's decode (full size, close to the final
-        image) when it has one and ``preview`` is "auto"; None (the cheap latent map) otherwise."""
+        image) when it has one and ``preview`` is "auto"; otherwise the cheap latent map of the model's latent space
+        (``pipe.latent_rgb_map``: SD's, SD3's or Flux's colours; grey for a space without one)."""
+        from sdengine.vae_utils import latent_rgb_for, tiny_vae_rgb
+
         tiny = getattr(pipe, "tiny_vae", None)
         if self.preview != "auto" or tiny is None:
-            return None
-        from sdengine.vae_utils import tiny_vae_rgb
-
+            return latent_rgb_for(getattr(pipe, "latent_rgb_map", None))
         return tiny_vae_rgb(tiny)
 
     def start(self) -> None:

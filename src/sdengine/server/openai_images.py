@@ -40,7 +40,9 @@ What the ``openai`` client sends maps onto the pipeline this way:
   (HyperTile on the VAE's decoder, as the native job's; in a form "tile_size,swap_size,max_depth"),
   ``tiled_diffusion`` (MultiDiffusion, the native job's object, the defaults for settings left out; in a form a
   JSON object), ``ip_adapters`` (IP-Adapter units, the native job's list of objects; in a form one JSON string),
-  and ``strength`` (edits, variations).
+  ``distilled_cfg_scale`` (FLUX.1 [dev]'s distilled guidance), ``shift`` and ``sd3`` (SD3's time shift and
+  skip-layer guidance; in a form ``sd3`` is a JSON object), each as the native job's (a model of another family
+  answers a 400), and ``strength`` (edits, variations).
 * ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
   (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
   VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
@@ -105,6 +107,7 @@ EXTENSIONS += ("sag_scale", "sag_blur_sigma", "sag_rule")
 EXTENSIONS += ("deep_shrink", "hypertile", "hypertile_hires_only", "hypertile_rule", "hypertile_scale_depth")
 EXTENSIONS += ("hypertile_vae", "tiled_diffusion")
 EXTENSIONS += ("ip_adapters",)
+EXTENSIONS += ("distilled_cfg_scale", "shift", "sd3")  # the model family's own (Flux [dev]; SD3)
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
 # field is refused as OpenAI refuses an unknown parameter, never dropped (a misspelt ``seed`` would draw another
@@ -172,6 +175,9 @@ class GenerationsRequest(BaseModel):
     hypertile_vae: Any = None
     tiled_diffusion: Any = None  # the native job's object (or a JSON string, as in a form): checked by patch_fields
     ip_adapters: Any = None  # the native job's list of units (checked by the request builder)
+    distilled_cfg_scale: Any = None  # Flux [dev]'s; SD3's shift and sd3 settings: checked by patch_fields, the builder
+    shift: Any = None
+    sd3: Any = None
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
 
@@ -334,6 +340,38 @@ def tiled_diffusion_of(value: Any) -> dict[str, Any] | None:
         raise ParamError(f"tiled_diffusion.{where}: {err['msg']} (got {got})", "tiled_diffusion") from None
 
 
+def family_number(value: Any, key: str) -> float | None:
+    """``distilled_cfg_scale`` or ``shift`` as a number (a form sends text; "" is not sent); a one-line 400 with
+    ``param`` ``key`` for anything else. The ranges and the model's family are the request builder's to check."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise ParamError(f"{key} must be a number, got {value[:100]!r}", key) from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ParamError(f"{key} must be a number, got {repr(value)[:100]}", key)
+    return float(value)
+
+
+def sd3_of(value: Any) -> dict[str, Any] | None:
+    """The ``sd3`` extension (SD3's skip-layer guidance) as the native job's object: an object, or a string (a form
+    field) holding one; "" or null: none. Its keys and ranges are checked by the request builder."""
+    shape = "sd3 must be an object {skip_guidance_layers, skip_layer_guidance_scale, _start, _stop}"
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ParamError(f"{shape}; got {text[:100]!r} (not JSON)", "sd3") from None
+    if not isinstance(value, dict):
+        raise ParamError(f"{shape}; got {repr(value)[:100]}", "sd3")
+    return value
+
+
 def patch_fields(out: dict[str, Any]) -> dict[str, Any]:
     """Deep Shrink's, HyperTile's and MultiDiffusion's extensions in ``out`` (those sent) checked and in the native
     job's shapes, so that a bad one is a 400 naming its field before the request builder sees it."""
@@ -347,6 +385,11 @@ def patch_fields(out: dict[str, Any]) -> dict[str, Any]:
         out["hypertile_vae"] = hypertile_of(out["hypertile_vae"], "hypertile_vae")
     if "tiled_diffusion" in out:
         out["tiled_diffusion"] = tiled_diffusion_of(out["tiled_diffusion"])
+    for key in ("distilled_cfg_scale", "shift"):  # numbers (a form's as text), as the native job's
+        if key in out:
+            out[key] = family_number(out[key], key)
+    if "sd3" in out:
+        out["sd3"] = sd3_of(out["sd3"])
     for key in ("hypertile_hires_only", "hypertile_scale_depth"):
         if key in out and not isinstance(out[key], bool):
             raise ParamError(f"{key} must be true or false, got {repr(out[key])[:100]}", key)
@@ -583,13 +626,14 @@ def install(app: FastAPI, services: Any) -> None:
         compression = check_options(lambda key: getattr(req, key, None), of)
         check_prompt(req.prompt)
         w, h = parse_size(req.size)
+        model = model_name(req.model)
         fields = dict(
-            model=model_name(req.model),
+            model=model,
             prompt=req.prompt,
             width=w,
             height=h,
             batch_size=images_per_request(req.n or 1),
-            **common(req.model_dump()),
+            **{**services.family_defaults(model), **common(req.model_dump())},  # an SD3 / Flux model's own defaults
         )
         if req.stream:
             check_stream(req.n or 1, rf)
@@ -709,8 +753,9 @@ def install(app: FastAPI, services: Any) -> None:
             w, h = max(8, image.width // 8 * 8), max(8, image.height // 8 * 8)
         if mask is None and has_transparency(image):
             mask = openai_mask(image)
+        model = model_name(fields.get("model"))
         out = dict(
-            model=model_name(fields.get("model")),
+            model=model,
             prompt=prompt,
             width=w,
             height=h,
@@ -741,10 +786,13 @@ def install(app: FastAPI, services: Any) -> None:
                     "hypertile_vae": fields.get("hypertile_vae") or None,  # "tile_size,swap_size,max_depth"
                     "tiled_diffusion": fields.get("tiled_diffusion") or None,  # a JSON object
                     "ip_adapters": fields.get("ip_adapters") or None,  # a JSON list of units
+                    "distilled_cfg_scale": fields.get("distilled_cfg_scale") or None,  # Flux [dev]'s
+                    "shift": fields.get("shift") or None,  # SD3's
+                    "sd3": fields.get("sd3") or None,  # a JSON object
                 }
             ),
         )
-        return out
+        return {**services.family_defaults(model), **out}  # an SD3 / Flux model's own defaults, under those sent
 
     def form_freeu(fields: dict[str, str]) -> dict[str, Any]:
         """FreeU's form fields: ``freeu`` one comma-separated string "b1,b2,s1,s2" (the factors as numbers),
@@ -971,6 +1019,26 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             ],
             "description": "sdengine: MultiDiffusion (the latent denoised as overlapping windows) as the native job's "
             "tiled_diffusion object (the defaults for settings left out; a form sends it as a JSON string); none: off",
+        },
+        "distilled_cfg_scale": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 100,
+            "description": "sdengine: FLUX.1 [dev] models only, the distilled guidance scale, as the native job's "
+            "distilled_cfg_scale (none: 3.5); another model answers a 400",
+        },
+        "shift": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 100,
+            "description": "sdengine: SD3 models only, the flow schedule's time shift, as the native job's shift "
+            "(none: the model's 3.0); another model answers a 400",
+        },
+        "sd3": {
+            "oneOf": [{"type": "object"}, text],
+            "description": "sdengine: SD3 models only, skip-layer guidance {skip_guidance_layers, "
+            "skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop}, as the native job's sd3 "
+            "(in a form: one JSON string); another model answers a 400",
         },
         "ip_adapters": {
             "oneOf": [{"type": "array", "maxItems": 4, "items": {"type": "object"}}, text],

@@ -69,17 +69,118 @@ def folder_size(ref: str) -> dict[str, int] | None:
     only known once loaded)."""
     from sdengine.pipeline import BUILTIN_SD
 
-    folder = BUILTIN_SD.get(ref, Path(ref))
+    folder = Path(BUILTIN_SD.get(ref, Path(ref)))
     try:
-        unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
-        vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        side = int(unet["sample_size"]) * factor
-    except (OSError, KeyError, TypeError, ValueError):
+        if (folder / "transformer").is_dir():  # SD3 (MMDiT) and Flux: sizes step by the VAE factor x the patches
+            net = json.loads((folder / "transformer" / "config.json").read_text())
+            patch = int(net.get("patch_size", 1))
+            if "sample_size" in net and "pooled_projection_dim" in net and patch > 1:  # SD3: latent sample size
+                side, multiple = int(net["sample_size"]) * factor, factor * patch
+            else:  # Flux packs 2x2 latent patches itself (its config's patch_size is 1); the VAE's sample size
+                side, multiple = int(vae["sample_size"]), factor * 2
+        else:
+            unet = json.loads((folder / "unet" / "config.json").read_text())
+            side, multiple = int(unet["sample_size"]) * factor, max(8, factor)
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
         return None
-    if side <= 0 or factor <= 0:
+    if side <= 0 or factor <= 0 or multiple <= 0:
         return None
-    return {"width": side, "height": side, "multiple": max(8, factor)}
+    return {"width": side, "height": side, "multiple": multiple}
+
+
+# The model families the server tells apart (GET /v1/models' ``family``): which settings a job may give
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixel")
+
+
+def family_before_load(ref: str) -> str | None:
+    """A model's family (:data:`FAMILIES`), read without loading it: an SD3 or Flux diffusers folder or single file
+    (by its ``model_index.json`` or its tensor names), SDXL (:func:`sdxl_before_load`), a built-in pixel model; "sd"
+    for any other Stable Diffusion folder or file; None when that cannot be told (an unreadable file)."""
+    from sdengine.pipeline import BUILTIN_PIXEL, BUILTIN_SD
+
+    if ref in BUILTIN_PIXEL:
+        return "pixel"
+    path = Path(BUILTIN_SD.get(ref, Path(ref)))
+    try:  # a file's header is read once (and again when it changes): GET /v1/models asks for every model
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_mtime_ns, st.st_size) if path.is_file() else None
+    if key is not None and key in _FAMILIES_READ:
+        return _FAMILIES_READ[key]
+    family = _family_of_path(ref, path)
+    if key is not None:
+        if len(_FAMILIES_READ) > 1024:
+            _FAMILIES_READ.clear()
+        _FAMILIES_READ[key] = family
+    return family
+
+
+_FAMILIES_READ: dict[tuple[str, int, int], str | None] = {}  # model files' families (path, mtime, size)
+
+
+def _family_of_path(ref: str, path: Path) -> str | None:
+    """:func:`family_before_load` of an existing folder or file (SD3 and Flux first: their files are no SD's)."""
+    from sdengine.pipeline.flux_loading import is_flux_file, is_flux_folder
+    from sdengine.weights.sd3_files import is_sd3
+
+    if is_sd3(path):
+        return "sd3"
+    if is_flux_folder(path) if path.is_dir() else is_flux_file(path):
+        return "flux"
+    xl = sdxl_before_load(ref)
+    if xl is None:
+        return None
+    if not xl and path.is_dir() and not (path / "model_index.json").is_file():
+        return "pixel"  # a pixel DDPM folder
+    return "sdxl" if xl else "sd"
+
+
+def family_of_pipe(pipe: Any) -> str:
+    """A loaded pipeline's family (:data:`FAMILIES`), by its text side (``text_kind``)."""
+    kind = str(getattr(pipe, "text_kind", ""))
+    if kind in ("sd3", "flux", "sdxl"):
+        return kind
+    return "sd" if getattr(pipe, "vae", None) is not None else "pixel"
+
+
+def family_defaults_before_load(ref: str) -> dict[str, Any]:
+    """An SD3 or Flux model's ``family_defaults`` (the loaded pipeline's, :mod:`sdengine.pipeline.sd3`,
+    :mod:`sdengine.pipeline.flux`), read without loading it; {} for the other families."""
+    family = family_before_load(ref)
+    if family == "sd3":
+        from sdengine.pipeline.sd3 import SD3_DEFAULTS
+
+        return dict(SD3_DEFAULTS)
+    if family == "flux":
+        from sdengine.pipeline.flux import DEV_STEPS, SCHNELL_STEPS
+
+        schnell = flux_distilled_before_load(ref) is False
+        return {"steps": SCHNELL_STEPS if schnell else DEV_STEPS, "cfg_scale": 1.0, "sampler": "euler",
+                "schedule": "normal"}  # fmt: skip
+    return {}
+
+
+def transformer_blocks_before_load(ref: str) -> int | None:
+    """The joint blocks of an SD3 diffusers folder's MMDiT (its config's ``num_layers``: what skip-layer guidance
+    may name); None when not known before loading (a single file)."""
+    try:
+        value = json.loads((Path(ref) / "transformer" / "config.json").read_text()).get("num_layers")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def flux_distilled_before_load(ref: str) -> bool | None:
+    """Whether a Flux diffusers folder's transformer takes the distilled guidance ([dev]: ``guidance_embeds``);
+    None when not known before loading (a single file)."""
+    try:
+        net = json.loads((Path(ref) / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return bool(net.get("guidance_embeds", False)) if isinstance(net, dict) else None
 
 
 def train_timesteps(ref: str) -> int:

@@ -315,6 +315,9 @@ def build_generation(
     hypertile_vae: Sequence[int] | None = None,
     tiled_diffusion: dict[str, Any] | None = None,
     image_cfg_scale: float | None = None,
+    distilled_cfg_scale: float | None = None,
+    shift: float | None = None,
+    sd3: dict[str, Any] | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
@@ -330,7 +333,10 @@ def build_generation(
     (:class:`sdengine.server.ip_adapters.IPAdapterRequest`, or the native job's list of objects): names resolved in
     their folders, the CLIP vision encoder chosen, the pictures decoded; the worker loads the files.
     ``tiled_diffusion``: MultiDiffusion's settings (the pipeline's ``tiled_diffusion``; checked by
-    GenerationRequest.validate; such a job runs alone)."""
+    GenerationRequest.validate; such a job runs alone). ``distilled_cfg_scale`` (FLUX.1 [dev]'s distilled guidance),
+    ``shift`` (SD3's flow time shift) and ``sd3`` (SD3's skip-layer guidance, :class:`sdengine.pipeline.sd3.SD3Options`
+    keys): the model family's own settings, None: the model's defaults; their ranges are checked here, whether the
+    job's model takes them by the precheck (``app.check_family_settings``)."""
     from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.pipeline.request import MAX_SAG_SCALE
@@ -554,6 +560,21 @@ def build_generation(
         kwargs["zero_terminal_snr"] = zero_terminal_snr  # checked by GenerationRequest.validate below
     if image_cfg_scale is not None:  # instruct-pix2pix's image guidance (checked by GenerationRequest.validate)
         kwargs["image_cfg_scale"] = image_cfg_scale
+    if distilled_cfg_scale is not None:  # FLUX.1 [dev]'s (Forge's "Distilled CFG Scale"); None: the model's 3.5
+        from sdengine.pipeline.flux import MAX_DISTILLED_CFG
+
+        kwargs["distilled_cfg_scale"] = _finite(distilled_cfg_scale, "distilled_cfg_scale", 0.0, MAX_DISTILLED_CFG)
+    if shift is not None:  # SD3's time shift (checked by GenerationRequest.validate below); None: the model's
+        kwargs["shift"] = shift
+    if sd3 is not None:  # SD3's skip-layer guidance: its keys and ranges (the blocks against the model: precheck)
+        from sdengine.errors import GenerationError
+        from sdengine.pipeline.sd3 import SD3Options
+
+        try:
+            SD3Options.coerce(sd3)
+        except GenerationError as e:
+            raise BadRequest(str(e)) from None
+        kwargs["sd3"] = dict(sd3)
     if noise_multiplier != 1:  # A1111's img2img "Noise multiplier" (left out at 1, so such jobs batch as before)
         kwargs["noise_multiplier"] = noise_multiplier  # checked by GenerationRequest.validate below
     if strength_rule != "diffusers":  # checked by GenerationRequest.validate below

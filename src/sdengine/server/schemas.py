@@ -329,6 +329,32 @@ class JobRequest(BaseModel):
         "negative_target_size, aesthetic_score, negative_aesthetic_score (a refiner's), as diffusers' "
         "StableDiffusionXLPipeline arguments",
     )
+    distilled_cfg_scale: float | None = Field(
+        None,
+        ge=0,
+        le=100,  # sdengine.pipeline.flux.MAX_DISTILLED_CFG
+        allow_inf_nan=False,
+        strict=True,  # a JSON string or true is not a number here
+        description="FLUX.1 [dev] models only: the distilled guidance scale, an input of the transformer (Forge's "
+        "'Distilled CFG Scale', ComfyUI's FluxGuidance); null: the model's 3.5. Any other model (SD, SDXL, SD3, Flux "
+        "[schnell]) answers a 400. Infotext 'Distilled CFG Scale'",
+    )
+    shift: float | None = Field(
+        None,
+        gt=0,
+        le=100,  # sdengine.pipeline.request.MAX_SHIFT
+        allow_inf_nan=False,
+        strict=True,  # a JSON string or true is not a number here
+        description="SD3 / SD3.5 models only: the flow schedule's time shift, s' = shift s / (1 + (shift - 1) s) "
+        "(ComfyUI's ModelSamplingSD3); null: the model's own (3.0). Other models answer a 400. Infotext 'Shift'",
+    )
+    sd3: dict[str, Any] | None = Field(
+        None,
+        description="SD3 / SD3.5 models only: skip-layer guidance as diffusers' StableDiffusion3Pipeline arguments: "
+        "skip_guidance_layers (joint blocks, e.g. [7, 8, 9] for SD3.5 Medium; [] off), skip_layer_guidance_scale "
+        "(2.8), skip_layer_guidance_start (0.01), skip_layer_guidance_stop (0.2). Other models answer a 400. "
+        "Infotext 'Skip layer guidance', 'Skip layers', ...",
+    )
     tiling: bool = Field(False, description="seamless tiles: circular padding in every convolution (A1111's Tiling)")
     seed_resize_from: list[int] | None = Field(
         None,

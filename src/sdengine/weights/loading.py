@@ -221,6 +221,15 @@ def _load_component_folder(
     return sd, cfg
 
 
+def load_component_folder(
+    folder: Path, kind: str, dtype: str | torch.dtype | None = None
+) -> tuple[StateDict, dict[str, Any]]:
+    """One diffusers component folder (``vae/``, ``text_encoder/``, ...) -> (state dict, config): its
+    ``config.json`` checked against ``kind``'s bounds (:mod:`sdengine.models.config_checks`) before any weight is
+    read, then its weights file(s)."""
+    return _load_component_folder(folder, kind, dtype)
+
+
 MINILM_TEXT_ENCODER = ["sdengine", "MiniLMTextEncoder"]  # model_index.json entry of the emoji format
 
 

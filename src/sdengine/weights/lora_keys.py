@@ -206,15 +206,15 @@ class ModelIndex:
 
 def _lora_family(lf: LoRAFile, dit: bool = False) -> str | None:
     """The family a file's names give away (None: no hint). ``dit``: the model is a diffusion transformer, whose
-    own text encoders (SD3's CLIP-G as lora_te2_, MMDiT-X's attn2) are no hint of SDXL."""
+    own second text encoder (SD3's CLIP-G as lora_te2_ / text_encoder_2.) is no hint of SDXL."""
     names = list(lf.layers) + list(lf.lycoris) + lf.unknown + [k for ks in lf.unsupported.values() for k in ks]
     for rx, label in _DIT_HINTS:  # a transformer's names first: its text-encoder names could read as SDXL's
         if any(rx.search(key) for key in names):
             return label
-    if dit:
-        return None
     for key in names:
-        for rx, label in _ARCH_HINTS:
+        for rx, label in _ARCH_HINTS[len(_DIT_HINTS) :]:
+            if dit and rx.pattern.startswith("^lora_te2_"):  # SD3's CLIP-G: what an SD3 model has
+                continue
             if rx.search(key):
                 return label
     for key, w in lf.layers.items():

@@ -37,6 +37,10 @@ EMPTY_CHOICES = {
     "model_name": "the files of `--upscalers-dir`",
     "clip_name": "the encoders of `--clip-vision-dir`",
     "ipadapter_file": "the files of `--ip-adapters-dir`",
+    "unet_name": "the files of `--models-dir`'s `diffusion_models/` and `unet/`",
+    "clip_name1": "the files of `--models-dir`'s `text_encoders/` and `clip/`",
+    "clip_name2": "the files of `--models-dir`'s `text_encoders/` and `clip/`",
+    "clip_name3": "the files of `--models-dir`'s `text_encoders/` and `clip/`",
 }
 
 

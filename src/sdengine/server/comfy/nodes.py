@@ -125,6 +125,13 @@ SCHEDULER_NAMES = {
     "linear_quadratic": "linear_quadratic",  # ComfyUI's order
     "kl_optimal": "kl_optimal",
 }
+# SD3's and Flux's latents: a LATENT of 16 channels holds the VAE's raw latents, as ComfyUI's (the flow models scale
+# them in and out with their own latent format while sampling: nodes_sd3_flux.py); the 4-channel ones the model's
+RAW_LATENT_CHANNELS = 16
+# the references of UNETLoader's MODEL and the CLIP loaders' CLIP (nodes_sd3_flux.py): parts, never a pipeline's
+DIFFUSION_MODEL_REF = "diffusion-model:"
+TEXT_ENCODERS_REF = "text-encoders:"
+PART_REFS = (DIFFUSION_MODEL_REF, TEXT_ENCODERS_REF)
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
 LATENT_UPSCALE_METHODS = (*UPSCALE_METHODS, "bislerp")  # ComfyUI's latent nodes also slerp
 
@@ -216,6 +223,14 @@ class ModelHandle:
     # ComfyUI_IPAdapter_plus's IPAdapter nodes: sdengine.pipeline.ip_adapter.IPAdapterUnit values, one per node in the
     # order applied (each adds its own, as the pack's attn2 patches add up; sdengine.server.comfy.nodes_ipadapter)
     ip_adapters: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    # UNETLoader's file (a Flux or SD3 diffusion model alone: ``ref`` then names it, "diffusion-model:PATH"), and its
+    # weight_dtype; ModelSamplingSD3 / ModelSamplingFlux's schedule settings, () = the family's own
+    # (sdengine.server.comfy.nodes_sd3_flux)
+    diffusion_model: str = ""
+    weight_dtype: str = "default"
+    flow_sampling: tuple[Any, ...] = ()
+    # SkipLayerGuidanceSD3: (layers, scale, start_percent, end_percent), () = off
+    skip_layer_guidance: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -224,6 +239,10 @@ class ClipHandle:
     layer: int | None = None  # CLIPSetLastLayer's stop_at_clip_layer; None: the model's own layer
     loras: tuple[tuple[str, float], ...] = ()
     merges: tuple[Any, ...] = ()  # the CLIP merge nodes' weight patches (nodes_merge), applied while encoding
+    # DualCLIPLoader / TripleCLIPLoader's text encoder files: (("clip_l", path), ("clip_g", path), ("t5xxl", path)),
+    # and their type ("sd3", "flux"); ``ref`` then names them ("text-encoders:...": nodes_sd3_flux.py)
+    encoders: tuple[tuple[str, str], ...] = ()
+    clip_type: str = ""
 
     def clip_skip(self, pipe: Any) -> int:
         """The pipeline's clip_skip for ComfyUI's layer. SD 1.x: -1 is the last layer (A1111's clip skip 1),
@@ -452,6 +471,21 @@ class RunContext:
     device: str = "cpu"  # the worker's: where networks that belong to no pipeline (the tiny VAE) run
     # (PNG bytes, index, count) -> sent to the prompt's client as ComfyUI's progress and binary image frames
     send_image: Callable[[bytes, int, int], None] | None = None
+
+    def __post_init__(self) -> None:
+        # A MODEL from UNETLoader or a CLIP from the CLIP loaders is a part alone, not a pipeline the worker could load
+        # (nodes_sd3_flux.py): a node that needs a checkpoint's pipeline says so, and the worker's model stays loaded
+        load = self.pipeline
+
+        def pipeline(ref: str) -> Any:
+            if isinstance(ref, str) and ref.startswith(PART_REFS):
+                raise NodeError(
+                    "this node needs a checkpoint's model (CheckpointLoaderSimple); a MODEL from UNETLoader or a CLIP "
+                    "from DualCLIPLoader / TripleCLIPLoader is a part alone, which it does not take"
+                )
+            return load(ref)
+
+        self.pipeline = pipeline
 
     def check_size(self, width: int, height: int, batch: int = 1) -> None:
         if max(width, height) > self.max_side:
@@ -768,7 +802,10 @@ def _clip_loras_only(pipe: Any, clip: ClipHandle) -> Iterator[None]:
 
 def clip_text_encode(ctx: RunContext, text: str, clip: ClipHandle) -> tuple[Any]:
     from sdengine.latent_sampling import encode_text
+    from sdengine.server.comfy.nodes_sd3_flux import encode_flow, is_flow_clip
 
+    if is_flow_clip(ctx, clip):  # SD3 / Flux: their conditioners (nodes_sd3_flux.py)
+        return ([encode_flow(ctx, clip, text)],)
     pipe = ctx.pipeline(clip.ref)
     with _clip_loras(pipe, clip, ctx):
         return ([encode_text(pipe, text, clip.clip_skip(pipe))],)
@@ -1018,7 +1055,15 @@ def _sample(
     **window: Any,
 ) -> tuple[Any]:
     from sdengine.latent_sampling import sample_latents
+    from sdengine.server.comfy.nodes_sd3_flux import is_flow_model, sample_flow
 
+    if is_flow_model(ctx, model):  # SD3 / Flux: ComfyUI's flow sampling (nodes_sd3_flux.py)
+        return sample_flow(
+            ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+            last_denoised, options, discard_penultimate, guidance_rule, third, **window,
+        )  # fmt: skip
+    if getattr(model, "skip_layer_guidance", ()):
+        raise NodeError("SkipLayerGuidanceSD3 leaves out joint blocks of SD3's MMDiT; this model is a U-Net")
     if getattr(model, "perp_neg", ()):  # ComfyUI's PerpNeg patch: its CFG function in place of CFG (the node's cfg)
         if guidance_rule is not None:
             raise NodeError(f"{guidance_rule!r} cannot guide a model with the PerpNeg patch: use one or the other")
@@ -1217,6 +1262,10 @@ def basic_scheduler(ctx: RunContext, model: ModelHandle, scheduler: str, steps: 
     _check_steps(ctx, steps)
     if denoise <= 0.0:
         return (Sigmas(torch.zeros(0)),)
+    from sdengine.server.comfy.nodes_sd3_flux import flow_basic_scheduler, is_flow_model
+
+    if is_flow_model(ctx, model):  # SD3 / Flux: ComfyUI's lists on the flow table
+        return flow_basic_scheduler(ctx, model, scheduler, steps, denoise)  # type: ignore[no-any-return]
     with _model_schedule(ctx, model) as pipe:
         return _basic_scheduler(pipe, model, scheduler, steps, denoise)
 
@@ -1475,6 +1524,11 @@ def sampler_custom(
         return _lcm_upscale_custom(
             ctx, model, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image, guider
         )
+    from sdengine.server.comfy.nodes_sd3_flux import is_flow_model
+
+    rising = sigmas.values.shape[0] > 1 and float(sigmas.values[-1]) > float(sigmas.values[0])
+    if (sigmas.flipped is not None or rising) and is_flow_model(ctx, model):
+        raise NodeError("unsampling (rising sigmas, FlipSigmas) is not supported on SD3 / Flux models here")
     values = _unsampling_grid(ctx, sigmas, model, sampler) if sigmas.flipped is not None else sigmas.values
     if values.shape[0] == 0:  # ComfyUI: no sigma, no sampling; the latent passes through
         return (dict(latent_image), dict(latent_image))
@@ -1663,10 +1717,14 @@ def vae_decode(
         model = _vae_file(ctx, vae)
         c, f = int(model.config.latent_channels), int(model.config.downscale_factor)
         z = _latent_or_zeros(samples, c, f, f"VAE {Path(vae.path).name}")
+        if c == RAW_LATENT_CHANNELS:  # SD3 / Flux: raw VAE latents, as ComfyUI's (decode unscales: undone first)
+            z = model.scale_latents(z.float())
         kw = _tile_options(tiles, f)
         return (_decode_rows(lambda r: vae_utils.decode(model, r, warn=False, **kw)[0], z, ctx.device),)
     pipe = ctx.pipeline(vae.ref)
     z = latent_samples(samples, pipe)
+    if z.shape[1] == RAW_LATENT_CHANNELS:  # SD3 / Flux: raw VAE latents, as ComfyUI's (decode unscales: undone first)
+        z = pipe.vae.scale_latents(z.float())
     kw = _tile_options(tiles, vae_utils.downscale_factor(pipe.vae))
     decode = lambda r: vae_utils.decode(pipe.vae, r, upcast=pipe.vae_upcast, warn=False, **kw)[0]  # noqa: E731
     return (_decode_rows(decode, z, pipe.device),)
@@ -1791,6 +1849,8 @@ def _vae_encode_rows(vae: Any, device: torch.device, pixels: torch.Tensor, **til
             means.append(post.mean.float())
             stds.append(post.std.float())
         mean, std = torch.cat(means), torch.cat(stds)
+        if int(vae.config.latent_channels) == RAW_LATENT_CHANNELS:  # SD3 / Flux: the raw mean, as ComfyUI's
+            return {"samples": mean.cpu(), "size": (b, h8, w8), "posterior": None, "noise_mask": None}
         samples = vae.scale_latents(mean)
     return {"samples": samples.cpu(), "size": (b, h8, w8), "posterior": (mean.cpu(), std.cpu()), "noise_mask": None}
 

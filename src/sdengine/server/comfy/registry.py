@@ -20,6 +20,7 @@ from sdengine.server.comfy.nodes_latent import LATENT_NODES
 from sdengine.server.comfy.nodes_merge import NODES as MERGE_NODES
 from sdengine.server.comfy.nodes_patches import PATCH_NODES
 from sdengine.server.comfy.nodes_sampling import NODES as SAMPLING_NODES
+from sdengine.server.comfy.nodes_sd3_flux import SD3_FLUX_NODES
 from sdengine.server.comfy.nodes_utility import UTILITY_NODES
 
 NODES: dict[str, NodeDef] = {
@@ -36,4 +37,5 @@ NODES: dict[str, NodeDef] = {
     **CLIP_VISION_NODES,
     **IPADAPTER_NODES,
     **EDIT_NODES,
+    **SD3_FLUX_NODES,
 }

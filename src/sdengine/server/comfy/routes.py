@@ -1000,6 +1000,10 @@ def apply_free(st: ComfyState, services: Any, own: Any = None) -> None:
                 w.hr_pipe, w.hr_model = None, None
 
 
+# ComfyUI's older folder names, which its GET /models/{folder} still answers (folder_paths' legacy map)
+LEGACY_FOLDERS = {"unet": "diffusion_models", "clip": "text_encoders"}
+
+
 def _model_folders(env: Env) -> dict[str, list[str]]:
     """ComfyUI's model folders (``GET /models``) and what each lists, as the loaders' choices name them."""
     from sdengine.server.comfy.nodes import choices_of
@@ -1007,6 +1011,7 @@ def _model_folders(env: Env) -> dict[str, list[str]]:
     folders = {"checkpoints": ("CheckpointLoaderSimple", "ckpt_name"), "loras": ("LoraLoader", "lora_name")}
     folders |= {"controlnet": ("ControlNetLoader", "control_net_name"), "vae": ("VAELoader", "vae_name")}
     folders |= {"clip_vision": ("CLIPVisionLoader", "clip_name")}
+    folders |= {"diffusion_models": ("UNETLoader", "unet_name"), "text_encoders": ("DualCLIPLoader", "clip_name1")}
     out = {}
     for folder, (node, name) in folders.items():
         inp = NODES[node].input(name)
@@ -1025,6 +1030,7 @@ def list_model_folders(request: Request) -> Any:
 def list_models(request: Request, folder: str) -> Any:
     """The names a folder's loader takes (ComfyUI: 404 for a folder it does not know)."""
     listed = _model_folders(Env(request.app.state.services, state(request.app)))
+    folder = LEGACY_FOLDERS.get(folder, folder)
     if folder not in listed:
         raise NotFound(f"no model folder {folder!r}; the folders are {', '.join(listed)}")
     return listed[folder]

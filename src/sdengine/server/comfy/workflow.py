@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +159,9 @@ def _parse_links(raw: Any, where: str = "workflow") -> dict[str, tuple[str, int,
     return out
 
 
-def _widget_values(node: dict[str, Any], names: list[str], label: str) -> dict[str, Any]:
+def _widget_values(node: dict[str, Any], names: list[str], label: str, optional: int = 0) -> dict[str, Any]:
+    """``optional``: how many of the last ``names`` are optional inputs' widgets, which a workflow saved before the
+    node had them leaves out (DualCLIPLoader's ``device``)."""
     raw = node.get("widgets_values", [])
     if raw is None:
         raw = []
@@ -172,7 +174,7 @@ def _widget_values(node: dict[str, Any], names: list[str], label: str) -> dict[s
     trimmed = list(names)
     while trimmed and trimmed[-1] == UPLOAD:
         trimmed.pop()
-    if len(raw) not in (len(names), len(trimmed)):
+    if len(raw) not in (len(names), len(trimmed)) and not (optional and len(raw) == len(names) - optional):
         shown = ", ".join(names) or "none"
         raise WorkflowError(
             f"{label}: {len(raw)} widget values for {len(names)} widgets ({shown}); "
@@ -406,7 +408,7 @@ def convert(workflow: Any, object_info: dict[str, Any] | None = None) -> dict[st
                     what = "a node type the object_info does not list"
                 raise WorkflowError(f"{label}: unknown node type: {what}")
             display_name, names = definition
-            inputs = _widget_values(node, names, label)
+            inputs = _widget_values(node, names, label, _optional_widgets(kind, object_info))
             for entry in inputs_of(scope, node):
                 widget = entry.get("widget")
                 name = str(widget["name"]) if isinstance(widget, dict) and "name" in widget else str(entry.get("name"))
@@ -723,6 +725,27 @@ def _expand_group(
     # the instance's inputs in the group's order: by name, else by position
     ordered = _align(instance_inputs, [(gname, None, []) for gname, *_ in group_inputs])
     return nodes, links, ordered, inputs, outputs, promoted
+
+
+def _optional_widgets(kind: str, object_info: dict[str, Any] | None) -> int:
+    """How many widgets of a node type come from its optional inputs (the last ones of :func:`widget_names`)."""
+    if object_info is not None:
+        info = object_info.get(kind)
+        if not isinstance(info, dict):
+            return 0
+        raw = info.get("input")
+        optional = raw.get("optional") if isinstance(raw, dict) else None
+        if not isinstance(optional, dict):
+            return 0
+        order = info.get("input_order")
+        listed = order.get("optional") if isinstance(order, dict) else None
+        part = {"input": {"optional": optional}, "input_order": {"optional": listed}} if listed else {
+            "input": {"optional": optional}}  # fmt: skip
+        return len(widget_names_from_info(part))
+    ndef = NODES.get(kind)
+    if ndef is None:
+        return 0
+    return len(widget_names(replace(ndef, inputs=tuple(i for i in ndef.inputs if i.optional))))
 
 
 def _definition(kind: str, object_info: dict[str, Any] | None) -> tuple[str, list[str]] | None:

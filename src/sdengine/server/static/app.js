@@ -26,6 +26,7 @@ FIELDS.push("hypertile", "hypertile_tile", "hypertile_swap", "hypertile_depth", 
 FIELDS.push("ipa-model", "ipa-clip", "ipa-scale", "ipa-start", "ipa-end", "ipa-rule"); // the IP-Adapter unit
 // (its picture is not kept)
 FIELDS.push("hypertile_vae_tile", "hypertile_vae_swap", "hypertile_vae_depth"); // HyperTile VAE's settings
+FIELDS.push("distilled_cfg_scale", "shift", "slg_layers", "slg_scale", "slg_start", "slg_stop"); // SD3's, Flux's
 FIELDS.push("tiled_diffusion_window", "tiled_diffusion_window_height", "tiled_diffusion_stride",
   "tiled_diffusion_batch"); // MultiDiffusion's settings
 // the checkboxes kept with the settings (their value is their ticked state, not .value)
@@ -256,6 +257,10 @@ async function fetchImage(url) {
 // -------------------------------------------------------------------------------------- errors
 
 const ERROR_FIELDS = [
+  // the model family's own settings first: their lines name the model ("... is an SD3 model") and sizes
+  [/distilled_cfg_scale|distilled guidance/i, "distilled_cfg_scale"],
+  [/^shift\b|^shift applies/i, "shift"],
+  [/^sd3 |sd3 settings|skip_guidance_layers|skip_layer_guidance/i, "slg_layers"],
   [/ip-adapter|ip_adapters|clip vision/i, "ip_adapter"], // first: its lines name widths, models and images
   // Deep Shrink's and HyperTile's first: their lines name blocks, sizes and the ControlNets they cannot run with
   [/deep shrink block|deep_shrink\.block/i, "deep_shrink_block"],
@@ -587,6 +592,8 @@ async function loadPickers() {
   model.replaceChildren();
   for (const m of models.data) option(model, m.id);
   state.tiny = Object.fromEntries(models.data.map((m) => [m.id, Boolean(m.tiny_vae)]));
+  state.family = Object.fromEntries(models.data.map((m) => [m.id, m.family || "sd"]));
+  state.defaults = Object.fromEntries(models.data.map((m) => [m.id, m.defaults || {}]));
   state.tinyEncoder = Object.fromEntries(models.data.map((m) => [m.id, Boolean(m.tiny_vae_encoder)]));
   const current = models.data.find((m) => m.current);
   if (current) model.value = current.id;
@@ -782,6 +789,13 @@ function applyInfotext(text) {
   // sdengine's perturbed-attention guidance: as the image has it, else off (its layers "mid" unless named)
   put("pag_scale", f["PAG scale"] ? parseFloat(f["PAG scale"]) : 0);
   put("pag_layers", (f["PAG layers"] || "mid").trim());
+  // the model family's own: Forge's "Distilled CFG Scale" (Flux), "Shift" and sdengine's skip-layer guidance (SD3);
+  // empty (the model's own) when the image has none
+  put("distilled_cfg_scale", f["Distilled CFG Scale"] ? parseFloat(f["Distilled CFG Scale"]) : "");
+  put("shift", f.Shift ? parseFloat(f.Shift) : "");
+  put("slg_layers", f["Skip layers"] ? f["Skip layers"].split(",").map((x) => x.trim()).join(", ") : "");
+  for (const [key, id, fallback] of [["Skip layer guidance", "slg_scale", 2.8], ["Skip layer start", "slg_start", 0.01],
+    ["Skip layer stop", "slg_stop", 0.2]]) put(id, f["Skip layers"] && f[key] ? parseFloat(f[key]) : fallback);
   // self-attention guidance: sdengine's "SAG scale" / "SAG blur sigma" / "SAG rule" (blur 1 and diffusers' rule
   // unless written), or Forge's sag_enabled, sag_scale, sag_blur_sigma (ComfyUI's rule; its defaults 0.5 and 2; a
   // sag_threshold other than 1 said missing); else off
@@ -876,6 +890,10 @@ function applyInfotext(text) {
   const clipRule = (f["Clip skip rule"] || (own || !f["Clip skip"] ? "sdengine" : "a1111")).trim();
   if (!put("clip_skip_rule", clipRule)) missing.push(`clip skip rule ${clipRule}`);
   if (f.Model && !put("model", f.Model)) missing.push(`model ${f.Model}`);
+  if (f.Model) { // its family's settings shown (the sampler and guidance are the image's, not the model's defaults)
+    state.model = $("model").value;
+    fitFamily();
+  }
   applyHires(f, put, missing);
   applyControlNet(f, put, missing, own);
   applyIpAdapter(f, put, missing);
@@ -1168,6 +1186,70 @@ function seedResizeFrom() {
   return SEED_RESIZE_INPUTS.map(([id, label]) => number(id, label, true));
 }
 
+// The families whose models take no U-Net patch, ControlNet, IP-Adapter or embedding (their sections are hidden)
+const FLOW_FAMILIES = ["sd3", "flux"];
+const U_NET_ONLY = ["unet-patches-title", "unet-patches", "controlnet-section", "ip-adapter-section",
+  "embeddings-section"];
+
+function familyOf(model) { return (state.family || {})[model] || "sd"; }
+
+// SD3's shift and skip-layer guidance, Flux's distilled guidance: sent for a model of that family only, empty
+// inputs not sent (the model's own)
+function familySettings() {
+  const family = familyOf($("model").value);
+  const out = {};
+  if (family === "flux" && $("distilled_cfg_scale").value.trim() !== "") {
+    out.distilled_cfg_scale = number("distilled_cfg_scale", "Distilled guidance", false);
+  }
+  if (family !== "sd3") return out;
+  if ($("shift").value.trim() !== "") out.shift = number("shift", "Shift", false);
+  const layers = $("slg_layers").value.trim();
+  if (layers) {
+    const blocks = layers.split(",").map((x) => (x.trim() === "" ? NaN : Number(x)));
+    if (!blocks.every(Number.isInteger)) {
+      throw new ApiError(400, "Skip-layer guidance blocks: whole numbers separated by commas (e.g. 7, 8, 9), or nothing (off)", "slg_layers");
+    }
+    out.sd3 = { skip_guidance_layers: blocks, skip_layer_guidance_scale: number("slg_scale", "Skip-layer guidance scale", false),
+      skip_layer_guidance_start: number("slg_start", "Skip-layer guidance start", false),
+      skip_layer_guidance_stop: number("slg_stop", "Skip-layer guidance stop", false) };
+  }
+  return out;
+}
+
+// Going from an SD model to an SD3 / Flux one, the sampler, schedule and guidance become that model's defaults
+// (GET /v1/models: Flux runs Euler at CFG 1, SD3 Euler at 7 on the flow's own grid); going back, the SD choices
+// made before return.
+function followFamilyDefaults(before, after) {
+  const flowBefore = FLOW_FAMILIES.includes(familyOf(before));
+  const flowAfter = FLOW_FAMILIES.includes(familyOf(after));
+  const keys = ["sampler", "schedule", "cfg_scale"];
+  let chosen = null;
+  if (flowAfter) {
+    if (!flowBefore) state.sdChoices = Object.fromEntries(keys.map((k) => [k, $(k).value]));
+    chosen = state.defaults[after] || {};
+  } else if (flowBefore && state.sdChoices) {
+    chosen = state.sdChoices;
+  }
+  if (!chosen) return;
+  setValue("sampler", chosen.sampler);
+  setValue("schedule", chosen.schedule);
+  setValue("cfg_scale", chosen.cfg_scale);
+  saveSettings();
+}
+
+// Show the selected model's own settings (SD3, Flux) and hide what its family does not take.
+function fitFamily() {
+  const family = familyOf($("model").value);
+  let any = false;
+  for (const el of document.querySelectorAll("[data-family]")) {
+    el.hidden = el.dataset.family !== family;
+    any ||= !el.hidden;
+  }
+  $("family-settings").hidden = !any;
+  $("family-title").hidden = !any;
+  for (const id of U_NET_ONLY) $(id).hidden = FLOW_FAMILIES.includes(family);
+}
+
 async function buildRequest() {
   let [prompt, negative] = [$("prompt").value, $("negative_prompt").value];
   for (const st of chosenStyles()) {
@@ -1191,19 +1273,21 @@ async function buildRequest() {
     vae_decode: $("vae_decode").value,
   };
   if ($("vae").value) body.vae = $("vae").value; // the job's VAE; not sent: the model's
-  const pag = number("pag_scale", "PAG scale", false);
+  Object.assign(body, familySettings());
+  const unet = !FLOW_FAMILIES.includes(familyOf($("model").value)); // SD3 and Flux take no U-Net patch
+  const pag = unet ? number("pag_scale", "PAG scale", false) : 0;
   if (pag > 0) { // perturbed-attention guidance; not sent at 0 (off)
     body.pag_scale = pag;
     body.pag_layers = $("pag_layers").value.trim() || "mid";
   }
-  const sag = number("sag_scale", "SAG scale", false);
+  const sag = unet ? number("sag_scale", "SAG scale", false) : 0;
   if (sag !== 0) { // self-attention guidance; not sent at 0 (off)
     Object.assign(body, { sag_scale: sag, sag_blur_sigma: number("sag_blur_sigma", "SAG blur sigma", false), sag_rule: $("sag_rule").value });
   }
   if ($("tiling").checked) body.tiling = true;
   const resize = seedResizeFrom();
   if (resize) body.seed_resize_from = resize;
-  const freeu = $("freeu").value.trim();
+  const freeu = unet ? $("freeu").value.trim() : "";
   if (freeu) { // FreeU; not sent when empty (off)
     const factors = freeu.split(",").map((x) => (x.trim() === "" ? NaN : Number(x)));
     if (factors.length !== 4 || !factors.every(Number.isFinite)) {
@@ -1211,12 +1295,12 @@ async function buildRequest() {
     }
     Object.assign(body, { freeu: factors, freeu_version: Number($("freeu_version").value), freeu_rule: $("freeu_rule").value });
   }
-  if ($("deep_shrink").value === "on") { // Deep Shrink; not sent when off
+  if (unet && $("deep_shrink").value === "on") { // Deep Shrink; not sent when off
     body.deep_shrink = Object.fromEntries(Object.entries(DEEP_SHRINK_INPUTS).map(([key, [id, label]]) => [key,
       key === "after_skip" ? $(id).value === "true" : key.endsWith("_method") ? $(id).value
         : number(id, label, key === "block")]));
   }
-  if ($("hypertile").value) { // HyperTile; not sent when off
+  if (unet && $("hypertile").value) { // HyperTile; not sent when off
     Object.assign(body, { hypertile: HYPERTILE_INPUTS.map(([id, label]) => number(id, label, true)),
       hypertile_hires_only: $("hypertile").value === "hires", hypertile_rule: $("hypertile_rule").value,
       hypertile_scale_depth: $("hypertile_scale_depth").value === "true" });
@@ -1276,7 +1360,7 @@ async function buildRequest() {
   // img2img and the hires fix count their steps by it, and DDIM / PLMS walk A1111's own grid under A1111's rules
   // (text to image too); not sent where it changes nothing (it would be written into the image's parameters)
   if (body.strength !== undefined || gridSampler(body.sampler)) body.strength_rule = $("strength_rule").value;
-  if ($("cn-enabled").checked) {
+  if (unet && $("cn-enabled").checked) {
     if (!$("cn-model").value) throw new ApiError(400, "this server has no ControlNet", "controlnet");
     if (!state.controlBlob) throw new ApiError(400, "ControlNet: pick or drop a control image", "controlnet");
     body.controlnets = [{
@@ -1287,7 +1371,7 @@ async function buildRequest() {
       ...($("cn-mode").value !== "balanced" ? { mode: $("cn-mode").value } : {}),
     }];
   }
-  if ($("ipa-enabled").checked) {
+  if (unet && $("ipa-enabled").checked) {
     if (!$("ipa-model").value) throw new ApiError(400, "this server has no IP-Adapter", "ip_adapter");
     if (!state.ipaBlob) throw new ApiError(400, "IP-Adapter: pick or drop an image prompt", "ip_adapter");
     body.ip_adapters = [{
@@ -1776,8 +1860,10 @@ function install() {
       $("width").value = after.width;
       $("height").value = after.height;
     }
+    followFamilyDefaults(state.model, $("model").value);
     state.model = $("model").value;
     fitDecoder();
+    fitFamily();
   });
   $("seed-random").addEventListener("click", () => { $("seed").value = "-1"; saveSettings(); });
   $("seed-reuse").addEventListener("click", () => {
@@ -1827,6 +1913,7 @@ async function ready() {
     restoreSettings();
     markEmbeddings();
     fitDecoder();
+    fitFamily();
     state.model = $("model").value;
     updateMode();
     document.body.dataset.ready = "true";

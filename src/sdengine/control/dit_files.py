@@ -1,0 +1,197 @@
+"""SD3 and Flux ControlNet files (:mod:`sdengine.models.dit_controlnet`): a diffusers folder (``config.json`` of an
+``SD3ControlNetModel`` / ``FluxControlNetModel`` + ``diffusion_pytorch_model[.fp16].safetensors``), or one
+``.safetensors`` file in diffusers' names (as InstantX ships some), whose config is read from the tensors' shapes.
+Other layouts (XLabs' Flux ControlNets, BFL-named files, U-Net ControlNets) are refused in one line.
+
+What shapes cannot tell, a single file takes from the releases: an SD3 ControlNet without RMS q/k norms has
+64-wide heads (every SD3 / SD3.5 release), its pooled text is zeros when it has a text stream (InstantX's) and
+the real pooled text when not (Stability's SD3.5 ones), its control latent has the latent's channels where it
+borrows the base model's patch embedding; a Flux ControlNet's heads are 128 wide with RoPE axes 16, 56, 56
+(Flux.1's). A folder's ``config.json`` says all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdengine.errors import ControlNetError
+from sdengine.models.config_checks import ConfigError
+from sdengine.models.dit_controlnet import FluxControlNet, FluxControlNetConfig, SD3ControlNet, SD3ControlNetConfig
+from sdengine.weights.io import WeightsError, load_file
+
+DiTControlNet = SD3ControlNet | FluxControlNet
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+CLASSES = ("SD3ControlNetModel", "FluxControlNetModel")
+
+
+def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
+    found = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def dit_controlnet_kind(sd: Mapping[str, Tensor]) -> str | None:
+    """ "sd3" or "flux" for a state dict in diffusers' names of that ControlNet, else None."""
+    if "pos_embed_input.proj.weight" in sd and any(k.startswith("controlnet_blocks.") for k in sd):
+        return "sd3"
+    if "controlnet_x_embedder.weight" in sd and any(k.startswith("controlnet_blocks.") for k in sd):
+        return "flux"
+    return None
+
+
+def sd3_config_from_weights(sd: Mapping[str, Tensor]) -> SD3ControlNetConfig:
+    """An SD3 ControlNet's config from its tensors' shapes (see the module docstring for what is assumed)."""
+    w_in = sd["pos_embed_input.proj.weight"]  # (D, C + extra, p, p)
+    dim, cond_ch, patch = int(w_in.shape[0]), int(w_in.shape[1]), int(w_in.shape[2])
+    proj = sd.get("pos_embed.proj.weight")
+    table = sd.get("pos_embed.pos_embed")
+    in_ch = int(proj.shape[1]) if proj is not None else cond_ch
+    norm_q = sd.get("transformer_blocks.0.attn.norm_q.weight")
+    head = int(norm_q.shape[0]) if norm_q is not None else 64
+    if dim % head:
+        raise ControlNetError(f"an SD3 ControlNet of width {dim} does not split into {head}-wide heads")
+    ctx = sd.get("context_embedder.weight")
+    n = _count(sd, "controlnet_blocks")
+    dual = tuple(i for i in range(n) if f"transformer_blocks.{i}.attn2.to_q.weight" in sd)
+    values: dict[str, Any] = dict(
+        patch_size=patch,
+        in_channels=in_ch,
+        out_channels=in_ch,
+        num_layers=n,
+        attention_head_dim=head,
+        num_attention_heads=dim // head,
+        joint_attention_dim=int(ctx.shape[1]) if ctx is not None else None,
+        caption_projection_dim=dim,
+        pooled_projection_dim=int(sd["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
+        extra_conditioning_channels=cond_ch - in_ch,
+        dual_attention_layers=dual,
+        qk_norm="rms_norm" if norm_q is not None else None,
+        pos_embed_type="sincos" if table is not None else None,
+        use_pos_embed=proj is not None,
+        force_zeros_for_pooled_projection=ctx is not None,
+    )
+    if table is not None:
+        side = math.isqrt(int(table.shape[1]))
+        if side * side != int(table.shape[1]):
+            raise ControlNetError(f"an SD3 ControlNet's position table of {table.shape[1]} entries is not a square")
+        values["pos_embed_max_size"] = side
+    return SD3ControlNetConfig(**values)
+
+
+def flux_config_from_weights(sd: Mapping[str, Tensor]) -> FluxControlNetConfig:
+    """A Flux ControlNet's config from its tensors' shapes (128-wide heads, Flux.1's RoPE axes)."""
+    dim, in_ch = (int(s) for s in sd["x_embedder.weight"].shape)
+    head = int(sd["transformer_blocks.0.attn.norm_q.weight"].shape[0]) if _count(sd, "transformer_blocks") else 128
+    if head != 128:
+        raise ControlNetError(
+            f"a single-file Flux ControlNet with {head}-wide heads: its RoPE axes are not Flux.1's; give the "
+            "diffusers folder with its config.json"
+        )
+    mode = sd.get("controlnet_mode_embedder.weight")
+    return FluxControlNetConfig(
+        in_channels=in_ch,
+        num_layers=_count(sd, "controlnet_blocks"),
+        num_single_layers=_count(sd, "controlnet_single_blocks"),
+        attention_head_dim=head,
+        num_attention_heads=dim // head,
+        joint_attention_dim=int(sd["context_embedder.weight"].shape[1]),
+        pooled_projection_dim=int(sd["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
+        guidance_embeds=any(k.startswith("time_text_embed.guidance_embedder.") for k in sd),
+        num_mode=int(mode.shape[0]) if mode is not None else None,
+    )
+
+
+def _build(kind: str, config: Any, sd: Mapping[str, Tensor], name: str) -> DiTControlNet:
+    net: DiTControlNet
+    with torch.device("meta"):
+        net = SD3ControlNet(config) if kind == "sd3" else FluxControlNet(config)
+    result = net.load_state_dict(dict(sd), strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(
+                f"missing {', '.join(result.missing_keys[:3])}" + (" ..." if len(result.missing_keys) > 3 else "")
+            )
+        if result.unexpected_keys:
+            extra = result.unexpected_keys
+            parts.append(f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""))
+        raise ControlNetError(f"{name}: not a {kind.upper()} ControlNet of its config ({'; '.join(parts)})")
+    for mod_name, buf in list(net.named_buffers()):
+        if buf.is_meta:
+            raise ControlNetError(f"{name}: no weights for {mod_name}")
+    net.name = name
+    return net.eval().requires_grad_(False)
+
+
+def _refuse_layout(sd: Mapping[str, Tensor], name: str) -> ControlNetError:
+    keys = list(sd)
+    if any(k.startswith(("controlnet_down_blocks.", "control_model.", "input_blocks.", "down_blocks.")) for k in keys):
+        return ControlNetError(
+            f"{name} is a U-Net ControlNet (SD 1.x / 2.x / SDXL); SD3 and Flux take their own ControlNets "
+            "(diffusers' SD3ControlNetModel / FluxControlNetModel)"
+        )
+    if any(k.startswith(("double_blocks.", "single_blocks.", "input_hint_block.")) for k in keys):
+        return ControlNetError(
+            f"{name}: a Flux ControlNet in XLabs' / BFL's layout is not supported; use one in diffusers' names "
+            "(InstantX, Shakker-Labs)"
+        )
+    return ControlNetError(f"{name}: not an SD3 or Flux ControlNet in diffusers' names")
+
+
+def read_dit_controlnet(path: str | Path) -> DiTControlNet:
+    """An SD3 or Flux ControlNet from a diffusers folder or a single ``.safetensors`` file (float32 weights as
+    stored; the pipeline moves it to its device and dtype)."""
+    p = Path(path)
+    if not p.exists():
+        raise ControlNetError(f"ControlNet {p}: no such file or folder")
+    name = p.name.removesuffix(p.suffix) if p.is_file() else p.name
+    try:
+        if p.is_dir():
+            cfg_file = p / "config.json"
+            if not cfg_file.is_file():
+                raise ControlNetError(f"ControlNet folder {p.name} has no config.json")
+            try:
+                raw = json.loads(cfg_file.read_text())
+            except (OSError, ValueError) as e:
+                raise ControlNetError(f"ControlNet folder {p.name}: config.json is not JSON ({e})") from None
+            cls = raw.get("_class_name") if isinstance(raw, dict) else None
+            if cls not in CLASSES:
+                raise ControlNetError(
+                    f"ControlNet folder {p.name} holds a {cls or 'model without _class_name'}, not an "
+                    f"SD3ControlNetModel or FluxControlNetModel"
+                )
+            weights = next((p / w for w in WEIGHT_NAMES if (p / w).is_file()), None)
+            if weights is None:
+                raise ControlNetError(f"ControlNet folder {p.name} has no {WEIGHT_NAMES[0]}")
+            sd, _ = load_file(weights)
+            kind = "sd3" if cls == "SD3ControlNetModel" else "flux"
+            config: Any = (
+                SD3ControlNetConfig.from_diffusers(raw) if kind == "sd3" else FluxControlNetConfig.from_diffusers(raw)
+            )
+            return _build(kind, config, sd, name)
+        if p.suffix.lower() != ".safetensors":
+            raise ControlNetError(f"ControlNet {p.name}: an SD3 / Flux ControlNet file must be .safetensors")
+        sd, _ = load_file(p)
+        found = dit_controlnet_kind(sd)
+        if found is None:
+            raise _refuse_layout(sd, p.name)
+        config = sd3_config_from_weights(sd) if found == "sd3" else flux_config_from_weights(sd)
+        return _build(found, config, sd, name)
+    except (ConfigError, WeightsError) as e:
+        raise ControlNetError(f"ControlNet {p.name}: {e}") from None
+
+
+__all__ = [
+    "DiTControlNet",
+    "dit_controlnet_kind",
+    "flux_config_from_weights",
+    "read_dit_controlnet",
+    "sd3_config_from_weights",
+]

@@ -1,0 +1,311 @@
+"""ControlNets on SD3 / SD3.5 and Flux while sampling: the transformer with its ControlNets' residuals.
+
+:func:`build_controlled_dit` is what :func:`sdengine.pipeline.control.build_controlled_unet` is for the U-Nets:
+it loads each :class:`~sdengine.pipeline.control.ControlUnit`'s ControlNet (:mod:`sdengine.control.dit_files`),
+encodes its control image with the pipeline's VAE and returns a :class:`ControlledDiT`, called in place of the
+transformer. At each call it runs every unit that is active at the sampler's step (the unit's ``start``/``end``
+window, counted by :func:`sdengine.pipeline.control.step_keep` over the steps that run: diffusers'
+``controlnet_keep`` by default), sums their residuals and runs the transformer with them.
+
+The control image, as diffusers' ``StableDiffusion3ControlNetPipeline`` / ``FluxControlNetPipeline`` prepare it:
+resized to the output size, taken to [-1, 1], encoded by the VAE (here the posterior's mean; diffusers draws a
+sample of it, which differs by the VAE's tiny posterior spread) and scaled into the model's latent space:
+``(z - shift) * scaling`` with the VAE's factors, except that InstantX's SD3 ControlNets (those with
+``force_zeros_for_pooled_projection``) were trained without the shift: ``z * scaling``. Flux packs it into 2x2
+patches with the latent (inside :class:`sdengine.models.dit_controlnet.FluxControlNet`).
+
+What the ControlNet reads: SD3: the latent rows, the timestep, the text states (none for Stability's SD3.5
+ControlNets) and the pooled text, zeros when ``force_zeros_for_pooled_projection``; Flux: the same as the
+transformer (text, pooled text, the distilled guidance scale where the ControlNet embeds one) and, for a Union
+ControlNet, the unit's ``union_mode`` (:data:`UNION_MODES`). Every row runs with its own text: with CFG the
+unconditional rows get the ControlNet's answer to the negative prompt (as diffusers' SD3 pipeline; its Flux
+pipeline's true CFG reuses the positive rows' residuals instead).
+
+Not for the transformers (one line each): U-Net ControlNets, T2I-Adapters, reference units, guess mode,
+sd-webui-controlnet's soft control modes, ComfyUI's sigma window rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdengine.control.dit_files import DiTControlNet, read_dit_controlnet
+from sdengine.diffusion.samplers import SamplerStep
+from sdengine.errors import ControlNetError
+from sdengine.models.dit_controlnet import FluxControlNet, SD3ControlNet
+from sdengine.pipeline.control import (
+    ControlUnit,
+    check_unit_settings,
+    control_image_tensor,
+    no_step_message,
+    step_keep,
+)
+
+# The control kinds of the Flux Union ControlNets (InstantX's FLUX.1-dev-Controlnet-Union and Shakker-Labs'
+# Union-Pro): a unit's union_mode is one of these names or its number
+UNION_MODES = ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
+FAMILY_NAMES = {"sd3": "SD3", "flux": "Flux"}
+
+
+def union_mode_id(mode: int | str | None, count: int, name: str) -> int:
+    """A unit's Union control mode as the embedding's row: a number below ``count`` or a name of
+    :data:`UNION_MODES`."""
+    if mode is None:
+        raise ControlNetError(
+            f"{name} is a Union ControlNet: give its union_mode ({', '.join(UNION_MODES)} or a number below {count})"
+        )
+    if isinstance(mode, str):
+        key = mode.strip().lower()
+        if key.isdigit():
+            mode = int(key)
+        elif key in UNION_MODES:
+            mode = UNION_MODES.index(key)
+        else:
+            raise ControlNetError(f"{name}: unknown union_mode {mode!r}; use one of {', '.join(UNION_MODES)}")
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode < count:
+        raise ControlNetError(f"{name}: union_mode must be below {count} (this ControlNet's modes), got {mode!r}")
+    return mode
+
+
+@dataclass
+class PreparedDiTUnit:
+    """A loaded unit: the ControlNet on the run's device and dtype, its control latent(s) (N, C, h, w), scale,
+    per-step on/off list, and a Union ControlNet's mode id."""
+
+    net: DiTControlNet
+    latent: Tensor
+    scale: float
+    keep: list[bool]
+    mode: int | None = None
+
+
+class ControlledDiT:
+    """``model(x, t, *, encoder_hidden_states, pooled_projections, [guidance], step, row_kinds, **kw)``: the SD3 or
+    Flux transformer with the active units' residuals (``step``: the run's step index or a SamplerStep)."""
+
+    takes_step = True
+    takes_row_kinds = True
+    references = None  # no reference units here (the core asks)
+
+    def __init__(self, base: Any, units: list[PreparedDiTUnit], family: str) -> None:
+        self.base = base
+        self.units = units
+        self.family = family
+
+    def __getattr__(self, name: str) -> Any:  # config, dtype, ... of the transformer
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def active(self, step: int) -> list[bool]:
+        return [u.keep[min(step, len(u.keep) - 1)] for u in self.units]
+
+    def residuals(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        pooled: Tensor,
+        guidance: Tensor | None,
+        kinds: Sequence[str],
+        active: Sequence[bool],
+    ) -> tuple[list[Tensor], list[Tensor]] | None:
+        """The summed residuals of the active units (SD3: the second list empty); None where none acts."""
+        total: tuple[list[Tensor], list[Tensor]] | None = None
+        b = x.shape[0]
+        for unit, on in zip(self.units, active, strict=True):
+            if not on:
+                continue
+            net = unit.net
+            dt = net.dtype
+            cond = _maps_for_rows(unit.latent, kinds)
+            tt = t.expand(b) if t.ndim == 0 else t
+            got: tuple[list[Tensor], list[Tensor]]
+            if isinstance(net, SD3ControlNet):
+                zeros = net.config.force_zeros_for_pooled_projection
+                ctx = context.to(dt) if net.config.joint_attention_dim is not None else None
+                vec = torch.zeros_like(pooled, dtype=dt) if zeros else pooled.to(dt)
+                got = (net(x.to(dt), cond, tt, ctx, vec, conditioning_scale=unit.scale), [])
+            else:
+                g = guidance if net.config.guidance_embeds else None
+                if net.config.guidance_embeds and g is None:
+                    raise ControlNetError(
+                        f"ControlNet {net.name}: it embeds the distilled guidance scale, which this model does not take"
+                    )
+                mode = torch.full((b,), unit.mode, device=x.device) if unit.mode is not None else None
+                got = net(x.to(dt), cond, tt, context.to(dt), pooled.to(dt), g, mode, conditioning_scale=unit.scale)
+            total = got if total is None else (_add(total[0], got[0]), _add(total[1], got[1]))
+        return total
+
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+        step: Any = None,
+        row_kinds: Sequence[str] | None = None,
+        **kw: Any,
+    ) -> Tensor:
+        index = _step_index(step)
+        kinds = tuple(row_kinds) if row_kinds is not None else ("cond",) * x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        res = self.residuals(
+            x, t, encoder_hidden_states, pooled_projections, kw.get("guidance"), kinds, self.active(index)
+        )
+        if res is not None:
+            if self.family == "sd3":
+                kw["block_controlnet_hidden_states"] = res[0]
+            else:
+                kw["controlnet_block_samples"] = res[0] or None
+                kw["controlnet_single_block_samples"] = res[1] or None
+        return self.base(x, t, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections, **kw)
+
+
+def _step_index(step: Any) -> int:
+    if step is None:
+        raise ControlNetError("the controlled transformer needs the sampler's step (step=SamplerStep(...))")
+    return step.index if isinstance(step, SamplerStep) else int(step)
+
+
+def _maps_for_rows(maps: Tensor, kinds: Sequence[str]) -> Tensor:
+    """The control latent of each row: one for every row, or one per image: row ``j`` of its CFG kind (the
+    conditional rows in order, then the unconditional ones) takes latent ``j % len(maps)``."""
+    m, n = int(maps.shape[0]), len(kinds)
+    if m == 1:
+        return maps.expand(n, -1, -1, -1)
+    seen: dict[str, int] = {}
+    want = []
+    for k in kinds:
+        want.append(seen.get(k, 0) % m)
+        seen[k] = seen.get(k, 0) + 1
+    return maps[torch.tensor(want, device=maps.device)]
+
+
+def _add(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+    """Two units' residuals summed block by block (units of one family and depth: diffusers' multi-ControlNet sum)."""
+    if len(a) != len(b):
+        raise ControlNetError(
+            f"ControlNet units give {len(a)} and {len(b)} residuals: several units must have as many blocks"
+        )
+    return [x + y for x, y in zip(a, b, strict=True)]
+
+
+def _load(unit: ControlUnit, family: str, name: str) -> DiTControlNet:
+    model = unit.model
+    want = FAMILY_NAMES[family]
+    if isinstance(model, SD3ControlNet | FluxControlNet):
+        net = model
+    elif isinstance(model, str | Path):
+        net = read_dit_controlnet(model)
+    else:
+        raise ControlNetError(
+            f"{name}: a {type(model).__name__} is made for U-Nets (SD 1.x / 2.x / SDXL); {want} takes an {want} "
+            f"ControlNet ({'SD3ControlNetModel' if family == 'sd3' else 'FluxControlNetModel'})"
+        )
+    if net.family != family:
+        raise ControlNetError(f"{name} is a {FAMILY_NAMES[net.family]} ControlNet; this model is {want}")
+    return net
+
+
+def vae_encoder(vae: Any) -> dict[str, Any]:
+    """``encode`` and ``vae_factors`` of :func:`build_controlled_dit` for a pipeline's VAE: the posterior's mean
+    of images in [0, 1], and (scaling_factor, shift_factor)."""
+    from sdengine.vae_utils import encode_moments
+
+    def encode(images: Tensor) -> Tensor:
+        return encode_moments(vae, images * 2.0 - 1.0).mean
+
+    return {"encode": encode, "vae_factors": (float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0))}
+
+
+def build_controlled_dit(
+    base: Any,
+    units: Sequence[ControlUnit | tuple[Any, ...]],
+    *,
+    family: str,
+    encode: Callable[[Tensor], Tensor],
+    vae_factors: tuple[float, float],
+    width: int,
+    height: int,
+    grid: Any,
+    guess_mode: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    start_step: int = 0,
+    resize_mode: str = "just resize",
+    note: Callable[[str], None] | None = None,
+    **_: Any,
+) -> ControlledDiT:
+    """The SD3 (``family="sd3"``) or Flux (``"flux"``) transformer ``base`` with the ControlNets of ``units``.
+
+    ``encode``: (N, 3, H, W) images in [0, 1] -> the VAE posterior's mean (unscaled); ``vae_factors``: the VAE's
+    (scaling_factor, shift_factor); ``grid`` / ``start_step``: the run's steps, as for
+    :func:`sdengine.pipeline.control.build_controlled_unet` (whose other arguments are taken and not used)."""
+    want = FAMILY_NAMES[family]
+    if guess_mode:
+        raise ControlNetError(f"guess_mode is a U-Net ControlNet setting; {want} ControlNets do not take it")
+    timesteps = torch.as_tensor(getattr(grid, "timesteps", grid)).reshape(-1)[start_step:]
+    steps = int(timesteps.shape[0])
+    if steps < 1:
+        raise ControlNetError("no steps to control")
+    param = next(base.parameters(), None) if isinstance(base, torch.nn.Module) else None
+    dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    run_dtype = dtype if isinstance(dtype, torch.dtype) else (param.dtype if param is not None else torch.float32)
+    scaling, shift = vae_factors
+    prepared: list[PreparedDiTUnit] = []
+    for k, raw in enumerate(units):
+        unit = ControlUnit.coerce(raw)
+        model = unit.model
+        name = f"ControlNet {Path(model).name}" if isinstance(model, str | Path) else f"ControlNet {k + 1}"
+        if unit.reference is not None:
+            raise ControlNetError(f"{unit.reference} (reference control) works on U-Net layers; not for {want}")
+        if unit.rule == "comfyui":
+            raise ControlNetError(f"{name}: the comfyui step rule is not supported for {want}; use diffusers or a1111")
+        if unit.mode != "balanced" or (unit.hires_mode or "balanced") != "balanced":
+            raise ControlNetError(
+                f"{name}: control mode {unit.mode!r} is sd-webui-controlnet's soft weighting of U-Net residuals; "
+                f"{want} ControlNets run 'balanced'"
+            )
+        check_unit_settings(float(unit.scale), float(unit.start), float(unit.end), name=name)
+        net = _load(unit, family, name)
+        mode: int | None = None
+        union_mode = getattr(unit, "union_mode", None)
+        if isinstance(net, FluxControlNet) and net.controlnet_mode_embedder is not None:
+            mode = union_mode_id(union_mode, net.controlnet_mode_embedder.num_embeddings, name)
+        elif union_mode is not None:
+            raise ControlNetError(f"{name} is not a Union ControlNet: it takes no union_mode")
+        net = net.to(device=dev, dtype=run_dtype)
+        if isinstance(net, SD3ControlNet):
+            net.share_patch_embed(base)
+        images = control_image_tensor(unit.image, width, height, resize_mode)
+        with torch.no_grad():
+            mean = encode(images.to(dev)).float()
+        no_shift = isinstance(net, SD3ControlNet) and net.config.force_zeros_for_pooled_projection
+        latent = (mean - (0.0 if no_shift else shift)) * scaling
+        want_ch = (
+            net.config.in_channels + net.config.extra_conditioning_channels
+            if isinstance(net, SD3ControlNet)
+            else net.config.in_channels // 4
+        )
+        if latent.shape[1] != want_ch:
+            raise ControlNetError(
+                f"{name} takes {want_ch}-channel control latents; this model's VAE makes {latent.shape[1]}"
+            )
+        keep = step_keep(steps, float(unit.start), float(unit.end), unit.rule)
+        if not any(keep):
+            msg = no_step_message(name, steps, float(unit.start), float(unit.end), unit.rule)
+            if note is not None:
+                note(msg)
+        prepared.append(PreparedDiTUnit(net, latent.to(run_dtype), float(unit.scale), keep, mode))
+    return ControlledDiT(base, prepared, family)
+
+
+__all__ = ["UNION_MODES", "ControlledDiT", "PreparedDiTUnit", "build_controlled_dit", "union_mode_id", "vae_encoder"]

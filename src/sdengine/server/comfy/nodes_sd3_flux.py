@@ -1,0 +1,918 @@
+"""ComfyUI's nodes for Stable Diffusion 3 / 3.5 and FLUX.1: their loaders, text encoders, latents and schedules.
+
+SD3 (Esser et al. 2024) and Flux are rectified-flow models (docs/flow-matching.md): a transformer predicts the
+velocity ``v = noise - x0`` on the straight path ``x_s = (1 - s) x0 + s noise``. ComfyUI runs them through the same
+nodes as the U-Nets, and so does sdengine:
+
+* MODEL: CheckpointLoaderSimple on an SD3 single file or a Flux all-in-one checkpoint (the pipeline the server
+  loads), or UNETLoader ("Load Diffusion Model") on a transformer file alone (``--models-dir``'s
+  ``diffusion_models/`` or ``unet/``), loaded here and kept for the next prompts. ModelSamplingSD3 / ModelSamplingFlux
+  set the schedule: ComfyUI's ModelSamplingDiscreteFlow (SD3: shift 3 by default, a 1000-entry table) and
+  ModelSamplingFlux (FLUX.1 [dev]: ``mu`` 1.15 by default, or the node's size rule; a 10000-entry table);
+  FLUX.1 [schnell] is unshifted (ComfyUI's FLOW model type).
+* CLIP: the checkpoint's, or DualCLIPLoader (type ``sd3``: CLIP-L + bigG; ``flux``: CLIP-L + T5-XXL) /
+  TripleCLIPLoader (CLIP-L, bigG, T5-XXL) on ``--models-dir``'s ``text_encoders/`` or ``clip/``; encoded by the
+  pipelines' own conditioners (:class:`sdengine.text.sd3_conditioner.SD3Conditioner`,
+  :class:`sdengine.text.flux_conditioner.FluxConditioner`), so CLIPTextEncode gives what the Python pipeline
+  gives. CLIPTextEncodeSD3 and CLIPTextEncodeFlux give each encoder its own text; FluxGuidance sets FLUX.1 [dev]'s
+  distilled guidance (3.5 where none is set, as ComfyUI).
+* LATENT: a 16-channel latent holds the VAE's raw latents, as ComfyUI's (its ``process_in`` / ``process_out``,
+  ``(z - shift) * scale``, run inside the sampler: SD3 1.5305 / 0.0609, Flux 0.3611 / 0.1159; an all-zero latent
+  is not shifted). EmptySD3LatentImage makes zeros of 16 x (height / 8) x (width / 8); VAEDecode / VAEEncode with
+  a 16-channel VAE (the checkpoint's, or VAELoader's ``ae.safetensors`` / SD3's VAE) read and write raw latents.
+* Sampling: KSampler, KSamplerAdvanced, SamplerCustom and SamplerCustomAdvanced (with BasicScheduler, KSamplerSelect,
+  RandomNoise, CFGGuider / BasicGuider) walk ComfyUI's sigma lists on the flow table
+  (:func:`sdengine.latent_sampling.flow_sigmas`) with :func:`sdengine.latent_sampling.sample_flow_latents`; a
+  latent's noise mask (SetLatentNoiseMask) inpaints as ComfyUI's KSamplerX0Inpaint.
+
+LoraLoader's LoRAs apply to SD3's MMDiT and CLIP encoders as the SD3 pipeline applies them. What does not apply to
+these models is refused with one line: the U-Net's model patches (LoRAs on Flux, FreeU, PAG, SAG,
+RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges, ModelSamplingDiscrete), ControlNets, regional conditioning,
+the guiders over three conditionings, the samplers that are not right on flow models (ddim, lcm, ddpm, dpm_fast,
+...) and ComfyUI's fp8 weight storage.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sdengine.errors import SdengineError
+from sdengine.server.comfy.nodes import (
+    DIFFUSION_MODEL_REF,
+    DISCARD_PENULTIMATE_SAMPLERS,
+    SAMPLER_NAMES,
+    SAMPLER_OPTIONS,
+    TEXT_ENCODERS_REF,
+    ClipHandle,
+    Input,
+    ModelHandle,
+    NodeDef,
+    NodeError,
+    RunContext,
+)
+
+FLOW_FAMILIES = ("sd3", "flux")
+# ComfyUI's latent formats (comfy/latent_formats.py SD3 and Flux): model latents = (raw - shift) * scale
+LATENT_FORMATS: dict[str, tuple[float, float]] = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+FLOW_CHANNELS = 16
+LATENT_FACTOR = 8  # EmptySD3LatentImage's: width // 8 x height // 8, whatever the VAE
+SD3_SHIFT = 3.0  # ComfyUI's SD3 / SD3.5 sampling settings (ModelSamplingDiscreteFlow)
+FLUX_DEV_MU = 1.15  # ComfyUI's FLUX.1 [dev] sampling settings (ModelSamplingFlux's shift, Flux's mu)
+FLUX_GUIDANCE = 3.5  # ComfyUI's Flux: the distilled guidance where a conditioning sets none
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+CLIP_TYPES = ("sd3", "flux")
+MAX_FLOAT = 100.0
+SIDE_MAX = 16384
+
+
+def _family_of_pipe(pipe: Any) -> str | None:
+    kind = getattr(pipe, "text_kind", None)
+    return kind if kind in FLOW_FAMILIES else None
+
+
+def _device_dtype(ctx: RunContext) -> tuple[torch.device, torch.dtype]:
+    """Where the parts loaded here run: the worker's device; float32 on the CPU, bfloat16 on a GPU (the transformers'
+    and T5's working precision)."""
+    dev = torch.device(ctx.device)
+    return dev, (torch.float32 if dev.type == "cpu" else torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parts loaded apart from a pipeline (UNETLoader, the CLIP loaders), kept for the next prompts
+# ---------------------------------------------------------------------------------------------------
+
+_PARTS: dict[tuple[str, str], tuple[tuple[Any, ...], Any]] = {}  # (kind, device) -> (key, the loaded part)
+_PARTS_LOCK = threading.Lock()
+
+
+def _cached(kind: str, device: str, key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
+    """``load()`` once per ``key`` (its files and dtype) and file state; one part of each ``kind`` (a transformer, a
+    set of text encoders) is kept per device, the one before freed before the next loads (each may be many GB)."""
+    from sdengine.io.paths import file_state
+
+    # a file replaced under the same name is loaded again: its state (size, time) is part of the key
+    files = [p for p in key if isinstance(p, str) and Path(p).is_absolute() and Path(p).exists()]
+    full = (*key, *(s for p in files for s in file_state(p)))
+    slot = (kind, device)
+    with _PARTS_LOCK:
+        held = _PARTS.get(slot)
+        if held is not None and held[0] == full:
+            return held[1]
+        _PARTS.pop(slot, None)
+    value = load()
+    with _PARTS_LOCK:
+        _PARTS[slot] = (full, value)
+    return value
+
+
+def forget_parts() -> None:
+    """Drop the transformers and text encoders kept here (what a test does between graphs)."""
+    with _PARTS_LOCK:
+        _PARTS.clear()
+
+
+def _load_transformer(path: Path, dev: torch.device, dtype: torch.dtype) -> tuple[str, Any]:
+    """(family, network) of a diffusion-model file: a Flux transformer (BFL's / ComfyUI's names) or SD3's MMDiT."""
+    from sdengine.pipeline.flux_loading import is_flux_file
+    from sdengine.weights.sd3_files import is_sd3_file
+
+    if is_flux_file(path):
+        from sdengine.weights.flux_file import load_flux_transformer
+
+        return "flux", load_flux_transformer(path, device=dev, dtype=dtype).eval().requires_grad_(False)
+    if is_sd3_file(path):
+        from sdengine.weights.mmdit_file import load_mmdit
+
+        return "sd3", load_mmdit(path, device=dev, dtype=dtype)
+    raise NodeError(
+        f"{path.name} is neither a Flux transformer (double_blocks.*) nor SD3's MMDiT (joint_blocks.*): UNETLoader "
+        "loads those here (an SD 1.x/SDXL U-Net loads with CheckpointLoaderSimple)"
+    )
+
+
+def _transformer(ctx: RunContext, model: ModelHandle) -> tuple[str, Any]:
+    if model.weight_dtype != "default":
+        raise NodeError(
+            f"weight_dtype {model.weight_dtype!r}: ComfyUI's fp8 weight storage is not supported here; use default"
+        )
+    dev, dtype = _device_dtype(ctx)
+    path = Path(model.diffusion_model)
+    try:
+        return _cached("transformer", str(dev), (str(path), str(dtype)), lambda: _load_transformer(path, dev, dtype))
+    except NodeError:
+        raise
+    except (OSError, SdengineError) as e:
+        raise NodeError(f"{path.name}: {str(e).splitlines()[0]}") from None
+
+
+def _is_t5_file(path: Path) -> bool:
+    from sdengine.weights.io import read_safetensors_header
+
+    names, _, _ = read_safetensors_header(path)
+    return any(".block.0.layer.0." in n or n.endswith("shared.weight") for n in names)
+
+
+def _clip_width(path: Path) -> int | None:
+    """The hidden width of a CLIP text encoder file (768 CLIP-L, 1280 bigG), from its token embedding's shape."""
+    from sdengine.weights.io import read_safetensors_header
+
+    names, _, _ = read_safetensors_header(path)
+    for n, info in names.items():
+        if n.endswith("embeddings.token_embedding.weight"):
+            shape = info.get("shape") if isinstance(info, dict) else None
+            return int(shape[1]) if shape else None
+    return None
+
+
+def _roles(paths: list[Path], clip_type: str, node: str) -> tuple[tuple[str, str], ...]:
+    """Which of ``paths`` is CLIP-L, bigG and T5-XXL: T5 by its names, the CLIP files in the order given (CLIP-L
+    first) unless their widths (768 / 1280) say otherwise, as ComfyUI tells them apart by their contents."""
+    t5 = [p for p in paths if _is_t5_file(p)]
+    clips = [p for p in paths if p not in t5]
+    if len(t5) > 1:
+        raise NodeError(f"{node}: {', '.join(p.name for p in t5)} are all T5 encoders; give one")
+    if len(clips) == 2 and _clip_width(clips[0]) == 1280 and _clip_width(clips[1]) == 768:
+        clips.reverse()
+    roles: list[tuple[str, str]] = []
+    if clip_type == "flux":
+        if len(clips) != 1 or len(t5) != 1:
+            raise NodeError(f"{node} type flux takes CLIP-L and T5-XXL (clip_l.safetensors, t5xxl_*.safetensors)")
+        return (("clip_l", str(clips[0])), ("t5xxl", str(t5[0])))
+    if len(clips) != 2:
+        raise NodeError(
+            f"{node} type sd3 needs CLIP-L and OpenCLIP bigG (clip_l.safetensors, clip_g.safetensors), T5-XXL "
+            f"optional; got {len(clips)} CLIP file(s)"
+        )
+    roles += [("clip_l", str(clips[0])), ("clip_g", str(clips[1]))]
+    if t5:
+        roles.append(("t5xxl", str(t5[0])))
+    return tuple(roles)
+
+
+def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) -> Any:
+    from sdengine.pipeline.loading import clip_pad_token_id, clip_tokenizer
+    from sdengine.text.t5_tokenizer import load_t5_tokenizer
+    from sdengine.weights.t5_file import load_t5_encoder
+
+    files = dict(clip.encoders)
+    t5 = load_t5_encoder(Path(files["t5xxl"]), device=dev, dtype=dtype) if "t5xxl" in files else None
+    tok_l = clip_tokenizer(None)
+    if clip.clip_type == "flux":
+        from sdengine.pipeline.flux_loading import load_clip_l
+        from sdengine.text.flux_conditioner import FluxConditioner
+
+        clip_l = load_clip_l(Path(files["clip_l"]), dtype, dev)
+        assert t5 is not None
+        return FluxConditioner(
+            clip_l,
+            tok_l,
+            t5,
+            load_t5_tokenizer(None),
+            pad_token_id=clip_pad_token_id(None, tok_l.vocab, "sd1"),
+            joint_attention_dim=int(t5.config.d_model),
+            pooled_projection_dim=int(clip_l.config.hidden_size),
+            guidance=False,  # set by FluxGuidance / CLIPTextEncodeFlux, or at sampling (the model's rule)
+            dtype=dtype,
+            device=dev,
+            name=Path(files["clip_l"]).name,
+        )
+    from sdengine.text.sd3_conditioner import SD3Conditioner
+    from sdengine.weights.sd3_files import load_clip_encoder
+
+    enc_l: Any = load_clip_encoder(files["clip_l"], "clip_l", device=dev, dtype=dtype)
+    enc_g: Any = load_clip_encoder(files["clip_g"], "clip_g", device=dev, dtype=dtype)
+    tok_g = clip_tokenizer(None)
+    # the joint width: T5's; without T5 SD3's (T5-XXL's 4096), fitted to the model's when it samples
+    joint = int(t5.config.d_model) if t5 is not None else 4096
+    return SD3Conditioner(
+        enc_l,
+        enc_g,
+        tok_l,
+        tok_g,
+        t5,
+        load_t5_tokenizer(None) if t5 is not None else None,
+        pad_token_id=clip_pad_token_id(None, tok_l.vocab, "sd1"),
+        pad_token_id_2=clip_pad_token_id(None, tok_g.vocab, "sd2"),
+        joint_attention_dim=joint,
+        pooled_projection_dim=int(enc_l.config.projection_dim) + int(enc_g.config.projection_dim),
+        dtype=dtype,
+        device=dev,
+        name=Path(files["clip_l"]).name,
+    )
+
+
+def _conditioner(ctx: RunContext, clip: ClipHandle, want: str | None = None) -> tuple[str, Any]:
+    """(family, conditioner) of a CLIP from the CLIP loaders or of an SD3 / Flux checkpoint; a node error for
+    another model's CLIP, or (``want``: "sd3", "flux") another family's."""
+    family: str | None
+    if clip.merges:
+        raise NodeError("CLIP merges on SD3 / Flux text encoders are not supported here")
+    if clip.encoders:
+        dev, dtype = _device_dtype(ctx)
+        key = (clip.clip_type, *(p for _, p in clip.encoders), str(dtype))
+        try:
+            family, cond = (
+                clip.clip_type,
+                _cached("encoders", str(dev), key, lambda: _build_conditioner(clip, dev, dtype)),
+            )
+        except (OSError, SdengineError) as e:
+            raise NodeError(f"text encoders: {str(e).splitlines()[0]}") from None
+        name = f"the {clip.clip_type} text encoders'"
+    else:
+        pipe = ctx.pipeline(clip.ref)
+        family, cond = _family_of_pipe(pipe), pipe.conditioner
+        name = f"{getattr(pipe, 'name', clip.ref)}'s"
+    if want is not None and family != want:
+        node, parts = ("CLIPTextEncodeSD3", "SD3's CLIP-L, bigG and T5") if want == "sd3" else (
+            "CLIPTextEncodeFlux", "Flux's CLIP-L and T5-XXL")  # fmt: skip
+        label = "SD3's" if want == "sd3" else "Flux's"
+        raise NodeError(f"{node} encodes with {parts}; {name} CLIP is not {label}")
+    if family is None:
+        raise NodeError(f"{name} CLIP is not an SD3 or Flux model's")
+    return family, cond
+
+
+def is_flow_clip(ctx: RunContext, clip: ClipHandle) -> bool:
+    """Whether ``clip`` is an SD3 / Flux model's (CLIPTextEncode then encodes here)."""
+    if clip.encoders:
+        return True
+    return _family_of_pipe(ctx.pipeline(clip.ref)) is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------------
+
+
+def _diffusion_models(env: Any) -> list[str]:
+    listed = getattr(env.catalog, "diffusion_models", None)
+    return [e.name for e in listed()] if listed is not None else []
+
+
+def _text_encoders(env: Any) -> list[str]:
+    listed = getattr(env.catalog, "text_encoders", None)
+    return [e.name for e in listed()] if listed is not None else []
+
+
+def unet_loader(ctx: RunContext, unet_name: str, weight_dtype: str) -> tuple[Any]:
+    """ComfyUI's UNETLoader ("Load Diffusion Model") on a Flux or SD3 transformer file, loaded now (a broken file
+    fails here)."""
+    path = ctx.catalog.resolve_diffusion_model(unet_name)
+    handle = ModelHandle(DIFFUSION_MODEL_REF + str(path), diffusion_model=str(path), weight_dtype=str(weight_dtype))
+    _transformer(ctx, handle)
+    return (handle,)
+
+
+def _clip_loader(ctx: RunContext, names: list[str], clip_type: str, node: str) -> tuple[Any]:
+    if clip_type not in CLIP_TYPES:
+        raise NodeError(f"{node}: type {clip_type!r} is not supported here; use one of {', '.join(CLIP_TYPES)}")
+    paths = [ctx.catalog.resolve_text_encoder(n) for n in names]
+    try:
+        roles = _roles(paths, clip_type, node)
+    except (OSError, SdengineError) as e:
+        if isinstance(e, NodeError):
+            raise
+        raise NodeError(f"{node}: {str(e).splitlines()[0]}") from None
+    handle = ClipHandle(TEXT_ENCODERS_REF + ",".join(p for _, p in roles), encoders=roles, clip_type=clip_type)
+    _conditioner(ctx, handle)  # load now: a broken file fails at this node
+    return (handle,)
+
+
+def dual_clip_loader(ctx: RunContext, clip_name1: str, clip_name2: str, type: str, device: str = "default") -> Any:
+    """ComfyUI's DualCLIPLoader: type ``sd3`` (CLIP-L + bigG, T5's tokens zeros) or ``flux`` (CLIP-L + T5-XXL)."""
+    return _clip_loader(ctx, [clip_name1, clip_name2], type, "DualCLIPLoader")
+
+
+def triple_clip_loader(ctx: RunContext, clip_name1: str, clip_name2: str, clip_name3: str) -> tuple[Any]:
+    """ComfyUI's TripleCLIPLoader: SD3's CLIP-L, bigG and T5-XXL."""
+    return _clip_loader(ctx, [clip_name1, clip_name2, clip_name3], "sd3", "TripleCLIPLoader")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------------
+
+
+def _sd3_clip_skip(clip: ClipHandle, cond: Any) -> int:
+    """CLIPSetLastLayer on SD3's CLIP encoders: ComfyUI's default reads the penultimate layer (SD3's clip_skip 1);
+    -1 the last one, raw (clip_skip 0), ..."""
+    if clip.layer is None:
+        return 1
+    skip = -int(clip.layer) - 1
+    try:
+        cond.check_clip_skip(skip)
+    except SdengineError as e:
+        raise NodeError(f"stop_at_clip_layer {clip.layer}: {e}") from None
+    return skip
+
+
+def _sd3_entry(states: torch.Tensor, pooled: torch.Tensor, dtype: torch.dtype) -> Any:
+    from sdengine.latent_sampling import TextCondition
+
+    return TextCondition(
+        {"crossattn": states.to(dtype), "vector": pooled.to(dtype)}, pooled_width=int(pooled.shape[-1])
+    )
+
+
+def encode_flow(ctx: RunContext, clip: ClipHandle, text: str) -> Any:
+    """CLIPTextEncode with an SD3 / Flux CLIP: one conditioning entry, as the pipeline's conditioner encodes a
+    prompt (SD3: CLIP-L + bigG states zero-padded, T5's 256 tokens, the two pooled outputs; Flux: T5's states and
+    CLIP-L's pooled output)."""
+    family, cond = _conditioner(ctx, clip)
+    with _encoder_loras(clip, cond, family):
+        if family == "sd3":
+            states, pooled = cond.text(str(text), _sd3_clip_skip(clip, cond))
+            return _sd3_entry(states, pooled, cond.dtype)
+        if clip.layer is not None:
+            raise NodeError("CLIPSetLastLayer does not apply to Flux (it reads CLIP-L's pooled output)")
+        from sdengine.latent_sampling import TextCondition
+
+        out = cond.text(str(text))
+        return TextCondition(out, pooled_width=int(out["vector"].shape[-1]))
+
+
+def clip_text_encode_sd3(
+    ctx: RunContext, clip: ClipHandle, clip_l: str, clip_g: str, t5xxl: str, empty_padding: str
+) -> tuple[Any]:
+    """ComfyUI's CLIPTextEncodeSD3: ``clip_l`` to CLIP-L, ``clip_g`` to bigG, ``t5xxl`` to T5 (the CLIP sides
+    padded to one chunk count with the empty prompt's chunks). ``empty_padding`` "none" leaves an empty text's
+    encoder out in ComfyUI, which sdengine's SD3 conditioning does not do: an empty text there is refused."""
+    _, cond = _conditioner(ctx, clip, "sd3")
+    texts = {"clip_l": str(clip_l), "clip_g": str(clip_g), "t5xxl": str(t5xxl)}
+    if empty_padding == "none" and any(not v.strip() for v in texts.values()):
+        empty = ", ".join(k for k, v in texts.items() if not v.strip())
+        raise NodeError(
+            f"CLIPTextEncodeSD3: {empty} is empty with empty_padding 'none' (ComfyUI then leaves that encoder out, "
+            "which is not supported here): give it a text or use empty_padding"
+        )
+    skip = _sd3_clip_skip(clip, cond)
+    with _encoder_loras(clip, cond, "sd3"):
+        zl, pl = cond.clip_text(texts["clip_l"], skip)
+        zg, pg = cond.clip_text(texts["clip_g"], skip)
+        chunks = max(zl.shape[1], zg.shape[1]) // 77
+        if zl.shape[1] != zg.shape[1]:
+            zl, pl = cond.clip_text(texts["clip_l"], skip, chunks)
+            zg, pg = cond.clip_text(texts["clip_g"], skip, chunks)
+        wl = int(cond.text_encoder.config.hidden_size)
+        pw = int(cond.text_encoder.config.projection_dim)
+        clip_states = torch.cat([zl[..., :wl], zg[..., wl:]], dim=-1)
+        pooled = torch.cat([pl[..., :pw], pg[..., pw:]], dim=-1)
+        t5 = cond.t5_states(texts["t5xxl"]).to(clip_states.device)
+        states = torch.cat([clip_states, t5], dim=1)
+    return ([_sd3_entry(states, pooled, cond.dtype)],)
+
+
+def clip_text_encode_flux(ctx: RunContext, clip: ClipHandle, clip_l: str, t5xxl: str, guidance: float) -> tuple[Any]:
+    """ComfyUI's CLIPTextEncodeFlux: CLIP-L's pooled output of ``clip_l``, T5's states of ``t5xxl`` and the
+    distilled guidance."""
+    from sdengine.latent_sampling import TextCondition
+
+    _, cond = _conditioner(ctx, clip, "flux")
+    with _encoder_loras(clip, cond, "flux"):
+        vector = cond.text(str(clip_l))["vector"]
+        states = cond.text(str(t5xxl))["crossattn"]
+    out = {"crossattn": states, "vector": vector, "guidance": torch.tensor([float(guidance)])}
+    return ([TextCondition(out, pooled_width=int(vector.shape[-1]))],)
+
+
+def flux_guidance(ctx: RunContext, conditioning: list[Any], guidance: float) -> tuple[Any]:
+    """ComfyUI's FluxGuidance: FLUX.1 [dev]'s distilled guidance scale on every entry."""
+    g = torch.tensor([float(guidance)], dtype=torch.float32)
+    return ([replace(c, cond={**c.cond, "guidance": g}) for c in conditioning],)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Latents and the schedule
+# ---------------------------------------------------------------------------------------------------
+
+
+def empty_sd3_latent(ctx: RunContext, width: int, height: int, batch_size: int) -> tuple[Any]:
+    """ComfyUI's EmptySD3LatentImage: zeros of 16 x (height / 8) x (width / 8) (SD3's and Flux's VAE)."""
+    ctx.check_size(int(width), int(height), int(batch_size))
+    b, h, w = int(batch_size), int(height), int(width)
+    z = torch.zeros(b, FLOW_CHANNELS, h // LATENT_FACTOR, w // LATENT_FACTOR)
+    return ({"samples": z, "size": (b, h, w), "posterior": None, "noise_mask": None},)
+
+
+def model_sampling_sd3(ctx: RunContext, model: ModelHandle, shift: float) -> tuple[Any]:
+    """ComfyUI's ModelSamplingSD3: SD3's flow schedule with this shift (ModelSamplingDiscreteFlow)."""
+    return (replace(model, flow_sampling=("sd3", float(shift))),)
+
+
+def model_sampling_flux(
+    ctx: RunContext, model: ModelHandle, max_shift: float, base_shift: float, width: int, height: int
+) -> tuple[Any]:
+    """ComfyUI's ModelSamplingFlux: Flux's dynamic shift for a ``width`` x ``height`` image, ``mu`` linear in its
+    token count (``width * height / 256``): ``base_shift`` at 256 tokens, ``max_shift`` at 4096."""
+    tokens = int(width) * int(height) / (LATENT_FACTOR * LATENT_FACTOR * 2 * 2)
+    slope = (float(max_shift) - float(base_shift)) / (4096 - 256)
+    mu = tokens * slope + (float(base_shift) - slope * 256)
+    return (replace(model, flow_sampling=("flux", mu)),)
+
+
+def skip_layer_guidance_sd3(
+    ctx: RunContext, model: ModelHandle, layers: str, scale: float, start_percent: float, end_percent: float
+) -> tuple[Any]:
+    """ComfyUI's SkipLayerGuidanceSD3: between ``start_percent`` and ``end_percent`` of the schedule, the guided x0
+    plus ``scale * (x0_cond - x0_cond with the joint blocks `layers` left out)`` (the block numbers read from the
+    text, as ComfyUI: every run of digits)."""
+    numbers = tuple(int(n) for n in re.findall(r"\d+", str(layers)))
+    if not numbers or float(scale) == 0.0:  # ComfyUI: the model as it was
+        return (model,)
+    return (replace(model, skip_layer_guidance=(numbers, float(scale), float(start_percent), float(end_percent))),)
+
+
+def _schedule(family: str, guidance_embeds: bool, model: ModelHandle) -> Any:
+    """The flow schedule ComfyUI samples this model on (see the module docstring)."""
+    from sdengine.diffusion.flow import FlowSchedule
+
+    if model.flow_sampling:
+        kind, value = model.flow_sampling
+        if kind != family:
+            node = "ModelSamplingSD3" if kind == "sd3" else "ModelSamplingFlux"
+            raise NodeError(f"{node} is for {kind.upper()} models; this is a {family.upper()} model")
+        return FlowSchedule.sd3(value) if kind == "sd3" else FlowSchedule.flux(mu=value)
+    if family == "sd3":
+        return FlowSchedule.sd3(SD3_SHIFT)
+    return FlowSchedule.flux(mu=FLUX_DEV_MU) if guidance_embeds else FlowSchedule(shift=1.0)
+
+
+def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, Any]:
+    """(family, the latent-sampling FlowModel, whether it takes the distilled guidance, the widths of its token
+    states and pooled vector) of a flow MODEL."""
+    from sdengine.latent_sampling import FlowModel
+    from sdengine.pipeline.flux import FluxAdapter
+    from sdengine.pipeline.sd3 import MMDiTAdapter
+
+    if model.diffusion_model:
+        family, net = _transformer(ctx, model)
+        dev, dtype = _device_dtype(ctx)
+        adapter: Any = FluxAdapter(net, dtype) if family == "flux" else MMDiTAdapter(net, dtype)
+        name = Path(model.diffusion_model).name
+    else:
+        pipe = ctx.pipeline(model.ref)
+        family = _family_of_pipe(pipe) or ""
+        net, dev, name, dtype = pipe.unet, pipe.device, pipe.name, pipe.dtype
+        adapter = pipe.network_adapter(net)
+    guidance = bool(getattr(net.config, "guidance_embeds", False))
+    widths = (int(net.config.joint_attention_dim), int(net.config.pooled_projection_dim))
+    skipping = None
+    if family == "sd3":  # the MMDiT with blocks left out (SkipLayerGuidanceSD3), through the same adapter
+
+        def skipping(layers: tuple[int, ...]) -> Any:
+            return MMDiTAdapter(partial(net, skip_layers=layers), dtype)
+
+    flow = FlowModel(adapter, _schedule(family, guidance, model), FLOW_CHANNELS, dev, name, skipping)
+    return family, flow, guidance, widths
+
+
+def is_flow_model(ctx: RunContext, model: ModelHandle) -> bool:
+    """Whether ``model`` is SD3's or Flux's (the samplers then run here)."""
+    return bool(getattr(model, "diffusion_model", "")) or _family_of_pipe(ctx.pipeline(model.ref)) is not None
+
+
+def flow_basic_scheduler(ctx: RunContext, model: ModelHandle, scheduler: str, steps: int, denoise: float) -> Any:
+    """BasicScheduler on a flow model: KSampler's sigmas (:func:`sdengine.latent_sampling.flow_sigmas`)."""
+    from sdengine.latent_sampling import LatentSamplingError, flow_sigmas
+    from sdengine.server.comfy.nodes import SigmaPlan, Sigmas
+
+    _, flow, _, _ = _flow_parts(ctx, model)
+    try:
+        values = flow_sigmas(flow.schedule, int(steps), _flow_scheduler(scheduler), denoise=float(denoise))
+    except LatentSamplingError as e:
+        raise NodeError(str(e)) from None
+    assert values is not None
+    n = int(values.shape[0]) - 1
+    return (Sigmas(values, SigmaPlan(model.ref, scheduler, int(steps), float(denoise), n, 0, n)),)
+
+
+def _flow_scheduler(name: str) -> str:
+    """ComfyUI's scheduler name -> the flow grid's (its `normal` is ComfyUI's own on flow models)."""
+    from sdengine.diffusion.flow import FLOW_SCHEDULES
+
+    if name not in FLOW_SCHEDULES:
+        raise NodeError(
+            f"scheduler {name!r} is not supported on flow models (SD3, Flux); use {', '.join(FLOW_SCHEDULES)}"
+        )
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------------
+
+# ModelHandle fields that patch a U-Net, and what ComfyUI calls them: refused on flow models
+_UNET_PATCHES = (
+    ("loras", "LoRAs (LoraLoader)"),
+    ("prediction", "ModelSamplingDiscrete"),
+    ("zsnr", "ModelSamplingDiscrete's zsnr"),
+    ("cfg_rescale", "RescaleCFG"),
+    ("pag_scale", "PerturbedAttentionGuidance"),
+    ("freeu", "FreeU"),
+    ("merges", "model merging"),
+    ("perp_neg", "PerpNeg"),
+    ("sag", "SelfAttentionGuidance"),
+    ("deep_shrink", "PatchModelAddDownscale (Deep Shrink)"),
+    ("hypertile", "HyperTile"),
+    ("ip_adapters", "IP-Adapter"),
+)
+
+
+def _check_patches(model: ModelHandle, family: str) -> None:
+    """The U-Net patches a flow MODEL carries are refused; LoRAs apply to SD3's MMDiT (diffusers' SD3 format, as the
+    pipeline applies them), not yet to Flux."""
+    on = [label for field, label in _UNET_PATCHES if getattr(model, field, None)]
+    if family == "sd3" and on and on[0] == _UNET_PATCHES[0][1]:
+        on = on[1:]
+    if on:
+        label = "SD3" if family == "sd3" else "Flux"
+        raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on {label} models here")
+
+
+@contextmanager
+def _transformer_loras(ctx: RunContext, model: ModelHandle, family: str) -> Iterator[None]:
+    """LoraLoader's LoRAs on SD3's MMDiT for this call (:func:`sdengine.weights.lora.apply_loras`, their transformer
+    part), removed after it."""
+    if not model.loras:
+        yield
+        return
+    from sdengine.weights.lora import apply_loras
+
+    net = _transformer(ctx, model)[1] if model.diffusion_model else ctx.pipeline(model.ref).unet
+    try:
+        handle = apply_loras(net, None, list(model.loras), part="unet")
+    except (OSError, SdengineError) as e:
+        raise NodeError(f"LoRA: {str(e).splitlines()[0]}") from None
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _encoder_loras(clip: ClipHandle, cond: Any, family: str) -> Iterator[None]:
+    """LoraLoader's LoRAs on SD3's CLIP-L and bigG while encoding (their text-encoder part); Flux's: refused."""
+    if not clip.loras:
+        with torch.inference_mode():
+            yield
+        return
+    if family != "sd3":
+        raise NodeError("LoRAs on Flux's text encoders are not supported here yet (strength_clip 0 leaves them out)")
+    from sdengine.weights.lora import apply_loras
+
+    try:
+        handle = apply_loras(
+            None, cond.text_encoder, list(clip.loras), text_encoder_2=cond.text_encoder_2, part="text_encoders"
+        )
+    except (OSError, SdengineError) as e:
+        raise NodeError(f"LoRA: {str(e).splitlines()[0]}") from None
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        handle.remove()
+
+
+def _raw_in(z: torch.Tensor, family: str) -> torch.Tensor:
+    """ComfyUI's process_in: raw VAE latents -> the model's; an all-zero latent is left as it is (as ComfyUI)."""
+    scale, shift = LATENT_FORMATS[family]
+    return (z - shift) * scale if bool(torch.count_nonzero(z)) else z
+
+
+def _raw_out(z: torch.Tensor, family: str) -> torch.Tensor:
+    scale, shift = LATENT_FORMATS[family]
+    return z / scale + shift
+
+
+def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: tuple[int, int]) -> list[Any]:
+    """The entries as this model reads them: SD3's token states fitted to its joint width (zero columns added, or
+    cut where they are zeros: a T5-less CLIP's padding); Flux [dev]'s guidance 3.5 where none is set, [schnell]'s
+    left out (it has no guidance input)."""
+    out = []
+    for e in entries:
+        cond = dict(e.cond)
+        x = cond.get("crossattn")
+        if x is None or x.ndim != 3:
+            raise NodeError("this conditioning has no token states (crossattn): encode it with the model's CLIP")
+        joint, pooled = widths
+        vector = cond.get("vector")
+        label = "SD3" if family == "sd3" else "Flux"
+        if vector is None or int(vector.shape[-1]) != pooled or (family == "sd3" and "guidance" in cond):
+            raise NodeError(f"this conditioning is not this {label} model's (encode it with its CLIP)")
+        if family == "sd3":
+            width = int(x.shape[-1])
+            if width < joint:
+                cond["crossattn"] = F.pad(x, (0, joint - width))
+            elif width > joint:
+                if bool(torch.count_nonzero(x[..., joint:])):
+                    raise NodeError(f"the conditioning's token states are {width} wide, the MMDiT's are {joint}")
+                cond["crossattn"] = x[..., :joint]
+        else:
+            if int(x.shape[-1]) != joint:
+                raise NodeError(f"this conditioning is not this {label} model's (encode it with its CLIP)")
+            if guidance and "guidance" not in cond:
+                cond["guidance"] = torch.tensor([FLUX_GUIDANCE])
+            elif not guidance:
+                cond.pop("guidance", None)
+        out.append(replace(e, cond=cond))
+    return out
+
+
+def sample_flow(
+    ctx: RunContext,
+    model: ModelHandle,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    positive: list[Any],
+    negative: list[Any],
+    latent_image: dict[str, Any],
+    denoise: float = 1.0,
+    last_denoised: list[torch.Tensor] | None = None,
+    options: tuple[tuple[str, float], ...] = (),
+    discard_penultimate: bool | None = None,
+    guidance_rule: Any = None,
+    third: list[Any] | None = None,
+    add_noise: bool = True,
+    start_at_step: int = 0,
+    end_at_step: int | None = None,
+    leftover_noise: bool = False,
+    sigmas: torch.Tensor | None = None,
+) -> tuple[Any]:
+    """KSampler / KSamplerAdvanced / SamplerCustom on an SD3 or Flux model (see the module docstring)."""
+    from sdengine.latent_sampling import LatentSamplingError, SkipLayerGuidance, flow_sigmas, sample_flow_latents
+    from sdengine.pipeline.finite import require_finite
+
+    if guidance_rule is not None:
+        raise NodeError(f"{guidance_rule!r} is not supported on SD3 / Flux models here: use CFGGuider or BasicGuider")
+    if steps > ctx.max_steps:
+        raise NodeError(f"steps {steps} is over the server's limit of {ctx.max_steps}")
+    if float(denoise) <= 0.0:
+        return (dict(latent_image),)
+    family, flow, guidance, widths = _flow_parts(ctx, model)
+    _check_patches(model, family)
+    z = latent_image.get("samples")
+    if z is None:  # EmptyLatentImage's size: ComfyUI's 8 x 8 pixels a latent pixel
+        b, h, w = latent_image["size"]
+        z = torch.zeros(b, FLOW_CHANNELS, h // LATENT_FACTOR, w // LATENT_FACTOR)
+    if z.shape[1] != FLOW_CHANNELS:
+        raise NodeError(f"the latent has {z.shape[1]} channels, {flow.name}'s have {FLOW_CHANNELS}")
+    discard = sampler_name in DISCARD_PENULTIMATE_SAMPLERS if discard_penultimate is None else discard_penultimate
+    try:
+        if sigmas is None:
+            sigmas = flow_sigmas(
+                flow.schedule,
+                int(steps),
+                _flow_scheduler(scheduler),
+                denoise=float(denoise),
+                start_at_step=int(start_at_step),
+                end_at_step=end_at_step,
+                leftover_noise=leftover_noise,
+                discard_penultimate_sigma=discard,
+            )
+        if sigmas is None:  # the window holds no step: the latent as it came, as ComfyUI
+            return (dict(latent_image),)
+
+        def report(r: Any) -> bool:
+            if last_denoised is not None:
+                last_denoised[:] = [_raw_out(r.denoised.float(), family)]
+            return ctx.progress(r.step, r.steps, r.denoised) if ctx.progress is not None else True
+
+        with _transformer_loras(ctx, model, family):
+            out = sample_flow_latents(
+                flow,
+                _fit_conditioning(positive, family, guidance, widths),
+                _fit_conditioning(negative, family, guidance, widths),
+                _raw_in(z.float(), family),
+                sigmas,
+                seed=int(seed),
+                cfg=float(cfg),
+                sampler=SAMPLER_NAMES[sampler_name],
+                seed_rule=ctx.seed_rule,
+                add_noise=add_noise,
+                callback=report,
+                batch_index=latent_image.get("batch_index"),
+                sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
+                skip_layer_guidance=SkipLayerGuidance(*model.skip_layer_guidance)
+                if model.skip_layer_guidance
+                else None,
+                noise_mask=latent_image.get("noise_mask"),
+            )
+    except LatentSamplingError as e:
+        raise NodeError(str(e)) from None
+    require_finite(out, f"sampled latent ({sampler_name}, {scheduler}, {steps} steps)")
+    raw = _raw_out(out, family).cpu()
+    b, _, h, w = raw.shape
+    return (
+        {
+            "samples": raw,
+            "size": (b, h * LATENT_FACTOR, w * LATENT_FACTOR),
+            "posterior": None,
+            "noise_mask": latent_image.get("noise_mask"),
+            **({"batch_index": latent_image["batch_index"]} if "batch_index" in latent_image else {}),
+        },
+    )
+
+
+def raw_latent(z: torch.Tensor | None) -> bool:
+    """Whether a LATENT's samples are a 16-channel model's raw VAE latents (decoded and encoded as they are)."""
+    return z is not None and z.ndim == 4 and z.shape[1] == FLOW_CHANNELS
+
+
+# ---------------------------------------------------------------------------------------------------
+# The node list
+# ---------------------------------------------------------------------------------------------------
+
+SD3_FLUX_NODES: dict[str, NodeDef] = {
+    "UNETLoader": NodeDef(
+        "UNETLoader",
+        "Load Diffusion Model",
+        "advanced/loaders",
+        (
+            Input("unet_name", "COMBO", choices=_diffusion_models),
+            Input("weight_dtype", "COMBO", "default", choices=WEIGHT_DTYPES),
+        ),
+        ("MODEL",),
+        unet_loader,
+        description="A Flux or SD3 transformer file alone from --models-dir's diffusion_models/ or unet/ (BFL's, "
+        "ComfyUI's or Stability's names); weight_dtype default only (the fp8 storage options: a node error).",
+    ),
+    "DualCLIPLoader": NodeDef(
+        "DualCLIPLoader",
+        "DualCLIPLoader",
+        "advanced/loaders",
+        (
+            Input("clip_name1", "COMBO", choices=_text_encoders),
+            Input("clip_name2", "COMBO", choices=_text_encoders),
+            Input("type", "COMBO", "sd3", choices=CLIP_TYPES),
+            Input("device", "COMBO", "default", choices=("default", "cpu"), optional=True),
+        ),
+        ("CLIP",),
+        dual_clip_loader,
+        description="Two text encoders from --models-dir's text_encoders/ or clip/: type sd3, CLIP-L + bigG (T5's "
+        "tokens zeros); type flux, CLIP-L + T5-XXL. T5 is told by its weights, the CLIP files by their widths.",
+    ),
+    "TripleCLIPLoader": NodeDef(
+        "TripleCLIPLoader",
+        "TripleCLIPLoader",
+        "advanced/loaders",
+        (
+            Input("clip_name1", "COMBO", choices=_text_encoders),
+            Input("clip_name2", "COMBO", choices=_text_encoders),
+            Input("clip_name3", "COMBO", choices=_text_encoders),
+        ),
+        ("CLIP",),
+        triple_clip_loader,
+        description="SD3's three text encoders (CLIP-L, OpenCLIP bigG, T5-XXL) from --models-dir's text_encoders/ "
+        "or clip/.",
+    ),
+    "CLIPTextEncodeSD3": NodeDef(
+        "CLIPTextEncodeSD3",
+        "CLIPTextEncodeSD3",
+        "advanced/conditioning",
+        (
+            Input("clip", "CLIP"),
+            Input("clip_l", "STRING", "", multiline=True),
+            Input("clip_g", "STRING", "", multiline=True),
+            Input("t5xxl", "STRING", "", multiline=True),
+            Input("empty_padding", "COMBO", "none", choices=("none", "empty_padding")),
+        ),
+        ("CONDITIONING",),
+        clip_text_encode_sd3,
+        description="SD3's three encoders each with its own text; empty_padding 'none' with an empty text: a node "
+        "error (ComfyUI leaves that encoder out). Another model's CLIP: a node error.",
+    ),
+    "CLIPTextEncodeFlux": NodeDef(
+        "CLIPTextEncodeFlux",
+        "CLIPTextEncodeFlux",
+        "advanced/conditioning/flux",
+        (
+            Input("clip", "CLIP"),
+            Input("clip_l", "STRING", "", multiline=True),
+            Input("t5xxl", "STRING", "", multiline=True),
+            Input("guidance", "FLOAT", 3.5, 0.0, MAX_FLOAT, 0.1),
+        ),
+        ("CONDITIONING",),
+        clip_text_encode_flux,
+        description="Flux's CLIP-L pooled output of clip_l, T5's states of t5xxl, and FLUX.1 [dev]'s distilled "
+        "guidance.",
+    ),
+    "FluxGuidance": NodeDef(
+        "FluxGuidance",
+        "FluxGuidance",
+        "advanced/conditioning/flux",
+        (Input("conditioning", "CONDITIONING"), Input("guidance", "FLOAT", 3.5, 0.0, MAX_FLOAT, 0.1)),
+        ("CONDITIONING",),
+        flux_guidance,
+        description="FLUX.1 [dev]'s distilled guidance scale on the conditioning (3.5 where none is set; [schnell] "
+        "has none and ignores it).",
+    ),
+    "EmptySD3LatentImage": NodeDef(
+        "EmptySD3LatentImage",
+        "EmptySD3LatentImage",
+        "latent/sd3",
+        (
+            Input("width", "INT", 1024, 16, SIDE_MAX, 16, limit="side"),
+            Input("height", "INT", 1024, 16, SIDE_MAX, 16, limit="side"),
+            Input("batch_size", "INT", 1, 1, 4096, limit="batch"),
+        ),
+        ("LATENT",),
+        empty_sd3_latent,
+        description="Zeros of 16 x height/8 x width/8: SD3's and Flux's empty latent.",
+    ),
+    "ModelSamplingSD3": NodeDef(
+        "ModelSamplingSD3",
+        "ModelSamplingSD3",
+        "advanced/model",
+        (Input("model", "MODEL"), Input("shift", "FLOAT", 3.0, 0.0, MAX_FLOAT, 0.01)),
+        ("MODEL",),
+        model_sampling_sd3,
+        description="SD3's flow schedule with this shift (its table of 1000, ComfyUI's ModelSamplingDiscreteFlow); "
+        "on a Flux model: a node error when it samples.",
+    ),
+    "SkipLayerGuidanceSD3": NodeDef(
+        "SkipLayerGuidanceSD3",
+        "SkipLayerGuidanceSD3",
+        "advanced/guidance",
+        (
+            Input("model", "MODEL"),
+            Input("layers", "STRING", "7, 8, 9"),
+            Input("scale", "FLOAT", 3.0, 0.0, 10.0, 0.1),
+            Input("start_percent", "FLOAT", 0.01, 0.0, 1.0, 0.001),
+            Input("end_percent", "FLOAT", 0.15, 0.0, 1.0, 0.001),
+        ),
+        ("MODEL",),
+        skip_layer_guidance_sd3,
+        description="Skip-layer guidance on SD3's MMDiT as ComfyUI's: where the sigma lies between start_percent and "
+        "end_percent of the schedule, scale x (x0_cond - x0_cond with the joint blocks in layers left out) added after "
+        "CFG; on Flux: a node error when it samples.",
+    ),
+    "ModelSamplingFlux": NodeDef(
+        "ModelSamplingFlux",
+        "ModelSamplingFlux",
+        "advanced/model",
+        (
+            Input("model", "MODEL"),
+            Input("max_shift", "FLOAT", 1.15, 0.0, MAX_FLOAT, 0.01),
+            Input("base_shift", "FLOAT", 0.5, 0.0, MAX_FLOAT, 0.01),
+            Input("width", "INT", 1024, 16, SIDE_MAX, 8),
+            Input("height", "INT", 1024, 16, SIDE_MAX, 8),
+        ),
+        ("MODEL",),
+        model_sampling_flux,
+        description="Flux's resolution-dependent shift: mu linear in width x height / 256 tokens, base_shift at "
+        "256 and max_shift at 4096 (a table of 10000); on an SD3 model: a node error when it samples.",
+    ),
+}

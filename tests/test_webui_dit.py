@@ -1,0 +1,138 @@
+"""The web page with SD3 and Flux models in a real headless Chromium (helpers from test_webui.py): a live server
+whose models folder holds a tiny random FLUX.1 [dev] folder and a tiny random SD3 folder (tests/_flux_models.py,
+tests/_sd3_models.py) beside the built-in emoji model. Selecting a Flux model shows its distilled guidance and
+hides the U-Net sections; the image the page shows is the native API's for the same body; SD3's shift and
+skip-layer guidance are sent, and a refused value is said at its own input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from _flux_models import make_flux_folder
+from _live_server import live_server, server_config
+from _sd3_models import make_sd3_folder
+from test_webui import CHROMIUM, CHROMIUM_ARGS, WAIT_MS, api_image, open_page, shown_errors, shown_image, wait_result
+
+U_NET_ONLY = ("#unet-patches", "#controlnet-section", "#ip-adapter-section", "#embeddings-section")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("webui-dit")
+    make_flux_folder(tmp / "models" / "tiny-flux", guidance=True)
+    make_sd3_folder(tmp / "models" / "tiny-sd3")
+    with live_server(server_config(tmp, models_dir=tmp / "models")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: install Debian's chromium package (make sysdeps)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.set_default_timeout(WAIT_MS)
+    open_page(pg, server.url)
+    yield pg
+    context.close()
+    assert not errors, errors  # no uncaught JavaScript error on the page
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def test_a_flux_model_shows_its_distilled_guidance_and_gives_the_apis_image(page, client):
+    assert page.is_hidden("#distilled_cfg_scale") and page.is_visible("#unet-patches")  # the emoji model: SD
+    sd_choices = [page.input_value(sel) for sel in ("#sampler", "#schedule", "#cfg_scale")]
+    page.select_option("#model", "tiny-flux")
+    assert page.is_visible("#distilled_cfg_scale") and page.is_hidden("#shift")
+    for sel in U_NET_ONLY:
+        assert page.is_hidden(sel), sel
+    # the model's defaults (GET /v1/models): Euler at CFG 1 on the flow's own grid
+    assert (page.input_value("#sampler"), page.input_value("#schedule")) == ("euler", "normal")
+    assert page.input_value("#cfg_scale") == "1"
+    page.fill("#prompt", "a red apple")
+    page.fill("#negative_prompt", "")
+    page.fill("#steps", "3")
+    page.fill("#seed", "4")
+    page.fill("#width", "48")
+    page.fill("#height", "32")
+    page.fill("#distilled_cfg_scale", "4.5")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Distilled CFG Scale: 4.5" in params, params
+    body = {"model": "tiny-flux", "prompt": "a red apple", "steps": 3, "seed": 4, "width": 48, "height": 32}
+    body |= {"distilled_cfg_scale": 4.5, "sampler": "euler", "schedule": "normal", "cfg_scale": 1.0}
+    expected, infotext = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext
+    plain, _ = api_image(client, {**body, "distilled_cfg_scale": None})
+    assert not np.array_equal(expected, plain)  # the distilled guidance changed the image
+    # "Reuse parameters" sets it again; back on the emoji model the SD choices return and the sections show again
+    page.fill("#distilled_cfg_scale", "")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.input_value("#distilled_cfg_scale") == "4.5"
+    page.select_option("#model", "emoji")
+    assert page.is_visible("#unet-patches") and page.is_hidden("#distilled_cfg_scale")
+    assert [page.input_value(sel) for sel in ("#sampler", "#schedule", "#cfg_scale")] == sd_choices
+
+
+def test_sd3_shift_and_skip_layer_guidance_are_sent_and_refusals_marked(page, client):
+    page.select_option("#model", "tiny-sd3")
+    assert page.is_visible("#shift") and page.is_visible("#slg_layers") and page.is_hidden("#distilled_cfg_scale")
+    # SD3's defaults (GET /v1/models): Euler on the flow's own grid at CFG 7
+    assert [page.input_value(sel) for sel in ("#sampler", "#schedule", "#cfg_scale")] == ["euler", "normal", "7"]
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "3")
+    page.fill("#seed", "2")
+    page.fill("#width", "32")
+    page.fill("#height", "32")
+    page.fill("#shift", "2")
+    page.fill("#slg_layers", "1")
+    page.fill("#slg_stop", "1")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Shift: 2" in params and "Skip layers: 1" in params, params
+    body = {"model": "tiny-sd3", "prompt": "a red apple", "steps": 3, "seed": 2, "width": 32, "height": 32, "shift": 2}
+    body |= {"sd3": {"skip_guidance_layers": [1], "skip_layer_guidance_stop": 1.0}}
+    for field in ("sampler", "schedule", "negative_prompt"):
+        body[field] = page.input_value(f"#{field}")
+    body["cfg_scale"] = float(page.input_value("#cfg_scale"))
+    expected, infotext = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext
+    # "Reuse parameters" sets the shift and the skip-layer settings again
+    page.fill("#shift", "")
+    page.fill("#slg_layers", "")
+    page.fill("#slg_stop", "0.2")
+    page.click("#results button:text('Reuse parameters')")
+    assert [page.input_value(sel) for sel in ("#shift", "#slg_layers", "#slg_stop")] == ["2", "1", "1"]
+    # a block the MMDiT does not have: the server's line, at the blocks' input, the input kept
+    page.fill("#slg_layers", "1, 7")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-slg_layers').textContent !== ''")
+    assert "sd3 skip_guidance_layers 7 is not a joint block of this MMDiT" in shown_errors(page)["err-slg_layers"]
+    assert page.input_value("#slg_layers") == "1, 7"
+    page.fill("#slg_layers", "one")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-slg_layers').textContent.includes('whole numbers')")
+    page.fill("#slg_layers", "")
+    page.fill("#shift", "")
