@@ -681,3 +681,57 @@ def test_an_sd_unet_lora_on_a_transformer_names_no_match(tmp_path: Path) -> None
         apply_loras(ours, None, [(write(tmp_path, "sd1", sd), 1.0)])
     # parsed as before: the file layer keeps its name until it meets a transformer
     assert list(LoRAFile.from_state_dict(sd).layers) == [key]
+
+
+# -------------------------------------------------------------------------------------------- the Flux pipeline
+
+
+def test_flux_pipeline_with_a_kohya_lora_tag_matches_diffusers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kohya Flux LoRA (BFL names, alpha) named by a ``<lora:...:0.8>`` tag in a tiny FLUX.1 [dev] pipeline: the
+    image is diffusers' FluxPipeline's with load_lora_weights and the adapter at 0.8; the infotext names the file,
+    and the model is its own again after the call. A name that finds no file is a one-line error."""
+    import numpy as np
+
+    import sdengine
+    from _flux_models import diffusers_flux, make_flux_folder
+    from sdengine.weights.lora import LoRAFileError
+
+    folder = make_flux_folder(tmp_path / "tiny-flux-dev", guidance=True)
+    pipe, ref = sdengine.load_pipeline(folder, device="cpu"), diffusers_flux(folder)
+    layers = native_layers(diffusers_to_bfl(ref.transformer.state_dict()))
+    sd = native_lora(layers, 5, "kohya", alpha=8.0)
+    (tmp_path / "loras").mkdir()
+    write(tmp_path / "loras", "flux-style", sd)
+    size = dict(width=48, height=32)
+    ours = pipe(
+        "a red apple <lora:flux-style:0.8>", steps=3, seed=3, lora_dir=tmp_path / "loras", progress=False, **size
+    )
+    plain = pipe("a red apple", steps=3, seed=3, progress=False, **size).arrays
+    # diffusers' loader, with its kohya converter at the tiny width (see _kohya_converter)
+    from diffusers.loaders import lora_pipeline
+
+    monkeypatch.setattr(
+        lora_pipeline,
+        "_convert_kohya_flux_lora_to_diffusers",
+        _kohya_converter(ref.transformer.config.num_attention_heads * ref.transformer.config.attention_head_dim),
+    )
+    conv = lora_pipeline.FluxLoraLoaderMixin.lora_state_dict(dict(sd))
+    conv = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in conv.items()}
+    ref.transformer.load_lora_adapter(conv, prefix="transformer", adapter_name="style")
+    ref.transformer.set_adapters(["style"], [0.8])
+    theirs = ref(
+        "a red apple",
+        num_inference_steps=3,
+        guidance_scale=3.5,
+        output_type="np",
+        generator=torch.Generator().manual_seed(3),
+        **size,
+    ).images
+    mad = float(np.abs(ours.arrays.astype(np.float64) - theirs).mean())
+    print(f"flux LoRA tag (kohya, 0.8): mean abs {mad:.2e}")
+    assert mad < 1e-4, mad
+    assert float(np.abs(ours.arrays - plain).mean()) > 1e-3  # the LoRA changed the image
+    assert "Lora hashes: " in ours.infotexts[0] and "<lora:flux-style:0.8>" in ours.infotexts[0]
+    np.testing.assert_array_equal(pipe("a red apple", steps=3, seed=3, progress=False, **size).arrays, plain)
+    with pytest.raises(LoRAFileError, match="LoRA 'nope' not found in"):
+        pipe("a <lora:nope:1>", steps=1, lora_dir=tmp_path / "loras", progress=False, **size)
