@@ -317,8 +317,6 @@ def test_missing_parts_name_their_flag(dev, tmp_path):
     ("kwargs", "message"),
     [
         ({"guess_mode": True}, "guess_mode: guess_mode is a U-Net ControlNet setting"),
-        ({"loras": [("x.safetensors", 1.0)]}, "loras: LoRAs are not supported for Flux"),
-        ({"prompt": "a cat <lora:x:1>"}, "<lora:...> tags: LoRAs are not supported for Flux"),
         ({"pag_scale": 1.0}, "pag_scale: perturbed-attention guidance"),
         ({"clip_skip": 2}, "clip_skip 2 does not apply to Flux"),
         ({"width": 50}, "width 50 is not a multiple of 4"),

@@ -57,6 +57,9 @@ from .lora import LayerUpdate, LoRAError
 
 ALGORITHMS = ("loha", "lokr", "ia3", "locon_tucker", "lora", "full", "glora", "oft", "boft")
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)  # the norm layers whose weight and bias a file may change
+# the algorithms whose update is built from the file's factors alone (no base weight, no DoRA): their rows can be
+# cut into the parts of a fused layer (Flux's qkv), each part's layer taking its rows (LycorisLayer's ``rows``)
+FACTOR_ONLY = frozenset({"loha", "lokr", "locon_tucker", "lora"})
 
 
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -265,10 +268,16 @@ class LycorisLayer(LayerUpdate):
         magnitude: torch.Tensor | None = None,
         magnitude_on_output: bool = True,
         conv: dict[str, tuple[int, ...]] | None = None,
+        rows: tuple[tuple[int, int], ...] = (),
     ) -> None:
         super().__init__()
         if algo not in ALGORITHMS:
             raise LoRAError(f"unknown LyCORIS algorithm {algo!r} (known: {', '.join(ALGORITHMS)})")
+        if rows and (algo not in FACTOR_ONLY or magnitude is not None):
+            raise LoRAError(f"{algo} updates (with DoRA: any) depend on the whole base layer: not cut by rows")
+        # rows: this layer is a part of a fused one (Flux's q of a qkv); the file's update is the fused layer's,
+        # and these (start, stop) blocks of its rows, joined, are this layer's update. Empty: the whole update.
+        self.rows = tuple(rows)
         self.algo = algo
         self.parts = nn.ParameterDict({k: nn.Parameter(v, requires_grad=False) for k, v in parts.items()})
         self.magnitude = None if magnitude is None else nn.Parameter(magnitude, requires_grad=False)
@@ -288,7 +297,11 @@ class LycorisLayer(LayerUpdate):
         """``multiplier * (W' - W)`` in float32, in the base weight's shape."""
         base = self.base_weight().float()
         parts = {k: v.detach().to(base.device) for k, v in self.parts.items()}
-        d = unscaled_delta(self.algo, parts, base) * self.scale
+        if self.rows:
+            whole = unscaled_delta(self.algo, parts, None)
+            d = torch.cat([whole[a:b] for a, b in self.rows]).reshape(base.shape) * self.scale
+        else:
+            d = unscaled_delta(self.algo, parts, base) * self.scale
         if self.magnitude is not None:
             d = dora_weight(base, d, self.magnitude.detach().to(base.device), self.magnitude_on_output) - base
         return d * self.multiplier
@@ -454,6 +467,7 @@ def lycoris_scale(
 
 __all__ = [
     "ALGORITHMS",
+    "FACTOR_ONLY",
     "NORM_TYPES",
     "DiffLayer",
     "LycorisLayer",

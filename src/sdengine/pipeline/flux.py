@@ -32,9 +32,11 @@ and 4 for [schnell] (the step counts of diffusers' examples), the distilled guid
 x the 2x2 patches).
 
 What does not apply to Flux is refused before any model runs (:meth:`FluxPipeline.prepare`): U-Net ControlNets,
-T2I-Adapters, LoRAs, IP-Adapters, textual-inversion embeddings, PAG, SAG, FreeU, Deep Shrink, HyperTile, tiled
+T2I-Adapters, IP-Adapters, textual-inversion embeddings, PAG, SAG, FreeU, Deep Shrink, HyperTile, tiled
 diffusion, InstructPix2Pix's image guidance, SDXL settings, clip skip, SD3's shift, a hires pass on another model.
-The hires fix runs as for SD, its second pass starting as Flux's img2img does. Flux ControlNets (the Union ones
+The hires fix runs as for SD, its second pass starting as Flux's img2img does. LoRAs
+(``loras=``, ``<lora:...>`` tags) apply through the core's path (:mod:`sdengine.weights.lora_dit_keys` reads
+their names). Flux ControlNets (the Union ones
 too) run through :mod:`sdengine.pipeline.dit_control` (:meth:`FluxPipeline.controlled_network`).
 """
 
@@ -115,7 +117,6 @@ class FluxAdapter:
 _REFUSED: tuple[tuple[str, Any, str], ...] = (
     ("guess_mode", bool, "guess_mode is a U-Net ControlNet setting; Flux ControlNets do not take it"),
     ("ip_adapters", bool, "IP-Adapters are U-Net adapters"),
-    ("loras", bool, "LoRAs are not supported for Flux yet"),
     ("pag_scale", bool, "perturbed-attention guidance (pag_scale) reads U-Net attention layers"),
     ("sag_scale", bool, "self-attention guidance (sag_scale) reads the U-Net's middle block"),
     ("freeu", lambda v: v is not None, "FreeU changes the U-Net's up blocks"),
@@ -316,11 +317,6 @@ class FluxPipeline(Pipeline):
         for field, is_set, why in _REFUSED:
             if is_set(getattr(r, field, None)):
                 raise GenerationError(f"{field}: {why}; {self.name} is a Flux model")
-        from sdengine.prompts import extract_lora_tags
-
-        texts = [*r.prompts(), *r.negative_prompts()]
-        if any(extract_lora_tags(t)[1] for t in texts):
-            raise GenerationError(f"<lora:...> tags: LoRAs are not supported for Flux yet ({self.name})")
         if r.clip_skip != 1 and r.clip_skip_rule == "sdengine":
             raise GenerationError(
                 f"clip_skip {r.clip_skip} does not apply to Flux (it reads CLIP-L's pooled output): leave it at 1"

@@ -6,6 +6,9 @@ The work is split by job: :mod:`sdengine.weights.lora_file` reads files (formats
 :mod:`sdengine.nn.lora` is the runtime layer (the patched Linear/Conv, stacking, fuse/unfuse, the handle that
 removes it). This module joins them in :func:`apply_loras` and exports the public names of all three.
 
+SD3's MMDiT and Flux's transformer take the same path too: :mod:`sdengine.weights.lora_dit_keys` first rewrites a
+file's names (BFL's, Stability's, kohya's, diffusers') onto the model's modules, splitting fused projections.
+
 LyCORIS files (LoHa, LoKr, (IA)^3, GLoRA, OFT, BOFT, LoCon with a Tucker core, DoRA, full and norm-layer
 differences) take the same path: the file reader hands their layers to :mod:`sdengine.weights.lycoris_file`, the
 matcher checks them against the model, and :func:`lycoris_layer` builds the
@@ -45,6 +48,7 @@ from ..nn.lora import (
     weight_text,
 )
 from ..nn.lycoris import DiffLayer, LycorisLayer, lycoris_scale
+from .lora_dit_keys import split_dit_layers
 from .lora_file import (
     LORA_SUFFIXES,
     LoRAFile,
@@ -56,7 +60,17 @@ from .lora_file import (
     load_lora,
     resolve_lora,
 )
-from .lora_keys import Component, LoRAReport, ModelIndex, Target, kohya_name, lora_targets, match_lora, unet_ldm_names
+from .lora_keys import (
+    Component,
+    LoRAReport,
+    ModelIndex,
+    Target,
+    check_dit_family,
+    kohya_name,
+    lora_targets,
+    match_lora,
+    unet_ldm_names,
+)
 from .lycoris_file import LycorisLayerWeights
 
 log = logging.getLogger(__name__)
@@ -141,6 +155,9 @@ def apply_loras(
             parts = [(None, te_w)]
         for which, w in parts:
             piece = lf if which is None else lora_part(lf, which)
+            if index.dit is not None and unet is not None:  # SD3 / Flux: the file's names onto the modules
+                check_dit_family(piece, index)
+                piece = split_dit_layers(piece, unet)
             if which is not None and not piece.layers and not piece.lycoris and not piece.unsupported:
                 log.info("LoRA %s has no %s layers: nothing to apply there", lf.name, which)
                 continue
@@ -295,6 +312,7 @@ def lycoris_layer(lw: LycorisLayerWeights, module: nn.Module, multiplier: float)
         magnitude=magnitude,
         magnitude_on_output=on_output,
         conv=LoRALayer.geometry(module),
+        rows=lw.rows,
     )
 
 

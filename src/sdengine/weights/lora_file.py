@@ -7,7 +7,9 @@ kept as the file spells them: kohya ``lora_unet_`` / ``lora_te_`` (``lora_te1_``
 with underscores; ComfyUI the dotted state-dict name (``diffusion_model.`` + the LDM U-Net name,
 ``text_encoders.clip_l.transformer.`` + the CLIP name) with kohya's part names; PEFT/diffusers the dotted
 module name behind ``unet.`` / ``text_encoder.``, with ``lora_A`` / ``lora_B`` (older diffusers: ``lora.down`` /
-``lora.up``, ``lora_linear_layer.*``, ``processor.to_q_lora.*``).
+``lora.up``, ``lora_linear_layer.*``, ``processor.to_q_lora.*``); XLabs' Flux files
+``double_blocks.<i>.processor.qkv_lora1.down.weight`` (their names kept, routed by
+:mod:`sdengine.weights.lora_dit_keys`).
 Matching those names to a model's layers is :mod:`sdengine.weights.lora_keys`. LyCORIS layers (LoHa, LoKr,
 (IA)^3, GLoRA, OFT/BOFT, LoCon with a Tucker core, full and norm-layer differences, ComfyUI's bias differences) and DoRA
 magnitudes in the same files are taken out first by :mod:`sdengine.weights.lycoris_file` and kept in
@@ -56,9 +58,10 @@ class UnsafeLoRANameError(LoRAFileError, UnsafePathError):
 # -------------------------------------------------------------------------------------------- file names
 
 
-# kohya/A1111: `<layer>.lora_down.weight`, `<layer>.lora_up.weight`, `<layer>.alpha`; layer names have no dots.
+# kohya/A1111: `<layer>.lora_down.weight`, `<layer>.lora_up.weight`, `<layer>.alpha`; layer names have no dots
+# (OneTrainer's diffusion-transformer files: `lora_transformer_<diffusers module name with underscores>`).
 _KOHYA_RE = re.compile(
-    r"^(?P<layer>lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
+    r"^(?P<layer>lora_(?:unet|te\d?|transformer)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
 )
 # ComfyUI's own layout (what its LoraSave node writes, and what its loader reads for any model): the model's state
 # dict name of the layer, `diffusion_model.<LDM U-Net name>` / `text_encoders.clip_l.transformer.<CLIP name>`, with
@@ -73,6 +76,13 @@ _PEFT_RE = re.compile(
 )
 # diffusers' attention-processor files: `...attn1.processor.to_q_lora.down.weight`
 _ATTN_PROC_RE = re.compile(r"^(?P<layer>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<du>down|up)\.weight$")
+# XLabs' Flux LoRAs: `double_blocks.<i>.processor.qkv_lora1.down.weight` (the image stream's qkv; lora2: the text's;
+# proj_lora1/2: the attention outputs), `single_blocks.<i>.processor.qkv_lora.down.weight`; no alpha (scale 1).
+# The layer keeps that name; sdengine.weights.lora_dit_keys knows where it goes.
+_XLABS_RE = re.compile(
+    r"^(?P<layer>(?:diffusion_model\.)?(?:double|single)_blocks\.\d+\.processor\.(?:qkv|proj)_lora[12]?)"
+    r"\.(?P<du>down|up)\.weight$"
+)
 # Adapters sdengine does not implement: named in the error instead of silently skipped. (LoHa, LoKr, (IA)^3,
 # GLoRA, OFT/BOFT's oft_blocks, LoCon's Tucker core and DoRA are read by sdengine.weights.lycoris_file.)
 _UNSUPPORTED = [
@@ -170,6 +180,11 @@ class LoRAFile:
                 kohya += 1
                 part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m["part"]]
                 parts.setdefault(m["layer"], {})[part] = t
+                continue
+            m = _XLABS_RE.match(key)
+            if m:
+                peft += 1
+                parts.setdefault(m["layer"], {})[m["du"]] = t
                 continue
             m = _ATTN_PROC_RE.match(key)
             if m:

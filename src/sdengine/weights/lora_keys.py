@@ -6,7 +6,8 @@ files) plus the module's full name with dots turned into underscores, where the 
 files and the original LDM one (``input_blocks_1_1_...``) in SDXL-style files. Rather than guess where the dots
 were, sdengine builds that alias for every Linear/Conv2d of the model (both U-Net spellings, through the LDM table
 in ``keymaps``) and looks names up exactly. PEFT/diffusers files use the dotted module name behind ``unet.`` or
-``text_encoder.``.
+``text_encoder.``. For SD3's MMDiT and Flux's transformer, :mod:`sdengine.weights.lora_dit_keys` has rewritten the
+file's names onto the model's modules (``transformer.<module>``) before they are matched here.
 
 Every file gets a :class:`LoRAReport` of matched and unmatched names. No match at all, a layer whose shape differs
 from the model's, or names of another architecture (SDXL's second text encoder, DiT blocks) are errors naming the
@@ -23,8 +24,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..models.t5_text import T5Encoder
 from ..nn.lycoris import NORM_TYPES
 from . import keymaps as km
+from .lora_dit_keys import DIT_PREFIX, FLUX_FAMILY, SD3_FAMILY, dit_family
 from .lora_file import LoRAFile, LoRAFileError, LoRAFormat, LoRALayerWeights
 from .lycoris_file import LycorisLayerWeights
 
@@ -32,22 +35,29 @@ Component = Literal["unet", "text_encoder", "text_encoder_2"]
 
 _COMFY_TE = "text_encoders."  # ComfyUI's prefix of text-encoder layer names
 
+# Names that give away a diffusion transformer, most specific first (checked before the SD hints below).
+_DIT_HINTS = [
+    (re.compile(r"double_blocks|single_blocks|single_transformer_blocks"), FLUX_FAMILY),
+    (re.compile(r"joint_blocks|context_block|x_block"), SD3_FAMILY),
+    (
+        # ComfyUI names SD U-Net layers diffusion_model.<LDM name> too: only other names there are a transformer's
+        re.compile(
+            r"^lora_transformer_|^transformer\.|^diffusion_model\.(?!(?:input_blocks|middle_block|output_blocks|"
+            r"time_embed|out)\.)"
+        ),
+        "a diffusion transformer (SD3/Flux-style)",
+    ),
+]
 # Names that give away another architecture.
 _ARCH_HINTS = [
+    *_DIT_HINTS,
     (
         re.compile(r"^lora_te2_|^text_encoder_2\.|^text_encoders\.clip_g\."),
         "SDXL (it carries a second text encoder, lora_te2_/text_encoder_2)",
     ),
     (re.compile(r"label_emb|add_embedding"), "SDXL (it carries the added-conditioning embedding)"),
-    (
-        # ComfyUI names SD U-Net layers diffusion_model.<LDM name> too: only other names there are a transformer's
-        re.compile(
-            r"^lora_transformer_|^transformer\.|^diffusion_model\.(?!(?:input_blocks|middle_block|output_blocks|"
-            r"time_embed|out)\.)|double_blocks|single_blocks|joint_blocks"
-        ),
-        "a diffusion transformer (SD3/Flux-style)",
-    ),
 ]
+_DIT_GENERIC = _DIT_HINTS[-1][1]
 # Cross-attention width (attn2.to_k input) -> family: the one shape that tells SD1, SD2 and SDXL apart.
 _CONTEXT_WIDTH = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 _CROSS_KV_RE = re.compile(r"attn2[._]to_[kv]$")
@@ -128,14 +138,11 @@ class ModelIndex:
             self.fixed_text_encoder, text_encoder = type(text_encoder).__name__, None
         self.unet, self.text_encoder = unet, text_encoder
         self.aliases: dict[str, Target] = {}
-        # SD3's MMDiT (held where the U-Net is): diffusers / PEFT files name its layers ``transformer.<module>``
-        from sdengine.models.mmdit import MMDiT
-
-        self.mmdit = isinstance(unet, MMDiT)
-        if self.mmdit:
-            for name, m in adapter_targets(unet):  # type: ignore[arg-type]
-                self.aliases.setdefault(f"transformer.{name}", Target("unet", name, m))
-        if unet is not None:
+        self.dit = dit_family(unet)  # SD3's MMDiT or Flux's transformer: the file's names go through lora_dit_keys
+        if unet is not None and self.dit is not None:
+            for name, m in adapter_targets(unet):  # split_dit_layers rewrote every name it knows to these
+                self.aliases[DIT_PREFIX + name] = Target("unet", name, m)
+        elif unet is not None:
             ldm = unet_ldm_names(unet)
             for name, m in adapter_targets(unet):
                 t = Target("unet", name, m)
@@ -165,7 +172,9 @@ class ModelIndex:
                 ):
                     self.aliases.setdefault(alias, t)
         self.text_encoder_2 = text_encoder_2
-        if text_encoder_2 is not None:  # SDXL's second encoder: kohya lora_te2_, PEFT/diffusers text_encoder_2.
+        # SDXL's second encoder (kohya lora_te2_, PEFT/diffusers text_encoder_2.), or Flux's T5 (diffusers'
+        # text_encoder_2 too)
+        if text_encoder_2 is not None:
             for name, m in adapter_targets(text_encoder_2):
                 t = Target("text_encoder_2", name, m)
                 short = name.removeprefix(km.TEXT_MODEL)
@@ -177,10 +186,13 @@ class ModelIndex:
                     f"{_COMFY_TE}clip_g.transformer.{km.TEXT_MODEL}{short}",  # ComfyUI
                 ):
                     self.aliases.setdefault(alias, t)
+                if isinstance(text_encoder_2, T5Encoder):  # Flux's second encoder: kohya's lora_te3_, ComfyUI's
+                    for alias in ("lora_te3_" + name.replace(".", "_"), f"{_COMFY_TE}t5xxl.transformer.{name}"):
+                        self.aliases.setdefault(alias, t)
 
     def family(self) -> str:
-        if self.mmdit:
-            return "SD3"
+        if self.dit is not None:
+            return self.dit
         if self.text_encoder_2 is not None:
             return "SDXL"
         cfg = getattr(self.unet, "config", None)
@@ -192,10 +204,17 @@ class ModelIndex:
         return f"a custom model (cross-attention width {width})" if width else "this model"
 
 
-def _lora_family(lf: LoRAFile) -> str | None:
+def _lora_family(lf: LoRAFile, dit: bool = False) -> str | None:
+    """The family a file's names give away (None: no hint). ``dit``: the model is a diffusion transformer, whose
+    own second text encoder (SD3's CLIP-G as lora_te2_ / text_encoder_2.) is no hint of SDXL."""
     names = list(lf.layers) + list(lf.lycoris) + lf.unknown + [k for ks in lf.unsupported.values() for k in ks]
+    for rx, label in _DIT_HINTS:  # a transformer's names first: its text-encoder names could read as SDXL's
+        if any(rx.search(key) for key in names):
+            return label
     for key in names:
-        for rx, label in _ARCH_HINTS:
+        for rx, label in _ARCH_HINTS[len(_DIT_HINTS) :]:
+            if dit and rx.pattern.startswith("^lora_te2_"):  # SD3's CLIP-G: what an SD3 model has
+                continue
             if rx.search(key):
                 return label
     for key, w in lf.layers.items():
@@ -207,6 +226,16 @@ def _lora_family(lf: LoRAFile) -> str | None:
         if _CROSS_KV_RE.search(key) and not isinstance(shape, str) and shape[1] > 0:
             return _CONTEXT_WIDTH.get(shape[1], f"a model with cross-attention width {shape[1]}")
     return None
+
+
+def check_dit_family(lf: LoRAFile, index: ModelIndex) -> None:
+    """A file whose names are the other diffusion transformer's (Flux's ``double_blocks`` on SD3, SD3's
+    ``joint_blocks`` on Flux) is a :class:`LoRAFileError` naming both, before its layers are split by the rows of a
+    model they were not made for."""
+    family = _lora_family(lf, dit=True)
+    if index.dit is not None and family in (FLUX_FAMILY, SD3_FAMILY) and family != index.dit:
+        where = str(lf.path) if lf.path is not None else lf.name
+        raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {index.dit}")
 
 
 def _fit_lycoris(w: LycorisLayerWeights, module: nn.Module) -> str | None:
@@ -334,12 +363,12 @@ def match_lora(
             wrong.append(f"{target.component}.{target.name} ({why})")
             continue
         lycoris[key] = (target, lw)
-    family = _lora_family(lf)
+    family = _lora_family(lf, dit=index.dit is not None)
     model = index.family()
     if family is not None and model == "SDXL" and family.startswith("SDXL"):
         family = model  # the SDXL hints (a second text encoder, label_emb) are what an SDXL model has
-    if family is not None and model == "SD3" and (family.startswith("SDXL (it carries a second") or "SD3" in family):
-        family = model  # SD3 has a second text encoder and is a diffusion transformer
+    if family == _DIT_GENERIC and index.dit is not None:
+        family = model  # diffusers' transformer names: the shapes tell SD3 from Flux
     hint = f"; it looks like a LoRA for {family}, the model is {model}" if family and family != model else ""
     if wrong:
         raise LoRAFileError(f"{where}: shapes do not match this model: {_some(wrong, 2)}{hint}")
@@ -363,6 +392,7 @@ __all__ = [
     "ModelIndex",
     "Target",
     "adapter_targets",
+    "check_dit_family",
     "kohya_name",
     "lora_targets",
     "match_lora",

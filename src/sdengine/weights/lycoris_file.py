@@ -33,6 +33,7 @@ stores per layer, besides ``<layer>.alpha``:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -106,6 +107,9 @@ class LycorisLayerWeights:
     magnitude: torch.Tensor | None = None  # DoRA
     magnitude_peft: bool = False  # PEFT's lora_magnitude_vector (always per output channel)
     scale_override: float | None = None  # PEFT's alpha (from metadata, maybe rank-stabilised) for DoRA-on-LoRA
+    # a part of a fused layer (Flux's q of its qkv, set by sdengine.weights.lora_dit_keys): the (start, stop) row
+    # blocks of the factors' update that are this layer's; empty: all of it
+    rows: tuple[tuple[int, int], ...] = ()
 
     @property
     def rank(self) -> int | None:
@@ -159,7 +163,16 @@ class LycorisLayerWeights:
         return int(d.shape[0]), int(d.shape[1]), tuple(int(x) for x in d.shape[2:])
 
     def fit(self, weight_shape: tuple[int, ...]) -> str | None:
-        """None when this update fits a layer of ``weight_shape`` (out, in[, kh, kw]); else why not."""
+        """None when this update fits a layer of ``weight_shape`` (out, in[, kh, kw]); else why not. A part of a
+        fused layer (``rows``) fits when the fused update does and its rows are the layer's outputs."""
+        if self.rows and len(weight_shape) >= 2:
+            got = self.shape()
+            if isinstance(got, str):
+                return got
+            taken = sum(b - a for a, b in self.rows)
+            if taken != weight_shape[0] or max(b for _, b in self.rows) > got[0]:
+                return f"{self.label} rows {list(self.rows)} of {got[0]} do not give the layer's {weight_shape[0]}"
+            return dataclasses.replace(self, rows=()).fit((got[0], *weight_shape[1:]))
         if self.algo in ("norm", "bias"):
             return self._fit_difference(weight_shape)
         if len(weight_shape) < 2:

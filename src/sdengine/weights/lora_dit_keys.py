@@ -1,0 +1,305 @@
+"""LoRA names of the diffusion transformers: SD3's MMDiT and Flux.1's transformer.
+
+A LoRA (Hu et al. 2021) for a diffusion transformer names its layers in one of two vocabularies:
+
+* diffusers' module names, which are sdengine's (:mod:`sdengine.models.mmdit`, :mod:`sdengine.models.flux`):
+  ``transformer.transformer_blocks.0.attn.to_q`` (diffusers/PEFT, ai-toolkit, SimpleTuner), the same name with
+  underscores behind ``lora_transformer_`` (OneTrainer), or behind PEFT's ``base_model.model.``;
+* the original checkpoints' names (Black Forest Labs' for Flux, Stability's for SD3, Esser et al. 2024), as the
+  model's own single files spell them: ``double_blocks.0.img_attn.qkv``, ``single_blocks.3.linear1``,
+  ``joint_blocks.5.x_block.attn.qkv`` -- behind ``diffusion_model.`` (ComfyUI; with ``lora_down`` / ``lora_up``
+  or ``lora_A`` / ``lora_B``) or with underscores behind ``lora_unet_`` (kohya's sd-scripts);
+* XLabs' Flux LoRAs: ``double_blocks.0.processor.qkv_lora1`` (the image stream's qkv; ``2``: the text's),
+  ``proj_lora1/2``, ``single_blocks.0.processor.qkv_lora`` (the attention's rows of ``linear1``).
+
+The original layouts differ from diffusers' in two ways that matter to a LoRA:
+
+* fused projections: ``img_attn.qkv`` stacks q, k and v by rows, a single block's ``linear1`` stacks q, k, v and
+  the MLP's first layer. A LoRA on such a layer, ``delta = up @ down``, is the same change as one LoRA per part
+  with the same ``down`` and the part's rows of ``up`` (``up`` splits by rows; the rank and alpha stay);
+* the final modulation (and SD3's last context modulation) outputs (shift, scale) where diffusers' outputs
+  (scale, shift): the two halves of ``up``'s rows swap.
+
+:func:`dit_routes` lists, for a given model, every name a file may use and where its rows go; :func:`split_dit_layers`
+rewrites a parsed file onto the model's module names (``transformer.<module>``), which
+:class:`sdengine.weights.lora_keys.ModelIndex` then matches like any other LoRA, so the same
+apply/fuse/unfuse/report path serves these models. Names it does not know are left as they are (reported unmatched,
+never dropped). LyCORIS layers map onto layers that are one module in both vocabularies as they are; on a fused or
+swapped layer, LoHa, LoKr and LoCon-Tucker updates (built from their factors alone) give each part its rows of the
+update, and weight/bias differences are cut by rows; the others (OFT, (IA)^3, GLoRA, DoRA), whose update depends on
+the whole base layer, are refused there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.flux import FluxTransformer
+from ..models.mmdit import MMDiT
+from ..nn.lycoris import FACTOR_ONLY
+from .lora_file import LoRAFile, LoRAFileError, LoRALayerWeights
+from .lycoris_file import LycorisLayerWeights
+
+FLUX_FAMILY = "Flux.1"
+SD3_FAMILY = "SD3 (MMDiT)"
+
+# the prefix a rewritten layer name carries (diffusers' component name of the denoiser)
+DIT_PREFIX = "transformer."
+# LyCORIS kinds whose update is a plain difference (a full weight difference, ComfyUI's bias difference): each
+# output row stands alone, so they split and swap by rows like a LoRA's up matrix
+ROW_WISE = frozenset({"full", "bias"})
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a file layer's output rows go: ``rows`` (start, stop) blocks of the file layer's output, joined in
+    this order, are the outputs of the model's ``target`` module. ``rows`` empty: all of them, in order."""
+
+    target: str
+    rows: tuple[tuple[int, int], ...] = ()
+
+
+def dit_family(model: nn.Module | None) -> str | None:
+    """The family label of a diffusion transformer (``"Flux.1"``, ``"SD3 (MMDiT)"``), None for anything else."""
+    if isinstance(model, FluxTransformer):
+        return FLUX_FAMILY
+    if isinstance(model, MMDiT):
+        return SD3_FAMILY
+    return None
+
+
+def _rows_of(model: nn.Module, name: str) -> int:
+    module = model.get_submodule(name)
+    assert isinstance(module, nn.Linear)
+    return int(module.out_features)
+
+
+def _split(model: nn.Module, targets: tuple[str, ...]) -> tuple[Route, ...]:
+    """Routes for a fused layer whose rows are ``targets``' outputs stacked in order."""
+    routes, start = [], 0
+    for t in targets:
+        n = _rows_of(model, t)
+        routes.append(Route(t, ((start, start + n),)))
+        start += n
+    return tuple(routes)
+
+
+def _swapped(model: nn.Module, target: str) -> tuple[Route, ...]:
+    """The route of a (shift, scale) layer onto diffusers' (scale, shift) one: the halves of its rows swap."""
+    n = _rows_of(model, target)
+    half = n // 2
+    return (Route(target, ((half, n), (0, half))),)
+
+
+def _flux_native(model: FluxTransformer) -> Iterator[tuple[str, tuple[Route, ...]]]:
+    """BFL's layer names of a Flux transformer -> routes onto its (diffusers') modules."""
+    one = {
+        "img_in": "x_embedder",
+        "txt_in": "context_embedder",
+        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+        "final_layer.linear": "proj_out",
+    }
+    if model.config.guidance_embeds:
+        one["guidance_in.in_layer"] = "time_text_embed.guidance_embedder.linear_1"
+        one["guidance_in.out_layer"] = "time_text_embed.guidance_embedder.linear_2"
+    for native, ours in one.items():
+        yield native, (Route(ours),)
+    yield "final_layer.adaLN_modulation.1", _swapped(model, "norm_out.linear")
+    double = {
+        "img_mod.lin": "norm1.linear",
+        "txt_mod.lin": "norm1_context.linear",
+        "img_attn.proj": "attn.to_out.0",
+        "txt_attn.proj": "attn.to_add_out",
+        "img_mlp.0": "ff.net.0.proj",
+        "img_mlp.2": "ff.net.2",
+        "txt_mlp.0": "ff_context.net.0.proj",
+        "txt_mlp.2": "ff_context.net.2",
+    }
+    for i in range(len(model.transformer_blocks)):
+        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for native, ours in double.items():
+            yield a + native, (Route(b + ours),)
+        img_qkv = _split(model, tuple(b + f"attn.to_{p}" for p in "qkv"))
+        txt_qkv = _split(model, tuple(b + f"attn.add_{p}_proj" for p in "qkv"))
+        yield a + "img_attn.qkv", img_qkv
+        yield a + "txt_attn.qkv", txt_qkv
+        # XLabs' processor LoRAs: 1 is the image stream, 2 the text's
+        yield a + "processor.qkv_lora1", img_qkv
+        yield a + "processor.qkv_lora2", txt_qkv
+        yield a + "processor.proj_lora1", (Route(b + "attn.to_out.0"),)
+        yield a + "processor.proj_lora2", (Route(b + "attn.to_add_out"),)
+    for i in range(len(model.single_transformer_blocks)):
+        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        yield a + "modulation.lin", (Route(b + "norm.linear"),)
+        yield a + "linear2", (Route(b + "proj_out"),)
+        yield a + "linear1", _split(model, (*(b + f"attn.to_{p}" for p in "qkv"), b + "proj_mlp"))
+        # XLabs: a LoRA on the attention's part of linear1 only (q, k, v), and on linear2 (diffusers' rule)
+        yield a + "processor.qkv_lora", _split(model, tuple(b + f"attn.to_{p}" for p in "qkv"))
+        yield a + "processor.proj_lora", (Route(b + "proj_out"),)
+
+
+def _sd3_native(model: MMDiT) -> Iterator[tuple[str, tuple[Route, ...]]]:
+    """Stability's layer names of an MMDiT -> routes onto its (diffusers') modules."""
+    one = {
+        "x_embedder.proj": "pos_embed.proj",
+        "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+        "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+        "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+        "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+        "context_embedder": "context_embedder",
+        "final_layer.linear": "proj_out",
+    }
+    for native, ours in one.items():
+        yield native, (Route(ours),)
+    yield "final_layer.adaLN_modulation.1", _swapped(model, "norm_out.linear")
+    for i, block in enumerate(model.transformer_blocks):
+        x, c, b = f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block.", f"transformer_blocks.{i}."
+        yield x + "adaLN_modulation.1", (Route(b + "norm1.linear"),)
+        yield x + "attn.proj", (Route(b + "attn.to_out.0"),)
+        yield x + "mlp.fc1", (Route(b + "ff.net.0.proj"),)
+        yield x + "mlp.fc2", (Route(b + "ff.net.2"),)
+        yield x + "attn.qkv", _split(model, tuple(b + f"attn.to_{p}" for p in "qkv"))
+        if getattr(block, "attn2", None) is not None:  # MMDiT-X (SD3.5 Medium): the image tokens' own attention
+            yield x + "attn2.qkv", _split(model, tuple(b + f"attn2.to_{p}" for p in "qkv"))
+            yield x + "attn2.proj", (Route(b + "attn2.to_out.0"),)
+        yield c + "attn.qkv", _split(model, tuple(b + f"attn.add_{p}_proj" for p in "qkv"))
+        if getattr(block, "pre_only", False):  # the last block: the text stream ends, its modulation is 2 vectors
+            yield c + "adaLN_modulation.1", _swapped(model, b + "norm1_context.linear")
+        else:
+            yield c + "adaLN_modulation.1", (Route(b + "norm1_context.linear"),)
+            yield c + "attn.proj", (Route(b + "attn.to_add_out"),)
+            yield c + "mlp.fc1", (Route(b + "ff_context.net.0.proj"),)
+            yield c + "mlp.fc2", (Route(b + "ff_context.net.2"),)
+
+
+def dit_routes(model: nn.Module) -> dict[str, tuple[Route, ...]]:
+    """Every layer name a LoRA file may give a layer of this diffusion transformer -> where its rows go.
+
+    diffusers' names of every Linear/Conv2d (behind ``transformer.``, ``base_model.model.``, ``lora_transformer_``
+    with underscores, or bare) route one-to-one; the original checkpoint's names (behind ``diffusion_model.``,
+    ``lora_unet_`` with underscores, ``base_model.model.``, or bare) route as :func:`_flux_native` /
+    :func:`_sd3_native` say. Empty for a model that is not a diffusion transformer."""
+    if isinstance(model, FluxTransformer):
+        native = dict(_flux_native(model))
+    elif isinstance(model, MMDiT):
+        native = dict(_sd3_native(model))
+    else:
+        return {}
+    out: dict[str, tuple[Route, ...]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            route = (Route(name),)
+            flat = name.replace(".", "_")
+            for alias in (DIT_PREFIX + name, "base_model.model." + name, "lora_transformer_" + flat, name):
+                out.setdefault(alias, route)
+    for name, routes in native.items():
+        flat = name.replace(".", "_")
+        for alias in ("diffusion_model." + name, "lora_unet_" + flat, "base_model.model." + name, name):
+            out.setdefault(alias, routes)
+    return out
+
+
+def _cut(up: torch.Tensor, rows: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    if not rows:
+        return up
+    parts = [up[a:b] for a, b in rows]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def split_dit_layers(lf: LoRAFile, model: nn.Module) -> LoRAFile:
+    """``lf`` with every layer it names of the diffusion transformer ``model`` rewritten onto the model's own
+    module names (``transformer.<module>``): fused layers split by rows of ``up`` (same ``down``, rank and alpha),
+    (shift, scale) layers with the halves of ``up`` swapped. Text-encoder layers and names of no known layout are
+    left as they are (matched by the text encoders' names, or reported unmatched). A layer whose rows do not add
+    up to its parts', LyCORIS on a fused or swapped layer, and two layers of the file on one module are a
+    :class:`LoRAFileError` (nothing is applied)."""
+    routes = dit_routes(model)
+    if not routes:
+        return lf
+    where = str(lf.path) if lf.path is not None else lf.name
+    layers: dict[str, LoRALayerWeights] = {}
+    lycoris: dict[str, LycorisLayerWeights] = {}
+    source: dict[str, str] = {}  # new name -> the file's name, to name both of two layers on one module
+
+    def claim(new: str, key: str) -> None:
+        prev = source.setdefault(new, key)
+        if prev != key:  # (a LoRA pair and its bias difference share the file's name: one layer, no clash)
+            raise LoRAFileError(
+                f"{where}: two layers of the file adapt {new.removeprefix(DIT_PREFIX)} ({prev} and {key}); "
+                "refused rather than guess which one is meant"
+            )
+
+    def check_rows(key: str, rows: int, rs: tuple[Route, ...]) -> None:
+        total = sum(b - a for r in rs for a, b in (r.rows or ((0, rows),)))
+        if rows != total:
+            parts = " + ".join(r.target for r in rs)
+            raise LoRAFileError(
+                f"{where}: {key} has {rows} output rows, this model's {parts} have {total}: "
+                f"a LoRA for another size of {dit_family(model)}"
+            )
+
+    for key, w in lf.layers.items():
+        rs = routes.get(key)
+        if rs is None:
+            layers[key] = w
+            continue
+        check_rows(key, int(w.up.shape[0]), rs)
+        for r in rs:
+            new = DIT_PREFIX + r.target
+            claim(new, key)
+            layers[new] = dataclasses.replace(w, key=new, up=_cut(w.up, r.rows))
+    for key, lw in lf.lycoris.items():
+        rs = routes.get(key)
+        if rs is None:
+            lycoris[key] = lw
+            continue
+        cut = len(rs) != 1 or bool(rs[0].rows)
+        if not cut:
+            new = DIT_PREFIX + rs[0].target
+            claim(new, key)
+            lycoris[new] = dataclasses.replace(lw, key=new)
+            continue
+        if lw.algo in ROW_WISE:  # a difference: its rows are cut here
+            check_rows(key, int(next(iter(lw.parts.values())).shape[0]), rs)
+            for r in rs:
+                new = DIT_PREFIX + r.target
+                claim(new, key)
+                lycoris[new] = dataclasses.replace(lw, key=new, parts={k: _cut(t, r.rows) for k, t in lw.parts.items()})
+            continue
+        if lw.algo not in FACTOR_ONLY or lw.magnitude is not None:
+            kind = "fused" if len(rs) > 1 else "(shift, scale)-swapped"
+            raise LoRAFileError(
+                f"{where}: {key} is a {lw.label} layer on a {kind} layer of the original layout "
+                f"({' + '.join(r.target for r in rs)}); its update depends on the whole layer, so it cannot be cut "
+                "into the model's parts (LoRA, LoHa, LoKr and weight/bias differences can)"
+            )
+        shape = lw.shape()
+        if isinstance(shape, str):
+            raise LoRAFileError(f"{where}: {key}: {shape}")
+        check_rows(key, shape[0], rs)
+        for r in rs:  # the factors stay whole; each part's layer takes its rows of their update
+            new = DIT_PREFIX + r.target
+            claim(new, key)
+            rows = r.rows or ((0, shape[0]),)
+            lycoris[new] = dataclasses.replace(lw, key=new, rows=rows)
+    return dataclasses.replace(lf, layers=layers, lycoris=lycoris)
+
+
+__all__ = [
+    "DIT_PREFIX",
+    "ROW_WISE",
+    "FLUX_FAMILY",
+    "SD3_FAMILY",
+    "Route",
+    "dit_family",
+    "dit_routes",
+    "split_dit_layers",
+]
