@@ -717,3 +717,43 @@ def test_lora_loader_on_sd3_equals_the_pipelines_lora(sd3):
     assert np.abs(ours - plain).max() > 1e-3  # the LoRA changed the image
     g = sd3_graph(ckpt, ["1", 0], ["1", 1], ["1", 2])
     assert np.abs(_pixels(_run(root, g, {ref: pipe})["7"][0]) - plain).max() < TOL  # and is gone after the call
+
+
+def test_lora_loader_on_flux_equals_the_pipelines_lora(flux):
+    """A kohya Flux LoRA (BFL transformer names with alpha, ``lora_te1_`` CLIP-L and ``lora_te3_`` T5 layers) through
+    LoraLoader on UNETLoader's model and DualCLIPLoader's clip: the Flux pipeline's image with the same LoRA file;
+    the model and encoders are their own again after the call."""
+    from safetensors.torch import load_file, save_file
+
+    root, pipe = flux
+    g = torch.Generator().manual_seed(11)
+    sd: dict[str, torch.Tensor] = {}
+
+    def pair(base: str, out: int, inp: int) -> None:
+        sd[f"{base}.lora_down.weight"] = torch.randn(2, inp, generator=g) * 0.4 / inp**0.5
+        sd[f"{base}.lora_up.weight"] = torch.randn(out, 2, generator=g) * 0.4
+        sd[f"{base}.alpha"] = torch.tensor(2.0)
+
+    bfl = load_file(str(root / "models" / "unet" / "flux1-tiny.safetensors"))
+    for k, v in bfl.items():
+        if k.endswith(".weight") and v.ndim == 2 and "blocks" in k and not k.startswith("final_layer"):
+            pair("lora_unet_" + k[: -len(".weight")].replace(".", "_"), *v.shape)
+    q = pipe.text_encoder.text_model.encoder.layers[0].self_attn.q_proj.weight
+    pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", *q.shape)
+    t5q = pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight
+    pair("lora_te3_encoder_block_0_layer_0_SelfAttention_q", *t5q.shape)
+    (root / "loras").mkdir(exist_ok=True)
+    save_file(sd, str(root / "loras" / "flux-kohya.safetensors"))
+
+    graph = flux_graph()
+    graph["12"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["2", 0],
+                   "lora_name": "flux-kohya.safetensors", "strength_model": 1.0, "strength_clip": 1.0}}  # fmt: skip
+    graph["6"]["inputs"]["model"] = ["12", 0]
+    graph["3"]["inputs"]["clip"] = ["12", 1]
+    ours = _pixels(_run(root, graph)["10"][0])
+    kw: dict[str, Any] = dict(schedule="simple", cfg_scale=1.0, distilled_cfg_scale=3.5)
+    theirs = _pipeline_image(pipe, loras=[(root / "loras" / "flux-kohya.safetensors", 1.0)], **kw)
+    plain = _pipeline_image(pipe, **kw)
+    assert np.abs(ours - theirs).max() < TOL
+    assert np.abs(ours - plain).max() > 1e-3  # the LoRA changed the image
+    assert np.abs(_pixels(_run(root, flux_graph())["10"][0]) - plain).max() < TOL  # and is gone after the call

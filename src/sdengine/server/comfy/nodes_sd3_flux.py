@@ -25,8 +25,8 @@ nodes as the U-Nets, and so does sdengine:
   (:func:`sdengine.latent_sampling.flow_sigmas`) with :func:`sdengine.latent_sampling.sample_flow_latents`; a
   latent's noise mask (SetLatentNoiseMask) inpaints as ComfyUI's KSamplerX0Inpaint.
 
-LoraLoader's LoRAs apply to SD3's MMDiT and CLIP encoders as the SD3 pipeline applies them. What does not apply to
-these models is refused with one line: the U-Net's model patches (LoRAs on Flux, FreeU, PAG, SAG,
+LoraLoader's LoRAs apply to SD3's MMDiT and CLIP encoders and to Flux's transformer, CLIP-L and T5 as the pipelines
+apply them. What does not apply to these models is refused with one line: the U-Net's model patches (FreeU, PAG, SAG,
 RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges, ModelSamplingDiscrete), ControlNets, regional conditioning,
 the guiders over three conditionings, the samplers that are not right on flow models (ddim, lcm, ddpm, dpm_fast,
 ...) and ComfyUI's fp8 weight storage.
@@ -569,11 +569,9 @@ _UNET_PATCHES = (
 
 
 def _check_patches(model: ModelHandle, family: str) -> None:
-    """The U-Net patches a flow MODEL carries are refused; LoRAs apply to SD3's MMDiT (diffusers' SD3 format, as the
-    pipeline applies them), not yet to Flux."""
-    on = [label for field, label in _UNET_PATCHES if getattr(model, field, None)]
-    if family == "sd3" and on and on[0] == _UNET_PATCHES[0][1]:
-        on = on[1:]
+    """The U-Net patches a flow MODEL carries are refused; LoRAs apply to SD3's MMDiT and Flux's transformer (every
+    format the pipelines take, :mod:`sdengine.weights.lora_dit_keys`)."""
+    on = [label for field, label in _UNET_PATCHES[1:] if getattr(model, field, None)]
     if on:
         label = "SD3" if family == "sd3" else "Flux"
         raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on {label} models here")
@@ -601,19 +599,17 @@ def _transformer_loras(ctx: RunContext, model: ModelHandle, family: str) -> Iter
 
 @contextmanager
 def _encoder_loras(clip: ClipHandle, cond: Any, family: str) -> Iterator[None]:
-    """LoraLoader's LoRAs on SD3's CLIP-L and bigG while encoding (their text-encoder part); Flux's: refused."""
+    """LoraLoader's LoRAs on the text encoders while encoding (their text-encoder part): SD3's CLIP-L and bigG,
+    Flux's CLIP-L and T5 (kohya's ``lora_te3_`` / ComfyUI's ``t5xxl`` layers, as the Flux pipeline applies them)."""
     if not clip.loras:
         with torch.inference_mode():
             yield
         return
-    if family != "sd3":
-        raise NodeError("LoRAs on Flux's text encoders are not supported here yet (strength_clip 0 leaves them out)")
     from sdengine.weights.lora import apply_loras
 
+    second = cond.text_encoder_2 if family == "sd3" else cond.t5
     try:
-        handle = apply_loras(
-            None, cond.text_encoder, list(clip.loras), text_encoder_2=cond.text_encoder_2, part="text_encoders"
-        )
+        handle = apply_loras(None, cond.text_encoder, list(clip.loras), text_encoder_2=second, part="text_encoders")
     except (OSError, SdengineError) as e:
         raise NodeError(f"LoRA: {str(e).splitlines()[0]}") from None
     try:
