@@ -38,6 +38,7 @@ def served(tmp_path_factory):
     make_sd3_folder(models / "tiny-sd3")
     write_single_file(models / "tiny-sd3", models / "tiny_sd3_file.safetensors")  # the family read from its header
     make_flux_folder(models / "tiny-flux", guidance=True)
+    make_flux_folder(models / "idle-flux", guidance=True)  # never run: checked before any worker loads it
     sd3 = sdengine.load_pipeline(models / "tiny-sd3", device="cpu")
     flux = sdengine.load_pipeline(models / "tiny-flux", device="cpu")
     with live_server(server_config(root, models_dir=models)) as server:
@@ -301,3 +302,17 @@ def test_live_previews_use_each_familys_latent_colours(served):
         assert torch.equal(got, vae_utils.latent_rgb(z, own))
         assert not torch.equal(got, grey)
         assert not torch.equal(got[..., 0], got[..., 1])  # colour, not grey
+
+
+def test_flux_refusals_come_before_the_model_is_loaded(served):
+    """A U-Net setting on a Flux model no worker holds yet is the same one-line 400 as on a loaded one (the pipeline
+    module's refusals, without the model), not a queued job that fails later."""
+    server, client, _, _ = served
+    base = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 1, "model": "idle-flux"}
+    for body, want in (
+        ({"freeu": [1.1, 1.2, 0.9, 0.2]}, "freeu: FreeU changes the U-Net's up blocks; idle-flux is a Flux model"),
+        ({"pag_scale": 3}, "pag_scale: perturbed-attention guidance (pag_scale) reads U-Net attention layers"),
+        ({"tiling": True}, "tiling: tiling (seamless images) is not supported for Flux yet"),
+    ):
+        _one_line_400(client.post("/v1/jobs", json={**base, **body}), want)
+    assert all(getattr(w.pipe, "name", None) != "idle-flux" for w in server.services.manager.workers)

@@ -135,6 +135,18 @@ _REFUSED: tuple[tuple[str, Any, str], ...] = (
 )
 
 
+def refusals(r: GenerationRequest) -> list[str]:
+    """The settings of ``r`` a Flux model cannot run, each as its one-line reason (empty: it can run); needs no loaded
+    model (the server asks before a worker holds it). The distilled guidance's checks need the model
+    (:meth:`FluxPipeline.distilled_guidance`)."""
+    reasons = [f"{field}: {why}" for field, is_set, why in _REFUSED if is_set(getattr(r, field, None))]
+    if r.clip_skip != 1 and r.clip_skip_rule == "sdengine":
+        reasons.append(
+            f"clip_skip {r.clip_skip} does not apply to Flux (it reads CLIP-L's pooled output): leave it at 1"
+        )
+    return reasons
+
+
 class FluxPipeline(Pipeline):
     """FLUX.1 [dev] (guidance-distilled) or [schnell] (timestep-distilled). Build it with
     :func:`sdengine.pipeline.load_pipeline` on a Flux diffusers folder or BFL / ComfyUI files."""
@@ -314,13 +326,9 @@ class FluxPipeline(Pipeline):
 
     def check_request(self, r: GenerationRequest) -> None:
         """What Flux cannot run, one line each, before any work."""
-        for field, is_set, why in _REFUSED:
-            if is_set(getattr(r, field, None)):
-                raise GenerationError(f"{field}: {why}; {self.name} is a Flux model")
-        if r.clip_skip != 1 and r.clip_skip_rule == "sdengine":
-            raise GenerationError(
-                f"clip_skip {r.clip_skip} does not apply to Flux (it reads CLIP-L's pooled output): leave it at 1"
-            )
+        reasons = refusals(r)
+        if reasons:
+            raise GenerationError(f"{reasons[0]}; {self.name} is a Flux model")
         self.distilled_guidance(r)
 
     def prepare(self, request: GenerationRequest) -> Prepared:
@@ -392,4 +400,4 @@ class FluxPipeline(Pipeline):
         return super().__call__(prompt, negative_prompt, **kwargs)
 
 
-__all__ = ["DEV_GUIDANCE", "DEV_STEPS", "SCHNELL_STEPS", "FluxAdapter", "FluxPipeline"]
+__all__ = ["DEV_GUIDANCE", "DEV_STEPS", "SCHNELL_STEPS", "FluxAdapter", "FluxPipeline", "refusals"]

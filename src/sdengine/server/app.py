@@ -885,6 +885,12 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                     SD3Options.coerce(kw["sd3"], None if blocks is None else int(blocks))
             elif loaded is not None:  # Flux: its pipeline's own check (what it refuses, one line each)
                 loaded.check_request(r)
+            else:  # Flux not loaded yet: the same refusals, without the model
+                from sdengine.pipeline.flux import refusals as flux_refusals
+
+                reasons = flux_refusals(r)
+                if reasons:
+                    raise BadRequest(f"{reasons[0]}; {name} is a Flux model")
         except SdengineError as e:
             raise BadRequest(str(e)) from None
 
