@@ -217,7 +217,8 @@ def test_tiny_previews_in_the_callback_and_the_server_previewer(tiny_folder):
     tag, frame = previewer.take()
     assert tag == 5 and np.array_equal(frame, tiny_frame)
     manager.preview = "latent"
-    assert manager.preview_rgb(pipe) is None
+    latent = manager.preview_rgb(pipe)  # the model's latent colour map, not its tiny VAE
+    assert np.array_equal(latent(denoised).numpy(), latent_frame)
     assert np.array_equal(tiny_vae_rgb(pipe.tiny_vae)(denoised).numpy(), tiny_frame)
 
 
