@@ -136,7 +136,11 @@ def default_loader(
 
     def load_model(ref: str, device: str) -> Any:
         from sdengine.pipeline import load_pipeline
+        from sdengine.server.dit_parts import split
 
+        path, parts = split(ref)
+        if parts:  # an SD3 / Flux file with its text encoders (and VAE) from the folders
+            return load_pipeline(path, device=device, dtype=dtype, **{"vae": vae, **parts})
         if embeddings_dir is not None:
             from sdengine.text.embeddings import EmbeddingsUnsupported
 
