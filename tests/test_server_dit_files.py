@@ -145,3 +145,21 @@ def test_a_kind_without_a_file_is_a_one_line_400(served):
         _one_line_400(r, "16-channel VAE", "--vaes-dir")
     finally:
         moved.rename(vae)
+
+
+def test_openai_extra_body_modules(served):
+    _, client, root = served
+    models = root / "models"
+    extra = models / "clip" / "t5xxl_other.safetensors"
+    extra.parent.mkdir(exist_ok=True)
+    shutil.copy(models / "text_encoders" / "t5xxl.safetensors", extra)
+    try:
+        body = {"model": MODEL, "prompt": PROMPT, "size": f"{W}x{H}", "seed": SEED, "steps": STEPS}
+        r = client.post("/v1/images/generations", json=body)
+        assert r.status_code == 400 and "t5xxl_other.safetensors" in r.json()["error"]["message"], r.text
+        r = client.post("/v1/images/generations", json={**body, "modules": ["t5xxl.safetensors"]})
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
+        assert np.abs(got.astype(int) - _reference(root).astype(int)).max() <= 1  # Flux's defaults on both
+    finally:
+        extra.unlink()

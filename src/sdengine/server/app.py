@@ -140,7 +140,15 @@ def default_loader(
 
         path, parts = split(ref)
         if parts:  # an SD3 / Flux file with its text encoders (and VAE) from the folders
-            return load_pipeline(path, device=device, dtype=dtype, **{"vae": vae, **parts})
+            return load_pipeline(
+                path,
+                device=device,
+                dtype=dtype,
+                vae=parts.get("vae", vae),
+                clip_l=parts.get("clip_l"),
+                clip_g=parts.get("clip_g"),
+                t5=parts.get("t5"),
+            )
         if embeddings_dir is not None:
             from sdengine.text.embeddings import EmbeddingsUnsupported
 
