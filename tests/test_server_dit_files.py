@@ -24,6 +24,7 @@ from PIL import Image  # noqa: E402
 import sdengine  # noqa: E402
 from _flux_models import make_flux_folder  # noqa: E402
 from _live_server import live_server, run_job, server_config  # noqa: E402
+from _sd3_models import make_sd3_folder, write_single_file  # noqa: E402
 from test_comfy_sd3_flux import _clip_file, _ldm_vae, _save  # noqa: E402
 
 PROMPT = "a red apple on a table"
@@ -90,7 +91,7 @@ def test_native_job_equals_load_pipeline_with_the_parts(served):
     body = {"model": MODEL, "prompt": PROMPT, "steps": STEPS, "seed": SEED, "width": W, "height": H}
     pixels, job = run_job(client, body)
     want = _reference(root, sampler="euler", schedule="normal", cfg_scale=1.0)
-    assert np.abs(pixels.astype(int) - want.astype(int)).max() <= 1
+    assert np.abs(pixels.astype(int) - want.astype(int)).max() == 0
     assert job["model"] == MODEL
 
 
@@ -125,7 +126,7 @@ def test_a1111_forge_additional_modules_choose_among_several(served):
         assert r.status_code == 200, r.text
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
         want = _reference(root, sampler="euler", schedule="normal", cfg_scale=1.0, distilled_cfg_scale=3.5)
-        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+        assert np.abs(got.astype(int) - want.astype(int)).max() == 0
         # a module that is no such file, and two of one kind: 400s
         body["forge_additional_modules"] = ["nothing.safetensors"]
         _one_line_400(client.post("/sdapi/v1/txt2img", json=body), "nothing.safetensors", "available")
@@ -160,6 +161,39 @@ def test_openai_extra_body_modules(served):
         r = client.post("/v1/images/generations", json={**body, "modules": ["t5xxl.safetensors"]})
         assert r.status_code == 200, r.text
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
-        assert np.abs(got.astype(int) - _reference(root).astype(int)).max() <= 1  # Flux's defaults on both
+        assert np.abs(got.astype(int) - _reference(root).astype(int)).max() == 0  # Flux's defaults on both
     finally:
         extra.unlink()
+
+
+def test_sd3_file_without_its_encoders_takes_them_from_the_folders(tmp_path):
+    """Stability's layout without text encoders (sd3.5_medium.safetensors): CLIP-L, bigG and the optional T5 from
+    text_encoders/ (the tiny CLIPs, of one width, told apart by their names)."""
+    from safetensors.torch import load_file
+
+    folder = make_sd3_folder(tmp_path / "sd3-folder")
+    models = tmp_path / "models"
+    (models / "unet").mkdir(parents=True)
+    file = write_single_file(folder, models / "unet" / "sd3-tiny.safetensors", clips=False, t5=False)
+    enc = models / "text_encoders"
+    _save(_clip_file(folder, "text_encoder"), enc / "clip_l.safetensors")
+    _save(_clip_file(folder, "text_encoder_2"), enc / "clip_g.safetensors")
+    _save(load_file(folder / "text_encoder_3" / "model.safetensors"), enc / "t5xxl.safetensors")
+    with live_server(server_config(tmp_path, models_dir=models), loader=None) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            listed = {m["id"]: m["family"] for m in client.get("/v1/models").json()["data"]}
+            assert listed["unet/sd3-tiny.safetensors"] == "sd3"
+            body = {"model": "unet/sd3-tiny.safetensors", "prompt": PROMPT, "steps": STEPS, "seed": SEED}
+            pixels, _ = run_job(client, {**body, "width": W, "height": H})
+            bad = client.post("/v1/jobs", json={**body, "modules": ["clip_l.safetensors", "clip_l.safetensors", "x"]})
+            _one_line_400(bad, "'x'", "available: clip_l.safetensors, clip_g.safetensors, t5xxl.safetensors")
+    pipe = sdengine.load_pipeline(
+        file,
+        device="cpu",
+        clip_l=enc / "clip_l.safetensors",
+        clip_g=enc / "clip_g.safetensors",
+        t5=enc / "t5xxl.safetensors",
+    )
+    with torch.no_grad():
+        want = pipe(prompt=PROMPT, seed=SEED, width=W, height=H, **pipe.family_defaults | {"steps": STEPS})
+    assert np.abs(pixels.astype(int) - np.asarray(want.images[0].convert("RGB")).astype(int)).max() == 0

@@ -61,13 +61,14 @@ def kind_of(path: Path) -> tuple[str, int] | None:
     return None
 
 
-def _clip_kind(width: int, widths: set[int]) -> str:
-    """CLIP-L (768 wide) or bigG (1280); a CLIP of another width (a small test model) is CLIP-L when it is the
-    narrowest of the folder's, else bigG."""
+def _clip_kind(name: str, width: int, widths: set[int]) -> str:
+    """CLIP-L (768 wide) or bigG (1280); a CLIP of another width (a small test model) is bigG when its file name
+    says so (``clip_g``, ``bigG``) or it is not the narrowest of the folder's, else CLIP-L."""
     if width in CLIP_WIDTHS:
         return CLIP_WIDTHS[width]
     odd = {w for w in widths if w not in CLIP_WIDTHS}
-    return "clip_l" if width == min(odd) else "clip_g"
+    lower = _base_name(name).lower()
+    return "clip_g" if "clip_g" in lower or "bigg" in lower or width != min(odd) else "clip_l"
 
 
 def needed(path: Path) -> tuple[str, ...]:
@@ -110,7 +111,7 @@ def candidates(catalog: Any) -> dict[str, list[tuple[str, Path]]]:
         if k is not None and k[0] == "t5":
             out["t5"].append((name, p))
         elif k is not None and k[0] == "clip":
-            out[_clip_kind(k[1], widths)].append((name, p))
+            out[_clip_kind(name, k[1], widths)].append((name, p))
     for e in catalog.vaes():
         p = Path(e.ref)
         if p.is_file() and kind_of(p) == ("vae", 16):
