@@ -38,6 +38,23 @@ def split(ref: str) -> tuple[str, dict[str, str]]:
     return base, dict(item.split("=", 1) for item in rest)
 
 
+_READ: dict[tuple[str, str, int, int], Any] = {}  # (what, path, mtime, size) -> what was read of a file's header
+
+
+def _once(what: str, path: Path, read: Any) -> Any:
+    """``read(path)``, kept while the file is unchanged: the listings and every request ask again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return read(path)
+    key = (what, str(path), st.st_mtime_ns, st.st_size)
+    if key not in _READ:
+        if len(_READ) > 4096:
+            _READ.clear()
+        _READ[key] = read(path)
+    return _READ[key]
+
+
 def _header(path: Path) -> dict[str, Any]:
     from sdengine.weights.io import WeightsError, read_safetensors_header
 
@@ -47,7 +64,7 @@ def _header(path: Path) -> dict[str, Any]:
         return {}
 
 
-def kind_of(path: Path) -> tuple[str, int] | None:
+def _kind_of(path: Path) -> tuple[str, int] | None:
     """(``clip``, its width), (``t5``, 0) or (``vae``, 16) by a file's tensors; None for anything else."""
     entries = _header(path)
     if any(".block.0.layer.0." in n or n.endswith("shared.weight") for n in entries):
@@ -71,7 +88,7 @@ def _clip_kind(name: str, width: int, widths: set[int]) -> str:
     return "clip_g" if "clip_g" in lower or "bigg" in lower or width != min(odd) else "clip_l"
 
 
-def needed(path: Path) -> tuple[str, ...]:
+def _needed(path: Path) -> tuple[str, ...]:
     """The parts an SD3 / Flux single file lacks (required ones only: SD3's T5 is optional, see :func:`optional`);
     () for any other model or a folder."""
     from sdengine.pipeline.flux_loading import COMFY_CLIP_L, COMFY_T5, VAE_PREFIXES, is_flux_file
@@ -93,7 +110,7 @@ def needed(path: Path) -> tuple[str, ...]:
     return ()
 
 
-def optional(path: Path) -> tuple[str, ...]:
+def _optional(path: Path) -> tuple[str, ...]:
     """An SD3 file's T5 when it lacks one (it runs without, as diffusers' pipeline with ``text_encoder_3=None``)."""
     from sdengine.weights import sd3_files as sf
 
@@ -178,6 +195,19 @@ def fill(catalog: Any, ref: str, modules: Sequence[str] | None) -> str:
     return compose(ref, parts)
 
 
-def module_names(ref: str) -> list[str]:
-    """The file names of a reference's parts, in :data:`KINDS` order (the infotext's ``Module 1``, ...)."""
-    return [Path(p).name for _, p in split(ref)[1].items()]
+def kind_of(path: Path) -> tuple[str, int] | None:
+    """:func:`_kind_of`, read once per version of the file."""
+    result: tuple[str, int] | None = _once("kind_of", path, _kind_of)
+    return result
+
+
+def needed(path: Path) -> tuple[str, ...]:
+    """:func:`_needed`, read once per version of the file."""
+    result: tuple[str, ...] = _once("needed", path, _needed)
+    return result
+
+
+def optional(path: Path) -> tuple[str, ...]:
+    """:func:`_optional`, read once per version of the file."""
+    result: tuple[str, ...] = _once("optional", path, _optional)
+    return result
