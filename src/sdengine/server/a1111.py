@@ -480,6 +480,7 @@ USED = {
     "seed_resize_from_w",  # A1111's "Resize seed from": both above 0, else it does nothing (there too)
     "seed_resize_from_h",
     "distilled_cfg_scale",  # Forge's: FLUX.1 [dev]'s distilled guidance
+    "forge_additional_modules",  # Forge's: an SD3 / Flux file's text encoders and VAE (server.dit_parts)
     "shift",  # sdengine's (as its native job's): SD3's time shift
     "sd3",  # sdengine's (as its native job's): SD3's skip-layer guidance
 }
@@ -1928,6 +1929,8 @@ def install(app: FastAPI, services: Any) -> None:
             clip_skip, clip_rule = clip
         model = over.pop("sd_model_checkpoint", None)
         sd_vae = check_sd_vae(over.pop("sd_vae"), "override_settings.") if "sd_vae" in over else None
+        # Forge's choice of an SD3 / Flux file's text encoders and VAE (a list of its module paths; names here)
+        modules = over.pop("forge_additional_modules", body.get("forge_additional_modules"))
         if sd_vae is None:
             sd_vae = options.get("sd_vae", "Automatic")
         vae_decode = decode_method(over.pop("sd_vae_decode_method", options.get("sd_vae_decode_method", "Full")))
@@ -2077,6 +2080,7 @@ def install(app: FastAPI, services: Any) -> None:
             # the model family's own settings (Forge's distilled_cfg_scale; sdengine's shift and sd3): checked by
             # the build and, against the model's family, by the precheck (flow_fields: Forge's default 3.5)
             **{k: body[k] for k in ("distilled_cfg_scale", "shift", "sd3") if body.get(k) is not None},
+            **({"modules": modules} if modules is not None else {}),
         )
 
     def ip_adapter_name(model: str) -> str:

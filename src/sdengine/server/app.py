@@ -136,7 +136,19 @@ def default_loader(
 
     def load_model(ref: str, device: str) -> Any:
         from sdengine.pipeline import load_pipeline
+        from sdengine.server.dit_parts import split
 
+        path, parts = split(ref)
+        if parts:  # an SD3 / Flux file with its text encoders (and VAE) from the folders
+            return load_pipeline(
+                path,
+                device=device,
+                dtype=dtype,
+                vae=parts.get("vae", vae),
+                clip_l=parts.get("clip_l"),
+                clip_g=parts.get("clip_g"),
+                t5=parts.get("t5"),
+            )
         if embeddings_dir is not None:
             from sdengine.text.embeddings import EmbeddingsUnsupported
 

@@ -132,6 +132,25 @@ class Catalog:
                     p.is_file() and p.suffix.lower() == ".safetensors"
                 ):
                     out.append(Entry(p.name, str(p.resolve()), False))
+        # the SD3 / Flux diffusion-model files of diffusion_models/ and unet/, by their path in --models-dir: a job
+        # on one gets its text encoders and VAE from the folders (sdengine.server.dit_parts)
+        out += [Entry(e.name, e.ref, False) for e in self.dit_models()]
+        return out
+
+    def dit_models(self) -> list[Entry]:
+        """The SD3 / Flux files of ``--models-dir``'s ``diffusion_models/`` and ``unet/``, named by their path in
+        ``--models-dir`` (``diffusion_models/flux1-dev.safetensors``), which :meth:`resolve_model` takes."""
+        from sdengine.server.dit_parts import needed, optional
+
+        out: list[Entry] = []
+        if self.models_dir is None:
+            return out
+        for sub in DIFFUSION_MODEL_FOLDERS:
+            root = self.models_dir / sub
+            if root.is_dir() and is_inside(self.models_dir, root):
+                for e in _weight_entries(root, (".safetensors",), folders=False):
+                    if needed(Path(e.ref)) or optional(Path(e.ref)):
+                        out.append(Entry(f"{sub}/{e.name}", e.ref, False))
         return out
 
     def resolve_model(self, name: str) -> str:
@@ -150,7 +169,9 @@ class Catalog:
             raise BadRequest(f"unknown model {name!r}; available: {have}") from None
 
     def model_name_of(self, ref_or_name: str) -> str:
-        """The name listed for a reference (the inverse of :meth:`resolve_model`)."""
+        """The name listed for a reference (the inverse of :meth:`resolve_model`; a reference with parts given
+        apart, :mod:`sdengine.server.dit_parts`, is its model's)."""
+        ref_or_name = ref_or_name.split("\x00")[0]
         for e in self.models():
             if ref_or_name in (e.name, e.ref):
                 return e.name
@@ -269,7 +290,7 @@ class Catalog:
         a model ``sd`` never picks ``sdxl_vae.safetensors``."""
         if self.vaes_dir is None or not self.vaes_dir.is_dir():
             return None
-        ref = Path(model_ref)
+        ref = Path(model_ref.split("\x00")[0])  # a model with parts given apart (server.dit_parts): its file
         stem = ref.name.removesuffix(ref.suffix) if ref.suffix.lower() == ".safetensors" else ref.name
         for e in self.vaes():
             p = Path(e.ref)

@@ -108,6 +108,7 @@ EXTENSIONS += ("deep_shrink", "hypertile", "hypertile_hires_only", "hypertile_ru
 EXTENSIONS += ("hypertile_vae", "tiled_diffusion")
 EXTENSIONS += ("ip_adapters",)
 EXTENSIONS += ("distilled_cfg_scale", "shift", "sd3")  # the model family's own (Flux [dev]; SD3)
+EXTENSIONS += ("modules",)  # an SD3 / Flux file's text encoders and VAE (server.dit_parts)
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
 # field is refused as OpenAI refuses an unknown parameter, never dropped (a misspelt ``seed`` would draw another
@@ -178,6 +179,7 @@ class GenerationsRequest(BaseModel):
     distilled_cfg_scale: Any = None  # Flux [dev]'s; SD3's shift and sd3 settings: checked by patch_fields, the builder
     shift: Any = None
     sd3: Any = None
+    modules: Any = None  # an SD3 / Flux file's text encoders and VAE: checked by the request builder
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
 
@@ -789,6 +791,8 @@ def install(app: FastAPI, services: Any) -> None:
                     "distilled_cfg_scale": fields.get("distilled_cfg_scale") or None,  # Flux [dev]'s
                     "shift": fields.get("shift") or None,  # SD3's
                     "sd3": fields.get("sd3") or None,  # a JSON object
+                    # "clip_l.safetensors,t5xxl.safetensors": an SD3 / Flux file's text encoders and VAE
+                    "modules": [m.strip() for m in fields["modules"].split(",")] if fields.get("modules") else None,
                 }
             ),
         )
@@ -1039,6 +1043,12 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             "description": "sdengine: SD3 models only, skip-layer guidance {skip_guidance_layers, "
             "skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop}, as the native job's sd3 "
             "(in a form: one JSON string); another model answers a 400",
+        },
+        "modules": {
+            "oneOf": [{"type": "array", "maxItems": 8, "items": {"type": "string"}}, text],
+            "description": "sdengine: an SD3 / Flux diffusion-model file's text encoders and VAE when the folders hold "
+            "several of a kind, as the native job's modules (Forge's forge_additional_modules; in a form: file names "
+            "separated by commas)",
         },
         "ip_adapters": {
             "oneOf": [{"type": "array", "maxItems": 4, "items": {"type": "object"}}, text],

@@ -54,6 +54,7 @@ class PreprocessRequest(BaseModel):
 def model_size(ref: str, loaded: Any | None = None) -> dict[str, int]:
     """Default side and size multiple of a model: from its loaded pipeline when a worker holds it, else
     from a diffusers folder's configs (U-Net sample size x the VAE's downscale factor)."""
+    ref = ref.split("\x00")[0]  # a model with parts given apart (server.dit_parts): its file
     if loaded is not None:
         side, multiple = int(loaded.default_size), int(loaded.size_multiple)
         return {"width": side, "height": side, "multiple": multiple}
@@ -67,6 +68,7 @@ def folder_size(ref: str) -> dict[str, int] | None:
     """:func:`model_size` from a diffusers folder's configs (U-Net sample size x the VAE's downscale factor, what
     the loaded pipeline's ``default_size`` is); None when ``ref`` is not such a folder (a single file's size is
     only known once loaded)."""
+    ref = ref.split("\x00")[0]  # a model with parts given apart (server.dit_parts): its file
     from sdengine.pipeline import BUILTIN_SD
 
     folder = Path(BUILTIN_SD.get(ref, Path(ref)))
@@ -98,6 +100,7 @@ def family_before_load(ref: str) -> str | None:
     """A model's family (:data:`FAMILIES`), read without loading it: an SD3 or Flux diffusers folder or single file
     (by its ``model_index.json`` or its tensor names), SDXL (:func:`sdxl_before_load`), a built-in pixel model; "sd"
     for any other Stable Diffusion folder or file; None when that cannot be told (an unreadable file)."""
+    ref = ref.split("\x00")[0]  # a model with parts given apart (server.dit_parts): its file
     from sdengine.pipeline import BUILTIN_PIXEL, BUILTIN_SD
 
     if ref in BUILTIN_PIXEL:
@@ -166,6 +169,7 @@ def family_defaults_before_load(ref: str) -> dict[str, Any]:
 def transformer_blocks_before_load(ref: str) -> int | None:
     """The joint blocks of an SD3 diffusers folder's MMDiT (its config's ``num_layers``: what skip-layer guidance
     may name); None when not known before loading (a single file)."""
+    ref = ref.split("\x00")[0]  # a model with parts given apart (server.dit_parts): its file
     try:
         value = json.loads((Path(ref) / "transformer" / "config.json").read_text()).get("num_layers")
     except (OSError, ValueError, AttributeError):
@@ -176,6 +180,7 @@ def transformer_blocks_before_load(ref: str) -> int | None:
 def flux_distilled_before_load(ref: str) -> bool | None:
     """Whether a Flux diffusers folder's transformer takes the distilled guidance ([dev]: ``guidance_embeds``);
     None when not known before loading (a single file)."""
+    ref = ref.split("\x00")[0]  # a model with parts given apart (server.dit_parts): its file
     try:
         net = json.loads((Path(ref) / "transformer" / "config.json").read_text())
     except (OSError, ValueError):
@@ -186,6 +191,7 @@ def flux_distilled_before_load(ref: str) -> bool | None:
 def train_timesteps(ref: str) -> int:
     """A model's training timesteps (its noise schedule's length), read without loading it: a diffusers folder's
     scheduler config, else 1000 (every Stable Diffusion model's)."""
+    ref = ref.split("\x00")[0]  # a model with parts given apart (server.dit_parts): its file
     from sdengine.pipeline import BUILTIN_SD
 
     folder = Path(BUILTIN_SD.get(ref, Path(ref)))
@@ -200,6 +206,7 @@ def sdxl_before_load(ref: str) -> bool | None:
     """Whether a model is an SDXL one (base or refiner), read without loading it: a diffusers folder has a
     ``text_encoder_2`` folder, a ``.safetensors`` file SDXL's ``conditioner.embedders.*`` keys; None when that
     cannot be told (another file kind, an unreadable header)."""
+    ref = ref.split("\x00")[0]  # a model with parts given apart (server.dit_parts): its file
     from sdengine.pipeline import BUILTIN_PIXEL, BUILTIN_SD
 
     if ref in BUILTIN_PIXEL:
@@ -223,6 +230,7 @@ def sdxl_before_load(ref: str) -> bool | None:
 def max_side_before_load(ref: str) -> int | None:
     """The largest width or height the model takes (the pipeline's ``max_side``: 8x its training size, never
     over 8192), read from a diffusers folder's configs without loading it; None when not known before loading."""
+    ref = ref.split("\x00")[0]  # a model with parts given apart (server.dit_parts): its file
     from sdengine.pipeline.core import MAX_SIDE, MAX_SIZE_FACTOR
 
     known = folder_size(ref)

@@ -318,6 +318,7 @@ def build_generation(
     distilled_cfg_scale: float | None = None,
     shift: float | None = None,
     sd3: dict[str, Any] | None = None,
+    modules: Sequence[str] | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
@@ -499,6 +500,9 @@ def build_generation(
 
     chosen = model if model else (default_model or config.model)
     ref = catalog.resolve_model(chosen)
+    from sdengine.server.dit_parts import fill
+
+    ref = fill(catalog, ref, modules)  # an SD3 / Flux file's text encoders and VAE from the folders (Forge's rule)
     kwargs: dict[str, Any] = {
         "prompt": clean_prompt,
         "negative_prompt": negative_prompt,

@@ -329,6 +329,13 @@ class JobRequest(BaseModel):
         "negative_target_size, aesthetic_score, negative_aesthetic_score (a refiner's), as diffusers' "
         "StableDiffusionXLPipeline arguments",
     )
+    modules: list[Annotated[str, Field(min_length=1, max_length=512)]] | None = Field(
+        None,
+        max_length=8,
+        description="an SD3 / Flux diffusion-model file's text encoders and VAE when its folders hold several of a "
+        "kind: file names of text_encoders/ (clip/) of --models-dir and of --vaes-dir (Forge's "
+        "forge_additional_modules); null: the only file of each kind",
+    )
     distilled_cfg_scale: float | None = Field(
         None,
         ge=0,

@@ -511,7 +511,8 @@ def input_files(env: Any) -> list[str]:
 
 
 def _models(env: Any) -> list[str]:
-    return [e.name for e in env.catalog.models()]
+    dit = {e.name for e in env.catalog.dit_models()}  # UNETLoader's files, not checkpoints
+    return [e.name for e in env.catalog.models() if e.name not in dit]
 
 
 def _loras(env: Any) -> list[str]:

@@ -1,0 +1,213 @@
+"""The parts an SD3 / Flux single file lacks (text encoders, Flux's VAE), filled from the server's folders.
+
+BFL's ``flux1-dev.safetensors`` holds the transformer only: its CLIP-L, T5-XXL and 16-channel VAE
+(``ae.safetensors``) are separate files; Stability's ``sd3.5_medium.safetensors`` lacks its CLIP-L / bigG / T5.
+Forge serves such files by picking those parts from its folders, by kind, and lets a request choose among several
+of one kind (its A1111 field ``forge_additional_modules``). The server does the same: the text encoders of
+``--models-dir``'s ``text_encoders/`` (or ``clip/``) and the VAEs of ``--vaes-dir``, each told by its tensors
+(T5 by its block names, CLIP-L and bigG by their width 768 / 1280, a 16-channel VAE by its decoder's input).
+
+The parts chosen become part of the model's loader reference (:func:`compose`): ``PATH`` then ``\\0kind=PATH`` for
+each part (NUL never occurs in a path), so that a worker reloads when another part is chosen, and the loader
+splits it back (:func:`split`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sdengine.server.errors import BadRequest
+
+SEP = "\x00"
+KINDS = ("clip_l", "clip_g", "t5", "vae")
+KIND_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP bigG", "t5": "T5-XXL", "vae": "16-channel VAE"}
+CLIP_WIDTHS = {768: "clip_l", 1280: "clip_g"}
+MAX_MODULES = 8
+
+
+def compose(ref: str, parts: dict[str, str]) -> str:
+    """A loader reference of ``ref`` with its parts given apart (``ref`` itself when there are none)."""
+    return ref + "".join(f"{SEP}{k}={parts[k]}" for k in KINDS if k in parts)
+
+
+def split(ref: str) -> tuple[str, dict[str, str]]:
+    """(model path, parts) of a reference made by :func:`compose`."""
+    base, *rest = ref.split(SEP)
+    return base, dict(item.split("=", 1) for item in rest)
+
+
+_READ: dict[tuple[str, str, int, int], Any] = {}  # (what, path, mtime, size) -> what was read of a file's header
+
+
+def _once(what: str, path: Path, read: Any) -> Any:
+    """``read(path)``, kept while the file is unchanged: the listings and every request ask again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return read(path)
+    key = (what, str(path), st.st_mtime_ns, st.st_size)
+    if key not in _READ:
+        if len(_READ) > 4096:
+            _READ.clear()
+        _READ[key] = read(path)
+    return _READ[key]
+
+
+def _header(path: Path) -> dict[str, Any]:
+    from sdengine.weights.io import WeightsError, read_safetensors_header
+
+    try:
+        return read_safetensors_header(path)[0]
+    except (OSError, WeightsError):
+        return {}
+
+
+def _kind_of(path: Path) -> tuple[str, int] | None:
+    """(``clip``, its width), (``t5``, 0) or (``vae``, 16) by a file's tensors; None for anything else."""
+    entries = _header(path)
+    if any(".block.0.layer.0." in n or n.endswith("shared.weight") for n in entries):
+        return ("t5", 0)
+    for n, info in entries.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if n.endswith("embeddings.token_embedding.weight") and shape and len(shape) == 2:
+            return ("clip", int(shape[1]))
+        if n.endswith("decoder.conv_in.weight") and shape and len(shape) == 4 and int(shape[1]) == 16:
+            return ("vae", 16)
+    return None
+
+
+def _clip_kind(name: str, width: int, widths: set[int]) -> str:
+    """CLIP-L (768 wide) or bigG (1280); a CLIP of another width (a small test model) is bigG when its file name
+    says so (``clip_g``, ``bigG``) or it is not the narrowest of the folder's, else CLIP-L."""
+    if width in CLIP_WIDTHS:
+        return CLIP_WIDTHS[width]
+    odd = {w for w in widths if w not in CLIP_WIDTHS}
+    lower = _base_name(name).lower()
+    return "clip_g" if "clip_g" in lower or "bigg" in lower or width != min(odd) else "clip_l"
+
+
+def _needed(path: Path) -> tuple[str, ...]:
+    """The parts an SD3 / Flux single file lacks (required ones only: SD3's T5 is optional, see :func:`optional`);
+    () for any other model or a folder."""
+    from sdengine.pipeline.flux_loading import COMFY_CLIP_L, COMFY_T5, VAE_PREFIXES, is_flux_file
+
+    if not path.is_file():
+        return ()
+    names = list(_header(path))
+    if is_flux_file(path):
+        held = {
+            "clip_l": any(n.startswith(COMFY_CLIP_L) for n in names),
+            "t5": any(n.startswith(COMFY_T5) for n in names),
+            "vae": any(n.startswith(VAE_PREFIXES) for n in names),
+        }
+        return tuple(k for k, has in held.items() if not has)
+    from sdengine.weights import sd3_files as sf
+
+    if sf.is_sd3_file(path):
+        return tuple(k for k in ("clip_l", "clip_g") if not sf.has_clip(names, k))
+    return ()
+
+
+def _optional(path: Path) -> tuple[str, ...]:
+    """An SD3 file's T5 when it lacks one (it runs without, as diffusers' pipeline with ``text_encoder_3=None``)."""
+    from sdengine.weights import sd3_files as sf
+
+    if path.is_file() and sf.is_sd3_file(path) and not any(n.startswith(sf.T5_PREFIX) for n in _header(path)):
+        return ("t5",)
+    return ()
+
+
+def candidates(catalog: Any) -> dict[str, list[tuple[str, Path]]]:
+    """Each kind's files: (listed name, path) of ``text_encoders/`` / ``clip/`` and ``--vaes-dir``."""
+    out: dict[str, list[tuple[str, Path]]] = {k: [] for k in KINDS}
+    encoders = [(e.name, Path(e.ref), kind_of(Path(e.ref))) for e in catalog.text_encoders()]
+    widths = {k[1] for _, _, k in encoders if k is not None and k[0] == "clip"}
+    for name, p, k in encoders:
+        if k is not None and k[0] == "t5":
+            out["t5"].append((name, p))
+        elif k is not None and k[0] == "clip":
+            out[_clip_kind(name, k[1], widths)].append((name, p))
+    for e in catalog.vaes():
+        p = Path(e.ref)
+        if p.is_file() and kind_of(p) == ("vae", 16):
+            out["vae"].append((e.name, p))
+    return out
+
+
+def _base_name(name: str) -> str:
+    return name.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def fill(catalog: Any, ref: str, modules: Sequence[str] | None) -> str:
+    """``ref`` with the parts its SD3 / Flux file lacks, picked by kind; ``modules`` (Forge's
+    ``forge_additional_modules``): the request's choice, names as listed (a path's file name is matched too, as
+    Forge sends its own paths). A one-line BadRequest for a module that is no such part, a kind with no file, or
+    several files of a kind the request does not choose between."""
+    if modules is not None and (
+        not isinstance(modules, list | tuple) or not all(isinstance(m, str) and m for m in modules)
+    ):
+        raise BadRequest("modules (forge_additional_modules) must be a list of file names")
+    if modules is not None and len(modules) > MAX_MODULES:
+        raise BadRequest(f"modules: at most {MAX_MODULES} files, got {len(modules)}")
+    path = Path(ref)
+    need, may = needed(path), optional(path)
+    if not need and not may:
+        if modules:
+            raise BadRequest(f"modules {', '.join(modules)}: {path.name} needs no text encoder or VAE given apart")
+        return ref
+    found = candidates(catalog)
+    chosen: dict[str, tuple[str, Path]] = {}
+    for m in modules or ():
+        hits = [(k, n, p) for k in KINDS for n, p in found[k] if m in (n, p.name) or _base_name(m) in (n, p.name)]
+        if not hits:
+            have = ", ".join(n for k in KINDS for n, _ in found[k]) or "none"
+            raise BadRequest(
+                f"module {m!r} is no text encoder of text_encoders/ (clip/) nor a 16-channel VAE of --vaes-dir; "
+                f"available: {have}"
+            )
+        kind, name, p = hits[0]
+        if kind in chosen and chosen[kind][0] != name:
+            raise BadRequest(f"modules: {chosen[kind][0]} and {name} are both {KIND_NAMES[kind]}; give one")
+        chosen[kind] = (name, p)
+    parts: dict[str, str] = {}
+    for kind in (*need, *may):
+        if kind in chosen:
+            parts[kind] = str(chosen.pop(kind)[1])
+            continue
+        files = found[kind]
+        where = "--vaes-dir" if kind == "vae" else "text_encoders/ (or clip/) of --models-dir"
+        if len(files) > 1:
+            raise BadRequest(
+                f"{path.name} needs a {KIND_NAMES[kind]}: {where} holds several "
+                f"({', '.join(n for n, _ in files)}); choose one with modules (forge_additional_modules)"
+            )
+        if files:
+            parts[kind] = str(files[0][1])
+        elif kind in need:
+            raise BadRequest(f"{path.name} needs a {KIND_NAMES[kind]} file: put one in {where}")
+    if chosen:  # a choice of a kind the file holds itself
+        raise BadRequest(
+            f"modules {', '.join(n for n, _ in chosen.values())}: {path.name} holds its own "
+            f"{', '.join(KIND_NAMES[k] for k in chosen)}"
+        )
+    return compose(ref, parts)
+
+
+def kind_of(path: Path) -> tuple[str, int] | None:
+    """:func:`_kind_of`, read once per version of the file."""
+    result: tuple[str, int] | None = _once("kind_of", path, _kind_of)
+    return result
+
+
+def needed(path: Path) -> tuple[str, ...]:
+    """:func:`_needed`, read once per version of the file."""
+    result: tuple[str, ...] = _once("needed", path, _needed)
+    return result
+
+
+def optional(path: Path) -> tuple[str, ...]:
+    """:func:`_optional`, read once per version of the file."""
+    result: tuple[str, ...] = _once("optional", path, _optional)
+    return result
