@@ -30,6 +30,23 @@ def check_folder_target(dst: str) -> None:
         )
 
 
+def refuse_dit(src: Path) -> None:
+    """SD3 / SD3.5 and FLUX.1 models are not converted yet: say so (not "missing the unet/ subfolder")."""
+    from ..pipeline.flux_loading import is_flux_file, is_flux_folder
+    from ..weights.sd3_files import is_sd3
+
+    if not src.exists():
+        return
+    family = (
+        "SD3" if is_sd3(src) else "FLUX.1" if (is_flux_folder(src) if src.is_dir() else is_flux_file(src)) else None
+    )
+    if family is not None:
+        raise UsageError(
+            f"{src}: a {family} model; sdengine convert handles SD 1.x / 2.x and SDXL only (SD3 and Flux folders and "
+            "single files load as they are: sdengine generate --model, docs/sd3.md, docs/flux.md)"
+        )
+
+
 def run(a: argparse.Namespace) -> int:
     from ..weights import convert
 
@@ -50,6 +67,7 @@ def run(a: argparse.Namespace) -> int:
     from ..io.atomic import remove_stale_temp_files
 
     check_folder_target(a.dst)  # before the (slow) load, nothing lost
+    refuse_dit(Path(src))
 
     out_folder = Path(a.dst).parent
     remove_stale_temp_files(out_folder)
