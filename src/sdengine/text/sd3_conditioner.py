@@ -136,28 +136,11 @@ class SD3Conditioner:
     # -- text -------------------------------------------------------------------------------------------
 
     def _clip(self, encoder: Any, tokenizer: Any, pad: int, text: str, clip_skip: int) -> tuple[Tensor, Tensor]:
-        """(states (1, 77 * k, D) with emphasis, projected pooled output of the first chunk (1, P))."""
-        from sdengine.cuda_graphs import through
-        from sdengine.prompts import apply_emphasis, extra_tokens_key, prompt_chunks
-        from sdengine.text.encode_cache import cached_call
+        """(states (1, 77 * k, D) with emphasis, projected pooled output of the first chunk (1, P)), as SDXL's."""
+        from sdengine.text.sdxl_conditioner import encode_clip_chunks
 
-        chunks = prompt_chunks(tokenizer, text, pad_token_id=pad)
-        param = next(iter(encoder.parameters()))
-        ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=param.device)  # (k, 77)
-
-        def run() -> tuple[Tensor, Tensor]:
-            out = through(encoder)(ids, output_hidden_states=True)
-            return out.hidden_states[-(clip_skip + 1)], out.text_embeds  # raw states, no final LayerNorm
-
-        key = ("sd3", tuple(tuple(c.ids) for c in chunks), clip_skip, extra_tokens_key(encoder, chunks))
-        states, pooled = cached_call(encoder, key, run)
-        parts = []
-        for i, chunk in enumerate(chunks):
-            z = states[i : i + 1]
-            if any(w != 1.0 for w in chunk.weights):
-                z = apply_emphasis(z, torch.tensor([chunk.weights], dtype=torch.float32, device=z.device))
-            parts.append(z)
-        return torch.cat(parts, dim=1).float(), pooled[:1].float()
+        states, pooled = encode_clip_chunks(encoder, tokenizer, pad, text, clip_skip, "sd3")
+        return states.float(), pooled.float()
 
     def clip_text(self, prompt: str, clip_skip: int = 1, chunks: int = 0) -> tuple[Tensor, Tensor]:
         """(CLIP states zero-padded to the joint width (1, 77 * k, joint), pooled (1, P_l + P_g)); at least

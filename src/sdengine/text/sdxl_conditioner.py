@@ -221,28 +221,7 @@ class SDXLConditioner:
 
     def _encode(self, encoder: Any, tokenizer: Any, pad: int, text: str, clip_skip: int) -> tuple[Tensor, Tensor]:
         """(states (1, 77 * k, D), pooled output of the first chunk (1, P) or (1, D))."""
-        from sdengine.cuda_graphs import through
-        from sdengine.prompts import apply_emphasis, extra_tokens_key, prompt_chunks
-        from sdengine.text.encode_cache import cached_call
-
-        chunks = prompt_chunks(tokenizer, text, pad_token_id=pad)
-        param = next(iter(encoder.parameters()))
-        ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=param.device)  # (k, 77)
-
-        def run() -> tuple[Tensor, Tensor]:
-            out = through(encoder)(ids, output_hidden_states=True)  # its CUDA graphs, when recorded
-            pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooled
-            return out.hidden_states[-(clip_skip + 1)], pooled  # states (k, 77, D): raw, no final LayerNorm
-
-        key = ("sdxl", tuple(tuple(c.ids) for c in chunks), clip_skip, extra_tokens_key(encoder, chunks))
-        states, pooled = cached_call(encoder, key, run)
-        parts = []
-        for i, chunk in enumerate(chunks):
-            z = states[i : i + 1]
-            if any(w != 1.0 for w in chunk.weights):
-                z = apply_emphasis(z, torch.tensor([chunk.weights], dtype=torch.float32, device=z.device))
-            parts.append(z)
-        return torch.cat(parts, dim=1), pooled[:1]
+        return encode_clip_chunks(encoder, tokenizer, pad, text, clip_skip, "sdxl")
 
     def text(self, prompt: str, prompt_2: str, clip_skip: Any = 1) -> tuple[Tensor, Tensor]:
         """(crossattn (1, 77 * k, C), pooled bigG (1, P)) of one prompt pair, in float32. The refiner's one
@@ -387,4 +366,35 @@ class SDXLConditioner:
         return {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
 
 
-__all__ = ["SDXLConditioner", "SDXLOptions"]
+def encode_clip_chunks(
+    encoder: Any, tokenizer: Any, pad: int, text: str, clip_skip: int, family: str
+) -> tuple[Tensor, Tensor]:
+    """One CLIP encoder's reading of ``text`` as SDXL and SD3 use it: (states (1, 77 * k, D) of
+    ``hidden_states[-(clip_skip + 1)]`` (raw, no final LayerNorm) with A1111 emphasis per 75-token chunk, pooled
+    output of the first chunk (1, P): the projected ``text_embeds`` when the encoder has a projection, else
+    ``pooled``). ``family`` keys the encoder-output cache."""
+    from sdengine.cuda_graphs import through
+    from sdengine.prompts import apply_emphasis, extra_tokens_key, prompt_chunks
+    from sdengine.text.encode_cache import cached_call
+
+    chunks = prompt_chunks(tokenizer, text, pad_token_id=pad)
+    param = next(iter(encoder.parameters()))
+    ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=param.device)  # (k, 77)
+
+    def run() -> tuple[Tensor, Tensor]:
+        out = through(encoder)(ids, output_hidden_states=True)  # its CUDA graphs, when recorded
+        pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooled
+        return out.hidden_states[-(clip_skip + 1)], pooled  # states (k, 77, D): raw, no final LayerNorm
+
+    key = (family, tuple(tuple(c.ids) for c in chunks), clip_skip, extra_tokens_key(encoder, chunks))
+    states, pooled = cached_call(encoder, key, run)
+    parts = []
+    for i, chunk in enumerate(chunks):
+        z = states[i : i + 1]
+        if any(w != 1.0 for w in chunk.weights):
+            z = apply_emphasis(z, torch.tensor([chunk.weights], dtype=torch.float32, device=z.device))
+        parts.append(z)
+    return torch.cat(parts, dim=1), pooled[:1]
+
+
+__all__ = ["encode_clip_chunks", "SDXLConditioner", "SDXLOptions"]
