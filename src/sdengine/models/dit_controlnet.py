@@ -73,6 +73,21 @@ from sdengine.models.mmdit import (
 # SD3
 
 
+def config_values(cls: Any, config: Any, class_name: str, what: str) -> dict[str, Any]:
+    """A diffusers ControlNet ``config.json`` checked for ``cls`` (a config dataclass): a mapping of ``class_name``
+    with no option sdengine does not implement; its known fields (a one-line ConfigError otherwise)."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{what} ControlNet config: must be a mapping, got {type(config).__name__}")
+    name = config.get("_class_name", class_name)
+    if name != class_name:
+        raise ConfigError(f"{what} ControlNet config: _class_name is {name!r}, not {class_name!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in config if not str(k).startswith("_") and k not in known)
+    if unknown:
+        raise ConfigError(f"{what} ControlNet config: options sdengine does not implement: {', '.join(unknown)}")
+    return {k: v for k, v in config.items() if k in known}
+
+
 @dataclass(frozen=True)
 class SD3ControlNetConfig:
     """Architecture of an SD3 ControlNet; diffusers' ``SD3ControlNetModel`` config names and defaults.
@@ -137,16 +152,7 @@ class SD3ControlNetConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> SD3ControlNetConfig:
         """A diffusers ``config.json`` of an ``SD3ControlNetModel``; unknown keys are refused in one line."""
-        if not isinstance(config, Mapping):
-            raise ConfigError(f"an SD3 ControlNet config must be a mapping, got {type(config).__name__}")
-        name = config.get("_class_name", "SD3ControlNetModel")
-        if name != "SD3ControlNetModel":
-            raise ConfigError(f"SD3 ControlNet config: _class_name is {name!r}, not 'SD3ControlNetModel'")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in config if not str(k).startswith("_") and k not in known)
-        if unknown:
-            raise ConfigError(f"SD3 ControlNet config: options sdengine does not implement: {', '.join(unknown)}")
-        values = {k: v for k, v in config.items() if k in known}
+        values = config_values(cls, config, "SD3ControlNetModel", "SD3")
         if values.get("dual_attention_layers") is None:
             values.pop("dual_attention_layers", None)
         if values.get("out_channels", 0) is None:
@@ -332,16 +338,7 @@ class FluxControlNetConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> FluxControlNetConfig:
         """A diffusers ``config.json`` of a ``FluxControlNetModel``; unknown keys are refused in one line."""
-        if not isinstance(config, Mapping):
-            raise ConfigError(f"a Flux ControlNet config must be a mapping, got {type(config).__name__}")
-        name = config.get("_class_name", "FluxControlNetModel")
-        if name != "FluxControlNetModel":
-            raise ConfigError(f"Flux ControlNet config: _class_name is {name!r}, not 'FluxControlNetModel'")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(str(k) for k in config if not str(k).startswith("_") and k not in known)
-        if unknown:
-            raise ConfigError(f"Flux ControlNet config: options sdengine does not implement: {', '.join(unknown)}")
-        values = {k: v for k, v in config.items() if k in known}
+        values = config_values(cls, config, "FluxControlNetModel", "Flux")
         check_config("flux", {k: v for k, v in values.items() if v is not None})
         try:
             return cls(**values)
