@@ -169,7 +169,10 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
             done.append("channels_last: U-Net and VAE weights in NHWC")
         elif name == "fp8":
             from sdengine.nn import fp8
+            from sdengine.nn.fp8_storage import StorageError, has_storage
 
+            if has_storage(pipe.unet):
+                raise StorageError("fp8: the network's weights are held in fp8 (weight_dtype): pick one of the two")
             if not fp8.supported(pipe.device):
                 done.append(f"fp8: skipped ({torch.device(pipe.device)} has no e4m3 products: CUDA 8.9+ or the CPU)")
                 continue

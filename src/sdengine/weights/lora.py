@@ -175,7 +175,11 @@ def apply_loras(
         handle.remove()
         raise
     if fuse:
-        handle.fuse()
+        try:
+            handle.fuse()
+        except BaseException:  # fp8-stored weights refuse fusing: the model is left as it was
+            handle.remove()
+            raise
     return handle
 
 
