@@ -107,6 +107,8 @@ def load_pipeline(
 
     max_entries()  # a bad $SDENGINE_TEXT_CACHE is refused before any model loads
     stored = _check_weight_dtype(weight_dtype, fast_path, device, dtype)
+    if stored is not None and str(name_or_path) in BUILTIN_PIXEL:
+        raise GenerationError(f"{name_or_path}: weight_dtype {weight_dtype} is for latent diffusion networks")
     encoders = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}
     pipe = _load(name_or_path, device, dtype, vae, prediction_type, lora_dir, config, embeddings_dir, encoders)
     if not isinstance(pipe, Pipeline):
