@@ -96,8 +96,8 @@ def test_fp8_fast_path_and_storage_are_refused_together(tmp_path):
     with pytest.raises(StorageError, match=r"fp8 fast-path option both hold 8-bit weights .*: pick one"):
         sdengine.load_pipeline(tmp_path / "no-model", device="cpu", weight_dtype="fp8_e4m3fn", fast_path="fp8")
     net = nn.Sequential()
-    net.add_module("transformer_blocks", nn.ModuleList([nn.Linear(16, 16)]))
-    to_fp8(net)
+    net.add_module("transformer_blocks", nn.ModuleList([nn.Sequential(nn.Linear(16, 16))]))
+    assert to_fp8(net) == 1
     with pytest.raises(StorageError, match="already multiplies in fp8"):
         to_storage(net, E4M3)
     with pytest.raises(SdengineError, match="weight_dtype fp8_e5m2 is for latent diffusion networks"):
@@ -185,9 +185,33 @@ def test_sd3_mmdit(tmp_path):
 def test_flux_transformer(tmp_path):
     pytest.importorskip("diffusers")
     from _flux_models import make_flux_folder
+    from sdengine.fastpath import apply_fast_path
 
     stored, _ = _check_family(make_flux_folder(tmp_path / "flux", guidance=True), "fp8_e5m2")
     assert stored.unet.dtype == torch.float32  # inputs are cast to the compute dtype, not to float8
+    with pytest.raises(StorageError, match="fp8: the network's weights are held in fp8 .*pick one"):
+        apply_fast_path(stored, ["fp8"])  # the fast path applied later: refused too
+    assert has_storage(stored.unet)
+
+
+def test_cli_weight_dtype(tiny_sd1_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    common = ["--model", str(tiny_sd1_folder), "--steps", "2", "--width", "32", "--height", "32", "--seed", "7"]
+    common += ["--sampler", "euler", "--no-progress"]
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red apple", *common, "--weight-dtype", "fp8_e4m3fn", "--out", str(out)]) == 0
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", weight_dtype="fp8_e4m3fn")
+    want = pipe("a red apple", steps=2, width=32, height=32, seed=7, sampler="euler", progress=False)
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want.images[0]))
+    with pytest.raises(SystemExit):
+        main(["generate", "x", *common, "--weight-dtype", "fp8", "--out", str(tmp_path / "b.png")])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+    from sdengine.commands import generate  # the flag's choices are WEIGHT_DTYPES, written out (no torch import)
+
+    assert '("' + '", "'.join(WEIGHT_DTYPES) + '")' in Path(generate.__file__).read_text()
 
 
 # -- ComfyUI's UNETLoader -------------------------------------------------------------------------------------------
