@@ -75,7 +75,6 @@ class _Stored:
     the weight float8 when the module is converted to another dtype."""
 
     weight: Tensor
-    bias: Tensor | None
     compute_dtype: torch.dtype
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
@@ -88,7 +87,7 @@ class _Stored:
         return out
 
     def _cast(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        b = self.bias
+        b: Tensor | None = getattr(self, "bias", None)
         return self.weight.to(x.dtype), None if b is None else b.to(x.dtype)
 
 
@@ -114,7 +113,8 @@ _KINDS: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: StoredLinear, nn.Co
 def selected(module: nn.Module) -> bool:
     """Whether :func:`to_storage` converts ``module``: a plain ``nn.Linear`` / ``nn.Conv2d`` (not a subclass that
     computes its own way, e.g. the Winograd convolution) with a floating weight not already float8."""
-    return type(module) in _KINDS and module.weight.dtype not in FLOAT8 and module.weight.is_floating_point()
+    w = getattr(module, "weight", None)
+    return type(module) in _KINDS and isinstance(w, Tensor) and w.is_floating_point() and w.dtype not in FLOAT8
 
 
 def to_storage(model: nn.Module, dtype: torch.dtype | str) -> int:

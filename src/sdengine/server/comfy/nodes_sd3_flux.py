@@ -140,10 +140,10 @@ def _load_transformer(
     if is_sd3_file(path):
         from sdengine.weights.mmdit_file import load_mmdit
 
-        net = load_mmdit(path, device=dev, dtype=dtype)
+        mmdit = load_mmdit(path, device=dev, dtype=dtype)
         if stored is not None:
-            to_storage(net, stored)
-        return "sd3", net
+            to_storage(mmdit, stored)
+        return "sd3", mmdit
     raise NodeError(
         f"{path.name} is neither a Flux transformer (double_blocks.*) nor SD3's MMDiT (joint_blocks.*): UNETLoader "
         "loads those here (an SD 1.x/SDXL U-Net loads with CheckpointLoaderSimple)"
