@@ -187,8 +187,21 @@ def test_flux_transformer(tmp_path):
     from _flux_models import make_flux_folder
     from sdengine.fastpath import apply_fast_path
 
-    stored, _ = _check_family(make_flux_folder(tmp_path / "flux", guidance=True), "fp8_e5m2")
+    from safetensors.torch import save_file
+
+    stored, ref = _check_family(make_flux_folder(tmp_path / "flux", guidance=True), "fp8_e5m2")
     assert stored.unet.dtype == torch.float32  # inputs are cast to the compute dtype, not to float8
+    g = torch.Generator().manual_seed(5)
+    lora = {}  # diffusers/PEFT names on the attention projections of every block
+    for name, m in ref.unet.named_modules():
+        if isinstance(m, nn.Linear) and name.endswith(("attn.to_q", "attn.to_v")):
+            lora[f"transformer.{name}.lora_A.weight"] = torch.randn(2, m.in_features, generator=g) * 0.3
+            lora[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 2, generator=g) * 0.3
+    assert lora
+    save_file(lora, str(tmp_path / "flux-lora.safetensors"))
+    spec = [(str(tmp_path / "flux-lora.safetensors"), 1.0)]
+    ours, theirs = _image(stored, loras=spec), _image(ref, loras=spec)
+    assert np.abs(ours - theirs).max() < NOISE and np.abs(ours - _image(stored)).max() > 1e-3
     with pytest.raises(StorageError, match="fp8: the network's weights are held in fp8 .*pick one"):
         apply_fast_path(stored, ["fp8"])  # the fast path applied later: refused too
     assert has_storage(stored.unet)
