@@ -184,10 +184,10 @@ def test_sd3_mmdit(tmp_path):
 
 def test_flux_transformer(tmp_path):
     pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+
     from _flux_models import make_flux_folder
     from sdengine.fastpath import apply_fast_path
-
-    from safetensors.torch import save_file
 
     stored, ref = _check_family(make_flux_folder(tmp_path / "flux", guidance=True), "fp8_e5m2")
     assert stored.unet.dtype == torch.float32  # inputs are cast to the compute dtype, not to float8
