@@ -300,3 +300,19 @@ def test_comfy_unet_loader_fp8_on_sd3_equals_the_python_api(tmp_path_factory):
     assert np.abs(comfy._pixels(out["7"][0]) - want).max() < comfy.TOL
     plain = sdengine.load_pipeline(models / "sd3-tiny.safetensors", device="cpu")
     assert np.abs(comfy._pipeline_image(plain, schedule="simple", cfg_scale=4.0) - want).max() > 1e-3
+
+
+def test_server_loader_weight_dtype(tiny_sd1_folder, caplog):
+    pytest.importorskip("fastapi")
+    from sdengine.pipeline.pixel import PixelPipeline
+    from sdengine.server.app import default_loader
+    from sdengine.server.config import ServerConfig
+
+    assert ServerConfig().weight_dtype == "default"
+    load = default_loader(None, weight_dtype="fp8_e4m3fn")
+    pipe = load(str(tiny_sd1_folder), "cpu")
+    assert pipe.weight_dtype == "fp8_e4m3fn" and has_storage(pipe.unet)
+    with caplog.at_level("WARNING"):
+        pixel = load("fashion-mnist", "cpu")  # nothing to store: loaded plain, and said
+    assert isinstance(pixel, PixelPipeline)
+    assert "not using --weight-dtype fp8_e4m3fn" in caplog.text

@@ -102,18 +102,18 @@ def load_pipeline(
     UNETLoader choices (``"default"``, ``"fp8_e4m3fn"``, ``"fp8_e4m3fn_fast"``, ``"fp8_e5m2"``): the diffusion
     network's Linear and Conv2d weights held in float8 and cast to ``dtype`` at each use
     (:mod:`sdengine.nn.fp8_storage`; U-Nets, SD3's MMDiT, Flux's transformer)."""
-    from sdengine.nn.fp8_storage import storage_dtype, to_storage
+    from sdengine.nn.fp8_storage import StorageError, storage_dtype, to_storage
     from sdengine.text.encode_cache import max_entries
 
     max_entries()  # a bad $SDENGINE_TEXT_CACHE is refused before any model loads
     stored = _check_weight_dtype(weight_dtype, fast_path, device, dtype)
     if stored is not None and str(name_or_path) in BUILTIN_PIXEL:
-        raise GenerationError(f"{name_or_path}: weight_dtype {weight_dtype} is for latent diffusion networks")
+        raise StorageError(f"{name_or_path}: weight_dtype {weight_dtype} is for latent diffusion networks")
     encoders = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}
     pipe = _load(name_or_path, device, dtype, vae, prediction_type, lora_dir, config, embeddings_dir, encoders)
     if not isinstance(pipe, Pipeline):
         if stored is not None:
-            raise GenerationError(f"{name_or_path}: weight_dtype {weight_dtype} is for latent diffusion networks")
+            raise StorageError(f"{name_or_path}: weight_dtype {weight_dtype} is for latent diffusion networks")
         if tiny_vae is not None:
             raise GenerationError(f"{name_or_path}: a pixel DDPM has no latents for a tiny VAE to decode")
         return pipe
