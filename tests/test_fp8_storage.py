@@ -316,3 +316,17 @@ def test_server_loader_weight_dtype(tiny_sd1_folder, caplog):
         pixel = load("fashion-mnist", "cpu")  # nothing to store: loaded plain, and said
     assert isinstance(pixel, PixelPipeline)
     assert "not using --weight-dtype fp8_e4m3fn" in caplog.text
+
+
+def test_comfy_merges_refuse_a_stored_unet():
+    pytest.importorskip("fastapi")
+    from types import SimpleNamespace
+
+    from sdengine.server.comfy import nodes_merge
+    from sdengine.server.comfy.nodes import NodeError
+
+    net = _toy()
+    nodes_merge._check_patchable(SimpleNamespace(unet=net), "unet")  # full precision: merges
+    to_storage(net, E4M3)
+    with pytest.raises(NodeError, match="holds them in fp8 .*without --weight-dtype"):
+        nodes_merge._check_patchable(SimpleNamespace(unet=net), "unet")
