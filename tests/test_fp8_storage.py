@@ -326,7 +326,7 @@ def test_comfy_merges_refuse_a_stored_unet():
     from sdengine.server.comfy.nodes import NodeError
 
     net = _toy()
-    nodes_merge._check_patchable(SimpleNamespace(unet=net), "unet")  # full precision: merges
+    ctx = SimpleNamespace(pipeline=lambda ref: SimpleNamespace(unet=net))
     to_storage(net, E4M3)
     with pytest.raises(NodeError, match="holds them in fp8 .*without --weight-dtype"):
-        nodes_merge._check_patchable(SimpleNamespace(unet=net), "unet")
+        nodes_merge.effective_weights(ctx, SimpleNamespace(ref="m", merges=()), "unet")
