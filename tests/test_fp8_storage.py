@@ -69,6 +69,8 @@ def test_layers_hold_float8_and_compute_as_the_rounded_model(name, dt):
     assert lin.weight.dtype == dt and lin.bias.dtype == torch.bfloat16 and lin.compute_dtype == torch.bfloat16
     assert net(x.bfloat16()).dtype == torch.bfloat16
     net.float()
+    net.to(memory_format=torch.channels_last)  # the CUDA default fast path's channels_last keeps float8 too
+    assert conv.weight.dtype == dt and conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert lin.weight.dtype == dt and torch.equal(lin.weight.float(), kept.float())  # float8 -> bf16 -> float8 exact
 
 

@@ -38,7 +38,9 @@ On a CUDA device (docs/gpu.md has the H200 numbers and the command):
 
 * ``fp8`` (also on the CPU, slowly, to check the images): the U-Net's transformer-block linear layers multiply
   in e4m3 with per-row scales (:mod:`sdengine.nn.fp8`); the layers' 16-bit weights are replaced, so LoRAs are
-  refused on such a pipeline. Not on by default: its speed has not been measured on a GPU yet; its effect on the
+  refused on such a pipeline, and the option is refused on a network whose weights are *stored* in fp8
+  (``load_pipeline(weight_dtype=...)``, :mod:`sdengine.nn.fp8_storage`: products in the compute dtype, a different
+  feature). Not on by default: its speed has not been measured on a GPU yet; its effect on the
   images is in docs/gpu.md.
 * ``cudnn_benchmark``: cuDNN times its convolution algorithms on the first call of each shape and keeps the
   fastest (``torch.backends.cudnn.benchmark``; process-global).
