@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _flux_models import diffusers_flux, make_flux_folder
-from _sd3_models import diffusers_sd3, make_sd3_folder, write_single_file
 from safetensors.torch import load_file
 
 import sdengine
+from _flux_models import diffusers_flux, make_flux_folder
+from _sd3_models import diffusers_sd3, make_sd3_folder, write_single_file
 from sdengine.cli import main
 from sdengine.pipeline.dit_convert import DiTConvertError, convert_dit
 
@@ -140,7 +140,8 @@ def test_sd3_transformer_only_and_fp16(sd3, tmp_path):
     for sub in SD3_SUBS:
         a, b = _tensors(sd3 / sub), _tensors(tmp_path / "half" / sub)
         assert set(a) == set(b)
-        assert all(b[k].dtype == torch.float16 and torch.equal(b[k], a[k].half()) for k in a if a[k].is_floating_point())
+        floats = [k for k in a if a[k].is_floating_point()]
+        assert all(b[k].dtype == torch.float16 and torch.equal(b[k], a[k].half()) for k in floats)
 
 
 # -- Flux -------------------------------------------------------------------------------------------------------
@@ -186,7 +187,8 @@ def test_cli_converts_sd3_and_flux_both_ways(sd3, flux, tmp_path, capsys):
     assert main(["convert", str(sd3), str(tmp_path / "sd3.safetensors"), "--no-t5"]) == 0
     assert main(["convert", str(tmp_path / "sd3.safetensors"), str(tmp_path / "sd3-folder")]) == 0
     assert not (tmp_path / "sd3-folder" / "text_encoder_3").exists()
-    assert main(["convert", str(flux), str(tmp_path / "flux1.safetensors"), "--transformer-only", "--dtype", "bf16"]) == 0
+    bfl = ["--transformer-only", "--dtype", "bf16"]
+    assert main(["convert", str(flux), str(tmp_path / "flux1.safetensors"), *bfl]) == 0
     assert all(v.dtype == torch.bfloat16 for v in load_file(tmp_path / "flux1.safetensors").values())
     args = ["--vae", str(flux / "vae"), "--clip-l", str(flux / "text_encoder"), "--t5", str(flux / "text_encoder_2")]
     assert main(["convert", str(tmp_path / "flux1.safetensors"), str(tmp_path / "flux-folder"), *args]) == 0
@@ -197,38 +199,6 @@ def test_cli_converts_sd3_and_flux_both_ways(sd3, flux, tmp_path, capsys):
     (tmp_path / "flux-folder" / "README.md").write_text("mine")
     assert main(["convert", str(tmp_path / "flux1.safetensors"), str(tmp_path / "flux-folder"), *args]) == 2
     assert (tmp_path / "flux-folder" / "README.md").read_text() == "mine"
-
-
-def test_sd3_and_flux_models_are_refused_by_convert_in_one_line(sd3, flux, tmp_path, capsys):
-    """What an SD3 / Flux conversion cannot do is one line naming the flag or the reason; nothing is written."""
-    convert_dit(flux, tmp_path / "flux1.safetensors", transformer_only=True)
-    (tmp_path / "shifted").mkdir()
-    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-                "tokenizer_3", "scheduler", "model_index.json"):  # fmt: skip
-        src = sd3 / sub
-        (tmp_path / "shifted" / sub).symlink_to(src, target_is_directory=src.is_dir())
-    (tmp_path / "shifted" / "scheduler").unlink()
-    (tmp_path / "shifted" / "scheduler").mkdir()
-    (tmp_path / "shifted" / "scheduler" / "scheduler_config.json").write_text(json.dumps({"shift": 6.0}))
-    cases = [
-        ([str(tmp_path / "flux1.safetensors"), str(tmp_path / "out")], "holds no VAE: give it with --vae FILE"),
-        ([str(flux), str(tmp_path / "out.safetensors"), "--no-t5"], "--no-t5: a Flux model needs its T5 encoder"),
-        ([str(flux), str(tmp_path / "out.safetensors"), "--clip-g", str(sd3)], "--clip-g is SD3's second"),
-        ([str(sd3), str(tmp_path / "out"), "--prediction-type", "epsilon"], "--prediction-type: for SD 1.x"),
-        ([str(sd3), str(tmp_path / "out"), "--transformer-only"], "--transformer-only writes one .safetensors"),
-        ([str(sd3), str(tmp_path / "out.safetensors"), "--t5", str(tmp_path / "nope")], "--t5 "),
-        ([str(tmp_path / "shifted"), str(tmp_path / "out.safetensors")], "its scheduler has shift=6.0"),
-        ([str(sd3), str(tmp_path / "out.safetensors"), "--dtype", "fp8"], "invalid choice"),
-    ]
-    for args, message in cases:
-        try:
-            code = main(["convert", *args])
-        except SystemExit as e:  # argparse's own refusal (a --dtype it has no choice for)
-            code = e.code
-        assert code == 2, args
-        err = capsys.readouterr().err.strip()
-        assert message in err and len(err.splitlines()) <= 3, err
-        assert not (tmp_path / "out").exists() and not (tmp_path / "out.safetensors").exists()
 
 
 def test_sd_models_refuse_the_dit_flags(tiny_sd1_folder, tmp_path, capsys):

@@ -163,7 +163,7 @@ def _vae_given(path: Path, factors: dict[str, float], size: int) -> Part:
     return _vae_part(sd, cfg, str(path))
 
 
-def _clip_part(sd: Mapping[str, torch.Tensor], cfg: dict[str, Any], where: str, *, projection: bool) -> Part:
+def _checked_clip(sd: Mapping[str, torch.Tensor], cfg: dict[str, Any], where: str, *, projection: bool) -> Part:
     """CLIP text tensors (transformers' names) checked against CLIPTextModel(WithProjection)."""
     from sdengine.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     from sdengine.models.config_checks import ConfigError
@@ -195,24 +195,24 @@ def _sd3_clip(path: Path, which: str, whole: Mapping[str, torch.Tensor] | None =
         if not (path / "config.json").is_file():
             raise WeightsError(f"{path}: not a text encoder folder (no config.json)")
         sd, cfg = load_component_folder(path, "clip_text")
-        return _clip_part(sf._clip_part(sd, which), cfg, where, projection=True)
-    sd = whole if whole is not None else load_file(path)[0]
+        return _checked_clip(sf.clip_part(sd, which), cfg, where, projection=True)
+    sd = dict(whole) if whole is not None else load_file(path)[0]
     other = "clip_g" if which == "clip_l" else "clip_l"
     if sf.has_clip(sd, other) and not sf.has_clip(sd, which):
         raise WeightsError(f"{path}: holds SD3's {other}, not its {which}")
-    part = sf._clip_part(sd, which)
+    part = sf.clip_part(sd, which)
     if "text_model.embeddings.token_embedding.weight" not in part or "text_projection.weight" not in part:
         raise WeightsError(
             f"{path}: not a CLIP text encoder with a projection (text_model.* and text_projection.weight), as SD3's "
             f"{which} is"
         )
-    return _clip_part(part, sf._clip_config(part, which, str(path)), where, projection=True)
+    return _checked_clip(part, sf.clip_config(part, which, str(path)), where, projection=True)
 
 
 def _flux_clip(path: Path) -> Part:
     """Flux's CLIP-L (a CLIPTextModel: ``text_model.*`` only) from a folder, a file or an all-in-one checkpoint."""
     from sdengine.models.clip_text import add_text_model_prefix
-    from sdengine.pipeline.flux_loading import COMFY_CLIP_L, _read_prefixed
+    from sdengine.pipeline.flux_loading import COMFY_CLIP_L, read_prefixed
     from sdengine.weights.detect import clip_config_from_weights
     from sdengine.weights.loading import load_component_folder
 
@@ -222,13 +222,13 @@ def _flux_clip(path: Path) -> Part:
             raise WeightsError(f"{path}: not a CLIP text encoder folder (no config.json)")
         sd, cfg = load_component_folder(folder, "clip_text")
         sd = {k: v for k, v in add_text_model_prefix(sd).items() if k.startswith("text_model.")}
-        return _clip_part(sd, cfg, str(folder), projection=False)
-    sd = _read_prefixed(path, (COMFY_CLIP_L,)) or load_file(path)[0]
+        return _checked_clip(sd, cfg, str(folder), projection=False)
+    sd = read_prefixed(path, (COMFY_CLIP_L,)) or load_file(path)[0]
     sd = {k: v for k, v in add_text_model_prefix(sd).items() if k.startswith("text_model.")}
     if not sd:
         raise WeightsError(f"{path}: no CLIP text encoder weights (text_model.*): not CLIP-L")
     cfg = {**clip_config_from_weights(sd, family="sd1"), "architectures": ["CLIPTextModel"]}
-    return _clip_part(sd, cfg, str(path), projection=False)
+    return _checked_clip(sd, cfg, str(path), projection=False)
 
 
 def _t5(path: Path) -> Part:
@@ -238,14 +238,14 @@ def _t5(path: Path) -> Part:
     from sdengine.weights import t5_file as tf
 
     if path.is_dir():
-        folder = tf._t5_folder(path)
-        raw = tf._read_json(folder / "config.json", "config")
+        folder = tf.t5_folder(path)
+        raw = tf.read_json(folder / "config.json", "config")
         try:
             config = T5Config.from_transformers(raw)
         except (ValueError, TypeError) as e:
             raise tf.T5FileError(f"{folder / 'config.json'}: {e}") from None
         if (folder / tf.SHARD_INDEX).is_file():
-            files = tf._shards(folder, folder / tf.SHARD_INDEX)
+            files = tf.shard_files(folder, folder / tf.SHARD_INDEX)
         else:
             files = [folder / n for n in tf.FOLDER_WEIGHTS if (folder / n).is_file()][:1]
         if not files:
@@ -262,7 +262,7 @@ def _t5(path: Path) -> Part:
         names, scaled = tf.select_t5_names(list(whole), where)
         sd = {ours: whole[theirs] for ours, theirs in names.items()}
         if scaled:
-            sd = _unscale(sd, whole, names, where)
+            sd = _unscale(sd)
         sd = {k: v for k, v in sd.items() if not k.startswith(tf.IGNORED_PREFIXES)}
         config = tf.config_from_shapes({k: tuple(v.shape) for k, v in sd.items()}, where)
         cfg = config.to_transformers()
@@ -274,9 +274,7 @@ def _t5(path: Path) -> Part:
     return Part(sd, cfg)
 
 
-def _unscale(
-    sd: StateDict, whole: Mapping[str, torch.Tensor], names: Mapping[str, str], where: str
-) -> StateDict:
+def _unscale(sd: StateDict) -> StateDict:
     """ComfyUI's scaled float8 T5: each weight times its ``scale_weight`` (in float32, then bfloat16), as loading
     does; the scales and the marker are dropped."""
     out: StateDict = {}
@@ -331,9 +329,13 @@ def _read_sd3(src: Path, *, vae: Path | None, given: dict[str, Path | None]) -> 
             vae_part = _vae_from_ldm(ldm, str(src), factors, 1024) if ldm else None
         for key in ("clip_l", "clip_g"):
             p = given[key]
-            text[key] = _sd3_clip(p, key) if p is not None else _sd3_clip(src, key, whole) if sf.has_clip(whole, key) else None
+            if p is not None:
+                text[key] = _sd3_clip(p, key)
+            else:
+                text[key] = _sd3_clip(src, key, whole) if sf.has_clip(whole, key) else None
         t5 = given["t5"]
-        text["t5"] = _t5(t5) if t5 is not None else _t5(src) if any(k.startswith(sf.T5_PREFIX) for k in whole) else None
+        has_t5 = any(k.startswith(sf.T5_PREFIX) for k in whole)
+        text["t5"] = _t5(t5) if t5 is not None else _t5(src) if has_t5 else None
     return DiTModel(
         "sd3",
         src,
@@ -352,7 +354,8 @@ def _read_flux(src: Path, *, vae: Path | None, given: dict[str, Path | None]) ->
 
     factors = {"scaling_factor": fl.FLUX_VAE_SCALING, "shift_factor": fl.FLUX_VAE_SHIFT}
     model = load_flux_transformer(src)  # the file's dtype (float8: bfloat16), tensors not copied
-    transformer = Part(dict(model.state_dict()), {"_class_name": "FluxTransformer2DModel", **model.config.to_diffusers()})
+    cfg = {"_class_name": "FluxTransformer2DModel", **model.config.to_diffusers()}
+    transformer = Part(dict(model.state_dict()), cfg)
     default = dict(fl.DEV_SCHEDULER if model.config.guidance_embeds else fl.SCHNELL_SCHEDULER)
     text: dict[str, Part | None] = {"clip_l": None, "t5": None}
     tokenizers: dict[str, Path] = {}
@@ -378,7 +381,7 @@ def _read_flux(src: Path, *, vae: Path | None, given: dict[str, Path | None]) ->
         if vae is not None:
             vae_part = _vae_given(vae, factors, fl.FLUX_VAE_SIZE)
         elif any(n.startswith(fl.VAE_PREFIXES) for n in names):
-            ldm = fl._read_prefixed(src, fl.VAE_PREFIXES)
+            ldm = fl.read_prefixed(src, fl.VAE_PREFIXES)
             vae_part = _vae_from_ldm(ldm, str(src), factors, fl.FLUX_VAE_SIZE)
         else:
             vae_part = None
@@ -514,7 +517,8 @@ def _write_t5_tokenizer(dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "tokenizer.json").write_bytes(gzip.decompress(shipped_tokenizer_path().read_bytes()))
     _write_json(dst / "tokenizer_config.json", T5_TOKENIZER_CONFIG)
-    _write_json(dst / "special_tokens_map.json", {k: T5_TOKENIZER_CONFIG[k] for k in ("eos_token", "pad_token", "unk_token")})
+    special = {k: T5_TOKENIZER_CONFIG[k] for k in ("eos_token", "pad_token", "unk_token")}
+    _write_json(dst / "special_tokens_map.json", special)
 
 
 def _write_component(dst: Path, part: Part, lib: str, cls: str, dtype: str | torch.dtype | None) -> None:
