@@ -205,3 +205,18 @@ def test_sd_models_refuse_the_dit_flags(tiny_sd1_folder, tmp_path, capsys):
     assert main(["convert", str(tiny_sd1_folder), str(tmp_path / "x.safetensors"), "--t5", "t5.safetensors"]) == 2
     assert "--t5: for SD3 / SD3.5 and FLUX.1 models only" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_float8_flux_file_is_written_in_bf16(flux, tmp_path):
+    """sdengine writes no float8: a float8 transformer file (flux1-dev-fp8's) becomes bfloat16 weights equal to the
+    float8 ones, as loading reads them."""
+    from safetensors.torch import save_file
+
+    convert_dit(flux, tmp_path / "flux1.safetensors", transformer_only=True)
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(tmp_path / "flux1.safetensors").items()}
+    save_file(fp8, tmp_path / "flux1-fp8.safetensors")
+    parts = dict(vae=flux / "vae", clip_l=flux / "text_encoder", t5=flux / "text_encoder_2")
+    convert_dit(tmp_path / "flux1-fp8.safetensors", tmp_path / "back.safetensors", transformer_only=True, **parts)
+    back = load_file(tmp_path / "back.safetensors")
+    assert set(back) == set(fp8)
+    assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], fp8[k].to(torch.bfloat16)) for k in fp8)
