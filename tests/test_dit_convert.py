@@ -220,3 +220,44 @@ def test_a_float8_flux_file_is_written_in_bf16(flux, tmp_path):
     back = load_file(tmp_path / "back.safetensors")
     assert set(back) == set(fp8)
     assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], fp8[k].to(torch.bfloat16)) for k in fp8)
+
+
+def test_diffusers_single_file_loader_reads_the_sd3_file(sd3, tmp_path):
+    """diffusers' ``from_single_file`` (its own Stability-layout reader) gives the folder's MMDiT and VAE from the
+    written file. (Its pipeline loader takes CLIP's projection width for the hidden width, true of the real
+    encoders, not of the tiny ones; Flux's transformer reader assumes FLUX.1's 3072 width: neither is run here.)"""
+    import diffusers
+
+    convert_dit(sd3, tmp_path / "sd3.safetensors")
+    for cls, sub in ((diffusers.SD3Transformer2DModel, "transformer"), (diffusers.AutoencoderKL, "vae")):
+        theirs = cls.from_single_file(str(tmp_path / "sd3.safetensors"), config=str(sd3), subfolder=sub)
+        ref = cls.from_pretrained(sd3, subfolder=sub)
+        _assert_equal(dict(theirs.state_dict()), dict(ref.state_dict()))
+
+
+def test_a_scaled_float8_t5_file_is_multiplied_out_as_loading_does(flux, tmp_path):
+    """ComfyUI's scaled float8 T5 (``scaled_fp8`` marker, ``scale_weight`` per Linear): the written encoder holds
+    weight x scale in bf16, what sdengine's T5 loader computes from the file."""
+    from safetensors.torch import save_file
+
+    from sdengine.weights.t5_file import load_t5_encoder
+
+    t5 = _tensors(flux / "text_encoder_2")
+    scaled: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for k, v in t5.items():
+        if k.endswith(".weight") and v.ndim == 2 and k != "shared.weight":
+            scale = v.abs().max().float() / 448
+            scaled[k] = (v / scale).to(torch.float8_e4m3fn)
+            scaled[k[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+        else:
+            scaled[k] = v
+    save_file(scaled, tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors")
+    convert_dit(flux, tmp_path / "flux1.safetensors", transformer_only=True)
+    parts = dict(vae=flux / "vae", clip_l=flux / "text_encoder", t5=tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors")
+    convert_dit(tmp_path / "flux1.safetensors", tmp_path / "folder", **parts)
+    written = _tensors(tmp_path / "folder" / "text_encoder_2")
+    loaded = load_t5_encoder(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", dtype=torch.bfloat16).state_dict()
+    assert set(written) == set(loaded)
+    for k, v in loaded.items():
+        assert torch.equal(written[k].to(v.dtype), v), k
+    assert written["encoder.block.0.layer.0.SelfAttention.q.weight"].dtype == torch.bfloat16
