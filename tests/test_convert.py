@@ -560,6 +560,7 @@ def test_sd3_and_flux_models_are_refused_by_convert_in_one_line(tmp_path, capsys
         ([str(sd3), str(tmp_path / "out.safetensors"), "--t5", str(tmp_path / "nope")], "--t5 "),
         ([str(tmp_path / "shifted"), str(tmp_path / "out.safetensors")], "its scheduler has shift=6.0"),
         ([str(sd3), str(tmp_path / "out.safetensors"), "--dtype", "fp8"], "invalid choice"),
+        ([str(sd3), str(tmp_path / "out"), "--no-t5", "--t5", str(sd3)], "--t5 and --no-t5"),
     ]
     for args, message in cases:
         try:

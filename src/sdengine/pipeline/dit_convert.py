@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,8 +47,6 @@ import torch
 
 from sdengine.errors import UsageError
 from sdengine.weights.io import SAFETENSORS_SUFFIXES, StateDict, WeightsError, load_file
-
-log = logging.getLogger(__name__)
 
 Family = Literal["sd3", "flux"]
 FLAGS = {"vae": "--vae", "clip_l": "--clip-l", "clip_g": "--clip-g", "t5": "--t5"}
@@ -440,7 +437,7 @@ def _ldm_vae(part: Part, where: Path) -> StateDict:
     return ldm
 
 
-def _same(a: Mapping[str, Any], b: Mapping[str, Any], keys: Any) -> list[str]:
+def _differing(a: Mapping[str, Any], b: Mapping[str, Any], keys: Any) -> list[str]:
     return [k for k in keys if k != "_class_name" and a.get(k, b.get(k)) != b.get(k)]
 
 
@@ -449,7 +446,7 @@ def _check_single_file_reads_back(m: DiTModel) -> None:
     from sdengine.pipeline.flux_loading import FLUX_VAE_SCALING, FLUX_VAE_SHIFT
     from sdengine.weights.sd3_files import SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR
 
-    differ = _same(m.scheduler, m.single_file_scheduler, m.single_file_scheduler)
+    differ = _differing(m.scheduler, m.single_file_scheduler, m.single_file_scheduler)
     if differ:
         k = differ[0]
         raise DiTConvertError(
@@ -644,6 +641,8 @@ def convert_dit(
             raise DiTConvertError(f"{dst}: exists and is not a folder")
         if dst.is_dir() and any(dst.iterdir()) and not (dst / "model_index.json").is_file():
             raise DiTConvertError(f"{dst}: exists and is not a diffusers model folder; refusing to replace it")
+    if not with_t5 and t5 is not None:
+        raise DiTConvertError("--t5 and --no-t5: a T5 encoder given and left out; give one of them")
     m = read_model(src, vae=vae, clip_l=clip_l, clip_g=clip_g, t5=t5)
     if not with_t5 and m.family == "flux":
         raise DiTConvertError("--no-t5: a Flux model needs its T5 encoder (only SD3 runs without one)")
