@@ -76,6 +76,16 @@ def diffusers_chroma(folder: Path, *, img2img: bool = False):
     cls = diffusers.ChromaImg2ImgPipeline if img2img else diffusers.ChromaPipeline
     pipe = cls.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+
+    def boolean_mask(batch_size, sequence_length, dtype, attention_mask=None):
+        # the text mask and the image tokens as one boolean mask (ChromaImg2ImgPipeline's own makes it float,
+        # which attention adds to the scores: diffusers issue #12116)
+        if attention_mask is None:
+            return None
+        image = torch.ones(batch_size, sequence_length, dtype=torch.bool, device=attention_mask.device)
+        return torch.cat([attention_mask.bool(), image], dim=1)
+
+    pipe._prepare_attention_mask = boolean_mask
     return pipe
 
 
