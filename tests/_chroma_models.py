@@ -69,11 +69,17 @@ def make_chroma_folder(dst: Path, *, seed: int = 0) -> Path:
     return dst
 
 
-def diffusers_chroma(folder: Path, *, img2img: bool = False):
-    """diffusers' Chroma pipeline for ``folder`` (fp32, CPU, no progress bar)."""
+def diffusers_chroma(folder: Path, *, img2img: bool = False, inpaint: bool = False):
+    """diffusers' Chroma pipeline for ``folder`` (fp32, CPU, no progress bar), its text mask made boolean."""
     import diffusers
 
-    cls = diffusers.ChromaImg2ImgPipeline if img2img else diffusers.ChromaPipeline
+    cls = (
+        diffusers.ChromaInpaintPipeline
+        if inpaint
+        else diffusers.ChromaImg2ImgPipeline
+        if img2img
+        else diffusers.ChromaPipeline
+    )
     pipe = cls.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
 
@@ -86,6 +92,8 @@ def diffusers_chroma(folder: Path, *, img2img: bool = False):
         return torch.cat([attention_mask.bool(), image], dim=1)
 
     pipe._prepare_attention_mask = boolean_mask
+    if inpaint:  # diffusers 0.42's ChromaInpaintPipeline reads a guidance_embeds it then does not use
+        pipe.transformer.register_to_config(guidance_embeds=False)
     return pipe
 
 

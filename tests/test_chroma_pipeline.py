@@ -69,7 +69,9 @@ def test_transformer_matches_diffusers():
     ids = dict(img_ids=image_ids(h // 2, w // 2), txt_ids=torch.zeros(L, 3), return_dict=False)
     with torch.no_grad():
         full = torch.cat([mask, torch.ones(B, h * w // 4, dtype=torch.bool)], dim=1)
-        want = ref(hidden_states=pack_latents(x), encoder_hidden_states=txt, timestep=t / 1000, attention_mask=full, **ids)
+        want = ref(
+            hidden_states=pack_latents(x), encoder_hidden_states=txt, timestep=t / 1000, attention_mask=full, **ids
+        )
         plain = ref(hidden_states=pack_latents(x), encoder_hidden_states=txt, timestep=t / 1000, **ids)
         got, got_plain = ours(x, t, txt, mask), ours(x, t, txt)
     assert float((unpack_latents(want[0], h, w) - got).abs().max()) < 1e-5
@@ -147,28 +149,71 @@ def test_img2img_matches_diffusers(chroma):
 
 
 def _single_files(folder, dst):
-    """The folder's transformer as a Chroma single file (BFL names + distilled_guidance_layer), its VAE as a
-    diffusers-named file and its T5 as transformers' file."""
+    """The folder's weights as they are shipped: the transformer as a Chroma single file (BFL's names plus
+    ``distilled_guidance_layer.*``, ComfyUI's prefix), the VAE as Flux's ``ae.safetensors`` (LDM names), T5 as
+    ComfyUI's ``t5xxl`` file (transformers' names)."""
     from safetensors.torch import load_file, save_file
 
+    from sdengine.weights import keymaps as km
     from sdengine.weights.chroma_file import diffusers_to_bfl
+    from sdengine.weights.detect import vae_layout_from_diffusers
 
     dst.mkdir(parents=True, exist_ok=True)
     sd = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
-    bfl = {f"model.diffusion_model.{k}": v.contiguous() for k, v in diffusers_to_bfl(sd).items()}
-    save_file(bfl, dst / "chroma.safetensors")
-    save_file(load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"), dst / "ae.safetensors")
-    save_file(load_file(folder / "text_encoder" / "model.safetensors"), dst / "t5xxl.safetensors")
+    vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    ae, unknown = km.vae_diffusers_to_ldm(vae, vae_layout_from_diffusers(vae))
+    assert not unknown
+    files = {
+        "chroma": {f"model.diffusion_model.{k}": v for k, v in diffusers_to_bfl(sd).items()},
+        "ae": ae,
+        "t5xxl": load_file(folder / "text_encoder" / "model.safetensors"),
+    }
+    for name, part in files.items():
+        save_file({k: v.contiguous() for k, v in part.items()}, dst / f"{name}.safetensors")
     return dst
 
 
 def test_single_file_matches_diffusers(chroma, tmp_path):
     folder, _, ref = chroma
     d = _single_files(folder, tmp_path)
-    pipe = sdengine.load_pipeline(d / "chroma.safetensors", device="cpu", vae=d / "ae.safetensors", t5=d / "t5xxl.safetensors")
+    pipe = sdengine.load_pipeline(
+        d / "chroma.safetensors", device="cpu", vae=d / "ae.safetensors", t5=d / "t5xxl.safetensors"
+    )
     assert isinstance(pipe, ChromaPipeline)
     ours = pipe(PROMPT, NEGATIVE, steps=3, seed=SEED, width=W, height=H, progress=False)
     assert _mad(ours.arrays, _theirs(ref, negative=NEGATIVE, guidance_scale=5.0, num_inference_steps=3)) < TOL
+
+
+def test_all_in_one_file_matches_diffusers(chroma, tmp_path):
+    """One file with the transformer (model.diffusion_model.*), the VAE (vae.*) and T5
+    (text_encoders.t5xxl.transformer.*), as ComfyUI saves a checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _, ref = chroma
+    d = _single_files(folder, tmp_path / "parts")
+    one = dict(load_file(d / "chroma.safetensors"))
+    one.update({f"vae.{k}": v for k, v in load_file(d / "ae.safetensors").items()})
+    one.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in load_file(d / "t5xxl.safetensors").items()})
+    save_file(one, tmp_path / "chroma-aio.safetensors")
+    pipe = sdengine.load_pipeline(tmp_path / "chroma-aio.safetensors", device="cpu")
+    ours = pipe(PROMPT, NEGATIVE, steps=2, seed=SEED, width=W, height=H, progress=False)
+    assert _mad(ours.arrays, _theirs(ref, negative=NEGATIVE, guidance_scale=5.0, num_inference_steps=2)) < TOL
+
+
+def test_inpainting_matches_diffusers(chroma):
+    """A mask on the plain model (Flux's path: the known region put back on the flow's path before every step)
+    against ChromaInpaintPipeline."""
+    from _pipeline_models import mask_picture
+
+    folder, pipe, _ = chroma
+    ref = diffusers_chroma(folder, inpaint=True)
+    init, mask = picture(W, H), mask_picture(W, H)
+    ours = pipe(
+        PROMPT, NEGATIVE, steps=4, seed=SEED, width=W, height=H, init_image=init, mask=mask, strength=0.6,
+        progress=False,
+    )  # fmt: skip
+    theirs = _theirs(ref, negative=NEGATIVE, image=init, mask_image=mask, strength=0.6, guidance_scale=5.0)
+    assert _mad(ours.arrays, theirs) < TOL
 
 
 def test_single_file_missing_parts_name_their_flag(chroma, tmp_path):

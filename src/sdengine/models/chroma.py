@@ -357,7 +357,9 @@ class ChromaTransformer(nn.Module):
         if t.ndim == 0:
             t = t.expand(B)
         if t.shape != (B,):
-            raise UsageError(f"Chroma transformer: timestep must be a number or have shape ({B},), got {tuple(t.shape)}")
+            raise UsageError(
+                f"Chroma transformer: timestep must be a number or have shape ({B},), got {tuple(t.shape)}"
+            )
         if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
             raise UsageError(f"Chroma transformer: timestep must be finite, got {t.tolist()}")
         t = t.to(device=device, dtype=torch.float32)

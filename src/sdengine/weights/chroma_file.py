@@ -106,7 +106,9 @@ def bfl_to_diffusers(sd: Mapping[str, Any], where: str = "<state dict>") -> Stat
             out[target] = part
 
     if SCALED_FP8 in src:
-        raise WeightsError(f"{where}: ComfyUI's scaled float8 Chroma files are not supported; use a bf16 or plain fp8 file")
+        raise WeightsError(
+            f"{where}: ComfyUI's scaled float8 Chroma files are not supported; use a bf16 or plain fp8 file"
+        )
     img_in = take("img_in.weight")
     hidden = int(img_in.shape[0])
     out["x_embedder.weight"] = img_in
