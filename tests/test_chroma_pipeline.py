@@ -248,13 +248,15 @@ def test_flux_loader_refuses_a_chroma_file(chroma, tmp_path):
         ({"clip_skip": 2}, "clip_skip 2 does not apply"),
         ({"shift": 2.0}, "shift: "),
         ({"sampler": "ddim"}, "sampler 'ddim' cannot run on a flow model"),
-        ({"loras": [("x.safetensors", 1.0)]}, "LoRAs are not supported for Chroma"),
+        ({"loras": [("x.safetensors", 1.0)]}, "LoRAs .* are not supported for Chroma"),
+        ({"prompt": "a cat <lora:foo:1>"}, "LoRAs .* are not supported for Chroma"),
     ],
 )
 def test_refuses_what_chroma_does_not_take(chroma, kwargs, message):
     _, pipe, _ = chroma
+    kwargs = {"prompt": PROMPT, **kwargs}
     with pytest.raises(GenerationError, match=message):
-        pipe(PROMPT, steps=2, seed=SEED, width=W, height=H, progress=False, **kwargs)
+        pipe(steps=2, seed=SEED, width=W, height=H, progress=False, **kwargs)
 
 
 def test_cli_generate_with_a_chroma_folder(chroma, tmp_path):
