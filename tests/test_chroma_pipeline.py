@@ -272,3 +272,59 @@ def test_cli_generate_with_a_chroma_folder(chroma, tmp_path):
     assert float(parsed["CFG scale"]) == 5.0 and parsed["Sampler"] == "Euler" and parsed["Steps"] == "3"
     got = np.asarray(Image.open(out), dtype=np.float32) / 255
     assert _mad(got, _theirs(ref, negative=NEGATIVE, guidance_scale=5.0, num_inference_steps=3)[0]) < 1.0 / 255
+
+
+def test_file_errors(chroma, tmp_path):
+    """A Chroma file with a tensor missing, a gap in its blocks, a tensor left over, ComfyUI's scaled float8, a
+    FLUX.1 file given as Chroma, a folder config that disagrees with the weights: one line each."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sdengine.weights.chroma_file import chroma_from_state, load_chroma_transformer
+    from sdengine.weights.io import WeightsError
+
+    d = _single_files(chroma[0], tmp_path / "parts")
+    bfl = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(d / "chroma.safetensors").items()}
+    cases = [
+        ({k: v for k, v in bfl.items() if k != "txt_in.bias"}, "missing Chroma tensor txt_in.bias"),
+        ({k: v for k, v in bfl.items() if not k.startswith("single_blocks.0.")}, "single-stream block 0 is missing"),
+        ({**bfl, "extra.weight": torch.zeros(1)}, "unexpected tensors beside the Chroma transformer: extra.weight"),
+        ({**bfl, "scaled_fp8": torch.zeros(1)}, "scaled float8 Chroma files are not supported"),
+        ({k: v for k, v in bfl.items() if "distilled" not in k}, "a FLUX.1 transformer .*not Chroma"),
+        ({**bfl, "single_blocks.0.linear1.weight": bfl["single_blocks.0.linear1.weight"][:5]}, "has 5 rows"),
+    ]
+    for sd, message in cases:
+        with pytest.raises(WeightsError, match=message):
+            chroma_from_state(sd, "x.safetensors")
+    folder = tmp_path / "bad"
+    shutil.copytree(chroma[0] / "transformer", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "approximator_layers": 3}))
+    with pytest.raises(WeightsError, match="the config says approximator_layers=3, the weights 2"):
+        load_chroma_transformer(folder)
+    (folder / "config.json").write_text(json.dumps({**cfg, "guidance_embeds": True}))
+    with pytest.raises(WeightsError, match="unknown Chroma transformer config options: guidance_embeds"):
+        load_chroma_transformer(folder)
+    save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(WeightsError, match="not a Chroma transformer"):
+        load_chroma_transformer(tmp_path / "other.safetensors")
+
+
+def test_input_errors():
+    from _chroma_models import CHROMA_TRANSFORMER
+    from sdengine.errors import UsageError
+    from sdengine.models.chroma import ChromaConfig, ChromaTransformer
+
+    model = ChromaTransformer(ChromaConfig.from_diffusers(CHROMA_TRANSFORMER)).eval()
+    x, txt = torch.randn(1, 16, 4, 4), torch.randn(1, 5, 32)
+    for args, message in [
+        ((torch.randn(1, 16, 3, 4), 500.0, txt), "height and width must be even"),
+        ((torch.randn(1, 8, 4, 4), 500.0, txt), r"hidden_states must be a \(B, 16, H, W\) latent"),
+        ((x, 500.0, torch.randn(1, 5, 7)), "encoder_hidden_states must be"),
+        ((x, 500.0, txt, torch.ones(1, 4, dtype=torch.bool)), "text_mask must be"),
+        ((x, float("nan"), txt), "timestep must be finite"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            model(*args)

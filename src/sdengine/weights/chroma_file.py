@@ -327,9 +327,10 @@ def load_chroma_transformer(
         cfg_path = folder / "config.json"
         try:
             raw = json.loads(cfg_path.read_text())
-            config = ChromaConfig.from_diffusers(raw)
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise WeightsError(f"{cfg_path}: cannot read the config ({type(e).__name__})") from None
+        try:
+            config = ChromaConfig.from_diffusers(raw)
         except ConfigError as e:
             raise WeightsError(f"{cfg_path}: {e}") from None
         files = component_weight_files(folder)
