@@ -76,8 +76,8 @@ def chroma_refusals(r: GenerationRequest) -> list[str]:
         reasons.append("ControlNets are not supported for Chroma")
     from sdengine.prompts import extract_lora_tags
 
-    texts = [r.prompt] if isinstance(r.prompt, str) else list(r.prompt or [])
-    texts += [getattr(r, "hr_prompt", None)]
+    texts: list[Any] = [r.prompt] if isinstance(r.prompt, str) else list(r.prompt or [])
+    texts.append(getattr(r, "hr_prompt", None))
     tagged = any(extract_lora_tags(t)[1] for t in texts if isinstance(t, str))
     if getattr(r, "loras", None) or tagged:
         reasons.append("LoRAs (loras=, <lora:...> tags) are not supported for Chroma yet")
