@@ -328,3 +328,21 @@ def test_input_errors():
     ]:
         with pytest.raises(UsageError, match=message):
             model(*args)
+
+
+def test_cli_generate_with_a_chroma_file(chroma, tmp_path):
+    """``sdengine generate`` on a Chroma single file with ``--vae`` and ``--t5``: the folder's image; ``--guidance``
+    refused in one line."""
+    from PIL import Image
+
+    folder, pipe, _ = chroma
+    d = _single_files(folder, tmp_path / "parts")
+    out = tmp_path / "a.png"
+    args = ["generate", "--model", str(d / "chroma.safetensors"), "--vae", str(d / "ae.safetensors")]
+    args += ["--t5", str(d / "t5xxl.safetensors"), PROMPT, "--negative", NEGATIVE, "--steps", "2", "--seed", "4"]
+    args += ["--width", str(W), "--height", str(H), "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0
+    want = pipe(PROMPT, NEGATIVE, steps=2, seed=4, width=W, height=H, progress=False).images[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want.convert("RGB")))
+    assert main([*args, "--guidance", "3", "--out", str(tmp_path / "b.png")]) != 0
+    assert not (tmp_path / "b.png").exists()
