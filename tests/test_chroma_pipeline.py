@@ -346,3 +346,20 @@ def test_cli_generate_with_a_chroma_file(chroma, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want.convert("RGB")))
     assert main([*args, "--guidance", "3", "--out", str(tmp_path / "b.png")]) != 0
     assert not (tmp_path / "b.png").exists()
+
+
+def test_convert_refuses_a_chroma_folder_and_file_in_one_line(chroma, tmp_path, capsys):
+    """A Chroma model has Flux's blocks: convert must not write it as a FLUX.1 model (nor say "missing unet/")."""
+    from sdengine.pipeline.dit_convert import convert_dit
+
+    folder = chroma[0]
+    files = sorted((folder / "transformer").glob("*.safetensors"))
+    capsys.readouterr()
+    for src in (folder, files[0]):
+        for dst in (tmp_path / "out.safetensors", tmp_path / "out"):
+            assert main(["convert", str(src), str(dst)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert "a Chroma model; sdengine convert handles" in err and "\n" not in err, err
+            assert not dst.exists()
+    with pytest.raises(Exception, match="a Chroma model"):
+        convert_dit(folder, tmp_path / "x.safetensors")
