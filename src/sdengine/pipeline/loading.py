@@ -199,8 +199,10 @@ def _load(
 
     if is_sd3(path):
         return _load_sd3(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
-    from sdengine.pipeline import flux_loading
+    from sdengine.pipeline import chroma_loading, flux_loading
 
+    if chroma_loading.is_chroma_folder(path) or chroma_loading.is_chroma_file(path):  # before Flux: its blocks too
+        return _load_chroma(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if flux_loading.is_flux_folder(path) or flux_loading.is_flux_file(path):
         return _load_flux(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if given:
@@ -302,6 +304,33 @@ def _load_flux(
     return load_flux_pipeline(
         path, device=dev, dtype=dt, vae=vae, clip_l=encoders.get("clip_l"), t5=encoders.get("t5"), lora_dir=lora_dir
     )
+
+
+def _load_chroma(
+    path: Path,
+    dev: torch.device,
+    dt: torch.dtype,
+    vae: Any,
+    prediction_type: Any,
+    config: Any,
+    embeddings_dir: Any,
+    lora_dir: Any,
+    encoders: Mapping[str, Any],
+) -> Pipeline:
+    """A Chroma folder or file -> ChromaPipeline (:mod:`sdengine.pipeline.chroma_loading`); what it does not take
+    refused, one line each, before anything loads."""
+    from sdengine.pipeline.chroma_loading import load_chroma_pipeline
+
+    for on, what in (
+        (prediction_type is not None, "prediction_type: a Chroma transformer predicts the flow's velocity"),
+        (config is not None, "config= does not apply (a Chroma file's architecture comes from its shapes)"),
+        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
+        ("clip_g" in encoders, "clip_g (--clip-g) is SD3's; Chroma has T5 only"),
+        ("clip_l" in encoders, "clip_l (--clip-l) is Flux's; Chroma has T5 only"),
+    ):
+        if on:
+            raise GenerationError(f"{path.name} (Chroma): {what}")
+    return load_chroma_pipeline(path, device=dev, dtype=dt, vae=vae, t5=encoders.get("t5"), lora_dir=lora_dir)
 
 
 def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:

@@ -903,7 +903,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             raise BadRequest(f"shift applies to SD3 models only; {why}")
         if kw.get("sd3") is not None and family != "sd3":
             raise BadRequest(f"sd3 settings apply to SD3 models only; {name} is not one")
-        if family not in ("sd3", "flux"):
+        if family not in ("sd3", "flux", "chroma"):
             return
         try:
             r = GenerationRequest(**kw)
@@ -922,8 +922,14 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                     else:
                         blocks = transformer_blocks_before_load(generation.model)
                     SD3Options.coerce(kw["sd3"], None if blocks is None else int(blocks))
-            elif loaded is not None:  # Flux: its pipeline's own check (what it refuses, one line each)
+            elif loaded is not None:  # Flux, Chroma: the pipeline's own check (what it refuses, one line each)
                 loaded.check_request(r)
+            elif family == "chroma":  # Chroma not loaded yet: its refusals, without the model
+                from sdengine.pipeline.chroma import chroma_refusals
+
+                reasons = chroma_refusals(r)
+                if reasons:
+                    raise BadRequest(f"{reasons[0]}; {name} is a Chroma model")
             else:  # Flux not loaded yet: the same refusals, without the model
                 from sdengine.pipeline.flux import refusals as flux_refusals
 
@@ -1189,9 +1195,10 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     @app.get("/v1/models", tags=["native", "openai"])
     def models() -> dict[str, Any]:
         """The models jobs may name (OpenAI's list shape; ``current`` marks the default; ``tiny_vae``: it can
-        decode with a tiny VAE; ``tiny_vae_encoder``: encode with one; ``family``: "sd", "sdxl", "sd3", "flux" or
-        "pixel", which settings its jobs take; null when not told before the model loads; ``defaults``: an SD3 or
-        Flux model's own steps, cfg_scale, sampler and schedule, which its jobs get where they give none)."""
+        decode with a tiny VAE; ``tiny_vae_encoder``: encode with one; ``family``: "sd", "sdxl", "sd3", "flux",
+        "chroma" or "pixel", which settings its jobs take; null when not told before the model loads;
+        ``defaults``: an SD3, Flux or Chroma model's own steps, cfg_scale, sampler and schedule, which its jobs get
+        where they give none)."""
         now = int(time.time())
         current = services.options.get("sd_model_checkpoint")
         return {
