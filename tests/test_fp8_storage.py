@@ -209,6 +209,14 @@ def test_flux_transformer(tmp_path):
     assert has_storage(stored.unet)
 
 
+def test_chroma_transformer(tmp_path):
+    pytest.importorskip("diffusers")
+    from _chroma_models import make_chroma_folder
+
+    stored, _ = _check_family(make_chroma_folder(tmp_path / "chroma"), cfg_scale=4.0)
+    assert stored.unet.dtype == torch.float32
+
+
 def test_cli_weight_dtype(tiny_sd1_folder, tmp_path, capsys):
     from PIL import Image
 

@@ -49,6 +49,7 @@ from sdengine.models.flux import (
 )
 from sdengine.nn.attention import scaled_dot_product_attention
 from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
+from sdengine.nn.fp8_storage import compute_dtype
 
 PATCH = 2
 INDEX_SCALE = 1000.0  # the modulation index enters its sinusoid multiplied by this
@@ -300,7 +301,7 @@ class ChromaTransformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.x_embedder.weight.dtype
+        return compute_dtype(self.x_embedder)  # float8-stored weights compute in this dtype
 
     @property
     def device(self) -> torch.device:
