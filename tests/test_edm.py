@@ -164,3 +164,126 @@ def test_cosxl_edit_matches_diffusers_is_cosxl_edit(models):
     theirs = _theirs(folder, "EDMEulerScheduler", "karras", ip2p=True, image=image)
     ours = _ours_float(pipe, "euler", "normal", init_image=image, image_cfg_scale=1.5)
     assert _mad(ours, theirs) < TOL
+
+
+def _foreign_file(folder: Path, dst: Path) -> Path:
+    """The folder as a single file whose metadata says nothing of EDM (as ComfyUI or Stability would ship it): no
+    scheduler config, a VAE config without latent statistics; only the markers say what it is. (The tiny networks'
+    configs stay in the metadata: their widths cannot be read off the shapes as SDXL's own.)"""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sdengine.weights import convert
+
+    ours = convert(folder, dst.with_name(dst.stem + "-sdengine.safetensors"))
+    with safe_open(str(ours), "pt") as f:
+        meta = dict(f.metadata())
+    cfgs = json.loads(meta["sdengine.configs"])
+    cfgs.pop("scheduler")
+    for key in ("latents_mean", "latents_std"):
+        cfgs["vae"].pop(key, None)
+    cfgs["vae"]["scaling_factor"] = 0.13025
+    save_file(load_file(ours), dst, metadata={"format": "pt", "sdengine.configs": json.dumps(cfgs)})
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["playground", "cosxl"])
+def test_single_files_carry_the_edm_markers_both_ways(models, tmp_path, kind):
+    from safetensors.torch import load_file
+
+    from sdengine.weights import convert
+
+    folder, _ = models[kind]
+    sd = load_file(_foreign_file(folder, tmp_path / f"{kind}.safetensors"))
+    assert "v_pred" not in sd
+    if kind == "cosxl":
+        assert float(sd["edm_vpred.sigma_max"]) == 120.0 and float(sd["edm_vpred.sigma_min"]) == pytest.approx(0.002)
+        assert "edm_mean" not in sd
+    else:
+        assert sd["edm_mean"].reshape(-1).tolist() == pytest.approx(PLAYGROUND_MEAN)
+        assert sd["edm_std"].reshape(-1).tolist() == pytest.approx(PLAYGROUND_STD)
+        assert "edm_vpred.sigma_max" not in sd
+    # the markers alone make it the EDM model it was: the same images as diffusers' run of the folder
+    pipe = sdengine.load_pipeline(tmp_path / f"{kind}.safetensors", device="cpu", fast_path="none")
+    sched = pipe.noise_schedule
+    assert isinstance(sched, EDMSchedule)
+    if kind == "cosxl":
+        assert (sched.prediction, sched.sigma_max, sched.sigma_data) == ("v_prediction", 120.0, 1.0)
+    else:
+        assert (sched.prediction, sched.sigma_max, sched.sigma_data) == ("epsilon", 80.0, 0.5)
+        assert list(pipe.vae.config.latents_mean) == pytest.approx(PLAYGROUND_MEAN)
+    cls_name = "EDMEulerScheduler" if kind == "cosxl" else "EDMDPMSolverMultistepScheduler"
+    sampler = "euler" if kind == "cosxl" else "dpmpp_2m"
+    assert _mad(_ours_float(pipe, sampler, "normal"), _theirs(folder, cls_name, "karras")) < TOL
+    # back to a folder: the EDM scheduler config and the VAE's statistics; and to a single file again: the markers
+    back = convert(tmp_path / f"{kind}.safetensors", tmp_path / f"{kind}-folder")
+    cfg = json.loads((back / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    assert cfg["_class_name"] == cls_name and cfg["prediction_type"] == pipe.scheduler_config["prediction_type"]
+    vae_cfg = json.loads((back / "vae" / "config.json").read_text(encoding="utf-8"))
+    assert ("latents_mean" in vae_cfg) == (kind == "playground")
+    again = load_file(convert(back, tmp_path / f"{kind}-again.safetensors"))
+    assert {k for k in again if k.startswith("edm")} == {k for k in sd if k.startswith("edm")}
+
+
+def test_edm_refusals_are_one_line(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, pipe = models["cosxl"]
+    for sampler in ("ddim", "plms", "lcm", "ddpm"):
+        with pytest.raises(SdengineError, match=f"sampler '{sampler}' cannot run on an EDM model") as err:
+            _ours(pipe, sampler, "normal")
+        assert "\n" not in str(err.value)
+    with pytest.raises(SdengineError, match="EDM models cannot use schedule 'ddim_uniform'"):
+        _ours(pipe, "euler", "ddim_uniform")
+    with pytest.raises(SdengineError, match="zero_terminal_snr rescales a VP schedule"):
+        _ours(pipe, "euler", "normal", zero_terminal_snr=True)
+    with pytest.raises(SdengineError, match="shift applies to flow models"):
+        _ours(pipe, "euler", "normal", shift=3.0)
+    # a marker that cannot be read, and a half of Playground's pair
+    sd = load_file(_foreign_file(folder, tmp_path / "cosxl.safetensors"))
+    for bad, match in (
+        ({"edm_vpred.sigma_max": torch.tensor([1.0, 2.0])}, "edm_vpred.sigma_max must be one finite number"),
+        ({"edm_vpred.sigma_max": torch.tensor(0.001)}, "edm_vpred.sigma_min 0.002.* is not below"),
+    ):
+        save_file({**sd, **bad}, tmp_path / "bad.safetensors")
+        with pytest.raises(SdengineError, match=match) as err:
+            sdengine.load_pipeline(tmp_path / "bad.safetensors", device="cpu")
+        assert "\n" not in str(err.value)
+    half = {k: v for k, v in sd.items() if not k.startswith("edm_vpred")}
+    save_file({**half, "edm_mean": torch.zeros(1, 4, 1, 1)}, tmp_path / "half.safetensors")
+    with pytest.raises(SdengineError, match="EDM marker edm_mean without its partner"):
+        sdengine.load_pipeline(tmp_path / "half.safetensors", device="cpu")
+
+
+def test_edm_scheduler_options_sdengine_does_not_follow_are_refused():
+    from sdengine.errors import UsageError
+
+    for key, value in (("final_sigmas_type", "sigma_min"), ("algorithm_type", "sde-dpmsolver++"), ("solver_order", 3)):
+        with pytest.raises(UsageError, match=f"EDM scheduler option {key}="):
+            EDMSchedule.from_config({**PLAYGROUND_SCHEDULER, key: value})
+    with pytest.raises(UsageError, match="EDM models predict"):
+        EDMSchedule.from_config({**PLAYGROUND_SCHEDULER, "prediction_type": "sample"})
+
+
+def test_edm_denoiser_is_exact_on_gaussian_data():
+    """With data N(0, sigma_data^2 I) the ideal x0 is ``sigma_data^2 / (sigma^2 + sigma_data^2) x``: c_skip x, so
+    the ideal network answers 0 (F) whatever the prediction; a network answering the true v / F target at a known
+    x0 gives that x0 back for both predictions."""
+    sched = EDMSchedule(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
+    x0, n = torch.randn(2, 4, 8, 8) * 0.5, torch.randn(2, 4, 8, 8)
+    for prediction in ("epsilon", "v_prediction"):
+        s = EDMSchedule(sigma_data=0.5, prediction=prediction)
+        for sigma in (0.01, 1.0, 30.0):
+            x = x0 + sigma * n
+            c_skip, c_out, _ = s.scalings(torch.tensor(sigma))
+            target = (x0 - c_skip * x) / c_out  # the F (or -F) that makes x0
+
+            def net(xin, t, _target=target, _sigma=sigma):
+                assert torch.allclose(t, torch.full_like(t, 0.25 * np.log(_sigma)), atol=1e-6)
+                return _target
+
+            assert torch.allclose(EDMDenoiser(net, s)(x, sigma), x0, atol=1e-5)
+    grid = edm_grid(sched, 10, "karras")
+    assert float(grid.sigmas[0]) == pytest.approx(80.0) and float(grid.sigmas[-2]) == pytest.approx(0.002)
+    assert float(grid.sigmas[-1]) == 0.0
+    assert torch.allclose(grid.timesteps, 0.25 * grid.sigmas[:-1].log())
