@@ -254,6 +254,10 @@ class EDMDenoiser:
     def takes_row_kinds(self) -> bool:
         return bool(getattr(self.net, "takes_row_kinds", False))
 
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The network's timestep ``0.25 ln sigma`` (float32, on sigma's device)."""
+        return self.schedule.sigma_to_t(sigma.detach().to(torch.float32).cpu()).to(sigma.device)
+
     def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         s = torch.as_tensor(sigma, dtype=torch.float32).detach().cpu().reshape(-1)
         if s.shape[0] == 1:

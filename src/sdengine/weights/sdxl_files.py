@@ -252,10 +252,16 @@ def _channel_stats(t: torch.Tensor, key: str, where: str) -> list[float]:
 
 
 def _marker_scalar(sd: Mapping[str, torch.Tensor], key: str, where: str) -> float:
+    """A scalar marker (edm_vpred.*) as the shortest decimal its float32 value is (0.002, not 0.0020000000949...)."""
     t = sd[key]
     if t.numel() != 1 or not bool(torch.isfinite(t.float()).all()) or float(t.float().reshape(-1)[0]) <= 0:
         raise WeightsError(f"{where}: {key} must be one finite number above 0, got a tensor of shape {tuple(t.shape)}")
-    return float(t.float().reshape(-1)[0])
+    value = t.to(torch.float32).reshape(-1)[0]
+    for digits in range(1, 10):
+        short = float(f"{float(value):.{digits}g}")
+        if torch.tensor(short, dtype=torch.float32) == value:
+            return short
+    return float(value)
 
 
 def edm_scheduler_of(sd: Mapping[str, torch.Tensor], where: str = "<checkpoint>") -> dict[str, Any] | None:
