@@ -137,13 +137,12 @@ def test_an_edm_v_prediction_file_cosxl_edit_runs_as_an_edm_model(xl_ip2p, image
     """ComfyUI's edm_vpred.* markers (Stability's CosXL Edit) make the file an EDM v-prediction model (sigma_data 1,
     the file's sigma range) with the image latent scaled as diffusers' is_cosxl_edit; never an epsilon model.
     Parity with diffusers: tests/test_edm.py."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from sdengine.diffusion.edm import EDMSchedule
     from sdengine.errors import SdengineError
     from sdengine.weights import convert
-
-    from safetensors import safe_open
 
     ours = convert(xl_ip2p[0], tmp_path / "xl.safetensors")
     with safe_open(str(ours), "pt") as f:

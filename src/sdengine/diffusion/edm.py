@@ -72,7 +72,7 @@ COSXL_SCHEDULER: dict[str, Any] = {
 
 
 def is_edm_config(config: Mapping[str, Any] | None) -> bool:
-    """Whether a diffusers scheduler config is an EDM scheduler's (EDMEulerScheduler, EDMDPMSolverMultistepScheduler)."""
+    """Whether a diffusers scheduler config is an EDM scheduler's (:data:`EDM_SCHEDULER_CLASSES`)."""
     return bool(config) and str((config or {}).get("_class_name", "")) in EDM_SCHEDULER_CLASSES
 
 
@@ -295,7 +295,9 @@ def edm_sampler_check(sampler: str) -> None:
     allowed = EDM_SAMPLERS
     if sampler not in allowed:
         why = _EDM_REFUSED_WHY.get(sampler, "it is not verified on EDM models")
-        raise UsageError(f"sampler {sampler!r} cannot run on an EDM model ({why}); EDM models take: {', '.join(allowed)}")
+        raise UsageError(
+            f"sampler {sampler!r} cannot run on an EDM model ({why}); EDM models take: {', '.join(allowed)}"
+        )
 
 
 __all__ = [

@@ -581,7 +581,7 @@ def diffusers_equivalent(
 def make_grid(
     sampler: str,
     steps: int,
-    noise_schedule: NoiseSchedule,
+    noise_schedule: NoiseSchedule | EDMSchedule,
     schedule: str = "normal",
     scheduler_config: Mapping[str, Any] | None = None,
     strength: float = 1.0,

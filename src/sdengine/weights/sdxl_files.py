@@ -23,9 +23,9 @@ from typing import Any, Literal
 import torch
 
 from ..diffusion.schedules import SD_BETAS
+from ..errors import UsageError
 from . import keymaps as km
 from .detect import clip_config_from_weights, unet_config_from_ldm, vae_config_from_ldm
-from ..errors import UsageError
 from .io import WeightsError
 
 StateDict = dict[str, torch.Tensor]
@@ -281,7 +281,9 @@ def edm_scheduler_of(sd: Mapping[str, torch.Tensor], where: str = "<checkpoint>"
         return cfg
     if EDM_MEAN_KEY in sd or EDM_STD_KEY in sd or EDM_VPRED_MIN in sd:
         given = ", ".join(k for k in EDM_KEYS if k in sd)
-        raise WeightsError(f"{where}: EDM marker {given} without its partner (edm_mean with edm_std; edm_vpred.sigma_max)")
+        raise WeightsError(
+            f"{where}: EDM marker {given} without its partner (edm_mean with edm_std; edm_vpred.sigma_max)"
+        )
     return None
 
 
