@@ -73,12 +73,14 @@ def _scheduler(folder: Path, cls_name: str, sigma_schedule: str) -> Any:
     return getattr(diffusers, cls_name)(**cfg)
 
 
-def _theirs(folder: Path, cls_name: str, sigma_schedule: str, ip2p: bool = False, image: Any = None) -> np.ndarray:
+def _theirs(
+    folder: Path, cls_name: str, sigma_schedule: str, ip2p: bool = False, image: Any = None, cosxl_edit: bool = True
+) -> np.ndarray:
     ref = diffusers_sdxl(folder, ip2p=ip2p)
     ref.scheduler = _scheduler(folder, cls_name, sigma_schedule)
     kw: dict[str, Any] = {}
     if ip2p:
-        ref.is_cosxl_edit = True
+        ref.is_cosxl_edit = cosxl_edit
         kw = dict(image=image, image_guidance_scale=1.5)
     out = ref(
         PROMPT,
@@ -164,6 +166,9 @@ def test_cosxl_edit_matches_diffusers_is_cosxl_edit(models):
     theirs = _theirs(folder, "EDMEulerScheduler", "karras", ip2p=True, image=image)
     ours = _ours_float(pipe, "euler", "normal", init_image=image, image_cfg_scale=1.5)
     assert _mad(ours, theirs) < TOL
+    # the image latent's scaling is what makes it CosXL Edit (seen: 5e-2 apart without it)
+    unscaled = _theirs(folder, "EDMEulerScheduler", "karras", ip2p=True, image=image, cosxl_edit=False)
+    assert _mad(ours, unscaled) > 100 * TOL
 
 
 def _foreign_file(folder: Path, dst: Path) -> Path:
@@ -287,3 +292,31 @@ def test_edm_denoiser_is_exact_on_gaussian_data():
     assert float(grid.sigmas[0]) == pytest.approx(80.0) and float(grid.sigmas[-2]) == pytest.approx(0.002)
     assert float(grid.sigmas[-1]) == 0.0
     assert torch.allclose(grid.timesteps, 0.25 * grid.sigmas[:-1].log())
+    # ComfyUI's normal_scheduler on a continuous EDM model is log-linear between the table's ends: its exponential
+    comfy_normal = edm_grid(sched, 10, "normal", comfy=True).sigmas
+    assert torch.allclose(comfy_normal, edm_grid(sched, 10, "exponential", comfy=True).sigmas, rtol=1e-5)
+    assert torch.allclose(comfy_normal, edm_grid(sched, 10, "exponential").sigmas, rtol=1e-5)
+    assert float(sched.sigmas[0]) == pytest.approx(0.002) and float(sched.sigmas[-1]) == pytest.approx(80.0)
+
+
+def test_comfyuis_nodes_sample_the_cosxl_edit_model_as_the_pipeline(models):
+    """ComfyUI's InstructPixToPixConditioning + KSampler path (sdengine.latent_sampling) on an EDM model: EDM's
+    preconditioning and the image latent scaled as ComfyUI's CosXL rule; the same latents as the pipeline (two-way
+    guidance: image_cfg_scale 1)."""
+    from sdengine.latent_sampling import encode_text, sample_latents
+    from sdengine.pipeline.request import GenerationRequest
+    from sdengine.server.comfy.nodes import RunContext, VaeHandle, image_to_tensor
+    from sdengine.server.comfy.nodes_edit import instruct_pix_to_pix_conditioning
+
+    _, pipe = models["cosxl_edit"]
+    image = picture(SIZE, SIZE)
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    pos, neg = [encode_text(pipe, PROMPT)], [encode_text(pipe, NEGATIVE)]
+    pos, neg, latent = instruct_pix_to_pix_conditioning(ctx, pos, neg, VaeHandle("m"), image_to_tensor(image))
+    z = sample_latents(pipe, pos, neg, latent["samples"], seed=SEED, steps=STEPS, cfg=5.0, sampler="euler",
+                       schedule="karras", seed_rule="sdengine")  # fmt: skip
+    kw = dict(steps=STEPS, sampler="euler", schedule="karras", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    r = GenerationRequest(PROMPT, NEGATIVE, init_image=image, image_cfg_scale=1.0, progress=False, **kw)
+    ours = pipe.sample_latents(pipe.prepare(r))
+    assert float((z - ours).abs().max()) < 1e-4
+    assert float(ours.abs().mean()) > 0.1  # a real latent, not zeros

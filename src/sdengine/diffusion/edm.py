@@ -207,15 +207,35 @@ def _sgm_uniform(schedule: EDMSchedule, steps: int) -> Tensor:
     return schedule.t_to_sigma(ts)
 
 
-def edm_grid(schedule: EDMSchedule, steps: int, name: str = "normal") -> SamplingGrid:
+def _comfy_sigmas(schedule: EDMSchedule, steps: int, name: str) -> Tensor:
+    """ComfyUI's lists on a continuous EDM model, between its table's ends: ``normal`` its normal_scheduler
+    (timesteps ``0.25 ln sigma`` evenly from the top to the bottom, n points: log-linear), ``karras`` /
+    ``exponential`` k-diffusion's get_sigmas_karras / get_sigmas_exponential (float32)."""
+    table = schedule.sigmas
+    lo, hi = float(table[0]), float(table[-1])
+    if name == "normal":
+        ts = torch.linspace(float(schedule.sigma_to_t(table[-1])), float(schedule.sigma_to_t(table[0])), steps)
+        return schedule.t_to_sigma(ts)
+    if name == "karras":
+        ramp = torch.linspace(0, 1, steps)
+        lo_r, hi_r = lo ** (1 / schedule.rho), hi ** (1 / schedule.rho)
+        return (hi_r + ramp * (lo_r - hi_r)) ** schedule.rho
+    return torch.linspace(math.log(hi), math.log(lo), steps).exp()
+
+
+def edm_grid(schedule: EDMSchedule, steps: int, name: str = "normal", *, comfy: bool = False) -> SamplingGrid:
     """The sigmas (``steps + 1``, ending at 0) and network timesteps (``0.25 ln sigma``, float32) of ``steps``
-    steps of schedule ``name`` (:data:`EDM_SCHEDULES`) on an EDM model."""
+    steps of schedule ``name`` (:data:`EDM_SCHEDULES`) on an EDM model; ``comfy``: ``normal``, ``karras`` and
+    ``exponential`` are ComfyUI's lists (:func:`_comfy_sigmas`) rather than diffusers' (``normal`` the model's
+    scheduler config's own sigma_schedule)."""
     if name not in EDM_SCHEDULES:
         raise UsageError(f"EDM models cannot use schedule {name!r}; they take: {', '.join(EDM_SCHEDULES)}")
     if not isinstance(steps, int) or not 1 <= steps <= schedule.num_train_timesteps:
         raise UsageError(f"steps must be an integer between 1 and {schedule.num_train_timesteps}, got {steps!r}")
-    kind = schedule.sigma_schedule if name == "normal" else name
-    if kind == "karras":
+    kind = schedule.sigma_schedule if name == "normal" and not comfy else name
+    if comfy and kind in ("normal", "karras", "exponential"):
+        sigmas = _comfy_sigmas(schedule, steps, kind)
+    elif kind == "karras":
         sigmas = _karras(schedule, steps)
     elif kind == "exponential":
         sigmas = _exponential(schedule, steps)

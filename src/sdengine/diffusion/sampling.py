@@ -606,7 +606,7 @@ def make_grid(
     extra = 1 if discard_penultimate else 0
     if isinstance(noise_schedule, EDMSchedule):  # an EDM model's grid (sdengine.diffusion.edm)
         edm_sampler_check(name)
-        grid = edm_grid(noise_schedule, steps + extra, sched)
+        grid = edm_grid(noise_schedule, steps + extra, sched, comfy=comfy_grid)
         return drop_penultimate(grid) if extra else grid
     if a1111_grid and name in A1111_GRID_SAMPLERS:
         return a1111_timestep_grid(steps + extra, noise_schedule)
@@ -786,7 +786,9 @@ def sample(
             refused = ", ".join(given_vp) or "end_step"
             raise UsageError(f"{refused} is not supported on EDM models")
         if sigmas is None:
-            sigmas = make_grid(name, steps, ns, sched, discard_penultimate=discard_penultimate).sigmas
+            sigmas = make_grid(
+                name, steps, ns, sched, discard_penultimate=discard_penultimate, comfy_grid=comfy_grid
+            ).sigmas
         elif int(sigmas.reshape(-1).shape[0]) == steps + 1 and sigmas_rise(sigmas.detach().cpu().reshape(-1)):
             raise UsageError("EDM models cannot walk rising sigmas")
 
