@@ -268,6 +268,20 @@ def test_edm_scheduler_options_sdengine_does_not_follow_are_refused():
             EDMSchedule.from_config({**PLAYGROUND_SCHEDULER, key: value})
     with pytest.raises(UsageError, match="EDM models predict"):
         EDMSchedule.from_config({**PLAYGROUND_SCHEDULER, "prediction_type": "sample"})
+    # an EDM model the single file's markers cannot describe is not written as one
+    from sdengine.weights.io import WeightsError
+    from sdengine.weights.sdxl_files import edm_markers
+
+    playground_vae = {"latents_mean": PLAYGROUND_MEAN, "latents_std": PLAYGROUND_STD, "scaling_factor": 0.5}
+    assert set(edm_markers(PLAYGROUND_SCHEDULER, playground_vae)) == {"edm_mean", "edm_std"}
+    for sched, vae in (
+        (PLAYGROUND_SCHEDULER, {"scaling_factor": 0.5}),  # no latent statistics
+        ({**PLAYGROUND_SCHEDULER, "sigma_max": 120.0}, playground_vae),  # not Playground's sampling
+        ({**COSXL_SCHEDULER, "sigma_data": 0.5}, None),  # edm_vpred.* carry sigma_data 1 only
+    ):
+        with pytest.raises(WeightsError) as err:
+            edm_markers(sched, vae)
+        assert "\n" not in str(err.value)
 
 
 def test_edm_denoiser_is_exact_on_gaussian_data():
