@@ -334,3 +334,28 @@ def test_comfyuis_nodes_sample_the_cosxl_edit_model_as_the_pipeline(models):
     ours = pipe.sample_latents(pipe.prepare(r))
     assert float((z - ours).abs().max()) < 1e-4
     assert float(ours.abs().mean()) > 0.1  # a real latent, not zeros
+
+
+@pytest.mark.parametrize(
+    ("kind", "cls_name", "sampler"),
+    [("playground", "EDMDPMSolverMultistepScheduler", "dpmpp_2m"), ("cosxl", "EDMEulerScheduler", "euler")],
+)
+def test_edm_img2img_matches_diffusers(models, kind, cls_name, sampler):
+    """img2img: the init encoded into the model's latents (Playground's statistics too), noised as ``latent +
+    sigma noise`` at the start step; diffusers' StableDiffusionXLImg2ImgPipeline as the oracle (seen: 5e-7)."""
+    folder, pipe = models[kind]
+    image = picture(SIZE, SIZE)
+    ref = diffusers_sdxl(folder, img2img=True)
+    ref.scheduler = _scheduler(folder, cls_name, "karras")
+    theirs = ref(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        image=image,
+        strength=0.6,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(SEED),
+        output_type="np",
+    ).images[0]
+    ours = _ours_float(pipe, sampler, "normal", init_image=image, strength=0.6)
+    assert _mad(ours, theirs) < TOL
