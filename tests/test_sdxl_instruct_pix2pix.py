@@ -133,15 +133,32 @@ def test_comfyuis_node_on_sdxl_samples_as_the_pipeline_at_image_scale_1(xl_ip2p,
     assert float((z - pipe.sample_latents(pipe.prepare(r))).abs().max()) < 1e-4
 
 
-def test_an_edm_v_prediction_file_cosxl_is_refused_in_one_line(xl_ip2p, tmp_path):
+def test_an_edm_v_prediction_file_cosxl_edit_runs_as_an_edm_model(xl_ip2p, image, tmp_path):
+    """ComfyUI's edm_vpred.* markers (Stability's CosXL Edit) make the file an EDM v-prediction model (sigma_data 1,
+    the file's sigma range) with the image latent scaled as diffusers' is_cosxl_edit; never an epsilon model.
+    Parity with diffusers: tests/test_edm.py."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from sdengine.diffusion.edm import EDMSchedule
     from sdengine.errors import SdengineError
     from sdengine.weights import convert
 
-    sd = load_file(convert(xl_ip2p[0], tmp_path / "xl.safetensors"))
+    ours = convert(xl_ip2p[0], tmp_path / "xl.safetensors")
+    with safe_open(str(ours), "pt") as f:
+        configs = json.loads(f.metadata()["sdengine.configs"])
+    configs.pop("scheduler")  # the tiny networks' configs stay; the markers alone say how it samples
+    sd = load_file(ours)
     sd.update({"edm_vpred.sigma_max": torch.tensor(120.0), "edm_vpred.sigma_min": torch.tensor(0.002)})
-    save_file(sd, tmp_path / "cosxl_edit.safetensors")
-    with pytest.raises(SdengineError, match=r"an EDM v-prediction SDXL model \(edm_vpred\.\* keys") as err:
-        sdengine.load_pipeline(tmp_path / "cosxl_edit.safetensors", device="cpu")
+    save_file(sd, tmp_path / "cosxl_edit.safetensors", metadata={"sdengine.configs": json.dumps(configs)})
+    pipe = sdengine.load_pipeline(tmp_path / "cosxl_edit.safetensors", device="cpu", fast_path="none")
+    sched = pipe.noise_schedule
+    assert isinstance(sched, EDMSchedule) and pipe.instruct_pix2pix
+    assert (sched.prediction, sched.sigma_min, sched.sigma_max, sched.sigma_data) == ("v_prediction", 0.002, 120.0, 1.0)
+    assert pipe.scheduler_config["_class_name"] == "EDMEulerScheduler"
+    edm = np.asarray(_ours(pipe, image, cfg_scale=5.0).images[0])
+    vp = np.asarray(_ours(xl_ip2p[1], image, cfg_scale=5.0).images[0])
+    assert _mad(edm, vp) > 1.0  # not the epsilon model's images
+    with pytest.raises(SdengineError, match="sampler 'ddim' cannot run on an EDM model") as err:
+        _ours(pipe, image, sampler="ddim")
     assert "\n" not in str(err.value)

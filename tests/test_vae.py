@@ -90,8 +90,28 @@ def test_scaling_round_trip_and_config() -> None:
         "up_block_types": ["UpDecoderBlock2D"] * 4,
     }
     assert VAEConfig.from_diffusers(sd_vae) == SD
-    with pytest.raises(ValueError, match="latents_mean.*unknown options foo"):
-        VAEConfig.from_diffusers({**sd_vae, "latents_mean": [0.0] * 4, "foo": 1})
+    with pytest.raises(ValueError, match="unknown options foo"):
+        VAEConfig.from_diffusers({**sd_vae, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4, "foo": 1})
+    # Playground v2.5's per-channel statistics (docs/edm.md): both or neither, one finite number per channel
+    with pytest.raises(ValueError, match="latents_mean without its partner"):
+        VAEConfig.from_diffusers({**sd_vae, "latents_mean": [0.0] * 4})
+    with pytest.raises(ValueError, match="latents_std must be 4 finite numbers above 0"):
+        VAEConfig.from_diffusers({**sd_vae, "latents_mean": [0.0] * 4, "latents_std": [1.0, 1.0, 0.0, 1.0]})
+    with pytest.raises(ValueError, match="latents_mean must be 4 finite numbers"):
+        VAEConfig.from_diffusers({**sd_vae, "latents_mean": [0.0] * 3, "latents_std": [1.0] * 4})
+    stats = {"latents_mean": [-1.0, 2.0, 0.5, 0.0], "latents_std": [8.0, 6.0, 6.5, 5.0], "scaling_factor": 0.5}
+    cfg = VAEConfig.from_diffusers({**sd_vae, **stats})
+    assert {k: cfg.to_diffusers()[k] for k in stats} == stats
+    assert "latents_mean" not in SD.to_diffusers()
+    with torch.device("meta"):
+        vae = AutoencoderKL(cfg)
+    z = torch.randn(2, 4, 3, 3)
+    mean, std = (
+        torch.tensor(stats["latents_mean"]).view(1, 4, 1, 1),
+        torch.tensor(stats["latents_std"]).view(1, 4, 1, 1),
+    )
+    assert torch.allclose(vae.scale_latents(z), (z - mean) * 0.5 / std)  # diffusers' SDXL pipelines' rule
+    assert torch.allclose(vae.unscale_latents(vae.scale_latents(z)), z, atol=1e-6)
 
 
 def test_meta_build_of_sd_vae() -> None:

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from sdengine.diffusion import sampling
 from sdengine.diffusion.denoisers import Denoiser, TimestepMode
+from sdengine.diffusion.edm import EDMDenoiser, EDMSchedule
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import BatchNoise, SamplingInterrupted
 from sdengine.diffusion.schedules import img2img_start
@@ -437,7 +438,17 @@ def edit_image(cond: Mapping[str, Tensor], pipe: Any, b: int, h: int, w: int, de
         )
     if image.shape[0] not in (1, b):
         raise LatentSamplingError(f"the instruct-pix2pix image batch of {image.shape[0]} does not fit {b} latents")
+    if isinstance(pipe.noise_schedule, EDMSchedule):  # CosXL Edit reads it scaled (ComfyUI's process_ip2p_image_in)
+        image = image * float(pipe.vae.config.scaling_factor)
     return image.to(dev).expand(b, -1, -1, -1)
+
+
+def _x0_denoiser(pipe: Any, model: Any, prediction: str, t_mode: TimestepMode) -> Any:
+    """The x0-denoiser of ``pipe``'s network: EDM's preconditioning on an EDM model (sdengine.diffusion.edm),
+    else the VP one at ComfyUI's timesteps."""
+    if isinstance(pipe.noise_schedule, EDMSchedule):
+        return EDMDenoiser(model, pipe.noise_schedule)
+    return Denoiser(model, pipe.noise_schedule, prediction, timestep_mode=t_mode)
 
 
 @_model_schedule
@@ -867,9 +878,7 @@ def sample_latents(
                 if (kinds, size) not in dens:
                     whole = net if size is None else area_net(*size, kinds)
                     part = whole.with_kinds(list(kinds)) if distinct else net
-                    dens[(kinds, size)] = shrunk(
-                        Denoiser(UNetAdapter(part, pipe.dtype), pipe.noise_schedule, prediction, timestep_mode=t_mode)
-                    )
+                    dens[(kinds, size)] = shrunk(_x0_denoiser(pipe, UNetAdapter(part, pipe.dtype), prediction, t_mode))
                 return dens[(kinds, size)]
 
             cond_r = [replace(r, den=den_for(r, "cond")) for r in cond_r]
@@ -890,9 +899,7 @@ def sample_latents(
                 from sdengine.nn.ip_adapter import IPAdapterNet
 
                 part_net = IPAdapterNet(part_net, pipe.unet, ip.layers)
-            den = shrunk(
-                Denoiser(UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, prediction, timestep_mode=t_mode)
-            )
+            den = shrunk(_x0_denoiser(pipe, UNetAdapter(part_net, pipe.dtype), prediction, t_mode))
             pos = pos_entry.cond
             c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
             uncond_args: dict[str, Tensor] = {"crossattn": u}

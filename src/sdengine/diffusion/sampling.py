@@ -40,6 +40,7 @@ from torch import Tensor
 
 from sdengine.diffusion import samplers as S
 from sdengine.diffusion.brownian import BrownianSpec
+from sdengine.diffusion.edm import EDMSchedule, edm_grid, edm_sampler_check
 from sdengine.diffusion.flow import (
     FIRST_SIGMA_PERCENT,
     FLOW_SCHEDULES,
@@ -580,7 +581,7 @@ def diffusers_equivalent(
 def make_grid(
     sampler: str,
     steps: int,
-    noise_schedule: NoiseSchedule,
+    noise_schedule: NoiseSchedule | EDMSchedule,
     schedule: str = "normal",
     scheduler_config: Mapping[str, Any] | None = None,
     strength: float = 1.0,
@@ -603,6 +604,10 @@ def make_grid(
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
     extra = 1 if discard_penultimate else 0
+    if isinstance(noise_schedule, EDMSchedule):  # an EDM model's grid (sdengine.diffusion.edm)
+        edm_sampler_check(name)
+        grid = edm_grid(noise_schedule, steps + extra, sched, comfy=comfy_grid)
+        return drop_penultimate(grid) if extra else grid
     if a1111_grid and name in A1111_GRID_SAMPLERS:
         return a1111_timestep_grid(steps + extra, noise_schedule)
     grid = sampling_grid(
@@ -723,8 +728,10 @@ def sample(
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
     ns = noise_schedule if noise_schedule is not None else getattr(denoiser, "schedule", None)
-    if not isinstance(ns, NoiseSchedule | FlowSchedule):
-        raise UsageError("sample() needs noise_schedule= or a denoiser with a .schedule NoiseSchedule or FlowSchedule")
+    if not isinstance(ns, NoiseSchedule | FlowSchedule | EDMSchedule):
+        raise UsageError(
+            "sample() needs noise_schedule= or a denoiser with a .schedule NoiseSchedule, FlowSchedule or EDMSchedule"
+        )
     if not isinstance(steps, int) or not 1 <= steps <= ns.num_train_timesteps:
         raise UsageError(f"steps must be an integer between 1 and {ns.num_train_timesteps}, got {steps!r}")
     if not 0.0 < float(strength) <= 1.0:
@@ -771,6 +778,19 @@ def sample(
                 "noise_scale": noise_scale is not None,
             },
         )
+
+    if isinstance(ns, EDMSchedule):
+        edm_sampler_check(name)
+        given_vp = [k for k, on in (("a1111_grid", a1111_grid), ("noise_from", noise_from is not None)) if on]
+        if given_vp or end_step is not None or end_as_run or end_at_zero:
+            refused = ", ".join(given_vp) or "end_step"
+            raise UsageError(f"{refused} is not supported on EDM models")
+        if sigmas is None:
+            sigmas = make_grid(
+                name, steps, ns, sched, discard_penultimate=discard_penultimate, comfy_grid=comfy_grid
+            ).sigmas
+        elif int(sigmas.reshape(-1).shape[0]) == steps + 1 and sigmas_rise(sigmas.detach().cpu().reshape(-1)):
+            raise UsageError("EDM models cannot walk rising sigmas")
 
     explicit = sigmas is not None
     if sigmas is not None:

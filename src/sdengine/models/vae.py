@@ -10,6 +10,7 @@ decoder maps latents back to pixels. Parameter names are diffusers', so its stat
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,9 +45,28 @@ class VAEConfig:
     mid_block_add_attention: bool = True
     # SD's VAE overflows in fp16 at large sizes: pipelines should decode it in float32 when this is set.
     force_upcast: bool = True
+    # Per-channel latent statistics (Playground v2.5's VAE config): the diffusion model's latents are
+    # ``(z - latents_mean) * scaling_factor / latents_std`` (diffusers' SDXL pipelines' rule); None: not used.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_config("vae", self)  # every number bounded before anything reads it
+        stats = {"latents_mean": self.latents_mean, "latents_std": self.latents_std}
+        if (self.latents_mean is None) != (self.latents_std is None):
+            given = "latents_mean" if self.latents_mean is not None else "latents_std"
+            raise ConfigError(f"VAE config: {given} without its partner (both or neither)")
+        for key, values in stats.items():
+            if values is None:
+                continue
+            ok = isinstance(values, tuple) and len(values) == self.latent_channels
+            ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+            if not ok or (key == "latents_std" and min(values) <= 0):
+                raise ConfigError(
+                    f"VAE config: {key} must be {self.latent_channels} finite numbers"
+                    + (" above 0" if key == "latents_std" else "")
+                    + f", got {values!r}"
+                )
         if any(ch % self.norm_num_groups for ch in self.block_out_channels):
             raise ConfigError(
                 f"VAE config: norm_num_groups={self.norm_num_groups} does not divide every level's "
@@ -79,8 +99,12 @@ class VAEConfig:
         if c.pop("act_fn", "silu") not in ("silu", "swish"):
             problems.append(f"act_fn={config['act_fn']!r}")
         for k in ("latents_mean", "latents_std"):
-            if c.pop(k, None) is not None:
-                problems.append(f"{k}={config[k]!r}")
+            value = c.pop(k, None)
+            if value is not None:
+                if not isinstance(value, list | tuple):
+                    problems.append(f"{k}={value!r} (not a list of numbers)")
+                else:
+                    c[k] = tuple(value)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(c) - known)
         if unknown:
@@ -99,6 +123,11 @@ class VAEConfig:
         n = len(self.block_out_channels)
         d = dataclasses.asdict(self)
         d["block_out_channels"] = list(self.block_out_channels)
+        for k in ("latents_mean", "latents_std"):
+            if d[k] is None:
+                del d[k]
+            else:
+                d[k] = list(d[k])
         return {
             "_class_name": "AutoencoderKL",
             **d,
@@ -285,11 +314,27 @@ class AutoencoderKL(nn.Module):
 
     def scale_latents(self, z: Tensor) -> Tensor:
         """Raw VAE latents -> the diffusion model's latent space."""
-        return (z - (self.config.shift_factor or 0.0)) * self.config.scaling_factor
+        c = self.config
+        if c.latents_mean is not None and c.latents_std is not None:
+            mean, std = self._latent_stats(z)
+            return (z - mean) * c.scaling_factor / std
+        return (z - (c.shift_factor or 0.0)) * c.scaling_factor
 
     def unscale_latents(self, z: Tensor) -> Tensor:
         """The diffusion model's latents -> raw VAE latents, ready for ``decode``."""
-        return z / self.config.scaling_factor + (self.config.shift_factor or 0.0)
+        c = self.config
+        if c.latents_mean is not None and c.latents_std is not None:
+            mean, std = self._latent_stats(z)
+            return z * std / c.scaling_factor + mean
+        return z / c.scaling_factor + (c.shift_factor or 0.0)
+
+    def _latent_stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The config's latents_mean / latents_std as (1, C, 1, 1) tensors in ``z``'s dtype and device."""
+        c = self.config
+        shape = (1, len(c.latents_mean or ()), *([1] * (z.ndim - 2)))
+        mean = torch.tensor(c.latents_mean, dtype=torch.float32).reshape(shape).to(z.device, z.dtype)
+        std = torch.tensor(c.latents_std, dtype=torch.float32).reshape(shape).to(z.device, z.dtype)
+        return mean, std
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None, sample: bool = False) -> Tensor:
         """Reconstruction: decode(mode or sample of encode(x))."""

@@ -34,6 +34,7 @@ from sdengine import vae_utils
 from sdengine.diffusion import sampling
 from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.denoisers import Denoiser
+from sdengine.diffusion.edm import EDMDenoiser, EDMSchedule, is_edm_config
 from sdengine.diffusion.guidance import CFGDenoiser, ImageCFGDenoiser
 from sdengine.diffusion.multidiffusion import DECODE_PADDING, MultiDiffusionDenoiser
 from sdengine.diffusion.philox import make_generator
@@ -326,6 +327,11 @@ class Pipeline:
     def training_schedule(self) -> Any:
         """The model's own training schedule (``base_schedule``), from its scheduler config: the discrete VP
         schedule of the U-Net families."""
+        if is_edm_config(self.scheduler_config):  # Playground v2.5, CosXL: EDM's continuous schedule
+            try:
+                return EDMSchedule.from_config(self.scheduler_config)
+            except UsageError as e:
+                raise GenerationError(f"{self.name}: scheduler config: {e}") from None
         return NoiseSchedule.from_config(**self.scheduler_config)
 
     def network_adapter(self, net: Any) -> Any:
@@ -340,6 +346,8 @@ class Pipeline:
     def x0_denoiser(self, model: Any) -> Any:
         """The adapted network -> the x0-denoiser the samplers call: VP-trained U-Nets in the VE view
         (:class:`sdengine.diffusion.denoisers.Denoiser`, by ``prediction_type``)."""
+        if isinstance(self.noise_schedule, EDMSchedule):  # EDM's preconditioning (sdengine.diffusion.edm)
+            return EDMDenoiser(model, self.noise_schedule)
         return Denoiser(model, self.noise_schedule, self.prediction_type)
 
     def img2img_first_step(self, steps: int, strength: float, rule: str, sampler: str) -> int:
@@ -862,8 +870,10 @@ class Pipeline:
             )
         if r.sd3 is not None and self.text_kind != "sd3":
             raise GenerationError(f"sd3 settings apply to SD3 models only; {self.name} is not one")
-        if r.shift is not None and isinstance(self.base_schedule, NoiseSchedule):
+        if r.shift is not None and isinstance(self.base_schedule, NoiseSchedule | EDMSchedule):
             raise GenerationError(f"shift applies to flow models (SD3) only; {self.name} is not one")
+        if r.zero_terminal_snr and isinstance(self.base_schedule, EDMSchedule):
+            raise GenerationError(f"zero_terminal_snr rescales a VP schedule; {self.name} is an EDM model")
         check_instruct_pix2pix(self, r, notes)
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
@@ -1319,6 +1329,8 @@ class Pipeline:
         if self.instruct_pix2pix and p.init is not None:  # the image's latent: the VAE's mode, unscaled
             tiny = self.tiny_vae if r.vae_encode == "tiny" else None
             image = image_latent(self.vae, p.init, tiled=p.tiled, device=dev, tiny=tiny)
+            if isinstance(self.base_schedule, EDMSchedule):  # CosXL Edit reads it scaled (is_cosxl_edit)
+                image = image * float(self.vae.config.scaling_factor)
             cond = {**cond, "concat": image.expand(len(rows), -1, -1, -1)}
         image_cfg = image_guidance(self, r)
         a1111_grid = _a1111_grid(p)

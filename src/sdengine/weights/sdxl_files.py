@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from ..diffusion.schedules import SD_BETAS
+from ..errors import UsageError
 from . import keymaps as km
 from .detect import clip_config_from_weights, unet_config_from_ldm, vae_config_from_ldm
 from .io import WeightsError
@@ -53,6 +54,14 @@ SDXL_SCHEDULER: dict[str, Any] = {
 # Empty marker tensors of v-prediction SDXL fine-tunes (NoobAI-XL V-Pred and others), read by ComfyUI and A1111:
 # `v_pred` = v-prediction, `ztsnr` = zero terminal SNR (rescaled betas); written back when converting such a model.
 V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
+# ComfyUI's markers of EDM-trained SDXL models (its SDXL.model_type): `edm_vpred.sigma_max` / `edm_vpred.sigma_min`
+# (scalars) an EDM v-prediction model (Stability's CosXL, CosXL Edit; sigma_data 1); `edm_mean` / `edm_std` (the
+# VAE's per-channel latent statistics) Playground v2.5 (EDM "epsilon", sigma 0.002..80, sigma_data 0.5, the VAE's
+# scaling factor 0.5). Read into the scheduler and VAE configs, and written back from them.
+EDM_VPRED_MAX, EDM_VPRED_MIN = "edm_vpred.sigma_max", "edm_vpred.sigma_min"
+EDM_MEAN_KEY, EDM_STD_KEY = "edm_mean", "edm_std"
+EDM_KEYS = (EDM_VPRED_MAX, EDM_VPRED_MIN, EDM_MEAN_KEY, EDM_STD_KEY)
+PLAYGROUND_VAE_SCALING_FACTOR = 0.5
 _UNUSED = re.compile(r"(^conditioner\.embedders\.\d\.model\.(logit_scale|attn_mask)$)|(\.position_ids$)")
 
 
@@ -133,7 +142,7 @@ def sdxl_ldm_to_components(
     skipped: list[str] = []
     unknown: list[str] = []
     for key, t in sd.items():
-        if km.is_known_unused(key) or _UNUSED.search(key) or key in (V_PRED_KEY, ZTSNR_KEY):
+        if km.is_known_unused(key) or _UNUSED.search(key) or key in (V_PRED_KEY, ZTSNR_KEY, *EDM_KEYS):
             skipped.append(key)
             continue
         for name, prefix in prefixes.items():
@@ -142,11 +151,6 @@ def sdxl_ldm_to_components(
                 break
         else:
             unknown.append(key)
-    if any(k.startswith("edm_vpred.") for k in unknown):  # ComfyUI's marker of an EDM v-prediction model
-        raise WeightsError(
-            f"{where}: an EDM v-prediction SDXL model (edm_vpred.* keys, as Stability's CosXL / CosXL Edit): "
-            "sdengine has no EDM v-prediction schedule"
-        )
     if unknown:
         raise WeightsError(f"{where}: unexpected keys (not SDXL sgm names): {', '.join(unknown[:5])}")
     if not parts["te2"]:
@@ -169,6 +173,13 @@ def sdxl_ldm_to_components(
                 **vae_config_from_ldm(parts["vae"], sample_size=1024),
                 "scaling_factor": SDXL_VAE_SCALING_FACTOR,
             }
+        if EDM_MEAN_KEY in sd and EDM_STD_KEY in sd and cfgs["vae"].get("latents_mean") is None:
+            # Playground v2.5: its latent statistics and scale (a given VAE config that has none takes them)
+            cfgs["vae"].update(
+                latents_mean=_channel_stats(sd[EDM_MEAN_KEY], EDM_MEAN_KEY, where),
+                latents_std=_channel_stats(sd[EDM_STD_KEY], EDM_STD_KEY, where),
+                scaling_factor=PLAYGROUND_VAE_SCALING_FACTOR,
+            )
     if parts["te1"]:
         out["text_encoder"] = km.normalize_clip_keys(parts["te1"])
         cfgs.setdefault("text_encoder", clip_config_from_weights(out["text_encoder"], family="sd1"))
@@ -182,7 +193,10 @@ def sdxl_ldm_to_components(
         cfgs["text_encoder_2"] = te2
     if "scheduler" not in cfgs:
         cfgs["scheduler"] = dict(SDXL_SCHEDULER)
-        if V_PRED_KEY in sd:  # as ComfyUI reads the markers: ztsnr only with v_pred
+        edm = edm_scheduler_of(sd, where)
+        if edm is not None:
+            cfgs["scheduler"] = edm
+        elif V_PRED_KEY in sd:  # as ComfyUI reads the markers: ztsnr only with v_pred
             cfgs["scheduler"]["prediction_type"] = "v_prediction"
             if ZTSNR_KEY in sd:
                 cfgs["scheduler"]["rescale_betas_zero_snr"] = True
@@ -217,15 +231,105 @@ def sdxl_components_to_ldm(state_dicts: Mapping[str, StateDict], configs: Mappin
     big["text_projection"] = proj.t().contiguous()
     prefix = REFINER_BIGG_PREFIX if refiner else BIGG_PREFIX
     out.update({prefix + k: v for k, v in big.items()})
-    out.update(prediction_markers(configs.get("scheduler") or {}))
+    scheduler = configs.get("scheduler") or {}
+    out.update(prediction_markers(scheduler))
+    from ..diffusion.edm import is_edm_config
+
+    if is_edm_config(scheduler):
+        try:
+            out.update(edm_markers(scheduler, configs.get("vae")))
+        except UsageError as e:
+            raise WeightsError(f"scheduler config: {e}") from None
     return out
+
+
+def _channel_stats(t: torch.Tensor, key: str, where: str) -> list[float]:
+    """A marker tensor of per-channel latent statistics (edm_mean / edm_std): 4 finite numbers, any shape."""
+    flat = t.detach().to(torch.float32).reshape(-1)
+    if flat.shape[0] != 4 or not bool(torch.isfinite(flat).all()) or (key == EDM_STD_KEY and bool((flat <= 0).any())):
+        raise WeightsError(f"{where}: {key} must hold 4 finite numbers (one per latent channel), got {tuple(t.shape)}")
+    return [float(v) for v in flat]
+
+
+def _marker_scalar(sd: Mapping[str, torch.Tensor], key: str, where: str) -> float:
+    """A scalar marker (edm_vpred.*) as the shortest decimal its float32 value is (0.002, not 0.0020000000949...)."""
+    t = sd[key]
+    if t.numel() != 1 or not bool(torch.isfinite(t.float()).all()) or float(t.float().reshape(-1)[0]) <= 0:
+        raise WeightsError(f"{where}: {key} must be one finite number above 0, got a tensor of shape {tuple(t.shape)}")
+    value = t.to(torch.float32).reshape(-1)[0]
+    for digits in range(1, 10):
+        short = float(f"{float(value):.{digits}g}")
+        if torch.tensor(short, dtype=torch.float32) == value:
+            return short
+    return float(value)
+
+
+def edm_scheduler_of(sd: Mapping[str, torch.Tensor], where: str = "<checkpoint>") -> dict[str, Any] | None:
+    """The scheduler config ComfyUI's EDM markers say (see EDM_KEYS), or None for a file without them:
+    Playground v2.5's EDMDPMSolverMultistepScheduler for edm_mean / edm_std, an EDMEulerScheduler with the
+    file's sigma range (sigma_data 1) for edm_vpred.*."""
+    from ..diffusion.edm import COSXL_SCHEDULER, PLAYGROUND_SCHEDULER
+
+    if EDM_MEAN_KEY in sd and EDM_STD_KEY in sd:
+        return dict(PLAYGROUND_SCHEDULER)
+    if EDM_VPRED_MAX in sd:
+        cfg = {**COSXL_SCHEDULER, "sigma_max": _marker_scalar(sd, EDM_VPRED_MAX, where)}
+        if EDM_VPRED_MIN in sd:
+            cfg["sigma_min"] = _marker_scalar(sd, EDM_VPRED_MIN, where)
+        if cfg["sigma_min"] >= cfg["sigma_max"]:
+            raise WeightsError(f"{where}: {EDM_VPRED_MIN} {cfg['sigma_min']} is not below {EDM_VPRED_MAX}")
+        return cfg
+    if EDM_MEAN_KEY in sd or EDM_STD_KEY in sd or EDM_VPRED_MIN in sd:
+        given = ", ".join(k for k in EDM_KEYS if k in sd)
+        raise WeightsError(
+            f"{where}: EDM marker {given} without its partner (edm_mean with edm_std; edm_vpred.sigma_max)"
+        )
+    return None
+
+
+def edm_markers(scheduler_config: Mapping[str, Any], vae_config: Mapping[str, Any] | None) -> StateDict:
+    """The markers of an EDM scheduler config (see EDM_KEYS), as ComfyUI reads them; one line where a marker
+    cannot say what the config does (ComfyUI would then sample the model otherwise): an EDM "epsilon" model is
+    Playground v2.5's (sigma 0.002..80, sigma_data 0.5, with the VAE's latents_mean / latents_std and scaling 0.5),
+    an EDM v-prediction one has sigma_data 1."""
+    from ..diffusion.edm import PLAYGROUND_SCHEDULER, EDMSchedule
+
+    sched = EDMSchedule.from_config(scheduler_config)
+    if sched.prediction == "v_prediction":
+        if sched.sigma_data != 1.0:
+            raise WeightsError(
+                f"an EDM v-prediction model with sigma_data {sched.sigma_data}: the single file's markers "
+                "(edm_vpred.*) carry sigma_data 1 only"
+            )
+        return {
+            EDM_VPRED_MAX: torch.tensor(sched.sigma_max, dtype=torch.float32),
+            EDM_VPRED_MIN: torch.tensor(sched.sigma_min, dtype=torch.float32),
+        }
+    vae = dict(vae_config or {})
+    mean, std = vae.get("latents_mean"), vae.get("latents_std")
+    same = (sched.sigma_min, sched.sigma_max, sched.sigma_data) == (
+        PLAYGROUND_SCHEDULER["sigma_min"],
+        PLAYGROUND_SCHEDULER["sigma_max"],
+        PLAYGROUND_SCHEDULER["sigma_data"],
+    )
+    if mean is None or std is None or not same or vae.get("scaling_factor") != PLAYGROUND_VAE_SCALING_FACTOR:
+        raise WeightsError(
+            "an EDM epsilon model's single-file markers (edm_mean / edm_std) say Playground v2.5's sampling (sigma "
+            "0.002..80, sigma_data 0.5, VAE latents_mean / latents_std, scaling_factor 0.5); this model differs"
+        )
+    return {
+        EDM_MEAN_KEY: torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1),
+        EDM_STD_KEY: torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1),
+    }
 
 
 def prediction_markers(scheduler_config: Mapping[str, Any]) -> StateDict:
     """The empty marker tensors a single file carries for other tools to read its prediction type (see
     V_PRED_KEY): ``v_pred`` for a v-prediction model of any family, as ComfyUI writes them, and ``ztsnr`` beside
-    it for zero terminal SNR; nothing for an epsilon model."""
-    if scheduler_config.get("prediction_type") != "v_prediction":
+    it for zero terminal SNR; nothing for an epsilon model, nor for an EDM one (:func:`edm_markers`)."""
+    from ..diffusion.edm import is_edm_config
+
+    if scheduler_config.get("prediction_type") != "v_prediction" or is_edm_config(scheduler_config):
         return {}
     out = {V_PRED_KEY: torch.tensor([])}
     if scheduler_config.get("rescale_betas_zero_snr"):
@@ -235,12 +339,19 @@ def prediction_markers(scheduler_config: Mapping[str, Any]) -> StateDict:
 
 __all__ = [
     "BIGG_PREFIX",
+    "EDM_KEYS",
+    "EDM_MEAN_KEY",
+    "EDM_STD_KEY",
+    "EDM_VPRED_MAX",
+    "EDM_VPRED_MIN",
     "CLIP_L_PREFIX",
     "REFINER_BIGG_PREFIX",
     "SDXL_SCHEDULER",
     "SDXL_VAE_SCALING_FACTOR",
     "V_PRED_KEY",
     "ZTSNR_KEY",
+    "edm_markers",
+    "edm_scheduler_of",
     "is_sdxl_ldm",
     "prediction_markers",
     "sdxl_components_to_ldm",
