@@ -203,3 +203,25 @@ def test_cli_reference_image_infotext_and_from_png(kontext, tmp_path, capsys):
     assert "--no-reference-resize has no effect without --reference-image" in err
     err = _refused(capsys, [*args, *size, "--reference-image", str(src), "--out", str(src)])
     assert "is the --reference-image image this run reads" in err
+
+
+def test_transformer_reference_input_errors(kontext):
+    _, pipe, _ = kontext
+    net = pipe.transformer
+    x = torch.zeros(2, 16, 4, 6)
+    args = dict(
+        timestep=500.0,
+        encoder_hidden_states=torch.zeros(2, 3, 32),
+        pooled_projections=torch.zeros(2, 64),
+        guidance=3.5,
+    )
+    with pytest.raises(sdengine.errors.UsageError, match=r"reference latent 0 must be \(1 or 2, 16, h, w\)"):
+        net(x, reference_latents=[torch.zeros(3, 16, 4, 4)], **args)
+    with pytest.raises(sdengine.errors.UsageError, match="reference latent 1 is 4x5; its sides must be even"):
+        net(x, reference_latents=[torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 4, 5)], **args)
+    block = [torch.zeros(2, 12, 128)]
+    with pytest.raises(sdengine.errors.UsageError, match="reference latents .Kontext. and ControlNet residuals"):
+        net(x, reference_latents=[torch.zeros(1, 16, 4, 4)], controlnet_block_samples=block, **args)
+    with torch.no_grad():
+        out = net(x, reference_latents=[torch.zeros(1, 16, 4, 4)], **args)
+    assert out.shape == x.shape  # the references' output dropped

@@ -43,6 +43,7 @@ too) run through :mod:`sdengine.pipeline.dit_control` (:meth:`FluxPipeline.contr
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,11 +65,13 @@ from sdengine.diffusion.flow import (
 )
 from sdengine.errors import GenerationError, UsageError
 from sdengine.pipeline import flux_kontext
-from sdengine.pipeline.core import Pipeline, Prepared, _note, a1111_changes_run
+from sdengine.pipeline.core import Pipeline, Prepared, a1111_changes_run
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.text.conditioners import Conditioning
 from sdengine.text.flux_conditioner import FluxConditioner
+
+log = logging.getLogger(__name__)
 
 DEV_GUIDANCE = 3.5  # diffusers' FluxPipeline guidance_scale default (BFL's reference for [dev])
 DEV_STEPS = 28  # diffusers' FLUX.1 [dev] example
@@ -354,7 +357,7 @@ class FluxPipeline(Pipeline):
         notes: list[str] = []
         references = None
         if request.reference_list():  # FLUX.1 Kontext: read and fitted before the size and memory are settled
-            request._validate_references()
+            request.validate_references()
             references = flux_kontext.prepare_references(request, self.size_multiple, notes)
             if request.width is None and request.height is None:  # the first reference's size
                 request = request.replace(width=references[0].width, height=references[0].height)
@@ -366,7 +369,8 @@ class FluxPipeline(Pipeline):
             self._reference_tokens = 0
         p.references = references
         for text in notes:
-            _note(p.notes, text)
+            p.notes.append(text)
+            log.warning(text)
         try:  # a sampler with no right form on a flow model: one line before any model runs
             flow_sampler_view(p.sampler)
             if p.hires is not None:

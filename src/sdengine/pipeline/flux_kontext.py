@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from sdengine import vae_utils
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image
 from sdengine.pipeline.request import GenerationRequest
@@ -132,8 +133,8 @@ def encode_references(pipe: Any, images: list[Image.Image], tiled: bool | None) 
     with torch.inference_mode():
         for image in images:
             pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-            pixels = pixels.to(pipe.device)
-            out.append(pipe._reference_latents(pixels, tiled).float())
+            post = vae_utils.encode_moments(pipe.vae, pixels.to(pipe.device) * 2.0 - 1.0, tiled=tiled)
+            out.append(pipe.vae.scale_latents(post.mean.float()).float())
     return out
 
 

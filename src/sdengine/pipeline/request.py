@@ -486,9 +486,10 @@ class GenerationRequest:
         refs = self.reference_images
         if refs is None:
             return []
-        return list(refs) if isinstance(refs, list | tuple) else [refs]  # type: ignore[arg-type]
+        return list(refs) if isinstance(refs, list | tuple) else [refs]  # type: ignore[arg-type, list-item]
 
-    def _validate_references(self) -> None:
+    def validate_references(self) -> None:
+        """The reference images' checks of :meth:`validate` (how many, none empty, the auto-resize a bool)."""
         if not isinstance(self.reference_auto_resize, bool | np.bool_):
             raise GenerationError(f"reference_auto_resize must be true or false, got {self.reference_auto_resize!r}")
         refs = self.reference_list()
@@ -583,7 +584,7 @@ class GenerationRequest:
         if not isinstance(self.sag_rule, str) or self.sag_rule not in SAG_RULES:
             raise GenerationError(f"unknown sag_rule {self.sag_rule!r}; use one of: {', '.join(SAG_RULES)}")
         self._validate_image_cfg()
-        self._validate_references()
+        self.validate_references()
         self._validate_freeu()
         self._validate_deep_shrink()
         self._validate_hypertile()
