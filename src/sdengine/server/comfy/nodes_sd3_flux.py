@@ -431,6 +431,56 @@ def flux_guidance(ctx: RunContext, conditioning: list[Any], guidance: float) -> 
     return ([replace(c, cond={**c.cond, "guidance": g}) for c in conditioning],)
 
 
+def reference_latent(ctx: RunContext, conditioning: list[Any], latent: dict[str, Any] | None = None) -> tuple[Any]:
+    """ComfyUI's ReferenceLatent: ``latent``'s samples (raw VAE latents) appended to every entry's reference latents
+    (chained nodes give several); no latent: the conditioning as it is. FLUX.1 Kontext reads them (the sampler puts
+    their tokens after the image's, sdengine.pipeline.flux_kontext); another model refuses them at sampling."""
+    if latent is None:
+        return (conditioning,)
+    z = latent.get("samples")
+    if z is None or z.ndim != 4 or z.shape[1] != FLOW_CHANNELS:
+        shape = "none" if z is None else tuple(z.shape)
+        raise NodeError(
+            f"ReferenceLatent: the latent must be a 16-channel VAE latent (VAEEncode of a Flux VAE), got {shape}"
+        )
+    return ([replace(c, references=(*c.references, z)) for c in conditioning],)
+
+
+def flux_kontext_image_scale(ctx: RunContext, image: torch.Tensor) -> tuple[Any]:
+    """ComfyUI's FluxKontextImageScale: the image at the Kontext resolution whose aspect ratio is nearest its own
+    (sdengine.pipeline.flux_kontext.PREFERRED_KONTEXT_RESOLUTIONS), cut to that aspect ratio about its centre, then
+    PIL's Lanczos (ComfyUI's common_upscale "lanczos", "center")."""
+    from sdengine.pipeline.flux_kontext import preferred_resolution
+    from sdengine.server.comfy.nodes import image_scale
+
+    if image.ndim != 4 or image.shape[1] < 1 or image.shape[2] < 1:
+        raise NodeError(f"FluxKontextImageScale: the image must be (B, H, W, C), got {tuple(image.shape)}")
+    width, height = preferred_resolution(int(image.shape[2]), int(image.shape[1]))
+    return image_scale(ctx, image, "lanczos", width, height, "center")
+
+
+def _references(family: str, positive: list[Any], negative: list[Any], cfg: float, name: str) -> list[torch.Tensor]:
+    """The reference latents (raw) the run appends: the positive's; the negative's must be the same where it runs
+    (cfg not 1), as sdengine runs one set of reference tokens for both."""
+    pos = [r for c in positive for r in getattr(c, "references", ())]
+    neg = [r for c in negative for r in getattr(c, "references", ())]
+    if not pos and not neg:
+        return []
+    if family != "flux":
+        raise NodeError(f"ReferenceLatent is FLUX.1 Kontext's; {name} is an SD3 model")
+    runs_negative = float(cfg) != 1.0
+    same = len(pos) == len(neg) and all(a is b or torch.equal(a, b) for a, b in zip(pos, neg, strict=True))
+    if runs_negative and not same:
+        raise NodeError(
+            "ReferenceLatent: the negative conditioning's reference latents differ from the positive's; sdengine "
+            "runs one set for both at cfg other than 1: give the negative the same ones (ConditioningZeroOut of the "
+            "positive keeps them)"
+        )
+    if not pos:
+        return []
+    return pos
+
+
 # ---------------------------------------------------------------------------------------------------
 # Latents and the schedule
 # ---------------------------------------------------------------------------------------------------
@@ -699,6 +749,10 @@ def sample_flow(
         return (dict(latent_image),)
     family, flow, guidance, widths = _flow_parts(ctx, model)
     _check_patches(model, family)
+    references = _references(family, positive, negative, cfg, flow.name)
+    if references:  # FLUX.1 Kontext: the references' tokens at every call, as the model's latents
+        network: Any = flow.network  # a FluxAdapter made for this run
+        network.references = [_raw_in(r.float(), family).to(flow.device) for r in references]
     z = latent_image.get("samples")
     if z is None:  # EmptyLatentImage's size: ComfyUI's 8 x 8 pixels a latent pixel
         b, h, w = latent_image["size"]
@@ -854,6 +908,26 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         flux_guidance,
         description="FLUX.1 [dev]'s distilled guidance scale on the conditioning (3.5 where none is set; [schnell] "
         "has none and ignores it).",
+    ),
+    "ReferenceLatent": NodeDef(
+        "ReferenceLatent",
+        "ReferenceLatent",
+        "advanced/conditioning/edit_models",
+        (Input("conditioning", "CONDITIONING"), Input("latent", "LATENT", optional=True)),
+        ("CONDITIONING",),
+        reference_latent,
+        description="Sets the guiding latent for an edit model (FLUX.1 Kontext): chain several for several reference "
+        "images. Other models refuse it at sampling.",
+    ),
+    "FluxKontextImageScale": NodeDef(
+        "FluxKontextImageScale",
+        "FluxKontextImageScale",
+        "advanced/conditioning/flux",
+        (Input("image", "IMAGE"),),
+        ("IMAGE",),
+        flux_kontext_image_scale,
+        description="Resizes the image to the FLUX.1 Kontext resolution nearest its aspect ratio (centre cut, "
+        "Lanczos).",
     ),
     "EmptySD3LatentImage": NodeDef(
         "EmptySD3LatentImage",

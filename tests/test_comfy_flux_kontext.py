@@ -1,0 +1,71 @@
+"""FLUX.1 Kontext through sdengine's ComfyUI nodes: ReferenceLatent (the reference latents on the conditioning, their
+tokens after the image's at sampling) held against the Python pipeline's ``reference_images`` on the same tiny
+random Flux [dev] files (tests/test_comfy_sd3_flux.py's), FluxKontextImageScale's sizes, and the one-line refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from _pipeline_models import picture  # noqa: E402
+from sdengine.server.comfy.nodes import NodeError  # noqa: E402
+from sdengine.server.comfy.nodes_sd3_flux import flux_kontext_image_scale, reference_latent  # noqa: E402
+from test_comfy_sd3_flux import TOL, _node_error, _pipeline_image, _pixels, _run, flux, flux_graph  # noqa: E402, F401
+
+
+def _kontext_graph(root, cfg: float = 1.0, negative_refs: bool = False) -> dict:
+    picture(24, 16, seed=1).save(root / "in" / "ref.png")
+    g = flux_graph()
+    g["20"] = {"class_type": "LoadImage", "inputs": {"image": "ref.png"}}
+    g["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["9", 0]}}
+    g["22"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["3", 0], "latent": ["21", 0]}}
+    g["4"]["inputs"]["conditioning"] = ["22", 0]  # CLIPTextEncode -> ReferenceLatent -> FluxGuidance (the template)
+    if negative_refs:
+        g["5"]["inputs"]["conditioning"] = ["22", 0]
+    g["8"]["inputs"]["cfg"] = cfg
+    return g
+
+
+def test_reference_latent_equals_the_pipelines_reference_image(flux):  # noqa: F811 (the imported fixture)
+    root, pipe = flux
+    (root / "in").mkdir(exist_ok=True)
+    out = _run(root, _kontext_graph(root))
+    ours = _pixels(out["10"][0])
+    kw = dict(schedule="simple", distilled_cfg_scale=3.5, reference_auto_resize=False)
+    theirs = _pipeline_image(pipe, cfg_scale=1.0, reference_images=picture(24, 16, seed=1), **kw)
+    assert np.abs(ours - theirs).max() < TOL
+    assert np.abs(ours - _pixels(_run(root, flux_graph())["10"][0])).max() > 1e-3  # the reference changes it
+    assert out["22"][0][0].references[0].shape == (1, 16, 8, 12)  # VAEEncode's raw latent of the 24 x 16 picture
+    # cfg above 1 with the reference on both conditionings (ConditioningZeroOut keeps it): runs, both passes with it
+    guided = _pixels(_run(root, _kontext_graph(root, cfg=2.0, negative_refs=True))["10"][0])
+    assert np.isfinite(guided).all() and np.abs(guided - ours).max() > 1e-3
+
+
+def test_reference_latent_refusals(flux):  # noqa: F811
+    root, _ = flux
+    (root / "in").mkdir(exist_ok=True)
+    message = _node_error(root, _kontext_graph(root, cfg=2.0))
+    assert "the negative conditioning's reference latents differ from the positive's" in message
+    with pytest.raises(NodeError, match="the latent must be a 16-channel VAE latent"):
+        reference_latent(None, [], {"samples": torch.zeros(1, 4, 8, 8)})  # type: ignore[arg-type]
+    assert reference_latent(None, ["c"], None) == (["c"],)  # type: ignore[arg-type]
+
+
+class _Sizes:
+    """The one thing of a run context the node asks: whether the size is within the server's limits."""
+
+    def check_size(self, width: int, height: int) -> None:
+        assert width <= 16384 and height <= 16384
+
+
+def test_flux_kontext_image_scale_takes_the_nearest_resolution_cut_about_the_centre():
+    image = torch.zeros(1, 30, 60, 3)
+    image[:, :, 15:45] = 1.0  # a white middle half: the 2:1 picture cut to 2.02:1 keeps it centred
+    (out,) = flux_kontext_image_scale(_Sizes(), image)  # type: ignore[arg-type]
+    assert out.shape == (1, 720, 1456, 3)  # 60/30 = 2: nearest 1456/720 = 2.02 (1392/752 = 1.85, 1504/688 = 2.19)
+    row = out[0, 360, :, 0]
+    assert float(row[728]) > 0.99 and float(row[5]) < 0.01 and float(row[-6]) < 0.01
+    assert abs(float(row[:728].mean()) - float(row[728:].mean())) < 0.01  # symmetric about the centre
