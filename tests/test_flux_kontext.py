@@ -225,3 +225,40 @@ def test_transformer_reference_input_errors(kontext):
     with torch.no_grad():
         out = net(x, reference_latents=[torch.zeros(1, 16, 4, 4)], **args)
     assert out.shape == x.shape  # the references' output dropped
+
+
+def test_server_native_job_takes_reference_images(kontext, tiny_sd1_folder, tmp_path):
+    """``reference_images`` on the native job (base64 PNGs): the pipeline's image, at the reference's size where
+    width and height are null; what does not combine answers a one-line 400 before the job is queued."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import shutil
+
+    import httpx
+
+    from _live_server import live_server, run_job, server_config
+
+    folder, pipe, _ = kontext
+    models = tmp_path / "models"
+    shutil.copytree(folder, models / "tiny-kontext")
+    shutil.copytree(tiny_sd1_folder, models / "tiny-sd")
+    buf = io.BytesIO()
+    _reference().save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    want = pipe(PROMPT, steps=2, seed=5, reference_images=_reference(), reference_auto_resize=False, progress=False)
+    body = {"prompt": PROMPT, "steps": 2, "seed": 5, "width": None, "height": None, "model": "tiny-kontext"}
+    body.update(sampler="euler", schedule="normal", cfg_scale=1.0)
+    with live_server(server_config(tmp_path, models_dir=models)) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            pixels, _ = run_job(client, {**body, "reference_images": [b64], "reference_auto_resize": False})
+            assert pixels.shape == (24, 40, 3)  # the reference's 42 x 26, floored
+            np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
+            for change, message in [
+                ({"reference_auto_resize": False}, "reference_auto_resize applies to reference_images"),
+                ({"reference_images": [b64] * 5}, "at most 4 reference_images, got 5"),
+                ({"reference_images": [b64], "init_image": b64}, "reference_images with an init_image"),
+                ({"reference_images": [b64], "model": "tiny-sd"}, "reference_images are FLUX.1 Kontext's; tiny-sd"),
+            ]:
+                r = client.post("/v1/jobs", json={**body, "width": 48, "height": 32, **change})
+                assert r.status_code == 400 and message in r.json()["detail"], r.text
