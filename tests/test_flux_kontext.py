@@ -262,3 +262,21 @@ def test_server_native_job_takes_reference_images(kontext, tiny_sd1_folder, tmp_
             ]:
                 r = client.post("/v1/jobs", json={**body, "width": 48, "height": 32, **change})
                 assert r.status_code == 400 and message in r.json()["detail"], r.text
+
+
+def test_graphs_are_not_used_with_references_and_replay_after(kontext):
+    """A call with reference images runs the transformer as it is (its step graph and the recorded loop take no
+    reference tokens): the eager image; the graphs are back for the next call without references."""
+    from _cpu_graphs import CPUBackend
+
+    folder = kontext[0]
+    pipe = sdengine.load_pipeline(folder, device="cpu", fast_path="none")
+    args = dict(steps=2, seed=SEED, width=W, height=H, progress=False)
+    ref_args = dict(reference_images=_reference(), reference_auto_resize=False, **args)
+    want, plain = pipe(PROMPT, **ref_args).arrays, pipe(PROMPT, **args).arrays
+    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
+    np.testing.assert_array_equal(pipe(PROMPT, **ref_args).arrays, want)
+    assert pipe.cuda_graphs["unet"].replays == 0 and pipe.cuda_graphs["loop"].recordings == 0
+    np.testing.assert_array_equal(pipe(PROMPT, **args).arrays, plain)
+    assert pipe.cuda_graphs["loop"].recordings == 1
+    np.testing.assert_array_equal(pipe(PROMPT, **ref_args).arrays, want)  # the recorded loop is not replayed
