@@ -69,3 +69,45 @@ def test_flux_kontext_image_scale_takes_the_nearest_resolution_cut_about_the_cen
     row = out[0, 360, :, 0]
     assert float(row[728]) > 0.99 and float(row[5]) < 0.01 and float(row[-6]) < 0.01
     assert abs(float(row[:728].mean()) - float(row[728:].mean())) < 0.01  # symmetric about the centre
+
+
+def test_reference_latent_on_other_models_is_refused(flux, tiny_sd1_folder):  # noqa: F811
+    import shutil
+
+    import sdengine
+    from sdengine.latent_sampling import TextCondition
+    from sdengine.server.comfy.nodes_sd3_flux import _references
+
+    root, _ = flux
+    if not (root / "models" / "sd1").is_dir():
+        shutil.copytree(tiny_sd1_folder, root / "models" / "sd1")
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a", "clip": ["1", 1]}},
+        "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["2", 0], "latent": ["3", 0]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "seed": 1,
+                "steps": 1,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["4", 0],
+                "negative": ["2", 0],
+                "latent_image": ["5", 0],
+                "denoise": 1.0,
+            },
+        },
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+    }
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+    message = _node_error(root, g, {str((root / "models" / "sd1").resolve()): pipe})
+    assert "ReferenceLatent is FLUX.1 Kontext's; this model is a U-Net" in message
+    entry = TextCondition({"crossattn": torch.zeros(1, 4, 8)}, references=(torch.zeros(1, 16, 4, 4),))
+    with pytest.raises(NodeError, match="ReferenceLatent is FLUX.1 Kontext's; sd3-tiny is an SD3 model"):
+        _references("sd3", [entry], [entry], 1.0, "sd3-tiny")
