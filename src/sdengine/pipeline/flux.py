@@ -431,10 +431,9 @@ class FluxPipeline(Pipeline):
         """Forge's "Distilled CFG Scale" of a [dev] call."""
         g = self.distilled_guidance(request)
         out: dict[str, Any] = {} if g is None else {"Distilled CFG Scale": g}
-        if request.reference_list():  # FLUX.1 Kontext's reference images (read again for their fitted sizes)
-            out.update(
-                flux_kontext.infotext_fields(request, flux_kontext.prepare_references(request, self.size_multiple, []))
-            )
+        if request.reference_list():  # FLUX.1 Kontext's reference images (their sizes read again)
+            sizes = flux_kontext.reference_sizes(request, self.size_multiple)
+            out.update(flux_kontext.infotext_fields(request, sizes))
         return out
 
     def __call__(self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any) -> Any:

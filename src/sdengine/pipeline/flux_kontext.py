@@ -98,8 +98,12 @@ def reference_refusals(r: GenerationRequest) -> list[str]:
 
 
 def reference_sizes(r: GenerationRequest, multiple: int) -> list[tuple[int, int]]:
-    """The (width, height) each reference image of ``r`` is encoded at (reads the images' sizes)."""
-    return [image.size for image in _fitted(r, multiple, [])]
+    """The (width, height) each reference image of ``r`` is encoded at (reads the images, resizes none)."""
+    out = []
+    for k, source in enumerate(r.reference_list()):
+        image = load_image(source, f"reference image {k}", mode="RGB", error=GenerationError)
+        out.append(kontext_size(image.width, image.height, multiple, bool(r.reference_auto_resize)))
+    return out
 
 
 def _fitted(r: GenerationRequest, multiple: int, notes: list[str]) -> list[Image.Image]:
@@ -138,14 +142,14 @@ def encode_references(pipe: Any, images: list[Image.Image], tiled: bool | None) 
     return out
 
 
-def infotext_fields(r: GenerationRequest, images: list[Image.Image] | None) -> dict[str, Any]:
+def infotext_fields(r: GenerationRequest, sizes: list[tuple[int, int]]) -> dict[str, Any]:
     """ "Reference images" (how many; sdengine's field: A1111 and Forge have none), "Reference image size" (each
-    one's, as encoded) and "Reference resize: off" when the auto-resize was turned off."""
-    if not images:
+    one's (width, height) in ``sizes``, as encoded) and "Reference resize: off" when the auto-resize was off."""
+    if not sizes:
         return {}
     out: dict[str, Any] = {
-        "Reference images": len(images),
-        "Reference image size": ", ".join(f"{im.width}x{im.height}" for im in images),
+        "Reference images": len(sizes),
+        "Reference image size": ", ".join(f"{w}x{h}" for w, h in sizes),
     }
     if not r.reference_auto_resize:
         out["Reference resize"] = "off"
