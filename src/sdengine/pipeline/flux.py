@@ -38,6 +38,11 @@ The hires fix runs as for SD, its second pass starting as Flux's img2img does. L
 (``loras=``, ``<lora:...>`` tags) apply through the core's path (:mod:`sdengine.weights.lora_dit_keys` reads
 their names). Flux ControlNets (the Union ones
 too) run through :mod:`sdengine.pipeline.dit_control` (:meth:`FluxPipeline.controlled_network`).
+
+FLUX.1 Kontext's reference images (``reference_images``) are read and fitted by :mod:`sdengine.pipeline.flux_kontext`
+in :meth:`FluxPipeline.prepare` (the output takes the first one's size where the call gives none), encoded once per
+call (:meth:`FluxPipeline._call_settings`) and handed to the transformer by :class:`FluxAdapter` at every call; the
+transformer then runs as it is (:meth:`FluxPipeline.graphed`: no step graph, no recorded loop).
 """
 
 from __future__ import annotations

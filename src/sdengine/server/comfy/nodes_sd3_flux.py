@@ -25,6 +25,10 @@ nodes as the U-Nets, and so does sdengine:
   (:func:`sdengine.latent_sampling.flow_sigmas`) with :func:`sdengine.latent_sampling.sample_flow_latents`; a
   latent's noise mask (SetLatentNoiseMask) inpaints as ComfyUI's KSamplerX0Inpaint.
 
+* FLUX.1 Kontext: ReferenceLatent puts a LATENT's raw samples on the conditioning (chained: several); the sampler
+  hands them, scaled in, to the Flux transformer, whose tokens after the image's they become
+  (:mod:`sdengine.pipeline.flux_kontext`); FluxKontextImageScale fits a picture to the nearest Kontext resolution.
+
 LoraLoader's LoRAs apply to SD3's MMDiT and CLIP encoders and to Flux's transformer, CLIP-L and T5 as the pipelines
 apply them. What does not apply to these models is refused with one line: the U-Net's model patches (FreeU, PAG, SAG,
 RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges, ModelSamplingDiscrete), ControlNets, regional conditioning,
