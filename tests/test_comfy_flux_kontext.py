@@ -49,6 +49,10 @@ def test_reference_latent_refusals(flux):  # noqa: F811
     (root / "in").mkdir(exist_ok=True)
     message = _node_error(root, _kontext_graph(root, cfg=2.0))
     assert "the negative conditioning's reference latents differ from the positive's" in message
+    g = _kontext_graph(root)
+    g["23"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["20", 0], "amount": 2}}
+    g["21"]["inputs"]["pixels"] = ["23", 0]
+    assert "ReferenceLatent 0: a batch of 2 reference latents for a latent batch of 1" in _node_error(root, g)
     with pytest.raises(NodeError, match="the latent must be a 16-channel VAE latent"):
         reference_latent(None, [], {"samples": torch.zeros(1, 4, 8, 8)})  # type: ignore[arg-type]
     assert reference_latent(None, ["c"], None) == (["c"],)  # type: ignore[arg-type]

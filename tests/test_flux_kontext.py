@@ -150,6 +150,7 @@ def test_two_references_run_and_differ_from_one(kontext):
         ({"reference_images": [picture(8, 8)] * 5}, "5 reference images: at most 4"),
         ({"reference_images": [None]}, r"reference_images holds an empty entry \(None\)"),
         ({"reference_auto_resize": "no"}, "reference_auto_resize must be true or false, got 'no'"),
+        ({"reference_images": None, "reference_auto_resize": False}, "reference_auto_resize applies to reference_imag"),
         ({"reference_images": picture(2, 2)}, "reference image 2x2 is smaller than 4x4 pixels"),
         ({"reference_images": "/nonexistent/ref.png"}, "reference image 0 not found: /nonexistent/ref.png"),
     ],

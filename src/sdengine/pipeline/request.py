@@ -493,6 +493,8 @@ class GenerationRequest:
         if not isinstance(self.reference_auto_resize, bool | np.bool_):
             raise GenerationError(f"reference_auto_resize must be true or false, got {self.reference_auto_resize!r}")
         refs = self.reference_list()
+        if not self.reference_auto_resize and not refs:
+            raise GenerationError("reference_auto_resize applies to reference_images (FLUX.1 Kontext): give them")
         if any(x is None for x in refs):
             raise GenerationError("reference_images holds an empty entry (None)")
         if len(refs) > MAX_REFERENCE_IMAGES:

@@ -763,6 +763,12 @@ def sample_flow(
         z = torch.zeros(b, FLOW_CHANNELS, h // LATENT_FACTOR, w // LATENT_FACTOR)
     if z.shape[1] != FLOW_CHANNELS:
         raise NodeError(f"the latent has {z.shape[1]} channels, {flow.name}'s have {FLOW_CHANNELS}")
+    for k, ref in enumerate(references):  # one reference for every row, or one per row
+        if ref.shape[0] not in (1, z.shape[0]):
+            raise NodeError(
+                f"ReferenceLatent {k}: a batch of {ref.shape[0]} reference latents for a latent batch of {z.shape[0]}; "
+                "give one reference image (or one per row)"
+            )
     discard = sampler_name in DISCARD_PENULTIMATE_SAMPLERS if discard_penultimate is None else discard_penultimate
     try:
         if sigmas is None:
