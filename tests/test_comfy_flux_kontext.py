@@ -38,7 +38,17 @@ def test_reference_latent_equals_the_pipelines_reference_image(flux):  # noqa: F
     theirs = _pipeline_image(pipe, cfg_scale=1.0, reference_images=picture(24, 16, seed=1), **kw)
     assert np.abs(ours - theirs).max() < TOL
     assert np.abs(ours - _pixels(_run(root, flux_graph())["10"][0])).max() > 1e-3  # the reference changes it
-    assert out["22"][0][0].references[0].shape == (1, 16, 8, 12)  # VAEEncode's raw latent of the 24 x 16 picture
+    assert out["22"][0][0].references[0].shape == (1, 16, 8, 12)
+    # FluxKontextMultiReferenceLatentMethod: "index" puts one reference where "offset" does; "uxo" past the image
+    for method, same in (("index", True), ("uxo/uno", False)):
+        g = _kontext_graph(root)
+        g["24"] = {
+            "class_type": "FluxKontextMultiReferenceLatentMethod",
+            "inputs": {"conditioning": ["22", 0], "reference_latents_method": method},
+        }
+        g["4"]["inputs"]["conditioning"] = ["24", 0]
+        moved = _pixels(_run(root, g)["10"][0])
+        assert (np.abs(moved - ours).max() < TOL) == same, method  # VAEEncode's raw latent of the 24 x 16 picture
     # cfg above 1 with the reference on both conditionings (ConditioningZeroOut keeps it): runs, both passes with it
     guided = _pixels(_run(root, _kontext_graph(root, cfg=2.0, negative_refs=True))["10"][0])
     assert np.isfinite(guided).all() and np.abs(guided - ours).max() > 1e-3

@@ -130,6 +130,15 @@ def test_reference_positions_one_as_diffusers_several_as_comfyui_offset():
     assert two[6:, 1:].tolist() == [[r, c] for r in range(2, 5) for c in range(2)]
     tall = reference_ids([(4, 4), (8, 2)])  # taller (8 + 4 > 2 + 4): right of the box, 4 columns = 2 patches
     assert tall[4:, 1:].tolist() == [[r, c] for r in range(4) for c in range(2, 3)]
+    index = reference_ids([(4, 6), (6, 4)], method="index")  # ComfyUI's "index": ids 1, 2, no shift
+    assert index[:6, 0].tolist() == [1.0] * 6 and index[6:, 0].tolist() == [2.0] * 6
+    assert index[6:, 1:].tolist() == [[r, c] for r in range(3) for c in range(2)]
+    uxo = reference_ids([(4, 6), (6, 4)], method="uxo", image=(8, 10))  # id 0, past the 8 x 10 image (4 x 5 patches)
+    assert uxo[:, 0].tolist() == [0.0] * 12
+    assert uxo[:6, 1:].tolist() == [[r, c] for r in range(4, 6) for c in range(5, 8)]
+    assert uxo[6:, 1:].tolist() == [[r, c] for r in range(6, 9) for c in range(8, 10)]  # and past the first one
+    with pytest.raises(sdengine.errors.UsageError, match="unknown reference method 'diagonal'"):
+        reference_ids([(4, 4)], method="diagonal")
 
 
 def test_two_references_run_and_differ_from_one(kontext):

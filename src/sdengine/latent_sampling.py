@@ -99,6 +99,7 @@ class TextCondition:
     # ComfyUI's ReferenceLatent (FLUX.1 Kontext): raw VAE latents (B, 16, h, w) whose tokens the model appends to the
     # image's (sdengine.server.comfy.nodes_sd3_flux); a model that takes none refuses them
     references: tuple[Tensor, ...] = ()
+    reference_method: str | None = None  # ComfyUI's FluxKontextMultiReferenceLatentMethod; None: the model's own
 
     @property
     def regional(self) -> bool:

@@ -226,21 +226,46 @@ def image_ids(rows: int, cols: int, *, device: torch.device | str | None = None)
     return ids.reshape(rows * cols, 3).to(device)
 
 
-def reference_ids(shapes: Sequence[tuple[int, int]], *, device: torch.device | str | None = None) -> Tensor:
+REFERENCE_METHODS = ("offset", "index", "uxo")  # ComfyUI's reference_latents_method values (Flux.1's default first)
+
+
+def reference_ids(
+    shapes: Sequence[tuple[int, int]],
+    *,
+    method: str = "offset",
+    image: tuple[int, int] = (0, 0),
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Position ids of reference latents (FLUX.1 Kontext) of latent sizes ``shapes`` ((h, w) each, even), their
-    tokens one after another: first id 1, rows and columns as an image's (diffusers' FluxKontextPipeline, one
-    reference). Each further one is moved past the ones before it along its shorter side (ComfyUI's "offset"
-    method: placed right of them where it is taller than their box is wide, else below), in whole patches."""
-    out, box_h, box_w = [], 0, 0
+    tokens one after another, rows and columns as an image's, shifted by ComfyUI's ``method``:
+
+    * "offset" (ComfyUI's default for Flux.1; diffusers' FluxKontextPipeline for one reference): first id 1; each
+      further one moved past the ones before it along its shorter side (right of their box where it is taller
+      than the box is wide, else below);
+    * "index": first id 1, 2, 3 ... one per reference, no shift;
+    * "uxo" (ComfyUI's "uxo/uno"): first id 0, each one shifted down and right by the image's latent size
+      ``image`` (h, w) plus the references before it.
+
+    Shifts are in latent pixels, rounded to whole patches as ComfyUI's ``(offset + 1) // 2``."""
+    if method not in REFERENCE_METHODS:
+        raise UsageError(f"unknown reference method {method!r}; use one of {', '.join(REFERENCE_METHODS)}")
+    out, box_h, box_w, index = [], 0, 0, 0
     for h, w in shapes:
         dy = dx = 0
-        if h + box_h > w + box_w:
-            dx = box_w
+        if method == "index":
+            index += 1
+        elif method == "uxo":
+            index, dy, dx = 0, image[0] + box_h, image[1] + box_w
+            box_h, box_w = box_h + h, box_w + w
         else:
-            dy = box_h
-        box_h, box_w = max(box_h, h + dy), max(box_w, w + dx)
+            index = 1
+            if h + box_h > w + box_w:
+                dx = box_w
+            else:
+                dy = box_h
+            box_h, box_w = max(box_h, h + dy), max(box_w, w + dx)
         ids = image_ids(h // PATCH, w // PATCH)
-        ids[:, 0] = 1
+        ids[:, 0] = index
         ids[:, 1] += (dy + PATCH // 2) // PATCH
         ids[:, 2] += (dx + PATCH // 2) // PATCH
         out.append(ids)
@@ -498,17 +523,23 @@ class FluxTransformer(nn.Module):
         return self.x_embedder.weight.device
 
     def rope_tables(
-        self, text: int, rows: int, cols: int, device: torch.device, references: tuple[tuple[int, int], ...] = ()
+        self,
+        text: int,
+        rows: int,
+        cols: int,
+        device: torch.device,
+        references: tuple[tuple[int, int], ...] = (),
+        method: str = "offset",
     ) -> tuple[Tensor, Tensor]:
         """The cos/sin tables of ``text`` text tokens (ids 0) followed by a rows x cols grid of image tokens (and
         the tokens of reference latents of sizes ``references``: :func:`reference_ids`); the last ones made are
         kept (a generation's every step asks for the same), so that the steps after the first copy nothing from
         the CPU (a step recorded as a CUDA graph could not)."""
-        key = (text, rows, cols, device, references)
+        key = (text, rows, cols, device, references, method)
         if self._rope_key != key or self._rope is None:
             ids = torch.cat([torch.zeros(text, 3), image_ids(rows, cols)])  # text first, as in the attention
             if references:
-                ids = torch.cat([ids, reference_ids(references)])
+                ids = torch.cat([ids, reference_ids(references, method=method, image=(rows * PATCH, cols * PATCH))])
             self._rope = rope_angles(ids.to(device), self.config.axes_dims_rope)
             self._rope_key = key
         return self._rope
@@ -551,6 +582,7 @@ class FluxTransformer(nn.Module):
         controlnet_block_samples: Sequence[Tensor] | None = None,
         controlnet_single_block_samples: Sequence[Tensor] | None = None,
         reference_latents: Sequence[Tensor] | None = None,
+        reference_method: str = "offset",
     ) -> Tensor:
         """The velocity prediction for the latent ``hidden_states`` (B, C, H, W) at ``timestep`` (B,) on the
         0..1000 scale (1000 x the flow's t; 1000 is pure noise), given T5 states ``encoder_hidden_states``
@@ -563,7 +595,7 @@ class FluxTransformer(nn.Module):
 
         ``reference_latents``: FLUX.1 Kontext's reference images' latents (1 or B, C, h, w), scaled as the input;
         their tokens follow the image's with the ids of :func:`reference_ids`, and the network's output for them
-        is dropped."""
+        is dropped; ``reference_method``: how several are laid out (ComfyUI's, :data:`REFERENCE_METHODS`)."""
         cfg = self.config
         B, H, W = self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections)
         if cfg.guidance_embeds and guidance is None:
@@ -592,7 +624,14 @@ class FluxTransformer(nn.Module):
         vec = self.time_text_embed(t, g, pooled_projections.to(dtype))  # (B, dim)
         L = context.shape[1]
         sizes = () if refs is None else refs[1]
-        rope = self.rope_tables(L, H // PATCH, W // PATCH, device, sizes)  # (L + N [+ refs], head_dim), text first
+        if reference_method not in REFERENCE_METHODS:
+            raise UsageError(
+                f"Flux transformer: unknown reference_method {reference_method!r}; use one of "
+                f"{', '.join(REFERENCE_METHODS)}"
+            )
+        rope = self.rope_tables(
+            L, H // PATCH, W // PATCH, device, sizes, reference_method
+        )  # (L + N [+ refs], head_dim), text first
 
         double, single = controlnet_block_samples, controlnet_single_block_samples
         every = math.ceil(len(self.transformer_blocks) / len(double)) if double else 0
@@ -634,6 +673,7 @@ class FluxTransformer(nn.Module):
 __all__ = [
     "FLUX_DEV",
     "FLUX_SCHNELL",
+    "REFERENCE_METHODS",
     "FluxConfig",
     "FluxTransformer",
     "apply_rope",

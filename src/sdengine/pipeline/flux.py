@@ -95,6 +95,7 @@ class FluxAdapter:
         self.net = net
         self.dtype = dtype
         self.references = references
+        self.reference_method = "offset"  # ComfyUI's FluxKontextMultiReferenceLatentMethod may set another
         # ControlNets attached (sdengine.pipeline.dit_control): the step and the rows' CFG kinds go through
         self.takes_step = self.takes_row_kinds = bool(getattr(net, "takes_step", False))
 
@@ -116,6 +117,8 @@ class FluxAdapter:
         control: dict[str, Any] = {"step": step, "row_kinds": row_kinds} if self.takes_step else {}
         if self.references:
             control["reference_latents"] = self.references
+            if self.reference_method != "offset":
+                control["reference_method"] = self.reference_method
         return self.net(
             x.to(self.dtype),
             t,

@@ -450,6 +450,21 @@ def reference_latent(ctx: RunContext, conditioning: list[Any], latent: dict[str,
     return ([replace(c, references=(*c.references, z)) for c in conditioning],)
 
 
+KONTEXT_METHODS = ("offset", "index", "uxo/uno")  # FluxKontextMultiReferenceLatentMethod's choices
+
+
+def flux_kontext_reference_method(ctx: RunContext, conditioning: list[Any], reference_latents_method: str) -> Any:
+    """ComfyUI's FluxKontextMultiReferenceLatentMethod (experimental): how the sampler lays several reference
+    latents out (sdengine.models.flux.reference_ids; "uxo/uno" is "uxo")."""
+    if reference_latents_method not in KONTEXT_METHODS:
+        raise NodeError(
+            f"FluxKontextMultiReferenceLatentMethod: unknown method {reference_latents_method!r}; use one of "
+            f"{', '.join(KONTEXT_METHODS)}"
+        )
+    method = "uxo" if "uxo" in reference_latents_method else reference_latents_method
+    return ([replace(c, reference_method=method) for c in conditioning],)
+
+
 def flux_kontext_image_scale(ctx: RunContext, image: torch.Tensor) -> tuple[Any]:
     """ComfyUI's FluxKontextImageScale: the image at the Kontext resolution whose aspect ratio is nearest its own
     (sdengine.pipeline.flux_kontext.PREFERRED_KONTEXT_RESOLUTIONS), cut to that aspect ratio about its centre, then
@@ -463,26 +478,31 @@ def flux_kontext_image_scale(ctx: RunContext, image: torch.Tensor) -> tuple[Any]
     return image_scale(ctx, image, "lanczos", width, height, "center")
 
 
-def _references(family: str, positive: list[Any], negative: list[Any], cfg: float, name: str) -> list[torch.Tensor]:
-    """The reference latents (raw) the run appends: the positive's; the negative's must be the same where it runs
-    (cfg not 1), as sdengine runs one set of reference tokens for both."""
+def _references(
+    family: str, positive: list[Any], negative: list[Any], cfg: float, name: str
+) -> tuple[list[torch.Tensor], str]:
+    """The reference latents (raw) the run appends and their layout method: the positive's; the negative's must be
+    the same where it runs (cfg not 1), as sdengine runs one set of reference tokens for both."""
     pos = [r for c in positive for r in getattr(c, "references", ())]
     neg = [r for c in negative for r in getattr(c, "references", ())]
+    methods = {str(getattr(c, "reference_method", None) or "offset") for c in positive}
+    method = methods.pop() if len(methods) == 1 else "offset"
+    if methods:
+        raise NodeError("FluxKontextMultiReferenceLatentMethod: the positive conditioning's entries differ in method")
     if not pos and not neg:
-        return []
+        return [], method
     if family != "flux":
         raise NodeError(f"ReferenceLatent is FLUX.1 Kontext's; {name} is an SD3 model")
     runs_negative = float(cfg) != 1.0
     same = len(pos) == len(neg) and all(a is b or torch.equal(a, b) for a, b in zip(pos, neg, strict=True))
+    same = same and {str(getattr(c, "reference_method", None) or "offset") for c in negative} <= {method}
     if runs_negative and not same:
         raise NodeError(
             "ReferenceLatent: the negative conditioning's reference latents differ from the positive's; sdengine "
             "runs one set for both at cfg other than 1: give the negative the same ones (ConditioningZeroOut of the "
             "positive keeps them)"
         )
-    if not pos:
-        return []
-    return pos
+    return pos, method
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -753,10 +773,11 @@ def sample_flow(
         return (dict(latent_image),)
     family, flow, guidance, widths = _flow_parts(ctx, model)
     _check_patches(model, family)
-    references = _references(family, positive, negative, cfg, flow.name)
+    references, method = _references(family, positive, negative, cfg, flow.name)
     if references:  # FLUX.1 Kontext: the references' tokens at every call, as the model's latents
         network: Any = flow.network  # a FluxAdapter made for this run
         network.references = [_raw_in(r.float(), family).to(flow.device) for r in references]
+        network.reference_method = method
     z = latent_image.get("samples")
     if z is None:  # EmptyLatentImage's size: ComfyUI's 8 x 8 pixels a latent pixel
         b, h, w = latent_image["size"]
@@ -928,6 +949,19 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         reference_latent,
         description="Sets the guiding latent for an edit model (FLUX.1 Kontext): chain several for several reference "
         "images. Other models refuse it at sampling.",
+    ),
+    "FluxKontextMultiReferenceLatentMethod": NodeDef(
+        "FluxKontextMultiReferenceLatentMethod",
+        "FluxKontextMultiReferenceLatentMethod",
+        "advanced/conditioning/flux",
+        (
+            Input("conditioning", "CONDITIONING"),
+            Input("reference_latents_method", "COMBO", "offset", choices=KONTEXT_METHODS),
+        ),
+        ("CONDITIONING",),
+        flux_kontext_reference_method,
+        description="How FLUX.1 Kontext lays several reference latents out: offset (beside each other, id 1), index "
+        "(ids 1, 2, ...) or uxo/uno (shifted past the image). Experimental in ComfyUI.",
     ),
     "FluxKontextImageScale": NodeDef(
         "FluxKontextImageScale",
