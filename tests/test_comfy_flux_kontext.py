@@ -90,7 +90,7 @@ def test_reference_latent_on_other_models_is_refused(flux, tiny_sd1_folder):  # 
 
     import sdengine
     from sdengine.latent_sampling import TextCondition
-    from sdengine.server.comfy.nodes_sd3_flux import _references
+    from sdengine.server.comfy.nodes_sd3_flux import sampling_references
 
     root, _ = flux
     if not (root / "models" / "sd1").is_dir():
@@ -124,4 +124,4 @@ def test_reference_latent_on_other_models_is_refused(flux, tiny_sd1_folder):  # 
     assert "ReferenceLatent is FLUX.1 Kontext's; this model is a U-Net" in message
     entry = TextCondition({"crossattn": torch.zeros(1, 4, 8)}, references=(torch.zeros(1, 16, 4, 4),))
     with pytest.raises(NodeError, match="ReferenceLatent is FLUX.1 Kontext's; sd3-tiny is an SD3 model"):
-        _references("sd3", [entry], [entry], 1.0, "sd3-tiny")
+        sampling_references("sd3", [entry], [entry], 1.0, "sd3-tiny")

@@ -478,7 +478,7 @@ def flux_kontext_image_scale(ctx: RunContext, image: torch.Tensor) -> tuple[Any]
     return image_scale(ctx, image, "lanczos", width, height, "center")
 
 
-def _references(
+def sampling_references(
     family: str, positive: list[Any], negative: list[Any], cfg: float, name: str
 ) -> tuple[list[torch.Tensor], str]:
     """The reference latents (raw) the run appends and their layout method: the positive's; the negative's must be
@@ -773,7 +773,7 @@ def sample_flow(
         return (dict(latent_image),)
     family, flow, guidance, widths = _flow_parts(ctx, model)
     _check_patches(model, family)
-    references, method = _references(family, positive, negative, cfg, flow.name)
+    references, method = sampling_references(family, positive, negative, cfg, flow.name)
     if references:  # FLUX.1 Kontext: the references' tokens at every call, as the model's latents
         network: Any = flow.network  # a FluxAdapter made for this run
         network.references = [_raw_in(r.float(), family).to(flow.device) for r in references]
