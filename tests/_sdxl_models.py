@@ -60,8 +60,11 @@ def _text_encoder_2(seed: int):
     return _perturb(CLIPTextModelWithProjection(HFConfig(**d)).eval(), seed)
 
 
-def make_sdxl_folder(dst: Path, *, refiner: bool = False, inpaint: bool = False, seed: int = 0) -> Path:
-    """Write a random tiny SDXL base (or refiner, or 9-channel inpainting) pipeline as a diffusers folder."""
+def make_sdxl_folder(
+    dst: Path, *, refiner: bool = False, inpaint: bool = False, ip2p: bool = False, seed: int = 0
+) -> Path:
+    """Write a random tiny SDXL base (or refiner, or 9-channel inpainting, or 8-channel instruct-pix2pix) pipeline
+    as a diffusers folder."""
     import diffusers
     from transformers import CLIPTextConfig as HFConfig
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -72,6 +75,8 @@ def make_sdxl_folder(dst: Path, *, refiner: bool = False, inpaint: bool = False,
     ucfg = TINY_SDXL_REFINER if refiner else TINY_SDXL
     if inpaint:
         ucfg = dataclasses.replace(ucfg, in_channels=9)
+    if ip2p:
+        ucfg = dataclasses.replace(ucfg, in_channels=8)
     unet = _diffusers_model(diffusers.UNet2DConditionModel, ucfg, seed + 1)
     vae = _diffusers_model(diffusers.AutoencoderKL, SDXL_VAE, seed + 2)
     text_encoder_2 = _text_encoder_2(seed + 4)
@@ -95,6 +100,8 @@ def make_sdxl_folder(dst: Path, *, refiner: bool = False, inpaint: bool = False,
         write_clip_tokenizer(dst / "tokenizer")
         tokenizer = CLIPTokenizer.from_pretrained(dst / "tokenizer")
         cls = diffusers.StableDiffusionXLInpaintPipeline if inpaint else diffusers.StableDiffusionXLPipeline
+        if ip2p:
+            cls = diffusers.StableDiffusionXLInstructPix2PixPipeline
         pipe = cls(
             vae=vae,
             text_encoder=text_encoder,
@@ -109,13 +116,15 @@ def make_sdxl_folder(dst: Path, *, refiner: bool = False, inpaint: bool = False,
     return dst
 
 
-def diffusers_sdxl(folder: Path, *, img2img: bool = False, inpaint: bool = False):
+def diffusers_sdxl(folder: Path, *, img2img: bool = False, inpaint: bool = False, ip2p: bool = False):
     """diffusers' SDXL pipeline for ``folder`` (fp32, CPU, no progress bar)."""
     import diffusers
 
     cls = diffusers.StableDiffusionXLImg2ImgPipeline if img2img else diffusers.StableDiffusionXLPipeline
     if inpaint:
         cls = diffusers.StableDiffusionXLInpaintPipeline
+    if ip2p:
+        cls = diffusers.StableDiffusionXLInstructPix2PixPipeline
     pipe = cls.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,4 +1,5 @@
-"""``sdengine convert SRC DST``: a diffusers folder <-> one LDM ``.safetensors`` file."""
+"""``sdengine convert SRC DST``: a diffusers folder <-> one LDM ``.safetensors`` file; SD3 / Flux folders <->
+Stability's, BFL's and ComfyUI's files (:mod:`sdengine.pipeline.dit_convert`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from ..errors import SdengineError, UsageError
 # What a conversion to a diffusers folder writes; the folder is replaced as a whole (sdengine.weights.convert).
 WRITTEN_ENTRIES = frozenset(
     {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+    | {"transformer", "text_encoder_3", "tokenizer_3"}  # an SD3 / Flux folder (sdengine.pipeline.dit_convert)
 )
+DIT_FLAGS = ("clip_l", "clip_g", "t5", "no_t5", "transformer_only")
 
 
 def check_folder_target(dst: str) -> None:
@@ -30,21 +33,37 @@ def check_folder_target(dst: str) -> None:
         )
 
 
-def refuse_dit(src: Path) -> None:
-    """SD3 / SD3.5 and FLUX.1 models are not converted yet: say so (not "missing the unet/ subfolder")."""
-    from ..pipeline.flux_loading import is_flux_file, is_flux_folder
-    from ..weights.sd3_files import is_sd3
+def _dit_flags(a: argparse.Namespace) -> list[str]:
+    return [f"--{k.replace('_', '-')}" for k in DIT_FLAGS if getattr(a, k, None) not in (None, False)]
 
-    if not src.exists():
-        return
-    family = (
-        "SD3" if is_sd3(src) else "FLUX.1" if (is_flux_folder(src) if src.is_dir() else is_flux_file(src)) else None
+
+def convert_dit(a: argparse.Namespace, src: Path) -> Path | None:
+    """SD3 / SD3.5 and FLUX.1 models go through :func:`sdengine.pipeline.dit_convert.convert_dit`; None for any
+    other model (the SD path). The SD flags are refused for them, their flags for SD models, in one line."""
+    from ..pipeline.dit_convert import convert_dit as run_dit
+    from ..pipeline.dit_convert import family_of
+
+    family = family_of(src)
+    if family is None:
+        flags = _dit_flags(a)
+        if flags and src.exists():
+            raise UsageError(f"{' '.join(flags)}: for SD3 / SD3.5 and FLUX.1 models only; {src} is not one")
+        return None
+    sd_only = [f for f, v in (("--prediction-type", a.prediction_type), ("--config", a.config)) if v is not None]
+    if sd_only:
+        name = "SD3" if family == "sd3" else "FLUX.1"
+        raise UsageError(f"{' '.join(sd_only)}: for SD 1.x / 2.x and SDXL models; {src} is a {name} model")
+    return run_dit(
+        src,
+        a.dst,
+        dtype=a.dtype,
+        vae=a.vae,
+        clip_l=a.clip_l,
+        clip_g=a.clip_g,
+        t5=a.t5,
+        with_t5=not a.no_t5,
+        transformer_only=a.transformer_only,
     )
-    if family is not None:
-        raise UsageError(
-            f"{src}: a {family} model; sdengine convert handles SD 1.x / 2.x and SDXL only (SD3 and Flux folders and "
-            "single files load as they are: sdengine generate --model, docs/sd3.md, docs/flux.md)"
-        )
 
 
 def run(a: argparse.Namespace) -> int:
@@ -67,13 +86,14 @@ def run(a: argparse.Namespace) -> int:
     from ..io.atomic import remove_stale_temp_files
 
     check_folder_target(a.dst)  # before the (slow) load, nothing lost
-    refuse_dit(Path(src))
 
     out_folder = Path(a.dst).parent
     remove_stale_temp_files(out_folder)
     t = time.perf_counter()
     try:
-        dst = convert(src, a.dst, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type, config=a.config)
+        dst = convert_dit(a, Path(src))
+        if dst is None:
+            dst = convert(src, a.dst, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type, config=a.config)
     except BaseException as e:
         remove_stale_temp_files(out_folder)
         if not isinstance(e, SdengineError):
@@ -89,8 +109,9 @@ def run(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a checkpoint: diffusers folder <-> single LDM .safetensors",
-        description="A DST ending in .safetensors gets one LDM-layout file; any other DST a diffusers folder.",
+        help="convert a checkpoint: diffusers folder <-> single .safetensors (SD 1.x/2.x, SDXL, SD3, Flux)",
+        description="A DST ending in .safetensors gets one file (LDM / sgm layout; SD3: Stability's; Flux: "
+        "ComfyUI's all-in-one checkpoint); any other DST a diffusers folder.",
     )
     p.add_argument("src", help="a diffusers folder, or a .safetensors/.ckpt single file")
     p.add_argument(
@@ -100,6 +121,16 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast the weights")
     p.add_argument("--vae", default=None, help="a VAE to use instead of SRC's (or when SRC has none)")
+    p.add_argument("--clip-l", default=None, help="SD3 / Flux: the CLIP-L text encoder (file or folder)")
+    p.add_argument("--clip-g", default=None, help="SD3: the OpenCLIP bigG text encoder (file or folder)")
+    p.add_argument("--t5", default=None, help="SD3 / Flux: the T5-XXL text encoder (file or folder)")
+    p.add_argument("--no-t5", action="store_true", help="SD3: write the model without its T5 encoder")
+    p.add_argument(
+        "--transformer-only",
+        action="store_true",
+        help="SD3 / Flux to a .safetensors: the diffusion model alone (BFL's flux1-*.safetensors layout; "
+        "ComfyUI's SD3 diffusion-model file)",
+    )
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None)
     p.add_argument(
         "--config", default=None, help="SRC's config: an LDM .yaml or a diffusers folder (default: SRC.yaml beside it)"

@@ -259,6 +259,7 @@ class Pipeline:
 
     _tiling = False  # a call with tiling runs: the convolutions pad circularly, no recorded graph replays
     _zero_snr = False  # a call with zero_terminal_snr runs: noise_schedule is A1111's Zero Terminal SNR rescale
+    weight_dtype = "default"  # load_pipeline(weight_dtype=...): the diffusion network's weights in fp8 (nn/fp8_storage)
 
     def __init__(
         self,
@@ -1858,8 +1859,6 @@ def check_instruct_pix2pix(pipe: Any, r: GenerationRequest, notes: list[str]) ->
                 f"image_cfg_scale guides an instruct-pix2pix model (an 8-channel U-Net); {pipe.name} is not one"
             )
         return
-    if pipe.text_kind == "sdxl":
-        raise GenerationError(f"{pipe.name}: SDXL instruct-pix2pix models (8-channel U-Nets) are not supported")
     if r.init_image is None:
         raise GenerationError(f"{pipe.name} is an instruct-pix2pix model: it edits an init image, give one")
     for on, what in ((r.mask is not None, "a mask (inpainting)"), (r.init_latent_resize, "init_latent_resize")):

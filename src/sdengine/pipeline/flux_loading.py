@@ -98,7 +98,7 @@ def is_flux_file(path: Path) -> bool:
         return False  # the ordinary loader says what is wrong with the file
 
 
-def _read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The tensors of ``path`` under the first of ``prefixes`` it has, the prefix taken off (only those read)."""
     from sdengine.weights.io import SAFETENSORS_SUFFIXES, SafetensorsReader, load_file
 
@@ -154,7 +154,7 @@ def _vae_of_checkpoint(path: Path, names: list[str], dtype: torch.dtype, device:
 
     if not any(n.startswith(VAE_PREFIXES) for n in names):
         return None
-    ldm = _read_prefixed(path, VAE_PREFIXES)
+    ldm = read_prefixed(path, VAE_PREFIXES)
     try:
         sd, unknown = km.vae_ldm_to_diffusers(ldm, vae_layout_from_ldm(ldm))
         cfg = vae_config_from_ldm(ldm)
@@ -203,7 +203,7 @@ def load_clip_l(path: Path, dtype: torch.dtype, device: Any) -> Any:
         return CLIPTextModel.from_state_dict(sd, cfg, device=device, dtype=dtype)
     if not path.is_file():
         raise GenerationError(f"{path}: no such CLIP-L file or folder")
-    inner = _read_prefixed(path, (COMFY_CLIP_L,))
+    inner = read_prefixed(path, (COMFY_CLIP_L,))
     sd = inner or load_file(path)[0]
     return _clip_from_state(add_text_model_prefix(sd), str(path), dtype, device)
 
@@ -314,4 +314,5 @@ __all__ = [
     "load_flux_pipeline",
     "load_flux_vae",
     "load_t5",
+    "read_prefixed",
 ]

@@ -942,7 +942,13 @@ def _sdxl_index(ckpt: LoadedCheckpoint, dst: Path, index: dict[str, Any], tok_sr
     for key in ("safety_checker", "feature_extractor", "requires_safety_checker"):
         index.pop(key)
     index.update(
-        _class_name="StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        _class_name="StableDiffusionXLImg2ImgPipeline"
+        if refiner
+        else "StableDiffusionXLInpaintPipeline"
+        if ckpt.inpainting
+        else "StableDiffusionXLInstructPix2PixPipeline"
+        if ckpt.configs["unet"].get("in_channels") == 8
+        else "StableDiffusionXLPipeline",
         text_encoder=[None, None] if refiner else ["transformers", "CLIPTextModel"],
         tokenizer=[None, None] if refiner else ["transformers", "CLIPTokenizer"],
         text_encoder_2=["transformers", "CLIPTextModelWithProjection"],

@@ -153,7 +153,7 @@ def load_sd3_vae(source: Path, *, device: torch.device, dtype: torch.dtype) -> t
 # ------------------------------------------------------------------------------------------ CLIP encoders
 
 
-def _clip_part(sd: Mapping[str, torch.Tensor], which: str) -> StateDict:
+def clip_part(sd: Mapping[str, torch.Tensor], which: str) -> StateDict:
     """A CLIPTextModelWithProjection's tensors in sdengine's names (``text_model.*``, ``text_projection.weight``)
     out of a state dict: under Stability's prefix for ``which`` ("clip_l" / "clip_g"), or as they are (a separate
     encoder file, a ``text_encoder*/`` folder; transformers 5 writes the tower without ``text_model.``)."""
@@ -168,7 +168,7 @@ def has_clip(sd_keys: Any, which: str) -> bool:
     return any(str(k).startswith(CLIP_PREFIXES[which]) for k in sd_keys)
 
 
-def _clip_config(part: Mapping[str, torch.Tensor], which: str, where: str) -> dict[str, Any]:
+def clip_config(part: Mapping[str, torch.Tensor], which: str, where: str) -> dict[str, Any]:
     """A single file's CLIP config from its shapes (64-wide heads; CLIP-L quick GELU, bigG exact GELU)."""
     cfg = clip_config_from_weights(part, family="sd1")
     cfg["hidden_act"] = "gelu" if which == "clip_g" else "quick_gelu"
@@ -208,20 +208,20 @@ def load_clip_encoder(path: str | Path, which: str, *, device: torch.device, dty
         if not (p / "config.json").is_file():
             raise WeightsError(f"{p}: not a text encoder folder (no config.json)")
         sd, cfg = load_component_folder(p, "clip_text")
-        return build_clip(_clip_part(sd, which), cfg, where=where, device=device, dtype=dtype)
+        return build_clip(clip_part(sd, which), cfg, where=where, device=device, dtype=dtype)
     if not p.is_file():
         raise WeightsError(f"{p}: no such {which} text encoder file or folder")
     sd = load_file(p)[0]
     other = "clip_g" if which == "clip_l" else "clip_l"
     if has_clip(sd, other) and not has_clip(sd, which):
         raise WeightsError(f"{p}: holds SD3's {other}, not its {which}")
-    part = _clip_part(sd, which)
+    part = clip_part(sd, which)
     if "text_model.embeddings.token_embedding.weight" not in part or "text_projection.weight" not in part:
         raise WeightsError(
             f"{p}: not a CLIP text encoder with a projection (text_model.* and text_projection.weight), as SD3's "
             f"{which} is"
         )
-    return build_clip(part, _clip_config(part, which, str(p)), where=where, device=device, dtype=dtype)
+    return build_clip(part, clip_config(part, which, str(p)), where=where, device=device, dtype=dtype)
 
 
 def clip_width_of(encoder: Any) -> int:
@@ -236,6 +236,8 @@ __all__ = [
     "SD3_VAE_SHIFT_FACTOR",
     "T5_PREFIX",
     "build_clip",
+    "clip_config",
+    "clip_part",
     "folder_component",
     "has_clip",
     "is_sd3",

@@ -142,6 +142,11 @@ def sdxl_ldm_to_components(
                 break
         else:
             unknown.append(key)
+    if any(k.startswith("edm_vpred.") for k in unknown):  # ComfyUI's marker of an EDM v-prediction model
+        raise WeightsError(
+            f"{where}: an EDM v-prediction SDXL model (edm_vpred.* keys, as Stability's CosXL / CosXL Edit): "
+            "sdengine has no EDM v-prediction schedule"
+        )
     if unknown:
         raise WeightsError(f"{where}: unexpected keys (not SDXL sgm names): {', '.join(unknown[:5])}")
     if not parts["te2"]:

@@ -145,7 +145,7 @@ def config_from_shapes(
         raise T5FileError(f"{where}: {e}") from None
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -186,8 +186,8 @@ class _Source:
             r.close()
 
 
-def _shards(folder: Path, index_path: Path) -> list[Path]:
-    index = _read_json(index_path, "shard index")
+def shard_files(folder: Path, index_path: Path) -> list[Path]:
+    index = read_json(index_path, "shard index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise T5FileError(f"{index_path}: no weight_map")
@@ -201,14 +201,14 @@ def _shards(folder: Path, index_path: Path) -> list[Path]:
     return files
 
 
-def _t5_folder(p: Path) -> Path:
+def t5_folder(p: Path) -> Path:
     """The folder holding a T5 config: ``p`` itself, or a pipeline folder's T5 component."""
     if (p / "config.json").is_file():
         return p
     if (p / "model_index.json").is_file():
         for sub in PIPELINE_COMPONENTS:
             cfg = p / sub / "config.json"
-            if cfg.is_file() and _read_json(cfg, "config").get("model_type") in ("t5", "mt5"):
+            if cfg.is_file() and read_json(cfg, "config").get("model_type") in ("t5", "mt5"):
                 return p / sub
         raise T5FileError(
             f"{p}: a diffusers pipeline folder without a T5 text encoder ({' or '.join(PIPELINE_COMPONENTS)})"
@@ -229,14 +229,14 @@ def load_t5_encoder(
     config: T5Config | None = None
     try:
         if p.is_dir():
-            folder = _t5_folder(p)
+            folder = t5_folder(p)
             cfg_path = folder / "config.json"
             try:
-                config = T5Config.from_transformers(_read_json(cfg_path, "config"))
+                config = T5Config.from_transformers(read_json(cfg_path, "config"))
             except (ConfigError, TypeError) as e:
                 raise T5FileError(f"{cfg_path}: {e}") from None
             if (folder / SHARD_INDEX).is_file():
-                files = _shards(folder, folder / SHARD_INDEX)
+                files = shard_files(folder, folder / SHARD_INDEX)
             else:
                 files = [folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()][:1]
             if not files:
@@ -317,5 +317,8 @@ __all__ = [
     "T5FileError",
     "config_from_shapes",
     "load_t5_encoder",
+    "read_json",
     "select_t5_names",
+    "shard_files",
+    "t5_folder",
 ]
