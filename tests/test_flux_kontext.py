@@ -290,3 +290,14 @@ def test_graphs_are_not_used_with_references_and_replay_after(kontext):
     np.testing.assert_array_equal(pipe(PROMPT, **args).arrays, plain)
     assert pipe.cuda_graphs["loop"].recordings == 1
     np.testing.assert_array_equal(pipe(PROMPT, **ref_args).arrays, want)  # the recorded loop is not replayed
+
+
+def test_chroma_refuses_reference_images(tmp_path):
+    """Chroma is a FluxPipeline subclass with its own transformer: reference images are refused in one line (the
+    network takes none), and its plain calls run (the Kontext hooks' defaults are the class's)."""
+    from _chroma_models import make_chroma_folder
+
+    pipe = sdengine.load_pipeline(make_chroma_folder(tmp_path / "tiny-chroma"), device="cpu")
+    with pytest.raises(GenerationError, match="reference_images .--reference-image. are FLUX.1 Kontext's; .* not a"):
+        pipe(PROMPT, steps=1, width=W, height=H, reference_images=_reference(), progress=False)
+    assert np.isfinite(pipe(PROMPT, steps=1, width=W, height=H, progress=False).arrays).all()

@@ -168,6 +168,11 @@ class FluxPipeline(Pipeline):
     """FLUX.1 [dev] (guidance-distilled) or [schnell] (timestep-distilled). Build it with
     :func:`sdengine.pipeline.load_pipeline` on a Flux diffusers folder or BFL / ComfyUI files."""
 
+    # FLUX.1 Kontext's reference latents of the call under way, and (while prepare checks memory) the tokens its
+    # reference images add; class defaults, so that a subclass with its own constructor (Chroma) has them too
+    _call_references: list[Tensor] | None = None
+    _reference_tokens = 0
+
     def __init__(
         self,
         *,
@@ -197,8 +202,6 @@ class FluxPipeline(Pipeline):
             name=kwargs.get("name", "model"),
         )
         self._call_schedule: FlowSchedule | None = None
-        self._call_references: list[Tensor] | None = None  # FLUX.1 Kontext's reference latents of the call under way
-        self._reference_tokens = 0  # while prepare checks memory: the tokens its reference images add
         super().__init__(unet=transformer, conditioner=conditioner, prediction_type="flow", **kwargs)
         vae_channels = int(self.vae.config.latent_channels)
         if vae_channels != int(cfg.latent_channels):
