@@ -97,6 +97,10 @@ class TextCondition:
     # the width of the pooled text at the head of a ``vector`` made when encoding (CLIPTextEncodeSDXL's), so that
     # ConditioningZeroOut can zero it as ComfyUI zeroes pooled_output
     pooled_width: int = 0
+    # ComfyUI's ReferenceLatent (FLUX.1 Kontext): raw VAE latents (B, 16, h, w) whose tokens the model appends to the
+    # image's (sdengine.server.comfy.nodes_sd3_flux); a model that takes none refuses them
+    references: tuple[Tensor, ...] = ()
+    reference_method: str | None = None  # ComfyUI's FluxKontextMultiReferenceLatentMethod; None: the model's own
 
     @property
     def regional(self) -> bool:

@@ -548,6 +548,8 @@ def to_generate_kwargs(
         kwargs["image_cfg_scale"] = _parse_float(parsed, "Image CFG scale")
     if "Distilled CFG Scale" in parsed:  # Forge's: FLUX.1 [dev]'s distilled guidance scale
         kwargs["distilled_cfg_scale"] = _parse_float(parsed, "Distilled CFG Scale")
+    if parsed.get("Reference resize", "").strip().lower() == "off":  # sdengine's: FLUX.1 Kontext's auto-resize off
+        kwargs["reference_auto_resize"] = False
     if "PAG scale" in parsed:  # sdengine's: perturbed-attention guidance, its layers "mid" unless written
         kwargs["pag_scale"] = _parse_float(parsed, "PAG scale")
         kwargs["pag_layers"] = parsed.get("PAG layers", "mid").strip()
@@ -714,6 +716,9 @@ def to_generate_kwargs(
         "CFG Rescale phi",
         "Image CFG scale",
         "Distilled CFG Scale",
+        "Reference images",  # FLUX.1 Kontext's: the images themselves are the caller's (--reference-image)
+        "Reference image size",
+        "Reference resize",
         "PAG scale",
         "PAG layers",
         "SAG scale",

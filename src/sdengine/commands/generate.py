@@ -377,6 +377,7 @@ def _refuse_overwriting_an_input(out: Path, a: argparse.Namespace) -> None:
         while len(parts) > 1 and _number(parts[-1]) is not None:
             parts.pop()
         inputs.append(("--control", ":".join(parts)))
+    inputs += [("--reference-image", x) for x in getattr(a, "reference_image", None) or []]
     for text in getattr(a, "ip_image", None) or []:  # IMAGE[+IMAGE...]
         inputs += [("--ip-image", text)] + [("--ip-image", part) for part in text.split("+")]
     for flag, given in inputs:
@@ -825,6 +826,7 @@ def _refuse_flags_without_effect(
         ),
         ("--vae-encode", a.vae_encode, img2img or hires, second_pass),
         ("--mask", a.mask, a.init_image is not None, "--init-image (the image to inpaint)"),
+        ("--no-reference-resize", a.reference_auto_resize, bool(a.reference_image), "--reference-image"),
         ("--image-cfg-scale", a.image_cfg_scale, a.init_image is not None, "--init-image (the image to edit)"),
         ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
         ("--resize-mode", a.resize_mode, img2img or bool(a.control), "--init-image or --control"),
@@ -894,6 +896,11 @@ def run(a: argparse.Namespace) -> int:
             raise GenerationError(
                 f"{a.from_png} is an img2img/inpainting image (Denoising strength {png_kwargs['strength']}): give "
                 "the same --init-image (and --mask" + (" or --outpaint)" if "Mask blur" in parsed else ")")
+            )
+        if "Reference images" in parsed and not a.reference_image:  # FLUX.1 Kontext's
+            raise GenerationError(
+                f"{a.from_png} was made with {parsed['Reference images']} reference image(s) (FLUX.1 Kontext): give "
+                "the same --reference-image"
             )
         # A1111 records the blur of inpainting only (outpainting, whose mask --outpaint makes, is inpainting too)
         if "Mask blur" in parsed and a.mask is None and not getattr(a, "outpaint", None):
@@ -1008,6 +1015,10 @@ def run(a: argparse.Namespace) -> int:
         kwargs.pop("strength", None)
     if a.mask is not None:
         kwargs["mask"] = a.mask
+    if a.reference_image:  # FLUX.1 Kontext's reference images
+        kwargs["reference_images"] = list(a.reference_image)
+    if a.reference_auto_resize is not None:
+        kwargs["reference_auto_resize"] = a.reference_auto_resize
     if a.lora:
         kwargs["loras"] = [lora_arg(x) for x in a.lora]
     if a.lora_dir:
@@ -1342,6 +1353,23 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "N x --batch images in the memory of one batch",
     )
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
+    p.add_argument(
+        "--reference-image",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="FLUX.1 Kontext: a reference image to edit or take from (repeat for several, up to 4); put at the "
+        "Kontext resolution of its aspect ratio unless --no-reference-resize; the output takes the first one's "
+        "size unless --width/--height",
+    )
+    p.add_argument(
+        "--no-reference-resize",
+        dest="reference_auto_resize",
+        action="store_const",
+        const=False,
+        default=None,
+        help="keep each --reference-image at its own size (sides floored to multiples of 16), not a Kontext resolution",
+    )
     p.add_argument(
         "--strength",
         type=float,

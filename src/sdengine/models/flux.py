@@ -227,6 +227,52 @@ def image_ids(rows: int, cols: int, *, device: torch.device | str | None = None)
     return ids.reshape(rows * cols, 3).to(device)
 
 
+REFERENCE_METHODS = ("offset", "index", "uxo")  # ComfyUI's reference_latents_method values (Flux.1's default first)
+
+
+def reference_ids(
+    shapes: Sequence[tuple[int, int]],
+    *,
+    method: str = "offset",
+    image: tuple[int, int] = (0, 0),
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Position ids of reference latents (FLUX.1 Kontext) of latent sizes ``shapes`` ((h, w) each, even), their
+    tokens one after another, rows and columns as an image's, shifted by ComfyUI's ``method``:
+
+    * "offset" (ComfyUI's default for Flux.1; diffusers' FluxKontextPipeline for one reference): first id 1; each
+      further one moved past the ones before it along its shorter side (right of their box where it is taller
+      than the box is wide, else below);
+    * "index": first id 1, 2, 3 ... one per reference, no shift;
+    * "uxo" (ComfyUI's "uxo/uno"): first id 0, each one shifted down and right by the image's latent size
+      ``image`` (h, w) plus the references before it.
+
+    Shifts are in latent pixels, rounded to whole patches as ComfyUI's ``(offset + 1) // 2``."""
+    if method not in REFERENCE_METHODS:
+        raise UsageError(f"unknown reference method {method!r}; use one of {', '.join(REFERENCE_METHODS)}")
+    out, box_h, box_w, index = [], 0, 0, 0
+    for h, w in shapes:
+        dy = dx = 0
+        if method == "index":
+            index += 1
+        elif method == "uxo":
+            index, dy, dx = 0, image[0] + box_h, image[1] + box_w
+            box_h, box_w = box_h + h, box_w + w
+        else:
+            index = 1
+            if h + box_h > w + box_w:
+                dx = box_w
+            else:
+                dy = box_h
+            box_h, box_w = max(box_h, h + dy), max(box_w, w + dx)
+        ids = image_ids(h // PATCH, w // PATCH)
+        ids[:, 0] = index
+        ids[:, 1] += (dy + PATCH // 2) // PATCH
+        ids[:, 2] += (dx + PATCH // 2) // PATCH
+        out.append(ids)
+    return torch.cat(out).to(device)
+
+
 def pack_latents(latents: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch one token, row-major; a token's numbers are channel
     by channel, each channel's four pixels in the order (top-left, top-right, bottom-left, bottom-right)."""
@@ -452,7 +498,7 @@ class FluxTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.name = ""  # the file it came from (set by the loader)
-        self._rope_key: tuple[int, int, int, torch.device] | None = None
+        self._rope_key: tuple[Any, ...] | None = None
         self._rope: tuple[Tensor, Tensor] | None = None
         dim = config.hidden_size
         heads, head_dim = config.num_attention_heads, config.attention_head_dim
@@ -477,13 +523,24 @@ class FluxTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.x_embedder.weight.device
 
-    def rope_tables(self, text: int, rows: int, cols: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The cos/sin tables of ``text`` text tokens (ids 0) followed by a rows x cols grid of image tokens; the
-        last ones made are kept (a generation's every step asks for the same), so that the steps after the first
-        copy nothing from the CPU (a step recorded as a CUDA graph could not)."""
-        key = (text, rows, cols, device)
+    def rope_tables(
+        self,
+        text: int,
+        rows: int,
+        cols: int,
+        device: torch.device,
+        references: tuple[tuple[int, int], ...] = (),
+        method: str = "offset",
+    ) -> tuple[Tensor, Tensor]:
+        """The cos/sin tables of ``text`` text tokens (ids 0) followed by a rows x cols grid of image tokens (and
+        the tokens of reference latents of sizes ``references``: :func:`reference_ids`); the last ones made are
+        kept (a generation's every step asks for the same), so that the steps after the first copy nothing from
+        the CPU (a step recorded as a CUDA graph could not)."""
+        key = (text, rows, cols, device, references, method)
         if self._rope_key != key or self._rope is None:
             ids = torch.cat([torch.zeros(text, 3), image_ids(rows, cols)])  # text first, as in the attention
+            if references:
+                ids = torch.cat([ids, reference_ids(references, method=method, image=(rows * PATCH, cols * PATCH))])
             self._rope = rope_angles(ids.to(device), self.config.axes_dims_rope)
             self._rope_key = key
         return self._rope
@@ -525,6 +582,8 @@ class FluxTransformer(nn.Module):
         guidance: Tensor | float | None = None,
         controlnet_block_samples: Sequence[Tensor] | None = None,
         controlnet_single_block_samples: Sequence[Tensor] | None = None,
+        reference_latents: Sequence[Tensor] | None = None,
+        reference_method: str = "offset",
     ) -> Tensor:
         """The velocity prediction for the latent ``hidden_states`` (B, C, H, W) at ``timestep`` (B,) on the
         0..1000 scale (1000 x the flow's t; 1000 is pure noise), given T5 states ``encoder_hidden_states``
@@ -533,7 +592,11 @@ class FluxTransformer(nn.Module):
 
         ``controlnet_block_samples`` / ``controlnet_single_block_samples``: a Flux ControlNet's residuals (B, N, dim)
         on the image tokens, m of them for n blocks of a kind: block i gets ``[i // ceil(n / m)]`` after it runs
-        (diffusers' rule; :mod:`sdengine.models.dit_controlnet`)."""
+        (diffusers' rule; :mod:`sdengine.models.dit_controlnet`).
+
+        ``reference_latents``: FLUX.1 Kontext's reference images' latents (1 or B, C, h, w), scaled as the input;
+        their tokens follow the image's with the ids of :func:`reference_ids`, and the network's output for them
+        is dropped; ``reference_method``: how several are laid out (ComfyUI's, :data:`REFERENCE_METHODS`)."""
         cfg = self.config
         B, H, W = self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections)
         if cfg.guidance_embeds and guidance is None:
@@ -550,11 +613,26 @@ class FluxTransformer(nn.Module):
         t = _batch_vector(timestep, B, "timestep", device)
         g = _batch_vector(guidance, B, "guidance", device) if guidance is not None else None
 
-        x = self.x_embedder(pack_latents(hidden_states.to(dtype)))  # (B, N, dim), N = H/2 * W/2
+        tokens = pack_latents(hidden_states.to(dtype))  # (B, N, 4C), N = H/2 * W/2
+        N = tokens.shape[1]
+        refs = self._reference_tokens(reference_latents, B, dtype)
+        if refs is not None:
+            if controlnet_block_samples or controlnet_single_block_samples:
+                raise UsageError("Flux transformer: reference latents (Kontext) and ControlNet residuals together")
+            tokens = torch.cat([tokens, refs[0]], dim=1)  # the references' tokens after the image's
+        x = self.x_embedder(tokens)  # (B, N [+ reference tokens], dim)
         context = self.context_embedder(encoder_hidden_states.to(dtype))  # (B, L, dim)
         vec = self.time_text_embed(t, g, pooled_projections.to(dtype))  # (B, dim)
         L = context.shape[1]
-        rope = self.rope_tables(L, H // PATCH, W // PATCH, device)  # (L + N, head_dim) each, text first
+        sizes = () if refs is None else refs[1]
+        if reference_method not in REFERENCE_METHODS:
+            raise UsageError(
+                f"Flux transformer: unknown reference_method {reference_method!r}; use one of "
+                f"{', '.join(REFERENCE_METHODS)}"
+            )
+        rope = self.rope_tables(
+            L, H // PATCH, W // PATCH, device, sizes, reference_method
+        )  # (L + N [+ refs], head_dim), text first
 
         double, single = controlnet_block_samples, controlnet_single_block_samples
         every = math.ceil(len(self.transformer_blocks) / len(double)) if double else 0
@@ -568,19 +646,41 @@ class FluxTransformer(nn.Module):
             seq = block(seq, vec, rope)
             if single:
                 seq = torch.cat([seq[:, :L], seq[:, L:] + single[i // every].to(seq.dtype)], dim=1)
-        x = seq[:, L:]
+        x = seq[:, L : L + N]  # the image's tokens (a reference's output is dropped)
         x = self.proj_out(self.norm_out(x, vec))  # (B, N, 4 C_out)
         return unpack_latents(x, H, W)
+
+    def _reference_tokens(
+        self, latents: Sequence[Tensor] | None, batch: int, dtype: torch.dtype
+    ) -> tuple[Tensor, tuple[tuple[int, int], ...]] | None:
+        """Reference latents as packed tokens (B, R, 4C), and their sizes; None where there are none."""
+        if not latents:
+            return None
+        packed, sizes = [], []
+        for k, ref in enumerate(latents):
+            if ref.ndim != 4 or ref.shape[1] != self.config.latent_channels or ref.shape[0] not in (1, batch):
+                raise UsageError(
+                    f"Flux transformer: reference latent {k} must be (1 or {batch}, {self.config.latent_channels}, "
+                    f"h, w), got {tuple(ref.shape)}"
+                )
+            h, w = int(ref.shape[2]), int(ref.shape[3])
+            if h % PATCH or w % PATCH:
+                raise UsageError(f"Flux transformer: reference latent {k} is {h}x{w}; its sides must be even")
+            packed.append(pack_latents(ref.to(device=self.device, dtype=dtype)).expand(batch, -1, -1))
+            sizes.append((h, w))
+        return torch.cat(packed, dim=1), tuple(sizes)
 
 
 __all__ = [
     "FLUX_DEV",
     "FLUX_SCHNELL",
+    "REFERENCE_METHODS",
     "FluxConfig",
     "FluxTransformer",
     "apply_rope",
     "image_ids",
     "pack_latents",
+    "reference_ids",
     "rope_angles",
     "rope_frequencies",
     "unpack_latents",

@@ -198,6 +198,8 @@ class Prepared:
     # HyperTile on the VAE (request.hypertile_vae): its generator, seeded with the first seed and shared by the
     # copies of this (the hires fix's passes), so the decodes draw in turn as A1111's (sdengine.nn.hypertile)
     vae_tiles: HyperTileRun | None = None
+    # FLUX.1 Kontext's reference images, read and fitted (sdengine.pipeline.flux_kontext); None: none
+    references: list[Any] | None = None
 
 
 def _no_extra_tokens(encoder: Any) -> Any:
@@ -867,6 +869,10 @@ class Pipeline:
         if r.distilled_cfg_scale is not None and self.text_kind != "flux":
             raise GenerationError(
                 f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev] only; {self.name} is not a Flux model"
+            )
+        if r.reference_list() and self.text_kind != "flux":
+            raise GenerationError(
+                f"reference_images (--reference-image) are FLUX.1 Kontext's; {self.name} is not a Flux model"
             )
         if r.sd3 is not None and self.text_kind != "sd3":
             raise GenerationError(f"sd3 settings apply to SD3 models only; {self.name} is not one")

@@ -38,11 +38,17 @@ The hires fix runs as for SD, its second pass starting as Flux's img2img does. L
 (``loras=``, ``<lora:...>`` tags) apply through the core's path (:mod:`sdengine.weights.lora_dit_keys` reads
 their names). Flux ControlNets (the Union ones
 too) run through :mod:`sdengine.pipeline.dit_control` (:meth:`FluxPipeline.controlled_network`).
+
+FLUX.1 Kontext's reference images (``reference_images``) are read and fitted by :mod:`sdengine.pipeline.flux_kontext`
+in :meth:`FluxPipeline.prepare` (the output takes the first one's size where the call gives none), encoded once per
+call (:meth:`FluxPipeline._call_settings`) and handed to the transformer by :class:`FluxAdapter` at every call; the
+transformer then runs as it is (:meth:`FluxPipeline.graphed`: no step graph, no recorded loop).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,11 +69,14 @@ from sdengine.diffusion.flow import (
     flux_image_seq_len,
 )
 from sdengine.errors import GenerationError, UsageError
+from sdengine.pipeline import flux_kontext
 from sdengine.pipeline.core import Pipeline, Prepared, a1111_changes_run
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.text.conditioners import Conditioning
 from sdengine.text.flux_conditioner import FluxConditioner
+
+log = logging.getLogger(__name__)
 
 DEV_GUIDANCE = 3.5  # diffusers' FluxPipeline guidance_scale default (BFL's reference for [dev])
 DEV_STEPS = 28  # diffusers' FLUX.1 [dev] example
@@ -79,11 +88,14 @@ PATCH = 2  # the transformer's 2x2 latent patches
 class FluxAdapter:
     """The conditioning dict -> the Flux transformer's arguments: ``crossattn`` -> ``encoder_hidden_states``,
     ``vector`` -> ``pooled_projections``, ``guidance`` -> ``guidance`` (FLUX.1 [dev]'s distilled guidance
-    scale, one per row). The network runs in ``dtype``; its velocity comes back in float32."""
+    scale, one per row). The network runs in ``dtype``; its velocity comes back in float32. ``references``: FLUX.1
+    Kontext's reference latents, the same for every row (the transformer's ``reference_latents``)."""
 
-    def __init__(self, net: Any, dtype: torch.dtype) -> None:
+    def __init__(self, net: Any, dtype: torch.dtype, references: list[Tensor] | None = None) -> None:
         self.net = net
         self.dtype = dtype
+        self.references = references
+        self.reference_method = "offset"  # ComfyUI's FluxKontextMultiReferenceLatentMethod may set another
         # ControlNets attached (sdengine.pipeline.dit_control): the step and the rows' CFG kinds go through
         self.takes_step = self.takes_row_kinds = bool(getattr(net, "takes_step", False))
 
@@ -102,7 +114,11 @@ class FluxAdapter:
     ) -> Tensor:
         if concat is not None or ip_tokens is not None:
             raise GenerationError("the Flux transformer takes no concatenated channels or IP-Adapter tokens")
-        control = {"step": step, "row_kinds": row_kinds} if self.takes_step else {}
+        control: dict[str, Any] = {"step": step, "row_kinds": row_kinds} if self.takes_step else {}
+        if self.references:
+            control["reference_latents"] = self.references
+            if self.reference_method != "offset":
+                control["reference_method"] = self.reference_method
         return self.net(
             x.to(self.dtype),
             t,
@@ -140,6 +156,7 @@ def refusals(r: GenerationRequest) -> list[str]:
     model (the server asks before a worker holds it). The distilled guidance's checks need the model
     (:meth:`FluxPipeline.distilled_guidance`)."""
     reasons = [f"{field}: {why}" for field, is_set, why in _REFUSED if is_set(getattr(r, field, None))]
+    reasons += flux_kontext.reference_refusals(r)
     if r.clip_skip != 1 and r.clip_skip_rule == "sdengine":
         reasons.append(
             f"clip_skip {r.clip_skip} does not apply to Flux (it reads CLIP-L's pooled output): leave it at 1"
@@ -150,6 +167,11 @@ def refusals(r: GenerationRequest) -> list[str]:
 class FluxPipeline(Pipeline):
     """FLUX.1 [dev] (guidance-distilled) or [schnell] (timestep-distilled). Build it with
     :func:`sdengine.pipeline.load_pipeline` on a Flux diffusers folder or BFL / ComfyUI files."""
+
+    # FLUX.1 Kontext's reference latents of the call under way, and (while prepare checks memory) the tokens its
+    # reference images add; class defaults, so that a subclass with its own constructor (Chroma) has them too
+    _call_references: list[Tensor] | None = None
+    _reference_tokens = 0
 
     def __init__(
         self,
@@ -214,7 +236,14 @@ class FluxPipeline(Pipeline):
         return self._call_schedule if self._call_schedule is not None else self.base_schedule
 
     def network_adapter(self, net: Any) -> FluxAdapter:
-        return FluxAdapter(net, self.dtype)
+        return FluxAdapter(net, self.dtype, self._call_references)
+
+    def graphed(self, name: str) -> Any:
+        """As the core's, but the transformer runs as it is in a call with reference images (its step graphs and
+        compiled packages take no reference tokens)."""
+        if name == "unet" and self._call_references:
+            return None
+        return super().graphed(name)
 
     @property
     def latent_rgb_map(self) -> vae_utils.LatentRGBMap:
@@ -299,6 +328,7 @@ class FluxPipeline(Pipeline):
 
         cfg = self.transformer.config
         n = (h // PATCH) * (w // PATCH) + int(self.conditioner.max_sequence_length)  # type: ignore[attr-defined]
+        n += self._reference_tokens  # FLUX.1 Kontext's reference images' tokens
         width = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
         scores = min(CHUNK_SCORES, int(cfg.num_attention_heads) * n * n) * 4
         return rows * (n * width * bytes_per * 12 + scores)
@@ -335,7 +365,23 @@ class FluxPipeline(Pipeline):
         self.check_request(request)
         if isinstance(request.schedule, str) and request.schedule.strip().lower() == "auto":
             request = request.replace(schedule="normal")  # Flux's own grid (diffusers' FluxPipeline sigmas)
-        p = super().prepare(request)
+        notes: list[str] = []
+        references = None
+        if request.reference_list():  # FLUX.1 Kontext: read and fitted before the size and memory are settled
+            request.validate_references()
+            references = flux_kontext.prepare_references(request, self.size_multiple, notes)
+            if request.width is None and request.height is None:  # the first reference's size
+                request = request.replace(width=references[0].width, height=references[0].height)
+            sizes = [im.size for im in references]
+            self._reference_tokens = flux_kontext.reference_tokens(sizes, self.vae_scale_factor, PATCH)
+        try:
+            p = super().prepare(request)
+        finally:
+            self._reference_tokens = 0
+        p.references = references
+        for text in notes:
+            p.notes.append(text)
+            log.warning(text)
         try:  # a sampler with no right form on a flow model: one line before any model runs
             flow_sampler_view(p.sampler)
             if p.hires is not None:
@@ -379,16 +425,27 @@ class FluxPipeline(Pipeline):
         conditioner: FluxConditioner = self.conditioner  # type: ignore[assignment]
         self._call_schedule = self.flow_schedule(p.width, p.height)
         conditioner.call_guidance = self.distilled_guidance(p.request)
+        graphs = self._cuda_graphs
+        if p.references:  # FLUX.1 Kontext: the references' latents, made once for the call's every step
+            self._call_references = flux_kontext.encode_references(self, p.references, p.tiled)
+            if graphs and "loop" in graphs:  # a recorded loop would replay another call's references
+                self._cuda_graphs = {k: v for k, v in graphs.items() if k != "loop"}
         try:
             yield
         finally:
             self._call_schedule = None
+            self._call_references = None
+            self._cuda_graphs = graphs
             conditioner.call_guidance = None
 
     def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
         """Forge's "Distilled CFG Scale" of a [dev] call."""
         g = self.distilled_guidance(request)
-        return {} if g is None else {"Distilled CFG Scale": g}
+        out: dict[str, Any] = {} if g is None else {"Distilled CFG Scale": g}
+        if request.reference_list():  # FLUX.1 Kontext's reference images (their sizes read again)
+            sizes = flux_kontext.reference_sizes(request, self.size_multiple)
+            out.update(flux_kontext.infotext_fields(request, sizes))
+        return out
 
     def __call__(self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any) -> Any:
         """As :meth:`Pipeline.__call__`, with Flux's defaults (:attr:`family_defaults`) for the settings a call

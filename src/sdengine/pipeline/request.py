@@ -50,6 +50,7 @@ MAX_MASK_BLUR = 256.0
 MAX_SEED_RESIZE = 8192
 MAX_SEED_DELTA = 2**32 - 1  # noise_seed_delta (A1111's ENSD)
 NOISE_SOURCES = ("cpu", "nv")  # noise_source: torch's CPU generator, or NVIDIA's numbers (diffusion.philox)
+MAX_REFERENCE_IMAGES = 4  # reference_images (FLUX.1 Kontext): each adds its tokens to every step
 MAX_NOISE_MULTIPLIER = 10.0  # noise_multiplier (A1111's own setting goes to 1.5)
 # How sampled latents become pixels: the model's VAE, or the tiny VAE loaded beside it (sdengine.models.tiny_vae).
 VAE_DECODE_METHODS = ("full", "tiny")
@@ -119,6 +120,12 @@ class GenerationRequest:
     # strength_rule "diffusers", 1 under A1111's (its API's None: plain CFG, the image in both rows). Infotext
     # "Image CFG scale" (A1111's key)
     image_cfg_scale: float | None = None
+    # FLUX.1 Kontext (Flux only; sdengine.pipeline.flux_kontext): the reference images to edit / take from, one
+    # image or a list (diffusers' FluxKontextPipeline ``image``, ComfyUI's ReferenceLatent); None / [] = none.
+    # ``reference_auto_resize``: each one put at the Kontext resolution of its aspect ratio (diffusers'
+    # _auto_resize); off: its own size, sides floored to the size multiple. Infotext "Reference images"
+    reference_images: ImageInput | Sequence[ImageInput] | None = None
+    reference_auto_resize: bool = True
     # FLUX.1 [dev] only: the distilled guidance scale, an input of its transformer (sdengine.pipeline.flux); None =
     # the model's default (3.5). Infotext "Distilled CFG Scale" (Forge's name)
     distilled_cfg_scale: float | None = None
@@ -474,6 +481,27 @@ class GenerationRequest:
         if self.init_image is None:
             raise GenerationError("image_cfg_scale guides towards an init image: it needs one (instruct-pix2pix)")
 
+    def reference_list(self) -> list[ImageInput]:
+        """The reference images (FLUX.1 Kontext) as a list: one image given alone is a list of one."""
+        refs = self.reference_images
+        if refs is None:
+            return []
+        return list(refs) if isinstance(refs, list | tuple) else [refs]  # type: ignore[arg-type, list-item]
+
+    def validate_references(self) -> None:
+        """The reference images' checks of :meth:`validate` (how many, none empty, the auto-resize a bool)."""
+        if not isinstance(self.reference_auto_resize, bool | np.bool_):
+            raise GenerationError(f"reference_auto_resize must be true or false, got {self.reference_auto_resize!r}")
+        refs = self.reference_list()
+        if not self.reference_auto_resize and not refs:
+            raise GenerationError("reference_auto_resize applies to reference_images (FLUX.1 Kontext): give them")
+        if any(x is None for x in refs):
+            raise GenerationError("reference_images holds an empty entry (None)")
+        if len(refs) > MAX_REFERENCE_IMAGES:
+            raise GenerationError(
+                f"{len(refs)} reference images: at most {MAX_REFERENCE_IMAGES} (each adds its tokens to every step)"
+            )
+
     def image_cfg(self) -> float:
         """The image guidance scale an instruct-pix2pix run uses (None: diffusers' 1.5, A1111's 1)."""
         if self.image_cfg_scale is not None:
@@ -558,6 +586,7 @@ class GenerationRequest:
         if not isinstance(self.sag_rule, str) or self.sag_rule not in SAG_RULES:
             raise GenerationError(f"unknown sag_rule {self.sag_rule!r}; use one of: {', '.join(SAG_RULES)}")
         self._validate_image_cfg()
+        self.validate_references()
         self._validate_freeu()
         self._validate_deep_shrink()
         self._validate_hypertile()
@@ -695,6 +724,7 @@ class GenerationRequest:
                     check_weight(w, name)
         images = [("init image", self.init_image), ("mask", self.mask)]
         images += [(f"ControlNet unit {k} image", u.image) for k, u in enumerate(self.control_units())]
+        images += [(f"reference image {k}", x) for k, x in enumerate(self.reference_list())]
         for what, image in images:  # the words sdengine.io.images.load_image says it in
             if isinstance(image, str | Path) and not Path(image).is_file():
                 raise GenerationError(f"{what} not found: {image}")

@@ -903,6 +903,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             raise BadRequest(f"shift applies to SD3 models only; {why}")
         if kw.get("sd3") is not None and family != "sd3":
             raise BadRequest(f"sd3 settings apply to SD3 models only; {name} is not one")
+        if kw.get("reference_images") and family != "flux":
+            raise BadRequest(f"reference_images are FLUX.1 Kontext's; {name} is not a Flux model")
         if family not in ("sd3", "flux", "chroma"):
             return
         try:
@@ -987,7 +989,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             (lo.name, lo.weight if lo.unet_weight is None else (lo.weight, lo.unet_weight)) for lo in req.loras
         ]
         cheap = not req.controlnets and not req.ip_adapters and req.vae is None
-        if req.init_image is None and req.mask is None and cheap:
+        if req.init_image is None and req.mask is None and not req.reference_images and cheap:
             generation = services.build(**fields)  # no image to decode (nor VAE file to read): cheap, no thread hop
         else:
             generation = await asyncio.to_thread(lambda: services.build(**fields))

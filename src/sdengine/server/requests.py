@@ -106,7 +106,7 @@ class Generation:
         """Drop the decoded input images (init image, mask, ControlNet images, the overlay that holds the init
         image) of a job that has finished long ago: the job table keeps hundreds of finished jobs, and their
         inputs (up to the pixel limit each) would stay in memory with them. The settings stay."""
-        for key in ("init_image", "mask"):
+        for key in ("init_image", "mask", "reference_images"):
             if self.kwargs.get(key) is not None:
                 self.kwargs[key] = None
         units = self.kwargs.get("controlnets")
@@ -319,6 +319,8 @@ def build_generation(
     shift: float | None = None,
     sd3: dict[str, Any] | None = None,
     modules: Sequence[str] | None = None,
+    reference_images: Sequence[ImageRef] | None = None,
+    reference_auto_resize: bool = True,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
@@ -424,6 +426,13 @@ def build_generation(
         return ImageOps.exif_transpose(uploads.image(ref, what))
 
     init = image(init_image, "init_image")
+    from sdengine.pipeline.request import MAX_REFERENCE_IMAGES
+
+    if reference_images and len(reference_images) > MAX_REFERENCE_IMAGES:
+        raise BadRequest(f"at most {MAX_REFERENCE_IMAGES} reference_images, got {len(reference_images)}")
+    if not reference_auto_resize and not reference_images:
+        raise BadRequest("reference_auto_resize applies to reference_images: give them, or leave it out")
+    references = [image(ref, f"reference_images[{k}]") for k, ref in enumerate(reference_images or ())]
     mask_img = image(mask, "mask")
     if mask_img is not None and init is None:
         raise BadRequest("a mask needs an init image to inpaint")
@@ -524,6 +533,10 @@ def build_generation(
     }
     if guess_mode:
         kwargs["guess_mode"] = True
+    if references:  # FLUX.1 Kontext (whether the model takes them: the precheck, app.check_family_settings)
+        kwargs["reference_images"] = references
+        if not reference_auto_resize:
+            kwargs["reference_auto_resize"] = False
     if ip_units:  # left out without units (such a job runs alone: batch_key knows no ip_adapters)
         kwargs["ip_adapters"] = ip_units
     if vae_decode != "full":  # checked by GenerationRequest.validate below; whether the model has one, by the job

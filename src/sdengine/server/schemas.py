@@ -336,6 +336,15 @@ class JobRequest(BaseModel):
         "kind: file names of text_encoders/ (clip/) of --models-dir and of --vaes-dir (Forge's "
         "forge_additional_modules); null: the only file of each kind",
     )
+    reference_images: list[str] | None = Field(
+        None,
+        description="FLUX.1 Kontext (Flux models only): reference images to edit or take from, each an upload id or "
+        "a data URL / base64 (at most 4); width and height null: the first one's size. Each is put at the Kontext "
+        "resolution of its aspect ratio unless reference_auto_resize is false",
+    )
+    reference_auto_resize: bool = Field(
+        True, description="false: each reference image at its own size (sides floored to multiples of 16)"
+    )
     distilled_cfg_scale: float | None = Field(
         None,
         ge=0,

@@ -1063,6 +1063,8 @@ def _sample(
             ctx, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
             last_denoised, options, discard_penultimate, guidance_rule, third, **window,
         )  # fmt: skip
+    if any(getattr(c, "references", ()) for c in [*positive, *negative]):
+        raise NodeError("ReferenceLatent is FLUX.1 Kontext's; this model is a U-Net")
     if getattr(model, "skip_layer_guidance", ()):
         raise NodeError("SkipLayerGuidanceSD3 leaves out joint blocks of SD3's MMDiT; this model is a U-Net")
     if getattr(model, "perp_neg", ()):  # ComfyUI's PerpNeg patch: its CFG function in place of CFG (the node's cfg)

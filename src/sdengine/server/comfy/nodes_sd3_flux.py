@@ -25,6 +25,10 @@ nodes as the U-Nets, and so does sdengine:
   (:func:`sdengine.latent_sampling.flow_sigmas`) with :func:`sdengine.latent_sampling.sample_flow_latents`; a
   latent's noise mask (SetLatentNoiseMask) inpaints as ComfyUI's KSamplerX0Inpaint.
 
+* FLUX.1 Kontext: ReferenceLatent puts a LATENT's raw samples on the conditioning (chained: several); the sampler
+  hands them, scaled in, to the Flux transformer, whose tokens after the image's they become
+  (:mod:`sdengine.pipeline.flux_kontext`); FluxKontextImageScale fits a picture to the nearest Kontext resolution.
+
 LoraLoader's LoRAs apply to SD3's MMDiT and CLIP encoders and to Flux's transformer, CLIP-L and T5 as the pipelines
 apply them. What does not apply to these models is refused with one line: the U-Net's model patches (FreeU, PAG, SAG,
 RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges, ModelSamplingDiscrete), ControlNets, regional conditioning,
@@ -445,6 +449,76 @@ def flux_guidance(ctx: RunContext, conditioning: list[Any], guidance: float) -> 
     return ([replace(c, cond={**c.cond, "guidance": g}) for c in conditioning],)
 
 
+def reference_latent(ctx: RunContext, conditioning: list[Any], latent: dict[str, Any] | None = None) -> tuple[Any]:
+    """ComfyUI's ReferenceLatent: ``latent``'s samples (raw VAE latents) appended to every entry's reference latents
+    (chained nodes give several); no latent: the conditioning as it is. FLUX.1 Kontext reads them (the sampler puts
+    their tokens after the image's, sdengine.pipeline.flux_kontext); another model refuses them at sampling."""
+    if latent is None:
+        return (conditioning,)
+    z = latent.get("samples")
+    if z is None or z.ndim != 4 or z.shape[1] != FLOW_CHANNELS:
+        shape = "none" if z is None else tuple(z.shape)
+        raise NodeError(
+            f"ReferenceLatent: the latent must be a 16-channel VAE latent (VAEEncode of a Flux VAE), got {shape}"
+        )
+    return ([replace(c, references=(*c.references, z)) for c in conditioning],)
+
+
+KONTEXT_METHODS = ("offset", "index", "uxo/uno")  # FluxKontextMultiReferenceLatentMethod's choices
+
+
+def flux_kontext_reference_method(ctx: RunContext, conditioning: list[Any], reference_latents_method: str) -> Any:
+    """ComfyUI's FluxKontextMultiReferenceLatentMethod (experimental): how the sampler lays several reference
+    latents out (sdengine.models.flux.reference_ids; "uxo/uno" is "uxo")."""
+    if reference_latents_method not in KONTEXT_METHODS:
+        raise NodeError(
+            f"FluxKontextMultiReferenceLatentMethod: unknown method {reference_latents_method!r}; use one of "
+            f"{', '.join(KONTEXT_METHODS)}"
+        )
+    method = "uxo" if "uxo" in reference_latents_method else reference_latents_method
+    return ([replace(c, reference_method=method) for c in conditioning],)
+
+
+def flux_kontext_image_scale(ctx: RunContext, image: torch.Tensor) -> tuple[Any]:
+    """ComfyUI's FluxKontextImageScale: the image at the Kontext resolution whose aspect ratio is nearest its own
+    (sdengine.pipeline.flux_kontext.PREFERRED_KONTEXT_RESOLUTIONS), cut to that aspect ratio about its centre, then
+    PIL's Lanczos (ComfyUI's common_upscale "lanczos", "center")."""
+    from sdengine.pipeline.flux_kontext import preferred_resolution
+    from sdengine.server.comfy.nodes import image_scale
+
+    if image.ndim != 4 or image.shape[1] < 1 or image.shape[2] < 1:
+        raise NodeError(f"FluxKontextImageScale: the image must be (B, H, W, C), got {tuple(image.shape)}")
+    width, height = preferred_resolution(int(image.shape[2]), int(image.shape[1]))
+    return image_scale(ctx, image, "lanczos", width, height, "center")
+
+
+def sampling_references(
+    family: str, positive: list[Any], negative: list[Any], cfg: float, name: str
+) -> tuple[list[torch.Tensor], str]:
+    """The reference latents (raw) the run appends and their layout method: the positive's; the negative's must be
+    the same where it runs (cfg not 1), as sdengine runs one set of reference tokens for both."""
+    pos = [r for c in positive for r in getattr(c, "references", ())]
+    neg = [r for c in negative for r in getattr(c, "references", ())]
+    methods = {str(getattr(c, "reference_method", None) or "offset") for c in positive}
+    method = methods.pop() if len(methods) == 1 else "offset"
+    if methods:
+        raise NodeError("FluxKontextMultiReferenceLatentMethod: the positive conditioning's entries differ in method")
+    if not pos and not neg:
+        return [], method
+    if family != "flux":
+        raise NodeError(f"ReferenceLatent is FLUX.1 Kontext's; {name} is an SD3 model")
+    runs_negative = float(cfg) != 1.0
+    same = len(pos) == len(neg) and all(a is b or torch.equal(a, b) for a, b in zip(pos, neg, strict=True))
+    same = same and {str(getattr(c, "reference_method", None) or "offset") for c in negative} <= {method}
+    if runs_negative and not same:
+        raise NodeError(
+            "ReferenceLatent: the negative conditioning's reference latents differ from the positive's; sdengine "
+            "runs one set for both at cfg other than 1: give the negative the same ones (ConditioningZeroOut of the "
+            "positive keeps them)"
+        )
+    return pos, method
+
+
 # ---------------------------------------------------------------------------------------------------
 # Latents and the schedule
 # ---------------------------------------------------------------------------------------------------
@@ -713,12 +787,23 @@ def sample_flow(
         return (dict(latent_image),)
     family, flow, guidance, widths = _flow_parts(ctx, model)
     _check_patches(model, family)
+    references, method = sampling_references(family, positive, negative, cfg, flow.name)
+    if references:  # FLUX.1 Kontext: the references' tokens at every call, as the model's latents
+        network: Any = flow.network  # a FluxAdapter made for this run
+        network.references = [_raw_in(r.float(), family).to(flow.device) for r in references]
+        network.reference_method = method
     z = latent_image.get("samples")
     if z is None:  # EmptyLatentImage's size: ComfyUI's 8 x 8 pixels a latent pixel
         b, h, w = latent_image["size"]
         z = torch.zeros(b, FLOW_CHANNELS, h // LATENT_FACTOR, w // LATENT_FACTOR)
     if z.shape[1] != FLOW_CHANNELS:
         raise NodeError(f"the latent has {z.shape[1]} channels, {flow.name}'s have {FLOW_CHANNELS}")
+    for k, ref in enumerate(references):  # one reference for every row, or one per row
+        if ref.shape[0] not in (1, z.shape[0]):
+            raise NodeError(
+                f"ReferenceLatent {k}: a batch of {ref.shape[0]} reference latents for a latent batch of {z.shape[0]}; "
+                "give one reference image (or one per row)"
+            )
     discard = sampler_name in DISCARD_PENULTIMATE_SAMPLERS if discard_penultimate is None else discard_penultimate
     try:
         if sigmas is None:
@@ -871,6 +956,39 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         flux_guidance,
         description="FLUX.1 [dev]'s distilled guidance scale on the conditioning (3.5 where none is set; [schnell] "
         "has none and ignores it).",
+    ),
+    "ReferenceLatent": NodeDef(
+        "ReferenceLatent",
+        "ReferenceLatent",
+        "advanced/conditioning/edit_models",
+        (Input("conditioning", "CONDITIONING"), Input("latent", "LATENT", optional=True)),
+        ("CONDITIONING",),
+        reference_latent,
+        description="Sets the guiding latent for an edit model (FLUX.1 Kontext): chain several for several reference "
+        "images. Other models refuse it at sampling.",
+    ),
+    "FluxKontextMultiReferenceLatentMethod": NodeDef(
+        "FluxKontextMultiReferenceLatentMethod",
+        "FluxKontextMultiReferenceLatentMethod",
+        "advanced/conditioning/flux",
+        (
+            Input("conditioning", "CONDITIONING"),
+            Input("reference_latents_method", "COMBO", "offset", choices=KONTEXT_METHODS),
+        ),
+        ("CONDITIONING",),
+        flux_kontext_reference_method,
+        description="How FLUX.1 Kontext lays several reference latents out: offset (beside each other, id 1), index "
+        "(ids 1, 2, ...) or uxo/uno (shifted past the image). Experimental in ComfyUI.",
+    ),
+    "FluxKontextImageScale": NodeDef(
+        "FluxKontextImageScale",
+        "FluxKontextImageScale",
+        "advanced/conditioning/flux",
+        (Input("image", "IMAGE"),),
+        ("IMAGE",),
+        flux_kontext_image_scale,
+        description="Resizes the image to the FLUX.1 Kontext resolution nearest its aspect ratio (centre cut, "
+        "Lanczos).",
     ),
     "EmptySD3LatentImage": NodeDef(
         "EmptySD3LatentImage",
