@@ -1,0 +1,220 @@
+"""FLUX.1 Fill (inpainting / outpainting) and Depth / Canny (a control image) against diffusers' FluxFillPipeline,
+FluxControlPipeline and FluxControlImg2ImgPipeline on tiny random folders saved by diffusers: the kind read off
+the shapes, the images (fp32 CPU, mean absolute difference on 0..1 pixels), BFL's single transformer file, the
+command line and the one-line refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import sdengine  # noqa: E402
+from _flux_models import diffusers_flux, make_flux_folder  # noqa: E402
+from _pipeline_models import mask_picture, picture  # noqa: E402
+from PIL import Image  # noqa: E402
+from sdengine.cli import main  # noqa: E402
+from sdengine.errors import GenerationError  # noqa: E402
+
+TOL = 1e-4  # mean absolute difference on 0..1 pixels (fp32, CPU)
+PROMPT = "a red apple on a table"
+SEED = 3
+W, H = 48, 32  # the tiny VAE is 2x: multiples of 4
+
+
+@pytest.fixture(scope="module")
+def fill(tmp_path_factory):
+    folder = make_flux_folder(tmp_path_factory.mktemp("flux") / "tiny-flux-fill", kind="fill", seed=5)
+    return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_flux(folder, cls_name="FluxFillPipeline")
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory):
+    folder = make_flux_folder(tmp_path_factory.mktemp("flux") / "tiny-flux-depth", kind="control", seed=6)
+    return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_flux(folder, cls_name="FluxControlPipeline")
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+def _theirs(ref, **kw) -> np.ndarray:
+    args = dict(num_inference_steps=3, height=H, width=W, generator=torch.Generator().manual_seed(SEED))
+    args.update(kw)
+    return ref(PROMPT, output_type="np", **args).images
+
+
+def _border_mask() -> Image.Image:
+    """Outpainting's mask: the image extended by 8 pixels on the left and right, white there."""
+    m = np.zeros((H, W), np.uint8)
+    m[:, :8] = m[:, -8:] = 255
+    return Image.fromarray(m, mode="L")
+
+
+def test_kind_and_defaults(fill, control):
+    pipe = fill[1]
+    assert pipe.kind == "fill" and pipe.transformer.config.in_channels == 64 + 64 + 16 and pipe.latent_channels == 16
+    assert pipe.family_defaults["distilled_cfg_scale"] == 30.0 and pipe.family_defaults["strength"] == 1.0
+    assert control[1].kind == "control" and control[1].family_defaults["distilled_cfg_scale"] == 3.5
+    assert "strength" not in control[1].family_defaults
+
+
+@pytest.mark.parametrize(("mask", "strength"), [("centre", 1.0), ("centre", 0.6), ("border", 1.0)])
+def test_fill_matches_diffusers(fill, mask, strength):
+    """Inpainting (a white rectangle) and outpainting (white borders over a picture whose sides are to be
+    extended); the distilled guidance 30 by default on both sides (FluxFillPipeline's)."""
+    _, pipe, ref = fill
+    init, m = picture(W, H), mask_picture(W, H) if mask == "centre" else _border_mask()
+    ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, init_image=init, mask=m, strength=strength, progress=False)
+    theirs = _theirs(ref, image=init, mask_image=m, strength=strength)
+    assert _mad(ours.arrays, theirs) < TOL
+    assert ours.parameters["Distilled CFG Scale"] == 30.0
+    other = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, init_image=init, mask=m, strength=strength,
+                 distilled_cfg_scale=3.5, progress=False)  # fmt: skip
+    assert _mad(other.arrays, _theirs(ref, image=init, mask_image=m, strength=strength, guidance_scale=3.5)) < TOL
+
+
+def test_fill_default_strength_is_one(fill):
+    _, pipe, ref = fill
+    init, m = picture(W, H), mask_picture(W, H)
+    ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, init_image=init, mask=m, progress=False)
+    assert ours.parameters["strength"] == 1.0
+    assert _mad(ours.arrays, _theirs(ref, image=init, mask_image=m)) < TOL
+
+
+def test_control_matches_diffusers(control):
+    _, pipe, ref = control
+    depth = picture(W, H, seed=2)
+    ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, control_image=depth, progress=False)
+    assert _mad(ours.arrays, _theirs(ref, control_image=depth, guidance_scale=3.5)) < TOL
+    canny = picture(W, H, seed=4)
+    other = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, control_image=canny, distilled_cfg_scale=30.0,
+                 progress=False)  # fmt: skip
+    assert _mad(other.arrays, _theirs(ref, control_image=canny, guidance_scale=30.0)) < TOL
+    assert _mad(other.arrays, ours.arrays) > 10 * TOL  # the control map is an input that changes the image
+
+
+def test_control_img2img_matches_diffusers(control):
+    """An init image too: FluxControlImg2ImgPipeline's draws (control posterior, init posterior, noise)."""
+    folder, pipe, _ = control
+    ref = diffusers_flux(folder, cls_name="FluxControlImg2ImgPipeline")
+    depth, init = picture(W, H, seed=2), picture(W, H, seed=1)
+    ours = pipe(PROMPT, steps=4, seed=SEED, width=W, height=H, control_image=depth, init_image=init, strength=0.6,
+                progress=False)  # fmt: skip
+    theirs = _theirs(ref, control_image=depth, image=init, strength=0.6, guidance_scale=3.5, num_inference_steps=4)
+    assert _mad(ours.arrays, theirs) < TOL
+
+
+@pytest.mark.parametrize("which", ["fill", "control"])
+def test_bfl_transformer_file_matches_diffusers(fill, control, tmp_path, which):
+    """BFL's flux1-fill-dev / flux1-depth-dev layout: the kind from img_in's width, the rest as FLUX.1 [dev]."""
+    from test_flux_pipeline import _single_files
+
+    folder, _, ref = fill if which == "fill" else control
+    _single_files(folder, tmp_path)
+    parts = {k: tmp_path / f"{n}.safetensors" for k, n in (("vae", "ae"), ("clip_l", "clip_l"), ("t5", "t5xxl"))}
+    pipe = sdengine.load_pipeline(tmp_path / "flux1.safetensors", device="cpu", **parts)
+    assert pipe.kind == which and pipe.variant == "dev"
+    if which == "fill":
+        init, m = picture(W, H), mask_picture(W, H)
+        ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, init_image=init, mask=m, progress=False)
+        theirs = _theirs(ref, image=init, mask_image=m)
+    else:
+        depth = picture(W, H, seed=2)
+        ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, control_image=depth, progress=False)
+        theirs = _theirs(ref, control_image=depth, guidance_scale=3.5)
+    assert _mad(ours.arrays, theirs) < TOL
+
+
+# -- refusals ----------------------------------------------------------------------------------------------------
+
+
+def _run(pipe, **kw):
+    return pipe(PROMPT, steps=2, seed=SEED, width=W, height=H, progress=False, **kw)
+
+
+def test_fill_refusals(fill):
+    pipe, init, m = fill[1], picture(W, H), mask_picture(W, H)
+    with pytest.raises(GenerationError, match=r"FLUX.1 Fill repaints the white of a mask .* give init_image and mask"):
+        _run(pipe)
+    with pytest.raises(GenerationError, match=r"FLUX.1 Fill repaints the white of a mask"):
+        _run(pipe, init_image=init)
+    with pytest.raises(GenerationError, match=r"control_image: FLUX.1 Fill takes a mask and an init image"):
+        _run(pipe, init_image=init, mask=m, control_image=init)
+    with pytest.raises(GenerationError, match=r"masked_content 'latent noise': FLUX.1 Fill fills the masked region"):
+        _run(pipe, init_image=init, mask=m, masked_content="latent noise")
+    with pytest.raises(GenerationError, match=r"the hires fix is not supported on a FLUX.1 Fill model"):
+        _run(pipe, init_image=init, mask=m, enable_hr=True)
+    with pytest.raises(GenerationError, match=r"controlnets: Flux ControlNets are not supported on a FLUX.1 Fill"):
+        _run(pipe, init_image=init, mask=m, controlnets=[("x.safetensors", init, 1.0)])
+
+
+def test_control_refusals(control, tiny_sd1_folder):
+    pipe, depth = control[1], picture(W, H, seed=2)
+    with pytest.raises(GenerationError, match=r"FLUX.1 Depth / Canny needs control_image \(--control-image IMAGE\)"):
+        _run(pipe)
+    with pytest.raises(GenerationError, match=r"a mask \(inpainting\) is not supported on a FLUX.1 Depth / Canny"):
+        _run(pipe, control_image=depth, init_image=depth, mask=mask_picture(W, H))
+    with pytest.raises(GenerationError, match=r"control image not found: nowhere.png"):
+        _run(pipe, control_image="nowhere.png")
+    sd = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+    with pytest.raises(GenerationError, match=r"control_image is the control map of a FLUX.1 Depth / Canny model"):
+        sd("a cat", steps=1, width=64, height=64, control_image=depth, progress=False)
+
+
+def test_plain_flux_refuses_a_control_image(tmp_path):
+    folder = make_flux_folder(tmp_path / "tiny-flux-schnell", guidance=False, seed=1)
+    pipe = sdengine.load_pipeline(folder, device="cpu")
+    assert pipe.kind == "plain"
+    with pytest.raises(GenerationError, match=r"control_image is the control map of FLUX.1 Depth / Canny .* \[dev\]"):
+        _run(pipe, control_image=picture(W, H))
+
+
+def test_odd_widths_are_refused_at_load(tmp_path):
+    from sdengine.pipeline.flux_fill import flux_kind
+
+    assert (flux_kind(64, 64, 8, "m"), flux_kind(128, 64, 8, "m"), flux_kind(384, 64, 8, "m")) == (
+        "plain",
+        "control",
+        "fill",
+    )
+    with pytest.raises(GenerationError, match=r"m: the Flux transformer takes 200 numbers per image token and gives 64"):
+        flux_kind(200, 64, 8, "m")
+
+
+# -- the command line --------------------------------------------------------------------------------------------
+
+
+def test_cli_fill_and_control(fill, control, tmp_path):
+    from sdengine.metadata import parse_parameters, read_png_parameters
+
+    init, m, depth = tmp_path / "init.png", tmp_path / "mask.png", tmp_path / "depth.png"
+    picture(W, H).save(init)
+    mask_picture(W, H).save(m)
+    picture(W, H, seed=2).save(depth)
+    size = ["--width", str(W), "--height", str(H), "--steps", "3", "--seed", str(SEED), "--no-progress"]
+    out = tmp_path / "fill.png"
+    args = ["generate", "--model", str(fill[0]), PROMPT, "--init-image", str(init), "--mask", str(m), *size]
+    assert main([*args, "--out", str(out)]) == 0
+    parsed = parse_parameters(read_png_parameters(out))
+    assert float(parsed["Distilled CFG Scale"]) == 30.0 and float(parsed["Denoising strength"]) == 1.0
+    theirs = _theirs(fill[2], image=Image.open(init), mask_image=Image.open(m))[0]
+    assert _mad(np.asarray(Image.open(out), dtype=np.float32) / 255, theirs) < 1.0 / 255
+    again = tmp_path / "fill2.png"
+    png = ["generate", "--from-png", str(out), "--model", str(fill[0]), "--init-image", str(init), "--mask", str(m)]
+    assert main([*png, "--out", str(again), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+
+    out = tmp_path / "depth-out.png"
+    args = ["generate", "--model", str(control[0]), PROMPT, "--control-image", str(depth), *size]
+    assert main([*args, "--out", str(out)]) == 0
+    theirs = _theirs(control[2], control_image=Image.open(depth), guidance_scale=3.5)[0]
+    assert _mad(np.asarray(Image.open(out), dtype=np.float32) / 255, theirs) < 1.0 / 255
+    again = tmp_path / "depth2.png"
+    png = ["generate", "--from-png", str(out), "--model", str(control[0]), "--control-image", str(depth)]
+    assert main([*png, "--out", str(again), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    assert main(["generate", "--model", str(control[0]), PROMPT, *size, "--out", str(tmp_path / "x.png")]) != 0
