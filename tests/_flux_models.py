@@ -150,7 +150,11 @@ def make_flux_folder(dst: Path, *, guidance: bool = True, seed: int = 0, kind: s
     write_t5_tokenizer(dst / "tokenizer_2")
     tokenizer_2 = T5TokenizerFast.from_pretrained(dst / "tokenizer_2")
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**(DEV_SCHEDULER if guidance else SCHNELL_SCHEDULER))
-    cls = {"plain": diffusers.FluxPipeline, "fill": diffusers.FluxFillPipeline, "control": diffusers.FluxControlPipeline}
+    cls = {
+        "plain": diffusers.FluxPipeline,
+        "fill": diffusers.FluxFillPipeline,
+        "control": diffusers.FluxControlPipeline,
+    }
     pipe = cls[kind](scheduler=scheduler, tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts)
     pipe.save_pretrained(dst)
     return dst
@@ -161,7 +165,13 @@ def diffusers_flux(folder: Path, *, img2img: bool = False, cls_name: str | None 
     Flux pipelines (``FluxFillPipeline``, ``FluxControlPipeline``, ``FluxControlImg2ImgPipeline``)."""
     import diffusers
 
-    cls = getattr(diffusers, cls_name) if cls_name else diffusers.FluxImg2ImgPipeline if img2img else diffusers.FluxPipeline
+    cls = (
+        getattr(diffusers, cls_name)
+        if cls_name
+        else diffusers.FluxImg2ImgPipeline
+        if img2img
+        else diffusers.FluxPipeline
+    )
     pipe = cls.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -11,10 +11,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from PIL import Image  # noqa: E402
+
 import sdengine  # noqa: E402
 from _flux_models import diffusers_flux, make_flux_folder  # noqa: E402
 from _pipeline_models import mask_picture, picture  # noqa: E402
-from PIL import Image  # noqa: E402
 from sdengine.cli import main  # noqa: E402
 from sdengine.errors import GenerationError  # noqa: E402
 
@@ -68,7 +69,9 @@ def test_fill_matches_diffusers(fill, mask, strength):
     extended); the distilled guidance 30 by default on both sides (FluxFillPipeline's)."""
     _, pipe, ref = fill
     init, m = picture(W, H), mask_picture(W, H) if mask == "centre" else _border_mask()
-    ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, init_image=init, mask=m, strength=strength, progress=False)
+    ours = pipe(
+        PROMPT, steps=3, seed=SEED, width=W, height=H, init_image=init, mask=m, strength=strength, progress=False
+    )
     theirs = _theirs(ref, image=init, mask_image=m, strength=strength)
     assert _mad(ours.arrays, theirs) < TOL
     assert ours.parameters["Distilled CFG Scale"] == 30.0
@@ -181,7 +184,9 @@ def test_odd_widths_are_refused_at_load(tmp_path):
         "control",
         "fill",
     )
-    with pytest.raises(GenerationError, match=r"m: the Flux transformer takes 200 numbers per image token and gives 64"):
+    with pytest.raises(
+        GenerationError, match=r"m: the Flux transformer takes 200 numbers per image token and gives 64"
+    ):
         flux_kind(200, 64, 8, "m")
 
 
