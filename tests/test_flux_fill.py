@@ -223,3 +223,59 @@ def test_cli_fill_and_control(fill, control, tmp_path):
     assert main([*png, "--out", str(again), "--no-progress"]) == 0
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
     assert main(["generate", "--model", str(control[0]), PROMPT, *size, "--out", str(tmp_path / "x.png")]) != 0
+
+
+def test_comfyui_route_refuses_fill_models_in_one_line(fill, tmp_path):
+    """UNETLoader on flux1-fill-dev: one node error naming the model and what runs it instead."""
+    from safetensors.torch import load_file
+    from test_comfy_sd3_flux import _clip_file, _ldm_vae, _node_error, _save, flux_graph
+
+    from sdengine.weights.flux_file import diffusers_to_bfl
+
+    folder = fill[0]
+    models = tmp_path / "models"
+    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    _save(transformer, models / "unet" / "flux1-tiny.safetensors")
+    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
+    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
+    _save(_ldm_vae(folder), tmp_path / "vaes" / "ae.safetensors")
+    message = _node_error(tmp_path, flux_graph())
+    assert "flux1-tiny.safetensors is a FLUX.1 Fill, Depth or Canny model" in message
+    assert "not supported by the ComfyUI route yet" in message
+
+
+def test_a1111_img2img_with_a_mask_on_a_fill_model(tmp_path):
+    """A1111's inpainting route on a FLUX.1 Fill model: the pipeline's image inside the mask ("original" masked
+    content, no blur), the init image outside (A1111's overlay); FluxFillPipeline's guidance 30 where none is sent."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    import httpx
+    from _live_server import live_server, server_config
+
+    models = tmp_path / "models"
+    folder = make_flux_folder(models / "tiny-flux-fill", kind="fill", seed=5)
+    pipe = sdengine.load_pipeline(folder, device="cpu")
+    init, m = picture(W, H), mask_picture(W, H)
+
+    def b64(image: Image.Image) -> str:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    body = {
+        "prompt": PROMPT, "steps": 3, "width": W, "height": H, "seed": SEED, "cfg_scale": 1, "sampler_name": "Euler",
+        "override_settings": {"sd_model_checkpoint": "tiny-flux-fill"}, "init_images": [b64(init)], "mask": b64(m),
+        "inpainting_fill": 1, "mask_blur": 0, "denoising_strength": 1.0,
+    }  # fmt: skip
+    with live_server(server_config(tmp_path, models_dir=models)) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+    want = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, init_image=init, mask=m, progress=False)
+    inside = np.asarray(m) > 127
+    assert np.array_equal(got[inside], np.asarray(want.images[0].convert("RGB"))[inside])
+    assert np.array_equal(got[~inside], np.asarray(init)[~inside])
+    assert "Distilled CFG Scale: 30" in r.json()["info"]
