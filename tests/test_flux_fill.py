@@ -279,3 +279,29 @@ def test_a1111_img2img_with_a_mask_on_a_fill_model(tmp_path):
     assert np.array_equal(got[inside], np.asarray(want.images[0].convert("RGB"))[inside])
     assert np.array_equal(got[~inside], np.asarray(init)[~inside])
     assert "Distilled CFG Scale: 30" in r.json()["info"]
+
+
+def test_native_job_takes_a_control_image(control, tmp_path):
+    """POST /v1/jobs with ``control_image`` (base64, as init_image) on a FLUX.1 Depth / Canny folder: the
+    pipeline's image."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import shutil
+
+    import httpx
+    from _live_server import live_server, run_job, server_config
+
+    folder, pipe, _ = control
+    models = tmp_path / "models"
+    shutil.copytree(folder, models / "tiny-flux-depth")
+    depth = picture(W, H, seed=2)
+    buf = io.BytesIO()
+    depth.save(buf, format="PNG")
+    want = pipe(PROMPT, steps=3, seed=5, width=W, height=H, control_image=depth, progress=False)
+    body = {"prompt": PROMPT, "steps": 3, "width": W, "height": H, "seed": 5, "cfg_scale": 1.0, "sampler": "euler",
+            "schedule": "normal", "model": "tiny-flux-depth", "control_image": base64.b64encode(buf.getvalue()).decode()}  # fmt: skip
+    with live_server(server_config(tmp_path, models_dir=models)) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            pixels, _ = run_job(client, body)
+    np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
