@@ -304,7 +304,11 @@ def test_native_job_takes_a_control_image(control, tmp_path):
     with live_server(server_config(tmp_path, models_dir=models)) as server:
         with httpx.Client(base_url=server.url, timeout=300) as client:
             pixels, _ = run_job(client, body)
+            r = client.post("/v1/jobs", json={k: v for k, v in body.items() if k != "control_image"})
     np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
+    assert r.status_code == 400, r.text  # the loaded model's check, before the job is queued
+    message = r.json()["detail"]
+    assert "FLUX.1 Depth / Canny needs control_image" in message and "\n" not in message, message
 
 
 @pytest.mark.parametrize("which", ["fill", "control"])
