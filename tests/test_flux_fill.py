@@ -228,9 +228,9 @@ def test_cli_fill_and_control(fill, control, tmp_path):
 def test_comfyui_route_refuses_fill_models_in_one_line(fill, tmp_path):
     """UNETLoader on flux1-fill-dev: one node error naming the model and what runs it instead."""
     from safetensors.torch import load_file
-    from test_comfy_sd3_flux import _clip_file, _ldm_vae, _node_error, _save, flux_graph
 
     from sdengine.weights.flux_file import diffusers_to_bfl
+    from test_comfy_sd3_flux import _clip_file, _ldm_vae, _node_error, _save, flux_graph
 
     folder = fill[0]
     models = tmp_path / "models"
@@ -252,6 +252,7 @@ def test_a1111_img2img_with_a_mask_on_a_fill_model(tmp_path):
     import io
 
     import httpx
+
     from _live_server import live_server, server_config
 
     models = tmp_path / "models"
@@ -290,6 +291,7 @@ def test_native_job_takes_a_control_image(control, tmp_path):
     import shutil
 
     import httpx
+
     from _live_server import live_server, run_job, server_config
 
     folder, pipe, _ = control
@@ -300,7 +302,8 @@ def test_native_job_takes_a_control_image(control, tmp_path):
     depth.save(buf, format="PNG")
     want = pipe(PROMPT, steps=3, seed=5, width=W, height=H, control_image=depth, progress=False)
     body = {"prompt": PROMPT, "steps": 3, "width": W, "height": H, "seed": 5, "cfg_scale": 1.0, "sampler": "euler",
-            "schedule": "normal", "model": "tiny-flux-depth", "control_image": base64.b64encode(buf.getvalue()).decode()}  # fmt: skip
+            "schedule": "normal", "model": "tiny-flux-depth"}  # fmt: skip
+    body["control_image"] = base64.b64encode(buf.getvalue()).decode()
     with live_server(server_config(tmp_path, models_dir=models)) as server:
         with httpx.Client(base_url=server.url, timeout=300) as client:
             pixels, _ = run_job(client, body)
