@@ -328,3 +328,25 @@ def test_batch_rows_equal_their_seeds_alone(fill, control, which):
         alone = pipe(PROMPT, seed=seed, steps=2, width=W, height=H, progress=False, **kw).arrays
         np.testing.assert_allclose(both[row : row + 1], alone, atol=1e-5, rtol=0)
     assert _mad(both[:1], both[1:]) > 10 * TOL
+
+
+def test_outpaint_and_true_cfg_run_on_fill(fill):
+    """sdengine's outpainting (``--outpaint``: the canvas padded, a mask white over the new area) is a Fill call
+    with the canvas and mask (equal to that call inside the mask, the original outside); true CFG (cfg_scale > 1
+    with a negative prompt) reads the image latent in both halves."""
+    from sdengine.outpaint import outpaint, plan_outpaint
+
+    pipe = fill[1]
+    small = picture(32, 32)
+    out = outpaint(pipe, PROMPT, small, left=8, right=8, steps=2, seed=SEED, progress=False)
+    assert out.images[0].size == (48, 32)
+    plan = plan_outpaint(small, 8, 8, 0, 0, overlap=8, multiple=pipe.size_multiple)
+    direct = pipe(PROMPT, init_image=plan.canvas, mask=plan.mask, width=48, height=32, strength=1.0, mask_blur=4,
+                  steps=2, seed=SEED, progress=False)  # fmt: skip
+    inside = np.asarray(plan.mask) != 0
+    np.testing.assert_array_equal(out.arrays[0][inside], direct.arrays[0][inside])
+    assert np.array_equal(np.asarray(out.images[0])[:, 8:40][~inside[:, 8:40]], np.asarray(small)[~inside[:, 8:40]])
+    init, m = picture(W, H), mask_picture(W, H)
+    args = dict(init_image=init, mask=m, steps=2, seed=SEED, width=W, height=H, progress=False)
+    guided = pipe(PROMPT, "blurry", cfg_scale=2.0, **args).arrays
+    assert np.isfinite(guided).all() and _mad(guided, pipe(PROMPT, **args).arrays) > 10 * TOL
