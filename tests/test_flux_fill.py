@@ -350,3 +350,13 @@ def test_outpaint_and_true_cfg_run_on_fill(fill):
     args = dict(init_image=init, mask=m, steps=2, seed=SEED, width=W, height=H, progress=False)
     guided = pipe(PROMPT, "blurry", cfg_scale=2.0, **args).arrays
     assert np.isfinite(guided).all() and _mad(guided, pipe(PROMPT, **args).arrays) > 10 * TOL
+
+
+def test_chroma_refuses_a_control_image(tmp_path):
+    """Chroma (a FluxPipeline with its own checks): a control image is the core's one-line refusal, never ignored."""
+    from _chroma_models import make_chroma_folder
+
+    pipe = sdengine.load_pipeline(make_chroma_folder(tmp_path / "tiny-chroma"), device="cpu")
+    assert pipe.kind == "plain" and not pipe.takes_control_image
+    with pytest.raises(GenerationError, match=r"control_image is the control map of a FLUX.1 Depth / Canny model"):
+        _run(pipe, control_image=picture(W, H))

@@ -38,7 +38,9 @@ On a CUDA device (docs/gpu.md has the H200 numbers and the command):
 
 * ``fp8`` (also on the CPU, slowly, to check the images): the U-Net's transformer-block linear layers multiply
   in e4m3 with per-row scales (:mod:`sdengine.nn.fp8`); the layers' 16-bit weights are replaced, so LoRAs are
-  refused on such a pipeline. Not on by default: its speed has not been measured on a GPU yet; its effect on the
+  refused on such a pipeline, and the option is refused on a network whose weights are *stored* in fp8
+  (``load_pipeline(weight_dtype=...)``, :mod:`sdengine.nn.fp8_storage`: products in the compute dtype, a different
+  feature). Not on by default: its speed has not been measured on a GPU yet; its effect on the
   images is in docs/gpu.md.
 * ``cudnn_benchmark``: cuDNN times its convolution algorithms on the first call of each shape and keeps the
   fastest (``torch.backends.cudnn.benchmark``; process-global).
@@ -169,7 +171,10 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
             done.append("channels_last: U-Net and VAE weights in NHWC")
         elif name == "fp8":
             from sdengine.nn import fp8
+            from sdengine.nn.fp8_storage import StorageError, has_storage
 
+            if has_storage(pipe.unet):
+                raise StorageError("fp8: the network's weights are held in fp8 (weight_dtype): pick one of the two")
             if not fp8.supported(pipe.device):
                 done.append(f"fp8: skipped ({torch.device(pipe.device)} has no e4m3 products: CUDA 8.9+ or the CPU)")
                 continue

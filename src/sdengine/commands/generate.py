@@ -1161,6 +1161,7 @@ def run(a: argparse.Namespace) -> int:
         clip_l=a.clip_l,
         clip_g=a.clip_g,
         t5=a.t5,
+        weight_dtype=a.weight_dtype,
     )
     t1 = time.perf_counter()
     # SD3: Euler on its flow grid, cfg 7, 28 steps (diffusers'); Flux: Euler, cfg 1, 28 ([dev]) or 4 ([schnell]) steps
@@ -1177,13 +1178,15 @@ def run(a: argparse.Namespace) -> int:
     if a.refiner is not None and sides is None:  # SDXL base -> refiner hand-off
         from ..pipeline.sdxl import SDXLPipeline
 
-        refiner = load_pipeline(a.refiner, device=a.device, dtype=a.dtype, vae=a.vae)
+        refiner = load_pipeline(a.refiner, device=a.device, dtype=a.dtype, vae=a.vae, weight_dtype=a.weight_dtype)
         if not isinstance(pipe, SDXLPipeline) or not isinstance(refiner, SDXLPipeline):
             raise UsageError("--refiner hands an SDXL base model's run to an SDXL refiner: both must be SDXL")
         sdxl_base = pipe
     hr_model: Any = None
     if a.hr_checkpoint is not None and sides is None:  # the hires fix's second pass on another model (A1111's)
-        hr_model = load_pipeline(a.hr_checkpoint, device=a.device, dtype=a.dtype, vae=a.vae)
+        hr_model = load_pipeline(
+            a.hr_checkpoint, device=a.device, dtype=a.dtype, vae=a.vae, weight_dtype=a.weight_dtype
+        )
 
     def make(kw: dict[str, Any]) -> Any:
         prompt = kw.pop("prompt", "")
@@ -1690,6 +1693,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="FILE",
         help="SD3, Flux: the T5-XXL text encoder (t5xxl_fp16.safetensors, a text_encoder_3/ or text_encoder_2/ "
         "folder); without one an SD3 model that has none runs with zeros in T5's place (Flux needs it)",
+    )
+    p.add_argument(
+        "--weight-dtype",
+        default="default",
+        choices=("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"),  # nn/fp8_storage.WEIGHT_DTYPES (no torch)
+        help="the diffusion network's Linear/Conv2d weights held in fp8 and cast to --dtype at each use, as "
+        "ComfyUI's UNETLoader weight_dtype (about half the memory of fp16/bf16 weights; _fast runs as storage "
+        "alone here), see docs/fp8-storage.md",
     )
     p.add_argument(
         "--shift",

@@ -61,6 +61,7 @@ def run_list(a: argparse.Namespace, kwargs: dict[str, Any], model: str, chosen: 
             clip_l=a.clip_l,  # SD3's and Flux's text encoders given apart
             clip_g=a.clip_g,
             t5=a.t5,
+            weight_dtype=a.weight_dtype,
         )
 
     report = render_prompt_list(items, a.out, load, world=world, progress=not a.no_progress)

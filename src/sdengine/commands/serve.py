@@ -140,6 +140,7 @@ def run(a: argparse.Namespace) -> int:
         vae=Path(a.vae) if a.vae else None,
         tiny_vae=tiny_vae,
         preview=a.preview,
+        weight_dtype=a.weight_dtype,
     )
     try:
         import fastapi  # noqa: F401
@@ -296,6 +297,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="FILE",
         help="a tiny VAE (TAESD taesd_decoder file or AutoencoderTiny folder) for previews and vae_decode 'tiny', "
         "loaded with every SD model whose latents it fits (a model folder's own vae_tiny/ is used otherwise)",
+    )
+    p.add_argument(
+        "--weight-dtype",
+        default="default",
+        choices=("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"),  # nn/fp8_storage.WEIGHT_DTYPES (no torch)
+        help="every model's diffusion network (U-Net, MMDiT, Flux transformer) with its Linear/Conv2d weights held "
+        "in fp8, cast to --dtype at each use (docs/fp8-storage.md)",
     )
     p.add_argument(
         "--preview",

@@ -60,6 +60,7 @@ from sdengine.errors import UsageError
 from sdengine.models.config_checks import ConfigError, check_config
 from sdengine.nn.attention import scaled_dot_product_attention
 from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
+from sdengine.nn.fp8_storage import compute_dtype
 
 # ----------------------------------------------------------------------------------------------------------
 # Config
@@ -470,7 +471,7 @@ class FluxTransformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.x_embedder.weight.dtype
+        return compute_dtype(self.x_embedder)  # float8-stored weights compute in this dtype
 
     @property
     def device(self) -> torch.device:

@@ -54,6 +54,7 @@ from sdengine.errors import GenerationError, UsageError
 from sdengine.models.config_checks import ConfigError, check_config
 from sdengine.nn.attention import scaled_dot_product_attention
 from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
+from sdengine.nn.fp8_storage import compute_dtype
 
 QK_NORMS = (None, "rms_norm")
 TIMESTEP_FEATURES = 256  # sinusoidal features of the timestep (SD3's frequency_embedding_size)
@@ -434,7 +435,7 @@ class MMDiT(nn.Module):
         :mod:`sdengine.models.dit_controlnet`)."""
         t = self._check(hidden_states, timestep, encoder_hidden_states, pooled_projections, skip_layers)
         skip = set(skip_layers)
-        dtype = self.proj_out.weight.dtype  # inputs are taken in the model's dtype (the timestep stays as given)
+        dtype = compute_dtype(self.proj_out)  # inputs are taken in the model's dtype (the timestep stays as given)
         hidden_states = hidden_states.to(dtype)
         encoder_hidden_states = encoder_hidden_states.to(dtype)
         pooled_projections = pooled_projections.to(dtype)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from sdengine.models.config_checks import ConfigError, check_config
 from sdengine.nn.attention import SpatialSelfAttention
 from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
+from sdengine.nn.fp8_storage import compute_dtype
 from sdengine.nn.resnet import Downsample2D, ResnetBlock2D, TimeEmbeddingNorm, Upsample2D
 from sdengine.nn.transformer import SpatialTransformer
 
@@ -482,7 +483,7 @@ class UNet(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.conv_in.weight.dtype
+        return compute_dtype(self.conv_in)  # float8-stored weights compute in this dtype
 
     def embed(self, x: Tensor, t: Tensor | float | int, class_labels: Tensor | None = None) -> Tensor:
         """Timestep (+ class) embedding (B, time_embed_dim); ``t`` a scalar or a (B,) tensor.

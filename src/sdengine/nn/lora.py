@@ -339,6 +339,17 @@ class LoRAHandle:
         """Fold every LoRA into the base weights (faster forwards; the originals are kept for unfuse)."""
         if self.removed:
             raise LoRAError("this LoRA handle was removed")
+        float8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+        if any(
+            getattr(p.module, "weight", None) is not None and p.module.weight.dtype in float8
+            for p in self._patches.values()
+        ):
+            # sdengine.nn.fp8_storage: the merged weight would be rounded to 8 bits; patched, the LoRA's term is
+            # added to the stored layer's output at full precision
+            raise LoRAError(
+                "LoRAs on fp8-stored weights (weight_dtype fp8_*) run patched, not fused: fusing would round the "
+                "merged weights to 8 bits"
+            )
         for p in self._patches.values():
             p.fuse()
         self.fused = True

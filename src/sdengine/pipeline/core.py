@@ -257,6 +257,7 @@ class Pipeline:
 
     _tiling = False  # a call with tiling runs: the convolutions pad circularly, no recorded graph replays
     _zero_snr = False  # a call with zero_terminal_snr runs: noise_schedule is A1111's Zero Terminal SNR rescale
+    weight_dtype = "default"  # load_pipeline(weight_dtype=...): the diffusion network's weights in fp8 (nn/fp8_storage)
 
     def __init__(
         self,

@@ -89,7 +89,9 @@ class DiTModel:
 
 
 def family_of(src: Path) -> Family | None:
-    """``"sd3"`` / ``"flux"`` for an SD3 or Flux folder or file, None for anything else."""
+    """``"sd3"`` / ``"flux"`` for an SD3 or Flux folder or file, None for anything else. A Chroma model (Flux's
+    blocks too) is refused in one line: it is not converted."""
+    from sdengine.pipeline.chroma_loading import is_chroma_file, is_chroma_folder
     from sdengine.pipeline.flux_loading import is_flux_file, is_flux_folder
     from sdengine.weights.sd3_files import is_sd3
 
@@ -97,6 +99,11 @@ def family_of(src: Path) -> Family | None:
         return None
     if is_sd3(src):
         return "sd3"
+    if is_chroma_folder(src) if src.is_dir() else is_chroma_file(src):
+        raise UsageError(
+            f"{src}: a Chroma model; sdengine convert handles SD 1.x / 2.x, SDXL, SD3 and FLUX.1 (Chroma folders and "
+            "files load as they are)"
+        )
     if is_flux_folder(src) if src.is_dir() else is_flux_file(src):
         return "flux"
     return None

@@ -193,8 +193,7 @@ class FluxPipeline(Pipeline):
                 f"{self.name}: the VAE's latents have {vae_channels} channels but the Flux transformer takes "
                 f"{cfg.out_latent_channels}: not this model's VAE (Flux.1's is ae.safetensors, 16 channels)"
             )
-        out = int(cfg.out_channels or cfg.in_channels)
-        self.kind = flux_fill.flux_kind(int(cfg.in_channels), out, self.vae_scale_factor, self.name)
+        _ = self.kind  # a transformer of no known kind: one line at load
 
     # -- the model family's hooks ---------------------------------------------------------------------------
 
@@ -243,9 +242,17 @@ class FluxPipeline(Pipeline):
         return flux_fill.start_options(self.kind, p)
 
     @property
+    def kind(self) -> str:
+        """``"plain"`` (FLUX.1 [dev] / [schnell], and Chroma), ``"fill"`` (FLUX.1 Fill) or ``"control"`` (FLUX.1
+        Depth / Canny), from the transformer's widths (:func:`sdengine.pipeline.flux_fill.flux_kind`)."""
+        cfg: Any = self.transformer.config
+        out = int(getattr(cfg, "out_channels", None) or cfg.in_channels)
+        return flux_fill.flux_kind(int(cfg.in_channels), out, self.vae_scale_factor, self.name)
+
+    @property
     def takes_control_image(self) -> bool:
-        """FLUX.1 Depth / Canny (a Flux model of another kind refuses the field in its own words)."""
-        return True
+        """FLUX.1 Depth / Canny."""
+        return self.kind == flux_fill.CONTROL
 
     def img2img_first_step(self, steps: int, strength: float, rule: str, sampler: str) -> int:
         """diffusers' FluxImg2ImgPipeline: ``int(n - min(n strength, n))``."""

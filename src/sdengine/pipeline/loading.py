@@ -78,6 +78,7 @@ def load_pipeline(
     clip_l: str | Path | None = None,
     clip_g: str | Path | None = None,
     t5: str | Path | None = None,
+    weight_dtype: str | None = None,
 ) -> Pipeline | PixelPipeline:
     """A diffusers folder, a single SD 1.x/2.x/SDXL ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
@@ -97,16 +98,30 @@ def load_pipeline(
     ``clip_l``, ``clip_g``, ``t5``: an SD3 model's text encoders given apart (files or folders; a single file
     without its CLIP encoders needs the two CLIP ones, see :func:`sdengine.pipeline.sd3.load_sd3`); other models
     refuse them. For a Flux model, ``clip_l`` and ``t5`` (and ``vae``, BFL's ``ae.safetensors``) give a diffusion-model
-    file's parts, or replace a folder's (:mod:`sdengine.pipeline.flux_loading`)."""
+    file's parts, or replace a folder's (:mod:`sdengine.pipeline.flux_loading`). ``weight_dtype``: ComfyUI's
+    UNETLoader choices (``"default"``, ``"fp8_e4m3fn"``, ``"fp8_e4m3fn_fast"``, ``"fp8_e5m2"``): the diffusion
+    network's Linear and Conv2d weights held in float8 and cast to ``dtype`` at each use
+    (:mod:`sdengine.nn.fp8_storage`; U-Nets, SD3's MMDiT, Flux's transformer)."""
+    from sdengine.nn.fp8_storage import StorageError, storage_dtype, to_storage
     from sdengine.text.encode_cache import max_entries
 
     max_entries()  # a bad $SDENGINE_TEXT_CACHE is refused before any model loads
+    stored = _check_weight_dtype(weight_dtype, fast_path, device, dtype)
+    if stored is not None and str(name_or_path) in BUILTIN_PIXEL:
+        raise StorageError(f"{name_or_path}: weight_dtype {weight_dtype} is for latent diffusion networks")
     encoders = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}
     pipe = _load(name_or_path, device, dtype, vae, prediction_type, lora_dir, config, embeddings_dir, encoders)
     if not isinstance(pipe, Pipeline):
+        if stored is not None:
+            raise StorageError(f"{name_or_path}: weight_dtype {weight_dtype} is for latent diffusion networks")
         if tiny_vae is not None:
             raise GenerationError(f"{name_or_path}: a pixel DDPM has no latents for a tiny VAE to decode")
         return pipe
+    if stored is not None:
+        n = to_storage(pipe.unet, stored)
+        log.info("weight_dtype %s: %d linear/conv layers of the diffusion network held in %s", weight_dtype, n, stored)
+    pipe.weight_dtype = "default" if stored is None else str(weight_dtype).strip().lower()
+    assert storage_dtype(pipe.weight_dtype) == stored
     if prediction_type is not None:  # what the images' infotexts then record ("Prediction type"), for --from-png
         pipe.prediction_override = prediction_type
     if tiny_vae is None and pipe.source is not None and (pipe.source / TINY_VAE_FOLDER / "config.json").is_file():
@@ -119,6 +134,25 @@ def load_pipeline(
         if note.partition(": ")[2].startswith("skipped"):  # an option asked for that does nothing here: said
             log.warning("fast path %s", note)  # (the CLI's "sdengine: WARNING" line), never dropped silently
     return pipe
+
+
+def _check_weight_dtype(
+    weight_dtype: str | None, fast_path: Any, device: str | torch.device, dtype: str | torch.dtype | None
+) -> torch.dtype | None:
+    """``weight_dtype``'s float8 dtype (None: default), refused before anything loads when unknown or combined with
+    the ``fp8`` fast-path option (two ways to hold 8-bit weights)."""
+    from sdengine.fastpath import resolve_options
+    from sdengine.nn.fp8_storage import StorageError, storage_dtype
+
+    stored = storage_dtype(weight_dtype)
+    if stored is not None:
+        dev = resolve_device(device)
+        if "fp8" in resolve_options(fast_path, dev, resolve_dtype(dtype, dev)):
+            raise StorageError(
+                f"weight_dtype {weight_dtype} and the fp8 fast-path option both hold 8-bit weights (storage cast at "
+                "each use vs e4m3 products with per-row scales): pick one"
+            )
+    return stored
 
 
 def _load(
@@ -165,8 +199,10 @@ def _load(
 
     if is_sd3(path):
         return _load_sd3(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
-    from sdengine.pipeline import flux_loading
+    from sdengine.pipeline import chroma_loading, flux_loading
 
+    if chroma_loading.is_chroma_folder(path) or chroma_loading.is_chroma_file(path):  # before Flux: its blocks too
+        return _load_chroma(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if flux_loading.is_flux_folder(path) or flux_loading.is_flux_file(path):
         return _load_flux(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if given:
@@ -268,6 +304,33 @@ def _load_flux(
     return load_flux_pipeline(
         path, device=dev, dtype=dt, vae=vae, clip_l=encoders.get("clip_l"), t5=encoders.get("t5"), lora_dir=lora_dir
     )
+
+
+def _load_chroma(
+    path: Path,
+    dev: torch.device,
+    dt: torch.dtype,
+    vae: Any,
+    prediction_type: Any,
+    config: Any,
+    embeddings_dir: Any,
+    lora_dir: Any,
+    encoders: Mapping[str, Any],
+) -> Pipeline:
+    """A Chroma folder or file -> ChromaPipeline (:mod:`sdengine.pipeline.chroma_loading`); what it does not take
+    refused, one line each, before anything loads."""
+    from sdengine.pipeline.chroma_loading import load_chroma_pipeline
+
+    for on, what in (
+        (prediction_type is not None, "prediction_type: a Chroma transformer predicts the flow's velocity"),
+        (config is not None, "config= does not apply (a Chroma file's architecture comes from its shapes)"),
+        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
+        ("clip_g" in encoders, "clip_g (--clip-g) is SD3's; Chroma has T5 only"),
+        ("clip_l" in encoders, "clip_l (--clip-l) is Flux's; Chroma has T5 only"),
+    ):
+        if on:
+            raise GenerationError(f"{path.name} (Chroma): {what}")
+    return load_chroma_pipeline(path, device=dev, dtype=dt, vae=vae, t5=encoders.get("t5"), lora_dir=lora_dir)
 
 
 def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:

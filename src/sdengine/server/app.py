@@ -123,8 +123,16 @@ def resolve_devices(names: tuple[str, ...]) -> list[str]:
 
 
 def default_loader(
-    dtype: str | None, *, vae: Path | None = None, embeddings_dir: Path | None = None, tiny_vae: Path | None = None
+    dtype: str | None,
+    *,
+    vae: Path | None = None,
+    embeddings_dir: Path | None = None,
+    tiny_vae: Path | None = None,
+    weight_dtype: str | None = None,
 ) -> Loader:
+    """How the workers load a model reference; ``weight_dtype`` (``serve --weight-dtype``): every model's diffusion
+    network held in fp8 (:mod:`sdengine.nn.fp8_storage`)."""
+
     def load(ref: str, device: str) -> Any:
         pipe = load_model(ref, device)
         if tiny_vae is not None and hasattr(pipe, "set_tiny_vae"):
@@ -148,16 +156,29 @@ def default_loader(
                 clip_l=parts.get("clip_l"),
                 clip_g=parts.get("clip_g"),
                 t5=parts.get("t5"),
+                weight_dtype=weight_dtype,
             )
         if embeddings_dir is not None:
             from sdengine.text.embeddings import EmbeddingsUnsupported
 
             try:
-                return load_pipeline(ref, device=device, dtype=dtype, vae=vae, embeddings_dir=embeddings_dir)
+                return stored_or_plain(ref, device, embeddings_dir=embeddings_dir)
             except EmbeddingsUnsupported as e:
                 # The folder serves the SD models; a MiniLM or pixel model runs without it (said once here).
                 log.warning("%s", e)
-        return load_pipeline(ref, device=device, dtype=dtype, vae=vae)
+        return stored_or_plain(ref, device)
+
+    def stored_or_plain(ref: str, device: str, **kw: Any) -> Any:
+        from sdengine.nn.fp8_storage import StorageError
+        from sdengine.pipeline import load_pipeline
+
+        try:
+            return load_pipeline(ref, device=device, dtype=dtype, vae=vae, weight_dtype=weight_dtype, **kw)
+        except StorageError as e:  # a pixel model (nothing to store), a weight beyond the format: said, loaded plain
+            if weight_dtype in (None, "default"):
+                raise
+            log.warning("%s: not using --weight-dtype %s: %s", ref, weight_dtype, e)
+        return load_pipeline(ref, device=device, dtype=dtype, vae=vae, **kw)
 
     return load
 
@@ -181,7 +202,13 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         register_client_folder(folder)  # errors name a file of these by its name inside them (errors.redact_paths)
     manager = JobManager(
         loader=loader
-        or default_loader(config.dtype, vae=config.vae, embeddings_dir=config.embeddings_dir, tiny_vae=config.tiny_vae),
+        or default_loader(
+            config.dtype,
+            vae=config.vae,
+            embeddings_dir=config.embeddings_dir,
+            tiny_vae=config.tiny_vae,
+            weight_dtype=config.weight_dtype,
+        ),
         devices=resolve_devices(config.devices),
         outputs_dir=config.outputs_dir,
         max_queue=config.max_queue,
@@ -876,7 +903,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             raise BadRequest(f"shift applies to SD3 models only; {why}")
         if kw.get("sd3") is not None and family != "sd3":
             raise BadRequest(f"sd3 settings apply to SD3 models only; {name} is not one")
-        if family not in ("sd3", "flux"):
+        if family not in ("sd3", "flux", "chroma"):
             return
         try:
             r = GenerationRequest(**kw)
@@ -895,8 +922,14 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                     else:
                         blocks = transformer_blocks_before_load(generation.model)
                     SD3Options.coerce(kw["sd3"], None if blocks is None else int(blocks))
-            elif loaded is not None:  # Flux: its pipeline's own check (what it refuses, one line each)
+            elif loaded is not None:  # Flux, Chroma: the pipeline's own check (what it refuses, one line each)
                 loaded.check_request(r)
+            elif family == "chroma":  # Chroma not loaded yet: its refusals, without the model
+                from sdengine.pipeline.chroma import chroma_refusals
+
+                reasons = chroma_refusals(r)
+                if reasons:
+                    raise BadRequest(f"{reasons[0]}; {name} is a Chroma model")
             else:  # Flux not loaded yet: the same refusals, without the model
                 from sdengine.pipeline.flux import refusals as flux_refusals
 
@@ -1162,9 +1195,10 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     @app.get("/v1/models", tags=["native", "openai"])
     def models() -> dict[str, Any]:
         """The models jobs may name (OpenAI's list shape; ``current`` marks the default; ``tiny_vae``: it can
-        decode with a tiny VAE; ``tiny_vae_encoder``: encode with one; ``family``: "sd", "sdxl", "sd3", "flux" or
-        "pixel", which settings its jobs take; null when not told before the model loads; ``defaults``: an SD3 or
-        Flux model's own steps, cfg_scale, sampler and schedule, which its jobs get where they give none)."""
+        decode with a tiny VAE; ``tiny_vae_encoder``: encode with one; ``family``: "sd", "sdxl", "sd3", "flux",
+        "chroma" or "pixel", which settings its jobs take; null when not told before the model loads;
+        ``defaults``: an SD3, Flux or Chroma model's own steps, cfg_scale, sampler and schedule, which its jobs get
+        where they give none)."""
         now = int(time.time())
         current = services.options.get("sd_model_checkpoint")
         return {

@@ -58,6 +58,7 @@ class ServerConfig:
     # latent RGB map; "latent": always the latent map
     preview: str = "auto"
     tiny_vae: Path | None = None  # a tiny VAE (TAESD) every SD model whose latents it fits is loaded with
+    weight_dtype: str = "default"  # every model's diffusion network held in fp8 (serve --weight-dtype, fp8-storage.md)
     keep_jobs: int = 256  # finished jobs remembered for GET /v1/jobs/{id}
     extra: dict[str, object] = field(default_factory=dict)
 

@@ -93,7 +93,7 @@ def folder_size(ref: str) -> dict[str, int] | None:
 
 
 # The model families the server tells apart (GET /v1/models' ``family``): which settings a job may give
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixel")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "pixel")
 
 
 def family_before_load(ref: str) -> str | None:
@@ -126,11 +126,14 @@ _FAMILIES_READ: dict[tuple[str, int, int], str | None] = {}  # model files' fami
 
 def _family_of_path(ref: str, path: Path) -> str | None:
     """:func:`family_before_load` of an existing folder or file (SD3 and Flux first: their files are no SD's)."""
+    from sdengine.pipeline.chroma_loading import is_chroma_file, is_chroma_folder
     from sdengine.pipeline.flux_loading import is_flux_file, is_flux_folder
     from sdengine.weights.sd3_files import is_sd3
 
     if is_sd3(path):
         return "sd3"
+    if is_chroma_folder(path) if path.is_dir() else is_chroma_file(path):  # before Flux: its blocks too
+        return "chroma"
     if is_flux_folder(path) if path.is_dir() else is_flux_file(path):
         return "flux"
     xl = sdxl_before_load(ref)
@@ -144,7 +147,7 @@ def _family_of_path(ref: str, path: Path) -> str | None:
 def family_of_pipe(pipe: Any) -> str:
     """A loaded pipeline's family (:data:`FAMILIES`), by its text side (``text_kind``)."""
     kind = str(getattr(pipe, "text_kind", ""))
-    if kind in ("sd3", "flux", "sdxl"):
+    if kind in ("sd3", "flux", "chroma", "sdxl"):
         return kind
     return "sd" if getattr(pipe, "vae", None) is not None else "pixel"
 
@@ -157,6 +160,10 @@ def family_defaults_before_load(ref: str) -> dict[str, Any]:
         from sdengine.pipeline.sd3 import SD3_DEFAULTS
 
         return dict(SD3_DEFAULTS)
+    if family == "chroma":
+        from sdengine.pipeline.chroma import CHROMA_CFG, CHROMA_STEPS
+
+        return {"steps": CHROMA_STEPS, "cfg_scale": CHROMA_CFG, "sampler": "euler", "schedule": "normal"}
     if family == "flux":
         from sdengine.pipeline.flux import DEV_STEPS, SCHNELL_STEPS
 

@@ -75,13 +75,26 @@ def is_flux_state_dict(keys: Iterable[str]) -> bool:
     return any(k in markers for k in keys)
 
 
-def model_family(keys: Iterable[str]) -> Literal["sd3", "flux"] | None:
+CHROMA_MARKER = "distilled_guidance_layer.in_proj.weight"  # Chroma's modulation network (no per-block linears)
+
+
+def is_chroma_state_dict(keys: Iterable[str]) -> bool:
+    """Whether these tensor names are a Chroma transformer's (lodestones' FLUX.1 [schnell] derivative): its one
+    modulation network ``distilled_guidance_layer.*``, in BFL's single-file names (with or without ComfyUI's
+    ``model.diffusion_model.`` prefix) or diffusers' ``ChromaTransformer2DModel`` names."""
+    return any(k in (CHROMA_MARKER, FLUX_PREFIX + CHROMA_MARKER) for k in keys)
+
+
+def model_family(keys: Iterable[str]) -> Literal["sd3", "flux", "chroma"] | None:
     """The diffusion-transformer family a state dict holds, by its keys: ``"sd3"`` for SD3/SD3.5's MMDiT,
-    ``"flux"`` for FLUX.1's transformer in BFL's layout; None for anything else (the U-Net files go through
+    ``"flux"`` for FLUX.1's transformer in BFL's layout, ``"chroma"`` for Chroma's (Flux-derived, with
+    ``distilled_guidance_layer.*``; BFL's or diffusers' names); None for anything else (the U-Net files go through
     :func:`check_supported` and :func:`detect_ldm`)."""
     names = list(keys)
     if is_sd3_state_dict(names):
         return "sd3"
+    if is_chroma_state_dict(names):
+        return "chroma"
     return "flux" if is_flux_state_dict(names) else None
 
 

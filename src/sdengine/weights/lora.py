@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..nn.fp8 import has_fp8
+from ..nn.fp8_storage import compute_dtype
 from ..nn.lora import (
     WEIGHT_LIMIT,
     WEIGHT_WARN_LIMIT,
@@ -175,7 +176,11 @@ def apply_loras(
         handle.remove()
         raise
     if fuse:
-        handle.fuse()
+        try:
+            handle.fuse()
+        except BaseException:  # fp8-stored weights refuse fusing: the model is left as it was
+            handle.remove()
+            raise
     return handle
 
 
@@ -241,9 +246,10 @@ def _attach_all(handle: LoRAHandle, prepared: Sequence[Prepared]) -> None:
         layers: list[tuple[nn.Module, LayerUpdate]] = []
         for key, (target, down, up) in matched.items():
             base = target.module.weight
+            dt = compute_dtype(target.module)  # an fp8-stored layer's LoRA runs in its compute dtype
             layer = LoRALayer(
-                down.to(device=base.device, dtype=base.dtype),
-                up.to(device=base.device, dtype=base.dtype),
+                down.to(device=base.device, dtype=dt),
+                up.to(device=base.device, dtype=dt),
                 scale=lf.layers[key].scale,
                 multiplier=w,
                 conv=LoRALayer.geometry(target.module),
@@ -288,7 +294,7 @@ def lycoris_layer(lw: LycorisLayerWeights, module: nn.Module, multiplier: float)
             multiplier=multiplier,
         )
     parts = {
-        k: (v.to(device=base.device, dtype=base.dtype) if v.is_floating_point() else v.to(base.device))
+        k: (v.to(device=base.device, dtype=compute_dtype(module)) if v.is_floating_point() else v.to(base.device))
         for k, v in lw.parts.items()
     }
     magnitude, on_output = None, True

@@ -117,6 +117,13 @@ def _check_patchable(pipe: Any, part: Part) -> None:
                 "merging needs the U-Net's own weights, and this one multiplies in FP8 (the fp8 fast path replaced "
                 "them): serve the model without fp8 to merge it"
             )
+        from sdengine.nn.fp8_storage import has_storage
+
+        if has_storage(pipe.unet):  # a merged weight stored back would be rounded to 8 bits
+            raise NodeError(
+                "merging needs the U-Net's full-precision weights, and this one holds them in fp8 (serve "
+                "--weight-dtype): serve the model without --weight-dtype to merge it"
+            )
 
 
 def _handle_loras(handle: Any) -> tuple[tuple[str, float], ...]:

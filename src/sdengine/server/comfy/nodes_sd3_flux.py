@@ -29,7 +29,7 @@ LoraLoader's LoRAs apply to SD3's MMDiT and CLIP encoders and to Flux's transfor
 apply them. What does not apply to these models is refused with one line: the U-Net's model patches (FreeU, PAG, SAG,
 RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges, ModelSamplingDiscrete), ControlNets, regional conditioning,
 the guiders over three conditionings, the samplers that are not right on flow models (ddim, lcm, ddpm, dpm_fast,
-...) and ComfyUI's fp8 weight storage.
+...). UNETLoader's weight_dtype (fp8 storage) is honoured: :mod:`sdengine.nn.fp8_storage`.
 """
 
 from __future__ import annotations
@@ -121,19 +121,29 @@ def forget_parts() -> None:
         _PARTS.clear()
 
 
-def _load_transformer(path: Path, dev: torch.device, dtype: torch.dtype) -> tuple[str, Any]:
-    """(family, network) of a diffusion-model file: a Flux transformer (BFL's / ComfyUI's names) or SD3's MMDiT."""
+def _load_transformer(
+    path: Path, dev: torch.device, dtype: torch.dtype, stored: torch.dtype | None = None
+) -> tuple[str, Any]:
+    """(family, network) of a diffusion-model file: a Flux transformer (BFL's / ComfyUI's names) or SD3's MMDiT;
+    ``stored``: its weights held in that float8 dtype (UNETLoader's weight_dtype, :mod:`sdengine.nn.fp8_storage`)."""
+    from sdengine.nn.fp8_storage import to_storage
     from sdengine.pipeline.flux_loading import is_flux_file
     from sdengine.weights.sd3_files import is_sd3_file
 
     if is_flux_file(path):
         from sdengine.weights.flux_file import load_flux_transformer
 
-        return "flux", load_flux_transformer(path, device=dev, dtype=dtype).eval().requires_grad_(False)
+        net = load_flux_transformer(path, device=dev, dtype=dtype).eval().requires_grad_(False)
+        if stored is not None:
+            to_storage(net, stored)
+        return "flux", net
     if is_sd3_file(path):
         from sdengine.weights.mmdit_file import load_mmdit
 
-        return "sd3", load_mmdit(path, device=dev, dtype=dtype)
+        mmdit = load_mmdit(path, device=dev, dtype=dtype)
+        if stored is not None:
+            to_storage(mmdit, stored)
+        return "sd3", mmdit
     raise NodeError(
         f"{path.name} is neither a Flux transformer (double_blocks.*) nor SD3's MMDiT (joint_blocks.*): UNETLoader "
         "loads those here (an SD 1.x/SDXL U-Net loads with CheckpointLoaderSimple)"
@@ -141,14 +151,18 @@ def _load_transformer(path: Path, dev: torch.device, dtype: torch.dtype) -> tupl
 
 
 def _transformer(ctx: RunContext, model: ModelHandle) -> tuple[str, Any]:
-    if model.weight_dtype != "default":
-        raise NodeError(
-            f"weight_dtype {model.weight_dtype!r}: ComfyUI's fp8 weight storage is not supported here; use default"
-        )
+    from sdengine.nn.fp8_storage import storage_dtype
+
     dev, dtype = _device_dtype(ctx)
     path = Path(model.diffusion_model)
     try:
-        return _cached("transformer", str(dev), (str(path), str(dtype)), lambda: _load_transformer(path, dev, dtype))
+        stored = storage_dtype(model.weight_dtype)  # fp8_e4m3fn_fast: storage alone, ComfyUI's own fallback
+        return _cached(
+            "transformer",
+            str(dev),
+            (str(path), str(dtype), str(stored)),
+            lambda: _load_transformer(path, dev, dtype, stored),
+        )
     except NodeError:
         raise
     except (OSError, SdengineError) as e:
@@ -790,7 +804,10 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ("MODEL",),
         unet_loader,
         description="A Flux or SD3 transformer file alone from --models-dir's diffusion_models/ or unet/ (BFL's, "
-        "ComfyUI's or Stability's names); weight_dtype default only (the fp8 storage options: a node error).",
+        "ComfyUI's or Stability's names). weight_dtype fp8_e4m3fn / fp8_e5m2 hold its Linear and Conv2d weights in "
+        "float8, cast to the compute dtype at each use (half the memory of 16-bit weights; biases and norms stay); "
+        "fp8_e4m3fn_fast runs as that storage alone, ComfyUI's own fallback on a device without fp8 products; "
+        "LoRAs apply at run time over the stored weights (docs/fp8-storage.md).",
     ),
     "DualCLIPLoader": NodeDef(
         "DualCLIPLoader",

@@ -1187,7 +1187,7 @@ function seedResizeFrom() {
 }
 
 // The families whose models take no U-Net patch, ControlNet, IP-Adapter or embedding (their sections are hidden)
-const FLOW_FAMILIES = ["sd3", "flux"];
+const FLOW_FAMILIES = ["sd3", "flux", "chroma"];
 const U_NET_ONLY = ["unet-patches-title", "unet-patches", "controlnet-section", "ip-adapter-section",
   "embeddings-section"];
 
