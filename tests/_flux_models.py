@@ -113,44 +113,65 @@ def write_t5_tokenizer(dst: Path) -> Path:
     return dst
 
 
-def flux_components(*, guidance: bool, seed: int = 0) -> dict:
-    """The tiny random diffusers / transformers components of a Flux pipeline (no tokenizers, no scheduler)."""
+# FLUX.1 Fill's and Depth / Canny's transformers take more numbers per image token than they give: Fill 64 noise
+# + 64 masked-image latent + the mask folded f x f per latent pixel (f = the VAE's factor, 2 here, 8 in Flux.1:
+# 4 x 4 = 16 here, 256 there), Depth / Canny 64 noise + 64 control latent
+FILL_IN_CHANNELS = 64 + 64 + 4 * 2 * 2
+CONTROL_IN_CHANNELS = 64 + 64
+
+
+def flux_components(*, guidance: bool, seed: int = 0, in_channels: int = 64) -> dict:
+    """The tiny random diffusers / transformers components of a Flux pipeline (no tokenizers, no scheduler);
+    ``in_channels`` above 64: a Fill or Depth / Canny transformer (64 out)."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    transformer = _perturb(
-        diffusers.FluxTransformer2DModel(**FLUX_TRANSFORMER, guidance_embeds=guidance), seed + 1
-    ).eval()
+    shape = {**FLUX_TRANSFORMER, "in_channels": in_channels, "out_channels": 64}
+    transformer = _perturb(diffusers.FluxTransformer2DModel(**shape, guidance_embeds=guidance), seed + 1).eval()
     vae = _perturb(diffusers.AutoencoderKL(**FLUX_VAE), seed + 2, 0.02).eval()
     clip = _perturb(CLIPTextModel(CLIPTextConfig(**CLIP_L)), seed + 3, 0.02).eval()
     t5 = _perturb(T5EncoderModel(T5Config(vocab_size=32128, **T5)), seed + 4, 0.02).eval()  # T5 v1.1's table
     return {"transformer": transformer, "vae": vae, "text_encoder": clip, "text_encoder_2": t5}
 
 
-def make_flux_folder(dst: Path, *, guidance: bool = True, seed: int = 0) -> Path:
-    """Write a random tiny FLUX.1 [dev] (``guidance``) or [schnell] pipeline as a diffusers folder."""
+def make_flux_folder(dst: Path, *, guidance: bool = True, seed: int = 0, kind: str = "plain") -> Path:
+    """Write a random tiny FLUX.1 [dev] (``guidance``) or [schnell] pipeline as a diffusers folder; ``kind``
+    "fill" or "control": a FLUX.1 Fill (``FluxFillPipeline``) or Depth / Canny (``FluxControlPipeline``) one."""
     import diffusers
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     from sdengine.weights.loading import write_clip_tokenizer
 
-    parts = flux_components(guidance=guidance, seed=seed)
+    in_channels = {"plain": 64, "fill": FILL_IN_CHANNELS, "control": CONTROL_IN_CHANNELS}[kind]
+    parts = flux_components(guidance=guidance, seed=seed, in_channels=in_channels)
     write_clip_tokenizer(dst / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(dst / "tokenizer")
     write_t5_tokenizer(dst / "tokenizer_2")
     tokenizer_2 = T5TokenizerFast.from_pretrained(dst / "tokenizer_2")
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**(DEV_SCHEDULER if guidance else SCHNELL_SCHEDULER))
-    pipe = diffusers.FluxPipeline(scheduler=scheduler, tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts)
+    cls = {
+        "plain": diffusers.FluxPipeline,
+        "fill": diffusers.FluxFillPipeline,
+        "control": diffusers.FluxControlPipeline,
+    }
+    pipe = cls[kind](scheduler=scheduler, tokenizer=tokenizer, tokenizer_2=tokenizer_2, **parts)
     pipe.save_pretrained(dst)
     return dst
 
 
-def diffusers_flux(folder: Path, *, img2img: bool = False):
-    """diffusers' Flux pipeline for ``folder`` (fp32, CPU, no progress bar)."""
+def diffusers_flux(folder: Path, *, img2img: bool = False, cls_name: str | None = None):
+    """diffusers' Flux pipeline for ``folder`` (fp32, CPU, no progress bar); ``cls_name``: another of diffusers'
+    Flux pipelines (``FluxFillPipeline``, ``FluxControlPipeline``, ``FluxControlImg2ImgPipeline``)."""
     import diffusers
 
-    cls = diffusers.FluxImg2ImgPipeline if img2img else diffusers.FluxPipeline
+    cls = (
+        getattr(diffusers, cls_name)
+        if cls_name
+        else diffusers.FluxImg2ImgPipeline
+        if img2img
+        else diffusers.FluxPipeline
+    )
     pipe = cls.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -403,9 +403,11 @@ def test_file_errors(tmp_path: Path) -> None:
         load(bfl)
     with pytest.raises(WeightsError, match=r"float8 is a storage dtype"):
         load(bfl, dtype=torch.float8_e4m3fn, **axes)
-    fill = {**bfl, "img_in.weight": torch.zeros(32, 96)}  # FLUX.1 Fill: 384 in, 64 out at full size
-    with pytest.raises(WeightsError, match=r"96 numbers in and 16 out: a FLUX.1 Fill, Depth or Canny model"):
-        load(fill, **axes)
+    fill = {**bfl, "img_in.weight": torch.zeros(32, 96)}  # FLUX.1 Fill's shape: more in than out loads
+    assert load(fill, **axes).config.in_channels == 96
+    narrow = {**bfl, "img_in.weight": torch.zeros(32, 8)}
+    with pytest.raises(WeightsError, match=r"8 numbers in and 16 out: not a Flux transformer"):
+        load(narrow, **axes)
     chroma = {**bfl, "distilled_guidance_layer.in_proj.weight": torch.zeros(2, 2)}
     with pytest.raises(WeightsError, match=r"a Chroma model .* not supported"):
         load(chroma, **axes)

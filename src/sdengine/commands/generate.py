@@ -372,6 +372,7 @@ def _refuse_overwriting_an_input(out: Path, a: argparse.Namespace) -> None:
     if not out.is_file():
         return
     inputs = [("--init-image", a.init_image), ("--mask", a.mask), ("--from-png", a.from_png)]
+    inputs.append(("--control-image", getattr(a, "control_image", None)))
     for text in a.control or []:  # TYPE:IMAGE[:WEIGHT[:START:END]], the image as parse_control_spec_full finds it
         parts = text.partition(":")[2].split(":")
         while len(parts) > 1 and _number(parts[-1]) is not None:
@@ -1019,6 +1020,8 @@ def run(a: argparse.Namespace) -> int:
         kwargs["reference_images"] = list(a.reference_image)
     if a.reference_auto_resize is not None:
         kwargs["reference_auto_resize"] = a.reference_auto_resize
+    if getattr(a, "control_image", None) is not None:  # FLUX.1 Depth / Canny's control map
+        kwargs["control_image"] = a.control_image
     if a.lora:
         kwargs["loras"] = [lora_arg(x) for x in a.lora]
     if a.lora_dir:
@@ -1179,6 +1182,8 @@ def run(a: argparse.Namespace) -> int:
             if "sampler" not in chosen and "schedule" not in chosen:
                 kw.update(sampler=family["sampler"], schedule=family["schedule"])
             kw.update({key: family[key] for key in ("cfg_scale", "steps") if key not in chosen})
+            if "strength" in family and "strength" not in chosen and kw.get("init_image") is not None:
+                kw["strength"] = family["strength"]  # FLUX.1 Fill's 1 (FluxFillPipeline's default)
     refiner: Any = None
     sdxl_base: Any = None
     if a.refiner is not None and sides is None:  # SDXL base -> refiner hand-off
@@ -1461,6 +1466,12 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "reference_adain or reference_adain+attn: a reference image, no --controlnet (docs/controlnet.md)",
     )
     p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")
+    p.add_argument(
+        "--control-image",
+        default=None,
+        metavar="IMAGE",
+        help="a FLUX.1 Depth / Canny model's control map (a depth map or canny edges, used as given; docs/flux.md)",
+    )
     p.add_argument(
         "--control-union-mode",
         action="append",

@@ -136,6 +136,9 @@ MAX_PARAMETERS = 5_000_000_000
 # Kinds whose real models are larger get their own limit (SD3.5 Large's MMDiT has 8.1 B parameters, Flux.1's
 # transformer 11.9 B).
 MAX_PARAMETERS_BY_KIND = {"mmdit": 20_000_000_000, "flux": 30_000_000_000}
+# a kind's own bounds where INT_BOUNDS' do not fit it: FLUX.1 Fill's image tokens take 384 numbers (64 noise, 64
+# masked-image latent, 256 mask), Depth / Canny's 128
+INT_BOUNDS_BY_KIND: dict[str, dict[str, tuple[int, int]]] = {"flux": {"in_channels": (1, 512)}}
 
 
 def _values(config: Any) -> Mapping[str, Any]:
@@ -151,8 +154,8 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_int(what: str, name: str, value: Any) -> None:
-    lo, hi = INT_BOUNDS[name]
+def _check_int(what: str, name: str, value: Any, kind: str = "") -> None:
+    lo, hi = INT_BOUNDS_BY_KIND.get(kind, {}).get(name) or INT_BOUNDS[name]
     if value is None and name in NULLABLE:
         return
     items: Sequence[Any]
@@ -252,7 +255,7 @@ def check_config(kind: str, config: Any) -> None:
     values = _values(config)
     for name, value in values.items():
         if name in INT_BOUNDS:
-            _check_int(what, name, value)
+            _check_int(what, name, value, kind)
         elif name in FLOAT_BOUNDS:
             _check_float(what, name, value)
     if kind == "scheduler":
@@ -277,6 +280,7 @@ def check_config(kind: str, config: Any) -> None:
 __all__ = [
     "FLOAT_BOUNDS",
     "INT_BOUNDS",
+    "INT_BOUNDS_BY_KIND",
     "MAX_PARAMETERS",
     "MAX_PARAMETERS_BY_KIND",
     "ConfigError",

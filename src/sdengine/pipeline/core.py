@@ -817,6 +817,11 @@ class Pipeline:
         width = self._check_size("width", self.default_size if r.width is None else r.width)
         height = self._check_size("height", self.default_size if r.height is None else r.height)
         r.validate()
+        if r.control_image is not None and not self.takes_control_image:
+            raise GenerationError(
+                f"control_image is the control map of a FLUX.1 Depth / Canny model; {self.name} takes none (a "
+                "ControlNet takes its map in controlnets / --control)"
+            )
         if r.clip_skip_rule != "sdengine":  # A1111 applies its clip skip to SD 1.x's CLIP only: say where not
             skipped = a1111_clip_skip_note(self.conditioner, r.clip_skip, r.clip_skip_rule)
             if skipped is not None:
@@ -1261,6 +1266,16 @@ class Pipeline:
             return list(p.negatives)
         return [""] * len(p.negatives)
 
+    @property
+    def takes_control_image(self) -> bool:
+        """Whether the network takes a request's ``control_image`` (FLUX.1 Depth / Canny)."""
+        return False
+
+    def start_latent_options(self, p: Prepared) -> dict[str, Any]:
+        """More arguments of :func:`start_latents` for a model family whose network takes an image's latent
+        beside the noisy one (FLUX.1 Fill, Depth and Canny: :mod:`sdengine.pipeline.flux_fill`); none here."""
+        return {}
+
     def conditioning_pair(
         self, prompt: str, negative: str, p: Prepared, note: Any
     ) -> tuple[Conditioning, Conditioning]:
@@ -1304,6 +1319,7 @@ class Pipeline:
             tiny=self.tiny_vae if r.vae_encode == "tiny" else None,
             # A1111 noises the init latent at strength 1 too (diffusers starts inpainting from pure noise)
             pure_noise_at_full_strength=r.strength_rule == "diffusers",
+            **self.start_latent_options(p),
         )
         if init_latent is not None:
             start.init_latent, start.from_init = init_latent.to(dev, start.noise.dtype), True

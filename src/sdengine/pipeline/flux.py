@@ -43,6 +43,9 @@ FLUX.1 Kontext's reference images (``reference_images``) are read and fitted by 
 in :meth:`FluxPipeline.prepare` (the output takes the first one's size where the call gives none), encoded once per
 call (:meth:`FluxPipeline._call_settings`) and handed to the transformer by :class:`FluxAdapter` at every call; the
 transformer then runs as it is (:meth:`FluxPipeline.graphed`: no step graph, no recorded loop).
+
+FLUX.1 Fill (inpainting / outpainting) and Depth / Canny (a ``control_image``) are told by the transformer's
+shapes (:attr:`FluxPipeline.kind`); their image latents and checks are :mod:`sdengine.pipeline.flux_fill`'s.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ from sdengine.diffusion.flow import (
     flux_image_seq_len,
 )
 from sdengine.errors import GenerationError, UsageError
-from sdengine.pipeline import flux_kontext
+from sdengine.pipeline import flux_fill, flux_kontext
 from sdengine.pipeline.core import Pipeline, Prepared, a1111_changes_run
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
@@ -88,8 +91,10 @@ PATCH = 2  # the transformer's 2x2 latent patches
 class FluxAdapter:
     """The conditioning dict -> the Flux transformer's arguments: ``crossattn`` -> ``encoder_hidden_states``,
     ``vector`` -> ``pooled_projections``, ``guidance`` -> ``guidance`` (FLUX.1 [dev]'s distilled guidance
-    scale, one per row). The network runs in ``dtype``; its velocity comes back in float32. ``references``: FLUX.1
-    Kontext's reference latents, the same for every row (the transformer's ``reference_latents``)."""
+    scale, one per row), ``concat`` (FLUX.1 Fill's masked image and mask, Depth / Canny's control latent)
+    appended to the noisy latent's channels. The network runs in ``dtype``; its velocity comes back in float32.
+    ``references``: FLUX.1 Kontext's reference latents, the same for every row (the transformer's
+    ``reference_latents``)."""
 
     def __init__(self, net: Any, dtype: torch.dtype, references: list[Tensor] | None = None) -> None:
         self.net = net
@@ -112,13 +117,15 @@ class FluxAdapter:
         step: Any = None,
         row_kinds: Any = None,
     ) -> Tensor:
-        if concat is not None or ip_tokens is not None:
-            raise GenerationError("the Flux transformer takes no concatenated channels or IP-Adapter tokens")
+        if ip_tokens is not None:
+            raise GenerationError("the Flux transformer takes no IP-Adapter tokens")
         control: dict[str, Any] = {"step": step, "row_kinds": row_kinds} if self.takes_step else {}
         if self.references:
             control["reference_latents"] = self.references
             if self.reference_method != "offset":
                 control["reference_method"] = self.reference_method
+        if concat is not None:  # FLUX.1 Fill / Depth / Canny: the image latent beside the noisy one
+            x = torch.cat([x, concat.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1, -1)], dim=1)
         return self.net(
             x.to(self.dtype),
             t,
@@ -204,11 +211,12 @@ class FluxPipeline(Pipeline):
         self._call_schedule: FlowSchedule | None = None
         super().__init__(unet=transformer, conditioner=conditioner, prediction_type="flow", **kwargs)
         vae_channels = int(self.vae.config.latent_channels)
-        if vae_channels != int(cfg.latent_channels):
+        if vae_channels != int(cfg.out_latent_channels):
             raise GenerationError(
                 f"{self.name}: the VAE's latents have {vae_channels} channels but the Flux transformer takes "
-                f"{cfg.latent_channels}: not this model's VAE (Flux.1's is ae.safetensors, 16 channels)"
+                f"{cfg.out_latent_channels}: not this model's VAE (Flux.1's is ae.safetensors, 16 channels)"
             )
+        _ = self.kind  # a transformer of no known kind: one line at load
 
     # -- the model family's hooks ---------------------------------------------------------------------------
 
@@ -258,6 +266,23 @@ class FluxPipeline(Pipeline):
         from sdengine.pipeline.dit_control import build_controlled_dit, vae_encoder
 
         return build_controlled_dit(net, units, family="flux", **vae_encoder(self.vae), **kw)
+
+    def start_latent_options(self, p: Prepared) -> dict[str, Any]:
+        """FLUX.1 Fill's masked-image concat, Depth / Canny's control image (:mod:`sdengine.pipeline.flux_fill`)."""
+        return flux_fill.start_options(self.kind, p)
+
+    @property
+    def kind(self) -> str:
+        """``"plain"`` (FLUX.1 [dev] / [schnell], and Chroma), ``"fill"`` (FLUX.1 Fill) or ``"control"`` (FLUX.1
+        Depth / Canny), from the transformer's widths (:func:`sdengine.pipeline.flux_fill.flux_kind`)."""
+        cfg: Any = self.transformer.config
+        out = int(getattr(cfg, "out_channels", None) or cfg.in_channels)
+        return flux_fill.flux_kind(int(cfg.in_channels), out, self.vae_scale_factor, self.name)
+
+    @property
+    def takes_control_image(self) -> bool:
+        """FLUX.1 Depth / Canny."""
+        return self.kind == flux_fill.CONTROL
 
     def img2img_first_step(self, steps: int, strength: float, rule: str, sampler: str) -> int:
         """diffusers' FluxImg2ImgPipeline: ``int(n - min(n strength, n))``."""
@@ -318,6 +343,8 @@ class FluxPipeline(Pipeline):
         }
         if self.guidance_distilled:
             out["distilled_cfg_scale"] = DEV_GUIDANCE
+        fill = flux_fill.family_defaults(self.kind)  # FLUX.1 Fill: strength 1, guidance 30
+        out.update({k: v for k, v in fill.items() if k != "distilled_cfg_scale" or self.guidance_distilled})
         return out
 
     def network_activation_bytes(self, rows: int, h: int, w: int, bytes_per: int) -> int:
@@ -347,7 +374,7 @@ class FluxPipeline(Pipeline):
                 )
             return None
         if value is None:
-            return DEV_GUIDANCE
+            return flux_fill.FILL_GUIDANCE if self.kind == flux_fill.FILL else DEV_GUIDANCE
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise GenerationError(f"distilled_cfg_scale must be a number, got {value!r}")
         if not 0.0 <= float(value) <= MAX_DISTILLED_CFG:
@@ -359,6 +386,9 @@ class FluxPipeline(Pipeline):
         reasons = refusals(r)
         if reasons:
             raise GenerationError(f"{reasons[0]}; {self.name} is a Flux model")
+        kind_refusal = flux_fill.request_refusal(self.kind, r)
+        if kind_refusal is not None:
+            raise GenerationError(f"{self.name}: {kind_refusal}")
         self.distilled_guidance(r)
 
     def prepare(self, request: GenerationRequest) -> Prepared:

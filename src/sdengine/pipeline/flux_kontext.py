@@ -94,6 +94,10 @@ def reference_refusals(r: GenerationRequest) -> list[str]:
         reasons.append("reference_images (FLUX.1 Kontext) and Flux ControlNets cannot run together")
     if r.enable_hr:
         reasons.append("reference_images (FLUX.1 Kontext) and the hires fix cannot run together")
+    if r.control_image is not None:
+        reasons.append(
+            "reference_images (FLUX.1 Kontext) and a control_image (FLUX.1 Depth / Canny) cannot run together"
+        )
     return reasons
 
 

@@ -9,6 +9,11 @@
   the ``"concat"`` conditioning; a 4-channel one gets the known region blended back (:class:`InpaintBlend`).
   With strength 1 the start is pure noise, as there; under A1111's strength rule it is the init latent noised
   to the schedule's first sigma, as A1111 does.
+* FLUX.1 Fill (``fill``, diffusers' ``FluxFillPipeline``): the inpainting draws (init posterior, noise,
+  masked-image posterior), no blend; the ``"concat"`` is the scaled masked-image latent and the binarised mask
+  folded into ``f x f`` channels per latent pixel (``f`` the VAE's factor; channel ``dy f + dx``).
+* FLUX.1 Depth / Canny (``control``, diffusers' ``FluxControlPipeline``): the control image's posterior is drawn
+  from the row's generator FIRST (before any other draw); its scaled latent is the ``"concat"``.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ class StartLatents:
     init_latent: Tensor | None  # (B, C, h, w) the scaled init latent (img2img / 4-channel inpainting)
     from_init: bool  # whether sampling starts from init_latent (False: pure noise)
     blend_mask: Tensor | None  # (1, 1, h, w) for 4-channel inpainting: 1 = repaint
-    concat: Tensor | None  # (B, 5, h, w) mask + masked-image latent for a 9-channel U-Net
+    concat: Tensor | None  # (B, 5, h, w) mask + masked-image latent for a 9-channel U-Net; FLUX.1 Fill / Control's
     # (1, 1, h, w) A1111's latent mask (rounded, 1 = repaint) of an inpainting call, for any U-Net (A1111Blend)
     rounded_mask: Tensor | None = None
 
@@ -91,12 +96,16 @@ def start_latents(
     device: torch.device,
     tiny: Any = None,
     pure_noise_at_full_strength: bool = True,
+    fill: bool = False,
+    control: Image.Image | None = None,
 ) -> StartLatents:
     """Every random draw of the rows, in diffusers' order (see the module docstring). ``tiny``: a tiny VAE whose
     encoder makes the images' latents instead of the VAE's (``vae_encode="tiny"``; no posterior spread, the same
     draws from each generator). ``pure_noise_at_full_strength``: inpainting at strength 1 starts from pure noise
     (diffusers'); False: from the init latent noised, as A1111 does at any strength (A1111's masked content is
-    the pipeline's, on the init latent this returns)."""
+    the pipeline's, on the init latent this returns). ``fill``: a FLUX.1 Fill model's concat (see the module
+    docstring; needs ``init`` and ``mask``); ``control``: a FLUX.1 Depth / Canny model's control image (the
+    output's size)."""
 
     def moments(img: Tensor) -> Any:
         if tiny is not None:
@@ -107,6 +116,10 @@ def start_latents(
     h, w = height // scale_factor, width // scale_factor
     init_latent = blend = concat = None
     mask_full = None
+    control_latent = None
+    if control is not None:  # FluxControlPipeline: the control image's posterior before any other draw
+        post = moments(image_tensor(control).to(device))
+        control_latent = vae.scale_latents(posterior_rows(post, generators).float())
     if init is not None:
         img = image_tensor(init).to(device)
         if mask is not None or nine_channels:
@@ -135,7 +148,11 @@ def start_latents(
         masked = image_tensor(init).to(device) * (binary < 0.5)
         post = moments(masked)
         masked_latent = posterior_rows(post, generators)  # drawn even for 4 channels (diffusers' order)
-        if nine_channels:
+        if fill:  # FluxFillPipeline: [masked-image latent, the mask folded f x f into channels]
+            masked_latent = vae.scale_latents(masked_latent.float())
+            folded = F.pixel_unshuffle(binary, scale_factor).expand(b, -1, -1, -1)
+            concat = torch.cat([masked_latent, folded.to(masked_latent.dtype)], dim=1)
+        elif nine_channels:
             masked_latent = vae.scale_latents(masked_latent.float())
             concat = torch.cat([latent_mask.expand(b, -1, -1, -1), masked_latent], dim=1)
         else:
@@ -147,8 +164,10 @@ def start_latents(
         z = moments(grey).mode()
         masked_latent = vae.scale_latents(z.float())
         concat = torch.cat([torch.ones(1, 1, h, w, device=device), masked_latent], dim=1).expand(b, -1, -1, -1)
+    if control_latent is not None:
+        concat = control_latent if concat is None else torch.cat([control_latent, concat], dim=1)
     rounded = None
-    if mask is not None and mask_full is not None:  # A1111 rounds its latent mask (its mask_round default)
+    if mask is not None and mask_full is not None and not fill:  # A1111 rounds its latent mask (its mask_round default)
         rounded = a1111_latent_mask(mask, h, w).to(device)
     # Inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); img2img does not, nor A1111.
     full = mask_full is not None and strength >= 1.0 and pure_noise_at_full_strength

@@ -262,6 +262,10 @@ class GenerationRequest:
     # (window, stride, circular, view_batch, window_height, method; window and stride in latent cells) or
     # (window, stride[, circular[, view_batch]]); None = off. Both hires passes. Infotext "Tiled Diffusion: ..."
     tiled_diffusion: Any = None
+    # FLUX.1 Depth / Canny's control map (diffusers' FluxControlPipeline ``control_image``: a depth map or canny
+    # edges, used as given, fitted to the output size), VAE-encoded beside the noisy latent; only those models
+    # take it (sdengine.pipeline.flux_fill)
+    control_image: ImageInput | None = None
 
     # -- building ---------------------------------------------------------------------------------------
 
@@ -722,7 +726,7 @@ class GenerationRequest:
             for w in part_weights(weight) if isinstance(weight, LoRAWeight) else (weight,):
                 if _is_number(w) and (not math.isfinite(w) or abs(w) > WEIGHT_LIMIT):
                     check_weight(w, name)
-        images = [("init image", self.init_image), ("mask", self.mask)]
+        images = [("init image", self.init_image), ("mask", self.mask), ("control image", self.control_image)]
         images += [(f"ControlNet unit {k} image", u.image) for k, u in enumerate(self.control_units())]
         images += [(f"reference image {k}", x) for k, x in enumerate(self.reference_list())]
         for what, image in images:  # the words sdengine.io.images.load_image says it in

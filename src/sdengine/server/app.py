@@ -989,7 +989,13 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             (lo.name, lo.weight if lo.unet_weight is None else (lo.weight, lo.unet_weight)) for lo in req.loras
         ]
         cheap = not req.controlnets and not req.ip_adapters and req.vae is None
-        if req.init_image is None and req.mask is None and not req.reference_images and cheap:
+        if (
+            req.init_image is None
+            and req.mask is None
+            and not req.reference_images
+            and req.control_image is None
+            and cheap
+        ):
             generation = services.build(**fields)  # no image to decode (nor VAE file to read): cheap, no thread hop
         else:
             generation = await asyncio.to_thread(lambda: services.build(**fields))

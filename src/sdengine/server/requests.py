@@ -106,7 +106,7 @@ class Generation:
         """Drop the decoded input images (init image, mask, ControlNet images, the overlay that holds the init
         image) of a job that has finished long ago: the job table keeps hundreds of finished jobs, and their
         inputs (up to the pixel limit each) would stay in memory with them. The settings stay."""
-        for key in ("init_image", "mask", "reference_images"):
+        for key in ("init_image", "mask", "reference_images", "control_image"):
             if self.kwargs.get(key) is not None:
                 self.kwargs[key] = None
         units = self.kwargs.get("controlnets")
@@ -272,6 +272,7 @@ def build_generation(
     strength_rule: str = "diffusers",
     mask: ImageRef | None = None,
     mask_blur: float = 0,
+    control_image: ImageRef | None = None,
     controlnets: Sequence[ControlRequest] = (),
     loras: Sequence[tuple[str, Any]] = (),
     clip_skip: int = 1,
@@ -434,6 +435,7 @@ def build_generation(
         raise BadRequest("reference_auto_resize applies to reference_images: give them, or leave it out")
     references = [image(ref, f"reference_images[{k}]") for k, ref in enumerate(reference_images or ())]
     mask_img = image(mask, "mask")
+    control_img = image(control_image, "control_image")  # FLUX.1 Depth / Canny's map (the pipeline checks the model)
     if mask_img is not None and init is None:
         raise BadRequest("a mask needs an init image to inpaint")
     if init is not None and strength <= 0 and strength_rule == "diffusers":  # A1111's rule runs one step at 0
@@ -537,6 +539,8 @@ def build_generation(
         kwargs["reference_images"] = references
         if not reference_auto_resize:
             kwargs["reference_auto_resize"] = False
+    if control_img is not None:  # left out without one (a job with one runs alone: batch_key knows no control_image)
+        kwargs["control_image"] = control_img
     if ip_units:  # left out without units (such a job runs alone: batch_key knows no ip_adapters)
         kwargs["ip_adapters"] = ip_units
     if vae_decode != "full":  # checked by GenerationRequest.validate below; whether the model has one, by the job

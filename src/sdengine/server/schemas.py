@@ -285,6 +285,11 @@ class JobRequest(BaseModel):
         "'a1111_fix_steps' A1111's with its img2img_fix_steps option: img2img runs the steps asked",
     )
     mask: str | None = Field(None, description="white = repaint")
+    control_image: str | None = Field(
+        None,
+        description="a FLUX.1 Depth / Canny model's control map (a depth map or canny edges, as given; an upload "
+        "or base64 image like init_image); other models refuse it",
+    )
     mask_blur: float = Field(0, ge=0, le=256, allow_inf_nan=False)
     masked_content: Literal["original", "latent noise", "latent nothing"] = Field(
         "original",

@@ -25,7 +25,9 @@ BFL's layout differs from diffusers' in three ways the conversion undoes:
 * the final layer's modulation: BFL's ``final_layer.adaLN_modulation.1`` outputs (shift, scale), diffusers'
   ``norm_out.linear`` (scale, shift): the two halves of its rows swap.
 
-Without a config, the architecture comes from the shapes: the hidden width and ``in_channels`` from ``img_in``,
+Without a config, the architecture comes from the shapes: the hidden width and ``in_channels`` from ``img_in``
+(``out_channels`` from ``final_layer.linear``; more in than out: FLUX.1 Fill's 384 or Depth / Canny's 128,
+:mod:`sdengine.pipeline.flux_fill`),
 the head width from the query norm's scale (heads = hidden / head width: 24 x 128 in FLUX.1), the text width from
 ``txt_in``, the pooled width from ``vector_in``, the block counts from the indices (0..N-1 without gaps), dev
 from ``guidance_in``. The RoPE split of a head is not in the shapes: (16, 56, 56) for a 128-wide head (FLUX.1's),
@@ -255,10 +257,10 @@ def config_from_shapes(
     where). ``axes_dims_rope``: the RoPE split of a head, needed when the head is not FLUX.1's 128 numbers."""
     hidden, in_channels = _shape(sd, "x_embedder.weight", 2, where)
     out_channels = _shape(sd, "proj_out.weight", 2, where)[0]
-    if in_channels > out_channels:
+    if in_channels < out_channels:
         raise WeightsError(
-            f"{where}: the image tokens have {in_channels} numbers in and {out_channels} out: a FLUX.1 Fill, Depth "
-            "or Canny model (a masked image or control latents beside the noisy one), not supported"
+            f"{where}: the image tokens have {in_channels} numbers in and {out_channels} out: not a Flux transformer "
+            "(FLUX.1 takes as many as it gives, Fill, Depth and Canny more)"
         )
     joint = _shape(sd, "context_embedder.weight", 2, where)[1]
     pooled = _shape(sd, "time_text_embed.text_embedder.linear_1.weight", 2, where)[1]

@@ -594,6 +594,13 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
         adapter = pipe.network_adapter(net)
     guidance = bool(getattr(net.config, "guidance_embeds", False))
     widths = (int(net.config.joint_attention_dim), int(net.config.pooled_projection_dim))
+    wider = int(net.config.in_channels) - int(getattr(net.config, "out_channels", None) or net.config.in_channels)
+    if family == "flux" and wider:  # FLUX.1 Fill / Depth / Canny: their image latent beside the noisy one
+        raise NodeError(
+            f"{name} is a FLUX.1 Fill, Depth or Canny model (an image latent beside the noisy one): not supported "
+            "by the ComfyUI route yet (InpaintModelConditioning / InstructPixToPixConditioning on Flux); use the "
+            "Python API or `sdengine generate` (docs/flux.md)"
+        )
     skipping = None
     if family == "sd3":  # the MMDiT with blocks left out (SkipLayerGuidanceSD3), through the same adapter
 
