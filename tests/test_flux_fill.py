@@ -163,6 +163,8 @@ def test_control_refusals(control, tiny_sd1_folder):
         _run(pipe, control_image=depth, init_image=depth, mask=mask_picture(W, H))
     with pytest.raises(GenerationError, match=r"control image not found: nowhere.png"):
         _run(pipe, control_image="nowhere.png")
+    with pytest.raises(GenerationError, match=r"reference_images \(FLUX.1 Kontext\) and a control_image .* cannot run"):
+        _run(pipe, control_image=depth, reference_images=[depth])
     sd = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
     with pytest.raises(GenerationError, match=r"control_image is the control map of a FLUX.1 Depth / Canny model"):
         sd("a cat", steps=1, width=64, height=64, control_image=depth, progress=False)

@@ -156,6 +156,7 @@ def test_two_references_run_and_differ_from_one(kontext):
         ({"init_image": picture(W, H)}, "reference_images with an init_image .* is not supported yet"),
         ({"enable_hr": True}, r"reference_images \(FLUX.1 Kontext\) and the hires fix cannot run together"),
         ({"controlnets": [("cn", picture(W, H), 1.0)]}, "reference_images .* and Flux ControlNets cannot run"),
+        ({"control_image": picture(W, H)}, "control_image"),  # Depth / Canny's map: not with references either
         ({"reference_images": [picture(8, 8)] * 5}, "5 reference images: at most 4"),
         ({"reference_images": [None]}, r"reference_images holds an empty entry \(None\)"),
         ({"reference_auto_resize": "no"}, "reference_auto_resize must be true or false, got 'no'"),
