@@ -21,8 +21,6 @@ hidden width (5120) from ``in_proj``, its depth from the ``layers.N`` indices.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,9 +32,8 @@ from sdengine.models.chroma import ChromaConfig, ChromaTransformer
 from sdengine.models.config_checks import ConfigError
 
 from .detect import FLUX_PREFIX, is_chroma_state_dict
-from .flux_file import FLUX1_AXES, compute_dtype, read_transformer_tensors
-from .io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, SafetensorsReader, StateDict, WeightsError
-from .loading import check_keys, component_weight_files, parameters_on_meta
+from .flux_file import FLUX1_AXES, build_from_state, check_config_fits, load_transformer
+from .io import StateDict, WeightsError
 
 FLUX1_HEAD = 128
 SCALED_FP8 = "scaled_fp8"  # ComfyUI's scaled float8 marker
@@ -268,50 +265,10 @@ def chroma_from_state(
     stored = next((v.dtype for v in sd.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
     ours = _to_ours(sd, where)
     shapes = config_from_shapes(ours, where, axes_dims_rope=config.axes_dims_rope if config is not None else None)
-    if config is not None:
-        given = dataclasses.replace(config, out_channels=config.out_channels or config.in_channels)
-        diff = next(
-            (f.name for f in dataclasses.fields(shapes) if getattr(shapes, f.name) != getattr(given, f.name)), None
-        )
-        if diff is not None:
-            raise WeightsError(
-                f"{where}: the config says {diff}={getattr(given, diff)}, the weights {getattr(shapes, diff)}"
-            )
-    target = compute_dtype(stored, dtype)
-    for k, v in ours.items():
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-            have = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
-            raise WeightsError(f"{where}: {k} holds {have}, not floating-point weights")
-    with parameters_on_meta():
-        model = ChromaTransformer(config or shapes)
-    check_keys(model.state_dict(), ours, name=f"{where}: Chroma transformer")
-    dev = torch.device(device)
-    model.load_state_dict({k: v.to(device=dev, dtype=target) for k, v in ours.items()}, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
-
-
-def _stored_dtype(path: Path) -> torch.dtype | None:
-    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        return None
-    with SafetensorsReader(path) as r:
-        counts: dict[torch.dtype, int] = {}
-        for name in r.names:
-            dt = r.dtype(name)
-            if dt.is_floating_point:
-                counts[dt] = counts.get(dt, 0) + 1
-    float8 = [d for d in counts if d in (torch.float8_e4m3fn, torch.float8_e5m2)]
-    return float8[0] if float8 else max(counts, key=lambda d: counts[d]) if counts else None
-
-
-def _read(files: list[Path], dtype: torch.dtype) -> StateDict:
-    sd: StateDict = {}
-    for f in files:
-        part = read_transformer_tensors(f, dtype)
-        both = sd.keys() & part.keys()
-        if both:
-            raise WeightsError(f"{f}: tensor {sorted(both)[0]} is also in another shard")
-        sd.update(part)
-    return sd
+    check_config_fits(config, shapes, where)
+    name = f"{where}: Chroma transformer"
+    model: ChromaTransformer = build_from_state(ChromaTransformer, config or shapes, ours, name, device, dtype, stored)
+    return model
 
 
 def load_chroma_transformer(
@@ -319,33 +276,14 @@ def load_chroma_transformer(
 ) -> ChromaTransformer:
     """A Chroma transformer from a diffusers folder (pipeline or ``transformer/``) or a single file (module
     docstring), on ``device`` in ``dtype`` (default: the file's; bfloat16 for float8 weights)."""
-    p = Path(path)
-    if p.is_dir():
-        folder = next((f for f in (p / "transformer", p) if (f / "config.json").is_file()), None)
-        if folder is None:
-            raise WeightsError(f"{p}: not a Chroma transformer folder (no transformer/config.json or config.json)")
-        cfg_path = folder / "config.json"
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise WeightsError(f"{cfg_path}: cannot read the config ({type(e).__name__})") from None
-        try:
-            config = ChromaConfig.from_diffusers(raw)
-        except ConfigError as e:
-            raise WeightsError(f"{cfg_path}: {e}") from None
-        files = component_weight_files(folder)
-        target = compute_dtype(_stored_dtype(files[0]), dtype)
-        model = chroma_from_state(_read(files, target), str(folder), config=config, device=device, dtype=target)
-        model.name = p.name
-        return model
-    if not p.is_file():
-        raise WeightsError(f"{p}: no such Chroma transformer file or folder")
-    if p.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
-        raise WeightsError(f"{p}: expected a .safetensors file or a diffusers folder")
-    target = compute_dtype(_stored_dtype(p), dtype)
-    sd = _read([p], target)
-    model = chroma_from_state(sd, str(p), device=device, dtype=target)
-    model.name = p.name
+    model: ChromaTransformer = load_transformer(
+        path,
+        what="Chroma",
+        from_diffusers=ChromaConfig.from_diffusers,
+        from_state=chroma_from_state,
+        device=device,
+        dtype=dtype,
+    )
     return model
 
 

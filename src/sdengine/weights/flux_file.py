@@ -40,7 +40,7 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -344,7 +344,7 @@ def _unscale_fp8(sd: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _file_dtype(path: Path) -> torch.dtype | None:
+def stored_dtype(path: Path) -> torch.dtype | None:
     """The dtype most of a safetensors file's floating tensors have, float8 if any has it (None for other
     files)."""
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
@@ -394,7 +394,8 @@ def read_transformer_tensors(path: Path, dtype: torch.dtype) -> StateDict:
     return chosen
 
 
-def _read(files: list[Path], dtype: torch.dtype) -> StateDict:
+def read_shards(files: list[Path], dtype: torch.dtype) -> StateDict:
+    """The transformer tensors of a model's weight files (shards), in ``dtype``; a tensor in two shards is one line."""
     sd: StateDict = {}
     for f in files:
         part = read_transformer_tensors(f, dtype)
@@ -421,35 +422,91 @@ def flux_from_state(
     shapes = config_from_shapes(
         ours, where, axes_dims_rope=axes_dims_rope or (config.axes_dims_rope if config is not None else None)
     )
-    if config is not None:
-        given = dataclasses.replace(config, out_channels=config.out_channels or config.in_channels)
-        diff = next(
-            (f.name for f in dataclasses.fields(shapes) if getattr(shapes, f.name) != getattr(given, f.name)), None
+    check_config_fits(config, shapes, where)
+    return build_from_state(
+        FluxTransformer, config or shapes, ours, f"{where}: Flux transformer", device, dtype, stored
+    )
+
+
+def check_config_fits(config: Any, shapes: Any, where: str) -> None:
+    """A given config (a dataclass) must equal the one read from the weights' shapes (``out_channels`` None =
+    ``in_channels``): one line naming the first field that differs."""
+    if config is None:
+        return
+    given = dataclasses.replace(config, out_channels=config.out_channels or config.in_channels)
+    diff = next((f.name for f in dataclasses.fields(shapes) if getattr(shapes, f.name) != getattr(given, f.name)), None)
+    if diff is not None:
+        raise WeightsError(
+            f"{where}: the config says {diff}={getattr(given, diff)}, the weights {getattr(shapes, diff)}"
         )
-        if diff is not None:
-            raise WeightsError(
-                f"{where}: the config says {diff}={getattr(given, diff)}, the weights {getattr(shapes, diff)}"
-            )
-    cfg = config or shapes
+
+
+def build_from_state(
+    cls: Any,
+    cfg: Any,
+    ours: Mapping[str, Any],
+    name: str,
+    device: str | torch.device,
+    dtype: str | torch.dtype | None,
+    stored: torch.dtype | None,
+) -> Any:
+    """``cls(cfg)`` built on the meta device and given ``ours`` (sdengine's names; every tensor floating-point, the
+    names and shapes checked against the model's, one line naming the first mismatch) on ``device`` in the compute
+    dtype (:func:`compute_dtype` of ``stored`` and ``dtype``), in eval mode without gradients."""
     target = compute_dtype(stored, dtype)
+    where = name.rsplit(": ", 1)[0]
     for k, v in ours.items():
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
             have = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
             raise WeightsError(f"{where}: {k} holds {have}, not floating-point weights")
     with parameters_on_meta():
-        model = FluxTransformer(cfg)
-    check_keys(model.state_dict(), ours, name=f"{where}: Flux transformer")
+        model = cls(cfg)
+    check_keys(model.state_dict(), ours, name=name)
     dev = torch.device(device)
     model.load_state_dict({k: v.to(device=dev, dtype=target) for k, v in ours.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
-def _folder(path: Path) -> Path | None:
-    """The transformer folder of a diffusers pipeline folder or the folder itself; None if neither."""
-    for folder in (path / "transformer", path):
-        if (folder / "config.json").is_file():
-            return folder
-    return None
+def load_transformer(
+    path: str | Path,
+    *,
+    what: str,
+    from_diffusers: Callable[[dict[str, Any]], Any],
+    from_state: Callable[..., Any],
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    **file_kw: Any,
+) -> Any:
+    """A diffusion transformer (``what``: "Flux", "Chroma") from a diffusers folder (pipeline or ``transformer/``:
+    ``from_diffusers`` reads its config.json) or a single file, built by ``from_state(sd, where, config=, device=,
+    dtype=, **file_kw)`` (``file_kw``: for a single file only) on ``device`` in ``dtype`` (default: the file's;
+    bfloat16 for float8 weights)."""
+    p = Path(path)
+    if p.is_dir():
+        folder = next((f for f in (p / "transformer", p) if (f / "config.json").is_file()), None)
+        if folder is None:
+            raise WeightsError(f"{p}: not a {what} transformer folder (no transformer/config.json or config.json)")
+        cfg_path = folder / "config.json"
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise WeightsError(f"{cfg_path}: cannot read the config ({type(e).__name__})") from None
+        try:
+            config = from_diffusers(raw)
+        except ConfigError as e:
+            raise WeightsError(f"{cfg_path}: {e}") from None
+        files = component_weight_files(folder)
+        target = compute_dtype(stored_dtype(files[0]), dtype)
+        model = from_state(read_shards(files, target), str(folder), config=config, device=device, dtype=target)
+    else:
+        if not p.is_file():
+            raise WeightsError(f"{p}: no such {what} transformer file or folder")
+        if p.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+            raise WeightsError(f"{p}: expected a .safetensors file or a diffusers folder")
+        target = compute_dtype(stored_dtype(p), dtype)
+        model = from_state(read_shards([p], target), str(p), device=device, dtype=target, **file_kw)
+    model.name = p.name
+    return model
 
 
 def load_flux_transformer(
@@ -462,45 +519,33 @@ def load_flux_transformer(
     """A Flux transformer from a diffusers folder (pipeline or ``transformer/``) or a single file (see the
     module docstring), on ``device`` in ``dtype`` (default: the file's dtype; bfloat16 for float8 weights).
     ``axes_dims_rope`` is needed only for a single file whose heads are not 128 wide."""
-    p = Path(path)
-    if p.is_dir():
-        folder = _folder(p)
-        if folder is None:
-            raise WeightsError(f"{p}: not a Flux transformer folder (no transformer/config.json or config.json)")
-        cfg_path = folder / "config.json"
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise WeightsError(f"{cfg_path}: cannot read the config ({type(e).__name__})") from None
-        try:
-            config = FluxConfig.from_diffusers(raw)
-        except ConfigError as e:
-            raise WeightsError(f"{cfg_path}: {e}") from None
-        files = component_weight_files(folder)
-        target = compute_dtype(_file_dtype(files[0]), dtype)
-        model = flux_from_state(_read(files, target), str(folder), config=config, device=device, dtype=target)
-        model.name = p.name
-        return model
-    if not p.is_file():
-        raise WeightsError(f"{p}: no such Flux transformer file or folder")
-    if p.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
-        raise WeightsError(f"{p}: expected a .safetensors file or a diffusers folder")
-    target = compute_dtype(_file_dtype(p), dtype)
-    model = flux_from_state(_read([p], target), str(p), axes_dims_rope=axes_dims_rope, device=device, dtype=target)
-    model.name = p.name
+    model: FluxTransformer = load_transformer(
+        path,
+        what="Flux",
+        from_diffusers=FluxConfig.from_diffusers,
+        from_state=flux_from_state,
+        device=device,
+        dtype=dtype,
+        axes_dims_rope=axes_dims_rope,
+    )
     return model
 
 
 __all__ = [
     "FLUX1_AXES",
     "bfl_to_diffusers",
+    "build_from_state",
+    "check_config_fits",
     "compute_dtype",
     "config_from_shapes",
     "diffusers_to_bfl",
     "flux_from_state",
     "is_flux_state_dict",
     "load_flux_transformer",
+    "load_transformer",
+    "read_shards",
     "read_transformer_tensors",
+    "stored_dtype",
     "strip_prefix",
     "swap_halves",
 ]
