@@ -74,7 +74,7 @@ def _lora_files(pipe, dst: Path) -> dict[str, Path]:
     layers = [(bfl, [modules[m] for m in parts], parts, "transformer.") for bfl, parts in TRANSFORMER.items()]
     layers += [(name, [t5[name]], [name], "text_encoder.") for name in T5_LAYERS]
     for bfl, mods, parts, prefix in layers:
-        down = torch.randn(RANK, mods[0].in_features, generator=g) * 0.3 / mods[0].in_features**0.5
+        down = torch.randn(RANK, mods[0].in_features, generator=g) * 0.3 / mods[0].in_features ** 0.5
         up = torch.randn(sum(m.out_features for m in mods), RANK, generator=g) * 0.3
         start = 0
         for m, part in zip(mods, parts, strict=True):
