@@ -145,13 +145,16 @@ def test_chroma_lora_matches_diffusers_and_every_naming_is_the_same_lora(chroma,
 
 
 def test_chroma_lora_tag_and_cli(chroma, tmp_path):
-    """``<lora:NAME:W>`` in the prompt equals ``loras=[(file, W)]``; ``sdengine generate --lora FILE:W`` writes
+    """``<lora:NAME:W>`` in the prompt equals ``loras=[(file, W)]`` (the infotext names it and its hash);
+    ``sdengine generate --lora FILE:W`` writes
     that image (within PNG rounding); a tag naming no file is a one-line error."""
     folder, pipe = chroma
     files = _lora_files(pipe, tmp_path / "loras")
     want = _ours(pipe, loras=[(files["kohya"], 0.7)])
-    tagged = _ours(pipe, prompt=f"{PROMPT} <lora:chroma-kohya:0.7>", lora_dir=tmp_path / "loras")
-    np.testing.assert_allclose(tagged, want, atol=1e-6)
+    args = dict(negative_prompt=NEGATIVE, steps=STEPS, seed=SEED, width=W, height=H, progress=False)
+    tagged = pipe(f"{PROMPT} <lora:chroma-kohya:0.7>", lora_dir=tmp_path / "loras", **args)
+    np.testing.assert_allclose(tagged.arrays, want, atol=1e-6)
+    assert "Lora hashes: " in tagged.infotexts[0] and "<lora:chroma-kohya:0.7>" in tagged.infotexts[0]
     with pytest.raises(LoRAFileError, match="LoRA 'nope' not found in"):
         _ours(pipe, prompt="a <lora:nope:1>", lora_dir=tmp_path / "loras")
     from PIL import Image
