@@ -248,8 +248,6 @@ def test_flux_loader_refuses_a_chroma_file(chroma, tmp_path):
         ({"clip_skip": 2}, "clip_skip 2 does not apply"),
         ({"shift": 2.0}, "shift: "),
         ({"sampler": "ddim"}, "sampler 'ddim' cannot run on a flow model"),
-        ({"loras": [("x.safetensors", 1.0)]}, "LoRAs .* are not supported for Chroma"),
-        ({"prompt": "a cat <lora:foo:1>"}, "LoRAs .* are not supported for Chroma"),
     ],
 )
 def test_refuses_what_chroma_does_not_take(chroma, kwargs, message):

@@ -15,8 +15,13 @@ Defaults (:attr:`ChromaPipeline.family_defaults`, diffusers' ``ChromaPipeline``)
 ``euler`` sampler on the ``normal`` grid. Sizes are multiples of 16.
 
 Refused, one line each before any model runs: what Flux refuses, and for Chroma also ``distilled_cfg_scale``
-(no guidance input), ControlNets (no Chroma ControlNets exist in sdengine), and LoRAs (their key maps are
-Flux's; not checked for Chroma).
+(no guidance input) and ControlNets (no Chroma ControlNets exist in sdengine).
+
+LoRAs (``loras=``, ``<lora:NAME:W>`` tags, ``--lora``) apply through the core's path as Flux's do:
+:mod:`sdengine.weights.lora_dit_keys` reads diffusers' names (ai-toolkit, SimpleTuner) and BFL's (ComfyUI,
+kohya) on Chroma's transformer, including its ``distilled_guidance_layer``; T5 layers (diffusers'
+``text_encoder.``, kohya's ``lora_te3_`` / ``lora_te_``, ComfyUI's ``text_encoders.t5xxl.transformer.``) adapt
+its T5. A Flux.1 LoRA with layers Chroma lacks (modulation linears, ``time_in``, ...) is refused in one line.
 """
 
 from __future__ import annotations
@@ -74,13 +79,6 @@ def chroma_refusals(r: GenerationRequest) -> list[str]:
         )
     if getattr(r, "controlnets", None):
         reasons.append("ControlNets are not supported for Chroma")
-    from sdengine.prompts import extract_lora_tags
-
-    texts: list[Any] = [r.prompt] if isinstance(r.prompt, str) else list(r.prompt or [])
-    texts.append(getattr(r, "hr_prompt", None))
-    tagged = any(extract_lora_tags(t)[1] for t in texts if isinstance(t, str))
-    if getattr(r, "loras", None) or tagged:
-        reasons.append("LoRAs (loras=, <lora:...> tags) are not supported for Chroma yet")
     return reasons
 
 

@@ -1,4 +1,4 @@
-"""LoRA names of the diffusion transformers: SD3's MMDiT and Flux.1's transformer.
+"""LoRA names of the diffusion transformers: SD3's MMDiT, Flux.1's transformer and Chroma's.
 
 A LoRA (Hu et al. 2021) for a diffusion transformer names its layers in one of two vocabularies:
 
@@ -11,6 +11,15 @@ A LoRA (Hu et al. 2021) for a diffusion transformer names its layers in one of t
   or ``lora_A`` / ``lora_B``) or with underscores behind ``lora_unet_`` (kohya's sd-scripts);
 * XLabs' Flux LoRAs: ``double_blocks.0.processor.qkv_lora1`` (the image stream's qkv; ``2``: the text's),
   ``proj_lora1/2``, ``single_blocks.0.processor.qkv_lora`` (the attention's rows of ``linear1``).
+
+Chroma (:mod:`sdengine.models.chroma`) has Flux's blocks without their modulation linears, and its approximator
+``distilled_guidance_layer`` instead of Flux's timestep / guidance / pooled-text embedders: its LoRAs use the same
+two vocabularies (diffusers' ``transformer.transformer_blocks.0.attn.to_q`` from ai-toolkit, SimpleTuner and
+diffusers; BFL's ``diffusion_model.double_blocks.0.img_attn.qkv`` / ``lora_unet_double_blocks_0_img_attn_qkv``
+from ComfyUI and kohya), with the approximator's layers as ``distilled_guidance_layer.{in_proj, out_proj,
+layers.N.in_layer, layers.N.out_layer}`` in BFL's names (diffusers': ``layers.N.linear_1`` / ``linear_2``). A
+file naming a layer only Flux.1 has (:func:`flux_only_layers`: a modulation linear, ``time_in``, ``vector_in``,
+``guidance_in``) is refused on Chroma as a LoRA for Flux.1 (:func:`sdengine.weights.lora_keys.check_dit_family`).
 
 The original layouts differ from diffusers' in two ways that matter to a LoRA:
 
@@ -33,12 +42,14 @@ the whole base layer, are refused there.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..models.chroma import ChromaTransformer
 from ..models.flux import FluxTransformer
 from ..models.mmdit import MMDiT
 from ..nn.lycoris import FACTOR_ONLY
@@ -47,6 +58,7 @@ from .lycoris_file import LycorisLayerWeights
 
 FLUX_FAMILY = "Flux.1"
 SD3_FAMILY = "SD3 (MMDiT)"
+CHROMA_FAMILY = "Chroma"
 
 # the prefix a rewritten layer name carries (diffusers' component name of the denoiser)
 DIT_PREFIX = "transformer."
@@ -65,7 +77,10 @@ class Route:
 
 
 def dit_family(model: nn.Module | None) -> str | None:
-    """The family label of a diffusion transformer (``"Flux.1"``, ``"SD3 (MMDiT)"``), None for anything else."""
+    """The family label of a diffusion transformer (``"Flux.1"``, ``"SD3 (MMDiT)"``, ``"Chroma"``), None for
+    anything else."""
+    if isinstance(model, ChromaTransformer):
+        return CHROMA_FAMILY
     if isinstance(model, FluxTransformer):
         return FLUX_FAMILY
     if isinstance(model, MMDiT):
@@ -146,6 +161,52 @@ def _flux_native(model: FluxTransformer) -> Iterator[tuple[str, tuple[Route, ...
         yield a + "processor.proj_lora", (Route(b + "proj_out"),)
 
 
+def _chroma_native(model: ChromaTransformer) -> Iterator[tuple[str, tuple[Route, ...]]]:
+    """BFL's layer names of a Chroma transformer (Flux's blocks without modulation, the approximator) -> routes
+    onto its (diffusers') modules."""
+    one = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out"}
+    one["distilled_guidance_layer.in_proj"] = "distilled_guidance_layer.in_proj"
+    one["distilled_guidance_layer.out_proj"] = "distilled_guidance_layer.out_proj"
+    for i in range(len(model.distilled_guidance_layer.layers)):
+        a = f"distilled_guidance_layer.layers.{i}."
+        one[a + "in_layer"], one[a + "out_layer"] = a + "linear_1", a + "linear_2"
+    for native, ours in one.items():
+        yield native, (Route(ours),)
+    double = {
+        "img_attn.proj": "attn.to_out.0",
+        "txt_attn.proj": "attn.to_add_out",
+        "img_mlp.0": "ff.net.0.proj",
+        "img_mlp.2": "ff.net.2",
+        "txt_mlp.0": "ff_context.net.0.proj",
+        "txt_mlp.2": "ff_context.net.2",
+    }
+    for i in range(len(model.transformer_blocks)):
+        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for native, ours in double.items():
+            yield a + native, (Route(b + ours),)
+        yield a + "img_attn.qkv", _split(model, tuple(b + f"attn.to_{p}" for p in "qkv"))
+        yield a + "txt_attn.qkv", _split(model, tuple(b + f"attn.add_{p}_proj" for p in "qkv"))
+    for i in range(len(model.single_transformer_blocks)):
+        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        yield a + "linear2", (Route(b + "proj_out"),)
+        yield a + "linear1", _split(model, (*(b + f"attn.to_{p}" for p in "qkv"), b + "proj_mlp"))
+
+
+# Flux.1's layers that Chroma does not have, in both vocabularies (the conditioning vector's embedders and every
+# modulation linear): a file naming one was made for Flux.1
+_FLUX_ONLY = re.compile(
+    r"(?:^|[._])(?:img_mod[._]lin|txt_mod[._]lin|modulation[._]lin|final_layer[._]adaLN_modulation|time_in|"
+    r"vector_in|guidance_in|time_text_embed|norm1[._]linear|norm1_context[._]linear|norm[._]linear|"
+    r"norm_out[._]linear)(?:[._]|$)"
+)
+
+
+def flux_only_layers(names: list[str]) -> list[str]:
+    """The names among ``names`` of Flux.1 layers that Chroma does not have (modulation linears, the timestep /
+    guidance / pooled-text embedders), in any of the vocabularies above."""
+    return [n for n in names if _FLUX_ONLY.search(n)]
+
+
 def _sd3_native(model: MMDiT) -> Iterator[tuple[str, tuple[Route, ...]]]:
     """Stability's layer names of an MMDiT -> routes onto its (diffusers') modules."""
     one = {
@@ -186,8 +247,10 @@ def dit_routes(model: nn.Module) -> dict[str, tuple[Route, ...]]:
     diffusers' names of every Linear/Conv2d (behind ``transformer.``, ``base_model.model.``, ``lora_transformer_``
     with underscores, or bare) route one-to-one; the original checkpoint's names (behind ``diffusion_model.``,
     ``lora_unet_`` with underscores, ``base_model.model.``, or bare) route as :func:`_flux_native` /
-    :func:`_sd3_native` say. Empty for a model that is not a diffusion transformer."""
-    if isinstance(model, FluxTransformer):
+    :func:`_sd3_native` / :func:`_chroma_native` say. Empty for a model that is not a diffusion transformer."""
+    if isinstance(model, ChromaTransformer):
+        native = dict(_chroma_native(model))
+    elif isinstance(model, FluxTransformer):
         native = dict(_flux_native(model))
     elif isinstance(model, MMDiT):
         native = dict(_sd3_native(model))
@@ -294,6 +357,7 @@ def split_dit_layers(lf: LoRAFile, model: nn.Module) -> LoRAFile:
 
 
 __all__ = [
+    "CHROMA_FAMILY",
     "DIT_PREFIX",
     "ROW_WISE",
     "FLUX_FAMILY",
@@ -301,5 +365,6 @@ __all__ = [
     "Route",
     "dit_family",
     "dit_routes",
+    "flux_only_layers",
     "split_dit_layers",
 ]

@@ -27,7 +27,7 @@ from torch import nn
 from ..models.t5_text import T5Encoder
 from ..nn.lycoris import NORM_TYPES
 from . import keymaps as km
-from .lora_dit_keys import DIT_PREFIX, FLUX_FAMILY, SD3_FAMILY, dit_family
+from .lora_dit_keys import CHROMA_FAMILY, DIT_PREFIX, FLUX_FAMILY, SD3_FAMILY, dit_family, flux_only_layers
 from .lora_file import LoRAFile, LoRAFileError, LoRAFormat, LoRALayerWeights
 from .lycoris_file import LycorisLayerWeights
 
@@ -37,6 +37,7 @@ _COMFY_TE = "text_encoders."  # ComfyUI's prefix of text-encoder layer names
 
 # Names that give away a diffusion transformer, most specific first (checked before the SD hints below).
 _DIT_HINTS = [
+    (re.compile(r"distilled_guidance_layer"), CHROMA_FAMILY),  # Chroma's approximator: no other model has it
     (re.compile(r"double_blocks|single_blocks|single_transformer_blocks"), FLUX_FAMILY),
     (re.compile(r"joint_blocks|context_block|x_block"), SD3_FAMILY),
     (
@@ -153,7 +154,21 @@ class ModelIndex:
                     self.aliases.setdefault("lora_unet_" + ldm[name].replace(".", "_"), t)
                     self.aliases.setdefault("oft_unet_" + ldm[name].replace(".", "_"), t)
                     self.aliases.setdefault("diffusion_model." + ldm[name], t)  # ComfyUI
-        if text_encoder is not None:
+        if text_encoder_2 is not None and text_encoder_2 is text_encoder:
+            text_encoder_2 = None  # Chroma: its one T5 is the pipeline's text_encoder and text_encoder_2
+        if isinstance(text_encoder, T5Encoder):  # Chroma's only encoder: diffusers' text_encoder., kohya's, ComfyUI's
+            for name, m in adapter_targets(text_encoder):
+                t = Target("text_encoder", name, m)
+                flat = name.replace(".", "_")
+                for alias in (
+                    f"text_encoder.{name}",
+                    "lora_te_" + flat,
+                    "lora_te3_" + flat,
+                    f"{_COMFY_TE}t5xxl.transformer.{name}",
+                    name,
+                ):
+                    self.aliases.setdefault(alias, t)
+        elif text_encoder is not None:
             for name, m in adapter_targets(text_encoder):
                 t = Target("text_encoder", name, m)
                 short = name.removeprefix(km.TEXT_MODEL)  # transformers >= 5 drops `text_model.`
@@ -233,8 +248,20 @@ def check_dit_family(lf: LoRAFile, index: ModelIndex) -> None:
     ``joint_blocks`` on Flux) is a :class:`LoRAFileError` naming both, before its layers are split by the rows of a
     model they were not made for."""
     family = _lora_family(lf, dit=True)
-    if index.dit is not None and family in (FLUX_FAMILY, SD3_FAMILY) and family != index.dit:
-        where = str(lf.path) if lf.path is not None else lf.name
+    where = str(lf.path) if lf.path is not None else lf.name
+    if index.dit == CHROMA_FAMILY:  # Chroma's blocks are Flux's: their names are Flux's too
+        if family == FLUX_FAMILY or family == CHROMA_FAMILY:
+            names = list(lf.layers) + list(lf.lycoris) + [k for ks in lf.unsupported.values() for k in ks]
+            flux = flux_only_layers(names)
+            if flux:
+                raise LoRAFileError(
+                    f"{where}: a LoRA for {FLUX_FAMILY}: it adapts {flux[0]}"
+                    f"{f' (and {len(flux) - 1} more)' if len(flux) > 1 else ''}, a layer Chroma does not have "
+                    "(Chroma's modulation comes from its distilled_guidance_layer); the model is Chroma"
+                )
+            return
+        family = family if family == SD3_FAMILY else None
+    if index.dit is not None and family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY) and family != index.dit:
         raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {index.dit}")
 
 
@@ -369,6 +396,8 @@ def match_lora(
         family = model  # the SDXL hints (a second text encoder, label_emb) are what an SDXL model has
     if family == _DIT_GENERIC and index.dit is not None:
         family = model  # diffusers' transformer names: the shapes tell SD3 from Flux
+    if family == FLUX_FAMILY and index.dit == CHROMA_FAMILY:
+        family = model  # Chroma's blocks carry Flux's names (check_dit_family refused Flux's own layers)
     hint = f"; it looks like a LoRA for {family}, the model is {model}" if family and family != model else ""
     if wrong:
         raise LoRAFileError(f"{where}: shapes do not match this model: {_some(wrong, 2)}{hint}")
