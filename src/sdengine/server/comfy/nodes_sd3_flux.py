@@ -38,6 +38,7 @@ the guiders over three conditionings, the samplers that are not right on flow mo
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -594,13 +595,6 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
         adapter = pipe.network_adapter(net)
     guidance = bool(getattr(net.config, "guidance_embeds", False))
     widths = (int(net.config.joint_attention_dim), int(net.config.pooled_projection_dim))
-    wider = int(net.config.in_channels) - int(getattr(net.config, "out_channels", None) or net.config.in_channels)
-    if family == "flux" and wider:  # FLUX.1 Fill / Depth / Canny: their image latent beside the noisy one
-        raise NodeError(
-            f"{name} is a FLUX.1 Fill, Depth or Canny model (an image latent beside the noisy one): not supported "
-            "by the ComfyUI route yet (InpaintModelConditioning / InstructPixToPixConditioning on Flux); use the "
-            "Python API or `sdengine generate` (docs/flux.md)"
-        )
     skipping = None
     if family == "sd3":  # the MMDiT with blocks left out (SkipLayerGuidanceSD3), through the same adapter
 
@@ -609,6 +603,95 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
 
     flow = FlowModel(adapter, _schedule(family, guidance, model), FLOW_CHANNELS, dev, name, skipping)
     return family, flow, guidance, widths
+
+
+def _image_input(ctx: RunContext, model: ModelHandle, family: str) -> tuple[str, int]:
+    """(kind, fold) of a flow MODEL: "plain", or FLUX.1 Depth / Canny's "control" (the image latent beside the noisy
+    one) and Fill's "fill" (the mask too, folded ``fold`` x ``fold`` per latent pixel: 8 for Flux.1's VAE), read off
+    the numbers per image token the transformer takes and gives (:func:`sdengine.pipeline.flux_fill.flux_kind`)."""
+    net = _transformer(ctx, model)[1] if model.diffusion_model else ctx.pipeline(model.ref).unet
+    if family != "flux":
+        return "plain", 0
+    c_in = int(net.config.in_channels)
+    c_out = int(getattr(net.config, "out_channels", None) or c_in)
+    if c_in == c_out:
+        return "plain", 0
+    if c_in == 2 * c_out:
+        return "control", 0
+    fold = round(math.sqrt(max(c_in - 2 * c_out, 0) / 4))
+    if fold < 1 or c_in != 2 * c_out + 4 * fold * fold:
+        raise NodeError(
+            f"the Flux transformer takes {c_in} numbers per image token and gives {c_out}: neither FLUX.1 "
+            f"[dev]/[schnell], Depth/Canny ({2 * c_out}) nor Fill ({2 * c_out} + 4 x a square mask fold)"
+        )
+    return "fill", fold
+
+
+CONCAT_KEYS = ("concat", "concat_latent_image", "concat_mask")  # what the editing nodes set on a conditioning
+
+
+def _fit_batch(x: torch.Tensor, b: int, what: str) -> torch.Tensor:
+    if x.shape[0] == b:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(b, *x.shape[1:])
+    raise NodeError(f"{what}: a batch of {x.shape[0]} for a latent batch of {b}; give one (or one per row)")
+
+
+def flux_concat(
+    cond: dict[str, Any], kind: str, fold: int, shape: tuple[int, ...], noise_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """What a FLUX.1 Depth / Canny (``control``) or Fill (``fill``) transformer reads beside the noisy latent of
+    ``shape`` (B, 16, h, w) for one conditioning entry, as ComfyUI's ``Flux.concat_cond``: the entry's image latent
+    (InpaintModelConditioning's ``concat_latent_image`` or InstructPixToPixConditioning's ``concat``, a raw VAE
+    latent; zeros where it has none) resized (bilinear, centred) to the latent and scaled in (``(z - shift) *
+    scale``, zeros too); for Fill then the mask (``concat_mask``, else the latent's noise mask, else all ones), its
+    channels averaged, resized (bilinear) to ``fold`` x the latent's sides and folded ``fold`` x ``fold`` into
+    channels per latent pixel (channel ``fold * dy + dx``)."""
+    from sdengine.server.comfy.nodes import _resize_nchw
+
+    b, _, h, w = (int(v) for v in shape)
+    image = cond.get("concat_latent_image")
+    if image is None:
+        image = cond.get("concat")
+    if image is None:
+        image = torch.zeros(b, FLOW_CHANNELS, h, w)
+    image = image.float()
+    if image.ndim != 4 or image.shape[1] != FLOW_CHANNELS:
+        raise NodeError(
+            f"the image latent on the conditioning is {tuple(image.shape)}: FLUX.1 Fill / Depth / Canny read a "
+            "16-channel one (encode the image with the Flux VAE)"
+        )
+    if tuple(image.shape[-2:]) != (h, w):
+        image = _resize_nchw(image, w, h, "bilinear", "center")
+    scale, shift = LATENT_FORMATS["flux"]
+    image = (_fit_batch(image.cpu(), b, "the image latent") - shift) * scale
+    if kind == "control":
+        return image
+    mask = cond.get("concat_mask", noise_mask)
+    if mask is None:
+        mask = torch.ones(b, 1, h, w)
+    m = mask.float().cpu()
+    m = m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m
+    m = m.mean(dim=1, keepdim=True)
+    if tuple(m.shape[-2:]) != (h * fold, w * fold):
+        m = _resize_nchw(m, w * fold, h * fold, "bilinear", "center")
+    m = F.pixel_unshuffle(m, fold)
+    return torch.cat([image, _fit_batch(m, b, "the mask")], dim=1)
+
+
+def _with_concat(
+    entries: list[Any], kind: str, fold: int, shape: tuple[int, ...], noise_mask: torch.Tensor | None
+) -> list[Any]:
+    """The entries with what the model reads beside the noisy latent (``concat``, :func:`flux_concat`) on a FLUX.1
+    Fill / Depth / Canny model; the editing nodes' images left out on other models, as ComfyUI's leave them."""
+    out = []
+    for e in entries:
+        cond = {k: v for k, v in e.cond.items() if k not in CONCAT_KEYS}
+        if kind != "plain":
+            cond["concat"] = flux_concat(e.cond, kind, fold, shape, noise_mask)
+        out.append(replace(e, cond=cond))
+    return out
 
 
 def is_flow_model(ctx: RunContext, model: ModelHandle) -> bool:
@@ -812,6 +895,9 @@ def sample_flow(
                 "give one reference image (or one per row)"
             )
     discard = sampler_name in DISCARD_PENULTIMATE_SAMPLERS if discard_penultimate is None else discard_penultimate
+    kind, fold = _image_input(ctx, model, family)
+    positive = _with_concat(positive, kind, fold, tuple(z.shape), latent_image.get("noise_mask"))
+    negative = _with_concat(negative, kind, fold, tuple(z.shape), latent_image.get("noise_mask"))
     try:
         if sigmas is None:
             sigmas = flow_sigmas(
