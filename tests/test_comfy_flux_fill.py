@@ -62,7 +62,10 @@ def control(tmp_path_factory):
 
 def _graph(kind: str, guidance: float, noise_mask: bool = False, cfg: float = 1.0) -> dict:
     g: dict[str, Any] = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": f"flux1-{kind}.safetensors", "weight_dtype": "default"}},
+        "1": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": f"flux1-{kind}.safetensors", "weight_dtype": "default"},
+        },
         "2": {
             "class_type": "DualCLIPLoader",
             "inputs": {"clip_name1": "t5xxl.safetensors", "clip_name2": "clip_l.safetensors", "type": "flux"},
@@ -79,8 +82,15 @@ def _graph(kind: str, guidance: float, noise_mask: bool = False, cfg: float = 1.
         "8": {
             "class_type": "KSampler",
             "inputs": {
-                "model": ["6", 0], "seed": SEED, "steps": STEPS, "cfg": cfg, "sampler_name": "euler",
-                "scheduler": "simple", "positive": ["22", 0], "negative": ["22", 1], "latent_image": ["22", 2],
+                "model": ["6", 0],
+                "seed": SEED,
+                "steps": STEPS,
+                "cfg": cfg,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "positive": ["22", 0],
+                "negative": ["22", 1],
+                "latent_image": ["22", 2],
                 "denoise": 1.0,
             },
         },  # fmt: skip
@@ -183,3 +193,15 @@ def test_inpaint_model_conditioning_refusals(fill):
     g["25"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["20", 0], "amount": 3}}
     g["22"]["inputs"].update(mask=["24", 0], pixels=["25", 0])
     assert "InpaintModelConditioning: a batch of 2 masks for 3 images" in _node_error(root, g)
+
+
+def test_flux_concat_resizes_about_the_centre():
+    """An image latent of another size: cut to the latent's aspect about its centre, then bilinear (ComfyUI's
+    common_upscale "center"); a mask likewise to the factor x the latent."""
+    image = torch.zeros(1, 16, 2, 4)
+    image[:, :, :, 1:3] = 1.0  # the middle half: what a 2 x 4 latent keeps for a 2 x 2 one
+    out = flux_concat({"concat": image}, "control", 0, (1, 16, 2, 2), None)
+    assert torch.allclose(out, torch.full((1, 16, 2, 2), (1.0 - 0.1159) * 0.3611))
+    mask = torch.ones(1, 8, 8)
+    out = flux_concat({"concat": torch.zeros(1, 16, 2, 2), "concat_mask": mask}, "fill", 2, (1, 16, 2, 2), None)
+    assert out.shape == (1, 20, 2, 2) and out[:, 16:].min() == 1.0

@@ -638,6 +638,19 @@ def _fit_batch(x: torch.Tensor, b: int, what: str) -> torch.Tensor:
     raise NodeError(f"{what}: a batch of {x.shape[0]} for a latent batch of {b}; give one (or one per row)")
 
 
+def _bilinear_centred(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``x`` (B, C, H, W) cut about its centre to the aspect of ``w`` x ``h`` and resized bilinearly to it (ComfyUI's
+    ``common_upscale(..., "bilinear", "center")``)."""
+    h0, w0 = int(x.shape[2]), int(x.shape[3])
+    if w0 / h0 > w / h:
+        cut = round((w0 - w0 * (w / h) / (w0 / h0)) / 2)
+        x = x[:, :, :, cut : w0 - cut]
+    elif w0 / h0 < w / h:
+        cut = round((h0 - h0 * (w0 / h0) / (w / h)) / 2)
+        x = x[:, :, cut : h0 - cut, :]
+    return F.interpolate(x, size=(h, w), mode="bilinear")
+
+
 def flux_concat(
     cond: dict[str, Any], kind: str, fold: int, shape: tuple[int, ...], noise_mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -648,8 +661,6 @@ def flux_concat(
     scale``, zeros too); for Fill then the mask (``concat_mask``, else the latent's noise mask, else all ones), its
     channels averaged, resized (bilinear) to ``fold`` x the latent's sides and folded ``fold`` x ``fold`` into
     channels per latent pixel (channel ``fold * dy + dx``)."""
-    from sdengine.server.comfy.nodes import _resize_nchw
-
     b, _, h, w = (int(v) for v in shape)
     image = cond.get("concat_latent_image")
     if image is None:
@@ -663,7 +674,7 @@ def flux_concat(
             "16-channel one (encode the image with the Flux VAE)"
         )
     if tuple(image.shape[-2:]) != (h, w):
-        image = _resize_nchw(image, w, h, "bilinear", "center")
+        image = _bilinear_centred(image, h, w)
     scale, shift = LATENT_FORMATS["flux"]
     image = (_fit_batch(image.cpu(), b, "the image latent") - shift) * scale
     if kind == "control":
@@ -675,7 +686,7 @@ def flux_concat(
     m = m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m
     m = m.mean(dim=1, keepdim=True)
     if tuple(m.shape[-2:]) != (h * fold, w * fold):
-        m = _resize_nchw(m, w * fold, h * fold, "bilinear", "center")
+        m = _bilinear_centred(m, h * fold, w * fold)
     m = F.pixel_unshuffle(m, fold)
     return torch.cat([image, _fit_batch(m, b, "the mask")], dim=1)
 
