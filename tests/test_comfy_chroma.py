@@ -146,3 +146,33 @@ def test_chroma_lengths_follow_comfyuis_batching_rule():
         assert pos[0].cond["crossattn"].shape[1] == neg[0].cond["crossattn"].shape[1] == a
         assert neg[0].cond["text_mask"].sum() == b and neg[0].cond["crossattn"][0, b:].abs().max() == 0
         assert pos[0].cond["text_mask"].all()
+
+
+def test_t5_tokenizer_options_pad_as_comfyui(chroma):
+    """T5TokenizerOptions min_padding 2 / min_length: the pads after </s> that ComfyUI's tokenizer adds, T5 run over
+    them unmasked (held against transformers' T5 on the same ids), every token attended; refused on other CLIPs."""
+    import torch
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    from sdengine.server.comfy.nodes import ClipHandle, NodeError
+    from sdengine.server.comfy.nodes_sd3_flux import t5_tokenizer_options
+
+    root, _ = chroma
+    g = chroma_graph()
+    g["12"] = {"class_type": "T5TokenizerOptions", "inputs": {"clip": ["2", 0], "min_padding": 2, "min_length": 0}}
+    g["3"]["inputs"]["clip"] = ["12", 0]
+    out = _run(root, g)
+    ours = out["3"][0][0].cond["crossattn"].float()
+    folder = root / "chroma-folder"
+    ids = T5TokenizerFast.from_pretrained(folder / "tokenizer")(PROMPT).input_ids  # the pieces and </s>
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder").eval()
+    with torch.no_grad():
+        theirs = t5(torch.tensor([[*ids, 0, 0]])).last_hidden_state
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
+    assert np.isfinite(_pixels(out["10"][0])).all()
+    g["12"]["inputs"].update(min_padding=0, min_length=len(ids) + 3)
+    assert _run(root, g)["3"][0][0].cond["crossattn"].shape[1] == len(ids) + 3
+    g["12"]["inputs"].update(min_length=600)
+    assert "T5TokenizerOptions: 600 tokens" in _node_error(root, g)
+    with pytest.raises(NodeError, match="T5TokenizerOptions applies to Chroma's T5"):
+        t5_tokenizer_options(None, ClipHandle("x", encoders=(("t5xxl", "t"),), clip_type="flux"), 1, 0)  # type: ignore[arg-type]

@@ -458,11 +458,38 @@ def _chroma_entry(clip: ClipHandle, cond: Any, text: str) -> Any:
 
     if clip.loras or clip.layer is not None:
         raise NodeError("LoRAs and CLIPSetLastLayer on Chroma's T5 are not supported here")
+    min_padding, min_length = clip.t5_options or (0, 0)
     with torch.inference_mode():
-        _, tokens = cond.t5_tokenizer([text], cond.max_sequence_length)
+        ids, tokens = cond.t5_tokenizer([text], cond.max_sequence_length)
         n = int(torch.as_tensor(tokens)[0].sum())
-        states, _ = cond.t5_states(text)
-    return TextCondition({"crossattn": states[:, :n].to(cond.dtype)})
+        total = max(n + int(min_padding), int(min_length))
+        if total <= n:
+            states, _ = cond.t5_states(text)
+            return TextCondition({"crossattn": states[:, :n].to(cond.dtype)})
+        if total > cond.max_sequence_length:
+            raise NodeError(
+                f"T5TokenizerOptions: {total} tokens (the prompt's {n} with min_padding {min_padding} / min_length "
+                f"{min_length}) are over the {cond.max_sequence_length} T5 takes here"
+            )
+        # ComfyUI's tokenizer: the pads after </s> (min_padding, then up to min_length), and T5 run over them with
+        # no mask (its PixArt T5 encoder masks nothing), the transformer attending to every token
+        param = next(cond.t5.parameters())
+        ids_t = torch.as_tensor(ids, dtype=torch.long)[:, :total].to(param.device)
+        states = cond.t5(ids_t, torch.ones_like(ids_t)).float()
+    return TextCondition({"crossattn": states.to(cond.dtype)})
+
+
+def t5_tokenizer_options(ctx: RunContext, clip: ClipHandle, min_padding: int, min_length: int) -> tuple[Any]:
+    """ComfyUI's T5TokenizerOptions (experimental there): at least ``min_padding`` ``<pad>`` tokens after ``</s>``,
+    and pads up to ``min_length`` tokens; read by Chroma's T5 (CLIPLoader type chroma) here."""
+    if not clip.encoders or clip.clip_type != "chroma":
+        raise NodeError(
+            "T5TokenizerOptions applies to Chroma's T5 (CLIPLoader type chroma) here; SD3's and Flux's T5 take "
+            "their pipelines' fixed padding"
+        )
+    if int(min_padding) < 0 or int(min_length) < 0:
+        raise NodeError("T5TokenizerOptions: min_padding and min_length must be 0 or more")
+    return (replace(clip, t5_options=(int(min_padding), int(min_length))),)
 
 
 def clip_text_encode_sd3(
@@ -1117,6 +1144,21 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         clip_loader,
         description="One text encoder from --models-dir's text_encoders/ or clip/: type chroma, T5-XXL for Chroma "
         "(ComfyUI's encoding: the prompt's tokens and </s>, no padding). ComfyUI's other types are not supported.",
+    ),
+    "T5TokenizerOptions": NodeDef(
+        "T5TokenizerOptions",
+        "T5TokenizerOptions",
+        "_for_testing/conditioning",
+        (
+            Input("clip", "CLIP"),
+            Input("min_padding", "INT", 0, 0, 10000),
+            Input("min_length", "INT", 0, 0, 10000),
+        ),
+        ("CLIP",),
+        t5_tokenizer_options,
+        description="Chroma's T5 (CLIPLoader type chroma) as ComfyUI's tokenizer options: min_padding <pad> tokens "
+        "after </s>, then pads up to min_length; T5 reads them unmasked and the transformer attends to them "
+        "(ComfyUI's rule; diffusers masks T5's padding). Other CLIPs: a node error.",
     ),
     "DualCLIPLoader": NodeDef(
         "DualCLIPLoader",
