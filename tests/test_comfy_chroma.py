@@ -127,22 +127,22 @@ def test_clip_loader_refuses_other_types(chroma):
         clip_loader(None, "t5xxl.safetensors", "stable_diffusion")  # type: ignore[arg-type]
 
 
-def test_chroma_lengths_follow_comfyuis_batching_rule():
+def testchroma_lengths_follow_comfyuis_batching_rule():
     """ComfyUI's CONDCrossAttn.can_concat: repeated to the common length where that is at most 4 x the shorter
     (cfg not 1), else each at its own length (zeros padded and masked out here)."""
     import torch
 
     from sdengine.latent_sampling import TextCondition
-    from sdengine.server.comfy.nodes_sd3_flux import _chroma_lengths
+    from sdengine.server.comfy.nodes_sd3_flux import chroma_lengths
 
     def entry(n: int) -> list[Any]:
         return [TextCondition({"crossattn": torch.ones(1, n, 4)})]
 
-    pos, neg = _chroma_lengths(entry(6), entry(3), 4.0)  # lcm 6 = 2 x 3: batched, repeated by the sampler
+    pos, neg = chroma_lengths(entry(6), entry(3), 4.0)  # lcm 6 = 2 x 3: batched, repeated by the sampler
     assert pos[0].cond["crossattn"].shape[1] == 6 and neg[0].cond["crossattn"].shape[1] == 3
     assert "text_mask" not in pos[0].cond
     for a, b, cfg in ((6, 3, 1.0), (9, 5, 4.0)):  # cfg 1, or lcm 45 = 9 x 5: each at its own length
-        pos, neg = _chroma_lengths(entry(a), entry(b), cfg)
+        pos, neg = chroma_lengths(entry(a), entry(b), cfg)
         assert pos[0].cond["crossattn"].shape[1] == neg[0].cond["crossattn"].shape[1] == a
         assert neg[0].cond["text_mask"].sum() == b and neg[0].cond["crossattn"][0, b:].abs().max() == 0
         assert pos[0].cond["text_mask"].all()

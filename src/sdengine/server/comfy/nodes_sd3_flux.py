@@ -144,10 +144,10 @@ def _load_transformer(
     if is_chroma_file(path):  # before Flux's: a Chroma file has Flux's block names too
         from sdengine.weights.chroma_file import load_chroma_transformer
 
-        net = load_chroma_transformer(path, device=dev, dtype=dtype).eval().requires_grad_(False)
+        chroma = load_chroma_transformer(path, device=dev, dtype=dtype).eval().requires_grad_(False)
         if stored is not None:
-            to_storage(net, stored)
-        return "chroma", net
+            to_storage(chroma, stored)
+        return "chroma", chroma
     if is_flux_file(path):
         from sdengine.weights.flux_file import load_flux_transformer
 
@@ -964,7 +964,7 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
     return out
 
 
-def _chroma_lengths(positive: list[Any], negative: list[Any], cfg: float) -> tuple[list[Any], list[Any]]:
+def chroma_lengths(positive: list[Any], negative: list[Any], cfg: float) -> tuple[list[Any], list[Any]]:
     """Chroma's positive and negative token states as ComfyUI batches them (its ``CONDCrossAttn.can_concat``):
     states of different lengths are repeated to their least common multiple where that is at most 4 times the
     shorter (the two run as one batch, the repeated tokens weighing more in the joint attention); otherwise, and at
@@ -1068,7 +1068,7 @@ def sample_flow(
             _fit_conditioning(negative, family, guidance, widths),
         )
         if family == "chroma":
-            fitted = _chroma_lengths(*fitted, cfg)
+            fitted = chroma_lengths(*fitted, cfg)
         with _transformer_loras(ctx, model, family):
             out = sample_flow_latents(
                 flow,
