@@ -116,7 +116,7 @@ def test_chroma_refusals(chroma):
     g["12"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["3", 0], "latent": ["7", 0]}}
     g["8"]["inputs"]["positive"] = ["12", 0]
     g["8"]["inputs"]["cfg"] = 1.0
-    assert "ReferenceLatent is FLUX.1 Kontext's; chroma-tiny.safetensors is an CHROMA model" in _node_error(root, g)
+    assert "ReferenceLatent is FLUX.1 Kontext's; chroma-tiny.safetensors is a Chroma model" in _node_error(root, g)
 
 
 def test_clip_loader_refuses_other_types(chroma):

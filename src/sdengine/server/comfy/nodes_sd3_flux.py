@@ -599,7 +599,8 @@ def sampling_references(
     if not pos and not neg:
         return [], method
     if family != "flux":
-        raise NodeError(f"ReferenceLatent is FLUX.1 Kontext's; {name} is an {family.upper()} model")
+        label = {"sd3": "an SD3", "chroma": "a Chroma"}.get(family, f"a {family}")
+        raise NodeError(f"ReferenceLatent is FLUX.1 Kontext's; {name} is {label} model")
     runs_negative = float(cfg) != 1.0
     same = len(pos) == len(neg) and all(a is b or torch.equal(a, b) for a, b in zip(pos, neg, strict=True))
     same = same and {str(getattr(c, "reference_method", None) or "offset") for c in negative} <= {method}
