@@ -25,7 +25,7 @@ from _flux_models import make_flux_folder  # noqa: E402
 from _pipeline_models import mask_picture, picture  # noqa: E402
 from sdengine.server.comfy.nodes import NodeError  # noqa: E402
 from sdengine.server.comfy.nodes_sd3_flux import flux_concat  # noqa: E402
-from test_comfy_sd3_flux import PROMPT, TOL, _clip_file, _ldm_vae, _node_error, _pixels, _run, _save  # noqa: E402
+from test_comfy_sd3_flux import PROMPT, TOL, _clip_file, _ldm_vae, _node_error, _pixels, _run, _save, flux  # noqa: E402, F401
 
 SEED, STEPS = 5, 3
 W, H = 48, 32  # the tiny VAE is 2x: a 24 x 16 latent, 12 x 8 = 96 tokens (ModelSamplingFlux's 192 x 128)
@@ -205,3 +205,31 @@ def test_flux_concat_resizes_about_the_centre():
     mask = torch.ones(1, 8, 8)
     out = flux_concat({"concat": torch.zeros(1, 16, 2, 2), "concat_mask": mask}, "fill", 2, (1, 16, 2, 2), None)
     assert out.shape == (1, 20, 2, 2) and out[:, 16:].min() == 1.0
+
+
+def test_inpaint_model_conditioning_on_a_plain_flux_model_is_its_noise_mask(flux):  # noqa: F811
+    """On FLUX.1 [dev] (64 numbers in per token) the conditionings' image and mask are left out, as ComfyUI's
+    concat_cond leaves them: the same image as VAEEncode + SetLatentNoiseMask of the same picture and mask."""
+    from test_comfy_sd3_flux import flux_graph
+
+    root, _ = flux
+    (root / "in").mkdir(exist_ok=True)
+    picture(W, H).save(root / "in" / "init.png")
+    mask_picture(W, H).convert("RGB").save(root / "in" / "mask.png")
+    g = flux_graph()
+    g["20"] = {"class_type": "LoadImage", "inputs": {"image": "init.png"}}
+    g["21"] = {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}}
+    g["22"] = {
+        "class_type": "InpaintModelConditioning",
+        "inputs": {"positive": ["4", 0], "negative": ["5", 0], "vae": ["9", 0], "pixels": ["20", 0], "mask": ["21", 0]},
+    }
+    g["22"]["inputs"]["noise_mask"] = True
+    g["8"]["inputs"].update(positive=["22", 0], negative=["22", 1], latent_image=["22", 2])
+    ours = _pixels(_run(root, g)["10"][0])
+    h = flux_graph()
+    h["20"], h["21"] = g["20"], g["21"]
+    h["23"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["9", 0]}}
+    h["24"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["23", 0], "mask": ["21", 0]}}
+    h["8"]["inputs"]["latent_image"] = ["24", 0]
+    theirs = _pixels(_run(root, h)["10"][0])
+    assert ours.shape == (H, W, 3) and np.abs(ours - theirs).max() < TOL
