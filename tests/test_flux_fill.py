@@ -227,12 +227,14 @@ def test_cli_fill_and_control(fill, control, tmp_path):
     assert main(["generate", "--model", str(control[0]), PROMPT, *size, "--out", str(tmp_path / "x.png")]) != 0
 
 
-def test_comfyui_route_refuses_fill_models_in_one_line(fill, tmp_path):
-    """UNETLoader on flux1-fill-dev: one node error naming the model and what runs it instead."""
+def test_comfyui_route_runs_a_fill_model_without_an_image_as_comfyui(fill, tmp_path):
+    """UNETLoader on flux1-fill-dev in a text-only graph (no InpaintModelConditioning): it runs as ComfyUI's
+    Flux.concat_cond does, on a zero image latent (scaled in) and an all-ones mask (tests/test_comfy_flux_fill.py
+    holds the Fill workflows against the pipeline)."""
     from safetensors.torch import load_file
 
     from sdengine.weights.flux_file import diffusers_to_bfl
-    from test_comfy_sd3_flux import _clip_file, _ldm_vae, _node_error, _save, flux_graph
+    from test_comfy_sd3_flux import _clip_file, _ldm_vae, _run, _save, flux_graph
 
     folder = fill[0]
     models = tmp_path / "models"
@@ -241,9 +243,9 @@ def test_comfyui_route_refuses_fill_models_in_one_line(fill, tmp_path):
     _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
     _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
     _save(_ldm_vae(folder), tmp_path / "vaes" / "ae.safetensors")
-    message = _node_error(tmp_path, flux_graph())
-    assert "flux1-tiny.safetensors is a FLUX.1 Fill, Depth or Canny model" in message
-    assert "not supported by the ComfyUI route yet" in message
+    out = _run(tmp_path, flux_graph())
+    image = out["10"][0]
+    assert image.shape == (1, 16, 16, 3) and bool(torch.isfinite(image).all()) and float(image.std()) > 0.01
 
 
 def test_a1111_img2img_with_a_mask_on_a_fill_model(tmp_path):

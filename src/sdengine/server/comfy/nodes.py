@@ -243,6 +243,8 @@ class ClipHandle:
     # and their type ("sd3", "flux"); ``ref`` then names them ("text-encoders:...": nodes_sd3_flux.py)
     encoders: tuple[tuple[str, str], ...] = ()
     clip_type: str = ""
+    # T5TokenizerOptions' (min_padding, min_length) (nodes_sd3_flux.py: Chroma's T5); None: not set
+    t5_options: tuple[int, int] | None = None
 
     def clip_skip(self, pipe: Any) -> int:
         """The pipeline's clip_skip for ComfyUI's layer. SD 1.x: -1 is the last layer (A1111's clip skip 1),

@@ -38,6 +38,7 @@ the guiders over three conditionings, the samplers that are not right on flow mo
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -67,7 +68,11 @@ from sdengine.server.comfy.nodes import (
 
 FLOW_FAMILIES = ("sd3", "flux")
 # ComfyUI's latent formats (comfy/latent_formats.py SD3 and Flux): model latents = (raw - shift) * scale
-LATENT_FORMATS: dict[str, tuple[float, float]] = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+LATENT_FORMATS: dict[str, tuple[float, float]] = {
+    "sd3": (1.5305, 0.0609),
+    "flux": (0.3611, 0.1159),
+    "chroma": (0.3611, 0.1159),  # ComfyUI's Chroma: Flux's latent format
+}
 FLOW_CHANNELS = 16
 LATENT_FACTOR = 8  # EmptySD3LatentImage's: width // 8 x height // 8, whatever the VAE
 SD3_SHIFT = 3.0  # ComfyUI's SD3 / SD3.5 sampling settings (ModelSamplingDiscreteFlow)
@@ -75,6 +80,7 @@ FLUX_DEV_MU = 1.15  # ComfyUI's FLUX.1 [dev] sampling settings (ModelSamplingFlu
 FLUX_GUIDANCE = 3.5  # ComfyUI's Flux: the distilled guidance where a conditioning sets none
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 CLIP_TYPES = ("sd3", "flux")
+CLIP_LOADER_TYPES = ("chroma",)  # CLIPLoader's types run here (ComfyUI's list is longer: the others are refused)
 MAX_FLOAT = 100.0
 SIDE_MAX = 16384
 
@@ -131,9 +137,17 @@ def _load_transformer(
     """(family, network) of a diffusion-model file: a Flux transformer (BFL's / ComfyUI's names) or SD3's MMDiT;
     ``stored``: its weights held in that float8 dtype (UNETLoader's weight_dtype, :mod:`sdengine.nn.fp8_storage`)."""
     from sdengine.nn.fp8_storage import to_storage
+    from sdengine.pipeline.chroma_loading import is_chroma_file
     from sdengine.pipeline.flux_loading import is_flux_file
     from sdengine.weights.sd3_files import is_sd3_file
 
+    if is_chroma_file(path):  # before Flux's: a Chroma file has Flux's block names too
+        from sdengine.weights.chroma_file import load_chroma_transformer
+
+        chroma = load_chroma_transformer(path, device=dev, dtype=dtype).eval().requires_grad_(False)
+        if stored is not None:
+            to_storage(chroma, stored)
+        return "chroma", chroma
     if is_flux_file(path):
         from sdengine.weights.flux_file import load_flux_transformer
 
@@ -149,8 +163,8 @@ def _load_transformer(
             to_storage(mmdit, stored)
         return "sd3", mmdit
     raise NodeError(
-        f"{path.name} is neither a Flux transformer (double_blocks.*) nor SD3's MMDiT (joint_blocks.*): UNETLoader "
-        "loads those here (an SD 1.x/SDXL U-Net loads with CheckpointLoaderSimple)"
+        f"{path.name} is neither a Flux / Chroma transformer (double_blocks.*) nor SD3's MMDiT (joint_blocks.*): "
+        "UNETLoader loads those here (an SD 1.x/SDXL U-Net loads with CheckpointLoaderSimple)"
     )
 
 
@@ -224,6 +238,19 @@ def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) 
 
     files = dict(clip.encoders)
     t5 = load_t5_encoder(Path(files["t5xxl"]), device=dev, dtype=dtype) if "t5xxl" in files else None
+    if clip.clip_type == "chroma":
+        from sdengine.text.chroma_conditioner import ChromaConditioner
+
+        assert t5 is not None
+        width = int(t5.config.d_model)
+        return ChromaConditioner(
+            t5,
+            load_t5_tokenizer(None),
+            joint_attention_dim=width,
+            dtype=dtype,
+            device=dev,
+            name=Path(files["t5xxl"]).name,
+        )
     tok_l = clip_tokenizer(None)
     if clip.clip_type == "flux":
         from sdengine.pipeline.flux_loading import load_clip_l
@@ -346,6 +373,26 @@ def _clip_loader(ctx: RunContext, names: list[str], clip_type: str, node: str) -
     return (handle,)
 
 
+def clip_loader(ctx: RunContext, clip_name: str, type: str = "chroma", device: str = "default") -> tuple[Any]:
+    """ComfyUI's CLIPLoader with type ``chroma``: T5-XXL alone, encoded as ComfyUI's Chroma text encoder (the
+    prompt's pieces and ``</s>``, no padding; see :func:`encode_flow`)."""
+    if type not in CLIP_LOADER_TYPES:
+        raise NodeError(
+            f"CLIPLoader: type {type!r} is not supported here; use {', '.join(CLIP_LOADER_TYPES)} (SD3 / Flux: "
+            "DualCLIPLoader or TripleCLIPLoader; SD 1.x / SDXL: the checkpoint's CLIP)"
+        )
+    path = ctx.catalog.resolve_text_encoder(clip_name)
+    try:
+        t5 = _is_t5_file(path)
+    except (OSError, SdengineError) as e:
+        raise NodeError(f"CLIPLoader: {str(e).splitlines()[0]}") from None
+    if not t5:
+        raise NodeError(f"CLIPLoader type chroma takes a T5-XXL encoder (t5xxl_*.safetensors); {path.name} is not one")
+    handle = ClipHandle(TEXT_ENCODERS_REF + str(path), encoders=(("t5xxl", str(path)),), clip_type="chroma")
+    _conditioner(ctx, handle)  # load now: a broken file fails at this node
+    return (handle,)
+
+
 def dual_clip_loader(ctx: RunContext, clip_name1: str, clip_name2: str, type: str, device: str = "default") -> Any:
     """ComfyUI's DualCLIPLoader: type ``sd3`` (CLIP-L + bigG, T5's tokens zeros) or ``flux`` (CLIP-L + T5-XXL)."""
     return _clip_loader(ctx, [clip_name1, clip_name2], type, "DualCLIPLoader")
@@ -387,6 +434,8 @@ def encode_flow(ctx: RunContext, clip: ClipHandle, text: str) -> Any:
     prompt (SD3: CLIP-L + bigG states zero-padded, T5's 256 tokens, the two pooled outputs; Flux: T5's states and
     CLIP-L's pooled output)."""
     family, cond = _conditioner(ctx, clip)
+    if family == "chroma":
+        return _chroma_entry(clip, cond, str(text))
     with _encoder_loras(clip, cond, family):
         if family == "sd3":
             states, pooled = cond.text(str(text), _sd3_clip_skip(clip, cond))
@@ -397,6 +446,50 @@ def encode_flow(ctx: RunContext, clip: ClipHandle, text: str) -> Any:
 
         out = cond.text(str(text))
         return TextCondition(out, pooled_width=int(out["vector"].shape[-1]))
+
+
+def _chroma_entry(clip: ClipHandle, cond: Any, text: str) -> Any:
+    """ComfyUI's Chroma text encoding (its PixArt T5 encoder and tokenizer, ``comfy/text_encoders/pixart_t5.py``):
+    T5's states of the prompt's pieces and ``</s>`` alone, no padding and no mask, every token attended. diffusers'
+    ChromaPipeline (and sdengine's) pads to 512 and lets the transformer attend to the first ``<pad>`` as well
+    (:data:`sdengine.text.chroma_conditioner.KEPT_PADS`): the one difference. T5 runs with its mask there, so the
+    prompt's states are the same; a prompt over 512 tokens is cut at 512 here (ComfyUI takes it whole)."""
+    from sdengine.latent_sampling import TextCondition
+
+    if clip.loras or clip.layer is not None:
+        raise NodeError("LoRAs and CLIPSetLastLayer on Chroma's T5 are not supported here")
+    min_padding, min_length = clip.t5_options or (0, 0)
+    with torch.inference_mode():
+        ids, tokens = cond.t5_tokenizer([text], cond.max_sequence_length)
+        n = int(torch.as_tensor(tokens)[0].sum())
+        total = max(n + int(min_padding), int(min_length))
+        if total <= n:
+            states, _ = cond.t5_states(text)
+            return TextCondition({"crossattn": states[:, :n].to(cond.dtype)})
+        if total > cond.max_sequence_length:
+            raise NodeError(
+                f"T5TokenizerOptions: {total} tokens (the prompt's {n} with min_padding {min_padding} / min_length "
+                f"{min_length}) are over the {cond.max_sequence_length} T5 takes here"
+            )
+        # ComfyUI's tokenizer: the pads after </s> (min_padding, then up to min_length), and T5 run over them with
+        # no mask (its PixArt T5 encoder masks nothing), the transformer attending to every token
+        param = next(cond.t5.parameters())
+        ids_t = torch.as_tensor(ids, dtype=torch.long)[:, :total].to(param.device)
+        states = cond.t5(ids_t, torch.ones_like(ids_t)).float()
+    return TextCondition({"crossattn": states.to(cond.dtype)})
+
+
+def t5_tokenizer_options(ctx: RunContext, clip: ClipHandle, min_padding: int, min_length: int) -> tuple[Any]:
+    """ComfyUI's T5TokenizerOptions (experimental there): at least ``min_padding`` ``<pad>`` tokens after ``</s>``,
+    and pads up to ``min_length`` tokens; read by Chroma's T5 (CLIPLoader type chroma) here."""
+    if not clip.encoders or clip.clip_type != "chroma":
+        raise NodeError(
+            "T5TokenizerOptions applies to Chroma's T5 (CLIPLoader type chroma) here; SD3's and Flux's T5 take "
+            "their pipelines' fixed padding"
+        )
+    if int(min_padding) < 0 or int(min_length) < 0:
+        raise NodeError("T5TokenizerOptions: min_padding and min_length must be 0 or more")
+    return (replace(clip, t5_options=(int(min_padding), int(min_length))),)
 
 
 def clip_text_encode_sd3(
@@ -506,7 +599,8 @@ def sampling_references(
     if not pos and not neg:
         return [], method
     if family != "flux":
-        raise NodeError(f"ReferenceLatent is FLUX.1 Kontext's; {name} is an SD3 model")
+        label = {"sd3": "an SD3", "chroma": "a Chroma"}.get(family, f"a {family}")
+        raise NodeError(f"ReferenceLatent is FLUX.1 Kontext's; {name} is {label} model")
     runs_negative = float(cfg) != 1.0
     same = len(pos) == len(neg) and all(a is b or torch.equal(a, b) for a, b in zip(pos, neg, strict=True))
     same = same and {str(getattr(c, "reference_method", None) or "offset") for c in negative} <= {method}
@@ -566,12 +660,14 @@ def _schedule(family: str, guidance_embeds: bool, model: ModelHandle) -> Any:
 
     if model.flow_sampling:
         kind, value = model.flow_sampling
-        if kind != family:
+        if kind != family and not (kind == "flux" and family == "chroma"):
             node = "ModelSamplingSD3" if kind == "sd3" else "ModelSamplingFlux"
             raise NodeError(f"{node} is for {kind.upper()} models; this is a {family.upper()} model")
         return FlowSchedule.sd3(value) if kind == "sd3" else FlowSchedule.flux(mu=value)
     if family == "sd3":
         return FlowSchedule.sd3(SD3_SHIFT)
+    if family == "chroma":  # ComfyUI's Chroma: ModelSamplingFlux's default shift (mu 1.15)
+        return FlowSchedule.flux(mu=FLUX_DEV_MU)
     return FlowSchedule.flux(mu=FLUX_DEV_MU) if guidance_embeds else FlowSchedule(shift=1.0)
 
 
@@ -586,6 +682,10 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
         family, net = _transformer(ctx, model)
         dev, dtype = _device_dtype(ctx)
         adapter: Any = FluxAdapter(net, dtype) if family == "flux" else MMDiTAdapter(net, dtype)
+        if family == "chroma":
+            from sdengine.pipeline.chroma import ChromaAdapter
+
+            adapter = ChromaAdapter(net, dtype)
         name = Path(model.diffusion_model).name
     else:
         pipe = ctx.pipeline(model.ref)
@@ -593,14 +693,7 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
         net, dev, name, dtype = pipe.unet, pipe.device, pipe.name, pipe.dtype
         adapter = pipe.network_adapter(net)
     guidance = bool(getattr(net.config, "guidance_embeds", False))
-    widths = (int(net.config.joint_attention_dim), int(net.config.pooled_projection_dim))
-    wider = int(net.config.in_channels) - int(getattr(net.config, "out_channels", None) or net.config.in_channels)
-    if family == "flux" and wider:  # FLUX.1 Fill / Depth / Canny: their image latent beside the noisy one
-        raise NodeError(
-            f"{name} is a FLUX.1 Fill, Depth or Canny model (an image latent beside the noisy one): not supported "
-            "by the ComfyUI route yet (InpaintModelConditioning / InstructPixToPixConditioning on Flux); use the "
-            "Python API or `sdengine generate` (docs/flux.md)"
-        )
+    widths = (int(net.config.joint_attention_dim), int(getattr(net.config, "pooled_projection_dim", 0)))
     skipping = None
     if family == "sd3":  # the MMDiT with blocks left out (SkipLayerGuidanceSD3), through the same adapter
 
@@ -609,6 +702,106 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
 
     flow = FlowModel(adapter, _schedule(family, guidance, model), FLOW_CHANNELS, dev, name, skipping)
     return family, flow, guidance, widths
+
+
+def _image_input(ctx: RunContext, model: ModelHandle, family: str) -> tuple[str, int]:
+    """(kind, fold) of a flow MODEL: "plain", or FLUX.1 Depth / Canny's "control" (the image latent beside the noisy
+    one) and Fill's "fill" (the mask too, folded ``fold`` x ``fold`` per latent pixel: 8 for Flux.1's VAE), read off
+    the numbers per image token the transformer takes and gives (:func:`sdengine.pipeline.flux_fill.flux_kind`)."""
+    net = _transformer(ctx, model)[1] if model.diffusion_model else ctx.pipeline(model.ref).unet
+    if family != "flux":
+        return "plain", 0
+    c_in = int(net.config.in_channels)
+    c_out = int(getattr(net.config, "out_channels", None) or c_in)
+    if c_in == c_out:
+        return "plain", 0
+    if c_in == 2 * c_out:
+        return "control", 0
+    fold = round(math.sqrt(max(c_in - 2 * c_out, 0) / 4))
+    if fold < 1 or c_in != 2 * c_out + 4 * fold * fold:
+        raise NodeError(
+            f"the Flux transformer takes {c_in} numbers per image token and gives {c_out}: neither FLUX.1 "
+            f"[dev]/[schnell], Depth/Canny ({2 * c_out}) nor Fill ({2 * c_out} + 4 x a square mask fold)"
+        )
+    return "fill", fold
+
+
+CONCAT_KEYS = ("concat", "concat_latent_image", "concat_mask")  # what the editing nodes set on a conditioning
+
+
+def _fit_batch(x: torch.Tensor, b: int, what: str) -> torch.Tensor:
+    if x.shape[0] == b:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(b, *x.shape[1:])
+    raise NodeError(f"{what}: a batch of {x.shape[0]} for a latent batch of {b}; give one (or one per row)")
+
+
+def _bilinear_centred(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``x`` (B, C, H, W) cut about its centre to the aspect of ``w`` x ``h`` and resized bilinearly to it (ComfyUI's
+    ``common_upscale(..., "bilinear", "center")``)."""
+    h0, w0 = int(x.shape[2]), int(x.shape[3])
+    if w0 / h0 > w / h:
+        cut = round((w0 - w0 * (w / h) / (w0 / h0)) / 2)
+        x = x[:, :, :, cut : w0 - cut]
+    elif w0 / h0 < w / h:
+        cut = round((h0 - h0 * (w0 / h0) / (w / h)) / 2)
+        x = x[:, :, cut : h0 - cut, :]
+    return F.interpolate(x, size=(h, w), mode="bilinear")
+
+
+def flux_concat(
+    cond: dict[str, Any], kind: str, fold: int, shape: tuple[int, ...], noise_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """What a FLUX.1 Depth / Canny (``control``) or Fill (``fill``) transformer reads beside the noisy latent of
+    ``shape`` (B, 16, h, w) for one conditioning entry, as ComfyUI's ``Flux.concat_cond``: the entry's image latent
+    (InpaintModelConditioning's ``concat_latent_image`` or InstructPixToPixConditioning's ``concat``, a raw VAE
+    latent; zeros where it has none) resized (bilinear, centred) to the latent and scaled in (``(z - shift) *
+    scale``, zeros too); for Fill then the mask (``concat_mask``, else the latent's noise mask, else all ones), its
+    channels averaged, resized (bilinear) to ``fold`` x the latent's sides and folded ``fold`` x ``fold`` into
+    channels per latent pixel (channel ``fold * dy + dx``)."""
+    b, _, h, w = (int(v) for v in shape)
+    image = cond.get("concat_latent_image")
+    if image is None:
+        image = cond.get("concat")
+    if image is None:
+        image = torch.zeros(b, FLOW_CHANNELS, h, w)
+    image = image.float()
+    if image.ndim != 4 or image.shape[1] != FLOW_CHANNELS:
+        raise NodeError(
+            f"the image latent on the conditioning is {tuple(image.shape)}: FLUX.1 Fill / Depth / Canny read a "
+            "16-channel one (encode the image with the Flux VAE)"
+        )
+    if tuple(image.shape[-2:]) != (h, w):
+        image = _bilinear_centred(image, h, w)
+    scale, shift = LATENT_FORMATS["flux"]
+    image = (_fit_batch(image.cpu(), b, "the image latent") - shift) * scale
+    if kind == "control":
+        return image
+    mask = cond.get("concat_mask", noise_mask)
+    if mask is None:
+        mask = torch.ones(b, 1, h, w)
+    m = mask.float().cpu()
+    m = m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m
+    m = m.mean(dim=1, keepdim=True)
+    if tuple(m.shape[-2:]) != (h * fold, w * fold):
+        m = _bilinear_centred(m, h * fold, w * fold)
+    m = F.pixel_unshuffle(m, fold)
+    return torch.cat([image, _fit_batch(m, b, "the mask")], dim=1)
+
+
+def _with_concat(
+    entries: list[Any], kind: str, fold: int, shape: tuple[int, ...], noise_mask: torch.Tensor | None
+) -> list[Any]:
+    """The entries with what the model reads beside the noisy latent (``concat``, :func:`flux_concat`) on a FLUX.1
+    Fill / Depth / Canny model; the editing nodes' images left out on other models, as ComfyUI's leave them."""
+    out = []
+    for e in entries:
+        cond = {k: v for k, v in e.cond.items() if k not in CONCAT_KEYS}
+        if kind != "plain":
+            cond["concat"] = flux_concat(e.cond, kind, fold, shape, noise_mask)
+        out.append(replace(e, cond=cond))
+    return out
 
 
 def is_flow_model(ctx: RunContext, model: ModelHandle) -> bool:
@@ -667,8 +860,10 @@ def _check_patches(model: ModelHandle, family: str) -> None:
     """The U-Net patches a flow MODEL carries are refused; LoRAs apply to SD3's MMDiT and Flux's transformer (every
     format the pipelines take, :mod:`sdengine.weights.lora_dit_keys`)."""
     on = [label for field, label in _UNET_PATCHES[1:] if getattr(model, field, None)]
+    if family == "chroma" and model.loras:
+        on.insert(0, "LoRAs (LoraLoader)")
     if on:
-        label = "SD3" if family == "sd3" else "Flux"
+        label = {"sd3": "SD3", "chroma": "Chroma"}.get(family, "Flux")
         raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on {label} models here")
 
 
@@ -736,6 +931,17 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
         if x is None or x.ndim != 3:
             raise NodeError("this conditioning has no token states (crossattn): encode it with the model's CLIP")
         joint, pooled = widths
+        if family == "chroma":  # T5's states alone (ComfyUI's Chroma: no pooled vector, the guidance input 0)
+            if int(x.shape[-1]) != joint or "vector" in cond:
+                raise NodeError("this conditioning is not this Chroma model's (encode it with CLIPLoader type chroma)")
+            g = cond.pop("guidance", None)
+            if g is not None and bool(torch.any(g != 0)):
+                raise NodeError(
+                    "FluxGuidance on a Chroma model: sdengine's Chroma runs its guidance input at 0 (ComfyUI's "
+                    "default); leave FluxGuidance out"
+                )
+            out.append(replace(e, cond=cond))
+            continue
         vector = cond.get("vector")
         label = "SD3" if family == "sd3" else "Flux"
         if vector is None or int(vector.shape[-1]) != pooled or (family == "sd3" and "guidance" in cond):
@@ -757,6 +963,29 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
                 cond.pop("guidance", None)
         out.append(replace(e, cond=cond))
     return out
+
+
+def chroma_lengths(positive: list[Any], negative: list[Any], cfg: float) -> tuple[list[Any], list[Any]]:
+    """Chroma's positive and negative token states as ComfyUI batches them (its ``CONDCrossAttn.can_concat``):
+    states of different lengths are repeated to their least common multiple where that is at most 4 times the
+    shorter (the two run as one batch, the repeated tokens weighing more in the joint attention); otherwise, and at
+    cfg 1 (no negative pass), each runs at its own length: here both padded with zeros to one length and the padding
+    masked out of the attention (``text_mask``), which gives the same."""
+    if len(positive) != 1 or len(negative) != 1:
+        return positive, negative
+    a, b = positive[0].cond["crossattn"], negative[0].cond["crossattn"]
+    la, lb = int(a.shape[1]), int(b.shape[1])
+    if la == lb:
+        return positive, negative
+    if float(cfg) != 1.0 and math.lcm(la, lb) // min(la, lb) <= 4:
+        return positive, negative  # repeated to the common length by the sampler (sdengine's _match_length)
+    n = max(la, lb)
+    out = []
+    for e, x in ((positive[0], a), (negative[0], b)):
+        mask = (torch.arange(n) < int(x.shape[1]))[None].expand(x.shape[0], -1)
+        cond = {**e.cond, "crossattn": F.pad(x, (0, 0, 0, n - int(x.shape[1]))), "text_mask": mask}
+        out.append([replace(e, cond=cond)])
+    return out[0], out[1]
 
 
 def sample_flow(
@@ -812,6 +1041,9 @@ def sample_flow(
                 "give one reference image (or one per row)"
             )
     discard = sampler_name in DISCARD_PENULTIMATE_SAMPLERS if discard_penultimate is None else discard_penultimate
+    kind, fold = _image_input(ctx, model, family)
+    positive = _with_concat(positive, kind, fold, tuple(z.shape), latent_image.get("noise_mask"))
+    negative = _with_concat(negative, kind, fold, tuple(z.shape), latent_image.get("noise_mask"))
     try:
         if sigmas is None:
             sigmas = flow_sigmas(
@@ -832,11 +1064,17 @@ def sample_flow(
                 last_denoised[:] = [_raw_out(r.denoised.float(), family)]
             return ctx.progress(r.step, r.steps, r.denoised) if ctx.progress is not None else True
 
+        fitted = (
+            _fit_conditioning(positive, family, guidance, widths),
+            _fit_conditioning(negative, family, guidance, widths),
+        )
+        if family == "chroma":
+            fitted = chroma_lengths(*fitted, cfg)
         with _transformer_loras(ctx, model, family):
             out = sample_flow_latents(
                 flow,
-                _fit_conditioning(positive, family, guidance, widths),
-                _fit_conditioning(negative, family, guidance, widths),
+                fitted[0],
+                fitted[1],
                 _raw_in(z.float(), family),
                 sigmas,
                 seed=int(seed),
@@ -888,11 +1126,40 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ),
         ("MODEL",),
         unet_loader,
-        description="A Flux or SD3 transformer file alone from --models-dir's diffusion_models/ or unet/ (BFL's, "
-        "ComfyUI's or Stability's names). weight_dtype fp8_e4m3fn / fp8_e5m2 hold its Linear and Conv2d weights in "
-        "float8, cast to the compute dtype at each use (half the memory of 16-bit weights; biases and norms stay); "
-        "fp8_e4m3fn_fast runs as that storage alone, ComfyUI's own fallback on a device without fp8 products; "
-        "LoRAs apply at run time over the stored weights (docs/fp8-storage.md).",
+        description="A Flux, Chroma or SD3 transformer file alone from --models-dir's diffusion_models/ or unet/ "
+        "(BFL's, ComfyUI's or Stability's names). weight_dtype fp8_e4m3fn / fp8_e5m2 hold its Linear and Conv2d "
+        "weights in float8, cast to the compute dtype at each use (half the memory of 16-bit weights; biases and "
+        "norms stay); fp8_e4m3fn_fast runs as that storage alone, ComfyUI's own fallback on a device without fp8 "
+        "products; LoRAs apply at run time over the stored weights (docs/fp8-storage.md).",
+    ),
+    "CLIPLoader": NodeDef(
+        "CLIPLoader",
+        "Load CLIP",
+        "advanced/loaders",
+        (
+            Input("clip_name", "COMBO", choices=_text_encoders),
+            Input("type", "COMBO", "chroma", choices=CLIP_LOADER_TYPES),
+            Input("device", "COMBO", "default", choices=("default", "cpu"), optional=True),
+        ),
+        ("CLIP",),
+        clip_loader,
+        description="One text encoder from --models-dir's text_encoders/ or clip/: type chroma, T5-XXL for Chroma "
+        "(ComfyUI's encoding: the prompt's tokens and </s>, no padding). ComfyUI's other types are not supported.",
+    ),
+    "T5TokenizerOptions": NodeDef(
+        "T5TokenizerOptions",
+        "T5TokenizerOptions",
+        "_for_testing/conditioning",
+        (
+            Input("clip", "CLIP"),
+            Input("min_padding", "INT", 0, 0, 10000),
+            Input("min_length", "INT", 0, 0, 10000),
+        ),
+        ("CLIP",),
+        t5_tokenizer_options,
+        description="Chroma's T5 (CLIPLoader type chroma) as ComfyUI's tokenizer options: min_padding <pad> tokens "
+        "after </s>, then pads up to min_length; T5 reads them unmasked and the transformer attends to them "
+        "(ComfyUI's rule; diffusers masks T5's padding). Other CLIPs: a node error.",
     ),
     "DualCLIPLoader": NodeDef(
         "DualCLIPLoader",

@@ -1,0 +1,178 @@
+"""Chroma through sdengine's ComfyUI nodes: UNETLoader on a Chroma transformer file (BFL's names with the
+``distilled_guidance_layer``), CLIPLoader type ``chroma`` on a T5-XXL file, CLIPTextEncode with a real negative,
+ModelSamplingFlux and KSampler, on a tiny random Chroma saved by diffusers, held against the Python pipeline
+(pipeline/chroma.py) on the same weights.
+
+ComfyUI's Chroma text (its PixArt T5 tokenizer: the prompt's pieces and ``</s>``, no padding, no mask) differs from
+diffusers' ChromaPipeline's in one token: diffusers pads to 512 and the transformer attends to the first ``<pad>``
+too (``KEPT_PADS`` 1). The workflow equals the pipeline with ``KEPT_PADS`` 0 (T5 runs with its mask, so the
+prompt's states are the same); with the pipeline's own rule the images differ by that pad token's attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+
+import sdengine  # noqa: E402
+from _chroma_models import make_chroma_folder  # noqa: E402
+from test_comfy_sd3_flux import NEGATIVE, PROMPT, TOL, _ldm_vae, _node_error, _pixels, _run, _save  # noqa: E402
+
+SEED, STEPS, SIDE = 5, 4, 64  # EmptySD3LatentImage 64: an 8 x 8 latent, 16 pixels out of the tiny 2x VAE
+
+
+@pytest.fixture(scope="module")
+def chroma(tmp_path_factory):
+    from safetensors.torch import load_file
+
+    from sdengine.weights.chroma_file import diffusers_to_bfl
+
+    root = tmp_path_factory.mktemp("comfy_chroma")
+    folder = make_chroma_folder(root / "chroma-folder", seed=2)
+    models = root / "models"
+    sd = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    _save(diffusers_to_bfl(sd), models / "diffusion_models" / "chroma-tiny.safetensors")
+    _save(load_file(folder / "text_encoder" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
+    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+    return root, sdengine.load_pipeline(folder, device="cpu")
+
+
+def chroma_graph(cfg: float = 4.0, negative: str = NEGATIVE) -> dict[str, Any]:
+    return {
+        "1": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": "chroma-tiny.safetensors", "weight_dtype": "default"},
+        },
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5xxl.safetensors", "type": "chroma"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["2", 0]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["2", 0]}},
+        "6": {
+            "class_type": "ModelSamplingFlux",
+            "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5, "width": SIDE, "height": SIDE},
+        },
+        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIDE, "height": SIDE, "batch_size": 1}},
+        "8": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["6", 0],
+                "seed": SEED,
+                "steps": STEPS,
+                "cfg": cfg,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "positive": ["3", 0],
+                "negative": ["4", 0],
+                "latent_image": ["7", 0],
+                "denoise": 1.0,
+            },
+        },
+        "9": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
+        "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},
+    }
+
+
+def _pipeline(pipe: Any, negative: str = NEGATIVE, **kw: Any) -> np.ndarray:
+    args: dict[str, Any] = dict(steps=STEPS, seed=SEED, width=16, height=16, sampler="euler", schedule="simple")
+    args.update(kw)
+    return pipe(PROMPT, negative, progress=False, **args).arrays[0].astype(np.float64)
+
+
+def test_chroma_workflow_equals_the_pipeline_without_the_kept_pad(chroma, monkeypatch):
+    import sdengine.text.chroma_conditioner as cc
+
+    root, pipe = chroma
+    out = _run(root, chroma_graph())
+    ours = _pixels(out["10"][0])
+    states = out["3"][0][0].cond["crossattn"]
+    assert states.ndim == 3 and states.shape[1] < 512 and "vector" not in out["3"][0][0].cond  # no padding
+    own = _pipeline(pipe, cfg_scale=4.0)  # the pipeline's rule: one <pad> attended
+    monkeypatch.setattr(cc, "KEPT_PADS", 0)
+    theirs = _pipeline(pipe, cfg_scale=4.0)
+    assert ours.shape == theirs.shape == (16, 16, 3)
+    assert np.abs(ours - theirs).max() < TOL
+    assert ours.std() > 0.01
+    assert np.abs(ours - own).max() > 1e-4  # the kept pad token is the difference
+    empty = _pixels(_run(root, chroma_graph(negative=""))["10"][0])  # an empty negative: "</s>" alone
+    assert np.abs(empty - _pipeline(pipe, "", cfg_scale=4.0)).max() < TOL
+
+
+def test_chroma_refusals(chroma):
+    root, _ = chroma
+    g = chroma_graph()
+    g["5"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": 3.5}}
+    g["8"]["inputs"]["positive"] = ["5", 0]
+    assert "FluxGuidance on a Chroma model" in _node_error(root, g)
+    g = chroma_graph()
+    g["2"] = {
+        "class_type": "DualCLIPLoader",
+        "inputs": {"clip_name1": "t5xxl.safetensors", "clip_name2": "t5xxl.safetensors", "type": "flux"},
+    }
+    assert "t5xxl.safetensors, t5xxl.safetensors are all T5 encoders" in _node_error(root, g)
+    g = chroma_graph()
+    g["12"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["3", 0], "latent": ["7", 0]}}
+    g["8"]["inputs"]["positive"] = ["12", 0]
+    g["8"]["inputs"]["cfg"] = 1.0
+    assert "ReferenceLatent is FLUX.1 Kontext's; chroma-tiny.safetensors is a Chroma model" in _node_error(root, g)
+
+
+def test_clip_loader_refuses_other_types(chroma):
+    from sdengine.server.comfy.nodes import NodeError
+    from sdengine.server.comfy.nodes_sd3_flux import clip_loader
+
+    with pytest.raises(NodeError, match="CLIPLoader: type 'stable_diffusion' is not supported here; use chroma"):
+        clip_loader(None, "t5xxl.safetensors", "stable_diffusion")  # type: ignore[arg-type]
+
+
+def testchroma_lengths_follow_comfyuis_batching_rule():
+    """ComfyUI's CONDCrossAttn.can_concat: repeated to the common length where that is at most 4 x the shorter
+    (cfg not 1), else each at its own length (zeros padded and masked out here)."""
+    import torch
+
+    from sdengine.latent_sampling import TextCondition
+    from sdengine.server.comfy.nodes_sd3_flux import chroma_lengths
+
+    def entry(n: int) -> list[Any]:
+        return [TextCondition({"crossattn": torch.ones(1, n, 4)})]
+
+    pos, neg = chroma_lengths(entry(6), entry(3), 4.0)  # lcm 6 = 2 x 3: batched, repeated by the sampler
+    assert pos[0].cond["crossattn"].shape[1] == 6 and neg[0].cond["crossattn"].shape[1] == 3
+    assert "text_mask" not in pos[0].cond
+    for a, b, cfg in ((6, 3, 1.0), (9, 5, 4.0)):  # cfg 1, or lcm 45 = 9 x 5: each at its own length
+        pos, neg = chroma_lengths(entry(a), entry(b), cfg)
+        assert pos[0].cond["crossattn"].shape[1] == neg[0].cond["crossattn"].shape[1] == a
+        assert neg[0].cond["text_mask"].sum() == b and neg[0].cond["crossattn"][0, b:].abs().max() == 0
+        assert pos[0].cond["text_mask"].all()
+
+
+def test_t5_tokenizer_options_pad_as_comfyui(chroma):
+    """T5TokenizerOptions min_padding 2 / min_length: the pads after </s> that ComfyUI's tokenizer adds, T5 run over
+    them unmasked (held against transformers' T5 on the same ids), every token attended; refused on other CLIPs."""
+    import torch
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    from sdengine.server.comfy.nodes import ClipHandle, NodeError
+    from sdengine.server.comfy.nodes_sd3_flux import t5_tokenizer_options
+
+    root, _ = chroma
+    g = chroma_graph()
+    g["12"] = {"class_type": "T5TokenizerOptions", "inputs": {"clip": ["2", 0], "min_padding": 2, "min_length": 0}}
+    g["3"]["inputs"]["clip"] = ["12", 0]
+    out = _run(root, g)
+    ours = out["3"][0][0].cond["crossattn"].float()
+    folder = root / "chroma-folder"
+    ids = T5TokenizerFast.from_pretrained(folder / "tokenizer")(PROMPT).input_ids  # the pieces and </s>
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder").eval()
+    with torch.no_grad():
+        theirs = t5(torch.tensor([[*ids, 0, 0]])).last_hidden_state
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
+    assert np.isfinite(_pixels(out["10"][0])).all()
+    g["12"]["inputs"].update(min_padding=0, min_length=len(ids) + 3)
+    assert _run(root, g)["3"][0][0].cond["crossattn"].shape[1] == len(ids) + 3
+    g["12"]["inputs"].update(min_length=600)
+    assert "T5TokenizerOptions: 600 tokens" in _node_error(root, g)
+    with pytest.raises(NodeError, match="T5TokenizerOptions applies to Chroma's T5"):
+        t5_tokenizer_options(None, ClipHandle("x", encoders=(("t5xxl", "t"),), clip_type="flux"), 1, 0)  # type: ignore[arg-type]
