@@ -483,7 +483,39 @@ USED = {
     "forge_additional_modules",  # Forge's: an SD3 / Flux file's text encoders and VAE (server.dit_parts)
     "shift",  # sdengine's (as its native job's): SD3's time shift
     "sd3",  # sdengine's (as its native job's): SD3's skip-layer guidance
+    # sdengine's (as its native job's; A1111 / Forge have no such request field): FLUX.1 Kontext's reference
+    # images and FLUX.1 Depth / Canny's control map, base64 images (kontext_fields)
+    "reference_images",
+    "reference_auto_resize",
+    "control_image",
 }
+
+
+def kontext_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The top-level ``reference_images`` (a list of base64 images: FLUX.1 Kontext's references),
+    ``reference_auto_resize`` and ``control_image`` (one base64 image: FLUX.1 Depth / Canny's map) of an A1111
+    request, checked for their types (the build decodes them; the precheck checks them against the model): the
+    native job's fields under the same names, which A1111 and Forge do not have. An empty list is none."""
+    out: dict[str, Any] = {}
+    refs = body.get("reference_images")
+    if refs is not None:
+        if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+            raise BadRequest("reference_images must be a list of base64 images (FLUX.1 Kontext's references)")
+        if refs:
+            out["reference_images"] = refs
+    resize = body.get("reference_auto_resize")
+    if resize is not None:
+        if not isinstance(resize, bool):
+            raise BadRequest(f"reference_auto_resize must be true or false, got {resize!r}")
+        out["reference_auto_resize"] = resize
+    control = body.get("control_image")
+    if control is not None:
+        if not isinstance(control, str) or not control:
+            raise BadRequest("control_image must be one base64 image (FLUX.1 Depth / Canny's control map)")
+        out["control_image"] = control
+    return out
+
+
 FLOW_FAMILIES = ("sd3", "flux", "chroma")  # the families whose A1111 requests run diffusers' step rules (flow_fields)
 LATENT_FILLS = {2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill -> masked_content
 IMG2IMG_USED = {"initial_noise_multiplier", "image_cfg_scale"}  # A1111's img2img fields that its txt2img does not have
@@ -2081,6 +2113,7 @@ def install(app: FastAPI, services: Any) -> None:
             # the build and, against the model's family, by the precheck (flow_fields: Forge's default 3.5)
             **{k: body[k] for k in ("distilled_cfg_scale", "shift", "sd3") if body.get(k) is not None},
             **({"modules": modules} if modules is not None else {}),
+            **kontext_fields(body),  # FLUX.1 Kontext's reference images, Depth / Canny's control image
         )
 
     def ip_adapter_name(model: str) -> str:
@@ -2127,7 +2160,8 @@ def install(app: FastAPI, services: Any) -> None:
         hr_model = fields.pop("hr_model", None)
         sd_vae = fields.pop("sd_vae", "Automatic")
         script = fields.pop("sd_upscale", None)
-        if fields.get("init_image") is None and not fields.get("controlnets") and not fields.get("ip_adapters"):
+        images = ("controlnets", "ip_adapters", "reference_images", "control_image")
+        if fields.get("init_image") is None and not any(fields.get(k) for k in images):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
             generation = await run_in_threadpool(build_scaled, fields, processor_res)
