@@ -121,12 +121,15 @@ def test_a1111_takes_reference_images_and_control_image(served):
     body = {"prompt": PROMPT, "steps": STEPS, "width": W, "height": H, "seed": 7, "cfg_scale": 1,
             "sampler_name": "Euler"}  # fmt: skip
     kontext_body = {**body, "override_settings": {"sd_model_checkpoint": "tiny-kontext"}}
-    r = client.post("/sdapi/v1/txt2img", json={**kontext_body, "reference_images": [_b64(ref)]})
+    # reference_auto_resize false: Kontext's resolutions (~1024^2) would take minutes on a CPU
+    refs = {"reference_images": [_b64(ref)], "reference_auto_resize": False}
+    r = client.post("/sdapi/v1/txt2img", json={**kontext_body, **refs})
     assert r.status_code == 200, r.text
     got = _image(r.json()["images"][0])
-    want = kontext(PROMPT, steps=STEPS, seed=7, width=W, height=H, reference_images=ref, progress=False).images[0]
+    want = kontext(PROMPT, steps=STEPS, seed=7, width=W, height=H, reference_images=ref, reference_auto_resize=False,
+                   progress=False).images[0]  # fmt: skip
     np.testing.assert_array_equal(_pixels(got), _pixels(want))
-    assert "Reference images: 1" in got.info["parameters"]
+    assert "Reference images: 1" in got.info["parameters"] and "Reference resize: off" in got.info["parameters"]
     depth_body = {**body, "override_settings": {"sd_model_checkpoint": "tiny-depth"}}
     r = client.post("/sdapi/v1/txt2img", json={**depth_body, "control_image": _b64(control)})
     assert r.status_code == 200, r.text
@@ -142,5 +145,5 @@ def test_a1111_takes_reference_images_and_control_image(served):
     ]:
         _one_line_400(client.post("/sdapi/v1/txt2img", json=change), needle)
     init = r.json()["images"][0]  # img2img takes them too: Kontext refuses an init image in one line
-    r = client.post("/sdapi/v1/img2img", json={**kontext_body, "init_images": [init], "reference_images": [_b64(ref)]})
+    r = client.post("/sdapi/v1/img2img", json={**kontext_body, "init_images": [init], **refs})
     _one_line_400(r, "reference_images with an init_image")

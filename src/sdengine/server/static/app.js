@@ -1229,6 +1229,7 @@ async function fluxImages() {
     if (refs.length > 4) throw new ApiError(400, "Reference images: at most 4 (FLUX.1 Kontext)", "reference_images");
     out.reference_images = [];
     for (const f of refs) out.reference_images.push(await upload(f, "reference_images"));
+    if (!$("reference-resize").checked) out.reference_auto_resize = false; // each its own size
   }
   const control = $("control-image-file").closest(".field").hidden ? null : $("control-image-file").files[0];
   if (control) out.control_image = await upload(control, "control_image");
