@@ -126,9 +126,9 @@ def test_a1111_takes_reference_images_and_control_image(served):
     r = client.post("/sdapi/v1/txt2img", json={**kontext_body, **refs})
     assert r.status_code == 200, r.text
     got = _image(r.json()["images"][0])
-    want = kontext(PROMPT, steps=STEPS, seed=7, width=W, height=H, reference_images=ref, reference_auto_resize=False,
-                   progress=False).images[0]  # fmt: skip
-    np.testing.assert_array_equal(_pixels(got), _pixels(want))
+    edited = kontext(PROMPT, steps=STEPS, seed=7, width=W, height=H, reference_images=ref,
+                     reference_auto_resize=False, progress=False).images[0]  # fmt: skip
+    np.testing.assert_array_equal(_pixels(got), _pixels(edited))
     assert "Reference images: 1" in got.info["parameters"] and "Reference resize: off" in got.info["parameters"]
     depth_body = {**body, "override_settings": {"sd_model_checkpoint": "tiny-depth"}}
     r = client.post("/sdapi/v1/txt2img", json={**depth_body, "control_image": _b64(control)})
@@ -144,6 +144,23 @@ def test_a1111_takes_reference_images_and_control_image(served):
         ({**depth_body}, "FLUX.1 Depth / Canny needs control_image"),
     ]:
         _one_line_400(client.post("/sdapi/v1/txt2img", json=change), needle)
-    init = r.json()["images"][0]  # img2img takes them too: Kontext refuses an init image in one line
+    # the Forge FluxKontext extension's alwayson script (forge2_flux_kontext): its "no change" sizing, the same image
+    script = {"Forge FluxKontext": {"args": [True, _b64(ref), None, "no change", False]}}
+    r = client.post("/sdapi/v1/txt2img", json={**kontext_body, "alwayson_scripts": script})
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(_pixels(_image(r.json()["images"][0])), _pixels(edited))
+    off = {"Forge FluxKontext": {"args": [False, _b64(ref), None, "no change", False]}}
+    r = client.post("/sdapi/v1/txt2img", json={**kontext_body, "alwayson_scripts": off})
+    assert r.status_code == 200 and "alwayson_scripts.forge fluxkontext" in r.json()["info"], r.text
+    for args, needle in [
+        ([True, _b64(ref), None, "to output", False], "'to output' is not supported"),
+        ([True, _b64(ref), None, "no change", True], "reduce to half width and height) is not supported"),
+        ([True, 5, None, "no change", False], "(image1) must be a base64 image or null"),
+    ]:
+        scripts = {"Forge FluxKontext": {"args": args}}
+        _one_line_400(client.post("/sdapi/v1/txt2img", json={**kontext_body, "alwayson_scripts": scripts}), needle)
+    r = client.post("/sdapi/v1/txt2img", json={**kontext_body, **refs, "alwayson_scripts": script})
+    _one_line_400(r, "reference_images given twice")
+    init = _b64(control)  # img2img takes them too: Kontext refuses an init image in one line
     r = client.post("/sdapi/v1/img2img", json={**kontext_body, "init_images": [init], **refs})
     _one_line_400(r, "reference_images with an init_image")
