@@ -140,6 +140,7 @@ def test_a1111_takes_reference_images_and_control_image(served):
         ({**kontext_body, "control_image": [_b64(ref)]}, "control_image must be one base64 image"),
         ({**kontext_body, "reference_images": [_b64(ref)], "reference_auto_resize": "no"}, "true or false"),
         ({**body, "reference_images": [_b64(ref)], "width": 64, "height": 64}, "emoji is not a Flux model"),
+        ({**body, "control_image": _b64(control), "width": 64, "height": 64}, "Canny; emoji is not a Flux model"),
         ({**kontext_body, "control_image": _b64(control)}, "control_image is the control map of FLUX.1 Depth"),
         ({**depth_body}, "FLUX.1 Depth / Canny needs control_image"),
     ]:

@@ -905,6 +905,11 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             raise BadRequest(f"sd3 settings apply to SD3 models only; {name} is not one")
         if kw.get("reference_images") and family != "flux":
             raise BadRequest(f"reference_images are FLUX.1 Kontext's; {name} is not a Flux model")
+        if kw.get("control_image") is not None and family != "flux":
+            raise BadRequest(
+                f"control_image is the control map of FLUX.1 Depth / Canny; {name} is not a Flux model (a ControlNet "
+                "takes its map in controlnets)"
+            )
         if family not in ("sd3", "flux", "chroma"):
             return
         try:
