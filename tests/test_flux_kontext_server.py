@@ -96,6 +96,12 @@ def test_openai_edit_with_reference_images_is_kontext(served):
                    reference_auto_resize=False, progress=False)  # fmt: skip
     got = _image(r.data[0].b64_json)
     np.testing.assert_array_equal(_pixels(got), _pixels(want.images[0]))  # (OpenAI's images carry no infotext)
+    # without the switch an edit stays img2img (OpenAI's strength 0.75), Kontext's model too
+    plain = picture(W, H, seed=3)
+    r = client.images.edit(model="tiny-kontext", image=("p.png", _png(plain), "image/png"), prompt=PROMPT,
+                           extra_body={"seed": 5, "steps": STEPS})  # fmt: skip
+    want = kontext(PROMPT, steps=STEPS, seed=5, width=W, height=H, init_image=plain, strength=0.75, progress=False)
+    np.testing.assert_array_equal(_pixels(_image(r.data[0].b64_json)), _pixels(want.images[0]))
     refused = [
         (dict(mask=("m.png", _png(Image.new("RGBA", a.size)), "image/png")), "mask", "take no mask"),
         (dict(extra_body={**extra, "strength": 0.5}), "strength", "strength is img2img's"),
