@@ -90,6 +90,11 @@ def test_openai_edit_with_reference_images_is_kontext(served):
     got = _image(r.data[0].b64_json)
     assert got.size == (40, 24) and r.size == "40x24"  # size "auto": the reference's 42 x 26, floored
     np.testing.assert_array_equal(_pixels(got), _pixels(want.images[0]))
+    stream = client.images.edit(model="tiny-kontext", image=("a.png", _png(a), "image/png"), prompt=PROMPT,
+                                stream=True, partial_images=1, extra_body=extra)  # fmt: skip
+    events = list(stream)
+    assert events[-1].type == "image_edit.completed", [e.type for e in events]
+    np.testing.assert_array_equal(_pixels(_image(events[-1].b64_json)), _pixels(got))
     two = [("a.png", _png(a), "image/png"), ("b.png", _png(b), "image/png")]
     r = client.images.edit(model="tiny-kontext", image=two, prompt=PROMPT, size=f"{W}x{H}", extra_body=extra)
     want = kontext(PROMPT, steps=STEPS, seed=5, width=W, height=H, reference_images=[a, b],
