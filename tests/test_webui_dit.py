@@ -2,7 +2,8 @@
 whose models folder holds a tiny random FLUX.1 [dev] folder and a tiny random SD3 folder (tests/_flux_models.py,
 tests/_sd3_models.py) beside the built-in emoji model. Selecting a Flux model shows its distilled guidance and
 hides the U-Net sections; the image the page shows is the native API's for the same body; SD3's shift and
-skip-layer guidance are sent, and a refused value is said at its own input."""
+skip-layer guidance are sent, and a refused value is said at its own input. FLUX.1 Kontext's reference images and
+Depth / Canny's control image have inputs shown for Flux models of that kind only (a tiny Depth folder too)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ import pytest
 from _flux_models import make_flux_folder
 from _live_server import live_server, server_config
 from _sd3_models import make_sd3_folder
-from test_webui import CHROMIUM, CHROMIUM_ARGS, WAIT_MS, api_image, open_page, shown_errors, shown_image, wait_result
+from test_webui import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    WAIT_MS,
+    api_image,
+    open_page,
+    shown_errors,
+    shown_image,
+    upload,
+    wait_result,
+)
 
 U_NET_ONLY = ("#unet-patches", "#controlnet-section", "#ip-adapter-section", "#embeddings-section")
 
@@ -25,6 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("webui-dit")
     make_flux_folder(tmp / "models" / "tiny-flux", guidance=True)
     make_sd3_folder(tmp / "models" / "tiny-sd3")
+    make_flux_folder(tmp / "models" / "tiny-depth", kind="control", seed=6)
     with live_server(server_config(tmp, models_dir=tmp / "models")) as s:
         yield s
 
@@ -136,3 +148,34 @@ def test_sd3_shift_and_skip_layer_guidance_are_sent_and_refusals_marked(page, cl
     page.wait_for_function("document.querySelector('#err-slg_layers').textContent.includes('whole numbers')")
     page.fill("#slg_layers", "")
     page.fill("#shift", "")
+
+
+def test_kontext_and_control_inputs_show_for_flux_only_and_a_reference_job_runs(page, client, tmp_path):
+    """The reference-image input shows for a plain Flux model ([dev] / Kontext), the control-image input for a
+    Depth / Canny one (GET /v1/models' ``kind``), neither for SD or SD3; a job with a reference image gives the
+    native API's image for the same body."""
+    from _pipeline_models import picture
+
+    refs, control = "#reference-files", "#control-image-file"
+    assert page.is_hidden(refs) and page.is_hidden(control)  # the emoji model: SD
+    for model, shown in [("tiny-flux", refs), ("tiny-depth", control), ("tiny-sd3", None), ("emoji", None)]:
+        page.select_option("#model", model)
+        for sel in (refs, control):
+            assert page.is_visible(sel) == (sel == shown), (model, sel)
+    page.select_option("#model", "tiny-flux")
+    path = tmp_path / "ref.png"
+    picture(42, 26, seed=1).save(path)
+    page.set_input_files(refs, str(path))
+    page.uncheck("#reference-resize")  # Kontext's ~1024^2 resolutions would take minutes on a CPU
+    for sel, value in [("#prompt", "make it green"), ("#negative_prompt", ""), ("#steps", "2"), ("#seed", "4"),
+                       ("#width", "48"), ("#height", "32"), ("#distilled_cfg_scale", "")]:  # fmt: skip
+        page.fill(sel, value)
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Reference images: 1" in params and "Reference resize: off" in params, params
+    body = {"model": "tiny-flux", "prompt": "make it green", "steps": 2, "seed": 4, "width": 48, "height": 32}
+    body |= {"sampler": "euler", "schedule": "normal", "cfg_scale": 1.0, "reference_auto_resize": False}
+    body["reference_images"] = [upload(client, path.read_bytes())]
+    expected, infotext = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext

@@ -483,7 +483,39 @@ USED = {
     "forge_additional_modules",  # Forge's: an SD3 / Flux file's text encoders and VAE (server.dit_parts)
     "shift",  # sdengine's (as its native job's): SD3's time shift
     "sd3",  # sdengine's (as its native job's): SD3's skip-layer guidance
+    # sdengine's (as its native job's; A1111 / Forge have no such request field): FLUX.1 Kontext's reference
+    # images and FLUX.1 Depth / Canny's control map, base64 images (kontext_fields)
+    "reference_images",
+    "reference_auto_resize",
+    "control_image",
 }
+
+
+def kontext_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The top-level ``reference_images`` (a list of base64 images: FLUX.1 Kontext's references),
+    ``reference_auto_resize`` and ``control_image`` (one base64 image: FLUX.1 Depth / Canny's map) of an A1111
+    request, checked for their types (the build decodes them; the precheck checks them against the model): the
+    native job's fields under the same names, which A1111 and Forge do not have. An empty list is none."""
+    out: dict[str, Any] = {}
+    refs = body.get("reference_images")
+    if refs is not None:
+        if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+            raise BadRequest("reference_images must be a list of base64 images (FLUX.1 Kontext's references)")
+        if refs:
+            out["reference_images"] = refs
+    resize = body.get("reference_auto_resize")
+    if resize is not None:
+        if not isinstance(resize, bool):
+            raise BadRequest(f"reference_auto_resize must be true or false, got {resize!r}")
+        out["reference_auto_resize"] = resize
+    control = body.get("control_image")
+    if control is not None:
+        if not isinstance(control, str) or not control:
+            raise BadRequest("control_image must be one base64 image (FLUX.1 Depth / Canny's control map)")
+        out["control_image"] = control
+    return out
+
+
 FLOW_FAMILIES = ("sd3", "flux", "chroma")  # the families whose A1111 requests run diffusers' step rules (flow_fields)
 LATENT_FILLS = {2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill -> masked_content
 IMG2IMG_USED = {"initial_noise_multiplier", "image_cfg_scale"}  # A1111's img2img fields that its txt2img does not have
@@ -1203,6 +1235,51 @@ def forge_script_entry(scripts: dict[str, Any], titles: tuple[str, ...], max_arg
             raise BadRequest(f"alwayson_scripts.{name} must be an object {shape}, got {repr(entry)[:100]}")
         return name, given
     return "", None
+
+
+# The forge2_flux_kontext extension's script (DenOfEquity's, the Kontext extension Forge users install), as its
+# alwayson_scripts entry names it (lower case): args [enabled, image1, image2, sizing, reduce], the images base64
+# (or null), sizing "no change" / "to output" / "to BFL recommended" (its default), reduce a bool.
+FORGE_KONTEXT_SCRIPTS = ("forge fluxkontext",)
+KONTEXT_SIZINGS = {"to BFL recommended": True, "no change": False}  # -> reference_auto_resize
+
+
+def forge_kontext(scripts: dict[str, Any], ignored: list[str], notes: list[str] | None) -> dict[str, Any]:
+    """The reference images of the forge2_flux_kontext extension's ``alwayson_scripts`` entry (taken out of
+    ``scripts``): ``reference_images`` and ``reference_auto_resize`` (sdengine's Kontext), {} when absent or not
+    enabled. Its "to BFL recommended" sizing is sdengine's Kontext resolution (the extension centre-crops to it,
+    sdengine resizes as diffusers and ComfyUI do: a note says so), "no change" each image's own size (floored to
+    the model's multiple; the extension pads the latent); "to output" and "reduce" are one-line 400s."""
+    name, args = forge_script_entry(
+        scripts, FORGE_KONTEXT_SCRIPTS, 5, "{args: [enabled, image1, image2, sizing, reduce]} (Forge FluxKontext)"
+    )
+    if args is None:
+        return {}
+    args = [*args, *[None, None, None, "to BFL recommended", False][len(args) :]]
+    enabled, images, sizing, reduce = args[0], args[1:3], args[3], args[4]
+    if not isinstance(enabled, bool):
+        raise BadRequest(f"alwayson_scripts.{name}.args[0] (enabled) must be true or false, got {repr(enabled)[:100]}")
+    refs = [im for im in images if im is not None]
+    if not enabled or not refs:  # the extension runs nothing then either
+        if enabled or refs:
+            ignored.append(f"alwayson_scripts.{name}")
+        return {}
+    for k, im in enumerate(images):
+        if im is not None and not (isinstance(im, str) and im):
+            raise BadRequest(f"alwayson_scripts.{name}.args[{k + 1}] (image{k + 1}) must be a base64 image or null")
+    if sizing not in KONTEXT_SIZINGS:
+        raise BadRequest(
+            f"alwayson_scripts.{name}.args[3] (sizing): sdengine runs 'to BFL recommended' (Kontext's resolution) and "
+            f"'no change'; got {repr(sizing)[:100]} ('to output' is not supported)"
+        )
+    if reduce not in (False, None, 0):
+        raise BadRequest(f"alwayson_scripts.{name}.args[4] (reduce to half width and height) is not supported")
+    if notes is not None and KONTEXT_SIZINGS[sizing]:
+        notes.append(
+            "Kontext references resized to the Kontext resolution as diffusers and ComfyUI do (the Forge FluxKontext "
+            "extension centre-crops to it)"
+        )
+    return {"reference_images": refs, "reference_auto_resize": KONTEXT_SIZINGS[sizing]}
 
 
 def infotext_freeu(text: Any) -> tuple[list[Any], dict[str, Any]]:
@@ -1997,6 +2074,11 @@ def install(app: FastAPI, services: Any) -> None:
         sag = forge_sag(scripts, req.cfg_scale, hires, (req.model_extra or {}).get("infotext"))
         # the Tiled Diffusion extension's MultiDiffusion: sdengine's tiled_diffusion (its txt2img size override)
         tiled, tiled_size = tiled_diffusion_script(scripts, init is None, ignored, notes)
+        kontext = kontext_fields(body)  # sdengine's top-level fields, or the Forge FluxKontext extension's
+        extension = forge_kontext(scripts, ignored, notes)
+        if extension and "reference_images" in kontext:
+            raise BadRequest("reference_images given twice: top-level and in alwayson_scripts (Forge FluxKontext)")
+        kontext.update(extension)
         ignored.extend(f"alwayson_scripts.{k}" for k in scripts)
         if cn is not None and not isinstance(cn, dict):
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
@@ -2081,6 +2163,7 @@ def install(app: FastAPI, services: Any) -> None:
             # the build and, against the model's family, by the precheck (flow_fields: Forge's default 3.5)
             **{k: body[k] for k in ("distilled_cfg_scale", "shift", "sd3") if body.get(k) is not None},
             **({"modules": modules} if modules is not None else {}),
+            **kontext,  # FLUX.1 Kontext's reference images, Depth / Canny's control image
         )
 
     def ip_adapter_name(model: str) -> str:
@@ -2127,7 +2210,8 @@ def install(app: FastAPI, services: Any) -> None:
         hr_model = fields.pop("hr_model", None)
         sd_vae = fields.pop("sd_vae", "Automatic")
         script = fields.pop("sd_upscale", None)
-        if fields.get("init_image") is None and not fields.get("controlnets") and not fields.get("ip_adapters"):
+        images = ("controlnets", "ip_adapters", "reference_images", "control_image")
+        if fields.get("init_image") is None and not any(fields.get(k) for k in images):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
             generation = await run_in_threadpool(build_scaled, fields, processor_res)

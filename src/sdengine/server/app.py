@@ -905,6 +905,11 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             raise BadRequest(f"sd3 settings apply to SD3 models only; {name} is not one")
         if kw.get("reference_images") and family != "flux":
             raise BadRequest(f"reference_images are FLUX.1 Kontext's; {name} is not a Flux model")
+        if kw.get("control_image") is not None and family != "flux":
+            raise BadRequest(
+                f"control_image is the control map of FLUX.1 Depth / Canny; {name} is not a Flux model (a ControlNet "
+                "takes its map in controlnets)"
+            )
         if family not in ("sd3", "flux", "chroma"):
             return
         try:
@@ -1200,18 +1205,33 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         loaded = next((w.pipe for w in manager.workers if w.model == ref and w.pipe is not None), None)
         return family_of_pipe(loaded) if loaded is not None else family_before_load(ref)
 
+    def model_kind(ref: str, family: str | None) -> str | None:
+        """A Flux model's kind GET /v1/models tells ("plain": [dev] / [schnell] / Kontext, "fill": FLUX.1 Fill,
+        "control": FLUX.1 Depth / Canny): the loaded pipeline's, else read from a diffusers folder's configs; None
+        for other families and when not told before the model loads (a single file)."""
+        if family != "flux":
+            return None
+        from sdengine.server.page_api import flux_kind_before_load
+
+        loaded = next((w.pipe for w in manager.workers if w.model == ref and w.pipe is not None), None)
+        if loaded is not None and hasattr(loaded, "kind"):
+            return str(loaded.kind)
+        return flux_kind_before_load(ref)
+
     @app.get("/v1/models", tags=["native", "openai"])
     def models() -> dict[str, Any]:
         """The models jobs may name (OpenAI's list shape; ``current`` marks the default; ``tiny_vae``: it can
         decode with a tiny VAE; ``tiny_vae_encoder``: encode with one; ``family``: "sd", "sdxl", "sd3", "flux",
-        "chroma" or "pixel", which settings its jobs take; null when not told before the model loads;
-        ``defaults``: an SD3, Flux or Chroma model's own steps, cfg_scale, sampler and schedule, which its jobs get
-        where they give none)."""
+        "chroma" or "pixel", which settings its jobs take; null when not told before the model loads; ``kind``: a
+        Flux model's "plain" (its jobs may take reference_images), "fill" or "control" (its jobs take a
+        control_image), else null; ``defaults``: an SD3, Flux or Chroma model's own steps, cfg_scale, sampler and
+        schedule, which its jobs get where they give none)."""
         now = int(time.time())
         current = services.options.get("sd_model_checkpoint")
-        return {
-            "object": "list",
-            "data": [
+        data = []
+        for e in catalog.models():
+            family = model_family(e.ref)
+            data.append(
                 {
                     "id": e.name,
                     "object": "model",
@@ -1221,12 +1241,12 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                     "current": e.name == current,
                     "tiny_vae": has_tiny_vae(e.ref),
                     "tiny_vae_encoder": has_tiny_encoder(e.ref),
-                    "family": model_family(e.ref),
+                    "family": family,
+                    "kind": model_kind(e.ref, family),
                     "defaults": services.family_defaults(e.name),
                 }
-                for e in catalog.models()
-            ],
-        }
+            )
+        return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model_id:path}", tags=["native", "openai"])
     def model(model_id: str) -> Any:

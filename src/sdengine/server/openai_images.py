@@ -19,7 +19,12 @@ What the ``openai`` client sends maps onto the pipeline this way:
   parameter; so are OpenAI's ``markup`` and the GIF/SVG fields. A field of the wrong type or out of range is a 400
   too (OpenAI's status; the native routes answer those 422).
 * ``edits``: one image (``image``, or the client's one-item list ``image[]``). Several are refused: OpenAI's GPT
-  image models combine them into one new picture (the mask being the first image's), which img2img cannot.
+  image models combine them into one new picture (the mask being the first image's), which img2img cannot; except
+  with ``reference_images`` ``true`` (an extension, ``extra_body``) on a Flux model: then the images (1 to 4) are
+  FLUX.1 Kontext's reference images, not an init image (the edit made as OpenAI's GPT image models make it, a
+  new picture from the references and the prompt): no mask, no ``strength`` (400s), ``size`` "auto" / absent the
+  first reference's size as Kontext fits it, ``reference_auto_resize`` ``false`` keeps their own sizes. Without
+  it an edit stays img2img / inpainting on every model (a request never changes meaning with the model it names).
   ``mask`` follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint (a mask without one, which
   would edit nothing, is refused); without a mask, the image's own transparency is its mask; with neither, the
   whole image is redrawn (img2img, strength 0.75).
@@ -118,7 +123,8 @@ ROUTE_FIELDS: dict[str, tuple[str, ...]] = {
     + EXTENSIONS,
     "edits": ("image", "mask", "prompt", *_SHARED.replace(" style", "").split())
     + ("safety_identifier", "complexity", "input_fidelity")
-    + ("stream", "partial_images", *EXTENSIONS, "strength"),
+    + ("stream", "partial_images", *EXTENSIONS, "strength")
+    + ("reference_images", "reference_auto_resize"),  # FLUX.1 Kontext: the images are references (edit_references)
     # OpenAI's (retired, DALL-E 2) variations took only these: image, model, n, response_format, size, user
     "variations": ("image", "prompt", "model", "n", "size", "response_format", "user", *EXTENSIONS, "strength"),
 }
@@ -749,11 +755,13 @@ def install(app: FastAPI, services: Any) -> None:
         except ValueError:
             raise BadRequest(f"{key} must be a number, got {fields[key]!r}") from None
 
-    def edit_fields(fields: dict[str, str], image: Image.Image, mask: Image.Image | None, prompt: str) -> dict:
+    def edit_fields(
+        fields: dict[str, str], image: Image.Image, mask: Image.Image | None, prompt: str, kontext: bool = False
+    ) -> dict:
         w, h = parse_size(fields.get("size"))
-        if w is None:
+        if w is None and not kontext:  # Kontext: the first reference's size, as the pipeline fits it
             w, h = max(8, image.width // 8 * 8), max(8, image.height // 8 * 8)
-        if mask is None and has_transparency(image):
+        if mask is None and has_transparency(image) and not kontext:
             mask = openai_mask(image)
         model = model_name(fields.get("model"))
         out = dict(
@@ -839,6 +847,15 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest("partial_images needs stream: true")
         if stream:
             check_stream(number(fields, "n", int, 1), rf)
+        if form_flag(fields, "reference_images"):  # FLUX.1 Kontext: the images are references
+            f = await edit_references(fields, files, prompt)
+            if stream:
+                return await stream_one(request, f, of, partial, compression, "image_edit", fields.get("quality"))
+            return await run_all(request, [f], rf, of, prompt, fields.get("size"), compression, fields.get("quality"))
+        if form_flag(fields, "reference_auto_resize") is not None:
+            raise ParamError(
+                "reference_auto_resize applies with reference_images: true (FLUX.1 Kontext)", "reference_auto_resize"
+            )
         image = await one_image(files, "edits")
         mask = None
         if files.get("mask"):
@@ -854,6 +871,42 @@ def install(app: FastAPI, services: Any) -> None:
             return await stream_one(request, f, of, partial, compression, "image_edit", fields.get("quality"))
         return await run_all(request, [f], rf, of, prompt, fields.get("size"), compression, fields.get("quality"))
 
+    async def edit_references(fields: dict[str, str], files: dict[str, list[bytes]], prompt: str) -> dict[str, Any]:
+        """An edit with ``reference_images: true``: its images (``image`` / ``image[]``, 1 to 4) are FLUX.1
+        Kontext's references (the native job's ``reference_images``); whether the model takes them is the
+        precheck's (a model that is not Flux: a 400). What only img2img / inpainting reads is refused, never
+        dropped: a mask, ``strength``."""
+        from sdengine.pipeline.request import MAX_REFERENCE_IMAGES
+
+        if files.get("mask"):
+            raise ParamError(
+                "reference_images: true makes the images FLUX.1 Kontext's references, which take no mask: leave "
+                "the mask out (or reference_images, to inpaint)",
+                "mask",
+            )
+        if fields.get("strength", "") != "":
+            raise ParamError(
+                "strength is img2img's: with reference_images: true the images are FLUX.1 Kontext's references, "
+                "not a starting image",
+                "strength",
+            )
+        images = files.get("image", [])
+        if not images:
+            raise ParamError("send the reference image(s) (field 'image', or 'image[]' for several)", "image")
+        if len(images) > MAX_REFERENCE_IMAGES:
+            raise ParamError(f"at most {MAX_REFERENCE_IMAGES} reference images, got {len(images)}", "image")
+        refs = [
+            await run_in_threadpool(decode_image, data, f"image[{k}]", config.max_image_pixels)
+            for k, data in enumerate(images)
+        ]
+        f = edit_fields(fields, refs[0], None, prompt, kontext=True)
+        f.update(init_image=None, mask=None, reference_images=[r.convert("RGB") for r in refs])
+        f.pop("strength", None)
+        resize = form_flag(fields, "reference_auto_resize")
+        if resize is not None:
+            f["reference_auto_resize"] = resize
+        return f
+
     async def one_image(files: dict[str, list[bytes]], route: str) -> Image.Image:
         """The one image of an edit or variation. Several are refused: OpenAI's GPT image models take them as
         references combined into one new picture (its mask is the first image's), which img2img cannot do, and
@@ -866,8 +919,8 @@ def install(app: FastAPI, services: Any) -> None:
         if len(images) > 1:
             raise ParamError(
                 f"send one image, got {len(images)}: this server edits one image per request (OpenAI's GPT image "
-                "models combine several into one new picture, which a diffusion model cannot); "
-                "send one request per image",
+                "models combine several into one new picture; on a FLUX.1 Kontext model send reference_images: "
+                "true to use them as its references); send one request per image",
                 "image",
             )
         return await run_in_threadpool(decode_image, images[0], "image", config.max_image_pixels)
@@ -922,6 +975,18 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
         "schedule": {**text, "description": "sdengine: a schedule name"},
         "vae": {**text, "description": "sdengine: the job's VAE, a name of GET /v1/vaes, 'None' or 'Automatic'"},
         "strength": {"type": "number", "minimum": 0, "maximum": 1, "description": "sdengine: img2img strength"},
+        "reference_images": {
+            "type": "boolean",
+            "default": False,
+            "description": "sdengine (edits, Flux models): the images (1 to 4) are FLUX.1 Kontext's reference "
+            "images, not an init image; no mask, no strength",
+        },
+        "reference_auto_resize": {
+            "type": "boolean",
+            "default": True,
+            "description": "sdengine (edits with reference_images true): false keeps each reference's own size "
+            "(floored to the model's multiple) instead of Kontext's preferred resolution",
+        },
         "sag_scale": {
             "type": "number",
             "minimum": -10,

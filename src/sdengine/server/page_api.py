@@ -195,6 +195,25 @@ def flux_distilled_before_load(ref: str) -> bool | None:
     return bool(net.get("guidance_embeds", False)) if isinstance(net, dict) else None
 
 
+def flux_kind_before_load(ref: str) -> str | None:
+    """A Flux diffusers folder's kind (:func:`sdengine.pipeline.flux_fill.flux_kind`: "plain", "fill" or
+    "control"), read from its transformer's and VAE's configs without loading it; None when not known before
+    loading (a single file, an unreadable or odd config: the load says what is wrong)."""
+    ref = ref.split("\x00")[0]  # a model with parts given apart (server.dit_parts): its file
+    from sdengine.errors import SdengineError
+    from sdengine.pipeline.flux_fill import flux_kind
+
+    try:
+        net = json.loads((Path(ref) / "transformer" / "config.json").read_text())
+        vae = json.loads((Path(ref) / "vae" / "config.json").read_text())
+        cin = int(net["in_channels"])
+        cout = int(net.get("out_channels") or cin)
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        return flux_kind(cin, cout, factor, ref)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, SdengineError):
+        return None
+
+
 def train_timesteps(ref: str) -> int:
     """A model's training timesteps (its noise schedule's length), read without loading it: a diffusers folder's
     scheduler config, else 1000 (every Stable Diffusion model's)."""

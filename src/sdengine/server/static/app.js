@@ -215,7 +215,7 @@ async function api(path, options = {}) {
 const getJSON = async (path) => (await api(path)).json();
 
 const UPLOAD_LABELS = { init_image: "init image", mask: "mask", controlnet: "ControlNet control image",
-  ip_adapter: "IP-Adapter image" };
+  ip_adapter: "IP-Adapter image", reference_images: "reference image", control_image: "control image (Depth / Canny)" };
 
 /** The image as the server takes it: a PNG, JPEG or WebP as it is; another format the browser can show (GIF,
  * BMP, AVIF, ...; A1111 takes them) as a PNG of its pixels. Such a file was shown, painted on, and then refused. */
@@ -261,6 +261,8 @@ const ERROR_FIELDS = [
   [/distilled_cfg_scale|distilled guidance/i, "distilled_cfg_scale"],
   [/^shift\b|^shift applies/i, "shift"],
   [/^sd3 |sd3 settings|skip_guidance_layers|skip_layer_guidance/i, "slg_layers"],
+  [/reference_image|reference image|kontext/i, "reference_images"], // FLUX.1 Kontext's (their lines name others)
+  [/control_image|depth \/ canny/i, "control_image"], // FLUX.1 Depth / Canny's map, before the ControlNet's
   [/ip-adapter|ip_adapters|clip vision/i, "ip_adapter"], // first: its lines name widths, models and images
   // Deep Shrink's and HyperTile's first: their lines name blocks, sizes and the ControlNets they cannot run with
   [/deep shrink block|deep_shrink\.block/i, "deep_shrink_block"],
@@ -593,6 +595,7 @@ async function loadPickers() {
   for (const m of models.data) option(model, m.id);
   state.tiny = Object.fromEntries(models.data.map((m) => [m.id, Boolean(m.tiny_vae)]));
   state.family = Object.fromEntries(models.data.map((m) => [m.id, m.family || "sd"]));
+  state.kind = Object.fromEntries(models.data.map((m) => [m.id, m.kind || null])); // Flux: plain / fill / control
   state.defaults = Object.fromEntries(models.data.map((m) => [m.id, m.defaults || {}]));
   state.tinyEncoder = Object.fromEntries(models.data.map((m) => [m.id, Boolean(m.tiny_vae_encoder)]));
   const current = models.data.find((m) => m.current);
@@ -1216,6 +1219,23 @@ function familySettings() {
   return out;
 }
 
+// FLUX.1 Kontext's reference images and FLUX.1 Depth / Canny's control image: uploaded and sent for a Flux model
+// whose inputs are shown only (the server refuses what its kind does not take, in one line under the input)
+async function fluxImages() {
+  const out = {};
+  if (familyOf($("model").value) !== "flux") return out;
+  const refs = $("reference-files").closest(".field").hidden ? [] : [...$("reference-files").files];
+  if (refs.length) {
+    if (refs.length > 4) throw new ApiError(400, "Reference images: at most 4 (FLUX.1 Kontext)", "reference_images");
+    out.reference_images = [];
+    for (const f of refs) out.reference_images.push(await upload(f, "reference_images"));
+    if (!$("reference-resize").checked) out.reference_auto_resize = false; // each its own size
+  }
+  const control = $("control-image-file").closest(".field").hidden ? null : $("control-image-file").files[0];
+  if (control) out.control_image = await upload(control, "control_image");
+  return out;
+}
+
 // Going from an SD model to an SD3 / Flux one, the sampler, schedule and guidance become that model's defaults
 // (GET /v1/models: Flux runs Euler at CFG 1, SD3 Euler at 7 on the flow's own grid); going back, the SD choices
 // made before return.
@@ -1241,8 +1261,9 @@ function followFamilyDefaults(before, after) {
 function fitFamily() {
   const family = familyOf($("model").value);
   let any = false;
+  const kind = (state.kind || {})[$("model").value] || null; // a Flux model's; null: not told before it loads
   for (const el of document.querySelectorAll("[data-family]")) {
-    el.hidden = el.dataset.family !== family;
+    el.hidden = el.dataset.family !== family || Boolean(el.dataset.kind && kind && el.dataset.kind !== kind);
     any ||= !el.hidden;
   }
   $("family-settings").hidden = !any;
@@ -1274,6 +1295,7 @@ async function buildRequest() {
   };
   if ($("vae").value) body.vae = $("vae").value; // the job's VAE; not sent: the model's
   Object.assign(body, familySettings());
+  Object.assign(body, await fluxImages());
   const unet = !FLOW_FAMILIES.includes(familyOf($("model").value)); // SD3 and Flux take no U-Net patch
   const pag = unet ? number("pag_scale", "PAG scale", false) : 0;
   if (pag > 0) { // perturbed-attention guidance; not sent at 0 (off)
