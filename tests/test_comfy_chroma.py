@@ -117,6 +117,10 @@ def test_chroma_refusals(chroma):
     g["8"]["inputs"]["positive"] = ["12", 0]
     g["8"]["inputs"]["cfg"] = 1.0
     assert "ReferenceLatent is FLUX.1 Kontext's; chroma-tiny.safetensors is a Chroma model" in _node_error(root, g)
+    g = chroma_graph()
+    g["12"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["2", 0], "stop_at_clip_layer": -2}}
+    g["3"]["inputs"]["clip"] = ["12", 0]
+    assert "CLIPSetLastLayer does not apply to Chroma (it has no CLIP" in _node_error(root, g)
 
 
 def test_clip_loader_refuses_other_types(chroma):
@@ -176,3 +180,48 @@ def test_t5_tokenizer_options_pad_as_comfyui(chroma):
     assert "T5TokenizerOptions: 600 tokens" in _node_error(root, g)
     with pytest.raises(NodeError, match="T5TokenizerOptions applies to Chroma's T5"):
         t5_tokenizer_options(None, ClipHandle("x", encoders=(("t5xxl", "t"),), clip_type="flux"), 1, 0)  # type: ignore[arg-type]
+
+
+def test_lora_loader_on_chroma_equals_the_pipelines_lora(chroma, monkeypatch):
+    """A Chroma LoRA in ComfyUI's names (``diffusion_model.`` BFL layers, the fused qkv and ``linear1``, the
+    ``distilled_guidance_layer``, and ``text_encoders.t5xxl.transformer.`` T5 layers) through LoraLoader on
+    UNETLoader's model and CLIPLoader's T5: the Chroma pipeline's image with the same file (its text with
+    ``KEPT_PADS`` 0, as above); the transformer and T5 kept between graphs are their own again after the call."""
+    import torch
+
+    import sdengine.text.chroma_conditioner as cc
+    import test_comfy_sd3_flux
+    from sdengine.server.comfy import nodes_sd3_flux
+    from sdengine.weights.lora import LoRAWeight
+    from test_lora_chroma import _lora_files
+
+    root, pipe = chroma
+    lora = _lora_files(pipe, root / "loras")["comfy"]
+    graph = chroma_graph()
+    graph["12"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["2", 0],
+                   "lora_name": lora.name, "strength_model": 1.0, "strength_clip": 0.8}}  # fmt: skip
+    graph["6"]["inputs"]["model"] = ["12", 0]
+    graph["3"]["inputs"]["clip"] = graph["4"]["inputs"]["clip"] = ["12", 1]
+    ours = _pixels(_run(root, graph)["10"][0])
+    held = dict(nodes_sd3_flux._PARTS)
+    assert len(held) == 2  # the transformer and the T5, kept for the next graph
+    monkeypatch.setattr(cc, "KEPT_PADS", 0)
+    theirs = _pipeline(pipe, cfg_scale=4.0, loras=[(lora, LoRAWeight(te=0.8, unet=1.0))])
+    plain = _pipeline(pipe, cfg_scale=4.0)
+    assert np.abs(ours - theirs).max() < TOL
+    assert np.abs(ours - plain).max() > 1e-3  # the LoRA changed the image
+    transformer_only = _pipeline(pipe, cfg_scale=4.0, loras=[(lora, LoRAWeight(te=0.0, unet=1.0))])
+    assert np.abs(ours - transformer_only).max() > 1e-3  # the T5's layers count too
+    monkeypatch.setattr(test_comfy_sd3_flux, "forget_parts", lambda: None)  # the same parts, as a server keeps them
+    after = _pixels(_run(root, chroma_graph())["10"][0])
+    assert all(nodes_sd3_flux._PARTS[k][1] is v[1] for k, v in held.items())
+    assert np.abs(after - plain).max() < TOL  # and is gone after the call
+    inner = pipe.transformer.x_embedder.out_features  # a Flux.1 LoRA on a modulation linear Chroma lacks: refused
+    layer = "lora_unet_double_blocks_0_img_mod_lin"
+    _save({f"{layer}.lora_down.weight": torch.randn(4, inner), f"{layer}.lora_up.weight": torch.randn(6 * inner, 4)},
+          root / "loras" / "flux-mod.safetensors")  # fmt: skip
+    graph["12"]["inputs"]["lora_name"] = "flux-mod.safetensors"
+    error = _node_error(root, graph)
+    assert error.startswith("node 8 (KSampler): LoRA: ") and "flux-mod.safetensors: a LoRA for Flux.1" in error
+    assert f"it adapts {layer}, a layer Chroma does not have" in error
+    assert np.abs(_pixels(_run(root, chroma_graph())["10"][0]) - plain).max() < TOL  # nothing was applied

@@ -29,11 +29,12 @@ nodes as the U-Nets, and so does sdengine:
   hands them, scaled in, to the Flux transformer, whose tokens after the image's they become
   (:mod:`sdengine.pipeline.flux_kontext`); FluxKontextImageScale fits a picture to the nearest Kontext resolution.
 
-LoraLoader's LoRAs apply to SD3's MMDiT and CLIP encoders and to Flux's transformer, CLIP-L and T5 as the pipelines
-apply them. What does not apply to these models is refused with one line: the U-Net's model patches (FreeU, PAG, SAG,
-RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges, ModelSamplingDiscrete), ControlNets, regional conditioning,
-the guiders over three conditionings, the samplers that are not right on flow models (ddim, lcm, ddpm, dpm_fast,
-...). UNETLoader's weight_dtype (fp8 storage) is honoured: :mod:`sdengine.nn.fp8_storage`.
+LoraLoader's LoRAs apply to SD3's MMDiT and CLIP encoders, to Flux's transformer, CLIP-L and T5, and to Chroma's
+transformer and T5 as the pipelines apply them. What does not apply to these models is refused with one line: the
+U-Net's model patches (FreeU, PAG, SAG, RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges,
+ModelSamplingDiscrete), ControlNets, regional conditioning, the guiders over three conditionings, the samplers that
+are not right on flow models (ddim, lcm, ddpm, dpm_fast, ...). UNETLoader's weight_dtype (fp8 storage) is honoured:
+:mod:`sdengine.nn.fp8_storage`.
 """
 
 from __future__ import annotations
@@ -434,9 +435,9 @@ def encode_flow(ctx: RunContext, clip: ClipHandle, text: str) -> Any:
     prompt (SD3: CLIP-L + bigG states zero-padded, T5's 256 tokens, the two pooled outputs; Flux: T5's states and
     CLIP-L's pooled output)."""
     family, cond = _conditioner(ctx, clip)
-    if family == "chroma":
-        return _chroma_entry(clip, cond, str(text))
     with _encoder_loras(clip, cond, family):
+        if family == "chroma":
+            return _chroma_entry(clip, cond, str(text))
         if family == "sd3":
             states, pooled = cond.text(str(text), _sd3_clip_skip(clip, cond))
             return _sd3_entry(states, pooled, cond.dtype)
@@ -456,8 +457,8 @@ def _chroma_entry(clip: ClipHandle, cond: Any, text: str) -> Any:
     prompt's states are the same; a prompt over 512 tokens is cut at 512 here (ComfyUI takes it whole)."""
     from sdengine.latent_sampling import TextCondition
 
-    if clip.loras or clip.layer is not None:
-        raise NodeError("LoRAs and CLIPSetLastLayer on Chroma's T5 are not supported here")
+    if clip.layer is not None:
+        raise NodeError("CLIPSetLastLayer does not apply to Chroma (it has no CLIP; T5's last layer is read)")
     min_padding, min_length = clip.t5_options or (0, 0)
     with torch.inference_mode():
         ids, tokens = cond.t5_tokenizer([text], cond.max_sequence_length)
@@ -857,11 +858,9 @@ _UNET_PATCHES = (
 
 
 def _check_patches(model: ModelHandle, family: str) -> None:
-    """The U-Net patches a flow MODEL carries are refused; LoRAs apply to SD3's MMDiT and Flux's transformer (every
-    format the pipelines take, :mod:`sdengine.weights.lora_dit_keys`)."""
+    """The U-Net patches a flow MODEL carries are refused; LoRAs apply to SD3's MMDiT and Flux's and Chroma's
+    transformers (every format the pipelines take, :mod:`sdengine.weights.lora_dit_keys`)."""
     on = [label for field, label in _UNET_PATCHES[1:] if getattr(model, field, None)]
-    if family == "chroma" and model.loras:
-        on.insert(0, "LoRAs (LoraLoader)")
     if on:
         label = {"sd3": "SD3", "chroma": "Chroma"}.get(family, "Flux")
         raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on {label} models here")
@@ -869,8 +868,8 @@ def _check_patches(model: ModelHandle, family: str) -> None:
 
 @contextmanager
 def _transformer_loras(ctx: RunContext, model: ModelHandle, family: str) -> Iterator[None]:
-    """LoraLoader's LoRAs on SD3's MMDiT for this call (:func:`sdengine.weights.lora.apply_loras`, their transformer
-    part), removed after it."""
+    """LoraLoader's LoRAs on SD3's MMDiT or Flux's / Chroma's transformer for this call
+    (:func:`sdengine.weights.lora.apply_loras`, their transformer part), removed after it."""
     if not model.loras:
         yield
         return
@@ -890,16 +889,18 @@ def _transformer_loras(ctx: RunContext, model: ModelHandle, family: str) -> Iter
 @contextmanager
 def _encoder_loras(clip: ClipHandle, cond: Any, family: str) -> Iterator[None]:
     """LoraLoader's LoRAs on the text encoders while encoding (their text-encoder part): SD3's CLIP-L and bigG,
-    Flux's CLIP-L and T5 (kohya's ``lora_te3_`` / ComfyUI's ``t5xxl`` layers, as the Flux pipeline applies them)."""
+    Flux's CLIP-L and T5 (kohya's ``lora_te3_`` / ComfyUI's ``t5xxl`` layers, as the Flux pipeline applies them),
+    Chroma's T5 (its only encoder: ``lora_te3_`` / ``lora_te_`` / ``t5xxl``, as the Chroma pipeline applies them)."""
     if not clip.loras:
         with torch.inference_mode():
             yield
         return
     from sdengine.weights.lora import apply_loras
 
-    second = cond.text_encoder_2 if family == "sd3" else cond.t5
+    first, second = (cond.t5, None) if family == "chroma" else (
+        cond.text_encoder, cond.text_encoder_2 if family == "sd3" else cond.t5)  # fmt: skip
     try:
-        handle = apply_loras(None, cond.text_encoder, list(clip.loras), text_encoder_2=second, part="text_encoders")
+        handle = apply_loras(None, first, list(clip.loras), text_encoder_2=second, part="text_encoders")
     except (OSError, SdengineError) as e:
         raise NodeError(f"LoRA: {str(e).splitlines()[0]}") from None
     try:
