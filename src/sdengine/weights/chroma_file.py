@@ -32,17 +32,27 @@ from sdengine.models.chroma import ChromaConfig, ChromaTransformer
 from sdengine.models.config_checks import ConfigError
 
 from .detect import FLUX_PREFIX, is_chroma_state_dict
-from .flux_file import FLUX1_AXES, build_from_state, check_config_fits, load_transformer
+from .flux_file import (
+    DOUBLE_BLOCK,
+    DOUBLE_NORMS,
+    DOUBLE_QKV,
+    DOUBLE_RENAMES,
+    FLUX1_AXES,
+    OURS_DOUBLE_BLOCK,
+    OURS_SINGLE_BLOCK,
+    SINGLE_BLOCK,
+    SINGLE_FUSED,
+    SINGLE_NORMS,
+    block_count,
+    build_from_state,
+    check_config_fits,
+    load_transformer,
+)
 from .io import StateDict, WeightsError
 
 FLUX1_HEAD = 128
 SCALED_FP8 = "scaled_fp8"  # ComfyUI's scaled float8 marker
-_DOUBLE = re.compile(r"^double_blocks\.(\d+)\.")
-_SINGLE = re.compile(r"^single_blocks\.(\d+)\.")
 _GUIDE = re.compile(r"^distilled_guidance_layer\.layers\.(\d+)\.")
-_OURS_DOUBLE = re.compile(r"^transformer_blocks\.(\d+)\.")
-_OURS_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.")
-_OURS_GUIDE = re.compile(r"^distilled_guidance_layer\.layers\.(\d+)\.")
 
 _TOP = {  # only renamed (weight and bias each)
     "img_in": "x_embedder",
@@ -51,34 +61,10 @@ _TOP = {  # only renamed (weight and bias each)
     "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
     "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj",
 }
-_DOUBLE_RENAMES = {
-    "img_attn.proj": "attn.to_out.0",
-    "txt_attn.proj": "attn.to_add_out",
-    "img_mlp.0": "ff.net.0.proj",
-    "img_mlp.2": "ff.net.2",
-    "txt_mlp.0": "ff_context.net.0.proj",
-    "txt_mlp.2": "ff_context.net.2",
-}
-_DOUBLE_NORMS = {
-    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
-    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
-    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
-    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
-}
-_DOUBLE_QKV = {
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-}
-_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
-_SINGLE_FUSED = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
 
 
 def _count(pattern: re.Pattern[str], keys: Iterable[str], what: str, where: str) -> int:
-    found = sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
-    if found != list(range(len(found))):
-        gap = next(i for i in range(len(found) + 1) if i not in found)
-        raise WeightsError(f"{where}: Chroma {what} {gap} is missing (has up to {found[-1]})")
-    return len(found)
+    return block_count(pattern, keys, what, where, model="Chroma", unit="")
 
 
 def bfl_to_diffusers(sd: Mapping[str, Any], where: str = "<state dict>") -> StateDict:
@@ -110,8 +96,8 @@ def bfl_to_diffusers(sd: Mapping[str, Any], where: str = "<state dict>") -> Stat
     hidden = int(img_in.shape[0])
     out["x_embedder.weight"] = img_in
     keys = list(src)
-    doubles = _count(_DOUBLE, keys, "double-stream block", where)
-    singles = _count(_SINGLE, keys, "single-stream block", where)
+    doubles = _count(DOUBLE_BLOCK, keys, "double-stream block", where)
+    singles = _count(SINGLE_BLOCK, keys, "single-stream block", where)
     guides = _count(_GUIDE, keys, "distilled_guidance_layer layer", where)
     for bfl, ours in _TOP.items():
         for p in ("weight", "bias"):
@@ -126,25 +112,25 @@ def bfl_to_diffusers(sd: Mapping[str, Any], where: str = "<state dict>") -> Stat
         out[f"distilled_guidance_layer.norms.{i}.weight"] = take(f"distilled_guidance_layer.norms.{i}.scale")
     for i in range(doubles):
         a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for bfl, ours in _DOUBLE_RENAMES.items():
+        for bfl, ours in DOUBLE_RENAMES.items():
             for p in ("weight", "bias"):
                 out[f"{b}{ours}.{p}"] = take(f"{a}{bfl}.{p}")
-        for bfl, ours in _DOUBLE_NORMS.items():
+        for bfl, ours in DOUBLE_NORMS.items():
             out[b + ours] = take(a + bfl)
-        for bfl, targets in _DOUBLE_QKV.items():
+        for bfl, targets in DOUBLE_QKV.items():
             for p in ("weight", "bias"):
                 split(f"{a}{bfl}.{p}", [hidden] * 3, [f"{b}{t}.{p}" for t in targets])
     for i in range(singles):
         a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         for p in ("weight", "bias"):
             out[f"{b}proj_out.{p}"] = take(f"{a}linear2.{p}")
-        for bfl, ours in _SINGLE_NORMS.items():
+        for bfl, ours in SINGLE_NORMS.items():
             out[b + ours] = take(a + bfl)
         fused = src.get(f"{a}linear1.weight")
         rows = int(fused.shape[0]) if isinstance(fused, torch.Tensor) and fused.ndim == 2 else 0
         sizes = [hidden, hidden, hidden, rows - 3 * hidden if rows > 3 * hidden else 4 * hidden]
         for p in ("weight", "bias"):
-            split(f"{a}linear1.{p}", sizes, [f"{b}{t}.{p}" for t in _SINGLE_FUSED])
+            split(f"{a}linear1.{p}", sizes, [f"{b}{t}.{p}" for t in SINGLE_FUSED])
     if src:
         shown = ", ".join(sorted(src)[:4])
         raise WeightsError(f"{where}: unexpected tensors beside the Chroma transformer: {shown}")
@@ -158,30 +144,30 @@ def diffusers_to_bfl(sd: Mapping[str, torch.Tensor]) -> StateDict:
     for bfl, ours in _TOP.items():
         for p in ("weight", "bias"):
             out[f"{bfl}.{p}"] = src.pop(f"{ours}.{p}")
-    for i in range(_count(_OURS_GUIDE, list(src), "distilled_guidance_layer layer", "<state dict>")):
+    for i in range(_count(_GUIDE, list(src), "distilled_guidance_layer layer", "<state dict>")):
         a = f"distilled_guidance_layer.layers.{i}."
         for bfl, ours in (("in_layer", "linear_1"), ("out_layer", "linear_2")):
             for p in ("weight", "bias"):
                 out[f"{a}{bfl}.{p}"] = src.pop(f"{a}{ours}.{p}")
         out[f"distilled_guidance_layer.norms.{i}.scale"] = src.pop(f"distilled_guidance_layer.norms.{i}.weight")
-    for i in range(_count(_OURS_DOUBLE, list(src), "double-stream block", "<state dict>")):
+    for i in range(_count(OURS_DOUBLE_BLOCK, list(src), "double-stream block", "<state dict>")):
         a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for bfl, ours in _DOUBLE_RENAMES.items():
+        for bfl, ours in DOUBLE_RENAMES.items():
             for p in ("weight", "bias"):
                 out[f"{a}{bfl}.{p}"] = src.pop(f"{b}{ours}.{p}")
-        for bfl, ours in _DOUBLE_NORMS.items():
+        for bfl, ours in DOUBLE_NORMS.items():
             out[a + bfl] = src.pop(b + ours)
-        for bfl, targets in _DOUBLE_QKV.items():
+        for bfl, targets in DOUBLE_QKV.items():
             for p in ("weight", "bias"):
                 out[f"{a}{bfl}.{p}"] = torch.cat([src.pop(f"{b}{t}.{p}") for t in targets])
-    for i in range(_count(_OURS_SINGLE, list(src), "single-stream block", "<state dict>")):
+    for i in range(_count(OURS_SINGLE_BLOCK, list(src), "single-stream block", "<state dict>")):
         a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         for p in ("weight", "bias"):
             out[f"{a}linear2.{p}"] = src.pop(f"{b}proj_out.{p}")
-        for bfl, ours in _SINGLE_NORMS.items():
+        for bfl, ours in SINGLE_NORMS.items():
             out[a + bfl] = src.pop(b + ours)
         for p in ("weight", "bias"):
-            out[f"{a}linear1.{p}"] = torch.cat([src.pop(f"{b}{t}.{p}") for t in _SINGLE_FUSED])
+            out[f"{a}linear1.{p}"] = torch.cat([src.pop(f"{b}{t}.{p}") for t in SINGLE_FUSED])
     if src:
         raise WeightsError(f"unexpected tensors in a Chroma state dict: {', '.join(sorted(src)[:4])}")
     return out
@@ -203,9 +189,9 @@ def config_from_shapes(
     out_channels = _shape(sd, "proj_out.weight", 2, where)[0]
     joint = _shape(sd, "context_embedder.weight", 2, where)[1]
     approx_hidden, approx_in = _shape(sd, "distilled_guidance_layer.in_proj.weight", 2, where)
-    layers = _count(_OURS_GUIDE, list(sd), "distilled_guidance_layer layer", where)
-    doubles = _count(_OURS_DOUBLE, list(sd), "double-stream block", where)
-    singles = _count(_OURS_SINGLE, list(sd), "single-stream block", where)
+    layers = _count(_GUIDE, list(sd), "distilled_guidance_layer layer", where)
+    doubles = _count(OURS_DOUBLE_BLOCK, list(sd), "double-stream block", where)
+    singles = _count(OURS_SINGLE_BLOCK, list(sd), "single-stream block", where)
     if doubles:
         head = _shape(sd, "transformer_blocks.0.attn.norm_q.weight", 1, where)[0]
     elif singles:

@@ -68,10 +68,12 @@ FLUX1_HEAD = 128
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's scaled float8 files: a marker tensor and ``*.scale_weight`` per layer
 
-_DOUBLE = re.compile(r"^double_blocks\.(\d+)\.")
-_SINGLE = re.compile(r"^single_blocks\.(\d+)\.")
-_OURS_DOUBLE = re.compile(r"^transformer_blocks\.(\d+)\.")
-_OURS_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.")
+# The block names and the tables shared with Chroma's files (sdengine.weights.chroma_file: Flux's blocks without
+# their modulation linears)
+DOUBLE_BLOCK = re.compile(r"^double_blocks\.(\d+)\.")
+SINGLE_BLOCK = re.compile(r"^single_blocks\.(\d+)\.")
+OURS_DOUBLE_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
+OURS_SINGLE_BLOCK = re.compile(r"^single_transformer_blocks\.(\d+)\.")
 
 # BFL name -> diffusers name, for the tensors that are only renamed (weight and bias each)
 _TOP = {
@@ -85,9 +87,7 @@ _TOP = {
     "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
     "final_layer.linear": "proj_out",
 }
-_DOUBLE_RENAMES = {
-    "img_mod.lin": "norm1.linear",
-    "txt_mod.lin": "norm1_context.linear",
+DOUBLE_RENAMES = {  # a double-stream block's attention outputs and MLPs (weight and bias each)
     "img_attn.proj": "attn.to_out.0",
     "txt_attn.proj": "attn.to_add_out",
     "img_mlp.0": "ff.net.0.proj",
@@ -95,26 +95,29 @@ _DOUBLE_RENAMES = {
     "txt_mlp.0": "ff_context.net.0.proj",
     "txt_mlp.2": "ff_context.net.2",
 }
-_DOUBLE_NORMS = {
+_DOUBLE_RENAMES = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear", **DOUBLE_RENAMES}
+DOUBLE_NORMS = {
     "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
     "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
     "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
     "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
 }
-_DOUBLE_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "txt_attn.qkv": ("attn.add_q_proj",
-               "attn.add_k_proj", "attn.add_v_proj")}  # fmt: skip
+DOUBLE_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "txt_attn.qkv": ("attn.add_q_proj",
+              "attn.add_k_proj", "attn.add_v_proj")}  # fmt: skip
 _SINGLE_RENAMES = {"modulation.lin": "norm.linear", "linear2": "proj_out"}
-_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
-_SINGLE_FUSED = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")  # linear1's row blocks, in order
+SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+SINGLE_FUSED = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")  # linear1's row blocks, in order
 _FINAL_MOD = ("final_layer.adaLN_modulation.1", "norm_out.linear")
 
 
-def _indices(pattern: re.Pattern[str], keys: Iterable[str], what: str, where: str) -> int:
+def block_count(
+    pattern: re.Pattern[str], keys: Iterable[str], what: str, where: str, model: str = "Flux", unit: str = "blocks "
+) -> int:
     """How many blocks ``pattern`` numbers (0..N-1); a gap is one line naming the missing block."""
     found = sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
     if found != list(range(len(found))):
         gap = next(i for i in range(len(found) + 1) if i not in found)
-        raise WeightsError(f"{where}: Flux {what} {gap} is missing (has blocks up to {found[-1]})")
+        raise WeightsError(f"{where}: {model} {what} {gap} is missing (has {unit}up to {found[-1]})")
     return len(found)
 
 
@@ -165,8 +168,8 @@ def bfl_to_diffusers(sd: Mapping[str, torch.Tensor], where: str = "<state dict>"
     hidden = int(img_in.shape[0])
     out["x_embedder.weight"] = img_in
     keys = list(src)
-    doubles = _indices(_DOUBLE, keys, "double-stream block", where)
-    singles = _indices(_SINGLE, keys, "single-stream block", where)
+    doubles = block_count(DOUBLE_BLOCK, keys, "double-stream block", where)
+    singles = block_count(SINGLE_BLOCK, keys, "single-stream block", where)
     for bfl, ours in _TOP.items():
         if bfl.startswith("guidance_in.") and not any(k.startswith("guidance_in.") for k in src):
             continue  # schnell
@@ -181,9 +184,9 @@ def bfl_to_diffusers(sd: Mapping[str, torch.Tensor], where: str = "<state dict>"
         for bfl, ours in _DOUBLE_RENAMES.items():
             for p in ("weight", "bias"):
                 out[f"{b}{ours}.{p}"] = take(f"{a}{bfl}.{p}")
-        for bfl, ours in _DOUBLE_NORMS.items():
+        for bfl, ours in DOUBLE_NORMS.items():
             out[b + ours] = take(a + bfl)
-        for bfl, targets in _DOUBLE_QKV.items():
+        for bfl, targets in DOUBLE_QKV.items():
             for p in ("weight", "bias"):
                 split(f"{a}{bfl}.{p}", [hidden] * 3, [f"{b}{t}.{p}" for t in targets])
     for i in range(singles):
@@ -191,13 +194,13 @@ def bfl_to_diffusers(sd: Mapping[str, torch.Tensor], where: str = "<state dict>"
         for bfl, ours in _SINGLE_RENAMES.items():
             for p in ("weight", "bias"):
                 out[f"{b}{ours}.{p}"] = take(f"{a}{bfl}.{p}")
-        for bfl, ours in _SINGLE_NORMS.items():
+        for bfl, ours in SINGLE_NORMS.items():
             out[b + ours] = take(a + bfl)
         fused = src.get(f"{a}linear1.weight")
         rows = int(fused.shape[0]) if isinstance(fused, torch.Tensor) and fused.ndim == 2 else 0
         sizes = [hidden, hidden, hidden, rows - 3 * hidden if rows > 3 * hidden else 4 * hidden]
         for p in ("weight", "bias"):
-            split(f"{a}linear1.{p}", sizes, [f"{b}{t}.{p}" for t in _SINGLE_FUSED])
+            split(f"{a}linear1.{p}", sizes, [f"{b}{t}.{p}" for t in SINGLE_FUSED])
     if src:
         shown = ", ".join(sorted(src)[:4])
         raise WeightsError(f"{where}: unexpected tensors beside the Flux transformer: {shown}")
@@ -216,25 +219,25 @@ def diffusers_to_bfl(sd: Mapping[str, torch.Tensor]) -> StateDict:
                 out[f"{bfl}.{p}"] = src.pop(f"{ours}.{p}")
     for p in ("weight", "bias"):
         out[f"{_FINAL_MOD[0]}.{p}"] = swap_halves(src.pop(f"{_FINAL_MOD[1]}.{p}"))
-    for i in range(_indices(_OURS_DOUBLE, list(src), "double-stream block", "<state dict>")):
+    for i in range(block_count(OURS_DOUBLE_BLOCK, list(src), "double-stream block", "<state dict>")):
         a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         for bfl, ours in _DOUBLE_RENAMES.items():
             for p in ("weight", "bias"):
                 out[f"{a}{bfl}.{p}"] = src.pop(f"{b}{ours}.{p}")
-        for bfl, ours in _DOUBLE_NORMS.items():
+        for bfl, ours in DOUBLE_NORMS.items():
             out[a + bfl] = src.pop(b + ours)
-        for bfl, targets in _DOUBLE_QKV.items():
+        for bfl, targets in DOUBLE_QKV.items():
             for p in ("weight", "bias"):
                 out[f"{a}{bfl}.{p}"] = torch.cat([src.pop(f"{b}{t}.{p}") for t in targets])
-    for i in range(_indices(_OURS_SINGLE, list(src), "single-stream block", "<state dict>")):
+    for i in range(block_count(OURS_SINGLE_BLOCK, list(src), "single-stream block", "<state dict>")):
         a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         for bfl, ours in _SINGLE_RENAMES.items():
             for p in ("weight", "bias"):
                 out[f"{a}{bfl}.{p}"] = src.pop(f"{b}{ours}.{p}")
-        for bfl, ours in _SINGLE_NORMS.items():
+        for bfl, ours in SINGLE_NORMS.items():
             out[a + bfl] = src.pop(b + ours)
         for p in ("weight", "bias"):
-            out[f"{a}linear1.{p}"] = torch.cat([src.pop(f"{b}{t}.{p}") for t in _SINGLE_FUSED])
+            out[f"{a}linear1.{p}"] = torch.cat([src.pop(f"{b}{t}.{p}") for t in SINGLE_FUSED])
     if src:
         raise WeightsError(f"unexpected tensors in a Flux state dict: {', '.join(sorted(src)[:4])}")
     return out
@@ -264,8 +267,8 @@ def config_from_shapes(
         )
     joint = _shape(sd, "context_embedder.weight", 2, where)[1]
     pooled = _shape(sd, "time_text_embed.text_embedder.linear_1.weight", 2, where)[1]
-    doubles = _indices(_OURS_DOUBLE, list(sd), "double-stream block", where)
-    singles = _indices(_OURS_SINGLE, list(sd), "single-stream block", where)
+    doubles = block_count(OURS_DOUBLE_BLOCK, list(sd), "double-stream block", where)
+    singles = block_count(OURS_SINGLE_BLOCK, list(sd), "single-stream block", where)
     if doubles:
         head = _shape(sd, "transformer_blocks.0.attn.norm_q.weight", 1, where)[0]
     elif singles:
@@ -532,6 +535,16 @@ def load_flux_transformer(
 
 
 __all__ = [
+    "DOUBLE_BLOCK",
+    "DOUBLE_NORMS",
+    "DOUBLE_QKV",
+    "DOUBLE_RENAMES",
+    "OURS_DOUBLE_BLOCK",
+    "OURS_SINGLE_BLOCK",
+    "SINGLE_BLOCK",
+    "SINGLE_FUSED",
+    "SINGLE_NORMS",
+    "block_count",
     "FLUX1_AXES",
     "bfl_to_diffusers",
     "build_from_state",
