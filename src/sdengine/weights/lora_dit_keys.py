@@ -53,6 +53,7 @@ from ..models.chroma import ChromaTransformer
 from ..models.flux import FluxTransformer
 from ..models.mmdit import MMDiT
 from ..nn.lycoris import FACTOR_ONLY
+from .flux_file import DOUBLE_RENAMES
 from .lora_file import LoRAFile, LoRAFileError, LoRALayerWeights
 from .lycoris_file import LycorisLayerWeights
 
@@ -128,16 +129,7 @@ def _flux_native(model: FluxTransformer) -> Iterator[tuple[str, tuple[Route, ...
     for native, ours in one.items():
         yield native, (Route(ours),)
     yield "final_layer.adaLN_modulation.1", _swapped(model, "norm_out.linear")
-    double = {
-        "img_mod.lin": "norm1.linear",
-        "txt_mod.lin": "norm1_context.linear",
-        "img_attn.proj": "attn.to_out.0",
-        "txt_attn.proj": "attn.to_add_out",
-        "img_mlp.0": "ff.net.0.proj",
-        "img_mlp.2": "ff.net.2",
-        "txt_mlp.0": "ff_context.net.0.proj",
-        "txt_mlp.2": "ff_context.net.2",
-    }
+    double = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear", **DOUBLE_RENAMES}
     for i in range(len(model.transformer_blocks)):
         a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         for native, ours in double.items():
@@ -172,14 +164,7 @@ def _chroma_native(model: ChromaTransformer) -> Iterator[tuple[str, tuple[Route,
         one[a + "in_layer"], one[a + "out_layer"] = a + "linear_1", a + "linear_2"
     for native, ours in one.items():
         yield native, (Route(ours),)
-    double = {
-        "img_attn.proj": "attn.to_out.0",
-        "txt_attn.proj": "attn.to_add_out",
-        "img_mlp.0": "ff.net.0.proj",
-        "img_mlp.2": "ff.net.2",
-        "txt_mlp.0": "ff_context.net.0.proj",
-        "txt_mlp.2": "ff_context.net.2",
-    }
+    double = DOUBLE_RENAMES  # Flux's without the modulation linears
     for i in range(len(model.transformer_blocks)):
         a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         for native, ours in double.items():
