@@ -269,7 +269,7 @@ class FluxPipeline(Pipeline):
 
     def start_latent_options(self, p: Prepared) -> dict[str, Any]:
         """FLUX.1 Fill's masked-image concat, Depth / Canny's control image (:mod:`sdengine.pipeline.flux_fill`)."""
-        return flux_fill.start_options(self.kind, p)
+        return {**flux_fill.start_options(self.kind, p), **flux_kontext.start_options(p)}
 
     @property
     def kind(self) -> str:
@@ -400,8 +400,9 @@ class FluxPipeline(Pipeline):
         if request.reference_list():  # FLUX.1 Kontext: read and fitted before the size and memory are settled
             request.validate_references()
             references = flux_kontext.prepare_references(request, self.size_multiple, notes)
-            if request.width is None and request.height is None:  # the first reference's size
-                request = request.replace(width=references[0].width, height=references[0].height)
+            if request.width is None and request.height is None:  # the init image's size, else the first reference's
+                w, h = flux_kontext.output_size(request, self.size_multiple, references)
+                request = request.replace(width=w, height=h)
             sizes = [im.size for im in references]
             self._reference_tokens = flux_kontext.reference_tokens(sizes, self.vae_scale_factor, PATCH)
         try:

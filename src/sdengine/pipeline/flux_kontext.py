@@ -85,10 +85,10 @@ def reference_refusals(r: GenerationRequest) -> list[str]:
     if not r.reference_list():
         return []
     reasons = []
-    if r.init_image is not None:
+    if r.init_latent_resize:
         reasons.append(
-            "reference_images with an init_image (img2img / inpainting on FLUX.1 Kontext) is not supported yet: "
-            "give the image to edit as a reference image"
+            "reference_images (FLUX.1 Kontext) and init_latent_resize cannot run together: the init image is fitted "
+            "to the output size"
         )
     if r.controlnets:
         reasons.append("reference_images (FLUX.1 Kontext) and Flux ControlNets cannot run together")
@@ -128,6 +128,22 @@ def prepare_references(r: GenerationRequest, multiple: int, notes: list[str]) ->
     return _fitted(r, multiple, notes)
 
 
+def output_size(r: GenerationRequest, multiple: int, references: list[Image.Image]) -> tuple[int, int]:
+    """The size of a Kontext call that gives neither width nor height: its init image's, fitted as a reference is
+    (:func:`kontext_size`; diffusers' ``FluxKontextInpaintPipeline`` edits at it), else the first reference's."""
+    if r.init_image is None:
+        return references[0].size
+    init = load_image(r.init_image, "init image", mode="RGB", error=GenerationError)
+    return kontext_size(init.width, init.height, multiple, bool(r.reference_auto_resize))
+
+
+def start_options(p: Any) -> dict[str, Any]:
+    """:func:`sdengine.pipeline.latents.start_latents`' options of a Kontext call with an init image: the init
+    latent is the VAE posterior's mean, as diffusers' ``FluxKontextInpaintPipeline`` encodes it (no draw before the
+    noise). {} for any other call."""
+    return {"init_mode": True} if p.references and p.init is not None else {}
+
+
 def reference_tokens(sizes: list[tuple[int, int]], vae_factor: int, patch: int = 2) -> int:
     """How many tokens references of these pixel sizes add to every row."""
     cell = vae_factor * patch
@@ -165,9 +181,11 @@ __all__ = [
     "encode_references",
     "infotext_fields",
     "kontext_size",
+    "output_size",
     "preferred_resolution",
     "prepare_references",
     "reference_refusals",
     "reference_sizes",
     "reference_tokens",
+    "start_options",
 ]

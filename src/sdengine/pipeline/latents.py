@@ -14,6 +14,8 @@
   folded into ``f x f`` channels per latent pixel (``f`` the VAE's factor; channel ``dy f + dx``).
 * FLUX.1 Depth / Canny (``control``, diffusers' ``FluxControlPipeline``): the control image's posterior is drawn
   from the row's generator FIRST (before any other draw); its scaled latent is the ``"concat"``.
+* FLUX.1 Kontext with an init image (``init_mode``, diffusers' ``FluxKontextInpaintPipeline``): the init latent is
+  the posterior's mean (no draw), then the noise; with a mask the masked-image posterior is drawn after it (unused).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def start_latents(
     pure_noise_at_full_strength: bool = True,
     fill: bool = False,
     control: Image.Image | None = None,
+    init_mode: bool = False,
 ) -> StartLatents:
     """Every random draw of the rows, in diffusers' order (see the module docstring). ``tiny``: a tiny VAE whose
     encoder makes the images' latents instead of the VAE's (``vae_encode="tiny"``; no posterior spread, the same
@@ -105,7 +108,8 @@ def start_latents(
     (diffusers'); False: from the init latent noised, as A1111 does at any strength (A1111's masked content is
     the pipeline's, on the init latent this returns). ``fill``: a FLUX.1 Fill model's concat (see the module
     docstring; needs ``init`` and ``mask``); ``control``: a FLUX.1 Depth / Canny model's control image (the
-    output's size)."""
+    output's size); ``init_mode``: the init latent is the posterior's mean, no draw (FLUX.1 Kontext's
+    ``FluxKontextInpaintPipeline``: each row's noise is its generator's first draw)."""
 
     def moments(img: Tensor) -> Any:
         if tiny is not None:
@@ -128,7 +132,8 @@ def start_latents(
             mask_full = torch.from_numpy(m)[None, None].to(device)
         if mask_full is None or strength < 1.0 or not nine_channels or not pure_noise_at_full_strength:
             post = moments(img)
-            init_latent = vae.scale_latents(posterior_rows(post, generators).float())
+            z = post.mean.expand(b, -1, -1, -1) if init_mode else posterior_rows(post, generators)
+            init_latent = vae.scale_latents(z.float())
             if tuple(init_latent.shape[-2:]) != (
                 h,
                 w,
