@@ -153,7 +153,7 @@ def test_two_references_run_and_differ_from_one(kontext):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"init_image": picture(W, H)}, "reference_images with an init_image .* is not supported yet"),
+        ({"init_image": picture(W, H), "init_latent_resize": True}, "and init_latent_resize cannot run together"),
         ({"enable_hr": True}, r"reference_images \(FLUX.1 Kontext\) and the hires fix cannot run together"),
         ({"controlnets": [("cn", picture(W, H), 1.0)]}, "reference_images .* and Flux ControlNets cannot run"),
         ({"control_image": picture(W, H)}, "control_image"),  # Depth / Canny's map: not with references either
@@ -176,6 +176,15 @@ def test_sd_model_refuses_reference_images(tiny_sd1_folder):
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
     with pytest.raises(GenerationError, match=r"reference_images \(--reference-image\) are FLUX.1 Kontext's; .* not a"):
         pipe(PROMPT, steps=1, reference_images=_reference(), progress=False)
+
+
+def _b64_png(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _refused(capsys, argv: list[str]) -> str:
@@ -265,10 +274,17 @@ def test_server_native_job_takes_reference_images(kontext, tiny_sd1_folder, tmp_
             pixels, _ = run_job(client, {**body, "reference_images": [b64], "reference_auto_resize": False})
             assert pixels.shape == (24, 40, 3)  # the reference's 42 x 26, floored
             np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
+            # Kontext inpainting: init_image + mask + reference_images, at the init image's size
+            init, mask = picture(W, H, seed=4), picture(W, H, seed=6).convert("L")
+            want = pipe(PROMPT, steps=2, seed=5, init_image=init, mask=mask, strength=0.6, reference_images=_reference(),
+                        reference_auto_resize=False, progress=False)  # fmt: skip
+            job = {"init_image": _b64_png(init), "mask": _b64_png(mask), "strength": 0.6}
+            pixels, _ = run_job(client, {**body, **job, "reference_images": [b64], "reference_auto_resize": False})
+            np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
             for change, message in [
                 ({"reference_auto_resize": False}, "reference_auto_resize applies to reference_images"),
                 ({"reference_images": [b64] * 5}, "at most 4 reference_images, got 5"),
-                ({"reference_images": [b64], "init_image": b64}, "reference_images with an init_image"),
+                ({"reference_images": [b64], "hires": {}}, "and the hires fix cannot run together"),
                 ({"reference_images": [b64], "model": "tiny-sd"}, "reference_images are FLUX.1 Kontext's; tiny-sd"),
             ]:
                 r = client.post("/v1/jobs", json={**body, "width": 48, "height": 32, **change})

@@ -118,7 +118,8 @@ def test_img2img_is_the_inpainting_with_an_all_white_mask(kontext):
 
 def test_auto_resize_of_the_init_image_and_a_batch_match_diffusers(kontext, monkeypatch):
     """Without width and height the output is the init image at its Kontext resolution (the real table is ~1 MP, too
-    big for a CPU test: both pipelines get it at 1/16 of its sides), the mask resized to it; two seeds."""
+    big for a CPU test: both pipelines get it at 1/16 of its sides), the mask resized to it; two seeds, true CFG
+    (diffusers' ``true_cfg_scale``: the reference in both passes)."""
     import diffusers.pipelines.flux.pipeline_flux_kontext_inpaint as theirs_module
 
     _, pipe, ref = kontext
@@ -134,12 +135,23 @@ def test_auto_resize_of_the_init_image_and_a_batch_match_diffusers(kontext, monk
         mask=mask,
         strength=0.6,
         reference_images=init,
+        negative_prompt="blurry",
+        cfg_scale=2.5,
         progress=False,
     )
     assert (ours.parameters["width"], ours.parameters["height"]) == (80, 48)
     assert ours.parameters["Reference image size"] == "80x48"
     theirs = _theirs(
-        ref, init, mask, strength=0.6, seeds=(SEED, 7), steps=2, prompt=[PROMPT, "a dog"], _auto_resize=True
+        ref,
+        init,
+        mask,
+        strength=0.6,
+        seeds=(SEED, 7),
+        steps=2,
+        prompt=[PROMPT, "a dog"],
+        negative_prompt=["blurry", "blurry"],
+        true_cfg_scale=2.5,
+        _auto_resize=True,
     )
     assert _mad(ours.arrays, theirs) < TOL
 

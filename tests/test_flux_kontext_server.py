@@ -173,6 +173,22 @@ def test_a1111_takes_reference_images_and_control_image(served):
         _one_line_400(client.post("/sdapi/v1/txt2img", json={**kontext_body, "alwayson_scripts": scripts}), needle)
     r = client.post("/sdapi/v1/txt2img", json={**kontext_body, **refs, "alwayson_scripts": script})
     _one_line_400(r, "reference_images given twice")
-    init = _b64(control)  # img2img takes them too: Kontext refuses an init image in one line
-    r = client.post("/sdapi/v1/img2img", json={**kontext_body, "init_images": [init], **refs})
-    _one_line_400(r, "reference_images with an init_image")
+    # img2img takes them too: Kontext img2img (the init image's VAE mean, the reference's tokens)
+    r = client.post("/sdapi/v1/img2img", json={**kontext_body, "init_images": [_b64(control)], **refs})
+    assert r.status_code == 200, r.text
+    want = kontext(PROMPT, steps=STEPS, seed=7, width=W, height=H, init_image=control, reference_images=ref,
+                   reference_auto_resize=False, strength=0.75, progress=False).images[0]  # fmt: skip
+    np.testing.assert_array_equal(_pixels(_image(r.json()["images"][0])), _pixels(want))
+    # and a mask: Kontext inpainting inside it ("original" masked content, no blur), the init image outside it
+    # (A1111's overlay)
+    m = np.zeros((H, W), np.uint8)
+    m[8:24, 12:36] = 255
+    mask = Image.fromarray(m, "L")
+    inpaint = {"mask": _b64(mask), "inpainting_fill": 1, "mask_blur": 0, "denoising_strength": 0.6}
+    r = client.post("/sdapi/v1/img2img", json={**kontext_body, "init_images": [_b64(control)], **refs, **inpaint})
+    assert r.status_code == 200, r.text
+    want = kontext(PROMPT, steps=STEPS, seed=7, width=W, height=H, init_image=control, mask=mask, strength=0.6,
+                   reference_images=ref, reference_auto_resize=False, progress=False).images[0]  # fmt: skip
+    got, inside = _pixels(_image(r.json()["images"][0])), m > 127
+    np.testing.assert_array_equal(got[inside], _pixels(want)[inside])
+    np.testing.assert_array_equal(got[~inside], _pixels(control)[~inside])
