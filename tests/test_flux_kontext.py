@@ -276,8 +276,8 @@ def test_server_native_job_takes_reference_images(kontext, tiny_sd1_folder, tmp_
             np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
             # Kontext inpainting: init_image + mask + reference_images, at the init image's size
             init, mask = picture(W, H, seed=4), picture(W, H, seed=6).convert("L")
-            want = pipe(PROMPT, steps=2, seed=5, init_image=init, mask=mask, strength=0.6, reference_images=_reference(),
-                        reference_auto_resize=False, progress=False)  # fmt: skip
+            want = pipe(PROMPT, steps=2, seed=5, init_image=init, mask=mask, strength=0.6,
+                        reference_images=_reference(), reference_auto_resize=False, progress=False)  # fmt: skip
             job = {"init_image": _b64_png(init), "mask": _b64_png(mask), "strength": 0.6}
             pixels, _ = run_job(client, {**body, **job, "reference_images": [b64], "reference_auto_resize": False})
             np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))

@@ -42,7 +42,8 @@ too) run through :mod:`sdengine.pipeline.dit_control` (:meth:`FluxPipeline.contr
 FLUX.1 Kontext's reference images (``reference_images``) are read and fitted by :mod:`sdengine.pipeline.flux_kontext`
 in :meth:`FluxPipeline.prepare` (the output takes the first one's size where the call gives none), encoded once per
 call (:meth:`FluxPipeline._call_settings`) and handed to the transformer by :class:`FluxAdapter` at every call; the
-transformer then runs as it is (:meth:`FluxPipeline.graphed`: no step graph, no recorded loop).
+transformer then runs as it is (:meth:`FluxPipeline.graphed`: no step graph, no recorded loop). With an init image
+(and a mask) they are FluxKontextInpaintPipeline's (:func:`sdengine.pipeline.flux_kontext.start_options`).
 
 FLUX.1 Fill (inpainting / outpainting) and Depth / Canny (a ``control_image``) are told by the transformer's
 shapes (:attr:`FluxPipeline.kind`); their image latents and checks are :mod:`sdengine.pipeline.flux_fill`'s.

@@ -20,6 +20,12 @@ What this module settles, before any model runs (:func:`prepare_references`):
 * what does not combine with references, one line each (:func:`reference_refusals`).
 
 The latents are made at the call (:func:`encode_references`), once, with the pipeline's VAE (its full encoder).
+
+With an init image (docs/flux.md, "Kontext inpainting and img2img"): diffusers' ``FluxKontextInpaintPipeline``.
+The output takes the init image's size fitted as a reference (:func:`output_size`); the init latent is the VAE
+posterior's mean, so the noise is each row's first draw (:func:`start_options`); a mask keeps its known region as
+Flux inpainting does; no mask is that pipeline with an all-white mask (Kontext img2img). diffusers'
+``image_reference=None`` is the init image given as the reference too.
 """
 
 from __future__ import annotations
