@@ -193,18 +193,47 @@ def test_mask_reads_as_diffusers_mask_processor():
     )
 
 
-def test_cli_and_native_job_give_the_unit_its_mask(tmp_path):
+def test_cli_control_mask_equals_the_pipeline(sd3, tmp_path, capsys):
+    from PIL import Image
+
+    from sdengine.cli import main
     from sdengine.commands.generate import control_masks
 
+    folder, pipe, _, inpaint, _ = sd3
+    picture, mask = tmp_path / "picture.png", tmp_path / "mask.png"
+    _picture(6).save(picture)
+    _mask().save(mask)
+    out = tmp_path / "out"
+    args = ["generate", PROMPT, "--model", str(folder), "--seed", "5", "--steps", "2", "--width", str(SIZE)]
+    args += ["--height", str(SIZE), "--sampler", "euler", "--cfg", "5", "--no-progress", "--out", str(out)]
+    control = ["--control", f"none:{picture}:0.9", "--controlnet", str(inpaint), "--control-mask", str(mask)]
+    assert main([*args, *control]) == 0
+    made = next(out.glob("*.png"))
+    unit = ControlUnit(str(inpaint), Image.open(picture).convert("RGB"), scale=0.9, mask=Image.open(mask))
+    direct = pipe(
+        PROMPT,
+        steps=2,
+        seed=5,
+        width=SIZE,
+        height=SIZE,
+        sampler="euler",
+        cfg_scale=5.0,
+        controlnets=[unit],
+        progress=False,
+    )
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(direct.images[0]))
+    capsys.readouterr()
+    assert main([*args, "--control-mask", str(mask)]) != 0  # without --control
+    assert main([*args, *control, "--control-mask", str(mask)]) != 0  # two masks for one unit
+    assert main([*args, *control[:4]]) != 0  # an inpainting ControlNet without its mask
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("needs --control/--controlnet" in e for e in err), err
+    assert any("2 --control-mask for 1 --control" in e for e in err), err
+    assert any("give the unit its mask" in e for e in err), err
     units = [ControlUnit("a", "x.png"), ControlUnit("b", "y.png")]
     kwargs = {"controlnets": units}
     control_masks(type("A", (), {"control_mask": ["m.png", "none"]})(), kwargs)
     assert [u.mask for u in kwargs["controlnets"]] == ["m.png", None]
-    for masks, message in ((["m.png"], "1 --control-mask for 2 --control"),):
-        with pytest.raises(SdengineError, match=message):
-            control_masks(type("A", (), {"control_mask": masks})(), {"controlnets": units})
-    with pytest.raises(SdengineError, match="needs --control"):
-        control_masks(type("A", (), {"control_mask": ["m.png"]})(), {})
 
 
 def test_refusals_are_one_line(sd3, tiny_sd1_folder):
@@ -230,3 +259,49 @@ def test_refusals_are_one_line(sd3, tiny_sd1_folder):
     sd1 = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
     with pytest.raises(SdengineError, match="U-Net ControlNets take none"):
         sd1("x", controlnets=[ControlUnit("unused", _picture(), mask=mask)], steps=1, width=64, height=64)
+
+
+def _b64(picture) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_native_job_unit_mask(sd3, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from _comfy_live import live_client
+    from _live_server import server_config, wait_job
+
+    folder, pipe, _, inpaint, _ = sd3
+    image, mask = _picture(4), _mask()
+    config = server_config(tmp_path, models_dir=folder.parent, controlnets_dir=inpaint.parent)
+    body = {"model": folder.name, "prompt": PROMPT, "seed": SEED, "steps": 2, "width": SIZE, "height": SIZE}
+    body.update(sampler="euler", cfg_scale=5.0, negative_prompt=NEGATIVE)
+    unit = {"model": inpaint.name, "image": _b64(image), "mask": _b64(mask), "weight": 0.8}
+    with live_client(config, timeout=120) as (_, client):
+        r = client.post("/v1/jobs", json={**body, "controlnets": [unit]})
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["id"], timeout=120)
+        assert job["state"] == "done", job
+        got = np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]["url"]).content)).convert("RGB"))
+        r = client.post("/v1/jobs", json={**body, "controlnets": [{**unit, "model": "reference_only"}]})
+        assert r.status_code == 400 and "a mask is an SD3 inpainting ControlNet's" in r.json()["detail"], r.text
+    want = pipe(
+        PROMPT,
+        NEGATIVE,
+        sampler="euler",
+        cfg_scale=5.0,
+        seed=SEED,
+        steps=2,
+        width=SIZE,
+        height=SIZE,
+        controlnets=[ControlUnit(str(inpaint), image, scale=0.8, mask=mask)],
+        progress=False,
+    )
+    np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
