@@ -79,7 +79,8 @@ class ControlUnit:
     sigma lies in :func:`comfy_sigma_window`, which needs the noise schedule); ``mode``: :data:`CONTROL_MODES`,
     sd-webui-controlnet's control mode (``"balanced"``, the default; ``"prompt"``; ``"controlnet"``);
     ``hires_mode``: the mode of the hires fix's second pass, None = ``mode`` (the extension forces its soft weights
-    on a canny unit there: the A1111 route's canny units have ``"prompt"``)."""
+    on a canny unit there: the A1111 route's canny units have ``"prompt"``); ``mask``: an SD3 inpainting
+    ControlNet's mask (white = repaint; ``image`` is then the picture to inpaint), refused on other units."""
 
     model: Any
     image: Any
