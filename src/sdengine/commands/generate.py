@@ -227,6 +227,24 @@ def union_modes(a: Any, kwargs: dict[str, Any]) -> None:
     ]
 
 
+def control_masks(a: Any, kwargs: dict[str, Any]) -> None:
+    """``--control-mask IMAGE`` (repeatable): an SD3 inpainting ControlNet's mask (white = repaint), one per
+    ``--control`` in order (``none`` for a unit that takes no mask), set on the request's units; the unit's
+    ``--control`` image is the picture to inpaint."""
+    masks = getattr(a, "control_mask", None) or []
+    if not masks:
+        return
+    units = list(kwargs.get("controlnets") or [])
+    if not units:
+        raise UsageError("--control-mask is an SD3 inpainting ControlNet's mask: it needs --control/--controlnet")
+    if len(masks) != len(units):
+        raise UsageError(f"{len(masks)} --control-mask for {len(units)} --control: give one per --control")
+    kwargs["controlnets"] = [
+        dataclasses.replace(u, mask=None if m.strip().lower() == "none" else m)
+        for u, m in zip(units, masks, strict=True)
+    ]
+
+
 def _reference_from_cli(
     text: str,
     kind: str,
@@ -1062,6 +1080,7 @@ def run(a: argparse.Namespace) -> int:
             processor_res=control_resolutions(a),
         )
     union_modes(a, kwargs)
+    control_masks(a, kwargs)
     from . import generate_ip
 
     if a.from_png is None and (a.ip_adapters_dir is not None or a.clip_vision_dir is not None):
@@ -1479,6 +1498,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="MODE",
         help="a Flux Union ControlNet's control kind (canny, tile, depth, blur, pose, gray, lq or a number), one "
         "per --control in order; none for a unit that is not a Union (docs/controlnet.md)",
+    )
+    p.add_argument(
+        "--control-mask",
+        action="append",
+        default=None,
+        metavar="IMAGE",
+        help="an SD3 inpainting ControlNet's mask (white = repaint; its --control image is the picture to inpaint), "
+        "one per --control in order; none for a unit that takes no mask (docs/controlnet.md)",
     )
     for slider, what in (
         ("a", "canny's low threshold, threshold's and scribble's threshold, softedge's blur"),

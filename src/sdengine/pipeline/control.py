@@ -79,7 +79,8 @@ class ControlUnit:
     sigma lies in :func:`comfy_sigma_window`, which needs the noise schedule); ``mode``: :data:`CONTROL_MODES`,
     sd-webui-controlnet's control mode (``"balanced"``, the default; ``"prompt"``; ``"controlnet"``);
     ``hires_mode``: the mode of the hires fix's second pass, None = ``mode`` (the extension forces its soft weights
-    on a canny unit there: the A1111 route's canny units have ``"prompt"``)."""
+    on a canny unit there: the A1111 route's canny units have ``"prompt"``); ``mask``: an SD3 inpainting
+    ControlNet's mask (white = repaint; ``image`` is then the picture to inpaint), refused on other units."""
 
     model: Any
     image: Any
@@ -101,6 +102,9 @@ class ControlUnit:
     # a Flux Union ControlNet's control kind (sdengine.pipeline.dit_control.UNION_MODES' name or its number); other
     # ControlNets take none
     union_mode: int | str | None = None
+    # an SD3 inpainting ControlNet's mask (extra_conditioning_channels 1, Alimama's SD3-Controlnet-Inpainting): white
+    # = repaint; ``image`` is then the picture to inpaint (see sdengine.pipeline.dit_control). Other units take none
+    mask: Any = None
 
     @property
     def reference(self) -> str | None:
@@ -112,6 +116,10 @@ class ControlUnit:
             raise ControlNetError(f"unknown ControlNet step rule {self.rule!r}; use one of: {', '.join(STEP_RULES)}")
         if self.reference is not None or self.style_fidelity is not None:
             check_reference_unit(self)
+            if self.mask is not None:
+                raise ControlNetError(
+                    f"{self.reference}: a unit mask is an SD3 inpainting ControlNet's input; reference units take none"
+                )
             return
         if self.module is not None or self.module_options:  # written into the infotext: checked now, not after
             from sdengine.control.preprocess import PREPROCESSORS, option_names
@@ -956,6 +964,11 @@ def build_controlled_unet(
         net: ControlNet | T2IAdapter
         if getattr(model, "family", None) in ("sd3", "flux"):
             raise ControlNetError(f"{name} is an {model.family.upper()} ControlNet; this model is a U-Net")
+        if unit.mask is not None:
+            raise ControlNetError(
+                f"{name}: a unit mask is an SD3 inpainting ControlNet's input; U-Net ControlNets take none (inpaint "
+                "with the request's init_image and mask)"
+            )
         if isinstance(model, ControlNet):
             # A model the caller owns (maybe one being trained): moved if it must be, otherwise left alone.
             net = model

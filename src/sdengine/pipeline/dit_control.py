@@ -21,6 +21,17 @@ ControlNet, the unit's ``union_mode`` (:data:`UNION_MODES`). Every row runs with
 unconditional rows get the ControlNet's answer to the negative prompt (as diffusers' SD3 pipeline; its Flux
 pipeline's true CFG reuses the positive rows' residuals instead).
 
+SD3 inpainting ControlNets (``extra_conditioning_channels`` 1: Alimama's SD3-Controlnet-Inpainting), as diffusers'
+``StableDiffusion3ControlNetInpaintingPipeline`` prepares them: the unit's ``image`` is the picture to inpaint and
+its ``mask`` (white = repaint) is read as diffusers' mask processor reads it (resized like the image, grey, 1 where
+it is at least 0.5). The masked pixels are set to black (-1 in the VAE's range) before the encode, the latent is
+scaled with the shift, ``(z - shift) * scaling``, whatever ``force_zeros_for_pooled_projection`` says, and one
+channel more follows it: the mask taken to the latent's size (nearest) and inverted (1 = keep). The copy reads a
+pooled text vector of zeros. The base model starts from noise as in a plain generation: the ControlNet alone
+carries the picture (no known region is put back, as in diffusers' pipeline; the request's own ``init_image`` and
+``mask`` inpaint on top when given). A mask on any other unit, an inpainting ControlNet without one, or one
+that takes another number of extra channels is refused in one line.
+
 Not for the transformers (one line each): U-Net ControlNets, T2I-Adapters, reference units, guess mode,
 sd-webui-controlnet's soft control modes, ComfyUI's sigma window rule.
 """
@@ -32,14 +43,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sdengine.control.dit_files import DiTControlNet, read_dit_controlnet
+from sdengine.control.preprocess import load_control_image
 from sdengine.diffusion.samplers import SamplerStep
 from sdengine.errors import ControlNetError
+from sdengine.io.resize import resize_image, resize_tensor
 from sdengine.models.dit_controlnet import FluxControlNet, SD3ControlNet
 from sdengine.pipeline.control import (
+    HINT_NEAREST_CENTRE,
     ControlUnit,
     check_unit_settings,
     control_image_tensor,
@@ -83,6 +99,7 @@ class PreparedDiTUnit:
     scale: float
     keep: list[bool]
     mode: int | None = None
+    inpaint: bool = False  # an SD3 inpainting ControlNet (its pooled text is zeros)
 
 
 class ControlledDiT:
@@ -128,7 +145,7 @@ class ControlledDiT:
             tt = t.expand(b) if t.ndim == 0 else t
             got: tuple[list[Tensor], list[Tensor]]
             if isinstance(net, SD3ControlNet):
-                zeros = net.config.force_zeros_for_pooled_projection
+                zeros = net.config.force_zeros_for_pooled_projection or unit.inpaint
                 ctx = context.to(dt) if net.config.joint_attention_dim is not None else None
                 vec = torch.zeros_like(pooled, dtype=dt) if zeros else pooled.to(dt)
                 got = (net(x.to(dt), cond, tt, ctx, vec, conditioning_scale=unit.scale), [])
@@ -215,6 +232,31 @@ def _load(unit: ControlUnit, family: str, name: str) -> DiTControlNet:
     return net
 
 
+def control_mask_tensor(mask: Any, width: int, height: int, resize_mode: str = "just resize") -> Tensor:
+    """(1, 1, height, width) float32 of 0 and 1 (1 = repaint): an inpainting ControlNet's mask as diffusers' mask
+    processor reads it: resized as the control image is (Lanczos for pictures), made grey, 1 where it is at least
+    0.5. A picture, a path, an (H, W) array or a (1, 1, H, W) / (1, H, W) / (H, W) float tensor in [0, 1]."""
+    if isinstance(mask, list | tuple) or (
+        isinstance(mask, Tensor | np.ndarray) and mask.ndim == 4 and mask.shape[0] != 1
+    ):
+        raise ControlNetError("an inpainting ControlNet unit takes one mask (used for every row)")
+    if isinstance(mask, Tensor) and mask.is_floating_point():
+        t = mask.detach().float()
+        t = t.reshape(1, 1, *t.shape[-2:]) if t.ndim == 2 or (t.ndim in (3, 4) and t.shape[-3] == 1) else t
+        if t.ndim != 4 or t.shape[:2] != (1, 1):
+            raise ControlNetError(f"a mask tensor must be (1, 1, H, W), (1, H, W) or (H, W), got {tuple(mask.shape)}")
+        grey = resize_tensor(t, width, height, resize_mode).clamp(0, 1)
+    elif resize_mode == HINT_NEAREST_CENTRE:
+        rgb = control_image_tensor(mask, width, height, resize_mode)
+        grey = (rgb * torch.tensor([0.299, 0.587, 0.114]).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
+    else:
+        picture = resize_image(load_control_image(mask), width, height, resize_mode).convert("L")
+        grey = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None, None]
+    if not bool(torch.isfinite(grey).all()):
+        raise ControlNetError("the inpainting ControlNet's mask has values that are not finite")
+    return (grey >= 0.5).float()
+
+
 def vae_encoder(vae: Any) -> dict[str, Any]:
     """``encode`` and ``vae_factors`` of :func:`build_controlled_dit` for a pipeline's VAE: the posterior's mean
     of images in [0, 1], and (scaling_factor, shift_factor)."""
@@ -282,30 +324,58 @@ def build_controlled_dit(
             mode = union_mode_id(union_mode, net.controlnet_mode_embedder.num_embeddings, name)
         elif union_mode is not None:
             raise ControlNetError(f"{name} is not a Union ControlNet: it takes no union_mode")
+        extra = net.config.extra_conditioning_channels if isinstance(net, SD3ControlNet) else 0
+        if extra not in (0, 1):
+            raise ControlNetError(
+                f"{name} takes {extra} extra control channels; sdengine knows the inpainting ControlNets' one "
+                "(the mask)"
+            )
+        inpaint = extra == 1
+        mask_given = getattr(unit, "mask", None) is not None
+        if inpaint and not mask_given:
+            raise ControlNetError(
+                f"{name} is an SD3 inpainting ControlNet: give the unit its mask (white = repaint) with the image to "
+                "inpaint"
+            )
+        if mask_given and not inpaint:
+            raise ControlNetError(
+                f"{name} is not an inpainting ControlNet (no mask channel): a unit mask is for SD3 inpainting "
+                "ControlNets (extra_conditioning_channels 1)"
+            )
         net = net.to(device=dev, dtype=run_dtype)
         if isinstance(net, SD3ControlNet):
             net.share_patch_embed(base)
         images = control_image_tensor(unit.image, width, height, resize_mode)
+        repaint = control_mask_tensor(unit.mask, width, height, resize_mode) if inpaint else None
+        if repaint is not None:
+            images = images * (1.0 - repaint)  # the area to repaint black: -1 in the VAE's range
         with torch.no_grad():
             mean = encode(images.to(dev)).float()
-        no_shift = isinstance(net, SD3ControlNet) and net.config.force_zeros_for_pooled_projection
-        latent = (mean - (0.0 if no_shift else shift)) * scaling
-        want_ch = (
-            net.config.in_channels + net.config.extra_conditioning_channels
-            if isinstance(net, SD3ControlNet)
-            else net.config.in_channels // 4
-        )
-        if latent.shape[1] != want_ch:
+        want_ch = net.config.in_channels if isinstance(net, SD3ControlNet) else net.config.in_channels // 4
+        if mean.shape[1] != want_ch:
             raise ControlNetError(
-                f"{name} takes {want_ch}-channel control latents; this model's VAE makes {latent.shape[1]}"
+                f"{name} takes {want_ch}-channel control latents; this model's VAE makes {mean.shape[1]}"
             )
+        no_shift = isinstance(net, SD3ControlNet) and net.config.force_zeros_for_pooled_projection and not inpaint
+        latent = (mean - (0.0 if no_shift else shift)) * scaling
+        if repaint is not None:
+            kept = 1.0 - F.interpolate(repaint.to(latent.device), size=tuple(latent.shape[-2:]), mode="nearest")
+            latent = torch.cat([latent, kept.expand(latent.shape[0], -1, -1, -1)], dim=1)
         keep = step_keep(steps, float(unit.start), float(unit.end), unit.rule)
         if not any(keep):
             msg = no_step_message(name, steps, float(unit.start), float(unit.end), unit.rule)
             if note is not None:
                 note(msg)
-        prepared.append(PreparedDiTUnit(net, latent.to(run_dtype), float(unit.scale), keep, mode))
+        prepared.append(PreparedDiTUnit(net, latent.to(run_dtype), float(unit.scale), keep, mode, inpaint))
     return ControlledDiT(base, prepared, family)
 
 
-__all__ = ["UNION_MODES", "ControlledDiT", "PreparedDiTUnit", "build_controlled_dit", "union_mode_id", "vae_encoder"]
+__all__ = [
+    "UNION_MODES",
+    "ControlledDiT",
+    "PreparedDiTUnit",
+    "build_controlled_dit",
+    "control_mask_tensor",
+    "union_mode_id",
+    "vae_encoder",
+]

@@ -987,6 +987,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 },
                 c.rule,
                 mode=c.mode,
+                mask=c.mask,
             )
             for c in req.controlnets
         ]

@@ -60,6 +60,7 @@ class ControlRequest:
     processor_res: int | None = None  # the short side the image was scaled to before the preprocessor (A1111's)
     mode: str = "balanced"  # the control mode (pipeline.control.CONTROL_MODES); A1111's unit's control_mode
     hires_mode: str | None = None  # the hires fix's second pass (A1111's canny units: the extension's soft weights)
+    mask: ImageRef | None = None  # an SD3 inpainting ControlNet's mask (white = repaint)
 
 
 @dataclass
@@ -450,6 +451,10 @@ def build_generation(
         if unit.model in REFERENCE_MODULES:  # no model: the reference image as it is (sdengine.nn.reference)
             if unit.preprocessor not in ("none", "") or set(unit.options) - {"style_fidelity"}:
                 raise BadRequest(f"ControlNet unit {k}: {unit.model} takes the image as it is (no preprocessor)")
+            if unit.mask is not None:
+                raise BadRequest(
+                    f"ControlNet unit {k}: a mask is an SD3 inpainting ControlNet's; {unit.model} takes none"
+                )
             picture = image(unit.image, f"ControlNet unit {k} image")
             assert picture is not None
             start = _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0)
@@ -486,6 +491,7 @@ def build_generation(
         if start >= end:  # the pipeline refuses it when the job runs: refused before anything is queued
             raise BadRequest(f"ControlNet unit {k}: start ({start:g}) must be less than end ({end:g})")
         weight = _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0)
+        unit_mask = image(unit.mask, f"ControlNet unit {k} mask")
         units.append(
             ControlUnit(
                 str(path),
@@ -499,6 +505,7 @@ def build_generation(
                 processor_res=unit.processor_res,
                 mode=unit.mode,
                 hires_mode=unit.hires_mode,
+                mask=unit_mask,
             )
         )
 

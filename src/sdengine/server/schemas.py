@@ -36,6 +36,12 @@ class ControlNetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(..., min_length=1, max_length=512, description="a name from GET /v1/controlnets")
     image: str = Field(..., min_length=1, description="an upload id (POST /v1/uploads) or a base64 image")
+    mask: str | None = Field(
+        None,
+        min_length=1,
+        description="an SD3 inpainting ControlNet's mask (white = repaint; image is the picture to inpaint): an "
+        "upload id or a base64 image; other units take none",
+    )
     weight: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     start: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
     end: float = Field(1.0, ge=0, le=1, allow_inf_nan=False)
