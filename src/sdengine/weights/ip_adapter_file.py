@@ -251,10 +251,10 @@ def _save_flux(adapter: IPAdapter, proj: dict[str, Tensor], path: Path) -> Path:
             ip[f"{j}.to_{which}_ip.bias"] = lin.bias.detach().contiguous()
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         flat = {f"{XLABS_PROJ}{k}": v for k, v in proj.items()}
-        for key, v in ip.items():
-            j, name, what = key.split(".")
+        for key, t in ip.items():
+            block, name, what = key.split(".")
             which = name[len("to_") : -len("_ip")]
-            flat[f"double_blocks.{j}.processor.ip_adapter_double_stream_{which}_proj.{what}"] = v
+            flat[f"double_blocks.{block}.processor.ip_adapter_double_stream_{which}_proj.{what}"] = t
         save_safetensors(flat, path)
     else:
         torch.save({"image_proj": proj, "ip_adapter": ip}, path)
