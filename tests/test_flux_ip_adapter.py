@@ -331,3 +331,16 @@ def test_native_job_equals_the_python_call(flux, tmp_path):
             assert r.status_code == 400, r.text
             message = r.json()["detail"] if "detail" in r.json() else r.json()["error"]["message"]
             assert needle in message and "\n" not in message, message
+
+
+def test_chroma_and_sd3_refuse_ip_adapters(flux):
+    from sdengine.pipeline.chroma import chroma_refusals
+    from sdengine.pipeline.flux import refusals
+    from sdengine.pipeline.request import GenerationRequest
+    from sdengine.pipeline.sd3 import refusals as sd3_refusals
+
+    root = flux[0]
+    r = GenerationRequest(prompt=PROMPT, ip_adapters=[IPAdapterUnit(root / IP_FILE, images=picture(8, 8))])
+    assert refusals(r) == []  # Flux takes it
+    assert "IP-Adapters are not supported for Chroma" in " ".join(chroma_refusals(r))
+    assert "IP-Adapters are made for U-Nets; SD3 takes none here" in " ".join(sd3_refusals(r))
