@@ -288,6 +288,12 @@ def test_cli_equals_the_python_call(flux, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want.images[0]))
     text = Image.open(out).info["parameters"]
     assert text == want.infotexts[0] and 'IP-Adapter 0: "Model: flux-ip-adapter [' in text
+    # --from-png makes it again: the adapter and the encoder looked up by name and hash, the picture given again
+    again = tmp_path / "again.png"
+    dirs = ["--ip-adapters-dir", str(root), "--clip-vision-dir", str(root), "--ip-image", str(tmp_path / "cat.png")]
+    rc = main(["generate", "--from-png", str(out), "--model", str(folder), *dirs, "--no-progress", "--out", str(again)])
+    assert rc == 0, capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), np.asarray(want.images[0]))
     # an SD adapter on the Flux model: one line, exit 2
     sd_file = _sd_adapter(tmp_path / "ip-adapter_sd15.safetensors")
     capsys.readouterr()
