@@ -28,8 +28,8 @@ def register(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="FILE",
-        help="an IP-Adapter file (.safetensors / .bin of h94/IP-Adapter: plain, Plus, full face; repeatable; pairs "
-        "with --ip-image in order)",
+        help="an IP-Adapter file (.safetensors / .bin of h94/IP-Adapter: plain, Plus, full face; XLabs' "
+        "flux-ip-adapter on FLUX.1; repeatable; pairs with --ip-image in order)",
     )
     p.add_argument(
         "--ip-image",

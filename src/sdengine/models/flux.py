@@ -372,12 +372,17 @@ class JointAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim))  # (B, L, heads, d)
 
+    def image_queries(self, x: Tensor) -> Tensor:
+        """The queries of ``x``'s tokens (B, L, heads, d): projected and RMS-normed, before RoPE (IP-Adapter's
+        image attention reads these, :mod:`sdengine.nn.ip_adapter`)."""
+        return self.norm_q(self._heads(self.to_q(x)))
+
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor], context: Tensor | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x: (B, L, dim) image tokens (or the whole sequence, single-stream); context: (B, S, dim) text tokens
         (double-stream); rope: the cos/sin tables of the (S + L) tokens, text first."""
-        q = self.norm_q(self._heads(self.to_q(x)))
+        q = self.image_queries(x)
         k = self.norm_k(self._heads(self.to_k(x)))
         v = self._heads(self.to_v(x))
         if context is not None:
@@ -394,22 +399,36 @@ class JointAttention(nn.Module):
 
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with their own weights, one joint attention (diffusers' ``FluxTransformerBlock``;
-    BFL's ``DoubleStreamBlock``)."""
+    BFL's ``DoubleStreamBlock``).
+
+    ``ip_attention``: set for the duration of a call by an IP-Adapter (:mod:`sdengine.nn.ip_adapter`): it takes the
+    image tokens' queries (B, N, heads x d; :meth:`JointAttention.image_queries`, no RoPE) and gives what is added to
+    the image stream after the MLP, ungated (XLabs' flux-ip-adapter, diffusers' ``FluxIPAdapterAttnProcessor``), or
+    None."""
+
+    ip_attention: Any = None
+    upcast = False  # IP-Adapter's image attention runs in the block's dtype
 
     def __init__(self, dim: int, heads: int, head_dim: int) -> None:
         super().__init__()
         self.norm1 = Modulation(dim, 6)  # the image's shift/scale/gate for attention, then for the MLP
         self.norm1_context = Modulation(dim, 6)  # the text's
         self.attn = JointAttention(dim, heads, head_dim, joint=True)
+        self.heads = heads
         self.ff = MLP(dim)
         self.ff_context = MLP(dim)
 
     def forward(self, x: Tensor, context: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(vec)
         c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(vec)
-        img, txt = self.attn(modulate(x, shift1, scale1), rope, modulate(context, c_shift1, c_scale1))
+        h = modulate(x, shift1, scale1)
+        img, txt = self.attn(h, rope, modulate(context, c_shift1, c_scale1))
         x = x + gate1 * img
         x = x + gate2 * self.ff(modulate(x, shift2, scale2))
+        if self.ip_attention is not None:  # IP-Adapter: the image tokens' attention to its image tokens
+            extra = self.ip_attention(self.attn.image_queries(h).flatten(2))
+            if extra is not None:
+                x = x + extra.to(x.dtype)
         context = context + c_gate1 * txt
         context = context + c_gate2 * self.ff_context(modulate(context, c_shift2, c_scale2))
         return _clip_fp16(x), _clip_fp16(context)
@@ -514,6 +533,15 @@ class FluxTransformer(nn.Module):
         )
         self.norm_out = FinalLayer(dim)
         self.proj_out = nn.Linear(dim, out)
+
+    ip_adapter_family = "flux"  # which IP-Adapters fit (sdengine.nn.ip_adapter.ip_layers)
+
+    def ip_adapter_layers(self) -> tuple[list[nn.Module], list[tuple[int, int]]]:
+        """The layers an IP-Adapter acts in (the double-stream blocks, their ``ip_attention``) and the shape
+        (width, image-token width) of the key / value projections each takes (XLabs' flux-ip-adapter: its image
+        tokens are ``joint_attention_dim`` wide, as T5's states)."""
+        want = (self.config.hidden_size, self.config.joint_attention_dim)
+        return list(self.transformer_blocks), [want] * len(self.transformer_blocks)
 
     @property
     def dtype(self) -> torch.dtype:

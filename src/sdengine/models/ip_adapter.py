@@ -125,6 +125,7 @@ class Resampler(nn.Module):
 
 
 KINDS = ("plain", "full", "plus")
+FAMILIES = ("unet", "flux")  # sdengine.nn.ip_adapter.FAMILIES: SD 1.x / 2.x / SDXL U-Nets, FLUX.1's transformer
 
 
 class IPAdapter(nn.Module):
@@ -132,21 +133,36 @@ class IPAdapter(nn.Module):
     cross-attention layer of the U-Net in the file's order (:func:`sdengine.nn.ip_adapter.cross_attention_layers`),
     the key and value projections of the image tokens (``to_k_ip.i`` / ``to_v_ip.i``: ``Linear(C, width)``, no bias).
     ``embed_dim``: the width of the CLIP vision output it reads (the image embedding's for "plain", the hidden
-    states' for "full" and "plus")."""
+    states' for "full" and "plus").
+
+    ``family`` "flux": a FLUX.1 adapter (XLabs' ``flux-ip-adapter``): one key / value pair per double-stream block of
+    the transformer, ``Linear(C, width)`` with a bias, ``C`` the width of T5's states (4096)."""
 
     def __init__(
-        self, kind: str, image_proj: nn.Module, embed_dim: int, cross_dim: int, widths: list[int], name: str = ""
+        self,
+        kind: str,
+        image_proj: nn.Module,
+        embed_dim: int,
+        cross_dim: int,
+        widths: list[int],
+        name: str = "",
+        *,
+        family: str = "unet",
     ) -> None:
         super().__init__()
         if kind not in KINDS:
             raise UsageError(f"unknown IP-Adapter kind {kind!r}")
+        if family not in FAMILIES:
+            raise UsageError(f"unknown IP-Adapter family {family!r}")
         self.kind = kind
+        self.family = family
         self.image_proj = image_proj
         self.embed_dim = embed_dim
         self.cross_dim = cross_dim
         self.name = name or "IP-Adapter"
-        self.to_k_ip = nn.ModuleList(nn.Linear(cross_dim, w, bias=False) for w in widths)
-        self.to_v_ip = nn.ModuleList(nn.Linear(cross_dim, w, bias=False) for w in widths)
+        bias = family == "flux"
+        self.to_k_ip = nn.ModuleList(nn.Linear(cross_dim, w, bias=bias) for w in widths)
+        self.to_v_ip = nn.ModuleList(nn.Linear(cross_dim, w, bias=bias) for w in widths)
 
     @property
     def reads_hidden_states(self) -> bool:
@@ -177,6 +193,7 @@ class IPAdapter(nn.Module):
 
 
 __all__ = [
+    "FAMILIES",
     "KINDS",
     "PERCEIVER_HEAD_DIM",
     "IPAdapter",

@@ -12,6 +12,13 @@ processor of diffusers' U-Net in ``unet.attn_processors`` order (down blocks, th
 within a block its transformers in order, within a transformer block ``attn1`` then ``attn2``), so the k-th
 cross-attention layer (``attn2``) in that order is entry ``2k + 1`` of the file (:func:`cross_attention_layers`).
 
+FLUX.1 (XLabs' ``flux-ip-adapter``, diffusers' ``FluxIPAdapterAttnProcessor``): the layers are the transformer's
+double-stream blocks (none in the single-stream ones), in order; a block's image-stream queries (projected and
+RMS-normed, before RoPE) attend to the adapter's keys and values (``Linear`` with bias, from image tokens as wide as
+T5's states), and the scaled sum is added to the image stream after the block's MLP, with no output projection and
+no gate (:class:`sdengine.models.flux.DoubleStreamBlock`). A network says which layers it has through
+``ip_adapter_layers()`` and ``ip_adapter_family`` (:func:`ip_layers`).
+
 :func:`ip_attention_applied` sets the layers' ``ip_attention`` (:attr:`sdengine.nn.attention.Attention.ip_attention`)
 for a block; :class:`IPAdapterNet` wraps a network call in it, the image tokens of the call's rows handed in as
 ``ip_tokens`` (classifier-free guidance stacks the conditional rows' tokens and the unconditional rows' as it stacks
@@ -31,7 +38,11 @@ from sdengine.errors import UsageError
 from sdengine.nn.attention import Attention, scaled_dot_product_attention
 
 # cross-attention layers of the U-Nets the adapters are released for, to name a model in a count mismatch
-KNOWN_LAYER_COUNTS = {16: "SD 1.x / 2.x", 70: "SDXL"}
+KNOWN_LAYER_COUNTS = {16: "SD 1.x / 2.x", 70: "SDXL", 19: "FLUX.1"}
+
+# the model families IP-Adapters are made for: a U-Net's cross-attention (SD 1.x / 2.x, SDXL) or Flux's double blocks
+FAMILIES = ("unet", "flux")
+_FAMILY_NAMES = {"unet": "an SD 1.x / 2.x / SDXL (U-Net)", "flux": "a FLUX.1 (XLabs flux-ip-adapter)"}
 
 
 def cross_attention_layers(unet: Any) -> list[Attention]:
@@ -41,6 +52,23 @@ def cross_attention_layers(unet: Any) -> list[Attention]:
     if mid is not None:
         blocks.append(mid)
     return [m for b in blocks for m in b.modules() if isinstance(m, Attention) and m.is_cross_attention]
+
+
+def network_family(net: Any) -> str:
+    """Which IP-Adapters ``net`` takes: "flux" for Flux's transformer, else "unet"."""
+    return str(getattr(net, "ip_adapter_family", "unet"))
+
+
+def ip_layers(net: Any) -> tuple[list[Any], list[tuple[int, int]]]:
+    """The layers of ``net`` an IP-Adapter acts in, in its files' order, and the shape (width, image-token width)
+    of the key / value projection each takes: a U-Net's cross-attention layers (:func:`cross_attention_layers`;
+    the text's width), or what ``net.ip_adapter_layers()`` gives (Flux's double-stream blocks)."""
+    own = getattr(net, "ip_adapter_layers", None)
+    if callable(own):
+        layers, shapes = own()
+        return list(layers), [(int(a), int(b)) for a, b in shapes]
+    found = cross_attention_layers(net)
+    return list(found), [(m.to_k.out_features, m.to_k.in_features) for m in found]
 
 
 def transformer_places(unet: Any) -> list[tuple[str, int]]:
@@ -97,33 +125,48 @@ class AdapterLayers:
     layer_scales: Sequence[float] | None = None
     scaling: str = "output"
     window: tuple[float, float] | None = None
+    family: str = "unet"
 
     def scale_of(self, i: int) -> float:
         """The scale of cross-attention layer ``i``."""
         return float(self.scale if self.layer_scales is None else self.layer_scales[i])
 
 
-def check_fits(unet: Any, adapter: AdapterLayers) -> list[Attention]:
-    """The U-Net's cross-attention layers, checked against an adapter's projections (count, widths): one line each."""
-    layers = cross_attention_layers(unet)
+def check_family(net: Any, family: str, name: str) -> None:
+    """One line when an adapter of ``family`` is given to a network of another (an SD adapter on Flux, ...)."""
+    own = network_family(net)
+    if family != own:
+        model = "a FLUX.1 model" if own == "flux" else "an SD 1.x / 2.x / SDXL model"
+        raise UsageError(
+            f"{name} is {_FAMILY_NAMES.get(family, family)} IP-Adapter and this is {model}: use an IP-Adapter made "
+            f"for it ({'XLabs flux-ip-adapter' if own == 'flux' else 'ip-adapter_sd15, ip-adapter_sdxl, ...'})"
+        )
+
+
+def check_fits(unet: Any, adapter: AdapterLayers) -> list[Any]:
+    """The network's IP-Adapter layers (a U-Net's cross-attention layers, Flux's double blocks), checked against an
+    adapter's family and projections (count, widths): one line each."""
+    check_family(unet, adapter.family, adapter.name)
+    layers, shapes = ip_layers(unet)
     n = len(adapter.to_k)
+    flux = adapter.family == "flux"
+    what, net = ("double blocks", "transformer") if flux else ("cross-attention layers", "U-Net")
     if n != len(layers):
         raise UsageError(
-            f"{adapter.name} has {_model_name(n)} cross-attention layers and this U-Net has "
+            f"{adapter.name} has {_model_name(n)} {what} and this {net} has "
             f"{_model_name(len(layers))}: it was made for another model family"
         )
     if adapter.layer_scales is not None and len(adapter.layer_scales) != n:
         raise UsageError(f"{adapter.name}: {len(adapter.layer_scales)} layer scales for {n} cross-attention layers")
     if adapter.scaling not in SCALINGS:
         raise UsageError(f"{adapter.name}: unknown scaling {adapter.scaling!r}; use one of {', '.join(SCALINGS)}")
-    for i, (layer, to_k) in enumerate(zip(layers, adapter.to_k, strict=True)):
+    for i, (want, to_k) in enumerate(zip(shapes, adapter.to_k, strict=True)):
         w = getattr(to_k, "weight", None)
-        want = (layer.to_k.out_features, layer.to_k.in_features)
         if w is None or tuple(w.shape) != want:
             got = "?" if w is None else f"{w.shape[0]} x {w.shape[1]}"
             raise UsageError(
-                f"{adapter.name}: cross-attention layer {i} projects image tokens as {got} and the U-Net's layer is "
-                f"{want[0]} x {want[1]} (width x text width): it was made for another model"
+                f"{adapter.name}: {what[:-1]} {i} projects image tokens as {got} and the {net}'s is "
+                f"{want[0]} x {want[1]} (width x {'T5' if flux else 'text'} width): it was made for another model"
             )
     return layers
 
@@ -136,8 +179,8 @@ class DecoupledAttention:
     """What a cross-attention layer's ``ip_attention`` is during a call: the image tokens' attention of the layer's
     queries, each adapter's scaled, summed; None when every scale is 0."""
 
-    def __init__(self, layer: Attention, parts: Sequence[Part], tokens: Tensor) -> None:
-        self.heads, self.upcast = layer.heads, layer.upcast
+    def __init__(self, layer: Any, parts: Sequence[Part], tokens: Tensor) -> None:
+        self.heads, self.upcast = int(layer.heads), bool(getattr(layer, "upcast", False))
         self.parts = parts  # (to_k_ip, to_v_ip, scale, first token, token count, scaling)
         self.tokens = tokens  # (B or 1, T, C)
 
@@ -166,10 +209,10 @@ class DecoupledAttention:
         return out
 
 
-def layer_parts(unet: Any, adapters: Sequence[AdapterLayers]) -> tuple[list[Attention], Parts, int]:
-    """The cross-attention layers of ``unet``, checked against every adapter, each layer's (to_k_ip, to_v_ip, scale,
-    first token, token count, scaling) per adapter, and the adapters' token count in all."""
-    layers = cross_attention_layers(unet)
+def layer_parts(unet: Any, adapters: Sequence[AdapterLayers]) -> tuple[list[Any], Parts, int]:
+    """The IP-Adapter layers of ``unet`` (:func:`ip_layers`), checked against every adapter, each layer's (to_k_ip,
+    to_v_ip, scale, first token, token count, scaling) per adapter, and the adapters' token count in all."""
+    layers, _ = ip_layers(unet)
     parts: Parts = [[] for _ in layers]
     first = 0
     for adapter in adapters:
@@ -182,7 +225,7 @@ def layer_parts(unet: Any, adapters: Sequence[AdapterLayers]) -> tuple[list[Atte
 
 
 @contextmanager
-def _applied(layers: list[Attention], parts: Parts, total: int, tokens: Tensor) -> Iterator[None]:
+def _applied(layers: list[Any], parts: Parts, total: int, tokens: Tensor) -> Iterator[None]:
     if tokens.dim() != 3 or tokens.shape[1] != total:
         raise UsageError(f"IP-Adapter got image tokens of shape {tuple(tokens.shape)} where its adapters have {total}")
     for layer, own in zip(layers, parts, strict=True):
@@ -244,15 +287,19 @@ class IPAdapterNet:
 
 
 __all__ = [
+    "FAMILIES",
     "KNOWN_LAYER_COUNTS",
     "NO_SIGMA",
     "SCALINGS",
     "AdapterLayers",
     "DecoupledAttention",
     "IPAdapterNet",
+    "check_family",
     "check_fits",
     "cross_attention_layers",
     "ip_attention_applied",
+    "ip_layers",
     "layer_parts",
+    "network_family",
     "transformer_places",
 ]

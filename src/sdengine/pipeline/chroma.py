@@ -79,6 +79,8 @@ def chroma_refusals(r: GenerationRequest) -> list[str]:
         )
     if getattr(r, "controlnets", None):
         reasons.append("ControlNets are not supported for Chroma")
+    if getattr(r, "ip_adapters", None):
+        reasons.append("IP-Adapters are not supported for Chroma (XLabs' flux-ip-adapter is made for FLUX.1)")
     return reasons
 
 

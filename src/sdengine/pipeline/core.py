@@ -1408,7 +1408,13 @@ class Pipeline:
         # IP-Adapter sets the plain U-Net's cross-attention layers per call (its image tokens ride in the
         # conditioning dict as ip_tokens): the plain network too, and no whole-loop graph
         ip = (
-            image_tokens(list(r.ip_adapters), len(p.seeds), dev, self.dtype, log_sigmas=self.noise_schedule.log_sigmas)
+            image_tokens(
+                list(r.ip_adapters),
+                len(p.seeds),
+                dev,
+                self.dtype,
+                log_sigmas=getattr(self.noise_schedule, "log_sigmas", None),  # a flow schedule has none (Flux)
+            )
             if r.ip_adapters
             else None
         )

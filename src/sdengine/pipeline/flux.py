@@ -32,12 +32,18 @@ and 4 for [schnell] (the step counts of diffusers' examples), the distilled guid
 x the 2x2 patches).
 
 What does not apply to Flux is refused before any model runs (:meth:`FluxPipeline.prepare`): U-Net ControlNets,
-T2I-Adapters, IP-Adapters, textual-inversion embeddings, PAG, SAG, FreeU, Deep Shrink, HyperTile, tiled
-diffusion, InstructPix2Pix's image guidance, SDXL settings, clip skip, SD3's shift, a hires pass on another model.
+T2I-Adapters, SD / SDXL IP-Adapters (:func:`sdengine.nn.ip_adapter.check_family`) and their sigma windows,
+textual-inversion embeddings, PAG, SAG, FreeU, Deep Shrink, HyperTile, tiled diffusion, InstructPix2Pix's image
+guidance, SDXL settings, clip skip, SD3's shift, a hires pass on another model.
 The hires fix runs as for SD, its second pass starting as Flux's img2img does. LoRAs
 (``loras=``, ``<lora:...>`` tags) apply through the core's path (:mod:`sdengine.weights.lora_dit_keys` reads
 their names). Flux ControlNets (the Union ones
 too) run through :mod:`sdengine.pipeline.dit_control` (:meth:`FluxPipeline.controlled_network`).
+
+IP-Adapters made for FLUX.1 (XLabs' ``flux-ip-adapter``, ``ip_adapters=`` units as for SD) run through the core's
+path: their image tokens ride in the conditioning as ``ip_tokens`` (the unconditional rows of true CFG get a black
+picture's, diffusers' default ``negative_ip_adapter_image``) and :class:`sdengine.nn.ip_adapter.IPAdapterNet` sets
+the transformer's double blocks' image attention for each call (:class:`sdengine.models.flux.DoubleStreamBlock`).
 
 FLUX.1 Kontext's reference images (``reference_images``) are read and fitted by :mod:`sdengine.pipeline.flux_kontext`
 in :meth:`FluxPipeline.prepare` (the output takes the first one's size where the call gives none), encoded once per
@@ -92,7 +98,8 @@ PATCH = 2  # the transformer's 2x2 latent patches
 class FluxAdapter:
     """The conditioning dict -> the Flux transformer's arguments: ``crossattn`` -> ``encoder_hidden_states``,
     ``vector`` -> ``pooled_projections``, ``guidance`` -> ``guidance`` (FLUX.1 [dev]'s distilled guidance
-    scale, one per row), ``concat`` (FLUX.1 Fill's masked image and mask, Depth / Canny's control latent)
+    scale, one per row), ``ip_tokens`` (IP-Adapters' image tokens, to :class:`sdengine.nn.ip_adapter.IPAdapterNet`),
+    ``concat`` (FLUX.1 Fill's masked image and mask, Depth / Canny's control latent)
     appended to the noisy latent's channels. The network runs in ``dtype``; its velocity comes back in float32.
     ``references``: FLUX.1 Kontext's reference latents, the same for every row (the transformer's
     ``reference_latents``)."""
@@ -103,7 +110,10 @@ class FluxAdapter:
         self.references = references
         self.reference_method = "offset"  # ComfyUI's FluxKontextMultiReferenceLatentMethod may set another
         # ControlNets attached (sdengine.pipeline.dit_control): the step and the rows' CFG kinds go through
-        self.takes_step = self.takes_row_kinds = bool(getattr(net, "takes_step", False))
+        self.takes_step = bool(getattr(net, "takes_step", False))
+        self.takes_row_kinds = bool(getattr(net, "takes_row_kinds", self.takes_step))
+        # IP-Adapters (sdengine.nn.ip_adapter.IPAdapterNet on the double blocks): the rows' image tokens go through
+        self.takes_ip_tokens = bool(getattr(net, "takes_ip_tokens", False))
 
     def __call__(
         self,
@@ -118,9 +128,13 @@ class FluxAdapter:
         step: Any = None,
         row_kinds: Any = None,
     ) -> Tensor:
-        if ip_tokens is not None:
-            raise GenerationError("the Flux transformer takes no IP-Adapter tokens")
-        control: dict[str, Any] = {"step": step, "row_kinds": row_kinds} if self.takes_step else {}
+        control: dict[str, Any] = {"step": step} if self.takes_step else {}
+        if self.takes_row_kinds:
+            control["row_kinds"] = row_kinds
+        if ip_tokens is not None:  # XLabs' flux-ip-adapter's image tokens (IPAdapterNet takes them)
+            if not self.takes_ip_tokens:
+                raise GenerationError("the conditioning has IP-Adapter image tokens and the Flux network takes none")
+            control["ip_tokens"] = ip_tokens.to(self.dtype)
         if self.references:
             control["reference_latents"] = self.references
             if self.reference_method != "offset":
@@ -140,7 +154,6 @@ class FluxAdapter:
 # What Flux refuses: (request field, how to tell it is set, the one line)
 _REFUSED: tuple[tuple[str, Any, str], ...] = (
     ("guess_mode", bool, "guess_mode is a U-Net ControlNet setting; Flux ControlNets do not take it"),
-    ("ip_adapters", bool, "IP-Adapters are U-Net adapters"),
     ("pag_scale", bool, "perturbed-attention guidance (pag_scale) reads U-Net attention layers"),
     ("sag_scale", bool, "self-attention guidance (sag_scale) reads the U-Net's middle block"),
     ("freeu", lambda v: v is not None, "FreeU changes the U-Net's up blocks"),
@@ -165,6 +178,14 @@ def refusals(r: GenerationRequest) -> list[str]:
     (:meth:`FluxPipeline.distilled_guidance`)."""
     reasons = [f"{field}: {why}" for field, is_set, why in _REFUSED if is_set(getattr(r, field, None))]
     reasons += flux_kontext.reference_refusals(r)
+    for u in getattr(r, "ip_adapters", None) or ():
+        start, end = getattr(u, "start", 0.0), getattr(u, "end", 1.0)
+        if (isinstance(start, int | float) and start > 0) or (isinstance(end, int | float) and end < 1):
+            reasons.append(
+                "ip_adapters: an IP-Adapter's start / end (ComfyUI's sigma window) is not supported for Flux: leave "
+                "them at 0 and 1"
+            )
+            break
     if r.clip_skip != 1 and r.clip_skip_rule == "sdengine":
         reasons.append(
             f"clip_skip {r.clip_skip} does not apply to Flux (it reads CLIP-L's pooled output): leave it at 1"

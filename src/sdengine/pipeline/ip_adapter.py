@@ -5,7 +5,8 @@ The image tokens are made once per generation (the projection of the CLIP vision
 conditioning dict as ``ip_tokens`` (B, T, C), every adapter's after the one before it: the conditional rows get the
 image's tokens, the unconditional rows (classifier-free guidance's negative) the tokens of ``negative`` -- by default
 a zero image embedding (diffusers' ``prepare_ip_adapter_image_embeds`` for the plain adapter; for the Plus and
-full-face adapters diffusers encodes an all-zero pixel tensor, so pass its hidden states as ``negative`` to match it).
+full-face adapters diffusers encodes an all-zero pixel tensor, so pass its hidden states as ``negative`` to match it;
+for a FLUX.1 adapter diffusers' FluxPipeline encodes a black picture, which :func:`unit_from_images` does too).
 :class:`sdengine.nn.ip_adapter.IPAdapterNet` hands them to the U-Net's cross-attention call by call.
 """
 
@@ -28,7 +29,7 @@ from sdengine.errors import GenerationError, UsageError
 from sdengine.io.images import load_image
 from sdengine.models.clip_vision import CLIPVisionModel, ImageLike, clip_image_tensor
 from sdengine.models.ip_adapter import IPAdapter
-from sdengine.nn.ip_adapter import SCALINGS, AdapterLayers, check_fits
+from sdengine.nn.ip_adapter import SCALINGS, AdapterLayers, check_family, check_fits
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ class IPAdapterUnit:
             layer_scales=None if self.layer_scales is None else tuple(float(v) for v in self.layer_scales),
             scaling=self.scaling,
             window=unit_window(self, log_sigmas),
+            family=self.adapter.family,
         )
 
 
@@ -190,8 +192,10 @@ def forget_loaded() -> None:
         _encoders.clear()
 
 
-def resolve_unit(unit: IPAdapterUnit, device: torch.device, dtype: torch.dtype) -> IPAdapterUnit:
-    """``unit`` with its adapter loaded and its images encoded (files read once and kept, see above)."""
+def resolve_unit(unit: IPAdapterUnit, device: torch.device, dtype: torch.dtype, network: Any = None) -> IPAdapterUnit:
+    """``unit`` with its adapter loaded and its images encoded (files read once and kept, see above); with
+    ``network``, an adapter of another model family (an SD one on Flux, ...) is refused before any image is
+    encoded."""
     from sdengine.weights.clip_vision_file import load_clip_vision
     from sdengine.weights.ip_adapter_file import load_ip_adapter
 
@@ -205,6 +209,8 @@ def resolve_unit(unit: IPAdapterUnit, device: torch.device, dtype: torch.dtype) 
             _KEEP_ADAPTERS,
             lambda: load_ip_adapter(path, device=device, dtype=dtype),
         )
+    if network is not None:
+        check_family(network, adapter.family, adapter.name)
     if unit.embeds is not None:
         done = dataclasses.replace(unit, adapter=adapter)
     else:
@@ -243,7 +249,7 @@ def check_units(
     for u in units:
         if not isinstance(u, IPAdapterUnit):
             raise GenerationError(f"ip_adapters takes IPAdapterUnit values, got {type(u).__name__}")
-        u = resolve_unit(u, dev, dt)
+        u = resolve_unit(u, dev, dt, network=unet)
         check_fits(unet, u.layers())
         for n in u.rows():
             if n not in (1, rows):
@@ -311,7 +317,7 @@ def check_encoder(encoder: CLIPVisionModel, adapter: IPAdapter) -> None:
         raise UsageError(
             f"{adapter.name} reads CLIP vision {what} of width {adapter.embed_dim}; {named} gives {width} "
             f"({encoder.extra_repr()}): use the encoder it was trained with (ViT-H/14 for the SD 1.5 and *_vit-h "
-            "adapters, ViT-bigG/14 for ip-adapter_sdxl)"
+            "adapters, ViT-bigG/14 for ip-adapter_sdxl, ViT-L/14 for XLabs flux-ip-adapter)"
         )
 
 
@@ -337,7 +343,11 @@ def unit_from_images(
         out = encoder(pixels)
         embeds = out.penultimate_hidden_state if adapter.reads_hidden_states else out.image_embeds
         negative = None
-        if adapter.reads_hidden_states:
+        if adapter.family == "flux":  # diffusers' FluxPipeline: a black picture's image embedding, either rule
+            size = encoder.config.image_size
+            black = np.zeros((size, size, 3), dtype=np.uint8)
+            negative = encoder(clip_image_tensor(black, size=size).to(param.device, param.dtype)).image_embeds[0]
+        elif adapter.reads_hidden_states:
             if negative_rule == "diffusers":
                 blank = torch.zeros_like(pixels[:1])
             else:

@@ -910,6 +910,10 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 f"control_image is the control map of FLUX.1 Depth / Canny; {name} is not a Flux model (a ControlNet "
                 "takes its map in controlnets)"
             )
+        if kw.get("ip_adapters") and family not in ("sd3", "chroma"):  # (those two refuse every IP-Adapter)
+            from sdengine.server.ip_adapters import check_adapter_family
+
+            check_adapter_family(kw["ip_adapters"], family == "flux", name)
         if family not in ("sd3", "flux", "chroma"):
             return
         try:

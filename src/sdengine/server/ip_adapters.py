@@ -6,7 +6,8 @@ Which CLIP vision encoder a unit uses: the one it names (a name of ``GET /v1/cli
 ``--clip-vision-dir`` whose output width fits the adapter, read from the files' headers (shapes only, no weights):
 a plain adapter reads the encoder's image embedding (its projection's width), Plus and full-face adapters its hidden
 states (the tower's width). The released adapters each fit one family only (ViT-H/14: embedding 1024, hidden
-1280; ViT-bigG/14: embedding 1280, hidden 1664), so the width decides; when several files of the folder fit (two
+1280; ViT-bigG/14: embedding 1280, hidden 1664; XLabs' FLUX.1 adapter: ViT-L/14's embedding, 768), so the width
+decides; when several files of the folder fit (two
 copies of ViT-H), a native job must name one (a 400 lists them) and an A1111 unit takes the first listed. The
 A1111 module (``ip-adapter_clip_h``, ``ip-adapter_clip_g``, ...) names the family; an encoder of the other family is
 not taken (a ViT-bigG module with an adapter that reads ViT-H's width is a 400 saying so).
@@ -35,6 +36,7 @@ UNIT_KEYS = ("model", "image", "scale", "clip_vision", "negative_rule", "start",
 
 # The CLIP vision families by the tower's width (hidden size), and what each is called in errors
 FAMILY_WIDTHS = {"vit-h": 1280, "vit-bigg": 1664}
+XLABS_PROJ_WEIGHT = "ip_adapter_proj_model.proj.weight"  # XLabs' flux-ip-adapter (reads ViT-L/14's embedding)
 FAMILY_NAMES = {"vit-h": "ViT-H/14", "vit-bigg": "ViT-bigG/14"}
 # sd-webui-controlnet's IP-Adapter preprocessors (their names and the labels its newer versions show) -> the
 # family of the encoder each runs (its ``clip(config='clip_h' | 'clip_g')``); ip-adapter-auto picks by the model,
@@ -158,6 +160,8 @@ def adapter_file_kind(path: Path) -> tuple[str, int]:
     from sdengine.weights.io import WeightsError
 
     sd = _shapes(path)
+    if len(sd.get(XLABS_PROJ_WEIGHT, ())) == 2:  # XLabs' flux-ip-adapter: the plain projection
+        return "plain", sd[XLABS_PROJ_WEIGHT][1]
     faceid = "image_proj.norm.weight" in sd and "image_proj.proj.0.weight" in sd
     if faceid or any(k.startswith("image_proj.perceiver_resampler.") for k in sd):
         raise WeightsError(f"{path}: IP-Adapter FaceID files are not supported (an id-embedding projection)")
@@ -168,6 +172,35 @@ def adapter_file_kind(path: Path) -> tuple[str, int]:
     if len(sd.get("image_proj.proj.weight", ())) == 2:
         return "plain", sd["image_proj.proj.weight"][1]
     raise WeightsError(f"{path}: not an IP-Adapter file (no image_proj.proj / proj_in weights; names {sorted(sd)[:3]})")
+
+
+def adapter_file_family(path: Path) -> str:
+    """The model family an IP-Adapter file is made for, by its names (no weights read): "flux" for XLabs'
+    flux-ip-adapter names or key / value biases (diffusers' converted Flux groups), else "unet" (SD 1.x / 2.x /
+    SDXL)."""
+    flux_names = ("ip_adapter_proj_model.", "double_blocks.")
+    flux = any(k.startswith(flux_names) or k.endswith((".to_k_ip.bias", ".to_v_ip.bias")) for k in _shapes(path))
+    return "flux" if flux else "unet"
+
+
+def check_adapter_family(units: Sequence[Any], flux_model: bool, name: str) -> None:
+    """A one-line 400 for a unit whose IP-Adapter file is made for another model family than the model ``name``
+    (an SD adapter on a FLUX.1 model, XLabs' Flux adapter on an SD one); a file that cannot be read is left to the
+    job, which names what is wrong with it."""
+    from sdengine.errors import SdengineError
+
+    for k, u in enumerate(units):
+        path = getattr(u, "adapter", None)
+        if not isinstance(path, str | Path):
+            continue
+        try:
+            family = adapter_file_family(Path(path))
+        except (SdengineError, OSError):
+            continue
+        if (family == "flux") != flux_model:
+            what = "a FLUX.1 (XLabs flux-ip-adapter)" if family == "flux" else "an SD 1.x / 2.x / SDXL (U-Net)"
+            model = "a FLUX.1 model" if flux_model else "not a FLUX.1 model"
+            raise BadRequest(f"IP-Adapter unit {k}: {Path(path).name} is {what} IP-Adapter and {name} is {model}")
 
 
 def _adapter_input(path: Path) -> tuple[bool, int]:
@@ -257,7 +290,7 @@ def choose_clip_vision(catalog: Catalog, req: IPAdapterRequest, adapter: Path, l
             raise BadRequest(
                 f"{label}: {req.model} reads CLIP vision {what} of width {width} and {req.clip_vision} gives {got}; "
                 "choose an encoder it fits (ViT-H/14 for the SD 1.5 and *_vit-h adapters, ViT-bigG/14 for "
-                "ip-adapter_sdxl) or leave clip_vision null"
+                "ip-adapter_sdxl, ViT-L/14 for XLabs flux-ip-adapter) or leave clip_vision null"
             )
         return path
     listed = catalog.clip_visions()

@@ -15,6 +15,13 @@ The architecture comes from the shapes, by the names diffusers' loader tells the
 (:class:`Resampler`: queries and width from ``latents`` ``[1, Q, W]``, depth from the ``layers.<i>`` present, heads
 as the query width over 64, the feed-forward's factor from its first product). FaceID adapters (an id-embedding
 projection, LoRA weights in ``ip_adapter``) are refused by name.
+
+FLUX.1 adapters (XLabs' ``flux-ip-adapter``, the layout diffusers' ``FluxPipeline.load_ip_adapter`` reads): flat
+``.safetensors`` names ``ip_adapter_proj_model.<name>`` (the plain projection: ``proj``, ``norm``) and
+``double_blocks.<N>.processor.ip_adapter_double_stream_{k,v}_proj.{weight,bias}``, ``N`` the double-stream block
+(0 .. 18 in FLUX.1); read as ``image_proj.<name>`` and ``ip_adapter.<N>.to_{k,v}_ip.{weight,bias}`` (diffusers'
+converted names, which a ``.bin`` of the two groups may hold too: biases tell a Flux one). They load as an
+:class:`IPAdapter` of family "flux" (keys and values with biases, numbered 0, 1, 2, ...).
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from sdengine.weights.io import (
     load_pickle_checkpoint,
 )
 
-_IP_KEY = re.compile(r"(\d+)\.(to_k_ip|to_v_ip)\.weight")
+_IP_KEY = re.compile(r"(\d+)\.(to_k_ip|to_v_ip)\.(weight|bias)")
+_XLABS_KEY = re.compile(r"double_blocks\.(\d+)\.processor\.ip_adapter_double_stream_(k|v)_proj\.(weight|bias)")
+XLABS_PROJ = "ip_adapter_proj_model."  # XLabs' flux-ip-adapter: the image projection's prefix
 _LAYER = re.compile(r"layers\.(\d+)\.0\.to_q\.weight")
 
 
@@ -46,8 +55,35 @@ def _tensors(group: Any, prefix: str, path: Path) -> dict[str, Tensor]:
     return {str(k): v for k, v in group.items()}
 
 
+def _from_xlabs(flat: Mapping[str, Tensor], path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """XLabs' flux-ip-adapter names -> (image_proj, ip_adapter) in diffusers' converted names."""
+    proj, ip, others = {}, {}, []
+    for k, v in flat.items():
+        m = _XLABS_KEY.fullmatch(k)
+        if k.startswith(XLABS_PROJ):
+            proj[k[len(XLABS_PROJ) :]] = v
+        elif m is not None:
+            ip[f"{m.group(1)}.to_{m.group(2)}_ip.{m.group(3)}"] = v
+        else:
+            others.append(k)
+    if others:
+        raise WeightsError(f"{path}: Flux IP-Adapter (XLabs) file with unknown tensors {sorted(others)[:3]}")
+    if not proj or not ip:
+        raise WeightsError(
+            f"{path}: not a whole Flux IP-Adapter (XLabs) file (it needs {XLABS_PROJ}* and double_blocks.N.processor.* "
+            "tensors)"
+        )
+    return proj, ip
+
+
+def is_flux_state(ip: Mapping[str, Any]) -> bool:
+    """Whether an ``ip_adapter`` state dict is a FLUX.1 adapter's (its key / value projections have biases)."""
+    return any(str(k).endswith(("to_k_ip.bias", "to_v_ip.bias")) for k in ip)
+
+
 def read_ip_adapter_state(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(image_proj state dict, ip_adapter state dict) of an IP-Adapter file in either layout."""
+    """(image_proj state dict, ip_adapter state dict) of an IP-Adapter file in any layout (XLabs' Flux names read
+    as diffusers converts them)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
@@ -63,6 +99,8 @@ def read_ip_adapter_state(path: str | Path) -> tuple[dict[str, Tensor], dict[str
         flat, _ = load_file(path)
     else:
         raise WeightsError(f"{path}: unsupported IP-Adapter file type {suffix!r} (use .safetensors or .bin)")
+    if any(k.startswith((XLABS_PROJ, "double_blocks.")) for k in flat):
+        return _from_xlabs(flat, path)
     proj = {k[len("image_proj.") :]: v for k, v in flat.items() if k.startswith("image_proj.")}
     ip = {k[len("ip_adapter.") :]: v for k, v in flat.items() if k.startswith("ip_adapter.")}
     if not proj or not ip:
@@ -128,33 +166,48 @@ def load_ip_adapter(
     ``dtype``; one-line errors for files that are not IP-Adapters or have a layout it does not know."""
     path = Path(path)
     proj_sd, ip_sd = read_ip_adapter_state(path)
+    flux = is_flux_state(ip_sd)
     kind, proj, embed, cross = build_image_proj(proj_sd, path)
+    if flux and kind != "plain":
+        raise WeightsError(
+            f"{path}: a Flux IP-Adapter with a {kind} image projection is not supported (XLabs' flux-ip-adapter "
+            "files have the plain one: image_proj.proj, image_proj.norm)"
+        )
     found: dict[int, dict[str, Tensor]] = {}
     for key, value in ip_sd.items():
         m = _IP_KEY.fullmatch(key)
-        if m is None:
+        if m is None or (m.group(3) == "bias" and not flux):
             raise WeightsError(f"{path}: IP-Adapter ip_adapter.{key} is not a to_k_ip / to_v_ip weight (FaceID?)")
-        found.setdefault(int(m.group(1)), {})[m.group(2)] = value
+        found.setdefault(int(m.group(1)), {})[f"{m.group(2)}.{m.group(3)}"] = value
     ids = sorted(found)
-    if ids != list(range(1, 2 * len(ids), 2)):
+    want_ids = list(range(len(ids))) if flux else list(range(1, 2 * len(ids), 2))
+    if ids != want_ids:
         raise WeightsError(
-            f"{path}: IP-Adapter layers numbered {ids[:6]}{'...' if len(ids) > 6 else ''}, not 1, 3, 5, ..."
+            f"{path}: IP-Adapter layers numbered {ids[:6]}{'...' if len(ids) > 6 else ''}, not "
+            f"{'0, 1, 2' if flux else '1, 3, 5'}, ..."
         )
+    names = ("to_k_ip.weight", "to_v_ip.weight", "to_k_ip.bias", "to_v_ip.bias")
     widths: list[int] = []
     for i in ids:
         pair = found[i]
-        k, v = pair.get("to_k_ip"), pair.get("to_v_ip")
+        k, v = pair.get("to_k_ip.weight"), pair.get("to_v_ip.weight")
         if k is None or v is None or k.dim() != 2 or k.shape != v.shape or k.shape[1] != cross:
             raise WeightsError(
                 f"{path}: IP-Adapter layer {i}: to_k_ip / to_v_ip missing or not [width, {cross}] (the image "
                 "projection's width)"
             )
+        if flux and any(
+            (b := pair.get(n)) is None or tuple(b.shape) != (k.shape[0],) for n in ("to_k_ip.bias", "to_v_ip.bias")
+        ):
+            raise WeightsError(f"{path}: Flux IP-Adapter block {i}: k / v biases missing or not [{k.shape[0]}]")
         widths.append(int(k.shape[0]))
-    adapter = IPAdapter(kind, proj, embed, cross, widths, name=f"IP-Adapter {path.name}")
+    family = "flux" if flux else "unet"
+    adapter = IPAdapter(kind, proj, embed, cross, widths, name=f"IP-Adapter {path.name}", family=family)
     state = {f"image_proj.{k}": v for k, v in proj_sd.items()}
     for j, i in enumerate(ids):
-        state[f"to_k_ip.{j}.weight"] = found[i]["to_k_ip"]
-        state[f"to_v_ip.{j}.weight"] = found[i]["to_v_ip"]
+        for n in names[: 4 if flux else 2]:
+            group, what = n.split(".")
+            state[f"{group}.{j}.{what}"] = found[i][n]
     try:
         adapter.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -172,6 +225,8 @@ def save_ip_adapter(adapter: IPAdapter, path: str | Path) -> Path:
 
     path = Path(path)
     proj = {k: v.detach().contiguous() for k, v in adapter.image_proj.state_dict().items()}
+    if adapter.family == "flux":
+        return _save_flux(adapter, proj, path)
     ip: dict[str, Tensor] = {}
     for j, (k, v) in enumerate(zip(adapter.to_k_ip, adapter.to_v_ip, strict=True)):
         ip[f"{2 * j + 1}.to_k_ip.weight"] = cast(nn.Linear, k).weight.detach().contiguous()
@@ -184,4 +239,33 @@ def save_ip_adapter(adapter: IPAdapter, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["build_image_proj", "load_ip_adapter", "read_ip_adapter_state", "save_ip_adapter"]
+def _save_flux(adapter: IPAdapter, proj: dict[str, Tensor], path: Path) -> Path:
+    """A Flux adapter in XLabs' names (``.safetensors``) or diffusers' two groups (``.bin``)."""
+    from sdengine.weights.io import save_safetensors
+
+    ip: dict[str, Tensor] = {}
+    for j, (k, v) in enumerate(zip(adapter.to_k_ip, adapter.to_v_ip, strict=True)):
+        for which, layer in (("k", k), ("v", v)):
+            lin = cast(nn.Linear, layer)
+            ip[f"{j}.to_{which}_ip.weight"] = lin.weight.detach().contiguous()
+            ip[f"{j}.to_{which}_ip.bias"] = lin.bias.detach().contiguous()
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        flat = {f"{XLABS_PROJ}{k}": v for k, v in proj.items()}
+        for key, t in ip.items():
+            block, name, what = key.split(".")
+            which = name[len("to_") : -len("_ip")]
+            flat[f"double_blocks.{block}.processor.ip_adapter_double_stream_{which}_proj.{what}"] = t
+        save_safetensors(flat, path)
+    else:
+        torch.save({"image_proj": proj, "ip_adapter": ip}, path)
+    return path
+
+
+__all__ = [
+    "XLABS_PROJ",
+    "build_image_proj",
+    "is_flux_state",
+    "load_ip_adapter",
+    "read_ip_adapter_state",
+    "save_ip_adapter",
+]
