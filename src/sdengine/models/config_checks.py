@@ -38,6 +38,7 @@ KINDS = {
     "t5": "T5 text",
     "scheduler": "scheduler",
     "flux": "Flux transformer",
+    "qwen_image": "Qwen-Image transformer",
 }
 
 # Integer fields (diffusers / transformers names, which the dataclasses share): inclusive bounds. A field
@@ -135,7 +136,7 @@ MAX_TRAINED_BETAS = INT_BOUNDS["num_train_timesteps"][1]
 MAX_PARAMETERS = 5_000_000_000
 # Kinds whose real models are larger get their own limit (SD3.5 Large's MMDiT has 8.1 B parameters, Flux.1's
 # transformer 11.9 B).
-MAX_PARAMETERS_BY_KIND = {"mmdit": 20_000_000_000, "flux": 30_000_000_000}
+MAX_PARAMETERS_BY_KIND = {"mmdit": 20_000_000_000, "flux": 30_000_000_000, "qwen_image": 40_000_000_000}
 # a kind's own bounds where INT_BOUNDS' do not fit it: FLUX.1 Fill's image tokens take 384 numbers (64 noise, 64
 # masked-image latent, 256 mask), Depth / Canny's 128
 INT_BOUNDS_BY_KIND: dict[str, dict[str, tuple[int, int]]] = {"flux": {"in_channels": (1, 512)}}
@@ -245,6 +246,11 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         double = values.get("num_layers") or 0  # two streams x (qkv, out, 4x MLP in and out, 6 modulations)
         single = values.get("num_single_layers") or 0  # fused qkv + MLP in, attention + MLP out, 3 modulations
         return int(double) * 36 * h * h + int(single) * 15 * h * h
+    if kind == "qwen_image":  # Qwen-Image: 60 dual-stream blocks of 3072 (20 B parameters), as Flux's double ones
+        heads, head = values.get("num_attention_heads") or 0, values.get("attention_head_dim") or 0
+        h = int(heads) * int(head) if isinstance(heads, int) and isinstance(head, int) else 0
+        layers = values.get("num_layers")
+        return (layers if type(layers) is int else 0) * 36 * h * h
     return 0
 
 
