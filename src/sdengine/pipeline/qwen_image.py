@@ -1,0 +1,446 @@
+"""Qwen-Image behind sdengine's pipeline: a 20 B MMDiT (:mod:`sdengine.models.qwen_image`), Qwen2.5-VL's text
+states, a Wan-style VAE run on single frames.
+
+Everything after the conditioning dict is :class:`sdengine.pipeline.core.Pipeline`'s (seeds, the sampling loop,
+img2img, the VAE decode, infotext), through the hooks Flux uses (:class:`sdengine.pipeline.flux.FluxPipeline`, whose
+flow schedule this reuses). What Qwen-Image changes:
+
+* the conditioning (:class:`QwenConditioner`): ``crossattn``, the text encoder's last hidden states of the prompt
+  in Qwen-Image's chat template with the template's first tokens dropped (diffusers' ``QwenImagePipeline``
+  ``_get_qwen_prompt_embeds``), at most ``max_sequence_length`` (512, diffusers' default) of them, zero-padded to
+  that length; ``text_mask``, the real tokens. The transformer attends to the real tokens only, so the padding
+  changes nothing but lets every prompt (and negative prompt) of a call batch together;
+* true CFG with Qwen-Image's norm-preserving combination (:class:`QwenTrueCFG`): ``v = v_u + s (v_c - v_u)``, then
+  every 2x2 patch's 64 numbers rescaled to the norm the conditional prediction has there (diffusers'
+  ``QwenImagePipeline``; done on the velocity, before the flow's ``x0 = x - s v``);
+* the schedule: ``linspace(1, 1/n, n)`` shifted by the scheduler config's dynamic ``mu`` (diffusers'
+  ``calculate_shift`` of the image token count, Qwen-Image's 0.5 at 256 tokens to 0.9 at 8192) and stretched to
+  its ``shift_terminal`` (0.02), the Euler sampler (FlowMatchEulerDiscreteScheduler);
+* the VAE (:class:`QwenLatentVAE`): one frame of the 3-D VAE, latents normalised by the config's per-channel
+  ``latents_mean`` / ``latents_std``.
+
+Defaults (:attr:`QwenImagePipeline.family_defaults`): 50 steps, ``cfg_scale`` 4 (diffusers' ``true_cfg_scale``
+with the negative prompt, empty by default: diffusers runs CFG when a negative prompt is given, "" included),
+``euler`` on the ``normal`` grid. What does not apply is refused in one line before any model runs (LoRAs,
+ControlNets, IP-Adapters, textual inversion, PAG, SAG, FreeU, ..., the distilled guidance, CFG++ samplers, prompt
+editing; :func:`qwen_refusals`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sdengine.diffusion import sampling
+from sdengine.diffusion.guidance import CFGDenoiser
+from sdengine.errors import GenerationError
+from sdengine.models.flux import pack_latents, unpack_latents
+from sdengine.models.vae import DiagonalGaussian
+from sdengine.pipeline.core import Pipeline, Prepared
+from sdengine.pipeline.flux import FluxPipeline, refusals
+from sdengine.pipeline.request import GenerationRequest
+from sdengine.text.conditioners import Conditioning
+
+QWEN_STEPS = 50  # diffusers' QwenImagePipeline num_inference_steps default
+QWEN_CFG = 4.0  # and its true_cfg_scale default
+MAX_SEQUENCE_LENGTH = 512  # diffusers' max_sequence_length default (its limit is 1024)
+MASK_KEY = "text_mask"
+PATCH = 2
+
+Note = Callable[[str], None]
+# texts -> (states (B, L, D), mask (B, L)): the text encoder's last hidden states after the template's tokens
+TextEncode = Callable[[list[str]], tuple[Tensor, Tensor]]
+
+
+def _ignore(_: str) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The text side
+
+
+class QwenConditioner:
+    """Qwen-Image's text side over ``encode`` (texts -> the template-stripped states and their mask, as diffusers'
+    ``_get_qwen_prompt_embeds``); see the module docstring."""
+
+    kind = "qwen_image"
+    encoder_name = "Qwen2.5-VL"
+
+    def __init__(
+        self,
+        encode: TextEncode,
+        *,
+        joint_attention_dim: int,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        dtype: torch.dtype,
+        device: torch.device,
+        name: str = "model",
+    ) -> None:
+        if not 1 <= int(max_sequence_length) <= 1024:
+            raise GenerationError(f"max_sequence_length must be 1 to 1024, got {max_sequence_length}")
+        self.encode_texts = encode
+        self.joint_attention_dim = int(joint_attention_dim)
+        self.max_sequence_length = int(max_sequence_length)
+        self.dtype = dtype
+        self.device = device
+        self.name = name
+        self.tokenizer = None
+        self.pad_token_id = 0
+
+    def a1111_clip_skip(self, clip_skip: int, *, sdxl_clip_l: bool = False) -> int:
+        return 1
+
+    def check_clip_skip(self, clip_skip: Any) -> None:
+        if clip_skip != 1 or isinstance(clip_skip, bool):
+            raise GenerationError(f"clip_skip {clip_skip!r} does not apply to Qwen-Image (no CLIP): leave it at 1")
+
+    def text(self, prompt: str, *, what: str = "prompt", note: Note = _ignore) -> Conditioning:
+        """``{"crossattn": (1, max_sequence_length, D), "text_mask": (1, max_sequence_length)}`` of one text."""
+        states, mask = self.encode_texts([prompt])
+        if states.ndim != 3 or states.shape[2] != self.joint_attention_dim:
+            raise GenerationError(
+                f"{self.name}: the text encoder's states are {tuple(states.shape)}, the transformer takes "
+                f"{self.joint_attention_dim} wide ones (joint_attention_dim): not this model's text encoder"
+            )
+        n = int(mask[0].bool().sum())
+        if n > self.max_sequence_length:
+            note(f"Qwen-Image reads the first {self.max_sequence_length} tokens of the {what}; the rest is cut off")
+            n = self.max_sequence_length
+        out = states.new_zeros(1, self.max_sequence_length, states.shape[2])
+        out[0, :n] = states[0, mask[0].bool()][:n]
+        keep = torch.zeros(1, self.max_sequence_length, dtype=torch.bool)
+        keep[0, :n] = True
+        return {"crossattn": out.to(self.dtype), MASK_KEY: keep.to(states.device)}
+
+    def pair(
+        self, prompt: str, negative: str, *, clip_skip: Any = 1, note: Note = _ignore
+    ) -> tuple[Conditioning, Conditioning]:
+        self.check_clip_skip(clip_skip)
+        return self.text(prompt, note=note), self.text(negative, what="negative prompt", note=note)
+
+    def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Note | None = None) -> Conditioning:
+        self.check_clip_skip(clip_skip)
+        return self.text(text, what=what, note=note or _ignore)
+
+    def __call__(self, prompts: Sequence[str], *, clip_skip: int = 1) -> Conditioning:
+        rows = [self.text(p) for p in prompts]
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+    def empty(self, n: int = 1) -> Conditioning:
+        one = self([""])
+        return {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The VAE, one frame
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVAEConfig:
+    """What the core reads of a VAE's config, for Qwen-Image's: 16 channels, its factor, per-channel statistics."""
+
+    latent_channels: int
+    downscale_factor: int
+    latents_mean: tuple[float, ...]
+    latents_std: tuple[float, ...]
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    sample_size: int = 1024
+    in_channels: int = 3
+    out_channels: int = 3
+    scaling_factor: float = 1.0
+    shift_factor: float | None = None
+
+
+class QwenLatentVAE(nn.Module):
+    """The 3-D VAE seen as an image VAE: ``encode`` (B, 3, H, W) in [-1, 1] -> the posterior of its one frame's
+    latent (B, 16, H/f, W/f); ``decode`` the inverse; ``scale_latents`` ``(z - mean) / std`` per channel
+    (``unscale_latents`` the inverse: diffusers' ``latents / (1 / std) + mean``).
+
+    ``vae``: the 3-D VAE module; ``moments(vae, x5) -> (mean, logvar)`` of (B, 3, 1, H, W) images and
+    ``decode_frames(vae, z5) -> images`` of (B, 16, 1, h, w) latents are its calls."""
+
+    def __init__(
+        self,
+        vae: nn.Module,
+        config: QwenVAEConfig,
+        *,
+        moments: Callable[[Any, Tensor], tuple[Tensor, Tensor]],
+        decode_frames: Callable[[Any, Tensor], Tensor],
+    ) -> None:
+        super().__init__()
+        if len(config.latents_mean) != config.latent_channels or len(config.latents_std) != config.latent_channels:
+            raise GenerationError(
+                f"Qwen-Image VAE: latents_mean / latents_std need {config.latent_channels} numbers each"
+            )
+        self.vae = vae
+        self.config = config
+        self._moments = moments
+        self._decode = decode_frames
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        mean, logvar = self._moments(self.vae, x.unsqueeze(2))
+        return DiagonalGaussian(torch.cat([mean[:, :, 0], logvar[:, :, 0]], dim=1))
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self._decode(self.vae, z.unsqueeze(2))[:, :, 0]
+
+    def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.config
+        mean = torch.tensor(c.latents_mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+        std = torch.tensor(c.latents_std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+        return mean, std
+
+    def scale_latents(self, z: Tensor) -> Tensor:
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    def unscale_latents(self, z: Tensor) -> Tensor:
+        mean, std = self._stats(z)
+        return z / (1.0 / std) + mean
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The network and its guidance
+
+
+class QwenAdapter:
+    """The conditioning dict -> the transformer's arguments (``crossattn`` -> ``encoder_hidden_states``,
+    ``text_mask`` -> ``encoder_hidden_states_mask``); runs in ``dtype``, the velocity back in float32."""
+
+    takes_step = takes_row_kinds = False
+
+    def __init__(self, net: Any, dtype: torch.dtype) -> None:
+        self.net = net
+        self.dtype = dtype
+
+    def __call__(
+        self, x: Tensor, t: Tensor, *, crossattn: Tensor, text_mask: Tensor | None = None, **other: Any
+    ) -> Tensor:
+        extra = sorted(k for k, v in other.items() if v is not None)
+        if extra:
+            raise GenerationError(f"the Qwen-Image transformer takes no {', '.join(extra)}")
+        mask = None if text_mask is None else text_mask.to(x.device)
+        return self.net(x.to(self.dtype), t, crossattn.to(device=x.device, dtype=self.dtype), mask).float()
+
+
+def norm_preserving_cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Qwen-Image's true CFG on velocities (B, C, H, W): ``u + s (c - u)``, each 2x2 patch's 4C numbers rescaled to
+    the norm ``c`` has there (diffusers' ``QwenImagePipeline``: norms over the packed tokens' last dimension)."""
+    H, W = cond.shape[2], cond.shape[3]
+    c, u = pack_latents(cond), pack_latents(uncond)
+    comb = u + scale * (c - u)
+    out = comb * (torch.norm(c, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+    return unpack_latents(out, H, W)
+
+
+class QwenTrueCFG:
+    """A velocity model ``(x, t, **cond) -> v`` running the conditional and unconditional rows in one batch and
+    combining them with :func:`norm_preserving_cfg` (``scale`` 1: the conditional rows alone)."""
+
+    takes_step = takes_row_kinds = False
+
+    def __init__(self, model: Any, scale: float, uncond: Conditioning) -> None:
+        self.model = model
+        self.scale = float(scale)
+        self.uncond = dict(uncond)
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        if self.scale == 1.0:
+            return self.model(x, t, **cond)
+        b = x.shape[0]
+        both: dict[str, Any] = {}
+        for k, v in cond.items():
+            if isinstance(v, Tensor) and k in self.uncond:
+                u = self.uncond[k].to(v.device)
+                both[k] = torch.cat([v, u.expand(b, *u.shape[1:]) if u.shape[0] == 1 else u])
+            else:
+                both[k] = v
+        v_c, v_u = self.model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+        return norm_preserving_cfg(v_c, v_u, self.scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refusals
+
+
+_OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
+    ("loras", bool, "LoRAs are not supported for Qwen-Image yet"),
+    ("controlnets", bool, "ControlNets are not supported for Qwen-Image"),
+    ("ip_adapters", bool, "IP-Adapters are not supported for Qwen-Image"),
+    ("reference_images", bool, "reference images are FLUX.1 Kontext's; Qwen-Image takes none"),
+    ("distilled_cfg_scale", lambda v: v is not None, "distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s; use cfg_scale"),
+    ("guidance_rescale", bool, "guidance_rescale does not apply to Qwen-Image's norm-preserving CFG"),
+)
+
+
+def qwen_refusals(r: GenerationRequest) -> list[str]:
+    """The settings of ``r`` a Qwen-Image model cannot run, one line each (Flux's, plus Qwen-Image's own)."""
+    reasons = [why.replace("for Flux", "for Qwen-Image").replace("Flux", "Qwen-Image") for why in refusals(r)]
+    reasons += [f"{field}: {why}" for field, is_set, why in _OWN_REFUSALS if is_set(getattr(r, field, None))]
+    if "<lora:" in str(getattr(r, "prompt", "")):
+        reasons.append("<lora:...> tags: LoRAs are not supported for Qwen-Image yet")
+    return list(dict.fromkeys(reasons))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+class QwenImagePipeline(FluxPipeline):
+    """Qwen-Image. Build it with :func:`sdengine.pipeline.load_pipeline` on a diffusers ``QwenImagePipeline``
+    folder (:mod:`sdengine.pipeline.qwen_image_loading`)."""
+
+    def __init__(
+        self,
+        *,
+        transformer: torch.nn.Module,
+        text_encode: TextEncode,
+        text_encoder: Any = None,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        **kwargs: Any,
+    ) -> None:
+        self.transformer: Any = transformer.eval().requires_grad_(False)
+        cfg: Any = self.transformer.config
+        conditioner = QwenConditioner(
+            text_encode,
+            joint_attention_dim=int(cfg.joint_attention_dim),
+            max_sequence_length=max_sequence_length,
+            dtype=kwargs["dtype"],
+            device=kwargs["device"],
+            name=kwargs.get("name", "model"),
+        )
+        self._call_schedule = None
+        self.text_encoder_2 = text_encoder
+        Pipeline.__init__(
+            self,
+            unet=transformer,
+            text_encoder=text_encoder,
+            tokenizer=None,
+            conditioner=conditioner,  # type: ignore[arg-type]
+            prediction_type="flow",
+            pad_token_id=0,
+            **kwargs,
+        )
+        vae_channels = int(self.vae.config.latent_channels)
+        if vae_channels != int(cfg.latent_channels):
+            raise GenerationError(
+                f"{self.name}: the VAE's latents have {vae_channels} channels but the Qwen-Image transformer takes "
+                f"{cfg.latent_channels}: not this model's VAE"
+            )
+
+    def network_adapter(self, net: Any) -> QwenAdapter:  # type: ignore[override]
+        return QwenAdapter(net, self.dtype)
+
+    def controlled_network(self, net: Any, units: list[Any], **kw: Any) -> Any:
+        raise GenerationError(f"ControlNets are not supported for Qwen-Image; {self.name} is a Qwen-Image model")
+
+    def guided_denoiser(self, cfg_scale: float, uncond: Conditioning, rescale: float, **kw: Any) -> Any:
+        """Qwen-Image's true CFG on the velocity (:class:`QwenTrueCFG`), the flow's x0 after it; the core's CFG
+        wrapper on top runs at scale 1 (it only passes the calls on)."""
+        if kw.get("texts") is not None:
+            raise GenerationError(f"prompt editing ([a:b:when], [a|b]) is not supported for Qwen-Image; {self.name}")
+        unsupported = sorted(k for k, v in kw.items() if k not in ("net", "texts") and v)
+        if unsupported or rescale:
+            raise GenerationError(
+                f"{', '.join(unsupported) or 'guidance_rescale'} is not supported for Qwen-Image; {self.name}"
+            )
+        net = kw.get("net") or self.unet
+        model = QwenTrueCFG(self.network_adapter(net), cfg_scale, uncond)
+        return CFGDenoiser(self.x0_denoiser(model), 1.0, {})
+
+    def graphed(self, name: str) -> Any:
+        return None  # no step graphs or compiled packages for Qwen-Image's transformer yet
+
+    @property
+    def latent_rgb_map(self) -> Any:
+        return None
+
+    @property
+    def kind(self) -> str:
+        return "plain"
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return False
+
+    @property
+    def variant(self) -> str:
+        return "qwen_image"
+
+    @property
+    def family_defaults(self) -> dict[str, Any]:
+        """diffusers' QwenImagePipeline defaults: 50 steps, true CFG 4 (with the negative prompt), Euler."""
+        return {"steps": QWEN_STEPS, "cfg_scale": QWEN_CFG, "sampler": "euler", "schedule": "normal"}
+
+    def distilled_guidance(self, r: GenerationRequest) -> float | None:
+        if getattr(r, "distilled_cfg_scale", None) is not None:
+            raise GenerationError(
+                f"distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s; {self.name} is a Qwen-Image model: use cfg_scale"
+            )
+        return None
+
+    def check_request(self, r: GenerationRequest) -> None:
+        reasons = qwen_refusals(r)
+        if reasons:
+            raise GenerationError(f"{reasons[0]}; {self.name} is a Qwen-Image model")
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        p = super().prepare(request)
+        if p.sampler in sampling.CFG_PP_SAMPLERS:
+            raise GenerationError(
+                f"sampler {p.sampler}: CFG++ samplers are not supported for Qwen-Image (its CFG is norm-preserving)"
+            )
+        return p
+
+    def conditioning_pair(
+        self, prompt: str, negative: str, p: Prepared, note: Any
+    ) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond); at ``cfg_scale`` 1 the negative is not encoded (one pass per step)."""
+        conditioner: QwenConditioner = self.conditioner  # type: ignore[assignment]
+        if float(p.request.cfg_scale) == 1.0:
+            cond = conditioner.text(prompt, note=note)
+            return cond, cond
+        return conditioner.pair(prompt, negative, note=note)
+
+    def start_latent_options(self, p: Prepared) -> dict[str, Any]:
+        return {}
+
+    def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
+        self._call_schedule = self.flow_schedule(p.width, p.height)
+        try:
+            return Pipeline.sample_latents(self, p, init_latent)
+        finally:
+            self._call_schedule = None
+
+    def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
+        return {}
+
+    def network_activation_bytes(self, rows: int, h: int, w: int, bytes_per: int) -> int:
+        from sdengine.nn.attention import CHUNK_SCORES
+
+        cfg = self.transformer.config
+        n = (h // PATCH) * (w // PATCH) + int(self.conditioner.max_sequence_length)  # type: ignore[attr-defined]
+        width = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
+        scores = min(CHUNK_SCORES, int(cfg.num_attention_heads) * n * n) * 4
+        return 2 * rows * (n * width * bytes_per * 12 + scores)  # the conditional and unconditional rows
+
+
+__all__ = [
+    "MASK_KEY",
+    "MAX_SEQUENCE_LENGTH",
+    "QWEN_CFG",
+    "QWEN_STEPS",
+    "QwenAdapter",
+    "QwenConditioner",
+    "QwenImagePipeline",
+    "QwenLatentVAE",
+    "QwenTrueCFG",
+    "QwenVAEConfig",
+    "norm_preserving_cfg",
+    "qwen_refusals",
+]
