@@ -199,8 +199,10 @@ def _load(
 
     if is_sd3(path):
         return _load_sd3(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
-    from sdengine.pipeline import chroma_loading, flux_loading
+    from sdengine.pipeline import chroma_loading, flux_loading, qwen_image_loading
 
+    if qwen_image_loading.is_qwen_image_folder(path):
+        return _load_qwen_image(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if chroma_loading.is_chroma_folder(path) or chroma_loading.is_chroma_file(path):  # before Flux: its blocks too
         return _load_chroma(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if flux_loading.is_flux_folder(path) or flux_loading.is_flux_file(path):
@@ -331,6 +333,33 @@ def _load_chroma(
         if on:
             raise GenerationError(f"{path.name} (Chroma): {what}")
     return load_chroma_pipeline(path, device=dev, dtype=dt, vae=vae, t5=encoders.get("t5"), lora_dir=lora_dir)
+
+
+def _load_qwen_image(
+    path: Path,
+    dev: torch.device,
+    dt: torch.dtype,
+    vae: Any,
+    prediction_type: Any,
+    config: Any,
+    embeddings_dir: Any,
+    lora_dir: Any,
+    encoders: Mapping[str, Any],
+) -> Pipeline:
+    """A Qwen-Image folder -> QwenImagePipeline (:mod:`sdengine.pipeline.qwen_image_loading`); what it does not take
+    refused, one line each, before anything loads."""
+    from sdengine.pipeline.qwen_image_loading import load_qwen_image_pipeline
+
+    for on, what in (
+        (vae is not None, "vae= (--vae) does not apply (the folder's own 3-D VAE runs)"),
+        (prediction_type is not None, "prediction_type: the Qwen-Image transformer predicts the flow's velocity"),
+        (config is not None, "config= does not apply (the folder's configs are read)"),
+        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
+        (bool(encoders), "--clip-l / --clip-g / --t5 do not apply (Qwen-Image's text encoder is Qwen2.5-VL)"),
+    ):
+        if on:
+            raise GenerationError(f"{path.name} (Qwen-Image): {what}")
+    return load_qwen_image_pipeline(path, device=dev, dtype=dt, lora_dir=lora_dir)
 
 
 def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:

@@ -93,7 +93,7 @@ def folder_size(ref: str) -> dict[str, int] | None:
 
 
 # The model families the server tells apart (GET /v1/models' ``family``): which settings a job may give
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "pixel")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "qwen_image", "pixel")
 
 
 def family_before_load(ref: str) -> str | None:
@@ -128,8 +128,11 @@ def _family_of_path(ref: str, path: Path) -> str | None:
     """:func:`family_before_load` of an existing folder or file (SD3 and Flux first: their files are no SD's)."""
     from sdengine.pipeline.chroma_loading import is_chroma_file, is_chroma_folder
     from sdengine.pipeline.flux_loading import is_flux_file, is_flux_folder
+    from sdengine.pipeline.qwen_image_loading import is_qwen_image_folder
     from sdengine.weights.sd3_files import is_sd3
 
+    if is_qwen_image_folder(path):
+        return "qwen_image"
     if is_sd3(path):
         return "sd3"
     if is_chroma_folder(path) if path.is_dir() else is_chroma_file(path):  # before Flux: its blocks too
@@ -147,7 +150,7 @@ def _family_of_path(ref: str, path: Path) -> str | None:
 def family_of_pipe(pipe: Any) -> str:
     """A loaded pipeline's family (:data:`FAMILIES`), by its text side (``text_kind``)."""
     kind = str(getattr(pipe, "text_kind", ""))
-    if kind in ("sd3", "flux", "chroma", "sdxl"):
+    if kind in ("sd3", "flux", "chroma", "qwen_image", "sdxl"):
         return kind
     return "sd" if getattr(pipe, "vae", None) is not None else "pixel"
 
@@ -164,6 +167,10 @@ def family_defaults_before_load(ref: str) -> dict[str, Any]:
         from sdengine.pipeline.chroma import CHROMA_CFG, CHROMA_STEPS
 
         return {"steps": CHROMA_STEPS, "cfg_scale": CHROMA_CFG, "sampler": "euler", "schedule": "normal"}
+    if family == "qwen_image":
+        from sdengine.pipeline.qwen_image import QWEN_CFG, QWEN_STEPS
+
+        return {"steps": QWEN_STEPS, "cfg_scale": QWEN_CFG, "sampler": "euler", "schedule": "normal"}
     if family == "flux":
         from sdengine.pipeline.flux import DEV_STEPS, SCHNELL_STEPS
 

@@ -1,0 +1,128 @@
+"""sdengine's Qwen-Image pipeline against diffusers' QwenImagePipeline on a tiny random folder.
+
+``test_loop_matches_diffusers`` runs sdengine's transformer, schedule, true CFG, noise and latent handling with the
+oracle's own text encoder and VAE plugged in (what the pipeline takes from them is checked on its own in
+``test_qwen_text.py`` and ``test_qwen_vae.py``); the folder tests load everything with sdengine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _qwen_models import diffusers_qwen, make_qwen_folder
+
+from sdengine.errors import GenerationError
+from sdengine.pipeline.qwen_image import QwenImagePipeline, QwenLatentVAE, QwenVAEConfig, norm_preserving_cfg
+from sdengine.weights.qwen_image_file import load_qwen_image_transformer
+
+SIZE = 32  # 16x16 latents (the tiny VAE's 2x), 8x8 tokens
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_qwen_folder(tmp_path_factory.mktemp("qwen") / "qwen-tiny")
+
+
+@pytest.fixture(scope="module")
+def oracle(folder: Path):
+    return diffusers_qwen(folder)
+
+
+def _oracle_parts_pipeline(folder: Path, ref) -> QwenImagePipeline:
+    def encode(texts: list[str]):
+        with torch.no_grad():
+            return ref._get_qwen_prompt_embeds(texts, device="cpu", dtype=torch.float32)
+
+    v = ref.vae
+    config = QwenVAEConfig(
+        latent_channels=16,
+        downscale_factor=2 ** len(v.config.temperal_downsample),
+        latents_mean=tuple(v.config.latents_mean),
+        latents_std=tuple(v.config.latents_std),
+    )
+    vae = QwenLatentVAE(
+        v,
+        config,
+        moments=lambda m, x: (m.encode(x).latent_dist.mean, m.encode(x).latent_dist.logvar),
+        decode_frames=lambda m, z: m.decode(z).sample,
+    )
+    return QwenImagePipeline(
+        transformer=load_qwen_image_transformer(folder),
+        text_encode=encode,
+        vae=vae,
+        scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        name="qwen-tiny",
+    )
+
+
+def _want(ref, prompt, negative, cfg, seed, steps=3):
+    with torch.no_grad():
+        return ref(
+            prompt,
+            negative_prompt=negative if cfg > 1 else None,
+            true_cfg_scale=cfg,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).images
+
+
+@pytest.mark.parametrize(("negative", "cfg"), [("", 4.0), ("blurry, low quality", 2.5), ("", 1.0)])
+def test_loop_matches_diffusers(folder: Path, oracle, negative: str, cfg: float) -> None:
+    pipe = _oracle_parts_pipeline(folder, oracle)
+    got = pipe("a red apple on a table", negative_prompt=negative, cfg_scale=cfg, steps=3, seed=7, width=SIZE, height=SIZE)
+    want = _want(oracle, "a red apple on a table", negative, cfg, 7)
+    diff = np.abs(got.arrays - want)
+    assert diff.mean() < 1e-5 and diff.max() < 1e-4, (diff.mean(), diff.max())
+
+
+def test_rows_of_different_lengths_batch_as_alone(folder: Path, oracle) -> None:
+    """Two prompts of different token counts in one call: each row equals its own call (the padding is masked)."""
+    pipe = _oracle_parts_pipeline(folder, oracle)
+    both = pipe(["a cat", "a photo of a dog sitting in the sun"], negative_prompt="", cfg_scale=3.0, steps=2,
+                seed=[1, 2], width=SIZE, height=SIZE)  # fmt: skip
+    alone = pipe("a photo of a dog sitting in the sun", negative_prompt="", cfg_scale=3.0, steps=2, seed=2,
+                 width=SIZE, height=SIZE)  # fmt: skip
+    assert np.abs(both.arrays[1] - alone.arrays[0]).max() < 1e-5
+    want = _want(oracle, "a cat", "", 3.0, 1, steps=2)
+    assert np.abs(both.arrays[0] - want[0]).max() < 1e-4
+
+
+def test_norm_preserving_cfg_keeps_each_patch_norm() -> None:
+    g = torch.Generator().manual_seed(0)
+    c, u = torch.randn(2, 16, 4, 6, generator=g), torch.randn(2, 16, 4, 6, generator=g)
+    out = norm_preserving_cfg(c, u, 4.0)
+    from sdengine.models.flux import pack_latents
+
+    assert torch.allclose(pack_latents(out).norm(dim=-1), pack_latents(c).norm(dim=-1), atol=1e-5)
+    direction = pack_latents(u + 4.0 * (c - u))
+    cos = torch.nn.functional.cosine_similarity(pack_latents(out), direction, dim=-1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loras": [("x.safetensors", 1.0)]}, "LoRA"),
+        ({"prompt": "a cat <lora:x:1>"}, "LoRA"),
+        ({"distilled_cfg_scale": 3.5}, "distilled_cfg_scale"),
+        ({"sampler": "euler_cfg_pp"}, "CFG\\+\\+"),
+        ({"sampler": "ddim"}, "flow model"),
+        ({"pag_scale": 3.0}, "pag_scale"),
+        ({"guidance_rescale": 0.7}, "guidance_rescale"),
+        ({"prompt": "a [cat:dog:0.5]"}, "prompt editing"),
+    ],
+)
+def test_refusals(folder: Path, oracle, kwargs: dict, match: str) -> None:
+    pipe = _oracle_parts_pipeline(folder, oracle)
+    settings = {"prompt": "a cat", "steps": 2, "seed": 1, "width": SIZE, "height": SIZE, **kwargs}
+    with pytest.raises(GenerationError, match=match):
+        pipe(**settings)
