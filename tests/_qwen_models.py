@@ -131,7 +131,11 @@ def qwen_text_encoder(seed: int = 0, vocab_size: int = 400):
 
     torch.manual_seed(seed)
     cfg = Qwen2_5_VLConfig(
-        text_config={**QWEN_TEXT, "vocab_size": vocab_size}, vision_config=QWEN_VISION, vocab_size=vocab_size, bos_token_id=0, eos_token_id=2
+        text_config={**QWEN_TEXT, "vocab_size": vocab_size},
+        vision_config=QWEN_VISION,
+        vocab_size=vocab_size,
+        bos_token_id=0,
+        eos_token_id=2,
     )
     return perturb(Qwen2_5_VLForConditionalGeneration(cfg), seed + 1, 0.02).eval()
 

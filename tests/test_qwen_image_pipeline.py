@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _qwen_models import diffusers_qwen, make_qwen_folder
 
+from _qwen_models import diffusers_qwen, make_qwen_folder
 from sdengine.errors import GenerationError
 from sdengine.pipeline.qwen_image import QwenImagePipeline, QwenLatentVAE, QwenVAEConfig, norm_preserving_cfg
 from sdengine.weights.qwen_image_file import load_qwen_image_transformer
@@ -78,7 +78,9 @@ def _want(ref, prompt, negative, cfg, seed, steps=3):
 @pytest.mark.parametrize(("negative", "cfg"), [("", 4.0), ("blurry, low quality", 2.5), ("", 1.0)])
 def test_loop_matches_diffusers(folder: Path, oracle, negative: str, cfg: float) -> None:
     pipe = _oracle_parts_pipeline(folder, oracle)
-    got = pipe("a red apple on a table", negative_prompt=negative, cfg_scale=cfg, steps=3, seed=7, width=SIZE, height=SIZE)
+    got = pipe(
+        "a red apple on a table", negative_prompt=negative, cfg_scale=cfg, steps=3, seed=7, width=SIZE, height=SIZE
+    )
     want = _want(oracle, "a red apple on a table", negative, cfg, 7)
     diff = np.abs(got.arrays - want)
     assert diff.mean() < 1e-5 and diff.max() < 1e-4, (diff.mean(), diff.max())

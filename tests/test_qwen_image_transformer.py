@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _qwen_models import QWEN_TRANSFORMER, qwen_transformer
 from sdengine.errors import UsageError
 from sdengine.models.config_checks import ConfigError
 from sdengine.models.flux import pack_latents
 from sdengine.models.qwen_image import QwenImageConfig, QwenImageTransformer
-from _qwen_models import QWEN_TRANSFORMER, qwen_transformer
 
 
 def _ours(ref) -> QwenImageTransformer:

@@ -249,8 +249,8 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
     if kind == "qwen_image":  # Qwen-Image: 60 dual-stream blocks of 3072 (20 B parameters), as Flux's double ones
         heads, head = values.get("num_attention_heads") or 0, values.get("attention_head_dim") or 0
         h = int(heads) * int(head) if isinstance(heads, int) and isinstance(head, int) else 0
-        layers = values.get("num_layers")
-        return (layers if type(layers) is int else 0) * 36 * h * h
+        blocks = values.get("num_layers")
+        return (blocks if type(blocks) is int else 0) * 36 * h * h
     return 0
 
 

@@ -209,8 +209,12 @@ class JointAttention(nn.Module):
         self, x: Tensor, context: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """x (B, N, dim) image, context (B, S, dim) text, rope of the S + N tokens, mask (B, S + N) bool or None."""
-        q = torch.cat([self.norm_added_q(self._heads(self.add_q_proj(context))), self.norm_q(self._heads(self.to_q(x)))], 1)
-        k = torch.cat([self.norm_added_k(self._heads(self.add_k_proj(context))), self.norm_k(self._heads(self.to_k(x)))], 1)
+        q = torch.cat(
+            [self.norm_added_q(self._heads(self.add_q_proj(context))), self.norm_q(self._heads(self.to_q(x)))], 1
+        )
+        k = torch.cat(
+            [self.norm_added_k(self._heads(self.add_k_proj(context))), self.norm_k(self._heads(self.to_k(x)))], 1
+        )
         v = torch.cat([self._heads(self.add_v_proj(context)), self._heads(self.to_v(x))], dim=1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         m = None if mask is None else mask[:, None, None, :]
@@ -293,7 +297,9 @@ class QwenImageTransformer(nn.Module):
         self.txt_norm = nn.RMSNorm(config.joint_attention_dim, eps=1e-6)
         self.img_in = nn.Linear(config.in_channels, dim)
         self.txt_in = nn.Linear(config.joint_attention_dim, dim)
-        self.transformer_blocks = nn.ModuleList([DualStreamBlock(dim, heads, head_dim) for _ in range(config.num_layers)])
+        self.transformer_blocks = nn.ModuleList(
+            [DualStreamBlock(dim, heads, head_dim) for _ in range(config.num_layers)]
+        )
         self.norm_out = FinalLayer(dim)
         self.proj_out = nn.Linear(dim, PATCH * PATCH * config.out_latent_channels)
 

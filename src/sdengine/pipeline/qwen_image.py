@@ -273,7 +273,11 @@ _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
     ("controlnets", bool, "ControlNets are not supported for Qwen-Image"),
     ("ip_adapters", bool, "IP-Adapters are not supported for Qwen-Image"),
     ("reference_images", bool, "reference images are FLUX.1 Kontext's; Qwen-Image takes none"),
-    ("distilled_cfg_scale", lambda v: v is not None, "distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s; use cfg_scale"),
+    (
+        "distilled_cfg_scale",
+        lambda v: v is not None,
+        "distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s; use cfg_scale",
+    ),
     ("guidance_rescale", bool, "guidance_rescale does not apply to Qwen-Image's norm-preserving CFG"),
 )
 

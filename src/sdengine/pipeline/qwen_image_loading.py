@@ -1,4 +1,5 @@
-"""Loading Qwen-Image: a diffusers ``QwenImagePipeline`` folder -> :class:`sdengine.pipeline.qwen_image.QwenImagePipeline`.
+"""Loading Qwen-Image: a diffusers ``QwenImagePipeline`` folder -> ``QwenImagePipeline``
+(:mod:`sdengine.pipeline.qwen_image`).
 
 Accepted (:func:`load_qwen_image_pipeline`, reached through :func:`sdengine.pipeline.load_pipeline`): a folder whose
 ``model_index.json`` names ``QwenImagePipeline`` (or ``QwenImageImg2ImgPipeline`` / ``QwenImageInpaintPipeline``,

@@ -516,7 +516,12 @@ def kontext_fields(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-FLOW_FAMILIES = ("sd3", "flux", "chroma", "qwen_image")  # the families whose A1111 requests run diffusers' step rules (flow_fields)
+FLOW_FAMILIES = (
+    "sd3",
+    "flux",
+    "chroma",
+    "qwen_image",
+)  # the families whose A1111 requests run diffusers' step rules (flow_fields)
 LATENT_FILLS = {2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill -> masked_content
 IMG2IMG_USED = {"initial_noise_multiplier", "image_cfg_scale"}  # A1111's img2img fields that its txt2img does not have
 TXT2IMG_USED = {"firstphase_width", "firstphase_height"}  # A1111's txt2img fields that its img2img does not have

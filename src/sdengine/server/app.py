@@ -1233,7 +1233,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     def models() -> dict[str, Any]:
         """The models jobs may name (OpenAI's list shape; ``current`` marks the default; ``tiny_vae``: it can
         decode with a tiny VAE; ``tiny_vae_encoder``: encode with one; ``family``: "sd", "sdxl", "sd3", "flux",
-        "chroma", "qwen_image" or "pixel", which settings its jobs take; null when not told before the model loads; ``kind``: a
+        "chroma", "qwen_image" or "pixel", which settings its jobs take; null when not told before the model loads;
+        ``kind``: a
         Flux model's "plain" (its jobs may take reference_images), "fill" or "control" (its jobs take a
         control_image), else null; ``defaults``: an SD3, Flux or Chroma model's own steps, cfg_scale, sampler and
         schedule, which its jobs get where they give none)."""

@@ -2,9 +2,9 @@
 in diffusers' names (ComfyUI's ``qwen_image_*.safetensors`` diffusion-model files, with or without its
 ``model.diffusion_model.`` prefix); the config from the shapes for a single file.
 
-The names are diffusers' ``QwenImageTransformer2DModel``'s, which :class:`sdengine.models.qwen_image.QwenImageTransformer`
-keeps, so nothing is renamed. Reading, dtype choice and the meta-device build are Flux's
-(:func:`sdengine.weights.flux_file.load_transformer`).
+The names are diffusers' ``QwenImageTransformer2DModel``'s, which
+:class:`sdengine.models.qwen_image.QwenImageTransformer` keeps, so nothing is renamed. Reading, dtype choice and
+the meta-device build are Flux's (:func:`sdengine.weights.flux_file.load_transformer`).
 """
 
 from __future__ import annotations
