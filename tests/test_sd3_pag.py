@@ -5,6 +5,8 @@ layer rule on SD3 Medium's 24 blocks, the CLI with its infotext, and the refusal
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -116,6 +118,12 @@ def test_img2img_matches_diffusers(sd3):
     assert _mad(ours, theirs) < TOL
 
 
+def _heads(attn, t, norm=None):
+    """(1, L, heads * d) -> (1, heads, L, d), RMS-normed per head by ``norm`` where given."""
+    t = t.view(1, -1, attn.heads, attn.head_dim)
+    return (t if norm is None else norm(t)).transpose(1, 2)
+
+
 def test_perturbed_joint_attention_is_the_masked_attention_and_leaves_other_rows():
     """On TINY_MMDIT (q/k RMS norms, an MMDiT-X block): the perturbed rows of a call equal attention under
     diffusers' mask (image tokens see only themselves among the image tokens, and every text token), and the rows
@@ -129,17 +137,14 @@ def test_perturbed_joint_attention_is_the_masked_attention_and_leaves_other_rows
             got = attn(x, ctx)
         assert torch.equal(got[0][:1], plain[0][:1])
         # the reference: the joint attention with an additive mask, computed here
-        q = attn._per_head(attn.norm_q, attn.to_q(x[1:]))
-        k = attn._per_head(attn.norm_k, attn.to_k(x[1:]))
-        cq = attn._per_head(attn.norm_added_q, attn.add_q_proj(ctx[1:]))
-        ck = attn._per_head(attn.norm_added_k, attn.add_k_proj(ctx[1:]))
-        v = torch.cat([attn.to_v(x[1:]), attn.add_v_proj(ctx[1:])], dim=1)
-        q, k = torch.cat([q, cq], dim=1), torch.cat([k, ck], dim=1)
-        heads = lambda t: t.view(1, 14, attn.heads, attn.head_dim).transpose(1, 2)  # noqa: E731
+        heads = partial(_heads, attn)
+        q = torch.cat([heads(attn.to_q(x[1:]), attn.norm_q), heads(attn.add_q_proj(ctx[1:]), attn.norm_added_q)], 2)
+        k = torch.cat([heads(attn.to_k(x[1:]), attn.norm_k), heads(attn.add_k_proj(ctx[1:]), attn.norm_added_k)], 2)
+        v = torch.cat([heads(attn.to_v(x[1:])), heads(attn.add_v_proj(ctx[1:]))], 2)
         mask = torch.zeros(14, 14)
         mask[:9, :9] = float("-inf")
         mask[:9, :9].fill_diagonal_(0)
-        out = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(1, 14, -1)
         torch.testing.assert_close(got[0][1:], attn.to_out[0](out[:, :9]), atol=1e-6, rtol=1e-5)
         if attn.to_add_out is not None:
@@ -207,5 +212,7 @@ def test_cli_runs_pag_on_sd3_and_from_png_again(sd3, tmp_path):
                   pag_layers="blocks.0", sd3={"pag_adaptive_scale": 0.001}, progress=False)  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(direct.images[0]))
     again = tmp_path / "b"
-    assert main(["generate", "--from-png", str(made), "--model", str(folder), "--out", str(again), "--no-progress"]) == 0
+    assert (
+        main(["generate", "--from-png", str(made), "--model", str(folder), "--out", str(again), "--no-progress"]) == 0
+    )
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(next(again.glob("*.png")))))
