@@ -24,7 +24,7 @@ from sdengine.models.mmdit import (  # noqa: E402
     perturbed_attention,
 )
 
-TOL = 1e-4  # mean absolute difference on 0..1 pixels (measured: 1.4e-7 to 2e-7)
+TOL = 1e-4  # mean absolute difference on 0..1 pixels (measured: 1.5e-7 to 2.2e-7)
 STEPS = 3
 PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
 SEED = 3
