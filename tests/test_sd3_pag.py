@@ -216,3 +216,23 @@ def test_cli_runs_pag_on_sd3_and_from_png_again(sd3, tmp_path):
         main(["generate", "--from-png", str(made), "--model", str(folder), "--out", str(again), "--no-progress"]) == 0
     )
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(next(again.glob("*.png")))))
+
+
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        (["--pag-adaptive-scale", "0.001"], "--pag-adaptive-scale has no effect without a --pag-scale above 0"),
+        (["--pag-scale", "2", "--pag-layers", "mid_block"], "PAG layer 'mid_block' matches no joint-attention layer"),
+        (["--pag-scale", "2", "--pag-adaptive-scale", "2"], "sd3 pag_adaptive_scale must be in [0, 1], got 2.0"),
+        (["--pag-scale", "2", "--slg", "0"], "and skip-layer guidance together are not supported"),
+    ],
+)
+def test_bad_cli_pag_flags_on_sd3_are_one_line_errors(sd3, tmp_path, capsys, flags, why):
+    from sdengine.cli import main
+
+    folder, _ = sd3
+    out = tmp_path / "o"
+    assert main(["generate", "x", "--model", str(folder), "--steps", "1", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert why in err and len(err.splitlines()) == 1, err
+    assert not list(tmp_path.rglob("*.png"))
