@@ -236,3 +236,21 @@ def test_bad_cli_pag_flags_on_sd3_are_one_line_errors(sd3, tmp_path, capsys, fla
     err = capsys.readouterr().err.strip()
     assert why in err and len(err.splitlines()) == 1, err
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_the_recorded_loop_keys_pag_and_its_adaptive_scale(sd3):
+    """On the whole-loop graph (recorded with the tests' CPU stand-in, which replays the first plan of a key) every
+    PAG setting, the adaptive scale and the call's shift included, has a recording of its own and the eager image."""
+    from _cpu_graphs import images_per_recorded_loop
+
+    folder, _ = sd3
+    pipe = sdengine.load_pipeline(folder, device="cpu", dtype="fp32", fast_path="none")
+    pag = {"pag_scale": 3.0, "pag_layers": "blocks.0"}
+    settings = [
+        {},
+        pag,
+        {**pag, "sd3": {"pag_adaptive_scale": 0.002}},
+        {**pag, "sd3": {"pag_adaptive_scale": 0.002}, "shift": 2.0},
+    ]
+    images, loop = images_per_recorded_loop(pipe, settings, steps=2, seed=3, width=SIZE, height=SIZE, progress=False)
+    assert loop.recordings == len(settings)

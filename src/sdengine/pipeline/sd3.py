@@ -406,6 +406,16 @@ class SD3Pipeline(Pipeline):
 
         return build_controlled_dit(net, units, family="sd3", **vae_encoder(self.vae), **kw)
 
+    def loop_plan(self, p: Prepared, from_init: bool, first: int, noise_from: int | None = None) -> Any:
+        """The core's plan, keyed also by the call's SD3 settings a recorded loop bakes in (the shift, skip-layer
+        guidance, PAG's adaptive scale), in its scheduler-config field, which only keys the recording."""
+        import json
+
+        plan = super().loop_plan(p, from_init, first, noise_from)
+        call = {"shift": self._call_shift, "slg": self._call_slg, "pag_adaptive_scale": self._call_pag_adaptive}
+        config = {**json.loads(plan.scheduler_config), "sd3_call": call}
+        return dataclasses.replace(plan, scheduler_config=json.dumps(config, sort_keys=True, default=str))
+
     def img2img_first_step(self, steps: int, strength: float, rule: str, sampler: str) -> int:
         return flow_img2img_start(steps, strength)
 
