@@ -33,8 +33,8 @@ editing, the hires fix and LoRAs in diffusers' SD3 format (:mod:`sdengine.weight
 ``text_encoder.``, ``text_encoder_2.`` PEFT names) run as for the other families.
 
 The core learns all of this through its family hooks (``training_schedule``, ``network_adapter``, ``x0_denoiser``,
-``img2img_first_step``, ``noised_latent``, ``network_activation_bytes``, ``infotext_fields``), which SD 1.x/2.x
-and SDXL keep at their defaults.
+``img2img_first_step``, ``noised_latent``, ``network_activation_bytes``, ``pag_perturber``, ``infotext_fields``),
+which SD 1.x/2.x and SDXL keep at their defaults.
 """
 
 from __future__ import annotations
