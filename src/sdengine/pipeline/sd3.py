@@ -565,7 +565,8 @@ class SD3Pipeline(Pipeline):
         self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any
     ) -> GenerationResult:
         request = as_request(prompt, negative_prompt, kwargs)
-        if request.pag_scale and request.pag_layers in ("mid", ["mid"], ("mid",)):
+        layers = request.pag_layers
+        if request.pag_scale and isinstance(layers, str | list | tuple) and request.pag_layer_list() == ("mid",):
             request = request.replace(pag_layers=SD3_PAG_LAYERS)  # the request's U-Net default -> diffusers' SD3 one
         if hr_model is not None and hr_model is not self:
             raise GenerationError(
