@@ -26,9 +26,7 @@ never uses them for text-to-image); :mod:`sdengine.weights.qwen_text_file` skips
 
 Parameter names are those of transformers' ``Qwen2_5_VLTextModel`` (``embed_tokens.weight``,
 ``layers.N.self_attn.q_proj.weight``, ``layers.N.mlp.gate_proj.weight``, ``norm.weight``, ...), so a file's tensors
-load strictly once its prefix (``model.language_model.`` or ``model.``) is taken off. Prompts are tokenized by
-:mod:`sdengine.text.qwen_tokenizer` and encoded Qwen-Image's way by
-:func:`sdengine.text.qwen_prompt.encode_prompt_qwen`.
+load strictly once its prefix (``model.language_model.`` or ``model.``) is taken off.
 """
 
 from __future__ import annotations
