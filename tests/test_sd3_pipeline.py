@@ -366,7 +366,7 @@ def test_text_encoder_flags_are_refused_for_other_models(tiny_sd1_folder):
             {"loras": [(EMOJI_LORA, 1.0)]},
             "none of its 145 layers match .* a LoRA for a model with .*, the model is SD3",
         ),
-        ({"pag_scale": 2.0}, "pag_scale .*not for SD3"),
+        ({"pag_scale": 2.0, "sd3": {"skip_guidance_layers": [0]}}, "pag_scale .* and skip-layer guidance together"),
         ({"enable_hr": True, "hr_sampler": "ddim"}, "sampler 'ddim' cannot run on a flow model"),
         (
             {"strength_rule": "a1111", "init_image": "x.png"},

@@ -111,6 +111,29 @@ def test_native_jobs_give_the_pipelines_images_and_switch_models(served):
     assert "Distilled CFG Scale: 5" in job["images"][0]["infotext"]
 
 
+def test_pag_on_sd3_through_the_native_and_a1111_routes(served):
+    _, client, sd3, _ = served
+    base = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 2, "width": W, "height": H, "seed": 4}
+    own = {**sd3.family_defaults, "steps": 2}
+    pag = {"pag_scale": 2.0, "pag_layers": "blocks.0", "sd3": {"pag_adaptive_scale": 0.001}}
+    got, job = run_job(client, {**base, "model": "tiny-sd3", **pag})
+    want = sd3(PROMPT, NEGATIVE, **own, seed=4, width=W, height=H, **pag, progress=False)
+    np.testing.assert_array_equal(got, _pixels(want.images[0]))
+    params = job["images"][0]["infotext"]
+    assert "PAG scale: 2" in params and "PAG layers: blocks.0" in params and "PAG adaptive scale: 0.001" in params
+    # A1111: Forge's PAG script (its scale; the layers sdengine's default, on SD3 diffusers' "blocks.1")
+    script = {"perturbedattentionguidance integrated": {"args": [True, 2.0]}}
+    body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 2, "width": W, "height": H, "seed": 4}
+    body |= {"cfg_scale": 5, "sampler_name": "Euler", "alwayson_scripts": script}
+    r = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": "tiny-sd3"}})
+    assert r.status_code == 200, r.text
+    want = sd3(PROMPT, NEGATIVE, steps=2, seed=4, width=W, height=H, cfg_scale=5, sampler="euler", schedule="normal",
+               pag_scale=2.0, progress=False)  # fmt: skip
+    image = _b64_image(r.json()["images"][0])
+    np.testing.assert_array_equal(_pixels(image), _pixels(want.images[0]))
+    assert "PAG layers: blocks.1" in image.info["parameters"]
+
+
 def test_family_settings_on_another_family_are_one_line_400s(served):
     _, client, _, _ = served
     base = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 1}
@@ -123,8 +146,10 @@ def test_family_settings_on_another_family_are_one_line_400s(served):
     r = client.post("/v1/jobs", json={**base, "model": "emoji", "sd3": {"skip_guidance_layers": [1]}})
     _one_line_400(r, "sd3 settings apply to SD3 models only; emoji is not one")
     # U-Net settings the families refuse: the pipelines' own reasons, before any job is queued
-    r = client.post("/v1/jobs", json={**base, "model": "tiny-sd3", "pag_scale": 3})
-    _one_line_400(r, "pag_scale (perturbed-attention guidance) patches U-Net layers; not for SD3", "an SD3 model")
+    r = client.post(
+        "/v1/jobs", json={**base, "model": "tiny-sd3", "pag_scale": 3, "sd3": {"skip_guidance_layers": [0]}}
+    )
+    _one_line_400(r, "pag_scale (perturbed-attention guidance) and skip-layer guidance together are not supported")
     r = client.post("/v1/jobs", json={**base, "model": "tiny-flux", "freeu": [1.1, 1.2, 0.9, 0.2]})
     _one_line_400(r, "freeu: FreeU changes the U-Net's up blocks; tiny-flux is a Flux model")
     # skip-layer settings: their keys, and (the model loaded by the test above) a block the MMDiT does not have
@@ -132,6 +157,8 @@ def test_family_settings_on_another_family_are_one_line_400s(served):
     _one_line_400(r, "unknown sd3 settings: skip_layers; valid: skip_guidance_layers")
     r = client.post("/v1/jobs", json={**base, "model": "tiny-sd3", "sd3": {"skip_guidance_layers": [9]}})
     _one_line_400(r, "sd3 skip_guidance_layers 9 is not a joint block of this MMDiT")
+    r = client.post("/v1/jobs", json={**base, "model": "tiny-sd3", "pag_scale": 3, "pag_layers": "mid_block"})
+    _one_line_400(r, "pag_layers: tiny-sd3 (SD3): PAG layer 'mid_block' matches no joint-attention layer of the MMDiT")
     # the schema's ranges: 422
     assert client.post("/v1/jobs", json={**base, "model": "tiny-flux", "distilled_cfg_scale": -1}).status_code == 422
     assert client.post("/v1/jobs", json={**base, "model": "tiny-sd3", "shift": 0}).status_code == 422

@@ -692,6 +692,8 @@ def to_generate_kwargs(
             if field in parsed:
                 slg[key] = _parse_float(parsed, field)
         kwargs["sd3"] = slg
+    if "PAG adaptive scale" in parsed:  # sdengine's field: SD3's adaptive PAG scale (GenerationRequest.sd3)
+        kwargs["sd3"] = {**kwargs.get("sd3", {}), "pag_adaptive_scale": _parse_float(parsed, "PAG adaptive scale")}
     if parsed.get("Tiny VAE"):  # sdengine's field: the tiny VAE decoded (the run needs one loaded again)
         kwargs["vae_decode"] = "tiny"
     if parsed.get("Tiny VAE encode"):  # and this one: its encoder made the init image's latent
@@ -757,6 +759,7 @@ def to_generate_kwargs(
         "Shift",
         "Skip layers",
         *SKIP_LAYER_FIELDS,
+        "PAG adaptive scale",
         "Prediction type",  # a loading option: the caller's (sdengine generate --from-png passes it on)
         "Pad conds",  # A1111's padding of the shorter of prompt and negative prompt: what sdengine always does
     }

@@ -970,6 +970,13 @@ def run(a: argparse.Namespace) -> int:
     chosen |= {k for k, v in explicit.items() if v is not None}
     if a.pag_layers is not None and not kwargs.get("pag_scale"):
         raise UsageError("--pag-layers has no effect without a --pag-scale above 0: drop it, or add --pag-scale")
+    if a.pag_adaptive_scale is not None:  # SD3's: a key of the sd3 settings, beside --slg's (or a PNG's)
+        if not kwargs.get("pag_scale"):
+            raise UsageError(
+                "--pag-adaptive-scale has no effect without a --pag-scale above 0: drop it, or add --pag-scale"
+            )
+        kwargs["sd3"] = {**(kwargs.get("sd3") or {}), "pag_adaptive_scale": a.pag_adaptive_scale}
+        chosen.add("sd3")
     if a.sag_blur_sigma is not None and not kwargs.get("sag_scale"):
         raise UsageError(
             "--sag-blur-sigma has no effect without a --sag-scale other than 0: drop it, or add --sag-scale"
@@ -1596,7 +1603,16 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         metavar="LAYERS",
         help="the self-attention layers PAG perturbs: comma-separated patterns searched in the U-Net's layer names, "
-        "as diffusers' pag_applied_layers (default 'mid', the middle block; e.g. 'mid,up_blocks.1')",
+        "as diffusers' pag_applied_layers (default 'mid', the middle block; e.g. 'mid,up_blocks.1'); on SD3 the "
+        "MMDiT's joint-attention layers (default 'blocks.1', diffusers'; e.g. '13')",
+    )
+    p.add_argument(
+        "--pag-adaptive-scale",
+        type=float,
+        default=None,
+        metavar="A",
+        help="SD3: PAG's scale falls with the step, max(0, pag_scale - A (1000 - t)) at timestep t (diffusers' "
+        "pag_adaptive_scale, in [0, 1]; default 0: the same scale at every step); the sd3 setting pag_adaptive_scale",
     )
     p.add_argument(
         "--sag-scale",

@@ -138,6 +138,7 @@ class CFGDenoiser(GuidedDenoiser):
         self.rule = rule
         self.pag_scale = float(pag_scale)
         self.perturb = perturb
+        self.pag_schedule: Callable[[Tensor], float] | None = None  # sigma -> PAG's scale at that step (SD3's adaptive)
         self.sag_scale = float(sag_scale)
         self.sag_blur_sigma = check_blur_sigma(sag_blur_sigma)
         self.attention_map = attention_map
@@ -145,7 +146,7 @@ class CFGDenoiser(GuidedDenoiser):
 
     def _over(self, inner: Any) -> CFGDenoiser:
         """The same guidance over another inner denoiser."""
-        return CFGDenoiser(
+        den = CFGDenoiser(
             inner,
             self.scale,
             self.uncond,
@@ -158,6 +159,8 @@ class CFGDenoiser(GuidedDenoiser):
             attention_map=self.attention_map,
             sag_rule=self.sag_rule,
         )
+        den.pag_schedule = self.pag_schedule
+        return den
 
     def __call__(self, x: Tensor, sigma: Tensor | float, *, guidance_parts: Any = None, **cond: Any) -> Tensor:
         """The guided x0; ``guidance_parts`` (a CFG++ sampler's GuidanceParts) also gets the unconditional x0, the
@@ -199,14 +202,15 @@ class CFGDenoiser(GuidedDenoiser):
         if sag:
             source = ("uncond",) if uncond_pass else ("cond",)  # the degraded rows' conditioning: the map's rows'
             sag_term = self._sag_term(x, sigma, x0_u, probe, self._rows(cond, source, b, tags))
+        pag_scale = self.pag_scale if self.pag_schedule is None or not pag else self.pag_schedule(sigma)
         if pag and not comfy:  # diffusers: the PAG term joins the guided prediction before the rescale
-            guided = guided + self.pag_scale * (x0_c - parts[-1])
+            guided = guided + pag_scale * (x0_c - parts[-1])
         if sag_term is not None and not sag_comfy:
             guided = guided + sag_term
         if self.rescale > 0 and uncond_pass:
             guided = self._rescale(x, sigma, x0_c, guided)
         if pag and comfy:  # ComfyUI: a post-CFG function, after RescaleCFG
-            guided = guided + self.pag_scale * (x0_c - parts[-1])
+            guided = guided + pag_scale * (x0_c - parts[-1])
         if sag_term is not None and sag_comfy:
             guided = guided + sag_term
         return guided

@@ -42,7 +42,8 @@ the file.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -274,6 +275,7 @@ class JointAttention(nn.Module):
         self.norm_added_q = RMSNorm(head_dim) if qk_norm and context else None
         self.norm_added_k = RMSNorm(head_dim) if qk_norm and context else None
         self.to_add_out = nn.Linear(inner, dim) if context and context_out else None
+        self.perturbed_rows = 0  # PAG's switch: the last rows of a joint call take the perturbed map (see forward)
 
     def _per_head(self, norm: RMSNorm | None, t: Tensor) -> Tensor:
         if norm is None:
@@ -292,11 +294,33 @@ class JointAttention(nn.Module):
             ck = self._per_head(self.norm_added_k, self.add_k_proj(context))
             cv = self.add_v_proj(context)
             q, k, v = (torch.cat([a, b], dim=1) for a, b in ((q, cq), (k, ck), (v, cv)))  # [x; context]
-        out = scaled_dot_product_attention(q, k, v, self.heads)  # (B, Lx + Lc, inner)
         n = x.shape[1]
+        p = min(self.perturbed_rows, x.shape[0]) if context is not None else 0
+        if p:
+            keep = x.shape[0] - p
+            plain = [scaled_dot_product_attention(q[:keep], k[:keep], v[:keep], self.heads)] if keep else []
+            out = torch.cat([*plain, self._perturbed(q[keep:], k[keep:], v[keep:], n)])
+        else:
+            out = scaled_dot_product_attention(q, k, v, self.heads)  # (B, Lx + Lc, inner)
         x_out = self.to_out[0](out[:, :n])
         c_out = self.to_add_out(out[:, n:]) if self.to_add_out is not None else None
         return x_out, c_out
+
+    def _perturbed(self, q: Tensor, k: Tensor, v: Tensor, n: int) -> Tensor:
+        """Perturbed-attention guidance's joint attention (diffusers' ``PAGJointAttnProcessor2_0``): the map
+        between image tokens is the identity, so an image query attends to its own key and to every text key only;
+        text queries attend to all keys as usual. (B, n + Lc, inner) in and out, ``n`` image tokens first."""
+        b, length, inner = q.shape
+        h, d = self.heads, self.head_dim
+        text = scaled_dot_product_attention(q[:, n:], k, v, h) if self.to_add_out is not None else q[:, n:]
+        qi, ki, vi = (t[:, :n].reshape(b, n, h, d).transpose(1, 2).float() for t in (q, k, v))  # (B, h, n, d)
+        kc, vc = (t[:, n:].reshape(b, length - n, h, d).transpose(1, 2).float() for t in (k, v))  # (B, h, Lc, d)
+        scale = d**-0.5
+        own = (qi * ki).sum(-1, keepdim=True) * scale  # (B, h, n, 1): the one image key left to each image query
+        weights = torch.softmax(torch.cat([own, qi @ kc.transpose(-1, -2) * scale], dim=-1), dim=-1)
+        image = weights[..., :1] * vi + weights[..., 1:] @ vc  # (B, h, n, d)
+        image = image.transpose(1, 2).reshape(b, n, inner).to(q.dtype)
+        return torch.cat([image, text], dim=1)
 
 
 class GELUTanh(nn.Module):
@@ -460,6 +484,38 @@ class MMDiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Perturbed-attention guidance
+
+
+def pag_joint_layers(model: nn.Module, patterns: Sequence[str]) -> list[JointAttention]:
+    """The joint-attention layers (``transformer_blocks.<i>.attn``) that perturbed-attention guidance perturbs, by
+    diffusers' ``pag_applied_layers`` rule (:func:`sdengine.nn.attention.match_pag_layers`): "blocks.1" (diffusers'
+    SD3 default) matches blocks 1 and 10 to 19 of a 24-block model, as there; "blocks.1.attn$" or "13" pick one.
+    MMDiT-X's image-only ``attn2`` layers are not candidates (diffusers' joint PAG processor cannot run them)."""
+    from sdengine.nn.attention import match_pag_layers
+
+    named = [
+        (name, m) for name, m in model.named_modules() if isinstance(m, JointAttention) and m.add_q_proj is not None
+    ]
+    last = max(0, len(named) - 1)
+    what = f"joint-attention layer of the MMDiT (transformer_blocks.0.attn to .{last}.attn; e.g. 'blocks.1')"
+    return match_pag_layers(named, patterns, what)
+
+
+@contextmanager
+def perturbed_attention(layers: Sequence[JointAttention], rows: int) -> Iterator[None]:
+    """Inside the block, the last ``rows`` rows of every call of ``layers`` take PAG's perturbed joint attention
+    (:meth:`JointAttention._perturbed`); as before after it, whatever happens."""
+    for layer in layers:
+        layer.perturbed_rows = int(rows)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.perturbed_rows = 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Presets (diffusers' transformer/config.json of the releases)
 
 SD3_MEDIUM = MMDiTConfig(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192)
@@ -529,6 +585,8 @@ __all__ = [
     "JointBlock",
     "MMDiT",
     "MMDiTConfig",
+    "pag_joint_layers",
     "parameter_count",
+    "perturbed_attention",
     "sincos_position_table",
 ]

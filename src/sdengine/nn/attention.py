@@ -71,6 +71,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -376,12 +377,22 @@ def fused_qkv_layers(module: nn.Module) -> int:
 
 def pag_layers(module: nn.Module, patterns: Sequence[str]) -> list[Attention]:
     """The self-attention layers of ``module`` that perturbed-attention guidance perturbs, by diffusers' rule for
-    ``pag_applied_layers``: every self-attention (no cross-attention) layer whose module name the regular expression
-    matches somewhere (``re.search``; "mid" is the middle block's, "down.block_1" does not match, "down_blocks.1" the
-    second down block's), except where the pattern and the name both end in the same number. A pattern that is not a
-    regular expression or matches no layer is a one-line error."""
-    chosen: dict[int, Attention] = {}
+    ``pag_applied_layers`` (:func:`match_pag_layers`; "mid" is the middle block's, "down.block_1" does not match,
+    "down_blocks.1" the second down block's)."""
     named = [(name, m) for name, m in module.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
+    return match_pag_layers(
+        named,
+        patterns,
+        "self-attention layer of the U-Net (try 'mid', 'down', 'up', or a part of a layer name such as 'up_blocks.1')",
+    )
+
+
+def match_pag_layers(named: Sequence[tuple[str, Any]], patterns: Sequence[str], what: str) -> list[Any]:
+    """diffusers' rule for ``pag_applied_layers`` over the (name, layer) pairs ``named``: every layer whose name the
+    regular expression matches somewhere (``re.search``), except where the pattern and the name both end in the
+    same number; each layer once, in ``named``'s order. A pattern that is not a regular expression or matches no
+    layer is a one-line error ending "matches no ``what``"."""
+    chosen: set[int] = set()
     for pattern in patterns:
         try:
             rx = re.compile(pattern)
@@ -389,17 +400,14 @@ def pag_layers(module: nn.Module, patterns: Sequence[str]) -> list[Attention]:
             raise UsageError(f"PAG layer {pattern!r} is not a regular expression: {e}") from None
         tail = pattern.split(".")[-1]
         found = [
-            m
+            id(m)
             for name, m in named
             if rx.search(name) is not None and not (tail.isnumeric() and tail == name.split(".")[-1])
         ]
         if not found:
-            raise UsageError(
-                f"PAG layer {pattern!r} matches no self-attention layer of the U-Net (try 'mid', 'down', 'up', or "
-                "a part of a layer name such as 'up_blocks.1')"
-            )
-        chosen.update((id(m), m) for m in found)
-    return list(chosen.values())
+            raise UsageError(f"PAG layer {pattern!r} matches no {what}")
+        chosen.update(found)
+    return [m for _, m in named if id(m) in chosen]
 
 
 @contextmanager

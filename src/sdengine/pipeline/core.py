@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -831,8 +831,8 @@ class Pipeline:
                 f"vae_decode='tiny' needs a tiny VAE and {self.name} has none loaded: "
                 "load_pipeline(tiny_vae=FILE), or --tiny-vae FILE (a TAESD decoder)"
             )
-        if r.pag_scale:  # the layers exist in this U-Net (one line naming the pattern, before any model runs)
-            pag_layers(self.unet, list(r.pag_layer_list()))
+        if r.pag_scale:  # the layers exist in this network (one line naming the pattern, before any model runs)
+            self.pag_perturber(r.pag_layer_list())
         if r.sag_scale:  # the middle block's self-attention exists, the latent takes the 9 x 9 blur (before any run)
             middle_transformer(self.unet)
             if r.sag_rule == "diffusers":  # ComfyUI's rule skips SAG on a latent too small for the blur
@@ -1552,6 +1552,13 @@ class Pipeline:
         post = vae_utils.encode_moments(self.vae, images * 2.0 - 1.0, tiled=tiled)
         return self.vae.scale_latents(post.mean.float())
 
+    def pag_perturber(self, patterns: Sequence[str]) -> Callable[[int], AbstractContextManager[None]]:
+        """Perturbed-attention guidance's switch on this pipeline's network for the layer ``patterns``: ``f(rows)``,
+        a context manager under which the last ``rows`` rows of its calls are the perturbed pass (a U-Net's: the
+        identity map in the self-attention layers :func:`sdengine.nn.attention.pag_layers` picks). A pattern that
+        matches no layer is a one-line error."""
+        return partial(identity_attention, pag_layers(self.unet, list(patterns)))
+
     def guided_denoiser(
         self,
         cfg_scale: float,
@@ -1601,8 +1608,7 @@ class Pipeline:
             den = DeepShrinkDenoiser(den, self.unet, deep_shrink)
         pag_scale, perturb = 0.0, None
         if pag is not None and float(pag[0]) > 0:
-            layers = pag_layers(self.unet, list(pag[1]))
-            pag_scale, perturb = float(pag[0]), partial(identity_attention, layers)
+            pag_scale, perturb = float(pag[0]), self.pag_perturber(pag[1])
         sag_scale, sag_blur, sag_rule, attention_map = 0.0, 1.0, "diffusers", None
         if sag is not None and float(sag[0]) != 0:
             sag_scale, sag_blur = float(sag[0]), float(sag[1])

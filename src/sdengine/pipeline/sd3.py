@@ -20,8 +20,12 @@ The 16-channel VAE needs nothing new: ``shift_factor`` and ``scaling_factor`` co
 
 SD3.5's skip-layer guidance (the request's ``sd3`` settings, :class:`SD3Options`) runs inside
 :class:`MMDiTAdapter`; SD3 ControlNets through :mod:`sdengine.pipeline.dit_control` (:meth:`controlled_network`).
+Perturbed-attention guidance (``pag_scale``, ``pag_layers``, the ``sd3`` setting ``pag_adaptive_scale``) runs as
+diffusers' ``StableDiffusion3PAGPipeline``: the core's third pass of the conditional rows with PAG's joint attention
+in the layers :func:`sdengine.models.mmdit.pag_joint_layers` picks (:meth:`SD3Pipeline.pag_perturber`); the
+request's default ``pag_layers`` "mid" (the U-Net's middle block) stands for diffusers' SD3 default "blocks.1".
 What is made for U-Nets is refused before any work, one line each (:func:`refusals`; U-Net ControlNets by
-:mod:`sdengine.pipeline.dit_control`): T2I-Adapters, IP-Adapters, U-Net patches (PAG, SAG, FreeU, Deep Shrink,
+:mod:`sdengine.pipeline.dit_control`): T2I-Adapters, IP-Adapters, U-Net patches (SAG, FreeU, Deep Shrink,
 HyperTile),
 instruct-pix2pix guidance, A1111's step rules where they would change the run, Zero Terminal SNR, another hires
 model, tiled diffusion, tiling, textual-inversion files, and samplers that are not right on a flow model. Prompt
@@ -29,17 +33,18 @@ editing, the hires fix and LoRAs in diffusers' SD3 format (:mod:`sdengine.weight
 ``text_encoder.``, ``text_encoder_2.`` PEFT names) run as for the other families.
 
 The core learns all of this through its family hooks (``training_schedule``, ``network_adapter``, ``x0_denoiser``,
-``img2img_first_step``, ``noised_latent``, ``network_activation_bytes``, ``infotext_fields``), which SD 1.x/2.x
-and SDXL keep at their defaults.
+``img2img_first_step``, ``noised_latent``, ``network_activation_bytes``, ``pag_perturber``, ``infotext_fields``),
+which SD 1.x/2.x and SDXL keep at their defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +60,10 @@ from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import GenerationResult
 from sdengine.text.sd3_conditioner import T5_LENGTH, SD3Conditioner
 
+# PAG's layers where a request names the U-Net default "mid" (diffusers' StableDiffusion3PAGPipeline's
+# pag_applied_layers: the joint attention of block 1, and of blocks 10-19 where the model has them, by its rule)
+SD3_PAG_LAYERS = "blocks.1"
+
 # The defaults of an SD3 run where the caller chose none (the CLI's; diffusers' StableDiffusion3Pipeline: its
 # FlowMatchEulerDiscreteScheduler is Euler on the `normal` flow grid, guidance_scale 7.0, 28 steps)
 SD3_DEFAULTS: dict[str, Any] = {"sampler": "euler", "schedule": "normal", "cfg_scale": 7.0, "steps": 28}
@@ -65,12 +74,15 @@ class SD3Options:
     """SD3-only settings of a request (``GenerationRequest.sd3``): skip-layer guidance (SD3.5 Medium's
     recommended extra guidance; diffusers' ``skip_guidance_layers``, ``skip_layer_guidance_scale``,
     ``skip_layer_guidance_start``, ``skip_layer_guidance_stop``, with its defaults). Empty ``skip_guidance_layers``:
-    off. Stability recommends layers 7, 8, 9 for SD3.5 Medium."""
+    off. Stability recommends layers 7, 8, 9 for SD3.5 Medium. ``pag_adaptive_scale``: perturbed-attention
+    guidance's scale falls with the step, ``max(0, pag_scale - pag_adaptive_scale * (1000 - t))`` at timestep
+    ``t = 1000 sigma`` (diffusers' ``StableDiffusion3PAGPipeline``); 0: ``pag_scale`` at every step."""
 
     skip_guidance_layers: tuple[int, ...] = ()
     skip_layer_guidance_scale: float = 2.8
     skip_layer_guidance_start: float = 0.01
     skip_layer_guidance_stop: float = 0.2
+    pag_adaptive_scale: float = 0.0
 
     @classmethod
     def coerce(cls, value: Any, num_layers: int | None = None) -> SD3Options:
@@ -108,6 +120,8 @@ class SD3Options:
             raise GenerationError(
                 f"sd3 skip_layer_guidance_scale must be in [-100, 100], got {opts.skip_layer_guidance_scale}"
             )
+        if not 0.0 <= opts.pag_adaptive_scale <= 1.0:
+            raise GenerationError(f"sd3 pag_adaptive_scale must be in [0, 1], got {opts.pag_adaptive_scale}")
         if not 0.0 <= opts.skip_layer_guidance_start <= opts.skip_layer_guidance_stop <= 1.0:
             raise GenerationError(
                 "sd3 skip_layer_guidance_start and _stop must be fractions of the steps with start <= stop, got "
@@ -147,6 +161,13 @@ class SkipLayerRun:
 
     def on(self, index: int) -> bool:
         return self.first < index < self.last
+
+
+def adaptive_pag_scale(scale: float, adaptive: float, multiplier: float, sigma: Tensor | float) -> float:
+    """diffusers' adaptive PAG scale at flow sigma ``sigma``: ``max(0, scale - adaptive * (1000 - t))``, ``t =
+    multiplier * sigma`` the MMDiT's timestep (1000 for SD3)."""
+    t = float(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[0]) * multiplier
+    return max(0.0, scale - adaptive * (1000.0 - t))
 
 
 class MMDiTAdapter:
@@ -233,7 +254,10 @@ def refusals(request: GenerationRequest) -> list[str]:
     r = request
     checks = [
         (bool(r.ip_adapters), "IP-Adapters are made for U-Nets; SD3 takes none here"),
-        (bool(r.pag_scale), "pag_scale (perturbed-attention guidance) patches U-Net layers; not for SD3"),
+        (
+            bool(r.pag_scale) and bool(SD3Options.coerce(r.sd3).skip_guidance_layers),
+            "pag_scale (perturbed-attention guidance) and skip-layer guidance together are not supported; use one",
+        ),
         (bool(r.sag_scale), "sag_scale (self-attention guidance) reads the U-Net's middle block; not for SD3"),
         (r.freeu_settings() is not None, "FreeU scales U-Net decoder features; not for SD3"),
         (r.deep_shrink_settings() is not None, "Deep Shrink resizes U-Net blocks; not for SD3"),
@@ -286,6 +310,7 @@ class SD3Pipeline(Pipeline):
         self.encoder_sources = dict(encoder_sources or {})  # text encoders given apart from the model (--clip-l ...)
         self._call_shift: float | None = None
         self._call_slg: SkipLayerRun | None = None
+        self._call_pag_adaptive = 0.0  # the call's sd3 pag_adaptive_scale while PAG runs
         cfg = transformer.config  # an MMDiTConfig
         conditioner = SD3Conditioner(
             text_encoder.eval().requires_grad_(False),
@@ -351,11 +376,45 @@ class SD3Pipeline(Pipeline):
     def x0_denoiser(self, model: Any) -> FlowDenoiser:
         return FlowDenoiser(model, self.noise_schedule)
 
+    def pag_perturber(self, patterns: Sequence[str]) -> Callable[[int], AbstractContextManager[None]]:
+        """PAG's switch on the MMDiT: the joint-attention layers ``patterns`` name (diffusers' rule,
+        :func:`sdengine.models.mmdit.pag_joint_layers`) take PAG's perturbed map in the last rows of each call; a
+        pattern that matches none is a one-line error; "mid" alone (the request's default) is :data:`SD3_PAG_LAYERS`."""
+        from sdengine.errors import UsageError
+        from sdengine.models.mmdit import pag_joint_layers, perturbed_attention
+
+        if tuple(patterns) == ("mid",):  # the request's U-Net default: diffusers' SD3 default
+            patterns = (SD3_PAG_LAYERS,)
+        try:
+            layers = pag_joint_layers(self.unet, list(patterns))
+        except UsageError as e:
+            raise GenerationError(f"{self.name} (SD3): {e}") from None
+        return partial(perturbed_attention, layers)
+
+    def guided_denoiser(self, cfg_scale: float, uncond: Any, rescale: float, **kw: Any) -> Any:
+        """The core's guided denoiser, with PAG's scale falling with the step where ``pag_adaptive_scale`` is set
+        (:class:`SD3Options`)."""
+        den = super().guided_denoiser(cfg_scale, uncond, rescale, **kw)
+        adaptive = self._call_pag_adaptive
+        if adaptive and getattr(den, "pag_scale", 0.0) > 0:
+            den.pag_schedule = partial(adaptive_pag_scale, den.pag_scale, adaptive, self.noise_schedule.multiplier)
+        return den
+
     def controlled_network(self, net: Any, units: list[Any], **kw: Any) -> Any:
         """SD3 ControlNets on the MMDiT (:func:`sdengine.pipeline.dit_control.build_controlled_dit`)."""
         from sdengine.pipeline.dit_control import build_controlled_dit, vae_encoder
 
         return build_controlled_dit(net, units, family="sd3", **vae_encoder(self.vae), **kw)
+
+    def loop_plan(self, p: Prepared, from_init: bool, first: int, noise_from: int | None = None) -> Any:
+        """The core's plan, keyed also by the call's SD3 settings a recorded loop bakes in (the shift, skip-layer
+        guidance, PAG's adaptive scale), in its scheduler-config field, which only keys the recording."""
+        import json
+
+        plan = super().loop_plan(p, from_init, first, noise_from)
+        call = {"shift": self._call_shift, "slg": self._call_slg, "pag_adaptive_scale": self._call_pag_adaptive}
+        config = {**json.loads(plan.scheduler_config), "sd3_call": call}
+        return dataclasses.replace(plan, scheduler_config=json.dumps(config, sort_keys=True, default=str))
 
     def img2img_first_step(self, steps: int, strength: float, rule: str, sampler: str) -> int:
         return flow_img2img_start(steps, strength)
@@ -374,6 +433,8 @@ class SD3Pipeline(Pipeline):
             row["Skip layers"] = ",".join(str(i) for i in opts.skip_guidance_layers)
             row["Skip layer start"] = opts.skip_layer_guidance_start
             row["Skip layer stop"] = opts.skip_layer_guidance_stop
+        if opts.pag_adaptive_scale and request.pag_scale:
+            row["PAG adaptive scale"] = opts.pag_adaptive_scale
         return row
 
     def network_activation_bytes(self, rows: int, h: int, w: int, bytes_per: int) -> int:
@@ -461,6 +522,7 @@ class SD3Pipeline(Pipeline):
         self._call_shift = None if request.shift is None else float(request.shift)
         self.conditioner.edit_chunks = self._edit_chunks(request)  # type: ignore[attr-defined]
         opts = SD3Options.coerce(request.sd3, int(self.unet.config.num_layers))
+        self._call_pag_adaptive = opts.pag_adaptive_scale if request.pag_scale else 0.0
         cfg = float(request.cfg_scale)
         if opts.skip_guidance_layers and cfg > 1.0:  # diffusers: with guidance only
             steps = int(request.steps)
@@ -475,6 +537,7 @@ class SD3Pipeline(Pipeline):
         finally:
             self._call_shift = None
             self._call_slg = None
+            self._call_pag_adaptive = 0.0
 
     def _edit_chunks(self, request: GenerationRequest) -> int:
         """The most CLIP chunks a text of the call's prompt-editing schedules takes (prompts, negative prompts and
@@ -502,6 +565,9 @@ class SD3Pipeline(Pipeline):
         self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any
     ) -> GenerationResult:
         request = as_request(prompt, negative_prompt, kwargs)
+        layers = request.pag_layers
+        if request.pag_scale and isinstance(layers, str | list | tuple) and request.pag_layer_list() == ("mid",):
+            request = request.replace(pag_layers=SD3_PAG_LAYERS)  # the request's U-Net default -> diffusers' SD3 one
         if hr_model is not None and hr_model is not self:
             raise GenerationError(
                 f"{self.name} (SD3): another model for the hires fix's second pass (hr_model) is not supported"
@@ -602,10 +668,12 @@ def load_sd3(
 __all__ = [
     "ENCODER_FLAGS",
     "SD3_DEFAULTS",
+    "SD3_PAG_LAYERS",
     "MMDiTAdapter",
     "SD3Options",
     "SD3Pipeline",
     "SkipLayerRun",
+    "adaptive_pag_scale",
     "load_sd3",
     "refusals",
 ]

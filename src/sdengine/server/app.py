@@ -673,18 +673,16 @@ def _native_routes(app: FastAPI, services: Services) -> None:
 
     def check_pag_layers(generation: Generation) -> None:
         """pag_layers that match no self-attention layer of the model are a 400 now when a worker holds the model
-        (its U-Net's layer names); before its first load the job fails with the same line when it runs."""
+        (the pipeline's ``pag_perturber``: a U-Net's self-attention or an MMDiT's joint-attention layer names);
+        before its first load the job fails with the same line when it runs."""
         kw = generation.kwargs
         if not kw.get("pag_scale"):
             return
-        loaded = loaded_pipe(generation)
-        unet = getattr(loaded, "unet", None)
-        if unet is None:
+        perturber = getattr(loaded_pipe(generation), "pag_perturber", None)
+        if perturber is None:
             return
-        from sdengine.nn.attention import pag_layers
-
         try:
-            pag_layers(unet, list(kw["pag_layers"]))
+            perturber(list(kw["pag_layers"]))
         except SdengineError as e:
             raise BadRequest(f"pag_layers: {e}") from None
 

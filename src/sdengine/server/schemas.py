@@ -209,7 +209,8 @@ class JobRequest(BaseModel):
         description="the self-attention layers PAG perturbs, as diffusers' pag_applied_layers: regular expressions "
         "searched in the U-Net's layer names, a list or one comma-separated string ('mid' the middle block's, "
         "'up_blocks.1', 'down'); one that matches no layer of the model is a 400 (or fails the job, before the model "
-        "is loaded). Used only with a pag_scale above 0; infotext 'PAG layers' when not 'mid'",
+        "is loaded). On SD3 models: the MMDiT's joint-attention layers (transformer_blocks.<i>.attn; 'mid' runs as "
+        "diffusers' SD3 default 'blocks.1'). Used only with a pag_scale above 0; infotext 'PAG layers' when not 'mid'",
     )
     freeu: list[Annotated[float, Field(ge=0, le=10, allow_inf_nan=False, strict=True)]] | None = Field(
         None,  # each factor at most sdengine.nn.freeu.MAX_FREEU_FACTOR
@@ -379,7 +380,8 @@ class JobRequest(BaseModel):
         None,
         description="SD3 / SD3.5 models only: skip-layer guidance as diffusers' StableDiffusion3Pipeline arguments: "
         "skip_guidance_layers (joint blocks, e.g. [7, 8, 9] for SD3.5 Medium; [] off), skip_layer_guidance_scale "
-        "(2.8), skip_layer_guidance_start (0.01), skip_layer_guidance_stop (0.2). Other models answer a 400. "
+        "(2.8), skip_layer_guidance_start (0.01), skip_layer_guidance_stop (0.2); pag_adaptive_scale (0, in [0, 1]: "
+        "PAG's scale falls with the step, diffusers' pag_adaptive_scale). Other models answer a 400. "
         "Infotext 'Skip layer guidance', 'Skip layers', ...",
     )
     tiling: bool = Field(False, description="seamless tiles: circular padding in every convolution (A1111's Tiling)")

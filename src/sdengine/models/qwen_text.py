@@ -1,0 +1,348 @@
+"""Qwen2.5-VL's language model, text-only path: the text encoder of Qwen-Image (diffusers' ``QwenImagePipeline``
+runs ``Qwen2_5_VLForConditionalGeneration`` on a chat-formatted prompt and keeps the last hidden state).
+
+The network is a decoder-only transformer (the Qwen2 architecture) over token embeddings:
+
+- **Pre-norm blocks.** ``x + attn(rms_norm(x))``, then ``x + mlp(rms_norm(x))``; a final RMS norm (``norm``) after
+  the last block. RMS norm is ``weight * (x / sqrt(mean(x^2) + eps))``, the mean square in float32 and the result
+  cast back to the input's dtype before the weight multiplies it (transformers' ``Qwen2_5_VLRMSNorm``).
+- **Causal grouped-query attention with biased q/k/v.** ``num_attention_heads`` query heads share
+  ``num_key_value_heads`` key/value heads (query head ``h`` reads key/value head ``h // (heads / kv_heads)``);
+  ``q_proj``, ``k_proj``, ``v_proj`` have biases, ``o_proj`` has none; scores scaled by ``1/sqrt(head_dim)``. Each
+  token attends to itself and the tokens before it, padding keys (attention mask 0) never.
+- **Rotary positions (RoPE).** Queries and keys are rotated by ``position * theta^(-2i/head_dim)``, the two halves of
+  each head paired (transformers' ``rotate_half`` layout). Qwen2.5-VL's *multimodal* RoPE gives every token three
+  position ids (time, height, width) and takes the frequency bands ``mrope_section`` (``[16, 24, 24]`` of the 64
+  frequencies) from the three axes in turn; for text-only input the three ids are equal (transformers builds them
+  as one ``arange`` expanded to three rows when no image grid is given), so the bands recombine into plain 1-D RoPE
+  over positions ``0 .. L-1``. Those positions count padding too: a left-padded row's first real token is not at
+  position 0 (transformers does the same for text-only input; the default right padding is unaffected).
+- **SwiGLU MLP.** ``down_proj(silu(gate_proj x) * up_proj x)``, no biases.
+
+The residual stream stays in the weights' dtype, as transformers runs it. :meth:`QwenTextEncoder.forward` returns
+the last hidden state after the final norm: what ``output_hidden_states=True``'s ``hidden_states[-1]`` holds and what
+Qwen-Image's pipeline reads. The vision tower and the language-model head are not part of this module (Qwen-Image
+never uses them for text-to-image); :mod:`sdengine.weights.qwen_text_file` skips their tensors.
+
+Parameter names are those of transformers' ``Qwen2_5_VLTextModel`` (``embed_tokens.weight``,
+``layers.N.self_attn.q_proj.weight``, ``layers.N.mlp.gate_proj.weight``, ``norm.weight``, ...), so a file's tensors
+load strictly once its prefix (``model.language_model.`` or ``model.``) is taken off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdengine.errors import UsageError
+from sdengine.models.config_checks import ConfigError
+from sdengine.sdpa_backends import attention
+
+# Bounds on the config's integers (inclusive). Qwen2.5-VL-72B's language model is the largest release: 80 layers of
+# 8192 (64 heads, 8 key/value heads, 29568-wide MLP); vocabularies are 151,936 or 152,064 entries.
+INT_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1_000_000),
+    "hidden_size": (1, 16384),
+    "intermediate_size": (1, 65536),
+    "num_hidden_layers": (1, 128),
+    "num_attention_heads": (1, 256),
+    "num_key_value_heads": (1, 256),
+}
+MAX_PARAMETERS = 100_000_000_000  # a lower estimate past this is not a model anyone runs here
+TEXT_ONLY_ROPE_TYPES = ("default", "mrope")  # "mrope" is Qwen2-VL's old spelling of the default rule
+
+
+@dataclass(frozen=True)
+class QwenTextConfig:
+    """The language model's numbers under transformers' ``Qwen2_5_VLTextConfig`` names. The defaults are
+    Qwen2.5-VL-7B-Instruct's, the ``text_encoder`` of Qwen-Image."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+
+    def __post_init__(self) -> None:
+        for name, (lo, hi) in INT_LIMITS.items():
+            value = getattr(self, name)
+            if type(value) is not int:
+                raise ConfigError(f"Qwen text config: {name}={value!r} is not an integer")
+            if not lo <= value <= hi:
+                raise ConfigError(f"Qwen text config: {name}={value} is out of range ({lo} to {hi})")
+        for fname, flo, fhi in (("rms_norm_eps", 0.0, 1.0), ("rope_theta", 1.0, 1e12)):
+            number = getattr(self, fname)
+            if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+                raise ConfigError(f"Qwen text config: {fname}={number!r} is not a finite number")
+            if not flo < number <= fhi:
+                raise ConfigError(f"Qwen text config: {fname}={number} is out of range ({flo:g} (excluded) to {fhi:g})")
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if self.hidden_size % heads:
+            raise ConfigError(
+                f"Qwen text config: hidden_size={self.hidden_size} is not a multiple of num_attention_heads={heads}"
+            )
+        if heads % kv:
+            raise ConfigError(
+                f"Qwen text config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"Qwen text config: head width {self.head_dim} is odd; RoPE rotates pairs")
+        section = self.mrope_section
+        if (
+            not isinstance(section, tuple)
+            or len(section) != 3
+            or any(type(s) is not int or s < 0 for s in section)
+            or sum(section) != self.head_dim // 2
+        ):
+            raise ConfigError(
+                f"Qwen text config: mrope_section={list(section) if isinstance(section, tuple) else section!r} must be "
+                f"three counts summing to half the head width ({self.head_dim // 2})"
+            )
+        estimate = self.num_hidden_layers * (
+            2 * self.hidden_size * self.hidden_size + 3 * self.hidden_size * self.intermediate_size
+        )
+        if estimate > MAX_PARAMETERS:
+            raise ConfigError(
+                f"Qwen text config describes a network of at least {estimate:.2e} parameters (limit "
+                f"{MAX_PARAMETERS:.0e}); refusing to build it"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_transformers(cls, config: dict[str, Any]) -> QwenTextConfig:
+        """From a transformers ``Qwen2_5_VLConfig`` dict (a ``text_encoder/config.json``): the language model's
+        numbers from its ``text_config`` (transformers 5) or from the top level (older files such as Qwen-Image's),
+        the RoPE settings from ``rope_parameters`` / ``rope_scaling`` / ``rope_theta``. What this module does not
+        run (another model type, another activation, sliding-window attention, scaled RoPE) is a ConfigError."""
+        kind = config.get("model_type")
+        if kind not in ("qwen2_5_vl", "qwen2_5_vl_text"):
+            raise ConfigError(f"Qwen text config: model_type {kind!r} is not Qwen2.5-VL (qwen2_5_vl)")
+        text = config.get("text_config")
+        src: dict[str, Any] = dict(config)
+        if isinstance(text, dict):
+            src.update({k: v for k, v in text.items() if v is not None})
+        act = src.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"Qwen text config: hidden_act {act!r} is not supported (silu)")
+        if src.get("use_sliding_window"):
+            raise ConfigError("Qwen text config: use_sliding_window is true; sliding-window attention is not supported")
+        rope = src.get("rope_parameters") or src.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"Qwen text config: rope_parameters is {type(rope).__name__}, not an object")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in TEXT_ONLY_ROPE_TYPES:
+            raise ConfigError(f"Qwen text config: rope_type {rope_type!r} is not supported (default)")
+        theta = rope.get("rope_theta", src.get("rope_theta", 1_000_000.0))
+        section = rope.get("mrope_section", [16, 24, 24])
+        if not isinstance(section, list | tuple):
+            raise ConfigError(f"Qwen text config: mrope_section={section!r} is not a list")
+        heads = src.get("num_attention_heads", 64)
+        kv = src.get("num_key_value_heads")
+        return cls(
+            vocab_size=src.get("vocab_size", 152064),
+            hidden_size=src.get("hidden_size", 8192),
+            intermediate_size=src.get("intermediate_size", 29568),
+            num_hidden_layers=src.get("num_hidden_layers", 80),
+            num_attention_heads=heads,
+            num_key_value_heads=heads if kv is None else kv,
+            rms_norm_eps=src.get("rms_norm_eps", 1e-5),
+            rope_theta=theta,
+            mrope_section=tuple(section),
+        )
+
+
+QWEN25_VL_7B = QwenTextConfig()  # Qwen/Qwen2.5-VL-7B-Instruct: Qwen-Image's text_encoder
+
+
+def rope_frequencies(config: QwenTextConfig, device: torch.device | None = None) -> Tensor:
+    """(head_dim / 2,) float32 inverse frequencies ``theta^(-2i/head_dim)``."""
+    d = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+
+
+def rope_cos_sin(config: QwenTextConfig, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin (L, head_dim) of integer ``positions`` (L,): angles in float32, each frequency used for both
+    halves of the head, then cast to ``dtype`` (as transformers casts them to the hidden states' dtype). With the
+    three multimodal axes equal this is also Qwen2.5-VL's ``mrope_section`` recombination."""
+    angles = positions.float()[:, None] * rope_frequencies(config, positions.device)[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, heads, L, d) by the (L, d) angles; the first half of each head pairs with the second."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class QwenRMSNorm(nn.Module):
+    """``weight * (x / sqrt(mean(x^2) + eps))``: the mean square in float32, cast back to x's dtype before the
+    weight multiplies it."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class QwenAttention(nn.Module):
+    """Grouped-query self-attention with biased q/k/v projections, RoPE on queries and keys."""
+
+    def __init__(self, cfg: QwenTextConfig) -> None:
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        """x (B, L, hidden); cos/sin (L, head_dim); mask (B, 1, L, L) additive scores in x's dtype."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        groups = self.heads // self.kv_heads
+        if groups > 1:  # key/value head j serves query heads j*groups .. j*groups + groups - 1
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = attention(q, k, v, mask=mask)  # scale 1/sqrt(head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
+
+
+class QwenMLP(nn.Module):
+    """SwiGLU: ``down_proj(silu(gate_proj x) * up_proj x)``, no biases."""
+
+    def __init__(self, cfg: QwenTextConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class QwenDecoderLayer(nn.Module):
+    """``x + self_attn(input_layernorm(x))``, then ``x + mlp(post_attention_layernorm(x))``."""
+
+    def __init__(self, cfg: QwenTextConfig) -> None:
+        super().__init__()
+        self.self_attn = QwenAttention(cfg)
+        self.mlp = QwenMLP(cfg)
+        self.input_layernorm = QwenRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = QwenRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class QwenTextEncoder(nn.Module):
+    """Qwen2.5-VL's language model: token ids (B, L) -> last hidden state (B, L, hidden) after the final norm, in
+    the weights' dtype."""
+
+    def __init__(self, config: QwenTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([QwenDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = QwenRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.name = ""  # the file or folder it came from, set by the loader
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def blocks(self) -> list[QwenDecoderLayer]:
+        return [cast(QwenDecoderLayer, b) for b in self.layers]
+
+    def attention_mask(self, key_mask: Tensor | None, batch: int, length: int) -> Tensor:
+        """(B or 1, 1, L, L) additive scores in the weights' dtype: 0 where query i may see key j (j <= i and key j
+        not padding), the dtype's most negative number elsewhere. A padding token always sees itself, so that a
+        left-padded row's leading padding (no visible key at all) gives finite numbers instead of NaN; no real
+        token reads a padding key, so this changes only outputs nobody reads."""
+        device = self.device
+        allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+        if key_mask is not None:
+            allowed = allowed & (key_mask != 0).to(device)[:, None, None, :]
+            allowed = allowed | torch.eye(length, dtype=torch.bool, device=device)[None, None]
+        scores = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
+        return scores.masked_fill(~allowed, torch.finfo(self.dtype).min)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """input_ids (B, L) integers; attention_mask (B, L), 1 (or True) for tokens and 0 for padding (None: all
+        tokens). Returns the last hidden state (B, L, hidden); padding positions get outputs too (not transformers'
+        numbers there: nothing should read them)."""
+        if (
+            input_ids.dim() != 2
+            or input_ids.is_floating_point()
+            or input_ids.is_complex()
+            or input_ids.dtype == torch.bool
+        ):
+            raise UsageError(
+                f"Qwen text encoder: input_ids must be a (batch, length) integer tensor, got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}"
+            )
+        B, L = input_ids.shape
+        if L == 0 or B == 0:
+            raise UsageError(f"Qwen text encoder: input_ids {tuple(input_ids.shape)} holds no tokens")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise UsageError(
+                f"Qwen text encoder: token id {hi if hi >= self.config.vocab_size else lo} is outside the vocabulary "
+                f"(0 to {self.config.vocab_size - 1})"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, L):
+            raise UsageError(
+                f"Qwen text encoder: attention_mask is {tuple(attention_mask.shape)}, input_ids {(B, L)}: they must "
+                "match"
+            )
+        mask = self.attention_mask(attention_mask, B, L)
+        x = self.embed_tokens(input_ids.to(self.device))
+        cos, sin = rope_cos_sin(self.config, torch.arange(L, device=self.device), x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+
+__all__ = [
+    "INT_LIMITS",
+    "QWEN25_VL_7B",
+    "QwenAttention",
+    "QwenDecoderLayer",
+    "QwenMLP",
+    "QwenRMSNorm",
+    "QwenTextConfig",
+    "QwenTextEncoder",
+    "apply_rope",
+    "rope_cos_sin",
+    "rope_frequencies",
+]

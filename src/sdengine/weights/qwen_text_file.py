@@ -1,0 +1,289 @@
+"""Qwen2.5-VL text encoder files (Qwen-Image's ``text_encoder/``) ->
+:class:`~sdengine.models.qwen_text.QwenTextEncoder`.
+
+Accepted:
+
+- a transformers folder (``config.json`` with ``model_type`` ``qwen2_5_vl``, weights in ``model.safetensors``, a
+  sharded ``model.safetensors.index.json`` + its shards, or ``pytorch_model.bin`` read weights-only); a diffusers
+  pipeline folder (``model_index.json``) is taken to its ``text_encoder/``;
+- a single ``.safetensors`` file holding the language model (the config then comes from the shapes, see below).
+
+Key layouts (one per file; the prefix is taken off, the rest are ``Qwen2_5_VLTextModel``'s names):
+
+- ``model.language_model.*`` -- transformers 5's ``Qwen2_5_VLForConditionalGeneration`` (and 4.52+);
+- ``model.*`` -- older ``Qwen2_5_VLForConditionalGeneration`` files, Qwen-Image's own ``text_encoder`` among them;
+- no prefix (``embed_tokens.weight``, ``layers.N.*``, ``norm.weight``) -- a language model saved alone.
+
+The vision tower (``visual.*``, ``model.visual.*``) and the language-model head (``lm_head.*``) are skipped without
+being read: Qwen-Image's text-to-image path uses neither. Any other key, a missing one, a shape that does not fit
+or a config that disagrees with the weights is one :class:`QwenTextFileError` line. Weights of any floating dtype
+(float8 included) are cast to the compute dtype.
+
+Without a config the architecture comes from the shapes: vocabulary and width from ``embed_tokens.weight``, layer
+count from the ``layers.N`` indices, MLP width from ``gate_proj``; head counts are not in the shapes, so the head
+width is taken as 128 (every Qwen2.5-VL release: 3B, 7B, 32B, 72B) and the heads are the projections' rows / 128;
+``rms_norm_eps`` 1e-6, ``rope_theta`` 1e6 and ``mrope_section`` [16, 24, 24] are those releases' values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdengine.models.config_checks import ConfigError
+from sdengine.models.qwen_text import QwenTextConfig, QwenTextEncoder
+from sdengine.nn.meta_init import skip_meta_init
+
+from .io import SAFETENSORS_SUFFIXES, SafetensorsReader, WeightsError, load_file, parse_dtype
+
+PIPELINE_COMPONENT = "text_encoder"  # Qwen-Image's text encoder folder in a diffusers pipeline folder
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEX = "model.safetensors.index.json"
+PREFIXES = ("model.language_model.", "model.", "")  # tried in this order; see the module docstring
+SKIPPED_PREFIXES = ("visual.", "model.visual.", "lm_head.")
+HEAD_DIM = 128  # every Qwen2.5-VL release's head width; a single file without config.json assumes it
+DEFAULT_EPS = 1e-6
+DEFAULT_THETA = 1_000_000.0
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+class QwenTextFileError(WeightsError):
+    """A file or folder that is not a Qwen2.5-VL text encoder sdengine can load, or one whose tensors do not fit."""
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or a one-line :class:`QwenTextFileError`."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise QwenTextFileError(f"{path}: cannot read the {what} ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise QwenTextFileError(f"{path}: the {what} is not a JSON object")
+    return data
+
+
+def select_text_names(names: list[str], where: str) -> dict[str, str]:
+    """{model name: file name} of a file's language-model tensors, its layout found from the names (see the module
+    docstring); vision-tower and LM-head tensors are left out."""
+    kept = [n for n in names if not n.startswith(SKIPPED_PREFIXES)]
+    for prefix in PREFIXES:
+        chosen = {n[len(prefix) :]: n for n in kept if n.startswith(prefix)}
+        if "embed_tokens.weight" in chosen or any(_LAYER.match(k) for k in chosen):
+            break
+    else:
+        if any(n.startswith(("text_model.", "encoder.block.", "shared.")) for n in names):
+            raise QwenTextFileError(f"{where}: a CLIP or T5 text encoder, not Qwen2.5-VL's language model")
+        shown = ", ".join(sorted(names)[:4]) or "no tensors"
+        raise QwenTextFileError(
+            f"{where}: not a Qwen2.5-VL language model (no model.language_model.*, model.layers.N.* or layers.N.* "
+            f"keys; it has {shown})"
+        )
+    unknown = sorted(n for n in kept if not n.startswith(prefix))
+    if unknown:
+        raise QwenTextFileError(f"{where}: unexpected keys beside the language model: {', '.join(unknown[:4])}")
+    return chosen
+
+
+def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, ndim: int, where: str) -> tuple[int, ...]:
+    shape = shapes.get(key)
+    if shape is None:
+        raise QwenTextFileError(f"{where}: Qwen text encoder without {key}")
+    if len(shape) != ndim:
+        raise QwenTextFileError(f"{where}: {key} should be {ndim}-d, it is {shape}")
+    return shape
+
+
+def config_from_shapes(
+    shapes: Mapping[str, tuple[int, ...]],
+    where: str = "<state dict>",
+    *,
+    head_dim: int = HEAD_DIM,
+    rms_norm_eps: float = DEFAULT_EPS,
+    rope_theta: float = DEFAULT_THETA,
+) -> QwenTextConfig:
+    """The language model's architecture from its tensors' shapes ({model name: shape}); the head width, norm
+    epsilon and RoPE base are not in the shapes and come from the arguments (see the module docstring)."""
+    vocab, width = _shape(shapes, "embed_tokens.weight", 2, where)
+    layers = sorted({int(m.group(1)) for k in shapes if (m := _LAYER.match(k))})
+    if not layers:
+        raise QwenTextFileError(f"{where}: Qwen text encoder without layers (layers.N)")
+    if layers != list(range(len(layers))):
+        gap = next(i for i in range(len(layers) + 1) if i not in layers)
+        raise QwenTextFileError(f"{where}: Qwen text encoder layer {gap} is missing (has layers up to {layers[-1]})")
+    q_rows, _ = _shape(shapes, "layers.0.self_attn.q_proj.weight", 2, where)
+    k_rows, _ = _shape(shapes, "layers.0.self_attn.k_proj.weight", 2, where)
+    inter, _ = _shape(shapes, "layers.0.mlp.gate_proj.weight", 2, where)
+    if q_rows % head_dim or k_rows % head_dim:
+        raise QwenTextFileError(
+            f"{where}: query / key widths {q_rows} / {k_rows} are not multiples of the head width {head_dim}; give "
+            "the folder with its config.json"
+        )
+    try:
+        return QwenTextConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=inter,
+            num_hidden_layers=len(layers),
+            num_attention_heads=q_rows // head_dim,
+            num_key_value_heads=k_rows // head_dim,
+            rms_norm_eps=rms_norm_eps,
+            rope_theta=rope_theta,
+            mrope_section=(head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16),
+        )
+    except ConfigError as e:
+        raise QwenTextFileError(f"{where}: {e}") from None
+
+
+class _Source:
+    """The tensors of one or more files by name, read one at a time (safetensors) or from a loaded pickle."""
+
+    def __init__(self) -> None:
+        self.readers: list[SafetensorsReader] = []
+        self.where: dict[str, tuple[str, Callable[[str], torch.Tensor], tuple[int, ...]]] = {}
+
+    def add_file(self, path: Path) -> None:
+        if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+            reader = SafetensorsReader(path)
+            self.readers.append(reader)
+            for n in reader.names:
+                self._add(path, n, reader.read, reader.shape(n))
+        else:
+            sd = load_file(path)[0]
+            for n, t in sd.items():
+                self._add(path, n, sd.__getitem__, tuple(t.shape))
+
+    def _add(self, path: Path, name: str, read: Callable[[str], torch.Tensor], shape: tuple[int, ...]) -> None:
+        if name in self.where:
+            raise QwenTextFileError(f"{path}: tensor {name} is also in {self.where[name][0]}")
+        self.where[name] = (str(path), read, shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.where[name][1](name)
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+
+def shard_files(folder: Path, index_path: Path) -> list[Path]:
+    """The shard files a ``model.safetensors.index.json`` names (each a plain file name in ``folder``)."""
+    index = read_json(index_path, "shard index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise QwenTextFileError(f"{index_path}: no weight_map")
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise QwenTextFileError(f"{index_path}: shard {str(name)[:80]!r} is not a file name in this folder")
+        if not (folder / name).is_file():
+            raise QwenTextFileError(f"{index_path}: shard {name} is missing")
+        files.append(folder / name)
+    return files
+
+
+def qwen_text_folder(p: Path) -> Path:
+    """The folder holding the text encoder's config: ``p`` itself, or a pipeline folder's ``text_encoder/``."""
+    if (p / "config.json").is_file():
+        return p
+    if (p / "model_index.json").is_file():
+        if (p / PIPELINE_COMPONENT / "config.json").is_file():
+            return p / PIPELINE_COMPONENT
+        raise QwenTextFileError(f"{p}: a diffusers pipeline folder without {PIPELINE_COMPONENT}/config.json")
+    raise QwenTextFileError(f"{p}: not a Qwen text encoder folder (no config.json; give the weights file itself)")
+
+
+def load_qwen_text_encoder(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+) -> QwenTextEncoder:
+    """Qwen2.5-VL's language model from a file or folder (see the module docstring) in ``dtype`` (default float32,
+    whatever the file holds; Qwen-Image's pipeline runs it in bfloat16) on ``device``."""
+    p = Path(path)
+    target = parse_dtype(dtype) or torch.float32
+    if target not in (torch.float32, torch.float16, torch.bfloat16):
+        raise QwenTextFileError(f"Qwen text encoder: dtype {target} is not a compute dtype (fp32, fp16 or bf16)")
+    source = _Source()
+    config: QwenTextConfig | None = None
+    try:
+        if p.is_dir():
+            folder = qwen_text_folder(p)
+            cfg_path = folder / "config.json"
+            try:
+                config = QwenTextConfig.from_transformers(read_json(cfg_path, "config"))
+            except (ConfigError, TypeError) as e:
+                raise QwenTextFileError(f"{cfg_path}: {e}") from None
+            if (folder / SHARD_INDEX).is_file():
+                files = shard_files(folder, folder / SHARD_INDEX)
+            else:
+                files = [folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()][:1]
+            if not files:
+                raise QwenTextFileError(f"{folder}: no {SHARD_INDEX} or {' or '.join(FOLDER_WEIGHTS)}")
+            where = str(folder)
+        elif p.is_file():
+            files, where = [p], str(p)
+        else:
+            raise QwenTextFileError(f"{p}: no such Qwen text encoder file or folder")
+        for f in files:
+            source.add_file(f)
+        model = _build(source, where, config, target, torch.device(device))
+    finally:
+        source.close()
+    model.name = p.name
+    return model
+
+
+def _build(
+    source: _Source, where: str, config: QwenTextConfig | None, target: torch.dtype, device: torch.device
+) -> QwenTextEncoder:
+    names = select_text_names(list(source.where), where)
+    shapes = {k: source.where[v][2] for k, v in names.items()}
+    if config is None:
+        config = config_from_shapes(shapes, where)
+    with torch.device("meta"), skip_meta_init():
+        model = QwenTextEncoder(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    extra = sorted(set(names) - set(expected))
+    if extra:
+        found = sorted({int(m.group(1)) for k in extra if (m := _LAYER.match(k))})
+        if found:
+            raise QwenTextFileError(
+                f"{where}: the weights have layer {found[0]} but the config says num_hidden_layers="
+                f"{config.num_hidden_layers}"
+            )
+        raise QwenTextFileError(f"{where}: unexpected Qwen text encoder keys: {', '.join(extra[:4])}")
+    missing = [k for k in expected if k not in names]
+    if missing:
+        raise QwenTextFileError(f"{where}: Qwen text encoder without {missing[0]} (truncated or another architecture)")
+    state = {}
+    for k, shape in expected.items():
+        if shapes[k] != shape:
+            raise QwenTextFileError(f"{where}: {k} is {shapes[k]}, but the config ({_describe(config)}) needs {shape}")
+        t = source.read(names[k])
+        if not t.is_floating_point():
+            raise QwenTextFileError(f"{where}: {k} holds {t.dtype}, not floating-point weights")
+        state[k] = t.to(device=device, dtype=target)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _describe(config: QwenTextConfig) -> str:
+    shown = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    return ", ".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config) if f.name in shown)
+
+
+__all__ = [
+    "HEAD_DIM",
+    "PIPELINE_COMPONENT",
+    "QwenTextFileError",
+    "config_from_shapes",
+    "load_qwen_text_encoder",
+    "qwen_text_folder",
+    "read_json",
+    "select_text_names",
+    "shard_files",
+]
