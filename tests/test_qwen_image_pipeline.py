@@ -128,3 +128,83 @@ def test_refusals(folder: Path, oracle, kwargs: dict, match: str) -> None:
     settings = {"prompt": "a cat", "steps": 2, "seed": 1, "width": SIZE, "height": SIZE, **kwargs}
     with pytest.raises(GenerationError, match=match):
         pipe(**settings)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole folder, loaded by sdengine (its text encoder, tokenizer, VAE, transformer, scheduler)
+
+
+@pytest.fixture(scope="module")
+def loaded(folder: Path):
+    import sdengine
+
+    return sdengine.load_pipeline(folder, device="cpu")
+
+
+@pytest.mark.parametrize(("negative", "cfg"), [("", 4.0), ("blurry, low quality", 2.5)])
+def test_folder_matches_diffusers(loaded, oracle, negative: str, cfg: float) -> None:
+    """End to end: mean abs difference on 0..1 pixels below 1e-4 (measured: see docs/qwen-image.md)."""
+    got = loaded("a red apple on a table", negative_prompt=negative, cfg_scale=cfg, steps=3, seed=7, width=SIZE,
+                 height=SIZE, progress=False)  # fmt: skip
+    want = _want(oracle, "a red apple on a table", negative, cfg, 7)
+    diff = np.abs(got.arrays - want)
+    assert diff.mean() < 1e-4 and diff.max() < 1e-3, (diff.mean(), diff.max())
+
+
+def test_folder_defaults_and_infotext(loaded) -> None:
+    assert loaded.family_defaults == {"steps": 50, "cfg_scale": 4.0, "sampler": "euler", "schedule": "normal"}
+    assert loaded.text_kind == "qwen_image"
+    r = loaded("a cat", steps=2, seed=3, width=SIZE, height=SIZE, progress=False)
+    assert r.parameters["cfg_scale"] == 4.0 and r.parameters["sampler"] == "euler"
+
+
+def test_cli_generate_with_a_qwen_image_folder(folder: Path, oracle, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters, read_png_parameters
+
+    out = tmp_path / "a.png"
+    args = ["generate", "--model", str(folder), "a red apple on a table", "--steps", "3", "--seed", "7"]
+    assert main([*args, "--width", str(SIZE), "--height", str(SIZE), "--out", str(out), "--no-progress"]) == 0
+    parsed = parse_parameters(read_png_parameters(out))
+    assert float(parsed["CFG scale"]) == 4.0 and parsed["Sampler"] == "Euler" and parsed["Steps"] == "3"
+    got = np.asarray(Image.open(out), dtype=np.float32) / 255
+    want = _want(oracle, "a red apple on a table", "", 4.0, 7)[0]
+    assert np.abs(got - want).mean() < 1.0 / 255
+
+
+def test_img2img_matches_diffusers(loaded, folder: Path) -> None:
+    from PIL import Image
+
+    ref = diffusers_qwen(folder, img2img=True)
+    g = np.random.default_rng(0)
+    image = Image.fromarray(g.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    got = loaded("a red apple", negative_prompt="", init_image=image, strength=0.6, steps=5, seed=4, width=SIZE,
+                 height=SIZE, progress=False)  # fmt: skip
+    with torch.no_grad():
+        want = ref("a red apple", negative_prompt="", image=image, strength=0.6, true_cfg_scale=4.0, height=SIZE,
+                   width=SIZE, num_inference_steps=5, generator=torch.Generator().manual_seed(4),
+                   output_type="np").images  # fmt: skip
+    diff = np.abs(got.arrays - want)
+    assert diff.mean() < 1e-4, (diff.mean(), diff.max())
+
+
+def test_other_qwen_pipelines_and_overrides_are_refused(folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import sdengine
+
+    edit = tmp_path / "edit"
+    shutil.copytree(folder, edit)
+    index = json.loads((edit / "model_index.json").read_text())
+    (edit / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageEditPipeline"}))
+    with pytest.raises(GenerationError, match="QwenImageEditPipeline is not supported"):
+        sdengine.load_pipeline(edit, device="cpu")
+    with pytest.raises(GenerationError, match="vae="):
+        sdengine.load_pipeline(folder, device="cpu", vae=str(folder / "vae"))
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(GenerationError, match="tokenizer.json"):
+        sdengine.load_pipeline(broken, device="cpu")
