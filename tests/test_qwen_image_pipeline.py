@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 from _qwen_models import diffusers_qwen, make_qwen_folder
 from sdengine.errors import GenerationError
-from sdengine.pipeline.qwen_image import QwenImagePipeline, QwenLatentVAE, QwenVAEConfig, norm_preserving_cfg
+from sdengine.pipeline.qwen_image import QwenImagePipeline, norm_preserving_cfg
 from sdengine.weights.qwen_image_file import load_qwen_image_transformer
 
 SIZE = 32  # 16x16 latents (the tiny VAE's 2x), 8x8 tokens
@@ -32,24 +33,42 @@ def oracle(folder: Path):
     return diffusers_qwen(folder)
 
 
+class OracleVAE(torch.nn.Module):
+    """diffusers' AutoencoderKLQwenImage seen as an image VAE (one frame), with its pipeline's latent scaling."""
+
+    def __init__(self, vae) -> None:
+        super().__init__()
+        self.vae = vae
+        c = vae.config
+        self.config = SimpleNamespace(
+            latent_channels=c.z_dim, downscale_factor=2 ** len(c.temperal_downsample), sample_size=1024,
+            out_channels=3, block_out_channels=[c.base_dim * m for m in c.dim_mult], scaling_factor=1.0,
+        )  # fmt: skip
+        self.mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(c.latents_std).view(1, -1, 1, 1)
+
+    def encode(self, x):
+        from sdengine.models.vae import DiagonalGaussian
+
+        dist = self.vae.encode(x.unsqueeze(2)).latent_dist
+        return DiagonalGaussian(torch.cat([dist.mean[:, :, 0], dist.logvar[:, :, 0]], dim=1))
+
+    def decode(self, z):
+        return self.vae.decode(z.unsqueeze(2)).sample[:, :, 0]
+
+    def scale_latents(self, z):
+        return (z - self.mean) * self.inv_std
+
+    def unscale_latents(self, z):
+        return z / self.inv_std + self.mean
+
+
 def _oracle_parts_pipeline(folder: Path, ref) -> QwenImagePipeline:
     def encode(texts: list[str]):
         with torch.no_grad():
             return ref._get_qwen_prompt_embeds(texts, device="cpu", dtype=torch.float32)
 
-    v = ref.vae
-    config = QwenVAEConfig(
-        latent_channels=16,
-        downscale_factor=2 ** len(v.config.temperal_downsample),
-        latents_mean=tuple(v.config.latents_mean),
-        latents_std=tuple(v.config.latents_std),
-    )
-    vae = QwenLatentVAE(
-        v,
-        config,
-        moments=lambda m, x: (m.encode(x).latent_dist.mean, m.encode(x).latent_dist.logvar),
-        decode_frames=lambda m, z: m.decode(z).sample,
-    )
+    vae = OracleVAE(ref.vae)
     return QwenImagePipeline(
         transformer=load_qwen_image_transformer(folder),
         text_encode=encode,

@@ -16,8 +16,8 @@ flow schedule this reuses). What Qwen-Image changes:
 * the schedule: ``linspace(1, 1/n, n)`` shifted by the scheduler config's dynamic ``mu`` (diffusers'
   ``calculate_shift`` of the image token count, Qwen-Image's 0.5 at 256 tokens to 0.9 at 8192) and stretched to
   its ``shift_terminal`` (0.02), the Euler sampler (FlowMatchEulerDiscreteScheduler);
-* the VAE (:class:`QwenLatentVAE`): one frame of the 3-D VAE, latents normalised by the config's per-channel
-  ``latents_mean`` / ``latents_std``.
+* the VAE (:class:`sdengine.models.qwen_vae.QwenImageVAE`): one frame of the 3-D VAE, latents normalised by the
+  config's per-channel ``latents_mean`` / ``latents_std``.
 
 Defaults (:attr:`QwenImagePipeline.family_defaults`): 50 steps, ``cfg_scale`` 4 (diffusers' ``true_cfg_scale``
 with the negative prompt, empty by default: diffusers runs CFG when a negative prompt is given, "" included),
@@ -28,18 +28,16 @@ editing; :func:`qwen_refusals`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sdengine.diffusion import sampling
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.errors import GenerationError
 from sdengine.models.flux import pack_latents, unpack_latents
-from sdengine.models.vae import DiagonalGaussian
 from sdengine.pipeline.core import Pipeline, Prepared
 from sdengine.pipeline.flux import FluxPipeline, refusals
 from sdengine.pipeline.request import GenerationRequest
@@ -134,74 +132,6 @@ class QwenConditioner:
     def empty(self, n: int = 1) -> Conditioning:
         one = self([""])
         return {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The VAE, one frame
-
-
-@dataclasses.dataclass(frozen=True)
-class QwenVAEConfig:
-    """What the core reads of a VAE's config, for Qwen-Image's: 16 channels, its factor, per-channel statistics."""
-
-    latent_channels: int
-    downscale_factor: int
-    latents_mean: tuple[float, ...]
-    latents_std: tuple[float, ...]
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    sample_size: int = 1024
-    in_channels: int = 3
-    out_channels: int = 3
-    scaling_factor: float = 1.0
-    shift_factor: float | None = None
-
-
-class QwenLatentVAE(nn.Module):
-    """The 3-D VAE seen as an image VAE: ``encode`` (B, 3, H, W) in [-1, 1] -> the posterior of its one frame's
-    latent (B, 16, H/f, W/f); ``decode`` the inverse; ``scale_latents`` ``(z - mean) / std`` per channel
-    (``unscale_latents`` the inverse: diffusers' ``latents / (1 / std) + mean``).
-
-    ``vae``: the 3-D VAE module; ``moments(vae, x5) -> (mean, logvar)`` of (B, 3, 1, H, W) images and
-    ``decode_frames(vae, z5) -> images`` of (B, 16, 1, h, w) latents are its calls."""
-
-    def __init__(
-        self,
-        vae: nn.Module,
-        config: QwenVAEConfig,
-        *,
-        moments: Callable[[Any, Tensor], tuple[Tensor, Tensor]],
-        decode_frames: Callable[[Any, Tensor], Tensor],
-    ) -> None:
-        super().__init__()
-        if len(config.latents_mean) != config.latent_channels or len(config.latents_std) != config.latent_channels:
-            raise GenerationError(
-                f"Qwen-Image VAE: latents_mean / latents_std need {config.latent_channels} numbers each"
-            )
-        self.vae = vae
-        self.config = config
-        self._moments = moments
-        self._decode = decode_frames
-
-    def encode(self, x: Tensor) -> DiagonalGaussian:
-        mean, logvar = self._moments(self.vae, x.unsqueeze(2))
-        return DiagonalGaussian(torch.cat([mean[:, :, 0], logvar[:, :, 0]], dim=1))
-
-    def decode(self, z: Tensor) -> Tensor:
-        return self._decode(self.vae, z.unsqueeze(2))[:, :, 0]
-
-    def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        c = self.config
-        mean = torch.tensor(c.latents_mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
-        std = torch.tensor(c.latents_std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
-        return mean, std
-
-    def scale_latents(self, z: Tensor) -> Tensor:
-        mean, std = self._stats(z)
-        return (z - mean) / std
-
-    def unscale_latents(self, z: Tensor) -> Tensor:
-        mean, std = self._stats(z)
-        return z / (1.0 / std) + mean
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -442,9 +372,7 @@ __all__ = [
     "QwenAdapter",
     "QwenConditioner",
     "QwenImagePipeline",
-    "QwenLatentVAE",
     "QwenTrueCFG",
-    "QwenVAEConfig",
     "norm_preserving_cfg",
     "qwen_refusals",
 ]

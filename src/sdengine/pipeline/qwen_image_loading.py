@@ -99,25 +99,24 @@ def load_text_side(path: Path, dtype: torch.dtype, device: torch.device) -> tupl
 
 
 def load_vae_side(path: Path, dtype: torch.dtype, device: torch.device) -> Any:
-    """The folder's ``vae/`` as :class:`sdengine.pipeline.qwen_image.QwenLatentVAE`."""
-    from sdengine.pipeline.qwen_image import QwenLatentVAE, QwenVAEConfig
-    from sdengine.weights.qwen_vae_file import load_qwen_vae
+    """The folder's ``vae/`` (diffusers' ``AutoencoderKLQwenImage``) as :class:`sdengine.models.qwen_vae.QwenImageVAE`
+    (single images; its own ``scale_latents`` / ``unscale_latents``)."""
+    from sdengine.models.config_checks import ConfigError
+    from sdengine.models.qwen_vae import QwenImageVAE, QwenVAEConfig
+    from sdengine.weights.io import load_file
+    from sdengine.weights.loading import build_on_meta, component_weight_files
 
-    vae = load_qwen_vae(path / "vae", dtype=dtype, device=device)
-    c = vae.config
-    config = QwenVAEConfig(
-        latent_channels=int(c.z_dim),
-        downscale_factor=2 ** len(c.temperal_downsample),
-        latents_mean=tuple(float(x) for x in c.latents_mean),
-        latents_std=tuple(float(x) for x in c.latents_std),
-        block_out_channels=tuple(int(c.base_dim) * int(m) for m in c.dim_mult),
-    )
-    return QwenLatentVAE(
-        vae,
-        config,
-        moments=lambda m, x: m.encode_moments(x),
-        decode_frames=lambda m, z: m.decode(z),
-    )
+    folder = path / "vae"
+    raw = _read_json(folder / "config.json")
+    try:
+        config = QwenVAEConfig.from_diffusers(raw)
+    except ConfigError as e:
+        raise GenerationError(f"{folder / 'config.json'}: {e}") from None
+    sd: dict[str, Tensor] = {}
+    for f in component_weight_files(folder):
+        sd.update(load_file(f)[0])
+    vae = build_on_meta(lambda: QwenImageVAE(config), sd, name=f"{folder}: Qwen-Image VAE", dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def load_qwen_image_pipeline(
