@@ -227,3 +227,22 @@ def test_other_qwen_pipelines_and_overrides_are_refused(folder: Path, tmp_path: 
     (broken / "tokenizer" / "tokenizer.json").unlink()
     with pytest.raises(GenerationError, match="tokenizer.json"):
         sdengine.load_pipeline(broken, device="cpu")
+
+
+def test_inpainting_matches_diffusers(loaded, folder: Path) -> None:
+    import diffusers
+    from PIL import Image
+
+    ref = diffusers.QwenImageInpaintPipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    g = np.random.default_rng(1)
+    image = Image.fromarray(g.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = Image.fromarray((np.arange(SIZE)[None, :].repeat(SIZE, 0) >= SIZE // 2).astype(np.uint8) * 255)
+    got = loaded("a red apple", negative_prompt="", init_image=image, mask=mask, mask_blur=0, strength=0.8, steps=5,
+                 seed=4, width=SIZE, height=SIZE, progress=False)  # fmt: skip
+    with torch.no_grad():
+        want = ref("a red apple", negative_prompt="", image=image, mask_image=mask, strength=0.8, true_cfg_scale=4.0,
+                   height=SIZE, width=SIZE, num_inference_steps=5, generator=torch.Generator().manual_seed(4),
+                   output_type="np").images  # fmt: skip
+    diff = np.abs(got.arrays - want)
+    assert diff.mean() < 1e-4, (diff.mean(), diff.max())
