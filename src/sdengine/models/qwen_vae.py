@@ -401,6 +401,7 @@ class QwenImageVAE(nn.Module):
     def __init__(self, config: QwenVAEConfig) -> None:
         super().__init__()
         self.config = cfg = config
+        self.name = ""  # the file or folder it came from (set by the loader)
         self.encoder = Encoder(cfg)
         self.quant_conv = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
