@@ -220,8 +220,10 @@ def test_other_qwen_pipelines_and_overrides_are_refused(folder: Path, tmp_path: 
     (edit / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageEditPipeline"}))
     with pytest.raises(GenerationError, match="QwenImageEditPipeline is not supported"):
         sdengine.load_pipeline(edit, device="cpu")
-    with pytest.raises(GenerationError, match="vae="):
-        sdengine.load_pipeline(folder, device="cpu", vae=str(folder / "vae"))
+    with pytest.raises(GenerationError, match="no such file"):
+        sdengine.load_pipeline(folder, device="cpu", vae=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(GenerationError, match="t5"):
+        sdengine.load_pipeline(folder, device="cpu", t5=str(folder / "text_encoder"))
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
     (broken / "tokenizer" / "tokenizer.json").unlink()

@@ -351,7 +351,6 @@ def _load_qwen_image(
     from sdengine.pipeline.qwen_image_loading import load_qwen_image_pipeline
 
     for on, what in (
-        (vae is not None, "vae= (--vae) does not apply (the folder's own 3-D VAE runs)"),
         (prediction_type is not None, "prediction_type: the Qwen-Image transformer predicts the flow's velocity"),
         (config is not None, "config= does not apply (the folder's configs are read)"),
         (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
@@ -359,7 +358,7 @@ def _load_qwen_image(
     ):
         if on:
             raise GenerationError(f"{path.name} (Qwen-Image): {what}")
-    return load_qwen_image_pipeline(path, device=dev, dtype=dt, lora_dir=lora_dir)
+    return load_qwen_image_pipeline(path, device=dev, dtype=dt, vae=vae, lora_dir=lora_dir)
 
 
 def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:

@@ -99,24 +99,12 @@ def load_text_side(path: Path, dtype: torch.dtype, device: torch.device) -> tupl
 
 
 def load_vae_side(path: Path, dtype: torch.dtype, device: torch.device) -> Any:
-    """The folder's ``vae/`` (diffusers' ``AutoencoderKLQwenImage``) as :class:`sdengine.models.qwen_vae.QwenImageVAE`
-    (single images; its own ``scale_latents`` / ``unscale_latents``)."""
-    from sdengine.models.config_checks import ConfigError
-    from sdengine.models.qwen_vae import QwenImageVAE, QwenVAEConfig
-    from sdengine.weights.io import load_file
-    from sdengine.weights.loading import build_on_meta, component_weight_files
+    """A Qwen-Image VAE (a folder, or its ``vae/``, or a single file:
+    :func:`sdengine.weights.qwen_vae_file.load_qwen_vae`) as :class:`sdengine.models.qwen_vae.QwenImageVAE` (single images; its own ``scale_latents`` /
+    ``unscale_latents``)."""
+    from sdengine.weights.qwen_vae_file import load_qwen_vae
 
-    folder = path / "vae"
-    raw = _read_json(folder / "config.json")
-    try:
-        config = QwenVAEConfig.from_diffusers(raw)
-    except ConfigError as e:
-        raise GenerationError(f"{folder / 'config.json'}: {e}") from None
-    sd: dict[str, Tensor] = {}
-    for f in component_weight_files(folder):
-        sd.update(load_file(f)[0])
-    vae = build_on_meta(lambda: QwenImageVAE(config), sd, name=f"{folder}: Qwen-Image VAE", dtype=dtype)
-    return vae.to(device).eval().requires_grad_(False)
+    return load_qwen_vae(path, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def load_qwen_image_pipeline(
@@ -124,10 +112,13 @@ def load_qwen_image_pipeline(
     *,
     device: torch.device,
     dtype: torch.dtype,
+    vae: str | Path | None = None,
     name: str | None = None,
     lora_dir: Any = None,
 ) -> QwenImagePipeline:
-    """A Qwen-Image folder (module docstring) -> :class:`QwenImagePipeline` on ``device`` in ``dtype``."""
+    """A Qwen-Image folder (module docstring) -> :class:`QwenImagePipeline` on ``device`` in ``dtype``; ``vae``
+    (``--vae``): another Qwen-Image VAE (a diffusers folder or a single file, ComfyUI's ``qwen_image_vae``) in place
+    of the folder's."""
     from sdengine.weights.io import WeightsError
     from sdengine.weights.qwen_image_file import load_qwen_image_transformer
 
@@ -142,20 +133,23 @@ def load_qwen_image_pipeline(
     try:
         transformer = load_qwen_image_transformer(path, device=device, dtype=dtype)
         text_encoder, encode = load_text_side(path, dtype, device)
-        vae = load_vae_side(path, dtype, device)
+        if vae is not None and not Path(vae).exists():
+            raise GenerationError(f"--vae {vae}: no such file or folder")
+        vae_model = load_vae_side(Path(vae) if vae is not None else path, dtype, device)
     except WeightsError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
     return QwenImagePipeline(
         transformer=transformer,
         text_encode=encode,
         text_encoder=text_encoder,
-        vae=vae,
+        vae=vae_model,
         scheduler_config=scheduler,
         device=device,
         dtype=dtype,
         name=name,
         source=path,
         lora_dir=lora_dir,
+        vae_source=Path(vae) if vae is not None else None,
     )
 
 
