@@ -248,3 +248,12 @@ def test_inpainting_matches_diffusers(loaded, folder: Path) -> None:
                    output_type="np").images  # fmt: skip
     diff = np.abs(got.arrays - want)
     assert diff.mean() < 1e-4, (diff.mean(), diff.max())
+
+
+def test_vae_given_apart(loaded, folder: Path) -> None:
+    """--vae: another Qwen-Image VAE (here the folder's own, as a folder given apart) decodes the same image."""
+    import sdengine
+
+    other = sdengine.load_pipeline(folder, device="cpu", vae=str(folder / "vae"))
+    settings = dict(prompt="a cat", steps=2, seed=3, width=SIZE, height=SIZE, progress=False)
+    assert np.array_equal(other(**settings).arrays, loaded(**settings).arrays)

@@ -100,8 +100,8 @@ def load_text_side(path: Path, dtype: torch.dtype, device: torch.device) -> tupl
 
 def load_vae_side(path: Path, dtype: torch.dtype, device: torch.device) -> Any:
     """A Qwen-Image VAE (a folder, or its ``vae/``, or a single file:
-    :func:`sdengine.weights.qwen_vae_file.load_qwen_vae`) as :class:`sdengine.models.qwen_vae.QwenImageVAE` (single images; its own ``scale_latents`` /
-    ``unscale_latents``)."""
+    :func:`sdengine.weights.qwen_vae_file.load_qwen_vae`) as :class:`sdengine.models.qwen_vae.QwenImageVAE` (single
+    images; its own ``scale_latents`` / ``unscale_latents``)."""
     from sdengine.weights.qwen_vae_file import load_qwen_vae
 
     return load_qwen_vae(path, device=device, dtype=dtype).eval().requires_grad_(False)
