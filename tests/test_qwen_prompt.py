@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdengine.errors import UsageError
+from sdengine.errors import NonFiniteError, UsageError
 from sdengine.text.qwen_prompt import PROMPT_TEMPLATE, TEMPLATE_DROP, encode_prompt_qwen
 from sdengine.text.qwen_tokenizer import SPLIT_REGEX, QwenTokenizer, QwenTokenizerError, load_qwen_tokenizer
 from sdengine.weights.qwen_text_file import load_qwen_text_encoder
@@ -265,3 +265,18 @@ def test_refusals(encoders, tok_folder, tmp_path):
         load_qwen_tokenizer(broken)
     with pytest.raises(QwenTokenizerError, match="no such"):
         load_qwen_tokenizer(tmp_path / "nothing")
+
+
+def test_overflow_is_refused_not_returned(encoders, tok_folder, tmp_path):
+    """float16 states that overflow (weights scaled up here; Qwen2.5-VL's real activations can exceed float16's
+    range) are a NonFiniteError, not NaN states handed to the transformer."""
+    hf, _, _, tok = encoders
+    hf.save_pretrained(tmp_path / "te")
+    ours16 = load_qwen_text_encoder(tmp_path / "te", dtype=torch.float16)
+    states, _ = encode_prompt_qwen(ours16, tok, ["a red apple"])
+    assert states.dtype == torch.float16 and torch.isfinite(states).all()
+    with torch.no_grad():
+        for layer in ours16.blocks:
+            layer.mlp.down_proj.weight.mul_(1e5)
+    with pytest.raises(NonFiniteError, match="overflowed in torch.float16"):
+        encode_prompt_qwen(ours16, tok, ["a red apple"])

@@ -13,7 +13,9 @@
    longest, with a mask of 1 over the kept states and 0 over the zeros; then both are cut to
    ``max_sequence_length`` states (the pipeline's default 512, at most 1024).
 
-The states are in the encoder's dtype. Unlike diffusers, the mask is always returned: diffusers turns an all-ones
+The states are in the encoder's dtype; states that overflowed (NaN or infinity over the prompt's tokens, as float16 can
+give for Qwen2.5-VL, which is released and run in bfloat16) are a :class:`~sdengine.errors.NonFiniteError`, never
+returned. Unlike diffusers, the mask is always returned: diffusers turns an all-ones
 mask into ``None`` before the transformer sees it, which the transformer treats the same way.
 """
 
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from sdengine.errors import UsageError
+from sdengine.errors import NonFiniteError, UsageError
 from sdengine.models.qwen_text import QwenTextEncoder
 from sdengine.text.qwen_tokenizer import QwenTokenizer
 
@@ -83,7 +85,13 @@ def encode_prompt_qwen(
         )
     device = encoder.device
     states = encoder(ids.to(device), mask.to(device))
-    kept = [states[i][mask[i].to(device).bool()][drop:] for i in range(len(texts))]
+    real = mask.to(device).bool()
+    if not bool(torch.isfinite(states[real]).all()):
+        raise NonFiniteError(
+            f"Qwen-Image prompt encoding: the text encoder's states overflowed in {encoder.dtype} (NaN or infinity); "
+            "run it in bfloat16 or float32 (Qwen2.5-VL's activations exceed float16's range)"
+        )
+    kept = [states[i][real[i]][drop:] for i in range(len(texts))]
     width = min(max(k.shape[0] for k in kept), max_sequence_length)
     out = states.new_zeros(len(texts), width, states.shape[-1])
     out_mask = torch.zeros(len(texts), width, dtype=torch.long, device=device)
