@@ -218,7 +218,7 @@ class QwenAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        """x (B, L, hidden); cos/sin (L, head_dim); mask (B, 1, L, L) additive scores in x's dtype."""
+        """x (B, L, hidden); cos/sin (L, head_dim); mask (B or 1, 1, L, L) bool, True where a key is visible."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -285,17 +285,15 @@ class QwenTextEncoder(nn.Module):
         return [cast(QwenDecoderLayer, b) for b in self.layers]
 
     def attention_mask(self, key_mask: Tensor | None, batch: int, length: int) -> Tensor:
-        """(B or 1, 1, L, L) additive scores in the weights' dtype: 0 where query i may see key j (j <= i and key j
-        not padding), the dtype's most negative number elsewhere. A padding token always sees itself, so that a
-        left-padded row's leading padding (no visible key at all) gives finite numbers instead of NaN; no real
-        token reads a padding key, so this changes only outputs nobody reads."""
+        """(B or 1, 1, L, L) bool, True where query i may see key j: j <= i and key j not padding. A padding token
+        always sees itself, so that a left-padded row's leading padding (no visible key at all) gives finite numbers
+        instead of NaN; no real token reads a padding key, so this changes only outputs nobody reads."""
         device = self.device
         allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
         if key_mask is not None:
             allowed = allowed & (key_mask != 0).to(device)[:, None, None, :]
             allowed = allowed | torch.eye(length, dtype=torch.bool, device=device)[None, None]
-        scores = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
-        return scores.masked_fill(~allowed, torch.finfo(self.dtype).min)
+        return allowed
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """input_ids (B, L) integers; attention_mask (B, L), 1 (or True) for tokens and 0 for padding (None: all

@@ -1,0 +1,112 @@
+"""Qwen-Image's prompt encoding: prompts -> the text states and mask its transformer reads, as diffusers'
+``QwenImagePipeline.encode_prompt`` (``_get_qwen_prompt_embeds``) makes them.
+
+1. Each prompt is put into Qwen-Image's chat template (:data:`PROMPT_TEMPLATE`: a system turn asking for a detailed
+   description of the image, the prompt as the user turn, the assistant turn opened) with ``str.format``.
+2. The texts are tokenized together (:class:`~sdengine.text.qwen_tokenizer.QwenTokenizer`): each truncated to
+   ``1024 + 34`` tokens (:data:`TOKENIZER_MAX_LENGTH` + :data:`TEMPLATE_DROP`; a longer prompt loses its end, the
+   template's closing turn with it), padded to the longest row.
+3. The language model (:class:`~sdengine.models.qwen_text.QwenTextEncoder`) runs over them with the padding mask;
+   its last hidden state (after the final norm) is kept.
+4. Each row keeps its real tokens' states, minus the first :data:`TEMPLATE_DROP` (34: the system turn and the user
+   turn's opening, as Qwen2's vocabulary tokenizes them). The rows are stacked left-aligned, zero-padded to the
+   longest, with a mask of 1 over the kept states and 0 over the zeros; then both are cut to
+   ``max_sequence_length`` states (the pipeline's default 512, at most 1024).
+
+The states are in the encoder's dtype; states that overflowed (NaN or infinity over the prompt's tokens, as float16 can
+give for Qwen2.5-VL, which is released and run in bfloat16) are a :class:`~sdengine.errors.NonFiniteError`, never
+returned. Unlike diffusers, the mask is always returned: diffusers turns an all-ones
+mask into ``None`` before the transformer sees it, which the transformer treats the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from sdengine.errors import NonFiniteError, UsageError
+from sdengine.models.qwen_text import QwenTextEncoder
+from sdengine.text.qwen_tokenizer import QwenTokenizer
+
+PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+TEMPLATE_DROP = 34  # diffusers' prompt_template_encode_start_idx: the template's tokens before the prompt
+TOKENIZER_MAX_LENGTH = 1024  # diffusers' tokenizer_max_length (the tokenizer's limit is this + TEMPLATE_DROP)
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s max_sequence_length
+MAX_SEQUENCE_LENGTH_LIMIT = 1024  # QwenImagePipeline refuses more
+
+
+def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    texts = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(texts, Sequence) or isinstance(texts, bytes) or not texts:
+        raise UsageError("Qwen-Image prompt encoding: give a prompt or a non-empty list of prompts")
+    if not all(isinstance(t, str) for t in texts):
+        bad = next(t for t in texts if not isinstance(t, str))
+        raise UsageError(f"Qwen-Image prompt encoding: every prompt must be a string, got {type(bad).__name__}")
+    return list(texts)
+
+
+@torch.no_grad()
+def encode_prompt_qwen(
+    encoder: QwenTextEncoder,
+    tokenizer: QwenTokenizer,
+    prompts: str | Sequence[str],
+    *,
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+    template: str = PROMPT_TEMPLATE,
+    drop: int = TEMPLATE_DROP,
+) -> tuple[Tensor, Tensor]:
+    """(states, mask) of ``prompts`` (see the module docstring): states (B, L, hidden) in the encoder's dtype on its
+    device, mask (B, L) int64 (1: a prompt state, 0: padding), ``L`` the longest row after the template's first
+    ``drop`` tokens, at most ``max_sequence_length``. ``template`` (one ``{}`` where the prompt goes) and ``drop`` are
+    Qwen-Image's unless a variant's pipeline (Qwen-Image-Edit) gives its own."""
+    texts = _check_prompts(prompts)
+    if type(max_sequence_length) is not int or not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH_LIMIT:
+        raise UsageError(
+            f"Qwen-Image prompt encoding: max_sequence_length={max_sequence_length!r} must be an integer 1 to "
+            f"{MAX_SEQUENCE_LENGTH_LIMIT}"
+        )
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise UsageError("Qwen-Image prompt encoding: the template must hold exactly one {} for the prompt")
+    if type(drop) is not int or drop < 0:
+        raise UsageError(f"Qwen-Image prompt encoding: drop={drop!r} must be a count of tokens (0 or more)")
+    formatted = [template.replace("{}", text, 1) for text in texts]
+    ids, mask = tokenizer(formatted, max_length=TOKENIZER_MAX_LENGTH + drop)
+    lengths = mask.sum(dim=1).tolist()
+    short = [i for i, n in enumerate(lengths) if n <= drop]
+    if short:
+        raise UsageError(
+            f"Qwen-Image prompt encoding: prompt {short[0]} gives {lengths[short[0]]} tokens with the template, not "
+            f"more than the {drop} template tokens dropped; this tokenizer does not fit the template"
+        )
+    device = encoder.device
+    states = encoder(ids.to(device), mask.to(device))
+    real = mask.to(device).bool()
+    if not bool(torch.isfinite(states[real]).all()):
+        raise NonFiniteError(
+            f"Qwen-Image prompt encoding: the text encoder's states overflowed in {encoder.dtype} (NaN or infinity); "
+            "run it in bfloat16 or float32 (Qwen2.5-VL's activations exceed float16's range)"
+        )
+    kept = [states[i][real[i]][drop:] for i in range(len(texts))]
+    width = min(max(k.shape[0] for k in kept), max_sequence_length)
+    out = states.new_zeros(len(texts), width, states.shape[-1])
+    out_mask = torch.zeros(len(texts), width, dtype=torch.long, device=device)
+    for i, k in enumerate(kept):
+        n = min(k.shape[0], width)
+        out[i, :n] = k[:n]
+        out_mask[i, :n] = 1
+    return out, out_mask
+
+
+__all__ = [
+    "DEFAULT_MAX_SEQUENCE_LENGTH",
+    "MAX_SEQUENCE_LENGTH_LIMIT",
+    "PROMPT_TEMPLATE",
+    "TEMPLATE_DROP",
+    "TOKENIZER_MAX_LENGTH",
+    "encode_prompt_qwen",
+]
