@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdengine.errors import GenerationError
+from sdengine.errors import GenerationError, UsageError
 from sdengine.pipeline.qwen_image import QwenImagePipeline
 
 ACCEPTED = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
@@ -53,47 +53,24 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-PROMPT_TEMPLATE = (
-    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
-    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-)  # diffusers' QwenImagePipeline prompt_template_encode
-TEMPLATE_DROP = 34  # the template's first tokens, dropped from the states (its prompt_template_encode_start_idx)
-MAX_TOKENS = 1024 + TEMPLATE_DROP  # the tokenizer's truncation length there
-
-
 def load_text_side(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
-    """(the text encoder module, texts -> (states, mask)) of a folder's ``text_encoder/`` and ``tokenizer/``: each
-    text in Qwen-Image's chat template, tokenized (``tokenizer.json``), run through the language model, its first
-    :data:`TEMPLATE_DROP` states dropped (diffusers' ``_get_qwen_prompt_embeds``); the texts one at a time, so no
-    padding."""
-    from tokenizers import Tokenizer
-
+    """(the text encoder module, texts -> (states, mask)) of a folder's ``text_encoder/`` and ``tokenizer/``: Qwen2's
+    tokenizer (:mod:`sdengine.text.qwen_tokenizer`), the language model (:mod:`sdengine.weights.qwen_text_file`) and
+    Qwen-Image's prompt encoding (:func:`sdengine.text.qwen_prompt.encode_prompt_qwen`: the chat template, its
+    first 34 states dropped)."""
+    from sdengine.text.qwen_prompt import MAX_SEQUENCE_LENGTH_LIMIT, encode_prompt_qwen
+    from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
     from sdengine.weights.qwen_text_file import load_qwen_text_encoder
 
-    tok_file = path / "tokenizer" / "tokenizer.json"
-    if not tok_file.is_file():
-        raise GenerationError(f"{tok_file}: missing (sdengine reads Qwen2's tokenizer from its tokenizer.json)")
     try:
-        tokenizer = Tokenizer.from_file(str(tok_file))
-    except Exception as e:  # the tokenizers library's own error types
-        raise GenerationError(f"{tok_file}: cannot read it ({str(e).splitlines()[0][:200]})") from None
+        tokenizer = load_qwen_tokenizer(path / "tokenizer")
+    except UsageError as e:
+        raise GenerationError(str(e).splitlines()[0]) from None
     encoder = load_qwen_text_encoder(path / "text_encoder", device=device, dtype=dtype)
 
     def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
-        rows = []
-        for text in texts:
-            ids = tokenizer.encode(PROMPT_TEMPLATE.format(text), add_special_tokens=False).ids[:MAX_TOKENS]
-            if len(ids) <= TEMPLATE_DROP:
-                raise GenerationError(f"the prompt template gives {len(ids)} tokens: not Qwen-Image's tokenizer")
-            with torch.no_grad():
-                states = encoder(torch.tensor([ids], device=encoder.device))
-            rows.append(states[0, TEMPLATE_DROP:].float())
-        n = max(r.shape[0] for r in rows)
-        out = torch.zeros(len(rows), n, rows[0].shape[1], device=rows[0].device)
-        mask = torch.zeros(len(rows), n, dtype=torch.long, device=rows[0].device)
-        for i, r in enumerate(rows):
-            out[i, : r.shape[0]], mask[i, : r.shape[0]] = r, 1
-        return out, mask
+        states, mask = encode_prompt_qwen(encoder, tokenizer, texts, max_sequence_length=MAX_SEQUENCE_LENGTH_LIMIT)
+        return states.float(), mask
 
     return encoder, encode
 
