@@ -202,7 +202,9 @@ def _load(
     from sdengine.pipeline import chroma_loading, flux_loading, qwen_image_loading
 
     if qwen_image_loading.is_qwen_image_folder(path):
-        return _load_qwen_image(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
+        # Qwen-Image is released and run in bfloat16 (Qwen2.5-VL's activations overflow float16): its GPU default
+        qwen_dt = torch.bfloat16 if dtype is None and dev.type != "cpu" else dt
+        return _load_qwen_image(path, dev, qwen_dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if chroma_loading.is_chroma_folder(path) or chroma_loading.is_chroma_file(path):  # before Flux: its blocks too
         return _load_chroma(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if flux_loading.is_flux_folder(path) or flux_loading.is_flux_file(path):
