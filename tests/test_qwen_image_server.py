@@ -59,3 +59,32 @@ def test_what_qwen_refuses_is_a_one_line_400(served):
         assert r.status_code == 400, (r.status_code, r.text)
         message = r.json()["detail"]
         assert isinstance(message, str) and "\n" not in message and needle in message, message
+
+
+def _b64_image(data: str):
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def test_a1111_txt2img_and_img2img_give_the_pipelines_images(served):
+    _, client, pipe = served
+    body = {"prompt": PROMPT, "negative_prompt": "blurry", "steps": 3, "width": W, "height": H, "seed": 7}
+    body |= {"cfg_scale": 3, "sampler_name": "Euler", "override_settings": {"sd_model_checkpoint": "tiny-qwen"}}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    image = _b64_image(r.json()["images"][0])
+    want = pipe(PROMPT, "blurry", steps=3, seed=7, width=W, height=H, cfg_scale=3, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(want.convert("RGB")))
+    # img2img of that picture: diffusers' step count (int(steps x strength)), as the pipeline's img2img
+    r = client.post(
+        "/sdapi/v1/img2img", json={**body, "init_images": [r.json()["images"][0]], "denoising_strength": 0.7}
+    )
+    assert r.status_code == 200, r.text
+    want = pipe(PROMPT, "blurry", steps=3, seed=7, width=W, height=H, cfg_scale=3, init_image=image.convert("RGB"),
+                strength=0.7, progress=False).images[0]  # fmt: skip
+    got = _b64_image(r.json()["images"][0])
+    np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(want.convert("RGB")))
