@@ -257,3 +257,23 @@ def test_vae_given_apart(loaded, folder: Path) -> None:
     other = sdengine.load_pipeline(folder, device="cpu", vae=str(folder / "vae"))
     settings = dict(prompt="a cat", steps=2, seed=3, width=SIZE, height=SIZE, progress=False)
     assert np.array_equal(other(**settings).arrays, loaded(**settings).arrays)
+
+
+def test_refusals_without_a_model() -> None:
+    """What the server asks before a worker holds the model: ControlNets, IP-Adapters, Kontext references, FreeU."""
+    from PIL import Image
+
+    from sdengine.pipeline.ip_adapter import IPAdapterUnit
+    from sdengine.pipeline.qwen_image import qwen_refusals
+    from sdengine.pipeline.request import GenerationRequest
+
+    im = Image.new("RGB", (SIZE, SIZE))
+    for kwargs, needle in (
+        ({"controlnets": [("some-controlnet", im, 1.0)]}, "ControlNets are not supported for Qwen-Image"),
+        ({"ip_adapters": [IPAdapterUnit("ip.safetensors", images=[im])]}, "IP-Adapters are not supported"),
+        ({"reference_images": [im]}, "Kontext"),
+        ({"freeu": (1.1, 1.2, 0.9, 0.2)}, "FreeU"),
+    ):
+        reasons = qwen_refusals(GenerationRequest(prompt="a cat", **kwargs))
+        assert reasons and needle in reasons[0], reasons
+    assert qwen_refusals(GenerationRequest(prompt="a cat")) == []
