@@ -321,3 +321,46 @@ def test_bad_inputs_are_one_line_errors(saved):
         with pytest.raises(UsageError, match=words):
             ours(ids, mask)
     assert isinstance(ours, QwenTextEncoder)
+
+
+def test_fp8_and_scaled_fp8_single_files(tmp_path):
+    """float8 weights are upcast; ComfyUI's scaled-fp8 files (marker, per-Linear scale_weight, ignored scale_input)
+    give weight * scale, the same encoder as the float8-rounded one; scales without the marker are refused."""
+    hf = hf_qwen(
+        heads=2,
+        kv_heads=1,
+        head_dim=128,
+        layers=1,
+        seed=9,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+    )
+    state = _old_layout_state(hf)
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if v.dim() == 2 and "visual" not in k else v) for k, v in state.items()}
+    safetensors_torch.save_file(fp8, str(tmp_path / "fp8.safetensors"))
+    plain = load_qwen_text_encoder(tmp_path / "fp8.safetensors")
+    want = {k[len("model.") :]: v.float() for k, v in fp8.items() if k.startswith("model.")}
+    got = plain.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    scaled = dict(fp8)
+    scaled["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    scales = {}
+    for k, v in state.items():
+        if k.startswith("model.layers.") and k.endswith("proj.weight"):
+            s = v.abs().max() / 400.0
+            scaled[k] = (v / s).to(torch.float8_e4m3fn)
+            scaled[k[: -len(".weight")] + ".scale_weight"] = s.reshape(1)
+            scaled[k[: -len(".weight")] + ".scale_input"] = torch.ones(1)
+            scales[k] = s
+    safetensors_torch.save_file(scaled, str(tmp_path / "scaled.safetensors"))
+    ours = load_qwen_text_encoder(tmp_path / "scaled.safetensors")
+    for k, s in scales.items():
+        expect = scaled[k].float() * s
+        assert torch.equal(ours.state_dict()[k[len("model.") :]], expect)
+    ids, mask = _batch(6, 5)
+    ref = _reference(hf, ids, mask)
+    err = float((ours(ids, mask) - ref)[mask.bool()].abs().max())
+    assert err < 0.2 * float(ref.abs().max()), err  # fp8 rounding, not a wrong layout
+    del scaled["scaled_fp8"]
+    safetensors_torch.save_file(scaled, str(tmp_path / "nomarker.safetensors"))
+    with pytest.raises(QwenTextFileError, match="without the scaled_fp8 marker"):
+        load_qwen_text_encoder(tmp_path / "nomarker.safetensors")

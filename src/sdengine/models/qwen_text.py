@@ -217,8 +217,9 @@ class QwenAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        """x (B, L, hidden); cos/sin (L, head_dim); mask (B or 1, 1, L, L) bool, True where a key is visible."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        """x (B, L, hidden); cos/sin (L, head_dim); mask (B, 1, L, L) bool, True where a key is visible, or None:
+        causal over every token."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -228,7 +229,7 @@ class QwenAttention(nn.Module):
         if groups > 1:  # key/value head j serves query heads j*groups .. j*groups + groups - 1
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = attention(q, k, v, mask=mask)  # scale 1/sqrt(head_dim)
+        out = attention(q, k, v, mask=mask, is_causal=mask is None)  # scale 1/sqrt(head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
 
 
@@ -255,7 +256,7 @@ class QwenDecoderLayer(nn.Module):
         self.input_layernorm = QwenRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = QwenRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -284,16 +285,18 @@ class QwenTextEncoder(nn.Module):
     def blocks(self) -> list[QwenDecoderLayer]:
         return [cast(QwenDecoderLayer, b) for b in self.layers]
 
-    def attention_mask(self, key_mask: Tensor | None, batch: int, length: int) -> Tensor:
-        """(B or 1, 1, L, L) bool, True where query i may see key j: j <= i and key j not padding. A padding token
-        always sees itself, so that a left-padded row's leading padding (no visible key at all) gives finite numbers
-        instead of NaN; no real token reads a padding key, so this changes only outputs nobody reads."""
+    def attention_mask(self, key_mask: Tensor | None, batch: int, length: int) -> Tensor | None:
+        """None when no key is padding (the attention then runs causal, ``is_causal=True``, which lets fused
+        kernels skip the mask); otherwise (B, 1, L, L) bool, True where query i may see key j: j <= i and key j not
+        padding. A padding token always sees itself, so that a left-padded row's leading padding (no visible key at
+        all) gives finite numbers instead of NaN; no real token reads a padding key, so this changes only outputs
+        nobody reads."""
+        if key_mask is None or bool((key_mask != 0).all()):
+            return None
         device = self.device
         allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
-        if key_mask is not None:
-            allowed = allowed & (key_mask != 0).to(device)[:, None, None, :]
-            allowed = allowed | torch.eye(length, dtype=torch.bool, device=device)[None, None]
-        return allowed
+        allowed = allowed & (key_mask != 0).to(device)[:, None, None, :]
+        return allowed | torch.eye(length, dtype=torch.bool, device=device)[None, None]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """input_ids (B, L) integers; attention_mask (B, L), 1 (or True) for tokens and 0 for padding (None: all

@@ -15,9 +15,11 @@ Key layouts (one per file; the prefix is taken off, the rest are ``Qwen2_5_VLTex
 - no prefix (``embed_tokens.weight``, ``layers.N.*``, ``norm.weight``) -- a language model saved alone.
 
 The vision tower (``visual.*``, ``model.visual.*``) and the language-model head (``lm_head.*``) are skipped without
-being read: Qwen-Image's text-to-image path uses neither. Any other key, a missing one, a shape that does not fit
-or a config that disagrees with the weights is one :class:`QwenTextFileError` line. Weights of any floating dtype
-(float8 included) are cast to the compute dtype.
+being read: Qwen-Image's text-to-image path uses neither. ComfyUI's "scaled fp8" files (a ``scaled_fp8`` marker
+tensor, one ``<layer>.scale_weight`` per Linear, stored weights ``weight / scale``) are read as
+``float(weight) * scale_weight``; their ``scale_input`` tensors serve only an fp8 matmul and are ignored. Any other
+key, a missing one, a shape that does not fit or a config that disagrees with the weights is one
+:class:`QwenTextFileError` line. Weights of any floating dtype (float8 included) are cast to the compute dtype.
 
 Without a config the architecture comes from the shapes: vocabulary and width from ``embed_tokens.weight``, layer
 count from the ``layers.N`` indices, MLP width from ``gate_proj``; head counts are not in the shapes, so the head
@@ -50,6 +52,8 @@ SKIPPED_PREFIXES = ("visual.", "model.visual.", "lm_head.")
 HEAD_DIM = 128  # every Qwen2.5-VL release's head width; a single file without config.json assumes it
 DEFAULT_EPS = 1e-6
 DEFAULT_THETA = 1_000_000.0
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's "scaled fp8" files: weight / scale stored, one scale per Linear
+SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
@@ -240,7 +244,19 @@ def load_qwen_text_encoder(
 def _build(
     source: _Source, where: str, config: QwenTextConfig | None, target: torch.dtype, device: torch.device
 ) -> QwenTextEncoder:
-    names = select_text_names(list(source.where), where)
+    every = list(source.where)
+    scaled = any(n == SCALED_FP8_MARKER or n.endswith("." + SCALED_FP8_MARKER) for n in every)
+    chosen = select_text_names(
+        [n for n in every if n != SCALED_FP8_MARKER and not n.endswith("." + SCALED_FP8_MARKER)], where
+    )
+    scales = {k[: -len(".scale_weight")]: v for k, v in chosen.items() if k.endswith(".scale_weight")}
+    names = {k: v for k, v in chosen.items() if not k.endswith(SCALE_SUFFIXES)}
+    if len(names) < len(chosen) and not scaled:
+        odd = next(k for k in chosen if k.endswith(SCALE_SUFFIXES))
+        raise QwenTextFileError(f"{where}: {odd} without the scaled_fp8 marker; refusing to guess what it scales")
+    unused = sorted(set(scales) - {k[: -len(".weight")] for k in names})
+    if unused:
+        raise QwenTextFileError(f"{where}: {unused[0]}.scale_weight scales no weight of the encoder")
     shapes = {k: source.where[v][2] for k, v in names.items()}
     if config is None:
         config = config_from_shapes(shapes, where)
@@ -266,6 +282,12 @@ def _build(
         t = source.read(names[k])
         if not t.is_floating_point():
             raise QwenTextFileError(f"{where}: {k} holds {t.dtype}, not floating-point weights")
+        scale = scales.get(k[: -len(".weight")])
+        if scale is not None:
+            sc = source.read(scale).float()
+            if sc.numel() != 1 and tuple(sc.shape) not in ((shape[0],), (shape[0], 1)):
+                raise QwenTextFileError(f"{where}: {scale} is {tuple(sc.shape)}, not one scale or one per row of {k}")
+            t = t.float() * (sc if sc.numel() == 1 else sc.reshape(shape[0], 1))
         state[k] = t.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
