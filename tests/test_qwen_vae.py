@@ -266,3 +266,17 @@ def test_bad_files_are_refused(ref, tmp_path):
     text.write_text("x")
     with pytest.raises(WeightsError, match="expected a .safetensors file"):
         load_qwen_vae(text)
+
+
+def test_latent_preview_map_is_wan21s():
+    """ComfyUI's Wan21 latent format's factors and bias (spot checks), one row per latent channel, applied to the
+    standardised latents as ``rgb = latent @ factors + bias``."""
+    m = vae_utils.QWEN_IMAGE_LATENT_RGB
+    assert m.channels == QwenVAEConfig().latent_channels == 16
+    assert m.factors[0] == (-0.1299, -0.1692, 0.2932) and m.factors[6] == (-0.3477, -0.4059, -0.2925)
+    assert m.factors[15] == (0.1984, 0.0913, 0.1861) and m.bias == (-0.1835, -0.0868, -0.3360)
+    assert vae_utils.LATENT_RGB_MAPS["qwen_image"] is m
+    z = torch.randn(1, 16, 3, 5, generator=torch.Generator().manual_seed(4))
+    rgb = torch.einsum("bchw,cr->bhwr", z, torch.tensor(m.factors)) + torch.tensor(m.bias)
+    want = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+    assert torch.equal(vae_utils.latent_rgb(z, m), want)
