@@ -10,7 +10,7 @@
   untiled decode; the tests state the measured difference (see tests/test_pipeline_vae.py).
 * :func:`latent_preview`: a fixed linear map from the latent channels to RGB (the "cheap approximation" of
   A1111's live preview), no network call, so it can run after every step. Each latent space has its own map
-  (:class:`LatentRGBMap`: SD's 4 channels, SD3's and Flux's 16); the pipeline names its family's
+  (:class:`LatentRGBMap`: SD's 4 channels, SD3's, Flux's and Qwen-Image's 16); the pipeline names its family's
   (``Pipeline.latent_rgb_map``). A latent with no known map shows the mean of its channels in grey.
 """
 
@@ -113,7 +113,32 @@ FLUX_LATENT_RGB = LatentRGBMap(
     ),
     (-0.0329, -0.0718, -0.0851),
 )
-LATENT_RGB_MAPS = {m.name: m for m in (SD_LATENT_RGB, SD3_LATENT_RGB, FLUX_LATENT_RGB)}
+# Qwen-Image (16 channels, Wan 2.1's latent space: its VAE is a fine-tune of Wan 2.1's with the same latents_mean /
+# latents_std): ComfyUI's Wan21 latent format's latent_rgb_factors and latent_rgb_factors_bias, in the model's
+# (standardised) space like the others.
+QWEN_IMAGE_LATENT_RGB = LatentRGBMap(
+    "qwen_image",
+    (
+        (-0.1299, -0.1692, 0.2932),
+        (0.0671, 0.0406, 0.0442),
+        (0.3568, 0.2548, 0.1747),
+        (0.0372, 0.2344, 0.1420),
+        (0.0313, 0.0189, -0.0328),
+        (0.0296, -0.0956, -0.0665),
+        (-0.3477, -0.4059, -0.2925),
+        (0.0166, 0.1902, 0.1975),
+        (-0.0412, 0.0267, -0.1364),
+        (-0.1293, 0.0740, 0.1636),
+        (0.0680, 0.3019, 0.1128),
+        (0.0032, 0.0581, 0.0639),
+        (-0.1251, 0.0927, 0.1699),
+        (0.0060, -0.0633, 0.0005),
+        (0.3477, 0.2275, 0.2950),
+        (0.1984, 0.0913, 0.1861),
+    ),
+    (-0.1835, -0.0868, -0.3360),
+)
+LATENT_RGB_MAPS = {m.name: m for m in (SD_LATENT_RGB, SD3_LATENT_RGB, FLUX_LATENT_RGB, QWEN_IMAGE_LATENT_RGB)}
 
 
 def downscale_factor(vae: AutoencoderKL) -> int:
