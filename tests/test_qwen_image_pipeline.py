@@ -277,3 +277,17 @@ def test_refusals_without_a_model() -> None:
         reasons = qwen_refusals(GenerationRequest(prompt="a cat", **kwargs))
         assert reasons and needle in reasons[0], reasons
     assert qwen_refusals(GenerationRequest(prompt="a cat")) == []
+
+
+def test_tiny_vae_and_per_call_vae_are_refused(loaded) -> None:
+    """No TAESD decodes Qwen-Image's latents (taef1's have the same shapes, another space): refused, one line."""
+    from sdengine.catalog import TINY_VAE_FOLDER
+    from sdengine.pipeline import BUILTIN_SD
+
+    tiny = Path(BUILTIN_SD["emoji"]) / TINY_VAE_FOLDER
+    with pytest.raises(GenerationError, match="tiny VAE .* not supported for Qwen-Image"):
+        loaded.set_tiny_vae(tiny)
+    with pytest.raises(GenerationError, match="when loading the model"):
+        loaded.set_vae("some.vae.safetensors")
+    loaded.set_vae(None)  # the loaded VAE again: nothing to do
+    assert loaded.tiny_vae is None

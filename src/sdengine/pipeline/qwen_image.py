@@ -287,6 +287,23 @@ class QwenImagePipeline(FluxPipeline):
         model = QwenTrueCFG(self.network_adapter(net), cfg_scale, uncond)
         return CFGDenoiser(self.x0_denoiser(model), 1.0, {})
 
+    def set_tiny_vae(self, tiny: Any) -> None:
+        """No tiny VAE decodes Qwen-Image's latents (TAESD's are for SD, SDXL, SD3 and Flux.1, whose 16-channel ones
+        have the same shapes but not the same latent space): one given is refused."""
+        if tiny is not None:
+            raise GenerationError(
+                f"a tiny VAE for previews or vae_decode='tiny' is not supported for Qwen-Image ({self.name}): no TAESD "
+                "decodes its latents"
+            )
+        super().set_tiny_vae(None)
+
+    def set_vae(self, vae: Any, *, checkpoint_vae: bool = False) -> None:
+        """Another VAE is given at load (``load_pipeline(..., vae=)``, ``--vae``); an SD VAE here is refused."""
+        if vae is not None:
+            raise GenerationError(
+                f"{self.name}: give another Qwen-Image VAE when loading the model (vae= / --vae), not per call"
+            )
+
     def graphed(self, name: str) -> Any:
         return None  # no step graphs or compiled packages for Qwen-Image's transformer yet
 
