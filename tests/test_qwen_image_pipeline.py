@@ -291,3 +291,22 @@ def test_tiny_vae_and_per_call_vae_are_refused(loaded) -> None:
         loaded.set_vae("some.vae.safetensors")
     loaded.set_vae(None)  # the loaded VAE again: nothing to do
     assert loaded.tiny_vae is None
+
+
+def test_text_states_are_remembered(loaded) -> None:
+    """The text encoder runs once per distinct text while its weights stay (sdengine.text.encode_cache)."""
+    from sdengine.text.encode_cache import clear
+
+    conditioner = loaded.conditioner
+    calls: list[list[str]] = []
+    encode = conditioner.encode_texts
+    conditioner.encode_texts = lambda texts: (calls.append(texts), encode(texts))[1]
+    try:
+        clear()
+        settings = dict(negative_prompt="dark", steps=2, seed=1, width=SIZE, height=SIZE, progress=False)
+        first = loaded("a red apple", **settings)
+        again = loaded("a red apple", **settings)
+    finally:
+        conditioner.encode_texts = encode
+    assert sorted(t[0] for t in calls) == ["a red apple", "dark"]
+    assert np.array_equal(first.arrays, again.arrays)

@@ -78,6 +78,7 @@ class QwenConditioner:
         dtype: torch.dtype,
         device: torch.device,
         name: str = "model",
+        module: torch.nn.Module | None = None,
     ) -> None:
         if not 1 <= int(max_sequence_length) <= 1024:
             raise GenerationError(f"max_sequence_length must be 1 to 1024, got {max_sequence_length}")
@@ -89,6 +90,7 @@ class QwenConditioner:
         self.name = name
         self.tokenizer = None
         self.pad_token_id = 0
+        self.module = module  # the text encoder: its outputs are remembered per text while its weights stay
 
     def a1111_clip_skip(self, clip_skip: int, *, sdxl_clip_l: bool = False) -> int:
         return 1
@@ -99,7 +101,12 @@ class QwenConditioner:
 
     def text(self, prompt: str, *, what: str = "prompt", note: Note = _ignore) -> Conditioning:
         """``{"crossattn": (1, max_sequence_length, D), "text_mask": (1, max_sequence_length)}`` of one text."""
-        states, mask = self.encode_texts([prompt])
+        if self.module is not None:  # the text's states remembered while the encoder's weights are the same
+            from sdengine.text.encode_cache import cached_call
+
+            states, mask = cached_call(self.module, ("qwen_image", prompt), lambda: self.encode_texts([prompt]))
+        else:
+            states, mask = self.encode_texts([prompt])
         if states.ndim != 3 or states.shape[2] != self.joint_attention_dim:
             raise GenerationError(
                 f"{self.name}: the text encoder's states are {tuple(states.shape)}, the transformer takes "
@@ -247,6 +254,7 @@ class QwenImagePipeline(FluxPipeline):
             dtype=kwargs["dtype"],
             device=kwargs["device"],
             name=kwargs.get("name", "model"),
+            module=text_encoder if isinstance(text_encoder, torch.nn.Module) else None,
         )
         self._call_schedule = None
         self.text_encoder_2 = text_encoder
