@@ -298,3 +298,21 @@ def test_overflow_is_refused_not_returned(encoders, tok_folder, tmp_path):
     for together in (False, True):
         with pytest.raises(NonFiniteError, match="overflowed in torch.float16"):
             encode_prompt_qwen(ours16, tok, ["a red apple"], together=together)
+
+
+def test_added_tokens_json_alone(tok_folder, tmp_path):
+    """Older folders list the chat markers in added_tokens.json (token -> id) rather than the config's
+    added_tokens_decoder: the same ids either way."""
+    folder, _ = tok_folder
+    other = tmp_path / "older"
+    other.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (other / name).write_bytes((folder / name).read_bytes())
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    table = {v["content"]: int(k) for k, v in cfg.pop("added_tokens_decoder").items()}
+    (other / "added_tokens.json").write_text(json.dumps(table))
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ours, ref = load_qwen_tokenizer(other), load_qwen_tokenizer(folder)
+    for text in PROBES:
+        assert ours.encode(text) == ref.encode(text), text
+    assert ours.token_id("<|im_start|>") == table["<|im_start|>"]
