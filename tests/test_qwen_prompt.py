@@ -175,18 +175,35 @@ def test_encode_prompt_matches_diffusers(encoders):
     prompts = ["a red apple", "A photo of a cat sitting on the windowsill, golden hour, 35mm film, bokeh.", ""]
     with torch.no_grad():
         ref, ref_mask = diffusers.QwenImagePipeline.encode_prompt(pipe, prompts, device=torch.device("cpu"))
-    states, mask = encode_prompt_qwen(ours, tok, prompts, max_sequence_length=1024)
-    assert ref_mask is not None and states.shape == ref.shape and states.dtype == ref.dtype
-    assert torch.equal(mask, ref_mask)
+    assert ref_mask is not None
+    # the padded batch, as diffusers runs it: the same numbers
+    states, mask = encode_prompt_qwen(ours, tok, prompts, max_sequence_length=1024, together=True)
+    assert states.shape == ref.shape and states.dtype == ref.dtype and torch.equal(mask, ref_mask)
     err = float((states - ref).abs().max())
     assert err < 2e-5, err
-    # one prompt alone: diffusers gives no mask (all ones), the same states as its row in the batch
+    # each prompt alone (the default): equal to float rounding, and a row never depends on the others
+    alone, alone_mask = encode_prompt_qwen(ours, tok, prompts, max_sequence_length=1024)
+    assert torch.equal(alone_mask, ref_mask) and float((alone - ref).abs().max()) < 2e-5
     with torch.no_grad():
         one, one_mask = diffusers.QwenImagePipeline.encode_prompt(pipe, prompts[1], device=torch.device("cpu"))
-    assert one_mask is None
+    assert one_mask is None  # diffusers' all-ones mask becomes None; ours stays a mask of ones
     s1, m1 = encode_prompt_qwen(ours, tok, prompts[1], max_sequence_length=1024)
     assert bool(m1.all()) and float((s1 - one).abs().max()) < 2e-5
-    torch.testing.assert_close(s1[0], states[1, : s1.shape[1]], atol=1e-5, rtol=0)
+    assert torch.equal(s1[0], alone[1, : s1.shape[1]])
+
+
+def test_prompts_are_remembered(encoders):
+    from sdengine.text.encode_cache import cache_info, clear
+
+    _, ours, _, tok = encoders
+    clear(ours)
+    first, _ = encode_prompt_qwen(ours, tok, ["a red apple", "a cat"])
+    again, _ = encode_prompt_qwen(ours, tok, ["a cat", "a red apple"])
+    info = cache_info(ours)
+    assert (info["misses"], info["hits"]) == (2, 2), info
+    assert torch.equal(again[0], first[1]) and torch.equal(again[1], first[0])
+    fresh, _ = encode_prompt_qwen(ours, tok, ["a red apple", "a cat"], cache=False)
+    assert torch.equal(fresh, first) and cache_info(ours)["hits"] == 2
 
 
 def test_max_sequence_length_and_long_prompts(encoders):
@@ -278,5 +295,24 @@ def test_overflow_is_refused_not_returned(encoders, tok_folder, tmp_path):
     with torch.no_grad():
         for layer in ours16.blocks:
             layer.mlp.down_proj.weight.mul_(1e5)
-    with pytest.raises(NonFiniteError, match="overflowed in torch.float16"):
-        encode_prompt_qwen(ours16, tok, ["a red apple"])
+    for together in (False, True):
+        with pytest.raises(NonFiniteError, match="overflowed in torch.float16"):
+            encode_prompt_qwen(ours16, tok, ["a red apple"], together=together)
+
+
+def test_added_tokens_json_alone(tok_folder, tmp_path):
+    """Older folders list the chat markers in added_tokens.json (token -> id) rather than the config's
+    added_tokens_decoder: the same ids either way."""
+    folder, _ = tok_folder
+    other = tmp_path / "older"
+    other.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (other / name).write_bytes((folder / name).read_bytes())
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    table = {v["content"]: int(k) for k, v in cfg.pop("added_tokens_decoder").items()}
+    (other / "added_tokens.json").write_text(json.dumps(table))
+    (other / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ours, ref = load_qwen_tokenizer(other), load_qwen_tokenizer(folder)
+    for text in PROBES:
+        assert ours.encode(text) == ref.encode(text), text
+    assert ours.token_id("<|im_start|>") == table["<|im_start|>"]

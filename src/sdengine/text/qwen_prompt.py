@@ -6,8 +6,10 @@
 2. The texts are tokenized together (:class:`~sdengine.text.qwen_tokenizer.QwenTokenizer`): each truncated to
    ``1024 + 34`` tokens (:data:`TOKENIZER_MAX_LENGTH` + :data:`TEMPLATE_DROP`; a longer prompt loses its end, the
    template's closing turn with it), padded to the longest row.
-3. The language model (:class:`~sdengine.models.qwen_text.QwenTextEncoder`) runs over them with the padding mask;
-   its last hidden state (after the final norm) is kept.
+3. The language model (:class:`~sdengine.models.qwen_text.QwenTextEncoder`) runs over them, its last hidden state
+   (after the final norm) kept: each prompt alone by default (no padding, so a prompt's states do not depend on the
+   others in the call, and each is remembered by :mod:`sdengine.text.encode_cache`), or the padded batch with its
+   mask as diffusers runs it (``together=True``); with right padding (Qwen2's default) they agree to float rounding.
 4. Each row keeps its real tokens' states, minus the first :data:`TEMPLATE_DROP` (34: the system turn and the user
    turn's opening, as Qwen2's vocabulary tokenizes them). The rows are stacked left-aligned, zero-padded to the
    longest, with a mask of 1 over the kept states and 0 over the zeros; then both are cut to
@@ -50,6 +52,27 @@ def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
     return list(texts)
 
 
+def _overflow(encoder: QwenTextEncoder) -> NonFiniteError:
+    return NonFiniteError(
+        f"Qwen-Image prompt encoding: the text encoder's states overflowed in {encoder.dtype} (NaN or infinity); "
+        "run it in bfloat16 or float32 (Qwen2.5-VL's activations exceed float16's range)"
+    )
+
+
+def _alone(encoder: QwenTextEncoder, ids: list[int], drop: int, cache: bool) -> Tensor:
+    """The (n - drop, hidden) kept states of one tokenized text run alone (no padding), remembered by
+    :mod:`sdengine.text.encode_cache` when ``cache``."""
+    from sdengine.text.encode_cache import cached_call
+
+    def run() -> Tensor:
+        states = encoder(torch.tensor([ids], dtype=torch.long, device=encoder.device))[0, drop:]
+        if not bool(torch.isfinite(states).all()):
+            raise _overflow(encoder)
+        return states
+
+    return cached_call(encoder, ("qwen_image_text", tuple(ids), drop), run) if cache else run()
+
+
 @torch.no_grad()
 def encode_prompt_qwen(
     encoder: QwenTextEncoder,
@@ -59,11 +82,18 @@ def encode_prompt_qwen(
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     template: str = PROMPT_TEMPLATE,
     drop: int = TEMPLATE_DROP,
+    together: bool = False,
+    cache: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(states, mask) of ``prompts`` (see the module docstring): states (B, L, hidden) in the encoder's dtype on its
     device, mask (B, L) int64 (1: a prompt state, 0: padding), ``L`` the longest row after the template's first
     ``drop`` tokens, at most ``max_sequence_length``. ``template`` (one ``{}`` where the prompt goes) and ``drop`` are
-    Qwen-Image's unless a variant's pipeline (Qwen-Image-Edit) gives its own."""
+    Qwen-Image's unless a variant's pipeline (Qwen-Image-Edit) gives its own.
+
+    ``together=False`` (the default) runs each prompt alone, without padding: a prompt's states then never depend on
+    the other prompts of the call (docs/CONTRACTS.md, Python API: row i equals the same prompt made alone), and each
+    is remembered by :mod:`sdengine.text.encode_cache` (``cache``). ``together=True`` runs the padded batch through
+    the encoder as diffusers does; with the default right padding the two agree to float rounding."""
     texts = _check_prompts(prompts)
     if type(max_sequence_length) is not int or not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH_LIMIT:
         raise UsageError(
@@ -84,16 +114,17 @@ def encode_prompt_qwen(
             f"more than the {drop} template tokens dropped; this tokenizer does not fit the template"
         )
     device = encoder.device
-    states = encoder(ids.to(device), mask.to(device))
-    real = mask.to(device).bool()
-    if not bool(torch.isfinite(states[real]).all()):
-        raise NonFiniteError(
-            f"Qwen-Image prompt encoding: the text encoder's states overflowed in {encoder.dtype} (NaN or infinity); "
-            "run it in bfloat16 or float32 (Qwen2.5-VL's activations exceed float16's range)"
-        )
-    kept = [states[i][real[i]][drop:] for i in range(len(texts))]
+    if together:
+        states = encoder(ids.to(device), mask.to(device))
+        real = mask.to(device).bool()
+        if not bool(torch.isfinite(states[real]).all()):
+            raise _overflow(encoder)
+        kept = [states[i][real[i]][drop:] for i in range(len(texts))]
+    else:
+        rows = [ids[i][mask[i].bool()].tolist() for i in range(len(texts))]
+        kept = [_alone(encoder, row, drop, cache) for row in rows]
     width = min(max(k.shape[0] for k in kept), max_sequence_length)
-    out = states.new_zeros(len(texts), width, states.shape[-1])
+    out = kept[0].new_zeros(len(texts), width, kept[0].shape[-1])
     out_mask = torch.zeros(len(texts), width, dtype=torch.long, device=device)
     for i, k in enumerate(kept):
         n = min(k.shape[0], width)
