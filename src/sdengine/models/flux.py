@@ -50,7 +50,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, Self, cast
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,95 @@ def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if not (k == "out_channels" and v is None)}
 
 
+class FluxLikeConfig:
+    """What the configs of Flux's and Chroma's transformers (:class:`FluxConfig`,
+    :class:`sdengine.models.chroma.ChromaConfig`: frozen dataclasses in diffusers' names) share: the checks of the
+    patching and the RoPE split, the widths, diffusers' ``config.json`` in and out. ``LABEL`` starts their errors,
+    ``DIFFUSERS_CLASS`` is the config's ``_class_name``."""
+
+    LABEL: ClassVar[str]
+    DIFFUSERS_CLASS: ClassVar[str]
+
+    def check_layout(self) -> None:
+        """``axes_dims_rope`` a tuple (a list made one already) of three even numbers adding up to the head,
+        ``patch_size`` 1, ``in_channels`` / ``out_channels`` multiples of 4: one line each."""
+        cfg: Any = self
+        what = self.LABEL
+        if not isinstance(cfg.axes_dims_rope, tuple):
+            raise ConfigError(f"{what} config: axes_dims_rope={cfg.axes_dims_rope!r} is not a list")
+        if cfg.patch_size != 1:
+            raise ConfigError(
+                f"{what} config: patch_size={cfg.patch_size} is not supported (2x2 latent patches are packed before "
+                "the network; patch_size is 1)"
+            )
+        for name in ("in_channels", "out_channels"):
+            value = getattr(cfg, name)
+            if value is not None and value % (PATCH * PATCH):
+                raise ConfigError(f"{what} config: {name}={value} is not a multiple of 4 (2x2 patches of the latent)")
+        if len(cfg.axes_dims_rope) != 3 or any(d % 2 for d in cfg.axes_dims_rope):
+            raise ConfigError(
+                f"{what} config: axes_dims_rope={list(cfg.axes_dims_rope)} must be three even numbers "
+                "(RoPE over the three position ids)"
+            )
+        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
+            raise ConfigError(
+                f"{what} config: axes_dims_rope={list(cfg.axes_dims_rope)} adds up to "
+                f"{sum(cfg.axes_dims_rope)}, not attention_head_dim={cfg.attention_head_dim}"
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of every token inside the network (heads x head width; 3072 in Flux.1)."""
+        cfg: Any = self
+        return int(cfg.num_attention_heads * cfg.attention_head_dim)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the (unpacked) latent the model takes: ``in_channels / 4`` (16 for Flux.1)."""
+        cfg: Any = self
+        return int(cfg.in_channels // (PATCH * PATCH))
+
+    @property
+    def out_latent_channels(self) -> int:
+        """Channels of the (unpacked) prediction the model returns."""
+        cfg: Any = self
+        return int((cfg.out_channels or cfg.in_channels) // (PATCH * PATCH))
+
+    @classmethod
+    def check_values(cls, values: Mapping[str, Any]) -> None:
+        """Bounds on a ``config.json``'s known values before the config is built (none here)."""
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> Self:
+        """A diffusers ``transformer/config.json``; keys starting with ``_`` (class name, versions) are
+        ignored, any other unknown key is refused (one line naming them)."""
+        what = cls.LABEL
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"a {what} config must be a mapping, got {type(config).__name__}")
+        name = config.get("_class_name")
+        if name is not None and name != cls.DIFFUSERS_CLASS:
+            raise ConfigError(f"not a {what} config: _class_name={name!r}")
+        known = {f.name for f in dataclasses.fields(cast(Any, cls))}
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+        if unknown:
+            raise ConfigError(f"unknown {what} config options: {', '.join(unknown)}")
+        values = {k: v for k, v in config.items() if k in known}
+        cls.check_values(values)
+        try:
+            return cls(**values)
+        except TypeError as e:  # a list where a number belongs, ...
+            raise ConfigError(f"{what} config: {e}") from None
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The diffusers ``config.json`` for this architecture."""
+        out: dict[str, Any] = {"_class_name": self.DIFFUSERS_CLASS}
+        out.update(dataclasses.asdict(cast(Any, self)))
+        out["axes_dims_rope"] = list(out["axes_dims_rope"])
+        return out
+
+
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(FluxLikeConfig):
     """Architecture of a Flux transformer; the names are those of diffusers' ``FluxTransformer2DModel`` config.
 
     ``in_channels``: numbers per image token, 4 x the latent's channels (2x2 patches: 64 for Flux.1's 16-channel
@@ -99,77 +186,20 @@ class FluxConfig:
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
 
+    LABEL: ClassVar[str] = "Flux transformer"
+    DIFFUSERS_CLASS: ClassVar[str] = "FluxTransformer2DModel"
+
     def __post_init__(self) -> None:
         if isinstance(self.axes_dims_rope, list):
             object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
         check_config("flux", _numbers(dataclasses.asdict(self)))
-        if not isinstance(self.axes_dims_rope, tuple):
-            raise ConfigError(f"Flux transformer config: axes_dims_rope={self.axes_dims_rope!r} is not a list")
         if type(self.guidance_embeds) is not bool:
             raise ConfigError(f"Flux transformer config: guidance_embeds={self.guidance_embeds!r} is not true/false")
-        if self.patch_size != 1:
-            raise ConfigError(
-                f"Flux transformer config: patch_size={self.patch_size} is not supported (Flux packs 2x2 latent "
-                "patches before the network; patch_size is 1)"
-            )
-        for name in ("in_channels", "out_channels"):
-            value = getattr(self, name)
-            if value is not None and value % (PATCH * PATCH):
-                raise ConfigError(
-                    f"Flux transformer config: {name}={value} is not a multiple of 4 (2x2 patches of the latent)"
-                )
-        if len(self.axes_dims_rope) != 3 or any(d % 2 for d in self.axes_dims_rope):
-            raise ConfigError(
-                f"Flux transformer config: axes_dims_rope={list(self.axes_dims_rope)} must be three even numbers "
-                "(RoPE over the three position ids)"
-            )
-        if sum(self.axes_dims_rope) != self.attention_head_dim:
-            raise ConfigError(
-                f"Flux transformer config: axes_dims_rope={list(self.axes_dims_rope)} adds up to "
-                f"{sum(self.axes_dims_rope)}, not attention_head_dim={self.attention_head_dim}"
-            )
-
-    @property
-    def hidden_size(self) -> int:
-        """Width of every token inside the network (heads x head width; 3072 in Flux.1)."""
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def latent_channels(self) -> int:
-        """Channels of the (unpacked) latent the model takes: ``in_channels / 4`` (16 for Flux.1)."""
-        return self.in_channels // (PATCH * PATCH)
-
-    @property
-    def out_latent_channels(self) -> int:
-        """Channels of the (unpacked) prediction the model returns."""
-        return (self.out_channels or self.in_channels) // (PATCH * PATCH)
+        self.check_layout()
 
     @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any]) -> FluxConfig:
-        """A diffusers ``transformer/config.json``; keys starting with ``_`` (class name, versions) are
-        ignored, any other unknown key is refused (one line naming them)."""
-        if not isinstance(config, Mapping):
-            raise ConfigError(f"a Flux transformer config must be a mapping, got {type(config).__name__}")
-        name = config.get("_class_name")
-        if name is not None and name != "FluxTransformer2DModel":
-            raise ConfigError(f"not a Flux transformer config: _class_name={name!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ConfigError(f"unknown Flux transformer config options: {', '.join(unknown)}")
-        values = {k: v for k, v in config.items() if k in known}
+    def check_values(cls, values: Mapping[str, Any]) -> None:
         check_config("flux", _numbers(values))
-        try:
-            return cls(**values)
-        except TypeError as e:  # a list where a number belongs, ...
-            raise ConfigError(f"Flux transformer config: {e}") from None
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """The diffusers ``config.json`` for this architecture."""
-        out: dict[str, Any] = {"_class_name": "FluxTransformer2DModel"}
-        out.update(dataclasses.asdict(self))
-        out["axes_dims_rope"] = list(self.axes_dims_rope)
-        return out
 
 
 FLUX_SCHNELL = FluxConfig()  # FLUX.1 [schnell]: timestep-distilled, no guidance input
@@ -346,7 +376,10 @@ class JointAttention(nn.Module):
     ``context_dim`` set (double-stream): the text tokens have their own projections (``add_q_proj``,
     ``add_k_proj``, ``add_v_proj``, ``norm_added_q/k``, ``to_add_out``) and each stream gets its part of the
     output projected back (``to_out.0`` for the image). Unset (single-stream): one set of projections over the
-    whole sequence and no output projection (the block's ``proj_out`` does it, together with the MLP's)."""
+    whole sequence and no output projection (the block's ``proj_out`` does it, together with the MLP's).
+
+    ``mask`` (Chroma's, :mod:`sdengine.models.chroma`): (B, S + L) bool over the keys, text first, False for a key
+    no query attends to; None: every key."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, *, joint: bool) -> None:
         super().__init__()
@@ -373,10 +406,10 @@ class JointAttention(nn.Module):
         return x.unflatten(-1, (self.heads, self.head_dim))  # (B, L, heads, d)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], context: Tensor | None = None
+        self, x: Tensor, rope: tuple[Tensor, Tensor], context: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x: (B, L, dim) image tokens (or the whole sequence, single-stream); context: (B, S, dim) text tokens
-        (double-stream); rope: the cos/sin tables of the (S + L) tokens, text first."""
+        (double-stream); rope: the cos/sin tables of the (S + L) tokens, text first; mask: the class docstring's."""
         q = self.norm_q(self._heads(self.to_q(x)))
         k = self.norm_k(self._heads(self.to_k(x)))
         v = self._heads(self.to_v(x))
@@ -385,7 +418,8 @@ class JointAttention(nn.Module):
             k = torch.cat([self.norm_added_k(self._heads(self.add_k_proj(context))), k], dim=1)
             v = torch.cat([self._heads(self.add_v_proj(context)), v], dim=1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        h = scaled_dot_product_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.heads)  # (B, S+L, inner)
+        m = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S + L): over the keys
+        h = scaled_dot_product_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.heads, mask=m)  # (B, S+L, D)
         if context is None:
             return h
         S = context.shape[1]
@@ -394,20 +428,35 @@ class JointAttention(nn.Module):
 
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with their own weights, one joint attention (diffusers' ``FluxTransformerBlock``;
-    BFL's ``DoubleStreamBlock``)."""
+    BFL's ``DoubleStreamBlock``). ``modulation=False``: without its modulation linears (Chroma's block, which is
+    given its shifts, scales and gates: :meth:`modulated`)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, *, modulation: bool = True) -> None:
         super().__init__()
-        self.norm1 = Modulation(dim, 6)  # the image's shift/scale/gate for attention, then for the MLP
-        self.norm1_context = Modulation(dim, 6)  # the text's
+        if modulation:
+            self.norm1 = Modulation(dim, 6)  # the image's shift/scale/gate for attention, then for the MLP
+            self.norm1_context = Modulation(dim, 6)  # the text's
         self.attn = JointAttention(dim, heads, head_dim, joint=True)
         self.ff = MLP(dim)
         self.ff_context = MLP(dim)
 
     def forward(self, x: Tensor, context: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(vec)
-        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(vec)
-        img, txt = self.attn(modulate(x, shift1, scale1), rope, modulate(context, c_shift1, c_scale1))
+        return self.modulated(x, context, self.norm1(vec), self.norm1_context(vec), rope)
+
+    def modulated(
+        self,
+        x: Tensor,
+        context: Tensor,
+        img_mod: Sequence[Tensor],
+        txt_mod: Sequence[Tensor],
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The block given each stream's six (B, 1, dim) modulation vectors (shift, scale, gate for attention, then
+        for the MLP) and the attention's key ``mask`` (:class:`JointAttention`)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = img_mod
+        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = txt_mod
+        img, txt = self.attn(modulate(x, shift1, scale1), rope, modulate(context, c_shift1, c_scale1), mask=mask)
         x = x + gate1 * img
         x = x + gate2 * self.ff(modulate(x, shift2, scale2))
         context = context + c_gate1 * txt
@@ -417,19 +466,28 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """Text and image tokens as one sequence; attention and MLP in parallel on the same input, one output
-    projection over both (diffusers' ``FluxSingleTransformerBlock``; BFL's ``SingleStreamBlock``)."""
+    projection over both (diffusers' ``FluxSingleTransformerBlock``; BFL's ``SingleStreamBlock``).
+    ``modulation=False``: without its modulation linear (Chroma's: :meth:`modulated`)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: int = 4) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: int = 4, *, modulation: bool = True) -> None:
         super().__init__()
-        self.norm = Modulation(dim, 3)
+        if modulation:
+            self.norm = Modulation(dim, 3)
         self.attn = JointAttention(dim, heads, head_dim, joint=False)
         self.proj_mlp = nn.Linear(dim, dim * mlp_ratio)
         self.proj_out = nn.Linear(dim + dim * mlp_ratio, dim)
 
     def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        shift, scale, gate = self.norm(vec)
+        return self.modulated(x, self.norm(vec), rope)
+
+    def modulated(
+        self, x: Tensor, mod: Sequence[Tensor], rope: tuple[Tensor, Tensor], mask: Tensor | None = None
+    ) -> Tensor:
+        """The block given its three (B, 1, dim) modulation vectors (shift, scale, gate) and the attention's key
+        ``mask`` (:class:`JointAttention`)."""
+        shift, scale, gate = mod
         h = modulate(x, shift, scale)
-        attn = cast(Tensor, self.attn(h, rope))  # (B, L, dim): no context, so one tensor
+        attn = cast(Tensor, self.attn(h, rope, mask=mask))  # (B, L, dim): no context, so one tensor
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
         return _clip_fp16(x + gate * self.proj_out(torch.cat([attn, mlp], dim=-1)))
 
@@ -676,6 +734,7 @@ __all__ = [
     "FLUX_SCHNELL",
     "REFERENCE_METHODS",
     "FluxConfig",
+    "FluxLikeConfig",
     "FluxTransformer",
     "apply_rope",
     "image_ids",
