@@ -25,7 +25,18 @@ from _flux_models import make_flux_folder  # noqa: E402
 from _pipeline_models import mask_picture, picture  # noqa: E402
 from sdengine.server.comfy.nodes import NodeError  # noqa: E402
 from sdengine.server.comfy.nodes_sd3_flux import flux_concat  # noqa: E402
-from test_comfy_sd3_flux import PROMPT, TOL, _clip_file, _ldm_vae, _node_error, _pixels, _run, _save, flux  # noqa: E402, F401
+from test_comfy_sd3_flux import (  # noqa: E402, F401
+    PROMPT,
+    TOL,
+    _clip_file,
+    _ldm_vae,
+    _node_error,
+    _pixels,
+    _run,
+    _save,
+    flux,
+    ksampler_node,
+)
 
 SEED, STEPS = 5, 3
 W, H = 48, 32  # the tiny VAE is 2x: a 24 x 16 latent, 12 x 8 = 96 tokens (ModelSamplingFlux's 192 x 128)
@@ -79,21 +90,7 @@ def _graph(kind: str, guidance: float, noise_mask: bool = False, cfg: float = 1.
         },
         "9": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
         "20": {"class_type": "LoadImage", "inputs": {"image": "control.png" if kind == "control" else "init.png"}},
-        "8": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["6", 0],
-                "seed": SEED,
-                "steps": STEPS,
-                "cfg": cfg,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["22", 0],
-                "negative": ["22", 1],
-                "latent_image": ["22", 2],
-                "denoise": 1.0,
-            },
-        },  # fmt: skip
+        "8": ksampler_node(["6", 0], ["22", 0], ["22", 1], ["22", 2], cfg=cfg, steps=STEPS),
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
         "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},
     }

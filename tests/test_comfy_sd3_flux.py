@@ -134,12 +134,13 @@ def _run(root: Path, prompt: dict[str, Any], pipes: dict[str, Any] | None = None
     return {nid: entry.outputs for nid, entry in ex.cache.items()}
 
 
-def _sampler(model: list, pos: list, neg: list, latent: list, sampler="euler", scheduler="simple", cfg=4.0) -> dict:
+def ksampler_node(model: list, pos: list, neg: list, latent: list, sampler="euler", scheduler="simple", **kw) -> dict:
+    """A KSampler node, full denoise (``kw``: cfg 4, SEED, STEPS unless given)."""
     return {
         "class_type": "KSampler",
         "inputs": {
-            "model": model, "seed": SEED, "steps": STEPS, "cfg": cfg, "sampler_name": sampler,
-            "scheduler": scheduler, "positive": pos, "negative": neg, "latent_image": latent, "denoise": 1.0,
+            "model": model, "seed": SEED, "steps": STEPS, "cfg": 4.0, "sampler_name": sampler,
+            "scheduler": scheduler, "positive": pos, "negative": neg, "latent_image": latent, "denoise": 1.0, **kw,
         },
     }  # fmt: skip
 
@@ -161,7 +162,7 @@ def sd3_graph(loader: dict[str, dict], model: list, clip: list, vae: list, **sam
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": clip}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": clip}},
         "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIDE, "height": SIDE, "batch_size": 1}},
-        "6": _sampler(model, ["3", 0], ["4", 0], ["5", 0], **sampler),
+        "6": ksampler_node(model, ["3", 0], ["4", 0], ["5", 0], **sampler),
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": vae}},
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "sd3"}},
     }
@@ -261,7 +262,7 @@ def flux_graph(guidance: float = 3.5) -> dict:
             "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5, "width": SIDE, "height": SIDE},
         },
         "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIDE, "height": SIDE, "batch_size": 1}},
-        "8": _sampler(["6", 0], ["4", 0], ["5", 0], ["7", 0], cfg=1.0),
+        "8": ksampler_node(["6", 0], ["4", 0], ["5", 0], ["7", 0], cfg=1.0),
         "9": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
         "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "flux"}},
