@@ -39,15 +39,13 @@ from sdengine.models.config_checks import ConfigError
 from sdengine.models.flux import (
     DoubleStreamBlock,
     FluxLikeConfig,
+    FluxLikeTransformer,
     SingleStreamBlock,
-    image_ids,
     modulate,
     pack_latents,
-    rope_angles,
     unpack_latents,
 )
 from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
-from sdengine.nn.fp8_storage import compute_dtype
 
 PATCH = 2
 INDEX_SCALE = 1000.0  # the modulation index enters its sinusoid multiplied by this
@@ -183,15 +181,14 @@ class ChromaSingleBlock(SingleStreamBlock):
 # The model
 
 
-class ChromaTransformer(nn.Module):
+class ChromaTransformer(FluxLikeTransformer):
     """Chroma's transformer (module docstring); diffusers' ``ChromaTransformer2DModel`` parameter names."""
 
+    LABEL = "Chroma transformer"
+
     def __init__(self, config: ChromaConfig = CHROMA1) -> None:
-        super().__init__()
-        self.config = config
-        self.name = ""
-        self._rope_key: tuple[int, int, int, torch.device] | None = None
-        self._rope: tuple[Tensor, Tensor] | None = None
+        super().__init__(config)
+        self.config: ChromaConfig = config
         dim = config.hidden_size
         heads, head_dim = config.num_attention_heads, config.attention_head_dim
         self.distilled_guidance_layer = Approximator(
@@ -207,49 +204,11 @@ class ChromaTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(dim, config.out_channels or config.in_channels)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return compute_dtype(self.x_embedder)  # float8-stored weights compute in this dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.x_embedder.weight.device
-
-    def rope_tables(self, text: int, rows: int, cols: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos/sin tables of ``text`` text tokens (ids 0) then a rows x cols image grid; the last kept."""
-        key = (text, rows, cols, device)
-        if self._rope_key != key or self._rope is None:
-            ids = torch.cat([torch.zeros(text, 3), image_ids(rows, cols)])
-            self._rope = rope_angles(ids.to(device), self.config.axes_dims_rope)
-            self._rope_key = key
-        return self._rope
-
     def modulations(self, timestep: Tensor) -> Tensor:
         """Every block's modulation vectors (B, 3 S + 12 D + 2, hidden) at ``timestep`` (B,) on 0..1000."""
         cfg = self.config
         x = approximator_input(timestep, cfg.approximator_num_channels, cfg.modulations, self.dtype)
         return self.distilled_guidance_layer(x)
-
-    def _check(self, hidden_states: Tensor, text: Tensor, mask: Tensor | None) -> tuple[int, int, int]:
-        cfg = self.config
-        if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.latent_channels:
-            raise UsageError(
-                f"Chroma transformer: hidden_states must be a (B, {cfg.latent_channels}, H, W) latent, "
-                f"got {tuple(hidden_states.shape)}"
-            )
-        B, _, H, W = hidden_states.shape
-        if H % PATCH or W % PATCH:
-            raise UsageError(f"Chroma transformer: the latent's height and width must be even, got {H}x{W}")
-        if text.ndim != 3 or text.shape[0] != B or text.shape[2] != cfg.joint_attention_dim:
-            raise UsageError(
-                f"Chroma transformer: encoder_hidden_states must be (B={B}, L, {cfg.joint_attention_dim}), "
-                f"got {tuple(text.shape)}"
-            )
-        if mask is not None and tuple(mask.shape) != (B, text.shape[1]):
-            raise UsageError(
-                f"Chroma transformer: text_mask must be (B={B}, L={text.shape[1]}), got {tuple(mask.shape)}"
-            )
-        return B, H, W
 
     def forward(
         self,
@@ -260,18 +219,14 @@ class ChromaTransformer(nn.Module):
     ) -> Tensor:
         """The velocity for the latent (B, C, H, W) at ``timestep`` (a number or (B,), 0..1000 scale), given T5's
         states (B, L, 4096) and ``text_mask`` (B, L) (True / 1: attended; None: every text token) -> (B, C, H, W)."""
-        B, H, W = self._check(hidden_states, encoder_hidden_states, text_mask)
-        device, dtype = hidden_states.device, self.dtype
-        t = torch.as_tensor(timestep)
-        if t.ndim == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
+        B, H, W = self.check_latent(hidden_states, encoder_hidden_states)
+        if text_mask is not None and tuple(text_mask.shape) != (B, encoder_hidden_states.shape[1]):
             raise UsageError(
-                f"Chroma transformer: timestep must be a number or have shape ({B},), got {tuple(t.shape)}"
+                f"Chroma transformer: text_mask must be (B={B}, L={encoder_hidden_states.shape[1]}), "
+                f"got {tuple(text_mask.shape)}"
             )
-        if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
-            raise UsageError(f"Chroma transformer: timestep must be finite, got {t.tolist()}")
-        t = t.to(device=device, dtype=torch.float32)
+        device, dtype = hidden_states.device, self.dtype
+        t = self.batch_vector(timestep, B, "timestep", device)
         mods = self.modulations(t)  # (B, M, dim)
         x = self.x_embedder(pack_latents(hidden_states.to(dtype)))
         context = self.context_embedder(encoder_hidden_states.to(dtype))

@@ -535,7 +535,9 @@ class FinalLayer(nn.Module):
 # The model
 
 
-def _batch_vector(value: Tensor | float, batch: int, name: str, device: torch.device) -> Tensor:
+def _batch_vector(
+    value: Tensor | float, batch: int, name: str, device: torch.device, what: str = "Flux transformer"
+) -> Tensor:
     """A per-row number as a (B,) float32 tensor on ``device``: a scalar (Python or 0-d) is repeated, a (B,) kept.
     Numbers given on the CPU are checked to be finite (one on the GPU is not: that check would wait for the GPU
     at every step, and the pipeline refuses a non-finite result anyway)."""
@@ -543,35 +545,27 @@ def _batch_vector(value: Tensor | float, batch: int, name: str, device: torch.de
     if t.ndim == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
-        raise UsageError(f"Flux transformer: {name} must be a number or have shape ({batch},), got {tuple(t.shape)}")
+        raise UsageError(f"{what}: {name} must be a number or have shape ({batch},), got {tuple(t.shape)}")
     if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
-        raise UsageError(f"Flux transformer: {name} must be finite, got {t.tolist()}")
+        raise UsageError(f"{what}: {name} must be finite, got {t.tolist()}")
     return t.to(device=device, dtype=torch.float32)
 
 
-class FluxTransformer(nn.Module):
-    """Flux.1's transformer (see the module docstring); diffusers' ``FluxTransformer2DModel`` parameter names."""
+class FluxLikeTransformer(nn.Module):
+    """What Flux's and Chroma's transformers (:class:`FluxTransformer`,
+    :class:`sdengine.models.chroma.ChromaTransformer`) share: the config and the file's name, the weights' dtype and
+    device, the RoPE tables of the last size, the latent's and text's checks, the per-row numbers. ``LABEL`` starts
+    their errors."""
 
-    def __init__(self, config: FluxConfig = FLUX_SCHNELL) -> None:
+    LABEL = "Flux transformer"
+    x_embedder: nn.Linear
+
+    def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
         self.name = ""  # the file it came from (set by the loader)
         self._rope_key: tuple[Any, ...] | None = None
         self._rope: tuple[Tensor, Tensor] | None = None
-        dim = config.hidden_size
-        heads, head_dim = config.num_attention_heads, config.attention_head_dim
-        out = config.out_channels or config.in_channels
-        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, config.guidance_embeds)
-        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
-        self.x_embedder = nn.Linear(config.in_channels, dim)
-        self.transformer_blocks = nn.ModuleList(
-            [DoubleStreamBlock(dim, heads, head_dim) for _ in range(config.num_layers)]
-        )
-        self.single_transformer_blocks = nn.ModuleList(
-            [SingleStreamBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)]
-        )
-        self.norm_out = FinalLayer(dim)
-        self.proj_out = nn.Linear(dim, out)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -603,27 +597,58 @@ class FluxTransformer(nn.Module):
             self._rope_key = key
         return self._rope
 
-    def _check_inputs(
-        self, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor
-    ) -> tuple[int, int, int]:
-        cfg = self.config
+    def check_latent(self, hidden_states: Tensor, text: Tensor) -> tuple[int, int, int]:
+        """The latent (B, C, H, W) with even sides and T5's states (B, L, joint_attention_dim): (B, H, W), or one
+        line naming what does not fit."""
+        cfg, what = self.config, self.LABEL
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.latent_channels:
             raise UsageError(
-                f"Flux transformer: hidden_states must be a (B, {cfg.latent_channels}, H, W) latent, "
+                f"{what}: hidden_states must be a (B, {cfg.latent_channels}, H, W) latent, "
                 f"got {tuple(hidden_states.shape)}"
             )
         B, _, H, W = hidden_states.shape
         if H % PATCH or W % PATCH:
             raise UsageError(
-                f"Flux transformer: the latent's height and width must be even (2x2 patches), got {H}x{W} "
+                f"{what}: the latent's height and width must be even (2x2 patches), got {H}x{W} "
                 f"(an image size that is a multiple of 16 pixels gives one)"
             )
-        text = encoder_hidden_states
         if text.ndim != 3 or text.shape[0] != B or text.shape[2] != cfg.joint_attention_dim:
             raise UsageError(
-                f"Flux transformer: encoder_hidden_states must be (B={B}, L, {cfg.joint_attention_dim}), "
-                f"got {tuple(encoder_hidden_states.shape)}"
+                f"{what}: encoder_hidden_states must be (B={B}, L, {cfg.joint_attention_dim}), got {tuple(text.shape)}"
             )
+        return B, H, W
+
+    def batch_vector(self, value: Tensor | float, batch: int, name: str, device: torch.device) -> Tensor:
+        """A per-row number as a (B,) float32 tensor on ``device`` (:func:`_batch_vector`)."""
+        return _batch_vector(value, batch, name, device, self.LABEL)
+
+
+class FluxTransformer(FluxLikeTransformer):
+    """Flux.1's transformer (see the module docstring); diffusers' ``FluxTransformer2DModel`` parameter names."""
+
+    def __init__(self, config: FluxConfig = FLUX_SCHNELL) -> None:
+        super().__init__(config)
+        self.config: FluxConfig = config
+        dim = config.hidden_size
+        heads, head_dim = config.num_attention_heads, config.attention_head_dim
+        out = config.out_channels or config.in_channels
+        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, config.guidance_embeds)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(config.in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(
+            [DoubleStreamBlock(dim, heads, head_dim) for _ in range(config.num_layers)]
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            [SingleStreamBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)]
+        )
+        self.norm_out = FinalLayer(dim)
+        self.proj_out = nn.Linear(dim, out)
+
+    def _check_inputs(
+        self, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor
+    ) -> tuple[int, int, int]:
+        cfg = self.config
+        B, H, W = self.check_latent(hidden_states, encoder_hidden_states)
         if tuple(pooled_projections.shape) != (B, cfg.pooled_projection_dim):
             raise UsageError(
                 f"Flux transformer: pooled_projections must be ({B}, {cfg.pooled_projection_dim}), "
@@ -735,6 +760,7 @@ __all__ = [
     "REFERENCE_METHODS",
     "FluxConfig",
     "FluxLikeConfig",
+    "FluxLikeTransformer",
     "FluxTransformer",
     "apply_rope",
     "image_ids",
