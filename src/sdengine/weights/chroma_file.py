@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from sdengine.models.chroma import ChromaConfig, ChromaTransformer
-from sdengine.models.config_checks import ConfigError
 
 from .detect import FLUX_PREFIX, is_chroma_state_dict
 from .flux_file import (
@@ -44,8 +43,9 @@ from .flux_file import (
     blocks_to_diffusers,
     build_from_state,
     check_config_fits,
-    head_and_axes,
+    flux_like_shapes,
     load_transformer,
+    make_config,
     tensor_shape,
 )
 from .io import StateDict, WeightsError
@@ -128,33 +128,19 @@ def config_from_shapes(
     sd: Mapping[str, Any], where: str = "<state dict>", *, axes_dims_rope: tuple[int, ...] | None = None
 ) -> ChromaConfig:
     """The architecture of a Chroma state dict in diffusers' names (module docstring)."""
-    hidden, in_channels = _shape(sd, "x_embedder.weight", 2, where)
-    out_channels = _shape(sd, "proj_out.weight", 2, where)[0]
-    joint = _shape(sd, "context_embedder.weight", 2, where)[1]
+    hint = "use a diffusers folder with config.json"
+    shared = flux_like_shapes(sd, where, axes_dims_rope, model="Chroma", released="Chroma's", hint=hint)
     approx_hidden, approx_in = _shape(sd, "distilled_guidance_layer.in_proj.weight", 2, where)
     layers = _count(_GUIDE, list(sd), "distilled_guidance_layer layer", where)
-    doubles = _count(OURS_DOUBLE_BLOCK, list(sd), "double-stream block", where)
-    singles = _count(OURS_SINGLE_BLOCK, list(sd), "single-stream block", where)
-    hint = "use a diffusers folder with config.json"
-    head, axes = head_and_axes(
-        sd, hidden, doubles, singles, where, axes_dims_rope, model="Chroma", released="Chroma's", hint=hint
+    config: ChromaConfig = make_config(
+        ChromaConfig,
+        where,
+        **shared,
+        approximator_num_channels=approx_in,
+        approximator_hidden_dim=approx_hidden,
+        approximator_layers=layers,
     )
-    try:
-        return ChromaConfig(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            num_layers=doubles,
-            num_single_layers=singles,
-            attention_head_dim=head,
-            num_attention_heads=hidden // head,
-            joint_attention_dim=joint,
-            axes_dims_rope=axes,
-            approximator_num_channels=approx_in,
-            approximator_hidden_dim=approx_hidden,
-            approximator_layers=layers,
-        )
-    except ConfigError as e:
-        raise WeightsError(f"{where}: {e}") from None
+    return config
 
 
 def _to_ours(sd: Mapping[str, Any], where: str) -> StateDict:

@@ -298,20 +298,23 @@ def tensor_shape(sd: Mapping[str, Any], key: str, ndim: int, where: str, model: 
     return tuple(int(s) for s in t.shape)
 
 
-def head_and_axes(
+def flux_like_shapes(
     sd: Mapping[str, Any],
-    hidden: int,
-    doubles: int,
-    singles: int,
     where: str,
     axes_dims_rope: tuple[int, ...] | None,
     *,
     model: str = "Flux",
     released: str = "FLUX.1's",
     hint: str = "give axes_dims_rope, or use a diffusers folder with config.json",
-) -> tuple[int, tuple[int, ...]]:
-    """A Flux-like transformer's head width (from the first block's query norm) and RoPE split (``axes_dims_rope``,
-    or FLUX.1's for a 128-wide head; another width without it is one line ending in ``hint``)."""
+) -> dict[str, Any]:
+    """The config fields Flux's and Chroma's transformers share, read off a state dict in diffusers' names (the
+    module docstring): widths, block counts, the head (from the first block's query norm) and the RoPE split
+    (``axes_dims_rope``, or FLUX.1's for a 128-wide head; another width without it is one line ending in ``hint``)."""
+    hidden, in_channels = tensor_shape(sd, "x_embedder.weight", 2, where, model)
+    out_channels = tensor_shape(sd, "proj_out.weight", 2, where, model)[0]
+    joint = tensor_shape(sd, "context_embedder.weight", 2, where, model)[1]
+    doubles = block_count(OURS_DOUBLE_BLOCK, list(sd), "double-stream block", where, model)
+    singles = block_count(OURS_SINGLE_BLOCK, list(sd), "single-stream block", where, model)
     if doubles:
         head = tensor_shape(sd, "transformer_blocks.0.attn.norm_q.weight", 1, where, model)[0]
     elif singles:
@@ -327,7 +330,24 @@ def head_and_axes(
                 f"{FLUX1_HEAD} wide); {hint}"
             )
         axes_dims_rope = FLUX1_AXES
-    return head, tuple(axes_dims_rope)
+    return {
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "num_layers": doubles,
+        "num_single_layers": singles,
+        "attention_head_dim": head,
+        "num_attention_heads": hidden // head,
+        "joint_attention_dim": joint,
+        "axes_dims_rope": tuple(axes_dims_rope),
+    }
+
+
+def make_config(cls: Callable[..., Any], where: str, **fields: Any) -> Any:
+    """``cls(**fields)``; a config error is a :class:`WeightsError` naming ``where``."""
+    try:
+        return cls(**fields)
+    except ConfigError as e:
+        raise WeightsError(f"{where}: {e}") from None
 
 
 def config_from_shapes(
@@ -335,37 +355,24 @@ def config_from_shapes(
 ) -> FluxConfig:
     """The architecture of a Flux state dict in diffusers' names (see the module docstring for what is read
     where). ``axes_dims_rope``: the RoPE split of a head, needed when the head is not FLUX.1's 128 numbers."""
-    hidden, in_channels = tensor_shape(sd, "x_embedder.weight", 2, where)
-    out_channels = tensor_shape(sd, "proj_out.weight", 2, where)[0]
+    shared = flux_like_shapes(sd, where, axes_dims_rope)
+    in_channels, out_channels = shared["in_channels"], shared["out_channels"]
     if in_channels < out_channels:
         raise WeightsError(
             f"{where}: the image tokens have {in_channels} numbers in and {out_channels} out: not a Flux transformer "
             "(FLUX.1 takes as many as it gives, Fill, Depth and Canny more)"
         )
-    joint = tensor_shape(sd, "context_embedder.weight", 2, where)[1]
     pooled = tensor_shape(sd, "time_text_embed.text_embedder.linear_1.weight", 2, where)[1]
-    doubles = block_count(OURS_DOUBLE_BLOCK, list(sd), "double-stream block", where)
-    singles = block_count(OURS_SINGLE_BLOCK, list(sd), "single-stream block", where)
-    head, axes_dims_rope = head_and_axes(sd, hidden, doubles, singles, where, axes_dims_rope)
-    if singles:
+    if shared["num_single_layers"]:
+        hidden = shared["num_attention_heads"] * shared["attention_head_dim"]
         mlp = tensor_shape(sd, "single_transformer_blocks.0.proj_mlp.weight", 2, where)[0]
         if mlp != 4 * hidden:
             raise WeightsError(f"{where}: the single blocks' MLP is {mlp} wide, Flux's is 4 x {hidden} = {4 * hidden}")
-    try:
-        return FluxConfig(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            num_layers=doubles,
-            num_single_layers=singles,
-            attention_head_dim=head,
-            num_attention_heads=hidden // head,
-            joint_attention_dim=joint,
-            pooled_projection_dim=pooled,
-            guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in sd,
-            axes_dims_rope=tuple(axes_dims_rope),
-        )
-    except ConfigError as e:
-        raise WeightsError(f"{where}: {e}") from None
+    guidance = "time_text_embed.guidance_embedder.linear_1.weight" in sd
+    config: FluxConfig = make_config(
+        FluxConfig, where, **shared, pooled_projection_dim=pooled, guidance_embeds=guidance
+    )
+    return config
 
 
 def _to_ours(sd: Mapping[str, Any], where: str) -> StateDict:
@@ -612,7 +619,8 @@ __all__ = [
     "blocks_to_bfl",
     "blocks_to_diffusers",
     "FLUX1_AXES",
-    "head_and_axes",
+    "flux_like_shapes",
+    "make_config",
     "tensor_shape",
     "bfl_to_diffusers",
     "build_from_state",
