@@ -23,12 +23,12 @@ from test_comfy_sd3_flux import (  # noqa: E402
     NEGATIVE,
     PROMPT,
     TOL,
-    _ldm_vae,
     _node_error,
     _pixels,
     _run,
     _save,
     ksampler_node,
+    save_comfy_files,
 )
 
 SEED, STEPS, SIDE = 5, 4, 64  # EmptySD3LatentImage 64: an 8 x 8 latent, 16 pixels out of the tiny 2x VAE
@@ -36,17 +36,10 @@ SEED, STEPS, SIDE = 5, 4, 64  # EmptySD3LatentImage 64: an 8 x 8 latent, 16 pixe
 
 @pytest.fixture(scope="module")
 def chroma(tmp_path_factory):
-    from safetensors.torch import load_file
-
-    from sdengine.weights.chroma_file import diffusers_to_bfl
 
     root = tmp_path_factory.mktemp("comfy_chroma")
     folder = make_chroma_folder(root / "chroma-folder", seed=2)
-    models = root / "models"
-    sd = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
-    _save(diffusers_to_bfl(sd), models / "diffusion_models" / "chroma-tiny.safetensors")
-    _save(load_file(folder / "text_encoder" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
-    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+    save_comfy_files(folder, root, "diffusion_models/chroma-tiny.safetensors", chroma=True)
     return root, sdengine.load_pipeline(folder, device="cpu")
 
 

@@ -36,6 +36,7 @@ from test_comfy_sd3_flux import (  # noqa: E402, F401
     _save,
     flux,
     ksampler_node,
+    save_comfy_files,
 )
 
 SEED, STEPS = 5, 3
@@ -43,17 +44,9 @@ W, H = 48, 32  # the tiny VAE is 2x: a 24 x 16 latent, 12 x 8 = 96 tokens (Model
 
 
 def _files(root: Path, kind: str, seed: int) -> Any:
-    from safetensors.torch import load_file
-
-    from sdengine.weights.flux_file import diffusers_to_bfl
 
     folder = make_flux_folder(root / f"flux-{kind}", kind=kind, seed=seed)
-    models = root / "models"
-    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    _save(transformer, models / "unet" / f"flux1-{kind}.safetensors")
-    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
-    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
-    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+    save_comfy_files(folder, root, f"unet/flux1-{kind}.safetensors")
     (root / "in").mkdir(exist_ok=True)
     picture(W, H).save(root / "in" / "init.png")
     mask_picture(W, H).convert("RGB").save(root / "in" / "mask.png")

@@ -61,6 +61,26 @@ def _clip_file(folder: Path, sub: str) -> dict[str, torch.Tensor]:
     return {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in sd.items()}
 
 
+def save_comfy_files(
+    folder: Path, root: Path, unet: str = "unet/flux1-tiny.safetensors", *, chroma: bool = False
+) -> None:
+    """A tiny diffusers Flux (or ``chroma``) folder's parts as ComfyUI's files under ``root``: the transformer in
+    BFL's names at ``models/<unet>``, CLIP-L (Flux's) and T5 in ``models/text_encoders/``, the VAE as
+    ``vaes/ae.safetensors``."""
+    from safetensors.torch import load_file
+
+    from sdengine.weights import chroma_file, flux_file
+
+    to_bfl = chroma_file.diffusers_to_bfl if chroma else flux_file.diffusers_to_bfl
+    models = root / "models"
+    _save(to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")), models / unet)
+    if not chroma:
+        _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
+    t5 = folder / ("text_encoder" if chroma else "text_encoder_2") / "model.safetensors"
+    _save(load_file(t5), models / "text_encoders" / "t5xxl.safetensors")
+    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+
+
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
     """An SD3 single file in models/, and its parts as ComfyUI keeps them."""
@@ -87,18 +107,10 @@ def sd3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     """FLUX.1 [dev]: BFL's transformer in diffusion_models/, CLIP-L and T5 in text_encoders/, ae in vaes/."""
-    from safetensors.torch import load_file
-
-    from sdengine.weights.flux_file import diffusers_to_bfl
 
     root = tmp_path_factory.mktemp("comfy_flux")
     folder = make_flux_folder(root / "flux-folder", guidance=True)
-    models = root / "models"
-    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    _save(transformer, models / "unet" / "flux1-tiny.safetensors")
-    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
-    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
-    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+    save_comfy_files(folder, root)
     return root, sdengine.load_pipeline(folder, device="cpu")
 
 
@@ -553,17 +565,10 @@ def test_flux_noise_mask_inpaints_as_comfyuis_x0_inpaint(flux):
 def test_flux_schnell_and_sd35_checkpoints_equal_their_pipelines(tmp_path):
     """FLUX.1 [schnell] (no guidance input: FluxGuidance is left out of its conditioning; its schedule unshifted) and
     SD3.5 Medium's MMDiT-X (a second attention, q/k norms) through the same nodes."""
-    from safetensors.torch import load_file
-
-    from sdengine.weights.flux_file import diffusers_to_bfl
 
     folder = make_flux_folder(tmp_path / "schnell", guidance=False, seed=1)
     models = tmp_path / "models"
-    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    _save(transformer, models / "unet" / "flux1-tiny.safetensors")
-    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
-    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
-    _save(_ldm_vae(folder), tmp_path / "vaes" / "ae.safetensors")
+    save_comfy_files(folder, tmp_path)
     g = flux_graph()
     del g["6"]  # [schnell]: ComfyUI's unshifted FLOW schedule, the pipeline's too
     g["8"]["inputs"]["model"] = ["1", 0]

@@ -25,7 +25,7 @@ import sdengine  # noqa: E402
 from _flux_models import make_flux_folder  # noqa: E402
 from _live_server import live_server, run_job, server_config  # noqa: E402
 from _sd3_models import make_sd3_folder, write_single_file  # noqa: E402
-from test_comfy_sd3_flux import _clip_file, _ldm_vae, _save  # noqa: E402
+from test_comfy_sd3_flux import _clip_file, _save, save_comfy_files  # noqa: E402
 
 PROMPT = "a red apple on a table"
 W, H, STEPS, SEED = 48, 32, 3, 11
@@ -35,18 +35,11 @@ MODEL = "diffusion_models/flux1-tiny.safetensors"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(server, client, root): BFL's Flux files, and a second T5 in clip/ only a choice picks."""
-    from safetensors.torch import load_file
-
-    from sdengine.weights.flux_file import diffusers_to_bfl
 
     root = tmp_path_factory.mktemp("serve_dit_files")
     folder = make_flux_folder(root / "flux-folder", guidance=True)
     models = root / "models"
-    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    _save(transformer, models / "diffusion_models" / "flux1-tiny.safetensors")
-    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
-    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
-    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+    save_comfy_files(folder, root, "diffusion_models/flux1-tiny.safetensors")
     config = server_config(root, models_dir=models, vaes_dir=root / "vaes")
     with live_server(config, loader=None) as server:  # the server's own loader: it fills the parts
         with httpx.Client(base_url=server.url, timeout=300) as client:
