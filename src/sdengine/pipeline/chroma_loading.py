@@ -17,7 +17,6 @@ shipped T5 v1.1 vocabulary. A missing part is one line naming the flag that give
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +31,9 @@ from sdengine.pipeline.flux_loading import (
     check_given,
     file_holds,
     is_pipeline_folder,
-    load_flux_vae,
-    load_t5,
     refuse_missing,
     tensor_names,
-    vae_of_checkpoint,
+    vae_t5_and_scheduler,
 )
 
 CHROMA_SCHEDULER: dict[str, Any] = dict(DEV_SCHEDULER)
@@ -65,7 +62,6 @@ def load_chroma_pipeline(
     lora_dir: Any = None,
 ) -> ChromaPipeline:
     """A Chroma folder or file (module docstring) -> :class:`ChromaPipeline` on ``device`` in ``dtype``."""
-    from sdengine.text.t5_tokenizer import load_t5_tokenizer
     from sdengine.weights.chroma_file import load_chroma_transformer
     from sdengine.weights.io import SAFETENSORS_SUFFIXES, WeightsError
 
@@ -78,22 +74,10 @@ def load_chroma_pipeline(
             held_vae = any(n.startswith(VAE_PREFIXES) for n in names) and path.suffix.lower() in SAFETENSORS_SUFFIXES
             refuse_missing(path, given, {"vae": held_vae, "t5": any(n.startswith(COMFY_T5) for n in names)})
         transformer = load_chroma_transformer(path, device=device, dtype=dtype)
-        if path.is_dir():
-            vae_model = load_flux_vae(Path(vae) if vae is not None else path / "vae", dtype, device)
-            t5_model = load_t5(Path(t5) if t5 is not None else path / "text_encoder", dtype, device)
-            tok = path / "tokenizer"
-            tokenizer = load_t5_tokenizer(tok if (tok / "tokenizer.json").is_file() else None)
-            sched_path = path / "scheduler" / "scheduler_config.json"
-            scheduler = json.loads(sched_path.read_text()) if sched_path.is_file() else CHROMA_SCHEDULER
-        else:
-            vae_model = (
-                load_flux_vae(Path(vae), dtype, device)
-                if vae is not None
-                else vae_of_checkpoint(path, names, dtype, device)
-            )
-            t5_model = load_t5(Path(t5) if t5 is not None else path, dtype, device)
-            tokenizer = load_t5_tokenizer(None)
-            scheduler = CHROMA_SCHEDULER
+        vae_model, t5_model, tokenizer, scheduler = vae_t5_and_scheduler(
+            path, names, vae, t5, t5_folder="text_encoder", t5_tokenizer="tokenizer", scheduler=CHROMA_SCHEDULER,
+            dtype=dtype, device=device,
+        )  # fmt: skip
     except WeightsError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
     return ChromaPipeline(

@@ -252,6 +252,38 @@ def load_t5(path: Path, dtype: torch.dtype, device: Any) -> Any:
     return load_t5_encoder(path, device=device, dtype=dtype)
 
 
+def vae_t5_and_scheduler(
+    path: Path,
+    names: list[str],
+    vae: str | Path | None,
+    t5: str | Path | None,
+    *,
+    t5_folder: str,
+    t5_tokenizer: str,
+    scheduler: dict[str, Any],
+    dtype: torch.dtype,
+    device: Any,
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The VAE, T5, T5 tokenizer and scheduler config of a Flux-family model: a diffusers folder's (``vae/``,
+    ``<t5_folder>/``, ``<t5_tokenizer>/`` or the shipped vocabulary, ``scheduler/`` or ``scheduler``) or a single
+    file's (its own VAE (``names``: its tensors) and T5, the shipped vocabulary, ``scheduler``); ``vae`` / ``t5``
+    given apart replace the model's."""
+    from sdengine.text.t5_tokenizer import load_t5_tokenizer
+
+    if path.is_dir():
+        vae_model = load_flux_vae(Path(vae) if vae is not None else path / "vae", dtype, device)
+        t5_model = load_t5(Path(t5) if t5 is not None else path / t5_folder, dtype, device)
+        tok = path / t5_tokenizer
+        tokenizer = load_t5_tokenizer(tok if (tok / "tokenizer.json").is_file() else None)
+        sched_path = path / "scheduler" / "scheduler_config.json"
+        return vae_model, t5_model, tokenizer, json.loads(sched_path.read_text()) if sched_path.is_file() else scheduler
+    vae_model = (
+        load_flux_vae(Path(vae), dtype, device) if vae is not None else vae_of_checkpoint(path, names, dtype, device)
+    )
+    t5_model = load_t5(Path(t5) if t5 is not None else path, dtype, device)
+    return vae_model, t5_model, load_t5_tokenizer(None), scheduler
+
+
 # -- the pipeline ---------------------------------------------------------------------------------------------
 
 
@@ -268,7 +300,6 @@ def load_flux_pipeline(
 ) -> FluxPipeline:
     """A Flux folder or file (see the module docstring) -> :class:`FluxPipeline` on ``device`` in ``dtype``."""
     from sdengine.pipeline.loading import clip_pad_token_id, clip_tokenizer
-    from sdengine.text.t5_tokenizer import load_t5_tokenizer
     from sdengine.weights.flux_file import load_flux_transformer
     from sdengine.weights.io import WeightsError
 
@@ -288,32 +319,19 @@ def load_flux_pipeline(
                 },
             )
         transformer = load_flux_transformer(path, device=device, dtype=dtype)
+        vae_model, t5_model, tokenizer_2, scheduler = vae_t5_and_scheduler(
+            path, names, vae, t5, t5_folder="text_encoder_2", t5_tokenizer="tokenizer_2",
+            scheduler=DEV_SCHEDULER if transformer.config.guidance_embeds else SCHNELL_SCHEDULER,
+            dtype=dtype, device=device,
+        )  # fmt: skip
         if path.is_dir():
-            vae_model = load_flux_vae(Path(vae) if vae is not None else path / "vae", dtype, device)
             clip = load_clip_l(Path(clip_l) if clip_l is not None else path / "text_encoder", dtype, device)
-            t5_model = load_t5(Path(t5) if t5 is not None else path / "text_encoder_2", dtype, device)
             tok_dir = path / "tokenizer"
             tokenizer = clip_tokenizer(tok_dir)
-            tok2 = path / "tokenizer_2"
-            tokenizer_2 = load_t5_tokenizer(tok2 if (tok2 / "tokenizer.json").is_file() else None)
-            sched_path = path / "scheduler" / "scheduler_config.json"
-            scheduler = (
-                json.loads(sched_path.read_text())
-                if sched_path.is_file()
-                else (DEV_SCHEDULER if transformer.config.guidance_embeds else SCHNELL_SCHEDULER)
-            )
             pad = clip_pad_token_id(tok_dir if tok_dir.is_dir() else None, tokenizer.vocab, "sd1")
         else:
-            vae_model = (
-                load_flux_vae(Path(vae), dtype, device)
-                if vae is not None
-                else vae_of_checkpoint(path, names, dtype, device)
-            )
             clip = load_clip_l(Path(clip_l) if clip_l is not None else path, dtype, device)
-            t5_model = load_t5(Path(t5) if t5 is not None else path, dtype, device)
             tokenizer = clip_tokenizer(None)
-            tokenizer_2 = load_t5_tokenizer(None)
-            scheduler = DEV_SCHEDULER if transformer.config.guidance_embeds else SCHNELL_SCHEDULER
             pad = clip_pad_token_id(None, tokenizer.vocab, "sd1")  # CLIP-L pads with its end token
     except WeightsError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
@@ -345,6 +363,7 @@ __all__ = [
     "file_holds",
     "is_pipeline_folder",
     "refuse_missing",
+    "vae_t5_and_scheduler",
     "vae_of_checkpoint",
     "is_flux_file",
     "is_flux_folder",
