@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from _flux_models import DEV_SCHEDULER, FLUX_TRANSFORMER, FLUX_VAE, T5, perturbed, write_t5_tokenizer
+from _flux_models import DEV_SCHEDULER, FLUX_TRANSFORMER, FLUX_VAE, T5, diffusers_flux, perturbed, write_t5_tokenizer
 
 for _name in ("diffusers", "transformers"):
     logging.getLogger(_name).setLevel(logging.ERROR)
@@ -56,17 +56,8 @@ def make_chroma_folder(dst: Path, *, seed: int = 0) -> Path:
 
 def diffusers_chroma(folder: Path, *, img2img: bool = False, inpaint: bool = False):
     """diffusers' Chroma pipeline for ``folder`` (fp32, CPU, no progress bar), its text mask made boolean."""
-    import diffusers
-
-    cls = (
-        diffusers.ChromaInpaintPipeline
-        if inpaint
-        else diffusers.ChromaImg2ImgPipeline
-        if img2img
-        else diffusers.ChromaPipeline
-    )
-    pipe = cls.from_pretrained(folder, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+    name = "ChromaInpaintPipeline" if inpaint else "ChromaImg2ImgPipeline" if img2img else "ChromaPipeline"
+    pipe = diffusers_flux(folder, cls_name=name)
 
     def boolean_mask(batch_size, sequence_length, dtype, attention_mask=None):
         # the text mask and the image tokens as one boolean mask (ChromaImg2ImgPipeline's own makes it float,

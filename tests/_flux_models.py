@@ -162,7 +162,8 @@ def make_flux_folder(dst: Path, *, guidance: bool = True, seed: int = 0, kind: s
 
 def diffusers_flux(folder: Path, *, img2img: bool = False, cls_name: str | None = None):
     """diffusers' Flux pipeline for ``folder`` (fp32, CPU, no progress bar); ``cls_name``: another of diffusers'
-    Flux pipelines (``FluxFillPipeline``, ``FluxControlPipeline``, ``FluxControlImg2ImgPipeline``)."""
+    Flux-family pipelines (``FluxFillPipeline``, ``FluxControlPipeline``, ``FluxControlImg2ImgPipeline``,
+    ``ChromaPipeline``, ...)."""
     import diffusers
 
     cls = (
