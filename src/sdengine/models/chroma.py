@@ -59,14 +59,6 @@ class ChromaConfig(FluxLikeConfig):
     approximator's: ``approximator_num_channels`` (its input width: 4 x the timestep's sinusoid width),
     ``approximator_hidden_dim`` (5120 in Chroma1) and ``approximator_layers`` (5)."""
 
-    patch_size: int = 1
-    in_channels: int = 64
-    out_channels: int | None = None
-    num_layers: int = 19
-    num_single_layers: int = 38
-    attention_head_dim: int = 128
-    num_attention_heads: int = 24
-    joint_attention_dim: int = 4096
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
     approximator_num_channels: int = 64
     approximator_hidden_dim: int = 5120

@@ -76,19 +76,29 @@ def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if not (k == "out_channels" and v is None)}
 
 
+@dataclass(frozen=True)
 class FluxLikeConfig:
     """What the configs of Flux's and Chroma's transformers (:class:`FluxConfig`,
-    :class:`sdengine.models.chroma.ChromaConfig`: frozen dataclasses in diffusers' names) share: the checks of the
+    :class:`sdengine.models.chroma.ChromaConfig`, in diffusers' names) share: their first fields, the checks of the
     patching and the RoPE split, the widths, diffusers' ``config.json`` in and out. ``LABEL`` starts their errors,
-    ``DIFFUSERS_CLASS`` is the config's ``_class_name``."""
+    ``DIFFUSERS_CLASS`` is the config's ``_class_name``; each adds its own fields (``axes_dims_rope`` among them)."""
 
-    LABEL: ClassVar[str]
-    DIFFUSERS_CLASS: ClassVar[str]
+    LABEL: ClassVar[str] = "Flux transformer"
+    DIFFUSERS_CLASS: ClassVar[str] = "FluxTransformer2DModel"
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
 
     def check_layout(self) -> None:
         """``axes_dims_rope`` a tuple (a list made one already) of three even numbers adding up to the head,
         ``patch_size`` 1, ``in_channels`` / ``out_channels`` multiples of 4: one line each."""
-        cfg: Any = self
+        cfg: Any = self  # axes_dims_rope: each config's own field
         what = self.LABEL
         if not isinstance(cfg.axes_dims_rope, tuple):
             raise ConfigError(f"{what} config: axes_dims_rope={cfg.axes_dims_rope!r} is not a list")
@@ -115,20 +125,17 @@ class FluxLikeConfig:
     @property
     def hidden_size(self) -> int:
         """Width of every token inside the network (heads x head width; 3072 in Flux.1)."""
-        cfg: Any = self
-        return int(cfg.num_attention_heads * cfg.attention_head_dim)
+        return self.num_attention_heads * self.attention_head_dim
 
     @property
     def latent_channels(self) -> int:
         """Channels of the (unpacked) latent the model takes: ``in_channels / 4`` (16 for Flux.1)."""
-        cfg: Any = self
-        return int(cfg.in_channels // (PATCH * PATCH))
+        return self.in_channels // (PATCH * PATCH)
 
     @property
     def out_latent_channels(self) -> int:
         """Channels of the (unpacked) prediction the model returns."""
-        cfg: Any = self
-        return int((cfg.out_channels or cfg.in_channels) // (PATCH * PATCH))
+        return (self.out_channels or self.in_channels) // (PATCH * PATCH)
 
     @classmethod
     def check_values(cls, values: Mapping[str, Any]) -> None:
@@ -144,7 +151,7 @@ class FluxLikeConfig:
         name = config.get("_class_name")
         if name is not None and name != cls.DIFFUSERS_CLASS:
             raise ConfigError(f"not a {what} config: _class_name={name!r}")
-        known = {f.name for f in dataclasses.fields(cast(Any, cls))}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
         if unknown:
             raise ConfigError(f"unknown {what} config options: {', '.join(unknown)}")
@@ -158,7 +165,7 @@ class FluxLikeConfig:
     def to_diffusers(self) -> dict[str, Any]:
         """The diffusers ``config.json`` for this architecture."""
         out: dict[str, Any] = {"_class_name": self.DIFFUSERS_CLASS}
-        out.update(dataclasses.asdict(cast(Any, self)))
+        out.update(dataclasses.asdict(self))
         out["axes_dims_rope"] = list(out["axes_dims_rope"])
         return out
 
@@ -174,20 +181,9 @@ class FluxConfig(FluxLikeConfig):
     ``axes_dims_rope``: how many numbers of each head the three position ids rotate; they add up to the head.
     """
 
-    patch_size: int = 1
-    in_channels: int = 64
-    out_channels: int | None = None
-    num_layers: int = 19
-    num_single_layers: int = 38
-    attention_head_dim: int = 128
-    num_attention_heads: int = 24
-    joint_attention_dim: int = 4096
     pooled_projection_dim: int = 768
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
-
-    LABEL: ClassVar[str] = "Flux transformer"
-    DIFFUSERS_CLASS: ClassVar[str] = "FluxTransformer2DModel"
 
     def __post_init__(self) -> None:
         if isinstance(self.axes_dims_rope, list):
