@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 
 import sdengine  # noqa: E402
 from _flux_models import make_flux_folder  # noqa: E402
-from _live_server import live_server, run_job, server_config  # noqa: E402
+from _live_server import live_server, one_line_400, run_job, server_config  # noqa: E402
 from _sd3_models import make_sd3_folder, write_single_file  # noqa: E402
 from test_comfy_sd3_flux import _clip_file, _save, save_comfy_files  # noqa: E402
 
@@ -44,15 +44,6 @@ def served(tmp_path_factory):
     with live_server(config, loader=None) as server:  # the server's own loader: it fills the parts
         with httpx.Client(base_url=server.url, timeout=300) as client:
             yield server, client, root
-
-
-def _one_line_400(r: httpx.Response, *needles: str) -> str:
-    assert r.status_code == 400, (r.status_code, r.text)
-    message = r.json()["detail"]
-    assert isinstance(message, str) and "\n" not in message, message
-    for n in needles:
-        assert n in message, message
-    return message
 
 
 def _reference(root, **kw) -> np.ndarray:
@@ -106,9 +97,9 @@ def test_a1111_forge_additional_modules_choose_among_several(served):
             "override_settings": {"sd_model_checkpoint": MODEL},
         }
         # two T5 files and no choice: a one-line 400 naming both
-        _one_line_400(client.post("/sdapi/v1/txt2img", json=body), "t5xxl.safetensors", "t5xxl_other.safetensors")
+        one_line_400(client.post("/sdapi/v1/txt2img", json=body), "t5xxl.safetensors", "t5xxl_other.safetensors")
         r = client.post("/v1/jobs", json={"model": MODEL, "prompt": PROMPT, "steps": 1, "width": W, "height": H})
-        _one_line_400(r, "several", "modules")
+        one_line_400(r, "several", "modules")
         # Forge sends its own paths: the file name picks the module
         body["forge_additional_modules"] = [
             "D:\\forge\\models\\VAE\\ae.safetensors",
@@ -122,21 +113,21 @@ def test_a1111_forge_additional_modules_choose_among_several(served):
         assert np.abs(got.astype(int) - want.astype(int)).max() == 0
         # a module that is no such file, and two of one kind: 400s
         body["forge_additional_modules"] = ["nothing.safetensors"]
-        _one_line_400(client.post("/sdapi/v1/txt2img", json=body), "nothing.safetensors", "available")
+        one_line_400(client.post("/sdapi/v1/txt2img", json=body), "nothing.safetensors", "available")
         body["forge_additional_modules"] = ["t5xxl.safetensors", "t5xxl_other.safetensors"]
-        _one_line_400(client.post("/sdapi/v1/txt2img", json=body), "both T5-XXL")
+        one_line_400(client.post("/sdapi/v1/txt2img", json=body), "both T5-XXL")
     finally:
         extra.unlink()
 
 
-def test_a_kind_without_a_file_is_a_one_line_400(served):
+def test_a_kind_without_a_file_is_aone_line_400(served):
     _, client, root = served
     vae = root / "vaes" / "ae.safetensors"
     moved = root / "ae.safetensors"
     vae.rename(moved)
     try:
         r = client.post("/v1/jobs", json={"model": MODEL, "prompt": PROMPT, "steps": 1, "width": W, "height": H})
-        _one_line_400(r, "16-channel VAE", "--vaes-dir")
+        one_line_400(r, "16-channel VAE", "--vaes-dir")
     finally:
         moved.rename(vae)
 
@@ -179,7 +170,7 @@ def test_sd3_file_without_its_encoders_takes_them_from_the_folders(tmp_path):
             body = {"model": "unet/sd3-tiny.safetensors", "prompt": PROMPT, "steps": STEPS, "seed": SEED}
             pixels, _ = run_job(client, {**body, "width": W, "height": H})
             bad = client.post("/v1/jobs", json={**body, "modules": ["clip_l.safetensors", "clip_l.safetensors", "x"]})
-            _one_line_400(bad, "'x'", "available: clip_l.safetensors, clip_g.safetensors, t5xxl.safetensors")
+            one_line_400(bad, "'x'", "available: clip_l.safetensors, clip_g.safetensors, t5xxl.safetensors")
     pipe = sdengine.load_pipeline(
         file,
         device="cpu",
