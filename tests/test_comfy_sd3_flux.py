@@ -81,14 +81,14 @@ def save_comfy_files(
     _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
 
 
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    """An SD3 single file in models/, and its parts as ComfyUI keeps them."""
+def save_sd3_files(root: Path) -> Path:
+    """A tiny SD3 as a single file (``models/sd3-tiny.safetensors``, returned) and its parts as ComfyUI keeps them:
+    the MMDiT in Stability's names (``models/diffusion_models/sd3-mmdit.safetensors``), CLIP-L and bigG in
+    ``models/text_encoders/``, T5 in ``models/clip/``, the VAE as ``vaes/sd3_vae.safetensors``."""
     from safetensors.torch import load_file
 
     from sdengine.weights.mmdit_file import load_mmdit, sdengine_to_stability
 
-    root = tmp_path_factory.mktemp("comfy_sd3")
     folder = make_sd3_folder(root / "sd3-folder")
     models = root / "models"
     models.mkdir()
@@ -101,7 +101,31 @@ def sd3(tmp_path_factory):
     _save(_clip_file(folder, "text_encoder_2"), models / "text_encoders" / "clip_g.safetensors")
     _save(load_file(folder / "text_encoder_3" / "model.safetensors"), models / "clip" / "t5xxl_tiny.safetensors")
     _save(_ldm_vae(folder), root / "vaes" / "sd3_vae.safetensors")
-    return root, sdengine.load_pipeline(models / "sd3-tiny.safetensors", device="cpu")
+    return models / "sd3-tiny.safetensors"
+
+
+def sd3_parts(weight_dtype: str = "default") -> dict[str, dict]:
+    """The loader nodes of :func:`save_sd3_files`' parts: UNETLoader "1", TripleCLIPLoader "2", VAELoader "9",
+    ModelSamplingSD3 "10" (shift 3)."""
+    unet = {"unet_name": "sd3-mmdit.safetensors", "weight_dtype": weight_dtype}
+    clips = {
+        "clip_name1": "clip_l.safetensors",
+        "clip_name2": "clip_g.safetensors",
+        "clip_name3": "t5xxl_tiny.safetensors",
+    }
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": unet},
+        "2": {"class_type": "TripleCLIPLoader", "inputs": clips},
+        "9": {"class_type": "VAELoader", "inputs": {"vae_name": "sd3_vae.safetensors"}},
+        "10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
+    }
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """An SD3 single file in models/, and its parts as ComfyUI keeps them."""
+    root = tmp_path_factory.mktemp("comfy_sd3")
+    return root, sdengine.load_pipeline(save_sd3_files(root), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -199,19 +223,7 @@ def test_sd3_checkpoint_workflow_equals_the_pipeline(sd3):
 
 def test_sd3_separate_files_equal_the_checkpoint(sd3):
     root, pipe = sd3
-    parts = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "sd3-mmdit.safetensors", "weight_dtype": "default"}},
-        "2": {
-            "class_type": "TripleCLIPLoader",
-            "inputs": {
-                "clip_name1": "clip_l.safetensors",
-                "clip_name2": "clip_g.safetensors",
-                "clip_name3": "t5xxl_tiny.safetensors",
-            },
-        },  # fmt: skip
-        "9": {"class_type": "VAELoader", "inputs": {"vae_name": "sd3_vae.safetensors"}},
-        "10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
-    }
+    parts = sd3_parts()
     out = _run(root, sd3_graph(parts, ["10", 0], ["2", 0], ["9", 0], sampler="dpmpp_2m", scheduler="sgm_uniform"))
     theirs = _pipeline_image(pipe, sampler="dpmpp_2m", schedule="sgm_uniform", cfg_scale=4.0)
     assert np.abs(_pixels(out["7"][0]) - theirs).max() < TOL
