@@ -49,7 +49,7 @@ def test_native_job_gives_the_pipelines_image(served):
     np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
 
 
-def test_what_chroma_refuses_is_aone_line_400(served):
+def test_what_chroma_refuses_is_a_one_line_400(served):
     _, client, _ = served
     base = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 1}
     r = client.post("/v1/jobs", json={**base, "model": "idle-chroma", "distilled_cfg_scale": 4})

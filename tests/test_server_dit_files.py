@@ -120,7 +120,7 @@ def test_a1111_forge_additional_modules_choose_among_several(served):
         extra.unlink()
 
 
-def test_a_kind_without_a_file_is_aone_line_400(served):
+def test_a_kind_without_a_file_is_a_one_line_400(served):
     _, client, root = served
     vae = root / "vaes" / "ae.safetensors"
     moved = root / "ae.safetensors"
