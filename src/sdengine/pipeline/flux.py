@@ -475,6 +475,8 @@ class FluxPipeline(Pipeline):
         if request.reference_list():  # FLUX.1 Kontext's reference images (their sizes read again)
             sizes = flux_kontext.reference_sizes(request, self.size_multiple)
             out.update(flux_kontext.infotext_fields(request, sizes))
+        if request.control_preprocessor != "none":  # FLUX.1 Depth / Canny's map made from a photo
+            out["Control preprocessor"] = request.control_preprocessor
         return out
 
     def __call__(self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any) -> Any:
