@@ -102,28 +102,88 @@ def test_cli_control_preprocessor_and_from_png(control, tmp_path):
     assert main([*args, "--control-preprocessor", "depth", "--out", str(tmp_path / "x.png")]) != 0
 
 
-def test_native_job_control_preprocessor(control, tmp_path):
+@pytest.fixture(scope="module")
+def served(control, tmp_path_factory):
+    """(server url, httpx client): a live server whose models folder holds the tiny Depth / Canny folder."""
     pytest.importorskip("fastapi")
     import shutil
 
     import httpx
 
-    from _live_server import live_server, run_job, server_config
+    from _live_server import live_server, server_config
 
-    folder, pipe = control
-    models = tmp_path / "models"
-    shutil.copytree(folder, models / "tiny-flux-canny")
+    root = tmp_path_factory.mktemp("canny-server")
+    shutil.copytree(control[0], root / "models" / "tiny-flux-canny")
+    with live_server(server_config(root, models_dir=root / "models")) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            yield server.url, client
+
+
+def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
-    photo(W, H).save(buf, format="PNG")
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_native_job_control_preprocessor(control, served):
+    from _live_server import run_job
+
+    pipe, (_, client) = control[1], served
     body = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 3, "cfg_scale": 1.0, "sampler": "euler",
-            "schedule": "normal", "model": "tiny-flux-canny", "control_image": base64.b64encode(buf.getvalue()).decode(),
+            "schedule": "normal", "model": "tiny-flux-canny", "control_image": base64.b64encode(_png(photo(W, H))).decode(),
             "control_preprocessor": "canny"}  # fmt: skip
     want = _run(pipe, control_image=canny(photo(W, H)))
-    with live_server(server_config(tmp_path, models_dir=models)) as server:
-        with httpx.Client(base_url=server.url, timeout=300) as client:
-            pixels, _ = run_job(client, body)
-            r = client.post("/v1/jobs", json={**body, "control_preprocessor": "depth"})
+    pixels, _ = run_job(client, body)
     np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
+    r = client.post("/v1/jobs", json={**body, "control_preprocessor": "depth"})
     assert r.status_code == 400, r.text
     message = r.json()["detail"]
     assert "control_preprocessor 'depth' needs a network" in message and "\n" not in message, message
+
+
+def test_openai_edit_with_control_image(control, served):
+    """``control_image: true`` (extra_body) on ``/v1/images/edits`` (the real ``openai`` client): the one image is
+    the control map (size "auto": its size floored to 16), or a photo with ``control_preprocessor`` "canny"; the
+    pipeline's image; what does not combine is a 400 naming its field."""
+    openai = pytest.importorskip("openai")
+    pipe, (url, _) = control[1], served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+    edges, shot = canny(photo(W, H)), photo(W, H)
+    extra = {"control_image": True, "seed": 3, "steps": 2}
+    kw = {"model": "tiny-flux-canny", "prompt": PROMPT}
+    r = client.images.edit(image=("c.png", _png(edges), "image/png"), extra_body=extra, **kw)
+    got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB")
+    want = _run(pipe, control_image=edges)
+    assert got.size == (W, H)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want.images[0]))
+    r = client.images.edit(image=("p.png", _png(shot), "image/png"), extra_body={**extra, "control_preprocessor": "canny"},
+                           **kw)  # fmt: skip
+    got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want.images[0]))  # the photo's canny = the map
+    stream = client.images.edit(image=("c.png", _png(edges), "image/png"), stream=True, extra_body=extra, **kw)
+    events = list(stream)
+    assert events[-1].type == "image_edit.completed", [e.type for e in events]
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(events[-1].b64_json))).convert("RGB")),
+        np.asarray(want.images[0]),
+    )
+    refused = [
+        (dict(mask=("m.png", _png(Image.new("RGBA", (W, H))), "image/png")), "mask", "takes no mask"),
+        (dict(extra_body={**extra, "strength": 0.5}), "strength", "strength is img2img's"),
+        (dict(extra_body={"control_preprocessor": "canny"}), "control_preprocessor", "with control_image: true"),
+        (dict(extra_body={**extra, "reference_images": True}), "control_image", "cannot run together"),
+    ]
+    for change, param, needle in refused:
+        args = {**kw, "image": ("c.png", _png(edges), "image/png"), "extra_body": extra, **change}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.edit(**args)
+        assert e.value.body["param"] == param and needle in e.value.body["message"], e.value.body
+    with pytest.raises(openai.BadRequestError) as e:  # GenerationRequest.validate's, before any job
+        client.images.edit(image=("p.png", _png(shot), "image/png"), extra_body={**extra, "control_preprocessor": "depth"},
+                           **kw)  # fmt: skip
+    assert "control_preprocessor 'depth' needs a network" in e.value.body["message"], e.value.body
+    with pytest.raises(openai.BadRequestError) as e:  # the precheck's: the built-in SD model takes no control map
+        client.images.edit(image=("c.png", _png(edges), "image/png"), extra_body=extra, model="emoji", prompt=PROMPT)
+    assert (
+        "control_image is the control map of FLUX.1 Depth / Canny; emoji is not a Flux model" in e.value.body["message"]
+    )
