@@ -25,6 +25,10 @@ What the ``openai`` client sends maps onto the pipeline this way:
   new picture from the references and the prompt): no mask, no ``strength`` (400s), ``size`` "auto" / absent the
   first reference's size as Kontext fits it, ``reference_auto_resize`` ``false`` keeps their own sizes. Without
   it an edit stays img2img / inpainting on every model (a request never changes meaning with the model it names).
+  Likewise ``control_image`` ``true`` (``extra_body``, FLUX.1 Depth / Canny models): the one image is the control
+  map (the native job's ``control_image``), or a photo made into one by ``control_preprocessor`` ``canny``; no mask,
+  no ``strength`` (400s, as with ``reference_images``, which it does not combine with); ``size`` "auto" / absent the
+  image's size floored to a multiple of 16.
   ``mask`` follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint (a mask without one, which
   would edit nothing, is refused); without a mask, the image's own transparency is its mask; with neither, the
   whole image is redrawn (img2img, strength 0.75).
@@ -859,7 +863,7 @@ def install(app: FastAPI, services: Any) -> None:
             if stream:
                 return await stream_one(request, f, of, partial, compression, "image_edit", fields.get("quality"))
             return await run_all(request, [f], rf, of, prompt, fields.get("size"), compression, fields.get("quality"))
-        if fields.get("control_preprocessor", "") != "":
+        if fields.get("control_preprocessor", "none") not in ("", "none"):  # "none": the default, harmless
             raise ParamError(
                 "control_preprocessor applies with control_image: true (FLUX.1 Depth / Canny)", "control_preprocessor"
             )
@@ -1034,9 +1038,8 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
         },
         "control_preprocessor": {
             "type": "string",
-            "enum": ["none", "canny"],
             "default": "none",
-            "description": "sdengine (edits with control_image true): canny makes the map from a photo (Canny edges, "
+            "description": "sdengine (edits with control_image true): 'none' or 'canny'; canny makes the map from a photo (Canny edges, "
             "thresholds 100 / 200); a depth estimator is refused (none here)",
         },
         "reference_auto_resize": {
