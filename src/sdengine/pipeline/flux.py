@@ -171,6 +171,28 @@ def refusals(r: GenerationRequest) -> list[str]:
     return reasons
 
 
+def token_refusal(
+    width: int, height: int, reference_sizes: list[tuple[int, int]], multiple: int, max_side: int, name: str
+) -> str | None:
+    """Why a call of ``width`` x ``height`` with FLUX.1 Kontext references of these (fitted) pixel sizes is too
+    much work (one line), or None: each reference's tokens (one per ``multiple`` x ``multiple`` cell, the 2x2
+    patch of the latent) join the image's at every step, and a step may hold at most the tokens of the largest
+    image the model makes (``max_side`` x ``max_side``, :meth:`Pipeline.max_side`). Needs no loaded model."""
+    if not reference_sizes:
+        return None
+    own = (width // multiple) * (height // multiple)
+    refs = sum((w // multiple) * (h // multiple) for w, h in reference_sizes)
+    cap = (max_side // multiple) ** 2
+    if own + refs <= cap:
+        return None
+    n = len(reference_sizes)
+    return (
+        f"{n} reference image{'s add' if n > 1 else ' adds'} {refs} tokens to each step of the {width}x{height} "
+        f"image's {own}: {own + refs} in all, over {name}'s limit of {cap} (a {max_side}x{max_side} image's); use "
+        "smaller or fewer references (reference_auto_resize puts each at about 1024x1024) or a smaller size"
+    )
+
+
 class FluxPipeline(Pipeline):
     """FLUX.1 [dev] (guidance-distilled) or [schnell] (timestep-distilled). Build it with
     :func:`sdengine.pipeline.load_pipeline` on a Flux diffusers folder or BFL / ComfyUI files."""
@@ -403,6 +425,10 @@ class FluxPipeline(Pipeline):
             if request.width is None and request.height is None:  # the first reference's size
                 request = request.replace(width=references[0].width, height=references[0].height)
             sizes = [im.size for im in references]
+            w, h = (request.width or self.default_size), (request.height or self.default_size)
+            why = token_refusal(w, h, sizes, self.size_multiple, self.max_side(), self.name)
+            if why is not None:  # the work of every step, before any model runs (the server's precheck too)
+                raise GenerationError(why)
             self._reference_tokens = flux_kontext.reference_tokens(sizes, self.vae_scale_factor, PATCH)
         try:
             p = super().prepare(request)
@@ -489,4 +515,4 @@ class FluxPipeline(Pipeline):
         return super().__call__(prompt, negative_prompt, **kwargs)
 
 
-__all__ = ["DEV_GUIDANCE", "DEV_STEPS", "SCHNELL_STEPS", "FluxAdapter", "FluxPipeline", "refusals"]
+__all__ = ["DEV_GUIDANCE", "DEV_STEPS", "SCHNELL_STEPS", "FluxAdapter", "FluxPipeline", "refusals", "token_refusal"]
