@@ -130,8 +130,8 @@ def test_native_job_control_preprocessor(control, served):
 
     pipe, (_, client) = control[1], served
     body = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 3, "cfg_scale": 1.0, "sampler": "euler",
-            "schedule": "normal", "model": "tiny-flux-canny", "control_image": base64.b64encode(_png(photo(W, H))).decode(),
-            "control_preprocessor": "canny"}  # fmt: skip
+            "schedule": "normal", "model": "tiny-flux-canny", "control_preprocessor": "canny"}  # fmt: skip
+    body["control_image"] = base64.b64encode(_png(photo(W, H))).decode()
     want = _run(pipe, control_image=canny(photo(W, H)))
     pixels, _ = run_job(client, body)
     np.testing.assert_array_equal(pixels, np.asarray(want.images[0]))
@@ -156,8 +156,8 @@ def test_openai_edit_with_control_image(control, served):
     want = _run(pipe, control_image=edges)
     assert got.size == (W, H)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want.images[0]))
-    r = client.images.edit(image=("p.png", _png(shot), "image/png"), extra_body={**extra, "control_preprocessor": "canny"},
-                           **kw)  # fmt: skip
+    canny_extra = {**extra, "control_preprocessor": "canny"}
+    r = client.images.edit(image=("p.png", _png(shot), "image/png"), extra_body=canny_extra, **kw)
     got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want.images[0]))  # the photo's canny = the map
     stream = client.images.edit(image=("c.png", _png(edges), "image/png"), stream=True, extra_body=extra, **kw)
@@ -179,8 +179,8 @@ def test_openai_edit_with_control_image(control, served):
             client.images.edit(**args)
         assert e.value.body["param"] == param and needle in e.value.body["message"], e.value.body
     with pytest.raises(openai.BadRequestError) as e:  # GenerationRequest.validate's, before any job
-        client.images.edit(image=("p.png", _png(shot), "image/png"), extra_body={**extra, "control_preprocessor": "depth"},
-                           **kw)  # fmt: skip
+        depth_extra = {**extra, "control_preprocessor": "depth"}
+        client.images.edit(image=("p.png", _png(shot), "image/png"), extra_body=depth_extra, **kw)
     assert "control_preprocessor 'depth' needs a network" in e.value.body["message"], e.value.body
     with pytest.raises(openai.BadRequestError) as e:  # the precheck's: the built-in SD model takes no control map
         client.images.edit(image=("c.png", _png(edges), "image/png"), extra_body=extra, model="emoji", prompt=PROMPT)

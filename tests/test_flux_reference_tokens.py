@@ -93,8 +93,10 @@ def test_server_precheck_counts_reference_tokens(kontext, tmp_path):
             jobs = client.get("/v1/jobs").json()
     assert r.status_code == 400, r.text
     message = r.json()["detail"]
-    assert "adds 4225 tokens to each step of the 48x32 image's 96: 4321 in all, over tiny-kontext's limit of 4096" in (
-        message
-    ) and "\n" not in message, message
+    assert (
+        "adds 4225 tokens to each step of the 48x32 image's 96: 4321 in all, over tiny-kontext's limit of 4096"
+        in (message)
+        and "\n" not in message
+    ), message
     assert alone.status_code == 400 and "the 256x256 image's 4096: 8192 in all" in alone.json()["detail"], alone.text
     assert jobs["jobs"] == [] and jobs["queued"] == 0, jobs  # nothing was queued

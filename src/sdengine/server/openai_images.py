@@ -1039,8 +1039,8 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
         "control_preprocessor": {
             "type": "string",
             "default": "none",
-            "description": "sdengine (edits with control_image true): 'none' or 'canny'; canny makes the map from a photo (Canny edges, "
-            "thresholds 100 / 200); a depth estimator is refused (none here)",
+            "description": "sdengine (edits with control_image true): 'none' or 'canny'; canny makes the map from a "
+            "photo (Canny edges, thresholds 100 / 200); a depth estimator is refused (none here)",
         },
         "reference_auto_resize": {
             "type": "boolean",
