@@ -427,7 +427,8 @@ class FluxPipeline(Pipeline):
             sizes = [im.size for im in references]
             w, h = (request.width or self.default_size), (request.height or self.default_size)
             why = token_refusal(w, h, sizes, self.size_multiple, self.max_side(), self.name)
-            if why is not None:  # the work of every step, before any model runs (the server's precheck too)
+            if why is not None and self.text_kind == "flux":  # every step's work, before any model runs (the
+                # server's precheck too); a model that takes no references (Chroma) says so in Pipeline.prepare
                 raise GenerationError(why)
             self._reference_tokens = flux_kontext.reference_tokens(sizes, self.vae_scale_factor, PATCH)
         try:
