@@ -325,3 +325,56 @@ def test_edm_img2img_matches_diffusers(models, kind, cls_name, sampler):
     ).images[0]
     ours = _ours_float(pipe, sampler, "normal", init_image=image, strength=0.6)
     assert mad(ours, theirs) < TOL
+
+
+def test_playground_vae_given_apart_keeps_the_models_latent_statistics(models, tmp_path, caplog):
+    """The latent format is the model's (ComfyUI's rule): Playground's own VAE given apart as a file (no config),
+    at load time (folder and single file) and per call (``set_vae``), keeps its latents_mean / latents_std and
+    scaling 0.5, so the image is the model's; a VAE folder with none (SDXL's scaling) or other statistics takes
+    the model's too (the other ones logged)."""
+    folder, pipe = models["playground"]
+    vae_file = tmp_path / "playground_vae.safetensors"  # diffusers' key names, no config beside it
+    shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", vae_file)
+    own = _ours_float(pipe, "dpmpp_2m", "normal")
+    single = tmp_path / "playground.safetensors"
+    _foreign_file(folder, single)
+    for source in (folder, single):
+        apart = sdengine.load_pipeline(source, device="cpu", fast_path="none", vae=vae_file)
+        assert apart.vae_source == vae_file
+        assert list(apart.vae.config.latents_mean) == pytest.approx(PLAYGROUND_MEAN)
+        assert list(apart.vae.config.latents_std) == pytest.approx(PLAYGROUND_STD)
+        assert apart.vae.config.scaling_factor == 0.5
+        np.testing.assert_allclose(_ours_float(apart, "dpmpp_2m", "normal"), own, atol=1e-5, rtol=0)
+    try:
+        pipe.set_vae(vae_file)  # per call (the server's job vae)
+        assert pipe.vae is not models["playground"][1].__dict__["_base_vae"][0]
+        np.testing.assert_allclose(_ours_float(pipe, "dpmpp_2m", "normal"), own, atol=1e-5, rtol=0)
+    finally:
+        pipe.set_vae(None)
+    # VAE folders: none (an SDXL VAE's config, scaling 0.13025) or other statistics -> the model's format
+    for name, change in (("plain", {"scaling_factor": 0.13025}), ("other", {"latents_mean": [0.0] * 4})):
+        vae_dir = tmp_path / f"vae-{name}"
+        shutil.copytree(folder / "vae", vae_dir)
+        cfg = json.loads((vae_dir / "config.json").read_text(encoding="utf-8"))
+        if name == "plain":
+            cfg.pop("latents_mean")
+            cfg.pop("latents_std")
+        cfg.update(change)
+        (vae_dir / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sdengine.weights.loading"):
+            apart = sdengine.load_pipeline(folder, device="cpu", fast_path="none", vae=vae_dir)
+        assert apart.vae.config.scaling_factor == 0.5
+        assert list(apart.vae.config.latents_mean) == pytest.approx(PLAYGROUND_MEAN)
+        assert ("differ from the model's" in caplog.text) == (name == "other"), caplog.text
+        np.testing.assert_allclose(_ours_float(apart, "dpmpp_2m", "normal"), own, atol=1e-5, rtol=0)
+    # a model without statistics (CosXL) does not take a VAE folder's: its latents are plain scaled
+    cos_folder, cos = models["cosxl"]
+    vae_dir = tmp_path / "vae-with-stats"
+    shutil.copytree(cos_folder / "vae", vae_dir)
+    cfg = json.loads((vae_dir / "config.json").read_text(encoding="utf-8"))
+    cfg.update(latents_mean=PLAYGROUND_MEAN, latents_std=PLAYGROUND_STD)
+    (vae_dir / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    apart = sdengine.load_pipeline(cos_folder, device="cpu", fast_path="none", vae=vae_dir)
+    assert apart.vae.config.latents_mean is None
+    np.testing.assert_allclose(_ours_float(apart, "euler", "normal"), _ours_float(cos, "euler", "normal"), atol=1e-5)

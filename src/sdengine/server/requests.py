@@ -274,6 +274,7 @@ def build_generation(
     mask: ImageRef | None = None,
     mask_blur: float = 0,
     control_image: ImageRef | None = None,
+    control_preprocessor: str = "none",
     controlnets: Sequence[ControlRequest] = (),
     loras: Sequence[tuple[str, Any]] = (),
     clip_skip: int = 1,
@@ -548,6 +549,8 @@ def build_generation(
             kwargs["reference_auto_resize"] = False
     if control_img is not None:  # left out without one (a job with one runs alone: batch_key knows no control_image)
         kwargs["control_image"] = control_img
+    if control_preprocessor != "none":  # checked by GenerationRequest.validate below (a depth estimator refused)
+        kwargs["control_preprocessor"] = control_preprocessor
     if ip_units:  # left out without units (such a job runs alone: batch_key knows no ip_adapters)
         kwargs["ip_adapters"] = ip_units
     if vae_decode != "full":  # checked by GenerationRequest.validate below; whether the model has one, by the job

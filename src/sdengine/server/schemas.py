@@ -297,6 +297,13 @@ class JobRequest(BaseModel):
         description="a FLUX.1 Depth / Canny model's control map (a depth map or canny edges, as given; an upload "
         "or base64 image like init_image); other models refuse it",
     )
+    control_preprocessor: str = Field(
+        "none",
+        max_length=32,
+        description="what makes control_image into the map first: 'none' (it is the map) or 'canny' (Canny edges of a "
+        "photo, thresholds 100 / 200, at the output size); 'depth' is refused (no depth network here). Infotext "
+        "'Control preprocessor'",
+    )
     mask_blur: float = Field(0, ge=0, le=256, allow_inf_nan=False)
     masked_content: Literal["original", "latent noise", "latent nothing"] = Field(
         "original",
