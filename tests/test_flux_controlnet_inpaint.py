@@ -259,3 +259,21 @@ def test_native_job_init_image_mask_and_control(flux, tmp_path):
     unit = ControlUnit(str(cn), hint, scale=0.8, end=0.7)
     want = _ours(pipe, steps=4, init_image=init, mask=mask, strength=0.7, controlnets=[unit])
     np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
+
+
+def test_window_on_no_step_that_runs_is_noted_and_no_step_is_refused(flux):
+    """The unit's window is counted over the steps the strength leaves (2 of 4 at strength 0.5): a window
+    holding none of them leaves the plain img2img image with a note; a strength leaving no step is refused in one
+    line before any model runs."""
+    from sdengine.errors import GenerationError
+
+    _, pipe, cn, _ = flux
+    init, hint = picture(W, H, 5), _noise_picture(W, H, 12)
+    late = ControlUnit(str(cn), hint, start=0.9, end=1.0)
+    out = _ours(pipe, steps=4, init_image=init, strength=0.5, controlnets=[late])
+    plain = _ours(pipe, steps=4, init_image=init, strength=0.5)
+    assert np.array_equal(out.arrays, plain.arrays)
+    assert any("hold no step of the 2 that run" in n for n in out.notes), out.notes
+    with pytest.raises(GenerationError, match=r"^strength 0.01 with 4 steps runs no step") as e:
+        _ours(pipe, steps=4, init_image=init, strength=0.01, controlnets=[ControlUnit(str(cn), hint)])
+    assert "\n" not in str(e.value)
