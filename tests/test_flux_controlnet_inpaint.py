@@ -23,6 +23,7 @@ pytest.importorskip("diffusers")
 import sdengine  # noqa: E402
 from _flux_models import make_flux_folder  # noqa: E402
 from _pipeline_models import mask_picture, picture  # noqa: E402
+from sdengine.errors import SdengineError  # noqa: E402
 from sdengine.pipeline.control import ControlUnit  # noqa: E402
 
 TOL = 1e-4  # mean absolute difference on 0..1 pixels (fp32, CPU)
@@ -277,3 +278,27 @@ def test_window_on_no_step_that_runs_is_noted_and_no_step_is_refused(flux):
     with pytest.raises(GenerationError, match=r"^strength 0.01 with 4 steps runs no step") as e:
         _ours(pipe, steps=4, init_image=init, strength=0.01, controlnets=[ControlUnit(str(cn), hint)])
     assert "\n" not in str(e.value)
+
+
+def test_native_job_union_mode(flux, tmp_path, tiny_sd1_folder):
+    """A native unit's union_mode reaches a Flux Union ControlNet (the image equals the Python call's); on a
+    reference unit it is refused with a 400 before anything is queued."""
+    from _comfy_live import live_client
+    from _live_server import run_job, server_config
+
+    folder, pipe, _, union = flux
+    hint = _noise_picture(W, H, 13)
+    config = server_config(tmp_path, models_dir=folder.parent, controlnets_dir=union.parent)
+    body = {"model": folder.name, "prompt": PROMPT, "seed": SEED, "steps": 2, "width": W, "height": H}
+    body.update(sampler="euler", schedule="normal")
+    unit = {"model": union.name, "image": _b64(hint), "weight": 0.9, "union_mode": "tile"}
+    with live_client(config, timeout=120) as (_, client):
+        got, job = run_job(client, {**body, "controlnets": [unit]}, timeout=120)
+        r = client.post("/v1/jobs", json={**body, "controlnets": [{**unit, "model": "reference_only"}]})
+        assert r.status_code == 400 and "union_mode is a Flux Union ControlNet's" in r.json()["detail"], r.text
+    want = _ours(pipe, steps=2, controlnets=[ControlUnit(str(union), hint, scale=0.9, union_mode="tile")])
+    np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
+    with pytest.raises(SdengineError, match="union_mode is a Flux Union ControlNet's; U-Net ControlNets take none"):
+        sdengine.load_pipeline(tiny_sd1_folder, device="cpu")(
+            PROMPT, steps=1, width=32, height=32, controlnets=[ControlUnit(str(union), hint, union_mode=1)]
+        )
