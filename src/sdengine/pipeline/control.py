@@ -121,7 +121,9 @@ class ControlUnit:
                     f"{self.reference}: a unit mask is an SD3 inpainting ControlNet's input; reference units take none"
                 )
             if self.union_mode is not None:
-                raise ControlNetError(f"{self.reference}: union_mode is a Flux Union ControlNet's; reference units take none")
+                raise ControlNetError(
+                    f"{self.reference}: union_mode is a Flux Union ControlNet's; reference units take none"
+                )
             return
         if self.module is not None or self.module_options:  # written into the infotext: checked now, not after
             from sdengine.control.preprocess import PREPROCESSORS, option_names

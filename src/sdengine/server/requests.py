@@ -457,7 +457,9 @@ def build_generation(
                     f"ControlNet unit {k}: a mask is an SD3 inpainting ControlNet's; {unit.model} takes none"
                 )
             if unit.union_mode is not None:
-                raise BadRequest(f"ControlNet unit {k}: union_mode is a Flux Union ControlNet's; {unit.model} takes none")
+                raise BadRequest(
+                    f"ControlNet unit {k}: union_mode is a Flux Union ControlNet's; {unit.model} takes none"
+                )
             picture = image(unit.image, f"ControlNet unit {k} image")
             assert picture is not None
             start = _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0)
