@@ -302,3 +302,34 @@ def test_native_job_union_mode(flux, tmp_path, tiny_sd1_folder):
         sdengine.load_pipeline(tiny_sd1_folder, device="cpu")(
             PROMPT, steps=1, width=32, height=32, controlnets=[ControlUnit(str(union), hint, union_mode=1)]
         )
+
+
+def test_batch_rows_inpainting_match_diffusers_generators(flux, control_mean):
+    """Two prompts and seeds: each row's init sample and noise from its own seed's generator, one control latent
+    for both rows (diffusers' list of generators; given one init image it draws the first row's sample only and
+    repeats it, so the oracle takes the init image once per row)."""
+    folder, pipe, cn, _ = flux
+    init, mask, hint = picture(W, H, 6), mask_picture(W, H), _noise_picture(W, H, 14)
+    prompts = [PROMPT, "a dog on a sofa"]
+    unit = ControlUnit(str(cn), hint, scale=0.9)
+    ours = pipe(
+        prompts, seed=[SEED, 7], steps=4, width=W, height=H, init_image=init, mask=mask, strength=0.75,
+        controlnets=[unit], progress=False,
+    )  # fmt: skip
+    control_mean["n"] = 0
+    theirs = _oracle(folder, [cn], True)(
+        prompts,
+        image=[init, init],
+        mask_image=mask,
+        control_image=hint,
+        strength=0.75,
+        controlnet_conditioning_scale=0.9,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        height=H,
+        width=W,
+        generator=[torch.Generator().manual_seed(s) for s in (SEED, 7)],
+        output_type="np",
+    ).images
+    assert _mad(ours.arrays[0], theirs[0]) < TOL
+    assert _mad(ours.arrays[1], theirs[1]) < TOL
