@@ -1,8 +1,8 @@
 """Flux ControlNets with an init image against diffusers' FluxControlNetImg2ImgPipeline (img2img) and
 FluxControlNetInpaintPipeline (a mask: the known region put back after every step) on the tiny random Flux [dev]
 model and a random FluxControlNetModel saved by diffusers: images on 0..1 pixels within TOL (mean absolute
-difference), the strength's step count, the control window over the steps that run, a Union mode, the CLI and the
-native job.
+difference), the strength's step count, the control window over the steps that run, a Union mode, two units, a
+batch of two seeds, the CLI and the native job (with a unit's ``union_mode``), and the refusals.
 
 The oracle encodes the control image to its posterior's mean here, as sdengine does (diffusers draws a sample of
 it first from the generator the init latent's sample and the noise then come from): the pipeline module's
