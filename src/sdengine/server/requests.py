@@ -61,6 +61,7 @@ class ControlRequest:
     mode: str = "balanced"  # the control mode (pipeline.control.CONTROL_MODES); A1111's unit's control_mode
     hires_mode: str | None = None  # the hires fix's second pass (A1111's canny units: the extension's soft weights)
     mask: ImageRef | None = None  # an SD3 inpainting ControlNet's mask (white = repaint)
+    union_mode: int | str | None = None  # a Flux Union ControlNet's control kind (name or number)
 
 
 @dataclass
@@ -456,6 +457,10 @@ def build_generation(
                 raise BadRequest(
                     f"ControlNet unit {k}: a mask is an SD3 inpainting ControlNet's; {unit.model} takes none"
                 )
+            if unit.union_mode is not None:
+                raise BadRequest(
+                    f"ControlNet unit {k}: union_mode is a Flux Union ControlNet's; {unit.model} takes none"
+                )
             picture = image(unit.image, f"ControlNet unit {k} image")
             assert picture is not None
             start = _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0)
@@ -507,6 +512,7 @@ def build_generation(
                 mode=unit.mode,
                 hires_mode=unit.hires_mode,
                 mask=unit_mask,
+                union_mode=unit.union_mode,
             )
         )
 

@@ -42,6 +42,11 @@ class ControlNetSpec(BaseModel):
         description="an SD3 inpainting ControlNet's mask (white = repaint; image is the picture to inpaint): an "
         "upload id or a base64 image; other units take none",
     )
+    union_mode: str | int | None = Field(
+        None,
+        description="a Flux Union ControlNet's control kind: canny, tile, depth, blur, pose, gray, lq or its number "
+        "(docs/controlnet.md#sd3-and-flux-controlnets); other units take none",
+    )
     weight: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     start: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
     end: float = Field(1.0, ge=0, le=1, allow_inf_nan=False)
