@@ -71,6 +71,11 @@ class ControlHint:
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    # ComfyUI's ControlNetApplyAdvanced's optional VAE (a node handle): what encodes the hint of an SD3 / Flux
+    # ControlNet (U-Net ControlNets read pixels and ignore it, as ComfyUI's)
+    vae: Any = None
+    # SetUnionControlNetType's type number (ComfyUI's UNION_CONTROLNET_TYPES), None: "auto" / not set
+    union_type: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,8 @@ def encode_text(pipe: Any, text: str, clip_skip: int = 1) -> TextCondition:
 
 
 def _same_hint(a: ControlHint, b: ControlHint) -> bool:
-    same = (a.model, a.strength, a.start, a.end) == (b.model, b.strength, b.start, b.end)
+    same = (a.model, a.strength, a.start, a.end, a.vae, a.union_type) == (
+        b.model, b.strength, b.start, b.end, b.vae, b.union_type)  # fmt: skip
     return same and tuple(a.image.shape) == tuple(b.image.shape) and bool(torch.equal(a.image, b.image))
 
 
@@ -770,6 +776,11 @@ def sample_latents(
     for hint in controls:
         if not any(_same_hint(hint, d) for d in distinct):
             distinct.append(hint)
+        if hint.union_type is not None:
+            raise LatentSamplingError(
+                "SetUnionControlNetType: a Union ControlNet for U-Nets (ControlNet++) is not supported; the type is "
+                "for SD3 / Flux Union ControlNets"
+            )
     if deep_shrink is not None:
         from sdengine.nn.deep_shrink import check_deep_shrink
 
