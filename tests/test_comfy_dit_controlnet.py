@@ -109,6 +109,7 @@ def _fails(root: Path, graph: dict, pipes: dict | None = None) -> str:
     with pytest.raises(NodeFailed) as e:
         _run(root, graph, pipes)
     msg = str(e.value)
+    print(msg)
     assert "\n" not in msg.strip(), msg
     return msg
 
@@ -205,4 +206,30 @@ def test_refusals_are_one_line_node_errors(sd3_cn, flux_cn, tmp_path):
 
     save_controlnet(ControlNet.from_unet(UNet(TINY_EMOJI_UNET)), root / "controlnets" / "unet-cn")
     msg = _fails(root, sd3_cn_graph("unet-cn"), pipes)
-    assert "on a SD3 model" in msg
+    assert "on an SD3 model" in msg and "holds a ControlNetModel" in msg
+
+
+def test_union_type_and_dit_controlnets_on_a_unet_model_are_refused(sd3_cn):
+    root, _ = sd3_cn
+    g = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "c": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "emoji-controlnet-canny"}},
+        "u": {"class_type": "SetUnionControlNetType", "inputs": {"control_net": ["c", 0], "type": "depth"}},
+        "h": {"class_type": "LoadImage", "inputs": {"image": "hint.png"}},
+        "a": _control(["6", 0], ["7", 0], ["u", 0], None, 1.0),
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {"model": ["4", 0], "seed": SEED, "steps": 2, "cfg": 5.0, "sampler_name": "euler",
+                       "scheduler": "normal", "positive": ["a", 0], "negative": ["a", 1], "latent_image": ["5", 0],
+                       "denoise": 1.0},
+        },  # fmt: skip
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    assert "Union ControlNet for U-Nets (ControlNet++) is not supported" in _fails(root, g)
+    g["a"]["inputs"]["control_net"] = ["c2", 0]
+    g["c2"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "sd3-cn"}}
+    assert "SD3ControlNetModel" in _fails(root, g)

@@ -1211,12 +1211,12 @@ def _load_dit_controlnet(ctx: RunContext, path: str, family: str) -> Any:
     from sdengine.control.dit_files import read_dit_controlnet
 
     name = Path(path).name
-    label = "SD3" if family == "sd3" else "Flux"
+    label = "an SD3" if family == "sd3" else "a Flux"
     try:
         return _cached("controlnet", str(ctx.device), (str(Path(path).resolve()),), lambda: read_dit_controlnet(path))
     except (OSError, SdengineError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise NodeError(f"ControlNet {name} on a {label} model: {first}") from None
+        raise NodeError(f"ControlNet {name} on {label} model: {first}") from None
 
 
 def _controlled_flow(
@@ -1317,7 +1317,8 @@ def _controlled_flow(
                 height=h * factor, grid=run_sigmas[:-1], device=flow.device, dtype=dtype, resize_mode=fit,
             )  # fmt: skip
         except SdengineError as e:
-            raise NodeError(f"ControlNet {name}: {str(e).splitlines()[0]}") from None
+            first = re.sub(r"^ControlNet \d+: ", "", str(e).splitlines()[0])
+            raise NodeError(f"ControlNet {name}: {first}") from None
         units.extend(built.units)
         sched = flow.schedule
         windows.append((sched.percent_to_sigma(float(hint.end)), sched.percent_to_sigma(float(hint.start))))
