@@ -969,6 +969,10 @@ def build_controlled_unet(
                 f"{name}: a unit mask is an SD3 inpainting ControlNet's input; U-Net ControlNets take none (inpaint "
                 "with the request's init_image and mask)"
             )
+        if unit.union_mode is not None:
+            raise ControlNetError(
+                f"{name}: union_mode is a Flux Union ControlNet's control mode; U-Net ControlNets take none"
+            )
         if isinstance(model, ControlNet):
             # A model the caller owns (maybe one being trained): moved if it must be, otherwise left alone.
             net = model

@@ -990,6 +990,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 c.rule,
                 mode=c.mode,
                 mask=c.mask,
+                union_mode=c.union_mode,
             )
             for c in req.controlnets
         ]

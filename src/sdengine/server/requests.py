@@ -61,6 +61,8 @@ class ControlRequest:
     mode: str = "balanced"  # the control mode (pipeline.control.CONTROL_MODES); A1111's unit's control_mode
     hires_mode: str | None = None  # the hires fix's second pass (A1111's canny units: the extension's soft weights)
     mask: ImageRef | None = None  # an SD3 inpainting ControlNet's mask (white = repaint)
+    # a Flux Union ControlNet's control mode (pipeline.dit_control.UNION_MODES' name or its number); others: None
+    union_mode: int | str | None = None
 
 
 @dataclass
@@ -506,6 +508,7 @@ def build_generation(
                 mode=unit.mode,
                 hires_mode=unit.hires_mode,
                 mask=unit_mask,
+                union_mode=unit.union_mode,
             )
         )
 

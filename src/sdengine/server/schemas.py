@@ -67,6 +67,11 @@ class ControlNetSpec(BaseModel):
         "residual i of 13 times 0.825**(12-i)), 'controlnet' (\"ControlNet is more important\": those weights, on "
         "the conditional half of classifier-free guidance only)",
     )
+    union_mode: int | str | None = Field(
+        None,
+        description="a Flux Union ControlNet's control mode: canny, tile, depth, blur, pose, gray, lq (InstantX's / "
+        "Shakker-Labs' order) or its number; other ControlNets take none",
+    )
 
 
 class IPAdapterSpec(BaseModel):
