@@ -11,19 +11,21 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
+import test_comfy_sd3_flux as base  # noqa: E402
 from _emoji_models import TINY_EMOJI_UNET  # noqa: E402
 from sdengine.pipeline.control import ControlUnit  # noqa: E402
 from sdengine.server.catalog import Catalog  # noqa: E402
 from sdengine.server.comfy.graph import Executor, NodeFailed, validate  # noqa: E402
 from sdengine.server.comfy.nodes import Outputs, RunContext  # noqa: E402
 from sdengine.server.comfy.nodes_sd3_flux import forget_parts  # noqa: E402
-from test_comfy_sd3_flux import NEGATIVE, PROMPT, SEED, STEPS, TOL, _pipeline_image, _pixels, flux, flux_graph, sd3  # noqa: E402,F401
+from test_comfy_sd3_flux import NEGATIVE, PROMPT, SEED, STEPS, TOL, _pipeline_image, _pixels, flux_graph  # noqa: E402
 from test_dit_control_pipeline import _flux_controlnet, _picture, _sd3_controlnet  # noqa: E402
+
+sd3, flux = base.sd3, base.flux  # their fixtures: the tiny SD3 and Flux models in ComfyUI's files
 
 SD3_CKPT = "sd3-tiny.safetensors"
 
@@ -92,9 +94,18 @@ def sd3_cn_graph(name: str = "sd3-cn", vae: bool = True, **apply: Any) -> dict:
         "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "6": {
             "class_type": "KSampler",
-            "inputs": {"model": ["1", 0], "seed": SEED, "steps": STEPS, "cfg": 4.0, "sampler_name": "euler",
-                       "scheduler": "simple", "positive": ["a", 0], "negative": ["a", 1], "latent_image": ["5", 0],
-                       "denoise": 1.0},
+            "inputs": {
+                "model": ["1", 0],
+                "seed": SEED,
+                "steps": STEPS,
+                "cfg": 4.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "positive": ["a", 0],
+                "negative": ["a", 1],
+                "latent_image": ["5", 0],
+                "denoise": 1.0,
+            },
         },  # fmt: skip
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
         "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
@@ -222,9 +233,18 @@ def test_union_type_and_dit_controlnets_on_a_unet_model_are_refused(sd3_cn):
         "a": _control(["6", 0], ["7", 0], ["u", 0], None, 1.0),
         "3": {
             "class_type": "KSampler",
-            "inputs": {"model": ["4", 0], "seed": SEED, "steps": 2, "cfg": 5.0, "sampler_name": "euler",
-                       "scheduler": "normal", "positive": ["a", 0], "negative": ["a", 1], "latent_image": ["5", 0],
-                       "denoise": 1.0},
+            "inputs": {
+                "model": ["4", 0],
+                "seed": SEED,
+                "steps": 2,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["a", 0],
+                "negative": ["a", 1],
+                "latent_image": ["5", 0],
+                "denoise": 1.0,
+            },
         },  # fmt: skip
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},

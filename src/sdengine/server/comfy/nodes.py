@@ -1048,9 +1048,7 @@ def controlnet_apply_advanced(
     if not start_percent < end_percent:
         raise NodeError(f"start_percent ({start_percent}) must be below end_percent ({end_percent})")
     path, union = _control_parts(control_net)
-    hint = ControlHint(
-        path, _hint_image(image), float(strength), float(start_percent), float(end_percent), vae, union
-    )
+    hint = ControlHint(path, _hint_image(image), float(strength), float(start_percent), float(end_percent), vae, union)
     return (
         [replace(c, controls=(*c.controls, hint)) for c in positive],
         [replace(c, controls=(*c.controls, hint)) for c in negative],

@@ -39,9 +39,9 @@ nodes as the U-Nets, and so does sdengine:
 LoraLoader's LoRAs apply to SD3's MMDiT and CLIP encoders, to Flux's transformer, CLIP-L and T5, and to Chroma's
 transformer and T5 as the pipelines apply them. What does not apply to these models is refused with one line: the
 U-Net's model patches (FreeU, PAG, SAG, RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges,
-ModelSamplingDiscrete), U-Net ControlNets and T2I-Adapters, regional conditioning, the guiders over three conditionings, the samplers that
-are not right on flow models (ddim, lcm, ddpm, dpm_fast, ...). UNETLoader's weight_dtype (fp8 storage) is honoured:
-:mod:`sdengine.nn.fp8_storage`.
+ModelSamplingDiscrete), U-Net ControlNets and T2I-Adapters, regional conditioning, the guiders over three
+conditionings, the samplers that are not right on flow models (ddim, lcm, ddpm, dpm_fast, ...). UNETLoader's
+weight_dtype (fp8 storage) is honoured: :mod:`sdengine.nn.fp8_storage`.
 """
 
 from __future__ import annotations
@@ -1033,7 +1033,7 @@ def sample_flow(
     _check_patches(model, family)
     controls = [c for e in (*positive, *negative) for c in e.controls]
     stripped = [[replace(e, controls=()) for e in entries] for entries in (positive, negative)]
-    references, method = sampling_references(family, *stripped, cfg, flow.name)
+    references, method = sampling_references(family, stripped[0], stripped[1], cfg, flow.name)
     if references and controls:
         raise NodeError("ReferenceLatent (FLUX.1 Kontext) and a ControlNet together are not supported: drop one")
     if references:  # FLUX.1 Kontext: the references' tokens at every call, as the model's latents
