@@ -216,6 +216,8 @@ def test_refusals_are_one_line_node_errors(sd3_cn, flux_cn, tmp_path):
     from sdengine.models.unet import UNet
 
     save_controlnet(ControlNet.from_unet(UNet(TINY_EMOJI_UNET)), root / "controlnets" / "unet-cn")
+    _sd3_controlnet(root / "sd3-folder", root / "controlnets" / "sd3-inpaint-cn", 33, extra_conditioning_channels=1)
+    assert "inpainting ControlNet" in _fails(root, sd3_cn_graph("sd3-inpaint-cn"), pipes)
     msg = _fails(root, sd3_cn_graph("unet-cn"), pipes)
     assert "on an SD3 model" in msg and "holds a ControlNetModel" in msg
 
