@@ -125,7 +125,7 @@ def encode_text(pipe: Any, text: str, clip_skip: int = 1) -> TextCondition:
     return TextCondition(out)
 
 
-def _same_hint(a: ControlHint, b: ControlHint) -> bool:
+def same_hint(a: ControlHint, b: ControlHint) -> bool:
     same = (a.model, a.strength, a.start, a.end, a.vae, a.union_type) == (
         b.model, b.strength, b.start, b.end, b.vae, b.union_type)  # fmt: skip
     return same and tuple(a.image.shape) == tuple(b.image.shape) and bool(torch.equal(a.image, b.image))
@@ -774,7 +774,7 @@ def sample_latents(
 
     hint_fit = HINT_NEAREST_CENTRE if seed_rule == "comfyui" else "crop and resize"
     for hint in controls:
-        if not any(_same_hint(hint, d) for d in distinct):
+        if not any(same_hint(hint, d) for d in distinct):
             distinct.append(hint)
         if hint.union_type is not None:
             raise LatentSamplingError(
@@ -824,7 +824,7 @@ def sample_latents(
         from sdengine.pipeline.unet_adapter import UNetAdapter
 
         def carried(entry: TextCondition, hint: ControlHint) -> bool:
-            return any(_same_hint(hint, c) for c in entry.controls)
+            return any(same_hint(hint, c) for c in entry.controls)
 
         parts: list[tuple[Any, dict[str, Tensor]]] = []
         if regional:  # ComfyUI's weighted sum of every entry's prediction on its area (see _Regional)
@@ -884,7 +884,7 @@ def sample_latents(
             def den_for(r: _Region, label: str) -> Any:
                 """The denoiser of a region of the CFG half ``label``: its ControlNets act on its rows only (on an
                 area, with their hints fitted to it)."""
-                kinds = tuple(frozenset({label}) if any(_same_hint(d, c) for c in r.controls) else frozenset()
+                kinds = tuple(frozenset({label}) if any(same_hint(d, c) for c in r.controls) else frozenset()
                               for d in distinct)  # fmt: skip
                 size = None
                 if r.area is not None and any(kinds):

@@ -704,6 +704,11 @@ def _vae_file(ctx: RunContext, handle: VaeFileHandle) -> Any:
         raise NodeError(f"VAE {p.name}: {e}") from None
 
 
+def vae_module(ctx: RunContext, vae: VaeHandle | VaeFileHandle) -> Any:
+    """The AutoencoderKL of a VAE handle: VAELoader's file, or a checkpoint's VAE."""
+    return _vae_file(ctx, vae) if isinstance(vae, VaeFileHandle) else ctx.pipeline(vae.ref).vae
+
+
 def _tiny_vae(ctx: RunContext, handle: TinyVaeHandle) -> Any:
     from sdengine.errors import SdengineError
     from sdengine.weights.tiny_vae_file import load_tiny_vae

@@ -1194,7 +1194,7 @@ def _sigma_windowed(controlled: Any, windows: list[tuple[float, float]], sigmas:
 
 def _hint_vae(ctx: RunContext, vae: Any, name: str) -> Any:
     """The AutoencoderKL of ControlNetApplyAdvanced's vae input."""
-    from sdengine.server.comfy.nodes import TinyVaeHandle, VaeFileHandle, _vae_file
+    from sdengine.server.comfy.nodes import TinyVaeHandle, vae_module
 
     if vae is None:
         raise NodeError(
@@ -1203,7 +1203,7 @@ def _hint_vae(ctx: RunContext, vae: Any, name: str) -> Any:
         )
     if isinstance(vae, TinyVaeHandle):
         raise NodeError(f"ControlNet {name}: the tiny VAE (taesd) cannot encode its image; give the model's VAE")
-    return _vae_file(ctx, vae) if isinstance(vae, VaeFileHandle) else ctx.pipeline(vae.ref).vae
+    return vae_module(ctx, vae)
 
 
 def _load_dit_controlnet(ctx: RunContext, path: str, family: str) -> Any:
@@ -1236,7 +1236,7 @@ def _controlled_flow(
     As the Python pipeline (sdengine.pipeline.dit_control) every CFG row runs the ControlNet with its own text, so
     a hint must be on both conditionings (ControlNetApplyAdvanced puts it there); at cfg 1 the positive's alone
     act (no negative pass, as ComfyUI's shortcut)."""
-    from sdengine.latent_sampling import _same_hint
+    from sdengine.latent_sampling import same_hint
     from sdengine.models.dit_controlnet import FluxControlNet
     from sdengine.pipeline.control import HINT_NEAREST_CENTRE, ControlUnit
     from sdengine.pipeline.dit_control import ControlledDiT, build_controlled_dit
@@ -1260,7 +1260,7 @@ def _controlled_flow(
     hints = list(positive[0].controls)
     if float(cfg) != 1.0:
         others = list(negative[0].controls)
-        alike = len(hints) == len(others) and all(_same_hint(a, b) for a, b in zip(hints, others, strict=True))
+        alike = len(hints) == len(others) and all(same_hint(a, b) for a, b in zip(hints, others, strict=True))
         if not alike:
             raise NodeError(
                 f"on {label} a ControlNet acts on every CFG row: apply it to both positive and negative "
