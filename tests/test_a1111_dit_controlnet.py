@@ -89,6 +89,10 @@ def test_flux_unit_with_a_preprocessor_and_a_union_unit_equal_the_pipeline(serve
     edges = canny(scaled, 100.0, 200.0)
     want = _python(pipes, "flux", [ControlUnit(str(cns / "flux-cn"), edges, 0.9, 0.3, 1.0, rule="a1111")])
     np.testing.assert_array_equal(_arr(r.image), _arr(want))
+    # with the hires fix the extension forces its soft weights on a balanced canny unit's second pass (U-Net
+    # residuals): an SD3 / Flux ControlNet runs that pass balanced, not refused
+    r = _a1111(api, "flux", [unit], enable_hr=True, hr_scale=1.5, denoising_strength=0.5, hr_upscaler="Latent")
+    assert r.image.size == (72, 48)
     # a Union unit: the extension's union_control_type ("Depth": its type 1, as ComfyUI's numbers)
     # (webuiapi's ControlNetUnit has no such field: its dict with the extension's key added)
     body = webuiapi.ControlNetUnit(image=photo, module="none", model="flux-union", resize_mode="Just Resize").to_dict()

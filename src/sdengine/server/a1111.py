@@ -2290,6 +2290,10 @@ def install(app: FastAPI, services: Any) -> None:
             ignored.append("distilled_cfg_scale")
         if family not in FLOW_FAMILIES:
             return
+        # the extension's soft weights forced on a canny unit in the hires fix's second pass weigh a U-Net's
+        # residuals: an SD3 / Flux ControlNet runs that pass as the first ("balanced")
+        units = fields.get("controlnets") or []
+        fields["controlnets"] = [dataclasses.replace(u, hires_mode=None) for u in units]
         if str(fields.get("schedule") or "").lower() in ("automatic", "auto"):
             fields["schedule"] = "normal"
         if fields.get("strength_rule") == "a1111":
