@@ -35,6 +35,7 @@ def sd3_cn(sd3):
     root, pipe = sd3
     cns = root / "controlnets"
     _sd3_controlnet(root / "sd3-folder", cns / "sd3-cn", 31)
+    _sd3_controlnet(root / "sd3-folder", cns / "sd3-cn2", 32)
     (root / "in").mkdir(exist_ok=True)
     _picture(16, 16, 3).save(root / "in" / "hint.png")
     return root, pipe
@@ -155,6 +156,27 @@ def test_sd3_controlnet_window_is_comfyuis_sigma_window(sd3_cn):
     assert diff < TOL
     whole = _run(root, sd3_cn_graph(), _ref(root, pipe))["7"][0]
     assert np.abs(_pixels(out["7"][0]) - _pixels(whole)).max() > 1e-4
+
+
+def test_two_sd3_controlnets_sum_as_the_pipelines_two_units(sd3_cn):
+    root, pipe = sd3_cn
+    g = sd3_cn_graph()
+    g["c2"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "sd3-cn2"}}
+    g["h2"] = {"class_type": "ImageInvert", "inputs": {"image": ["h", 0]}}
+    g["a2"] = _control(["a", 0], ["a", 1], ["c2", 0], ["1", 2], 0.5)
+    g["a2"]["inputs"]["image"] = ["h2", 0]
+    g["6"]["inputs"]["positive"], g["6"]["inputs"]["negative"] = ["a2", 0], ["a2", 1]
+    ours = _pixels(_run(root, g, _ref(root, pipe))["7"][0])
+    from PIL import ImageOps
+
+    hint = _picture(16, 16, 3)
+    units = [ControlUnit(str(root / "controlnets" / "sd3-cn"), hint, 0.8),
+             ControlUnit(str(root / "controlnets" / "sd3-cn2"), ImageOps.invert(hint), 0.5)]  # fmt: skip
+    diff = np.abs(ours - _pipeline_image(pipe, schedule="simple", cfg_scale=4.0, controlnets=units)).max()
+    print(f"two SD3 ControlNets workflow vs pipeline: max abs {diff:.2e}")
+    assert diff < TOL
+    one = _pixels(_run(root, sd3_cn_graph(), _ref(root, pipe))["7"][0])
+    assert np.abs(ours - one).max() > 1e-4
 
 
 def _flux_cn_graph(name: str, union: str | None = None, strength: float = 0.9, vae: bool = True) -> dict:
