@@ -14,33 +14,18 @@ from pathlib import Path
 
 import torch
 
-from _flux_models import DEV_SCHEDULER, FLUX_VAE, T5, write_t5_tokenizer
+from _flux_models import DEV_SCHEDULER, FLUX_TRANSFORMER, FLUX_VAE, T5, diffusers_flux, perturbed, write_t5_tokenizer
 
 for _name in ("diffusers", "transformers"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-CHROMA_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=1,
-    num_single_layers=2,
-    attention_head_dim=128,
-    num_attention_heads=1,
-    joint_attention_dim=32,
-    axes_dims_rope=[16, 56, 56],
-    approximator_num_channels=16,
-    approximator_hidden_dim=32,
-    approximator_layers=2,
-)
-
-
-def perturbed(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
-    """Random weights that are not the zero-initialised ones."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return module
+# Flux's tiny transformer without the pooled text vector, with the approximator
+CHROMA_TRANSFORMER = {
+    **{k: v for k, v in FLUX_TRANSFORMER.items() if k != "pooled_projection_dim"},
+    "approximator_num_channels": 16,
+    "approximator_hidden_dim": 32,
+    "approximator_layers": 2,
+}
 
 
 def chroma_transformer(seed: int = 0, **overrides: object):
@@ -71,17 +56,8 @@ def make_chroma_folder(dst: Path, *, seed: int = 0) -> Path:
 
 def diffusers_chroma(folder: Path, *, img2img: bool = False, inpaint: bool = False):
     """diffusers' Chroma pipeline for ``folder`` (fp32, CPU, no progress bar), its text mask made boolean."""
-    import diffusers
-
-    cls = (
-        diffusers.ChromaInpaintPipeline
-        if inpaint
-        else diffusers.ChromaImg2ImgPipeline
-        if img2img
-        else diffusers.ChromaPipeline
-    )
-    pipe = cls.from_pretrained(folder, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+    name = "ChromaInpaintPipeline" if inpaint else "ChromaImg2ImgPipeline" if img2img else "ChromaPipeline"
+    pipe = diffusers_flux(folder, cls_name=name)
 
     def boolean_mask(batch_size, sequence_length, dtype, attention_mask=None):
         # the text mask and the image tokens as one boolean mask (ChromaImg2ImgPipeline's own makes it float,

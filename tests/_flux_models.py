@@ -88,7 +88,7 @@ DEV_SCHEDULER = dict(
 SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
-def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+def perturbed(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
     """Random weights that are not the zero-initialised ones (adaLN-Zero gates, output projections)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -128,10 +128,10 @@ def flux_components(*, guidance: bool, seed: int = 0, in_channels: int = 64) -> 
 
     torch.manual_seed(seed)
     shape = {**FLUX_TRANSFORMER, "in_channels": in_channels, "out_channels": 64}
-    transformer = _perturb(diffusers.FluxTransformer2DModel(**shape, guidance_embeds=guidance), seed + 1).eval()
-    vae = _perturb(diffusers.AutoencoderKL(**FLUX_VAE), seed + 2, 0.02).eval()
-    clip = _perturb(CLIPTextModel(CLIPTextConfig(**CLIP_L)), seed + 3, 0.02).eval()
-    t5 = _perturb(T5EncoderModel(T5Config(vocab_size=32128, **T5)), seed + 4, 0.02).eval()  # T5 v1.1's table
+    transformer = perturbed(diffusers.FluxTransformer2DModel(**shape, guidance_embeds=guidance), seed + 1).eval()
+    vae = perturbed(diffusers.AutoencoderKL(**FLUX_VAE), seed + 2, 0.02).eval()
+    clip = perturbed(CLIPTextModel(CLIPTextConfig(**CLIP_L)), seed + 3, 0.02).eval()
+    t5 = perturbed(T5EncoderModel(T5Config(vocab_size=32128, **T5)), seed + 4, 0.02).eval()  # T5 v1.1's table
     return {"transformer": transformer, "vae": vae, "text_encoder": clip, "text_encoder_2": t5}
 
 
@@ -162,7 +162,8 @@ def make_flux_folder(dst: Path, *, guidance: bool = True, seed: int = 0, kind: s
 
 def diffusers_flux(folder: Path, *, img2img: bool = False, cls_name: str | None = None):
     """diffusers' Flux pipeline for ``folder`` (fp32, CPU, no progress bar); ``cls_name``: another of diffusers'
-    Flux pipelines (``FluxFillPipeline``, ``FluxControlPipeline``, ``FluxControlImg2ImgPipeline``)."""
+    Flux-family pipelines (``FluxFillPipeline``, ``FluxControlPipeline``, ``FluxControlImg2ImgPipeline``,
+    ``ChromaPipeline``, ...)."""
     import diffusers
 
     cls = (

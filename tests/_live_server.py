@@ -145,3 +145,13 @@ def jobs_queued_behind_a_held_one(
         rec.gate.set()
         assert wait_job(c, first, timeout=timeout)["state"] == "done"
         return [wait_job(c, i, timeout=timeout) for i in ids]
+
+
+def one_line_400(r: httpx.Response, *needles: str) -> str:
+    """A 400 answer whose detail is one line holding every one of ``needles``; the detail."""
+    assert r.status_code == 400, (r.status_code, r.text)
+    message = r.json()["detail"]
+    assert isinstance(message, str) and "\n" not in message, message
+    for n in needles:
+        assert n in message, message
+    return message

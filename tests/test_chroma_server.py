@@ -15,7 +15,7 @@ import httpx  # noqa: E402
 
 import sdengine  # noqa: E402
 from _chroma_models import make_chroma_folder  # noqa: E402
-from _live_server import live_server, run_job, server_config  # noqa: E402
+from _live_server import live_server, one_line_400, run_job, server_config  # noqa: E402
 
 PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
 W, H = 48, 32
@@ -31,14 +31,6 @@ def served(tmp_path_factory):
     with live_server(server_config(root, models_dir=models)) as server:
         with httpx.Client(base_url=server.url, timeout=300) as client:
             yield server, client, chroma
-
-
-def _one_line_400(r: httpx.Response, *needles: str) -> None:
-    assert r.status_code == 400, (r.status_code, r.text)
-    message = r.json()["detail"]
-    assert isinstance(message, str) and "\n" not in message, message
-    for n in needles:
-        assert n in message, message
 
 
 def test_models_list_the_chroma_family_and_defaults(served):
@@ -61,6 +53,6 @@ def test_what_chroma_refuses_is_a_one_line_400(served):
     _, client, _ = served
     base = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 1}
     r = client.post("/v1/jobs", json={**base, "model": "idle-chroma", "distilled_cfg_scale": 4})
-    _one_line_400(r, "distilled_cfg_scale applies to FLUX.1 [dev] models only")
+    one_line_400(r, "distilled_cfg_scale applies to FLUX.1 [dev] models only")
     r = client.post("/v1/jobs", json={**base, "model": "idle-chroma", "freeu": [1.1, 1.2, 0.9, 0.2]})
-    _one_line_400(r, "freeu: FreeU changes the U-Net's up blocks", "idle-chroma is a Chroma model")
+    one_line_400(r, "freeu: FreeU changes the U-Net's up blocks", "idle-chroma is a Chroma model")

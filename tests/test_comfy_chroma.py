@@ -19,24 +19,27 @@ pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
 from _chroma_models import make_chroma_folder  # noqa: E402
-from test_comfy_sd3_flux import NEGATIVE, PROMPT, TOL, _ldm_vae, _node_error, _pixels, _run, _save  # noqa: E402
+from test_comfy_sd3_flux import (  # noqa: E402
+    NEGATIVE,
+    PROMPT,
+    TOL,
+    _node_error,
+    _pixels,
+    _run,
+    _save,
+    ksampler_node,
+    save_comfy_files,
+)
 
 SEED, STEPS, SIDE = 5, 4, 64  # EmptySD3LatentImage 64: an 8 x 8 latent, 16 pixels out of the tiny 2x VAE
 
 
 @pytest.fixture(scope="module")
 def chroma(tmp_path_factory):
-    from safetensors.torch import load_file
-
-    from sdengine.weights.chroma_file import diffusers_to_bfl
 
     root = tmp_path_factory.mktemp("comfy_chroma")
     folder = make_chroma_folder(root / "chroma-folder", seed=2)
-    models = root / "models"
-    sd = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
-    _save(diffusers_to_bfl(sd), models / "diffusion_models" / "chroma-tiny.safetensors")
-    _save(load_file(folder / "text_encoder" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
-    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+    save_comfy_files(folder, root, "diffusion_models/chroma-tiny.safetensors", chroma=True)
     return root, sdengine.load_pipeline(folder, device="cpu")
 
 
@@ -54,21 +57,7 @@ def chroma_graph(cfg: float = 4.0, negative: str = NEGATIVE) -> dict[str, Any]:
             "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5, "width": SIDE, "height": SIDE},
         },
         "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIDE, "height": SIDE, "batch_size": 1}},
-        "8": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["6", 0],
-                "seed": SEED,
-                "steps": STEPS,
-                "cfg": cfg,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["3", 0],
-                "negative": ["4", 0],
-                "latent_image": ["7", 0],
-                "denoise": 1.0,
-            },
-        },
+        "8": ksampler_node(["6", 0], ["3", 0], ["4", 0], ["7", 0], cfg=cfg),
         "9": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
         "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},

@@ -25,24 +25,29 @@ from _flux_models import make_flux_folder  # noqa: E402
 from _pipeline_models import mask_picture, picture  # noqa: E402
 from sdengine.server.comfy.nodes import NodeError  # noqa: E402
 from sdengine.server.comfy.nodes_sd3_flux import flux_concat  # noqa: E402
-from test_comfy_sd3_flux import PROMPT, TOL, _clip_file, _ldm_vae, _node_error, _pixels, _run, _save, flux  # noqa: E402, F401
+from test_comfy_sd3_flux import (  # noqa: E402, F401
+    PROMPT,
+    TOL,
+    _clip_file,
+    _ldm_vae,
+    _node_error,
+    _pixels,
+    _run,
+    _save,
+    flux,
+    flux_graph,
+    ksampler_node,
+    save_comfy_files,
+)
 
 SEED, STEPS = 5, 3
 W, H = 48, 32  # the tiny VAE is 2x: a 24 x 16 latent, 12 x 8 = 96 tokens (ModelSamplingFlux's 192 x 128)
 
 
 def _files(root: Path, kind: str, seed: int) -> Any:
-    from safetensors.torch import load_file
-
-    from sdengine.weights.flux_file import diffusers_to_bfl
 
     folder = make_flux_folder(root / f"flux-{kind}", kind=kind, seed=seed)
-    models = root / "models"
-    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    _save(transformer, models / "unet" / f"flux1-{kind}.safetensors")
-    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
-    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
-    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+    save_comfy_files(folder, root, f"unet/flux1-{kind}.safetensors")
     (root / "in").mkdir(exist_ok=True)
     picture(W, H).save(root / "in" / "init.png")
     mask_picture(W, H).convert("RGB").save(root / "in" / "mask.png")
@@ -61,42 +66,15 @@ def control(tmp_path_factory):
 
 
 def _graph(kind: str, guidance: float, noise_mask: bool = False, cfg: float = 1.0) -> dict:
-    g: dict[str, Any] = {
-        "1": {
-            "class_type": "UNETLoader",
-            "inputs": {"unet_name": f"flux1-{kind}.safetensors", "weight_dtype": "default"},
-        },
-        "2": {
-            "class_type": "DualCLIPLoader",
-            "inputs": {"clip_name1": "t5xxl.safetensors", "clip_name2": "clip_l.safetensors", "type": "flux"},
-        },
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["2", 0]}},
-        "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": guidance}},
-        "5": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
-        "6": {
-            "class_type": "ModelSamplingFlux",
-            "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5, "width": 4 * W, "height": 4 * H},
-        },
-        "9": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
-        "20": {"class_type": "LoadImage", "inputs": {"image": "control.png" if kind == "control" else "init.png"}},
-        "8": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["6", 0],
-                "seed": SEED,
-                "steps": STEPS,
-                "cfg": cfg,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["22", 0],
-                "negative": ["22", 1],
-                "latent_image": ["22", 2],
-                "denoise": 1.0,
-            },
-        },  # fmt: skip
-        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
-        "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},
-    }
+    """test_comfy_sd3_flux's Flux graph on the ``kind`` transformer, sampling from ``kind``'s conditioning node
+    "22" (its latent too) on the LoadImage "20" (and, Fill, the LoadImageMask "21")."""
+    g: dict[str, Any] = flux_graph(guidance)
+    del g["7"]  # the latent is the conditioning node's
+    g["1"]["inputs"]["unet_name"] = f"flux1-{kind}.safetensors"
+    g["6"]["inputs"].update(width=4 * W, height=4 * H)
+    g["8"] = ksampler_node(["6", 0], ["22", 0], ["22", 1], ["22", 2], cfg=cfg, steps=STEPS)
+    g["11"] = {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}}
+    g["20"] = {"class_type": "LoadImage", "inputs": {"image": "control.png" if kind == "control" else "init.png"}}
     common = {"positive": ["4", 0], "negative": ["5", 0], "vae": ["9", 0], "pixels": ["20", 0]}
     if kind == "fill":
         g["21"] = {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}}
@@ -210,8 +188,6 @@ def test_flux_concat_resizes_about_the_centre():
 def test_inpaint_model_conditioning_on_a_plain_flux_model_is_its_noise_mask(flux):  # noqa: F811
     """On FLUX.1 [dev] (64 numbers in per token) the conditionings' image and mask are left out, as ComfyUI's
     concat_cond leaves them: the same image as VAEEncode + SetLatentNoiseMask of the same picture and mask."""
-    from test_comfy_sd3_flux import flux_graph
-
     root, _ = flux
     (root / "in").mkdir(exist_ok=True)
     picture(W, H).save(root / "in" / "init.png")

@@ -61,14 +61,34 @@ def _clip_file(folder: Path, sub: str) -> dict[str, torch.Tensor]:
     return {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in sd.items()}
 
 
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    """An SD3 single file in models/, and its parts as ComfyUI keeps them."""
+def save_comfy_files(
+    folder: Path, root: Path, unet: str = "unet/flux1-tiny.safetensors", *, chroma: bool = False
+) -> None:
+    """A tiny diffusers Flux (or ``chroma``) folder's parts as ComfyUI's files under ``root``: the transformer in
+    BFL's names at ``models/<unet>``, CLIP-L (Flux's) and T5 in ``models/text_encoders/``, the VAE as
+    ``vaes/ae.safetensors``."""
+    from safetensors.torch import load_file
+
+    from sdengine.weights import chroma_file, flux_file
+
+    to_bfl = chroma_file.diffusers_to_bfl if chroma else flux_file.diffusers_to_bfl
+    models = root / "models"
+    _save(to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")), models / unet)
+    if not chroma:
+        _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
+    t5 = folder / ("text_encoder" if chroma else "text_encoder_2") / "model.safetensors"
+    _save(load_file(t5), models / "text_encoders" / "t5xxl.safetensors")
+    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+
+
+def save_sd3_files(root: Path) -> Path:
+    """A tiny SD3 as a single file (``models/sd3-tiny.safetensors``, returned) and its parts as ComfyUI keeps them:
+    the MMDiT in Stability's names (``models/diffusion_models/sd3-mmdit.safetensors``), CLIP-L and bigG in
+    ``models/text_encoders/``, T5 in ``models/clip/``, the VAE as ``vaes/sd3_vae.safetensors``."""
     from safetensors.torch import load_file
 
     from sdengine.weights.mmdit_file import load_mmdit, sdengine_to_stability
 
-    root = tmp_path_factory.mktemp("comfy_sd3")
     folder = make_sd3_folder(root / "sd3-folder")
     models = root / "models"
     models.mkdir()
@@ -81,24 +101,40 @@ def sd3(tmp_path_factory):
     _save(_clip_file(folder, "text_encoder_2"), models / "text_encoders" / "clip_g.safetensors")
     _save(load_file(folder / "text_encoder_3" / "model.safetensors"), models / "clip" / "t5xxl_tiny.safetensors")
     _save(_ldm_vae(folder), root / "vaes" / "sd3_vae.safetensors")
-    return root, sdengine.load_pipeline(models / "sd3-tiny.safetensors", device="cpu")
+    return models / "sd3-tiny.safetensors"
+
+
+def sd3_parts(weight_dtype: str = "default") -> dict[str, dict]:
+    """The loader nodes of :func:`save_sd3_files`' parts: UNETLoader "1", TripleCLIPLoader "2", VAELoader "9",
+    ModelSamplingSD3 "10" (shift 3)."""
+    unet = {"unet_name": "sd3-mmdit.safetensors", "weight_dtype": weight_dtype}
+    clips = {
+        "clip_name1": "clip_l.safetensors",
+        "clip_name2": "clip_g.safetensors",
+        "clip_name3": "t5xxl_tiny.safetensors",
+    }
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": unet},
+        "2": {"class_type": "TripleCLIPLoader", "inputs": clips},
+        "9": {"class_type": "VAELoader", "inputs": {"vae_name": "sd3_vae.safetensors"}},
+        "10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
+    }
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """An SD3 single file in models/, and its parts as ComfyUI keeps them."""
+    root = tmp_path_factory.mktemp("comfy_sd3")
+    return root, sdengine.load_pipeline(save_sd3_files(root), device="cpu")
 
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     """FLUX.1 [dev]: BFL's transformer in diffusion_models/, CLIP-L and T5 in text_encoders/, ae in vaes/."""
-    from safetensors.torch import load_file
-
-    from sdengine.weights.flux_file import diffusers_to_bfl
 
     root = tmp_path_factory.mktemp("comfy_flux")
     folder = make_flux_folder(root / "flux-folder", guidance=True)
-    models = root / "models"
-    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    _save(transformer, models / "unet" / "flux1-tiny.safetensors")
-    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
-    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
-    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+    save_comfy_files(folder, root)
     return root, sdengine.load_pipeline(folder, device="cpu")
 
 
@@ -134,12 +170,13 @@ def _run(root: Path, prompt: dict[str, Any], pipes: dict[str, Any] | None = None
     return {nid: entry.outputs for nid, entry in ex.cache.items()}
 
 
-def _sampler(model: list, pos: list, neg: list, latent: list, sampler="euler", scheduler="simple", cfg=4.0) -> dict:
+def ksampler_node(model: list, pos: list, neg: list, latent: list, sampler="euler", scheduler="simple", **kw) -> dict:
+    """A KSampler node, full denoise (``kw``: cfg 4, SEED, STEPS unless given)."""
     return {
         "class_type": "KSampler",
         "inputs": {
-            "model": model, "seed": SEED, "steps": STEPS, "cfg": cfg, "sampler_name": sampler,
-            "scheduler": scheduler, "positive": pos, "negative": neg, "latent_image": latent, "denoise": 1.0,
+            "model": model, "seed": SEED, "steps": STEPS, "cfg": 4.0, "sampler_name": sampler,
+            "scheduler": scheduler, "positive": pos, "negative": neg, "latent_image": latent, "denoise": 1.0, **kw,
         },
     }  # fmt: skip
 
@@ -161,7 +198,7 @@ def sd3_graph(loader: dict[str, dict], model: list, clip: list, vae: list, **sam
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": clip}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": clip}},
         "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIDE, "height": SIDE, "batch_size": 1}},
-        "6": _sampler(model, ["3", 0], ["4", 0], ["5", 0], **sampler),
+        "6": ksampler_node(model, ["3", 0], ["4", 0], ["5", 0], **sampler),
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": vae}},
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "sd3"}},
     }
@@ -186,19 +223,7 @@ def test_sd3_checkpoint_workflow_equals_the_pipeline(sd3):
 
 def test_sd3_separate_files_equal_the_checkpoint(sd3):
     root, pipe = sd3
-    parts = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "sd3-mmdit.safetensors", "weight_dtype": "default"}},
-        "2": {
-            "class_type": "TripleCLIPLoader",
-            "inputs": {
-                "clip_name1": "clip_l.safetensors",
-                "clip_name2": "clip_g.safetensors",
-                "clip_name3": "t5xxl_tiny.safetensors",
-            },
-        },  # fmt: skip
-        "9": {"class_type": "VAELoader", "inputs": {"vae_name": "sd3_vae.safetensors"}},
-        "10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
-    }
+    parts = sd3_parts()
     out = _run(root, sd3_graph(parts, ["10", 0], ["2", 0], ["9", 0], sampler="dpmpp_2m", scheduler="sgm_uniform"))
     theirs = _pipeline_image(pipe, sampler="dpmpp_2m", schedule="sgm_uniform", cfg_scale=4.0)
     assert np.abs(_pixels(out["7"][0]) - theirs).max() < TOL
@@ -261,7 +286,7 @@ def flux_graph(guidance: float = 3.5) -> dict:
             "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5, "width": SIDE, "height": SIDE},
         },
         "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIDE, "height": SIDE, "batch_size": 1}},
-        "8": _sampler(["6", 0], ["4", 0], ["5", 0], ["7", 0], cfg=1.0),
+        "8": ksampler_node(["6", 0], ["4", 0], ["5", 0], ["7", 0], cfg=1.0),
         "9": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
         "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "flux"}},
@@ -552,17 +577,10 @@ def test_flux_noise_mask_inpaints_as_comfyuis_x0_inpaint(flux):
 def test_flux_schnell_and_sd35_checkpoints_equal_their_pipelines(tmp_path):
     """FLUX.1 [schnell] (no guidance input: FluxGuidance is left out of its conditioning; its schedule unshifted) and
     SD3.5 Medium's MMDiT-X (a second attention, q/k norms) through the same nodes."""
-    from safetensors.torch import load_file
-
-    from sdengine.weights.flux_file import diffusers_to_bfl
 
     folder = make_flux_folder(tmp_path / "schnell", guidance=False, seed=1)
     models = tmp_path / "models"
-    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    _save(transformer, models / "unet" / "flux1-tiny.safetensors")
-    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
-    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
-    _save(_ldm_vae(folder), tmp_path / "vaes" / "ae.safetensors")
+    save_comfy_files(folder, tmp_path)
     g = flux_graph()
     del g["6"]  # [schnell]: ComfyUI's unshifted FLOW schedule, the pipeline's too
     g["8"]["inputs"]["model"] = ["1", 0]

@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
+from _ip2p import comfy_and_pipeline_latents, mad  # noqa: E402
 from _pipeline_models import picture  # noqa: E402
 from _sdxl_models import diffusers_sdxl, make_sdxl_folder  # noqa: E402
 from sdengine.diffusion.edm import COSXL_SCHEDULER, PLAYGROUND_SCHEDULER, EDMDenoiser, EDMSchedule, edm_grid  # noqa: E402
@@ -56,12 +57,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, An
     return out
 
 
-def _mad(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).mean())
-
-
 def _scheduler(folder: Path, cls_name: str, sigma_schedule: str) -> Any:
     import diffusers
 
@@ -96,40 +91,21 @@ def _theirs(
     return out.images[0]
 
 
+def _settings(sampler: str, schedule: str, **kw: Any) -> dict[str, Any]:
+    """A request's keywords besides the prompts: the tests' steps, CFG, seed and size unless ``kw`` says."""
+    args = dict(steps=STEPS, sampler=sampler, schedule=schedule, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    return {**args, "progress": False, **kw}
+
+
 def _ours(pipe: Any, sampler: str, schedule: str, **kw: Any) -> np.ndarray:
-    img = pipe(
-        PROMPT,
-        NEGATIVE,
-        steps=STEPS,
-        sampler=sampler,
-        schedule=schedule,
-        cfg_scale=5.0,
-        seed=SEED,
-        width=SIZE,
-        height=SIZE,
-        progress=False,
-        **kw,
-    ).images[0]
+    img = pipe(PROMPT, NEGATIVE, **_settings(sampler, schedule, **kw)).images[0]
     return np.asarray(img, dtype=np.float64) / 255.0
 
 
 def _ours_float(pipe: Any, sampler: str, schedule: str, **kw: Any) -> np.ndarray:
     from sdengine.pipeline.request import GenerationRequest
 
-    r = GenerationRequest(
-        PROMPT,
-        NEGATIVE,
-        steps=STEPS,
-        sampler=sampler,
-        schedule=schedule,
-        cfg_scale=5.0,
-        seed=SEED,
-        width=SIZE,
-        height=SIZE,
-        progress=False,
-        **kw,
-    )
-    p = pipe.prepare(r)
+    p = pipe.prepare(GenerationRequest(PROMPT, NEGATIVE, **_settings(sampler, schedule, **kw)))
     x = pipe.sample_latents(p)
     return pipe.decode_latents(p, x)[0].permute(1, 2, 0).double().numpy()
 
@@ -157,7 +133,7 @@ def test_edm_txt2img_matches_diffusers(models, kind, cls_name, sampler, schedule
         folder, pipe = other, sdengine.load_pipeline(other, device="cpu", fast_path="none")
     theirs = _theirs(folder, cls_name, sigma_schedule)
     ours = _ours_float(pipe, sampler, schedule)
-    assert _mad(ours, theirs) < TOL
+    assert mad(ours, theirs) < TOL
 
 
 def test_cosxl_edit_matches_diffusers_is_cosxl_edit(models):
@@ -165,10 +141,10 @@ def test_cosxl_edit_matches_diffusers_is_cosxl_edit(models):
     image = picture(SIZE, SIZE)
     theirs = _theirs(folder, "EDMEulerScheduler", "karras", ip2p=True, image=image)
     ours = _ours_float(pipe, "euler", "normal", init_image=image, image_cfg_scale=1.5)
-    assert _mad(ours, theirs) < TOL
+    assert mad(ours, theirs) < TOL
     # the image latent's scaling is what makes it CosXL Edit (seen: 5e-2 apart without it)
     unscaled = _theirs(folder, "EDMEulerScheduler", "karras", ip2p=True, image=image, cosxl_edit=False)
-    assert _mad(ours, unscaled) > 100 * TOL
+    assert mad(ours, unscaled) > 100 * TOL
 
 
 def _foreign_file(folder: Path, dst: Path) -> Path:
@@ -219,7 +195,7 @@ def test_single_files_carry_the_edm_markers_both_ways(models, tmp_path, kind):
         assert list(pipe.vae.config.latents_mean) == pytest.approx(PLAYGROUND_MEAN)
     cls_name = "EDMEulerScheduler" if kind == "cosxl" else "EDMDPMSolverMultistepScheduler"
     sampler = "euler" if kind == "cosxl" else "dpmpp_2m"
-    assert _mad(_ours_float(pipe, sampler, "normal"), _theirs(folder, cls_name, "karras")) < TOL
+    assert mad(_ours_float(pipe, sampler, "normal"), _theirs(folder, cls_name, "karras")) < TOL
     # back to a folder: the EDM scheduler config and the VAE's statistics; and to a single file again: the markers
     back = convert(tmp_path / f"{kind}.safetensors", tmp_path / f"{kind}-folder")
     cfg = json.loads((back / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
@@ -317,21 +293,11 @@ def test_comfyuis_nodes_sample_the_cosxl_edit_model_as_the_pipeline(models):
     """ComfyUI's InstructPixToPixConditioning + KSampler path (sdengine.latent_sampling) on an EDM model: EDM's
     preconditioning and the image latent scaled as ComfyUI's CosXL rule; the same latents as the pipeline (two-way
     guidance: image_cfg_scale 1)."""
-    from sdengine.latent_sampling import encode_text, sample_latents
-    from sdengine.pipeline.request import GenerationRequest
-    from sdengine.server.comfy.nodes import RunContext, VaeHandle, image_to_tensor
-    from sdengine.server.comfy.nodes_edit import instruct_pix_to_pix_conditioning
-
     _, pipe = models["cosxl_edit"]
-    image = picture(SIZE, SIZE)
-    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
-    pos, neg = [encode_text(pipe, PROMPT)], [encode_text(pipe, NEGATIVE)]
-    pos, neg, latent = instruct_pix_to_pix_conditioning(ctx, pos, neg, VaeHandle("m"), image_to_tensor(image))
-    z = sample_latents(pipe, pos, neg, latent["samples"], seed=SEED, steps=STEPS, cfg=5.0, sampler="euler",
-                       schedule="karras", seed_rule="sdengine")  # fmt: skip
-    kw = dict(steps=STEPS, sampler="euler", schedule="karras", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
-    r = GenerationRequest(PROMPT, NEGATIVE, init_image=image, image_cfg_scale=1.0, progress=False, **kw)
-    ours = pipe.sample_latents(pipe.prepare(r))
+    z, ours, _ = comfy_and_pipeline_latents(
+        pipe, picture(SIZE, SIZE), cfg=5.0, schedule="karras", prompt=PROMPT, negative=NEGATIVE, seed=SEED,
+        steps=STEPS, size=SIZE,
+    )  # fmt: skip
     assert float((z - ours).abs().max()) < 1e-4
     assert float(ours.abs().mean()) > 0.1  # a real latent, not zeros
 
@@ -358,4 +324,57 @@ def test_edm_img2img_matches_diffusers(models, kind, cls_name, sampler):
         output_type="np",
     ).images[0]
     ours = _ours_float(pipe, sampler, "normal", init_image=image, strength=0.6)
-    assert _mad(ours, theirs) < TOL
+    assert mad(ours, theirs) < TOL
+
+
+def test_playground_vae_given_apart_keeps_the_models_latent_statistics(models, tmp_path, caplog):
+    """The latent format is the model's (ComfyUI's rule): Playground's own VAE given apart as a file (no config),
+    at load time (folder and single file) and per call (``set_vae``), keeps its latents_mean / latents_std and
+    scaling 0.5, so the image is the model's; a VAE folder with none (SDXL's scaling) or other statistics takes
+    the model's too (the other ones logged)."""
+    folder, pipe = models["playground"]
+    vae_file = tmp_path / "playground_vae.safetensors"  # diffusers' key names, no config beside it
+    shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", vae_file)
+    own = _ours_float(pipe, "dpmpp_2m", "normal")
+    single = tmp_path / "playground.safetensors"
+    _foreign_file(folder, single)
+    for source in (folder, single):
+        apart = sdengine.load_pipeline(source, device="cpu", fast_path="none", vae=vae_file)
+        assert apart.vae_source == vae_file
+        assert list(apart.vae.config.latents_mean) == pytest.approx(PLAYGROUND_MEAN)
+        assert list(apart.vae.config.latents_std) == pytest.approx(PLAYGROUND_STD)
+        assert apart.vae.config.scaling_factor == 0.5
+        np.testing.assert_allclose(_ours_float(apart, "dpmpp_2m", "normal"), own, atol=1e-5, rtol=0)
+    try:
+        pipe.set_vae(vae_file)  # per call (the server's job vae)
+        assert pipe.vae is not models["playground"][1].__dict__["_base_vae"][0]
+        np.testing.assert_allclose(_ours_float(pipe, "dpmpp_2m", "normal"), own, atol=1e-5, rtol=0)
+    finally:
+        pipe.set_vae(None)
+    # VAE folders: none (an SDXL VAE's config, scaling 0.13025) or other statistics -> the model's format
+    for name, change in (("plain", {"scaling_factor": 0.13025}), ("other", {"latents_mean": [0.0] * 4})):
+        vae_dir = tmp_path / f"vae-{name}"
+        shutil.copytree(folder / "vae", vae_dir)
+        cfg = json.loads((vae_dir / "config.json").read_text(encoding="utf-8"))
+        if name == "plain":
+            cfg.pop("latents_mean")
+            cfg.pop("latents_std")
+        cfg.update(change)
+        (vae_dir / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sdengine.weights.loading"):
+            apart = sdengine.load_pipeline(folder, device="cpu", fast_path="none", vae=vae_dir)
+        assert apart.vae.config.scaling_factor == 0.5
+        assert list(apart.vae.config.latents_mean) == pytest.approx(PLAYGROUND_MEAN)
+        assert ("differ from the model's" in caplog.text) == (name == "other"), caplog.text
+        np.testing.assert_allclose(_ours_float(apart, "dpmpp_2m", "normal"), own, atol=1e-5, rtol=0)
+    # a model without statistics (CosXL) does not take a VAE folder's: its latents are plain scaled
+    cos_folder, cos = models["cosxl"]
+    vae_dir = tmp_path / "vae-with-stats"
+    shutil.copytree(cos_folder / "vae", vae_dir)
+    cfg = json.loads((vae_dir / "config.json").read_text(encoding="utf-8"))
+    cfg.update(latents_mean=PLAYGROUND_MEAN, latents_std=PLAYGROUND_STD)
+    (vae_dir / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    apart = sdengine.load_pipeline(cos_folder, device="cpu", fast_path="none", vae=vae_dir)
+    assert apart.vae.config.latents_mean is None
+    np.testing.assert_allclose(_ours_float(apart, "euler", "normal"), _ours_float(cos, "euler", "normal"), atol=1e-5)

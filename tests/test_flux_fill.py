@@ -231,18 +231,11 @@ def test_comfyui_route_runs_a_fill_model_without_an_image_as_comfyui(fill, tmp_p
     """UNETLoader on flux1-fill-dev in a text-only graph (no InpaintModelConditioning): it runs as ComfyUI's
     Flux.concat_cond does, on a zero image latent (scaled in) and an all-ones mask (tests/test_comfy_flux_fill.py
     holds the Fill workflows against the pipeline)."""
-    from safetensors.torch import load_file
 
-    from sdengine.weights.flux_file import diffusers_to_bfl
-    from test_comfy_sd3_flux import _clip_file, _ldm_vae, _run, _save, flux_graph
+    from test_comfy_sd3_flux import _run, flux_graph, save_comfy_files
 
     folder = fill[0]
-    models = tmp_path / "models"
-    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    _save(transformer, models / "unet" / "flux1-tiny.safetensors")
-    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
-    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
-    _save(_ldm_vae(folder), tmp_path / "vaes" / "ae.safetensors")
+    save_comfy_files(folder, tmp_path)
     out = _run(tmp_path, flux_graph())
     image = out["10"][0]
     assert image.shape == (1, 16, 16, 3) and bool(torch.isfinite(image).all()) and float(image.std()) > 0.01

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
-from _flux_models import DEV_SCHEDULER, FLUX_TRANSFORMER, _perturb, flux_components, write_t5_tokenizer  # noqa: E402
+from _flux_models import DEV_SCHEDULER, FLUX_TRANSFORMER, flux_components, perturbed, write_t5_tokenizer  # noqa: E402
 from _ip_models import random_adapter, random_encoder  # noqa: E402
 from _pipeline_models import picture  # noqa: E402
 from sdengine.errors import SdengineError  # noqa: E402
@@ -45,7 +45,7 @@ def _flux_folder(dst: Path) -> Path:
     parts = flux_components(guidance=True, seed=4)
     shape = {**FLUX_TRANSFORMER, "num_layers": DOUBLE}
     torch.manual_seed(5)
-    parts["transformer"] = _perturb(diffusers.FluxTransformer2DModel(**shape, guidance_embeds=True), 6).eval()
+    parts["transformer"] = perturbed(diffusers.FluxTransformer2DModel(**shape, guidance_embeds=True), 6).eval()
     write_clip_tokenizer(dst / "tokenizer")
     write_t5_tokenizer(dst / "tokenizer_2")
     pipe = diffusers.FluxPipeline(

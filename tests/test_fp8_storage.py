@@ -272,43 +272,16 @@ def test_comfy_unet_loader_fp8_equals_the_python_api(tmp_path_factory):
 
 def test_comfy_unet_loader_fp8_on_sd3_equals_the_python_api(tmp_path_factory):
     pytest.importorskip("diffusers")
-    from safetensors.torch import load_file
-
     import test_comfy_sd3_flux as comfy
-    from _sd3_models import make_sd3_folder, write_single_file
-    from sdengine.weights.mmdit_file import load_mmdit, sdengine_to_stability
 
     root = tmp_path_factory.mktemp("comfy_fp8_sd3")  # the layout of test_comfy_sd3_flux's sd3 fixture
-    folder = make_sd3_folder(root / "sd3-folder")
-    models = root / "models"
-    models.mkdir()
-    write_single_file(folder, models / "sd3-tiny.safetensors")
-    mmdit = load_mmdit(folder, dtype=torch.float32)
-    comfy._save(
-        sdengine_to_stability(mmdit.state_dict(), mmdit.config), models / "diffusion_models" / "sd3.safetensors"
-    )
-    for sub, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
-        comfy._save(comfy._clip_file(folder, sub), models / "text_encoders" / f"{name}.safetensors")
-    comfy._save(load_file(folder / "text_encoder_3" / "model.safetensors"), models / "clip" / "t5xxl_tiny.safetensors")
-    comfy._save(comfy._ldm_vae(folder), root / "vaes" / "sd3_vae.safetensors")
-    parts = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "sd3.safetensors", "weight_dtype": "fp8_e5m2"}},
-        "2": {
-            "class_type": "TripleCLIPLoader",
-            "inputs": {
-                "clip_name1": "clip_l.safetensors",
-                "clip_name2": "clip_g.safetensors",
-                "clip_name3": "t5xxl_tiny.safetensors",
-            },
-        },
-        "9": {"class_type": "VAELoader", "inputs": {"vae_name": "sd3_vae.safetensors"}},
-        "10": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}},
-    }
+    single = comfy.save_sd3_files(root)
+    parts = comfy.sd3_parts("fp8_e5m2")
     out = comfy._run(root, comfy.sd3_graph(parts, ["10", 0], ["2", 0], ["9", 0]))
-    ours = sdengine.load_pipeline(models / "sd3-tiny.safetensors", device="cpu", weight_dtype="fp8_e5m2")
+    ours = sdengine.load_pipeline(single, device="cpu", weight_dtype="fp8_e5m2")
     want = comfy._pipeline_image(ours, schedule="simple", cfg_scale=4.0)
     assert np.abs(comfy._pixels(out["7"][0]) - want).max() < comfy.TOL
-    plain = sdengine.load_pipeline(models / "sd3-tiny.safetensors", device="cpu")
+    plain = sdengine.load_pipeline(single, device="cpu")
     assert np.abs(comfy._pipeline_image(plain, schedule="simple", cfg_scale=4.0) - want).max() > 1e-3
 
 

@@ -19,14 +19,13 @@ import torch
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
+from _ip2p import NEGATIVE, PROMPT, SEED, SIZE, STEPS, comfy_and_pipeline_latents, comfy_conditioning, mad, run_ip2p  # noqa: E402
 from _pipeline_models import diffusers_pipeline, diffusers_scheduler, make_sd_folder, picture  # noqa: E402
 from sdengine.diffusion.guidance import ImageCFGDenoiser  # noqa: E402
 from sdengine.errors import SdengineError  # noqa: E402
 from sdengine.metadata import parse_parameters, to_generate_kwargs  # noqa: E402
 
 TOL = 1e-4  # mean absolute difference on 0..1 pixels; seen: 7e-8 to 3e-7
-SIZE, STEPS, SEED = 32, 5, 3
-PROMPT, NEGATIVE = "make it red", "blurry"
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +37,6 @@ def ip2p(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 @pytest.fixture(scope="module")
 def image() -> Any:
     return picture(SIZE, SIZE)
-
-
-def _mad(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
-
-
-def _ours(pipe: Any, image: Any, **kw: Any) -> Any:
-    args: dict[str, Any] = dict(
-        init_image=image, steps=STEPS, sampler="euler", schedule="normal", seed=SEED, width=SIZE, height=SIZE
-    )
-    args.update(kw)
-    return pipe(PROMPT, NEGATIVE, progress=False, **args)
 
 
 def _theirs(folder: Path, image: Any, sampler: str, cfg: float, image_cfg: float) -> np.ndarray:
@@ -82,9 +68,9 @@ def _theirs(folder: Path, image: Any, sampler: str, cfg: float, image_cfg: float
 def test_matches_diffusers_instruct_pix2pix(ip2p, image, sampler, cfg, image_cfg):
     folder, pipe = ip2p
     theirs = _theirs(folder, image, sampler, cfg, image_cfg)
-    res = _ours(pipe, image, sampler=sampler, cfg_scale=cfg, image_cfg_scale=image_cfg)
+    res = run_ip2p(pipe, image, sampler=sampler, cfg_scale=cfg, image_cfg_scale=image_cfg)
     assert res.arrays.std() > 0.05
-    assert _mad(res.arrays, theirs) < TOL
+    assert mad(res.arrays, theirs) < TOL
     fields = parse_parameters(res.infotexts[0])
     assert float(fields["Image CFG scale"]) == image_cfg
     assert "Denoising strength" not in fields  # diffusers' rule: pure noise, the strength is not used
@@ -92,15 +78,15 @@ def test_matches_diffusers_instruct_pix2pix(ip2p, image, sampler, cfg, image_cfg
 
 def test_the_image_scale_changes_the_image_and_none_is_diffusers_default(ip2p, image):
     _, pipe = ip2p
-    at_1 = _ours(pipe, image, image_cfg_scale=1.0).arrays
-    at_15 = _ours(pipe, image, image_cfg_scale=1.5).arrays
-    assert _mad(at_1, at_15) > 1e-3
-    default = _ours(pipe, image)
+    at_1 = run_ip2p(pipe, image, image_cfg_scale=1.0).arrays
+    at_15 = run_ip2p(pipe, image, image_cfg_scale=1.5).arrays
+    assert mad(at_1, at_15) > 1e-3
+    default = run_ip2p(pipe, image)
     np.testing.assert_array_equal(default.arrays, at_15)
     assert parse_parameters(default.infotexts[0])["Image CFG scale"] == "1.5"
     # another init image changes the edit (the image reaches the U-Net through its extra channels)
-    other = _ours(pipe, picture(SIZE, SIZE, seed=2)).arrays
-    assert _mad(other, at_15) > 1e-3
+    other = run_ip2p(pipe, picture(SIZE, SIZE, seed=2)).arrays
+    assert mad(other, at_15) > 1e-3
 
 
 def test_the_three_way_guidance_stacks_the_rows_as_diffusers_and_a1111():
@@ -135,17 +121,17 @@ def test_the_three_way_guidance_stacks_the_rows_as_diffusers_and_a1111():
 def test_a1111_rule_runs_img2img_with_the_strength_and_its_default_image_scale_1(ip2p, image):
     _, pipe = ip2p
     kw = dict(strength_rule="a1111", cfg_scale=6.0, strength=0.6)
-    none = _ours(pipe, image, **kw)
-    one = _ours(pipe, image, image_cfg_scale=1.0, **kw)
+    none = run_ip2p(pipe, image, **kw)
+    one = run_ip2p(pipe, image, image_cfg_scale=1.0, **kw)
     np.testing.assert_array_equal(none.arrays, one.arrays)  # A1111's API None: plain CFG, the image in both rows
     fields = parse_parameters(none.infotexts[0])
     assert fields["Image CFG scale"] == "1" and fields["Denoising strength"] == "0.6"
-    three = _ours(pipe, image, image_cfg_scale=1.5, **kw).arrays
-    assert _mad(three, one.arrays) > 1e-3
+    three = run_ip2p(pipe, image, image_cfg_scale=1.5, **kw).arrays
+    assert mad(three, one.arrays) > 1e-3
     # the strength matters under A1111's rule (img2img from the init latent), not under diffusers'
-    assert _mad(_ours(pipe, image, image_cfg_scale=1.5, **{**kw, "strength": 0.9}).arrays, three) > 1e-3
-    plain = _ours(pipe, image, cfg_scale=6.0)
-    assert np.array_equal(plain.arrays, _ours(pipe, image, cfg_scale=6.0, strength=0.3).arrays)
+    assert mad(run_ip2p(pipe, image, image_cfg_scale=1.5, **{**kw, "strength": 0.9}).arrays, three) > 1e-3
+    plain = run_ip2p(pipe, image, cfg_scale=6.0)
+    assert np.array_equal(plain.arrays, run_ip2p(pipe, image, cfg_scale=6.0, strength=0.3).arrays)
 
 
 def test_a_single_file_is_detected_and_makes_the_folders_images(ip2p, image, tmp_path):
@@ -156,7 +142,7 @@ def test_a_single_file_is_detected_and_makes_the_folders_images(ip2p, image, tmp
     assert load_checkpoint(single).configs["unet"]["in_channels"] == 8  # once refused: "not supported"
     other = sdengine.load_pipeline(single, device="cpu", fast_path="none")
     assert other.instruct_pix2pix and not other.inpainting
-    np.testing.assert_allclose(_ours(other, image).arrays, _ours(pipe, image).arrays, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(run_ip2p(other, image).arrays, run_ip2p(pipe, image).arrays, rtol=0, atol=1e-6)
     back = convert(single, tmp_path / "folder")
     index = json.loads((back / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
@@ -195,20 +181,20 @@ def test_bad_requests_are_one_line_errors(ip2p, image, kw, why):
     if kw.get("init_image") == "SMALL":
         kw = {**kw, "init_image": picture(SIZE // 2, SIZE // 2)}
     with pytest.raises(SdengineError) as e:
-        _ours(pipe, image, **kw)
+        run_ip2p(pipe, image, **kw)
     assert why in str(e.value) and "\n" not in str(e.value)
 
 
 def test_image_cfg_scale_on_another_model_is_an_error_or_a1111s_ignored_note(tiny_sd1_folder, image):
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", fast_path="none")
     with pytest.raises(SdengineError, match="image_cfg_scale guides an instruct-pix2pix model .* is not one"):
-        _ours(pipe, image, image_cfg_scale=1.5)
+        run_ip2p(pipe, image, image_cfg_scale=1.5)
     with pytest.raises(SdengineError, match="image_cfg_scale guides towards an init image: it needs one"):
         pipe(PROMPT, steps=2, width=SIZE, height=SIZE, image_cfg_scale=1.5, progress=False)
     kw = dict(strength_rule="a1111", strength=0.5, steps=3)
-    ignored = _ours(pipe, image, image_cfg_scale=1.5, **kw)
+    ignored = run_ip2p(pipe, image, image_cfg_scale=1.5, **kw)
     assert any("image_cfg_scale is not used" in n for n in ignored.notes)
-    np.testing.assert_array_equal(ignored.arrays, _ours(pipe, image, **kw).arrays)
+    np.testing.assert_array_equal(ignored.arrays, run_ip2p(pipe, image, **kw).arrays)
     assert "Image CFG scale" not in ignored.infotexts[0]
 
 
@@ -234,7 +220,7 @@ def test_the_cli_equals_the_python_call_and_reads_back(ip2p, image, tmp_path):
     assert "Image CFG scale: 1.3" in text
     pixels = np.asarray(Image.open(tmp_path / "a.png").convert("RGB"))
     pipe = sdengine.load_pipeline(folder, device="cpu")  # as the command loads it (its default fast path)
-    direct = _ours(pipe, image, cfg_scale=6.0, image_cfg_scale=1.3, schedule="auto")
+    direct = run_ip2p(pipe, image, cfg_scale=6.0, image_cfg_scale=1.3, schedule="auto")
     np.testing.assert_array_equal(pixels, np.asarray(direct.images[0]))
     again = ["--from-png", str(tmp_path / "a.png"), "--model", str(folder), "--init-image", str(init)]
     assert _cli(*again, "--out", str(tmp_path / "b.png")) == 0
@@ -312,33 +298,17 @@ def test_the_a1111_img2img_route_and_the_native_job_equal_the_python_call(ip2p, 
         np.testing.assert_array_equal(pixels, np.asarray(direct.images[0]))
         got.append((pixels, parse_parameters(text)["Image CFG scale"]))
     assert got[0][1] == "1.6" and got[1][1] == "1"  # A1111's None: 1 (plain CFG)
-    assert _mad(got[0][0], got[1][0]) > 0.1  # on 0..255 pixels
-
-
-def _comfy(pipe: Any, image: Any) -> tuple[Any, Any, Any]:
-    from sdengine.latent_sampling import encode_text
-    from sdengine.server.comfy.nodes import RunContext, VaeHandle, image_to_tensor
-    from sdengine.server.comfy.nodes_edit import instruct_pix_to_pix_conditioning
-
-    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
-    pos, neg = [encode_text(pipe, PROMPT)], [encode_text(pipe, NEGATIVE)]
-    return instruct_pix_to_pix_conditioning(ctx, pos, neg, VaeHandle("m"), image_to_tensor(image))
+    assert mad(got[0][0], got[1][0]) > 0.1  # on 0..255 pixels
 
 
 def test_comfyuis_node_samples_as_the_pipeline_at_image_scale_1(ip2p, image):
     """InstructPixToPixConditioning + ComfyUI's sampling (plain CFG, the image in both halves) under the sdengine
     seed rule: the pipeline's latent at image_cfg_scale 1 (its three-way formula at 1 is that CFG)."""
     from sdengine.latent_sampling import sample_latents
-    from sdengine.pipeline.request import GenerationRequest
 
     _, pipe = ip2p
-    pos, neg, latent = _comfy(pipe, image)
+    z, ours, (pos, neg, latent) = comfy_and_pipeline_latents(pipe, image, cfg=6.0, schedule="normal")
     assert float(latent["samples"].abs().max()) == 0.0 and latent["samples"].shape[-1] == SIZE // pipe.vae_scale_factor
-    z = sample_latents(pipe, pos, neg, latent["samples"], seed=SEED, steps=STEPS, cfg=6.0, sampler="euler",
-                       schedule="normal", seed_rule="sdengine")  # fmt: skip
-    kw = dict(steps=STEPS, sampler="euler", schedule="normal", cfg_scale=6.0, seed=SEED, width=SIZE, height=SIZE)
-    r = GenerationRequest(PROMPT, NEGATIVE, init_image=image, image_cfg_scale=1.0, progress=False, **kw)
-    ours = pipe.sample_latents(pipe.prepare(r))
     assert float((z - ours).abs().max()) < 1e-4
     # the image matters: without it (zeros in both halves, ComfyUI's rule for an entry with none) another latent
     bare = [replace_cond(e) for e in pos], [replace_cond(e) for e in neg]
@@ -359,7 +329,7 @@ def test_comfyuis_sampling_refuses_what_it_cannot_run_in_one_line(ip2p, image):
     from sdengine.latent_sampling import sample_latents
 
     _, pipe = ip2p
-    pos, neg, latent = _comfy(pipe, image)
+    pos, neg, latent = comfy_conditioning(pipe, image)
     small = torch.zeros(1, 4, 2, 2)
     for p, n, z, why in (
         ([replace(pos[0], strength=0.5)], neg, latent["samples"], "samples with one plain positive and negative"),
@@ -387,13 +357,13 @@ def test_prompt_editing_runs_under_the_three_way_guidance(ip2p, image):
                     height=SIZE, progress=False).arrays  # fmt: skip
 
     red, blue, edited = run("make it red"), run("make it blue"), run("[make it red:make it blue:2]")
-    assert _mad(edited, red) > 1e-4 and _mad(edited, blue) > 1e-4  # (the second unconditional block once failed:
+    assert mad(edited, red) > 1e-4 and mad(edited, blue) > 1e-4  # (the second unconditional block once failed:
     # prompt editing looked for a second row of texts)
 
 
 def test_a_batch_row_is_the_row_generated_alone(ip2p, image):
     _, pipe = ip2p
-    both = _ours(pipe, image, seed=5, batch_size=2).arrays
-    alone = _ours(pipe, image, seed=6).arrays
+    both = run_ip2p(pipe, image, seed=5, batch_size=2).arrays
+    alone = run_ip2p(pipe, image, seed=6).arrays
     assert float(np.abs(both[1] - alone[0]).max()) < 1e-4  # the image latent on every row; seen: 1.4e-6
-    assert _mad(both[0], both[1]) > 1e-3
+    assert mad(both[0], both[1]) > 1e-3

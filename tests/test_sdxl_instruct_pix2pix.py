@@ -16,13 +16,12 @@ import torch
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
+from _ip2p import NEGATIVE, PROMPT, SEED, SIZE, STEPS, comfy_and_pipeline_latents, mad, run_ip2p  # noqa: E402
 from _pipeline_models import diffusers_scheduler, picture  # noqa: E402
 from _sdxl_models import diffusers_sdxl, make_sdxl_folder  # noqa: E402
 from sdengine.metadata import parse_parameters  # noqa: E402
 
 TOL = 1e-4  # mean absolute difference on 0..1 pixels; seen: 3e-8 to 2e-7
-SIZE, STEPS, SEED = 32, 5, 3
-PROMPT, NEGATIVE = "make it red", "blurry"
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +33,6 @@ def xl_ip2p(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 @pytest.fixture(scope="module")
 def image() -> Any:
     return picture(SIZE, SIZE)
-
-
-def _mad(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
-
-
-def _ours(pipe: Any, image: Any, negative: str = NEGATIVE, **kw: Any) -> Any:
-    args: dict[str, Any] = dict(
-        init_image=image, steps=STEPS, sampler="euler", schedule="normal", seed=SEED, width=SIZE, height=SIZE
-    )
-    args.update(kw)
-    return pipe(PROMPT, negative, progress=False, **args)
 
 
 def _theirs(folder: Path, image: Any, sampler: str, cfg: float, image_cfg: float, negative: str, **kw: Any) -> Any:
@@ -79,9 +65,9 @@ def test_matches_diffusers_sdxl_instruct_pix2pix(xl_ip2p, image, sampler, cfg, i
     folder, pipe = xl_ip2p
     assert pipe.instruct_pix2pix and pipe.text_kind == "sdxl"
     theirs = _theirs(folder, image, sampler, cfg, image_cfg, negative)
-    res = _ours(pipe, image, negative, sampler=sampler, cfg_scale=cfg, image_cfg_scale=image_cfg)
+    res = run_ip2p(pipe, image, negative, sampler=sampler, cfg_scale=cfg, image_cfg_scale=image_cfg)
     assert res.arrays.std() > 0.05
-    assert _mad(res.arrays, theirs) < TOL
+    assert mad(res.arrays, theirs) < TOL
     assert float(parse_parameters(res.infotexts[0])["Image CFG scale"]) == image_cfg
 
 
@@ -89,17 +75,19 @@ def test_sdxl_micro_conditioning_reaches_all_three_rows(xl_ip2p, image):
     folder, pipe = xl_ip2p
     sizes = {"original_size": (64, 48), "crops_coords_top_left": (4, 8), "target_size": (32, 40)}
     theirs = _theirs(folder, image, "euler", 6.0, 1.5, NEGATIVE, **sizes)
-    ours = _ours(pipe, image, cfg_scale=6.0, image_cfg_scale=1.5, sdxl={k: list(v) for k, v in sizes.items()})
-    assert _mad(ours.arrays, theirs) < TOL
-    assert _mad(ours.arrays, _ours(pipe, image, cfg_scale=6.0, image_cfg_scale=1.5).arrays) > 1e-4
+    ours = run_ip2p(pipe, image, cfg_scale=6.0, image_cfg_scale=1.5, sdxl={k: list(v) for k, v in sizes.items()})
+    assert mad(ours.arrays, theirs) < TOL
+    assert mad(ours.arrays, run_ip2p(pipe, image, cfg_scale=6.0, image_cfg_scale=1.5).arrays) > 1e-4
 
 
 def test_the_image_matters_and_a1111s_rule_runs_img2img(xl_ip2p, image):
     _, pipe = xl_ip2p
-    base = _ours(pipe, image, cfg_scale=6.0).arrays
-    assert _mad(_ours(pipe, picture(SIZE, SIZE, seed=2), cfg_scale=6.0).arrays, base) > 1e-3
+    base = run_ip2p(pipe, image, cfg_scale=6.0).arrays
+    assert mad(run_ip2p(pipe, picture(SIZE, SIZE, seed=2), cfg_scale=6.0).arrays, base) > 1e-3
     kw = dict(strength_rule="a1111", cfg_scale=6.0, image_cfg_scale=1.5)
-    assert _mad(_ours(pipe, image, strength=0.5, **kw).arrays, _ours(pipe, image, strength=0.9, **kw).arrays) > 1e-3
+    assert (
+        mad(run_ip2p(pipe, image, strength=0.5, **kw).arrays, run_ip2p(pipe, image, strength=0.9, **kw).arrays) > 1e-3
+    )
 
 
 def test_a_single_file_loads_as_the_folder_and_converts_back_to_its_pipeline_class(xl_ip2p, image, tmp_path):
@@ -110,27 +98,16 @@ def test_a_single_file_loads_as_the_folder_and_converts_back_to_its_pipeline_cla
     assert load_checkpoint(single).configs["unet"]["in_channels"] == 8
     other = sdengine.load_pipeline(single, device="cpu", fast_path="none")
     assert other.instruct_pix2pix and other.text_kind == "sdxl"
-    np.testing.assert_allclose(_ours(other, image).arrays, _ours(pipe, image).arrays, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(run_ip2p(other, image).arrays, run_ip2p(pipe, image).arrays, rtol=0, atol=1e-5)
     back = convert(single, tmp_path / "folder")
     index = json.loads((back / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLInstructPix2PixPipeline"
 
 
 def test_comfyuis_node_on_sdxl_samples_as_the_pipeline_at_image_scale_1(xl_ip2p, image):
-    from sdengine.latent_sampling import encode_text, sample_latents
-    from sdengine.pipeline.request import GenerationRequest
-    from sdengine.server.comfy.nodes import RunContext, VaeHandle, image_to_tensor
-    from sdengine.server.comfy.nodes_edit import instruct_pix_to_pix_conditioning
-
     _, pipe = xl_ip2p
-    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
-    pos, neg = [encode_text(pipe, PROMPT)], [encode_text(pipe, NEGATIVE)]
-    pos, neg, latent = instruct_pix_to_pix_conditioning(ctx, pos, neg, VaeHandle("m"), image_to_tensor(image))
-    z = sample_latents(pipe, pos, neg, latent["samples"], seed=SEED, steps=STEPS, cfg=6.0, sampler="euler",
-                       schedule="normal", seed_rule="sdengine")  # fmt: skip
-    kw = dict(steps=STEPS, sampler="euler", schedule="normal", cfg_scale=6.0, seed=SEED, width=SIZE, height=SIZE)
-    r = GenerationRequest(PROMPT, NEGATIVE, init_image=image, image_cfg_scale=1.0, progress=False, **kw)
-    assert float((z - pipe.sample_latents(pipe.prepare(r))).abs().max()) < 1e-4
+    z, ours, _ = comfy_and_pipeline_latents(pipe, image, cfg=6.0, schedule="normal")
+    assert float((z - ours).abs().max()) < 1e-4
 
 
 def test_an_edm_v_prediction_file_cosxl_edit_runs_as_an_edm_model(xl_ip2p, image, tmp_path):
@@ -156,9 +133,9 @@ def test_an_edm_v_prediction_file_cosxl_edit_runs_as_an_edm_model(xl_ip2p, image
     assert isinstance(sched, EDMSchedule) and pipe.instruct_pix2pix
     assert (sched.prediction, sched.sigma_min, sched.sigma_max, sched.sigma_data) == ("v_prediction", 0.002, 120.0, 1.0)
     assert pipe.scheduler_config["_class_name"] == "EDMEulerScheduler"
-    edm = np.asarray(_ours(pipe, image, cfg_scale=5.0).images[0])
-    vp = np.asarray(_ours(xl_ip2p[1], image, cfg_scale=5.0).images[0])
-    assert _mad(edm, vp) > 1.0  # not the epsilon model's images
+    edm = np.asarray(run_ip2p(pipe, image, cfg_scale=5.0).images[0])
+    vp = np.asarray(run_ip2p(xl_ip2p[1], image, cfg_scale=5.0).images[0])
+    assert mad(edm, vp) > 1.0  # not the epsilon model's images
     with pytest.raises(SdengineError, match="sampler 'ddim' cannot run on an EDM model") as err:
-        _ours(pipe, image, sampler="ddim")
+        run_ip2p(pipe, image, sampler="ddim")
     assert "\n" not in str(err.value)

@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 
 import sdengine  # noqa: E402
 from _flux_models import make_flux_folder  # noqa: E402
-from _live_server import live_server, run_job, server_config, shared_loader  # noqa: E402
+from _live_server import live_server, one_line_400, run_job, server_config, shared_loader  # noqa: E402
 from _sd3_models import make_sd3_folder, write_single_file  # noqa: E402
 
 PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
@@ -54,15 +54,6 @@ def _b64_image(text: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(text)))
 
 
-def _one_line_400(r: httpx.Response, *needles: str) -> str:
-    assert r.status_code == 400, (r.status_code, r.text)
-    message = r.json()["detail"]
-    assert isinstance(message, str) and "\n" not in message, message
-    for n in needles:
-        assert n in message, message
-    return message
-
-
 def test_models_are_listed_with_their_family_and_size(served):
     _, client, _, _ = served
     data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
@@ -77,7 +68,7 @@ def test_models_are_listed_with_their_family_and_size(served):
     assert sizes["tiny-sd3"] == {"width": 32, "height": 32, "multiple": 4}
     assert sizes["tiny-flux"] == {"width": 32, "height": 32, "multiple": 4}
     r = client.post("/v1/jobs", json={"model": "tiny-flux", "prompt": PROMPT, "width": 50, "height": 32})
-    _one_line_400(r, "width 50 is not a multiple of 4")
+    one_line_400(r, "width 50 is not a multiple of 4")
 
 
 def test_native_jobs_give_the_pipelines_images_and_switch_models(served):
@@ -138,27 +129,27 @@ def test_family_settings_on_another_family_are_one_line_400s(served):
     _, client, _, _ = served
     base = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 1}
     r = client.post("/v1/jobs", json={**base, "model": "emoji", "width": 64, "height": 64, "distilled_cfg_scale": 4})
-    _one_line_400(r, "distilled_cfg_scale applies to FLUX.1 [dev] models only; emoji is not a Flux model")
+    one_line_400(r, "distilled_cfg_scale applies to FLUX.1 [dev] models only; emoji is not a Flux model")
     r = client.post("/v1/jobs", json={**base, "model": "tiny-sd3", "distilled_cfg_scale": 4})
-    _one_line_400(r, "tiny-sd3 is not a Flux model")
+    one_line_400(r, "tiny-sd3 is not a Flux model")
     r = client.post("/v1/jobs", json={**base, "model": "tiny-flux", "shift": 2})
-    _one_line_400(r, "shift applies to SD3 models only; Flux shifts its schedule by the image size")
+    one_line_400(r, "shift applies to SD3 models only; Flux shifts its schedule by the image size")
     r = client.post("/v1/jobs", json={**base, "model": "emoji", "sd3": {"skip_guidance_layers": [1]}})
-    _one_line_400(r, "sd3 settings apply to SD3 models only; emoji is not one")
+    one_line_400(r, "sd3 settings apply to SD3 models only; emoji is not one")
     # U-Net settings the families refuse: the pipelines' own reasons, before any job is queued
     r = client.post(
         "/v1/jobs", json={**base, "model": "tiny-sd3", "pag_scale": 3, "sd3": {"skip_guidance_layers": [0]}}
     )
-    _one_line_400(r, "pag_scale (perturbed-attention guidance) and skip-layer guidance together are not supported")
+    one_line_400(r, "pag_scale (perturbed-attention guidance) and skip-layer guidance together are not supported")
     r = client.post("/v1/jobs", json={**base, "model": "tiny-flux", "freeu": [1.1, 1.2, 0.9, 0.2]})
-    _one_line_400(r, "freeu: FreeU changes the U-Net's up blocks; tiny-flux is a Flux model")
+    one_line_400(r, "freeu: FreeU changes the U-Net's up blocks; tiny-flux is a Flux model")
     # skip-layer settings: their keys, and (the model loaded by the test above) a block the MMDiT does not have
     r = client.post("/v1/jobs", json={**base, "model": "tiny-sd3", "sd3": {"skip_layers": [1]}})
-    _one_line_400(r, "unknown sd3 settings: skip_layers; valid: skip_guidance_layers")
+    one_line_400(r, "unknown sd3 settings: skip_layers; valid: skip_guidance_layers")
     r = client.post("/v1/jobs", json={**base, "model": "tiny-sd3", "sd3": {"skip_guidance_layers": [9]}})
-    _one_line_400(r, "sd3 skip_guidance_layers 9 is not a joint block of this MMDiT")
+    one_line_400(r, "sd3 skip_guidance_layers 9 is not a joint block of this MMDiT")
     r = client.post("/v1/jobs", json={**base, "model": "tiny-sd3", "pag_scale": 3, "pag_layers": "mid_block"})
-    _one_line_400(r, "pag_layers: tiny-sd3 (SD3): PAG layer 'mid_block' matches no joint-attention layer of the MMDiT")
+    one_line_400(r, "pag_layers: tiny-sd3 (SD3): PAG layer 'mid_block' matches no joint-attention layer of the MMDiT")
     # the schema's ranges: 422
     assert client.post("/v1/jobs", json={**base, "model": "tiny-flux", "distilled_cfg_scale": -1}).status_code == 422
     assert client.post("/v1/jobs", json={**base, "model": "tiny-sd3", "shift": 0}).status_code == 422
@@ -225,9 +216,9 @@ def test_a1111_txt2img_and_img2img_on_flux_and_sd3(served):
     assert r.status_code == 200, r.text
     assert "distilled_cfg_scale" in str(r.json()["info"])
     r = client.post("/sdapi/v1/txt2img", json={**sd3_body, "distilled_cfg_scale": 2.0})
-    _one_line_400(r, "distilled_cfg_scale applies to FLUX.1 [dev] models only; tiny-sd3 is not a Flux model")
+    one_line_400(r, "distilled_cfg_scale applies to FLUX.1 [dev] models only; tiny-sd3 is not a Flux model")
     r = client.post("/sdapi/v1/txt2img", json={**flux_body, "shift": 2.0})
-    _one_line_400(r, "shift applies to SD3 models only")
+    one_line_400(r, "shift applies to SD3 models only")
     # the model chosen by the options (A1111's model switch) instead of override_settings: the same Flux image
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-flux"}).status_code == 200
     try:
@@ -341,5 +332,5 @@ def test_flux_refusals_come_before_the_model_is_loaded(served):
         ({"pag_scale": 3}, "pag_scale: perturbed-attention guidance (pag_scale) reads U-Net attention layers"),
         ({"tiling": True}, "tiling: tiling (seamless images) is not supported for Flux yet"),
     ):
-        _one_line_400(client.post("/v1/jobs", json={**base, **body}), want)
+        one_line_400(client.post("/v1/jobs", json={**base, **body}), want)
     assert all(getattr(w.pipe, "name", None) != "idle-flux" for w in server.services.manager.workers)

@@ -23,9 +23,9 @@ from PIL import Image  # noqa: E402
 
 import sdengine  # noqa: E402
 from _flux_models import make_flux_folder  # noqa: E402
-from _live_server import live_server, run_job, server_config  # noqa: E402
+from _live_server import live_server, one_line_400, run_job, server_config  # noqa: E402
 from _sd3_models import make_sd3_folder, write_single_file  # noqa: E402
-from test_comfy_sd3_flux import _clip_file, _ldm_vae, _save  # noqa: E402
+from test_comfy_sd3_flux import _clip_file, _save, save_comfy_files  # noqa: E402
 
 PROMPT = "a red apple on a table"
 W, H, STEPS, SEED = 48, 32, 3, 11
@@ -35,31 +35,15 @@ MODEL = "diffusion_models/flux1-tiny.safetensors"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(server, client, root): BFL's Flux files, and a second T5 in clip/ only a choice picks."""
-    from safetensors.torch import load_file
-
-    from sdengine.weights.flux_file import diffusers_to_bfl
 
     root = tmp_path_factory.mktemp("serve_dit_files")
     folder = make_flux_folder(root / "flux-folder", guidance=True)
     models = root / "models"
-    transformer = diffusers_to_bfl(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    _save(transformer, models / "diffusion_models" / "flux1-tiny.safetensors")
-    _save(_clip_file(folder, "text_encoder"), models / "text_encoders" / "clip_l.safetensors")
-    _save(load_file(folder / "text_encoder_2" / "model.safetensors"), models / "text_encoders" / "t5xxl.safetensors")
-    _save(_ldm_vae(folder), root / "vaes" / "ae.safetensors")
+    save_comfy_files(folder, root, "diffusion_models/flux1-tiny.safetensors")
     config = server_config(root, models_dir=models, vaes_dir=root / "vaes")
     with live_server(config, loader=None) as server:  # the server's own loader: it fills the parts
         with httpx.Client(base_url=server.url, timeout=300) as client:
             yield server, client, root
-
-
-def _one_line_400(r: httpx.Response, *needles: str) -> str:
-    assert r.status_code == 400, (r.status_code, r.text)
-    message = r.json()["detail"]
-    assert isinstance(message, str) and "\n" not in message, message
-    for n in needles:
-        assert n in message, message
-    return message
 
 
 def _reference(root, **kw) -> np.ndarray:
@@ -113,9 +97,9 @@ def test_a1111_forge_additional_modules_choose_among_several(served):
             "override_settings": {"sd_model_checkpoint": MODEL},
         }
         # two T5 files and no choice: a one-line 400 naming both
-        _one_line_400(client.post("/sdapi/v1/txt2img", json=body), "t5xxl.safetensors", "t5xxl_other.safetensors")
+        one_line_400(client.post("/sdapi/v1/txt2img", json=body), "t5xxl.safetensors", "t5xxl_other.safetensors")
         r = client.post("/v1/jobs", json={"model": MODEL, "prompt": PROMPT, "steps": 1, "width": W, "height": H})
-        _one_line_400(r, "several", "modules")
+        one_line_400(r, "several", "modules")
         # Forge sends its own paths: the file name picks the module
         body["forge_additional_modules"] = [
             "D:\\forge\\models\\VAE\\ae.safetensors",
@@ -129,9 +113,9 @@ def test_a1111_forge_additional_modules_choose_among_several(served):
         assert np.abs(got.astype(int) - want.astype(int)).max() == 0
         # a module that is no such file, and two of one kind: 400s
         body["forge_additional_modules"] = ["nothing.safetensors"]
-        _one_line_400(client.post("/sdapi/v1/txt2img", json=body), "nothing.safetensors", "available")
+        one_line_400(client.post("/sdapi/v1/txt2img", json=body), "nothing.safetensors", "available")
         body["forge_additional_modules"] = ["t5xxl.safetensors", "t5xxl_other.safetensors"]
-        _one_line_400(client.post("/sdapi/v1/txt2img", json=body), "both T5-XXL")
+        one_line_400(client.post("/sdapi/v1/txt2img", json=body), "both T5-XXL")
     finally:
         extra.unlink()
 
@@ -143,7 +127,7 @@ def test_a_kind_without_a_file_is_a_one_line_400(served):
     vae.rename(moved)
     try:
         r = client.post("/v1/jobs", json={"model": MODEL, "prompt": PROMPT, "steps": 1, "width": W, "height": H})
-        _one_line_400(r, "16-channel VAE", "--vaes-dir")
+        one_line_400(r, "16-channel VAE", "--vaes-dir")
     finally:
         moved.rename(vae)
 
@@ -186,7 +170,7 @@ def test_sd3_file_without_its_encoders_takes_them_from_the_folders(tmp_path):
             body = {"model": "unet/sd3-tiny.safetensors", "prompt": PROMPT, "steps": STEPS, "seed": SEED}
             pixels, _ = run_job(client, {**body, "width": W, "height": H})
             bad = client.post("/v1/jobs", json={**body, "modules": ["clip_l.safetensors", "clip_l.safetensors", "x"]})
-            _one_line_400(bad, "'x'", "available: clip_l.safetensors, clip_g.safetensors, t5xxl.safetensors")
+            one_line_400(bad, "'x'", "available: clip_l.safetensors, clip_g.safetensors, t5xxl.safetensors")
     pipe = sdengine.load_pipeline(
         file,
         device="cpu",

@@ -179,3 +179,28 @@ def test_kontext_and_control_inputs_show_for_flux_only_and_a_reference_job_runs(
     expected, infotext = api_image(client, body)
     np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
     assert params == infotext
+
+
+def test_a_depth_canny_model_takes_a_photo_with_the_canny_preprocessor(page, client, tmp_path):
+    """The control input's preprocessor choice: "canny" sends ``control_preprocessor``, and the page's image is
+    the native API's for the same body (the map made from the photo, tests/test_flux_control_preprocess.py)."""
+    from _pipeline_models import picture
+
+    page.select_option("#model", "tiny-depth")
+    assert page.is_visible("#control-preprocessor") and page.input_value("#control-preprocessor") == "none"
+    path = tmp_path / "photo.png"
+    picture(48, 32, seed=3).save(path)
+    page.set_input_files("#control-image-file", str(path))
+    page.select_option("#control-preprocessor", "canny")
+    for sel, value in [("#prompt", "a house"), ("#negative_prompt", ""), ("#steps", "2"), ("#seed", "4"),
+                       ("#width", "48"), ("#height", "32"), ("#distilled_cfg_scale", "")]:  # fmt: skip
+        page.fill(sel, value)
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Control preprocessor: canny" in params, params
+    body = {"model": "tiny-depth", "prompt": "a house", "steps": 2, "seed": 4, "width": 48, "height": 32}
+    body |= {"sampler": "euler", "schedule": "normal", "cfg_scale": 1.0, "control_preprocessor": "canny"}
+    body["control_image"] = upload(client, path.read_bytes())
+    expected, infotext = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext

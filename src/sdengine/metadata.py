@@ -548,6 +548,8 @@ def to_generate_kwargs(
         kwargs["image_cfg_scale"] = _parse_float(parsed, "Image CFG scale")
     if "Distilled CFG Scale" in parsed:  # Forge's: FLUX.1 [dev]'s distilled guidance scale
         kwargs["distilled_cfg_scale"] = _parse_float(parsed, "Distilled CFG Scale")
+    if "Control preprocessor" in parsed:  # sdengine's: FLUX.1 Depth / Canny's map made from the control image
+        kwargs["control_preprocessor"] = parsed["Control preprocessor"].strip()
     if parsed.get("Reference resize", "").strip().lower() == "off":  # sdengine's: FLUX.1 Kontext's auto-resize off
         kwargs["reference_auto_resize"] = False
     if "PAG scale" in parsed:  # sdengine's: perturbed-attention guidance, its layers "mid" unless written
@@ -721,6 +723,7 @@ def to_generate_kwargs(
         "Reference images",  # FLUX.1 Kontext's: the images themselves are the caller's (--reference-image)
         "Reference image size",
         "Reference resize",
+        "Control preprocessor",
         "PAG scale",
         "PAG layers",
         "SAG scale",

@@ -1047,6 +1047,8 @@ def run(a: argparse.Namespace) -> int:
         kwargs["reference_auto_resize"] = a.reference_auto_resize
     if getattr(a, "control_image", None) is not None:  # FLUX.1 Depth / Canny's control map
         kwargs["control_image"] = a.control_image
+    if getattr(a, "control_preprocessor", None) is not None:  # its map made from a photo (canny)
+        kwargs["control_preprocessor"] = a.control_preprocessor
     if a.lora:
         kwargs["loras"] = [lora_arg(x) for x in a.lora]
     if a.lora_dir:
@@ -1497,6 +1499,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         metavar="IMAGE",
         help="a FLUX.1 Depth / Canny model's control map (a depth map or canny edges, used as given; docs/flux.md)",
+    )
+    p.add_argument(
+        "--control-preprocessor",
+        default=None,
+        metavar="NAME",
+        help="what makes the FLUX.1 Depth / Canny map from --control-image: none (the image is the map; default) or "
+        "canny (Canny edges of a photo, thresholds 100 / 200); depth needs a network sdengine does not have",
     )
     p.add_argument(
         "--control-union-mode",

@@ -29,52 +29,43 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdengine.errors import UsageError
 from sdengine.models.config_checks import ConfigError
 from sdengine.models.flux import (
-    MLP,
-    JointAttention,
-    apply_rope,
-    image_ids,
+    DoubleStreamBlock,
+    FluxLikeConfig,
+    FluxLikeTransformer,
+    SingleStreamBlock,
     modulate,
     pack_latents,
-    rope_angles,
     unpack_latents,
 )
-from sdengine.nn.attention import scaled_dot_product_attention
 from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
-from sdengine.nn.fp8_storage import compute_dtype
 
 PATCH = 2
 INDEX_SCALE = 1000.0  # the modulation index enters its sinusoid multiplied by this
 
 
 @dataclass(frozen=True)
-class ChromaConfig:
+class ChromaConfig(FluxLikeConfig):
     """Architecture of a Chroma transformer; the names of diffusers' ``ChromaTransformer2DModel`` config.
 
     As :class:`sdengine.models.flux.FluxConfig` without ``pooled_projection_dim`` and ``guidance_embeds``, plus the
     approximator's: ``approximator_num_channels`` (its input width: 4 x the timestep's sinusoid width),
     ``approximator_hidden_dim`` (5120 in Chroma1) and ``approximator_layers`` (5)."""
 
-    patch_size: int = 1
-    in_channels: int = 64
-    out_channels: int | None = None
-    num_layers: int = 19
-    num_single_layers: int = 38
-    attention_head_dim: int = 128
-    num_attention_heads: int = 24
-    joint_attention_dim: int = 4096
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
     approximator_num_channels: int = 64
     approximator_hidden_dim: int = 5120
     approximator_layers: int = 5
+
+    LABEL: ClassVar[str] = "Chroma transformer"
+    DIFFUSERS_CLASS: ClassVar[str] = "ChromaTransformer2DModel"
 
     def __post_init__(self) -> None:
         if isinstance(self.axes_dims_rope, list):
@@ -87,26 +78,13 @@ class ChromaConfig:
                 raise ConfigError(f"Chroma transformer config: {f.name}={v!r} must be a positive integer")
             if v > 1_000_000:
                 raise ConfigError(f"Chroma transformer config: {f.name}={v} is out of range")
-        if not isinstance(self.axes_dims_rope, tuple) or not all(type(d) is int for d in self.axes_dims_rope):
+        if isinstance(self.axes_dims_rope, tuple) and not all(type(d) is int for d in self.axes_dims_rope):
             raise ConfigError(f"Chroma transformer config: axes_dims_rope={self.axes_dims_rope!r} is not a list")
-        if self.patch_size != 1:
-            raise ConfigError(
-                f"Chroma transformer config: patch_size={self.patch_size} is not supported (2x2 latent patches are "
-                "packed before the network; patch_size is 1)"
-            )
-        for name in ("in_channels", "out_channels"):
-            value = getattr(self, name)
-            if value is not None and value % (PATCH * PATCH):
-                raise ConfigError(f"Chroma transformer config: {name}={value} is not a multiple of 4 (2x2 patches)")
-        if len(self.axes_dims_rope) != 3 or any(d % 2 or d < 0 for d in self.axes_dims_rope):
+        if isinstance(self.axes_dims_rope, tuple) and any(d < 0 for d in self.axes_dims_rope):
             raise ConfigError(
                 f"Chroma transformer config: axes_dims_rope={list(self.axes_dims_rope)} must be three even numbers"
             )
-        if sum(self.axes_dims_rope) != self.attention_head_dim:
-            raise ConfigError(
-                f"Chroma transformer config: axes_dims_rope={list(self.axes_dims_rope)} adds up to "
-                f"{sum(self.axes_dims_rope)}, not attention_head_dim={self.attention_head_dim}"
-            )
+        self.check_layout()
         if self.approximator_num_channels % 4:
             raise ConfigError(
                 f"Chroma transformer config: approximator_num_channels={self.approximator_num_channels} is not a "
@@ -114,44 +92,9 @@ class ChromaConfig:
             )
 
     @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def latent_channels(self) -> int:
-        return self.in_channels // (PATCH * PATCH)
-
-    @property
-    def out_latent_channels(self) -> int:
-        return (self.out_channels or self.in_channels) // (PATCH * PATCH)
-
-    @property
     def modulations(self) -> int:
         """How many vectors the approximator makes: 3 per single block, 12 per double block, 2 for the end."""
         return 3 * self.num_single_layers + 12 * self.num_layers + 2
-
-    @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any]) -> ChromaConfig:
-        """A diffusers ``transformer/config.json``; ``_``-keys ignored, any other unknown key refused."""
-        if not isinstance(config, Mapping):
-            raise ConfigError(f"a Chroma transformer config must be a mapping, got {type(config).__name__}")
-        name = config.get("_class_name")
-        if name is not None and name != "ChromaTransformer2DModel":
-            raise ConfigError(f"not a Chroma transformer config: _class_name={name!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ConfigError(f"unknown Chroma transformer config options: {', '.join(unknown)}")
-        try:
-            return cls(**{k: v for k, v in config.items() if k in known})
-        except TypeError as e:
-            raise ConfigError(f"Chroma transformer config: {e}") from None
-
-    def to_diffusers(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"_class_name": "ChromaTransformer2DModel"}
-        out.update(dataclasses.asdict(self))
-        out["axes_dims_rope"] = list(self.axes_dims_rope)
-        return out
 
 
 CHROMA1 = ChromaConfig()  # Chroma1-Base / Chroma1-HD (8.9B: FLUX.1 [schnell]'s 19 + 38 blocks)
@@ -199,91 +142,45 @@ def approximator_input(t: Tensor, channels: int, count: int, dtype: torch.dtype)
 # Blocks
 
 
-class MaskedAttention(JointAttention):
-    """Flux's joint attention (same weights and names) with a key mask: ``mask`` (B, S + N) bool, text first,
-    False for a key no query attends to."""
-
-    def forward(  # type: ignore[override]
-        self, x: Tensor, rope: tuple[Tensor, Tensor], context: Tensor | None = None, mask: Tensor | None = None
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        q = self.norm_q(self._heads(self.to_q(x)))
-        k = self.norm_k(self._heads(self.to_k(x)))
-        v = self._heads(self.to_v(x))
-        if context is not None:
-            q = torch.cat([self.norm_added_q(self._heads(self.add_q_proj(context))), q], dim=1)
-            k = torch.cat([self.norm_added_k(self._heads(self.add_k_proj(context))), k], dim=1)
-            v = torch.cat([self._heads(self.add_v_proj(context)), v], dim=1)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        m = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S + N): over the keys
-        h = scaled_dot_product_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.heads, mask=m)
-        if context is None:
-            return h
-        S = context.shape[1]
-        return self.to_out[0](h[:, S:]), self.to_add_out(h[:, :S])
-
-
-def _clip_fp16(x: Tensor) -> Tensor:
-    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
-
-
 def _rows(mods: Tensor) -> tuple[Tensor, ...]:
     """(B, n, dim) modulation vectors -> n tensors (B, 1, dim)."""
     return tuple(m.unsqueeze(1) for m in mods.unbind(1))
 
 
-class ChromaDoubleBlock(nn.Module):
+class ChromaDoubleBlock(DoubleStreamBlock):
     """Flux's double-stream block without its modulation linears (diffusers' ``ChromaTransformerBlock``)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.attn = MaskedAttention(dim, heads, head_dim, joint=True)
-        self.ff = MLP(dim)
-        self.ff_context = MLP(dim)
+        super().__init__(dim, heads, head_dim, modulation=False)
 
-    def forward(
+    def forward(  # type: ignore[override]
         self, x: Tensor, context: Tensor, img_mod: Tensor, txt_mod: Tensor, rope: tuple[Tensor, Tensor], mask: Any
     ) -> tuple[Tensor, Tensor]:
-        shift1, scale1, gate1, shift2, scale2, gate2 = _rows(img_mod)
-        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = _rows(txt_mod)
-        img, txt = self.attn(modulate(x, shift1, scale1), rope, modulate(context, c_shift1, c_scale1), mask)
-        x = x + gate1 * img
-        x = x + gate2 * self.ff(modulate(x, shift2, scale2))
-        context = context + c_gate1 * txt
-        context = context + c_gate2 * self.ff_context(modulate(context, c_shift2, c_scale2))
-        return _clip_fp16(x), _clip_fp16(context)
+        return self.modulated(x, context, _rows(img_mod), _rows(txt_mod), rope, mask)
 
 
-class ChromaSingleBlock(nn.Module):
+class ChromaSingleBlock(SingleStreamBlock):
     """Flux's single-stream block without its modulation linear (diffusers' ``ChromaSingleTransformerBlock``)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: int = 4) -> None:
-        super().__init__()
-        self.attn = MaskedAttention(dim, heads, head_dim, joint=False)
-        self.proj_mlp = nn.Linear(dim, dim * mlp_ratio)
-        self.proj_out = nn.Linear(dim + dim * mlp_ratio, dim)
+        super().__init__(dim, heads, head_dim, mlp_ratio, modulation=False)
 
-    def forward(self, x: Tensor, mod: Tensor, rope: tuple[Tensor, Tensor], mask: Any) -> Tensor:
-        shift, scale, gate = _rows(mod)
-        h = modulate(x, shift, scale)
-        attn = self.attn(h, rope, None, mask)
-        assert isinstance(attn, Tensor)
-        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        return _clip_fp16(x + gate * self.proj_out(torch.cat([attn, mlp], dim=-1)))
+    def forward(self, x: Tensor, mod: Tensor, rope: tuple[Tensor, Tensor], mask: Any) -> Tensor:  # type: ignore[override]
+        return self.modulated(x, _rows(mod), rope, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
 
 
-class ChromaTransformer(nn.Module):
+class ChromaTransformer(FluxLikeTransformer):
     """Chroma's transformer (module docstring); diffusers' ``ChromaTransformer2DModel`` parameter names."""
 
+    LABEL = "Chroma transformer"
+
     def __init__(self, config: ChromaConfig = CHROMA1) -> None:
-        super().__init__()
-        self.config = config
-        self.name = ""
-        self._rope_key: tuple[int, int, int, torch.device] | None = None
-        self._rope: tuple[Tensor, Tensor] | None = None
+        super().__init__(config)
+        self.config: ChromaConfig = config
         dim = config.hidden_size
         heads, head_dim = config.num_attention_heads, config.attention_head_dim
         self.distilled_guidance_layer = Approximator(
@@ -299,49 +196,11 @@ class ChromaTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(dim, config.out_channels or config.in_channels)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return compute_dtype(self.x_embedder)  # float8-stored weights compute in this dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.x_embedder.weight.device
-
-    def rope_tables(self, text: int, rows: int, cols: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos/sin tables of ``text`` text tokens (ids 0) then a rows x cols image grid; the last kept."""
-        key = (text, rows, cols, device)
-        if self._rope_key != key or self._rope is None:
-            ids = torch.cat([torch.zeros(text, 3), image_ids(rows, cols)])
-            self._rope = rope_angles(ids.to(device), self.config.axes_dims_rope)
-            self._rope_key = key
-        return self._rope
-
     def modulations(self, timestep: Tensor) -> Tensor:
         """Every block's modulation vectors (B, 3 S + 12 D + 2, hidden) at ``timestep`` (B,) on 0..1000."""
         cfg = self.config
         x = approximator_input(timestep, cfg.approximator_num_channels, cfg.modulations, self.dtype)
         return self.distilled_guidance_layer(x)
-
-    def _check(self, hidden_states: Tensor, text: Tensor, mask: Tensor | None) -> tuple[int, int, int]:
-        cfg = self.config
-        if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.latent_channels:
-            raise UsageError(
-                f"Chroma transformer: hidden_states must be a (B, {cfg.latent_channels}, H, W) latent, "
-                f"got {tuple(hidden_states.shape)}"
-            )
-        B, _, H, W = hidden_states.shape
-        if H % PATCH or W % PATCH:
-            raise UsageError(f"Chroma transformer: the latent's height and width must be even, got {H}x{W}")
-        if text.ndim != 3 or text.shape[0] != B or text.shape[2] != cfg.joint_attention_dim:
-            raise UsageError(
-                f"Chroma transformer: encoder_hidden_states must be (B={B}, L, {cfg.joint_attention_dim}), "
-                f"got {tuple(text.shape)}"
-            )
-        if mask is not None and tuple(mask.shape) != (B, text.shape[1]):
-            raise UsageError(
-                f"Chroma transformer: text_mask must be (B={B}, L={text.shape[1]}), got {tuple(mask.shape)}"
-            )
-        return B, H, W
 
     def forward(
         self,
@@ -352,18 +211,14 @@ class ChromaTransformer(nn.Module):
     ) -> Tensor:
         """The velocity for the latent (B, C, H, W) at ``timestep`` (a number or (B,), 0..1000 scale), given T5's
         states (B, L, 4096) and ``text_mask`` (B, L) (True / 1: attended; None: every text token) -> (B, C, H, W)."""
-        B, H, W = self._check(hidden_states, encoder_hidden_states, text_mask)
-        device, dtype = hidden_states.device, self.dtype
-        t = torch.as_tensor(timestep)
-        if t.ndim == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
+        B, H, W = self.check_latent(hidden_states, encoder_hidden_states)
+        if text_mask is not None and tuple(text_mask.shape) != (B, encoder_hidden_states.shape[1]):
             raise UsageError(
-                f"Chroma transformer: timestep must be a number or have shape ({B},), got {tuple(t.shape)}"
+                f"Chroma transformer: text_mask must be (B={B}, L={encoder_hidden_states.shape[1]}), "
+                f"got {tuple(text_mask.shape)}"
             )
-        if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
-            raise UsageError(f"Chroma transformer: timestep must be finite, got {t.tolist()}")
-        t = t.to(device=device, dtype=torch.float32)
+        device, dtype = hidden_states.device, self.dtype
+        t = self.batch_vector(timestep, B, "timestep", device)
         mods = self.modulations(t)  # (B, M, dim)
         x = self.x_embedder(pack_latents(hidden_states.to(dtype)))
         context = self.context_embedder(encoder_hidden_states.to(dtype))

@@ -50,7 +50,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, Self, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,15 +77,14 @@ def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class FluxConfig:
-    """Architecture of a Flux transformer; the names are those of diffusers' ``FluxTransformer2DModel`` config.
+class FluxLikeConfig:
+    """What the configs of Flux's and Chroma's transformers (:class:`FluxConfig`,
+    :class:`sdengine.models.chroma.ChromaConfig`, in diffusers' names) share: their first fields, the checks of the
+    patching and the RoPE split, the widths, diffusers' ``config.json`` in and out. ``LABEL`` starts their errors,
+    ``DIFFUSERS_CLASS`` is the config's ``_class_name``; each adds its own fields (``axes_dims_rope`` among them)."""
 
-    ``in_channels``: numbers per image token, 4 x the latent's channels (2x2 patches: 64 for Flux.1's 16-channel
-    latent). ``patch_size`` is diffusers' name for a patching it does not do (always 1: the 2x2 packing
-    happens before the network, here inside :meth:`FluxTransformer.forward`). ``guidance_embeds``: the
-    guidance-distilled [dev] model, which takes the guidance scale as an input ([schnell] does not).
-    ``axes_dims_rope``: how many numbers of each head the three position ids rotate; they add up to the head.
-    """
+    LABEL: ClassVar[str] = "Flux transformer"
+    DIFFUSERS_CLASS: ClassVar[str] = "FluxTransformer2DModel"
 
     patch_size: int = 1
     in_channels: int = 64
@@ -95,38 +94,32 @@ class FluxConfig:
     attention_head_dim: int = 128
     num_attention_heads: int = 24
     joint_attention_dim: int = 4096
-    pooled_projection_dim: int = 768
-    guidance_embeds: bool = False
-    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.axes_dims_rope, list):
-            object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
-        check_config("flux", _numbers(dataclasses.asdict(self)))
-        if not isinstance(self.axes_dims_rope, tuple):
-            raise ConfigError(f"Flux transformer config: axes_dims_rope={self.axes_dims_rope!r} is not a list")
-        if type(self.guidance_embeds) is not bool:
-            raise ConfigError(f"Flux transformer config: guidance_embeds={self.guidance_embeds!r} is not true/false")
-        if self.patch_size != 1:
+    def check_layout(self) -> None:
+        """``axes_dims_rope`` a tuple (a list made one already) of three even numbers adding up to the head,
+        ``patch_size`` 1, ``in_channels`` / ``out_channels`` multiples of 4: one line each."""
+        cfg: Any = self  # axes_dims_rope: each config's own field
+        what = self.LABEL
+        if not isinstance(cfg.axes_dims_rope, tuple):
+            raise ConfigError(f"{what} config: axes_dims_rope={cfg.axes_dims_rope!r} is not a list")
+        if cfg.patch_size != 1:
             raise ConfigError(
-                f"Flux transformer config: patch_size={self.patch_size} is not supported (Flux packs 2x2 latent "
-                "patches before the network; patch_size is 1)"
+                f"{what} config: patch_size={cfg.patch_size} is not supported (2x2 latent patches are packed before "
+                "the network; patch_size is 1)"
             )
         for name in ("in_channels", "out_channels"):
-            value = getattr(self, name)
+            value = getattr(cfg, name)
             if value is not None and value % (PATCH * PATCH):
-                raise ConfigError(
-                    f"Flux transformer config: {name}={value} is not a multiple of 4 (2x2 patches of the latent)"
-                )
-        if len(self.axes_dims_rope) != 3 or any(d % 2 for d in self.axes_dims_rope):
+                raise ConfigError(f"{what} config: {name}={value} is not a multiple of 4 (2x2 patches of the latent)")
+        if len(cfg.axes_dims_rope) != 3 or any(d % 2 for d in cfg.axes_dims_rope):
             raise ConfigError(
-                f"Flux transformer config: axes_dims_rope={list(self.axes_dims_rope)} must be three even numbers "
+                f"{what} config: axes_dims_rope={list(cfg.axes_dims_rope)} must be three even numbers "
                 "(RoPE over the three position ids)"
             )
-        if sum(self.axes_dims_rope) != self.attention_head_dim:
+        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
             raise ConfigError(
-                f"Flux transformer config: axes_dims_rope={list(self.axes_dims_rope)} adds up to "
-                f"{sum(self.axes_dims_rope)}, not attention_head_dim={self.attention_head_dim}"
+                f"{what} config: axes_dims_rope={list(cfg.axes_dims_rope)} adds up to "
+                f"{sum(cfg.axes_dims_rope)}, not attention_head_dim={cfg.attention_head_dim}"
             )
 
     @property
@@ -145,31 +138,64 @@ class FluxConfig:
         return (self.out_channels or self.in_channels) // (PATCH * PATCH)
 
     @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any]) -> FluxConfig:
+    def check_values(cls, values: Mapping[str, Any]) -> None:
+        """Bounds on a ``config.json``'s known values before the config is built (none here)."""
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> Self:
         """A diffusers ``transformer/config.json``; keys starting with ``_`` (class name, versions) are
         ignored, any other unknown key is refused (one line naming them)."""
+        what = cls.LABEL
         if not isinstance(config, Mapping):
-            raise ConfigError(f"a Flux transformer config must be a mapping, got {type(config).__name__}")
+            raise ConfigError(f"a {what} config must be a mapping, got {type(config).__name__}")
         name = config.get("_class_name")
-        if name is not None and name != "FluxTransformer2DModel":
-            raise ConfigError(f"not a Flux transformer config: _class_name={name!r}")
+        if name is not None and name != cls.DIFFUSERS_CLASS:
+            raise ConfigError(f"not a {what} config: _class_name={name!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
         if unknown:
-            raise ConfigError(f"unknown Flux transformer config options: {', '.join(unknown)}")
+            raise ConfigError(f"unknown {what} config options: {', '.join(unknown)}")
         values = {k: v for k, v in config.items() if k in known}
-        check_config("flux", _numbers(values))
+        cls.check_values(values)
         try:
             return cls(**values)
         except TypeError as e:  # a list where a number belongs, ...
-            raise ConfigError(f"Flux transformer config: {e}") from None
+            raise ConfigError(f"{what} config: {e}") from None
 
     def to_diffusers(self) -> dict[str, Any]:
         """The diffusers ``config.json`` for this architecture."""
-        out: dict[str, Any] = {"_class_name": "FluxTransformer2DModel"}
+        out: dict[str, Any] = {"_class_name": self.DIFFUSERS_CLASS}
         out.update(dataclasses.asdict(self))
-        out["axes_dims_rope"] = list(self.axes_dims_rope)
+        out["axes_dims_rope"] = list(out["axes_dims_rope"])
         return out
+
+
+@dataclass(frozen=True)
+class FluxConfig(FluxLikeConfig):
+    """Architecture of a Flux transformer; the names are those of diffusers' ``FluxTransformer2DModel`` config.
+
+    ``in_channels``: numbers per image token, 4 x the latent's channels (2x2 patches: 64 for Flux.1's 16-channel
+    latent). ``patch_size`` is diffusers' name for a patching it does not do (always 1: the 2x2 packing
+    happens before the network, here inside :meth:`FluxTransformer.forward`). ``guidance_embeds``: the
+    guidance-distilled [dev] model, which takes the guidance scale as an input ([schnell] does not).
+    ``axes_dims_rope``: how many numbers of each head the three position ids rotate; they add up to the head.
+    """
+
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.axes_dims_rope, list):
+            object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+        check_config("flux", _numbers(dataclasses.asdict(self)))
+        if type(self.guidance_embeds) is not bool:
+            raise ConfigError(f"Flux transformer config: guidance_embeds={self.guidance_embeds!r} is not true/false")
+        self.check_layout()
+
+    @classmethod
+    def check_values(cls, values: Mapping[str, Any]) -> None:
+        check_config("flux", _numbers(values))
 
 
 FLUX_SCHNELL = FluxConfig()  # FLUX.1 [schnell]: timestep-distilled, no guidance input
@@ -346,7 +372,10 @@ class JointAttention(nn.Module):
     ``context_dim`` set (double-stream): the text tokens have their own projections (``add_q_proj``,
     ``add_k_proj``, ``add_v_proj``, ``norm_added_q/k``, ``to_add_out``) and each stream gets its part of the
     output projected back (``to_out.0`` for the image). Unset (single-stream): one set of projections over the
-    whole sequence and no output projection (the block's ``proj_out`` does it, together with the MLP's)."""
+    whole sequence and no output projection (the block's ``proj_out`` does it, together with the MLP's).
+
+    ``mask`` (Chroma's, :mod:`sdengine.models.chroma`): (B, S + L) bool over the keys, text first, False for a key
+    no query attends to; None: every key."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, *, joint: bool) -> None:
         super().__init__()
@@ -378,10 +407,10 @@ class JointAttention(nn.Module):
         return self.norm_q(self._heads(self.to_q(x)))
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], context: Tensor | None = None
+        self, x: Tensor, rope: tuple[Tensor, Tensor], context: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor | tuple[Tensor, Tensor]:
         """x: (B, L, dim) image tokens (or the whole sequence, single-stream); context: (B, S, dim) text tokens
-        (double-stream); rope: the cos/sin tables of the (S + L) tokens, text first."""
+        (double-stream); rope: the cos/sin tables of the (S + L) tokens, text first; mask: the class docstring's."""
         q = self.image_queries(x)
         k = self.norm_k(self._heads(self.to_k(x)))
         v = self._heads(self.to_v(x))
@@ -390,7 +419,8 @@ class JointAttention(nn.Module):
             k = torch.cat([self.norm_added_k(self._heads(self.add_k_proj(context))), k], dim=1)
             v = torch.cat([self._heads(self.add_v_proj(context)), v], dim=1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        h = scaled_dot_product_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.heads)  # (B, S+L, inner)
+        m = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S + L): over the keys
+        h = scaled_dot_product_attention(q.flatten(2), k.flatten(2), v.flatten(2), self.heads, mask=m)  # (B, S+L, D)
         if context is None:
             return h
         S = context.shape[1]
@@ -404,25 +434,40 @@ class DoubleStreamBlock(nn.Module):
     ``ip_attention``: set for the duration of a call by an IP-Adapter (:mod:`sdengine.nn.ip_adapter`): it takes the
     image tokens' queries (B, N, heads x d; :meth:`JointAttention.image_queries`, no RoPE) and gives what is added to
     the image stream after the MLP, ungated (XLabs' flux-ip-adapter, diffusers' ``FluxIPAdapterAttnProcessor``), or
-    None."""
+    None. ``modulation=False``: without its modulation linears (Chroma's block, which is given its shifts,
+    scales and gates: :meth:`modulated`)."""
 
     ip_attention: Any = None
     upcast = False  # IP-Adapter's image attention runs in the block's dtype
 
-    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, *, modulation: bool = True) -> None:
         super().__init__()
-        self.norm1 = Modulation(dim, 6)  # the image's shift/scale/gate for attention, then for the MLP
-        self.norm1_context = Modulation(dim, 6)  # the text's
+        if modulation:
+            self.norm1 = Modulation(dim, 6)  # the image's shift/scale/gate for attention, then for the MLP
+            self.norm1_context = Modulation(dim, 6)  # the text's
         self.attn = JointAttention(dim, heads, head_dim, joint=True)
         self.heads = heads
         self.ff = MLP(dim)
         self.ff_context = MLP(dim)
 
     def forward(self, x: Tensor, context: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(vec)
-        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(vec)
+        return self.modulated(x, context, self.norm1(vec), self.norm1_context(vec), rope)
+
+    def modulated(
+        self,
+        x: Tensor,
+        context: Tensor,
+        img_mod: Sequence[Tensor],
+        txt_mod: Sequence[Tensor],
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The block given each stream's six (B, 1, dim) modulation vectors (shift, scale, gate for attention, then
+        for the MLP) and the attention's key ``mask`` (:class:`JointAttention`)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = img_mod
+        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = txt_mod
         h = modulate(x, shift1, scale1)
-        img, txt = self.attn(h, rope, modulate(context, c_shift1, c_scale1))
+        img, txt = self.attn(h, rope, modulate(context, c_shift1, c_scale1), mask=mask)
         x = x + gate1 * img
         x = x + gate2 * self.ff(modulate(x, shift2, scale2))
         if self.ip_attention is not None:  # IP-Adapter: the image tokens' attention to its image tokens
@@ -436,19 +481,28 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """Text and image tokens as one sequence; attention and MLP in parallel on the same input, one output
-    projection over both (diffusers' ``FluxSingleTransformerBlock``; BFL's ``SingleStreamBlock``)."""
+    projection over both (diffusers' ``FluxSingleTransformerBlock``; BFL's ``SingleStreamBlock``).
+    ``modulation=False``: without its modulation linear (Chroma's: :meth:`modulated`)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: int = 4) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: int = 4, *, modulation: bool = True) -> None:
         super().__init__()
-        self.norm = Modulation(dim, 3)
+        if modulation:
+            self.norm = Modulation(dim, 3)
         self.attn = JointAttention(dim, heads, head_dim, joint=False)
         self.proj_mlp = nn.Linear(dim, dim * mlp_ratio)
         self.proj_out = nn.Linear(dim + dim * mlp_ratio, dim)
 
     def forward(self, x: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        shift, scale, gate = self.norm(vec)
+        return self.modulated(x, self.norm(vec), rope)
+
+    def modulated(
+        self, x: Tensor, mod: Sequence[Tensor], rope: tuple[Tensor, Tensor], mask: Tensor | None = None
+    ) -> Tensor:
+        """The block given its three (B, 1, dim) modulation vectors (shift, scale, gate) and the attention's key
+        ``mask`` (:class:`JointAttention`)."""
+        shift, scale, gate = mod
         h = modulate(x, shift, scale)
-        attn = cast(Tensor, self.attn(h, rope))  # (B, L, dim): no context, so one tensor
+        attn = cast(Tensor, self.attn(h, rope, mask=mask))  # (B, L, dim): no context, so one tensor
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
         return _clip_fp16(x + gate * self.proj_out(torch.cat([attn, mlp], dim=-1)))
 
@@ -496,7 +550,9 @@ class FinalLayer(nn.Module):
 # The model
 
 
-def _batch_vector(value: Tensor | float, batch: int, name: str, device: torch.device) -> Tensor:
+def _batch_vector(
+    value: Tensor | float, batch: int, name: str, device: torch.device, what: str = "Flux transformer"
+) -> Tensor:
     """A per-row number as a (B,) float32 tensor on ``device``: a scalar (Python or 0-d) is repeated, a (B,) kept.
     Numbers given on the CPU are checked to be finite (one on the GPU is not: that check would wait for the GPU
     at every step, and the pipeline refuses a non-finite result anyway)."""
@@ -504,44 +560,27 @@ def _batch_vector(value: Tensor | float, batch: int, name: str, device: torch.de
     if t.ndim == 0:
         t = t.expand(batch)
     if t.shape != (batch,):
-        raise UsageError(f"Flux transformer: {name} must be a number or have shape ({batch},), got {tuple(t.shape)}")
+        raise UsageError(f"{what}: {name} must be a number or have shape ({batch},), got {tuple(t.shape)}")
     if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
-        raise UsageError(f"Flux transformer: {name} must be finite, got {t.tolist()}")
+        raise UsageError(f"{what}: {name} must be finite, got {t.tolist()}")
     return t.to(device=device, dtype=torch.float32)
 
 
-class FluxTransformer(nn.Module):
-    """Flux.1's transformer (see the module docstring); diffusers' ``FluxTransformer2DModel`` parameter names."""
+class FluxLikeTransformer(nn.Module):
+    """What Flux's and Chroma's transformers (:class:`FluxTransformer`,
+    :class:`sdengine.models.chroma.ChromaTransformer`) share: the config and the file's name, the weights' dtype and
+    device, the RoPE tables of the last size, the latent's and text's checks, the per-row numbers. ``LABEL`` starts
+    their errors."""
 
-    def __init__(self, config: FluxConfig = FLUX_SCHNELL) -> None:
+    LABEL = "Flux transformer"
+    x_embedder: nn.Linear
+
+    def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
         self.name = ""  # the file it came from (set by the loader)
         self._rope_key: tuple[Any, ...] | None = None
         self._rope: tuple[Tensor, Tensor] | None = None
-        dim = config.hidden_size
-        heads, head_dim = config.num_attention_heads, config.attention_head_dim
-        out = config.out_channels or config.in_channels
-        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, config.guidance_embeds)
-        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
-        self.x_embedder = nn.Linear(config.in_channels, dim)
-        self.transformer_blocks = nn.ModuleList(
-            [DoubleStreamBlock(dim, heads, head_dim) for _ in range(config.num_layers)]
-        )
-        self.single_transformer_blocks = nn.ModuleList(
-            [SingleStreamBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)]
-        )
-        self.norm_out = FinalLayer(dim)
-        self.proj_out = nn.Linear(dim, out)
-
-    ip_adapter_family = "flux"  # which IP-Adapters fit (sdengine.nn.ip_adapter.ip_layers)
-
-    def ip_adapter_layers(self) -> tuple[list[nn.Module], list[tuple[int, int]]]:
-        """The layers an IP-Adapter acts in (the double-stream blocks, their ``ip_attention``) and the shape
-        (width, image-token width) of the key / value projections each takes (XLabs' flux-ip-adapter: its image
-        tokens are ``joint_attention_dim`` wide, as T5's states)."""
-        want = (self.config.hidden_size, self.config.joint_attention_dim)
-        return list(self.transformer_blocks), [want] * len(self.transformer_blocks)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -573,27 +612,67 @@ class FluxTransformer(nn.Module):
             self._rope_key = key
         return self._rope
 
-    def _check_inputs(
-        self, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor
-    ) -> tuple[int, int, int]:
-        cfg = self.config
+    def check_latent(self, hidden_states: Tensor, text: Tensor) -> tuple[int, int, int]:
+        """The latent (B, C, H, W) with even sides and T5's states (B, L, joint_attention_dim): (B, H, W), or one
+        line naming what does not fit."""
+        cfg, what = self.config, self.LABEL
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.latent_channels:
             raise UsageError(
-                f"Flux transformer: hidden_states must be a (B, {cfg.latent_channels}, H, W) latent, "
+                f"{what}: hidden_states must be a (B, {cfg.latent_channels}, H, W) latent, "
                 f"got {tuple(hidden_states.shape)}"
             )
         B, _, H, W = hidden_states.shape
         if H % PATCH or W % PATCH:
             raise UsageError(
-                f"Flux transformer: the latent's height and width must be even (2x2 patches), got {H}x{W} "
+                f"{what}: the latent's height and width must be even (2x2 patches), got {H}x{W} "
                 f"(an image size that is a multiple of 16 pixels gives one)"
             )
-        text = encoder_hidden_states
         if text.ndim != 3 or text.shape[0] != B or text.shape[2] != cfg.joint_attention_dim:
             raise UsageError(
-                f"Flux transformer: encoder_hidden_states must be (B={B}, L, {cfg.joint_attention_dim}), "
-                f"got {tuple(encoder_hidden_states.shape)}"
+                f"{what}: encoder_hidden_states must be (B={B}, L, {cfg.joint_attention_dim}), got {tuple(text.shape)}"
             )
+        return B, H, W
+
+    def batch_vector(self, value: Tensor | float, batch: int, name: str, device: torch.device) -> Tensor:
+        """A per-row number as a (B,) float32 tensor on ``device`` (:func:`_batch_vector`)."""
+        return _batch_vector(value, batch, name, device, self.LABEL)
+
+
+class FluxTransformer(FluxLikeTransformer):
+    """Flux.1's transformer (see the module docstring); diffusers' ``FluxTransformer2DModel`` parameter names."""
+
+    def __init__(self, config: FluxConfig = FLUX_SCHNELL) -> None:
+        super().__init__(config)
+        self.config: FluxConfig = config
+        dim = config.hidden_size
+        heads, head_dim = config.num_attention_heads, config.attention_head_dim
+        out = config.out_channels or config.in_channels
+        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, config.guidance_embeds)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(config.in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(
+            [DoubleStreamBlock(dim, heads, head_dim) for _ in range(config.num_layers)]
+        )
+        self.single_transformer_blocks = nn.ModuleList(
+            [SingleStreamBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)]
+        )
+        self.norm_out = FinalLayer(dim)
+        self.proj_out = nn.Linear(dim, out)
+
+    ip_adapter_family = "flux"  # which IP-Adapters fit (sdengine.nn.ip_adapter.ip_layers)
+
+    def ip_adapter_layers(self) -> tuple[list[nn.Module], list[tuple[int, int]]]:
+        """The layers an IP-Adapter acts in (the double-stream blocks, their ``ip_attention``) and the shape
+        (width, image-token width) of the key / value projections each takes (XLabs' flux-ip-adapter: its image
+        tokens are ``joint_attention_dim`` wide, as T5's states)."""
+        want = (self.config.hidden_size, self.config.joint_attention_dim)
+        return list(self.transformer_blocks), [want] * len(self.transformer_blocks)
+
+    def _check_inputs(
+        self, hidden_states: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor
+    ) -> tuple[int, int, int]:
+        cfg = self.config
+        B, H, W = self.check_latent(hidden_states, encoder_hidden_states)
         if tuple(pooled_projections.shape) != (B, cfg.pooled_projection_dim):
             raise UsageError(
                 f"Flux transformer: pooled_projections must be ({B}, {cfg.pooled_projection_dim}), "
@@ -704,6 +783,8 @@ __all__ = [
     "FLUX_SCHNELL",
     "REFERENCE_METHODS",
     "FluxConfig",
+    "FluxLikeConfig",
+    "FluxLikeTransformer",
     "FluxTransformer",
     "apply_rope",
     "image_ids",

@@ -17,7 +17,6 @@ shipped T5 v1.1 vocabulary. A missing part is one line naming the flag that give
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,66 +25,30 @@ import torch
 from sdengine.errors import GenerationError
 from sdengine.pipeline.chroma import ChromaPipeline
 from sdengine.pipeline.flux_loading import (
+    COMFY_T5,
     DEV_SCHEDULER,
-    load_flux_vae,
-    load_t5,
+    VAE_PREFIXES,
+    check_given,
+    file_holds,
+    is_pipeline_folder,
+    refuse_missing,
     tensor_names,
+    vae_t5_and_scheduler,
 )
 
 CHROMA_SCHEDULER: dict[str, Any] = dict(DEV_SCHEDULER)
-VAE_PREFIXES = ("vae.", "first_stage_model.")
-COMFY_T5 = "text_encoders.t5xxl.transformer."
 
 
 def is_chroma_folder(path: Path) -> bool:
     """A diffusers folder whose ``model_index.json`` names a Chroma pipeline."""
-    index = path / "model_index.json"
-    if not path.is_dir() or not index.is_file():
-        return False
-    try:
-        name = json.loads(index.read_text()).get("_class_name", "")
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
-        return False
-    return isinstance(name, str) and name.startswith("Chroma") and name.endswith("Pipeline")
+    return is_pipeline_folder(path, "Chroma")
 
 
 def is_chroma_file(path: Path) -> bool:
     """A single weights file holding a Chroma transformer (``distilled_guidance_layer.*``)."""
     from sdengine.weights.detect import is_chroma_state_dict
-    from sdengine.weights.io import WeightsError
 
-    if not path.is_file():
-        return False
-    try:
-        return is_chroma_state_dict(tensor_names(path))
-    except WeightsError:
-        return False
-
-
-def _vae_of_file(path: Path, names: list[str], dtype: torch.dtype, device: Any) -> Any:
-    """The VAE inside an all-in-one file, through Flux's loader of a checkpoint's VAE."""
-    from sdengine.weights import keymaps as km
-    from sdengine.weights.detect import vae_config_from_ldm, vae_layout_from_ldm
-    from sdengine.weights.io import SafetensorsReader, WeightsError
-
-    prefix = next(p for p in VAE_PREFIXES if any(n.startswith(p) for n in names))
-    with SafetensorsReader(path) as reader:
-        ldm = {n[len(prefix) :]: reader.read(n) for n in names if n.startswith(prefix)}
-    try:
-        sd, unknown = km.vae_ldm_to_diffusers(ldm, vae_layout_from_ldm(ldm))
-        cfg = vae_config_from_ldm(ldm)
-    except WeightsError as e:
-        raise GenerationError(f"{path}: its VAE: {e}") from None
-    if unknown:
-        raise GenerationError(f"{path}: unexpected VAE keys: {', '.join(sorted(unknown)[:4])}")
-    from sdengine.models.vae import AutoencoderKL, VAEConfig
-    from sdengine.pipeline.flux_loading import FLUX_VAE_SCALING, FLUX_VAE_SHIFT
-    from sdengine.weights.loading import build_on_meta
-
-    vcfg = VAEConfig.from_diffusers(
-        {**cfg, "scaling_factor": FLUX_VAE_SCALING, "shift_factor": FLUX_VAE_SHIFT, "sample_size": 1024}
-    )
-    return build_on_meta(lambda: AutoencoderKL(vcfg), sd, name=f"{path}: VAE", dtype=dtype).to(device)
+    return file_holds(path, is_chroma_state_dict)
 
 
 def load_chroma_pipeline(
@@ -99,42 +62,22 @@ def load_chroma_pipeline(
     lora_dir: Any = None,
 ) -> ChromaPipeline:
     """A Chroma folder or file (module docstring) -> :class:`ChromaPipeline` on ``device`` in ``dtype``."""
-    from sdengine.text.t5_tokenizer import load_t5_tokenizer
     from sdengine.weights.chroma_file import load_chroma_transformer
     from sdengine.weights.io import SAFETENSORS_SUFFIXES, WeightsError
 
     name = name or path.name.removesuffix(path.suffix) or path.name
-    for flag, value in (("--vae", vae), ("--t5", t5)):
-        if value is not None and not Path(value).exists():
-            raise GenerationError(f"{flag} {value}: no such file or folder")
+    given = {"vae": vae, "t5": t5}
+    check_given(given)
     try:
         names = [] if path.is_dir() else tensor_names(path)
         if not path.is_dir():
             held_vae = any(n.startswith(VAE_PREFIXES) for n in names) and path.suffix.lower() in SAFETENSORS_SUFFIXES
-            if vae is None and not held_vae:
-                raise GenerationError(
-                    f"{path.name} holds no VAE: give it with --vae FILE (vae= in Python; Flux.1's ae.safetensors)"
-                )
-            if t5 is None and not any(n.startswith(COMFY_T5) for n in names):
-                raise GenerationError(
-                    f"{path.name} holds no T5 text encoder: give it with --t5 FILE (t5= in Python; e.g. ComfyUI's "
-                    "t5xxl_fp16.safetensors)"
-                )
+            refuse_missing(path, given, {"vae": held_vae, "t5": any(n.startswith(COMFY_T5) for n in names)})
         transformer = load_chroma_transformer(path, device=device, dtype=dtype)
-        if path.is_dir():
-            vae_model = load_flux_vae(Path(vae) if vae is not None else path / "vae", dtype, device)
-            t5_model = load_t5(Path(t5) if t5 is not None else path / "text_encoder", dtype, device)
-            tok = path / "tokenizer"
-            tokenizer = load_t5_tokenizer(tok if (tok / "tokenizer.json").is_file() else None)
-            sched_path = path / "scheduler" / "scheduler_config.json"
-            scheduler = json.loads(sched_path.read_text()) if sched_path.is_file() else CHROMA_SCHEDULER
-        else:
-            vae_model = (
-                load_flux_vae(Path(vae), dtype, device) if vae is not None else _vae_of_file(path, names, dtype, device)
-            )
-            t5_model = load_t5(Path(t5) if t5 is not None else path, dtype, device)
-            tokenizer = load_t5_tokenizer(None)
-            scheduler = CHROMA_SCHEDULER
+        vae_model, t5_model, tokenizer, scheduler = vae_t5_and_scheduler(
+            path, names, vae, t5, t5_folder="text_encoder", t5_tokenizer="tokenizer", scheduler=CHROMA_SCHEDULER,
+            dtype=dtype, device=device,
+        )  # fmt: skip
     except WeightsError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
     return ChromaPipeline(

@@ -120,6 +120,10 @@ class ControlUnit:
                 raise ControlNetError(
                     f"{self.reference}: a unit mask is an SD3 inpainting ControlNet's input; reference units take none"
                 )
+            if self.union_mode is not None:
+                raise ControlNetError(
+                    f"{self.reference}: union_mode is a Flux Union ControlNet's; reference units take none"
+                )
             return
         if self.module is not None or self.module_options:  # written into the infotext: checked now, not after
             from sdengine.control.preprocess import PREPROCESSORS, option_names
@@ -970,9 +974,7 @@ def build_controlled_unet(
                 "with the request's init_image and mask)"
             )
         if unit.union_mode is not None:
-            raise ControlNetError(
-                f"{name}: union_mode is a Flux Union ControlNet's control mode; U-Net ControlNets take none"
-            )
+            raise ControlNetError(f"{name}: union_mode is a Flux Union ControlNet's; U-Net ControlNets take none")
         if isinstance(model, ControlNet):
             # A model the caller owns (maybe one being trained): moved if it must be, otherwise left alone.
             net = model

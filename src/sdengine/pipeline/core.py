@@ -531,6 +531,9 @@ class Pipeline:
                         "norm_num_groups": base[0].config.norm_num_groups,
                         "block_out_channels": list(base[0].config.block_out_channels),
                         "layers_per_block": base[0].config.layers_per_block,
+                        # the model's latent statistics (Playground v2.5's), which the VAE takes (docs/edm.md)
+                        "latents_mean": base[0].config.latents_mean,
+                        "latents_std": base[0].config.latents_std,
                     },
                     unet_config=unet_cfg,
                     device=self.device,

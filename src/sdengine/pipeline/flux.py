@@ -193,6 +193,28 @@ def refusals(r: GenerationRequest) -> list[str]:
     return reasons
 
 
+def token_refusal(
+    width: int, height: int, reference_sizes: list[tuple[int, int]], multiple: int, max_side: int, name: str
+) -> str | None:
+    """Why a call of ``width`` x ``height`` with FLUX.1 Kontext references of these (fitted) pixel sizes is too
+    much work (one line), or None: each reference's tokens (one per ``multiple`` x ``multiple`` cell, the 2x2
+    patch of the latent) join the image's at every step, and a step may hold at most the tokens of the largest
+    image the model makes (``max_side`` x ``max_side``, :meth:`Pipeline.max_side`). Needs no loaded model."""
+    if not reference_sizes:
+        return None
+    own = (width // multiple) * (height // multiple)
+    refs = sum((w // multiple) * (h // multiple) for w, h in reference_sizes)
+    cap = (max_side // multiple) ** 2
+    if own + refs <= cap:
+        return None
+    n = len(reference_sizes)
+    return (
+        f"{n} reference image{'s add' if n > 1 else ' adds'} {refs} tokens to each step of the {width}x{height} "
+        f"image's {own}: {own + refs} in all, over {name}'s limit of {cap} (a {max_side}x{max_side} image's); use "
+        "smaller or fewer references (reference_auto_resize puts each at about 1024x1024) or a smaller size"
+    )
+
+
 class FluxPipeline(Pipeline):
     """FLUX.1 [dev] (guidance-distilled) or [schnell] (timestep-distilled). Build it with
     :func:`sdengine.pipeline.load_pipeline` on a Flux diffusers folder or BFL / ComfyUI files."""
@@ -426,6 +448,11 @@ class FluxPipeline(Pipeline):
                 w, h = flux_kontext.output_size(request, self.size_multiple, references)
                 request = request.replace(width=w, height=h)
             sizes = [im.size for im in references]
+            w, h = (request.width or self.default_size), (request.height or self.default_size)
+            why = token_refusal(w, h, sizes, self.size_multiple, self.max_side(), self.name)
+            if why is not None and self.text_kind == "flux":  # every step's work, before any model runs (the
+                # server's precheck too); a model that takes no references (Chroma) says so in Pipeline.prepare
+                raise GenerationError(why)
             self._reference_tokens = flux_kontext.reference_tokens(sizes, self.vae_scale_factor, PATCH)
         try:
             p = super().prepare(request)
@@ -498,6 +525,8 @@ class FluxPipeline(Pipeline):
         if request.reference_list():  # FLUX.1 Kontext's reference images (their sizes read again)
             sizes = flux_kontext.reference_sizes(request, self.size_multiple)
             out.update(flux_kontext.infotext_fields(request, sizes))
+        if request.control_preprocessor != "none":  # FLUX.1 Depth / Canny's map made from a photo
+            out["Control preprocessor"] = request.control_preprocessor
         return out
 
     def __call__(self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any) -> Any:
@@ -510,4 +539,4 @@ class FluxPipeline(Pipeline):
         return super().__call__(prompt, negative_prompt, **kwargs)
 
 
-__all__ = ["DEV_GUIDANCE", "DEV_STEPS", "SCHNELL_STEPS", "FluxAdapter", "FluxPipeline", "refusals"]
+__all__ = ["DEV_GUIDANCE", "DEV_STEPS", "SCHNELL_STEPS", "FluxAdapter", "FluxPipeline", "refusals", "token_refusal"]

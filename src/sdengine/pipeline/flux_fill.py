@@ -14,6 +14,9 @@ more numbers in than out (``img_in`` is wider than ``final_layer``):
 * **Depth / Canny** (structural control; diffusers' ``FluxControlPipeline``): 128 = 64 noise + 64 control latent.
   The request's ``control_image`` (a depth map or canny edges, as given; ``--control-image``) is fitted to the
   output size, VAE-encoded (a posterior sample drawn from the row's generator before anything else) and scaled.
+  ``control_preprocessor`` "canny" makes the map from a photo first (OpenCV's Canny edges, thresholds 100 / 200,
+  of the image fitted to the output size: :func:`sdengine.control.preprocess.canny`); "none" (the default) takes
+  the image as the map; a depth estimator is a network sdengine does not have, refused in one line.
   With an init image it is ``FluxControlImg2ImgPipeline`` (control posterior, init posterior, noise). The
   distilled guidance stays 3.5 (FluxControlPipeline's default: the weights do not say Canny from Depth; the
   model cards use 30 for Canny and 10 for Depth, ``distilled_cfg_scale`` / ``--guidance``).
@@ -31,6 +34,32 @@ from sdengine.errors import GenerationError
 PLAIN, FILL, CONTROL = "plain", "fill", "control"
 FILL_GUIDANCE = 30.0  # diffusers' FluxFillPipeline guidance_scale default (the FLUX.1-Fill-dev card's 30)
 FILL_STRENGTH = 1.0  # FluxFillPipeline's strength default: the masked region from pure noise
+# request.control_preprocessor's values: the image is the map, or its Canny edges (sdengine.control.preprocess)
+CONTROL_PREPROCESSORS = ("none", "canny")
+
+
+def control_preprocessor_refusal(name: Any, image: Any) -> str | None:
+    """Why ``control_preprocessor`` ``name`` cannot run (one line), or None. Needs no model: a depth estimator
+    names the network it would need (:data:`sdengine.control.preprocess.NEEDS_A_MODEL`)."""
+    from sdengine.control.preprocess import NEEDS_A_MODEL
+    from sdengine.names import did_you_mean
+
+    valid = ", ".join(CONTROL_PREPROCESSORS)
+    if not isinstance(name, str):
+        return f"control_preprocessor must be a name ({valid}), got {name!r}"
+    if name in NEEDS_A_MODEL:
+        return (
+            f"control_preprocessor {name!r} needs a network sdengine does not have ({NEEDS_A_MODEL[name]}): make "
+            f"the map with another tool and give it as control_image with control_preprocessor 'none' (here: {valid})"
+        )
+    if name not in CONTROL_PREPROCESSORS:
+        return f"unknown control_preprocessor {name!r} (use one of: {valid}){did_you_mean(name, CONTROL_PREPROCESSORS)}"
+    if name != "none" and image is None:
+        return (
+            f"control_preprocessor {name!r} makes FLUX.1 Depth / Canny's map from control_image (--control-image "
+            "PHOTO): give one"
+        )
+    return None
 
 
 def flux_kind(in_channels: int, out_channels: int, vae_factor: int, where: str) -> str:
@@ -82,7 +111,7 @@ def request_refusal(kind: str, r: Any) -> str | None:
     if control is None:
         return (
             "FLUX.1 Depth / Canny needs control_image (--control-image IMAGE): the depth map or canny edges the "
-            "image follows"
+            "image follows (or a photo with control_preprocessor canny)"
         )
     if r.mask is not None:
         return "a mask (inpainting) is not supported on a FLUX.1 Depth / Canny model"
@@ -108,16 +137,22 @@ def start_options(kind: str, p: Any) -> dict[str, Any]:
         image = load_image(p.request.control_image, "control image", mode="RGB", error=GenerationError)
         if image.size != (p.width, p.height):
             image = resize_image(image, p.width, p.height, resize_mode_name(p.request.resize_mode))
+        if p.request.control_preprocessor == "canny":  # edges of the fitted photo: one map pixel per output pixel
+            from sdengine.control.preprocess import canny
+
+            image = canny(image)
         return {"control": image}
     return {}
 
 
 __all__ = [
     "CONTROL",
+    "CONTROL_PREPROCESSORS",
     "FILL",
     "FILL_GUIDANCE",
     "FILL_STRENGTH",
     "PLAIN",
+    "control_preprocessor_refusal",
     "family_defaults",
     "flux_kind",
     "request_refusal",

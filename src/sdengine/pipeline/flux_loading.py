@@ -24,7 +24,7 @@ that is missing is one line naming the flag that gives it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,12 @@ TRANSFORMER_PREFIX = "model.diffusion_model."
 FLAGS = {"vae": "--vae", "clip_l": "--clip-l", "t5": "--t5"}  # the command line's names of the parts given apart
 CLIP_L_FILE = "ComfyUI's clip_l.safetensors"
 T5_FILE = "ComfyUI's t5xxl_fp16.safetensors"
+# what each part given apart is, and an example of its file (a single file's missing part names them)
+PARTS = {
+    "vae": ("VAE", "Flux's ae.safetensors"),
+    "clip_l": ("CLIP-L text encoder", CLIP_L_FILE),
+    "t5": ("T5 text encoder", T5_FILE),
+}
 
 # scheduler/scheduler_config.json of FLUX.1-dev and FLUX.1-schnell
 DEV_SCHEDULER: dict[str, Any] = {
@@ -63,8 +69,8 @@ SCHNELL_SCHEDULER: dict[str, Any] = {
 }
 
 
-def is_flux_folder(path: Path) -> bool:
-    """A diffusers folder whose ``model_index.json`` names ``FluxPipeline`` (or ``FluxImg2ImgPipeline``)."""
+def is_pipeline_folder(path: Path, family: str) -> bool:
+    """A diffusers folder whose ``model_index.json`` names a ``{family}...Pipeline`` class."""
     index = path / "model_index.json"
     if not index.is_file():
         return False
@@ -72,7 +78,12 @@ def is_flux_folder(path: Path) -> bool:
         name = json.loads(index.read_text()).get("_class_name", "")
     except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
         return False
-    return isinstance(name, str) and name.startswith("Flux") and name.endswith("Pipeline")
+    return isinstance(name, str) and name.startswith(family) and name.endswith("Pipeline")
+
+
+def is_flux_folder(path: Path) -> bool:
+    """A diffusers folder whose ``model_index.json`` names ``FluxPipeline`` (or ``FluxImg2ImgPipeline``)."""
+    return is_pipeline_folder(path, "Flux")
 
 
 def tensor_names(path: Path) -> list[str]:
@@ -85,17 +96,42 @@ def tensor_names(path: Path) -> list[str]:
     return list(load_file(path)[0])
 
 
-def is_flux_file(path: Path) -> bool:
-    """A single file holding a Flux transformer in BFL's layout (with or without ComfyUI's prefix)."""
-    from sdengine.weights.detect import is_flux_state_dict
+def file_holds(path: Path, test: Callable[[list[str]], bool]) -> bool:
+    """Whether ``path`` is a weights file whose tensor names pass ``test`` (an unreadable one: False, the ordinary
+    loader says what is wrong with it)."""
     from sdengine.weights.io import WeightsError
 
     if not path.is_file():
         return False
     try:
-        return is_flux_state_dict(tensor_names(path))
+        return test(tensor_names(path))
     except WeightsError:
-        return False  # the ordinary loader says what is wrong with the file
+        return False
+
+
+def is_flux_file(path: Path) -> bool:
+    """A single file holding a Flux transformer in BFL's layout (with or without ComfyUI's prefix)."""
+    from sdengine.weights.detect import is_flux_state_dict
+
+    return file_holds(path, is_flux_state_dict)
+
+
+def check_given(given: Mapping[str, str | Path | None]) -> None:
+    """Each part given apart (``PARTS``' keys) is there: one line naming its flag."""
+    for key, value in given.items():
+        if value is not None and not Path(value).exists():
+            raise GenerationError(f"{FLAGS[key]} {value}: no such file or folder")
+
+
+def refuse_missing(path: Path, given: Mapping[str, str | Path | None], held: Mapping[str, bool]) -> None:
+    """A single file that lacks a part (``held``: whether it has it) not given apart: one line naming the flag
+    that gives it; checked before the transformer (the large part) is read."""
+    for key, has in held.items():
+        if given[key] is None and not has:
+            what, example = PARTS[key]
+            raise GenerationError(
+                f"{path.name} holds no {what}: give it with {FLAGS[key]} FILE ({key}= in Python; e.g. {example})"
+            )
 
 
 def read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -146,7 +182,7 @@ def load_flux_vae(path: Path, dtype: torch.dtype, device: Any) -> Any:
     return _build_vae(sd, cfg, str(path), dtype, device)
 
 
-def _vae_of_checkpoint(path: Path, names: list[str], dtype: torch.dtype, device: Any) -> Any | None:
+def vae_of_checkpoint(path: Path, names: list[str], dtype: torch.dtype, device: Any) -> Any | None:
     """The VAE inside a ComfyUI all-in-one checkpoint (``vae.*`` or ``first_stage_model.*``), or None."""
     from sdengine.weights import keymaps as km
     from sdengine.weights.detect import vae_config_from_ldm, vae_layout_from_ldm
@@ -216,6 +252,38 @@ def load_t5(path: Path, dtype: torch.dtype, device: Any) -> Any:
     return load_t5_encoder(path, device=device, dtype=dtype)
 
 
+def vae_t5_and_scheduler(
+    path: Path,
+    names: list[str],
+    vae: str | Path | None,
+    t5: str | Path | None,
+    *,
+    t5_folder: str,
+    t5_tokenizer: str,
+    scheduler: dict[str, Any],
+    dtype: torch.dtype,
+    device: Any,
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The VAE, T5, T5 tokenizer and scheduler config of a Flux-family model: a diffusers folder's (``vae/``,
+    ``<t5_folder>/``, ``<t5_tokenizer>/`` or the shipped vocabulary, ``scheduler/`` or ``scheduler``) or a single
+    file's (its own VAE (``names``: its tensors) and T5, the shipped vocabulary, ``scheduler``); ``vae`` / ``t5``
+    given apart replace the model's."""
+    from sdengine.text.t5_tokenizer import load_t5_tokenizer
+
+    if path.is_dir():
+        vae_model = load_flux_vae(Path(vae) if vae is not None else path / "vae", dtype, device)
+        t5_model = load_t5(Path(t5) if t5 is not None else path / t5_folder, dtype, device)
+        tok = path / t5_tokenizer
+        tokenizer = load_t5_tokenizer(tok if (tok / "tokenizer.json").is_file() else None)
+        sched_path = path / "scheduler" / "scheduler_config.json"
+        return vae_model, t5_model, tokenizer, json.loads(sched_path.read_text()) if sched_path.is_file() else scheduler
+    vae_model = (
+        load_flux_vae(Path(vae), dtype, device) if vae is not None else vae_of_checkpoint(path, names, dtype, device)
+    )
+    t5_model = load_t5(Path(t5) if t5 is not None else path, dtype, device)
+    return vae_model, t5_model, load_t5_tokenizer(None), scheduler
+
+
 # -- the pipeline ---------------------------------------------------------------------------------------------
 
 
@@ -232,56 +300,38 @@ def load_flux_pipeline(
 ) -> FluxPipeline:
     """A Flux folder or file (see the module docstring) -> :class:`FluxPipeline` on ``device`` in ``dtype``."""
     from sdengine.pipeline.loading import clip_pad_token_id, clip_tokenizer
-    from sdengine.text.t5_tokenizer import load_t5_tokenizer
     from sdengine.weights.flux_file import load_flux_transformer
     from sdengine.weights.io import WeightsError
 
     name = name or path.name.removesuffix(path.suffix) or path.name
     given = {"vae": vae, "clip_l": clip_l, "t5": t5}
-    for key, value in given.items():
-        if value is not None and not Path(value).exists():
-            raise GenerationError(f"{FLAGS[key]} {value}: no such file or folder")
+    check_given(given)
     try:
-        # what a single file lacks is said before the transformer (the large part) is read
         names = [] if path.is_dir() else tensor_names(path)
         if not path.is_dir():
-            for key, what, held, example in (
-                ("vae", "VAE", any(n.startswith(VAE_PREFIXES) for n in names), "Flux's ae.safetensors"),
-                ("clip_l", "CLIP-L text encoder", any(n.startswith(COMFY_CLIP_L) for n in names), CLIP_L_FILE),
-                ("t5", "T5 text encoder", any(n.startswith(COMFY_T5) for n in names), T5_FILE),
-            ):
-                if given[key] is None and not held:
-                    raise GenerationError(
-                        f"{path.name} holds no {what}: give it with {FLAGS[key]} FILE ({key}= in Python; e.g. "
-                        f"{example})"
-                    )
+            refuse_missing(
+                path,
+                given,
+                {
+                    "vae": any(n.startswith(VAE_PREFIXES) for n in names),
+                    "clip_l": any(n.startswith(COMFY_CLIP_L) for n in names),
+                    "t5": any(n.startswith(COMFY_T5) for n in names),
+                },
+            )
         transformer = load_flux_transformer(path, device=device, dtype=dtype)
+        vae_model, t5_model, tokenizer_2, scheduler = vae_t5_and_scheduler(
+            path, names, vae, t5, t5_folder="text_encoder_2", t5_tokenizer="tokenizer_2",
+            scheduler=DEV_SCHEDULER if transformer.config.guidance_embeds else SCHNELL_SCHEDULER,
+            dtype=dtype, device=device,
+        )  # fmt: skip
         if path.is_dir():
-            vae_model = load_flux_vae(Path(vae) if vae is not None else path / "vae", dtype, device)
             clip = load_clip_l(Path(clip_l) if clip_l is not None else path / "text_encoder", dtype, device)
-            t5_model = load_t5(Path(t5) if t5 is not None else path / "text_encoder_2", dtype, device)
             tok_dir = path / "tokenizer"
             tokenizer = clip_tokenizer(tok_dir)
-            tok2 = path / "tokenizer_2"
-            tokenizer_2 = load_t5_tokenizer(tok2 if (tok2 / "tokenizer.json").is_file() else None)
-            sched_path = path / "scheduler" / "scheduler_config.json"
-            scheduler = (
-                json.loads(sched_path.read_text())
-                if sched_path.is_file()
-                else (DEV_SCHEDULER if transformer.config.guidance_embeds else SCHNELL_SCHEDULER)
-            )
             pad = clip_pad_token_id(tok_dir if tok_dir.is_dir() else None, tokenizer.vocab, "sd1")
         else:
-            vae_model = (
-                load_flux_vae(Path(vae), dtype, device)
-                if vae is not None
-                else _vae_of_checkpoint(path, names, dtype, device)
-            )
             clip = load_clip_l(Path(clip_l) if clip_l is not None else path, dtype, device)
-            t5_model = load_t5(Path(t5) if t5 is not None else path, dtype, device)
             tokenizer = clip_tokenizer(None)
-            tokenizer_2 = load_t5_tokenizer(None)
-            scheduler = DEV_SCHEDULER if transformer.config.guidance_embeds else SCHNELL_SCHEDULER
             pad = clip_pad_token_id(None, tokenizer.vocab, "sd1")  # CLIP-L pads with its end token
     except WeightsError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
@@ -307,7 +357,14 @@ __all__ = [
     "DEV_SCHEDULER",
     "FLUX_VAE_SCALING",
     "FLUX_VAE_SHIFT",
+    "PARTS",
     "SCHNELL_SCHEDULER",
+    "check_given",
+    "file_holds",
+    "is_pipeline_folder",
+    "refuse_missing",
+    "vae_t5_and_scheduler",
+    "vae_of_checkpoint",
     "is_flux_file",
     "is_flux_folder",
     "load_clip_l",

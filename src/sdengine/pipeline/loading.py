@@ -202,9 +202,9 @@ def _load(
     from sdengine.pipeline import chroma_loading, flux_loading
 
     if chroma_loading.is_chroma_folder(path) or chroma_loading.is_chroma_file(path):  # before Flux: its blocks too
-        return _load_chroma(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
+        return _load_flux_like("Chroma", path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if flux_loading.is_flux_folder(path) or flux_loading.is_flux_file(path):
-        return _load_flux(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
+        return _load_flux_like("Flux", path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if given:
         from sdengine.pipeline.sd3 import ENCODER_FLAGS
 
@@ -278,7 +278,18 @@ def _load(
     )
 
 
-def _load_flux(
+# the text encoders given apart that a Flux-like family has no place for: why, in one line
+_NOT_THEIRS = {
+    "Flux": {"clip_g": "clip_g (--clip-g) is SD3's OpenCLIP bigG; Flux has CLIP-L and T5 only"},
+    "Chroma": {
+        "clip_g": "clip_g (--clip-g) is SD3's; Chroma has T5 only",
+        "clip_l": "clip_l (--clip-l) is Flux's; Chroma has T5 only",
+    },
+}
+
+
+def _load_flux_like(
+    family: str,
     path: Path,
     dev: torch.device,
     dt: torch.dtype,
@@ -289,48 +300,26 @@ def _load_flux(
     lora_dir: Any,
     encoders: Mapping[str, Any],
 ) -> Pipeline:
-    """A Flux folder or file -> FluxPipeline (:mod:`sdengine.pipeline.flux_loading`); what it does not take refused,
-    one line each, before anything loads."""
-    from sdengine.pipeline.flux_loading import load_flux_pipeline
-
+    """A Flux or Chroma (``family``) folder or file -> FluxPipeline (:mod:`sdengine.pipeline.flux_loading`) or
+    ChromaPipeline (:mod:`sdengine.pipeline.chroma_loading`); what it does not take refused, one line each, before
+    anything loads."""
     for on, what in (
-        (prediction_type is not None, "prediction_type: a Flux transformer predicts the flow's velocity"),
-        (config is not None, "config= does not apply (a Flux file's architecture comes from its shapes)"),
+        (prediction_type is not None, f"prediction_type: a {family} transformer predicts the flow's velocity"),
+        (config is not None, f"config= does not apply (a {family} file's architecture comes from its shapes)"),
         (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
-        ("clip_g" in encoders, "clip_g (--clip-g) is SD3's OpenCLIP bigG; Flux has CLIP-L and T5 only"),
+        *((key in encoders, why) for key, why in _NOT_THEIRS[family].items()),
     ):
         if on:
-            raise GenerationError(f"{path.name} (Flux): {what}")
+            raise GenerationError(f"{path.name} ({family}): {what}")
+    if family == "Chroma":
+        from sdengine.pipeline.chroma_loading import load_chroma_pipeline
+
+        return load_chroma_pipeline(path, device=dev, dtype=dt, vae=vae, t5=encoders.get("t5"), lora_dir=lora_dir)
+    from sdengine.pipeline.flux_loading import load_flux_pipeline
+
     return load_flux_pipeline(
         path, device=dev, dtype=dt, vae=vae, clip_l=encoders.get("clip_l"), t5=encoders.get("t5"), lora_dir=lora_dir
     )
-
-
-def _load_chroma(
-    path: Path,
-    dev: torch.device,
-    dt: torch.dtype,
-    vae: Any,
-    prediction_type: Any,
-    config: Any,
-    embeddings_dir: Any,
-    lora_dir: Any,
-    encoders: Mapping[str, Any],
-) -> Pipeline:
-    """A Chroma folder or file -> ChromaPipeline (:mod:`sdengine.pipeline.chroma_loading`); what it does not take
-    refused, one line each, before anything loads."""
-    from sdengine.pipeline.chroma_loading import load_chroma_pipeline
-
-    for on, what in (
-        (prediction_type is not None, "prediction_type: a Chroma transformer predicts the flow's velocity"),
-        (config is not None, "config= does not apply (a Chroma file's architecture comes from its shapes)"),
-        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
-        ("clip_g" in encoders, "clip_g (--clip-g) is SD3's; Chroma has T5 only"),
-        ("clip_l" in encoders, "clip_l (--clip-l) is Flux's; Chroma has T5 only"),
-    ):
-        if on:
-            raise GenerationError(f"{path.name} (Chroma): {what}")
-    return load_chroma_pipeline(path, device=dev, dtype=dt, vae=vae, t5=encoders.get("t5"), lora_dir=lora_dir)
 
 
 def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:

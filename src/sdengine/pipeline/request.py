@@ -266,6 +266,10 @@ class GenerationRequest:
     # edges, used as given, fitted to the output size), VAE-encoded beside the noisy latent; only those models
     # take it (sdengine.pipeline.flux_fill)
     control_image: ImageInput | None = None
+    # what makes that map from ``control_image`` first: "none" (the image is the map) or "canny" (OpenCV's Canny
+    # edges, thresholds 100 / 200, of the image fitted to the output size); a depth estimator is refused (no such
+    # network here). Infotext "Control preprocessor" (sdengine.pipeline.flux_fill.CONTROL_PREPROCESSORS)
+    control_preprocessor: str = "none"
 
     # -- building ---------------------------------------------------------------------------------------
 
@@ -591,6 +595,12 @@ class GenerationRequest:
             raise GenerationError(f"unknown sag_rule {self.sag_rule!r}; use one of: {', '.join(SAG_RULES)}")
         self._validate_image_cfg()
         self.validate_references()
+        if self.control_preprocessor != "none" or self.control_image is not None:
+            from sdengine.pipeline.flux_fill import control_preprocessor_refusal
+
+            why = control_preprocessor_refusal(self.control_preprocessor, self.control_image)
+            if why is not None:
+                raise GenerationError(why)
         self._validate_freeu()
         self._validate_deep_shrink()
         self._validate_hypertile()

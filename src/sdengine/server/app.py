@@ -784,6 +784,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                     f"{what} {value} is over {generation.model_name}'s limit: each side may be at most {limit} px "
                     "(larger sizes take very long and only repeat the subject)"
                 )
+        if kw.get("reference_images"):  # FLUX.1 Kontext: each reference's tokens join every step's
+            check_reference_tokens(generation, loaded, limit)
         if kw.get("enable_hr"):  # the hires fix's second pass makes its own size
             from sdengine.pipeline import GenerationRequest
             from sdengine.pipeline.hires import hires_size
@@ -797,6 +799,32 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                         f"the hires fix's {what} {value} (from {width}x{height}) is over {generation.model_name}'s "
                         f"limit: each side may be at most {limit} px; lower hr_scale or hr_resize_x/hr_resize_y"
                     )
+
+    def check_reference_tokens(generation: Generation, loaded: Any, limit: int) -> None:
+        """FLUX.1 Kontext's reference images add their tokens to every step: the image's and theirs together may
+        be at most those of a limit x limit image (:func:`sdengine.pipeline.flux.token_refusal`, the pipeline's
+        own rule), counted from the decoded references' sizes as the pipeline fits them."""
+        from sdengine.errors import SdengineError
+        from sdengine.pipeline.flux import token_refusal
+        from sdengine.pipeline.flux_kontext import kontext_size
+        from sdengine.server.page_api import model_size
+
+        kw = generation.kwargs
+        size = model_size(generation.model, loaded)
+        m, auto = int(size["multiple"]), bool(kw.get("reference_auto_resize", True))
+        refs = [im for im in kw["reference_images"] if hasattr(im, "size")]  # decoded PIL images
+        try:
+            sizes = [kontext_size(im.width, im.height, m, auto) for im in refs]
+        except SdengineError as e:
+            raise BadRequest(str(e)) from None
+        if not sizes:
+            return
+        width, height = kw.get("width"), kw.get("height")
+        if width is None and height is None:  # the first reference's size, as the pipeline makes it
+            width, height = sizes[0]
+        why = token_refusal(width or size["width"], height or size["height"], sizes, m, limit, generation.model_name)
+        if why is not None:
+            raise BadRequest(why)
 
     def check_hires_not_too_small(generation: Generation) -> None:
         """A hires fix whose size is below the model's size step (hr_scale 0.05 of 64 px) is a 400 now, instead of

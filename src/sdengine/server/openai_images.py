@@ -25,6 +25,10 @@ What the ``openai`` client sends maps onto the pipeline this way:
   new picture from the references and the prompt): no mask, no ``strength`` (400s), ``size`` "auto" / absent the
   first reference's size as Kontext fits it, ``reference_auto_resize`` ``false`` keeps their own sizes. Without
   it an edit stays img2img / inpainting on every model (a request never changes meaning with the model it names).
+  Likewise ``control_image`` ``true`` (``extra_body``, FLUX.1 Depth / Canny models): the one image is the control
+  map (the native job's ``control_image``), or a photo made into one by ``control_preprocessor`` ``canny``; no mask,
+  no ``strength`` (400s, as with ``reference_images``, which it does not combine with); ``size`` "auto" / absent the
+  image's size floored to a multiple of 16.
   ``mask`` follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint (a mask without one, which
   would edit nothing, is refused); without a mask, the image's own transparency is its mask; with neither, the
   whole image is redrawn (img2img, strength 0.75).
@@ -124,7 +128,8 @@ ROUTE_FIELDS: dict[str, tuple[str, ...]] = {
     "edits": ("image", "mask", "prompt", *_SHARED.replace(" style", "").split())
     + ("safety_identifier", "complexity", "input_fidelity")
     + ("stream", "partial_images", *EXTENSIONS, "strength")
-    + ("reference_images", "reference_auto_resize"),  # FLUX.1 Kontext: the images are references (edit_references)
+    + ("reference_images", "reference_auto_resize")  # FLUX.1 Kontext: the images are references (edit_references)
+    + ("control_image", "control_preprocessor"),  # FLUX.1 Depth / Canny: the image is the control map (edit_control)
     # OpenAI's (retired, DALL-E 2) variations took only these: image, model, n, response_format, size, user
     "variations": ("image", "prompt", "model", "n", "size", "response_format", "user", *EXTENSIONS, "strength"),
 }
@@ -847,6 +852,21 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest("partial_images needs stream: true")
         if stream:
             check_stream(number(fields, "n", int, 1), rf)
+        if form_flag(fields, "control_image"):  # FLUX.1 Depth / Canny: the image is the control map
+            if form_flag(fields, "reference_images"):
+                raise ParamError(
+                    "control_image: true and reference_images: true cannot run together (FLUX.1 Depth / Canny and "
+                    "Kontext are different models): send one",
+                    "control_image",
+                )
+            f = await edit_control(fields, files, prompt)
+            if stream:
+                return await stream_one(request, f, of, partial, compression, "image_edit", fields.get("quality"))
+            return await run_all(request, [f], rf, of, prompt, fields.get("size"), compression, fields.get("quality"))
+        if fields.get("control_preprocessor", "none") not in ("", "none"):  # "none": the default, harmless
+            raise ParamError(
+                "control_preprocessor applies with control_image: true (FLUX.1 Depth / Canny)", "control_preprocessor"
+            )
         if form_flag(fields, "reference_images"):  # FLUX.1 Kontext: the images are references
             f = await edit_references(fields, files, prompt)
             if stream:
@@ -905,6 +925,34 @@ def install(app: FastAPI, services: Any) -> None:
         resize = form_flag(fields, "reference_auto_resize")
         if resize is not None:
             f["reference_auto_resize"] = resize
+        return f
+
+    async def edit_control(fields: dict[str, str], files: dict[str, list[bytes]], prompt: str) -> dict[str, Any]:
+        """An edit with ``control_image: true``: its one image is FLUX.1 Depth / Canny's control map (the native
+        job's ``control_image``), or a photo made into one by ``control_preprocessor`` (``canny``); text to image
+        from it, no init image. ``size`` "auto" / absent: the image's size floored to a multiple of 16 (FLUX.1's
+        2x2 patches of the 8x VAE's latent). Whether the model takes it is the precheck's and the pipeline's. A
+        mask and ``strength`` (img2img's) are refused, never dropped."""
+        if files.get("mask"):
+            raise ParamError(
+                "control_image: true makes the image FLUX.1 Depth / Canny's control map, which takes no mask: leave "
+                "the mask out (or control_image, to inpaint)",
+                "mask",
+            )
+        if fields.get("strength", "") != "":
+            raise ParamError(
+                "strength is img2img's: with control_image: true the image is FLUX.1 Depth / Canny's control map, "
+                "not a starting image",
+                "strength",
+            )
+        image = await one_image(files, "edits")
+        f = edit_fields(fields, image, None, prompt, kontext=True)
+        if f["width"] is None:
+            f["width"], f["height"] = max(16, image.width // 16 * 16), max(16, image.height // 16 * 16)
+        f.update(init_image=None, mask=None, control_image=image.convert("RGB"))
+        f.pop("strength", None)
+        if fields.get("control_preprocessor", "") != "":
+            f["control_preprocessor"] = fields["control_preprocessor"]
         return f
 
     async def one_image(files: dict[str, list[bytes]], route: str) -> Image.Image:
@@ -980,6 +1028,19 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             "default": False,
             "description": "sdengine (edits, Flux models): the images (1 to 4) are FLUX.1 Kontext's reference "
             "images, not an init image; no mask, no strength",
+        },
+        "control_image": {
+            "type": "boolean",
+            "default": False,
+            "description": "sdengine (edits, FLUX.1 Depth / Canny models): the one image is the control map (or a "
+            "photo, with control_preprocessor), not an init image; no mask, no strength; size auto: the image's, "
+            "floored to a multiple of 16",
+        },
+        "control_preprocessor": {
+            "type": "string",
+            "default": "none",
+            "description": "sdengine (edits with control_image true): 'none' or 'canny'; canny makes the map from a "
+            "photo (Canny edges, thresholds 100 / 200); a depth estimator is refused (none here)",
         },
         "reference_auto_resize": {
             "type": "boolean",

@@ -61,8 +61,7 @@ class ControlRequest:
     mode: str = "balanced"  # the control mode (pipeline.control.CONTROL_MODES); A1111's unit's control_mode
     hires_mode: str | None = None  # the hires fix's second pass (A1111's canny units: the extension's soft weights)
     mask: ImageRef | None = None  # an SD3 inpainting ControlNet's mask (white = repaint)
-    # a Flux Union ControlNet's control mode (pipeline.dit_control.UNION_MODES' name or its number); others: None
-    union_mode: int | str | None = None
+    union_mode: int | str | None = None  # a Flux Union ControlNet's control kind (name or number)
 
 
 @dataclass
@@ -276,6 +275,7 @@ def build_generation(
     mask: ImageRef | None = None,
     mask_blur: float = 0,
     control_image: ImageRef | None = None,
+    control_preprocessor: str = "none",
     controlnets: Sequence[ControlRequest] = (),
     loras: Sequence[tuple[str, Any]] = (),
     clip_skip: int = 1,
@@ -457,6 +457,10 @@ def build_generation(
                 raise BadRequest(
                     f"ControlNet unit {k}: a mask is an SD3 inpainting ControlNet's; {unit.model} takes none"
                 )
+            if unit.union_mode is not None:
+                raise BadRequest(
+                    f"ControlNet unit {k}: union_mode is a Flux Union ControlNet's; {unit.model} takes none"
+                )
             picture = image(unit.image, f"ControlNet unit {k} image")
             assert picture is not None
             start = _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0)
@@ -551,6 +555,8 @@ def build_generation(
             kwargs["reference_auto_resize"] = False
     if control_img is not None:  # left out without one (a job with one runs alone: batch_key knows no control_image)
         kwargs["control_image"] = control_img
+    if control_preprocessor != "none":  # checked by GenerationRequest.validate below (a depth estimator refused)
+        kwargs["control_preprocessor"] = control_preprocessor
     if ip_units:  # left out without units (such a job runs alone: batch_key knows no ip_adapters)
         kwargs["ip_adapters"] = ip_units
     if vae_decode != "full":  # checked by GenerationRequest.validate below; whether the model has one, by the job

@@ -42,6 +42,11 @@ class ControlNetSpec(BaseModel):
         description="an SD3 inpainting ControlNet's mask (white = repaint; image is the picture to inpaint): an "
         "upload id or a base64 image; other units take none",
     )
+    union_mode: str | int | None = Field(
+        None,
+        description="a Flux Union ControlNet's control kind: canny, tile, depth, blur, pose, gray, lq or its number "
+        "(docs/controlnet.md#sd3-and-flux-controlnets); other units take none",
+    )
     weight: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     start: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
     end: float = Field(1.0, ge=0, le=1, allow_inf_nan=False)
@@ -66,11 +71,6 @@ class ControlNetSpec(BaseModel):
         description="sd-webui-controlnet's control mode: 'balanced', 'prompt' (\"My prompt is more important\": "
         "residual i of 13 times 0.825**(12-i)), 'controlnet' (\"ControlNet is more important\": those weights, on "
         "the conditional half of classifier-free guidance only)",
-    )
-    union_mode: int | str | None = Field(
-        None,
-        description="a Flux Union ControlNet's control mode: canny, tile, depth, blur, pose, gray, lq (InstantX's / "
-        "Shakker-Labs' order) or its number; other ControlNets take none",
     )
 
 
@@ -301,6 +301,13 @@ class JobRequest(BaseModel):
         None,
         description="a FLUX.1 Depth / Canny model's control map (a depth map or canny edges, as given; an upload "
         "or base64 image like init_image); other models refuse it",
+    )
+    control_preprocessor: str = Field(
+        "none",
+        max_length=32,
+        description="what makes control_image into the map first: 'none' (it is the map) or 'canny' (Canny edges of a "
+        "photo, thresholds 100 / 200, at the output size); 'depth' is refused (no depth network here). Infotext "
+        "'Control preprocessor'",
     )
     mask_blur: float = Field(0, ge=0, le=256, allow_inf_nan=False)
     masked_content: Literal["original", "latent noise", "latent nothing"] = Field(

@@ -139,72 +139,131 @@ def strip_prefix(sd: Mapping[str, Any], where: str = "<state dict>") -> dict[str
     return {k[len(FLUX_PREFIX) :]: v for k, v in sd.items() if k.startswith(FLUX_PREFIX)}
 
 
+class TakeOnce:
+    """A state dict's tensors, each taken once by name into ``out`` (a missing one, one that is not a tensor or one
+    split into the wrong number of rows: one line naming it); what is left in ``src`` was not used."""
+
+    def __init__(self, sd: Mapping[str, Any], where: str, model: str, missing: str) -> None:
+        self.src = dict(sd)
+        self.out: StateDict = {}
+        self.where, self.model, self.missing = where, model, missing
+
+    def take(self, name: str) -> torch.Tensor:
+        t = self.src.pop(name, None)
+        if t is None:
+            raise WeightsError(
+                f"{self.where}: missing {self.model} tensor {name} (the file is incomplete or not {self.missing})"
+            )
+        if not isinstance(t, torch.Tensor):
+            raise WeightsError(f"{self.where}: {name} is not a tensor")
+        return t
+
+    def split(self, name: str, sizes: list[int], targets: Iterable[str]) -> None:
+        t = self.take(name)
+        if t.ndim < 1 or t.shape[0] != sum(sizes):
+            raise WeightsError(
+                f"{self.where}: {name} has {t.shape[0] if t.ndim else 0} rows, expected {sum(sizes)} "
+                f"({' + '.join(map(str, sizes))})"
+            )
+        for part, target in zip(t.split(sizes, dim=0), targets, strict=True):
+            self.out[target] = part
+
+    def left_over(self) -> None:
+        """One line naming the tensors nothing took."""
+        if self.src:
+            shown = ", ".join(sorted(self.src)[:4])
+            raise WeightsError(f"{self.where}: unexpected tensors beside the {self.model} transformer: {shown}")
+
+
+def blocks_to_diffusers(
+    t: TakeOnce,
+    hidden: int,
+    doubles: int,
+    singles: int,
+    double_renames: Mapping[str, str],
+    single_renames: Mapping[str, str],
+) -> None:
+    """The double- and single-stream blocks of a BFL-named state dict (Flux's, Chroma's: ``double_renames`` /
+    ``single_renames`` say which linears a block has besides the shared tables) -> diffusers' names, fused
+    projections split by ``hidden``-row blocks."""
+    for i in range(doubles):
+        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for bfl, ours in double_renames.items():
+            for p in ("weight", "bias"):
+                t.out[f"{b}{ours}.{p}"] = t.take(f"{a}{bfl}.{p}")
+        for bfl, ours in DOUBLE_NORMS.items():
+            t.out[b + ours] = t.take(a + bfl)
+        for bfl, targets in DOUBLE_QKV.items():
+            for p in ("weight", "bias"):
+                t.split(f"{a}{bfl}.{p}", [hidden] * 3, [f"{b}{x}.{p}" for x in targets])
+    for i in range(singles):
+        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        for bfl, ours in single_renames.items():
+            for p in ("weight", "bias"):
+                t.out[f"{b}{ours}.{p}"] = t.take(f"{a}{bfl}.{p}")
+        for bfl, ours in SINGLE_NORMS.items():
+            t.out[b + ours] = t.take(a + bfl)
+        fused = t.src.get(f"{a}linear1.weight")
+        rows = int(fused.shape[0]) if isinstance(fused, torch.Tensor) and fused.ndim == 2 else 0
+        sizes = [hidden, hidden, hidden, rows - 3 * hidden if rows > 3 * hidden else 4 * hidden]
+        for p in ("weight", "bias"):
+            t.split(f"{a}linear1.{p}", sizes, [f"{b}{x}.{p}" for x in SINGLE_FUSED])
+
+
+def blocks_to_bfl(
+    src: dict[str, torch.Tensor],
+    out: StateDict,
+    doubles: int,
+    singles: int,
+    double_renames: Mapping[str, str],
+    single_renames: Mapping[str, str],
+) -> None:
+    """The inverse of :func:`blocks_to_diffusers`: the blocks' tensors popped from ``src`` (diffusers' names) into
+    ``out`` in BFL's, projections fused again."""
+    for i in range(doubles):
+        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for bfl, ours in double_renames.items():
+            for p in ("weight", "bias"):
+                out[f"{a}{bfl}.{p}"] = src.pop(f"{b}{ours}.{p}")
+        for bfl, ours in DOUBLE_NORMS.items():
+            out[a + bfl] = src.pop(b + ours)
+        for bfl, targets in DOUBLE_QKV.items():
+            for p in ("weight", "bias"):
+                out[f"{a}{bfl}.{p}"] = torch.cat([src.pop(f"{b}{x}.{p}") for x in targets])
+    for i in range(singles):
+        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        for bfl, ours in single_renames.items():
+            for p in ("weight", "bias"):
+                out[f"{a}{bfl}.{p}"] = src.pop(f"{b}{ours}.{p}")
+        for bfl, ours in SINGLE_NORMS.items():
+            out[a + bfl] = src.pop(b + ours)
+        for p in ("weight", "bias"):
+            out[f"{a}linear1.{p}"] = torch.cat([src.pop(f"{b}{x}.{p}") for x in SINGLE_FUSED])
+
+
 def bfl_to_diffusers(sd: Mapping[str, torch.Tensor], where: str = "<state dict>") -> StateDict:
     """BFL's names (prefix already stripped) -> diffusers' ``FluxTransformer2DModel`` names (sdengine's): fused
     projections split, the final modulation's halves swapped. Every tensor is used once: a missing one or one
     left over is a one-line :class:`WeightsError`."""
-    src = dict(sd)
-    out: StateDict = {}
-
-    def take(name: str) -> torch.Tensor:
-        t = src.pop(name, None)
-        if t is None:
-            raise WeightsError(f"{where}: missing Flux tensor {name} (the file is incomplete or not a Flux model)")
-        if not isinstance(t, torch.Tensor):
-            raise WeightsError(f"{where}: {name} is not a tensor")
-        return t
-
-    def split(name: str, sizes: list[int], targets: Iterable[str]) -> None:
-        t = take(name)
-        if t.ndim < 1 or t.shape[0] != sum(sizes):
-            raise WeightsError(
-                f"{where}: {name} has {t.shape[0] if t.ndim else 0} rows, expected {sum(sizes)} "
-                f"({' + '.join(map(str, sizes))})"
-            )
-        for part, target in zip(t.split(sizes, dim=0), targets, strict=True):
-            out[target] = part
-
-    img_in = take("img_in.weight")
+    t = TakeOnce(sd, where, "Flux", "a Flux model")
+    img_in = t.take("img_in.weight")
     hidden = int(img_in.shape[0])
-    out["x_embedder.weight"] = img_in
-    keys = list(src)
+    t.out["x_embedder.weight"] = img_in
+    keys = list(t.src)
     doubles = block_count(DOUBLE_BLOCK, keys, "double-stream block", where)
     singles = block_count(SINGLE_BLOCK, keys, "single-stream block", where)
     for bfl, ours in _TOP.items():
-        if bfl.startswith("guidance_in.") and not any(k.startswith("guidance_in.") for k in src):
+        if bfl.startswith("guidance_in.") and not any(k.startswith("guidance_in.") for k in t.src):
             continue  # schnell
         for p in ("weight", "bias"):
             if bfl == "img_in" and p == "weight":
                 continue
-            out[f"{ours}.{p}"] = take(f"{bfl}.{p}")
+            t.out[f"{ours}.{p}"] = t.take(f"{bfl}.{p}")
     for p in ("weight", "bias"):
-        out[f"{_FINAL_MOD[1]}.{p}"] = swap_halves(take(f"{_FINAL_MOD[0]}.{p}"))
-    for i in range(doubles):
-        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for bfl, ours in _DOUBLE_RENAMES.items():
-            for p in ("weight", "bias"):
-                out[f"{b}{ours}.{p}"] = take(f"{a}{bfl}.{p}")
-        for bfl, ours in DOUBLE_NORMS.items():
-            out[b + ours] = take(a + bfl)
-        for bfl, targets in DOUBLE_QKV.items():
-            for p in ("weight", "bias"):
-                split(f"{a}{bfl}.{p}", [hidden] * 3, [f"{b}{t}.{p}" for t in targets])
-    for i in range(singles):
-        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        for bfl, ours in _SINGLE_RENAMES.items():
-            for p in ("weight", "bias"):
-                out[f"{b}{ours}.{p}"] = take(f"{a}{bfl}.{p}")
-        for bfl, ours in SINGLE_NORMS.items():
-            out[b + ours] = take(a + bfl)
-        fused = src.get(f"{a}linear1.weight")
-        rows = int(fused.shape[0]) if isinstance(fused, torch.Tensor) and fused.ndim == 2 else 0
-        sizes = [hidden, hidden, hidden, rows - 3 * hidden if rows > 3 * hidden else 4 * hidden]
-        for p in ("weight", "bias"):
-            split(f"{a}linear1.{p}", sizes, [f"{b}{t}.{p}" for t in SINGLE_FUSED])
-    if src:
-        shown = ", ".join(sorted(src)[:4])
-        raise WeightsError(f"{where}: unexpected tensors beside the Flux transformer: {shown}")
-    return out
+        t.out[f"{_FINAL_MOD[1]}.{p}"] = swap_halves(t.take(f"{_FINAL_MOD[0]}.{p}"))
+    blocks_to_diffusers(t, hidden, doubles, singles, _DOUBLE_RENAMES, _SINGLE_RENAMES)
+    t.left_over()
+    return t.out
 
 
 def diffusers_to_bfl(sd: Mapping[str, torch.Tensor]) -> StateDict:
@@ -219,38 +278,76 @@ def diffusers_to_bfl(sd: Mapping[str, torch.Tensor]) -> StateDict:
                 out[f"{bfl}.{p}"] = src.pop(f"{ours}.{p}")
     for p in ("weight", "bias"):
         out[f"{_FINAL_MOD[0]}.{p}"] = swap_halves(src.pop(f"{_FINAL_MOD[1]}.{p}"))
-    for i in range(block_count(OURS_DOUBLE_BLOCK, list(src), "double-stream block", "<state dict>")):
-        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        for bfl, ours in _DOUBLE_RENAMES.items():
-            for p in ("weight", "bias"):
-                out[f"{a}{bfl}.{p}"] = src.pop(f"{b}{ours}.{p}")
-        for bfl, ours in DOUBLE_NORMS.items():
-            out[a + bfl] = src.pop(b + ours)
-        for bfl, targets in DOUBLE_QKV.items():
-            for p in ("weight", "bias"):
-                out[f"{a}{bfl}.{p}"] = torch.cat([src.pop(f"{b}{t}.{p}") for t in targets])
-    for i in range(block_count(OURS_SINGLE_BLOCK, list(src), "single-stream block", "<state dict>")):
-        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        for bfl, ours in _SINGLE_RENAMES.items():
-            for p in ("weight", "bias"):
-                out[f"{a}{bfl}.{p}"] = src.pop(f"{b}{ours}.{p}")
-        for bfl, ours in SINGLE_NORMS.items():
-            out[a + bfl] = src.pop(b + ours)
-        for p in ("weight", "bias"):
-            out[f"{a}linear1.{p}"] = torch.cat([src.pop(f"{b}{t}.{p}") for t in SINGLE_FUSED])
+    doubles = block_count(OURS_DOUBLE_BLOCK, list(src), "double-stream block", "<state dict>")
+    singles = block_count(OURS_SINGLE_BLOCK, list(src), "single-stream block", "<state dict>")
+    blocks_to_bfl(src, out, doubles, singles, _DOUBLE_RENAMES, _SINGLE_RENAMES)
     if src:
         raise WeightsError(f"unexpected tensors in a Flux state dict: {', '.join(sorted(src)[:4])}")
     return out
 
 
-def _shape(sd: Mapping[str, Any], key: str, ndim: int, where: str) -> tuple[int, ...]:
+def tensor_shape(sd: Mapping[str, Any], key: str, ndim: int, where: str, model: str = "Flux") -> tuple[int, ...]:
+    """The shape of ``sd[key]``, an ``ndim``-d tensor (missing or another rank: one line)."""
     t = sd.get(key)
     if t is None:
-        raise WeightsError(f"{where}: missing Flux tensor {key} (the file is incomplete or not a Flux model)")
+        missing = "a Flux model" if model == "Flux" else model
+        raise WeightsError(f"{where}: missing {model} tensor {key} (the file is incomplete or not {missing})")
     if not isinstance(t, torch.Tensor) or t.ndim != ndim:
         have = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise WeightsError(f"{where}: {key} should be {ndim}-d, it is {have}")
     return tuple(int(s) for s in t.shape)
+
+
+def flux_like_shapes(
+    sd: Mapping[str, Any],
+    where: str,
+    axes_dims_rope: tuple[int, ...] | None,
+    *,
+    model: str = "Flux",
+    released: str = "FLUX.1's",
+    hint: str = "give axes_dims_rope, or use a diffusers folder with config.json",
+) -> dict[str, Any]:
+    """The config fields Flux's and Chroma's transformers share, read off a state dict in diffusers' names (the
+    module docstring): widths, block counts, the head (from the first block's query norm) and the RoPE split
+    (``axes_dims_rope``, or FLUX.1's for a 128-wide head; another width without it is one line ending in ``hint``)."""
+    hidden, in_channels = tensor_shape(sd, "x_embedder.weight", 2, where, model)
+    out_channels = tensor_shape(sd, "proj_out.weight", 2, where, model)[0]
+    joint = tensor_shape(sd, "context_embedder.weight", 2, where, model)[1]
+    doubles = block_count(OURS_DOUBLE_BLOCK, list(sd), "double-stream block", where, model)
+    singles = block_count(OURS_SINGLE_BLOCK, list(sd), "single-stream block", where, model)
+    if doubles:
+        head = tensor_shape(sd, "transformer_blocks.0.attn.norm_q.weight", 1, where, model)[0]
+    elif singles:
+        head = tensor_shape(sd, "single_transformer_blocks.0.attn.norm_q.weight", 1, where, model)[0]
+    else:
+        raise WeightsError(f"{where}: a {model} transformer without blocks (no double_blocks.N or single_blocks.N)")
+    if head < 1 or hidden % head:
+        raise WeightsError(f"{where}: a {head}-wide attention head does not divide the {hidden}-wide tokens")
+    if axes_dims_rope is None:
+        if head != FLUX1_HEAD:
+            raise WeightsError(
+                f"{where}: cannot tell the RoPE split of a {head}-wide head from the shapes ({released} heads are "
+                f"{FLUX1_HEAD} wide); {hint}"
+            )
+        axes_dims_rope = FLUX1_AXES
+    return {
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "num_layers": doubles,
+        "num_single_layers": singles,
+        "attention_head_dim": head,
+        "num_attention_heads": hidden // head,
+        "joint_attention_dim": joint,
+        "axes_dims_rope": tuple(axes_dims_rope),
+    }
+
+
+def make_config(cls: Callable[..., Any], where: str, **fields: Any) -> Any:
+    """``cls(**fields)``; a config error is a :class:`WeightsError` naming ``where``."""
+    try:
+        return cls(**fields)
+    except ConfigError as e:
+        raise WeightsError(f"{where}: {e}") from None
 
 
 def config_from_shapes(
@@ -258,51 +355,24 @@ def config_from_shapes(
 ) -> FluxConfig:
     """The architecture of a Flux state dict in diffusers' names (see the module docstring for what is read
     where). ``axes_dims_rope``: the RoPE split of a head, needed when the head is not FLUX.1's 128 numbers."""
-    hidden, in_channels = _shape(sd, "x_embedder.weight", 2, where)
-    out_channels = _shape(sd, "proj_out.weight", 2, where)[0]
+    shared = flux_like_shapes(sd, where, axes_dims_rope)
+    in_channels, out_channels = shared["in_channels"], shared["out_channels"]
     if in_channels < out_channels:
         raise WeightsError(
             f"{where}: the image tokens have {in_channels} numbers in and {out_channels} out: not a Flux transformer "
             "(FLUX.1 takes as many as it gives, Fill, Depth and Canny more)"
         )
-    joint = _shape(sd, "context_embedder.weight", 2, where)[1]
-    pooled = _shape(sd, "time_text_embed.text_embedder.linear_1.weight", 2, where)[1]
-    doubles = block_count(OURS_DOUBLE_BLOCK, list(sd), "double-stream block", where)
-    singles = block_count(OURS_SINGLE_BLOCK, list(sd), "single-stream block", where)
-    if doubles:
-        head = _shape(sd, "transformer_blocks.0.attn.norm_q.weight", 1, where)[0]
-    elif singles:
-        head = _shape(sd, "single_transformer_blocks.0.attn.norm_q.weight", 1, where)[0]
-    else:
-        raise WeightsError(f"{where}: a Flux transformer without blocks (no double_blocks.N or single_blocks.N)")
-    if head < 1 or hidden % head:
-        raise WeightsError(f"{where}: a {head}-wide attention head does not divide the {hidden}-wide tokens")
-    if singles:
-        mlp = _shape(sd, "single_transformer_blocks.0.proj_mlp.weight", 2, where)[0]
+    pooled = tensor_shape(sd, "time_text_embed.text_embedder.linear_1.weight", 2, where)[1]
+    if shared["num_single_layers"]:
+        hidden = shared["num_attention_heads"] * shared["attention_head_dim"]
+        mlp = tensor_shape(sd, "single_transformer_blocks.0.proj_mlp.weight", 2, where)[0]
         if mlp != 4 * hidden:
             raise WeightsError(f"{where}: the single blocks' MLP is {mlp} wide, Flux's is 4 x {hidden} = {4 * hidden}")
-    if axes_dims_rope is None:
-        if head != FLUX1_HEAD:
-            raise WeightsError(
-                f"{where}: cannot tell the RoPE split of a {head}-wide head from the shapes (FLUX.1's heads are "
-                f"{FLUX1_HEAD} wide); give axes_dims_rope, or use a diffusers folder with config.json"
-            )
-        axes_dims_rope = FLUX1_AXES
-    try:
-        return FluxConfig(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            num_layers=doubles,
-            num_single_layers=singles,
-            attention_head_dim=head,
-            num_attention_heads=hidden // head,
-            joint_attention_dim=joint,
-            pooled_projection_dim=pooled,
-            guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in sd,
-            axes_dims_rope=tuple(axes_dims_rope),
-        )
-    except ConfigError as e:
-        raise WeightsError(f"{where}: {e}") from None
+    guidance = "time_text_embed.guidance_embedder.linear_1.weight" in sd
+    config: FluxConfig = make_config(
+        FluxConfig, where, **shared, pooled_projection_dim=pooled, guidance_embeds=guidance
+    )
+    return config
 
 
 def _to_ours(sd: Mapping[str, Any], where: str) -> StateDict:
@@ -544,8 +614,14 @@ __all__ = [
     "SINGLE_BLOCK",
     "SINGLE_FUSED",
     "SINGLE_NORMS",
+    "TakeOnce",
     "block_count",
+    "blocks_to_bfl",
+    "blocks_to_diffusers",
     "FLUX1_AXES",
+    "flux_like_shapes",
+    "make_config",
+    "tensor_shape",
     "bfl_to_diffusers",
     "build_from_state",
     "check_config_fits",

@@ -383,11 +383,20 @@ def load_vae_for_model(
     loaded): an SDXL model with the LDM-layout ``sdxl_vae.safetensors`` keeps 0.13025, never SD's 0.18215. A
     diffusers VAE folder states its own, used as diffusers uses it. The GroupNorm group count, which no weight
     shows, is the model's own VAE's (``model_vae_config``) where the file has that VAE's widths and depth (a VAE
-    made for this model: A1111 loads a VAE file into the model's own VAE network), else LDM's 32."""
+    made for this model: A1111 loads a VAE file into the model's own VAE network), else LDM's 32.
+
+    The latent statistics (``latents_mean`` / ``latents_std``: Playground v2.5's normalisation, docs/edm.md) are
+    the model's, as ComfyUI's latent format belongs to the model and not to the VAE: where the model's own VAE
+    config has them, the given VAE (a file, or a folder with none or other ones) gets them and the model's
+    scaling factor, which goes with them; a VAE's own statistics on a model without any are dropped. A folder's
+    differing ones are logged (the U-Net samples in the model's latent space whatever decodes it). Without
+    ``model_vae_config`` the VAE's config stays as it is."""
     sd, cfg = load_vae(path)
+    own = model_vae_config or {}
+    if model_vae_config is not None:  # the model's own VAE config known: its latent format
+        _keep_model_latent_format(cfg, own, model_scaling_factor, path)
     if not Path(path).is_dir():
         cfg["scaling_factor"] = float(model_scaling_factor)
-        own = model_vae_config or {}
         groups = own.get("norm_num_groups")
         same_network = [int(c) for c in own.get("block_out_channels") or ()] == list(cfg["block_out_channels"]) and (
             own.get("layers_per_block") == cfg["layers_per_block"]
@@ -395,6 +404,25 @@ def load_vae_for_model(
         if same_network and isinstance(groups, int) and not isinstance(groups, bool) and groups > 0:
             cfg["norm_num_groups"] = groups
     return sd, cfg
+
+
+def _keep_model_latent_format(
+    cfg: dict[str, Any], own: Mapping[str, Any], model_scaling_factor: float, path: str | Path
+) -> None:
+    """The model's latents_mean / latents_std (and with them its scaling factor) onto a given VAE's ``cfg``; a
+    VAE's own statistics off it where the model has none (see :func:`load_vae_for_model`)."""
+    mean, std = own.get("latents_mean"), own.get("latents_std")
+    theirs = (cfg.get("latents_mean"), cfg.get("latents_std"))
+    if mean is not None and std is not None:
+        model = ([float(x) for x in mean], [float(x) for x in std])
+        if theirs[0] is not None and ([float(x) for x in theirs[0]], [float(x) for x in theirs[1] or ()]) != model:
+            log.warning("VAE %s: its latent statistics differ from the model's; the model's are used", path)
+        cfg["latents_mean"], cfg["latents_std"] = model
+        cfg["scaling_factor"] = float(model_scaling_factor)
+    elif theirs[0] is not None or theirs[1] is not None:
+        log.warning("VAE %s: the model has no latent statistics; the VAE's are not used", path)
+        cfg.pop("latents_mean", None)
+        cfg.pop("latents_std", None)
 
 
 def build_vae(

@@ -1232,7 +1232,11 @@ async function fluxImages() {
     if (!$("reference-resize").checked) out.reference_auto_resize = false; // each its own size
   }
   const control = $("control-image-file").closest(".field").hidden ? null : $("control-image-file").files[0];
-  if (control) out.control_image = await upload(control, "control_image");
+  if (control) {
+    out.control_image = await upload(control, "control_image");
+    const pre = $("control-preprocessor").value; // the map made from a photo (canny) before the model takes it
+    if (pre !== "none") out.control_preprocessor = pre;
+  }
   return out;
 }
 
