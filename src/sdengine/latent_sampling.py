@@ -71,6 +71,11 @@ class ControlHint:
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    # ComfyUI's ControlNetApplyAdvanced's optional VAE (a node handle): what encodes the hint of an SD3 / Flux
+    # ControlNet (U-Net ControlNets read pixels and ignore it, as ComfyUI's)
+    vae: Any = None
+    # SetUnionControlNetType's type number (ComfyUI's UNION_CONTROLNET_TYPES), None: "auto" / not set
+    union_type: int | None = None
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,9 @@ def encode_text(pipe: Any, text: str, clip_skip: int = 1) -> TextCondition:
     return TextCondition(out)
 
 
-def _same_hint(a: ControlHint, b: ControlHint) -> bool:
-    same = (a.model, a.strength, a.start, a.end) == (b.model, b.strength, b.start, b.end)
+def same_hint(a: ControlHint, b: ControlHint) -> bool:
+    same = (a.model, a.strength, a.start, a.end, a.vae, a.union_type) == (
+        b.model, b.strength, b.start, b.end, b.vae, b.union_type)  # fmt: skip
     return same and tuple(a.image.shape) == tuple(b.image.shape) and bool(torch.equal(a.image, b.image))
 
 
@@ -768,8 +774,13 @@ def sample_latents(
 
     hint_fit = HINT_NEAREST_CENTRE if seed_rule == "comfyui" else "crop and resize"
     for hint in controls:
-        if not any(_same_hint(hint, d) for d in distinct):
+        if not any(same_hint(hint, d) for d in distinct):
             distinct.append(hint)
+        if hint.union_type is not None:
+            raise LatentSamplingError(
+                "SetUnionControlNetType: a Union ControlNet for U-Nets (ControlNet++) is not supported; the type is "
+                "for SD3 / Flux Union ControlNets"
+            )
     if deep_shrink is not None:
         from sdengine.nn.deep_shrink import check_deep_shrink
 
@@ -813,7 +824,7 @@ def sample_latents(
         from sdengine.pipeline.unet_adapter import UNetAdapter
 
         def carried(entry: TextCondition, hint: ControlHint) -> bool:
-            return any(_same_hint(hint, c) for c in entry.controls)
+            return any(same_hint(hint, c) for c in entry.controls)
 
         parts: list[tuple[Any, dict[str, Tensor]]] = []
         if regional:  # ComfyUI's weighted sum of every entry's prediction on its area (see _Regional)
@@ -873,7 +884,7 @@ def sample_latents(
             def den_for(r: _Region, label: str) -> Any:
                 """The denoiser of a region of the CFG half ``label``: its ControlNets act on its rows only (on an
                 area, with their hints fitted to it)."""
-                kinds = tuple(frozenset({label}) if any(_same_hint(d, c) for c in r.controls) else frozenset()
+                kinds = tuple(frozenset({label}) if any(same_hint(d, c) for c in r.controls) else frozenset()
                               for d in distinct)  # fmt: skip
                 size = None
                 if r.area is not None and any(kinds):

@@ -532,7 +532,13 @@ UNIT_KEYS = {
     *("processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end", "control_mode"),
     *("pixel_perfect", "hr_option", "low_vram", "save_detected_map", "input_mode", "is_ui", "output_dir"),
     *("use_preview_as_input", "generated_image", "batch_images", "batch_image_dir", "batch_mask_dir", "loopback"),
+    "union_control_type",
 }
+# The extension's ControlNetUnionControlType values (its unit's union_control_type; "Unknown": none), in its order:
+# a value's place is the type number a Union ControlNet's mode embedding reads (ComfyUI's SetUnionControlNetType
+# numbers alike). A Flux Union ControlNet of InstantX / Shakker-Labs reads that number in its own order (canny 0,
+# tile 1, depth 2, ...: sdengine.pipeline.dit_control.UNION_MODES); an integer is taken as the number itself.
+UNION_CONTROL_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint")
 CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
 UNIT_MODES = dict(zip(CONTROL_MODES.values(), ("balanced", "prompt", "controlnet"), strict=True))  # -> ControlUnit.mode
 PIXEL_PERFECT = 0  # processor_res of a pixel-perfect unit: worked out from its image's size (pixel_perfect_resolution)
@@ -1695,6 +1701,7 @@ def control_units(
             }
         elif MODULES[module] in ("threshold", "scribble") and u.get("threshold_a") not in (None, -1):
             options = {"threshold": _num(u.get("threshold_a"), "threshold_a")}
+        union = union_control_type(u.get("union_control_type"), k)
         save = u.get("save_detected_map", True)
         if not isinstance(save, bool):
             raise BadRequest(f"ControlNet unit {k}: save_detected_map must be true or false, got {save!r}")
@@ -1714,9 +1721,30 @@ def control_units(
                 # the extension forces its soft weights on a canny unit in the hires fix's second pass (hook.py's
                 # high_res_fix_forced_soft_injection; "ControlNet is more important" keeps its conditional rows)
                 hires_mode="prompt" if MODULES[module] == "canny" and mode == CONTROL_MODES[0] else None,
+                union_mode=union,
             )
         )
     return units, resizes, processor_res
+
+
+def union_control_type(value: Any, k: int) -> int | None:
+    """A unit's ``union_control_type`` (the extension's name, or a number) -> the Union ControlNet's mode number;
+    None where it is not set ("Unknown", empty)."""
+    if value is None or value == "" or (isinstance(value, str) and value.strip().lower() == "unknown"):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        names = [n.lower() for n in UNION_CONTROL_TYPES]
+        key = value.strip().lower()
+        if key in names:
+            return names.index(key)
+        if key.isdigit():
+            return int(key)
+    raise BadRequest(
+        f"ControlNet unit {k}: union_control_type {value!r} is not one of the extension's types "
+        f"({', '.join(UNION_CONTROL_TYPES)}, Unknown) or a number"
+    )
 
 
 def reference_unit(u: dict[str, Any], k: int, image: str, ignored: list[str]) -> ControlRequest:
@@ -2267,6 +2295,10 @@ def install(app: FastAPI, services: Any) -> None:
             ignored.append("distilled_cfg_scale")
         if family not in FLOW_FAMILIES:
             return
+        # the extension's soft weights forced on a canny unit in the hires fix's second pass weigh a U-Net's
+        # residuals: an SD3 / Flux ControlNet runs that pass as the first ("balanced")
+        units = fields.get("controlnets") or []
+        fields["controlnets"] = [dataclasses.replace(u, hires_mode=None) for u in units]
         if str(fields.get("schedule") or "").lower() in ("automatic", "auto"):
             fields["schedule"] = "normal"
         if fields.get("strength_rule") == "a1111":

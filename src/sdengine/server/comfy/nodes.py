@@ -704,6 +704,11 @@ def _vae_file(ctx: RunContext, handle: VaeFileHandle) -> Any:
         raise NodeError(f"VAE {p.name}: {e}") from None
 
 
+def vae_module(ctx: RunContext, vae: VaeHandle | VaeFileHandle) -> Any:
+    """The AutoencoderKL of a VAE handle: VAELoader's file, or a checkpoint's VAE."""
+    return _vae_file(ctx, vae) if isinstance(vae, VaeFileHandle) else ctx.pipeline(vae.ref).vae
+
+
 def _tiny_vae(ctx: RunContext, handle: TinyVaeHandle) -> Any:
     from sdengine.errors import SdengineError
     from sdengine.weights.tiny_vae_file import load_tiny_vae
@@ -1001,14 +1006,30 @@ def _hint_image(image: torch.Tensor) -> torch.Tensor:
     return image[..., :3].permute(0, 3, 1, 2).contiguous().float()  # an RGBA image's colour
 
 
+@dataclass(frozen=True)
+class UnionControlNet:
+    """SetUnionControlNetType's CONTROL_NET: the ControlNet's path and ComfyUI's type number (its
+    UNION_CONTROLNET_TYPES; None: "auto"). A plain CONTROL_NET is the path alone."""
+
+    path: str
+    type: int | None
+
+
+def _control_parts(control_net: Any) -> tuple[str, int | None]:
+    if isinstance(control_net, UnionControlNet):
+        return control_net.path, control_net.type
+    return control_net, None
+
+
 def controlnet_apply(
-    ctx: RunContext, conditioning: list[Any], control_net: str, image: torch.Tensor, strength: float
+    ctx: RunContext, conditioning: list[Any], control_net: Any, image: torch.Tensor, strength: float
 ) -> tuple[Any]:
     from sdengine.latent_sampling import ControlHint
 
     if strength == 0:
         return (conditioning,)
-    hint = ControlHint(control_net, _hint_image(image), float(strength))
+    path, union = _control_parts(control_net)
+    hint = ControlHint(path, _hint_image(image), float(strength), union_type=union)
     return ([replace(c, controls=(*c.controls, hint)) for c in conditioning],)
 
 
@@ -1016,19 +1037,23 @@ def controlnet_apply_advanced(
     ctx: RunContext,
     positive: list[Any],
     negative: list[Any],
-    control_net: str,
+    control_net: Any,
     image: torch.Tensor,
     strength: float,
     start_percent: float,
     end_percent: float,
+    vae: Any = None,
 ) -> tuple[Any, ...]:
+    """ComfyUI's Apply ControlNet: the hint on both conditionings; ``vae`` (optional) encodes the hint of an SD3 /
+    Flux ControlNet (nodes_sd3_flux.py), which needs it; U-Net ControlNets ignore it, as ComfyUI's."""
     from sdengine.latent_sampling import ControlHint
 
     if strength == 0:
         return positive, negative
     if not start_percent < end_percent:
         raise NodeError(f"start_percent ({start_percent}) must be below end_percent ({end_percent})")
-    hint = ControlHint(control_net, _hint_image(image), float(strength), float(start_percent), float(end_percent))
+    path, union = _control_parts(control_net)
+    hint = ControlHint(path, _hint_image(image), float(strength), float(start_percent), float(end_percent), vae, union)
     return (
         [replace(c, controls=(*c.controls, hint)) for c in positive],
         [replace(c, controls=(*c.controls, hint)) for c in negative],
@@ -3636,10 +3661,14 @@ NODES: dict[str, NodeDef] = {
                 _float("strength", 1.0, 0.0, 10.0),
                 _float("start_percent", 0.0, 0.0, 1.0, 0.001),
                 _float("end_percent", 1.0, 0.0, 1.0, 0.001),
+                Input("vae", "VAE", optional=True),
             ),
             ("CONDITIONING", "CONDITIONING"),
             controlnet_apply_advanced,
             output_names=("positive", "negative"),
+            description="The ControlNet's hint on both conditionings from start_percent to end_percent of the "
+            "schedule (judged on each model call's sigma, as ComfyUI). An SD3 / Flux ControlNet needs the vae "
+            "(its hint is encoded to latents); U-Net ControlNets ignore it (docs/controlnet.md).",
         ),
     )
 }

@@ -25,6 +25,13 @@ nodes as the U-Nets, and so does sdengine:
   (:func:`sdengine.latent_sampling.flow_sigmas`) with :func:`sdengine.latent_sampling.sample_flow_latents`; a
   latent's noise mask (SetLatentNoiseMask) inpaints as ComfyUI's KSamplerX0Inpaint.
 
+* ControlNets: ControlNetLoader on an SD3 / Flux ControlNet (a diffusers folder or one ``.safetensors`` in
+  diffusers' names, :mod:`sdengine.control.dit_files`), ControlNetApplyAdvanced with its ``vae`` (or ComfyUI's
+  deprecated ControlNetApplySD3) and SetUnionControlNetType for a Flux Union ControlNet: the sampler runs the
+  transformer with the ControlNets' residuals as the Python pipeline does (:mod:`sdengine.pipeline.dit_control`:
+  the hint encoded by the given VAE, its posterior's mean scaled in), each unit acting at the model calls whose
+  sigma lies in its start/end window (ComfyUI's percent_to_sigma rule, judged at every call).
+
 * FLUX.1 Kontext: ReferenceLatent puts a LATENT's raw samples on the conditioning (chained: several); the sampler
   hands them, scaled in, to the Flux transformer, whose tokens after the image's they become
   (:mod:`sdengine.pipeline.flux_kontext`); FluxKontextImageScale fits a picture to the nearest Kontext resolution.
@@ -32,9 +39,9 @@ nodes as the U-Nets, and so does sdengine:
 LoraLoader's LoRAs apply to SD3's MMDiT and CLIP encoders, to Flux's transformer, CLIP-L and T5, and to Chroma's
 transformer and T5 as the pipelines apply them. What does not apply to these models is refused with one line: the
 U-Net's model patches (FreeU, PAG, SAG, RescaleCFG, Deep Shrink, HyperTile, IP-Adapter, merges,
-ModelSamplingDiscrete), ControlNets, regional conditioning, the guiders over three conditionings, the samplers that
-are not right on flow models (ddim, lcm, ddpm, dpm_fast, ...). UNETLoader's weight_dtype (fp8 storage) is honoured:
-:mod:`sdengine.nn.fp8_storage`.
+ModelSamplingDiscrete), U-Net ControlNets and T2I-Adapters, regional conditioning, the guiders over three
+conditionings, the samplers that are not right on flow models (ddim, lcm, ddpm, dpm_fast, ...). UNETLoader's
+weight_dtype (fp8 storage) is honoured: :mod:`sdengine.nn.fp8_storage`.
 """
 
 from __future__ import annotations
@@ -1024,7 +1031,11 @@ def sample_flow(
         return (dict(latent_image),)
     family, flow, guidance, widths = _flow_parts(ctx, model)
     _check_patches(model, family)
-    references, method = sampling_references(family, positive, negative, cfg, flow.name)
+    controls = [c for e in (*positive, *negative) for c in e.controls]
+    stripped = [[replace(e, controls=()) for e in entries] for entries in (positive, negative)]
+    references, method = sampling_references(family, stripped[0], stripped[1], cfg, flow.name)
+    if references and controls:
+        raise NodeError("ReferenceLatent (FLUX.1 Kontext) and a ControlNet together are not supported: drop one")
     if references:  # FLUX.1 Kontext: the references' tokens at every call, as the model's latents
         network: Any = flow.network  # a FluxAdapter made for this run
         network.references = [_raw_in(r.float(), family).to(flow.device) for r in references]
@@ -1059,6 +1070,10 @@ def sample_flow(
             )
         if sigmas is None:  # the window holds no step: the latent as it came, as ComfyUI
             return (dict(latent_image),)
+        if controls:  # SD3 / Flux ControlNets: the transformer with them
+            flow, positive, negative = _controlled_flow(
+                ctx, model, family, flow, positive, negative, cfg, latent_image, sigmas, third
+            )
 
         def report(r: Any) -> bool:
             if last_denoised is not None:
@@ -1105,6 +1120,210 @@ def sample_flow(
             **({"batch_index": latent_image["batch_index"]} if "batch_index" in latent_image else {}),
         },
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# SD3 / Flux ControlNets (ControlNetApplyAdvanced with its vae, SetUnionControlNetType)
+# ---------------------------------------------------------------------------------------------------
+
+# ComfyUI's SetUnionControlNetType types (its comfy/cldm/control_types.py UNION_CONTROLNET_TYPES): the number is
+# what the Union ControlNet's mode embedding reads (ComfyUI hands it on as it is)
+UNION_TYPES: dict[str, int] = {
+    "openpose": 0,
+    "depth": 1,
+    "hed/pidi/scribble/ted": 2,
+    "canny/lineart/anime_lineart/mlsd": 3,
+    "normal": 4,
+    "segment": 5,
+    "tile": 6,
+    "repaint": 7,
+}
+
+
+def set_union_controlnet_type(ctx: RunContext, control_net: Any, type: str) -> tuple[Any]:
+    """SetUnionControlNetType: the CONTROL_NET with ComfyUI's type number ("auto": none set)."""
+    from sdengine.server.comfy.nodes import UnionControlNet
+
+    path = control_net.path if isinstance(control_net, UnionControlNet) else control_net
+    if type != "auto" and type not in UNION_TYPES:
+        raise NodeError(f"SetUnionControlNetType: unknown type {type!r}; use auto or {', '.join(UNION_TYPES)}")
+    return (UnionControlNet(path, UNION_TYPES.get(type)),)
+
+
+def controlnet_apply_sd3(
+    ctx: RunContext,
+    positive: list[Any],
+    negative: list[Any],
+    control_net: Any,
+    vae: Any,
+    image: torch.Tensor,
+    strength: float,
+    start_percent: float,
+    end_percent: float,
+) -> tuple[Any, ...]:
+    """ComfyUI's deprecated ControlNetApplySD3 ("Apply Controlnet with VAE"): ControlNetApplyAdvanced with its vae."""
+    from sdengine.server.comfy.nodes import controlnet_apply_advanced
+
+    return controlnet_apply_advanced(
+        ctx, positive, negative, control_net, image, strength, start_percent, end_percent, vae
+    )
+
+
+def _sigma_windowed(controlled: Any, windows: list[tuple[float, float]], sigmas: torch.Tensor) -> Any:
+    """The ControlledDiT with each unit on at the model calls whose sigma lies in its ``(low, high)`` window
+    (ComfyUI's ControlBase: off where sigma > percent_to_sigma(start) or sigma < percent_to_sigma(end)), judged
+    at every call (a second-order sampler's midpoints on their own sigma)."""
+    from sdengine.pipeline.dit_control import ControlledDiT
+
+    class SigmaWindowed(ControlledDiT):
+        def __init__(self) -> None:
+            super().__init__(controlled.base, controlled.units, controlled.family)
+            self.sigma: float | None = None
+
+        def __call__(self, x: torch.Tensor, t: torch.Tensor, *, step: Any = None, **kw: Any) -> torch.Tensor:
+            s = getattr(step, "sigma", None)
+            self.sigma = None if s is None else float(s)
+            return super().__call__(x, t, step=step, **kw)
+
+        def active(self, step: int) -> list[bool]:
+            s = self.sigma if self.sigma is not None else float(sigmas[min(step, len(sigmas) - 1)])
+            return [low <= s <= high for low, high in windows]
+
+    return SigmaWindowed()
+
+
+def _hint_vae(ctx: RunContext, vae: Any, name: str) -> Any:
+    """The AutoencoderKL of ControlNetApplyAdvanced's vae input."""
+    from sdengine.server.comfy.nodes import TinyVaeHandle, vae_module
+
+    if vae is None:
+        raise NodeError(
+            f"ControlNet {name} is an SD3 / Flux ControlNet: it needs a VAE to encode its image; connect the vae "
+            "input of ControlNetApplyAdvanced (as ComfyUI asks)"
+        )
+    if isinstance(vae, TinyVaeHandle):
+        raise NodeError(f"ControlNet {name}: the tiny VAE (taesd) cannot encode its image; give the model's VAE")
+    return vae_module(ctx, vae)
+
+
+def _load_dit_controlnet(ctx: RunContext, path: str, family: str) -> Any:
+    """The SD3 / Flux ControlNet at ``path`` (kept for the next prompts); a U-Net one is refused in one line."""
+    from sdengine.control.dit_files import read_dit_controlnet
+
+    name = Path(path).name
+    label = "an SD3" if family == "sd3" else "a Flux"
+    try:
+        return _cached("controlnet", str(ctx.device), (str(Path(path).resolve()),), lambda: read_dit_controlnet(path))
+    except (OSError, SdengineError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NodeError(f"ControlNet {name} on {label} model: {first}") from None
+
+
+def _controlled_flow(
+    ctx: RunContext,
+    model: ModelHandle,
+    family: str,
+    flow: Any,
+    positive: list[Any],
+    negative: list[Any],
+    cfg: float,
+    latent_image: dict[str, Any],
+    sigmas: torch.Tensor,
+    third: list[Any] | None,
+) -> tuple[Any, list[Any], list[Any]]:
+    """(the FlowModel whose network runs the conditionings' SD3 / Flux ControlNets, the conditionings without them).
+
+    As the Python pipeline (sdengine.pipeline.dit_control) every CFG row runs the ControlNet with its own text, so
+    a hint must be on both conditionings (ControlNetApplyAdvanced puts it there); at cfg 1 the positive's alone
+    act (no negative pass, as ComfyUI's shortcut)."""
+    from sdengine.latent_sampling import same_hint
+    from sdengine.models.dit_controlnet import FluxControlNet
+    from sdengine.pipeline.control import HINT_NEAREST_CENTRE, ControlUnit
+    from sdengine.pipeline.dit_control import ControlledDiT, build_controlled_dit
+    from sdengine.pipeline.flux import FluxAdapter
+    from sdengine.pipeline.sd3 import MMDiTAdapter
+
+    label = {"sd3": "SD3", "flux": "Flux"}.get(family)
+    if label is None:
+        raise NodeError("ControlNets on Chroma models are not supported here")
+    if len(positive) != 1 or len(negative) != 1:
+        raise NodeError(f"ControlNets on {label} run with one plain positive and one negative conditioning here")
+    if third:
+        raise NodeError(f"ControlNets on {label} are not supported with a guider of three conditionings")
+    if model.skip_layer_guidance:
+        raise NodeError("SkipLayerGuidanceSD3 and a ControlNet together are not supported here: drop one")
+    kind, _ = _image_input(ctx, model, family)
+    if kind != "plain":
+        raise NodeError(
+            "a ControlNet on FLUX.1 Fill / Depth / Canny (a transformer with an image input) is not supported"
+        )
+    hints = list(positive[0].controls)
+    if float(cfg) != 1.0:
+        others = list(negative[0].controls)
+        alike = len(hints) == len(others) and all(same_hint(a, b) for a, b in zip(hints, others, strict=True))
+        if not alike:
+            raise NodeError(
+                f"on {label} a ControlNet acts on every CFG row: apply it to both positive and negative "
+                "(ControlNetApplyAdvanced), or sample at cfg 1"
+            )
+    positive = [replace(e, controls=()) for e in positive]
+    negative = [replace(e, controls=()) for e in negative]
+    if not hints:  # on the negative alone at cfg 1: no pass reads it
+        return flow, positive, negative
+    if model.diffusion_model:
+        net = _transformer(ctx, model)[1]
+        dtype = _device_dtype(ctx)[1]
+        make: Callable[[Any], Any] = (lambda n: FluxAdapter(n, dtype)) if family == "flux" else (
+            lambda n: MMDiTAdapter(n, dtype))  # fmt: skip
+    else:
+        pipe = ctx.pipeline(model.ref)
+        net, dtype, make = pipe.unet, pipe.dtype, pipe.network_adapter
+    z = latent_image.get("samples")
+    if z is not None:
+        h, w = int(z.shape[-2]), int(z.shape[-1])
+    else:
+        h, w = (int(v) // LATENT_FACTOR for v in latent_image["size"][1:])
+    run_sigmas = torch.as_tensor(sigmas, dtype=torch.float32).reshape(-1)
+    fit = HINT_NEAREST_CENTRE if ctx.seed_rule == "comfyui" else "crop and resize"
+    scale, shift = LATENT_FORMATS[family]
+    units, windows = [], []
+    for hint in hints:
+        path = str(hint.model)
+        name = Path(path).name
+        cn = _load_dit_controlnet(ctx, path, family)
+        if cn.family != family:
+            raise NodeError(f"ControlNet {name} is a {'SD3' if cn.family == 'sd3' else 'Flux'} ControlNet; this "
+                            f"model is {label}")  # fmt: skip
+        union = isinstance(cn, FluxControlNet) and cn.controlnet_mode_embedder is not None
+        if union and hint.union_type is None:
+            raise NodeError(
+                f"ControlNet {name} is a Union ControlNet: set its type with SetUnionControlNetType (not auto)"
+            )
+        if not union and hint.union_type is not None:
+            raise NodeError(f"ControlNet {name} is not a Union ControlNet: leave SetUnionControlNetType out")
+        vae = _hint_vae(ctx, hint.vae, name)
+        factor = int(vae.config.downscale_factor)
+
+        def encode(images: torch.Tensor, vae: Any = vae) -> torch.Tensor:
+            from sdengine.vae_utils import encode_moments
+
+            p = next(vae.parameters())
+            return encode_moments(vae, images.to(device=p.device, dtype=p.dtype) * 2.0 - 1.0).mean
+
+        unit = ControlUnit(cn, hint.image, float(hint.strength), union_mode=hint.union_type)
+        try:
+            built = build_controlled_dit(
+                net, [unit], family=family, encode=encode, vae_factors=(scale, shift), width=w * factor,
+                height=h * factor, grid=run_sigmas[:-1], device=flow.device, dtype=dtype, resize_mode=fit,
+            )  # fmt: skip
+        except SdengineError as e:
+            first = re.sub(r"^ControlNet \d+: ", "", str(e).splitlines()[0])
+            raise NodeError(f"ControlNet {name}: {first}") from None
+        units.extend(built.units)
+        sched = flow.schedule
+        windows.append((sched.percent_to_sigma(float(hint.end)), sched.percent_to_sigma(float(hint.start))))
+    controlled = _sigma_windowed(ControlledDiT(net, units, family), windows, run_sigmas)
+    return replace(flow, network=make(controlled), skipping=None), positive, negative
 
 
 def raw_latent(z: torch.Tensor | None) -> bool:
@@ -1320,5 +1539,36 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         model_sampling_flux,
         description="Flux's resolution-dependent shift: mu linear in width x height / 256 tokens, base_shift at "
         "256 and max_shift at 4096 (a table of 10000); on an SD3 model: a node error when it samples.",
+    ),
+    "SetUnionControlNetType": NodeDef(
+        "SetUnionControlNetType",
+        "SetUnionControlNetType",
+        "conditioning/controlnet",
+        (Input("control_net", "CONTROL_NET"), Input("type", "COMBO", "auto", choices=("auto", *UNION_TYPES))),
+        ("CONTROL_NET",),
+        set_union_controlnet_type,
+        description="A Union ControlNet's control type: ComfyUI's type number goes to the mode embedding as it is "
+        "(a Flux Union ControlNet of InstantX / Shakker-Labs reads it in its own order: canny 0, tile 1, depth 2, "
+        "blur 3, pose 4, gray 5, lq 6). A Union ControlNet needs one (auto: a node error when it samples); U-Net "
+        "Union ControlNets (ControlNet++) are not supported.",
+    ),
+    "ControlNetApplySD3": NodeDef(
+        "ControlNetApplySD3",
+        "Apply Controlnet with VAE",
+        "conditioning/controlnet",
+        (
+            Input("positive", "CONDITIONING"),
+            Input("negative", "CONDITIONING"),
+            Input("control_net", "CONTROL_NET"),
+            Input("vae", "VAE"),
+            Input("image", "IMAGE"),
+            Input("strength", "FLOAT", 1.0, 0.0, 10.0, 0.01),
+            Input("start_percent", "FLOAT", 0.0, 0.0, 1.0, 0.001),
+            Input("end_percent", "FLOAT", 1.0, 0.0, 1.0, 0.001),
+        ),
+        ("CONDITIONING", "CONDITIONING"),
+        controlnet_apply_sd3,
+        output_names=("positive", "negative"),
+        description="ComfyUI's deprecated SD3 node: ControlNetApplyAdvanced with its vae input.",
     ),
 }
