@@ -322,7 +322,11 @@ def test_refusals_are_one_line(sd3, flux, tmp_path, tiny_sd1_folder):
         ),
         (
             lambda: sd3_pipe(PROMPT, controlnets=[ControlUnit(str(sd3_cn), img, mode="prompt")], **sargs),
-            "soft weighting",
+            "control mode 'prompt' is sd-webui-controlnet's soft weighting",
+        ),
+        (
+            lambda: sd3_pipe(PROMPT, controlnets=[ControlUnit(str(sd3_cn), img, hires_mode="controlnet")], **sargs),
+            "hires control mode 'controlnet' is sd-webui-controlnet's soft weighting",
         ),
         (lambda: sd3_pipe(PROMPT, controlnets=[ControlUnit("reference_only", img)], **sargs), "reference control"),
     ]

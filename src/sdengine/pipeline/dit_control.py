@@ -311,11 +311,12 @@ def build_controlled_dit(
             raise ControlNetError(f"{unit.reference} (reference control) works on U-Net layers; not for {want}")
         if unit.rule == "comfyui":
             raise ControlNetError(f"{name}: the comfyui step rule is not supported for {want}; use diffusers or a1111")
-        if unit.mode != "balanced" or (unit.hires_mode or "balanced") != "balanced":
-            raise ControlNetError(
-                f"{name}: control mode {unit.mode!r} is sd-webui-controlnet's soft weighting of U-Net residuals; "
-                f"{want} ControlNets run 'balanced'"
-            )
+        for label, value in (("control mode", unit.mode), ("hires control mode", unit.hires_mode or "balanced")):
+            if value != "balanced":
+                raise ControlNetError(
+                    f"{name}: {label} {value!r} is sd-webui-controlnet's soft weighting of U-Net residuals; "
+                    f"{want} ControlNets run 'balanced'"
+                )
         check_unit_settings(float(unit.scale), float(unit.start), float(unit.end), name=name)
         net = _load(unit, family, name)
         mode: int | None = None
