@@ -292,10 +292,17 @@ def test_img2img_hand_off_matches_diffusers(base, refiner, base_ref, sampler):
     assert "Denoising strength: 0.6" in res.infotexts[0] and "Refiner switch at: 0.7" in res.infotexts[0]
     alone = b_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.6, progress=False, **kw)
     assert _mad(res.arrays, alone.arrays) > 3 * TOL
-    if sampler != "euler":
-        return  # the late switch below does not depend on the sampler: once, with euler
-    # a switch before the img2img's first step (steps 9..10 here): the refiner runs every step, as A1111's
-    # apply_refiner (it was a GenerationError); its VAE decodes and the infotext names it
+
+
+# the late switch does not depend on the sampler: Euler in `make test`, DPM++ 2M in `make test-all`
+@pytest.mark.parametrize("sampler", ["euler", pytest.param("dpmpp_2m", marks=pytest.mark.slow)])
+def test_img2img_hand_off_after_a_late_switch_runs_the_refiner_every_step(base, refiner, sampler):
+    """A switch before the img2img's first step (steps 9..10 here): the refiner runs every step, as A1111's
+    apply_refiner (it was a GenerationError); its VAE decodes and the infotext names it."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    init = picture(SIZE, SIZE, seed=4)
+    kw = dict(steps=10, sampler=sampler, schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
     late = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, init_image=init, strength=0.2, **kw)
     r_alone = r_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.2, progress=False, **kw)  # its own VAE encodes
     b_alone = b_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.2, progress=False, **kw)
