@@ -351,7 +351,7 @@ def test_the_recorded_loop_keys_deep_shrink_and_replays_its_images(tiny_sd1_fold
     and each replay is the plain path's image."""
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
     settings = [{}, {"deep_shrink": (2, 2.0)}, {"deep_shrink": (2, 2.0, 0.0, 0.7)}, {"deep_shrink": (1, 2.0)}]
-    images_per_recorded_loop(pipe, settings, steps=3, seed=3, width=64, height=64, progress=False)
+    images_per_recorded_loop(pipe, settings, steps=3, seed=3, width=32, height=32, progress=False)
 
 
 # --------------------------------------------------------------------------------------- through the APIs

@@ -189,7 +189,7 @@ def test_the_recorded_loop_keys_freeu_and_replays_its_images(tiny_sd1_folder):
     """Two FreeU settings never share a recorded loop (the stand-in recorder replays the first plan of a key)."""
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
     settings = [{}, {"freeu": FACTORS}, {"freeu": FACTORS, "freeu_version": 1}, {"freeu": (1.2, 1.2, 0.5, 0.5)}]
-    images_per_recorded_loop(pipe, settings, steps=3, seed=3, width=64, height=64, progress=False)
+    images_per_recorded_loop(pipe, settings, steps=3, seed=3, width=32, height=32, progress=False)
 
 
 def test_forges_whole_run_window_is_read_and_another_is_warned_of(caplog):

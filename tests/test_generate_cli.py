@@ -466,7 +466,26 @@ def test_grid_writes_the_batch_as_one_picture(model, tmp_path, capsys):
     assert "--grid" in capsys.readouterr().err
 
 
+_CONTROLNET_PNG: list[Path] = []
+
+
 def _controlnet_png(tmp_path):
+    """(edges.png, a PNG made with a canny ControlNet from it) in ``tmp_path``: made once per module and copied,
+    since several tests start from the same image."""
+    import shutil
+
+    if not _CONTROLNET_PNG:
+        first = tmp_path.parent / "controlnet-png"  # in the session's base temporary folder
+        first.mkdir()
+        _CONTROLNET_PNG.extend(_make_controlnet_png(first))
+    edges, made = tmp_path / "edges.png", tmp_path / "cn" / "00000-4.png"
+    made.parent.mkdir()
+    shutil.copyfile(_CONTROLNET_PNG[0], edges)
+    shutil.copyfile(_CONTROLNET_PNG[1], made)
+    return edges, made
+
+
+def _make_controlnet_png(tmp_path):
     edges = tmp_path / "edges.png"
     picture(64, 64).save(edges)
     out = tmp_path / "cn"

@@ -27,7 +27,8 @@ def tiny_pipe(tiny_sd1_folder):
 
 
 def _gen(pipe, prompt: str = "a red cube", **kw: Any) -> np.ndarray:
-    args: dict[str, Any] = {"steps": 4, "seed": 3, "width": 64, "height": 64, "progress": False}
+    # 32x32: the tiny VAE's 16x16 latents, the tiny U-Net's sample size (what a replay must equal needs no more)
+    args: dict[str, Any] = {"steps": 4, "seed": 3, "width": 32, "height": 32, "progress": False}
     args.update(kw)
     return pipe(prompt, "blurry", **args).arrays
 
@@ -84,7 +85,7 @@ def test_every_setting_the_loop_bakes_in_keys_a_new_recording(looped, change):
 
 def test_img2img_replays_with_its_strength_in_the_key(looped):
     rng = np.random.default_rng(0)
-    init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     loop = looped.cuda_graphs["loop"]
     half = _gen(looped, init_image=init, strength=0.5)
     most = _gen(looped, init_image=init, strength=0.8)
@@ -111,7 +112,7 @@ def test_samplers_that_draw_noise_every_step_replay_with_the_same_numbers(looped
     kw = dict(kw)
     if kw.pop("init", False):
         rng = np.random.default_rng(1)
-        kw.update(init_image=Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), strength=0.7)
+        kw.update(init_image=Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), strength=0.7)
     loop = looped.cuda_graphs["loop"]
     first = _gen(looped, batch_size=2, **kw)
     other = _gen(looped, "a blue ball", seed=11, batch_size=2, **kw)
@@ -123,8 +124,8 @@ def test_samplers_that_draw_noise_every_step_replay_with_the_same_numbers(looped
 def test_what_a_graph_cannot_replay_runs_as_before(looped):
     loop = looped.cuda_graphs["loop"]
     rng = np.random.default_rng(2)
-    init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    mask = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16))
+    init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.pad(np.full((16, 16), 255, np.uint8), 8))
     for kw in (
         {"prompt": "a [red:blue:2] cube"},  # prompt editing: the text changes per step
         {"init_image": init, "mask": mask, "strength": 0.8},  # inpainting's blend with the init image each step
@@ -257,6 +258,16 @@ def test_a_loop_that_cannot_be_recorded_warns_once_and_goes_back_to_the_step_gra
         tiny_pipe.cuda_graphs = None
 
 
+@pytest.fixture(scope="module")
+def meta_pipe(tiny_sd1_folder):
+    """The tiny pipeline with its U-Net on the meta device (the device: shapes, no data), loaded once."""
+    import copy
+
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
+    pipe.unet = copy.deepcopy(pipe.unet).to("meta")
+    return pipe
+
+
 @pytest.mark.parametrize(
     "sampler,extra",
     [
@@ -276,11 +287,8 @@ def test_a_loop_that_cannot_be_recorded_warns_once_and_goes_back_to_the_step_gra
     ],
     ids=lambda v: v if isinstance(v, str) else ",".join(v) or "-",
 )
-def test_a_recorded_loop_never_reads_the_device_nor_copies_from_the_host(tiny_sd1_folder, sampler, extra):
-    import copy
-
-    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
-    pipe.unet = copy.deepcopy(pipe.unet).to("meta")  # the device: shapes, no data
+def test_a_recorded_loop_never_reads_the_device_nor_copies_from_the_host(meta_pipe, sampler, extra):
+    pipe = meta_pipe
     steps, img2img = 5, bool(extra.get("img2img"))
     plan = LoopPlan.of(
         sampler=sampler,

@@ -170,7 +170,7 @@ def test_the_recorded_loop_keys_pag_and_replays_its_images(tiny_sd1_folder):
     """Two PAG settings never share a recorded loop (the stand-in recorder replays the first plan of a key, so a
     setting missing from the key would show as the other setting's image)."""
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
-    args: dict[str, Any] = dict(steps=3, seed=3, width=64, height=64, progress=False)
+    args: dict[str, Any] = dict(steps=3, seed=3, width=32, height=32, progress=False)
     settings = [{}, {"pag_scale": 2.0}, {"pag_scale": 3.0}, {"pag_scale": 3.0, "pag_layers": "mid,up"}]
     images, loop = images_per_recorded_loop(pipe, settings, **args)
     assert pipe.cuda_graphs["unet"].replays == 0

@@ -39,6 +39,12 @@ def single(sd3, tmp_path_factory):
     return write_single_file(folder, tmp_path_factory.mktemp("sd3file") / "tiny_sd3.safetensors")
 
 
+@pytest.fixture(scope="module")
+def sd3_ref(sd3):
+    """diffusers' txt2img pipeline of the tiny folder, loaded once for the tests that only read it."""
+    return diffusers_sd3(sd3[0])
+
+
 def _mad(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
@@ -81,9 +87,9 @@ def test_loads_as_sd3(sd3):
     assert pipe.transformer is pipe.unet
 
 
-def test_conditioning_equals_diffusers_encode_prompt(sd3):
+def test_conditioning_equals_diffusers_encode_prompt(sd3, sd3_ref):
     folder, pipe = sd3
-    ref = diffusers_sd3(folder)
+    ref = sd3_ref
     cond, uncond = pipe.conditioner.pair(PROMPT, NEGATIVE)
     with torch.no_grad():
         pe, ne, pp, npp = ref.encode_prompt(PROMPT, None, None, negative_prompt=NEGATIVE, device="cpu")
@@ -97,11 +103,11 @@ def test_conditioning_equals_diffusers_encode_prompt(sd3):
     assert float(cond["crossattn"][:, 77:].abs().max()) > 0
 
 
-def test_clip_skip_is_diffusers_clip_skip_plus_one(sd3):
+def test_clip_skip_is_diffusers_clip_skip_plus_one(sd3, sd3_ref):
     """sdengine's clip_skip 2 reads hidden_states[-3] of both CLIP encoders: diffusers' clip_skip=1 (which it
     applies to the prompt only; sdengine to the negative prompt too)."""
     folder, pipe = sd3
-    ref = diffusers_sd3(folder)
+    ref = sd3_ref
     cond, _ = pipe.conditioner.pair(PROMPT, NEGATIVE, clip_skip=2)
     with torch.no_grad():
         pe, _, pp, _ = ref.encode_prompt(PROMPT, None, None, negative_prompt=NEGATIVE, device="cpu", clip_skip=1)
@@ -113,10 +119,10 @@ def test_clip_skip_is_diffusers_clip_skip_plus_one(sd3):
         pipe.conditioner.pair(PROMPT, NEGATIVE, clip_skip=3)
 
 
-def test_txt2img_with_cfg_and_negative_matches_diffusers(sd3):
+def test_txt2img_with_cfg_and_negative_matches_diffusers(sd3, sd3_ref):
     folder, pipe = sd3
     result = _ours(pipe)
-    theirs = _theirs(diffusers_sd3(folder))
+    theirs = _theirs(sd3_ref)
     assert result.arrays.std() > 0.02
     mad = _mad(result.arrays, theirs)
     print(f"sd3 txt2img: mean abs {mad:.2e}")
@@ -211,14 +217,14 @@ def test_sd35_blocks_match_diffusers(tmp_path):
     assert mad < TOL
 
 
-def test_skip_layer_guidance_matches_diffusers(sd3):
+def test_skip_layer_guidance_matches_diffusers(sd3, sd3_ref):
     """SD3.5's skip-layer guidance (diffusers' skip_guidance_layers): with start 0.01 and stop 0.5 of 6 steps the
     steps 1 and 2 run the conditional rows again without block 0."""
     folder, pipe = sd3
     sd3_opts = {"skip_guidance_layers": [0], "skip_layer_guidance_start": 0.01, "skip_layer_guidance_stop": 0.5}
     result = _ours(pipe, steps=6, sd3=sd3_opts)
     theirs = _theirs(
-        diffusers_sd3(folder),
+        sd3_ref,
         num_inference_steps=6,
         skip_guidance_layers=[0],
         skip_layer_guidance_start=0.01,

@@ -37,6 +37,21 @@ def base(models_dir):
     return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_sdxl(folder)
 
 
+@pytest.fixture(scope="module")
+def base_ref():
+    """``base_ref(folder, **kind)``: diffusers' img2img / inpainting pipeline of a folder, built once per module
+    (each test sets the scheduler it compares with)."""
+    cache: dict = {}
+
+    def get(folder, **kind):
+        key = (str(folder), tuple(sorted(kind.items())))
+        if key not in cache:
+            cache[key] = diffusers_sdxl(folder, **kind)
+        return cache[key]
+
+    return get
+
+
 def _mad(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
@@ -159,9 +174,9 @@ def refiner(models_dir):
 
 
 @pytest.mark.parametrize(("sampler", "strength"), [("euler", 0.6), ("dpmpp_2m", 0.3)])
-def test_img2img_matches_diffusers(base, sampler, strength):
+def test_img2img_matches_diffusers(base, base_ref, sampler, strength):
     folder, pipe, _ = base
-    ref = diffusers_sdxl(folder, img2img=True)
+    ref = base_ref(folder, img2img=True)
     init = picture(SIZE, SIZE)
     ours = _ours(pipe, sampler, init_image=init, strength=strength, steps=8).arrays
     theirs = _theirs(ref, folder, sampler, image=init, strength=strength, num_inference_steps=8)
@@ -253,7 +268,7 @@ def test_base_to_refiner_hand_off_matches_diffusers(base, refiner, sampler):
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
-def test_img2img_hand_off_matches_diffusers(base, refiner, sampler):
+def test_img2img_hand_off_matches_diffusers(base, refiner, base_ref, sampler):
     """The hand-off from an init image (A1111 runs its refiner in img2img too; it was text-to-image only): the
     base's img2img up to the switch, the refiner from there, as diffusers' img2img base with ``strength`` and
     ``denoising_end`` then its refiner with ``denoising_start``."""
@@ -264,7 +279,7 @@ def test_img2img_hand_off_matches_diffusers(base, refiner, sampler):
     res = b_pipe.generate_with_refiner(
         r_pipe, PROMPT, NEGATIVE, switch_at=0.7, init_image=init, strength=0.6, progress=False, **kw
     )
-    b_i2i = diffusers_sdxl(b_folder, img2img=True)
+    b_i2i = base_ref(b_folder, img2img=True)
     b_i2i.scheduler = diffusers_scheduler(b_folder, sampler)
     r_ref.scheduler = diffusers_scheduler(r_folder, sampler)
     gen = torch.Generator("cpu").manual_seed(SEED)
@@ -277,8 +292,17 @@ def test_img2img_hand_off_matches_diffusers(base, refiner, sampler):
     assert "Denoising strength: 0.6" in res.infotexts[0] and "Refiner switch at: 0.7" in res.infotexts[0]
     alone = b_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.6, progress=False, **kw)
     assert _mad(res.arrays, alone.arrays) > 3 * TOL
-    # a switch before the img2img's first step (steps 9..10 here): the refiner runs every step, as A1111's
-    # apply_refiner (it was a GenerationError); its VAE decodes and the infotext names it
+
+
+# the late switch does not depend on the sampler: Euler in `make test`, DPM++ 2M in `make test-all`
+@pytest.mark.parametrize("sampler", ["euler", pytest.param("dpmpp_2m", marks=pytest.mark.slow)])
+def test_img2img_hand_off_after_a_late_switch_runs_the_refiner_every_step(base, refiner, sampler):
+    """A switch before the img2img's first step (steps 9..10 here): the refiner runs every step, as A1111's
+    apply_refiner (it was a GenerationError); its VAE decodes and the infotext names it."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    init = picture(SIZE, SIZE, seed=4)
+    kw = dict(steps=10, sampler=sampler, schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
     late = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, init_image=init, strength=0.2, **kw)
     r_alone = r_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.2, progress=False, **kw)  # its own VAE encodes
     b_alone = b_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.2, progress=False, **kw)
@@ -970,10 +994,10 @@ def test_inpainting_hand_off_blends_on_the_refiners_steps_too(base, refiner):
 
 
 @pytest.mark.parametrize(("sampler", "strength"), [("euler", 1.0), ("dpmpp_2m", 0.6)])
-def test_inpaint_blended_4_channel_matches_diffusers(base, sampler, strength):
+def test_inpaint_blended_4_channel_matches_diffusers(base, base_ref, sampler, strength):
     """The base model with a mask: the known region is blended back after each step, as diffusers does."""
     folder, pipe, _ = base
-    ref = diffusers_sdxl(folder, inpaint=True)
+    ref = base_ref(folder, inpaint=True)
     img, mask = picture(SIZE, SIZE), mask_picture(SIZE, SIZE)
     ours = _ours(pipe, sampler, init_image=img, mask=mask, strength=strength, steps=8).arrays
     theirs = _theirs(ref, folder, sampler, image=img, mask_image=mask, strength=strength, num_inference_steps=8)
@@ -1265,8 +1289,8 @@ def test_from_png_of_an_a1111_refiner_image_runs_a1111s_switch_rule(base, refine
         for x in candidates
         if switch_step(grid, b_pipe.noise_schedule, x) != switch_step(grid, b_pipe.noise_schedule, x, "a1111")
     )
-    assert not np.array_equal(made("a1111", switch).arrays, made("diffusers", switch).arrays)
-    ours = made("a1111", switch)
+    ours, theirs = made("a1111", switch), made("diffusers", switch)  # each run once, read below
+    assert not np.array_equal(ours.arrays, theirs.arrays)
     text = ours.infotexts[0]
     assert "Refiner switch rule: a1111" in text
     a1111_text = (
@@ -1277,14 +1301,14 @@ def test_from_png_of_an_a1111_refiner_image_runs_a1111s_switch_rule(base, refine
     for name, infotext, want in (
         ("a1111.png", a1111_text, ours),  # A1111's own: its rule
         ("ours.png", text, ours),  # sdengine's with the rule written (the server's)
-        ("diffusers.png", made("diffusers", switch).infotexts[0], made("diffusers", switch)),  # sdengine's CLI
+        ("diffusers.png", theirs.infotexts[0], theirs),  # sdengine's CLI
         ("none.png", a1111_text.replace(f", Refiner switch at: {switch}", ""), made("a1111", 0.0)),
     ):
         save_png(blank, tmp_path / name, infotext)
         assert main(["generate", "--from-png", name, "--no-progress", "--out", f"out-{name}"]) == 0, name
         got = np.asarray(Image.open(tmp_path / f"out-{name}"), dtype=np.float64)
         assert np.abs(got - np.asarray(want.images[0], np.float64)).max() == 0.0, name
-    assert "Refiner switch rule" not in made("diffusers", switch).infotexts[0]
+    assert "Refiner switch rule" not in theirs.infotexts[0]
     assert parse_parameters(Image.open(tmp_path / "out-a1111.png").info["parameters"])["Refiner switch rule"] == "a1111"
 
 
