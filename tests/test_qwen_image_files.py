@@ -121,3 +121,19 @@ def test_folder_with_a_text_encoder_given_apart(made) -> None:
     want = sdengine.load_pipeline(folder, device="cpu")(**SETTINGS)
     other = sdengine.load_pipeline(folder, device="cpu", qwen_text=files["text"])
     assert np.array_equal(other(**SETTINGS).arrays, want.arrays)
+
+
+def test_comfy_unet_loader_refuses_a_qwen_file_in_one_line(made) -> None:
+    """ComfyUI's graph route does not run Qwen-Image (not done): UNETLoader says so, naming the routes that do."""
+    from types import SimpleNamespace
+
+    from sdengine.server.catalog import Catalog
+    from sdengine.server.comfy.nodes import NodeError
+    from sdengine.server.comfy.nodes_sd3_flux import forget_parts, unet_loader
+
+    _, files = made
+    forget_parts()
+    ctx = SimpleNamespace(catalog=Catalog(files["model"].parent.parent, None, None), device="cpu")
+    with pytest.raises(NodeError, match="is a Qwen-Image transformer: not run on the ComfyUI route") as e:
+        unet_loader(ctx, files["model"].name, "default")  # type: ignore[arg-type]
+    assert "\n" not in str(e.value)
