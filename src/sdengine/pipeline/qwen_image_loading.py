@@ -95,10 +95,12 @@ def is_qwen_image_state_dict(keys: Any) -> bool:
 
 
 def is_qwen_image_file(path: Path) -> bool:
-    """A single weights file holding a Qwen-Image transformer (ComfyUI's ``qwen_image_*.safetensors``)."""
+    """A single ``.safetensors`` file holding a Qwen-Image transformer (ComfyUI's ``qwen_image_*.safetensors``; its
+    header alone is read: a pickle checkpoint is never read whole to ask)."""
     from sdengine.pipeline.flux_loading import file_holds
+    from sdengine.weights.io import SAFETENSORS_SUFFIXES
 
-    return file_holds(path, is_qwen_image_state_dict)
+    return path.suffix.lower() in SAFETENSORS_SUFFIXES and file_holds(path, is_qwen_image_state_dict)
 
 
 def has_tokenizer(folder: Path) -> bool:
