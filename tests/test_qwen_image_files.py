@@ -23,7 +23,7 @@ SETTINGS = dict(prompt="a red apple on a table", negative_prompt="blurry", cfg_s
 
 def write_comfy_files(folder: Path, root: Path) -> dict[str, Path]:
     """ComfyUI's release layout from a diffusers folder: models/diffusion_models, text_encoders (its tokenizer folder
-    beside it, as ComfyUI's qwen25_tokenizer), vae."""
+    beside it in ComfyUI's qwen25_tokenizer layout: vocab.json + merges.txt), vae."""
     from sdengine.weights.qwen_vae_file import diffusers_to_original
 
     files = {
@@ -38,8 +38,24 @@ def write_comfy_files(folder: Path, root: Path) -> dict[str, Path]:
     shutil.copy(folder / "text_encoder" / "model.safetensors", files["text"])  # model.layers.*, visual.*, lm_head
     vae = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
     save_file({k: v.contiguous() for k, v in diffusers_to_original(vae).items()}, str(files["vae"]))
-    files["tokenizer"] = shutil.copytree(folder / "tokenizer", root / "text_encoders" / "qwen25_tokenizer")
+    files["tokenizer"] = write_comfy_tokenizer(folder / "tokenizer", root / "text_encoders" / "qwen25_tokenizer")
     return files
+
+
+def write_comfy_tokenizer(src: Path, dst: Path) -> Path:
+    """A tokenizer folder as ComfyUI ships Qwen2's (comfy/text_encoders/qwen25_tokenizer): ``vocab.json`` +
+    ``merges.txt`` + ``tokenizer_config.json`` with ``added_tokens_decoder``, no ``tokenizer.json``."""
+    import json
+
+    full = json.loads((src / "tokenizer.json").read_text())
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    dst.mkdir(parents=True)
+    (dst / "vocab.json").write_text(json.dumps(full["model"]["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in full["model"]["merges"]]
+    (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    added = {str(t["id"]): {"content": t["content"], "special": t["special"]} for t in full["added_tokens"]}
+    (dst / "tokenizer_config.json").write_text(json.dumps({**config, "added_tokens_decoder": added}))
+    return dst
 
 
 @pytest.fixture(scope="module")
