@@ -126,13 +126,25 @@ def write_qwen_tokenizer(dst: Path) -> Path:
     return dst
 
 
-def qwen_text_encoder(seed: int = 0, vocab_size: int = 400):
+# 128-wide heads (every release's): a single file's config comes from its shapes, which assume them (ComfyUI's files)
+WIDE_TEXT = dict(
+    QWEN_TEXT,
+    hidden_size=256,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+)
+WIDE_TRANSFORMER = dict(attention_head_dim=128, num_attention_heads=1, axes_dims_rope=[16, 56, 56], num_layers=1)
+
+
+def qwen_text_encoder(seed: int = 0, vocab_size: int = 400, text: dict | None = None):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    text = text or QWEN_TEXT
     torch.manual_seed(seed)
     cfg = Qwen2_5_VLConfig(
-        text_config={**QWEN_TEXT, "vocab_size": vocab_size},
-        vision_config=QWEN_VISION,
+        text_config={**text, "vocab_size": vocab_size},
+        vision_config={**QWEN_VISION, "out_hidden_size": text["hidden_size"]},
         vocab_size=vocab_size,
         bos_token_id=0,
         eos_token_id=2,
@@ -148,8 +160,10 @@ def qwen_vae(seed: int = 0):
     return perturb(vae, seed + 1, 0.02).eval()
 
 
-def make_qwen_folder(dst: Path, seed: int = 0) -> Path:
-    """A random tiny Qwen-Image pipeline saved by diffusers' ``QwenImagePipeline.save_pretrained``."""
+def make_qwen_folder(dst: Path, seed: int = 0, *, wide_heads: bool = False) -> Path:
+    """A random tiny Qwen-Image pipeline saved by diffusers' ``QwenImagePipeline.save_pretrained``; ``wide_heads``:
+    128-wide heads in the transformer and the text encoder (:data:`WIDE_TEXT`, :data:`WIDE_TRANSFORMER`), as the
+    releases', so that single files written from it load with their configs read off the shapes."""
     import diffusers
     from transformers import Qwen2TokenizerFast
 
@@ -158,9 +172,13 @@ def make_qwen_folder(dst: Path, seed: int = 0) -> Path:
     pipe = diffusers.QwenImagePipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER),
         vae=qwen_vae(seed + 10),
-        text_encoder=qwen_text_encoder(seed + 20, len(tokenizer)),
+        text_encoder=qwen_text_encoder(seed + 20, len(tokenizer), WIDE_TEXT if wide_heads else QWEN_TEXT),
         tokenizer=tokenizer,
-        transformer=qwen_transformer(seed + 30, joint_attention_dim=QWEN_TEXT["hidden_size"]),
+        transformer=qwen_transformer(
+            seed + 30,
+            **(WIDE_TRANSFORMER if wide_heads else {}),
+            joint_attention_dim=(WIDE_TEXT if wide_heads else QWEN_TEXT)["hidden_size"],
+        ),
     )
     pipe.save_pretrained(dst)
     return dst

@@ -1201,6 +1201,8 @@ def run(a: argparse.Namespace) -> int:
         clip_g=a.clip_g,
         t5=a.t5,
         weight_dtype=a.weight_dtype,
+        qwen_text=a.qwen_text,
+        qwen_tokenizer=a.qwen_tokenizer,
     )
     t1 = time.perf_counter()
     # SD3: Euler on its flow grid, cfg 7, 28 steps (diffusers'); Flux: Euler, cfg 1, 28 ([dev]) or 4 ([schnell]) steps
@@ -1773,6 +1775,20 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="FILE",
         help="SD3, Flux: the T5-XXL text encoder (t5xxl_fp16.safetensors, a text_encoder_3/ or text_encoder_2/ "
         "folder); without one an SD3 model that has none runs with zeros in T5's place (Flux needs it)",
+    )
+    p.add_argument(
+        "--qwen-text",
+        default=None,
+        metavar="FILE",
+        help="Qwen-Image: the Qwen2.5-VL text encoder (ComfyUI's qwen_2.5_vl_7b.safetensors, or a folder), for a "
+        "diffusion-model file (qwen_image_*.safetensors; its VAE: --vae) or in place of a folder's",
+    )
+    p.add_argument(
+        "--qwen-tokenizer",
+        default=None,
+        metavar="DIR",
+        help="Qwen-Image: Qwen2's tokenizer folder (Qwen-Image's tokenizer/, ComfyUI's "
+        "comfy/text_encoders/qwen25_tokenizer); default: one beside --qwen-text (sdengine ships no Qwen2 vocabulary)",
     )
     p.add_argument(
         "--weight-dtype",

@@ -62,6 +62,8 @@ def run_list(a: argparse.Namespace, kwargs: dict[str, Any], model: str, chosen: 
             clip_g=a.clip_g,
             t5=a.t5,
             weight_dtype=a.weight_dtype,
+            qwen_text=a.qwen_text,  # a Qwen-Image file's text encoder and tokenizer
+            qwen_tokenizer=a.qwen_tokenizer,
         )
 
     report = render_prompt_list(items, a.out, load, world=world, progress=not a.no_progress)

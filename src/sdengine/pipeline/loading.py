@@ -79,6 +79,8 @@ def load_pipeline(
     clip_g: str | Path | None = None,
     t5: str | Path | None = None,
     weight_dtype: str | None = None,
+    qwen_text: str | Path | None = None,
+    qwen_tokenizer: str | Path | None = None,
 ) -> Pipeline | PixelPipeline:
     """A diffusers folder, a single SD 1.x/2.x/SDXL ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
@@ -98,7 +100,9 @@ def load_pipeline(
     ``clip_l``, ``clip_g``, ``t5``: an SD3 model's text encoders given apart (files or folders; a single file
     without its CLIP encoders needs the two CLIP ones, see :func:`sdengine.pipeline.sd3.load_sd3`); other models
     refuse them. For a Flux model, ``clip_l`` and ``t5`` (and ``vae``, BFL's ``ae.safetensors``) give a diffusion-model
-    file's parts, or replace a folder's (:mod:`sdengine.pipeline.flux_loading`). ``weight_dtype``: ComfyUI's
+    file's parts, or replace a folder's (:mod:`sdengine.pipeline.flux_loading`). ``qwen_text`` / ``qwen_tokenizer``
+    (and ``vae``): a Qwen-Image diffusion-model file's Qwen2.5-VL text encoder and Qwen2 tokenizer folder, or a
+    folder's replacements (:mod:`sdengine.pipeline.qwen_image_loading`). ``weight_dtype``: ComfyUI's
     UNETLoader choices (``"default"``, ``"fp8_e4m3fn"``, ``"fp8_e4m3fn_fast"``, ``"fp8_e5m2"``): the diffusion
     network's Linear and Conv2d weights held in float8 and cast to ``dtype`` at each use
     (:mod:`sdengine.nn.fp8_storage`; U-Nets, SD3's MMDiT, Flux's transformer)."""
@@ -109,7 +113,7 @@ def load_pipeline(
     stored = _check_weight_dtype(weight_dtype, fast_path, device, dtype)
     if stored is not None and str(name_or_path) in BUILTIN_PIXEL:
         raise StorageError(f"{name_or_path}: weight_dtype {weight_dtype} is for latent diffusion networks")
-    encoders = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}
+    encoders = {"clip_l": clip_l, "clip_g": clip_g, "t5": t5, "qwen_text": qwen_text, "qwen_tokenizer": qwen_tokenizer}
     pipe = _load(name_or_path, device, dtype, vae, prediction_type, lora_dir, config, embeddings_dir, encoders)
     if not isinstance(pipe, Pipeline):
         if stored is not None:
@@ -195,16 +199,19 @@ def _load(
             _no_embeddings(embeddings_dir, path.name, "a pixel DDPM has no text encoder")
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
     given = {k: v for k, v in (encoders or {}).items() if v is not None}
+    from sdengine.pipeline import chroma_loading, flux_loading, qwen_image_loading
+
+    if qwen_image_loading.is_qwen_image_folder(path) or qwen_image_loading.is_qwen_image_file(path):
+        # Qwen-Image is released and run in bfloat16 (Qwen2.5-VL's activations overflow float16): its GPU default
+        qwen_dt = torch.bfloat16 if dtype is None and dev.type != "cpu" else dt
+        return _load_qwen_image(path, dev, qwen_dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
+    qwen_parts = [QWEN_FLAGS[k] for k in QWEN_FLAGS if k in given]
+    if qwen_parts:
+        raise GenerationError(f"{path.name}: {' / '.join(qwen_parts)} give a Qwen-Image model's parts; this is not one")
     from sdengine.weights.sd3_files import is_sd3
 
     if is_sd3(path):
         return _load_sd3(path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
-    from sdengine.pipeline import chroma_loading, flux_loading, qwen_image_loading
-
-    if qwen_image_loading.is_qwen_image_folder(path):
-        # Qwen-Image is released and run in bfloat16 (Qwen2.5-VL's activations overflow float16): its GPU default
-        qwen_dt = torch.bfloat16 if dtype is None and dev.type != "cpu" else dt
-        return _load_qwen_image(path, dev, qwen_dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if chroma_loading.is_chroma_folder(path) or chroma_loading.is_chroma_file(path):  # before Flux: its blocks too
         return _load_flux_like("Chroma", path, dev, dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if flux_loading.is_flux_folder(path) or flux_loading.is_flux_file(path):
@@ -282,6 +289,8 @@ def _load(
     )
 
 
+QWEN_FLAGS = {"qwen_text": "--qwen-text", "qwen_tokenizer": "--qwen-tokenizer"}  # load_pipeline's Qwen-Image parts
+
 # the text encoders given apart that a Flux-like family has no place for: why, in one line
 _NOT_THEIRS = {
     "Flux": {"clip_g": "clip_g (--clip-g) is SD3's OpenCLIP bigG; Flux has CLIP-L and T5 only"},
@@ -337,19 +346,30 @@ def _load_qwen_image(
     lora_dir: Any,
     encoders: Mapping[str, Any],
 ) -> Pipeline:
-    """A Qwen-Image folder -> QwenImagePipeline (:mod:`sdengine.pipeline.qwen_image_loading`); what it does not take
-    refused, one line each, before anything loads."""
+    """A Qwen-Image folder or diffusion-model file -> QwenImagePipeline (:mod:`sdengine.pipeline.qwen_image_loading`);
+    what it does not take refused, one line each, before anything loads."""
     from sdengine.pipeline.qwen_image_loading import load_qwen_image_pipeline
 
     for on, what in (
         (prediction_type is not None, "prediction_type: the Qwen-Image transformer predicts the flow's velocity"),
-        (config is not None, "config= does not apply (the folder's configs are read)"),
+        (config is not None, "config= does not apply (a folder's configs are read, a file's come from its shapes)"),
         (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
-        (bool(encoders), "--clip-l / --clip-g / --t5 do not apply (Qwen-Image's text encoder is Qwen2.5-VL)"),
+        (
+            any(k not in QWEN_FLAGS for k in encoders),
+            "--clip-l / --clip-g / --t5 do not apply (Qwen-Image's text encoder is Qwen2.5-VL: --qwen-text)",
+        ),
     ):
         if on:
             raise GenerationError(f"{path.name} (Qwen-Image): {what}")
-    return load_qwen_image_pipeline(path, device=dev, dtype=dt, vae=vae, lora_dir=lora_dir)
+    return load_qwen_image_pipeline(
+        path,
+        device=dev,
+        dtype=dt,
+        vae=vae,
+        text_encoder=encoders.get("qwen_text"),
+        tokenizer=encoders.get("qwen_tokenizer"),
+        lora_dir=lora_dir,
+    )
 
 
 def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:

@@ -147,15 +147,16 @@ def default_loader(
         from sdengine.server.dit_parts import split
 
         path, parts = split(ref)
-        if parts:  # an SD3 / Flux file with its text encoders (and VAE) from the folders
+        if parts:  # an SD3 / Flux / Qwen-Image file with its text encoders (and VAE) from the folders
             return load_pipeline(
                 path,
                 device=device,
                 dtype=dtype,
-                vae=parts.get("vae", vae),
+                vae=parts.get("vae", parts.get("qwen_vae", vae)),
                 clip_l=parts.get("clip_l"),
                 clip_g=parts.get("clip_g"),
                 t5=parts.get("t5"),
+                qwen_text=parts.get("qwen_text"),
                 weight_dtype=weight_dtype,
             )
         if embeddings_dir is not None:

@@ -6,6 +6,11 @@ Forge serves such files by picking those parts from its folders, by kind, and le
 of one kind (its A1111 field ``forge_additional_modules``). The server does the same: the text encoders of
 ``--models-dir``'s ``text_encoders/`` (or ``clip/``) and the VAEs of ``--vaes-dir``, each told by its tensors
 (T5 by its block names, CLIP-L and bigG by their width 768 / 1280, a 16-channel VAE by its decoder's input).
+ComfyUI's Qwen-Image release is served the same way: ``diffusion_models/qwen_image_*.safetensors`` with a Qwen2.5-VL
+text encoder of ``text_encoders/`` (told by its ``layers.N.self_attn`` and ``embed_tokens`` names) and a Qwen-Image
+VAE of ``--vaes-dir`` (its 3-D decoder: the original Wan names or diffusers' 5-D ``decoder.conv_in``); Qwen2's
+tokenizer is the folder beside the text encoder (``text_encoders/qwen25_tokenizer/`` or ``tokenizer/``,
+:func:`sdengine.pipeline.qwen_image_loading.tokenizer_beside`), a one-line 400 when there is none.
 
 The parts chosen become part of the model's loader reference (:func:`compose`): ``PATH`` then ``\\0kind=PATH`` for
 each part (NUL never occurs in a path), so that a worker reloads when another part is chosen, and the loader
@@ -21,8 +26,16 @@ from typing import Any
 from sdengine.server.errors import BadRequest
 
 SEP = "\x00"
-KINDS = ("clip_l", "clip_g", "t5", "vae")
-KIND_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP bigG", "t5": "T5-XXL", "vae": "16-channel VAE"}
+KINDS = ("clip_l", "clip_g", "t5", "vae", "qwen_text", "qwen_vae")
+KIND_NAMES = {
+    "clip_l": "CLIP-L",
+    "clip_g": "CLIP bigG",
+    "t5": "T5-XXL",
+    "vae": "16-channel VAE",
+    "qwen_text": "Qwen2.5-VL text encoder",
+    "qwen_vae": "Qwen-Image VAE",
+}
+VAE_KINDS = ("vae", "qwen_vae")  # the kinds picked from --vaes-dir
 CLIP_WIDTHS = {768: "clip_l", 1280: "clip_g"}
 MAX_MODULES = 8
 
@@ -65,8 +78,18 @@ def _header(path: Path) -> dict[str, Any]:
 
 
 def _kind_of(path: Path) -> tuple[str, int] | None:
-    """(``clip``, its width), (``t5``, 0) or (``vae``, 16) by a file's tensors; None for anything else."""
+    """(``clip``, its width), (``t5``, 0), (``vae``, 16), (``qwen_text``, 0) or (``qwen_vae``, 0) by a file's
+    tensors; None for anything else."""
+    from sdengine.weights.qwen_vae_file import is_original_layout
+
     entries = _header(path)
+    if any(n.endswith("layers.0.self_attn.q_proj.weight") for n in entries) and any(
+        n.endswith("embed_tokens.weight") for n in entries
+    ):
+        return ("qwen_text", 0)
+    conv_in = entries.get("decoder.conv_in.weight")
+    if is_original_layout(entries) or (isinstance(conv_in, dict) and len(conv_in.get("shape") or ()) == 5):
+        return ("qwen_vae", 0)
     if any(".block.0.layer.0." in n or n.endswith("shared.weight") for n in entries):
         return ("t5", 0)
     for n, info in entries.items():
@@ -89,13 +112,16 @@ def _clip_kind(name: str, width: int, widths: set[int]) -> str:
 
 
 def _needed(path: Path) -> tuple[str, ...]:
-    """The parts an SD3 / Flux single file lacks (required ones only: SD3's T5 is optional, see :func:`optional`);
-    () for any other model or a folder."""
+    """The parts an SD3 / Flux / Qwen-Image single file lacks (required ones only: SD3's T5 is optional, see
+    :func:`optional`); () for any other model or a folder."""
     from sdengine.pipeline.flux_loading import COMFY_CLIP_L, COMFY_T5, VAE_PREFIXES, is_flux_file
+    from sdengine.pipeline.qwen_image_loading import is_qwen_image_state_dict
 
     if not path.is_file():
         return ()
     names = list(_header(path))
+    if is_qwen_image_state_dict(names):
+        return ("qwen_text", "qwen_vae")
     if is_flux_file(path):
         held = {
             "clip_l": any(n.startswith(COMFY_CLIP_L) for n in names),
@@ -125,14 +151,16 @@ def candidates(catalog: Any) -> dict[str, list[tuple[str, Path]]]:
     encoders = [(e.name, Path(e.ref), kind_of(Path(e.ref))) for e in catalog.text_encoders()]
     widths = {k[1] for _, _, k in encoders if k is not None and k[0] == "clip"}
     for name, p, k in encoders:
-        if k is not None and k[0] == "t5":
-            out["t5"].append((name, p))
+        if k is not None and k[0] in ("t5", "qwen_text"):
+            out[k[0]].append((name, p))
         elif k is not None and k[0] == "clip":
             out[_clip_kind(name, k[1], widths)].append((name, p))
     for e in catalog.vaes():
         p = Path(e.ref)
         if p.is_file() and kind_of(p) == ("vae", 16):
             out["vae"].append((e.name, p))
+        elif p.is_file() and kind_of(p) == ("qwen_vae", 0):
+            out["qwen_vae"].append((e.name, p))
     return out
 
 
@@ -164,8 +192,7 @@ def fill(catalog: Any, ref: str, modules: Sequence[str] | None) -> str:
         if not hits:
             have = ", ".join(n for k in KINDS for n, _ in found[k]) or "none"
             raise BadRequest(
-                f"module {m!r} is no text encoder of text_encoders/ (clip/) nor a 16-channel VAE of --vaes-dir; "
-                f"available: {have}"
+                f"module {m!r} is no text encoder of text_encoders/ (clip/) nor a VAE of --vaes-dir; available: {have}"
             )
         kind, name, p = hits[0]
         if kind in chosen and chosen[kind][0] != name:
@@ -177,7 +204,7 @@ def fill(catalog: Any, ref: str, modules: Sequence[str] | None) -> str:
             parts[kind] = str(chosen.pop(kind)[1])
             continue
         files = found[kind]
-        where = "--vaes-dir" if kind == "vae" else "text_encoders/ (or clip/) of --models-dir"
+        where = "--vaes-dir" if kind in VAE_KINDS else "text_encoders/ (or clip/) of --models-dir"
         if len(files) > 1:
             raise BadRequest(
                 f"{path.name} needs a {KIND_NAMES[kind]}: {where} holds several "
@@ -192,6 +219,16 @@ def fill(catalog: Any, ref: str, modules: Sequence[str] | None) -> str:
             f"modules {', '.join(n for n, _ in chosen.values())}: {path.name} holds its own "
             f"{', '.join(KIND_NAMES[k] for k in chosen)}"
         )
+    if "qwen_text" in parts:
+        from sdengine.pipeline.qwen_image_loading import tokenizer_beside
+
+        text = Path(parts["qwen_text"])
+        if tokenizer_beside(text) is None:
+            raise BadRequest(
+                f"{path.name} needs Qwen2's tokenizer beside its text encoder {text.name}: put the tokenizer folder "
+                "(Qwen-Image's tokenizer/ or ComfyUI's comfy/text_encoders/qwen25_tokenizer) in text_encoders/ as "
+                "qwen25_tokenizer/"
+            )
     return compose(ref, parts)
 
 

@@ -170,6 +170,13 @@ def _load_transformer(
         if stored is not None:
             to_storage(mmdit, stored)
         return "sd3", mmdit
+    from sdengine.pipeline.qwen_image_loading import is_qwen_image_file
+
+    if is_qwen_image_file(path):
+        raise NodeError(
+            f"{path.name} is a Qwen-Image transformer: not run on the ComfyUI route here; it is served by name on the "
+            "native, A1111 and OpenAI routes with its text encoder and VAE from the folders (docs/qwen-image.md)"
+        )
     raise NodeError(
         f"{path.name} is neither a Flux / Chroma transformer (double_blocks.*) nor SD3's MMDiT (joint_blocks.*): "
         "UNETLoader loads those here (an SD 1.x/SDXL U-Net loads with CheckpointLoaderSimple)"
