@@ -240,20 +240,16 @@ def _t5(path: Path) -> Part:
     ``t5xxl_*`` file or a checkpoint that holds it (``text_encoders.t5xxl.transformer.*``)."""
     from sdengine.models.t5_text import EMBED_ALIAS, T5Config, T5Encoder
     from sdengine.weights import t5_file as tf
+    from sdengine.weights.encoder_files import folder_weight_files, read_json
 
     if path.is_dir():
         folder = tf.t5_folder(path)
-        raw = tf.read_json(folder / "config.json", "config")
+        raw = read_json(folder / "config.json", "config", tf.T5FileError)
         try:
             config = T5Config.from_transformers(raw)
         except (ValueError, TypeError) as e:
             raise tf.T5FileError(f"{folder / 'config.json'}: {e}") from None
-        if (folder / tf.SHARD_INDEX).is_file():
-            files = tf.shard_files(folder, folder / tf.SHARD_INDEX)
-        else:
-            files = [folder / n for n in tf.FOLDER_WEIGHTS if (folder / n).is_file()][:1]
-        if not files:
-            raise tf.T5FileError(f"{folder}: no {tf.SHARD_INDEX} or {' or '.join(tf.FOLDER_WEIGHTS)}")
+        files = folder_weight_files(folder, tf.T5FileError)
         sd: StateDict = {}
         for f in files:
             sd.update(load_file(f)[0])

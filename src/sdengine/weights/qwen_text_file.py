@@ -30,11 +30,9 @@ width is taken as 128 (every Qwen2.5-VL release: 3B, 7B, 32B, 72B) and the heads
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -42,34 +40,28 @@ from sdengine.models.config_checks import ConfigError
 from sdengine.models.qwen_text import QwenTextConfig, QwenTextEncoder
 from sdengine.nn.meta_init import skip_meta_init
 
-from .io import SAFETENSORS_SUFFIXES, SafetensorsReader, WeightsError, load_file, parse_dtype
+from .encoder_files import (
+    SCALED_FP8_MARKER,
+    TensorSource,
+    check_scales_used,
+    folder_weight_files,
+    read_json,
+    scaled_weight,
+    split_scales,
+)
+from .io import WeightsError, parse_dtype
 
 PIPELINE_COMPONENT = "text_encoder"  # Qwen-Image's text encoder folder in a diffusers pipeline folder
-FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-SHARD_INDEX = "model.safetensors.index.json"
 PREFIXES = ("model.language_model.", "model.", "")  # tried in this order; see the module docstring
 SKIPPED_PREFIXES = ("visual.", "model.visual.", "lm_head.")
 HEAD_DIM = 128  # every Qwen2.5-VL release's head width; a single file without config.json assumes it
 DEFAULT_EPS = 1e-6
 DEFAULT_THETA = 1_000_000.0
-SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's "scaled fp8" files: weight / scale stored, one scale per Linear
-SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 class QwenTextFileError(WeightsError):
     """A file or folder that is not a Qwen2.5-VL text encoder sdengine can load, or one whose tensors do not fit."""
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``, or a one-line :class:`QwenTextFileError`."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise QwenTextFileError(f"{path}: cannot read the {what} ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise QwenTextFileError(f"{path}: the {what} is not a JSON object")
-    return data
 
 
 def select_text_names(names: list[str], where: str) -> dict[str, str]:
@@ -144,53 +136,6 @@ def config_from_shapes(
         raise QwenTextFileError(f"{where}: {e}") from None
 
 
-class _Source:
-    """The tensors of one or more files by name, read one at a time (safetensors) or from a loaded pickle."""
-
-    def __init__(self) -> None:
-        self.readers: list[SafetensorsReader] = []
-        self.where: dict[str, tuple[str, Callable[[str], torch.Tensor], tuple[int, ...]]] = {}
-
-    def add_file(self, path: Path) -> None:
-        if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-            reader = SafetensorsReader(path)
-            self.readers.append(reader)
-            for n in reader.names:
-                self._add(path, n, reader.read, reader.shape(n))
-        else:
-            sd = load_file(path)[0]
-            for n, t in sd.items():
-                self._add(path, n, sd.__getitem__, tuple(t.shape))
-
-    def _add(self, path: Path, name: str, read: Callable[[str], torch.Tensor], shape: tuple[int, ...]) -> None:
-        if name in self.where:
-            raise QwenTextFileError(f"{path}: tensor {name} is also in {self.where[name][0]}")
-        self.where[name] = (str(path), read, shape)
-
-    def read(self, name: str) -> torch.Tensor:
-        return self.where[name][1](name)
-
-    def close(self) -> None:
-        for r in self.readers:
-            r.close()
-
-
-def shard_files(folder: Path, index_path: Path) -> list[Path]:
-    """The shard files a ``model.safetensors.index.json`` names (each a plain file name in ``folder``)."""
-    index = read_json(index_path, "shard index")
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise QwenTextFileError(f"{index_path}: no weight_map")
-    files = []
-    for name in dict.fromkeys(weight_map.values()):
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-            raise QwenTextFileError(f"{index_path}: shard {str(name)[:80]!r} is not a file name in this folder")
-        if not (folder / name).is_file():
-            raise QwenTextFileError(f"{index_path}: shard {name} is missing")
-        files.append(folder / name)
-    return files
-
-
 def qwen_text_folder(p: Path) -> Path:
     """The folder holding the text encoder's config: ``p`` itself, or a pipeline folder's ``text_encoder/``."""
     if (p / "config.json").is_file():
@@ -211,22 +156,17 @@ def load_qwen_text_encoder(
     target = parse_dtype(dtype) or torch.float32
     if target not in (torch.float32, torch.float16, torch.bfloat16):
         raise QwenTextFileError(f"Qwen text encoder: dtype {target} is not a compute dtype (fp32, fp16 or bf16)")
-    source = _Source()
+    source = TensorSource(QwenTextFileError)
     config: QwenTextConfig | None = None
     try:
         if p.is_dir():
             folder = qwen_text_folder(p)
             cfg_path = folder / "config.json"
             try:
-                config = QwenTextConfig.from_transformers(read_json(cfg_path, "config"))
+                config = QwenTextConfig.from_transformers(read_json(cfg_path, "config", QwenTextFileError))
             except (ConfigError, TypeError) as e:
                 raise QwenTextFileError(f"{cfg_path}: {e}") from None
-            if (folder / SHARD_INDEX).is_file():
-                files = shard_files(folder, folder / SHARD_INDEX)
-            else:
-                files = [folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()][:1]
-            if not files:
-                raise QwenTextFileError(f"{folder}: no {SHARD_INDEX} or {' or '.join(FOLDER_WEIGHTS)}")
+            files = folder_weight_files(folder, QwenTextFileError)
             where = str(folder)
         elif p.is_file():
             files, where = [p], str(p)
@@ -242,21 +182,15 @@ def load_qwen_text_encoder(
 
 
 def _build(
-    source: _Source, where: str, config: QwenTextConfig | None, target: torch.dtype, device: torch.device
+    source: TensorSource, where: str, config: QwenTextConfig | None, target: torch.dtype, device: torch.device
 ) -> QwenTextEncoder:
     every = list(source.where)
     scaled = any(n == SCALED_FP8_MARKER or n.endswith("." + SCALED_FP8_MARKER) for n in every)
     chosen = select_text_names(
         [n for n in every if n != SCALED_FP8_MARKER and not n.endswith("." + SCALED_FP8_MARKER)], where
     )
-    scales = {k[: -len(".scale_weight")]: v for k, v in chosen.items() if k.endswith(".scale_weight")}
-    names = {k: v for k, v in chosen.items() if not k.endswith(SCALE_SUFFIXES)}
-    if len(names) < len(chosen) and not scaled:
-        odd = next(k for k in chosen if k.endswith(SCALE_SUFFIXES))
-        raise QwenTextFileError(f"{where}: {odd} without the scaled_fp8 marker; refusing to guess what it scales")
-    unused = sorted(set(scales) - {k[: -len(".weight")] for k in names})
-    if unused:
-        raise QwenTextFileError(f"{where}: {unused[0]}.scale_weight scales no weight of the encoder")
+    names, scales = split_scales(chosen, scaled, where, QwenTextFileError)
+    check_scales_used(scales, names, where, QwenTextFileError)
     shapes = {k: source.where[v][2] for k, v in names.items()}
     if config is None:
         config = config_from_shapes(shapes, where)
@@ -282,12 +216,7 @@ def _build(
         t = source.read(names[k])
         if not t.is_floating_point():
             raise QwenTextFileError(f"{where}: {k} holds {t.dtype}, not floating-point weights")
-        scale = scales.get(k[: -len(".weight")])
-        if scale is not None:
-            sc = source.read(scale).float()
-            if sc.numel() != 1 and tuple(sc.shape) not in ((shape[0],), (shape[0], 1)):
-                raise QwenTextFileError(f"{where}: {scale} is {tuple(sc.shape)}, not one scale or one per row of {k}")
-            t = t.float() * (sc if sc.numel() == 1 else sc.reshape(shape[0], 1))
+        t = scaled_weight(source, t, k, scales, where, QwenTextFileError)
         state[k] = t.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -305,7 +234,5 @@ __all__ = [
     "config_from_shapes",
     "load_qwen_text_encoder",
     "qwen_text_folder",
-    "read_json",
     "select_text_names",
-    "shard_files",
 ]

@@ -29,11 +29,9 @@ Every other layout or a tensor that does not fit is one :class:`T5FileError` lin
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -41,14 +39,19 @@ from sdengine.models.config_checks import ConfigError
 from sdengine.models.t5_text import EMBED_ALIAS, T5Config, T5Encoder
 from sdengine.nn.meta_init import skip_meta_init
 
-from .io import SAFETENSORS_SUFFIXES, SafetensorsReader, WeightsError, load_file, parse_dtype
+from .encoder_files import (
+    SCALED_FP8_MARKER,
+    TensorSource,
+    check_scales_used,
+    folder_weight_files,
+    read_json,
+    scaled_weight,
+    split_scales,
+)
+from .io import WeightsError, parse_dtype
 
 SD3_PREFIX = "text_encoders.t5xxl.transformer."  # Stability's SD3 single files
-FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-SHARD_INDEX = "model.safetensors.index.json"
 PIPELINE_COMPONENTS = ("text_encoder_3", "text_encoder_2")  # SD3's T5, Flux's T5
-SCALED_FP8_MARKER = "scaled_fp8"
-SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 IGNORED_PREFIXES = ("decoder.", "lm_head.")  # a full T5ForConditionalGeneration file's decoder half
 _BLOCK = re.compile(r"^encoder\.block\.(\d+)\.")
 MAX_DISTANCE = 128  # relative_attention_max_distance of every T5 release; not in the shapes
@@ -145,62 +148,6 @@ def config_from_shapes(
         raise T5FileError(f"{where}: {e}") from None
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise T5FileError(f"{path}: cannot read the {what} ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise T5FileError(f"{path}: the {what} is not a JSON object")
-    return data
-
-
-class _Source:
-    """The tensors of one or more files by name, read one at a time (safetensors) or from a loaded pickle."""
-
-    def __init__(self) -> None:
-        self.readers: list[SafetensorsReader] = []
-        self.where: dict[str, tuple[str, Callable[[str], torch.Tensor], tuple[int, ...]]] = {}
-
-    def add_file(self, path: Path) -> None:
-        if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-            reader = SafetensorsReader(path)
-            self.readers.append(reader)
-            for n in reader.names:
-                self._add(path, n, reader.read, reader.shape(n))
-        else:
-            sd = load_file(path)[0]
-            for n, t in sd.items():
-                self._add(path, n, sd.__getitem__, tuple(t.shape))
-
-    def _add(self, path: Path, name: str, read: Callable[[str], torch.Tensor], shape: tuple[int, ...]) -> None:
-        if name in self.where:
-            raise T5FileError(f"{path}: tensor {name} is also in {self.where[name][0]}")
-        self.where[name] = (str(path), read, shape)
-
-    def read(self, name: str) -> torch.Tensor:
-        return self.where[name][1](name)
-
-    def close(self) -> None:
-        for r in self.readers:
-            r.close()
-
-
-def shard_files(folder: Path, index_path: Path) -> list[Path]:
-    index = read_json(index_path, "shard index")
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise T5FileError(f"{index_path}: no weight_map")
-    files = []
-    for name in dict.fromkeys(weight_map.values()):
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-            raise T5FileError(f"{index_path}: shard {str(name)[:80]!r} is not a file name in this folder")
-        if not (folder / name).is_file():
-            raise T5FileError(f"{index_path}: shard {name} is missing")
-        files.append(folder / name)
-    return files
-
-
 def t5_folder(p: Path) -> Path:
     """The folder holding a T5 config: ``p`` itself, or a pipeline folder's T5 component."""
     if (p / "config.json").is_file():
@@ -208,7 +155,7 @@ def t5_folder(p: Path) -> Path:
     if (p / "model_index.json").is_file():
         for sub in PIPELINE_COMPONENTS:
             cfg = p / sub / "config.json"
-            if cfg.is_file() and read_json(cfg, "config").get("model_type") in ("t5", "mt5"):
+            if cfg.is_file() and read_json(cfg, "config", T5FileError).get("model_type") in ("t5", "mt5"):
                 return p / sub
         raise T5FileError(
             f"{p}: a diffusers pipeline folder without a T5 text encoder ({' or '.join(PIPELINE_COMPONENTS)})"
@@ -225,22 +172,17 @@ def load_t5_encoder(
     target = parse_dtype(dtype) or torch.float32
     if target not in (torch.float32, torch.float16, torch.bfloat16):
         raise T5FileError(f"T5 encoder: dtype {target} is not a compute dtype (fp32, fp16 or bf16)")
-    source = _Source()
+    source = TensorSource(T5FileError)
     config: T5Config | None = None
     try:
         if p.is_dir():
             folder = t5_folder(p)
             cfg_path = folder / "config.json"
             try:
-                config = T5Config.from_transformers(read_json(cfg_path, "config"))
+                config = T5Config.from_transformers(read_json(cfg_path, "config", T5FileError))
             except (ConfigError, TypeError) as e:
                 raise T5FileError(f"{cfg_path}: {e}") from None
-            if (folder / SHARD_INDEX).is_file():
-                files = shard_files(folder, folder / SHARD_INDEX)
-            else:
-                files = [folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()][:1]
-            if not files:
-                raise T5FileError(f"{folder}: no {SHARD_INDEX} or {' or '.join(FOLDER_WEIGHTS)}")
+            files = folder_weight_files(folder, T5FileError)
             where = str(folder)
         elif p.is_file():
             files, where = [p], str(p)
@@ -256,14 +198,10 @@ def load_t5_encoder(
 
 
 def _build(
-    source: _Source, where: str, config: T5Config | None, target: torch.dtype, device: torch.device
+    source: TensorSource, where: str, config: T5Config | None, target: torch.dtype, device: torch.device
 ) -> T5Encoder:
     names, scaled = select_t5_names(list(source.where), where)
-    scales = {k[: -len(".scale_weight")]: v for k, v in names.items() if k.endswith(".scale_weight")}
-    weights = {k: v for k, v in names.items() if not k.endswith(SCALE_SUFFIXES)}
-    if len(weights) < len(names) and not scaled:
-        odd = next(k for k in names if k.endswith(SCALE_SUFFIXES))
-        raise T5FileError(f"{where}: {odd} without the scaled_fp8 marker; refusing to guess what it scales")
+    weights, scales = split_scales(names, scaled, where, T5FileError)
     if EMBED_ALIAS in weights and "shared.weight" in weights:
         del weights[EMBED_ALIAS]  # the same table twice (transformers ties them)
     elif EMBED_ALIAS in weights:
@@ -289,9 +227,7 @@ def _build(
     extra = sorted(set(weights) - set(expected))
     if extra:
         raise T5FileError(f"{where}: unexpected T5 encoder keys: {', '.join(extra[:4])}")
-    unused = sorted(set(scales) - {k[: -len(".weight")] for k in weights})
-    if unused:
-        raise T5FileError(f"{where}: {unused[0]}.scale_weight scales no weight of the encoder")
+    check_scales_used(scales, weights, where, T5FileError)
     state = {}
     for k, shape in expected.items():
         t = source.read(weights[k])
@@ -300,12 +236,7 @@ def _build(
         if not t.is_floating_point():
             raise T5FileError(f"{where}: {k} holds {t.dtype}, not floating-point weights")
         keep = torch.float32 if target == torch.float16 and k.endswith("DenseReluDense.wo.weight") else target
-        scale = scales.get(k[: -len(".weight")])
-        if scale is not None:
-            s = source.read(scale).float()
-            if s.numel() != 1 and tuple(s.shape) not in ((shape[0],), (shape[0], 1)):
-                raise T5FileError(f"{where}: {scale} is {tuple(s.shape)}, not one scale or one per row of {k}")
-            t = t.float() * (s if s.numel() == 1 else s.reshape(shape[0], 1))
+        t = scaled_weight(source, t, k, scales, where, T5FileError)
         state[k] = t.to(device=device, dtype=keep)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -317,8 +248,6 @@ __all__ = [
     "T5FileError",
     "config_from_shapes",
     "load_t5_encoder",
-    "read_json",
     "select_t5_names",
-    "shard_files",
     "t5_folder",
 ]
