@@ -9,13 +9,16 @@ Every function takes the loader's own error class, so a bad file is that loader'
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .io import SAFETENSORS_SUFFIXES, SafetensorsReader, WeightsError, load_file
+from sdengine.models.config_checks import ConfigError
+
+from .io import SAFETENSORS_SUFFIXES, SafetensorsReader, WeightsError, load_file, parse_dtype
 
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a transformers folder's one weights file
 SHARD_INDEX = "model.safetensors.index.json"
@@ -95,6 +98,43 @@ def folder_weight_files(folder: Path, error: Error) -> list[Path]:
     return files
 
 
+def compute_dtype(dtype: str | torch.dtype | None, what: str, error: Error) -> torch.dtype:
+    """The dtype an encoder is loaded in (default float32, whatever the file holds): fp32, fp16 or bf16."""
+    target = parse_dtype(dtype) or torch.float32
+    if target not in (torch.float32, torch.float16, torch.bfloat16):
+        raise error(f"{what}: dtype {target} is not a compute dtype (fp32, fp16 or bf16)")
+    return target
+
+
+@contextmanager
+def encoder_tensors(
+    path: Path, what: str, folder_of: Callable[[Path], Path], config_of: Callable[[dict[str, Any]], Any], error: Error
+) -> Iterator[tuple[TensorSource, Any, str]]:
+    """(the tensors, the config or None, where) of an encoder file or folder, the files closed on leaving: a folder
+    (``folder_of`` finds the one holding ``config.json``; ``config_of`` reads it) with its weights or shards, or one
+    file (no config: the loader reads it from the shapes)."""
+    source = TensorSource(error)
+    config = None
+    try:
+        if path.is_dir():
+            folder = folder_of(path)
+            cfg_path = folder / "config.json"
+            try:
+                config = config_of(read_json(cfg_path, "config", error))
+            except (ConfigError, TypeError) as e:
+                raise error(f"{cfg_path}: {e}") from None
+            files, where = folder_weight_files(folder, error), str(folder)
+        elif path.is_file():
+            files, where = [path], str(path)
+        else:
+            raise error(f"{path}: no such {what} file or folder")
+        for f in files:
+            source.add_file(f)
+        yield source, config, where
+    finally:
+        source.close()
+
+
 def split_scales(
     names: Mapping[str, str], scaled: bool, where: str, error: Error
 ) -> tuple[dict[str, str], dict[str, str]]:
@@ -137,6 +177,8 @@ __all__ = [
     "SHARD_INDEX",
     "TensorSource",
     "check_scales_used",
+    "compute_dtype",
+    "encoder_tensors",
     "folder_weight_files",
     "read_json",
     "scaled_weight",

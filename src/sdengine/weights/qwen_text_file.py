@@ -44,12 +44,12 @@ from .encoder_files import (
     SCALED_FP8_MARKER,
     TensorSource,
     check_scales_used,
-    folder_weight_files,
-    read_json,
+    compute_dtype,
+    encoder_tensors,
     scaled_weight,
     split_scales,
 )
-from .io import WeightsError, parse_dtype
+from .io import WeightsError
 
 PIPELINE_COMPONENT = "text_encoder"  # Qwen-Image's text encoder folder in a diffusers pipeline folder
 PREFIXES = ("model.language_model.", "model.", "")  # tried in this order; see the module docstring
@@ -153,30 +153,12 @@ def load_qwen_text_encoder(
     """Qwen2.5-VL's language model from a file or folder (see the module docstring) in ``dtype`` (default float32,
     whatever the file holds; Qwen-Image's pipeline runs it in bfloat16) on ``device``."""
     p = Path(path)
-    target = parse_dtype(dtype) or torch.float32
-    if target not in (torch.float32, torch.float16, torch.bfloat16):
-        raise QwenTextFileError(f"Qwen text encoder: dtype {target} is not a compute dtype (fp32, fp16 or bf16)")
-    source = TensorSource(QwenTextFileError)
-    config: QwenTextConfig | None = None
-    try:
-        if p.is_dir():
-            folder = qwen_text_folder(p)
-            cfg_path = folder / "config.json"
-            try:
-                config = QwenTextConfig.from_transformers(read_json(cfg_path, "config", QwenTextFileError))
-            except (ConfigError, TypeError) as e:
-                raise QwenTextFileError(f"{cfg_path}: {e}") from None
-            files = folder_weight_files(folder, QwenTextFileError)
-            where = str(folder)
-        elif p.is_file():
-            files, where = [p], str(p)
-        else:
-            raise QwenTextFileError(f"{p}: no such Qwen text encoder file or folder")
-        for f in files:
-            source.add_file(f)
+    target = compute_dtype(dtype, "Qwen text encoder", QwenTextFileError)
+    opened = encoder_tensors(
+        p, "Qwen text encoder", qwen_text_folder, QwenTextConfig.from_transformers, QwenTextFileError
+    )
+    with opened as (source, config, where):
         model = _build(source, where, config, target, torch.device(device))
-    finally:
-        source.close()
     model.name = p.name
     return model
 

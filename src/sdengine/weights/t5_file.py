@@ -43,12 +43,13 @@ from .encoder_files import (
     SCALED_FP8_MARKER,
     TensorSource,
     check_scales_used,
-    folder_weight_files,
+    compute_dtype,
+    encoder_tensors,
     read_json,
     scaled_weight,
     split_scales,
 )
-from .io import WeightsError, parse_dtype
+from .io import WeightsError
 
 SD3_PREFIX = "text_encoders.t5xxl.transformer."  # Stability's SD3 single files
 PIPELINE_COMPONENTS = ("text_encoder_3", "text_encoder_2")  # SD3's T5, Flux's T5
@@ -169,30 +170,10 @@ def load_t5_encoder(
     """A T5 encoder from a file or folder (see the module docstring) in ``dtype`` (default float32, whatever the file
     holds) on ``device``; in float16 the feed-forward output weights stay float32 (:meth:`T5Encoder.set_dtype`)."""
     p = Path(path)
-    target = parse_dtype(dtype) or torch.float32
-    if target not in (torch.float32, torch.float16, torch.bfloat16):
-        raise T5FileError(f"T5 encoder: dtype {target} is not a compute dtype (fp32, fp16 or bf16)")
-    source = TensorSource(T5FileError)
-    config: T5Config | None = None
-    try:
-        if p.is_dir():
-            folder = t5_folder(p)
-            cfg_path = folder / "config.json"
-            try:
-                config = T5Config.from_transformers(read_json(cfg_path, "config", T5FileError))
-            except (ConfigError, TypeError) as e:
-                raise T5FileError(f"{cfg_path}: {e}") from None
-            files = folder_weight_files(folder, T5FileError)
-            where = str(folder)
-        elif p.is_file():
-            files, where = [p], str(p)
-        else:
-            raise T5FileError(f"{p}: no such T5 encoder file or folder")
-        for f in files:
-            source.add_file(f)
+    target = compute_dtype(dtype, "T5 encoder", T5FileError)
+    opened = encoder_tensors(p, "T5 encoder", t5_folder, T5Config.from_transformers, T5FileError)
+    with opened as (source, config, where):
         model = _build(source, where, config, target, torch.device(device))
-    finally:
-        source.close()
     model.name = p.name
     return model
 
