@@ -78,15 +78,17 @@ def test_img2img_unit_takes_the_init_image_and_the_request_mask(served):
     picture, mask = _picture(2), _mask()
 
     def img2img(units: list) -> Any:
-        return api.img2img(images=[picture], mask_image=mask, mask_blur=0, denoising_strength=1.0, prompt=PROMPT,
-                           negative_prompt=NEGATIVE, controlnet_units=units, resize_mode=0, image_cfg_scale=None,
-                           override_settings={"sd_model_checkpoint": "tiny-sd3"}, **KW)  # fmt: skip
+        return api.img2img(images=[picture], mask_image=mask, mask_blur=0, inpainting_fill=1, denoising_strength=1.0,
+                           prompt=PROMPT, negative_prompt=NEGATIVE, controlnet_units=units, resize_mode=0,
+                           image_cfg_scale=None, override_settings={"sd_model_checkpoint": "tiny-sd3"}, **KW)  # fmt: skip
 
     r = img2img([webuiapi.ControlNetUnit(module="none", model="sd3-inpaint", resize_mode="Just Resize")])
-    # the same as the unit given that picture and mask itself (that unit equals the pipeline's: test above)
-    own = webuiapi.ControlNetUnit(image=picture, mask=mask, module="none", model="sd3-inpaint",
-                                  resize_mode="Just Resize")  # fmt: skip
+    # the same as the unit (on the init image) given that mask itself, another mask another image
+    own = webuiapi.ControlNetUnit(mask=mask, module="none", model="sd3-inpaint", resize_mode="Just Resize")
     np.testing.assert_array_equal(_arr(r.image), _arr(img2img([own]).image))
+    moved = webuiapi.ControlNetUnit(mask=mask.transpose(0), module="none", model="sd3-inpaint",
+                                    resize_mode="Just Resize")  # fmt: skip
+    assert not np.array_equal(_arr(r.image), _arr(img2img([moved]).image))
     assert not np.array_equal(_arr(r.image), _arr(img2img([]).image))
 
 
