@@ -80,7 +80,8 @@ def test_img2img_unit_takes_the_init_image_and_the_request_mask(served):
     def img2img(units: list) -> Any:
         return api.img2img(images=[picture], mask_image=mask, mask_blur=0, inpainting_fill=1, denoising_strength=1.0,
                            prompt=PROMPT, negative_prompt=NEGATIVE, controlnet_units=units, resize_mode=0,
-                           image_cfg_scale=None, override_settings={"sd_model_checkpoint": "tiny-sd3"}, **KW)  # fmt: skip
+                           image_cfg_scale=None, override_settings={"sd_model_checkpoint": "tiny-sd3"},
+                           **KW)  # fmt: skip
 
     r = img2img([webuiapi.ControlNetUnit(module="none", model="sd3-inpaint", resize_mode="Just Resize")])
     # the same as the unit (on the init image) given that mask itself, another mask another image

@@ -12,7 +12,6 @@ import pytest
 pytest.importorskip("diffusers")
 
 import test_comfy_sd3_flux as base  # noqa: E402
-from _emoji_models import TINY_EMOJI_UNET  # noqa: E402
 from sdengine.pipeline.control import ControlUnit  # noqa: E402
 from test_comfy_dit_controlnet import _fails, _ref, _run, sd3_cn_graph  # noqa: E402
 from test_comfy_sd3_flux import TOL, _pipeline_image, _pixels  # noqa: E402
@@ -36,6 +35,7 @@ def sd3_inpaint(sd3):
     root, pipe = sd3
     cns = root / "controlnets"
     _controlnet(root / "sd3-folder", cns / "sd3-inpaint", 33, extra_conditioning_channels=1)
+    _controlnet(root / "sd3-folder", cns / "sd3-plain", 34)
     (root / "in").mkdir(exist_ok=True)
     _picture(16, 16, 5).save(root / "in" / "photo.png")
     _mask_picture().save(root / "in" / "mask.png")
@@ -48,7 +48,8 @@ def _graph(mask: bool = True, name: str = "sd3-inpaint", **apply: Any) -> dict:
     if mask:
         g["m"] = {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}}
         inputs = {"positive": ["3", 0], "negative": ["4", 0], "control_net": ["c", 0], "vae": ["1", 2],
-                  "image": ["h", 0], "mask": ["m", 0], "strength": 0.9, "start_percent": 0.0, "end_percent": 1.0}  # fmt: skip
+                  "image": ["h", 0], "mask": ["m", 0], "strength": 0.9, "start_percent": 0.0,
+                  "end_percent": 1.0}  # fmt: skip
         inputs.update(apply)
         g["a"] = {"class_type": "ControlNetInpaintingAliMamaApply", "inputs": inputs}
     return g
@@ -71,9 +72,10 @@ def test_inpainting_workflow_equals_the_pipeline(sd3_inpaint):
 
 def test_refusals_are_one_line(sd3_inpaint):
     root, pipe = sd3_inpaint
-    assert "inpainting ControlNet" in _fails(root, _graph(mask=False), _ref(root, pipe))  # through ApplyAdvanced
-    assert "not an inpainting ControlNet" in _fails(root, _graph(name="sd3-cn"), _ref(root, pipe))
+    msg = _fails(root, _graph(mask=False), _ref(root, pipe))  # through ControlNetApplyAdvanced: no mask
+    assert "apply it with ControlNetInpaintingAliMamaApply" in msg
+    assert "not an inpainting ControlNet" in _fails(root, _graph(name="sd3-plain"), _ref(root, pipe))
     g = _graph()
-    g["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_EMOJI_UNET}}
+    g["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}}
     g["5"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 16, "height": 16, "batch_size": 1}}
     assert "this model is a U-Net" in _fails(root, g)

@@ -27,8 +27,9 @@ nodes as the U-Nets, and so does sdengine:
 
 * ControlNets: ControlNetLoader on an SD3 / Flux ControlNet (a diffusers folder or one ``.safetensors`` in
   diffusers' names, :mod:`sdengine.control.dit_files`), ControlNetApplyAdvanced with its ``vae`` (or ComfyUI's
-  deprecated ControlNetApplySD3) and SetUnionControlNetType for a Flux Union ControlNet: the sampler runs the
-  transformer with the ControlNets' residuals as the Python pipeline does (:mod:`sdengine.pipeline.dit_control`:
+  deprecated ControlNetApplySD3), SetUnionControlNetType for a Flux Union ControlNet and
+  ControlNetInpaintingAliMamaApply for an SD3 inpainting ControlNet (its MASK prepared as the pipeline does): the
+  sampler runs the transformer with the ControlNets' residuals as the Python pipeline does (:mod:`sdengine.pipeline.dit_control`:
   the hint encoded by the given VAE, its posterior's mean scaled in), each unit acting at the model calls whose
   sigma lies in its start/end window (ComfyUI's percent_to_sigma rule, judged at every call).
 
@@ -1354,6 +1355,8 @@ def _controlled_flow(
             )  # fmt: skip
         except SdengineError as e:
             first = re.sub(r"^ControlNet \d+: ", "", str(e).splitlines()[0])
+            if hint.mask is None and "is an SD3 inpainting ControlNet" in first:
+                first = "an SD3 inpainting ControlNet: apply it with ControlNetInpaintingAliMamaApply (its mask)"
             raise NodeError(f"ControlNet {name}: {first}") from None
         units.extend(built.units)
         sched = flow.schedule
