@@ -31,7 +31,8 @@ nodes as the U-Nets, and so does sdengine:
   ControlNetInpaintingAliMamaApply for an SD3 inpainting ControlNet (its MASK prepared as the pipeline does): the
   sampler runs the transformer with the ControlNets' residuals as the Python pipeline does
   (:mod:`sdengine.pipeline.dit_control`: the hint encoded by the given VAE, its posterior's mean scaled in), each
-  unit acting at the model calls whose sigma lies in its start/end window (ComfyUI's percent_to_sigma rule, judged at every call).
+  unit acting at the model calls whose sigma lies in its start/end window (ComfyUI's percent_to_sigma rule, judged
+  at every call).
 
 * FLUX.1 Kontext: ReferenceLatent puts a LATENT's raw samples on the conditioning (chained: several); the sampler
   hands them, scaled in, to the Flux transformer, whose tokens after the image's they become
