@@ -204,3 +204,41 @@ def test_a_depth_canny_model_takes_a_photo_with_the_canny_preprocessor(page, cli
     expected, infotext = api_image(client, body)
     np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
     assert params == infotext
+
+
+def test_sd3_shows_pag_and_sends_it(page, client):
+    # PAG (U-Nets and SD3's MMDiT): shown for SD3 with the MMDiT's default layers, the U-Net sections hidden
+    assert page.is_visible("#pag_scale") and page.input_value("#pag_layers") == "mid"  # the emoji model's
+    page.select_option("#model", "tiny-sd3")
+    assert page.is_visible("#pag_scale") and page.is_visible("#pag_layers") and page.is_hidden("#sag_scale")
+    for sel in U_NET_ONLY:
+        assert page.is_hidden(sel), sel
+    assert page.input_value("#pag_layers") == "blocks.1"
+    for sel, value in (("#prompt", "a red apple"), ("#steps", "3"), ("#seed", "2"), ("#width", "32"),
+                       ("#height", "32"), ("#pag_scale", "3")):  # fmt: skip
+        page.fill(sel, value)
+    page.click("#generate")
+    params = wait_result(page)
+    assert "PAG scale: 3" in params, params
+    body = {"model": "tiny-sd3", "prompt": "a red apple", "steps": 3, "seed": 2, "width": 32, "height": 32}
+    body |= {"pag_scale": 3.0, "pag_layers": "blocks.1"}
+    for field in ("sampler", "schedule", "negative_prompt"):
+        body[field] = page.input_value(f"#{field}")
+    body["cfg_scale"] = float(page.input_value("#cfg_scale"))
+    expected, infotext = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext
+    plain, _ = api_image(client, {k: v for k, v in body.items() if not k.startswith("pag")})
+    assert not np.array_equal(expected, plain)  # PAG changed the image
+    # a layer the MMDiT does not have: the server's line at the layers' input
+    page.fill("#pag_layers", "mid_block")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-pag_layers').textContent !== ''")
+    assert "matches no" in shown_errors(page)["err-pag_layers"], shown_errors(page)
+    # Flux takes no PAG: hidden; back on the emoji model the U-Net's default layers
+    page.fill("#pag_layers", "blocks.1")
+    page.select_option("#model", "tiny-flux")
+    assert page.is_hidden("#pag_scale")
+    page.select_option("#model", "emoji")
+    assert page.is_visible("#pag_scale") and page.input_value("#pag_layers") == "mid"
+    page.fill("#pag_scale", "0")

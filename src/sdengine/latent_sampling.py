@@ -76,6 +76,9 @@ class ControlHint:
     vae: Any = None
     # SetUnionControlNetType's type number (ComfyUI's UNION_CONTROLNET_TYPES), None: "auto" / not set
     union_type: int | None = None
+    # ControlNetInpaintingAliMamaApply's MASK ((H, W) or (1, H, W) in [0, 1], 1 = repaint): an SD3 inpainting
+    # ControlNet's (sdengine.pipeline.dit_control prepares it as diffusers does)
+    mask: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,11 @@ def encode_text(pipe: Any, text: str, clip_skip: int = 1) -> TextCondition:
 def same_hint(a: ControlHint, b: ControlHint) -> bool:
     same = (a.model, a.strength, a.start, a.end, a.vae, a.union_type) == (
         b.model, b.strength, b.start, b.end, b.vae, b.union_type)  # fmt: skip
+    if (a.mask is None) != (b.mask is None) or (
+        a.mask is not None and b.mask is not None
+        and (a.mask.shape != b.mask.shape or not bool(torch.equal(a.mask, b.mask)))
+    ):  # fmt: skip
+        return False
     return same and tuple(a.image.shape) == tuple(b.image.shape) and bool(torch.equal(a.image, b.image))
 
 

@@ -188,8 +188,36 @@ def read_dit_controlnet(path: str | Path) -> DiTControlNet:
         raise ControlNetError(f"ControlNet {p.name}: {e}") from None
 
 
+def is_sd3_inpainting_controlnet(path: str | Path) -> bool:
+    """Whether ``path`` holds an SD3 inpainting ControlNet (``extra_conditioning_channels`` 1: its unit takes a
+    mask), read from a folder's ``config.json`` or a single file's header (no tensor loaded). False for anything
+    else, unreadable files included (their load says what is wrong)."""
+    from sdengine.weights.io import read_safetensors_header
+
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raw = json.loads((p / "config.json").read_text())
+            return (
+                isinstance(raw, dict)
+                and raw.get("_class_name") == "SD3ControlNetModel"
+                and raw.get("extra_conditioning_channels") == 1
+            )
+        if p.suffix.lower() != ".safetensors":
+            return False
+        entries, _, _ = read_safetensors_header(p)
+    except (OSError, ValueError, WeightsError):
+        return False
+    w_in, proj = entries.get("pos_embed_input.proj.weight"), entries.get("pos_embed.proj.weight")
+    if not isinstance(w_in, dict) or not isinstance(proj, dict):
+        return False
+    shape_in, shape = w_in.get("shape") or [], proj.get("shape") or []
+    return len(shape_in) == 4 and len(shape) == 4 and shape_in[1] - shape[1] == 1
+
+
 __all__ = [
     "DiTControlNet",
+    "is_sd3_inpainting_controlnet",
     "dit_controlnet_kind",
     "flux_config_from_weights",
     "read_dit_controlnet",

@@ -4,7 +4,7 @@ Requests use A1111's field names and defaults; each is mapped onto :func:`~sdeng
 build_generation`. What sdengine cannot do is never silently dropped: request fields that would change the image
 but are not implemented (``restore_faces``, ``latent_mask``, ``resize_mode`` 3, ...) are a 422 naming the field
 (:func:`refuse_unsupported`); fields A1111 does not read in that request (hires-fix fields on img2img, ...), fields
-it does not have, and a ControlNet unit's settings that are not done (its own ``mask``, ...) are listed in
+it does not have, and a ControlNet unit's settings that are not done (a U-Net unit's ``mask``, ...) are listed in
 ``info["ignored"]`` of the response.
 
 ``interrupt`` and ``skip`` without a body act on the running jobs that came through this API (never on a
@@ -1603,6 +1603,8 @@ def control_units(
     ignored: list[str],
     detect_maps: list[int] | None = None,
     ip_units: list[IPAdapterRequest] | None = None,
+    init_mask: str | None = None,
+    inpaint_masks: dict[int, str] | None = None,
 ) -> tuple[list[ControlRequest], list[tuple[int, int]], dict[int, int]]:
     """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units (each with its ``control_mode``), each
     unit's (index, resize mode number; a unit without one has the extension's default, "Crop and Resize"), and
@@ -1612,7 +1614,10 @@ def control_units(
     ``save_detected_map``, true by default). ``ip_units``: filled with the units whose module is one of the
     extension's IP-Adapter preprocessors (:data:`sdengine.server.ip_adapters.A1111_MODULES`), as IP-Adapter
     requests (``weight`` the scale, the module the CLIP vision family; the model as sent); without it such a
-    module is unknown."""
+    module is unknown. ``inpaint_masks``: filled with each unit's mask's label (by its place in the units; ""
+    for ``init_mask``, img2img's mask, taken with the init image by a unit without an image of its own), the
+    mask set on the unit (an SD3 inpainting ControlNet's, :func:`keep_inpaint_masks`); without it a unit's mask
+    is listed as ignored."""
     if args is None:
         return [], [], {}
     if not isinstance(args, list):
@@ -1627,24 +1632,33 @@ def control_units(
         if not u.get("enabled", True):
             continue
         image = u.get("image") or u.get("input_image")  # the extension's old name, also beside "image": null
+        # the unit's mask: its mask_image (webuiapi's ControlNetUnit.mask sends "mask"), else its image's mask;
+        # an SD3 inpainting ControlNet's mask (unit_masks), listed as ignored on any other unit (inpaint_masks)
+        mask: tuple[str, str] | None = None
         if isinstance(image, dict):
             if image.get("mask"):
-                ignored.append(f"controlnet.args[{k}].image.mask")
+                mask = (image["mask"], f"controlnet.args[{k}].image.mask")
             image = image.get("image")
-        for key in ("mask", "mask_image"):  # the unit's own mask (webuiapi's ControlNetUnit.mask): not done
+        for key in ("mask", "mask_image"):
             if u.get(key):
-                ignored.append(f"controlnet.args[{k}].{key}")
+                mask = (u[key], f"controlnet.args[{k}].{key}")
         for key, value in u.items():  # the extension's other settings (advanced_weighting, ipadapter_input, ...)
             if key not in UNIT_KEYS and value not in (None, False, "", [], {}):
                 ignored.append(f"controlnet.args[{k}].{key}")
         if not image:
             if init is None:
                 raise BadRequest(f"ControlNet unit {k}: no image (txt2img units need one)")
-            image = init  # A1111's extension uses the img2img init image then
+            image = init  # A1111's extension uses the img2img init image then, and the img2img mask with it
+            if init_mask and mask is None:
+                mask = (init_mask, "")
         if not isinstance(image, str):
             raise BadRequest(f"ControlNet unit {k}: image must be a base64 string")
         model = u.get("model")
         module = str(u.get("module") or "none").strip().lower()
+        if mask is not None and (module in REFERENCE_MODULES or (module in A1111_MODULES and ip_units is not None)):
+            if mask[1]:
+                ignored.append(mask[1])
+            mask = None
         if module in REFERENCE_MODULES:  # the extension's reference units: no model, the image as it is
             units.append(reference_unit(u, k, image, ignored))
             resize = _unit_control(u.get("resize_mode", 1), RESIZE_MODES, f"ControlNet unit {k}: resize_mode")
@@ -1707,6 +1721,13 @@ def control_units(
             raise BadRequest(f"ControlNet unit {k}: save_detected_map must be true or false, got {save!r}")
         if save and detect_maps is not None:
             detect_maps.append(len(units))
+        if mask is not None:
+            if inpaint_masks is None:
+                if mask[1]:
+                    ignored.append(mask[1])
+                mask = None
+            else:
+                inpaint_masks[len(units)] = mask[1]
         units.append(
             ControlRequest(
                 model=model,
@@ -1722,9 +1743,41 @@ def control_units(
                 # high_res_fix_forced_soft_injection; "ControlNet is more important" keeps its conditional rows)
                 hires_mode="prompt" if MODULES[module] == "canny" and mode == CONTROL_MODES[0] else None,
                 union_mode=union,
+                mask=None if mask is None else mask[0],
             )
         )
     return units, resizes, processor_res
+
+
+def keep_inpaint_masks(
+    units: list[ControlRequest],
+    inpaint_masks: dict[int, str],
+    resolve: Callable[[str], Path],
+    ignored: list[str],
+    inverted: bool = False,
+) -> list[ControlRequest]:
+    """The units whose mask (:func:`control_units`' ``inpaint_masks``) is an SD3 inpainting ControlNet's keep it;
+    the others lose it, listed in ``ignored`` (the extension's inpaint masks of U-Net units are not done). A
+    model that does not resolve keeps it: its build says what is wrong. ``inverted``: img2img's
+    ``inpainting_mask_invert``, refused on an inpainting unit that takes the img2img mask."""
+    from sdengine.control.dit_files import is_sd3_inpainting_controlnet
+
+    out = list(units)
+    for i, label in inpaint_masks.items():
+        try:
+            inpaint = is_sd3_inpainting_controlnet(resolve(out[i].model))
+        except SdengineError:
+            continue
+        if not inpaint:
+            out[i] = dataclasses.replace(out[i], mask=None)
+            if label:
+                ignored.append(label)
+        elif inverted and not label:
+            raise BadRequest(
+                f"ControlNet unit {i}: inpainting_mask_invert with an SD3 inpainting ControlNet that takes the "
+                "img2img mask is not supported: give the unit its own mask (mask_image, white = repaint)"
+            )
+    return out
 
 
 def union_control_type(value: Any, k: int) -> int | None:
@@ -2119,7 +2172,13 @@ def install(app: FastAPI, services: Any) -> None:
         unit_args = (cn or {}).get("args")
         detect_maps: list[int] = []
         ip_requests: list[IPAdapterRequest] = []
-        units, resizes, processor_res = control_units(unit_args, init, ignored, detect_maps, ip_requests)
+        inpaint_masks: dict[int, str] = {}
+        init_mask = body.get("mask") if init is not None else None
+        units, resizes, processor_res = control_units(
+            unit_args, init, ignored, detect_maps, ip_requests, init_mask, inpaint_masks
+        )
+        inverted = bool(body.get("inpainting_mask_invert"))
+        units = keep_inpaint_masks(units, inpaint_masks, catalog.resolve_controlnet, ignored, inverted)
         ip_requests = [dataclasses.replace(r, model=ip_adapter_name(r.model)) for r in ip_requests]
         if notes is not None and any((r.start, r.end) != (0.0, 1.0) for r in ip_requests):
             notes.append(

@@ -27,10 +27,12 @@ nodes as the U-Nets, and so does sdengine:
 
 * ControlNets: ControlNetLoader on an SD3 / Flux ControlNet (a diffusers folder or one ``.safetensors`` in
   diffusers' names, :mod:`sdengine.control.dit_files`), ControlNetApplyAdvanced with its ``vae`` (or ComfyUI's
-  deprecated ControlNetApplySD3) and SetUnionControlNetType for a Flux Union ControlNet: the sampler runs the
-  transformer with the ControlNets' residuals as the Python pipeline does (:mod:`sdengine.pipeline.dit_control`:
-  the hint encoded by the given VAE, its posterior's mean scaled in), each unit acting at the model calls whose
-  sigma lies in its start/end window (ComfyUI's percent_to_sigma rule, judged at every call).
+  deprecated ControlNetApplySD3), SetUnionControlNetType for a Flux Union ControlNet and
+  ControlNetInpaintingAliMamaApply for an SD3 inpainting ControlNet (its MASK prepared as the pipeline does): the
+  sampler runs the transformer with the ControlNets' residuals as the Python pipeline does
+  (:mod:`sdengine.pipeline.dit_control`: the hint encoded by the given VAE, its posterior's mean scaled in), each
+  unit acting at the model calls whose sigma lies in its start/end window (ComfyUI's percent_to_sigma rule, judged
+  at every call).
 
 * FLUX.1 Kontext: ReferenceLatent puts a LATENT's raw samples on the conditioning (chained: several); the sampler
   hands them, scaled in, to the Flux transformer, whose tokens after the image's they become
@@ -1176,6 +1178,42 @@ def controlnet_apply_sd3(
     )
 
 
+def controlnet_inpainting_alimama_apply(
+    ctx: RunContext,
+    positive: list[Any],
+    negative: list[Any],
+    control_net: Any,
+    vae: Any,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    strength: float,
+    start_percent: float,
+    end_percent: float,
+) -> tuple[Any, ...]:
+    """ComfyUI's ControlNetInpaintingAliMamaApply: an SD3 inpainting ControlNet's hint (the picture to inpaint)
+    with its MASK (1 = repaint) on both conditionings. The picture and mask are prepared as the Python pipeline
+    (diffusers) prepares them, not as ComfyUI does (see comfyui.md)."""
+    from sdengine.server.comfy.nodes import controlnet_apply_advanced
+
+    if strength == 0:  # no hint added (ControlNetApplyAdvanced's shortcut)
+        return positive, negative
+    m = torch.as_tensor(mask).float()
+    if m.ndim == 3 and m.shape[0] == 1:
+        m = m[0]
+    if m.ndim != 2:
+        raise NodeError(
+            f"ControlNetInpaintingAliMamaApply: one mask (H, W) serves every row, got a mask of shape {tuple(m.shape)}"
+        )
+    pos, neg = controlnet_apply_advanced(
+        ctx, positive, negative, control_net, image, strength, start_percent, end_percent, vae
+    )
+
+    def masked(entries: list[Any]) -> list[Any]:  # the hint just added (the last) takes the mask
+        return [replace(c, controls=(*c.controls[:-1], replace(c.controls[-1], mask=m))) for c in entries]
+
+    return masked(pos), masked(neg)
+
+
 def _sigma_windowed(controlled: Any, windows: list[tuple[float, float]], sigmas: torch.Tensor) -> Any:
     """The ControlledDiT with each unit on at the model calls whose sigma lies in its ``(low, high)`` window
     (ComfyUI's ControlBase: off where sigma > percent_to_sigma(start) or sigma < percent_to_sigma(end)), judged
@@ -1317,7 +1355,7 @@ def _controlled_flow(
             p = next(vae.parameters())
             return encode_moments(vae, images.to(device=p.device, dtype=p.dtype) * 2.0 - 1.0).mean
 
-        unit = ControlUnit(cn, hint.image, float(hint.strength), union_mode=hint.union_type)
+        unit = ControlUnit(cn, hint.image, float(hint.strength), union_mode=hint.union_type, mask=hint.mask)
         try:
             built = build_controlled_dit(
                 net, [unit], family=family, encode=encode, vae_factors=(scale, shift), width=w * factor,
@@ -1325,6 +1363,8 @@ def _controlled_flow(
             )  # fmt: skip
         except SdengineError as e:
             first = re.sub(r"^ControlNet \d+: ", "", str(e).splitlines()[0])
+            if hint.mask is None and "is an SD3 inpainting ControlNet" in first:
+                first = "an SD3 inpainting ControlNet: apply it with ControlNetInpaintingAliMamaApply (its mask)"
             raise NodeError(f"ControlNet {name}: {first}") from None
         units.extend(built.units)
         sched = flow.schedule
@@ -1558,6 +1598,32 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         "(a Flux Union ControlNet of InstantX / Shakker-Labs reads it in its own order: canny 0, tile 1, depth 2, "
         "blur 3, pose 4, gray 5, lq 6). A Union ControlNet needs one (auto: a node error when it samples); U-Net "
         "Union ControlNets (ControlNet++) are not supported.",
+    ),
+    "ControlNetInpaintingAliMamaApply": NodeDef(
+        "ControlNetInpaintingAliMamaApply",
+        "Apply ControlNet (Inpainting AliMama)",
+        "conditioning/controlnet",
+        (
+            Input("positive", "CONDITIONING"),
+            Input("negative", "CONDITIONING"),
+            Input("control_net", "CONTROL_NET"),
+            Input("vae", "VAE"),
+            Input("image", "IMAGE"),
+            Input("mask", "MASK"),
+            Input("strength", "FLOAT", 1.0, 0.0, 10.0, 0.01),
+            Input("start_percent", "FLOAT", 0.0, 0.0, 1.0, 0.001),
+            Input("end_percent", "FLOAT", 1.0, 0.0, 1.0, 0.001),
+        ),
+        ("CONDITIONING", "CONDITIONING"),
+        controlnet_inpainting_alimama_apply,
+        output_names=("positive", "negative"),
+        description="An SD3 inpainting ControlNet (Alimama's, extra_conditioning_channels 1) with the picture to "
+        "inpaint and its MASK (1 = repaint), on an SD3 model. Prepared as the Python pipeline (diffusers' "
+        "StableDiffusion3ControlNetInpaintingPipeline) prepares it, not as ComfyUI does: the mask resized as the "
+        "picture and cut at 0.5 (ComfyUI: bilinear, rounded), the masked pixels black (as ComfyUI), the mask taken "
+        "to the latent's size by nearest and inverted (1 = keep) as its extra channel, the hint's latent shifted "
+        "and scaled as diffusers does. One mask for every row; a mask on another ControlNet, an inpainting "
+        "ControlNet through ControlNetApplyAdvanced, or this node on a U-Net model: a node error.",
     ),
     "ControlNetApplySD3": NodeDef(
         "ControlNetApplySD3",

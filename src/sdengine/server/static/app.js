@@ -791,7 +791,7 @@ function applyInfotext(text) {
   if (f["CFG scale"]) put("cfg_scale", parseFloat(f["CFG scale"]));
   // sdengine's perturbed-attention guidance: as the image has it, else off (its layers "mid" unless named)
   put("pag_scale", f["PAG scale"] ? parseFloat(f["PAG scale"]) : 0);
-  put("pag_layers", (f["PAG layers"] || "mid").trim());
+  put("pag_layers", (f["PAG layers"] || pagDefault(familyOf(f.Model || $("model").value))).trim());
   // the model family's own: Forge's "Distilled CFG Scale" (Flux), "Shift" and sdengine's skip-layer guidance (SD3);
   // empty (the model's own) when the image has none
   put("distilled_cfg_scale", f["Distilled CFG Scale"] ? parseFloat(f["Distilled CFG Scale"]) : "");
@@ -1191,8 +1191,10 @@ function seedResizeFrom() {
 
 // The families whose models take no U-Net patch, ControlNet, IP-Adapter or embedding (their sections are hidden)
 const FLOW_FAMILIES = ["sd3", "flux", "chroma"];
-const U_NET_ONLY = ["unet-patches-title", "unet-patches", "controlnet-section", "ip-adapter-section",
-  "embeddings-section"];
+const U_NET_ONLY = ["unet-patches", "controlnet-section", "ip-adapter-section", "embeddings-section"];
+const PAG_FAMILIES = ["sd", "sd3"]; // perturbed-attention guidance: U-Nets and SD3's MMDiT (docs/sd3.md)
+// PAG's layers by default: a U-Net's middle block, SD3's joint block 1 (diffusers' pag_applied_layers defaults)
+function pagDefault(family) { return family === "sd3" ? "blocks.1" : "mid"; }
 
 function familyOf(model) { return (state.family || {})[model] || "sd"; }
 
@@ -1273,6 +1275,11 @@ function fitFamily() {
   $("family-settings").hidden = !any;
   $("family-title").hidden = !any;
   for (const id of U_NET_ONLY) $(id).hidden = FLOW_FAMILIES.includes(family);
+  const pag = PAG_FAMILIES.includes(family);
+  $("unet-patches-title").hidden = !pag;
+  $("pag-fields").hidden = !pag;
+  const layers = $("pag_layers"); // the other family's default layers (or none): this family's
+  if (pag && ["", "mid", "blocks.1"].includes(layers.value.trim())) layers.value = pagDefault(family);
 }
 
 async function buildRequest() {
@@ -1301,10 +1308,11 @@ async function buildRequest() {
   Object.assign(body, familySettings());
   Object.assign(body, await fluxImages());
   const unet = !FLOW_FAMILIES.includes(familyOf($("model").value)); // SD3 and Flux take no U-Net patch
-  const pag = unet ? number("pag_scale", "PAG scale", false) : 0;
-  if (pag > 0) { // perturbed-attention guidance; not sent at 0 (off)
+  const family = familyOf($("model").value);
+  const pag = PAG_FAMILIES.includes(family) ? number("pag_scale", "PAG scale", false) : 0;
+  if (pag > 0) { // perturbed-attention guidance (U-Nets, SD3); not sent at 0 (off)
     body.pag_scale = pag;
-    body.pag_layers = $("pag_layers").value.trim() || "mid";
+    body.pag_layers = $("pag_layers").value.trim() || pagDefault(family);
   }
   const sag = unet ? number("sag_scale", "SAG scale", false) : 0;
   if (sag !== 0) { // self-attention guidance; not sent at 0 (off)

@@ -1,0 +1,123 @@
+"""SD3 inpainting ControlNets (Alimama's: the unit's image is the picture to inpaint, its mask white = repaint)
+through the A1111 route, sent by the real ``webuiapi`` client: sd-webui-controlnet's unit ``mask_image`` (webuiapi's
+``ControlNetUnit.mask`` sends it as ``mask``), and on img2img a unit without an image takes the init image with the
+request's own ``mask``. Each image equals the Python pipeline's with the same unit (equal pixels); a mask on a unit
+whose ControlNet has no mask channel is listed in ``info["ignored"]``; what does not fit is a one-line 400 or a
+failed job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("diffusers")
+webuiapi = pytest.importorskip("webuiapi")
+
+import sdengine  # noqa: E402
+from _live_server import live_server, server_config  # noqa: E402
+from _sd3_models import SIZE, make_sd3_folder  # noqa: E402
+from sdengine.pipeline.control import ControlUnit  # noqa: E402
+from test_sd3_controlnet_inpaint import _controlnet, _mask, _picture  # noqa: E402
+
+PROMPT, NEGATIVE = "a cat on a bench", "blurry"
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("a1111sd3inp")
+    models, cns = root / "models", root / "controlnets"
+    sd3 = make_sd3_folder(models / "tiny-sd3")
+    _controlnet(sd3, cns / "sd3-inpaint", 31, extra_conditioning_channels=1)
+    _controlnet(sd3, cns / "sd3-cn", 32)
+    pipe = sdengine.load_pipeline(sd3, device="cpu")
+    with live_server(server_config(root, models_dir=models, controlnets_dir=cns)) as server:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler", scheduler="Automatic")
+        yield api, pipe, cns
+
+
+def _arr(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+KW: dict[str, Any] = dict(seed=9, steps=STEPS, width=SIZE, height=SIZE, cfg_scale=5)
+
+
+def _python(pipe: Any, units: list, **kw: Any) -> Any:
+    return pipe(PROMPT, NEGATIVE, sampler="euler", schedule="normal", controlnets=units, progress=False,
+                **KW, **kw).images[0]  # fmt: skip
+
+
+def test_txt2img_unit_mask_equals_the_pipeline(served):
+    api, pipe, cns = served
+    picture, mask = _picture(1), _mask()
+    unit = webuiapi.ControlNetUnit(image=picture, mask=mask, module="none", model="sd3-inpaint", weight=0.9,
+                                   guidance_end=0.8, resize_mode="Just Resize")  # fmt: skip
+    r = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, controlnet_units=[unit],
+                    override_settings={"sd_model_checkpoint": "tiny-sd3"}, **KW)  # fmt: skip
+    want = _python(pipe, [ControlUnit(str(cns / "sd3-inpaint"), picture, 0.9, 0.0, 0.8, rule="a1111", mask=mask)])
+    np.testing.assert_array_equal(_arr(r.image), _arr(want))
+    assert not any("mask" in k for k in r.info.get("ignored", [])), r.info
+    # the extension's own name (mask_image) and another mask: another image
+    body = unit.to_dict()
+    body["mask_image"] = webuiapi.raw_b64_img(mask.transpose(0))
+    del body["mask"]
+    r2 = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, alwayson_scripts={"controlnet": {"args": [body]}},
+                     override_settings={"sd_model_checkpoint": "tiny-sd3"}, **KW)  # fmt: skip
+    moved = ControlUnit(str(cns / "sd3-inpaint"), picture, 0.9, 0.0, 0.8, rule="a1111", mask=mask.transpose(0))
+    np.testing.assert_array_equal(_arr(r2.image), _arr(_python(pipe, [moved])))
+    assert not np.array_equal(_arr(r2.image), _arr(r.image))
+
+
+def test_img2img_unit_takes_the_init_image_and_the_request_mask(served):
+    api, pipe, cns = served
+    picture, mask = _picture(2), _mask()
+
+    def img2img(units: list) -> Any:
+        return api.img2img(images=[picture], mask_image=mask, mask_blur=0, inpainting_fill=1, denoising_strength=1.0,
+                           prompt=PROMPT, negative_prompt=NEGATIVE, controlnet_units=units, resize_mode=0,
+                           image_cfg_scale=None, override_settings={"sd_model_checkpoint": "tiny-sd3"},
+                           **KW)  # fmt: skip
+
+    r = img2img([webuiapi.ControlNetUnit(module="none", model="sd3-inpaint", resize_mode="Just Resize")])
+    # the same as the unit (on the init image) given that mask itself, another mask another image
+    own = webuiapi.ControlNetUnit(mask=mask, module="none", model="sd3-inpaint", resize_mode="Just Resize")
+    np.testing.assert_array_equal(_arr(r.image), _arr(img2img([own]).image))
+    moved = webuiapi.ControlNetUnit(mask=mask.transpose(0), module="none", model="sd3-inpaint",
+                                    resize_mode="Just Resize")  # fmt: skip
+    assert not np.array_equal(_arr(r.image), _arr(img2img([moved]).image))
+    assert not np.array_equal(_arr(r.image), _arr(img2img([]).image))
+
+
+def _post(api: Any, route: str, unit: dict, **extra: Any) -> httpx.Response:
+    body = {"prompt": PROMPT, "steps": STEPS, "width": SIZE, "height": SIZE, "seed": 1, "cfg_scale": 1,
+            "override_settings": {"sd_model_checkpoint": "tiny-sd3"},
+            "alwayson_scripts": {"controlnet": {"args": [unit]}}, **extra}  # fmt: skip
+    return httpx.post(f"{api.baseurl}/{route}", json=body, timeout=300)
+
+
+def test_masks_elsewhere_and_refusals(served):
+    api, _, _ = served
+    picture, mask = webuiapi.raw_b64_img(_picture(3)), webuiapi.raw_b64_img(_mask())
+    base = {"image": picture, "module": "none", "resize_mode": "Just Resize"}
+    # a mask on a ControlNet without a mask channel: not used, listed as ignored (as on U-Net units)
+    r = _post(api, "txt2img", {**base, "model": "sd3-cn", "mask": mask})
+    assert r.status_code == 200, r.text
+    info = r.json()["info"]
+    assert "controlnet.args[0].mask" in info, info
+
+    def fails(route: str, unit: dict, *needles: str, **extra: Any) -> None:
+        r = _post(api, route, unit, **extra)
+        assert r.status_code in (400, 500), (r.status_code, r.text)
+        msg = str(r.json().get("detail") or r.json().get("error") or r.text)
+        assert "\n" not in msg.strip(), msg
+        for n in needles:
+            assert n in msg, msg
+
+    fails("txt2img", {**base, "model": "sd3-inpaint"}, "is an SD3 inpainting ControlNet", "mask")
+    init = {"init_images": [picture], "mask": mask, "inpainting_mask_invert": 1, "denoising_strength": 1.0}
+    fails("img2img", {"module": "none", "model": "sd3-inpaint"}, "inpainting_mask_invert", **init)
