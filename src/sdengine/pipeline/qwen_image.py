@@ -28,7 +28,7 @@ editing; :func:`qwen_refusals`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from sdengine.models.flux import pack_latents, unpack_latents
 from sdengine.pipeline.core import Pipeline, Prepared
 from sdengine.pipeline.flux import FluxPipeline, refusals
 from sdengine.pipeline.request import GenerationRequest
-from sdengine.text.conditioners import Conditioning
+from sdengine.text.conditioners import Conditioning, PerTextConditioner
 
 QWEN_STEPS = 50  # diffusers' QwenImagePipeline num_inference_steps default
 QWEN_CFG = 4.0  # and its true_cfg_scale default
@@ -62,11 +62,12 @@ def _ignore(_: str) -> None:
 # The text side
 
 
-class QwenConditioner:
+class QwenConditioner(PerTextConditioner):
     """Qwen-Image's text side over ``encode`` (texts -> the template-stripped states and their mask, as diffusers'
     ``_get_qwen_prompt_embeds``); see the module docstring."""
 
     kind = "qwen_image"
+    no_clip_name = "Qwen-Image (no CLIP)"
     encoder_name = "Qwen2.5-VL"
 
     def __init__(
@@ -92,13 +93,6 @@ class QwenConditioner:
         self.pad_token_id = 0
         self.module = module  # the text encoder: its outputs are remembered per text while its weights stay
 
-    def a1111_clip_skip(self, clip_skip: int, *, sdxl_clip_l: bool = False) -> int:
-        return 1
-
-    def check_clip_skip(self, clip_skip: Any) -> None:
-        if clip_skip != 1 or isinstance(clip_skip, bool):
-            raise GenerationError(f"clip_skip {clip_skip!r} does not apply to Qwen-Image (no CLIP): leave it at 1")
-
     def text(self, prompt: str, *, what: str = "prompt", note: Note = _ignore) -> Conditioning:
         """``{"crossattn": (1, max_sequence_length, D), "text_mask": (1, max_sequence_length)}`` of one text."""
         if self.module is not None:  # the text's states remembered while the encoder's weights are the same
@@ -121,24 +115,6 @@ class QwenConditioner:
         keep = torch.zeros(1, self.max_sequence_length, dtype=torch.bool)
         keep[0, :n] = True
         return {"crossattn": out.to(self.dtype), MASK_KEY: keep.to(states.device)}
-
-    def pair(
-        self, prompt: str, negative: str, *, clip_skip: Any = 1, note: Note = _ignore
-    ) -> tuple[Conditioning, Conditioning]:
-        self.check_clip_skip(clip_skip)
-        return self.text(prompt, note=note), self.text(negative, what="negative prompt", note=note)
-
-    def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Note | None = None) -> Conditioning:
-        self.check_clip_skip(clip_skip)
-        return self.text(text, what=what, note=note or _ignore)
-
-    def __call__(self, prompts: Sequence[str], *, clip_skip: int = 1) -> Conditioning:
-        rows = [self.text(p) for p in prompts]
-        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-
-    def empty(self, n: int = 1) -> Conditioning:
-        one = self([""])
-        return {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

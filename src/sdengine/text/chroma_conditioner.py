@@ -21,13 +21,14 @@ its default 5 (:mod:`sdengine.pipeline.chroma`). The prompt's A1111 syntax is ta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from sdengine.errors import GenerationError
+from sdengine.text.conditioners import PerTextConditioner
 from sdengine.text.sd3_conditioner import t5_text
 
 Conditioning = dict[str, Tensor]
@@ -49,11 +50,12 @@ def chroma_text_mask(tokenizer_mask: Tensor) -> Tensor:
     return positions < lengths + KEPT_PADS
 
 
-class ChromaConditioner:
+class ChromaConditioner(PerTextConditioner):
     """Chroma's text side: T5-XXL (``t5(ids, mask) -> (B, L, d_model)``) and its tokenizer
     (``t5_tokenizer(texts, max_length) -> (ids, mask)``)."""
 
     kind = "chroma"
+    no_clip_name = "Chroma (it has no CLIP)"
     encoder_name = "Chroma T5-XXL"
 
     def __init__(
@@ -80,13 +82,6 @@ class ChromaConditioner:
                 "(joint_attention_dim): not this model's T5"
             )
 
-    def a1111_clip_skip(self, clip_skip: int, *, sdxl_clip_l: bool = False) -> int:
-        return 1
-
-    def check_clip_skip(self, clip_skip: Any) -> None:
-        if clip_skip != 1 or isinstance(clip_skip, bool):
-            raise GenerationError(f"clip_skip {clip_skip!r} does not apply to Chroma (it has no CLIP): leave it at 1")
-
     def t5_states(self, text: str) -> tuple[Tensor, Tensor]:
         """T5's (1, L, d) states of ``text`` (float32, T5 run with its mask) and the transformer's (1, L) mask."""
         from sdengine.text.encode_cache import cached_call
@@ -108,24 +103,6 @@ class ChromaConditioner:
             note(f"T5 reads the first {self.max_sequence_length} tokens of the {what}; the rest is cut off")
         states, mask = self.t5_states(text)
         return {"crossattn": states.to(self.dtype), MASK_KEY: mask}
-
-    def pair(
-        self, prompt: str, negative: str, *, clip_skip: Any = 1, note: Note = _ignore
-    ) -> tuple[Conditioning, Conditioning]:
-        self.check_clip_skip(clip_skip)
-        return self.text(prompt, note=note), self.text(negative, what="negative prompt", note=note)
-
-    def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Note | None = None) -> Conditioning:
-        self.check_clip_skip(clip_skip)
-        return self.text(text, what=what, note=note or _ignore)
-
-    def __call__(self, prompts: Sequence[str], *, clip_skip: int = 1) -> Conditioning:
-        rows = [self.text(p) for p in prompts]
-        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-
-    def empty(self, n: int = 1) -> Conditioning:
-        one = self([""])
-        return {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
 
 
 __all__ = ["KEPT_PADS", "MASK_KEY", "T5_LENGTH", "ChromaConditioner", "chroma_text_mask"]

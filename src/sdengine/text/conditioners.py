@@ -91,6 +91,42 @@ class TextConditioner(Protocol):
     def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Note = _ignore) -> Conditioning: ...
 
 
+class PerTextConditioner:
+    """The conditioner methods of a model with one text encoder and no CLIP (Chroma's T5, Qwen-Image's Qwen2.5-VL),
+    given its ``text(prompt, what=, note=)`` (one text's conditioning, batch 1) and ``no_clip_name`` (how a
+    clip_skip refusal names the model): each row encoded alone, so a row never depends on the others."""
+
+    no_clip_name = "this model (no CLIP)"
+
+    def text(self, prompt: str, *, what: str = "prompt", note: Note = _ignore) -> Conditioning:
+        raise NotImplementedError
+
+    def a1111_clip_skip(self, clip_skip: int, *, sdxl_clip_l: bool = False) -> int:
+        return 1
+
+    def check_clip_skip(self, clip_skip: Any) -> None:
+        if clip_skip != 1 or isinstance(clip_skip, bool):
+            raise GenerationError(f"clip_skip {clip_skip!r} does not apply to {self.no_clip_name}: leave it at 1")
+
+    def pair(
+        self, prompt: str, negative: str, *, clip_skip: Any = 1, note: Note = _ignore
+    ) -> tuple[Conditioning, Conditioning]:
+        self.check_clip_skip(clip_skip)
+        return self.text(prompt, note=note), self.text(negative, what="negative prompt", note=note)
+
+    def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Note | None = None) -> Conditioning:
+        self.check_clip_skip(clip_skip)
+        return self.text(text, what=what, note=note or _ignore)
+
+    def __call__(self, prompts: Sequence[str], *, clip_skip: int = 1) -> Conditioning:
+        rows = [self.text(p) for p in prompts]
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+    def empty(self, n: int = 1) -> Conditioning:
+        one = self([""])
+        return {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
+
+
 class CLIPConditioner:
     """SD 1.x / 2.x: CLIP token states, A1111 emphasis, 75-token chunks, clip skip (sdengine.prompts)."""
 
