@@ -488,14 +488,16 @@ USED = {
     "reference_images",
     "reference_auto_resize",
     "control_image",
+    "control_preprocessor",
 }
 
 
 def kontext_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The top-level ``reference_images`` (a list of base64 images: FLUX.1 Kontext's references),
-    ``reference_auto_resize`` and ``control_image`` (one base64 image: FLUX.1 Depth / Canny's map) of an A1111
-    request, checked for their types (the build decodes them; the precheck checks them against the model): the
-    native job's fields under the same names, which A1111 and Forge do not have. An empty list is none."""
+    ``reference_auto_resize``, ``control_image`` (one base64 image: FLUX.1 Depth / Canny's map) and
+    ``control_preprocessor`` (what makes that image the map: "canny" from a photo) of an A1111 request, checked
+    for their types (the build decodes them; the precheck checks them against the model): the native job's
+    fields under the same names, which A1111 and Forge do not have. An empty list is none."""
     out: dict[str, Any] = {}
     refs = body.get("reference_images")
     if refs is not None:
@@ -513,6 +515,11 @@ def kontext_fields(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(control, str) or not control:
             raise BadRequest("control_image must be one base64 image (FLUX.1 Depth / Canny's control map)")
         out["control_image"] = control
+    preprocessor = body.get("control_preprocessor")
+    if preprocessor is not None:  # the name is checked by the build (GenerationRequest.validate)
+        if not isinstance(preprocessor, str):
+            raise BadRequest(f"control_preprocessor must be a name (none, canny), got {preprocessor!r}")
+        out["control_preprocessor"] = preprocessor.strip().lower() or "none"
     return out
 
 
@@ -1921,6 +1928,7 @@ INFOTEXT_FIELDS = {
     **{k: k for k in ("seed_resize_from_w", "seed_resize_from_h", "tiling")},
     # the model family's own: Forge's "Distilled CFG Scale" (Flux), "Shift" and the skip-layer fields (SD3)
     **{k: k for k in ("distilled_cfg_scale", "shift", "sd3")},
+    "control_preprocessor": "control_preprocessor",  # sdengine's "Control preprocessor" (FLUX.1 Depth / Canny)
     "sampler": "sampler_name",
     "schedule": "scheduler",
     "strength": "denoising_strength",
