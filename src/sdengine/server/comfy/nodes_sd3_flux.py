@@ -90,7 +90,7 @@ FLUX_DEV_MU = 1.15  # ComfyUI's FLUX.1 [dev] sampling settings (ModelSamplingFlu
 FLUX_GUIDANCE = 3.5  # ComfyUI's Flux: the distilled guidance where a conditioning sets none
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 CLIP_TYPES = ("sd3", "flux")
-CLIP_LOADER_TYPES = ("chroma",)  # CLIPLoader's types run here (ComfyUI's list is longer: the others are refused)
+CLIP_LOADER_TYPES = ("chroma", "qwen_image")  # CLIPLoader's types run here (ComfyUI's list is longer: the others are refused)
 MAX_FLOAT = 100.0
 SIDE_MAX = 16384
 
@@ -174,14 +174,17 @@ def _load_transformer(
         return "sd3", mmdit
     from sdengine.pipeline.qwen_image_loading import is_qwen_image_file
 
-    if is_qwen_image_file(path):
-        raise NodeError(
-            f"{path.name} is a Qwen-Image transformer: not run on the ComfyUI route here; it is served by name on the "
-            "native, A1111 and OpenAI routes with its text encoder and VAE from the folders (docs/qwen-image.md)"
-        )
+    if is_qwen_image_file(path):  # ComfyUI's qwen_image_*.safetensors: diffusers' names, its prefix or not
+        from sdengine.weights.qwen_image_file import load_qwen_image_transformer
+
+        qwen = load_qwen_image_transformer(path, device=dev, dtype=dtype).eval().requires_grad_(False)
+        if stored is not None:
+            to_storage(qwen, stored)
+        return "qwen_image", qwen
     raise NodeError(
-        f"{path.name} is neither a Flux / Chroma transformer (double_blocks.*) nor SD3's MMDiT (joint_blocks.*): "
-        "UNETLoader loads those here (an SD 1.x/SDXL U-Net loads with CheckpointLoaderSimple)"
+        f"{path.name} is neither a Flux / Chroma transformer (double_blocks.*), SD3's MMDiT (joint_blocks.*) nor a "
+        "Qwen-Image transformer (img_in, txt_in, txt_norm): UNETLoader loads those here (an SD 1.x/SDXL U-Net loads "
+        "with CheckpointLoaderSimple)"
     )
 
 
@@ -254,6 +257,10 @@ def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) 
     from sdengine.weights.t5_file import load_t5_encoder
 
     files = dict(clip.encoders)
+    if clip.clip_type == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import load_text
+
+        return load_text(Path(files["qwen"]), dev, dtype)
     t5 = load_t5_encoder(Path(files["t5xxl"]), device=dev, dtype=dtype) if "t5xxl" in files else None
     if clip.clip_type == "chroma":
         from sdengine.text.chroma_conditioner import ChromaConditioner
@@ -392,13 +399,30 @@ def _clip_loader(ctx: RunContext, names: list[str], clip_type: str, node: str) -
 
 def clip_loader(ctx: RunContext, clip_name: str, type: str = "chroma", device: str = "default") -> tuple[Any]:
     """ComfyUI's CLIPLoader with type ``chroma``: T5-XXL alone, encoded as ComfyUI's Chroma text encoder (the
-    prompt's pieces and ``</s>``, no padding; see :func:`encode_flow`)."""
+    prompt's pieces and ``</s>``, no padding; see :func:`encode_flow`); type ``qwen_image``: Qwen2.5-VL's language
+    model with Qwen2's tokenizer beside its file, encoded as ComfyUI's Qwen-Image text encoder
+    (:mod:`sdengine.server.comfy.nodes_qwen`)."""
     if type not in CLIP_LOADER_TYPES:
         raise NodeError(
             f"CLIPLoader: type {type!r} is not supported here; use {', '.join(CLIP_LOADER_TYPES)} (SD3 / Flux: "
             "DualCLIPLoader or TripleCLIPLoader; SD 1.x / SDXL: the checkpoint's CLIP)"
         )
     path = ctx.catalog.resolve_text_encoder(clip_name)
+    if type == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import is_qwen_text_file
+
+        try:
+            qwen = is_qwen_text_file(path)
+        except (OSError, SdengineError) as e:
+            raise NodeError(f"CLIPLoader: {str(e).splitlines()[0]}") from None
+        if not qwen:
+            raise NodeError(
+                f"CLIPLoader type qwen_image takes Qwen2.5-VL's text encoder (qwen_2.5_vl_7b*.safetensors); "
+                f"{path.name} is not one"
+            )
+        handle = ClipHandle(TEXT_ENCODERS_REF + str(path), encoders=(("qwen", str(path)),), clip_type="qwen_image")
+        _conditioner(ctx, handle)  # load now: a broken file or a missing tokenizer fails at this node
+        return (handle,)
     try:
         t5 = _is_t5_file(path)
     except (OSError, SdengineError) as e:
@@ -451,6 +475,10 @@ def encode_flow(ctx: RunContext, clip: ClipHandle, text: str) -> Any:
     prompt (SD3: CLIP-L + bigG states zero-padded, T5's 256 tokens, the two pooled outputs; Flux: T5's states and
     CLIP-L's pooled output)."""
     family, cond = _conditioner(ctx, clip)
+    if family == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import text_entry
+
+        return text_entry(clip, cond, str(text))
     with _encoder_loras(clip, cond, family):
         if family == "chroma":
             return _chroma_entry(clip, cond, str(text))
@@ -616,7 +644,7 @@ def sampling_references(
     if not pos and not neg:
         return [], method
     if family != "flux":
-        label = {"sd3": "an SD3", "chroma": "a Chroma"}.get(family, f"a {family}")
+        label = {"sd3": "an SD3", "chroma": "a Chroma", "qwen_image": "a Qwen-Image"}.get(family, f"a {family}")
         raise NodeError(f"ReferenceLatent is FLUX.1 Kontext's; {name} is {label} model")
     runs_negative = float(cfg) != 1.0
     same = len(pos) == len(neg) and all(a is b or torch.equal(a, b) for a, b in zip(pos, neg, strict=True))
@@ -675,8 +703,17 @@ def _schedule(family: str, guidance_embeds: bool, model: ModelHandle) -> Any:
     """The flow schedule ComfyUI samples this model on (see the module docstring)."""
     from sdengine.diffusion.flow import FlowSchedule
 
+    if family == "qwen_image":
+        from sdengine.server.comfy import nodes_qwen
+
+        return nodes_qwen.schedule(model)
     if model.flow_sampling:
         kind, value = model.flow_sampling
+        if kind == "auraflow":
+            raise NodeError(
+                f"ModelSamplingAuraFlow is for Qwen-Image models here (its timesteps are the sigma); this is a "
+                f"{family.upper()} model: use {'ModelSamplingSD3' if family == 'sd3' else 'ModelSamplingFlux'}"
+            )
         if kind != family and not (kind == "flux" and family == "chroma"):
             node = "ModelSamplingSD3" if kind == "sd3" else "ModelSamplingFlux"
             raise NodeError(f"{node} is for {kind.upper()} models; this is a {family.upper()} model")
@@ -703,6 +740,10 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
             from sdengine.pipeline.chroma import ChromaAdapter
 
             adapter = ChromaAdapter(net, dtype)
+        if family == "qwen_image":
+            from sdengine.server.comfy.nodes_qwen import ComfyQwenAdapter
+
+            adapter = ComfyQwenAdapter(net, dtype)
         name = Path(model.diffusion_model).name
     else:
         pipe = ctx.pipeline(model.ref)
@@ -878,8 +919,10 @@ def _check_patches(model: ModelHandle, family: str) -> None:
     transformers (every format the pipelines take, :mod:`sdengine.weights.lora_dit_keys`)."""
     on = [label for field, label in _UNET_PATCHES[1:] if getattr(model, field, None)]
     if on:
-        label = {"sd3": "SD3", "chroma": "Chroma"}.get(family, "Flux")
+        label = {"sd3": "SD3", "chroma": "Chroma", "qwen_image": "Qwen-Image"}.get(family, "Flux")
         raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on {label} models here")
+    if family == "qwen_image" and model.loras:
+        raise NodeError("LoRAs (LoraLoader) on Qwen-Image are not supported on the ComfyUI route yet")
 
 
 @contextmanager
@@ -928,11 +971,19 @@ def _encoder_loras(clip: ClipHandle, cond: Any, family: str) -> Iterator[None]:
 
 def _raw_in(z: torch.Tensor, family: str) -> torch.Tensor:
     """ComfyUI's process_in: raw VAE latents -> the model's; an all-zero latent is left as it is (as ComfyUI)."""
+    if family == "qwen_image":  # ComfyUI's Wan21 latent format: per-channel mean and deviation
+        from sdengine.server.comfy.nodes_qwen import raw_in
+
+        return raw_in(z)
     scale, shift = LATENT_FORMATS[family]
     return (z - shift) * scale if bool(torch.count_nonzero(z)) else z
 
 
 def _raw_out(z: torch.Tensor, family: str) -> torch.Tensor:
+    if family == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import raw_out
+
+        return raw_out(z)
     scale, shift = LATENT_FORMATS[family]
     return z / scale + shift
 
@@ -948,6 +999,11 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
         if x is None or x.ndim != 3:
             raise NodeError("this conditioning has no token states (crossattn): encode it with the model's CLIP")
         joint, pooled = widths
+        if family == "qwen_image":
+            from sdengine.server.comfy.nodes_qwen import fit_conditioning
+
+            out += fit_conditioning([e], joint)
+            continue
         if family == "chroma":  # T5's states alone (ComfyUI's Chroma: no pooled vector, the guidance input 0)
             if int(x.shape[-1]) != joint or "vector" in cond:
                 raise NodeError("this conditioning is not this Chroma model's (encode it with CLIPLoader type chroma)")
@@ -1045,6 +1101,8 @@ def sample_flow(
     references, method = sampling_references(family, stripped[0], stripped[1], cfg, flow.name)
     if references and controls:
         raise NodeError("ReferenceLatent (FLUX.1 Kontext) and a ControlNet together are not supported: drop one")
+    if controls and family == "qwen_image":
+        raise NodeError(f"ControlNets on Qwen-Image are not supported here; {flow.name} is a Qwen-Image model")
     if references:  # FLUX.1 Kontext: the references' tokens at every call, as the model's latents
         network: Any = flow.network  # a FluxAdapter made for this run
         network.references = [_raw_in(r.float(), family).to(flow.device) for r in references]
@@ -1055,6 +1113,10 @@ def sample_flow(
         z = torch.zeros(b, FLOW_CHANNELS, h // LATENT_FACTOR, w // LATENT_FACTOR)
     if z.shape[1] != FLOW_CHANNELS:
         raise NodeError(f"the latent has {z.shape[1]} channels, {flow.name}'s have {FLOW_CHANNELS}")
+    if family == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import check_latent
+
+        check_latent(z, flow.name)
     for k, ref in enumerate(references):  # one reference for every row, or one per row
         if ref.shape[0] not in (1, z.shape[0]):
             raise NodeError(
@@ -1095,6 +1157,10 @@ def sample_flow(
         )
         if family == "chroma":
             fitted = chroma_lengths(*fitted, cfg)
+        if family == "qwen_image":  # ComfyUI's CONDRegular: texts of different lengths run apart
+            from sdengine.server.comfy.nodes_qwen import own_lengths
+
+            fitted = own_lengths(*fitted)
         with _transformer_loras(ctx, model, family):
             out = sample_flow_latents(
                 flow,
