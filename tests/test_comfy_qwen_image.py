@@ -4,11 +4,12 @@ CLIPTextEncode, KSampler euler / simple cfg 2.5, VAEDecode) on ComfyUI's three f
 diffusers folder (``tests/_qwen_models.py``, 128-wide heads; the tokenizer in ComfyUI's ``qwen25_tokenizer``
 layout beside the text encoder), held against sdengine's own Qwen-Image pipeline on the same files.
 
-The pipeline matches ComfyUI's graph with three settings changed, each a documented difference of ComfyUI's rules
+The pipeline matches ComfyUI's graph with two settings changed, each a documented difference of ComfyUI's rules
 from diffusers' (docs/qwen-image.md): its schedule (ModelSamplingAuraFlow's fixed shift on ComfyUI's 1000-entry
-table instead of diffusers' dynamic shift and terminal stretch), its CFG (plain ``u + s (c - u)`` instead of the
-norm-preserving true CFG) and its template rule (ComfyUI drops the tokens up to ``<|im_start|>user\\n``, diffusers
-a fixed 34: the same on Qwen2's vocabulary, not on the tiny test tokenizer)."""
+table instead of diffusers' dynamic shift and terminal stretch) and its CFG (plain ``u + s (c - u)`` instead of the
+norm-preserving true CFG). ComfyUI's template rule (the tokens up to ``<|im_start|>user\\n`` dropped) drops
+diffusers' fixed 34 on Qwen2's vocabulary and on the tiny test tokenizer alike; an odd grid of patches is centred
+as ComfyUI centres it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 pytest.importorskip("diffusers")
 
@@ -39,6 +41,9 @@ def qwen(tmp_path_factory):
     files = write_comfy_files(folder, root / "models")
     (root / "vaes").mkdir()
     files["vae"] = files["vae"].rename(root / "vaes" / files["vae"].name)
+    sd = load_file(str(files["model"]))
+    save_file({k.removeprefix("model.diffusion_model."): v for k, v in sd.items()},
+              str(files["model"].with_name("qwen_image_bare.safetensors")))  # fmt: skip
     pipe = sdengine.load_pipeline(files["model"], device="cpu", qwen_text=files["text"], vae=files["vae"],
                                   qwen_tokenizer=files["tokenizer"])  # fmt: skip
     return root, pipe, files
@@ -47,10 +52,14 @@ def qwen(tmp_path_factory):
 def qwen_graph(side: int = SIDE, cfg: float = CFG, negative: str = NEGATIVE) -> dict[str, Any]:
     """ComfyUI's Qwen-Image template, API format."""
     return {
-        "37": {"class_type": "UNETLoader", "inputs": {"unet_name": "qwen_image_tiny.safetensors",
-                                                       "weight_dtype": "default"}},  # fmt: skip
-        "38": {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen_2.5_vl_tiny.safetensors",
-                                                       "type": "qwen_image", "device": "default"}},  # fmt: skip
+        "37": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": "qwen_image_tiny.safetensors", "weight_dtype": "default"},
+        },  # fmt: skip
+        "38": {
+            "class_type": "CLIPLoader",
+            "inputs": {"clip_name": "qwen_2.5_vl_tiny.safetensors", "type": "qwen_image", "device": "default"},
+        },  # fmt: skip
         "39": {"class_type": "VAELoader", "inputs": {"vae_name": "qwen_image_vae.safetensors"}},
         "66": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["37", 0], "shift": SHIFT}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["38", 0]}},
@@ -81,14 +90,11 @@ def _plain_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.
 
 
 def comfy_pipeline(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, pipe: Any, *, centre: str = "") -> Any:
-    """sdengine's Qwen-Image pipeline on the same files with ComfyUI's rules: its template drop, plain CFG, the
-    fixed shift on the 1000-entry table (and ComfyUI's centring of an odd grid with ``centre``)."""
+    """sdengine's Qwen-Image pipeline on the same files with ComfyUI's rules: plain CFG, the fixed shift on the
+    1000-entry table (and ComfyUI's centring of an odd grid with ``centre``)."""
     import sdengine.pipeline.qwen_image as qi
-    import sdengine.text.qwen_prompt as qp
     from sdengine.diffusion.flow import FlowSchedule
 
-    drop = comfy_drop(pipe, files)
-    monkeypatch.setattr(qp, "encode_prompt_qwen", functools.partial(qp.encode_prompt_qwen, drop=drop))
     monkeypatch.setattr(qi, "norm_preserving_cfg", _plain_cfg)
     other = sdengine.load_pipeline(files["model"], device="cpu", qwen_text=files["text"], vae=files["vae"])
     monkeypatch.setattr(other, "flow_schedule", lambda w, h: FlowSchedule.sd3(SHIFT))
@@ -112,7 +118,10 @@ def test_template_graph_equals_the_pipeline_with_comfyuis_rules(qwen, monkeypatc
     theirs = _image(comfy_pipeline(files, monkeypatch, pipe), SIDE // 4)
     gap = np.abs(ours - theirs)
     assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
-    # the text: no padding, the tokens after "<|im_start|>user\n" (ComfyUI's template_end), float32 states
+    # the text: no padding, the tokens after "<|im_start|>user\n" (ComfyUI's template_end: diffusers' 34 here too)
+    from sdengine.text.qwen_prompt import TEMPLATE_DROP
+
+    assert comfy_drop(pipe, files) == TEMPLATE_DROP
     states = out["6"][0][0].cond["crossattn"]
     n = len(_tokenizer(files).encode(
         "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
@@ -122,6 +131,10 @@ def test_template_graph_equals_the_pipeline_with_comfyuis_rules(qwen, monkeypatc
     # the pipeline's own rules (norm-preserving CFG, dynamic shift, 34 dropped) give another image
     own = _image(pipe, SIDE // 4)
     assert np.abs(ours - own).max() > 1e-3
+    # ComfyUI's repackaged file without the model.diffusion_model. prefix: the same model
+    g = qwen_graph()
+    g["37"]["inputs"]["unet_name"] = "qwen_image_bare.safetensors"
+    assert np.array_equal(_pixels(_run(root, g)["8"][0]), ours)
 
 
 def test_cfg_one_and_an_empty_negative(qwen, monkeypatch):
@@ -214,7 +227,9 @@ def test_refusals_are_one_line(qwen):
     cases.append(("FluxGuidance does not apply to Qwen-Image", g))
     import shutil
 
-    shutil.copy(root / "vaes" / "qwen_image_vae.safetensors", root / "models" / "text_encoders" / "not_qwen.safetensors")
+    shutil.copy(
+        root / "vaes" / "qwen_image_vae.safetensors", root / "models" / "text_encoders" / "not_qwen.safetensors"
+    )
     g = qwen_graph()
     g["38"]["inputs"]["clip_name"] = "not_qwen.safetensors"  # not a text encoder
     cases.append(("CLIPLoader type qwen_image takes Qwen2.5-VL's text encoder", g))
@@ -232,9 +247,15 @@ def test_refusals_are_one_line(qwen):
     for want, graph in cases:
         error = _node_error(root, graph)
         assert want in error and "\n" not in error, (want, error)
+    tokenizer = root / "models" / "text_encoders" / "qwen25_tokenizer"
+    tokenizer.rename(tokenizer.with_name("away"))
+    try:
+        assert "no Qwen2 tokenizer beside qwen_2.5_vl_tiny.safetensors" in _node_error(root, qwen_graph())
+    finally:
+        tokenizer.with_name("away").rename(tokenizer)
 
 
-def test_other_families_clip_and_model_refused(qwen, tmp_path):
+def test_other_families_clip_and_model_refused():
     """A Qwen-Image model with a T5 / CLIP conditioning, and ModelSamplingAuraFlow on another family's model."""
     from sdengine.latent_sampling import TextCondition
     from sdengine.server.comfy.nodes import NodeError
@@ -245,10 +266,13 @@ def test_other_families_clip_and_model_refused(qwen, tmp_path):
     with pytest.raises(NodeError, match="not this Qwen-Image model's"):
         fit_conditioning([TextCondition({"crossattn": torch.zeros(1, 5, 4096)})], 256)
     from sdengine.server.comfy.nodes import ModelHandle
-    from sdengine.server.comfy.nodes_sd3_flux import _schedule
+    from sdengine.server.comfy.nodes_qwen import check_model, refuse_aura_flow
 
-    with pytest.raises(NodeError, match="ModelSamplingAuraFlow is for Qwen-Image models here"):
-        _schedule("sd3", False, ModelHandle("x", flow_sampling=("auraflow", 3.1)))
+    with pytest.raises(NodeError, match="ModelSamplingAuraFlow is for Qwen-Image models here.*an SD3 model"):
+        refuse_aura_flow("sd3", ModelHandle("x", flow_sampling=("auraflow", 3.1)))
+    refuse_aura_flow("qwen_image", ModelHandle("x", flow_sampling=("auraflow", 3.1)))
+    with pytest.raises(NodeError, match="LoRAs \\(LoraLoader\\) on Qwen-Image are not supported"):
+        check_model(ModelHandle("x", loras=(("a.safetensors", 1.0),)))
 
 
 def test_template_end_follows_comfyuis_rule():

@@ -13,13 +13,13 @@ the Qwen-Image facts it reads, each ComfyUI's (read from its ``comfy/text_encode
 ``comfy/latent_formats.py``):
 
 * **Text** (:class:`QwenComfyText`): the prompt in Qwen-Image's chat template (a text that starts with
-  ``<|im_start|>`` is taken as it is, its own template), tokenized whole (ComfyUI's Qwen tokenizer reads no
-  ``(word:1.2)`` weights: ``disable_weights``), no padding, the language model's last hidden state (after the final
-  norm) over every token; then the tokens up to the second ``<|im_start|>`` dropped, and the ``user`` and newline
-  tokens after it when they follow (ComfyUI's ``template_end``; it compares Qwen2's ids 151644 / 872 / 198, read
-  here from the tokenizer's own vocabulary). On Qwen2's vocabulary that drops the same 34 tokens diffusers drops
-  (its fixed ``prompt_template_encode_start_idx``), so the states are the pipeline's; the prompt is not cut at 512
-  states as diffusers' is.
+  ``<|im_start|>`` or ``<|start_header_id|>`` is taken as it is, its own template), tokenized whole (ComfyUI's Qwen
+  tokenizer reads no ``(word:1.2)`` weights: ``disable_weights``), no padding, the language model's last hidden
+  state (after the final norm) over every token; then the tokens up to the second ``<|im_start|>`` dropped, and the
+  ``user`` and newline tokens after it when they follow (ComfyUI's ``template_end``; it compares Qwen2's ids 151644
+  / 872 / 198, read here from the tokenizer's own vocabulary). On Qwen2's vocabulary that drops the same 34 tokens
+  diffusers drops (its fixed ``prompt_template_encode_start_idx``), so the states are the pipeline's; the prompt is
+  not cut at 512 states as diffusers' is.
 * **Guidance**: ComfyUI's plain CFG ``u + s (c - u)``, not diffusers' norm-preserving true CFG (the pipeline's
   :func:`sdengine.pipeline.qwen_image.norm_preserving_cfg`): at cfg other than 1 the two differ (measured in
   docs/qwen-image.md). The positive and negative run at their own lengths (ComfyUI's ``c_crossattn`` is a
@@ -57,6 +57,7 @@ CLIP_TYPE = "qwen_image"
 COMFY_SHIFT_MU = 1.15  # ComfyUI's QwenImage sampling_settings shift (ModelSamplingFlux: Flux's mu)
 AURA_FLOW_SHIFT = 1.73  # ModelSamplingAuraFlow's default shift (the Qwen-Image template sets 3.1)
 IM_START = "<|im_start|>"
+OWN_TEMPLATE = (IM_START, "<|start_header_id|>")  # a text starting so is its own template (ComfyUI's rule)
 TEMPLATE = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
     "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -103,8 +104,9 @@ class QwenComfyText:
         return ids[0] if len(ids) == 1 else None
 
     def ids(self, text: str) -> list[int]:
-        """The token ids ComfyUI's tokenizer gives ``text``: in the template unless it starts with ``<|im_start|>``."""
-        full = text if text.startswith(IM_START) else TEMPLATE.replace("{}", text, 1)
+        """The token ids ComfyUI's tokenizer gives ``text``: in the template unless it starts with ``<|im_start|>`` or
+        ``<|start_header_id|>``."""
+        full = text if text.startswith(OWN_TEMPLATE) else TEMPLATE.replace("{}", text, 1)
         return list(self.tokenizer.encode(full))
 
     def encode(self, text: str) -> torch.Tensor:
@@ -205,6 +207,23 @@ def schedule(model: ModelHandle) -> Any:
             "ModelSamplingAuraFlow"
         )
     return FlowSchedule.flux(mu=COMFY_SHIFT_MU)
+
+
+def refuse_aura_flow(family: str, model: ModelHandle) -> None:
+    """ModelSamplingAuraFlow (multiplier 1: the timestep is the sigma) on a model that is not Qwen-Image: one line."""
+    if model.flow_sampling and model.flow_sampling[0] == "auraflow" and family != FAMILY:
+        label = {"sd3": "an SD3", "flux": "a Flux", "chroma": "a Chroma"}.get(family, f"a {family}")
+        node = "ModelSamplingSD3" if family == "sd3" else "ModelSamplingFlux"
+        raise NodeError(
+            f"ModelSamplingAuraFlow is for Qwen-Image models here (its timesteps are the sigma); this is {label} "
+            f"model: use {node}"
+        )
+
+
+def check_model(model: ModelHandle) -> None:
+    """What a Qwen-Image MODEL cannot carry here: LoraLoader's LoRAs (not supported on this route yet)."""
+    if model.loras:
+        raise NodeError("LoRAs (LoraLoader) on Qwen-Image are not supported on the ComfyUI route yet")
 
 
 def _stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,6 +355,7 @@ __all__ = [
     "ComfyQwenAdapter",
     "QwenComfyText",
     "check_latent",
+    "check_model",
     "fit_conditioning",
     "is_qwen_text_file",
     "load_text",
@@ -343,6 +363,7 @@ __all__ = [
     "own_lengths",
     "raw_in",
     "raw_out",
+    "refuse_aura_flow",
     "schedule",
     "template_end",
     "text_entry",

@@ -90,7 +90,10 @@ FLUX_DEV_MU = 1.15  # ComfyUI's FLUX.1 [dev] sampling settings (ModelSamplingFlu
 FLUX_GUIDANCE = 3.5  # ComfyUI's Flux: the distilled guidance where a conditioning sets none
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 CLIP_TYPES = ("sd3", "flux")
-CLIP_LOADER_TYPES = ("chroma", "qwen_image")  # CLIPLoader's types run here (ComfyUI's list is longer: the others are refused)
+CLIP_LOADER_TYPES = (
+    "chroma",
+    "qwen_image",
+)  # CLIPLoader's types run here (ComfyUI's list is longer: the others are refused)
 MAX_FLOAT = 100.0
 SIDE_MAX = 16384
 
@@ -708,12 +711,10 @@ def _schedule(family: str, guidance_embeds: bool, model: ModelHandle) -> Any:
 
         return nodes_qwen.schedule(model)
     if model.flow_sampling:
+        from sdengine.server.comfy.nodes_qwen import refuse_aura_flow
+
+        refuse_aura_flow(family, model)
         kind, value = model.flow_sampling
-        if kind == "auraflow":
-            raise NodeError(
-                f"ModelSamplingAuraFlow is for Qwen-Image models here (its timesteps are the sigma); this is a "
-                f"{family.upper()} model: use {'ModelSamplingSD3' if family == 'sd3' else 'ModelSamplingFlux'}"
-            )
         if kind != family and not (kind == "flux" and family == "chroma"):
             node = "ModelSamplingSD3" if kind == "sd3" else "ModelSamplingFlux"
             raise NodeError(f"{node} is for {kind.upper()} models; this is a {family.upper()} model")
@@ -921,8 +922,10 @@ def _check_patches(model: ModelHandle, family: str) -> None:
     if on:
         label = {"sd3": "SD3", "chroma": "Chroma", "qwen_image": "Qwen-Image"}.get(family, "Flux")
         raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on {label} models here")
-    if family == "qwen_image" and model.loras:
-        raise NodeError("LoRAs (LoraLoader) on Qwen-Image are not supported on the ComfyUI route yet")
+    if family == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import check_model
+
+        check_model(model)
 
 
 @contextmanager
@@ -1459,11 +1462,12 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ),
         ("MODEL",),
         unet_loader,
-        description="A Flux, Chroma or SD3 transformer file alone from --models-dir's diffusion_models/ or unet/ "
-        "(BFL's, ComfyUI's or Stability's names). weight_dtype fp8_e4m3fn / fp8_e5m2 hold its Linear and Conv2d "
-        "weights in float8, cast to the compute dtype at each use (half the memory of 16-bit weights; biases and "
-        "norms stay); fp8_e4m3fn_fast runs as that storage alone, ComfyUI's own fallback on a device without fp8 "
-        "products; LoRAs apply at run time over the stored weights (docs/fp8-storage.md).",
+        description="A Flux, Chroma, SD3 or Qwen-Image transformer file alone from --models-dir's diffusion_models/ "
+        "or unet/ (BFL's, ComfyUI's or Stability's names; Qwen-Image's in diffusers' names, ComfyUI's prefix or not). "
+        "weight_dtype fp8_e4m3fn / fp8_e5m2 hold its Linear and Conv2d weights in float8, cast to the compute dtype "
+        "at each use (half the memory of 16-bit weights; biases and norms stay); fp8_e4m3fn_fast runs as that storage"
+        " alone, ComfyUI's own fallback on a device without fp8 products; LoRAs apply at run time over the stored "
+        "weights (docs/fp8-storage.md).",
     ),
     "CLIPLoader": NodeDef(
         "CLIPLoader",
@@ -1477,7 +1481,10 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ("CLIP",),
         clip_loader,
         description="One text encoder from --models-dir's text_encoders/ or clip/: type chroma, T5-XXL for Chroma "
-        "(ComfyUI's encoding: the prompt's tokens and </s>, no padding). ComfyUI's other types are not supported.",
+        "(ComfyUI's encoding: the prompt's tokens and </s>, no padding); type qwen_image, Qwen2.5-VL's language "
+        "model for Qwen-Image with Qwen2's tokenizer folder beside the file (qwen25_tokenizer/; ComfyUI's encoding: "
+        "the chat template, the tokens up to <|im_start|>user dropped, no padding). ComfyUI's other types are not "
+        "supported.",
     ),
     "T5TokenizerOptions": NodeDef(
         "T5TokenizerOptions",
@@ -1608,7 +1615,7 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ),
         ("LATENT",),
         empty_sd3_latent,
-        description="Zeros of 16 x height/8 x width/8: SD3's and Flux's empty latent.",
+        description="Zeros of 16 x height/8 x width/8: SD3's, Flux's and Qwen-Image's empty latent.",
     ),
     "ModelSamplingSD3": NodeDef(
         "ModelSamplingSD3",
