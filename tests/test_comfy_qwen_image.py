@@ -37,7 +37,7 @@ SIDE = 64  # EmptySD3LatentImage 64: an 8 x 8 latent (4 x 4 patches), 32 pixels 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy_qwen")
-    folder = make_qwen_folder(root / "qwen-folder", wide_heads=True)
+    folder = make_qwen_folder(root / "models" / "qwen-folder", wide_heads=True)  # listed: CheckpointLoaderSimple
     files = write_comfy_files(folder, root / "models")
     (root / "vaes").mkdir()
     files["vae"] = files["vae"].rename(root / "vaes" / files["vae"].name)
@@ -89,7 +89,9 @@ def _plain_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.
     return uncond + scale * (cond - uncond)
 
 
-def comfy_pipeline(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, pipe: Any, *, centre: str = "") -> Any:
+def comfy_pipeline(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, pipe: Any, *, centre: str = "", schedule: Any = None
+) -> Any:
     """sdengine's Qwen-Image pipeline on the same files with ComfyUI's rules: plain CFG, the fixed shift on the
     1000-entry table (and ComfyUI's centring of an odd grid with ``centre``)."""
     import sdengine.pipeline.qwen_image as qi
@@ -97,7 +99,8 @@ def comfy_pipeline(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, pipe
 
     monkeypatch.setattr(qi, "norm_preserving_cfg", _plain_cfg)
     other = sdengine.load_pipeline(files["model"], device="cpu", qwen_text=files["text"], vae=files["vae"])
-    monkeypatch.setattr(other, "flow_schedule", lambda w, h: FlowSchedule.sd3(SHIFT))
+    fixed = schedule or FlowSchedule.sd3(SHIFT)
+    monkeypatch.setattr(other, "flow_schedule", lambda w, h: fixed)
     if centre:
         net = other.transformer
         monkeypatch.setattr(net, "forward", functools.partial(type(net).forward, net, rope_centre=centre))
@@ -143,6 +146,20 @@ def test_cfg_one_and_an_empty_negative(qwen, monkeypatch):
     for cfg, negative in ((1.0, NEGATIVE), (CFG, "")):
         ours = _pixels(_run(root, qwen_graph(cfg=cfg, negative=negative))["8"][0])
         assert np.abs(ours - _image(other, SIDE // 4, negative, cfg)).mean() < TOL
+
+
+def test_without_a_model_sampling_node_comfyuis_default_shift(qwen, monkeypatch):
+    """No ModelSamplingAuraFlow: ComfyUI's Qwen-Image model sampling, ModelSamplingFlux with shift (mu) 1.15 on its
+    10000-entry table."""
+    from sdengine.diffusion.flow import FlowSchedule
+
+    root, pipe, files = qwen
+    g = qwen_graph()
+    g["3"]["inputs"]["model"] = ["37", 0]
+    ours = _pixels(_run(root, g)["8"][0])
+    other = comfy_pipeline(files, monkeypatch, pipe, schedule=FlowSchedule.flux(mu=1.15))
+    assert np.abs(ours - _image(other, SIDE // 4)).mean() < TOL
+    assert np.abs(ours - _pixels(_run(root, qwen_graph())["8"][0])).max() > 1e-3  # shift 3.1 is another image
 
 
 def test_odd_patch_grid_is_centred_as_comfyui(qwen, monkeypatch):
@@ -247,6 +264,11 @@ def test_refusals_are_one_line(qwen):
     for want, graph in cases:
         error = _node_error(root, graph)
         assert want in error and "\n" not in error, (want, error)
+    folder = root / "models" / "qwen-folder"  # a diffusers folder: CheckpointLoaderSimple names the template's nodes
+    g = qwen_graph()
+    g["37"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "qwen-folder"}}
+    error = _node_error(root, g, {str(folder.resolve()): sdengine.load_pipeline(folder, device="cpu")})
+    assert "CheckpointLoaderSimple: qwen-folder is a Qwen-Image model; on the ComfyUI route load its parts" in error
     tokenizer = root / "models" / "text_encoders" / "qwen25_tokenizer"
     tokenizer.rename(tokenizer.with_name("away"))
     try:

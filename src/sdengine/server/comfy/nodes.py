@@ -646,7 +646,11 @@ def _load_input_image(ctx: RunContext, name: str, frames: bool = False) -> list[
 
 def checkpoint_loader(ctx: RunContext, ckpt_name: str) -> tuple[Any, ...]:
     ref = ctx.catalog.resolve_model(ckpt_name)
-    ctx.pipeline(ref)  # load now, so that a broken model fails at this node
+    pipe = ctx.pipeline(ref)  # load now, so that a broken model fails at this node
+    if getattr(pipe, "variant", None) == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import refuse_checkpoint
+
+        refuse_checkpoint(ckpt_name)
     return ModelHandle(ref), ClipHandle(ref), VaeHandle(ref)
 
 

@@ -36,7 +36,8 @@ the Qwen-Image facts it reads, each ComfyUI's (read from its ``comfy/text_encode
   transformer runs with that (``rope_centre="comfyui"``, :func:`sdengine.models.qwen_image.rope_tables`). A latent
   whose side is odd (an image side not a multiple of 16) ComfyUI pads to the patch; here that is refused in one line.
 
-What is not built is refused in one line: LoRAs on Qwen-Image (LoraLoader), ControlNets, ReferenceLatent,
+What is not built is refused in one line: CheckpointLoaderSimple on a Qwen-Image model (a diffusers folder: its
+parts are not files UNETLoader / CLIPLoader list), LoRAs on Qwen-Image (LoraLoader), ControlNets, ReferenceLatent,
 FluxGuidance, a Qwen-Image model with another family's CLIP (or the reverse), TextEncodeQwenImageEdit (Qwen-Image
 Edit is not implemented), CLIPSetLastLayer.
 """
@@ -220,6 +221,16 @@ def refuse_aura_flow(family: str, model: ModelHandle) -> None:
         )
 
 
+def refuse_checkpoint(name: str) -> None:
+    """CheckpointLoaderSimple on a Qwen-Image model (a folder, or a file served with its parts): one line saying
+    how ComfyUI's Qwen-Image graph loads it."""
+    raise NodeError(
+        f"CheckpointLoaderSimple: {name} is a Qwen-Image model; on the ComfyUI route load its parts as ComfyUI's "
+        "Qwen-Image template does: UNETLoader (diffusion_models/qwen_image_*.safetensors), CLIPLoader type "
+        "qwen_image and VAELoader"
+    )
+
+
 def check_model(model: ModelHandle) -> None:
     """What a Qwen-Image MODEL cannot carry here: LoraLoader's LoRAs (not supported on this route yet)."""
     if model.loras:
@@ -364,6 +375,7 @@ __all__ = [
     "raw_in",
     "raw_out",
     "refuse_aura_flow",
+    "refuse_checkpoint",
     "schedule",
     "template_end",
     "text_entry",
