@@ -309,3 +309,15 @@ def test_template_end_follows_comfyuis_rule():
     assert template_end([9, 1, 5, 5, 1, 6, 8, 4, 4], 1, 7, 8) == 4  # no "user" after it: at the <|im_start|>
     assert template_end([1, 4, 4], 1, 7, 8) == 0  # one <|im_start|>
     assert template_end([4, 4], 1, 7, 8) == -1  # none: ComfyUI keeps the last state
+
+
+def test_comfy_text_reads_the_prompt_as_comfyuis_tokenizer():
+    """Weights disabled: ``(cat:1.2)`` is text; ComfyUI's escape / unescape drops the backslash of ``\\(``; a
+    textual-inversion name is refused (ComfyUI splits the text there)."""
+    from sdengine.server.comfy.nodes import NodeError
+    from sdengine.server.comfy.nodes_qwen import comfy_text
+
+    assert comfy_text("a (cat:1.2) \\(b\\)") == "a (cat:1.2) (b)"
+    assert comfy_text("embedding:x alone") == "embedding:x alone"  # not after a space: the text's own
+    with pytest.raises(NodeError, match="'embedding:' names a textual-inversion embedding"):
+        comfy_text("a photo of embedding:style")

@@ -14,7 +14,8 @@ the Qwen-Image facts it reads, each ComfyUI's (read from its ``comfy/text_encode
 
 * **Text** (:class:`QwenComfyText`): the prompt in Qwen-Image's chat template (a text that starts with
   ``<|im_start|>`` or ``<|start_header_id|>`` is taken as it is, its own template), tokenized whole (ComfyUI's Qwen
-  tokenizer reads no ``(word:1.2)`` weights: ``disable_weights``), no padding, the language model's last hidden
+  tokenizer reads no ``(word:1.2)`` weights: ``disable_weights``; its escape drops the backslash of ``\\(``,
+  :func:`comfy_text`; an ``embedding:NAME`` after a space is refused), no padding, the language model's last hidden
   state (after the final norm) over every token; then the tokens up to the second ``<|im_start|>`` dropped, and the
   ``user`` and newline tokens after it when they follow (ComfyUI's ``template_end``; it compares Qwen2's ids 151644
   / 872 / 198, read here from the tokenizer's own vocabulary). On Qwen2's vocabulary that drops the same 34 tokens
@@ -44,6 +45,7 @@ Edit is not implemented), CLIPSetLastLayer.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,19 @@ def template_end(ids: list[int], im_start: int | None, user: int | None, newline
     return end
 
 
+def comfy_text(text: str) -> str:
+    """The text ComfyUI's tokenizer tokenizes (weights disabled): its escape and unescape of ``\\(`` / ``\\)``
+    (the backslash dropped); a textual-inversion name after a space or newline (``embedding:NAME``, where ComfyUI
+    splits the text and looks the name up) is refused in one line."""
+    if re.search(r"[ \n]embedding:", text):
+        raise NodeError(
+            "CLIPTextEncode on Qwen-Image: 'embedding:' names a textual-inversion embedding, which Qwen-Image does not "
+            "take here; write the text without it"
+        )
+    escaped = text.replace("\\)", "\0\1").replace("\\(", "\0\2")
+    return escaped.replace("\0\1", ")").replace("\0\2", "(")
+
+
 class QwenComfyText:
     """ComfyUI's Qwen-Image text encoder over sdengine's Qwen2.5-VL language model and Qwen2 tokenizer (the module
     docstring): ``encode(text)`` -> the kept states (1, L, hidden) in float32."""
@@ -106,9 +121,9 @@ class QwenComfyText:
 
     def ids(self, text: str) -> list[int]:
         """The token ids ComfyUI's tokenizer gives ``text``: in the template unless it starts with ``<|im_start|>`` or
-        ``<|start_header_id|>``."""
+        ``<|start_header_id|>``, as :func:`comfy_text` reads it."""
         full = text if text.startswith(OWN_TEMPLATE) else TEMPLATE.replace("{}", text, 1)
-        return list(self.tokenizer.encode(full))
+        return list(self.tokenizer.encode(comfy_text(full)))
 
     def encode(self, text: str) -> torch.Tensor:
         from sdengine.text.encode_cache import cached_call
@@ -367,6 +382,7 @@ __all__ = [
     "QwenComfyText",
     "check_latent",
     "check_model",
+    "comfy_text",
     "fit_conditioning",
     "is_qwen_text_file",
     "load_text",
