@@ -140,6 +140,28 @@ def test_template_graph_equals_the_pipeline_with_comfyuis_rules(qwen, monkeypatc
     assert np.array_equal(_pixels(_run(root, g)["8"][0]), ours)
 
 
+def test_template_graph_posted_to_the_server(qwen):
+    """The template graph through a live server's POST /prompt: the PNG is the executor's image (within one level);
+    /object_info offers CLIPLoader's qwen_image type and ModelSamplingAuraFlow."""
+    pytest.importorskip("fastapi")
+    from _comfy_live import live_client, prompt_image
+    from _live_server import server_config
+    from sdengine.server.comfy.nodes_sd3_flux import forget_parts
+
+    root, _, _ = qwen
+    want = _pixels(_run(root, qwen_graph())["8"][0])
+    forget_parts()
+    config = server_config(root / "server", models_dir=root / "models", vaes_dir=root / "vaes")
+    with live_client(config) as (_, client):
+        info = client.get("/object_info").json()
+        assert "qwen_image" in info["CLIPLoader"]["input"]["required"]["type"][0]
+        assert "ModelSamplingAuraFlow" in info and "TextEncodeQwenImageEdit" in info
+        assert "qwen_image_tiny.safetensors" in info["UNETLoader"]["input"]["required"]["unet_name"][0]
+        png = prompt_image(client, qwen_graph())
+    assert png.shape == (SIDE // 4, SIDE // 4, 3)
+    assert np.abs(png.astype(np.float64) - np.round(want * 255)).max() <= 1
+
+
 def test_cfg_one_an_empty_negative_and_a_batch(qwen, monkeypatch):
     root, pipe, files = qwen
     other = comfy_pipeline(files, monkeypatch, pipe)
