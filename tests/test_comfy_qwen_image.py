@@ -162,7 +162,7 @@ def test_template_graph_posted_to_the_server(qwen):
     assert np.abs(png.astype(np.float64) - np.round(want * 255)).max() <= 1
 
 
-def test_cfg_one_an_empty_negative_and_a_batch(qwen, monkeypatch):
+def test_cfg_one_an_empty_negative_a_batch_and_fp8_storage(qwen, monkeypatch):
     root, pipe, files = qwen
     other = comfy_pipeline(files, monkeypatch, pipe)
     for cfg, negative in ((1.0, NEGATIVE), (CFG, "")):
@@ -172,6 +172,10 @@ def test_cfg_one_an_empty_negative_and_a_batch(qwen, monkeypatch):
     g["58"]["inputs"]["batch_size"] = 2  # a batch: its first row is the single image (ComfyUI's noise of the batch)
     rows = _run(root, g)["8"][0]
     assert rows.shape[0] == 2 and np.abs(rows[0].numpy() - _image(other, SIDE // 4)).mean() < TOL
+    g = qwen_graph()
+    g["37"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"  # UNETLoader's fp8 storage: float8 weights, near the image
+    stored = _pixels(_run(root, g)["8"][0])
+    assert np.isfinite(stored).all() and 0 < np.abs(stored - _image(other, SIDE // 4)).mean() < 0.02
 
 
 def test_without_a_model_sampling_node_comfyuis_default_shift(qwen, monkeypatch):
