@@ -159,17 +159,26 @@ QWEN_IMAGE = QwenImageConfig()  # Qwen/Qwen-Image
 # Positions
 
 
-def rope_tables(rows: int, cols: int, text: int, axes_dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+ROPE_CENTRES = ("diffusers", "comfyui")
+
+
+def rope_tables(
+    rows: int, cols: int, text: int, axes_dims: tuple[int, ...], centre: str = "diffusers"
+) -> tuple[Tensor, Tensor]:
     """cos / sin (text + rows*cols, head_dim) of ``text`` text tokens followed by a rows x cols image grid
     (row-major), the pairs' angles written twice as :func:`sdengine.models.flux.apply_rope` takes them.
 
     Image token (r, c): positions (0, r - (rows - rows//2), c - (cols - cols//2)); text token j: ``start + j`` on
     every axis with ``start = max(rows//2, cols//2)``. Angle = position x ``theta ** (-2i / dim)``, both in
-    float32 (the reference's numbers)."""
+    float32 (the reference's numbers). ``centre`` "comfyui": ComfyUI's rows ``r - rows//2`` (and columns likewise),
+    the same grid on an even side, one further on an odd one (its ``QwenImageTransformer2DModel.process_img``)."""
+    if centre not in ROPE_CENTRES:
+        raise UsageError(f"Qwen-Image RoPE: centre must be one of {', '.join(ROPE_CENTRES)}, got {centre!r}")
     start = max(rows // 2, cols // 2)
+    row0, col0 = (rows // 2, cols // 2) if centre == "comfyui" else (rows - rows // 2, cols - cols // 2)
     img = torch.zeros(rows, cols, 3, dtype=torch.float32)
-    img[..., 1] = (torch.arange(rows) - (rows - rows // 2)).float()[:, None]
-    img[..., 2] = (torch.arange(cols) - (cols - cols // 2)).float()[None, :]
+    img[..., 1] = (torch.arange(rows) - row0).float()[:, None]
+    img[..., 2] = (torch.arange(cols) - col0).float()[None, :]
     txt = (start + torch.arange(text)).float()[:, None].expand(text, 3)
     pos = torch.cat([txt, img.reshape(rows * cols, 3)])
     cos, sin = [], []
@@ -311,11 +320,13 @@ class QwenImageTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.img_in.weight.device
 
-    def rope(self, rows: int, cols: int, text: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def rope(
+        self, rows: int, cols: int, text: int, device: torch.device, centre: str = "diffusers"
+    ) -> tuple[Tensor, Tensor]:
         """The cos / sin tables (:func:`rope_tables`), the last ones made kept (every step asks for the same)."""
-        key = (rows, cols, text, device)
+        key = (rows, cols, text, device, centre)
         if self._rope_key != key or self._rope is None:
-            cos, sin = rope_tables(rows, cols, text, self.config.axes_dims_rope)
+            cos, sin = rope_tables(rows, cols, text, self.config.axes_dims_rope, centre)
             self._rope = (cos.to(device), sin.to(device))
             self._rope_key = key
         return self._rope
@@ -326,9 +337,12 @@ class QwenImageTransformer(nn.Module):
         timestep: Tensor | float,
         encoder_hidden_states: Tensor,
         encoder_hidden_states_mask: Tensor | None = None,
+        *,
+        rope_centre: str = "diffusers",
     ) -> Tensor:
         """The velocity for the latent (B, C, H, W) at ``timestep`` (B,) on the 0..1000 scale given the text states
-        (B, L, joint_attention_dim) and their mask (B, L) (1 = a token, 0 = padding; None: all tokens)."""
+        (B, L, joint_attention_dim) and their mask (B, L) (1 = a token, 0 = padding; None: all tokens);
+        ``rope_centre``: how an odd grid is centred (:func:`rope_tables`)."""
         cfg = self.config
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.latent_channels:
             raise UsageError(
@@ -364,7 +378,7 @@ class QwenImageTransformer(nn.Module):
         x = self.img_in(pack_latents(hidden_states.to(dtype)))
         context = self.txt_in(self.txt_norm(text.to(dtype)))
         vec = self.time_text_embed(t / 1000.0, dtype)
-        rope = self.rope(H // PATCH, W // PATCH, L, device)
+        rope = self.rope(H // PATCH, W // PATCH, L, device, rope_centre)
         for block in self.transformer_blocks:
             x, context = block(x, context, vec, rope, mask)
         x = self.proj_out(self.norm_out(x, vec))
@@ -373,6 +387,7 @@ class QwenImageTransformer(nn.Module):
 
 __all__ = [
     "QWEN_IMAGE",
+    "ROPE_CENTRES",
     "DualStreamBlock",
     "QwenImageConfig",
     "QwenImageTransformer",
