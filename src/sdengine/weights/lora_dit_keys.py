@@ -269,7 +269,9 @@ def dit_routes(model: nn.Module) -> dict[str, tuple[Route, ...]]:
     :func:`_sd3_native` / :func:`_chroma_native` say. Qwen-Image's names are its modules' in every layout (also
     ``lycoris_`` with underscores, ComfyUI's). Empty for a model that is not a diffusion transformer."""
     if isinstance(model, QwenImageTransformer):  # the original names are diffusers': every layout routes one-to-one
-        native = {name: (Route(name),) for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+        native: dict[str, tuple[Route, ...]] = {
+            name: (Route(name),) for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)
+        }
     elif isinstance(model, ChromaTransformer):
         native = dict(_chroma_native(model))
     elif isinstance(model, FluxTransformer):

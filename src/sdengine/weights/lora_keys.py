@@ -293,7 +293,11 @@ def check_dit_family(lf: LoRAFile, index: ModelIndex) -> None:
                 )
             return
         family = family if family in (SD3_FAMILY, QWEN_FAMILY) else None
-    if index.dit is not None and family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, QWEN_FAMILY) and family != index.dit:
+    if (
+        index.dit is not None
+        and family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, QWEN_FAMILY)
+        and family != index.dit
+    ):
         raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {index.dit}")
 
 
