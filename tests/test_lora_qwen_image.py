@@ -23,7 +23,6 @@ pytest.importorskip("peft")
 
 import sdengine  # noqa: E402
 from _qwen_models import diffusers_qwen, make_qwen_folder  # noqa: E402
-from sdengine.errors import GenerationError  # noqa: E402
 from sdengine.weights.io import save_safetensors  # noqa: E402
 from sdengine.weights.lora import LoRAFileError, apply_loras  # noqa: E402
 
@@ -125,9 +124,13 @@ def test_every_layout_matches_diffusers_load_lora_weights(qwen, oracle, tmp_path
         theirs = _theirs(oracle)
         oracle.delete_adapters(layout)
         mad = _mad(images[layout], theirs)
-        print(f"qwen-image LoRA ({layout}) vs diffusers QwenImagePipeline.load_lora_weights: mean abs {mad:.2e}")
+        big = float(np.abs(images[layout] - theirs).max())
+        print(f"qwen-image LoRA ({layout}) vs diffusers QwenImagePipeline.load_lora_weights: mean abs {mad:.2e}, "
+              f"max {big:.2e}")  # fmt: skip
         assert mad < TOL, (layout, mad)
-    assert _mad(images["diffusers"], plain) > 1e-3  # the LoRA changed the image
+    moved = _mad(images["diffusers"], plain)
+    print(f"qwen-image LoRA moves the image by mean abs {moved:.2e}")
+    assert moved > 1e-3  # the LoRA changed the image
     for layout in LAYOUTS[1:]:
         mad = _mad(images[layout], images["diffusers"])
         assert mad < 1e-6, (layout, mad)
@@ -151,7 +154,8 @@ def test_two_loras_weights_tags_and_cli_match_set_adapters(qwen, oracle, tmp_pat
     theirs = _theirs(oracle)
     oracle.delete_adapters(["a", "b"])
     mad = _mad(ours, theirs)
-    print(f"qwen-image two LoRAs (0.7, -0.5) vs diffusers set_adapters: mean abs {mad:.2e}")
+    big = float(np.abs(ours - theirs).max())
+    print(f"qwen-image two LoRAs (0.7, -0.5) vs diffusers set_adapters: mean abs {mad:.2e}, max {big:.2e}")
     assert mad < TOL, mad
     assert _mad(ours, _ours(pipe)) > 1e-3  # they act
     # the tags are taken out, and the spaces they leave at the end (Qwen2's tokenizer reads spaces)
@@ -165,7 +169,9 @@ def test_two_loras_weights_tags_and_cli_match_set_adapters(qwen, oracle, tmp_pat
     with apply_loras(pipe.transformer, None, [(a, 0.7), (b, -0.5)]) as h:
         patched = _ours(pipe)
         h.fuse()
-        assert _mad(_ours(pipe), patched) < 1e-6
+        fused = _mad(_ours(pipe), patched)
+        print(f"qwen-image two LoRAs fused vs patched: mean abs {fused:.2e}")
+        assert fused < 1e-6
         h.unfuse()
     from PIL import Image
 
@@ -249,8 +255,8 @@ def test_what_is_not_a_qwen_image_lora_is_refused_in_one_line(layers, error, tmp
      ("lora_unet_transformer_blocks_0_txt_mlp_net_2", "transformer_blocks.0.txt_mlp.net.2"),
      ("diffusion_model.transformer_blocks.0.img_mlp.net.0.proj", "transformer_blocks.0.img_mlp.net.0.proj")],
 )  # fmt: skip
-def test_a_qwen_image_lora_on_flux_and_sd3_is_refused(key, module_name, tmp_path):
-    """Qwen-Image's own layer names (a block's img_mod / txt_mod / img_mlp / txt_mlp) on Flux.1 or SD3: one line
+def test_a_qwen_image_lora_on_another_transformer_is_refused(key, module_name, tmp_path):
+    """Qwen-Image's own layer names (a block's img_mod / txt_mod / img_mlp / txt_mlp) on Flux.1, SD3 or Chroma: one line
     saying whose LoRA it is; the same file on Qwen-Image applies."""
     qwen, flux, sd3 = _small_dits()
     module = qwen.get_submodule(module_name)
@@ -259,7 +265,13 @@ def test_a_qwen_image_lora_on_flux_and_sd3_is_refused(key, module_name, tmp_path
     path = _write(layers, tmp_path / "q.safetensors")
     with apply_loras(qwen, None, [(path, 1.0)]) as h:
         assert h.reports[0].complete and len(h.reports[0].matched) == 2
-    for model, family in ((flux, "Flux.1"), (sd3, r"SD3 \(MMDiT\)")):
+    from sdengine.models.chroma import ChromaConfig, ChromaTransformer
+
+    chroma = ChromaTransformer(ChromaConfig(num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                            num_attention_heads=2, in_channels=16, joint_attention_dim=32,
+                                            axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+                                            approximator_hidden_dim=32, approximator_layers=2)).eval()  # fmt: skip
+    for model, family in ((flux, "Flux.1"), (sd3, r"SD3 \(MMDiT\)"), (chroma, "Chroma")):
         with pytest.raises(LoRAFileError, match=f"a LoRA for Qwen-Image; the model is {family}"):
             apply_loras(model, None, [(path, 1.0)])
 
@@ -271,5 +283,4 @@ def test_loras_are_no_longer_refused_before_the_model_loads():
 
     r = GenerationRequest(prompt="a cat <lora:x:0.5>", loras=[("y.safetensors", 1.0)])
     assert qwen_refusals(r) == []
-    with pytest.raises(GenerationError, match="distilled_cfg_scale"):
-        raise GenerationError(qwen_refusals(GenerationRequest(prompt="a", distilled_cfg_scale=3.0))[0])
+    assert qwen_refusals(GenerationRequest(prompt="a", distilled_cfg_scale=3.0))[0].startswith("distilled_cfg_scale")
