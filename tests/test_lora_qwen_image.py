@@ -284,3 +284,30 @@ def test_loras_are_no_longer_refused_before_the_model_loads():
     r = GenerationRequest(prompt="a cat <lora:x:0.5>", loras=[("y.safetensors", 1.0)])
     assert qwen_refusals(r) == []
     assert qwen_refusals(GenerationRequest(prompt="a", distilled_cfg_scale=3.0))[0].startswith("distilled_cfg_scale")
+
+
+def test_a_lokr_file_takes_every_naming(tmp_path):
+    """LyCORIS layers (a LoKr, as SimpleTuner's LyCORIS files hold) under ComfyUI's ``lycoris_`` names, behind
+    ``diffusion_model.`` or kohya-style: the same layer adapted, the same output, the model its own after."""
+    qwen, _, _ = _small_dits()
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        base = qwen(x, t, c, None)
+    w1, w2 = torch.randn(4, 4, generator=g), torch.randn(8, 8, generator=g) * 0.1
+    outs = []
+    for i, key in enumerate(["lycoris_transformer_blocks_0_attn_add_k_proj",
+                             "diffusion_model.transformer_blocks.0.attn.add_k_proj",
+                             "lora_unet_transformer_blocks_0_attn_add_k_proj"]):  # fmt: skip
+        path = _write({f"{key}.lokr_w1": w1, f"{key}.lokr_w2": w2, f"{key}.alpha": torch.tensor(1.0)},
+                      tmp_path / f"lokr{i}.safetensors")  # fmt: skip
+        with apply_loras(qwen, None, [(path, 1.0)]) as h, torch.no_grad():
+            assert h.reports[0].matched == ["unet:transformer_blocks.0.attn.add_k_proj"] and h.reports[0].complete
+            assert h.reports[0].algorithms == ["LoKr"]
+            outs.append(qwen(x, t, c, None))
+    assert float((outs[0] - base).abs().max()) > 1e-3
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    with torch.no_grad():
+        assert torch.equal(qwen(x, t, c, None), base)
