@@ -6,8 +6,9 @@ files) plus the module's full name with dots turned into underscores, where the 
 files and the original LDM one (``input_blocks_1_1_...``) in SDXL-style files. Rather than guess where the dots
 were, sdengine builds that alias for every Linear/Conv2d of the model (both U-Net spellings, through the LDM table
 in ``keymaps``) and looks names up exactly. PEFT/diffusers files use the dotted module name behind ``unet.`` or
-``text_encoder.``. For SD3's MMDiT and Flux's transformer, :mod:`sdengine.weights.lora_dit_keys` has rewritten the
-file's names onto the model's modules (``transformer.<module>``) before they are matched here.
+``text_encoder.``. For the diffusion transformers (SD3's MMDiT, Flux's, Chroma's, Qwen-Image's),
+:mod:`sdengine.weights.lora_dit_keys` has rewritten the file's names onto the model's modules
+(``transformer.<module>``) before they are matched here.
 
 Every file gets a :class:`LoRAReport` of matched and unmatched names. No match at all, a layer whose shape differs
 from the model's, or names of another architecture (SDXL's second text encoder, DiT blocks) are errors naming the
