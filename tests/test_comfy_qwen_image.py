@@ -319,13 +319,11 @@ def test_other_families_clip_and_model_refused():
     with pytest.raises(NodeError, match="not this Qwen-Image model's"):
         fit_conditioning([TextCondition({"crossattn": torch.zeros(1, 5, 4096)})], 256)
     from sdengine.server.comfy.nodes import ModelHandle
-    from sdengine.server.comfy.nodes_qwen import check_model, refuse_aura_flow
+    from sdengine.server.comfy.nodes_qwen import refuse_aura_flow
 
     with pytest.raises(NodeError, match="ModelSamplingAuraFlow is for Qwen-Image models here.*an SD3 model"):
         refuse_aura_flow("sd3", ModelHandle("x", flow_sampling=("auraflow", 3.1)))
     refuse_aura_flow("qwen_image", ModelHandle("x", flow_sampling=("auraflow", 3.1)))
-    with pytest.raises(NodeError, match="LoRAs \\(LoraLoader\\) on Qwen-Image are not supported"):
-        check_model(ModelHandle("x", loras=(("a.safetensors", 1.0),)))
 
 
 def test_template_end_follows_comfyuis_rule():
@@ -347,3 +345,32 @@ def test_comfy_text_reads_the_prompt_as_comfyuis_tokenizer():
     assert comfy_text("embedding:x alone") == "embedding:x alone"  # not after a space: the text's own
     with pytest.raises(NodeError, match="'embedding:' names a textual-inversion embedding"):
         comfy_text("a photo of embedding:style")
+
+
+def test_lora_loader_model_only_equals_the_pipelines_lora(qwen, monkeypatch):
+    """LoraLoaderModelOnly (a ComfyUI-layout ``diffusion_model.`` Qwen-Image LoRA) before ModelSamplingAuraFlow: the
+    pipeline with ComfyUI's rules given the same LoRA (``loras=``); LoraLoader's strength_clip is one line (Qwen-Image
+    LoRAs adapt the transformer only), its model part alone (strength_clip 0) runs as LoraLoaderModelOnly."""
+    from test_lora_qwen_image import _layout, _pairs
+
+    root, pipe, files = qwen
+    path = root / "loras" / "qwen-lora.safetensors"
+    path.parent.mkdir(exist_ok=True)
+    save_file({k: v.clone() for k, v in _layout(_pairs(pipe.transformer, 3), "comfy").items()}, str(path))
+    g = qwen_graph()
+    g["70"] = {"class_type": "LoraLoaderModelOnly",
+               "inputs": {"model": ["37", 0], "lora_name": path.name, "strength_model": 0.8}}  # fmt: skip
+    g["66"]["inputs"]["model"] = ["70", 0]
+    ours = _pixels(_run(root, g)["8"][0])
+    other = comfy_pipeline(files, monkeypatch, pipe)
+    out = other(PROMPT, NEGATIVE, steps=STEPS, seed=SEED, width=SIDE // 4, height=SIDE // 4, sampler="euler",
+                schedule="simple", cfg_scale=CFG, progress=False, loras=[(path, 0.8)])  # fmt: skip
+    gap = np.abs(ours - out.arrays[0].astype(np.float64))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    assert np.abs(ours - _pixels(_run(root, qwen_graph())["8"][0])).mean() > 1e-3  # the LoRA changed the image
+    g["70"] = {"class_type": "LoraLoader", "inputs": {"model": ["37", 0], "clip": ["38", 0], "lora_name": path.name,
+                                                     "strength_model": 0.8, "strength_clip": 0.0}}  # fmt: skip
+    assert np.array_equal(_pixels(_run(root, g)["8"][0]), ours)
+    g["70"]["inputs"]["strength_clip"] = 1.0
+    g["6"]["inputs"]["clip"] = ["70", 1]
+    assert "adapt the transformer only" in _node_error(root, g)

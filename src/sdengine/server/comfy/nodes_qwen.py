@@ -38,7 +38,8 @@ the Qwen-Image facts it reads, each ComfyUI's (read from its ``comfy/text_encode
   whose side is odd (an image side not a multiple of 16) ComfyUI pads to the patch; here that is refused in one line.
 
 What is not built is refused in one line: CheckpointLoaderSimple on a Qwen-Image model (a diffusers folder: its
-parts are not files UNETLoader / CLIPLoader list), LoRAs on Qwen-Image (LoraLoader), ControlNets, ReferenceLatent,
+parts are not files UNETLoader / CLIPLoader list), LoraLoader's strength_clip (Qwen-Image LoRAs adapt the
+transformer only: LoraLoaderModelOnly and LoraLoader's model part run), ControlNets, ReferenceLatent,
 FluxGuidance, a Qwen-Image model with another family's CLIP (or the reverse), TextEncodeQwenImageEdit (Qwen-Image
 Edit is not implemented), CLIPSetLastLayer.
 """
@@ -182,8 +183,11 @@ def text_entry(clip: ClipHandle, text_side: QwenComfyText, text: str) -> Any:
 
     if clip.layer is not None:
         raise NodeError("CLIPSetLastLayer does not apply to Qwen-Image (it reads the language model's last state)")
-    if clip.loras:
-        raise NodeError("LoRAs on Qwen-Image's text encoder are not supported on the ComfyUI route")
+    if clip.loras:  # diffusers' loader and sdengine's adapt the transformer only
+        raise NodeError(
+            "LoraLoader's strength_clip on Qwen-Image: its LoRAs adapt the transformer only; use "
+            "LoraLoaderModelOnly (or strength_clip 0)"
+        )
     return TextCondition({"crossattn": text_side.encode(str(text))})
 
 
@@ -244,12 +248,6 @@ def refuse_checkpoint(name: str) -> None:
         "Qwen-Image template does: UNETLoader (diffusion_models/qwen_image_*.safetensors), CLIPLoader type "
         "qwen_image and VAELoader"
     )
-
-
-def check_model(model: ModelHandle) -> None:
-    """What a Qwen-Image MODEL cannot carry here: LoraLoader's LoRAs (not supported on this route yet)."""
-    if model.loras:
-        raise NodeError("LoRAs (LoraLoader) on Qwen-Image are not supported on the ComfyUI route yet")
 
 
 def _stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,7 +379,6 @@ __all__ = [
     "ComfyQwenAdapter",
     "QwenComfyText",
     "check_latent",
-    "check_model",
     "comfy_text",
     "fit_conditioning",
     "is_qwen_text_file",

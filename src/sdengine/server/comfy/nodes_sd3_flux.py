@@ -922,10 +922,6 @@ def _check_patches(model: ModelHandle, family: str) -> None:
     if on:
         label = {"sd3": "SD3", "chroma": "Chroma", "qwen_image": "Qwen-Image"}.get(family, "Flux")
         raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on {label} models here")
-    if family == "qwen_image":
-        from sdengine.server.comfy.nodes_qwen import check_model
-
-        check_model(model)
 
 
 @contextmanager
