@@ -1,13 +1,17 @@
-"""SD3 and Flux ControlNet files (:mod:`sdengine.models.dit_controlnet`): a diffusers folder (``config.json`` of an
-``SD3ControlNetModel`` / ``FluxControlNetModel`` + ``diffusion_pytorch_model[.fp16].safetensors``), or one
-``.safetensors`` file in diffusers' names (as InstantX ships some), whose config is read from the tensors' shapes.
-Other layouts (XLabs' Flux ControlNets, BFL-named files, U-Net ControlNets) are refused in one line.
+"""SD3, Flux and Qwen-Image ControlNet files (:mod:`sdengine.models.dit_controlnet`,
+:mod:`sdengine.models.qwen_controlnet`): a diffusers folder (``config.json`` of an ``SD3ControlNetModel`` /
+``FluxControlNetModel`` / ``QwenImageControlNetModel`` + ``diffusion_pytorch_model[.fp16].safetensors``), or one
+``.safetensors`` file in diffusers' names (as InstantX ships some, and ComfyUI's repackaged InstantX Qwen-Image
+ControlNets), whose config is read from the tensors' shapes. Other layouts (XLabs' Flux ControlNets, BFL-named
+files, U-Net ControlNets, DiffSynth's Qwen-Image Blockwise ControlNets / ComfyUI's "model patches") are refused in
+one line.
 
 What shapes cannot tell, a single file takes from the releases: an SD3 ControlNet without RMS q/k norms has
 64-wide heads (every SD3 / SD3.5 release), its pooled text is zeros when it has a text stream (InstantX's) and
 the real pooled text when not (Stability's SD3.5 ones), its control latent has the latent's channels where it
 borrows the base model's patch embedding; a Flux ControlNet's heads are 128 wide with RoPE axes 16, 56, 56
-(Flux.1's). A folder's ``config.json`` says all of it.
+(Flux.1's); a Qwen-Image ControlNet's heads are 128 wide with RoPE axes 16, 56, 56 (Qwen-Image's). A folder's
+``config.json`` says all of it.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from torch import Tensor
 from sdengine.errors import ControlNetError
 from sdengine.models.config_checks import ConfigError
 from sdengine.models.dit_controlnet import FluxControlNet, FluxControlNetConfig, SD3ControlNet, SD3ControlNetConfig
+from sdengine.models.qwen_controlnet import QwenImageControlNet, QwenImageControlNetConfig
 from sdengine.weights.io import WeightsError, load_file
 
-DiTControlNet = SD3ControlNet | FluxControlNet
+DiTControlNet = SD3ControlNet | FluxControlNet | QwenImageControlNet
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-CLASSES = ("SD3ControlNetModel", "FluxControlNetModel")
+CLASSES = ("SD3ControlNetModel", "FluxControlNetModel", "QwenImageControlNetModel")
+KINDS = {"SD3ControlNetModel": "sd3", "FluxControlNetModel": "flux", "QwenImageControlNetModel": "qwen_image"}
+LABELS = {"sd3": "SD3", "flux": "Flux", "qwen_image": "Qwen-Image"}
 
 
 def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
@@ -38,7 +45,11 @@ def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
 
 
 def dit_controlnet_kind(sd: Mapping[str, Tensor]) -> str | None:
-    """ "sd3" or "flux" for a state dict in diffusers' names of that ControlNet, else None."""
+    """ "sd3", "flux" or "qwen_image" for a state dict in diffusers' names of that ControlNet, else None."""
+    if {"img_in.weight", "txt_norm.weight", "controlnet_x_embedder.weight"} <= set(sd) and any(
+        k.startswith("controlnet_blocks.") for k in sd
+    ):
+        return "qwen_image"
     if "pos_embed_input.proj.weight" in sd and any(k.startswith("controlnet_blocks.") for k in sd):
         return "sd3"
     if "controlnet_x_embedder.weight" in sd and any(k.startswith("controlnet_blocks.") for k in sd):
@@ -108,10 +119,37 @@ def flux_config_from_weights(sd: Mapping[str, Tensor]) -> FluxControlNetConfig:
     )
 
 
+def qwen_config_from_weights(sd: Mapping[str, Tensor]) -> QwenImageControlNetConfig:
+    """A Qwen-Image ControlNet's config from its tensors' shapes (128-wide heads, Qwen-Image's RoPE axes)."""
+    dim, in_ch = (int(s) for s in sd["img_in.weight"].shape)
+    cond_ch = int(sd["controlnet_x_embedder.weight"].shape[1])
+    norm_q = sd.get("transformer_blocks.0.attn.norm_q.weight")
+    head = int(norm_q.shape[0]) if norm_q is not None else 128
+    if head != 128:
+        raise ControlNetError(
+            f"a single-file Qwen-Image ControlNet with {head}-wide heads: its RoPE axes are not Qwen-Image's; give "
+            "the diffusers folder with its config.json"
+        )
+    if dim % head:
+        raise ControlNetError(f"a Qwen-Image ControlNet of width {dim} does not split into {head}-wide heads")
+    return QwenImageControlNetConfig(
+        in_channels=in_ch,
+        out_channels=in_ch // 4,
+        num_layers=_count(sd, "controlnet_blocks"),
+        attention_head_dim=head,
+        num_attention_heads=dim // head,
+        joint_attention_dim=int(sd["txt_in.weight"].shape[1]),
+        extra_condition_channels=cond_ch - in_ch,
+    )
+
+
 def _build(kind: str, config: Any, sd: Mapping[str, Tensor], name: str) -> DiTControlNet:
     net: DiTControlNet
     with torch.device("meta"):
-        net = SD3ControlNet(config) if kind == "sd3" else FluxControlNet(config)
+        if kind == "qwen_image":
+            net = QwenImageControlNet(config)
+        else:
+            net = SD3ControlNet(config) if kind == "sd3" else FluxControlNet(config)
     result = net.load_state_dict(dict(sd), strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         parts = []
@@ -122,7 +160,7 @@ def _build(kind: str, config: Any, sd: Mapping[str, Tensor], name: str) -> DiTCo
         if result.unexpected_keys:
             extra = result.unexpected_keys
             parts.append(f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""))
-        raise ControlNetError(f"{name}: not a {kind.upper()} ControlNet of its config ({'; '.join(parts)})")
+        raise ControlNetError(f"{name}: not a {LABELS[kind]} ControlNet of its config ({'; '.join(parts)})")
     for mod_name, buf in list(net.named_buffers()):
         if buf.is_meta:
             raise ControlNetError(f"{name}: no weights for {mod_name}")
@@ -134,20 +172,25 @@ def _refuse_layout(sd: Mapping[str, Tensor], name: str) -> ControlNetError:
     keys = list(sd)
     if any(k.startswith(("controlnet_down_blocks.", "control_model.", "input_blocks.", "down_blocks.")) for k in keys):
         return ControlNetError(
-            f"{name} is a U-Net ControlNet (SD 1.x / 2.x / SDXL); SD3 and Flux take their own ControlNets "
-            "(diffusers' SD3ControlNetModel / FluxControlNetModel)"
+            f"{name} is a U-Net ControlNet (SD 1.x / 2.x / SDXL); SD3, Flux and Qwen-Image take their own "
+            "ControlNets (diffusers' SD3ControlNetModel / FluxControlNetModel / QwenImageControlNetModel)"
+        )
+    if any(k.startswith("controlnet_blocks.") and (".x_rms." in k or ".input_proj." in k) for k in keys):
+        return ControlNetError(
+            f"{name}: DiffSynth's Qwen-Image Blockwise ControlNet (a ComfyUI model patch) is not supported; use "
+            "InstantX's Qwen-Image ControlNets (diffusers' QwenImageControlNetModel)"
         )
     if any(k.startswith(("double_blocks.", "single_blocks.", "input_hint_block.")) for k in keys):
         return ControlNetError(
             f"{name}: a Flux ControlNet in XLabs' / BFL's layout is not supported; use one in diffusers' names "
             "(InstantX, Shakker-Labs)"
         )
-    return ControlNetError(f"{name}: not an SD3 or Flux ControlNet in diffusers' names")
+    return ControlNetError(f"{name}: not an SD3, Flux or Qwen-Image ControlNet in diffusers' names")
 
 
 def read_dit_controlnet(path: str | Path) -> DiTControlNet:
-    """An SD3 or Flux ControlNet from a diffusers folder or a single ``.safetensors`` file (float32 weights as
-    stored; the pipeline moves it to its device and dtype)."""
+    """An SD3, Flux or Qwen-Image ControlNet from a diffusers folder or a single ``.safetensors`` file (float32
+    weights as stored; the pipeline moves it to its device and dtype)."""
     p = Path(path)
     if not p.exists():
         raise ControlNetError(f"ControlNet {p}: no such file or folder")
@@ -165,24 +208,32 @@ def read_dit_controlnet(path: str | Path) -> DiTControlNet:
             if cls not in CLASSES:
                 raise ControlNetError(
                     f"ControlNet folder {p.name} holds a {cls or 'model without _class_name'}, not an "
-                    f"SD3ControlNetModel or FluxControlNetModel"
+                    f"SD3ControlNetModel, FluxControlNetModel or QwenImageControlNetModel"
                 )
             weights = next((p / w for w in WEIGHT_NAMES if (p / w).is_file()), None)
             if weights is None:
                 raise ControlNetError(f"ControlNet folder {p.name} has no {WEIGHT_NAMES[0]}")
             sd, _ = load_file(weights)
-            kind = "sd3" if cls == "SD3ControlNetModel" else "flux"
-            config: Any = (
-                SD3ControlNetConfig.from_diffusers(raw) if kind == "sd3" else FluxControlNetConfig.from_diffusers(raw)
-            )
+            kind = KINDS[cls]
+            reader: Any = {
+                "sd3": SD3ControlNetConfig,
+                "flux": FluxControlNetConfig,
+                "qwen_image": QwenImageControlNetConfig,
+            }[kind]
+            config: Any = reader.from_diffusers(raw)
             return _build(kind, config, sd, name)
         if p.suffix.lower() != ".safetensors":
-            raise ControlNetError(f"ControlNet {p.name}: an SD3 / Flux ControlNet file must be .safetensors")
+            raise ControlNetError(
+                f"ControlNet {p.name}: an SD3 / Flux / Qwen-Image ControlNet file must be .safetensors"
+            )
         sd, _ = load_file(p)
         found = dit_controlnet_kind(sd)
         if found is None:
             raise _refuse_layout(sd, p.name)
-        config = sd3_config_from_weights(sd) if found == "sd3" else flux_config_from_weights(sd)
+        if found == "qwen_image":
+            config = qwen_config_from_weights(sd)
+        else:
+            config = sd3_config_from_weights(sd) if found == "sd3" else flux_config_from_weights(sd)
         return _build(found, config, sd, name)
     except (ConfigError, WeightsError) as e:
         raise ControlNetError(f"ControlNet {p.name}: {e}") from None
@@ -220,6 +271,7 @@ __all__ = [
     "is_sd3_inpainting_controlnet",
     "dit_controlnet_kind",
     "flux_config_from_weights",
+    "qwen_config_from_weights",
     "read_dit_controlnet",
     "sd3_config_from_weights",
 ]

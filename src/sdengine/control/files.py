@@ -259,6 +259,14 @@ def controlnet_from_state(
             raise ControlNetError(f"{path}: this is a Stable Diffusion checkpoint, not a ControlNet")
         if any(k.startswith(("lora_", "lora_unet_")) or ".lora_" in k for k in keys):
             raise ControlNetError(f"{path}: this is a LoRA, not a ControlNet")
+        from sdengine.control.dit_files import LABELS, dit_controlnet_kind
+
+        kind = dit_controlnet_kind(sd)
+        if kind is not None:
+            raise ControlNetError(
+                f"{path}: a {LABELS[kind]} ControlNet (for {LABELS[kind]} models); SD 1.x / 2.x / SDXL take U-Net "
+                "ControlNets"
+            )
         prefixes = sorted({k.split(".")[0] for k in keys})[:6]
         raise ControlNetError(
             f"{path}: not a ControlNet (no input_hint_block / controlnet_cond_embedding weights; "

@@ -339,10 +339,13 @@ class QwenImageTransformer(nn.Module):
         encoder_hidden_states_mask: Tensor | None = None,
         *,
         rope_centre: str = "diffusers",
+        controlnet_block_samples: list[Tensor] | None = None,
     ) -> Tensor:
         """The velocity for the latent (B, C, H, W) at ``timestep`` (B,) on the 0..1000 scale given the text states
         (B, L, joint_attention_dim) and their mask (B, L) (1 = a token, 0 = padding; None: all tokens);
-        ``rope_centre``: how an odd grid is centred (:func:`rope_tables`)."""
+        ``rope_centre``: how an odd grid is centred (:func:`rope_tables`); ``controlnet_block_samples``: a
+        ControlNet's residuals (B, N, dim) (:mod:`sdengine.models.qwen_controlnet`), block ``i`` of ``n`` adding
+        residual ``i // ceil(n / m)`` of the ``m`` to its image tokens (diffusers' rule)."""
         cfg = self.config
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.latent_channels:
             raise UsageError(
@@ -379,8 +382,12 @@ class QwenImageTransformer(nn.Module):
         context = self.txt_in(self.txt_norm(text.to(dtype)))
         vec = self.time_text_embed(t / 1000.0, dtype)
         rope = self.rope(H // PATCH, W // PATCH, L, device, rope_centre)
-        for block in self.transformer_blocks:
+        samples = controlnet_block_samples or None
+        every = math.ceil(len(self.transformer_blocks) / len(samples)) if samples else 0
+        for i, block in enumerate(self.transformer_blocks):
             x, context = block(x, context, vec, rope, mask)
+            if samples is not None:
+                x = x + samples[i // every].to(x.dtype)
         x = self.proj_out(self.norm_out(x, vec))
         return unpack_latents(x, H, W)
 

@@ -966,8 +966,10 @@ def build_controlled_unet(
         name = f"ControlNet {k + 1}" if not isinstance(model, str | Path) else f"ControlNet {Path(model).name}"
         check_unit_settings(float(unit.scale), float(unit.start), float(unit.end), name=name)
         net: ControlNet | T2IAdapter
-        if getattr(model, "family", None) in ("sd3", "flux"):
-            raise ControlNetError(f"{name} is an {model.family.upper()} ControlNet; this model is a U-Net")
+        family = getattr(model, "family", None)
+        if family in ("sd3", "flux", "qwen_image"):
+            label = {"sd3": "an SD3", "flux": "a Flux", "qwen_image": "a Qwen-Image"}[family]
+            raise ControlNetError(f"{name} is {label} ControlNet; this model is a U-Net")
         if unit.mask is not None:
             raise ControlNetError(
                 f"{name}: a unit mask is an SD3 inpainting ControlNet's input; U-Net ControlNets take none (inpaint "

@@ -1,4 +1,4 @@
-"""ControlNets on SD3 / SD3.5 and Flux while sampling: the transformer with its ControlNets' residuals.
+"""ControlNets on SD3 / SD3.5, Flux and Qwen-Image while sampling: the transformer with its ControlNets' residuals.
 
 :func:`build_controlled_dit` is what :func:`sdengine.pipeline.control.build_controlled_unet` is for the U-Nets:
 it loads each :class:`~sdengine.pipeline.control.ControlUnit`'s ControlNet (:mod:`sdengine.control.dit_files`),
@@ -32,6 +32,18 @@ carries the picture (no known region is put back, as in diffusers' pipeline; the
 ``mask`` inpaint on top when given). A mask on any other unit, an inpainting ControlNet without one, or one
 that takes another number of extra channels is refused in one line.
 
+Qwen-Image's ControlNets (InstantX's Union and Inpainting; :mod:`sdengine.models.qwen_controlnet`, run by
+:class:`ControlledQwen`), as diffusers' ``QwenImageControlNetPipeline`` / ``QwenImageControlNetInpaintPipeline``:
+the control image encoded as the picture of an img2img run is (the posterior's mean, normalised by the VAE's
+``latents_mean`` / ``latents_std``), packed into 2x2 patches inside the ControlNet. The copy reads the conditional
+rows' text only, and every unconditional row of true CFG reuses the residuals of its conditional row (diffusers'
+pipeline runs the ControlNet once per step, on the prompt). Several units sum their residuals (diffusers'
+``QwenImageMultiControlNetModel`` runs one Union ControlNet over several images; here each unit may also have its
+own ControlNet of the same depth). The inpainting ControlNet (``extra_condition_channels`` 4) takes the unit's
+``mask`` as the SD3 one does (masked pixels black, the mask at the latent's size, 1 = keep, one channel after
+the latent's 16). A ControlNet of another width than the transformer, or whose latents have another channel
+count, is refused in one line.
+
 Not for the transformers (one line each): U-Net ControlNets, T2I-Adapters, reference units, guess mode,
 sd-webui-controlnet's soft control modes, ComfyUI's sigma window rule.
 """
@@ -54,6 +66,7 @@ from sdengine.diffusion.samplers import SamplerStep
 from sdengine.errors import ControlNetError
 from sdengine.io.resize import resize_image, resize_tensor
 from sdengine.models.dit_controlnet import FluxControlNet, SD3ControlNet
+from sdengine.models.qwen_controlnet import INPAINT_EXTRA, QwenImageControlNet
 from sdengine.pipeline.control import (
     HINT_NEAREST_CENTRE,
     ControlUnit,
@@ -66,7 +79,8 @@ from sdengine.pipeline.control import (
 # The control kinds of the Flux Union ControlNets (InstantX's FLUX.1-dev-Controlnet-Union and Shakker-Labs'
 # Union-Pro): a unit's union_mode is one of these names or its number
 UNION_MODES = ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
-FAMILY_NAMES = {"sd3": "SD3", "flux": "Flux"}
+FAMILY_NAMES = {"sd3": "SD3", "flux": "Flux", "qwen_image": "Qwen-Image"}
+CLASS_NAMES = {"sd3": "SD3ControlNetModel", "flux": "FluxControlNetModel", "qwen_image": "QwenImageControlNetModel"}
 
 
 def union_mode_id(mode: int | str | None, count: int, name: str) -> int:
@@ -99,7 +113,7 @@ class PreparedDiTUnit:
     scale: float
     keep: list[bool]
     mode: int | None = None
-    inpaint: bool = False  # an SD3 inpainting ControlNet (its pooled text is zeros)
+    inpaint: bool = False  # an inpainting ControlNet (SD3's pooled text is zeros)
 
 
 class ControlledDiT:
@@ -186,6 +200,66 @@ class ControlledDiT:
         return self.base(x, t, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections, **kw)
 
 
+class ControlledQwen:
+    """``model(x, t, text, text_mask, *, step, row_kinds)``: the Qwen-Image transformer with the active units'
+    residuals, computed on the conditional rows and reused by each unconditional row (see the module docstring)."""
+
+    takes_step = True
+    takes_row_kinds = True
+    references = None
+
+    def __init__(self, base: Any, units: list[PreparedDiTUnit]) -> None:
+        self.base = base
+        self.units = units
+
+    def __getattr__(self, name: str) -> Any:  # config, dtype, ... of the transformer
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def active(self, step: int) -> list[bool]:
+        return [u.keep[min(step, len(u.keep) - 1)] for u in self.units]
+
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        text: Tensor,
+        text_mask: Tensor | None = None,
+        *,
+        step: Any = None,
+        row_kinds: Sequence[str] | None = None,
+        **kw: Any,
+    ) -> Tensor:
+        b = x.shape[0]
+        kinds = tuple(row_kinds) if row_kinds is not None else ("cond",) * b
+        if len(kinds) != b:
+            raise ControlNetError(f"the controlled transformer got {len(kinds)} row kinds for {b} rows")
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(b) if t.ndim == 0 else t
+        cond = [i for i, k in enumerate(kinds) if k == "cond"] or list(range(b))
+        rows = torch.tensor(cond, device=x.device)
+        total: list[Tensor] | None = None
+        for unit, on in zip(self.units, self.active(_step_index(step)), strict=True):
+            if not on:
+                continue
+            net = unit.net
+            dt = net.dtype
+            maps = _maps_for_rows(unit.latent, kinds)[rows]
+            mask = None if text_mask is None else text_mask[rows]
+            got = net(x[rows].to(dt), maps, t[rows], text[rows].to(dt), mask, conditioning_scale=unit.scale)
+            total = got if total is None else _add(total, got)
+        if total is not None:
+            seen: dict[str, int] = {}
+            pick = []
+            for k in kinds:  # row j of its kind takes the residuals of conditional row j
+                pick.append(seen.get(k, 0) % len(cond))
+                seen[k] = seen.get(k, 0) + 1
+            index = torch.tensor(pick, device=x.device)
+            kw["controlnet_block_samples"] = [r[index] for r in total]
+        return self.base(x, t, text, text_mask, **kw)
+
+
 def _step_index(step: Any) -> int:
     if step is None:
         raise ControlNetError("the controlled transformer needs the sampler's step (step=SamplerStep(...))")
@@ -218,14 +292,14 @@ def _add(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
 def _load(unit: ControlUnit, family: str, name: str) -> DiTControlNet:
     model = unit.model
     want = FAMILY_NAMES[family]
-    if isinstance(model, SD3ControlNet | FluxControlNet):
+    if isinstance(model, SD3ControlNet | FluxControlNet | QwenImageControlNet):
         net = model
     elif isinstance(model, str | Path):
         net = read_dit_controlnet(model)
     else:
         raise ControlNetError(
             f"{name}: a {type(model).__name__} is made for U-Nets (SD 1.x / 2.x / SDXL); {want} takes an {want} "
-            f"ControlNet ({'SD3ControlNetModel' if family == 'sd3' else 'FluxControlNetModel'})"
+            f"ControlNet ({CLASS_NAMES[family]})"
         )
     if net.family != family:
         raise ControlNetError(f"{name} is a {FAMILY_NAMES[net.family]} ControlNet; this model is {want}")
@@ -268,6 +342,17 @@ def vae_encoder(vae: Any) -> dict[str, Any]:
     return {"encode": encode, "vae_factors": (float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0))}
 
 
+def qwen_vae_encoder(vae: Any) -> dict[str, Any]:
+    """``encode`` and ``vae_factors`` of :func:`build_controlled_dit` for Qwen-Image's VAE: the posterior's mean of
+    images in [0, 1] normalised by the VAE (``(z - latents_mean) / latents_std``), so the factors are (1, 0)."""
+    from sdengine.vae_utils import encode_moments
+
+    def encode(images: Tensor) -> Tensor:
+        return vae.scale_latents(encode_moments(vae, images * 2.0 - 1.0).mean.float())
+
+    return {"encode": encode, "vae_factors": (1.0, 0.0)}
+
+
 def build_controlled_dit(
     base: Any,
     units: Sequence[ControlUnit | tuple[Any, ...]],
@@ -286,7 +371,8 @@ def build_controlled_dit(
     note: Callable[[str], None] | None = None,
     **_: Any,
 ) -> ControlledDiT:
-    """The SD3 (``family="sd3"``) or Flux (``"flux"``) transformer ``base`` with the ControlNets of ``units``.
+    """The SD3 (``family="sd3"``), Flux (``"flux"``) or Qwen-Image (``"qwen_image"``) transformer ``base`` with the
+    ControlNets of ``units``.
 
     ``encode``: (N, 3, H, W) images in [0, 1] -> the VAE posterior's mean (unscaled); ``vae_factors``: the VAE's
     (scaling_factor, shift_factor); ``grid`` / ``start_step``: the run's steps, as for
@@ -323,25 +409,34 @@ def build_controlled_dit(
         union_mode = getattr(unit, "union_mode", None)
         if isinstance(net, FluxControlNet) and net.controlnet_mode_embedder is not None:
             mode = union_mode_id(union_mode, net.controlnet_mode_embedder.num_embeddings, name)
+        elif union_mode is not None and isinstance(net, QwenImageControlNet):
+            raise ControlNetError(
+                f"{name}: Qwen-Image ControlNets take no union_mode (InstantX's Union reads the kind off the image)"
+            )
         elif union_mode is not None:
             raise ControlNetError(f"{name} is not a Union ControlNet: it takes no union_mode")
-        extra = net.config.extra_conditioning_channels if isinstance(net, SD3ControlNet) else 0
-        if extra not in (0, 1):
+        if isinstance(net, QwenImageControlNet):
+            _check_qwen_fit(net, base, name)
+            extra, mask_extra = net.config.extra_condition_channels, INPAINT_EXTRA
+        else:
+            extra = net.config.extra_conditioning_channels if isinstance(net, SD3ControlNet) else 0
+            mask_extra = 1
+        if extra not in (0, mask_extra):
             raise ControlNetError(
-                f"{name} takes {extra} extra control channels; sdengine knows the inpainting ControlNets' one "
-                "(the mask)"
+                f"{name} takes {extra} extra control channels; sdengine knows the inpainting ControlNets' "
+                f"{mask_extra} (the mask)"
             )
-        inpaint = extra == 1
+        inpaint = extra == mask_extra
         mask_given = getattr(unit, "mask", None) is not None
         if inpaint and not mask_given:
             raise ControlNetError(
-                f"{name} is an SD3 inpainting ControlNet: give the unit its mask (white = repaint) with the image to "
-                "inpaint"
+                f"{name} is {'an' if family == 'sd3' else 'a'} {want} inpainting ControlNet: give the unit its mask "
+                "(white = repaint) with the image to inpaint"
             )
         if mask_given and not inpaint:
             raise ControlNetError(
-                f"{name} is not an inpainting ControlNet (no mask channel): a unit mask is for SD3 inpainting "
-                "ControlNets (extra_conditioning_channels 1)"
+                f"{name} is not an inpainting ControlNet (no mask channel): a unit mask is for SD3 / Qwen-Image "
+                "inpainting ControlNets"
             )
         net = net.to(device=dev, dtype=run_dtype)
         if isinstance(net, SD3ControlNet):
@@ -352,7 +447,10 @@ def build_controlled_dit(
             images = images * (1.0 - repaint)  # the area to repaint black: -1 in the VAE's range
         with torch.no_grad():
             mean = encode(images.to(dev)).float()
-        want_ch = net.config.in_channels if isinstance(net, SD3ControlNet) else net.config.in_channels // 4
+        if isinstance(net, QwenImageControlNet):
+            want_ch = net.config.latent_channels
+        else:
+            want_ch = net.config.in_channels if isinstance(net, SD3ControlNet) else net.config.in_channels // 4
         if mean.shape[1] != want_ch:
             raise ControlNetError(
                 f"{name} takes {want_ch}-channel control latents; this model's VAE makes {mean.shape[1]}"
@@ -368,15 +466,39 @@ def build_controlled_dit(
             if note is not None:
                 note(msg)
         prepared.append(PreparedDiTUnit(net, latent.to(run_dtype), float(unit.scale), keep, mode, inpaint))
+    if family == "qwen_image":
+        return ControlledQwen(base, prepared)
     return ControlledDiT(base, prepared, family)
+
+
+def _check_qwen_fit(net: QwenImageControlNet, base: Any, name: str) -> None:
+    """A Qwen-Image ControlNet's residuals fit the transformer: the same width, latent and text widths."""
+    cfg = getattr(base, "config", None)
+    if cfg is None:
+        return
+    for label, mine, theirs in (
+        (
+            "width (heads x head width)",
+            net.config.hidden_size,
+            int(cfg.num_attention_heads) * int(cfg.attention_head_dim),
+        ),
+        ("in_channels", net.config.in_channels, int(cfg.in_channels)),
+        ("joint_attention_dim (text width)", net.config.joint_attention_dim, int(cfg.joint_attention_dim)),
+    ):
+        if mine != theirs:
+            raise ControlNetError(
+                f"{name} has {label} {mine}, this Qwen-Image transformer {theirs}: not a ControlNet for this model"
+            )
 
 
 __all__ = [
     "UNION_MODES",
     "ControlledDiT",
+    "ControlledQwen",
     "PreparedDiTUnit",
     "build_controlled_dit",
     "control_mask_tensor",
+    "qwen_vae_encoder",
     "union_mode_id",
     "vae_encoder",
 ]

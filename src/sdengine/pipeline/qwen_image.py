@@ -21,9 +21,14 @@ flow schedule this reuses). What Qwen-Image changes:
 
 Defaults (:attr:`QwenImagePipeline.family_defaults`): 50 steps, ``cfg_scale`` 4 (diffusers' ``true_cfg_scale``
 with the negative prompt, empty by default: diffusers runs CFG when a negative prompt is given, "" included),
-``euler`` on the ``normal`` grid. What does not apply is refused in one line before any model runs (ControlNets,
-IP-Adapters, textual inversion, PAG, SAG, FreeU, ..., the distilled guidance, CFG++ samplers, prompt editing;
+``euler`` on the ``normal`` grid. What does not apply is refused in one line before any model runs (U-Net, SD3 and
+Flux ControlNets, IP-Adapters, textual inversion, PAG, SAG, FreeU, ..., the distilled guidance, CFG++ samplers, prompt editing;
 :func:`qwen_refusals`).
+
+ControlNets (``controlnets=[ControlUnit(path, image, weight, start, end)]``, ``--control``, a server job's
+``controlnets``): InstantX's Qwen-Image ControlNets (Union, Inpainting) through
+:mod:`sdengine.pipeline.dit_control` (:meth:`QwenImagePipeline.controlled_network`), as diffusers'
+``QwenImageControlNetPipeline``.
 
 LoRAs (``loras=``, ``<lora:NAME:W>`` tags, ``--lora``, a server job's ``loras``) apply through the core's path as
 Flux's do: :mod:`sdengine.weights.lora_dit_keys` reads diffusers' / PEFT names (``transformer.``), ComfyUI's /
@@ -137,20 +142,30 @@ class QwenAdapter:
     """The conditioning dict -> the transformer's arguments (``crossattn`` -> ``encoder_hidden_states``,
     ``text_mask`` -> ``encoder_hidden_states_mask``); runs in ``dtype``, the velocity back in float32."""
 
-    takes_step = takes_row_kinds = False
-
     def __init__(self, net: Any, dtype: torch.dtype) -> None:
         self.net = net
         self.dtype = dtype
+        # ControlNets attached (sdengine.pipeline.dit_control.ControlledQwen): the step and the rows' CFG kinds
+        self.takes_step = self.takes_row_kinds = bool(getattr(net, "takes_step", False))
 
     def __call__(
-        self, x: Tensor, t: Tensor, *, crossattn: Tensor, text_mask: Tensor | None = None, **other: Any
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        crossattn: Tensor,
+        text_mask: Tensor | None = None,
+        step: Any = None,
+        row_kinds: Any = None,
+        **other: Any,
     ) -> Tensor:
         extra = sorted(k for k, v in other.items() if v is not None)
         if extra:
             raise GenerationError(f"the Qwen-Image transformer takes no {', '.join(extra)}")
         mask = None if text_mask is None else text_mask.to(x.device)
-        return self.net(x.to(self.dtype), t, crossattn.to(device=x.device, dtype=self.dtype), mask).float()
+        control = {"step": step, "row_kinds": row_kinds} if self.takes_step else {}
+        text = crossattn.to(device=x.device, dtype=self.dtype)
+        return self.net(x.to(self.dtype), t, text, mask, **control).float()
 
 
 def norm_preserving_cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
@@ -167,18 +182,20 @@ class QwenTrueCFG:
     """A velocity model ``(x, t, **cond) -> v`` running the conditional and unconditional rows in one batch and
     combining them with :func:`norm_preserving_cfg` (``scale`` 1: the conditional rows alone)."""
 
-    takes_step = takes_row_kinds = False
-
     def __init__(self, model: Any, scale: float, uncond: Conditioning) -> None:
         self.model = model
         self.scale = float(scale)
         self.uncond = dict(uncond)
+        self.takes_step = bool(getattr(model, "takes_step", False))
+        self.takes_row_kinds = bool(getattr(model, "takes_row_kinds", False))
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         if self.scale == 1.0:
             return self.model(x, t, **cond)
         b = x.shape[0]
         both: dict[str, Any] = {}
+        if self.takes_row_kinds:  # the conditional rows, then the unconditional ones
+            cond = {**cond, "row_kinds": ("cond",) * b + ("uncond",) * b}
         for k, v in cond.items():
             if isinstance(v, Tensor) and k in self.uncond:
                 u = self.uncond[k].to(v.device)
@@ -194,7 +211,6 @@ class QwenTrueCFG:
 
 
 _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
-    ("controlnets", bool, "ControlNets are not supported for Qwen-Image"),
     ("ip_adapters", bool, "IP-Adapters are not supported for Qwen-Image"),
     ("reference_images", bool, "reference images are FLUX.1 Kontext's; Qwen-Image takes none"),
     (
@@ -264,7 +280,10 @@ class QwenImagePipeline(FluxPipeline):
         return QwenAdapter(net, self.dtype)
 
     def controlled_network(self, net: Any, units: list[Any], **kw: Any) -> Any:
-        raise GenerationError(f"ControlNets are not supported for Qwen-Image; {self.name} is a Qwen-Image model")
+        """Qwen-Image ControlNets on the transformer (:func:`sdengine.pipeline.dit_control.build_controlled_dit`)."""
+        from sdengine.pipeline.dit_control import build_controlled_dit, qwen_vae_encoder
+
+        return build_controlled_dit(net, units, family="qwen_image", **qwen_vae_encoder(self.vae), **kw)
 
     def guided_denoiser(self, cfg_scale: float, uncond: Conditioning, rescale: float, **kw: Any) -> Any:
         """Qwen-Image's true CFG on the velocity (:class:`QwenTrueCFG`), the flow's x0 after it; the core's CFG

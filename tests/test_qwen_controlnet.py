@@ -1,0 +1,261 @@
+"""Qwen-Image ControlNets end to end against diffusers' QwenImageControlNetPipeline /
+QwenImageControlNetInpaintPipeline on the tiny random Qwen-Image folder (tests/_qwen_models.py) and random
+``QwenImageControlNetModel``s saved by diffusers: images on 0..1 pixels within TOL (mean absolute difference) for
+one unit, a scale and a step window, two units (diffusers' multi-ControlNet over one Union ControlNet), true CFG
+with a negative prompt, a batch of two, the inpainting ControlNet; single files; the refusals.
+
+The oracle's VAE encodes the control image to its posterior's mean here, as sdengine does (diffusers draws a
+sample)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import sdengine  # noqa: E402
+from _qwen_models import QWEN_TEXT, QWEN_TRANSFORMER, diffusers_qwen, make_qwen_folder, perturb  # noqa: E402
+from sdengine.control.dit_files import read_dit_controlnet  # noqa: E402
+from sdengine.errors import SdengineError  # noqa: E402
+from sdengine.pipeline.control import ControlUnit  # noqa: E402
+from sdengine.weights.io import load_file, save_safetensors  # noqa: E402
+
+TOL = 1e-4  # mean absolute difference on 0..1 pixels
+SIZE = 32  # 16x16 latents (the tiny VAE's 4x), 8x8 tokens
+SEED = 7
+PROMPT, NEGATIVE = "a red apple on a table", "blurry, low quality"
+
+
+@pytest.fixture(autouse=True)
+def _posterior_mean(monkeypatch):
+    from diffusers.models.autoencoders import vae as dvae
+
+    monkeypatch.setattr(dvae.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    value = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+    print(f"mean abs difference {value:.2e}")
+    return value
+
+
+def _picture(seed: int = 0, w: int = SIZE, h: int = SIZE):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+
+
+def _mask(w: int = SIZE, h: int = SIZE):
+    from PIL import Image
+
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[h // 4 : 3 * h // 4, w // 8 : w // 2] = 255
+    return Image.fromarray(m)
+
+
+def _controlnet(dst: Path, seed: int, **extra) -> Path:
+    from diffusers import QwenImageControlNetModel
+
+    cfg = {**QWEN_TRANSFORMER, "joint_attention_dim": QWEN_TEXT["hidden_size"], "num_layers": 1, **extra}
+    torch.manual_seed(seed)
+    cn = perturb(QwenImageControlNetModel(**cfg), seed + 1, 0.1).eval()
+    cn.save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwencn")
+    folder = make_qwen_folder(root / "qwen-tiny")
+    cn = _controlnet(root / "qwen-cn", 41)
+    inpaint = _controlnet(root / "qwen-cn-inpaint", 42, extra_condition_channels=4)
+    return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_qwen(folder), cn, inpaint
+
+
+def _ref(ref, net: Path, n: int = 1, inpaint: bool = False):
+    import diffusers
+
+    model = diffusers.QwenImageControlNetModel.from_pretrained(net)
+    cn = model if n == 1 else diffusers.QwenImageMultiControlNetModel([model])
+    cls = diffusers.QwenImageControlNetInpaintPipeline if inpaint else diffusers.QwenImageControlNetPipeline
+    pipe = cls(**ref.components, controlnet=cn)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _theirs(pipe, prompt=PROMPT, *, cfg=1.0, negative=None, steps=3, **kw):
+    with torch.no_grad():
+        return pipe(
+            prompt,
+            negative_prompt=negative,
+            true_cfg_scale=cfg,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(SEED),
+            output_type="np",
+            **kw,
+        ).images
+
+
+def _ours(pipe, units, prompt=PROMPT, *, cfg=1.0, negative="", steps=3, **kw):
+    return pipe(prompt, negative_prompt=negative, cfg_scale=cfg, steps=steps, seed=SEED, width=SIZE, height=SIZE,
+                controlnets=units, progress=False, **kw)  # fmt: skip
+
+
+def test_one_unit_with_a_scale_and_a_window_matches_diffusers(qwen):
+    _, pipe, ref, cn, _ = qwen
+    image = _picture(5)
+    ours = _ours(pipe, [ControlUnit(str(cn), image, scale=0.7, start=0.0, end=0.5)], steps=4)
+    theirs = _theirs(
+        _ref(ref, cn),
+        control_image=image,
+        controlnet_conditioning_scale=0.7,
+        control_guidance_start=0.0,
+        control_guidance_end=0.5,
+        steps=4,
+    )
+    assert _mad(ours.arrays, theirs) <= TOL
+    plain = pipe(PROMPT, cfg_scale=1.0, steps=4, seed=SEED, width=SIZE, height=SIZE, progress=False)
+    assert _mad(ours.arrays, plain.arrays) > 100 * TOL  # the ControlNet changed the picture
+
+
+def test_true_cfg_and_two_units_match_diffusers_multi_controlnet(qwen):
+    _, pipe, ref, cn, _ = qwen
+    a, b = _picture(1), _picture(2)
+    units = [ControlUnit(str(cn), a, scale=0.8), ControlUnit(str(cn), b, scale=0.5, start=0.3, end=1.0)]
+    ours = _ours(pipe, units, cfg=3.0, negative=NEGATIVE)
+    theirs = _theirs(
+        _ref(ref, cn, n=2),
+        cfg=3.0,
+        negative=NEGATIVE,
+        control_image=[a, b],
+        controlnet_conditioning_scale=[0.8, 0.5],
+        control_guidance_start=[0.0, 0.3],
+        control_guidance_end=[1.0, 1.0],
+    )
+    assert _mad(ours.arrays, theirs) <= TOL
+
+
+def test_batch_of_two_with_cfg_matches_diffusers(qwen):
+    _, pipe, ref, cn, _ = qwen
+    image = _picture(3)
+    prompts = [PROMPT, "a cat sitting in the sun"]
+    ours = pipe(prompts, negative_prompt=NEGATIVE, cfg_scale=2.5, steps=2, seed=SEED, width=SIZE, height=SIZE,
+                controlnets=[ControlUnit(str(cn), image, scale=1.2)], progress=False)  # fmt: skip
+    with torch.no_grad():
+        theirs = _ref(ref, cn)(
+            prompts,
+            negative_prompt=[NEGATIVE, NEGATIVE],
+            true_cfg_scale=2.5,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=2,
+            generator=[torch.Generator().manual_seed(SEED), torch.Generator().manual_seed(SEED + 1)],
+            output_type="np",
+            control_image=image,
+            controlnet_conditioning_scale=1.2,
+        ).images
+    assert _mad(ours.arrays, theirs) <= TOL
+
+
+def test_inpainting_controlnet_matches_diffusers(qwen):
+    _, pipe, ref, _, inpaint = qwen
+    image, mask = _picture(9), _mask()
+    ours = _ours(pipe, [ControlUnit(str(inpaint), image, scale=0.9, mask=mask)], cfg=2.0, negative=NEGATIVE)
+    theirs = _theirs(
+        _ref(ref, inpaint, inpaint=True),
+        cfg=2.0,
+        negative=NEGATIVE,
+        control_image=image,
+        control_mask=mask,
+        controlnet_conditioning_scale=0.9,
+    )
+    assert _mad(ours.arrays, theirs) <= TOL
+
+
+def test_single_file_with_narrow_heads_is_refused(qwen, tmp_path):
+    """A single file's config comes from its shapes with 128-wide heads assumed (the releases'); these tiny ones
+    have 32-wide heads: refused in one line (their folder loads)."""
+    _, _, _, cn, _ = qwen
+    one = tmp_path / "tiny.safetensors"
+    save_safetensors(load_file(cn / "diffusion_pytorch_model.safetensors")[0], one)
+    with pytest.raises(SdengineError, match="32-wide heads: its RoPE axes are not Qwen-Image's") as e:
+        read_dit_controlnet(one)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("extra", [0, 4])
+def test_single_file_with_128_wide_heads_equals_its_folder(tmp_path, extra):
+    """InstantX's / ComfyUI's single files (diffusers' names): the config read off the shapes is the folder's,
+    the Union and the inpainting ControlNet alike, and so are the residuals."""
+    cfg = dict(num_attention_heads=1, attention_head_dim=128, axes_dims_rope=[16, 56, 56], num_layers=2)
+    folder = _controlnet(tmp_path / "wide", 5, extra_condition_channels=extra, **cfg)
+    one = tmp_path / "wide.safetensors"
+    save_safetensors(load_file(folder / "diffusion_pytorch_model.safetensors")[0], one)
+    a, b = read_dit_controlnet(folder), read_dit_controlnet(one)
+    assert a.config == b.config and a.config.num_layers == 2 and a.config.extra_condition_channels == extra
+    x, c = torch.randn(1, 16, 4, 4), torch.randn(1, 16 + extra // 4, 4, 4)
+    text = torch.randn(1, 3, QWEN_TEXT["hidden_size"])
+    ra, rb = a(x, c, torch.tensor([500.0]), text), b(x, c, torch.tensor([500.0]), text)
+    assert len(ra) == 2 and all(torch.equal(p, q) for p, q in zip(ra, rb, strict=True))
+
+
+def test_refusals_are_one_line(qwen, tmp_path, tiny_sd1_folder):
+    from _flux_models import make_flux_folder
+
+    _, pipe, _, cn, inpaint = qwen
+    img = _picture()
+    args = dict(steps=2, seed=SEED, width=SIZE, height=SIZE, progress=False)
+    flux_folder = make_flux_folder(tmp_path / "tiny-flux")
+    flux_cfg = json.loads((flux_folder / "transformer" / "config.json").read_text())
+    from diffusers import FluxControlNetModel
+
+    flux_cfg = {k: v for k, v in flux_cfg.items() if not k.startswith("_") and k != "out_channels"}
+    FluxControlNetModel(**{**flux_cfg, "num_layers": 1, "num_single_layers": 1}).save_pretrained(tmp_path / "fcn")
+    wide = _controlnet(tmp_path / "wide", 3, num_attention_heads=3)
+    blockwise = tmp_path / "blockwise.safetensors"
+    save_safetensors(
+        {"img_in.weight": torch.zeros(8, 64), "controlnet_blocks.0.x_rms.weight": torch.zeros(8)}, blockwise
+    )
+    cases = [
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(tmp_path / "fcn"), img)], **args),
+         "is a Flux ControlNet; this model is Qwen-Image"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(wide), img)], **args),
+         "has width \\(heads x head width\\) 96, this Qwen-Image transformer 64"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(blockwise), img)], **args),
+         "DiffSynth's Qwen-Image Blockwise ControlNet"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(inpaint), img)], **args),
+         "is a Qwen-Image inpainting ControlNet: give the unit its mask"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(cn), img, mask=_mask())], **args),
+         "is not an inpainting ControlNet"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(cn), img, union_mode="canny")], **args),
+         "Qwen-Image ControlNets take no union_mode"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(cn), img, mode="prompt")], **args),
+         "control mode 'prompt' is sd-webui-controlnet's soft weighting"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(cn), img)], guess_mode=True, **args), "guess_mode"),
+    ]  # fmt: skip
+    for run, message in cases:
+        with pytest.raises(SdengineError, match=message) as e:
+            run()
+        assert "\n" not in str(e.value)
+    flux = sdengine.load_pipeline(flux_folder, device="cpu")
+    with pytest.raises(SdengineError, match="is a Qwen-Image ControlNet; this model is Flux") as e:
+        flux(PROMPT, controlnets=[ControlUnit(str(cn), _picture(0, 48, 32))], steps=1, width=48, height=32,
+             progress=False)  # fmt: skip
+    assert "\n" not in str(e.value)
+    sd1 = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+    one = tmp_path / "qwen_cn.safetensors"
+    save_safetensors(load_file(cn / "diffusion_pytorch_model.safetensors")[0], one)
+    for model in (str(cn), read_dit_controlnet(cn), str(one)):
+        with pytest.raises(SdengineError, match="Qwen") as e:
+            sd1("x", controlnets=[ControlUnit(model, _picture(0, 64, 64))], steps=1, width=64, height=64,
+                progress=False)  # fmt: skip
+        assert "\n" not in str(e.value)
