@@ -259,3 +259,52 @@ def test_refusals_are_one_line(qwen, tmp_path, tiny_sd1_folder):
             sd1("x", controlnets=[ControlUnit(model, _picture(0, 64, 64))], steps=1, width=64, height=64,
                 progress=False)  # fmt: skip
         assert "\n" not in str(e.value)
+
+
+def test_cli_control_equals_the_pipeline_and_writes_the_unit(qwen, tmp_path):
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters
+
+    folder, pipe, _, cn, _ = qwen
+    hint = tmp_path / "hint.png"
+    _picture(8).save(hint)
+    out = tmp_path / "out"
+    args = ["generate", PROMPT, "--model", str(folder), "--seed", "5", "--steps", "2", "--width", str(SIZE)]
+    args += ["--height", str(SIZE), "--cfg", "2", "--no-progress", "--out", str(out)]
+    assert main([*args, "--control", f"none:{hint}:0.9", "--controlnet", str(cn)]) == 0
+    made = next(out.glob("*.png"))
+    fields = parse_parameters(Image.open(made).info["parameters"])
+    assert "Weight: 0.9" in fields["ControlNet 0"], fields
+    unit = ControlUnit(str(cn), Image.open(hint).convert("RGB"), scale=0.9)
+    direct = pipe(PROMPT, cfg_scale=2.0, steps=2, seed=5, width=SIZE, height=SIZE, controlnets=[unit], progress=False)
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(direct.images[0]))
+
+
+def test_native_job_controlnets_equal_the_pipeline(qwen, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from _comfy_live import live_client
+    from _live_server import server_config, wait_job
+
+    folder, pipe, _, cn, _ = qwen
+    image = _picture(4)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    config = server_config(tmp_path, models_dir=folder.parent, controlnets_dir=cn.parent)
+    body = {"model": folder.name, "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": SEED, "steps": 2}
+    body.update(width=SIZE, height=SIZE, cfg_scale=2.0)
+    unit = {"model": cn.name, "image": base64.b64encode(buf.getvalue()).decode(), "weight": 0.8, "end": 0.5}
+    with live_client(config, timeout=120) as (_, client):
+        r = client.post("/v1/jobs", json={**body, "controlnets": [unit]})
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["id"], timeout=120)
+        assert job["state"] == "done", job
+        got = np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]["url"]).content)).convert("RGB"))
+    unit = ControlUnit(str(cn), image, scale=0.8, end=0.5)
+    want = _ours(pipe, [unit], cfg=2.0, negative=NEGATIVE, steps=2)
+    np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))

@@ -258,7 +258,8 @@ def test_vae_given_apart(loaded, folder: Path) -> None:
 
 
 def test_refusals_without_a_model() -> None:
-    """What the server asks before a worker holds the model: ControlNets, IP-Adapters, Kontext references, FreeU."""
+    """What the server asks before a worker holds the model: IP-Adapters, Kontext references, FreeU (ControlNets
+    run: tests/test_qwen_controlnet.py)."""
     from PIL import Image
 
     from sdengine.pipeline.ip_adapter import IPAdapterUnit
@@ -267,7 +268,6 @@ def test_refusals_without_a_model() -> None:
 
     im = Image.new("RGB", (SIZE, SIZE))
     for kwargs, needle in (
-        ({"controlnets": [("some-controlnet", im, 1.0)]}, "ControlNets are not supported for Qwen-Image"),
         ({"ip_adapters": [IPAdapterUnit("ip.safetensors", images=[im])]}, "IP-Adapters are not supported"),
         ({"reference_images": [im]}, "Kontext"),
         ({"freeu": (1.1, 1.2, 0.9, 0.2)}, "FreeU"),
@@ -275,6 +275,7 @@ def test_refusals_without_a_model() -> None:
         reasons = qwen_refusals(GenerationRequest(prompt="a cat", **kwargs))
         assert reasons and needle in reasons[0], reasons
     assert qwen_refusals(GenerationRequest(prompt="a cat")) == []
+    assert qwen_refusals(GenerationRequest(prompt="a cat", controlnets=[("some-controlnet", im, 1.0)])) == []
 
 
 def test_tiny_vae_and_per_call_vae_are_refused(loaded) -> None:
