@@ -308,3 +308,32 @@ def test_native_job_controlnets_equal_the_pipeline(qwen, tmp_path):
     unit = ControlUnit(str(cn), image, scale=0.8, end=0.5)
     want = _ours(pipe, [unit], cfg=2.0, negative=NEGATIVE, steps=2)
     np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
+
+
+def test_a1111_units_equal_the_pipeline(qwen, tmp_path):
+    webuiapi = pytest.importorskip("webuiapi")
+    from _live_server import live_server, server_config
+
+    folder, pipe, _, cn, inpaint = qwen
+    hint, picture, mask = _picture(6), _picture(9), _mask()
+    with live_server(server_config(tmp_path, models_dir=folder.parent, controlnets_dir=cn.parent)) as server:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler", scheduler="Automatic")
+        unit = webuiapi.ControlNetUnit(image=hint, module="none", model=cn.name, weight=0.8, guidance_end=0.7,
+                                       resize_mode="Just Resize")  # fmt: skip
+        r = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=9, steps=3, width=SIZE, height=SIZE,
+                        cfg_scale=2, controlnet_units=[unit],
+                        override_settings={"sd_model_checkpoint": folder.name})  # fmt: skip
+        masked = webuiapi.ControlNetUnit(image=picture, mask=mask, module="none", model=inpaint.name, weight=0.9,
+                                         resize_mode="Just Resize")  # fmt: skip
+        r2 = api.txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=9, steps=3, width=SIZE, height=SIZE,
+                         cfg_scale=2, controlnet_units=[masked],
+                         override_settings={"sd_model_checkpoint": folder.name})  # fmt: skip
+    inpainted = pipe(PROMPT, NEGATIVE, seed=9, steps=3, width=SIZE, height=SIZE, cfg_scale=2.0, sampler="euler",
+                     schedule="normal", controlnets=[ControlUnit(str(inpaint), picture, 0.9, rule="a1111", mask=mask)],
+                     progress=False).images[0]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(r2.image.convert("RGB")), np.asarray(inpainted.convert("RGB")))
+    units = [ControlUnit(str(cn), hint, 0.8, 0.0, 0.7, rule="a1111")]
+    want = pipe(PROMPT, NEGATIVE, seed=9, steps=3, width=SIZE, height=SIZE, cfg_scale=2.0, sampler="euler",
+                schedule="normal", controlnets=units, progress=False).images[0]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(r.image.convert("RGB")), np.asarray(want.convert("RGB")))
+    assert f'ControlNet 0: "Module: none, Model: {cn.name}, Weight: 0.8' in r.info["infotexts"][0]

@@ -240,30 +240,37 @@ def read_dit_controlnet(path: str | Path) -> DiTControlNet:
 
 
 def is_sd3_inpainting_controlnet(path: str | Path) -> bool:
-    """Whether ``path`` holds an SD3 inpainting ControlNet (``extra_conditioning_channels`` 1: its unit takes a
-    mask), read from a folder's ``config.json`` or a single file's header (no tensor loaded). False for anything
-    else, unreadable files included (their load says what is wrong)."""
+    """Whether ``path`` holds an inpainting ControlNet whose unit takes a mask: SD3's (``extra_conditioning_channels``
+    1) or Qwen-Image's (``extra_condition_channels`` 4), read from a folder's ``config.json`` or a single file's
+    header (no tensor loaded). False for anything else, unreadable files included (their load says what is
+    wrong)."""
     from sdengine.weights.io import read_safetensors_header
 
     p = Path(path)
     try:
         if p.is_dir():
             raw = json.loads((p / "config.json").read_text())
-            return (
-                isinstance(raw, dict)
-                and raw.get("_class_name") == "SD3ControlNetModel"
-                and raw.get("extra_conditioning_channels") == 1
-            )
+            if not isinstance(raw, dict):
+                return False
+            if raw.get("_class_name") == "QwenImageControlNetModel":
+                return raw.get("extra_condition_channels") == 4
+            return raw.get("_class_name") == "SD3ControlNetModel" and raw.get("extra_conditioning_channels") == 1
         if p.suffix.lower() != ".safetensors":
             return False
         entries, _, _ = read_safetensors_header(p)
     except (OSError, ValueError, WeightsError):
         return False
-    w_in, proj = entries.get("pos_embed_input.proj.weight"), entries.get("pos_embed.proj.weight")
-    if not isinstance(w_in, dict) or not isinstance(proj, dict):
-        return False
-    shape_in, shape = w_in.get("shape") or [], proj.get("shape") or []
-    return len(shape_in) == 4 and len(shape) == 4 and shape_in[1] - shape[1] == 1
+
+    def shape(key: str) -> list[Any]:
+        entry = entries.get(key)
+        found = entry.get("shape") if isinstance(entry, dict) else None
+        return found if isinstance(found, list) else []
+
+    if "txt_norm.weight" in entries:  # Qwen-Image: the x embedder reads the mask's 4 numbers per patch more
+        cond, img = shape("controlnet_x_embedder.weight"), shape("img_in.weight")
+        return len(cond) == 2 and len(img) == 2 and cond[1] - img[1] == 4
+    shape_in, proj = shape("pos_embed_input.proj.weight"), shape("pos_embed.proj.weight")
+    return len(shape_in) == 4 and len(proj) == 4 and shape_in[1] - proj[1] == 1
 
 
 __all__ = [
