@@ -280,6 +280,16 @@ def test_cli_control_equals_the_pipeline_and_writes_the_unit(qwen, tmp_path):
     unit = ControlUnit(str(cn), Image.open(hint).convert("RGB"), scale=0.9)
     direct = pipe(PROMPT, cfg_scale=2.0, steps=2, seed=5, width=SIZE, height=SIZE, controlnets=[unit], progress=False)
     assert np.array_equal(np.asarray(Image.open(made)), np.asarray(direct.images[0]))
+    # the inpainting ControlNet: --control-mask
+    picture, mask, again = tmp_path / "picture.png", tmp_path / "mask.png", tmp_path / "again"
+    _picture(9).save(picture)
+    _mask().save(mask)
+    control = ["--control", f"none:{picture}", "--controlnet", str(folder.parent / "qwen-cn-inpaint")]
+    assert main([*args[:-1], str(again), *control, "--control-mask", str(mask)]) == 0
+    unit = ControlUnit(str(folder.parent / "qwen-cn-inpaint"), Image.open(picture).convert("RGB"),
+                       mask=Image.open(mask))  # fmt: skip
+    direct = pipe(PROMPT, cfg_scale=2.0, steps=2, seed=5, width=SIZE, height=SIZE, controlnets=[unit], progress=False)
+    assert np.array_equal(np.asarray(Image.open(next(again.glob("*.png")))), np.asarray(direct.images[0]))
 
 
 def test_native_job_controlnets_equal_the_pipeline(qwen, tmp_path):

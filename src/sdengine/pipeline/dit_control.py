@@ -164,6 +164,8 @@ class ControlledDiT:
                 vec = torch.zeros_like(pooled, dtype=dt) if zeros else pooled.to(dt)
                 got = (net(x.to(dt), cond, tt, ctx, vec, conditioning_scale=unit.scale), [])
             else:
+                if not isinstance(net, FluxControlNet):
+                    raise ControlNetError(f"ControlNet {net.name} is not an SD3 or Flux ControlNet")
                 g = guidance if net.config.guidance_embeds else None
                 if net.config.guidance_embeds and g is None:
                     raise ControlNetError(
@@ -370,7 +372,7 @@ def build_controlled_dit(
     resize_mode: str = "just resize",
     note: Callable[[str], None] | None = None,
     **_: Any,
-) -> ControlledDiT:
+) -> ControlledDiT | ControlledQwen:
     """The SD3 (``family="sd3"``), Flux (``"flux"``) or Qwen-Image (``"qwen_image"``) transformer ``base`` with the
     ControlNets of ``units``.
 

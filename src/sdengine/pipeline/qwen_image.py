@@ -21,9 +21,9 @@ flow schedule this reuses). What Qwen-Image changes:
 
 Defaults (:attr:`QwenImagePipeline.family_defaults`): 50 steps, ``cfg_scale`` 4 (diffusers' ``true_cfg_scale``
 with the negative prompt, empty by default: diffusers runs CFG when a negative prompt is given, "" included),
-``euler`` on the ``normal`` grid. What does not apply is refused in one line before any model runs (U-Net, SD3 and
-Flux ControlNets, IP-Adapters, textual inversion, PAG, SAG, FreeU, ..., the distilled guidance, CFG++ samplers, prompt editing;
-:func:`qwen_refusals`).
+``euler`` on the ``normal`` grid. What does not apply is refused in one line before any model runs (IP-Adapters,
+textual inversion, PAG, SAG, FreeU, ..., the distilled guidance, CFG++ samplers, prompt editing;
+:func:`qwen_refusals`); a U-Net, SD3 or Flux ControlNet in one line when the units are built, before the first step.
 
 ControlNets (``controlnets=[ControlUnit(path, image, weight, start, end)]``, ``--control``, a server job's
 ``controlnets``): InstantX's Qwen-Image ControlNets (Union, Inpainting) through
