@@ -110,6 +110,50 @@ def _ours(pipe, units, prompt=PROMPT, *, cfg=1.0, negative="", steps=3, **kw):
                 controlnets=units, progress=False, **kw)  # fmt: skip
 
 
+def test_residuals_and_the_transformer_with_them_match_diffusers(tmp_path):
+    """The ControlNet's residuals (two blocks, a masked shorter prompt, a non-square grid, an inpainting one's 17
+    channels) and a three-block transformer taking them (block i: residual i // ceil(3 / 2)) against diffusers'."""
+    from _qwen_models import qwen_transformer
+    from sdengine.models.flux import pack_latents
+    from sdengine.models.qwen_image import QwenImageConfig, QwenImageTransformer
+
+    ref_t = qwen_transformer(seed=3, num_layers=3, joint_attention_dim=QWEN_TEXT["hidden_size"])
+    ours_t = QwenImageTransformer(QwenImageConfig.from_diffusers(dict(ref_t.config))).eval()
+    ours_t.load_state_dict(ref_t.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(0)
+    h, w, L = 6, 10, 7
+    latent = torch.randn(2, 16, h, w, generator=g)
+    states = torch.randn(2, L, QWEN_TEXT["hidden_size"], generator=g)
+    mask = torch.ones(2, L, dtype=torch.long)
+    mask[1, 5:] = 0
+    t = torch.tensor([700.0, 300.0])
+    import diffusers
+
+    for extra in (0, 4):
+        folder = _controlnet(tmp_path / f"cn{extra}", 13 + extra, num_layers=2, extra_condition_channels=extra)
+        ref_cn = diffusers.QwenImageControlNetModel.from_pretrained(folder).eval()
+        ours_cn = read_dit_controlnet(folder)
+        cond = torch.randn(2, 16 + extra // 4, h, w, generator=g)
+        shapes = [[(1, h // 2, w // 2)]] * 2
+        with torch.no_grad():
+            want = ref_cn(hidden_states=pack_latents(latent), controlnet_cond=pack_latents(cond),
+                          conditioning_scale=0.6, encoder_hidden_states=states, encoder_hidden_states_mask=mask,
+                          timestep=t / 1000, img_shapes=shapes, return_dict=False)  # fmt: skip
+            got = ours_cn(latent, cond, t, states, mask, conditioning_scale=0.6)
+            worst = max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
+            print(f"residuals (extra {extra}): max abs {worst:.2e}")
+            assert len(got) == 2 and worst < 2e-5
+            v_want = ref_t(hidden_states=pack_latents(latent), encoder_hidden_states=states,
+                           encoder_hidden_states_mask=mask, timestep=t / 1000, img_shapes=shapes,
+                           controlnet_block_samples=want, return_dict=False)[0]  # fmt: skip
+            v_got = ours_t(latent, t, states, mask, controlnet_block_samples=got)
+            plain = ours_t(latent, t, states, mask)
+        worst = (pack_latents(v_got) - v_want).abs().max().item()
+        print(f"transformer with them: max abs {worst:.2e}")
+        assert worst < 2e-5
+        assert (v_got - plain).abs().max().item() > 1e-3
+
+
 def test_one_unit_with_a_scale_and_a_window_matches_diffusers(qwen):
     _, pipe, ref, cn, _ = qwen
     image = _picture(5)

@@ -228,8 +228,8 @@ def union_modes(a: Any, kwargs: dict[str, Any]) -> None:
 
 
 def control_masks(a: Any, kwargs: dict[str, Any]) -> None:
-    """``--control-mask IMAGE`` (repeatable): an SD3 inpainting ControlNet's mask (white = repaint), one per
-    ``--control`` in order (``none`` for a unit that takes no mask), set on the request's units; the unit's
+    """``--control-mask IMAGE`` (repeatable): an SD3 / Qwen-Image inpainting ControlNet's mask (white = repaint), one
+    per ``--control`` in order (``none`` for a unit that takes no mask), set on the request's units; the unit's
     ``--control`` image is the picture to inpaint."""
     masks = getattr(a, "control_mask", None) or []
     if not masks:
@@ -1522,8 +1522,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         action="append",
         default=None,
         metavar="IMAGE",
-        help="an SD3 inpainting ControlNet's mask (white = repaint; its --control image is the picture to inpaint), "
-        "one per --control in order; none for a unit that takes no mask (docs/controlnet.md)",
+        help="an SD3 / Qwen-Image inpainting ControlNet's mask (white = repaint; its --control image is the picture "
+        "to inpaint), one per --control in order; none for a unit that takes no mask (docs/controlnet.md)",
     )
     for slider, what in (
         ("a", "canny's low threshold, threshold's and scribble's threshold, softedge's blur"),
