@@ -1,0 +1,130 @@
+"""Qwen-Image-Edit: the Qwen2.5-VL vision tower and image processor against transformers, the prompt encoding with
+an image against diffusers' ``QwenImageEditPipeline.encode_prompt``, on tiny random models in the real layouts
+(tests/_qwen_edit_models.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _qwen_edit_models import diffusers_qwen_edit, make_qwen_edit_folder
+from sdengine.errors import UsageError
+from sdengine.models.qwen_vision import QwenVisionConfig, QwenVisionTower, qwen_vision_pixels, smart_resize
+
+
+def _image(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def edit_folder(tmp_path_factory):
+    return make_qwen_edit_folder(tmp_path_factory.mktemp("qwen_edit") / "Qwen-Image-Edit")
+
+
+def test_vision_tower_matches_transformers():
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    vc = Qwen2_5_VLVisionConfig(
+        depth=3, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=48, fullatt_block_indexes=[1]
+    )
+    torch.manual_seed(0)
+    ref = Qwen2_5_VisionTransformerPretrainedModel._from_config(vc).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ours = QwenVisionTower(QwenVisionConfig.from_transformers(vc.to_dict()))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    grids = [(1, 12, 20), (1, 10, 8)]  # several windows (4x4 merged blocks each, the last ones cut), two images
+    x = torch.randn(sum(t * h * w for t, h, w in grids), ours.config.patch_dim)
+    with torch.no_grad():
+        want = ref(x, grid_thw=torch.tensor(grids)).pooler_output
+        got = ours(x, grids)
+    assert got.shape == want.shape == (80, 48)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("size", [(64, 48), (100, 37), (30, 30), (1000, 1300), (2000, 1500)])
+def test_processor_matches_transformers(size):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    img = _image(*size)
+    want = Qwen2VLImageProcessorPil()(images=img, return_tensors="pt")
+    got, grid = qwen_vision_pixels(img)
+    assert [list(grid)] == want["image_grid_thw"].tolist()
+    assert got.shape == want["pixel_values"].shape
+    assert (got - want["pixel_values"]).abs().max().item() < 1e-5
+
+
+def test_processor_refusals():
+    with pytest.raises(UsageError, match="aspect ratio"):
+        smart_resize(10, 2500)
+    with pytest.raises(UsageError, match="PIL image"):
+        qwen_vision_pixels(np.zeros((28, 28, 3)))  # type: ignore[arg-type]
+
+
+def test_vision_tower_refuses_wrong_rows():
+    tower = QwenVisionTower(
+        QwenVisionConfig(
+            depth=1, hidden_size=32, intermediate_size=8, num_heads=2, out_hidden_size=8, fullatt_block_indexes=(0,)
+        )
+    )
+    with pytest.raises(UsageError, match="pixel_values"):
+        tower(torch.zeros(10, tower.config.patch_dim), [(1, 4, 4)])
+    with pytest.raises(UsageError, match="grid_thw"):
+        tower(torch.zeros(15, tower.config.patch_dim), [(1, 3, 5)])
+
+
+def test_edit_prompt_encoding_matches_diffusers(edit_folder):
+    from sdengine.text.qwen_prompt import encode_prompt_qwen_edit
+    from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
+    from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+    from sdengine.weights.qwen_vision_file import load_qwen_vision_tower
+
+    img = _image(130, 90)
+    pipe = diffusers_qwen_edit(edit_folder)
+    encoder = load_qwen_text_encoder(edit_folder / "text_encoder")
+    vision = load_qwen_vision_tower(edit_folder)
+    tokenizer = load_qwen_tokenizer(edit_folder / "tokenizer")
+    prompts = ["make the apple green", "turn the cat into a dog and add a hat"]
+    states, mask = encode_prompt_qwen_edit(encoder, vision, tokenizer, prompts, img)
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            want, _ = pipe.encode_prompt(prompt, image=img, device="cpu")
+        n = want.shape[1]
+        assert int(mask[i].sum()) == n
+        assert (states[i, :n] - want[0]).abs().max().item() < 1e-4
+        assert not states[i, n:].any()
+
+
+def test_edit_prompt_refusals(edit_folder):
+    from sdengine.text.qwen_prompt import encode_prompt_qwen_edit
+    from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
+    from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+    from sdengine.weights.qwen_vision_file import load_qwen_vision_tower
+
+    encoder = load_qwen_text_encoder(edit_folder / "text_encoder")
+    vision = load_qwen_vision_tower(edit_folder)
+    tokenizer = load_qwen_tokenizer(edit_folder / "tokenizer")
+    with pytest.raises(UsageError, match="image_pad"):
+        encode_prompt_qwen_edit(encoder, vision, tokenizer, "a <|image_pad|> here", _image(56, 56))
+    with pytest.raises(UsageError, match="image_token_id"):
+        encode_prompt_qwen_edit(encoder, vision, tokenizer, "a", _image(56, 56), image_token_id=3)
+
+
+def test_vision_loader_refuses_a_file_without_the_tower(tmp_path, edit_folder):
+    from safetensors.torch import load_file, save_file
+
+    from sdengine.weights.qwen_vision_file import QwenVisionFileError, load_qwen_vision_tower
+
+    state = load_file(next((edit_folder / "text_encoder").glob("*.safetensors")))
+    save_file({k: v for k, v in state.items() if "visual" not in k}, tmp_path / "text_only.safetensors")
+    with pytest.raises(QwenVisionFileError, match="no Qwen2.5-VL vision tower"):
+        load_qwen_vision_tower(tmp_path / "text_only.safetensors")
+    # a single file with the tower: the config from the shapes needs the release's 16 heads, which 32 wide has not
+    visual = {k: v for k, v in state.items() if "visual" in k}
+    save_file(visual, tmp_path / "visual.safetensors")
+    with pytest.raises(QwenVisionFileError, match="hidden_size=32"):
+        load_qwen_vision_tower(tmp_path / "visual.safetensors")
