@@ -78,7 +78,11 @@ def qwen_vl_encoder(tokenizer, seed: int = 0, text: dict | None = None, vision: 
     return perturb(Qwen2_5_VLForConditionalGeneration(cfg), seed + 1, 0.02).eval()
 
 
-def qwen_vl_processor(tokenizer):
+# Qwen/Qwen-Image-Edit's processor/preprocessor_config.json area bounds (Qwen2.5-VL-7B-Instruct's)
+RELEASE_PIXELS = dict(min_pixels=3136, max_pixels=12845056)
+
+
+def qwen_vl_processor(tokenizer, image_processor=None):
     """transformers' ``Qwen2VLProcessor`` over the tokenizer and the Pillow image processor, without a video
     processor (transformers' needs torchvision, which is not installed: its class check is skipped for it)."""
     from transformers import ProcessorMixin, Qwen2VLProcessor
@@ -91,7 +95,8 @@ def qwen_vl_processor(tokenizer):
 
     ProcessorMixin.check_argument_for_proper_class = lenient
     try:
-        return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
+        image_processor = image_processor or Qwen2VLImageProcessorPil(**RELEASE_PIXELS)
+        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
     finally:
         ProcessorMixin.check_argument_for_proper_class = check
 
@@ -120,7 +125,7 @@ def make_qwen_edit_folder(dst: Path, seed: int = 0) -> Path:
     write_edit_tokenizer(dst / "tokenizer")
     tokenizer = Qwen2TokenizerFast.from_pretrained(dst / "tokenizer")
     tokenizer.save_pretrained(dst / "processor")
-    Qwen2VLImageProcessorPil().save_pretrained(dst / "processor")
+    Qwen2VLImageProcessorPil(**RELEASE_PIXELS).save_pretrained(dst / "processor")
     diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER).save_pretrained(dst / "scheduler")
     qwen_vae(seed + 10).save_pretrained(dst / "vae")
     qwen_vl_encoder(tokenizer, seed + 20).save_pretrained(dst / "text_encoder")
@@ -147,7 +152,12 @@ def diffusers_qwen_edit(folder: Path, *, mrope: bool = True):
     import diffusers
     from transformers import Qwen2TokenizerFast
 
-    processor = qwen_vl_processor(Qwen2TokenizerFast.from_pretrained(folder / "processor"))
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = qwen_vl_processor(
+        Qwen2TokenizerFast.from_pretrained(folder / "processor"),
+        Qwen2VLImageProcessorPil.from_pretrained(folder / "processor"),
+    )
     pipe = diffusers.QwenImageEditPipeline.from_pretrained(folder, processor=processor, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     if mrope:

@@ -128,3 +128,96 @@ def test_vision_loader_refuses_a_file_without_the_tower(tmp_path, edit_folder):
     save_file(visual, tmp_path / "visual.safetensors")
     with pytest.raises(QwenVisionFileError, match="hidden_size=32"):
         load_qwen_vision_tower(tmp_path / "visual.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline against diffusers' QwenImageEditPipeline. diffusers fits the input image to 1024 x 1024 pixels
+# (calculate_dimensions(1024 * 1024, ratio)), which is slow on a CPU: both sides are run at 64 x 64 here (the
+# oracle's calculate_dimensions wrapped, sdengine's edit_area set), the same rule at another area.
+
+EDIT_AREA = 64 * 64
+
+
+@pytest.fixture(scope="module")
+def edit_oracle(edit_folder):
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as module
+
+    original = module.calculate_dimensions
+    module.calculate_dimensions = lambda area, ratio: original(EDIT_AREA, ratio)
+    try:
+        yield diffusers_qwen_edit(edit_folder)
+    finally:
+        module.calculate_dimensions = original
+
+
+@pytest.fixture(scope="module")
+def edit_pipe(edit_folder):
+    import sdengine
+
+    pipe = sdengine.load_pipeline(edit_folder, device="cpu")
+    pipe.edit_area = EDIT_AREA
+    return pipe
+
+
+@pytest.mark.parametrize(
+    ("size", "negative", "cfg"), [((48, 32), " ", 4.0), (None, "blurry, low quality", 2.5), ((32, 48), None, 1.0)]
+)
+def test_edit_matches_diffusers(edit_pipe, edit_oracle, size, negative, cfg):
+    img = _image(130, 90)
+    kw = {} if size is None else {"width": size[0], "height": size[1]}
+    with torch.no_grad():
+        want = edit_oracle(
+            image=img,
+            prompt="make the apple green",
+            negative_prompt=negative,
+            true_cfg_scale=cfg,
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(7),
+            output_type="np",
+            **kw,
+        ).images
+    got = edit_pipe(
+        "make the apple green",
+        negative_prompt=negative or "",
+        reference_images=[img],
+        cfg_scale=cfg,
+        steps=3,
+        seed=7,
+        **kw,
+    )
+    assert got.arrays.shape == want.shape
+    diff = np.abs(got.arrays - want)
+    assert diff.mean() < 1e-5 and diff.max() < 1e-4, (diff.mean(), diff.max())
+
+
+def test_edit_pipeline_is_detected(edit_pipe):
+    from sdengine.pipeline.qwen_image_edit import QwenImageEditPipeline
+
+    assert isinstance(edit_pipe, QwenImageEditPipeline)
+    assert edit_pipe.variant == "qwen_image_edit"
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({}, "reference_images=\\[image\\] \\(got 0"),
+        ({"reference_images": [_image(40, 40), _image(40, 40)]}, "got 2 images"),
+        ({"reference_images": [_image(40, 40)], "reference_auto_resize": False}, "reference_auto_resize"),
+        ({"reference_images": [_image(40, 40)], "init_image": _image(32, 32)}, "init_image"),
+        ({"reference_images": [_image(40, 40)], "enable_hr": True}, "hires fix"),
+        ({"reference_images": [_image(40, 40)], "loras": [("x.safetensors", 1.0)]}, "LoRA"),
+    ],
+)
+def test_edit_refusals(edit_pipe, extra, match):
+    from sdengine.errors import GenerationError
+
+    with pytest.raises(GenerationError, match=match):
+        edit_pipe("a", steps=1, seed=1, **extra)
+
+
+def test_edit_folder_refuses_other_text_encoders(edit_folder):
+    import sdengine
+    from sdengine.errors import GenerationError
+
+    with pytest.raises(GenerationError, match="--qwen-text is not supported for a Qwen-Image-Edit folder"):
+        sdengine.load_pipeline(edit_folder, device="cpu", qwen_text=str(edit_folder / "text_encoder"))

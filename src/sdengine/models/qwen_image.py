@@ -26,6 +26,11 @@ with a strict ``load_state_dict`` (:mod:`sdengine.weights.qwen_image_file`).
 latent (B, 16, H, W) and returns the velocity in the same shape; ``timestep`` is on the 0..1000 scale (the
 sdengine convention of :mod:`sdengine.models.flux`; diffusers' pipeline passes ``t / 1000`` and the model's
 sinusoid multiplies by 1000 again: the model here divides and multiplies the same way, so the numbers match).
+
+Qwen-Image-Edit's reference image (``reference=``, a (B, 16, h, w) latent): its 2x2 patches are appended after the
+generated image's tokens (diffusers' ``torch.cat([latents, image_latents], dim=1)`` with a second ``img_shapes``
+entry). Its positions are centred on its own grid with frame 1 (the n-th image's frame is n), the text starts after
+the largest of the grids (``max(h//2, w//2)`` over both), and only the generated tokens are returned.
 """
 
 from __future__ import annotations
@@ -159,19 +164,26 @@ QWEN_IMAGE = QwenImageConfig()  # Qwen/Qwen-Image
 # Positions
 
 
-def rope_tables(rows: int, cols: int, text: int, axes_dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """cos / sin (text + rows*cols, head_dim) of ``text`` text tokens followed by a rows x cols image grid
-    (row-major), the pairs' angles written twice as :func:`sdengine.models.flux.apply_rope` takes them.
+def rope_tables(
+    rows: int, cols: int, text: int, axes_dims: tuple[int, ...], more: tuple[tuple[int, int], ...] = ()
+) -> tuple[Tensor, Tensor]:
+    """cos / sin (text + rows*cols (+ the ``more`` grids' tokens), head_dim) of ``text`` text tokens followed by a
+    rows x cols image grid (row-major) and then the further (rows, cols) grids of ``more`` (Qwen-Image-Edit's
+    reference), the pairs' angles written twice as :func:`sdengine.models.flux.apply_rope` takes them.
 
-    Image token (r, c): positions (0, r - (rows - rows//2), c - (cols - cols//2)); text token j: ``start + j`` on
-    every axis with ``start = max(rows//2, cols//2)``. Angle = position x ``theta ** (-2i / dim)``, both in
-    float32 (the reference's numbers)."""
-    start = max(rows // 2, cols // 2)
-    img = torch.zeros(rows, cols, 3, dtype=torch.float32)
-    img[..., 1] = (torch.arange(rows) - (rows - rows // 2)).float()[:, None]
-    img[..., 2] = (torch.arange(cols) - (cols - cols // 2)).float()[None, :]
+    Image n's token (r, c): positions (n, r - (rows - rows//2), c - (cols - cols//2)) (the first image is n = 0);
+    text token j: ``start + j`` on every axis with ``start`` the largest ``max(rows//2, cols//2)`` of the grids.
+    Angle = position x ``theta ** (-2i / dim)``, both in float32 (the reference's numbers)."""
+    grids = ((rows, cols), *more)
+    start = max(max(h // 2, w // 2) for h, w in grids)
+    images = []
+    for frame, (h, w) in enumerate(grids):
+        img = torch.full((h, w, 3), float(frame), dtype=torch.float32)
+        img[..., 1] = (torch.arange(h) - (h - h // 2)).float()[:, None]
+        img[..., 2] = (torch.arange(w) - (w - w // 2)).float()[None, :]
+        images.append(img.reshape(h * w, 3))
     txt = (start + torch.arange(text)).float()[:, None].expand(text, 3)
-    pos = torch.cat([txt, img.reshape(rows * cols, 3)])
+    pos = torch.cat([txt, *images])
     cos, sin = [], []
     for axis, dim in enumerate(axes_dims):
         freqs = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, dim, 2).to(torch.float32).div(dim))
@@ -311,11 +323,13 @@ class QwenImageTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.img_in.weight.device
 
-    def rope(self, rows: int, cols: int, text: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def rope(
+        self, rows: int, cols: int, text: int, device: torch.device, more: tuple[tuple[int, int], ...] = ()
+    ) -> tuple[Tensor, Tensor]:
         """The cos / sin tables (:func:`rope_tables`), the last ones made kept (every step asks for the same)."""
-        key = (rows, cols, text, device)
+        key = (rows, cols, text, device, more)
         if self._rope_key != key or self._rope is None:
-            cos, sin = rope_tables(rows, cols, text, self.config.axes_dims_rope)
+            cos, sin = rope_tables(rows, cols, text, self.config.axes_dims_rope, more)
             self._rope = (cos.to(device), sin.to(device))
             self._rope_key = key
         return self._rope
@@ -326,9 +340,11 @@ class QwenImageTransformer(nn.Module):
         timestep: Tensor | float,
         encoder_hidden_states: Tensor,
         encoder_hidden_states_mask: Tensor | None = None,
+        reference: Tensor | None = None,
     ) -> Tensor:
         """The velocity for the latent (B, C, H, W) at ``timestep`` (B,) on the 0..1000 scale given the text states
-        (B, L, joint_attention_dim) and their mask (B, L) (1 = a token, 0 = padding; None: all tokens)."""
+        (B, L, joint_attention_dim) and their mask (B, L) (1 = a token, 0 = padding; None: all tokens);
+        ``reference``: Qwen-Image-Edit's reference latent (B, C, h, w) (module docstring)."""
         cfg = self.config
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.latent_channels:
             raise UsageError(
@@ -345,6 +361,20 @@ class QwenImageTransformer(nn.Module):
                 f"got {tuple(text.shape)}"
             )
         L = text.shape[1]
+        more: tuple[tuple[int, int], ...] = ()
+        if reference is not None:
+            if (
+                reference.ndim != 4
+                or reference.shape[:2] != hidden_states.shape[:2]
+                or reference.shape[2] % PATCH
+                or reference.shape[3] % PATCH
+            ):
+                raise UsageError(
+                    f"Qwen-Image transformer: reference must be a (B={B}, {cfg.latent_channels}, h, w) latent, h and "
+                    f"w even, got {tuple(reference.shape)}"
+                )
+            more = ((reference.shape[2] // PATCH, reference.shape[3] // PATCH),)
+        tokens = (H // PATCH) * (W // PATCH)
         mask = None
         if encoder_hidden_states_mask is not None:
             if tuple(encoder_hidden_states_mask.shape) != (B, L):
@@ -353,7 +383,8 @@ class QwenImageTransformer(nn.Module):
                     f"got {tuple(encoder_hidden_states_mask.shape)}"
                 )
             text_mask = encoder_hidden_states_mask.to(device=hidden_states.device, dtype=torch.bool)
-            image_mask = torch.ones(B, (H // PATCH) * (W // PATCH), dtype=torch.bool, device=hidden_states.device)
+            image_tokens = tokens + sum(h * w for h, w in more)
+            image_mask = torch.ones(B, image_tokens, dtype=torch.bool, device=hidden_states.device)
             mask = torch.cat([text_mask, image_mask], dim=1)
         t = torch.as_tensor(timestep, device=hidden_states.device, dtype=torch.float32)
         if t.ndim == 0:
@@ -361,13 +392,16 @@ class QwenImageTransformer(nn.Module):
         if t.shape != (B,):
             raise UsageError(f"Qwen-Image transformer: timestep must be a number or have shape ({B},)")
         device, dtype = hidden_states.device, self.dtype
-        x = self.img_in(pack_latents(hidden_states.to(dtype)))
+        packed = pack_latents(hidden_states.to(dtype))
+        if reference is not None:
+            packed = torch.cat([packed, pack_latents(reference.to(device=device, dtype=dtype))], dim=1)
+        x = self.img_in(packed)
         context = self.txt_in(self.txt_norm(text.to(dtype)))
         vec = self.time_text_embed(t / 1000.0, dtype)
-        rope = self.rope(H // PATCH, W // PATCH, L, device)
+        rope = self.rope(H // PATCH, W // PATCH, L, device, more)
         for block in self.transformer_blocks:
             x, context = block(x, context, vec, rope, mask)
-        x = self.proj_out(self.norm_out(x, vec))
+        x = self.proj_out(self.norm_out(x[:, :tokens], vec))
         return unpack_latents(x, H, W)
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from sdengine.errors import NonFiniteError, UsageError
 from sdengine.models.qwen_text import QwenTextEncoder
-from sdengine.models.qwen_vision import QwenVisionTower
+from sdengine.models.qwen_vision import MAX_PIXELS, MIN_PIXELS, QwenVisionTower
 from sdengine.text.qwen_tokenizer import QwenTokenizer
 
 PROMPT_TEMPLATE = (
@@ -154,6 +154,8 @@ def encode_prompt_qwen_edit(
     image: Image.Image,
     *,
     image_token_id: int | None = None,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
 ) -> tuple[Tensor, Tensor]:
     """(states, mask) of ``prompts`` about ``image`` as diffusers' ``QwenImageEditPipeline.encode_prompt`` makes
     them: the image through Qwen2-VL's processor and the vision tower (:mod:`sdengine.models.qwen_vision`), the
@@ -163,7 +165,8 @@ def encode_prompt_qwen_edit(
     the rows left-aligned and zero-padded with their mask. The states keep the image's tokens (they come after the
     dropped ones) and are not cut: diffusers' Edit pipeline does not truncate (its ``max_sequence_length`` is
     unused). Each prompt runs alone (no padding); the image is encoded once. ``image_token_id``: the tokenizer's
-    ``<|image_pad|>`` id unless given (a text encoder config's)."""
+    ``<|image_pad|>`` id unless given (a text encoder config's); ``min_pixels`` / ``max_pixels``: the processor's
+    area bounds (``processor/preprocessor_config.json``)."""
     from sdengine.models.qwen_text import mrope_positions
     from sdengine.models.qwen_vision import qwen_vision_pixels
 
@@ -184,7 +187,7 @@ def encode_prompt_qwen_edit(
             f"Qwen-Image-Edit prompt encoding: the vision tower gives {vision.config.out_hidden_size}-wide tokens, the "
             f"language model is {encoder.config.hidden_size} wide: not the same Qwen2.5-VL"
         )
-    pixels, grid = qwen_vision_pixels(image, vision.config)
+    pixels, grid = qwen_vision_pixels(image, vision.config, min_pixels=min_pixels, max_pixels=max_pixels)
     merge = vision.config.spatial_merge_size
     count = grid[0] * (grid[1] // merge) * (grid[2] // merge)
     embeds = vision(pixels.to(device=vision.device, dtype=vision.dtype), [grid])

@@ -81,6 +81,56 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], where: str) -> QwenVi
         raise QwenVisionFileError(f"{where}: {e} (a single file's vision config is read from its shapes)") from None
 
 
+def processor_limits(folder: Path, config: QwenVisionConfig) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a ``processor/`` folder's ``preprocessor_config.json`` (transformers'
+    ``Qwen2VLImageProcessor``: ``size``'s ``shortest_edge`` / ``longest_edge``, overridden by ``min_pixels`` /
+    ``max_pixels`` as transformers reads them); the processor's defaults when the folder has none. A config whose
+    patch sizes, normalisation or resampling differ from what sdengine runs is one line."""
+    import json
+
+    from sdengine.models.clip_vision import CLIP_MEAN, CLIP_STD
+    from sdengine.models.qwen_vision import MAX_PIXELS, MIN_PIXELS
+
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return MIN_PIXELS, MAX_PIXELS
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise QwenVisionFileError(f"{path}: cannot read it ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise QwenVisionFileError(f"{path}: not a JSON object")
+    size = data.get("size") if isinstance(data.get("size"), dict) else {}
+    lo = data.get("min_pixels", size.get("shortest_edge", MIN_PIXELS))
+    hi = data.get("max_pixels", size.get("longest_edge", MAX_PIXELS))
+    if type(lo) is not int or type(hi) is not int or not 1 <= lo <= hi <= 1 << 28:
+        raise QwenVisionFileError(f"{path}: min_pixels={lo!r} / max_pixels={hi!r} must be 1 <= min <= max pixels")
+    checks = {
+        "patch_size": config.patch_size,
+        "merge_size": config.spatial_merge_size,
+        "temporal_patch_size": config.temporal_patch_size,
+        "resample": 3,
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+    }
+    for key, want in checks.items():
+        if key in data and data[key] != want:
+            raise QwenVisionFileError(f"{path}: {key}={data[key]!r}; sdengine runs Qwen2.5-VL's {want!r}")
+    for key, want in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        got = data.get(key, list(want))
+        if (
+            not isinstance(got, list)
+            or len(got) != 3
+            or any(abs(float(a) - b) > 1e-6 for a, b in zip(got, want, strict=True))
+        ):
+            raise QwenVisionFileError(f"{path}: {key}={got!r} is not OpenAI CLIP's (Qwen2.5-VL's)")
+    factor = data.get("rescale_factor", 1 / 255)
+    if not isinstance(factor, int | float) or abs(float(factor) - 1 / 255) > 1e-9:
+        raise QwenVisionFileError(f"{path}: rescale_factor={factor!r} is not 1/255")
+    return lo, hi
+
+
 def load_qwen_vision_tower(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
 ) -> QwenVisionTower:
@@ -130,4 +180,10 @@ def _build(
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["QwenVisionFileError", "config_from_shapes", "load_qwen_vision_tower", "select_vision_names"]
+__all__ = [
+    "QwenVisionFileError",
+    "config_from_shapes",
+    "load_qwen_vision_tower",
+    "processor_limits",
+    "select_vision_names",
+]
