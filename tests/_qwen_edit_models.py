@@ -151,7 +151,6 @@ def with_mrope(text_encoder) -> None:
 def diffusers_qwen_edit(folder: Path, *, mrope: bool = True):
     import diffusers
     from transformers import Qwen2TokenizerFast
-
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     processor = qwen_vl_processor(
