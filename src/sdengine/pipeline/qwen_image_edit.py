@@ -96,6 +96,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
     """Qwen-Image-Edit. Build it with :func:`sdengine.pipeline.load_pipeline` on a diffusers
     ``QwenImageEditPipeline`` folder (:mod:`sdengine.pipeline.qwen_image_loading`)."""
 
+    edit_area = EDIT_AREA  # the input image's pixel count after fitting (diffusers' 1024^2; tests make it smaller)
+
     def __init__(
         self, *, edit_encode: EditEncode, vision_grid: Callable[[int, int], tuple[int, int]], **kwargs: Any
     ) -> None:
@@ -108,8 +110,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
         super().__init__(text_encode=text_only, **kwargs)
         self.edit_encode = edit_encode
-        self.edit_area = EDIT_AREA  # the input image's pixel count after fitting (tests make it smaller)
         self.vision_grid = vision_grid
+        self._inner = False  # prepare() runs Qwen-Image's on the request without its image
         self._call_image: Image.Image | None = None
         self._call_reference: Tensor | None = None
 
@@ -118,7 +120,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return "qwen_image_edit"
 
     def check_request(self, r: GenerationRequest) -> None:
-        reasons = edit_refusals(r) if r.reference_list() else qwen_refusals(r)
+        """Qwen-Image-Edit's refusals (:func:`edit_refusals`); inside :meth:`prepare`, on the request with its input
+        image taken out, Qwen-Image's."""
+        reasons = qwen_refusals(r) if self._inner else edit_refusals(r)
         if reasons:
             raise GenerationError(f"{reasons[0]}; {self.name} is a Qwen-Image-Edit model")
 
@@ -142,7 +146,11 @@ class QwenImageEditPipeline(QwenImagePipeline):
             width = width // m * m
         if request.height is None:
             height = height // m * m
-        p = super().prepare(request.replace(reference_images=None, width=width, height=height))
+        self._inner = True
+        try:
+            p = super().prepare(request.replace(reference_images=None, width=width, height=height))
+        finally:
+            self._inner = False
         p.references = [fitted]
         return p
 
