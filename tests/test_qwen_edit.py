@@ -221,3 +221,20 @@ def test_edit_folder_refuses_other_text_encoders(edit_folder):
 
     with pytest.raises(GenerationError, match="--qwen-text is not supported for a Qwen-Image-Edit folder"):
         sdengine.load_pipeline(edit_folder, device="cpu", qwen_text=str(edit_folder / "text_encoder"))
+
+
+def test_cli_edits_the_reference_image(edit_folder, edit_pipe, tmp_path, monkeypatch):
+    """``sdengine generate --reference-image IMAGE`` on a Qwen-Image-Edit folder: the Python pipeline's image."""
+    from sdengine.cli import main
+    from sdengine.pipeline.qwen_image_edit import QwenImageEditPipeline
+
+    monkeypatch.setattr(QwenImageEditPipeline, "edit_area", EDIT_AREA)
+    src, out = tmp_path / "in.png", tmp_path / "out.png"
+    _image(90, 60).save(src)
+    args = ["generate", "--model", str(edit_folder), "make the apple green", "--reference-image", str(src),
+            "--steps", "2", "--seed", "3", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    want = edit_pipe("make the apple green", reference_images=[Image.open(src)], steps=2, seed=3, progress=False)
+    got = np.asarray(Image.open(out), dtype=np.float32) / 255
+    assert got.shape == want.arrays[0].shape
+    assert np.abs(got - want.arrays[0]).max() <= 1 / 255 + 1e-6
