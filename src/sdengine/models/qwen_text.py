@@ -391,7 +391,7 @@ class QwenTextEncoder(nn.Module):
         mask = self.attention_mask(attention_mask, B, L)
         x = self.embed_tokens(input_ids.to(self.device))
         if image_embeds is not None:
-            where = input_ids.to(self.device) == image_token_id
+            where = torch.eq(input_ids.to(self.device), -1 if image_token_id is None else int(image_token_id))
             count = int(where.sum())
             if image_embeds.ndim != 2 or image_embeds.shape != (count, self.config.hidden_size):
                 raise UsageError(

@@ -139,8 +139,8 @@ class QwenVisionConfig:
         idx = vision.get("fullatt_block_indexes", [7, 15, 23, 31])
         if not isinstance(idx, list | tuple):
             raise ConfigError(f"Qwen vision config: fullatt_block_indexes={idx!r} is not a list")
-        fields = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size")
-        fields += ("spatial_merge_size", "temporal_patch_size", "window_size", "out_hidden_size")
+        fields: tuple[str, ...] = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels")
+        fields += ("patch_size", "spatial_merge_size", "temporal_patch_size", "window_size", "out_hidden_size")
         base = cls.__dataclass_fields__
         values = {f: vision.get(f, base[f].default) for f in fields}
         if "in_chans" in vision and "in_channels" not in vision:
@@ -351,8 +351,10 @@ class QwenVisionTower(nn.Module):
     def forward(self, pixel_values: Tensor, grid_thw: list[tuple[int, int, int]]) -> Tensor:
         cfg = self.config
         m, unit = cfg.spatial_merge_size, cfg.spatial_merge_size**2
-        grids = [tuple(int(v) for v in g) for g in grid_thw]
-        if not grids or any(len(g) != 3 or min(g) < 1 or g[1] % m or g[2] % m for g in grids):
+        if not grid_thw or any(len(g) != 3 for g in grid_thw):
+            raise UsageError(f"Qwen vision tower: grid_thw {grid_thw} must be (t, h, w) grids")
+        grids = [(int(g[0]), int(g[1]), int(g[2])) for g in grid_thw]
+        if any(min(g) < 1 or g[1] % m or g[2] % m for g in grids):
             raise UsageError(
                 f"Qwen vision tower: grid_thw {grid_thw} must be (t, h, w) grids with h and w multiples of {m}"
             )

@@ -111,6 +111,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         super().__init__(text_encode=text_only, **kwargs)
         self.edit_encode = edit_encode
         self.vision_grid = vision_grid
+        self.vision: Any = None  # the vision tower (the loader sets it)
         self._inner = False  # prepare() runs Qwen-Image's on the request without its image
         self._call_image: Image.Image | None = None
         self._call_reference: Tensor | None = None
@@ -235,17 +236,21 @@ def load_qwen_edit_pipeline(
     from pathlib import Path
 
     from sdengine.models.qwen_vision import smart_resize
-    from sdengine.pipeline.qwen_image_loading import _read_json, has_tokenizer, load_vae_side
+    from sdengine.pipeline.qwen_image_loading import has_tokenizer, load_vae_side
     from sdengine.text.qwen_prompt import encode_prompt_qwen_edit
     from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
+    from sdengine.weights.encoder_files import read_json
     from sdengine.weights.io import WeightsError
     from sdengine.weights.qwen_image_file import load_qwen_image_transformer
     from sdengine.weights.qwen_text_file import load_qwen_text_encoder
     from sdengine.weights.qwen_vision_file import load_qwen_vision_tower, processor_limits
 
     folder = Path(path)
-    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
-    te_config = _read_json(folder / "text_encoder" / "config.json")
+    try:
+        scheduler = read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config", WeightsError)
+        te_config = read_json(folder / "text_encoder" / "config.json", "text encoder config", WeightsError)
+    except WeightsError as e:
+        raise GenerationError(str(e)) from None
     processor = folder / "processor"
     tok_folder = processor if has_tokenizer(processor) else folder / "tokenizer"
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,12 +101,13 @@ def processor_limits(folder: Path, config: QwenVisionConfig) -> tuple[int, int]:
         raise QwenVisionFileError(f"{path}: cannot read it ({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise QwenVisionFileError(f"{path}: not a JSON object")
-    size = data.get("size") if isinstance(data.get("size"), dict) else {}
+    got_size = data.get("size")
+    size: dict[str, Any] = got_size if isinstance(got_size, dict) else {}
     lo = data.get("min_pixels", size.get("shortest_edge", MIN_PIXELS))
     hi = data.get("max_pixels", size.get("longest_edge", MAX_PIXELS))
     if type(lo) is not int or type(hi) is not int or not 1 <= lo <= hi <= 1 << 28:
         raise QwenVisionFileError(f"{path}: min_pixels={lo!r} / max_pixels={hi!r} must be 1 <= min <= max pixels")
-    checks = {
+    checks: dict[str, Any] = {
         "patch_size": config.patch_size,
         "merge_size": config.spatial_merge_size,
         "temporal_patch_size": config.temporal_patch_size,
@@ -117,12 +119,12 @@ def processor_limits(folder: Path, config: QwenVisionConfig) -> tuple[int, int]:
     for key, want in checks.items():
         if key in data and data[key] != want:
             raise QwenVisionFileError(f"{path}: {key}={data[key]!r}; sdengine runs Qwen2.5-VL's {want!r}")
-    for key, want in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
-        got = data.get(key, list(want))
+    for key, stats in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        got = data.get(key, list(stats))
         if (
             not isinstance(got, list)
             or len(got) != 3
-            or any(abs(float(a) - b) > 1e-6 for a, b in zip(got, want, strict=True))
+            or any(abs(float(a) - b) > 1e-6 for a, b in zip(got, stats, strict=True))
         ):
             raise QwenVisionFileError(f"{path}: {key}={got!r} is not OpenAI CLIP's (Qwen2.5-VL's)")
     factor = data.get("rescale_factor", 1 / 255)
