@@ -238,3 +238,25 @@ def test_cli_edits_the_reference_image(edit_folder, edit_pipe, tmp_path, monkeyp
     got = np.asarray(Image.open(out), dtype=np.float32) / 255
     assert got.shape == want.arrays[0].shape
     assert np.abs(got - want.arrays[0]).max() <= 1 / 255 + 1e-6
+
+
+def test_vision_tower_from_a_single_file_reads_its_shapes(tmp_path):
+    """A single file (ComfyUI's ``qwen_2.5_vl_7b.safetensors`` keeps the tower as ``visual.*``): the config from the
+    shapes with the release's 16 heads and full-attention blocks 7, 15, 23, 31 (a 32-block tower, 64 wide here)."""
+    from safetensors.torch import save_file
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from sdengine.weights.qwen_vision_file import load_qwen_vision_tower
+
+    vc = Qwen2_5_VLVisionConfig(depth=32, hidden_size=64, intermediate_size=16, num_heads=16, out_hidden_size=24)
+    torch.manual_seed(1)
+    ref = Qwen2_5_VisionTransformerPretrainedModel._from_config(vc).eval()
+    save_file({f"visual.{k}": v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "qwen_vl.safetensors")
+    tower = load_qwen_vision_tower(tmp_path / "qwen_vl.safetensors")
+    assert tower.config.fullatt_block_indexes == (7, 15, 23, 31) and tower.config.num_heads == 16
+    grid = [(1, 12, 10)]
+    x = torch.randn(120, tower.config.patch_dim)
+    with torch.no_grad():
+        want = ref(x, grid_thw=torch.tensor(grid)).pooler_output
+    assert (tower(x, grid) - want).abs().max().item() < 1e-4
