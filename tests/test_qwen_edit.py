@@ -260,3 +260,14 @@ def test_vision_tower_from_a_single_file_reads_its_shapes(tmp_path):
     with torch.no_grad():
         want = ref(x, grid_thw=torch.tensor(grid)).pooler_output
     assert (tower(x, grid) - want).abs().max().item() < 1e-4
+
+
+def test_rows_of_a_batch_equal_their_own_calls(edit_pipe):
+    """Two prompts with different negatives in one call: each row equals its call alone (the texts are padded to
+    one width with a mask)."""
+    img = _image(90, 60)
+    both = edit_pipe(["a", "make the apple green"], negative_prompt=["", "blurry"], steps=2, seed=[1, 2],
+                     reference_images=[img], progress=False)  # fmt: skip
+    alone = edit_pipe("make the apple green", negative_prompt="blurry", steps=2, seed=2, reference_images=[img],
+                      progress=False)  # fmt: skip
+    assert np.abs(both.arrays[1] - alone.arrays[0]).max() < 1e-5
