@@ -78,7 +78,7 @@ def qwen_vl_encoder(tokenizer, seed: int = 0, text: dict | None = None, vision: 
     return perturb(Qwen2_5_VLForConditionalGeneration(cfg), seed + 1, 0.02).eval()
 
 
-# Qwen/Qwen-Image-Edit's processor/preprocessor_config.json area bounds (Qwen2.5-VL-7B-Instruct's)
+# Qwen2.5-VL-7B-Instruct's published processor area bounds (taken as Qwen-Image-Edit's processor/; not checked offline)
 RELEASE_PIXELS = dict(min_pixels=3136, max_pixels=12845056)
 
 
