@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("diffusers")
@@ -121,3 +122,49 @@ def test_masks_elsewhere_and_refusals(served):
     fails("txt2img", {**base, "model": "sd3-inpaint"}, "is an SD3 inpainting ControlNet", "mask")
     init = {"init_images": [picture], "mask": mask, "inpainting_mask_invert": 1, "denoising_strength": 1.0}
     fails("img2img", {"module": "none", "model": "sd3-inpaint"}, "inpainting_mask_invert", **init)
+
+
+def test_only_masked_crops_the_units_image_and_mask_as_the_extension(served):
+    """ "Only masked" inpainting (``inpaint_full_res``, webuiapi's default) with an SD3 inpainting unit: as
+    sd-webui-controlnet (its ``inpaint_crop_input_image``, true by default) the unit's image and mask are cut by
+    the init image's box and fitted to the output. A unit without an image takes the cut init image before
+    "fill" and the cut request mask (once the filled cut and the whole mask squashed into the box: another image),
+    so it equals a unit given the same picture and mask itself (once left whole) and the pipeline given the
+    cuts; ``inpaint_crop_input_image`` false is a one-line 400."""
+    from sdengine.io.resize import resize_image
+
+    api, pipe, cns = served
+    picture, mask = _picture(4), _mask()
+
+    def img2img(units: list, fill: int = 0) -> Any:
+        return api.img2img(images=[picture], mask_image=mask, mask_blur=0, inpainting_fill=fill, denoising_strength=1.0,
+                           prompt=PROMPT, negative_prompt=NEGATIVE, controlnet_units=units, resize_mode=0,
+                           inpaint_full_res=True, inpaint_full_res_padding=0, image_cfg_scale=None,
+                           override_settings={"sd_model_checkpoint": "tiny-sd3"}, **KW)  # fmt: skip
+
+    bare = img2img([webuiapi.ControlNetUnit(module="none", model="sd3-inpaint", resize_mode="Just Resize")])
+    given = img2img([webuiapi.ControlNetUnit(image=picture, mask=mask, module="none", model="sd3-inpaint",
+                                             resize_mode="Just Resize")])  # fmt: skip
+    np.testing.assert_array_equal(_arr(bare.image), _arr(given.image))
+    # the pipeline on the box around A1111's binary mask (grey above 128 repaints: rows 2..21, columns 3..29),
+    # grown to the square output: (3, 0, 30, 27); the unit's mask is the request's as sent, cut alike
+    binary = mask.point(lambda v: 255 if v > 128 else 0)
+    box = (3, 0, 30, 27)
+    cut = resize_image(picture.crop(box), SIZE, SIZE, "resize and fill")
+    cut_mask = resize_image(binary.crop(box), SIZE, SIZE, "resize and fill")
+    from sdengine.server.a1111 import masked_fill
+
+    unit_mask = resize_image(mask.crop(box), SIZE, SIZE, "resize and fill")
+    unit = ControlUnit(str(cns / "sd3-inpaint"), cut, 1.0, 0.0, 1.0, rule="a1111", mask=unit_mask)
+    want = pipe(PROMPT, NEGATIVE, sampler="euler", schedule="normal", controlnets=[unit], progress=False,
+                init_image=masked_fill(cut, cut_mask), mask=cut_mask, strength=1.0, **KW).images[0]  # fmt: skip
+    canvas = picture.copy()
+    canvas.paste(resize_image(want, box[2] - box[0], box[3] - box[1], "crop and resize"), box[:2])
+    np.testing.assert_array_equal(_arr(bare.image), _arr(Image.composite(canvas, picture, binary)))
+    body = webuiapi.ControlNetUnit(module="none", model="sd3-inpaint").to_dict()
+    r = httpx.post(f"{api.baseurl}/img2img", timeout=300, json={
+        "prompt": PROMPT, "steps": STEPS, "width": SIZE, "height": SIZE, "seed": 1, "denoising_strength": 1.0,
+        "init_images": [webuiapi.raw_b64_img(picture)], "mask": webuiapi.raw_b64_img(mask), "inpaint_full_res": True,
+        "override_settings": {"sd_model_checkpoint": "tiny-sd3"},
+        "alwayson_scripts": {"controlnet": {"args": [{**body, "inpaint_crop_input_image": False}]}}})  # fmt: skip
+    assert r.status_code == 400 and "inpaint_crop_input_image" in r.json()["detail"], r.text

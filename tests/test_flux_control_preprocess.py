@@ -187,3 +187,33 @@ def test_openai_edit_with_control_image(control, served):
     assert (
         "control_image is the control map of FLUX.1 Depth / Canny; emoji is not a Flux model" in e.value.body["message"]
     )
+
+
+def test_a1111_txt2img_control_preprocessor_and_its_infotext(control, served):
+    """The A1111 route takes sdengine's top-level ``control_image`` + ``control_preprocessor`` (A1111 has no such
+    field): the photo's canny job equals the pipeline given the map; its infotext's "Control preprocessor" is read
+    back by ``infotext`` (the same pixels again); a non-string or an unknown name is a one-line 400."""
+    pipe, (_, client) = control[1], served
+    model = {"sd_model_checkpoint": "tiny-flux-canny"}
+    body = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 3, "cfg_scale": 1.0,
+            "sampler_name": "Euler", "scheduler": "Normal", "override_settings": model,
+            "control_image": base64.b64encode(_png(photo(W, H))).decode(), "control_preprocessor": "canny"}  # fmt: skip
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+    want = _run(pipe, control_image=canny(photo(W, H)))
+    np.testing.assert_array_equal(got, np.asarray(want.images[0]))
+    infotext = r.json()["info"]
+    assert "Control preprocessor: canny" in infotext, infotext
+    import json
+
+    again = {k: v for k, v in body.items() if k not in ("control_preprocessor", "prompt", "seed", "steps")}
+    again["infotext"] = json.loads(infotext)["infotexts"][0]
+    r2 = client.post("/sdapi/v1/txt2img", json=again)
+    assert r2.status_code == 200, r2.text
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(r2.json()["images"][0]))).convert("RGB")), got
+    )
+    for bad, needle in ((7, "control_preprocessor must be a name"), ("depth", "needs a network")):
+        r = client.post("/sdapi/v1/txt2img", json={**body, "control_preprocessor": bad})
+        assert r.status_code == 400 and needle in r.json()["detail"] and "\n" not in r.json()["detail"], r.text

@@ -205,14 +205,15 @@ def test_edit_pipeline_is_detected(edit_pipe):
         ({"reference_images": [_image(40, 40)], "reference_auto_resize": False}, "reference_auto_resize"),
         ({"reference_images": [_image(40, 40)], "init_image": _image(32, 32)}, "init_image"),
         ({"reference_images": [_image(40, 40)], "enable_hr": True}, "hires fix"),
-        ({"reference_images": [_image(40, 40)], "loras": [("x.safetensors", 1.0)]}, "LoRA"),
+        ({"reference_images": [_image(40, 40)], "loras": [("x.safetensors", 1.0)]}, "LoRAs .* Qwen-Image-Edit"),
+        ({"reference_images": [_image(40, 40)], "prompt": "a <lora:x:1>"}, "LoRAs .* Qwen-Image-Edit"),
     ],
 )
 def test_edit_refusals(edit_pipe, extra, match):
     from sdengine.errors import GenerationError
 
     with pytest.raises(GenerationError, match=match):
-        edit_pipe("a", steps=1, seed=1, **extra)
+        edit_pipe(extra.pop("prompt", "a"), steps=1, seed=1, **extra)
 
 
 def test_edit_folder_refuses_other_text_encoders(edit_folder):

@@ -139,8 +139,9 @@ def test_folder_with_a_text_encoder_given_apart(made) -> None:
     assert np.array_equal(other(**SETTINGS).arrays, want.arrays)
 
 
-def test_comfy_unet_loader_refuses_a_qwen_file_in_one_line(made) -> None:
-    """ComfyUI's graph route does not run Qwen-Image (not done): UNETLoader says so, naming the routes that do."""
+def test_comfy_unet_loader_refuses_a_qwen_file_in_one_line(made, tmp_path: Path) -> None:
+    """ComfyUI's graph route runs Qwen-Image (tests/test_comfy_qwen_image.py): UNETLoader loads the file (family
+    qwen_image); a Qwen-Image file with a tensor missing is refused in one line naming it."""
     from types import SimpleNamespace
 
     from sdengine.server.catalog import Catalog
@@ -150,6 +151,15 @@ def test_comfy_unet_loader_refuses_a_qwen_file_in_one_line(made) -> None:
     _, files = made
     forget_parts()
     ctx = SimpleNamespace(catalog=Catalog(files["model"].parent.parent, None, None), device="cpu")
-    with pytest.raises(NodeError, match="is a Qwen-Image transformer: not run on the ComfyUI route") as e:
-        unet_loader(ctx, files["model"].name, "default")  # type: ignore[arg-type]
+    (handle,) = unet_loader(ctx, files["model"].name, "default")  # type: ignore[arg-type]
+    assert handle.diffusion_model == str(files["model"])  # loaded (a file of no family is a node error)
+    sd = load_file(str(files["model"]))
+    sd.pop("model.diffusion_model.proj_out.weight")
+    (tmp_path / "diffusion_models").mkdir()
+    save_file(sd, str(tmp_path / "diffusion_models" / "qwen_image_broken.safetensors"))
+    forget_parts()
+    ctx = SimpleNamespace(catalog=Catalog(tmp_path, None, None), device="cpu")
+    with pytest.raises(NodeError, match="qwen_image_broken.safetensors: .*proj_out.weight") as e:
+        unet_loader(ctx, "qwen_image_broken.safetensors", "default")  # type: ignore[arg-type]
     assert "\n" not in str(e.value)
+    forget_parts()

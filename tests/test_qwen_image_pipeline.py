@@ -132,8 +132,6 @@ def test_norm_preserving_cfg_keeps_each_patch_norm() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"loras": [("x.safetensors", 1.0)]}, "LoRA"),
-        ({"prompt": "a cat <lora:x:1>"}, "LoRA"),
         ({"distilled_cfg_scale": 3.5}, "distilled_cfg_scale"),
         ({"sampler": "euler_cfg_pp"}, "CFG\\+\\+"),
         ({"sampler": "ddim"}, "flow model"),

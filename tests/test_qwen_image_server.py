@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("diffusers")
@@ -21,13 +22,38 @@ PROMPT = "a red apple on a table"
 W, H = 32, 24
 
 
+def _write_lora(pipe, path):
+    """A random kohya-style LoRA (musubi-tuner's names, with alpha) on a few of the transformer's layers."""
+    from sdengine.weights.io import save_safetensors
+
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for name in (
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.1.img_mod.1",
+        "transformer_blocks.0.txt_mlp.net.2",
+    ):
+        m = pipe.transformer.get_submodule(name)
+        key = "lora_unet_" + name.replace(".", "_")
+        sd[f"{key}.lora_down.weight"] = torch.randn(4, m.in_features, generator=g) * 0.3 / m.in_features**0.5
+        sd[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(2.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(sd, path)
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serverqwen")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("serverqwen")
+
+
+@pytest.fixture(scope="module")
+def served(root):
     models = root / "models"
     make_qwen_folder(models / "tiny-qwen")
     pipe = sdengine.load_pipeline(models / "tiny-qwen", device="cpu")
-    with live_server(server_config(root, models_dir=models)) as server:
+    _write_lora(pipe, root / "loras" / "qwen-style.safetensors")
+    with live_server(server_config(root, models_dir=models, loras_dir=root / "loras")) as server:
         with httpx.Client(base_url=server.url, timeout=300) as client:
             yield server, client, pipe
 
@@ -45,6 +71,21 @@ def test_native_job_gives_the_pipelines_image(served):
     got, _ = run_job(client, {**job, "seed": 5})
     want = pipe(PROMPT, "blurry", **{**pipe.family_defaults, "steps": 3}, seed=5, width=W, height=H, progress=False)
     np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
+
+
+def test_native_job_with_a_lora_gives_the_pipelines_image(served, root):
+    """A native job's ``loras`` (a name from GET /v1/loras, a weight): the Python pipeline's image with that file,
+    not the image without it."""
+    _, client, pipe = served
+    assert "qwen-style" in [e["name"] for e in client.get("/v1/loras").json()["loras"]]
+    job = {"model": "tiny-qwen", "prompt": PROMPT, "steps": 3, "width": W, "height": H, "seed": 5}
+    got, _ = run_job(client, {**job, "loras": [{"name": "qwen-style", "weight": 0.8}]})
+    lora = root / "loras" / "qwen-style.safetensors"
+    want = pipe(PROMPT, **{**pipe.family_defaults, "steps": 3}, seed=5, width=W, height=H, loras=[(lora, 0.8)],
+                progress=False)  # fmt: skip
+    np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
+    plain = pipe(PROMPT, **{**pipe.family_defaults, "steps": 3}, seed=5, width=W, height=H, progress=False)
+    assert not np.array_equal(got, np.asarray(plain.images[0].convert("RGB")))  # the LoRA acts
 
 
 def test_what_qwen_refuses_is_a_one_line_400(served):

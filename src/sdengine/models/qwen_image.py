@@ -164,8 +164,16 @@ QWEN_IMAGE = QwenImageConfig()  # Qwen/Qwen-Image
 # Positions
 
 
+ROPE_CENTRES = ("diffusers", "comfyui")
+
+
 def rope_tables(
-    rows: int, cols: int, text: int, axes_dims: tuple[int, ...], more: tuple[tuple[int, int], ...] = ()
+    rows: int,
+    cols: int,
+    text: int,
+    axes_dims: tuple[int, ...],
+    centre: str = "diffusers",
+    more: tuple[tuple[int, int], ...] = (),
 ) -> tuple[Tensor, Tensor]:
     """cos / sin (text + rows*cols (+ the ``more`` grids' tokens), head_dim) of ``text`` text tokens followed by a
     rows x cols image grid (row-major) and then the further (rows, cols) grids of ``more`` (Qwen-Image-Edit's
@@ -173,14 +181,19 @@ def rope_tables(
 
     Image n's token (r, c): positions (n, r - (rows - rows//2), c - (cols - cols//2)) (the first image is n = 0);
     text token j: ``start + j`` on every axis with ``start`` the largest ``max(rows//2, cols//2)`` of the grids.
-    Angle = position x ``theta ** (-2i / dim)``, both in float32 (the reference's numbers)."""
+    Angle = position x ``theta ** (-2i / dim)``, both in float32 (the reference's numbers). ``centre`` "comfyui":
+    ComfyUI's rows ``r - rows//2`` (and columns likewise), the same grid on an even side, one further on an odd one
+    (its ``QwenImageTransformer2DModel.process_img``)."""
+    if centre not in ROPE_CENTRES:
+        raise UsageError(f"Qwen-Image RoPE: centre must be one of {', '.join(ROPE_CENTRES)}, got {centre!r}")
     grids = ((rows, cols), *more)
     start = max(max(h // 2, w // 2) for h, w in grids)
     images = []
     for frame, (h, w) in enumerate(grids):
+        row0, col0 = (h // 2, w // 2) if centre == "comfyui" else (h - h // 2, w - w // 2)
         img = torch.full((h, w, 3), float(frame), dtype=torch.float32)
-        img[..., 1] = (torch.arange(h) - (h - h // 2)).float()[:, None]
-        img[..., 2] = (torch.arange(w) - (w - w // 2)).float()[None, :]
+        img[..., 1] = (torch.arange(h) - row0).float()[:, None]
+        img[..., 2] = (torch.arange(w) - col0).float()[None, :]
         images.append(img.reshape(h * w, 3))
     txt = (start + torch.arange(text)).float()[:, None].expand(text, 3)
     pos = torch.cat([txt, *images])
@@ -324,12 +337,18 @@ class QwenImageTransformer(nn.Module):
         return self.img_in.weight.device
 
     def rope(
-        self, rows: int, cols: int, text: int, device: torch.device, more: tuple[tuple[int, int], ...] = ()
+        self,
+        rows: int,
+        cols: int,
+        text: int,
+        device: torch.device,
+        centre: str = "diffusers",
+        more: tuple[tuple[int, int], ...] = (),
     ) -> tuple[Tensor, Tensor]:
         """The cos / sin tables (:func:`rope_tables`), the last ones made kept (every step asks for the same)."""
-        key = (rows, cols, text, device, more)
+        key = (rows, cols, text, device, centre, more)
         if self._rope_key != key or self._rope is None:
-            cos, sin = rope_tables(rows, cols, text, self.config.axes_dims_rope, more)
+            cos, sin = rope_tables(rows, cols, text, self.config.axes_dims_rope, centre, more)
             self._rope = (cos.to(device), sin.to(device))
             self._rope_key = key
         return self._rope
@@ -340,11 +359,14 @@ class QwenImageTransformer(nn.Module):
         timestep: Tensor | float,
         encoder_hidden_states: Tensor,
         encoder_hidden_states_mask: Tensor | None = None,
+        *,
+        rope_centre: str = "diffusers",
         reference: Tensor | None = None,
     ) -> Tensor:
         """The velocity for the latent (B, C, H, W) at ``timestep`` (B,) on the 0..1000 scale given the text states
         (B, L, joint_attention_dim) and their mask (B, L) (1 = a token, 0 = padding; None: all tokens);
-        ``reference``: Qwen-Image-Edit's reference latent (B, C, h, w) (module docstring)."""
+        ``rope_centre``: how an odd grid is centred (:func:`rope_tables`); ``reference``: Qwen-Image-Edit's
+        reference latent (B, C, h, w) (module docstring)."""
         cfg = self.config
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.latent_channels:
             raise UsageError(
@@ -398,7 +420,7 @@ class QwenImageTransformer(nn.Module):
         x = self.img_in(packed)
         context = self.txt_in(self.txt_norm(text.to(dtype)))
         vec = self.time_text_embed(t / 1000.0, dtype)
-        rope = self.rope(H // PATCH, W // PATCH, L, device, more)
+        rope = self.rope(H // PATCH, W // PATCH, L, device, rope_centre, more)
         for block in self.transformer_blocks:
             x, context = block(x, context, vec, rope, mask)
         x = self.proj_out(self.norm_out(x[:, :tokens], vec))
@@ -407,6 +429,7 @@ class QwenImageTransformer(nn.Module):
 
 __all__ = [
     "QWEN_IMAGE",
+    "ROPE_CENTRES",
     "DualStreamBlock",
     "QwenImageConfig",
     "QwenImageTransformer",

@@ -21,9 +21,15 @@ flow schedule this reuses). What Qwen-Image changes:
 
 Defaults (:attr:`QwenImagePipeline.family_defaults`): 50 steps, ``cfg_scale`` 4 (diffusers' ``true_cfg_scale``
 with the negative prompt, empty by default: diffusers runs CFG when a negative prompt is given, "" included),
-``euler`` on the ``normal`` grid. What does not apply is refused in one line before any model runs (LoRAs,
-ControlNets, IP-Adapters, textual inversion, PAG, SAG, FreeU, ..., the distilled guidance, CFG++ samplers, prompt
-editing; :func:`qwen_refusals`).
+``euler`` on the ``normal`` grid. What does not apply is refused in one line before any model runs (ControlNets,
+IP-Adapters, textual inversion, PAG, SAG, FreeU, ..., the distilled guidance, CFG++ samplers, prompt editing;
+:func:`qwen_refusals`).
+
+LoRAs (``loras=``, ``<lora:NAME:W>`` tags, ``--lora``, a server job's ``loras``) apply through the core's path as
+Flux's do: :mod:`sdengine.weights.lora_dit_keys` reads diffusers' / PEFT names (``transformer.``), ComfyUI's /
+ai-toolkit's (``diffusion_model.``), kohya-style ones (``lora_unet_``, musubi-tuner) and ComfyUI's ``lycoris_`` onto
+the transformer's modules. They adapt the transformer only, as diffusers' ``load_lora_weights``: a file with
+text-encoder layers, or with Flux.1 / SD3 layers, is refused in one line.
 """
 
 from __future__ import annotations
@@ -94,7 +100,13 @@ class QwenConditioner(PerTextConditioner):
         self.module = module  # the text encoder: its outputs are remembered per text while its weights stay
 
     def text(self, prompt: str, *, what: str = "prompt", note: Note = _ignore) -> Conditioning:
-        """``{"crossattn": (1, max_sequence_length, D), "text_mask": (1, max_sequence_length)}`` of one text."""
+        """``{"crossattn": (1, max_sequence_length, D), "text_mask": (1, max_sequence_length)}`` of one text.
+        ``<lora:...>`` tags are taken out first (replaced by nothing, as A1111 does; the spaces a tag at the start or
+        end leaves are dropped too, since Qwen2's tokenizer reads spaces: "a cat <lora:x:1>" reads as "a cat")."""
+        from sdengine.prompts import extract_lora_tags
+
+        plain, tags = extract_lora_tags(prompt)
+        prompt = plain.strip() if tags else prompt
         if self.module is not None:  # the text's states remembered while the encoder's weights are the same
             from sdengine.text.encode_cache import cached_call
 
@@ -182,7 +194,6 @@ class QwenTrueCFG:
 
 
 _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
-    ("loras", bool, "LoRAs are not supported for Qwen-Image yet"),
     ("controlnets", bool, "ControlNets are not supported for Qwen-Image"),
     ("ip_adapters", bool, "IP-Adapters are not supported for Qwen-Image"),
     ("reference_images", bool, "reference images are FLUX.1 Kontext's; Qwen-Image takes none"),
@@ -199,8 +210,6 @@ def qwen_refusals(r: GenerationRequest) -> list[str]:
     """The settings of ``r`` a Qwen-Image model cannot run, one line each (Flux's, plus Qwen-Image's own)."""
     reasons = [why.replace("for Flux", "for Qwen-Image").replace("Flux", "Qwen-Image") for why in refusals(r)]
     reasons += [f"{field}: {why}" for field, is_set, why in _OWN_REFUSALS if is_set(getattr(r, field, None))]
-    if "<lora:" in str(getattr(r, "prompt", "")):
-        reasons.append("<lora:...> tags: LoRAs are not supported for Qwen-Image yet")
     return list(dict.fromkeys(reasons))
 
 

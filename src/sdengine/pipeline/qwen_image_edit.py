@@ -18,8 +18,8 @@ image, given as ``reference_images=[image]`` (the name FLUX.1 Kontext's referenc
   Qwen-Image.
 
 Refused in one line before any model runs: no reference image or more than one, ``reference_auto_resize`` false
-(FLUX.1 Kontext's option), an init image or mask (diffusers' Edit pipeline has neither), the hires fix, and what
-Qwen-Image refuses.
+(FLUX.1 Kontext's option), an init image or mask (diffusers' Edit pipeline has neither), the hires fix, LoRAs (not
+checked against diffusers on Edit yet), and what Qwen-Image refuses.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def edit_refusals(r: GenerationRequest) -> list[str]:
         reasons.append(
             "init_image / mask: Qwen-Image-Edit takes its input image as reference_images (no img2img or inpainting)"
         )
+    if r.loras or "<lora:" in str(r.prompt) or "<lora:" in str(r.negative_prompt):
+        reasons.append("LoRAs (loras=, <lora:...> tags) are not supported for Qwen-Image-Edit yet")
     if r.enable_hr:
         reasons.append("the hires fix is not supported for Qwen-Image-Edit")
     return list(dict.fromkeys(reasons))

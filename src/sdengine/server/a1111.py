@@ -488,14 +488,16 @@ USED = {
     "reference_images",
     "reference_auto_resize",
     "control_image",
+    "control_preprocessor",
 }
 
 
 def kontext_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The top-level ``reference_images`` (a list of base64 images: FLUX.1 Kontext's references),
-    ``reference_auto_resize`` and ``control_image`` (one base64 image: FLUX.1 Depth / Canny's map) of an A1111
-    request, checked for their types (the build decodes them; the precheck checks them against the model): the
-    native job's fields under the same names, which A1111 and Forge do not have. An empty list is none."""
+    ``reference_auto_resize``, ``control_image`` (one base64 image: FLUX.1 Depth / Canny's map) and
+    ``control_preprocessor`` (what makes that image the map: "canny" from a photo) of an A1111 request, checked
+    for their types (the build decodes them; the precheck checks them against the model): the native job's
+    fields under the same names, which A1111 and Forge do not have. An empty list is none."""
     out: dict[str, Any] = {}
     refs = body.get("reference_images")
     if refs is not None:
@@ -513,6 +515,11 @@ def kontext_fields(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(control, str) or not control:
             raise BadRequest("control_image must be one base64 image (FLUX.1 Depth / Canny's control map)")
         out["control_image"] = control
+    preprocessor = body.get("control_preprocessor")
+    if preprocessor is not None:  # the name is checked by the build (GenerationRequest.validate)
+        if not isinstance(preprocessor, str):
+            raise BadRequest(f"control_preprocessor must be a name (none, canny), got {preprocessor!r}")
+        out["control_preprocessor"] = preprocessor.strip().lower() or "none"
     return out
 
 
@@ -532,7 +539,7 @@ UNIT_KEYS = {
     *("processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end", "control_mode"),
     *("pixel_perfect", "hr_option", "low_vram", "save_detected_map", "input_mode", "is_ui", "output_dir"),
     *("use_preview_as_input", "generated_image", "batch_images", "batch_image_dir", "batch_mask_dir", "loopback"),
-    "union_control_type",
+    *("union_control_type", "inpaint_crop_input_image"),
 }
 # The extension's ControlNetUnionControlType values (its unit's union_control_type; "Unknown": none), in its order:
 # a value's place is the type number a Union ControlNet's mode embedding reads (ComfyUI's SetUnionControlNetType
@@ -873,13 +880,35 @@ def expand_region(
     return (lo[0], lo[1], hi[0], hi[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class OnlyMasked:
+    """The plan of A1111's "Only masked" inpainting: the pipeline's init image (``cut``: filled under the mask
+    with "fill") and mask, the box cut from the init image (``region``, on an image of ``base_size``), the cut
+    before any fill (``plain``: what a ControlNet unit without an image of its own takes) and ``finish``, which
+    lays a result back over the init image."""
+
+    cut: Image.Image
+    mask: Image.Image
+    region: tuple[int, int, int, int]
+    base_size: tuple[int, int]
+    plain: Image.Image
+    finish: Callable[[Image.Image], Image.Image]
+
+    def crop(self, image: Image.Image, mode: str) -> Image.Image:
+        """sd-webui-controlnet's crop of a unit's image (or mask) in "Only masked" inpainting (its
+        ``inpaint_crop_input_image``, on by default): fitted to the init image's size in resize ``mode``, the
+        plan's box cut out and fitted to the output's size ("resize and fill"), as the init image is."""
+        fitted = resize_image(image, *self.base_size, mode)
+        return resize_image(fitted.crop(self.region), *self.cut.size, "resize and fill")
+
+
 def only_masked(
     init: Image.Image, mask: Image.Image, blur: float, padding: int, size: tuple[int, int], fill: bool
-) -> tuple[Image.Image, Image.Image, Callable[[Image.Image], Image.Image]] | None:
+) -> OnlyMasked | None:
     """A1111's "Only masked" inpainting (``inpaint_full_res``): the box around the blurred mask (plus
     ``padding``, grown to the output's aspect ratio) is cut from the init image and the mask and fitted to
     ``size`` ("resize and fill"); the result is fitted back into the box ("crop and resize") and laid over the
-    init image by the blurred mask. Returns (init, mask, finish) for the pipeline, None for an empty mask."""
+    init image by the blurred mask. Returns the plan (:class:`OnlyMasked`), None for an empty mask."""
     base = init.convert("RGB")
     if mask.size != base.size:
         mask = mask.convert("L").resize(base.size, Image.Resampling.NEAREST)
@@ -891,10 +920,9 @@ def only_masked(
         box = (max(box[0] - padding, 0), max(box[1] - padding, 0), min(box[2] + padding, base.width),
                min(box[3] + padding, base.height))  # fmt: skip
     region = expand_region(box, size[0], size[1], base.size)
-    cut = resize_image(base.crop(region), *size, "resize and fill")
+    plain = resize_image(base.crop(region), *size, "resize and fill")
     cut_mask = resize_image(soft.crop(region), *size, "resize and fill")
-    if fill:
-        cut = masked_fill(cut, cut_mask)
+    cut = masked_fill(plain, cut_mask) if fill else plain
     x1, y1, x2, y2 = region
 
     def finish(image: Image.Image) -> Image.Image:
@@ -902,7 +930,7 @@ def only_masked(
         canvas.paste(resize_image(image.convert("RGB"), x2 - x1, y2 - y1, "crop and resize"), (x1, y1))
         return Image.composite(canvas, base, soft)
 
-    return cut, cut_mask, finish
+    return OnlyMasked(cut, cut_mask, region, base.size, plain, finish)
 
 
 SIZE_VALUE = re.compile(r"^(\d+)x(\d+)$")
@@ -1900,6 +1928,7 @@ INFOTEXT_FIELDS = {
     **{k: k for k in ("seed_resize_from_w", "seed_resize_from_h", "tiling")},
     # the model family's own: Forge's "Distilled CFG Scale" (Flux), "Shift" and the skip-layer fields (SD3)
     **{k: k for k in ("distilled_cfg_scale", "shift", "sd3")},
+    "control_preprocessor": "control_preprocessor",  # sdengine's "Control preprocessor" (FLUX.1 Depth / Canny)
     "sampler": "sampler_name",
     "schedule": "scheduler",
     "strength": "denoising_strength",
@@ -2714,13 +2743,9 @@ def install(app: FastAPI, services: Any) -> None:
             if plan is None:  # as A1111: nothing to repaint, so img2img of the whole image
                 notes.append('the mask is empty: "Only masked" inpainting became img2img of the whole image')
                 return None
-            cut, cut_mask, finish = plan
-            fields.update(init_image=cut, mask=cut_mask, mask_blur=0.0)  # the mask is blurred already
-            # a ControlNet unit without an image of its own takes the init image: the cut one, as the pipeline's
-            units = fields.get("controlnets") or []
-            own = req.init_images[0]
-            fields["controlnets"] = [dataclasses.replace(u, image=cut) if u.image is own else u for u in units]
-            return finish
+            fields.update(init_image=plan.cut, mask=plan.mask, mask_blur=0.0)  # the mask is blurred already
+            fields["controlnets"] = cropped_units(fields.get("controlnets") or [], plan, req, mode, body)
+            return plan.finish
         if mode != "just resize" and mask.size != size:  # A1111 fits the mask as the image (the pipeline stretches)
             fields["mask"] = resize_image(mask, *size, mode)
         else:
@@ -2730,6 +2755,40 @@ def install(app: FastAPI, services: Any) -> None:
             fitted = resize_image(ImageOps.exif_transpose(init).convert("RGB"), *size, mode)
             fields["init_image"] = masked_fill(fitted, resize_image(blurred_mask(mask, blur), *size, mode))
         return overlay_finish(init, mask, blur, mode)
+
+    def cropped_units(
+        units: list[Any], plan: OnlyMasked, req: Img2ImgRequest, mode: str, body: dict[str, Any]
+    ) -> list[Any]:
+        """The ControlNet units of "Only masked" inpainting as sd-webui-controlnet crops them (its
+        ``inpaint_crop_input_image``, true by default): each unit's image and mask cut by the plan's box and
+        fitted to the output, as the init image is; a unit without an image of its own takes the cut init image
+        (before "fill"); reference units keep their image whole (the extension's rule), and so the whole init
+        image."""
+        args = ((body.get("alwayson_scripts") or {}).get("controlnet") or {}).get("args")
+        for k, u in enumerate(args if isinstance(args, list) else []):
+            if isinstance(u, dict) and u.get("inpaint_crop_input_image") is False and u.get("enabled", True):
+                raise BadRequest(
+                    f'ControlNet unit {k}: inpaint_crop_input_image false (the whole image in "Only masked" '
+                    "inpainting) is not supported: leave it true, or inpaint the whole picture"
+                )
+        own = req.init_images[0] if req.init_images else None
+        out = []
+        for k, u in enumerate(units):
+            if u.model in REFERENCE_MODULES:
+                out.append(u)
+                continue
+            if u.image is own:
+                image = plan.plain
+            else:
+                picture = u.image if isinstance(u.image, Image.Image) else services.uploads.image(u.image, f"unit {k}")
+                image = plan.crop(ImageOps.exif_transpose(picture).convert("RGB"), mode)
+            unit_mask = u.mask  # the request's mask too as sent (the extension's prepare_mask: not made binary)
+            if unit_mask is not None:
+                if not isinstance(unit_mask, Image.Image):
+                    unit_mask = services.uploads.image(unit_mask, f"ControlNet unit {k} mask")
+                unit_mask = plan.crop(ImageOps.exif_transpose(unit_mask).convert("L"), mode)
+            out.append(dataclasses.replace(u, image=image, mask=unit_mask))
+        return out
 
     def current() -> Job | None:
         running = visible(manager.running())  # another client's job (and its preview) is not this one's progress

@@ -6,8 +6,9 @@ The work is split by job: :mod:`sdengine.weights.lora_file` reads files (formats
 :mod:`sdengine.nn.lora` is the runtime layer (the patched Linear/Conv, stacking, fuse/unfuse, the handle that
 removes it). This module joins them in :func:`apply_loras` and exports the public names of all three.
 
-SD3's MMDiT and Flux's transformer take the same path too: :mod:`sdengine.weights.lora_dit_keys` first rewrites a
-file's names (BFL's, Stability's, kohya's, diffusers') onto the model's modules, splitting fused projections.
+SD3's MMDiT and Flux's, Chroma's and Qwen-Image's transformers take the same path too:
+:mod:`sdengine.weights.lora_dit_keys` first rewrites a file's names (BFL's, Stability's, kohya's, diffusers') onto
+the model's modules, splitting fused projections.
 
 LyCORIS files (LoHa, LoKr, (IA)^3, GLoRA, OFT, BOFT, LoCon with a Tucker core, DoRA, full and norm-layer
 differences) take the same path: the file reader hands their layers to :mod:`sdengine.weights.lycoris_file`, the

@@ -1,4 +1,4 @@
-"""LoRA names of the diffusion transformers: SD3's MMDiT, Flux.1's transformer and Chroma's.
+"""LoRA names of the diffusion transformers: SD3's MMDiT, Flux.1's transformer, Chroma's and Qwen-Image's.
 
 A LoRA (Hu et al. 2021) for a diffusion transformer names its layers in one of two vocabularies:
 
@@ -20,6 +20,19 @@ from ComfyUI and kohya), with the approximator's layers as ``distilled_guidance_
 layers.N.in_layer, layers.N.out_layer}`` in BFL's names (diffusers': ``layers.N.linear_1`` / ``linear_2``). A
 file naming a layer only Flux.1 has (:func:`flux_only_layers`: a modulation linear, ``time_in``, ``vector_in``,
 ``guidance_in``) is refused on Chroma as a LoRA for Flux.1 (:func:`sdengine.weights.lora_keys.check_dit_family`).
+
+Qwen-Image (:mod:`sdengine.models.qwen_image`) was released in diffusers' names, which are its modules' (no fused
+layer, no swapped halves): its LoRAs name ``transformer_blocks.N.attn.to_q`` / ``add_q_proj`` / ``to_add_out``,
+``img_mod.1`` / ``txt_mod.1``, ``img_mlp.net.0.proj`` / ``txt_mlp.net.2``, ``img_in``, ``txt_in``,
+``norm_out.linear``, ``proj_out``, ``time_text_embed.timestep_embedder.linear_1`` behind ``transformer.``
+(diffusers/PEFT), ``diffusion_model.`` (ComfyUI, ai-toolkit, DiffSynth), ``base_model.model.``, or bare, and with
+underscores behind ``lora_unet_`` (kohya-style: musubi-tuner), ``lora_transformer_`` or ``lycoris_`` -- the
+layouts diffusers' ``QwenImagePipeline.load_lora_weights`` reads (its ``_convert_non_diffusers_qwen_lora_to_
+diffusers``), plus PEFT's adapter names (``lora_A.default.weight``), which the file reader drops. A file naming a
+layer Qwen-Image does not have and Flux.1 / SD3 do in diffusers' names (:func:`not_qwen_layers`: ``norm1.linear``,
+``ff.net``, ``context_embedder``, ``single_transformer_blocks``, ...) is refused on Qwen-Image in one line, and a
+file with Qwen-Image's own names (``transformer_blocks.N.img_mod`` / ``txt_mlp`` ...) on the others
+(:func:`sdengine.weights.lora_keys.check_dit_family`).
 
 The original layouts differ from diffusers' in two ways that matter to a LoRA:
 
@@ -52,6 +65,7 @@ from torch import nn
 from ..models.chroma import ChromaTransformer
 from ..models.flux import FluxTransformer
 from ..models.mmdit import MMDiT
+from ..models.qwen_image import QwenImageTransformer
 from ..nn.lycoris import FACTOR_ONLY
 from .flux_file import DOUBLE_RENAMES
 from .lora_file import LoRAFile, LoRAFileError, LoRALayerWeights
@@ -60,6 +74,7 @@ from .lycoris_file import LycorisLayerWeights
 FLUX_FAMILY = "Flux.1"
 SD3_FAMILY = "SD3 (MMDiT)"
 CHROMA_FAMILY = "Chroma"
+QWEN_FAMILY = "Qwen-Image"
 
 # the prefix a rewritten layer name carries (diffusers' component name of the denoiser)
 DIT_PREFIX = "transformer."
@@ -78,8 +93,10 @@ class Route:
 
 
 def dit_family(model: nn.Module | None) -> str | None:
-    """The family label of a diffusion transformer (``"Flux.1"``, ``"SD3 (MMDiT)"``, ``"Chroma"``), None for
-    anything else."""
+    """The family label of a diffusion transformer (``"Flux.1"``, ``"SD3 (MMDiT)"``, ``"Chroma"``,
+    ``"Qwen-Image"``), None for anything else."""
+    if isinstance(model, QwenImageTransformer):
+        return QWEN_FAMILY
     if isinstance(model, ChromaTransformer):
         return CHROMA_FAMILY
     if isinstance(model, FluxTransformer):
@@ -192,6 +209,23 @@ def flux_only_layers(names: list[str]) -> list[str]:
     return [n for n in names if _FLUX_ONLY.search(n)]
 
 
+# Flux.1's and SD3's layers in diffusers' names that Qwen-Image does not have (its blocks carry img_mod / txt_mod,
+# img_mlp / txt_mlp, its input is img_in / txt_in, no pooled text, no single-stream blocks): a file naming one was
+# made for one of those
+_NOT_QWEN = re.compile(
+    r"(?:^|[._])(?:norm1|norm1_context|norm2|norm2_context)[._]linear|(?:^|[._])(?:ff|ff_context)[._]net[._]|"
+    r"(?:^|[._])(?:x_embedder|context_embedder|pos_embed|text_embedder|guidance_embedder|"
+    r"single_transformer_blocks|attn2)(?:[._]|$)"
+)
+# Qwen-Image's own layers (a dual-stream block's modulation and MLPs in diffusers' names): no other family has them
+QWEN_LAYERS = re.compile(r"transformer_blocks[._]\d+[._](?:img_mod|txt_mod|img_mlp|txt_mlp)(?:[._]|$)")
+
+
+def not_qwen_layers(names: list[str]) -> list[str]:
+    """The names among ``names`` of Flux.1 / SD3 layers (diffusers' vocabulary) that Qwen-Image does not have."""
+    return [n for n in names if _NOT_QWEN.search(n)]
+
+
 def _sd3_native(model: MMDiT) -> Iterator[tuple[str, tuple[Route, ...]]]:
     """Stability's layer names of an MMDiT -> routes onto its (diffusers') modules."""
     one = {
@@ -232,8 +266,13 @@ def dit_routes(model: nn.Module) -> dict[str, tuple[Route, ...]]:
     diffusers' names of every Linear/Conv2d (behind ``transformer.``, ``base_model.model.``, ``lora_transformer_``
     with underscores, or bare) route one-to-one; the original checkpoint's names (behind ``diffusion_model.``,
     ``lora_unet_`` with underscores, ``base_model.model.``, or bare) route as :func:`_flux_native` /
-    :func:`_sd3_native` / :func:`_chroma_native` say. Empty for a model that is not a diffusion transformer."""
-    if isinstance(model, ChromaTransformer):
+    :func:`_sd3_native` / :func:`_chroma_native` say. Qwen-Image's names are its modules' in every layout (also
+    ``lycoris_`` with underscores, ComfyUI's). Empty for a model that is not a diffusion transformer."""
+    if isinstance(model, QwenImageTransformer):  # the original names are diffusers': every layout routes one-to-one
+        native: dict[str, tuple[Route, ...]] = {
+            name: (Route(name),) for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)
+        }
+    elif isinstance(model, ChromaTransformer):
         native = dict(_chroma_native(model))
     elif isinstance(model, FluxTransformer):
         native = dict(_flux_native(model))
@@ -252,6 +291,8 @@ def dit_routes(model: nn.Module) -> dict[str, tuple[Route, ...]]:
         flat = name.replace(".", "_")
         for alias in ("diffusion_model." + name, "lora_unet_" + flat, "base_model.model." + name, name):
             out.setdefault(alias, routes)
+        if isinstance(model, QwenImageTransformer):
+            out.setdefault("lycoris_" + flat, routes)  # ComfyUI reads Qwen-Image's LyCORIS names so
     return out
 
 
@@ -346,10 +387,13 @@ __all__ = [
     "DIT_PREFIX",
     "ROW_WISE",
     "FLUX_FAMILY",
+    "QWEN_FAMILY",
+    "QWEN_LAYERS",
     "SD3_FAMILY",
     "Route",
     "dit_family",
     "dit_routes",
     "flux_only_layers",
+    "not_qwen_layers",
     "split_dit_layers",
 ]

@@ -6,8 +6,9 @@ files) plus the module's full name with dots turned into underscores, where the 
 files and the original LDM one (``input_blocks_1_1_...``) in SDXL-style files. Rather than guess where the dots
 were, sdengine builds that alias for every Linear/Conv2d of the model (both U-Net spellings, through the LDM table
 in ``keymaps``) and looks names up exactly. PEFT/diffusers files use the dotted module name behind ``unet.`` or
-``text_encoder.``. For SD3's MMDiT and Flux's transformer, :mod:`sdengine.weights.lora_dit_keys` has rewritten the
-file's names onto the model's modules (``transformer.<module>``) before they are matched here.
+``text_encoder.``. For the diffusion transformers (SD3's MMDiT, Flux's, Chroma's, Qwen-Image's),
+:mod:`sdengine.weights.lora_dit_keys` has rewritten the file's names onto the model's modules
+(``transformer.<module>``) before they are matched here.
 
 Every file gets a :class:`LoRAReport` of matched and unmatched names. No match at all, a layer whose shape differs
 from the model's, or names of another architecture (SDXL's second text encoder, DiT blocks) are errors naming the
@@ -27,7 +28,17 @@ from torch import nn
 from ..models.t5_text import T5Encoder
 from ..nn.lycoris import NORM_TYPES
 from . import keymaps as km
-from .lora_dit_keys import CHROMA_FAMILY, DIT_PREFIX, FLUX_FAMILY, SD3_FAMILY, dit_family, flux_only_layers
+from .lora_dit_keys import (
+    CHROMA_FAMILY,
+    DIT_PREFIX,
+    FLUX_FAMILY,
+    QWEN_FAMILY,
+    QWEN_LAYERS,
+    SD3_FAMILY,
+    dit_family,
+    flux_only_layers,
+    not_qwen_layers,
+)
 from .lora_file import LoRAFile, LoRAFileError, LoRAFormat, LoRALayerWeights
 from .lycoris_file import LycorisLayerWeights
 
@@ -38,6 +49,7 @@ _COMFY_TE = "text_encoders."  # ComfyUI's prefix of text-encoder layer names
 # Names that give away a diffusion transformer, most specific first (checked before the SD hints below).
 _DIT_HINTS = [
     (re.compile(r"distilled_guidance_layer"), CHROMA_FAMILY),  # Chroma's approximator: no other model has it
+    (QWEN_LAYERS, QWEN_FAMILY),  # a block's img_mod / txt_mod / img_mlp / txt_mlp (Flux's are in double_blocks)
     (re.compile(r"double_blocks|single_blocks|single_transformer_blocks"), FLUX_FAMILY),
     (re.compile(r"joint_blocks|context_block|x_block"), SD3_FAMILY),
     (
@@ -245,10 +257,31 @@ def _lora_family(lf: LoRAFile, dit: bool = False) -> str | None:
 
 def check_dit_family(lf: LoRAFile, index: ModelIndex) -> None:
     """A file whose names are the other diffusion transformer's (Flux's ``double_blocks`` on SD3, SD3's
-    ``joint_blocks`` on Flux) is a :class:`LoRAFileError` naming both, before its layers are split by the rows of a
-    model they were not made for."""
+    ``joint_blocks`` on Flux, Qwen-Image's ``transformer_blocks.N.img_mod`` on either) is a :class:`LoRAFileError`
+    naming both, before its layers are split by the rows of a model they were not made for. On Qwen-Image, a file
+    naming a layer only Flux.1 / SD3 have in diffusers' names (``norm1.linear``, ``ff.net``, ...) or any
+    text-encoder layer is refused too (diffusers' Qwen-Image loader adapts the transformer alone)."""
     family = _lora_family(lf, dit=True)
     where = str(lf.path) if lf.path is not None else lf.name
+    if index.dit == QWEN_FAMILY:
+        names = list(lf.layers) + list(lf.lycoris) + [k for ks in lf.unsupported.values() for k in ks]
+        other = sorted(not_qwen_layers(names))
+        if family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY):
+            raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {QWEN_FAMILY}")
+        if other:
+            raise LoRAFileError(
+                f"{where}: a LoRA for Flux.1 or SD3: it adapts {other[0]}"
+                f"{f' (and {len(other) - 1} more)' if len(other) > 1 else ''}, a layer Qwen-Image does not have; "
+                f"the model is {QWEN_FAMILY}"
+            )
+        te = sorted(k for k in names if k.startswith(("lora_te", "text_encoder")))
+        if te:
+            raise LoRAFileError(
+                f"{where}: adapts a text encoder ({len(te)} layers, e.g. {te[0]}): LoRAs for {QWEN_FAMILY} adapt its "
+                "transformer only (as diffusers' QwenImagePipeline.load_lora_weights); use one without text-encoder "
+                "layers"
+            )
+        return
     if index.dit == CHROMA_FAMILY:  # Chroma's blocks are Flux's: their names are Flux's too
         if family == FLUX_FAMILY or family == CHROMA_FAMILY:
             names = list(lf.layers) + list(lf.lycoris) + [k for ks in lf.unsupported.values() for k in ks]
@@ -260,8 +293,12 @@ def check_dit_family(lf: LoRAFile, index: ModelIndex) -> None:
                     "(Chroma's modulation comes from its distilled_guidance_layer); the model is Chroma"
                 )
             return
-        family = family if family == SD3_FAMILY else None
-    if index.dit is not None and family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY) and family != index.dit:
+        family = family if family in (SD3_FAMILY, QWEN_FAMILY) else None
+    if (
+        index.dit is not None
+        and family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, QWEN_FAMILY)
+        and family != index.dit
+    ):
         raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {index.dit}")
 
 

@@ -646,7 +646,11 @@ def _load_input_image(ctx: RunContext, name: str, frames: bool = False) -> list[
 
 def checkpoint_loader(ctx: RunContext, ckpt_name: str) -> tuple[Any, ...]:
     ref = ctx.catalog.resolve_model(ckpt_name)
-    ctx.pipeline(ref)  # load now, so that a broken model fails at this node
+    pipe = ctx.pipeline(ref)  # load now, so that a broken model fails at this node
+    if getattr(pipe, "variant", None) == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import refuse_checkpoint
+
+        refuse_checkpoint(ckpt_name)
     return ModelHandle(ref), ClipHandle(ref), VaeHandle(ref)
 
 
@@ -694,6 +698,10 @@ def _vae_file(ctx: RunContext, handle: VaeFileHandle) -> Any:
     p = Path(handle.path)
 
     def load() -> Any:
+        if _is_qwen_vae(p):  # Qwen-Image's (Wan 2.1's) VAE: raw 16-channel latents, as ComfyUI's
+            from sdengine.weights.qwen_vae_file import load_qwen_vae
+
+            return load_qwen_vae(p, dtype=torch.float32)
         sd, cfg = load_vae(p)
         vcfg = VAEConfig.from_diffusers(cfg)
         return build_on_meta(lambda: AutoencoderKL(vcfg), sd, name=f"VAE {p.name}", dtype=torch.float32)
@@ -702,6 +710,18 @@ def _vae_file(ctx: RunContext, handle: VaeFileHandle) -> Any:
         return _cached_vae(ctx, handle.path, load)
     except (OSError, SdengineError) as e:
         raise NodeError(f"VAE {p.name}: {e}") from None
+
+
+def _is_qwen_vae(path: Path) -> bool:
+    """A Qwen-Image VAE file (Wan 2.1's names, or diffusers' with 3-D convolutions), by its header."""
+    from sdengine.weights.io import read_safetensors_header
+    from sdengine.weights.qwen_vae_file import is_original_layout
+
+    if path.is_dir() or path.suffix.lower() != ".safetensors":
+        return False
+    names, _, _ = read_safetensors_header(path)
+    conv_in = names.get("decoder.conv_in.weight")
+    return is_original_layout(names) or (isinstance(conv_in, dict) and len(conv_in.get("shape") or ()) == 5)
 
 
 def vae_module(ctx: RunContext, vae: VaeHandle | VaeFileHandle) -> Any:

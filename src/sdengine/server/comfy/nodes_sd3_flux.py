@@ -90,7 +90,10 @@ FLUX_DEV_MU = 1.15  # ComfyUI's FLUX.1 [dev] sampling settings (ModelSamplingFlu
 FLUX_GUIDANCE = 3.5  # ComfyUI's Flux: the distilled guidance where a conditioning sets none
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 CLIP_TYPES = ("sd3", "flux")
-CLIP_LOADER_TYPES = ("chroma",)  # CLIPLoader's types run here (ComfyUI's list is longer: the others are refused)
+CLIP_LOADER_TYPES = (
+    "chroma",
+    "qwen_image",
+)  # CLIPLoader's types run here (ComfyUI's list is longer: the others are refused)
 MAX_FLOAT = 100.0
 SIDE_MAX = 16384
 
@@ -174,14 +177,17 @@ def _load_transformer(
         return "sd3", mmdit
     from sdengine.pipeline.qwen_image_loading import is_qwen_image_file
 
-    if is_qwen_image_file(path):
-        raise NodeError(
-            f"{path.name} is a Qwen-Image transformer: not run on the ComfyUI route here; it is served by name on the "
-            "native, A1111 and OpenAI routes with its text encoder and VAE from the folders (docs/qwen-image.md)"
-        )
+    if is_qwen_image_file(path):  # ComfyUI's qwen_image_*.safetensors: diffusers' names, its prefix or not
+        from sdengine.weights.qwen_image_file import load_qwen_image_transformer
+
+        qwen = load_qwen_image_transformer(path, device=dev, dtype=dtype).eval().requires_grad_(False)
+        if stored is not None:
+            to_storage(qwen, stored)
+        return "qwen_image", qwen
     raise NodeError(
-        f"{path.name} is neither a Flux / Chroma transformer (double_blocks.*) nor SD3's MMDiT (joint_blocks.*): "
-        "UNETLoader loads those here (an SD 1.x/SDXL U-Net loads with CheckpointLoaderSimple)"
+        f"{path.name} is neither a Flux / Chroma transformer (double_blocks.*), SD3's MMDiT (joint_blocks.*) nor a "
+        "Qwen-Image transformer (img_in, txt_in, txt_norm): UNETLoader loads those here (an SD 1.x/SDXL U-Net loads "
+        "with CheckpointLoaderSimple)"
     )
 
 
@@ -254,6 +260,10 @@ def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) 
     from sdengine.weights.t5_file import load_t5_encoder
 
     files = dict(clip.encoders)
+    if clip.clip_type == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import load_text
+
+        return load_text(Path(files["qwen"]), dev, dtype)
     t5 = load_t5_encoder(Path(files["t5xxl"]), device=dev, dtype=dtype) if "t5xxl" in files else None
     if clip.clip_type == "chroma":
         from sdengine.text.chroma_conditioner import ChromaConditioner
@@ -392,13 +402,30 @@ def _clip_loader(ctx: RunContext, names: list[str], clip_type: str, node: str) -
 
 def clip_loader(ctx: RunContext, clip_name: str, type: str = "chroma", device: str = "default") -> tuple[Any]:
     """ComfyUI's CLIPLoader with type ``chroma``: T5-XXL alone, encoded as ComfyUI's Chroma text encoder (the
-    prompt's pieces and ``</s>``, no padding; see :func:`encode_flow`)."""
+    prompt's pieces and ``</s>``, no padding; see :func:`encode_flow`); type ``qwen_image``: Qwen2.5-VL's language
+    model with Qwen2's tokenizer beside its file, encoded as ComfyUI's Qwen-Image text encoder
+    (:mod:`sdengine.server.comfy.nodes_qwen`)."""
     if type not in CLIP_LOADER_TYPES:
         raise NodeError(
             f"CLIPLoader: type {type!r} is not supported here; use {', '.join(CLIP_LOADER_TYPES)} (SD3 / Flux: "
             "DualCLIPLoader or TripleCLIPLoader; SD 1.x / SDXL: the checkpoint's CLIP)"
         )
     path = ctx.catalog.resolve_text_encoder(clip_name)
+    if type == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import is_qwen_text_file
+
+        try:
+            qwen = is_qwen_text_file(path)
+        except (OSError, SdengineError) as e:
+            raise NodeError(f"CLIPLoader: {str(e).splitlines()[0]}") from None
+        if not qwen:
+            raise NodeError(
+                f"CLIPLoader type qwen_image takes Qwen2.5-VL's text encoder (qwen_2.5_vl_7b*.safetensors); "
+                f"{path.name} is not one"
+            )
+        handle = ClipHandle(TEXT_ENCODERS_REF + str(path), encoders=(("qwen", str(path)),), clip_type="qwen_image")
+        _conditioner(ctx, handle)  # load now: a broken file or a missing tokenizer fails at this node
+        return (handle,)
     try:
         t5 = _is_t5_file(path)
     except (OSError, SdengineError) as e:
@@ -451,6 +478,10 @@ def encode_flow(ctx: RunContext, clip: ClipHandle, text: str) -> Any:
     prompt (SD3: CLIP-L + bigG states zero-padded, T5's 256 tokens, the two pooled outputs; Flux: T5's states and
     CLIP-L's pooled output)."""
     family, cond = _conditioner(ctx, clip)
+    if family == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import text_entry
+
+        return text_entry(clip, cond, str(text))
     with _encoder_loras(clip, cond, family):
         if family == "chroma":
             return _chroma_entry(clip, cond, str(text))
@@ -616,7 +647,7 @@ def sampling_references(
     if not pos and not neg:
         return [], method
     if family != "flux":
-        label = {"sd3": "an SD3", "chroma": "a Chroma"}.get(family, f"a {family}")
+        label = {"sd3": "an SD3", "chroma": "a Chroma", "qwen_image": "a Qwen-Image"}.get(family, f"a {family}")
         raise NodeError(f"ReferenceLatent is FLUX.1 Kontext's; {name} is {label} model")
     runs_negative = float(cfg) != 1.0
     same = len(pos) == len(neg) and all(a is b or torch.equal(a, b) for a, b in zip(pos, neg, strict=True))
@@ -675,7 +706,14 @@ def _schedule(family: str, guidance_embeds: bool, model: ModelHandle) -> Any:
     """The flow schedule ComfyUI samples this model on (see the module docstring)."""
     from sdengine.diffusion.flow import FlowSchedule
 
+    if family == "qwen_image":
+        from sdengine.server.comfy import nodes_qwen
+
+        return nodes_qwen.schedule(model)
     if model.flow_sampling:
+        from sdengine.server.comfy.nodes_qwen import refuse_aura_flow
+
+        refuse_aura_flow(family, model)
         kind, value = model.flow_sampling
         if kind != family and not (kind == "flux" and family == "chroma"):
             node = "ModelSamplingSD3" if kind == "sd3" else "ModelSamplingFlux"
@@ -703,6 +741,10 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
             from sdengine.pipeline.chroma import ChromaAdapter
 
             adapter = ChromaAdapter(net, dtype)
+        if family == "qwen_image":
+            from sdengine.server.comfy.nodes_qwen import ComfyQwenAdapter
+
+            adapter = ComfyQwenAdapter(net, dtype)
         name = Path(model.diffusion_model).name
     else:
         pipe = ctx.pipeline(model.ref)
@@ -878,7 +920,7 @@ def _check_patches(model: ModelHandle, family: str) -> None:
     transformers (every format the pipelines take, :mod:`sdengine.weights.lora_dit_keys`)."""
     on = [label for field, label in _UNET_PATCHES[1:] if getattr(model, field, None)]
     if on:
-        label = {"sd3": "SD3", "chroma": "Chroma"}.get(family, "Flux")
+        label = {"sd3": "SD3", "chroma": "Chroma", "qwen_image": "Qwen-Image"}.get(family, "Flux")
         raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on {label} models here")
 
 
@@ -928,11 +970,19 @@ def _encoder_loras(clip: ClipHandle, cond: Any, family: str) -> Iterator[None]:
 
 def _raw_in(z: torch.Tensor, family: str) -> torch.Tensor:
     """ComfyUI's process_in: raw VAE latents -> the model's; an all-zero latent is left as it is (as ComfyUI)."""
+    if family == "qwen_image":  # ComfyUI's Wan21 latent format: per-channel mean and deviation
+        from sdengine.server.comfy.nodes_qwen import raw_in
+
+        return raw_in(z)
     scale, shift = LATENT_FORMATS[family]
     return (z - shift) * scale if bool(torch.count_nonzero(z)) else z
 
 
 def _raw_out(z: torch.Tensor, family: str) -> torch.Tensor:
+    if family == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import raw_out
+
+        return raw_out(z)
     scale, shift = LATENT_FORMATS[family]
     return z / scale + shift
 
@@ -948,6 +998,11 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
         if x is None or x.ndim != 3:
             raise NodeError("this conditioning has no token states (crossattn): encode it with the model's CLIP")
         joint, pooled = widths
+        if family == "qwen_image":
+            from sdengine.server.comfy.nodes_qwen import fit_conditioning
+
+            out += fit_conditioning([e], joint)
+            continue
         if family == "chroma":  # T5's states alone (ComfyUI's Chroma: no pooled vector, the guidance input 0)
             if int(x.shape[-1]) != joint or "vector" in cond:
                 raise NodeError("this conditioning is not this Chroma model's (encode it with CLIPLoader type chroma)")
@@ -1045,6 +1100,8 @@ def sample_flow(
     references, method = sampling_references(family, stripped[0], stripped[1], cfg, flow.name)
     if references and controls:
         raise NodeError("ReferenceLatent (FLUX.1 Kontext) and a ControlNet together are not supported: drop one")
+    if controls and family == "qwen_image":
+        raise NodeError(f"ControlNets on Qwen-Image are not supported here; {flow.name} is a Qwen-Image model")
     if references:  # FLUX.1 Kontext: the references' tokens at every call, as the model's latents
         network: Any = flow.network  # a FluxAdapter made for this run
         network.references = [_raw_in(r.float(), family).to(flow.device) for r in references]
@@ -1055,6 +1112,10 @@ def sample_flow(
         z = torch.zeros(b, FLOW_CHANNELS, h // LATENT_FACTOR, w // LATENT_FACTOR)
     if z.shape[1] != FLOW_CHANNELS:
         raise NodeError(f"the latent has {z.shape[1]} channels, {flow.name}'s have {FLOW_CHANNELS}")
+    if family == "qwen_image":
+        from sdengine.server.comfy.nodes_qwen import check_latent
+
+        check_latent(z, flow.name)
     for k, ref in enumerate(references):  # one reference for every row, or one per row
         if ref.shape[0] not in (1, z.shape[0]):
             raise NodeError(
@@ -1095,6 +1156,10 @@ def sample_flow(
         )
         if family == "chroma":
             fitted = chroma_lengths(*fitted, cfg)
+        if family == "qwen_image":  # ComfyUI's CONDRegular: texts of different lengths run apart
+            from sdengine.server.comfy.nodes_qwen import own_lengths
+
+            fitted = own_lengths(*fitted)
         with _transformer_loras(ctx, model, family):
             out = sample_flow_latents(
                 flow,
@@ -1393,11 +1458,12 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ),
         ("MODEL",),
         unet_loader,
-        description="A Flux, Chroma or SD3 transformer file alone from --models-dir's diffusion_models/ or unet/ "
-        "(BFL's, ComfyUI's or Stability's names). weight_dtype fp8_e4m3fn / fp8_e5m2 hold its Linear and Conv2d "
-        "weights in float8, cast to the compute dtype at each use (half the memory of 16-bit weights; biases and "
-        "norms stay); fp8_e4m3fn_fast runs as that storage alone, ComfyUI's own fallback on a device without fp8 "
-        "products; LoRAs apply at run time over the stored weights (docs/fp8-storage.md).",
+        description="A Flux, Chroma, SD3 or Qwen-Image transformer file alone from --models-dir's diffusion_models/ "
+        "or unet/ (BFL's, ComfyUI's or Stability's names; Qwen-Image's in diffusers' names, ComfyUI's prefix or not). "
+        "weight_dtype fp8_e4m3fn / fp8_e5m2 hold its Linear and Conv2d weights in float8, cast to the compute dtype "
+        "at each use (half the memory of 16-bit weights; biases and norms stay); fp8_e4m3fn_fast runs as that storage"
+        " alone, ComfyUI's own fallback on a device without fp8 products; LoRAs apply at run time over the stored "
+        "weights (docs/fp8-storage.md).",
     ),
     "CLIPLoader": NodeDef(
         "CLIPLoader",
@@ -1411,7 +1477,10 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ("CLIP",),
         clip_loader,
         description="One text encoder from --models-dir's text_encoders/ or clip/: type chroma, T5-XXL for Chroma "
-        "(ComfyUI's encoding: the prompt's tokens and </s>, no padding). ComfyUI's other types are not supported.",
+        "(ComfyUI's encoding: the prompt's tokens and </s>, no padding); type qwen_image, Qwen2.5-VL's language "
+        "model for Qwen-Image with Qwen2's tokenizer folder beside the file (qwen25_tokenizer/; ComfyUI's encoding: "
+        "the chat template, the tokens up to <|im_start|>user dropped, no padding). ComfyUI's other types are not "
+        "supported.",
     ),
     "T5TokenizerOptions": NodeDef(
         "T5TokenizerOptions",
@@ -1542,7 +1611,7 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ),
         ("LATENT",),
         empty_sd3_latent,
-        description="Zeros of 16 x height/8 x width/8: SD3's and Flux's empty latent.",
+        description="Zeros of 16 x height/8 x width/8: SD3's, Flux's and Qwen-Image's empty latent.",
     ),
     "ModelSamplingSD3": NodeDef(
         "ModelSamplingSD3",

@@ -19,6 +19,7 @@ from sdengine.server.comfy.nodes_ipadapter import IPADAPTER_NODES
 from sdengine.server.comfy.nodes_latent import LATENT_NODES
 from sdengine.server.comfy.nodes_merge import NODES as MERGE_NODES
 from sdengine.server.comfy.nodes_patches import PATCH_NODES
+from sdengine.server.comfy.nodes_qwen import QWEN_NODES
 from sdengine.server.comfy.nodes_sampling import NODES as SAMPLING_NODES
 from sdengine.server.comfy.nodes_sd3_flux import SD3_FLUX_NODES
 from sdengine.server.comfy.nodes_utility import UTILITY_NODES
@@ -38,4 +39,5 @@ NODES: dict[str, NodeDef] = {
     **IPADAPTER_NODES,
     **EDIT_NODES,
     **SD3_FLUX_NODES,
+    **QWEN_NODES,
 }

@@ -1,0 +1,395 @@
+"""Qwen-Image on sdengine's ComfyUI route: what ComfyUI's own Qwen-Image graph (its ``qwen_image`` template) reads
+and does, on sdengine's networks.
+
+The graph: UNETLoader on the transformer file (ComfyUI's ``diffusion_models/qwen_image_*.safetensors``: diffusers'
+``QwenImageTransformer2DModel`` names behind ``model.diffusion_model.`` or bare), CLIPLoader type ``qwen_image`` on
+the Qwen2.5-VL 7B file (``text_encoders/qwen_2.5_vl_7b*.safetensors``; Qwen2's tokenizer folder beside it, as the
+native routes find it: :func:`sdengine.pipeline.qwen_image_loading.tokenizer_beside`), VAELoader on
+``qwen_image_vae.safetensors``, ModelSamplingAuraFlow (shift 3.1 in the template), EmptySD3LatentImage, CLIPTextEncode,
+KSampler (euler / simple, cfg 2.5), VAEDecode; VAEEncode with denoise below 1 for img2img, SetLatentNoiseMask for
+inpainting. The sampling itself is :func:`sdengine.server.comfy.nodes_sd3_flux.sample_flow`'s; this module holds
+the Qwen-Image facts it reads, each ComfyUI's (read from its ``comfy/text_encoders/qwen_image.py``,
+``comfy/ldm/qwen_image/model.py``, ``comfy/model_base.py``, ``comfy/supported_models.py`` and
+``comfy/latent_formats.py``):
+
+* **Text** (:class:`QwenComfyText`): the prompt in Qwen-Image's chat template (a text that starts with
+  ``<|im_start|>`` or ``<|start_header_id|>`` is taken as it is, its own template), tokenized whole (ComfyUI's Qwen
+  tokenizer reads no ``(word:1.2)`` weights: ``disable_weights``; its escape drops the backslash of ``\\(``,
+  :func:`comfy_text`; an ``embedding:NAME`` after a space is refused), no padding, the language model's last hidden
+  state (after the final norm) over every token; then the tokens up to the second ``<|im_start|>`` dropped, and the
+  ``user`` and newline tokens after it when they follow (ComfyUI's ``template_end``; it compares Qwen2's ids 151644
+  / 872 / 198, read here from the tokenizer's own vocabulary). On Qwen2's vocabulary that drops the same 34 tokens
+  diffusers drops (its fixed ``prompt_template_encode_start_idx``), so the states are the pipeline's; the prompt is
+  not cut at 512 states as diffusers' is.
+* **Guidance**: ComfyUI's plain CFG ``u + s (c - u)``, not diffusers' norm-preserving true CFG (the pipeline's
+  :func:`sdengine.pipeline.qwen_image.norm_preserving_cfg`): at cfg other than 1 the two differ (measured in
+  docs/qwen-image.md). The positive and negative run at their own lengths (ComfyUI's ``c_crossattn`` is a
+  ``CONDRegular``: texts of different lengths are not batched), here padded to one length with the padding masked
+  out of the attention, which gives the same.
+* **Schedule**: Qwen-Image's model sampling is ComfyUI's ModelSamplingFlux with shift 1.15 (its
+  ``sampling_settings``, model type FLUX: ``mu`` 1.15 on a 10000-entry table) unless a node sets it;
+  ModelSamplingAuraFlow sets ComfyUI's ModelSamplingDiscreteFlow with its shift (a 1000-entry table, multiplier 1:
+  the timestep the transformer reads is the sigma, as sdengine's transformer reads ``1000 sigma / 1000``).
+* **Latents** (ComfyUI's ``Wan21`` latent format): a LATENT holds the VAE's raw latents; the sampler works on
+  ``(z - latents_mean) / latents_std`` per channel (Wan 2.1's 16 means and deviations, Qwen-Image's VAE config's
+  too), an all-zero latent left as it is (ComfyUI's rule). VAEEncode gives the posterior's mean, as ComfyUI's.
+* **Positions**: ComfyUI centres an odd grid of patches one further than diffusers (rows ``r - rows//2``); its
+  transformer runs with that (``rope_centre="comfyui"``, :func:`sdengine.models.qwen_image.rope_tables`). A latent
+  whose side is odd (an image side not a multiple of 16) ComfyUI pads to the patch; here that is refused in one line.
+
+What is not built is refused in one line: CheckpointLoaderSimple on a Qwen-Image model (a diffusers folder: its
+parts are not files UNETLoader / CLIPLoader list), LoraLoader's strength_clip (Qwen-Image LoRAs adapt the
+transformer only: LoraLoaderModelOnly and LoraLoader's model part run), ControlNets, ReferenceLatent,
+FluxGuidance, a Qwen-Image model with another family's CLIP (or the reverse), TextEncodeQwenImageEdit (Qwen-Image
+Edit is not implemented), CLIPSetLastLayer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sdengine.server.comfy.nodes import ClipHandle, Input, ModelHandle, NodeDef, NodeError, RunContext
+
+FAMILY = "qwen_image"
+CLIP_TYPE = "qwen_image"
+COMFY_SHIFT_MU = 1.15  # ComfyUI's QwenImage sampling_settings shift (ModelSamplingFlux: Flux's mu)
+AURA_FLOW_SHIFT = 1.73  # ModelSamplingAuraFlow's default shift (the Qwen-Image template sets 3.1)
+IM_START = "<|im_start|>"
+OWN_TEMPLATE = (IM_START, "<|start_header_id|>")  # a text starting so is its own template (ComfyUI's rule)
+TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+PATCH = 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------------
+
+
+def template_end(ids: list[int], im_start: int | None, user: int | None, newline: int | None) -> int:
+    """How many leading states ComfyUI's Qwen-Image text encoder drops (its ``template_end``): the index of the
+    second ``<|im_start|>`` (or the only one; none: -1, the last state alone kept, as ComfyUI's slice), then 3 more
+    when ``user`` and a newline follow it and there are states after them."""
+    end, seen = -1, 0
+    for i, t in enumerate(ids):
+        if t == im_start and seen < 2:
+            end, seen = i, seen + 1
+    if len(ids) > end + 3 and ids[end + 1] == user and ids[end + 2] == newline:
+        end += 3
+    return end
+
+
+def comfy_text(text: str) -> str:
+    """The text ComfyUI's tokenizer tokenizes (weights disabled): its escape and unescape of ``\\(`` / ``\\)``
+    (the backslash dropped); a textual-inversion name after a space or newline (``embedding:NAME``, where ComfyUI
+    splits the text and looks the name up) is refused in one line."""
+    if re.search(r"[ \n]embedding:", text):
+        raise NodeError(
+            "CLIPTextEncode on Qwen-Image: 'embedding:' names a textual-inversion embedding, which Qwen-Image does not "
+            "take here; write the text without it"
+        )
+    escaped = text.replace("\\)", "\0\1").replace("\\(", "\0\2")
+    return escaped.replace("\0\1", ")").replace("\0\2", "(")
+
+
+class QwenComfyText:
+    """ComfyUI's Qwen-Image text encoder over sdengine's Qwen2.5-VL language model and Qwen2 tokenizer (the module
+    docstring): ``encode(text)`` -> the kept states (1, L, hidden) in float32."""
+
+    def __init__(self, encoder: Any, tokenizer: Any, name: str) -> None:
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.name = name
+        self.dtype = encoder.dtype
+        self.width = int(encoder.config.hidden_size)
+        self.im_start = tokenizer.token_id(IM_START)
+        if self.im_start is None:
+            raise NodeError(f"{name}: its tokenizer has no {IM_START} token: not Qwen2's tokenizer")
+        self.user = self._single("user")
+        self.newline = self._single("\n")
+
+    def _single(self, text: str) -> int | None:
+        ids = self.tokenizer.encode(text)
+        return ids[0] if len(ids) == 1 else None
+
+    def ids(self, text: str) -> list[int]:
+        """The token ids ComfyUI's tokenizer gives ``text``: in the template unless it starts with ``<|im_start|>`` or
+        ``<|start_header_id|>``, as :func:`comfy_text` reads it."""
+        full = text if text.startswith(OWN_TEMPLATE) else TEMPLATE.replace("{}", text, 1)
+        return list(self.tokenizer.encode(comfy_text(full)))
+
+    def encode(self, text: str) -> torch.Tensor:
+        from sdengine.text.encode_cache import cached_call
+
+        ids = self.ids(text)
+        end = template_end(ids, self.im_start, self.user, self.newline)
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                states = self.encoder(torch.tensor([ids], dtype=torch.long, device=self.encoder.device))
+            kept = states[:, end:] if end >= 0 else states[:, -1:]
+            if not bool(torch.isfinite(kept).all()):
+                raise NodeError(
+                    f"{self.name}: the text encoder's states overflowed in {self.dtype} (NaN or infinity); Qwen2.5-VL "
+                    "runs in bfloat16 or float32"
+                )
+            return kept.float()
+
+        out: torch.Tensor = cached_call(self.encoder, ("qwen_image_comfy", tuple(ids), end), run)
+        return out
+
+
+def load_text(path: Path, dev: torch.device, dtype: torch.dtype) -> QwenComfyText:
+    """CLIPLoader type qwen_image's encoder: the Qwen2.5-VL file (or folder) and Qwen2's tokenizer beside it."""
+    from sdengine.pipeline.qwen_image_loading import tokenizer_beside
+    from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
+    from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+
+    folder = tokenizer_beside(path)
+    if folder is None:
+        raise NodeError(
+            f"CLIPLoader type qwen_image: no Qwen2 tokenizer beside {path.name} (sdengine ships none): put the "
+            "tokenizer folder (Qwen-Image's tokenizer/ or ComfyUI's comfy/text_encoders/qwen25_tokenizer) beside it "
+            "as qwen25_tokenizer/"
+        )
+    tokenizer = load_qwen_tokenizer(folder)
+    encoder = load_qwen_text_encoder(path, device=dev, dtype=dtype).eval().requires_grad_(False)
+    return QwenComfyText(encoder, tokenizer, path.name)
+
+
+def is_qwen_text_file(path: Path) -> bool:
+    """A Qwen2.5-VL language model's weights (``layers.0.self_attn.q_proj`` and ``embed_tokens``), by its header."""
+    from sdengine.weights.io import read_safetensors_header
+
+    if path.is_dir():
+        return False
+    names, _, _ = read_safetensors_header(path)
+    return any(n.endswith("layers.0.self_attn.q_proj.weight") for n in names) and any(
+        n.endswith("embed_tokens.weight") for n in names
+    )
+
+
+def text_entry(clip: ClipHandle, text_side: QwenComfyText, text: str) -> Any:
+    """CLIPTextEncode with CLIPLoader type qwen_image's CLIP: one entry, the kept states alone (no mask)."""
+    from sdengine.latent_sampling import TextCondition
+
+    if clip.layer is not None:
+        raise NodeError("CLIPSetLastLayer does not apply to Qwen-Image (it reads the language model's last state)")
+    if clip.loras:  # diffusers' loader and sdengine's adapt the transformer only
+        raise NodeError(
+            "LoraLoader's strength_clip on Qwen-Image: its LoRAs adapt the transformer only; use "
+            "LoraLoaderModelOnly (or strength_clip 0)"
+        )
+    return TextCondition({"crossattn": text_side.encode(str(text))})
+
+
+def text_encode_qwen_image_edit(ctx: RunContext, clip: Any, prompt: str, vae: Any = None, image: Any = None) -> Any:
+    """ComfyUI's TextEncodeQwenImageEdit: Qwen-Image Edit (the image read by Qwen2.5-VL's vision tower and as a
+    reference latent) is not implemented; one line."""
+    raise NodeError(
+        "TextEncodeQwenImageEdit: Qwen-Image Edit is not supported here (sdengine runs Qwen-Image's text-to-image, "
+        "img2img and inpainting); use CLIPTextEncode with a Qwen-Image model"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model: schedule, latents, conditioning
+# ---------------------------------------------------------------------------------------------------
+
+
+def model_sampling_aura_flow(ctx: RunContext, model: ModelHandle, shift: float) -> tuple[Any]:
+    """ComfyUI's ModelSamplingAuraFlow: ModelSamplingDiscreteFlow with this shift and multiplier 1 (Qwen-Image's
+    template: 3.1); on another model a node error when it samples."""
+    return (replace(model, flow_sampling=("auraflow", float(shift))),)
+
+
+def schedule(model: ModelHandle) -> Any:
+    """The flow schedule ComfyUI samples a Qwen-Image model on: ModelSamplingAuraFlow's shift on the 1000-entry
+    table, ModelSamplingFlux's ``mu``, else the model's own (ModelSamplingFlux, shift 1.15)."""
+    from sdengine.diffusion.flow import FlowSchedule
+
+    if model.flow_sampling:
+        kind, value = model.flow_sampling
+        if kind == "auraflow":
+            return FlowSchedule.sd3(float(value))
+        if kind == "flux":
+            return FlowSchedule.flux(mu=float(value))
+        raise NodeError(
+            "ModelSamplingSD3 is for SD3 models (its timesteps are 1000 x sigma); on Qwen-Image use "
+            "ModelSamplingAuraFlow"
+        )
+    return FlowSchedule.flux(mu=COMFY_SHIFT_MU)
+
+
+def refuse_aura_flow(family: str, model: ModelHandle) -> None:
+    """ModelSamplingAuraFlow (multiplier 1: the timestep is the sigma) on a model that is not Qwen-Image: one line."""
+    if model.flow_sampling and model.flow_sampling[0] == "auraflow" and family != FAMILY:
+        label = {"sd3": "an SD3", "flux": "a Flux", "chroma": "a Chroma"}.get(family, f"a {family}")
+        node = "ModelSamplingSD3" if family == "sd3" else "ModelSamplingFlux"
+        raise NodeError(
+            f"ModelSamplingAuraFlow is for Qwen-Image models here (its timesteps are the sigma); this is {label} "
+            f"model: use {node}"
+        )
+
+
+def refuse_checkpoint(name: str) -> None:
+    """CheckpointLoaderSimple on a Qwen-Image model (a folder, or a file served with its parts): one line saying
+    how ComfyUI's Qwen-Image graph loads it."""
+    raise NodeError(
+        f"CheckpointLoaderSimple: {name} is a Qwen-Image model; on the ComfyUI route load its parts as ComfyUI's "
+        "Qwen-Image template does: UNETLoader (diffusion_models/qwen_image_*.safetensors), CLIPLoader type "
+        "qwen_image and VAELoader"
+    )
+
+
+def _stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from sdengine.models.qwen_vae import QWEN_LATENTS_MEAN, QWEN_LATENTS_STD
+
+    if z.ndim != 4 or z.shape[1] != len(QWEN_LATENTS_MEAN):
+        raise NodeError(f"a Qwen-Image latent is (B, 16, h, w), got {tuple(z.shape)}")
+    mean = torch.tensor(QWEN_LATENTS_MEAN, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1)
+    std = torch.tensor(QWEN_LATENTS_STD, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1)
+    return mean, std
+
+
+def raw_in(z: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's Wan21 process_in: raw VAE latents -> the model's, ``(z - mean) / std``; an all-zero latent as it
+    is."""
+    if not bool(torch.count_nonzero(z)):
+        return z
+    mean, std = _stats(z)
+    return (z - mean) / std
+
+
+def raw_out(z: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's Wan21 process_out: ``z * std + mean``."""
+    mean, std = _stats(z)
+    return z * std + mean
+
+
+def check_latent(z: torch.Tensor, name: str) -> None:
+    h, w = int(z.shape[-2]), int(z.shape[-1])
+    if h % PATCH or w % PATCH:
+        raise NodeError(
+            f"{name}: a Qwen-Image latent of {w}x{h} has an odd side; ComfyUI pads it to the 2x2 patches, which is "
+            "not supported here: use an image side that is a multiple of 16"
+        )
+
+
+def fit_conditioning(entries: list[Any], joint: int) -> list[Any]:
+    """The entries as a Qwen-Image transformer reads them: text states ``joint`` wide, no pooled vector; FluxGuidance
+    (which ComfyUI's Qwen-Image ignores) refused."""
+    out = []
+    for e in entries:
+        cond = dict(e.cond)
+        x = cond.get("crossattn")
+        if x is None or x.ndim != 3:
+            raise NodeError("this conditioning has no token states (crossattn): encode it with the model's CLIP")
+        if int(x.shape[-1]) != joint or "vector" in cond:
+            raise NodeError(
+                f"this conditioning is not this Qwen-Image model's (its states are {int(x.shape[-1])} wide, the "
+                f"transformer's {joint}): encode it with CLIPLoader type qwen_image's CLIP"
+            )
+        if cond.pop("guidance", None) is not None:
+            raise NodeError("FluxGuidance does not apply to Qwen-Image (it has no distilled guidance): leave it out")
+        out.append(replace(e, cond=cond))
+    return out
+
+
+def own_lengths(positive: list[Any], negative: list[Any]) -> tuple[list[Any], list[Any]]:
+    """The positive and negative texts at their own lengths, as ComfyUI runs texts of different lengths (apart):
+    both padded with zeros to the longer and the padding masked out of the attention (``text_mask``)."""
+    if len(positive) != 1 or len(negative) != 1:
+        return positive, negative
+    a, b = positive[0].cond["crossattn"], negative[0].cond["crossattn"]
+    if a.shape[1] == b.shape[1]:
+        return positive, negative
+    n = max(int(a.shape[1]), int(b.shape[1]))
+    out = []
+    for e, x in ((positive[0], a), (negative[0], b)):
+        mask = (torch.arange(n) < int(x.shape[1]))[None].expand(x.shape[0], -1)
+        out.append([replace(e, cond={**e.cond, "crossattn": F.pad(x, (0, 0, 0, n - int(x.shape[1]))),
+                                     "text_mask": mask})])  # fmt: skip
+    return out[0], out[1]
+
+
+class ComfyQwenAdapter:
+    """The conditioning dict -> sdengine's Qwen-Image transformer, positions centred as ComfyUI's (odd grids);
+    runs in ``dtype``, the velocity back in float32."""
+
+    takes_step = takes_row_kinds = False
+
+    def __init__(self, net: Any, dtype: torch.dtype) -> None:
+        self.net = net
+        self.dtype = dtype
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, *, crossattn: torch.Tensor, text_mask: Any = None, **other: Any
+    ) -> torch.Tensor:
+        extra = sorted(k for k, v in other.items() if v is not None)
+        if extra:
+            raise NodeError(f"the Qwen-Image transformer takes no {', '.join(extra)}")
+        mask = None if text_mask is None else text_mask.to(x.device)
+        states = crossattn.to(device=x.device, dtype=self.dtype)
+        return self.net(x.to(self.dtype), t, states, mask, rope_centre="comfyui").float()
+
+
+QWEN_NODES: dict[str, NodeDef] = {
+    "ModelSamplingAuraFlow": NodeDef(
+        "ModelSamplingAuraFlow",
+        "ModelSamplingAuraFlow",
+        "advanced/model",
+        (Input("model", "MODEL"), Input("shift", "FLOAT", AURA_FLOW_SHIFT, 0.0, 100.0, 0.01)),
+        ("MODEL",),
+        model_sampling_aura_flow,
+        description="ComfyUI's discrete flow schedule with this shift (a table of 1000, multiplier 1) for a "
+        "Qwen-Image model (its template: 3.1); on another model a node error when it samples.",
+    ),
+    "TextEncodeQwenImageEdit": NodeDef(
+        "TextEncodeQwenImageEdit",
+        "TextEncodeQwenImageEdit",
+        "advanced/conditioning",
+        (
+            Input("clip", "CLIP"),
+            Input("prompt", "STRING", "", multiline=True),
+            Input("vae", "VAE", optional=True),
+            Input("image", "IMAGE", optional=True),
+        ),
+        ("CONDITIONING",),
+        text_encode_qwen_image_edit,
+        description="Qwen-Image Edit's text and image encoding: not supported (a node error); Qwen-Image's "
+        "text-to-image, img2img and inpainting run with CLIPTextEncode.",
+    ),
+}
+
+
+__all__ = [
+    "CLIP_TYPE",
+    "COMFY_SHIFT_MU",
+    "FAMILY",
+    "QWEN_NODES",
+    "ComfyQwenAdapter",
+    "QwenComfyText",
+    "check_latent",
+    "comfy_text",
+    "fit_conditioning",
+    "is_qwen_text_file",
+    "load_text",
+    "model_sampling_aura_flow",
+    "own_lengths",
+    "raw_in",
+    "raw_out",
+    "refuse_aura_flow",
+    "refuse_checkpoint",
+    "schedule",
+    "template_end",
+    "text_entry",
+]
