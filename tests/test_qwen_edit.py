@@ -205,8 +205,7 @@ def test_edit_pipeline_is_detected(edit_pipe):
         ({"reference_images": [_image(40, 40)], "reference_auto_resize": False}, "reference_auto_resize"),
         ({"reference_images": [_image(40, 40)], "init_image": _image(32, 32)}, "init_image"),
         ({"reference_images": [_image(40, 40)], "enable_hr": True}, "hires fix"),
-        ({"reference_images": [_image(40, 40)], "loras": [("x.safetensors", 1.0)]}, "LoRAs .* Qwen-Image-Edit"),
-        ({"reference_images": [_image(40, 40)], "prompt": "a <lora:x:1>"}, "LoRAs .* Qwen-Image-Edit"),
+        ({"reference_images": [_image(40, 40)], "controlnets": [("cn.safetensors", _image(40, 40))]}, "ControlNets"),
     ],
 )
 def test_edit_refusals(edit_pipe, extra, match):
@@ -272,3 +271,33 @@ def test_rows_of_a_batch_equal_their_own_calls(edit_pipe):
     alone = edit_pipe("make the apple green", negative_prompt="blurry", steps=2, seed=2, reference_images=[img],
                       progress=False)  # fmt: skip
     assert np.abs(both.arrays[1] - alone.arrays[0]).max() < 1e-5
+
+
+def test_a_lora_matches_diffusers_load_lora_weights(edit_folder, edit_pipe, tmp_path):
+    """A random LoRA on every Linear of the transformer (diffusers' layout): the edit equals diffusers'
+    ``QwenImageEditPipeline.load_lora_weights``; a ``<lora:NAME:W>`` tag gives the ``loras=`` image."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as module
+
+    from test_lora_qwen_image import _layout, _pairs, _write
+
+    img = _image(90, 60)
+    pairs = _pairs(edit_pipe.transformer, seed=11)
+    path = _write(_layout(pairs, "diffusers"), tmp_path / "loras" / "edit.safetensors")
+    kw = {"negative_prompt": "blurry", "reference_images": [img], "cfg_scale": 4.0, "steps": 3, "seed": 3}
+    ours = edit_pipe("make the apple green", loras=[(path, 1.0)], progress=False, **kw).arrays
+    tagged = edit_pipe("make the apple green <lora:edit:1>", lora_dir=tmp_path / "loras", progress=False, **kw).arrays
+    plain = edit_pipe("make the apple green", progress=False, **kw).arrays
+    original = module.calculate_dimensions
+    module.calculate_dimensions = lambda area, ratio: original(EDIT_AREA, ratio)
+    try:
+        oracle = diffusers_qwen_edit(edit_folder)
+        oracle.load_lora_weights(_layout(pairs, "diffusers"), adapter_name="edit")
+        with torch.no_grad():
+            want = oracle(image=img, prompt="make the apple green", negative_prompt="blurry", true_cfg_scale=4.0,
+                          num_inference_steps=3, generator=torch.Generator().manual_seed(3),
+                          output_type="np").images  # fmt: skip
+    finally:
+        module.calculate_dimensions = original
+    assert np.abs(ours - want).mean() < 1e-5 and np.abs(ours - want).max() < 1e-4
+    assert np.abs(ours - plain).mean() > 1e-3  # the LoRA acts
+    np.testing.assert_allclose(tagged, ours, atol=1e-6)

@@ -18,8 +18,9 @@ image, given as ``reference_images=[image]`` (the name FLUX.1 Kontext's referenc
   Qwen-Image.
 
 Refused in one line before any model runs: no reference image or more than one, ``reference_auto_resize`` false
-(FLUX.1 Kontext's option), an init image or mask (diffusers' Edit pipeline has neither), the hires fix, LoRAs (not
-checked against diffusers on Edit yet), and what Qwen-Image refuses.
+(FLUX.1 Kontext's option), an init image or mask (diffusers' Edit pipeline has neither), the hires fix, and what
+Qwen-Image refuses. LoRAs apply to the transformer as on Qwen-Image (``loras=``, ``<lora:...>`` tags, taken out of
+the prompts before they are encoded).
 """
 
 from __future__ import annotations
@@ -68,8 +69,6 @@ def edit_refusals(r: GenerationRequest) -> list[str]:
         reasons.append(
             "init_image / mask: Qwen-Image-Edit takes its input image as reference_images (no img2img or inpainting)"
         )
-    if r.loras or "<lora:" in str(r.prompt) or "<lora:" in str(r.negative_prompt):
-        reasons.append("LoRAs (loras=, <lora:...> tags) are not supported for Qwen-Image-Edit yet")
     if r.enable_hr:
         reasons.append("the hires fix is not supported for Qwen-Image-Edit")
     return list(dict.fromkeys(reasons))
@@ -185,8 +184,14 @@ class QwenImageEditPipeline(QwenImagePipeline):
         negative is not encoded."""
         if self._call_image is None:
             raise GenerationError(f"{self.name}: Qwen-Image-Edit encodes its prompts with the input image")
+        from sdengine.prompts import extract_lora_tags
+
+        def plain(text: str) -> str:  # <lora:...> tags out (the core applies them), as QwenConditioner.text does
+            rest, tags = extract_lora_tags(text)
+            return rest.strip() if tags else text
+
         one = float(p.request.cfg_scale) == 1.0
-        texts = [prompt] if one else [prompt, negative]
+        texts = [plain(prompt)] if one else [plain(prompt), plain(negative)]
         states, mask = self.edit_encode(texts, self._call_image)
         if states.ndim != 3 or states.shape[2] != self.conditioner.joint_attention_dim:  # type: ignore[attr-defined]
             raise GenerationError(
