@@ -308,3 +308,14 @@ def test_text_states_are_remembered(loaded) -> None:
         conditioner.encode_texts = encode
     assert sorted(t[0] for t in calls) == ["a red apple", "dark"]
     assert np.array_equal(first.arrays, again.arrays)
+
+
+def test_one_step_is_refused_in_one_line_not_nan(folder: Path, oracle) -> None:
+    """Qwen-Image's schedule is stretched to end at shift_terminal 0.02: a one-step grid has nothing to stretch
+    (diffusers' rule divides 0 by 0, NaN latents; once "latents went non-finite" after the step). One line instead."""
+    from sdengine.errors import SdengineError
+
+    pipe = _oracle_parts_pipeline(folder, oracle)
+    with pytest.raises(SdengineError, match="needs at least 2 steps, got 1") as e:
+        pipe(prompt="a cat", steps=1, seed=1, width=SIZE, height=SIZE)
+    assert "\n" not in str(e.value)
