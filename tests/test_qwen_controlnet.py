@@ -391,3 +391,14 @@ def test_a1111_units_equal_the_pipeline(qwen, tmp_path):
                 schedule="normal", controlnets=units, progress=False).images[0]  # fmt: skip
     np.testing.assert_array_equal(np.asarray(r.image.convert("RGB")), np.asarray(want.convert("RGB")))
     assert f'ControlNet 0: "Module: none, Model: {cn.name}, Weight: 0.8' in r.info["infotexts"][0]
+
+
+def test_controlnets_on_qwen_image_edit_are_refused_in_one_line():
+    from sdengine.pipeline.qwen_image import qwen_refusals
+    from sdengine.pipeline.qwen_image_edit import edit_refusals
+    from sdengine.pipeline.request import GenerationRequest
+
+    units = [("Qwen-Image-ControlNet-Union", _picture(), 1.0)]
+    assert qwen_refusals(GenerationRequest(prompt="a cat", controlnets=units)) == []
+    reasons = edit_refusals(GenerationRequest(prompt="a cat", controlnets=units, reference_images=[_picture()]))
+    assert reasons == ["ControlNets are not supported for Qwen-Image-Edit (Qwen-Image's run on Qwen-Image models)"]

@@ -215,8 +215,8 @@ def test_other_qwen_pipelines_and_overrides_are_refused(folder: Path, tmp_path: 
     edit = tmp_path / "edit"
     shutil.copytree(folder, edit)
     index = json.loads((edit / "model_index.json").read_text())
-    (edit / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageEditPipeline"}))
-    with pytest.raises(GenerationError, match="QwenImageEditPipeline is not supported"):
+    (edit / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageEditPlusPipeline"}))
+    with pytest.raises(GenerationError, match="QwenImageEditPlusPipeline is not supported"):
         sdengine.load_pipeline(edit, device="cpu")
     with pytest.raises(GenerationError, match="no such file"):
         sdengine.load_pipeline(folder, device="cpu", vae=str(tmp_path / "missing.safetensors"))
@@ -309,3 +309,14 @@ def test_text_states_are_remembered(loaded) -> None:
         conditioner.encode_texts = encode
     assert sorted(t[0] for t in calls) == ["a red apple", "dark"]
     assert np.array_equal(first.arrays, again.arrays)
+
+
+def test_one_step_is_refused_in_one_line_not_nan(folder: Path, oracle) -> None:
+    """Qwen-Image's schedule is stretched to end at shift_terminal 0.02: a one-step grid has nothing to stretch
+    (diffusers' rule divides 0 by 0, NaN latents; once "latents went non-finite" after the step). One line instead."""
+    from sdengine.errors import SdengineError
+
+    pipe = _oracle_parts_pipeline(folder, oracle)
+    with pytest.raises(SdengineError, match="needs at least 2 steps, got 1") as e:
+        pipe(prompt="a cat", steps=1, seed=1, width=SIZE, height=SIZE)
+    assert "\n" not in str(e.value)

@@ -1395,7 +1395,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="FILE",
         help="FLUX.1 Kontext: a reference image to edit or take from (repeat for several, up to 4); put at the "
         "Kontext resolution of its aspect ratio unless --no-reference-resize; the output takes the first one's "
-        "size unless --width/--height",
+        "size unless --width/--height. Qwen-Image-Edit: the one image to edit (fitted to about 1024x1024 at its "
+        "aspect ratio, which the output takes unless --width/--height)",
     )
     p.add_argument(
         "--no-reference-resize",

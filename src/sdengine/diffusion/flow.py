@@ -258,6 +258,11 @@ def _normal_sigmas(schedule: FlowSchedule, steps: int) -> Tensor:
         u = torch.linspace(hi * T, lo * T, steps, dtype=torch.float64) / T
         sigmas = schedule.shifted(u)
     if schedule.shift_terminal is not None:
+        if steps < 2:  # one sigma (1) has no span to stretch: diffusers' rule divides 0 by 0 (NaN latents)
+            raise UsageError(
+                f"this model's schedule ends at shift_terminal {schedule.shift_terminal:g} (a stretched grid): it "
+                "needs at least 2 steps, got 1"
+            )
         sigmas = _stretch_to_terminal(sigmas, float(schedule.shift_terminal))
     return sigmas
 

@@ -26,6 +26,11 @@ with a strict ``load_state_dict`` (:mod:`sdengine.weights.qwen_image_file`).
 latent (B, 16, H, W) and returns the velocity in the same shape; ``timestep`` is on the 0..1000 scale (the
 sdengine convention of :mod:`sdengine.models.flux`; diffusers' pipeline passes ``t / 1000`` and the model's
 sinusoid multiplies by 1000 again: the model here divides and multiplies the same way, so the numbers match).
+
+Qwen-Image-Edit's reference image (``reference=``, a (B, 16, h, w) latent): its 2x2 patches are appended after the
+generated image's tokens (diffusers' ``torch.cat([latents, image_latents], dim=1)`` with a second ``img_shapes``
+entry). Its positions are centred on its own grid with frame 1 (the n-th image's frame is n), the text starts after
+the largest of the grids (``max(h//2, w//2)`` over both), and only the generated tokens are returned.
 """
 
 from __future__ import annotations
@@ -163,24 +168,35 @@ ROPE_CENTRES = ("diffusers", "comfyui")
 
 
 def rope_tables(
-    rows: int, cols: int, text: int, axes_dims: tuple[int, ...], centre: str = "diffusers"
+    rows: int,
+    cols: int,
+    text: int,
+    axes_dims: tuple[int, ...],
+    centre: str = "diffusers",
+    more: tuple[tuple[int, int], ...] = (),
 ) -> tuple[Tensor, Tensor]:
-    """cos / sin (text + rows*cols, head_dim) of ``text`` text tokens followed by a rows x cols image grid
-    (row-major), the pairs' angles written twice as :func:`sdengine.models.flux.apply_rope` takes them.
+    """cos / sin (text + rows*cols (+ the ``more`` grids' tokens), head_dim) of ``text`` text tokens followed by a
+    rows x cols image grid (row-major) and then the further (rows, cols) grids of ``more`` (Qwen-Image-Edit's
+    reference), the pairs' angles written twice as :func:`sdengine.models.flux.apply_rope` takes them.
 
-    Image token (r, c): positions (0, r - (rows - rows//2), c - (cols - cols//2)); text token j: ``start + j`` on
-    every axis with ``start = max(rows//2, cols//2)``. Angle = position x ``theta ** (-2i / dim)``, both in
-    float32 (the reference's numbers). ``centre`` "comfyui": ComfyUI's rows ``r - rows//2`` (and columns likewise),
-    the same grid on an even side, one further on an odd one (its ``QwenImageTransformer2DModel.process_img``)."""
+    Image n's token (r, c): positions (n, r - (rows - rows//2), c - (cols - cols//2)) (the first image is n = 0);
+    text token j: ``start + j`` on every axis with ``start`` the largest ``max(rows//2, cols//2)`` of the grids.
+    Angle = position x ``theta ** (-2i / dim)``, both in float32 (the reference's numbers). ``centre`` "comfyui":
+    ComfyUI's rows ``r - rows//2`` (and columns likewise), the same grid on an even side, one further on an odd one
+    (its ``QwenImageTransformer2DModel.process_img``)."""
     if centre not in ROPE_CENTRES:
         raise UsageError(f"Qwen-Image RoPE: centre must be one of {', '.join(ROPE_CENTRES)}, got {centre!r}")
-    start = max(rows // 2, cols // 2)
-    row0, col0 = (rows // 2, cols // 2) if centre == "comfyui" else (rows - rows // 2, cols - cols // 2)
-    img = torch.zeros(rows, cols, 3, dtype=torch.float32)
-    img[..., 1] = (torch.arange(rows) - row0).float()[:, None]
-    img[..., 2] = (torch.arange(cols) - col0).float()[None, :]
+    grids = ((rows, cols), *more)
+    start = max(max(h // 2, w // 2) for h, w in grids)
+    images = []
+    for frame, (h, w) in enumerate(grids):
+        row0, col0 = (h // 2, w // 2) if centre == "comfyui" else (h - h // 2, w - w // 2)
+        img = torch.full((h, w, 3), float(frame), dtype=torch.float32)
+        img[..., 1] = (torch.arange(h) - row0).float()[:, None]
+        img[..., 2] = (torch.arange(w) - col0).float()[None, :]
+        images.append(img.reshape(h * w, 3))
     txt = (start + torch.arange(text)).float()[:, None].expand(text, 3)
-    pos = torch.cat([txt, img.reshape(rows * cols, 3)])
+    pos = torch.cat([txt, *images])
     cos, sin = [], []
     for axis, dim in enumerate(axes_dims):
         freqs = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, dim, 2).to(torch.float32).div(dim))
@@ -321,12 +337,18 @@ class QwenImageTransformer(nn.Module):
         return self.img_in.weight.device
 
     def rope(
-        self, rows: int, cols: int, text: int, device: torch.device, centre: str = "diffusers"
+        self,
+        rows: int,
+        cols: int,
+        text: int,
+        device: torch.device,
+        centre: str = "diffusers",
+        more: tuple[tuple[int, int], ...] = (),
     ) -> tuple[Tensor, Tensor]:
         """The cos / sin tables (:func:`rope_tables`), the last ones made kept (every step asks for the same)."""
-        key = (rows, cols, text, device, centre)
+        key = (rows, cols, text, device, centre, more)
         if self._rope_key != key or self._rope is None:
-            cos, sin = rope_tables(rows, cols, text, self.config.axes_dims_rope, centre)
+            cos, sin = rope_tables(rows, cols, text, self.config.axes_dims_rope, centre, more)
             self._rope = (cos.to(device), sin.to(device))
             self._rope_key = key
         return self._rope
@@ -339,13 +361,15 @@ class QwenImageTransformer(nn.Module):
         encoder_hidden_states_mask: Tensor | None = None,
         *,
         rope_centre: str = "diffusers",
+        reference: Tensor | None = None,
         controlnet_block_samples: list[Tensor] | None = None,
     ) -> Tensor:
         """The velocity for the latent (B, C, H, W) at ``timestep`` (B,) on the 0..1000 scale given the text states
         (B, L, joint_attention_dim) and their mask (B, L) (1 = a token, 0 = padding; None: all tokens);
-        ``rope_centre``: how an odd grid is centred (:func:`rope_tables`); ``controlnet_block_samples``: a
-        ControlNet's residuals (B, N, dim) (:mod:`sdengine.models.qwen_controlnet`), block ``i`` of ``n`` adding
-        residual ``i // ceil(n / m)`` of the ``m`` to its image tokens (diffusers' rule)."""
+        ``rope_centre``: how an odd grid is centred (:func:`rope_tables`); ``reference``: Qwen-Image-Edit's
+        reference latent (B, C, h, w) (module docstring); ``controlnet_block_samples``: a ControlNet's residuals
+        (B, N, dim) (:mod:`sdengine.models.qwen_controlnet`), block ``i`` of ``n`` adding residual
+        ``i // ceil(n / m)`` of the ``m`` to its image tokens (diffusers' rule)."""
         cfg = self.config
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.latent_channels:
             raise UsageError(
@@ -362,6 +386,20 @@ class QwenImageTransformer(nn.Module):
                 f"got {tuple(text.shape)}"
             )
         L = text.shape[1]
+        more: tuple[tuple[int, int], ...] = ()
+        if reference is not None:
+            if (
+                reference.ndim != 4
+                or reference.shape[:2] != hidden_states.shape[:2]
+                or reference.shape[2] % PATCH
+                or reference.shape[3] % PATCH
+            ):
+                raise UsageError(
+                    f"Qwen-Image transformer: reference must be a (B={B}, {cfg.latent_channels}, h, w) latent, h and "
+                    f"w even, got {tuple(reference.shape)}"
+                )
+            more = ((reference.shape[2] // PATCH, reference.shape[3] // PATCH),)
+        tokens = (H // PATCH) * (W // PATCH)
         mask = None
         if encoder_hidden_states_mask is not None:
             if tuple(encoder_hidden_states_mask.shape) != (B, L):
@@ -370,7 +408,8 @@ class QwenImageTransformer(nn.Module):
                     f"got {tuple(encoder_hidden_states_mask.shape)}"
                 )
             text_mask = encoder_hidden_states_mask.to(device=hidden_states.device, dtype=torch.bool)
-            image_mask = torch.ones(B, (H // PATCH) * (W // PATCH), dtype=torch.bool, device=hidden_states.device)
+            image_tokens = tokens + sum(h * w for h, w in more)
+            image_mask = torch.ones(B, image_tokens, dtype=torch.bool, device=hidden_states.device)
             mask = torch.cat([text_mask, image_mask], dim=1)
         t = torch.as_tensor(timestep, device=hidden_states.device, dtype=torch.float32)
         if t.ndim == 0:
@@ -378,17 +417,21 @@ class QwenImageTransformer(nn.Module):
         if t.shape != (B,):
             raise UsageError(f"Qwen-Image transformer: timestep must be a number or have shape ({B},)")
         device, dtype = hidden_states.device, self.dtype
-        x = self.img_in(pack_latents(hidden_states.to(dtype)))
+        packed = pack_latents(hidden_states.to(dtype))
+        if reference is not None:
+            packed = torch.cat([packed, pack_latents(reference.to(device=device, dtype=dtype))], dim=1)
+        x = self.img_in(packed)
         context = self.txt_in(self.txt_norm(text.to(dtype)))
         vec = self.time_text_embed(t / 1000.0, dtype)
-        rope = self.rope(H // PATCH, W // PATCH, L, device, rope_centre)
+        rope = self.rope(H // PATCH, W // PATCH, L, device, rope_centre, more)
         samples = controlnet_block_samples or None
         every = math.ceil(len(self.transformer_blocks) / len(samples)) if samples else 0
         for i, block in enumerate(self.transformer_blocks):
             x, context = block(x, context, vec, rope, mask)
-            if samples is not None:
-                x = x + samples[i // every].to(x.dtype)
-        x = self.proj_out(self.norm_out(x, vec))
+            if samples is not None:  # on the image tokens (not a reference's)
+                r = samples[i // every].to(x.dtype)
+                x = x + r if x.shape[1] == tokens else torch.cat([x[:, :tokens] + r, x[:, tokens:]], dim=1)
+        x = self.proj_out(self.norm_out(x[:, :tokens], vec))
         return unpack_latents(x, H, W)
 
 

@@ -32,6 +32,7 @@ load strictly once its prefix (``model.language_model.`` or ``model.``) is taken
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -181,8 +182,57 @@ def rope_cos_sin(config: QwenTextConfig, positions: Tensor, dtype: torch.dtype) 
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def mrope_positions(
+    ids: Sequence[int], image_token_id: int, grids: Sequence[tuple[int, int, int]], merge: int
+) -> Tensor:
+    """(3, L) multimodal position ids (time, row, column) of one row of tokens (no padding) holding images: each
+    run of ``image_token_id`` tokens is the next grid's merged tokens (``t * (h/merge) * (w/merge)`` of them); an
+    image at position ``p`` (the count so far) gets ``(p + t', p + r, p + c)`` for its tokens, and the text after
+    it continues from ``p + max(h, w) / merge``; text tokens get ``p`` on all three axes, ``p`` counting up by one
+    (transformers' ``Qwen2_5_VLModel.get_rope_index`` for still images)."""
+    ids = [int(v) for v in ids]
+    out = torch.zeros(3, len(ids), dtype=torch.long)
+    pos, i, images = 0, 0, iter(grids)
+    n = len(ids)
+    while i < n:
+        if ids[i] != image_token_id:
+            out[:, i] = pos
+            pos += 1
+            i += 1
+            continue
+        grid = next(images, None)
+        if grid is None:
+            raise UsageError("Qwen text encoder: more image tokens than images")
+        t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+        count = t * h * w
+        if ids[i : i + count] != [image_token_id] * count:
+            raise UsageError(f"Qwen text encoder: an image of {count} tokens has fewer image tokens in the text")
+        tt, rr, cc = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        out[:, i : i + count] = torch.stack([tt, rr, cc]).reshape(3, -1) + pos
+        pos += max(h, w)
+        i += count
+    if next(images, None) is not None:
+        raise UsageError("Qwen text encoder: more images than runs of image tokens in the text")
+    return out
+
+
+def mrope_cos_sin(config: QwenTextConfig, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin (B, 1, L, head_dim) of (3, B, L) multimodal positions: the frequency bands ``mrope_section``
+    taken from the time, row and column axes in turn, each used for both halves of the head."""
+    freqs = rope_frequencies(config, positions.device)
+    angles = positions.float()[..., None] * freqs  # (3, B, L, d/2)
+    bands, start = [], 0
+    for axis, width in enumerate(config.mrope_section):
+        bands.append(angles[axis, ..., start : start + width])
+        start += width
+    half = torch.cat(bands, dim=-1)
+    full = torch.cat((half, half), dim=-1)[:, None]
+    return full.cos().to(dtype), full.sin().to(dtype)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, heads, L, d) by the (L, d) angles; the first half of each head pairs with the second."""
+    """Rotate (B, heads, L, d) by the (L, d) (or (B, 1, L, d)) angles; the first half of each head pairs with the
+    second."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -298,10 +348,22 @@ class QwenTextEncoder(nn.Module):
         allowed = allowed & (key_mask != 0).to(device)[:, None, None, :]
         return allowed | torch.eye(length, dtype=torch.bool, device=device)[None, None]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        image_embeds: Tensor | None = None,
+        image_token_id: int | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
         """input_ids (B, L) integers; attention_mask (B, L), 1 (or True) for tokens and 0 for padding (None: all
         tokens). Returns the last hidden state (B, L, hidden); padding positions get outputs too (not transformers'
-        numbers there: nothing should read them)."""
+        numbers there: nothing should read them).
+
+        With images (Qwen-Image-Edit): ``image_embeds`` (N, hidden), the vision tower's tokens, replace the N
+        ``image_token_id`` tokens of ``input_ids`` in order, and ``position_ids`` (3, B, L) are the multimodal
+        positions (:func:`mrope_positions`)."""
         if (
             input_ids.dim() != 2
             or input_ids.is_floating_point()
@@ -328,7 +390,23 @@ class QwenTextEncoder(nn.Module):
             )
         mask = self.attention_mask(attention_mask, B, L)
         x = self.embed_tokens(input_ids.to(self.device))
-        cos, sin = rope_cos_sin(self.config, torch.arange(L, device=self.device), x.dtype)
+        if image_embeds is not None:
+            where = torch.eq(input_ids.to(self.device), -1 if image_token_id is None else int(image_token_id))
+            count = int(where.sum())
+            if image_embeds.ndim != 2 or image_embeds.shape != (count, self.config.hidden_size):
+                raise UsageError(
+                    f"Qwen text encoder: {count} image tokens in the text, image_embeds is "
+                    f"{tuple(image_embeds.shape)} (needs ({count}, {self.config.hidden_size}))"
+                )
+            x = x.masked_scatter(where[..., None], image_embeds.to(device=x.device, dtype=x.dtype))
+        if position_ids is not None:
+            if tuple(position_ids.shape) != (3, B, L):
+                raise UsageError(
+                    f"Qwen text encoder: position_ids must be (3, {B}, {L}), got {tuple(position_ids.shape)}"
+                )
+            cos, sin = mrope_cos_sin(self.config, position_ids.to(self.device), x.dtype)
+        else:
+            cos, sin = rope_cos_sin(self.config, torch.arange(L, device=self.device), x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.norm(x)
@@ -344,6 +422,8 @@ __all__ = [
     "QwenTextConfig",
     "QwenTextEncoder",
     "apply_rope",
+    "mrope_cos_sin",
+    "mrope_positions",
     "rope_cos_sin",
     "rope_frequencies",
 ]

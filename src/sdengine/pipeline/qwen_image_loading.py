@@ -201,10 +201,19 @@ def load_qwen_image_pipeline(
         name = name or path.name.removesuffix(path.suffix) or path.name
     else:
         kind = pipeline_class(path)
+        if kind == "QwenImageEditPipeline":  # Qwen-Image-Edit: its own pipeline (the image read by the vision tower)
+            from sdengine.pipeline.qwen_image_edit import load_qwen_edit_pipeline
+
+            for key in ("text_encoder", "tokenizer"):
+                if given[key] is not None:
+                    raise GenerationError(
+                        f"{FLAGS[key]} is not supported for a Qwen-Image-Edit folder (it uses its own)"
+                    )
+            return load_qwen_edit_pipeline(path, device=device, dtype=dtype, vae=vae, name=name, lora_dir=lora_dir)
         if kind not in ACCEPTED:
             raise GenerationError(
-                f"{path.name}: {kind} is not supported (sdengine runs Qwen-Image's text-to-image, img2img and "
-                "inpainting folders: QwenImagePipeline)"
+                f"{path.name}: {kind} is not supported (sdengine runs Qwen-Image's text-to-image, img2img, "
+                "inpainting and Edit folders: QwenImagePipeline, QwenImageEditPipeline)"
             )
         name = name or path.name
         scheduler = _read_json(path / "scheduler" / "scheduler_config.json")

@@ -785,8 +785,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                     f"{what} {value} is over {generation.model_name}'s limit: each side may be at most {limit} px "
                     "(larger sizes take very long and only repeat the subject)"
                 )
-        if kw.get("reference_images"):  # FLUX.1 Kontext: each reference's tokens join every step's
-            check_reference_tokens(generation, loaded, limit)
+        if kw.get("reference_images") and not is_qwen_edit(generation, loaded):  # FLUX.1 Kontext: each
+            check_reference_tokens(generation, loaded, limit)  # reference's tokens join every step's
         if kw.get("enable_hr"):  # the hires fix's second pass makes its own size
             from sdengine.pipeline import GenerationRequest
             from sdengine.pipeline.hires import hires_size
@@ -800,6 +800,14 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                         f"the hires fix's {what} {value} (from {width}x{height}) is over {generation.model_name}'s "
                         f"limit: each side may be at most {limit} px; lower hr_scale or hr_resize_x/hr_resize_y"
                     )
+
+    def is_qwen_edit(generation: Generation, loaded: Any) -> bool:
+        """Whether the job's model is Qwen-Image-Edit (its one input image is the job's reference_images)."""
+        from sdengine.server.page_api import qwen_edit_before_load
+
+        if loaded is not None:
+            return getattr(loaded, "variant", None) == "qwen_image_edit"
+        return qwen_edit_before_load(generation.model)
 
     def check_reference_tokens(generation: Generation, loaded: Any, limit: int) -> None:
         """FLUX.1 Kontext's reference images add their tokens to every step: the image's and theirs together may
@@ -930,7 +938,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             raise BadRequest(f"shift applies to SD3 models only; {why}")
         if kw.get("sd3") is not None and family != "sd3":
             raise BadRequest(f"sd3 settings apply to SD3 models only; {name} is not one")
-        if kw.get("reference_images") and family != "flux":
+        edit = family == "qwen_image" and is_qwen_edit(generation, loaded)
+        if kw.get("reference_images") and family != "flux" and not edit:
             raise BadRequest(f"reference_images are FLUX.1 Kontext's; {name} is not a Flux model")
         if kw.get("control_image") is not None and family != "flux":
             raise BadRequest(
@@ -962,6 +971,12 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                     SD3Options.coerce(kw["sd3"], None if blocks is None else int(blocks))
             elif loaded is not None:  # Flux, Chroma: the pipeline's own check (what it refuses, one line each)
                 loaded.check_request(r)
+            elif family == "qwen_image" and edit:  # Qwen-Image-Edit not loaded yet: its refusals
+                from sdengine.pipeline.qwen_image_edit import edit_refusals
+
+                reasons = edit_refusals(r)
+                if reasons:
+                    raise BadRequest(f"{reasons[0]}; {name} is a Qwen-Image-Edit model")
             elif family == "qwen_image":  # Qwen-Image not loaded yet: its refusals, without the model
                 from sdengine.pipeline.qwen_image import qwen_refusals
 

@@ -191,6 +191,13 @@ def transformer_blocks_before_load(ref: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def qwen_edit_before_load(ref: str) -> bool:
+    """Whether a folder's ``model_index.json`` names Qwen-Image-Edit (``QwenImageEditPipeline``)."""
+    from sdengine.pipeline.qwen_image_loading import pipeline_class
+
+    return pipeline_class(Path(ref.split("\x00")[0])) == "QwenImageEditPipeline"
+
+
 def flux_distilled_before_load(ref: str) -> bool | None:
     """Whether a Flux diffusers folder's transformer takes the distilled guidance ([dev]: ``guidance_embeds``);
     None when not known before loading (a single file)."""

@@ -26,10 +26,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from sdengine.errors import NonFiniteError, UsageError
 from sdengine.models.qwen_text import QwenTextEncoder
+from sdengine.models.qwen_vision import MAX_PIXELS, MIN_PIXELS, QwenVisionTower
 from sdengine.text.qwen_tokenizer import QwenTokenizer
 
 PROMPT_TEMPLATE = (
@@ -40,6 +42,16 @@ TEMPLATE_DROP = 34  # diffusers' prompt_template_encode_start_idx: the template'
 TOKENIZER_MAX_LENGTH = 1024  # diffusers' tokenizer_max_length (the tokenizer's limit is this + TEMPLATE_DROP)
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s max_sequence_length
 MAX_SEQUENCE_LENGTH_LIMIT = 1024  # QwenImagePipeline refuses more
+
+
+EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new image "
+    "that meets the user's requirements while maintaining consistency with the original input where appropriate."
+    "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
+)
+EDIT_TEMPLATE_DROP = 64  # QwenImageEditPipeline's prompt_template_encode_start_idx
+IMAGE_PAD = "<|image_pad|>"
 
 
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
@@ -133,11 +145,99 @@ def encode_prompt_qwen(
     return out, out_mask
 
 
+@torch.no_grad()
+def encode_prompt_qwen_edit(
+    encoder: QwenTextEncoder,
+    vision: QwenVisionTower,
+    tokenizer: QwenTokenizer,
+    prompts: str | Sequence[str],
+    image: Image.Image,
+    *,
+    image_token_id: int | None = None,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[Tensor, Tensor]:
+    """(states, mask) of ``prompts`` about ``image`` as diffusers' ``QwenImageEditPipeline.encode_prompt`` makes
+    them: the image through Qwen2-VL's processor and the vision tower (:mod:`sdengine.models.qwen_vision`), the
+    prompt in the Edit template (:data:`EDIT_TEMPLATE`) with its ``<|image_pad|>`` repeated once per merged image
+    token, the language model run with the image tokens in place of the pads and the multimodal RoPE
+    (:func:`~sdengine.models.qwen_text.mrope_positions`), the first :data:`EDIT_TEMPLATE_DROP` (64) states dropped,
+    the rows left-aligned and zero-padded with their mask. The states keep the image's tokens (they come after the
+    dropped ones) and are not cut: diffusers' Edit pipeline does not truncate (its ``max_sequence_length`` is
+    unused). Each prompt runs alone (no padding); the image is encoded once. ``image_token_id``: the tokenizer's
+    ``<|image_pad|>`` id unless given (a text encoder config's); ``min_pixels`` / ``max_pixels``: the processor's
+    area bounds (``processor/preprocessor_config.json``)."""
+    from sdengine.models.qwen_text import mrope_positions
+    from sdengine.models.qwen_vision import qwen_vision_pixels
+
+    texts = _check_prompts(prompts)
+    pad_id = tokenizer.token_id(IMAGE_PAD)
+    if pad_id is None or tokenizer.token_id("<|vision_start|>") is None:
+        raise UsageError(
+            "Qwen-Image-Edit prompt encoding: the tokenizer has no <|image_pad|> / <|vision_start|> token (not "
+            "Qwen2.5-VL's vocabulary)"
+        )
+    if image_token_id is not None and image_token_id != pad_id:
+        raise UsageError(
+            f"Qwen-Image-Edit prompt encoding: the text encoder's image_token_id is {image_token_id}, the tokenizer's "
+            f"<|image_pad|> is {pad_id}: not this text encoder's tokenizer"
+        )
+    if vision.config.out_hidden_size != encoder.config.hidden_size:
+        raise UsageError(
+            f"Qwen-Image-Edit prompt encoding: the vision tower gives {vision.config.out_hidden_size}-wide tokens, the "
+            f"language model is {encoder.config.hidden_size} wide: not the same Qwen2.5-VL"
+        )
+    pixels, grid = qwen_vision_pixels(image, vision.config, min_pixels=min_pixels, max_pixels=max_pixels)
+    merge = vision.config.spatial_merge_size
+    count = grid[0] * (grid[1] // merge) * (grid[2] // merge)
+    embeds = vision(pixels.to(device=vision.device, dtype=vision.dtype), [grid])
+    if not bool(torch.isfinite(embeds).all()):
+        raise NonFiniteError(
+            f"Qwen-Image-Edit prompt encoding: the vision tower's tokens overflowed in {vision.dtype} (NaN or "
+            "infinity); run it in bfloat16 or float32"
+        )
+    drop = EDIT_TEMPLATE_DROP
+    kept = []
+    for text in texts:
+        formatted = EDIT_TEMPLATE.replace("{}", text, 1).replace(IMAGE_PAD, IMAGE_PAD * count, 1)
+        row = tokenizer.encode(formatted)
+        if row.count(pad_id) != count:
+            raise UsageError(
+                "Qwen-Image-Edit prompt encoding: the prompt itself holds <|image_pad|> tokens; remove them"
+            )
+        if len(row) <= drop:
+            raise UsageError(
+                f"Qwen-Image-Edit prompt encoding: the prompt gives {len(row)} tokens with the template, not more "
+                f"than the {drop} template tokens dropped; this tokenizer does not fit the template"
+            )
+        positions = mrope_positions(row, pad_id, [grid], merge)[:, None]
+        states = encoder(
+            torch.tensor([row], dtype=torch.long, device=encoder.device),
+            image_embeds=embeds,
+            image_token_id=pad_id,
+            position_ids=positions,
+        )[0, drop:]
+        if not bool(torch.isfinite(states).all()):
+            raise _overflow(encoder)
+        kept.append(states)
+    width = max(k.shape[0] for k in kept)
+    out = kept[0].new_zeros(len(texts), width, kept[0].shape[-1])
+    out_mask = torch.zeros(len(texts), width, dtype=torch.long, device=out.device)
+    for i, k in enumerate(kept):
+        n = min(k.shape[0], width)
+        out[i, :n] = k[:n]
+        out_mask[i, :n] = 1
+    return out, out_mask
+
+
 __all__ = [
     "DEFAULT_MAX_SEQUENCE_LENGTH",
+    "EDIT_TEMPLATE",
+    "EDIT_TEMPLATE_DROP",
     "MAX_SEQUENCE_LENGTH_LIMIT",
     "PROMPT_TEMPLATE",
     "TEMPLATE_DROP",
     "TOKENIZER_MAX_LENGTH",
     "encode_prompt_qwen",
+    "encode_prompt_qwen_edit",
 ]
