@@ -57,7 +57,8 @@ def edit_dimensions(width: int, height: int, area: int = EDIT_AREA) -> tuple[int
 
 def edit_refusals(r: GenerationRequest) -> list[str]:
     """What a Qwen-Image-Edit call cannot run, one line each (Qwen-Image's, less its refusal of references)."""
-    reasons = [why for why in qwen_refusals(r) if why != REFERENCE_REASON]
+    kontext = "reference_images (FLUX.1 Kontext) and Qwen-Image ControlNets"  # Flux's words; Edit's own below
+    reasons = [why for why in qwen_refusals(r) if why != REFERENCE_REASON and not why.startswith(kontext)]
     refs = r.reference_list()
     if len(refs) != 1:
         reasons.append(
