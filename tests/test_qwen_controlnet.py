@@ -345,23 +345,34 @@ def test_native_job_controlnets_equal_the_pipeline(qwen, tmp_path):
     from _comfy_live import live_client
     from _live_server import server_config, wait_job
 
-    folder, pipe, _, cn, _ = qwen
-    image = _picture(4)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    folder, pipe, _, cn, inpaint = qwen
+    image, picture, mask = _picture(4), _picture(9), _mask()
+
+    def b64(pic) -> str:
+        buf = io.BytesIO()
+        pic.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
     config = server_config(tmp_path, models_dir=folder.parent, controlnets_dir=cn.parent)
     body = {"model": folder.name, "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": SEED, "steps": 2}
     body.update(width=SIZE, height=SIZE, cfg_scale=2.0)
-    unit = {"model": cn.name, "image": base64.b64encode(buf.getvalue()).decode(), "weight": 0.8, "end": 0.5}
+    units = [
+        {"model": cn.name, "image": b64(image), "weight": 0.8, "end": 0.5},
+        {"model": inpaint.name, "image": b64(picture), "mask": b64(mask), "weight": 0.9},
+    ]
+    got = []
     with live_client(config, timeout=120) as (_, client):
-        r = client.post("/v1/jobs", json={**body, "controlnets": [unit]})
-        assert r.status_code == 202, r.text
-        job = wait_job(client, r.json()["id"], timeout=120)
-        assert job["state"] == "done", job
-        got = np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]["url"]).content)).convert("RGB"))
-    unit = ControlUnit(str(cn), image, scale=0.8, end=0.5)
-    want = _ours(pipe, [unit], cfg=2.0, negative=NEGATIVE, steps=2)
-    np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
+        for unit in units:
+            r = client.post("/v1/jobs", json={**body, "controlnets": [unit]})
+            assert r.status_code == 202, r.text
+            job = wait_job(client, r.json()["id"], timeout=120)
+            assert job["state"] == "done", job
+            data = client.get(job["images"][0]["url"]).content
+            got.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    wants = [ControlUnit(str(cn), image, scale=0.8, end=0.5), ControlUnit(str(inpaint), picture, 0.9, mask=mask)]
+    for arr, unit in zip(got, wants, strict=True):
+        want = _ours(pipe, [unit], cfg=2.0, negative=NEGATIVE, steps=2)
+        np.testing.assert_array_equal(arr, np.asarray(want.images[0].convert("RGB")))
 
 
 def test_a1111_units_equal_the_pipeline(qwen, tmp_path):
