@@ -967,7 +967,7 @@ def sample_latents(
             parts.append((guide, extra))
         guided: Any = parts[0][0] if len(parts) == 1 else _MeanOfGuided(parts)
         extra_args = parts[0][1] if len(parts) == 1 else {}
-        inpaint = None
+        inpaint: Any = None
         if blend is not None:
             from sdengine.pipeline.latents import InpaintBlend
 
@@ -989,8 +989,8 @@ def sample_latents(
                 else:
                     s_first = float(grid.sigmas[start])
                     s_last = float(grid.sigmas[end]) if end < total and leftover_noise else 0.0
-                rule = DifferentialMask.over(blend, pipe.noise_schedule, s_first, s_last, float(differential))
-                guided = inpaint = DifferentialBlend(guided, latent, known_noise, rule)
+                dd = DifferentialMask.over(blend, pipe.noise_schedule, s_first, s_last, float(differential))
+                guided = inpaint = DifferentialBlend(guided, latent, known_noise, dd)
             else:
                 guided = inpaint = InpaintBlend(guided, latent, known_noise, blend, first=first)
         run_steps = end - start

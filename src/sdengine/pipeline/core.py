@@ -1503,7 +1503,11 @@ class Pipeline:
             assert start.init_latent is not None and p.mask is not None
             soft = differential_latent_mask(torch.from_numpy(p.mask), *start.noise.shape[-2:]).to(dev)
             rule = DifferentialMask.over(
-                soft, self.noise_schedule, float(grid.sigmas[first]), float(grid.sigmas[-1]), float(r.differential_diffusion)
+                soft,
+                self.noise_schedule,
+                float(grid.sigmas[first]),
+                float(grid.sigmas[-1]),
+                float(r.differential_diffusion),
             )
             den = blend = DifferentialBlend(den, start.init_latent, start.noise, rule, noising=self.noised_latent)
         elif start.blend_mask is not None:

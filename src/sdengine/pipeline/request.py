@@ -656,7 +656,9 @@ class GenerationRequest:
         if not _is_number(dd) or not 0.0 <= dd <= 1.0:
             raise GenerationError(f"differential_diffusion must be a number in [0, 1] (0 = off), got {dd!r}")
         if dd and self.mask is None:
-            raise GenerationError("differential_diffusion needs a mask (its grey levels say how much each pixel changes)")
+            raise GenerationError(
+                "differential_diffusion needs a mask (its grey levels say how much each pixel changes)"
+            )
         if dd and self.strength_rule != "diffusers":
             raise GenerationError(
                 f"differential_diffusion blends by ComfyUI's rule; strength_rule {self.strength_rule!r} blends as "

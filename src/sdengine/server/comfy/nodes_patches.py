@@ -98,10 +98,10 @@ PATCH_NODES: dict[str, NodeDef] = {
             (Input("model", "MODEL"), Input("strength", "FLOAT", 1.0, 0.0, 1.0, 0.01, optional=True)),
             ("MODEL",),
             differential_diffusion,
-            description="Soft inpainting (Levin & Fried 2023): a LATENT's noise mask read as grey levels, each pixel "
-            "changing during about the last <grey level> of the steps (at each model call the region repainted is "
-            "where the mask is at or above a threshold falling from 1 to 0 in the model's timestep); strength below "
-            "1 blends that binary mask with the grey one. SD 1.x / SDXL and the flow families (SD3, Flux); without a "
+            description="Soft inpainting (Levin & Fried 2023): a LATENT's noise mask read as grey levels, a pixel of "
+            "level g changing during about the last g of the steps (at each model call the region repainted is where "
+            "the mask is at or above a threshold falling from 1 to 0 in the model's timestep); strength below 1 "
+            "blends that binary mask with the grey one. SD 1.x / SDXL and the flow families (SD3, Flux); without a "
             "noise mask it changes nothing.",
         ),
     )
