@@ -312,3 +312,90 @@ def test_the_cli_flag_and_from_png_reproduce_the_image(tiny_sd1_folder, tmp_path
     err = capsys.readouterr().err
     assert rc == 2 and "--differential-diffusion" in err and "--mask" in err, err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_the_native_job_field_is_bounded():
+    pydantic = pytest.importorskip("pydantic")
+    from sdengine.server.schemas import JobRequest
+
+    assert JobRequest.model_validate({"prompt": "x", "differential_diffusion": 0.5}).differential_diffusion == 0.5
+    for bad in (2.0, -0.1, float("nan")):
+        with pytest.raises(pydantic.ValidationError, match="differential_diffusion"):
+            JobRequest.model_validate({"prompt": "x", "differential_diffusion": bad})
+
+
+def test_a_native_job_runs_it_as_the_python_api(tmp_path):
+    """POST /v1/jobs with an uploaded init image and grey mask and differential_diffusion: the Python API's image,
+    the infotext field; a job without a mask is a 400 naming the setting."""
+    import httpx
+
+    from _live_server import live_server, run_job, server_config, shared_loader
+
+    def png(im: Image.Image) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    init = _picture().resize((64, 64))
+    mask = _grey_mask_image().resize((64, 64))
+    with live_server(server_config(tmp_path, max_queue=4)) as server, httpx.Client(base_url=server.url) as c:
+        ids = [c.post("/v1/uploads", content=png(im), headers={"content-type": "image/png"}).json()["id"]
+               for im in (init, mask)]  # fmt: skip
+        body = {"prompt": "a red apple", "steps": 3, "width": 64, "height": 64, "seed": 7, "strength": 0.8,
+                "init_image": ids[0], "mask": ids[1], "differential_diffusion": 1.0}  # fmt: skip
+        pixels, job = run_job(c, body)
+        assert "Differential diffusion: 1" in job["infotexts"][0]
+        r = c.post("/v1/jobs", json={**body, "mask": None})
+        assert r.status_code == 400 and "differential_diffusion needs a mask" in r.text, r.text
+    ref = shared_loader("emoji", "cpu")(progress=False, **{**body, "init_image": init, "mask": mask})
+    np.testing.assert_array_equal(pixels, np.asarray(ref.images[0]))
+
+
+def test_a_comfyui_prompt_with_the_node_validates_and_runs(sd1, tmp_path):
+    """The node in a prompt: without `strength` (older ComfyUI's node) it validates and runs at strength 1, the
+    KSampler after it differs from the plain one on a grey mask; a strength over 1 is a validation error."""
+    import threading
+
+    from sdengine.server.catalog import Catalog
+    from sdengine.server.comfy.graph import Executor, PromptInvalid, validate
+    from sdengine.server.comfy.nodes import Outputs
+
+    catalog = Catalog(None, None, None)  # the built-in names; the worker's pipeline is the tiny SD 1.x
+    folders = Outputs(tmp_path / "out", tmp_path / "in", tmp_path / "temp")
+    env = type("Env", (), {"catalog": catalog, "folders": folders, "limits": {}})()
+
+    def sampler(model: list) -> dict:
+        return {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": SEED, "steps": 3, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["7", 0], "denoise": 1.0}}  # fmt: skip
+
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
+        "2": {"class_type": "DifferentialDiffusion", "inputs": {"model": ["1", 0]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a star", "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
+        "6": {"class_type": "SolidMask", "inputs": {"value": 0.6, "width": 32, "height": 32}},
+        "7": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["6", 0]}},
+        "8": sampler(["2", 0]),
+        "9": sampler(["1", 0]),
+    }
+    for k, s in (("11", "8"), ("12", "9")):
+        g[f"d{k}"] = {"class_type": "VAEDecode", "inputs": {"samples": [s, 0], "vae": ["1", 2]}}
+        g[k] = {"class_type": "PreviewImage", "inputs": {"images": [f"d{k}", 0]}}
+    try:
+        graph, outputs, errors = validate(g, env)
+    except PromptInvalid as e:
+        raise AssertionError(e.body) from None
+    assert sorted(outputs) == ["11", "12"] and not errors, errors
+    ctx = RunContext(pipeline=lambda ref: sd1, catalog=catalog, folders=folders, device="cpu",
+                     save_lock=threading.Lock())  # fmt: skip
+    ex = Executor()
+    ex.run(graph, ctx, cancelled=lambda: False, event=lambda name, data: None)
+    dd, plain = (ex.cache[n].outputs[0]["samples"] for n in ("8", "9"))
+    assert (dd - plain).abs().max() > 1e-2
+    bad = {**g, "2": {**g["2"], "inputs": {"model": ["1", 0], "strength": 1.5}}}
+    _, outputs, errors = validate(bad, env)  # the other output still runs, as ComfyUI
+    assert outputs == ["12"] and errors["2"]["errors"][0]["type"] == "value_bigger_than_max", errors
