@@ -399,3 +399,22 @@ def test_a_comfyui_prompt_with_the_node_validates_and_runs(sd1, tmp_path):
     bad = {**g, "2": {**g["2"], "inputs": {"model": ["1", 0], "strength": 1.5}}}
     _, outputs, errors = validate(bad, env)  # the other output still runs, as ComfyUI
     assert outputs == ["12"] and errors["2"]["errors"][0]["type"] == "value_bigger_than_max", errors
+
+
+def test_an_sd3_pipeline_takes_it_in_the_flows_sigma(tmp_path):
+    """SD3 (a flow model: ComfyUI's timestep sigma * 1000) on the pipeline's own loop: a binary mask gives its plain
+    inpainting (to float rounding: plain inpainting does not blend before the first call), a grey one another image,
+    and the black band the init image's pixels as plain inpainting keeps them."""
+    pytest.importorskip("diffusers")  # the tiny folder is written by diffusers' classes
+    from _sd3_models import make_sd3_folder
+
+    pipe = load_pipeline(make_sd3_folder(tmp_path / "tiny-sd3"), device="cpu")
+    kw = dict(steps=4, seed=3, width=32, height=32, progress=False, init_image=_picture(), strength=0.8)
+    block = np.zeros((32, 32), np.uint8)
+    block[8:24, 8:24] = 255
+    plain = pipe("x", mask=Image.fromarray(block, "L"), **kw)
+    dd = pipe("x", mask=Image.fromarray(block, "L"), differential_diffusion=1.0, **kw)
+    assert np.abs(plain.arrays - dd.arrays).max() < 1e-4
+    grey = pipe("x", mask=_grey_mask_image(), differential_diffusion=1.0, **kw)
+    assert np.abs(grey.arrays - plain.arrays).max() > 1e-2
+    assert "Differential diffusion: 1" in grey.infotexts[0] and "Shift: 3" in grey.infotexts[0]
