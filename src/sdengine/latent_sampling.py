@@ -507,6 +507,7 @@ def sample_latents(
     third: Sequence[TextCondition] = (),
     deep_shrink: Any = None,
     ip_adapters: Sequence[Any] = (),
+    differential: float | None = None,
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -558,6 +559,10 @@ def sample_latents(
     patches), on the U-Net's cross-attention of every call, each in its start / end sigma window; the conditional
     rows take their images' tokens, the unconditional rows their negatives'; not with regional entries or a guider
     over three conditionings.
+    ``differential``: Differential Diffusion's strength (ComfyUI's DifferentialDiffusion node; None = off): the
+    ``noise_mask`` is kept grey (resized bilinearly, as ComfyUI's prepare_mask) and each model call repaints where it
+    is at or above a threshold falling from 1 to 0 over the run
+    (:class:`sdengine.pipeline.latents.DifferentialBlend`); without a noise mask it does nothing, as there.
     """
     if guidance_rule is not None and not third:
         raise LatentSamplingError("a guider over three conditionings needs its third conditioning")
@@ -676,6 +681,10 @@ def sample_latents(
         blend = F.interpolate(binary, size=(h, w)).expand(b, -1, -1, -1) if binary.shape[0] in (1, b) else None
         if blend is None:
             raise LatentSamplingError(f"noise mask batch {m.shape[0]} does not fit the latent batch {b}")
+        if differential is not None:  # Differential Diffusion: the grey levels kept (ComfyUI's prepare_mask)
+            from sdengine.pipeline.latents import differential_latent_mask
+
+            blend = differential_latent_mask(m, h, w).expand(b, -1, -1, -1)
 
     # Which steps of which grid run.
     given = None
@@ -958,7 +967,7 @@ def sample_latents(
             parts.append((guide, extra))
         guided: Any = parts[0][0] if len(parts) == 1 else _MeanOfGuided(parts)
         extra_args = parts[0][1] if len(parts) == 1 else {}
-        inpaint = None
+        inpaint: Any = None
         if blend is not None:
             from sdengine.pipeline.latents import InpaintBlend
 
@@ -970,7 +979,20 @@ def sample_latents(
                 known_noise = torch.randn(tuple(latent.shape), generator=g1).to(dev)
             # ComfyUI blends before every model call, the first too (its start differs at max denoise, and with ddim)
             first = seed_rule == "comfyui" and (max_denoise or known_noise is not noise)
-            guided = inpaint = InpaintBlend(guided, latent, known_noise, blend, first=first)
+            if differential is not None:
+                from sdengine.pipeline.latents import DifferentialBlend, DifferentialMask
+
+                # the run's sigmas as its sampler is handed them: the window's first, and its last (0 where it
+                # ends clean: ComfyUI's force_full_denoise)
+                if given is not None:
+                    s_first, s_last = float(given[0]), float(given[-1])
+                else:
+                    s_first = float(grid.sigmas[start])
+                    s_last = float(grid.sigmas[end]) if end < total and leftover_noise else 0.0
+                dd = DifferentialMask.over(blend, pipe.noise_schedule, s_first, s_last, float(differential))
+                guided = inpaint = DifferentialBlend(guided, latent, known_noise, dd)
+            else:
+                guided = inpaint = InpaintBlend(guided, latent, known_noise, blend, first=first)
         run_steps = end - start
         # KSamplerAdvanced's end_at_step: ComfyUI runs a fresh sampler on the window's sigmas (their last one 0
         # without leftover noise), so a multistep sampler ends the window as it ends any run (UniPC at a lower
@@ -1132,9 +1154,11 @@ class _FlowInpaint:
     replaced by the latent on its noising path, ``s noise + (1 - s) latent``, and its x0 there is the latent itself
     (the sampler's own ``x`` is left as it is)."""
 
-    def __init__(self, inner: Any, latent: Tensor, noise: Tensor, mask: Tensor) -> None:
+    def __init__(self, inner: Any, latent: Tensor, noise: Tensor, mask: Tensor, rule: Any = None) -> None:
         self.inner, self.latent, self.noise, self.mask = inner, latent, noise, mask
         self.keep = 1.0 - mask
+        # Differential Diffusion (sdengine.pipeline.latents.DifferentialMask): each call's mask from its sigma
+        self.rule = rule
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -1143,8 +1167,12 @@ class _FlowInpaint:
         from sdengine.diffusion.flow import flow_noise_scaling
 
         s = float(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[0])
-        x = x * self.mask + flow_noise_scaling(s, self.noise, self.latent) * self.keep
-        return self.inner(x, sigma, **kw) * self.mask + self.latent * self.keep
+        mask, keep = self.mask, self.keep
+        if self.rule is not None:
+            mask = self.rule.at(s).to(device=x.device, dtype=x.dtype)
+            keep = 1.0 - mask
+        x = x * mask + flow_noise_scaling(s, self.noise, self.latent) * keep
+        return self.inner(x, sigma, **kw) * mask + self.latent * keep
 
 
 def flow_noise_mask(mask: Tensor, shape: Sequence[int]) -> Tensor:
@@ -1185,6 +1213,7 @@ def sample_flow_latents(
     sampler_options: Mapping[str, Any] | None = None,
     skip_layer_guidance: SkipLayerGuidance | None = None,
     noise_mask: Tensor | None = None,
+    differential: float | None = None,
 ) -> Tensor:
     """Sample a flow model from ``latent`` (B, C, h, w) in its scaled latent space along ``sigmas`` (decreasing, at
     most 1: :func:`flow_sigmas`, or a SamplerCustom's list), as ComfyUI's samplers run a flow model: the start is
@@ -1196,7 +1225,9 @@ def sample_flow_latents(
     continues exactly. Noise: ``seed_rule`` as :func:`sample_latents` (the step noise from ``BatchNoise`` under
     ComfyUI's rule; the SDE samplers draw it there too, not from a Brownian tree). ``skip_layer_guidance``: see
     :class:`SkipLayerGuidance` (a model with ``skipping``). ``noise_mask`` (1 = repaint): ComfyUI's inpainting of a
-    plain model (:class:`_FlowInpaint`, the mask as :func:`flow_noise_mask` fits it)."""
+    plain model (:class:`_FlowInpaint`, the mask as :func:`flow_noise_mask` fits it); ``differential``: Differential
+    Diffusion's strength on that mask (None = off; see :func:`sample_latents`), the threshold in the flow's timestep
+    (sigma) between ``sigmas[0]`` and the larger of ``sigmas[-1]`` and the table's sigma_min."""
     from sdengine.diffusion.flow import FlowDenoiser
 
     if seed_rule not in SEED_RULES:
@@ -1248,7 +1279,13 @@ def sample_flow_latents(
         low = model.schedule.percent_to_sigma(float(slg.end_percent))
         guided = _SkipLayerGuided(guided, den, skipped, float(slg.scale), high, low)
     if noise_mask is not None:
-        guided = _FlowInpaint(guided, latent, noise, flow_noise_mask(noise_mask, latent.shape).to(dev))
+        fitted = flow_noise_mask(noise_mask, latent.shape).to(dev)
+        rule = None
+        if differential is not None:
+            from sdengine.pipeline.latents import DifferentialMask
+
+            rule = DifferentialMask.over(fitted, model.schedule, float(given[0]), float(given[-1]), float(differential))
+        guided = _FlowInpaint(guided, latent, noise, fitted, rule)
     run_steps = given.shape[0] - 1
 
     def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:

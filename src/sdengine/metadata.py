@@ -626,6 +626,10 @@ def to_generate_kwargs(
             raise MetadataError(
                 f"Masked content: {parsed['Masked content']!r} is not one of {', '.join(MASKED_CONTENT)}"
             )
+    if "Differential diffusion" in parsed:  # sdengine's: GenerationRequest.differential_diffusion
+        kwargs["differential_diffusion"] = _parse_float(parsed, "Differential diffusion")
+        if not 0.0 <= kwargs["differential_diffusion"] <= 1.0:
+            raise MetadataError(f"Differential diffusion: {parsed['Differential diffusion']!r} is not in [0, 1]")
     if "RNG" in parsed:  # A1111's randn_source, written when not its default GPU: NV, CPU (GPU read too)
         kwargs["noise_source"] = noise_source_of(parsed["RNG"], "RNG")
     elif not made_by_sdengine(parsed):  # A1111 writes none for its default GPU source (its parse_generation_parameters
@@ -752,6 +756,7 @@ def to_generate_kwargs(
         "Discard penultimate sigma",
         "Noise Schedule",
         "Masked content",
+        "Differential diffusion",
         "Tiny VAE",
         "Tiny VAE encode",
         "Resize mode",

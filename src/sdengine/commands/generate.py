@@ -848,6 +848,7 @@ def _refuse_flags_without_effect(
         ("--no-reference-resize", a.reference_auto_resize, bool(a.reference_image), "--reference-image"),
         ("--image-cfg-scale", a.image_cfg_scale, a.init_image is not None, "--init-image (the image to edit)"),
         ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
+        ("--differential-diffusion", a.differential_diffusion, a.mask is not None, "--mask (a grey inpainting mask)"),
         ("--resize-mode", a.resize_mode, img2img or bool(a.control), "--init-image or --control"),
         ("--refiner-switch-at", a.refiner_switch_at, a.refiner is not None, "--refiner"),
         ("--hr-checkpoint", a.hr_checkpoint, hires, "the hires fix (--hires)"),
@@ -952,6 +953,7 @@ def run(a: argparse.Namespace) -> int:
         "image_cfg_scale": a.image_cfg_scale,
         "distilled_cfg_scale": a.guidance,
         "mask_blur": a.mask_blur,
+        "differential_diffusion": a.differential_diffusion,
         "resize_mode": a.resize_mode,
         "subseed": a.subseed,
         "subseed_strength": a.subseed_strength,
@@ -1459,6 +1461,16 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
     p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels, 0 to 256 (default 0)")
+    p.add_argument(
+        "--differential-diffusion",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=None,
+        metavar="STRENGTH",
+        help="soft inpainting (Differential Diffusion, ComfyUI's node): the --mask's grey levels say how much each "
+        "pixel may change (black kept, white repainted, grey in between); STRENGTH in [0, 1], default 1, 0 = off",
+    )
     p.add_argument(
         "--resize-mode",
         default=None,

@@ -77,7 +77,16 @@ from sdengine.pipeline.infotext import (
     init_resize_mode,
 )
 from sdengine.pipeline.ip_adapter import check_units, image_tokens
-from sdengine.pipeline.latents import A1111Blend, InpaintBlend, blur_mask, image_latent, start_latents
+from sdengine.pipeline.latents import (
+    A1111Blend,
+    DifferentialBlend,
+    DifferentialMask,
+    InpaintBlend,
+    blur_mask,
+    differential_latent_mask,
+    image_latent,
+    start_latents,
+)
 from sdengine.pipeline.loop_graph import LoopPlan
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
@@ -964,6 +973,11 @@ class Pipeline:
                 mode = resize_mode_name(r.resize_mode)
                 _note(notes, f"init image {init.size[0]}x{init.size[1]} fitted to {width}x{height} ({mode})")
                 init = resize_image(init, width, height, mode)
+        if r.differential_diffusion and self.inpainting:
+            raise GenerationError(
+                f"differential_diffusion: {self.name} is an inpainting model (9-channel U-Net), which takes the mask "
+                "in its input rather than blending it; use a 4-channel model"
+            )
         if r.mask is not None:
             m = load_image(r.mask, "mask", mode="L", error=GenerationError)
             if m.size != (width, height):
@@ -1121,6 +1135,8 @@ class Pipeline:
                 row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
             if p.mask is not None and request.masked_content != "original":  # sdengine's (A1111 writes none)
                 row["Masked content"] = request.masked_content
+            if p.mask is not None and float(request.differential_diffusion) > 0:  # sdengine's
+                row["Differential diffusion"] = float(request.differential_diffusion)
             if request.noise_source == "nv":  # A1111's "RNG: NV" (it writes the field when not its default GPU)
                 row["RNG"] = "NV"
             if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
@@ -1481,10 +1497,28 @@ class Pipeline:
             # A1111's blend, for every U-Net: its k-diffusion samplers' on x0, its timestep samplers' on x
             before = p.sampler in A1111_TIMESTEP_SAMPLERS
             den = blend = A1111Blend(den, start.init_latent, start.rounded_mask, before=before)
+        elif start.blend_mask is not None and float(r.differential_diffusion) > 0:
+            # Differential Diffusion: the grey mask at the latent's size, each call's threshold in the model's
+            # timestep between the run's first sigma and its last (ComfyUI's rule: DifferentialMask)
+            assert start.init_latent is not None and p.mask is not None
+            soft = differential_latent_mask(torch.from_numpy(p.mask), *start.noise.shape[-2:]).to(dev)
+            rule = DifferentialMask.over(
+                soft,
+                self.noise_schedule,
+                float(grid.sigmas[first]),
+                float(grid.sigmas[-1]),
+                float(r.differential_diffusion),
+            )
+            den = blend = DifferentialBlend(den, start.init_latent, start.noise, rule, noising=self.noised_latent)
         elif start.blend_mask is not None:
             assert start.init_latent is not None
             den = blend = InpaintBlend(
                 den, start.init_latent, start.noise, start.blend_mask, noising=self.noised_latent
+            )
+        if float(r.differential_diffusion) > 0 and not isinstance(blend, DifferentialBlend):
+            raise GenerationError(
+                f"differential_diffusion: {self.name} does not blend the mask while sampling (it takes the masked "
+                "image in its input); use a model without one"
             )
 
         run_steps = grid.steps - first

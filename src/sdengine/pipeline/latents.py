@@ -275,6 +275,96 @@ class InpaintBlend(LatentBlend):
         return self.denoise(x, sigma, step, cond)
 
 
+def comfy_timestep(schedule: Any, sigma: float) -> Tensor:
+    """ComfyUI's ``model_sampling.timestep(sigma)``, float32: a discrete table's nearest timestep (an index, as its
+    ModelSamplingDiscrete), a flow model's ``multiplier * sigma``, an EDM model's ``0.25 ln sigma``."""
+    s = torch.as_tensor(float(sigma), dtype=torch.float32)
+    if isinstance(schedule, NoiseSchedule):
+        log_sigmas = schedule.log_sigmas.to(torch.float32)
+        return (s.log() - log_sigmas).abs().argmin().to(torch.float32)
+    return torch.as_tensor(schedule.sigma_to_t(s), dtype=torch.float32)
+
+
+def differential_latent_mask(mask: Tensor, h: int, w: int) -> Tensor:
+    """A grey mask ((H, W), (B, H, W) or (B, 1, H, W); 1 = repaint) at the latent's ``h`` x ``w``, kept grey:
+    resized bilinearly as ComfyUI's prepare_mask resizes a noise mask; (B, 1, h, w) float32."""
+    m = mask.float()
+    m = m.reshape(-1, 1, m.shape[-2], m.shape[-1])
+    return F.interpolate(m, size=(int(h), int(w)), mode="bilinear")
+
+
+@dataclass(frozen=True, eq=False)
+class DifferentialMask:
+    """Differential Diffusion's rule (Levin & Fried 2023; ComfyUI's DifferentialDiffusion node): at a model call at
+    ``sigma`` the region being denoised is where the grey mask ``soft`` (1 = repaint) is at or above the threshold
+    ``(t(sigma) - t_to) / (t_from - t_to)`` (``t``: :func:`comfy_timestep`; ``t_from`` the run's first sigma's,
+    ``t_to`` the larger of its last sigma's and the table's sigma_min's), which falls from 1 to 0 over the run: a
+    pixel of grey level g changes during about the last g of the steps. ``strength`` below 1 (above 0) blends that
+    binary mask with the grey one, ``strength * binary + (1 - strength) * soft`` (the node's ``strength``; 0 is
+    taken as 1, as there)."""
+
+    soft: Tensor
+    t_from: Tensor
+    t_to: Tensor
+    schedule: Any
+    strength: float = 1.0
+
+    @classmethod
+    def over(cls, soft: Tensor, schedule: Any, sigma_first: float, sigma_last: float, strength: float = 1.0) -> Self:
+        """The rule over a run from ``sigma_first`` to ``sigma_last`` (0 where the run ends clean)."""
+        last = max(float(schedule.sigma_min), float(sigma_last))
+        return cls(soft, comfy_timestep(schedule, sigma_first), comfy_timestep(schedule, last), schedule, strength)
+
+    def threshold(self, sigma: float) -> Tensor:
+        """The grey level from which the mask repaints at ``sigma`` (NaN where the run's ends share a timestep:
+        nothing repaints then, as in ComfyUI)."""
+        span = self.t_from - self.t_to
+        if float(span) == 0.0:
+            return torch.tensor(float("nan"))
+        return (comfy_timestep(self.schedule, sigma) - self.t_to) / span
+
+    def at(self, sigma: float) -> Tensor:
+        """The mask (1 = repaint) of a model call at ``sigma``."""
+        binary = (self.soft >= self.threshold(sigma).to(self.soft.device)).to(self.soft.dtype)
+        s = float(self.strength)
+        if s and s < 1.0:
+            return s * binary + (1.0 - s) * self.soft
+        return binary
+
+
+class DifferentialBlend(LatentBlend):
+    """Inpainting with a grey mask by Differential Diffusion, as ComfyUI's KSamplerX0Inpaint runs it with the
+    DifferentialDiffusion node's mask function: at every model call (the first too) the mask ``m`` is the rule's
+    (:class:`DifferentialMask`) at that call's sigma, the network reads ``x * m + known * (1 - m)`` (``known``: the
+    init latent on its noising path, ``init + sigma * noise`` or ``noising``'s) while the sampler keeps its own
+    ``x``, and the call's x0 is ``x0 * m + init * (1 - m)``; the final blend (:meth:`finish`) takes the known region
+    of the last call's mask from the clean init latent. With a mask of only 0 and 1 this is the plain inpainting of
+    :class:`InpaintBlend` wherever the last call's threshold is above 0."""
+
+    def __init__(self, inner: Any, init: Tensor, noise: Tensor, rule: DifferentialMask, *, noising: Any = None) -> None:
+        super().__init__(inner, init, rule.soft)
+        self.noise = noise
+        self.rule = rule
+        self.noising = noising
+        self._last: list[Tensor] = []  # the last call's mask, shared by the copies ``around`` makes
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, *, step: SamplerStep, **cond: Any) -> Tensor:
+        flat = torch.as_tensor(sigma).reshape(-1)
+        s: float | Tensor = float(flat[0])
+        if flat.shape[0] > 1 and not bool((flat == flat[0]).all()):  # rows at their own sigmas (DPM adaptive)
+            s = flat.to(device=x.device, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        m = self.rule.at(float(flat[0])).to(device=x.device, dtype=x.dtype)  # ComfyUI reads the first row's sigma
+        keep = 1.0 - m
+        known = self.init + self.noise * s if self.noising is None else self.noising(self.init, self.noise, s)
+        out = self.denoise(x * m + known * keep, sigma, step, cond)
+        self._last[:] = [m]
+        return out * m + self.init * keep
+
+    def finish(self, x: Tensor) -> Tensor:
+        m = self._last[0] if self._last else self.mask
+        return (1.0 - m) * self.init + m * x
+
+
 class A1111Blend(LatentBlend):
     """A1111's inpainting blend (its ``CFGDenoiser.apply_blend``, ``mask`` = its ``nmask``, 1 = repaint, the rounded
     latent mask; ``init`` its init latent), for any U-Net, 9-channel ones too:
@@ -309,10 +399,14 @@ class A1111Blend(LatentBlend):
 
 __all__ = [
     "A1111Blend",
+    "DifferentialBlend",
+    "DifferentialMask",
     "InpaintBlend",
     "LatentBlend",
     "StartLatents",
     "blur_mask",
+    "comfy_timestep",
+    "differential_latent_mask",
     "posterior_rows",
     "start_latents",
 ]

@@ -232,6 +232,13 @@ class GenerationRequest:
     # row's unit noise in place of the init latent where the (rounded) latent mask repaints, "latent nothing"
     # zeros there; "original" keeps the init image's latent (A1111's "fill" is made on the image beforehand)
     masked_content: str = "original"
+    # Differential Diffusion (Levin & Fried 2023; ComfyUI's DifferentialDiffusion node): the mask's grey levels say
+    # how much each pixel may change: at each model call the region repainted is where the mask is at or above a
+    # threshold falling from 1 to 0 over the run (sdengine.pipeline.latents.DifferentialMask). 0 = off (plain
+    # inpainting, the mask binarised); in (0, 1]: on, the value being the node's strength (1: the paper's rule;
+    # below: that binary mask blended with the grey one). Needs a mask and a 4-channel model. Infotext
+    # "Differential diffusion"
+    differential_diffusion: float = 0.0
     # SDXL only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, negative_*,
     # aesthetic_score (sdengine.text.sdxl_conditioner.SDXLOptions); None = the defaults
     sdxl: Mapping[str, Any] | None = None
@@ -645,6 +652,18 @@ class GenerationRequest:
             )
         if self.masked_content != "original" and self.mask is None:
             raise GenerationError(f"masked_content {self.masked_content!r} needs a mask (inpainting)")
+        dd = self.differential_diffusion
+        if not _is_number(dd) or not 0.0 <= dd <= 1.0:
+            raise GenerationError(f"differential_diffusion must be a number in [0, 1] (0 = off), got {dd!r}")
+        if dd and self.mask is None:
+            raise GenerationError(
+                "differential_diffusion needs a mask (its grey levels say how much each pixel changes)"
+            )
+        if dd and self.strength_rule != "diffusers":
+            raise GenerationError(
+                f"differential_diffusion blends by ComfyUI's rule; strength_rule {self.strength_rule!r} blends as "
+                "A1111: use strength_rule 'diffusers' or turn differential_diffusion off"
+            )
         self.control_units()  # the tuple forms parse
         if self.ip_adapters is not None:
             if not isinstance(self.ip_adapters, list | tuple):

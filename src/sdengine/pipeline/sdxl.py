@@ -81,6 +81,8 @@ def check_hand_off(
         raise GenerationError("vae_decode 'tiny' is not supported with a refiner (the refiner's VAE decodes)")
     if request.subseed_strength:
         raise GenerationError("variation seeds are not supported with a refiner hand-off")
+    if request.differential_diffusion:
+        raise GenerationError("differential_diffusion is not supported with a refiner hand-off (run the base alone)")
     try:
         sampler = sampling.resolve(request.sampler, request.schedule)[0]
         hr_sampler = None

@@ -301,6 +301,7 @@ def build_generation(
     discard_penultimate_sigma: bool = False,
     zero_terminal_snr: bool = False,
     masked_content: str = "original",
+    differential_diffusion: float = 0.0,
     sdxl: dict[str, Any] | None = None,
     vae: str | None = None,
     sag_scale: float = 0.0,
@@ -587,6 +588,8 @@ def build_generation(
         kwargs.update(seed_resize_from_w=w, seed_resize_from_h=h)
     if masked_content != "original":  # A1111's latent noise / nothing (checked by GenerationRequest.validate)
         kwargs["masked_content"] = masked_content
+    if differential_diffusion:  # soft inpainting (left out when off; checked by GenerationRequest.validate)
+        kwargs["differential_diffusion"] = _finite(differential_diffusion, "differential_diffusion", 0.0, 1.0)
     if noise_seed_delta != 0:  # A1111's ENSD (left out at 0, so such jobs batch as before)
         kwargs["noise_seed_delta"] = noise_seed_delta  # checked by GenerationRequest.validate below
     if noise_source != "cpu":  # A1111's randn_source NV / GPU (left out at the default, so such jobs batch as before)

@@ -315,6 +315,15 @@ class JobRequest(BaseModel):
         description="what the init latent holds under the mask before it is noised (A1111's masked content): the "
         "image's, the row's noise, or zeros",
     )
+    differential_diffusion: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Differential Diffusion (soft inpainting, ComfyUI's DifferentialDiffusion node): the mask's grey "
+        "levels say how much each pixel may change; 0 = off, (0, 1] = on with that strength (1 = the paper's rule). "
+        "Needs a mask and a 4-channel model. Infotext 'Differential diffusion'",
+    )
     noise_multiplier: float = Field(
         1.0,
         ge=0,

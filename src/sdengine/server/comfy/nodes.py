@@ -231,6 +231,9 @@ class ModelHandle:
     flow_sampling: tuple[Any, ...] = ()
     # SkipLayerGuidanceSD3: (layers, scale, start_percent, end_percent), () = off
     skip_layer_guidance: tuple[Any, ...] = ()
+    # DifferentialDiffusion: its strength, None = off (the last node applied counts, as ComfyUI's one mask function;
+    # sdengine.server.comfy.nodes_patches)
+    differential: float | None = None
 
 
 @dataclass(frozen=True)
@@ -1176,6 +1179,7 @@ def _sample(
             zero_terminal_snr=model.zsnr,
             deep_shrink=deep_shrink_chain(model.deep_shrink) or None,
             ip_adapters=getattr(model, "ip_adapters", ()),
+            differential=model.differential,
             callback=report,
             batch_index=latent_image.get("batch_index"),
             guidance_rule=guidance_rule,

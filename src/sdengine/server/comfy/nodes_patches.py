@@ -1,5 +1,8 @@
 """ComfyUI's model patch nodes that change how the U-Net runs between its blocks: ``PatchModelAddDownscale`` (kohya-ss's
-Deep Shrink, ComfyUI's ``comfy_extras/nodes_model_downscale.py``), written here from that description.
+Deep Shrink, ComfyUI's ``comfy_extras/nodes_model_downscale.py``), written here from that description; and
+``DifferentialDiffusion`` (Levin & Fried 2023, ComfyUI's ``comfy_extras/nodes_differential_diffusion.py``), which
+changes how a LATENT's noise mask is applied at each model call
+(:class:`sdengine.pipeline.latents.DifferentialMask`).
 
 A MODEL is sdengine's :class:`sdengine.server.comfy.nodes.ModelHandle`: a patch node returns the handle with its
 settings recorded, and the samplers apply them while they run (:func:`sdengine.latent_sampling.sample_latents`).
@@ -54,6 +57,17 @@ def patch_model_add_downscale(
     return (replace(model, deep_shrink=(*model.deep_shrink, settings.key)),)
 
 
+def differential_diffusion(ctx: RunContext, model: ModelHandle, strength: float = 1.0) -> tuple[Any]:
+    """ComfyUI's DifferentialDiffusion: the sampler reads a LATENT's noise mask as grey levels, each model call
+    repainting where the mask is at or above a threshold that falls from 1 to 0 over the run (ComfyUI's model
+    timestep space); ``strength`` below 1 blends that binary mask with the grey one (0 counts as 1, as ComfyUI's
+    ``if strength and strength < 1``). Without a noise mask it changes nothing, as there."""
+    s = float(strength)
+    if not 0.0 <= s <= 1.0:
+        raise NodeError(f"DifferentialDiffusion strength must be in [0, 1], got {strength!r}")
+    return (replace(model, differential=s),)
+
+
 PATCH_NODES: dict[str, NodeDef] = {
     n.name: n
     for n in (
@@ -77,7 +91,20 @@ PATCH_NODES: dict[str, NodeDef] = {
             "downsample) divided by downscale_factor while the sampling is between start_percent and end_percent, "
             "resized back where it meets a full-size skip; for images larger than the model's training size.",
         ),
+        NodeDef(
+            "DifferentialDiffusion",
+            "Differential Diffusion",
+            "_for_testing",
+            (Input("model", "MODEL"), Input("strength", "FLOAT", 1.0, 0.0, 1.0, 0.01, optional=True)),
+            ("MODEL",),
+            differential_diffusion,
+            description="Soft inpainting (Levin & Fried 2023): a LATENT's noise mask read as grey levels, a pixel of "
+            "level g changing during about the last g of the steps (at each model call the region repainted is where "
+            "the mask is at or above a threshold falling from 1 to 0 in the model's timestep); strength below 1 "
+            "blends that binary mask with the grey one. SD 1.x / SDXL and the flow families (SD3, Flux); without a "
+            "noise mask it changes nothing.",
+        ),
     )
 }
 
-__all__ = ["PATCH_NODES", "patch_model_add_downscale"]
+__all__ = ["PATCH_NODES", "differential_diffusion", "patch_model_add_downscale"]

@@ -1179,6 +1179,7 @@ def sample_flow(
                 if model.skip_layer_guidance
                 else None,
                 noise_mask=latent_image.get("noise_mask"),
+                differential=getattr(model, "differential", None),
             )
     except LatentSamplingError as e:
         raise NodeError(str(e)) from None
