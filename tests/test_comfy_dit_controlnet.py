@@ -233,6 +233,11 @@ def test_refusals_are_one_line_node_errors(sd3_cn, flux_cn, tmp_path):
 
     shutil.copytree(froot / "controlnets" / "flux-cn", root / "controlnets" / "flux-cn", dirs_exist_ok=True)
     assert "is a Flux ControlNet; this model is SD3" in _fails(root, sd3_cn_graph("flux-cn"), pipes)
+    # a Qwen-Image ControlNet on an SD3 model: named as Qwen-Image's (once "is a Flux ControlNet")
+    from test_qwen_controlnet import _controlnet as _qwen_controlnet
+
+    _qwen_controlnet(root / "controlnets" / "qwen-cn", 5)
+    assert "is a Qwen-Image ControlNet; this model is SD3" in _fails(root, sd3_cn_graph("qwen-cn"), pipes)
     from sdengine.control import save_controlnet
     from sdengine.models.controlnet import ControlNet
     from sdengine.models.unet import UNet

@@ -1317,6 +1317,9 @@ def _hint_vae(ctx: RunContext, vae: Any, name: str) -> Any:
     return vae_module(ctx, vae)
 
 
+FAMILY_LABELS = {"sd3": "SD3", "flux": "Flux", "chroma": "Chroma", "qwen_image": "Qwen-Image"}  # in messages
+
+
 def _load_dit_controlnet(ctx: RunContext, path: str, family: str) -> Any:
     """The SD3 / Flux ControlNet at ``path`` (kept for the next prompts); a U-Net one is refused in one line."""
     from sdengine.control.dit_files import read_dit_controlnet
@@ -1356,7 +1359,9 @@ def _controlled_flow(
 
     label = {"sd3": "SD3", "flux": "Flux"}.get(family)
     if label is None:
-        raise NodeError("ControlNets on Chroma models are not supported here")
+        raise NodeError(
+            f"ControlNets on {FAMILY_LABELS.get(family, family)} models are not supported on the ComfyUI route here"
+        )
     if len(positive) != 1 or len(negative) != 1:
         raise NodeError(f"ControlNets on {label} run with one plain positive and one negative conditioning here")
     if third:
@@ -1403,7 +1408,7 @@ def _controlled_flow(
         name = Path(path).name
         cn = _load_dit_controlnet(ctx, path, family)
         if cn.family != family:
-            raise NodeError(f"ControlNet {name} is a {'SD3' if cn.family == 'sd3' else 'Flux'} ControlNet; this "
+            raise NodeError(f"ControlNet {name} is a {FAMILY_LABELS.get(cn.family, cn.family)} ControlNet; this "
                             f"model is {label}")  # fmt: skip
         union = isinstance(cn, FluxControlNet) and cn.controlnet_mode_embedder is not None
         if union and hint.union_type is None:
