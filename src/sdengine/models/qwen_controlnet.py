@@ -137,10 +137,13 @@ class QwenImageControlNet(nn.Module):
         encoder_hidden_states: Tensor,
         encoder_hidden_states_mask: Tensor | None = None,
         conditioning_scale: float = 1.0,
+        *,
+        rope_centre: str = "diffusers",
     ) -> list[Tensor]:
         """The latent (B, 16, H, W) and the control latent (B, 16 [+ 1 mask], H, W) (both unpacked), ``timestep``
         (B,) on 0..1000, the text states (B, L, joint_attention_dim) and their mask (B, L) or None -> one residual
-        (B, N, dim) per block, each times ``conditioning_scale``."""
+        (B, N, dim) per block, each times ``conditioning_scale``; ``rope_centre``: how an odd grid is centred
+        (:func:`sdengine.models.qwen_image.rope_tables`; "comfyui" on sdengine's ComfyUI route)."""
         cfg = self.config
         dtype = self.dtype
         B, C, H, W = hidden_states.shape
@@ -176,9 +179,9 @@ class QwenImageControlNet(nn.Module):
             image = torch.ones(B, (H // PATCH) * (W // PATCH), dtype=torch.bool, device=x.device)
             mask = torch.cat([encoder_hidden_states_mask.to(device=x.device, dtype=torch.bool), image], dim=1)
         context = self.txt_in(self.txt_norm(text.to(dtype)))
-        key = (H // PATCH, W // PATCH, L, x.device)
+        key = (H // PATCH, W // PATCH, L, x.device, rope_centre)
         if self._rope is None or self._rope[0] != key:
-            cos, sin = rope_tables(H // PATCH, W // PATCH, L, cfg.axes_dims_rope)
+            cos, sin = rope_tables(H // PATCH, W // PATCH, L, cfg.axes_dims_rope, rope_centre)
             self._rope = (key, (cos.to(x.device), sin.to(x.device)))
         rope = self._rope[1]
         out: list[Tensor] = []

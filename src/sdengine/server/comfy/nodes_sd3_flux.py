@@ -1100,8 +1100,6 @@ def sample_flow(
     references, method = sampling_references(family, stripped[0], stripped[1], cfg, flow.name)
     if references and controls:
         raise NodeError("ReferenceLatent (FLUX.1 Kontext) and a ControlNet together are not supported: drop one")
-    if controls and family == "qwen_image":
-        raise NodeError(f"ControlNets on Qwen-Image are not supported here; {flow.name} is a Qwen-Image model")
     if references:  # FLUX.1 Kontext: the references' tokens at every call, as the model's latents
         network: Any = flow.network  # a FluxAdapter made for this run
         network.references = [_raw_in(r.float(), family).to(flow.device) for r in references]
@@ -1309,7 +1307,7 @@ def _hint_vae(ctx: RunContext, vae: Any, name: str) -> Any:
 
     if vae is None:
         raise NodeError(
-            f"ControlNet {name} is an SD3 / Flux ControlNet: it needs a VAE to encode its image; connect the vae "
+            f"ControlNet {name} is an SD3 / Flux / Qwen-Image ControlNet: it needs a VAE to encode its image; connect the vae "
             "input of ControlNetApplyAdvanced (as ComfyUI asks)"
         )
     if isinstance(vae, TinyVaeHandle):
@@ -1325,7 +1323,7 @@ def _load_dit_controlnet(ctx: RunContext, path: str, family: str) -> Any:
     from sdengine.control.dit_files import read_dit_controlnet
 
     name = Path(path).name
-    label = "an SD3" if family == "sd3" else "a Flux"
+    label = {"sd3": "an SD3", "qwen_image": "a Qwen-Image"}.get(family, "a Flux")
     try:
         return _cached("controlnet", str(ctx.device), (str(Path(path).resolve()),), lambda: read_dit_controlnet(path))
     except (OSError, SdengineError) as e:
@@ -1345,11 +1343,13 @@ def _controlled_flow(
     sigmas: torch.Tensor,
     third: list[Any] | None,
 ) -> tuple[Any, list[Any], list[Any]]:
-    """(the FlowModel whose network runs the conditionings' SD3 / Flux ControlNets, the conditionings without them).
+    """(the FlowModel whose network runs the conditionings' SD3 / Flux / Qwen-Image ControlNets, the conditionings
+    without them).
 
     As the Python pipeline (sdengine.pipeline.dit_control) every CFG row runs the ControlNet with its own text, so
     a hint must be on both conditionings (ControlNetApplyAdvanced puts it there); at cfg 1 the positive's alone
-    act (no negative pass, as ComfyUI's shortcut)."""
+    act (no negative pass, as ComfyUI's shortcut). Qwen-Image's run by ComfyUI's rules
+    (:mod:`sdengine.server.comfy.qwen_control`: every CFG row, ComfyUI's block rule and centring)."""
     from sdengine.latent_sampling import same_hint
     from sdengine.models.dit_controlnet import FluxControlNet
     from sdengine.pipeline.control import HINT_NEAREST_CENTRE, ControlUnit
@@ -1357,7 +1357,7 @@ def _controlled_flow(
     from sdengine.pipeline.flux import FluxAdapter
     from sdengine.pipeline.sd3 import MMDiTAdapter
 
-    label = {"sd3": "SD3", "flux": "Flux"}.get(family)
+    label = {"sd3": "SD3", "flux": "Flux", "qwen_image": "Qwen-Image"}.get(family)
     if label is None:
         raise NodeError(
             f"ControlNets on {FAMILY_LABELS.get(family, family)} models are not supported on the ComfyUI route here"
@@ -1391,6 +1391,8 @@ def _controlled_flow(
         dtype = _device_dtype(ctx)[1]
         make: Callable[[Any], Any] = (lambda n: FluxAdapter(n, dtype)) if family == "flux" else (
             lambda n: MMDiTAdapter(n, dtype))  # fmt: skip
+    elif family == "qwen_image":  # a Qwen-Image model comes from UNETLoader alone here
+        raise NodeError("ControlNets on Qwen-Image take the model of UNETLoader")
     else:
         pipe = ctx.pipeline(model.ref)
         net, dtype, make = pipe.unet, pipe.dtype, pipe.network_adapter
@@ -1401,7 +1403,7 @@ def _controlled_flow(
         h, w = (int(v) // LATENT_FACTOR for v in latent_image["size"][1:])
     run_sigmas = torch.as_tensor(sigmas, dtype=torch.float32).reshape(-1)
     fit = HINT_NEAREST_CENTRE if ctx.seed_rule == "comfyui" else "crop and resize"
-    scale, shift = LATENT_FORMATS[family]
+    scale, shift = LATENT_FORMATS.get(family, (1.0, 0.0))  # Qwen-Image's: Wan 2.1's per-channel normalisation
     units, windows = [], []
     for hint in hints:
         path = str(hint.model)
@@ -1410,6 +1412,11 @@ def _controlled_flow(
         if cn.family != family:
             raise NodeError(f"ControlNet {name} is a {FAMILY_LABELS.get(cn.family, cn.family)} ControlNet; this "
                             f"model is {label}")  # fmt: skip
+        if family == "qwen_image" and hint.union_type is not None:
+            raise NodeError(
+                f"ControlNet {name}: Qwen-Image ControlNets take no type (InstantX's Union reads the kind off the "
+                "image): leave SetUnionControlNetType out"
+            )
         union = isinstance(cn, FluxControlNet) and cn.controlnet_mode_embedder is not None
         if union and hint.union_type is None:
             raise NodeError(
@@ -1424,7 +1431,8 @@ def _controlled_flow(
             from sdengine.vae_utils import encode_moments
 
             p = next(vae.parameters())
-            return encode_moments(vae, images.to(device=p.device, dtype=p.dtype) * 2.0 - 1.0).mean
+            mean = encode_moments(vae, images.to(device=p.device, dtype=p.dtype) * 2.0 - 1.0).mean
+            return _qwen_hint_latent(mean) if family == "qwen_image" else mean
 
         unit = ControlUnit(cn, hint.image, float(hint.strength), union_mode=hint.union_type, mask=hint.mask)
         try:
@@ -1434,14 +1442,27 @@ def _controlled_flow(
             )  # fmt: skip
         except SdengineError as e:
             first = re.sub(r"^ControlNet \d+: ", "", str(e).splitlines()[0])
-            if hint.mask is None and "is an SD3 inpainting ControlNet" in first:
-                first = "an SD3 inpainting ControlNet: apply it with ControlNetInpaintingAliMamaApply (its mask)"
+            if hint.mask is None and "inpainting ControlNet: give the unit its mask" in first:
+                first = (f"{'an' if family == 'sd3' else 'a'} {label} inpainting ControlNet: apply it with "
+                         "ControlNetInpaintingAliMamaApply (its mask)")  # fmt: skip
             raise NodeError(f"ControlNet {name}: {first}") from None
         units.extend(built.units)
         sched = flow.schedule
         windows.append((sched.percent_to_sigma(float(hint.end)), sched.percent_to_sigma(float(hint.start))))
+    if family == "qwen_image":
+        from sdengine.server.comfy.qwen_control import ComfyControlledQwen, ComfyQwenControlAdapter
+
+        qwen = ComfyControlledQwen(net, units, windows, run_sigmas)
+        return replace(flow, network=ComfyQwenControlAdapter(qwen, dtype), skipping=None), positive, negative
     controlled = _sigma_windowed(ControlledDiT(net, units, family), windows, run_sigmas)
     return replace(flow, network=make(controlled), skipping=None), positive, negative
+
+
+def _qwen_hint_latent(mean: torch.Tensor) -> torch.Tensor:
+    """A Qwen-Image ControlNet's hint latent: the VAE's mean in ComfyUI's Wan21 format, ``(z - mean) / std``."""
+    from sdengine.server.comfy.nodes_qwen import raw_in
+
+    return raw_in(mean.float())
 
 
 def raw_latent(z: torch.Tensor | None) -> bool:
