@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
+import test_comfy_qwen_image as base  # noqa: E402
 from _qwen_models import WIDE_TEXT, WIDE_TRANSFORMER  # noqa: E402
 from sdengine.pipeline.control import ControlUnit  # noqa: E402
 from sdengine.pipeline.dit_control import ControlledQwen  # noqa: E402
@@ -27,9 +28,11 @@ from sdengine.server.catalog import Catalog  # noqa: E402
 from sdengine.server.comfy.graph import Executor, NodeFailed, validate  # noqa: E402
 from sdengine.server.comfy.nodes import Outputs, RunContext  # noqa: E402
 from sdengine.server.comfy.nodes_sd3_flux import forget_parts  # noqa: E402
-from test_comfy_qwen_image import CFG, NEGATIVE, PROMPT, SEED, SIDE, STEPS, comfy_pipeline, qwen, qwen_graph  # noqa: E402,F401
+from test_comfy_qwen_image import CFG, NEGATIVE, PROMPT, SEED, SIDE, STEPS, comfy_pipeline, qwen_graph  # noqa: E402
 from test_comfy_sd3_flux import TOL, _pixels  # noqa: E402
 from test_qwen_controlnet import _controlnet  # noqa: E402
+
+qwen = base.qwen  # its fixture: the tiny Qwen-Image model in ComfyUI's files
 
 HINT = SIDE // 4  # the output's side: 16 pixels (an 8 x 8 latent of the tiny 2x VAE)
 STRENGTH = 0.8
@@ -140,7 +143,9 @@ def test_union_controlnet_graph_equals_the_pipeline_with_comfyuis_rules(qwen_cn,
     assert gap.mean() < TOL and gap.max() < 1e-4
     assert np.abs(ours - plain).max() > 1e-3  # the ControlNet acts
     rule = np.abs(ours - diffusers_rule)
-    print(f"ComfyUI's every-row rule vs diffusers' reuse at cfg {CFG}: mean abs {rule.mean():.2e}, max {rule.max():.2e}")
+    print(
+        f"ComfyUI's every-row rule vs diffusers' reuse at cfg {CFG}: mean abs {rule.mean():.2e}, max {rule.max():.2e}"
+    )
     assert rule.max() > 1e-4  # the rows' rule shows
     # at cfg 1 there is no unconditional row: ComfyUI's graph and diffusers' rule agree
     one = _pixels(_run(root, cn_graph(cfg=1.0))["8"][0])
@@ -202,8 +207,8 @@ def test_refusals_are_one_line(qwen_cn, tmp_path):
     g["a"]["inputs"]["control_net"] = ["u", 0]
     assert "Qwen-Image ControlNets take no type" in _fails(root, g)
     # a Flux ControlNet on the Qwen-Image model, named by its family
-    from test_dit_control_pipeline import _flux_controlnet
     from _flux_models import make_flux_folder
+    from test_dit_control_pipeline import _flux_controlnet
 
     make_flux_folder(tmp_path / "flux")
     _flux_controlnet(tmp_path / "flux", root / "controlnets" / "flux-cn", 41)

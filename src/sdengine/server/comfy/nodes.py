@@ -3693,8 +3693,8 @@ NODES: dict[str, NodeDef] = {
             controlnet_apply_advanced,
             output_names=("positive", "negative"),
             description="The ControlNet's hint on both conditionings from start_percent to end_percent of the "
-            "schedule (judged on each model call's sigma, as ComfyUI). An SD3 / Flux ControlNet needs the vae "
-            "(its hint is encoded to latents); U-Net ControlNets ignore it (docs/controlnet.md).",
+            "schedule (judged on each model call's sigma, as ComfyUI). An SD3 / Flux / Qwen-Image ControlNet needs "
+            "the vae (its hint is encoded to latents); U-Net ControlNets ignore it (docs/controlnet.md).",
         ),
     )
 }

@@ -25,10 +25,11 @@ nodes as the U-Nets, and so does sdengine:
   (:func:`sdengine.latent_sampling.flow_sigmas`) with :func:`sdengine.latent_sampling.sample_flow_latents`; a
   latent's noise mask (SetLatentNoiseMask) inpaints as ComfyUI's KSamplerX0Inpaint.
 
-* ControlNets: ControlNetLoader on an SD3 / Flux ControlNet (a diffusers folder or one ``.safetensors`` in
-  diffusers' names, :mod:`sdengine.control.dit_files`), ControlNetApplyAdvanced with its ``vae`` (or ComfyUI's
-  deprecated ControlNetApplySD3), SetUnionControlNetType for a Flux Union ControlNet and
-  ControlNetInpaintingAliMamaApply for an SD3 inpainting ControlNet (its MASK prepared as the pipeline does): the
+* ControlNets: ControlNetLoader on an SD3 / Flux / Qwen-Image ControlNet (a diffusers folder or one
+  ``.safetensors`` in diffusers' names, :mod:`sdengine.control.dit_files`), ControlNetApplyAdvanced with its ``vae``
+  (or ComfyUI's deprecated ControlNetApplySD3), SetUnionControlNetType for a Flux Union ControlNet and
+  ControlNetInpaintingAliMamaApply for an SD3 / Qwen-Image inpainting ControlNet (its MASK prepared as the pipeline
+  does; Qwen-Image's by ComfyUI's rules, :mod:`sdengine.server.comfy.qwen_control`): the
   sampler runs the transformer with the ControlNets' residuals as the Python pipeline does
   (:mod:`sdengine.pipeline.dit_control`: the hint encoded by the given VAE, its posterior's mean scaled in), each
   unit acting at the model calls whose sigma lies in its start/end window (ComfyUI's percent_to_sigma rule, judged
@@ -1254,7 +1255,7 @@ def controlnet_inpainting_alimama_apply(
     start_percent: float,
     end_percent: float,
 ) -> tuple[Any, ...]:
-    """ComfyUI's ControlNetInpaintingAliMamaApply: an SD3 inpainting ControlNet's hint (the picture to inpaint)
+    """ComfyUI's ControlNetInpaintingAliMamaApply: an SD3 / Qwen-Image inpainting ControlNet's hint (the picture)
     with its MASK (1 = repaint) on both conditionings. The picture and mask are prepared as the Python pipeline
     (diffusers) prepares them, not as ComfyUI does (see comfyui.md)."""
     from sdengine.server.comfy.nodes import controlnet_apply_advanced
@@ -1307,8 +1308,8 @@ def _hint_vae(ctx: RunContext, vae: Any, name: str) -> Any:
 
     if vae is None:
         raise NodeError(
-            f"ControlNet {name} is an SD3 / Flux / Qwen-Image ControlNet: it needs a VAE to encode its image; connect the vae "
-            "input of ControlNetApplyAdvanced (as ComfyUI asks)"
+            f"ControlNet {name} is an SD3 / Flux / Qwen-Image ControlNet: it needs a VAE to encode its image; "
+            "connect the vae input of ControlNetApplyAdvanced (as ComfyUI asks)"
         )
     if isinstance(vae, TinyVaeHandle):
         raise NodeError(f"ControlNet {name}: the tiny VAE (taesd) cannot encode its image; give the model's VAE")
@@ -1693,7 +1694,8 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         description="A Union ControlNet's control type: ComfyUI's type number goes to the mode embedding as it is "
         "(a Flux Union ControlNet of InstantX / Shakker-Labs reads it in its own order: canny 0, tile 1, depth 2, "
         "blur 3, pose 4, gray 5, lq 6). A Union ControlNet needs one (auto: a node error when it samples); U-Net "
-        "Union ControlNets (ControlNet++) are not supported.",
+        "Union ControlNets (ControlNet++) are not supported; InstantX's Qwen-Image Union reads the kind off the "
+        "image and takes no type (a node error).",
     ),
     "ControlNetInpaintingAliMamaApply": NodeDef(
         "ControlNetInpaintingAliMamaApply",
@@ -1713,12 +1715,14 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ("CONDITIONING", "CONDITIONING"),
         controlnet_inpainting_alimama_apply,
         output_names=("positive", "negative"),
-        description="An SD3 inpainting ControlNet (Alimama's, extra_conditioning_channels 1) with the picture to "
-        "inpaint and its MASK (1 = repaint), on an SD3 model. Prepared as the Python pipeline (diffusers' "
-        "StableDiffusion3ControlNetInpaintingPipeline) prepares it, not as ComfyUI does: the mask resized as the "
-        "picture and cut at 0.5 (ComfyUI: bilinear, rounded), the masked pixels black (as ComfyUI), the mask taken "
-        "to the latent's size by nearest and inverted (1 = keep) as its extra channel, the hint's latent shifted "
-        "and scaled as diffusers does. One mask for every row; a mask on another ControlNet, an inpainting "
+        description="An SD3 inpainting ControlNet (Alimama's, extra_conditioning_channels 1) on an SD3 model, or "
+        "InstantX's Qwen-Image inpainting ControlNet (extra_condition_channels 4) on a Qwen-Image model, with the "
+        "picture to inpaint and its MASK (1 = repaint). Prepared as the Python pipeline (diffusers' "
+        "StableDiffusion3ControlNetInpaintingPipeline, QwenImageControlNetInpaintPipeline) prepares it, not as "
+        "ComfyUI does: the mask resized as the picture and cut at 0.5 (ComfyUI: bilinear, rounded), the masked "
+        "pixels black (as ComfyUI), the mask taken to the latent's size by nearest and inverted (1 = keep) as its "
+        "extra channel, the hint's latent shifted and scaled as diffusers does (Qwen-Image: normalised as ComfyUI's "
+        "Wan21 format, the same). One mask for every row; a mask on another ControlNet, an inpainting "
         "ControlNet through ControlNetApplyAdvanced, or this node on a U-Net model: a node error.",
     ),
     "ControlNetApplySD3": NodeDef(
