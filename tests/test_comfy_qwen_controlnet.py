@@ -216,3 +216,35 @@ def test_refusals_are_one_line(qwen_cn, tmp_path):
     # a Qwen-Image ControlNet of another width than the transformer
     _controlnet(root / "controlnets" / "qwen-narrow", 53, joint_attention_dim=WIDE_TEXT["hidden_size"])
     assert "not a ControlNet for this model" in _fails(root, cn_graph("qwen-narrow"))
+
+
+def test_odd_patch_grid_is_centred_as_comfyui_in_the_controlnet_too(qwen_cn, monkeypatch):
+    """EmptySD3LatentImage 48: a 6 x 6 latent, 3 x 3 patches, centred as ComfyUI centres them in the transformer and
+    in the ControlNet (the pipeline given ComfyUI's centring in both)."""
+    from functools import partialmethod
+
+    from sdengine.models.qwen_controlnet import QwenImageControlNet
+
+    root, pipe, files = qwen_cn
+    g = cn_graph()
+    g["58"]["inputs"]["width"] = g["58"]["inputs"]["height"] = 48
+    small = _picture(4).resize((12, 12))  # the output's size: no resize on either side
+    small.save(root / "in" / "hint12.png")
+    g["h"]["inputs"]["image"] = "hint12.png"
+    ours = _pixels(_run(root, g)["8"][0])
+    other = comfy_pipeline(files, monkeypatch, pipe, centre="comfyui")
+    forward = QwenImageControlNet.forward
+    monkeypatch.setattr(QwenImageControlNet, "forward", partialmethod(forward, rope_centre="comfyui"))
+    _every_row(monkeypatch)
+    unit = ControlUnit(str(root / "controlnets" / "qwen-union"), small, scale=STRENGTH)
+    out = other(PROMPT, NEGATIVE, steps=STEPS, seed=SEED, width=12, height=12, sampler="euler", schedule="simple",
+                cfg_scale=CFG, controlnets=[unit], progress=False)  # fmt: skip
+    gap = np.abs(ours - out.arrays[0].astype(np.float64))
+    print(f"3 x 3 patches, ComfyUI's centring: mean abs {gap.mean():.2e}, max {gap.max():.2e}")
+    assert gap.mean() < TOL and gap.max() < 1e-4
+    monkeypatch.setattr(QwenImageControlNet, "forward", forward)  # diffusers' centring in the ControlNet alone
+    out = other(PROMPT, NEGATIVE, steps=STEPS, seed=SEED, width=12, height=12, sampler="euler", schedule="simple",
+                cfg_scale=CFG, controlnets=[unit], progress=False)  # fmt: skip
+    other_centre = np.abs(ours - out.arrays[0].astype(np.float64)).max()
+    print(f"the ControlNet centred as diffusers: max abs {other_centre:.2e}")
+    assert other_centre > 1e-4
