@@ -1118,7 +1118,9 @@ def _sample(
     if getattr(model, "skip_layer_guidance", ()):
         raise NodeError("SkipLayerGuidanceSD3 leaves out joint blocks of SD3's MMDiT; this model is a U-Net")
     if any(getattr(h, "mask", None) is not None for c in [*positive, *negative] for h in getattr(c, "controls", ())):
-        raise NodeError("ControlNetInpaintingAliMamaApply is for SD3 inpainting ControlNets; this model is a U-Net")
+        raise NodeError(
+            "ControlNetInpaintingAliMamaApply is for SD3 / Qwen-Image inpainting ControlNets; this model is a U-Net"
+        )
     if getattr(model, "perp_neg", ()):  # ComfyUI's PerpNeg patch: its CFG function in place of CFG (the node's cfg)
         if guidance_rule is not None:
             raise NodeError(f"{guidance_rule!r} cannot guide a model with the PerpNeg patch: use one or the other")

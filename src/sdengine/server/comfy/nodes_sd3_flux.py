@@ -1443,6 +1443,7 @@ def _controlled_flow(
             )  # fmt: skip
         except SdengineError as e:
             first = re.sub(r"^ControlNet \d+: ", "", str(e).splitlines()[0])
+            first = re.sub(r"^ControlNet \d+ ", "it ", first)  # the pipeline's unit number: this node's ControlNet
             if hint.mask is None and "inpainting ControlNet: give the unit its mask" in first:
                 first = (f"{'an' if family == 'sd3' else 'a'} {label} inpainting ControlNet: apply it with "
                          "ControlNetInpaintingAliMamaApply (its mask)")  # fmt: skip
