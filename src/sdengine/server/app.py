@@ -806,7 +806,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         from sdengine.server.page_api import qwen_edit_before_load
 
         if loaded is not None:
-            return getattr(loaded, "variant", None) == "qwen_image_edit"
+            return getattr(loaded, "variant", None) in ("qwen_image_edit", "qwen_image_edit_plus")
         return qwen_edit_before_load(generation.model)
 
     def check_reference_tokens(generation: Generation, loaded: Any, limit: int) -> None:
@@ -973,10 +973,12 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 loaded.check_request(r)
             elif family == "qwen_image" and edit:  # Qwen-Image-Edit not loaded yet: its refusals
                 from sdengine.pipeline.qwen_image_edit import edit_refusals
+                from sdengine.server.page_api import qwen_edit_plus_before_load
 
-                reasons = edit_refusals(r)
+                plus = qwen_edit_plus_before_load(generation.model)
+                reasons = edit_refusals(r, plus)
                 if reasons:
-                    raise BadRequest(f"{reasons[0]}; {name} is a Qwen-Image-Edit model")
+                    raise BadRequest(f"{reasons[0]}; {name} is a Qwen-Image-Edit{'-2509' if plus else ''} model")
             elif family == "qwen_image":  # Qwen-Image not loaded yet: its refusals, without the model
                 from sdengine.pipeline.qwen_image import qwen_refusals
 
