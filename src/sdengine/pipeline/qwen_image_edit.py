@@ -64,6 +64,10 @@ def edit_refusals(r: GenerationRequest, plus: bool = False) -> list[str]:
     reasons = [why for why in qwen_refusals(r) if why != REFERENCE_REASON and not why.startswith(kontext)]
     refs = r.reference_list()
     kind = "Qwen-Image-Edit-2509" if plus else "Qwen-Image-Edit"
+    if r.init_image is not None or r.mask is not None:
+        reasons.append(
+            f"init_image / mask: {kind} takes its input images as reference_images (no img2img or inpainting)"
+        )
     if plus and not 1 <= len(refs) <= PLUS_MAX_IMAGES:
         reasons.append(
             f"{kind} edits 1 to {PLUS_MAX_IMAGES} input images: give them as reference_images=[image, ...] "
@@ -75,10 +79,6 @@ def edit_refusals(r: GenerationRequest, plus: bool = False) -> list[str]:
         )
     if r.reference_auto_resize is not True:
         reasons.append(f"reference_auto_resize is FLUX.1 Kontext's; {kind} always fits its images to ~1024^2")
-    if r.init_image is not None or r.mask is not None:
-        reasons.append(
-            f"init_image / mask: {kind} takes its input images as reference_images (no img2img or inpainting)"
-        )
     if r.enable_hr:
         reasons.append(f"the hires fix is not supported for {kind}")
     if r.controlnets:

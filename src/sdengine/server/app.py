@@ -89,6 +89,21 @@ class Services:
             return None
         return family_of_pipe(loaded) if loaded is not None else family_before_load(ref)
 
+    def qwen_edit(self, model: str | None) -> str | None:
+        """Whether ``model`` (None: the current one) is Qwen-Image-Edit: "edit", "plus" (2509's
+        ``QwenImageEditPlusPipeline``) or None (another model, an unknown name)."""
+        from sdengine.server.page_api import qwen_edit_before_load, qwen_edit_plus_before_load
+
+        ref, loaded = self._model(model)
+        if ref is None:
+            return None
+        if loaded is not None:
+            variant = getattr(loaded, "variant", None)
+            return {"qwen_image_edit": "edit", "qwen_image_edit_plus": "plus"}.get(str(variant))
+        if not qwen_edit_before_load(ref):
+            return None
+        return "plus" if qwen_edit_plus_before_load(ref) else "edit"
+
     def family_defaults(self, model: str | None) -> dict[str, Any]:
         """The settings a job on ``model`` (None: the current one) takes where its request gives none, when they
         are not SD's (the native job's and OpenAI's defaults: 25 steps of dpmpp_2m / karras at cfg 7.5): an SD3
