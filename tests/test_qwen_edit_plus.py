@@ -122,3 +122,38 @@ def test_plus_refusals(plus_pipe, extra, match):
     with pytest.raises(GenerationError, match=match) as e:
         plus_pipe("a", steps=1, seed=1, progress=False, **extra)
     assert "\n" not in str(e.value) and "Qwen-Image-Edit-2509" in str(e.value)
+
+
+def test_cli_edits_several_reference_images(plus_folder, plus_pipe, tmp_path, monkeypatch):
+    """``sdengine generate --reference-image A --reference-image B`` on a 2509 folder: the Python pipeline's image."""
+    from sdengine.cli import main
+    from sdengine.pipeline.qwen_image_edit import QwenImageEditPlusPipeline
+
+    monkeypatch.setattr(QwenImageEditPlusPipeline, "edit_area", EDIT_AREA)
+    monkeypatch.setattr(QwenImageEditPlusPipeline, "condition_area", CONDITION_AREA)
+    a, b, out = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out.png"
+    _image(90, 60).save(a)
+    _image(50, 80, seed=1).save(b)
+    args = ["generate", "--model", str(plus_folder), "make the apple green", "--reference-image", str(a),
+            "--reference-image", str(b), "--steps", "2", "--seed", "3", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    want = plus_pipe("make the apple green", reference_images=[Image.open(a), Image.open(b)], steps=2, seed=3,
+                     progress=False)  # fmt: skip
+    got = np.asarray(Image.open(out), dtype=np.float32) / 255
+    assert got.shape == want.arrays[0].shape
+    assert np.abs(got - want.arrays[0]).max() <= 1 / 255 + 1e-6
+
+
+def test_edit_2511_is_refused_at_load(plus_folder, tmp_path):
+    """Qwen-Image-Edit-2511 (a 2509 folder whose transformer has ``zero_cond_t``): one line at load."""
+    import json
+    import shutil
+
+    import sdengine
+    from sdengine.errors import GenerationError
+
+    folder = shutil.copytree(plus_folder, tmp_path / "Qwen-Image-Edit-2511")
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, "zero_cond_t": True}))
+    with pytest.raises(GenerationError, match="zero_cond_t .Qwen-Image-Edit-2511's reference-image modulation. is"):
+        sdengine.load_pipeline(folder, device="cpu")
