@@ -390,7 +390,12 @@ class QwenImageTransformer(nn.Module):
         more: tuple[tuple[int, int], ...] = ()
         refs = [] if reference is None else [reference] if isinstance(reference, Tensor) else list(reference)
         for ref in refs:
-            if ref.ndim != 4 or ref.shape[:2] != hidden_states.shape[:2] or ref.shape[2] % PATCH or ref.shape[3] % PATCH:
+            if (
+                ref.ndim != 4
+                or ref.shape[:2] != hidden_states.shape[:2]
+                or ref.shape[2] % PATCH
+                or ref.shape[3] % PATCH
+            ):
                 raise UsageError(
                     f"Qwen-Image transformer: reference must be a (B={B}, {cfg.latent_channels}, h, w) latent, h and "
                     f"w even, got {tuple(ref.shape)}"

@@ -229,9 +229,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         for i, what in enumerate(("prompt", "negative prompt")[: len(texts)]):
             n = int(mask[i].bool().sum())
             if n > width:
-                note(
-                    f"{self.kind} reads the first {width} states of the {what} with its images; the rest is cut off"
-                )
+                note(f"{self.kind} reads the first {width} states of the {what} with its images; the rest is cut off")
                 n = width
             out = states.new_zeros(1, width, states.shape[2])
             out[0, :n] = states[i, :n]

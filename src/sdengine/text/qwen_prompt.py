@@ -199,7 +199,9 @@ def encode_prompt_qwen_edit(
         )
     images = [image] if isinstance(image, Image.Image) else list(image)
     if not images or (not plus and len(images) != 1):
-        raise UsageError(f"Qwen-Image-Edit prompt encoding: {'one image or more' if plus else 'one image'}, got {len(images)}")
+        raise UsageError(
+            f"Qwen-Image-Edit prompt encoding: {'one image or more' if plus else 'one image'}, got {len(images)}"
+        )
     read = [qwen_vision_pixels(img, vision.config, min_pixels=min_pixels, max_pixels=max_pixels) for img in images]
     grids = [grid for _, grid in read]
     merge = vision.config.spatial_merge_size
