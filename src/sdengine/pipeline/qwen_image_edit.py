@@ -17,7 +17,12 @@ image, given as ``reference_images=[image]`` (the name FLUX.1 Kontext's referenc
 * true CFG with the norm-preserving combination, the schedule's ``mu`` from the generated image's token count, as
   Qwen-Image.
 
-Refused in one line before any model runs: no reference image or more than one, ``reference_auto_resize`` false
+Qwen-Image-Edit-2509 (:class:`QwenImageEditPlusPipeline`, diffusers' ``QwenImageEditPlusPipeline``) takes 1 to
+:data:`PLUS_MAX_IMAGES` input images, each fitted twice (~384^2 for the vision tower, ~1024^2 for the VAE), the
+prompt after "Picture 1: <image>Picture 2: <image>..." and every image's latent appended with its own grid; the
+output takes the last image's size.
+
+Refused in one line before any model runs: no reference image or more than one (2509: more than 3), ``reference_auto_resize`` false
 (FLUX.1 Kontext's option), an init image or mask (diffusers' Edit pipeline has neither), the hires fix, and what
 Qwen-Image refuses. LoRAs apply to the transformer as on Qwen-Image (``loras=``, ``<lora:...>`` tags, taken out of
 the prompts before they are encoded).
