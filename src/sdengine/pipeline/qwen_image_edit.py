@@ -23,8 +23,8 @@ prompt after "Picture 1: <image>Picture 2: <image>..." and every image's latent 
 output takes the last image's size.
 
 Refused in one line before any model runs: no reference image or more than one (2509: more than 3),
-``reference_auto_resize`` false (FLUX.1 Kontext's option), an init image or mask (diffusers' Edit pipeline has neither), the hires fix, and what
-Qwen-Image refuses. LoRAs apply to the transformer as on Qwen-Image (``loras=``, ``<lora:...>`` tags, taken out of
+``reference_auto_resize`` false (FLUX.1 Kontext's option), an init image or mask (diffusers' Edit pipelines have
+neither), the hires fix, and what Qwen-Image refuses. LoRAs apply to the transformer as on Qwen-Image (``loras=``, ``<lora:...>`` tags, taken out of
 the prompts before they are encoded).
 """
 
