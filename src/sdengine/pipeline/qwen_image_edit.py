@@ -24,8 +24,8 @@ output takes the last image's size.
 
 Refused in one line before any model runs: no reference image or more than one (2509: more than 3),
 ``reference_auto_resize`` false (FLUX.1 Kontext's option), an init image or mask (diffusers' Edit pipelines have
-neither), the hires fix, and what Qwen-Image refuses. LoRAs apply to the transformer as on Qwen-Image (``loras=``, ``<lora:...>`` tags, taken out of
-the prompts before they are encoded).
+neither), the hires fix, and what Qwen-Image refuses. LoRAs apply to the transformer as on Qwen-Image (``loras=``,
+``<lora:...>`` tags, taken out of the prompts before they are encoded).
 """
 
 from __future__ import annotations
