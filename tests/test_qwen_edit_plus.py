@@ -157,3 +157,14 @@ def test_edit_2511_is_refused_at_load(plus_folder, tmp_path):
     (folder / "transformer" / "config.json").write_text(json.dumps({**config, "zero_cond_t": True}))
     with pytest.raises(GenerationError, match="zero_cond_t .Qwen-Image-Edit-2511's reference-image modulation. is"):
         sdengine.load_pipeline(folder, device="cpu")
+
+
+def test_plus_rows_of_a_batch_equal_their_own_calls(plus_pipe):
+    """Two prompts with different negatives on two images in one call (diffusers' Plus pipeline takes one prompt
+    per call): each row equals its call alone (the texts padded to one width with a mask)."""
+    images = [_image(90, 60), _image(50, 80, seed=1)]
+    both = plus_pipe(["a", "make the apple green"], negative_prompt=["", "blurry"], steps=2, seed=[1, 2],
+                     reference_images=images, progress=False)  # fmt: skip
+    alone = plus_pipe("make the apple green", negative_prompt="blurry", steps=2, seed=2, reference_images=images,
+                      progress=False)  # fmt: skip
+    assert np.abs(both.arrays[1] - alone.arrays[0]).max() < 1e-5
