@@ -78,6 +78,7 @@ def test_plus_prompt_encoding_matches_diffusers(plus_folder, plus_oracle):
     [
         ([(130, 90)], None, 1.0),  # one image, one pass
         ([(130, 90), (60, 100)], "blurry, low quality", 4.0),  # two images of different sizes, true CFG
+        ([(130, 90), (60, 100), (80, 80)], " ", 2.5),  # three (the model card's most)
     ],
 )
 def test_plus_matches_diffusers(plus_pipe, plus_oracle, sizes, negative, cfg):
