@@ -113,9 +113,10 @@ MODEL_INDEX = {
 }
 
 
-def make_qwen_edit_folder(dst: Path, seed: int = 0) -> Path:
+def make_qwen_edit_folder(dst: Path, seed: int = 0, plus: bool = False) -> Path:
     """A random tiny Qwen-Image-Edit pipeline in Qwen/Qwen-Image-Edit's layout: each part saved by its library,
-    ``processor/`` as the tokenizer's files plus the image processor's ``preprocessor_config.json``."""
+    ``processor/`` as the tokenizer's files plus the image processor's ``preprocessor_config.json``; ``plus``:
+    Qwen-Image-Edit-2509's (the same parts, ``QwenImageEditPlusPipeline`` in ``model_index.json``)."""
     import json
 
     import diffusers
@@ -130,7 +131,8 @@ def make_qwen_edit_folder(dst: Path, seed: int = 0) -> Path:
     qwen_vae(seed + 10).save_pretrained(dst / "vae")
     qwen_vl_encoder(tokenizer, seed + 20).save_pretrained(dst / "text_encoder")
     qwen_transformer(seed + 30, joint_attention_dim=QWEN_TEXT["hidden_size"]).save_pretrained(dst / "transformer")
-    (dst / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    index = {**MODEL_INDEX, "_class_name": "QwenImageEditPlusPipeline"} if plus else MODEL_INDEX
+    (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     return dst
 
 
@@ -148,7 +150,7 @@ def with_mrope(text_encoder) -> None:
     text_encoder.forward = patched
 
 
-def diffusers_qwen_edit(folder: Path, *, mrope: bool = True):
+def diffusers_qwen_edit(folder: Path, *, mrope: bool = True, plus: bool = False):
     import diffusers
     from transformers import Qwen2TokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -157,7 +159,8 @@ def diffusers_qwen_edit(folder: Path, *, mrope: bool = True):
         Qwen2TokenizerFast.from_pretrained(folder / "processor"),
         Qwen2VLImageProcessorPil.from_pretrained(folder / "processor"),
     )
-    pipe = diffusers.QwenImageEditPipeline.from_pretrained(folder, processor=processor, local_files_only=True)
+    cls = diffusers.QwenImageEditPlusPipeline if plus else diffusers.QwenImageEditPipeline
+    pipe = cls.from_pretrained(folder, processor=processor, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     if mrope:
         with_mrope(pipe.text_encoder)

@@ -215,8 +215,8 @@ def test_other_qwen_pipelines_and_overrides_are_refused(folder: Path, tmp_path: 
     edit = tmp_path / "edit"
     shutil.copytree(folder, edit)
     index = json.loads((edit / "model_index.json").read_text())
-    (edit / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageEditPlusPipeline"}))
-    with pytest.raises(GenerationError, match="QwenImageEditPlusPipeline is not supported"):
+    (edit / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageLayeredPipeline"}))
+    with pytest.raises(GenerationError, match="QwenImageLayeredPipeline is not supported"):
         sdengine.load_pipeline(edit, device="cpu")
     with pytest.raises(GenerationError, match="no such file"):
         sdengine.load_pipeline(folder, device="cpu", vae=str(tmp_path / "missing.safetensors"))

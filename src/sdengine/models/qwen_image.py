@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -361,13 +361,14 @@ class QwenImageTransformer(nn.Module):
         encoder_hidden_states_mask: Tensor | None = None,
         *,
         rope_centre: str = "diffusers",
-        reference: Tensor | None = None,
+        reference: Tensor | Sequence[Tensor] | None = None,
         controlnet_block_samples: list[Tensor] | None = None,
     ) -> Tensor:
         """The velocity for the latent (B, C, H, W) at ``timestep`` (B,) on the 0..1000 scale given the text states
         (B, L, joint_attention_dim) and their mask (B, L) (1 = a token, 0 = padding; None: all tokens);
         ``rope_centre``: how an odd grid is centred (:func:`rope_tables`); ``reference``: Qwen-Image-Edit's
-        reference latent (B, C, h, w) (module docstring); ``controlnet_block_samples``: a ControlNet's residuals
+        reference latent (B, C, h, w) (module docstring), or a list of them (Qwen-Image-Edit-2509's input images, each
+        of its own size: image n's frame is n); ``controlnet_block_samples``: a ControlNet's residuals
         (B, N, dim) (:mod:`sdengine.models.qwen_controlnet`), block ``i`` of ``n`` adding residual
         ``i // ceil(n / m)`` of the ``m`` to its image tokens (diffusers' rule)."""
         cfg = self.config
@@ -387,18 +388,19 @@ class QwenImageTransformer(nn.Module):
             )
         L = text.shape[1]
         more: tuple[tuple[int, int], ...] = ()
-        if reference is not None:
+        refs = [] if reference is None else [reference] if isinstance(reference, Tensor) else list(reference)
+        for ref in refs:
             if (
-                reference.ndim != 4
-                or reference.shape[:2] != hidden_states.shape[:2]
-                or reference.shape[2] % PATCH
-                or reference.shape[3] % PATCH
+                ref.ndim != 4
+                or ref.shape[:2] != hidden_states.shape[:2]
+                or ref.shape[2] % PATCH
+                or ref.shape[3] % PATCH
             ):
                 raise UsageError(
                     f"Qwen-Image transformer: reference must be a (B={B}, {cfg.latent_channels}, h, w) latent, h and "
-                    f"w even, got {tuple(reference.shape)}"
+                    f"w even, got {tuple(ref.shape)}"
                 )
-            more = ((reference.shape[2] // PATCH, reference.shape[3] // PATCH),)
+            more = (*more, (ref.shape[2] // PATCH, ref.shape[3] // PATCH))
         tokens = (H // PATCH) * (W // PATCH)
         mask = None
         if encoder_hidden_states_mask is not None:
@@ -418,8 +420,8 @@ class QwenImageTransformer(nn.Module):
             raise UsageError(f"Qwen-Image transformer: timestep must be a number or have shape ({B},)")
         device, dtype = hidden_states.device, self.dtype
         packed = pack_latents(hidden_states.to(dtype))
-        if reference is not None:
-            packed = torch.cat([packed, pack_latents(reference.to(device=device, dtype=dtype))], dim=1)
+        if refs:
+            packed = torch.cat([packed, *(pack_latents(ref.to(device=device, dtype=dtype)) for ref in refs)], dim=1)
         x = self.img_in(packed)
         context = self.txt_in(self.txt_norm(text.to(dtype)))
         vec = self.time_text_embed(t / 1000.0, dtype)

@@ -17,10 +17,15 @@ image, given as ``reference_images=[image]`` (the name FLUX.1 Kontext's referenc
 * true CFG with the norm-preserving combination, the schedule's ``mu`` from the generated image's token count, as
   Qwen-Image.
 
-Refused in one line before any model runs: no reference image or more than one, ``reference_auto_resize`` false
-(FLUX.1 Kontext's option), an init image or mask (diffusers' Edit pipeline has neither), the hires fix, and what
-Qwen-Image refuses. LoRAs apply to the transformer as on Qwen-Image (``loras=``, ``<lora:...>`` tags, taken out of
-the prompts before they are encoded).
+Qwen-Image-Edit-2509 (:class:`QwenImageEditPlusPipeline`, diffusers' ``QwenImageEditPlusPipeline``) takes 1 to
+:data:`PLUS_MAX_IMAGES` input images, each fitted twice (~384^2 for the vision tower, ~1024^2 for the VAE), the
+prompt after "Picture 1: <image>Picture 2: <image>..." and every image's latent appended with its own grid; the
+output takes the last image's size.
+
+Refused in one line before any model runs: no reference image or more than one (2509: more than 3),
+``reference_auto_resize`` false (FLUX.1 Kontext's option), an init image or mask (diffusers' Edit pipelines have
+neither), the hires fix, and what Qwen-Image refuses. LoRAs apply to the transformer as on Qwen-Image (``loras=``,
+``<lora:...>`` tags, taken out of the prompts before they are encoded).
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ from sdengine.pipeline.request import GenerationRequest
 from sdengine.text.conditioners import Conditioning
 
 EDIT_AREA = 1024 * 1024  # diffusers' calculate_dimensions(1024 * 1024, ratio)
-# (texts, image) -> (states (B, L, D), mask (B, L)): the Edit prompt encoding with the image
-EditEncode = Callable[[list[str], Image.Image], tuple[Tensor, Tensor]]
+CONDITION_AREA = 384 * 384  # QwenImageEditPlusPipeline's CONDITION_IMAGE_SIZE: what Qwen2.5-VL reads (2509)
+PLUS_MAX_IMAGES = 3  # Qwen-Image-Edit-2509's model card: 1 to 3 input images (diffusers sets no limit)
+# (texts, images) -> (states (B, L, D), mask (B, L)): the Edit prompt encoding with the input images
+EditEncode = Callable[[list[str], list[Image.Image]], tuple[Tensor, Tensor]]
 REFERENCE_REASON = "reference_images: reference images are FLUX.1 Kontext's; Qwen-Image takes none"
 
 
@@ -55,32 +62,39 @@ def edit_dimensions(width: int, height: int, area: int = EDIT_AREA) -> tuple[int
     return round(w / 32) * 32, round(h / 32) * 32
 
 
-def edit_refusals(r: GenerationRequest) -> list[str]:
-    """What a Qwen-Image-Edit call cannot run, one line each (Qwen-Image's, less its refusal of references)."""
+def edit_refusals(r: GenerationRequest, plus: bool = False) -> list[str]:
+    """What a Qwen-Image-Edit call cannot run, one line each (Qwen-Image's, less its refusal of references);
+    ``plus``: Qwen-Image-Edit-2509's (1 to :data:`PLUS_MAX_IMAGES` input images)."""
     kontext = "reference_images (FLUX.1 Kontext) and Qwen-Image ControlNets"  # Flux's words; Edit's own below
     reasons = [why for why in qwen_refusals(r) if why != REFERENCE_REASON and not why.startswith(kontext)]
     refs = r.reference_list()
-    if len(refs) != 1:
+    kind = "Qwen-Image-Edit-2509" if plus else "Qwen-Image-Edit"
+    if r.init_image is not None or r.mask is not None:
+        reasons.append(
+            f"init_image / mask: {kind} takes its input images as reference_images (no img2img or inpainting)"
+        )
+    if plus and not 1 <= len(refs) <= PLUS_MAX_IMAGES:
+        reasons.append(
+            f"{kind} edits 1 to {PLUS_MAX_IMAGES} input images: give them as reference_images=[image, ...] "
+            f"(got {len(refs)} images)"
+        )
+    elif not plus and len(refs) != 1:
         reasons.append(
             f"Qwen-Image-Edit edits one input image: give it as reference_images=[image] (got {len(refs)} images)"
         )
     if r.reference_auto_resize is not True:
-        reasons.append("reference_auto_resize is FLUX.1 Kontext's; Qwen-Image-Edit always fits its image to ~1024^2")
-    if r.init_image is not None or r.mask is not None:
-        reasons.append(
-            "init_image / mask: Qwen-Image-Edit takes its input image as reference_images (no img2img or inpainting)"
-        )
+        reasons.append(f"reference_auto_resize is FLUX.1 Kontext's; {kind} always fits its images to ~1024^2")
     if r.enable_hr:
-        reasons.append("the hires fix is not supported for Qwen-Image-Edit")
+        reasons.append(f"the hires fix is not supported for {kind}")
     if r.controlnets:
-        reasons.append("ControlNets are not supported for Qwen-Image-Edit (Qwen-Image's run on Qwen-Image models)")
+        reasons.append(f"ControlNets are not supported for {kind} (Qwen-Image's run on Qwen-Image models)")
     return list(dict.fromkeys(reasons))
 
 
 class QwenEditAdapter(QwenAdapter):
-    """:class:`QwenAdapter` with the call's reference latent (1, C, h, w) given to every row."""
+    """:class:`QwenAdapter` with the call's reference latents (each (1, C, h, w)) given to every row."""
 
-    def __init__(self, net: Any, dtype: torch.dtype, reference: Tensor) -> None:
+    def __init__(self, net: Any, dtype: torch.dtype, reference: list[Tensor]) -> None:
         super().__init__(net, dtype)
         self.reference = reference
 
@@ -91,7 +105,7 @@ class QwenEditAdapter(QwenAdapter):
         if extra:
             raise GenerationError(f"the Qwen-Image transformer takes no {', '.join(extra)}")
         mask = None if text_mask is None else text_mask.to(x.device)
-        ref = self.reference.to(device=x.device, dtype=self.dtype).expand(x.shape[0], -1, -1, -1)
+        ref = [r.to(device=x.device, dtype=self.dtype).expand(x.shape[0], -1, -1, -1) for r in self.reference]
         text = crossattn.to(device=x.device, dtype=self.dtype)
         return self.net(x.to(self.dtype), t, text, mask, reference=ref).float()
 
@@ -101,6 +115,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
     ``QwenImageEditPipeline`` folder (:mod:`sdengine.pipeline.qwen_image_loading`)."""
 
     edit_area = EDIT_AREA  # the input image's pixel count after fitting (diffusers' 1024^2; tests make it smaller)
+    plus = False  # Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline): QwenImageEditPlusPipeline below
+    kind = "Qwen-Image-Edit"
 
     def __init__(
         self, *, edit_encode: EditEncode, vision_grid: Callable[[int, int], tuple[int, int]], **kwargs: Any
@@ -117,8 +133,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         self.vision_grid = vision_grid
         self.vision: Any = None  # the vision tower (the loader sets it)
         self._inner = False  # prepare() runs Qwen-Image's on the request without its image
-        self._call_image: Image.Image | None = None
-        self._call_reference: Tensor | None = None
+        self._call_images: list[Image.Image] | None = None  # what the vision tower reads
+        self._call_reference: list[Tensor] | None = None
 
     @property
     def variant(self) -> str:
@@ -127,23 +143,35 @@ class QwenImageEditPipeline(QwenImagePipeline):
     def check_request(self, r: GenerationRequest) -> None:
         """Qwen-Image-Edit's refusals (:func:`edit_refusals`); inside :meth:`prepare`, on the request with its input
         image taken out, Qwen-Image's."""
-        reasons = qwen_refusals(r) if self._inner else edit_refusals(r)
+        reasons = qwen_refusals(r) if self._inner else edit_refusals(r, self.plus)
         if reasons:
-            raise GenerationError(f"{reasons[0]}; {self.name} is a Qwen-Image-Edit model")
+            raise GenerationError(f"{reasons[0]}; {self.name} is a {self.kind} model")
 
-    def prepare(self, request: GenerationRequest) -> Prepared:
-        reasons = edit_refusals(request)
-        if reasons:
-            raise GenerationError(f"{reasons[0]}; {self.name} is a Qwen-Image-Edit model")
-        request.validate_references()
-        image = load_image(request.reference_list()[0], "reference image 0", mode="RGB", error=GenerationError)
-        w, h = edit_dimensions(image.width, image.height, self.edit_area)
+    def _fit(self, image: Image.Image, i: int, area: int) -> Image.Image:
+        """``image`` Lanczos-resized to ``area`` pixels at its aspect ratio (multiples of 32)."""
+        w, h = edit_dimensions(image.width, image.height, area)
         if w < 32 or h < 32:
             raise GenerationError(
-                f"reference image {image.width}x{image.height}: its aspect ratio is too extreme for Qwen-Image-Edit "
+                f"reference image {i} ({image.width}x{image.height}): its aspect ratio is too extreme for {self.kind} "
                 f"(fitted to {w}x{h})"
             )
-        fitted = image if image.size == (w, h) else image.resize((w, h), resample=Image.Resampling.LANCZOS)
+        return image if image.size == (w, h) else image.resize((w, h), resample=Image.Resampling.LANCZOS)
+
+    def _read(self, image: Image.Image, i: int) -> Image.Image:
+        """What the vision tower reads of input image ``i``: Edit's the VAE's fitted image (2509 fits its own)."""
+        return self._fit(image, i, self.edit_area)
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        reasons = edit_refusals(request, self.plus)
+        if reasons:
+            raise GenerationError(f"{reasons[0]}; {self.name} is a {self.kind} model")
+        request.validate_references()
+        images = [
+            load_image(ref, f"reference image {i}", mode="RGB", error=GenerationError)
+            for i, ref in enumerate(request.reference_list())
+        ]
+        pairs = [(self._fit(image, i, self.edit_area), self._read(image, i)) for i, image in enumerate(images)]
+        w, h = pairs[-1][0].size  # the output: the last image's fitted size (diffusers' image[-1])
         width = request.width if request.width is not None else w
         height = request.height if request.height is not None else h
         m = self.size_multiple
@@ -156,25 +184,25 @@ class QwenImageEditPipeline(QwenImagePipeline):
             p = super().prepare(request.replace(reference_images=None, width=width, height=height))
         finally:
             self._inner = False
-        p.references = [fitted]
+        p.references = pairs  # (the VAE's image, the vision tower's) per input image
         return p
 
     def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
         from sdengine.pipeline.flux_kontext import encode_references
 
         if not p.references:
-            raise GenerationError(f"{self.name}: Qwen-Image-Edit needs its input image (reference_images=[image])")
-        self._call_image = p.references[0]
-        self._call_reference = encode_references(self, [self._call_image], p.tiled)[0]
+            raise GenerationError(f"{self.name}: {self.kind} needs its input image (reference_images=[image])")
+        self._call_images = [read for _, read in p.references]
+        self._call_reference = encode_references(self, [fitted for fitted, _ in p.references], p.tiled)
         try:
             return super().sample_latents(p, init_latent)
         finally:
-            self._call_image = None
+            self._call_images = None
             self._call_reference = None
 
     def network_adapter(self, net: Any) -> QwenAdapter:  # type: ignore[override]
         if self._call_reference is None:
-            raise GenerationError(f"{self.name}: Qwen-Image-Edit runs with its input image (reference_images=[image])")
+            raise GenerationError(f"{self.name}: {self.kind} runs with its input image (reference_images=[image])")
         return QwenEditAdapter(net, self.dtype, self._call_reference)
 
     def graphed(self, name: str) -> Any:
@@ -185,8 +213,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
     ) -> tuple[Conditioning, Conditioning]:
         """(cond, uncond) of the prompt and the negative prompt, each with the input image; at ``cfg_scale`` 1 the
         negative is not encoded."""
-        if self._call_image is None:
-            raise GenerationError(f"{self.name}: Qwen-Image-Edit encodes its prompts with the input image")
+        if self._call_images is None:
+            raise GenerationError(f"{self.name}: {self.kind} encodes its prompts with the input image")
         from sdengine.prompts import extract_lora_tags
 
         def plain(text: str) -> str:  # <lora:...> tags out (the core applies them), as QwenConditioner.text does
@@ -195,20 +223,18 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
         one = float(p.request.cfg_scale) == 1.0
         texts = [plain(prompt)] if one else [plain(prompt), plain(negative)]
-        states, mask = self.edit_encode(texts, self._call_image)
+        states, mask = self.edit_encode(texts, self._call_images)
         if states.ndim != 3 or states.shape[2] != self.conditioner.joint_attention_dim:  # type: ignore[attr-defined]
             raise GenerationError(
                 f"{self.name}: the text encoder's states are {tuple(states.shape)}, the transformer takes "
                 f"{self.conditioner.joint_attention_dim} wide ones: not this model's text encoder"  # type: ignore[attr-defined]
             )
-        width = self._text_width(self._call_image)
+        width = self._text_width(self._call_images)
         rows: list[Conditioning] = []
         for i, what in enumerate(("prompt", "negative prompt")[: len(texts)]):
             n = int(mask[i].bool().sum())
             if n > width:
-                note(
-                    f"Qwen-Image-Edit reads the first {width} states of the {what} with its image; the rest is cut off"
-                )
+                note(f"{self.kind} reads the first {width} states of the {what} with its images; the rest is cut off")
                 n = width
             out = states.new_zeros(1, width, states.shape[2])
             out[0, :n] = states[i, :n]
@@ -217,17 +243,38 @@ class QwenImageEditPipeline(QwenImagePipeline):
             rows.append({"crossattn": out.to(self.dtype), MASK_KEY: keep})
         return (rows[0], rows[0]) if one else (rows[0], rows[1])
 
-    def _text_width(self, image: Image.Image) -> int:
-        """The image's merged vision tokens + ``max_sequence_length``: the fixed width every text of the call is
-        padded to."""
-        rows, cols = self.vision_grid(image.width, image.height)
-        return rows * cols + int(self.conditioner.max_sequence_length)  # type: ignore[attr-defined]
+    def _text_width(self, images: list[Image.Image]) -> int:
+        """The images' merged vision tokens + ``max_sequence_length`` (+ 16 per image for 2509's "Picture N: "):
+        the fixed width every text of the call is padded to."""
+        grids = [self.vision_grid(image.width, image.height) for image in images]
+        extra = 16 * len(images) if self.plus else 0
+        return sum(r * c for r, c in grids) + extra + int(self.conditioner.max_sequence_length)  # type: ignore[attr-defined]
 
     def network_activation_bytes(self, rows: int, h: int, w: int, bytes_per: int) -> int:
-        return 2 * super().network_activation_bytes(rows, h, w, bytes_per)  # the reference's tokens too
+        refs = PLUS_MAX_IMAGES if self.plus else 1  # the references' tokens too (about the image's each)
+        return (1 + refs) * super().network_activation_bytes(rows, h, w, bytes_per)
 
     def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
         return {}
+
+
+class QwenImageEditPlusPipeline(QwenImageEditPipeline):
+    """Qwen-Image-Edit-2509 (diffusers' ``QwenImageEditPlusPipeline``): 1 to 3 input images
+    (``reference_images=[image, ...]``), each fitted twice: to ~384^2 pixels (Lanczos, multiples of 32) for the
+    vision tower and to ~1024^2 for the VAE; the prompt after "Picture 1: <image> Picture 2: <image> ..." in the
+    Edit template; every image's latent appended after the generated tokens with its own grid (image n's RoPE frame
+    n); the output takes the last image's ~1024^2 size unless the call gives one."""
+
+    plus = True
+    kind = "Qwen-Image-Edit-2509"
+    condition_area = CONDITION_AREA  # what the vision tower reads (diffusers' 384^2; tests make it smaller)
+
+    @property
+    def variant(self) -> str:
+        return "qwen_image_edit_plus"
+
+    def _read(self, image: Image.Image, i: int) -> Image.Image:
+        return self._fit(image, i, self.condition_area)
 
 
 def load_qwen_edit_pipeline(
@@ -238,8 +285,10 @@ def load_qwen_edit_pipeline(
     vae: Any = None,
     name: str | None = None,
     lora_dir: Any = None,
+    plus: bool = False,
 ) -> QwenImageEditPipeline:
-    """A diffusers ``QwenImageEditPipeline`` folder -> :class:`QwenImageEditPipeline`: ``transformer/``, ``vae/``
+    """A diffusers ``QwenImageEditPipeline`` folder -> :class:`QwenImageEditPipeline` (``plus``: a
+    ``QwenImageEditPlusPipeline`` one -> :class:`QwenImageEditPlusPipeline`): ``transformer/``, ``vae/``
     (or ``vae``, another Qwen-Image VAE), ``text_encoder/`` (Qwen2.5-VL's language model *and* its vision tower),
     the tokenizer of ``processor/`` (``tokenizer/`` when ``processor/`` has none) and ``processor/``'s
     ``preprocessor_config.json`` (the vision input's area bounds), ``scheduler/``."""
@@ -276,9 +325,17 @@ def load_qwen_edit_pipeline(
     if image_token_id is not None and type(image_token_id) is not int:
         raise GenerationError(f"{folder / 'text_encoder' / 'config.json'}: image_token_id={image_token_id!r}")
 
-    def edit_encode(texts: list[str], image: Image.Image) -> tuple[Tensor, Tensor]:
+    def edit_encode(texts: list[str], images: list[Image.Image]) -> tuple[Tensor, Tensor]:
         states, mask = encode_prompt_qwen_edit(
-            encoder, vision, tokenizer, texts, image, image_token_id=image_token_id, min_pixels=lo, max_pixels=hi
+            encoder,
+            vision,
+            tokenizer,
+            texts,
+            images,
+            image_token_id=image_token_id,
+            min_pixels=lo,
+            max_pixels=hi,
+            plus=plus,
         )
         return states.float(), mask
 
@@ -288,7 +345,8 @@ def load_qwen_edit_pipeline(
         h, w = smart_resize(height, width, unit, lo, hi)
         return h // unit, w // unit
 
-    pipe = QwenImageEditPipeline(
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    pipe = cls(
         edit_encode=edit_encode,
         vision_grid=vision_grid,
         transformer=transformer,
@@ -307,9 +365,12 @@ def load_qwen_edit_pipeline(
 
 
 __all__ = [
+    "CONDITION_AREA",
     "EDIT_AREA",
+    "PLUS_MAX_IMAGES",
     "QwenEditAdapter",
     "QwenImageEditPipeline",
+    "QwenImageEditPlusPipeline",
     "edit_dimensions",
     "edit_refusals",
     "load_qwen_edit_pipeline",

@@ -201,7 +201,7 @@ def load_qwen_image_pipeline(
         name = name or path.name.removesuffix(path.suffix) or path.name
     else:
         kind = pipeline_class(path)
-        if kind == "QwenImageEditPipeline":  # Qwen-Image-Edit: its own pipeline (the image read by the vision tower)
+        if kind in ("QwenImageEditPipeline", "QwenImageEditPlusPipeline"):  # Edit (2509: Plus): its own pipeline
             from sdengine.pipeline.qwen_image_edit import load_qwen_edit_pipeline
 
             for key in ("text_encoder", "tokenizer"):
@@ -209,11 +209,14 @@ def load_qwen_image_pipeline(
                     raise GenerationError(
                         f"{FLAGS[key]} is not supported for a Qwen-Image-Edit folder (it uses its own)"
                     )
-            return load_qwen_edit_pipeline(path, device=device, dtype=dtype, vae=vae, name=name, lora_dir=lora_dir)
+            plus = kind == "QwenImageEditPlusPipeline"
+            return load_qwen_edit_pipeline(
+                path, device=device, dtype=dtype, vae=vae, name=name, lora_dir=lora_dir, plus=plus
+            )
         if kind not in ACCEPTED:
             raise GenerationError(
                 f"{path.name}: {kind} is not supported (sdengine runs Qwen-Image's text-to-image, img2img, "
-                "inpainting and Edit folders: QwenImagePipeline, QwenImageEditPipeline)"
+                "inpainting and Edit folders: QwenImagePipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline)"
             )
         name = name or path.name
         scheduler = _read_json(path / "scheduler" / "scheduler_config.json")

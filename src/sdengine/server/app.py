@@ -89,6 +89,21 @@ class Services:
             return None
         return family_of_pipe(loaded) if loaded is not None else family_before_load(ref)
 
+    def qwen_edit(self, model: str | None) -> str | None:
+        """Whether ``model`` (None: the current one) is Qwen-Image-Edit: "edit", "plus" (2509's
+        ``QwenImageEditPlusPipeline``) or None (another model, an unknown name)."""
+        from sdengine.server.page_api import qwen_edit_before_load, qwen_edit_plus_before_load
+
+        ref, loaded = self._model(model)
+        if ref is None:
+            return None
+        if loaded is not None:
+            variant = getattr(loaded, "variant", None)
+            return {"qwen_image_edit": "edit", "qwen_image_edit_plus": "plus"}.get(str(variant))
+        if not qwen_edit_before_load(ref):
+            return None
+        return "plus" if qwen_edit_plus_before_load(ref) else "edit"
+
     def family_defaults(self, model: str | None) -> dict[str, Any]:
         """The settings a job on ``model`` (None: the current one) takes where its request gives none, when they
         are not SD's (the native job's and OpenAI's defaults: 25 steps of dpmpp_2m / karras at cfg 7.5): an SD3
@@ -806,7 +821,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         from sdengine.server.page_api import qwen_edit_before_load
 
         if loaded is not None:
-            return getattr(loaded, "variant", None) == "qwen_image_edit"
+            return getattr(loaded, "variant", None) in ("qwen_image_edit", "qwen_image_edit_plus")
         return qwen_edit_before_load(generation.model)
 
     def check_reference_tokens(generation: Generation, loaded: Any, limit: int) -> None:
@@ -973,10 +988,12 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 loaded.check_request(r)
             elif family == "qwen_image" and edit:  # Qwen-Image-Edit not loaded yet: its refusals
                 from sdengine.pipeline.qwen_image_edit import edit_refusals
+                from sdengine.server.page_api import qwen_edit_plus_before_load
 
-                reasons = edit_refusals(r)
+                plus = qwen_edit_plus_before_load(generation.model)
+                reasons = edit_refusals(r, plus)
                 if reasons:
-                    raise BadRequest(f"{reasons[0]}; {name} is a Qwen-Image-Edit model")
+                    raise BadRequest(f"{reasons[0]}; {name} is a Qwen-Image-Edit{'-2509' if plus else ''} model")
             elif family == "qwen_image":  # Qwen-Image not loaded yet: its refusals, without the model
                 from sdengine.pipeline.qwen_image import qwen_refusals
 

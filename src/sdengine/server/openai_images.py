@@ -29,6 +29,9 @@ What the ``openai`` client sends maps onto the pipeline this way:
   map (the native job's ``control_image``), or a photo made into one by ``control_preprocessor`` ``canny``; no mask,
   no ``strength`` (400s, as with ``reference_images``, which it does not combine with); ``size`` "auto" / absent the
   image's size floored to a multiple of 16.
+  On a Qwen-Image-Edit model, which has no img2img, the image (Edit-2509: 1 to 3, ``image[]``) is the edit's input
+  image (the native job's ``reference_images``; no flag needed), read as RGB; a mask or ``strength`` is a 400;
+  ``size`` "auto" / absent the last image's size as the pipeline fits it.
   ``mask`` follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint (a mask without one, which
   would edit nothing, is refused); without a mask, the image's own transparency is its mask; with neither, the
   whole image is redrawn (img2img, strength 0.75).
@@ -876,6 +879,12 @@ def install(app: FastAPI, services: Any) -> None:
             raise ParamError(
                 "reference_auto_resize applies with reference_images: true (FLUX.1 Kontext)", "reference_auto_resize"
             )
+        edit_kind = await run_in_threadpool(services.qwen_edit, model_name(fields.get("model")))
+        if edit_kind is not None:  # Qwen-Image-Edit: the image(s) are its input images (reference_images)
+            f = await edit_qwen(fields, files, prompt, edit_kind == "plus")
+            if stream:
+                return await stream_one(request, f, of, partial, compression, "image_edit", fields.get("quality"))
+            return await run_all(request, [f], rf, of, prompt, fields.get("size"), compression, fields.get("quality"))
         image = await one_image(files, "edits")
         mask = None
         if files.get("mask"):
@@ -925,6 +934,41 @@ def install(app: FastAPI, services: Any) -> None:
         resize = form_flag(fields, "reference_auto_resize")
         if resize is not None:
             f["reference_auto_resize"] = resize
+        return f
+
+    async def edit_qwen(
+        fields: dict[str, str], files: dict[str, list[bytes]], prompt: str, plus: bool
+    ) -> dict[str, Any]:
+        """An edit on a Qwen-Image-Edit model: its ``image`` (2509: 1 to 3, ``image[]``) are the edit's input
+        images (the native job's ``reference_images``), read as RGB (their transparency is not a mask); ``size``
+        "auto" / absent: the last image's fitted size (the pipeline's). A mask and ``strength`` are refused, never
+        dropped: the model redraws the whole picture from the prompt."""
+        from sdengine.pipeline.qwen_image_edit import PLUS_MAX_IMAGES
+
+        kind = "Qwen-Image-Edit-2509" if plus else "Qwen-Image-Edit"
+        if files.get("mask"):
+            raise ParamError(
+                f"mask is not supported by {kind}: it redraws the whole image from the prompt (no inpainting); "
+                "leave the mask out",
+                "mask",
+            )
+        if fields.get("strength", "") != "":
+            raise ParamError(f"strength is img2img's: {kind} takes the image as its input image", "strength")
+        images = files.get("image", [])
+        most = PLUS_MAX_IMAGES if plus else 1
+        if not images:
+            raise ParamError("send the image to edit (field 'image', or 'image[]' for several)", "image")
+        if len(images) > most:
+            raise ParamError(
+                f"{kind} takes {'1 to ' + str(most) + ' images' if plus else 'one image'}, got {len(images)}", "image"
+            )
+        refs = [
+            await run_in_threadpool(decode_image, data, f"image[{k}]", config.max_image_pixels)
+            for k, data in enumerate(images)
+        ]
+        f = edit_fields(fields, refs[-1], None, prompt, kontext=True)
+        f.update(init_image=None, mask=None, reference_images=[r.convert("RGB") for r in refs])
+        f.pop("strength", None)
         return f
 
     async def edit_control(fields: dict[str, str], files: dict[str, list[bytes]], prompt: str) -> dict[str, Any]:

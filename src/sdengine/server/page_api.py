@@ -192,10 +192,18 @@ def transformer_blocks_before_load(ref: str) -> int | None:
 
 
 def qwen_edit_before_load(ref: str) -> bool:
-    """Whether a folder's ``model_index.json`` names Qwen-Image-Edit (``QwenImageEditPipeline``)."""
+    """Whether a folder's ``model_index.json`` names Qwen-Image-Edit (``QwenImageEditPipeline``, or 2509's
+    ``QwenImageEditPlusPipeline``)."""
     from sdengine.pipeline.qwen_image_loading import pipeline_class
 
-    return pipeline_class(Path(ref.split("\x00")[0])) == "QwenImageEditPipeline"
+    return pipeline_class(Path(ref.split("\x00")[0])) in ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+
+
+def qwen_edit_plus_before_load(ref: str) -> bool:
+    """Whether a folder's ``model_index.json`` names Qwen-Image-Edit-2509 (``QwenImageEditPlusPipeline``)."""
+    from sdengine.pipeline.qwen_image_loading import pipeline_class
+
+    return pipeline_class(Path(ref.split("\x00")[0])) == "QwenImageEditPlusPipeline"
 
 
 def flux_distilled_before_load(ref: str) -> bool | None:

@@ -51,6 +51,10 @@ EDIT_TEMPLATE = (
     "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
 )
 EDIT_TEMPLATE_DROP = 64  # QwenImageEditPipeline's prompt_template_encode_start_idx
+# Qwen-Image-Edit-2509 / 2511 (QwenImageEditPlusPipeline): the Edit template without the image in it; each input
+# image goes before the prompt as PICTURE (numbered from 1); the same 64 tokens dropped
+EDIT_PLUS_TEMPLATE = EDIT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>{}", "{}", 1)
+PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 
 
@@ -151,11 +155,12 @@ def encode_prompt_qwen_edit(
     vision: QwenVisionTower,
     tokenizer: QwenTokenizer,
     prompts: str | Sequence[str],
-    image: Image.Image,
+    image: Image.Image | Sequence[Image.Image],
     *,
     image_token_id: int | None = None,
     min_pixels: int = MIN_PIXELS,
     max_pixels: int = MAX_PIXELS,
+    plus: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(states, mask) of ``prompts`` about ``image`` as diffusers' ``QwenImageEditPipeline.encode_prompt`` makes
     them: the image through Qwen2-VL's processor and the vision tower (:mod:`sdengine.models.qwen_vision`), the
@@ -166,7 +171,12 @@ def encode_prompt_qwen_edit(
     dropped ones) and are not cut: diffusers' Edit pipeline does not truncate (its ``max_sequence_length`` is
     unused). Each prompt runs alone (no padding); the image is encoded once. ``image_token_id``: the tokenizer's
     ``<|image_pad|>`` id unless given (a text encoder config's); ``min_pixels`` / ``max_pixels``: the processor's
-    area bounds (``processor/preprocessor_config.json``)."""
+    area bounds (``processor/preprocessor_config.json``).
+
+    ``plus``: Qwen-Image-Edit-2509's encoding (diffusers' ``QwenImageEditPlusPipeline``): ``image`` one image or a
+    list, the prompt in :data:`EDIT_PLUS_TEMPLATE` after ``Picture 1: <|vision_start|><|image_pad|><|vision_end|>``,
+    ``Picture 2: ...`` (one per image, each pad repeated by its image's token count), all images read by the vision
+    tower together and each given its own multimodal positions. Without ``plus`` exactly one image."""
     from sdengine.models.qwen_text import mrope_positions
     from sdengine.models.qwen_vision import qwen_vision_pixels
 
@@ -187,19 +197,32 @@ def encode_prompt_qwen_edit(
             f"Qwen-Image-Edit prompt encoding: the vision tower gives {vision.config.out_hidden_size}-wide tokens, the "
             f"language model is {encoder.config.hidden_size} wide: not the same Qwen2.5-VL"
         )
-    pixels, grid = qwen_vision_pixels(image, vision.config, min_pixels=min_pixels, max_pixels=max_pixels)
+    images = [image] if isinstance(image, Image.Image) else list(image)
+    if not images or (not plus and len(images) != 1):
+        raise UsageError(
+            f"Qwen-Image-Edit prompt encoding: {'one image or more' if plus else 'one image'}, got {len(images)}"
+        )
+    read = [qwen_vision_pixels(img, vision.config, min_pixels=min_pixels, max_pixels=max_pixels) for img in images]
+    grids = [grid for _, grid in read]
     merge = vision.config.spatial_merge_size
-    count = grid[0] * (grid[1] // merge) * (grid[2] // merge)
-    embeds = vision(pixels.to(device=vision.device, dtype=vision.dtype), [grid])
+    counts = [g[0] * (g[1] // merge) * (g[2] // merge) for g in grids]
+    count = sum(counts)
+    pixels = torch.cat([px for px, _ in read]) if len(read) > 1 else read[0][0]
+    embeds = vision(pixels.to(device=vision.device, dtype=vision.dtype), grids)
     if not bool(torch.isfinite(embeds).all()):
         raise NonFiniteError(
             f"Qwen-Image-Edit prompt encoding: the vision tower's tokens overflowed in {vision.dtype} (NaN or "
             "infinity); run it in bfloat16 or float32"
         )
+    if plus:
+        pictures = "".join(PICTURE.format(i + 1).replace(IMAGE_PAD, IMAGE_PAD * n) for i, n in enumerate(counts))
+        template = EDIT_PLUS_TEMPLATE.replace("{}", pictures + "{}", 1)
+    else:
+        template = EDIT_TEMPLATE.replace(IMAGE_PAD, IMAGE_PAD * count, 1)
     drop = EDIT_TEMPLATE_DROP
     kept = []
     for text in texts:
-        formatted = EDIT_TEMPLATE.replace("{}", text, 1).replace(IMAGE_PAD, IMAGE_PAD * count, 1)
+        formatted = template.replace("{}", text, 1)
         row = tokenizer.encode(formatted)
         if row.count(pad_id) != count:
             raise UsageError(
@@ -210,7 +233,7 @@ def encode_prompt_qwen_edit(
                 f"Qwen-Image-Edit prompt encoding: the prompt gives {len(row)} tokens with the template, not more "
                 f"than the {drop} template tokens dropped; this tokenizer does not fit the template"
             )
-        positions = mrope_positions(row, pad_id, [grid], merge)[:, None]
+        positions = mrope_positions(row, pad_id, grids, merge)[:, None]
         states = encoder(
             torch.tensor([row], dtype=torch.long, device=encoder.device),
             image_embeds=embeds,
@@ -233,7 +256,9 @@ def encode_prompt_qwen_edit(
 __all__ = [
     "DEFAULT_MAX_SEQUENCE_LENGTH",
     "EDIT_TEMPLATE",
+    "EDIT_PLUS_TEMPLATE",
     "EDIT_TEMPLATE_DROP",
+    "PICTURE",
     "MAX_SEQUENCE_LENGTH_LIMIT",
     "PROMPT_TEMPLATE",
     "TEMPLATE_DROP",
