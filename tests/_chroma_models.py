@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from _flux_models import DEV_SCHEDULER, FLUX_TRANSFORMER, FLUX_VAE, T5, diffusers_flux, perturbed, write_t5_tokenizer
+from _folder_cache import built_once
 
 for _name in ("diffusers", "transformers"):
     logging.getLogger(_name).setLevel(logging.ERROR)
@@ -36,6 +37,7 @@ def chroma_transformer(seed: int = 0, **overrides: object):
     return perturbed(diffusers.ChromaTransformer2DModel(**cfg), seed + 1).eval()
 
 
+@built_once  # a second call with the same arguments copies the first one's folder
 def make_chroma_folder(dst: Path, *, seed: int = 0) -> Path:
     """Write a random tiny Chroma pipeline as a diffusers folder."""
     import diffusers

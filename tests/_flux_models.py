@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from _folder_cache import built_once
+
 for _name in ("diffusers", "transformers"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
@@ -135,6 +137,7 @@ def flux_components(*, guidance: bool, seed: int = 0, in_channels: int = 64) -> 
     return {"transformer": transformer, "vae": vae, "text_encoder": clip, "text_encoder_2": t5}
 
 
+@built_once  # a second call with the same arguments copies the first one's folder
 def make_flux_folder(dst: Path, *, guidance: bool = True, seed: int = 0, kind: str = "plain") -> Path:
     """Write a random tiny FLUX.1 [dev] (``guidance``) or [schnell] pipeline as a diffusers folder; ``kind``
     "fill" or "control": a FLUX.1 Fill (``FluxFillPipeline``) or Depth / Canny (``FluxControlPipeline``) one."""

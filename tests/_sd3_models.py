@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from _folder_cache import built_once
+
 for _name in ("diffusers", "transformers"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
@@ -47,6 +49,7 @@ def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.n
     return module
 
 
+@built_once  # a second call with the same arguments copies the first one's folder
 def make_sd3_folder(dst: Path, *, seed: int = 0, sd35: bool = False, t5: bool = True) -> Path:
     """Write a random tiny SD3 (``sd35``: with SD3.5 Medium's MMDiT-X block and q/k norms) pipeline as a
     diffusers folder; ``t5`` False: no text_encoder_3 (model_index says null)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from _folder_cache import built_once
 from sdengine.models.clip_text import TINY_SDXL_G, CLIPTextConfig
 from sdengine.models.unet_sdxl import TINY_SDXL, TINY_SDXL_REFINER
 from sdengine.models.vae import TINY
@@ -60,6 +61,7 @@ def _text_encoder_2(seed: int):
     return _perturb(CLIPTextModelWithProjection(HFConfig(**d)).eval(), seed)
 
 
+@built_once  # a second call with the same arguments copies the first one's folder
 def make_sdxl_folder(
     dst: Path, *, refiner: bool = False, inpaint: bool = False, ip2p: bool = False, seed: int = 0
 ) -> Path:

@@ -20,6 +20,7 @@ an entry that no longer occurs is reported too, so the list can only shrink. Not
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -161,9 +162,20 @@ def _uses(module: str, path: Path, tree: ast.AST) -> Iterator[Use]:
                 break
 
 
-def _parsed() -> Iterator[tuple[str, Path, ast.AST]]:
-    for module, path in MODULES.items():
-        yield module, path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+@functools.cache
+def _parsed() -> tuple[tuple[str, Path, ast.AST], ...]:
+    """Every sdengine module's syntax tree, parsed once for the rules below (nothing here changes a tree)."""
+    return tuple(
+        (module, path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+        for module, path in MODULES.items()
+    )
+
+
+@functools.cache
+def _module_uses(module: str) -> tuple[Use, ...]:
+    """:func:`_uses` of an sdengine module, found once for the rules that read them."""
+    path, tree = next((p, t) for m, p, t in _parsed() if m == module)
+    return tuple(_uses(module, path, tree))
 
 
 def _layer(module: str) -> int | None:
@@ -200,8 +212,8 @@ def test_every_module_is_in_the_layer_table():
 
 def test_no_private_names_across_modules():
     found: set[str] = set()
-    for module, path, tree in _parsed():
-        found |= _private_violations(module, module, _uses(module, path, tree))
+    for module, _path, _tree in _parsed():
+        found |= _private_violations(module, module, iter(_module_uses(module)))
     for path in sorted((ROOT / "tests").glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         source = f"tests/{path.name}"
@@ -214,11 +226,11 @@ def test_no_private_names_across_modules():
 
 def test_imports_only_go_down_the_layers():
     found: set[str] = set()
-    for module, path, tree in _parsed():
+    for module, _path, _tree in _parsed():
         src_layer = _layer(module)
         if src_layer is None:  # the package root re-exports load_pipeline for users
             continue
-        for use in _uses(module, path, tree):
+        for use in _module_uses(module):
             if use.name is not None and f"{use.target}.{use.name}" in MODULES:
                 continue
             dst_layer = _layer(use.target)

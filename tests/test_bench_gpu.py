@@ -39,6 +39,8 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     assert warm["first_image_s"] > warm["load_s"] > 0 and warm["batch8_images_per_s"] > 0
     parts = warm["load_parts_s"]  # on the CPU: no driver start-up to time
     assert set(parts) == {"weights_s", "fast_path_s"} and sum(parts.values()) <= warm["load_s"]
+    # the children run in the parent's dtype: fp32 on the CPU (fp16 there was slow, and unlike the other phases)
+    assert warm["dtype"] == phases["sdengine_graphs_process_cold"]["dtype"] == "float32"
     # the e4m3 layers in their own process (without compile here): applied, and the image close to fp32's
     fp8 = phases["sdengine_fp8"]
     assert any(n.startswith("fp8: ") and "e4m3" in n for n in fp8["notes"]), fp8["notes"]

@@ -374,7 +374,8 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     if torch.device(job["device"]).type == "cuda":  # the driver's start-up, apart from the weights' load
         torch.zeros(1, device=job["device"])
         parts["cuda_init_s"] = time.time() - t_import
-    pipe, notes = load_sdengine(Path(job["folder"]), job["device"], "fp16", tuple(job["options"]), parts)
+    dtype = job.get("dtype", "fp16")  # the parent's: fp16 on a GPU, fp32 on the CPU (where fp16 is slow and unused)
+    pipe, notes = load_sdengine(Path(job["folder"]), job["device"], dtype, tuple(job["options"]), parts)
     t_load = time.time()
     cfg = job["cfg"]
     with torch.inference_mode():
@@ -400,6 +401,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     out.update(
         {
             "notes": notes,
+            "dtype": str(pipe.dtype).removeprefix("torch."),
             "first_image_s": t_first - job["started"],
             "import_s": t_import - job["started"],
             "load_s": t_load - t_import,
@@ -702,6 +704,7 @@ def run_gpu_bench(
                 "engine": f"sdengine ({label})",
                 "folder": str(folder),
                 "device": device,
+                "dtype": dtype,
                 "options": list(options or (COMPILED_OPTIONS if compile else GRAPH_OPTIONS)),
                 "cfg": cfg,
                 "repeats": repeats,

@@ -69,7 +69,10 @@ def read_vocab(path: str | Path | None = None) -> dict[str, int]:
 
 def read_merges(path: str | Path | None = None) -> list[tuple[str, str]]:
     """The BPE merge list in rank order, from ``merges.txt`` or ``merges.txt.gz`` (header skipped)."""
-    text = _read_text(Path(path) if path is not None else _asset("merges.txt.gz"))
+    return _parse_merges(_read_text(Path(path) if path is not None else _asset("merges.txt.gz")))
+
+
+def _parse_merges(text: str) -> list[tuple[str, str]]:
     merges = []
     for line in text.split("\n"):
         if not line or line.startswith("#version"):
@@ -162,7 +165,9 @@ class CLIPTokenizer:
         """The tokenizer on the package's vocabulary, or on given ``vocab.json``/``merges.txt`` files."""
         if vocab_path is None and merges_path is None:
             return _load_packaged()
-        return cls(read_vocab(vocab_path), read_merges(merges_path))
+        vocab = _read_text(Path(vocab_path) if vocab_path is not None else _asset("vocab.json.gz"))
+        merges = _read_text(Path(merges_path) if merges_path is not None else _asset("merges.txt.gz"))
+        return _load_texts(vocab, merges) if cls is CLIPTokenizer else cls(json.loads(vocab), _parse_merges(merges))
 
     @property
     def vocab_size(self) -> int:
@@ -233,6 +238,14 @@ class CLIPTokenizer:
 @lru_cache(maxsize=1)
 def _load_packaged() -> CLIPTokenizer:
     return CLIPTokenizer(read_vocab(), read_merges())
+
+
+@lru_cache(maxsize=8)
+def _load_texts(vocab: str, merges: str) -> CLIPTokenizer:
+    """The tokenizer of these ``vocab.json`` and ``merges.txt`` texts, built once per process for the same texts
+    (nearly every model folder ships CLIP's own files; building the BPE tables takes a quarter of a second). A
+    tokenizer is never changed (:meth:`CLIPTokenizer.with_embeddings` copies), so the folders share it."""
+    return CLIPTokenizer(json.loads(vocab), _parse_merges(merges))
 
 
 def chunk_tokens(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Sequence
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -43,6 +44,17 @@ def shipped_tokenizer_path() -> Path:
     return Path(str(resources.files("sdengine") / "assets" / "t5" / "tokenizer.json.gz"))
 
 
+@lru_cache(maxsize=8)
+def _backend_of(text: str) -> Tokenizer:
+    """The tokenizers ``Tokenizer`` of a ``tokenizer.json`` text, without padding or truncation; built once per
+    process for the same text (every Flux, SD3 and Chroma folder ships T5 v1.1's, 0.12 s to build). Nothing
+    changes it afterwards, so the tokenizers of those folders share it."""
+    backend = Tokenizer.from_str(text)
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
 class T5TokenizerError(UsageError):
     """A tokenizer file that cannot be read as a T5 tokenizer, or a bad tokenizer call."""
 
@@ -56,15 +68,13 @@ class T5Tokenizer:
             data = path.read_bytes()
             if data[:2] == b"\x1f\x8b":  # gzip magic: the shipped file is compressed
                 data = gzip.decompress(data)
-            self._backend = Tokenizer.from_str(data.decode("utf-8"))
+            self._backend = _backend_of(data.decode("utf-8"))
         except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as e:
             raise T5TokenizerError(f"{path}: cannot read the tokenizer ({type(e).__name__}: {e})") from None
         except Exception as e:  # tokenizers raises plain Exception on a malformed tokenizer.json
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise T5TokenizerError(f"{path}: not a tokenizers tokenizer.json ({first[:120]})") from None
         self.path = path
-        self._backend.no_padding()
-        self._backend.no_truncation()
         self.eos_token_id = self._special_id(EOS_TOKEN)
         self.pad_token_id = self._special_id(PAD_TOKEN)
 
