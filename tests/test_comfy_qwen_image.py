@@ -266,10 +266,6 @@ def test_refusals_are_one_line(qwen):
     g["66"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["37", 0], "shift": 3.0}}
     cases.append(("ModelSamplingSD3 is for SD3 models", g))
     g = qwen_graph()
-    g["9"] = {"class_type": "TextEncodeQwenImageEdit", "inputs": {"clip": ["38", 0], "prompt": PROMPT}}
-    g["3"]["inputs"]["positive"] = ["9", 0]
-    cases.append(("TextEncodeQwenImageEdit: Qwen-Image Edit is not supported", g))
-    g = qwen_graph()
     g["9"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["6", 0], "guidance": 3.5}}
     g["3"]["inputs"]["positive"] = ["9", 0]
     cases.append(("FluxGuidance does not apply to Qwen-Image", g))
@@ -281,10 +277,6 @@ def test_refusals_are_one_line(qwen):
     g = qwen_graph()
     g["38"]["inputs"]["clip_name"] = "not_qwen.safetensors"  # not a text encoder
     cases.append(("CLIPLoader type qwen_image takes Qwen2.5-VL's text encoder", g))
-    g = qwen_graph()
-    g["9"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["6", 0], "latent": ["58", 0]}}
-    g["3"]["inputs"]["positive"] = ["9", 0]
-    cases.append(("ReferenceLatent is FLUX.1 Kontext's", g))
     g = qwen_graph()
     g["58"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 72, "height": 64, "batch_size": 1}}  # 9 wide
     cases.append(("has an odd side", g))

@@ -183,11 +183,12 @@ def rope_tables(
     text token j: ``start + j`` on every axis with ``start`` the largest ``max(rows//2, cols//2)`` of the grids.
     Angle = position x ``theta ** (-2i / dim)``, both in float32 (the reference's numbers). ``centre`` "comfyui":
     ComfyUI's rows ``r - rows//2`` (and columns likewise), the same grid on an even side, one further on an odd one
-    (its ``QwenImageTransformer2DModel.process_img``)."""
+    (its ``QwenImageTransformer2DModel.process_img``), and the text's ``start`` from the first grid alone (ComfyUI's
+    ``txt_start`` reads the generated latent's size, not its reference latents')."""
     if centre not in ROPE_CENTRES:
         raise UsageError(f"Qwen-Image RoPE: centre must be one of {', '.join(ROPE_CENTRES)}, got {centre!r}")
     grids = ((rows, cols), *more)
-    start = max(max(h // 2, w // 2) for h, w in grids)
+    start = max(max(h // 2, w // 2) for h, w in (grids[:1] if centre == "comfyui" else grids))
     images = []
     for frame, (h, w) in enumerate(grids):
         row0, col0 = (h // 2, w // 2) if centre == "comfyui" else (h - h // 2, w - w // 2)

@@ -6,7 +6,7 @@ The tensors are the ``Qwen2_5_VLForConditionalGeneration`` file's vision ones: b
 ``qwen_2.5_vl_7b*.safetensors``); everything else (the language model, the LM head) is left unread. A folder's
 ``config.json`` gives the architecture (its ``vision_config``); a single file's comes from the shapes: width,
 depth, MLP width, patch and output width are in them, the rest (16 heads, full attention at blocks 7, 15, 23 and
-31, 112-pixel windows, 2x2 merge, temporal patch 2) is every Qwen2.5-VL release's vision tower. ComfyUI's scaled
+31 (those of them a shallower tower has, as ComfyUI's fixed list reads it), 112-pixel windows, 2x2 merge, temporal patch 2) is every Qwen2.5-VL release's vision tower. ComfyUI's scaled
 fp8 files are read as :mod:`sdengine.weights.qwen_text_file` reads them. A file without the tower, a missing or
 unexpected tensor or a shape that does not fit is one :class:`QwenVisionFileError` line.
 """
@@ -37,6 +37,7 @@ from .qwen_text_file import qwen_text_folder
 
 PREFIXES = ("model.visual.", "visual.")
 RELEASE_HEADS = 16  # every Qwen2.5-VL release's vision tower: 1280 wide, 16 heads of 80
+RELEASE_FULL_ATTENTION = (7, 15, 23, 31)  # its full-attention blocks; a shallower tower keeps those it has (ComfyUI)
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -77,6 +78,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], where: str) -> QwenVi
             patch_size=patch,
             temporal_patch_size=temporal,
             out_hidden_size=out,
+            fullatt_block_indexes=tuple(i for i in RELEASE_FULL_ATTENTION if i < depth),
         )
     except ConfigError as e:
         raise QwenVisionFileError(f"{where}: {e} (a single file's vision config is read from its shapes)") from None

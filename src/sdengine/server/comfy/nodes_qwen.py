@@ -46,6 +46,7 @@ Edit is not implemented), CLIPSetLastLayer.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -54,6 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sdengine.errors import SdengineError
 from sdengine.server.comfy.nodes import ClipHandle, Input, ModelHandle, NodeDef, NodeError, RunContext
 
 FAMILY = "qwen_image"
@@ -115,6 +117,8 @@ class QwenComfyText:
             raise NodeError(f"{name}: its tokenizer has no {IM_START} token: not Qwen2's tokenizer")
         self.user = self._single("user")
         self.newline = self._single("\n")
+        self.path: Path | None = None  # the CLIP file (its visual.* tensors: TextEncodeQwenImageEdit's image)
+        self.vision: Any = None
 
     def _single(self, text: str) -> int | None:
         ids = self.tokenizer.encode(text)
@@ -162,7 +166,9 @@ def load_text(path: Path, dev: torch.device, dtype: torch.dtype) -> QwenComfyTex
         )
     tokenizer = load_qwen_tokenizer(folder)
     encoder = load_qwen_text_encoder(path, device=dev, dtype=dtype).eval().requires_grad_(False)
-    return QwenComfyText(encoder, tokenizer, path.name)
+    text = QwenComfyText(encoder, tokenizer, path.name)
+    text.path = path
+    return text
 
 
 def is_qwen_text_file(path: Path) -> bool:
@@ -181,6 +187,12 @@ def text_entry(clip: ClipHandle, text_side: QwenComfyText, text: str) -> Any:
     """CLIPTextEncode with CLIPLoader type qwen_image's CLIP: one entry, the kept states alone (no mask)."""
     from sdengine.latent_sampling import TextCondition
 
+    check_clip(clip)
+    return TextCondition({"crossattn": text_side.encode(str(text))})
+
+
+def check_clip(clip: ClipHandle) -> None:
+    """What a Qwen-Image CLIP does not take: CLIPSetLastLayer, LoraLoader's strength_clip (one line each)."""
     if clip.layer is not None:
         raise NodeError("CLIPSetLastLayer does not apply to Qwen-Image (it reads the language model's last state)")
     if clip.loras:  # diffusers' loader and sdengine's adapt the transformer only
@@ -188,16 +200,186 @@ def text_entry(clip: ClipHandle, text_side: QwenComfyText, text: str) -> Any:
             "LoraLoader's strength_clip on Qwen-Image: its LoRAs adapt the transformer only; use "
             "LoraLoaderModelOnly (or strength_clip 0)"
         )
-    return TextCondition({"crossattn": text_side.encode(str(text))})
+
+
+EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new image "
+    "that meets the user's requirements while maintaining consistency with the original input where appropriate."
+    "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
+)
+IMAGE_PAD = "<|image_pad|>"
+EDIT_AREA = 1024 * 1024  # TextEncodeQwenImageEdit's pixel count for the image (the vision tower's and the VAE's)
+VISION_MIN_PIXELS, VISION_MAX_PIXELS = 3136, 12845056  # ComfyUI's process_qwen2vl_images bounds
+
+
+def edit_size(width: int, height: int, area: int = EDIT_AREA) -> tuple[int, int]:
+    """(width, height) TextEncodeQwenImageEdit scales an image to: ``area`` pixels at its aspect ratio, each side
+    Python's ``round`` of the scaled side (no multiple of 8 or 32, unlike diffusers' ``calculate_dimensions``)."""
+    s = math.sqrt(area / (width * height))
+    return round(width * s), round(height * s)
+
+
+def comfy_vision_pixels(image: torch.Tensor, config: Any) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(pixel rows, grid_thw) of one (H, W, 3) image in 0..1 as ComfyUI's ``process_qwen2vl_images`` makes them:
+    the smart-resize size (multiples of 28 within 3136 .. 12845056 pixels), a bilinear resize of the float image
+    (``align_corners`` false, no antialiasing; transformers' processor uses Pillow's bicubic on 8-bit pixels), OpenAI
+    CLIP's mean and std, the 14 x 14 patches in merge-block order, each repeated over the 2 frames."""
+    from sdengine.models.clip_vision import CLIP_MEAN, CLIP_STD
+    from sdengine.models.qwen_vision import smart_resize
+
+    p, m, t = config.patch_size, config.spatial_merge_size, config.temporal_patch_size
+    height, width = int(image.shape[0]), int(image.shape[1])
+    h, w = smart_resize(height, width, p * m, VISION_MIN_PIXELS, VISION_MAX_PIXELS)
+    x = image.permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)[0]
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype).reshape(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype).reshape(3, 1, 1)
+    x = (x - mean) / std
+    gh, gw = h // p, w // p
+    blocks = x.reshape(3, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
+    blocks = blocks[:, :, :, :, :, None].expand(*blocks.shape[:5], t, p, p)
+    return blocks.reshape(gh * gw, 3 * t * p * p).contiguous(), (1, gh, gw)
+
+
+def _vision(text_side: QwenComfyText) -> Any:
+    """The CLIP file's Qwen2.5-VL vision tower (its ``visual.*`` tensors), loaded once beside the language model."""
+    if text_side.vision is None:
+        from sdengine.weights.io import WeightsError
+        from sdengine.weights.qwen_vision_file import load_qwen_vision_tower
+
+        if text_side.path is None:
+            raise NodeError("TextEncodeQwenImageEdit: this CLIP has no file to read Qwen2.5-VL's vision tower from")
+        try:
+            text_side.vision = load_qwen_vision_tower(
+                text_side.path, device=text_side.encoder.device, dtype=text_side.dtype
+            )
+        except WeightsError as e:
+            raise NodeError(
+                f"TextEncodeQwenImageEdit with an image: {str(e).splitlines()[0]} (ComfyUI's qwen_2.5_vl_7b file "
+                "holds it as visual.*)"
+            ) from None
+        if text_side.vision.config.out_hidden_size != text_side.width:
+            raise NodeError(
+                f"TextEncodeQwenImageEdit: {text_side.name}'s vision tower gives {text_side.vision.config.out_hidden_size}"
+                f"-wide tokens, its language model is {text_side.width} wide: not one Qwen2.5-VL"
+            )
+    return text_side.vision
+
+
+def encode_with_image(text_side: QwenComfyText, prompt: str, image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's Qwen-Image text encoding of ``prompt`` with one (H, W, 3) image: the Edit template (a text that
+    starts with its own template is taken as it is), the first ``<|image_pad|>`` replaced by the vision tower's
+    merged tokens, the language model run with the multimodal RoPE, the states from ComfyUI's ``template_end``
+    (counted on the tokens before the image is expanded) on -> (1, L, hidden) float32."""
+    from sdengine.models.qwen_text import mrope_positions
+
+    pad = text_side.tokenizer.token_id(IMAGE_PAD)
+    if pad is None:
+        raise NodeError(f"TextEncodeQwenImageEdit: {text_side.name}'s tokenizer has no {IMAGE_PAD} token")
+    full = prompt if prompt.startswith(OWN_TEMPLATE) else EDIT_TEMPLATE.replace("{}", prompt, 1)
+    ids = list(text_side.tokenizer.encode(comfy_text(full)))
+    if pad not in ids:  # ComfyUI then encodes the text alone (no image token to put the image in)
+        return text_side.encode(prompt)
+    end = template_end(ids, text_side.im_start, text_side.user, text_side.newline)
+    vision = _vision(text_side)
+    rows, grid = comfy_vision_pixels(image, vision.config)
+    merge = vision.config.spatial_merge_size
+    count = grid[0] * (grid[1] // merge) * (grid[2] // merge)
+    at = ids.index(pad)
+    # ComfyUI puts the image into the first <|image_pad|>; others stay tokens (the encoder's image_token_id path
+    # reads every pad as an image token, so a prompt with more of them is refused)
+    if ids.count(pad) > 1:
+        raise NodeError("TextEncodeQwenImageEdit: the prompt holds <|image_pad|> tokens of its own; remove them")
+    row = ids[:at] + [pad] * count + ids[at + 1 :]
+    with torch.inference_mode():
+        embeds = vision(rows.to(device=vision.device, dtype=vision.dtype), [grid])
+        positions = mrope_positions(row, pad, [grid], merge)[:, None]
+        states = text_side.encoder(
+            torch.tensor([row], dtype=torch.long, device=text_side.encoder.device),
+            image_embeds=embeds,
+            image_token_id=pad,
+            position_ids=positions.to(text_side.encoder.device),
+        )
+    kept = states[:, end:] if end >= 0 else states[:, -1:]
+    if not bool(torch.isfinite(kept).all()):
+        raise NodeError(
+            f"{text_side.name}: the text encoder's states overflowed in {text_side.dtype} (NaN or infinity); "
+            "Qwen2.5-VL runs in bfloat16 or float32"
+        )
+    return kept.float()
 
 
 def text_encode_qwen_image_edit(ctx: RunContext, clip: Any, prompt: str, vae: Any = None, image: Any = None) -> Any:
-    """ComfyUI's TextEncodeQwenImageEdit: Qwen-Image Edit (the image read by Qwen2.5-VL's vision tower and as a
-    reference latent) is not implemented; one line."""
+    """ComfyUI's TextEncodeQwenImageEdit (its ``comfy_extras/nodes_qwen.py``): the image scaled to ~1024 x 1024
+    pixels (:func:`edit_size`, ComfyUI's "area" resize), read by Qwen2.5-VL's vision tower into the prompt's
+    Edit template (:func:`encode_with_image`) and, with ``vae``, VAE-encoded as the conditioning's reference
+    latent (the transformer appends its tokens, frame 1). No image: the prompt alone in Qwen-Image's template, as
+    CLIPTextEncode."""
+    from sdengine.latent_sampling import TextCondition
+    from sdengine.server.comfy.nodes_sd3_flux import _conditioner
+
+    if clip.clip_type != CLIP_TYPE:
+        raise NodeError("TextEncodeQwenImageEdit takes CLIPLoader type qwen_image's CLIP (Qwen2.5-VL)")
+    family, text_side = _conditioner(ctx, clip)
+    if family != FAMILY or not isinstance(text_side, QwenComfyText):
+        raise NodeError("TextEncodeQwenImageEdit takes CLIPLoader type qwen_image's CLIP (Qwen2.5-VL)")
+    check_clip(clip)
+    if image is None:
+        return ([text_entry(clip, text_side, str(prompt))],)
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
+        raise NodeError("TextEncodeQwenImageEdit: image must be an IMAGE (B, H, W, C) with 3 or 4 channels")
+    if image.shape[0] != 1:
+        raise NodeError(
+            f"TextEncodeQwenImageEdit: a batch of {image.shape[0]} images; Qwen-Image Edit here reads one (give one "
+            "image)"
+        )
+    h0, w0 = int(image.shape[1]), int(image.shape[2])
+    w, h = edit_size(w0, h0, EDIT_AREA)  # the module's value at call time
+    if w < 1 or h < 1:
+        raise NodeError(
+            f"TextEncodeQwenImageEdit: a {w0}x{h0} image scales to {w}x{h}; its aspect ratio is too extreme"
+        )
+    x = image[..., :3].float().movedim(-1, 1)
+    if (h, w) != (h0, w0):
+        x = F.interpolate(x, size=(h, w), mode="area")
+    scaled = x.movedim(1, -1)
+    try:
+        states = encode_with_image(text_side, str(prompt), scaled[0])
+    except SdengineError as e:
+        raise NodeError(f"TextEncodeQwenImageEdit: {str(e).splitlines()[0]}") from None
+    out = TextCondition({"crossattn": states})
+    if vae is not None:
+        from sdengine.server.comfy.nodes import vae_encode
+
+        (latent,) = vae_encode(ctx, scaled, vae)
+        out = replace(out, references=(*out.references, latent["samples"]))
+    return ([out],)
+
+
+def text_encode_qwen_image_edit_plus(ctx: RunContext, clip: Any, prompt: str, **rest: Any) -> Any:
+    """ComfyUI's TextEncodeQwenImageEditPlus (Qwen-Image-Edit-2509's several images): not built here; one line."""
     raise NodeError(
-        "TextEncodeQwenImageEdit: Qwen-Image Edit is not supported here (sdengine runs Qwen-Image's text-to-image, "
-        "img2img and inpainting); use CLIPTextEncode with a Qwen-Image model"
+        "TextEncodeQwenImageEditPlus (Qwen-Image-Edit 2509/2511's several images) is not supported on the ComfyUI "
+        "route; use TextEncodeQwenImageEdit with one image"
     )
+
+
+def references_for(references: list[torch.Tensor], name: str) -> torch.Tensor | None:
+    """The one reference latent (model-space, (B, 16, h, w)) a Qwen-Image transformer takes here, its odd sides
+    padded circularly to the 2 x 2 patches (ComfyUI's ``pad_to_patch_size``); several are one line."""
+    if not references:
+        return None
+    if len(references) > 1:
+        raise NodeError(
+            f"{name}: {len(references)} reference latents on a Qwen-Image model; sdengine runs one here (Qwen-Image "
+            "Edit's input image)"
+        )
+    ref = references[0]
+    ph, pw = int(ref.shape[-2]) % PATCH, int(ref.shape[-1]) % PATCH
+    if ph or pw:
+        ref = F.pad(ref, (0, pw, 0, ph), mode="circular")
+    return ref
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,6 +512,8 @@ class ComfyQwenAdapter:
     def __init__(self, net: Any, dtype: torch.dtype) -> None:
         self.net = net
         self.dtype = dtype
+        self.references: list[torch.Tensor] = []  # the sampler's model-space reference latents (ReferenceLatent)
+        self.reference_method = "index"  # ComfyUI's Qwen default; one reference is laid out the same by every method
 
     def __call__(
         self, x: torch.Tensor, t: torch.Tensor, *, crossattn: torch.Tensor, text_mask: Any = None, **other: Any
@@ -339,7 +523,10 @@ class ComfyQwenAdapter:
             raise NodeError(f"the Qwen-Image transformer takes no {', '.join(extra)}")
         mask = None if text_mask is None else text_mask.to(x.device)
         states = crossattn.to(device=x.device, dtype=self.dtype)
-        return self.net(x.to(self.dtype), t, states, mask, rope_centre="comfyui").float()
+        ref = references_for(list(self.references or []), "ReferenceLatent")
+        if ref is not None:
+            ref = ref.to(device=x.device, dtype=self.dtype).expand(x.shape[0], -1, -1, -1)
+        return self.net(x.to(self.dtype), t, states, mask, rope_centre="comfyui", reference=ref).float()
 
 
 QWEN_NODES: dict[str, NodeDef] = {
@@ -365,8 +552,26 @@ QWEN_NODES: dict[str, NodeDef] = {
         ),
         ("CONDITIONING",),
         text_encode_qwen_image_edit,
-        description="Qwen-Image Edit's text and image encoding: not supported (a node error); Qwen-Image's "
-        "text-to-image, img2img and inpainting run with CLIPTextEncode.",
+        description="Qwen-Image Edit's prompt with its input image: the image scaled to ~1024^2 pixels ('area'), "
+        "read by Qwen2.5-VL's vision tower (the CLIP file's visual.* tensors) into the Edit template and, with a VAE, "
+        "VAE-encoded as the reference latent the transformer reads beside the generated one (ComfyUI's rules).",
+    ),
+    "TextEncodeQwenImageEditPlus": NodeDef(
+        "TextEncodeQwenImageEditPlus",
+        "TextEncodeQwenImageEditPlus",
+        "advanced/conditioning",
+        (
+            Input("clip", "CLIP"),
+            Input("prompt", "STRING", "", multiline=True),
+            Input("vae", "VAE", optional=True),
+            Input("image1", "IMAGE", optional=True),
+            Input("image2", "IMAGE", optional=True),
+            Input("image3", "IMAGE", optional=True),
+        ),
+        ("CONDITIONING",),
+        text_encode_qwen_image_edit_plus,
+        description="Qwen-Image-Edit 2509/2511's prompt with several images: not supported here (a node error); "
+        "TextEncodeQwenImageEdit reads one image.",
     ),
 }
 
@@ -374,12 +579,17 @@ QWEN_NODES: dict[str, NodeDef] = {
 __all__ = [
     "CLIP_TYPE",
     "COMFY_SHIFT_MU",
+    "EDIT_AREA",
+    "EDIT_TEMPLATE",
     "FAMILY",
     "QWEN_NODES",
     "ComfyQwenAdapter",
     "QwenComfyText",
     "check_latent",
     "comfy_text",
+    "comfy_vision_pixels",
+    "edit_size",
+    "encode_with_image",
     "fit_conditioning",
     "is_qwen_text_file",
     "load_text",
@@ -388,8 +598,12 @@ __all__ = [
     "raw_in",
     "raw_out",
     "refuse_aura_flow",
+    "references_for",
     "refuse_checkpoint",
     "schedule",
     "template_end",
+    "check_clip",
+    "text_encode_qwen_image_edit",
+    "text_encode_qwen_image_edit_plus",
     "text_entry",
 ]

@@ -647,9 +647,11 @@ def sampling_references(
         raise NodeError("FluxKontextMultiReferenceLatentMethod: the positive conditioning's entries differ in method")
     if not pos and not neg:
         return [], method
-    if family != "flux":
-        label = {"sd3": "an SD3", "chroma": "a Chroma", "qwen_image": "a Qwen-Image"}.get(family, f"a {family}")
-        raise NodeError(f"ReferenceLatent is FLUX.1 Kontext's; {name} is {label} model")
+    if family not in ("flux", "qwen_image"):  # FLUX.1 Kontext's and Qwen-Image Edit's (ComfyUI's reference_latents)
+        label = {"sd3": "an SD3", "chroma": "a Chroma"}.get(family, f"a {family}")
+        raise NodeError(
+            f"ReferenceLatent is FLUX.1 Kontext's; {name} is {label} model (Qwen-Image models take them too)"
+        )
     runs_negative = float(cfg) != 1.0
     same = len(pos) == len(neg) and all(a is b or torch.equal(a, b) for a, b in zip(pos, neg, strict=True))
     same = same and {str(getattr(c, "reference_method", None) or "offset") for c in negative} <= {method}

@@ -1,0 +1,309 @@
+"""Qwen-Image-Edit through sdengine's ComfyUI nodes: ComfyUI's own Qwen-Image-Edit graph (its ``qwen_image_edit``
+template: UNETLoader on the Edit transformer file, CLIPLoader type ``qwen_image`` on the Qwen2.5-VL file *with its
+vision tower* (``visual.*``), VAELoader, LoadImage -> ImageScaleToTotalPixels -> TextEncodeQwenImageEdit for the
+positive and, with an empty prompt, the negative, VAEEncode of the scaled image as the latent,
+ModelSamplingAuraFlow, KSampler, VAEDecode) on ComfyUI-layout files written from a tiny random Qwen-Image-Edit folder,
+held against sdengine's Edit pipeline on that folder run with ComfyUI's rules.
+
+ComfyUI's rules that differ from diffusers' (each set on the pipeline here, the gaps measured in docs/qwen-image.md):
+plain CFG instead of the norm-preserving true CFG; ModelSamplingAuraFlow's fixed shift on the 1000-entry table; the
+image's size (``round`` of each scaled side instead of multiples of 32; both at a 112 x 112 area here instead of
+1024 x 1024, for a fast CPU test); the text's RoPE start from the generated latent's grid alone (diffusers': the
+largest grid, the reference's too); the template's tokens up to ``<|im_start|>user\\n`` dropped (diffusers' fixed 64,
+which the tiny tokenizer does not give). The input image is 112 x 112: ComfyUI's "area" resize, its bilinear resize
+for the vision tower and diffusers' Lanczos / the processor's bicubic all leave it as it is."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("diffusers")
+
+import sdengine  # noqa: E402
+from test_comfy_sd3_flux import TOL, _node_error, _pixels, _run, ksampler_node  # noqa: E402
+
+PROMPT = "make the apple green"
+SEED, STEPS, SHIFT, CFG = 5, 2, 3.0, 2.5
+SIDE = 112  # the input image and the (patched) edit area: 112 x 112 pixels, a 56 x 56 latent out of the tiny 2x VAE
+# 16 heads (what a single file's vision config reads), no full-attention block (ComfyUI's 7, 15, 23, 31 are past it)
+VISION = dict(depth=2, hidden_size=64, intermediate_size=32, num_heads=16, fullatt_block_indexes=[], window_size=112)
+
+
+def make_folder(dst: Path, seed: int = 0) -> Path:
+    """A tiny Qwen-Image-Edit folder (tests/_qwen_edit_models.py's layout) with the releases' 128-wide heads and a
+    16-head vision tower, so that ComfyUI's single files written from it load with their configs read off shapes."""
+    import json
+
+    import diffusers
+    from transformers import Qwen2TokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from _qwen_edit_models import MODEL_INDEX, RELEASE_PIXELS, qwen_vl_encoder, write_edit_tokenizer
+    from _qwen_models import QWEN_SCHEDULER, WIDE_TEXT, WIDE_TRANSFORMER, qwen_transformer, qwen_vae
+
+    write_edit_tokenizer(dst / "tokenizer")
+    tokenizer = Qwen2TokenizerFast.from_pretrained(dst / "tokenizer")
+    tokenizer.save_pretrained(dst / "processor")
+    Qwen2VLImageProcessorPil(**RELEASE_PIXELS).save_pretrained(dst / "processor")
+    diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER).save_pretrained(dst / "scheduler")
+    qwen_vae(seed + 10).save_pretrained(dst / "vae")
+    qwen_vl_encoder(tokenizer, seed + 20, text=WIDE_TEXT, vision=VISION).save_pretrained(dst / "text_encoder")
+    net = qwen_transformer(seed + 30, **WIDE_TRANSFORMER, joint_attention_dim=WIDE_TEXT["hidden_size"])
+    net.save_pretrained(dst / "transformer")
+    (dst / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    return dst
+
+
+def write_comfy_edit_files(folder: Path, root: Path) -> dict[str, Path]:
+    """ComfyUI's layout: diffusion_models/ (``model.diffusion_model.``), text_encoders/ (ComfyUI's Qwen2.5-VL names:
+    ``model.layers.*``, ``visual.*``, ``lm_head``; the tokenizer folder beside it), vae/ (the original Wan names)."""
+    from test_qwen_image_files import write_comfy_tokenizer
+
+    from sdengine.weights.qwen_vae_file import diffusers_to_original
+
+    files = {
+        "model": root / "diffusion_models" / "qwen_image_edit_tiny.safetensors",
+        "text": root / "text_encoders" / "qwen_2.5_vl_tiny.safetensors",
+        "vae": root / "vae" / "qwen_image_vae.safetensors",
+    }
+    for f in files.values():
+        f.parent.mkdir(parents=True, exist_ok=True)
+    sd = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(files["model"]))
+    te = load_file(str(next((folder / "text_encoder").glob("*.safetensors"))))
+    renamed = {}
+    for k, v in te.items():
+        k = k.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        renamed[k] = v.contiguous()
+    assert any(k.startswith("visual.") for k in renamed) and any(k.startswith("model.layers.") for k in renamed)
+    save_file(renamed, str(files["text"]))
+    save_file({k: v for k, v in renamed.items() if not k.startswith("visual.")},
+              str(files["text"].with_name("qwen_2.5_vl_text_only.safetensors")))  # fmt: skip
+    vae = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in diffusers_to_original(vae).items()}, str(files["vae"]))
+    files["tokenizer"] = write_comfy_tokenizer(folder / "tokenizer", root / "text_encoders" / "qwen25_tokenizer")
+    return files
+
+
+def _input_image(side: int = SIDE, seed: int = 3) -> Image.Image:
+    g = np.random.default_rng(seed)
+    base = np.linspace(0, 255, side, dtype=np.float32)
+    img = np.stack([base[None, :].repeat(side, 0), base[:, None].repeat(side, 1), np.full((side, side), 90.0)], -1)
+    return Image.fromarray(np.clip(img + g.normal(0, 20, img.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def edit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfy_qwen_edit")
+    folder = make_folder(root / "Qwen-Image-Edit")
+    files = write_comfy_edit_files(folder, root / "models")
+    (root / "vaes").mkdir()
+    files["vae"] = files["vae"].rename(root / "vaes" / files["vae"].name)
+    (root / "in").mkdir()
+    _input_image().save(root / "in" / "edit.png")
+    _input_image(96, 4).resize((150, 84)).save(root / "in" / "wide.png")
+    return root, folder, files
+
+
+@pytest.fixture
+def small_area(monkeypatch):
+    """ComfyUI's ~1024 x 1024 pixels for the Edit image, at 112 x 112 (the same rule at another area)."""
+    from sdengine.server.comfy import nodes_qwen
+
+    monkeypatch.setattr(nodes_qwen, "EDIT_AREA", SIDE * SIDE)
+
+
+def edit_graph(image: str = "edit.png", cfg: float = CFG) -> dict[str, Any]:
+    """ComfyUI's Qwen-Image-Edit template, API format (its CFGNorm left out: not built here)."""
+
+    def encode(prompt: str) -> dict[str, Any]:
+        return {"class_type": "TextEncodeQwenImageEdit",
+                "inputs": {"clip": ["38", 0], "prompt": prompt, "vae": ["39", 0], "image": ["93", 0]}}  # fmt: skip
+
+    return {
+        "37": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": "qwen_image_edit_tiny.safetensors", "weight_dtype": "default"},
+        },  # fmt: skip
+        "38": {
+            "class_type": "CLIPLoader",
+            "inputs": {"clip_name": "qwen_2.5_vl_tiny.safetensors", "type": "qwen_image", "device": "default"},
+        },  # fmt: skip
+        "39": {"class_type": "VAELoader", "inputs": {"vae_name": "qwen_image_vae.safetensors"}},
+        "78": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "93": {
+            "class_type": "ImageScaleToTotalPixels",
+            "inputs": {
+                "image": ["78", 0],
+                "upscale_method": "area",
+                "megapixels": SIDE * SIDE / 1024**2,
+                "resolution_steps": 1,
+            },
+        },  # fmt: skip
+        "66": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["37", 0], "shift": SHIFT}},
+        "76": encode(PROMPT),
+        "77": encode(""),
+        "88": {"class_type": "VAEEncode", "inputs": {"pixels": ["93", 0], "vae": ["39", 0]}},
+        "3": ksampler_node(["66", 0], ["76", 0], ["77", 0], ["88", 0], steps=STEPS, cfg=cfg),
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["39", 0]}},
+        "60": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "ComfyUI"}},
+    }
+
+
+def _plain_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    return uncond + scale * (cond - uncond)
+
+
+def comfy_drop(folder: Path) -> int:
+    """ComfyUI's template_end on the Edit template with the tiny tokenizer."""
+    from sdengine.server.comfy.nodes_qwen import EDIT_TEMPLATE, template_end
+    from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
+
+    tok = load_qwen_tokenizer(folder / "tokenizer")
+    ids = tok.encode(EDIT_TEMPLATE.format(PROMPT))
+    one = [tok.encode(t) for t in ("user", "\n")]
+    return template_end(ids, tok.token_id("<|im_start|>"), one[0][0], one[1][0])
+
+
+def comfy_pipeline(folder: Path, monkeypatch: pytest.MonkeyPatch, *, rules: bool = True) -> Any:
+    """sdengine's Edit pipeline on the folder with ComfyUI's rules (the module docstring); ``rules`` False: its own."""
+    import sdengine.pipeline.qwen_image as qi
+    import sdengine.pipeline.qwen_image_edit as qe
+    import sdengine.text.qwen_prompt as qp
+    from sdengine.diffusion.flow import FlowSchedule
+
+    pipe = sdengine.load_pipeline(folder, device="cpu")
+    pipe.edit_area = SIDE * SIDE
+    if not rules:
+        return pipe
+    monkeypatch.setattr(qi, "norm_preserving_cfg", _plain_cfg)
+    monkeypatch.setattr(pipe, "flow_schedule", lambda w, h: FlowSchedule.sd3(SHIFT))
+    monkeypatch.setattr(qp, "EDIT_TEMPLATE_DROP", comfy_drop(folder))
+
+    def comfy_size(width: int, height: int, area: int = SIDE * SIDE) -> tuple[int, int]:
+        from sdengine.server.comfy.nodes_qwen import edit_size
+
+        return edit_size(width, height, area)
+
+    monkeypatch.setattr(qe, "edit_dimensions", comfy_size)
+    net = pipe.transformer
+    monkeypatch.setattr(net, "forward", functools.partial(type(net).forward, net, rope_centre="comfyui"))
+    return pipe
+
+
+def _edit(pipe: Any, root: Path, cfg: float = CFG) -> np.ndarray:
+    out = pipe(PROMPT, "", steps=STEPS, seed=SEED, sampler="euler", schedule="simple", cfg_scale=cfg, progress=False,
+               reference_images=[str(root / "in" / "edit.png")])  # fmt: skip
+    return out.arrays[0].astype(np.float64)
+
+
+def test_template_graph_equals_the_edit_pipeline_with_comfyuis_rules(edit, small_area, monkeypatch):
+    root, folder, files = edit
+    out = _run(root, edit_graph())
+    ours = _pixels(out["8"][0])
+    assert ours.shape == (SIDE, SIDE, 3) and ours.std() > 0.01
+    entry = out["76"][0][0]
+    assert len(entry.references) == 1 and tuple(entry.references[0].shape) == (1, 16, SIDE // 2, SIDE // 2)
+    # the kept states: the image's 16 merged tokens (112 px -> 8 x 8 patches -> 4 x 4) and the prompt's after them
+    theirs = _edit(comfy_pipeline(folder, monkeypatch), root)
+    gap = np.abs(ours - theirs)
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    # the pipeline's own rules differ: its size (multiples of 32: 128 x 128 here)
+    monkeypatch.undo()
+    own = _edit(comfy_pipeline(folder, monkeypatch, rules=False), root)
+    assert own.shape == (128, 128, 3)
+
+
+def test_cfg_one_and_reference_latent_node(edit, small_area, monkeypatch):
+    """cfg 1 (the negative not run); ReferenceLatent on a Qwen-Image model's conditioning (ComfyUI's Qwen model
+    reads reference_latents from it): TextEncodeQwenImageEdit without a vae + ReferenceLatent of the VAEEncode is
+    the same conditioning."""
+    root, folder, _ = edit
+    g = edit_graph(cfg=1.0)
+    ours = _pixels(_run(root, g)["8"][0])
+    assert np.abs(ours - _edit(comfy_pipeline(folder, monkeypatch), root, cfg=1.0)).mean() < TOL
+    for node in ("76", "77"):
+        del g[node]["inputs"]["vae"]
+        g["9" + node] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": [node, 0], "latent": ["88", 0]}}
+    g["3"]["inputs"]["positive"], g["3"]["inputs"]["negative"] = ["976", 0], ["977", 0]
+    assert np.array_equal(_pixels(_run(root, g)["8"][0]), ours)
+
+
+def test_image_sizes_follow_comfyuis_rules(edit, small_area):
+    """A 200 x 100 image: ~112^2 pixels by ComfyUI's rounding (158 x 79, 'area' resize), the reference latent of
+    that size cropped to the VAE's factor (an odd 79 x 39, padded circularly to the patches at sampling); the vision
+    tower's input its smart-resize (168 x 84: 12 x 6 patches)."""
+    from sdengine.server.comfy.nodes_qwen import comfy_vision_pixels, edit_size
+    from sdengine.models.qwen_vision import QwenVisionConfig
+
+    root, _, _ = edit
+    g = edit_graph("wide.png")
+    g["93"] = {"class_type": "ImageScale",
+               "inputs": {"image": ["78", 0], "upscale_method": "area", "width": 200, "height": 100, "crop": "disabled"}}  # fmt: skip
+    g["3"]["inputs"]["latent_image"] = ["58", 0]
+    g["58"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    out = _run(root, g)
+    w, h = edit_size(200, 100, SIDE * SIDE)
+    assert (w, h) == (158, 79)
+    ref = out["76"][0][0].references[0]
+    assert tuple(ref.shape) == (1, 16, 79 // 2, 158 // 2)  # 158 x 78 after the crop to the 2x VAE: 79 x 39, odd
+    assert np.isfinite(_pixels(out["8"][0])).all()
+    rows, grid = comfy_vision_pixels(torch.rand(79, 158, 3), QwenVisionConfig(hidden_size=64, num_heads=16))
+    assert grid == (1, 6, 12) and rows.shape == (72, 3 * 2 * 14 * 14)
+
+
+def test_refusals_are_one_line(edit, small_area):
+    root, _, _ = edit
+    cases: list[tuple[str, Any]] = []
+    g = edit_graph()
+    g["38"]["inputs"]["clip_name"] = "qwen_2.5_vl_text_only.safetensors"
+    cases.append(("no Qwen2.5-VL vision tower", g))
+    g = edit_graph()
+    g["94"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["93", 0], "amount": 2}}
+    g["76"]["inputs"]["image"] = ["94", 0]
+    cases.append(("a batch of 2 images", g))
+    g = edit_graph()
+    g["76"]["inputs"]["prompt"] = "a <|image_pad|> b"
+    cases.append(("<|image_pad|> tokens of its own", g))
+    g = edit_graph()
+    g["77"]["inputs"]["vae"] = None
+    del g["77"]["inputs"]["vae"]
+    cases.append(("the negative conditioning's reference latents differ", g))
+    g = edit_graph()
+    g["76"]["class_type"] = "TextEncodeQwenImageEditPlus"
+    g["76"]["inputs"]["image1"] = g["76"]["inputs"].pop("image")
+    cases.append(("TextEncodeQwenImageEditPlus", g))
+    for want, graph in cases:
+        error = _node_error(root, graph)
+        assert want in error, (want, error)
+
+
+def test_references_for_pads_odd_sides_circularly():
+    from sdengine.server.comfy.nodes import NodeError
+    from sdengine.server.comfy.nodes_qwen import references_for
+
+    z = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(1, 2, 3, 5)
+    out = references_for([z], "x")
+    assert out is not None and out.shape == (1, 2, 4, 6)
+    assert torch.equal(out[..., 3, :5], z[..., 0, :]) and torch.equal(out[..., :3, 5], z[..., :, 0])
+    assert references_for([], "x") is None
+    with pytest.raises(NodeError, match="2 reference latents on a Qwen-Image model"):
+        references_for([z, z], "x")
+
+
+def test_rope_text_start_comfyui_reads_the_generated_grid():
+    """ComfyUI's txt_start is the generated latent's max(h//2, w//2); diffusers' the largest of all grids."""
+    from sdengine.models.qwen_image import rope_tables
+
+    cos_c, _ = rope_tables(2, 2, 1, (16, 56, 56), "comfyui", ((8, 8),))
+    cos_d, _ = rope_tables(2, 2, 1, (16, 56, 56), "diffusers", ((8, 8),))
+    freq0 = torch.tensor(1.0).cos()
+    assert torch.isclose(cos_c[0, 0], freq0) and torch.isclose(cos_d[0, 0], torch.tensor(4.0).cos())
