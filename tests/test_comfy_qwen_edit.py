@@ -65,9 +65,8 @@ def make_folder(dst: Path, seed: int = 0) -> Path:
 def write_comfy_edit_files(folder: Path, root: Path) -> dict[str, Path]:
     """ComfyUI's layout: diffusion_models/ (``model.diffusion_model.``), text_encoders/ (ComfyUI's Qwen2.5-VL names:
     ``model.layers.*``, ``visual.*``, ``lm_head``; the tokenizer folder beside it), vae/ (the original Wan names)."""
-    from test_qwen_image_files import write_comfy_tokenizer
-
     from sdengine.weights.qwen_vae_file import diffusers_to_original
+    from test_qwen_image_files import write_comfy_tokenizer
 
     files = {
         "model": root / "diffusion_models" / "qwen_image_edit_tiny.safetensors",
@@ -241,13 +240,13 @@ def test_image_sizes_follow_comfyuis_rules(edit, small_area):
     """A 200 x 100 image: ~112^2 pixels by ComfyUI's rounding (158 x 79, 'area' resize), the reference latent of
     that size cropped to the VAE's factor (an odd 79 x 39, padded circularly to the patches at sampling); the vision
     tower's input its smart-resize (168 x 84: 12 x 6 patches)."""
-    from sdengine.server.comfy.nodes_qwen import comfy_vision_pixels, edit_size
     from sdengine.models.qwen_vision import QwenVisionConfig
+    from sdengine.server.comfy.nodes_qwen import comfy_vision_pixels, edit_size
 
     root, _, _ = edit
     g = edit_graph("wide.png")
-    g["93"] = {"class_type": "ImageScale",
-               "inputs": {"image": ["78", 0], "upscale_method": "area", "width": 200, "height": 100, "crop": "disabled"}}  # fmt: skip
+    scale = {"image": ["78", 0], "upscale_method": "area", "width": 200, "height": 100, "crop": "disabled"}
+    g["93"] = {"class_type": "ImageScale", "inputs": scale}
     g["3"]["inputs"]["latent_image"] = ["58", 0]
     g["58"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     out = _run(root, g)

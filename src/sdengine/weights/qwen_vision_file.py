@@ -6,9 +6,9 @@ The tensors are the ``Qwen2_5_VLForConditionalGeneration`` file's vision ones: b
 ``qwen_2.5_vl_7b*.safetensors``); everything else (the language model, the LM head) is left unread. A folder's
 ``config.json`` gives the architecture (its ``vision_config``); a single file's comes from the shapes: width,
 depth, MLP width, patch and output width are in them, the rest (16 heads, full attention at blocks 7, 15, 23 and
-31 (those of them a shallower tower has, as ComfyUI's fixed list reads it), 112-pixel windows, 2x2 merge, temporal patch 2) is every Qwen2.5-VL release's vision tower. ComfyUI's scaled
-fp8 files are read as :mod:`sdengine.weights.qwen_text_file` reads them. A file without the tower, a missing or
-unexpected tensor or a shape that does not fit is one :class:`QwenVisionFileError` line.
+31 (those a shallower tower has, as ComfyUI's fixed list reads them), 112-pixel windows, 2x2 merge, temporal patch
+2) is every Qwen2.5-VL release's vision tower. ComfyUI's scaled fp8 files are read as
+:mod:`sdengine.weights.qwen_text_file` reads them. A file without the tower, a missing or unexpected tensor or a shape that does not fit is one :class:`QwenVisionFileError` line.
 """
 
 from __future__ import annotations

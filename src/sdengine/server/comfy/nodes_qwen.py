@@ -259,9 +259,10 @@ def _vision(text_side: QwenComfyText) -> Any:
                 f"TextEncodeQwenImageEdit with an image: {str(e).splitlines()[0]} (ComfyUI's qwen_2.5_vl_7b file "
                 "holds it as visual.*)"
             ) from None
-        if text_side.vision.config.out_hidden_size != text_side.width:
+        out = text_side.vision.config.out_hidden_size
+        if out != text_side.width:
             raise NodeError(
-                f"TextEncodeQwenImageEdit: {text_side.name}'s vision tower gives {text_side.vision.config.out_hidden_size}"
+                f"TextEncodeQwenImageEdit: {text_side.name}'s vision tower gives {out}"
                 f"-wide tokens, its language model is {text_side.width} wide: not one Qwen2.5-VL"
             )
     return text_side.vision
