@@ -8,7 +8,8 @@ The tensors are the ``Qwen2_5_VLForConditionalGeneration`` file's vision ones: b
 depth, MLP width, patch and output width are in them, the rest (16 heads, full attention at blocks 7, 15, 23 and
 31 (those a shallower tower has, as ComfyUI's fixed list reads them), 112-pixel windows, 2x2 merge, temporal patch
 2) is every Qwen2.5-VL release's vision tower. ComfyUI's scaled fp8 files are read as
-:mod:`sdengine.weights.qwen_text_file` reads them. A file without the tower, a missing or unexpected tensor or a shape that does not fit is one :class:`QwenVisionFileError` line.
+:mod:`sdengine.weights.qwen_text_file` reads them. A file without the tower, a missing or unexpected tensor or a
+shape that does not fit is one :class:`QwenVisionFileError` line.
 """
 
 from __future__ import annotations
