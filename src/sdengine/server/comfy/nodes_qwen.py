@@ -318,11 +318,11 @@ def text_encode_qwen_image_edit(ctx: RunContext, clip: Any, prompt: str, vae: An
     latent (the transformer appends its tokens, frame 1). No image: the prompt alone in Qwen-Image's template, as
     CLIPTextEncode."""
     from sdengine.latent_sampling import TextCondition
-    from sdengine.server.comfy.nodes_sd3_flux import _conditioner
+    from sdengine.server.comfy.nodes_sd3_flux import clip_conditioner
 
     if clip.clip_type != CLIP_TYPE:
         raise NodeError("TextEncodeQwenImageEdit takes CLIPLoader type qwen_image's CLIP (Qwen2.5-VL)")
-    family, text_side = _conditioner(ctx, clip)
+    family, text_side = clip_conditioner(ctx, clip)
     if family != FAMILY or not isinstance(text_side, QwenComfyText):
         raise NodeError("TextEncodeQwenImageEdit takes CLIPLoader type qwen_image's CLIP (Qwen2.5-VL)")
     check_clip(clip)

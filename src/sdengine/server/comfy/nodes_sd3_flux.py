@@ -324,6 +324,11 @@ def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) 
     )
 
 
+def clip_conditioner(ctx: RunContext, clip: ClipHandle) -> tuple[str, Any]:
+    """(family, conditioner) of a CLIP from the CLIP loaders or a checkpoint (TextEncodeQwenImageEdit's)."""
+    return _conditioner(ctx, clip)
+
+
 def _conditioner(ctx: RunContext, clip: ClipHandle, want: str | None = None) -> tuple[str, Any]:
     """(family, conditioner) of a CLIP from the CLIP loaders or of an SD3 / Flux checkpoint; a node error for
     another model's CLIP, or (``want``: "sd3", "flux") another family's."""
