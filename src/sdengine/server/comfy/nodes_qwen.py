@@ -37,11 +37,17 @@ the Qwen-Image facts it reads, each ComfyUI's (read from its ``comfy/text_encode
   transformer runs with that (``rope_centre="comfyui"``, :func:`sdengine.models.qwen_image.rope_tables`). A latent
   whose side is odd (an image side not a multiple of 16) ComfyUI pads to the patch; here that is refused in one line.
 
+* **Edit** (ComfyUI's ``qwen_image_edit`` template, :func:`text_encode_qwen_image_edit`): TextEncodeQwenImageEdit
+  reads the image with the CLIP file's Qwen2.5-VL vision tower (``visual.*``) into the Edit template and sets the
+  VAE-encoded image as the conditioning's reference latent; the transformer appends its patches with frame 1
+  (ComfyUI's ``reference_latents``; ReferenceLatent sets the same), the text's RoPE start read off the generated
+  latent alone (ComfyUI's ``txt_start``).
+
 What is not built is refused in one line: CheckpointLoaderSimple on a Qwen-Image model (a diffusers folder: its
 parts are not files UNETLoader / CLIPLoader list), LoraLoader's strength_clip (Qwen-Image LoRAs adapt the
-transformer only: LoraLoaderModelOnly and LoraLoader's model part run), ControlNets, ReferenceLatent,
-FluxGuidance, a Qwen-Image model with another family's CLIP (or the reverse), TextEncodeQwenImageEdit (Qwen-Image
-Edit is not implemented), CLIPSetLastLayer.
+transformer only: LoraLoaderModelOnly and LoraLoader's model part run), ControlNets, FluxGuidance, a Qwen-Image
+model with another family's CLIP (or the reverse), TextEncodeQwenImageEditPlus (several images), several reference
+latents, an Edit image with a CLIP file without the vision tower, CLIPSetLastLayer.
 """
 
 from __future__ import annotations
