@@ -7,11 +7,11 @@ held against sdengine's Edit pipeline on that folder run with ComfyUI's rules.
 
 ComfyUI's rules that differ from diffusers' (each set on the pipeline here, the gaps measured in docs/qwen-image.md):
 plain CFG instead of the norm-preserving true CFG; ModelSamplingAuraFlow's fixed shift on the 1000-entry table; the
-image's size (``round`` of each scaled side instead of multiples of 32; both at a 112 x 112 area here instead of
+image's size (``round`` of each scaled side instead of multiples of 32; both at a 56 x 56 area here instead of
 1024 x 1024, for a fast CPU test); the text's RoPE start from the generated latent's grid alone (diffusers': the
 largest grid, the reference's too); the template's tokens up to ``<|im_start|>user\\n`` dropped (diffusers' fixed 64,
-which the tiny tokenizer does not give). The input image is 112 x 112: ComfyUI's "area" resize, its bilinear resize
-for the vision tower and diffusers' Lanczos / the processor's bicubic all leave it as it is."""
+which the tiny tokenizer gives too). The input image is 56 x 56: ComfyUI's "area" resize, its bilinear resize for the
+vision tower and diffusers' Lanczos / the processor's bicubic all leave it as it is."""
 
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ from test_comfy_sd3_flux import TOL, _node_error, _pixels, _run, ksampler_node  
 
 PROMPT = "make the apple green"
 SEED, STEPS, SHIFT, CFG = 5, 2, 3.0, 2.5
-SIDE = 112  # the input image and the (patched) edit area: 112 x 112 pixels, a 56 x 56 latent out of the tiny 2x VAE
+SIDE = 56  # the input image and the (patched) edit area: 56 x 56 pixels, a 28 x 28 latent out of the tiny 2x VAE
 # 16 heads (what a single file's vision config reads), no full-attention block (ComfyUI's 7, 15, 23, 31 are past it)
+TEXT_GAIN = 8.0
 VISION = dict(depth=2, hidden_size=64, intermediate_size=32, num_heads=16, fullatt_block_indexes=[], window_size=112)
 
 
@@ -57,6 +58,10 @@ def make_folder(dst: Path, seed: int = 0) -> Path:
     qwen_vae(seed + 10).save_pretrained(dst / "vae")
     qwen_vl_encoder(tokenizer, seed + 20, text=WIDE_TEXT, vision=VISION).save_pretrained(dst / "text_encoder")
     net = qwen_transformer(seed + 30, **WIDE_TRANSFORMER, joint_attention_dim=WIDE_TEXT["hidden_size"])
+    with torch.no_grad():  # the text's values louder, so that the prompt (and the CFG) moves the tiny image more
+        for name, p in net.named_parameters():
+            if ".attn.add_v_proj." in name or ".attn.to_add_out." in name:
+                p.mul_(TEXT_GAIN)
     net.save_pretrained(dst / "transformer")
     (dst / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
     return dst
@@ -114,7 +119,7 @@ def edit(tmp_path_factory):
 
 @pytest.fixture
 def small_area(monkeypatch):
-    """ComfyUI's ~1024 x 1024 pixels for the Edit image, at 112 x 112 (the same rule at another area)."""
+    """ComfyUI's ~1024 x 1024 pixels for the Edit image, at 56 x 56 (the same rule at another area)."""
     from sdengine.server.comfy import nodes_qwen
 
     monkeypatch.setattr(nodes_qwen, "EDIT_AREA", SIDE * SIDE)
@@ -138,15 +143,10 @@ def edit_graph(image: str = "edit.png", cfg: float = CFG) -> dict[str, Any]:
         },  # fmt: skip
         "39": {"class_type": "VAELoader", "inputs": {"vae_name": "qwen_image_vae.safetensors"}},
         "78": {"class_type": "LoadImage", "inputs": {"image": image}},
-        "93": {
-            "class_type": "ImageScaleToTotalPixels",
-            "inputs": {
-                "image": ["78", 0],
-                "upscale_method": "area",
-                "megapixels": SIDE * SIDE / 1024**2,
-                "resolution_steps": 1,
-            },
-        },  # fmt: skip
+        "93": {  # the template's ImageScaleToTotalPixels (1 megapixel; its least is 0.01): ImageScale to SIDE^2 here
+            "class_type": "ImageScale",
+            "inputs": {"image": ["78", 0], "upscale_method": "area", "width": SIDE, "height": SIDE, "crop": "disabled"},
+        },
         "66": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["37", 0], "shift": SHIFT}},
         "76": encode(PROMPT),
         "77": encode(""),
@@ -198,9 +198,9 @@ def comfy_pipeline(folder: Path, monkeypatch: pytest.MonkeyPatch, *, rules: bool
     return pipe
 
 
-def _edit(pipe: Any, root: Path, cfg: float = CFG) -> np.ndarray:
+def _edit(pipe: Any, root: Path, cfg: float = CFG, **size: int) -> np.ndarray:
     out = pipe(PROMPT, "", steps=STEPS, seed=SEED, sampler="euler", schedule="simple", cfg_scale=cfg, progress=False,
-               reference_images=[str(root / "in" / "edit.png")])  # fmt: skip
+               reference_images=[str(root / "in" / "edit.png")], **size)  # fmt: skip
     return out.arrays[0].astype(np.float64)
 
 
@@ -215,10 +215,36 @@ def test_template_graph_equals_the_edit_pipeline_with_comfyuis_rules(edit, small
     theirs = _edit(comfy_pipeline(folder, monkeypatch), root)
     gap = np.abs(ours - theirs)
     assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
-    # the pipeline's own rules differ: its size (multiples of 32: 128 x 128 here)
+    # ComfyUI's plain CFG matters here: the pipeline with its norm-preserving one gives another image
+    import sdengine.pipeline.qwen_image as qi
+
     monkeypatch.undo()
+    true_cfg = qi.norm_preserving_cfg
+    other = comfy_pipeline(folder, monkeypatch)
+    monkeypatch.setattr(qi, "norm_preserving_cfg", true_cfg)
+    assert np.abs(ours - _edit(other, root)).max() > 1e-3
+    # ComfyUI's template_end drops 64 tokens of the Edit template here too (diffusers' fixed count)
+    assert comfy_drop(folder) == 64
+    monkeypatch.undo()
+    # the pipeline's own rules differ: its size (multiples of 32: 64 x 64 here)
     own = _edit(comfy_pipeline(folder, monkeypatch, rules=False), root)
-    assert own.shape == (128, 128, 3)
+    assert own.shape == (64, 64, 3)
+
+
+def test_an_output_smaller_than_the_reference(edit, small_area, monkeypatch):
+    """A 16 x 16 latent (an 8 x 8 grid of patches beside the reference's 14 x 14): the text's RoPE starts
+    after the generated grid (ComfyUI's txt_start, 4), not after the largest (diffusers', 7)."""
+    root, folder, _ = edit
+    g = edit_graph()
+    g["58"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}}
+    g["3"]["inputs"]["latent_image"] = ["58", 0]  # ComfyUI's 8 pixels a latent pixel: 16 x 16, 32 px of the 2x VAE
+    ours = _pixels(_run(root, g)["8"][0])
+    assert ours.shape == (32, 32, 3)
+    other = comfy_pipeline(folder, monkeypatch)
+    gap = np.abs(ours - _edit(other, root, width=32, height=32))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    monkeypatch.delattr(other.transformer, "forward")  # diffusers' RoPE start: another image
+    assert np.abs(ours - _edit(other, root, width=32, height=32)).max() > 1e-3
 
 
 def test_cfg_one_and_reference_latent_node(edit, small_area, monkeypatch):
@@ -237,9 +263,9 @@ def test_cfg_one_and_reference_latent_node(edit, small_area, monkeypatch):
 
 
 def test_image_sizes_follow_comfyuis_rules(edit, small_area):
-    """A 200 x 100 image: ~112^2 pixels by ComfyUI's rounding (158 x 79, 'area' resize), the reference latent of
-    that size cropped to the VAE's factor (an odd 79 x 39, padded circularly to the patches at sampling); the vision
-    tower's input its smart-resize (168 x 84: 12 x 6 patches)."""
+    """A 200 x 100 image: ~56^2 pixels by ComfyUI's rounding (79 x 40, 'area' resize), the reference latent of
+    that size cropped to the VAE's factor (an odd 39 x 20, padded circularly to the patches at sampling); the vision
+    tower's input its smart-resize (84 x 56: 6 x 4 patches)."""
     from sdengine.models.qwen_vision import QwenVisionConfig
     from sdengine.server.comfy.nodes_qwen import comfy_vision_pixels, edit_size
 
@@ -251,12 +277,12 @@ def test_image_sizes_follow_comfyuis_rules(edit, small_area):
     g["58"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     out = _run(root, g)
     w, h = edit_size(200, 100, SIDE * SIDE)
-    assert (w, h) == (158, 79)
+    assert (w, h) == (79, 40)
     ref = out["76"][0][0].references[0]
-    assert tuple(ref.shape) == (1, 16, 79 // 2, 158 // 2)  # 158 x 78 after the crop to the 2x VAE: 79 x 39, odd
+    assert tuple(ref.shape) == (1, 16, 20, 39)  # 78 x 40 after the crop to the 2x VAE: 39 x 20, an odd width
     assert np.isfinite(_pixels(out["8"][0])).all()
-    rows, grid = comfy_vision_pixels(torch.rand(79, 158, 3), QwenVisionConfig(hidden_size=64, num_heads=16))
-    assert grid == (1, 6, 12) and rows.shape == (72, 3 * 2 * 14 * 14)
+    rows, grid = comfy_vision_pixels(torch.rand(40, 79, 3), QwenVisionConfig(hidden_size=64, num_heads=16))
+    assert grid == (1, 4, 6) and rows.shape == (24, 3 * 2 * 14 * 14)  # grown to 3136 pixels: 56 x 84
 
 
 def test_refusals_are_one_line(edit, small_area):
