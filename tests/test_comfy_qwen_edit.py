@@ -126,7 +126,8 @@ def small_area(monkeypatch):
 
 
 def edit_graph(image: str = "edit.png", cfg: float = CFG) -> dict[str, Any]:
-    """ComfyUI's Qwen-Image-Edit template, API format (its CFGNorm left out: not built here)."""
+    """ComfyUI's Qwen-Image-Edit template, API format (its CFGNorm between ModelSamplingAuraFlow and KSampler left
+    out: test_cfg_norm_as_the_template_has_it puts it in)."""
 
     def encode(prompt: str) -> dict[str, Any]:
         return {"class_type": "TextEncodeQwenImageEdit",
@@ -332,3 +333,52 @@ def test_rope_text_start_comfyui_reads_the_generated_grid():
     cos_d, _ = rope_tables(2, 2, 1, (16, 56, 56), "diffusers", ((8, 8),))
     freq0 = torch.tensor(1.0).cos()
     assert torch.isclose(cos_c[0, 0], freq0) and torch.isclose(cos_d[0, 0], torch.tensor(4.0).cos())
+
+
+def with_cfg_norm(monkeypatch: pytest.MonkeyPatch, strength: float) -> None:
+    """The pipeline's CFG (plain, as comfy_pipeline sets it) followed by ComfyUI's CFGNorm, written in the velocities
+    the pipeline combines: x0 = x - sigma v (sigma = t / 1000), the guided x0 scaled at each latent pixel by
+    ``min(1, |x0_cond| / (|x0_guided| + 1e-8))`` over the channels and by ``strength``, back to a velocity."""
+    import sdengine.pipeline.qwen_image as qi
+
+    plain = qi.QwenTrueCFG.__call__
+
+    def call(self: Any, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        seen: dict[str, torch.Tensor] = {}
+        combine = qi.norm_preserving_cfg
+
+        def capture(c: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
+            seen["cond"] = c
+            return combine(c, u, scale)
+
+        qi.norm_preserving_cfg = capture
+        try:
+            v = plain(self, x, t, **cond)
+        finally:
+            qi.norm_preserving_cfg = combine
+        v_c = seen.get("cond", v)
+        sigma = (torch.as_tensor(t, dtype=torch.float32).reshape(-1) / 1000).reshape(-1, 1, 1, 1)
+        x0_c, x0 = x - sigma * v_c, x - sigma * v
+        ratio = (x0_c.norm(dim=1, keepdim=True) / (x0.norm(dim=1, keepdim=True) + 1e-8)).clamp(0, 1)
+        return (x - x0 * ratio * strength) / sigma
+
+    monkeypatch.setattr(qi.QwenTrueCFG, "__call__", call)
+
+
+@pytest.mark.parametrize("cfg", [CFG, 1.0])
+def test_cfg_norm_as_the_template_has_it(edit, small_area, monkeypatch, cfg):
+    """ModelSamplingAuraFlow -> CFGNorm (strength 1, the template's; 0.8 too) -> KSampler: the pipeline with ComfyUI's
+    rules and CFGNorm written in its velocities (:func:`with_cfg_norm`)."""
+    root, folder, _ = edit
+    for strength in (1.0, 0.8):
+        g = edit_graph(cfg=cfg)
+        g["75"] = {"class_type": "CFGNorm", "inputs": {"model": ["66", 0], "strength": strength}}
+        g["3"]["inputs"]["model"] = ["75", 0]
+        ours = _pixels(_run(root, g)["8"][0])
+        with pytest.MonkeyPatch.context() as mp:
+            other = comfy_pipeline(folder, mp)
+            with_cfg_norm(mp, strength)
+            gap = np.abs(ours - _edit(other, root, cfg=cfg))
+        assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+        if strength == 1.0 and cfg != 1.0:  # at cfg 1 the conditional x0 is the guided one: no change
+            assert np.abs(ours - _pixels(_run(root, edit_graph(cfg=cfg))["8"][0])).max() > 1e-3

@@ -1087,6 +1087,33 @@ class SkipLayerGuidance:
     end_percent: float = 0.15
 
 
+class _CFGNormed:
+    """ComfyUI's CFGNorm (a post-CFG function) on a guided flow denoiser: the guided x0 scaled, at each latent pixel,
+    by ``min(1, |x0_cond| / (|x0_guided| + 1e-8))`` (norms over the channels) and by ``strength``. The conditional
+    x0 is the guided one at scale 1 (ComfyUI's one-pass shortcut), else read back from the unconditional one the
+    guidance hands over: ``u + (guided - u) / scale``."""
+
+    def __init__(self, guided: Any, scale: float, strength: float) -> None:
+        self.guided, self.scale, self.strength = guided, scale, strength
+
+    def __getattr__(self, name: str) -> Any:  # what the samplers ask of the guided denoiser
+        return getattr(self.guided, name)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
+        from sdengine.diffusion.samplers import GuidanceParts
+
+        if self.scale == 1.0:
+            out = self.guided(x, sigma, **kw)
+            cond = out
+        else:
+            parts = kw.get("guidance_parts") or GuidanceParts()
+            out = self.guided(x, sigma, **{**kw, "guidance_parts": parts})
+            u = parts.uncond
+            cond = out if u is None else u + (out - u) / self.scale
+        ratio = torch.norm(cond, dim=1, keepdim=True) / (torch.norm(out, dim=1, keepdim=True) + 1e-8)
+        return out * ratio.clamp(0.0, 1.0) * self.strength
+
+
 class _SkipLayerGuided:
     """A guided flow denoiser with :class:`SkipLayerGuidance`'s term added in its sigma window."""
 
@@ -1214,6 +1241,7 @@ def sample_flow_latents(
     skip_layer_guidance: SkipLayerGuidance | None = None,
     noise_mask: Tensor | None = None,
     differential: float | None = None,
+    cfg_norm: float | None = None,
 ) -> Tensor:
     """Sample a flow model from ``latent`` (B, C, h, w) in its scaled latent space along ``sigmas`` (decreasing, at
     most 1: :func:`flow_sigmas`, or a SamplerCustom's list), as ComfyUI's samplers run a flow model: the start is
@@ -1227,7 +1255,8 @@ def sample_flow_latents(
     :class:`SkipLayerGuidance` (a model with ``skipping``). ``noise_mask`` (1 = repaint): ComfyUI's inpainting of a
     plain model (:class:`_FlowInpaint`, the mask as :func:`flow_noise_mask` fits it); ``differential``: Differential
     Diffusion's strength on that mask (None = off; see :func:`sample_latents`), the threshold in the flow's timestep
-    (sigma) between ``sigmas[0]`` and the larger of ``sigmas[-1]`` and the table's sigma_min."""
+    (sigma) between ``sigmas[0]`` and the larger of ``sigmas[-1]`` and the table's sigma_min. ``cfg_norm``:
+    ComfyUI's CFGNorm strength (:class:`_CFGNormed`, after the CFG)."""
     from sdengine.diffusion.flow import FlowDenoiser
 
     if seed_rule not in SEED_RULES:
@@ -1270,6 +1299,8 @@ def sample_flow_latents(
         uncond[key] = neg[key].to(dev)
     den = FlowDenoiser(model.network, model.schedule)
     guided: Any = CFGDenoiser(den, float(cfg), uncond, rule="comfyui")
+    if cfg_norm is not None:
+        guided = _CFGNormed(guided, float(cfg), float(cfg_norm))
     slg = skip_layer_guidance
     if slg is not None and slg.layers and slg.scale > 0:
         if model.skipping is None:

@@ -234,6 +234,8 @@ class ModelHandle:
     # DifferentialDiffusion: its strength, None = off (the last node applied counts, as ComfyUI's one mask function;
     # sdengine.server.comfy.nodes_patches)
     differential: float | None = None
+    # CFGNorm's strength (a flow model's post-CFG rescale, sdengine.latent_sampling._CFGNormed), None = off
+    cfg_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -1117,6 +1119,8 @@ def _sample(
         raise NodeError("ReferenceLatent is FLUX.1 Kontext's; this model is a U-Net")
     if getattr(model, "skip_layer_guidance", ()):
         raise NodeError("SkipLayerGuidanceSD3 leaves out joint blocks of SD3's MMDiT; this model is a U-Net")
+    if getattr(model, "cfg_norm", None) is not None:
+        raise NodeError("CFGNorm runs on flow models here (Qwen-Image, SD3, Flux); this model is a U-Net")
     if any(getattr(h, "mask", None) is not None for c in [*positive, *negative] for h in getattr(c, "controls", ())):
         raise NodeError(
             "ControlNetInpaintingAliMamaApply is for SD3 / Qwen-Image inpainting ControlNets; this model is a U-Net"

@@ -400,6 +400,13 @@ def model_sampling_aura_flow(ctx: RunContext, model: ModelHandle, shift: float) 
     return (replace(model, flow_sampling=("auraflow", float(shift))),)
 
 
+def cfg_norm(ctx: RunContext, model: ModelHandle, strength: float) -> tuple[Any]:
+    """ComfyUI's CFGNorm (experimental; Qwen-Image-Edit's template puts it before KSampler): after the CFG, the
+    guided x0 scaled at each latent pixel to at most the conditional x0's norm over the channels, times
+    ``strength`` (:class:`sdengine.latent_sampling._CFGNormed`); flow models only (a U-Net: a node error)."""
+    return (replace(model, cfg_norm=float(strength)),)
+
+
 def schedule(model: ModelHandle) -> Any:
     """The flow schedule ComfyUI samples a Qwen-Image model on: ModelSamplingAuraFlow's shift on the 1000-entry
     table, ModelSamplingFlux's ``mu``, else the model's own (ModelSamplingFlux, shift 1.15)."""
@@ -537,6 +544,17 @@ class ComfyQwenAdapter:
 
 
 QWEN_NODES: dict[str, NodeDef] = {
+    "CFGNorm": NodeDef(
+        "CFGNorm",
+        "CFGNorm",
+        "advanced/guidance",
+        (Input("model", "MODEL"), Input("strength", "FLOAT", 1.0, 0.0, 100.0, 0.01)),
+        ("MODEL",),
+        cfg_norm,
+        description="After the CFG, the guided prediction scaled at each latent pixel to at most the conditional "
+        "one's norm over the channels, times strength (ComfyUI's experimental node, in its Qwen-Image-Edit "
+        "template); flow models only.",
+    ),
     "ModelSamplingAuraFlow": NodeDef(
         "ModelSamplingAuraFlow",
         "ModelSamplingAuraFlow",
@@ -592,6 +610,7 @@ __all__ = [
     "QWEN_NODES",
     "ComfyQwenAdapter",
     "QwenComfyText",
+    "cfg_norm",
     "check_latent",
     "comfy_text",
     "comfy_vision_pixels",

@@ -1186,6 +1186,7 @@ def sample_flow(
                 else None,
                 noise_mask=latent_image.get("noise_mask"),
                 differential=getattr(model, "differential", None),
+                cfg_norm=model.cfg_norm,
             )
     except LatentSamplingError as e:
         raise NodeError(str(e)) from None
