@@ -16,6 +16,7 @@ vision tower and diffusers' Lanczos / the processor's bicubic all leave it as it
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -382,3 +383,18 @@ def test_cfg_norm_as_the_template_has_it(edit, small_area, monkeypatch, cfg):
         assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
         if strength == 1.0 and cfg != 1.0:  # at cfg 1 the conditional x0 is the guided one: no change
             assert np.abs(ours - _pixels(_run(root, edit_graph(cfg=cfg))["8"][0])).max() > 1e-3
+
+
+def test_cfg_norm_on_a_unet_is_one_line(tmp_path, tiny_sd1_folder):
+    shutil.copytree(tiny_sd1_folder, tmp_path / "models" / "sd1")
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1"}},
+        "2": {"class_type": "CFGNorm", "inputs": {"model": ["1", 0], "strength": 1.0}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": ksampler_node(["2", 0], ["4", 0], ["4", 0], ["5", 0], steps=1),
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "x"}},
+    }
+    pipes = {str((tmp_path / "models" / "sd1").resolve()): sdengine.load_pipeline(tiny_sd1_folder, device="cpu")}
+    assert "CFGNorm runs on flow models here" in _node_error(tmp_path, g, pipes)
