@@ -114,6 +114,7 @@ def edit(tmp_path_factory):
     files["vae"] = files["vae"].rename(root / "vaes" / files["vae"].name)
     (root / "in").mkdir()
     _input_image().save(root / "in" / "edit.png")
+    _input_image(seed=7).transpose(Image.Transpose.ROTATE_90).save(root / "in" / "edit2.png")
     _input_image(96, 4).resize((150, 84)).save(root / "in" / "wide.png")
     return root, folder, files
 
@@ -307,7 +308,8 @@ def test_refusals_are_one_line(edit, small_area):
     g = edit_graph()
     g["76"]["class_type"] = "TextEncodeQwenImageEditPlus"
     g["76"]["inputs"]["image1"] = g["76"]["inputs"].pop("image")
-    cases.append(("TextEncodeQwenImageEditPlus", g))
+    g["76"]["inputs"]["prompt"] = "<|image_pad|> twice"
+    cases.append(("TextEncodeQwenImageEditPlus: the prompt holds <|image_pad|> tokens of its own", g))
     for want, graph in cases:
         error = _node_error(root, graph)
         assert want in error, (want, error)
@@ -318,12 +320,13 @@ def test_references_for_pads_odd_sides_circularly():
     from sdengine.server.comfy.nodes_qwen import references_for
 
     z = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(1, 2, 3, 5)
-    out = references_for([z], "x")
-    assert out is not None and out.shape == (1, 2, 4, 6)
+    (out,) = references_for([z])
+    assert out.shape == (1, 2, 4, 6)
     assert torch.equal(out[..., 3, :5], z[..., 0, :]) and torch.equal(out[..., :3, 5], z[..., :, 0])
-    assert references_for([], "x") is None
-    with pytest.raises(NodeError, match="2 reference latents on a Qwen-Image model"):
-        references_for([z, z], "x")
+    assert references_for([]) == [] and len(references_for([z, z])) == 2
+    assert len(references_for([z], "offset")) == 1  # one reference: every method lays it out the same
+    with pytest.raises(NodeError, match="'offset' with 2 reference latents on a Qwen-Image model"):
+        references_for([z, z], "offset")
 
 
 def test_rope_text_start_comfyui_reads_the_generated_grid():
@@ -398,3 +401,54 @@ def test_cfg_norm_on_a_unet_is_one_line(tmp_path, tiny_sd1_folder):
     }
     pipes = {str((tmp_path / "models" / "sd1").resolve()): sdengine.load_pipeline(tiny_sd1_folder, device="cpu")}
     assert "CFGNorm runs on flow models here" in _node_error(tmp_path, g, pipes)
+
+
+def plus_graph(cfg: float = CFG) -> dict[str, Any]:
+    """ComfyUI's Qwen-Image-Edit-2509 graph: TextEncodeQwenImageEditPlus with image1 and image2 (the positive and the
+    empty negative), CFGNorm left out."""
+    g = edit_graph(cfg=cfg)
+    g["79"] = {"class_type": "LoadImage", "inputs": {"image": "edit2.png"}}
+    for node, prompt in (("76", PROMPT), ("77", "")):
+        g[node] = {"class_type": "TextEncodeQwenImageEditPlus",
+                   "inputs": {"clip": ["38", 0], "prompt": prompt, "vae": ["39", 0], "image1": ["93", 0],
+                              "image2": ["79", 0]}}  # fmt: skip
+    return g
+
+
+@pytest.fixture
+def plus_areas(monkeypatch):
+    """TextEncodeQwenImageEditPlus's ~384^2 (vision) and ~1024^2 (VAE) pixels, both at 56^2 here."""
+    from sdengine.server.comfy import nodes_qwen
+
+    monkeypatch.setattr(nodes_qwen, "EDIT_AREA", SIDE * SIDE)
+    monkeypatch.setattr(nodes_qwen, "PLUS_VISION_AREA", SIDE * SIDE)
+
+
+def test_edit_plus_graph_equals_the_2509_pipeline_with_comfyuis_rules(edit, plus_areas, monkeypatch):
+    """Two 56 x 56 images: their reference latents frames 1 and 2, "Picture 1: ... Picture 2: ..." before the
+    prompt; sdengine's QwenImageEditPlusPipeline on the same parts (its model_index.json's class) with ComfyUI's
+    rules and both areas at 56^2."""
+    import json
+
+    root, folder, _ = edit
+    plus = root / "Qwen-Image-Edit-2509"
+    if not plus.exists():
+        shutil.copytree(folder, plus)
+        index = json.loads((plus / "model_index.json").read_text())
+        (plus / "model_index.json").write_text(json.dumps({**index, "_class_name": "QwenImageEditPlusPipeline"}))
+    out = _run(root, plus_graph())
+    ours = _pixels(out["8"][0])
+    assert [tuple(r.shape) for r in out["76"][0][0].references] == [(1, 16, SIDE // 2, SIDE // 2)] * 2
+    pipe = comfy_pipeline(plus, monkeypatch)
+    assert type(pipe).__name__ == "QwenImageEditPlusPipeline"
+    pipe.condition_area = SIDE * SIDE
+    images = [str(root / "in" / "edit.png"), str(root / "in" / "edit2.png")]
+    theirs = pipe(PROMPT, "", steps=STEPS, seed=SEED, sampler="euler", schedule="simple", cfg_scale=CFG,
+                  progress=False, reference_images=images).arrays[0].astype(np.float64)  # fmt: skip
+    gap = np.abs(ours - theirs)
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    # the second image matters
+    g = plus_graph()
+    for node in ("76", "77"):
+        del g[node]["inputs"]["image2"]
+    assert np.abs(_pixels(_run(root, g)["8"][0]) - ours).max() > 1e-3

@@ -216,6 +216,9 @@ EDIT_TEMPLATE = (
 )
 IMAGE_PAD = "<|image_pad|>"
 EDIT_AREA = 1024 * 1024  # TextEncodeQwenImageEdit's pixel count for the image (the vision tower's and the VAE's)
+PLUS_VISION_AREA = 384 * 384  # TextEncodeQwenImageEditPlus's for the vision tower (its VAE's: EDIT_AREA)
+EDIT_PLUS_TEMPLATE = EDIT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>{}", "{}", 1)
+PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 VISION_MIN_PIXELS, VISION_MAX_PIXELS = 3136, 12845056  # ComfyUI's process_qwen2vl_images bounds
 
 
@@ -275,39 +278,55 @@ def _vision(text_side: QwenComfyText) -> Any:
 
 
 def encode_with_image(text_side: QwenComfyText, prompt: str, image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's Qwen-Image text encoding of ``prompt`` with one (H, W, 3) image: the Edit template (a text that
-    starts with its own template is taken as it is), the first ``<|image_pad|>`` replaced by the vision tower's
-    merged tokens, the language model run with the multimodal RoPE, the states from ComfyUI's ``template_end``
-    (counted on the tokens before the image is expanded) on -> (1, L, hidden) float32."""
+    """ComfyUI's Qwen-Image text encoding of ``prompt`` with one (H, W, 3) image in the Edit template (a text that
+    starts with its own template is taken as it is): :func:`encode_with_images`."""
+    full = prompt if prompt.startswith(OWN_TEMPLATE) else EDIT_TEMPLATE.replace("{}", prompt, 1)
+    return encode_with_images(text_side, full, [image], "TextEncodeQwenImageEdit")
+
+
+def encode_with_images(text_side: QwenComfyText, full: str, images: list[torch.Tensor], node: str) -> torch.Tensor:
+    """The text ``full`` (already in its template) with (H, W, 3) ``images``: the first ``len(images)``
+    ``<|image_pad|>`` tokens replaced by each image's merged vision tokens in order, the language model run with the
+    multimodal RoPE (each image its own positions, the text after it continuing from its end), the states from
+    ComfyUI's ``template_end`` (counted on the tokens before the images are expanded) on -> (1, L, hidden) float32.
+    No pad in the text: the text alone."""
     from sdengine.models.qwen_text import mrope_positions
 
     pad = text_side.tokenizer.token_id(IMAGE_PAD)
     if pad is None:
-        raise NodeError(f"TextEncodeQwenImageEdit: {text_side.name}'s tokenizer has no {IMAGE_PAD} token")
-    full = prompt if prompt.startswith(OWN_TEMPLATE) else EDIT_TEMPLATE.replace("{}", prompt, 1)
+        raise NodeError(f"{node}: {text_side.name}'s tokenizer has no {IMAGE_PAD} token")
     ids = list(text_side.tokenizer.encode(comfy_text(full)))
-    if pad not in ids:  # ComfyUI then encodes the text alone (no image token to put the image in)
-        return text_side.encode(prompt)
     end = template_end(ids, text_side.im_start, text_side.user, text_side.newline)
-    vision = _vision(text_side)
-    rows, grid = comfy_vision_pixels(image, vision.config)
-    merge = vision.config.spatial_merge_size
-    count = grid[0] * (grid[1] // merge) * (grid[2] // merge)
-    at = ids.index(pad)
-    # ComfyUI puts the image into the first <|image_pad|>; others stay tokens (the encoder's image_token_id path
-    # reads every pad as an image token, so a prompt with more of them is refused)
-    if ids.count(pad) > 1:
-        raise NodeError("TextEncodeQwenImageEdit: the prompt holds <|image_pad|> tokens of its own; remove them")
-    row = ids[:at] + [pad] * count + ids[at + 1 :]
+    # ComfyUI puts image n into the n-th <|image_pad|>; a pad past the images would stay a token, which the
+    # encoder's image path would read as an image: refused
+    if ids.count(pad) > len(images):
+        raise NodeError(f"{node}: the prompt holds <|image_pad|> tokens of its own; remove them")
+    images = images[: ids.count(pad)]
+    row, grids, rows = list(ids), [], []
+    embeds = None
+    if images:
+        vision = _vision(text_side)
+        merge = vision.config.spatial_merge_size
+        row = []
+        it = iter(images)
+        for t in ids:
+            if t != pad:
+                row.append(t)
+                continue
+            pixels, grid = comfy_vision_pixels(next(it), vision.config)
+            rows.append(pixels)
+            grids.append(grid)
+            row += [pad] * (grid[0] * (grid[1] // merge) * (grid[2] // merge))
+        with torch.inference_mode():
+            embeds = vision(torch.cat(rows).to(device=vision.device, dtype=vision.dtype), grids)
     with torch.inference_mode():
-        embeds = vision(rows.to(device=vision.device, dtype=vision.dtype), [grid])
-        positions = mrope_positions(row, pad, [grid], merge)[:, None]
-        states = text_side.encoder(
-            torch.tensor([row], dtype=torch.long, device=text_side.encoder.device),
-            image_embeds=embeds,
-            image_token_id=pad,
-            position_ids=positions.to(text_side.encoder.device),
-        )
+        dev = text_side.encoder.device
+        tokens = torch.tensor([row], dtype=torch.long, device=dev)
+        if embeds is None:
+            states = text_side.encoder(tokens)
+        else:
+            positions = mrope_positions(row, pad, grids, vision.config.spatial_merge_size)[:, None]
+            states = text_side.encoder(tokens, image_embeds=embeds, image_token_id=pad, position_ids=positions.to(dev))
     kept = states[:, end:] if end >= 0 else states[:, -1:]
     if not bool(torch.isfinite(kept).all()):
         raise NodeError(
@@ -364,29 +383,77 @@ def text_encode_qwen_image_edit(ctx: RunContext, clip: Any, prompt: str, vae: An
     return ([out],)
 
 
-def text_encode_qwen_image_edit_plus(ctx: RunContext, clip: Any, prompt: str, **rest: Any) -> Any:
-    """ComfyUI's TextEncodeQwenImageEditPlus (Qwen-Image-Edit-2509's several images): not built here; one line."""
-    raise NodeError(
-        "TextEncodeQwenImageEditPlus (Qwen-Image-Edit 2509/2511's several images) is not supported on the ComfyUI "
-        "route; use TextEncodeQwenImageEdit with one image"
-    )
+def _scaled(image: Any, area: int, step: int, node: str) -> torch.Tensor:
+    """(1, h, w, 3) of an IMAGE scaled to ~``area`` pixels, each side rounded to a multiple of ``step`` (ComfyUI's
+    "area" resize); a batch of several is one line."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
+        raise NodeError(f"{node}: image must be an IMAGE (B, H, W, C) with 3 or 4 channels")
+    if image.shape[0] != 1:
+        raise NodeError(f"{node}: a batch of {image.shape[0]} images; Qwen-Image Edit here reads one (give one image)")
+    h0, w0 = int(image.shape[1]), int(image.shape[2])
+    s = math.sqrt(area / (w0 * h0))
+    w, h = round(w0 * s / step) * step, round(h0 * s / step) * step
+    if w < 1 or h < 1:
+        raise NodeError(f"{node}: a {w0}x{h0} image scales to {w}x{h}; its aspect ratio is too extreme")
+    x = image[..., :3].float().movedim(-1, 1)
+    if (h, w) != (h0, w0):
+        x = F.interpolate(x, size=(h, w), mode="area")
+    return x.movedim(1, -1)
 
 
-def references_for(references: list[torch.Tensor], name: str) -> torch.Tensor | None:
-    """The one reference latent (model-space, (B, 16, h, w)) a Qwen-Image transformer takes here, its odd sides
-    padded circularly to the 2 x 2 patches (ComfyUI's ``pad_to_patch_size``); several are one line."""
-    if not references:
-        return None
-    if len(references) > 1:
+def text_encode_qwen_image_edit_plus(
+    ctx: RunContext, clip: Any, prompt: str, vae: Any = None, image1: Any = None, image2: Any = None,
+    image3: Any = None,
+) -> Any:  # fmt: skip
+    """ComfyUI's TextEncodeQwenImageEditPlus (Qwen-Image-Edit-2509): each given image scaled to ~384 x 384 pixels
+    for the vision tower and, with ``vae``, to ~1024 x 1024 (sides multiples of 8) for its reference latent (all in
+    order: frames 1, 2, 3); ``Picture N: <|vision_start|><|image_pad|><|vision_end|>`` (N the input's slot) before
+    the prompt, in the Edit template without its built-in image."""
+    from sdengine.latent_sampling import TextCondition
+    from sdengine.server.comfy.nodes_sd3_flux import clip_conditioner
+
+    node = "TextEncodeQwenImageEditPlus"
+    if clip.clip_type != CLIP_TYPE:
+        raise NodeError(f"{node} takes CLIPLoader type qwen_image's CLIP (Qwen2.5-VL)")
+    family, text_side = clip_conditioner(ctx, clip)
+    if family != FAMILY or not isinstance(text_side, QwenComfyText):
+        raise NodeError(f"{node} takes CLIPLoader type qwen_image's CLIP (Qwen2.5-VL)")
+    check_clip(clip)
+    vl, refs, pictures = [], [], ""
+    for i, image in enumerate((image1, image2, image3)):
+        if image is None:
+            continue
+        vl.append(_scaled(image, PLUS_VISION_AREA, 1, node)[0])
+        if vae is not None:
+            from sdengine.server.comfy.nodes import vae_encode
+
+            (latent,) = vae_encode(ctx, _scaled(image, EDIT_AREA, 8, node), vae)
+            refs.append(latent["samples"])
+        pictures += PICTURE.format(i + 1)
+    text = pictures + str(prompt)
+    full = text if text.startswith(OWN_TEMPLATE) else EDIT_PLUS_TEMPLATE.replace("{}", text, 1)
+    try:
+        states = encode_with_images(text_side, full, vl, node)
+    except SdengineError as e:
+        raise NodeError(f"{node}: {str(e).splitlines()[0]}") from None
+    return ([TextCondition({"crossattn": states}, references=tuple(refs))],)
+
+
+def references_for(references: list[torch.Tensor], method: str = "index") -> list[torch.Tensor]:
+    """The reference latents (model-space, (B, 16, h, w)) a Qwen-Image transformer appends in order (frames 1, 2, ...:
+    ComfyUI's default "index" layout for Qwen-Image), odd sides padded circularly to the 2 x 2 patches (ComfyUI's
+    ``pad_to_patch_size``). Several laid out by another FluxKontextMultiReferenceLatentMethod are one line (one is
+    laid out the same by every method)."""
+    if len(references) > 1 and method != "index":
         raise NodeError(
-            f"{name}: {len(references)} reference latents on a Qwen-Image model; sdengine runs one here (Qwen-Image "
-            "Edit's input image)"
+            f"FluxKontextMultiReferenceLatentMethod {method!r} with {len(references)} reference latents on a "
+            "Qwen-Image model is not supported here: use 'index' (Qwen-Image's own)"
         )
-    ref = references[0]
-    ph, pw = int(ref.shape[-2]) % PATCH, int(ref.shape[-1]) % PATCH
-    if ph or pw:
-        ref = F.pad(ref, (0, pw, 0, ph), mode="circular")
-    return ref
+    out = []
+    for ref in references:
+        ph, pw = int(ref.shape[-2]) % PATCH, int(ref.shape[-1]) % PATCH
+        out.append(F.pad(ref, (0, pw, 0, ph), mode="circular") if ph or pw else ref)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -537,10 +604,11 @@ class ComfyQwenAdapter:
             raise NodeError(f"the Qwen-Image transformer takes no {', '.join(extra)}")
         mask = None if text_mask is None else text_mask.to(x.device)
         states = crossattn.to(device=x.device, dtype=self.dtype)
-        ref = references_for(list(self.references or []), "ReferenceLatent")
-        if ref is not None:
-            ref = ref.to(device=x.device, dtype=self.dtype).expand(x.shape[0], -1, -1, -1)
-        return self.net(x.to(self.dtype), t, states, mask, rope_centre="comfyui", reference=ref).float()
+        refs = [
+            r.to(device=x.device, dtype=self.dtype).expand(x.shape[0], -1, -1, -1)
+            for r in references_for(list(self.references or []), self.reference_method)
+        ]
+        return self.net(x.to(self.dtype), t, states, mask, rope_centre="comfyui", reference=refs or None).float()
 
 
 QWEN_NODES: dict[str, NodeDef] = {
@@ -595,8 +663,8 @@ QWEN_NODES: dict[str, NodeDef] = {
         ),
         ("CONDITIONING",),
         text_encode_qwen_image_edit_plus,
-        description="Qwen-Image-Edit 2509/2511's prompt with several images: not supported here (a node error); "
-        "TextEncodeQwenImageEdit reads one image.",
+        description="Qwen-Image-Edit 2509's prompt with up to three images: each read by Qwen2.5-VL's vision tower at "
+        "~384^2 pixels as 'Picture N' and, with a VAE, VAE-encoded at ~1024^2 as a reference latent (ComfyUI's rules).",
     ),
 }
 
@@ -616,6 +684,7 @@ __all__ = [
     "comfy_vision_pixels",
     "edit_size",
     "encode_with_image",
+    "encode_with_images",
     "fit_conditioning",
     "is_qwen_text_file",
     "load_text",

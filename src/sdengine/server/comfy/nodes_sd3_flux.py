@@ -1112,6 +1112,9 @@ def sample_flow(
         network: Any = flow.network  # a FluxAdapter made for this run
         network.references = [_raw_in(r.float(), family).to(flow.device) for r in references]
         network.reference_method = method
+        if family == "qwen_image":  # ComfyUI's Qwen-Image lays several out by "index" unless a node sets another
+            explicit = [str(c.reference_method) for c in stripped[0] if getattr(c, "reference_method", None)]
+            network.reference_method = "uxo" if explicit and "uxo" in explicit[0] else (explicit or ["index"])[0]
     z = latent_image.get("samples")
     if z is None:  # EmptyLatentImage's size: ComfyUI's 8 x 8 pixels a latent pixel
         b, h, w = latent_image["size"]
