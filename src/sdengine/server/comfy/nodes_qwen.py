@@ -41,13 +41,14 @@ the Qwen-Image facts it reads, each ComfyUI's (read from its ``comfy/text_encode
   reads the image with the CLIP file's Qwen2.5-VL vision tower (``visual.*``) into the Edit template and sets the
   VAE-encoded image as the conditioning's reference latent; the transformer appends its patches with frame 1
   (ComfyUI's ``reference_latents``; ReferenceLatent sets the same), the text's RoPE start read off the generated
-  latent alone (ComfyUI's ``txt_start``).
+  latent alone (ComfyUI's ``txt_start``). TextEncodeQwenImageEditPlus (Edit-2509): up to three images, each read
+  at ~384^2 pixels as ``Picture N`` and its ~1024^2 latent a reference (frames 1, 2, 3).
 
 What is not built is refused in one line: CheckpointLoaderSimple on a Qwen-Image model (a diffusers folder: its
 parts are not files UNETLoader / CLIPLoader list), LoraLoader's strength_clip (Qwen-Image LoRAs adapt the
-transformer only: LoraLoaderModelOnly and LoraLoader's model part run), ControlNets, FluxGuidance, a Qwen-Image
-model with another family's CLIP (or the reverse), TextEncodeQwenImageEditPlus (several images), several reference
-latents, an Edit image with a CLIP file without the vision tower, CLIPSetLastLayer.
+transformer only: LoraLoaderModelOnly and LoraLoader's model part run), FluxGuidance, a Qwen-Image
+model with another family's CLIP (or the reverse), several reference latents in a layout other than ``index``,
+an Edit image with a CLIP file without the vision tower, CLIPSetLastLayer.
 """
 
 from __future__ import annotations
