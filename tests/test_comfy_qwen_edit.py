@@ -3,7 +3,9 @@ template: UNETLoader on the Edit transformer file, CLIPLoader type ``qwen_image`
 vision tower* (``visual.*``), VAELoader, LoadImage -> ImageScaleToTotalPixels -> TextEncodeQwenImageEdit for the
 positive and, with an empty prompt, the negative, VAEEncode of the scaled image as the latent,
 ModelSamplingAuraFlow, KSampler, VAEDecode) on ComfyUI-layout files written from a tiny random Qwen-Image-Edit folder,
-held against sdengine's Edit pipeline on that folder run with ComfyUI's rules.
+held against sdengine's Edit pipeline on that folder run with ComfyUI's rules; CFGNorm (the template's) against
+the pipeline with it written in its velocities; TextEncodeQwenImageEditPlus (Edit-2509, two images) against the
+2509 pipeline on the same parts.
 
 ComfyUI's rules that differ from diffusers' (each set on the pipeline here, the gaps measured in docs/qwen-image.md):
 plain CFG instead of the norm-preserving true CFG; ModelSamplingAuraFlow's fixed shift on the 1000-entry table; the
