@@ -116,18 +116,18 @@ class PreparedDiTUnit:
     inpaint: bool = False  # an inpainting ControlNet (SD3's pooled text is zeros)
 
 
-class ControlledDiT:
-    """``model(x, t, *, encoder_hidden_states, pooled_projections, [guidance], step, row_kinds, **kw)``: the SD3 or
-    Flux transformer with the active units' residuals (``step``: the run's step index or a SamplerStep)."""
+class ControlledNetwork:
+    """A transformer (``base``) run with prepared ControlNet ``units``: what the sampler asks of it (the step, the
+    CFG rows' kinds) and its attributes (config, dtype, ...) passed through; :meth:`active` says which units act at
+    a step."""
 
     takes_step = True
     takes_row_kinds = True
     references = None  # no reference units here (the core asks)
 
-    def __init__(self, base: Any, units: list[PreparedDiTUnit], family: str) -> None:
+    def __init__(self, base: Any, units: list[PreparedDiTUnit]) -> None:
         self.base = base
         self.units = units
-        self.family = family
 
     def __getattr__(self, name: str) -> Any:  # config, dtype, ... of the transformer
         if name == "base":
@@ -136,6 +136,15 @@ class ControlledDiT:
 
     def active(self, step: int) -> list[bool]:
         return [u.keep[min(step, len(u.keep) - 1)] for u in self.units]
+
+
+class ControlledDiT(ControlledNetwork):
+    """``model(x, t, *, encoder_hidden_states, pooled_projections, [guidance], step, row_kinds, **kw)``: the SD3 or
+    Flux transformer with the active units' residuals (``step``: the run's step index or a SamplerStep)."""
+
+    def __init__(self, base: Any, units: list[PreparedDiTUnit], family: str) -> None:
+        super().__init__(base, units)
+        self.family = family
 
     def residuals(
         self,
@@ -202,25 +211,9 @@ class ControlledDiT:
         return self.base(x, t, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections, **kw)
 
 
-class ControlledQwen:
+class ControlledQwen(ControlledNetwork):
     """``model(x, t, text, text_mask, *, step, row_kinds)``: the Qwen-Image transformer with the active units'
     residuals, computed on the conditional rows and reused by each unconditional row (see the module docstring)."""
-
-    takes_step = True
-    takes_row_kinds = True
-    references = None
-
-    def __init__(self, base: Any, units: list[PreparedDiTUnit]) -> None:
-        self.base = base
-        self.units = units
-
-    def __getattr__(self, name: str) -> Any:  # config, dtype, ... of the transformer
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
-
-    def active(self, step: int) -> list[bool]:
-        return [u.keep[min(step, len(u.keep) - 1)] for u in self.units]
 
     def __call__(
         self,
@@ -496,6 +489,7 @@ def _check_qwen_fit(net: QwenImageControlNet, base: Any, name: str) -> None:
 __all__ = [
     "UNION_MODES",
     "ControlledDiT",
+    "ControlledNetwork",
     "ControlledQwen",
     "PreparedDiTUnit",
     "build_controlled_dit",
