@@ -73,6 +73,7 @@ def fresh_form(pg) -> None:
         for (const id of ['hr-enabled', 'cn-enabled', 'tiling']) document.getElementById(id).checked = false;
         for (const b of document.querySelectorAll('#style-list input')) b.checked = false;
         const values = { mode: 'txt2img', noise_multiplier: '1', masked_content: 'original', strength_rule: 'diffusers',
+            differential_diffusion: '0',
             'cn-rule': 'diffusers', 'cn-mode': 'balanced', 'hr-resize-x': '0', 'hr-resize-y': '0', 'hr-sampler': '',
             'hr-schedule': '', 'hr-prompt': '', 'hr-negative-prompt': '', seed_resize_w: '', seed_resize_h: '',
             negative_prompt: '' };
@@ -276,6 +277,63 @@ def test_inpainting_with_masked_content_and_a_noise_multiplier(page, client, tmp
     assert (page.input_value("#noise_multiplier"), page.input_value("#masked_content")) == ("1", "original")
     page.click("#results button:text('Reuse parameters')")
     assert (page.input_value("#noise_multiplier"), page.input_value("#masked_content")) == ("1.1", "latent noise")
+
+
+def test_soft_inpainting_differential_diffusion(page, client, tmp_path):
+    """The page's "Soft inpainting (Differential Diffusion)" (inpaint only): sent as ``differential_diffusion``, the
+    API's image for the same body, written to the parameters and set again by "Reuse parameters"; a value over 1 is
+    said at its own input, nothing lost."""
+    fresh_form(page)
+    init = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[:, None, None], (1, 64, 3)))
+    path = tmp_path / "init.png"
+    init.save(path)
+    page.evaluate("""() => { window.uploaded = []; if (window.fetchWatched) return; window.fetchWatched = true;
+        const f = window.fetch;
+        window.fetch = (url, opts) => { if (String(url).endsWith('/v1/uploads')) window.uploaded.push(opts.body);
+                                        return f(url, opts); }; }""")  # (an earlier test may have wrapped it)
+    page.set_input_files("#init-file", str(path))
+    assert page.is_hidden("#differential_diffusion")  # img2img: no mask
+    page.select_option("#mode", "inpaint")
+    page.wait_for_selector("#mask-canvas", state="visible")
+    assert page.is_visible("#differential_diffusion")
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "3")
+    page.fill("#seed", "7")
+    page.fill("#strength", "1")
+    page.fill("#mask_blur", "6")  # a soft edge: grey levels for the rule to read
+    page.fill("#differential_diffusion", "1.5")
+    page.eval_on_selector("#brush", "el => { el.value = '30'; }")
+    page.locator("#mask-canvas").scroll_into_view_if_needed()
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-differential_diffusion').textContent.length > 0")
+    assert page.input_value("#differential_diffusion") == "1.5"
+    page.fill("#differential_diffusion", "0.8")
+    page.evaluate("window.uploaded = []")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Differential diffusion: 0.8" in params, params
+    sent = page.evaluate("""() => Promise.all(window.uploaded.map(async (b) => {
+        const buf = new Uint8Array(await b.arrayBuffer()); let s = '';
+        for (const x of buf) s += String.fromCharCode(x); return btoa(s); }))""")
+    init_b64, mask_b64 = list(dict.fromkeys(sent))  # each upload once (an earlier wrapper records it again)
+    body = {"prompt": "a red apple", "steps": 3, "seed": 7, "strength": 1.0, "mask_blur": 6}
+    for field in ("sampler", "schedule"):
+        body[field] = page.input_value(f"#{field}")
+    body["cfg_scale"] = float(page.input_value("#cfg_scale"))
+    body.update(init_image=init_b64, mask=mask_b64, differential_diffusion=0.8)
+    expected, info = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == info
+    plain, _ = api_image(client, {k: v for k, v in body.items() if k != "differential_diffusion"})
+    assert not np.array_equal(expected, plain)  # the soft rule changed the image
+    page.fill("#differential_diffusion", "0")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.input_value("#differential_diffusion") == "0.8"
 
 
 def test_a_controlnets_step_rule_and_its_infotext(page, client, tmp_path):

@@ -16,7 +16,7 @@ const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "st
   "pag_layers", "seed", "width", "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "vae", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
   "cn-weight", "cn-start", "cn-end", "cn-rule", "cn-mode", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "hr-resize-x", "hr-resize-y", "hr-sampler",
   "hr-schedule", "hr-prompt", "hr-negative-prompt", "seed_resize_w", "seed_resize_h",
-  "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content"];
+  "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content", "differential_diffusion"];
 FIELDS.push("freeu", "freeu_version", "freeu_rule"); // FreeU's factors (text: empty = off), version and rule
 FIELDS.push("sag_scale", "sag_blur_sigma", "sag_rule"); // self-attention guidance (scale 0 = off)
 FIELDS.push("deep_shrink", "deep_shrink_block", "deep_shrink_factor", "deep_shrink_start", "deep_shrink_end",
@@ -307,6 +307,7 @@ const ERROR_FIELDS = [
   [/^strength\b/i, "strength"], // "strength must be > 0 for img2img": the strength's, not the init image's
   [/init[_ ]image|img2img/i, "init_image"],
   [/\bmask_blur\b/i, "mask_blur"],
+  [/differential_diffusion/i, "differential_diffusion"],
   [/\bmask\b/i, "mask"],
   [/strength/i, "strength"],
   [/\bwidth\b/i, "width"],
@@ -858,6 +859,8 @@ function applyInfotext(text) {
   put("noise_multiplier", f["Noise multiplier"] ? parseFloat(f["Noise multiplier"]) : 1);
   const masked = (f["Masked content"] || "original").trim();
   if (!put("masked_content", masked)) missing.push(`masked content ${masked}`);
+  // sdengine's "Differential diffusion" (soft inpainting's strength): as the image has it, else off
+  put("differential_diffusion", f["Differential diffusion"] ? parseFloat(f["Differential diffusion"]) : 0);
   put("clip_skip", f["Clip skip"] ? parseInt(f["Clip skip"], 10) : 1); // A1111 writes it only when > 1
   put("vae_decode", f["Tiny VAE"] ? "tiny" : "full"); // sdengine names the tiny VAE when it decoded
   put("vae_encode", f["Tiny VAE encode"] ? "tiny" : "full"); // and when it encoded the init image
@@ -1067,6 +1070,7 @@ function updateMode() {
   $("mask-tools").hidden = !inpaint;
   $("mask_blur").closest(".field").hidden = !inpaint;
   $("masked_content").closest(".field").hidden = !inpaint;
+  $("differential_diffusion").closest(".field").hidden = !inpaint;
   $("noise_multiplier").closest(".field").hidden = mode === "txt2img";
   $("mask-canvas").hidden = !inpaint;
   $("strength").closest(".field").hidden = mode === "txt2img";
@@ -1389,6 +1393,8 @@ async function buildRequest() {
       body.mask = await upload(await painter.toBlob(), "mask");
       body.mask_blur = number("mask_blur", "Mask blur", false);
       if ($("masked_content").value !== "original") body.masked_content = $("masked_content").value;
+      const soft = number("differential_diffusion", "Soft inpainting", false);
+      if (soft !== 0) body.differential_diffusion = soft; // off: not sent, as the API's default
     }
   }
   // img2img and the hires fix count their steps by it, and DDIM / PLMS walk A1111's own grid under A1111's rules
