@@ -31,6 +31,11 @@ Qwen-Image-Edit's reference image (``reference=``, a (B, 16, h, w) latent): its 
 generated image's tokens (diffusers' ``torch.cat([latents, image_latents], dim=1)`` with a second ``img_shapes``
 entry). Its positions are centred on its own grid with frame 1 (the n-th image's frame is n), the text starts after
 the largest of the grids (``max(h//2, w//2)`` over both), and only the generated tokens are returned.
+
+Qwen-Image-Edit-2511's ``zero_cond_t`` (diffusers' option of the same name): the conditioning vector is also made
+for t = 0, and in every block the reference images' tokens (all after the generated latent's) take their image
+modulation (shifts, scales, gates) from it; the generated tokens, the text stream and the final layer take the
+step's. Without reference tokens it changes nothing.
 """
 
 from __future__ import annotations
