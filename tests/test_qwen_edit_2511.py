@@ -87,8 +87,15 @@ def test_edit_2511_matches_diffusers(folder_2511):
         oracle = diffusers_qwen_edit(folder_2511, plus=True)
         assert oracle.transformer.config.zero_cond_t
         with torch.no_grad():
-            want = oracle(image=images, prompt="make the apple green", negative_prompt="blurry", true_cfg_scale=4.0,
-                          num_inference_steps=3, generator=torch.Generator().manual_seed(7), output_type="np").images  # fmt: skip
+            want = oracle(
+                image=images,
+                prompt="make the apple green",
+                negative_prompt="blurry",
+                true_cfg_scale=4.0,
+                num_inference_steps=3,
+                generator=torch.Generator().manual_seed(7),
+                output_type="np",
+            ).images
     finally:
         module.calculate_dimensions = original
     got = pipe("make the apple green", negative_prompt="blurry", reference_images=images, cfg_scale=4.0, steps=3,

@@ -160,7 +160,8 @@ class QwenImageConfig:
 
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if not (k == "out_channels" and v is None) and k not in _UNSUPPORTED and k != "zero_cond_t"}
+    skip = {*_UNSUPPORTED, "zero_cond_t"}  # true / false, checked by the config itself
+    return {k: v for k, v in values.items() if not (k == "out_channels" and v is None) and k not in skip}
 
 
 QWEN_IMAGE = QwenImageConfig()  # Qwen/Qwen-Image

@@ -91,6 +91,7 @@ def qwen_image_from_state(
         shapes = dataclasses.replace(shapes, zero_cond_t=config.zero_cond_t)
     elif marked:
         shapes = dataclasses.replace(shapes, zero_cond_t=True)
+    check_config_fits(config, shapes, where)
     return build_from_state(
         QwenImageTransformer, config or shapes, sd, f"{where}: Qwen-Image transformer", device, dtype, stored
     )
@@ -117,4 +118,10 @@ def load_qwen_image_transformer(
     return model
 
 
-__all__ = ["QWEN_AXES", "ZERO_COND_MARKER", "config_from_shapes", "load_qwen_image_transformer", "qwen_image_from_state"]
+__all__ = [
+    "QWEN_AXES",
+    "ZERO_COND_MARKER",
+    "config_from_shapes",
+    "load_qwen_image_transformer",
+    "qwen_image_from_state",
+]
