@@ -145,21 +145,6 @@ def test_cli_edits_several_reference_images(plus_folder, plus_pipe, tmp_path, mo
     assert np.abs(got - want.arrays[0]).max() <= 1 / 255 + 1e-6
 
 
-def test_edit_2511_is_refused_at_load(plus_folder, tmp_path):
-    """Qwen-Image-Edit-2511 (a 2509 folder whose transformer has ``zero_cond_t``): one line at load."""
-    import json
-    import shutil
-
-    import sdengine
-    from sdengine.errors import GenerationError
-
-    folder = shutil.copytree(plus_folder, tmp_path / "Qwen-Image-Edit-2511")
-    config = json.loads((folder / "transformer" / "config.json").read_text())
-    (folder / "transformer" / "config.json").write_text(json.dumps({**config, "zero_cond_t": True}))
-    with pytest.raises(GenerationError, match="zero_cond_t .Qwen-Image-Edit-2511's reference-image modulation. is"):
-        sdengine.load_pipeline(folder, device="cpu")
-
-
 def test_plus_rows_of_a_batch_equal_their_own_calls(plus_pipe):
     """Two prompts with different negatives on two images in one call (diffusers' Plus pipeline takes one prompt
     per call): each row equals its call alone (the texts padded to one width with a mask)."""

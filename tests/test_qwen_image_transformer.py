@@ -78,7 +78,7 @@ def test_transformer_bf16_as_close_as_diffusers() -> None:
 
 
 def test_config_refusals() -> None:
-    for key in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope", "guidance_embeds"):
+    for key in ("use_additional_t_cond", "use_layer3d_rope", "guidance_embeds"):
         with pytest.raises(ConfigError, match=key.split("_")[0]):
             QwenImageConfig.from_diffusers({**QWEN_TRANSFORMER, key: True})
     with pytest.raises(ConfigError, match="unknown"):

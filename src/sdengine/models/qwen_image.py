@@ -31,6 +31,11 @@ Qwen-Image-Edit's reference image (``reference=``, a (B, 16, h, w) latent): its 
 generated image's tokens (diffusers' ``torch.cat([latents, image_latents], dim=1)`` with a second ``img_shapes``
 entry). Its positions are centred on its own grid with frame 1 (the n-th image's frame is n), the text starts after
 the largest of the grids (``max(h//2, w//2)`` over both), and only the generated tokens are returned.
+
+Qwen-Image-Edit-2511's ``zero_cond_t`` (diffusers' option of the same name): the conditioning vector is also made
+for t = 0, and in every block the reference images' tokens (all after the generated latent's) take their image
+modulation (shifts, scales, gates) from it; the generated tokens, the text stream and the final layer take the
+step's. Without reference tokens it changes nothing.
 """
 
 from __future__ import annotations
@@ -56,11 +61,10 @@ ROPE_THETA = 10000.0
 TIME_FEATURES = 256  # sinusoidal features of the timestep
 TIME_SCALE = 1000.0  # the sinusoid's input is 1000 t (t in 0..1)
 PATCH = 2  # 2x2 latent patches are the image tokens
-# Options of diffusers' config for later Qwen-Image models (Edit-2511's zero_cond_t, Layered's additional t
-# condition and 3D layer RoPE) and an unused guidance embedding: refused while set
+# Options of diffusers' config for later Qwen-Image models (Layered's additional t condition and 3D layer RoPE)
+# and an unused guidance embedding: refused while set
 _UNSUPPORTED = {
     "guidance_embeds": "a guidance-distilled Qwen-Image transformer",
-    "zero_cond_t": "zero_cond_t (Qwen-Image-Edit-2511's reference-image modulation)",
     "use_additional_t_cond": "use_additional_t_cond (Qwen-Image-Layered)",
     "use_layer3d_rope": "use_layer3d_rope (Qwen-Image-Layered)",
 }
@@ -91,6 +95,8 @@ class QwenImageConfig:
         if isinstance(self.axes_dims_rope, list):
             object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
         check_config("qwen_image", _numbers(dataclasses.asdict(self)))
+        if type(self.zero_cond_t) is not bool:
+            raise ConfigError(f"Qwen-Image transformer config: zero_cond_t={self.zero_cond_t!r} is not true/false")
         for name, what in _UNSUPPORTED.items():
             value = getattr(self, name)
             if type(value) is not bool:
@@ -154,7 +160,8 @@ class QwenImageConfig:
 
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if not (k == "out_channels" and v is None) and k not in _UNSUPPORTED}
+    skip = {*_UNSUPPORTED, "zero_cond_t"}  # true / false, checked by the config itself
+    return {k: v for k, v in values.items() if not (k == "out_channels" and v is None) and k not in skip}
 
 
 QWEN_IMAGE = QwenImageConfig()  # Qwen/Qwen-Image
@@ -261,14 +268,36 @@ class DualStreamBlock(nn.Module):
         self.txt_mlp = MLP(dim)
 
     def forward(
-        self, x: Tensor, context: Tensor, vec: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None
+        self,
+        x: Tensor,
+        context: Tensor,
+        vec: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        zero: tuple[Tensor, int] | None = None,
     ) -> tuple[Tensor, Tensor]:
+        """``zero``: (the t = 0 conditioning vector, n) for ``zero_cond_t``: the image tokens from the n-th on (a
+        reference's) are modulated and gated by it, the first n (the generated latent's) and the text by ``vec``."""
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec).unsqueeze(1).chunk(6, dim=-1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec).unsqueeze(1).chunk(6, dim=-1)
-        img, txt = self.attn(modulate(x, i_shift1, i_scale1), modulate(context, t_shift1, t_scale1), rope, mask)
-        x = x + i_gate1 * img
+        if zero is None:
+            img_in = modulate(x, i_shift1, i_scale1)
+        else:
+            z_shift1, z_scale1, z_gate1, z_shift2, z_scale2, z_gate2 = (
+                self.img_mod(zero[0]).unsqueeze(1).chunk(6, dim=-1)
+            )
+            n = zero[1]
+            img_in = torch.cat([modulate(x[:, :n], i_shift1, i_scale1), modulate(x[:, n:], z_shift1, z_scale1)], 1)
+        img, txt = self.attn(img_in, modulate(context, t_shift1, t_scale1), rope, mask)
+        if zero is None:
+            x = x + i_gate1 * img
+            x = x + i_gate2 * self.img_mlp(modulate(x, i_shift2, i_scale2))
+        else:
+            x = x + torch.cat([i_gate1 * img[:, :n], z_gate1 * img[:, n:]], 1)
+            h = torch.cat([modulate(x[:, :n], i_shift2, i_scale2), modulate(x[:, n:], z_shift2, z_scale2)], 1)
+            h = self.img_mlp(h)
+            x = x + torch.cat([i_gate2 * h[:, :n], z_gate2 * h[:, n:]], 1)
         context = context + t_gate1 * txt
-        x = x + i_gate2 * self.img_mlp(modulate(x, i_shift2, i_scale2))
         context = context + t_gate2 * self.txt_mlp(modulate(context, t_shift2, t_scale2))
         if x.dtype == torch.float16:  # the residual stream outgrows float16; the reference clips it
             x, context = x.clip(-65504, 65504), context.clip(-65504, 65504)
@@ -426,11 +455,13 @@ class QwenImageTransformer(nn.Module):
         x = self.img_in(packed)
         context = self.txt_in(self.txt_norm(text.to(dtype)))
         vec = self.time_text_embed(t / 1000.0, dtype)
+        # zero_cond_t (Qwen-Image-Edit-2511): the reference tokens are conditioned on t = 0, the rest on t
+        zero = (self.time_text_embed(t * 0, dtype), tokens) if cfg.zero_cond_t and refs else None
         rope = self.rope(H // PATCH, W // PATCH, L, device, rope_centre, more)
         samples = controlnet_block_samples or None
         every = math.ceil(len(self.transformer_blocks) / len(samples)) if samples else 0
         for i, block in enumerate(self.transformer_blocks):
-            x, context = block(x, context, vec, rope, mask)
+            x, context = block(x, context, vec, rope, mask, zero)
             if samples is not None:  # on the image tokens (not a reference's)
                 r = samples[i // every].to(x.dtype)
                 x = x + r if x.shape[1] == tokens else torch.cat([x[:, :tokens] + r, x[:, tokens:]], dim=1)

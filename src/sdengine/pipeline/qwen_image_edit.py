@@ -20,7 +20,8 @@ image, given as ``reference_images=[image]`` (the name FLUX.1 Kontext's referenc
 Qwen-Image-Edit-2509 (:class:`QwenImageEditPlusPipeline`, diffusers' ``QwenImageEditPlusPipeline``) takes 1 to
 :data:`PLUS_MAX_IMAGES` input images, each fitted twice (~384^2 for the vision tower, ~1024^2 for the VAE), the
 prompt after "Picture 1: <image>Picture 2: <image>..." and every image's latent appended with its own grid; the
-output takes the last image's size.
+output takes the last image's size. Qwen-Image-Edit-2511 is the same pipeline on a transformer with ``zero_cond_t``
+(:mod:`sdengine.models.qwen_image`: the input images' tokens modulated at t = 0).
 
 Refused in one line before any model runs: no reference image or more than one (2509: more than 3),
 ``reference_auto_resize`` false (FLUX.1 Kontext's option), an init image or mask (diffusers' Edit pipelines have

@@ -1,6 +1,7 @@
 """Qwen-Image transformer files: diffusers ``transformer/`` folders (sharded too) and single ``.safetensors`` files
 in diffusers' names (ComfyUI's ``qwen_image_*.safetensors`` diffusion-model files, with or without its
-``model.diffusion_model.`` prefix); the config from the shapes for a single file.
+``model.diffusion_model.`` prefix); the config from the shapes for a single file, ``zero_cond_t``
+(Qwen-Image-Edit-2511's) from ComfyUI's ``__index_timestep_zero__`` marker tensor when the file has it.
 
 The names are diffusers' ``QwenImageTransformer2DModel``'s, which
 :class:`sdengine.models.qwen_image.QwenImageTransformer` keeps, so nothing is renamed. Reading, dtype choice and
@@ -9,6 +10,7 @@ the meta-device build are Flux's (:func:`sdengine.weights.flux_file.load_transfo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +25,8 @@ from .io import WeightsError
 
 _BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
 QWEN_AXES = (16, 56, 56)  # the RoPE split of Qwen-Image's 128-wide heads
+# ComfyUI's empty tensor in Qwen-Image-Edit-2511's single files: the model's zero_cond_t (no weight of its own)
+ZERO_COND_MARKER = "__index_timestep_zero__"
 
 
 def _shape(sd: Mapping[str, Any], key: str, ndim: int, where: str) -> tuple[int, ...]:
@@ -72,9 +76,21 @@ def qwen_image_from_state(
 ) -> QwenImageTransformer:
     """A :class:`QwenImageTransformer` from a state dict in diffusers' names; the config from the shapes unless
     given (a given one must fit them: one line naming the first difference)."""
+    marked = ZERO_COND_MARKER in sd
+    if marked:
+        sd = {k: v for k, v in sd.items() if k != ZERO_COND_MARKER}
     stored = next((v.dtype for v in sd.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
     axes = axes_dims_rope or (config.axes_dims_rope if config is not None else None)
     shapes = config_from_shapes(sd, where, axes_dims_rope=axes)
+    if config is not None:  # the shapes cannot tell zero_cond_t (Edit-2511's): a given config's
+        if marked and not config.zero_cond_t:
+            raise WeightsError(
+                f"{where}: the weights carry ComfyUI's {ZERO_COND_MARKER} (Qwen-Image-Edit-2511) but the config "
+                "says zero_cond_t=false"
+            )
+        shapes = dataclasses.replace(shapes, zero_cond_t=config.zero_cond_t)
+    elif marked:
+        shapes = dataclasses.replace(shapes, zero_cond_t=True)
     check_config_fits(config, shapes, where)
     return build_from_state(
         QwenImageTransformer, config or shapes, sd, f"{where}: Qwen-Image transformer", device, dtype, stored
@@ -102,4 +118,10 @@ def load_qwen_image_transformer(
     return model
 
 
-__all__ = ["QWEN_AXES", "config_from_shapes", "load_qwen_image_transformer", "qwen_image_from_state"]
+__all__ = [
+    "QWEN_AXES",
+    "ZERO_COND_MARKER",
+    "config_from_shapes",
+    "load_qwen_image_transformer",
+    "qwen_image_from_state",
+]
