@@ -219,15 +219,39 @@ def _info(text: str) -> PngImagePlugin.PngInfo:
     return info
 
 
+def watch_uploads(pg) -> None:
+    """Record the bodies the page sends to /v1/uploads in ``window.uploaded`` (emptied; fetch wrapped once)."""
+    pg.evaluate("""() => { window.uploaded = []; if (window.fetchWatched) return; window.fetchWatched = true;
+        const f = window.fetch;
+        window.fetch = (url, opts) => { if (String(url).endsWith('/v1/uploads')) window.uploaded.push(opts.body);
+                                        return f(url, opts); }; }""")
+
+
+def uploaded_b64(pg) -> list[str]:
+    """The recorded uploads, base64."""
+    return pg.evaluate("""() => Promise.all(window.uploaded.map(async (b) => {
+        const buf = new Uint8Array(await b.arrayBuffer()); let s = '';
+        for (const x of buf) s += String.fromCharCode(x); return btoa(s); }))""")
+
+
+def paint_stroke(pg) -> None:
+    """A 30-pixel brush stroke across the middle of the mask canvas."""
+    pg.eval_on_selector("#brush", "el => { el.value = '30'; }")
+    pg.locator("#mask-canvas").scroll_into_view_if_needed()
+    box = pg.locator("#mask-canvas").bounding_box()
+    pg.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+    pg.mouse.down()
+    pg.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] / 2, steps=5)
+    pg.mouse.up()
+
+
 def test_inpainting_with_masked_content_and_a_noise_multiplier(page, client, tmp_path):
     fresh_form(page)
     # (the page had neither of A1111's controls; the API has both)
     init = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3)))
     path = tmp_path / "init.png"
     init.save(path)
-    page.evaluate("""() => { window.uploaded = []; const f = window.fetch;
-        window.fetch = (url, opts) => { if (String(url).endsWith('/v1/uploads')) window.uploaded.push(opts.body);
-                                        return f(url, opts); }; }""")
+    watch_uploads(page)
     page.select_option("#strength_rule", "diffusers")
     page.select_option("#mode", "txt2img")  # neither is used there: not shown
     assert page.is_hidden("#masked_content") and page.is_hidden("#noise_multiplier")
@@ -244,13 +268,7 @@ def test_inpainting_with_masked_content_and_a_noise_multiplier(page, client, tmp
     assert page.locator("#masked_content, #noise_multiplier").count() == 2
     page.select_option("#masked_content", "latent noise")
     page.fill("#noise_multiplier", "20")  # over A1111's 10: said at its own input, nothing lost
-    page.eval_on_selector("#brush", "el => { el.value = '30'; }")
-    page.locator("#mask-canvas").scroll_into_view_if_needed()
-    box = page.locator("#mask-canvas").bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] / 2, steps=5)
-    page.mouse.up()
+    paint_stroke(page)
     page.click("#generate")
     page.wait_for_function("document.querySelector('#err-noise_multiplier').textContent.length > 0")
     assert page.input_value("#noise_multiplier") == "20"
@@ -259,9 +277,7 @@ def test_inpainting_with_masked_content_and_a_noise_multiplier(page, client, tmp
     page.click("#generate")
     params = wait_result(page)
     assert "Noise multiplier: 1.1" in params and "Masked content: latent noise" in params
-    init_b64, mask_b64 = page.evaluate("""() => Promise.all(window.uploaded.map(async (b) => {
-        const buf = new Uint8Array(await b.arrayBuffer()); let s = '';
-        for (const x of buf) s += String.fromCharCode(x); return btoa(s); }))""")
+    init_b64, mask_b64 = uploaded_b64(page)
     body = {"prompt": "a red apple", "steps": 4, "seed": 5, "strength": 0.8, "mask_blur": 0}
     for field in ("sampler", "schedule"):
         body[field] = page.input_value(f"#{field}")
@@ -287,10 +303,7 @@ def test_soft_inpainting_differential_diffusion(page, client, tmp_path):
     init = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[:, None, None], (1, 64, 3)))
     path = tmp_path / "init.png"
     init.save(path)
-    page.evaluate("""() => { window.uploaded = []; if (window.fetchWatched) return; window.fetchWatched = true;
-        const f = window.fetch;
-        window.fetch = (url, opts) => { if (String(url).endsWith('/v1/uploads')) window.uploaded.push(opts.body);
-                                        return f(url, opts); }; }""")  # (an earlier test may have wrapped it)
+    watch_uploads(page)
     page.set_input_files("#init-file", str(path))
     assert page.is_hidden("#differential_diffusion")  # img2img: no mask
     page.select_option("#mode", "inpaint")
@@ -302,13 +315,7 @@ def test_soft_inpainting_differential_diffusion(page, client, tmp_path):
     page.fill("#strength", "1")
     page.fill("#mask_blur", "6")  # a soft edge: grey levels for the rule to read
     page.fill("#differential_diffusion", "1.5")
-    page.eval_on_selector("#brush", "el => { el.value = '30'; }")
-    page.locator("#mask-canvas").scroll_into_view_if_needed()
-    box = page.locator("#mask-canvas").bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] / 2, steps=5)
-    page.mouse.up()
+    paint_stroke(page)
     page.click("#generate")
     page.wait_for_function("document.querySelector('#err-differential_diffusion').textContent.length > 0")
     assert page.input_value("#differential_diffusion") == "1.5"
@@ -317,10 +324,7 @@ def test_soft_inpainting_differential_diffusion(page, client, tmp_path):
     page.click("#generate")
     params = wait_result(page)
     assert "Differential diffusion: 0.8" in params, params
-    sent = page.evaluate("""() => Promise.all(window.uploaded.map(async (b) => {
-        const buf = new Uint8Array(await b.arrayBuffer()); let s = '';
-        for (const x of buf) s += String.fromCharCode(x); return btoa(s); }))""")
-    init_b64, mask_b64 = list(dict.fromkeys(sent))  # each upload once (an earlier wrapper records it again)
+    init_b64, mask_b64 = uploaded_b64(page)
     body = {"prompt": "a red apple", "steps": 3, "seed": 7, "strength": 1.0, "mask_blur": 6}
     for field in ("sampler", "schedule"):
         body[field] = page.input_value(f"#{field}")
