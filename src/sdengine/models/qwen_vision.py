@@ -191,19 +191,26 @@ def qwen_vision_pixels(
     if cfg.in_channels != 3:
         raise UsageError(f"Qwen vision input: the tower takes {cfg.in_channels} channels; images give 3 (RGB)")
     rgb = image.convert("RGB")
-    p, m, t = cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size
+    p, m = cfg.patch_size, cfg.spatial_merge_size
     h, w = smart_resize(rgb.height, rgb.width, p * m, min_pixels, max_pixels)
     if (w, h) != rgb.size:
         rgb = rgb.resize((w, h), resample=Image.Resampling.BICUBIC)
     arr = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) * np.float32(1 / 255)
-    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
-    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
-    arr = (arr - mean) / std
-    gh, gw = h // p, w // p
-    blocks = arr.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
-    blocks = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
-    rows = np.ascontiguousarray(blocks).reshape(gh * gw, 3 * t * p * p)
-    return torch.from_numpy(rows), (1, gh, gw)
+    return patch_rows(torch.from_numpy(np.ascontiguousarray(arr)), cfg)
+
+
+def patch_rows(x: Tensor, cfg: QwenVisionConfig) -> tuple[Tensor, tuple[int, int, int]]:
+    """(pixel rows, grid_thw) of one (3, h, w) float image in 0..1 already at its smart-resized size: OpenAI
+    CLIP's mean and std, then the ``patch_size`` patches in merge-block order, each repeated over the
+    ``temporal_patch_size`` frames (a still image's rows)."""
+    p, m, t = cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype).reshape(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype).reshape(3, 1, 1)
+    x = (x - mean) / std
+    gh, gw = int(x.shape[1]) // p, int(x.shape[2]) // p
+    blocks = x.reshape(3, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
+    blocks = blocks[:, :, :, :, :, None].expand(*blocks.shape[:5], t, p, p)
+    return blocks.reshape(gh * gw, 3 * t * p * p).contiguous(), (1, gh, gw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -390,6 +397,7 @@ __all__ = [
     "QwenVisionConfig",
     "QwenVisionTower",
     "patch_positions",
+    "patch_rows",
     "qwen_vision_pixels",
     "smart_resize",
     "window_order",

@@ -235,21 +235,14 @@ def comfy_vision_pixels(image: torch.Tensor, config: Any) -> tuple[torch.Tensor,
     the smart-resize size (multiples of 28 within 3136 .. 12845056 pixels), a bilinear resize of the float image
     (``align_corners`` false, no antialiasing; transformers' processor uses Pillow's bicubic on 8-bit pixels), OpenAI
     CLIP's mean and std, the 14 x 14 patches in merge-block order, each repeated over the 2 frames."""
-    from sdengine.models.clip_vision import CLIP_MEAN, CLIP_STD
-    from sdengine.models.qwen_vision import smart_resize
+    from sdengine.models.qwen_vision import patch_rows, smart_resize
 
-    p, m, t = config.patch_size, config.spatial_merge_size, config.temporal_patch_size
     height, width = int(image.shape[0]), int(image.shape[1])
-    h, w = smart_resize(height, width, p * m, VISION_MIN_PIXELS, VISION_MAX_PIXELS)
+    factor = config.patch_size * config.spatial_merge_size
+    h, w = smart_resize(height, width, factor, VISION_MIN_PIXELS, VISION_MAX_PIXELS)
     x = image.permute(2, 0, 1)[None].float()
     x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)[0]
-    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype).reshape(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=x.dtype).reshape(3, 1, 1)
-    x = (x - mean) / std
-    gh, gw = h // p, w // p
-    blocks = x.reshape(3, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
-    blocks = blocks[:, :, :, :, :, None].expand(*blocks.shape[:5], t, p, p)
-    return blocks.reshape(gh * gw, 3 * t * p * p).contiguous(), (1, gh, gw)
+    return patch_rows(x, config)
 
 
 def _vision(text_side: QwenComfyText) -> Any:
