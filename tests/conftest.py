@@ -33,6 +33,24 @@ def _torch_threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _webuiapi_defaults_empty() -> Iterator[None]:
+    """webuiapi's ``txt2img`` / ``img2img`` default ``alwayson_scripts={}`` (and other ``{}`` / ``[]`` defaults) are
+    shared by every call and written into: a call with ``controlnet_units`` leaves its units in the default, and a
+    later call in the same process without any sends them again (a test file then failed by the order the workers
+    ran files in: "unknown ControlNet 'qwen-cn-inpaint'"). Emptied after each test."""
+    yield
+    import sys
+
+    module = sys.modules.get("webuiapi.webuiapi")
+    if module is None:
+        return
+    for name in ("txt2img", "img2img"):
+        for default in getattr(getattr(module.WebUIApi, name, None), "__defaults__", None) or ():
+            if isinstance(default, dict | list):
+                default.clear()
+
+
 def _sd_folder(tmp_path_factory: pytest.TempPathFactory, name: str, kind: str) -> Path:
     from _pipeline_models import make_sd_folder
 
