@@ -39,6 +39,7 @@ KINDS = {
     "scheduler": "scheduler",
     "flux": "Flux transformer",
     "qwen_image": "Qwen-Image transformer",
+    "flux2": "FLUX.2 transformer",
 }
 
 # Integer fields (diffusers / transformers names, which the dataclasses share): inclusive bounds. A field
@@ -136,10 +137,19 @@ MAX_TRAINED_BETAS = INT_BOUNDS["num_train_timesteps"][1]
 MAX_PARAMETERS = 5_000_000_000
 # Kinds whose real models are larger get their own limit (SD3.5 Large's MMDiT has 8.1 B parameters, Flux.1's
 # transformer 11.9 B).
-MAX_PARAMETERS_BY_KIND = {"mmdit": 20_000_000_000, "flux": 30_000_000_000, "qwen_image": 40_000_000_000}
+MAX_PARAMETERS_BY_KIND = {
+    "mmdit": 20_000_000_000,
+    "flux": 30_000_000_000,
+    "qwen_image": 40_000_000_000,
+    "flux2": 60_000_000_000,  # FLUX.2 [dev]'s transformer has 32 B
+}
 # a kind's own bounds where INT_BOUNDS' do not fit it: FLUX.1 Fill's image tokens take 384 numbers (64 noise, 64
 # masked-image latent, 256 mask), Depth / Canny's 128
-INT_BOUNDS_BY_KIND: dict[str, dict[str, tuple[int, int]]] = {"flux": {"in_channels": (1, 512)}}
+# masked-image latent, 256 mask), Depth / Canny's 128; FLUX.2's latent pixels are 128 numbers (32 channels in 2x2)
+INT_BOUNDS_BY_KIND: dict[str, dict[str, tuple[int, int]]] = {
+    "flux": {"in_channels": (1, 512)},
+    "flux2": {"in_channels": (1, 1024), "out_channels": (1, 1024)},
+}
 
 
 def _values(config: Any) -> Mapping[str, Any]:
@@ -251,6 +261,13 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         h = int(heads) * int(head) if isinstance(heads, int) and isinstance(head, int) else 0
         blocks = values.get("num_layers")
         return (blocks if type(blocks) is int else 0) * 36 * h * h
+    if kind == "flux2":  # FLUX.2: double blocks of two streams' q/k/v/out and SwiGLU MLPs, fused single blocks
+        heads, head = values.get("num_attention_heads") or 0, values.get("attention_head_dim") or 0
+        h = int(heads) * int(head) if isinstance(heads, int) and isinstance(head, int) else 0
+        double, single = values.get("num_layers"), values.get("num_single_layers")
+        double = double if type(double) is int else 0
+        single = single if type(single) is int else 0
+        return double * 8 * h * h + single * 4 * h * h
     return 0
 
 

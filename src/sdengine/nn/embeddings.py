@@ -34,12 +34,13 @@ def timestep_embedding(
 
 
 class TimestepEmbedding(nn.Module):
-    """Linear -> SiLU -> Linear on the sinusoidal features (names ``linear_1``, ``linear_2``)."""
+    """Linear -> SiLU -> Linear on the sinusoidal features (names ``linear_1``, ``linear_2``); ``bias=False``:
+    without biases (FLUX.2's, diffusers' ``sample_proj_bias=False``)."""
 
-    def __init__(self, in_channels: int, embed_dim: int) -> None:
+    def __init__(self, in_channels: int, embed_dim: int, *, bias: bool = True) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, embed_dim)
-        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+        self.linear_1 = nn.Linear(in_channels, embed_dim, bias=bias)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))  # (B, embed_dim)
