@@ -139,3 +139,53 @@ def test_refusals(folder: Path, table, kwargs: dict, message: str) -> None:
         pipe(**args)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert pipe.encoded == []  # refused before any model ran
+
+
+def _picture(w: int, h: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_reference_images_match_diffusers(folder: Path, table) -> None:
+    """klein edit: two reference images (75x66 and 100x64, centre-cropped to multiples of 8 here) as diffusers'
+    ``image=`` list, with CFG; then one reference and no size given (the output takes its fitted 72x64)."""
+    oracle = diffusers_klein(folder)
+    pipe = _ours(folder, table)
+    refs = [_picture(75, 66, 1), _picture(100, 64, 2)]
+    for images, size in ((refs, {"width": W, "height": H}), (refs[:1], {})):
+        want = oracle(
+            image=list(images),
+            prompt_embeds=table["a red apple"],
+            negative_prompt_embeds=table[""],
+            guidance_scale=2.5,
+            num_inference_steps=3,
+            generator=torch.Generator("cpu").manual_seed(5),
+            max_sequence_length=TEXT,
+            output_type="np",
+            **size,
+        ).images[0]
+        result = pipe("a red apple", cfg_scale=2.5, steps=3, seed=5, reference_images=list(images), **size)
+        got = result.arrays[0]
+        assert got.shape == want.shape == ((H, W, 3) if size else (64, 72, 3))
+        assert float(np.abs(got - want).mean()) < 1e-4
+    plain = pipe("a red apple", cfg_scale=2.5, steps=3, seed=5, width=72, height=64).arrays[0]
+    assert float(np.abs(plain - got).mean()) > 1e-3  # the reference changed the image
+
+
+def test_reference_fitting_rules() -> None:
+    """diffusers' Flux2ImageProcessor: a reference over 1024^2 pixels resized to about that area (its sizes), too
+    small or too elongated ones refused in one line."""
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    from sdengine.pipeline.flux2_references import fit, fitted_size
+
+    big = _picture(1500, 900, 3)
+    want = Flux2ImageProcessor._resize_to_target_area(big, 1024 * 1024)
+    resized, cropped = fitted_size(1500, 900, 16)
+    assert resized == want.size and cropped == (want.width // 16 * 16, want.height // 16 * 16)
+    assert fit(big, 16).size == cropped
+    for w, h, message in ((63, 100, "at least 64 pixels a side"), (900, 100, "aspect ratios up to 8:1")):
+        with pytest.raises(GenerationError, match=message):
+            fitted_size(w, h, 16)

@@ -41,8 +41,9 @@ from torch import Tensor
 from sdengine.diffusion import sampling
 from sdengine.diffusion.flow import FLUX_TABLE_LENGTH, FlowSchedule
 from sdengine.errors import GenerationError, UsageError
+from sdengine.pipeline import flux2_references
 from sdengine.pipeline.core import Pipeline, Prepared
-from sdengine.pipeline.flux import FluxPipeline, refusals
+from sdengine.pipeline.flux import FluxPipeline, refusals, token_refusal
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.text.conditioners import Conditioning, PerTextConditioner
 
@@ -163,7 +164,6 @@ _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
     ("controlnets", bool, "ControlNets are not supported for FLUX.2"),
     ("ip_adapters", bool, "IP-Adapters are not supported for FLUX.2"),
     ("loras", bool, "LoRAs are not supported for FLUX.2 yet"),
-    ("reference_images", bool, "reference images are not supported for FLUX.2 yet"),
     ("control_image", lambda v: v is not None, "a control image is FLUX.1 Depth / Canny's; FLUX.2 takes none"),
     (
         "distilled_cfg_scale",
@@ -330,7 +330,7 @@ class Flux2Pipeline(FluxPipeline):
         from sdengine.nn.attention import CHUNK_SCORES
 
         cfg = self.transformer.config
-        n = h * w + int(self.conditioner.max_sequence_length)  # type: ignore[attr-defined]
+        n = h * w + int(self.conditioner.max_sequence_length) + self._reference_tokens  # type: ignore[attr-defined]
         width = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
         scores = min(CHUNK_SCORES, int(cfg.num_attention_heads) * n * n) * 4
         return (1 if self.distilled else 2) * rows * (n * width * bytes_per * 12 + scores)
@@ -356,8 +356,37 @@ class Flux2Pipeline(FluxPipeline):
             )
 
     def prepare(self, request: GenerationRequest) -> Prepared:
+        """As Flux's, with FLUX.2's reference images (:mod:`sdengine.pipeline.flux2_references`) read, fitted and
+        counted here (FLUX.1 Kontext's fitting is not run on them); a call without width / height takes the first
+        reference's fitted size, one without one of them the first reference's for it (diffusers' rule)."""
         self.check_request(request)
-        p = super().prepare(request)
+        notes: list[str] = []
+        references = None
+        if request.reference_list():
+            if not request.reference_auto_resize:
+                raise GenerationError(
+                    "reference_auto_resize is FLUX.1 Kontext's; FLUX.2 fits references by its own rule (area up to "
+                    f"1024x1024, sides floored to multiples of {self.size_multiple}): leave it on"
+                )
+            request.validate_references()
+            references = flux2_references.prepare_references(request, self.size_multiple, notes)
+            first = references[0].size
+            request = request.replace(width=request.width or first[0], height=request.height or first[1])
+            sizes = [im.size for im in references]
+            why = token_refusal(
+                int(request.width), int(request.height), sizes, self.size_multiple, self.max_side(), self.name
+            )
+            if why is not None:
+                raise GenerationError(why.replace("reference_auto_resize puts each", "each is fitted to"))
+            self._reference_tokens = sum((w // self.size_multiple) * (h // self.size_multiple) for w, h in sizes)
+            request = request.replace(reference_images=None)
+        try:
+            p = super().prepare(request)
+        finally:
+            self._reference_tokens = 0
+        p.references = references
+        for text in notes:
+            p.notes.append(text)
         if p.sampler in sampling.CFG_PP_SAMPLERS:
             raise GenerationError(f"sampler {p.sampler}: CFG++ samplers are not supported for FLUX.2")
         return p
@@ -379,11 +408,17 @@ class Flux2Pipeline(FluxPipeline):
         return conditioner.pair(prompt, negative, note=note)
 
     def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
+        """The call's schedule (its size and step count) and its reference latents, encoded once, for every step."""
+        from sdengine.pipeline.flux_kontext import encode_references
+
         self._call_schedule = self.flow_schedule(p.width, p.height, int(p.request.steps))
+        if p.references:
+            self._call_references = encode_references(self, p.references, p.tiled)
         try:
             return Pipeline.sample_latents(self, p, init_latent)
         finally:
             self._call_schedule = None
+            self._call_references = None
 
 
 __all__ = [
