@@ -111,3 +111,66 @@ def diffusers_klein(folder: Path, *, distilled: bool = False):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Qwen3 at a fraction of the width: 27 layers (FLUX.2 [klein] reads layers 9, 18 and 27) of 16, two 8-wide query heads
+# over one key / value head; three stacked layers make the transformer's 48-wide text input
+QWEN3_TEXT = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=27,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=1024,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    tie_word_embeddings=False,
+)
+# the end of Qwen3's chat template (a user turn, the assistant turn opened, thinking off): enough for one user message
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + "
+    "'\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is "
+    "defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+def qwen3_text_encoder(vocab_size: int, seed: int = 0):
+    """A tiny random transformers ``Qwen3ForCausalLM`` (fp32, eval)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab_size, **QWEN3_TEXT)).eval()
+    return perturb(model, seed + 1, 0.05)
+
+
+def make_klein_folder(dst: Path, seed: int = 0, *, distilled: bool = False) -> Path:
+    """A random tiny FLUX.2 [klein] pipeline saved by diffusers' ``Flux2KleinPipeline.save_pretrained``: the parts
+    above, a Qwen3 text encoder and Qwen2's tokenizer (``_qwen_models``' tiny BPE) with Qwen3's chat template."""
+    import diffusers
+    from transformers import Qwen2TokenizerFast
+
+    from _qwen_models import write_qwen_tokenizer
+
+    write_qwen_tokenizer(dst / "tokenizer")
+    tokenizer = Qwen2TokenizerFast.from_pretrained(dst / "tokenizer")
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    pipe = diffusers.Flux2KleinPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
+        vae=flux2_vae(seed + 10),
+        text_encoder=qwen3_text_encoder(len(tokenizer), seed + 20),
+        tokenizer=tokenizer,
+        transformer=flux2_transformer(seed + 30, joint_attention_dim=3 * QWEN3_TEXT["hidden_size"]),
+        is_distilled=distilled,
+    )
+    pipe.save_pretrained(dst)
+    return dst
+
+
+def diffusers_klein_folder(folder: Path):
+    """diffusers' whole ``Flux2KleinPipeline`` loaded from a saved folder (text encoder included)."""
+    import diffusers
+
+    pipe = diffusers.Flux2KleinPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

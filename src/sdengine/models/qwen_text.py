@@ -423,15 +423,17 @@ class QwenTextEncoder(nn.Module):
     def attention_mask(self, key_mask: Tensor | None, batch: int, length: int) -> Tensor | None:
         """None when no key is padding (the attention then runs causal, ``is_causal=True``, which lets fused
         kernels skip the mask); otherwise (B, 1, L, L) bool, True where query i may see key j: j <= i and key j not
-        padding. A padding token always sees itself, so that a left-padded row's leading padding (no visible key at
-        all) gives finite numbers instead of NaN; no real token reads a padding key, so this changes only outputs
+        padding (transformers' mask, so a right-padded row's padding positions get transformers' numbers too: FLUX.2
+        [klein] reads them). A query that sees no key at all (a left-padded row's leading padding) sees itself, so
+        that it gives finite numbers instead of NaN; no real token reads a padding key, so this changes only outputs
         nobody reads."""
         if key_mask is None or bool((key_mask != 0).all()):
             return None
         device = self.device
         allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
         allowed = allowed & (key_mask != 0).to(device)[:, None, None, :]
-        return allowed | torch.eye(length, dtype=torch.bool, device=device)[None, None]
+        blind = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, L, 1): queries with no visible key
+        return allowed | (blind & torch.eye(length, dtype=torch.bool, device=device)[None, None])
 
     def forward(
         self,
@@ -444,8 +446,8 @@ class QwenTextEncoder(nn.Module):
         hidden_layers: Sequence[int] | None = None,
     ) -> Any:
         """input_ids (B, L) integers; attention_mask (B, L), 1 (or True) for tokens and 0 for padding (None: all
-        tokens). Returns the last hidden state (B, L, hidden); padding positions get outputs too (not transformers'
-        numbers there: nothing should read them).
+        tokens). Returns the last hidden state (B, L, hidden); padding positions get outputs too: transformers' numbers
+        after a row's tokens (right padding, which FLUX.2 [klein] reads), not before them (left padding).
 
         With ``hidden_layers`` (indices into transformers' ``hidden_states`` tuple of ``num_hidden_layers + 1``
         states, negative ones counting from its end) it returns a list of those states instead, in the order

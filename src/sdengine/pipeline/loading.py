@@ -199,8 +199,12 @@ def _load(
             _no_embeddings(embeddings_dir, path.name, "a pixel DDPM has no text encoder")
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
     given = {k: v for k, v in (encoders or {}).items() if v is not None}
-    from sdengine.pipeline import chroma_loading, flux_loading, qwen_image_loading
+    from sdengine.pipeline import chroma_loading, flux2_loading, flux_loading, qwen_image_loading
 
+    if flux2_loading.is_flux2_folder(path):
+        # FLUX.2 [klein] is released and run in bfloat16 (Qwen3's activations overflow float16): its GPU default
+        flux2_dt = torch.bfloat16 if dtype is None and dev.type != "cpu" else dt
+        return _load_flux2(path, dev, flux2_dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if qwen_image_loading.is_qwen_image_folder(path) or qwen_image_loading.is_qwen_image_file(path):
         # Qwen-Image is released and run in bfloat16 (Qwen2.5-VL's activations overflow float16): its GPU default
         qwen_dt = torch.bfloat16 if dtype is None and dev.type != "cpu" else dt
@@ -370,6 +374,32 @@ def _load_qwen_image(
         tokenizer=encoders.get("qwen_tokenizer"),
         lora_dir=lora_dir,
     )
+
+
+def _load_flux2(
+    path: Path,
+    dev: torch.device,
+    dt: torch.dtype,
+    vae: Any,
+    prediction_type: Any,
+    config: Any,
+    embeddings_dir: Any,
+    lora_dir: Any,
+    encoders: Mapping[str, Any],
+) -> Pipeline:
+    """A FLUX.2 [klein] folder -> Flux2Pipeline (:mod:`sdengine.pipeline.flux2_loading`); what it does not take
+    refused, one line each, before anything loads."""
+    from sdengine.pipeline.flux2_loading import load_flux2_pipeline
+
+    for on, what in (
+        (prediction_type is not None, "prediction_type: the FLUX.2 transformer predicts the flow's velocity"),
+        (config is not None, "config= does not apply (a folder's configs are read)"),
+        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
+        (bool(encoders), "--clip-l / --clip-g / --t5 / --qwen-text / --qwen-tokenizer do not apply (its folder's own)"),
+    ):
+        if on:
+            raise GenerationError(f"{path.name} (FLUX.2): {what}")
+    return load_flux2_pipeline(path, device=dev, dtype=dt, vae=vae, lora_dir=lora_dir)
 
 
 def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:

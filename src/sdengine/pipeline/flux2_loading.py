@@ -1,0 +1,148 @@
+"""Loading FLUX.2 [klein]: a diffusers ``Flux2KleinPipeline`` folder -> :class:`sdengine.pipeline.flux2.Flux2Pipeline`.
+
+Accepted (:func:`load_flux2_pipeline`, reached through :func:`sdengine.pipeline.load_pipeline` and so ``sdengine
+generate --model FOLDER``): a folder whose ``model_index.json`` names ``Flux2KleinPipeline``: ``transformer/``
+(``Flux2Transformer2DModel``) and ``vae/`` (``AutoencoderKLFlux2``) through :mod:`sdengine.weights.flux2_file`,
+``text_encoder/`` (transformers' ``Qwen3ForCausalLM``: :mod:`sdengine.weights.qwen_text_file`), ``tokenizer/``
+(Qwen2's BPE: :mod:`sdengine.text.qwen_tokenizer`), ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``), and the
+index's ``is_distilled`` (the step-distilled releases, which run without CFG). ``vae=`` (``--vae``) replaces the VAE
+with another FLUX.2 VAE folder. FLUX.2 [dev]'s ``Flux2Pipeline`` (a Mistral text encoder) and single files are
+refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdengine.errors import GenerationError, UsageError
+from sdengine.pipeline.flux2 import MAX_SEQUENCE_LENGTH, Flux2Pipeline
+
+ACCEPTED = ("Flux2KleinPipeline",)
+
+
+def pipeline_class(path: Path) -> str | None:
+    """The ``_class_name`` of a folder's ``model_index.json`` when it is one of FLUX.2's pipelines, else None."""
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
+        return None
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name.startswith("Flux2") and name.endswith("Pipeline") else None
+
+
+def is_flux2_folder(path: Path) -> bool:
+    """A diffusers folder whose ``model_index.json`` names one of FLUX.2's pipelines."""
+    return pipeline_class(path) is not None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GenerationError(f"{path}: missing (a FLUX.2 folder has it)") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise GenerationError(f"{path}: cannot read it ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise GenerationError(f"{path}: not a JSON object")
+    return data
+
+
+def load_text_side(
+    path: Path, dtype: torch.dtype, device: torch.device, *, joint_attention_dim: int, max_sequence_length: int
+) -> tuple[Any, Any]:
+    """(Qwen3, texts -> states) of a folder's ``text_encoder/`` and ``tokenizer/``
+    (:func:`sdengine.text.flux2_prompt.encode_prompt_flux2`); one line where the encoder's three stacked layers are
+    not the transformer's text width or the encoder has fewer than 27 layers."""
+    from sdengine.text.flux2_prompt import HIDDEN_LAYERS, encode_prompt_flux2
+    from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
+    from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+
+    try:
+        tok = load_qwen_tokenizer(path / "tokenizer")
+    except UsageError as e:
+        raise GenerationError(str(e).splitlines()[0]) from None
+    encoder = load_qwen_text_encoder(path / "text_encoder", device=device, dtype=dtype)
+    cfg = encoder.config
+    width = len(HIDDEN_LAYERS) * int(cfg.hidden_size)
+    if width != joint_attention_dim or int(cfg.num_hidden_layers) < max(HIDDEN_LAYERS):
+        raise GenerationError(
+            f"{path.name}: the text encoder ({cfg.num_hidden_layers} layers of {cfg.hidden_size}) gives "
+            f"{len(HIDDEN_LAYERS)} x {cfg.hidden_size} = {width} numbers per token from layers "
+            f"{list(HIDDEN_LAYERS)}; the transformer takes {joint_attention_dim}: not this model's text encoder"
+        )
+
+    def encode(texts: list[str]) -> Tensor:
+        return encode_prompt_flux2(encoder, tok, texts, max_sequence_length=max_sequence_length, cache=False).float()
+
+    return encoder, encode
+
+
+def load_flux2_pipeline(
+    path: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    vae: str | Path | None = None,
+    name: str | None = None,
+    lora_dir: Any = None,
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+) -> Flux2Pipeline:
+    """A FLUX.2 [klein] folder (module docstring) -> :class:`Flux2Pipeline` on ``device`` in ``dtype``; ``vae``:
+    another FLUX.2 VAE folder."""
+    from sdengine.weights.flux2_file import load_flux2_transformer, load_flux2_vae
+    from sdengine.weights.io import WeightsError
+
+    kind = pipeline_class(path)
+    if kind == "Flux2Pipeline":
+        raise GenerationError(
+            f"{path.name}: FLUX.2 [dev] (Flux2Pipeline, a Mistral Small 3 text encoder) is not supported; sdengine "
+            "runs FLUX.2 [klein] folders (Flux2KleinPipeline)"
+        )
+    if kind not in ACCEPTED:
+        raise GenerationError(
+            f"{path.name}: {kind} is not supported (sdengine runs FLUX.2 [klein]: Flux2KleinPipeline)"
+        )
+    if vae is not None and not Path(vae).exists():
+        raise GenerationError(f"--vae {vae}: no such file or folder")
+    index = _read_json(path / "model_index.json")
+    distilled = index.get("is_distilled", False)
+    if not isinstance(distilled, bool):
+        raise GenerationError(f"{path / 'model_index.json'}: is_distilled={distilled!r} is not true/false")
+    scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+    try:
+        transformer = load_flux2_transformer(path, device=device, dtype=dtype)
+        encoder, encode = load_text_side(
+            path,
+            dtype,
+            device,
+            joint_attention_dim=int(transformer.config.joint_attention_dim),
+            max_sequence_length=max_sequence_length,
+        )
+        vae_model = load_flux2_vae(Path(vae) if vae is not None else path, device=device, dtype=dtype)
+    except WeightsError as e:
+        raise GenerationError(str(e).splitlines()[0]) from None
+    return Flux2Pipeline(
+        transformer=transformer,
+        text_encode=encode,
+        text_encoder=encoder,
+        distilled=distilled,
+        max_sequence_length=max_sequence_length,
+        vae=vae_model,
+        scheduler_config=scheduler,
+        device=device,
+        dtype=dtype,
+        name=name or path.name,
+        source=path,
+        lora_dir=lora_dir,
+        vae_source=Path(vae) if vae is not None else None,
+    )
+
+
+__all__ = ["ACCEPTED", "is_flux2_folder", "load_flux2_pipeline", "load_text_side", "pipeline_class"]

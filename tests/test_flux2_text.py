@@ -1,0 +1,147 @@
+"""FLUX.2 [klein]'s text side and whole folders: the prompt encoding against diffusers'
+``Flux2KleinPipeline.encode_prompt`` (Qwen3's layers 9, 18, 27 stacked per token, padding positions included), a
+saved ``Flux2KleinPipeline`` folder through ``load_pipeline`` and through ``sdengine generate`` against diffusers'
+whole pipeline with prompt strings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _flux2_models import diffusers_klein_folder, make_klein_folder, save_parts
+from sdengine.errors import GenerationError
+from sdengine.pipeline import load_pipeline
+from sdengine.pipeline.flux2 import Flux2Pipeline
+from sdengine.text.flux2_prompt import PROMPT_TEMPLATE, encode_prompt_flux2, template_tokens
+from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
+
+W, H = 24, 40  # 3 x 5 diffusion latents with the tiny VAE's 4x
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_klein_folder(tmp_path_factory.mktemp("flux2") / "klein-tiny")
+
+
+@pytest.fixture(scope="module")
+def oracle(folder: Path):
+    return diffusers_klein_folder(folder)
+
+
+@pytest.fixture(scope="module")
+def loaded(folder: Path) -> Flux2Pipeline:
+    pipe = load_pipeline(str(folder), device="cpu", dtype=torch.float32)
+    assert isinstance(pipe, Flux2Pipeline)
+    return pipe
+
+
+def test_template_is_qwen3s_without_thinking(oracle) -> None:
+    """The chat template text is the tokenizer's own ``apply_chat_template(..., enable_thinking=False)``, and the
+    tokens (padded to max length, truncated) are the tokenizer's with ``padding="max_length", truncation=True``."""
+    tok = load_qwen_tokenizer(Path(oracle.tokenizer.name_or_path))
+    for prompt in ("a red apple", "{braces} and \\n stay"):
+        text = oracle.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        assert text == PROMPT_TEMPLATE.replace("{}", prompt)
+        for length in (40, 9):  # padded; cut inside the template
+            want = oracle.tokenizer(text, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+            ids, mask = template_tokens(tok, prompt, length)
+            assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
+
+
+def test_prompt_states_match_diffusers(oracle, loaded) -> None:
+    """Two prompts of different lengths at max_sequence_length 40 and a cut one at 9: every position equal to
+    diffusers' (the padding's too: the transformer reads them)."""
+    tok = load_qwen_tokenizer(Path(oracle.tokenizer.name_or_path))
+    prompts = ["a red apple on a table", "a cat"]
+    with torch.no_grad():
+        for length in (40, 9):
+            want, _ = oracle.encode_prompt(prompts, max_sequence_length=length)
+            got = encode_prompt_flux2(loaded.text_encoder, tok, prompts, max_sequence_length=length)
+            assert got.shape == want.shape == (2, length, 48)
+            assert float((got - want).abs().max()) < 1e-5
+            assert float(want[:, -1].abs().max()) > 0.1  # the last (padding) position carries numbers
+
+
+@pytest.mark.parametrize(("negative", "cfg"), [("", 1.0), ("", 3.0)])
+def test_folder_matches_diffusers(oracle, loaded, negative: str, cfg: float) -> None:
+    """The whole folder, prompt strings in: no CFG, and CFG with diffusers' empty negative; mean abs difference on
+    0..1 pixels under 1e-4."""
+    want = oracle(
+        prompt="a red apple on a table",
+        guidance_scale=cfg,
+        height=H,
+        width=W,
+        num_inference_steps=3,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="np",
+    ).images[0]
+    got = loaded("a red apple on a table", negative, cfg_scale=cfg, steps=3, seed=3, width=W, height=H).arrays[0]
+    assert float(np.abs(got - want).mean()) < 1e-4
+
+
+def test_cli_generate_with_a_klein_folder(folder: Path, oracle, tmp_path: Path) -> None:
+    """``sdengine generate --model FOLDER``: the base model's defaults (CFG 4, Euler) and diffusers' image to the
+    PNG's rounding."""
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters, read_png_parameters
+
+    out = tmp_path / "a.png"
+    args = ["generate", "--model", str(folder), "a red apple on a table", "--steps", "3", "--seed", "7"]
+    assert main([*args, "--width", str(W), "--height", str(H), "--out", str(out), "--no-progress"]) == 0
+    parsed = parse_parameters(read_png_parameters(out))
+    assert float(parsed["CFG scale"]) == 4.0 and parsed["Sampler"] == "Euler" and parsed["Steps"] == "3"
+    got = np.asarray(Image.open(out), dtype=np.float32) / 255
+    want = oracle(
+        prompt="a red apple on a table",
+        height=H,
+        width=W,
+        num_inference_steps=3,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="np",
+    ).images[0]
+    assert got.shape == want.shape
+    assert float(np.abs(got - want).mean()) < 1.0 / 255
+
+
+def test_folder_refusals(folder: Path, tmp_path: Path) -> None:
+    """FLUX.2 [dev]'s folder, another family's encoder flag, and a text encoder whose stacked width is not the
+    transformer's: one line each, before the transformer is read."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
+    with pytest.raises(GenerationError, match=r"FLUX.2 \[dev\] \(Flux2Pipeline, a Mistral") as e:
+        load_pipeline(str(dev), device="cpu")
+    assert "\n" not in str(e.value)
+    with pytest.raises(GenerationError, match=r"\(FLUX.2\): --clip-l"):
+        load_pipeline(str(folder), device="cpu", t5=str(folder))
+    wrong = save_parts(tmp_path / "wrong")  # a transformer taking 24-wide text states
+    for part in ("text_encoder", "tokenizer"):
+        (wrong / part).symlink_to(folder / part)
+    (wrong / "model_index.json").write_text((folder / "model_index.json").read_text())
+    with pytest.raises(GenerationError) as e:
+        load_pipeline(str(wrong), device="cpu", dtype=torch.float32)
+    assert "gives 3 x 16 = 48 numbers per token from layers [9, 18, 27]; the transformer takes 24" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_text_states_are_remembered(loaded) -> None:
+    """A prompt encoded once is not encoded again while the encoder's weights stay (the cache of encode_cache)."""
+    calls: list[list[str]] = []
+    conditioner = loaded.conditioner
+    encode = conditioner.encode_texts
+    conditioner.encode_texts = lambda texts: calls.append(texts) or encode(texts)
+    try:
+        with torch.no_grad():  # as in a generation
+            first = conditioner.text("a green pear")["crossattn"]
+            again = conditioner.text("a green pear")["crossattn"]
+    finally:
+        conditioner.encode_texts = encode
+    assert calls == [["a green pear"]] and torch.equal(first, again)
