@@ -68,6 +68,14 @@ def test_prompt_states_match_diffusers(oracle, loaded) -> None:
             assert float(want[:, -1].abs().max()) > 0.1  # the last (padding) position carries numbers
 
 
+def test_vae_given_apart(folder: Path, loaded) -> None:
+    """``vae=`` another FLUX.2 VAE folder: loaded in the folder's VAE's place, named as the VAE's source."""
+    pipe = load_pipeline(str(folder), device="cpu", dtype=torch.float32, vae=str(folder / "vae"))
+    assert pipe.vae_source == folder / "vae"
+    got = pipe("a cat", steps=2, seed=1, width=W, height=H).arrays[0]
+    assert np.array_equal(got, loaded("a cat", steps=2, seed=1, width=W, height=H).arrays[0])
+
+
 @pytest.mark.parametrize(("negative", "cfg"), [("", 1.0), ("", 3.0)])
 def test_folder_matches_diffusers(oracle, loaded, negative: str, cfg: float) -> None:
     """The whole folder, prompt strings in: no CFG, and CFG with diffusers' empty negative; mean abs difference on
@@ -122,6 +130,12 @@ def test_folder_refusals(folder: Path, tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
     with pytest.raises(GenerationError, match=r"\(FLUX.2\): --clip-l"):
         load_pipeline(str(folder), device="cpu", t5=str(folder))
+    sd_vae = tmp_path / "sd-vae"
+    sd_vae.mkdir()
+    (sd_vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(GenerationError, match=r"not a FLUX.2 VAE config: _class_name='AutoencoderKL'") as e:
+        load_pipeline(str(folder), device="cpu", vae=str(sd_vae))
+    assert "\n" not in str(e.value)
     wrong = save_parts(tmp_path / "wrong")  # a transformer taking 24-wide text states
     for part in ("text_encoder", "tokenizer"):
         (wrong / part).symlink_to(folder / part)

@@ -371,11 +371,12 @@ class Flux2Pipeline(FluxPipeline):
             request.validate_references()
             references = flux2_references.prepare_references(request, self.size_multiple, notes)
             first = references[0].size
-            request = request.replace(width=request.width or first[0], height=request.height or first[1])
+            w, h = request.width or first[0], request.height or first[1]
+            request = request.replace(width=w, height=h)
             sizes = [im.size for im in references]
-            why = token_refusal(
-                int(request.width), int(request.height), sizes, self.size_multiple, self.max_side(), self.name
-            )
+            why = None  # a size that is not a whole number is refused by the core's checks next
+            if isinstance(w, int) and isinstance(h, int):
+                why = token_refusal(w, h, sizes, self.size_multiple, self.max_side(), self.name)
             if why is not None:
                 raise GenerationError(why.replace("reference_auto_resize puts each", "each is fitted to"))
             self._reference_tokens = sum((w // self.size_multiple) * (h // self.size_multiple) for w, h in sizes)
