@@ -93,6 +93,28 @@ def test_folder_matches_diffusers(oracle, loaded, negative: str, cfg: float) -> 
     assert float(np.abs(got - want).mean()) < 1e-4
 
 
+def test_long_prompt_is_cut_with_a_note(folder: Path, oracle) -> None:
+    """max_sequence_length 9 (inside the template): the prompt's states cut as diffusers' tokenizer cuts them, the
+    image diffusers' with the same max_sequence_length, and a note saying so."""
+    from sdengine.pipeline.flux2_loading import load_flux2_pipeline
+
+    pipe = load_flux2_pipeline(folder, device=torch.device("cpu"), dtype=torch.float32, max_sequence_length=9)
+    prompt = "a red apple on a table"
+    result = pipe(prompt, steps=2, seed=4, width=W, height=H, cfg_scale=1.0)
+    assert any("reads the first 9 tokens of the prompt" in n for n in result.notes)
+    want = oracle(
+        prompt=prompt,
+        guidance_scale=1.0,
+        height=H,
+        width=W,
+        num_inference_steps=2,
+        generator=torch.Generator("cpu").manual_seed(4),
+        max_sequence_length=9,
+        output_type="np",
+    ).images[0]
+    assert float(np.abs(result.arrays[0] - want).mean()) < 1e-4
+
+
 def test_cli_generate_with_a_klein_folder(folder: Path, oracle, tmp_path: Path) -> None:
     """``sdengine generate --model FOLDER``: the base model's defaults (CFG 4, Euler) and diffusers' image to the
     PNG's rounding."""

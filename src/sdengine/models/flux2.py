@@ -13,7 +13,7 @@ parallel blocks, RMS qk-norm, RoPE) with these differences, all from diffusers' 
 * shared modulation: three linears at the top (``double_stream_modulation_img`` / ``_txt``: six vectors each;
   ``single_stream_modulation``: three) make every block's shifts, scales and gates; the blocks have no modulation
   weights of their own;
-* no biases anywhere except none (every Linear is bias-free); the MLPs are SwiGLU (``linear_in`` makes 2 x
+* no biases (every Linear is bias-free); the MLPs are SwiGLU (``linear_in`` makes 2 x
   ``mlp_ratio`` x dim, ``silu(first half) * second half``, ``linear_out``); the single blocks' fused
   ``to_qkv_mlp_proj`` and ``to_out`` hold the attention's and the SwiGLU MLP's weights side by side;
 * 4-axis RoPE (``axes_dims_rope`` (32, 32, 32, 32), ``rope_theta`` 2000) over position ids (T, H, W, L): a text

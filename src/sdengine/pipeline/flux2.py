@@ -98,6 +98,7 @@ class Flux2Conditioner(PerTextConditioner):
         device: torch.device,
         name: str = "model",
         module: torch.nn.Module | None = None,
+        count_tokens: Callable[[str], int] | None = None,
     ) -> None:
         if not 1 <= int(max_sequence_length) <= 4096:
             raise GenerationError(f"max_sequence_length must be 1 to 4096, got {max_sequence_length}")
@@ -110,10 +111,17 @@ class Flux2Conditioner(PerTextConditioner):
         self.tokenizer = None
         self.pad_token_id = 0
         self.module = module  # the text encoder: its outputs are remembered per text while its weights stay
+        self.count_tokens = count_tokens  # a text's tokens in the chat template (None: not told)
 
     def text(self, prompt: str, *, what: str = "prompt", note: Note = _ignore) -> Conditioning:
         """``{"crossattn": (1, max_sequence_length, D)}`` of one text; ``<lora:...>`` tags are refused earlier
-        (LoRAs are not supported for FLUX.2), so the text is read as it is."""
+        (LoRAs are not supported for FLUX.2), so the text is read as it is. A text longer than
+        ``max_sequence_length`` tokens in its template is cut there (diffusers' truncation), with a note."""
+        if self.count_tokens is not None and self.count_tokens(prompt) > self.max_sequence_length:
+            note(
+                f"FLUX.2 reads the first {self.max_sequence_length} tokens of the {what} in its chat template; the "
+                "rest is cut off"
+            )
         if self.module is not None:
             from sdengine.text.encode_cache import cached_call
 
@@ -202,6 +210,7 @@ class Flux2Pipeline(FluxPipeline):
         text_encoder: Any = None,
         distilled: bool = False,
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        count_tokens: Callable[[str], int] | None = None,
         **kwargs: Any,
     ) -> None:
         self.transformer: Any = transformer.eval().requires_grad_(False)
@@ -215,6 +224,7 @@ class Flux2Pipeline(FluxPipeline):
             device=kwargs["device"],
             name=kwargs.get("name", "model"),
             module=text_encoder if isinstance(text_encoder, torch.nn.Module) else None,
+            count_tokens=count_tokens,
         )
         self._call_schedule = None
         self.text_encoder_2 = text_encoder

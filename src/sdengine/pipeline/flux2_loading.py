@@ -56,11 +56,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def load_text_side(
     path: Path, dtype: torch.dtype, device: torch.device, *, joint_attention_dim: int, max_sequence_length: int
-) -> tuple[Any, Any]:
-    """(Qwen3, texts -> states) of a folder's ``text_encoder/`` and ``tokenizer/``
-    (:func:`sdengine.text.flux2_prompt.encode_prompt_flux2`); one line where the encoder's three stacked layers are
-    not the transformer's text width or the encoder has fewer than 27 layers."""
-    from sdengine.text.flux2_prompt import HIDDEN_LAYERS, encode_prompt_flux2
+) -> tuple[Any, Any, Any]:
+    """(Qwen3, texts -> states, text -> its token count in the template) of a folder's ``text_encoder/`` and
+    ``tokenizer/`` (:func:`sdengine.text.flux2_prompt.encode_prompt_flux2`); one line where the encoder's three
+    stacked layers are not the transformer's text width or the encoder has fewer than 27 layers."""
+    from sdengine.text.flux2_prompt import HIDDEN_LAYERS, PROMPT_TEMPLATE, encode_prompt_flux2
     from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
     from sdengine.weights.qwen_text_file import load_qwen_text_encoder
 
@@ -81,7 +81,10 @@ def load_text_side(
     def encode(texts: list[str]) -> Tensor:
         return encode_prompt_flux2(encoder, tok, texts, max_sequence_length=max_sequence_length, cache=False).float()
 
-    return encoder, encode
+    def count(text: str) -> int:
+        return len(tok.encode(PROMPT_TEMPLATE.replace("{}", text, 1)))
+
+    return encoder, encode, count
 
 
 def load_flux2_pipeline(
@@ -118,7 +121,7 @@ def load_flux2_pipeline(
     scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
     try:
         transformer = load_flux2_transformer(path, device=device, dtype=dtype)
-        encoder, encode = load_text_side(
+        encoder, encode, count = load_text_side(
             path,
             dtype,
             device,
@@ -134,6 +137,7 @@ def load_flux2_pipeline(
         text_encoder=encoder,
         distilled=distilled,
         max_sequence_length=max_sequence_length,
+        count_tokens=count,
         vae=vae_model,
         scheduler_config=scheduler,
         device=device,
