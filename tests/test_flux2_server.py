@@ -1,0 +1,34 @@
+"""FLUX.2 [klein] and ``sdengine serve``: not served yet. A klein folder in the models folder is listed without a
+family (GET /v1/models' null: not told), and a job naming it fails with the one line that says so, instead of
+running as a Stable Diffusion model."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("diffusers")
+
+import httpx  # noqa: E402
+
+from _flux2_models import make_klein_folder  # noqa: E402
+from _live_server import live_server, server_config, wait_job  # noqa: E402
+from sdengine.server.app import default_loader  # noqa: E402
+
+
+def test_klein_folders_are_refused_by_the_server(tmp_path):
+    models = tmp_path / "models"
+    make_klein_folder(models / "tiny-klein")
+    with live_server(server_config(tmp_path, models_dir=models), loader=default_loader(None)) as server:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+            assert data["tiny-klein"]["family"] is None
+            r = client.post("/v1/jobs", json={"model": "tiny-klein", "prompt": "a red apple", "steps": 2})
+            if r.status_code == 202:
+                j = wait_job(client, r.json()["id"], timeout=120)
+                assert j["state"] == "failed", j
+                message = str(j.get("error"))
+            else:
+                assert r.status_code == 400, r.text
+                message = r.text
+            assert "FLUX.2 models are not served yet" in message and "\n" not in message
