@@ -134,6 +134,25 @@ def test_transformer_matches_diffusers(saved) -> None:
             assert float(want.abs().max()) > 0.1  # a real signal, not zeros
 
 
+def test_transformer_bf16_matches_diffusers(saved) -> None:
+    """In bfloat16, timesteps rounded as Flux2KleinPipeline rounds them (the step's t in the latents' dtype, / 1000,
+    x 1000 in the model): bit-equal to diffusers' bf16 transformer."""
+    _, _, ref = saved
+    ref16 = flux2_transformer(2, guidance_embeds=True).to(torch.bfloat16)
+    ours = Flux2Transformer(Flux2Config.from_diffusers(dict(ref.config)))
+    ours.load_state_dict(ref16.state_dict())
+    ours = ours.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    latent, text = torch.randn(2, 16, 3, 5, generator=g), torch.randn(2, 7, 24, generator=g)
+    t = torch.tensor([875.3, 351.7])  # 875.3 is 876 in bfloat16
+    with torch.no_grad():
+        for guidance in (None, torch.tensor([3.5, 2.0])):
+            g16 = None if guidance is None else guidance.bfloat16()
+            want = _diffusers_velocity(ref16, latent.bfloat16(), text.bfloat16(), t.bfloat16() / 1000, g16)
+            got = ours(latent, t, text, guidance=guidance)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 def test_transformer_config_and_input_refusals() -> None:
     base = {**FLUX2_TRANSFORMER, "_class_name": "Flux2Transformer2DModel"}
     cases = [

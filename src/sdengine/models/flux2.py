@@ -332,8 +332,12 @@ class TimeGuidanceEmbedding(nn.Module):
         self.guidance_embedder = TimestepEmbedding(channels, dim, bias=False) if guidance else None
 
     def forward(self, timestep: Tensor, guidance: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """timestep (B,) on the 0..1000 scale, guidance (B,) the scale itself or None -> (B, dim)."""
-        t = (timestep.float() / 1000).to(dtype) * 1000
+        """timestep (B,) on the 0..1000 scale, guidance (B,) the scale itself or None -> (B, dim).
+
+        The number fed to the sinusoid is rounded as ``Flux2KleinPipeline`` rounds it: the step's timestep in the
+        latents' dtype, divided by 1000 and multiplied by 1000 again in it (the model's dtype here); in float32 that
+        is the timestep itself, in bfloat16 it moves 875.3 to 876."""
+        t = (timestep.to(dtype) / 1000) * 1000
         vec = self.timestep_embedder(timestep_embedding(t, self.channels).to(dtype))
         if guidance is not None and self.guidance_embedder is not None:
             g = guidance.to(dtype) * 1000
