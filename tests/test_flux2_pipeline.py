@@ -130,6 +130,9 @@ def test_schedule_is_diffusers(folder: Path, table) -> None:
         ({"pag_scale": 2.0}, "perturbed-attention guidance"),
         ({"enable_hr": True}, "the hires fix is not supported for FLUX.2"),
         ({"width": 44}, "multiple of 8"),
+        ({"clip_skip": 2}, "clip_skip 2 does not apply to FLUX.2 (its text is Qwen3's, no CLIP)"),
+        ({"shift": 3.0}, "FLUX.2 shifts its schedule by the image size and the step count"),
+        ({"ip_adapters": [object()]}, "IP-Adapters are not supported for FLUX.2"),
     ],
 )
 def test_refusals(folder: Path, table, kwargs: dict, message: str) -> None:

@@ -182,9 +182,27 @@ _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
 )
 
 
+# FLUX.1's refusal lines that say something else for FLUX.2 (the rest only change "Flux" to "FLUX.2")
+_WORDING = {
+    "Flux ControlNets do not take it": "FLUX.2 takes no ControlNets",
+    "Flux [dev] shifts its schedule by the image size, [schnell] not at all": (
+        "FLUX.2 shifts its schedule by the image size and the step count"
+    ),
+    "(it reads CLIP-L's pooled output)": "(its text is Qwen3's, no CLIP)",
+}
+
+
+def _reworded(why: str) -> str:
+    for old, new in _WORDING.items():
+        why = why.replace(old, new)
+    return why.replace("FLUX.1", "\0").replace("Flux", "FLUX.2").replace("\0", "FLUX.1")
+
+
 def flux2_refusals(r: GenerationRequest) -> list[str]:
-    """The settings of ``r`` a FLUX.2 model cannot run, one line each (Flux's, plus FLUX.2's own)."""
-    reasons = [why.replace("FLUX.1", "\0").replace("Flux", "FLUX.2").replace("\0", "FLUX.1") for why in refusals(r)]
+    """The settings of ``r`` a FLUX.2 model cannot run, one line each (Flux's, plus FLUX.2's own). FLUX.1 Kontext's
+    reference checks and IP-Adapter windows are not asked: FLUX.2's own lines cover those settings."""
+    flux = refusals(r.replace(reference_images=None, ip_adapters=None))
+    reasons = [_reworded(why) for why in flux]
     reasons += [f"{field}: {why}" for field, is_set, why in _OWN_REFUSALS if is_set(getattr(r, field, None))]
     prompts = r.prompt if isinstance(r.prompt, list) else [r.prompt]
     negatives = r.negative_prompt if isinstance(r.negative_prompt, list) else [r.negative_prompt]
