@@ -117,7 +117,7 @@ def test_long_prompt_is_cut_with_a_note(folder: Path, oracle) -> None:
 
 def test_cli_generate_with_a_klein_folder(folder: Path, oracle, tmp_path: Path) -> None:
     """``sdengine generate --model FOLDER``: the base model's defaults (CFG 4, Euler) and diffusers' image to the
-    PNG's rounding."""
+    PNG's rounding; then with ``--reference-image`` (klein edit) against diffusers' ``image=``."""
     from PIL import Image
 
     from sdengine.cli import main
@@ -138,6 +138,23 @@ def test_cli_generate_with_a_klein_folder(folder: Path, oracle, tmp_path: Path) 
         output_type="np",
     ).images[0]
     assert got.shape == want.shape
+    assert float(np.abs(got - want).mean()) < 1.0 / 255
+    # klein edit from the command line: --reference-image, the output at the reference's fitted size (88x64)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+    out2 = tmp_path / "edit.png"
+    edit = ["generate", "--model", str(folder), "make it green", "--steps", "2", "--seed", "9", "--cfg", "2.5"]
+    assert main([*edit, "--reference-image", str(tmp_path / "ref.png"), "--out", str(out2), "--no-progress"]) == 0
+    got = np.asarray(Image.open(out2), dtype=np.float32) / 255
+    want = oracle(
+        image=[Image.open(tmp_path / "ref.png").convert("RGB")],
+        prompt="make it green",
+        guidance_scale=2.5,
+        num_inference_steps=2,
+        generator=torch.Generator("cpu").manual_seed(9),
+        output_type="np",
+    ).images[0]
+    assert got.shape == want.shape == (64, 88, 3)
     assert float(np.abs(got - want).mean()) < 1.0 / 255
 
 
