@@ -169,6 +169,18 @@ def test_folder_refusals(folder: Path, tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
     with pytest.raises(GenerationError, match=r"\(FLUX.2\): --clip-l"):
         load_pipeline(str(folder), device="cpu", t5=str(folder))
+    from sdengine.weights.io import save_safetensors
+
+    bfl = tmp_path / "flux-2-klein-4b.safetensors"  # BFL's names: FLUX.1's double_blocks, FLUX.2's shared modulation
+    save_safetensors(
+        {
+            "double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1),
+            "single_stream_modulation.lin.weight": torch.zeros(3, 1),
+        },
+        bfl,
+    )
+    with pytest.raises(GenerationError, match=r"FLUX.2 single files \(BFL's, ComfyUI's\) are not supported yet"):
+        load_pipeline(str(bfl), device="cpu")
     sd_vae = tmp_path / "sd-vae"
     sd_vae.mkdir()
     (sd_vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))

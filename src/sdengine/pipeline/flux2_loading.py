@@ -42,6 +42,22 @@ def is_flux2_folder(path: Path) -> bool:
     return pipeline_class(path) is not None
 
 
+# the tensor that tells a FLUX.2 transformer in BFL's names (diffusers' single-file marker), ComfyUI's prefix too
+FILE_MARKERS = ("single_stream_modulation.lin.weight", "model.diffusion_model.single_stream_modulation.lin.weight")
+
+
+def is_flux2_file(path: Path) -> bool:
+    """A single ``.safetensors`` file holding a FLUX.2 transformer in BFL's names (BFL's / ComfyUI's
+    ``flux-2-*.safetensors``; its header alone is read). Told apart before FLUX.1's check, whose ``double_blocks``
+    names it shares, so that it is refused as what it is."""
+    from sdengine.pipeline.flux_loading import file_holds
+    from sdengine.weights.io import SAFETENSORS_SUFFIXES
+
+    return path.suffix.lower() in SAFETENSORS_SUFFIXES and file_holds(
+        path, lambda names: any(m in names for m in FILE_MARKERS)
+    )
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -102,6 +118,11 @@ def load_flux2_pipeline(
     from sdengine.weights.flux2_file import load_flux2_transformer, load_flux2_vae
     from sdengine.weights.io import WeightsError
 
+    if not path.is_dir():
+        raise GenerationError(
+            f"{path.name}: FLUX.2 single files (BFL's, ComfyUI's) are not supported yet; give a diffusers "
+            "Flux2KleinPipeline folder"
+        )
     kind = pipeline_class(path)
     if kind == "Flux2Pipeline":
         raise GenerationError(
@@ -149,4 +170,12 @@ def load_flux2_pipeline(
     )
 
 
-__all__ = ["ACCEPTED", "is_flux2_folder", "load_flux2_pipeline", "load_text_side", "pipeline_class"]
+__all__ = [
+    "ACCEPTED",
+    "FILE_MARKERS",
+    "is_flux2_file",
+    "is_flux2_folder",
+    "load_flux2_pipeline",
+    "load_text_side",
+    "pipeline_class",
+]

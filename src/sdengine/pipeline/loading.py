@@ -201,7 +201,7 @@ def _load(
     given = {k: v for k, v in (encoders or {}).items() if v is not None}
     from sdengine.pipeline import chroma_loading, flux2_loading, flux_loading, qwen_image_loading
 
-    if flux2_loading.is_flux2_folder(path):
+    if flux2_loading.is_flux2_folder(path) or flux2_loading.is_flux2_file(path):
         # FLUX.2 [klein] is released and run in bfloat16 (Qwen3's activations overflow float16): its GPU default
         flux2_dt = torch.bfloat16 if dtype is None and dev.type != "cpu" else dt
         return _load_flux2(path, dev, flux2_dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)

@@ -127,12 +127,12 @@ _FAMILIES_READ: dict[tuple[str, int, int], str | None] = {}  # model files' fami
 def _family_of_path(ref: str, path: Path) -> str | None:
     """:func:`family_before_load` of an existing folder or file (SD3 and Flux first: their files are no SD's)."""
     from sdengine.pipeline.chroma_loading import is_chroma_file, is_chroma_folder
-    from sdengine.pipeline.flux2_loading import is_flux2_folder
+    from sdengine.pipeline.flux2_loading import is_flux2_file, is_flux2_folder
     from sdengine.pipeline.flux_loading import is_flux_file, is_flux_folder
     from sdengine.pipeline.qwen_image_loading import is_qwen_image_file, is_qwen_image_folder
     from sdengine.weights.sd3_files import is_sd3
 
-    if is_flux2_folder(path):  # FLUX.2 [klein]: not served yet (its jobs are refused), no family told
+    if is_flux2_folder(path) if path.is_dir() else is_flux2_file(path):  # FLUX.2: not served yet, no family told
         return None
     if is_qwen_image_folder(path) if path.is_dir() else is_qwen_image_file(path):
         return "qwen_image"
