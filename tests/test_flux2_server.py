@@ -4,21 +4,23 @@ running as a Stable Diffusion model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("fastapi")
-pytest.importorskip("diffusers")
 
 import httpx  # noqa: E402
 
-from _flux2_models import make_klein_folder  # noqa: E402
 from _live_server import live_server, server_config, wait_job  # noqa: E402
 from sdengine.server.app import default_loader  # noqa: E402
 
 
 def test_klein_folders_are_refused_by_the_server(tmp_path):
     models = tmp_path / "models"
-    make_klein_folder(models / "tiny-klein")
+    folder = models / "tiny-klein"  # refused from its model_index.json: no weights are needed
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", "is_distilled": True}))
     with live_server(server_config(tmp_path, models_dir=models), loader=default_loader(None)) as server:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
