@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from sdengine.metadata import MetadataError
 from sdengine.pipeline import GenerationError, load_pipeline
@@ -214,8 +214,8 @@ def _mask() -> Image.Image:
     return Image.fromarray(np.tile(np.round(row * 255).astype(np.uint8)[None], (64, 1)), "L")
 
 
-KW = dict(width=64, height=64, steps=4, seed=SEED, cfg_scale=5.0, sampler="euler", strength=0.9, progress=False, strength_rule="a1111",
-          mask_blur=0.0)  # fmt: skip
+KW = dict(width=64, height=64, steps=4, seed=SEED, cfg_scale=5.0, sampler="euler", strength=0.9, progress=False,
+          strength_rule="a1111", mask_blur=0.0)  # fmt: skip
 
 
 def test_the_kept_region_is_the_original_and_soft_differs_from_hard(sd1):
@@ -231,3 +231,87 @@ def test_the_kept_region_is_the_original_and_soft_differs_from_hard(sd1):
     assert "Soft inpainting enabled: True" in soft.infotexts[0]
     assert "Soft inpainting schedule bias: 1, Soft inpainting preservation strength: 0.5" in soft.infotexts[0]
     assert "Soft inpainting" not in hard.infotexts[0] and hard.composite_masks is None
+
+
+def test_off_is_plain_inpainting_and_the_infotext_reads_back(sd1):
+    plain = sd1("a red apple", "", init_image=_picture(), mask=_mask(), **KW)
+    off = sd1("a red apple", "", init_image=_picture(), mask=_mask(), soft_inpainting=False, **KW)
+    assert np.array_equal(np.asarray(off.images[0]), np.asarray(plain.images[0])) and off.infotexts == plain.infotexts
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    settings = {"schedule_bias": 2.5, "mask_influence": 0.5, "difference_contrast": 4.0}
+    res = sd1("a red apple", "", init_image=_picture(), mask=_mask(), soft_inpainting=settings, **KW)
+    found = to_generate_kwargs(parse_parameters(res.infotexts[0]))
+    assert found["soft_inpainting"] == {
+        **{
+            n: v
+            for n, v in zip(
+                (
+                    "schedule_bias",
+                    "preservation_strength",
+                    "transition_contrast_boost",
+                    "mask_influence",
+                    "difference_threshold",
+                    "difference_contrast",
+                ),
+                (1.0, 0.5, 4.0, 0.0, 0.5, 2.0),
+                strict=True,
+            )
+        },
+        **settings,
+    }
+    again = sd1(init_image=_picture(), mask=_mask(), progress=False, **{**found, "mask_blur": 0.0})
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(res.images[0]))  # fmt: skip
+    with pytest.raises(MetadataError, match="Soft inpainting mask influence"):
+        to_generate_kwargs(parse_parameters(res.infotexts[0].replace("mask influence: 0.5", "mask influence: x")))
+    disabled = res.infotexts[0].replace("Soft inpainting enabled: True", "Soft inpainting enabled: False")
+    assert "soft_inpainting" not in to_generate_kwargs(parse_parameters(disabled))
+
+
+def test_what_it_does_not_combine_with_is_refused_in_one_line(sd1, tiny_inpaint_folder):
+    picture, mask = _picture(), _mask()
+    cases = (
+        (dict(init_image=picture), "soft_inpainting needs a mask"),
+        (dict(init_image=picture, mask=mask, differential_diffusion=1.0, strength_rule="diffusers"), "use one"),
+        (dict(init_image=picture, mask=mask, sampler="ddim"), "A1111's ddim blends before the model call"),
+        (dict(init_image=picture, mask=mask, soft_inpainting={"difference_threshold": 9}), r"in \[0, 8\], got 9"),
+    )
+    for extra, said in cases:
+        kw = {**KW, "soft_inpainting": True, **extra}
+        with pytest.raises(GenerationError, match=said) as e:
+            sd1("x", **kw)
+        assert "\n" not in str(e.value)
+    inpaint = load_pipeline(tiny_inpaint_folder, device="cpu")
+    with pytest.raises(GenerationError, match="9-channel"):
+        inpaint("x", init_image=picture, mask=mask, soft_inpainting=True, steps=2, progress=False)
+
+
+def test_the_cli_flag_and_from_png_reproduce_the_image(tiny_sd1_folder, tmp_path, capsys):
+    from sdengine.cli import main
+
+    init, mask, png, again = (tmp_path / n for n in ("init.png", "mask.png", "a.png", "b.png"))
+    _picture().save(init)
+    _mask().save(mask)
+    common = ["--model", str(tiny_sd1_folder), "--init-image", str(init), "--mask", str(mask), "--no-progress"]
+    args = ["a cat", "--steps", "3", "--sampler", "euler", "--seed", "3", "--width", "64", "--height", "64", *common]
+    assert main(["generate", *args, "--soft-inpainting", "1.5,0.5,4,mask_influence=0.25", "--out", str(png)]) == 0
+    text = Image.open(png).info["parameters"]
+    assert "Soft inpainting schedule bias: 1.5" in text and "Soft inpainting mask influence: 0.25" in text, text
+    capsys.readouterr()
+    assert main(["generate", "--from-png", str(png), *common, "--out", str(again)]) == 0
+    assert "not reproduced" not in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
+    bad_flags = (
+        (["--soft-inpainting", "1,2,3,4,5,6,7"], "--soft-inpainting"),
+        (["--soft-inpainting", "bias=2"], "--soft-inpainting"),
+        (["--soft-inpainting", "mask_influence=3"], "mask_influence must be a number in [0, 1]"),
+    )
+    for bad, said in bad_flags:
+        rc = main(["generate", *args, *bad, "--out", str(tmp_path / "c.png")])
+        err = capsys.readouterr().err
+        assert rc == 2 and said in err and err.count("\n") == 1, err
+    rc = main(["generate", "a cat", "--model", str(tiny_sd1_folder), "--soft-inpainting", "--out",
+               str(tmp_path / "c.png"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--soft-inpainting" in err and "--mask" in err, err
+    assert not (tmp_path / "c.png").exists()

@@ -1227,7 +1227,8 @@ class Pipeline:
 
             return generate_hires(self, p, hr_model)
         images = self.decode_latents(p, self.sample_latents(p))
-        if p.composite_masks and p.init is not None and p.request.soft_inpainting_settings().composite:
+        soft = p.request.soft_inpainting_settings()
+        if p.composite_masks and p.init is not None and soft is not None and soft.composite:
             # A1111's soft inpainting: the generated image laid over the init image by each row's composite mask
             original = torch.from_numpy(np.asarray(p.init.convert("RGB"), dtype=np.float32) / 255.0)
             laid = [
@@ -1527,11 +1528,6 @@ class Pipeline:
             den = MultiDiffusionDenoiser(den, multi, view_hook=hook)
         blend: Any = None
         if soft is not None:
-            if r.strength_rule in A1111_STRENGTH_RULES and p.sampler in A1111_TIMESTEP_SAMPLERS:
-                raise GenerationError(
-                    f"soft_inpainting: A1111's {p.sampler} blends before the model call and reads the timestep as "
-                    "sigma there (not done in sdengine); use a k-diffusion sampler (Euler, DPM++ 2M, ...)"
-                )
             if start.rounded_mask is None or start.init_latent is None:
                 raise GenerationError(f"soft_inpainting: {self.name} does not blend a mask while sampling")
             den = blend = SoftInpaintBlend(den, start.init_latent, start.rounded_mask, soft)
@@ -1545,9 +1541,9 @@ class Pipeline:
             # Differential Diffusion: the grey mask at the latent's size, each call's threshold in the model's
             # timestep between the run's first sigma and its last (ComfyUI's rule: DifferentialMask)
             assert start.init_latent is not None and p.mask is not None
-            soft = differential_latent_mask(torch.from_numpy(p.mask), *start.noise.shape[-2:]).to(dev)
+            grey = differential_latent_mask(torch.from_numpy(p.mask), *start.noise.shape[-2:]).to(dev)
             rule = DifferentialMask.over(
-                soft,
+                grey,
                 self.noise_schedule,
                 float(grid.sigmas[first]),
                 float(grid.sigmas[-1]),

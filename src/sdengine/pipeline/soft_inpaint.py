@@ -16,7 +16,8 @@ with a grey mask, in two parts.
   pixel, 0 = the original's.
 
 A1111's settings, their order in ``alwayson_scripts`` args (after ``enabled``), their defaults and ranges (its
-sliders') are :data:`FIELDS`; its infotext keys are :data:`INFOTEXT_KEYS`.
+sliders') are :data:`FIELDS`; its infotext keys are :data:`sdengine.metadata.SOFT_INPAINTING_KEYS` (read back by
+:func:`sdengine.metadata.soft_inpainting_kwargs`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import Tensor
 from sdengine.diffusion.samplers import SamplerStep
 from sdengine.errors import GenerationError
 from sdengine.io.resize import resize_image
+from sdengine.metadata import SOFT_INPAINTING_ENABLED, SOFT_INPAINTING_KEYS
 from sdengine.pipeline.latents import LatentBlend
 
 # (name, A1111's label, default, low, high) in A1111's argument order (after ``enabled``)
@@ -45,9 +47,6 @@ FIELDS: tuple[tuple[str, str, float, float, float], ...] = (
     ("difference_threshold", "Difference threshold", 0.5, 0.0, 8.0),  # composite_difference_threshold
     ("difference_contrast", "Difference contrast", 2.0, 0.0, 8.0),  # composite_difference_contrast
 )
-ENABLED_KEY = "Soft inpainting enabled"
-# the infotext key of each setting, as A1111's script writes them ("Soft inpainting schedule bias: 1", ...)
-INFOTEXT_KEYS: dict[str, str] = {name: f"Soft inpainting {label.lower()}" for name, label, *_ in FIELDS}
 # A1111's difference-mask filters: a 5x5 Gaussian kernel (stddev 1.5 px, tapered to 0 one pixel past radius 2)
 KERNEL_STDDEV, KERNEL_RADIUS = 1.5, 2
 COMPOSITE_BLUR = 4  # PIL GaussianBlur radius of the resized composite mask
@@ -111,33 +110,10 @@ class SoftInpainting:
 
     def infotext(self) -> dict[str, Any]:
         """A1111's infotext fields of these settings ("Soft inpainting enabled: True" and the six)."""
-        out: dict[str, Any] = {ENABLED_KEY: True}
+        out: dict[str, Any] = {SOFT_INPAINTING_ENABLED: True}
         for (name, *_), v in zip(FIELDS, self.values(), strict=True):
-            out[INFOTEXT_KEYS[name]] = int(v) if float(v).is_integer() else v
+            out[SOFT_INPAINTING_KEYS[name]] = int(v) if float(v).is_integer() else v
         return out
-
-
-def from_infotext(parsed: Mapping[str, str]) -> SoftInpainting | None:
-    """The settings an infotext records (A1111's keys; a missing setting at its default), None when it records
-    none or "Soft inpainting enabled" is not true; a value that is not a number in range is a one-line error."""
-    from sdengine.metadata import MetadataError
-
-    if str(parsed.get(ENABLED_KEY, "")).strip().lower() != "true":
-        return None
-    values: dict[str, float] = {}
-    for name, *_ in FIELDS:
-        key = INFOTEXT_KEYS[name]
-        if key in parsed:
-            try:
-                values[name] = float(str(parsed[key]).strip())
-            except ValueError:
-                raise MetadataError(f"{key}: {parsed[key]!r} is not a number") from None
-    out = SoftInpainting(**values)
-    try:
-        out.check()
-    except GenerationError as e:
-        raise MetadataError(f"infotext: {e}") from None
-    return out
 
 
 def modified_mask(nmask: Tensor, sigma: Tensor | float, settings: SoftInpainting) -> Tensor:
@@ -225,14 +201,14 @@ def difference_opacity(
     lm = nmask[:, 0].float()
     scalar = 1 - torch.clamp(lm, min=0, max=1) ** (settings.preservation_strength / 2)
     scalar = 0.5 * (1 - settings.mask_influence) + scalar * settings.mask_influence
-    scalar = (scalar / (1.00001 - scalar)).cpu().numpy()
+    scalars = (scalar / (1.00001 - scalar)).cpu().numpy()
     distance = torch.linalg.vector_norm((latent_processed - latent_orig).float(), dim=1).cpu().numpy()
     kernel = gaussian_kernel()
     out = []
     for i, d in enumerate(distance):
         d = weighted_percentile_filter(d.astype(np.float32), kernel, 0.9, 1.0)
         d = weighted_percentile_filter(d, kernel, 0.25, 0.75)
-        half = settings.difference_threshold * scalar[i if scalar.shape[0] > i else 0]
+        half = settings.difference_threshold * scalars[i if scalars.shape[0] > i else 0]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             x = d / half
             x = np.where(np.isnan(x), np.float32(np.inf), x)
@@ -289,15 +265,12 @@ class SoftInpaintBlend(LatentBlend):
 
 
 __all__ = [
-    "ENABLED_KEY",
     "FIELDS",
-    "INFOTEXT_KEYS",
     "SoftInpaintBlend",
     "SoftInpainting",
     "composite",
     "composite_mask",
     "difference_opacity",
-    "from_infotext",
     "gaussian_kernel",
     "latent_blend",
     "modified_mask",
