@@ -284,6 +284,12 @@ def test_what_it_does_not_combine_with_is_refused_in_one_line(sd1, tiny_inpaint_
     inpaint = load_pipeline(tiny_inpaint_folder, device="cpu")
     with pytest.raises(GenerationError, match="9-channel"):
         inpaint("x", init_image=picture, mask=mask, soft_inpainting=True, steps=2, progress=False)
+    from sdengine.pipeline import GenerationRequest
+    from sdengine.pipeline.sdxl import check_hand_off
+
+    request = GenerationRequest("x", init_image=picture, mask=mask, soft_inpainting=True)
+    with pytest.raises(GenerationError, match="soft_inpainting is not supported with a refiner hand-off"):
+        check_hand_off(request, 0.8, "a1111")
 
 
 def test_the_cli_flag_and_from_png_reproduce_the_image(tiny_sd1_folder, tmp_path, capsys):

@@ -62,9 +62,9 @@ def _decode(b64: str) -> np.ndarray:
 def _python_api(**kw: Any) -> Any:
     """The route's pipeline call: A1111's strength rule, the grey mask blurred by A1111's default 4."""
     pipe = shared_loader("emoji", "cpu")
-    return pipe("a red apple", init_image=_init(), mask=kw.pop("mask", _mask()), mask_blur=4.0, strength=0.75, strength_rule="a1111",
-                seed=3, steps=3, width=64, height=64, cfg_scale=7.0, sampler="euler", schedule="uniform", progress=False,
-                **kw)  # fmt: skip
+    same = dict(mask_blur=4.0, strength=0.75, strength_rule="a1111", seed=3, steps=3, width=64, height=64)
+    return pipe("a red apple", init_image=_init(), mask=_mask(), cfg_scale=7.0, sampler="euler", schedule="uniform",
+                progress=False, **same, **kw)  # fmt: skip
 
 
 def test_the_script_through_webuiapi_is_the_python_apis_soft_inpainting(server) -> None:
@@ -98,6 +98,15 @@ def test_the_script_through_webuiapi_is_the_python_apis_soft_inpainting(server) 
                       alwayson_scripts={"soft inpainting": {"args": [False, 99]}}, **KW)  # fmt: skip
     np.testing.assert_array_equal(np.asarray(off.image.convert("RGB")), np.asarray(hard.image.convert("RGB")))
     assert off.info["ignored"] == [] and "Soft inpainting" not in off.info["infotexts"][0]
+    # mask_round false: what the script sets in A1111 too (the same image); without the script still refused
+    body = {**KW, "init_images": [_b64(_init())], "mask": _b64(_mask()), "inpainting_fill": 1, "mask_round": False,
+            "sampler_name": "Euler"}  # fmt: skip
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        r2 = c.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": scripts})
+        assert r2.status_code == 200, r2.text
+        np.testing.assert_array_equal(_decode(r2.json()["images"][0]), got)
+        r2 = c.post("/sdapi/v1/img2img", json=body)
+        assert r2.status_code == 422 and "mask_round" in r2.text, r2.text
 
 
 def test_short_args_keep_the_defaults_and_the_infotext_reads_back(server, client) -> None:
@@ -141,6 +150,8 @@ def test_bad_arguments_are_one_line_400s_and_queue_nothing(client) -> None:
     r = client.post("/sdapi/v1/img2img", json={**body, "sampler_name": "DDIM", "alwayson_scripts": on})
     assert r.status_code == 400 and "soft_inpainting: A1111's ddim blends before the model call" in r.text, r.text
     assert len(client.get("/v1/jobs").json()["jobs"]) == jobs
+    assert "soft inpainting" in client.get("/sdapi/v1/scripts").json()["img2img"]  # A1111 lists it for img2img
+    assert "soft inpainting" not in client.get("/sdapi/v1/scripts").json()["txt2img"]
 
 
 def test_only_masked_lays_the_box_back_over_the_init_image(server) -> None:

@@ -3191,7 +3191,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/sdapi/v1/scripts", tags=["a1111"])
     def scripts() -> dict[str, Any]:
-        return {"txt2img": ["controlnet"], "img2img": ["controlnet", SD_UPSCALE_TITLE.lower()]}
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet", SOFT_INPAINTING_SCRIPT, SD_UPSCALE_TITLE.lower()]}
 
     @app.get("/sdapi/v1/cmd-flags", tags=["a1111"])
     def cmd_flags() -> dict[str, Any]:
