@@ -16,7 +16,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from _live_server import live_server, server_config, shared_loader
+from _live_server import live_server, run_job, server_config, shared_loader
 
 SCRIPT = "Soft inpainting"  # as webuiapi users send it (A1111 matches the title case-insensitively)
 SETTINGS = [1.5, 0.75, 3.0, 0.25, 0.75, 3.0]
@@ -171,3 +171,25 @@ def test_only_masked_lays_the_box_back_over_the_init_image(server) -> None:
     box[28:64, 22:58] = True  # the blurred mask's box with room to spare
     assert np.array_equal(got[~box], init[~box])
     assert (got[box] != init[box]).any() and (got != np.asarray(hard.image.convert("RGB"))).any()
+
+
+def test_a_native_job_runs_it_as_the_python_api(client) -> None:
+    """POST /v1/jobs with ``soft_inpainting``: the Python API's image (laid over the init image by the pipeline),
+    the infotext's keys; without a mask, or with a setting out of range, a one-line 400 and no job."""
+    ids = [client.post("/v1/uploads", content=base64.b64decode(_b64(im)), headers={"content-type": "image/png"})
+           .json()["id"] for im in (_init(), _mask())]  # fmt: skip
+    body = {"prompt": "a red apple", "steps": 3, "width": 64, "height": 64, "seed": 7, "strength": 0.8,
+            "init_image": ids[0], "mask": ids[1], "soft_inpainting": {"mask_influence": 0.5}}  # fmt: skip
+    got, job = run_job(client, body)
+    assert "Soft inpainting mask influence: 0.5" in job["infotexts"][0], job
+    ref = shared_loader("emoji", "cpu")(progress=False, **{**body, "init_image": _init(), "mask": _mask()})
+    np.testing.assert_array_equal(got, np.asarray(ref.images[0]))
+    jobs = len(client.get("/v1/jobs").json()["jobs"])
+    bad_bodies = (
+        ({"mask": None}, "soft_inpainting needs a mask"),
+        ({"soft_inpainting": {"schedule_bias": 10}}, "schedule_bias must be a number in [0, 8]"),
+    )
+    for bad, said in bad_bodies:
+        r = client.post("/v1/jobs", json={**body, **bad})
+        assert r.status_code == 400 and said in r.text and "\\n" not in r.text, r.text
+    assert len(client.get("/v1/jobs").json()["jobs"]) == jobs

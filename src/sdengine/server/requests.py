@@ -311,7 +311,7 @@ def build_generation(
     zero_terminal_snr: bool = False,
     masked_content: str = "original",
     differential_diffusion: float = 0.0,
-    soft_inpainting: dict[str, Any] | None = None,
+    soft_inpainting: bool | dict[str, Any] | None = None,
     sdxl: dict[str, Any] | None = None,
     vae: str | None = None,
     sag_scale: float = 0.0,
@@ -600,8 +600,8 @@ def build_generation(
         kwargs["masked_content"] = masked_content
     if differential_diffusion:  # soft inpainting (left out when off; checked by GenerationRequest.validate)
         kwargs["differential_diffusion"] = _finite(differential_diffusion, "differential_diffusion", 0.0, 1.0)
-    if soft_inpainting is not None:  # A1111's soft inpainting script (checked by GenerationRequest.validate)
-        kwargs["soft_inpainting"] = dict(soft_inpainting)
+    if soft_inpainting not in (None, False):  # A1111's soft inpainting (checked by GenerationRequest.validate)
+        kwargs["soft_inpainting"] = dict(soft_inpainting) if isinstance(soft_inpainting, dict) else soft_inpainting
     if noise_seed_delta != 0:  # A1111's ENSD (left out at 0, so such jobs batch as before)
         kwargs["noise_seed_delta"] = noise_seed_delta  # checked by GenerationRequest.validate below
     if noise_source != "cpu":  # A1111's randn_source NV / GPU (left out at the default, so such jobs batch as before)
