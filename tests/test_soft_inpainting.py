@@ -180,6 +180,36 @@ def test_the_composite_opacity_follows_a1111(settings):
     assert got.min() < 0.05 and got.max() > 0.5  # both ends are reached on these inputs
 
 
+def test_the_blend_runs_on_each_calls_x0_as_a1111s_denoiser_does():
+    """SoftInpaintBlend around a stand-in x0-denoiser under sdengine's Euler equals an Euler loop written from
+    A1111's CFGDenoiser.forward: each call's x0 blended with the init latent by the modified mask at that call's
+    sigma (``sigma[0]``), the sampler keeping its own x, and no final hard blend."""
+    from sdengine.diffusion.samplers import sample_euler
+    from sdengine.pipeline.soft_inpaint import SoftInpaintBlend
+
+    g = torch.Generator().manual_seed(3)
+    init = torch.randn(2, 4, 8, 8, generator=g)
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    nmask = torch.linspace(0, 1, 8).reshape(1, 1, 1, 8).expand(1, 1, 8, 8).contiguous()
+
+    def x0(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return 0.6 * x.flip(-1) / (1 + sigma.reshape(-1, 1, 1, 1) ** 2) ** 0.5 + 0.3
+
+    settings = SoftInpainting(schedule_bias=0.8, preservation_strength=1.5, transition_contrast_boost=3.0)
+    sigmas = torch.tensor([6.0, 3.0, 1.5, 0.6, 0.2, 0.0])
+    got = sample_euler(SoftInpaintBlend(lambda x, s, **_: x0(x, s), init, nmask, settings), init + noise * 6.0, sigmas)
+    t3 = nmask.numpy()[0].repeat(4, 0)  # A1111's nmask: the latent mask tiled over the channels, (C, h, w)
+    x = (init + noise * 6.0).numpy()
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+        den = x0(torch.from_numpy(x), torch.tensor([s, s])).numpy()
+        t = oracle_modified_nmask(t3, np.float32(s), 0.8, 1.5).astype(np.float32)
+        den = oracle_latent_blend(init.numpy(), den, t, 3.0)
+        x = x + (x - den) / s * (s_next - s)
+    np.testing.assert_allclose(got.numpy(), x, rtol=1e-4, atol=1e-5)
+    hard = init.numpy() * (1 - t3) + x * t3  # what A1111's final blend would make of it: not done
+    assert np.abs(got.numpy() - hard).max() > 1e-2
+
+
 def test_settings_are_checked_in_one_line():
     assert SoftInpainting.of(True) == SoftInpainting()
     assert SoftInpainting.of(None) is None and SoftInpainting.of(False) is None
