@@ -1230,9 +1230,9 @@ class Pipeline:
         soft = p.request.soft_inpainting_settings()
         if p.composite_masks and p.init is not None and soft is not None and soft.composite:
             # A1111's soft inpainting: the generated image laid over the init image by each row's composite mask
-            original = torch.from_numpy(np.asarray(p.init.convert("RGB"), dtype=np.float32) / 255.0)
+            original = np.asarray(p.init.convert("RGB"), dtype=np.float32) / 255.0
             laid = [
-                torch.from_numpy(composite(img.permute(1, 2, 0).float().cpu().numpy(), original.numpy(), m))
+                torch.from_numpy(composite(img.permute(1, 2, 0).float().cpu().numpy(), original, m))
                 for img, m in zip(images, p.composite_masks, strict=True)
             ]
             images = torch.stack(laid).permute(0, 3, 1, 2).to(images.device, images.dtype)
