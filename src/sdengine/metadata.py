@@ -469,7 +469,8 @@ def to_generate_kwargs(
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
-    ``guidance_rescale`` ("CFG Rescale phi"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
+    ``guidance_rescale`` ("CFG Rescale phi"), ``soft_inpainting`` (A1111's "Soft inpainting enabled: True" and its
+    settings' keys: :func:`soft_inpainting_kwargs`), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
     layers"), ``sag_scale``, ``sag_blur_sigma`` and ``sag_rule`` (sdengine's "SAG scale", "SAG blur sigma", "SAG
     rule" where not diffusers; Forge's "sag_enabled: True", "sag_scale", "sag_blur_sigma", its rule "comfyui"),
     ``freeu``, ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
@@ -630,6 +631,9 @@ def to_generate_kwargs(
         kwargs["differential_diffusion"] = _parse_float(parsed, "Differential diffusion")
         if not 0.0 <= kwargs["differential_diffusion"] <= 1.0:
             raise MetadataError(f"Differential diffusion: {parsed['Differential diffusion']!r} is not in [0, 1]")
+    soft = soft_inpainting_kwargs(parsed)
+    if soft is not None:  # A1111's soft inpainting script (GenerationRequest.soft_inpainting)
+        kwargs["soft_inpainting"] = soft
     if "RNG" in parsed:  # A1111's randn_source, written when not its default GPU: NV, CPU (GPU read too)
         kwargs["noise_source"] = noise_source_of(parsed["RNG"], "RNG")
     elif not made_by_sdengine(parsed):  # A1111 writes none for its default GPU source (its parse_generation_parameters
@@ -757,6 +761,8 @@ def to_generate_kwargs(
         "Noise Schedule",
         "Masked content",
         "Differential diffusion",
+        SOFT_INPAINTING_ENABLED,
+        *SOFT_INPAINTING_KEYS.values(),
         "Tiny VAE",
         "Tiny VAE encode",
         "Resize mode",
@@ -817,6 +823,27 @@ A1111_SAMPLER_FIELDS = {
     "s_tmax": "Sigma tmax",
     "s_noise": "Sigma noise",
 }
+
+# A1111's built-in soft inpainting script's infotext (GenerationRequest.soft_inpainting): "Soft inpainting enabled:
+# True" and each setting under its key, in the script's argument order (sdengine.pipeline.soft_inpaint.FIELDS)
+SOFT_INPAINTING_ENABLED = "Soft inpainting enabled"
+SOFT_INPAINTING_KEYS: dict[str, str] = {
+    "schedule_bias": "Soft inpainting schedule bias",
+    "preservation_strength": "Soft inpainting preservation strength",
+    "transition_contrast_boost": "Soft inpainting transition contrast boost",
+    "mask_influence": "Soft inpainting mask influence",
+    "difference_threshold": "Soft inpainting difference threshold",
+    "difference_contrast": "Soft inpainting difference contrast",
+}
+
+
+def soft_inpainting_kwargs(parsed: Mapping[str, str]) -> dict[str, float] | None:
+    """The soft inpainting settings an infotext records (A1111's keys, by setting name; a missing one left out:
+    its default), None when "Soft inpainting enabled" is not true; a value that is not a number is one line
+    (the ranges are checked by the request)."""
+    if parsed.get(SOFT_INPAINTING_ENABLED, "").strip().lower() != "true":
+        return None
+    return {name: _parse_float(parsed, key) for name, key in SOFT_INPAINTING_KEYS.items() if key in parsed}
 
 
 # A1111's UniPC options (its uni_pc_variant, uni_pc_order; shared_options.py): their infotext fields and A1111's
@@ -1402,6 +1429,8 @@ def lora_hash(path: str | Path) -> str:
 __all__ = [
     "CONTROL_MODE_NAMES",
     "MASKED_CONTENT",
+    "SOFT_INPAINTING_ENABLED",
+    "SOFT_INPAINTING_KEYS",
     "MAX_INFOTEXT_CHARS",
     "PARAMETERS_KEY",
     "VERSION",
@@ -1421,6 +1450,7 @@ __all__ = [
     "quote",
     "read_png_parameters",
     "save_png",
+    "soft_inpainting_kwargs",
     "made_by_sdengine",
     "refiner_switch",
     "REFINER_SWITCH_RULES",

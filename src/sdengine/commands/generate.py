@@ -54,6 +54,40 @@ def _slg_arg(value: str | None) -> dict[str, Any] | None:
     return {"skip_guidance_layers": layers, **dict(zip(keys, numbers, strict=False))}
 
 
+SOFT_NAMES = (
+    "schedule_bias",
+    "preservation_strength",
+    "transition_contrast_boost",
+    "mask_influence",
+    "difference_threshold",
+    "difference_contrast",
+)
+
+
+def _soft_inpainting_arg(value: str | None) -> dict[str, float] | None:
+    """``--soft-inpainting [SETTINGS]`` -> the request's ``soft_inpainting``: {} (A1111's defaults) without
+    SETTINGS; up to six numbers in A1111's order, or NAME=VALUE pairs, comma-separated (a one-line UsageError
+    else; the ranges are the request's check)."""
+    if value is None:
+        return None
+    parts = [x.strip() for x in value.split(",") if x.strip()]
+    out: dict[str, float] = {}
+    try:
+        for k, part in enumerate(parts):
+            name, eq, number = part.partition("=")
+            if not eq:
+                name, number = SOFT_NAMES[k] if k < len(SOFT_NAMES) else "", part
+            if name not in SOFT_NAMES or name in out:
+                raise ValueError
+            out[name] = float(number)
+    except ValueError:
+        raise UsageError(
+            f"--soft-inpainting {value!r}: expected up to six numbers in A1111's order ({', '.join(SOFT_NAMES)}) or "
+            "NAME=VALUE pairs, comma-separated, e.g. 1,0.5,4 or mask_influence=0.3"
+        ) from None
+    return out
+
+
 def request_defaults() -> dict[str, Any]:
     """The defaults a generate run starts from: GenerationRequest's, with seed -1 (random)."""
     from ..pipeline.request import GenerationRequest
@@ -849,6 +883,7 @@ def _refuse_flags_without_effect(
         ("--image-cfg-scale", a.image_cfg_scale, a.init_image is not None, "--init-image (the image to edit)"),
         ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
         ("--differential-diffusion", a.differential_diffusion, a.mask is not None, "--mask (a grey inpainting mask)"),
+        ("--soft-inpainting", a.soft_inpainting, a.mask is not None, "--mask (a grey inpainting mask)"),
         ("--resize-mode", a.resize_mode, img2img or bool(a.control), "--init-image or --control"),
         ("--refiner-switch-at", a.refiner_switch_at, a.refiner is not None, "--refiner"),
         ("--hr-checkpoint", a.hr_checkpoint, hires, "the hires fix (--hires)"),
@@ -954,6 +989,7 @@ def run(a: argparse.Namespace) -> int:
         "distilled_cfg_scale": a.guidance,
         "mask_blur": a.mask_blur,
         "differential_diffusion": a.differential_diffusion,
+        "soft_inpainting": _soft_inpainting_arg(a.soft_inpainting),
         "resize_mode": a.resize_mode,
         "subseed": a.subseed,
         "subseed_strength": a.subseed_strength,
@@ -1470,6 +1506,17 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="STRENGTH",
         help="soft inpainting (Differential Diffusion, ComfyUI's node): the --mask's grey levels say how much each "
         "pixel may change (black kept, white repainted, grey in between); STRENGTH in [0, 1], default 1, 0 = off",
+    )
+    p.add_argument(
+        "--soft-inpainting",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="SETTINGS",
+        help="A1111's Soft Inpainting with the grey --mask: the blend of each step's latents by a sigma-dependent "
+        "mask and the result laid over the init image where it changed little; SETTINGS up to six numbers in "
+        "A1111's order (schedule bias, preservation strength, transition contrast boost, mask influence, difference "
+        "threshold, difference contrast) or NAME=VALUE pairs, default A1111's 1,0.5,4,0,0.5,2",
     )
     p.add_argument(
         "--resize-mode",

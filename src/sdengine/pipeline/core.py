@@ -82,6 +82,7 @@ from sdengine.pipeline.latents import (
     DifferentialBlend,
     DifferentialMask,
     InpaintBlend,
+    a1111_latent_mask,
     blur_mask,
     differential_latent_mask,
     image_latent,
@@ -90,6 +91,7 @@ from sdengine.pipeline.latents import (
 from sdengine.pipeline.loop_graph import LoopPlan
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
+from sdengine.pipeline.soft_inpaint import SoftInpaintBlend, composite, composite_mask
 from sdengine.pipeline.unet_adapter import UNetAdapter
 from sdengine.text.conditioners import (
     Conditioning,
@@ -209,6 +211,9 @@ class Prepared:
     vae_tiles: HyperTileRun | None = None
     # FLUX.1 Kontext's reference images, read and fitted (sdengine.pipeline.flux_kontext); None: none
     references: list[Any] | None = None
+    # soft inpainting's composite mask of each row ("L", the output's size; 255 = the generated pixel), set while
+    # sampling (sdengine.pipeline.soft_inpaint.composite_mask); empty without soft inpainting
+    composite_masks: list[Any] = dataclasses.field(default_factory=list)
 
 
 def _no_extra_tokens(encoder: Any) -> Any:
@@ -978,6 +983,17 @@ class Pipeline:
                 f"differential_diffusion: {self.name} is an inpainting model (9-channel U-Net), which takes the mask "
                 "in its input rather than blending it; use a 4-channel model"
             )
+        if r.soft_inpainting_settings() is not None:
+            if self.inpainting:
+                raise GenerationError(
+                    f"soft_inpainting: {self.name} is an inpainting model (9-channel U-Net), whose mask input A1111 "
+                    "leaves grey under soft inpainting (not done in sdengine); use a 4-channel model"
+                )
+            if not isinstance(self.base_schedule, NoiseSchedule):
+                raise GenerationError(
+                    f"soft_inpainting: {self.name} is not a U-Net on a discrete noise schedule (SD 1.x / 2.x / SDXL), "
+                    "the models A1111's soft inpainting reads sigma of; not done for it in sdengine"
+                )
         if r.mask is not None:
             m = load_image(r.mask, "mask", mode="L", error=GenerationError)
             if m.size != (width, height):
@@ -1137,6 +1153,9 @@ class Pipeline:
                 row["Masked content"] = request.masked_content
             if p.mask is not None and float(request.differential_diffusion) > 0:  # sdengine's
                 row["Differential diffusion"] = float(request.differential_diffusion)
+            soft = request.soft_inpainting_settings()
+            if p.mask is not None and soft is not None:  # A1111's soft inpainting fields, as its script writes them
+                row.update(soft.infotext())
             if request.noise_source == "nv":  # A1111's "RNG: NV" (it writes the field when not its default GPU)
                 row["RNG"] = "NV"
             if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
@@ -1197,7 +1216,8 @@ class Pipeline:
                     row["Hires checkpoint"] = model_title(hr_model)
         infotexts = [format_infotext(r) for r in rows]
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
-        return GenerationResult(pil, arrays, rows[0], p.seeds, infotexts, p.notes, per_row)
+        masks = list(p.composite_masks) if p.composite_masks else None
+        return GenerationResult(pil, arrays, rows[0], p.seeds, infotexts, p.notes, per_row, masks)
 
     def generate(self, p: Prepared, hr_model: Any = None) -> Tensor:
         """(N, 3, H, W) images in [0, 1] for a prepared request (the hires fix's second pass included, on
@@ -1206,7 +1226,17 @@ class Pipeline:
             from sdengine.pipeline.hires import generate_hires
 
             return generate_hires(self, p, hr_model)
-        return self.decode_latents(p, self.sample_latents(p))
+        images = self.decode_latents(p, self.sample_latents(p))
+        soft = p.request.soft_inpainting_settings()
+        if p.composite_masks and p.init is not None and soft is not None and soft.composite:
+            # A1111's soft inpainting: the generated image laid over the init image by each row's composite mask
+            original = np.asarray(p.init.convert("RGB"), dtype=np.float32) / 255.0
+            laid = [
+                torch.from_numpy(composite(img.permute(1, 2, 0).float().cpu().numpy(), original, m))
+                for img, m in zip(images, p.composite_masks, strict=True)
+            ]
+            images = torch.stack(laid).permute(0, 3, 1, 2).to(images.device, images.dtype)
+        return images
 
     def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
         """(N, C, h, w) sampled latents (before the VAE) for a prepared request; rows with text states of
@@ -1351,6 +1381,10 @@ class Pipeline:
             )
         elif subseeds is not None:
             start.noise = variation_noise(start.noise, subseeds, float(r.subseed_strength), r.noise_source)
+        soft = r.soft_inpainting_settings()
+        if soft is not None and p.mask is not None and start.init_latent is not None:
+            # A1111's soft inpainting turns its mask_round off: its latent mask (nmask) stays grey
+            start.rounded_mask = a1111_latent_mask(p.mask, *start.noise.shape[-2:], rounded=False).to(dev)
         if init_latent is None and r.masked_content != "original" and start.init_latent is not None:
             # A1111's "latent noise" / "latent nothing": the init latent replaced where the rounded latent mask
             # repaints, by the row's unit noise or by zeros (its StableDiffusionProcessingImg2Img.init)
@@ -1493,7 +1527,13 @@ class Pipeline:
             hook = net.view_hints if isinstance(net, ControlledUNet) else None  # each view's ControlNet hints
             den = MultiDiffusionDenoiser(den, multi, view_hook=hook)
         blend: Any = None
-        if r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None:
+        if soft is not None:
+            if start.rounded_mask is None or start.init_latent is None:
+                raise GenerationError(f"soft_inpainting: {self.name} does not blend a mask while sampling")
+            den = blend = SoftInpaintBlend(den, start.init_latent, start.rounded_mask, soft)
+        elif (
+            r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None
+        ):
             # A1111's blend, for every U-Net: its k-diffusion samplers' on x0, its timestep samplers' on x
             before = p.sampler in A1111_TIMESTEP_SAMPLERS
             den = blend = A1111Blend(den, start.init_latent, start.rounded_mask, before=before)
@@ -1501,9 +1541,9 @@ class Pipeline:
             # Differential Diffusion: the grey mask at the latent's size, each call's threshold in the model's
             # timestep between the run's first sigma and its last (ComfyUI's rule: DifferentialMask)
             assert start.init_latent is not None and p.mask is not None
-            soft = differential_latent_mask(torch.from_numpy(p.mask), *start.noise.shape[-2:]).to(dev)
+            grey = differential_latent_mask(torch.from_numpy(p.mask), *start.noise.shape[-2:]).to(dev)
             rule = DifferentialMask.over(
-                soft,
+                grey,
                 self.noise_schedule,
                 float(grid.sigmas[first]),
                 float(grid.sigmas[-1]),
@@ -1582,6 +1622,12 @@ class Pipeline:
         if blend is not None:
             x = blend.finish(x)
         require_finite(x, "latents after sampling")  # before the VAE: a NaN latent decodes to black
+        if isinstance(blend, SoftInpaintBlend):  # A1111's post_sample: the composite mask of each row
+            masks = composite_mask(blend.init, x, blend.mask, blend.settings, p.width, p.height)
+            if len(p.composite_masks) != len(p.seeds):
+                p.composite_masks = [None] * len(p.seeds)
+            for i, m in zip(rows, masks, strict=True):
+                p.composite_masks[i] = m
         return x
 
     def _reference_latents(self, images: Tensor, tiled: bool | None) -> Tensor:

@@ -48,13 +48,14 @@ def blur_mask(m: np.ndarray, blur: float) -> np.ndarray:
     return cv2.GaussianBlur(m, (1, k), blur)
 
 
-def a1111_latent_mask(mask: np.ndarray, h: int, w: int) -> Tensor:
+def a1111_latent_mask(mask: np.ndarray, h: int, w: int, *, rounded: bool = True) -> Tensor:
     """A1111's latent mask (its ``latmask``; 1 = repaint) of a float mask in [0, 1] at image size: the 8-bit mask
     made RGB and shrunk to the latent's ``w`` x ``h`` by PIL's default ``Image.resize`` filter (bicubic for
-    RGB), then ``np.around`` of its first channel / 255 (its ``mask_round``, on by default); (1, 1, h, w)."""
+    RGB), then ``np.around`` of its first channel / 255 (its ``mask_round``, on by default; ``rounded=False``:
+    left grey, as under its soft inpainting); (1, 1, h, w)."""
     m8 = Image.fromarray(np.clip(np.rint(np.asarray(mask, np.float64) * 255), 0, 255).astype(np.uint8), "L")
     small = np.asarray(m8.convert("RGB").resize((w, h)), dtype=np.float32)[..., 0] / 255
-    return torch.from_numpy(np.around(small).astype(np.float32))[None, None]
+    return torch.from_numpy((np.around(small) if rounded else small).astype(np.float32))[None, None]
 
 
 def posterior_rows(post: Any, generators: Sequence[NoiseGenerator]) -> Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 from sdengine.diffusion import sampling
 from sdengine.diffusion.multidiffusion import MultiDiffusion
 from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
-from sdengine.diffusion.schedules import STRENGTH_RULES, img2img_start
+from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, A1111_TIMESTEP_SAMPLERS, STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError, SdengineError
 from sdengine.io.images import ImageInput
 from sdengine.metadata import MASKED_CONTENT
@@ -34,6 +34,7 @@ from sdengine.nn.hypertile import HYPERTILE_RULES, MAX_DEPTH, MAX_SWAP_SIZE, MAX
 from sdengine.pipeline.control import ControlUnit
 from sdengine.pipeline.ip_adapter import IPAdapterUnit
 from sdengine.pipeline.result import StepCallback
+from sdengine.pipeline.soft_inpaint import SoftInpainting
 from sdengine.text.conditioners import CLIP_SKIP_RULES
 
 LoRAInput = tuple[Any, Any] | str | Path  # (source, weight): a float, or a LoRAWeight (text-encoder, U-Net)
@@ -239,6 +240,13 @@ class GenerationRequest:
     # below: that binary mask blended with the grey one). Needs a mask and a 4-channel model. Infotext
     # "Differential diffusion"
     differential_diffusion: float = 0.0
+    # A1111's built-in "Soft Inpainting" (sdengine.pipeline.soft_inpaint): the grey latent mask blended into each
+    # step's x0 by a sigma-dependent power with the vectors' lengths kept, and the result laid over the init image
+    # by a mask of how much each region changed. None / False = off; True = A1111's defaults; a SoftInpainting or
+    # a mapping of its fields (schedule_bias, preservation_strength, transition_contrast_boost, mask_influence,
+    # difference_threshold, difference_contrast). Needs a mask and a 4-channel U-Net; not with
+    # differential_diffusion. Infotext A1111's "Soft inpainting enabled: True", "Soft inpainting schedule bias", ...
+    soft_inpainting: Any = None
     # SDXL only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, negative_*,
     # aesthetic_score (sdengine.text.sdxl_conditioner.SDXLOptions); None = the defaults
     sdxl: Mapping[str, Any] | None = None
@@ -376,6 +384,11 @@ class GenerationRequest:
             return None
         settings: tuple[Any, ...] = (float(self.sag_scale), float(self.sag_blur_sigma))
         return settings if self.sag_rule == "diffusers" else (*settings, str(self.sag_rule))
+
+    def soft_inpainting_settings(self) -> SoftInpainting | None:
+        """``soft_inpainting`` as :class:`sdengine.pipeline.soft_inpaint.SoftInpainting` settings (None: off),
+        checked (one-line GenerationError)."""
+        return SoftInpainting.of(self.soft_inpainting)
 
     def freeu_settings(self) -> FreeU | None:
         """``freeu`` as :class:`sdengine.nn.freeu.FreeU` settings (None: off); call after :meth:`validate`."""
@@ -663,6 +676,18 @@ class GenerationRequest:
             raise GenerationError(
                 f"differential_diffusion blends by ComfyUI's rule; strength_rule {self.strength_rule!r} blends as "
                 "A1111: use strength_rule 'diffusers' or turn differential_diffusion off"
+            )
+        soft = self.soft_inpainting_settings()
+        if soft is not None and self.mask is None:
+            raise GenerationError("soft_inpainting needs a mask (inpainting: an init_image and a grey mask)")
+        if soft is not None and dd:
+            raise GenerationError(
+                "soft_inpainting and differential_diffusion are two ways of inpainting with a grey mask: use one"
+            )
+        if soft is not None and self.strength_rule in A1111_STRENGTH_RULES and sampler in A1111_TIMESTEP_SAMPLERS:
+            raise GenerationError(
+                f"soft_inpainting: A1111's {sampler} blends before the model call and reads the timestep as sigma "
+                "there (not done in sdengine); use a k-diffusion sampler (Euler, DPM++ 2M, ...)"
             )
         self.control_units()  # the tuple forms parse
         if self.ip_adapters is not None:

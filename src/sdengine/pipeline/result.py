@@ -78,6 +78,9 @@ class GenerationResult:
     infotexts: list[str]  # A1111 "parameters" text of each image (its own prompt and seed)
     notes: list[str] = field(default_factory=list)  # warnings given during the call (resized mask, ...)
     rows: list[dict[str, Any]] = field(default_factory=list)  # per image: prompt, negative_prompt, seed
+    # soft inpainting's composite mask of each image ("L" PIL images, 255 = the generated pixel; what the images
+    # were laid over the init image by, or, with its ``composite`` off, what a caller lays them by); None without
+    composite_masks: list[Image.Image] | None = None
 
     def image_parameters(self, i: int) -> dict[str, Any]:
         row = self.rows[i] if self.rows else {"seed": self.seeds[i]}

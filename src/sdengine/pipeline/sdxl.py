@@ -83,6 +83,8 @@ def check_hand_off(
         raise GenerationError("variation seeds are not supported with a refiner hand-off")
     if request.differential_diffusion:
         raise GenerationError("differential_diffusion is not supported with a refiner hand-off (run the base alone)")
+    if request.soft_inpainting_settings() is not None:
+        raise GenerationError("soft_inpainting is not supported with a refiner hand-off (run the base alone)")
     try:
         sampler = sampling.resolve(request.sampler, request.schedule)[0]
         hr_sampler = None

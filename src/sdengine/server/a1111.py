@@ -779,14 +779,15 @@ def _b64_png(image: Image.Image, text: str | None = None) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def a1111_mask(image: Image.Image) -> Image.Image:
+def a1111_mask(image: Image.Image, rounded: bool = True) -> Image.Image:
     """An inpainting mask as A1111 reads it (``create_binary_mask``): the alpha channel of an RGBA mask that is
-    not wholly opaque, else its grey levels; white (above 128) = repaint."""
+    not wholly opaque, else its grey levels; white (above 128) = repaint. ``rounded=False`` (A1111's
+    ``mask_round`` off, as its soft inpainting sets it): the grey levels kept."""
     if image.mode in ("RGBA", "LA", "PA") and image.getextrema()[-1] != (255, 255):
         grey = image.getchannel("A")
     else:
         grey = image.convert("L")
-    return grey.point(lambda v: 255 if v > 128 else 0)
+    return grey.point(lambda v: 255 if v > 128 else 0) if rounded else grey
 
 
 def _mask_blur(body: dict[str, Any]) -> float:
@@ -836,6 +837,29 @@ def overlay_finish(
         base = resize_image(init.convert("RGB"), *image.size, mode)
         m = resize_image(soft, *image.size, mode).point(lambda v: min(255, 2 * v))
         return Image.composite(image.convert("RGB"), base, m)
+
+    return finish
+
+
+def soft_overlay(
+    init: Image.Image, mode: str, region: tuple[int, int, int, int] | None = None
+) -> Callable[[Image.Image, Image.Image], Image.Image]:
+    """A1111's soft inpainting overlay (its script's ``postprocess_maskoverlay``): the generated image laid over the
+    init image (before any "fill"; fitted to the result in the resize ``mode``) by the pipeline's composite mask
+    of the image (255 = generated), in place of the blurred mask's overlay. "Only masked" (``region``, the box
+    cut from the whole init image): the image and its mask fitted into the box ("crop and resize", A1111's
+    ``uncrop``), the init image outside it. PIL's 8-bit composite."""
+    base = init.convert("RGB")
+
+    def finish(image: Image.Image, mask: Image.Image) -> Image.Image:
+        if region is None:
+            under = resize_image(base, *image.size, mode)
+            return Image.composite(image.convert("RGB"), under, mask.convert("L"))
+        x1, y1, x2, y2 = region
+        canvas, full = base.copy(), Image.new("L", base.size, 0)
+        canvas.paste(resize_image(image.convert("RGB"), x2 - x1, y2 - y1, "crop and resize"), (x1, y1))
+        full.paste(resize_image(mask.convert("L"), x2 - x1, y2 - y1, "crop and resize"), (x1, y1))
+        return Image.composite(canvas, base, full)
 
     return finish
 
@@ -1069,7 +1093,7 @@ def refuse_unsupported(body: dict[str, Any], txt2img: bool) -> None:
             "latent_mask: a separate latent mask is not implemented in sdengine (A1111's API passes it on "
             "undecoded); send none: the mask is the latent mask"
         )
-    if mask and body.get("mask_round") is False:
+    if mask and body.get("mask_round") is False and not soft_inpainting_sent(body):  # soft inpainting: A1111's too
         refuse("mask_round", "sdengine always rounds the latent mask, as A1111 by default; send true")
     fill = body.get("inpainting_fill", 0)
     if mask and (isinstance(fill, bool) or fill not in (0, 1, 2, 3)):
@@ -1247,6 +1271,79 @@ def forge_pag_scale(scripts: dict[str, Any]) -> float:
                 )
         return scale
     return 0.0
+
+
+# A1111's built-in Soft Inpainting script (extensions-builtin/soft-inpainting, title "Soft Inpainting"), as its
+# alwayson_scripts entry names it (lower case): args [enabled, schedule_bias, preservation_strength,
+# transition_contrast_boost, mask_influence, difference_threshold, difference_contrast] (sdengine.pipeline.
+# soft_inpaint.FIELDS: the defaults and ranges of its sliders). As A1111's API, a shorter args list keeps the later
+# arguments as they were: the request's infotext's ("Soft inpainting enabled: True", "Soft inpainting schedule bias",
+# ...), else the script's defaults. An img2img inpainting script: txt2img has none (A1111 answers 422), and on
+# img2img without a mask it would do nothing, so both are refused when it is sent enabled.
+SOFT_INPAINTING_SCRIPT = "soft inpainting"
+
+
+def soft_inpainting_script(scripts: dict[str, Any], infotext: Any, *, txt2img: bool, mask: bool) -> dict[str, Any]:
+    """The job's ``soft_inpainting`` settings (by name; {} when off) from A1111's Soft Inpainting entry in
+    ``alwayson_scripts`` (lower-cased names; taken out of ``scripts``) over what the request's ``infotext`` records;
+    a one-line 400 naming the argument for a value that is not of the script's type and range, or for the script
+    sent enabled where A1111 does not run it (txt2img; img2img without a mask)."""
+    from sdengine.metadata import soft_inpainting_kwargs
+    from sdengine.pipeline.soft_inpaint import FIELDS
+
+    args: list[Any] = [False, *(d for _, _, d, _, _ in FIELDS)]
+    if isinstance(infotext, str) and infotext:
+        from sdengine.metadata import parse_parameters
+
+        try:
+            recorded = soft_inpainting_kwargs(parse_parameters(infotext))
+        except ValueError as e:
+            raise BadRequest(f"infotext: {e}") from None
+        if recorded is not None:
+            args[0] = True
+            for i, (name, *_) in enumerate(FIELDS, start=1):
+                args[i] = recorded.get(name, args[i])
+    shape = "{args: [enabled, schedule_bias, preservation_strength, transition_contrast_boost, mask_influence, "
+    shape += "difference_threshold, difference_contrast]} (A1111's Soft Inpainting script)"
+    name, given = forge_script_entry(scripts, (SOFT_INPAINTING_SCRIPT,), len(args), shape)
+    sent = 0
+    if given is not None:
+        args[: len(given)], sent = given, len(given)
+
+    def label(i: int) -> str:  # where argument i came from: the request's script entry, else its infotext
+        what = "enabled" if i == 0 else FIELDS[i - 1][1].lower()
+        return f"alwayson_scripts.{name}.args[{i}] ({what})" if i < sent else f"infotext: Soft inpainting {what}"
+
+    if not isinstance(args[0], bool):
+        raise BadRequest(f"{label(0)} must be true or false, got {repr(args[0])[:100]}")
+    if not args[0]:
+        return {}
+    out: dict[str, Any] = {}
+    for i, (field, _, _, low, high) in enumerate(FIELDS, start=1):
+        v = args[i]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not low <= v <= high:
+            raise BadRequest(f"{label(i)} must be a number in [{low:g}, {high:g}], got {repr(v)[:100]}")
+        out[field] = float(v)
+    if sent and txt2img:
+        raise BadRequest(
+            f"alwayson_scripts.{name}: A1111's Soft Inpainting is an img2img inpainting script (txt2img has none); "
+            "send it to /sdapi/v1/img2img with a mask"
+        )
+    if sent and not mask:
+        raise BadRequest(f"alwayson_scripts.{name}: soft inpainting needs a mask (this img2img request has none)")
+    return out if (mask and not txt2img) else {}
+
+
+def soft_inpainting_sent(body: dict[str, Any]) -> bool:
+    """Whether a request sends A1111's Soft Inpainting script enabled (its first argument true)."""
+    scripts = body.get("alwayson_scripts")
+    if not isinstance(scripts, dict):
+        return False
+    for k, v in scripts.items():
+        if str(k).lower() == SOFT_INPAINTING_SCRIPT and isinstance(v, dict):
+            args = v.get("args")
+            return isinstance(args, list) and bool(args) and args[0] is True
+    return False
 
 
 # Forge's built-in FreeU script (extensions-builtin/sd_forge_freeu), as its alwayson_scripts entry names it (lower
@@ -2189,6 +2286,13 @@ def install(app: FastAPI, services: Any) -> None:
         sag = forge_sag(scripts, req.cfg_scale, hires, (req.model_extra or {}).get("infotext"))
         # the Tiled Diffusion extension's MultiDiffusion: sdengine's tiled_diffusion (its txt2img size override)
         tiled, tiled_size = tiled_diffusion_script(scripts, init is None, ignored, notes)
+        # A1111's Soft Inpainting script (over the infotext's fields): sdengine's soft_inpainting
+        soft = soft_inpainting_script(
+            scripts,
+            (req.model_extra or {}).get("infotext"),
+            txt2img=init is None,
+            mask=init is not None and body.get("mask") not in (None, ""),
+        )
         kontext = kontext_fields(body)  # sdengine's top-level fields, or the Forge FluxKontext extension's
         extension = forge_kontext(scripts, ignored, notes)
         if extension and "reference_images" in kontext:
@@ -2250,6 +2354,7 @@ def install(app: FastAPI, services: Any) -> None:
             width=req.width if tiled_size is None else tiled_size[0],
             height=req.height if tiled_size is None else tiled_size[1],
             **({} if tiled is None else {"tiled_diffusion": tiled}),
+            **({"soft_inpainting": soft} if soft else {}),
             batch_size=req.batch_size,
             n_iter=req.n_iter,
             clip_skip=clip_skip,
@@ -2318,7 +2423,7 @@ def install(app: FastAPI, services: Any) -> None:
         req: Txt2ImgRequest,
         fields: dict[str, Any],
         ignored: list[str],
-        finish: Callable[[Image.Image], Image.Image] | None = None,
+        finish: Callable[..., Image.Image] | None = None,
         notes: list[str] | None = None,
         styled: Txt2ImgRequest | None = None,
         refiner: tuple[str, str, float] | None = None,
@@ -2722,16 +2827,21 @@ def install(app: FastAPI, services: Any) -> None:
         size: tuple[int, int] | None,
         notes: list[str],
         ignored: list[str],
-    ) -> Callable[[Image.Image], Image.Image] | None:
+    ) -> Callable[..., Image.Image] | None:
         """The pipeline's init image, mask and blur of an A1111 inpainting request (in ``fields``) and the
         overlay that lays the result over the init image: "whole picture", or "only masked" with
         ``inpaint_full_res``; masked content "fill" (``inpainting_fill`` 0) or "original" (1)."""
         assert req.mask is not None and req.init_images
-        mask = a1111_mask(services.uploads.image(req.mask, "mask"))
+        soft = fields.get("soft_inpainting")
+        # soft inpainting: A1111's mask_round off, the grey levels kept; the pipeline answers with its images as
+        # generated and their composite masks, which soft_overlay lays over the init image (before any "fill")
+        mask = a1111_mask(services.uploads.image(req.mask, "mask"), rounded=not soft)
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
         init = services.uploads.image(req.init_images[0], "init image")
         fill = req.inpainting_fill == 0
+        if soft:
+            fields["soft_inpainting"] = {**soft, "composite": False}
         if size is None:
             fields.update(mask=mask, mask_blur=float(blur))
             return None
@@ -2742,9 +2852,12 @@ def install(app: FastAPI, services: Any) -> None:
             plan = only_masked(ImageOps.exif_transpose(init), mask, blur, padding, size, fill)
             if plan is None:  # as A1111: nothing to repaint, so img2img of the whole image
                 notes.append('the mask is empty: "Only masked" inpainting became img2img of the whole image')
+                fields.pop("soft_inpainting", None)  # A1111's script blends nothing then either
                 return None
             fields.update(init_image=plan.cut, mask=plan.mask, mask_blur=0.0)  # the mask is blurred already
             fields["controlnets"] = cropped_units(fields.get("controlnets") or [], plan, req, mode, body)
+            if soft:
+                return soft_overlay(ImageOps.exif_transpose(init), "just resize", plan.region)
             return plan.finish
         if mode != "just resize" and mask.size != size:  # A1111 fits the mask as the image (the pipeline stretches)
             fields["mask"] = resize_image(mask, *size, mode)
@@ -2754,6 +2867,8 @@ def install(app: FastAPI, services: Any) -> None:
         if fill:  # A1111 fills the fitted init image under its blurred, fitted mask
             fitted = resize_image(ImageOps.exif_transpose(init).convert("RGB"), *size, mode)
             fields["init_image"] = masked_fill(fitted, resize_image(blurred_mask(mask, blur), *size, mode))
+        if soft:
+            return soft_overlay(ImageOps.exif_transpose(init), mode)
         return overlay_finish(init, mask, blur, mode)
 
     def cropped_units(
@@ -3076,7 +3191,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/sdapi/v1/scripts", tags=["a1111"])
     def scripts() -> dict[str, Any]:
-        return {"txt2img": ["controlnet"], "img2img": ["controlnet", SD_UPSCALE_TITLE.lower()]}
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet", SOFT_INPAINTING_SCRIPT, SD_UPSCALE_TITLE.lower()]}
 
     @app.get("/sdapi/v1/cmd-flags", tags=["a1111"])
     def cmd_flags() -> dict[str, Any]:

@@ -1021,9 +1021,9 @@ class Worker(threading.Thread):
                 return
             done_steps += run_steps[0] or int(kwargs["steps"])
             job.notes.extend(n for n in result.notes if n not in job.notes)
-            for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
-                if job.generation.finish is not None:
-                    image = job.generation.finish(image)
+            masks = result.composite_masks or [None] * len(result.images)
+            for image, seed, text, mask in zip(result.images, result.seeds, result.infotexts, masks, strict=True):
+                image = job.generation.finished(image, mask)
                 ji = JobImage(image, int(seed), text)
                 if job.save:
                     try:  # a full disk fails this job only (save_png leaves no partial file)
@@ -1148,9 +1148,10 @@ class Worker(threading.Thread):
         for job, (a, b) in zip(jobs, spans, strict=True):
             job.notes.extend(n for n in notes[job.id] if n not in job.notes)
             failed = None
-            for image, seed, text in zip(result.images[a:b], result.seeds[a:b], result.infotexts[a:b], strict=True):
-                if job.generation.finish is not None:
-                    image = job.generation.finish(image)
+            masks = (result.composite_masks or [None] * len(result.images))[a:b]
+            rows = zip(result.images[a:b], result.seeds[a:b], result.infotexts[a:b], masks, strict=True)
+            for image, seed, text, mask in rows:
+                image = job.generation.finished(image, mask)
                 ji = JobImage(image, int(seed), text)
                 if job.save:
                     try:  # a full disk fails this job only

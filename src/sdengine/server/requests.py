@@ -73,8 +73,10 @@ class Generation:
     kwargs: dict[str, Any]
     n_iter: int = 1
     notes: list[str] = field(default_factory=list)
-    # applied to every image before it is saved or answered (A1111's inpainting overlay), None: as generated
-    finish: Callable[[Image.Image], Image.Image] | None = None
+    # applied to every image before it is saved or answered (A1111's inpainting overlay), None: as generated; where
+    # the pipeline answers with composite masks (soft inpainting: GenerationResult.composite_masks) it is called
+    # with the image's mask too (see finished)
+    finish: Callable[..., Image.Image] | None = None
     # an SDXL refiner hand-off (A1111's refiner_checkpoint / refiner_switch_at): the refiner's loader reference,
     # its listed name and the switch; the worker loads the refiner for the job (SDXLPipeline.generate_with_refiner)
     refiner: str | None = None
@@ -103,6 +105,13 @@ class Generation:
     @property
     def images(self) -> int:
         return int(self.kwargs["batch_size"]) * self.n_iter
+
+    def finished(self, image: Image.Image, mask: Image.Image | None = None) -> Image.Image:
+        """An image as answered: ``finish(image)``, or ``finish(image, mask)`` with the pipeline's composite mask of
+        the image (soft inpainting), or the image itself without a finish."""
+        if self.finish is None:
+            return image
+        return self.finish(image) if mask is None else self.finish(image, mask)
 
     def release_images(self) -> None:
         """Drop the decoded input images (init image, mask, ControlNet images, the overlay that holds the init
@@ -302,6 +311,7 @@ def build_generation(
     zero_terminal_snr: bool = False,
     masked_content: str = "original",
     differential_diffusion: float = 0.0,
+    soft_inpainting: bool | dict[str, Any] | None = None,
     sdxl: dict[str, Any] | None = None,
     vae: str | None = None,
     sag_scale: float = 0.0,
@@ -590,6 +600,8 @@ def build_generation(
         kwargs["masked_content"] = masked_content
     if differential_diffusion:  # soft inpainting (left out when off; checked by GenerationRequest.validate)
         kwargs["differential_diffusion"] = _finite(differential_diffusion, "differential_diffusion", 0.0, 1.0)
+    if soft_inpainting not in (None, False):  # A1111's soft inpainting (checked by GenerationRequest.validate)
+        kwargs["soft_inpainting"] = dict(soft_inpainting) if isinstance(soft_inpainting, dict) else soft_inpainting
     if noise_seed_delta != 0:  # A1111's ENSD (left out at 0, so such jobs batch as before)
         kwargs["noise_seed_delta"] = noise_seed_delta  # checked by GenerationRequest.validate below
     if noise_source != "cpu":  # A1111's randn_source NV / GPU (left out at the default, so such jobs batch as before)

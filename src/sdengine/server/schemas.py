@@ -324,6 +324,13 @@ class JobRequest(BaseModel):
         "levels say how much each pixel may change; 0 = off, (0, 1] = on with that strength (1 = the paper's rule). "
         "Needs a mask and a 4-channel model. Infotext 'Differential diffusion'",
     )
+    soft_inpainting: bool | dict[str, float] | None = Field(
+        None,
+        description="A1111's Soft Inpainting: true (A1111's defaults) or an object of schedule_bias, "
+        "preservation_strength, transition_contrast_boost, mask_influence, difference_threshold, difference_contrast "
+        "(the rest at A1111's defaults); the result laid over the init image by its composite mask. Needs a mask and "
+        "a 4-channel U-Net; not with differential_diffusion. Infotext A1111's 'Soft inpainting ...' keys",
+    )
     noise_multiplier: float = Field(
         1.0,
         ge=0,
