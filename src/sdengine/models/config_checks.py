@@ -39,6 +39,7 @@ KINDS = {
     "scheduler": "scheduler",
     "flux": "Flux transformer",
     "qwen_image": "Qwen-Image transformer",
+    "z_image": "Z-Image transformer",
 }
 
 # Integer fields (diffusers / transformers names, which the dataclasses share): inclusive bounds. A field
@@ -136,10 +137,31 @@ MAX_TRAINED_BETAS = INT_BOUNDS["num_train_timesteps"][1]
 MAX_PARAMETERS = 5_000_000_000
 # Kinds whose real models are larger get their own limit (SD3.5 Large's MMDiT has 8.1 B parameters, Flux.1's
 # transformer 11.9 B).
-MAX_PARAMETERS_BY_KIND = {"mmdit": 20_000_000_000, "flux": 30_000_000_000, "qwen_image": 40_000_000_000}
+MAX_PARAMETERS_BY_KIND = {
+    "mmdit": 20_000_000_000,
+    "flux": 30_000_000_000,
+    "qwen_image": 40_000_000_000,
+    "z_image": 30_000_000_000,
+}
 # a kind's own bounds where INT_BOUNDS' do not fit it: FLUX.1 Fill's image tokens take 384 numbers (64 noise, 64
 # masked-image latent, 256 mask), Depth / Canny's 128
-INT_BOUNDS_BY_KIND: dict[str, dict[str, tuple[int, int]]] = {"flux": {"in_channels": (1, 512)}}
+INT_BOUNDS_BY_KIND: dict[str, dict[str, tuple[int, int]]] = {
+    "flux": {"in_channels": (1, 512)},
+    # Z-Image's own names (Z-Image-Turbo: 30 layers + 2 x 2 refiners of 3840, 30 heads, Qwen3-4B's 2560-wide states,
+    # RoPE axes 32 + 48 + 48 over positions under 1536 / 512 / 512)
+    "z_image": {
+        "dim": (1, 16384),
+        "n_layers": (1, 128),
+        "n_refiner_layers": (0, 16),
+        "n_heads": (1, 1024),
+        "n_kv_heads": (1, 1024),
+        "cap_feat_dim": (1, 16384),
+        "all_patch_size": (1, 16),
+        "all_f_patch_size": (1, 16),
+        "axes_dims": (2, 4096),
+        "axes_lens": (1, 65536),
+    },
+}
 
 
 def _values(config: Any) -> Mapping[str, Any]:
@@ -251,6 +273,11 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         h = int(heads) * int(head) if isinstance(heads, int) and isinstance(head, int) else 0
         blocks = values.get("num_layers")
         return (blocks if type(blocks) is int else 0) * 36 * h * h
+    if kind == "z_image":  # Z-Image: single-stream blocks of q/k/v/out (4 d^2) and a SwiGLU MLP (8 d^2)
+        d, layers, refiners = (values.get(k) for k in ("dim", "n_layers", "n_refiner_layers"))
+        if not all(type(v) is int for v in (d, layers, refiners)):
+            return 0
+        return (int(layers) + 2 * int(refiners)) * 12 * int(d) * int(d)  # type: ignore[arg-type]
     return 0
 
 
@@ -259,8 +286,9 @@ def check_config(kind: str, config: Any) -> None:
     ``config`` (a raw config dict or a config dataclass) is of the right type and within bounds."""
     what = KINDS[kind]
     values = _values(config)
+    own = INT_BOUNDS_BY_KIND.get(kind, {})
     for name, value in values.items():
-        if name in INT_BOUNDS:
+        if name in INT_BOUNDS or name in own:
             _check_int(what, name, value, kind)
         elif name in FLOAT_BOUNDS:
             _check_float(what, name, value)
