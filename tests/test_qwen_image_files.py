@@ -119,7 +119,7 @@ def test_missing_parts_and_wrong_flags_are_one_line(made, tmp_path: Path) -> Non
     with pytest.raises(GenerationError, match="--qwen-text give a Qwen-Image model's parts; this is not one"):
         load(files["vae"], device="cpu", qwen_text=files["text"])
     # a text encoder file that is not one: the loader's one line
-    with pytest.raises(GenerationError, match="not a Qwen2.5-VL language model"):
+    with pytest.raises(GenerationError, match="not a Qwen2.5-VL / Qwen3 language model"):
         load(files["model"], device="cpu", qwen_text=files["vae"], vae=files["vae"], qwen_tokenizer=files["tokenizer"])
     # a LoRA for the transformer is not the transformer
     from sdengine.pipeline.qwen_image_loading import is_qwen_image_state_dict

@@ -1,5 +1,6 @@
 """Qwen2.5-VL's language model, text-only path: the text encoder of Qwen-Image (diffusers' ``QwenImagePipeline``
-runs ``Qwen2_5_VLForConditionalGeneration`` on a chat-formatted prompt and keeps the last hidden state).
+runs ``Qwen2_5_VLForConditionalGeneration`` on a chat-formatted prompt and keeps the last hidden state); and Qwen3,
+the same decoder with three switches (below), the text encoder of Z-Image (Qwen3-4B) and FLUX.2 [klein].
 
 The network is a decoder-only transformer (the Qwen2 architecture) over token embeddings:
 
@@ -19,10 +20,18 @@ The network is a decoder-only transformer (the Qwen2 architecture) over token em
   position 0 (transformers does the same for text-only input; the default right padding is unaffected).
 - **SwiGLU MLP.** ``down_proj(silu(gate_proj x) * up_proj x)``, no biases.
 
+**Qwen3** (transformers' ``Qwen3Model``) differs in three config switches: no biases on q/k/v (``attention_bias``
+false; when true, ``o_proj`` is biased too, unlike Qwen2.5's), an RMS norm over each head's width on queries and keys
+before RoPE (``qk_norm``: ``self_attn.q_norm`` / ``self_attn.k_norm``), and a head width given apart from the model
+width (``head_dim``: Qwen3-4B runs 32 heads of 128 on a 2560-wide stream). Its RoPE is plain 1-D.
+
 The residual stream stays in the weights' dtype, as transformers runs it. :meth:`QwenTextEncoder.forward` returns
 the last hidden state after the final norm: what ``output_hidden_states=True``'s ``hidden_states[-1]`` holds and what
-Qwen-Image's pipeline reads. The vision tower and the language-model head are not part of this module (Qwen-Image
-never uses them for text-to-image); :mod:`sdengine.weights.qwen_text_file` skips their tensors.
+Qwen-Image's pipeline reads; with ``hidden_layers`` it returns the states transformers' ``hidden_states`` tuple holds at
+those indices (0: the token embeddings; k: block k's output, no final norm; the last: after the final norm), which is
+what Z-Image (``hidden_states[-2]``) and FLUX.2 [klein] (layers 9, 18, 27) read. The vision tower and the
+language-model head are not part of this module (Qwen-Image never uses them for text-to-image);
+:mod:`sdengine.weights.qwen_text_file` skips their tensors.
 
 Parameter names are those of transformers' ``Qwen2_5_VLTextModel`` (``embed_tokens.weight``,
 ``layers.N.self_attn.q_proj.weight``, ``layers.N.mlp.gate_proj.weight``, ``norm.weight``, ...), so a file's tensors
@@ -72,6 +81,10 @@ class QwenTextConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     mrope_section: tuple[int, ...] = (16, 24, 24)
+    attention_bias: bool = True  # q/k/v biased (Qwen2.5); Qwen3: False
+    o_proj_bias: bool = False  # Qwen3 biases o_proj exactly when attention_bias is set; Qwen2.5 never
+    qk_norm: bool = False  # Qwen3: per-head RMS norms on queries and keys
+    head_dim_override: int | None = None  # Qwen3's explicit head_dim; None: hidden_size / num_attention_heads
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in INT_LIMITS.items():
@@ -87,7 +100,13 @@ class QwenTextConfig:
             if not flo < number <= fhi:
                 raise ConfigError(f"Qwen text config: {fname}={number} is out of range ({flo:g} (excluded) to {fhi:g})")
         heads, kv = self.num_attention_heads, self.num_key_value_heads
-        if self.hidden_size % heads:
+        for flag in ("attention_bias", "o_proj_bias", "qk_norm"):
+            if type(getattr(self, flag)) is not bool:
+                raise ConfigError(f"Qwen text config: {flag}={getattr(self, flag)!r} is not true or false")
+        override = self.head_dim_override
+        if override is not None and (type(override) is not int or not 2 <= override <= 1024):
+            raise ConfigError(f"Qwen text config: head_dim={override!r} is not an integer from 2 to 1024")
+        if override is None and self.hidden_size % heads:
             raise ConfigError(
                 f"Qwen text config: hidden_size={self.hidden_size} is not a multiple of num_attention_heads={heads}"
             )
@@ -109,7 +128,8 @@ class QwenTextConfig:
                 f"three counts summing to half the head width ({self.head_dim // 2})"
             )
         estimate = self.num_hidden_layers * (
-            2 * self.hidden_size * self.hidden_size + 3 * self.hidden_size * self.intermediate_size
+            2 * self.hidden_size * self.head_dim * self.num_attention_heads
+            + 3 * self.hidden_size * self.intermediate_size
         )
         if estimate > MAX_PARAMETERS:
             raise ConfigError(
@@ -119,17 +139,22 @@ class QwenTextConfig:
 
     @property
     def head_dim(self) -> int:
+        if self.head_dim_override is not None:
+            return self.head_dim_override
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_transformers(cls, config: dict[str, Any]) -> QwenTextConfig:
-        """From a transformers ``Qwen2_5_VLConfig`` dict (a ``text_encoder/config.json``): the language model's
-        numbers from its ``text_config`` (transformers 5) or from the top level (older files such as Qwen-Image's),
-        the RoPE settings from ``rope_parameters`` / ``rope_scaling`` / ``rope_theta``. What this module does not
-        run (another model type, another activation, sliding-window attention, scaled RoPE) is a ConfigError."""
+        """From a transformers ``Qwen2_5_VLConfig`` or ``Qwen3Config`` dict (a ``text_encoder/config.json``): the
+        language model's numbers from its ``text_config`` (transformers 5) or from the top level (older files such
+        as Qwen-Image's), the RoPE settings from ``rope_parameters`` / ``rope_scaling`` / ``rope_theta``. What this
+        module does not run (another model type, another activation, sliding-window attention, scaled RoPE) is a
+        ConfigError."""
         kind = config.get("model_type")
+        if kind == "qwen3":
+            return cls._from_qwen3(config)
         if kind not in ("qwen2_5_vl", "qwen2_5_vl_text"):
-            raise ConfigError(f"Qwen text config: model_type {kind!r} is not Qwen2.5-VL (qwen2_5_vl)")
+            raise ConfigError(f"Qwen text config: model_type {kind!r} is not Qwen2.5-VL (qwen2_5_vl) or Qwen3 (qwen3)")
         text = config.get("text_config")
         src: dict[str, Any] = dict(config)
         if isinstance(text, dict):
@@ -163,8 +188,61 @@ class QwenTextConfig:
             mrope_section=tuple(section),
         )
 
+    @classmethod
+    def _from_qwen3(cls, src: dict[str, Any]) -> QwenTextConfig:
+        """A transformers ``Qwen3Config`` dict; its defaults are transformers' (Qwen3-8B's numbers)."""
+        act = src.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"Qwen text config: hidden_act {act!r} is not supported (silu)")
+        layer_types = src.get("layer_types") or []
+        if src.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+            raise ConfigError("Qwen text config: sliding-window attention layers are not supported")
+        rope = src.get("rope_parameters") or src.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"Qwen text config: rope_parameters is {type(rope).__name__}, not an object")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"Qwen text config: rope_type {rope_type!r} is not supported (default)")
+        heads = src.get("num_attention_heads", 32)
+        kv = src.get("num_key_value_heads")
+        hidden = src.get("hidden_size", 4096)
+        head_dim = src.get("head_dim")
+        if head_dim is None and type(hidden) is int and type(heads) is int and heads > 0:
+            head_dim = hidden // heads
+        bias = src.get("attention_bias", False)
+        return cls(
+            vocab_size=src.get("vocab_size", 151936),
+            hidden_size=hidden,
+            intermediate_size=src.get("intermediate_size", 22016),
+            num_hidden_layers=src.get("num_hidden_layers", 32),
+            num_attention_heads=heads,
+            num_key_value_heads=heads if kv is None else kv,
+            rms_norm_eps=src.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", src.get("rope_theta", 10_000.0)),
+            mrope_section=(head_dim // 2, 0, 0) if type(head_dim) is int else (64, 0, 0),
+            attention_bias=bias,
+            o_proj_bias=bias,
+            qk_norm=True,
+            head_dim_override=head_dim,
+        )
+
 
 QWEN25_VL_7B = QwenTextConfig()  # Qwen/Qwen2.5-VL-7B-Instruct: Qwen-Image's text_encoder
+# Qwen/Qwen3-4B: Z-Image's text_encoder (and FLUX.2 [klein] 4B's)
+QWEN3_4B = QwenTextConfig(
+    vocab_size=151936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    mrope_section=(64, 0, 0),
+    attention_bias=False,
+    qk_norm=True,
+    head_dim_override=128,
+)
 
 
 def rope_frequencies(config: QwenTextConfig, device: torch.device | None = None) -> Tensor:
@@ -255,24 +333,31 @@ class QwenRMSNorm(nn.Module):
 
 
 class QwenAttention(nn.Module):
-    """Grouped-query self-attention with biased q/k/v projections, RoPE on queries and keys."""
+    """Grouped-query self-attention with (Qwen2.5) biased q/k/v projections or (Qwen3) per-head RMS norms on
+    queries and keys, RoPE on queries and keys."""
 
     def __init__(self, cfg: QwenTextConfig) -> None:
         super().__init__()
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.q_norm = QwenRMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = QwenRMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         """x (B, L, hidden); cos/sin (L, head_dim); mask (B, 1, L, L) bool, True where a key is visible, or None:
         causal over every token."""
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, L, self.heads, self.head_dim)
+        k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         groups = self.heads // self.kv_heads
@@ -356,10 +441,15 @@ class QwenTextEncoder(nn.Module):
         image_embeds: Tensor | None = None,
         image_token_id: int | None = None,
         position_ids: Tensor | None = None,
-    ) -> Tensor:
+        hidden_layers: Sequence[int] | None = None,
+    ) -> Any:
         """input_ids (B, L) integers; attention_mask (B, L), 1 (or True) for tokens and 0 for padding (None: all
         tokens). Returns the last hidden state (B, L, hidden); padding positions get outputs too (not transformers'
         numbers there: nothing should read them).
+
+        With ``hidden_layers`` (indices into transformers' ``hidden_states`` tuple of ``num_hidden_layers + 1``
+        states, negative ones counting from its end) it returns a list of those states instead, in the order
+        asked; only the blocks up to the deepest one asked for run.
 
         With images (Qwen-Image-Edit): ``image_embeds`` (N, hidden), the vision tower's tokens, replace the N
         ``image_token_id`` tokens of ``input_ids`` in order, and ``position_ids`` (3, B, L) are the multimodal
@@ -388,6 +478,7 @@ class QwenTextEncoder(nn.Module):
                 f"Qwen text encoder: attention_mask is {tuple(attention_mask.shape)}, input_ids {(B, L)}: they must "
                 "match"
             )
+        wanted = self._hidden_indices(hidden_layers)
         mask = self.attention_mask(attention_mask, B, L)
         x = self.embed_tokens(input_ids.to(self.device))
         if image_embeds is not None:
@@ -407,14 +498,42 @@ class QwenTextEncoder(nn.Module):
             cos, sin = mrope_cos_sin(self.config, position_ids.to(self.device), x.dtype)
         else:
             cos, sin = rope_cos_sin(self.config, torch.arange(L, device=self.device), x.dtype)
-        for layer in self.layers:
+        if wanted is None:
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask)
+            return self.norm(x)
+        n = self.config.num_hidden_layers
+        states: dict[int, Tensor] = {0: x} if 0 in wanted else {}
+        for i, layer in enumerate(self.layers[: max(wanted)], start=1):
             x = layer(x, cos, sin, mask)
-        return self.norm(x)
+            if i in wanted:
+                states[i] = self.norm(x) if i == n else x
+        return [states[i] for i in wanted]
+
+    def _hidden_indices(self, hidden_layers: Sequence[int] | None) -> list[int] | None:
+        """``hidden_layers`` as indices 0..num_hidden_layers (negative ones from the end); a one-line UsageError
+        for an index outside, a non-integer or an empty list."""
+        if hidden_layers is None:
+            return None
+        count = self.config.num_hidden_layers + 1
+        asked = list(hidden_layers)
+        if not asked:
+            raise UsageError("Qwen text encoder: hidden_layers is empty; leave it out for the last hidden state")
+        out = []
+        for i in asked:
+            if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
+                raise UsageError(
+                    f"Qwen text encoder: hidden layer {i!r} does not exist (the model has {count} hidden states: "
+                    f"{-count} to {count - 1})"
+                )
+            out.append(i % count)
+        return out
 
 
 __all__ = [
     "INT_LIMITS",
     "QWEN25_VL_7B",
+    "QWEN3_4B",
     "QwenAttention",
     "QwenDecoderLayer",
     "QwenMLP",

@@ -316,7 +316,7 @@ def load_qwen_edit_pipeline(
     try:
         tokenizer = load_qwen_tokenizer(tok_folder)
         transformer = load_qwen_image_transformer(folder, device=device, dtype=dtype)
-        encoder = load_qwen_text_encoder(folder / "text_encoder", device=device, dtype=dtype)
+        encoder = load_qwen_text_encoder(folder / "text_encoder", device=device, dtype=dtype, family="qwen2.5-vl")
         vision = load_qwen_vision_tower(folder / "text_encoder", device=device, dtype=dtype)
         lo, hi = processor_limits(processor, vision.config)
         vae_model = load_vae_side(Path(vae) if vae is not None else folder, dtype, device)

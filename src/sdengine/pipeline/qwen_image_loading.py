@@ -152,7 +152,7 @@ def load_text_side(
     except UsageError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
     encoder = load_qwen_text_encoder(
-        path if tokenizer is not None else path / "text_encoder", device=device, dtype=dtype
+        path if tokenizer is not None else path / "text_encoder", device=device, dtype=dtype, family="qwen2.5-vl"
     )
 
     def encode(texts: list[str]) -> tuple[Tensor, Tensor]:

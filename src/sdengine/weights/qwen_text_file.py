@@ -1,30 +1,33 @@
-"""Qwen2.5-VL text encoder files (Qwen-Image's ``text_encoder/``) ->
+"""Qwen2.5-VL text encoder files (Qwen-Image's ``text_encoder/``) and Qwen3 ones (Z-Image's, FLUX.2 [klein]'s) ->
 :class:`~sdengine.models.qwen_text.QwenTextEncoder`.
 
 Accepted:
 
-- a transformers folder (``config.json`` with ``model_type`` ``qwen2_5_vl``, weights in ``model.safetensors``, a
-  sharded ``model.safetensors.index.json`` + its shards, or ``pytorch_model.bin`` read weights-only); a diffusers
-  pipeline folder (``model_index.json``) is taken to its ``text_encoder/``;
+- a transformers folder (``config.json`` with ``model_type`` ``qwen2_5_vl`` or ``qwen3``, weights in
+  ``model.safetensors``, a sharded ``model.safetensors.index.json`` + its shards, or ``pytorch_model.bin`` read
+  weights-only); a diffusers pipeline folder (``model_index.json``) is taken to its ``text_encoder/``;
 - a single ``.safetensors`` file holding the language model (the config then comes from the shapes, see below).
 
 Key layouts (one per file; the prefix is taken off, the rest are ``Qwen2_5_VLTextModel``'s names):
 
 - ``model.language_model.*`` -- transformers 5's ``Qwen2_5_VLForConditionalGeneration`` (and 4.52+);
-- ``model.*`` -- older ``Qwen2_5_VLForConditionalGeneration`` files, Qwen-Image's own ``text_encoder`` among them;
+- ``model.*`` -- older ``Qwen2_5_VLForConditionalGeneration`` files, Qwen-Image's own ``text_encoder`` among them,
+  and every Qwen3 file (``Qwen3ForCausalLM``; ComfyUI's ``qwen_3_4b.safetensors``);
 - no prefix (``embed_tokens.weight``, ``layers.N.*``, ``norm.weight``) -- a language model saved alone.
 
 The vision tower (``visual.*``, ``model.visual.*``) and the language-model head (``lm_head.*``) are skipped without
-being read: Qwen-Image's text-to-image path uses neither. ComfyUI's "scaled fp8" files (a ``scaled_fp8`` marker
+being read: the image pipelines use neither. ComfyUI's "scaled fp8" files (a ``scaled_fp8`` marker
 tensor, one ``<layer>.scale_weight`` per Linear, stored weights ``weight / scale``) are read as
 ``float(weight) * scale_weight``; their ``scale_input`` tensors serve only an fp8 matmul and are ignored. Any other
 key, a missing one, a shape that does not fit or a config that disagrees with the weights is one
 :class:`QwenTextFileError` line. Weights of any floating dtype (float8 included) are cast to the compute dtype.
 
 Without a config the architecture comes from the shapes: vocabulary and width from ``embed_tokens.weight``, layer
-count from the ``layers.N`` indices, MLP width from ``gate_proj``; head counts are not in the shapes, so the head
-width is taken as 128 (every Qwen2.5-VL release: 3B, 7B, 32B, 72B) and the heads are the projections' rows / 128;
-``rms_norm_eps`` 1e-6, ``rope_theta`` 1e6 and ``mrope_section`` [16, 24, 24] are those releases' values.
+count from the ``layers.N`` indices, MLP width from ``gate_proj``. A file with ``self_attn.q_norm`` weights is Qwen3:
+its head width is that norm's length, its projections unbiased unless the file has biases. Otherwise (Qwen2.5-VL)
+head counts are not in the shapes, so the head width is taken as 128 (every Qwen2.5-VL release: 3B, 7B, 32B, 72B);
+the heads are the projections' rows / head width. ``rms_norm_eps`` 1e-6 and ``rope_theta`` 1e6 are both families'
+values (Qwen3-4B's, Qwen2.5-VL's), ``mrope_section`` [16, 24, 24] Qwen2.5-VL's.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 class QwenTextFileError(WeightsError):
-    """A file or folder that is not a Qwen2.5-VL text encoder sdengine can load, or one whose tensors do not fit."""
+    """A file or folder that is not a Qwen2.5-VL / Qwen3 text encoder sdengine can load, or one whose tensors do not
+    fit."""
 
 
 def select_text_names(names: list[str], where: str) -> dict[str, str]:
@@ -74,11 +78,11 @@ def select_text_names(names: list[str], where: str) -> dict[str, str]:
             break
     else:
         if any(n.startswith(("text_model.", "encoder.block.", "shared.")) for n in names):
-            raise QwenTextFileError(f"{where}: a CLIP or T5 text encoder, not Qwen2.5-VL's language model")
+            raise QwenTextFileError(f"{where}: a CLIP or T5 text encoder, not a Qwen language model")
         shown = ", ".join(sorted(names)[:4]) or "no tensors"
         raise QwenTextFileError(
-            f"{where}: not a Qwen2.5-VL language model (no model.language_model.*, model.layers.N.* or layers.N.* "
-            f"keys; it has {shown})"
+            f"{where}: not a Qwen2.5-VL / Qwen3 language model (no model.language_model.*, model.layers.N.* or "
+            f"layers.N.* keys; it has {shown})"
         )
     unknown = sorted(n for n in kept if not n.startswith(prefix))
     if unknown:
@@ -115,6 +119,10 @@ def config_from_shapes(
     q_rows, _ = _shape(shapes, "layers.0.self_attn.q_proj.weight", 2, where)
     k_rows, _ = _shape(shapes, "layers.0.self_attn.k_proj.weight", 2, where)
     inter, _ = _shape(shapes, "layers.0.mlp.gate_proj.weight", 2, where)
+    qwen3 = "layers.0.self_attn.q_norm.weight" in shapes
+    if qwen3:
+        (head_dim,) = _shape(shapes, "layers.0.self_attn.q_norm.weight", 1, where)
+    biased = not qwen3 or "layers.0.self_attn.q_proj.bias" in shapes  # Qwen2.5-VL always has them
     if q_rows % head_dim or k_rows % head_dim:
         raise QwenTextFileError(
             f"{where}: query / key widths {q_rows} / {k_rows} are not multiples of the head width {head_dim}; give "
@@ -130,7 +138,13 @@ def config_from_shapes(
             num_key_value_heads=k_rows // head_dim,
             rms_norm_eps=rms_norm_eps,
             rope_theta=rope_theta,
-            mrope_section=(head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16),
+            mrope_section=(head_dim // 2, 0, 0)
+            if qwen3
+            else (head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16),
+            attention_bias=biased,
+            o_proj_bias=qwen3 and biased,
+            qk_norm=qwen3,
+            head_dim_override=head_dim if qwen3 else None,
         )
     except ConfigError as e:
         raise QwenTextFileError(f"{where}: {e}") from None
@@ -147,24 +161,47 @@ def qwen_text_folder(p: Path) -> Path:
     raise QwenTextFileError(f"{p}: not a Qwen text encoder folder (no config.json; give the weights file itself)")
 
 
+FAMILIES = {"qwen2.5-vl": "Qwen2.5-VL", "qwen3": "Qwen3"}
+FAMILY_USERS = {"qwen2.5-vl": "Qwen-Image's", "qwen3": "Z-Image's or FLUX.2 [klein]'s"}
+
+
+def family_of(config: QwenTextConfig) -> str:
+    """``"qwen3"`` (per-head q/k norms) or ``"qwen2.5-vl"``: the keys of :data:`FAMILIES`."""
+    return "qwen3" if config.qk_norm else "qwen2.5-vl"
+
+
 def load_qwen_text_encoder(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    family: str | None = None,
 ) -> QwenTextEncoder:
-    """Qwen2.5-VL's language model from a file or folder (see the module docstring) in ``dtype`` (default float32,
-    whatever the file holds; Qwen-Image's pipeline runs it in bfloat16) on ``device``."""
+    """Qwen2.5-VL's or Qwen3's language model from a file or folder (see the module docstring) in ``dtype`` (default
+    float32, whatever the file holds; the pipelines run it in bfloat16) on ``device``. ``family`` (a key of
+    :data:`FAMILIES`): the one the caller's model needs; the other is refused in one line before any weight is
+    read (a Qwen3 file given to Qwen-Image would otherwise fail deep inside the transformer, or not at all where the
+    widths happen to agree)."""
     p = Path(path)
+    if family is not None and family not in FAMILIES:
+        raise QwenTextFileError(f"Qwen text encoder family {family!r} is not one of {', '.join(FAMILIES)}")
     target = compute_dtype(dtype, "Qwen text encoder", QwenTextFileError)
     opened = encoder_tensors(
         p, "Qwen text encoder", qwen_text_folder, QwenTextConfig.from_transformers, QwenTextFileError
     )
     with opened as (source, config, where):
-        model = _build(source, where, config, target, torch.device(device))
+        model = _build(source, where, config, target, torch.device(device), family)
     model.name = p.name
     return model
 
 
 def _build(
-    source: TensorSource, where: str, config: QwenTextConfig | None, target: torch.dtype, device: torch.device
+    source: TensorSource,
+    where: str,
+    config: QwenTextConfig | None,
+    target: torch.dtype,
+    device: torch.device,
+    family: str | None,
 ) -> QwenTextEncoder:
     every = list(source.where)
     scaled = any(n == SCALED_FP8_MARKER or n.endswith("." + SCALED_FP8_MARKER) for n in every)
@@ -176,6 +213,12 @@ def _build(
     shapes = {k: source.where[v][2] for k, v in names.items()}
     if config is None:
         config = config_from_shapes(shapes, where)
+    kind = family_of(config)
+    if family is not None and kind != family:
+        raise QwenTextFileError(
+            f"{where}: a {FAMILIES[kind]} text encoder ({FAMILY_USERS[kind]}), but this model needs "
+            f"{FAMILIES[family]} ({FAMILY_USERS[family]})"
+        )
     with torch.device("meta"), skip_meta_init():
         model = QwenTextEncoder(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -210,10 +253,13 @@ def _describe(config: QwenTextConfig) -> str:
 
 
 __all__ = [
+    "FAMILIES",
+    "FAMILY_USERS",
     "HEAD_DIM",
     "PIPELINE_COMPONENT",
     "QwenTextFileError",
     "config_from_shapes",
+    "family_of",
     "load_qwen_text_encoder",
     "qwen_text_folder",
     "select_text_names",

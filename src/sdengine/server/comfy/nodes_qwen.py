@@ -172,7 +172,7 @@ def load_text(path: Path, dev: torch.device, dtype: torch.dtype) -> QwenComfyTex
             "as qwen25_tokenizer/"
         )
     tokenizer = load_qwen_tokenizer(folder)
-    encoder = load_qwen_text_encoder(path, device=dev, dtype=dtype).eval().requires_grad_(False)
+    encoder = load_qwen_text_encoder(path, device=dev, dtype=dtype, family="qwen2.5-vl").eval().requires_grad_(False)
     text = QwenComfyText(encoder, tokenizer, path.name)
     text.path = path
     return text
