@@ -135,3 +135,64 @@ def test_defaults_and_refusals(pipe) -> None:
             pipe(**kw)
         assert "\n" not in str(e.value)
     assert cfg_options(True, 1.0) == (1.0, 1.0) and cfg_options(2, 0.5) == (2.0, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole folder, loaded by sdengine (its Qwen3 text encoder, tokenizer, VAE, transformer, scheduler), prompt
+# strings on both sides
+
+
+@pytest.fixture(scope="module")
+def loaded(folder: Path):
+    import sdengine
+
+    return sdengine.load_pipeline(folder, device="cpu")
+
+
+@pytest.mark.parametrize(("negative", "cfg"), [("", 1.0), ("blurry, low quality", 3.0)])
+def test_folder_matches_diffusers(loaded, oracle, negative: str, cfg: float) -> None:
+    got = loaded(PROMPT, negative_prompt=negative, cfg_scale=cfg, steps=3, seed=11, width=SIZE, height=SIZE,
+                 progress=False)  # fmt: skip
+    want = _want(oracle, PROMPT, 11, 3, negative_prompt=negative, guidance_scale=cfg - 1.0)
+    diff = np.abs(got.arrays - want)
+    assert diff.mean() < TOL and diff.max() < 1e-3, (diff.mean(), diff.max())
+    assert loaded.text_kind == "z_image" and loaded.variant == "z_image"
+
+
+def test_cli_generate_with_a_z_image_folder(folder: Path, oracle, tmp_path: Path) -> None:
+    """``sdengine generate --model FOLDER``: Turbo's defaults (9 steps, no CFG), the PNG's pixels diffusers'."""
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters, read_png_parameters
+
+    out = tmp_path / "a.png"
+    args = ["generate", "--model", str(folder), PROMPT, "--seed", "5", "--width", str(SIZE), "--height", str(SIZE)]
+    assert main([*args, "--out", str(out), "--no-progress"]) == 0
+    parsed = parse_parameters(read_png_parameters(out))
+    assert float(parsed["CFG scale"]) == 1.0 and parsed["Sampler"] == "Euler" and parsed["Steps"] == "9"
+    got = np.asarray(Image.open(out), dtype=np.float32) / 255
+    want = _want(oracle, PROMPT, 5, 9, guidance_scale=0.0)[0]
+    assert np.abs(got - want).mean() < 1.0 / 255
+    assert np.abs(got - np.round(want * 255) / 255).max() <= 1.0 / 255  # PNG rounding at most
+
+
+def test_folder_refusals(folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import sdengine
+
+    for kw, why in (
+        ({"qwen_text": str(folder / "text_encoder")}, "do not apply"),
+        ({"config": str(folder)}, "config="),
+        ({"vae": str(tmp_path / "nothing")}, "no such file"),
+    ):
+        with pytest.raises(GenerationError, match=why) as e:
+            sdengine.load_pipeline(folder, device="cpu", **kw)
+        assert "\n" not in str(e.value)
+    other = tmp_path / "omni"
+    shutil.copytree(folder, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "ZImageOmniPipeline"}))
+    with pytest.raises(GenerationError, match="ZImageOmniPipeline is not supported"):
+        sdengine.load_pipeline(other, device="cpu")

@@ -63,6 +63,7 @@ class ZImageConditioner(QwenConditioner):
     (:class:`sdengine.pipeline.qwen_image.QwenConditioner`) with Z-Image's names."""
 
     kind = "z_image"
+    family = "Z-Image"
     no_clip_name = "Z-Image (no CLIP)"
     encoder_name = "Qwen3"
 
