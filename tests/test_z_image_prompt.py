@@ -49,8 +49,8 @@ def test_states_match_diffusers(folder: Path) -> None:
 def test_long_prompt_cut_as_diffusers_cuts_it(folder: Path) -> None:
     """A prompt over 512 tokens (template included): the first 512 states, as diffusers' truncating tokenizer, and a
     note saying so."""
-    from sdengine.pipeline.z_image_loading import load_text_side
     from sdengine.pipeline.z_image import ZImageConditioner
+    from sdengine.pipeline.z_image_loading import load_text_side
 
     ref = diffusers_z(folder)
     encoder, encode = load_text_side(folder / "text_encoder", folder / "tokenizer", torch.float32, torch.device("cpu"))

@@ -274,10 +274,11 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         blocks = values.get("num_layers")
         return (blocks if type(blocks) is int else 0) * 36 * h * h
     if kind == "z_image":  # Z-Image: single-stream blocks of q/k/v/out (4 d^2) and a SwiGLU MLP (8 d^2)
-        d, layers, refiners = (values.get(k) for k in ("dim", "n_layers", "n_refiner_layers"))
-        if not all(type(v) is int for v in (d, layers, refiners)):
+        counts = [values.get(k) for k in ("dim", "n_layers", "n_refiner_layers")]
+        if not all(type(v) is int for v in counts):
             return 0
-        return (int(layers) + 2 * int(refiners)) * 12 * int(d) * int(d)  # type: ignore[arg-type]
+        width, main, refiners = (v if isinstance(v, int) else 0 for v in counts)
+        return (main + 2 * refiners) * 12 * width * width
     return 0
 
 

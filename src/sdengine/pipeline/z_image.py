@@ -149,7 +149,11 @@ _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
     ("controlnets", bool, "ControlNets are not supported for Z-Image yet"),
     ("loras", bool, "LoRAs are not supported for Z-Image yet"),
     ("reference_images", bool, "reference images are FLUX.1 Kontext's; Z-Image takes none"),
-    ("distilled_cfg_scale", lambda v: v is not None, "distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s; use cfg_scale"),
+    (
+        "distilled_cfg_scale",
+        lambda v: v is not None,
+        "distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s; use cfg_scale",
+    ),
     ("guidance_rescale", bool, "guidance_rescale does not apply to Z-Image's CFG"),
 )
 

@@ -54,9 +54,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_text_side(
-    text_encoder: Path, tokenizer: Path, dtype: torch.dtype, device: torch.device
-) -> tuple[Any, Any]:
+def load_text_side(text_encoder: Path, tokenizer: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
     """(the Qwen3 text encoder, texts -> (states, mask)): Qwen2's tokenizer (:mod:`sdengine.text.qwen_tokenizer`),
     Qwen3 (:mod:`sdengine.weights.qwen_text_file`, family ``qwen3``) and Z-Image's prompt encoding
     (:func:`sdengine.text.z_image_prompt.encode_prompt_z_image`). The texts are read one token past

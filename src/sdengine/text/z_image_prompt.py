@@ -73,7 +73,9 @@ def encode_prompt_z_image(
     included)."""
     texts = _check_prompts(prompts)
     if type(max_length) is not int or not 1 <= max_length <= MAX_LENGTH_LIMIT:
-        raise UsageError(f"Z-Image prompt encoding: max_length={max_length!r} must be an integer 1 to {MAX_LENGTH_LIMIT}")
+        raise UsageError(
+            f"Z-Image prompt encoding: max_length={max_length!r} must be an integer 1 to {MAX_LENGTH_LIMIT}"
+        )
     formatted = [CHAT_TEMPLATE.replace("{}", text, 1) for text in texts]
     ids, mask = tokenizer(formatted, max_length=max_length)
     rows = [ids[i][mask[i].bool()].tolist() for i in range(len(texts))]

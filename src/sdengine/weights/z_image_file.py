@@ -15,7 +15,8 @@ A single file's config comes from its shapes: the width and the latent channels 
 caption width from ``cap_embedder.1``, the head width from the q norm, the layer counts from the indices. What the
 shapes do not say is the release's (:data:`sdengine.models.z_image.Z_IMAGE_TURBO`: RoPE axes 32 + 48 + 48 for
 128-wide heads, positions under 1536 / 512 / 512, theta 256, ``t_scale`` 1000, eps 1e-5); other head widths are
-refused. Reading, dtype choice and the meta-device build are Flux's (:func:`sdengine.weights.flux_file.load_transformer`).
+refused. Reading, dtype choice and the meta-device build are Flux's
+(:func:`sdengine.weights.flux_file.load_transformer`).
 """
 
 from __future__ import annotations
