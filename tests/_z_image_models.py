@@ -106,10 +106,15 @@ def write_qwen3_tokenizer(dst: Path) -> Path:
     return dst
 
 
+# 128-wide heads (the release's): a single file's config comes from its shapes, which assume them
+WIDE_TRANSFORMER = dict(dim=128, n_heads=1, n_kv_heads=1, axes_dims=[32, 48, 48])
+
+
 @built_once
-def make_z_folder(dst: Path, seed: int = 0) -> Path:
-    """A random tiny Z-Image pipeline saved by diffusers' ``ZImagePipeline.save_pretrained``: the transformer above,
-    the tiny FLUX.1-style VAE, a tiny Qwen3, Qwen2's tokenizer with Qwen3's template, Turbo's scheduler."""
+def make_z_folder(dst: Path, seed: int = 0, *, wide_heads: bool = False) -> Path:
+    """A random tiny Z-Image pipeline saved by diffusers' ``ZImagePipeline.save_pretrained``: the transformer above
+    (``wide_heads``: :data:`WIDE_TRANSFORMER`'s), the tiny FLUX.1-style VAE, a tiny Qwen3, Qwen2's tokenizer with
+    Qwen3's template, Turbo's scheduler."""
     import diffusers
     from transformers import Qwen2TokenizerFast
 
@@ -124,7 +129,7 @@ def make_z_folder(dst: Path, seed: int = 0) -> Path:
         vae=vae,
         text_encoder=qwen3_text_encoder(seed + 20, len(tokenizer)),
         tokenizer=tokenizer,
-        transformer=z_transformer(seed + 30),
+        transformer=z_transformer(seed + 30, **(WIDE_TRANSFORMER if wide_heads else {})),
     )
     pipe.save_pretrained(dst)
     return dst

@@ -110,3 +110,43 @@ def test_wrong_files_are_refused(tmp_path: Path, ref) -> None:
     (folder / "config.json").write_text(json.dumps({**cfg, "cap_feat_dim": 40}))
     with pytest.raises(WeightsError, match="cap_feat_dim=40"):
         load_z_image_transformer(folder.parent)
+
+
+def test_comfyui_files_give_the_folders_image(tmp_path: Path) -> None:
+    """ComfyUI's three files (diffusion model in the original layout, Qwen3 as one file with its tokenizer folder
+    beside it, the VAE as one file) load through ``load_pipeline`` and give the folder's image."""
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    import sdengine
+    from _z_image_models import make_z_folder
+    from sdengine.errors import GenerationError
+
+    folder = make_z_folder(tmp_path / "z", wide_heads=True)
+    files = tmp_path / "comfy"
+    (files / "text_encoders").mkdir(parents=True)
+    (files / "vae").mkdir()
+    (files / "diffusion_models").mkdir()
+    transformer = load_file(next((folder / "transformer").glob("*.safetensors")))
+    model_file = files / "diffusion_models" / "z_image_turbo_bf16.safetensors"
+    save_file(original_layout(transformer), model_file)
+    te_file = files / "text_encoders" / "qwen_3_tiny.safetensors"
+    save_file(load_file(next((folder / "text_encoder").glob("*.safetensors"))), te_file)
+    shutil.copytree(folder / "tokenizer", files / "text_encoders" / "qwen25_tokenizer")
+    vae_file = files / "vae" / "ae.safetensors"
+    save_file(load_file(next((folder / "vae").glob("*.safetensors"))), vae_file)
+
+    run = {"prompt": "a red apple", "negative_prompt": "blurry", "cfg_scale": 2.5, "steps": 2, "seed": 3,
+           "width": 32, "height": 32, "progress": False}  # fmt: skip
+    want = sdengine.load_pipeline(folder, device="cpu")(**run).arrays
+    pipe = sdengine.load_pipeline(model_file, device="cpu", qwen_text=te_file, vae=vae_file)
+    assert pipe.variant == "z_image" and pipe.name == "z_image_turbo_bf16"
+    got = pipe(**run).arrays
+    assert np.abs(got - want).max() < 1e-6
+    with pytest.raises(GenerationError, match="holds no Qwen3 text encoder: give it with --qwen-text") as e:
+        sdengine.load_pipeline(model_file, device="cpu", vae=vae_file)
+    assert "\n" not in str(e.value)
+    with pytest.raises(GenerationError, match="holds no VAE: give it with --vae"):
+        sdengine.load_pipeline(model_file, device="cpu", qwen_text=te_file)

@@ -183,7 +183,8 @@ def test_folder_refusals(folder: Path, tmp_path: Path) -> None:
     import sdengine
 
     for kw, why in (
-        ({"qwen_text": str(folder / "text_encoder")}, "do not apply"),
+        ({"qwen_text": str(folder / "text_encoder")}, "--qwen-text is not supported for a Z-Image folder"),
+        ({"t5": str(folder / "text_encoder")}, "do not apply"),
         ({"config": str(folder)}, "config="),
         ({"vae": str(tmp_path / "nothing")}, "no such file"),
     ):

@@ -201,7 +201,7 @@ def _load(
     given = {k: v for k, v in (encoders or {}).items() if v is not None}
     from sdengine.pipeline import chroma_loading, flux_loading, qwen_image_loading, z_image_loading
 
-    if z_image_loading.is_z_image_folder(path):
+    if z_image_loading.is_z_image_folder(path) or z_image_loading.is_z_image_file(path):
         # Z-Image is released and run in bfloat16 (as Qwen3): its GPU default
         z_dt = torch.bfloat16 if dtype is None and dev.type != "cpu" else dt
         return _load_z_image(path, dev, z_dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
@@ -395,12 +395,22 @@ def _load_z_image(
         (prediction_type is not None, "prediction_type: the Z-Image transformer predicts the flow's velocity"),
         (config is not None, "config= does not apply (a folder's configs are read)"),
         (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
-        (bool(encoders), "--clip-l / --clip-g / --t5 / --qwen-text / --qwen-tokenizer do not apply (a Z-Image folder "
-         "uses its own Qwen3 text encoder and tokenizer)"),
-    ):  # fmt: skip
+        (
+            any(k not in QWEN_FLAGS for k in encoders),
+            "--clip-l / --clip-g / --t5 do not apply (Z-Image's text encoder is Qwen3: --qwen-text)",
+        ),
+    ):
         if on:
             raise GenerationError(f"{path.name} (Z-Image): {what}")
-    return load_z_image_pipeline(path, device=dev, dtype=dt, vae=vae, lora_dir=lora_dir)
+    return load_z_image_pipeline(
+        path,
+        device=dev,
+        dtype=dt,
+        vae=vae,
+        text_encoder=encoders.get("qwen_text"),
+        tokenizer=encoders.get("qwen_tokenizer"),
+        lora_dir=lora_dir,
+    )
 
 
 def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:

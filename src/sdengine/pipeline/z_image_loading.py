@@ -8,6 +8,15 @@ Accepted (:func:`load_z_image_pipeline`, reached through :func:`sdengine.pipelin
 ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``). ``vae`` (``--vae``) takes another FLUX.1 VAE (a diffusers
 folder or BFL's ``ae.safetensors``). Z-Image's other pipelines (ControlNet, inpainting, Omni) are refused in one
 line.
+
+Also accepted: ComfyUI's release, three files. The diffusion-model file
+(``diffusion_models/z_image_turbo_bf16.safetensors``: the original names, or diffusers', with or without ComfyUI's
+``model.diffusion_model.`` prefix; told by its pad tokens and first layer's modulation, :func:`is_z_image_file`) is
+the model, its parts given apart: ``text_encoder`` (``--qwen-text``; ``text_encoders/qwen_3_4b.safetensors`` or a
+transformers Qwen3 folder), ``vae`` (``--vae``; ``vae/ae.safetensors``) and ``tokenizer`` (``--qwen-tokenizer``;
+Qwen2's BPE tokenizer folder, as for Qwen-Image: looked for beside the text encoder when not given,
+:func:`sdengine.pipeline.qwen_image_loading.tokenizer_beside`). The scheduler is Z-Image-Turbo's
+(:data:`TURBO_SCHEDULER`). A missing part is one line naming its flag, before the transformer is read.
 """
 
 from __future__ import annotations
@@ -23,6 +32,19 @@ from sdengine.errors import GenerationError, UsageError
 from sdengine.pipeline.z_image import MAX_SEQUENCE_LENGTH, ZImagePipeline
 
 ACCEPTED = ("ZImagePipeline", "ZImageImg2ImgPipeline")
+# Tongyi-MAI/Z-Image-Turbo's scheduler/scheduler_config.json (a single file has none)
+TURBO_SCHEDULER: dict[str, Any] = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "use_dynamic_shifting": False,
+    "shift": 3.0,
+}
+FLAGS = {"text_encoder": "--qwen-text", "vae": "--vae", "tokenizer": "--qwen-tokenizer"}
+PARTS = {
+    "text_encoder": ("Qwen3 text encoder", "ComfyUI's text_encoders/qwen_3_4b.safetensors"),
+    "vae": ("VAE", "FLUX.1's vae/ae.safetensors"),
+    "tokenizer": ("Qwen2 tokenizer (sdengine ships none)", "Z-Image's tokenizer/ folder or ComfyUI's qwen25_tokenizer"),
+}
 
 
 def pipeline_class(path: Path) -> str | None:
@@ -40,6 +62,15 @@ def pipeline_class(path: Path) -> str | None:
 def is_z_image_folder(path: Path) -> bool:
     """A diffusers folder whose ``model_index.json`` names one of Z-Image's pipelines."""
     return pipeline_class(path) is not None
+
+
+def is_z_image_file(path: Path) -> bool:
+    """A single ``.safetensors`` file holding a Z-Image transformer (its header alone is read)."""
+    from sdengine.pipeline.flux_loading import file_holds
+    from sdengine.weights.io import SAFETENSORS_SUFFIXES
+    from sdengine.weights.z_image_file import is_z_image_state_dict
+
+    return path.is_file() and path.suffix.lower() in SAFETENSORS_SUFFIXES and file_holds(path, is_z_image_state_dict)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -83,33 +114,64 @@ def load_z_image_pipeline(
     device: torch.device,
     dtype: torch.dtype,
     vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    tokenizer: str | Path | None = None,
     name: str | None = None,
     lora_dir: Any = None,
 ) -> ZImagePipeline:
-    """A Z-Image folder (module docstring) -> :class:`ZImagePipeline` on ``device`` in ``dtype``; ``vae``: another
-    FLUX.1 VAE (``--vae``)."""
+    """A Z-Image folder or diffusion-model file (module docstring) -> :class:`ZImagePipeline` on ``device`` in
+    ``dtype``; ``vae`` (``--vae``): another FLUX.1 VAE for a folder, a file's VAE; ``text_encoder`` (``--qwen-text``)
+    and ``tokenizer`` (``--qwen-tokenizer``): a file's Qwen3 and Qwen2 tokenizer (a folder uses its own)."""
     from sdengine.pipeline.flux_loading import load_flux_vae
+    from sdengine.pipeline.qwen_image_loading import tokenizer_beside
     from sdengine.weights.io import WeightsError
     from sdengine.weights.z_image_file import load_z_image_transformer
 
-    if vae is not None and not Path(vae).exists():
-        raise GenerationError(f"--vae {vae}: no such file or folder")
-    kind = pipeline_class(path)
-    if kind not in ACCEPTED:
-        raise GenerationError(
-            f"{path.name}: {kind} is not supported (sdengine runs Z-Image's text-to-image and img2img folders: "
-            f"{', '.join(ACCEPTED)})"
-        )
-    scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
-    for part in ("transformer", "text_encoder", "tokenizer"):
-        if not (path / part).is_dir():
-            raise GenerationError(f"{path.name}: no {part}/ folder (a Z-Image folder has one)")
-    if vae is None and not (path / "vae").is_dir():
-        raise GenerationError(f"{path.name}: no vae/ folder (a Z-Image folder has one; or give FLUX.1's with --vae)")
+    given = {"text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer}
+    for key, value in given.items():
+        if value is not None and not Path(value).exists():
+            raise GenerationError(f"{FLAGS[key]} {value}: no such file or folder")
+    if path.is_dir():
+        kind = pipeline_class(path)
+        if kind not in ACCEPTED:
+            raise GenerationError(
+                f"{path.name}: {kind} is not supported (sdengine runs Z-Image's text-to-image and img2img folders: "
+                f"{', '.join(ACCEPTED)})"
+            )
+        for key in ("text_encoder", "tokenizer"):
+            if given[key] is not None:
+                raise GenerationError(f"{FLAGS[key]} is not supported for a Z-Image folder (it uses its own)")
+        scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+        for part in ("transformer", "text_encoder", "tokenizer"):
+            if not (path / part).is_dir():
+                raise GenerationError(f"{path.name}: no {part}/ folder (a Z-Image folder has one)")
+        if vae is None and not (path / "vae").is_dir():
+            raise GenerationError(
+                f"{path.name}: no vae/ folder (a Z-Image folder has one; or give FLUX.1's with --vae)"
+            )
+        te_path, tok_path, vae_path = path / "text_encoder", path / "tokenizer", Path(vae or path / "vae")
+        name = name or path.name
+    else:
+        if not is_z_image_file(path):
+            raise GenerationError(f"{path.name}: not a Z-Image diffusion-model file (no x_pad_token, cap_pad_token)")
+        scheduler = dict(TURBO_SCHEDULER)
+        te = Path(text_encoder) if text_encoder is not None else None
+        tok = Path(tokenizer) if tokenizer is not None else (tokenizer_beside(te) if te is not None else None)
+        for key, missing in (("text_encoder", te is None), ("vae", vae is None), ("tokenizer", tok is None)):
+            if missing:
+                what, example = PARTS[key]
+                raise GenerationError(
+                    f"{path.name} holds no {what}: give it with {FLAGS[key]} ({key}= in Python; e.g. {example})"
+                )
+        assert te is not None and tok is not None and vae is not None
+        if te.is_dir() and (te / "model_index.json").is_file():
+            te = te / "text_encoder"
+        te_path, tok_path, vae_path = te, tok, Path(vae)
+        name = name or path.name.removesuffix(path.suffix) or path.name
     try:
         transformer = load_z_image_transformer(path, device=device, dtype=dtype)
-        encoder, encode = load_text_side(path / "text_encoder", path / "tokenizer", dtype, device)
-        vae_model = load_flux_vae(Path(vae) if vae is not None else path / "vae", dtype, device)
+        encoder, encode = load_text_side(te_path, tok_path, dtype, device)
+        vae_model = load_flux_vae(vae_path, dtype, device)
     except WeightsError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
     return ZImagePipeline(
@@ -120,11 +182,20 @@ def load_z_image_pipeline(
         scheduler_config=scheduler,
         device=device,
         dtype=dtype,
-        name=name or path.name,
+        name=name,
         source=path,
         lora_dir=lora_dir,
         vae_source=Path(vae) if vae is not None else None,
     )
 
 
-__all__ = ["ACCEPTED", "is_z_image_folder", "load_z_image_pipeline", "pipeline_class"]
+__all__ = [
+    "ACCEPTED",
+    "FLAGS",
+    "PARTS",
+    "TURBO_SCHEDULER",
+    "is_z_image_file",
+    "is_z_image_folder",
+    "load_z_image_pipeline",
+    "pipeline_class",
+]
