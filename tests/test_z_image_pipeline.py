@@ -159,6 +159,15 @@ def test_folder_matches_diffusers(loaded, oracle, negative: str, cfg: float) -> 
     assert loaded.text_kind == "z_image" and loaded.variant == "z_image"
 
 
+def test_folder_img2img_matches_diffusers(loaded, folder: Path) -> None:
+    ref = diffusers_z(folder, img2img=True)
+    init = picture(SIZE, SIZE)
+    got = loaded(PROMPT, negative_prompt="blurry", cfg_scale=3.0, steps=5, seed=3, width=SIZE, height=SIZE,
+                 init_image=init, strength=0.6, progress=False)  # fmt: skip
+    want = _want(ref, PROMPT, 3, 5, negative_prompt="blurry", guidance_scale=2.0, image=init, strength=0.6)
+    assert np.abs(got.arrays - want).mean() < TOL
+
+
 def test_cli_generate_with_a_z_image_folder(folder: Path, oracle, tmp_path: Path) -> None:
     """``sdengine generate --model FOLDER``: Turbo's defaults (9 steps, no CFG), the PNG's pixels diffusers'."""
     from PIL import Image

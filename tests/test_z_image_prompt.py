@@ -42,7 +42,7 @@ def test_states_match_diffusers(folder: Path) -> None:
     for i, w in enumerate(want):
         n = int(mask[i].sum())
         assert n == len(w)
-        assert (states[i, :n] - w).abs().max().item() < 2e-6
+        assert (states[i, :n] - w).abs().max().item() < 1e-6
         assert not states[i, n:].any()
 
 
