@@ -150,3 +150,12 @@ def test_comfyui_files_give_the_folders_image(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
     with pytest.raises(GenerationError, match="holds no VAE: give it with --vae"):
         sdengine.load_pipeline(model_file, device="cpu", qwen_text=te_file)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from _z_image_models import QWEN3_TEXT
+
+    narrow = Qwen3ForCausalLM(Qwen3Config(**{**QWEN3_TEXT, "hidden_size": 32}, vocab_size=400))
+    other_te = files / "text_encoders" / "qwen_3_narrow.safetensors"
+    save_file({k: v.contiguous() for k, v in narrow.state_dict().items()}, other_te)
+    with pytest.raises(GenerationError, match="a 32-wide text encoder, but the Z-Image transformer reads 48-wide"):
+        sdengine.load_pipeline(model_file, device="cpu", qwen_text=other_te, vae=vae_file)

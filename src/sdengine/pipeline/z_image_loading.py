@@ -171,6 +171,12 @@ def load_z_image_pipeline(
     try:
         transformer = load_z_image_transformer(path, device=device, dtype=dtype)
         encoder, encode = load_text_side(te_path, tok_path, dtype, device)
+        width, wanted = int(encoder.config.hidden_size), int(transformer.config.cap_feat_dim)
+        if width != wanted:
+            raise GenerationError(
+                f"{te_path.name}: a {width}-wide text encoder, but the Z-Image transformer reads {wanted}-wide states "
+                "(cap_feat_dim): not this model's text encoder (Z-Image's is Qwen3-4B)"
+            )
         vae_model = load_flux_vae(vae_path, dtype, device)
     except WeightsError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
