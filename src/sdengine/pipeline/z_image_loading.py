@@ -40,6 +40,7 @@ TURBO_SCHEDULER: dict[str, Any] = {
     "shift": 3.0,
 }
 FLAGS = {"text_encoder": "--qwen-text", "vae": "--vae", "tokenizer": "--qwen-tokenizer"}
+KEYWORDS = {"text_encoder": "qwen_text", "vae": "vae", "tokenizer": "qwen_tokenizer"}  # load_pipeline's names
 PARTS = {
     "text_encoder": ("Qwen3 text encoder", "ComfyUI's text_encoders/qwen_3_4b.safetensors"),
     "vae": ("VAE", "FLUX.1's vae/ae.safetensors"),
@@ -161,7 +162,8 @@ def load_z_image_pipeline(
             if missing:
                 what, example = PARTS[key]
                 raise GenerationError(
-                    f"{path.name} holds no {what}: give it with {FLAGS[key]} ({key}= in Python; e.g. {example})"
+                    f"{path.name} holds no {what}: give it with {FLAGS[key]} ({KEYWORDS[key]}= in Python; e.g. "
+                    f"{example})"
                 )
         assert te is not None and tok is not None and vae is not None
         if te.is_dir() and (te / "model_index.json").is_file():
@@ -198,6 +200,7 @@ def load_z_image_pipeline(
 __all__ = [
     "ACCEPTED",
     "FLAGS",
+    "KEYWORDS",
     "PARTS",
     "TURBO_SCHEDULER",
     "is_z_image_file",
