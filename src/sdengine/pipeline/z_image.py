@@ -25,8 +25,14 @@ flow schedule, img2img rule and VAE handling this keeps). What Z-Image changes, 
 Defaults (:attr:`ZImagePipeline.family_defaults`): Z-Image-Turbo's (9 steps, ``cfg_scale`` 1, ``euler`` on the
 ``normal`` grid). The base Z-Image model is run with more steps and CFG (diffusers' defaults: 50 steps, guidance 5,
 i.e. ``cfg_scale`` 6). What does not apply is refused in one line before any model runs (IP-Adapters, ControlNets,
-LoRAs, textual inversion, PAG, SAG, FreeU, ..., the distilled guidance, CFG++ samplers, prompt editing;
+textual inversion, PAG, SAG, FreeU, ..., the distilled guidance, CFG++ samplers, prompt editing;
 :func:`z_image_refusals`).
+
+LoRAs (``loras=``, ``<lora:NAME:W>`` tags, ``--lora``) apply to the transformer through the core's path as Flux's
+and Qwen-Image's do: :mod:`sdengine.weights.lora_dit_keys` reads diffusers' / PEFT names (``transformer.``),
+ai-toolkit's (``diffusion_model.`` + diffusers' names), kohya-style ones (``lora_unet_``) and ComfyUI's original
+layout (fused ``attention.qkv`` split by rows); a file with text-encoder layers, or another family's, is refused in
+one line.
 """
 
 from __future__ import annotations
@@ -147,7 +153,6 @@ class ZImageCFG:
 _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
     ("ip_adapters", bool, "IP-Adapters are not supported for Z-Image"),
     ("controlnets", bool, "ControlNets are not supported for Z-Image yet"),
-    ("loras", bool, "LoRAs are not supported for Z-Image yet"),
     ("reference_images", bool, "reference images are FLUX.1 Kontext's; Z-Image takes none"),
     (
         "distilled_cfg_scale",
@@ -161,13 +166,8 @@ _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
 def z_image_refusals(r: GenerationRequest) -> list[str]:
     """The settings of ``r`` a Z-Image model cannot run, one line each (Flux's, plus Z-Image's own); needs no loaded
     model."""
-    from sdengine.prompts import extract_lora_tags
-
     reasons = [why.replace("for Flux", "for Z-Image").replace("Flux", "Z-Image") for why in refusals(r)]
     reasons += [f"{field}: {why}" for field, is_set, why in _OWN_REFUSALS if is_set(getattr(r, field, None))]
-    prompts = r.prompt if isinstance(r.prompt, list) else [r.prompt]
-    if any(isinstance(p, str) and extract_lora_tags(p)[1] for p in prompts):
-        reasons.append("<lora:...> tags: LoRAs are not supported for Z-Image yet")
     return list(dict.fromkeys(reasons))
 
 
