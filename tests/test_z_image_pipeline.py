@@ -167,6 +167,24 @@ def test_folder_img2img_matches_diffusers(loaded, folder: Path) -> None:
     assert np.abs(got.arrays - want).mean() < TOL
 
 
+@pytest.mark.parametrize(("strength", "cfg"), [(0.6, 3.0), (1.0, 1.0)])
+def test_folder_inpainting_matches_diffusers(loaded, folder: Path, strength: float, cfg: float) -> None:
+    """A mask on the plain model: the known region put back on its noising path after every step, as diffusers'
+    ``ZImageInpaintPipeline`` (its binarised mask, nearest-resized to the latent)."""
+    import diffusers
+
+    from _pipeline_models import mask_picture
+
+    ref = diffusers.ZImageInpaintPipeline.from_pretrained(folder, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    init, mask = picture(SIZE, SIZE), mask_picture(SIZE, SIZE)
+    got = loaded(PROMPT, negative_prompt="blurry", cfg_scale=cfg, steps=5, seed=3, width=SIZE, height=SIZE,
+                 init_image=init, mask=mask, strength=strength, progress=False)  # fmt: skip
+    want = _want(ref, PROMPT, 3, 5, negative_prompt="blurry", guidance_scale=cfg - 1, image=init, mask_image=mask,
+                 strength=strength)  # fmt: skip
+    assert np.abs(got.arrays - want).mean() < TOL
+
+
 def test_cli_generate_with_a_z_image_folder(folder: Path, oracle, tmp_path: Path) -> None:
     """``sdengine generate --model FOLDER``: Turbo's defaults (9 steps, no CFG), the PNG's pixels diffusers'."""
     from PIL import Image

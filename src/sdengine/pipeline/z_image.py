@@ -3,8 +3,8 @@
 
 Everything after the conditioning dict is :class:`sdengine.pipeline.core.Pipeline`'s (seeds, the sampling loop,
 img2img, the VAE decode, infotext), through the hooks Flux uses (:class:`sdengine.pipeline.flux.FluxPipeline`, whose
-flow schedule, img2img rule and VAE handling this keeps). What Z-Image changes, as diffusers' ``ZImagePipeline`` /
-``ZImageImg2ImgPipeline`` run it:
+flow schedule, img2img and inpainting rules and VAE handling this keeps). What Z-Image changes, as diffusers'
+``ZImagePipeline`` / ``ZImageImg2ImgPipeline`` / ``ZImageInpaintPipeline`` run it:
 
 * the conditioning (:class:`ZImageConditioner`): ``crossattn``, the text encoder's states of the prompt (Qwen3's
   chat template, ``hidden_states[-2]``, the real tokens only: :mod:`sdengine.text.z_image_prompt`), zero-padded to

@@ -1,13 +1,12 @@
 """Loading Z-Image: a diffusers ``ZImagePipeline`` folder -> ``ZImagePipeline`` (:mod:`sdengine.pipeline.z_image`).
 
 Accepted (:func:`load_z_image_pipeline`, reached through :func:`sdengine.pipeline.load_pipeline`): a folder whose
-``model_index.json`` names ``ZImagePipeline`` (Tongyi-MAI/Z-Image-Turbo, Tongyi-MAI/Z-Image) or
-``ZImageImg2ImgPipeline`` (the same parts): ``transformer/`` (``ZImageTransformer2DModel``,
+``model_index.json`` names ``ZImagePipeline`` (Tongyi-MAI/Z-Image-Turbo, Tongyi-MAI/Z-Image),
+``ZImageImg2ImgPipeline`` or ``ZImageInpaintPipeline`` (the same parts): ``transformer/`` (``ZImageTransformer2DModel``,
 :mod:`sdengine.weights.z_image_file`), ``vae/`` (FLUX.1's ``AutoencoderKL``), ``text_encoder/`` (Qwen3,
 :mod:`sdengine.weights.qwen_text_file`; a Qwen2.5-VL one is refused in one line), ``tokenizer/`` (Qwen2's BPE),
 ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``). ``vae`` (``--vae``) takes another FLUX.1 VAE (a diffusers
-folder or BFL's ``ae.safetensors``). Z-Image's other pipelines (ControlNet, inpainting, Omni) are refused in one
-line.
+folder or BFL's ``ae.safetensors``). Z-Image's other pipelines (ControlNet, Omni) are refused in one line.
 
 Also accepted: ComfyUI's release, three files. The diffusion-model file
 (``diffusion_models/z_image_turbo_bf16.safetensors``: the original names, or diffusers', with or without ComfyUI's
@@ -31,7 +30,7 @@ from torch import Tensor
 from sdengine.errors import GenerationError, UsageError
 from sdengine.pipeline.z_image import MAX_SEQUENCE_LENGTH, ZImagePipeline
 
-ACCEPTED = ("ZImagePipeline", "ZImageImg2ImgPipeline")
+ACCEPTED = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline")
 # Tongyi-MAI/Z-Image-Turbo's scheduler/scheduler_config.json (a single file has none)
 TURBO_SCHEDULER: dict[str, Any] = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -136,7 +135,8 @@ def load_z_image_pipeline(
         kind = pipeline_class(path)
         if kind not in ACCEPTED:
             raise GenerationError(
-                f"{path.name}: {kind} is not supported (sdengine runs Z-Image's text-to-image and img2img folders: "
+                f"{path.name}: {kind} is not supported (sdengine runs Z-Image's text-to-image, img2img and inpainting "
+                "folders: "
                 f"{', '.join(ACCEPTED)})"
             )
         for key in ("text_encoder", "tokenizer"):
