@@ -93,7 +93,7 @@ def folder_size(ref: str) -> dict[str, int] | None:
 
 
 # The model families the server tells apart (GET /v1/models' ``family``): which settings a job may give
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "qwen_image", "pixel")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "qwen_image", "z_image", "pixel")
 
 
 def family_before_load(ref: str) -> str | None:
@@ -129,8 +129,11 @@ def _family_of_path(ref: str, path: Path) -> str | None:
     from sdengine.pipeline.chroma_loading import is_chroma_file, is_chroma_folder
     from sdengine.pipeline.flux_loading import is_flux_file, is_flux_folder
     from sdengine.pipeline.qwen_image_loading import is_qwen_image_file, is_qwen_image_folder
+    from sdengine.pipeline.z_image_loading import is_z_image_file, is_z_image_folder
     from sdengine.weights.sd3_files import is_sd3
 
+    if is_z_image_folder(path) if path.is_dir() else is_z_image_file(path):
+        return "z_image"
     if is_qwen_image_folder(path) if path.is_dir() else is_qwen_image_file(path):
         return "qwen_image"
     if is_sd3(path):
@@ -150,7 +153,7 @@ def _family_of_path(ref: str, path: Path) -> str | None:
 def family_of_pipe(pipe: Any) -> str:
     """A loaded pipeline's family (:data:`FAMILIES`), by its text side (``text_kind``)."""
     kind = str(getattr(pipe, "text_kind", ""))
-    if kind in ("sd3", "flux", "chroma", "qwen_image", "sdxl"):
+    if kind in ("sd3", "flux", "chroma", "qwen_image", "z_image", "sdxl"):
         return kind
     return "sd" if getattr(pipe, "vae", None) is not None else "pixel"
 
@@ -171,6 +174,10 @@ def family_defaults_before_load(ref: str) -> dict[str, Any]:
         from sdengine.pipeline.qwen_image import QWEN_CFG, QWEN_STEPS
 
         return {"steps": QWEN_STEPS, "cfg_scale": QWEN_CFG, "sampler": "euler", "schedule": "normal"}
+    if family == "z_image":
+        from sdengine.pipeline.z_image import TURBO_CFG, TURBO_STEPS
+
+        return {"steps": TURBO_STEPS, "cfg_scale": TURBO_CFG, "sampler": "euler", "schedule": "normal"}
     if family == "flux":
         from sdengine.pipeline.flux import DEV_STEPS, SCHNELL_STEPS
 
