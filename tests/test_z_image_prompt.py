@@ -63,3 +63,18 @@ def test_long_prompt_cut_as_diffusers_cuts_it(folder: Path) -> None:
     assert len(want) == 512 and bool(got["text_mask"].all())
     assert (got["crossattn"][0] - want).abs().max().item() < 2e-6
     assert notes == ["Z-Image reads the first 512 tokens of the prompt; the rest is cut off"]
+
+
+def test_refusals(folder: Path) -> None:
+    from sdengine.errors import UsageError
+
+    encoder = load_qwen_text_encoder(folder / "text_encoder", family="qwen3")
+    tok = load_qwen_tokenizer(folder / "tokenizer")
+    for prompts, kw, why in (
+        ([], {}, "non-empty"),
+        ([3], {}, "must be a string"),
+        (["a cat"], {"max_length": 0}, "max_length"),
+    ):
+        with pytest.raises(UsageError, match=why) as e:
+            encode_prompt_z_image(encoder, tok, prompts, **kw)
+        assert "\n" not in str(e.value)
