@@ -40,6 +40,7 @@ KINDS = {
     "flux": "Flux transformer",
     "qwen_image": "Qwen-Image transformer",
     "flux2": "FLUX.2 transformer",
+    "z_image": "Z-Image transformer",
 }
 
 # Integer fields (diffusers / transformers names, which the dataclasses share): inclusive bounds. A field
@@ -142,13 +143,27 @@ MAX_PARAMETERS_BY_KIND = {
     "flux": 30_000_000_000,
     "qwen_image": 40_000_000_000,
     "flux2": 60_000_000_000,  # FLUX.2 [dev]'s transformer has 32 B
+    "z_image": 30_000_000_000,
 }
 # a kind's own bounds where INT_BOUNDS' do not fit it: FLUX.1 Fill's image tokens take 384 numbers (64 noise, 64
-# masked-image latent, 256 mask), Depth / Canny's 128
 # masked-image latent, 256 mask), Depth / Canny's 128; FLUX.2's latent pixels are 128 numbers (32 channels in 2x2)
 INT_BOUNDS_BY_KIND: dict[str, dict[str, tuple[int, int]]] = {
     "flux": {"in_channels": (1, 512)},
     "flux2": {"in_channels": (1, 1024), "out_channels": (1, 1024)},
+    # Z-Image's own names (Z-Image-Turbo: 30 layers + 2 x 2 refiners of 3840, 30 heads, Qwen3-4B's 2560-wide states,
+    # RoPE axes 32 + 48 + 48 over positions under 1536 / 512 / 512)
+    "z_image": {
+        "dim": (1, 16384),
+        "n_layers": (1, 128),
+        "n_refiner_layers": (0, 16),
+        "n_heads": (1, 1024),
+        "n_kv_heads": (1, 1024),
+        "cap_feat_dim": (1, 16384),
+        "all_patch_size": (1, 16),
+        "all_f_patch_size": (1, 16),
+        "axes_dims": (2, 4096),
+        "axes_lens": (1, 65536),
+    },
 }
 
 
@@ -268,6 +283,12 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         double = double if type(double) is int else 0
         single = single if type(single) is int else 0
         return double * 8 * h * h + single * 4 * h * h
+    if kind == "z_image":  # Z-Image: single-stream blocks of q/k/v/out (4 d^2) and a SwiGLU MLP (8 d^2)
+        counts = [values.get(k) for k in ("dim", "n_layers", "n_refiner_layers")]
+        if not all(type(v) is int for v in counts):
+            return 0
+        width, main, refiners = (v if isinstance(v, int) else 0 for v in counts)
+        return (main + 2 * refiners) * 12 * width * width
     return 0
 
 
@@ -276,8 +297,9 @@ def check_config(kind: str, config: Any) -> None:
     ``config`` (a raw config dict or a config dataclass) is of the right type and within bounds."""
     what = KINDS[kind]
     values = _values(config)
+    own = INT_BOUNDS_BY_KIND.get(kind, {})
     for name, value in values.items():
-        if name in INT_BOUNDS:
+        if name in INT_BOUNDS or name in own:
             _check_int(what, name, value, kind)
         elif name in FLOAT_BOUNDS:
             _check_float(what, name, value)

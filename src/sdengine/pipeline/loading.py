@@ -199,12 +199,17 @@ def _load(
             _no_embeddings(embeddings_dir, path.name, "a pixel DDPM has no text encoder")
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
     given = {k: v for k, v in (encoders or {}).items() if v is not None}
-    from sdengine.pipeline import chroma_loading, flux2_loading, flux_loading, qwen_image_loading
+    from sdengine.pipeline import chroma_loading, flux2_loading, flux_loading, qwen_image_loading, z_image_loading
 
     if flux2_loading.is_flux2_folder(path) or flux2_loading.is_flux2_file(path):
         # FLUX.2 [klein] is released and run in bfloat16 (Qwen3's activations overflow float16): its GPU default
         flux2_dt = torch.bfloat16 if dtype is None and dev.type != "cpu" else dt
         return _load_flux2(path, dev, flux2_dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
+
+    if z_image_loading.is_z_image_folder(path) or z_image_loading.is_z_image_file(path):
+        # Z-Image is released and run in bfloat16 (as Qwen3): its GPU default
+        z_dt = torch.bfloat16 if dtype is None and dev.type != "cpu" else dt
+        return _load_z_image(path, dev, z_dt, vae, prediction_type, config, embeddings_dir, lora_dir, given)
     if qwen_image_loading.is_qwen_image_folder(path) or qwen_image_loading.is_qwen_image_file(path):
         # Qwen-Image is released and run in bfloat16 (Qwen2.5-VL's activations overflow float16): its GPU default
         qwen_dt = torch.bfloat16 if dtype is None and dev.type != "cpu" else dt
@@ -400,6 +405,43 @@ def _load_flux2(
         if on:
             raise GenerationError(f"{path.name} (FLUX.2): {what}")
     return load_flux2_pipeline(path, device=dev, dtype=dt, vae=vae, lora_dir=lora_dir)
+
+
+def _load_z_image(
+    path: Path,
+    dev: torch.device,
+    dt: torch.dtype,
+    vae: Any,
+    prediction_type: Any,
+    config: Any,
+    embeddings_dir: Any,
+    lora_dir: Any,
+    encoders: Mapping[str, Any],
+) -> Pipeline:
+    """A Z-Image folder -> ZImagePipeline (:mod:`sdengine.pipeline.z_image_loading`); what it does not take refused,
+    one line each, before anything loads."""
+    from sdengine.pipeline.z_image_loading import load_z_image_pipeline
+
+    for on, what in (
+        (prediction_type is not None, "prediction_type: the Z-Image transformer predicts the flow's velocity"),
+        (config is not None, "config= does not apply (a folder's configs are read)"),
+        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
+        (
+            any(k not in QWEN_FLAGS for k in encoders),
+            "--clip-l / --clip-g / --t5 do not apply (Z-Image's text encoder is Qwen3: --qwen-text)",
+        ),
+    ):
+        if on:
+            raise GenerationError(f"{path.name} (Z-Image): {what}")
+    return load_z_image_pipeline(
+        path,
+        device=dev,
+        dtype=dt,
+        vae=vae,
+        text_encoder=encoders.get("qwen_text"),
+        tokenizer=encoders.get("qwen_tokenizer"),
+        lora_dir=lora_dir,
+    )
 
 
 def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:

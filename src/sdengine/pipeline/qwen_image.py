@@ -78,6 +78,7 @@ class QwenConditioner(PerTextConditioner):
     ``_get_qwen_prompt_embeds``); see the module docstring."""
 
     kind = "qwen_image"
+    family = "Qwen-Image"  # how a note names the model
     no_clip_name = "Qwen-Image (no CLIP)"
     encoder_name = "Qwen2.5-VL"
 
@@ -125,7 +126,7 @@ class QwenConditioner(PerTextConditioner):
             )
         n = int(mask[0].bool().sum())
         if n > self.max_sequence_length:
-            note(f"Qwen-Image reads the first {self.max_sequence_length} tokens of the {what}; the rest is cut off")
+            note(f"{self.family} reads the first {self.max_sequence_length} tokens of the {what}; the rest is cut off")
             n = self.max_sequence_length
         out = states.new_zeros(1, self.max_sequence_length, states.shape[2])
         out[0, :n] = states[0, mask[0].bool()][:n]

@@ -528,6 +528,7 @@ FLOW_FAMILIES = (
     "flux",
     "chroma",
     "qwen_image",
+    "z_image",
 )  # the families whose A1111 requests run diffusers' step rules (flow_fields)
 LATENT_FILLS = {2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill -> masked_content
 IMG2IMG_USED = {"initial_noise_multiplier", "image_cfg_scale"}  # A1111's img2img fields that its txt2img does not have

@@ -968,11 +968,11 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 f"control_image is the control map of FLUX.1 Depth / Canny; {name} is not a Flux model (a ControlNet "
                 "takes its map in controlnets)"
             )
-        if kw.get("ip_adapters") and family not in ("sd3", "chroma", "qwen_image"):  # (these refuse every IP-Adapter)
+        if kw.get("ip_adapters") and family not in ("sd3", "chroma", "qwen_image", "z_image"):  # (these refuse all)
             from sdengine.server.ip_adapters import check_adapter_family
 
             check_adapter_family(kw["ip_adapters"], family == "flux", name)
-        if family not in ("sd3", "flux", "chroma", "qwen_image"):
+        if family not in ("sd3", "flux", "chroma", "qwen_image", "z_image"):
             return
         try:
             r = GenerationRequest(**kw)
@@ -1007,6 +1007,12 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 reasons = qwen_refusals(r)
                 if reasons:
                     raise BadRequest(f"{reasons[0]}; {name} is a Qwen-Image model")
+            elif family == "z_image":  # Z-Image not loaded yet: its refusals, without the model
+                from sdengine.pipeline.z_image import z_image_refusals
+
+                reasons = z_image_refusals(r)
+                if reasons:
+                    raise BadRequest(f"{reasons[0]}; {name} is a Z-Image model")
             elif family == "chroma":  # Chroma not loaded yet: its refusals, without the model
                 from sdengine.pipeline.chroma import chroma_refusals
 
@@ -1300,8 +1306,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     def models() -> dict[str, Any]:
         """The models jobs may name (OpenAI's list shape; ``current`` marks the default; ``tiny_vae``: it can
         decode with a tiny VAE; ``tiny_vae_encoder``: encode with one; ``family``: "sd", "sdxl", "sd3", "flux",
-        "chroma", "qwen_image" or "pixel", which settings its jobs take; null when not told before the model loads;
-        ``kind``: a
+        "chroma", "qwen_image", "z_image" or "pixel", which settings its jobs take; null when not told before the
+        model loads; ``kind``: a
         Flux model's "plain" (its jobs may take reference_images), "fill" or "control" (its jobs take a
         control_image), else null; ``defaults``: an SD3, Flux or Chroma model's own steps, cfg_scale, sampler and
         schedule, which its jobs get where they give none)."""

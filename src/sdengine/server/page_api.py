@@ -93,7 +93,7 @@ def folder_size(ref: str) -> dict[str, int] | None:
 
 
 # The model families the server tells apart (GET /v1/models' ``family``): which settings a job may give
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "qwen_image", "pixel")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "qwen_image", "z_image", "pixel")
 
 
 def family_before_load(ref: str) -> str | None:
@@ -130,10 +130,13 @@ def _family_of_path(ref: str, path: Path) -> str | None:
     from sdengine.pipeline.flux2_loading import is_flux2_file, is_flux2_folder
     from sdengine.pipeline.flux_loading import is_flux_file, is_flux_folder
     from sdengine.pipeline.qwen_image_loading import is_qwen_image_file, is_qwen_image_folder
+    from sdengine.pipeline.z_image_loading import is_z_image_file, is_z_image_folder
     from sdengine.weights.sd3_files import is_sd3
 
     if is_flux2_folder(path) if path.is_dir() else is_flux2_file(path):  # FLUX.2: not served yet, no family told
         return None
+    if is_z_image_folder(path) if path.is_dir() else is_z_image_file(path):
+        return "z_image"
     if is_qwen_image_folder(path) if path.is_dir() else is_qwen_image_file(path):
         return "qwen_image"
     if is_sd3(path):
@@ -153,7 +156,7 @@ def _family_of_path(ref: str, path: Path) -> str | None:
 def family_of_pipe(pipe: Any) -> str:
     """A loaded pipeline's family (:data:`FAMILIES`), by its text side (``text_kind``)."""
     kind = str(getattr(pipe, "text_kind", ""))
-    if kind in ("sd3", "flux", "chroma", "qwen_image", "sdxl"):
+    if kind in ("sd3", "flux", "chroma", "qwen_image", "z_image", "sdxl"):
         return kind
     return "sd" if getattr(pipe, "vae", None) is not None else "pixel"
 
@@ -174,6 +177,10 @@ def family_defaults_before_load(ref: str) -> dict[str, Any]:
         from sdengine.pipeline.qwen_image import QWEN_CFG, QWEN_STEPS
 
         return {"steps": QWEN_STEPS, "cfg_scale": QWEN_CFG, "sampler": "euler", "schedule": "normal"}
+    if family == "z_image":
+        from sdengine.pipeline.z_image import TURBO_CFG, TURBO_STEPS
+
+        return {"steps": TURBO_STEPS, "cfg_scale": TURBO_CFG, "sampler": "euler", "schedule": "normal"}
     if family == "flux":
         from sdengine.pipeline.flux import DEV_STEPS, SCHNELL_STEPS
 

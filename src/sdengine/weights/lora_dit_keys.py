@@ -1,4 +1,4 @@
-"""LoRA names of the diffusion transformers: SD3's MMDiT, Flux.1's transformer, Chroma's and Qwen-Image's.
+"""LoRA names of the diffusion transformers: SD3's MMDiT, Flux.1's transformer, Chroma's, Qwen-Image's and Z-Image's.
 
 A LoRA (Hu et al. 2021) for a diffusion transformer names its layers in one of two vocabularies:
 
@@ -34,6 +34,13 @@ layer Qwen-Image does not have and Flux.1 / SD3 do in diffusers' names (:func:`n
 file with Qwen-Image's own names (``transformer_blocks.N.img_mod`` / ``txt_mlp`` ...) on the others
 (:func:`sdengine.weights.lora_keys.check_dit_family`).
 
+Z-Image (:mod:`sdengine.models.z_image`): diffusers' names (``layers.N.attention.to_q``, ``feed_forward.w1``,
+``adaLN_modulation.0``, ``all_final_layer.2-1.linear`` ...) behind ``transformer.`` / ``diffusion_model.`` /
+``base_model.model.`` or bare, with underscores behind ``lora_unet_`` (kohya-style) or ``lora_transformer_``, and the
+original layout's (ComfyUI's): ``attention.qkv`` (q, k, v fused: split by rows), ``attention.out``, ``x_embedder``,
+``final_layer.*`` (:func:`_z_image_native`). Its LoRAs adapt the transformer only, as diffusers'
+``ZImagePipeline.load_lora_weights``; :data:`Z_IMAGE_LAYERS` tells its files from the other families'.
+
 The original layouts differ from diffusers' in two ways that matter to a LoRA:
 
 * fused projections: ``img_attn.qkv`` stacks q, k and v by rows, a single block's ``linear1`` stacks q, k, v and
@@ -66,6 +73,7 @@ from ..models.chroma import ChromaTransformer
 from ..models.flux import FluxTransformer
 from ..models.mmdit import MMDiT
 from ..models.qwen_image import QwenImageTransformer
+from ..models.z_image import PATCH_KEY, ZImageTransformer
 from ..nn.lycoris import FACTOR_ONLY
 from .flux_file import DOUBLE_RENAMES
 from .lora_file import LoRAFile, LoRAFileError, LoRALayerWeights
@@ -75,6 +83,7 @@ FLUX_FAMILY = "Flux.1"
 SD3_FAMILY = "SD3 (MMDiT)"
 CHROMA_FAMILY = "Chroma"
 QWEN_FAMILY = "Qwen-Image"
+Z_IMAGE_FAMILY = "Z-Image"
 
 # the prefix a rewritten layer name carries (diffusers' component name of the denoiser)
 DIT_PREFIX = "transformer."
@@ -97,6 +106,8 @@ def dit_family(model: nn.Module | None) -> str | None:
     ``"Qwen-Image"``), None for anything else."""
     if isinstance(model, QwenImageTransformer):
         return QWEN_FAMILY
+    if isinstance(model, ZImageTransformer):
+        return Z_IMAGE_FAMILY
     if isinstance(model, ChromaTransformer):
         return CHROMA_FAMILY
     if isinstance(model, FluxTransformer):
@@ -221,6 +232,31 @@ _NOT_QWEN = re.compile(
 QWEN_LAYERS = re.compile(r"transformer_blocks[._]\d+[._](?:img_mod|txt_mod|img_mlp|txt_mlp)(?:[._]|$)")
 
 
+# Z-Image's own layers in either of its layouts (a block of layers / noise_refiner / context_refiner: its attention,
+# SwiGLU or modulation); Lumina 2's NextDiT shares them (sdengine does not run it: a size mismatch there)
+Z_IMAGE_LAYERS = re.compile(
+    r"(?:^|[._])(?:layers|noise_refiner|context_refiner)[._]\d+[._](?:attention[._](?:qkv|out|to_[qkv]|to_out)|"
+    r"feed_forward[._]w[123]|adaLN_modulation)(?:[._]|$)"
+)
+
+
+def _z_image_native(model: ZImageTransformer) -> Iterator[tuple[str, tuple[Route, ...]]]:
+    """Z-Image's names -> routes onto its (diffusers') modules: diffusers' own (ai-toolkit writes them behind
+    ``diffusion_model.``) and the original layout's (fused ``attention.qkv`` split by rows into q, k, v;
+    ``attention.out``; ``x_embedder``; ``final_layer``)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            yield name, (Route(name),)
+    yield "x_embedder", (Route(f"all_x_embedder.{PATCH_KEY}"),)
+    yield "final_layer.linear", (Route(f"all_final_layer.{PATCH_KEY}.linear"),)
+    yield "final_layer.adaLN_modulation.1", (Route(f"all_final_layer.{PATCH_KEY}.adaLN_modulation.1"),)
+    for group in ("noise_refiner", "context_refiner", "layers"):
+        for i in range(len(getattr(model, group))):
+            b = f"{group}.{i}.attention."
+            yield b + "qkv", _split(model, (b + "to_q", b + "to_k", b + "to_v"))
+            yield b + "out", (Route(b + "to_out.0"),)
+
+
 def not_qwen_layers(names: list[str]) -> list[str]:
     """The names among ``names`` of Flux.1 / SD3 layers (diffusers' vocabulary) that Qwen-Image does not have."""
     return [n for n in names if _NOT_QWEN.search(n)]
@@ -272,6 +308,8 @@ def dit_routes(model: nn.Module) -> dict[str, tuple[Route, ...]]:
         native: dict[str, tuple[Route, ...]] = {
             name: (Route(name),) for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)
         }
+    elif isinstance(model, ZImageTransformer):
+        native = dict(_z_image_native(model))
     elif isinstance(model, ChromaTransformer):
         native = dict(_chroma_native(model))
     elif isinstance(model, FluxTransformer):
@@ -390,6 +428,8 @@ __all__ = [
     "QWEN_FAMILY",
     "QWEN_LAYERS",
     "SD3_FAMILY",
+    "Z_IMAGE_FAMILY",
+    "Z_IMAGE_LAYERS",
     "Route",
     "dit_family",
     "dit_routes",

@@ -60,9 +60,10 @@ class UnsafeLoRANameError(LoRAFileError, UnsafePathError):
 
 # kohya/A1111: `<layer>.lora_down.weight`, `<layer>.lora_up.weight`, `<layer>.alpha`; layer names have no dots
 # (OneTrainer's diffusion-transformer files: `lora_transformer_<diffusers module name with underscores>`; SimpleTuner's
-# LyCORIS-library files, which ComfyUI reads for Qwen-Image: `lycoris_<the same>`).
+# LyCORIS-library files, which ComfyUI reads for Qwen-Image: `lycoris_<the same>`; Z-Image's final layer and patch
+# embedder keep the `-` of their `2-1`: `lora_unet_all_final_layer_2-1_linear`).
 _KOHYA_RE = re.compile(
-    r"^(?P<layer>(?:lora_(?:unet|te\d?|transformer)|lycoris)_[A-Za-z0-9_]+)"
+    r"^(?P<layer>(?:lora_(?:unet|te\d?|transformer)|lycoris)_[A-Za-z0-9_-]+)"
     r"\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
 )
 # ComfyUI's own layout (what its LoraSave node writes, and what its loader reads for any model): the model's state

@@ -35,6 +35,8 @@ from .lora_dit_keys import (
     QWEN_FAMILY,
     QWEN_LAYERS,
     SD3_FAMILY,
+    Z_IMAGE_FAMILY,
+    Z_IMAGE_LAYERS,
     dit_family,
     flux_only_layers,
     not_qwen_layers,
@@ -50,6 +52,7 @@ _COMFY_TE = "text_encoders."  # ComfyUI's prefix of text-encoder layer names
 _DIT_HINTS = [
     (re.compile(r"distilled_guidance_layer"), CHROMA_FAMILY),  # Chroma's approximator: no other model has it
     (QWEN_LAYERS, QWEN_FAMILY),  # a block's img_mod / txt_mod / img_mlp / txt_mlp (Flux's are in double_blocks)
+    (Z_IMAGE_LAYERS, Z_IMAGE_FAMILY),  # layers / noise_refiner / context_refiner .N.attention / feed_forward
     (re.compile(r"double_blocks|single_blocks|single_transformer_blocks"), FLUX_FAMILY),
     (re.compile(r"joint_blocks|context_block|x_block"), SD3_FAMILY),
     (
@@ -263,10 +266,22 @@ def check_dit_family(lf: LoRAFile, index: ModelIndex) -> None:
     text-encoder layer is refused too (diffusers' Qwen-Image loader adapts the transformer alone)."""
     family = _lora_family(lf, dit=True)
     where = str(lf.path) if lf.path is not None else lf.name
+    if index.dit == Z_IMAGE_FAMILY:
+        if family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, QWEN_FAMILY):
+            raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {Z_IMAGE_FAMILY}")
+        names = list(lf.layers) + list(lf.lycoris) + [k for ks in lf.unsupported.values() for k in ks]
+        te = sorted(k for k in names if k.startswith(("lora_te", "text_encoder")))
+        if te:
+            raise LoRAFileError(
+                f"{where}: adapts a text encoder ({len(te)} layers, e.g. {te[0]}): LoRAs for {Z_IMAGE_FAMILY} adapt "
+                "its transformer only (as diffusers' ZImagePipeline.load_lora_weights); use one without text-encoder "
+                "layers"
+            )
+        return
     if index.dit == QWEN_FAMILY:
         names = list(lf.layers) + list(lf.lycoris) + [k for ks in lf.unsupported.values() for k in ks]
         other = sorted(not_qwen_layers(names))
-        if family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY):
+        if family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, Z_IMAGE_FAMILY):
             raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {QWEN_FAMILY}")
         if other:
             raise LoRAFileError(
@@ -293,10 +308,10 @@ def check_dit_family(lf: LoRAFile, index: ModelIndex) -> None:
                     "(Chroma's modulation comes from its distilled_guidance_layer); the model is Chroma"
                 )
             return
-        family = family if family in (SD3_FAMILY, QWEN_FAMILY) else None
+        family = family if family in (SD3_FAMILY, QWEN_FAMILY, Z_IMAGE_FAMILY) else None
     if (
         index.dit is not None
-        and family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, QWEN_FAMILY)
+        and family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, QWEN_FAMILY, Z_IMAGE_FAMILY)
         and family != index.dit
     ):
         raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {index.dit}")
