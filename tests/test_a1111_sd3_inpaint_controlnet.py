@@ -12,13 +12,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 pytest.importorskip("fastapi")
 pytest.importorskip("diffusers")
 webuiapi = pytest.importorskip("webuiapi")
 
 import sdengine  # noqa: E402
+from _a1111_masks import overlay, prepare_mask  # noqa: E402
 from _live_server import live_server, server_config  # noqa: E402
 from _sd3_models import SIZE, make_sd3_folder  # noqa: E402
 from sdengine.pipeline.control import ControlUnit  # noqa: E402
@@ -92,6 +93,21 @@ def test_img2img_unit_takes_the_init_image_and_the_request_mask(served):
                                     resize_mode="Just Resize")  # fmt: skip
     assert not np.array_equal(_arr(r.image), _arr(img2img([moved]).image))
     assert not np.array_equal(_arr(r.image), _arr(img2img([]).image))
+    # blurred and inverted as the extension's prepare_mask makes the img2img mask for the unit (inverting was
+    # refused, and the unit took the mask unblurred): the same as a unit given that prepared mask itself
+    args = dict(images=[picture], mask_image=mask, inpainting_fill=1, denoising_strength=1.0, prompt=PROMPT,
+                negative_prompt=NEGATIVE, resize_mode=0, image_cfg_scale=None, mask_blur=3, inpainting_mask_invert=1,
+                override_settings={"sd_model_checkpoint": "tiny-sd3"}, **KW)  # fmt: skip
+    bare = api.img2img(controlnet_units=[webuiapi.ControlNetUnit(module="none", model="sd3-inpaint",
+                                                                 resize_mode="Just Resize")], **args)  # fmt: skip
+    prepared = prepare_mask(mask, True, 3, 3)
+    given = api.img2img(controlnet_units=[webuiapi.ControlNetUnit(mask=prepared, module="none", model="sd3-inpaint",
+                                                                  resize_mode="Just Resize")], **args)  # fmt: skip
+    np.testing.assert_array_equal(_arr(bare.image), _arr(given.image))
+    plain = webuiapi.ControlNetUnit(mask=ImageOps.invert(mask), module="none", model="sd3-inpaint",
+                                    resize_mode="Just Resize")  # fmt: skip
+    unblurred = api.img2img(controlnet_units=[plain], **args)
+    assert not np.array_equal(_arr(bare.image), _arr(unblurred.image))
 
 
 def _post(api: Any, route: str, unit: dict, **extra: Any) -> httpx.Response:
@@ -120,8 +136,11 @@ def test_masks_elsewhere_and_refusals(served):
             assert n in msg, msg
 
     fails("txt2img", {**base, "model": "sd3-inpaint"}, "is an SD3 inpainting ControlNet", "mask")
-    init = {"init_images": [picture], "mask": mask, "inpainting_mask_invert": 1, "denoising_strength": 1.0}
-    fails("img2img", {"module": "none", "model": "sd3-inpaint"}, "inpainting_mask_invert", **init)
+    # an RGBA mask with transparency: A1111 reads its alpha, the extension's unit its grey levels (another mask)
+    rgba = Image.new("RGBA", (SIZE, SIZE), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (4, 4, 20, 20))
+    init = {"init_images": [picture], "mask": webuiapi.raw_b64_img(rgba), "denoising_strength": 1.0}
+    fails("img2img", {"module": "none", "model": "sd3-inpaint"}, "RGBA with transparency", "mask_image", **init)
 
 
 def test_only_masked_crops_the_units_image_and_mask_as_the_extension(served):
@@ -146,12 +165,11 @@ def test_only_masked_crops_the_units_image_and_mask_as_the_extension(served):
     given = img2img([webuiapi.ControlNetUnit(image=picture, mask=mask, module="none", model="sd3-inpaint",
                                              resize_mode="Just Resize")])  # fmt: skip
     np.testing.assert_array_equal(_arr(bare.image), _arr(given.image))
-    # the pipeline on the box around A1111's binary mask (grey above 128 repaints: rows 2..21, columns 3..29),
-    # grown to the square output: (3, 0, 30, 27); the unit's mask is the request's as sent, cut alike
-    binary = mask.point(lambda v: 255 if v > 128 else 0)
+    # the pipeline on the box around A1111's mask (kept grey: every level above 0 is in it, rows 2..21, columns
+    # 3..29), grown to the square output: (3, 0, 30, 27); the unit's mask is the request's as sent, cut alike
     box = (3, 0, 30, 27)
     cut = resize_image(picture.crop(box), SIZE, SIZE, "resize and fill")
-    cut_mask = resize_image(binary.crop(box), SIZE, SIZE, "resize and fill")
+    cut_mask = resize_image(mask.crop(box), SIZE, SIZE, "resize and fill")
     from sdengine.server.a1111 import masked_fill
 
     unit_mask = resize_image(mask.crop(box), SIZE, SIZE, "resize and fill")
@@ -160,7 +178,7 @@ def test_only_masked_crops_the_units_image_and_mask_as_the_extension(served):
                 init_image=masked_fill(cut, cut_mask), mask=cut_mask, strength=1.0, **KW).images[0]  # fmt: skip
     canvas = picture.copy()
     canvas.paste(resize_image(want, box[2] - box[0], box[3] - box[1], "crop and resize"), box[:2])
-    np.testing.assert_array_equal(_arr(bare.image), _arr(Image.composite(canvas, picture, binary)))
+    np.testing.assert_array_equal(_arr(bare.image), _arr(overlay(canvas, picture, mask)))  # A1111's composite
     body = webuiapi.ControlNetUnit(module="none", model="sd3-inpaint").to_dict()
     r = httpx.post(f"{api.baseurl}/img2img", timeout=300, json={
         "prompt": PROMPT, "steps": STEPS, "width": SIZE, "height": SIZE, "seed": 1, "denoising_strength": 1.0,

@@ -15,10 +15,13 @@ import webuiapi
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
+from _a1111_masks import doubled
+from _a1111_masks import fill as a1111_fill
+from _a1111_masks import mask_blur as a1111_blur
+from _a1111_masks import overlay as a1111_overlay
 from _emoji_models import make_tiny_emoji_folder
 from _live_server import live_server, server_config, shared_loader
 from sdengine.pipeline import ControlUnit
-from sdengine.pipeline.latents import blur_mask
 from sdengine.server.catalog import BUILTIN_CONTROLNETS
 
 COMMON = {"steps": 3, "width": 64, "height": 64, "cfg_scale": 7.0}
@@ -124,17 +127,26 @@ def test_img2img_and_inpainting_equal_python_api(api):
             progress=False,
             **COMMON,
         )
-        # A1111 pastes the init image back by its mask_for_overlay: the mask blurred (its Gaussian), doubled
-        soft = Image.fromarray(blur_mask(np.asarray(m), 2.0)).point(lambda v: min(255, 2 * v))
-        want = Image.composite(ref.images[0], init.convert("RGB"), soft)
+        # A1111 pastes the init image back by its mask_for_overlay: the mask blurred (its Gaussian), doubled, by
+        # its premultiplied alpha composite (tests/_a1111_masks.py)
+        soft = doubled(a1111_blur(m, 2, 2))
+        want = a1111_overlay(ref.images[0], init, soft)
         np.testing.assert_array_equal(arr(r.image), arr(want))
         outside = np.asarray(soft) == 0
         np.testing.assert_array_equal(arr(r.image)[outside], arr(init.convert("RGB"))[outside])
         assert outside.any() and "inpainting_fill" not in r.info["ignored"]
-    # A1111's separate blurs: equal ones are the blur, different ones refused (never one of them dropped)
-    body = {"init_images": [webuiapi.raw_b64_img(init)], "mask": webuiapi.raw_b64_img(mask), "prompt": "a", **COMMON}
-    bad = httpx.post(f"{api.baseurl}/img2img", json={**body, "mask_blur_x": 16, "mask_blur_y": 0}, timeout=120)
-    assert bad.status_code == 400 and "mask_blur_x 16 and mask_blur_y 0 differ" in bad.text, bad.text
+        assert ", Mask blur: 2" in r.info["infotexts"][0]
+    # A1111's separate blurs: different ones run as A1111 runs them (once refused), across then down
+    body = {"init_images": [webuiapi.raw_b64_img(init)], "mask": webuiapi.raw_b64_img(mask), "prompt": "a blue ball"}
+    body.update(seed=3, denoising_strength=0.8, inpainting_fill=1, inpaint_full_res=False, **COMMON)
+    body.update(sampler_name="DPM++ 2M", scheduler="Karras")
+    got = httpx.post(f"{api.baseurl}/img2img", json={**body, "mask_blur_x": 16, "mask_blur_y": 0}, timeout=120)
+    assert got.status_code == 200, got.text
+    image = Image.open(io.BytesIO(base64.b64decode(got.json()["images"][0])))
+    m = a1111_blur(mask, 16, 0)
+    ref = emoji()("a blue ball", seed=3, init_image=init, mask=m, strength=0.8, strength_rule="a1111",
+                  sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)  # fmt: skip
+    np.testing.assert_array_equal(arr(image), arr(a1111_overlay(ref.images[0], init, doubled(m))))
     # an RGBA mask whose alpha marks the area (A1111 reads the alpha): the same image as the grey mask
     rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     rgba.paste((0, 0, 0, 255), (8, 8, 40, 56))
@@ -167,7 +179,7 @@ def test_latent_masked_content_and_full_strength_inpainting_as_a1111(api):
         ref = emoji()(
             "a blue ball",
             seed=3,
-            init_image=init,
+            init_image=init if fill == 1 else a1111_fill(init, mask),  # A1111 fills the image for 2 and 3 too
             mask=mask,
             strength=1.0,
             strength_rule="a1111",
@@ -1421,14 +1433,15 @@ def test_inpainting_fill_latent_noise_and_latent_nothing(api):
     init = gradient()
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (8, 8, 40, 56))
-    soft = Image.fromarray(blur_mask(np.asarray(mask), 2.0)).point(lambda v: min(255, 2 * v))
+    m = a1111_blur(mask, 2, 2)
     for fill, name in ((2, "latent noise"), (3, "latent nothing")):
         r = api.img2img(images=[init], mask_image=mask, prompt="a blue ball", seed=3, denoising_strength=0.8,
                         mask_blur=2, inpainting_fill=fill, inpaint_full_res=False, **COMMON)  # fmt: skip
         kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, "strength_rule": "a1111", **COMMON}
-        ref = emoji()("a blue ball", seed=3, init_image=init, mask=mask, mask_blur=2, masked_content=name, strength=0.8,
+        # A1111 fills the image under the blurred mask for these too (masking.fill for every fill but "original")
+        ref = emoji()("a blue ball", seed=3, init_image=a1111_fill(init, m), mask=m, masked_content=name, strength=0.8,
                       **kw)  # fmt: skip
-        np.testing.assert_array_equal(arr(r.image), arr(Image.composite(ref.images[0], init.convert("RGB"), soft)))
+        np.testing.assert_array_equal(arr(r.image), arr(a1111_overlay(ref.images[0], init, doubled(m))))
         assert r.info["ignored"] == [] and f"Masked content: {name}" in r.info["infotexts"][0]
     with pytest.raises(RuntimeError, match="422.*inpainting_fill 7"):  # A1111 has no such masked content
         api.img2img(images=[init], mask_image=mask, prompt="a", seed=3, inpainting_fill=7, **COMMON)

@@ -39,13 +39,17 @@ from sdengine.diffusion.schedules import NoiseSchedule
 from sdengine.io.images import image_tensor
 
 
-def blur_mask(m: np.ndarray, blur: float) -> np.ndarray:
-    """A1111's mask blur: a Gaussian of sigma ``blur`` with kernel 2 * int(2.5 * blur + 0.5) + 1, per axis."""
+def blur_mask(m: np.ndarray, blur: float, blur_y: float | None = None) -> np.ndarray:
+    """A1111's mask blur: a Gaussian of sigma ``blur`` across (its ``mask_blur_x``), then one of ``blur_y`` down
+    (its ``mask_blur_y``; None: ``blur``), each with kernel 2 * int(2.5 * sigma + 0.5) + 1 and each skipped at 0,
+    as A1111 does them (an 8-bit ``m`` is rounded to 8 bits after each, as there)."""
     import cv2
 
-    k = 2 * int(2.5 * blur + 0.5) + 1
-    m = cv2.GaussianBlur(m, (k, 1), blur)
-    return cv2.GaussianBlur(m, (1, k), blur)
+    for sigma, axis in ((blur, 0), (blur if blur_y is None else blur_y, 1)):
+        if sigma > 0:
+            k = 2 * int(2.5 * sigma + 0.5) + 1
+            m = cv2.GaussianBlur(m, (k, 1) if axis == 0 else (1, k), sigma)
+    return m
 
 
 def a1111_latent_mask(mask: np.ndarray, h: int, w: int, *, rounded: bool = True) -> Tensor:

@@ -781,52 +781,54 @@ def _b64_png(image: Image.Image, text: str | None = None) -> str:
 
 
 def a1111_mask(image: Image.Image, rounded: bool = True) -> Image.Image:
-    """An inpainting mask as A1111 reads it (``create_binary_mask``): the alpha channel of an RGBA mask that is
-    not wholly opaque, else its grey levels; white (above 128) = repaint. ``rounded=False`` (A1111's
-    ``mask_round`` off, as its soft inpainting sets it): the grey levels kept."""
-    if image.mode in ("RGBA", "LA", "PA") and image.getextrema()[-1] != (255, 255):
-        grey = image.getchannel("A")
-    else:
-        grey = image.convert("L")
-    return grey.point(lambda v: 255 if v > 128 else 0) if rounded else grey
+    """An inpainting mask as A1111 reads it (its ``create_binary_mask``): the alpha channel of an RGBA mask that is
+    not wholly opaque, made binary (above 128 = 255) unless ``rounded`` is False (A1111's ``mask_round`` off, as
+    its soft inpainting sets it); any other mask (L, RGB, an opaque RGBA one, LA, P, ...) made grey (PIL's ``L``)
+    and kept grey, white = repaint: its grey levels weight the overlay and the "fill", and the latent mask is
+    rounded from them (A1111's ``np.around``, done by the pipeline)."""
+    if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
+        alpha = image.getchannel("A")
+        return alpha.point(lambda v: 255 if v > 128 else 0) if rounded else alpha
+    return image.convert("L")
 
 
-def _mask_blur(body: dict[str, Any]) -> float:
-    """``mask_blur``, else A1111's separate ``mask_blur_x`` / ``mask_blur_y`` (4 each by default); sdengine
-    blurs alike in both directions, so different ones are refused rather than one of them dropped. A number in
-    [0, 256], the native route's range (a blur of 1e9 once reached OpenCV, whose refusal was a 500)."""
+def _mask_blur(body: dict[str, Any]) -> tuple[float, float]:
+    """A1111's mask blur (``mask_blur_x``, ``mask_blur_y``): ``mask_blur`` for both, else the separate ones (4 each
+    by default). Each a number in [0, 256], the native route's range (a blur of 1e9 once reached OpenCV, whose
+    refusal was a 500)."""
     if body.get("mask_blur") is not None:
-        name, value = "mask_blur", body["mask_blur"]
+        pairs = [("mask_blur", body["mask_blur"])] * 2
     else:
-        bx, by = body.get("mask_blur_x"), body.get("mask_blur_y")
-        bx, by = (4 if bx is None else bx), (4 if by is None else by)
-        if bx != by:
-            raise BadRequest(
-                f"mask_blur_x {bx} and mask_blur_y {by} differ: sdengine blurs the mask alike in both directions; "
-                "send mask_blur (or equal values)"
-            )
-        name, value = "mask_blur_x", bx
-    try:
-        blur = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError, OverflowError):
-        blur = math.nan
-    if not 0.0 <= blur <= 256.0:  # NaN too
-        raise BadRequest(f"{name} must be a number in [0, 256], got {str(value)[:40]!r}")
-    return blur
+        pairs = [(f"mask_blur_{a}", 4 if body.get(f"mask_blur_{a}") is None else body[f"mask_blur_{a}"]) for a in "xy"]
+    out = []
+    for name, value in pairs:
+        try:
+            blur = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError, OverflowError):
+            blur = math.nan
+        if not 0.0 <= blur <= 256.0:  # NaN too
+            raise BadRequest(f"{name} must be a number in [0, 256], got {str(value)[:40]!r}")
+        out.append(blur)
+    return out[0], out[1]
 
 
-def blurred_mask(mask: Image.Image, blur: float) -> Image.Image:
-    """The mask blurred as A1111 blurs it (a Gaussian of sigma ``blur`` per axis, its kernel size), 8 bits."""
+Blur = float | tuple[float, float]
+
+
+def blurred_mask(mask: Image.Image, blur: Blur) -> Image.Image:
+    """The mask blurred as A1111 blurs it (``blur``: one sigma, or A1111's ``(mask_blur_x, mask_blur_y)``): a
+    Gaussian across, then one down, each of its kernel size and skipped at 0, 8 bits after each."""
     m = mask.convert("L")
-    if blur <= 0:
+    bx, by = (blur, blur) if isinstance(blur, int | float) else blur
+    if bx <= 0 and by <= 0:
         return m
     from sdengine.pipeline.latents import blur_mask
 
-    return Image.fromarray(blur_mask(np.asarray(m), float(blur)))
+    return Image.fromarray(blur_mask(np.asarray(m), float(bx), float(by)))
 
 
 def overlay_finish(
-    init: Image.Image, mask: Image.Image, blur: float, mode: str = "just resize"
+    init: Image.Image, mask: Image.Image, blur: Blur, mode: str = "just resize"
 ) -> Callable[[Image.Image], Image.Image]:
     """A1111's inpainting overlay ("whole picture"): the init image (fitted to the result in the resize ``mode``,
     as the pipeline fits it) outside the mask, the generated image inside, weighted by the blurred mask (blurred
@@ -837,9 +839,21 @@ def overlay_finish(
     def finish(image: Image.Image) -> Image.Image:
         base = resize_image(init.convert("RGB"), *image.size, mode)
         m = resize_image(soft, *image.size, mode).point(lambda v: min(255, 2 * v))
-        return Image.composite(image.convert("RGB"), base, m)
+        return laid_over(image, base, m)
 
     return finish
+
+
+def laid_over(image: Image.Image, base: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's overlay (its ``overlay_images`` and ``apply_overlay``): ``base`` (the init image) made RGBA with
+    the inverted ``mask`` (its ``mask_for_overlay``) as alpha and premultiplied (PIL's ``RGBa``), laid by PIL's
+    ``alpha_composite`` over ``image`` (the generated one): 8-bit steps that land up to 1 away from a plain
+    ``Image.composite`` where the mask is grey."""
+    keep = Image.new("RGBa", base.size)
+    keep.paste(base.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    out = image.convert("RGBA")
+    out.alpha_composite(keep.convert("RGBA"))
+    return out.convert("RGB")
 
 
 def soft_overlay(
@@ -928,7 +942,7 @@ class OnlyMasked:
 
 
 def only_masked(
-    init: Image.Image, mask: Image.Image, blur: float, padding: int, size: tuple[int, int], fill: bool
+    init: Image.Image, mask: Image.Image, blur: Blur, padding: int, size: tuple[int, int], fill: bool
 ) -> OnlyMasked | None:
     """A1111's "Only masked" inpainting (``inpaint_full_res``): the box around the blurred mask (plus
     ``padding``, grown to the output's aspect ratio) is cut from the init image and the mask and fitted to
@@ -951,9 +965,9 @@ def only_masked(
     x1, y1, x2, y2 = region
 
     def finish(image: Image.Image) -> Image.Image:
-        canvas = base.copy()
+        canvas = base.copy()  # A1111's is transparent outside the box, where the overlay is wholly the init image
         canvas.paste(resize_image(image.convert("RGB"), x2 - x1, y2 - y1, "crop and resize"), (x1, y1))
-        return Image.composite(canvas, base, soft)
+        return laid_over(canvas, base, soft)
 
     return OnlyMasked(cut, cut_mask, region, base.size, plain, finish)
 
@@ -1880,12 +1894,11 @@ def keep_inpaint_masks(
     inpaint_masks: dict[int, str],
     resolve: Callable[[str], Path],
     ignored: list[str],
-    inverted: bool = False,
 ) -> list[ControlRequest]:
     """The units whose mask (:func:`control_units`' ``inpaint_masks``) is an SD3 inpainting ControlNet's keep it;
     the others lose it, listed in ``ignored`` (the extension's inpaint masks of U-Net units are not done). A
-    model that does not resolve keeps it: its build says what is wrong. ``inverted``: img2img's
-    ``inpainting_mask_invert``, refused on an inpainting unit that takes the img2img mask."""
+    model that does not resolve keeps it: its build says what is wrong. A unit that takes the img2img mask gets
+    it as the extension prepares it (blurred, inverted with ``inpainting_mask_invert``) from the route."""
     from sdengine.control.dit_files import is_sd3_inpainting_controlnet
 
     out = list(units)
@@ -1898,11 +1911,6 @@ def keep_inpaint_masks(
             out[i] = dataclasses.replace(out[i], mask=None)
             if label:
                 ignored.append(label)
-        elif inverted and not label:
-            raise BadRequest(
-                f"ControlNet unit {i}: inpainting_mask_invert with an SD3 inpainting ControlNet that takes the "
-                "img2img mask is not supported: give the unit its own mask (mask_image, white = repaint)"
-            )
     return out
 
 
@@ -2311,8 +2319,7 @@ def install(app: FastAPI, services: Any) -> None:
         units, resizes, processor_res = control_units(
             unit_args, init, ignored, detect_maps, ip_requests, init_mask, inpaint_masks
         )
-        inverted = bool(body.get("inpainting_mask_invert"))
-        units = keep_inpaint_masks(units, inpaint_masks, catalog.resolve_controlnet, ignored, inverted)
+        units = keep_inpaint_masks(units, inpaint_masks, catalog.resolve_controlnet, ignored)
         ip_requests = [dataclasses.replace(r, model=ip_adapter_name(r.model)) for r in ip_requests]
         if notes is not None and any((r.start, r.end) != (0.0, 1.0) for r in ip_requests):
             notes.append(
@@ -2437,6 +2444,7 @@ def install(app: FastAPI, services: Any) -> None:
         hr_model = fields.pop("hr_model", None)
         sd_vae = fields.pop("sd_vae", "Automatic")
         script = fields.pop("sd_upscale", None)
+        infotext_extra = fields.pop("infotext_extra", None)
         images = ("controlnets", "ip_adapters", "reference_images", "control_image")
         if fields.get("init_image") is None and not any(fields.get(k) for k in images):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
@@ -2444,6 +2452,7 @@ def install(app: FastAPI, services: Any) -> None:
             generation = await run_in_threadpool(build_scaled, fields, processor_res)
         if finish is not None:
             generation.finish = finish
+        generation.infotext_extra = infotext_extra
         # a size the model cannot make (off its multiple, over its limit, the hires fix's too) is a 400 before
         # any job is queued or any model loaded, as POST /v1/jobs answers it
         services.precheck(generation)
@@ -2823,7 +2832,7 @@ def install(app: FastAPI, services: Any) -> None:
         fields: dict[str, Any],
         req: Img2ImgRequest,
         body: dict[str, Any],
-        blur: float,
+        blur: tuple[float, float],
         mode: str,
         size: tuple[int, int] | None,
         notes: list[str],
@@ -2831,46 +2840,82 @@ def install(app: FastAPI, services: Any) -> None:
     ) -> Callable[..., Image.Image] | None:
         """The pipeline's init image, mask and blur of an A1111 inpainting request (in ``fields``) and the
         overlay that lays the result over the init image: "whole picture", or "only masked" with
-        ``inpaint_full_res``; masked content "fill" (``inpainting_fill`` 0) or "original" (1)."""
+        ``inpaint_full_res``; masked content "fill" (``inpainting_fill`` 0), "original" (1), "latent noise" (2),
+        "latent nothing" (3). As A1111's ``StableDiffusionProcessingImg2Img.init``: the mask read by
+        :func:`a1111_mask` (grey kept grey), inverted, blurred at its own size (``mask_blur_x`` then ``_y``, 8 bits),
+        fitted to the output like the init image; the pipeline gets that mask unblurred further (its latent mask
+        is rounded from it, an inpainting model's mask channel and masked image made binary from it, as A1111's),
+        the init image "filled" under it for every masked content but "original", and the overlay weighs the
+        generated image by it (doubled on the whole picture)."""
         assert req.mask is not None and req.init_images
         soft = fields.get("soft_inpainting")
-        # soft inpainting: A1111's mask_round off, the grey levels kept; the pipeline answers with its images as
-        # generated and their composite masks, which soft_overlay lays over the init image (before any "fill")
-        mask = a1111_mask(services.uploads.image(req.mask, "mask"), rounded=not soft)
+        # soft inpainting: A1111's mask_round off, an RGBA mask's alpha kept grey too; the pipeline answers with its
+        # images as generated and their composite masks, which soft_overlay lays over the init image (before any fill)
+        raw = ImageOps.exif_transpose(services.uploads.image(req.mask, "mask"))
+        mask = a1111_mask(raw, rounded=not soft)
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
-        init = services.uploads.image(req.init_images[0], "init image")
-        fill = req.inpainting_fill == 0
+        init = ImageOps.exif_transpose(services.uploads.image(req.init_images[0], "init image"))
+        fill = req.inpainting_fill in (0, *LATENT_FILLS)  # A1111 fills the image unless "original"
+        if blur[0] == blur[1] and blur[0] > 0:  # A1111's "Mask blur" (not written when the two differ)
+            fields.setdefault("infotext_extra", {})["Mask blur"] = f"{blur[0]:g}"
+        if fields.get("controlnets"):
+            fields["controlnets"] = unit_masks(fields["controlnets"], raw, req, blur)
         if soft:
             fields["soft_inpainting"] = {**soft, "composite": False}
-        if size is None:
-            fields.update(mask=mask, mask_blur=float(blur))
+        soft_mask = blurred_mask(mask, blur)
+        fields["mask_blur"] = 0.0  # blurred here, as A1111 blurs it
+        if size is None:  # refused by the request's checks
+            fields["mask"] = soft_mask
             return None
         if body.get("inpaint_full_res"):
             padding = body.get("inpaint_full_res_padding") or 0
             if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= 4096:
                 raise BadRequest(f"inpaint_full_res_padding must be an integer in [0, 4096], got {padding!r}")
-            plan = only_masked(ImageOps.exif_transpose(init), mask, blur, padding, size, fill)
+            plan = only_masked(init, mask, blur, padding, size, fill)
             if plan is None:  # as A1111: nothing to repaint, so img2img of the whole image
                 notes.append('the mask is empty: "Only masked" inpainting became img2img of the whole image')
                 fields.pop("soft_inpainting", None)  # A1111's script blends nothing then either
+                fields.pop("masked_content", None)  # nor its latent masked content (no latent mask)
+                fields["mask"] = None
                 return None
-            fields.update(init_image=plan.cut, mask=plan.mask, mask_blur=0.0)  # the mask is blurred already
+            fields.update(init_image=plan.cut, mask=plan.mask)
             fields["controlnets"] = cropped_units(fields.get("controlnets") or [], plan, req, mode, body)
             if soft:
-                return soft_overlay(ImageOps.exif_transpose(init), "just resize", plan.region)
+                return soft_overlay(init, "just resize", plan.region)
             return plan.finish
-        if mode != "just resize" and mask.size != size:  # A1111 fits the mask as the image (the pipeline stretches)
-            fields["mask"] = resize_image(mask, *size, mode)
-        else:
-            fields["mask"] = mask
-        fields["mask_blur"] = float(blur)
+        # A1111 fits the blurred mask as the image (resize_image in the resize mode; Lanczos for "just resize")
+        fitted_mask = resize_image(soft_mask, *size, mode) if soft_mask.size != size else soft_mask
+        fields["mask"] = fitted_mask
         if fill:  # A1111 fills the fitted init image under its blurred, fitted mask
-            fitted = resize_image(ImageOps.exif_transpose(init).convert("RGB"), *size, mode)
-            fields["init_image"] = masked_fill(fitted, resize_image(blurred_mask(mask, blur), *size, mode))
+            fitted = resize_image(init.convert("RGB"), *size, mode)
+            fields["init_image"] = masked_fill(fitted, fitted_mask)
         if soft:
-            return soft_overlay(ImageOps.exif_transpose(init), mode)
+            return soft_overlay(init, mode)
         return overlay_finish(init, mask, blur, mode)
+
+    def unit_masks(units: list[Any], raw: Image.Image, req: Img2ImgRequest, blur: tuple[float, float]) -> list[Any]:
+        """The img2img mask as sd-webui-controlnet hands it to an inpainting unit without an image of its own (its
+        ``prepare_mask`` of A1111's ``image_mask``): the mask as sent made grey (PIL's ``L``, not an RGBA mask's
+        alpha: such a mask with transparency is a one-line 400 rather than another mask than the request's),
+        inverted with ``inpainting_mask_invert``, blurred by ``mask_blur_x`` / ``mask_blur_y`` as A1111 blurs
+        (8 bits, its kernel size). The unit's own masks are left as sent, as the extension leaves them."""
+        out = []
+        for k, u in enumerate(units):
+            if u.mask is not req.mask:
+                out.append(u)
+                continue
+            if raw.mode == "RGBA" and raw.getextrema()[-1] != (255, 255):
+                raise BadRequest(
+                    f"ControlNet unit {k}: the img2img mask is RGBA with transparency, whose alpha A1111 reads while "
+                    "sd-webui-controlnet's inpainting unit reads its grey levels: send a grey mask (white = repaint), "
+                    "or give the unit its own mask_image"
+                )
+            grey = raw.convert("L")
+            if req.inpainting_mask_invert:
+                grey = ImageOps.invert(grey)
+            out.append(dataclasses.replace(u, mask=blurred_mask(grey, blur)))
+        return out
 
     def cropped_units(
         units: list[Any], plan: OnlyMasked, req: Img2ImgRequest, mode: str, body: dict[str, Any]

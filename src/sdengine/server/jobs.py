@@ -1023,7 +1023,7 @@ class Worker(threading.Thread):
             job.notes.extend(n for n in result.notes if n not in job.notes)
             masks = result.composite_masks or [None] * len(result.images)
             for image, seed, text, mask in zip(result.images, result.seeds, result.infotexts, masks, strict=True):
-                image = job.generation.finished(image, mask)
+                image, text = job.generation.finished(image, mask), job.generation.labelled(text)
                 ji = JobImage(image, int(seed), text)
                 if job.save:
                     try:  # a full disk fails this job only (save_png leaves no partial file)
@@ -1151,7 +1151,7 @@ class Worker(threading.Thread):
             masks = (result.composite_masks or [None] * len(result.images))[a:b]
             rows = zip(result.images[a:b], result.seeds[a:b], result.infotexts[a:b], masks, strict=True)
             for image, seed, text, mask in rows:
-                image = job.generation.finished(image, mask)
+                image, text = job.generation.finished(image, mask), job.generation.labelled(text)
                 ji = JobImage(image, int(seed), text)
                 if job.save:
                     try:  # a full disk fails this job only

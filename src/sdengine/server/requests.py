@@ -101,6 +101,9 @@ class Generation:
     # a script the worker calls instead of the pipeline, with the pipeline's call and the fields (A1111's SD
     # upscale: sdengine.server.a1111.sd_upscale_script); None: the pipeline's call
     script: Callable[..., Any] | None = None
+    # entries added to the end of every image's infotext (A1111's inpainting "Mask blur", which the A1111 route's
+    # own blur does not leave to the pipeline to write), in order; None: the pipeline's infotext as it is
+    infotext_extra: dict[str, str] | None = None
 
     @property
     def images(self) -> int:
@@ -112,6 +115,13 @@ class Generation:
         if self.finish is None:
             return image
         return self.finish(image) if mask is None else self.finish(image, mask)
+
+    def labelled(self, text: str) -> str:
+        """An image's infotext with :attr:`infotext_extra` added to its last line (A1111's ``Key: value`` list)."""
+        if not self.infotext_extra:
+            return text
+        extra = ", ".join(f"{k}: {v}" for k, v in self.infotext_extra.items())
+        return f"{text}, {extra}" if text else extra
 
     def release_images(self) -> None:
         """Drop the decoded input images (init image, mask, ControlNet images, the overlay that holds the init
