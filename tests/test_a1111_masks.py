@@ -155,6 +155,14 @@ def test_only_masked_with_a_grey_mask_as_a1111(api) -> None:
     canvas = Image.new("RGBA", init.size)
     canvas.paste(resize_image(pipeline(cut, cut_mask), box[2] - box[0], box[3] - box[1], "crop and resize"), box[:2])
     np.testing.assert_array_equal(arr(r.image), arr(overlay(canvas, init, blurred)))
+    # an empty mask with a latent masked content: as A1111, img2img of the whole image (no latent mask to fill by;
+    # once the pipeline's "masked_content needs a mask", a failed job)
+    r = api.img2img(images=[init], mask_image=Image.new("L", (64, 64), 0), prompt=PROMPT, seed=3,
+                    denoising_strength=0.8, inpainting_fill=2, inpaint_full_res=True, **COMMON)  # fmt: skip
+    plain = shared_loader("emoji", "cpu")(PROMPT, seed=3, init_image=init, strength=0.8, strength_rule="a1111",
+                                          sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)  # fmt: skip
+    np.testing.assert_array_equal(arr(r.image), arr(plain.images[0]))
+    assert any("the mask is empty" in n for n in r.info["notes"])
 
 
 def test_bad_blurs_are_one_line_400s(api) -> None:

@@ -90,7 +90,7 @@ def test_the_script_through_webuiapi_is_the_python_apis_soft_inpainting(server) 
         "difference threshold: 0.75, Soft inpainting difference contrast: 3" in text
     ), text
     assert r.info["ignored"] == []
-    # A1111's hard inpainting (the mask thresholded at 128, the blurred mask's overlay) is another image
+    # A1111's hard inpainting (the latent mask rounded, the blurred mask's doubled overlay) is another image
     hard = api.img2img(images=[_init()], mask_image=_mask(), inpainting_fill=1, **KW)
     assert (np.asarray(hard.image.convert("RGB")) != got).any(axis=-1).mean() > 0.2
     # disabled (the later arguments anything): exactly the plain inpainting, nothing listed as ignored
