@@ -212,6 +212,13 @@ def test_wrong_combinations_are_one_line_node_errors(zimg, tiny_sd1_folder, tmp_
               root / "models" / "text_encoders" / "gemma_2_2b_tiny.safetensors")  # fmt: skip
     g["39"]["inputs"]["clip_name"] = "gemma_2_2b_tiny.safetensors"
     assert "Gemma 2" in _node_error(root, g)
+    # no tokenizer folder beside the file
+    tokenizer = root / "models" / "text_encoders" / "qwen25_tokenizer"
+    tokenizer.rename(tmp_path / "moved")
+    try:
+        assert "CLIPLoader type lumina2: no Qwen2 tokenizer beside qwen_3_4b_tiny" in _node_error(root, z_graph())
+    finally:
+        (tmp_path / "moved").rename(tokenizer)
     # type qwen_image with a Qwen3 file: ComfyUI's Z-Image text encoder too
     g = z_graph()
     g["39"]["inputs"]["type"] = "qwen_image"
@@ -294,3 +301,49 @@ def test_comfy_run_command_and_server_route(zimg, tmp_path, capsys):
         assert MODEL in info["UNETLoader"]["input"]["required"]["unet_name"][0]
         png = prompt_image(client, z_graph())
     assert np.abs(png.astype(np.float64) - want).max() <= 1
+
+
+def test_the_ui_format_template_converts_and_runs(zimg):
+    """The template as ComfyUI's page saves it (UI format, KSampler's seed with its control widget, CLIPLoader's
+    device widget) converts to the API graph and gives its image."""
+    from sdengine.server.comfy.workflow import convert
+
+    root, _, _ = zimg
+
+    def node(i, kind, inputs, outputs, widgets):
+        ins = [{"name": n, "type": t, "link": link} for n, t, link in inputs]
+        outs = [{"name": t, "type": t, "links": links} for t, links in outputs]
+        return {"id": i, "type": kind, "mode": 0, "inputs": ins, "outputs": outs, "widgets_values": widgets}
+
+    nodes = [
+        node(16, "UNETLoader", [], [("MODEL", [1])], [MODEL, "default"]),
+        node(18, "CLIPLoader", [], [("CLIP", [2])], [TEXT, "lumina2", "default"]),
+        node(17, "VAELoader", [], [("VAE", [3])], ["ae.safetensors"]),
+        node(11, "ModelSamplingAuraFlow", [("model", "MODEL", 1)], [("MODEL", [4])], [SHIFT]),
+        node(6, "CLIPTextEncode", [("clip", "CLIP", 2)], [("CONDITIONING", [5, 6])], [PROMPT]),
+        node(7, "ConditioningZeroOut", [("conditioning", "CONDITIONING", 6)], [("CONDITIONING", [7])], []),
+        node(13, "EmptySD3LatentImage", [], [("LATENT", [8])], [SIDE, SIDE, 1]),
+        node(
+            3,
+            "KSampler",
+            [
+                ("model", "MODEL", 4),
+                ("positive", "CONDITIONING", 5),
+                ("negative", "CONDITIONING", 7),
+                ("latent_image", "LATENT", 8),
+            ],
+            [("LATENT", [9])],
+            [SEED, "randomize", STEPS, 1, "res_multistep", "simple", 1],
+        ),  # fmt: skip
+        node(8, "VAEDecode", [("samples", "LATENT", 9), ("vae", "VAE", 3)], [("IMAGE", [10])], []),
+        node(9, "SaveImage", [("images", "IMAGE", 10)], [], ["z-image"]),
+    ]
+    links = [
+        [1, 16, 0, 11, 0, "MODEL"], [2, 18, 0, 6, 0, "CLIP"], [3, 17, 0, 8, 1, "VAE"], [4, 11, 0, 3, 0, "MODEL"],
+        [5, 6, 0, 3, 1, "CONDITIONING"], [6, 6, 0, 7, 0, "CONDITIONING"], [7, 7, 0, 3, 2, "CONDITIONING"],
+        [8, 13, 0, 3, 3, "LATENT"], [9, 3, 0, 8, 0, "LATENT"], [10, 8, 0, 9, 0, "IMAGE"],
+    ]  # fmt: skip
+    prompt = convert({"nodes": nodes, "links": links})
+    assert prompt["18"]["inputs"]["type"] == "lumina2" and prompt["3"]["inputs"]["sampler_name"] == "res_multistep"
+    ours = _pixels(_run(root, prompt)["8"][0])
+    assert np.abs(ours - _pixels(_run(root, z_graph())["8"][0])).max() < 1e-6

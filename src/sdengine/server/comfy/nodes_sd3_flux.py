@@ -469,7 +469,7 @@ def _z_image_clip(ctx: RunContext, path: Path, clip_type: str) -> ClipHandle | N
 
     try:
         qwen3 = nodes_z_image.is_qwen3_file(path)
-        gemma = not qwen3 and nodes_z_image.is_gemma_file(path)
+        gemma = clip_type == "lumina2" and not qwen3 and nodes_z_image.is_gemma_file(path)
     except (OSError, SdengineError) as e:
         raise NodeError(f"CLIPLoader: {str(e).splitlines()[0]}") from None
     if clip_type == "lumina2" and not qwen3 and not path.is_dir():

@@ -122,7 +122,7 @@ def load_text(path: Path, dev: torch.device, dtype: torch.dtype) -> ZImageComfyT
     folder = tokenizer_beside(path)
     if folder is None:
         raise NodeError(
-            f"CLIPLoader type {CLIP_TYPE}: no Qwen2 tokenizer beside {path.name} (sdengine ships none): put the "
+            f"no Qwen2 tokenizer beside {path.name} (sdengine ships none): put the "
             "tokenizer folder (Z-Image's tokenizer/ or ComfyUI's comfy/text_encoders/qwen25_tokenizer) beside it as "
             "qwen25_tokenizer/"
         )
