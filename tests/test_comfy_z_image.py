@@ -347,3 +347,28 @@ def test_the_ui_format_template_converts_and_runs(zimg):
     assert prompt["18"]["inputs"]["type"] == "lumina2" and prompt["3"]["inputs"]["sampler_name"] == "res_multistep"
     ours = _pixels(_run(root, prompt)["8"][0])
     assert np.abs(ours - _pixels(_run(root, z_graph())["8"][0])).max() < 1e-6
+
+
+def test_comfy_text_reads_the_prompt_as_comfyuis_tokenizer(zimg):
+    """ComfyUI's Z-Image text: not cut at 512 tokens (diffusers' max_sequence_length: the pipeline cuts there, the
+    route keeps every token, its first 512 states the pipeline's), ``\\(`` read as ``(`` (weights off), and
+    ``embedding:NAME`` after a space refused in one line."""
+    root, pipe, _ = zimg
+    long_prompt = " ".join(["a red apple on a wooden table"] * 48)
+    g = z_graph()
+    g["6"]["inputs"]["text"] = long_prompt
+    out = _run(root, g)
+    states = out["6"][0][0].cond["crossattn"]
+    notes: list[str] = []
+    cut = pipe.conditioner.text(long_prompt, note=notes.append)
+    assert states.shape[1] > 550 and int(cut["text_mask"].sum()) == 512 and notes
+    assert torch.allclose(states[:, :512], cut["crossattn"][:, :512].float(), atol=1e-6)
+    assert np.isfinite(_pixels(out["8"][0])).all()
+    g["6"]["inputs"]["text"] = " ".join([long_prompt] * 3)  # past the transformer's RoPE (1536 on the release)
+    assert "is too long for this model's positions" in _node_error(root, g)
+    g = z_graph()
+    g["6"]["inputs"]["text"] = "a \\(red\\) apple"
+    escaped = _run(root, g)["6"][0][0].cond["crossattn"]
+    assert torch.allclose(escaped, pipe.conditioner.text("a (red) apple")["crossattn"][:, : escaped.shape[1]].float())
+    g["6"]["inputs"]["text"] = "an apple embedding:shiny"
+    assert "'embedding:' names a textual-inversion embedding, which Z-Image does not take" in _node_error(root, g)
