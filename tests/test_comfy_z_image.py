@@ -372,3 +372,47 @@ def test_comfy_text_reads_the_prompt_as_comfyuis_tokenizer(zimg):
     assert torch.allclose(escaped, pipe.conditioner.text("a (red) apple")["crossattn"][:, : escaped.shape[1]].float())
     g["6"]["inputs"]["text"] = "an apple embedding:shiny"
     assert "'embedding:' names a textual-inversion embedding, which Z-Image does not take" in _node_error(root, g)
+
+
+def test_set_latent_noise_mask_inpaints_as_comfyuis_x0_inpaint(zimg):
+    """SetLatentNoiseMask on a Z-Image latent: every call reads the known half on its noising path ``s noise +
+    (1 - s) latent`` and answers the latent there (ComfyUI's KSamplerX0Inpaint), written out from the pipeline's
+    public pieces (its transformer adapter and text conditioning)."""
+    from sdengine import vae_utils
+    from sdengine.diffusion import sampling
+    from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule, flow_grid
+
+    root, pipe, _ = zimg
+    g = z_graph(sampler="euler")
+    g.update({
+        "20": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0x3366CC}},
+        "21": {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["40", 0]}},
+        "22": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 16, "height": 16}},
+        "23": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 8, "height": 16}},
+        "24": {"class_type": "MaskComposite", "inputs": {"destination": ["22", 0], "source": ["23", 0], "x": 0,
+                                                          "y": 0, "operation": "add"}},
+        "25": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["21", 0], "mask": ["24", 0]}},
+    })  # fmt: skip
+    g["3"]["inputs"]["latent_image"] = ["25", 0]
+    out = _run(root, g)
+    raw = out["21"][0]["samples"]
+    schedule = FlowSchedule.sd3(SHIFT)
+    den = FlowDenoiser(pipe.network_adapter(pipe.unet), schedule)
+    latent = (raw - 0.1159) * 0.3611
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(SEED))
+    mask = torch.zeros(1, 16, 8, 8)
+    mask[..., :4] = 1.0  # the left half is repainted
+
+    def inpaint(x, sigma, **kw):
+        s = float(sigma)
+        x = x * mask + (s * noise + (1 - s) * latent) * (1 - mask)
+        return den(x, sigma, **kw) * mask + latent * (1 - mask)
+
+    sigmas = flow_grid(schedule, STEPS, "simple", comfy=True).sigmas
+    with torch.inference_mode():
+        x = sampling.sample(inpaint, noise, sampler="euler", steps=STEPS, sigmas=sigmas,
+                            extra_args=pipe.conditioner.text(PROMPT), noise_schedule=schedule)  # fmt: skip
+        image = vae_utils.to_unit(vae_utils.decode(pipe.vae, x)[0])[0].permute(1, 2, 0).numpy()
+    gap = np.abs(_pixels(out["8"][0]) - image)
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    assert torch.allclose(out["3"][0]["samples"][..., 4:], raw[..., 4:], atol=1e-5)  # the known half is the latent
