@@ -656,6 +656,10 @@ def checkpoint_loader(ctx: RunContext, ckpt_name: str) -> tuple[Any, ...]:
         from sdengine.server.comfy.nodes_qwen import refuse_checkpoint
 
         refuse_checkpoint(ckpt_name)
+    if getattr(pipe, "variant", None) == "z_image":
+        from sdengine.server.comfy import nodes_z_image
+
+        nodes_z_image.refuse_checkpoint(ckpt_name)
     return ModelHandle(ref), ClipHandle(ref), VaeHandle(ref)
 
 
@@ -1137,6 +1141,7 @@ def _sample(
     if float(denoise) <= 0.0:  # ComfyUI: no step to run, the latent passes through unchanged
         return (dict(latent_image),)
     pipe = ctx.pipeline(model.ref)
+    _check_text_width(pipe, [*positive, *negative])
     samples = latent_samples(latent_image, pipe)
 
     def report(r: Any) -> bool:
@@ -1211,6 +1216,21 @@ def _sample(
             **({"batch_index": latent_image["batch_index"]} if "batch_index" in latent_image else {}),
         },
     )
+
+
+def _check_text_width(pipe: Any, entries: list[Any]) -> None:
+    """A U-Net's conditioning is its own CLIP's: token states of another width (a diffusion transformer's text
+    encoder: T5, Qwen) are one line, not a matrix error inside the U-Net."""
+    want = getattr(getattr(getattr(pipe, "unet", None), "config", None), "cross_attention_dim", None)
+    if not isinstance(want, int):
+        return
+    for c in entries:
+        x = getattr(c, "cond", {}).get("crossattn")
+        if isinstance(x, torch.Tensor) and x.ndim == 3 and int(x.shape[-1]) != want:
+            raise NodeError(
+                f"this conditioning's token states are {int(x.shape[-1])} wide, {getattr(pipe, 'name', 'the model')}'s "
+                f"U-Net reads {want}: encode it with this model's CLIP (not another model family's text encoder)"
+            )
 
 
 def ksampler(ctx: RunContext, **kw: Any) -> tuple[Any]:

@@ -96,13 +96,13 @@ def template_end(ids: list[int], im_start: int | None, user: int | None, newline
     return end
 
 
-def comfy_text(text: str) -> str:
+def comfy_text(text: str, label: str = "Qwen-Image") -> str:
     """The text ComfyUI's tokenizer tokenizes (weights disabled): its escape and unescape of ``\\(`` / ``\\)``
     (the backslash dropped); a textual-inversion name after a space or newline (``embedding:NAME``, where ComfyUI
-    splits the text and looks the name up) is refused in one line."""
+    splits the text and looks the name up) is refused in one line (``label``: the model family it names)."""
     if re.search(r"[ \n]embedding:", text):
         raise NodeError(
-            "CLIPTextEncode on Qwen-Image: 'embedding:' names a textual-inversion embedding, which Qwen-Image does not "
+            f"CLIPTextEncode on {label}: 'embedding:' names a textual-inversion embedding, which {label} does not "
             "take here; write the text without it"
         )
     escaped = text.replace("\\)", "\0\1").replace("\\(", "\0\2")
@@ -487,13 +487,14 @@ def schedule(model: ModelHandle) -> Any:
 
 
 def refuse_aura_flow(family: str, model: ModelHandle) -> None:
-    """ModelSamplingAuraFlow (multiplier 1: the timestep is the sigma) on a model that is not Qwen-Image: one line."""
-    if model.flow_sampling and model.flow_sampling[0] == "auraflow" and family != FAMILY:
+    """ModelSamplingAuraFlow (multiplier 1: the timestep is the sigma) on a model that is not Qwen-Image or Z-Image:
+    one line."""
+    if model.flow_sampling and model.flow_sampling[0] == "auraflow" and family not in (FAMILY, "z_image"):
         label = {"sd3": "an SD3", "flux": "a Flux", "chroma": "a Chroma"}.get(family, f"a {family}")
         node = "ModelSamplingSD3" if family == "sd3" else "ModelSamplingFlux"
         raise NodeError(
-            f"ModelSamplingAuraFlow is for Qwen-Image models here (its timesteps are the sigma); this is {label} "
-            f"model: use {node}"
+            f"ModelSamplingAuraFlow is for Qwen-Image models here (and Z-Image: their timesteps are the sigma); this "
+            f"is {label} model: use {node}"
         )
 
 
@@ -625,7 +626,8 @@ QWEN_NODES: dict[str, NodeDef] = {
         ("MODEL",),
         model_sampling_aura_flow,
         description="ComfyUI's discrete flow schedule with this shift (a table of 1000, multiplier 1) for a "
-        "Qwen-Image model (its template: 3.1); on another model a node error when it samples.",
+        "Qwen-Image model (its template: 3.1) or a Z-Image one (its template: 3); on another model a node error when "
+        "it samples.",
     ),
     "TextEncodeQwenImageEdit": NodeDef(
         "TextEncodeQwenImageEdit",

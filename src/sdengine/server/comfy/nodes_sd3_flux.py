@@ -83,6 +83,7 @@ LATENT_FORMATS: dict[str, tuple[float, float]] = {
     "sd3": (1.5305, 0.0609),
     "flux": (0.3611, 0.1159),
     "chroma": (0.3611, 0.1159),  # ComfyUI's Chroma: Flux's latent format
+    "z_image": (0.3611, 0.1159),  # ComfyUI's ZImage (Lumina2): Flux's latent format
 }
 FLOW_CHANNELS = 16
 LATENT_FACTOR = 8  # EmptySD3LatentImage's: width // 8 x height // 8, whatever the VAE
@@ -94,6 +95,7 @@ CLIP_TYPES = ("sd3", "flux")
 CLIP_LOADER_TYPES = (
     "chroma",
     "qwen_image",
+    "lumina2",  # Qwen3-4B: ComfyUI's Z-Image text encoder (its templates' type)
 )  # CLIPLoader's types run here (ComfyUI's list is longer: the others are refused)
 MAX_FLOAT = 100.0
 SIDE_MAX = 16384
@@ -153,8 +155,16 @@ def _load_transformer(
     from sdengine.nn.fp8_storage import to_storage
     from sdengine.pipeline.chroma_loading import is_chroma_file
     from sdengine.pipeline.flux_loading import is_flux_file
+    from sdengine.pipeline.z_image_loading import is_z_image_file
     from sdengine.weights.sd3_files import is_sd3_file
 
+    if is_z_image_file(path):  # ComfyUI's z_image_*.safetensors: the original names (or diffusers'), prefix or not
+        from sdengine.server.comfy.nodes_z_image import load_transformer
+
+        z_image = load_transformer(path, dev, dtype)
+        if stored is not None:
+            to_storage(z_image, stored)
+        return "z_image", z_image
     if is_chroma_file(path):  # before Flux's: a Chroma file has Flux's block names too
         from sdengine.weights.chroma_file import load_chroma_transformer
 
@@ -186,9 +196,9 @@ def _load_transformer(
             to_storage(qwen, stored)
         return "qwen_image", qwen
     raise NodeError(
-        f"{path.name} is neither a Flux / Chroma transformer (double_blocks.*), SD3's MMDiT (joint_blocks.*) nor a "
-        "Qwen-Image transformer (img_in, txt_in, txt_norm): UNETLoader loads those here (an SD 1.x/SDXL U-Net loads "
-        "with CheckpointLoaderSimple)"
+        f"{path.name} is neither a Flux / Chroma transformer (double_blocks.*), SD3's MMDiT (joint_blocks.*), a "
+        "Qwen-Image transformer (img_in, txt_in, txt_norm) nor a Z-Image one (cap_pad_token, layers.*): UNETLoader "
+        "loads those here (an SD 1.x/SDXL U-Net loads with CheckpointLoaderSimple)"
     )
 
 
@@ -265,6 +275,10 @@ def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) 
         from sdengine.server.comfy.nodes_qwen import load_text
 
         return load_text(Path(files["qwen"]), dev, dtype)
+    if clip.clip_type == "z_image":
+        from sdengine.server.comfy import nodes_z_image
+
+        return nodes_z_image.load_text(Path(files["qwen3"]), dev, dtype)
     t5 = load_t5_encoder(Path(files["t5xxl"]), device=dev, dtype=dtype) if "t5xxl" in files else None
     if clip.clip_type == "chroma":
         from sdengine.text.chroma_conditioner import ChromaConditioner
@@ -417,6 +431,10 @@ def clip_loader(ctx: RunContext, clip_name: str, type: str = "chroma", device: s
             "DualCLIPLoader or TripleCLIPLoader; SD 1.x / SDXL: the checkpoint's CLIP)"
         )
     path = ctx.catalog.resolve_text_encoder(clip_name)
+    if type in ("lumina2", "qwen_image"):
+        z_image = _z_image_clip(ctx, path, type)
+        if z_image is not None:
+            return (z_image,)
     if type == "qwen_image":
         from sdengine.server.comfy.nodes_qwen import is_qwen_text_file
 
@@ -441,6 +459,40 @@ def clip_loader(ctx: RunContext, clip_name: str, type: str = "chroma", device: s
     handle = ClipHandle(TEXT_ENCODERS_REF + str(path), encoders=(("t5xxl", str(path)),), clip_type="chroma")
     _conditioner(ctx, handle)  # load now: a broken file fails at this node
     return (handle,)
+
+
+def _z_image_clip(ctx: RunContext, path: Path, clip_type: str) -> ClipHandle | None:
+    """CLIPLoader on Qwen3-4B: ComfyUI's Z-Image text encoder under any type but flux / flux2 (its templates say
+    lumina2; qwen_image too); None for type qwen_image on another file. Under lumina2 Lumina 2's Gemma is refused, and
+    any other file in one line by the Qwen3 loader (a Qwen2.5-VL one: its family)."""
+    from sdengine.server.comfy import nodes_z_image
+
+    try:
+        qwen3 = nodes_z_image.is_qwen3_file(path)
+        gemma = clip_type == "lumina2" and not qwen3 and nodes_z_image.is_gemma_file(path)
+    except (OSError, SdengineError) as e:
+        raise NodeError(f"CLIPLoader: {str(e).splitlines()[0]}") from None
+    if clip_type == "lumina2" and not qwen3 and not path.is_dir():
+        from sdengine.server.comfy.nodes_qwen import is_qwen_text_file
+
+        if is_qwen_text_file(path):  # Qwen's names without Qwen3's q/k norms: Qwen2.5-VL (Qwen-Image's)
+            raise NodeError(
+                f"CLIPLoader type lumina2: {path.name} is Qwen2.5-VL (Qwen-Image's text encoder, type qwen_image); "
+                "Z-Image reads Qwen3-4B (qwen_3_4b.safetensors)"
+            )
+    if gemma:
+        raise NodeError(
+            f"CLIPLoader type lumina2: {path.name} is Gemma 2 (Lumina Image 2.0's text encoder), which is not "
+            "supported here; type lumina2 takes Z-Image's Qwen3-4B (qwen_3_4b.safetensors)"
+        )
+    if not qwen3 and clip_type != "lumina2":
+        return None
+    handle = ClipHandle(TEXT_ENCODERS_REF + str(path), encoders=(("qwen3", str(path)),), clip_type="z_image")
+    try:
+        _conditioner(ctx, handle)  # load now: a broken file, another model or a missing tokenizer fails here
+    except NodeError as e:
+        raise NodeError(f"CLIPLoader type {clip_type}: {str(e).removeprefix('text encoders: ')}") from None
+    return handle
 
 
 def dual_clip_loader(ctx: RunContext, clip_name1: str, clip_name2: str, type: str, device: str = "default") -> Any:
@@ -488,6 +540,10 @@ def encode_flow(ctx: RunContext, clip: ClipHandle, text: str) -> Any:
         from sdengine.server.comfy.nodes_qwen import text_entry
 
         return text_entry(clip, cond, str(text))
+    if family == "z_image":
+        from sdengine.server.comfy import nodes_z_image
+
+        return nodes_z_image.text_entry(clip, cond, str(text))
     with _encoder_loras(clip, cond, family):
         if family == "chroma":
             return _chroma_entry(clip, cond, str(text))
@@ -653,7 +709,7 @@ def sampling_references(
     if not pos and not neg:
         return [], method
     if family not in ("flux", "qwen_image"):  # FLUX.1 Kontext's and Qwen-Image Edit's (ComfyUI's reference_latents)
-        label = {"sd3": "an SD3", "chroma": "a Chroma"}.get(family, f"a {family}")
+        label = {"sd3": "an SD3", "chroma": "a Chroma", "z_image": "a Z-Image"}.get(family, f"a {family}")
         raise NodeError(
             f"ReferenceLatent is FLUX.1 Kontext's; {name} is {label} model (Qwen-Image models take them too)"
         )
@@ -718,6 +774,10 @@ def _schedule(family: str, guidance_embeds: bool, model: ModelHandle) -> Any:
         from sdengine.server.comfy import nodes_qwen
 
         return nodes_qwen.schedule(model)
+    if family == "z_image":
+        from sdengine.server.comfy import nodes_z_image
+
+        return nodes_z_image.schedule(model)
     if model.flow_sampling:
         from sdengine.server.comfy.nodes_qwen import refuse_aura_flow
 
@@ -753,6 +813,10 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
             from sdengine.server.comfy.nodes_qwen import ComfyQwenAdapter
 
             adapter = ComfyQwenAdapter(net, dtype)
+        if family == "z_image":  # ComfyUI's NextDiT: t = 1 - sigma, its output negated (diffusers' call, the same)
+            from sdengine.pipeline.z_image import ZImageAdapter
+
+            adapter = ZImageAdapter(net, dtype)
         name = Path(model.diffusion_model).name
     else:
         pipe = ctx.pipeline(model.ref)
@@ -760,7 +824,10 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
         net, dev, name, dtype = pipe.unet, pipe.device, pipe.name, pipe.dtype
         adapter = pipe.network_adapter(net)
     guidance = bool(getattr(net.config, "guidance_embeds", False))
-    widths = (int(net.config.joint_attention_dim), int(getattr(net.config, "pooled_projection_dim", 0)))
+    if family == "z_image":  # the caption states' width
+        widths = (int(net.config.cap_feat_dim), 0)
+    else:
+        widths = (int(net.config.joint_attention_dim), int(getattr(net.config, "pooled_projection_dim", 0)))
     skipping = None
     if family == "sd3":  # the MMDiT with blocks left out (SkipLayerGuidanceSD3), through the same adapter
 
@@ -928,7 +995,7 @@ def _check_patches(model: ModelHandle, family: str) -> None:
     transformers (every format the pipelines take, :mod:`sdengine.weights.lora_dit_keys`)."""
     on = [label for field, label in _UNET_PATCHES[1:] if getattr(model, field, None)]
     if on:
-        label = {"sd3": "SD3", "chroma": "Chroma", "qwen_image": "Qwen-Image"}.get(family, "Flux")
+        label = FAMILY_LABELS.get(family, "Flux")
         raise NodeError(f"{', '.join(on)} patch(es) a U-Net; not supported on {label} models here")
 
 
@@ -1010,6 +1077,11 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
             from sdengine.server.comfy.nodes_qwen import fit_conditioning
 
             out += fit_conditioning([e], joint)
+            continue
+        if family == "z_image":
+            from sdengine.server.comfy import nodes_z_image
+
+            out += nodes_z_image.fit_conditioning([e], joint)
             continue
         if family == "chroma":  # T5's states alone (ComfyUI's Chroma: no pooled vector, the guidance input 0)
             if int(x.shape[-1]) != joint or "vector" in cond:
@@ -1125,6 +1197,10 @@ def sample_flow(
         from sdengine.server.comfy.nodes_qwen import check_latent
 
         check_latent(z, flow.name)
+    if family == "z_image":
+        from sdengine.server.comfy import nodes_z_image
+
+        nodes_z_image.check_latent(z, flow.name)
     for k, ref in enumerate(references):  # one reference for every row, or one per row
         if ref.shape[0] not in (1, z.shape[0]):
             raise NodeError(
@@ -1165,7 +1241,7 @@ def sample_flow(
         )
         if family == "chroma":
             fitted = chroma_lengths(*fitted, cfg)
-        if family == "qwen_image":  # ComfyUI's CONDRegular: texts of different lengths run apart
+        if family in ("qwen_image", "z_image"):  # ComfyUI's CONDRegular: texts of different lengths run apart
             from sdengine.server.comfy.nodes_qwen import own_lengths
 
             fitted = own_lengths(*fitted)
@@ -1327,7 +1403,13 @@ def _hint_vae(ctx: RunContext, vae: Any, name: str) -> Any:
     return vae_module(ctx, vae)
 
 
-FAMILY_LABELS = {"sd3": "SD3", "flux": "Flux", "chroma": "Chroma", "qwen_image": "Qwen-Image"}  # in messages
+FAMILY_LABELS = {
+    "sd3": "SD3",
+    "flux": "Flux",
+    "chroma": "Chroma",
+    "qwen_image": "Qwen-Image",
+    "z_image": "Z-Image",
+}  # in messages
 
 
 def _load_dit_controlnet(ctx: RunContext, path: str, family: str) -> Any:
@@ -1519,8 +1601,10 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         description="One text encoder from --models-dir's text_encoders/ or clip/: type chroma, T5-XXL for Chroma "
         "(ComfyUI's encoding: the prompt's tokens and </s>, no padding); type qwen_image, Qwen2.5-VL's language "
         "model for Qwen-Image with Qwen2's tokenizer folder beside the file (qwen25_tokenizer/; ComfyUI's encoding: "
-        "the chat template, the tokens up to <|im_start|>user dropped, no padding). ComfyUI's other types are not "
-        "supported.",
+        "the chat template, the tokens up to <|im_start|>user dropped, no padding); type lumina2, Qwen3-4B for Z-Image "
+        "(qwen_3_4b.safetensors, the tokenizer folder likewise; ComfyUI's encoding: Qwen3's chat template, the "
+        "next-to-last layer's states of every token, no padding; a Qwen3 file under qwen_image too, as ComfyUI). "
+        "ComfyUI's other types are not supported.",
     ),
     "T5TokenizerOptions": NodeDef(
         "T5TokenizerOptions",
