@@ -290,7 +290,8 @@ def test_single_file_gives_the_folders_image(sd3, single):
     assert isinstance(from_file, SD3Pipeline) and from_file.has_t5
     assert from_file.noise_schedule.shift == 3.0
     a, b = _ours(pipe).arrays, _ours(from_file).arrays
-    assert float(np.abs(a - b).max()) < 1e-6
+    # the same weights, laid out apart in memory: float32 rounding in BLAS may differ (1.1e-6 seen once under load)
+    assert float(np.abs(a - b).max()) < 5e-6
     assert from_file.model_hash() != pipe.model_hash()  # the file's bytes, the folder's transformer weights
 
 

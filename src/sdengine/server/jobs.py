@@ -1021,7 +1021,7 @@ class Worker(threading.Thread):
                 return
             done_steps += run_steps[0] or int(kwargs["steps"])
             job.notes.extend(n for n in result.notes if n not in job.notes)
-            masks = result.composite_masks or [None] * len(result.images)
+            masks = getattr(result, "composite_masks", None) or [None] * len(result.images)  # SD upscale has none
             for image, seed, text, mask in zip(result.images, result.seeds, result.infotexts, masks, strict=True):
                 image, text = job.generation.finished(image, mask), job.generation.labelled(text)
                 ji = JobImage(image, int(seed), text)
@@ -1148,7 +1148,7 @@ class Worker(threading.Thread):
         for job, (a, b) in zip(jobs, spans, strict=True):
             job.notes.extend(n for n in notes[job.id] if n not in job.notes)
             failed = None
-            masks = (result.composite_masks or [None] * len(result.images))[a:b]
+            masks = (getattr(result, "composite_masks", None) or [None] * len(result.images))[a:b]
             rows = zip(result.images[a:b], result.seeds[a:b], result.infotexts[a:b], masks, strict=True)
             for image, seed, text, mask in rows:
                 image, text = job.generation.finished(image, mask), job.generation.labelled(text)
