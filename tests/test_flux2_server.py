@@ -1,36 +1,137 @@
-"""FLUX.2 [klein] and ``sdengine serve``: not served yet. A klein folder in the models folder is listed without a
-family (GET /v1/models' null: not told), and a job naming it fails with the one line that says so, instead of
-running as a Stable Diffusion model."""
+"""FLUX.2 [klein] through ``sdengine serve``: a live server whose models folder holds two tiny random klein folders
+(tests/_flux2_models.py), one step-distilled and one base. GET /v1/models tells the family "flux2" and each kind's
+defaults before the model loads; a native job (with reference images too: klein edit), A1111's txt2img through the
+real ``webuiapi`` client and OpenAI's generations through the real ``openai`` client give the Python pipeline's image
+(equal pixels: the same code on the same CPU); what FLUX.2 refuses is a one-line 400 before any job."""
 
 from __future__ import annotations
 
-import json
+import base64
+import io
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
+pytest.importorskip("diffusers")
+openai = pytest.importorskip("openai")
+webuiapi = pytest.importorskip("webuiapi")
 
 import httpx  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from _live_server import live_server, server_config, wait_job  # noqa: E402
-from sdengine.server.app import default_loader  # noqa: E402
+import sdengine  # noqa: E402
+from _flux2_models import make_klein_folder  # noqa: E402
+from _live_server import live_server, run_job, server_config  # noqa: E402
+from _pipeline_models import picture  # noqa: E402
+
+PROMPT = "a red apple on a table"
+W, H = 32, 48  # the tiny VAE's 4x, 2x2 patches: multiples of 8
 
 
-def test_klein_folders_are_refused_by_the_server(tmp_path):
-    models = tmp_path / "models"
-    folder = models / "tiny-klein"  # refused from its model_index.json: no weights are needed
-    folder.mkdir(parents=True)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", "is_distilled": True}))
-    with live_server(server_config(tmp_path, models_dir=models), loader=default_loader(None)) as server:
-        with httpx.Client(base_url=server.url, timeout=120) as client:
-            data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-            assert data["tiny-klein"]["family"] is None
-            r = client.post("/v1/jobs", json={"model": "tiny-klein", "prompt": "a red apple", "steps": 2})
-            if r.status_code == 202:
-                j = wait_job(client, r.json()["id"], timeout=120)
-                assert j["state"] == "failed", j
-                message = str(j.get("error"))
-            else:
-                assert r.status_code == 400, r.text
-                message = r.text
-            assert "FLUX.2 models are not served yet" in message and "\n" not in message
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serverklein")
+    models = root / "models"
+    make_klein_folder(models / "tiny-klein", seed=1, distilled=True)
+    make_klein_folder(models / "tiny-klein-base", seed=2)
+    pipes = {name: sdengine.load_pipeline(models / name, device="cpu") for name in ("tiny-klein", "tiny-klein-base")}
+    with live_server(server_config(root, models_dir=models)) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            yield server, client, pipes
+
+
+def _rgb(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def test_models_list_the_flux2_family_and_each_kinds_defaults(served):
+    _, client, _ = served
+    data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert data["tiny-klein"]["family"] == data["tiny-klein-base"]["family"] == "flux2"
+    assert data["tiny-klein"]["defaults"] == {"steps": 4, "cfg_scale": 1.0, "sampler": "euler", "schedule": "normal"}
+    assert data["tiny-klein-base"]["defaults"] == {
+        "steps": 50,
+        "cfg_scale": 4.0,
+        "sampler": "euler",
+        "schedule": "normal",
+    }
+
+
+def test_what_flux2_refuses_is_a_one_line_400(served):
+    """Before the model loads (its refusals without the model) on every route; A1111's reference images too."""
+    _, client, _ = served
+    base = {"model": "tiny-klein", "prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 1}
+    for extra, needle in (
+        ({"cfg_scale": 3}, "is step-distilled (is_distilled) and runs without CFG"),
+        ({"distilled_cfg_scale": 4}, "distilled_cfg_scale"),
+        ({"freeu": [1.1, 1.2, 0.9, 0.2]}, "FreeU"),
+        ({"pag_scale": 3.0}, "pag_scale"),
+        ({"hires": {"hr_scale": 2}}, "the hires fix is not supported for FLUX.2"),
+    ):
+        r = client.post("/v1/jobs", json={**base, **extra})
+        assert r.status_code == 400, (extra, r.status_code, r.text)
+        message = r.json()["detail"]
+        assert isinstance(message, str) and "\n" not in message and needle in message, message
+    png = io.BytesIO()
+    picture(W, H).save(png, format="PNG")
+    b64 = base64.b64encode(png.getvalue()).decode()
+    a1111 = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "cfg_scale": 1}
+    a1111 |= {"override_settings": {"sd_model_checkpoint": "tiny-klein"}}
+    for route, extra, needle in (
+        ("img2img", {"init_images": [b64]}, "init images (img2img) are not supported for FLUX.2"),
+        ("txt2img", {"reference_images": [b64]}, "on POST /v1/jobs (reference_images)"),
+    ):
+        r = client.post(f"/sdapi/v1/{route}", json={**a1111, **extra})
+        assert r.status_code == 400, (route, r.status_code, r.text)
+        message = r.json()["detail"] if "detail" in r.json() else r.json()["error"]
+        assert isinstance(message, str) and "\n" not in message and needle in message, message
+
+
+def test_native_jobs_give_the_pipelines_image(served):
+    """A base model with CFG and a negative prompt; a distilled one with a reference image (klein edit)."""
+    _, client, pipes = served
+    job = {"model": "tiny-klein-base", "prompt": PROMPT, "negative_prompt": "blurry", "steps": 3, "cfg_scale": 3}
+    got, _ = run_job(client, {**job, "width": W, "height": H, "seed": 5})
+    want = pipes["tiny-klein-base"](
+        PROMPT, "blurry", steps=3, cfg_scale=3, sampler="euler", schedule="normal", seed=5, width=W, height=H
+    )
+    np.testing.assert_array_equal(got, _rgb(want.images[0]))
+    ref = picture(72, 64)
+    png = io.BytesIO()
+    ref.save(png, format="PNG")
+    b64 = base64.b64encode(png.getvalue()).decode()
+    got, _ = run_job(
+        client, {"model": "tiny-klein", "prompt": PROMPT, "steps": 2, "seed": 6, "reference_images": [b64]}
+    )
+    want = pipes["tiny-klein"](PROMPT, steps=2, seed=6, reference_images=[ref], progress=False)
+    assert want.images[0].size == (72, 64)  # the reference's size (no size given)
+    np.testing.assert_array_equal(got, _rgb(want.images[0]))
+
+
+def test_a1111_txt2img_through_webuiapi_gives_the_pipelines_image(served):
+    """webuiapi sends A1111's cfg_scale 7 for every model: on a step-distilled klein it is listed as ignored and the
+    image is the one of no CFG; a base model takes it."""
+    server, _, pipes = served
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler")
+    common = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 7}
+    r = api.txt2img(**common, override_settings={"sd_model_checkpoint": "tiny-klein"})
+    assert "cfg_scale" in r.info.get("ignored", []), r.info
+    want = pipes["tiny-klein"](PROMPT, steps=2, seed=7, width=W, height=H, progress=False).images[0]
+    np.testing.assert_array_equal(_rgb(r.image), _rgb(want))
+    r = api.txt2img(
+        **common, negative_prompt="blurry", cfg_scale=3, override_settings={"sd_model_checkpoint": "tiny-klein-base"}
+    )
+    want = pipes["tiny-klein-base"](
+        PROMPT, "blurry", steps=2, cfg_scale=3, sampler="euler", schedule="normal", seed=7, width=W, height=H
+    ).images[0]
+    np.testing.assert_array_equal(_rgb(r.image), _rgb(want))
+
+
+def test_openai_generations_give_the_pipelines_image(served):
+    server, _, pipes = served
+    api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0, timeout=300)
+    r = api.images.generate(model="tiny-klein", prompt=PROMPT, size=f"{W}x{H}", extra_body={"seed": 8, "steps": 2})
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
+    want = pipes["tiny-klein"](PROMPT, steps=2, seed=8, width=W, height=H, progress=False).images[0]
+    np.testing.assert_array_equal(got, _rgb(want))

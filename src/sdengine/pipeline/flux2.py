@@ -182,6 +182,14 @@ _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
 )
 
 
+def distilled_cfg_refusal(scale: Any, name: str) -> str | None:
+    """The line refusing ``cfg_scale`` ``scale`` on the step-distilled model ``name`` (anything but 1: diffusers
+    ignores it with a warning), None for 1 (and for a value the request's own checks refuse)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale == 1:
+        return None
+    return f"cfg_scale {scale:g}: {name} is step-distilled (is_distilled) and runs without CFG: leave cfg_scale at 1"
+
+
 # FLUX.1's refusal lines that say something else for FLUX.2 (the rest only change "Flux" to "FLUX.2")
 _WORDING = {
     "Flux ControlNets do not take it": "FLUX.2 takes no ControlNets",
@@ -376,12 +384,9 @@ class Flux2Pipeline(FluxPipeline):
         reasons = flux2_refusals(r)
         if reasons:
             raise GenerationError(f"{reasons[0]}; {self.name} is a FLUX.2 model")
-        scale = r.cfg_scale
-        if self.distilled and isinstance(scale, int | float) and math.isfinite(scale) and float(scale) != 1.0:
-            raise GenerationError(
-                f"cfg_scale {scale:g}: {self.name} is step-distilled (is_distilled) and runs without CFG: leave "
-                "cfg_scale at 1"
-            )
+        why = distilled_cfg_refusal(r.cfg_scale, self.name) if self.distilled else None
+        if why is not None:
+            raise GenerationError(why)
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         """As Flux's, with FLUX.2's reference images (:mod:`sdengine.pipeline.flux2_references`) read, fitted and
@@ -458,6 +463,7 @@ __all__ = [
     "Flux2Adapter",
     "Flux2Conditioner",
     "Flux2Pipeline",
+    "distilled_cfg_refusal",
     "empirical_mu",
     "flux2_refusals",
 ]

@@ -13,6 +13,7 @@ refused in one line.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,33 @@ def is_flux2_file(path: Path) -> bool:
     return path.suffix.lower() in SAFETENSORS_SUFFIXES and file_holds(
         path, lambda names: any(m in names for m in FILE_MARKERS)
     )
+
+
+def distilled_from_name(path: Path) -> bool | None:
+    """Whether a FLUX.2 [klein] single file is step-distilled, by its name's words (the weights cannot tell: both
+    kinds have the same tensors): BFL's and ComfyUI's ``flux-2-klein-4b.safetensors`` / ``flux-2-klein-9b*`` are
+    the distilled models, ``flux-2-klein-base-4b.safetensors`` the base ones. A name with the word ``base`` is a
+    base model, one with ``distilled`` or ``klein`` (and not ``base``) a distilled one; None for any other name
+    (or one saying both): not told."""
+    words = set(re.split(r"[^a-z0-9]+", path.name.lower().removesuffix(path.suffix.lower())))
+    base, distilled = "base" in words, "distilled" in words
+    if base and distilled:
+        return None
+    if base:
+        return False
+    return True if distilled or "klein" in words else None
+
+
+def distilled_before_load(path: Path) -> bool | None:
+    """Whether a FLUX.2 folder (``model_index.json``'s ``is_distilled``) or single file (:func:`distilled_from_name`)
+    is step-distilled, read without loading it; None when not told."""
+    if path.is_dir():
+        try:
+            value = json.loads((path / "model_index.json").read_text()).get("is_distilled", False)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+            return None
+        return value if isinstance(value, bool) else None
+    return distilled_from_name(path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -173,6 +201,8 @@ def load_flux2_pipeline(
 __all__ = [
     "ACCEPTED",
     "FILE_MARKERS",
+    "distilled_before_load",
+    "distilled_from_name",
     "is_flux2_file",
     "is_flux2_folder",
     "load_flux2_pipeline",
