@@ -202,3 +202,20 @@ def test_file_refusals(files, tmp_path: Path) -> None:
     save_file({k: v for k, v in load_file(out["vae"]).items() if not k.startswith("bn.")}, flux1)
     with pytest.raises(GenerationError, match=r"no bn.running_mean / bn.running_var: not a FLUX.2 VAE"):
         load_pipeline(out["transformer"], device="cpu", **{**parts, "vae": str(flux1)})
+
+
+def test_cli_generate_with_the_files(files, tmp_path: Path) -> None:
+    """``sdengine generate --model flux-2-klein-4b.safetensors --qwen-text ... --vae ... --qwen-tokenizer ...``: the
+    folder's image (the PNG of the same pipeline call)."""
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    folder, out, _, _ = files
+    args = ["generate", PROMPT, "--steps", "2", "--seed", "6", "--width", str(W), "--height", str(H), "--no-progress"]
+    parts = ["--qwen-text", str(out["text"]), "--vae", str(out["vae"]), "--qwen-tokenizer", str(folder / "tokenizer")]
+    assert main([*args, "--model", str(out["transformer"]), *parts, "--out", str(tmp_path / "file")]) == 0
+    assert main([*args, "--model", str(folder), "--out", str(tmp_path / "folder")]) == 0
+    (a,), (b,) = ([np.asarray(Image.open(p)) for p in (tmp_path / d).glob("*.png")] for d in ("file", "folder"))
+    assert a.shape == (H, W, 3)
+    np.testing.assert_array_equal(a, b)

@@ -11,6 +11,8 @@ import io
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 pytest.importorskip("fastapi")
 pytest.importorskip("diffusers")
@@ -36,9 +38,18 @@ def served(tmp_path_factory):
     make_klein_folder(models / "tiny-klein", seed=1, distilled=True)
     make_klein_folder(models / "tiny-klein-base", seed=2)
     pipes = {name: sdengine.load_pipeline(models / name, device="cpu") for name in ("tiny-klein", "tiny-klein-base")}
-    with live_server(server_config(root, models_dir=models)) as server:
+    loras = root / "loras"
+    loras.mkdir()
+    g = torch.Generator().manual_seed(0)
+    lora = {}  # a random LoRA in diffusers' names on every Linear of the transformer
+    for name, m in pipes["tiny-klein"].transformer.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            lora[f"transformer.{name}.lora_A.weight"] = torch.randn(2, m.in_features, generator=g) * 0.2
+            lora[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 2, generator=g) * 0.2
+    save_file(lora, loras / "klein-style.safetensors")
+    with live_server(server_config(root, models_dir=models, loras_dir=loras)) as server:
         with httpx.Client(base_url=server.url, timeout=300) as client:
-            yield server, client, pipes
+            yield server, client, pipes, loras
 
 
 def _rgb(image: Image.Image) -> np.ndarray:
@@ -46,7 +57,7 @@ def _rgb(image: Image.Image) -> np.ndarray:
 
 
 def test_models_list_the_flux2_family_and_each_kinds_defaults(served):
-    _, client, _ = served
+    _, client, _, _ = served
     data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert data["tiny-klein"]["family"] == data["tiny-klein-base"]["family"] == "flux2"
     assert data["tiny-klein"]["defaults"] == {"steps": 4, "cfg_scale": 1.0, "sampler": "euler", "schedule": "normal"}
@@ -60,7 +71,7 @@ def test_models_list_the_flux2_family_and_each_kinds_defaults(served):
 
 def test_what_flux2_refuses_is_a_one_line_400(served):
     """Before the model loads (its refusals without the model) on every route; A1111's reference images too."""
-    _, client, _ = served
+    _, client, _, _ = served
     base = {"model": "tiny-klein", "prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 1}
     for extra, needle in (
         ({"cfg_scale": 3}, "is step-distilled (is_distilled) and runs without CFG"),
@@ -90,7 +101,7 @@ def test_what_flux2_refuses_is_a_one_line_400(served):
 
 def test_native_jobs_give_the_pipelines_image(served):
     """A base model with CFG and a negative prompt; a distilled one with a reference image (klein edit)."""
-    _, client, pipes = served
+    _, client, pipes, _ = served
     job = {"model": "tiny-klein-base", "prompt": PROMPT, "negative_prompt": "blurry", "steps": 3, "cfg_scale": 3}
     got, _ = run_job(client, {**job, "width": W, "height": H, "seed": 5})
     want = pipes["tiny-klein-base"](
@@ -109,10 +120,27 @@ def test_native_jobs_give_the_pipelines_image(served):
     np.testing.assert_array_equal(got, _rgb(want.images[0]))
 
 
+def test_native_jobs_with_a_lora_give_the_pipelines_image(served):
+    """A native job's ``loras`` (a name of the LoRA folder, a weight), and a ``<lora:...>`` tag inside the prompt:
+    the Python pipeline's image with that file, not the image without it."""
+    _, client, pipes, loras = served
+    job = {"model": "tiny-klein", "steps": 2, "seed": 9, "width": W, "height": H}
+    got, _ = run_job(client, {**job, "prompt": PROMPT, "loras": [{"name": "klein-style", "weight": 0.7}]})
+    pipe = pipes["tiny-klein"]
+    want = pipe(PROMPT, steps=2, seed=9, width=W, height=H, loras=[(loras / "klein-style.safetensors", 0.7)])
+    np.testing.assert_array_equal(got, _rgb(want.images[0]))
+    plain = pipe(PROMPT, steps=2, seed=9, width=W, height=H, progress=False)
+    assert np.abs(got.astype(int) - _rgb(plain.images[0]).astype(int)).mean() > 1  # the LoRA acts
+    tagged = "a red apple <lora:klein-style:0.7> on a table"  # (the server takes the tag out, the text around stays)
+    got, _ = run_job(client, {**job, "prompt": tagged})
+    want = pipe(tagged, steps=2, seed=9, width=W, height=H, lora_dir=loras, progress=False)
+    np.testing.assert_array_equal(got, _rgb(want.images[0]))
+
+
 def test_a1111_txt2img_through_webuiapi_gives_the_pipelines_image(served):
     """webuiapi sends A1111's cfg_scale 7 for every model: on a step-distilled klein it is listed as ignored and the
     image is the one of no CFG; a base model takes it."""
-    server, _, pipes = served
+    server, _, pipes, _ = served
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler")
     common = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 7}
     r = api.txt2img(**common, override_settings={"sd_model_checkpoint": "tiny-klein"})
@@ -129,7 +157,7 @@ def test_a1111_txt2img_through_webuiapi_gives_the_pipelines_image(served):
 
 
 def test_openai_generations_give_the_pipelines_image(served):
-    server, _, pipes = served
+    server, _, pipes, _ = served
     api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0, timeout=300)
     r = api.images.generate(model="tiny-klein", prompt=PROMPT, size=f"{W}x{H}", extra_body={"seed": 8, "steps": 2})
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
