@@ -47,6 +47,8 @@ def served(tmp_path_factory):
             lora[f"transformer.{name}.lora_A.weight"] = torch.randn(2, m.in_features, generator=g) * 0.2
             lora[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 2, generator=g) * 0.2
     save_file(lora, loras / "klein-style.safetensors")
+    # a FLUX.2 transformer file (its marker tensor is enough: the load stops at the missing text encoder)
+    save_file({"single_stream_modulation.lin.weight": torch.zeros(6, 2)}, models / "flux-2-klein-4b.safetensors")
     with live_server(server_config(root, models_dir=models, loras_dir=loras)) as server:
         with httpx.Client(base_url=server.url, timeout=300) as client:
             yield server, client, pipes, loras
@@ -61,6 +63,8 @@ def test_models_list_the_flux2_family_and_each_kinds_defaults(served):
     data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert data["tiny-klein"]["family"] == data["tiny-klein-base"]["family"] == "flux2"
     assert data["tiny-klein"]["defaults"] == {"steps": 4, "cfg_scale": 1.0, "sampler": "euler", "schedule": "normal"}
+    assert data["flux-2-klein-4b.safetensors"]["family"] == "flux2"
+    assert data["flux-2-klein-4b.safetensors"]["defaults"]["steps"] == 4  # distilled, by BFL's name
     assert data["tiny-klein-base"]["defaults"] == {
         "steps": 50,
         "cfg_scale": 4.0,
@@ -97,6 +101,19 @@ def test_what_flux2_refuses_is_a_one_line_400(served):
         assert r.status_code == 400, (route, r.status_code, r.text)
         message = r.json()["detail"] if "detail" in r.json() else r.json()["error"]
         assert isinstance(message, str) and "\n" not in message and needle in message, message
+
+
+def test_a_single_file_job_names_its_missing_part(served):
+    from _live_server import wait_job
+
+    _, client, _, _ = served
+    r = client.post(
+        "/v1/jobs", json={"model": "flux-2-klein-4b.safetensors", "prompt": PROMPT, "width": W, "height": H}
+    )
+    assert r.status_code == 202, r.text
+    j = wait_job(client, r.json()["id"], timeout=120)
+    assert j["state"] == "failed" and "holds no Qwen3 text encoder" in str(j.get("error")), j
+    assert "\n" not in str(j.get("error"))
 
 
 def test_native_jobs_give_the_pipelines_image(served):
