@@ -180,3 +180,21 @@ def test_openai_generations_give_the_pipelines_image(served):
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
     want = pipes["tiny-klein"](PROMPT, steps=2, seed=8, width=W, height=H, progress=False).images[0]
     np.testing.assert_array_equal(got, _rgb(want))
+
+
+def test_openai_edit_with_reference_images_is_klein_edit(served):
+    """OpenAI's ``/v1/images/edits`` with ``reference_images: true`` (extra_body) on a klein model: the images are
+    klein edit's references, fitted by FLUX.2's rule (size "auto": the reference's fitted size)."""
+    server, _, pipes, _ = served
+    api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0, timeout=300)
+    ref = picture(76, 64, seed=2)
+    png = io.BytesIO()
+    ref.save(png, format="PNG")
+    extra = {"reference_images": True, "seed": 4, "steps": 2}
+    r = api.images.edit(
+        model="tiny-klein", image=("a.png", png.getvalue(), "image/png"), prompt=PROMPT, extra_body=extra
+    )
+    got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+    want = pipes["tiny-klein"](PROMPT, steps=2, seed=4, reference_images=[ref], progress=False).images[0]
+    assert got.size == want.size == (72, 64)  # FLUX.2's rule: floored to the size step
+    np.testing.assert_array_equal(_rgb(got), _rgb(want))
