@@ -184,7 +184,10 @@ def family_defaults_before_load(ref: str) -> dict[str, Any]:
     if family == "flux2":  # FLUX.2 [klein]: step-distilled (4 steps, no CFG) or base (50 steps, CFG 4)
         from sdengine.pipeline.flux2 import BASE_CFG, BASE_STEPS, DISTILLED_STEPS
 
-        if flux2_distilled_before_load(ref) is False:
+        distilled = flux2_distilled_before_load(ref)
+        if distilled is None:  # a file whose name does not say (its load says so in one line)
+            return {}
+        if not distilled:
             return {"steps": BASE_STEPS, "cfg_scale": BASE_CFG, "sampler": "euler", "schedule": "normal"}
         return {"steps": DISTILLED_STEPS, "cfg_scale": 1.0, "sampler": "euler", "schedule": "normal"}
     if family == "flux":

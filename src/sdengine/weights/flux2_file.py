@@ -289,20 +289,6 @@ def vae_config_from_shapes(sd: Mapping[str, Any], where: str = "<state dict>") -
         raise WeightsError(f"{where}: {e}") from None
 
 
-def is_flux2_vae_file(path: str | Path) -> bool:
-    """Whether a ``.safetensors`` file holds a FLUX.2 VAE (its batch-norm statistics; the header alone is read)."""
-    from .io import SAFETENSORS_SUFFIXES, read_safetensors_header
-
-    p = Path(path)
-    if not p.is_file() or p.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        return False
-    try:
-        names = read_safetensors_header(p)[0]
-    except (OSError, WeightsError):
-        return False
-    return any(n.endswith("bn.running_var") for n in names) and any("decoder." in n for n in names)
-
-
 def load_flux2_vae(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
 ) -> Flux2VAE:
@@ -357,7 +343,6 @@ __all__ = [
     "config_from_shapes",
     "flux2_from_state",
     "is_bfl_flux2",
-    "is_flux2_vae_file",
     "load_flux2_transformer",
     "load_flux2_vae",
     "vae_config_from_shapes",
