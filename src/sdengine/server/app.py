@@ -179,11 +179,11 @@ def default_loader(
                 path,
                 device=device,
                 dtype=dtype,
-                vae=parts.get("vae", parts.get("qwen_vae", vae)),
+                vae=parts.get("vae", parts.get("qwen_vae", parts.get("flux2_vae", vae))),
                 clip_l=parts.get("clip_l"),
                 clip_g=parts.get("clip_g"),
                 t5=parts.get("t5"),
-                qwen_text=parts.get("qwen_text"),
+                qwen_text=parts.get("qwen_text", parts.get("qwen3_text")),
                 weight_dtype=weight_dtype,
             )
         if embeddings_dir is not None:
