@@ -322,6 +322,8 @@ def build_generation(
     masked_content: str = "original",
     differential_diffusion: float = 0.0,
     soft_inpainting: bool | dict[str, Any] | None = None,
+    mask_round: bool = True,
+    latent_mask: ImageRef | None = None,
     sdxl: dict[str, Any] | None = None,
     vae: str | None = None,
     sag_scale: float = 0.0,
@@ -612,6 +614,10 @@ def build_generation(
         kwargs["differential_diffusion"] = _finite(differential_diffusion, "differential_diffusion", 0.0, 1.0)
     if soft_inpainting not in (None, False):  # A1111's soft inpainting (checked by GenerationRequest.validate)
         kwargs["soft_inpainting"] = dict(soft_inpainting) if isinstance(soft_inpainting, dict) else soft_inpainting
+    if mask_round is not True:  # A1111's mask_round off (left out when on; checked by GenerationRequest.validate)
+        kwargs["mask_round"] = mask_round
+    if latent_mask is not None:  # A1111's separate latent mask (checked by GenerationRequest.validate)
+        kwargs["latent_mask"] = image(latent_mask, "latent_mask")
     if noise_seed_delta != 0:  # A1111's ENSD (left out at 0, so such jobs batch as before)
         kwargs["noise_seed_delta"] = noise_seed_delta  # checked by GenerationRequest.validate below
     if noise_source != "cpu":  # A1111's randn_source NV / GPU (left out at the default, so such jobs batch as before)
