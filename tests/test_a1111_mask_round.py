@@ -283,10 +283,17 @@ def test_route_latent_mask_as_a1111(api) -> None:
     np.testing.assert_array_equal(got, arr(want))
     without, _ = img2img(api, mask=b64(mask), inpainting_fill=0, mask_blur=4)
     assert (np.abs(got.astype(int) - without).max(-1) > 0).mean() > 0.05
+    # "original" (no fill): the latent mask alone makes the difference
+    kept, _ = img2img(api, mask=b64(mask), latent_mask=b64(lm), inpainting_fill=1, mask_blur=4)
+    want = overlay(pipeline(init, blurred, latent_mask=first), init, doubled(blurred))
+    np.testing.assert_array_equal(kept, arr(want))
+    unkept, _ = img2img(api, mask=b64(mask), inpainting_fill=1, mask_blur=4)
+    assert (np.abs(kept.astype(int) - unkept).max(-1) > 0).mean() > 0.05
     # mask_round false too: the first channel left grey
     grey, _ = img2img(api, mask=b64(mask), latent_mask=b64(lm), inpainting_fill=1, mask_blur=4, mask_round=False)
     want = overlay(pipeline(init, blurred, latent_mask=first, mask_round=False), init, doubled(blurred))
     np.testing.assert_array_equal(grey, arr(want))
+    assert not np.array_equal(grey, kept)
     # "Only masked": the box from the blurred mask, the latent mask whole (A1111 cuts only image_mask)
     box_mask = np.zeros((64, 64), np.uint8)
     box_mask[20:40, 20:40] = 255
@@ -310,7 +317,7 @@ def test_route_bad_latent_mask_and_mask_round_are_one_line(api) -> None:
     cases = [
         ({"latent_mask": small, "inpainting_fill": 0}, 400, "latent_mask is 32x32: A1111 fills the image under it"),
         ({"latent_mask": 5}, 422, "latent_mask 5: A1111's latent_mask is an image"),
-        ({"latent_mask": "bm90IGFuIGltYWdl"}, 400, "latent_mask"),
+        ({"latent_mask": "bm90IGFuIGltYWdl"}, 400, "latent_mask: not a PNG, JPEG or WebP image"),
         ({"mask_round": "no"}, 422, "mask_round 'no': A1111's mask_round is true"),
     ]
     for extra, status, says in cases:
