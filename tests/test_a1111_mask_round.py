@@ -157,7 +157,9 @@ def test_mask_round_off_leaves_an_inpainting_models_mask_input_grey_as_a1111(tin
     torch.randn((1, pipe.latent_channels, s // f, s // f), generator=g)  # the noise
     masked = vae_utils.encode_moments(pipe.vae, image_tensor(init) * (1 - m), tiled=None)
     eps = torch.randn(masked.mean.shape, generator=g)
-    want = torch.cat([F.interpolate(m, size=(s // f, s // f)), pipe.vae.scale_latents(masked.mean + masked.std * eps)], 1)
+    want = torch.cat(
+        [F.interpolate(m, size=(s // f, s // f)), pipe.vae.scale_latents(masked.mean + masked.std * eps)], 1
+    )
     assert len(np.unique(want[:, 0].numpy())) == 4
     for inp, _ in calls:
         np.testing.assert_allclose(inp[:, 4:].numpy(), want.numpy(), atol=1e-5)
