@@ -139,27 +139,14 @@ def test_latent_mask_makes_the_latent_mask_and_mask_the_model_input(sd1, tiny_in
 
 
 def test_mask_round_off_leaves_an_inpainting_models_mask_input_grey_as_a1111(tiny_inpaint_folder) -> None:
-    """A1111's ``inpainting_image_conditioning`` with ``round_image_mask`` False: the mask channel is the grey mask
-    shrunk nearest, the masked image ``image * (1 - mask)`` (its lerp at ``inpainting_mask_weight`` 1) encoded
-    with the row's third draw (init posterior, noise, masked posterior)."""
-    from sdengine import vae_utils
-    from sdengine.io.images import image_tensor
-
+    """A1111's ``inpainting_image_conditioning`` with ``round_image_mask`` False (:func:`grey_conditioning`) in
+    every call's input, the blend by the grey latent mask, another image than the rounded one."""
     pipe = load_pipeline(tiny_inpaint_folder, device="cpu")
     s, f = pipe.default_size, pipe.vae_scale_factor
     init, mask = picture(s, s), bands(s)
     kw = {"init_image": init, "mask": mask, "strength": 0.75, "strength_rule": "a1111"}
     r, seen, calls = run_with_x0s(pipe, **kw, mask_round=False)
-    m = torch.from_numpy(np.asarray(mask, np.float32) / 255)[None, None]
-    g = torch.Generator("cpu").manual_seed(FAST["seed"])
-    post = vae_utils.encode_moments(pipe.vae, image_tensor(init), tiled=None)
-    torch.randn(post.mean.shape, generator=g)  # the init posterior's draw
-    torch.randn((1, pipe.latent_channels, s // f, s // f), generator=g)  # the noise
-    masked = vae_utils.encode_moments(pipe.vae, image_tensor(init) * (1 - m), tiled=None)
-    eps = torch.randn(masked.mean.shape, generator=g)
-    want = torch.cat(
-        [F.interpolate(m, size=(s // f, s // f)), pipe.vae.scale_latents(masked.mean + masked.std * eps)], 1
-    )
+    want = grey_conditioning(pipe, init, mask)
     assert len(np.unique(want[:, 0].numpy())) == 4
     for inp, _ in calls:
         np.testing.assert_allclose(inp[:, 4:].numpy(), want.numpy(), atol=1e-5)
@@ -167,6 +154,60 @@ def test_mask_round_off_leaves_an_inpainting_models_mask_input_grey_as_a1111(tin
     assert_a1111_blend(pipe, r, seen, calls, init_latent(pipe, init, mask), grey, {**kw, "mask_round": False})
     rounded = pipe(PROMPT, **FAST, **kw)
     assert np.abs(rounded.arrays - r.arrays).max() > 1e-2
+
+
+def grey_conditioning(pipe, init: Image.Image, mask: Image.Image) -> torch.Tensor:
+    """A1111's inpainting conditioning with ``round_image_mask`` False: the grey mask shrunk nearest, the masked
+    image ``image * (1 - mask)`` (its lerp at ``inpainting_mask_weight`` 1) encoded with the row's third draw
+    (init posterior, noise, masked posterior; seed 7)."""
+    from sdengine import vae_utils
+    from sdengine.io.images import image_tensor
+
+    s, f = pipe.default_size, pipe.vae_scale_factor
+    m = torch.from_numpy(np.asarray(mask, np.float32) / 255)[None, None]
+    g = torch.Generator("cpu").manual_seed(FAST["seed"])
+    post = vae_utils.encode_moments(pipe.vae, image_tensor(init), tiled=None)
+    torch.randn(post.mean.shape, generator=g)  # the init posterior's draw
+    torch.randn((1, pipe.latent_channels, s // f, s // f), generator=g)  # the noise
+    masked = vae_utils.encode_moments(pipe.vae, image_tensor(init) * (1 - m), tiled=None)
+    eps = torch.randn(masked.mean.shape, generator=g)
+    latent = pipe.vae.scale_latents(masked.mean + masked.std * eps)
+    return torch.cat([F.interpolate(m, size=(s // f, s // f)), latent], 1)
+
+
+def test_soft_inpainting_blends_by_the_latent_mask_and_runs_on_inpainting_models(
+    sd1, tiny_inpaint_folder, monkeypatch
+) -> None:
+    """A1111's soft inpainting reads ``nmask``, so a ``latent_mask``'s (grey: the script turns ``mask_round`` off);
+    on an inpainting model (once refused) its mask input is the grey conditioning, as A1111's."""
+    import sdengine.pipeline.core as core
+
+    masks: list = []
+
+    class Recorded(core.SoftInpaintBlend):
+        def __init__(self, inner, init, mask, settings) -> None:
+            masks.append(mask.clone())
+            super().__init__(inner, init, mask, settings)
+
+    monkeypatch.setattr(core, "SoftInpaintBlend", Recorded)
+    s, f = sd1.default_size, sd1.vae_scale_factor
+    init, mask, lat = picture(s, s), bands(s), other_mask(s, s)
+    kw = {"init_image": init, "mask": mask, "strength": 0.75, "soft_inpainting": True, "strength_rule": "a1111"}
+    with_lat = sd1(PROMPT, **FAST, **kw, latent_mask=lat)
+    np.testing.assert_array_equal(masks[-1][0, 0].numpy(), latmask(lat, s // f, s // f, round=False))
+    without = sd1(PROMPT, **FAST, **kw)
+    np.testing.assert_array_equal(masks[-1][0, 0].numpy(), latmask(mask, s // f, s // f, round=False))
+    assert np.abs(with_lat.arrays - without.arrays).max() > 1e-2
+    pipe = load_pipeline(tiny_inpaint_folder, device="cpu")
+    r, _, calls = run_with_x0s(pipe, **kw)
+    want = grey_conditioning(pipe, init, mask)
+    assert len(calls) == 3
+    for inp, _ in calls:
+        np.testing.assert_allclose(inp[:, 4:].numpy(), want.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(masks[-1][0, 0].numpy(), latmask(mask, s // f, s // f, round=False))
+    assert r.composite_masks is not None and len(r.composite_masks) == 1
+    plain = pipe(PROMPT, **FAST, **{k: v for k, v in kw.items() if k != "soft_inpainting"})
+    assert np.abs(plain.arrays - r.arrays).max() > 1e-2
 
 
 def test_bad_mask_round_and_latent_mask_are_one_line(sd1) -> None:

@@ -986,11 +986,7 @@ class Pipeline:
                 "in its input rather than blending it; use a 4-channel model"
             )
         if r.soft_inpainting_settings() is not None:
-            if self.inpainting:
-                raise GenerationError(
-                    f"soft_inpainting: {self.name} is an inpainting model (9-channel U-Net), whose mask input A1111 "
-                    "leaves grey under soft inpainting (not done in sdengine); use a 4-channel model"
-                )
+            # (an inpainting model's mask input is left grey then, as A1111's mask_round off: start_latents)
             if not isinstance(self.base_schedule, NoiseSchedule):
                 raise GenerationError(
                     f"soft_inpainting: {self.name} is not a U-Net on a discrete noise schedule (SD 1.x / 2.x / SDXL), "

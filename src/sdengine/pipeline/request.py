@@ -244,8 +244,9 @@ class GenerationRequest:
     # step's x0 by a sigma-dependent power with the vectors' lengths kept, and the result laid over the init image
     # by a mask of how much each region changed. None / False = off; True = A1111's defaults; a SoftInpainting or
     # a mapping of its fields (schedule_bias, preservation_strength, transition_contrast_boost, mask_influence,
-    # difference_threshold, difference_contrast). Needs a mask and a 4-channel U-Net; not with
-    # differential_diffusion. Infotext A1111's "Soft inpainting enabled: True", "Soft inpainting schedule bias", ...
+    # difference_threshold, difference_contrast). Needs a mask and a U-Net on a discrete schedule (an inpainting
+    # one's mask input left grey, as A1111's); not with differential_diffusion. Infotext A1111's "Soft inpainting
+    # enabled: True", "Soft inpainting schedule bias", ...
     soft_inpainting: Any = None
     # A1111's mask_round (on by default): its latent mask (the blend's, "latent noise" / "latent nothing"'s)
     # rounded to 0 / 1 after its shrink to the latent, and an inpainting (9-channel) model's mask input made binary.
