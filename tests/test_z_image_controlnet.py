@@ -188,3 +188,148 @@ def test_inpainting_matches_diffusers(zimage, scale: float, cfg: float) -> None:
     assert _mad(got.arrays, want) < TOL
     no_mask = _ours(pipe, [ControlUnit(str(nets["2.1"]), control, scale)], cfg=cfg, negative="blurry")
     assert _mad(no_mask.arrays, want) > 10 * TOL  # the mask and the picture are read
+
+
+@pytest.mark.parametrize(
+    ("release", "count", "refiner"),
+    [("1.0", 6, None), ("2.0", 15, "control_layers"), ("2.1", 15, "control_noise_refiner")],
+)
+def test_single_file_reads_the_release_config(tmp_path, release: str, count: int, refiner) -> None:
+    """VideoX-Fun's single files (diffusers' names), told apart as diffusers' single-file loader does: the places by
+    the number of control blocks, 2.0 by its zero (or absent) ``control_noise_refiner.0.before_proj``; the loaded
+    tensors are the file's."""
+    from sdengine.weights.io import save_safetensors
+
+    places = list(range(0, 30, 5)) if count == 6 else list(range(0, 30, 2))
+    cfg = dict(control_layers_places=places, control_in_dim=16 if count == 6 else 33)
+    if refiner is not None:
+        cfg.update(control_refiner_layers_places=[0, 1], add_control_noise_refiner="control_noise_refiner")
+    ref = z_controlnet(9, **cfg)
+    tensors = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    if release == "2.0":  # the 2.0 file's refiner blocks are unused: zero before_proj
+        tensors["control_noise_refiner.0.before_proj.weight"] = torch.zeros_like(
+            tensors["control_noise_refiner.0.before_proj.weight"]
+        )
+    one = tmp_path / f"Z-Image-Turbo-Fun-Controlnet-Union-{release}.safetensors"
+    save_safetensors(tensors, one)
+    net = read_dit_controlnet(one)
+    assert isinstance(net, ZImageControlNet)
+    assert net.config.control_layers_places == tuple(places)
+    assert net.config.add_control_noise_refiner == refiner
+    assert net.config.control_refiner_layers_places == (None if refiner is None else (0, 1))
+    assert (net.config.dim, net.config.n_heads, net.config.control_in_dim) == (64, 2, cfg["control_in_dim"])
+    mine = net.state_dict()
+    used = {k: v for k, v in tensors.items() if release != "2.0" or not k.startswith("control_noise_refiner.")}
+    assert set(mine) == set(used)
+    assert all(torch.equal(mine[k], used[k]) for k in used)
+
+
+def test_refusals_are_one_line(zimage, tmp_path) -> None:
+    from sdengine.errors import SdengineError
+    from sdengine.pipeline.control import ControlUnit
+    from sdengine.weights.io import save_safetensors
+
+    folder, pipe, nets = zimage
+    img = _picture(0)
+    args = dict(steps=2, seed=SEED, width=SIZE, height=SIZE, progress=False)
+    wide = save_controlnet(tmp_path / "deep", 3, control_layers_places=[0, 5], control_in_dim=16)
+    odd = tmp_path / "odd.safetensors"
+    save_safetensors({k: v.contiguous() for k, v in z_controlnet(4, **KINDS["1.0"]).state_dict().items()}, odd)
+    cases = [
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(wide), img)], **args),
+         "steers main layer 5; the Z-Image transformer has 2"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(odd), img)], **args),
+         "with 2 control blocks: which main layers they steer is not in the file"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(nets["1.0"]), img, mask=_mask(), inpaint_image=img)],
+                      **args), "reads no inpainting mask"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(nets["2.1"]), img, mask=_mask())], **args),
+         "takes both its mask"),
+        (lambda: ControlUnit(str(nets["2.1"]), img, inpaint_image=img), "needs its mask too"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(nets["1.0"]), img, union_mode="canny")], **args),
+         "Z-Image ControlNets take no union_mode"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(nets["1.0"]), img, mode="prompt")], **args),
+         "soft weighting"),
+    ]  # fmt: skip
+    for run, message in cases:
+        with pytest.raises(SdengineError, match=message) as e:
+            run()
+        assert "\n" not in str(e.value)
+
+
+def test_cli_control_equals_the_pipeline(zimage, tmp_path) -> None:
+    """``--control`` / ``--controlnet`` (and ``--control-mask`` / ``--control-inpaint-image``) give the Python
+    call's image."""
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters
+    from sdengine.pipeline.control import ControlUnit
+
+    folder, pipe, nets = zimage
+    hint, photo, mask = tmp_path / "hint.png", tmp_path / "photo.png", tmp_path / "mask.png"
+    _picture(8).save(hint)
+    _picture(9).save(photo)
+    _mask().save(mask)
+    args = ["generate", PROMPT, "--model", str(folder), "--seed", "5", "--steps", "2", "--width", str(SIZE)]
+    args += ["--height", str(SIZE), "--cfg", "2", "--no-progress", "--out"]
+    out, again = tmp_path / "out", tmp_path / "again"
+    assert main([*args, str(out), "--control", f"none:{hint}:0.9", "--controlnet", str(nets["2.1"])]) == 0
+    made = next(out.glob("*.png"))
+    assert "Weight: 0.9" in parse_parameters(Image.open(made).info["parameters"])["ControlNet 0"]
+    unit = ControlUnit(str(nets["2.1"]), Image.open(hint).convert("RGB"), scale=0.9)
+    direct = pipe(PROMPT, cfg_scale=2.0, steps=2, seed=5, width=SIZE, height=SIZE, controlnets=[unit], progress=False)
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(direct.images[0]))
+    control = ["--control", f"none:{hint}", "--controlnet", str(nets["2.1"]), "--control-mask", str(mask)]
+    assert main([*args, str(again), *control, "--control-inpaint-image", str(photo)]) == 0
+    unit = ControlUnit(str(nets["2.1"]), Image.open(hint).convert("RGB"), mask=Image.open(mask),
+                       inpaint_image=Image.open(photo).convert("RGB"))  # fmt: skip
+    inpainted = pipe(PROMPT, cfg_scale=2.0, steps=2, seed=5, width=SIZE, height=SIZE, controlnets=[unit],
+                     progress=False)  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(next(again.glob("*.png")))), np.asarray(inpainted.images[0]))
+    assert not np.array_equal(np.asarray(inpainted.images[0]), np.asarray(direct.images[0]))
+
+
+def test_native_job_controlnets_equal_the_pipeline(zimage, tmp_path) -> None:
+    """A native job's ``controlnets`` on a Z-Image folder (a plain unit; an inpainting one with ``mask`` and
+    ``inpaint_image``) give the Python call's image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from _comfy_live import live_client
+    from _live_server import server_config, wait_job
+    from sdengine.pipeline.control import ControlUnit
+
+    folder, pipe, nets = zimage
+    hint, photo, mask = _picture(4), _picture(9), _mask()
+
+    def b64(pic) -> str:
+        buf = io.BytesIO()
+        pic.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    config = server_config(tmp_path, models_dir=folder.parent, controlnets_dir=nets["2.1"].parent)
+    body = {"model": folder.name, "prompt": PROMPT, "negative_prompt": "blurry", "seed": SEED, "steps": 2}
+    body.update(width=SIZE, height=SIZE, cfg_scale=2.0)
+    name = nets["2.1"].name
+    units = [
+        {"model": name, "image": b64(hint), "weight": 0.8, "end": 0.5},
+        {"model": name, "image": b64(hint), "mask": b64(mask), "inpaint_image": b64(photo), "weight": 0.9},
+    ]
+    got = []
+    with live_client(config, timeout=120) as (_, client):
+        for unit in units:
+            r = client.post("/v1/jobs", json={**body, "controlnets": [unit]})
+            assert r.status_code == 202, r.text
+            job = wait_job(client, r.json()["id"], timeout=120)
+            assert job["state"] == "done", (job.get("error"), job)
+            data = client.get(job["images"][0]["url"]).content
+            got.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    wants = [
+        ControlUnit(str(nets["2.1"]), hint, scale=0.8, end=0.5),
+        ControlUnit(str(nets["2.1"]), hint, 0.9, mask=mask, inpaint_image=photo),
+    ]
+    for arr, unit in zip(got, wants, strict=True):
+        want = _ours(pipe, [unit], cfg=2.0, negative="blurry", steps=2)
+        np.testing.assert_array_equal(arr, np.asarray(want.images[0].convert("RGB")))
