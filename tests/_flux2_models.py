@@ -65,12 +65,12 @@ def perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn
     return module
 
 
-def flux2_vae(seed: int = 0):
+def flux2_vae(seed: int = 0, **overrides):
     """A tiny random diffusers ``AutoencoderKLFlux2`` (fp32, eval) with random batch-norm statistics."""
     import diffusers
 
     torch.manual_seed(seed)
-    vae = perturb(diffusers.AutoencoderKLFlux2(**FLUX2_VAE), seed + 1, 0.02).eval()
+    vae = perturb(diffusers.AutoencoderKLFlux2(**{**FLUX2_VAE, **overrides}), seed + 1, 0.02).eval()
     g = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g) * 0.5)
@@ -144,9 +144,23 @@ def qwen3_text_encoder(vocab_size: int, seed: int = 0):
     return perturb(model, seed + 1, 0.05)
 
 
-def make_klein_folder(dst: Path, seed: int = 0, *, distilled: bool = False) -> Path:
+# the release's facts a single file's config takes (128-wide heads, RoPE 32 x 4; 32 GroupNorm groups in the VAE), at
+# the smallest size: one head, VAE widths of 32
+FILE_TRANSFORMER = dict(attention_head_dim=128, num_attention_heads=1, axes_dims_rope=[32, 32, 32, 32])
+FILE_VAE = dict(block_out_channels=[32, 32, 32], decoder_block_out_channels=[32, 32, 64], norm_num_groups=32)
+
+
+def make_klein_folder(
+    dst: Path,
+    seed: int = 0,
+    *,
+    distilled: bool = False,
+    transformer: dict | None = None,
+    vae: dict | None = None,
+) -> Path:
     """A random tiny FLUX.2 [klein] pipeline saved by diffusers' ``Flux2KleinPipeline.save_pretrained``: the parts
-    above, a Qwen3 text encoder and Qwen2's tokenizer (``_qwen_models``' tiny BPE) with Qwen3's chat template."""
+    above (``transformer`` / ``vae``: config overrides), a Qwen3 text encoder and Qwen2's tokenizer
+    (``_qwen_models``' tiny BPE) with Qwen3's chat template."""
     import diffusers
     from transformers import Qwen2TokenizerFast
 
@@ -157,10 +171,12 @@ def make_klein_folder(dst: Path, seed: int = 0, *, distilled: bool = False) -> P
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     pipe = diffusers.Flux2KleinPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
-        vae=flux2_vae(seed + 10),
+        vae=flux2_vae(seed + 10, **(vae or {})),
         text_encoder=qwen3_text_encoder(len(tokenizer), seed + 20),
         tokenizer=tokenizer,
-        transformer=flux2_transformer(seed + 30, joint_attention_dim=3 * QWEN3_TEXT["hidden_size"]),
+        transformer=flux2_transformer(
+            seed + 30, joint_attention_dim=3 * QWEN3_TEXT["hidden_size"], **(transformer or {})
+        ),
         is_distilled=distilled,
     )
     pipe.save_pretrained(dst)

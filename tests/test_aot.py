@@ -25,7 +25,11 @@ class Small(nn.Module):
         return torch.tanh(self.lin(x)) * scale
 
 
-@pytest.fixture(scope="module", params=sorted(PACKAGINGS))
+# "disk" (neither device's default) in make test-all only: each packaging compiles a package (about 6 s here)
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(p, marks=pytest.mark.slow) if p == "disk" else p for p in sorted(PACKAGINGS)],
+)
 def compiled(request, tmp_path_factory):
     """One package per packaging (the ways weights meet a package; CUDA and the CPU default to different ones)."""
     torch.manual_seed(0)

@@ -158,6 +158,7 @@ def test_missing_controlnet_and_lora_are_skipped(assets, tmp_path):
     assert len(res.skipped) == 2
 
 
+@pytest.mark.slow  # trimmed from make test (time); make test-all runs it
 def test_fashion_mnist_fallback(tmp_path):
     lines: list[str] = []
     res = demo.run_demo(

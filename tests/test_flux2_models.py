@@ -187,7 +187,8 @@ def test_transformer_config_and_input_refusals() -> None:
 
 def test_folder_refusals(tmp_path: Path, saved) -> None:
     root, _, _ = saved
-    with pytest.raises(WeightsError, match="single files are not supported yet"):
+    # a single file in diffusers' names is read with the release's RoPE axes, for 128-wide heads only (these are 16)
+    with pytest.raises(WeightsError, match="16-wide heads: a single file's RoPE axes are read for FLUX.2's 128-wide"):
         load_flux2_transformer(root / "transformer" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(WeightsError, match="not a FLUX.2 VAE folder"):
         load_flux2_vae(tmp_path)

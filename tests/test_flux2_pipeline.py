@@ -124,8 +124,6 @@ def test_schedule_is_diffusers(folder: Path, table) -> None:
     ("kwargs", "message"),
     [
         ({"init_image": np.zeros((H, W, 3), np.uint8)}, "init images (img2img) are not supported for FLUX.2"),
-        ({"loras": [("x", 1.0)]}, "LoRAs are not supported for FLUX.2"),
-        ({"prompt": "a red apple <lora:x:1>"}, "<lora:...> tags"),
         ({"distilled_cfg_scale": 3.5}, "distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s"),
         ({"pag_scale": 2.0}, "perturbed-attention guidance"),
         ({"enable_hr": True}, "the hires fix is not supported for FLUX.2"),

@@ -197,7 +197,7 @@ def test_folder_refusals(folder: Path, tmp_path: Path) -> None:
         },
         bfl,
     )
-    with pytest.raises(GenerationError, match=r"FLUX.2 single files \(BFL's, ComfyUI's\) are not supported yet"):
+    with pytest.raises(GenerationError, match=r"holds no Qwen3 text encoder: give it with --qwen-text"):
         load_pipeline(str(bfl), device="cpu")
     sd_vae = tmp_path / "sd-vae"
     sd_vae.mkdir()

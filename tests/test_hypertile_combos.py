@@ -205,6 +205,7 @@ SHRINK = ("PatchModelAddDownscale", {"block_number": 2, "downscale_factor": 2.0,
 TILES = ("HyperTile", {"tile_size": 32, "swap_size": 1, "max_depth": 2, "scale_depth": False})
 
 
+@pytest.mark.slow  # trimmed from make test (time); make test-all runs it
 def test_comfyuis_hypertile_and_deep_shrink_nodes_tile_the_shrunk_level_by_its_tokens(client):
     """The emoji model at 256 px (64 x 64 latent, 4 px a cell: a smallest tile of 8 cells): block 2 (level 0's
     downsample) shrunk by 2 puts level 1's layers on 16 x 16 tokens, ComfyUI's depth 2, cut 2 x 2; the image equals

@@ -361,6 +361,7 @@ def test_same_train_command_twice_is_refused_unless_overwrite(setup, tmp_path, c
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.slow  # trimmed from make test (time); make test-all runs it
 def test_sample_every_writes_pngs_with_parameters_and_keeps_the_random_stream(setup, tmp_path, capsys):
     from safetensors.torch import load_file
 

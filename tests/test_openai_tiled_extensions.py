@@ -65,6 +65,7 @@ def refused(api: openai.OpenAI, **extra: Any) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.slow  # trimmed from make test (time); make test-all runs it
 def test_tiled_diffusion_is_the_native_jobs(api, native, server) -> None:
     want = job(native, "emoji", 96, 64, tiled_diffusion=TILED)
     assert not np.array_equal(want, job(native, "emoji", 96, 64))  # MultiDiffusion changes this image

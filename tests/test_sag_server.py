@@ -128,6 +128,7 @@ def test_bad_forge_sag_script_arguments_are_one_line_400s(client) -> None:
     assert r.status_code == 400 and "skips the hires fix's second pass" in r.json()["detail"], r.text
 
 
+@pytest.mark.slow  # trimmed from make test (time); make test-all runs it
 def test_an_a1111_infotext_with_sag_keys_sets_the_script(client) -> None:
     """Forge's SAG keys in a request's ``infotext`` (sag_enabled, sag_scale, sag_blur_sigma, sag_threshold) set the
     script's arguments under what ``alwayson_scripts`` sends; sdengine's own keys (with their rule) make the image

@@ -325,6 +325,7 @@ NEW_COMFY_SAMPLERS = (
 )
 
 
+@pytest.mark.slow  # trimmed from make test (time); make test-all runs it
 def test_comfyuis_solver_samplers_run_end_to_end(client):
     """ComfyUI's exp_heun_2_x0(_sde), gradient_estimation(_cfg_pp), seeds_2/3 and sa_solver(_pece) are KSampler
     choices that run a whole prompt: each image is repeatable under its seed and differs from euler's."""

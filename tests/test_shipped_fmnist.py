@@ -3,6 +3,7 @@ classes (judged by the shipped classifier)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sdengine.cli import main
@@ -67,6 +68,7 @@ def test_generate_cli_with_the_builtin_ddpm_and_from_png(tmp_path, capsys):
     assert "unknown class" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trimmed from make test (time); make test-all runs it
 def test_eval_cli_prints_fd_and_accuracy(capsys):
     rc = main(
         [

@@ -113,6 +113,7 @@ def test_img2img_takes_it_and_refuses_the_extensions_upscaler(client) -> None:
     assert r.status_code == 400 and "args[10] (upscaler_name): the extension's upscale" in r.json()["detail"], r.text
 
 
+@pytest.mark.slow  # trimmed from make test (time); make test-all runs it
 def test_a_controlnet_unit_runs_with_it_as_in_the_python_api(server) -> None:
     """The extension runs sd-webui-controlnet's units per tile: so does sdengine (each view on its cut map)."""
     from sdengine.control import canny

@@ -85,6 +85,7 @@ def test_train_emoji_toy_run_exports_a_loadable_folder_and_resumes(tmp_path, sma
     assert (tmp_path / "run" / "vae" / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.slow  # trimmed from make test (time); make test-all runs it
 def test_pooled_phase_starts_from_the_token_only_model_exactly(tmp_path, small_dataset):
     """unet_pooled_from: the U-Net learns from token states alone, then gets the zero-initialised pooled
     projection; at the switch the upgraded model computes what the token-only one did, and training

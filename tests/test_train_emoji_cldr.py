@@ -112,6 +112,7 @@ def _recipe(**kw) -> EmojiRecipe:
     return EmojiRecipe(**{**base, **kw})
 
 
+@pytest.mark.slow  # trimmed from make test (time); make test-all runs it
 def test_init_unet_starts_from_the_model_and_exports_with_its_vae(tmp_path, small_dataset, init_folder):
     kw = dict(device="cpu", progress=False, dataset=small_dataset, init_unet=init_folder)
     init_unet = load_file(str(init_folder / "unet" / WEIGHTS))

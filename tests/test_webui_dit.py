@@ -16,6 +16,7 @@ import pytest
 from _flux_models import make_flux_folder
 from _live_server import live_server, server_config
 from _sd3_models import make_sd3_folder
+from _z_image_models import make_z_folder
 from test_webui import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -37,6 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     make_flux_folder(tmp / "models" / "tiny-flux", guidance=True)
     make_sd3_folder(tmp / "models" / "tiny-sd3")
     make_flux_folder(tmp / "models" / "tiny-depth", kind="control", seed=6)
+    make_z_folder(tmp / "models" / "tiny-z")
     with live_server(server_config(tmp, models_dir=tmp / "models")) as s:
         yield s
 
@@ -242,3 +244,25 @@ def test_sd3_shows_pag_and_sends_it(page, client):
     page.select_option("#model", "emoji")
     assert page.is_visible("#pag_scale") and page.input_value("#pag_layers") == "mid"
     page.fill("#pag_scale", "0")
+
+
+def test_a_z_image_model_takes_its_defaults_hides_the_u_net_sections_and_gives_the_apis_image(page, client):
+    defaults = {m["id"]: m for m in client.get("/v1/models").json()["data"]}["tiny-z"]
+    assert defaults["family"] == "z_image"
+    page.select_option("#model", "tiny-z")
+    for sel in U_NET_ONLY:
+        assert page.is_hidden(sel), sel
+    assert page.is_hidden("#distilled_cfg_scale") and page.is_hidden("#shift")
+    # Z-Image-Turbo's defaults (GET /v1/models), not the SD choices the page had: no CFG
+    assert page.input_value("#cfg_scale") == "1"
+    chosen = {"sampler": page.input_value("#sampler"), "schedule": page.input_value("#schedule")}
+    page.fill("#prompt", "a red apple")
+    page.fill("#negative_prompt", "")
+    for sel, value in (("#steps", "2"), ("#seed", "5"), ("#width", "32"), ("#height", "32")):
+        page.fill(sel, value)
+    page.click("#generate")
+    params = wait_result(page)
+    body = {"model": "tiny-z", "prompt": "a red apple", "steps": 2, "seed": 5, "width": 32, "height": 32}
+    expected, infotext = api_image(client, body | chosen | {"cfg_scale": 1.0})
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext

@@ -46,6 +46,7 @@ def reset_tiled(page) -> None:
         page.fill(sel, value)
 
 
+@pytest.mark.slow  # trimmed from make test (time); make test-all runs it
 def test_tiled_diffusion_is_sent_saved_reused_and_its_errors_marked(page, client):
     """The tiled diffusion box, window, stride, circular and view batch under More options are sent as the job's
     ``tiled_diffusion``: the API's image for the same body (not the plain one), the parameters name it; they survive

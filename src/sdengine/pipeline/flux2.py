@@ -24,8 +24,13 @@ VAE decode, infotext), through the hooks Flux uses (:class:`sdengine.pipeline.fl
 Defaults (:attr:`Flux2Pipeline.family_defaults`): distilled 4 steps at cfg 1, base 50 steps at cfg 4, ``euler`` on
 the ``normal`` grid, 1024x1024. What does not apply is refused in one line before any model runs
 (:func:`flux2_refusals`): init images and masks (img2img / inpainting: diffusers has no FLUX.2 pipeline for them),
-the hires fix, ControlNets, IP-Adapters, LoRAs, FLUX.1 Kontext's reference images, the distilled guidance, prompt
+the hires fix, ControlNets, IP-Adapters, FLUX.1 Kontext's reference images, the distilled guidance, prompt
 editing and Flux's other refusals.
+
+LoRAs (``loras=``, ``<lora:NAME:W>`` tags, ``--lora``) apply to the transformer through the core's path as Flux's
+and Z-Image's do: :mod:`sdengine.weights.lora_dit_keys` reads diffusers' / PEFT names (``transformer.``), BFL's
+(ai-toolkit's and ComfyUI's ``diffusion_model.``, kohya's ``lora_unet_``; the fused ``qkv`` split by rows, the final
+modulation's halves swapped); a file with text-encoder layers, or another family's, is refused in one line.
 """
 
 from __future__ import annotations
@@ -114,9 +119,14 @@ class Flux2Conditioner(PerTextConditioner):
         self.count_tokens = count_tokens  # a text's tokens in the chat template (None: not told)
 
     def text(self, prompt: str, *, what: str = "prompt", note: Note = _ignore) -> Conditioning:
-        """``{"crossattn": (1, max_sequence_length, D)}`` of one text; ``<lora:...>`` tags are refused earlier
-        (LoRAs are not supported for FLUX.2), so the text is read as it is. A text longer than
-        ``max_sequence_length`` tokens in its template is cut there (diffusers' truncation), with a note."""
+        """``{"crossattn": (1, max_sequence_length, D)}`` of one text. ``<lora:...>`` tags are taken out first
+        (replaced by nothing, as A1111 does; the spaces a tag at the start or end leaves are dropped too, as
+        Qwen-Image's conditioner does: Qwen2's tokenizer reads spaces). A text longer than ``max_sequence_length``
+        tokens in its template is cut there (diffusers' truncation), with a note."""
+        from sdengine.prompts import extract_lora_tags
+
+        plain, tags = extract_lora_tags(prompt)
+        prompt = plain.strip() if tags else prompt
         if self.count_tokens is not None and self.count_tokens(prompt) > self.max_sequence_length:
             note(
                 f"FLUX.2 reads the first {self.max_sequence_length} tokens of the {what} in its chat template; the "
@@ -171,7 +181,6 @@ _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
     ("enable_hr", bool, "the hires fix is not supported for FLUX.2 yet"),
     ("controlnets", bool, "ControlNets are not supported for FLUX.2"),
     ("ip_adapters", bool, "IP-Adapters are not supported for FLUX.2"),
-    ("loras", bool, "LoRAs are not supported for FLUX.2 yet"),
     ("control_image", lambda v: v is not None, "a control image is FLUX.1 Depth / Canny's; FLUX.2 takes none"),
     (
         "distilled_cfg_scale",
@@ -180,6 +189,14 @@ _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
     ),
     ("subseed_strength", bool, "variation seeds are not supported for FLUX.2 yet"),
 )
+
+
+def distilled_cfg_refusal(scale: Any, name: str) -> str | None:
+    """The line refusing ``cfg_scale`` ``scale`` on the step-distilled model ``name`` (anything but 1: diffusers
+    ignores it with a warning), None for 1 (and for a value the request's own checks refuse)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale == 1:
+        return None
+    return f"cfg_scale {scale:g}: {name} is step-distilled (is_distilled) and runs without CFG: leave cfg_scale at 1"
 
 
 # FLUX.1's refusal lines that say something else for FLUX.2 (the rest only change "Flux" to "FLUX.2")
@@ -204,10 +221,6 @@ def flux2_refusals(r: GenerationRequest) -> list[str]:
     flux = refusals(r.replace(reference_images=None, ip_adapters=None))
     reasons = [_reworded(why) for why in flux]
     reasons += [f"{field}: {why}" for field, is_set, why in _OWN_REFUSALS if is_set(getattr(r, field, None))]
-    prompts = r.prompt if isinstance(r.prompt, list) else [r.prompt]
-    negatives = r.negative_prompt if isinstance(r.negative_prompt, list) else [r.negative_prompt]
-    if any(isinstance(p, str) and "<lora:" in p for p in [*prompts, *negatives]):
-        reasons.append("<lora:...> tags: LoRAs are not supported for FLUX.2 yet")
     return list(dict.fromkeys(reasons))
 
 
@@ -376,12 +389,9 @@ class Flux2Pipeline(FluxPipeline):
         reasons = flux2_refusals(r)
         if reasons:
             raise GenerationError(f"{reasons[0]}; {self.name} is a FLUX.2 model")
-        scale = r.cfg_scale
-        if self.distilled and isinstance(scale, int | float) and math.isfinite(scale) and float(scale) != 1.0:
-            raise GenerationError(
-                f"cfg_scale {scale:g}: {self.name} is step-distilled (is_distilled) and runs without CFG: leave "
-                "cfg_scale at 1"
-            )
+        why = distilled_cfg_refusal(r.cfg_scale, self.name) if self.distilled else None
+        if why is not None:
+            raise GenerationError(why)
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         """As Flux's, with FLUX.2's reference images (:mod:`sdengine.pipeline.flux2_references`) read, fitted and
@@ -458,6 +468,7 @@ __all__ = [
     "Flux2Adapter",
     "Flux2Conditioner",
     "Flux2Pipeline",
+    "distilled_cfg_refusal",
     "empirical_mu",
     "flux2_refusals",
 ]

@@ -1,4 +1,5 @@
-"""Loading FLUX.2 [klein]: a diffusers ``Flux2KleinPipeline`` folder -> :class:`sdengine.pipeline.flux2.Flux2Pipeline`.
+"""Loading FLUX.2 [klein]: a diffusers ``Flux2KleinPipeline`` folder or BFL's / ComfyUI's transformer file ->
+:class:`sdengine.pipeline.flux2.Flux2Pipeline`.
 
 Accepted (:func:`load_flux2_pipeline`, reached through :func:`sdengine.pipeline.load_pipeline` and so ``sdengine
 generate --model FOLDER``): a folder whose ``model_index.json`` names ``Flux2KleinPipeline``: ``transformer/``
@@ -6,13 +7,24 @@ generate --model FOLDER``): a folder whose ``model_index.json`` names ``Flux2Kle
 ``text_encoder/`` (transformers' ``Qwen3ForCausalLM``: :mod:`sdengine.weights.qwen_text_file`), ``tokenizer/``
 (Qwen2's BPE: :mod:`sdengine.text.qwen_tokenizer`), ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``), and the
 index's ``is_distilled`` (the step-distilled releases, which run without CFG). ``vae=`` (``--vae``) replaces the VAE
-with another FLUX.2 VAE folder. FLUX.2 [dev]'s ``Flux2Pipeline`` (a Mistral text encoder) and single files are
-refused in one line.
+with another FLUX.2 VAE (folder or file). FLUX.2 [dev]'s ``Flux2Pipeline`` (a Mistral text encoder) is refused in
+one line.
+
+Also accepted: the transformer file (BFL's ``flux-2-klein-4b.safetensors``, ComfyUI's ``diffusion_models/`` copy;
+told by ``single_stream_modulation.lin.weight``, :func:`is_flux2_file`) with its parts given apart: ``text_encoder``
+(``--qwen-text``; ComfyUI's ``text_encoders/qwen_3_4b.safetensors`` or a Qwen3 folder), ``vae`` (``--vae``;
+ComfyUI's ``vae/flux2-vae.safetensors`` or a FLUX.2 VAE folder) and ``tokenizer`` (``--qwen-tokenizer``; looked for
+beside the text encoder when not given). Whether it is step-distilled the weights cannot tell (both kinds have the
+same tensors): the file's name tells it as BFL names them (:func:`distilled_from_name`), or ``config`` (``--config``)
+a klein diffusers folder whose ``is_distilled`` and scheduler to take; a name that says neither is one line asking
+for one. The scheduler is klein's (:data:`KLEIN_SCHEDULER`) unless ``config`` gives one. A missing part is one line
+naming its flag, before the transformer is read.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +35,32 @@ from sdengine.errors import GenerationError, UsageError
 from sdengine.pipeline.flux2 import MAX_SEQUENCE_LENGTH, Flux2Pipeline
 
 ACCEPTED = ("Flux2KleinPipeline",)
+# black-forest-labs/FLUX.2-klein-4B's scheduler/scheduler_config.json (a single file has none; the klein releases'
+# are the same): the shift comes from diffusers' empirical mu (sdengine.pipeline.flux2.empirical_mu)
+KLEIN_SCHEDULER: dict[str, Any] = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+FLAGS = {"text_encoder": "--qwen-text", "vae": "--vae", "tokenizer": "--qwen-tokenizer", "config": "--config"}
+KEYWORDS = {"text_encoder": "qwen_text", "vae": "vae", "tokenizer": "qwen_tokenizer"}  # load_pipeline's names
+PARTS = {
+    "text_encoder": ("Qwen3 text encoder", "ComfyUI's text_encoders/qwen_3_4b.safetensors (klein 4B), or a folder"),
+    "vae": ("VAE", "ComfyUI's vae/flux2-vae.safetensors, or a FLUX.2 VAE folder"),
+    "tokenizer": ("Qwen2 tokenizer (sdengine ships none)", "a klein folder's tokenizer/ or ComfyUI's qwen25_tokenizer"),
+}
 
 
 def pipeline_class(path: Path) -> str | None:
@@ -58,6 +96,33 @@ def is_flux2_file(path: Path) -> bool:
     )
 
 
+def distilled_from_name(path: Path) -> bool | None:
+    """Whether a FLUX.2 [klein] single file is step-distilled, by its name's words (the weights cannot tell: both
+    kinds have the same tensors): BFL's and ComfyUI's ``flux-2-klein-4b.safetensors`` / ``flux-2-klein-9b*`` are
+    the distilled models, ``flux-2-klein-base-4b.safetensors`` the base ones. A name with the word ``base`` is a
+    base model, one with ``distilled`` or ``klein`` (and not ``base``) a distilled one; None for any other name
+    (or one saying both): not told."""
+    words = set(re.split(r"[^a-z0-9]+", path.name.lower().removesuffix(path.suffix.lower())))
+    base, distilled = "base" in words, "distilled" in words
+    if base and distilled:
+        return None
+    if base:
+        return False
+    return True if distilled or "klein" in words else None
+
+
+def distilled_before_load(path: Path) -> bool | None:
+    """Whether a FLUX.2 folder (``model_index.json``'s ``is_distilled``) or single file (:func:`distilled_from_name`)
+    is step-distilled, read without loading it; None when not told."""
+    if path.is_dir():
+        try:
+            value = json.loads((path / "model_index.json").read_text()).get("is_distilled", False)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+            return None
+        return value if isinstance(value, bool) else None
+    return distilled_from_name(path)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -71,25 +136,35 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_text_side(
-    path: Path, dtype: torch.dtype, device: torch.device, *, joint_attention_dim: int, max_sequence_length: int
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    joint_attention_dim: int,
+    max_sequence_length: int,
+    text_encoder: Path | None = None,
+    tokenizer: Path | None = None,
 ) -> tuple[Any, Any, Any]:
     """(Qwen3, texts -> states, text -> its token count in the template) of a folder's ``text_encoder/`` and
-    ``tokenizer/`` (:func:`sdengine.text.flux2_prompt.encode_prompt_flux2`); one line where the encoder's three
-    stacked layers are not the transformer's text width or the encoder has fewer than 27 layers."""
+    ``tokenizer/`` (or ``text_encoder`` / ``tokenizer`` given apart: a single file's parts;
+    :func:`sdengine.text.flux2_prompt.encode_prompt_flux2`); one line where the encoder's three stacked layers are
+    not the transformer's text width or the encoder has fewer than 27 layers."""
     from sdengine.text.flux2_prompt import HIDDEN_LAYERS, PROMPT_TEMPLATE, encode_prompt_flux2
     from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
     from sdengine.weights.qwen_text_file import load_qwen_text_encoder
 
     try:
-        tok = load_qwen_tokenizer(path / "tokenizer")
+        tok = load_qwen_tokenizer(tokenizer or path / "tokenizer")
     except UsageError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
-    encoder = load_qwen_text_encoder(path / "text_encoder", device=device, dtype=dtype)
+    te = text_encoder or path / "text_encoder"
+    encoder = load_qwen_text_encoder(te, device=device, dtype=dtype, family="qwen3" if text_encoder else None)
     cfg = encoder.config
     width = len(HIDDEN_LAYERS) * int(cfg.hidden_size)
     if width != joint_attention_dim or int(cfg.num_hidden_layers) < max(HIDDEN_LAYERS):
+        where = te.name if text_encoder else path.name
         raise GenerationError(
-            f"{path.name}: the text encoder ({cfg.num_hidden_layers} layers of {cfg.hidden_size}) gives "
+            f"{where}: the text encoder ({cfg.num_hidden_layers} layers of {cfg.hidden_size}) gives "
             f"{len(HIDDEN_LAYERS)} x {cfg.hidden_size} = {width} numbers per token from layers "
             f"{list(HIDDEN_LAYERS)}; the transformer takes {joint_attention_dim}: not this model's text encoder"
         )
@@ -109,37 +184,68 @@ def load_flux2_pipeline(
     device: torch.device,
     dtype: torch.dtype,
     vae: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    config: str | Path | None = None,
     name: str | None = None,
     lora_dir: Any = None,
     max_sequence_length: int = MAX_SEQUENCE_LENGTH,
 ) -> Flux2Pipeline:
-    """A FLUX.2 [klein] folder (module docstring) -> :class:`Flux2Pipeline` on ``device`` in ``dtype``; ``vae``:
-    another FLUX.2 VAE folder."""
+    """A FLUX.2 [klein] folder or transformer file (module docstring) -> :class:`Flux2Pipeline` on ``device`` in
+    ``dtype``; ``vae``: another FLUX.2 VAE (folder or file) for a folder, a file's VAE; ``text_encoder`` /
+    ``tokenizer``: a file's Qwen3 and Qwen2 tokenizer (a folder uses its own); ``config``: a klein folder whose
+    ``model_index.json`` (``is_distilled``) and scheduler a file takes."""
+    from sdengine.pipeline.qwen_image_loading import tokenizer_beside
     from sdengine.weights.flux2_file import load_flux2_transformer, load_flux2_vae
     from sdengine.weights.io import WeightsError
 
-    if not path.is_dir():
-        raise GenerationError(
-            f"{path.name}: FLUX.2 single files (BFL's, ComfyUI's) are not supported yet; give a diffusers "
-            "Flux2KleinPipeline folder"
-        )
-    kind = pipeline_class(path)
-    if kind == "Flux2Pipeline":
-        raise GenerationError(
-            f"{path.name}: FLUX.2 [dev] (Flux2Pipeline, a Mistral Small 3 text encoder) is not supported; sdengine "
-            "runs FLUX.2 [klein] folders (Flux2KleinPipeline)"
-        )
-    if kind not in ACCEPTED:
-        raise GenerationError(
-            f"{path.name}: {kind} is not supported (sdengine runs FLUX.2 [klein]: Flux2KleinPipeline)"
-        )
-    if vae is not None and not Path(vae).exists():
-        raise GenerationError(f"--vae {vae}: no such file or folder")
-    index = _read_json(path / "model_index.json")
-    distilled = index.get("is_distilled", False)
-    if not isinstance(distilled, bool):
-        raise GenerationError(f"{path / 'model_index.json'}: is_distilled={distilled!r} is not true/false")
-    scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+    given = {"text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer, "config": config}
+    for key, value in given.items():
+        if value is not None and not Path(value).exists():
+            raise GenerationError(f"{FLAGS[key]} {value}: no such file or folder")
+    te_path: Path | None = None
+    tok_path: Path | None = None
+    if path.is_dir():
+        kind = pipeline_class(path)
+        if kind == "Flux2Pipeline":
+            raise GenerationError(
+                f"{path.name}: FLUX.2 [dev] (Flux2Pipeline, a Mistral Small 3 text encoder) is not supported; "
+                "sdengine runs FLUX.2 [klein] folders (Flux2KleinPipeline)"
+            )
+        if kind not in ACCEPTED:
+            raise GenerationError(
+                f"{path.name}: {kind} is not supported (sdengine runs FLUX.2 [klein]: Flux2KleinPipeline)"
+            )
+        for key in ("text_encoder", "tokenizer", "config"):
+            if given[key] is not None:
+                raise GenerationError(f"{FLAGS[key]} does not apply to a FLUX.2 folder (it uses its own)")
+        index = _read_json(path / "model_index.json")
+        distilled = index.get("is_distilled", False)
+        if not isinstance(distilled, bool):
+            raise GenerationError(f"{path / 'model_index.json'}: is_distilled={distilled!r} is not true/false")
+        scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+        vae_path = Path(vae) if vae is not None else path
+        name = name or path.name
+    else:
+        if not is_flux2_file(path):
+            raise GenerationError(f"{path.name}: not a FLUX.2 transformer file (no single_stream_modulation.lin)")
+        distilled, scheduler = file_kind(path, Path(config) if config is not None else None)
+        te_path = Path(text_encoder) if text_encoder is not None else None
+        tok_path = Path(tokenizer) if tokenizer is not None else None
+        if tok_path is None and te_path is not None:
+            tok_path = tokenizer_beside(te_path)
+        for key, missing in (("text_encoder", te_path is None), ("vae", vae is None), ("tokenizer", tok_path is None)):
+            if missing:
+                what, example = PARTS[key]
+                raise GenerationError(
+                    f"{path.name} holds no {what}: give it with {FLAGS[key]} ({KEYWORDS[key]}= in Python; e.g. "
+                    f"{example})"
+                )
+        assert te_path is not None and vae is not None
+        if te_path.is_dir() and (te_path / "model_index.json").is_file():
+            te_path = te_path / "text_encoder"
+        vae_path = Path(vae)
+        name = name or path.name.removesuffix(path.suffix) or path.name
     try:
         transformer = load_flux2_transformer(path, device=device, dtype=dtype)
         encoder, encode, count = load_text_side(
@@ -148,8 +254,10 @@ def load_flux2_pipeline(
             device,
             joint_attention_dim=int(transformer.config.joint_attention_dim),
             max_sequence_length=max_sequence_length,
+            text_encoder=te_path,
+            tokenizer=tok_path,
         )
-        vae_model = load_flux2_vae(Path(vae) if vae is not None else path, device=device, dtype=dtype)
+        vae_model = load_flux2_vae(vae_path, device=device, dtype=dtype)
     except WeightsError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
     return Flux2Pipeline(
@@ -163,16 +271,48 @@ def load_flux2_pipeline(
         scheduler_config=scheduler,
         device=device,
         dtype=dtype,
-        name=name or path.name,
+        name=name,
         source=path,
         lora_dir=lora_dir,
         vae_source=Path(vae) if vae is not None else None,
     )
 
 
+def file_kind(path: Path, config: Path | None) -> tuple[bool, dict[str, Any]]:
+    """(step-distilled?, the scheduler config) of a FLUX.2 [klein] transformer file: from ``config`` (a klein
+    diffusers folder: its ``model_index.json``'s ``is_distilled`` and ``scheduler/``) where given, else from the
+    file's name (:func:`distilled_from_name`) with klein's scheduler (:data:`KLEIN_SCHEDULER`); a name that says
+    neither is one line asking for one of the two."""
+    if config is not None:
+        if pipeline_class(config) not in ACCEPTED:
+            raise GenerationError(
+                f"--config {config.name}: not a FLUX.2 [klein] folder (its model_index.json names no "
+                "Flux2KleinPipeline); give the klein folder whose is_distilled and scheduler the file takes"
+            )
+        distilled = _read_json(config / "model_index.json").get("is_distilled", False)
+        if not isinstance(distilled, bool):
+            raise GenerationError(f"{config / 'model_index.json'}: is_distilled={distilled!r} is not true/false")
+        return distilled, _read_json(config / "scheduler" / "scheduler_config.json")
+    told = distilled_from_name(path)
+    if told is None:
+        raise GenerationError(
+            f"{path.name}: cannot tell a step-distilled FLUX.2 [klein] (4 steps, no CFG) from a base one (50 steps, "
+            "CFG 4) by this name: keep BFL's (flux-2-klein-4b / flux-2-klein-base-4b ...) or give --config (config= "
+            "in Python) a klein diffusers folder"
+        )
+    return told, dict(KLEIN_SCHEDULER)
+
+
 __all__ = [
     "ACCEPTED",
     "FILE_MARKERS",
+    "FLAGS",
+    "KEYWORDS",
+    "KLEIN_SCHEDULER",
+    "PARTS",
+    "file_kind",
+    "distilled_before_load",
+    "distilled_from_name",
     "is_flux2_file",
     "is_flux2_folder",
     "load_flux2_pipeline",

@@ -392,19 +392,31 @@ def _load_flux2(
     lora_dir: Any,
     encoders: Mapping[str, Any],
 ) -> Pipeline:
-    """A FLUX.2 [klein] folder -> Flux2Pipeline (:mod:`sdengine.pipeline.flux2_loading`); what it does not take
-    refused, one line each, before anything loads."""
+    """A FLUX.2 [klein] folder or transformer file -> Flux2Pipeline (:mod:`sdengine.pipeline.flux2_loading`); what
+    it does not take refused, one line each, before anything loads."""
     from sdengine.pipeline.flux2_loading import load_flux2_pipeline
 
     for on, what in (
         (prediction_type is not None, "prediction_type: the FLUX.2 transformer predicts the flow's velocity"),
-        (config is not None, "config= does not apply (a folder's configs are read)"),
+        (config is not None and path.is_dir(), "config= does not apply (a folder's configs are read)"),
         (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
-        (bool(encoders), "--clip-l / --clip-g / --t5 / --qwen-text / --qwen-tokenizer do not apply (its folder's own)"),
+        (
+            any(k not in QWEN_FLAGS for k in encoders),
+            "--clip-l / --clip-g / --t5 do not apply (FLUX.2 [klein]'s text encoder is Qwen3: --qwen-text)",
+        ),
     ):
         if on:
             raise GenerationError(f"{path.name} (FLUX.2): {what}")
-    return load_flux2_pipeline(path, device=dev, dtype=dt, vae=vae, lora_dir=lora_dir)
+    return load_flux2_pipeline(
+        path,
+        device=dev,
+        dtype=dt,
+        vae=vae,
+        text_encoder=encoders.get("qwen_text"),
+        tokenizer=encoders.get("qwen_tokenizer"),
+        config=config,
+        lora_dir=lora_dir,
+    )
 
 
 def _load_z_image(

@@ -529,7 +529,9 @@ FLOW_FAMILIES = (
     "chroma",
     "qwen_image",
     "z_image",
+    "flux2",
 )  # the families whose A1111 requests run diffusers' step rules (flow_fields)
+A1111_CFG = 7.0  # A1111's cfg_scale default (Txt2ImgRequest's), which its clients send whatever the model
 LATENT_FILLS = {2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill -> masked_content
 IMG2IMG_USED = {"initial_noise_multiplier", "image_cfg_scale"}  # A1111's img2img fields that its txt2img does not have
 TXT2IMG_USED = {"firstphase_width", "firstphase_height"}  # A1111's txt2img fields that its img2img does not have
@@ -2498,6 +2500,8 @@ def install(app: FastAPI, services: Any) -> None:
             ignored.append("distilled_cfg_scale")
         if family not in FLOW_FAMILIES:
             return
+        if family == "flux2":
+            flux2_fields(fields, ignored)
         # the extension's soft weights forced on a canny unit in the hires fix's second pass weigh a U-Net's
         # residuals: an SD3 / Flux ControlNet runs that pass as the first ("balanced")
         units = fields.get("controlnets") or []
@@ -2511,6 +2515,20 @@ def install(app: FastAPI, services: Any) -> None:
                     "img2img / hires steps counted as diffusers' (int(steps x strength)): A1111's step rule is not "
                     "implemented for SD3 / Flux models"
                 )
+
+    def flux2_fields(fields: dict[str, Any], ignored: list[str]) -> None:
+        """A FLUX.2 [klein] model on an A1111 route: A1111's default ``cfg_scale`` (7, which its clients send for
+        every model) on a step-distilled one is listed as ignored and runs at 1, as diffusers ignores guidance there
+        (any other value but 1 is the precheck's 400); Forge FluxKontext's reference images are refused: klein
+        edit's references go on the native job route (POST /v1/jobs ``reference_images``)."""
+        if fields.get("reference_images"):
+            raise BadRequest(
+                "reference_images on the A1111 routes (top-level or Forge FluxKontext's) are FLUX.1 Kontext's; a "
+                "FLUX.2 [klein] model takes its reference images (klein edit) on POST /v1/jobs (reference_images)"
+            )
+        if fields.get("cfg_scale") == A1111_CFG and services.flux2_distilled(fields.get("model")):
+            fields["cfg_scale"] = 1.0
+            ignored.append("cfg_scale")
 
     def check_hr_model(generation: Any, hr_model: tuple[str, str], hands_off: bool) -> None:
         """A1111's ``hr_checkpoint_name`` naming another model: what its second pass cannot run is a 400 before

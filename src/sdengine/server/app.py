@@ -104,6 +104,18 @@ class Services:
             return None
         return "plus" if qwen_edit_plus_before_load(ref) else "edit"
 
+    def flux2_distilled(self, model: str | None) -> bool:
+        """Whether ``model`` (None: the current one) is a step-distilled FLUX.2 [klein] model: its loaded
+        pipeline's ``distilled``, else read from its files (False for other models and when not told)."""
+        from sdengine.server.page_api import flux2_distilled_before_load
+
+        ref, loaded = self._model(model)
+        if ref is None:
+            return False
+        if loaded is not None:
+            return bool(getattr(loaded, "distilled", False)) and getattr(loaded, "text_kind", "") == "flux2"
+        return flux2_distilled_before_load(ref) is True
+
     def family_defaults(self, model: str | None) -> dict[str, Any]:
         """The settings a job on ``model`` (None: the current one) takes where its request gives none, when they
         are not SD's (the native job's and OpenAI's defaults: 25 steps of dpmpp_2m / karras at cfg 7.5): an SD3
@@ -158,27 +170,20 @@ def default_loader(
         return pipe
 
     def load_model(ref: str, device: str) -> Any:
-        from sdengine.errors import GenerationError
         from sdengine.pipeline import load_pipeline
-        from sdengine.pipeline.flux2_loading import is_flux2_folder
         from sdengine.server.dit_parts import split
 
         path, parts = split(ref)
-        if is_flux2_folder(Path(path)):  # its jobs' settings are not routed for it yet: refused, not run as SD's
-            raise GenerationError(
-                f"{Path(path).name}: FLUX.2 models are not served yet; run them with sdengine generate or the Python "
-                "API (docs/flux2.md)"
-            )
         if parts:  # an SD3 / Flux / Qwen-Image file with its text encoders (and VAE) from the folders
             return load_pipeline(
                 path,
                 device=device,
                 dtype=dtype,
-                vae=parts.get("vae", parts.get("qwen_vae", vae)),
+                vae=parts.get("vae", parts.get("qwen_vae", parts.get("flux2_vae", vae))),
                 clip_l=parts.get("clip_l"),
                 clip_g=parts.get("clip_g"),
                 t5=parts.get("t5"),
-                qwen_text=parts.get("qwen_text"),
+                qwen_text=parts.get("qwen_text", parts.get("qwen3_text")),
                 weight_dtype=weight_dtype,
             )
         if embeddings_dir is not None:
@@ -837,15 +842,20 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         own rule), counted from the decoded references' sizes as the pipeline fits them."""
         from sdengine.errors import SdengineError
         from sdengine.pipeline.flux import token_refusal
+        from sdengine.pipeline.flux2_references import fitted_size
         from sdengine.pipeline.flux_kontext import kontext_size
-        from sdengine.server.page_api import model_size
+        from sdengine.server.page_api import family_before_load, family_of_pipe, model_size
 
         kw = generation.kwargs
         size = model_size(generation.model, loaded)
         m, auto = int(size["multiple"]), bool(kw.get("reference_auto_resize", True))
         refs = [im for im in kw["reference_images"] if hasattr(im, "size")]  # decoded PIL images
+        family = family_of_pipe(loaded) if loaded is not None else family_before_load(generation.model)
         try:
-            sizes = [kontext_size(im.width, im.height, m, auto) for im in refs]
+            if family == "flux2":  # FLUX.2 [klein]'s own fitting (sdengine.pipeline.flux2_references)
+                sizes = [fitted_size(im.width, im.height, m, k)[1] for k, im in enumerate(refs)]
+            else:
+                sizes = [kontext_size(im.width, im.height, m, auto) for im in refs]
         except SdengineError as e:
             raise BadRequest(str(e)) from None
         if not sizes:
@@ -961,18 +971,18 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         if kw.get("sd3") is not None and family != "sd3":
             raise BadRequest(f"sd3 settings apply to SD3 models only; {name} is not one")
         edit = family == "qwen_image" and is_qwen_edit(generation, loaded)
-        if kw.get("reference_images") and family != "flux" and not edit:
+        if kw.get("reference_images") and family not in ("flux", "flux2") and not edit:  # (flux2: klein edit)
             raise BadRequest(f"reference_images are FLUX.1 Kontext's; {name} is not a Flux model")
         if kw.get("control_image") is not None and family != "flux":
             raise BadRequest(
                 f"control_image is the control map of FLUX.1 Depth / Canny; {name} is not a Flux model (a ControlNet "
                 "takes its map in controlnets)"
             )
-        if kw.get("ip_adapters") and family not in ("sd3", "chroma", "qwen_image", "z_image"):  # (these refuse all)
+        if kw.get("ip_adapters") and family not in ("sd3", "chroma", "qwen_image", "z_image", "flux2"):  # (refuse all)
             from sdengine.server.ip_adapters import check_adapter_family
 
             check_adapter_family(kw["ip_adapters"], family == "flux", name)
-        if family not in ("sd3", "flux", "chroma", "qwen_image", "z_image"):
+        if family not in ("sd3", "flux", "chroma", "qwen_image", "z_image", "flux2"):
             return
         try:
             r = GenerationRequest(**kw)
@@ -1007,6 +1017,15 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 reasons = qwen_refusals(r)
                 if reasons:
                     raise BadRequest(f"{reasons[0]}; {name} is a Qwen-Image model")
+            elif family == "flux2":  # FLUX.2 not loaded yet: its refusals, without the model
+                from sdengine.pipeline.flux2 import distilled_cfg_refusal, flux2_refusals
+                from sdengine.server.page_api import flux2_distilled_before_load
+
+                reasons = flux2_refusals(r)
+                if flux2_distilled_before_load(generation.model):
+                    reasons += [why for why in [distilled_cfg_refusal(r.cfg_scale, name)] if why]
+                if reasons:
+                    raise BadRequest(f"{reasons[0]}; {name} is a FLUX.2 model")
             elif family == "z_image":  # Z-Image not loaded yet: its refusals, without the model
                 from sdengine.pipeline.z_image import z_image_refusals
 
@@ -1307,11 +1326,11 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     def models() -> dict[str, Any]:
         """The models jobs may name (OpenAI's list shape; ``current`` marks the default; ``tiny_vae``: it can
         decode with a tiny VAE; ``tiny_vae_encoder``: encode with one; ``family``: "sd", "sdxl", "sd3", "flux",
-        "chroma", "qwen_image", "z_image" or "pixel", which settings its jobs take; null when not told before the
-        model loads; ``kind``: a
-        Flux model's "plain" (its jobs may take reference_images), "fill" or "control" (its jobs take a
-        control_image), else null; ``defaults``: an SD3, Flux or Chroma model's own steps, cfg_scale, sampler and
-        schedule, which its jobs get where they give none)."""
+        "chroma", "qwen_image", "z_image", "flux2" or "pixel", which settings its jobs take; null when not told
+        before the model loads; ``kind``: a Flux model's "plain" (its jobs may take reference_images), "fill" or
+        "control" (its jobs take a control_image), else null; ``defaults``: an SD3, Flux, Chroma, Qwen-Image,
+        Z-Image or FLUX.2 model's own steps, cfg_scale, sampler and schedule, which its jobs get where they give
+        none)."""
         now = int(time.time())
         current = services.options.get("sd_model_checkpoint")
         data = []

@@ -12,6 +12,10 @@ VAE of ``--vaes-dir`` (its 3-D decoder: the original Wan names or diffusers' 5-D
 tokenizer is the folder beside the text encoder (``text_encoders/qwen25_tokenizer/`` or ``tokenizer/``,
 :func:`sdengine.pipeline.qwen_image_loading.tokenizer_beside`), a one-line 400 when there is none.
 
+FLUX.2 [klein]'s (``diffusion_models/flux-2-klein-4b.safetensors``) likewise: a Qwen3 text encoder of
+``text_encoders/`` (told from Qwen2.5-VL's by its q / k norms, ``self_attn.q_norm``) with Qwen2's tokenizer beside it,
+and a FLUX.2 VAE of ``--vaes-dir`` (told by its batch-norm statistics, ``bn.running_var``).
+
 The parts chosen become part of the model's loader reference (:func:`compose`): ``PATH`` then ``\\0kind=PATH`` for
 each part (NUL never occurs in a path), so that a worker reloads when another part is chosen, and the loader
 splits it back (:func:`split`).
@@ -26,7 +30,7 @@ from typing import Any
 from sdengine.server.errors import BadRequest
 
 SEP = "\x00"
-KINDS = ("clip_l", "clip_g", "t5", "vae", "qwen_text", "qwen_vae")
+KINDS = ("clip_l", "clip_g", "t5", "vae", "qwen_text", "qwen_vae", "qwen3_text", "flux2_vae")
 KIND_NAMES = {
     "clip_l": "CLIP-L",
     "clip_g": "CLIP bigG",
@@ -34,8 +38,10 @@ KIND_NAMES = {
     "vae": "16-channel VAE",
     "qwen_text": "Qwen2.5-VL text encoder",
     "qwen_vae": "Qwen-Image VAE",
+    "qwen3_text": "Qwen3 text encoder",
+    "flux2_vae": "FLUX.2 VAE",
 }
-VAE_KINDS = ("vae", "qwen_vae")  # the kinds picked from --vaes-dir
+VAE_KINDS = ("vae", "qwen_vae", "flux2_vae")  # the kinds picked from --vaes-dir
 CLIP_WIDTHS = {768: "clip_l", 1280: "clip_g"}
 MAX_MODULES = 8
 
@@ -78,15 +84,18 @@ def _header(path: Path) -> dict[str, Any]:
 
 
 def _kind_of(path: Path) -> tuple[str, int] | None:
-    """(``clip``, its width), (``t5``, 0), (``vae``, 16), (``qwen_text``, 0) or (``qwen_vae``, 0) by a file's
-    tensors; None for anything else."""
+    """(``clip``, its width), (``t5``, 0), (``vae``, 16), (``qwen_text``, 0), (``qwen_vae``, 0), (``qwen3_text``, 0)
+    or (``flux2_vae``, 0) by a file's tensors; None for anything else."""
     from sdengine.weights.qwen_vae_file import is_original_layout
 
     entries = _header(path)
     if any(n.endswith("layers.0.self_attn.q_proj.weight") for n in entries) and any(
         n.endswith("embed_tokens.weight") for n in entries
     ):
-        return ("qwen_text", 0)
+        qwen3 = any(n.endswith("layers.0.self_attn.q_norm.weight") for n in entries)  # Qwen3's q / k norms
+        return ("qwen3_text", 0) if qwen3 else ("qwen_text", 0)
+    if "bn.running_var" in entries and any(n.startswith("decoder.") for n in entries):  # FLUX.2's batch norm
+        return ("flux2_vae", 0)
     conv_in = entries.get("decoder.conv_in.weight")
     if is_original_layout(entries) or (isinstance(conv_in, dict) and len(conv_in.get("shape") or ()) == 5):
         return ("qwen_vae", 0)
@@ -114,6 +123,7 @@ def _clip_kind(name: str, width: int, widths: set[int]) -> str:
 def _needed(path: Path) -> tuple[str, ...]:
     """The parts an SD3 / Flux / Qwen-Image single file lacks (required ones only: SD3's T5 is optional, see
     :func:`optional`); () for any other model or a folder."""
+    from sdengine.pipeline.flux2_loading import is_flux2_file
     from sdengine.pipeline.flux_loading import COMFY_CLIP_L, COMFY_T5, VAE_PREFIXES, is_flux_file
     from sdengine.pipeline.qwen_image_loading import is_qwen_image_state_dict
 
@@ -122,6 +132,8 @@ def _needed(path: Path) -> tuple[str, ...]:
     names = list(_header(path))
     if is_qwen_image_state_dict(names):
         return ("qwen_text", "qwen_vae")
+    if is_flux2_file(path):  # before FLUX.1's: its double_blocks names are FLUX.1's too
+        return ("qwen3_text", "flux2_vae")
     if is_flux_file(path):
         held = {
             "clip_l": any(n.startswith(COMFY_CLIP_L) for n in names),
@@ -151,7 +163,7 @@ def candidates(catalog: Any) -> dict[str, list[tuple[str, Path]]]:
     encoders = [(e.name, Path(e.ref), kind_of(Path(e.ref))) for e in catalog.text_encoders()]
     widths = {k[1] for _, _, k in encoders if k is not None and k[0] == "clip"}
     for name, p, k in encoders:
-        if k is not None and k[0] in ("t5", "qwen_text"):
+        if k is not None and k[0] in ("t5", "qwen_text", "qwen3_text"):
             out[k[0]].append((name, p))
         elif k is not None and k[0] == "clip":
             out[_clip_kind(name, k[1], widths)].append((name, p))
@@ -161,6 +173,8 @@ def candidates(catalog: Any) -> dict[str, list[tuple[str, Path]]]:
             out["vae"].append((e.name, p))
         elif p.is_file() and kind_of(p) == ("qwen_vae", 0):
             out["qwen_vae"].append((e.name, p))
+        elif p.is_file() and kind_of(p) == ("flux2_vae", 0):
+            out["flux2_vae"].append((e.name, p))
     return out
 
 
@@ -219,10 +233,10 @@ def fill(catalog: Any, ref: str, modules: Sequence[str] | None) -> str:
             f"modules {', '.join(n for n, _ in chosen.values())}: {path.name} holds its own "
             f"{', '.join(KIND_NAMES[k] for k in chosen)}"
         )
-    if "qwen_text" in parts:
+    if "qwen_text" in parts or "qwen3_text" in parts:
         from sdengine.pipeline.qwen_image_loading import tokenizer_beside
 
-        text = Path(parts["qwen_text"])
+        text = Path(parts.get("qwen_text") or parts["qwen3_text"])
         if tokenizer_beside(text) is None:
             raise BadRequest(
                 f"{path.name} needs Qwen2's tokenizer beside its text encoder {text.name}: put the tokenizer folder "

@@ -93,7 +93,7 @@ def folder_size(ref: str) -> dict[str, int] | None:
 
 
 # The model families the server tells apart (GET /v1/models' ``family``): which settings a job may give
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "qwen_image", "z_image", "pixel")
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "chroma", "qwen_image", "z_image", "flux2", "pixel")
 
 
 def family_before_load(ref: str) -> str | None:
@@ -133,8 +133,8 @@ def _family_of_path(ref: str, path: Path) -> str | None:
     from sdengine.pipeline.z_image_loading import is_z_image_file, is_z_image_folder
     from sdengine.weights.sd3_files import is_sd3
 
-    if is_flux2_folder(path) if path.is_dir() else is_flux2_file(path):  # FLUX.2: not served yet, no family told
-        return None
+    if is_flux2_folder(path) if path.is_dir() else is_flux2_file(path):  # before Flux: its blocks' names too
+        return "flux2"
     if is_z_image_folder(path) if path.is_dir() else is_z_image_file(path):
         return "z_image"
     if is_qwen_image_folder(path) if path.is_dir() else is_qwen_image_file(path):
@@ -156,7 +156,7 @@ def _family_of_path(ref: str, path: Path) -> str | None:
 def family_of_pipe(pipe: Any) -> str:
     """A loaded pipeline's family (:data:`FAMILIES`), by its text side (``text_kind``)."""
     kind = str(getattr(pipe, "text_kind", ""))
-    if kind in ("sd3", "flux", "chroma", "qwen_image", "z_image", "sdxl"):
+    if kind in ("sd3", "flux", "chroma", "qwen_image", "z_image", "flux2", "sdxl"):
         return kind
     return "sd" if getattr(pipe, "vae", None) is not None else "pixel"
 
@@ -181,6 +181,15 @@ def family_defaults_before_load(ref: str) -> dict[str, Any]:
         from sdengine.pipeline.z_image import TURBO_CFG, TURBO_STEPS
 
         return {"steps": TURBO_STEPS, "cfg_scale": TURBO_CFG, "sampler": "euler", "schedule": "normal"}
+    if family == "flux2":  # FLUX.2 [klein]: step-distilled (4 steps, no CFG) or base (50 steps, CFG 4)
+        from sdengine.pipeline.flux2 import BASE_CFG, BASE_STEPS, DISTILLED_STEPS
+
+        distilled = flux2_distilled_before_load(ref)
+        if distilled is None:  # a file whose name does not say (its load says so in one line)
+            return {}
+        if not distilled:
+            return {"steps": BASE_STEPS, "cfg_scale": BASE_CFG, "sampler": "euler", "schedule": "normal"}
+        return {"steps": DISTILLED_STEPS, "cfg_scale": 1.0, "sampler": "euler", "schedule": "normal"}
     if family == "flux":
         from sdengine.pipeline.flux import DEV_STEPS, SCHNELL_STEPS
 
@@ -225,6 +234,15 @@ def flux_distilled_before_load(ref: str) -> bool | None:
     except (OSError, ValueError):
         return None
     return bool(net.get("guidance_embeds", False)) if isinstance(net, dict) else None
+
+
+def flux2_distilled_before_load(ref: str) -> bool | None:
+    """Whether a FLUX.2 [klein] model is step-distilled: a folder's ``model_index.json`` ``is_distilled``, a single
+    file's name (:func:`sdengine.pipeline.flux2_loading.distilled_from_name`); None when not told (the load says
+    why)."""
+    from sdengine.pipeline.flux2_loading import distilled_before_load
+
+    return distilled_before_load(Path(ref.split("\x00")[0]))
 
 
 def flux_kind_before_load(ref: str) -> str | None:

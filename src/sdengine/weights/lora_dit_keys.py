@@ -1,4 +1,5 @@
-"""LoRA names of the diffusion transformers: SD3's MMDiT, Flux.1's transformer, Chroma's, Qwen-Image's and Z-Image's.
+"""LoRA names of the diffusion transformers: SD3's MMDiT, Flux.1's transformer, Chroma's, Qwen-Image's, Z-Image's and
+FLUX.2's.
 
 A LoRA (Hu et al. 2021) for a diffusion transformer names its layers in one of two vocabularies:
 
@@ -41,6 +42,18 @@ original layout's (ComfyUI's): ``attention.qkv`` (q, k, v fused: split by rows),
 ``final_layer.*`` (:func:`_z_image_native`). Its LoRAs adapt the transformer only, as diffusers'
 ``ZImagePipeline.load_lora_weights``; :data:`Z_IMAGE_LAYERS` tells its files from the other families'.
 
+FLUX.2 (:mod:`sdengine.models.flux2`): diffusers' names (``transformer_blocks.N.attn.to_q``, ``ff.linear_in``,
+``single_transformer_blocks.N.attn.to_qkv_mlp_proj``, ``double_stream_modulation_img.linear`` ...) behind
+``transformer.`` (diffusers / PEFT) and the aliases above, and BFL's (:func:`_flux2_native`: ai-toolkit's
+``diffusion_model.double_blocks.N.img_attn.qkv``, kohya's ``lora_unet_double_blocks_N_img_attn_qkv``, ComfyUI's): a
+double block's fused ``qkv`` split by rows, ``img_mlp.0`` / ``img_mlp.2`` -> ``ff.linear_in`` / ``linear_out``, a
+single block's ``linear1`` / ``linear2`` -> ``to_qkv_mlp_proj`` / ``to_out`` (one module each: no split), the shared
+modulations' ``lin`` -> ``linear``, ``final_layer.adaLN_modulation.1`` -> ``norm_out.linear`` with its halves swapped
+(as the model file's conversion swaps them; diffusers' LoRA conversion of that one layer does not). Its LoRAs adapt
+the transformer only, as diffusers' ``Flux2KleinPipeline.load_lora_weights``; :data:`FLUX2_LAYERS` tells its files
+from the other families' (its BFL attention names are FLUX.1's: a FLUX.1 file is told by a layer only FLUX.1 has,
+:func:`flux_only_layers`).
+
 The original layouts differ from diffusers' in two ways that matter to a LoRA:
 
 * fused projections: ``img_attn.qkv`` stacks q, k and v by rows, a single block's ``linear1`` stacks q, k, v and
@@ -71,6 +84,7 @@ from torch import nn
 
 from ..models.chroma import ChromaTransformer
 from ..models.flux import FluxTransformer
+from ..models.flux2 import Flux2Transformer
 from ..models.mmdit import MMDiT
 from ..models.qwen_image import QwenImageTransformer
 from ..models.z_image import PATCH_KEY, ZImageTransformer
@@ -84,6 +98,7 @@ SD3_FAMILY = "SD3 (MMDiT)"
 CHROMA_FAMILY = "Chroma"
 QWEN_FAMILY = "Qwen-Image"
 Z_IMAGE_FAMILY = "Z-Image"
+FLUX2_FAMILY = "FLUX.2"
 
 # the prefix a rewritten layer name carries (diffusers' component name of the denoiser)
 DIT_PREFIX = "transformer."
@@ -106,6 +121,8 @@ def dit_family(model: nn.Module | None) -> str | None:
     ``"Qwen-Image"``), None for anything else."""
     if isinstance(model, QwenImageTransformer):
         return QWEN_FAMILY
+    if isinstance(model, Flux2Transformer):
+        return FLUX2_FAMILY
     if isinstance(model, ZImageTransformer):
         return Z_IMAGE_FAMILY
     if isinstance(model, ChromaTransformer):
@@ -257,6 +274,67 @@ def _z_image_native(model: ZImageTransformer) -> Iterator[tuple[str, tuple[Route
             yield b + "out", (Route(b + "to_out.0"),)
 
 
+# FLUX.2's own layers in either vocabulary (its shared modulations, SwiGLU MLPs, the single blocks' fused projection,
+# the timestep embedder's name): no other family has them
+FLUX2_LAYERS = re.compile(
+    r"(?:^|[._])(?:double_stream_modulation_(?:img|txt)|single_stream_modulation|to_qkv_mlp_proj|"
+    r"time_guidance_embed|(?:ff|ff_context)[._]linear_(?:in|out))(?:[._]|$)"
+)
+
+
+# FLUX.1's layers that FLUX.2 does not have, in both vocabularies (per-block modulation linears, the pooled-text and
+# time-text embedders, GELU MLPs, the single blocks' separate projections, XLabs' processors): a file naming one was
+# made for FLUX.1
+_FLUX1_NOT_FLUX2 = re.compile(
+    r"(?:^|[._])(?:img_mod[._]lin|txt_mod[._]lin|vector_in|time_text_embed|norm1[._]linear|norm1_context[._]linear|"
+    r"(?:ff|ff_context)[._]net|processor)(?:[._]|$)|single_blocks[._]\d+[._]modulation[._]lin|"
+    r"single_transformer_blocks[._]\d+[._](?:norm[._]linear|proj_mlp|proj_out|attn[._]to_[qkv])(?:[._]|$)"
+)
+
+
+def flux1_layers(names: list[str]) -> list[str]:
+    """The names among ``names`` of FLUX.1 layers that FLUX.2 does not have, in any of the vocabularies above."""
+    return [n for n in names if _FLUX1_NOT_FLUX2.search(n)]
+
+
+def _flux2_native(model: Flux2Transformer) -> Iterator[tuple[str, tuple[Route, ...]]]:
+    """BFL's layer names of a FLUX.2 transformer -> routes onto its (diffusers') modules (module docstring)."""
+    one = {
+        "img_in": "x_embedder",
+        "txt_in": "context_embedder",
+        "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+        "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+        "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+        "single_stream_modulation.lin": "single_stream_modulation.linear",
+        "final_layer.linear": "proj_out",
+    }
+    if model.config.guidance_embeds:
+        one["guidance_in.in_layer"] = "time_guidance_embed.guidance_embedder.linear_1"
+        one["guidance_in.out_layer"] = "time_guidance_embed.guidance_embedder.linear_2"
+    for native, ours in one.items():
+        yield native, (Route(ours),)
+    yield "final_layer.adaLN_modulation.1", _swapped(model, "norm_out.linear")
+    double = {
+        "img_attn.proj": "attn.to_out.0",
+        "txt_attn.proj": "attn.to_add_out",
+        "img_mlp.0": "ff.linear_in",
+        "img_mlp.2": "ff.linear_out",
+        "txt_mlp.0": "ff_context.linear_in",
+        "txt_mlp.2": "ff_context.linear_out",
+    }
+    for i in range(len(model.transformer_blocks)):
+        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for native, ours in double.items():
+            yield a + native, (Route(b + ours),)
+        yield a + "img_attn.qkv", _split(model, tuple(b + f"attn.to_{p}" for p in "qkv"))
+        yield a + "txt_attn.qkv", _split(model, tuple(b + f"attn.add_{p}_proj" for p in "qkv"))
+    for i in range(len(model.single_transformer_blocks)):
+        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        yield a + "linear1", (Route(b + "attn.to_qkv_mlp_proj"),)
+        yield a + "linear2", (Route(b + "attn.to_out"),)
+
+
 def not_qwen_layers(names: list[str]) -> list[str]:
     """The names among ``names`` of Flux.1 / SD3 layers (diffusers' vocabulary) that Qwen-Image does not have."""
     return [n for n in names if _NOT_QWEN.search(n)]
@@ -310,6 +388,8 @@ def dit_routes(model: nn.Module) -> dict[str, tuple[Route, ...]]:
         }
     elif isinstance(model, ZImageTransformer):
         native = dict(_z_image_native(model))
+    elif isinstance(model, Flux2Transformer):
+        native = dict(_flux2_native(model))
     elif isinstance(model, ChromaTransformer):
         native = dict(_chroma_native(model))
     elif isinstance(model, FluxTransformer):
@@ -423,6 +503,8 @@ def split_dit_layers(lf: LoRAFile, model: nn.Module) -> LoRAFile:
 __all__ = [
     "CHROMA_FAMILY",
     "DIT_PREFIX",
+    "FLUX2_FAMILY",
+    "FLUX2_LAYERS",
     "ROW_WISE",
     "FLUX_FAMILY",
     "QWEN_FAMILY",
@@ -433,6 +515,7 @@ __all__ = [
     "Route",
     "dit_family",
     "dit_routes",
+    "flux1_layers",
     "flux_only_layers",
     "not_qwen_layers",
     "split_dit_layers",

@@ -31,6 +31,8 @@ from . import keymaps as km
 from .lora_dit_keys import (
     CHROMA_FAMILY,
     DIT_PREFIX,
+    FLUX2_FAMILY,
+    FLUX2_LAYERS,
     FLUX_FAMILY,
     QWEN_FAMILY,
     QWEN_LAYERS,
@@ -38,6 +40,7 @@ from .lora_dit_keys import (
     Z_IMAGE_FAMILY,
     Z_IMAGE_LAYERS,
     dit_family,
+    flux1_layers,
     flux_only_layers,
     not_qwen_layers,
 )
@@ -53,6 +56,7 @@ _DIT_HINTS = [
     (re.compile(r"distilled_guidance_layer"), CHROMA_FAMILY),  # Chroma's approximator: no other model has it
     (QWEN_LAYERS, QWEN_FAMILY),  # a block's img_mod / txt_mod / img_mlp / txt_mlp (Flux's are in double_blocks)
     (Z_IMAGE_LAYERS, Z_IMAGE_FAMILY),  # layers / noise_refiner / context_refiner .N.attention / feed_forward
+    (FLUX2_LAYERS, FLUX2_FAMILY),  # FLUX.2's shared modulations, SwiGLU linear_in / linear_out, to_qkv_mlp_proj
     (re.compile(r"double_blocks|single_blocks|single_transformer_blocks"), FLUX_FAMILY),
     (re.compile(r"joint_blocks|context_block|x_block"), SD3_FAMILY),
     (
@@ -266,8 +270,27 @@ def check_dit_family(lf: LoRAFile, index: ModelIndex) -> None:
     text-encoder layer is refused too (diffusers' Qwen-Image loader adapts the transformer alone)."""
     family = _lora_family(lf, dit=True)
     where = str(lf.path) if lf.path is not None else lf.name
+    if index.dit == FLUX2_FAMILY:  # its BFL block names are FLUX.1's: a FLUX.1 file is told by FLUX.1's own layers
+        names = list(lf.layers) + list(lf.lycoris) + [k for ks in lf.unsupported.values() for k in ks]
+        if family in (SD3_FAMILY, CHROMA_FAMILY, QWEN_FAMILY, Z_IMAGE_FAMILY):
+            raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {FLUX2_FAMILY}")
+        flux = sorted(flux1_layers(names))
+        if flux:
+            raise LoRAFileError(
+                f"{where}: a LoRA for {FLUX_FAMILY}: it adapts {flux[0]}"
+                f"{f' (and {len(flux) - 1} more)' if len(flux) > 1 else ''}, a layer FLUX.2 does not have; the model "
+                f"is {FLUX2_FAMILY}"
+            )
+        te = sorted(k for k in names if k.startswith(("lora_te", "text_encoder")))
+        if te:
+            raise LoRAFileError(
+                f"{where}: adapts a text encoder ({len(te)} layers, e.g. {te[0]}): LoRAs for {FLUX2_FAMILY} adapt its "
+                "transformer only (as diffusers' Flux2KleinPipeline.load_lora_weights); use one without text-encoder "
+                "layers"
+            )
+        return
     if index.dit == Z_IMAGE_FAMILY:
-        if family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, QWEN_FAMILY):
+        if family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, QWEN_FAMILY, FLUX2_FAMILY):
             raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {Z_IMAGE_FAMILY}")
         names = list(lf.layers) + list(lf.lycoris) + [k for ks in lf.unsupported.values() for k in ks]
         te = sorted(k for k in names if k.startswith(("lora_te", "text_encoder")))
@@ -281,7 +304,7 @@ def check_dit_family(lf: LoRAFile, index: ModelIndex) -> None:
     if index.dit == QWEN_FAMILY:
         names = list(lf.layers) + list(lf.lycoris) + [k for ks in lf.unsupported.values() for k in ks]
         other = sorted(not_qwen_layers(names))
-        if family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, Z_IMAGE_FAMILY):
+        if family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, Z_IMAGE_FAMILY, FLUX2_FAMILY):
             raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {QWEN_FAMILY}")
         if other:
             raise LoRAFileError(
@@ -308,10 +331,10 @@ def check_dit_family(lf: LoRAFile, index: ModelIndex) -> None:
                     "(Chroma's modulation comes from its distilled_guidance_layer); the model is Chroma"
                 )
             return
-        family = family if family in (SD3_FAMILY, QWEN_FAMILY, Z_IMAGE_FAMILY) else None
+        family = family if family in (SD3_FAMILY, QWEN_FAMILY, Z_IMAGE_FAMILY, FLUX2_FAMILY) else None
     if (
         index.dit is not None
-        and family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, QWEN_FAMILY, Z_IMAGE_FAMILY)
+        and family in (FLUX_FAMILY, SD3_FAMILY, CHROMA_FAMILY, QWEN_FAMILY, Z_IMAGE_FAMILY, FLUX2_FAMILY)
         and family != index.dit
     ):
         raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {index.dit}")

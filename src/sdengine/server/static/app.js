@@ -1194,7 +1194,8 @@ function seedResizeFrom() {
 }
 
 // The families whose models take no U-Net patch, ControlNet, IP-Adapter or embedding (their sections are hidden)
-const FLOW_FAMILIES = ["sd3", "flux", "chroma"];
+// (Qwen-Image and Z-Image were missing here: the page kept an SD sampler and CFG 7 for them and showed SD's sections)
+const FLOW_FAMILIES = ["sd3", "flux", "chroma", "qwen_image", "z_image", "flux2"];
 const U_NET_ONLY = ["unet-patches", "controlnet-section", "ip-adapter-section", "embeddings-section"];
 const PAG_FAMILIES = ["sd", "sd3"]; // perturbed-attention guidance: U-Nets and SD3's MMDiT (docs/sd3.md)
 // PAG's layers by default: a U-Net's middle block, SD3's joint block 1 (diffusers' pag_applied_layers defaults)
