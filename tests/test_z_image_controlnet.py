@@ -78,6 +78,7 @@ def test_residuals_and_the_transformer_with_them_match_diffusers(kind: str) -> N
     with torch.no_grad():
         got = ours(latent, t, states, mask, control=lambda s, x: net(ours, s, x, control, 0.6))
     diff = (got - want).abs().max().item()
+    print(f"{kind}: max abs difference {diff:.2e} (outputs up to {want.abs().max().item():.2f})")
     assert diff < 5e-6, diff
     assert (want - plain).abs().max().item() > 1e-2  # the ControlNet changes the output
 
@@ -333,3 +334,110 @@ def test_native_job_controlnets_equal_the_pipeline(zimage, tmp_path) -> None:
     for arr, unit in zip(got, wants, strict=True):
         want = _ours(pipe, [unit], cfg=2.0, negative="blurry", steps=2)
         np.testing.assert_array_equal(arr, np.asarray(want.images[0].convert("RGB")))
+
+
+def test_a1111_units_equal_the_pipeline(zimage, tmp_path) -> None:
+    """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` on a Z-Image model (A1111's txt2img): the unit
+    runs as the pipeline's with the extension's step rule (equal pixels); a unit's mask is listed as ignored (the
+    extension has no picture to inpaint: Z-Image's inpainting units are the native job's); a soft control mode is
+    a one-line 400."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from _live_server import live_server, server_config
+    from sdengine.pipeline.control import ControlUnit
+
+    folder, pipe, nets = zimage
+    hint = _picture(6)
+
+    def b64(pic) -> str:
+        buf = io.BytesIO()
+        pic.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    unit = {"image": b64(hint), "module": "none", "model": nets["2.1"].name, "weight": 0.7, "guidance_end": 0.7,
+            "resize_mode": "Just Resize"}  # fmt: skip
+    body = {"prompt": PROMPT, "negative_prompt": "blurry", "steps": 3, "width": SIZE, "height": SIZE, "seed": 7,
+            "cfg_scale": 3, "sampler_name": "Euler"}  # fmt: skip
+    body["override_settings"] = {"sd_model_checkpoint": folder.name}
+    config = server_config(tmp_path, models_dir=folder.parent, controlnets_dir=nets["2.1"].parent)
+    with live_server(config) as server, httpx.Client(base_url=server.url, timeout=300) as client:
+
+        def post(**extra):
+            scripts = {"controlnet": {"args": [{**unit, **extra}]}}
+            return client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": scripts})
+
+        r = post()
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+        masked = post(mask_image=b64(_mask()))
+        assert masked.status_code == 200, masked.text
+        soft = post(control_mode="My prompt is more important")
+    want = pipe(PROMPT, "blurry", steps=3, seed=7, width=SIZE, height=SIZE, cfg_scale=3, progress=False,
+                controlnets=[ControlUnit(str(nets["2.1"]), hint, 0.7, 0.0, 0.7, rule="a1111")]).images[0]  # fmt: skip
+    np.testing.assert_array_equal(got, np.asarray(want.convert("RGB")))
+    plain = pipe(PROMPT, "blurry", steps=3, seed=7, width=SIZE, height=SIZE, cfg_scale=3, progress=False).images[0]
+    assert not np.array_equal(got, np.asarray(plain.convert("RGB")))
+    info = masked.json()["info"]
+    print(info[:600])
+    again = np.asarray(Image.open(io.BytesIO(base64.b64decode(masked.json()["images"][0]))).convert("RGB"))
+    np.testing.assert_array_equal(again, got)
+    assert "controlnet.args[0].mask_image" in info
+    assert soft.status_code == 400, soft.text
+    message = soft.json()["detail"]
+    assert isinstance(message, str) and "\n" not in message, message
+    print(message)
+
+
+def test_other_families_are_refused_in_one_line(zimage, tmp_path, tiny_sd1_folder) -> None:
+    """A Flux ControlNet on Z-Image, a Z-Image ControlNet of another width, and a Z-Image ControlNet (its folder, the
+    loaded network, its single file) on a Flux and an SD 1.x model."""
+    import json
+
+    import diffusers
+
+    import sdengine
+    from _flux_models import make_flux_folder
+    from sdengine.errors import SdengineError
+    from sdengine.pipeline.control import ControlUnit
+    from sdengine.weights.io import load_file, save_safetensors
+
+    folder, pipe, nets = zimage
+    img = _picture(0)
+    args = dict(steps=1, seed=SEED, width=SIZE, height=SIZE, progress=False)
+    flux_folder = make_flux_folder(tmp_path / "tiny-flux")
+    flux_cfg = json.loads((flux_folder / "transformer" / "config.json").read_text())
+    flux_cfg = {k: v for k, v in flux_cfg.items() if not k.startswith("_") and k != "out_channels"}
+    diffusers.FluxControlNetModel(**{**flux_cfg, "num_layers": 1, "num_single_layers": 1}).save_pretrained(
+        tmp_path / "fcn"
+    )
+    shape = {k: Z_TRANSFORMER[k] for k in ("n_refiner_layers", "norm_eps", "qk_norm")}
+    wide = tmp_path / "wide"
+    diffusers.ZImageControlNetModel(dim=96, n_heads=3, n_kv_heads=3, **shape, **KINDS["1.0"]).save_pretrained(wide)
+    one = tmp_path / "z_cn.safetensors"
+    save_safetensors(load_file(nets["1.0"] / "diffusion_pytorch_model.safetensors")[0], one)
+    flux = sdengine.load_pipeline(flux_folder, device="cpu")
+    sd1 = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+    cases = [
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(tmp_path / "fcn"), img)], **args),
+         "is a Flux ControlNet; this model is Z-Image"),
+        (lambda: pipe(PROMPT, controlnets=[ControlUnit(str(wide), img)], **args),
+         "it has dim 96, the Z-Image transformer 64: not a ControlNet for this model"),
+        (lambda: flux(PROMPT, controlnets=[ControlUnit(str(nets["1.0"]), img)], **args),
+         "is a Z-Image ControlNet; this model is Flux"),
+    ]  # fmt: skip
+    for model in (str(nets["1.0"]), read_dit_controlnet(nets["1.0"]), str(one)):
+        cases.append(
+            (
+                lambda m=model: sd1("x", controlnets=[ControlUnit(m, _picture(0))], **args),
+                "Z-Image|ZImageControlNetModel",
+            )
+        )
+    for run, message in cases:
+        with pytest.raises(SdengineError, match=message) as e:
+            run()
+        print(e.value)
+        assert "\n" not in str(e.value)
