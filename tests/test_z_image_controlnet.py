@@ -257,9 +257,10 @@ def test_refusals_are_one_line(zimage, tmp_path) -> None:
         assert "\n" not in str(e.value)
 
 
-def test_cli_control_equals_the_pipeline(zimage, tmp_path) -> None:
+def test_cli_control_equals_the_pipeline(zimage, tmp_path, capsys) -> None:
     """``--control`` / ``--controlnet`` (and ``--control-mask`` / ``--control-inpaint-image``) give the Python
-    call's image."""
+    call's image; ``--control-inpaint-image`` without ``--control-mask``, or one per two ``--control``, is a one-line
+    error."""
     from PIL import Image
 
     from sdengine.cli import main
@@ -288,6 +289,15 @@ def test_cli_control_equals_the_pipeline(zimage, tmp_path) -> None:
                      progress=False)  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(next(again.glob("*.png")))), np.asarray(inpainted.images[0]))
     assert not np.array_equal(np.asarray(inpainted.images[0]), np.asarray(direct.images[0]))
+    capsys.readouterr()
+    two = [*control[:4], *control, "--control-mask", str(mask)]  # two units, two masks
+    for extra, needle in (
+        ([*control[:4], "--control-inpaint-image", str(photo)], "--control-inpaint-image (a Z-Image inpainting"),
+        ([*two, "--control-inpaint-image", str(photo)], "1 --control-inpaint-image for 2 --control"),
+    ):
+        assert main([*args, str(tmp_path / "no"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
 
 
 def test_native_job_controlnets_equal_the_pipeline(zimage, tmp_path) -> None:
@@ -327,6 +337,22 @@ def test_native_job_controlnets_equal_the_pipeline(zimage, tmp_path) -> None:
             assert job["state"] == "done", (job.get("error"), job)
             data = client.get(job["images"][0]["url"]).content
             got.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        # inpaint_image without its mask, and on a reference unit: a one-line 400 before a job
+        for unit, needle in (
+            ({"model": name, "image": b64(hint), "inpaint_image": b64(photo)}, "inpaint_image (Z-Image's inpainting"),
+            ({"model": "reference_only", "image": b64(hint), "inpaint_image": b64(photo)}, "takes none"),
+        ):
+            r = client.post("/v1/jobs", json={**body, "controlnets": [unit]})
+            assert r.status_code == 400, r.text
+            message = r.json()["detail"]
+            assert isinstance(message, str) and "\n" not in message and needle in message, message
+        # mask + inpaint_image on a Union 1.0 ControlNet (16 control channels): the job fails in one line
+        one = {"model": nets["1.0"].name, "image": b64(hint), "mask": b64(mask), "inpaint_image": b64(photo)}
+        r = client.post("/v1/jobs", json={**body, "controlnets": [one]})
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["id"], timeout=120)
+        assert job["state"] == "failed" and "reads no inpainting mask" in job["error"], job
+        assert "\n" not in job["error"]
     wants = [
         ControlUnit(str(nets["2.1"]), hint, scale=0.8, end=0.5),
         ControlUnit(str(nets["2.1"]), hint, 0.9, mask=mask, inpaint_image=photo),
@@ -343,6 +369,7 @@ def test_a1111_units_equal_the_pipeline(zimage, tmp_path) -> None:
     a one-line 400."""
     import base64
     import io
+    import json
 
     import httpx
     from PIL import Image
@@ -382,10 +409,10 @@ def test_a1111_units_equal_the_pipeline(zimage, tmp_path) -> None:
     plain = pipe(PROMPT, "blurry", steps=3, seed=7, width=SIZE, height=SIZE, cfg_scale=3, progress=False).images[0]
     assert not np.array_equal(got, np.asarray(plain.convert("RGB")))
     info = masked.json()["info"]
-    print(info[:600])
+    print(json.loads(info).get("ignored"))
     again = np.asarray(Image.open(io.BytesIO(base64.b64decode(masked.json()["images"][0]))).convert("RGB"))
     np.testing.assert_array_equal(again, got)
-    assert "controlnet.args[0].mask_image" in info
+    assert "controlnet.args[0].mask_image" in json.loads(info)["ignored"]
     assert soft.status_code == 400, soft.text
     message = soft.json()["detail"]
     assert isinstance(message, str) and "\n" not in message, message

@@ -512,7 +512,7 @@ def build_controlled_dit(
         images = control_image_tensor(unit.image, width, height, resize_mode)
         repaint = control_mask_tensor(unit.mask, width, height, resize_mode) if inpaint else None
         picture: Tensor | None = None
-        if repaint is not None and isinstance(net, ZImageControlNet):
+        if repaint is not None and isinstance(net, ZImageControlNet) and inpaint_image is not None:
             # the picture to inpaint, its masked pixels mid-grey (0 in the VAE's range); the control image as is
             picture = control_image_tensor(inpaint_image, width, height, resize_mode)
             picture = picture * (1.0 - repaint) + 0.5 * repaint
