@@ -1090,6 +1090,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 mode=c.mode,
                 mask=c.mask,
                 union_mode=c.union_mode,
+                inpaint_image=c.inpaint_image,
             )
             for c in req.controlnets
         ]

@@ -62,6 +62,7 @@ class ControlRequest:
     hires_mode: str | None = None  # the hires fix's second pass (A1111's canny units: the extension's soft weights)
     mask: ImageRef | None = None  # an SD3 inpainting ControlNet's mask (white = repaint)
     union_mode: int | str | None = None  # a Flux Union ControlNet's control kind (name or number)
+    inpaint_image: ImageRef | None = None  # a Z-Image inpainting ControlNet's picture to inpaint (with mask)
 
 
 @dataclass
@@ -480,9 +481,10 @@ def build_generation(
                 raise BadRequest(
                     f"ControlNet unit {k}: a mask is an SD3 inpainting ControlNet's; {unit.model} takes none"
                 )
-            if unit.union_mode is not None:
+            if unit.union_mode is not None or getattr(unit, "inpaint_image", None) is not None:
                 raise BadRequest(
-                    f"ControlNet unit {k}: union_mode is a Flux Union ControlNet's; {unit.model} takes none"
+                    f"ControlNet unit {k}: union_mode / inpaint_image are Flux / Z-Image ControlNets'; "
+                    f"{unit.model} takes none"
                 )
             picture = image(unit.image, f"ControlNet unit {k} image")
             assert picture is not None
@@ -521,6 +523,10 @@ def build_generation(
             raise BadRequest(f"ControlNet unit {k}: start ({start:g}) must be less than end ({end:g})")
         weight = _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0)
         unit_mask = image(unit.mask, f"ControlNet unit {k} mask")
+        picture_ref = getattr(unit, "inpaint_image", None)  # Z-Image's inpainting ControlNets (with the mask)
+        inpaint_image = image(picture_ref, f"ControlNet unit {k} inpaint_image") if picture_ref is not None else None
+        if inpaint_image is not None and unit_mask is None:
+            raise BadRequest(f"ControlNet unit {k}: inpaint_image (Z-Image's inpainting ControlNets) needs its mask")
         units.append(
             ControlUnit(
                 str(path),
@@ -536,6 +542,9 @@ def build_generation(
                 hires_mode=unit.hires_mode,
                 mask=unit_mask,
                 union_mode=unit.union_mode,
+                inpaint_image=(
+                    ImageOps.exif_transpose(inpaint_image).convert("RGB") if inpaint_image is not None else None
+                ),
             )
         )
 
