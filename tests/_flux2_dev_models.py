@@ -27,15 +27,36 @@ MISTRAL_TEXT = dict(
     tie_word_embeddings=False,
 )
 PIXTRAL_VISION = dict(
-    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8, image_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    head_dim=8,
+    image_size=64,
     patch_size=16,
 )
 # Mistral's control tokens, in the release's order (ids 0..): <unk>, <s>, </s>, [INST], [/INST], ..., <pad> (11),
 # [IMG] (10), [SYSTEM_PROMPT] (17), [/SYSTEM_PROMPT] (18)
 SPECIAL = [
-    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
-    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
-    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
 ]
 CORPUS = [
     "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
@@ -80,18 +101,36 @@ def write_mistral_processor(dst: Path, *, padding_side: str = "left"):
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
         padding_side=padding_side,
     )
     fast.chat_template = MISTRAL_CHAT_TEMPLATE
     fast.save_pretrained(dst)
     (dst / "processor_config.json").write_text(
-        json.dumps({"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]", "image_token": "[IMG]",
-                    "patch_size": 16, "processor_class": "PixtralProcessor", "spatial_merge_size": 2})
+        json.dumps(
+            {
+                "image_break_token": "[IMG_BREAK]",
+                "image_end_token": "[IMG_END]",
+                "image_token": "[IMG]",
+                "patch_size": 16,
+                "processor_class": "PixtralProcessor",
+                "spatial_merge_size": 2,
+            }
+        )
     )
     (dst / "preprocessor_config.json").write_text(
-        json.dumps({"image_processor_type": "PixtralImageProcessor", "patch_size": 14,
-                    "size": {"longest_edge": 1540}, "processor_class": "PixtralProcessor"})
+        json.dumps(
+            {
+                "image_processor_type": "PixtralImageProcessor",
+                "patch_size": 14,
+                "size": {"longest_edge": 1540},
+                "processor_class": "PixtralProcessor",
+            }
+        )
     )
     return fast
 
@@ -137,7 +176,6 @@ def make_dev_folder(dst: Path, seed: int = 0, *, padding_side: str = "left", tra
 def diffusers_dev_folder(folder: Path):
     """diffusers' whole ``Flux2Pipeline`` loaded from a saved folder."""
     import diffusers
-
     from transformers import Mistral3ForConditionalGeneration, PreTrainedTokenizerFast
 
     pipe = diffusers.Flux2Pipeline(  # from its parts: the index's PixtralProcessor needs torchvision (see above)

@@ -241,6 +241,14 @@ def test_folder_refusals(folder: Path, tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
     with pytest.raises(GenerationError, match=r"--qwen-text does not apply to a FLUX.2 folder"):
         load_pipeline(str(folder), device="cpu", qwen_text=str(folder))
+    from sdengine.weights.io import save_safetensors
+
+    dev_file = tmp_path / "flux2-dev.safetensors"  # BFL's names: the shared modulation and the guidance embedding
+    marks = ("single_stream_modulation.lin.weight", "guidance_in.in_layer.weight")
+    save_safetensors({f"model.diffusion_model.{k}": torch.zeros(3, 1) for k in marks}, dev_file)
+    with pytest.raises(GenerationError, match=r"a FLUX.2 \[dev\] transformer file .* give its diffusers folder") as e:
+        load_pipeline(str(dev_file), device="cpu")
+    assert "\n" not in str(e.value)
     text = json.loads((folder / "text_encoder" / "config.json").read_text())
     for change, message in (
         ({"sliding_window": 1024}, r"sliding_window=1024; sliding-window attention narrower than 4096"),

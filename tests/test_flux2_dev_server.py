@@ -68,7 +68,9 @@ def test_a1111_txt2img_through_webuiapi_ignores_its_cfg(served):
     with its default guidance 4."""
     server, _, pipe = served
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler")
-    r = api.txt2img(prompt=PROMPT, steps=2, width=W, height=H, seed=7, override_settings={"sd_model_checkpoint": "tiny-dev"})
+    r = api.txt2img(
+        prompt=PROMPT, steps=2, width=W, height=H, seed=7, override_settings={"sd_model_checkpoint": "tiny-dev"}
+    )
     assert "cfg_scale" in r.info.get("ignored", []), r.info
     want = pipe(PROMPT, steps=2, seed=7, width=W, height=H, progress=False).images[0]
     np.testing.assert_array_equal(np.asarray(r.image.convert("RGB")), np.asarray(want.convert("RGB")))

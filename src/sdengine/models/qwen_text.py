@@ -210,7 +210,9 @@ class QwenTextConfig:
             if not isinstance(text, dict):
                 raise ConfigError("Mistral text config: a mistral3 config without a text_config object")
             if text.get("model_type", "mistral") != "mistral":
-                raise ConfigError(f"Mistral text config: text_config model_type {text.get('model_type')!r} is not mistral")
+                raise ConfigError(
+                    f"Mistral text config: text_config model_type {text.get('model_type')!r} is not mistral"
+                )
             src = dict(text)
         act = src.get("hidden_act", "silu")
         if act != "silu":

@@ -174,7 +174,9 @@ class Flux2Adapter:
         self.dtype = dtype
         self.references = references
 
-    def __call__(self, x: Tensor, t: Tensor, *, crossattn: Tensor, guidance: Tensor | None = None, **other: Any) -> Tensor:
+    def __call__(
+        self, x: Tensor, t: Tensor, *, crossattn: Tensor, guidance: Tensor | None = None, **other: Any
+    ) -> Tensor:
         extra = sorted(k for k, v in other.items() if v is not None)
         if extra:
             raise GenerationError(f"the FLUX.2 transformer takes no {', '.join(extra)}")

@@ -102,6 +102,15 @@ def is_flux2_file(path: Path) -> bool:
     )
 
 
+def is_dev_file(path: Path) -> bool:
+    """A FLUX.2 transformer file with the guidance embedding (BFL's ``guidance_in``, diffusers'
+    ``time_guidance_embed.guidance_embedder``, ComfyUI's prefix too): FLUX.2 [dev]'s (every klein lacks it)."""
+    from sdengine.pipeline.flux_loading import file_holds
+
+    marks = ("guidance_in.in_layer.weight", "time_guidance_embed.guidance_embedder.linear_1.weight")
+    return file_holds(path, lambda names: any(n.endswith(marks) for n in names))
+
+
 def distilled_from_name(path: Path) -> bool | None:
     """Whether a FLUX.2 [klein] single file is step-distilled, by its name's words (the weights cannot tell: both
     kinds have the same tensors): BFL's and ComfyUI's ``flux-2-klein-4b.safetensors`` / ``flux-2-klein-9b*`` are
@@ -267,6 +276,11 @@ def load_flux2_pipeline(
     else:
         if not is_flux2_file(path):
             raise GenerationError(f"{path.name}: not a FLUX.2 transformer file (no single_stream_modulation.lin)")
+        if is_dev_file(path):
+            raise GenerationError(
+                f"{path.name}: a FLUX.2 [dev] transformer file (it has the guidance embedding, guidance_in): single "
+                "files of FLUX.2 [dev] are not supported; give its diffusers folder (Flux2Pipeline)"
+            )
         distilled, scheduler = file_kind(path, Path(config) if config is not None else None)
         te_path = Path(text_encoder) if text_encoder is not None else None
         tok_path = Path(tokenizer) if tokenizer is not None else None
@@ -359,6 +373,7 @@ __all__ = [
     "file_kind",
     "distilled_before_load",
     "distilled_from_name",
+    "is_dev_file",
     "is_flux2_file",
     "is_flux2_folder",
     "load_flux2_pipeline",
