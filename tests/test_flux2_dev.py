@@ -152,6 +152,23 @@ def test_folder_matches_diffusers(oracle, loaded, guidance: float | None) -> Non
     assert f"Distilled CFG Scale: {4.0 if guidance is None else guidance:g}," in result.infotexts[0]
 
 
+def test_bfloat16_folder_is_near_diffusers(folder: Path) -> None:
+    """The whole folder in bfloat16 (Mistral and the transformer) against diffusers' in bfloat16: close, not equal
+    (diffusers keeps the latents in bfloat16 between steps, sdengine in float32)."""
+    pipe = load_pipeline(str(folder), device="cpu", dtype=torch.bfloat16)
+    got = pipe("a red apple", steps=3, seed=1, width=W, height=H).arrays[0]
+    oracle = diffusers_dev_folder(folder).to(torch.bfloat16)
+    want = oracle(
+        prompt="a red apple",
+        height=H,
+        width=W,
+        num_inference_steps=3,
+        generator=torch.Generator("cpu").manual_seed(1),
+        output_type="np",
+    ).images[0]
+    assert np.isfinite(got).all() and float(np.abs(got - want).mean()) < 1e-2
+
+
 def test_reference_image_matches_diffusers(oracle, loaded) -> None:
     """A reference image (FLUX.2's editing, as klein's): no size given, so the reference's fitted size (88 x 72);
     mean abs under 1e-4 against diffusers' ``image=``."""

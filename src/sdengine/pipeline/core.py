@@ -891,7 +891,7 @@ class Pipeline:
         flux2_dev = self.text_kind == "flux2" and bool(getattr(self, "dev", False))  # FLUX.2 [dev] takes it too
         if r.distilled_cfg_scale is not None and self.text_kind != "flux" and not flux2_dev:
             raise GenerationError(
-                f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev] and FLUX.2 [dev] only; {self.name} is "
+                f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev] only (and FLUX.2 [dev]); {self.name} is "
                 "neither"
             )
         if r.reference_list() and self.text_kind != "flux":
