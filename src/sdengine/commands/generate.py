@@ -1671,8 +1671,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         type=float,
         default=None,
         metavar="G",
-        help="FLUX.1 [dev]: the distilled guidance scale, an input of the model (default 3.5; Forge's 'Distilled CFG "
-        "Scale', its infotext name); Flux runs at --cfg 1 by default (one pass per step, no negative prompt)",
+        help="FLUX.1 [dev] and FLUX.2 [dev]: the distilled guidance scale, an input of the model (default 3.5; 4 for "
+        "FLUX.2 [dev]; Forge's 'Distilled CFG Scale', its infotext name); Flux runs at --cfg 1 by default (one pass "
+        "per step, no negative prompt)",
     )
     p.add_argument(
         "--image-cfg-scale",

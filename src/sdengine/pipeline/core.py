@@ -890,9 +890,11 @@ class Pipeline:
                 raise GenerationError(str(e)) from None
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
-        if r.distilled_cfg_scale is not None and self.text_kind != "flux":
+        flux2_dev = self.text_kind == "flux2" and bool(getattr(self, "dev", False))  # FLUX.2 [dev] takes it too
+        if r.distilled_cfg_scale is not None and self.text_kind != "flux" and not flux2_dev:
             raise GenerationError(
-                f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev] only; {self.name} is not a Flux model"
+                f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev] only (and FLUX.2 [dev]); {self.name} is "
+                "neither"
             )
         if r.reference_list() and self.text_kind != "flux":
             raise GenerationError(

@@ -127,8 +127,9 @@ class GenerationRequest:
     # _auto_resize); off: its own size, sides floored to the size multiple. Infotext "Reference images"
     reference_images: ImageInput | Sequence[ImageInput] | None = None
     reference_auto_resize: bool = True
-    # FLUX.1 [dev] only: the distilled guidance scale, an input of its transformer (sdengine.pipeline.flux); None =
-    # the model's default (3.5). Infotext "Distilled CFG Scale" (Forge's name)
+    # FLUX.1 [dev] and FLUX.2 [dev] only: the distilled guidance scale, an input of their transformers
+    # (sdengine.pipeline.flux, sdengine.pipeline.flux2); None = the model's default (3.5; 4 for FLUX.2 [dev]).
+    # Infotext "Distilled CFG Scale" (Forge's name)
     distilled_cfg_scale: float | None = None
     # Perturbed-attention guidance (Ahn et al. 2024; diffusers' StableDiffusionPAGPipeline): a third pass of the
     # conditional rows with the identity attention map in the self-attention layers ``pag_layers`` names (diffusers'

@@ -2509,8 +2509,9 @@ def install(app: FastAPI, services: Any) -> None:
                 )
 
     def flux2_fields(fields: dict[str, Any], ignored: list[str]) -> None:
-        """A FLUX.2 [klein] model on an A1111 route: A1111's default ``cfg_scale`` (7, which its clients send for
-        every model) on a step-distilled one is listed as ignored and runs at 1, as diffusers ignores guidance there
+        """A FLUX.2 model on an A1111 route: A1111's default ``cfg_scale`` (7, which its clients send for every
+        model) on a step-distilled klein or on [dev] (no CFG) is listed as ignored and runs at 1, as diffusers ignores
+        guidance there
         (any other value but 1 is the precheck's 400); Forge FluxKontext's reference images are refused: klein
         edit's references go on the native job route (POST /v1/jobs ``reference_images``)."""
         if fields.get("reference_images"):
