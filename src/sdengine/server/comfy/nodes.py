@@ -236,6 +236,9 @@ class ModelHandle:
     differential: float | None = None
     # CFGNorm's strength (a flow model's post-CFG rescale, sdengine.latent_sampling._CFGNormed), None = off
     cfg_norm: float | None = None
+    # ZImageFunControlnet's patches: sdengine.server.comfy.nodes_z_image_control.ZImageControl values, one per node in
+    # the order applied (their residuals add up, as ComfyUI's patch lists)
+    z_image_controls: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
