@@ -373,4 +373,11 @@ def comfy_places(blocks: int) -> list[int]:
     return [j * step for j in range(blocks)]
 
 
-__all__ = ["COMFY_LAYERS", "LATENT_CHANNELS", "ControlBlock", "ZImageControlNet", "ZImageControlNetConfig", "comfy_places"]
+__all__ = [
+    "COMFY_LAYERS",
+    "LATENT_CHANNELS",
+    "ControlBlock",
+    "ZImageControlNet",
+    "ZImageControlNetConfig",
+    "comfy_places",
+]

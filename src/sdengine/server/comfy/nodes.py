@@ -2170,6 +2170,8 @@ repeat_to_batch = _to_batch
 resize_nchw = _resize_nchw
 composite_latents = _composite_latents
 with_samples = _composited
+center_box = _center_box
+controlnet_names = _controlnets
 
 
 def latent_composite_masked(

@@ -1559,6 +1559,13 @@ def _controlled_flow(
     return replace(flow, network=make(controlled), skipping=None), positive, negative
 
 
+# The helpers other node families (nodes_z_image_control.py) share, by public name.
+cached_part = _cached
+device_dtype = _device_dtype
+hint_vae = _hint_vae
+transformer_of = _transformer
+
+
 def _qwen_hint_latent(mean: torch.Tensor) -> torch.Tensor:
     """A Qwen-Image ControlNet's hint latent: the VAE's mean in ComfyUI's Wan21 format, ``(z - mean) / std``."""
     from sdengine.server.comfy.nodes_qwen import raw_in

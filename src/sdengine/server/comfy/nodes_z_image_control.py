@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from sdengine.errors import SdengineError
-from sdengine.server.comfy.nodes import Input, ModelHandle, NodeDef, NodeError, RunContext, _controlnets, _float
+from sdengine.server.comfy.nodes import Input, ModelHandle, NodeDef, NodeError, RunContext, controlnet_names
 
 Z_IMAGE_LATENT = (0.3611, 0.1159)  # ComfyUI's Flux latent format (scale, shift), Z-Image's
 
@@ -77,13 +77,15 @@ class ZImageControl:
 
 
 def _read(ctx: RunContext, path: str, node: str) -> Any:
-    from sdengine.models.z_image_controlnet import ZImageControlNet
-    from sdengine.server.comfy.nodes_sd3_flux import _cached
     from sdengine.control.dit_files import read_dit_controlnet
+    from sdengine.models.z_image_controlnet import ZImageControlNet
+    from sdengine.server.comfy.nodes_sd3_flux import cached_part
 
     name = Path(path).name
     try:
-        net = _cached("controlnet", str(ctx.device), (str(Path(path).resolve()),), lambda: read_dit_controlnet(path))
+        net = cached_part(
+            "controlnet", str(ctx.device), (str(Path(path).resolve()),), lambda: read_dit_controlnet(path)
+        )
     except (OSError, SdengineError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise NodeError(f"{node}: {name} is not a Z-Image Fun ControlNet ({first})") from None
@@ -145,14 +147,15 @@ def z_image_fun_controlnet(
             f"ZImageFunControlnet: {name} reads no inpainting inputs (16 control channels, Union 1.0): leave "
             "inpaint_image and mask out"
         )
-    if not net.config.inpainting and image is None:
-        raise NodeError(f"ZImageFunControlnet: {name} (Union 1.0) needs its image")
+    if mask is not None and mask.ndim != 3:
+        raise NodeError(f"ZImageFunControlnet: mask must be a MASK (B, H, W), got {tuple(mask.shape)}")
     _one_row(image, "image")
     _one_row(inpaint_image, "inpaint_image")
     _one_row(mask, "mask")
-    if mask is not None and mask.ndim != 3:
-        raise NodeError(f"ZImageFunControlnet: mask must be a MASK (B, H, W), got {tuple(mask.shape)}")
-    pick = (lambda x: None if x is None else x[..., :3].float())  # fmt: skip
+
+    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[..., :3].float()
+
     entry = ZImageControl(
         model_patch.path, vae, pick(image), pick(inpaint_image), None if mask is None else mask.float(), float(strength)
     )
@@ -176,9 +179,9 @@ def _fit(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def _mask_at(mask: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
     """(1, 1, h, w) mask resized by ComfyUI's common_upscale (centre crop, then ``mode``: bilinear or nearest)."""
-    from sdengine.server.comfy.nodes import _center_box
+    from sdengine.server.comfy.nodes import center_box
 
-    x0, y0, x1, y1 = _center_box(int(mask.shape[-1]), int(mask.shape[-2]), width, height)
+    x0, y0, x1, y1 = center_box(int(mask.shape[-1]), int(mask.shape[-2]), width, height)
     m = mask[:, :, y0:y1, x0:x1]
     if mode == "bilinear":
         return F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)
@@ -269,12 +272,12 @@ def controlled_flow(ctx: RunContext, model: ModelHandle, flow: Any, height: int,
     """The FlowModel whose network is the Z-Image transformer with the MODEL's ZImageFunControlnet patches, their
     control latents made for a ``height`` x ``width`` latent."""
     from sdengine.pipeline.z_image import ZImageAdapter
-    from sdengine.server.comfy.nodes_sd3_flux import _device_dtype, _hint_vae, _transformer
+    from sdengine.server.comfy.nodes_sd3_flux import device_dtype, hint_vae, transformer_of
 
-    family, net = _transformer(ctx, model)
+    family, net = transformer_of(ctx, model)
     if family != "z_image":
         raise NodeError("ZImageFunControlnet's patch is on a model that is not Z-Image")
-    dev, dtype = _device_dtype(ctx)
+    dev, dtype = device_dtype(ctx)
     patches = []
     for control in model.z_image_controls:
         cn = _read(ctx, control.path, "ZImageFunControlnet")
@@ -282,7 +285,7 @@ def controlled_flow(ctx: RunContext, model: ModelHandle, flow: Any, height: int,
         why = cn.check_fits(net)
         if why is not None:
             raise NodeError(f"ZImageFunControlnet: {name} does not fit this Z-Image model: {why}")
-        vae = _hint_vae(ctx, control.vae, name)
+        vae = hint_vae(ctx, control.vae, name)
         latent = control_latent(control, cn, vae, height, width)
         if latent.shape[1] != cn.config.control_in_dim:
             raise NodeError(
@@ -301,7 +304,7 @@ Z_IMAGE_CONTROL_NODES: dict[str, NodeDef] = {
             "ModelPatchLoader",
             "ModelPatchLoader",
             "advanced/loaders",
-            (Input("name", "COMBO", choices=_controlnets),),
+            (Input("name", "COMBO", choices=controlnet_names),),
             ("MODEL_PATCH",),
             model_patch_loader,
             description="A Z-Image Fun ControlNet Union file (alibaba-pai's 1.0 / 2.0 / 2.1) from the server's "
@@ -315,7 +318,7 @@ Z_IMAGE_CONTROL_NODES: dict[str, NodeDef] = {
                 Input("model", "MODEL"),
                 Input("model_patch", "MODEL_PATCH"),
                 Input("vae", "VAE"),
-                _float("strength", 1.0, -10.0, 10.0),
+                Input("strength", "FLOAT", 1.0, -10.0, 10.0, 0.01),
                 Input("image", "IMAGE", optional=True),
                 Input("inpaint_image", "IMAGE", optional=True),
                 Input("mask", "MASK", optional=True),
