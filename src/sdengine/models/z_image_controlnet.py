@@ -26,6 +26,12 @@ The ControlNet borrows the transformer's embedders, refiners, pad tokens and pos
 
 :meth:`ZImageControlNet.forward` takes the transformer's embedded inputs (:class:`sdengine.models.z_image.ZImageState`)
 and the refined image tokens, so the caption is refined once per call for the transformer and its ControlNets.
+
+ComfyUI applies the same files otherwise (its ``ZImageFunControlnet``; :meth:`ZImageControlNet.comfy_start` /
+:meth:`ZImageControlNet.comfy_main`, used by :mod:`sdengine.server.comfy.nodes_z_image_control`): the control tokens
+are the image's real positions alone (no pad tokens, no caption), the residuals go to the image tokens after main
+layers ``j * round(30 / blocks)``, and 2.x's refiner residuals go into the transformer's own noise refiner
+(``forward``'s ``refiner_control``).
 """
 
 from __future__ import annotations

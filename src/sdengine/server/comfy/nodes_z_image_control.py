@@ -308,7 +308,8 @@ Z_IMAGE_CONTROL_NODES: dict[str, NodeDef] = {
             ("MODEL_PATCH",),
             model_patch_loader,
             description="A Z-Image Fun ControlNet Union file (alibaba-pai's 1.0 / 2.0 / 2.1) from the server's "
-            "ControlNet folder (ComfyUI reads models/model_patches/); other model patches are refused.",
+            "ControlNet folder (--controlnets-dir; ComfyUI reads models/model_patches/); other model patches are "
+            "refused.",
         ),
         NodeDef(
             "ZImageFunControlnet",
