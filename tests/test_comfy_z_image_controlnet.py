@@ -380,3 +380,7 @@ def test_refusals_are_one_line(zcn, tiny_sd1_folder):
     g = z_graph()
     del g["z"]["inputs"]["image"]
     assert "give it an image" in _fails(root, g)
+    g = z_graph()  # a batch of control pictures
+    g["r"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["h", 0], "amount": 2}}
+    g["z"]["inputs"]["image"] = ["r", 0]
+    assert "image is a batch of 2; give one picture here" in _fails(root, g)
