@@ -384,3 +384,31 @@ def test_refusals_are_one_line(zcn, tiny_sd1_folder):
     g["r"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["h", 0], "amount": 2}}
     g["z"]["inputs"]["image"] = ["r", 0]
     assert "image is a batch of 2; give one picture here" in _fails(root, g)
+
+
+def test_object_info_describes_the_nodes_as_comfyui(zcn):
+    """/object_info: ModelPatchLoader lists the server's ControlNet folder; ZImageFunControlnet's inputs, defaults and
+    output are ComfyUI's (required model, model_patch, vae, strength 1.0 in -10 .. 10 step 0.01; optional image,
+    inpaint_image, mask; MODEL)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+    from sdengine.server.config import ServerConfig
+
+    root, _ = zcn
+    config = ServerConfig(outputs_dir=root / "server-out", controlnets_dir=root / "controlnets")
+    app = create_app(config, loader=lambda ref, dev: None, preload=False)
+    info = TestClient(app, base_url="http://127.0.0.1").get("/object_info").json()
+    loader = info["ModelPatchLoader"]
+    names = loader["input"]["required"]["name"][0]
+    assert {"zfun-1.0", "zfun-2.1"} <= {n.removesuffix(".safetensors") for n in names}
+    assert loader["output"] == ["MODEL_PATCH"] and loader["category"] == "advanced/loaders"
+    node = info["ZImageFunControlnet"]
+    required, optional = node["input"]["required"], node["input"]["optional"]
+    assert list(required) == ["model", "model_patch", "vae", "strength"]
+    assert required["model_patch"][0] == "MODEL_PATCH" and required["vae"][0] == "VAE"
+    strength = required["strength"][1]
+    assert (strength["default"], strength["min"], strength["max"], strength["step"]) == (1.0, -10.0, 10.0, 0.01)
+    assert {k: v[0] for k, v in optional.items()} == {"image": "IMAGE", "inpaint_image": "IMAGE", "mask": "MASK"}
+    assert node["output"] == ["MODEL"] and node["category"] == "advanced/loaders/zimage"
