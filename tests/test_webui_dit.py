@@ -13,6 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
+from _flux2_dev_models import make_dev_folder
+from _flux2_models import make_klein_folder
 from _flux_models import make_flux_folder
 from _live_server import live_server, server_config
 from _sd3_models import make_sd3_folder
@@ -39,6 +41,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     make_sd3_folder(tmp / "models" / "tiny-sd3")
     make_flux_folder(tmp / "models" / "tiny-depth", kind="control", seed=6)
     make_z_folder(tmp / "models" / "tiny-z")
+    make_klein_folder(tmp / "models" / "tiny-klein", distilled=True)
+    make_dev_folder(tmp / "models" / "tiny-flux2-dev")
     with live_server(server_config(tmp, models_dir=tmp / "models")) as s:
         yield s
 
@@ -266,3 +270,50 @@ def test_a_z_image_model_takes_its_defaults_hides_the_u_net_sections_and_gives_t
     expected, infotext = api_image(client, body | chosen | {"cfg_scale": 1.0})
     np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
     assert params == infotext
+
+
+def test_flux2_models_take_their_defaults_references_and_guidance_and_give_the_apis_images(page, client, tmp_path):
+    """FLUX.2 [klein] (distilled): its defaults (4 steps, no CFG), no distilled guidance, the reference-image input
+    (klein edit; no Kontext resize box) and the U-Net sections hidden; a job with a reference gives the native
+    API's image. FLUX.2 [dev]: the distilled-guidance input shown and sent."""
+    from _pipeline_models import picture
+
+    data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert (data["tiny-klein"]["family"], data["tiny-klein"]["kind"]) == ("flux2", "klein")
+    assert (data["tiny-flux2-dev"]["family"], data["tiny-flux2-dev"]["kind"]) == ("flux2", "dev")
+    page.select_option("#model", "tiny-klein")
+    for sel in U_NET_ONLY:
+        assert page.is_hidden(sel), sel
+    assert page.is_hidden("#distilled_cfg_scale") and page.is_hidden("#shift")
+    assert page.is_visible("#reference-files") and page.is_hidden("#reference-resize")
+    assert page.input_value("#cfg_scale") == "1" and page.input_value("#sampler") == "euler"
+    path = tmp_path / "ref.png"
+    picture(72, 64, seed=2).save(path)  # FLUX.2 takes references of 64 pixels a side or more
+    page.set_input_files("#reference-files", str(path))
+    for sel, value in [("#prompt", "make it green"), ("#negative_prompt", ""), ("#steps", "2"), ("#seed", "6"),
+                       ("#width", "32"), ("#height", "32")]:  # fmt: skip
+        page.fill(sel, value)
+    page.click("#generate")
+    params = wait_result(page)
+    body = {"model": "tiny-klein", "prompt": "make it green", "steps": 2, "seed": 6, "width": 32, "height": 32}
+    body |= {"sampler": "euler", "schedule": page.input_value("#schedule"), "cfg_scale": 1.0}
+    body["reference_images"] = [upload(client, path.read_bytes())]
+    expected, infotext = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext
+    without, _ = api_image(client, {k: v for k, v in body.items() if k != "reference_images"})
+    assert np.abs(expected.astype(int) - without.astype(int)).mean() > 1  # the reference was sent and used
+
+    page.select_option("#model", "tiny-flux2-dev")
+    assert page.is_visible("#distilled_cfg_scale") and page.is_visible("#reference-files")
+    page.set_input_files("#reference-files", [])
+    for sel, value in [("#prompt", "a red apple"), ("#steps", "2"), ("#seed", "7"), ("#width", "32"),
+                       ("#height", "32"), ("#distilled_cfg_scale", "2.5")]:  # fmt: skip
+        page.fill(sel, value)
+    page.click("#generate")
+    params = wait_result(page)
+    body = {"model": "tiny-flux2-dev", "prompt": "a red apple", "steps": 2, "seed": 7, "width": 32, "height": 32}
+    body |= {"sampler": "euler", "schedule": page.input_value("#schedule"), "cfg_scale": 1.0}
+    expected, infotext = api_image(client, body | {"distilled_cfg_scale": 2.5})
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext and "Distilled CFG Scale: 2.5" in params, params

@@ -1317,8 +1317,13 @@ def _native_routes(app: FastAPI, services: Services) -> None:
 
     def model_kind(ref: str, family: str | None) -> str | None:
         """A Flux model's kind GET /v1/models tells ("plain": [dev] / [schnell] / Kontext, "fill": FLUX.1 Fill,
-        "control": FLUX.1 Depth / Canny): the loaded pipeline's, else read from a diffusers folder's configs; None
-        for other families and when not told before the model loads (a single file)."""
+        "control": FLUX.1 Depth / Canny): the loaded pipeline's, else read from a diffusers folder's configs; a FLUX.2
+        model's "klein" or "dev"; None for other families and when not told before the model loads (a single
+        file)."""
+        if family == "flux2":
+            from sdengine.server.page_api import flux2_dev_before_load
+
+            return "dev" if flux2_dev_before_load(ref) else "klein"
         if family != "flux":
             return None
         from sdengine.server.page_api import flux_kind_before_load
@@ -1334,9 +1339,9 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         decode with a tiny VAE; ``tiny_vae_encoder``: encode with one; ``family``: "sd", "sdxl", "sd3", "flux",
         "chroma", "qwen_image", "z_image", "flux2" or "pixel", which settings its jobs take; null when not told
         before the model loads; ``kind``: a Flux model's "plain" (its jobs may take reference_images), "fill" or
-        "control" (its jobs take a control_image), else null; ``defaults``: an SD3, Flux, Chroma, Qwen-Image,
-        Z-Image or FLUX.2 model's own steps, cfg_scale, sampler and schedule, which its jobs get where they give
-        none)."""
+        "control" (its jobs take a control_image), a FLUX.2 model's "klein" or "dev", else null; ``defaults``: an
+        SD3, Flux, Chroma, Qwen-Image, Z-Image or FLUX.2 model's own steps, cfg_scale, sampler and schedule, which its
+        jobs get where they give none)."""
         now = int(time.time())
         current = services.options.get("sd_model_checkpoint")
         data = []

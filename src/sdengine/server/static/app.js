@@ -1202,13 +1202,16 @@ const PAG_FAMILIES = ["sd", "sd3"]; // perturbed-attention guidance: U-Nets and 
 function pagDefault(family) { return family === "sd3" ? "blocks.1" : "mid"; }
 
 function familyOf(model) { return (state.family || {})[model] || "sd"; }
+// A Flux model's kind (plain / fill / control) or a FLUX.2 one's (klein / dev); null: not told before it loads
+function kindOf(model) { return (state.kind || {})[model] || null; }
 
 // SD3's shift and skip-layer guidance, Flux's distilled guidance: sent for a model of that family only, empty
 // inputs not sent (the model's own)
 function familySettings() {
   const family = familyOf($("model").value);
   const out = {};
-  if (family === "flux" && $("distilled_cfg_scale").value.trim() !== "") {
+  const guided = family === "flux" || (family === "flux2" && kindOf($("model").value) === "dev");
+  if (guided && $("distilled_cfg_scale").value.trim() !== "") {
     out.distilled_cfg_scale = number("distilled_cfg_scale", "Distilled guidance", false);
   }
   if (family !== "sd3") return out;
@@ -1230,13 +1233,17 @@ function familySettings() {
 // whose inputs are shown only (the server refuses what its kind does not take, in one line under the input)
 async function fluxImages() {
   const out = {};
-  if (familyOf($("model").value) !== "flux") return out;
+  const family = familyOf($("model").value);
+  if (family !== "flux" && family !== "flux2") return out;
   const refs = $("reference-files").closest(".field").hidden ? [] : [...$("reference-files").files];
   if (refs.length) {
-    if (refs.length > 4) throw new ApiError(400, "Reference images: at most 4 (FLUX.1 Kontext)", "reference_images");
+    if (family === "flux" && refs.length > 4) {
+      throw new ApiError(400, "Reference images: at most 4 (FLUX.1 Kontext)", "reference_images");
+    }
     out.reference_images = [];
     for (const f of refs) out.reference_images.push(await upload(f, "reference_images"));
-    if (!$("reference-resize").checked) out.reference_auto_resize = false; // each its own size
+    // each its own size (Kontext's choice; FLUX.2 fits its references as diffusers does)
+    if (family === "flux" && !$("reference-resize").checked) out.reference_auto_resize = false;
   }
   const control = $("control-image-file").closest(".field").hidden ? null : $("control-image-file").files[0];
   if (control) {
@@ -1272,10 +1279,12 @@ function followFamilyDefaults(before, after) {
 function fitFamily() {
   const family = familyOf($("model").value);
   let any = false;
-  const kind = (state.kind || {})[$("model").value] || null; // a Flux model's; null: not told before it loads
+  const kind = kindOf($("model").value);
+  // data-family / data-kind: the families and kinds (space-separated) an input is shown for; any kind when not told
   for (const el of document.querySelectorAll("[data-family]")) {
-    el.hidden = el.dataset.family !== family || Boolean(el.dataset.kind && kind && el.dataset.kind !== kind);
-    any ||= !el.hidden;
+    const kinds = el.dataset.kind ? el.dataset.kind.split(" ") : null;
+    el.hidden = !el.dataset.family.split(" ").includes(family) || Boolean(kinds && kind && !kinds.includes(kind));
+    if (el.classList.contains("field")) any ||= !el.hidden;
   }
   $("family-settings").hidden = !any;
   $("family-title").hidden = !any;
