@@ -16,6 +16,9 @@
   from the row's generator FIRST (before any other draw); its scaled latent is the ``"concat"``.
 * FLUX.1 Kontext with an init image (``init_mode``, diffusers' ``FluxKontextInpaintPipeline``): the init latent is
   the posterior's mean (no draw), then the noise; with a mask the masked-image posterior is drawn after it (unused).
+* FLUX.2 [klein] (``init_mode``, ``mask_rule="bilinear"``, ``encode_masked=False``; diffusers'
+  ``Flux2KleinInpaintPipeline``): the init latent is the posterior's mean, then the noise, nothing after it; the
+  mask is binarised at 0.5 at image size and shrunk bilinearly (its edge cells grey).
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ def start_latents(
     fill: bool = False,
     control: Image.Image | None = None,
     init_mode: bool = False,
+    mask_rule: str = "nearest",
+    encode_masked: bool = True,
 ) -> StartLatents:
     """Every random draw of the rows, in diffusers' order (see the module docstring). ``tiny``: a tiny VAE whose
     encoder makes the images' latents instead of the VAE's (``vae_encode="tiny"``; no posterior spread, the same
@@ -114,7 +119,12 @@ def start_latents(
     the pipeline's, on the init latent this returns). ``fill``: a FLUX.1 Fill model's concat (see the module
     docstring; needs ``init`` and ``mask``); ``control``: a FLUX.1 Depth / Canny model's control image (the
     output's size); ``init_mode``: the init latent is the posterior's mean, no draw (FLUX.1 Kontext's
-    ``FluxKontextInpaintPipeline``: each row's noise is its generator's first draw)."""
+    ``FluxKontextInpaintPipeline``: each row's noise is its generator's first draw). ``mask_rule``: how the mask
+    becomes the blend's latent mask: ``"nearest"`` (diffusers' SD / FLUX.1 inpainting: the binarised mask shrunk by
+    nearest; a blurred mask, ``mask_blur`` > 0, kept grey and area-averaged) or ``"bilinear"`` (FLUX.2 [klein]'s
+    ``prepare_mask_latents``: the binarised mask, or a blurred one kept grey, shrunk bilinearly).
+    ``encode_masked``: False draws no masked-image posterior (a model that reads none, and a pipeline that draws
+    nothing after the noise)."""
 
     def moments(img: Tensor) -> Any:
         if tiny is not None:
@@ -152,13 +162,22 @@ def start_latents(
         # diffusers binarises the mask at 0.5 and shrinks it with nearest; a blurred mask (mask_blur > 0,
         # A1111's soft edge) is kept soft and area-averaged instead, so that the blend fades.
         binary = (mask_full >= 0.5).float()
-        latent_mask = (
-            F.interpolate(mask_full, size=(h, w), mode="area") if mask_blur > 0 else F.interpolate(binary, size=(h, w))
-        )
-        masked = image_tensor(init).to(device) * (binary < 0.5)
-        post = moments(masked)
-        masked_latent = posterior_rows(post, generators)  # drawn even for 4 channels (diffusers' order)
-        if fill:  # FluxFillPipeline: [masked-image latent, the mask folded f x f into channels]
+        if mask_rule == "bilinear":  # FLUX.2 [klein]: binarised (a blurred mask kept grey), shrunk bilinearly
+            latent_mask = F.interpolate(mask_full if mask_blur > 0 else binary, size=(h, w), mode="bilinear")
+        else:
+            latent_mask = (
+                F.interpolate(mask_full, size=(h, w), mode="area")
+                if mask_blur > 0
+                else F.interpolate(binary, size=(h, w))
+            )
+        masked_latent = None
+        if encode_masked or fill or nine_channels:
+            masked = image_tensor(init).to(device) * (binary < 0.5)
+            post = moments(masked)
+            masked_latent = posterior_rows(post, generators)  # drawn even for 4 channels (diffusers' order)
+        if masked_latent is None:
+            blend = latent_mask
+        elif fill:  # FluxFillPipeline: [masked-image latent, the mask folded f x f into channels]
             masked_latent = vae.scale_latents(masked_latent.float())
             folded = F.pixel_unshuffle(binary, scale_factor).expand(b, -1, -1, -1)
             concat = torch.cat([masked_latent, folded.to(masked_latent.dtype)], dim=1)
