@@ -293,3 +293,18 @@ def test_a1111_img2img_through_webuiapi_gives_the_pipelines_image(served):
     got = _rgb(r.image)
     np.testing.assert_array_equal(got[~inside], _rgb(init)[~inside])
     assert np.abs(got[inside].astype(int) - _rgb(init)[inside].astype(int)).mean() > 1
+
+
+def test_openai_edit_without_reference_images_is_img2img(served):
+    """OpenAI's ``/v1/images/edits`` without ``reference_images: true``: FLUX.2 img2img of the image (OpenAI's
+    strength 0.75), the Python call's image."""
+    server, _, pipes, _ = served
+    api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0, timeout=300)
+    init = picture(W, H, seed=6)
+    png = io.BytesIO()
+    init.save(png, format="PNG")
+    r = api.images.edit(model="tiny-klein", image=("a.png", png.getvalue(), "image/png"), prompt=PROMPT,
+                        size=f"{W}x{H}", extra_body={"seed": 4, "steps": 3})  # fmt: skip
+    got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+    want = pipes["tiny-klein"](PROMPT, steps=3, seed=4, width=W, height=H, init_image=init, strength=0.75).images[0]
+    np.testing.assert_array_equal(_rgb(got), _rgb(want))
