@@ -23,8 +23,8 @@ VAE decode, infotext), through the hooks Flux uses (:class:`sdengine.pipeline.fl
 
 Defaults (:attr:`Flux2Pipeline.family_defaults`): distilled 4 steps at cfg 1, base 50 steps at cfg 4, ``euler`` on
 the ``normal`` grid, 1024x1024. What does not apply is refused in one line before any model runs
-(:func:`flux2_refusals`): the hires fix, ControlNets, IP-Adapters, FLUX.1 Kontext's reference images, the distilled guidance, prompt
-editing and Flux's other refusals.
+(:func:`flux2_refusals`): the hires fix, ControlNets, IP-Adapters, FLUX.1 Kontext's reference images, the
+distilled guidance, prompt editing and Flux's other refusals.
 
 LoRAs (``loras=``, ``<lora:NAME:W>`` tags, ``--lora``) apply to the transformer through the core's path as Flux's
 and Z-Image's do: :mod:`sdengine.weights.lora_dit_keys` reads diffusers' / PEFT names (``transformer.``), BFL's
