@@ -60,8 +60,8 @@ def _image(r: httpx.Response) -> np.ndarray:
 
 
 def test_unimplemented_fields_are_a_422_naming_the_field_before_any_work(counted):
-    """restore_faces, s_min_uncond, firstpass_image (hires), resize_mode 3,
-    latent_mask (with a mask), mask_round false, an inpainting_fill A1111 lacks and a second init image were
+    """restore_faces, s_min_uncond, firstpass_image (hires), resize_mode 3, a latent_mask or mask_round not of
+    A1111's types, an inpainting_fill A1111 lacks and a second init image were
     accepted and only listed in info["ignored"] (another image than A1111's); now each is a 422 naming it, and no
     model is loaded."""
     client, loads = counted
@@ -78,8 +78,9 @@ def test_unimplemented_fields_are_a_422_naming_the_field_before_any_work(counted
         ("txt2img", {"enable_hr": True, "firstpass_image": init}, "firstpass_image: the hires fix"),
         ("img2img", {**i2i, "resize_mode": 9}, "resize_mode 9"),
         ("img2img", {**i2i, "init_images": [init, init]}, "init_images: 2 images"),
-        ("img2img", {**inpaint, "latent_mask": init}, "latent_mask: a separate latent mask"),
-        ("img2img", {**inpaint, "mask_round": False}, "mask_round False"),
+        # (latent_mask and mask_round false run now, tests/test_a1111_mask_round.py; bad values are still 422s)
+        ("img2img", {**inpaint, "latent_mask": 5}, "latent_mask 5: A1111's latent_mask is an image"),
+        ("img2img", {**inpaint, "mask_round": "no"}, "mask_round 'no': A1111's mask_round is true"),
         ("img2img", {**inpaint, "inpainting_fill": 7}, "inpainting_fill 7"),
         ("txt2img", {"firstphase_width": 8}, "firstphase_width 8 and firstphase_height 0"),
     ]

@@ -988,6 +988,16 @@ def test_inpainting_hand_off_blends_on_the_refiners_steps_too(base, refiner):
         alone = b_pipe(PROMPT, NEGATIVE, strength_rule=rule, **kw).arrays[0]
         assert np.abs(res.arrays[0] - alone)[:, : SIZE // 2].mean() > 1e-3, rule
         assert seen[-1].step == seen[-1].steps  # the refiner's steps counted on from the base's
+    # A1111's latent_mask (a quarter), mask_round off: both models' x0 kept by it, not by the mask (a half)
+    lat = np.zeros((SIZE, SIZE), np.uint8)
+    lat[:, : SIZE // 4] = 255
+    seen = []
+    b_pipe.generate_with_refiner(
+        r_pipe, PROMPT, NEGATIVE, switch_at=0.5, switch_rule="a1111", strength_rule="a1111", callback=seen.append,
+        latent_mask=Image.fromarray(lat), mask_round=False, **kw,
+    )  # fmt: skip
+    keep = seen[0].denoised[..., SIZE // 8 + 1 :]  # past the latent mask's bicubic edge (clipped to 0 there)
+    assert len(seen) >= 3 and all(torch.equal(i.denoised[..., SIZE // 8 + 1 :], keep) for i in seen)
 
 
 # ------------------------------------------------------------------------------------------ inpainting

@@ -298,7 +298,7 @@ def test_off_is_plain_inpainting_and_the_infotext_reads_back(sd1):
     assert "soft_inpainting" not in to_generate_kwargs(parse_parameters(disabled))
 
 
-def test_what_it_does_not_combine_with_is_refused_in_one_line(sd1, tiny_inpaint_folder):
+def test_what_it_does_not_combine_with_is_refused_in_one_line(sd1):
     picture, mask = _picture(), _mask()
     cases = (
         (dict(init_image=picture), "soft_inpainting needs a mask"),
@@ -311,9 +311,7 @@ def test_what_it_does_not_combine_with_is_refused_in_one_line(sd1, tiny_inpaint_
         with pytest.raises(GenerationError, match=said) as e:
             sd1("x", **kw)
         assert "\n" not in str(e.value)
-    inpaint = load_pipeline(tiny_inpaint_folder, device="cpu")
-    with pytest.raises(GenerationError, match="9-channel"):
-        inpaint("x", init_image=picture, mask=mask, soft_inpainting=True, steps=2, progress=False)
+    # (a 9-channel inpainting model runs it, its mask input grey: tests/test_a1111_mask_round.py)
     from sdengine.pipeline import GenerationRequest
     from sdengine.pipeline.sdxl import check_hand_off
 

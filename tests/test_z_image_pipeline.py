@@ -121,7 +121,6 @@ def test_rows_batch_as_alone(pipe, oracle) -> None:
 def test_defaults_and_refusals(pipe) -> None:
     assert pipe.family_defaults == {"steps": 9, "cfg_scale": 1.0, "sampler": "euler", "schedule": "normal"}
     for kw, why in (
-        ({"controlnets": [("x.safetensors", None, 1.0)]}, "ControlNets"),
         ({"distilled_cfg_scale": 3.5}, "distilled_cfg_scale"),
         ({"pag_scale": 1.0}, "perturbed-attention"),
         ({"sampler": "euler_cfg_pp"}, "CFG\\+\\+"),

@@ -266,6 +266,8 @@ def control_masks(a: Any, kwargs: dict[str, Any]) -> None:
     per ``--control`` in order (``none`` for a unit that takes no mask), set on the request's units; the unit's
     ``--control`` image is the picture to inpaint."""
     masks = getattr(a, "control_mask", None) or []
+    if getattr(a, "control_inpaint_image", None) and not masks:
+        raise UsageError("--control-inpaint-image (a Z-Image inpainting ControlNet's picture) needs --control-mask")
     if not masks:
         return
     units = list(kwargs.get("controlnets") or [])
@@ -277,6 +279,16 @@ def control_masks(a: Any, kwargs: dict[str, Any]) -> None:
         dataclasses.replace(u, mask=None if m.strip().lower() == "none" else m)
         for u, m in zip(units, masks, strict=True)
     ]
+    pictures = getattr(a, "control_inpaint_image", None) or []
+    if pictures:  # Z-Image's inpainting ControlNets: the picture to inpaint (the --control image stays the map)
+        if len(pictures) != len(units):
+            raise UsageError(
+                f"{len(pictures)} --control-inpaint-image for {len(units)} --control: give one per --control"
+            )
+        kwargs["controlnets"] = [
+            dataclasses.replace(u, inpaint_image=None if m.strip().lower() == "none" else m)
+            for u, m in zip(kwargs["controlnets"], pictures, strict=True)
+        ]
 
 
 def _reference_from_cli(
@@ -1585,6 +1597,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help="an SD3 / Qwen-Image inpainting ControlNet's mask (white = repaint; its --control image is the picture "
         "to inpaint), one per --control in order; none for a unit that takes no mask (docs/controlnet.md)",
     )
+    p.add_argument(
+        "--control-inpaint-image",
+        action="append",
+        default=None,
+        metavar="IMAGE",
+        help="a Z-Image inpainting ControlNet's picture to inpaint (with --control-mask; its --control image stays "
+        "the control map), one per --control in order; none for the others (docs/z-image.md)",
+    )
     for slider, what in (
         ("a", "canny's low threshold, threshold's and scribble's threshold, softedge's blur"),
         ("b", "canny's high threshold"),
@@ -1651,8 +1671,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         type=float,
         default=None,
         metavar="G",
-        help="FLUX.1 [dev]: the distilled guidance scale, an input of the model (default 3.5; Forge's 'Distilled CFG "
-        "Scale', its infotext name); Flux runs at --cfg 1 by default (one pass per step, no negative prompt)",
+        help="FLUX.1 [dev] and FLUX.2 [dev]: the distilled guidance scale, an input of the model (default 3.5; 4 for "
+        "FLUX.2 [dev]; Forge's 'Distilled CFG Scale', its infotext name); Flux runs at --cfg 1 by default (one pass "
+        "per step, no negative prompt)",
     )
     p.add_argument(
         "--image-cfg-scale",

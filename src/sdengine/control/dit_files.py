@@ -30,13 +30,23 @@ from sdengine.errors import ControlNetError
 from sdengine.models.config_checks import ConfigError
 from sdengine.models.dit_controlnet import FluxControlNet, FluxControlNetConfig, SD3ControlNet, SD3ControlNetConfig
 from sdengine.models.qwen_controlnet import QwenImageControlNet, QwenImageControlNetConfig
+from sdengine.models.z_image_controlnet import ZImageControlNet, ZImageControlNetConfig
 from sdengine.weights.io import WeightsError, load_file
 
-DiTControlNet = SD3ControlNet | FluxControlNet | QwenImageControlNet
+DiTControlNet = SD3ControlNet | FluxControlNet | QwenImageControlNet | ZImageControlNet
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-CLASSES = ("SD3ControlNetModel", "FluxControlNetModel", "QwenImageControlNetModel")
-KINDS = {"SD3ControlNetModel": "sd3", "FluxControlNetModel": "flux", "QwenImageControlNetModel": "qwen_image"}
-LABELS = {"sd3": "SD3", "flux": "Flux", "qwen_image": "Qwen-Image"}
+CLASSES = ("SD3ControlNetModel", "FluxControlNetModel", "QwenImageControlNetModel", "ZImageControlNetModel")
+KINDS = {
+    "SD3ControlNetModel": "sd3",
+    "FluxControlNetModel": "flux",
+    "QwenImageControlNetModel": "qwen_image",
+    "ZImageControlNetModel": "z_image",
+}
+LABELS = {"sd3": "SD3", "flux": "Flux", "qwen_image": "Qwen-Image", "z_image": "Z-Image"}
+# alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union releases by their number of control blocks: the main layers they
+# steer (VideoX-Fun's configs, diffusers' hlky/Z-Image-Turbo-Fun-Controlnet-Union[-2.0|-2.1] config.json)
+Z_IMAGE_PLACES = {6: (0, 5, 10, 15, 20, 25), 15: tuple(range(0, 30, 2))}
+Z_IMAGE_EMBEDDER = "control_all_x_embedder.2-1.weight"
 
 
 def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
@@ -45,7 +55,10 @@ def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
 
 
 def dit_controlnet_kind(sd: Mapping[str, Tensor]) -> str | None:
-    """ "sd3", "flux" or "qwen_image" for a state dict in diffusers' names of that ControlNet, else None."""
+    """ "sd3", "flux", "qwen_image" or "z_image" for a state dict in diffusers' names of that ControlNet, else
+    None."""
+    if Z_IMAGE_EMBEDDER in sd and any(k.startswith("control_layers.") for k in sd):
+        return "z_image"
     if {"img_in.weight", "txt_norm.weight", "controlnet_x_embedder.weight"} <= set(sd) and any(
         k.startswith("controlnet_blocks.") for k in sd
     ):
@@ -143,10 +156,57 @@ def qwen_config_from_weights(sd: Mapping[str, Tensor]) -> QwenImageControlNetCon
     )
 
 
+def z_image_config_from_weights(sd: Mapping[str, Tensor]) -> tuple[ZImageControlNetConfig, dict[str, Tensor]]:
+    """A Z-Image ControlNet single file (VideoX-Fun's Union 1.0 / 2.0 / 2.1, diffusers' names) -> its config and the
+    tensors it loads, as diffusers' single-file loader tells the releases apart: 15 control blocks are 2.x (refiner
+    hints into refiner blocks 0 and 1, 33 input channels); a ``control_noise_refiner.0.before_proj`` that is absent or
+    all zeros is 2.0 (its control blocks refine the control tokens: the ``control_noise_refiner`` tensors are not
+    used), otherwise 2.1; 6 control blocks are 1.0. Other counts are refused (their places are not in the file)."""
+    dim, width = (int(s) for s in sd[Z_IMAGE_EMBEDDER].shape)
+    if width % 4:
+        raise ControlNetError(f"a Z-Image ControlNet's control embedder reads {width} numbers: not 2x2 patches")
+    count = _count(sd, "control_layers")
+    places = Z_IMAGE_PLACES.get(count)
+    if places is None:
+        raise ControlNetError(
+            f"a Z-Image ControlNet file with {count} control blocks: which main layers they steer is not in the file "
+            "(known: 6, Union 1.0; 15, Union 2.0 / 2.1); give a diffusers folder with its config.json"
+        )
+    norm_q = sd.get("control_layers.0.attention.norm_q.weight")
+    head = int(norm_q.shape[0]) if norm_q is not None else 128
+    if dim % head:
+        raise ControlNetError(f"a Z-Image ControlNet of width {dim} does not split into {head}-wide heads")
+    refiners = _count(sd, "control_noise_refiner") or 2
+    kind: str | None = None
+    refiner_places: tuple[int, ...] | None = None
+    tensors = dict(sd)
+    if count == 15:
+        refiner_places = (0, 1)
+        before = sd.get("control_noise_refiner.0.before_proj.weight")
+        refines = before is not None and not bool((before == 0).all())
+        kind = "control_noise_refiner" if refines else "control_layers"
+        if kind == "control_layers":
+            tensors = {k: v for k, v in sd.items() if not k.startswith("control_noise_refiner.")}
+    config = ZImageControlNetConfig(
+        control_layers_places=places,
+        control_refiner_layers_places=refiner_places,
+        control_in_dim=width // 4,
+        add_control_noise_refiner=kind,
+        dim=dim,
+        n_refiner_layers=refiners,
+        n_heads=dim // head,
+        n_kv_heads=dim // head,
+        qk_norm=norm_q is not None,
+    )
+    return config, tensors
+
+
 def _build(kind: str, config: Any, sd: Mapping[str, Tensor], name: str) -> DiTControlNet:
     net: DiTControlNet
     with torch.device("meta"):
-        if kind == "qwen_image":
+        if kind == "z_image":
+            net = ZImageControlNet(config)
+        elif kind == "qwen_image":
             net = QwenImageControlNet(config)
         else:
             net = SD3ControlNet(config) if kind == "sd3" else FluxControlNet(config)
@@ -185,7 +245,7 @@ def _refuse_layout(sd: Mapping[str, Tensor], name: str) -> ControlNetError:
             f"{name}: a Flux ControlNet in XLabs' / BFL's layout is not supported; use one in diffusers' names "
             "(InstantX, Shakker-Labs)"
         )
-    return ControlNetError(f"{name}: not an SD3, Flux or Qwen-Image ControlNet in diffusers' names")
+    return ControlNetError(f"{name}: not an SD3, Flux, Qwen-Image or Z-Image ControlNet in diffusers' names")
 
 
 def read_dit_controlnet(path: str | Path) -> DiTControlNet:
@@ -208,7 +268,7 @@ def read_dit_controlnet(path: str | Path) -> DiTControlNet:
             if cls not in CLASSES:
                 raise ControlNetError(
                     f"ControlNet folder {p.name} holds a {cls or 'model without _class_name'}, not an "
-                    f"SD3ControlNetModel, FluxControlNetModel or QwenImageControlNetModel"
+                    f"SD3ControlNetModel, FluxControlNetModel, QwenImageControlNetModel or ZImageControlNetModel"
                 )
             weights = next((p / w for w in WEIGHT_NAMES if (p / w).is_file()), None)
             if weights is None:
@@ -219,18 +279,21 @@ def read_dit_controlnet(path: str | Path) -> DiTControlNet:
                 "sd3": SD3ControlNetConfig,
                 "flux": FluxControlNetConfig,
                 "qwen_image": QwenImageControlNetConfig,
+                "z_image": ZImageControlNetConfig,
             }[kind]
             config: Any = reader.from_diffusers(raw)
             return _build(kind, config, sd, name)
         if p.suffix.lower() != ".safetensors":
             raise ControlNetError(
-                f"ControlNet {p.name}: an SD3 / Flux / Qwen-Image ControlNet file must be .safetensors"
+                f"ControlNet {p.name}: an SD3 / Flux / Qwen-Image / Z-Image ControlNet file must be .safetensors"
             )
         sd, _ = load_file(p)
         found = dit_controlnet_kind(sd)
         if found is None:
             raise _refuse_layout(sd, p.name)
-        if found == "qwen_image":
+        if found == "z_image":
+            config, sd = z_image_config_from_weights(sd)
+        elif found == "qwen_image":
             config = qwen_config_from_weights(sd)
         else:
             config = sd3_config_from_weights(sd) if found == "sd3" else flux_config_from_weights(sd)
@@ -281,4 +344,5 @@ __all__ = [
     "qwen_config_from_weights",
     "read_dit_controlnet",
     "sd3_config_from_weights",
+    "z_image_config_from_weights",
 ]

@@ -10,7 +10,10 @@ The network is a decoder-only transformer (the Qwen2 architecture) over token em
 - **Causal grouped-query attention with biased q/k/v.** ``num_attention_heads`` query heads share
   ``num_key_value_heads`` key/value heads (query head ``h`` reads key/value head ``h // (heads / kv_heads)``);
   ``q_proj``, ``k_proj``, ``v_proj`` have biases, ``o_proj`` has none; scores scaled by ``1/sqrt(head_dim)``. Each
-  token attends to itself and the tokens before it, padding keys (attention mask 0) never.
+  token attends to itself and the tokens before it, padding keys (attention mask 0) never. A query that sees no key
+  at all (a left-padded row's leading padding) gets a zero attention output, as transformers' ``sdpa`` attention
+  gives it (PyTorch's kernel does for a fully masked row): FLUX.2 [dev]'s Mistral pads on the left and its pipeline
+  reads those positions.
 - **Rotary positions (RoPE).** Queries and keys are rotated by ``position * theta^(-2i/head_dim)``, the two halves of
   each head paired (transformers' ``rotate_half`` layout). Qwen2.5-VL's *multimodal* RoPE gives every token three
   position ids (time, height, width) and takes the frequency bands ``mrope_section`` (``[16, 24, 24]`` of the 64
@@ -64,6 +67,8 @@ INT_LIMITS: dict[str, tuple[int, int]] = {
     "num_key_value_heads": (1, 256),
 }
 MAX_PARAMETERS = 100_000_000_000  # a lower estimate past this is not a model anyone runs here
+# a Mistral sliding window at least this wide changes nothing: no caller runs more tokens (FLUX.2's longest text)
+SLIDING_WINDOW_FLOOR = 4096
 TEXT_ONLY_ROPE_TYPES = ("default", "mrope")  # "mrope" is Qwen2-VL's old spelling of the default rule
 
 
@@ -153,8 +158,13 @@ class QwenTextConfig:
         kind = config.get("model_type")
         if kind == "qwen3":
             return cls._from_qwen3(config)
+        if kind in ("mistral3", "mistral"):
+            return cls._from_mistral(config)
         if kind not in ("qwen2_5_vl", "qwen2_5_vl_text"):
-            raise ConfigError(f"Qwen text config: model_type {kind!r} is not Qwen2.5-VL (qwen2_5_vl) or Qwen3 (qwen3)")
+            raise ConfigError(
+                f"Qwen text config: model_type {kind!r} is not Qwen2.5-VL (qwen2_5_vl), Qwen3 (qwen3) or Mistral "
+                "(mistral3, mistral)"
+            )
         text = config.get("text_config")
         src: dict[str, Any] = dict(config)
         if isinstance(text, dict):
@@ -186,6 +196,59 @@ class QwenTextConfig:
             rms_norm_eps=src.get("rms_norm_eps", 1e-5),
             rope_theta=theta,
             mrope_section=tuple(section),
+        )
+
+    @classmethod
+    def _from_mistral(cls, config: dict[str, Any]) -> QwenTextConfig:
+        """A transformers ``Mistral3Config`` (its ``text_config``: FLUX.2 [dev]'s Mistral Small 3) or ``MistralConfig``
+        dict: the Llama-style decoder this module runs with no biases and no q/k norms, the head width given apart
+        (Mistral Small 3: 32 heads of 128 on a 5120-wide stream), RoPE's theta from the config; its defaults are
+        transformers' ``MistralConfig``'s (Mistral-7B's numbers)."""
+        src: dict[str, Any] = dict(config)
+        if config.get("model_type") == "mistral3":
+            text = config.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError("Mistral text config: a mistral3 config without a text_config object")
+            if text.get("model_type", "mistral") != "mistral":
+                raise ConfigError(
+                    f"Mistral text config: text_config model_type {text.get('model_type')!r} is not mistral"
+                )
+            src = dict(text)
+        act = src.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"Mistral text config: hidden_act {act!r} is not supported (silu)")
+        window = src.get("sliding_window", 4096)  # transformers' MistralConfig default when the key is absent
+        if window is not None and (type(window) is not int or window < SLIDING_WINDOW_FLOOR):
+            raise ConfigError(
+                f"Mistral text config: sliding_window={window!r}; sliding-window attention narrower than "
+                f"{SLIDING_WINDOW_FLOOR} tokens is not supported (Mistral Small 3 has none)"
+            )
+        rope = src.get("rope_parameters") or src.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"Mistral text config: rope_parameters is {type(rope).__name__}, not an object")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"Mistral text config: rope_type {rope_type!r} is not supported (default)")
+        heads = src.get("num_attention_heads", 32)
+        kv = src.get("num_key_value_heads")
+        hidden = src.get("hidden_size", 4096)
+        head_dim = src.get("head_dim")
+        if head_dim is None and type(hidden) is int and type(heads) is int and heads > 0:
+            head_dim = hidden // heads
+        return cls(
+            vocab_size=src.get("vocab_size", 32000),
+            hidden_size=hidden,
+            intermediate_size=src.get("intermediate_size", 14336),
+            num_hidden_layers=src.get("num_hidden_layers", 32),
+            num_attention_heads=heads,
+            num_key_value_heads=heads if kv is None else kv,
+            rms_norm_eps=src.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", src.get("rope_theta", 10_000.0)),
+            mrope_section=(head_dim // 2, 0, 0) if type(head_dim) is int else (64, 0, 0),
+            attention_bias=False,
+            o_proj_bias=False,
+            qk_norm=False,
+            head_dim_override=head_dim,
         )
 
     @classmethod
@@ -349,9 +412,10 @@ class QwenAttention(nn.Module):
         self.q_norm = QwenRMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = QwenRMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, blind: Tensor | None = None) -> Tensor:
         """x (B, L, hidden); cos/sin (L, head_dim); mask (B, 1, L, L) bool, True where a key is visible, or None:
-        causal over every token."""
+        causal over every token; blind (B, 1, L, 1) bool or None: queries that see no key (their attention output
+        is zero, as transformers' sdpa gives it)."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.heads, self.head_dim)
         k = self.k_proj(x).view(B, L, self.kv_heads, self.head_dim)
@@ -365,6 +429,8 @@ class QwenAttention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         out = attention(q, k, v, mask=mask, is_causal=mask is None)  # scale 1/sqrt(head_dim)
+        if blind is not None:
+            out = out.masked_fill(blind, 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))
 
 
@@ -391,8 +457,8 @@ class QwenDecoderLayer(nn.Module):
         self.input_layernorm = QwenRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = QwenRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, blind: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, blind)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -424,9 +490,10 @@ class QwenTextEncoder(nn.Module):
         """None when no key is padding (the attention then runs causal, ``is_causal=True``, which lets fused
         kernels skip the mask); otherwise (B, 1, L, L) bool, True where query i may see key j: j <= i and key j not
         padding (transformers' mask, so a right-padded row's padding positions get transformers' numbers too: FLUX.2
-        [klein] reads them). A query that sees no key at all (a left-padded row's leading padding) sees itself, so
-        that it gives finite numbers instead of NaN; no real token reads a padding key, so this changes only outputs
-        nobody reads."""
+        [klein] reads them). A query that sees no key at all (a left-padded row's leading padding) sees itself here,
+        so that no kernel gives NaN; :meth:`blind_queries` then zeroes its attention output, as transformers' sdpa
+        attention does (no real token reads a padding key, so this changes only the padding positions' own
+        outputs, which FLUX.2 [dev] reads)."""
         if key_mask is None or bool((key_mask != 0).all()):
             return None
         device = self.device
@@ -434,6 +501,16 @@ class QwenTextEncoder(nn.Module):
         allowed = allowed & (key_mask != 0).to(device)[:, None, None, :]
         blind = ~allowed.any(dim=-1, keepdim=True)  # (B, 1, L, 1): queries with no visible key
         return allowed | (blind & torch.eye(length, dtype=torch.bool, device=device)[None, None])
+
+    def blind_queries(self, key_mask: Tensor | None, length: int) -> Tensor | None:
+        """(B, 1, L, 1) bool: the queries that see no key (a left-padded row's leading padding), or None when
+        there are none."""
+        if key_mask is None:
+            return None
+        seen = torch.cumsum((key_mask != 0).to(self.device, torch.int64), dim=1) > 0  # a key at or before i
+        if bool(seen.all()):
+            return None
+        return (~seen)[:, None, :length, None]
 
     def forward(
         self,
@@ -482,6 +559,7 @@ class QwenTextEncoder(nn.Module):
             )
         wanted = self._hidden_indices(hidden_layers)
         mask = self.attention_mask(attention_mask, B, L)
+        blind = self.blind_queries(attention_mask, L) if mask is not None else None
         x = self.embed_tokens(input_ids.to(self.device))
         if image_embeds is not None:
             where = torch.eq(input_ids.to(self.device), -1 if image_token_id is None else int(image_token_id))
@@ -502,12 +580,12 @@ class QwenTextEncoder(nn.Module):
             cos, sin = rope_cos_sin(self.config, torch.arange(L, device=self.device), x.dtype)
         if wanted is None:
             for layer in self.layers:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, blind)
             return self.norm(x)
         n = self.config.num_hidden_layers
         states: dict[int, Tensor] = {0: x} if 0 in wanted else {}
         for i, layer in enumerate(self.layers[: max(wanted)], start=1):
-            x = layer(x, cos, sin, mask)
+            x = layer(x, cos, sin, mask, blind)
             if i in wanted:
                 states[i] = self.norm(x) if i == n else x
         return [states[i] for i in wanted]

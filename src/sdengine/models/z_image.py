@@ -34,14 +34,15 @@ Tongyi-MAI 2025) is a rectified-flow model over FLUX.1's 16-channel VAE latent. 
 different caption lengths give the outputs diffusers' list inputs give.
 
 Not here: Z-Image-Omni's SigLIP inputs and per-token noise masks (``siglip_feat_dim`` refused), patch sizes other
-than 2x2 (one frame), ControlNets.
+than 2x2 (one frame). ControlNets (VideoX-Fun's Union ones) are :mod:`sdengine.models.z_image_controlnet`'s,
+through ``forward``'s ``control``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -369,6 +370,25 @@ def caption_lengths(cap_mask: Tensor | None, batch: int, length: int) -> list[in
     return counts
 
 
+@dataclass
+class ZImageState:
+    """A call's inputs as the layers read them (:meth:`ZImageTransformer.embed`): ``vec`` the timestep embedding
+    (B, adaln); ``x`` the image tokens (B, N_pad, dim), embedded and padded with ``x_pad_token``, not yet refined;
+    ``cap`` the caption tokens after the context refiner (B, L_pad, dim); the image's and the joint sequence's RoPE
+    tables; ``mask`` the joint sequence's key mask (None: every row as long); ``n`` the real image tokens;
+    ``height`` / ``width`` the latent's."""
+
+    vec: Tensor
+    x: Tensor
+    cap: Tensor
+    img_rope: tuple[Tensor, Tensor]
+    joint_rope: tuple[Tensor, Tensor]
+    mask: Tensor | None
+    n: int
+    height: int
+    width: int
+
+
 class ZImageTransformer(nn.Module):
     """Z-Image's transformer (see the module docstring); diffusers' ``ZImageTransformer2DModel`` names."""
 
@@ -447,12 +467,12 @@ class ZImageTransformer(nn.Module):
         self._rope_key = key
         return self._rope
 
-    def forward(
+    def embed(
         self, hidden_states: Tensor, timestep: Tensor | float, cap_feats: Tensor, cap_mask: Tensor | None = None
-    ) -> Tensor:
-        """The network's output (B, C, H, W) for the latent (B, C, H, W) at ``timestep`` (B,) (0..1, 1 = clean:
-        diffusers' ``(1000 - 1000 s) / 1000``), given the caption states (B, L, cap_feat_dim) and their mask
-        (B, L) (1 = a token, 0 = padding after them; None: all tokens)."""
+    ) -> ZImageState:
+        """The inputs checked and embedded: the timestep vector, the image tokens (padded, not yet refined), the
+        caption tokens through the context refiner, the RoPE tables and the joint sequence's key mask (see
+        :meth:`forward`)."""
         cfg = self.config
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
             raise UsageError(
@@ -479,11 +499,9 @@ class ZImageTransformer(nn.Module):
         img_rope, cap_rope, joint_rope = self.rope(lengths, rows, cols, device)
         n = rows * cols
         n_img = padded(n)
-        # the image tokens, padded with x_pad_token to a multiple of 32, refined on their own
+        # the image tokens, padded with x_pad_token to a multiple of 32
         x = self.x_embedder(patchify(hidden_states.to(dtype)))
         x = torch.cat([x, self.x_pad_token.to(x.dtype).expand(B, n_img - n, -1)], dim=1)
-        for layer in self.noise_refiner:
-            x = layer(x, img_rope, None, vec)
         # each caption row: its tokens, then cap_pad_token up to a multiple of 32, then the batch's padding
         cap_max = max(padded(k) for k in lengths)
         c = self.cap_embedder(cap_feats.to(dtype)[:, : max(lengths)])
@@ -497,20 +515,54 @@ class ZImageTransformer(nn.Module):
         cap_mask_keys = valid.to(device) if ragged else None
         for layer in self.context_refiner:
             cap = layer(cap, cap_rope, cap_mask_keys, None)
-        # the joint sequence [image, caption]
-        joint = torch.cat([x, cap], dim=1)
         mask = torch.cat([torch.ones(B, n_img, dtype=torch.bool), valid], dim=1).to(device) if ragged else None
-        for layer in self.layers:
-            joint = layer(joint, joint_rope, mask, vec)
+        return ZImageState(vec, x, cap, img_rope, joint_rope, mask, n, H, W)
+
+    def refine_image(self, state: ZImageState, hints: Mapping[int, Tensor] | None = None) -> Tensor:
+        """The image tokens through the noise refiner (on their own; no key mask: every row's image is as long),
+        ``hints[i]`` added after refiner block ``i`` where given (a ControlNet's, inside it)."""
+        x = state.x
+        for i, layer in enumerate(self.noise_refiner):
+            x = layer(x, state.img_rope, None, state.vec)
+            if hints is not None and i in hints:
+                x = x + hints[i]
+        return x
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        timestep: Tensor | float,
+        cap_feats: Tensor,
+        cap_mask: Tensor | None = None,
+        *,
+        control: Callable[[ZImageState, Tensor], Mapping[int, Tensor] | None] | None = None,
+    ) -> Tensor:
+        """The network's output (B, C, H, W) for the latent (B, C, H, W) at ``timestep`` (B,) (0..1, 1 = clean:
+        diffusers' ``(1000 - 1000 s) / 1000``), given the caption states (B, L, cap_feat_dim) and their mask
+        (B, L) (1 = a token, 0 = padding after them; None: all tokens).
+
+        ``control``: ControlNets (:mod:`sdengine.models.z_image_controlnet`): called with the embedded inputs and
+        the refined image tokens, it returns residuals (B, N_joint, dim) by main layer index (diffusers'
+        ``controlnet_block_samples``), each added to the joint sequence after that layer; None: none."""
+        state = self.embed(hidden_states, timestep, cap_feats, cap_mask)
+        x = self.refine_image(state)
+        samples = control(state, x) if control is not None else None
+        joint = torch.cat([x, state.cap], dim=1)
+        for i, layer in enumerate(self.layers):
+            joint = layer(joint, state.joint_rope, state.mask, state.vec)
+            if samples is not None and i in samples:
+                joint = joint + samples[i]
         final = self.all_final_layer[PATCH_KEY]
-        return unpatchify(final(joint[:, :n], vec), H, W)
+        return unpatchify(final(joint[:, : state.n], state.vec), state.height, state.width)
 
 
 __all__ = [
     "PATCH",
     "SEQ_MULTIPLE",
     "Z_IMAGE_TURBO",
+    "Block",
     "ZImageConfig",
+    "ZImageState",
     "ZImageTransformer",
     "apply_rope",
     "caption_lengths",

@@ -80,7 +80,9 @@ class ControlUnit:
     sd-webui-controlnet's control mode (``"balanced"``, the default; ``"prompt"``; ``"controlnet"``);
     ``hires_mode``: the mode of the hires fix's second pass, None = ``mode`` (the extension forces its soft weights
     on a canny unit there: the A1111 route's canny units have ``"prompt"``); ``mask``: an SD3 inpainting
-    ControlNet's mask (white = repaint; ``image`` is then the picture to inpaint), refused on other units."""
+    ControlNet's mask (white = repaint; ``image`` is then the picture to inpaint), refused on other units;
+    ``inpaint_image``: a Z-Image inpainting ControlNet's picture to inpaint (with ``mask``; ``image`` stays the
+    control map)."""
 
     model: Any
     image: Any
@@ -105,6 +107,9 @@ class ControlUnit:
     # an SD3 inpainting ControlNet's mask (extra_conditioning_channels 1, Alimama's SD3-Controlnet-Inpainting): white
     # = repaint; ``image`` is then the picture to inpaint (see sdengine.pipeline.dit_control). Other units take none
     mask: Any = None
+    # a Z-Image inpainting ControlNet's picture to inpaint (Union 2.x, 33 control channels; with ``mask``, while
+    # ``image`` stays the control map: sdengine.pipeline.dit_control). Other units take none
+    inpaint_image: Any = None
 
     @property
     def reference(self) -> str | None:
@@ -114,6 +119,8 @@ class ControlUnit:
     def __post_init__(self) -> None:
         if self.rule not in STEP_RULES:
             raise ControlNetError(f"unknown ControlNet step rule {self.rule!r}; use one of: {', '.join(STEP_RULES)}")
+        if self.inpaint_image is not None and self.mask is None:
+            raise ControlNetError("a unit's inpaint_image (Z-Image's inpainting ControlNets) needs its mask too")
         if self.reference is not None or self.style_fidelity is not None:
             check_reference_unit(self)
             if self.mask is not None:
@@ -967,8 +974,8 @@ def build_controlled_unet(
         check_unit_settings(float(unit.scale), float(unit.start), float(unit.end), name=name)
         net: ControlNet | T2IAdapter
         family = getattr(model, "family", None)
-        if family in ("sd3", "flux", "qwen_image"):
-            label = {"sd3": "an SD3", "flux": "a Flux", "qwen_image": "a Qwen-Image"}[family]
+        if family in ("sd3", "flux", "qwen_image", "z_image"):
+            label = {"sd3": "an SD3", "flux": "a Flux", "qwen_image": "a Qwen-Image", "z_image": "a Z-Image"}[family]
             raise ControlNetError(f"{name} is {label} ControlNet; this model is a U-Net")
         if unit.mask is not None:
             raise ControlNetError(

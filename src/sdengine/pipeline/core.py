@@ -82,7 +82,6 @@ from sdengine.pipeline.latents import (
     DifferentialBlend,
     DifferentialMask,
     InpaintBlend,
-    a1111_latent_mask,
     blur_mask,
     differential_latent_mask,
     image_latent,
@@ -214,6 +213,9 @@ class Prepared:
     # soft inpainting's composite mask of each row ("L", the output's size; 255 = the generated pixel), set while
     # sampling (sdengine.pipeline.soft_inpaint.composite_mask); empty without soft inpainting
     composite_masks: list[Any] = dataclasses.field(default_factory=list)
+    # A1111's latent_mask (request.latent_mask): float32 (h, w) in [0, 1] at its own size, white = repaint; None:
+    # the latent mask is made from ``mask``
+    latent_mask: np.ndarray | None = None
 
 
 def _no_extra_tokens(encoder: Any) -> Any:
@@ -888,9 +890,11 @@ class Pipeline:
                 raise GenerationError(str(e)) from None
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
-        if r.distilled_cfg_scale is not None and self.text_kind != "flux":
+        flux2_dev = self.text_kind == "flux2" and bool(getattr(self, "dev", False))  # FLUX.2 [dev] takes it too
+        if r.distilled_cfg_scale is not None and self.text_kind != "flux" and not flux2_dev:
             raise GenerationError(
-                f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev] only; {self.name} is not a Flux model"
+                f"distilled_cfg_scale (--guidance) applies to FLUX.1 [dev] only (and FLUX.2 [dev]); {self.name} is "
+                "neither"
             )
         if r.reference_list() and self.text_kind != "flux":
             raise GenerationError(
@@ -984,11 +988,7 @@ class Pipeline:
                 "in its input rather than blending it; use a 4-channel model"
             )
         if r.soft_inpainting_settings() is not None:
-            if self.inpainting:
-                raise GenerationError(
-                    f"soft_inpainting: {self.name} is an inpainting model (9-channel U-Net), whose mask input A1111 "
-                    "leaves grey under soft inpainting (not done in sdengine); use a 4-channel model"
-                )
+            # (an inpainting model's mask input is left grey then, as A1111's mask_round off: start_latents)
             if not isinstance(self.base_schedule, NoiseSchedule):
                 raise GenerationError(
                     f"soft_inpainting: {self.name} is not a U-Net on a discrete noise schedule (SD 1.x / 2.x / SDXL), "
@@ -1002,6 +1002,10 @@ class Pipeline:
             mask = np.asarray(m, dtype=np.float32) / 255.0
             if r.mask_blur > 0:
                 mask = blur_mask(mask, float(r.mask_blur))
+        latent_mask = None
+        if r.latent_mask is not None:  # A1111's: shrunk to the latent from its own size, neither blurred nor fitted
+            lm = load_image(r.latent_mask, "latent mask", mode="L", error=GenerationError)
+            latent_mask = np.asarray(lm, dtype=np.float32) / 255.0
         for k, unit in enumerate(r.control_units()):
             size = getattr(unit.image, "size", None)  # a PIL image's (w, h); tensors/arrays/paths are not said
             if isinstance(size, tuple) and len(size) == 2 and size != (width, height):
@@ -1038,6 +1042,7 @@ class Pipeline:
             r.subseeds(),
             hires,
             vae_tiles=None if vae_tiles is None else HyperTileRun(vae_tiles, int(seeds[0]), self.vae_scale_factor),
+            latent_mask=latent_mask,
         )
 
     # -- the call -------------------------------------------------------------------------------------
@@ -1368,6 +1373,9 @@ class Pipeline:
             tiny=self.tiny_vae if r.vae_encode == "tiny" else None,
             # A1111 noises the init latent at strength 1 too (diffusers starts inpainting from pure noise)
             pure_noise_at_full_strength=r.strength_rule == "diffusers",
+            latent_mask=p.latent_mask,
+            # A1111's mask_round; its soft inpainting turns it off: the latent mask (nmask) stays grey
+            mask_round=bool(r.mask_round) and r.soft_inpainting_settings() is None,
             **self.start_latent_options(p),
         )
         if init_latent is not None:
@@ -1382,9 +1390,6 @@ class Pipeline:
         elif subseeds is not None:
             start.noise = variation_noise(start.noise, subseeds, float(r.subseed_strength), r.noise_source)
         soft = r.soft_inpainting_settings()
-        if soft is not None and p.mask is not None and start.init_latent is not None:
-            # A1111's soft inpainting turns its mask_round off: its latent mask (nmask) stays grey
-            start.rounded_mask = a1111_latent_mask(p.mask, *start.noise.shape[-2:], rounded=False).to(dev)
         if init_latent is None and r.masked_content != "original" and start.init_latent is not None:
             # A1111's "latent noise" / "latent nothing": the init latent replaced where the rounded latent mask
             # repaints, by the row's unit noise or by zeros (its StableDiffusionProcessingImg2Img.init)

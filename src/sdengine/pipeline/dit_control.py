@@ -44,6 +44,16 @@ own ControlNet of the same depth). The inpainting ControlNet (``extra_condition_
 the latent's 16). A ControlNet of another width than the transformer, or whose latents have another channel
 count, is refused in one line.
 
+Z-Image's ControlNets (alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union 1.0 / 2.0 / 2.1;
+:mod:`sdengine.models.z_image_controlnet`, run by :class:`ControlledZImage`), as diffusers'
+``ZImageControlNetPipeline`` / ``ZImageControlNetInpaintPipeline``: the control image encoded as Flux's is (the
+posterior's mean, ``(z - shift) * scaling``); every row runs the ControlNet with its own text (the negative rows
+with the negative prompt, as diffusers' pipelines do). A 2.x ControlNet (33 input channels) reads zeros after the
+16 unless the unit inpaints: its ``mask`` (white = repaint, read as the SD3 one) and ``inpaint_image`` (the picture
+to inpaint) give the mask at the latent's size (nearest, 1 = keep) and the masked picture's latent (the masked
+pixels mid-grey: 0 in the VAE's range, as diffusers multiplies its [-1, 1] picture by the kept mask). As in
+diffusers' pipeline the generation starts from noise: the ControlNet alone carries the picture.
+
 Not for the transformers (one line each): U-Net ControlNets, T2I-Adapters, reference units, guess mode,
 sd-webui-controlnet's soft control modes, ComfyUI's sigma window rule.
 """
@@ -67,6 +77,7 @@ from sdengine.errors import ControlNetError
 from sdengine.io.resize import resize_image, resize_tensor
 from sdengine.models.dit_controlnet import FluxControlNet, SD3ControlNet
 from sdengine.models.qwen_controlnet import INPAINT_EXTRA, QwenImageControlNet
+from sdengine.models.z_image_controlnet import LATENT_CHANNELS, ZImageControlNet
 from sdengine.pipeline.control import (
     HINT_NEAREST_CENTRE,
     ControlUnit,
@@ -79,8 +90,13 @@ from sdengine.pipeline.control import (
 # The control kinds of the Flux Union ControlNets (InstantX's FLUX.1-dev-Controlnet-Union and Shakker-Labs'
 # Union-Pro): a unit's union_mode is one of these names or its number
 UNION_MODES = ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
-FAMILY_NAMES = {"sd3": "SD3", "flux": "Flux", "qwen_image": "Qwen-Image"}
-CLASS_NAMES = {"sd3": "SD3ControlNetModel", "flux": "FluxControlNetModel", "qwen_image": "QwenImageControlNetModel"}
+FAMILY_NAMES = {"sd3": "SD3", "flux": "Flux", "qwen_image": "Qwen-Image", "z_image": "Z-Image"}
+CLASS_NAMES = {
+    "sd3": "SD3ControlNetModel",
+    "flux": "FluxControlNetModel",
+    "qwen_image": "QwenImageControlNetModel",
+    "z_image": "ZImageControlNetModel",
+}
 
 
 def union_mode_id(mode: int | str | None, count: int, name: str) -> int:
@@ -255,6 +271,43 @@ class ControlledQwen(ControlledNetwork):
         return self.base(x, t, text, text_mask, **kw)
 
 
+class ControlledZImage(ControlledNetwork):
+    """``model(x, t, text, text_mask, *, step, row_kinds)``: the Z-Image transformer with the active units'
+    residuals (summed by main layer), every row with its own text (see the module docstring)."""
+
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        text: Tensor,
+        text_mask: Tensor | None = None,
+        *,
+        step: Any = None,
+        row_kinds: Sequence[str] | None = None,
+        **kw: Any,
+    ) -> Tensor:
+        b = x.shape[0]
+        kinds = tuple(row_kinds) if row_kinds is not None else ("cond",) * b
+        if len(kinds) != b:
+            raise ControlNetError(f"the controlled transformer got {len(kinds)} row kinds for {b} rows")
+        units = [u for u, on in zip(self.units, self.active(_step_index(step)), strict=True) if on]
+        if not units:
+            return self.base(x, t, text, text_mask, **kw)
+        base = self.base
+
+        def control(state: Any, refined: Tensor) -> dict[int, Tensor]:
+            total: dict[int, Tensor] = {}
+            for unit in units:
+                net = unit.net
+                assert isinstance(net, ZImageControlNet)
+                got = net(base, state, refined, _maps_for_rows(unit.latent, kinds), unit.scale)
+                for place, hint in got.items():
+                    total[place] = total[place] + hint if place in total else hint
+            return total
+
+        return self.base(x, t, text, text_mask, control=control, **kw)
+
+
 def _step_index(step: Any) -> int:
     if step is None:
         raise ControlNetError("the controlled transformer needs the sampler's step (step=SamplerStep(...))")
@@ -287,7 +340,7 @@ def _add(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
 def _load(unit: ControlUnit, family: str, name: str) -> DiTControlNet:
     model = unit.model
     want = FAMILY_NAMES[family]
-    if isinstance(model, SD3ControlNet | FluxControlNet | QwenImageControlNet):
+    if isinstance(model, SD3ControlNet | FluxControlNet | QwenImageControlNet | ZImageControlNet):
         net = model
     elif isinstance(model, str | Path):
         net = read_dit_controlnet(model)
@@ -365,7 +418,7 @@ def build_controlled_dit(
     resize_mode: str = "just resize",
     note: Callable[[str], None] | None = None,
     **_: Any,
-) -> ControlledDiT | ControlledQwen:
+) -> ControlledDiT | ControlledQwen | ControlledZImage:
     """The SD3 (``family="sd3"``), Flux (``"flux"``) or Qwen-Image (``"qwen_image"``) transformer ``base`` with the
     ControlNets of ``units``.
 
@@ -404,13 +457,33 @@ def build_controlled_dit(
         union_mode = getattr(unit, "union_mode", None)
         if isinstance(net, FluxControlNet) and net.controlnet_mode_embedder is not None:
             mode = union_mode_id(union_mode, net.controlnet_mode_embedder.num_embeddings, name)
-        elif union_mode is not None and isinstance(net, QwenImageControlNet):
+        elif union_mode is not None and isinstance(net, QwenImageControlNet | ZImageControlNet):
             raise ControlNetError(
-                f"{name}: Qwen-Image ControlNets take no union_mode (InstantX's Union reads the kind off the image)"
+                f"{name}: {want} ControlNets take no union_mode (the Union ones read the kind off the image)"
             )
         elif union_mode is not None:
             raise ControlNetError(f"{name} is not a Union ControlNet: it takes no union_mode")
-        if isinstance(net, QwenImageControlNet):
+        inpaint_image = getattr(unit, "inpaint_image", None)
+        if isinstance(net, ZImageControlNet):
+            _check_z_image_fit(net, base, name)
+            mask_extra = LATENT_CHANNELS + 1
+            extra = mask_extra if net.config.inpainting else 0
+            mask_given = getattr(unit, "mask", None) is not None
+            if mask_given != (inpaint_image is not None):
+                raise ControlNetError(
+                    f"{name}: a Z-Image inpainting unit takes both its mask (white = repaint) and inpaint_image "
+                    "(the picture to inpaint)"
+                )
+            if mask_given and not net.config.inpainting:
+                raise ControlNetError(
+                    f"{name} reads no inpainting mask (16 control channels, Union 1.0): mask and inpaint_image are "
+                    "for the 33-channel ones (Union 2.x)"
+                )
+            if not mask_given:
+                extra = 0  # a 2.x ControlNet without a mask: zeros after the control latent (diffusers' pipeline)
+        elif inpaint_image is not None:
+            raise ControlNetError(f"{name}: inpaint_image is a Z-Image inpainting unit's; {want} takes its mask only")
+        elif isinstance(net, QwenImageControlNet):
             _check_qwen_fit(net, base, name)
             extra, mask_extra = net.config.extra_condition_channels, INPAINT_EXTRA
         else:
@@ -438,11 +511,19 @@ def build_controlled_dit(
             net.share_patch_embed(base)
         images = control_image_tensor(unit.image, width, height, resize_mode)
         repaint = control_mask_tensor(unit.mask, width, height, resize_mode) if inpaint else None
-        if repaint is not None:
+        picture: Tensor | None = None
+        if repaint is not None and isinstance(net, ZImageControlNet) and inpaint_image is not None:
+            # the picture to inpaint, its masked pixels mid-grey (0 in the VAE's range); the control image as is
+            picture = control_image_tensor(inpaint_image, width, height, resize_mode)
+            picture = picture * (1.0 - repaint) + 0.5 * repaint
+        elif repaint is not None:
             images = images * (1.0 - repaint)  # the area to repaint black: -1 in the VAE's range
         with torch.no_grad():
             mean = encode(images.to(dev)).float()
-        if isinstance(net, QwenImageControlNet):
+            masked = encode(picture.to(dev)).float() if picture is not None else None
+        if isinstance(net, ZImageControlNet):
+            want_ch = LATENT_CHANNELS
+        elif isinstance(net, QwenImageControlNet):
             want_ch = net.config.latent_channels
         else:
             want_ch = net.config.in_channels if isinstance(net, SD3ControlNet) else net.config.in_channels // 4
@@ -454,7 +535,13 @@ def build_controlled_dit(
         latent = (mean - (0.0 if no_shift else shift)) * scaling
         if repaint is not None:
             kept = 1.0 - F.interpolate(repaint.to(latent.device), size=tuple(latent.shape[-2:]), mode="nearest")
-            latent = torch.cat([latent, kept.expand(latent.shape[0], -1, -1, -1)], dim=1)
+            parts = [latent, kept.expand(latent.shape[0], -1, -1, -1)]
+            if masked is not None:
+                masked_latent = (masked - shift) * scaling
+                if masked_latent.shape[0] != latent.shape[0]:
+                    masked_latent = masked_latent.expand(latent.shape[0], -1, -1, -1)
+                parts.append(masked_latent)
+            latent = torch.cat(parts, dim=1)
         keep = step_keep(steps, float(unit.start), float(unit.end), unit.rule)
         if not any(keep):
             msg = no_step_message(name, steps, float(unit.start), float(unit.end), unit.rule)
@@ -463,7 +550,20 @@ def build_controlled_dit(
         prepared.append(PreparedDiTUnit(net, latent.to(run_dtype), float(unit.scale), keep, mode, inpaint))
     if family == "qwen_image":
         return ControlledQwen(base, prepared)
+    if family == "z_image":
+        return ControlledZImage(base, prepared)
     return ControlledDiT(base, prepared, family)
+
+
+def _check_z_image_fit(net: ZImageControlNet, base: Any, name: str) -> None:
+    """A Z-Image ControlNet steers this transformer: the same width, heads and refiner depth, its places within the
+    main layers, control channels the latent's (or 33 for 2.x)."""
+    from sdengine.models.z_image import ZImageTransformer
+
+    if isinstance(base, ZImageTransformer):
+        why = net.check_fits(base)
+        if why is not None:
+            raise ControlNetError(f"{name}: {why}: not a ControlNet for this model")
 
 
 def _check_qwen_fit(net: QwenImageControlNet, base: Any, name: str) -> None:
@@ -491,6 +591,7 @@ __all__ = [
     "ControlledDiT",
     "ControlledNetwork",
     "ControlledQwen",
+    "ControlledZImage",
     "PreparedDiTUnit",
     "build_controlled_dit",
     "control_mask_tensor",

@@ -31,6 +31,13 @@ and Z-Image's do: :mod:`sdengine.weights.lora_dit_keys` reads diffusers' / PEFT 
 (ai-toolkit's and ComfyUI's ``diffusion_model.``, kohya's ``lora_unet_``; the fused ``qkv`` split by rows, the final
 modulation's halves swapped); a file with text-encoder layers, or another family's, is refused in one line.
 
+FLUX.2 [dev] (diffusers' ``Flux2Pipeline``; ``dev=True``, :mod:`sdengine.pipeline.flux2_loading` tells it from the
+folder's ``model_index.json``) is the same pipeline with three changes: the text is Mistral Small 3's (layers 10, 20,
+30 in BFL's system prompt, :data:`sdengine.text.flux2_prompt.DEV_PROMPT_TEMPLATE`); the transformer's guidance
+embedding takes the distilled guidance scale (``distilled_cfg_scale``, ``--guidance``; diffusers' ``guidance_scale``,
+default 4: :data:`DEV_GUIDANCE`) with every step, as a ``guidance`` entry of the conditioning; there is no CFG
+(``cfg_scale`` other than 1 is refused in one line, as for a step-distilled klein). 50 steps by default.
+
 img2img and inpainting (``init_image``, ``mask``, ``strength``) are diffusers' ``Flux2KleinInpaintPipeline``'s
 (:mod:`sdengine.pipeline.flux2_inpaint`: the size, the init latent, the mask's latent, the init image as a reference).
 """
@@ -59,6 +66,9 @@ BASE_STEPS = 50  # diffusers' Flux2KleinPipeline num_inference_steps default
 BASE_CFG = 4.0  # and its guidance_scale default
 MAX_SEQUENCE_LENGTH = 512  # diffusers' max_sequence_length default
 DEFAULT_LATENT_SIDE = 128  # diffusers' default_sample_size: 128 VAE latents (1024 pixels)
+DEV_GUIDANCE = 4.0  # diffusers' Flux2Pipeline guidance_scale default (FLUX.2 [dev]'s embedded guidance)
+DEV_STEPS = 50  # and its num_inference_steps default
+MAX_DEV_GUIDANCE = 100.0
 
 Note = Callable[[str], None]
 # texts -> Qwen3's stacked states (B, L, 3 x hidden), already padded to the call's length
@@ -93,7 +103,7 @@ class Flux2Conditioner(PerTextConditioner):
 
     kind = "flux2"
     no_clip_name = "FLUX.2 (no CLIP)"
-    encoder_name = "Qwen3"
+    encoder_name = "Qwen3"  # "Mistral Small 3" for FLUX.2 [dev] (set by the pipeline)
 
     def __init__(
         self,
@@ -166,11 +176,15 @@ class Flux2Adapter:
         self.dtype = dtype
         self.references = references
 
-    def __call__(self, x: Tensor, t: Tensor, *, crossattn: Tensor, **other: Any) -> Tensor:
+    def __call__(
+        self, x: Tensor, t: Tensor, *, crossattn: Tensor, guidance: Tensor | None = None, **other: Any
+    ) -> Tensor:
         extra = sorted(k for k, v in other.items() if v is not None)
         if extra:
             raise GenerationError(f"the FLUX.2 transformer takes no {', '.join(extra)}")
         kw: dict[str, Any] = {"reference_latents": self.references} if self.references else {}
+        if guidance is not None:  # FLUX.2 [dev]'s distilled guidance scale, one per row
+            kw["guidance"] = guidance.to(device=x.device, dtype=torch.float32)
         return self.net(x.to(self.dtype), t, crossattn.to(device=x.device, dtype=self.dtype), **kw).float()
 
 
@@ -215,14 +229,30 @@ def _reworded(why: str) -> str:
     return why.replace("FLUX.1", "\0").replace("Flux", "FLUX.2").replace("\0", "FLUX.1")
 
 
-def flux2_refusals(r: GenerationRequest) -> list[str]:
+def flux2_refusals(r: GenerationRequest, *, dev: bool = False) -> list[str]:
     """The settings of ``r`` a FLUX.2 model cannot run, one line each (Flux's, plus FLUX.2's own). FLUX.1 Kontext's
-    reference checks and IP-Adapter windows are not asked: FLUX.2's own lines cover those settings."""
+    reference checks and IP-Adapter windows are not asked: FLUX.2's own lines cover those settings. ``dev``: FLUX.2
+    [dev], which takes ``distilled_cfg_scale`` (its guidance) and no CFG."""
     flux = refusals(r.replace(reference_images=None, ip_adapters=None))
     reasons = [_reworded(why) for why in flux]
-    reasons += [f"{field}: {why}" for field, is_set, why in _OWN_REFUSALS if is_set(getattr(r, field, None))]
-    reasons += flux2_inpaint.init_refusals(r)
+    own = [entry for entry in _OWN_REFUSALS if not (dev and entry[0] == "distilled_cfg_scale")]
+    reasons += [f"{field}: {why}" for field, is_set, why in own if is_set(getattr(r, field, None))]
+    if dev:
+        why = dev_cfg_refusal(r.cfg_scale)
+        reasons += [why] if why else []
+    reasons += flux2_inpaint.init_refusals(r, dev=dev)
     return list(dict.fromkeys(reasons))
+
+
+def dev_cfg_refusal(scale: Any) -> str | None:
+    """The line refusing ``cfg_scale`` ``scale`` on FLUX.2 [dev] (anything but 1: it is guidance-distilled and
+    diffusers' Flux2Pipeline has no CFG), None for 1 (and for a value the request's own checks refuse)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale == 1:
+        return None
+    return (
+        f"cfg_scale {scale:g}: FLUX.2 [dev] is guidance-distilled and runs without CFG: leave cfg_scale at 1 and set "
+        "its guidance with distilled_cfg_scale (--guidance)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,9 +260,10 @@ def flux2_refusals(r: GenerationRequest) -> list[str]:
 
 
 class Flux2Pipeline(FluxPipeline):
-    """FLUX.2 [klein]. Build it with :func:`sdengine.pipeline.load_pipeline` on a diffusers ``Flux2KleinPipeline``
-    folder (:mod:`sdengine.pipeline.flux2_loading`). ``distilled``: the folder's ``is_distilled`` (the
-    step-distilled models, which take no CFG)."""
+    """FLUX.2 [klein] and [dev]. Build it with :func:`sdengine.pipeline.load_pipeline` on a diffusers
+    ``Flux2KleinPipeline`` or ``Flux2Pipeline`` folder (:mod:`sdengine.pipeline.flux2_loading`). ``distilled``: the
+    klein folder's ``is_distilled`` (the step-distilled models, which take no CFG); ``dev``: FLUX.2 [dev] (its
+    transformer's guidance embedding takes the distilled guidance; no CFG)."""
 
     def __init__(
         self,
@@ -243,11 +274,18 @@ class Flux2Pipeline(FluxPipeline):
         distilled: bool = False,
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
         count_tokens: Callable[[str], int] | None = None,
+        dev: bool = False,
         **kwargs: Any,
     ) -> None:
         self.transformer: Any = transformer.eval().requires_grad_(False)
         cfg: Any = self.transformer.config
         self.distilled = bool(distilled)
+        self.dev = bool(dev)
+        if self.dev and not bool(getattr(cfg, "guidance_embeds", False)):
+            raise GenerationError(
+                f"{kwargs.get('name', 'model')}: a FLUX.2 [dev] pipeline whose transformer has no guidance embedding "
+                "(guidance_embeds false): not FLUX.2 [dev]'s transformer"
+            )
         conditioner = Flux2Conditioner(
             text_encode,
             joint_attention_dim=int(cfg.joint_attention_dim),
@@ -258,6 +296,8 @@ class Flux2Pipeline(FluxPipeline):
             module=text_encoder if isinstance(text_encoder, torch.nn.Module) else None,
             count_tokens=count_tokens,
         )
+        if self.dev:
+            conditioner.encoder_name = "Mistral Small 3"
         self._call_schedule = None
         self.text_encoder_2 = text_encoder
         Pipeline.__init__(
@@ -308,10 +348,13 @@ class Flux2Pipeline(FluxPipeline):
 
     @property
     def guidance_distilled(self) -> bool:
-        return False
+        """FLUX.2 [dev]: the transformer takes the distilled guidance scale."""
+        return self.dev
 
     @property
     def variant(self) -> str:
+        if self.dev:
+            return "dev"
         return "klein_distilled" if self.distilled else "klein_base"
 
     @property
@@ -320,7 +363,16 @@ class Flux2Pipeline(FluxPipeline):
 
     @property
     def family_defaults(self) -> dict[str, Any]:
-        """Distilled: 4 steps, no CFG; base: diffusers' 50 steps at guidance 4; Euler on the normal grid."""
+        """Distilled: 4 steps, no CFG; base: diffusers' 50 steps at guidance 4; [dev]: 50 steps, no CFG, distilled
+        guidance 4; Euler on the normal grid."""
+        if self.dev:
+            return {
+                "steps": DEV_STEPS,
+                "cfg_scale": 1.0,
+                "distilled_cfg_scale": DEV_GUIDANCE,
+                "sampler": "euler",
+                "schedule": "normal",
+            }
         if self.distilled:
             return {"steps": DISTILLED_STEPS, "cfg_scale": 1.0, "sampler": "euler", "schedule": "normal"}
         return {"steps": BASE_STEPS, "cfg_scale": BASE_CFG, "sampler": "euler", "schedule": "normal"}
@@ -364,7 +416,9 @@ class Flux2Pipeline(FluxPipeline):
         return flux2_inpaint.start_options(p)
 
     def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
-        return {}
+        """[dev]: Forge's "Distilled CFG Scale" of the call (as FLUX.1 [dev]'s); klein: none."""
+        g = self.distilled_guidance(request) if self.dev else None
+        return {} if g is None else {"Distilled CFG Scale": g}
 
     def network_activation_bytes(self, rows: int, h: int, w: int, bytes_per: int) -> int:
         """As Flux's: every block holds the image and text tokens at its width, a 3x SwiGLU MLP and temporaries
@@ -375,24 +429,35 @@ class Flux2Pipeline(FluxPipeline):
         n = h * w + int(self.conditioner.max_sequence_length) + self._reference_tokens  # type: ignore[attr-defined]
         width = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
         scores = min(CHUNK_SCORES, int(cfg.num_attention_heads) * n * n) * 4
-        return (1 if self.distilled else 2) * rows * (n * width * bytes_per * 12 + scores)
+        return (1 if self.distilled or self.dev else 2) * rows * (n * width * bytes_per * 12 + scores)
 
     # -- a call ---------------------------------------------------------------------------------------------
 
     def distilled_guidance(self, r: GenerationRequest) -> float | None:
-        if getattr(r, "distilled_cfg_scale", None) is not None:
+        """[dev]: the request's ``distilled_cfg_scale`` (4 by default); klein: None (a scale given is refused)."""
+        value = getattr(r, "distilled_cfg_scale", None)
+        if self.dev:
+            if value is None:
+                return DEV_GUIDANCE
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise GenerationError(f"distilled_cfg_scale must be a number, got {value!r}")
+            if not 0.0 <= float(value) <= MAX_DEV_GUIDANCE:
+                raise GenerationError(f"distilled_cfg_scale must be in [0, {MAX_DEV_GUIDANCE:g}], got {value}")
+            return float(value)
+        if value is not None:
             raise GenerationError(
                 f"distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s; {self.name} is a FLUX.2 model: use cfg_scale"
             )
         return None
 
     def check_request(self, r: GenerationRequest) -> None:
-        reasons = flux2_refusals(r)
+        reasons = flux2_refusals(r, dev=self.dev)
         if reasons:
-            raise GenerationError(f"{reasons[0]}; {self.name} is a FLUX.2 model")
+            raise GenerationError(f"{reasons[0]}; {self.name} is a FLUX.2 {'[dev] ' if self.dev else ''}model")
         why = distilled_cfg_refusal(r.cfg_scale, self.name) if self.distilled else None
         if why is not None:
             raise GenerationError(why)
+        self.distilled_guidance(r)
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         """As Flux's, with FLUX.2's reference images (:mod:`sdengine.pipeline.flux2_references`) read, fitted and
@@ -453,6 +518,9 @@ class Flux2Pipeline(FluxPipeline):
         conditioner: Flux2Conditioner = self.conditioner  # type: ignore[assignment]
         if float(p.request.cfg_scale) == 1.0:
             cond = conditioner.text(prompt, note=note)
+            guidance = self.distilled_guidance(p.request)
+            if guidance is not None:  # [dev]: the guidance scale beside the text, one per row
+                cond = {**cond, "guidance": torch.full((cond["crossattn"].shape[0],), guidance, dtype=torch.float32)}
             return cond, cond
         return conditioner.pair(prompt, negative, note=note)
 
@@ -474,11 +542,14 @@ class Flux2Pipeline(FluxPipeline):
 __all__ = [
     "BASE_CFG",
     "BASE_STEPS",
+    "DEV_GUIDANCE",
+    "DEV_STEPS",
     "DISTILLED_STEPS",
     "MAX_SEQUENCE_LENGTH",
     "Flux2Adapter",
     "Flux2Conditioner",
     "Flux2Pipeline",
+    "dev_cfg_refusal",
     "distilled_cfg_refusal",
     "empirical_mu",
     "flux2_refusals",

@@ -7,8 +7,13 @@ generate --model FOLDER``): a folder whose ``model_index.json`` names ``Flux2Kle
 ``text_encoder/`` (transformers' ``Qwen3ForCausalLM``: :mod:`sdengine.weights.qwen_text_file`), ``tokenizer/``
 (Qwen2's BPE: :mod:`sdengine.text.qwen_tokenizer`), ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``), and the
 index's ``is_distilled`` (the step-distilled releases, which run without CFG). ``vae=`` (``--vae``) replaces the VAE
-with another FLUX.2 VAE (folder or file). FLUX.2 [dev]'s ``Flux2Pipeline`` (a Mistral text encoder) is refused in
-one line.
+with another FLUX.2 VAE (folder or file).
+
+FLUX.2 [dev]: a folder whose ``model_index.json`` names ``Flux2Pipeline``: the same ``transformer/`` (with its guidance
+embedding), ``vae/`` and ``scheduler/``; ``text_encoder/`` is transformers' ``Mistral3ForConditionalGeneration``
+(Mistral Small 3: its language model through :mod:`sdengine.weights.qwen_text_file`, the vision tower and projector
+skipped) and ``tokenizer/`` a ``PixtralProcessor`` folder whose ``tokenizer.json`` is read (its padding side from
+``tokenizer_config.json``: left when the file says so, or names Llama's tokenizer class without saying).
 
 Also accepted: the transformer file (BFL's ``flux-2-klein-4b.safetensors``, ComfyUI's ``diffusion_models/`` copy;
 told by ``single_stream_modulation.lin.weight``, :func:`is_flux2_file`) with its parts given apart: ``text_encoder``
@@ -34,7 +39,8 @@ from torch import Tensor
 from sdengine.errors import GenerationError, UsageError
 from sdengine.pipeline.flux2 import MAX_SEQUENCE_LENGTH, Flux2Pipeline
 
-ACCEPTED = ("Flux2KleinPipeline",)
+ACCEPTED = ("Flux2KleinPipeline", "Flux2Pipeline")
+DEV = "Flux2Pipeline"  # FLUX.2 [dev]
 # black-forest-labs/FLUX.2-klein-4B's scheduler/scheduler_config.json (a single file has none; the klein releases'
 # are the same): the shift comes from diffusers' empirical mu (sdengine.pipeline.flux2.empirical_mu)
 KLEIN_SCHEDULER: dict[str, Any] = {
@@ -96,6 +102,15 @@ def is_flux2_file(path: Path) -> bool:
     )
 
 
+def is_dev_file(path: Path) -> bool:
+    """A FLUX.2 transformer file with the guidance embedding (BFL's ``guidance_in``, diffusers'
+    ``time_guidance_embed.guidance_embedder``, ComfyUI's prefix too): FLUX.2 [dev]'s (every klein lacks it)."""
+    from sdengine.pipeline.flux_loading import file_holds
+
+    marks = ("guidance_in.in_layer.weight", "time_guidance_embed.guidance_embedder.linear_1.weight")
+    return file_holds(path, lambda names: any(n.endswith(marks) for n in names))
+
+
 def distilled_from_name(path: Path) -> bool | None:
     """Whether a FLUX.2 [klein] single file is step-distilled, by its name's words (the weights cannot tell: both
     kinds have the same tensors): BFL's and ComfyUI's ``flux-2-klein-4b.safetensors`` / ``flux-2-klein-9b*`` are
@@ -144,38 +159,71 @@ def load_text_side(
     max_sequence_length: int,
     text_encoder: Path | None = None,
     tokenizer: Path | None = None,
+    dev: bool = False,
 ) -> tuple[Any, Any, Any]:
     """(Qwen3, texts -> states, text -> its token count in the template) of a folder's ``text_encoder/`` and
     ``tokenizer/`` (or ``text_encoder`` / ``tokenizer`` given apart: a single file's parts;
     :func:`sdengine.text.flux2_prompt.encode_prompt_flux2`); one line where the encoder's three stacked layers are
-    not the transformer's text width or the encoder has fewer than 27 layers."""
-    from sdengine.text.flux2_prompt import HIDDEN_LAYERS, PROMPT_TEMPLATE, encode_prompt_flux2
+    not the transformer's text width or the encoder has fewer than 27 layers. ``dev``: FLUX.2 [dev]'s Mistral Small 3
+    (layers 10, 20, 30 in its system prompt, :data:`sdengine.text.flux2_prompt.DEV_PROMPT_TEMPLATE`)."""
+    from sdengine.text import flux2_prompt
+    from sdengine.text.flux2_prompt import encode_prompt_flux2
     from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
     from sdengine.weights.qwen_text_file import load_qwen_text_encoder
 
+    layers = flux2_prompt.DEV_HIDDEN_LAYERS if dev else flux2_prompt.HIDDEN_LAYERS
+    template = flux2_prompt.DEV_PROMPT_TEMPLATE if dev else flux2_prompt.PROMPT_TEMPLATE
     try:
         tok = load_qwen_tokenizer(tokenizer or path / "tokenizer")
     except UsageError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
+    if dev:
+        tok.padding_side = mistral_padding_side(tokenizer or path / "tokenizer", tok.padding_side)
     te = text_encoder or path / "text_encoder"
-    encoder = load_qwen_text_encoder(te, device=device, dtype=dtype, family="qwen3" if text_encoder else None)
+    family = "mistral" if dev else ("qwen3" if text_encoder else None)
+    encoder = load_qwen_text_encoder(te, device=device, dtype=dtype, family=family)
     cfg = encoder.config
-    width = len(HIDDEN_LAYERS) * int(cfg.hidden_size)
-    if width != joint_attention_dim or int(cfg.num_hidden_layers) < max(HIDDEN_LAYERS):
+    width = len(layers) * int(cfg.hidden_size)
+    if width != joint_attention_dim or int(cfg.num_hidden_layers) < max(layers):
         where = te.name if text_encoder else path.name
         raise GenerationError(
             f"{where}: the text encoder ({cfg.num_hidden_layers} layers of {cfg.hidden_size}) gives "
-            f"{len(HIDDEN_LAYERS)} x {cfg.hidden_size} = {width} numbers per token from layers "
-            f"{list(HIDDEN_LAYERS)}; the transformer takes {joint_attention_dim}: not this model's text encoder"
+            f"{len(layers)} x {cfg.hidden_size} = {width} numbers per token from layers "
+            f"{list(layers)}; the transformer takes {joint_attention_dim}: not this model's text encoder"
         )
+    prepare = flux2_prompt.dev_prompt if dev else (lambda text: text)
 
     def encode(texts: list[str]) -> Tensor:
-        return encode_prompt_flux2(encoder, tok, texts, max_sequence_length=max_sequence_length, cache=False).float()
+        return encode_prompt_flux2(
+            encoder,
+            tok,
+            [prepare(t) for t in texts],
+            max_sequence_length=max_sequence_length,
+            hidden_layers=layers,
+            template=template,
+            cache=False,
+        ).float()
 
     def count(text: str) -> int:
-        return len(tok.encode(PROMPT_TEMPLATE.replace("{}", text, 1)))
+        return len(tok.encode(template.replace("{}", prepare(text), 1)))
 
     return encoder, encode, count
+
+
+def mistral_padding_side(folder: Path, given: str) -> str:
+    """The padding side of FLUX.2 [dev]'s tokenizer folder: ``tokenizer_config.json``'s ``padding_side`` where it
+    says one (``given``: what the tokenizer read), else transformers' class default: left for Llama's tokenizer
+    classes (``LlamaTokenizer`` / ``LlamaTokenizerFast``), right for any other."""
+    if (folder / "model_index.json").is_file():
+        folder = folder / "tokenizer"
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return given
+    if not isinstance(config, dict) or "padding_side" in config:
+        return given
+    cls = config.get("tokenizer_class")
+    return "left" if isinstance(cls, str) and cls.startswith("LlamaTokenizer") else given
 
 
 def load_flux2_pipeline(
@@ -191,7 +239,8 @@ def load_flux2_pipeline(
     lora_dir: Any = None,
     max_sequence_length: int = MAX_SEQUENCE_LENGTH,
 ) -> Flux2Pipeline:
-    """A FLUX.2 [klein] folder or transformer file (module docstring) -> :class:`Flux2Pipeline` on ``device`` in
+    """A FLUX.2 [klein] or [dev] folder or a klein transformer file (module docstring) -> :class:`Flux2Pipeline` on
+    ``device`` in
     ``dtype``; ``vae``: another FLUX.2 VAE (folder or file) for a folder, a file's VAE; ``text_encoder`` /
     ``tokenizer``: a file's Qwen3 and Qwen2 tokenizer (a folder uses its own); ``config``: a klein folder whose
     ``model_index.json`` (``is_distilled``) and scheduler a file takes."""
@@ -205,22 +254,20 @@ def load_flux2_pipeline(
             raise GenerationError(f"{FLAGS[key]} {value}: no such file or folder")
     te_path: Path | None = None
     tok_path: Path | None = None
+    dev = False
     if path.is_dir():
         kind = pipeline_class(path)
-        if kind == "Flux2Pipeline":
-            raise GenerationError(
-                f"{path.name}: FLUX.2 [dev] (Flux2Pipeline, a Mistral Small 3 text encoder) is not supported; "
-                "sdengine runs FLUX.2 [klein] folders (Flux2KleinPipeline)"
-            )
         if kind not in ACCEPTED:
             raise GenerationError(
-                f"{path.name}: {kind} is not supported (sdengine runs FLUX.2 [klein]: Flux2KleinPipeline)"
+                f"{path.name}: {kind} is not supported (sdengine runs FLUX.2 [klein] and [dev]: Flux2KleinPipeline, "
+                "Flux2Pipeline)"
             )
+        dev = kind == DEV
         for key in ("text_encoder", "tokenizer", "config"):
             if given[key] is not None:
                 raise GenerationError(f"{FLAGS[key]} does not apply to a FLUX.2 folder (it uses its own)")
         index = _read_json(path / "model_index.json")
-        distilled = index.get("is_distilled", False)
+        distilled = False if dev else index.get("is_distilled", False)
         if not isinstance(distilled, bool):
             raise GenerationError(f"{path / 'model_index.json'}: is_distilled={distilled!r} is not true/false")
         scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
@@ -229,6 +276,11 @@ def load_flux2_pipeline(
     else:
         if not is_flux2_file(path):
             raise GenerationError(f"{path.name}: not a FLUX.2 transformer file (no single_stream_modulation.lin)")
+        if is_dev_file(path):
+            raise GenerationError(
+                f"{path.name}: a FLUX.2 [dev] transformer file (it has the guidance embedding, guidance_in): single "
+                "files of FLUX.2 [dev] are not supported; give its diffusers folder (Flux2Pipeline)"
+            )
         distilled, scheduler = file_kind(path, Path(config) if config is not None else None)
         te_path = Path(text_encoder) if text_encoder is not None else None
         tok_path = Path(tokenizer) if tokenizer is not None else None
@@ -248,6 +300,11 @@ def load_flux2_pipeline(
         name = name or path.name.removesuffix(path.suffix) or path.name
     try:
         transformer = load_flux2_transformer(path, device=device, dtype=dtype)
+        if dev and not bool(transformer.config.guidance_embeds):
+            raise GenerationError(
+                f"{path.name}: a Flux2Pipeline (FLUX.2 [dev]) folder whose transformer has no guidance embedding "
+                "(guidance_embeds false): not FLUX.2 [dev]'s transformer"
+            )
         encoder, encode, count = load_text_side(
             path,
             dtype,
@@ -256,6 +313,7 @@ def load_flux2_pipeline(
             max_sequence_length=max_sequence_length,
             text_encoder=te_path,
             tokenizer=tok_path,
+            dev=dev,
         )
         vae_model = load_flux2_vae(vae_path, device=device, dtype=dtype)
     except WeightsError as e:
@@ -275,6 +333,7 @@ def load_flux2_pipeline(
         source=path,
         lora_dir=lora_dir,
         vae_source=Path(vae) if vae is not None else None,
+        dev=dev,
     )
 
 
@@ -284,7 +343,7 @@ def file_kind(path: Path, config: Path | None) -> tuple[bool, dict[str, Any]]:
     file's name (:func:`distilled_from_name`) with klein's scheduler (:data:`KLEIN_SCHEDULER`); a name that says
     neither is one line asking for one of the two."""
     if config is not None:
-        if pipeline_class(config) not in ACCEPTED:
+        if pipeline_class(config) != "Flux2KleinPipeline":
             raise GenerationError(
                 f"--config {config.name}: not a FLUX.2 [klein] folder (its model_index.json names no "
                 "Flux2KleinPipeline); give the klein folder whose is_distilled and scheduler the file takes"
@@ -305,6 +364,7 @@ def file_kind(path: Path, config: Path | None) -> tuple[bool, dict[str, Any]]:
 
 __all__ = [
     "ACCEPTED",
+    "DEV",
     "FILE_MARKERS",
     "FLAGS",
     "KEYWORDS",
@@ -313,9 +373,11 @@ __all__ = [
     "file_kind",
     "distilled_before_load",
     "distilled_from_name",
+    "is_dev_file",
     "is_flux2_file",
     "is_flux2_folder",
     "load_flux2_pipeline",
     "load_text_side",
+    "mistral_padding_side",
     "pipeline_class",
 ]

@@ -107,6 +107,11 @@ def request_refusal(kind: str, r: Any) -> str | None:
                 f"masked_content {r.masked_content!r}: FLUX.1 Fill fills the masked region itself (from the masked "
                 "image); leave it 'original'"
             )
+        if not r.mask_round or r.latent_mask is not None:
+            return (
+                "mask_round false / latent_mask: FLUX.1 Fill takes the mask made binary in its input and blends no "
+                "latent mask; leave them out"
+            )
         return None
     if control is None:
         return (

@@ -109,6 +109,8 @@ def start_latents(
     fill: bool = False,
     control: Image.Image | None = None,
     init_mode: bool = False,
+    latent_mask: np.ndarray | None = None,
+    mask_round: bool = True,
     mask_rule: str = "nearest",
     encode_masked: bool = True,
 ) -> StartLatents:
@@ -119,12 +121,16 @@ def start_latents(
     the pipeline's, on the init latent this returns). ``fill``: a FLUX.1 Fill model's concat (see the module
     docstring; needs ``init`` and ``mask``); ``control``: a FLUX.1 Depth / Canny model's control image (the
     output's size); ``init_mode``: the init latent is the posterior's mean, no draw (FLUX.1 Kontext's
-    ``FluxKontextInpaintPipeline``: each row's noise is its generator's first draw). ``mask_rule``: how the mask
-    becomes the blend's latent mask: ``"nearest"`` (diffusers' SD / FLUX.1 inpainting: the binarised mask shrunk by
-    nearest; a blurred mask, ``mask_blur`` > 0, kept grey and area-averaged) or ``"bilinear"`` (FLUX.2 [klein]'s
-    ``prepare_mask_latents``: the binarised mask, or a blurred one kept grey, shrunk bilinearly).
-    ``encode_masked``: False draws no masked-image posterior (a model that reads none, and a pipeline that draws
-    nothing after the noise)."""
+    ``FluxKontextInpaintPipeline``: each row's noise is its generator's first draw). ``latent_mask``: A1111's
+    separate latent mask (a float array in [0, 1] at any size) that ``rounded_mask`` is made from in place of
+    ``mask``; ``mask_round`` False (A1111's ``mask_round`` off): ``rounded_mask`` left grey, and a 9-channel
+    model's mask input and masked image made from the grey mask (``image * (1 - mask)``, the mask shrunk nearest
+    to the latent) rather than the mask made binary, as A1111's ``inpainting_image_conditioning``. ``mask_rule``:
+    how the mask becomes the blend's latent mask: ``"nearest"`` (diffusers' SD / FLUX.1 inpainting: the binarised
+    mask shrunk by nearest; a blurred mask, ``mask_blur`` > 0, kept grey and area-averaged) or ``"bilinear"``
+    (FLUX.2 [klein]'s ``prepare_mask_latents``: the binarised mask, or a blurred one kept grey, shrunk bilinearly).
+    ``encode_masked``: False draws no masked-image posterior (a 4-channel model, which reads none, in a pipeline
+    that draws nothing after the noise)."""
 
     def moments(img: Tensor) -> Any:
         if tiny is not None:
@@ -162,30 +168,31 @@ def start_latents(
         # diffusers binarises the mask at 0.5 and shrinks it with nearest; a blurred mask (mask_blur > 0,
         # A1111's soft edge) is kept soft and area-averaged instead, so that the blend fades.
         binary = (mask_full >= 0.5).float()
+        channel = (
+            F.interpolate(mask_full, size=(h, w), mode="area") if mask_blur > 0 else F.interpolate(binary, size=(h, w))
+        )
         if mask_rule == "bilinear":  # FLUX.2 [klein]: binarised (a blurred mask kept grey), shrunk bilinearly
-            latent_mask = F.interpolate(mask_full if mask_blur > 0 else binary, size=(h, w), mode="bilinear")
-        else:
-            latent_mask = (
-                F.interpolate(mask_full, size=(h, w), mode="area")
-                if mask_blur > 0
-                else F.interpolate(binary, size=(h, w))
-            )
+            channel = F.interpolate(mask_full if mask_blur > 0 else binary, size=(h, w), mode="bilinear")
+        if mask_round:
+            masked = image_tensor(init).to(device) * (binary < 0.5)
+        else:  # A1111's conditioning with mask_round off: the grey mask (nearest) and the image weighted by it
+            channel = F.interpolate(mask_full, size=(h, w))
+            masked = image_tensor(init).to(device) * (1 - mask_full)
         masked_latent = None
         if encode_masked or fill or nine_channels:
-            masked = image_tensor(init).to(device) * (binary < 0.5)
             post = moments(masked)
             masked_latent = posterior_rows(post, generators)  # drawn even for 4 channels (diffusers' order)
         if masked_latent is None:
-            blend = latent_mask
+            blend = channel
         elif fill:  # FluxFillPipeline: [masked-image latent, the mask folded f x f into channels]
             masked_latent = vae.scale_latents(masked_latent.float())
             folded = F.pixel_unshuffle(binary, scale_factor).expand(b, -1, -1, -1)
             concat = torch.cat([masked_latent, folded.to(masked_latent.dtype)], dim=1)
         elif nine_channels:
             masked_latent = vae.scale_latents(masked_latent.float())
-            concat = torch.cat([latent_mask.expand(b, -1, -1, -1), masked_latent], dim=1)
+            concat = torch.cat([channel.expand(b, -1, -1, -1), masked_latent], dim=1)
         else:
-            blend = latent_mask
+            blend = channel
     elif nine_channels:
         # txt2img on an inpainting model: everything masked, a grey (zero) masked image (A1111's way); the
         # posterior mode, so that no random number is drawn beyond the initial noise.
@@ -197,7 +204,8 @@ def start_latents(
         concat = control_latent if concat is None else torch.cat([control_latent, concat], dim=1)
     rounded = None
     if mask is not None and mask_full is not None and not fill:  # A1111 rounds its latent mask (its mask_round default)
-        rounded = a1111_latent_mask(mask, h, w).to(device)
+        source = mask if latent_mask is None else latent_mask  # A1111's latent_mask: the latent mask's own source
+        rounded = a1111_latent_mask(source, h, w, rounded=mask_round).to(device)
     # Inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); img2img does not, nor A1111.
     full = mask_full is not None and strength >= 1.0 and pure_noise_at_full_strength
     from_init = init_latent is not None and not full

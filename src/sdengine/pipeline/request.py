@@ -127,8 +127,9 @@ class GenerationRequest:
     # _auto_resize); off: its own size, sides floored to the size multiple. Infotext "Reference images"
     reference_images: ImageInput | Sequence[ImageInput] | None = None
     reference_auto_resize: bool = True
-    # FLUX.1 [dev] only: the distilled guidance scale, an input of its transformer (sdengine.pipeline.flux); None =
-    # the model's default (3.5). Infotext "Distilled CFG Scale" (Forge's name)
+    # FLUX.1 [dev] and FLUX.2 [dev] only: the distilled guidance scale, an input of their transformers
+    # (sdengine.pipeline.flux, sdengine.pipeline.flux2); None = the model's default (3.5; 4 for FLUX.2 [dev]).
+    # Infotext "Distilled CFG Scale" (Forge's name)
     distilled_cfg_scale: float | None = None
     # Perturbed-attention guidance (Ahn et al. 2024; diffusers' StableDiffusionPAGPipeline): a third pass of the
     # conditional rows with the identity attention map in the self-attention layers ``pag_layers`` names (diffusers'
@@ -244,9 +245,20 @@ class GenerationRequest:
     # step's x0 by a sigma-dependent power with the vectors' lengths kept, and the result laid over the init image
     # by a mask of how much each region changed. None / False = off; True = A1111's defaults; a SoftInpainting or
     # a mapping of its fields (schedule_bias, preservation_strength, transition_contrast_boost, mask_influence,
-    # difference_threshold, difference_contrast). Needs a mask and a 4-channel U-Net; not with
-    # differential_diffusion. Infotext A1111's "Soft inpainting enabled: True", "Soft inpainting schedule bias", ...
+    # difference_threshold, difference_contrast). Needs a mask and a U-Net on a discrete schedule (an inpainting
+    # one's mask input left grey, as A1111's); not with differential_diffusion. Infotext A1111's "Soft inpainting
+    # enabled: True", "Soft inpainting schedule bias", ...
     soft_inpainting: Any = None
+    # A1111's mask_round (on by default): its latent mask (the blend's, "latent noise" / "latent nothing"'s)
+    # rounded to 0 / 1 after its shrink to the latent, and an inpainting (9-channel) model's mask input made binary.
+    # False: both left grey, as A1111 then leaves them (soft inpainting turns it off itself). Needs a mask and an
+    # A1111 strength_rule (the blend it changes is A1111's)
+    mask_round: bool = True
+    # A1111's latent_mask: a separate mask (white = repaint, read as grayscale, at any size: not blurred or fitted)
+    # that its latent mask is shrunk from in place of ``mask``; ``mask`` still makes an inpainting model's mask
+    # input and masked image (and the caller's overlay). None: the latent mask is the mask's. Needs a mask and an
+    # A1111 strength_rule
+    latent_mask: ImageInput | None = None
     # SDXL only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, negative_*,
     # aesthetic_score (sdengine.text.sdxl_conditioner.SDXLOptions); None = the defaults
     sdxl: Mapping[str, Any] | None = None
@@ -689,6 +701,16 @@ class GenerationRequest:
                 f"soft_inpainting: A1111's {sampler} blends before the model call and reads the timestep as sigma "
                 "there (not done in sdengine); use a k-diffusion sampler (Euler, DPM++ 2M, ...)"
             )
+        if not isinstance(self.mask_round, bool):
+            raise GenerationError(f"mask_round must be true or false, got {self.mask_round!r}")
+        for what, given in (("mask_round false", not self.mask_round), ("latent_mask", self.latent_mask is not None)):
+            if given and self.mask is None:
+                raise GenerationError(f"{what} needs a mask (inpainting: an init_image and a mask)")
+            if given and self.strength_rule not in A1111_STRENGTH_RULES:
+                raise GenerationError(
+                    f"{what} is A1111's (its latent mask, which blends under its strength rule): use strength_rule "
+                    f"'a1111' or 'a1111_fix_steps', not {self.strength_rule!r}"
+                )
         self.control_units()  # the tuple forms parse
         if self.ip_adapters is not None:
             if not isinstance(self.ip_adapters, list | tuple):
@@ -781,6 +803,7 @@ class GenerationRequest:
                 if _is_number(w) and (not math.isfinite(w) or abs(w) > WEIGHT_LIMIT):
                     check_weight(w, name)
         images = [("init image", self.init_image), ("mask", self.mask), ("control image", self.control_image)]
+        images.append(("latent mask", self.latent_mask))
         images += [(f"ControlNet unit {k} image", u.image) for k, u in enumerate(self.control_units())]
         images += [(f"reference image {k}", x) for k, x in enumerate(self.reference_list())]
         for what, image in images:  # the words sdengine.io.images.load_image says it in

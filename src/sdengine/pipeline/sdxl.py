@@ -528,6 +528,8 @@ def hand_off_latents(
         device=base.device,
         tiny=base.tiny_vae if p.init is not None and request.vae_encode == "tiny" else None,
         pure_noise_at_full_strength=request.strength_rule == "diffusers",
+        latent_mask=p.latent_mask,
+        mask_round=bool(request.mask_round),  # (soft inpainting is refused with a hand-off)
     )
     if init_latent is not None:
         start.init_latent, start.from_init = init_latent.to(base.device, start.noise.dtype), True

@@ -24,9 +24,14 @@ flow schedule, img2img and inpainting rules and VAE handling this keeps). What Z
 
 Defaults (:attr:`ZImagePipeline.family_defaults`): Z-Image-Turbo's (9 steps, ``cfg_scale`` 1, ``euler`` on the
 ``normal`` grid). The base Z-Image model is run with more steps and CFG (diffusers' defaults: 50 steps, guidance 5,
-i.e. ``cfg_scale`` 6). What does not apply is refused in one line before any model runs (IP-Adapters, ControlNets,
+i.e. ``cfg_scale`` 6). What does not apply is refused in one line before any model runs (IP-Adapters,
 textual inversion, PAG, SAG, FreeU, ..., the distilled guidance, CFG++ samplers, prompt editing;
 :func:`z_image_refusals`).
+
+ControlNets (``controlnets=[ControlUnit(path, image, weight, start, end)]``, ``--control`` / ``--controlnet``, a
+server job's ``controlnets``): alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union through
+:mod:`sdengine.pipeline.dit_control` (:meth:`ZImagePipeline.controlled_network`), as diffusers'
+``ZImageControlNetPipeline`` / ``ZImageControlNetInpaintPipeline`` (a unit's ``mask`` + ``inpaint_image``).
 
 LoRAs (``loras=``, ``<lora:NAME:W>`` tags, ``--lora``) apply to the transformer through the core's path as Flux's
 and Qwen-Image's do: :mod:`sdengine.weights.lora_dit_keys` reads diffusers' / PEFT names (``transformer.``),
@@ -79,15 +84,22 @@ class ZImageAdapter:
     their mask), the flow's timestep ``1000 s`` -> the network's ``(1000 - 1000 s) / 1000``, its output negated
     into the velocity (float32), as diffusers' ``ZImagePipeline`` calls it."""
 
-    takes_step = False
-    takes_row_kinds = False
-
     def __init__(self, net: Any, dtype: torch.dtype) -> None:
         self.net = net
         self.dtype = dtype
+        # ControlNets attached (sdengine.pipeline.dit_control.ControlledZImage): the step and the rows' CFG kinds
+        self.takes_step = self.takes_row_kinds = bool(getattr(net, "takes_step", False))
 
     def __call__(
-        self, x: Tensor, t: Tensor, *, crossattn: Tensor, text_mask: Tensor | None = None, **other: Any
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        crossattn: Tensor,
+        text_mask: Tensor | None = None,
+        step: Any = None,
+        row_kinds: Any = None,
+        **other: Any,
     ) -> Tensor:
         extra = sorted(k for k, v in other.items() if v is not None)
         if extra:
@@ -95,7 +107,8 @@ class ZImageAdapter:
         mask = None if text_mask is None else text_mask.to(x.device)
         t_net = (1000 - t.float()) / 1000
         text = crossattn.to(device=x.device, dtype=self.dtype)
-        return -self.net(x.to(self.dtype), t_net, text, mask).float()
+        control = {"step": step, "row_kinds": row_kinds} if self.takes_step else {}
+        return -self.net(x.to(self.dtype), t_net, text, mask, **control).float()
 
 
 def z_image_cfg(cond: Tensor, uncond: Tensor, scale: float, normalization: float = 0.0) -> Tensor:
@@ -118,9 +131,6 @@ class ZImageCFG:
     combining them with :func:`z_image_cfg`; ``scale`` 1, or a step whose ``(1000 - t) / 1000`` is above
     ``truncation``: the conditional rows alone."""
 
-    takes_step = False
-    takes_row_kinds = False
-
     def __init__(
         self, model: Any, scale: float, uncond: Conditioning, normalization: float = 0.0, truncation: float = 1.0
     ) -> None:
@@ -129,13 +139,19 @@ class ZImageCFG:
         self.uncond = dict(uncond)
         self.normalization = float(normalization)
         self.truncation = float(truncation)
+        self.takes_step = bool(getattr(model, "takes_step", False))
+        self.takes_row_kinds = bool(getattr(model, "takes_row_kinds", False))
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         t_norm = float((1000 - t.float().reshape(-1)[0]) / 1000)
         if self.scale == 1.0 or (self.truncation <= 1 and t_norm > self.truncation):
+            if self.takes_row_kinds:
+                cond = {**cond, "row_kinds": ("cond",) * x.shape[0]}
             return self.model(x, t, **cond)
         b = x.shape[0]
         both: dict[str, Any] = {}
+        if self.takes_row_kinds:  # the conditional rows, then the unconditional ones
+            cond = {**cond, "row_kinds": ("cond",) * b + ("uncond",) * b}
         for k, v in cond.items():
             if isinstance(v, Tensor) and k in self.uncond:
                 u = self.uncond[k].to(v.device)
@@ -152,7 +168,6 @@ class ZImageCFG:
 
 _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
     ("ip_adapters", bool, "IP-Adapters are not supported for Z-Image"),
-    ("controlnets", bool, "ControlNets are not supported for Z-Image yet"),
     ("reference_images", bool, "reference images are FLUX.1 Kontext's; Z-Image takes none"),
     (
         "distilled_cfg_scale",
@@ -252,7 +267,10 @@ class ZImagePipeline(FluxPipeline):
         return ZImageAdapter(net, self.dtype)
 
     def controlled_network(self, net: Any, units: list[Any], **kw: Any) -> Any:
-        raise GenerationError(f"ControlNets are not supported for Z-Image yet; {self.name}")
+        """Z-Image ControlNets on the transformer (:func:`sdengine.pipeline.dit_control.build_controlled_dit`)."""
+        from sdengine.pipeline.dit_control import build_controlled_dit, vae_encoder
+
+        return build_controlled_dit(net, units, family="z_image", **vae_encoder(self.vae), **kw)
 
     def guided_denoiser(self, cfg_scale: float, uncond: Conditioning, rescale: float, **kw: Any) -> Any:
         """Z-Image's CFG on the velocity (:class:`ZImageCFG`), the flow's x0 after it; the core's CFG wrapper on top

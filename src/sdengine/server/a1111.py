@@ -2,7 +2,7 @@
 
 Requests use A1111's field names and defaults; each is mapped onto :func:`~sdengine.server.requests.
 build_generation`. What sdengine cannot do is never silently dropped: request fields that would change the image
-but are not implemented (``restore_faces``, ``latent_mask``, ``resize_mode`` 3, ...) are a 422 naming the field
+but are not implemented (``restore_faces``, ``s_min_uncond``, ``resize_mode`` 3, ...) are a 422 naming the field
 (:func:`refuse_unsupported`); fields A1111 does not read in that request (hires-fix fields on img2img, ...), fields
 it does not have, and a ControlNet unit's settings that are not done (a U-Net unit's ``mask``, ...) are listed in
 ``info["ignored"]`` of the response.
@@ -77,8 +77,8 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "sampler_index": None,
     "include_init_images": None,
     "inpainting_fill": (0, 1, None),  # "fill", "original"; 2 and 3 in the latent (LATENT_FILLS), others refused
-    "latent_mask": (None, ""),  # with a mask: refused (refuse_unsupported); without one A1111 reads none either
-    "mask_round": None,  # false with a mask: refused (refuse_unsupported); without one nothing to round
+    "latent_mask": (None, ""),  # with a mask: run (inpaint_fields); without one A1111 reads none either
+    "mask_round": None,  # with a mask: run (inpaint_fields); without one nothing to round
     "s_min_uncond": (None, 0, 0.0),  # another value: refused (refuse_unsupported)
     "infotext": None,  # read (apply_infotext)
     "firstpass_image": (None, ""),  # with the hires fix: refused; without it A1111 reads none either
@@ -944,12 +944,19 @@ class OnlyMasked:
 
 
 def only_masked(
-    init: Image.Image, mask: Image.Image, blur: Blur, padding: int, size: tuple[int, int], fill: bool
+    init: Image.Image,
+    mask: Image.Image,
+    blur: Blur,
+    padding: int,
+    size: tuple[int, int],
+    fill: bool,
+    fill_mask: Image.Image | None = None,
 ) -> OnlyMasked | None:
     """A1111's "Only masked" inpainting (``inpaint_full_res``): the box around the blurred mask (plus
     ``padding``, grown to the output's aspect ratio) is cut from the init image and the mask and fitted to
     ``size`` ("resize and fill"); the result is fitted back into the box ("crop and resize") and laid over the
-    init image by the blurred mask. Returns the plan (:class:`OnlyMasked`), None for an empty mask."""
+    init image by the blurred mask. ``fill_mask``: what the cut is filled under in place of the cut mask (A1111's
+    ``latent_mask``, used uncut, at ``size``). Returns the plan (:class:`OnlyMasked`), None for an empty mask."""
     base = init.convert("RGB")
     if mask.size != base.size:
         mask = mask.convert("L").resize(base.size, Image.Resampling.NEAREST)
@@ -963,7 +970,7 @@ def only_masked(
     region = expand_region(box, size[0], size[1], base.size)
     plain = resize_image(base.crop(region), *size, "resize and fill")
     cut_mask = resize_image(soft.crop(region), *size, "resize and fill")
-    cut = masked_fill(plain, cut_mask) if fill else plain
+    cut = masked_fill(plain, cut_mask if fill_mask is None else fill_mask) if fill else plain
     x1, y1, x2, y2 = region
 
     def finish(image: Image.Image) -> Image.Image:
@@ -1105,13 +1112,10 @@ def refuse_unsupported(body: dict[str, Any], txt2img: bool) -> None:
         # A1111 fits the mask "resize and fill" and pastes back an overlay of the init image's own size
         refuse("resize_mode", "A1111's latent upscale takes no mask in sdengine (A1111 fits the mask otherwise than "
                "the image); send 0, 1 or 2")  # fmt: skip
-    if mask and body.get("latent_mask") not in (None, ""):
-        raise Unprocessable(
-            "latent_mask: a separate latent mask is not implemented in sdengine (A1111's API passes it on "
-            "undecoded); send none: the mask is the latent mask"
-        )
-    if mask and body.get("mask_round") is False and not soft_inpainting_sent(body):  # soft inpainting: A1111's too
-        refuse("mask_round", "sdengine always rounds the latent mask, as A1111 by default; send true")
+    if mask and body.get("latent_mask") not in (None, "") and not isinstance(body.get("latent_mask"), str):
+        refuse("latent_mask", "A1111's latent_mask is an image, as base64 (white = repaint)")
+    if body.get("mask_round") is not None and not isinstance(body.get("mask_round"), bool):
+        refuse("mask_round", "A1111's mask_round is true (the latent mask rounded) or false (left grey)")
     fill = body.get("inpainting_fill", 0)
     if mask and (isinstance(fill, bool) or fill not in (0, 1, 2, 3)):
         refuse(
@@ -1349,18 +1353,6 @@ def soft_inpainting_script(scripts: dict[str, Any], infotext: Any, *, txt2img: b
     if sent and not mask:
         raise BadRequest(f"alwayson_scripts.{name}: soft inpainting needs a mask (this img2img request has none)")
     return out if (mask and not txt2img) else {}
-
-
-def soft_inpainting_sent(body: dict[str, Any]) -> bool:
-    """Whether a request sends A1111's Soft Inpainting script enabled (its first argument true)."""
-    scripts = body.get("alwayson_scripts")
-    if not isinstance(scripts, dict):
-        return False
-    for k, v in scripts.items():
-        if str(k).lower() == SOFT_INPAINTING_SCRIPT and isinstance(v, dict):
-            args = v.get("args")
-            return isinstance(args, list) and bool(args) and args[0] is True
-    return False
 
 
 # Forge's built-in FreeU script (extensions-builtin/sd_forge_freeu), as its alwayson_scripts entry names it (lower
@@ -2517,8 +2509,9 @@ def install(app: FastAPI, services: Any) -> None:
                 )
 
     def flux2_fields(fields: dict[str, Any], ignored: list[str]) -> None:
-        """A FLUX.2 [klein] model on an A1111 route: A1111's default ``cfg_scale`` (7, which its clients send for
-        every model) on a step-distilled one is listed as ignored and runs at 1, as diffusers ignores guidance there
+        """A FLUX.2 model on an A1111 route: A1111's default ``cfg_scale`` (7, which its clients send for every
+        model) on a step-distilled klein or on [dev] (no CFG) is listed as ignored and runs at 1, as diffusers ignores
+        guidance there
         (any other value but 1 is the precheck's 400); Forge FluxKontext's reference images are refused: klein
         edit's references go on the native job route (POST /v1/jobs ``reference_images``)."""
         if fields.get("reference_images"):
@@ -2772,7 +2765,7 @@ def install(app: FastAPI, services: Any) -> None:
         body = req.model_dump(exclude_unset=True)
         if not req.init_images:
             raise BadRequest("img2img needs init_images (one base64 image)")
-        refuse_unsupported(body, txt2img=False)  # resize_mode 3, a second init image, latent_mask, ...
+        refuse_unsupported(body, txt2img=False)  # resize_mode 3, a second init image, ...
         over = req.override_settings or {}
         if "img2img_background_color" in over:
             color = check_background(over["img2img_background_color"], "override_settings.")
@@ -2786,8 +2779,10 @@ def install(app: FastAPI, services: Any) -> None:
         ignored = _ignored(body)
         if not req.mask:  # the inpainting fields do nothing without a mask (in A1111 too)
             ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
-        elif req.inpainting_fill in LATENT_FILLS:  # done in the latent by the pipeline
-            ignored = [k for k in ignored if k != "inpainting_fill"]
+        else:  # a separate latent mask is read with a mask (inpaint_fields)
+            ignored = [k for k in ignored if k != "latent_mask"]
+            if req.inpainting_fill in LATENT_FILLS:  # done in the latent by the pipeline
+                ignored = [k for k in ignored if k != "inpainting_fill"]
         mode = req.resize_mode
         latent_resize = mode == LATENT_UPSCALE_MODE  # the init image's latent resized (no mask: refused above)
         if latent_resize:
@@ -2869,12 +2864,18 @@ def install(app: FastAPI, services: Any) -> None:
         soft = fields.get("soft_inpainting")
         # soft inpainting: A1111's mask_round off, an RGBA mask's alpha kept grey too; the pipeline answers with its
         # images as generated and their composite masks, which soft_overlay lays over the init image (before any fill)
+        rounded = body.get("mask_round") is not False and not soft
+        if not rounded and not soft:  # A1111's mask_round off: the latent mask and an inpainting model's left grey
+            fields["mask_round"] = False
         raw = ImageOps.exif_transpose(services.uploads.image(req.mask, "mask"))
-        mask = a1111_mask(raw, rounded=not soft)
+        mask = a1111_mask(raw, rounded=rounded)
         if req.inpainting_mask_invert:
             mask = ImageOps.invert(mask)
         init = ImageOps.exif_transpose(services.uploads.image(req.init_images[0], "init image"))
         fill = req.inpainting_fill in (0, *LATENT_FILLS)  # A1111 fills the image unless "original"
+        fill_mask = None  # the mask A1111 fills under: its latent mask (the blurred, fitted mask unless latent_mask)
+        if body.get("latent_mask") not in (None, ""):
+            fill_mask = separate_latent_mask(fields, body["latent_mask"], fill, size)
         if blur[0] == blur[1] and blur[0] > 0:  # A1111's "Mask blur" (not written when the two differ)
             fields.setdefault("infotext_extra", {})["Mask blur"] = f"{blur[0]:g}"
         if fields.get("controlnets"):
@@ -2890,11 +2891,13 @@ def install(app: FastAPI, services: Any) -> None:
             padding = body.get("inpaint_full_res_padding") or 0
             if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= 4096:
                 raise BadRequest(f"inpaint_full_res_padding must be an integer in [0, 4096], got {padding!r}")
-            plan = only_masked(init, mask, blur, padding, size, fill)
+            plan = only_masked(init, mask, blur, padding, size, fill, fill_mask)
             if plan is None:  # as A1111: nothing to repaint, so img2img of the whole image
                 notes.append('the mask is empty: "Only masked" inpainting became img2img of the whole image')
                 fields.pop("soft_inpainting", None)  # A1111's script blends nothing then either
                 fields.pop("masked_content", None)  # nor its latent masked content (no latent mask)
+                fields.pop("latent_mask", None)  # (A1111 reads its latent_mask only with a mask)
+                fields.pop("mask_round", None)
                 fields["mask"] = None
                 return None
             fields.update(init_image=plan.cut, mask=plan.mask)
@@ -2905,12 +2908,29 @@ def install(app: FastAPI, services: Any) -> None:
         # A1111 fits the blurred mask as the image (resize_image in the resize mode; Lanczos for "just resize")
         fitted_mask = resize_image(soft_mask, *size, mode) if soft_mask.size != size else soft_mask
         fields["mask"] = fitted_mask
-        if fill:  # A1111 fills the fitted init image under its blurred, fitted mask
+        if fill:  # A1111 fills the fitted init image under its blurred, fitted mask (or its latent_mask)
             fitted = resize_image(init.convert("RGB"), *size, mode)
-            fields["init_image"] = masked_fill(fitted, fitted_mask)
+            fields["init_image"] = masked_fill(fitted, fitted_mask if fill_mask is None else fill_mask)
         if soft:
             return soft_overlay(init, mode)
         return overlay_finish(init, mask, blur, mode)
+
+    def separate_latent_mask(
+        fields: dict[str, Any], sent: Any, fill: bool, size: tuple[int, int] | None
+    ) -> Image.Image:
+        """A1111's ``latent_mask`` (with a mask; decoded as the mask is): as A1111's ``init`` uses it, neither
+        inverted, blurred, fitted nor cut ("Only masked"): its latent mask is the image made RGB, its first channel
+        shrunk to the latent (the pipeline's ``latent_mask``, rounded unless ``mask_round`` is off), and the "fill"
+        of every masked content but "original" is made under it converted to grey (``L``), so there it must have
+        the output's size (A1111 fails otherwise). Returns the fill's mask."""
+        image = ImageOps.exif_transpose(services.uploads.image(sent, "latent_mask"))
+        if fill and size is not None and image.size != size:
+            raise BadRequest(
+                f"latent_mask is {image.width}x{image.height}: A1111 fills the image under it (inpainting_fill 0, 2, "
+                f"3), which needs the output's size {size[0]}x{size[1]}; send it at that size, or inpainting_fill 1"
+            )
+        fields["latent_mask"] = image.convert("RGB").getchannel("R")  # A1111's latmask: the RGB image's first channel
+        return image.convert("L")
 
     def unit_masks(units: list[Any], raw: Image.Image, req: Img2ImgRequest, blur: tuple[float, float]) -> list[Any]:
         """The img2img mask as sd-webui-controlnet hands it to an inpainting unit without an image of its own (its

@@ -105,16 +105,18 @@ class Services:
         return "plus" if qwen_edit_plus_before_load(ref) else "edit"
 
     def flux2_distilled(self, model: str | None) -> bool:
-        """Whether ``model`` (None: the current one) is a step-distilled FLUX.2 [klein] model: its loaded
-        pipeline's ``distilled``, else read from its files (False for other models and when not told)."""
-        from sdengine.server.page_api import flux2_distilled_before_load
+        """Whether ``model`` (None: the current one) is a FLUX.2 model that runs without CFG: a step-distilled
+        [klein] or [dev] (guidance-distilled): its loaded pipeline's ``distilled`` / ``dev``, else read from its
+        files (False for other models and when not told)."""
+        from sdengine.server.page_api import flux2_dev_before_load, flux2_distilled_before_load
 
         ref, loaded = self._model(model)
         if ref is None:
             return False
         if loaded is not None:
-            return bool(getattr(loaded, "distilled", False)) and getattr(loaded, "text_kind", "") == "flux2"
-        return flux2_distilled_before_load(ref) is True
+            no_cfg = bool(getattr(loaded, "distilled", False)) or bool(getattr(loaded, "dev", False))
+            return no_cfg and getattr(loaded, "text_kind", "") == "flux2"
+        return flux2_distilled_before_load(ref) is True or flux2_dev_before_load(ref)
 
     def family_defaults(self, model: str | None) -> dict[str, Any]:
         """The settings a job on ``model`` (None: the current one) takes where its request gives none, when they
@@ -946,6 +948,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         from sdengine.server.page_api import (
             family_before_load,
             family_of_pipe,
+            flux2_dev_before_load,
             flux_distilled_before_load,
             transformer_blocks_before_load,
         )
@@ -956,7 +959,10 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         if family is None:
             return
         name = generation.model_name
-        if kw.get("distilled_cfg_scale") is not None:
+        flux2_dev = family == "flux2" and (
+            bool(getattr(loaded, "dev", False)) if loaded is not None else flux2_dev_before_load(generation.model)
+        )
+        if kw.get("distilled_cfg_scale") is not None and not flux2_dev:  # FLUX.2 [dev] takes it too
             if family != "flux":
                 raise BadRequest(f"distilled_cfg_scale applies to FLUX.1 [dev] models only; {name} is not a Flux model")
             dev = loaded.guidance_distilled if loaded is not None else flux_distilled_before_load(generation.model)
@@ -1021,8 +1027,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 from sdengine.pipeline.flux2 import distilled_cfg_refusal, flux2_refusals
                 from sdengine.server.page_api import flux2_distilled_before_load
 
-                reasons = flux2_refusals(r)
-                if flux2_distilled_before_load(generation.model):
+                reasons = flux2_refusals(r, dev=flux2_dev)
+                if not flux2_dev and flux2_distilled_before_load(generation.model):
                     reasons += [why for why in [distilled_cfg_refusal(r.cfg_scale, name)] if why]
                 if reasons:
                     raise BadRequest(f"{reasons[0]}; {name} is a FLUX.2 model")
@@ -1090,6 +1096,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 mode=c.mode,
                 mask=c.mask,
                 union_mode=c.union_mode,
+                inpaint_image=c.inpaint_image,
             )
             for c in req.controlnets
         ]

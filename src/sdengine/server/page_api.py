@@ -181,9 +181,11 @@ def family_defaults_before_load(ref: str) -> dict[str, Any]:
         from sdengine.pipeline.z_image import TURBO_CFG, TURBO_STEPS
 
         return {"steps": TURBO_STEPS, "cfg_scale": TURBO_CFG, "sampler": "euler", "schedule": "normal"}
-    if family == "flux2":  # FLUX.2 [klein]: step-distilled (4 steps, no CFG) or base (50 steps, CFG 4)
-        from sdengine.pipeline.flux2 import BASE_CFG, BASE_STEPS, DISTILLED_STEPS
+    if family == "flux2":  # FLUX.2 [klein]: step-distilled (4 steps, no CFG) or base (50 steps, CFG 4); [dev]
+        from sdengine.pipeline.flux2 import BASE_CFG, BASE_STEPS, DEV_STEPS, DISTILLED_STEPS
 
+        if flux2_dev_before_load(ref):  # no CFG; its distilled guidance (4) is the pipeline's default
+            return {"steps": DEV_STEPS, "cfg_scale": 1.0, "sampler": "euler", "schedule": "normal"}
         distilled = flux2_distilled_before_load(ref)
         if distilled is None:  # a file whose name does not say (its load says so in one line)
             return {}
@@ -243,6 +245,13 @@ def flux2_distilled_before_load(ref: str) -> bool | None:
     from sdengine.pipeline.flux2_loading import distilled_before_load
 
     return distilled_before_load(Path(ref.split("\x00")[0]))
+
+
+def flux2_dev_before_load(ref: str) -> bool:
+    """Whether a folder's ``model_index.json`` names FLUX.2 [dev] (``Flux2Pipeline``)."""
+    from sdengine.pipeline.flux2_loading import DEV, pipeline_class
+
+    return pipeline_class(Path(ref.split("\x00")[0])) == DEV
 
 
 def flux_kind_before_load(ref: str) -> str | None:

@@ -62,6 +62,7 @@ class ControlRequest:
     hires_mode: str | None = None  # the hires fix's second pass (A1111's canny units: the extension's soft weights)
     mask: ImageRef | None = None  # an SD3 inpainting ControlNet's mask (white = repaint)
     union_mode: int | str | None = None  # a Flux Union ControlNet's control kind (name or number)
+    inpaint_image: ImageRef | None = None  # a Z-Image inpainting ControlNet's picture to inpaint (with mask)
 
 
 @dataclass
@@ -322,6 +323,8 @@ def build_generation(
     masked_content: str = "original",
     differential_diffusion: float = 0.0,
     soft_inpainting: bool | dict[str, Any] | None = None,
+    mask_round: bool = True,
+    latent_mask: ImageRef | None = None,
     sdxl: dict[str, Any] | None = None,
     vae: str | None = None,
     sag_scale: float = 0.0,
@@ -478,9 +481,10 @@ def build_generation(
                 raise BadRequest(
                     f"ControlNet unit {k}: a mask is an SD3 inpainting ControlNet's; {unit.model} takes none"
                 )
-            if unit.union_mode is not None:
+            if unit.union_mode is not None or getattr(unit, "inpaint_image", None) is not None:
                 raise BadRequest(
-                    f"ControlNet unit {k}: union_mode is a Flux Union ControlNet's; {unit.model} takes none"
+                    f"ControlNet unit {k}: union_mode / inpaint_image are Flux / Z-Image ControlNets'; "
+                    f"{unit.model} takes none"
                 )
             picture = image(unit.image, f"ControlNet unit {k} image")
             assert picture is not None
@@ -519,6 +523,10 @@ def build_generation(
             raise BadRequest(f"ControlNet unit {k}: start ({start:g}) must be less than end ({end:g})")
         weight = _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0)
         unit_mask = image(unit.mask, f"ControlNet unit {k} mask")
+        picture_ref = getattr(unit, "inpaint_image", None)  # Z-Image's inpainting ControlNets (with the mask)
+        inpaint_image = image(picture_ref, f"ControlNet unit {k} inpaint_image") if picture_ref is not None else None
+        if inpaint_image is not None and unit_mask is None:
+            raise BadRequest(f"ControlNet unit {k}: inpaint_image (Z-Image's inpainting ControlNets) needs its mask")
         units.append(
             ControlUnit(
                 str(path),
@@ -534,6 +542,9 @@ def build_generation(
                 hires_mode=unit.hires_mode,
                 mask=unit_mask,
                 union_mode=unit.union_mode,
+                inpaint_image=(
+                    ImageOps.exif_transpose(inpaint_image).convert("RGB") if inpaint_image is not None else None
+                ),
             )
         )
 
@@ -612,6 +623,10 @@ def build_generation(
         kwargs["differential_diffusion"] = _finite(differential_diffusion, "differential_diffusion", 0.0, 1.0)
     if soft_inpainting not in (None, False):  # A1111's soft inpainting (checked by GenerationRequest.validate)
         kwargs["soft_inpainting"] = dict(soft_inpainting) if isinstance(soft_inpainting, dict) else soft_inpainting
+    if mask_round is not True:  # A1111's mask_round off (left out when on; checked by GenerationRequest.validate)
+        kwargs["mask_round"] = mask_round
+    if latent_mask is not None:  # A1111's separate latent mask (checked by GenerationRequest.validate)
+        kwargs["latent_mask"] = image(latent_mask, "latent_mask")
     if noise_seed_delta != 0:  # A1111's ENSD (left out at 0, so such jobs batch as before)
         kwargs["noise_seed_delta"] = noise_seed_delta  # checked by GenerationRequest.validate below
     if noise_source != "cpu":  # A1111's randn_source NV / GPU (left out at the default, so such jobs batch as before)

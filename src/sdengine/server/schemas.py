@@ -42,6 +42,12 @@ class ControlNetSpec(BaseModel):
         description="an SD3 inpainting ControlNet's mask (white = repaint; image is the picture to inpaint): an "
         "upload id or a base64 image; other units take none",
     )
+    inpaint_image: str | None = Field(
+        None,
+        min_length=1,
+        description="a Z-Image inpainting ControlNet's picture to inpaint (Union 2.x, with mask; image stays the "
+        "control map): an upload id or a base64 image; other units take none",
+    )
     union_mode: str | int | None = Field(
         None,
         description="a Flux Union ControlNet's control kind: canny, tile, depth, blur, pose, gray, lq or its number "

@@ -55,8 +55,18 @@ from .encoder_files import (
 from .io import WeightsError
 
 PIPELINE_COMPONENT = "text_encoder"  # Qwen-Image's text encoder folder in a diffusers pipeline folder
-PREFIXES = ("model.language_model.", "model.", "")  # tried in this order; see the module docstring
-SKIPPED_PREFIXES = ("visual.", "model.visual.", "lm_head.")
+# tried in this order; see the module docstring
+PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
+SKIPPED_PREFIXES = (
+    "visual.",
+    "model.visual.",
+    "lm_head.",
+    "vision_tower.",  # Mistral3ForConditionalGeneration's (FLUX.2 [dev]'s) vision tower and projector
+    "model.vision_tower.",
+    "multi_modal_projector.",
+    "model.multi_modal_projector.",
+    "language_model.lm_head.",
+)
 HEAD_DIM = 128  # every Qwen2.5-VL release's head width; a single file without config.json assumes it
 DEFAULT_EPS = 1e-6
 DEFAULT_THETA = 1_000_000.0
@@ -161,13 +171,16 @@ def qwen_text_folder(p: Path) -> Path:
     raise QwenTextFileError(f"{p}: not a Qwen text encoder folder (no config.json; give the weights file itself)")
 
 
-FAMILIES = {"qwen2.5-vl": "Qwen2.5-VL", "qwen3": "Qwen3"}
-FAMILY_USERS = {"qwen2.5-vl": "Qwen-Image's", "qwen3": "Z-Image's or FLUX.2 [klein]'s"}
+FAMILIES = {"qwen2.5-vl": "Qwen2.5-VL", "qwen3": "Qwen3", "mistral": "Mistral Small 3"}
+FAMILY_USERS = {"qwen2.5-vl": "Qwen-Image's", "qwen3": "Z-Image's or FLUX.2 [klein]'s", "mistral": "FLUX.2 [dev]'s"}
 
 
 def family_of(config: QwenTextConfig) -> str:
-    """``"qwen3"`` (per-head q/k norms) or ``"qwen2.5-vl"``: the keys of :data:`FAMILIES`."""
-    return "qwen3" if config.qk_norm else "qwen2.5-vl"
+    """``"qwen3"`` (per-head q/k norms), ``"qwen2.5-vl"`` (biased q/k/v) or ``"mistral"`` (neither): the keys of
+    :data:`FAMILIES`."""
+    if config.qk_norm:
+        return "qwen3"
+    return "qwen2.5-vl" if config.attention_bias else "mistral"
 
 
 def load_qwen_text_encoder(
