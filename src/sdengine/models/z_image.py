@@ -536,6 +536,7 @@ class ZImageTransformer(nn.Module):
         cap_mask: Tensor | None = None,
         *,
         control: Callable[[ZImageState, Tensor], Mapping[int, Tensor] | None] | None = None,
+        refiner_control: Callable[[ZImageState], Mapping[int, Tensor] | None] | None = None,
     ) -> Tensor:
         """The network's output (B, C, H, W) for the latent (B, C, H, W) at ``timestep`` (B,) (0..1, 1 = clean:
         diffusers' ``(1000 - 1000 s) / 1000``), given the caption states (B, L, cap_feat_dim) and their mask
@@ -543,9 +544,12 @@ class ZImageTransformer(nn.Module):
 
         ``control``: ControlNets (:mod:`sdengine.models.z_image_controlnet`): called with the embedded inputs and
         the refined image tokens, it returns residuals (B, N_joint, dim) by main layer index (diffusers'
-        ``controlnet_block_samples``), each added to the joint sequence after that layer; None: none."""
+        ``controlnet_block_samples``), each added to the joint sequence after that layer; None: none.
+        ``refiner_control``: called with the embedded inputs first, it returns residuals (B, N_pad, dim) by noise
+        refiner block, each added to the image tokens after that block (ComfyUI's ``noise_refiner`` patches: the
+        transformer's own refinement changed, not a ControlNet's view of it); None: none."""
         state = self.embed(hidden_states, timestep, cap_feats, cap_mask)
-        x = self.refine_image(state)
+        x = self.refine_image(state, refiner_control(state) if refiner_control is not None else None)
         samples = control(state, x) if control is not None else None
         joint = torch.cat([x, state.cap], dim=1)
         for i, layer in enumerate(self.layers):

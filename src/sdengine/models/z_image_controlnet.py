@@ -26,6 +26,12 @@ The ControlNet borrows the transformer's embedders, refiners, pad tokens and pos
 
 :meth:`ZImageControlNet.forward` takes the transformer's embedded inputs (:class:`sdengine.models.z_image.ZImageState`)
 and the refined image tokens, so the caption is refined once per call for the transformer and its ControlNets.
+
+ComfyUI applies the same files otherwise (its ``ZImageFunControlnet``; :meth:`ZImageControlNet.comfy_start` /
+:meth:`ZImageControlNet.comfy_main`, used by :mod:`sdengine.server.comfy.nodes_z_image_control`): the control tokens
+are the image's real positions alone (no pad tokens, no caption), the residuals go to the image tokens after main
+layers ``j * round(30 / blocks)``, and 2.x's refiner residuals go into the transformer's own noise refiner
+(``forward``'s ``refiner_control``).
 """
 
 from __future__ import annotations
@@ -295,5 +301,89 @@ class ZImageControlNet(nn.Module):
         _, hints = _run_stack(list(self.control_layers), c, joint, state.joint_rope, state.mask, vec)
         return {p: hints[j] * conditioning_scale for j, p in enumerate(cfg.control_layers_places)}
 
+    # ---------------------------------------------------------------------------------------------------
+    # ComfyUI's way (its ZImageFunControlnet / ModelPatchLoader: comfy_extras/nodes_model_patch.py's
+    # ZImageControlPatch, comfy/ldm/lumina/controlnet.py's ZImage_Control)
+    # ---------------------------------------------------------------------------------------------------
 
-__all__ = ["LATENT_CHANNELS", "ControlBlock", "ZImageControlNet", "ZImageControlNetConfig"]
+    def comfy_start(self, state: ZImageState, control_latent: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """ComfyUI's first stage: (the control tokens (B, n, dim) the main stage starts from, the residuals
+        (B, n, dim) by noise refiner block, not yet times the strength). The control tokens are the real image
+        positions only (no pad tokens) and never see the caption. 1.0: ``control_noise_refiner``'s plain blocks over
+        them, no residuals; 2.1 (``control_noise_refiner`` control blocks): block ``i`` with the embedded image tokens
+        (before the refiner) as ``x`` gives refiner block ``i``'s residual; 2.0 (``control_layers``, ComfyUI's
+        "broken" file: an all-zero ``control_noise_refiner``): control block 0 gives refiner block 0's, and each later
+        refiner block runs control blocks 1.. all, the first's output its residual."""
+        n, B = state.n, state.x.shape[0]
+        dtype = self.dtype
+        c = self.embedder(patchify(control_latent.to(device=state.x.device, dtype=dtype)))
+        if c.shape[0] != B:
+            c = c.expand(B, -1, -1)
+        vec = state.vec.to(dtype)
+        rope = (state.img_rope[0][:, :n], state.img_rope[1][:, :n])
+        x_in = state.x[:, :n].to(dtype)
+        kind = self.config.add_control_noise_refiner
+        hints: dict[int, Tensor] = {}
+        if kind is None:
+            assert self.control_noise_refiner is not None
+            for block in self.control_noise_refiner:
+                c = block(c, rope, None, vec)
+        elif kind == "control_noise_refiner":
+            assert self.control_noise_refiner is not None
+            for i, block in enumerate(self.control_noise_refiner):
+                assert isinstance(block, ControlBlock)
+                c, hints[i] = block.step(c, x_in, rope, None, vec)
+        else:
+            blocks = list(self.control_layers)
+            for i in range(self.config.n_refiner_layers):
+                if i == 0:
+                    first = blocks[0]
+                    assert isinstance(first, ControlBlock)
+                    c, hints[0] = first.step(c, x_in, rope, None, vec)
+                    continue
+                out: Tensor | None = None
+                for block in blocks[1:]:
+                    assert isinstance(block, ControlBlock)
+                    c, hint = block.step(c, x_in, rope, None, vec)
+                    out = hint if out is None else out
+                if out is not None:
+                    hints[i] = out
+        return c, hints
+
+    def comfy_main(self, state: ZImageState, c: Tensor, x: Tensor, n_layers: int) -> dict[int, Tensor]:
+        """ComfyUI's main stage: the residuals (B, n, dim) by main layer (not yet times the strength), for the
+        real image tokens: control block ``j`` over the control tokens alone, the first with the transformer's
+        refined image tokens ``x`` (B, N_pad, dim) as its ``x``, goes after main layer ``j * round(30 / blocks)``
+        (:func:`comfy_places`); places past the transformer's ``n_layers`` are never run."""
+        n, dtype = state.n, self.dtype
+        vec = state.vec.to(dtype)
+        rope = (state.img_rope[0][:, :n], state.img_rope[1][:, :n])
+        x_main = x[:, :n].to(dtype)
+        out: dict[int, Tensor] = {}
+        places = comfy_places(len(self.control_layers))
+        for place, block in zip(places, self.control_layers, strict=True):
+            if place >= n_layers:
+                break
+            assert isinstance(block, ControlBlock)
+            c, out[place] = block.step(c, x_main, rope, None, vec)
+        return out
+
+
+COMFY_LAYERS = 30  # ComfyUI's ZImageControlPatch spreads the control blocks over 30 main layers (Z-Image's depth)
+
+
+def comfy_places(blocks: int) -> list[int]:
+    """The main layer after which ComfyUI adds each of ``blocks`` control blocks' residuals: ``j * round(30 /
+    blocks)`` (6 blocks: 0, 5, .., 25; 15: 0, 2, .., 28; 3: 0, 10, 20)."""
+    step = round(COMFY_LAYERS / blocks)
+    return [j * step for j in range(blocks)]
+
+
+__all__ = [
+    "COMFY_LAYERS",
+    "LATENT_CHANNELS",
+    "ControlBlock",
+    "ZImageControlNet",
+    "ZImageControlNetConfig",
+    "comfy_places",
+]

@@ -234,9 +234,20 @@ def qwen_refusals(r: GenerationRequest) -> list[str]:
 # The pipeline
 
 
-class QwenImagePipeline(FluxPipeline):
-    """Qwen-Image. Build it with :func:`sdengine.pipeline.load_pipeline` on a diffusers ``QwenImagePipeline``
-    folder (:mod:`sdengine.pipeline.qwen_image_loading`)."""
+class QwenTextFlowPipeline(FluxPipeline):
+    """What the flow pipelines conditioned on a Qwen text encoder with true CFG share (Qwen-Image, Z-Image): the
+    conditioner over ``text_encode`` (:class:`QwenConditioner` or a subclass), the VAE's latent width checked against
+    the transformer's, the family's one-line refusals, no CFG++ sampler, the negative prompt encoded only when CFG
+    runs, a per-call flow schedule, and CFG on the velocity by :meth:`cfg_model` under the core's pass-through CFG.
+    A subclass names its family, conditioner and config fields, and gives :meth:`family_refusals` and
+    :meth:`cfg_model`."""
+
+    family_label = "Qwen-Image"
+    conditioner_class: type[QwenConditioner] = QwenConditioner
+    text_width_field = "joint_attention_dim"  # the transformer config's field of the text states' width
+    latent_field = "latent_channels"  # ... and of its latent channels
+    vae_hint = ""  # what the VAE refusal adds
+    cfg_pp_why = ""  # why no CFG++ sampler, if more than "not supported"
 
     def __init__(
         self,
@@ -249,9 +260,9 @@ class QwenImagePipeline(FluxPipeline):
     ) -> None:
         self.transformer: Any = transformer.eval().requires_grad_(False)
         cfg: Any = self.transformer.config
-        conditioner = QwenConditioner(
+        conditioner = self.conditioner_class(
             text_encode,
-            joint_attention_dim=int(cfg.joint_attention_dim),
+            joint_attention_dim=int(getattr(cfg, self.text_width_field)),
             max_sequence_length=max_sequence_length,
             dtype=kwargs["dtype"],
             device=kwargs["device"],
@@ -270,59 +281,36 @@ class QwenImagePipeline(FluxPipeline):
             pad_token_id=0,
             **kwargs,
         )
-        vae_channels = int(self.vae.config.latent_channels)
-        if vae_channels != int(cfg.latent_channels):
+        vae_channels, takes = int(self.vae.config.latent_channels), int(getattr(cfg, self.latent_field))
+        if vae_channels != takes:
             raise GenerationError(
-                f"{self.name}: the VAE's latents have {vae_channels} channels but the Qwen-Image transformer takes "
-                f"{cfg.latent_channels}: not this model's VAE"
+                f"{self.name}: the VAE's latents have {vae_channels} channels but the {self.family_label} transformer "
+                f"takes {takes}: not this model's VAE{self.vae_hint}"
             )
 
-    def network_adapter(self, net: Any) -> QwenAdapter:  # type: ignore[override]
-        return QwenAdapter(net, self.dtype)
+    def family_refusals(self, r: GenerationRequest) -> list[str]:
+        raise NotImplementedError
 
-    def controlled_network(self, net: Any, units: list[Any], **kw: Any) -> Any:
-        """Qwen-Image ControlNets on the transformer (:func:`sdengine.pipeline.dit_control.build_controlled_dit`)."""
-        from sdengine.pipeline.dit_control import build_controlled_dit, qwen_vae_encoder
-
-        return build_controlled_dit(net, units, family="qwen_image", **qwen_vae_encoder(self.vae), **kw)
+    def cfg_model(self, net: Any, cfg_scale: float, uncond: Conditioning) -> Any:
+        """The network with the family's CFG on its velocity."""
+        raise NotImplementedError
 
     def guided_denoiser(self, cfg_scale: float, uncond: Conditioning, rescale: float, **kw: Any) -> Any:
-        """Qwen-Image's true CFG on the velocity (:class:`QwenTrueCFG`), the flow's x0 after it; the core's CFG
-        wrapper on top runs at scale 1 (it only passes the calls on)."""
+        """The family's CFG on the velocity (:meth:`cfg_model`), the flow's x0 after it; the core's CFG wrapper on
+        top runs at scale 1 (it only passes the calls on)."""
+        label = self.family_label
         if kw.get("texts") is not None:
-            raise GenerationError(f"prompt editing ([a:b:when], [a|b]) is not supported for Qwen-Image; {self.name}")
+            raise GenerationError(f"prompt editing ([a:b:when], [a|b]) is not supported for {label}; {self.name}")
         unsupported = sorted(k for k, v in kw.items() if k not in ("net", "texts") and v)
         if unsupported or rescale:
             raise GenerationError(
-                f"{', '.join(unsupported) or 'guidance_rescale'} is not supported for Qwen-Image; {self.name}"
+                f"{', '.join(unsupported) or 'guidance_rescale'} is not supported for {label}; {self.name}"
             )
-        net = kw.get("net") or self.unet
-        model = QwenTrueCFG(self.network_adapter(net), cfg_scale, uncond)
+        model = self.cfg_model(self.network_adapter(kw.get("net") or self.unet), cfg_scale, uncond)
         return CFGDenoiser(self.x0_denoiser(model), 1.0, {})
 
-    def set_tiny_vae(self, tiny: Any) -> None:
-        """No tiny VAE decodes Qwen-Image's latents (TAESD's are for SD, SDXL, SD3 and Flux.1, whose 16-channel ones
-        have the same shapes but not the same latent space): one given is refused."""
-        if tiny is not None:
-            raise GenerationError(
-                f"a tiny VAE for previews or vae_decode='tiny' is not supported for Qwen-Image ({self.name}): no TAESD "
-                "decodes its latents"
-            )
-        super().set_tiny_vae(None)
-
-    def set_vae(self, vae: Any, *, checkpoint_vae: bool = False) -> None:
-        """Another VAE is given at load (``load_pipeline(..., vae=)``, ``--vae``); an SD VAE here is refused."""
-        if vae is not None:
-            raise GenerationError(
-                f"{self.name}: give another Qwen-Image VAE when loading the model (vae= / --vae), not per call"
-            )
-
     def graphed(self, name: str) -> Any:
-        return None  # no step graphs or compiled packages for Qwen-Image's transformer yet
-
-    @property
-    def latent_rgb_map(self) -> Any:
-        return None
+        return None  # no step graphs or compiled packages for these transformers yet
 
     @property
     def kind(self) -> str:
@@ -332,33 +320,24 @@ class QwenImagePipeline(FluxPipeline):
     def guidance_distilled(self) -> bool:
         return False
 
-    @property
-    def variant(self) -> str:
-        return "qwen_image"
-
-    @property
-    def family_defaults(self) -> dict[str, Any]:
-        """diffusers' QwenImagePipeline defaults: 50 steps, true CFG 4 (with the negative prompt), Euler."""
-        return {"steps": QWEN_STEPS, "cfg_scale": QWEN_CFG, "sampler": "euler", "schedule": "normal"}
-
     def distilled_guidance(self, r: GenerationRequest) -> float | None:
         if getattr(r, "distilled_cfg_scale", None) is not None:
             raise GenerationError(
-                f"distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s; {self.name} is a Qwen-Image model: use cfg_scale"
+                f"distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s; {self.name} is a {self.family_label} model: "
+                "use cfg_scale"
             )
         return None
 
     def check_request(self, r: GenerationRequest) -> None:
-        reasons = qwen_refusals(r)
+        reasons = self.family_refusals(r)
         if reasons:
-            raise GenerationError(f"{reasons[0]}; {self.name} is a Qwen-Image model")
+            raise GenerationError(f"{reasons[0]}; {self.name} is a {self.family_label} model")
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         p = super().prepare(request)
         if p.sampler in sampling.CFG_PP_SAMPLERS:
-            raise GenerationError(
-                f"sampler {p.sampler}: CFG++ samplers are not supported for Qwen-Image (its CFG is norm-preserving)"
-            )
+            why = f" ({self.cfg_pp_why})" if self.cfg_pp_why else ""
+            raise GenerationError(f"sampler {p.sampler}: CFG++ samplers are not supported for {self.family_label}{why}")
         return p
 
     def conditioning_pair(
@@ -381,6 +360,58 @@ class QwenImagePipeline(FluxPipeline):
         finally:
             self._call_schedule = None
 
+
+class QwenImagePipeline(QwenTextFlowPipeline):
+    """Qwen-Image. Build it with :func:`sdengine.pipeline.load_pipeline` on a diffusers ``QwenImagePipeline``
+    folder (:mod:`sdengine.pipeline.qwen_image_loading`)."""
+
+    cfg_pp_why = "its CFG is norm-preserving"
+
+    def family_refusals(self, r: GenerationRequest) -> list[str]:
+        return qwen_refusals(r)
+
+    def cfg_model(self, net: Any, cfg_scale: float, uncond: Conditioning) -> Any:
+        return QwenTrueCFG(net, cfg_scale, uncond)
+
+    def network_adapter(self, net: Any) -> QwenAdapter:  # type: ignore[override]
+        return QwenAdapter(net, self.dtype)
+
+    def controlled_network(self, net: Any, units: list[Any], **kw: Any) -> Any:
+        """Qwen-Image ControlNets on the transformer (:func:`sdengine.pipeline.dit_control.build_controlled_dit`)."""
+        from sdengine.pipeline.dit_control import build_controlled_dit, qwen_vae_encoder
+
+        return build_controlled_dit(net, units, family="qwen_image", **qwen_vae_encoder(self.vae), **kw)
+
+    def set_tiny_vae(self, tiny: Any) -> None:
+        """No tiny VAE decodes Qwen-Image's latents (TAESD's are for SD, SDXL, SD3 and Flux.1, whose 16-channel ones
+        have the same shapes but not the same latent space): one given is refused."""
+        if tiny is not None:
+            raise GenerationError(
+                f"a tiny VAE for previews or vae_decode='tiny' is not supported for Qwen-Image ({self.name}): no TAESD "
+                "decodes its latents"
+            )
+        super().set_tiny_vae(None)
+
+    def set_vae(self, vae: Any, *, checkpoint_vae: bool = False) -> None:
+        """Another VAE is given at load (``load_pipeline(..., vae=)``, ``--vae``); an SD VAE here is refused."""
+        if vae is not None:
+            raise GenerationError(
+                f"{self.name}: give another Qwen-Image VAE when loading the model (vae= / --vae), not per call"
+            )
+
+    @property
+    def latent_rgb_map(self) -> Any:
+        return None
+
+    @property
+    def variant(self) -> str:
+        return "qwen_image"
+
+    @property
+    def family_defaults(self) -> dict[str, Any]:
+        """diffusers' QwenImagePipeline defaults: 50 steps, true CFG 4 (with the negative prompt), Euler."""
+        return {"steps": QWEN_STEPS, "cfg_scale": QWEN_CFG, "sampler": "euler", "schedule": "normal"}
+
     def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
         return {}
 
@@ -402,6 +433,7 @@ __all__ = [
     "QwenAdapter",
     "QwenConditioner",
     "QwenImagePipeline",
+    "QwenTextFlowPipeline",
     "QwenTrueCFG",
     "norm_preserving_cfg",
     "qwen_refusals",

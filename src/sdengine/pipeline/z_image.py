@@ -50,13 +50,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdengine.diffusion import sampling
 from sdengine.diffusion.flow import FlowSchedule, flux_image_seq_len
-from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.errors import GenerationError
-from sdengine.pipeline.core import Pipeline, Prepared
-from sdengine.pipeline.flux import FluxPipeline, refusals
-from sdengine.pipeline.qwen_image import MASK_KEY, QwenConditioner
+from sdengine.pipeline.flux import refusals
+from sdengine.pipeline.qwen_image import MASK_KEY, QwenConditioner, QwenTextFlowPipeline
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.text.conditioners import Conditioning
 
@@ -206,49 +203,19 @@ def cfg_options(normalization: Any, truncation: Any) -> tuple[float, float]:
 # The pipeline
 
 
-class ZImagePipeline(FluxPipeline):
+class ZImagePipeline(QwenTextFlowPipeline):
     """Z-Image / Z-Image-Turbo. Build it with :func:`sdengine.pipeline.load_pipeline` on a diffusers
     ``ZImagePipeline`` folder (:mod:`sdengine.pipeline.z_image_loading`)."""
 
-    def __init__(
-        self,
-        *,
-        transformer: torch.nn.Module,
-        text_encode: TextEncode,
-        text_encoder: Any = None,
-        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
-        **kwargs: Any,
-    ) -> None:
-        self.transformer: Any = transformer.eval().requires_grad_(False)
-        cfg: Any = self.transformer.config
-        conditioner = ZImageConditioner(
-            text_encode,
-            joint_attention_dim=int(cfg.cap_feat_dim),
-            max_sequence_length=max_sequence_length,
-            dtype=kwargs["dtype"],
-            device=kwargs["device"],
-            name=kwargs.get("name", "model"),
-            module=text_encoder if isinstance(text_encoder, torch.nn.Module) else None,
-        )
-        self._call_schedule = None
+    family_label = "Z-Image"
+    conditioner_class = ZImageConditioner
+    text_width_field = "cap_feat_dim"
+    latent_field = "in_channels"
+    vae_hint = " (Z-Image's is FLUX.1's ae.safetensors)"
+
+    def __init__(self, **kwargs: Any) -> None:
         self._call_cfg = (0.0, 1.0)  # a call's (cfg_normalization, cfg_truncation)
-        self.text_encoder_2 = text_encoder
-        Pipeline.__init__(
-            self,
-            unet=transformer,
-            text_encoder=text_encoder,
-            tokenizer=None,
-            conditioner=conditioner,  # type: ignore[arg-type]
-            prediction_type="flow",
-            pad_token_id=0,
-            **kwargs,
-        )
-        vae_channels = int(self.vae.config.latent_channels)
-        if vae_channels != int(cfg.in_channels):
-            raise GenerationError(
-                f"{self.name}: the VAE's latents have {vae_channels} channels but the Z-Image transformer takes "
-                f"{cfg.in_channels}: not this model's VAE (Z-Image's is FLUX.1's ae.safetensors)"
-            )
+        super().__init__(**kwargs)
 
     # -- the model family's hooks ---------------------------------------------------------------------------
 
@@ -272,31 +239,12 @@ class ZImagePipeline(FluxPipeline):
 
         return build_controlled_dit(net, units, family="z_image", **vae_encoder(self.vae), **kw)
 
-    def guided_denoiser(self, cfg_scale: float, uncond: Conditioning, rescale: float, **kw: Any) -> Any:
-        """Z-Image's CFG on the velocity (:class:`ZImageCFG`), the flow's x0 after it; the core's CFG wrapper on top
-        runs at scale 1 (it only passes the calls on)."""
-        if kw.get("texts") is not None:
-            raise GenerationError(f"prompt editing ([a:b:when], [a|b]) is not supported for Z-Image; {self.name}")
-        unsupported = sorted(k for k, v in kw.items() if k not in ("net", "texts") and v)
-        if unsupported or rescale:
-            raise GenerationError(
-                f"{', '.join(unsupported) or 'guidance_rescale'} is not supported for Z-Image; {self.name}"
-            )
-        net = kw.get("net") or self.unet
+    def family_refusals(self, r: GenerationRequest) -> list[str]:
+        return z_image_refusals(r)
+
+    def cfg_model(self, net: Any, cfg_scale: float, uncond: Conditioning) -> Any:
         normalization, truncation = self._call_cfg
-        model = ZImageCFG(self.network_adapter(net), cfg_scale, uncond, normalization, truncation)
-        return CFGDenoiser(self.x0_denoiser(model), 1.0, {})
-
-    def graphed(self, name: str) -> Any:
-        return None  # no step graphs or compiled packages for Z-Image's transformer yet
-
-    @property
-    def kind(self) -> str:
-        return "plain"
-
-    @property
-    def guidance_distilled(self) -> bool:
-        return False
+        return ZImageCFG(net, cfg_scale, uncond, normalization, truncation)
 
     @property
     def variant(self) -> str:
@@ -316,44 +264,6 @@ class ZImagePipeline(FluxPipeline):
         return 2 * rows * (n * int(cfg.dim) * bytes_per * 12 + scores)  # the conditional and unconditional rows
 
     # -- a call ---------------------------------------------------------------------------------------------
-
-    def distilled_guidance(self, r: GenerationRequest) -> float | None:
-        if getattr(r, "distilled_cfg_scale", None) is not None:
-            raise GenerationError(
-                f"distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s; {self.name} is a Z-Image model: use cfg_scale"
-            )
-        return None
-
-    def check_request(self, r: GenerationRequest) -> None:
-        reasons = z_image_refusals(r)
-        if reasons:
-            raise GenerationError(f"{reasons[0]}; {self.name} is a Z-Image model")
-
-    def prepare(self, request: GenerationRequest) -> Prepared:
-        p = super().prepare(request)
-        if p.sampler in sampling.CFG_PP_SAMPLERS:
-            raise GenerationError(f"sampler {p.sampler}: CFG++ samplers are not supported for Z-Image")
-        return p
-
-    def conditioning_pair(
-        self, prompt: str, negative: str, p: Prepared, note: Any
-    ) -> tuple[Conditioning, Conditioning]:
-        """(cond, uncond); at ``cfg_scale`` 1 the negative is not encoded (one pass per step)."""
-        conditioner: ZImageConditioner = self.conditioner  # type: ignore[assignment]
-        if float(p.request.cfg_scale) == 1.0:
-            cond = conditioner.text(prompt, note=note)
-            return cond, cond
-        return conditioner.pair(prompt, negative, note=note)
-
-    def start_latent_options(self, p: Prepared) -> dict[str, Any]:
-        return {}
-
-    def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
-        self._call_schedule = self.flow_schedule(p.width, p.height)
-        try:
-            return Pipeline.sample_latents(self, p, init_latent)
-        finally:
-            self._call_schedule = None
 
     def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
         normalization, truncation = self._call_cfg

@@ -236,6 +236,9 @@ class ModelHandle:
     differential: float | None = None
     # CFGNorm's strength (a flow model's post-CFG rescale, sdengine.latent_sampling._CFGNormed), None = off
     cfg_norm: float | None = None
+    # ZImageFunControlnet's patches: sdengine.server.comfy.nodes_z_image_control.ZImageControl values, one per node in
+    # the order applied (their residuals add up, as ComfyUI's patch lists)
+    z_image_controls: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -2167,6 +2170,8 @@ repeat_to_batch = _to_batch
 resize_nchw = _resize_nchw
 composite_latents = _composite_latents
 with_samples = _composited
+center_box = _center_box
+controlnet_names = _controlnets
 
 
 def latent_composite_masked(

@@ -1201,6 +1201,12 @@ def sample_flow(
         from sdengine.server.comfy import nodes_z_image
 
         nodes_z_image.check_latent(z, flow.name)
+    if model.z_image_controls:  # ZImageFunControlnet's patches, their control latents at this latent's size
+        if family != "z_image":
+            raise NodeError("ZImageFunControlnet's patch is on a model that is not Z-Image")
+        from sdengine.server.comfy.nodes_z_image_control import controlled_flow
+
+        flow = controlled_flow(ctx, model, flow, int(z.shape[-2]), int(z.shape[-1]))
     for k, ref in enumerate(references):  # one reference for every row, or one per row
         if ref.shape[0] not in (1, z.shape[0]):
             raise NodeError(
@@ -1551,6 +1557,13 @@ def _controlled_flow(
         return replace(flow, network=ComfyQwenControlAdapter(qwen, dtype), skipping=None), positive, negative
     controlled = _sigma_windowed(ControlledDiT(net, units, family), windows, run_sigmas)
     return replace(flow, network=make(controlled), skipping=None), positive, negative
+
+
+# The helpers other node families (nodes_z_image_control.py) share, by public name.
+cached_part = _cached
+device_dtype = _device_dtype
+hint_vae = _hint_vae
+transformer_of = _transformer
 
 
 def _qwen_hint_latent(mean: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,10 @@ ComfyUI's (its ``comfy/text_encoders/z_image.py``, ``comfy/sd.py``, ``comfy/supp
 
 What is not built is refused in one line: CheckpointLoaderSimple on a Z-Image folder (its parts are not files
 UNETLoader / CLIPLoader list), LoraLoader's strength_clip (Z-Image LoRAs adapt the transformer only:
-LoraLoaderModelOnly and LoraLoader's model part run), CLIPSetLastLayer, FluxGuidance, ReferenceLatent, ControlNets,
-a Z-Image model with another family's conditioning and the reverse.
+LoraLoaderModelOnly and LoraLoader's model part run), CLIPSetLastLayer, FluxGuidance, ReferenceLatent,
+ControlNetApply's ControlNets (the Z-Image Fun ControlNet Union runs through ModelPatchLoader and ZImageFunControlnet:
+:mod:`sdengine.server.comfy.nodes_z_image_control`), a Z-Image model with another family's conditioning and the
+reverse.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from sdengine.server.comfy.nodes_qwen import QWEN_NODES
 from sdengine.server.comfy.nodes_sampling import NODES as SAMPLING_NODES
 from sdengine.server.comfy.nodes_sd3_flux import SD3_FLUX_NODES
 from sdengine.server.comfy.nodes_utility import UTILITY_NODES
+from sdengine.server.comfy.nodes_z_image_control import Z_IMAGE_CONTROL_NODES
 
 NODES: dict[str, NodeDef] = {
     **CORE_NODES,
@@ -40,4 +41,5 @@ NODES: dict[str, NodeDef] = {
     **EDIT_NODES,
     **SD3_FLUX_NODES,
     **QWEN_NODES,
+    **Z_IMAGE_CONTROL_NODES,
 }
