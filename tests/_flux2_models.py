@@ -190,3 +190,20 @@ def diffusers_klein_folder(folder: Path):
     pipe = diffusers.Flux2KleinPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def diffusers_klein_inpaint(folder: Path, *, distilled: bool = False):
+    """diffusers' ``Flux2KleinInpaintPipeline`` over a folder's saved parts (no text encoder: prompt embeddings
+    given)."""
+    import diffusers
+
+    pipe = diffusers.Flux2KleinInpaintPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        vae=diffusers.AutoencoderKLFlux2.from_pretrained(folder / "vae"),
+        text_encoder=None,
+        tokenizer=None,
+        transformer=diffusers.Flux2Transformer2DModel.from_pretrained(folder / "transformer"),
+        is_distilled=distilled,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

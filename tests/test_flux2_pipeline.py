@@ -123,7 +123,7 @@ def test_schedule_is_diffusers(folder: Path, table) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"init_image": np.zeros((H, W, 3), np.uint8)}, "init images (img2img) are not supported for FLUX.2"),
+        ({"subseed_strength": 0.5, "subseed": 3}, "variation seeds are not supported for FLUX.2"),
         ({"distilled_cfg_scale": 3.5}, "distilled_cfg_scale (--guidance) is FLUX.1 [dev]'s"),
         ({"pag_scale": 2.0}, "perturbed-attention guidance"),
         ({"enable_hr": True}, "the hires fix is not supported for FLUX.2"),

@@ -1,8 +1,9 @@
 """FLUX.2 [klein] through ``sdengine serve``: a live server whose models folder holds two tiny random klein folders
 (tests/_flux2_models.py), one step-distilled and one base. GET /v1/models tells the family "flux2" and each kind's
-defaults before the model loads; a native job (with reference images too: klein edit), A1111's txt2img through the
-real ``webuiapi`` client and OpenAI's generations through the real ``openai`` client give the Python pipeline's image
-(equal pixels: the same code on the same CPU); what FLUX.2 refuses is a one-line 400 before any job."""
+defaults before the model loads; a native job (with reference images too: klein edit; with an init image and a
+mask: inpainting), A1111's txt2img and img2img (inpainting with A1111's overlay) through the real ``webuiapi``
+client and OpenAI's generations through the real ``openai`` client give the Python pipeline's image (equal pixels:
+the same code on the same CPU); what FLUX.2 refuses is a one-line 400 before any job."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def test_what_flux2_refuses_is_a_one_line_400(served):
     a1111 = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "cfg_scale": 1}
     a1111 |= {"override_settings": {"sd_model_checkpoint": "tiny-klein"}}
     for route, extra, needle in (
-        ("img2img", {"init_images": [b64]}, "init images (img2img) are not supported for FLUX.2"),
+        ("img2img", {"init_images": [b64], "resize_mode": 3}, "init_latent_resize: A1111's latent upscale is not"),
         ("txt2img", {"reference_images": [b64]}, "on POST /v1/jobs (reference_images)"),
     ):
         r = client.post(f"/sdapi/v1/{route}", json={**a1111, **extra})
@@ -233,4 +234,77 @@ def test_openai_edit_with_reference_images_is_klein_edit(served):
     got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
     want = pipes["tiny-klein"](PROMPT, steps=2, seed=4, reference_images=[ref], progress=False).images[0]
     assert got.size == want.size == (72, 64)  # FLUX.2's rule: floored to the size step
+    np.testing.assert_array_equal(_rgb(got), _rgb(want))
+
+
+def _b64png(image: Image.Image) -> str:
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    return base64.b64encode(png.getvalue()).decode()
+
+
+def _box_mask() -> tuple[Image.Image, np.ndarray]:
+    m = np.zeros((H, W), np.uint8)
+    m[8:40, 4:28] = 255
+    return Image.fromarray(m, "L"), m > 127
+
+
+def test_native_inpainting_job_gives_the_pipelines_image(served):
+    """A native job with ``init_image``, ``mask`` and ``strength`` (FLUX.2 inpainting, diffusers'
+    Flux2KleinInpaintPipeline's rules): the Python call's image; without the mask, img2img's."""
+    _, client, pipes, _ = served
+    init, (mask, _) = picture(W, H, seed=3), _box_mask()
+    job = {"model": "tiny-klein-base", "prompt": PROMPT, "steps": 3, "cfg_scale": 2, "seed": 4, "width": W, "height": H}
+    job |= {"init_image": _b64png(init), "strength": 0.6}
+    call = {"steps": 3, "cfg_scale": 2, "sampler": "euler", "schedule": "normal", "seed": 4, "width": W, "height": H}
+    call |= {"init_image": init, "strength": 0.6, "progress": False}
+    got, _ = run_job(client, {**job, "mask": _b64png(mask)})
+    want = pipes["tiny-klein-base"](PROMPT, mask=mask, **call).images[0]
+    np.testing.assert_array_equal(got, _rgb(want))
+    got2, _ = run_job(client, job)
+    want = pipes["tiny-klein-base"](PROMPT, **call).images[0]
+    np.testing.assert_array_equal(got2, _rgb(want))
+    assert np.abs(got.astype(int) - got2.astype(int)).mean() > 1  # the mask acts
+
+
+def test_a1111_img2img_through_webuiapi_gives_the_pipelines_image(served):
+    """A1111's img2img on a distilled klein through ``webuiapi`` (``image_cfg_scale=None``: InstructPix2Pix's, which
+    the flow families refuse, as the other DiT families' tests send it): without a mask the Python img2img call's image;
+    with one ("original" masked content, no blur, "whole picture") the Python inpainting call's image inside the
+    mask and the init image outside it (A1111's overlay)."""
+    server, _, pipes, _ = served
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler")
+    init, (mask, inside) = picture(W, H, seed=5), _box_mask()
+    common = {"prompt": PROMPT, "steps": 3, "width": W, "height": H, "seed": 7, "cfg_scale": 1, "image_cfg_scale": None}
+    common |= {"override_settings": {"sd_model_checkpoint": "tiny-klein"}}
+    call = {"steps": 3, "seed": 7, "width": W, "height": H, "init_image": init, "progress": False}
+    r = api.img2img(images=[init], denoising_strength=0.6, **common)
+    want = pipes["tiny-klein"](PROMPT, strength=0.6, **call).images[0]
+    np.testing.assert_array_equal(_rgb(r.image), _rgb(want))
+    inpaint = {"mask_image": mask, "mask_blur": 0, "inpainting_fill": 1, "inpaint_full_res": False}
+    r = api.img2img(images=[init], denoising_strength=0.6, **inpaint, **common)
+    want = pipes["tiny-klein"](PROMPT, strength=0.6, mask=mask, **call).images[0]
+    got = _rgb(r.image)
+    np.testing.assert_array_equal(got[inside], _rgb(want)[inside])
+    np.testing.assert_array_equal(got[~inside], _rgb(init)[~inside])
+    # "only masked" (A1111's inpaint_full_res, webuiapi's default): the box around the mask inpainted at the size
+    # asked and pasted back: the init image outside the mask
+    r = api.img2img(images=[init], denoising_strength=0.6, **{**inpaint, "inpaint_full_res": True}, **common)
+    got = _rgb(r.image)
+    np.testing.assert_array_equal(got[~inside], _rgb(init)[~inside])
+    assert np.abs(got[inside].astype(int) - _rgb(init)[inside].astype(int)).mean() > 1
+
+
+def test_openai_edit_without_reference_images_is_img2img(served):
+    """OpenAI's ``/v1/images/edits`` without ``reference_images: true``: FLUX.2 img2img of the image (OpenAI's
+    strength 0.75), the Python call's image."""
+    server, _, pipes, _ = served
+    api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test", max_retries=0, timeout=300)
+    init = picture(W, H, seed=6)
+    png = io.BytesIO()
+    init.save(png, format="PNG")
+    r = api.images.edit(model="tiny-klein", image=("a.png", png.getvalue(), "image/png"), prompt=PROMPT,
+                        size=f"{W}x{H}", extra_body={"seed": 4, "steps": 3})  # fmt: skip
+    got = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+    want = pipes["tiny-klein"](PROMPT, steps=3, seed=4, width=W, height=H, init_image=init, strength=0.75).images[0]
     np.testing.assert_array_equal(_rgb(got), _rgb(want))

@@ -23,9 +23,8 @@ VAE decode, infotext), through the hooks Flux uses (:class:`sdengine.pipeline.fl
 
 Defaults (:attr:`Flux2Pipeline.family_defaults`): distilled 4 steps at cfg 1, base 50 steps at cfg 4, ``euler`` on
 the ``normal`` grid, 1024x1024. What does not apply is refused in one line before any model runs
-(:func:`flux2_refusals`): init images and masks (img2img / inpainting: diffusers has no FLUX.2 pipeline for them),
-the hires fix, ControlNets, IP-Adapters, FLUX.1 Kontext's reference images, the distilled guidance, prompt
-editing and Flux's other refusals.
+(:func:`flux2_refusals`): the hires fix, ControlNets, IP-Adapters, FLUX.1 Kontext's reference images, the
+distilled guidance, prompt editing and Flux's other refusals.
 
 LoRAs (``loras=``, ``<lora:NAME:W>`` tags, ``--lora``) apply to the transformer through the core's path as Flux's
 and Z-Image's do: :mod:`sdengine.weights.lora_dit_keys` reads diffusers' / PEFT names (``transformer.``), BFL's
@@ -38,6 +37,9 @@ folder's ``model_index.json``) is the same pipeline with three changes: the text
 embedding takes the distilled guidance scale (``distilled_cfg_scale``, ``--guidance``; diffusers' ``guidance_scale``,
 default 4: :data:`DEV_GUIDANCE`) with every step, as a ``guidance`` entry of the conditioning; there is no CFG
 (``cfg_scale`` other than 1 is refused in one line, as for a step-distilled klein). 50 steps by default.
+
+img2img and inpainting (``init_image``, ``mask``, ``strength``) are diffusers' ``Flux2KleinInpaintPipeline``'s
+(:mod:`sdengine.pipeline.flux2_inpaint`: the size, the init latent, the mask's latent, the init image as a reference).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from torch import Tensor
 from sdengine.diffusion import sampling
 from sdengine.diffusion.flow import FLUX_TABLE_LENGTH, FlowSchedule
 from sdengine.errors import GenerationError, UsageError
-from sdengine.pipeline import flux2_references
+from sdengine.pipeline import flux2_inpaint, flux2_references
 from sdengine.pipeline.core import Pipeline, Prepared
 from sdengine.pipeline.flux import FluxPipeline, refusals, token_refusal
 from sdengine.pipeline.request import GenerationRequest
@@ -190,8 +192,6 @@ class Flux2Adapter:
 # Refusals
 
 _OWN_REFUSALS: tuple[tuple[str, Any, str], ...] = (
-    ("init_image", lambda v: v is not None, "init images (img2img) are not supported for FLUX.2 yet"),
-    ("mask", lambda v: v is not None, "masks (inpainting) are not supported for FLUX.2 yet"),
     ("enable_hr", bool, "the hires fix is not supported for FLUX.2 yet"),
     ("controlnets", bool, "ControlNets are not supported for FLUX.2"),
     ("ip_adapters", bool, "IP-Adapters are not supported for FLUX.2"),
@@ -240,6 +240,7 @@ def flux2_refusals(r: GenerationRequest, *, dev: bool = False) -> list[str]:
     if dev:
         why = dev_cfg_refusal(r.cfg_scale)
         reasons += [why] if why else []
+    reasons += flux2_inpaint.init_refusals(r, dev=dev)
     return list(dict.fromkeys(reasons))
 
 
@@ -412,7 +413,7 @@ class Flux2Pipeline(FluxPipeline):
         return None  # no step graphs or compiled packages for the FLUX.2 transformer yet
 
     def start_latent_options(self, p: Prepared) -> dict[str, Any]:
-        return {}
+        return flux2_inpaint.start_options(p)
 
     def infotext_fields(self, request: GenerationRequest) -> dict[str, Any]:
         """[dev]: Forge's "Distilled CFG Scale" of the call (as FLUX.1 [dev]'s); klein: none."""
@@ -465,6 +466,7 @@ class Flux2Pipeline(FluxPipeline):
         self.check_request(request)
         notes: list[str] = []
         references = None
+        request = flux2_inpaint.prepare_init(request, self.size_multiple, notes)  # the init image's size
         if request.reference_list():
             if not request.reference_auto_resize:
                 raise GenerationError(
@@ -478,12 +480,20 @@ class Flux2Pipeline(FluxPipeline):
             request = request.replace(width=w, height=h)
             sizes = [im.size for im in references]
             why = None  # a size that is not a whole number is refused by the core's checks next
-            if isinstance(w, int) and isinstance(h, int):
+            if isinstance(w, int) and isinstance(h, int) and request.init_image is None:
                 why = token_refusal(w, h, sizes, self.size_multiple, self.max_side(), self.name)
             if why is not None:
                 raise GenerationError(why.replace("reference_auto_resize puts each", "each is fitted to"))
             self._reference_tokens = sum((w // self.size_multiple) * (h // self.size_multiple) for w, h in sizes)
             request = request.replace(reference_images=None)
+        if request.init_image is not None:  # its latent joins every step as a reference (flux2_inpaint)
+            w, h = request.width or self.default_size, request.height or self.default_size
+            if isinstance(w, int) and isinstance(h, int):
+                sizes = [im.size for im in references or []]
+                why = flux2_inpaint.token_refusal(w, h, sizes, self.size_multiple, self.max_side(), self.name)
+                if why is not None:
+                    raise GenerationError(why)
+                self._reference_tokens += (w // self.size_multiple) * (h // self.size_multiple)
         try:
             p = super().prepare(request)
         finally:
@@ -519,8 +529,9 @@ class Flux2Pipeline(FluxPipeline):
         from sdengine.pipeline.flux_kontext import encode_references
 
         self._call_schedule = self.flow_schedule(p.width, p.height, int(p.request.steps))
-        if p.references:
-            self._call_references = encode_references(self, p.references, p.tiled)
+        references = flux2_inpaint.call_references(p)  # the init image's first
+        if references:
+            self._call_references = encode_references(self, references, p.tiled)
         try:
             return Pipeline.sample_latents(self, p, init_latent)
         finally:

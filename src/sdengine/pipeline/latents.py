@@ -16,6 +16,9 @@
   from the row's generator FIRST (before any other draw); its scaled latent is the ``"concat"``.
 * FLUX.1 Kontext with an init image (``init_mode``, diffusers' ``FluxKontextInpaintPipeline``): the init latent is
   the posterior's mean (no draw), then the noise; with a mask the masked-image posterior is drawn after it (unused).
+* FLUX.2 [klein] (``init_mode``, ``mask_rule="bilinear"``, ``encode_masked=False``; diffusers'
+  ``Flux2KleinInpaintPipeline``): the init latent is the posterior's mean, then the noise, nothing after it; the
+  mask is binarised at 0.5 at image size and shrunk bilinearly (its edge cells grey).
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ def start_latents(
     init_mode: bool = False,
     latent_mask: np.ndarray | None = None,
     mask_round: bool = True,
+    mask_rule: str = "nearest",
+    encode_masked: bool = True,
 ) -> StartLatents:
     """Every random draw of the rows, in diffusers' order (see the module docstring). ``tiny``: a tiny VAE whose
     encoder makes the images' latents instead of the VAE's (``vae_encode="tiny"``; no posterior spread, the same
@@ -120,7 +125,12 @@ def start_latents(
     separate latent mask (a float array in [0, 1] at any size) that ``rounded_mask`` is made from in place of
     ``mask``; ``mask_round`` False (A1111's ``mask_round`` off): ``rounded_mask`` left grey, and a 9-channel
     model's mask input and masked image made from the grey mask (``image * (1 - mask)``, the mask shrunk nearest
-    to the latent) rather than the mask made binary, as A1111's ``inpainting_image_conditioning``."""
+    to the latent) rather than the mask made binary, as A1111's ``inpainting_image_conditioning``. ``mask_rule``:
+    how the mask becomes the blend's latent mask: ``"nearest"`` (diffusers' SD / FLUX.1 inpainting: the binarised
+    mask shrunk by nearest; a blurred mask, ``mask_blur`` > 0, kept grey and area-averaged) or ``"bilinear"``
+    (FLUX.2 [klein]'s ``prepare_mask_latents``: the binarised mask, or a blurred one kept grey, shrunk bilinearly).
+    ``encode_masked``: False draws no masked-image posterior (a 4-channel model, which reads none, in a pipeline
+    that draws nothing after the noise)."""
 
     def moments(img: Tensor) -> Any:
         if tiny is not None:
@@ -161,14 +171,20 @@ def start_latents(
         channel = (
             F.interpolate(mask_full, size=(h, w), mode="area") if mask_blur > 0 else F.interpolate(binary, size=(h, w))
         )
+        if mask_rule == "bilinear":  # FLUX.2 [klein]: binarised (a blurred mask kept grey), shrunk bilinearly
+            channel = F.interpolate(mask_full if mask_blur > 0 else binary, size=(h, w), mode="bilinear")
         if mask_round:
             masked = image_tensor(init).to(device) * (binary < 0.5)
         else:  # A1111's conditioning with mask_round off: the grey mask (nearest) and the image weighted by it
             channel = F.interpolate(mask_full, size=(h, w))
             masked = image_tensor(init).to(device) * (1 - mask_full)
-        post = moments(masked)
-        masked_latent = posterior_rows(post, generators)  # drawn even for 4 channels (diffusers' order)
-        if fill:  # FluxFillPipeline: [masked-image latent, the mask folded f x f into channels]
+        masked_latent = None
+        if encode_masked or fill or nine_channels:
+            post = moments(masked)
+            masked_latent = posterior_rows(post, generators)  # drawn even for 4 channels (diffusers' order)
+        if masked_latent is None:
+            blend = channel
+        elif fill:  # FluxFillPipeline: [masked-image latent, the mask folded f x f into channels]
             masked_latent = vae.scale_latents(masked_latent.float())
             folded = F.pixel_unshuffle(binary, scale_factor).expand(b, -1, -1, -1)
             concat = torch.cat([masked_latent, folded.to(masked_latent.dtype)], dim=1)
