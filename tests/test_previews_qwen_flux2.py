@@ -158,3 +158,53 @@ def test_flux2_preview_is_comfyuis_flux2_formula_in_its_space(klein):
         _close_uint8(preview, _by_hand(shown, m))
         assert not np.array_equal(preview, _by_hand(raw, m))  # not the raw latent's picture
         assert not np.array_equal(preview[..., 0], preview[..., 1])  # colour, not grey
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from _flux2_models import make_klein_folder
+    from _live_server import live_server, server_config
+    from _qwen_models import make_qwen_folder
+
+    root = tmp_path_factory.mktemp("servedprev")
+    models = root / "models"
+    make_qwen_folder(models / "tiny-qwen")
+    make_klein_folder(models / "tiny-klein", **KLEIN_32)
+    pipes = {name: sdengine.load_pipeline(models / name, device="cpu") for name in ("tiny-qwen", "tiny-klein")}
+    with live_server(server_config(root, models_dir=models)) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            yield server, client, pipes
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen", "tiny-klein"])
+def test_server_live_previews_are_the_familys_colours(served, model):
+    """A native job on a tiny Qwen-Image / FLUX.2 model: its live preview (GET /v1/jobs/{id}/preview, the last
+    step's, decoded when asked; the same frames the event stream and the web page show) is the Python pipeline's
+    step preview with the family's map, in colour, no longer the grey channel mean; and the server's latent map
+    for the model is the family's."""
+    import io
+
+    from PIL import Image
+
+    from _live_server import run_job
+
+    server, client, pipes = served
+    pipe = pipes[model]
+    body = {"model": model, "prompt": "a red apple", "negative_prompt": "", "steps": 2, "width": 32, "height": 32}
+    _, job = run_job(client, {**body, "seed": 7})
+    r = client.get(f"/v1/jobs/{job['id']}/preview")
+    assert r.status_code == 200, r.text
+    got = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+    frames = []
+    kw = {**pipe.family_defaults, "steps": 2}
+    pipe("a red apple", "", **kw, seed=7, width=32, height=32, progress=False, callback=frames.append)
+    last = frames[-1]
+    np.testing.assert_array_equal(got, last.preview_array()[0])
+    grey = vae_utils.latent_rgb(last.denoised)[0].numpy()
+    assert got.shape != grey.shape or not np.array_equal(got, grey)
+    assert not np.array_equal(got[..., 0], got[..., 1])  # colour
+    z = last.denoised.float()
+    assert torch.equal(server.services.manager.preview_rgb(pipe)(z), vae_utils.latent_rgb(z, pipe.latent_rgb_map))
