@@ -31,9 +31,9 @@ WAN21_STD = (
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
-COMFY_BN_EPS = 1e-4
+COMFY_BN_EPS = 1e-4  # ComfyUI's AutoencoderKL with batch_norm_latent: bn_eps
 # a tiny klein with FLUX.2's 32 VAE channels (128 in 2x2 patches: the map's count; tests/_flux2_models.py has 4)
-KLEIN_32 = dict(distilled=True, vae={"latent_channels": 32}, transformer={"in_channels": 128})  # ComfyUI's AutoencoderKL with batch_norm_latent: bn_eps
+KLEIN_32 = dict(distilled=True, vae={"latent_channels": 32}, transformer={"in_channels": 128})
 
 
 def _by_hand(x: torch.Tensor, m: vae_utils.LatentRGBMap) -> np.ndarray:

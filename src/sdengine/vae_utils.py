@@ -11,7 +11,8 @@
 * :func:`latent_preview`: a fixed linear map from the latent channels to RGB (the "cheap approximation" of
   A1111's live preview), no network call, so it can run after every step. Each latent space has its own map
   (:class:`LatentRGBMap`: SD's 4 channels, SD3's, Flux's and Qwen-Image's 16, FLUX.2's 128 in 2x2 patches); the
-  pipeline names its family's (``Pipeline.latent_rgb_map``). A latent with no known map shows the mean of its channels in grey.
+  pipeline names its family's (``Pipeline.latent_rgb_map``). A latent with no known map shows the mean of its
+  channels in grey.
 """
 
 from __future__ import annotations
