@@ -162,6 +162,70 @@ def test_template_graph_posted_to_the_server(qwen):
     assert np.abs(png.astype(np.float64) - np.round(want * 255)).max() <= 1
 
 
+def test_graph_route_live_previews_are_qwen_images_colours(qwen):
+    """The template graph posted with a client id: its live previews (the websocket's binary PREVIEW_IMAGE frames)
+    are Qwen-Image's map (ComfyUI's Wan21 factors) of each step's x0, in colour: the map of the family the
+    KSampler samples, not of the worker's loaded pipeline (none here: the parts are UNETLoader's), which gave the
+    grey channel mean. Each frame equals the map of the x0 an in-process run of the same graph reports."""
+    pytest.importorskip("fastapi")
+    import io
+    import threading
+    import uuid
+
+    import websocket
+    from PIL import Image
+
+    from _comfy_live import live_client
+    from _live_server import server_config
+    from sdengine import vae_utils
+    from sdengine.server.catalog import Catalog
+    from sdengine.server.comfy.graph import Executor, validate
+    from sdengine.server.comfy.nodes import Outputs, RunContext
+    from sdengine.server.comfy.nodes_sd3_flux import forget_parts
+
+    root, _, _ = qwen
+    forget_parts()
+    seen: list[tuple[torch.Tensor, object]] = []
+
+    def progress(step: int, steps: int, denoised: torch.Tensor, rgb_map: object = None) -> bool:
+        seen.append((denoised.float().clone(), rgb_map))
+        return True
+
+    class Env:
+        catalog = Catalog(root / "models", None, None, vaes_dir=root / "vaes")
+        folders, limits = Outputs(root / "out", root / "in", root / "temp"), {}
+
+    graph, _, errors = validate(qwen_graph(), Env())
+    assert not errors, errors
+    ctx = RunContext(pipeline=sdengine.load_pipeline, catalog=Env.catalog, folders=Env.folders, device="cpu",
+                     save_lock=threading.Lock(), progress=progress)  # fmt: skip
+    Executor().run(graph, ctx, cancelled=lambda: False, event=lambda name, data: None)
+    assert len(seen) == STEPS and all(m is vae_utils.QWEN_IMAGE_LATENT_RGB for _, m in seen)
+    want = [vae_utils.latent_rgb(d[:1], vae_utils.QWEN_IMAGE_LATENT_RGB)[0].numpy() for d, _ in seen]
+    forget_parts()
+    config = server_config(root / "server2", models_dir=root / "models", vaes_dir=root / "vaes")
+    cid = uuid.uuid4().hex
+    with live_client(config) as (_, client):
+        url = f"ws://{client.base_url.host}:{client.base_url.port}/ws?clientId={cid}"
+        ws = websocket.create_connection(url, timeout=120)
+        try:
+            pid = client.post("/prompt", json={"prompt": qwen_graph(), "client_id": cid}).json()["prompt_id"]
+            frames = []
+            while True:
+                msg = ws.recv()
+                if isinstance(msg, bytes):
+                    frames.append(np.asarray(Image.open(io.BytesIO(msg[8:])).convert("RGB")))
+                elif '"executing"' in msg and '"node": null' in msg and pid in msg:
+                    break
+        finally:
+            ws.close()
+    # previews every 2 steps and at the last (the server's preview_every): steps 2 and 3 of 3
+    assert [f.shape for f in frames] == [(SIDE // 8, SIDE // 8, 3)] * 2
+    for frame, w in zip(frames, want[1:], strict=True):
+        np.testing.assert_array_equal(frame, w)
+        assert not np.array_equal(frame[..., 0], frame[..., 1])  # colour, not the grey channel mean
+
+
 def test_cfg_one_an_empty_negative_a_batch_and_fp8_storage(qwen, monkeypatch):
     root, pipe, files = qwen
     other = comfy_pipeline(files, monkeypatch, pipe)

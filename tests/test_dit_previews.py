@@ -97,7 +97,7 @@ def test_maps_hold_comfyuis_numbers_one_row_per_channel():
     assert sd3.bias == (0.2394, 0.2135, 0.1925)
     assert flux.factors[9] == (0.1008, 0.0755, -0.0421) and flux.factors[15] == (-0.1262, -0.0982, -0.0778)
     assert flux.bias == (-0.0329, -0.0718, -0.0851)
-    assert set(vae_utils.LATENT_RGB_MAPS) == {"sd", "sd3", "flux", "qwen_image"}
+    assert set(vae_utils.LATENT_RGB_MAPS) == {"sd", "sd3", "flux", "qwen_image", "flux2"}
     # a latent of 1 on channel 2 only, 0 elsewhere: its pixel is that channel's row plus the bias, to 0..255
     z = torch.zeros(1, 16, 1, 1)
     z[0, 2] = 1.0

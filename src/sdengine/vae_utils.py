@@ -10,8 +10,9 @@
   untiled decode; the tests state the measured difference (see tests/test_pipeline_vae.py).
 * :func:`latent_preview`: a fixed linear map from the latent channels to RGB (the "cheap approximation" of
   A1111's live preview), no network call, so it can run after every step. Each latent space has its own map
-  (:class:`LatentRGBMap`: SD's 4 channels, SD3's, Flux's and Qwen-Image's 16); the pipeline names its family's
-  (``Pipeline.latent_rgb_map``). A latent with no known map shows the mean of its channels in grey.
+  (:class:`LatentRGBMap`: SD's 4 channels, SD3's, Flux's and Qwen-Image's 16, FLUX.2's 128 in 2x2 patches); the
+  pipeline names its family's (``Pipeline.latent_rgb_map``). A latent with no known map shows the mean of its
+  channels in grey.
 """
 
 from __future__ import annotations
@@ -49,10 +50,15 @@ class LatentRGBMap:
     name: str
     factors: tuple[tuple[float, float, float], ...]
     bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # The diffusion latent holds the factors' channels in patch x patch patches (FLUX.2: the VAE's 32 channels in
+    # 2x2 patches, 128): channel ``patch**2 * c + patch * dy + dx`` is channel ``c``'s pixel (dy, dx) of each patch.
+    # The preview takes the patches apart first, so it is ``patch`` times the latent's size.
+    patch: int = 1
 
     @property
     def channels(self) -> int:
-        return len(self.factors)
+        """The diffusion latent's channel count this map reads (the factors' rows times ``patch**2``)."""
+        return len(self.factors) * self.patch**2
 
 
 # SD 1.x/2.x (4 channels): A1111's approximation (modules/sd_samplers_common.py), no bias.
@@ -138,7 +144,54 @@ QWEN_IMAGE_LATENT_RGB = LatentRGBMap(
     ),
     (-0.1835, -0.0868, -0.3360),
 )
-LATENT_RGB_MAPS = {m.name: m for m in (SD_LATENT_RGB, SD3_LATENT_RGB, FLUX_LATENT_RGB, QWEN_IMAGE_LATENT_RGB)}
+# FLUX.2 (klein and dev: the 32-channel FLUX.2 VAE): ComfyUI's Flux2 latent format's latent_rgb_factors (one row per
+# VAE channel) and latent_rgb_factors_bias. ComfyUI's FLUX.2 latent is sdengine's diffusion latent, (B, 128, h, w):
+# the VAE's latent in 2x2 patches, each of the 128 channels normalised by the VAE's batch-norm statistics (its
+# process_in / process_out are the identity), and its previewer first lays the 128 channels out as 32 at twice the
+# size (channel 4c + 2dy + dx -> channel c, pixel (2i + dy, 2j + dx)), then applies the factors: the normalised
+# values, not the raw VAE latent.
+FLUX2_LATENT_RGB = LatentRGBMap(
+    "flux2",
+    (
+        (0.0058, 0.0113, 0.0073),
+        (0.0495, 0.0443, 0.0836),
+        (-0.0099, 0.0096, 0.0644),
+        (0.2144, 0.3009, 0.3652),
+        (0.0166, -0.0039, -0.0054),
+        (0.0157, 0.0103, -0.0160),
+        (-0.0398, 0.0902, -0.0235),
+        (-0.0052, 0.0095, 0.0109),
+        (-0.3527, -0.2712, -0.1666),
+        (-0.0301, -0.0356, -0.0180),
+        (-0.0107, 0.0078, 0.0013),
+        (0.0746, 0.0090, -0.0941),
+        (0.0156, 0.0169, 0.0070),
+        (-0.0034, -0.0040, -0.0114),
+        (0.0032, 0.0181, 0.0080),
+        (-0.0939, -0.0008, 0.0186),
+        (0.0018, 0.0043, 0.0104),
+        (0.0284, 0.0056, -0.0127),
+        (-0.0024, -0.0022, -0.0030),
+        (0.1207, -0.0026, 0.0065),
+        (0.0128, 0.0101, 0.0142),
+        (0.0137, -0.0072, -0.0007),
+        (0.0095, 0.0092, -0.0059),
+        (0.0000, -0.0077, -0.0049),
+        (-0.0465, -0.0204, -0.0312),
+        (0.0095, 0.0012, -0.0066),
+        (0.0290, -0.0034, 0.0025),
+        (0.0220, 0.0169, -0.0048),
+        (-0.0332, -0.0457, -0.0468),
+        (-0.0085, 0.0389, 0.0609),
+        (-0.0076, 0.0003, -0.0043),
+        (-0.0111, -0.0460, -0.0614),
+    ),
+    (-0.0329, -0.0718, -0.0851),
+    patch=2,
+)
+LATENT_RGB_MAPS = {
+    m.name: m for m in (SD_LATENT_RGB, SD3_LATENT_RGB, FLUX_LATENT_RGB, QWEN_IMAGE_LATENT_RGB, FLUX2_LATENT_RGB)
+}
 
 
 def downscale_factor(vae: AutoencoderKL) -> int:
@@ -331,7 +384,8 @@ def _map_tensors(rgb_map: LatentRGBMap, device: torch.device) -> tuple[Tensor, T
 def latent_rgb(latents: Tensor, rgb_map: LatentRGBMap | None = None) -> Tensor:
     """(B, C, h, w) latents -> uint8 (B, h, w, 3) RGB at latent resolution, computed where the latents are.
 
-    ``rgb_map``: the latent space's map (the pipeline's ``latent_rgb_map``). Without one, or when its channel
+    ``rgb_map``: the latent space's map (the pipeline's ``latent_rgb_map``; a patched map's picture is ``patch``
+    times the latent's size: FLUX.2's, H/8 x W/8 pixels of its H/16 x W/16 latent). Without one, or when its channel
     count is not the latents' (never an error: a preview must not stop a generation), 4-channel latents use SD's
     map and any other count shows the mean of its channels in grey."""
     z = latents.detach().float()
@@ -339,6 +393,10 @@ def latent_rgb(latents: Tensor, rgb_map: LatentRGBMap | None = None) -> Tensor:
         rgb_map = SD_LATENT_RGB if z.shape[1] == SD_LATENT_RGB.channels else None
     if rgb_map is not None:
         factors, bias = _map_tensors(rgb_map, z.device)
+        p = rgb_map.patch
+        if p > 1:  # (B, C p^2, h, w) -> (B, C, h p, w p): channel p^2 c + p dy + dx is pixel (p i + dy, p j + dx)
+            b, _, h, w = z.shape
+            z = z.reshape(b, -1, p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, -1, h * p, w * p)
         rgb = torch.einsum("bchw,cr->bhwr", z, factors) + bias
     else:
         rgb = z.mean(dim=1)[..., None].expand(*z.shape[:1], *z.shape[2:], 3)

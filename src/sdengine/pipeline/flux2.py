@@ -359,7 +359,11 @@ class Flux2Pipeline(FluxPipeline):
 
     @property
     def latent_rgb_map(self) -> Any:
-        return None
+        """FLUX.2's latent -> RGB preview map (ComfyUI's Flux2 factors on the VAE's 32 channels, read from the
+        normalised 2x2-patch latent; docs/tiny-vae.md)."""
+        from sdengine import vae_utils
+
+        return vae_utils.FLUX2_LATENT_RGB
 
     @property
     def family_defaults(self) -> dict[str, Any]:

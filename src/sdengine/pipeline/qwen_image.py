@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdengine import vae_utils
 from sdengine.diffusion import sampling
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.errors import GenerationError
@@ -400,8 +401,10 @@ class QwenImagePipeline(QwenTextFlowPipeline):
             )
 
     @property
-    def latent_rgb_map(self) -> Any:
-        return None
+    def latent_rgb_map(self) -> vae_utils.LatentRGBMap:
+        """Qwen-Image's latent -> RGB preview map (ComfyUI's Wan21 factors, on the standardised latent the
+        transformer sees, as ComfyUI's Wan21 process_in makes it; docs/tiny-vae.md). The Edit pipelines keep it."""
+        return vae_utils.QWEN_IMAGE_LATENT_RGB
 
     @property
     def variant(self) -> str:

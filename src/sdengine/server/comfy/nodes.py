@@ -469,7 +469,8 @@ class RunContext:
     catalog: Any
     folders: Outputs
     seed_rule: str = "comfyui"
-    progress: Callable[[int, int, torch.Tensor], bool] | None = None  # (step, steps, denoised) -> go on?
+    # (step, steps, denoised[, rgb_map=]) -> go on? The DiT samplers add their family's latent -> RGB preview map
+    progress: Callable[..., bool] | None = None
     prompt: dict[str, Any] = field(default_factory=dict)
     extra_pnginfo: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = 4096 * 4096
@@ -1721,7 +1722,7 @@ def _lcm_upscale_custom(
     def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
         step_ctx = ctx
         if progress is not None:
-            step_ctx = replace(ctx, progress=lambda step, steps, d: progress(i + step, n, d))
+            step_ctx = replace(ctx, progress=lambda step, steps, d, **kw: progress(i + step, n, d, **kw))
         lat = latent_image if i == 0 else {**latent_image, "samples": x, "posterior": None, "noise_mask": None}
         _sample(
             step_ctx, model=model, seed=int(noise_seed), cfg=cfg, sampler_name="euler", positive=positive,

@@ -101,6 +101,18 @@ MAX_FLOAT = 100.0
 SIDE_MAX = 16384
 
 
+def preview_map(family: str) -> Any:
+    """The live previews' latent -> RGB map of a family's sampling latent: ComfyUI's latent format's factors, which
+    its previewer applies in the space ComfyUI samples (``_raw_in``'s), the space of sdengine's pipelines too."""
+    from sdengine import vae_utils
+
+    if family == "sd3":
+        return vae_utils.SD3_LATENT_RGB
+    if family == "qwen_image":  # ComfyUI's Wan21 format
+        return vae_utils.QWEN_IMAGE_LATENT_RGB
+    return vae_utils.FLUX_LATENT_RGB  # Flux, Chroma and Z-Image: ComfyUI's Flux format
+
+
 def _family_of_pipe(pipe: Any) -> str | None:
     kind = getattr(pipe, "text_kind", None)
     return kind if kind in FLOW_FAMILIES else None
@@ -1239,7 +1251,9 @@ def sample_flow(
         def report(r: Any) -> bool:
             if last_denoised is not None:
                 last_denoised[:] = [_raw_out(r.denoised.float(), family)]
-            return ctx.progress(r.step, r.steps, r.denoised) if ctx.progress is not None else True
+            if ctx.progress is None:
+                return True
+            return ctx.progress(r.step, r.steps, r.denoised, rgb_map=preview_map(family))
 
         fitted = (
             _fit_conditioning(positive, family, guidance, widths),

@@ -211,7 +211,7 @@ class ComfyJob(Job):
         st, services = self.st, self.services
         preview_every = m.preview_every
 
-        def progress(step: int, steps: int, denoised: Any) -> bool:
+        def progress(step: int, steps: int, denoised: Any, rgb_map: Any = None) -> bool:
             self.step, self.steps = step, steps
             node = ctx.current_node
             data = {"value": step, "max": steps, "prompt_id": self.prompt_id, "node": node}
@@ -220,7 +220,9 @@ class ComfyJob(Job):
                 try:
                     from sdengine import vae_utils
 
-                    to_rgb = m.preview_rgb(worker.pipe)  # the model's tiny VAE, or None: the latent map
+                    # the model's tiny VAE or latent map; a DiT sampler (nodes_sd3_flux) names its model's map, its
+                    # model being parts the worker's pipeline is not
+                    to_rgb = vae_utils.latent_rgb_for(rgb_map) if rgb_map is not None else m.preview_rgb(worker.pipe)
                     rgb = to_rgb(denoised[:1]).cpu().numpy() if to_rgb else vae_utils.latent_preview(denoised[:1])
                     png = png_bytes(Image.fromarray(rgb[0]))
                     self.preview_png, self.preview_step = png, step
