@@ -135,13 +135,14 @@ def write_mistral_processor(dst: Path, *, padding_side: str = "left"):
     return fast
 
 
-def mistral3_text_encoder(vocab_size: int, seed: int = 0):
-    """A tiny random transformers ``Mistral3ForConditionalGeneration`` (fp32, eval)."""
+def mistral3_text_encoder(vocab_size: int, seed: int = 0, text: dict | None = None):
+    """A tiny random transformers ``Mistral3ForConditionalGeneration`` (fp32, eval); ``text``: changes to
+    :data:`MISTRAL_TEXT`."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = Mistral3Config(
-        text_config={**MISTRAL_TEXT, "vocab_size": vocab_size, "model_type": "mistral"},
+        text_config={**MISTRAL_TEXT, **(text or {}), "vocab_size": vocab_size, "model_type": "mistral"},
         vision_config={**PIXTRAL_VISION, "model_type": "pixtral"},
         image_token_index=10,
         spatial_merge_size=1,
@@ -149,9 +150,18 @@ def mistral3_text_encoder(vocab_size: int, seed: int = 0):
     return perturb(Mistral3ForConditionalGeneration(cfg), seed + 1, 0.05).eval()
 
 
-def make_dev_folder(dst: Path, seed: int = 0, *, padding_side: str = "left", transformer: dict | None = None) -> Path:
+def make_dev_folder(
+    dst: Path,
+    seed: int = 0,
+    *,
+    padding_side: str = "left",
+    transformer: dict | None = None,
+    text: dict | None = None,
+    vae: dict | None = None,
+) -> Path:
     """A random tiny FLUX.2 [dev] pipeline saved by diffusers' ``Flux2Pipeline.save_pretrained``, its index naming
-    ``PixtralProcessor`` for the tokenizer as the release's does."""
+    ``PixtralProcessor`` for the tokenizer as the release's does; ``text`` / ``vae``: changes to :data:`MISTRAL_TEXT` /
+    the tiny VAE."""
     import json
 
     import diffusers
@@ -159,11 +169,11 @@ def make_dev_folder(dst: Path, seed: int = 0, *, padding_side: str = "left", tra
     processor = write_mistral_processor(dst / "tokenizer", padding_side=padding_side)
     pipe = diffusers.Flux2Pipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
-        vae=flux2_vae(seed + 10),
-        text_encoder=mistral3_text_encoder(len(processor), seed + 20),
+        vae=flux2_vae(seed + 10, **(vae or {})),
+        text_encoder=mistral3_text_encoder(len(processor), seed + 20, text),
         tokenizer=processor,
         transformer=flux2_transformer(
-            seed + 30, joint_attention_dim=3 * MISTRAL_TEXT["hidden_size"], guidance_embeds=True, **(transformer or {})
+            seed + 30, joint_attention_dim=3 * {**MISTRAL_TEXT, **(text or {})}["hidden_size"], guidance_embeds=True, **(transformer or {})
         ),
     )
     pipe.save_pretrained(dst)

@@ -1,0 +1,209 @@
+"""FLUX.2 [dev] single files: BFL's / ComfyUI's transformer file (told by ``guidance_in``), ComfyUI's Mistral Small 3
+text encoder file (``model.*`` names, the tokenizer's ``tekken_model`` bytes beside them), the FLUX.2 VAE file and
+Mistral's tokenizer folder, written from a tiny [dev] folder (:mod:`_flux2_dev_models`, its Mistral at the release's
+128-wide heads, which a file's config takes): the folder's image through ``load_pipeline``, ``sdengine generate``
+and the server's folders; wrong or missing parts refused in one line."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("diffusers")
+
+from _flux2_dev_models import make_dev_folder  # noqa: E402
+from _flux2_models import FILE_TRANSFORMER, FILE_VAE  # noqa: E402
+from sdengine.errors import GenerationError  # noqa: E402
+from sdengine.pipeline import load_pipeline  # noqa: E402
+from sdengine.weights.qwen_text_file import load_qwen_text_encoder  # noqa: E402
+from test_flux2_files import bfl_layout, comfy_vae_layout  # noqa: E402
+
+PROMPT = "a red apple on a table"
+W, H = 32, 48
+MISTRAL_FILE_TEXT = dict(num_attention_heads=1, num_key_value_heads=1, head_dim=128)  # the release's head width
+
+
+def comfy_mistral_layout(te: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' ``Mistral3ForConditionalGeneration`` tensors -> ComfyUI's ``mistral_3_small_flux2_*.safetensors``:
+    the language model under ``model.``, the LM head, no vision tower or projector, and the tokenizer's tekken.json as
+    a uint8 tensor (here a stand-in)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in te.items():
+        for old in ("model.language_model.", "language_model.model."):  # transformers 5's / the release's names
+            if k.startswith(old):
+                out["model." + k[len(old) :]] = v.contiguous()
+        if k.startswith(("lm_head.", "language_model.lm_head.")):
+            out["lm_head." + k.rsplit("lm_head.", 1)[1]] = v.contiguous()
+    out["tekken_model"] = torch.frombuffer(bytearray(b'{"config": {}, "vocab": []}'), dtype=torch.uint8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(the [dev] folder, {part: file}): ComfyUI's layout under ``models/`` with Mistral's tokenizer beside the text
+    encoder as ``mistral_tokenizer/``."""
+    root = tmp_path_factory.mktemp("devfiles")
+    folder = make_dev_folder(root / "dev", seed=5, transformer=FILE_TRANSFORMER, text=MISTRAL_FILE_TEXT, vae=FILE_VAE)
+    out = {
+        "transformer": root / "models" / "diffusion_models" / "flux2-dev.safetensors",
+        "text": root / "models" / "text_encoders" / "mistral_3_small_flux2_bf16.safetensors",
+        "vae": root / "models" / "vae" / "flux2-vae.safetensors",
+    }
+    for p in out.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    net = load_file(next((folder / "transformer").glob("*.safetensors")))
+    assert "time_guidance_embed.guidance_embedder.linear_1.weight" in net
+    save_file(bfl_layout(net, "model.diffusion_model."), out["transformer"])
+    te: dict[str, torch.Tensor] = {}
+    for f in sorted((folder / "text_encoder").glob("*.safetensors")):
+        te |= load_file(f)
+    save_file(comfy_mistral_layout(te), out["text"])
+    save_file(comfy_vae_layout(load_file(next((folder / "vae").glob("*.safetensors")))), out["vae"])
+    shutil.copytree(folder / "tokenizer", out["text"].parent / "mistral_tokenizer")
+    return folder, out
+
+
+def test_the_mistral_file_loads_as_the_folders_encoder(files) -> None:
+    """ComfyUI's Mistral file: the config from the shapes (128-wide heads, eps 1e-5, RoPE theta 1e9: Mistral Small
+    3's) is the folder's config.json, the tensors the folder's (``tekken_model`` and the LM head skipped)."""
+    folder, out = files
+    got = load_qwen_text_encoder(out["text"], family="mistral")
+    want = load_qwen_text_encoder(folder / "text_encoder", family="mistral")
+    assert got.config == want.config
+    assert got.config.head_dim == 128 and got.config.rms_norm_eps == 1e-5 and got.config.rope_theta == 1e9
+    assert got.state_dict().keys() == want.state_dict().keys()
+    assert all(torch.equal(v, want.state_dict()[k]) for k, v in got.state_dict().items())
+
+
+def test_files_give_the_folders_image(files) -> None:
+    """flux2-dev.safetensors with the Mistral file, the VAE file and the tokenizer found beside the text encoder: a
+    [dev] pipeline (50 steps, guidance 4, no CFG) giving the folder's image, with and without a guidance given."""
+    folder, out = files
+    pipe = load_pipeline(out["transformer"], device="cpu", qwen_text=str(out["text"]), vae=str(out["vae"]))
+    want_pipe = load_pipeline(folder, device="cpu")
+    assert pipe.dev and not pipe.distilled and pipe.family_defaults == want_pipe.family_defaults
+    plain = {k: v for k, v in want_pipe.scheduler_config.items() if not k.startswith("_")}
+    assert {k: v for k, v in pipe.scheduler_config.items() if not k.startswith("_")} == plain
+    for extra in ({}, {"distilled_cfg_scale": 2.5}):
+        kw = dict(seed=4, width=W, height=H, steps=3, progress=False, **extra)
+        got = pipe(PROMPT, **kw).images[0]
+        want = want_pipe(PROMPT, **kw).images[0]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # the tokenizer given apart, and config= a [dev] folder (its scheduler): the same image
+    pipe = load_pipeline(
+        out["transformer"],
+        device="cpu",
+        qwen_text=str(out["text"]),
+        vae=str(out["vae"]),
+        qwen_tokenizer=str(folder / "tokenizer"),
+        config=str(folder),
+    )
+    got = pipe(PROMPT, seed=4, width=W, height=H, steps=3, progress=False).images[0]
+    want = want_pipe(PROMPT, seed=4, width=W, height=H, steps=3, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_file_refusals(files, tmp_path: Path) -> None:
+    """A missing part (before the transformer is read), a Qwen3 file given to [dev], a Mistral file given to klein, a
+    tokenizer that is not Mistral's, a klein folder as [dev]'s config: one line each."""
+    folder, out = files
+    parts = {"qwen_text": str(out["text"]), "vae": str(out["vae"]), "qwen_tokenizer": str(folder / "tokenizer")}
+    qwen3 = tmp_path / "qwen_3_4b.safetensors"  # a Qwen3 file's names (its header is what is read first)
+    save_file(
+        {
+            "model.embed_tokens.weight": torch.zeros(8, 4),
+            "model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 4),
+            "model.layers.0.self_attn.q_norm.weight": torch.zeros(4),
+        },
+        qwen3,
+    )
+    klein = tmp_path / "flux-2-klein-4b.safetensors"  # the same transformer without the guidance embedding
+    save_file({k: v for k, v in load_file(out["transformer"]).items() if ".guidance_in." not in k}, klein)
+    lonely = tmp_path / "alone" / "mistral_3_small_flux2_bf16.safetensors"  # no tokenizer beside it
+    lonely.parent.mkdir()
+    lonely.symlink_to(out["text"])
+    qwen_tok = tmp_path / "qwen_tok"  # a tokenizer without Mistral's control tokens
+    qwen_tok.mkdir()
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])  # Qwen2's
+    tok.save(str(qwen_tok / "tokenizer.json"))
+    dev = out["transformer"]
+    cases = [
+        (dev, {"vae": parts["vae"]}, "holds no Mistral Small 3 text encoder: give it with --qwen-text (qwen_text="),
+        (dev, {**parts, "vae": None}, "holds no VAE: give it with --vae"),
+        (dev, {**parts, "qwen_text": str(lonely), "qwen_tokenizer": None}, "holds no Mistral tokenizer"),
+        (dev, {**parts, "qwen_text": str(qwen3)}, "a Qwen3 text encoder (Z-Image's or FLUX.2 [klein]'s), but"),
+        (klein, parts, "a Mistral Small 3 text encoder (FLUX.2 [dev]'s), but flux-2-klein-4b.safetensors is FLUX.2"),
+        (dev, {**parts, "qwen_tokenizer": str(qwen_tok)}, "a tokenizer without Mistral's [SYSTEM_PROMPT] token"),
+        (dev, {**parts, "config": str(tmp_path)}, f"--config {tmp_path.name}: not a FLUX.2 [dev] folder"),
+        (dev, {**parts, "vae": str(out["text"])}, "not a VAE"),
+    ]
+    for model, kw, needle in cases:
+        with pytest.raises(GenerationError) as e:
+            load_pipeline(model, device="cpu", **{k: v for k, v in kw.items() if v is not None})
+        assert needle in str(e.value) and "\n" not in str(e.value), (needle, str(e.value))
+
+
+def test_cli_generate_with_the_files(files, tmp_path: Path) -> None:
+    """``sdengine generate --model flux2-dev.safetensors --qwen-text ... --vae ... --qwen-tokenizer ...``: the
+    folder's PNG."""
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    folder, out = files
+    args = ["generate", PROMPT, "--steps", "2", "--seed", "6", "--width", str(W), "--height", str(H), "--no-progress"]
+    parts = ["--qwen-text", str(out["text"]), "--vae", str(out["vae"]), "--qwen-tokenizer", str(folder / "tokenizer")]
+    assert main([*args, "--model", str(out["transformer"]), *parts, "--out", str(tmp_path / "file")]) == 0
+    assert main([*args, "--model", str(folder), "--out", str(tmp_path / "folder")]) == 0
+    (a,), (b,) = ([np.asarray(Image.open(p)) for p in (tmp_path / d).glob("*.png")] for d in ("file", "folder"))
+    assert a.shape == (H, W, 3)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_server_parts_are_told_and_filled(files, tmp_path: Path) -> None:
+    """The server's folders: the Mistral file is told from Qwen3 / Qwen2.5-VL by its tensors, the [dev] file needs a
+    Mistral text encoder and a FLUX.2 VAE, the tokenizer beside the text encoder; a missing tokenizer or text encoder
+    is a one-line 400. The families' defaults before loading: [dev]'s (50 steps, no CFG)."""
+    from sdengine.server import dit_parts
+    from sdengine.server.errors import BadRequest
+    from sdengine.server.page_api import flux2_dev_before_load
+
+    folder, out = files
+    assert dit_parts.kind_of(out["text"]) == ("mistral_text", 0)
+    assert dit_parts.needed(out["transformer"]) == ("mistral_text", "flux2_vae")
+    assert flux2_dev_before_load(str(out["transformer"])) and flux2_dev_before_load(str(folder))
+
+    class Entry:
+        def __init__(self, p: Path) -> None:
+            self.name, self.ref = p.name, str(p)
+
+    class Catalog:
+        def __init__(self, text: list[Path]) -> None:
+            self.text = text
+
+        def text_encoders(self) -> list[Entry]:
+            return [Entry(p) for p in self.text]
+
+        def vaes(self) -> list[Entry]:
+            return [Entry(out["vae"])]
+
+    ref = dit_parts.fill(Catalog([out["text"]]), str(out["transformer"]), None)
+    assert dit_parts.split(ref) == (str(out["transformer"]), {"mistral_text": str(out["text"]), "flux2_vae": str(out["vae"])})
+    lonely = tmp_path / "mistral_3_small_flux2_fp8.safetensors"
+    lonely.symlink_to(out["text"])
+    for catalog, needle in (
+        (Catalog([lonely]), "needs Mistral's tokenizer beside its text encoder"),
+        (Catalog([]), "needs a Mistral Small 3 text encoder file: put one in text_encoders/"),
+    ):
+        with pytest.raises(BadRequest) as e:
+            dit_parts.fill(catalog, str(out["transformer"]), None)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
