@@ -173,7 +173,10 @@ def make_dev_folder(
         text_encoder=mistral3_text_encoder(len(processor), seed + 20, text),
         tokenizer=processor,
         transformer=flux2_transformer(
-            seed + 30, joint_attention_dim=3 * {**MISTRAL_TEXT, **(text or {})}["hidden_size"], guidance_embeds=True, **(transformer or {})
+            seed + 30,
+            joint_attention_dim=3 * {**MISTRAL_TEXT, **(text or {})}["hidden_size"],
+            guidance_embeds=True,
+            **(transformer or {}),
         ),
     )
     pipe.save_pretrained(dst)

@@ -198,7 +198,10 @@ def test_server_parts_are_told_and_filled(files, tmp_path: Path) -> None:
             return [Entry(out["vae"])]
 
     ref = dit_parts.fill(Catalog([out["text"]]), str(out["transformer"]), None)
-    assert dit_parts.split(ref) == (str(out["transformer"]), {"mistral_text": str(out["text"]), "flux2_vae": str(out["vae"])})
+    assert dit_parts.split(ref) == (
+        str(out["transformer"]),
+        {"mistral_text": str(out["text"]), "flux2_vae": str(out["vae"])},
+    )
     lonely = tmp_path / "mistral_3_small_flux2_fp8.safetensors"
     lonely.symlink_to(out["text"])
     for catalog, needle in (

@@ -389,10 +389,11 @@ def dev_tokenizer_beside(text_encoder: Path) -> Path | None:
     file; None when there is none (whether it is Mistral's is checked when it is read)."""
     from sdengine.pipeline.qwen_image_loading import has_tokenizer
 
+    found: list[Path]
     if text_encoder.is_dir():
-        found = (text_encoder, text_encoder / "tokenizer", text_encoder.parent / "tokenizer")
+        found = [text_encoder, text_encoder / "tokenizer", text_encoder.parent / "tokenizer"]
     else:
-        found = tuple(text_encoder.parent / n for n in DEV_TOKENIZER_FOLDERS)
+        found = [text_encoder.parent / n for n in DEV_TOKENIZER_FOLDERS]
     return next((f for f in found if has_tokenizer(f)), None)
 
 
