@@ -211,3 +211,57 @@ def test_server_parts_are_told_and_filled(files, tmp_path: Path) -> None:
         with pytest.raises(BadRequest) as e:
             dit_parts.fill(catalog, str(out["transformer"]), None)
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def comfy_fp8_mixed(comfy: dict[str, torch.Tensor], fmt: str = "float8_e4m3fn") -> dict[str, torch.Tensor]:
+    """ComfyUI's mixed-precision layout of a Mistral file (``mistral_3_small_flux2_fp8``): each layer's Linear weights
+    in float8 (weight / scale) with ``.weight_scale`` (amax / 448), ``.input_scale`` and ``.comfy_quant`` (its JSON
+    format) beside them; embeddings and norms as they were."""
+    import json
+
+    marker = torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in comfy.items():
+        if k.startswith("model.layers.") and k.endswith("_proj.weight"):
+            layer = k[: -len(".weight")]
+            scale = v.float().abs().max() / 448.0
+            out[k] = (v.float() / scale).to(torch.float8_e4m3fn)
+            out[f"{layer}.weight_scale"] = scale.reshape(())
+            out[f"{layer}.input_scale"] = torch.tensor(1.0)
+            out[f"{layer}.comfy_quant"] = marker.clone()
+        else:
+            out[k] = v
+    return out
+
+
+def test_comfy_fp8_mixed_mistral_file(files, tmp_path: Path) -> None:
+    """ComfyUI's float8 Mistral file (``.comfy_quant`` float8 with ``.weight_scale``): every weight float(w8) x scale,
+    the image near the bfloat16 file's; another quantization format is one line."""
+    folder, out = files
+    comfy = load_file(out["text"])
+    fp8 = tmp_path / "mistral_3_small_flux2_fp8.safetensors"
+    mixed = comfy_fp8_mixed(comfy)
+    save_file(mixed, fp8)
+    got = load_qwen_text_encoder(fp8, family="mistral").state_dict()
+    want = load_qwen_text_encoder(out["text"], family="mistral").state_dict()
+    assert got.keys() == want.keys()
+    for k, v in got.items():
+        layer = "model." + k[: -len(".weight")]
+        if f"{layer}.weight_scale" in mixed:
+            assert torch.equal(v, mixed["model." + k].float() * mixed[f"{layer}.weight_scale"]), k
+        else:
+            assert torch.equal(v, want[k]), k
+    shutil.copytree(folder / "tokenizer", tmp_path / "mistral_tokenizer")
+    kw = dict(seed=4, width=W, height=H, steps=3, progress=False)
+    a = load_pipeline(out["transformer"], device="cpu", qwen_text=str(fp8), vae=str(out["vae"]))(PROMPT, **kw)
+    b = load_pipeline(out["transformer"], device="cpu", qwen_text=str(out["text"]), vae=str(out["vae"]))(PROMPT, **kw)
+    diff = np.abs(a.arrays[0] - b.arrays[0])
+    assert 0 < float(diff.mean()) < 2e-2, float(diff.mean())
+    bad = tmp_path / "nvfp4" / "mistral_3_small_flux2_nvfp4.safetensors"
+    bad.parent.mkdir()
+    save_file(comfy_fp8_mixed(comfy, "nvfp4"), bad)
+    with pytest.raises(GenerationError) as e:
+        load_pipeline(out["transformer"], device="cpu", qwen_text=str(bad), vae=str(out["vae"]),
+                      qwen_tokenizer=str(folder / "tokenizer"))  # fmt: skip
+    assert "says format 'nvfp4': ComfyUI's quantized weights are read in float8 only" in str(e.value)
+    assert "\n" not in str(e.value)

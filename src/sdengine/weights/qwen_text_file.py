@@ -18,7 +18,9 @@ Key layouts (one per file; the prefix is taken off, the rest are ``Qwen2_5_VLTex
 The vision tower (``visual.*``, ``model.visual.*``) and the language-model head (``lm_head.*``) are skipped without
 being read: the image pipelines use neither. ComfyUI's "scaled fp8" files (a ``scaled_fp8`` marker
 tensor, one ``<layer>.scale_weight`` per Linear, stored weights ``weight / scale``) are read as
-``float(weight) * scale_weight``; their ``scale_input`` tensors serve only an fp8 matmul and are ignored. Any other
+``float(weight) * scale_weight``; their ``scale_input`` tensors serve only an fp8 matmul and are ignored. ComfyUI's
+newer mixed-precision files (``<layer>.comfy_quant``, a JSON naming the format, with ``<layer>.weight_scale`` and
+``<layer>.input_scale``) are read the same way where the format is float8; another format is one line. Any other
 key, a missing one, a shape that does not fit or a config that disagrees with the weights is one
 :class:`QwenTextFileError` line. Weights of any floating dtype (float8 included) are cast to the compute dtype.
 
@@ -235,6 +237,9 @@ def _build(
     chosen = select_text_names(
         [n for n in every if n != SCALED_FP8_MARKER and not n.endswith("." + SCALED_FP8_MARKER)], where
     )
+    if any(k.endswith(COMFY_QUANT) for k in chosen):
+        chosen = comfy_quant_names(source, chosen, where)
+        scaled = True
     names, scales = split_scales(chosen, scaled, where, QwenTextFileError)
     check_scales_used(scales, names, where, QwenTextFileError)
     shapes = {k: source.where[v][2] for k, v in names.items()}
@@ -272,6 +277,38 @@ def _build(
         state[k] = t.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+COMFY_QUANT = ".comfy_quant"  # ComfyUI's mixed-precision files: one JSON (uint8 tensor) per quantized Linear
+COMFY_FLOAT8 = ("float8_e4m3fn", "float8_e5m2")  # the formats read: float8 weights with one scale each
+
+
+def comfy_quant_names(source: TensorSource, chosen: Mapping[str, str], where: str) -> dict[str, str]:
+    """ComfyUI's mixed-precision layout (``<layer>.comfy_quant`` JSON naming the format, ``<layer>.weight_scale``,
+    ``<layer>.input_scale``) as the scaled-fp8 one :func:`split_scales` reads (``.scale_weight`` / ``.scale_input``);
+    a format other than float8 (``nvfp4``, ``int8_tensorwise``, ...) is one line."""
+    import json
+
+    out: dict[str, str] = {}
+    for k, v in chosen.items():
+        if k.endswith(COMFY_QUANT):
+            raw = source.read(v)
+            try:
+                spec = json.loads(bytes(raw.to(torch.uint8).flatten().tolist()).decode("utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise QwenTextFileError(f"{where}: {v} is not ComfyUI's quantization JSON") from None
+            fmt = spec.get("format") if isinstance(spec, dict) else None
+            if fmt not in COMFY_FLOAT8:
+                raise QwenTextFileError(
+                    f"{where}: {v} says format {fmt!r}: ComfyUI's quantized weights are read in float8 only "
+                    f"({', '.join(COMFY_FLOAT8)})"
+                )
+            continue
+        for old, new in ((".weight_scale", ".scale_weight"), (".input_scale", ".scale_input")):
+            if k.endswith(old):
+                k = k[: -len(old)] + new
+        out[k] = v
+    return out
 
 
 def _describe(config: QwenTextConfig) -> str:
