@@ -200,3 +200,39 @@ def diffusers_dev_folder(folder: Path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# GPT-2's pre-tokenizer regex (what the tiny BPE's ByteLevel pre-tokenizer splits by), as a tekken.json pattern
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def tekken_json(tokenizer_dir: Path) -> bytes:
+    """The tiny tokenizer (:func:`write_mistral_processor`) as Mistral's ``tekken.json`` (what ComfyUI's Mistral files
+    carry as ``tekken_model``): its control tokens as ``special_tokens`` at their ids, every other token by rank (id
+    minus the special count) as base64 bytes, GPT-2's split pattern."""
+    import base64
+    import json
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    n = len(SPECIAL)
+    assert [vocab[s] for s in SPECIAL] == list(range(n))
+    pieces = sorted((i, p) for p, i in vocab.items() if i >= n)
+    assert [i for i, _ in pieces] == list(range(n, n + len(pieces)))
+    tekken = {
+        "config": {
+            "pattern": GPT2_PATTERN,
+            "num_vocab_tokens": len(pieces),
+            "default_vocab_size": n + len(pieces),
+            "default_num_special_tokens": n,
+            "version": "v7",
+        },
+        "vocab": [
+            {"rank": i - n, "token_bytes": base64.b64encode(bytes(to_byte[c] for c in p)).decode(), "token_str": None}
+            for i, p in pieces
+        ],
+        "special_tokens": [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(SPECIAL)],
+    }
+    return json.dumps(tekken).encode()

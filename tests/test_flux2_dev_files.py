@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("diffusers")
 
-from _flux2_dev_models import make_dev_folder  # noqa: E402
+from _flux2_dev_models import make_dev_folder, tekken_json  # noqa: E402
 from _flux2_models import FILE_TRANSFORMER, FILE_VAE  # noqa: E402
 from sdengine.errors import GenerationError  # noqa: E402
 from sdengine.pipeline import load_pipeline  # noqa: E402
@@ -28,10 +28,10 @@ W, H = 32, 48
 MISTRAL_FILE_TEXT = dict(num_attention_heads=1, num_key_value_heads=1, head_dim=128)  # the release's head width
 
 
-def comfy_mistral_layout(te: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def comfy_mistral_layout(te: dict[str, torch.Tensor], tekken: bytes | None) -> dict[str, torch.Tensor]:
     """transformers' ``Mistral3ForConditionalGeneration`` tensors -> ComfyUI's ``mistral_3_small_flux2_*.safetensors``:
     the language model under ``model.``, the LM head, no vision tower or projector, and the tokenizer's tekken.json as
-    a uint8 tensor (here a stand-in)."""
+    a uint8 tensor (``tekken_model``) where given."""
     out: dict[str, torch.Tensor] = {}
     for k, v in te.items():
         for old in ("model.language_model.", "language_model.model."):  # transformers 5's / the release's names
@@ -39,20 +39,22 @@ def comfy_mistral_layout(te: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
                 out["model." + k[len(old) :]] = v.contiguous()
         if k.startswith(("lm_head.", "language_model.lm_head.")):
             out["lm_head." + k.rsplit("lm_head.", 1)[1]] = v.contiguous()
-    out["tekken_model"] = torch.frombuffer(bytearray(b'{"config": {}, "vocab": []}'), dtype=torch.uint8)
+    if tekken is not None:
+        out["tekken_model"] = torch.frombuffer(bytearray(tekken), dtype=torch.uint8)
     return out
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """(the [dev] folder, {part: file}): ComfyUI's layout under ``models/`` with Mistral's tokenizer beside the text
-    encoder as ``mistral_tokenizer/``."""
+    """(the [dev] folder, {part: file}): ComfyUI's layout under ``models/`` (the Mistral file with its tekken.json
+    inside); ``bare``: the Mistral file without it, Mistral's tokenizer folder beside it as ``mistral_tokenizer/``."""
     root = tmp_path_factory.mktemp("devfiles")
     folder = make_dev_folder(root / "dev", seed=5, transformer=FILE_TRANSFORMER, text=MISTRAL_FILE_TEXT, vae=FILE_VAE)
     out = {
         "transformer": root / "models" / "diffusion_models" / "flux2-dev.safetensors",
         "text": root / "models" / "text_encoders" / "mistral_3_small_flux2_bf16.safetensors",
         "vae": root / "models" / "vae" / "flux2-vae.safetensors",
+        "bare": root / "bare" / "mistral_3_small_flux2_bf16.safetensors",
     }
     for p in out.values():
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -62,9 +64,10 @@ def files(tmp_path_factory):
     te: dict[str, torch.Tensor] = {}
     for f in sorted((folder / "text_encoder").glob("*.safetensors")):
         te |= load_file(f)
-    save_file(comfy_mistral_layout(te), out["text"])
+    save_file(comfy_mistral_layout(te, tekken_json(folder / "tokenizer")), out["text"])
+    save_file(comfy_mistral_layout(te, None), out["bare"])
     save_file(comfy_vae_layout(load_file(next((folder / "vae").glob("*.safetensors")))), out["vae"])
-    shutil.copytree(folder / "tokenizer", out["text"].parent / "mistral_tokenizer")
+    shutil.copytree(folder / "tokenizer", out["bare"].parent / "mistral_tokenizer")
     return folder, out
 
 
@@ -81,8 +84,9 @@ def test_the_mistral_file_loads_as_the_folders_encoder(files) -> None:
 
 
 def test_files_give_the_folders_image(files) -> None:
-    """flux2-dev.safetensors with the Mistral file, the VAE file and the tokenizer found beside the text encoder: a
-    [dev] pipeline (50 steps, guidance 4, no CFG) giving the folder's image, with and without a guidance given."""
+    """flux2-dev.safetensors with the Mistral file (its own tokenizer inside) and the VAE file: a [dev] pipeline (50
+    steps, guidance 4, no CFG) giving the folder's image, with and without a guidance given; the same with the Mistral
+    file without its tokenizer and the tokenizer folder beside it, or given apart (with ``config=`` the folder)."""
     folder, out = files
     pipe = load_pipeline(out["transformer"], device="cpu", qwen_text=str(out["text"]), vae=str(out["vae"]))
     want_pipe = load_pipeline(folder, device="cpu")
@@ -95,18 +99,14 @@ def test_files_give_the_folders_image(files) -> None:
         want = want_pipe(PROMPT, **kw).arrays[0]
         assert got.shape == (H, W, 3)
         np.testing.assert_array_equal(got, want)
-    # the tokenizer given apart, and config= a [dev] folder (its scheduler): the same image
-    pipe = load_pipeline(
-        out["transformer"],
-        device="cpu",
-        qwen_text=str(out["text"]),
-        vae=str(out["vae"]),
-        qwen_tokenizer=str(folder / "tokenizer"),
-        config=str(folder),
-    )
-    got = pipe(PROMPT, seed=4, width=W, height=H, steps=3, progress=False).images[0]
-    want = want_pipe(PROMPT, seed=4, width=W, height=H, steps=3, progress=False).images[0]
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    want = want_pipe(PROMPT, seed=4, width=W, height=H, steps=3, progress=False).arrays[0]
+    for kw in (  # the tokenizer folder beside the bare file; given apart, with config= a [dev] folder (its scheduler)
+        {"qwen_text": str(out["bare"])},
+        {"qwen_text": str(out["bare"]), "qwen_tokenizer": str(folder / "tokenizer"), "config": str(folder)},
+    ):
+        pipe = load_pipeline(out["transformer"], device="cpu", vae=str(out["vae"]), **kw)
+        got = pipe(PROMPT, seed=4, width=W, height=H, steps=3, progress=False).arrays[0]
+        np.testing.assert_array_equal(got, want)
 
 
 def test_file_refusals(files, tmp_path: Path) -> None:
@@ -125,9 +125,14 @@ def test_file_refusals(files, tmp_path: Path) -> None:
     )
     klein = tmp_path / "flux-2-klein-4b.safetensors"  # the same transformer without the guidance embedding
     save_file({k: v for k, v in load_file(out["transformer"]).items() if ".guidance_in." not in k}, klein)
-    lonely = tmp_path / "alone" / "mistral_3_small_flux2_bf16.safetensors"  # no tokenizer beside it
+    lonely = tmp_path / "alone" / "mistral_3_small_flux2_bf16.safetensors"  # no tokenizer inside nor beside it
     lonely.parent.mkdir()
-    lonely.symlink_to(out["text"])
+    lonely.symlink_to(out["bare"])
+    garbled = tmp_path / "garbled" / "mistral_3_small_flux2_bf16.safetensors"  # tekken_model not tekken.json
+    garbled.parent.mkdir()
+    save_file(
+        {**load_file(out["bare"]), "tekken_model": torch.tensor(list(b'{"vocab": 1}'), dtype=torch.uint8)}, garbled
+    )
     qwen_tok = tmp_path / "qwen_tok"  # a tokenizer without Mistral's control tokens
     qwen_tok.mkdir()
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -144,6 +149,11 @@ def test_file_refusals(files, tmp_path: Path) -> None:
         (dev, {**parts, "qwen_text": str(qwen3)}, "a Qwen3 text encoder (Z-Image's or FLUX.2 [klein]'s), but"),
         (klein, parts, "a Mistral Small 3 text encoder (FLUX.2 [dev]'s), but flux-2-klein-4b.safetensors is FLUX.2"),
         (dev, {**parts, "qwen_tokenizer": str(qwen_tok)}, "a tokenizer without Mistral's [SYSTEM_PROMPT] token"),
+        (
+            dev,
+            {**parts, "qwen_text": str(garbled), "qwen_tokenizer": None},
+            "not a Mistral tekken tokenizer (no config",
+        ),
         (dev, {**parts, "config": str(tmp_path)}, f"--config {tmp_path.name}: not a FLUX.2 [dev] folder"),
         (dev, {**parts, "vae": str(out["text"])}, "not a VAE"),
     ]
@@ -202,10 +212,13 @@ def test_server_parts_are_told_and_filled(files, tmp_path: Path) -> None:
         str(out["transformer"]),
         {"mistral_text": str(out["text"]), "flux2_vae": str(out["vae"])},
     )
-    lonely = tmp_path / "mistral_3_small_flux2_fp8.safetensors"
-    lonely.symlink_to(out["text"])
+    lonely = tmp_path / "mistral_3_small_flux2_fp8.safetensors"  # no tokenizer inside nor beside it
+    lonely.symlink_to(out["bare"])
     for catalog, needle in (
-        (Catalog([lonely]), "needs Mistral's tokenizer beside its text encoder"),
+        (
+            Catalog([lonely]),
+            "needs Mistral's tokenizer: its text encoder mistral_3_small_flux2_fp8.safetensors carries none",
+        ),
         (Catalog([]), "needs a Mistral Small 3 text encoder file: put one in text_encoders/"),
     ):
         with pytest.raises(BadRequest) as e:
@@ -251,7 +264,6 @@ def test_comfy_fp8_mixed_mistral_file(files, tmp_path: Path) -> None:
             assert torch.equal(v, mixed["model." + k].float() * mixed[f"{layer}.weight_scale"]), k
         else:
             assert torch.equal(v, want[k]), k
-    shutil.copytree(folder / "tokenizer", tmp_path / "mistral_tokenizer")
     kw = dict(seed=4, width=W, height=H, steps=3, progress=False)
     a = load_pipeline(out["transformer"], device="cpu", qwen_text=str(fp8), vae=str(out["vae"]))(PROMPT, **kw)
     b = load_pipeline(out["transformer"], device="cpu", qwen_text=str(out["text"]), vae=str(out["vae"]))(PROMPT, **kw)
@@ -317,3 +329,31 @@ def test_comfy_fp8_mixed_transformer_file(files, tmp_path: Path) -> None:
         load_pipeline(bad, device="cpu", qwen_tokenizer=str(folder / "tokenizer"), **parts)
     assert "says format 'nvfp4': ComfyUI's quantized weights are read in float8 only" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_tekken_tokenizer_matches_transformers_and_the_folders(files, tmp_path: Path) -> None:
+    """The tekken.json a Mistral file carries, read by sdengine, vs transformers' ``convert_tekken_tokenizer`` of the
+    same file and vs the folder's ``tokenizer.json`` it was written from: the same ids for plain, accented, CJK and
+    emoji text, digits, whitespace runs, and the [dev] template with its control tokens; ``<pad>`` 11, left padding."""
+    from transformers.integrations.mistral import convert_tekken_tokenizer
+
+    from sdengine.pipeline.flux2_loading import read_tekken
+    from sdengine.text.flux2_prompt import DEV_PROMPT_TEMPLATE, dev_prompt
+    from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
+
+    folder, out = files
+    ours = read_tekken(out["text"])
+    (tmp_path / "tekken.json").write_bytes(tekken_json(folder / "tokenizer"))
+    hf = convert_tekken_tokenizer(str(tmp_path / "tekken.json"))
+    plain = load_qwen_tokenizer(folder / "tokenizer")
+    texts = [
+        "a red apple on a wooden table",
+        "The quick brown fox jumps over the lazy dog 0123456789 !?.,;:'\"()[]{}",
+        "héllo wörld ☃ 日本語 🍎  two  spaces\n\tnew line",
+        DEV_PROMPT_TEMPLATE.replace("{}", dev_prompt("make it green; [IMG] a cat holding a sign")),
+    ]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False) == plain.encode(text), text
+        assert ours.decode(ids) == text
+    assert ours.pad_token_id == 11 and ours.padding_side == "left" and ours.token_id("[SYSTEM_PROMPT]") == 17

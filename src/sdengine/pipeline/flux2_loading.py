@@ -30,10 +30,11 @@ guidance embedding, ``guidance_in``: :func:`is_dev_file`) takes the same three p
 encoder is Mistral Small 3 (ComfyUI's ``text_encoders/mistral_3_small_flux2_bf16.safetensors`` / ``_fp8``, or a
 [dev] folder), the tokenizer Mistral's (``--qwen-tokenizer``: a [dev] folder's ``tokenizer/``, a folder with its
 ``tokenizer.json``; looked for beside the text encoder as ``mistral_tokenizer/`` or ``tokenizer/``, and refused in one
-line where it has no ``[SYSTEM_PROMPT]`` token: not Mistral's). ComfyUI's file carries the tokenizer's ``tekken.json``
-inside it (``tekken_model``), which is not read. It is never step-distilled (guidance embedded, 50 steps); the
-scheduler is :data:`DEV_SCHEDULER` unless ``config`` names a [dev] folder. A Qwen3 text encoder given to [dev], or
-a Mistral one to klein, is one line before the transformer is read.
+line where it has no ``[SYSTEM_PROMPT]`` token: not Mistral's). ComfyUI's Mistral file carries the tokenizer's
+``tekken.json`` inside it (``tekken_model``): without ``--qwen-tokenizer`` that one is read
+(:mod:`sdengine.text.tekken`), before any folder beside the file. It is never step-distilled (guidance embedded, 50
+steps); the scheduler is :data:`DEV_SCHEDULER` unless ``config`` names a [dev] folder. A Qwen3 text encoder given
+to [dev], or a Mistral one to klein, is one line before the transformer is read.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ DEV_PARTS = {  # FLUX.2 [dev]'s file: the same options, other parts
     "vae": PARTS["vae"],
     "tokenizer": (
         "Mistral tokenizer (sdengine ships none)",
-        "FLUX.2-dev's tokenizer/ folder (its tokenizer.json), or mistral_tokenizer/ beside the text encoder",
+        "FLUX.2-dev's tokenizer/ folder, or mistral_tokenizer/ beside the text encoder; ComfyUI's Mistral files carry "
+        "their own",
     ),
 }
 # black-forest-labs/FLUX.2-dev's scheduler/scheduler_config.json: klein's numbers
@@ -185,12 +187,14 @@ def load_text_side(
     text_encoder: Path | None = None,
     tokenizer: Path | None = None,
     dev: bool = False,
+    tekken: Path | None = None,
 ) -> tuple[Any, Any, Any]:
     """(Qwen3, texts -> states, text -> its token count in the template) of a folder's ``text_encoder/`` and
     ``tokenizer/`` (or ``text_encoder`` / ``tokenizer`` given apart: a single file's parts;
     :func:`sdengine.text.flux2_prompt.encode_prompt_flux2`); one line where the encoder's three stacked layers are
     not the transformer's text width or the encoder has fewer than 27 layers. ``dev``: FLUX.2 [dev]'s Mistral Small 3
-    (layers 10, 20, 30 in its system prompt, :data:`sdengine.text.flux2_prompt.DEV_PROMPT_TEMPLATE`)."""
+    (layers 10, 20, 30 in its system prompt, :data:`sdengine.text.flux2_prompt.DEV_PROMPT_TEMPLATE`); ``tekken``: a
+    Mistral file whose own tokenizer (``tekken_model``) to read instead of ``tokenizer``."""
     from sdengine.text import flux2_prompt
     from sdengine.text.flux2_prompt import encode_prompt_flux2
     from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
@@ -199,15 +203,15 @@ def load_text_side(
     layers = flux2_prompt.DEV_HIDDEN_LAYERS if dev else flux2_prompt.HIDDEN_LAYERS
     template = flux2_prompt.DEV_PROMPT_TEMPLATE if dev else flux2_prompt.PROMPT_TEMPLATE
     try:
-        tok = load_qwen_tokenizer(tokenizer or path / "tokenizer")
+        tok = read_tekken(tekken) if tekken is not None else load_qwen_tokenizer(tokenizer or path / "tokenizer")
     except UsageError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
-    if dev:
+    if dev and tekken is None:
         tok.padding_side = mistral_padding_side(tokenizer or path / "tokenizer", tok.padding_side)
     te = text_encoder or path / "text_encoder"
     family = "mistral" if dev else ("qwen3" if text_encoder else None)
     if dev and tok.token_id(MISTRAL_MARK) is None:
-        where = (tokenizer or path / "tokenizer").name
+        where = tekken.name if tekken is not None else (tokenizer or path / "tokenizer").name
         raise GenerationError(
             f"{where}: a tokenizer without Mistral's {MISTRAL_MARK} token: not FLUX.2 [dev]'s (Mistral Small 3's) "
             "tokenizer; give its tokenizer/ folder with --qwen-tokenizer (qwen_tokenizer= in Python)"
@@ -286,6 +290,7 @@ def load_flux2_pipeline(
             raise GenerationError(f"{FLAGS[key]} {value}: no such file or folder")
     te_path: Path | None = None
     tok_path: Path | None = None
+    tekken: Path | None = None  # a Mistral file whose tekken_model is the tokenizer
     dev = False
     if path.is_dir():
         kind = pipeline_class(path)
@@ -315,10 +320,13 @@ def load_flux2_pipeline(
             distilled, scheduler = file_kind(path, Path(config) if config is not None else None)
         te_path = Path(text_encoder) if text_encoder is not None else None
         tok_path = Path(tokenizer) if tokenizer is not None else None
-        if tok_path is None and te_path is not None:
+        if dev and tok_path is None and te_path is not None and holds_tekken(te_path):
+            tekken = te_path  # ComfyUI's Mistral file: its own tokenizer inside
+        elif tok_path is None and te_path is not None:
             tok_path = dev_tokenizer_beside(te_path) if dev else tokenizer_beside(te_path)
         parts = DEV_PARTS if dev else PARTS
-        for key, missing in (("text_encoder", te_path is None), ("vae", vae is None), ("tokenizer", tok_path is None)):
+        no_tok = tok_path is None and tekken is None
+        for key, missing in (("text_encoder", te_path is None), ("vae", vae is None), ("tokenizer", no_tok)):
             if missing:
                 what, example = parts[key]
                 raise GenerationError(
@@ -347,6 +355,7 @@ def load_flux2_pipeline(
             text_encoder=te_path,
             tokenizer=tok_path,
             dev=dev,
+            tekken=tekken,
         )
         vae_model = load_flux2_vae(vae_path, device=device, dtype=dtype)
     except WeightsError as e:
@@ -368,6 +377,39 @@ def load_flux2_pipeline(
         vae_source=Path(vae) if vae is not None else None,
         dev=dev,
     )
+
+
+TEKKEN = "tekken_model"  # ComfyUI's Mistral files: Mistral's tekken.json as a uint8 tensor
+MAX_TEKKEN_BYTES = 256 * 1024 * 1024
+
+
+def holds_tekken(path: Path) -> bool:
+    """Whether a text encoder ``.safetensors`` file carries Mistral's tokenizer (ComfyUI's ``tekken_model``)."""
+    from sdengine.pipeline.flux_loading import file_holds
+    from sdengine.weights.io import SAFETENSORS_SUFFIXES
+
+    return path.suffix.lower() in SAFETENSORS_SUFFIXES and file_holds(path, lambda names: TEKKEN in names)
+
+
+def read_tekken(path: Path) -> Any:
+    """The tokenizer a Mistral file carries (:func:`sdengine.text.tekken.tekken_tokenizer` of its ``tekken_model``
+    bytes); one line where that tensor is not a byte string."""
+    from sdengine.text.tekken import tekken_tokenizer
+    from sdengine.weights.io import SafetensorsReader, WeightsError
+
+    try:
+        reader = SafetensorsReader(path)
+        try:
+            if reader.dtype(TEKKEN) != torch.uint8 or len(reader.shape(TEKKEN)) != 1:
+                raise GenerationError(f"{path.name}: {TEKKEN} is not a byte string (a 1-d uint8 tensor)")
+            if reader.shape(TEKKEN)[0] > MAX_TEKKEN_BYTES:
+                raise GenerationError(f"{path.name}: {TEKKEN} is over {MAX_TEKKEN_BYTES} bytes")
+            data = reader.read(TEKKEN).numpy().tobytes()
+        finally:
+            reader.close()
+    except (OSError, WeightsError) as e:
+        raise GenerationError(f"{path.name}: cannot read {TEKKEN} ({str(e).splitlines()[0][:120]})") from None
+    return tekken_tokenizer(data, name=f"{path.name}'s {TEKKEN}")
 
 
 def dev_scheduler(config: Path | None) -> dict[str, Any]:
@@ -475,6 +517,8 @@ __all__ = [
     "dev_scheduler",
     "dev_tokenizer_beside",
     "file_kind",
+    "holds_tekken",
+    "read_tekken",
     "text_family",
     "distilled_before_load",
     "distilled_from_name",

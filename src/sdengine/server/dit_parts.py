@@ -17,8 +17,8 @@ FLUX.2 [klein]'s (``diffusion_models/flux-2-klein-4b.safetensors``) likewise: a 
 and a FLUX.2 VAE of ``--vaes-dir`` (told by its batch-norm statistics, ``bn.running_var``). FLUX.2 [dev]'s
 (``diffusion_models/flux2-dev.safetensors``, told by its guidance embedding) takes a Mistral Small 3 text encoder of
 ``text_encoders/`` (told by having neither Qwen3's q / k norms nor Qwen2.5-VL's q / k / v biases; ComfyUI's
-``mistral_3_small_flux2_bf16.safetensors``) with Mistral's tokenizer beside it (``text_encoders/mistral_tokenizer/``
-or ``tokenizer/``: FLUX.2-dev's ``tokenizer/`` folder,
+``mistral_3_small_flux2_bf16.safetensors``) with Mistral's tokenizer inside it (ComfyUI's ``tekken_model``) or beside
+it (``text_encoders/mistral_tokenizer/`` or ``tokenizer/``: FLUX.2-dev's ``tokenizer/`` folder,
 :func:`sdengine.pipeline.flux2_loading.dev_tokenizer_beside`), and the same FLUX.2 VAE.
 
 The parts chosen become part of the model's loader reference (:func:`compose`): ``PATH`` then ``\\0kind=PATH`` for
@@ -253,13 +253,14 @@ def fill(catalog: Any, ref: str, modules: Sequence[str] | None) -> str:
                 "qwen25_tokenizer/"
             )
     if "mistral_text" in parts:
-        from sdengine.pipeline.flux2_loading import dev_tokenizer_beside
+        from sdengine.pipeline.flux2_loading import dev_tokenizer_beside, holds_tekken
 
         text = Path(parts["mistral_text"])
-        if dev_tokenizer_beside(text) is None:
+        if not holds_tekken(text) and dev_tokenizer_beside(text) is None:
             raise BadRequest(
-                f"{path.name} needs Mistral's tokenizer beside its text encoder {text.name}: put FLUX.2-dev's "
-                "tokenizer/ folder (its tokenizer.json) in text_encoders/ as mistral_tokenizer/"
+                f"{path.name} needs Mistral's tokenizer: its text encoder {text.name} carries none (ComfyUI's "
+                "tekken_model) and none is beside it: put FLUX.2-dev's tokenizer/ folder (its tokenizer.json) in "
+                "text_encoders/ as mistral_tokenizer/"
             )
     return compose(ref, parts)
 

@@ -32,8 +32,8 @@ the heads are the projections' rows / head width. A file with q / k / v biases i
 ``rope_theta`` 1e6, Qwen3-4B's values too; ``mrope_section`` [16, 24, 24]); one with neither biases nor q / k norms is
 Mistral Small 3 (FLUX.2 [dev]'s text encoder, ComfyUI's ``text_encoders/mistral_3_small_flux2_bf16.safetensors``:
 ``model.*`` names, ``rms_norm_eps`` 1e-5 and ``rope_theta`` 1e9, Mistral-Small-3.1/3.2-24B's). ComfyUI's Mistral
-files also hold the tokenizer's ``tekken.json`` as a byte tensor (``tekken_model``): skipped, not read (sdengine reads
-the tokenizer from a ``tokenizer.json`` folder).
+files also hold the tokenizer's ``tekken.json`` as a byte tensor (``tekken_model``): skipped here (the FLUX.2 [dev]
+loader reads it, :func:`sdengine.pipeline.flux2_loading.read_tekken`).
 """
 
 from __future__ import annotations
