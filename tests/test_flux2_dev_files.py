@@ -357,3 +357,33 @@ def test_tekken_tokenizer_matches_transformers_and_the_folders(files, tmp_path: 
         assert ids == hf.encode(text, add_special_tokens=False) == plain.encode(text), text
         assert ours.decode(ids) == text
     assert ours.pad_token_id == 11 and ours.padding_side == "left" and ours.token_id("[SYSTEM_PROMPT]") == 17
+
+
+def test_served_from_the_folders(files, tmp_path: Path) -> None:
+    """``sdengine serve``: ``diffusion_models/flux2-dev.safetensors`` with ``text_encoders/``'s Mistral file (its own
+    tokenizer inside) and ``--vaes-dir``'s FLUX.2 VAE: listed with [dev]'s defaults before it loads, and a native job
+    (``distilled_cfg_scale`` 2.5) gives ``load_pipeline`` of the same files' image (equal pixels)."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from _live_server import live_server, run_job, server_config
+
+    folder, out = files
+    models, vaes = tmp_path / "models", tmp_path / "vaes"
+    for sub in ("diffusion_models", "text_encoders"):
+        (models / sub).mkdir(parents=True)
+    vaes.mkdir()
+    shutil.copy(out["transformer"], models / "diffusion_models" / "flux2-dev.safetensors")  # (links out are refused)
+    shutil.copy(out["text"], models / "text_encoders" / out["text"].name)
+    shutil.copy(out["vae"], vaes / "flux2-vae.safetensors")
+    name = "diffusion_models/flux2-dev.safetensors"
+    job = {"model": name, "prompt": PROMPT, "steps": 2, "seed": 3, "width": W, "height": H, "distilled_cfg_scale": 2.5}
+    with live_server(server_config(tmp_path, models_dir=models, vaes_dir=vaes), loader=None) as server:
+        with httpx.Client(base_url=server.url, timeout=300) as client:
+            data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+            assert data[name]["family"] == "flux2"
+            assert data[name]["defaults"] == {"steps": 50, "cfg_scale": 1.0, "sampler": "euler", "schedule": "normal"}
+            got, _ = run_job(client, job)
+    pipe = load_pipeline(out["transformer"], device="cpu", qwen_text=str(out["text"]), vae=str(out["vae"]))
+    want = pipe(PROMPT, steps=2, seed=3, width=W, height=H, distilled_cfg_scale=2.5, progress=False).images[0]
+    np.testing.assert_array_equal(got, np.asarray(want.convert("RGB")))
