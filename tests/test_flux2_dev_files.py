@@ -387,3 +387,29 @@ def test_served_from_the_folders(files, tmp_path: Path) -> None:
     pipe = load_pipeline(out["transformer"], device="cpu", qwen_text=str(out["text"]), vae=str(out["vae"]))
     want = pipe(PROMPT, steps=2, seed=3, width=W, height=H, distilled_cfg_scale=2.5, progress=False).images[0]
     np.testing.assert_array_equal(got, np.asarray(want.convert("RGB")))
+
+
+def test_bad_tekken_files_are_one_line(files) -> None:
+    """A tekken.json sdengine cannot read: one TekkenError line naming what is wrong."""
+    import json
+
+    from sdengine.text.tekken import TekkenError, tekken_tokenizer
+
+    folder, _ = files
+    good = json.loads(tekken_json(folder / "tokenizer"))
+    no_pad = {**good, "special_tokens": [t for t in good["special_tokens"] if t["token_str"] != "<pad>"]}
+    cases = [
+        (b"\xff not json", "not JSON"),
+        (b"[]", "no config object"),
+        ({**good, "config": {**good["config"], "pattern": "("}}, "config.pattern does not compile"),
+        ({**good, "vocab": [{"rank": 0, "token_bytes": "!!"}]}, "token_bytes is not base64"),
+        ({**good, "vocab": [{"rank": 3, "token_bytes": "YQ=="}]}, "vocab entry 0 is not rank 0"),
+        ({**good, "special_tokens": [{"rank": 99, "token_str": "<x>"}]}, "past default_num_special_tokens=19"),
+        (no_pad, "no <pad> special token"),
+    ]
+    for data, needle in cases:
+        raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+        with pytest.raises(TekkenError) as e:
+            tekken_tokenizer(raw, name="t.json")
+        assert str(e.value).startswith("t.json: not a Mistral tekken tokenizer (") and needle in str(e.value)
+        assert "\n" not in str(e.value), str(e.value)
