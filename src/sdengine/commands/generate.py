@@ -1863,7 +1863,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="FILE",
         help="Qwen-Image: the Qwen2.5-VL text encoder (ComfyUI's qwen_2.5_vl_7b.safetensors, or a folder), for a "
         "diffusion-model file (qwen_image_*.safetensors; its VAE: --vae) or in place of a folder's; Z-Image, FLUX.2 "
-        "[klein]: Qwen3 (qwen_3_4b.safetensors); FLUX.2 [dev]: Mistral Small 3 (mistral_3_small_flux2_bf16.safetensors)",
+        "[klein]: Qwen3 (qwen_3_4b.safetensors); FLUX.2 [dev]: Mistral Small 3 "
+        "(mistral_3_small_flux2_bf16.safetensors)",
     )
     p.add_argument(
         "--qwen-tokenizer",
