@@ -135,13 +135,14 @@ def write_mistral_processor(dst: Path, *, padding_side: str = "left"):
     return fast
 
 
-def mistral3_text_encoder(vocab_size: int, seed: int = 0):
-    """A tiny random transformers ``Mistral3ForConditionalGeneration`` (fp32, eval)."""
+def mistral3_text_encoder(vocab_size: int, seed: int = 0, text: dict | None = None):
+    """A tiny random transformers ``Mistral3ForConditionalGeneration`` (fp32, eval); ``text``: changes to
+    :data:`MISTRAL_TEXT`."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = Mistral3Config(
-        text_config={**MISTRAL_TEXT, "vocab_size": vocab_size, "model_type": "mistral"},
+        text_config={**MISTRAL_TEXT, **(text or {}), "vocab_size": vocab_size, "model_type": "mistral"},
         vision_config={**PIXTRAL_VISION, "model_type": "pixtral"},
         image_token_index=10,
         spatial_merge_size=1,
@@ -149,9 +150,18 @@ def mistral3_text_encoder(vocab_size: int, seed: int = 0):
     return perturb(Mistral3ForConditionalGeneration(cfg), seed + 1, 0.05).eval()
 
 
-def make_dev_folder(dst: Path, seed: int = 0, *, padding_side: str = "left", transformer: dict | None = None) -> Path:
+def make_dev_folder(
+    dst: Path,
+    seed: int = 0,
+    *,
+    padding_side: str = "left",
+    transformer: dict | None = None,
+    text: dict | None = None,
+    vae: dict | None = None,
+) -> Path:
     """A random tiny FLUX.2 [dev] pipeline saved by diffusers' ``Flux2Pipeline.save_pretrained``, its index naming
-    ``PixtralProcessor`` for the tokenizer as the release's does."""
+    ``PixtralProcessor`` for the tokenizer as the release's does; ``text`` / ``vae``: changes to :data:`MISTRAL_TEXT` /
+    the tiny VAE."""
     import json
 
     import diffusers
@@ -159,11 +169,14 @@ def make_dev_folder(dst: Path, seed: int = 0, *, padding_side: str = "left", tra
     processor = write_mistral_processor(dst / "tokenizer", padding_side=padding_side)
     pipe = diffusers.Flux2Pipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
-        vae=flux2_vae(seed + 10),
-        text_encoder=mistral3_text_encoder(len(processor), seed + 20),
+        vae=flux2_vae(seed + 10, **(vae or {})),
+        text_encoder=mistral3_text_encoder(len(processor), seed + 20, text),
         tokenizer=processor,
         transformer=flux2_transformer(
-            seed + 30, joint_attention_dim=3 * MISTRAL_TEXT["hidden_size"], guidance_embeds=True, **(transformer or {})
+            seed + 30,
+            joint_attention_dim=3 * {**MISTRAL_TEXT, **(text or {})}["hidden_size"],
+            guidance_embeds=True,
+            **(transformer or {}),
         ),
     )
     pipe.save_pretrained(dst)
@@ -187,3 +200,39 @@ def diffusers_dev_folder(folder: Path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# GPT-2's pre-tokenizer regex (what the tiny BPE's ByteLevel pre-tokenizer splits by), as a tekken.json pattern
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def tekken_json(tokenizer_dir: Path) -> bytes:
+    """The tiny tokenizer (:func:`write_mistral_processor`) as Mistral's ``tekken.json`` (what ComfyUI's Mistral files
+    carry as ``tekken_model``): its control tokens as ``special_tokens`` at their ids, every other token by rank (id
+    minus the special count) as base64 bytes, GPT-2's split pattern."""
+    import base64
+    import json
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    n = len(SPECIAL)
+    assert [vocab[s] for s in SPECIAL] == list(range(n))
+    pieces = sorted((i, p) for p, i in vocab.items() if i >= n)
+    assert [i for i, _ in pieces] == list(range(n, n + len(pieces)))
+    tekken = {
+        "config": {
+            "pattern": GPT2_PATTERN,
+            "num_vocab_tokens": len(pieces),
+            "default_vocab_size": n + len(pieces),
+            "default_num_special_tokens": n,
+            "version": "v7",
+        },
+        "vocab": [
+            {"rank": i - n, "token_bytes": base64.b64encode(bytes(to_byte[c] for c in p)).decode(), "token_str": None}
+            for i, p in pieces
+        ],
+        "special_tokens": [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(SPECIAL)],
+    }
+    return json.dumps(tekken).encode()

@@ -302,11 +302,26 @@ def test_config_from_shapes_reads_releases_numbers():
     shapes = {
         "embed_tokens.weight": (152064, 3584),
         "layers.0.self_attn.q_proj.weight": (3584, 3584),
+        "layers.0.self_attn.q_proj.bias": (3584,),  # every Qwen2.5-VL has q / k / v biases
         "layers.0.self_attn.k_proj.weight": (512, 3584),
         "layers.0.mlp.gate_proj.weight": (18944, 3584),
         **{f"layers.{i}.input_layernorm.weight": (3584,) for i in range(28)},
     }
     assert config_from_shapes(shapes) == QwenTextConfig()  # Qwen2.5-VL-7B's numbers, Qwen-Image's text encoder
+    # neither biases nor q / k norms: Mistral Small 3 (FLUX.2 [dev]'s; ComfyUI's mistral_3_small_flux2 file), its
+    # text_config's numbers (Mistral-Small-3.1-24B-Instruct-2503's config.json)
+    mistral = {
+        "embed_tokens.weight": (131072, 5120),
+        "layers.0.self_attn.q_proj.weight": (4096, 5120),
+        "layers.0.self_attn.k_proj.weight": (1024, 5120),
+        "layers.0.mlp.gate_proj.weight": (32768, 5120),
+        **{f"layers.{i}.input_layernorm.weight": (5120,) for i in range(40)},
+    }
+    release = {"model_type": "mistral3", "text_config": {"model_type": "mistral", "vocab_size": 131072,
+               "hidden_size": 5120, "intermediate_size": 32768, "num_hidden_layers": 40, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 1e9,
+               "sliding_window": None}}  # fmt: skip
+    assert config_from_shapes(mistral) == QwenTextConfig.from_transformers(release)
 
 
 def test_bad_inputs_are_one_line_errors(saved):

@@ -1862,14 +1862,17 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         metavar="FILE",
         help="Qwen-Image: the Qwen2.5-VL text encoder (ComfyUI's qwen_2.5_vl_7b.safetensors, or a folder), for a "
-        "diffusion-model file (qwen_image_*.safetensors; its VAE: --vae) or in place of a folder's",
+        "diffusion-model file (qwen_image_*.safetensors; its VAE: --vae) or in place of a folder's; Z-Image, FLUX.2 "
+        "[klein]: Qwen3 (qwen_3_4b.safetensors); FLUX.2 [dev]: Mistral Small 3 "
+        "(mistral_3_small_flux2_bf16.safetensors)",
     )
     p.add_argument(
         "--qwen-tokenizer",
         default=None,
         metavar="DIR",
         help="Qwen-Image: Qwen2's tokenizer folder (Qwen-Image's tokenizer/, ComfyUI's "
-        "comfy/text_encoders/qwen25_tokenizer); default: one beside --qwen-text (sdengine ships no Qwen2 vocabulary)",
+        "comfy/text_encoders/qwen25_tokenizer); default: one beside --qwen-text (sdengine ships no Qwen2 vocabulary); "
+        "FLUX.2 [dev]: Mistral's (FLUX.2-dev's tokenizer/; default: the one ComfyUI's Mistral file carries)",
     )
     p.add_argument(
         "--weight-dtype",

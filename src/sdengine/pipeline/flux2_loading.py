@@ -24,6 +24,17 @@ same tensors): the file's name tells it as BFL names them (:func:`distilled_from
 a klein diffusers folder whose ``is_distilled`` and scheduler to take; a name that says neither is one line asking
 for one. The scheduler is klein's (:data:`KLEIN_SCHEDULER`) unless ``config`` gives one. A missing part is one line
 naming its flag, before the transformer is read.
+
+FLUX.2 [dev]'s transformer file (BFL's ``flux2-dev.safetensors``, ComfyUI's ``diffusion_models/`` copy; told by its
+guidance embedding, ``guidance_in``: :func:`is_dev_file`) takes the same three parts with the same options: the text
+encoder is Mistral Small 3 (ComfyUI's ``text_encoders/mistral_3_small_flux2_bf16.safetensors`` / ``_fp8``, or a
+[dev] folder), the tokenizer Mistral's (``--qwen-tokenizer``: a [dev] folder's ``tokenizer/``, a folder with its
+``tokenizer.json``; looked for beside the text encoder as ``mistral_tokenizer/`` or ``tokenizer/``, and refused in one
+line where it has no ``[SYSTEM_PROMPT]`` token: not Mistral's). ComfyUI's Mistral file carries the tokenizer's
+``tekken.json`` inside it (``tekken_model``): without ``--qwen-tokenizer`` that one is read
+(:mod:`sdengine.text.tekken`), before any folder beside the file. It is never step-distilled (guidance embedded, 50
+steps); the scheduler is :data:`DEV_SCHEDULER` unless ``config`` names a [dev] folder. A Qwen3 text encoder given
+to [dev], or a Mistral one to klein, is one line before the transformer is read.
 """
 
 from __future__ import annotations
@@ -67,6 +78,22 @@ PARTS = {
     "vae": ("VAE", "ComfyUI's vae/flux2-vae.safetensors, or a FLUX.2 VAE folder"),
     "tokenizer": ("Qwen2 tokenizer (sdengine ships none)", "a klein folder's tokenizer/ or ComfyUI's qwen25_tokenizer"),
 }
+DEV_PARTS = {  # FLUX.2 [dev]'s file: the same options, other parts
+    "text_encoder": (
+        "Mistral Small 3 text encoder",
+        "ComfyUI's text_encoders/mistral_3_small_flux2_bf16.safetensors, or a FLUX.2 [dev] folder",
+    ),
+    "vae": PARTS["vae"],
+    "tokenizer": (
+        "Mistral tokenizer (sdengine ships none)",
+        "FLUX.2-dev's tokenizer/ folder, or mistral_tokenizer/ beside the text encoder; ComfyUI's Mistral files carry "
+        "their own",
+    ),
+}
+# black-forest-labs/FLUX.2-dev's scheduler/scheduler_config.json: klein's numbers
+DEV_SCHEDULER: dict[str, Any] = dict(KLEIN_SCHEDULER)
+DEV_TOKENIZER_FOLDERS = ("mistral_tokenizer", "tokenizer")  # looked for beside a Mistral text encoder file
+MISTRAL_MARK = "[SYSTEM_PROMPT]"  # a Mistral Small 3 tokenizer's control token, which the [dev] template uses
 
 
 def pipeline_class(path: Path) -> str | None:
@@ -160,12 +187,14 @@ def load_text_side(
     text_encoder: Path | None = None,
     tokenizer: Path | None = None,
     dev: bool = False,
+    tekken: Path | None = None,
 ) -> tuple[Any, Any, Any]:
     """(Qwen3, texts -> states, text -> its token count in the template) of a folder's ``text_encoder/`` and
     ``tokenizer/`` (or ``text_encoder`` / ``tokenizer`` given apart: a single file's parts;
     :func:`sdengine.text.flux2_prompt.encode_prompt_flux2`); one line where the encoder's three stacked layers are
     not the transformer's text width or the encoder has fewer than 27 layers. ``dev``: FLUX.2 [dev]'s Mistral Small 3
-    (layers 10, 20, 30 in its system prompt, :data:`sdengine.text.flux2_prompt.DEV_PROMPT_TEMPLATE`)."""
+    (layers 10, 20, 30 in its system prompt, :data:`sdengine.text.flux2_prompt.DEV_PROMPT_TEMPLATE`); ``tekken``: a
+    Mistral file whose own tokenizer (``tekken_model``) to read instead of ``tokenizer``."""
     from sdengine.text import flux2_prompt
     from sdengine.text.flux2_prompt import encode_prompt_flux2
     from sdengine.text.qwen_tokenizer import load_qwen_tokenizer
@@ -174,13 +203,19 @@ def load_text_side(
     layers = flux2_prompt.DEV_HIDDEN_LAYERS if dev else flux2_prompt.HIDDEN_LAYERS
     template = flux2_prompt.DEV_PROMPT_TEMPLATE if dev else flux2_prompt.PROMPT_TEMPLATE
     try:
-        tok = load_qwen_tokenizer(tokenizer or path / "tokenizer")
+        tok = read_tekken(tekken) if tekken is not None else load_qwen_tokenizer(tokenizer or path / "tokenizer")
     except UsageError as e:
         raise GenerationError(str(e).splitlines()[0]) from None
-    if dev:
+    if dev and tekken is None:
         tok.padding_side = mistral_padding_side(tokenizer or path / "tokenizer", tok.padding_side)
     te = text_encoder or path / "text_encoder"
     family = "mistral" if dev else ("qwen3" if text_encoder else None)
+    if dev and tok.token_id(MISTRAL_MARK) is None:
+        where = tekken.name if tekken is not None else (tokenizer or path / "tokenizer").name
+        raise GenerationError(
+            f"{where}: a tokenizer without Mistral's {MISTRAL_MARK} token: not FLUX.2 [dev]'s (Mistral Small 3's) "
+            "tokenizer; give its tokenizer/ folder with --qwen-tokenizer (qwen_tokenizer= in Python)"
+        )
     encoder = load_qwen_text_encoder(te, device=device, dtype=dtype, family=family)
     cfg = encoder.config
     width = len(layers) * int(cfg.hidden_size)
@@ -239,11 +274,12 @@ def load_flux2_pipeline(
     lora_dir: Any = None,
     max_sequence_length: int = MAX_SEQUENCE_LENGTH,
 ) -> Flux2Pipeline:
-    """A FLUX.2 [klein] or [dev] folder or a klein transformer file (module docstring) -> :class:`Flux2Pipeline` on
+    """A FLUX.2 [klein] or [dev] folder or transformer file (module docstring) -> :class:`Flux2Pipeline` on
     ``device`` in
     ``dtype``; ``vae``: another FLUX.2 VAE (folder or file) for a folder, a file's VAE; ``text_encoder`` /
-    ``tokenizer``: a file's Qwen3 and Qwen2 tokenizer (a folder uses its own); ``config``: a klein folder whose
-    ``model_index.json`` (``is_distilled``) and scheduler a file takes."""
+    ``tokenizer``: a file's Qwen3 and Qwen2 tokenizer ([dev]'s: Mistral Small 3 and Mistral's tokenizer; a folder uses
+    its own); ``config``: a klein folder whose ``model_index.json`` (``is_distilled``) and scheduler a file takes (for
+    a [dev] file: a [dev] folder, its scheduler)."""
     from sdengine.pipeline.qwen_image_loading import tokenizer_beside
     from sdengine.weights.flux2_file import load_flux2_transformer, load_flux2_vae
     from sdengine.weights.io import WeightsError
@@ -254,6 +290,7 @@ def load_flux2_pipeline(
             raise GenerationError(f"{FLAGS[key]} {value}: no such file or folder")
     te_path: Path | None = None
     tok_path: Path | None = None
+    tekken: Path | None = None  # a Mistral file whose tekken_model is the tokenizer
     dev = False
     if path.is_dir():
         kind = pipeline_class(path)
@@ -276,19 +313,22 @@ def load_flux2_pipeline(
     else:
         if not is_flux2_file(path):
             raise GenerationError(f"{path.name}: not a FLUX.2 transformer file (no single_stream_modulation.lin)")
-        if is_dev_file(path):
-            raise GenerationError(
-                f"{path.name}: a FLUX.2 [dev] transformer file (it has the guidance embedding, guidance_in): single "
-                "files of FLUX.2 [dev] are not supported; give its diffusers folder (Flux2Pipeline)"
-            )
-        distilled, scheduler = file_kind(path, Path(config) if config is not None else None)
+        dev = is_dev_file(path)
+        if dev:
+            distilled, scheduler = False, dev_scheduler(Path(config) if config is not None else None)
+        else:
+            distilled, scheduler = file_kind(path, Path(config) if config is not None else None)
         te_path = Path(text_encoder) if text_encoder is not None else None
         tok_path = Path(tokenizer) if tokenizer is not None else None
-        if tok_path is None and te_path is not None:
-            tok_path = tokenizer_beside(te_path)
-        for key, missing in (("text_encoder", te_path is None), ("vae", vae is None), ("tokenizer", tok_path is None)):
+        if dev and tok_path is None and te_path is not None and holds_tekken(te_path):
+            tekken = te_path  # ComfyUI's Mistral file: its own tokenizer inside
+        elif tok_path is None and te_path is not None:
+            tok_path = dev_tokenizer_beside(te_path) if dev else tokenizer_beside(te_path)
+        parts = DEV_PARTS if dev else PARTS
+        no_tok = tok_path is None and tekken is None
+        for key, missing in (("text_encoder", te_path is None), ("vae", vae is None), ("tokenizer", no_tok)):
             if missing:
-                what, example = PARTS[key]
+                what, example = parts[key]
                 raise GenerationError(
                     f"{path.name} holds no {what}: give it with {FLAGS[key]} ({KEYWORDS[key]}= in Python; e.g. "
                     f"{example})"
@@ -296,6 +336,7 @@ def load_flux2_pipeline(
         assert te_path is not None and vae is not None
         if te_path.is_dir() and (te_path / "model_index.json").is_file():
             te_path = te_path / "text_encoder"
+        check_text_family(te_path, dev, path.name)
         vae_path = Path(vae)
         name = name or path.name.removesuffix(path.suffix) or path.name
     try:
@@ -314,6 +355,7 @@ def load_flux2_pipeline(
             text_encoder=te_path,
             tokenizer=tok_path,
             dev=dev,
+            tekken=tekken,
         )
         vae_model = load_flux2_vae(vae_path, device=device, dtype=dtype)
     except WeightsError as e:
@@ -335,6 +377,105 @@ def load_flux2_pipeline(
         vae_source=Path(vae) if vae is not None else None,
         dev=dev,
     )
+
+
+TEKKEN = "tekken_model"  # ComfyUI's Mistral files: Mistral's tekken.json as a uint8 tensor
+MAX_TEKKEN_BYTES = 256 * 1024 * 1024
+
+
+def holds_tekken(path: Path) -> bool:
+    """Whether a text encoder ``.safetensors`` file carries Mistral's tokenizer (ComfyUI's ``tekken_model``)."""
+    from sdengine.pipeline.flux_loading import file_holds
+    from sdengine.weights.io import SAFETENSORS_SUFFIXES
+
+    return path.suffix.lower() in SAFETENSORS_SUFFIXES and file_holds(path, lambda names: TEKKEN in names)
+
+
+def read_tekken(path: Path) -> Any:
+    """The tokenizer a Mistral file carries (:func:`sdengine.text.tekken.tekken_tokenizer` of its ``tekken_model``
+    bytes); one line where that tensor is not a byte string."""
+    from sdengine.text.tekken import tekken_tokenizer
+    from sdengine.weights.io import SafetensorsReader, WeightsError
+
+    try:
+        reader = SafetensorsReader(path)
+        try:
+            if reader.dtype(TEKKEN) != torch.uint8 or len(reader.shape(TEKKEN)) != 1:
+                raise GenerationError(f"{path.name}: {TEKKEN} is not a byte string (a 1-d uint8 tensor)")
+            if reader.shape(TEKKEN)[0] > MAX_TEKKEN_BYTES:
+                raise GenerationError(f"{path.name}: {TEKKEN} is over {MAX_TEKKEN_BYTES} bytes")
+            data = reader.read(TEKKEN).numpy().tobytes()
+        finally:
+            reader.close()
+    except (OSError, WeightsError) as e:
+        raise GenerationError(f"{path.name}: cannot read {TEKKEN} ({str(e).splitlines()[0][:120]})") from None
+    return tekken_tokenizer(data, name=f"{path.name}'s {TEKKEN}")
+
+
+def dev_scheduler(config: Path | None) -> dict[str, Any]:
+    """The scheduler config of a FLUX.2 [dev] transformer file: ``config``'s (a [dev] diffusers folder) where given,
+    else :data:`DEV_SCHEDULER`."""
+    if config is None:
+        return dict(DEV_SCHEDULER)
+    if pipeline_class(config) != DEV:
+        raise GenerationError(
+            f"--config {config.name}: not a FLUX.2 [dev] folder (its model_index.json names no {DEV}); give the "
+            "[dev] folder whose scheduler the file takes, or leave it out"
+        )
+    return _read_json(config / "scheduler" / "scheduler_config.json")
+
+
+def dev_tokenizer_beside(text_encoder: Path) -> Path | None:
+    """Mistral's tokenizer that comes with a FLUX.2 [dev] text encoder: a [dev] pipeline folder's ``tokenizer/``, the
+    ``tokenizer/`` beside a ``text_encoder/`` folder, or a ``mistral_tokenizer/`` / ``tokenizer/`` folder beside a
+    file; None when there is none (whether it is Mistral's is checked when it is read)."""
+    from sdengine.pipeline.qwen_image_loading import has_tokenizer
+
+    found: list[Path]
+    if text_encoder.is_dir():
+        found = [text_encoder, text_encoder / "tokenizer", text_encoder.parent / "tokenizer"]
+    else:
+        found = [text_encoder.parent / n for n in DEV_TOKENIZER_FOLDERS]
+    return next((f for f in found if has_tokenizer(f)), None)
+
+
+def text_family(path: Path) -> str | None:
+    """``"qwen3"``, ``"qwen2.5-vl"`` or ``"mistral"`` (:data:`sdengine.weights.qwen_text_file.FAMILIES`) of a text
+    encoder ``.safetensors`` file by its header's names (q / k norms: Qwen3; q biases: Qwen2.5-VL; neither:
+    Mistral); None for a folder or a file that is no such language model."""
+    from sdengine.pipeline.flux_loading import file_holds
+    from sdengine.weights.io import SAFETENSORS_SUFFIXES
+
+    if not path.is_file() or path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    found: list[str] = []
+
+    def look(names: list[str]) -> bool:
+        if not any(n.endswith("layers.0.self_attn.q_proj.weight") for n in names):
+            return False
+        if any(n.endswith("layers.0.self_attn.q_norm.weight") for n in names):
+            found.append("qwen3")
+        elif any(n.endswith("layers.0.self_attn.q_proj.bias") for n in names):
+            found.append("qwen2.5-vl")
+        else:
+            found.append("mistral")
+        return True
+
+    file_holds(path, look)
+    return found[0] if found else None
+
+
+def check_text_family(text_encoder: Path, dev: bool, model: str) -> None:
+    """One line, before any weight is read, where a text encoder file is not the family the FLUX.2 file needs (Mistral
+    Small 3 for [dev], Qwen3 for klein)."""
+    from sdengine.weights.qwen_text_file import FAMILIES, FAMILY_USERS
+
+    kind, want = text_family(text_encoder), "mistral" if dev else "qwen3"
+    if kind is not None and kind != want:
+        raise GenerationError(
+            f"--qwen-text {text_encoder.name}: a {FAMILIES[kind]} text encoder ({FAMILY_USERS[kind]}), but {model} "
+            f"is FLUX.2 {'[dev]' if dev else '[klein]'}, which needs {FAMILIES[want]}"
+        )
 
 
 def file_kind(path: Path, config: Path | None) -> tuple[bool, dict[str, Any]]:
@@ -365,12 +506,20 @@ def file_kind(path: Path, config: Path | None) -> tuple[bool, dict[str, Any]]:
 __all__ = [
     "ACCEPTED",
     "DEV",
+    "DEV_PARTS",
+    "DEV_SCHEDULER",
     "FILE_MARKERS",
     "FLAGS",
     "KEYWORDS",
     "KLEIN_SCHEDULER",
     "PARTS",
+    "check_text_family",
+    "dev_scheduler",
+    "dev_tokenizer_beside",
     "file_kind",
+    "holds_tekken",
+    "read_tekken",
+    "text_family",
     "distilled_before_load",
     "distilled_from_name",
     "is_dev_file",

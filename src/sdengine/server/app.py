@@ -185,7 +185,7 @@ def default_loader(
                 clip_l=parts.get("clip_l"),
                 clip_g=parts.get("clip_g"),
                 t5=parts.get("t5"),
-                qwen_text=parts.get("qwen_text", parts.get("qwen3_text")),
+                qwen_text=parts.get("qwen_text", parts.get("qwen3_text", parts.get("mistral_text"))),
                 weight_dtype=weight_dtype,
             )
         if embeddings_dir is not None:

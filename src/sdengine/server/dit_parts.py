@@ -14,7 +14,12 @@ tokenizer is the folder beside the text encoder (``text_encoders/qwen25_tokenize
 
 FLUX.2 [klein]'s (``diffusion_models/flux-2-klein-4b.safetensors``) likewise: a Qwen3 text encoder of
 ``text_encoders/`` (told from Qwen2.5-VL's by its q / k norms, ``self_attn.q_norm``) with Qwen2's tokenizer beside it,
-and a FLUX.2 VAE of ``--vaes-dir`` (told by its batch-norm statistics, ``bn.running_var``).
+and a FLUX.2 VAE of ``--vaes-dir`` (told by its batch-norm statistics, ``bn.running_var``). FLUX.2 [dev]'s
+(``diffusion_models/flux2-dev.safetensors``, told by its guidance embedding) takes a Mistral Small 3 text encoder of
+``text_encoders/`` (told by having neither Qwen3's q / k norms nor Qwen2.5-VL's q / k / v biases; ComfyUI's
+``mistral_3_small_flux2_bf16.safetensors``) with Mistral's tokenizer inside it (ComfyUI's ``tekken_model``) or beside
+it (``text_encoders/mistral_tokenizer/`` or ``tokenizer/``: FLUX.2-dev's ``tokenizer/`` folder,
+:func:`sdengine.pipeline.flux2_loading.dev_tokenizer_beside`), and the same FLUX.2 VAE.
 
 The parts chosen become part of the model's loader reference (:func:`compose`): ``PATH`` then ``\\0kind=PATH`` for
 each part (NUL never occurs in a path), so that a worker reloads when another part is chosen, and the loader
@@ -30,7 +35,7 @@ from typing import Any
 from sdengine.server.errors import BadRequest
 
 SEP = "\x00"
-KINDS = ("clip_l", "clip_g", "t5", "vae", "qwen_text", "qwen_vae", "qwen3_text", "flux2_vae")
+KINDS = ("clip_l", "clip_g", "t5", "vae", "qwen_text", "qwen_vae", "qwen3_text", "flux2_vae", "mistral_text")
 KIND_NAMES = {
     "clip_l": "CLIP-L",
     "clip_g": "CLIP bigG",
@@ -40,6 +45,7 @@ KIND_NAMES = {
     "qwen_vae": "Qwen-Image VAE",
     "qwen3_text": "Qwen3 text encoder",
     "flux2_vae": "FLUX.2 VAE",
+    "mistral_text": "Mistral Small 3 text encoder",
 }
 VAE_KINDS = ("vae", "qwen_vae", "flux2_vae")  # the kinds picked from --vaes-dir
 CLIP_WIDTHS = {768: "clip_l", 1280: "clip_g"}
@@ -84,8 +90,8 @@ def _header(path: Path) -> dict[str, Any]:
 
 
 def _kind_of(path: Path) -> tuple[str, int] | None:
-    """(``clip``, its width), (``t5``, 0), (``vae``, 16), (``qwen_text``, 0), (``qwen_vae``, 0), (``qwen3_text``, 0)
-    or (``flux2_vae``, 0) by a file's tensors; None for anything else."""
+    """(``clip``, its width), (``t5``, 0), (``vae``, 16), (``qwen_text``, 0), (``qwen_vae``, 0), (``qwen3_text``, 0),
+    (``flux2_vae``, 0) or (``mistral_text``, 0) by a file's tensors; None for anything else."""
     from sdengine.weights.qwen_vae_file import is_original_layout
 
     entries = _header(path)
@@ -93,7 +99,10 @@ def _kind_of(path: Path) -> tuple[str, int] | None:
         n.endswith("embed_tokens.weight") for n in entries
     ):
         qwen3 = any(n.endswith("layers.0.self_attn.q_norm.weight") for n in entries)  # Qwen3's q / k norms
-        return ("qwen3_text", 0) if qwen3 else ("qwen_text", 0)
+        if qwen3:
+            return ("qwen3_text", 0)
+        biased = any(n.endswith("layers.0.self_attn.q_proj.bias") for n in entries)  # Qwen2.5-VL's biases
+        return ("qwen_text", 0) if biased else ("mistral_text", 0)
     if "bn.running_var" in entries and any(n.startswith("decoder.") for n in entries):  # FLUX.2's batch norm
         return ("flux2_vae", 0)
     conv_in = entries.get("decoder.conv_in.weight")
@@ -123,7 +132,7 @@ def _clip_kind(name: str, width: int, widths: set[int]) -> str:
 def _needed(path: Path) -> tuple[str, ...]:
     """The parts an SD3 / Flux / Qwen-Image single file lacks (required ones only: SD3's T5 is optional, see
     :func:`optional`); () for any other model or a folder."""
-    from sdengine.pipeline.flux2_loading import is_flux2_file
+    from sdengine.pipeline.flux2_loading import is_dev_file, is_flux2_file
     from sdengine.pipeline.flux_loading import COMFY_CLIP_L, COMFY_T5, VAE_PREFIXES, is_flux_file
     from sdengine.pipeline.qwen_image_loading import is_qwen_image_state_dict
 
@@ -133,7 +142,7 @@ def _needed(path: Path) -> tuple[str, ...]:
     if is_qwen_image_state_dict(names):
         return ("qwen_text", "qwen_vae")
     if is_flux2_file(path):  # before FLUX.1's: its double_blocks names are FLUX.1's too
-        return ("qwen3_text", "flux2_vae")
+        return ("mistral_text", "flux2_vae") if is_dev_file(path) else ("qwen3_text", "flux2_vae")
     if is_flux_file(path):
         held = {
             "clip_l": any(n.startswith(COMFY_CLIP_L) for n in names),
@@ -163,7 +172,7 @@ def candidates(catalog: Any) -> dict[str, list[tuple[str, Path]]]:
     encoders = [(e.name, Path(e.ref), kind_of(Path(e.ref))) for e in catalog.text_encoders()]
     widths = {k[1] for _, _, k in encoders if k is not None and k[0] == "clip"}
     for name, p, k in encoders:
-        if k is not None and k[0] in ("t5", "qwen_text", "qwen3_text"):
+        if k is not None and k[0] in ("t5", "qwen_text", "qwen3_text", "mistral_text"):
             out[k[0]].append((name, p))
         elif k is not None and k[0] == "clip":
             out[_clip_kind(name, k[1], widths)].append((name, p))
@@ -242,6 +251,16 @@ def fill(catalog: Any, ref: str, modules: Sequence[str] | None) -> str:
                 f"{path.name} needs Qwen2's tokenizer beside its text encoder {text.name}: put the tokenizer folder "
                 "(Qwen-Image's tokenizer/ or ComfyUI's comfy/text_encoders/qwen25_tokenizer) in text_encoders/ as "
                 "qwen25_tokenizer/"
+            )
+    if "mistral_text" in parts:
+        from sdengine.pipeline.flux2_loading import dev_tokenizer_beside, holds_tekken
+
+        text = Path(parts["mistral_text"])
+        if not holds_tekken(text) and dev_tokenizer_beside(text) is None:
+            raise BadRequest(
+                f"{path.name} needs Mistral's tokenizer: its text encoder {text.name} carries none (ComfyUI's "
+                "tekken_model) and none is beside it: put FLUX.2-dev's tokenizer/ folder (its tokenizer.json) in "
+                "text_encoders/ as mistral_tokenizer/"
             )
     return compose(ref, parts)
 

@@ -248,10 +248,12 @@ def flux2_distilled_before_load(ref: str) -> bool | None:
 
 
 def flux2_dev_before_load(ref: str) -> bool:
-    """Whether a folder's ``model_index.json`` names FLUX.2 [dev] (``Flux2Pipeline``)."""
-    from sdengine.pipeline.flux2_loading import DEV, pipeline_class
+    """Whether a folder's ``model_index.json`` names FLUX.2 [dev] (``Flux2Pipeline``), or a FLUX.2 transformer file
+    has the guidance embedding (``guidance_in``: [dev]'s)."""
+    from sdengine.pipeline.flux2_loading import DEV, is_dev_file, is_flux2_file, pipeline_class
 
-    return pipeline_class(Path(ref.split("\x00")[0])) == DEV
+    path = Path(ref.split("\x00")[0])
+    return pipeline_class(path) == DEV or (path.is_file() and is_flux2_file(path) and is_dev_file(path))
 
 
 def flux_kind_before_load(ref: str) -> str | None:

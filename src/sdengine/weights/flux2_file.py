@@ -25,6 +25,10 @@ Single files:
   ``decoder.post_quant_conv``; top-level ones are read too) and the batch norm's ``bn.running_mean`` /
   ``bn.running_var``; or diffusers' names in one file. The config from the shapes (the encoder's and the decoder's
   widths apart), the release's 32 GroupNorm groups and batch-norm eps 1e-4.
+
+ComfyUI's mixed-precision transformer files (``flux2_dev_fp8mixed.safetensors``: ``<layer>.comfy_quant`` naming
+``float8_e4m3fn``, ``<layer>.weight_scale``, ``<layer>.input_scale``) are read as plain weights float(weight) x scale in
+the compute dtype (:func:`dequantize_comfy`); another format is one line.
 """
 
 from __future__ import annotations
@@ -192,10 +196,50 @@ def flux2_from_state(
     """A :class:`Flux2Transformer` from a state dict in diffusers' or BFL's names (strict: one line naming the first
     difference); the config from the shapes unless given."""
     stored = next((v.dtype for v in sd.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    if any(k.endswith(COMFY_QUANT) for k in sd):
+        sd = dequantize_comfy(sd, where, compute_dtype(stored, dtype))
     ours = bfl_to_diffusers(sd, where) if is_bfl_flux2(sd) else dict(sd)
     if config is None:
         config = config_from_shapes(ours, where)
     return build_from_state(Flux2Transformer, config, ours, f"{where}: FLUX.2 transformer", device, dtype, stored)
+
+
+COMFY_QUANT = ".comfy_quant"  # ComfyUI's mixed-precision files: one JSON (uint8 tensor) per quantized Linear
+COMFY_FLOAT8 = ("float8_e4m3fn", "float8_e5m2")  # the formats read: float8 weights with one scale each
+
+
+def dequantize_comfy(sd: Mapping[str, Any], where: str, target: torch.dtype) -> dict[str, Any]:
+    """ComfyUI's mixed-precision layout (``flux2_dev_fp8mixed.safetensors``: ``<layer>.comfy_quant`` JSON naming the
+    format, the float8 ``<layer>.weight`` with its ``<layer>.weight_scale``, an ``<layer>.input_scale`` for fp8
+    matmuls) -> plain weights float(weight) x scale in ``target``, one tensor at a time; the other layers as they
+    are. A format other than float8, or a quantized layer without its scale, is one line."""
+    import json
+
+    out = dict(sd)
+    for k in [k for k in sd if k.endswith(COMFY_QUANT)]:
+        layer = k[: -len(COMFY_QUANT)]
+        raw = out.pop(k)
+        try:
+            spec = json.loads(bytes(raw.to(torch.uint8).flatten().tolist()).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError, AttributeError, TypeError):
+            raise WeightsError(f"{where}: {k} is not ComfyUI's quantization JSON") from None
+        fmt = spec.get("format") if isinstance(spec, dict) else None
+        if fmt not in COMFY_FLOAT8:
+            raise WeightsError(
+                f"{where}: {k} says format {fmt!r}: ComfyUI's quantized weights are read in float8 only "
+                f"({', '.join(COMFY_FLOAT8)})"
+            )
+        weight, scale = out.get(layer + ".weight"), out.pop(layer + ".weight_scale", None)
+        out.pop(layer + ".input_scale", None)
+        if not isinstance(weight, torch.Tensor) or not isinstance(scale, torch.Tensor):
+            raise WeightsError(f"{where}: {layer} is quantized ({fmt}) without its weight and weight_scale")
+        rows = weight.shape[0]
+        if scale.numel() != 1 and tuple(scale.shape) not in ((rows,), (rows, 1)):
+            raise WeightsError(f"{where}: {layer}.weight_scale is {tuple(scale.shape)}, not one scale or one per row")
+        one = scale.numel() == 1
+        factor = scale.float().reshape(()) if one else scale.float().reshape(rows, *([1] * (weight.ndim - 1)))
+        out[layer + ".weight"] = (weight.float() * factor).to(target)
+    return out
 
 
 def load_flux2_transformer(

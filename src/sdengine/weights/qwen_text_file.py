@@ -18,16 +18,22 @@ Key layouts (one per file; the prefix is taken off, the rest are ``Qwen2_5_VLTex
 The vision tower (``visual.*``, ``model.visual.*``) and the language-model head (``lm_head.*``) are skipped without
 being read: the image pipelines use neither. ComfyUI's "scaled fp8" files (a ``scaled_fp8`` marker
 tensor, one ``<layer>.scale_weight`` per Linear, stored weights ``weight / scale``) are read as
-``float(weight) * scale_weight``; their ``scale_input`` tensors serve only an fp8 matmul and are ignored. Any other
+``float(weight) * scale_weight``; their ``scale_input`` tensors serve only an fp8 matmul and are ignored. ComfyUI's
+newer mixed-precision files (``<layer>.comfy_quant``, a JSON naming the format, with ``<layer>.weight_scale`` and
+``<layer>.input_scale``) are read the same way where the format is float8; another format is one line. Any other
 key, a missing one, a shape that does not fit or a config that disagrees with the weights is one
 :class:`QwenTextFileError` line. Weights of any floating dtype (float8 included) are cast to the compute dtype.
 
 Without a config the architecture comes from the shapes: vocabulary and width from ``embed_tokens.weight``, layer
 count from the ``layers.N`` indices, MLP width from ``gate_proj``. A file with ``self_attn.q_norm`` weights is Qwen3:
-its head width is that norm's length, its projections unbiased unless the file has biases. Otherwise (Qwen2.5-VL)
-head counts are not in the shapes, so the head width is taken as 128 (every Qwen2.5-VL release: 3B, 7B, 32B, 72B);
-the heads are the projections' rows / head width. ``rms_norm_eps`` 1e-6 and ``rope_theta`` 1e6 are both families'
-values (Qwen3-4B's, Qwen2.5-VL's), ``mrope_section`` [16, 24, 24] Qwen2.5-VL's.
+its head width is that norm's length, its projections unbiased unless the file has biases. Otherwise head counts are
+not in the shapes, so the head width is taken as 128 (every Qwen2.5-VL release: 3B, 7B, 32B, 72B; Mistral Small 3's);
+the heads are the projections' rows / head width. A file with q / k / v biases is Qwen2.5-VL (``rms_norm_eps`` 1e-6 and
+``rope_theta`` 1e6, Qwen3-4B's values too; ``mrope_section`` [16, 24, 24]); one with neither biases nor q / k norms is
+Mistral Small 3 (FLUX.2 [dev]'s text encoder, ComfyUI's ``text_encoders/mistral_3_small_flux2_bf16.safetensors``:
+``model.*`` names, ``rms_norm_eps`` 1e-5 and ``rope_theta`` 1e9, Mistral-Small-3.1/3.2-24B's). ComfyUI's Mistral
+files also hold the tokenizer's ``tekken.json`` as a byte tensor (``tekken_model``): skipped here (the FLUX.2 [dev]
+loader reads it, :func:`sdengine.pipeline.flux2_loading.read_tekken`).
 """
 
 from __future__ import annotations
@@ -67,9 +73,12 @@ SKIPPED_PREFIXES = (
     "model.multi_modal_projector.",
     "language_model.lm_head.",
 )
+SKIPPED_NAMES = ("tekken_model",)  # ComfyUI's Mistral files: the tokenizer's tekken.json as a uint8 tensor
 HEAD_DIM = 128  # every Qwen2.5-VL release's head width; a single file without config.json assumes it
 DEFAULT_EPS = 1e-6
 DEFAULT_THETA = 1_000_000.0
+MISTRAL_EPS = 1e-5  # Mistral-Small-3.1/3.2-24B's (FLUX.2 [dev]'s text encoder); a single file without config.json
+MISTRAL_THETA = 1_000_000_000.0
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
@@ -81,7 +90,7 @@ class QwenTextFileError(WeightsError):
 def select_text_names(names: list[str], where: str) -> dict[str, str]:
     """{model name: file name} of a file's language-model tensors, its layout found from the names (see the module
     docstring); vision-tower and LM-head tensors are left out."""
-    kept = [n for n in names if not n.startswith(SKIPPED_PREFIXES)]
+    kept = [n for n in names if not n.startswith(SKIPPED_PREFIXES) and n not in SKIPPED_NAMES]
     for prefix in PREFIXES:
         chosen = {n[len(prefix) :]: n for n in kept if n.startswith(prefix)}
         if "embed_tokens.weight" in chosen or any(_LAYER.match(k) for k in chosen):
@@ -114,11 +123,12 @@ def config_from_shapes(
     where: str = "<state dict>",
     *,
     head_dim: int = HEAD_DIM,
-    rms_norm_eps: float = DEFAULT_EPS,
-    rope_theta: float = DEFAULT_THETA,
+    rms_norm_eps: float | None = None,
+    rope_theta: float | None = None,
 ) -> QwenTextConfig:
     """The language model's architecture from its tensors' shapes ({model name: shape}); the head width, norm
-    epsilon and RoPE base are not in the shapes and come from the arguments (see the module docstring)."""
+    epsilon and RoPE base are not in the shapes and come from the arguments (None: the family's, see the module
+    docstring)."""
     vocab, width = _shape(shapes, "embed_tokens.weight", 2, where)
     layers = sorted({int(m.group(1)) for k in shapes if (m := _LAYER.match(k))})
     if not layers:
@@ -132,7 +142,13 @@ def config_from_shapes(
     qwen3 = "layers.0.self_attn.q_norm.weight" in shapes
     if qwen3:
         (head_dim,) = _shape(shapes, "layers.0.self_attn.q_norm.weight", 1, where)
-    biased = not qwen3 or "layers.0.self_attn.q_proj.bias" in shapes  # Qwen2.5-VL always has them
+    has_bias = "layers.0.self_attn.q_proj.bias" in shapes
+    mistral = not qwen3 and not has_bias  # Qwen2.5-VL always has the biases; Mistral never
+    if rms_norm_eps is None:
+        rms_norm_eps = MISTRAL_EPS if mistral else DEFAULT_EPS
+    if rope_theta is None:
+        rope_theta = MISTRAL_THETA if mistral else DEFAULT_THETA
+    biased = not qwen3 or has_bias
     if q_rows % head_dim or k_rows % head_dim:
         raise QwenTextFileError(
             f"{where}: query / key widths {q_rows} / {k_rows} are not multiples of the head width {head_dim}; give "
@@ -149,12 +165,12 @@ def config_from_shapes(
             rms_norm_eps=rms_norm_eps,
             rope_theta=rope_theta,
             mrope_section=(head_dim // 2, 0, 0)
-            if qwen3
+            if qwen3 or mistral
             else (head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16),
-            attention_bias=biased,
+            attention_bias=biased and not mistral,
             o_proj_bias=qwen3 and biased,
             qk_norm=qwen3,
-            head_dim_override=head_dim if qwen3 else None,
+            head_dim_override=head_dim if qwen3 or mistral else None,
         )
     except ConfigError as e:
         raise QwenTextFileError(f"{where}: {e}") from None
@@ -221,6 +237,9 @@ def _build(
     chosen = select_text_names(
         [n for n in every if n != SCALED_FP8_MARKER and not n.endswith("." + SCALED_FP8_MARKER)], where
     )
+    if any(k.endswith(COMFY_QUANT) for k in chosen):
+        chosen = comfy_quant_names(source, chosen, where)
+        scaled = True
     names, scales = split_scales(chosen, scaled, where, QwenTextFileError)
     check_scales_used(scales, names, where, QwenTextFileError)
     shapes = {k: source.where[v][2] for k, v in names.items()}
@@ -258,6 +277,38 @@ def _build(
         state[k] = t.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+COMFY_QUANT = ".comfy_quant"  # ComfyUI's mixed-precision files: one JSON (uint8 tensor) per quantized Linear
+COMFY_FLOAT8 = ("float8_e4m3fn", "float8_e5m2")  # the formats read: float8 weights with one scale each
+
+
+def comfy_quant_names(source: TensorSource, chosen: Mapping[str, str], where: str) -> dict[str, str]:
+    """ComfyUI's mixed-precision layout (``<layer>.comfy_quant`` JSON naming the format, ``<layer>.weight_scale``,
+    ``<layer>.input_scale``) as the scaled-fp8 one :func:`split_scales` reads (``.scale_weight`` / ``.scale_input``);
+    a format other than float8 (``nvfp4``, ``int8_tensorwise``, ...) is one line."""
+    import json
+
+    out: dict[str, str] = {}
+    for k, v in chosen.items():
+        if k.endswith(COMFY_QUANT):
+            raw = source.read(v)
+            try:
+                spec = json.loads(bytes(raw.to(torch.uint8).flatten().tolist()).decode("utf-8"))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise QwenTextFileError(f"{where}: {v} is not ComfyUI's quantization JSON") from None
+            fmt = spec.get("format") if isinstance(spec, dict) else None
+            if fmt not in COMFY_FLOAT8:
+                raise QwenTextFileError(
+                    f"{where}: {v} says format {fmt!r}: ComfyUI's quantized weights are read in float8 only "
+                    f"({', '.join(COMFY_FLOAT8)})"
+                )
+            continue
+        for old, new in ((".weight_scale", ".scale_weight"), (".input_scale", ".scale_input")):
+            if k.endswith(old):
+                k = k[: -len(old)] + new
+        out[k] = v
+    return out
 
 
 def _describe(config: QwenTextConfig) -> str:
