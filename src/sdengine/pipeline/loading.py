@@ -344,6 +344,30 @@ def _load_flux_like(
     )
 
 
+def _refuse_for_qwen_text_family(
+    path: Path,
+    label: str,
+    encoder: str,
+    prediction_type: Any,
+    config_why: str | None,
+    embeddings_dir: Any,
+    encoders: Mapping[str, Any],
+) -> None:
+    """What a model read with a Qwen-family text encoder (Qwen-Image, FLUX.2, Z-Image) does not take from
+    ``load_pipeline``, one line each, before anything loads (``config_why``: why a given ``config=`` is refused)."""
+    for on, what in (
+        (prediction_type is not None, f"prediction_type: the {label} transformer predicts the flow's velocity"),
+        (config_why is not None, f"config= does not apply ({config_why})"),
+        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
+        (
+            any(k not in QWEN_FLAGS for k in encoders),
+            f"--clip-l / --clip-g / --t5 do not apply ({label}'s text encoder is {encoder}: --qwen-text)",
+        ),
+    ):
+        if on:
+            raise GenerationError(f"{path.name} ({label}): {what}")
+
+
 def _load_qwen_image(
     path: Path,
     dev: torch.device,
@@ -359,17 +383,8 @@ def _load_qwen_image(
     what it does not take refused, one line each, before anything loads."""
     from sdengine.pipeline.qwen_image_loading import load_qwen_image_pipeline
 
-    for on, what in (
-        (prediction_type is not None, "prediction_type: the Qwen-Image transformer predicts the flow's velocity"),
-        (config is not None, "config= does not apply (a folder's configs are read, a file's come from its shapes)"),
-        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
-        (
-            any(k not in QWEN_FLAGS for k in encoders),
-            "--clip-l / --clip-g / --t5 do not apply (Qwen-Image's text encoder is Qwen2.5-VL: --qwen-text)",
-        ),
-    ):
-        if on:
-            raise GenerationError(f"{path.name} (Qwen-Image): {what}")
+    why = "a folder's configs are read, a file's come from its shapes" if config is not None else None
+    _refuse_for_qwen_text_family(path, "Qwen-Image", "Qwen2.5-VL", prediction_type, why, embeddings_dir, encoders)
     return load_qwen_image_pipeline(
         path,
         device=dev,
@@ -392,21 +407,13 @@ def _load_flux2(
     lora_dir: Any,
     encoders: Mapping[str, Any],
 ) -> Pipeline:
-    """A FLUX.2 [klein] folder or transformer file -> Flux2Pipeline (:mod:`sdengine.pipeline.flux2_loading`); what
-    it does not take refused, one line each, before anything loads."""
+    """A FLUX.2 folder or transformer file -> Flux2Pipeline (:mod:`sdengine.pipeline.flux2_loading`); what it does
+    not take refused, one line each, before anything loads."""
     from sdengine.pipeline.flux2_loading import load_flux2_pipeline
 
-    for on, what in (
-        (prediction_type is not None, "prediction_type: the FLUX.2 transformer predicts the flow's velocity"),
-        (config is not None and path.is_dir(), "config= does not apply (a folder's configs are read)"),
-        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
-        (
-            any(k not in QWEN_FLAGS for k in encoders),
-            "--clip-l / --clip-g / --t5 do not apply (FLUX.2 [klein]'s text encoder is Qwen3: --qwen-text)",
-        ),
-    ):
-        if on:
-            raise GenerationError(f"{path.name} (FLUX.2): {what}")
+    why = "a folder's configs are read" if config is not None and path.is_dir() else None
+    label = "Qwen3 (klein) or Mistral Small 3 ([dev])"
+    _refuse_for_qwen_text_family(path, "FLUX.2", label, prediction_type, why, embeddings_dir, encoders)
     return load_flux2_pipeline(
         path,
         device=dev,
@@ -430,21 +437,12 @@ def _load_z_image(
     lora_dir: Any,
     encoders: Mapping[str, Any],
 ) -> Pipeline:
-    """A Z-Image folder -> ZImagePipeline (:mod:`sdengine.pipeline.z_image_loading`); what it does not take refused,
-    one line each, before anything loads."""
+    """A Z-Image folder or diffusion-model file -> ZImagePipeline (:mod:`sdengine.pipeline.z_image_loading`); what it
+    does not take refused, one line each, before anything loads."""
     from sdengine.pipeline.z_image_loading import load_z_image_pipeline
 
-    for on, what in (
-        (prediction_type is not None, "prediction_type: the Z-Image transformer predicts the flow's velocity"),
-        (config is not None, "config= does not apply (a folder's configs are read)"),
-        (embeddings_dir is not None, "textual-inversion embeddings are SD's CLIP token vectors, not supported"),
-        (
-            any(k not in QWEN_FLAGS for k in encoders),
-            "--clip-l / --clip-g / --t5 do not apply (Z-Image's text encoder is Qwen3: --qwen-text)",
-        ),
-    ):
-        if on:
-            raise GenerationError(f"{path.name} (Z-Image): {what}")
+    why = "a folder's configs are read, a file's come from its shapes" if config is not None else None
+    _refuse_for_qwen_text_family(path, "Z-Image", "Qwen3", prediction_type, why, embeddings_dir, encoders)
     return load_z_image_pipeline(
         path,
         device=dev,
