@@ -88,8 +88,9 @@ def klein_graph(*, cfg: float = 1.0, negative: str = "", steps: int = STEPS, sid
 
 
 def _image(pipe: Any, *, cfg: float = 1.0, negative: str = "", steps: int = STEPS, **kw: Any) -> np.ndarray:
+    kw = {"schedule": "normal", **kw}
     out = pipe(PROMPT, negative, steps=steps, seed=SEED, width=PIXELS, height=PIXELS, sampler="euler",
-               schedule="normal", cfg_scale=cfg, progress=False, **kw)  # fmt: skip
+               cfg_scale=cfg, progress=False, **kw)  # fmt: skip
     return out.arrays[0].astype(np.float64)
 
 
@@ -117,3 +118,162 @@ def test_template_graph_equals_the_pipeline(klein):
     assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
     # another step count is another image
     assert np.abs(_pixels(_run(root, klein_graph(steps=2))["65"][0]) - ours).max() > 1e-3
+
+
+def _reference_png(root: Any) -> Any:
+    """A 64 x 64 picture in the route's input folder (a smooth random field: the VAE sees structure)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(11)
+    field = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(64, 64), mode="bilinear")
+    pixels = (field[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    (root / "in").mkdir(exist_ok=True)
+    path = root / "in" / "klein_ref.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_reference_latent_edit_equals_the_pipelines_reference_image(klein):
+    """klein edit as ComfyUI's template wires it (LoadImage, VAEEncode with the FLUX.2 VAE, ReferenceLatent on the
+    positive): the pipeline's image with the same picture as ``reference_images`` (the VAE mean's normalised patches
+    at time index 10, diffusers' ids); two chained references: the pipeline's two."""
+    root, pipe, _ = klein
+    path = _reference_png(root)
+    g = klein_graph()
+    g.update({
+        "80": {"class_type": "LoadImage", "inputs": {"image": path.name}},
+        "81": {"class_type": "VAEEncode", "inputs": {"pixels": ["80", 0], "vae": ["72", 0]}},
+        "82": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["74", 0], "latent": ["81", 0]}},
+    })  # fmt: skip
+    g["63"]["inputs"]["positive"] = ["82", 0]
+    out = _run(root, g)
+    encoded = out["81"][0]["samples"]
+    assert encoded.shape == (1, 128, 8, 8) and out["81"][0]["posterior"] is None
+    ours = _pixels(out["65"][0])
+    theirs = _image(pipe, reference_images=[str(path)])
+    gap = np.abs(ours - theirs)
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    assert np.abs(ours - _image(pipe)).max() > 1e-3  # the reference counts
+    g["83"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["82", 0], "latent": ["81", 0]}}
+    g["63"]["inputs"]["positive"] = ["83", 0]
+    two = _pixels(_run(root, g)["65"][0])
+    gap = np.abs(two - _image(pipe, reference_images=[str(path), str(path)]))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+
+
+def test_base_model_cfg_and_ksampler_schedule(klein, tmp_path, monkeypatch):
+    """cfg 2.5 with a negative text (CFGGuider): the base pipeline's CFG (ComfyUI's ``u + s (c - u)`` on x0 is
+    diffusers' on the velocity); KSampler (euler / simple) walks ComfyUI's klein model sampling (ModelSamplingFlux,
+    ``mu`` 2.02): the pipeline on that schedule, not its own; ModelSamplingFlux's node sets another ``mu``."""
+    from sdengine.diffusion.flow import FlowSchedule
+
+    root, _, files = klein
+    base = tmp_path / "flux-2-klein-base-4b-tiny.safetensors"
+    base.symlink_to(files["model"])
+    pipe = sdengine.load_pipeline(base, device="cpu", qwen_text=files["text"], vae=files["vae"])
+    assert not pipe.distilled
+    ours = _pixels(_run(root, klein_graph(cfg=2.5, negative=NEGATIVE))["65"][0])
+    gap = np.abs(ours - _image(pipe, cfg=2.5, negative=NEGATIVE))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    assert np.abs(ours - _pixels(_run(root, klein_graph())["65"][0])).max() > 1e-3
+    g = klein_graph()
+    g["3"] = {"class_type": "KSampler", "inputs": {
+        "model": ["75", 0], "seed": SEED, "steps": STEPS, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["74", 0], "negative": ["76", 0], "latent_image": ["66", 0], "denoise": 1.0}}  # fmt: skip
+    g["65"]["inputs"]["samples"] = ["3", 0]
+    ksampler = _pixels(_run(root, g)["65"][0])
+    monkeypatch.setattr(pipe, "flow_schedule", lambda w, h, steps=None: FlowSchedule.flux(mu=2.02))
+    gap = np.abs(ksampler - _image(pipe, schedule="simple"))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    g["11"] = {"class_type": "ModelSamplingFlux", "inputs": {"model": ["75", 0], "max_shift": 1.15,
+               "base_shift": 0.5, "width": SIDE, "height": SIDE}}  # fmt: skip
+    g["3"]["inputs"]["model"] = ["11", 0]
+    assert np.abs(_pixels(_run(root, g)["65"][0]) - ksampler).max() > 1e-3
+
+
+def test_long_prompt_is_kept_whole_and_the_text_read_as_comfyuis_tokenizer(klein):
+    """A prompt over 512 tokens: ComfyUI keeps every token (the pipeline cuts at 512: its states are the route's
+    first 512, causal attention); a negative of another token count at cfg other than 1 refused in one line;
+    ``\\(`` read as ``(``; ``embedding:NAME`` refused in one line."""
+    from sdengine.server.comfy import nodes_flux2
+
+    root, pipe, files = klein
+    long_prompt = " ".join(["a red apple on a wooden table"] * 48)
+    text = nodes_flux2.load_text(files["text"], torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        states = text.encode(long_prompt)
+    cut = pipe.conditioner.text(long_prompt)["crossattn"]
+    assert states.shape[1] > 550 and cut.shape[1] == 512
+    assert torch.allclose(states[:, :512], cut.float(), atol=1e-6)
+    g = klein_graph(cfg=2.0, negative=long_prompt)
+    assert "different token counts" in _node_error(root, g)
+    g = klein_graph()
+    g["74"]["inputs"]["text"] = "a \\(red\\) apple"
+    escaped = _run(root, g)["74"][0][0].cond["crossattn"]
+    assert torch.allclose(escaped, pipe.conditioner.text("a (red) apple")["crossattn"].float(), atol=1e-6)
+    g["74"]["inputs"]["text"] = "an apple embedding:shiny"
+    assert "'embedding:' names a textual-inversion embedding, which FLUX.2 does not take" in _node_error(root, g)
+
+
+def test_wrong_combinations_are_one_line_node_errors(klein, tmp_path):
+    from sdengine.server.comfy.registry import NODES
+
+    root, _, files = klein
+    assert "flux2" in NODES["CLIPLoader"].input("type").choices
+    te = files["te"]
+    texts = root / "models" / "text_encoders"
+    # a Qwen2.5-VL text encoder (no q/k norms, biased q/k/v) and a Mistral one (neither) under flux2
+    qwen25 = {k: v for k, v in te.items() if "_norm." not in k or "layernorm" in k}
+    for k, v in te.items():
+        if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            qwen25[k.replace(".weight", ".bias")] = torch.zeros(v.shape[0])
+    save_file(qwen25, texts / "qwen_2.5_vl_tiny.safetensors")
+    mistral = {k: v for k, v in te.items() if "_norm." not in k or "layernorm" in k}
+    save_file(mistral, texts / "mistral_3_small_tiny.safetensors")
+    try:
+        g = klein_graph()
+        g["71"]["inputs"]["clip_name"] = "qwen_2.5_vl_tiny.safetensors"
+        assert "CLIPLoader type flux2 takes FLUX.2 [klein]'s Qwen3 text encoder" in _node_error(root, g)
+        g["71"]["inputs"]["clip_name"] = "mistral_3_small_tiny.safetensors"
+        assert "is Mistral Small 3 (FLUX.2 [dev]'s text encoder)" in _node_error(root, g)
+    finally:
+        (texts / "qwen_2.5_vl_tiny.safetensors").unlink()
+        (texts / "mistral_3_small_tiny.safetensors").unlink()
+    # no tokenizer folder beside the text encoder
+    tokenizer = texts / "qwen25_tokenizer"
+    tokenizer.rename(tmp_path / "moved")
+    try:
+        assert "CLIPLoader type flux2: no Qwen2 tokenizer beside qwen_3_4b_tiny" in _node_error(root, klein_graph())
+    finally:
+        (tmp_path / "moved").rename(tokenizer)
+    # the same Qwen3 as Z-Image's text encoder (type lumina2): another model's conditioning
+    g = klein_graph()
+    g["71"]["inputs"]["type"] = "lumina2"
+    assert "not this FLUX.2 model's" in _node_error(root, g)
+    # FLUX.1's / SD3's empty latent; ModelSamplingSD3; CLIPSetLastLayer
+    g = klein_graph()
+    g["66"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIDE, "height": SIDE, "batch_size": 1}}
+    assert "the latent has 16 channels" in _node_error(root, g) and "reads 128" in _node_error(root, g)
+    g = klein_graph()
+    g["11"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["75", 0], "shift": 3.0}}
+    g["63"]["inputs"]["model"] = ["11", 0]
+    assert "ModelSamplingSD3 is not FLUX.2's" in _node_error(root, g)
+    g = klein_graph()
+    g["21"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["71", 0], "stop_at_clip_layer": -2}}
+    g["74"]["inputs"]["clip"] = ["21", 0]
+    assert "CLIPSetLastLayer does not apply to FLUX.2" in _node_error(root, g)
+    # CheckpointLoaderSimple on the klein folder
+    g = klein_graph()
+    g["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "klein-folder"}}
+    g["63"]["inputs"]["model"] = ["1", 0]
+    assert "CLIPLoader type flux2 (qwen_3_4b.safetensors)" in _node_error(root, g)
+    # a FLUX.2 [dev] transformer file (the guidance embedding): refused before it loads
+    dev = root / "models" / "diffusion_models" / "flux2_dev_tiny.safetensors"
+    save_file({"single_stream_modulation.lin.weight": torch.zeros(4, 4), "guidance_in.in_layer.weight":
+               torch.zeros(4, 4)}, dev)  # fmt: skip
+    try:
+        g = klein_graph()
+        g["75"]["inputs"]["unet_name"] = dev.name
+        assert "is FLUX.2 [dev]" in _node_error(root, g)
+    finally:
+        dev.unlink()
