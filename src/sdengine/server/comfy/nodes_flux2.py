@@ -8,8 +8,9 @@ CLIPLoader type ``flux2`` on Qwen3 (``text_encoders/qwen_3_4b.safetensors``; Qwe
 Flux2Scheduler, KSamplerSelect, RandomNoise, CFGGuider (cfg 1 on the step-distilled models), SamplerCustomAdvanced,
 VAEDecode; for klein edit each reference picture VAEEncoded and put on the conditioning with ReferenceLatent. The
 sampling is :func:`sdengine.server.comfy.nodes_sd3_flux.sample_flow`'s; this module holds the FLUX.2 facts it reads,
-each ComfyUI's (its ``comfy/text_encoders/flux.py``, ``comfy/supported_models.py`` ``Flux2``, ``comfy/model_base.py``
-``Flux`` / ``Flux2``, ``comfy/latent_formats.py`` ``Flux2``, ``comfy_extras/nodes_flux.py``, ``comfy/model_detection.py``):
+each ComfyUI's (its ``comfy/text_encoders/flux.py``, ``comfy/supported_models.py`` ``Flux2``,
+``comfy/model_base.py`` ``Flux`` / ``Flux2``, ``comfy/latent_formats.py`` ``Flux2``, ``comfy_extras/nodes_flux.py``,
+``comfy/model_detection.py``):
 
 * **CLIPLoader's type**: ``flux2`` with a Qwen3 file is ComfyUI's klein text encoder (``klein_te``: Qwen3-4B for
   klein 4B, Qwen3-8B for 9B). FLUX.2 [dev]'s Mistral Small 3 under ``flux2`` is refused in one line (not built on

@@ -161,11 +161,10 @@ def _load_transformer(
     ``stored``: its weights held in that float8 dtype (UNETLoader's weight_dtype, :mod:`sdengine.nn.fp8_storage`)."""
     from sdengine.nn.fp8_storage import to_storage
     from sdengine.pipeline.chroma_loading import is_chroma_file
+    from sdengine.pipeline.flux2_loading import is_flux2_file
     from sdengine.pipeline.flux_loading import is_flux_file
     from sdengine.pipeline.z_image_loading import is_z_image_file
     from sdengine.weights.sd3_files import is_sd3_file
-
-    from sdengine.pipeline.flux2_loading import is_flux2_file
 
     if is_flux2_file(path):  # FLUX.2 [klein] (BFL's / ComfyUI's names): before FLUX.1's, whose names it shares
         from sdengine.server.comfy import nodes_flux2
@@ -745,8 +744,7 @@ def sampling_references(
     if family not in ("flux", "qwen_image", "flux2"):  # FLUX.1 Kontext's, Qwen-Image Edit's, klein edit's
         label = {"sd3": "an SD3", "chroma": "a Chroma", "z_image": "a Z-Image"}.get(family, f"a {family}")
         raise NodeError(
-            f"ReferenceLatent is FLUX.1 Kontext's; {name} is {label} model (Qwen-Image and FLUX.2 models take them "
-            "too)"
+            f"ReferenceLatent is FLUX.1 Kontext's; {name} is {label} model (Qwen-Image and FLUX.2 models take them too)"
         )
     runs_negative = float(cfg) != 1.0
     same = len(pos) == len(neg) and all(a is b or torch.equal(a, b) for a, b in zip(pos, neg, strict=True))
@@ -1645,8 +1643,9 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ),
         ("MODEL",),
         unet_loader,
-        description="A Flux, Chroma, SD3 or Qwen-Image transformer file alone from --models-dir's diffusion_models/ "
-        "or unet/ (BFL's, ComfyUI's or Stability's names; Qwen-Image's in diffusers' names, ComfyUI's prefix or not). "
+        description="A Flux, Chroma, SD3, Qwen-Image, Z-Image or FLUX.2 [klein] transformer file alone from "
+        "--models-dir's diffusion_models/ or unet/ (BFL's, ComfyUI's or Stability's names; Qwen-Image's in diffusers' "
+        "names, ComfyUI's prefix or not). "
         "weight_dtype fp8_e4m3fn / fp8_e5m2 hold its Linear and Conv2d weights in float8, cast to the compute dtype "
         "at each use (half the memory of 16-bit weights; biases and norms stay); fp8_e4m3fn_fast runs as that storage"
         " alone, ComfyUI's own fallback on a device without fp8 products; LoRAs apply at run time over the stored "
@@ -1668,8 +1667,10 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         "model for Qwen-Image with Qwen2's tokenizer folder beside the file (qwen25_tokenizer/; ComfyUI's encoding: "
         "the chat template, the tokens up to <|im_start|>user dropped, no padding); type lumina2, Qwen3-4B for Z-Image "
         "(qwen_3_4b.safetensors, the tokenizer folder likewise; ComfyUI's encoding: Qwen3's chat template, the "
-        "next-to-last layer's states of every token, no padding; a Qwen3 file under qwen_image too, as ComfyUI). "
-        "ComfyUI's other types are not supported.",
+        "next-to-last layer's states of every token, no padding; a Qwen3 file under qwen_image too, as ComfyUI); type "
+        "flux2, Qwen3 for FLUX.2 [klein] (the tokenizer folder likewise; ComfyUI's encoding: Qwen3's chat template "
+        "with thinking off, padded to at least 512 tokens, layers 9, 18 and 27 side by side; FLUX.2 [dev]'s Mistral "
+        "is refused). ComfyUI's other types are not supported.",
     ),
     "T5TokenizerOptions": NodeDef(
         "T5TokenizerOptions",
@@ -1763,8 +1764,9 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         (Input("conditioning", "CONDITIONING"), Input("latent", "LATENT", optional=True)),
         ("CONDITIONING",),
         reference_latent,
-        description="Sets the guiding latent for an edit model (FLUX.1 Kontext): chain several for several reference "
-        "images. Other models refuse it at sampling.",
+        description="Sets the guiding latent for an edit model (FLUX.1 Kontext, Qwen-Image Edit, FLUX.2 [klein] edit: "
+        "its 128-channel VAEEncode latent): chain several for several reference images. Other models refuse it at "
+        "sampling.",
     ),
     "FluxKontextMultiReferenceLatentMethod": NodeDef(
         "FluxKontextMultiReferenceLatentMethod",
