@@ -664,6 +664,10 @@ def checkpoint_loader(ctx: RunContext, ckpt_name: str) -> tuple[Any, ...]:
         from sdengine.server.comfy import nodes_z_image
 
         nodes_z_image.refuse_checkpoint(ckpt_name)
+    if str(getattr(pipe, "variant", "")).startswith("klein"):
+        from sdengine.server.comfy import nodes_flux2
+
+        nodes_flux2.refuse_checkpoint(ckpt_name)
     return ModelHandle(ref), ClipHandle(ref), VaeHandle(ref)
 
 
@@ -715,6 +719,10 @@ def _vae_file(ctx: RunContext, handle: VaeFileHandle) -> Any:
             from sdengine.weights.qwen_vae_file import load_qwen_vae
 
             return load_qwen_vae(p, dtype=torch.float32)
+        if _is_flux2_vae(p):  # FLUX.2's VAE: latents in 2x2 patches, normalised (nodes_flux2)
+            from sdengine.weights.flux2_file import load_flux2_vae
+
+            return load_flux2_vae(p, dtype=torch.float32)
         sd, cfg = load_vae(p)
         vcfg = VAEConfig.from_diffusers(cfg)
         return build_on_meta(lambda: AutoencoderKL(vcfg), sd, name=f"VAE {p.name}", dtype=torch.float32)
@@ -723,6 +731,25 @@ def _vae_file(ctx: RunContext, handle: VaeFileHandle) -> Any:
         return _cached_vae(ctx, handle.path, load)
     except (OSError, SdengineError) as e:
         raise NodeError(f"VAE {p.name}: {e}") from None
+
+
+def _is_flux2_vae(path: Path) -> bool:
+    """A FLUX.2 VAE file (its batch norm's statistics beside a decoder), by its header."""
+    from sdengine.weights.io import read_safetensors_header
+
+    if path.is_dir() or path.suffix.lower() != ".safetensors":
+        return False
+    names, _, _ = read_safetensors_header(path)
+    return "bn.running_var" in names and any(n.startswith("decoder.") for n in names)
+
+
+def _diffusion_shape(vae: Any) -> tuple[int, int]:
+    """(channels, pixels per latent pixel) of the LATENT a VAE decodes and encodes: FLUX.2's patches (128, 16),
+    else its own latent's."""
+    cfg = vae.config
+    if hasattr(cfg, "diffusion_channels"):
+        return int(cfg.diffusion_channels), int(cfg.diffusion_factor)
+    return int(cfg.latent_channels), int(cfg.downscale_factor)
 
 
 def _is_qwen_vae(path: Path) -> bool:
@@ -1801,7 +1828,7 @@ def vae_decode(
         return (_decode_rows(tiny.decode, z, ctx.device),)  # as the pipeline's decode_tiny
     if isinstance(vae, VaeFileHandle):
         model = _vae_file(ctx, vae)
-        c, f = int(model.config.latent_channels), int(model.config.downscale_factor)
+        c, f = _diffusion_shape(model)
         z = _latent_or_zeros(samples, c, f, f"VAE {Path(vae.path).name}")
         if c == RAW_LATENT_CHANNELS:  # SD3 / Flux: raw VAE latents, as ComfyUI's (decode unscales: undone first)
             z = model.scale_latents(z.float())
@@ -1926,7 +1953,7 @@ def _vae_encode_rows(vae: Any, device: torch.device, pixels: torch.Tensor, **til
     """VAE Encode of each row (``tiling``: vae_utils.encode_moments' tile options, VAEEncodeTiled's)."""
     from sdengine import vae_utils
 
-    pixels = _crop_to_factor(pixels, int(vae.config.downscale_factor))
+    pixels = _crop_to_factor(pixels, _diffusion_shape(vae)[1])
     b, h8, w8, _ = pixels.shape
     means, stds = [], []
     with torch.inference_mode():
@@ -1938,6 +1965,8 @@ def _vae_encode_rows(vae: Any, device: torch.device, pixels: torch.Tensor, **til
         if int(vae.config.latent_channels) == RAW_LATENT_CHANNELS:  # SD3 / Flux: the raw mean, as ComfyUI's
             return {"samples": mean.cpu(), "size": (b, h8, w8), "posterior": None, "noise_mask": None}
         samples = vae.scale_latents(mean)
+        if hasattr(vae.config, "diffusion_channels"):  # FLUX.2: the mean's patches, as ComfyUI's (no draw)
+            return {"samples": samples.cpu(), "size": (b, h8, w8), "posterior": None, "noise_mask": None}
     return {"samples": samples.cpu(), "size": (b, h8, w8), "posterior": (mean.cpu(), std.cpu()), "noise_mask": None}
 
 

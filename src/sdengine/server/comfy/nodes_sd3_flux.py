@@ -86,6 +86,7 @@ LATENT_FORMATS: dict[str, tuple[float, float]] = {
     "z_image": (0.3611, 0.1159),  # ComfyUI's ZImage (Lumina2): Flux's latent format
 }
 FLOW_CHANNELS = 16
+FLUX2_CHANNELS = 128  # FLUX.2's latent (nodes_flux2): the VAE's 32 channels in 2x2 patches
 LATENT_FACTOR = 8  # EmptySD3LatentImage's: width // 8 x height // 8, whatever the VAE
 SD3_SHIFT = 3.0  # ComfyUI's SD3 / SD3.5 sampling settings (ModelSamplingDiscreteFlow)
 FLUX_DEV_MU = 1.15  # ComfyUI's FLUX.1 [dev] sampling settings (ModelSamplingFlux's shift, Flux's mu)
@@ -96,6 +97,7 @@ CLIP_LOADER_TYPES = (
     "chroma",
     "qwen_image",
     "lumina2",  # Qwen3-4B: ComfyUI's Z-Image text encoder (its templates' type)
+    "flux2",  # Qwen3: FLUX.2 [klein]'s text encoder (nodes_flux2)
 )  # CLIPLoader's types run here (ComfyUI's list is longer: the others are refused)
 MAX_FLOAT = 100.0
 SIDE_MAX = 16384
@@ -110,7 +112,14 @@ def preview_map(family: str) -> Any:
         return vae_utils.SD3_LATENT_RGB
     if family == "qwen_image":  # ComfyUI's Wan21 format
         return vae_utils.QWEN_IMAGE_LATENT_RGB
+    if family == "flux2":  # ComfyUI's Flux2 format (32 rows, the 128 channels laid out as 32 at twice the size)
+        return vae_utils.FLUX2_LATENT_RGB
     return vae_utils.FLUX_LATENT_RGB  # Flux, Chroma and Z-Image: ComfyUI's Flux format
+
+
+def nodes_flux2_factor(family: str) -> int:
+    """Pixels per latent pixel of a family's LATENT (EmptyFlux2LatentImage's 16 for FLUX.2, else 8)."""
+    return 16 if family == "flux2" else LATENT_FACTOR
 
 
 def _family_of_pipe(pipe: Any) -> str | None:
@@ -166,10 +175,18 @@ def _load_transformer(
     ``stored``: its weights held in that float8 dtype (UNETLoader's weight_dtype, :mod:`sdengine.nn.fp8_storage`)."""
     from sdengine.nn.fp8_storage import to_storage
     from sdengine.pipeline.chroma_loading import is_chroma_file
+    from sdengine.pipeline.flux2_loading import is_flux2_file
     from sdengine.pipeline.flux_loading import is_flux_file
     from sdengine.pipeline.z_image_loading import is_z_image_file
     from sdengine.weights.sd3_files import is_sd3_file
 
+    if is_flux2_file(path):  # FLUX.2 [klein] (BFL's / ComfyUI's names): before FLUX.1's, whose names it shares
+        from sdengine.server.comfy import nodes_flux2
+
+        flux2 = nodes_flux2.load_transformer(path, dev, dtype)
+        if stored is not None:
+            to_storage(flux2, stored)
+        return "flux2", flux2
     if is_z_image_file(path):  # ComfyUI's z_image_*.safetensors: the original names (or diffusers'), prefix or not
         from sdengine.server.comfy.nodes_z_image import load_transformer
 
@@ -291,6 +308,10 @@ def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) 
         from sdengine.server.comfy import nodes_z_image
 
         return nodes_z_image.load_text(Path(files["qwen3"]), dev, dtype)
+    if clip.clip_type == "flux2":
+        from sdengine.server.comfy import nodes_flux2
+
+        return nodes_flux2.load_text(Path(files["qwen3"]), dev, dtype)
     t5 = load_t5_encoder(Path(files["t5xxl"]), device=dev, dtype=dtype) if "t5xxl" in files else None
     if clip.clip_type == "chroma":
         from sdengine.text.chroma_conditioner import ChromaConditioner
@@ -443,6 +464,15 @@ def clip_loader(ctx: RunContext, clip_name: str, type: str = "chroma", device: s
             "DualCLIPLoader or TripleCLIPLoader; SD 1.x / SDXL: the checkpoint's CLIP)"
         )
     path = ctx.catalog.resolve_text_encoder(clip_name)
+    if type == "flux2":
+        from sdengine.server.comfy import nodes_flux2
+
+        handle = nodes_flux2.clip_handle(path)
+        try:
+            _conditioner(ctx, handle)  # load now: a broken file or a missing tokenizer fails at this node
+        except NodeError as e:
+            raise NodeError(f"CLIPLoader type flux2: {str(e).removeprefix('text encoders: ')}") from None
+        return (handle,)
     if type in ("lumina2", "qwen_image"):
         z_image = _z_image_clip(ctx, path, type)
         if z_image is not None:
@@ -556,6 +586,10 @@ def encode_flow(ctx: RunContext, clip: ClipHandle, text: str) -> Any:
         from sdengine.server.comfy import nodes_z_image
 
         return nodes_z_image.text_entry(clip, cond, str(text))
+    if family == "flux2":
+        from sdengine.server.comfy import nodes_flux2
+
+        return nodes_flux2.text_entry(clip, cond, str(text))
     with _encoder_loras(clip, cond, family):
         if family == "chroma":
             return _chroma_entry(clip, cond, str(text))
@@ -671,10 +705,11 @@ def reference_latent(ctx: RunContext, conditioning: list[Any], latent: dict[str,
     if latent is None:
         return (conditioning,)
     z = latent.get("samples")
-    if z is None or z.ndim != 4 or z.shape[1] != FLOW_CHANNELS:
+    if z is None or z.ndim != 4 or z.shape[1] not in (FLOW_CHANNELS, FLUX2_CHANNELS):
         shape = "none" if z is None else tuple(z.shape)
         raise NodeError(
-            f"ReferenceLatent: the latent must be a 16-channel VAE latent (VAEEncode of a Flux VAE), got {shape}"
+            f"ReferenceLatent: the latent must be a 16-channel VAE latent (VAEEncode of a Flux VAE) or a FLUX.2 one "
+            f"(128 channels), got {shape}"
         )
     return ([replace(c, references=(*c.references, z)) for c in conditioning],)
 
@@ -720,10 +755,10 @@ def sampling_references(
         raise NodeError("FluxKontextMultiReferenceLatentMethod: the positive conditioning's entries differ in method")
     if not pos and not neg:
         return [], method
-    if family not in ("flux", "qwen_image"):  # FLUX.1 Kontext's and Qwen-Image Edit's (ComfyUI's reference_latents)
+    if family not in ("flux", "qwen_image", "flux2"):  # FLUX.1 Kontext's, Qwen-Image Edit's, klein edit's
         label = {"sd3": "an SD3", "chroma": "a Chroma", "z_image": "a Z-Image"}.get(family, f"a {family}")
         raise NodeError(
-            f"ReferenceLatent is FLUX.1 Kontext's; {name} is {label} model (Qwen-Image models take them too)"
+            f"ReferenceLatent is FLUX.1 Kontext's; {name} is {label} model (Qwen-Image and FLUX.2 models take them too)"
         )
     runs_negative = float(cfg) != 1.0
     same = len(pos) == len(neg) and all(a is b or torch.equal(a, b) for a, b in zip(pos, neg, strict=True))
@@ -790,6 +825,10 @@ def _schedule(family: str, guidance_embeds: bool, model: ModelHandle) -> Any:
         from sdengine.server.comfy import nodes_z_image
 
         return nodes_z_image.schedule(model)
+    if family == "flux2":
+        from sdengine.server.comfy import nodes_flux2
+
+        return nodes_flux2.schedule(model)
     if model.flow_sampling:
         from sdengine.server.comfy.nodes_qwen import refuse_aura_flow
 
@@ -829,6 +868,10 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
             from sdengine.pipeline.z_image import ZImageAdapter
 
             adapter = ZImageAdapter(net, dtype)
+        if family == "flux2":
+            from sdengine.pipeline.flux2 import Flux2Adapter
+
+            adapter = Flux2Adapter(net, dtype)
         name = Path(model.diffusion_model).name
     else:
         pipe = ctx.pipeline(model.ref)
@@ -838,6 +881,8 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
     guidance = bool(getattr(net.config, "guidance_embeds", False))
     if family == "z_image":  # the caption states' width
         widths = (int(net.config.cap_feat_dim), 0)
+    elif family == "flux2":  # Qwen3's stacked states, no pooled vector
+        widths = (int(net.config.joint_attention_dim), 0)
     else:
         widths = (int(net.config.joint_attention_dim), int(getattr(net.config, "pooled_projection_dim", 0)))
     skipping = None
@@ -846,7 +891,8 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
         def skipping(layers: tuple[int, ...]) -> Any:
             return MMDiTAdapter(partial(net, skip_layers=layers), dtype)
 
-    flow = FlowModel(adapter, _schedule(family, guidance, model), FLOW_CHANNELS, dev, name, skipping)
+    c = int(net.config.in_channels) if family == "flux2" else FLOW_CHANNELS
+    flow = FlowModel(adapter, _schedule(family, guidance and family != "flux2", model), c, dev, name, skipping)
     return family, flow, guidance, widths
 
 
@@ -1061,6 +1107,8 @@ def _raw_in(z: torch.Tensor, family: str) -> torch.Tensor:
         from sdengine.server.comfy.nodes_qwen import raw_in
 
         return raw_in(z)
+    if family == "flux2":  # ComfyUI's Flux2 latent format: the identity (its VAE gives the normalised patches)
+        return z
     scale, shift = LATENT_FORMATS[family]
     return (z - shift) * scale if bool(torch.count_nonzero(z)) else z
 
@@ -1070,6 +1118,8 @@ def _raw_out(z: torch.Tensor, family: str) -> torch.Tensor:
         from sdengine.server.comfy.nodes_qwen import raw_out
 
         return raw_out(z)
+    if family == "flux2":
+        return z
     scale, shift = LATENT_FORMATS[family]
     return z / scale + shift
 
@@ -1094,6 +1144,11 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
             from sdengine.server.comfy import nodes_z_image
 
             out += nodes_z_image.fit_conditioning([e], joint)
+            continue
+        if family == "flux2":
+            from sdengine.server.comfy import nodes_flux2
+
+            out += nodes_flux2.fit_conditioning([e], joint)
             continue
         if family == "chroma":  # T5's states alone (ComfyUI's Chroma: no pooled vector, the guidance input 0)
             if int(x.shape[-1]) != joint or "vector" in cond:
@@ -1200,10 +1255,15 @@ def sample_flow(
             explicit = [str(c.reference_method) for c in stripped[0] if getattr(c, "reference_method", None)]
             network.reference_method = "uxo" if explicit and "uxo" in explicit[0] else (explicit or ["index"])[0]
     z = latent_image.get("samples")
+    factor = nodes_flux2_factor(family)
     if z is None:  # EmptyLatentImage's size: ComfyUI's 8 x 8 pixels a latent pixel
         b, h, w = latent_image["size"]
-        z = torch.zeros(b, FLOW_CHANNELS, h // LATENT_FACTOR, w // LATENT_FACTOR)
-    if z.shape[1] != FLOW_CHANNELS:
+        z = torch.zeros(b, flow.channels, h // factor, w // factor)
+    if family == "flux2":
+        from sdengine.server.comfy import nodes_flux2
+
+        nodes_flux2.check_latent(z, flow.channels, flow.name)
+    elif z.shape[1] != FLOW_CHANNELS:
         raise NodeError(f"the latent has {z.shape[1]} channels, {flow.name}'s have {FLOW_CHANNELS}")
     if family == "qwen_image":
         from sdengine.server.comfy.nodes_qwen import check_latent
@@ -1265,6 +1325,10 @@ def sample_flow(
             from sdengine.server.comfy.nodes_qwen import own_lengths
 
             fitted = own_lengths(*fitted)
+        if family == "flux2":
+            from sdengine.server.comfy import nodes_flux2
+
+            nodes_flux2.check_lengths(*fitted, cfg)
         with _transformer_loras(ctx, model, family):
             out = sample_flow_latents(
                 flow,
@@ -1295,7 +1359,7 @@ def sample_flow(
     return (
         {
             "samples": raw,
-            "size": (b, h * LATENT_FACTOR, w * LATENT_FACTOR),
+            "size": (b, h * factor, w * factor),
             "posterior": None,
             "noise_mask": latent_image.get("noise_mask"),
             **({"batch_index": latent_image["batch_index"]} if "batch_index" in latent_image else {}),
@@ -1429,6 +1493,7 @@ FAMILY_LABELS = {
     "chroma": "Chroma",
     "qwen_image": "Qwen-Image",
     "z_image": "Z-Image",
+    "flux2": "FLUX.2",
 }  # in messages
 
 
@@ -1607,8 +1672,9 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ),
         ("MODEL",),
         unet_loader,
-        description="A Flux, Chroma, SD3 or Qwen-Image transformer file alone from --models-dir's diffusion_models/ "
-        "or unet/ (BFL's, ComfyUI's or Stability's names; Qwen-Image's in diffusers' names, ComfyUI's prefix or not). "
+        description="A Flux, Chroma, SD3, Qwen-Image, Z-Image or FLUX.2 [klein] transformer file alone from "
+        "--models-dir's diffusion_models/ or unet/ (BFL's, ComfyUI's or Stability's names; Qwen-Image's in diffusers' "
+        "names, ComfyUI's prefix or not). "
         "weight_dtype fp8_e4m3fn / fp8_e5m2 hold its Linear and Conv2d weights in float8, cast to the compute dtype "
         "at each use (half the memory of 16-bit weights; biases and norms stay); fp8_e4m3fn_fast runs as that storage"
         " alone, ComfyUI's own fallback on a device without fp8 products; LoRAs apply at run time over the stored "
@@ -1630,8 +1696,10 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         "model for Qwen-Image with Qwen2's tokenizer folder beside the file (qwen25_tokenizer/; ComfyUI's encoding: "
         "the chat template, the tokens up to <|im_start|>user dropped, no padding); type lumina2, Qwen3-4B for Z-Image "
         "(qwen_3_4b.safetensors, the tokenizer folder likewise; ComfyUI's encoding: Qwen3's chat template, the "
-        "next-to-last layer's states of every token, no padding; a Qwen3 file under qwen_image too, as ComfyUI). "
-        "ComfyUI's other types are not supported.",
+        "next-to-last layer's states of every token, no padding; a Qwen3 file under qwen_image too, as ComfyUI); type "
+        "flux2, Qwen3 for FLUX.2 [klein] (the tokenizer folder likewise; ComfyUI's encoding: Qwen3's chat template "
+        "with thinking off, padded to at least 512 tokens, layers 9, 18 and 27 side by side; FLUX.2 [dev]'s Mistral "
+        "is refused). ComfyUI's other types are not supported.",
     ),
     "T5TokenizerOptions": NodeDef(
         "T5TokenizerOptions",
@@ -1725,8 +1793,9 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         (Input("conditioning", "CONDITIONING"), Input("latent", "LATENT", optional=True)),
         ("CONDITIONING",),
         reference_latent,
-        description="Sets the guiding latent for an edit model (FLUX.1 Kontext): chain several for several reference "
-        "images. Other models refuse it at sampling.",
+        description="Sets the guiding latent for an edit model (FLUX.1 Kontext, Qwen-Image Edit, FLUX.2 [klein] edit: "
+        "its 128-channel VAEEncode latent): chain several for several reference images. Other models refuse it at "
+        "sampling.",
     ),
     "FluxKontextMultiReferenceLatentMethod": NodeDef(
         "FluxKontextMultiReferenceLatentMethod",

@@ -12,6 +12,7 @@ from sdengine.server.comfy.nodes import NodeDef
 from sdengine.server.comfy.nodes_clip_vision import CLIP_VISION_NODES
 from sdengine.server.comfy.nodes_edit import EDIT_NODES
 from sdengine.server.comfy.nodes_files import FILE_NODES
+from sdengine.server.comfy.nodes_flux2 import FLUX2_NODES
 from sdengine.server.comfy.nodes_guidance import GUIDANCE_NODES
 from sdengine.server.comfy.nodes_hypertile import HYPERTILE_NODES
 from sdengine.server.comfy.nodes_image import IMAGE_NODES
@@ -42,4 +43,5 @@ NODES: dict[str, NodeDef] = {
     **SD3_FLUX_NODES,
     **QWEN_NODES,
     **Z_IMAGE_CONTROL_NODES,
+    **FLUX2_NODES,
 }

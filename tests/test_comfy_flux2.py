@@ -1,0 +1,279 @@
+"""FLUX.2 [klein] through sdengine's ComfyUI nodes: ComfyUI's own klein graph (its ``image_flux2_klein`` templates:
+UNETLoader, CLIPLoader type ``flux2``, VAELoader ``flux2-vae.safetensors``, CLIPTextEncode, EmptyFlux2LatentImage,
+Flux2Scheduler, KSamplerSelect euler, RandomNoise, CFGGuider, SamplerCustomAdvanced, VAEDecode; klein edit with
+VAEEncode + ReferenceLatent) on ComfyUI's three files written from a tiny random klein folder
+(``tests/_flux2_models.py``, 128-wide heads, the release's 128 latent channels: a 32-channel VAE; Qwen2's tokenizer
+in ComfyUI's ``qwen25_tokenizer`` layout beside the text encoder), held against sdengine's own FLUX.2 pipeline on the
+same files.
+
+The pipeline is ComfyUI's graph with no setting changed: Flux2Scheduler's list is the pipeline's ``normal`` grid
+(diffusers' ``linspace(1, 1/n, n)`` shifted by the empirical ``mu``, then 0), its text states are diffusers' for a
+prompt of up to 512 tokens (the template, layers 9 / 18 / 27, padded to 512 with every position attended), its
+latent format is the VAE's normalised 2x2 patches and a reference's ids are diffusers'. The differences (a prompt over
+512 tokens: kept whole there, cut here; KSampler's schedule: ComfyUI's ``mu`` 2.02) are their own tests."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("diffusers")
+
+import sdengine  # noqa: E402
+from _flux2_models import FILE_TRANSFORMER, FILE_VAE, make_klein_folder  # noqa: E402
+from test_comfy_sd3_flux import TOL, _node_error, _pixels, _run  # noqa: E402
+from test_flux2_files import bfl_layout, comfy_vae_layout  # noqa: E402
+
+PROMPT, NEGATIVE = "a red apple on a table", "blurry low quality, watermark"
+SEED, STEPS = 5, 4
+SIDE = 64  # EmptyFlux2LatentImage 64: a 4 x 4 latent of 128 channels, 32 pixels out of the tiny 4x VAE (its 2x2
+# patches: 8 pixels a latent pixel); the pipeline's 32 x 32 image has the same 16 image tokens
+PIXELS = SIDE // 2
+MODEL, TEXT, VAE = "flux-2-klein-4b-tiny.safetensors", "qwen_3_4b_tiny.safetensors", "flux2-vae.safetensors"
+
+
+@pytest.fixture(scope="module")
+def klein(tmp_path_factory):
+    """ComfyUI's files of a tiny klein under models/ (the folder itself too: CheckpointLoaderSimple lists it), the VAE
+    in vaes/; the pipeline loaded from the same three files."""
+    root = tmp_path_factory.mktemp("comfy_flux2")
+    models = root / "models"
+    folder = make_klein_folder(
+        models / "klein-folder",
+        seed=3,
+        distilled=True,
+        transformer={**FILE_TRANSFORMER, "in_channels": 128},
+        vae={**FILE_VAE, "latent_channels": 32},
+    )
+    (models / "diffusion_models").mkdir()
+    (models / "text_encoders").mkdir()
+    (root / "vaes").mkdir()
+    net = load_file(next((folder / "transformer").glob("*.safetensors")))
+    model = models / "diffusion_models" / MODEL
+    save_file(bfl_layout(net, "model.diffusion_model."), model)
+    text = models / "text_encoders" / TEXT
+    te = load_file(next((folder / "text_encoder").glob("*.safetensors")))
+    save_file({k: v.contiguous() for k, v in te.items()}, text)
+    shutil.copytree(folder / "tokenizer", models / "text_encoders" / "qwen25_tokenizer")
+    vae = root / "vaes" / VAE
+    save_file(comfy_vae_layout(load_file(next((folder / "vae").glob("*.safetensors")))), vae)
+    pipe = sdengine.load_pipeline(model, device="cpu", qwen_text=text, vae=vae)
+    return root, pipe, {"model": model, "text": text, "vae": vae, "te": te, "folder": folder}
+
+
+def klein_graph(*, cfg: float = 1.0, negative: str = "", steps: int = STEPS, side: int = SIDE) -> dict:
+    """ComfyUI's klein text-to-image template, API format."""
+    return {
+        "75": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
+        "71": {"class_type": "CLIPLoader", "inputs": {"clip_name": TEXT, "type": "flux2", "device": "default"}},
+        "72": {"class_type": "VAELoader", "inputs": {"vae_name": VAE}},
+        "74": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["71", 0]}},
+        "76": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["71", 0]}},
+        "63": {"class_type": "CFGGuider",
+               "inputs": {"model": ["75", 0], "positive": ["74", 0], "negative": ["76", 0], "cfg": cfg}},
+        "66": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": side, "height": side, "batch_size": 1}},
+        "62": {"class_type": "Flux2Scheduler", "inputs": {"steps": steps, "width": side, "height": side}},
+        "61": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "73": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
+        "64": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["73", 0], "guider": ["63", 0],
+               "sampler": ["61", 0], "sigmas": ["62", 0], "latent_image": ["66", 0]}},
+        "65": {"class_type": "VAEDecode", "inputs": {"samples": ["64", 0], "vae": ["72", 0]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["65", 0], "filename_prefix": "klein"}},
+    }  # fmt: skip
+
+
+def _image(pipe: Any, *, cfg: float = 1.0, negative: str = "", steps: int = STEPS, **kw: Any) -> np.ndarray:
+    kw = {"schedule": "normal", **kw}
+    out = pipe(PROMPT, negative, steps=steps, seed=SEED, width=PIXELS, height=PIXELS, sampler="euler",
+               cfg_scale=cfg, progress=False, **kw)  # fmt: skip
+    return out.arrays[0].astype(np.float64)
+
+
+def test_template_graph_equals_the_pipeline(klein):
+    """The template's image is the pipeline's (no rule changed); its text states are the pipeline's (512 tokens,
+    the padding's kept), Flux2Scheduler's sigmas the pipeline's grid."""
+    from sdengine.diffusion.flow import flow_grid
+
+    root, pipe, _ = klein
+    out = _run(root, klein_graph())
+    ours = _pixels(out["65"][0])
+    assert ours.shape == (PIXELS, PIXELS, 3) and ours.std() > 0.01
+    entry = out["74"][0][0]
+    cond = pipe.conditioner.text(PROMPT)
+    assert entry.cond["crossattn"].shape == (1, 512, 3 * 16) and "text_mask" not in entry.cond
+    assert torch.allclose(entry.cond["crossattn"], cond["crossattn"].float(), atol=1e-6)
+    sigmas = out["62"][0].values
+    grid = flow_grid(pipe.flow_schedule(PIXELS, PIXELS, STEPS), STEPS, "normal").sigmas
+    assert sigmas.shape == (STEPS + 1,) and float(sigmas[-1]) == 0.0
+    assert torch.allclose(sigmas, grid.float(), atol=1e-6), (sigmas, grid)
+    latent = out["64"][0]["samples"]
+    assert latent.shape == (1, 128, SIDE // 16, SIDE // 16)
+    theirs = _image(pipe)
+    gap = np.abs(ours - theirs)
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    # another step count is another image
+    assert np.abs(_pixels(_run(root, klein_graph(steps=2))["65"][0]) - ours).max() > 1e-3
+
+
+def _reference_png(root: Any) -> Any:
+    """A 64 x 64 picture in the route's input folder (a smooth random field: the VAE sees structure)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(11)
+    field = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(64, 64), mode="bilinear")
+    pixels = (field[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    (root / "in").mkdir(exist_ok=True)
+    path = root / "in" / "klein_ref.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_reference_latent_edit_equals_the_pipelines_reference_image(klein):
+    """klein edit as ComfyUI's template wires it (LoadImage, VAEEncode with the FLUX.2 VAE, ReferenceLatent on the
+    positive): the pipeline's image with the same picture as ``reference_images`` (the VAE mean's normalised patches
+    at time index 10, diffusers' ids); two chained references: the pipeline's two."""
+    root, pipe, _ = klein
+    path = _reference_png(root)
+    g = klein_graph()
+    g.update({
+        "80": {"class_type": "LoadImage", "inputs": {"image": path.name}},
+        "81": {"class_type": "VAEEncode", "inputs": {"pixels": ["80", 0], "vae": ["72", 0]}},
+        "82": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["74", 0], "latent": ["81", 0]}},
+    })  # fmt: skip
+    g["63"]["inputs"]["positive"] = ["82", 0]
+    out = _run(root, g)
+    encoded = out["81"][0]["samples"]
+    assert encoded.shape == (1, 128, 8, 8) and out["81"][0]["posterior"] is None
+    ours = _pixels(out["65"][0])
+    theirs = _image(pipe, reference_images=[str(path)])
+    gap = np.abs(ours - theirs)
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    assert np.abs(ours - _image(pipe)).max() > 1e-3  # the reference counts
+    g["83"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["82", 0], "latent": ["81", 0]}}
+    g["63"]["inputs"]["positive"] = ["83", 0]
+    two = _pixels(_run(root, g)["65"][0])
+    gap = np.abs(two - _image(pipe, reference_images=[str(path), str(path)]))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+
+
+def test_base_model_cfg_and_ksampler_schedule(klein, tmp_path, monkeypatch):
+    """cfg 2.5 with a negative text (CFGGuider): the base pipeline's CFG (ComfyUI's ``u + s (c - u)`` on x0 is
+    diffusers' on the velocity); KSampler (euler / simple) walks ComfyUI's klein model sampling (ModelSamplingFlux,
+    ``mu`` 2.02): the pipeline on that schedule, not its own; ModelSamplingFlux's node sets another ``mu``."""
+    from sdengine.diffusion.flow import FlowSchedule
+
+    root, _, files = klein
+    base = tmp_path / "flux-2-klein-base-4b-tiny.safetensors"
+    base.symlink_to(files["model"])
+    pipe = sdengine.load_pipeline(base, device="cpu", qwen_text=files["text"], vae=files["vae"])
+    assert not pipe.distilled
+    ours = _pixels(_run(root, klein_graph(cfg=2.5, negative=NEGATIVE))["65"][0])
+    gap = np.abs(ours - _image(pipe, cfg=2.5, negative=NEGATIVE))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    assert np.abs(ours - _pixels(_run(root, klein_graph())["65"][0])).max() > 1e-3
+    g = klein_graph()
+    g["3"] = {"class_type": "KSampler", "inputs": {
+        "model": ["75", 0], "seed": SEED, "steps": STEPS, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["74", 0], "negative": ["76", 0], "latent_image": ["66", 0], "denoise": 1.0}}  # fmt: skip
+    g["65"]["inputs"]["samples"] = ["3", 0]
+    ksampler = _pixels(_run(root, g)["65"][0])
+    monkeypatch.setattr(pipe, "flow_schedule", lambda w, h, steps=None: FlowSchedule.flux(mu=2.02))
+    gap = np.abs(ksampler - _image(pipe, schedule="simple"))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    g["11"] = {"class_type": "ModelSamplingFlux", "inputs": {"model": ["75", 0], "max_shift": 1.15,
+               "base_shift": 0.5, "width": SIDE, "height": SIDE}}  # fmt: skip
+    g["3"]["inputs"]["model"] = ["11", 0]
+    assert np.abs(_pixels(_run(root, g)["65"][0]) - ksampler).max() > 1e-3
+
+
+def test_long_prompt_is_kept_whole_and_the_text_read_as_comfyuis_tokenizer(klein):
+    """A prompt over 512 tokens: ComfyUI keeps every token (the pipeline cuts at 512: its states are the route's
+    first 512, causal attention); a negative of another token count at cfg other than 1 refused in one line;
+    ``\\(`` read as ``(``; ``embedding:NAME`` refused in one line."""
+    from sdengine.server.comfy import nodes_flux2
+
+    root, pipe, files = klein
+    long_prompt = " ".join(["a red apple on a wooden table"] * 48)
+    text = nodes_flux2.load_text(files["text"], torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        states = text.encode(long_prompt)
+    cut = pipe.conditioner.text(long_prompt)["crossattn"]
+    assert states.shape[1] > 550 and cut.shape[1] == 512
+    assert torch.allclose(states[:, :512], cut.float(), atol=1e-6)
+    g = klein_graph(cfg=2.0, negative=long_prompt)
+    assert "different token counts" in _node_error(root, g)
+    g = klein_graph()
+    g["74"]["inputs"]["text"] = "a \\(red\\) apple"
+    escaped = _run(root, g)["74"][0][0].cond["crossattn"]
+    assert torch.allclose(escaped, pipe.conditioner.text("a (red) apple")["crossattn"].float(), atol=1e-6)
+    g["74"]["inputs"]["text"] = "an apple embedding:shiny"
+    assert "'embedding:' names a textual-inversion embedding, which FLUX.2 does not take" in _node_error(root, g)
+
+
+def test_wrong_combinations_are_one_line_node_errors(klein, tmp_path):
+    from sdengine.server.comfy.registry import NODES
+
+    root, _, files = klein
+    assert "flux2" in NODES["CLIPLoader"].input("type").choices
+    te = files["te"]
+    texts = root / "models" / "text_encoders"
+    # a Qwen2.5-VL text encoder (no q/k norms, biased q/k/v) and a Mistral one (neither) under flux2
+    qwen25 = {k: v for k, v in te.items() if "_norm." not in k or "layernorm" in k}
+    for k, v in te.items():
+        if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            qwen25[k.replace(".weight", ".bias")] = torch.zeros(v.shape[0])
+    save_file(qwen25, texts / "qwen_2.5_vl_tiny.safetensors")
+    mistral = {k: v for k, v in te.items() if "_norm." not in k or "layernorm" in k}
+    save_file(mistral, texts / "mistral_3_small_tiny.safetensors")
+    try:
+        g = klein_graph()
+        g["71"]["inputs"]["clip_name"] = "qwen_2.5_vl_tiny.safetensors"
+        assert "CLIPLoader type flux2 takes FLUX.2 [klein]'s Qwen3 text encoder" in _node_error(root, g)
+        g["71"]["inputs"]["clip_name"] = "mistral_3_small_tiny.safetensors"
+        assert "is Mistral Small 3 (FLUX.2 [dev]'s text encoder)" in _node_error(root, g)
+    finally:
+        (texts / "qwen_2.5_vl_tiny.safetensors").unlink()
+        (texts / "mistral_3_small_tiny.safetensors").unlink()
+    # no tokenizer folder beside the text encoder
+    tokenizer = texts / "qwen25_tokenizer"
+    tokenizer.rename(tmp_path / "moved")
+    try:
+        assert "CLIPLoader type flux2: no Qwen2 tokenizer beside qwen_3_4b_tiny" in _node_error(root, klein_graph())
+    finally:
+        (tmp_path / "moved").rename(tokenizer)
+    # the same Qwen3 as Z-Image's text encoder (type lumina2): another model's conditioning
+    g = klein_graph()
+    g["71"]["inputs"]["type"] = "lumina2"
+    assert "not this FLUX.2 model's" in _node_error(root, g)
+    # FLUX.1's / SD3's empty latent; ModelSamplingSD3; CLIPSetLastLayer
+    g = klein_graph()
+    g["66"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIDE, "height": SIDE, "batch_size": 1}}
+    assert "the latent has 16 channels" in _node_error(root, g) and "reads 128" in _node_error(root, g)
+    g = klein_graph()
+    g["11"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["75", 0], "shift": 3.0}}
+    g["63"]["inputs"]["model"] = ["11", 0]
+    assert "ModelSamplingSD3 is not FLUX.2's" in _node_error(root, g)
+    g = klein_graph()
+    g["21"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["71", 0], "stop_at_clip_layer": -2}}
+    g["74"]["inputs"]["clip"] = ["21", 0]
+    assert "CLIPSetLastLayer does not apply to FLUX.2" in _node_error(root, g)
+    # CheckpointLoaderSimple on the klein folder
+    g = klein_graph()
+    g["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "klein-folder"}}
+    g["63"]["inputs"]["model"] = ["1", 0]
+    assert "CLIPLoader type flux2 (qwen_3_4b.safetensors)" in _node_error(root, g)
+    # a FLUX.2 [dev] transformer file (the guidance embedding): refused before it loads
+    dev = root / "models" / "diffusion_models" / "flux2_dev_tiny.safetensors"
+    save_file({"single_stream_modulation.lin.weight": torch.zeros(4, 4), "guidance_in.in_layer.weight":
+               torch.zeros(4, 4)}, dev)  # fmt: skip
+    try:
+        g = klein_graph()
+        g["75"]["inputs"]["unet_name"] = dev.name
+        assert "is FLUX.2 [dev]" in _node_error(root, g)
+    finally:
+        dev.unlink()
