@@ -277,3 +277,17 @@ def test_wrong_combinations_are_one_line_node_errors(klein, tmp_path):
         assert "is FLUX.2 [dev]" in _node_error(root, g)
     finally:
         dev.unlink()
+
+
+def test_at_cfg_1_a_long_text_beside_a_short_negative_runs_unrepeated(klein):
+    """At cfg 1 the negative does not run (ComfyUI's cfg-1 shortcut), so a positive over 512 tokens beside the empty
+    negative's 512 is not repeated to their least common multiple (651 and 512: 333,312 tokens, which made this
+    graph run for many minutes): the image is the one with a negative of the positive's own length."""
+    root, _, _ = klein
+    long_prompt = " ".join(["a red apple on a wooden table"] * 48)
+    g = klein_graph()
+    g["74"]["inputs"]["text"] = long_prompt
+    short_negative = _pixels(_run(root, g)["65"][0])
+    g["76"]["inputs"]["text"] = long_prompt
+    same_length = _pixels(_run(root, g)["65"][0])
+    np.testing.assert_array_equal(short_negative, same_length)

@@ -389,6 +389,19 @@ def _match_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
 
 
+def _match_flow_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """A diffusion transformer's positive and negative texts of different token counts, batched as ComfyUI batches
+    them (repeated to their least common multiple, :func:`_match_length`) where that is at most 4 times the shorter
+    one; further apart ComfyUI runs the two apart (its ``CONDCrossAttn.can_concat``), which is not done here: one
+    line, never a repeat to hundreds of thousands of tokens."""
+    if a.shape[1] != b.shape[1] and math.lcm(a.shape[1], b.shape[1]) > 4 * min(a.shape[1], b.shape[1]):
+        raise LatentSamplingError(
+            f"the positive and negative texts have {a.shape[1]} and {b.shape[1]} tokens: ComfyUI runs texts this "
+            "different apart, which is not supported here at cfg other than 1; give texts of closer lengths"
+        )
+    return _match_length(a, b)
+
+
 def make_noise(
     shape: Sequence[int],
     seed: int,
@@ -1289,7 +1302,9 @@ def sample_flow_latents(
         gens = BatchNoise.seeded(b, seed, churn)
     noise = noise.to(dev) if add_noise else torch.zeros_like(latent)
 
-    c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
+    c, u = pos["crossattn"].to(dev), neg["crossattn"].to(dev)
+    if float(cfg) != 1.0 or sampler in sampling.CFG_PP_SAMPLERS:  # the negative runs: one batch, one length
+        c, u = _match_flow_length(c, u)
     extra: dict[str, Tensor] = {"crossattn": c.expand(b, -1, -1)}
     uncond: dict[str, Tensor] = {"crossattn": u}
     for key in sorted((set(pos) | set(neg)) - {"crossattn"}):
