@@ -1,0 +1,296 @@
+"""Property tests of the newer diffusion-transformer loaders: Z-Image transformer files and folders, FLUX.2
+transformer / VAE files and folders, Qwen3 text-encoder files and folders, Z-Image Union ControlNet files and folders,
+and LoRAs in FLUX.2 / Z-Image / Qwen-Image names. Each input is a valid tiny file (built once per module from the
+tiny models of ``_z_image_models`` / ``_flux2_models`` / ``_qwen_models``) with a few things broken: a tensor dropped,
+one of its dimensions one more or one less, two dimensions swapped, a dimension added, an integer dtype, an unknown
+tensor, a renamed prefix; a folder's ``config.json`` with a field of the wrong type, negative, zero, huge or missing.
+
+Whatever the input: a model that runs on a tiny input, or one line of a named sdengine error; never another
+exception.
+
+Bounded in `make test` (SDENGINE_FUZZ_EXAMPLES / 8: 12 inputs per loader by default; `make fuzz` runs more).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("diffusers")
+
+from sdengine.errors import SdengineError  # noqa: E402
+from sdengine.weights import save_safetensors  # noqa: E402
+from sdengine.weights.io import load_file  # noqa: E402
+
+# an eighth of the other fuzz files' (each example here writes and loads a model): 12 by default
+EXAMPLES = max(1, int(os.environ.get("SDENGINE_FUZZ_EXAMPLES", "100")) // 8)
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+def _outcome(fn: Callable[[], Any]) -> Any:
+    """fn()'s result, or the SdengineError it raised (its message one line); any other exception fails the test."""
+    try:
+        return fn()
+    except SdengineError as e:
+        assert "\n" not in str(e).strip(), str(e)
+        assert str(e).strip(), type(e).__name__
+        return e
+
+
+# -- breaking a state dict --------------------------------------------------------------------------------
+
+_OPS = ("drop", "grow", "shrink", "swap", "unsqueeze", "int", "bool", "unknown", "rename", "empty", "scalar")
+
+
+def _break(sd: dict[str, torch.Tensor], op: str, key: str, pick: int) -> dict[str, torch.Tensor]:
+    out = dict(sd)
+    t = out[key]
+    d = pick % max(t.ndim, 1)
+    if op == "drop":
+        del out[key]
+    elif op in ("grow", "shrink") and t.ndim:
+        shape = list(t.shape)
+        shape[d] = shape[d] + 1 if op == "grow" else max(shape[d] - 1, 1 if shape[d] > 1 else 0)
+        out[key] = torch.randn(shape) * 0.05
+    elif op == "swap" and t.ndim >= 2:
+        out[key] = t.transpose(d, (d + 1) % t.ndim).contiguous()
+    elif op == "unsqueeze":
+        out[key] = t.unsqueeze(d).contiguous()
+    elif op == "int":
+        out[key] = t.to(torch.int64)
+    elif op == "bool":
+        out[key] = t != 0
+    elif op == "unknown":
+        stem = key.rsplit(".", 1)[0]
+        out[[f"{stem}.extra.weight", "unexpected.weight", f"{key}x", "layers.99.attention.to_q.weight"][pick % 4]] = t
+    elif op == "rename":
+        parts = key.split(".")
+        new = ".".join(["renamed", *parts[1:]]) if pick % 2 else ".".join([*parts[:-1], "kernel"])
+        out[new] = out.pop(key)
+    elif op == "empty":
+        out[key] = torch.zeros([0] * max(t.ndim, 1))
+    elif op == "scalar":
+        out[key] = torch.tensor(1.0)
+    return out
+
+
+@st.composite
+def breakages(draw, keys: list[str]) -> list[tuple[str, str, int]]:
+    n = draw(st.integers(1, 2))
+    return [(draw(st.sampled_from(_OPS)), draw(st.sampled_from(keys)), draw(st.integers(0, 7))) for _ in range(n)]
+
+
+def _broken(sd: dict[str, torch.Tensor], steps: list[tuple[str, str, int]]) -> dict[str, torch.Tensor]:
+    for op, key, pick in steps:
+        if key in sd:
+            sd = _break(sd, op, key, pick)
+    return sd
+
+
+# -- breaking a config.json -------------------------------------------------------------------------------
+
+_BAD_VALUES = st.sampled_from(["x", None, True, False, [], [1], {}, 1.5, -1, 0, 1, 3, 10**9, 10**30, -(10**9), 1e308])
+
+
+@st.composite
+def config_breakages(draw, fields: list[str]) -> list[tuple[str, Any]]:
+    n = draw(st.integers(1, 2))
+    out = []
+    for _ in range(n):
+        field = draw(st.sampled_from(fields))
+        value = draw(st.one_of(st.just("<missing>"), _BAD_VALUES, st.lists(_BAD_VALUES, max_size=4)))
+        out.append((field, value))
+    return out
+
+
+def _write_config(folder: Path, base: dict[str, Any], changes: list[tuple[str, Any]]) -> None:
+    raw = dict(base)
+    for field, value in changes:
+        if value == "<missing>":
+            raw.pop(field, None)
+        else:
+            raw[field] = value
+    (folder / "config.json").write_text(json.dumps(raw))
+
+
+def _copy_folder(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+# -- the valid tiny files ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzzdit")
+
+
+@pytest.fixture(scope="module")
+def z_image(root: Path) -> dict[str, Any]:
+    from _z_image_models import WIDE_TRANSFORMER, z_transformer
+
+    ref = z_transformer(seed=4, **WIDE_TRANSFORMER)
+    ref.save_pretrained(root / "z" / "transformer")
+    sd = {k: v.clone().contiguous() for k, v in ref.state_dict().items()}
+    return {"folder": root / "z" / "transformer", "sd": sd}
+
+
+@pytest.fixture(scope="module")
+def flux2(root: Path) -> dict[str, Any]:
+    from _flux2_models import FILE_TRANSFORMER, FILE_VAE, flux2_transformer, flux2_vae
+
+    net = flux2_transformer(seed=3, **FILE_TRANSFORMER)
+    net.save_pretrained(root / "f2" / "transformer")
+    vae = flux2_vae(seed=5, **FILE_VAE)
+    vae.save_pretrained(root / "f2" / "vae")
+    return {
+        "folder": root / "f2" / "transformer",
+        "vae_folder": root / "f2" / "vae",
+        "sd": {k: v.clone().contiguous() for k, v in net.state_dict().items()},
+        "vae_sd": {k: v.clone().contiguous() for k, v in vae.state_dict().items()},
+    }
+
+
+def _z_image_inputs(model) -> tuple[torch.Tensor, ...]:
+    c = model.config
+    return torch.randn(1, c.in_channels, 4, 4), torch.tensor([0.5]), torch.randn(1, 3, c.cap_feat_dim)
+
+
+def _run_z_image(model) -> None:
+    with torch.no_grad():
+        out = model(*_z_image_inputs(model))
+    assert out.shape[-2:] == (4, 4)
+
+
+def _run_flux2(model) -> None:
+    c = model.config
+    g = torch.tensor([3.5]) if c.guidance_embeds else None
+    with torch.no_grad():
+        out = model(torch.randn(1, c.in_channels, 2, 2), torch.tensor([500.0]), torch.randn(1, 3, c.joint_attention_dim), g)
+    assert out.shape[-2:] == (2, 2)
+
+
+def _run_flux2_vae(vae) -> None:
+    c = vae.config
+    with torch.no_grad():
+        z = vae.encode(torch.randn(1, c.in_channels, 8, 8)).mean
+        vae.decode(z)
+
+
+def _load_and_run(load: Callable[[], Any], run: Callable[[Any], None]) -> None:
+    model = _outcome(load)
+    if not isinstance(model, SdengineError):
+        _outcome(lambda: run(model))
+
+
+# -- Z-Image transformer ----------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(data=st.data())
+def test_z_image_single_files_load_or_give_a_named_error(z_image, root, data) -> None:
+    from test_z_image_files import original_layout
+
+    from sdengine.weights.z_image_file import load_z_image_transformer
+
+    sd = z_image["sd"]
+    layout = data.draw(st.sampled_from(["diffusers", "original", "comfy"]))
+    if layout != "diffusers":
+        sd = original_layout(sd, "model.diffusion_model." if layout == "comfy" else "")
+    sd = _broken(sd, data.draw(breakages(sorted(sd))))
+    path = root / "z_broken.safetensors"
+    save_safetensors(sd, path)
+    _load_and_run(lambda: load_z_image_transformer(path), _run_z_image)
+
+
+@FUZZ
+@given(data=st.data())
+def test_z_image_folders_load_or_give_a_named_error(z_image, root, data) -> None:
+    from sdengine.weights.z_image_file import load_z_image_transformer
+
+    folder = _copy_folder(z_image["folder"], root / "z_broken" / "transformer")
+    base = json.loads((z_image["folder"] / "config.json").read_text())
+    if data.draw(st.booleans()):
+        _write_config(folder, base, data.draw(config_breakages(sorted(base))))
+    else:
+        weights = next(folder.glob("*.safetensors"))
+        sd, _ = load_file(weights)
+        save_safetensors(_broken(sd, data.draw(breakages(sorted(sd)))), weights)
+    _load_and_run(lambda: load_z_image_transformer(folder.parent), _run_z_image)
+
+
+# -- FLUX.2 transformer and VAE ---------------------------------------------------------------------------
+
+
+@FUZZ
+@given(data=st.data())
+def test_flux2_single_files_load_or_give_a_named_error(flux2, root, data) -> None:
+    from test_flux2_files import bfl_layout
+
+    from sdengine.weights.flux2_file import load_flux2_transformer
+
+    sd = flux2["sd"]
+    layout = data.draw(st.sampled_from(["diffusers", "bfl", "comfy"]))
+    if layout != "diffusers":
+        sd = bfl_layout(sd, "model.diffusion_model." if layout == "comfy" else "")
+    sd = _broken(sd, data.draw(breakages(sorted(sd))))
+    path = root / "f2_broken.safetensors"
+    save_safetensors(sd, path)
+    _load_and_run(lambda: load_flux2_transformer(path), _run_flux2)
+
+
+@FUZZ
+@given(data=st.data())
+def test_flux2_folders_load_or_give_a_named_error(flux2, root, data) -> None:
+    from sdengine.weights.flux2_file import load_flux2_transformer
+
+    folder = _copy_folder(flux2["folder"], root / "f2_broken" / "transformer")
+    base = json.loads((flux2["folder"] / "config.json").read_text())
+    if data.draw(st.booleans()):
+        _write_config(folder, base, data.draw(config_breakages(sorted(base))))
+    else:
+        weights = next(folder.glob("*.safetensors"))
+        sd, _ = load_file(weights)
+        save_safetensors(_broken(sd, data.draw(breakages(sorted(sd)))), weights)
+    _load_and_run(lambda: load_flux2_transformer(folder.parent), _run_flux2)
+
+
+@FUZZ
+@given(data=st.data())
+def test_flux2_vae_files_and_folders_load_or_give_a_named_error(flux2, root, data) -> None:
+    from test_flux2_files import comfy_vae_layout
+
+    from sdengine.weights.flux2_file import load_flux2_vae
+
+    kind = data.draw(st.sampled_from(["diffusers file", "comfy file", "folder config", "folder weights"]))
+    if kind.endswith("file"):
+        sd = flux2["vae_sd"] if kind == "diffusers file" else comfy_vae_layout(flux2["vae_sd"])
+        path = root / "vae_broken.safetensors"
+        save_safetensors(_broken(sd, data.draw(breakages(sorted(sd)))), path)
+    else:
+        path = _copy_folder(flux2["vae_folder"], root / "vae_broken" / "vae")
+        base = json.loads((flux2["vae_folder"] / "config.json").read_text())
+        if kind == "folder config":
+            _write_config(path, base, data.draw(config_breakages(sorted(base))))
+        else:
+            weights = next(path.glob("*.safetensors"))
+            sd, _ = load_file(weights)
+            save_safetensors(_broken(sd, data.draw(breakages(sorted(sd)))), weights)
+    _load_and_run(lambda: load_flux2_vae(path), _run_flux2_vae)
