@@ -137,35 +137,42 @@ def _copy_folder(src: Path, dst: Path) -> Path:
 # -- the valid tiny files ---------------------------------------------------------------------------------
 
 
+class Built(dict):
+    """A module fixture's files and tensors (a short repr: hypothesis prints the arguments of a failing example)."""
+
+    def __repr__(self) -> str:
+        return f"<{', '.join(self)}>"
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzzdit")
 
 
 @pytest.fixture(scope="module")
-def z_image(root: Path) -> dict[str, Any]:
+def z_image(root: Path) -> Built:
     from _z_image_models import WIDE_TRANSFORMER, z_transformer
 
     ref = z_transformer(seed=4, **WIDE_TRANSFORMER)
     ref.save_pretrained(root / "z" / "transformer")
     sd = {k: v.clone().contiguous() for k, v in ref.state_dict().items()}
-    return {"folder": root / "z" / "transformer", "sd": sd}
+    return Built(folder=root / "z" / "transformer", sd=sd)
 
 
 @pytest.fixture(scope="module")
-def flux2(root: Path) -> dict[str, Any]:
+def flux2(root: Path) -> Built:
     from _flux2_models import FILE_TRANSFORMER, FILE_VAE, flux2_transformer, flux2_vae
 
     net = flux2_transformer(seed=3, **FILE_TRANSFORMER)
     net.save_pretrained(root / "f2" / "transformer")
     vae = flux2_vae(seed=5, **FILE_VAE)
     vae.save_pretrained(root / "f2" / "vae")
-    return {
-        "folder": root / "f2" / "transformer",
-        "vae_folder": root / "f2" / "vae",
-        "sd": {k: v.clone().contiguous() for k, v in net.state_dict().items()},
-        "vae_sd": {k: v.clone().contiguous() for k, v in vae.state_dict().items()},
-    }
+    return Built(
+        folder=root / "f2" / "transformer",
+        vae_folder=root / "f2" / "vae",
+        sd={k: v.clone().contiguous() for k, v in net.state_dict().items()},
+        vae_sd={k: v.clone().contiguous() for k, v in vae.state_dict().items()},
+    )
 
 
 def _z_image_inputs(model) -> tuple[torch.Tensor, ...]:

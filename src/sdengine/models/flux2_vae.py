@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdengine.models.config_checks import ConfigError, check_config
+from sdengine.models.config_checks import ConfigError, check_config, check_scalar_ints
 from sdengine.models.vae import Decoder, DiagonalGaussian, Encoder, VAEConfig
 
 CLASS_NAME = "AutoencoderKLFlux2"
@@ -67,6 +67,7 @@ class Flux2VAEConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        check_scalar_ints("FLUX.2 VAE config", self)
         if tuple(self.patch_size) != (PATCH, PATCH):
             raise ConfigError(f"FLUX.2 VAE config: patch_size={list(self.patch_size)} is not supported (only [2, 2])")
         for name in ("batch_norm_eps", "batch_norm_momentum"):

@@ -371,6 +371,8 @@ def load_flux2_vae(
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             raise WeightsError(f"{where}: {k} is not a tensor")
+        if not v.is_floating_point() and k != "bn.num_batches_tracked":
+            raise WeightsError(f"{where}: {k} holds {v.dtype}, not floating-point weights")
     model.load_state_dict(
         {k: v.to(device=dev, dtype=target) if v.is_floating_point() else v.to(dev) for k, v in sd.items()},
         strict=True,
