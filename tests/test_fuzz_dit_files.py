@@ -301,3 +301,196 @@ def test_flux2_vae_files_and_folders_load_or_give_a_named_error(flux2, root, dat
             sd, _ = load_file(weights)
             save_safetensors(_broken(sd, data.draw(breakages(sorted(sd)))), weights)
     _load_and_run(lambda: load_flux2_vae(path), _run_flux2_vae)
+
+
+# -- Qwen3 text encoder -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3(root: Path) -> Built:
+    from _z_image_models import qwen3_text_encoder
+
+    model = qwen3_text_encoder(7, 400)
+    model.save_pretrained(root / "qwen3")
+    sd = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    return Built(folder=root / "qwen3", sd=sd)
+
+
+def _run_text(model) -> None:
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 5, 9]]))
+    assert out.shape[:2] == (1, 3)
+
+
+@FUZZ
+@given(data=st.data())
+def test_qwen_text_files_and_folders_load_or_give_a_named_error(qwen3, root, data) -> None:
+    from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+
+    kind = data.draw(st.sampled_from(["file", "bare file", "folder config", "folder weights"]))
+    if kind.endswith("file"):
+        sd = qwen3["sd"]
+        if kind == "bare file":  # the language model saved alone (no model. prefix, no LM head)
+            sd = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}
+        path = root / "qwen3_broken.safetensors"
+        save_safetensors(_broken(sd, data.draw(breakages(sorted(sd)))), path)
+    else:
+        path = _copy_folder(qwen3["folder"], root / "qwen3_broken")
+        base = json.loads((qwen3["folder"] / "config.json").read_text())
+        if kind == "folder config":
+            _write_config(path, base, data.draw(config_breakages(sorted(base))))
+        else:
+            weights = next(path.glob("*.safetensors"))
+            sd, _ = load_file(weights)
+            save_safetensors(_broken(sd, data.draw(breakages(sorted(sd)))), weights)
+    family = data.draw(st.sampled_from([None, "qwen3", "qwen2.5-vl", "mistral"]))
+    _load_and_run(lambda: load_qwen_text_encoder(path, family=family), _run_text)
+
+
+# -- Z-Image Union ControlNet ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def z_control(root: Path) -> Built:
+    from test_z_image_controlnet import KINDS, z_controlnet
+
+    from _z_image_models import Z_TRANSFORMER
+    from sdengine.models.z_image import ZImageConfig, ZImageTransformer
+
+    folders = {}
+    for kind in ("1.0", "2.1"):
+        z_controlnet(11, **KINDS[kind]).save_pretrained(root / f"zc-{kind}")
+        folders[kind] = root / f"zc-{kind}"
+    release = z_controlnet(12, control_layers_places=list(range(0, 30, 5)), control_in_dim=16)  # Union 1.0's file
+    torch.manual_seed(13)
+    cfg = {k: v for k, v in Z_TRANSFORMER.items() if k not in ("all_patch_size", "all_f_patch_size")}
+    transformer = ZImageTransformer(ZImageConfig(**cfg)).eval()
+    return Built(
+        folders=folders,
+        sd={k: v.clone().contiguous() for k, v in release.state_dict().items()},
+        transformer=transformer,
+    )
+
+
+def _run_control(transformer) -> Callable[[Any], None]:
+    def run(net) -> None:
+        x, t, cap = _z_image_inputs(transformer)
+        with torch.no_grad():
+            state = transformer.embed(x, t, cap)
+            refined = transformer.refine_image(state, None)
+            net(transformer, state, refined, torch.randn(1, net.config.control_in_dim, 4, 4), 0.8)
+
+    return run
+
+
+@FUZZ
+@given(data=st.data())
+def test_z_image_controlnets_load_or_give_a_named_error(z_control, root, data) -> None:
+    from sdengine.control.dit_files import read_dit_controlnet
+
+    kind = data.draw(st.sampled_from(["file", "folder config", "folder weights"]))
+    if kind == "file":
+        sd = z_control["sd"]
+        path = root / "zc_broken.safetensors"
+        save_safetensors(_broken(sd, data.draw(breakages(sorted(sd)))), path)
+    else:
+        src = z_control["folders"][data.draw(st.sampled_from(["1.0", "2.1"]))]
+        path = _copy_folder(src, root / "zc_broken")
+        base = json.loads((src / "config.json").read_text())
+        if kind == "folder config":
+            _write_config(path, base, data.draw(config_breakages(sorted(base))))
+        else:
+            weights = next(path.glob("*.safetensors"))
+            sd, _ = load_file(weights)
+            save_safetensors(_broken(sd, data.draw(breakages(sorted(sd)))), weights)
+    _load_and_run(lambda: read_dit_controlnet(path), _run_control(z_control["transformer"]))
+
+
+# -- LoRAs in FLUX.2 / Z-Image / Qwen-Image names -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dits() -> Built:
+    """Tiny sdengine transformers of the three families (random weights: the LoRAs' names and shapes are what is
+    tested) with their LoRA routes."""
+    from _flux2_models import FLUX2_TRANSFORMER
+    from _qwen_models import QWEN_TRANSFORMER
+    from _z_image_models import Z_TRANSFORMER
+    from sdengine.models.flux2 import Flux2Config, Flux2Transformer
+    from sdengine.models.qwen_image import QwenImageConfig, QwenImageTransformer
+    from sdengine.models.z_image import ZImageConfig, ZImageTransformer
+    from sdengine.weights.lora_dit_keys import dit_routes
+
+    torch.manual_seed(0)
+    z_cfg = {k: v for k, v in Z_TRANSFORMER.items() if k not in ("all_patch_size", "all_f_patch_size")}
+    models = {
+        "z_image": ZImageTransformer(ZImageConfig(**z_cfg)).eval(),
+        "flux2": Flux2Transformer(Flux2Config(**FLUX2_TRANSFORMER)).eval(),
+        "qwen_image": QwenImageTransformer(QwenImageConfig(**QWEN_TRANSFORMER)).eval(),
+    }
+    return Built(models=models, routes={k: dit_routes(m) for k, m in models.items()})
+
+
+def _run_dit(name: str, model) -> None:
+    with torch.no_grad():
+        if name == "z_image":
+            _run_z_image(model)
+        elif name == "flux2":
+            _run_flux2(model)
+        else:
+            c = model.config
+            model(torch.randn(1, c.out_channels or 16, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, c.joint_attention_dim))
+
+
+_LAYOUTS = ("peft", "kohya", "comfy")
+
+
+@st.composite
+def dit_loras(draw, model, routes: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A LoRA on a few of the model's layers (any of the names they come in) with the right shapes, then broken."""
+    names = sorted(routes)
+    out: dict[str, torch.Tensor] = {}
+    for name in draw(st.lists(st.sampled_from(names), min_size=1, max_size=4, unique=True)):
+        rs = routes[name]
+        first = model.get_submodule(rs[0].target)
+        rows = sum(b - a for r in rs for a, b in (r.rows or ((0, model.get_submodule(r.target).out_features),)))
+        rank = draw(st.integers(1, 4))
+        stem = name
+        for prefix in ("transformer.", "diffusion_model.", "base_model.model."):
+            stem = stem.removeprefix(prefix)
+        layout = draw(st.sampled_from(_LAYOUTS))
+        down = torch.randn(rank, first.in_features) * 0.1
+        up = torch.randn(rows, rank) * 0.1
+        if layout == "peft" or name.startswith("lora_"):
+            key = name if name.startswith(("lora_", "diffusion_model.", "transformer.")) else f"transformer.{name}"
+            a, b = ("lora_down.weight", "lora_up.weight") if name.startswith("lora_") else ("lora_A.weight", "lora_B.weight")
+        elif layout == "kohya":
+            key, a, b = "lora_unet_" + stem.replace(".", "_"), "lora_down.weight", "lora_up.weight"
+        else:
+            key, a, b = f"diffusion_model.{stem}", "lora_down.weight", "lora_up.weight"
+        out[f"{key}.{a}"], out[f"{key}.{b}"] = down, up
+        if draw(st.booleans()):
+            out[f"{key}.alpha"] = torch.tensor(float(draw(st.sampled_from([1, 2, 4, 0, -1]))))
+    return _broken(out, draw(breakages(sorted(out)))) if draw(st.booleans()) else out
+
+
+@FUZZ
+@given(data=st.data())
+def test_dit_loras_apply_or_give_a_named_error(dits, root, data) -> None:
+    from sdengine.weights.lora import apply_loras
+    from sdengine.weights.lora_file import LoRAFile
+
+    family = data.draw(st.sampled_from(sorted(dits["models"])))
+    model = dits["models"][family]
+    tensors = data.draw(dit_loras(model, dits["routes"][family]))
+    path = root / "lora_broken.safetensors"
+    save_safetensors(tensors, path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lf = _outcome(lambda: LoRAFile.load(path))
+    if isinstance(lf, LoRAFile):
+        handle = _outcome(lambda: apply_loras(model, None, [(lf, 0.7)]))
+        if not isinstance(handle, SdengineError):
+            _outcome(lambda: _run_dit(family, model))
+            handle.remove()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # applied and removed, or never touched

@@ -210,17 +210,26 @@ def _build(kind: str, config: Any, sd: Mapping[str, Tensor], name: str) -> DiTCo
             net = QwenImageControlNet(config)
         else:
             net = SD3ControlNet(config) if kind == "sd3" else FluxControlNet(config)
-    result = net.load_state_dict(dict(sd), strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    if missing or extra:
         parts = []
-        if result.missing_keys:
-            parts.append(
-                f"missing {', '.join(result.missing_keys[:3])}" + (" ..." if len(result.missing_keys) > 3 else "")
-            )
-        if result.unexpected_keys:
-            extra = result.unexpected_keys
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+        if extra:
             parts.append(f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""))
         raise ControlNetError(f"{name}: not a {LABELS[kind]} ControlNet of its config ({'; '.join(parts)})")
+    for k, v in sd.items():  # (load_state_dict would raise a multi-line RuntimeError for these)
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            have = v.dtype if isinstance(v, Tensor) else type(v).__name__
+            raise ControlNetError(f"{name}: {k} holds {have}, not floating-point weights")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ControlNetError(
+                f"{name}: {k} is {tuple(v.shape)}, a {LABELS[kind]} ControlNet of its config needs "
+                f"{tuple(own[k].shape)}"
+            )
+    net.load_state_dict(dict(sd), strict=True, assign=True)
     for mod_name, buf in list(net.named_buffers()):
         if buf.is_meta:
             raise ControlNetError(f"{name}: no weights for {mod_name}")

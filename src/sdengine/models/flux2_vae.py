@@ -172,7 +172,7 @@ class Flux2VAEConfig:
                 if not isinstance(c[k], list | tuple):
                     raise ConfigError(f"FLUX.2 VAE config: {k}={c[k]!r} is not a list")
                 c[k] = tuple(c[k])
-        if isinstance(c.get("sample_size"), list | tuple):
+        if isinstance(c.get("sample_size"), list | tuple) and c["sample_size"]:  # (an empty one: refused below)
             c["sample_size"] = c["sample_size"][0]
         check_config("vae", {k: v for k, v in c.items() if k != "decoder_block_out_channels"})
         try:

@@ -162,8 +162,8 @@ def config_from_shapes(sd: Mapping[str, Any], where: str = "<state dict>") -> Fl
             f"{where}: {head}-wide heads: a single file's RoPE axes are read for FLUX.2's {RELEASE_HEAD}-wide heads "
             "only (use a diffusers folder with its config.json)"
         )
-    if hidden % head:
-        raise WeightsError(f"{where}: not a FLUX.2 transformer (width {hidden} is not a multiple of {head})")
+    if hidden <= 0 or hidden % head:
+        raise WeightsError(f"{where}: not a FLUX.2 transformer (width {hidden} is not a positive multiple of {head})")
     if doubles:
         mlp = tensor_shape(sd, "transformer_blocks.0.ff.linear_in.weight", 2, where, "FLUX.2")[0] // 2
     else:
