@@ -119,7 +119,7 @@ def bfl_to_diffusers(sd: Mapping[str, Any], where: str = "<state dict>") -> dict
             table = _DOUBLE if kind == "double" else _SINGLE
             prefix = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{n}."
             if kind == "double" and module in _QKV:
-                if not isinstance(v, torch.Tensor) or v.shape[0] % 3:
+                if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] % 3:
                     raise WeightsError(f"{where}: {k} is not q, k and v stacked (rows not a multiple of 3)")
                 for name, part in zip(_QKV[module], v.chunk(3, dim=0), strict=True):
                     put(f"{prefix}{name}.{param}", part)
@@ -129,7 +129,7 @@ def bfl_to_diffusers(sd: Mapping[str, Any], where: str = "<state dict>") -> dict
             put(f"{prefix}{table[module]}.{param}", v)
             continue
         if k.startswith("final_layer.adaLN_modulation.1."):
-            if not isinstance(v, torch.Tensor) or v.shape[0] % 2:
+            if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] % 2:
                 raise WeightsError(f"{where}: {k} is not (shift, scale) stacked")
             put("norm_out.linear." + k.rsplit(".", 1)[1], swap_halves(v))
             continue
