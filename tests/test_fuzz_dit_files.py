@@ -501,3 +501,70 @@ def test_dit_loras_apply_or_give_a_named_error(dits, root, data) -> None:
             handle.remove()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # applied and removed, or never touched
+
+
+# -- what the fuzz tests found (each was another exception before) ------------------------------------------
+
+
+def _one_line_error(fn: Callable[[], Any], match: str) -> None:
+    with pytest.raises(SdengineError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "cls, raw, match",
+    [
+        ("flux2", {"num_layers": [1]}, "FLUX.2 transformer config: num_layers=\\[1\\] is not an integer"),
+        ("z_image", {"n_layers": [1]}, "Z-Image transformer config: n_layers=\\[1\\] is not an integer"),
+        ("flux2_vae", {"latent_channels": [4]}, "FLUX.2 VAE config: latent_channels=\\[4\\] is not an integer"),
+        ("flux2_vae", {"sample_size": []}, "sample_size has 0 entries"),
+    ],
+)
+def test_a_list_for_a_count_is_one_config_line(cls: str, raw: dict[str, Any], match: str) -> None:
+    """A list where a config takes one integer (TypeError deep in the build before; an empty ``sample_size`` list an
+    IndexError)."""
+    from sdengine.models.flux2 import Flux2Config
+    from sdengine.models.flux2_vae import Flux2VAEConfig
+    from sdengine.models.z_image import ZImageConfig
+
+    reader = {"flux2": Flux2Config, "z_image": ZImageConfig, "flux2_vae": Flux2VAEConfig}[cls]
+    _one_line_error(lambda: reader.from_diffusers(raw), match)
+
+
+def test_flux2_files_with_integer_or_shapeless_tensors_are_one_line(flux2, root) -> None:
+    """A FLUX.2 VAE file with an integer tensor (RuntimeError in load_state_dict before), a transformer file whose
+    embedder is empty (ZeroDivisionError) or whose fused qkv is a 0-d tensor (IndexError)."""
+    from test_flux2_files import bfl_layout
+
+    from sdengine.weights.flux2_file import load_flux2_transformer, load_flux2_vae
+
+    vae = root / "vae_int.safetensors"
+    save_safetensors(_break(flux2["vae_sd"], "int", "decoder.conv_in.bias", 0), vae)
+    _one_line_error(lambda: load_flux2_vae(vae), "decoder.conv_in.bias holds torch.int64, not floating-point")
+    bfl = bfl_layout(flux2["sd"])
+    for op, key, match in (
+        ("empty", "img_in.weight", "width 0 is not a positive multiple of 128"),
+        ("scalar", "double_blocks.0.txt_attn.qkv.weight", "double_blocks.0.txt_attn.qkv.weight is not q, k and v"),
+        ("scalar", "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.weight is not"),
+    ):
+        path = root / "f2_shapeless.safetensors"
+        save_safetensors(_break(bfl, op, key, 0), path)
+        _one_line_error(lambda: load_flux2_transformer(path), match)  # noqa: B023
+
+
+def test_z_image_controlnet_files_with_misshapen_tensors_are_one_line(z_control, root) -> None:
+    """A Z-Image ControlNet file with a tensor one wider than its config (a multi-line RuntimeError from
+    load_state_dict before), an integer tensor, or a 0-d / 3-d tensor the config is read from (IndexError /
+    ValueError)."""
+    from sdengine.control.dit_files import read_dit_controlnet
+
+    for op, key, match in (
+        ("grow", "control_all_x_embedder.2-1.bias", "control_all_x_embedder.2-1.bias is \\(65,\\), a Z-Image"),
+        ("int", "control_layers.3.attention.to_q.weight", "control_layers.3.attention.to_q.weight holds torch.int64"),
+        ("scalar", "control_layers.0.attention.norm_q.weight", "norm_q.weight should be 1-d, it is \\(\\)"),
+        ("unsqueeze", "control_all_x_embedder.2-1.weight", "control_all_x_embedder.2-1.weight should be 2-d"),
+    ):
+        path = root / "zc_misshapen.safetensors"
+        save_safetensors(_break(z_control["sd"], op, key, 0), path)
+        _one_line_error(lambda: read_dit_controlnet(path), match)  # noqa: B023
