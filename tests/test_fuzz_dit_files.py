@@ -519,11 +519,12 @@ def _one_line_error(fn: Callable[[], Any], match: str) -> None:
         ("z_image", {"n_layers": [1]}, "Z-Image transformer config: n_layers=\\[1\\] is not an integer"),
         ("flux2_vae", {"latent_channels": [4]}, "FLUX.2 VAE config: latent_channels=\\[4\\] is not an integer"),
         ("flux2_vae", {"sample_size": []}, "sample_size has 0 entries"),
+        ("flux2_vae", {"block_out_channels": 1.5}, "block_out_channels=1.5 is not a list"),
     ],
 )
 def test_a_list_for_a_count_is_one_config_line(cls: str, raw: dict[str, Any], match: str) -> None:
     """A list where a config takes one integer (TypeError deep in the build before; an empty ``sample_size`` list an
-    IndexError)."""
+    IndexError), a number where it takes a list (TypeError)."""
     from sdengine.models.flux2 import Flux2Config
     from sdengine.models.flux2_vae import Flux2VAEConfig
     from sdengine.models.z_image import ZImageConfig

@@ -150,7 +150,10 @@ class Flux2VAEConfig:
         name = config.get("_class_name", CLASS_NAME)
         if name != CLASS_NAME:
             raise ConfigError(f"not a FLUX.2 VAE config: _class_name={name!r} (expected {CLASS_NAME!r})")
-        n = len(c.get("block_out_channels") or cls.block_out_channels)
+        widths = c.get("block_out_channels") or cls.block_out_channels
+        if not isinstance(widths, list | tuple):
+            raise ConfigError(f"FLUX.2 VAE config: block_out_channels={widths!r} is not a list")
+        n = len(widths)
         down = c.pop("down_block_types", ["DownEncoderBlock2D"] * n)
         up = c.pop("up_block_types", ["UpDecoderBlock2D"] * n)
         if not isinstance(down, list | tuple) or not isinstance(up, list | tuple):
