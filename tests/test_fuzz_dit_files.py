@@ -197,7 +197,9 @@ def _run_flux2(model) -> None:
     c = model.config
     g = torch.tensor([3.5]) if c.guidance_embeds else None
     with torch.no_grad():
-        out = model(torch.randn(1, c.in_channels, 2, 2), torch.tensor([500.0]), torch.randn(1, 3, c.joint_attention_dim), g)
+        out = model(
+            torch.randn(1, c.in_channels, 2, 2), torch.tensor([500.0]), torch.randn(1, 3, c.joint_attention_dim), g
+        )
     assert out.shape[-2:] == (2, 2)
 
 
@@ -220,9 +222,8 @@ def _load_and_run(load: Callable[[], Any], run: Callable[[Any], None]) -> None:
 @FUZZ
 @given(data=st.data())
 def test_z_image_single_files_load_or_give_a_named_error(z_image, root, data) -> None:
-    from test_z_image_files import original_layout
-
     from sdengine.weights.z_image_file import load_z_image_transformer
+    from test_z_image_files import original_layout
 
     sd = z_image["sd"]
     layout = data.draw(st.sampled_from(["diffusers", "original", "comfy"]))
@@ -256,9 +257,8 @@ def test_z_image_folders_load_or_give_a_named_error(z_image, root, data) -> None
 @FUZZ
 @given(data=st.data())
 def test_flux2_single_files_load_or_give_a_named_error(flux2, root, data) -> None:
-    from test_flux2_files import bfl_layout
-
     from sdengine.weights.flux2_file import load_flux2_transformer
+    from test_flux2_files import bfl_layout
 
     sd = flux2["sd"]
     layout = data.draw(st.sampled_from(["diffusers", "bfl", "comfy"]))
@@ -289,9 +289,8 @@ def test_flux2_folders_load_or_give_a_named_error(flux2, root, data) -> None:
 @FUZZ
 @given(data=st.data())
 def test_flux2_vae_files_and_folders_load_or_give_a_named_error(flux2, root, data) -> None:
-    from test_flux2_files import comfy_vae_layout
-
     from sdengine.weights.flux2_file import load_flux2_vae
+    from test_flux2_files import comfy_vae_layout
 
     kind = data.draw(st.sampled_from(["diffusers file", "comfy file", "folder config", "folder weights"]))
     if kind.endswith("file"):
@@ -359,10 +358,9 @@ def test_qwen_text_files_and_folders_load_or_give_a_named_error(qwen3, root, dat
 
 @pytest.fixture(scope="module")
 def z_control(root: Path) -> Built:
-    from test_z_image_controlnet import KINDS, z_controlnet
-
     from _z_image_models import Z_TRANSFORMER
     from sdengine.models.z_image import ZImageConfig, ZImageTransformer
+    from test_z_image_controlnet import KINDS, z_controlnet
 
     folders = {}
     for kind in ("1.0", "2.1"):
@@ -446,7 +444,11 @@ def _run_dit(name: str, model) -> None:
             _run_flux2(model)
         else:
             c = model.config
-            model(torch.randn(1, c.out_channels or 16, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, c.joint_attention_dim))
+            model(
+                torch.randn(1, c.out_channels or 16, 4, 4),
+                torch.tensor([500.0]),
+                torch.randn(1, 3, c.joint_attention_dim),
+            )
 
 
 _LAYOUTS = ("peft", "kohya", "comfy")
@@ -470,7 +472,11 @@ def dit_loras(draw, model, routes: dict[str, Any]) -> dict[str, torch.Tensor]:
         up = torch.randn(rows, rank) * 0.1
         if layout == "peft" or name.startswith("lora_"):
             key = name if name.startswith(("lora_", "diffusion_model.", "transformer.")) else f"transformer.{name}"
-            a, b = ("lora_down.weight", "lora_up.weight") if name.startswith("lora_") else ("lora_A.weight", "lora_B.weight")
+            a, b = (
+                ("lora_down.weight", "lora_up.weight")
+                if name.startswith("lora_")
+                else ("lora_A.weight", "lora_B.weight")
+            )
         elif layout == "kohya":
             key, a, b = "lora_unet_" + stem.replace(".", "_"), "lora_down.weight", "lora_up.weight"
         else:
@@ -536,9 +542,8 @@ def test_a_list_for_a_count_is_one_config_line(cls: str, raw: dict[str, Any], ma
 def test_flux2_files_with_integer_or_shapeless_tensors_are_one_line(flux2, root) -> None:
     """A FLUX.2 VAE file with an integer tensor (RuntimeError in load_state_dict before), a transformer file whose
     embedder is empty (ZeroDivisionError) or whose fused qkv is a 0-d tensor (IndexError)."""
-    from test_flux2_files import bfl_layout
-
     from sdengine.weights.flux2_file import load_flux2_transformer, load_flux2_vae
+    from test_flux2_files import bfl_layout
 
     vae = root / "vae_int.safetensors"
     save_safetensors(_break(flux2["vae_sd"], "int", "decoder.conv_in.bias", 0), vae)

@@ -315,7 +315,9 @@ def read_dit_controlnet(path: str | Path) -> DiTControlNet:
         except SdengineError:
             raise
         except KeyError as e:  # a tensor the shapes are read from is missing
-            raise ControlNetError(f"ControlNet {p.name}: no {e.args[0]} (incomplete {LABELS[found]} ControlNet)") from None
+            raise ControlNetError(
+                f"ControlNet {p.name}: no {e.args[0]} (incomplete {LABELS[found]} ControlNet)"
+            ) from None
         except (IndexError, ValueError, ZeroDivisionError):  # a tensor of another rank, an empty one
             raise ControlNetError(
                 f"ControlNet {p.name}: its tensors' shapes do not describe a {LABELS[found]} ControlNet"
