@@ -574,3 +574,19 @@ def test_z_image_controlnet_files_with_misshapen_tensors_are_one_line(z_control,
         path = root / "zc_misshapen.safetensors"
         save_safetensors(_break(z_control["sd"], op, key, 0), path)
         _one_line_error(lambda: read_dit_controlnet(path), match)  # noqa: B023
+
+
+def test_vae_and_text_encoder_files_with_odd_shapes_are_one_line(flux2, qwen3, root) -> None:
+    """A FLUX.2 VAE file in LDM names whose mid-attention 1x1 convolution is 1x2 (a RuntimeError from reshape
+    before), a Qwen3 file whose q norm is empty (ZeroDivisionError)."""
+    from test_flux2_files import comfy_vae_layout
+
+    from sdengine.weights.flux2_file import load_flux2_vae
+    from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+
+    vae = root / "vae_odd.safetensors"
+    save_safetensors(_break(comfy_vae_layout(flux2["vae_sd"]), "grow", "decoder.mid.attn_1.proj_out.weight", 2), vae)
+    _one_line_error(lambda: load_flux2_vae(vae), "decoder.mid_block.attentions.0.to_out.0.weight")
+    text = root / "qwen3_odd.safetensors"
+    save_safetensors(_break(qwen3["sd"], "empty", "model.layers.0.self_attn.q_norm.weight", 0), text)
+    _one_line_error(lambda: load_qwen_text_encoder(text), "not multiples of the head width 0")
