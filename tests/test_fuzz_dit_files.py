@@ -579,10 +579,9 @@ def test_z_image_controlnet_files_with_misshapen_tensors_are_one_line(z_control,
 def test_vae_and_text_encoder_files_with_odd_shapes_are_one_line(flux2, qwen3, root) -> None:
     """A FLUX.2 VAE file in LDM names whose mid-attention 1x1 convolution is 1x2 (a RuntimeError from reshape
     before), a Qwen3 file whose q norm is empty (ZeroDivisionError)."""
-    from test_flux2_files import comfy_vae_layout
-
     from sdengine.weights.flux2_file import load_flux2_vae
     from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+    from test_flux2_files import comfy_vae_layout
 
     vae = root / "vae_odd.safetensors"
     save_safetensors(_break(comfy_vae_layout(flux2["vae_sd"]), "grow", "decoder.mid.attn_1.proj_out.weight", 2), vae)
