@@ -470,17 +470,16 @@ def dit_loras(draw, model, routes: dict[str, Any]) -> dict[str, torch.Tensor]:
         layout = draw(st.sampled_from(_LAYOUTS))
         down = torch.randn(rank, first.in_features) * 0.1
         up = torch.randn(rows, rank) * 0.1
-        if layout == "peft" or name.startswith("lora_"):
-            key = name if name.startswith(("lora_", "diffusion_model.", "transformer.")) else f"transformer.{name}"
-            a, b = (
-                ("lora_down.weight", "lora_up.weight")
-                if name.startswith("lora_")
-                else ("lora_A.weight", "lora_B.weight")
-            )
+        kohya_parts = ("lora_down.weight", "lora_up.weight")
+        a, b = kohya_parts if layout != "peft" else ("lora_A.weight", "lora_B.weight")
+        if name.startswith(("lora_", "lycoris_")):
+            key, a, b = name, *kohya_parts
+        elif name.startswith(("diffusion_model.", "transformer.", "base_model.model.")):
+            key = name
         elif layout == "kohya":
-            key, a, b = "lora_unet_" + stem.replace(".", "_"), "lora_down.weight", "lora_up.weight"
+            key = "lora_unet_" + stem.replace(".", "_")
         else:
-            key, a, b = f"diffusion_model.{stem}", "lora_down.weight", "lora_up.weight"
+            key = f"transformer.{name}" if layout == "peft" else f"diffusion_model.{stem}"
         out[f"{key}.{a}"], out[f"{key}.{b}"] = down, up
         if draw(st.booleans()):
             out[f"{key}.alpha"] = torch.tensor(float(draw(st.sampled_from([1, 2, 4, 0, -1]))))
@@ -589,3 +588,35 @@ def test_vae_and_text_encoder_files_with_odd_shapes_are_one_line(flux2, qwen3, r
     text = root / "qwen3_odd.safetensors"
     save_safetensors(_break(qwen3["sd"], "empty", "model.layers.0.self_attn.q_norm.weight", 0), text)
     _one_line_error(lambda: load_qwen_text_encoder(text), "not multiples of the head width 0")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "lora_unet_single_blocks_1_linear2",
+        "diffusion_model.single_blocks.1.linear2",
+        "transformer.single_transformer_blocks.1.attn.to_out",
+    ],
+)
+def test_a_flux2_lora_on_single_blocks_only_applies(dits, root, key: str) -> None:
+    """A FLUX.2 LoRA adapting only single blocks' output projections (kohya's, ComfyUI's or diffusers' names) was
+    refused as "a LoRA for Flux.1" (its names read as Flux.1's once split onto the model's); found by the fuzz
+    test."""
+    from sdengine.weights.lora import apply_loras
+    from sdengine.weights.lora_file import LoRAFile
+
+    model = dits["models"]["flux2"]
+    layer = model.single_transformer_blocks[1].attn.to_out
+    a, b = (
+        ("lora_A.weight", "lora_B.weight") if key.startswith("transformer.") else ("lora_down.weight", "lora_up.weight")
+    )
+    path = root / "flux2_single.safetensors"
+    save_safetensors(
+        {f"{key}.{a}": torch.randn(2, layer.in_features), f"{key}.{b}": torch.randn(layer.out_features, 2)}, path
+    )
+    handle = apply_loras(model, None, [(LoRAFile.load(path), 1.0)])
+    try:
+        assert handle.reports[0].matched == ["unet:single_transformer_blocks.1.attn.to_out"]
+        _run_flux2(model)
+    finally:
+        handle.remove()
