@@ -309,17 +309,22 @@ def test_flux2_vae_files_and_folders_load_or_give_a_named_error(flux2, root, dat
     _load_and_run(lambda: load_flux2_vae(path), _run_flux2_vae)
 
 
-# -- Qwen3 text encoder -----------------------------------------------------------------------------------
+# -- Qwen3 / Qwen2.5-VL / Mistral 3 text encoders -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def qwen3(root: Path) -> Built:
+    from _flux2_dev_models import mistral3_text_encoder
+    from _qwen_models import qwen_text_encoder
     from _z_image_models import qwen3_text_encoder
 
     model = qwen3_text_encoder(7, 400)
     model.save_pretrained(root / "qwen3")
     sd = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
-    return Built(folder=root / "qwen3", sd=sd)
+    qwen_text_encoder(8, 400).save_pretrained(root / "qwen2.5-vl")  # Qwen-Image's (a vision tower beside it)
+    mistral3_text_encoder(400, 9).save_pretrained(root / "mistral3")  # FLUX.2 [dev]'s
+    folders = {"qwen3": root / "qwen3", "qwen2.5-vl": root / "qwen2.5-vl", "mistral": root / "mistral3"}
+    return Built(folder=root / "qwen3", sd=sd, folders=folders)
 
 
 def _run_text(model) -> None:
@@ -331,6 +336,7 @@ def _run_text(model) -> None:
 @FUZZ
 @given(data=st.data())
 def test_qwen_text_files_and_folders_load_or_give_a_named_error(qwen3, root, data) -> None:
+    """Qwen3 files (``model.*`` names, bare names) and Qwen3 / Qwen2.5-VL / Mistral 3 transformers folders."""
     from sdengine.weights.qwen_text_file import load_qwen_text_encoder
 
     kind = data.draw(st.sampled_from(["file", "bare file", "folder config", "folder weights"]))
@@ -341,8 +347,9 @@ def test_qwen_text_files_and_folders_load_or_give_a_named_error(qwen3, root, dat
         path = root / "qwen3_broken.safetensors"
         save_safetensors(_broken(sd, data.draw(breakages(sorted(sd)))), path)
     else:
-        path = _copy_folder(qwen3["folder"], root / "qwen3_broken")
-        base = json.loads((qwen3["folder"] / "config.json").read_text())
+        src = qwen3["folders"][data.draw(st.sampled_from(sorted(qwen3["folders"])))]
+        path = _copy_folder(src, root / "text_broken")
+        base = json.loads((src / "config.json").read_text())
         if kind == "folder config":
             _write_config(path, base, data.draw(config_breakages(sorted(base))))
         else:
@@ -506,6 +513,38 @@ def test_dit_loras_apply_or_give_a_named_error(dits, root, data) -> None:
             handle.remove()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # applied and removed, or never touched
+
+
+def test_the_unbroken_inputs_load_and_run(z_image, flux2, qwen3, z_control, root) -> None:
+    """What the property tests break is valid: every layout of every tiny file and folder loads and runs."""
+    from sdengine.control.dit_files import read_dit_controlnet
+    from sdengine.weights.flux2_file import load_flux2_transformer, load_flux2_vae
+    from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+    from sdengine.weights.z_image_file import load_z_image_transformer
+    from test_flux2_files import bfl_layout, comfy_vae_layout
+    from test_z_image_files import original_layout
+
+    path = root / "valid.safetensors"
+    _run_z_image(load_z_image_transformer(z_image["folder"].parent))
+    for sd in (z_image["sd"], original_layout(z_image["sd"]), original_layout(z_image["sd"], "")):
+        save_safetensors(sd, path)
+        _run_z_image(load_z_image_transformer(path))
+    _run_flux2(load_flux2_transformer(flux2["folder"].parent))
+    for sd in (flux2["sd"], bfl_layout(flux2["sd"]), bfl_layout(flux2["sd"], "model.diffusion_model.")):
+        save_safetensors(sd, path)
+        _run_flux2(load_flux2_transformer(path))
+    _run_flux2_vae(load_flux2_vae(flux2["vae_folder"]))
+    for sd in (flux2["vae_sd"], comfy_vae_layout(flux2["vae_sd"])):
+        save_safetensors(sd, path)
+        _run_flux2_vae(load_flux2_vae(path))
+    for folder in qwen3["folders"].values():
+        _run_text(load_qwen_text_encoder(folder))
+    save_safetensors(qwen3["sd"], path)
+    _run_text(load_qwen_text_encoder(path))
+    for folder in z_control["folders"].values():
+        _run_control(z_control["transformer"])(read_dit_controlnet(folder))
+    save_safetensors(z_control["sd"], path)
+    assert read_dit_controlnet(path).config.control_layers_places == (0, 5, 10, 15, 20, 25)
 
 
 # -- what the fuzz tests found (each was another exception before) ------------------------------------------
