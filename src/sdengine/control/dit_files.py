@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdengine.errors import ControlNetError
+from sdengine.errors import ControlNetError, SdengineError
 from sdengine.models.config_checks import ConfigError
 from sdengine.models.dit_controlnet import FluxControlNet, FluxControlNetConfig, SD3ControlNet, SD3ControlNetConfig
 from sdengine.models.qwen_controlnet import QwenImageControlNet, QwenImageControlNetConfig
@@ -162,7 +162,10 @@ def z_image_config_from_weights(sd: Mapping[str, Tensor]) -> tuple[ZImageControl
     hints into refiner blocks 0 and 1, 33 input channels); a ``control_noise_refiner.0.before_proj`` that is absent or
     all zeros is 2.0 (its control blocks refine the control tokens: the ``control_noise_refiner`` tensors are not
     used), otherwise 2.1; 6 control blocks are 1.0. Other counts are refused (their places are not in the file)."""
-    dim, width = (int(s) for s in sd[Z_IMAGE_EMBEDDER].shape)
+    embedder = sd[Z_IMAGE_EMBEDDER]
+    if embedder.ndim != 2:
+        raise ControlNetError(f"{Z_IMAGE_EMBEDDER} should be 2-d, it is {tuple(embedder.shape)}")
+    dim, width = (int(s) for s in embedder.shape)
     if width % 4:
         raise ControlNetError(f"a Z-Image ControlNet's control embedder reads {width} numbers: not 2x2 patches")
     count = _count(sd, "control_layers")
@@ -173,8 +176,10 @@ def z_image_config_from_weights(sd: Mapping[str, Tensor]) -> tuple[ZImageControl
             "(known: 6, Union 1.0; 15, Union 2.0 / 2.1); give a diffusers folder with its config.json"
         )
     norm_q = sd.get("control_layers.0.attention.norm_q.weight")
+    if norm_q is not None and norm_q.ndim != 1:
+        raise ControlNetError(f"control_layers.0.attention.norm_q.weight should be 1-d, it is {tuple(norm_q.shape)}")
     head = int(norm_q.shape[0]) if norm_q is not None else 128
-    if dim % head:
+    if head <= 0 or dim <= 0 or dim % head:
         raise ControlNetError(f"a Z-Image ControlNet of width {dim} does not split into {head}-wide heads")
     refiners = _count(sd, "control_noise_refiner") or 2
     kind: str | None = None
@@ -210,17 +215,26 @@ def _build(kind: str, config: Any, sd: Mapping[str, Tensor], name: str) -> DiTCo
             net = QwenImageControlNet(config)
         else:
             net = SD3ControlNet(config) if kind == "sd3" else FluxControlNet(config)
-    result = net.load_state_dict(dict(sd), strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    if missing or extra:
         parts = []
-        if result.missing_keys:
-            parts.append(
-                f"missing {', '.join(result.missing_keys[:3])}" + (" ..." if len(result.missing_keys) > 3 else "")
-            )
-        if result.unexpected_keys:
-            extra = result.unexpected_keys
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+        if extra:
             parts.append(f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""))
         raise ControlNetError(f"{name}: not a {LABELS[kind]} ControlNet of its config ({'; '.join(parts)})")
+    for k, v in sd.items():  # (load_state_dict would raise a multi-line RuntimeError for these)
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            have = v.dtype if isinstance(v, Tensor) else type(v).__name__
+            raise ControlNetError(f"{name}: {k} holds {have}, not floating-point weights")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ControlNetError(
+                f"{name}: {k} is {tuple(v.shape)}, a {LABELS[kind]} ControlNet of its config needs "
+                f"{tuple(own[k].shape)}"
+            )
+    net.load_state_dict(dict(sd), strict=True, assign=True)
     for mod_name, buf in list(net.named_buffers()):
         if buf.is_meta:
             raise ControlNetError(f"{name}: no weights for {mod_name}")
@@ -291,12 +305,23 @@ def read_dit_controlnet(path: str | Path) -> DiTControlNet:
         found = dit_controlnet_kind(sd)
         if found is None:
             raise _refuse_layout(sd, p.name)
-        if found == "z_image":
-            config, sd = z_image_config_from_weights(sd)
-        elif found == "qwen_image":
-            config = qwen_config_from_weights(sd)
-        else:
-            config = sd3_config_from_weights(sd) if found == "sd3" else flux_config_from_weights(sd)
+        try:
+            if found == "z_image":
+                config, sd = z_image_config_from_weights(sd)
+            elif found == "qwen_image":
+                config = qwen_config_from_weights(sd)
+            else:
+                config = sd3_config_from_weights(sd) if found == "sd3" else flux_config_from_weights(sd)
+        except SdengineError:
+            raise
+        except KeyError as e:  # a tensor the shapes are read from is missing
+            raise ControlNetError(
+                f"ControlNet {p.name}: no {e.args[0]} (incomplete {LABELS[found]} ControlNet)"
+            ) from None
+        except (IndexError, ValueError, ZeroDivisionError):  # a tensor of another rank, an empty one
+            raise ControlNetError(
+                f"ControlNet {p.name}: its tensors' shapes do not describe a {LABELS[found]} ControlNet"
+            ) from None
         return _build(found, config, sd, name)
     except (ConfigError, WeightsError) as e:
         raise ControlNetError(f"ControlNet {p.name}: {e}") from None

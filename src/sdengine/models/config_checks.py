@@ -292,6 +292,20 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
     return 0
 
 
+def check_scalar_ints(what: str, config: Any) -> None:
+    """Raise ConfigError (one line: ``what``, the field) unless every field of the config dataclass annotated ``int``
+    (or ``int | None``, None allowed) holds one integer: :func:`check_config` lets a list through where diffusers
+    allows one per level, which these fields do not (``"num_layers": [1]`` would fail deep in the build)."""
+    for f in dataclasses.fields(config):
+        if f.type not in ("int", "int | None", int):
+            continue
+        value = getattr(config, f.name)
+        if value is None and f.type == "int | None":
+            continue
+        if type(value) is not int:
+            raise ConfigError(f"{what}: {f.name}={_show(value)} is not an integer")
+
+
 def check_config(kind: str, config: Any) -> None:
     """Raise ConfigError (one line: the kind, the field, its value, the range) unless every number in
     ``config`` (a raw config dict or a config dataclass) is of the right type and within bounds."""
@@ -323,6 +337,7 @@ def check_config(kind: str, config: Any) -> None:
 
 
 __all__ = [
+    "check_scalar_ints",
     "FLOAT_BOUNDS",
     "INT_BOUNDS",
     "INT_BOUNDS_BY_KIND",

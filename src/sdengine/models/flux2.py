@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdengine.errors import UsageError
-from sdengine.models.config_checks import ConfigError, check_config
+from sdengine.models.config_checks import ConfigError, check_config, check_scalar_ints
 from sdengine.models.flux import apply_rope, rope_angles
 from sdengine.nn.attention import scaled_dot_product_attention
 from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
@@ -82,6 +82,7 @@ class Flux2Config:
         what = self.LABEL
         if isinstance(self.axes_dims_rope, list):
             object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+        check_scalar_ints(f"{what} config", self)
         check_config("flux2", {k: v for k, v in dataclasses.asdict(self).items() if v is not None})
         if type(self.guidance_embeds) is not bool:
             raise ConfigError(f"{what} config: guidance_embeds={self.guidance_embeds!r} is not true/false")

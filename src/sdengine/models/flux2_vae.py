@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdengine.models.config_checks import ConfigError, check_config
+from sdengine.models.config_checks import ConfigError, check_config, check_scalar_ints
 from sdengine.models.vae import Decoder, DiagonalGaussian, Encoder, VAEConfig
 
 CLASS_NAME = "AutoencoderKLFlux2"
@@ -67,6 +67,7 @@ class Flux2VAEConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        check_scalar_ints("FLUX.2 VAE config", self)
         if tuple(self.patch_size) != (PATCH, PATCH):
             raise ConfigError(f"FLUX.2 VAE config: patch_size={list(self.patch_size)} is not supported (only [2, 2])")
         for name in ("batch_norm_eps", "batch_norm_momentum"):
@@ -149,7 +150,10 @@ class Flux2VAEConfig:
         name = config.get("_class_name", CLASS_NAME)
         if name != CLASS_NAME:
             raise ConfigError(f"not a FLUX.2 VAE config: _class_name={name!r} (expected {CLASS_NAME!r})")
-        n = len(c.get("block_out_channels") or cls.block_out_channels)
+        widths = c.get("block_out_channels") or cls.block_out_channels
+        if not isinstance(widths, list | tuple):
+            raise ConfigError(f"FLUX.2 VAE config: block_out_channels={widths!r} is not a list")
+        n = len(widths)
         down = c.pop("down_block_types", ["DownEncoderBlock2D"] * n)
         up = c.pop("up_block_types", ["UpDecoderBlock2D"] * n)
         if not isinstance(down, list | tuple) or not isinstance(up, list | tuple):
@@ -171,7 +175,7 @@ class Flux2VAEConfig:
                 if not isinstance(c[k], list | tuple):
                     raise ConfigError(f"FLUX.2 VAE config: {k}={c[k]!r} is not a list")
                 c[k] = tuple(c[k])
-        if isinstance(c.get("sample_size"), list | tuple):
+        if isinstance(c.get("sample_size"), list | tuple) and c["sample_size"]:  # (an empty one: refused below)
             c["sample_size"] = c["sample_size"][0]
         check_config("vae", {k: v for k, v in c.items() if k != "decoder_block_out_channels"})
         try:

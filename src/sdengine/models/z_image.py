@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdengine.errors import UsageError
-from sdengine.models.config_checks import ConfigError, check_config
+from sdengine.models.config_checks import ConfigError, check_config, check_scalar_ints
 from sdengine.nn.attention import scaled_dot_product_attention
 from sdengine.nn.fp8_storage import compute_dtype
 
@@ -93,6 +93,7 @@ class ZImageConfig:
                 object.__setattr__(self, name, tuple(value))
             elif not isinstance(value, tuple):
                 raise ConfigError(f"{WHAT}: {name}={value!r} is not a list")
+        check_scalar_ints(WHAT, self)
         check_config("z_image", _numbers(dataclasses.asdict(self)))
         if type(self.qk_norm) is not bool:
             raise ConfigError(f"{WHAT}: qk_norm={self.qk_norm!r} is not true/false")

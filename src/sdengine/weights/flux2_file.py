@@ -119,7 +119,7 @@ def bfl_to_diffusers(sd: Mapping[str, Any], where: str = "<state dict>") -> dict
             table = _DOUBLE if kind == "double" else _SINGLE
             prefix = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{n}."
             if kind == "double" and module in _QKV:
-                if not isinstance(v, torch.Tensor) or v.shape[0] % 3:
+                if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] % 3:
                     raise WeightsError(f"{where}: {k} is not q, k and v stacked (rows not a multiple of 3)")
                 for name, part in zip(_QKV[module], v.chunk(3, dim=0), strict=True):
                     put(f"{prefix}{name}.{param}", part)
@@ -129,7 +129,7 @@ def bfl_to_diffusers(sd: Mapping[str, Any], where: str = "<state dict>") -> dict
             put(f"{prefix}{table[module]}.{param}", v)
             continue
         if k.startswith("final_layer.adaLN_modulation.1."):
-            if not isinstance(v, torch.Tensor) or v.shape[0] % 2:
+            if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] % 2:
                 raise WeightsError(f"{where}: {k} is not (shift, scale) stacked")
             put("norm_out.linear." + k.rsplit(".", 1)[1], swap_halves(v))
             continue
@@ -162,8 +162,8 @@ def config_from_shapes(sd: Mapping[str, Any], where: str = "<state dict>") -> Fl
             f"{where}: {head}-wide heads: a single file's RoPE axes are read for FLUX.2's {RELEASE_HEAD}-wide heads "
             "only (use a diffusers folder with its config.json)"
         )
-    if hidden % head:
-        raise WeightsError(f"{where}: not a FLUX.2 transformer (width {hidden} is not a multiple of {head})")
+    if hidden <= 0 or hidden % head:
+        raise WeightsError(f"{where}: not a FLUX.2 transformer (width {hidden} is not a positive multiple of {head})")
     if doubles:
         mlp = tensor_shape(sd, "transformer_blocks.0.ff.linear_in.weight", 2, where, "FLUX.2")[0] // 2
     else:
@@ -371,6 +371,8 @@ def load_flux2_vae(
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             raise WeightsError(f"{where}: {k} is not a tensor")
+        if not v.is_floating_point() and k != "bn.num_batches_tracked":
+            raise WeightsError(f"{where}: {k} holds {v.dtype}, not floating-point weights")
     model.load_state_dict(
         {k: v.to(device=dev, dtype=target) if v.is_floating_point() else v.to(dev) for k, v in sd.items()},
         strict=True,

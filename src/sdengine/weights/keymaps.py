@@ -218,8 +218,8 @@ Reshape = Callable[[str, torch.Tensor], torch.Tensor]
 
 def _vae_attn_to_linear(key: str, t: torch.Tensor) -> torch.Tensor:
     # LDM's mid attention q/k/v/proj_out are 1x1 convs (C, C, 1, 1); diffusers uses Linear (C, C).
-    if ".mid_block.attentions." in key and key.endswith(".weight") and t.ndim > 2:
-        return t.reshape(t.shape[0], t.shape[1])
+    if ".mid_block.attentions." in key and key.endswith(".weight") and t.ndim > 2 and t.shape[2:].numel() == 1:
+        return t.reshape(t.shape[0], t.shape[1])  # (another shape is left as it is: the shape check names it)
     return t
 
 

@@ -274,11 +274,13 @@ def _z_image_native(model: ZImageTransformer) -> Iterator[tuple[str, tuple[Route
             yield b + "out", (Route(b + "to_out.0"),)
 
 
-# FLUX.2's own layers in either vocabulary (its shared modulations, SwiGLU MLPs, the single blocks' fused projection,
-# the timestep embedder's name): no other family has them
+# FLUX.2's own layers in either vocabulary (its shared modulations, SwiGLU MLPs, the single blocks' fused projection
+# and their output projection in diffusers' names, the timestep embedder's name): no other family has them (FLUX.1's
+# and Chroma's single blocks have proj_out, not attn.to_out)
 FLUX2_LAYERS = re.compile(
     r"(?:^|[._])(?:double_stream_modulation_(?:img|txt)|single_stream_modulation|to_qkv_mlp_proj|"
-    r"time_guidance_embed|(?:ff|ff_context)[._]linear_(?:in|out))(?:[._]|$)"
+    r"time_guidance_embed|(?:ff|ff_context)[._]linear_(?:in|out)|single_transformer_blocks[._]\d+[._]attn[._]to_out)"
+    r"(?:[._]|$)"
 )
 
 

@@ -149,7 +149,7 @@ def config_from_shapes(
     if rope_theta is None:
         rope_theta = MISTRAL_THETA if mistral else DEFAULT_THETA
     biased = not qwen3 or has_bias
-    if q_rows % head_dim or k_rows % head_dim:
+    if head_dim <= 0 or q_rows % head_dim or k_rows % head_dim:
         raise QwenTextFileError(
             f"{where}: query / key widths {q_rows} / {k_rows} are not multiples of the head width {head_dim}; give "
             "the folder with its config.json"
