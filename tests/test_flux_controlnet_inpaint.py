@@ -295,7 +295,8 @@ def test_native_job_union_mode(flux, tmp_path, tiny_sd1_folder):
     with live_client(config, timeout=120) as (_, client):
         got, job = run_job(client, {**body, "controlnets": [unit]}, timeout=120)
         r = client.post("/v1/jobs", json={**body, "controlnets": [{**unit, "model": "reference_only"}]})
-        assert r.status_code == 400 and "union_mode is a Flux Union ControlNet's" in r.json()["detail"], r.text
+        why = "union_mode / inpaint_image are Flux / Z-Image ControlNets'; reference_only takes none"
+        assert r.status_code == 400 and why in r.json()["detail"], r.text
     want = _ours(pipe, steps=2, controlnets=[ControlUnit(str(union), hint, scale=0.9, union_mode="tile")])
     np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
     with pytest.raises(SdengineError, match="union_mode is a Flux Union ControlNet's; U-Net ControlNets take none"):
