@@ -311,7 +311,7 @@ def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) 
     if clip.clip_type == "flux2":
         from sdengine.server.comfy import nodes_flux2
 
-        return nodes_flux2.load_text(Path(files["qwen3"]), dev, dtype)
+        return nodes_flux2.load_clip_text(files, dev, dtype)
     t5 = load_t5_encoder(Path(files["t5xxl"]), device=dev, dtype=dtype) if "t5xxl" in files else None
     if clip.clip_type == "chroma":
         from sdengine.text.chroma_conditioner import ChromaConditioner
@@ -1148,7 +1148,7 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
         if family == "flux2":
             from sdengine.server.comfy import nodes_flux2
 
-            out += nodes_flux2.fit_conditioning([e], joint)
+            out += nodes_flux2.fit_conditioning([e], joint, guidance)
             continue
         if family == "chroma":  # T5's states alone (ComfyUI's Chroma: no pooled vector, the guidance input 0)
             if int(x.shape[-1]) != joint or "vector" in cond:
