@@ -198,3 +198,26 @@ def test_dev_refusals_are_one_line(dev):
     g["21"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["38", 0], "stop_at_clip_layer": -2}}
     g["6"]["inputs"]["clip"] = ["21", 0]
     assert "CLIPSetLastLayer does not apply to FLUX.2" in _node_error(root, g)
+
+
+def test_lora_loader_model_only_equals_the_pipelines_lora(dev, monkeypatch):
+    """LoraLoaderModelOnly (a ComfyUI-layout FLUX.2 LoRA at 0.8) on the [dev] template: the pipeline's image (ComfyUI's
+    text rules) with the same LoRA (``loras=``); LoraLoader's strength_clip is one line."""
+    from test_comfy_flux2 import _lora_file
+
+    root, pipe, files = dev
+    path = _lora_file(root, pipe.unet, "dev-lora.safetensors")
+    g = dev_graph()
+    g["70"] = {"class_type": "LoraLoaderModelOnly",
+               "inputs": {"model": ["12", 0], "lora_name": path.name, "strength_model": 0.8}}  # fmt: skip
+    g["22"]["inputs"]["model"] = ["70", 0]
+    ours = _pixels(_run(root, g)["8"][0])
+    plain = _pixels(_run(root, dev_graph())["8"][0])
+    assert np.abs(ours - plain).mean() > 1e-3  # the LoRA counts
+    _comfy_rules(pipe, monkeypatch, comfy_states(files["folder"], PROMPT))
+    gap = np.abs(ours - _image(pipe, 4.0, loras=[(path, 0.8)]))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    g["70"] = {"class_type": "LoraLoader", "inputs": {"model": ["12", 0], "clip": ["38", 0], "lora_name": path.name,
+                                                     "strength_model": 0.8, "strength_clip": 1.0}}  # fmt: skip
+    g["6"]["inputs"]["clip"] = ["70", 1]
+    assert "LoraLoader's strength_clip on FLUX.2: LoRAs on its text encoder" in _node_error(root, g)
