@@ -279,7 +279,6 @@ def test_wrong_combinations_are_one_line_node_errors(klein, tmp_path):
         dev.unlink()
 
 
-
 def test_at_cfg_1_a_long_text_beside_a_short_negative_runs_unrepeated(klein):
     """At cfg 1 the negative does not run (ComfyUI's cfg-1 shortcut), so a positive over 512 tokens beside the empty
     negative's 512 is not repeated to their least common multiple (651 and 512: 333,312 tokens, which made this

@@ -52,7 +52,9 @@ def dev(tmp_path_factory):
     for d in (models / "diffusion_models", models / "text_encoders", root / "vaes"):
         d.mkdir(parents=True)
     model = models / "diffusion_models" / MODEL
-    save_file(bfl_layout(load_file(next((folder / "transformer").glob("*.safetensors"))), "model.diffusion_model."), model)
+    save_file(
+        bfl_layout(load_file(next((folder / "transformer").glob("*.safetensors"))), "model.diffusion_model."), model
+    )
     te: dict[str, torch.Tensor] = {}
     for f in sorted((folder / "text_encoder").glob("*.safetensors")):
         te |= load_file(f)

@@ -1,5 +1,6 @@
-"""FLUX.2 [klein] on sdengine's ComfyUI route: what ComfyUI's own klein graphs (its ``image_flux2_klein`` templates)
-read and do, on sdengine's FLUX.2 networks (:mod:`sdengine.models.flux2`, :mod:`sdengine.models.flux2_vae`).
+"""FLUX.2 [klein] and [dev] on sdengine's ComfyUI route: what ComfyUI's own FLUX.2 graphs (its ``image_flux2_klein``
+and ``image_flux2`` templates) read and do, on sdengine's FLUX.2 networks (:mod:`sdengine.models.flux2`,
+:mod:`sdengine.models.flux2_vae`).
 
 The graph: UNETLoader on the transformer file (``diffusion_models/flux-2-klein-4b.safetensors``: BFL's names,
 ComfyUI's ``model.diffusion_model.`` prefix or not, or diffusers' names; read by :mod:`sdengine.weights.flux2_file`),
@@ -13,8 +14,15 @@ each ComfyUI's (its ``comfy/text_encoders/flux.py``, ``comfy/supported_models.py
 ``comfy/model_detection.py``):
 
 * **CLIPLoader's type**: ``flux2`` with a Qwen3 file is ComfyUI's klein text encoder (``klein_te``: Qwen3-4B for
-  klein 4B, Qwen3-8B for 9B). FLUX.2 [dev]'s Mistral Small 3 under ``flux2`` is refused in one line (not built on
-  this route), as is any file that is not Qwen3.
+  klein 4B, Qwen3-8B for 9B); with a Mistral Small 3 file (ComfyUI's ``mistral_3_small_flux2_*.safetensors``) it is
+  FLUX.2 [dev]'s (``flux2_te``), its tokenizer the ``tekken_model`` inside the file (the only one ComfyUI reads: a
+  Mistral file without it is refused in one line); any other file is refused in one line.
+* **[dev]'s text** (:class:`Flux2ComfyText` with ``dev``): ``Flux2Tokenizer`` / ``Mistral3Tokenizer``: ``<s>`` then
+  BFL's system prompt around the prompt (:data:`sdengine.text.flux2_prompt.DEV_PROMPT_TEMPLATE`), weights disabled,
+  no padding (``min_length`` 1) and never cut; Mistral's states 10, 20 and 30 side by side per token. diffusers pads
+  to 512 tokens with a mask instead (other states); the transformer gets ComfyUI's states zero-padded in front to
+  512 (``model_base.Flux2``). [dev]'s guidance embedding takes FluxGuidance's value, ComfyUI's Flux default 3.5
+  where none is set (``model_base.Flux.extra_conds``).
 * **Text** (:class:`Flux2ComfyText`): ``KleinTokenizer``: the prompt in Qwen3's chat template with thinking off
   (``<|im_start|>user\\n{}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n``), weights disabled
   (ComfyUI's escape of ``\\(`` applies), padded with the pad token 151643 to at least 512 tokens (``min_length``
@@ -25,7 +33,7 @@ each ComfyUI's (its ``comfy/text_encoders/flux.py``, ``comfy/supported_models.py
 * **The transformer call**: every token is attended to, the padding's too (ComfyUI's Flux ``extra_conds`` passes no
   text mask; a state list shorter than 512 is padded with zeros in front to 512, ``model_base.Flux2``), as
   diffusers' pipeline does. ComfyUI adds a guidance value to every Flux conditioning; a klein has no guidance
-  embedding and reads none (FluxGuidance has no effect, here as there).
+  embedding and reads none (FluxGuidance has no effect, here as there); [dev] reads it.
 * **Latents**: ComfyUI's Flux2 latent format is the identity (scale 1): its VAE's encode gives the diffusion
   model's latent itself, the VAE latent in 2x2 patches normalised by the VAE's batch-norm statistics
   (:meth:`sdengine.models.flux2_vae.Flux2VAE.scale_latents`), 128 channels at 1/16 of the pixels, and its decode
@@ -39,10 +47,10 @@ each ComfyUI's (its ``comfy/text_encoders/flux.py``, ``comfy/supported_models.py
   the identity), reference ``k`` at time index ``10 (k + 1)`` (ComfyUI's ``default_ref_method`` "index" with
   ``ref_index_scale`` 10): diffusers' ids.
 
-What is not built is refused in one line: CheckpointLoaderSimple on a klein folder, FLUX.2 [dev] (its transformer
-file and its Mistral text encoder), LoRAs on the Qwen3 text encoder (LoraLoader's strength_clip), CLIPSetLastLayer,
-ControlNets, a negative of another token count than the positive's at cfg other than 1, and a klein model with
-another family's conditioning or latent.
+LoRAs go on the transformer (LoraLoaderModelOnly; the pipelines' FLUX.2 LoRA formats). What is not built is refused
+in one line: CheckpointLoaderSimple on a klein folder, LoRAs on the text encoder (LoraLoader's strength_clip),
+CLIPSetLastLayer, ControlNets, a negative of another token count than the positive's at cfg other than 1, and a
+FLUX.2 model with another family's conditioning or latent.
 """
 
 from __future__ import annotations
