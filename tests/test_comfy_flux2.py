@@ -235,7 +235,7 @@ def test_wrong_combinations_are_one_line_node_errors(klein, tmp_path):
         g["71"]["inputs"]["clip_name"] = "qwen_2.5_vl_tiny.safetensors"
         assert "CLIPLoader type flux2 takes FLUX.2 [klein]'s Qwen3 text encoder" in _node_error(root, g)
         g["71"]["inputs"]["clip_name"] = "mistral_3_small_tiny.safetensors"
-        assert "is Mistral Small 3 (FLUX.2 [dev]'s text encoder)" in _node_error(root, g)
+        assert "is Mistral Small 3 without its tokenizer (tekken_model" in _node_error(root, g)
     finally:
         (texts / "qwen_2.5_vl_tiny.safetensors").unlink()
         (texts / "mistral_3_small_tiny.safetensors").unlink()
@@ -267,14 +267,14 @@ def test_wrong_combinations_are_one_line_node_errors(klein, tmp_path):
     g["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "klein-folder"}}
     g["63"]["inputs"]["model"] = ["1", 0]
     assert "CLIPLoader type flux2 (qwen_3_4b.safetensors)" in _node_error(root, g)
-    # a FLUX.2 [dev] transformer file (the guidance embedding): refused before it loads
-    dev = root / "models" / "diffusion_models" / "flux2_dev_tiny.safetensors"
+    # a broken FLUX.2 transformer file (its marker and nothing else): one line naming it
+    dev = root / "models" / "diffusion_models" / "flux2_broken_tiny.safetensors"
     save_file({"single_stream_modulation.lin.weight": torch.zeros(4, 4), "guidance_in.in_layer.weight":
                torch.zeros(4, 4)}, dev)  # fmt: skip
     try:
         g = klein_graph()
         g["75"]["inputs"]["unet_name"] = dev.name
-        assert "is FLUX.2 [dev]" in _node_error(root, g)
+        assert "flux2_broken_tiny.safetensors: " in _node_error(root, g)
     finally:
         dev.unlink()
 
@@ -291,3 +291,37 @@ def test_at_cfg_1_a_long_text_beside_a_short_negative_runs_unrepeated(klein):
     g["76"]["inputs"]["text"] = long_prompt
     same_length = _pixels(_run(root, g)["65"][0])
     np.testing.assert_array_equal(short_negative, same_length)
+
+
+def _lora_file(root: Any, net: Any, name: str) -> Any:
+    """A random LoRA on every Linear of the transformer (its guidance embedder's aside) in ComfyUI's layout (BFL's
+    names behind ``diffusion_model.``, ``lora_down`` / ``lora_up`` / ``alpha``), under the route's loras/."""
+    from test_lora_flux2 import _layout, _pairs
+
+    pairs = {k: v for k, v in _pairs(net, 3).items() if "guidance_embedder" not in k}
+    path = root / "loras" / name
+    path.parent.mkdir(exist_ok=True)
+    save_file({k: v.clone() for k, v in _layout(pairs, "comfy").items()}, str(path))
+    return path
+
+
+def test_lora_loader_model_only_equals_the_pipelines_lora(klein):
+    """LoraLoaderModelOnly (a ComfyUI-layout klein LoRA at 0.8) on the template: the pipeline's image with the same
+    LoRA (``loras=``); LoraLoader at strength_clip 0 the same image; its strength_clip is one line (LoRAs on the
+    Qwen3 text encoder are not supported)."""
+    root, pipe, _ = klein
+    path = _lora_file(root, pipe.unet, "klein-lora.safetensors")
+    g = klein_graph()
+    g["70"] = {"class_type": "LoraLoaderModelOnly",
+               "inputs": {"model": ["75", 0], "lora_name": path.name, "strength_model": 0.8}}  # fmt: skip
+    g["63"]["inputs"]["model"] = ["70", 0]
+    ours = _pixels(_run(root, g)["65"][0])
+    gap = np.abs(ours - _image(pipe, loras=[(path, 0.8)]))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    assert np.abs(ours - _pixels(_run(root, klein_graph())["65"][0])).mean() > 1e-3  # the LoRA counts
+    g["70"] = {"class_type": "LoraLoader", "inputs": {"model": ["75", 0], "clip": ["71", 0], "lora_name": path.name,
+                                                     "strength_model": 0.8, "strength_clip": 0.0}}  # fmt: skip
+    assert np.array_equal(_pixels(_run(root, g)["65"][0]), ours)
+    g["70"]["inputs"]["strength_clip"] = 1.0
+    g["74"]["inputs"]["clip"] = ["70", 1]
+    assert "LoraLoader's strength_clip on FLUX.2: LoRAs on its text encoder" in _node_error(root, g)

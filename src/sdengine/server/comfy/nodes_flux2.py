@@ -1,5 +1,6 @@
-"""FLUX.2 [klein] on sdengine's ComfyUI route: what ComfyUI's own klein graphs (its ``image_flux2_klein`` templates)
-read and do, on sdengine's FLUX.2 networks (:mod:`sdengine.models.flux2`, :mod:`sdengine.models.flux2_vae`).
+"""FLUX.2 [klein] and [dev] on sdengine's ComfyUI route: what ComfyUI's own FLUX.2 graphs (its ``image_flux2_klein``
+and ``image_flux2`` templates) read and do, on sdengine's FLUX.2 networks (:mod:`sdengine.models.flux2`,
+:mod:`sdengine.models.flux2_vae`).
 
 The graph: UNETLoader on the transformer file (``diffusion_models/flux-2-klein-4b.safetensors``: BFL's names,
 ComfyUI's ``model.diffusion_model.`` prefix or not, or diffusers' names; read by :mod:`sdengine.weights.flux2_file`),
@@ -13,8 +14,15 @@ each ComfyUI's (its ``comfy/text_encoders/flux.py``, ``comfy/supported_models.py
 ``comfy/model_detection.py``):
 
 * **CLIPLoader's type**: ``flux2`` with a Qwen3 file is ComfyUI's klein text encoder (``klein_te``: Qwen3-4B for
-  klein 4B, Qwen3-8B for 9B). FLUX.2 [dev]'s Mistral Small 3 under ``flux2`` is refused in one line (not built on
-  this route), as is any file that is not Qwen3.
+  klein 4B, Qwen3-8B for 9B); with a Mistral Small 3 file (ComfyUI's ``mistral_3_small_flux2_*.safetensors``) it is
+  FLUX.2 [dev]'s (``flux2_te``), its tokenizer the ``tekken_model`` inside the file (the only one ComfyUI reads: a
+  Mistral file without it is refused in one line); any other file is refused in one line.
+* **[dev]'s text** (:class:`Flux2ComfyText` with ``dev``): ``Flux2Tokenizer`` / ``Mistral3Tokenizer``: ``<s>`` then
+  BFL's system prompt around the prompt (:data:`sdengine.text.flux2_prompt.DEV_PROMPT_TEMPLATE`), weights disabled,
+  no padding (``min_length`` 1) and never cut; Mistral's states 10, 20 and 30 side by side per token. diffusers pads
+  to 512 tokens with a mask instead (other states); the transformer gets ComfyUI's states zero-padded in front to
+  512 (``model_base.Flux2``). [dev]'s guidance embedding takes FluxGuidance's value, ComfyUI's Flux default 3.5
+  where none is set (``model_base.Flux.extra_conds``).
 * **Text** (:class:`Flux2ComfyText`): ``KleinTokenizer``: the prompt in Qwen3's chat template with thinking off
   (``<|im_start|>user\\n{}<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n``), weights disabled
   (ComfyUI's escape of ``\\(`` applies), padded with the pad token 151643 to at least 512 tokens (``min_length``
@@ -25,7 +33,7 @@ each ComfyUI's (its ``comfy/text_encoders/flux.py``, ``comfy/supported_models.py
 * **The transformer call**: every token is attended to, the padding's too (ComfyUI's Flux ``extra_conds`` passes no
   text mask; a state list shorter than 512 is padded with zeros in front to 512, ``model_base.Flux2``), as
   diffusers' pipeline does. ComfyUI adds a guidance value to every Flux conditioning; a klein has no guidance
-  embedding and reads none (FluxGuidance has no effect, here as there).
+  embedding and reads none (FluxGuidance has no effect, here as there); [dev] reads it.
 * **Latents**: ComfyUI's Flux2 latent format is the identity (scale 1): its VAE's encode gives the diffusion
   model's latent itself, the VAE latent in 2x2 patches normalised by the VAE's batch-norm statistics
   (:meth:`sdengine.models.flux2_vae.Flux2VAE.scale_latents`), 128 channels at 1/16 of the pixels, and its decode
@@ -39,10 +47,10 @@ each ComfyUI's (its ``comfy/text_encoders/flux.py``, ``comfy/supported_models.py
   the identity), reference ``k`` at time index ``10 (k + 1)`` (ComfyUI's ``default_ref_method`` "index" with
   ``ref_index_scale`` 10): diffusers' ids.
 
-What is not built is refused in one line: CheckpointLoaderSimple on a klein folder, FLUX.2 [dev] (its transformer
-file and its Mistral text encoder), LoRAs on the Qwen3 text encoder (LoraLoader's strength_clip), CLIPSetLastLayer,
-ControlNets, a negative of another token count than the positive's at cfg other than 1, and a klein model with
-another family's conditioning or latent.
+LoRAs go on the transformer (LoraLoaderModelOnly; the pipelines' FLUX.2 LoRA formats). What is not built is refused
+in one line: CheckpointLoaderSimple on a klein folder, LoRAs on the text encoder (LoraLoader's strength_clip),
+CLIPSetLastLayer, ControlNets, a negative of another token count than the positive's at cfg other than 1, and a
+FLUX.2 model with another family's conditioning or latent.
 """
 
 from __future__ import annotations
@@ -73,25 +81,40 @@ LABEL = "FLUX.2"
 
 
 class Flux2ComfyText:
-    """ComfyUI's klein text encoder over sdengine's Qwen3 and Qwen2 tokenizer (the module docstring):
-    ``encode(text)`` -> (1, max(512, tokens), 3 x hidden) float32."""
+    """ComfyUI's FLUX.2 text encoder over sdengine's language model and tokenizer (the module docstring):
+    ``encode(text)`` -> (1, max(min_tokens, tokens), 3 x hidden) float32. klein: Qwen3 in its chat template, layers
+    9 / 18 / 27, padded to 512; [dev] (``dev``): Mistral Small 3 in BFL's system prompt, layers 10 / 20 / 30, no
+    padding (ComfyUI's ``Mistral3Tokenizer``: ``min_length`` 1)."""
 
-    def __init__(self, encoder: Any, tokenizer: Any, name: str) -> None:
+    def __init__(self, encoder: Any, tokenizer: Any, name: str, *, dev: bool = False) -> None:
+        from sdengine.text import flux2_prompt
+
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.name = name
         self.dtype = encoder.dtype
-        self.width = 3 * int(encoder.config.hidden_size)
+        self.dev = dev
+        self.layers = flux2_prompt.DEV_HIDDEN_LAYERS if dev else flux2_prompt.HIDDEN_LAYERS
+        self.template = flux2_prompt.DEV_PROMPT_TEMPLATE if dev else flux2_prompt.PROMPT_TEMPLATE
+        self.min_tokens = 1 if dev else MIN_TOKENS
+        self.width = len(self.layers) * int(encoder.config.hidden_size)
 
     def encode(self, text: str) -> torch.Tensor:
         from sdengine.server.comfy.nodes_qwen import comfy_text
         from sdengine.text import flux2_prompt
 
         plain = comfy_text(text, LABEL)
-        n = len(self.tokenizer.encode(flux2_prompt.PROMPT_TEMPLATE.replace("{}", plain, 1)))
-        length = max(MIN_TOKENS, n)  # ComfyUI's min_length 512, no max_length cut
+        n = len(self.tokenizer.encode(self.template.replace("{}", plain, 1)))
+        length = max(self.min_tokens, n)  # ComfyUI's min_length (512 / 1), no max_length cut
         try:
-            states = flux2_prompt.encode_prompt_flux2(self.encoder, self.tokenizer, plain, max_sequence_length=length)
+            states = flux2_prompt.encode_prompt_flux2(
+                self.encoder,
+                self.tokenizer,
+                plain,
+                max_sequence_length=length,
+                hidden_layers=self.layers,
+                template=self.template,
+            )
         except SdengineError as e:
             raise NodeError(f"CLIPTextEncode on FLUX.2: {str(e).splitlines()[0]}") from None
         return states.float()
@@ -117,6 +140,30 @@ def load_text(path: Path, dev: torch.device, dtype: torch.dtype) -> Flux2ComfyTe
     return Flux2ComfyText(encoder, tokenizer, path.name)
 
 
+def load_mistral_text(path: Path, dev: torch.device, dtype: torch.dtype) -> Flux2ComfyText:
+    """CLIPLoader type flux2's encoder on a Mistral Small 3 file (FLUX.2 [dev]'s): its language model and the
+    tokenizer the file carries (``tekken_model``, the only one ComfyUI reads)."""
+    from sdengine.pipeline.flux2_loading import read_tekken
+    from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+
+    try:
+        tokenizer = read_tekken(path)
+    except SdengineError as e:
+        raise NodeError(str(e).splitlines()[0]) from None
+    encoder = load_qwen_text_encoder(path, device=dev, dtype=dtype, family="mistral").eval().requires_grad_(False)
+    layers = int(encoder.config.num_hidden_layers)
+    if layers < 30:
+        raise NodeError(f"{path.name}: Mistral of {layers} layers; FLUX.2 [dev] reads layers 10, 20 and 30")
+    return Flux2ComfyText(encoder, tokenizer, path.name, dev=True)
+
+
+def load_clip_text(files: dict[str, str], dev: torch.device, dtype: torch.dtype) -> Flux2ComfyText:
+    """The text side of a CLIPLoader type flux2 handle (:func:`clip_handle`'s encoders)."""
+    if "mistral" in files:
+        return load_mistral_text(Path(files["mistral"]), dev, dtype)
+    return load_text(Path(files["qwen3"]), dev, dtype)
+
+
 def clip_handle(path: Path) -> ClipHandle:
     """CLIPLoader type flux2 on ``path``: a Qwen3 file is klein's text encoder; anything else one line."""
     from sdengine.server.comfy.nodes import TEXT_ENCODERS_REF
@@ -128,10 +175,14 @@ def clip_handle(path: Path) -> ClipHandle:
     except (OSError, SdengineError) as e:
         raise NodeError(f"CLIPLoader: {str(e).splitlines()[0]}") from None
     if mistral:
-        raise NodeError(
-            f"CLIPLoader type flux2: {path.name} is Mistral Small 3 (FLUX.2 [dev]'s text encoder), which is not "
-            "supported on the ComfyUI route; FLUX.2 [klein] reads Qwen3 (qwen_3_4b.safetensors)"
-        )
+        from sdengine.pipeline.flux2_loading import TEKKEN, holds_tekken
+
+        if not holds_tekken(path):
+            raise NodeError(
+                f"CLIPLoader type flux2: {path.name} is Mistral Small 3 without its tokenizer ({TEKKEN}, which "
+                "ComfyUI's mistral_3_small_flux2_*.safetensors carry and ComfyUI reads): use such a file"
+            )
+        return ClipHandle(TEXT_ENCODERS_REF + str(path), encoders=(("mistral", str(path)),), clip_type=FAMILY)
     if not qwen3:
         raise NodeError(
             f"CLIPLoader type flux2 takes FLUX.2 [klein]'s Qwen3 text encoder (qwen_3_4b.safetensors / "
@@ -152,10 +203,13 @@ def _is_mistral_file(path: Path) -> bool:
 
 def check_clip(clip: ClipHandle) -> None:
     if clip.layer is not None:
-        raise NodeError("CLIPSetLastLayer does not apply to FLUX.2 (ComfyUI reads Qwen3's layers 9, 18 and 27)")
+        raise NodeError(
+            "CLIPSetLastLayer does not apply to FLUX.2 (ComfyUI reads Qwen3's layers 9, 18 and 27, Mistral's 10, 20 "
+            "and 30)"
+        )
     if clip.loras:
         raise NodeError(
-            "LoraLoader's strength_clip on FLUX.2: LoRAs on its Qwen3 text encoder are not supported; use "
+            "LoraLoader's strength_clip on FLUX.2: LoRAs on its text encoder (Qwen3 / Mistral) are not supported; use "
             "LoraLoaderModelOnly (or strength_clip 0)"
         )
 
@@ -175,14 +229,8 @@ def text_entry(clip: ClipHandle, text_side: Flux2ComfyText, text: str) -> Any:
 
 
 def load_transformer(path: Path, dev: torch.device, dtype: torch.dtype) -> Any:
-    from sdengine.pipeline.flux2_loading import is_dev_file
     from sdengine.weights.flux2_file import load_flux2_transformer
 
-    if is_dev_file(path):
-        raise NodeError(
-            f"{path.name} is FLUX.2 [dev] (it has the guidance embedding), which is not supported on the ComfyUI "
-            "route; FLUX.2 [klein] files run here (sdengine's pipeline runs [dev] from its diffusers folder)"
-        )
     try:
         return load_flux2_transformer(path, device=dev, dtype=dtype).eval().requires_grad_(False)
     except SdengineError as e:
@@ -216,11 +264,14 @@ def check_latent(z: torch.Tensor, want: int, name: str) -> None:
         )
 
 
-def fit_conditioning(entries: list[Any], width: int) -> list[Any]:
-    """The entries as a klein reads them: Qwen3's stacked states ``width`` wide (the transformer's
+def fit_conditioning(entries: list[Any], width: int, guidance: bool = False) -> list[Any]:
+    """The entries as a FLUX.2 transformer reads them: the stacked states ``width`` wide (the transformer's
     ``joint_attention_dim``), padded in front with zeros to 512 tokens where shorter (``model_base.Flux2``); no
-    pooled vector; a guidance value dropped (klein has no guidance embedding; ComfyUI's model ignores it)."""
+    pooled vector. ``guidance`` ([dev]: the guidance embedding): FluxGuidance's value, ComfyUI's Flux default 3.5
+    where none is set; a klein has none and reads none (the value dropped, as ComfyUI's model ignores it)."""
     from dataclasses import replace
+
+    from sdengine.server.comfy.nodes_sd3_flux import FLUX_GUIDANCE
 
     out = []
     for e in entries:
@@ -231,11 +282,16 @@ def fit_conditioning(entries: list[Any], width: int) -> list[Any]:
         if int(x.shape[-1]) != width or "vector" in cond:
             raise NodeError(
                 f"this conditioning is not this FLUX.2 model's (its states are {int(x.shape[-1])} wide, the "
-                f"transformer reads {width}): encode it with CLIPLoader type {CLIP_TYPE}'s CLIP (its Qwen3)"
+                f"transformer reads {width}): encode it with CLIPLoader type {CLIP_TYPE}'s CLIP (Qwen3 for "
+                "[klein], Mistral for [dev])"
             )
         if int(x.shape[1]) < MIN_TOKENS:
             cond["crossattn"] = torch.nn.functional.pad(x, (0, 0, MIN_TOKENS - int(x.shape[1]), 0))
-        cond.pop("guidance", None)
+        if guidance:
+            g = cond.get("guidance")
+            cond["guidance"] = torch.tensor([FLUX_GUIDANCE]) if g is None else g
+        else:
+            cond.pop("guidance", None)
         cond.pop("text_mask", None)
         out.append(replace(e, cond=cond))
     return out
@@ -346,6 +402,8 @@ __all__ = [
     "fit_conditioning",
     "flux2_scheduler",
     "flux2_sigmas",
+    "load_clip_text",
+    "load_mistral_text",
     "load_text",
     "load_transformer",
     "refuse_checkpoint",

@@ -97,7 +97,7 @@ CLIP_LOADER_TYPES = (
     "chroma",
     "qwen_image",
     "lumina2",  # Qwen3-4B: ComfyUI's Z-Image text encoder (its templates' type)
-    "flux2",  # Qwen3: FLUX.2 [klein]'s text encoder (nodes_flux2)
+    "flux2",  # Qwen3 / Mistral Small 3: FLUX.2 [klein]'s / [dev]'s text encoder (nodes_flux2)
 )  # CLIPLoader's types run here (ComfyUI's list is longer: the others are refused)
 MAX_FLOAT = 100.0
 SIDE_MAX = 16384
@@ -311,7 +311,7 @@ def _build_conditioner(clip: ClipHandle, dev: torch.device, dtype: torch.dtype) 
     if clip.clip_type == "flux2":
         from sdengine.server.comfy import nodes_flux2
 
-        return nodes_flux2.load_text(Path(files["qwen3"]), dev, dtype)
+        return nodes_flux2.load_clip_text(files, dev, dtype)
     t5 = load_t5_encoder(Path(files["t5xxl"]), device=dev, dtype=dtype) if "t5xxl" in files else None
     if clip.clip_type == "chroma":
         from sdengine.text.chroma_conditioner import ChromaConditioner
@@ -1148,7 +1148,7 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
         if family == "flux2":
             from sdengine.server.comfy import nodes_flux2
 
-            out += nodes_flux2.fit_conditioning([e], joint)
+            out += nodes_flux2.fit_conditioning([e], joint, guidance)
             continue
         if family == "chroma":  # T5's states alone (ComfyUI's Chroma: no pooled vector, the guidance input 0)
             if int(x.shape[-1]) != joint or "vector" in cond:
@@ -1672,7 +1672,7 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         ),
         ("MODEL",),
         unet_loader,
-        description="A Flux, Chroma, SD3, Qwen-Image, Z-Image or FLUX.2 [klein] transformer file alone from "
+        description="A Flux, Chroma, SD3, Qwen-Image, Z-Image or FLUX.2 ([klein] / [dev]) transformer file alone from "
         "--models-dir's diffusion_models/ or unet/ (BFL's, ComfyUI's or Stability's names; Qwen-Image's in diffusers' "
         "names, ComfyUI's prefix or not). "
         "weight_dtype fp8_e4m3fn / fp8_e5m2 hold its Linear and Conv2d weights in float8, cast to the compute dtype "
@@ -1698,8 +1698,10 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         "(qwen_3_4b.safetensors, the tokenizer folder likewise; ComfyUI's encoding: Qwen3's chat template, the "
         "next-to-last layer's states of every token, no padding; a Qwen3 file under qwen_image too, as ComfyUI); type "
         "flux2, Qwen3 for FLUX.2 [klein] (the tokenizer folder likewise; ComfyUI's encoding: Qwen3's chat template "
-        "with thinking off, padded to at least 512 tokens, layers 9, 18 and 27 side by side; FLUX.2 [dev]'s Mistral "
-        "is refused). ComfyUI's other types are not supported.",
+        "with thinking off, padded to at least 512 tokens, layers 9, 18 and 27 side by side), or Mistral Small 3 for "
+        "FLUX.2 [dev] (ComfyUI's mistral_3_small_flux2_*.safetensors with its tekken_model tokenizer inside; "
+        "ComfyUI's encoding: <s> and BFL's system prompt, no padding, layers 10, 20 and 30 side by side). ComfyUI's "
+        "other types are not supported.",
     ),
     "T5TokenizerOptions": NodeDef(
         "T5TokenizerOptions",
@@ -1783,8 +1785,8 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         (Input("conditioning", "CONDITIONING"), Input("guidance", "FLOAT", 3.5, 0.0, MAX_FLOAT, 0.1)),
         ("CONDITIONING",),
         flux_guidance,
-        description="FLUX.1 [dev]'s distilled guidance scale on the conditioning (3.5 where none is set; [schnell] "
-        "has none and ignores it).",
+        description="FLUX.1 [dev]'s / FLUX.2 [dev]'s distilled guidance scale on the conditioning (3.5 where none "
+        "is set; FLUX.1 [schnell] and FLUX.2 [klein] have none and ignore it).",
     ),
     "ReferenceLatent": NodeDef(
         "ReferenceLatent",
@@ -1793,7 +1795,7 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         (Input("conditioning", "CONDITIONING"), Input("latent", "LATENT", optional=True)),
         ("CONDITIONING",),
         reference_latent,
-        description="Sets the guiding latent for an edit model (FLUX.1 Kontext, Qwen-Image Edit, FLUX.2 [klein] edit: "
+        description="Sets the guiding latent for an edit model (FLUX.1 Kontext, Qwen-Image Edit, FLUX.2 edit: "
         "its 128-channel VAEEncode latent): chain several for several reference images. Other models refuse it at "
         "sampling.",
     ),
