@@ -185,9 +185,9 @@ def test_soft_inpainting_blends_by_the_latent_mask_and_runs_on_inpainting_models
     masks: list = []
 
     class Recorded(core.SoftInpaintBlend):
-        def __init__(self, inner, init, mask, settings) -> None:
+        def __init__(self, inner, init, mask, settings, **kw) -> None:
             masks.append(mask.clone())
-            super().__init__(inner, init, mask, settings)
+            super().__init__(inner, init, mask, settings, **kw)
 
     monkeypatch.setattr(core, "SoftInpaintBlend", Recorded)
     s, f = sd1.default_size, sd1.vae_scale_factor

@@ -263,6 +263,43 @@ def test_the_kept_region_is_the_original_and_soft_differs_from_hard(sd1):
     assert "Soft inpainting" not in hard.infotexts[0] and hard.composite_masks is None
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "unipc"])
+def test_a1111s_timestep_samplers_run_it_and_differ_from_plain_inpainting(sd1, sampler):
+    """Under A1111's strength rule DDIM, PLMS and UniPC run soft inpainting (they were refused), blending the
+    network's input before each call (the blend itself: the oracle tests above): the original's pixels where the
+    composite mask is 0, the image not plain inpainting's, every call of the blend before the network."""
+    kw = {**KW, "sampler": sampler}
+    soft = sd1("a red apple", "", init_image=_picture(), mask=_mask(), soft_inpainting=True, **kw)
+    hard = sd1("a red apple", "", init_image=_picture(), mask=_mask(), **kw)
+    got, plain, orig = (np.asarray(x) for x in (soft.images[0], hard.images[0], _picture()))
+    # where the mask is 0 the network reads the init latent, but the sampler's own latent is not pulled back to it
+    # (A1111's timestep samplers leave that to the final blend, which the script skips): the composite mask lets
+    # the generated pixels through where that latent drifted (on this random model, nearly everywhere)
+    m = np.asarray(soft.composite_masks[0])
+    assert m[:, :8].mean() > 128
+    assert np.array_equal(got[m == 0], orig[m == 0])
+    assert (got != plain).any(axis=-1)[:, 24:48].mean() > 0.5 and (got != plain).any(axis=-1)[:, :8].mean() > 0.5
+    assert "Soft inpainting enabled: True" in soft.infotexts[0]
+    raw = sd1("a red apple", "", init_image=_picture(), mask=_mask(), soft_inpainting={"composite": False}, **kw)
+    from sdengine.pipeline.soft_inpaint import SoftInpaintBlend
+
+    calls: list[bool] = []
+    real = SoftInpaintBlend.__call__
+
+    def spy(self, *a, **k):
+        calls.append(self.before)
+        return real(self, *a, **k)
+
+    SoftInpaintBlend.__call__ = spy  # type: ignore[method-assign]
+    try:
+        again = sd1("a red apple", "", init_image=_picture(), mask=_mask(), soft_inpainting={"composite": False},
+                    **kw)  # fmt: skip
+    finally:
+        SoftInpaintBlend.__call__ = real  # type: ignore[method-assign]
+    assert calls and all(calls)  # every call blends before the network
+    np.testing.assert_array_equal(again.arrays, raw.arrays)
+
+
 def test_off_is_plain_inpainting_and_the_infotext_reads_back(sd1):
     plain = sd1("a red apple", "", init_image=_picture(), mask=_mask(), **KW)
     off = sd1("a red apple", "", init_image=_picture(), mask=_mask(), soft_inpainting=False, **KW)
@@ -303,7 +340,6 @@ def test_what_it_does_not_combine_with_is_refused_in_one_line(sd1):
     cases = (
         (dict(init_image=picture), "soft_inpainting needs a mask"),
         (dict(init_image=picture, mask=mask, differential_diffusion=1.0, strength_rule="diffusers"), "use one"),
-        (dict(init_image=picture, mask=mask, sampler="ddim"), "A1111's ddim blends before the model call"),
         (dict(init_image=picture, mask=mask, soft_inpainting={"difference_threshold": 9}), r"in \[0, 8\], got 9"),
     )
     for extra, said in cases:
@@ -349,3 +385,140 @@ def test_the_cli_flag_and_from_png_reproduce_the_image(tiny_sd1_folder, tmp_path
     err = capsys.readouterr().err
     assert rc == 2 and "--soft-inpainting" in err and "--mask" in err, err
     assert not (tmp_path / "c.png").exists()
+
+
+# ------------------------------------------- A1111's timestep samplers (DDIM, PLMS, UniPC): the blend before the call
+
+
+def _sd_schedule():
+    from sdengine.diffusion.schedules import NoiseSchedule
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return NoiseSchedule.from_betas(betas)
+
+
+def _eps(x_vp: np.ndarray, t: float) -> np.ndarray:
+    """A stand-in noise-predicting network (numpy, float64), reading its timestep."""
+    return 0.5 * x_vp[..., ::-1] + 0.2 * np.sin(x_vp) + 0.1 * t / 1000.0
+
+
+class _EpsNet:
+    """The stand-in as sdengine's VE x0-denoiser (its timestep: the schedule's log-sigma inverse of sigma)."""
+
+    prediction = "epsilon"
+
+    def __init__(self, ns, outer=None) -> None:
+        self.schedule, self.outer = ns, outer
+
+    def __call__(self, x: torch.Tensor, sigma, **_) -> torch.Tensor:
+        s = float(torch.as_tensor(sigma).reshape(-1)[0])
+        t = float(self.schedule.sigma_to_t(torch.tensor(s, dtype=torch.float64)))
+        c = math.sqrt(1 + s * s)
+        x_vp = x.double().numpy() / c
+        if self.outer is not None:  # A1111's CFGDenoiserTimesteps around the network: the blend at the timestep
+            x_vp = self.outer(x_vp, t)
+        return x - s * torch.from_numpy(_eps(x_vp, t)).to(x.dtype)
+
+
+def _a1111_blend(init: np.ndarray, t3: np.ndarray, power: float, scale: float, detail: float):
+    """A1111's apply_blend with the script's on_mask_blend, before the model call (mask_before_denoising): the
+    sampler's x blended with the init latent by the modified nmask at ``sigma[0]``, which is the call's timestep."""
+
+    def blend(x: np.ndarray, ts: float) -> np.ndarray:
+        t = oracle_modified_nmask(t3, np.float32(ts), power, scale).astype(np.float32)
+        return oracle_latent_blend(init, x.astype(np.float32), t, detail).astype(np.float64)
+
+    return blend
+
+
+def _timestep_case():
+    g = torch.Generator().manual_seed(5)
+    init = torch.randn(1, 4, 8, 8, generator=g)
+    noise = torch.randn(1, 4, 8, 8, generator=g)
+    nmask = torch.linspace(0, 1, 8).reshape(1, 1, 1, 8).expand(1, 1, 8, 8).contiguous()
+    # schedule_bias 0.25: the exponent timestep ** 0.25 * 0.5 stays near 1-3, so the grey levels show in the blend
+    settings = SoftInpainting(schedule_bias=0.25, preservation_strength=0.5, transition_contrast_boost=3.0)
+    t3 = nmask.numpy()[0].repeat(4, 0)  # A1111's nmask: (C, h, w)
+    return init, noise, nmask, settings, t3
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms"])
+def test_a1111_ddim_and_plms_blend_the_networks_input_at_the_timestep(sampler):
+    """SoftInpaintBlend(before=True) inside sdengine's DDIM / PLMS on A1111's grid equals a loop written from
+    A1111's ``ddim`` / ``plms`` (sd_samplers_timesteps_impl) around its CFGDenoiserTimesteps: before each call the
+    sampler's (VP) x is blended with the init latent by ``nmask ** (timestep ** power * scale)``, the network reads
+    that, the sampler steps its own x with the network's eps, and the result is not hard-blended at the end."""
+    from sdengine.diffusion import sampling
+    from sdengine.pipeline.soft_inpaint import SoftInpaintBlend
+
+    ns = _sd_schedule()
+    init, noise, nmask, settings, t3 = _timestep_case()
+    steps = 5
+    blend = SoftInpaintBlend(_EpsNet(ns), init, nmask, settings, before=True)
+    grid = sampling.make_grid(sampler, steps, ns, a1111_grid=True)
+    got = sampling.sample(blend, noise, sampler=sampler, steps=steps, noise_schedule=ns, a1111_grid=True,
+                          noise_scale=math.sqrt(1 + float(grid.sigmas[0]) ** 2))  # fmt: skip
+    # the oracle: A1111's CompVisSampler.sample (x = the noise) with its ddim / plms, float64
+    ac = ns.alphas_cumprod.double().numpy()
+    timesteps = np.clip(np.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    alphas, alphas_prev = ac[timesteps], ac[np.concatenate([[0], timesteps[:-1]])]
+    blend_in = _a1111_blend(init.numpy(), t3, 0.25, 0.5, 3.0)
+
+    def model(x: np.ndarray, ts: float) -> np.ndarray:
+        return _eps(blend_in(x, ts), ts)
+
+    x = noise.double().numpy()
+    old: list[np.ndarray] = []
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+
+        def step(e, x=x, index=index):
+            pred = (x - math.sqrt(1 - alphas[index]) * e) / math.sqrt(alphas[index])
+            return math.sqrt(alphas_prev[index]) * pred + math.sqrt(1 - alphas_prev[index]) * e
+
+        e_t = model(x, float(timesteps[index]))
+        if sampler == "ddim":
+            x = step(e_t)
+            continue
+        if not old:
+            e_next = model(step(e_t), float(timesteps[max(index - 1, 0)]))
+            e_p = (e_t + e_next) / 2
+        elif len(old) == 1:
+            e_p = (3 * e_t - old[-1]) / 2
+        elif len(old) == 2:
+            e_p = (23 * e_t - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_p = (55 * e_t - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = step(e_p)
+        old = [*old, e_t][-3:]
+    np.testing.assert_allclose(got.double().numpy(), x, rtol=1e-4, atol=1e-4)
+    # not the k-diffusion samplers' blend (on x0, at the noise level), not plain (hard) inpainting
+    after = sampling.sample(SoftInpaintBlend(_EpsNet(ns), init, nmask, settings), noise, sampler=sampler,
+                            steps=steps, noise_schedule=ns, a1111_grid=True,
+                            noise_scale=math.sqrt(1 + float(grid.sigmas[0]) ** 2))  # fmt: skip
+    assert float((after - got).abs().max()) > 1e-2
+    from sdengine.pipeline.latents import A1111Blend
+
+    rounded = nmask.round()
+    hard = sampling.sample(A1111Blend(_EpsNet(ns), init, rounded, before=True), noise, sampler=sampler, steps=steps,
+                           noise_schedule=ns, a1111_grid=True,
+                           noise_scale=math.sqrt(1 + float(grid.sigmas[0]) ** 2))  # fmt: skip
+    hard = hard * rounded + init * (1 - rounded)
+    assert float((hard - got).abs().max()) > 1e-2
+
+
+def test_unipc_blends_the_networks_input_as_a1111s_cfg_denoiser_timesteps():
+    """With UniPC (A1111's timestep sampler too) the blend is before each call at the call's timestep: sdengine's
+    UniPC around SoftInpaintBlend(before=True) equals the same UniPC around a network that blends its own input as
+    A1111's CFGDenoiserTimesteps does (the oracle blend, numpy), and differs from the blend on x0."""
+    from sdengine.diffusion import sampling
+    from sdengine.pipeline.soft_inpaint import SoftInpaintBlend
+
+    ns = _sd_schedule()
+    init, noise, nmask, settings, t3 = _timestep_case()
+    kw = dict(sampler="unipc", steps=5, noise_schedule=ns)
+    got = sampling.sample(SoftInpaintBlend(_EpsNet(ns), init, nmask, settings, before=True), noise, **kw)
+    want = sampling.sample(_EpsNet(ns, outer=_a1111_blend(init.numpy(), t3, 0.25, 0.5, 3.0)), noise, **kw)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+    after = sampling.sample(SoftInpaintBlend(_EpsNet(ns), init, nmask, settings), noise, **kw)
+    assert float((after - got).abs().max()) > 1e-2

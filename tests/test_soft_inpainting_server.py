@@ -63,8 +63,8 @@ def _python_api(**kw: Any) -> Any:
     """The route's pipeline call: A1111's strength rule, the grey mask blurred by A1111's default 4."""
     pipe = shared_loader("emoji", "cpu")
     same = dict(mask_blur=4.0, strength=0.75, strength_rule="a1111", seed=3, steps=3, width=64, height=64)
-    return pipe("a red apple", init_image=_init(), mask=_mask(), cfg_scale=7.0, sampler="euler", schedule="uniform",
-                progress=False, **same, **kw)  # fmt: skip
+    kw = {"sampler": "euler", "schedule": "uniform", **same, **kw}
+    return pipe("a red apple", init_image=_init(), mask=_mask(), cfg_scale=7.0, progress=False, **kw)
 
 
 def test_the_script_through_webuiapi_is_the_python_apis_soft_inpainting(server) -> None:
@@ -111,6 +111,35 @@ def test_the_script_through_webuiapi_is_the_python_apis_soft_inpainting(server) 
         assert (_decode(r2.json()["images"][0]) != got).any(axis=-1).mean() > 0.2
 
 
+def test_ddim_runs_it_as_the_python_api(server) -> None:
+    """A1111's DDIM (a timestep sampler: the blend before each model call, at the call's timestep) with the script:
+    the Python API's soft inpainting with sampler "ddim" laid over the init image, bit for bit (it was a 400);
+    not the plain inpainting, not Euler's soft inpainting."""
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="DDIM")
+    scripts = {SCRIPT: {"args": [True, *SETTINGS]}}
+    kw = {**KW, "steps": 4}
+    r = api.img2img(images=[_init()], mask_image=_mask(), inpainting_fill=1, alwayson_scripts=scripts, **kw)
+    got = np.asarray(r.image.convert("RGB"))
+    settings = dict(zip(("schedule_bias", "preservation_strength", "transition_contrast_boost", "mask_influence",
+                         "difference_threshold", "difference_contrast"), SETTINGS, strict=True))  # fmt: skip
+    # webuiapi sends eta 1 (the route's "Eta DDIM: 1")
+    raw = _python_api(soft_inpainting={**settings, "composite": False}, sampler="ddim", schedule="normal",
+                      sampler_options={"eta": 1.0},
+                      steps=4)  # fmt: skip
+    want = np.asarray(Image.composite(raw.images[0], _init(), raw.composite_masks[0]))
+    np.testing.assert_array_equal(got, want)
+    assert (
+        "Sampler: DDIM" in r.info["infotexts"][0]
+        and "Eta DDIM: 1" in r.info["infotexts"][0]
+        and "Soft inpainting enabled: True" in r.info["infotexts"][0]
+    )
+    assert r.info["ignored"] == []
+    hard = api.img2img(images=[_init()], mask_image=_mask(), inpainting_fill=1, **kw)
+    assert (np.asarray(hard.image.convert("RGB")) != got).any(axis=-1).mean() > 0.2
+    euler = _python_api(soft_inpainting={**settings, "composite": False}, steps=4)
+    assert not np.array_equal(np.asarray(euler.images[0]), np.asarray(raw.images[0]))
+
+
 def test_short_args_keep_the_defaults_and_the_infotext_reads_back(server, client) -> None:
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler")
     r = api.img2img(images=[_init()], mask_image=_mask(), inpainting_fill=1,
@@ -149,8 +178,6 @@ def test_bad_arguments_are_one_line_400s_and_queue_nothing(client) -> None:
     assert r.status_code == 400 and "soft inpainting needs a mask" in r.json()["detail"], r.text
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "alwayson_scripts": on})
     assert r.status_code == 400 and "an img2img inpainting script (txt2img has none)" in r.json()["detail"], r.text
-    r = client.post("/sdapi/v1/img2img", json={**body, "sampler_name": "DDIM", "alwayson_scripts": on})
-    assert r.status_code == 400 and "soft_inpainting: A1111's ddim blends before the model call" in r.text, r.text
     assert len(client.get("/v1/jobs").json()["jobs"]) == jobs
     assert "soft inpainting" in client.get("/sdapi/v1/scripts").json()["img2img"]  # A1111 lists it for img2img
     assert "soft inpainting" not in client.get("/sdapi/v1/scripts").json()["txt2img"]

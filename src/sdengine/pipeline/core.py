@@ -1535,7 +1535,9 @@ class Pipeline:
         if soft is not None:
             if start.rounded_mask is None or start.init_latent is None:
                 raise GenerationError(f"soft_inpainting: {self.name} does not blend a mask while sampling")
-            den = blend = SoftInpaintBlend(den, start.init_latent, start.rounded_mask, soft)
+            # A1111's timestep samplers blend the network's input, at the call's timestep (mask_before_denoising)
+            before = r.strength_rule in A1111_STRENGTH_RULES and p.sampler in A1111_TIMESTEP_SAMPLERS
+            den = blend = SoftInpaintBlend(den, start.init_latent, start.rounded_mask, soft, before=before)
         elif (
             r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None
         ):

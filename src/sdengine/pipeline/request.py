@@ -24,7 +24,7 @@ import numpy as np
 from sdengine.diffusion import sampling
 from sdengine.diffusion.multidiffusion import MultiDiffusion
 from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
-from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, A1111_TIMESTEP_SAMPLERS, STRENGTH_RULES, img2img_start
+from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError, SdengineError
 from sdengine.io.images import ImageInput
 from sdengine.metadata import MASKED_CONTENT
@@ -695,11 +695,6 @@ class GenerationRequest:
         if soft is not None and dd:
             raise GenerationError(
                 "soft_inpainting and differential_diffusion are two ways of inpainting with a grey mask: use one"
-            )
-        if soft is not None and self.strength_rule in A1111_STRENGTH_RULES and sampler in A1111_TIMESTEP_SAMPLERS:
-            raise GenerationError(
-                f"soft_inpainting: A1111's {sampler} blends before the model call and reads the timestep as sigma "
-                "there (not done in sdengine); use a k-diffusion sampler (Euler, DPM++ 2M, ...)"
             )
         if not isinstance(self.mask_round, bool):
             raise GenerationError(f"mask_round must be true or false, got {self.mask_round!r}")

@@ -6,8 +6,10 @@ with a grey mask, in two parts.
   ``t = nmask ** (sigma ** schedule_bias * preservation_strength)`` (:func:`modified_mask`; ``nmask``: A1111's
   latent mask, 1 = repaint, left grey: the script turns A1111's ``mask_round`` off), and the blended vectors'
   lengths (over the channels) are set to ``((1 - t) |a| ** p + t |b| ** p) ** (1 / p)``, ``p`` the transition
-  contrast boost (:func:`latent_blend`). The final hard blend of the sampled latent with the init latent is
-  skipped (``is_final_blend``).
+  contrast boost (:func:`latent_blend`). A1111's timestep samplers (DDIM, PLMS, UniPC) blend the network's noisy
+  input (VP scaling) instead, before the call, and hand the call's *timestep* over as ``sigma`` (see
+  :class:`SoftInpaintBlend`). The final hard blend of the sampled latent with the init latent is skipped
+  (``is_final_blend``).
 * **After sampling** (:func:`composite_mask`, A1111's ``post_sample`` / ``apply_adaptive_masks``): the pixel
   mask that lays the generated image over the original comes from how far each latent pixel moved from the init
   latent (the channel norm, through two weighted-percentile filters), divided by ``difference_threshold`` times
@@ -240,24 +242,61 @@ def composite(generated: np.ndarray, original: np.ndarray, mask: Image.Image) ->
 
 
 class SoftInpaintBlend(LatentBlend):
-    """A1111's soft inpainting while sampling (its k-diffusion samplers' blend after the model call): each call's
-    x0 is :func:`latent_blend` of the init latent and the x0 by :func:`modified_mask` of the grey latent mask
-    (``mask``, 1 = repaint) at the call's sigma (the first row's, as A1111 reads ``sigma[0]``); :meth:`finish`
-    keeps the sampled latent as it is (A1111's final blend is skipped)."""
+    """A1111's soft inpainting while sampling (its ``CFGDenoiser.apply_blend`` with the script's ``on_mask_blend``),
+    the grey latent mask ``mask`` (1 = repaint) made :func:`modified_mask` at the call's "sigma" (the first row's,
+    as A1111 reads ``sigma[0]``) and :func:`latent_blend` of the init latent and a latent by it:
 
-    def __init__(self, inner: Any, init: Tensor, mask: Tensor, settings: SoftInpainting) -> None:
+    * ``before=False`` (its k-diffusion samplers): each call's x0 is blended, at the call's sigma;
+    * ``before=True`` (its timestep samplers DDIM, PLMS, UniPC: ``mask_before_denoising``): the network reads the
+      blend of the init latent and the sampler's x in VP scaling (``x / sqrt(1 + sigma^2)``, the latent A1111's
+      timestep samplers carry), and the "sigma" A1111 hands the script there is the call's *timestep* (what its
+      timestep samplers call the model with: ``timesteps[index]``, UniPC's ``(t - 1/N) * 1000``), not the noise
+      level, so the schedule-bias exponent is ``timestep ** schedule_bias * preservation_strength`` (in the
+      hundreds early in a run: the partly masked latents are then the init latent's almost wholly). The timestep is
+      the one the network is handed (the grid's pinned timesteps, :meth:`with_timesteps`; else the schedule's
+      log-sigma inverse). As A1111's sampler keeps its own x, the returned x0 is the one whose noise the sampler
+      finds for its own x (``x0(blended) + (x - blended)``).
+
+    :meth:`finish` keeps the sampled latent as it is (A1111's final blend is skipped)."""
+
+    def __init__(
+        self, inner: Any, init: Tensor, mask: Tensor, settings: SoftInpainting, *, before: bool = False
+    ) -> None:
         super().__init__(inner, init, mask)
         self.settings = settings
+        self.before = before
+        self._pinned: tuple[list[float], list[float]] | None = None
 
     def blend(self, x0: Tensor, sigma: Tensor | float) -> Tensor:
         t = modified_mask(self.mask, sigma, self.settings).to(x0.dtype)
         return latent_blend(self.init.to(x0.dtype), x0, t, float(self.settings.transition_contrast_boost))
 
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> Self:
+        out = super().with_timesteps(sigmas, timesteps)
+        out._pinned = ([float(v) for v in sigmas.detach().cpu()], [float(v) for v in timesteps.detach().cpu()])
+        return out
+
+    def timestep(self, sigma: float) -> float:
+        """The network's timestep at ``sigma``: the grid's pinned one (relative 1e-6), else the log-sigma inverse."""
+        if self._pinned is not None:
+            for s, t in zip(*self._pinned, strict=True):
+                if abs(s - sigma) <= 1e-6 * abs(s):
+                    return t
+        return float(self.schedule.sigma_to_t(torch.tensor(sigma, dtype=torch.float64)))
+
     def __call__(self, x: Tensor, sigma: Tensor | float, *, step: SamplerStep, **cond: Any) -> Tensor:
         parts = cond.get("guidance_parts")  # the unconditional x0 (CFG++) is blended as the guided one
-        out = self.blend(self.denoise(x, sigma, step, cond), sigma)
+        if not self.before:
+            out = self.blend(self.denoise(x, sigma, step, cond), sigma)
+            if parts is not None and parts.uncond is not None:
+                parts.uncond = self.blend(parts.uncond, sigma)
+            return out
+        s = float(torch.as_tensor(sigma).reshape(-1)[0])
+        scale = math.sqrt(1.0 + s * s)  # VE = VP * scale
+        blended = self.blend(x / scale, self.timestep(s)) * scale
+        out = self.denoise(blended, sigma, step, cond) + (x - blended)
         if parts is not None and parts.uncond is not None:
-            parts.uncond = self.blend(parts.uncond, sigma)
+            parts.uncond = parts.uncond + (x - blended)
         return out
 
     def finish(self, x: Tensor) -> Tensor:
