@@ -223,18 +223,7 @@ class QwenTextConfig:
                 f"Mistral text config: sliding_window={window!r}; sliding-window attention narrower than "
                 f"{SLIDING_WINDOW_FLOOR} tokens is not supported (Mistral Small 3 has none)"
             )
-        rope = src.get("rope_parameters") or src.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ConfigError(f"Mistral text config: rope_parameters is {type(rope).__name__}, not an object")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"Mistral text config: rope_type {rope_type!r} is not supported (default)")
-        heads = src.get("num_attention_heads", 32)
-        kv = src.get("num_key_value_heads")
-        hidden = src.get("hidden_size", 4096)
-        head_dim = src.get("head_dim")
-        if head_dim is None and type(hidden) is int and type(heads) is int and heads > 0:
-            head_dim = hidden // heads
+        rope, heads, kv, hidden, head_dim = _rope_and_heads(src, "Mistral")
         return cls(
             vocab_size=src.get("vocab_size", 32000),
             hidden_size=hidden,
@@ -260,18 +249,7 @@ class QwenTextConfig:
         layer_types = src.get("layer_types") or []
         if src.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
             raise ConfigError("Qwen text config: sliding-window attention layers are not supported")
-        rope = src.get("rope_parameters") or src.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ConfigError(f"Qwen text config: rope_parameters is {type(rope).__name__}, not an object")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"Qwen text config: rope_type {rope_type!r} is not supported (default)")
-        heads = src.get("num_attention_heads", 32)
-        kv = src.get("num_key_value_heads")
-        hidden = src.get("hidden_size", 4096)
-        head_dim = src.get("head_dim")
-        if head_dim is None and type(hidden) is int and type(heads) is int and heads > 0:
-            head_dim = hidden // heads
+        rope, heads, kv, hidden, head_dim = _rope_and_heads(src, "Qwen")
         bias = src.get("attention_bias", False)
         return cls(
             vocab_size=src.get("vocab_size", 151936),
@@ -288,6 +266,23 @@ class QwenTextConfig:
             qk_norm=True,
             head_dim_override=head_dim,
         )
+
+
+def _rope_and_heads(src: dict[str, Any], label: str) -> tuple[dict[str, Any], Any, Any, Any, Any]:
+    """A transformers text config's RoPE parameters (default RoPE only, else one line) and its head numbers: (rope,
+    heads, key/value heads or None, hidden size, head width: the config's or hidden / heads)."""
+    rope = src.get("rope_parameters") or src.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{label} text config: rope_parameters is {type(rope).__name__}, not an object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"{label} text config: rope_type {rope_type!r} is not supported (default)")
+    heads = src.get("num_attention_heads", 32)
+    hidden = src.get("hidden_size", 4096)
+    head_dim = src.get("head_dim")
+    if head_dim is None and type(hidden) is int and type(heads) is int and heads > 0:
+        head_dim = hidden // heads
+    return rope, heads, src.get("num_key_value_heads"), hidden, head_dim
 
 
 QWEN25_VL_7B = QwenTextConfig()  # Qwen/Qwen2.5-VL-7B-Instruct: Qwen-Image's text_encoder
