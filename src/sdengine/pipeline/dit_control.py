@@ -243,9 +243,7 @@ class ControlledQwen(ControlledNetwork):
         **kw: Any,
     ) -> Tensor:
         b = x.shape[0]
-        kinds = tuple(row_kinds) if row_kinds is not None else ("cond",) * b
-        if len(kinds) != b:
-            raise ControlNetError(f"the controlled transformer got {len(kinds)} row kinds for {b} rows")
+        kinds = _row_kinds(row_kinds, b)
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(b) if t.ndim == 0 else t
         cond = [i for i, k in enumerate(kinds) if k == "cond"] or list(range(b))
@@ -261,12 +259,7 @@ class ControlledQwen(ControlledNetwork):
             got = net(x[rows].to(dt), maps, t[rows], text[rows].to(dt), mask, conditioning_scale=unit.scale)
             total = got if total is None else _add(total, got)
         if total is not None:
-            seen: dict[str, int] = {}
-            pick = []
-            for k in kinds:  # row j of its kind takes the residuals of conditional row j
-                pick.append(seen.get(k, 0) % len(cond))
-                seen[k] = seen.get(k, 0) + 1
-            index = torch.tensor(pick, device=x.device)
+            index = torch.tensor(_kind_order(kinds, len(cond)), device=x.device)  # row j of its kind: cond row j
             kw["controlnet_block_samples"] = [r[index] for r in total]
         return self.base(x, t, text, text_mask, **kw)
 
@@ -287,9 +280,7 @@ class ControlledZImage(ControlledNetwork):
         **kw: Any,
     ) -> Tensor:
         b = x.shape[0]
-        kinds = tuple(row_kinds) if row_kinds is not None else ("cond",) * b
-        if len(kinds) != b:
-            raise ControlNetError(f"the controlled transformer got {len(kinds)} row kinds for {b} rows")
+        kinds = _row_kinds(row_kinds, b)
         units = [u for u, on in zip(self.units, self.active(_step_index(step)), strict=True) if on]
         if not units:
             return self.base(x, t, text, text_mask, **kw)
@@ -320,12 +311,25 @@ def _maps_for_rows(maps: Tensor, kinds: Sequence[str]) -> Tensor:
     m, n = int(maps.shape[0]), len(kinds)
     if m == 1:
         return maps.expand(n, -1, -1, -1)
+    return maps[torch.tensor(_kind_order(kinds, m), device=maps.device)]
+
+
+def _row_kinds(row_kinds: Sequence[str] | None, b: int) -> tuple[str, ...]:
+    """Each row's CFG kind ("cond" / "uncond"; all "cond" where not given), one per row or one line."""
+    kinds = tuple(row_kinds) if row_kinds is not None else ("cond",) * b
+    if len(kinds) != b:
+        raise ControlNetError(f"the controlled transformer got {len(kinds)} row kinds for {b} rows")
+    return kinds
+
+
+def _kind_order(kinds: Sequence[str], m: int) -> list[int]:
+    """For each row, its place among the rows of its kind, modulo ``m`` (row j of its kind takes item j % m)."""
     seen: dict[str, int] = {}
-    want = []
+    order = []
     for k in kinds:
-        want.append(seen.get(k, 0) % m)
+        order.append(seen.get(k, 0) % m)
         seen[k] = seen.get(k, 0) + 1
-    return maps[torch.tensor(want, device=maps.device)]
+    return order
 
 
 def _add(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
