@@ -98,14 +98,9 @@ MISTRAL_MARK = "[SYSTEM_PROMPT]"  # a Mistral Small 3 tokenizer's control token,
 
 def pipeline_class(path: Path) -> str | None:
     """The ``_class_name`` of a folder's ``model_index.json`` when it is one of FLUX.2's pipelines, else None."""
-    index = path / "model_index.json"
-    if not path.is_dir() or not index.is_file():
-        return None
-    try:
-        name = json.loads(index.read_text()).get("_class_name", "")
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
-        return None
-    return name if isinstance(name, str) and name.startswith("Flux2") and name.endswith("Pipeline") else None
+    from sdengine.weights.loading import pipeline_index_class
+
+    return pipeline_index_class(path, "Flux2")
 
 
 def is_flux2_folder(path: Path) -> bool:

@@ -70,14 +70,9 @@ QWEN_SCHEDULER: dict[str, Any] = {
 
 def pipeline_class(path: Path) -> str | None:
     """The ``_class_name`` of a folder's ``model_index.json`` when it is one of Qwen-Image's pipelines, else None."""
-    index = path / "model_index.json"
-    if not path.is_dir() or not index.is_file():
-        return None
-    try:
-        name = json.loads(index.read_text()).get("_class_name", "")
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
-        return None
-    return name if isinstance(name, str) and name.startswith("QwenImage") and name.endswith("Pipeline") else None
+    from sdengine.weights.loading import pipeline_index_class
+
+    return pipeline_index_class(path, "QwenImage")
 
 
 def is_qwen_image_folder(path: Path) -> bool:

@@ -147,6 +147,19 @@ def _clean_text_encoder(sd: Mapping[str, torch.Tensor], skipped: list[str]) -> S
     return out
 
 
+def pipeline_index_class(path: Path, prefix: str) -> str | None:
+    """The ``_class_name`` of a diffusers folder's ``model_index.json`` when it names one of a family's pipelines
+    (``{prefix}...Pipeline``), else None (no folder, no index, an unreadable one, another family)."""
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
+        return None
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name.startswith(prefix) and name.endswith("Pipeline") else None
+
+
 def text_encoder_kind(config: Mapping[str, Any]) -> Literal["clip", "openclip"]:
     """OpenAI CLIP (SD1) uses quick_gelu; OpenCLIP ViT-H (SD2) exact gelu: that decides the LDM layout."""
     return "openclip" if config.get("hidden_act") == "gelu" else "clip"
