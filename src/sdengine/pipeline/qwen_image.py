@@ -144,6 +144,8 @@ class QwenAdapter:
     """The conditioning dict -> the transformer's arguments (``crossattn`` -> ``encoder_hidden_states``,
     ``text_mask`` -> ``encoder_hidden_states_mask``); runs in ``dtype``, the velocity back in float32."""
 
+    family = "Qwen-Image"
+
     def __init__(self, net: Any, dtype: torch.dtype) -> None:
         self.net = net
         self.dtype = dtype
@@ -163,11 +165,15 @@ class QwenAdapter:
     ) -> Tensor:
         extra = sorted(k for k, v in other.items() if v is not None)
         if extra:
-            raise GenerationError(f"the Qwen-Image transformer takes no {', '.join(extra)}")
+            raise GenerationError(f"the {self.family} transformer takes no {', '.join(extra)}")
         mask = None if text_mask is None else text_mask.to(x.device)
         control = {"step": step, "row_kinds": row_kinds} if self.takes_step else {}
         text = crossattn.to(device=x.device, dtype=self.dtype)
-        return self.net(x.to(self.dtype), t, text, mask, **control).float()
+        return self.velocity(x.to(self.dtype), t, text, mask, control)
+
+    def velocity(self, x: Tensor, t: Tensor, text: Tensor, mask: Tensor | None, control: dict[str, Any]) -> Tensor:
+        """The network's velocity in float32 (Qwen-Image's network takes the flow's timestep and gives it as is)."""
+        return self.net(x, t, text, mask, **control).float()
 
 
 def norm_preserving_cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:

@@ -53,7 +53,7 @@ from torch import Tensor
 from sdengine.diffusion.flow import FlowSchedule, flux_image_seq_len
 from sdengine.errors import GenerationError
 from sdengine.pipeline.flux import refusals
-from sdengine.pipeline.qwen_image import MASK_KEY, QwenConditioner, QwenTextFlowPipeline
+from sdengine.pipeline.qwen_image import MASK_KEY, QwenAdapter, QwenConditioner, QwenTextFlowPipeline
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.text.conditioners import Conditioning
 
@@ -76,36 +76,15 @@ class ZImageConditioner(QwenConditioner):
     encoder_name = "Qwen3"
 
 
-class ZImageAdapter:
+class ZImageAdapter(QwenAdapter):
     """The conditioning dict -> the transformer's arguments (``crossattn`` -> the caption states, ``text_mask`` ->
     their mask), the flow's timestep ``1000 s`` -> the network's ``(1000 - 1000 s) / 1000``, its output negated
-    into the velocity (float32), as diffusers' ``ZImagePipeline`` calls it."""
+    into the velocity (float32), as diffusers' ``ZImagePipeline`` calls it (the rest is :class:`QwenAdapter`'s)."""
 
-    def __init__(self, net: Any, dtype: torch.dtype) -> None:
-        self.net = net
-        self.dtype = dtype
-        # ControlNets attached (sdengine.pipeline.dit_control.ControlledZImage): the step and the rows' CFG kinds
-        self.takes_step = self.takes_row_kinds = bool(getattr(net, "takes_step", False))
+    family = "Z-Image"
 
-    def __call__(
-        self,
-        x: Tensor,
-        t: Tensor,
-        *,
-        crossattn: Tensor,
-        text_mask: Tensor | None = None,
-        step: Any = None,
-        row_kinds: Any = None,
-        **other: Any,
-    ) -> Tensor:
-        extra = sorted(k for k, v in other.items() if v is not None)
-        if extra:
-            raise GenerationError(f"the Z-Image transformer takes no {', '.join(extra)}")
-        mask = None if text_mask is None else text_mask.to(x.device)
-        t_net = (1000 - t.float()) / 1000
-        text = crossattn.to(device=x.device, dtype=self.dtype)
-        control = {"step": step, "row_kinds": row_kinds} if self.takes_step else {}
-        return -self.net(x.to(self.dtype), t_net, text, mask, **control).float()
+    def velocity(self, x: Tensor, t: Tensor, text: Tensor, mask: Tensor | None, control: dict[str, Any]) -> Tensor:
+        return -self.net(x, (1000 - t.float()) / 1000, text, mask, **control).float()
 
 
 def z_image_cfg(cond: Tensor, uncond: Tensor, scale: float, normalization: float = 0.0) -> Tensor:
