@@ -177,9 +177,15 @@ def test_openai_generations_and_edits_give_the_python_calls_image(served, model)
     np.testing.assert_array_equal(_rgb(got), _rgb(want))
 
 
-def test_a_missing_part_is_a_one_line_400(served):
+def test_a_missing_part_or_a_refused_setting_is_a_one_line_400(served):
+    """A missing VAE or an unknown module before a job; what Z-Image refuses (FreeU; Forge's distilled guidance on
+    A1111's route), the model loaded or not (the family told from the file's header)."""
     _, client, _, paths = served
     body = {"model": FILES, "prompt": PROMPT, "steps": 1, "width": W, "height": H}
+    one_line_400(client.post("/v1/jobs", json={**body, "freeu": [1.1, 1.2, 0.9, 0.2]}), "FreeU")
+    a1111 = {"prompt": PROMPT, "steps": 1, "width": W, "height": H, "distilled_cfg_scale": 4}
+    one_line_400(client.post("/sdapi/v1/txt2img", json={**a1111, "override_settings": {"sd_model_checkpoint": FILES}}),
+                 "distilled_cfg_scale applies to FLUX.1 [dev] models only")  # fmt: skip
     moved = paths["vae"].with_name("away.bin")
     paths["vae"].rename(moved)
     try:
@@ -188,3 +194,53 @@ def test_a_missing_part_is_a_one_line_400(served):
         moved.rename(paths["vae"])
     r = client.post("/v1/jobs", json={**body, "modules": ["nope.safetensors"]})
     one_line_400(r, "module 'nope.safetensors' is no text encoder")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from pathlib import Path
+
+    from playwright.sync_api import sync_playwright
+
+    from test_webui import CHROMIUM, CHROMIUM_ARGS
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: install Debian's chromium package (make sysdeps)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        yield b
+        b.close()
+
+
+def test_the_web_page_takes_the_files_defaults_and_gives_the_apis_image(served, browser):
+    """The page (headless Chromium, as tests/test_webui_dit.py's Z-Image folder case) on the three files: Turbo's
+    defaults (no CFG), the U-Net sections hidden, and the image shown is the native API's for the same body."""
+    from test_webui import WAIT_MS, api_image, open_page, shown_image, wait_result
+    from test_webui_dit import U_NET_ONLY
+
+    server, client, _, _ = served
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.set_default_timeout(WAIT_MS)
+    try:
+        open_page(page, server.url)
+        page.select_option("#model", FILES)
+        for sel in U_NET_ONLY:
+            assert page.is_hidden(sel), sel
+        assert page.is_hidden("#distilled_cfg_scale") and page.is_hidden("#shift")
+        assert page.input_value("#cfg_scale") == "1"  # (the page keeps the steps the user set, any family)
+        chosen = {"sampler": page.input_value("#sampler"), "schedule": page.input_value("#schedule")}
+        page.fill("#prompt", PROMPT)
+        page.fill("#negative_prompt", "")
+        for sel, value in (("#steps", "2"), ("#seed", "5"), ("#width", str(W)), ("#height", str(H))):
+            page.fill(sel, value)
+        page.click("#generate")
+        params = wait_result(page)
+        body = {"model": FILES, "prompt": PROMPT, "steps": 2, "seed": 5, "width": W, "height": H}
+        expected, infotext = api_image(client, body | chosen | {"cfg_scale": 1.0})
+        np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+        assert params == infotext
+    finally:
+        context.close()
+    assert not errors, errors  # no uncaught JavaScript error on the page

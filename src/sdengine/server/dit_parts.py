@@ -135,8 +135,8 @@ def _clip_kind(name: str, width: int, widths: set[int]) -> str:
 
 
 def _needed(path: Path) -> tuple[str, ...]:
-    """The parts an SD3 / Flux / Qwen-Image / FLUX.2 / Z-Image single file lacks (required ones only: SD3's T5 is optional, see
-    :func:`optional`); () for any other model or a folder."""
+    """The parts an SD3 / Flux / Qwen-Image / FLUX.2 / Z-Image single file lacks (required ones only: SD3's T5 is
+    optional, see :func:`optional`); () for any other model or a folder."""
     from sdengine.pipeline.flux2_loading import is_dev_file, is_flux2_file
     from sdengine.pipeline.flux_loading import COMFY_CLIP_L, COMFY_T5, VAE_PREFIXES, is_flux_file
     from sdengine.pipeline.qwen_image_loading import is_qwen_image_state_dict
