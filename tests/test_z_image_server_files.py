@@ -178,8 +178,8 @@ def test_openai_generations_and_edits_give_the_python_calls_image(served, model)
 
 
 def test_a_missing_part_or_a_refused_setting_is_a_one_line_400(served):
-    """A missing VAE or an unknown module before a job; what Z-Image refuses (FreeU; Forge's distilled guidance on
-    A1111's route), the model loaded or not (the family told from the file's header)."""
+    """A missing VAE or tokenizer or an unknown module before a job; what Z-Image refuses (FreeU; Forge's distilled
+    guidance on A1111's route), the model loaded or not (the family told from the file's header)."""
     _, client, _, paths = served
     body = {"model": FILES, "prompt": PROMPT, "steps": 1, "width": W, "height": H}
     one_line_400(client.post("/v1/jobs", json={**body, "freeu": [1.1, 1.2, 0.9, 0.2]}), "FreeU")
@@ -192,6 +192,15 @@ def test_a_missing_part_or_a_refused_setting_is_a_one_line_400(served):
         one_line_400(client.post("/v1/jobs", json=body), "needs a 16-channel VAE file", "--vaes-dir")
     finally:
         moved.rename(paths["vae"])
+    tokenizer = paths["model"].parent.parent / "text_encoders" / "qwen25_tokenizer"
+    away = tokenizer.with_name("tokenizer_away")
+    shutil.move(tokenizer, away)
+    try:
+        one_line_400(
+            client.post("/v1/jobs", json=body), "Qwen2's tokenizer beside its text encoder", "qwen25_tokenizer"
+        )
+    finally:
+        shutil.move(away, tokenizer)
     r = client.post("/v1/jobs", json={**body, "modules": ["nope.safetensors"]})
     one_line_400(r, "module 'nope.safetensors' is no text encoder")
 
