@@ -138,8 +138,9 @@ class Catalog:
         return out
 
     def dit_models(self) -> list[Entry]:
-        """The SD3 / Flux files of ``--models-dir``'s ``diffusion_models/`` and ``unet/``, named by their path in
-        ``--models-dir`` (``diffusion_models/flux1-dev.safetensors``), which :meth:`resolve_model` takes."""
+        """The SD3 / Flux / Qwen-Image / FLUX.2 / Z-Image diffusion-model files of ``--models-dir``'s
+        ``diffusion_models/`` and ``unet/`` (those lacking parts, :mod:`sdengine.server.dit_parts`), named by their
+        path in ``--models-dir`` (``diffusion_models/flux1-dev.safetensors``), which :meth:`resolve_model` takes."""
         from sdengine.server.dit_parts import needed, optional
 
         out: list[Entry] = []

@@ -21,6 +21,11 @@ and a FLUX.2 VAE of ``--vaes-dir`` (told by its batch-norm statistics, ``bn.runn
 it (``text_encoders/mistral_tokenizer/`` or ``tokenizer/``: FLUX.2-dev's ``tokenizer/`` folder,
 :func:`sdengine.pipeline.flux2_loading.dev_tokenizer_beside`), and the same FLUX.2 VAE.
 
+Z-Image's (``diffusion_models/z_image_turbo_bf16.safetensors``, told by its pad tokens and first layer's modulation,
+:func:`sdengine.weights.z_image_file.is_z_image_state_dict`) takes a Qwen3 text encoder of ``text_encoders/``
+(ComfyUI's ``qwen_3_4b.safetensors``, told as FLUX.2 [klein]'s is) with Qwen2's tokenizer beside it, and a 16-channel
+VAE of ``--vaes-dir`` (FLUX.1's ``ae.safetensors``).
+
 The parts chosen become part of the model's loader reference (:func:`compose`): ``PATH`` then ``\\0kind=PATH`` for
 each part (NUL never occurs in a path), so that a worker reloads when another part is chosen, and the loader
 splits it back (:func:`split`).
@@ -130,17 +135,20 @@ def _clip_kind(name: str, width: int, widths: set[int]) -> str:
 
 
 def _needed(path: Path) -> tuple[str, ...]:
-    """The parts an SD3 / Flux / Qwen-Image single file lacks (required ones only: SD3's T5 is optional, see
-    :func:`optional`); () for any other model or a folder."""
+    """The parts an SD3 / Flux / Qwen-Image / FLUX.2 / Z-Image single file lacks (required ones only: SD3's T5 is
+    optional, see :func:`optional`); () for any other model or a folder."""
     from sdengine.pipeline.flux2_loading import is_dev_file, is_flux2_file
     from sdengine.pipeline.flux_loading import COMFY_CLIP_L, COMFY_T5, VAE_PREFIXES, is_flux_file
     from sdengine.pipeline.qwen_image_loading import is_qwen_image_state_dict
+    from sdengine.weights.z_image_file import is_z_image_state_dict
 
     if not path.is_file():
         return ()
     names = list(_header(path))
     if is_qwen_image_state_dict(names):
         return ("qwen_text", "qwen_vae")
+    if is_z_image_state_dict(names):  # Z-Image: Qwen3-4B and FLUX.1's ae.safetensors
+        return ("qwen3_text", "vae")
     if is_flux2_file(path):  # before FLUX.1's: its double_blocks names are FLUX.1's too
         return ("mistral_text", "flux2_vae") if is_dev_file(path) else ("qwen3_text", "flux2_vae")
     if is_flux_file(path):
