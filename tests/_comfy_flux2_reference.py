@@ -2,11 +2,12 @@
 (``Flux2Transformer2DModel``, ``AutoencoderKLFlux2``, ``Flux2KleinPipeline``'s latent helpers): the reference the
 graph route's img2img / inpainting graphs are held against (tests/test_comfy_flux2.py, tests/test_comfy_flux2_dev.py).
 
-The rules, each ComfyUI's (its ``comfy_extras/nodes_flux.py`` Flux2Scheduler, ``comfy_extras/nodes_custom_sampler.py``
-SplitSigmasDenoise, KSampler's ``denoise`` in ``comfy/samplers.py``, ``comfy/model_sampling.py`` ModelSamplingFlux /
-CONST, ``comfy/samplers.py`` KSAMPLER / KSamplerX0Inpaint, ``comfy/sampler_helpers.py`` prepare_mask, ``comfy/sample.py``
-prepare_noise), not the pipeline's (diffusers' ``strength`` picks a start step on the ``n``-step grid and passes the
-init image as a reference too; ComfyUI's VAEEncode -> sampler adds no reference):
+The rules, each ComfyUI's (its ``comfy_extras/nodes_flux.py`` Flux2Scheduler,
+``comfy_extras/nodes_custom_sampler.py`` SplitSigmasDenoise, KSampler's ``denoise`` in ``comfy/samplers.py``,
+``comfy/model_sampling.py`` ModelSamplingFlux / CONST, ``comfy/samplers.py`` KSAMPLER / KSamplerX0Inpaint,
+``comfy/sampler_helpers.py`` prepare_mask, ``comfy/sample.py`` prepare_noise), not the pipeline's (diffusers'
+``strength`` picks a start step on the ``n``-step grid and passes the init image as a reference too; ComfyUI's
+VAEEncode -> sampler adds no reference):
 
 * the sigmas: Flux2Scheduler's ``shift(linspace(1, 0, n + 1))`` with ``mu`` the empirical fit of ``round(w h / 256)``
   tokens and ``n``, its last ``round(n denoise) + 1`` (SplitSigmasDenoise's low half); or KSampler's: the model's
@@ -67,8 +68,8 @@ class ComfyFlux2Reference:
         self.helpers = diffusers.Flux2KleinPipeline
 
     def _bn(self) -> tuple[torch.Tensor, torch.Tensor]:
-        bn = self.vae.bn
-        return bn.running_mean.view(1, -1, 1, 1), torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps)
+        bn, eps = self.vae.bn, self.vae.config.batch_norm_eps
+        return bn.running_mean.view(1, -1, 1, 1), torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
