@@ -325,3 +325,109 @@ def test_lora_loader_model_only_equals_the_pipelines_lora(klein):
     g["70"]["inputs"]["strength_clip"] = 1.0
     g["74"]["inputs"]["clip"] = ["70", 1]
     assert "LoraLoader's strength_clip on FLUX.2: LoRAs on its text encoder" in _node_error(root, g)
+
+
+# ComfyUI's img2img / inpainting graphs: a 64 x 32 picture VAEEncoded (an 8 x 4 latent: the tiny VAE's 8 pixels a latent
+# pixel; ComfyUI's Flux2Scheduler size for that latent is 128 x 64), denoise 0.6
+IMG_W, IMG_H = 64, 32
+TOTAL_STEPS, DENOISE = 6, 0.6  # Flux2Scheduler(6) -> SplitSigmasDenoise(0.6): its last round(3.6) = 4 steps
+
+
+def img2img_inputs(root: Any) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    """(picture path, mask path, the picture (H, W, 3) in 0..1, the mask (H, W) in 0..1) in the route's input
+    folder: a smooth random picture; a mask white in a box whose edges fall inside latent cells (between pixels 11 |
+    12 and 43 | 44 across, 27 | 28 down) with a grey column (100), so that bilinear shrinking leaves grey cells."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(12)
+    field = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 8, generator=g), size=(IMG_H, IMG_W), mode="bilinear")
+    pixels = (field[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    m = np.zeros((IMG_H, IMG_W), np.uint8)
+    m[4:28, 12:44] = 255
+    m[4:28, 19:21] = 100
+    (root / "in").mkdir(exist_ok=True)
+    picture, mask = root / "in" / "img2img.png", root / "in" / "img2img_mask.png"
+    Image.fromarray(pixels).save(picture)
+    Image.fromarray(m, "L").save(mask)
+    return picture, mask, torch.from_numpy(pixels).float() / 255, torch.from_numpy(m).float() / 255
+
+
+def img2img_nodes(picture: Any, mask: Any, vae: list, *, masked: bool) -> tuple[dict, list]:
+    """(LoadImage -> VAEEncode (-> LoadImageMask red + SetLatentNoiseMask), the latent to sample)."""
+    g = {
+        "80": {"class_type": "LoadImage", "inputs": {"image": picture.name}},
+        "81": {"class_type": "VAEEncode", "inputs": {"pixels": ["80", 0], "vae": vae}},
+    }
+    if not masked:
+        return g, ["81", 0]
+    g["91"] = {"class_type": "LoadImageMask", "inputs": {"image": mask.name, "channel": "red"}}
+    g["92"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["81", 0], "mask": ["91", 0]}}
+    return g, ["92", 0]
+
+
+def test_img2img_and_inpainting_graphs_follow_comfyuis_rules(klein):
+    """ComfyUI's FLUX.2 img2img and inpainting on klein: VAEEncode of a picture (SetLatentNoiseMask with a grey-edged
+    mask for inpainting) sampled (1) by SamplerCustomAdvanced along Flux2Scheduler(6) split by SplitSigmasDenoise 0.6
+    and (2) by KSampler (euler / simple, denoise 0.6: ComfyUI's klein model sampling, ``mu`` 2.02), each held against
+    ComfyUI's rules written out on diffusers' transformer and VAE (``_comfy_flux2_reference``: the sigmas, the
+    noise, the start, the mask blended into every model call, no init-image reference) with diffusers' prompt
+    states: mean abs on 0..1 pixels under 1e-5 (measured in docs/flux2.md)."""
+    from _comfy_flux2_reference import (
+        ComfyFlux2Reference,
+        flux2_scheduler_sigmas,
+        ksampler_simple_sigmas,
+        split_sigmas_denoise,
+    )
+    from _flux2_models import diffusers_klein_folder
+
+    root, _, files = klein
+    picture, mask_path, pixels, mask = img2img_inputs(root)
+    with torch.no_grad():
+        states, _ = diffusers_klein_folder(files["folder"]).encode_prompt(PROMPT, device=torch.device("cpu"))
+    ref = ComfyFlux2Reference(files["folder"])
+    custom = split_sigmas_denoise(flux2_scheduler_sigmas(TOTAL_STEPS, 2 * IMG_W, 2 * IMG_H), DENOISE)
+    ksampler = ksampler_simple_sigmas(4, DENOISE)
+    images, gaps = {}, {}
+    for masked in (False, True):
+        g = klein_graph()
+        nodes, latent = img2img_nodes(picture, mask_path, ["72", 0], masked=masked)
+        g.update(nodes)
+        del g["66"]
+        g["62"]["inputs"].update({"steps": TOTAL_STEPS, "width": 2 * IMG_W, "height": 2 * IMG_H})
+        g["90"] = {"class_type": "SplitSigmasDenoise", "inputs": {"sigmas": ["62", 0], "denoise": DENOISE}}
+        g["64"]["inputs"].update({"sigmas": ["90", 1], "latent_image": latent})
+        out = _run(root, g)
+        assert torch.allclose(out["90"][1].values, custom, atol=1e-6) and custom.shape == (5,)
+        images[("custom", masked)] = _pixels(out["65"][0])
+        g["3"] = {"class_type": "KSampler", "inputs": {
+            "model": ["75", 0], "seed": SEED, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["74", 0], "negative": ["76", 0], "latent_image": latent, "denoise": DENOISE}}  # fmt: skip
+        g["65"]["inputs"]["samples"] = ["3", 0]
+        out = _run(root, g)
+        images[("ksampler", masked)] = _pixels(out["65"][0])
+        if masked:  # outside the mask the sampled latent is the picture's (the last step's denoised there)
+            keep = out["92"][0]["noise_mask"].reshape(1, 1, IMG_H, IMG_W)
+            keep = torch.nn.functional.interpolate(keep, size=(IMG_H // 8, IMG_W // 8), mode="bilinear") == 0
+            kept = keep.expand_as(out["81"][0]["samples"])
+            assert bool(kept.any())
+            assert torch.allclose(out["3"][0]["samples"][kept], out["81"][0]["samples"][kept], atol=1e-5)
+            # InpaintModelConditioning (noise_mask on): FLUX.2 reads no concat image, so SetLatentNoiseMask's image
+            g["93"] = {"class_type": "InpaintModelConditioning", "inputs": {"positive": ["74", 0], "negative": [
+                "76", 0], "vae": ["72", 0], "pixels": ["80", 0], "mask": ["91", 0], "noise_mask": True}}  # fmt: skip
+            g["3"]["inputs"].update({"positive": ["93", 0], "negative": ["93", 1], "latent_image": ["93", 2]})
+            np.testing.assert_array_equal(_pixels(_run(root, g)["65"][0]), images[("ksampler", masked)])
+        for kind, sigmas in (("custom", custom), ("ksampler", ksampler)):
+            want, latent_mask = ref.sample(pixels, states, sigmas, SEED, mask=mask if masked else None)
+            got = images[(kind, masked)]
+            assert got.shape == (IMG_H, IMG_W, 3) and got.std() > 0.01
+            gap = np.abs(got - want.numpy().astype(np.float64))
+            gaps[(kind, masked)] = (float(gap.mean()), float(gap.max()))
+            if latent_mask is not None:
+                assert bool(((latent_mask > 0) & (latent_mask < 1)).any())  # grey edge cells
+    print({f"{k[0]} {'inpaint' if k[1] else 'img2img'}": f"{v[0]:.2g} (max {v[1]:.2g})" for k, v in gaps.items()})
+    for key, (mean, top) in gaps.items():
+        assert mean < TOL and top < 1e-4, (key, mean, top)
+    keys = list(images)
+    for i, a in enumerate(keys):  # each graph is another image
+        for b in keys[i + 1 :]:
+            assert np.abs(images[a] - images[b]).max() > 1e-3, (a, b)

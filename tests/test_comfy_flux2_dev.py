@@ -223,3 +223,63 @@ def test_lora_loader_model_only_equals_the_pipelines_lora(dev, monkeypatch):
                                                      "strength_model": 0.8, "strength_clip": 1.0}}  # fmt: skip
     g["6"]["inputs"]["clip"] = ["70", 1]
     assert "LoraLoader's strength_clip on FLUX.2: LoRAs on its text encoder" in _node_error(root, g)
+
+
+def test_img2img_and_inpainting_graphs_follow_comfyuis_rules(dev):
+    """ComfyUI's FLUX.2 [dev] img2img and inpainting: VAEEncode of a picture (SetLatentNoiseMask with a grey-edged
+    mask for inpainting), FluxGuidance 4 (2.5 for KSampler), sampled by BasicGuider + SamplerCustomAdvanced along
+    Flux2Scheduler(6) split by SplitSigmasDenoise 0.6, and by KSampler (euler / simple, denoise 0.6, ComfyUI's ``mu``
+    2.02): each held against ComfyUI's rules written out on diffusers' transformer and VAE
+    (``_comfy_flux2_reference``) with ComfyUI's text states (transformers' Mistral3, unpadded, zero-padded in front
+    to 512) and the guidance: mean abs on 0..1 pixels under 1e-5 (measured in docs/flux2.md)."""
+    from _comfy_flux2_reference import (
+        ComfyFlux2Reference,
+        flux2_scheduler_sigmas,
+        ksampler_simple_sigmas,
+        split_sigmas_denoise,
+    )
+    from test_comfy_flux2 import DENOISE, IMG_H, IMG_W, TOTAL_STEPS, img2img_inputs, img2img_nodes
+
+    root, _, files = dev
+    picture, mask_path, pixels, mask = img2img_inputs(root)
+    states = comfy_states(files["folder"], PROMPT)
+    states = torch.nn.functional.pad(states, (0, 0, 512 - int(states.shape[1]), 0))
+    ref = ComfyFlux2Reference(files["folder"])
+    custom = split_sigmas_denoise(flux2_scheduler_sigmas(TOTAL_STEPS, 2 * IMG_W, 2 * IMG_H), DENOISE)
+    ksampler = ksampler_simple_sigmas(4, DENOISE)
+    images, gaps = {}, {}
+    for masked in (False, True):
+        g = dev_graph()
+        nodes, latent = img2img_nodes(picture, mask_path, ["10", 0], masked=masked)
+        g.update(nodes)
+        del g["47"]
+        g["48"]["inputs"].update({"steps": TOTAL_STEPS, "width": 2 * IMG_W, "height": 2 * IMG_H})
+        g["90"] = {"class_type": "SplitSigmasDenoise", "inputs": {"sigmas": ["48", 0], "denoise": DENOISE}}
+        g["13"]["inputs"].update({"sigmas": ["90", 1], "latent_image": latent})
+        images[("custom", masked)] = _pixels(_run(root, g)["8"][0])
+        g["27"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["6", 0], "guidance": 2.5}}
+        g["3"] = {"class_type": "KSampler", "inputs": {
+            "model": ["12", 0], "seed": SEED, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["27", 0], "negative": ["27", 0], "latent_image": latent, "denoise": DENOISE}}  # fmt: skip
+        g["8"]["inputs"]["samples"] = ["3", 0]
+        images[("ksampler", masked)] = _pixels(_run(root, g)["8"][0])
+        for kind, sigmas, guidance in (("custom", custom, 4.0), ("ksampler", ksampler, 2.5)):
+            want, latent_mask = ref.sample(
+                pixels, states, sigmas, SEED, mask=mask if masked else None, guidance=guidance
+            )
+            got = images[(kind, masked)]
+            assert got.shape == (IMG_H, IMG_W, 3) and got.std() > 0.01
+            gap = np.abs(got - want.numpy().astype(np.float64))
+            gaps[(kind, masked)] = (float(gap.mean()), float(gap.max()))
+            if latent_mask is not None:
+                assert bool(((latent_mask > 0) & (latent_mask < 1)).any())  # grey edge cells
+            if kind == "custom" and not masked:  # another guidance is another image: the guidance reaches it
+                other, _ = ref.sample(pixels, states, sigmas, SEED, guidance=2.5)
+                assert float((other - want).abs().max()) > 1e-3
+    print({f"{k[0]} {'inpaint' if k[1] else 'img2img'}": f"{v[0]:.2g} (max {v[1]:.2g})" for k, v in gaps.items()})
+    for key, (mean, top) in gaps.items():
+        assert mean < TOL and top < 1e-4, (key, mean, top)
+    keys = list(images)
+    for i, a in enumerate(keys):  # each graph is another image
+        for b in keys[i + 1 :]:
+            assert np.abs(images[a] - images[b]).max() > 1e-3, (a, b)

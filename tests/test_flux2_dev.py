@@ -217,8 +217,8 @@ def test_cli_generate_with_a_dev_folder(folder: Path, oracle, tmp_path: Path) ->
 
 
 def test_defaults_and_refusals(loaded) -> None:
-    """diffusers' defaults (50 steps, guidance 4, no CFG); CFG, a guidance out of range, img2img: one line each,
-    before any model runs."""
+    """diffusers' defaults (50 steps, guidance 4, no CFG); CFG, a guidance out of range: one line each, before any
+    model runs (img2img and inpainting run: tests/test_flux2_dev_inpaint.py)."""
     assert loaded.family_defaults == {
         "steps": 50,
         "cfg_scale": 1.0,
@@ -231,7 +231,7 @@ def test_defaults_and_refusals(loaded) -> None:
     cases = [
         ({"cfg_scale": 3.0}, r"cfg_scale 3: FLUX.2 \[dev\] is guidance-distilled and runs without CFG"),
         ({"distilled_cfg_scale": -1.0}, r"distilled_cfg_scale must be in \[0, 100\], got -1.0"),
-        ({"init_image": Image.new("RGB", (W, H))}, r"init images \(img2img\) are not supported for FLUX.2"),
+        ({"init_image": Image.new("RGB", (W, H)), "init_latent_resize": True}, r"init_latent_resize: A1111's latent"),
     ]
     for kw, message in cases:
         with pytest.raises(GenerationError, match=message) as e:

@@ -74,3 +74,36 @@ def test_a1111_txt2img_through_webuiapi_ignores_its_cfg(served):
     assert "cfg_scale" in r.info.get("ignored", []), r.info
     want = pipe(PROMPT, steps=2, seed=7, width=W, height=H, progress=False).images[0]
     np.testing.assert_array_equal(np.asarray(r.image.convert("RGB")), np.asarray(want.convert("RGB")))
+
+
+def test_native_inpainting_job_and_a1111_img2img_run_dev(served):
+    """[dev] img2img and inpainting served (klein's algorithm with [dev]'s guidance: tests/test_flux2_dev_inpaint.py):
+    a native job with ``init_image``, ``mask``, ``strength`` and ``distilled_cfg_scale`` gives the Python call's
+    image, without the mask img2img's; A1111's img2img through ``webuiapi`` (its cfg 7 ignored) the Python img2img
+    call's image, and with a mask the Python inpainting call's inside it and the init image outside it."""
+    from _pipeline_models import picture
+    from test_flux2_server import _b64png, _box_mask, _rgb
+
+    server, client, pipe = served
+    init, (mask, inside) = picture(W, H, seed=3), _box_mask()
+    job = {"model": "tiny-dev", "prompt": PROMPT, "steps": 2, "seed": 4, "width": W, "height": H}
+    job |= {"init_image": _b64png(init), "strength": 0.6, "distilled_cfg_scale": 2.5}
+    call = {"steps": 2, "seed": 4, "width": W, "height": H, "init_image": init, "strength": 0.6, "progress": False}
+    got, _ = run_job(client, {**job, "mask": _b64png(mask)})
+    np.testing.assert_array_equal(got, _rgb(pipe(PROMPT, mask=mask, distilled_cfg_scale=2.5, **call).images[0]))
+    got2, _ = run_job(client, job)
+    np.testing.assert_array_equal(got2, _rgb(pipe(PROMPT, distilled_cfg_scale=2.5, **call).images[0]))
+    assert np.abs(got.astype(int) - got2.astype(int)).mean() > 1  # the mask acts
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler")
+    common = {"prompt": PROMPT, "steps": 2, "width": W, "height": H, "seed": 7, "image_cfg_scale": None}
+    common |= {"override_settings": {"sd_model_checkpoint": "tiny-dev"}}
+    call = {**call, "seed": 7}
+    r = api.img2img(images=[init], denoising_strength=0.6, **common)
+    assert "cfg_scale" in r.info.get("ignored", []), r.info
+    np.testing.assert_array_equal(_rgb(r.image), _rgb(pipe(PROMPT, **call).images[0]))
+    inpaint = {"mask_image": mask, "mask_blur": 0, "inpainting_fill": 1, "inpaint_full_res": False}
+    r = api.img2img(images=[init], denoising_strength=0.6, **inpaint, **common)
+    want = _rgb(pipe(PROMPT, mask=mask, **call).images[0])
+    got = _rgb(r.image)
+    np.testing.assert_array_equal(got[inside], want[inside])
+    np.testing.assert_array_equal(got[~inside], _rgb(init)[~inside])

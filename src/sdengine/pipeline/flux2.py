@@ -39,7 +39,8 @@ default 4: :data:`DEV_GUIDANCE`) with every step, as a ``guidance`` entry of the
 (``cfg_scale`` other than 1 is refused in one line, as for a step-distilled klein). 50 steps by default.
 
 img2img and inpainting (``init_image``, ``mask``, ``strength``) are diffusers' ``Flux2KleinInpaintPipeline``'s
-(:mod:`sdengine.pipeline.flux2_inpaint`: the size, the init latent, the mask's latent, the init image as a reference).
+(:mod:`sdengine.pipeline.flux2_inpaint`: the size, the init latent, the mask's latent, the init image as a reference),
+for [dev] too (with its guidance input at every step; diffusers has no [dev] pipeline for them).
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ def flux2_refusals(r: GenerationRequest, *, dev: bool = False) -> list[str]:
     if dev:
         why = dev_cfg_refusal(r.cfg_scale)
         reasons += [why] if why else []
-    reasons += flux2_inpaint.init_refusals(r, dev=dev)
+    reasons += flux2_inpaint.init_refusals(r)
     return list(dict.fromkeys(reasons))
 
 

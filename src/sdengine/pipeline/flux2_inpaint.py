@@ -25,9 +25,10 @@ this module adds is FLUX.2's own facts:
   (:class:`sdengine.pipeline.latents.InpaintBlend`);
 * img2img (an init image without a mask) is that pipeline with an all-white mask: no blend.
 
-FLUX.2 [dev] takes no init image or mask yet (diffusers has no pipeline for them); refused in one line with
-:func:`init_refusals`, as is ``init_latent_resize`` (A1111's latent upscale: the init latent is the
-output's size, as its reference is).
+FLUX.2 [dev] runs the same img2img and inpainting (diffusers has no [dev] pipeline for them: it is klein's algorithm
+with [dev]'s guidance input at every step, the embedded guidance beside the text as in its text-to-image).
+``init_latent_resize`` (A1111's latent upscale: the init latent is the output's size, as its reference is) is
+refused in one line by :func:`init_refusals`.
 """
 
 from __future__ import annotations
@@ -61,14 +62,8 @@ def init_size(width: int, height: int, multiple: int) -> tuple[tuple[int, int] |
     return resized, (w, h)
 
 
-def init_refusals(r: GenerationRequest, *, dev: bool = False) -> list[str]:
-    """What FLUX.2 does not run with an init image, one line each; needs no model. ``dev``: FLUX.2 [dev], whose
-    img2img and inpainting are not done (diffusers has no pipeline for them to measure against)."""
-    if dev and (r.init_image is not None or r.mask is not None):
-        return [
-            "init_image / mask: init images (img2img) are not supported for FLUX.2 [dev] yet (img2img and inpainting "
-            "are FLUX.2 [klein]'s, as diffusers' Flux2KleinInpaintPipeline)"
-        ]
+def init_refusals(r: GenerationRequest) -> list[str]:
+    """What FLUX.2 ([klein] and [dev]) does not run with an init image, one line each; needs no model."""
     if r.init_image is None:
         return []
     reasons = []
