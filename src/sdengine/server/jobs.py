@@ -111,6 +111,7 @@ class Job:
     def __post_init__(self) -> None:
         self.steps = int(self.generation.kwargs["steps"]) * self.generation.n_iter
         self.task_id = self.task_id or self.id
+        self.notes.extend(n for n in getattr(self.generation, "notes", ()) if n not in self.notes)  # the route's
 
     # -- change notification ---------------------------------------------------------------------------
 
@@ -937,7 +938,7 @@ class Worker(threading.Thread):
                 return pipe.generate_with_refiner(
                     refiner,
                     switch_at=g.refiner_switch_at,
-                    switch_rule="a1111",
+                    switch_rule=getattr(g, "refiner_switch_rule", "a1111"),
                     hires_pass=g.hires_refiner_pass,
                     hr_model=hr,
                     **kw,

@@ -1,0 +1,111 @@
+"""SDXL's settings on the native route, the web page and the OpenAI route, on a live server with tiny random SDXL
+base and refiner folders (and a tiny SD 1.x one): the native job's ``refiner`` hand-off gives the Python call's
+pixels (``SDXLPipeline.generate_with_refiner``), the page's SDXL section (shown for SDXL models only) sends the
+job's ``sdxl`` and ``refiner`` fields and shows the native API's image, and OpenAI's ``extra_body`` takes ``sdxl``
+as the native job does."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdengine
+from _live_server import live_server, server_config, wait_job
+from _sdxl_models import make_sdxl_folder
+
+SIZE, SEED = 32, 3
+PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
+KW = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+XL = {"prompt_2": "a green pear", "original_size": [64, 48], "crops_coords_top_left": [4, 8], "target_size": [32, 32]}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_sd1_folder):
+    """The server's models folder (tiny-sdxl, tiny-sdxl-refiner, tiny-sd) and the Python pipelines of the two SDXL
+    models, loaded as the server's worker loads them."""
+    root = tmp_path_factory.mktemp("sdxl_ui")
+    folder = root / "models"
+    base = make_sdxl_folder(folder / "tiny-sdxl")
+    refiner = make_sdxl_folder(folder / "tiny-sdxl-refiner", refiner=True, seed=5)
+    shutil.copytree(tiny_sd1_folder, folder / "tiny-sd")
+    pipes = sdengine.load_pipeline(base, device="cpu"), sdengine.load_pipeline(refiner, device="cpu")
+    return root, folder, pipes
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    root, folder, _ = models
+    with live_server(server_config(root / "server", models_dir=folder, model="tiny-sdxl")) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def native(client: httpx.Client, **body) -> tuple[np.ndarray, dict]:
+    r = client.post("/v1/jobs", json={"model": "tiny-sdxl", "prompt": PROMPT, "negative_prompt": NEGATIVE, **KW, **body})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"], timeout=300)
+    assert job["state"] == "done", job
+    image = Image.open(io.BytesIO(client.get(job["images"][0]["url"]).content)).convert("RGB")
+    return np.asarray(image, np.float64), job
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0].convert("RGB"), np.float64)
+
+
+def test_native_job_hands_off_to_the_refiner_as_the_python_call(models, client):
+    """``refiner`` / ``refiner_switch_at`` / ``refiner_switch_rule`` on POST /v1/jobs (there was no native field:
+    only the A1111 routes ran the hand-off): the image is generate_with_refiner's with the same settings (max abs
+    0), diffusers' switch rule by default, A1111's when asked, with the sdxl settings too; the infotext names the
+    refiner; a switch at 1 runs the model alone and says so."""
+    _, _, (b_pipe, r_pipe) = models
+    want = pixels(b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, progress=False, **KW))
+    alone = pixels(b_pipe(PROMPT, NEGATIVE, progress=False, **KW))
+    got, job = native(client, refiner="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    assert np.abs(got - want).max() == 0.0
+    assert np.abs(got - alone).mean() > 1.0
+    assert "Refiner: tiny-sdxl-refiner" in job["infotexts"][0] and "Refiner switch at: 0.7" in job["infotexts"][0]
+    # A1111's switch rule, with SDXL's micro-conditioning and second prompt (on the base and the refiner)
+    want = b_pipe.generate_with_refiner(
+        r_pipe, PROMPT, NEGATIVE, switch_at=0.5, switch_rule="a1111", sdxl=XL, progress=False, **KW
+    )
+    got, job = native(client, refiner="tiny-sdxl-refiner", refiner_switch_at=0.5, refiner_switch_rule="a1111", sdxl=XL)
+    assert np.abs(got - pixels(want)).max() == 0.0
+    assert "Refiner switch rule: a1111" in job["infotexts"][0]
+    # 1: no step reaches the refiner (A1111 runs none then): the model alone, said in the notes
+    got, job = native(client, refiner="tiny-sdxl-refiner", refiner_switch_at=1)
+    assert np.abs(got - alone).max() == 0.0
+    assert any("no step reaches the refiner" in n for n in job["notes"]), job["notes"]
+    assert "Refiner" not in job["infotexts"][0]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (dict(refiner="nope"), 400, "unknown model 'nope'"),
+        (dict(refiner="tiny-sdxl"), 400, "refiner: 'tiny-sdxl' is the job's own model"),
+        (dict(refiner="tiny-sd"), 400, "refiner: 'tiny-sd' is not an SDXL model"),
+        (dict(model="tiny-sd", refiner="tiny-sdxl-refiner"), 400, "a refiner needs an SDXL base model; 'tiny-sd'"),
+        (dict(refiner="tiny-sdxl-refiner", sampler="ddim"), 400, "refiner: "),
+        (dict(refiner="tiny-sdxl-refiner", vae_decode="tiny"), 400, "tiny"),
+        (dict(refiner="tiny-sdxl-refiner", loras=[{"name": "emoji-fruit"}]), 400, "takes no ControlNet or LoRA"),
+        (dict(refiner="tiny-sdxl-refiner", refiner_switch_at=1.5), 422, "refiner_switch_at"),
+        (dict(refiner="tiny-sdxl-refiner", refiner_switch_rule="comfyui"), 422, "refiner_switch_rule"),
+        (dict(refiner="tiny-sdxl-refiner", refiner_hires_pass="third pass"), 422, "refiner_hires_pass"),
+    ],
+)
+def test_native_refiner_refusals_are_one_line_before_any_job(client, body, status, says):
+    r = client.post("/v1/jobs", json={"model": "tiny-sdxl", "prompt": PROMPT, **KW, **body})
+    assert r.status_code == status and says.lower() in r.text.lower(), r.text
+    assert client.get("/v1/jobs").json()["queued"] == 0
