@@ -109,3 +109,35 @@ def test_native_refiner_refusals_are_one_line_before_any_job(client, body, statu
     r = client.post("/v1/jobs", json={"model": "tiny-sdxl", "prompt": PROMPT, **KW, **body})
     assert r.status_code == status and says.lower() in r.text.lower(), r.text
     assert client.get("/v1/jobs").json()["queued"] == 0
+
+
+def test_openai_generations_take_sdxl_as_the_native_job(models, client):
+    """OpenAI's route refused ``sdxl`` (an unknown parameter): SDXL's second prompt and micro-conditioning could not
+    be sent there. Now ``extra_body`` ``sdxl`` is the native job's object (a JSON string in the edits form): the
+    same image as the native job's; a bad one is a 400 with ``param`` ``sdxl``, in one line."""
+    _, _, (b_pipe, _) = models
+    want = pixels(b_pipe(PROMPT, NEGATIVE, sdxl=XL, progress=False, **KW))
+    extra = dict(seed=SEED, steps=5, cfg_scale=5.0, sampler="euler", schedule="normal", negative_prompt=NEGATIVE)
+    body = dict(model="tiny-sdxl", prompt=PROMPT, size=f"{SIZE}x{SIZE}", **extra)
+    r = client.post("/v1/images/generations", json={**body, "sdxl": XL})
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB")
+    assert np.abs(np.asarray(got, np.float64) - want).max() == 0.0
+    native_image, _ = native(client, sdxl=XL)
+    assert np.abs(native_image - want).max() == 0.0
+    for bad, says in (
+        ({"crops": [1, 2]}, "unknown sdxl settings: crops"),
+        ({"original_size": [64]}, "sdxl original_size must be two integers"),
+        ([1, 2], "sdxl must be an object"),
+        ("{not json", "(not JSON)"),
+    ):
+        r = client.post("/v1/images/generations", json={**body, "sdxl": bad})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "sdxl" and says in error["message"] and "\n" not in error["message"], error
+    # the edits form: one JSON string
+    init = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), (200, 40, 40)).save(init, format="PNG")
+    form = {k: str(v) for k, v in {**body, "sdxl": '{"target_size": [16]}'}.items()}
+    r = client.post("/v1/images/edits", data=form, files={"image": ("a.png", init.getvalue(), "image/png")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "sdxl", r.text
