@@ -141,3 +141,110 @@ def test_openai_generations_take_sdxl_as_the_native_job(models, client):
     form = {k: str(v) for k, v in {**body, "sdxl": '{"target_size": [16]}'}.items()}
     r = client.post("/v1/images/edits", data=form, files={"image": ("a.png", init.getvalue(), "image/png")})
     assert r.status_code == 400 and r.json()["error"]["param"] == "sdxl", r.text
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from pathlib import Path
+
+    from playwright.sync_api import sync_playwright
+
+    from test_webui import CHROMIUM, CHROMIUM_ARGS
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: install Debian's chromium package (make sysdeps)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    from test_webui import WAIT_MS, open_page
+
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.set_default_timeout(WAIT_MS)
+    open_page(pg, server.url)
+    yield pg
+    context.close()
+    assert not errors, errors  # no uncaught JavaScript error on the page
+
+
+SDXL_INPUTS = ("#sdxl_prompt_2", "#sdxl_original_size", "#sdxl_crop", "#sdxl_target_size", "#refiner")
+
+
+def sent_body(page) -> dict:
+    with page.expect_request(lambda rq: rq.url.endswith("/v1/jobs") and rq.method == "POST") as sent:
+        page.click("#generate")
+    return sent.value.post_data_json
+
+
+def test_web_page_sdxl_section_sends_the_settings_and_shows_the_apis_image(models, page, client):
+    """The page had no SDXL settings: an SDXL model (GET /v1/models' family) shows its section (second prompt,
+    micro-conditioning, aesthetic scores, refiner and switch), sent as the native job's ``sdxl`` and ``refiner``
+    fields; the image shown is the native API's and the Python call's for the same settings; "Reuse parameters"
+    fills the section again; a bad size is said at its input, the server's refusal of the refiner at the refiner's;
+    an SD 1.x model (and the emoji model) hides the section and sends none of it."""
+    from test_webui import shown_errors, shown_image, wait_result
+
+    _, _, (b_pipe, r_pipe) = models
+    assert page.input_value("#model") == "tiny-sdxl"
+    for sel in SDXL_INPUTS:
+        assert page.is_visible(sel), sel
+    options = page.eval_on_selector("#refiner", "(s) => [...s.options].map((o) => o.value)")
+    assert options == ["", "tiny-sdxl", "tiny-sdxl-refiner"]  # the server's SDXL models, not tiny-sd nor emoji
+    for sel, value in (("#prompt", PROMPT), ("#negative_prompt", NEGATIVE), ("#steps", "5"), ("#seed", str(SEED))):
+        page.fill(sel, value)
+    page.fill("#cfg_scale", "5")
+    page.fill("#width", str(SIZE))
+    page.fill("#height", str(SIZE))
+    page.select_option("#sampler", "euler")
+    page.select_option("#schedule", "normal")
+    page.fill("#sdxl_prompt_2", "a green pear")
+    page.fill("#sdxl_original_size", "48x64")  # WIDTHxHEIGHT: [64, 48] as [height, width]
+    page.fill("#sdxl_crop", "4, 8")
+    page.fill("#sdxl_target_size", "32x32")
+    page.select_option("#refiner", "tiny-sdxl-refiner")
+    page.fill("#refiner_switch_at", "0.7")
+    body = sent_body(page)
+    assert body["sdxl"] == XL and body["refiner"] == "tiny-sdxl-refiner" and body["refiner_switch_at"] == 0.7, body
+    assert "refiner_switch_rule" not in body  # diffusers' rule, the default
+    params = wait_result(page)
+    assert "Refiner: tiny-sdxl-refiner" in params and "Refiner switch at: 0.7" in params, params
+    shown = shown_image(page, "#results img").astype(np.float64)
+    api, infotext = native(client, sdxl=XL, refiner="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    assert np.abs(shown - api).max() == 0.0 and params == infotext["infotexts"][0]
+    want = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, sdxl=XL, progress=False, **KW)
+    assert np.abs(shown - pixels(want)).max() == 0.0
+    # "Reuse parameters" fills the section from the image's SDXL options and Refiner fields
+    for sel in ("#sdxl_prompt_2", "#sdxl_original_size", "#sdxl_crop", "#sdxl_target_size"):
+        page.fill(sel, "")
+    page.select_option("#refiner", "")
+    page.fill("#refiner_switch_at", "0.8")
+    page.click("#results button:text('Reuse parameters')")
+    got = [page.input_value(sel) for sel in (*SDXL_INPUTS, "#refiner_switch_at")]
+    assert got == ["a green pear", "48x64", "4, 8", "32x32", "tiny-sdxl-refiner", "0.7"], got
+    # a size that is not WIDTHxHEIGHT: said at its input, nothing sent; the job's own model as refiner: the 400 there
+    page.fill("#sdxl_original_size", "64")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-sdxl_original_size').textContent !== ''")
+    assert "WIDTHxHEIGHT" in shown_errors(page)["err-sdxl_original_size"]
+    page.fill("#sdxl_original_size", "48x64")
+    page.select_option("#refiner", "tiny-sdxl")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-refiner').textContent !== ''")
+    assert "is the job's own model" in shown_errors(page)["err-refiner"], shown_errors(page)
+    # an SD 1.x model: the section hidden and none of it sent
+    for model in ("tiny-sd", "emoji"):
+        page.select_option("#model", model)
+        for sel in SDXL_INPUTS:
+            assert page.is_hidden(sel), (model, sel)
+    page.select_option("#model", "tiny-sd")
+    page.fill("#width", str(SIZE))
+    page.fill("#height", str(SIZE))
+    body = sent_body(page)
+    assert not {"sdxl", "refiner", "refiner_switch_at", "refiner_switch_rule"} & set(body), body
+    wait_result(page)
