@@ -52,7 +52,9 @@ def client(server):
 
 
 def native(client: httpx.Client, **body) -> tuple[np.ndarray, dict]:
-    r = client.post("/v1/jobs", json={"model": "tiny-sdxl", "prompt": PROMPT, "negative_prompt": NEGATIVE, **KW, **body})
+    r = client.post(
+        "/v1/jobs", json={"model": "tiny-sdxl", "prompt": PROMPT, "negative_prompt": NEGATIVE, **KW, **body}
+    )
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["id"], timeout=300)
     assert job["state"] == "done", job
@@ -188,12 +190,13 @@ def test_web_page_sdxl_section_sends_the_settings_and_shows_the_apis_image(model
     fields; the image shown is the native API's and the Python call's for the same settings; "Reuse parameters"
     fills the section again; a bad size is said at its input, the server's refusal of the refiner at the refiner's;
     an SD 1.x model (and the emoji model) hides the section and sends none of it."""
-    from test_webui import shown_errors, shown_image, wait_result
+    from test_webui import UNLABELLED, shown_errors, shown_image, wait_result
 
     _, _, (b_pipe, r_pipe) = models
     assert page.input_value("#model") == "tiny-sdxl"
     for sel in SDXL_INPUTS:
         assert page.is_visible(sel), sel
+    assert page.evaluate(UNLABELLED) == []  # every control of the section has its label
     options = page.eval_on_selector("#refiner", "(s) => [...s.options].map((o) => o.value)")
     assert options == ["", "tiny-sdxl", "tiny-sdxl-refiner"]  # the server's SDXL models, not tiny-sd nor emoji
     for sel, value in (("#prompt", PROMPT), ("#negative_prompt", NEGATIVE), ("#steps", "5"), ("#seed", str(SEED))):

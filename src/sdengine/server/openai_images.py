@@ -400,8 +400,6 @@ def sd3_of(value: Any, key: str = "sd3") -> dict[str, Any] | None:
     return value
 
 
-
-
 def patch_fields(out: dict[str, Any]) -> dict[str, Any]:
     """Deep Shrink's, HyperTile's and MultiDiffusion's extensions in ``out`` (those sent) checked and in the native
     job's shapes, so that a bad one is a 400 naming its field before the request builder sees it."""

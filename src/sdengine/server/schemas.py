@@ -378,11 +378,11 @@ class JobRequest(BaseModel):
     refiner: str | None = Field(
         None,
         max_length=512,
-        description="SDXL models only: a base -> refiner hand-off (the Python API's SDXLPipeline.generate_with_refiner, "
-        "A1111's refiner_checkpoint): a name from GET /v1/models, an SDXL model other than the job's; the job's model "
-        "runs the noisy part of the steps, this one the rest, and its VAE decodes. No LoRA, ControlNet, IP-Adapter, "
-        "tiny VAE decode or variation seed with it; DDIM, PLMS, LCM, DDPM and restart are refused (400). Infotext "
-        "'Refiner', 'Refiner switch at'",
+        description="SDXL models only: a base -> refiner hand-off (the Python API's "
+        "SDXLPipeline.generate_with_refiner, A1111's refiner_checkpoint): a name from GET /v1/models, an SDXL model "
+        "other than the job's; the job's model runs the noisy part of the steps, this one the rest, and its VAE "
+        "decodes. No LoRA, ControlNet, IP-Adapter, tiny VAE decode or variation seed with it; DDIM, PLMS, LCM, DDPM "
+        "and restart are refused (400). Infotext 'Refiner', 'Refiner switch at'",
     )
     refiner_switch_at: float = Field(
         0.8,
