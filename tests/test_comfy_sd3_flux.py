@@ -777,7 +777,7 @@ def test_lora_loader_on_flux_equals_the_pipelines_lora(flux):
     assert np.abs(_pixels(_run(root, flux_graph())["10"][0]) - plain).max() < TOL  # and is gone after the call
 
 
-# -- Texts of different lengths ---------------------------------------------------------------------------------------
+# -- Texts of different lengths --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -786,8 +786,8 @@ def test_a_long_positive_beside_a_short_negative_runs_apart_at_cfg_above_1(famil
     token counts run apart, each at its own length in a call of its own (here once refused in one line, or
     repeated to their least common multiple where that was at most 4 x the shorter, which changes a joint
     attention): SD3's long positive (its T5 states over 77 tokens) beside a one-word negative, Flux's positive
-    made twice as long by ConditioningConcat. The graph runs and its latent equals a loop that calls the transformer once per text (max abs
-    <= 1e-5)."""
+    made twice as long by ConditioningConcat. The graph runs and its latent equals a loop that calls the transformer
+    once per text (max abs <= 1e-5)."""
     from _flow_runs import capture_flow_runs, per_text_euler
 
     root, pipe = request.getfixturevalue(family)

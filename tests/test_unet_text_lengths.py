@@ -27,7 +27,9 @@ def emoji():
 
 def _joined(entries: list[TextCondition]) -> TextCondition:
     """ConditioningConcat of the entries: their token states one after the other."""
-    return replace(entries[0], cond={**entries[0].cond, "crossattn": torch.cat([e.cond["crossattn"] for e in entries], 1)})
+    return replace(
+        entries[0], cond={**entries[0].cond, "crossattn": torch.cat([e.cond["crossattn"] for e in entries], 1)}
+    )
 
 
 class _Spy(torch.nn.Module):

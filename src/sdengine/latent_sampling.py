@@ -630,6 +630,9 @@ def sample_latents(
     the rescale, skipped on a latent of a side 4 or less; under sdengine's rule the pipeline's default), not with
     regional entries either; ``sag_rule`` ("diffusers" / "comfyui", the pipeline's ``sag_rule``) places it by that
     rule whatever the seed rule (the SelfAttentionGuidance node passes "comfyui").
+    A positive and a negative of different token counts share the U-Net call as ComfyUI's ``CONDCrossAttn`` lets
+    them (:func:`texts_concat`'s ``"lcm"`` rule: repeated to their least common multiple where that is at most 4 x the
+    shorter; with PAG or SAG always) and run in calls of their own beyond that.
     ``prediction``: what the network predicts in place of the pipeline's own ("epsilon",
     "v_prediction", "sample"; ComfyUI's ModelSamplingDiscrete eps / v_prediction / x0); ``zero_terminal_snr``: the
     model's schedule rescaled to zero terminal SNR for this call (its zsnr).
@@ -1353,7 +1356,9 @@ def sample_flow_latents(
     plain model (:class:`_FlowInpaint`, the mask as :func:`flow_noise_mask` fits it); ``differential``: Differential
     Diffusion's strength on that mask (None = off; see :func:`sample_latents`), the threshold in the flow's timestep
     (sigma) between ``sigmas[0]`` and the larger of ``sigmas[-1]`` and the table's sigma_min. ``cfg_norm``:
-    ComfyUI's CFGNorm strength (:class:`_CFGNormed`, after the CFG)."""
+    ComfyUI's CFGNorm strength (:class:`_CFGNormed`, after the CFG). A positive and a negative of different token
+    counts run apart where the negative runs, each at its own length in a call of its own (ComfyUI's ``CONDRegular``,
+    :func:`texts_concat`'s ``"equal"`` rule); at cfg 1 the positive runs alone at its own length."""
     from sdengine.diffusion.flow import FlowDenoiser
 
     if seed_rule not in SEED_RULES:
