@@ -52,11 +52,18 @@ def pipe() -> Any:
 # -- the Python API ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("inpaint", [False, True], ids=["img2img", "inpaint"])
-def test_per_row_init_images_equal_each_row_alone(pipe, inpaint):
+A1111_INPAINT = {"strength_rule": "a1111", "masked_content": "latent noise", "noise_multiplier": 0.9, "mask_blur": 2}
+
+
+@pytest.mark.parametrize(
+    ("inpaint", "options"),
+    [(False, {}), (True, {}), (True, A1111_INPAINT), (True, {"strength_rule": "a1111", "mask_round": False})],
+    ids=["img2img", "inpaint", "a1111-latent-noise", "a1111-grey-mask"],
+)
+def test_per_row_init_images_equal_each_row_alone(pipe, inpaint, options):
     a, b = ramp(), Image.new("RGB", (64, 64), "red")
     ma, mb = box(16, 16, 48, 48), box(0, 0, 32, 64)
-    kw = dict(steps=4, width=64, height=64, cfg_scale=5.0, strength=0.6, progress=False)
+    kw = dict(steps=4, width=64, height=64, cfg_scale=5.0, strength=0.6, progress=False, **options)
     batch = pipe(
         ["x", "y", "y"], seed=[3, 7, 8], init_image=[a, b, b], mask=[ma, mb, mb] if inpaint else None, **kw
     )
@@ -324,6 +331,11 @@ def test_batch_key_of_img2img_and_inpainting_jobs():
         {"sampler": "euler"},
         {"cfg_scale": 6.0},
         {"mask_blur": 2.0},
+        {"strength_rule": "a1111"},
+        {"resize_mode": 1},
+        {"masked_content": "latent noise"},
+        {"mask_round": False},
+        {"noise_multiplier": 0.9},
     ):
         assert batch_key(_job(**change)) != base, change
     assert batch_key(_job(mask=Image.new("L", (32, 32)))) != masked  # another mask size
@@ -331,11 +343,27 @@ def test_batch_key_of_img2img_and_inpainting_jobs():
     for change in (
         {"init_image": "/tmp/x.png"},
         {"mask": np.zeros((64, 64), np.float32)},
-        {"strength_rule": "a1111"},
-        {"resize_mode": 1},
         {"init_latent_resize": True},
         {"soft_inpainting": True},
-        {"masked_content": "latent noise"},
         {"controlnets": [("/c/cn.safetensors", Image.new("RGB", (64, 64)), 1.0, 0.0, 1.0)]},
     ):
         assert batch_key(_job(**change)) is None, change
+
+
+def test_per_row_init_images_on_an_sdxl_model(tmp_path):
+    from _sdxl_models import make_sdxl_folder
+
+    from sdengine.pipeline import load_pipeline
+
+    xl = load_pipeline(make_sdxl_folder(tmp_path / "xl"), device="cpu")
+    assert xl.text_kind == "sdxl"
+    a, b = ramp(32, 32), Image.new("RGB", (32, 32), "green")
+    m = box(8, 8, 24, 24, (32, 32))
+    kw = dict(steps=3, width=32, height=32, cfg_scale=4.0, strength=0.7, progress=False)
+    for mask in (None, m):
+        batch = xl(["x", "y"], seed=[5, 6], init_image=[a, b], mask=mask, **kw)
+        for k, (img, prompt, seed) in enumerate(((a, "x", 5), (b, "y", 6))):
+            alone = xl(prompt, seed=seed, init_image=img, mask=mask, **kw)
+            assert float(np.abs(batch.arrays[k : k + 1] - alone.arrays).max()) <= ROW_TOL
+    with pytest.raises(GenerationError, match=r"^a refiner hand-off takes one init image for the call, not one per row"):
+        xl.generate_with_refiner(xl, ["x", "y"], seed=[5, 6], init_image=[a, b], **kw)

@@ -268,6 +268,11 @@ _BATCH_SETTINGS = (
     "freeu",  # FreeU: one set of factors, version and rule per call (left out when off)
     "freeu_version",
     "freeu_rule",
+    "strength_rule",  # how strength counts the steps (A1111's grid and Brownian noise are per row too)
+    "resize_mode",  # img2img / inpainting: how each row's init image is fitted, what the mask's latent fill is, ...
+    "masked_content",
+    "mask_round",
+    "noise_multiplier",
 )
 _PER_ROW = ("prompt", "negative_prompt", "seed", "batch_size", "init_image", "mask")
 _NEVER_BATCHED = ("controlnets",)
@@ -1100,7 +1105,8 @@ class Worker(threading.Thread):
             masks += [kw.get("mask")] * n
         kwargs = dict(g0.kwargs, prompt=prompts, negative_prompt=negatives, seed=seeds, batch_size=len(seeds))
         if g0.kwargs.get("init_image") is not None:
-            if not getattr(pipe, "per_row_init_images", False):  # a model that takes one init image per call
+            one_per_call = not getattr(pipe, "per_row_init_images", False) or getattr(pipe, "instruct_pix2pix", False)
+            if one_per_call:  # a model that takes one init image per call (a DiT, instruct-pix2pix)
                 for job in jobs:
                     self.current = job
                     self.run_job(job)
