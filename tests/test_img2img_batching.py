@@ -64,9 +64,7 @@ def test_per_row_init_images_equal_each_row_alone(pipe, inpaint, options):
     a, b = ramp(), Image.new("RGB", (64, 64), "red")
     ma, mb = box(16, 16, 48, 48), box(0, 0, 32, 64)
     kw = dict(steps=4, width=64, height=64, cfg_scale=5.0, strength=0.6, progress=False, **options)
-    batch = pipe(
-        ["x", "y", "y"], seed=[3, 7, 8], init_image=[a, b, b], mask=[ma, mb, mb] if inpaint else None, **kw
-    )
+    batch = pipe(["x", "y", "y"], seed=[3, 7, 8], init_image=[a, b, b], mask=[ma, mb, mb] if inpaint else None, **kw)
     one = pipe("x", seed=3, init_image=a, mask=ma if inpaint else None, **kw)
     two = pipe("y", seed=7, batch_size=2, init_image=b, mask=mb if inpaint else None, **kw)
     assert float(np.abs(batch.arrays[:1] - one.arrays).max()) <= ROW_TOL
@@ -82,7 +80,6 @@ def test_per_row_init_images_equal_each_row_alone(pipe, inpaint, options):
 
 def test_per_row_init_images_on_a_nine_channel_inpainting_model(tmp_path):
     from _pipeline_models import make_sd_folder
-
     from sdengine.pipeline import load_pipeline
 
     p9 = load_pipeline(make_sd_folder(tmp_path / "inp", kind="inpaint"), device="cpu")
@@ -99,11 +96,20 @@ def test_per_row_init_images_on_a_nine_channel_inpainting_model(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"init_image": "three"}, "init_image holds 3 images for 2 rows: give one per row (or one image for every row)"),
+        (
+            {"init_image": "three"},
+            "init_image holds 3 images for 2 rows: give one per row (or one image for every row)",
+        ),
         ({"mask": "three"}, "mask holds 3 images for 2 rows: give one per row (or one image for every row)"),
         ({"init_image": "none"}, "init_image holds an empty entry (None): give one image per row"),
-        ({"init_image": "one", "mask": "two"}, "a list of masks (one per row) needs a list of init images (one per row)"),
-        ({"init_latent_resize": True}, "init_latent_resize takes one init image for the call, not one per row (a list)"),
+        (
+            {"init_image": "one", "mask": "two"},
+            "a list of masks (one per row) needs a list of init images (one per row)",
+        ),
+        (
+            {"init_latent_resize": True},
+            "init_latent_resize takes one init image for the call, not one per row (a list)",
+        ),
         ({"mask": "two", "differential_diffusion": 1.0}, "differential_diffusion takes one init image for the call"),
         ({"mask": "two", "soft_inpainting": True}, "soft_inpainting takes one init image for the call"),
         ({"init_image": "sizes"}, "the init images of one call must have one size: row 0's is 64x64, row 1's 48x64"),
@@ -119,7 +125,11 @@ def test_per_row_init_images_refusals(pipe, changes, message):
         "none": [a, None],
         "sizes": [a, ramp(48, 64)],
     }
-    masks = {"two": [box(0, 0, 8, 8)] * 2, "three": [box(0, 0, 8, 8)] * 3, "sizes": [box(0, 0, 8, 8), box(0, 0, 8, 8, (64, 32))]}
+    masks = {
+        "two": [box(0, 0, 8, 8)] * 2,
+        "three": [box(0, 0, 8, 8)] * 3,
+        "sizes": [box(0, 0, 8, 8), box(0, 0, 8, 8, (64, 32))],
+    }
     kw: dict[str, Any] = dict(steps=2, width=64, height=64, strength=0.5, progress=False, init_image=[a, a])
     for k, v in changes.items():
         kw[k] = images[v] if k == "init_image" else masks[v] if k == "mask" else v
@@ -130,14 +140,14 @@ def test_per_row_init_images_refusals(pipe, changes, message):
 
 def test_one_init_image_per_call_families_refuse_a_list():
     """The DiT families (SD3, FLUX.1 and the ones built on its pipeline) take one init image per call."""
+    from types import SimpleNamespace
+
     from sdengine.pipeline import GenerationRequest
     from sdengine.pipeline.core import Pipeline
     from sdengine.pipeline.flux import FluxPipeline
     from sdengine.pipeline.qwen_image import QwenImagePipeline
     from sdengine.pipeline.sd3 import SD3Pipeline
     from sdengine.pipeline.sdxl import SDXLPipeline
-
-    from types import SimpleNamespace
 
     a = ramp()
     r = GenerationRequest(prompt=["x", "y"], init_image=[a, a])
@@ -352,7 +362,6 @@ def test_batch_key_of_img2img_and_inpainting_jobs():
 
 def test_per_row_init_images_on_an_sdxl_model(tmp_path):
     from _sdxl_models import make_sdxl_folder
-
     from sdengine.pipeline import load_pipeline
 
     xl = load_pipeline(make_sdxl_folder(tmp_path / "xl"), device="cpu")
@@ -365,5 +374,7 @@ def test_per_row_init_images_on_an_sdxl_model(tmp_path):
         for k, (img, prompt, seed) in enumerate(((a, "x", 5), (b, "y", 6))):
             alone = xl(prompt, seed=seed, init_image=img, mask=mask, **kw)
             assert float(np.abs(batch.arrays[k : k + 1] - alone.arrays).max()) <= ROW_TOL
-    with pytest.raises(GenerationError, match=r"^a refiner hand-off takes one init image for the call, not one per row"):
+    with pytest.raises(
+        GenerationError, match=r"^a refiner hand-off takes one init image for the call, not one per row"
+    ):
         xl.generate_with_refiner(xl, ["x", "y"], seed=[5, 6], init_image=[a, b], **kw)

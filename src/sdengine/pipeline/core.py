@@ -1003,7 +1003,7 @@ class Pipeline:
                 inits = _row_images(r.init_images(), "init image", "RGB", fit_init)
                 init = inits[0]
             else:
-                init = fit_init(load_image(r.init_image, "init image", mode="RGB", error=GenerationError))
+                init = fit_init(load_image(r.one_init_image(), "init image", mode="RGB", error=GenerationError))
         if r.differential_diffusion and self.inpainting:
             raise GenerationError(
                 f"differential_diffusion: {self.name} is an inpainting model (9-channel U-Net), which takes the mask "
@@ -1016,6 +1016,7 @@ class Pipeline:
                     f"soft_inpainting: {self.name} is not a U-Net on a discrete noise schedule (SD 1.x / 2.x / SDXL), "
                     "the models A1111's soft inpainting reads sigma of; not done for it in sdengine"
                 )
+
         def fit_mask(m: Image.Image) -> np.ndarray:
             if m.size != (width, height):
                 once(f"mask {m.size[0]}x{m.size[1]} resized to {width}x{height} (the image size)")
@@ -1030,7 +1031,7 @@ class Pipeline:
                 masks = _row_images(r.masks(), "mask", "L", fit_mask)
                 mask = masks[0]
             else:
-                mask = fit_mask(load_image(r.mask, "mask", mode="L", error=GenerationError))
+                mask = fit_mask(load_image(r.one_mask(), "mask", mode="L", error=GenerationError))
         latent_mask = None
         if r.latent_mask is not None:  # A1111's: shrunk to the latent from its own size, neither blurred nor fitted
             lm = load_image(r.latent_mask, "latent mask", mode="L", error=GenerationError)
@@ -1417,11 +1418,15 @@ class Pipeline:
         if p.inits is None:
             start = start_latents(self.vae, generators=gens, init=None if pure_noise else p.init, mask=p.mask, **common)
         else:  # an init image (and mask) per row: each row's start as its own image's alone (the same draws)
-            masks = p.masks
+            row_masks = p.masks
             start = cat_start_latents(
                 [
                     start_latents(
-                        self.vae, generators=[g], init=p.inits[i], mask=None if masks is None else masks[i], **common
+                        self.vae,
+                        generators=[g],
+                        init=p.inits[i],
+                        mask=None if row_masks is None else row_masks[i],
+                        **common,
                     )
                     for g, i in zip(gens, rows, strict=True)
                 ]

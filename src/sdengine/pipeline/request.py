@@ -368,6 +368,14 @@ class GenerationRequest:
         """The mask of each row: the list given, or the one mask for every row; [] without one."""
         return _row_images(self.mask, self.n_rows)
 
+    def one_init_image(self) -> ImageInput:
+        """The call's one init image (where one per row is not taken: a one-line error for a list)."""
+        return _one_image(self.init_image, "init_image")
+
+    def one_mask(self) -> ImageInput:
+        """The call's one mask (where one per row is not taken: a one-line error for a list)."""
+        return _one_image(self.mask, "mask")
+
     def _validate_row_images(self) -> None:
         """Per-row init images and masks (lists): one per row, none empty, a mask list only with an init list,
         and none of the options that read one image for the whole call."""
@@ -865,6 +873,12 @@ class GenerationRequest:
 
 def _is_list(v: Any) -> bool:
     return isinstance(v, list | tuple)
+
+
+def _one_image(v: Any, what: str) -> ImageInput:
+    if _is_list(v):
+        raise GenerationError(f"{what} is a list (one per row) where this call takes one image")
+    return v  # type: ignore[no-any-return]
 
 
 def _row_images(v: Any, n: int) -> list[Any]:
