@@ -1417,18 +1417,26 @@ class Pipeline:
         )
         if p.inits is None:
             start = start_latents(self.vae, generators=gens, init=None if pure_noise else p.init, mask=p.mask, **common)
-        else:  # an init image (and mask) per row: each row's start as its own image's alone (the same draws)
-            row_masks = p.masks
+        else:  # an init image (and mask) per row: each run of rows sharing one is started as that image's call alone
+            inits = p.inits
+            row_masks: list[np.ndarray | None] = list(p.masks) if p.masks is not None else [None] * len(inits)
+            runs: list[list[int]] = []  # positions in ``rows`` of consecutive rows with the same image and mask
+            for k, i in enumerate(rows):
+                j = rows[runs[-1][0]] if runs else None  # the current run's first row (its image read once)
+                if j is not None and inits[i] is inits[j] and row_masks[i] is row_masks[j]:
+                    runs[-1].append(k)
+                else:
+                    runs.append([k])
             start = cat_start_latents(
                 [
                     start_latents(
                         self.vae,
-                        generators=[g],
-                        init=p.inits[i],
-                        mask=None if row_masks is None else row_masks[i],
+                        generators=[gens[k] for k in run],
+                        init=inits[rows[run[0]]],
+                        mask=row_masks[rows[run[0]]],
                         **common,
                     )
-                    for g, i in zip(gens, rows, strict=True)
+                    for run in runs
                 ]
             )
         if init_latent is not None:

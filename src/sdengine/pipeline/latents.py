@@ -214,12 +214,16 @@ def start_latents(
 
 
 def cat_start_latents(parts: Sequence[StartLatents]) -> StartLatents:
-    """The start of a batch whose rows were made one by one (an init image and mask per row: one
-    :func:`start_latents` call per row, each with its row's generator): their tensors stacked along the rows. The
-    rows share the call's settings, so each part has the same fields set (and the same ``from_init``)."""
+    """The start of a batch whose rows were made in parts (an init image and mask per row: one :func:`start_latents`
+    call per run of rows sharing an image, with those rows' generators): their tensors stacked along the rows, a
+    part's one mask repeated over its rows. The rows share the call's settings, so each part has the same fields set
+    (and the same ``from_init``)."""
 
-    def cat(ts: list[Tensor | None]) -> Tensor | None:
-        return None if ts[0] is None else torch.cat([t for t in ts if t is not None])
+    def cat(ts: list[Tensor | None]) -> Tensor | None:  # a part's one mask for all its rows: one per row
+        if ts[0] is None:
+            return None
+        rows = [t.expand(s.noise.shape[0], *t.shape[1:]) for t, s in zip(ts, parts, strict=True) if t is not None]
+        return torch.cat(rows)
 
     return StartLatents(
         torch.cat([s.noise for s in parts]),
