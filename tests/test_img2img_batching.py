@@ -93,6 +93,19 @@ def test_per_row_init_images_on_a_nine_channel_inpainting_model(tmp_path):
         assert float(np.abs(batch.arrays[k : k + 1] - alone.arrays).max()) <= ROW_TOL
 
 
+def test_an_instruct_pix2pix_model_refuses_per_row_init_images(tmp_path):
+    from _pipeline_models import make_sd_folder
+
+    from sdengine.pipeline import load_pipeline
+
+    ip2p = load_pipeline(make_sd_folder(tmp_path / "ip2p", kind="ip2p"), device="cpu")
+    assert ip2p.instruct_pix2pix
+    a = ramp(32, 32)
+    with pytest.raises(GenerationError) as e:
+        ip2p(["x", "y"], seed=[1, 2], init_image=[a, a], steps=2, width=32, height=32, progress=False)
+    assert str(e.value).endswith("is an instruct-pix2pix model: it takes one init image, not one per row")
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
