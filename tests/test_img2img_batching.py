@@ -95,7 +95,6 @@ def test_per_row_init_images_on_a_nine_channel_inpainting_model(tmp_path):
 
 def test_an_instruct_pix2pix_model_refuses_per_row_init_images(tmp_path):
     from _pipeline_models import make_sd_folder
-
     from sdengine.pipeline import load_pipeline
 
     ip2p = load_pipeline(make_sd_folder(tmp_path / "ip2p", kind="ip2p"), device="cpu")
