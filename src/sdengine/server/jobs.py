@@ -17,8 +17,9 @@ A job that fails (bad input found late, out of memory, a bug) fails alone; the w
 
 Batching: a worker takes the job at the head of the queue and, when ``max_batch_jobs`` > 1, the later queued jobs that
 :func:`batch_key` says are compatible with it (up to ``max_batch_jobs`` jobs and ``max_batch_rows`` images), and
-runs them as ONE pipeline call with a prompt, negative prompt and seed per row (each row's image equals the same
-job run alone: the pipeline gives every row its own generator). The result is split back per job. Cancelling
+runs them as ONE pipeline call with a prompt, negative prompt and seed per row, and an img2img / inpainting job's
+init image and mask on its rows (each row's image equals the same job run alone: the pipeline gives every row its
+own generator and starts it from its own image). The result is split back per job. Cancelling
 (or A1111-skipping) one job of a running batch stops the batch at the end of the step; that job ends, the
 others go back to the FRONT of the queue in their order and run again from the start (no image is lost or
 mixed up; they only lose the steps already done).
