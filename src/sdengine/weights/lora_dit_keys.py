@@ -405,14 +405,19 @@ def dit_routes(model: nn.Module) -> dict[str, tuple[Route, ...]]:
         if isinstance(m, nn.Linear | nn.Conv2d):
             route = (Route(name),)
             flat = name.replace(".", "_")
-            for alias in (DIT_PREFIX + name, "base_model.model." + name, "lora_transformer_" + flat, name):
+            aliases = (
+                DIT_PREFIX + name,
+                "base_model.model." + name,
+                "lora_transformer_" + flat,
+                "lycoris_" + flat,
+                name,
+            )
+            for alias in aliases:
                 out.setdefault(alias, route)
     for name, routes in native.items():
         flat = name.replace(".", "_")
         for alias in ("diffusion_model." + name, "lora_unet_" + flat, "base_model.model." + name, name):
             out.setdefault(alias, routes)
-        if isinstance(model, QwenImageTransformer):
-            out.setdefault("lycoris_" + flat, routes)  # ComfyUI reads Qwen-Image's LyCORIS names so
     return out
 
 
