@@ -120,8 +120,10 @@ def _klein_theirs(ref) -> np.ndarray:
                    generator=torch.Generator().manual_seed(SEED), output_type="np").images  # fmt: skip
 
 
-def _klein_velocity(pipe, ref) -> tuple[torch.Tensor, torch.Tensor]:
-    """sdengine's transformer (the file applied by the caller) and diffusers' on one random latent and text."""
+def _klein_velocity(
+    transformer, ref, guidance: torch.Tensor | None = None, lora: tuple[Path, float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sdengine's transformer (with ``lora`` applied for the call) and diffusers' on one random latent and text."""
     from diffusers import Flux2KleinPipeline as P
 
     g = torch.Generator().manual_seed(9)
@@ -131,10 +133,12 @@ def _klein_velocity(pipe, ref) -> tuple[torch.Tensor, torch.Tensor]:
     ids = P._prepare_latent_ids(latent)
     with torch.no_grad():
         out = ref(hidden_states=P._pack_latents(latent), encoder_hidden_states=text, timestep=sigma, img_ids=ids,
-                  txt_ids=P._prepare_text_ids(text), return_dict=False)[0]  # fmt: skip
+                  txt_ids=P._prepare_text_ids(text), guidance=guidance, return_dict=False)[0]  # fmt: skip
         want = P._unpack_latents_with_ids(out, ids, 3, 5)
-        got = pipe.transformer(latent, sigma * 1000, text)
-    return got, want
+        if lora is None:
+            return transformer(latent, sigma * 1000, text, guidance=guidance), want
+        with apply_loras(transformer, None, [lora]):
+            return transformer(latent, sigma * 1000, text, guidance=guidance), want
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -150,9 +154,8 @@ def test_flux2_lycoris_file_matches_lycoris(klein, tmp_path, variant):
             path = tmp_path / "lokr_full_alpha.safetensors"
             save_safetensors({k: (torch.tensor(0.25) if k.endswith(".alpha") else v) for k, v in sd.items()}, path)
         _complete(pipe, path, len(net.loras))
-        with apply_loras(pipe.transformer, None, [(path, _weight(settings))]):
-            got, want = _klein_velocity(pipe, oracle.transformer)
-        before = _klein_velocity(pipe, oracle.transformer)[0]
+        got, want = _klein_velocity(pipe.transformer, oracle.transformer, lora=(path, _weight(settings)))
+        before = _klein_velocity(pipe.transformer, oracle.transformer)[0]
         err = float((got - want).abs().max())
         ours, theirs = _klein_ours(pipe, loras=[(path, _weight(settings))]), _klein_theirs(oracle)
     finally:
@@ -217,6 +220,31 @@ def test_flux2_lycoris_names_of_another_model_are_refused(klein, tmp_path):
         "1 of its layers match no layer of this FLUX.2 transformer (e.g. lycoris_transformer_blocks_7_attn_to_q)" in msg
     )
     np.testing.assert_array_equal(_klein_ours(pipe), plain)  # nothing was applied
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr", "lokr_full", "lokr_dora"])
+def test_flux2_dev_transformer_lycoris_matches_lycoris(tmp_path, variant):
+    """FLUX.2 [dev]'s transformer (the guidance embedder's two layers too): the velocity with LyCORIS' file loaded
+    vs diffusers' transformer with LyCORIS' network applied."""
+    from _flux2_models import flux2_transformer
+    from sdengine.models.flux2 import Flux2Config, Flux2Transformer
+
+    ref = flux2_transformer(seed=3, guidance_embeds=True)
+    ours = Flux2Transformer(Flux2Config.from_diffusers(dict(ref.config))).eval()
+    ours.load_state_dict(ref.state_dict())
+    settings, parts = VARIANTS[variant]
+    net = _network(ref, settings, seed=10)
+    try:
+        path = _save(net, tmp_path / f"{variant}.safetensors", parts)
+        assert any("guidance_embedder" in k for k in load_safetensors(path))
+        got, want = _klein_velocity(ours, ref, guidance=torch.tensor([3.5]), lora=(path, _weight(settings)))
+    finally:
+        net.restore()
+    before = _klein_velocity(ours, ref, guidance=torch.tensor([3.5]))[0]
+    err = float((got - want).abs().max())
+    print(f"FLUX.2 [dev] {variant} vs LyCORIS: transformer max {err:.2e}")
+    assert err < 2e-5 * max(1.0, float(want.abs().max())), err
+    assert float((got - before).abs().max()) > 1e-2
 
 
 # ------------------------------------------------------------------------------------------------------- Z-Image
