@@ -199,8 +199,9 @@ def test_flux2_lycoris_lokr_matches_diffusers_load_lora_weights(klein, tmp_path)
 
 
 def test_flux2_lycoris_names_of_another_model_are_refused(klein, tmp_path):
-    """A ``lycoris_`` name that is no module of this transformer (a bigger model's block): one line, nothing
-    applied; before, the other layers applied and the name was only listed in the report."""
+    """A ``lycoris_`` name that is no module of this transformer (a bigger model's block), and a [dev] file's guidance
+    embedder on klein: one line, nothing applied; before, the other layers applied and the name was only listed in
+    the report (a warning)."""
     pipe, oracle, _ = klein
     net = _network(oracle.transformer, VARIANTS["lokr"][0], seed=9)
     try:
@@ -220,6 +221,14 @@ def test_flux2_lycoris_names_of_another_model_are_refused(klein, tmp_path):
         "1 of its layers match no layer of this FLUX.2 transformer (e.g. lycoris_transformer_blocks_7_attn_to_q)" in msg
     )
     np.testing.assert_array_equal(_klein_ours(pipe), plain)  # nothing was applied
+    # a [dev] file's guidance embedder on klein (which has none), in diffusers' names: the same one line
+    src = "lycoris_time_guidance_embed_timestep_embedder_linear_1."
+    dev = {"transformer.time_guidance_embed.guidance_embedder.linear_1." + k.removeprefix(src): v
+           for k, v in sd.items() if k.startswith(src)}  # fmt: skip
+    save_safetensors({**sd, **dev}, bad)
+    with pytest.raises(LoRAFileError, match=r"1 of its layers match no layer of this FLUX.2 transformer \(e\.g\. "
+                       r"transformer\.time_guidance_embed\.guidance_embedder\.linear_1\)"):  # fmt: skip
+        _klein_ours(pipe, loras=[(bad, 1.0)])
 
 
 @pytest.mark.parametrize("variant", ["loha", "lokr", "lokr_full", "lokr_dora"])
