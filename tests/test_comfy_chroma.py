@@ -120,25 +120,25 @@ def test_clip_loader_refuses_other_types(chroma):
         clip_loader(None, "t5xxl.safetensors", "stable_diffusion")  # type: ignore[arg-type]
 
 
-def testchroma_lengths_follow_comfyuis_batching_rule():
-    """ComfyUI's CONDCrossAttn.can_concat: repeated to the common length where that is at most 4 x the shorter
-    (cfg not 1), else each at its own length (zeros padded and masked out here)."""
+def test_chroma_texts_of_other_lengths_run_apart():
+    """ComfyUI's Chroma (a Flux model) holds its text in a CONDRegular: texts of different lengths never batch, each
+    runs at its own length (once: repeated to their lcm where that was at most 4 x the shorter). Here both padded
+    with zeros to the longer and the padding masked out, at every cfg."""
     import torch
 
     from sdengine.latent_sampling import TextCondition
-    from sdengine.server.comfy.nodes_sd3_flux import chroma_lengths
+    from sdengine.server.comfy.nodes_qwen import own_lengths
 
     def entry(n: int) -> list[Any]:
         return [TextCondition({"crossattn": torch.ones(1, n, 4)})]
 
-    pos, neg = chroma_lengths(entry(6), entry(3), 4.0)  # lcm 6 = 2 x 3: batched, repeated by the sampler
-    assert pos[0].cond["crossattn"].shape[1] == 6 and neg[0].cond["crossattn"].shape[1] == 3
-    assert "text_mask" not in pos[0].cond
-    for a, b, cfg in ((6, 3, 1.0), (9, 5, 4.0)):  # cfg 1, or lcm 45 = 9 x 5: each at its own length
-        pos, neg = chroma_lengths(entry(a), entry(b), cfg)
+    for a, b in ((6, 3), (9, 5)):  # lcm 6 = 2 x 3 (once batched, repeated), lcm 45 = 9 x 5
+        pos, neg = own_lengths(entry(a), entry(b))
         assert pos[0].cond["crossattn"].shape[1] == neg[0].cond["crossattn"].shape[1] == a
         assert neg[0].cond["text_mask"].sum() == b and neg[0].cond["crossattn"][0, b:].abs().max() == 0
         assert pos[0].cond["text_mask"].all()
+    pos, neg = own_lengths(entry(4), entry(4))
+    assert "text_mask" not in pos[0].cond and "text_mask" not in neg[0].cond
 
 
 def test_t5_tokenizer_options_pad_as_comfyui(chroma):

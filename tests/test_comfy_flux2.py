@@ -191,10 +191,12 @@ def test_base_model_cfg_and_ksampler_schedule(klein, tmp_path, monkeypatch):
     assert np.abs(_pixels(_run(root, g)["65"][0]) - ksampler).max() > 1e-3
 
 
-def test_long_prompt_is_kept_whole_and_the_text_read_as_comfyuis_tokenizer(klein):
+def test_long_prompt_is_kept_whole_and_the_text_read_as_comfyuis_tokenizer(klein, monkeypatch):
     """A prompt over 512 tokens: ComfyUI keeps every token (the pipeline cuts at 512: its states are the route's
-    first 512, causal attention); a negative of another token count at cfg other than 1 refused in one line;
-    ``\\(`` read as ``(``; ``embedding:NAME`` refused in one line."""
+    first 512, causal attention); a negative of another token count at cfg other than 1 runs apart from the
+    positive, as ComfyUI's CONDRegular runs it (once refused in one line): the latent equals a loop calling the
+    transformer once per text; ``\\(`` read as ``(``; ``embedding:NAME`` refused in one line."""
+    from _flow_runs import capture_flow_runs, per_text_euler
     from sdengine.server.comfy import nodes_flux2
 
     root, pipe, files = klein
@@ -205,8 +207,13 @@ def test_long_prompt_is_kept_whole_and_the_text_read_as_comfyuis_tokenizer(klein
     cut = pipe.conditioner.text(long_prompt)["crossattn"]
     assert states.shape[1] > 550 and cut.shape[1] == 512
     assert torch.allclose(states[:, :512], cut.float(), atol=1e-6)
-    g = klein_graph(cfg=2.0, negative=long_prompt)
-    assert "different token counts" in _node_error(root, g)
+    runs = capture_flow_runs(monkeypatch)
+    _run(root, klein_graph(cfg=2.0, negative=long_prompt))
+    (run,) = runs
+    lengths = [int(e[0].cond["crossattn"].shape[1]) for e in run["args"][1:3]]
+    assert lengths[0] == 512 and lengths[1] > 550, lengths
+    gap = (run["out"] - per_text_euler(run)).abs().max()
+    assert gap <= 1e-5, gap
     g = klein_graph()
     g["74"]["inputs"]["text"] = "a \\(red\\) apple"
     escaped = _run(root, g)["74"][0][0].cond["crossattn"]

@@ -775,3 +775,44 @@ def test_lora_loader_on_flux_equals_the_pipelines_lora(flux):
     assert np.abs(ours - theirs).max() < TOL
     assert np.abs(ours - plain).max() > 1e-3  # the LoRA changed the image
     assert np.abs(_pixels(_run(root, flux_graph())["10"][0]) - plain).max() < TOL  # and is gone after the call
+
+
+# -- Texts of different lengths --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_long_positive_beside_a_short_negative_runs_apart_at_cfg_above_1(family, request, monkeypatch):
+    """ComfyUI holds an SD3 / Flux text in a CONDRegular: at cfg other than 1 a positive and a negative of different
+    token counts run apart, each at its own length in a call of its own (here once refused in one line, or
+    repeated to their least common multiple where that was at most 4 x the shorter, which changes a joint
+    attention): SD3's long positive (its T5 states over 77 tokens) beside a one-word negative, Flux's positive
+    made twice as long by ConditioningConcat. The graph runs and its latent equals a loop that calls the transformer
+    once per text (max abs <= 1e-5)."""
+    from _flow_runs import capture_flow_runs, per_text_euler
+
+    root, pipe = request.getfixturevalue(family)
+    long_prompt = " ".join(["a red apple on a wooden table"] * 96)
+    if family == "sd3":
+        ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3-tiny.safetensors"}}}
+        pipes = {str((root / "models" / "sd3-tiny.safetensors").resolve()): pipe}
+        g = sd3_graph(ckpt, ["1", 0], ["1", 1], ["1", 2])
+        g["3"]["inputs"]["text"] = long_prompt
+        g["4"]["inputs"]["text"] = "dark"
+        sampler, image = "6", "7"
+    else:
+        pipes = None  # Flux's T5 states are cut at 512 tokens here: ConditioningConcat makes 1024 (lcm 2 x 512)
+        g = flux_graph()
+        g["12"] = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": ["3", 0],
+                   "conditioning_from": ["3", 0]}}  # fmt: skip
+        g["4"]["inputs"]["conditioning"] = ["12", 0]
+        g["5"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "dark", "clip": ["2", 0]}}
+        g["8"]["inputs"]["cfg"] = 4.0
+        sampler, image = "8", "10"
+    runs = capture_flow_runs(monkeypatch)
+    out = _run(root, g, pipes)
+    (run,) = runs
+    lengths = [int(e[0].cond["crossattn"].shape[1]) for e in run["args"][1:3]]
+    assert lengths[0] > lengths[1], lengths
+    gap = (run["out"] - per_text_euler(run)).abs().max()
+    assert gap <= 1e-5, (lengths, gap)
+    assert _pixels(out[image][0]).std() > 0.01 and out[sampler][0]["samples"].shape[-1] == 8

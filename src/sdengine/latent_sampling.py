@@ -389,17 +389,89 @@ def _match_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
 
 
-def _match_flow_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """A diffusion transformer's positive and negative texts of different token counts, batched as ComfyUI batches
-    them (repeated to their least common multiple, :func:`_match_length`) where that is at most 4 times the shorter
-    one; further apart ComfyUI runs the two apart (its ``CONDCrossAttn.can_concat``), which is not done here: one
-    line, never a repeat to hundreds of thousands of tokens."""
-    if a.shape[1] != b.shape[1] and math.lcm(a.shape[1], b.shape[1]) > 4 * min(a.shape[1], b.shape[1]):
-        raise LatentSamplingError(
-            f"the positive and negative texts have {a.shape[1]} and {b.shape[1]} tokens: ComfyUI runs texts this "
-            "different apart, which is not supported here at cfg other than 1; give texts of closer lengths"
-        )
-    return _match_length(a, b)
+TEXT_CONCAT_RULES = ("equal", "lcm")
+
+
+def texts_concat(a: int, b: int, rule: str) -> bool:
+    """Whether texts of ``a`` and ``b`` tokens share one model call under ComfyUI's rule for the model's text
+    conditioning: ``"lcm"``, a U-Net's (its ``CONDCrossAttn.can_concat``: equal, or repeated to their least common
+    multiple where that is at most 4 x the shorter); ``"equal"``, a diffusion transformer's (SD3, Flux, FLUX.2,
+    Chroma, Qwen-Image, Z-Image hold their text in a ``CONDRegular``, which batches equal shapes only)."""
+    if rule not in TEXT_CONCAT_RULES:
+        raise LatentSamplingError(f"unknown text batching rule {rule!r}; use one of {', '.join(TEXT_CONCAT_RULES)}")
+    if a == b:
+        return True
+    return rule == "lcm" and math.lcm(a, b) // min(a, b) <= 4
+
+
+def text_length_groups(lengths: Sequence[int], rule: str) -> list[list[int]]:
+    """ComfyUI's calc_cond_batch over conditionings of these text lengths: the first one left takes every other
+    left that it can share a call with (:func:`texts_concat`), and so on; one model call per group (each text
+    repeated to the group's least common multiple)."""
+    left = list(dict.fromkeys(int(n) for n in lengths))
+    groups: list[list[int]] = []
+    while left:
+        group = [n for n in left if texts_concat(left[0], n, rule)]
+        left = [n for n in left if n not in group]
+        groups.append(group)
+    return groups
+
+
+class _TextGroups:
+    """A network ``(x, t, *, crossattn, text_len, **kw)`` whose rows hold texts of several token counts, run as
+    ComfyUI runs them: ``crossattn`` holds every row's text zero-padded to the longest, ``text_len`` (N,) its own
+    count; the rows are split into :func:`text_length_groups`, one call of ``inner`` per group (each row's text cut
+    to its own count and repeated to the group's least common multiple), every output put back in its row. Row
+    arguments (tensors of N rows, ``t``, ``row_kinds``) follow their rows; others go to every call as they are."""
+
+    def __init__(self, inner: Callable[..., Tensor], rule: str) -> None:
+        self.inner, self.rule = inner, rule
+
+    def __getattr__(self, name: str) -> Any:  # what a denoiser asks of its network (takes_step, takes_row_kinds ...)
+        return getattr(self.inner, name)
+
+    def __call__(self, x: Tensor, t: Tensor, *, crossattn: Tensor, text_len: Tensor, **kw: Any) -> Tensor:
+        n = x.shape[0]
+        lengths = [int(v) for v in text_len.reshape(-1).tolist()]
+        if len(lengths) != n or crossattn.shape[0] != n:
+            raise LatentSamplingError(f"{len(lengths)} text lengths and {crossattn.shape[0]} texts for {n} rows")
+
+        def rows(v: Any, idx: list[int], index: Tensor) -> Any:
+            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n:
+                return v.index_select(0, index.to(v.device))
+            if isinstance(v, tuple | list) and len(v) == n:  # row_kinds
+                return type(v)(v[i] for i in idx)
+            return v
+
+        out: Tensor | None = None
+        for group in text_length_groups(lengths, self.rule):
+            idx = [i for i, m in enumerate(lengths) if m in group]
+            span = functools.reduce(math.lcm, group)
+            text = torch.cat([crossattn[i : i + 1, : lengths[i]].repeat(1, span // lengths[i], 1) for i in idx])
+            if len(idx) == n:  # one call for every row: as a batch of one length
+                return self.inner(x, t, crossattn=text, **kw)
+            index = torch.tensor(idx, dtype=torch.long)
+            got = self.inner(rows(x, idx, index), rows(t, idx, index), crossattn=text,
+                             **{k: rows(v, idx, index) for k, v in kw.items()})  # fmt: skip
+            if out is None:
+                out = got.new_empty((n, *got.shape[1:]))
+            out.index_copy_(0, index.to(got.device), got)
+        assert out is not None
+        return out
+
+
+def _grouped_skipping(skipping: Callable[[tuple[int, ...]], Callable[..., Tensor]], layers: tuple[int, ...]) -> Any:
+    """A flow model's network with ``layers`` left out, its texts run as :class:`_TextGroups` runs them."""
+    return _TextGroups(skipping(layers), "equal")
+
+
+def _padded_texts(c: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The positive's and negative's texts zero-padded to the longer, and their token counts (one per row, on the
+    CPU) for :class:`_TextGroups`."""
+    m = max(c.shape[1], u.shape[1])
+    lc = torch.full((c.shape[0],), c.shape[1], dtype=torch.long)
+    lu = torch.full((u.shape[0],), u.shape[1], dtype=torch.long)
+    return F.pad(c, (0, 0, 0, m - c.shape[1])), F.pad(u, (0, 0, 0, m - u.shape[1])), lc, lu
 
 
 def make_noise(
@@ -558,6 +630,9 @@ def sample_latents(
     the rescale, skipped on a latent of a side 4 or less; under sdengine's rule the pipeline's default), not with
     regional entries either; ``sag_rule`` ("diffusers" / "comfyui", the pipeline's ``sag_rule``) places it by that
     rule whatever the seed rule (the SelfAttentionGuidance node passes "comfyui").
+    A positive and a negative of different token counts share the U-Net call as ComfyUI's ``CONDCrossAttn`` lets
+    them (:func:`texts_concat`'s ``"lcm"`` rule: repeated to their least common multiple where that is at most 4 x the
+    shorter; with PAG or SAG always) and run in calls of their own beyond that.
     ``prediction``: what the network predicts in place of the pipeline's own ("epsilon",
     "v_prediction", "sample"; ComfyUI's ModelSamplingDiscrete eps / v_prediction / x0); ``zero_terminal_snr``: the
     model's schedule rescaled to zero terminal SNR for this call (its zsnr).
@@ -944,11 +1019,23 @@ def sample_latents(
                 from sdengine.nn.ip_adapter import IPAdapterNet
 
                 part_net = IPAdapterNet(part_net, pipe.unet, ip.layers)
-            den = shrunk(_x0_denoiser(pipe, UNetAdapter(part_net, pipe.dtype), prediction, t_mode))
+            unet_net: Any = UNetAdapter(part_net, pipe.dtype)
             pos = pos_entry.cond
-            c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
-            uncond_args: dict[str, Tensor] = {"crossattn": u}
-            extra: dict[str, Tensor] = {"crossattn": c.expand(b, -1, -1)}
+            c, u = pos["crossattn"].to(dev), neg["crossattn"].to(dev)
+            uncond_args: dict[str, Tensor] = {}
+            extra: dict[str, Tensor] = {}
+            if texts_concat(c.shape[1], u.shape[1], "lcm") or pag_scale or sag_scale:
+                # ComfyUI's CONDCrossAttn: one call, each text repeated to the two counts' least common multiple
+                # (which leaves cross-attention as it is); PAG's and SAG's rows are told by their place in that one
+                # call, so with them the texts are repeated whatever their counts
+                c, u = _match_length(c, u)
+            else:  # further apart ComfyUI runs the two in calls of their own (_TextGroups)
+                c, u, extra["text_len"], uncond_args["text_len"] = _padded_texts(c, u)
+                extra["text_len"] = extra["text_len"].expand(b)
+                unet_net = _TextGroups(unet_net, "lcm")
+            den = shrunk(_x0_denoiser(pipe, unet_net, prediction, t_mode))
+            uncond_args["crossattn"] = u
+            extra["crossattn"] = c.expand(b, -1, -1)
             if ip is not None:
                 uncond_args["ip_tokens"] = ip.uncond
                 extra["ip_tokens"] = ip.cond
@@ -1269,7 +1356,9 @@ def sample_flow_latents(
     plain model (:class:`_FlowInpaint`, the mask as :func:`flow_noise_mask` fits it); ``differential``: Differential
     Diffusion's strength on that mask (None = off; see :func:`sample_latents`), the threshold in the flow's timestep
     (sigma) between ``sigmas[0]`` and the larger of ``sigmas[-1]`` and the table's sigma_min. ``cfg_norm``:
-    ComfyUI's CFGNorm strength (:class:`_CFGNormed`, after the CFG)."""
+    ComfyUI's CFGNorm strength (:class:`_CFGNormed`, after the CFG). A positive and a negative of different token
+    counts run apart where the negative runs, each at its own length in a call of its own (ComfyUI's ``CONDRegular``,
+    :func:`texts_concat`'s ``"equal"`` rule); at cfg 1 the positive runs alone at its own length."""
     from sdengine.diffusion.flow import FlowDenoiser
 
     if seed_rule not in SEED_RULES:
@@ -1303,24 +1392,35 @@ def sample_flow_latents(
     noise = noise.to(dev) if add_noise else torch.zeros_like(latent)
 
     c, u = pos["crossattn"].to(dev), neg["crossattn"].to(dev)
-    if float(cfg) != 1.0 or sampler in sampling.CFG_PP_SAMPLERS:  # the negative runs: one batch, one length
-        c, u = _match_flow_length(c, u)
-    extra: dict[str, Tensor] = {"crossattn": c.expand(b, -1, -1)}
-    uncond: dict[str, Tensor] = {"crossattn": u}
+    network, skipping = model.network, model.skipping
+    extra: dict[str, Tensor] = {}
+    uncond: dict[str, Tensor] = {}
+    # Texts of different token counts where the negative runs (cfg other than 1, or a CFG++ sampler): ComfyUI's
+    # CONDRegular never batches them, each runs at its own length in a call of its own (at cfg 1 the positive runs
+    # alone, at its length: nothing is ever repeated to the two counts' least common multiple)
+    if c.shape[1] != u.shape[1] and (float(cfg) != 1.0 or sampler in sampling.CFG_PP_SAMPLERS):
+        c, u, extra["text_len"], uncond["text_len"] = _padded_texts(c, u)
+        extra["text_len"] = extra["text_len"].expand(b)
+        network = _TextGroups(model.network, "equal")
+        if model.skipping is not None:
+            skipping = functools.partial(_grouped_skipping, model.skipping)
+
+    extra["crossattn"] = c.expand(b, -1, -1)
+    uncond["crossattn"] = u
     for key in sorted((set(pos) | set(neg)) - {"crossattn"}):
         if key not in pos or key not in neg:
             raise LatentSamplingError(f"the positive and negative conditionings differ in their {key!r} entry")
         extra[key] = pos[key].to(dev).expand(b, *pos[key].shape[1:])
         uncond[key] = neg[key].to(dev)
-    den = FlowDenoiser(model.network, model.schedule)
+    den = FlowDenoiser(network, model.schedule)
     guided: Any = CFGDenoiser(den, float(cfg), uncond, rule="comfyui")
     if cfg_norm is not None:
         guided = _CFGNormed(guided, float(cfg), float(cfg_norm))
     slg = skip_layer_guidance
     if slg is not None and slg.layers and slg.scale > 0:
-        if model.skipping is None:
+        if skipping is None:
             raise LatentSamplingError(f"{model.name} cannot leave blocks out: skip-layer guidance is SD3's (MMDiT)")
-        skipped = FlowDenoiser(model.skipping(tuple(slg.layers)), model.schedule)
+        skipped = FlowDenoiser(skipping(tuple(slg.layers)), model.schedule)
         high = model.schedule.percent_to_sigma(float(slg.start_percent))
         low = model.schedule.percent_to_sigma(float(slg.end_percent))
         guided = _SkipLayerGuided(guided, den, skipped, float(slg.scale), high, low)

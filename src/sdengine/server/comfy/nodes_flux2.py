@@ -297,19 +297,6 @@ def fit_conditioning(entries: list[Any], width: int, guidance: bool = False) -> 
     return out
 
 
-def check_lengths(positive: list[Any], negative: list[Any], cfg: float) -> None:
-    """The positive and negative run as one batch here: at cfg other than 1 their token counts must agree (they do
-    unless a text is over 512 tokens; ComfyUI runs such a pair apart)."""
-    if float(cfg) == 1.0:
-        return
-    lengths = {int(e.cond["crossattn"].shape[1]) for e in (*positive, *negative)}
-    if len(lengths) > 1:
-        raise NodeError(
-            f"FLUX.2: the positive and negative texts have different token counts ({sorted(lengths)}; a text over "
-            f"{MIN_TOKENS} tokens), which is not supported at cfg other than 1: shorten the longer one"
-        )
-
-
 def refuse_checkpoint(name: str) -> None:
     raise NodeError(
         f"CheckpointLoaderSimple: {name} is a FLUX.2 model; on the ComfyUI route load its parts as ComfyUI's klein "
@@ -396,7 +383,6 @@ __all__ = [
     "channels",
     "check_clip",
     "check_latent",
-    "check_lengths",
     "clip_handle",
     "empty_flux2_latent",
     "fit_conditioning",

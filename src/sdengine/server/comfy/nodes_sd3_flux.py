@@ -1184,29 +1184,6 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
     return out
 
 
-def chroma_lengths(positive: list[Any], negative: list[Any], cfg: float) -> tuple[list[Any], list[Any]]:
-    """Chroma's positive and negative token states as ComfyUI batches them (its ``CONDCrossAttn.can_concat``):
-    states of different lengths are repeated to their least common multiple where that is at most 4 times the
-    shorter (the two run as one batch, the repeated tokens weighing more in the joint attention); otherwise, and at
-    cfg 1 (no negative pass), each runs at its own length: here both padded with zeros to one length and the padding
-    masked out of the attention (``text_mask``), which gives the same."""
-    if len(positive) != 1 or len(negative) != 1:
-        return positive, negative
-    a, b = positive[0].cond["crossattn"], negative[0].cond["crossattn"]
-    la, lb = int(a.shape[1]), int(b.shape[1])
-    if la == lb:
-        return positive, negative
-    if float(cfg) != 1.0 and math.lcm(la, lb) // min(la, lb) <= 4:
-        return positive, negative  # repeated to the common length by the sampler (sdengine's _match_length)
-    n = max(la, lb)
-    out = []
-    for e, x in ((positive[0], a), (negative[0], b)):
-        mask = (torch.arange(n) < int(x.shape[1]))[None].expand(x.shape[0], -1)
-        cond = {**e.cond, "crossattn": F.pad(x, (0, 0, 0, n - int(x.shape[1]))), "text_mask": mask}
-        out.append([replace(e, cond=cond)])
-    return out[0], out[1]
-
-
 def sample_flow(
     ctx: RunContext,
     model: ModelHandle,
@@ -1319,16 +1296,13 @@ def sample_flow(
             _fit_conditioning(positive, family, guidance, widths),
             _fit_conditioning(negative, family, guidance, widths),
         )
-        if family == "chroma":
-            fitted = chroma_lengths(*fitted, cfg)
-        if family in ("qwen_image", "z_image"):  # ComfyUI's CONDRegular: texts of different lengths run apart
+        if family in ("chroma", "qwen_image", "z_image"):
+            # ComfyUI's CONDRegular: texts of different lengths run apart; these transformers take a text mask, so
+            # here both padded to one length, the padding masked out (the other families' texts of different
+            # lengths run in calls of their own: sample_flow_latents)
             from sdengine.server.comfy.nodes_qwen import own_lengths
 
             fitted = own_lengths(*fitted)
-        if family == "flux2":
-            from sdengine.server.comfy import nodes_flux2
-
-            nodes_flux2.check_lengths(*fitted, cfg)
         with _transformer_loras(ctx, model, family):
             out = sample_flow_latents(
                 flow,
