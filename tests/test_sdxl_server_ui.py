@@ -18,6 +18,7 @@ from PIL import Image
 import sdengine
 from _live_server import live_server, server_config, wait_job
 from _sdxl_models import make_sdxl_folder
+from _webpage import chromium, tab
 
 SIZE, SEED = 32, 3
 PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
@@ -147,32 +148,14 @@ def test_openai_generations_take_sdxl_as_the_native_job(models, client):
 
 @pytest.fixture(scope="module")
 def browser():
-    from pathlib import Path
-
-    from playwright.sync_api import sync_playwright
-
-    from test_webui import CHROMIUM, CHROMIUM_ARGS
-
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: install Debian's chromium package (make sysdeps)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture()
 def page(browser, server):
-    from test_webui import WAIT_MS, open_page
-
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.set_default_timeout(WAIT_MS)
-    open_page(pg, server.url)
-    yield pg
-    context.close()
-    assert not errors, errors  # no uncaught JavaScript error on the page
+    with tab(browser, server.url) as pg:
+        yield pg
 
 
 SDXL_INPUTS = ("#sdxl_prompt_2", "#sdxl_original_size", "#sdxl_crop", "#sdxl_target_size", "#refiner")

@@ -25,22 +25,11 @@ from safetensors.torch import save_file
 
 from _live_server import live_server, server_config, wait_job
 from _vaes import other_vae
+from _webpage import WAIT_MS, chromium, open_page, tab
 from sdengine.models.esrgan import UpscalerSpec, build_upscaler
 from sdengine.weights.upscaler_file import save_upscaler
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PROMPT = "smiling face with sunglasses"
-WAIT_MS = 180_000  # one bounded wait for a job on a busy 2-core machine (a 64x64 job takes ~1 s when idle)
 
 
 @pytest.fixture(scope="module")
@@ -59,37 +48,20 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: install Debian's chromium package (make sysdeps)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture()
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.set_default_timeout(WAIT_MS)
-    open_page(pg, server.url)
-    yield pg
-    context.close()
-    assert not errors, errors  # no uncaught JavaScript error on the page
+    with tab(browser, server.url) as pg:
+        yield pg
 
 
 @pytest.fixture()
 def client(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
-
-
-def open_page(pg, url: str) -> None:
-    pg.goto(url + "/")
-    pg.wait_for_selector("body[data-ready=true]")
 
 
 def png_bytes(im: Image.Image, pnginfo: PngImagePlugin.PngInfo | None = None) -> bytes:

@@ -7,8 +7,6 @@ Depth / Canny's control image have inputs shown for Flux models of that kind onl
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import numpy as np
 import pytest
@@ -18,13 +16,10 @@ from _flux2_models import make_klein_folder
 from _flux_models import make_flux_folder
 from _live_server import live_server, server_config
 from _sd3_models import make_sd3_folder
+from _webpage import chromium, tab
 from _z_image_models import make_z_folder
 from test_webui import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    WAIT_MS,
     api_image,
-    open_page,
     shown_errors,
     shown_image,
     upload,
@@ -49,26 +44,14 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: install Debian's chromium package (make sysdeps)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture()
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.set_default_timeout(WAIT_MS)
-    open_page(pg, server.url)
-    yield pg
-    context.close()
-    assert not errors, errors  # no uncaught JavaScript error on the page
+    with tab(browser, server.url) as pg:
+        yield pg
 
 
 @pytest.fixture()

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from _live_server import live_server, server_config
+from _webpage import chromium, tab
 from test_webui import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     UNLABELLED,
     WAIT_MS,
     api_image,
@@ -40,28 +39,14 @@ def server(folders):
 
 @pytest.fixture(scope="module")
 def browser():
-    from pathlib import Path
-
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: install Debian's chromium package (make sysdeps)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture()
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.set_default_timeout(WAIT_MS)
-    open_page(pg, server.url)
-    yield pg
-    context.close()
-    assert not errors, errors
+    with tab(browser, server.url) as pg:
+        yield pg
 
 
 def test_the_ip_adapter_section_runs_the_apis_unit(page, server, folders, tmp_path) -> None:

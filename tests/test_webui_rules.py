@@ -20,11 +20,9 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from _live_server import live_server, server_config
+from _webpage import chromium, tab
 from test_webui import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     UNLABELLED,
-    WAIT_MS,
     api_image,
     drop_file,
     open_page,
@@ -46,18 +44,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-        pg = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
-        errors: list[str] = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.set_default_timeout(WAIT_MS)
-        open_page(pg, server.url)
+    with chromium() as browser, tab(browser, server.url) as pg:
         yield pg
-        browser.close()
-        assert not errors, errors  # no uncaught JavaScript error on the page
 
 
 @pytest.fixture()

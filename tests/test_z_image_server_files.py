@@ -31,6 +31,7 @@ from PIL import Image  # noqa: E402
 import sdengine  # noqa: E402
 from _live_server import live_server, one_line_400, run_job, server_config  # noqa: E402
 from _pipeline_models import picture  # noqa: E402
+from _webpage import chromium  # noqa: E402
 from _z_image_models import make_z_folder  # noqa: E402
 from test_comfy_sd3_flux import _ldm_vae  # noqa: E402
 from test_z_image_files import original_layout  # noqa: E402
@@ -207,17 +208,8 @@ def test_a_missing_part_or_a_refused_setting_is_a_one_line_400(served):
 
 @pytest.fixture(scope="module")
 def browser():
-    from pathlib import Path
-
-    from playwright.sync_api import sync_playwright
-
-    from test_webui import CHROMIUM, CHROMIUM_ARGS
-
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: install Debian's chromium package (make sysdeps)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def test_the_web_page_takes_the_files_defaults_and_gives_the_apis_image(served, browser):
