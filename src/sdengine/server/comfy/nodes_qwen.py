@@ -533,15 +533,6 @@ def raw_out(z: torch.Tensor) -> torch.Tensor:
     return z * std + mean
 
 
-def check_latent(z: torch.Tensor, name: str) -> None:
-    h, w = int(z.shape[-2]), int(z.shape[-1])
-    if h % PATCH or w % PATCH:
-        raise NodeError(
-            f"{name}: a Qwen-Image latent of {w}x{h} has an odd side; ComfyUI pads it to the 2x2 patches, which is "
-            "not supported here: use an image side that is a multiple of 16"
-        )
-
-
 def fit_conditioning(entries: list[Any], joint: int) -> list[Any]:
     """The entries as a Qwen-Image transformer reads them: text states ``joint`` wide, no pooled vector; FluxGuidance
     (which ComfyUI's Qwen-Image ignores) refused."""
@@ -675,7 +666,6 @@ __all__ = [
     "ComfyQwenAdapter",
     "QwenComfyText",
     "cfg_norm",
-    "check_latent",
     "comfy_text",
     "comfy_vision_pixels",
     "edit_size",

@@ -174,15 +174,6 @@ def schedule(model: ModelHandle) -> Any:
     return FlowSchedule.sd3(COMFY_SHIFT)
 
 
-def check_latent(z: torch.Tensor, name: str) -> None:
-    h, w = int(z.shape[-2]), int(z.shape[-1])
-    if h % PATCH or w % PATCH:
-        raise NodeError(
-            f"{name}: a Z-Image latent of {w}x{h} has an odd side; ComfyUI pads it to the 2x2 patches, which is not "
-            "supported here: use an image side that is a multiple of 16"
-        )
-
-
 def fit_conditioning(entries: list[Any], width: int) -> list[Any]:
     """The entries as a Z-Image transformer reads them: caption states ``width`` wide (its ``cap_feat_dim``), no
     pooled vector; FluxGuidance refused."""
@@ -229,7 +220,6 @@ __all__ = [
     "FAMILY",
     "ZImageComfyText",
     "check_clip",
-    "check_latent",
     "fit_conditioning",
     "is_gemma_file",
     "is_qwen3_file",
