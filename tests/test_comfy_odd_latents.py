@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from test_comfy_chroma import chroma, chroma_graph  # noqa: E402, F401
+from test_comfy_flux2 import klein  # noqa: E402, F401
 from test_comfy_qwen_image import qwen, qwen_graph  # noqa: E402, F401
 from test_comfy_sd3_flux import (  # noqa: E402, F401
     _node_error,
@@ -98,3 +99,151 @@ def test_an_odd_latent_runs_as_comfyui_pads_it(family, request, monkeypatch):
     assert seen and all(s[-2:] == (LATENT[0] + 1, LATENT[1] + 1) for s in seen), seen
     gap = (ours - theirs).abs().max().item()
     assert gap < 1e-5, gap
+    # the padding's mode counts: zeros in the padded row / column (not ComfyUI's) give another latent
+    monkeypatch.setattr(
+        ComfyPad, "pad", staticmethod(lambda x: torch.nn.functional.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2)))
+    )
+    zeros = _run(root, make())[sampler][0]["samples"]
+    assert (ours - zeros).abs().max().item() > 1e-4
+
+
+def _picture(root: Any, name: str, width: int, height: int) -> str:
+    from _pipeline_models import picture
+
+    (root / "in").mkdir(exist_ok=True)
+    picture(width, height, seed=1).save(root / "in" / name)
+    return name
+
+
+def test_flux_kontext_odd_reference_and_latent_as_comfyui(flux, monkeypatch):  # noqa: F811 (the imported fixture)
+    """FLUX.1 Kontext (ReferenceLatent) with a 26 x 18 picture: a 13 x 9 reference latent out of the tiny 2x VAE,
+    beside the 9 x 5 latent; ComfyUI pads both circularly (the reference in ``process_img``), one reference at
+    offset 0 (its layout counts no padding)."""
+    from sdengine.pipeline.flux import FluxAdapter
+
+    root = flux[0]
+
+    def make() -> dict[str, Any]:
+        g = _odd(flux_graph(), "7")
+        g["20"] = {"class_type": "LoadImage", "inputs": {"image": _picture(root, "odd_ref.png", 26, 18)}}
+        g["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["9", 0]}}
+        g["22"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["3", 0], "latent": ["21", 0]}}
+        g["4"]["inputs"]["conditioning"] = ["22", 0]
+        return g
+
+    out = _run(root, make())
+    assert tuple(out["21"][0]["samples"].shape[-2:]) == (9, 13)
+    ours = out["8"][0]["samples"]
+    seen: list[tuple[int, ...]] = []
+    comfy_reference(monkeypatch, seen)
+    call = FluxAdapter.__call__
+
+    def padded_refs(self: Any, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        refs = self.references
+        self.references = [ComfyPad.pad(r) for r in refs or ()]
+        try:
+            return call(self, x, t, **cond)
+        finally:
+            self.references = refs
+
+    monkeypatch.setattr(FluxAdapter, "__call__", padded_refs)
+    theirs = _run(root, make())["8"][0]["samples"]
+    assert seen
+    gap = (ours - theirs).abs().max().item()
+    assert gap < 1e-5, gap
+    no_ref = _run(root, _odd(flux_graph(), "7"))["8"][0]["samples"]
+    assert (ours - no_ref).abs().max().item() > 1e-3  # the reference counts
+
+
+def test_qwen_edit_odd_reference_and_latent_as_comfyui(qwen, monkeypatch):  # noqa: F811
+    """Qwen-Image with ReferenceLatent (Edit's reference, frame 1) of a 26 x 18 picture (a 13 x 9 reference latent
+    out of the tiny 2x VAE) beside the 9 x 5 latent: both padded circularly, as ComfyUI's ``process_img``."""
+    from sdengine.server.comfy import nodes_qwen
+
+    root = qwen[0]
+
+    def make() -> dict[str, Any]:
+        g = _odd(qwen_graph(), "58")
+        g["20"] = {"class_type": "LoadImage", "inputs": {"image": _picture(root, "odd_ref.png", 26, 18)}}
+        g["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["39", 0]}}
+        g["22"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["6", 0], "latent": ["21", 0]}}
+        g["23"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["7", 0], "latent": ["21", 0]}}
+        g["3"]["inputs"]["positive"], g["3"]["inputs"]["negative"] = ["22", 0], ["23", 0]
+        return g
+
+    out = _run(root, make())
+    assert tuple(out["21"][0]["samples"].shape[-2:]) == (9, 13)
+    ours = out["3"][0]["samples"]
+    seen: list[tuple[int, ...]] = []
+    comfy_reference(monkeypatch, seen)
+    monkeypatch.setattr(nodes_qwen, "references_for", lambda refs, method="index": [ComfyPad.pad(r) for r in refs])
+    theirs = _run(root, make())["3"][0]["samples"]
+    assert seen
+    gap = (ours - theirs).abs().max().item()
+    assert gap < 1e-5, gap
+    no_ref = _run(root, _odd(qwen_graph(), "58"))["3"][0]["samples"]
+    assert (ours - no_ref).abs().max().item() > 1e-3
+
+
+def test_flux2_odd_latent_and_reference_run_unpadded(monkeypatch, request):
+    """FLUX.2's transformer reads one token a latent pixel (ComfyUI's patch size 1): EmptyFlux2LatentImage 80 x 48
+    is a 5 x 3 latent of 128 channels, run as it is, and a 72 x 88 picture a 9 x 11 reference latent; both equal
+    sdengine's FLUX.2 pipeline at that size (40 x 24 pixels out of the tiny VAE)."""
+    from test_comfy_flux2 import PROMPT, SEED, STEPS, TOL, _pixels, klein_graph
+
+    def _image(pipe: Any, **kw: Any) -> np.ndarray:  # the pipeline at 40 x 24 pixels
+        out = pipe(PROMPT, "", steps=STEPS, seed=SEED, width=40, height=24, sampler="euler", cfg_scale=1.0,
+                   schedule="normal", progress=False, **kw)  # fmt: skip
+        return out.arrays[0].astype(np.float64)
+
+    root, pipe, _ = request.getfixturevalue("klein")
+    seen: list[tuple[int, ...]] = []
+    forward = type(pipe.transformer).forward
+
+    def spy(self: Any, x: torch.Tensor, *a: Any, **kw: Any) -> Any:
+        seen.append(tuple(x.shape))
+        return forward(self, x, *a, **kw)
+
+    monkeypatch.setattr(type(pipe.transformer), "forward", spy)
+    g = klein_graph()
+    g["66"]["inputs"].update(width=80, height=48)
+    g["62"]["inputs"].update(width=80, height=48)
+    out = _run(root, g)
+    assert tuple(out["64"][0]["samples"].shape) == (1, 128, 3, 5)
+    assert seen and all(s[-2:] == (3, 5) for s in seen), seen
+    gap = np.abs(_pixels(out["65"][0]) - _image(pipe))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+    name = _picture(root, "odd_klein_ref.png", 72, 88)
+    g["80"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    g["81"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["80", 0], "vae": ["72", 0]}}
+    g["82"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["74", 0], "latent": ["81", 0]}}
+    g["63"]["inputs"]["positive"] = ["82", 0]
+    out = _run(root, g)
+    assert tuple(out["81"][0]["samples"].shape[-2:]) == (11, 9)
+    ours = _pixels(out["65"][0])
+    gap = np.abs(ours - _image(pipe, reference_images=[str(root / "in" / name)]))
+    assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
+
+
+def test_an_odd_latent_with_a_controlnet_is_one_line():
+    """A ControlNet (or Z-Image's Fun ControlNet patch) beside an odd latent side: one line (not built here)."""
+    from sdengine.latent_sampling import FlowModel
+    from sdengine.server.comfy.nodes import ModelHandle, NodeError
+    from sdengine.server.comfy.nodes_sd3_flux import PatchPadded, _odd_sides
+
+    flow = FlowModel(lambda x, t, **c: x * 2, None, 16, "cpu", "tiny.safetensors")
+    z = torch.zeros(1, 16, 5, 9)
+    with pytest.raises(NodeError) as e:
+        _odd_sides(flow, "flux", z, [object()], ModelHandle("m"))
+    assert str(e.value) == (
+        "tiny.safetensors: a latent of 9x5 has an odd side; ComfyUI pads it to the 2x2 patches, which runs here "
+        "without a ControlNet only: use an image side that is a multiple of 16 with a ControlNet"
+    )
+    assert _odd_sides(flow, "flux", torch.zeros(1, 16, 4, 8), [object()], ModelHandle("m")) is flow  # even: as is
+    assert _odd_sides(flow, "flux2", z, [], ModelHandle("m")) is flow  # FLUX.2: patch size 1
+    padded = _odd_sides(flow, "sd3", z, [], ModelHandle("m")).network
+    assert isinstance(padded, PatchPadded)
+    x = torch.arange(45.0).reshape(1, 1, 5, 9)
+    seen: list[tuple[int, ...]] = []
+    wrapped = PatchPadded(lambda x, t, concat: (seen.append(tuple(concat.shape)), x + concat)[1])
+    assert torch.equal(wrapped(x, torch.zeros(1), concat=x), 2 * x) and seen == [(1, 1, 6, 10)]
