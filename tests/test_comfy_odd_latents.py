@@ -247,3 +247,80 @@ def test_an_odd_latent_with_a_controlnet_is_one_line():
     seen: list[tuple[int, ...]] = []
     wrapped = PatchPadded(lambda x, t, concat: (seen.append(tuple(concat.shape)), x + concat)[1])
     assert torch.equal(wrapped(x, torch.zeros(1), concat=x), 2 * x) and seen == [(1, 1, 6, 10)]
+
+
+def comfy_qwen_layout(shapes: list[tuple[int, int]], method: str = "index") -> tuple[tuple[int, int, int], ...]:
+    """ComfyUI's Qwen-Image ``_forward`` over its reference latents, written out: "index" frames 1, 2, ...; every
+    other method frame 1 with the box rule; ``process_img`` turns a shift to patches as ``(shift + 1) // 2``."""
+    out, h, w, index = [], 0, 0, 0
+    for rh, rw in shapes:
+        if method == "index":
+            index, h_offset, w_offset = index + 1, 0, 0
+        else:
+            index, h_offset, w_offset = 1, 0, 0
+            if rh + h > rw + w:
+                w_offset = w
+            else:
+                h_offset = h
+            h, w = max(h, rh + h_offset), max(w, rw + w_offset)
+        out.append((index, (h_offset + 1) // 2, (w_offset + 1) // 2))
+    return tuple(out)
+
+
+def test_qwen_reference_layouts_follow_comfyuis_rules():
+    """Three reference latents of 9 x 13, 5 x 7 and 11 x 3: "offset" puts the second below the first (9 rows: 5
+    patches), the third right of both (13 columns: 7 patches); the RoPE's rows / columns are ComfyUI's
+    ``r - h_len // 2 + shift``."""
+    from sdengine.models.qwen_image import ROPE_THETA, rope_tables
+    from sdengine.server.comfy.nodes_qwen import reference_layout
+
+    shapes = [(9, 13), (5, 7), (11, 3)]
+    assert reference_layout(shapes, "offset") == comfy_qwen_layout(shapes, "offset") == ((1, 0, 0), (1, 5, 0),
+                                                                                          (1, 0, 7))  # fmt: skip
+    assert reference_layout(shapes, "uxo") == reference_layout(shapes, "offset")  # Qwen-Image has no uxo rule
+    assert reference_layout(shapes, "index") == ((1, 0, 0), (2, 0, 0), (3, 0, 0))
+    axes = (16, 56, 56)
+    grids = tuple(((h + 1) // 2, (w + 1) // 2) for h, w in shapes)  # 5 x 7, 3 x 4, 6 x 2 patches
+    cos, _ = rope_tables(2, 2, 1, axes, "comfyui", grids, reference_layout(shapes, "offset"))
+    first = 1 + 4 + 5 * 7 + 3 * 4  # text 1, image 2 x 2, ref 1, ref 2: the third ref's token (0, 0)
+    want = (1.0, 0 - 6 // 2 + 0, 0 - 2 // 2 + 7)  # frame 1, row r - h_len // 2, column c - w_len // 2 + 7
+    expected = torch.cat([
+        (p * (1.0 / torch.pow(ROPE_THETA, torch.arange(0, d, 2).float() / d))).cos().repeat_interleave(2)
+        for p, d in zip(want, axes, strict=True)
+    ])  # fmt: skip
+    assert torch.allclose(cos[first], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["offset", "uxo/uno"])
+def test_qwen_several_references_in_offset_layouts_as_comfyui(qwen, monkeypatch, method):  # noqa: F811
+    """Two ReferenceLatents (26 x 18 and 14 x 10 pictures: 13 x 9 and 7 x 5 latents, odd) laid out by
+    FluxKontextMultiReferenceLatentMethod: the sampled latent equals the graph run with this file's ComfyUI layout;
+    "index" (Qwen-Image's default) is another latent."""
+    from sdengine.server.comfy import nodes_qwen
+
+    root = qwen[0]
+
+    def make(layout: str | None) -> dict[str, Any]:
+        g = _odd(qwen_graph(), "58")
+        g["3"]["inputs"]["cfg"] = 1.0
+        for k, (name, w, h) in enumerate((("ref_a.png", 26, 18), ("ref_b.png", 14, 10))):
+            g[f"2{k}"] = {"class_type": "LoadImage", "inputs": {"image": _picture(root, name, w, h)}}
+            g[f"3{k}"] = {"class_type": "VAEEncode", "inputs": {"pixels": [f"2{k}", 0], "vae": ["39", 0]}}
+        g["40"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["6", 0], "latent": ["30", 0]}}
+        g["41"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["40", 0], "latent": ["31", 0]}}
+        g["3"]["inputs"]["positive"] = ["41", 0]
+        if layout:
+            g["42"] = {"class_type": "FluxKontextMultiReferenceLatentMethod",
+                       "inputs": {"conditioning": ["41", 0], "reference_latents_method": layout}}  # fmt: skip
+            g["3"]["inputs"]["positive"] = ["42", 0]
+        return g
+
+    out = _run(root, make(method))
+    assert [tuple(out[f"3{k}"][0]["samples"].shape[-2:]) for k in range(2)] == [(9, 13), (5, 7)]
+    ours = out["3"][0]["samples"]
+    index = _run(root, make(None))["3"][0]["samples"]
+    assert (ours - index).abs().max().item() > 1e-4  # the layout counts
+    monkeypatch.setattr(nodes_qwen, "reference_layout", comfy_qwen_layout)
+    theirs = _run(root, make(method))["3"][0]["samples"]
+    gap = (ours - theirs).abs().max().item()
+    assert gap < 1e-5, gap
