@@ -35,14 +35,16 @@ the Qwen-Image facts it reads, each ComfyUI's (read from its ``comfy/text_encode
   too), an all-zero latent left as it is (ComfyUI's rule). VAEEncode gives the posterior's mean, as ComfyUI's.
 * **Positions**: ComfyUI centres an odd grid of patches one further than diffusers (rows ``r - rows//2``); its
   transformer runs with that (``rope_centre="comfyui"``, :func:`sdengine.models.qwen_image.rope_tables`). A latent
-  whose side is odd (an image side not a multiple of 16) ComfyUI pads to the patch; here that is refused in one line.
+  whose side is odd (an image side not a multiple of 16) is padded to the patches at each call as ComfyUI pads it
+  (:class:`sdengine.server.comfy.nodes_sd3_flux.PatchPadded`).
 
 * **Edit** (ComfyUI's ``qwen_image_edit`` template, :func:`text_encode_qwen_image_edit`): TextEncodeQwenImageEdit
   reads the image with the CLIP file's Qwen2.5-VL vision tower (``visual.*``) into the Edit template and sets the
   VAE-encoded image as the conditioning's reference latent; the transformer appends its patches with frame 1
   (ComfyUI's ``reference_latents``; ReferenceLatent sets the same), the text's RoPE start read off the generated
   latent alone (ComfyUI's ``txt_start``). TextEncodeQwenImageEditPlus (Edit-2509): up to three images, each read
-  at ~384^2 pixels as ``Picture N`` and its ~1024^2 latent a reference (frames 1, 2, 3).
+  at ~384^2 pixels as ``Picture N`` and its ~1024^2 latent a reference (frames 1, 2, 3; with
+  FluxKontextMultiReferenceLatentMethod "offset" / "uxo/uno": ComfyUI's box layout, :func:`reference_layout`).
 
 What is not built is refused in one line: CheckpointLoaderSimple on a Qwen-Image model (a diffusers folder: its
 parts are not files UNETLoader / CLIPLoader list), LoraLoader's strength_clip (Qwen-Image LoRAs adapt the
