@@ -65,10 +65,10 @@ def comfy_reference(monkeypatch: pytest.MonkeyPatch, seen: list[tuple[int, ...]]
     """The sampler's flow network wrapped in :class:`ComfyPad` in place of sdengine's own padding."""
     from sdengine.server.comfy import nodes_sd3_flux
 
-    def odd_sides(flow: Any, family: str, z: torch.Tensor, controls: list, model: Any) -> Any:
+    def comfy_sides(flow: Any, family: str, z: torch.Tensor, controls: list, model: Any) -> Any:
         return replace(flow, network=ComfyPad(flow.network, seen))
 
-    monkeypatch.setattr(nodes_sd3_flux, "_odd_sides", odd_sides)
+    monkeypatch.setattr(nodes_sd3_flux, "odd_sides", comfy_sides)
 
 
 def _odd(graph: dict[str, Any], node: str) -> dict[str, Any]:
@@ -229,20 +229,22 @@ def test_an_odd_latent_with_a_controlnet_is_one_line():
     """A ControlNet (or Z-Image's Fun ControlNet patch) beside an odd latent side: one line (not built here)."""
     from sdengine.latent_sampling import FlowModel
     from sdengine.server.comfy.nodes import ModelHandle, NodeError
-    from sdengine.server.comfy.nodes_sd3_flux import PatchPadded, _odd_sides
+    from sdengine.server.comfy.nodes_sd3_flux import PatchPadded, odd_sides
 
     flow = FlowModel(lambda x, t, **c: x * 2, None, 16, "cpu", "tiny.safetensors")
     z = torch.zeros(1, 16, 5, 9)
     with pytest.raises(NodeError) as e:
-        _odd_sides(flow, "flux", z, [object()], ModelHandle("m"))
+        odd_sides(flow, "flux", z, [object()], ModelHandle("m"))
     assert str(e.value) == (
         "tiny.safetensors: a latent of 9x5 has an odd side; ComfyUI pads it to the 2x2 patches, which runs here "
         "without a ControlNet only: use an image side that is a multiple of 16 with a ControlNet"
     )
-    assert _odd_sides(flow, "flux", torch.zeros(1, 16, 4, 8), [object()], ModelHandle("m")) is flow  # even: as is
-    assert _odd_sides(flow, "flux2", z, [], ModelHandle("m")) is flow  # FLUX.2: patch size 1
-    padded = _odd_sides(flow, "sd3", z, [], ModelHandle("m")).network
+    assert odd_sides(flow, "flux", torch.zeros(1, 16, 4, 8), [object()], ModelHandle("m")) is flow  # even: as is
+    assert odd_sides(flow, "flux2", z, [], ModelHandle("m")) is flow  # FLUX.2: patch size 1
+    padded = odd_sides(flow, "sd3", z, [], ModelHandle("m")).network
     assert isinstance(padded, PatchPadded)
+    skipping = replace(flow, skipping=lambda layers: flow.network)  # SD3's skip-layer guidance: padded too
+    assert isinstance(odd_sides(skipping, "sd3", z, [], ModelHandle("m")).skipping((1,)), PatchPadded)
     x = torch.arange(45.0).reshape(1, 1, 5, 9)
     seen: list[tuple[int, ...]] = []
     wrapped = PatchPadded(lambda x, t, concat: (seen.append(tuple(concat.shape)), x + concat)[1])

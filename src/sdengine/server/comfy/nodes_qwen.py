@@ -710,6 +710,8 @@ __all__ = [
     "raw_in",
     "raw_out",
     "refuse_aura_flow",
+    "REFERENCE_METHODS",
+    "reference_layout",
     "references_for",
     "refuse_checkpoint",
     "schedule",

@@ -1220,7 +1220,7 @@ class PatchPadded:
         return self.network(pad_to_patches(x, self.patch), t, **fitted)[..., :h, :w]
 
 
-def _odd_sides(flow: Any, family: str, z: torch.Tensor, controls: list[Any], model: ModelHandle) -> Any:
+def odd_sides(flow: Any, family: str, z: torch.Tensor, controls: list[Any], model: ModelHandle) -> Any:
     """``flow`` as ComfyUI runs it on ``z``: a latent side that is not a multiple of the 2 x 2 patches padded
     circularly at every model call and the output cut back (:class:`PatchPadded`); FLUX.2's transformer reads the
     latent one token a latent pixel (ComfyUI's patch size 1: nothing to pad). With a ControlNet an odd side is one
@@ -1296,7 +1296,7 @@ def sample_flow(
         nodes_flux2.check_latent(z, flow.channels, flow.name)
     elif z.shape[1] != FLOW_CHANNELS:
         raise NodeError(f"the latent has {z.shape[1]} channels, {flow.name}'s have {FLOW_CHANNELS}")
-    flow = _odd_sides(flow, family, z, controls, model)
+    flow = odd_sides(flow, family, z, controls, model)
     if model.z_image_controls:  # ZImageFunControlnet's patches, their control latents at this latent's size
         if family != "z_image":
             raise NodeError("ZImageFunControlnet's patch is on a model that is not Z-Image")
