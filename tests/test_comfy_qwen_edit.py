@@ -326,9 +326,9 @@ def test_references_for_pads_odd_sides_circularly():
     assert out.shape == (1, 2, 4, 6)
     assert torch.equal(out[..., 3, :5], z[..., 0, :]) and torch.equal(out[..., :3, 5], z[..., :, 0])
     assert references_for([]) == [] and len(references_for([z, z])) == 2
-    assert len(references_for([z], "offset")) == 1  # one reference: every method lays it out the same
-    with pytest.raises(NodeError, match="'offset' with 2 reference latents on a Qwen-Image model"):
-        references_for([z, z], "offset")
+    assert len(references_for([z, z], "offset")) == 2  # several in "offset" / "uxo": test_comfy_odd_latents.py
+    with pytest.raises(NodeError, match="'shuffle' on a Qwen-Image model is not supported here"):
+        references_for([z, z], "shuffle")
 
 
 def test_rope_text_start_comfyui_reads_the_generated_grid():

@@ -342,9 +342,6 @@ def test_refusals_are_one_line(qwen):
     g["38"]["inputs"]["clip_name"] = "not_qwen.safetensors"  # not a text encoder
     cases.append(("CLIPLoader type qwen_image takes Qwen2.5-VL's text encoder", g))
     g = qwen_graph()
-    g["58"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 72, "height": 64, "batch_size": 1}}  # 9 wide
-    cases.append(("has an odd side", g))
-    g = qwen_graph()
     g["9"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["38", 0], "stop_at_clip_layer": -2}}
     g["6"]["inputs"]["clip"] = ["9", 0]
     cases.append(("CLIPSetLastLayer does not apply to Qwen-Image", g))

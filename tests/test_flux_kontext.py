@@ -237,8 +237,6 @@ def test_transformer_reference_input_errors(kontext):
     )
     with pytest.raises(sdengine.errors.UsageError, match=r"reference latent 0 must be \(1 or 2, 16, h, w\)"):
         net(x, reference_latents=[torch.zeros(3, 16, 4, 4)], **args)
-    with pytest.raises(sdengine.errors.UsageError, match="reference latent 1 is 4x5; its sides must be even"):
-        net(x, reference_latents=[torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 4, 5)], **args)
     block = [torch.zeros(2, 12, 128)]
     with pytest.raises(sdengine.errors.UsageError, match="reference latents .Kontext. and ControlNet residuals"):
         net(x, reference_latents=[torch.zeros(1, 16, 4, 4)], controlnet_block_samples=block, **args)
@@ -318,3 +316,28 @@ def test_chroma_refuses_reference_images(tmp_path):
     with pytest.raises(GenerationError, match="reference_images .--reference-image. are FLUX.1 Kontext's; .* not a"):
         pipe(PROMPT, steps=1, width=W, height=H, reference_images=_reference(), progress=False)
     assert np.isfinite(pipe(PROMPT, steps=1, width=W, height=H, progress=False).arrays).all()
+
+
+def test_an_odd_reference_is_padded_circularly_as_comfyui(kontext):
+    """ComfyUI's ``process_img`` pads a reference's odd side circularly (bottom / right) to the 2 x 2 patches; its
+    layouts count the unpadded sizes (``(offset + 1) // 2`` patches)."""
+    from sdengine.models.flux import reference_ids
+
+    _, pipe, _ = kontext
+    net = pipe.transformer
+    g = torch.Generator().manual_seed(4)
+    x, ref = torch.randn(1, 16, 4, 6, generator=g), torch.randn(1, 16, 5, 3, generator=g)
+    args = dict(timestep=500.0, encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
+                pooled_projections=torch.randn(1, 64, generator=g), guidance=3.5)  # fmt: skip
+    padded = torch.cat([ref, ref[:, :, :1]], dim=2)
+    padded = torch.cat([padded, padded[..., :1]], dim=3)  # 6 x 4: the first row and column repeated
+    with torch.no_grad():
+        odd = net(x, reference_latents=[ref], **args)
+        even = net(x, reference_latents=[padded], **args)
+    assert (odd - even).abs().max().item() < 1e-6
+    # three 5 x 5 references laid out "uxo" beside a 10 x 10 image: ComfyUI's h_offset = 10 + (0, 5, 10), w alike,
+    # each (offset + 1) // 2 patches: rows start at 5, 8, 10 (padded sizes would give 5, 8, 11); 3 x 3 tokens each
+    ids = reference_ids([(5, 5)] * 3, method="uxo", image=(10, 10))
+    assert ids.shape == (27, 3)
+    assert [int(ids[9 * k, 1]) for k in range(3)] == [5, 8, 10]
+    assert [int(ids[9 * k, 2]) for k in range(3)] == [5, 8, 10]

@@ -263,8 +263,10 @@ def reference_ids(
     image: tuple[int, int] = (0, 0),
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Position ids of reference latents (FLUX.1 Kontext) of latent sizes ``shapes`` ((h, w) each, even), their
-    tokens one after another, rows and columns as an image's, shifted by ComfyUI's ``method``:
+    """Position ids of reference latents (FLUX.1 Kontext) of latent sizes ``shapes`` ((h, w) each; an odd side is
+    padded to the patches, ComfyUI's ``pad_to_patch_size``: ``ceil(h / 2)`` rows of tokens, the shifts below still
+    counted in the unpadded sizes, as ComfyUI counts them), their tokens one after another, rows and columns as an
+    image's, shifted by ComfyUI's ``method``:
 
     * "offset" (ComfyUI's default for Flux.1; diffusers' FluxKontextPipeline for one reference): first id 1; each
       further one moved past the ones before it along its shorter side (right of their box where it is taller
@@ -291,7 +293,7 @@ def reference_ids(
             else:
                 dy = box_h
             box_h, box_w = max(box_h, h + dy), max(box_w, w + dx)
-        ids = image_ids(h // PATCH, w // PATCH)
+        ids = image_ids(-(-h // PATCH), -(-w // PATCH))
         ids[:, 0] = index
         ids[:, 1] += (dy + PATCH // 2) // PATCH
         ids[:, 2] += (dx + PATCH // 2) // PATCH
@@ -760,7 +762,9 @@ class FluxTransformer(FluxLikeTransformer):
     def _reference_tokens(
         self, latents: Sequence[Tensor] | None, batch: int, dtype: torch.dtype
     ) -> tuple[Tensor, tuple[tuple[int, int], ...]] | None:
-        """Reference latents as packed tokens (B, R, 4C), and their sizes; None where there are none."""
+        """Reference latents as packed tokens (B, R, 4C), and their sizes; None where there are none. An odd side is
+        padded circularly at the bottom / right to the 2 x 2 patches (ComfyUI's ``process_img``); the sizes are the
+        unpadded ones (ComfyUI's layouts count those)."""
         if not latents:
             return None
         packed, sizes = [], []
@@ -771,9 +775,8 @@ class FluxTransformer(FluxLikeTransformer):
                     f"h, w), got {tuple(ref.shape)}"
                 )
             h, w = int(ref.shape[2]), int(ref.shape[3])
-            if h % PATCH or w % PATCH:
-                raise UsageError(f"Flux transformer: reference latent {k} is {h}x{w}; its sides must be even")
-            packed.append(pack_latents(ref.to(device=self.device, dtype=dtype)).expand(batch, -1, -1))
+            padded = F.pad(ref, (0, -w % PATCH, 0, -h % PATCH), mode="circular") if h % PATCH or w % PATCH else ref
+            packed.append(pack_latents(padded.to(device=self.device, dtype=dtype)).expand(batch, -1, -1))
             sizes.append((h, w))
         return torch.cat(packed, dim=1), tuple(sizes)
 

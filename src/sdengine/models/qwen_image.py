@@ -181,6 +181,7 @@ def rope_tables(
     axes_dims: tuple[int, ...],
     centre: str = "diffusers",
     more: tuple[tuple[int, int], ...] = (),
+    layout: tuple[tuple[int, int, int], ...] = (),
 ) -> tuple[Tensor, Tensor]:
     """cos / sin (text + rows*cols (+ the ``more`` grids' tokens), head_dim) of ``text`` text tokens followed by a
     rows x cols image grid (row-major) and then the further (rows, cols) grids of ``more`` (Qwen-Image-Edit's
@@ -191,17 +192,23 @@ def rope_tables(
     Angle = position x ``theta ** (-2i / dim)``, both in float32 (the reference's numbers). ``centre`` "comfyui":
     ComfyUI's rows ``r - rows//2`` (and columns likewise), the same grid on an even side, one further on an odd one
     (its ``QwenImageTransformer2DModel.process_img``), and the text's ``start`` from the first grid alone (ComfyUI's
-    ``txt_start`` reads the generated latent's size, not its reference latents')."""
+    ``txt_start`` reads the generated latent's size, not its reference latents'). ``layout``: for each ``more`` grid
+    its (frame, rows down, columns right) in patches (ComfyUI's ``reference_latents_method`` "offset": frame 1, each
+    moved past the ones before; :func:`sdengine.server.comfy.nodes_qwen.reference_layout`); none: frames 1, 2, ...
+    unshifted."""
     if centre not in ROPE_CENTRES:
         raise UsageError(f"Qwen-Image RoPE: centre must be one of {', '.join(ROPE_CENTRES)}, got {centre!r}")
     grids = ((rows, cols), *more)
     start = max(max(h // 2, w // 2) for h, w in (grids[:1] if centre == "comfyui" else grids))
+    if layout and len(layout) != len(more):
+        raise UsageError(f"Qwen-Image RoPE: a layout of {len(layout)} for {len(more)} reference grids")
+    places = ((0, 0, 0), *(layout or ((n + 1, 0, 0) for n in range(len(more)))))
     images = []
-    for frame, (h, w) in enumerate(grids):
+    for (h, w), (frame, dy, dx) in zip(grids, places, strict=True):
         row0, col0 = (h // 2, w // 2) if centre == "comfyui" else (h - h // 2, w - w // 2)
         img = torch.full((h, w, 3), float(frame), dtype=torch.float32)
-        img[..., 1] = (torch.arange(h) - row0).float()[:, None]
-        img[..., 2] = (torch.arange(w) - col0).float()[None, :]
+        img[..., 1] = (torch.arange(h) - row0 + dy).float()[:, None]
+        img[..., 2] = (torch.arange(w) - col0 + dx).float()[None, :]
         images.append(img.reshape(h * w, 3))
     txt = (start + torch.arange(text)).float()[:, None].expand(text, 3)
     pos = torch.cat([txt, *images])
@@ -374,11 +381,12 @@ class QwenImageTransformer(nn.Module):
         device: torch.device,
         centre: str = "diffusers",
         more: tuple[tuple[int, int], ...] = (),
+        layout: tuple[tuple[int, int, int], ...] = (),
     ) -> tuple[Tensor, Tensor]:
         """The cos / sin tables (:func:`rope_tables`), the last ones made kept (every step asks for the same)."""
-        key = (rows, cols, text, device, centre, more)
+        key = (rows, cols, text, device, centre, more, layout)
         if self._rope_key != key or self._rope is None:
-            cos, sin = rope_tables(rows, cols, text, self.config.axes_dims_rope, centre, more)
+            cos, sin = rope_tables(rows, cols, text, self.config.axes_dims_rope, centre, more, layout)
             self._rope = (cos.to(device), sin.to(device))
             self._rope_key = key
         return self._rope
@@ -392,13 +400,15 @@ class QwenImageTransformer(nn.Module):
         *,
         rope_centre: str = "diffusers",
         reference: Tensor | Sequence[Tensor] | None = None,
+        reference_layout: Sequence[tuple[int, int, int]] | None = None,
         controlnet_block_samples: list[Tensor] | None = None,
     ) -> Tensor:
         """The velocity for the latent (B, C, H, W) at ``timestep`` (B,) on the 0..1000 scale given the text states
         (B, L, joint_attention_dim) and their mask (B, L) (1 = a token, 0 = padding; None: all tokens);
         ``rope_centre``: how an odd grid is centred (:func:`rope_tables`); ``reference``: Qwen-Image-Edit's
         reference latent (B, C, h, w) (module docstring), or a list of them (Qwen-Image-Edit-2509's input images, each
-        of its own size: image n's frame is n); ``controlnet_block_samples``: a ControlNet's residuals
+        of its own size: image n's frame is n; ``reference_layout``: each one's (frame, rows, columns) shift in
+        patches instead, :func:`rope_tables`); ``controlnet_block_samples``: a ControlNet's residuals
         (B, N, dim) (:mod:`sdengine.models.qwen_controlnet`), block ``i`` of ``n`` adding residual
         ``i // ceil(n / m)`` of the ``m`` to its image tokens (diffusers' rule)."""
         cfg = self.config
@@ -457,7 +467,10 @@ class QwenImageTransformer(nn.Module):
         vec = self.time_text_embed(t / 1000.0, dtype)
         # zero_cond_t (Qwen-Image-Edit-2511): the reference tokens are conditioned on t = 0, the rest on t
         zero = (self.time_text_embed(t * 0, dtype), tokens) if cfg.zero_cond_t and refs else None
-        rope = self.rope(H // PATCH, W // PATCH, L, device, rope_centre, more)
+        layout = tuple((int(f), int(dy), int(dx)) for f, dy, dx in reference_layout or ())
+        if layout and len(layout) != len(refs):
+            raise UsageError(f"Qwen-Image transformer: a reference_layout of {len(layout)} for {len(refs)} references")
+        rope = self.rope(H // PATCH, W // PATCH, L, device, rope_centre, more, layout)
         samples = controlnet_block_samples or None
         every = math.ceil(len(self.transformer_blocks) / len(samples)) if samples else 0
         for i, block in enumerate(self.transformer_blocks):

@@ -35,20 +35,22 @@ the Qwen-Image facts it reads, each ComfyUI's (read from its ``comfy/text_encode
   too), an all-zero latent left as it is (ComfyUI's rule). VAEEncode gives the posterior's mean, as ComfyUI's.
 * **Positions**: ComfyUI centres an odd grid of patches one further than diffusers (rows ``r - rows//2``); its
   transformer runs with that (``rope_centre="comfyui"``, :func:`sdengine.models.qwen_image.rope_tables`). A latent
-  whose side is odd (an image side not a multiple of 16) ComfyUI pads to the patch; here that is refused in one line.
+  whose side is odd (an image side not a multiple of 16) is padded to the patches at each call as ComfyUI pads it
+  (:class:`sdengine.server.comfy.nodes_sd3_flux.PatchPadded`).
 
 * **Edit** (ComfyUI's ``qwen_image_edit`` template, :func:`text_encode_qwen_image_edit`): TextEncodeQwenImageEdit
   reads the image with the CLIP file's Qwen2.5-VL vision tower (``visual.*``) into the Edit template and sets the
   VAE-encoded image as the conditioning's reference latent; the transformer appends its patches with frame 1
   (ComfyUI's ``reference_latents``; ReferenceLatent sets the same), the text's RoPE start read off the generated
   latent alone (ComfyUI's ``txt_start``). TextEncodeQwenImageEditPlus (Edit-2509): up to three images, each read
-  at ~384^2 pixels as ``Picture N`` and its ~1024^2 latent a reference (frames 1, 2, 3).
+  at ~384^2 pixels as ``Picture N`` and its ~1024^2 latent a reference (frames 1, 2, 3; with
+  FluxKontextMultiReferenceLatentMethod "offset" / "uxo/uno": ComfyUI's box layout, :func:`reference_layout`).
 
 What is not built is refused in one line: CheckpointLoaderSimple on a Qwen-Image model (a diffusers folder: its
 parts are not files UNETLoader / CLIPLoader list), LoraLoader's strength_clip (Qwen-Image LoRAs adapt the
 transformer only: LoraLoaderModelOnly and LoraLoader's model part run), FluxGuidance, a Qwen-Image
-model with another family's CLIP (or the reverse), several reference latents in a layout other than ``index``,
-an Edit image with a CLIP file without the vision tower, CLIPSetLastLayer.
+model with another family's CLIP (or the reverse), a FluxKontextMultiReferenceLatentMethod other than index /
+offset / uxo, an Edit image with a CLIP file without the vision tower, CLIPSetLastLayer.
 """
 
 from __future__ import annotations
@@ -433,21 +435,45 @@ def text_encode_qwen_image_edit_plus(
     return ([TextCondition({"crossattn": states}, references=tuple(refs))],)
 
 
+REFERENCE_METHODS = ("index", "offset", "uxo")  # ComfyUI's FluxKontextMultiReferenceLatentMethod ("uxo/uno": "uxo")
+
+
 def references_for(references: list[torch.Tensor], method: str = "index") -> list[torch.Tensor]:
-    """The reference latents (model-space, (B, 16, h, w)) a Qwen-Image transformer appends in order (frames 1, 2, ...:
-    ComfyUI's default "index" layout for Qwen-Image), odd sides padded circularly to the 2 x 2 patches (ComfyUI's
-    ``pad_to_patch_size``). Several laid out by another FluxKontextMultiReferenceLatentMethod are one line (one is
-    laid out the same by every method)."""
-    if len(references) > 1 and method != "index":
+    """The reference latents (model-space, (B, 16, h, w)) a Qwen-Image transformer appends in order, odd sides
+    padded circularly to the 2 x 2 patches (ComfyUI's ``pad_to_patch_size``); where they go:
+    :func:`reference_layout`."""
+    if method not in REFERENCE_METHODS:
         raise NodeError(
-            f"FluxKontextMultiReferenceLatentMethod {method!r} with {len(references)} reference latents on a "
-            "Qwen-Image model is not supported here: use 'index' (Qwen-Image's own)"
+            f"FluxKontextMultiReferenceLatentMethod {method!r} on a Qwen-Image model is not supported here: use "
+            f"one of {', '.join(REFERENCE_METHODS)}"
         )
     out = []
     for ref in references:
         ph, pw = int(ref.shape[-2]) % PATCH, int(ref.shape[-1]) % PATCH
         out.append(F.pad(ref, (0, pw, 0, ph), mode="circular") if ph or pw else ref)
     return out
+
+
+def reference_layout(shapes: list[tuple[int, int]], method: str = "index") -> tuple[tuple[int, int, int], ...]:
+    """Each reference latent's (frame, rows down, columns right) in 2 x 2 patches, from its latent size (h, w)
+    unpadded, as ComfyUI's Qwen-Image transformer lays several out (``comfy/ldm/qwen_image/model.py``): "index"
+    (Qwen-Image's default) frames 1, 2, 3 ... unshifted; any other method ("offset", "uxo": this model has no
+    "uxo" rule of its own) frame 1, each moved past the box of the ones before along its shorter side (right of
+    the box where the box would grow taller than wide, else below), shifts in latent pixels turned to patches as
+    ``(shift + 1) // 2``."""
+    out, box_h, box_w = [], 0, 0
+    for k, (h, w) in enumerate(shapes):
+        if method == "index":
+            out.append((k + 1, 0, 0))
+            continue
+        dy = dx = 0
+        if h + box_h > w + box_w:
+            dx = box_w
+        else:
+            dy = box_h
+        box_h, box_w = max(box_h, h + dy), max(box_w, w + dx)
+        out.append((1, (dy + PATCH // 2) // PATCH, (dx + PATCH // 2) // PATCH))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -533,15 +559,6 @@ def raw_out(z: torch.Tensor) -> torch.Tensor:
     return z * std + mean
 
 
-def check_latent(z: torch.Tensor, name: str) -> None:
-    h, w = int(z.shape[-2]), int(z.shape[-1])
-    if h % PATCH or w % PATCH:
-        raise NodeError(
-            f"{name}: a Qwen-Image latent of {w}x{h} has an odd side; ComfyUI pads it to the 2x2 patches, which is "
-            "not supported here: use an image side that is a multiple of 16"
-        )
-
-
 def fit_conditioning(entries: list[Any], joint: int) -> list[Any]:
     """The entries as a Qwen-Image transformer reads them: text states ``joint`` wide, no pooled vector; FluxGuidance
     (which ComfyUI's Qwen-Image ignores) refused."""
@@ -599,11 +616,16 @@ class ComfyQwenAdapter:
             raise NodeError(f"the Qwen-Image transformer takes no {', '.join(extra)}")
         mask = None if text_mask is None else text_mask.to(x.device)
         states = crossattn.to(device=x.device, dtype=self.dtype)
+        given = list(self.references or [])
         refs = [
             r.to(device=x.device, dtype=self.dtype).expand(x.shape[0], -1, -1, -1)
-            for r in references_for(list(self.references or []), self.reference_method)
+            for r in references_for(given, self.reference_method)
         ]
-        return self.net(x.to(self.dtype), t, states, mask, rope_centre="comfyui", reference=refs or None).float()
+        layout = reference_layout([(int(r.shape[-2]), int(r.shape[-1])) for r in given], self.reference_method)
+        return self.net(
+            x.to(self.dtype), t, states, mask, rope_centre="comfyui", reference=refs or None,
+            reference_layout=layout or None,
+        ).float()  # fmt: skip
 
 
 QWEN_NODES: dict[str, NodeDef] = {
@@ -675,7 +697,6 @@ __all__ = [
     "ComfyQwenAdapter",
     "QwenComfyText",
     "cfg_norm",
-    "check_latent",
     "comfy_text",
     "comfy_vision_pixels",
     "edit_size",
@@ -689,6 +710,8 @@ __all__ = [
     "raw_in",
     "raw_out",
     "refuse_aura_flow",
+    "REFERENCE_METHODS",
+    "reference_layout",
     "references_for",
     "refuse_checkpoint",
     "schedule",

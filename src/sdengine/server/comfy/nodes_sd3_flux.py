@@ -1184,6 +1184,60 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
     return out
 
 
+PATCHED_FAMILIES = ("sd3", "flux", "chroma", "qwen_image", "z_image")  # 2 x 2 patches over the sampled latent
+
+
+def pad_to_patches(x: torch.Tensor, patch: int = 2) -> torch.Tensor:
+    """``x`` (..., h, w) with its bottom rows and right columns padded circularly to a multiple of ``patch`` (ComfyUI's
+    ``comfy/ldm/common_dit.py`` ``pad_to_patch_size``, its default mode: the first rows / columns repeated)."""
+    ph, pw = -int(x.shape[-2]) % patch, -int(x.shape[-1]) % patch
+    return F.pad(x, (0, pw, 0, ph), mode="circular") if ph or pw else x
+
+
+class PatchPadded:
+    """A flow network (``(x, t, **conditioning) -> v``) on a latent whose side is not a multiple of the 2 x 2
+    patches, run as ComfyUI's DiTs run it (SD3's MMDiT ``PatchEmbed``, Flux / Chroma / Qwen-Image's
+    ``process_img``, Lumina2 / Z-Image's ``forward``): ``x`` and any latent-sized input beside it (FLUX.1 Fill /
+    Depth's ``concat``, which ComfyUI joins to ``x`` before the pad) padded circularly at the bottom and right
+    (:func:`pad_to_patches`), the model called on that grid (its positions those of the padded grid), the output
+    cut back to ``x``'s size. The sampler, its noise and masks stay at the latent's own size."""
+
+    def __init__(self, network: Callable[..., torch.Tensor], patch: int = 2) -> None:
+        self.network = network
+        self.patch = patch
+
+    def __getattr__(self, name: str) -> Any:  # what the samplers ask of the network (takes_step, references, ...)
+        return getattr(self.__dict__["network"], name)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        fitted = {
+            k: pad_to_patches(v, self.patch)
+            if isinstance(v, torch.Tensor) and v.ndim == 4 and tuple(v.shape[-2:]) == (h, w)
+            else v
+            for k, v in cond.items()
+        }
+        return self.network(pad_to_patches(x, self.patch), t, **fitted)[..., :h, :w]
+
+
+def odd_sides(flow: Any, family: str, z: torch.Tensor, controls: list[Any], model: ModelHandle) -> Any:
+    """``flow`` as ComfyUI runs it on ``z``: a latent side that is not a multiple of the 2 x 2 patches padded
+    circularly at every model call and the output cut back (:class:`PatchPadded`); FLUX.2's transformer reads the
+    latent one token a latent pixel (ComfyUI's patch size 1: nothing to pad). With a ControlNet an odd side is one
+    line (ComfyUI pads the hint with the latent; not built here)."""
+    h, w = int(z.shape[-2]), int(z.shape[-1])
+    if family not in PATCHED_FAMILIES or not (h % 2 or w % 2):
+        return flow
+    if controls or model.z_image_controls:
+        raise NodeError(
+            f"{flow.name}: a latent of {w}x{h} has an odd side; ComfyUI pads it to the 2x2 patches, which runs here "
+            "without a ControlNet only: use an image side that is a multiple of 16 with a ControlNet"
+        )
+    skipping = flow.skipping
+    padded_skipping = None if skipping is None else (lambda layers: PatchPadded(skipping(layers)))
+    return replace(flow, network=PatchPadded(flow.network), skipping=padded_skipping)
+
+
 def sample_flow(
     ctx: RunContext,
     model: ModelHandle,
@@ -1242,14 +1296,7 @@ def sample_flow(
         nodes_flux2.check_latent(z, flow.channels, flow.name)
     elif z.shape[1] != FLOW_CHANNELS:
         raise NodeError(f"the latent has {z.shape[1]} channels, {flow.name}'s have {FLOW_CHANNELS}")
-    if family == "qwen_image":
-        from sdengine.server.comfy.nodes_qwen import check_latent
-
-        check_latent(z, flow.name)
-    if family == "z_image":
-        from sdengine.server.comfy import nodes_z_image
-
-        nodes_z_image.check_latent(z, flow.name)
+    flow = odd_sides(flow, family, z, controls, model)
     if model.z_image_controls:  # ZImageFunControlnet's patches, their control latents at this latent's size
         if family != "z_image":
             raise NodeError("ZImageFunControlnet's patch is on a model that is not Z-Image")

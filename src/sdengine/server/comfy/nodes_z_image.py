@@ -35,7 +35,8 @@ ComfyUI's (its ``comfy/text_encoders/z_image.py``, ``comfy/sd.py``, ``comfy/supp
   all-zero latent left as it is.
 * **Positions**: ComfyUI's transformer puts the caption before the image in the joint sequence (diffusers: after);
   the positions (caption at 1 .. L, the image at L + 1) and the pad tokens are the same, so the attention is. A
-  latent with an odd side (ComfyUI pads it to the patch) is refused in one line.
+  latent with an odd side is padded to the patches at each call as ComfyUI's
+  (:class:`sdengine.server.comfy.nodes_sd3_flux.PatchPadded`).
 
 What is not built is refused in one line: CheckpointLoaderSimple on a Z-Image folder (its parts are not files
 UNETLoader / CLIPLoader list), LoraLoader's strength_clip (Z-Image LoRAs adapt the transformer only:
@@ -58,7 +59,6 @@ from sdengine.server.comfy.nodes import ClipHandle, ModelHandle, NodeError
 FAMILY = "z_image"
 CLIP_TYPE = "lumina2"  # CLIPLoader's type in ComfyUI's Z-Image templates
 COMFY_SHIFT = 3.0  # ComfyUI's ZImage sampling_settings (ModelSamplingDiscreteFlow, multiplier 1)
-PATCH = 2
 LABEL = "Z-Image"
 
 
@@ -174,15 +174,6 @@ def schedule(model: ModelHandle) -> Any:
     return FlowSchedule.sd3(COMFY_SHIFT)
 
 
-def check_latent(z: torch.Tensor, name: str) -> None:
-    h, w = int(z.shape[-2]), int(z.shape[-1])
-    if h % PATCH or w % PATCH:
-        raise NodeError(
-            f"{name}: a Z-Image latent of {w}x{h} has an odd side; ComfyUI pads it to the 2x2 patches, which is not "
-            "supported here: use an image side that is a multiple of 16"
-        )
-
-
 def fit_conditioning(entries: list[Any], width: int) -> list[Any]:
     """The entries as a Z-Image transformer reads them: caption states ``width`` wide (its ``cap_feat_dim``), no
     pooled vector; FluxGuidance refused."""
@@ -229,7 +220,6 @@ __all__ = [
     "FAMILY",
     "ZImageComfyText",
     "check_clip",
-    "check_latent",
     "fit_conditioning",
     "is_gemma_file",
     "is_qwen3_file",
