@@ -72,7 +72,8 @@ def test_regex_nodes_follow_comfyuis_modes():
     assert nt.regex_extract(CTX, text, r"\d+", "All Matches", True, False, False, 1) == ("1\n22\n333",)
     assert nt.regex_extract(CTX, text, pat, "First Group", True, False, False, 2) == ("1",)
     assert nt.regex_extract(CTX, text, pat, "First Group", True, False, False, 3) == ("",)  # fewer groups
-    assert nt.regex_extract(CTX, text, pat, "All Groups", False, False, False, 2) == ("1\n22",)
+    assert nt.regex_extract(CTX, text, pat, "All Groups", True, False, False, 2) == ("1\n22\n333",)
+    assert nt.regex_extract(CTX, text, r"\b" + pat, "All Groups", False, False, False, 2) == ("1\n22",)
     assert nt.regex_extract(CTX, text, r"x(\d)?y", "All Groups", True, False, False, 1) == ("",)  # no match
     assert nt.regex_extract(CTX, "xy x1y", r"x(\d)?y", "All Groups", True, False, False, 1) == ("\n1",)
     assert nt.regex_replace(CTX, text, pat, r"\2:\1", True, False, False, 0) == ("1:cat, 22:dog\n333:Cow",)
@@ -264,10 +265,10 @@ def test_latent_operations_are_comfyuis_formulas():
     assert np.allclose(s["samples"].double().numpy(), lum * conv, atol=1e-5)
     empty = {"samples": None, "size": (1, 64, 64)}
     assert nt.latent_apply_operation(CTX, empty, sharp)[0] == empty  # zeros stay zeros: still empty
-    (big,) = nt.latent_operation_sharpen(CTX, 9, 1.0, 0.1)
+    (big,) = nt.latent_operation_sharpen(CTX, 12, 1.0, 0.1)
     with pytest.raises(NodeError) as err:
         nt.latent_apply_operation(CTX, lat(z), big)
-    assert "a radius of 9 needs a latent larger than 9" in one_line(err)
+    assert "a radius of 12 needs a latent larger than 12" in one_line(err)
 
 
 def test_the_nodes_are_registered_with_comfyuis_inputs():
@@ -345,9 +346,7 @@ def test_a_workflow_of_the_tool_nodes_equals_the_nodes_called_in_turn(client):
     y, u, v = nt.image_rgb_to_yuv(CTX, nt.morphology(CTX, img, "close", 3)[0])
     want = nt.image_yuv_to_rgb(CTX, y, u, v)[0][0].numpy()
     got = view_image(client, h["outputs"]["14"]["images"][0])
-    assert np.array_equal(got, (want * 255).round().astype(np.uint8)) or np.abs(
-        got.astype(int) - (want * 255).round().astype(int)
-    ).max() <= 1
+    assert np.abs(got.astype(int) - (want * 255).round().astype(int)).max() <= 1  # PNG's 8 bits of the same
     (preview,) = h["outputs"]["16"]["images"]
     assert preview["type"] == "temp"
     grey = view_image(client, preview)
