@@ -276,7 +276,7 @@ def test_the_nodes_are_registered_with_comfyuis_inputs():
         "StringSubstring", "StringLength", "CaseConverter", "StringTrim", "StringContains", "StringCompare",
         "RegexMatch", "RegexExtract", "RegexReplace", "Morphology", "ImageRGBToYUV", "ImageYUVToRGB", "MaskPreview",
         "LatentConcat", "LatentCut", "LatentApplyOperation", "LatentOperationTonemapReinhard",
-        "LatentOperationSharpen",
+        "LatentOperationSharpen", "OptimalStepsScheduler",
     ):  # fmt: skip
         assert NODES[name] is nt.TOOL_NODES[name]
     km = NODES["Morphology"].input("kernel_size")
@@ -382,3 +382,31 @@ def test_bad_inputs_through_the_api_fail_the_node_in_one_line(client):
     }
     r = client.post("/prompt", json={"prompt": g2})
     assert r.status_code == 400 and r.json()["node_errors"]["2"]["errors"][0]["type"] == "value_smaller_than_min"
+
+
+def test_optimal_steps_scheduler_is_comfyuis_loglinear_table():
+    def loglinear(levels: list[float], n: int) -> np.ndarray:  # ComfyUI's loglinear_interp, in NumPy
+        xs = np.linspace(0, 1, len(levels))
+        ys = np.log(levels[::-1])
+        return np.exp(np.interp(np.linspace(0, 1, n), xs, ys))[::-1].copy()
+
+    for model_type, steps, denoise in (
+        ("FLUX", 10, 1.0),  # 11 levels: the table as it is
+        ("FLUX", 20, 1.0),
+        ("Chroma", 7, 1.0),
+        ("Wan", 12, 0.5),
+        ("FLUX", 9, 0.34),
+    ):
+        levels = list(nt.OPTIMAL_STEPS_LEVELS[model_type])
+        want = np.array(levels) if steps + 1 == len(levels) else loglinear(levels, steps + 1)
+        run = steps if denoise >= 1.0 else round(steps * denoise)
+        want = want[-(run + 1) :].copy()
+        want[-1] = 0
+        (got,) = nt.optimal_steps_scheduler(CTX, model_type, steps, denoise)
+        assert got.values.dtype == torch.float32 and got.values.shape == (run + 1,)
+        assert np.array_equal(got.values.numpy(), want.astype(np.float32)), (model_type, steps, denoise)
+    assert nt.optimal_steps_scheduler(CTX, "FLUX", 10, 0.0)[0].values.numel() == 0
+    assert nt.OPTIMAL_STEPS_LEVELS["FLUX"][7] == 0.8287 and len(nt.OPTIMAL_STEPS_LEVELS["Chroma"]) == 41
+    with pytest.raises(NodeError) as e:
+        nt.optimal_steps_scheduler(CTX, "FLUX", 151, 1.0)
+    assert "over the server's limit of 150" in one_line(e)

@@ -1,9 +1,11 @@
 """ComfyUI's smaller tool nodes that shared workflows use and the other modules do not cover: the string nodes
 (substring, length, case, trim, contains, compare, regular expressions), the image morphology and YUV split / join,
-the mask preview, and the latent concat / cut and latent operations (Reinhard tonemap, sharpen).
+the mask preview, the latent concat / cut and latent operations (Reinhard tonemap, sharpen), and the
+OptimalSteps scheduler.
 
 Each follows the ComfyUI node of the same name (its inputs, defaults, ranges, category and arithmetic: ComfyUI's
-``comfy_extras/nodes_string.py``, ``nodes_morphology.py``, ``nodes_mask.py`` and ``nodes_latent.py``), written here
+``comfy_extras/nodes_string.py``, ``nodes_morphology.py``, ``nodes_mask.py``, ``nodes_latent.py`` and
+``nodes_optimalsteps.py``), written here
 from that description. IMAGE is float (B, H, W, C) in [0, 1]; MASK is float (B, H, W); a LATENT is sdengine's dict
 (see :mod:`nodes`; ``samples`` None is an empty latent, made once the model is known). Where ComfyUI answers a bad
 input with a silent empty result (a regular expression that does not compile) or with a tensor error or a cut of the
@@ -25,6 +27,7 @@ from sdengine.server.comfy.nodes import (
     NodeDef,
     NodeError,
     RunContext,
+    Sigmas,
     composite_latents,
     preview_image,
     repeat_to_batch,
@@ -402,6 +405,52 @@ def latent_apply_operation(ctx: RunContext, samples: dict[str, Any], operation: 
     return (with_samples(samples, operation(z.float())),)
 
 
+# --------------------------------------------------------------------------------------------- schedulers
+
+# The noise levels of "Optimal Stepsize for Diffusion Sampling" (Pei et al. 2025) as ComfyUI's
+# OptimalStepsScheduler lists them, highest first (flow-matching sigmas, model-agnostic numbers)
+OPTIMAL_STEPS_LEVELS: dict[str, tuple[float, ...]] = {
+    "FLUX": (0.9968, 0.9886, 0.9819, 0.975, 0.966, 0.9471, 0.9158, 0.8287, 0.5512, 0.2808, 0.001),
+    "Wan": (
+        1.0, 0.997, 0.995, 0.993, 0.991, 0.989, 0.987, 0.985, 0.98, 0.975, 0.973, 0.968, 0.96, 0.946, 0.927, 0.902,
+        0.864, 0.776, 0.539, 0.208, 0.001,
+    ),
+    "Chroma": (
+        0.992, 0.99, 0.988, 0.985, 0.982, 0.978, 0.973, 0.968, 0.961, 0.953, 0.943, 0.931, 0.917, 0.9, 0.881, 0.858,
+        0.832, 0.802, 0.769, 0.731, 0.69, 0.646, 0.599, 0.55, 0.501, 0.451, 0.402, 0.355, 0.311, 0.27, 0.232, 0.199,
+        0.169, 0.143, 0.12, 0.101, 0.084, 0.07, 0.058, 0.048, 0.001,
+    ),
+}  # fmt: skip
+
+
+def optimal_steps_scheduler(ctx: RunContext, model_type: str, steps: int, denoise: float) -> tuple[Any]:
+    """ComfyUI's OptimalStepsScheduler: the table's levels (as they are when it has ``steps`` + 1 of them, else
+    log-linearly interpolated to ``steps`` + 1 points over an even grid); with denoise < 1 the last
+    ``round(steps * denoise)`` steps of them; the last sigma 0; denoise 0: no sigmas."""
+    from sdengine.diffusion.schedules import align_your_steps_sigmas
+
+    levels = OPTIMAL_STEPS_LEVELS.get(model_type)
+    if levels is None:
+        raise NodeError(
+            f"OptimalStepsScheduler: unknown model_type {model_type!r}; one of {', '.join(OPTIMAL_STEPS_LEVELS)}"
+        )
+    steps, denoise = int(steps), float(denoise)
+    if steps < 1:
+        raise NodeError(f"OptimalStepsScheduler: steps must be 1 or more, got {steps}")
+    if steps > ctx.max_steps:
+        raise NodeError(f"steps {steps} is over the server's limit of {ctx.max_steps}")
+    if denoise <= 0.0:
+        return (Sigmas(torch.zeros(0)),)
+    run = steps if denoise >= 1.0 else round(steps * denoise)
+    if steps + 1 == len(levels):  # the table's own numbers (no exp(log(x)) round trip)
+        table = torch.tensor(levels, dtype=torch.float64)
+    else:  # Align Your Steps' interpolation, the same rule (its last value, 0 there, is 0 here too)
+        table = align_your_steps_sigmas(steps, levels)
+    values = table[-(run + 1) :].clone()
+    values[-1] = 0.0
+    return (Sigmas(values.to(torch.float32).contiguous()),)
+
+
 # ----------------------------------------------------------------------------------------------- registry
 
 _STRING = "utils/string"
@@ -634,6 +683,20 @@ TOOL_NODES: dict[str, NodeDef] = {
             ("LATENT_OPERATION",),
             latent_operation_sharpen,
             description="An unsharp mask on the latent's channel directions (ImageSharpen's kernel), lengths kept.",
+        ),
+        NodeDef(
+            "OptimalStepsScheduler",
+            "OptimalStepsScheduler",
+            "sampling/custom_sampling/schedulers",
+            (
+                Input("model_type", "COMBO", "FLUX", choices=tuple(OPTIMAL_STEPS_LEVELS)),
+                Input("steps", "INT", 20, 3, 1000, 1, limit="steps"),
+                Input("denoise", "FLOAT", 1.0, 0.0, 1.0, 0.01),
+            ),
+            ("SIGMAS",),
+            optimal_steps_scheduler,
+            description="The Optimal Stepsize noise levels of FLUX, Wan or Chroma (log-linearly interpolated to the "
+            "steps), as ComfyUI's node; flow-matching sigmas for SamplerCustom(Advanced).",
         ),
     )
 }
