@@ -410,3 +410,46 @@ def test_optimal_steps_scheduler_is_comfyuis_loglinear_table():
     with pytest.raises(NodeError) as e:
         nt.optimal_steps_scheduler(CTX, "FLUX", 151, 1.0)
     assert "over the server's limit of 150" in one_line(e)
+
+
+def test_model_sampling_continuous_edm_passes_an_edm_model_stated_as_it_is():
+    from types import SimpleNamespace
+
+    from sdengine.diffusion.edm import EDMSchedule
+    from sdengine.server.comfy.nodes import ModelHandle
+
+    def ctx_of(pipe: object) -> RunContext:
+        return RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+
+    plain_vae = SimpleNamespace(config=SimpleNamespace(latents_mean=None))
+    stats_vae = SimpleNamespace(config=SimpleNamespace(latents_mean=[0.0] * 4))
+    cosxl = SimpleNamespace(
+        noise_schedule=EDMSchedule(sigma_min=0.002, sigma_max=120.0, sigma_data=1.0, prediction="v_prediction"),
+        vae=plain_vae,
+    )
+    playground = SimpleNamespace(
+        noise_schedule=EDMSchedule(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, prediction="epsilon"),
+        vae=stats_vae,
+    )
+    vp = SimpleNamespace(noise_schedule=object(), vae=plain_vae)
+    m = ModelHandle(ref="builtin:x")
+    fn = nt.model_sampling_continuous_edm
+    assert fn(ctx_of(cosxl), m, "v_prediction", 120.0, 0.002) == (m,)  # ComfyUI's defaults are CosXL's
+    assert fn(ctx_of(playground), m, "edm_playground_v2.5", 80.0, 0.002) == (m,)
+    for ctx, sampling, hi, lo, words in (
+        (cosxl, "v_prediction", 80.0, 0.002, "v_prediction at sigma 0.002..80, sigma_data 1"),
+        (cosxl, "edm", 120.0, 0.002, "epsilon at sigma 0.002..120, sigma_data 0.5"),
+        (playground, "edm", 80.0, 0.002, "is an EDM model of epsilon at sigma 0.002..80, sigma_data 0.5, Playground"),
+        (vp, "v_prediction", 120.0, 0.002, "has a discrete (VP) schedule"),
+        (cosxl, "eps", 120.0, 0.002, "sampling 'eps' is not supported here"),
+        (cosxl, "v_prediction", 0.002, 0.002, "needs 0 < sigma_min < sigma_max"),
+    ):
+        with pytest.raises(NodeError) as e:
+            fn(ctx_of(ctx), m, sampling, hi, lo)
+        assert words in one_line(e), (sampling, hi)
+    info = NODES["ModelSamplingContinuousEDM"]
+    assert [(i.name, i.default) for i in info.inputs[1:]] == [
+        ("sampling", "v_prediction"),
+        ("sigma_max", 120.0),
+        ("sigma_min", 0.002),
+    ]

@@ -1,11 +1,11 @@
 """ComfyUI's smaller tool nodes that shared workflows use and the other modules do not cover: the string nodes
 (substring, length, case, trim, contains, compare, regular expressions), the image morphology and YUV split / join,
-the mask preview, the latent concat / cut and latent operations (Reinhard tonemap, sharpen), and the
-OptimalSteps scheduler.
+the mask preview, the latent concat / cut and latent operations (Reinhard tonemap, sharpen), the OptimalSteps
+scheduler, and ModelSamplingContinuousEDM where it restates an EDM model's own sampling.
 
 Each follows the ComfyUI node of the same name (its inputs, defaults, ranges, category and arithmetic: ComfyUI's
 ``comfy_extras/nodes_string.py``, ``nodes_morphology.py``, ``nodes_mask.py``, ``nodes_latent.py`` and
-``nodes_optimalsteps.py``), written here
+``nodes_optimalsteps.py``, ``nodes_model_advanced.py``), written here
 from that description. IMAGE is float (B, H, W, C) in [0, 1]; MASK is float (B, H, W); a LATENT is sdengine's dict
 (see :mod:`nodes`; ``samples`` None is an empty latent, made once the model is known). Where ComfyUI answers a bad
 input with a silent empty result (a regular expression that does not compile) or with a tensor error or a cut of the
@@ -14,6 +14,7 @@ wrong axis (``t`` on an image latent, which has no time axis), a node here says 
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from sdengine.server.comfy.nodes import (
     Input,
+    ModelHandle,
     NodeDef,
     NodeError,
     RunContext,
@@ -451,6 +453,68 @@ def optimal_steps_scheduler(ctx: RunContext, model_type: str, steps: int, denois
     return (Sigmas(values.to(torch.float32).contiguous()),)
 
 
+# ------------------------------------------------------------------------------------------------- models
+
+EDM_SAMPLINGS = ("v_prediction", "edm", "edm_playground_v2.5", "eps", "cosmos_rflow")
+# ComfyUI's choice -> (sdengine's EDM prediction, sigma_data, Playground v2.5's latent statistics)
+EDM_READINGS = {
+    "v_prediction": ("v_prediction", 1.0, False),
+    "edm": ("epsilon", 0.5, False),
+    "edm_playground_v2.5": ("epsilon", 0.5, True),
+}
+
+
+def _edm_text(pred: str, lo: float, hi: float, sd: float, stats: bool) -> str:
+    return f"{pred} at sigma {lo:g}..{hi:g}, sigma_data {sd:g}" + (", Playground v2.5 latents" if stats else "")
+
+
+def model_sampling_continuous_edm(
+    ctx: RunContext, model: ModelHandle, sampling: str, sigma_max: float, sigma_min: float
+) -> tuple[Any]:
+    """ComfyUI's ModelSamplingContinuousEDM where it describes the model as it is: an EDM model (CosXL, CosXL
+    Edit, Playground v2.5, read as EDM from its own config or markers, docs/edm.md) with this prediction,
+    sigma_data (1 for v_prediction, 0.5 for edm and edm_playground_v2.5), Playground's latent statistics or not,
+    and this sigma range; the model then passes through unchanged (the samplers already run it so). Re-reading a
+    model as another one (a VP model as EDM, another range, eps / cosmos_rflow) is a node error, not a silently
+    different sampling."""
+    from sdengine.diffusion.edm import EDMSchedule
+
+    if sampling not in EDM_SAMPLINGS:
+        raise NodeError(f"ModelSamplingContinuousEDM: unknown sampling {sampling!r}; one of {', '.join(EDM_SAMPLINGS)}")
+    lo, hi = float(sigma_min), float(sigma_max)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 < lo < hi):
+        raise NodeError(f"ModelSamplingContinuousEDM: needs 0 < sigma_min < sigma_max, got {lo:g} and {hi:g}")
+    if sampling not in EDM_READINGS:
+        raise NodeError(
+            f"ModelSamplingContinuousEDM: sampling {sampling!r} is not supported here (v_prediction, edm and "
+            "edm_playground_v2.5 are, where they describe the model as it is)"
+        )
+    pipe = ctx.pipeline(model.ref)
+    sched = getattr(pipe, "noise_schedule", None)
+    if not isinstance(sched, EDMSchedule):
+        raise NodeError(
+            "ModelSamplingContinuousEDM: the model has a discrete (VP) schedule; re-reading it as a continuous EDM "
+            "model is not supported here (an EDM file such as CosXL or Playground v2.5 is read as EDM from its own "
+            "markers)"
+        )
+    stats = getattr(getattr(getattr(pipe, "vae", None), "config", None), "latents_mean", None) is not None
+    pred, sd, want_stats = EDM_READINGS[sampling]
+    same = (
+        sched.prediction == pred
+        and math.isclose(sched.sigma_data, sd, rel_tol=1e-6)
+        and stats == want_stats
+        and math.isclose(sched.sigma_min, lo, rel_tol=1e-6)
+        and math.isclose(sched.sigma_max, hi, rel_tol=1e-6)
+    )
+    if not same:
+        have = _edm_text(sched.prediction, sched.sigma_min, sched.sigma_max, sched.sigma_data, stats)
+        raise NodeError(
+            f"ModelSamplingContinuousEDM: the model is an EDM model of {have}; {sampling} would re-read it as "
+            f"{_edm_text(pred, lo, hi, sd, want_stats)}, which is not supported here (give the model's own values)"
+        )
+    return (model,)
+
+
 # ----------------------------------------------------------------------------------------------- registry
 
 _STRING = "utils/string"
@@ -697,6 +761,22 @@ TOOL_NODES: dict[str, NodeDef] = {
             optimal_steps_scheduler,
             description="The Optimal Stepsize noise levels of FLUX, Wan or Chroma (log-linearly interpolated to the "
             "steps), as ComfyUI's node; flow-matching sigmas for SamplerCustom(Advanced).",
+        ),
+        NodeDef(
+            "ModelSamplingContinuousEDM",
+            "ModelSamplingContinuousEDM",
+            "advanced/model",
+            (
+                Input("model", "MODEL"),
+                Input("sampling", "COMBO", EDM_SAMPLINGS[0], choices=EDM_SAMPLINGS),
+                Input("sigma_max", "FLOAT", 120.0, 0.0, 1000.0, 0.001, round=False),
+                Input("sigma_min", "FLOAT", 0.002, 0.0, 1000.0, 0.001, round=False),
+            ),
+            ("MODEL",),
+            model_sampling_continuous_edm,
+            description="An EDM model's continuous sampling as ComfyUI's node sets it; here only where it restates "
+            "the model's own (CosXL: v_prediction 0.002..120; Playground v2.5: edm_playground_v2.5 0.002..80), "
+            "which passes the model through; any other reading: a node error.",
         ),
     )
 }
