@@ -276,7 +276,7 @@ def test_the_nodes_are_registered_with_comfyuis_inputs():
         "StringSubstring", "StringLength", "CaseConverter", "StringTrim", "StringContains", "StringCompare",
         "RegexMatch", "RegexExtract", "RegexReplace", "Morphology", "ImageRGBToYUV", "ImageYUVToRGB", "MaskPreview",
         "LatentConcat", "LatentCut", "LatentApplyOperation", "LatentOperationTonemapReinhard",
-        "LatentOperationSharpen", "OptimalStepsScheduler",
+        "LatentOperationSharpen", "OptimalStepsScheduler", "ModelSamplingContinuousEDM", "PreviewAny",
     ):  # fmt: skip
         assert NODES[name] is nt.TOOL_NODES[name]
     km = NODES["Morphology"].input("kernel_size")
@@ -453,3 +453,37 @@ def test_model_sampling_continuous_edm_passes_an_edm_model_stated_as_it_is():
         ("sigma_max", 120.0),
         ("sigma_min", 0.002),
     ]
+
+
+def test_preview_any_gives_comfyuis_text():
+    assert nt.preview_text("a\\ncat") == "a\\ncat"
+    assert nt.preview_text(3) == "3" and nt.preview_text(2.5) == "2.5" and nt.preview_text(True) == "True"
+    assert nt.preview_text(None) == "None"
+    assert nt.preview_text({"a": [1, 2]}) == '{\n    "a": [\n        1,\n        2\n    ]\n}'  # JSON, indent 4
+    t = torch.arange(20.0)
+    text = nt.preview_text(t)
+    # torch's print with 6 edge items: all 20 values (under torch's 1000-item summary threshold)
+    assert text.startswith("tensor([ 0.,  1.,") and "19.])" in text
+    # a long tensor: 6 values each side of the ellipsis; the default print options (3) are back afterwards
+    assert nt.preview_text(torch.zeros(2000)) == "tensor([0., 0., 0., 0., 0., 0.,  ..., 0., 0., 0., 0., 0., 0.])"
+    assert str(torch.zeros(2000)) == "tensor([0., 0., 0.,  ..., 0., 0., 0.])"
+    assert nt.preview_any(CTX, 7) == {"ui": {"text": ["7"]}, "result": ("7",)}
+
+
+def test_preview_any_takes_any_link_through_the_api(client):
+    g = {
+        "1": {"class_type": "PrimitiveString", "inputs": {"value": "a cat"}},
+        "2": {"class_type": "StringLength", "inputs": {"string": ["1", 0]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+        "5": {"class_type": "EmptyImage", "inputs": {"width": 2, "height": 1, "batch_size": 1, "color": 0}},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}},
+    }
+    h = run_prompt(client, g)
+    assert h["status"]["status_str"] == "success", h["status"]
+    assert h["outputs"]["3"] == {"text": ["5"]} and h["outputs"]["4"] == {"text": ["a cat"]}
+    assert h["outputs"]["6"]["text"][0] == str(torch.zeros(1, 1, 2, 3))
+    info = client.get("/object_info/PreviewAny").json()["PreviewAny"]
+    assert info["input"]["required"]["source"][0] == "*" and info["output"] == ["STRING"] and info["output_node"]
+    r = client.post("/prompt", json={"prompt": {"1": {"class_type": "PreviewAny", "inputs": {"source": "text"}}}})
+    assert r.status_code == 400 and r.json()["node_errors"]["1"]["errors"][0]["type"] == "invalid_input_type"

@@ -1,11 +1,11 @@
 """ComfyUI's smaller tool nodes that shared workflows use and the other modules do not cover: the string nodes
 (substring, length, case, trim, contains, compare, regular expressions), the image morphology and YUV split / join,
-the mask preview, the latent concat / cut and latent operations (Reinhard tonemap, sharpen), the OptimalSteps
+the mask and text previews, the latent concat / cut and latent operations (Reinhard tonemap, sharpen), the OptimalSteps
 scheduler, and ModelSamplingContinuousEDM where it restates an EDM model's own sampling.
 
 Each follows the ComfyUI node of the same name (its inputs, defaults, ranges, category and arithmetic: ComfyUI's
 ``comfy_extras/nodes_string.py``, ``nodes_morphology.py``, ``nodes_mask.py``, ``nodes_latent.py`` and
-``nodes_optimalsteps.py``, ``nodes_model_advanced.py``), written here
+``nodes_optimalsteps.py``, ``nodes_model_advanced.py``, ``nodes_preview_any.py``), written here
 from that description. IMAGE is float (B, H, W, C) in [0, 1]; MASK is float (B, H, W); a LATENT is sdengine's dict
 (see :mod:`nodes`; ``samples`` None is an empty latent, made once the model is known). Where ComfyUI answers a bad
 input with a silent empty result (a regular expression that does not compile) or with a tensor error or a cut of the
@@ -14,9 +14,11 @@ wrong axis (``t`` on an image latent, which has no time axis), a node here says 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sdengine.server.comfy.nodes import (
+    ANY_TYPE,
     Input,
     ModelHandle,
     NodeDef,
@@ -266,6 +269,50 @@ def mask_preview(ctx: RunContext, mask: torch.Tensor) -> dict[str, Any]:
         raise NodeError(f"MaskPreview: mask must be a MASK (B, H, W), got {shape}")
     m = mask.float().reshape(-1, mask.shape[-2], mask.shape[-1]).clamp(0, 1)
     return preview_image(ctx, m[..., None].expand(-1, -1, -1, 3).contiguous())
+
+
+_PRINT_LOCK = threading.Lock()  # torch's print options are global: one PreviewAny at a time sets them
+
+
+def _tensor_text(t: torch.Tensor) -> str:
+    with _PRINT_LOCK:
+        torch.set_printoptions(edgeitems=6)  # ComfyUI's PreviewAny prints tensors so
+        try:
+            return str(t)
+        finally:
+            torch.set_printoptions(profile="default")
+
+
+def preview_text(source: Any) -> str:
+    """ComfyUI's PreviewAny text: a string as it is; an INT / FLOAT / BOOLEAN as Python prints it; what JSON can
+    hold as JSON indented 4; a tensor (IMAGE, MASK, SIGMAS' values) as torch prints it with 6 edge items; any other
+    value (sdengine's MODEL, CLIP, LATENT...) as its Python text, which is sdengine's, not ComfyUI's objects'."""
+    if source is None:
+        return "None"
+    if isinstance(source, str):
+        return source
+    if isinstance(source, (int, float, bool)):
+        return str(source)
+    try:
+        return json.dumps(source, indent=4)
+    except (TypeError, ValueError):
+        pass
+    if isinstance(source, torch.Tensor):
+        return _tensor_text(source)
+    values = getattr(source, "values", None)
+    if isinstance(values, torch.Tensor):  # SIGMAS
+        return _tensor_text(values)
+    try:
+        return str(source)
+    except Exception:  # noqa: BLE001 - ComfyUI's wording for a value that cannot be printed
+        return "source exists, but could not be serialized."
+
+
+def preview_any(ctx: RunContext, source: Any) -> dict[str, Any]:
+    """ComfyUI's PreviewAny ("Preview as Text"): the value as text (:func:`preview_text`), shown by the page (its
+    ``ui`` text) and given as a STRING."""
+    text = preview_text(source)
+    return {"ui": {"text": [text]}, "result": (text,)}
 
 
 # ---------------------------------------------------------------------------------------------- latents
@@ -777,6 +824,17 @@ TOOL_NODES: dict[str, NodeDef] = {
             description="An EDM model's continuous sampling as ComfyUI's node sets it; here only where it restates "
             "the model's own (CosXL: v_prediction 0.002..120; Playground v2.5: edm_playground_v2.5 0.002..80), "
             "which passes the model through; any other reading: a node error.",
+        ),
+        NodeDef(
+            "PreviewAny",
+            "Preview as Text",
+            "utilities",
+            (Input("source", ANY_TYPE),),
+            ("STRING",),
+            preview_any,
+            output_node=True,
+            description="Any value as text on the page (and as a STRING): strings as they are, numbers as Python "
+            "prints them, lists / dicts as JSON, tensors as torch prints them.",
         ),
     )
 }
