@@ -487,3 +487,30 @@ def test_preview_any_takes_any_link_through_the_api(client):
     assert info["input"]["required"]["source"][0] == "*" and info["output"] == ["STRING"] and info["output_node"]
     r = client.post("/prompt", json={"prompt": {"1": {"class_type": "PreviewAny", "inputs": {"source": "text"}}}})
     assert r.status_code == 400 and r.json()["node_errors"]["1"]["errors"][0]["type"] == "invalid_input_type"
+
+
+def test_a_ui_workflows_preview_any_converts_without_its_display_widgets():
+    from sdengine.server.comfy.workflow import convert
+
+    def ui(values: list) -> dict:
+        return {
+            "nodes": [
+                {"id": 1, "type": "PrimitiveString", "mode": 0, "widgets_values": ["a cat"],
+                 "outputs": [{"name": "STRING", "type": "STRING", "links": [1]}]},
+                {"id": 2, "type": "PreviewAny", "mode": 0, "widgets_values": values,
+                 "inputs": [{"name": "source", "type": "*", "link": 1}],
+                 "outputs": [{"name": "STRING", "type": "STRING", "links": None}]},
+            ],
+            "links": [[1, 1, 0, 2, 0, "STRING"]],
+        }  # fmt: skip
+
+    for values in ([], [None, None, None]):  # the page's saves: no values, or its three display widgets' nulls
+        api = convert(ui(values))
+        assert api["2"] == {
+            "class_type": "PreviewAny",
+            "inputs": {"source": ["1", 0]},
+            "_meta": {"title": "Preview as Text"},
+        }
+    with pytest.raises(Exception) as e:
+        convert(ui([None, None, None, None]))
+    assert "4 widget values for 0 widgets" in str(e.value)
