@@ -277,6 +277,7 @@ def test_the_nodes_are_registered_with_comfyuis_inputs():
         "RegexMatch", "RegexExtract", "RegexReplace", "Morphology", "ImageRGBToYUV", "ImageYUVToRGB", "MaskPreview",
         "LatentConcat", "LatentCut", "LatentApplyOperation", "LatentOperationTonemapReinhard",
         "LatentOperationSharpen", "OptimalStepsScheduler", "ModelSamplingContinuousEDM", "PreviewAny",
+        "LoadImageOutput",
     ):  # fmt: skip
         assert NODES[name] is nt.TOOL_NODES[name]
     km = NODES["Morphology"].input("kernel_size")
@@ -514,3 +515,31 @@ def test_a_ui_workflows_preview_any_converts_without_its_display_widgets():
     with pytest.raises(Exception) as e:
         convert(ui([None, None, None, None]))
     assert "4 widget values for 0 widgets" in str(e.value)
+
+
+def test_load_image_output_lists_the_output_folder_and_loads_as_load_image(client):
+    # a SaveImage puts an image in the output folder; LoadImageOutput offers it as "name [output]" and loads it
+    g = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 6, "height": 4, "batch_size": 1, "color": 0x336699}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "again/out"}},
+    }
+    h = run_prompt(client, g)
+    assert h["status"]["status_str"] == "success", h["status"]
+    (saved,) = h["outputs"]["2"]["images"]
+    name = f"{saved['subfolder']}/{saved['filename']} [output]"
+    info = client.get("/object_info/LoadImageOutput").json()["LoadImageOutput"]
+    choices = info["input"]["required"]["image"][0]
+    assert choices[0] == name  # the newest first
+    g2 = {
+        "1": {"class_type": "LoadImageOutput", "inputs": {"image": name}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inverted"}},
+    }
+    h2 = run_prompt(client, g2)
+    assert h2["status"]["status_str"] == "success", h2["status"]
+    got = view_image(client, h2["outputs"]["3"]["images"][0])
+    assert got.shape == (4, 6, 3) and (got == [255 - 0x33, 255 - 0x66, 255 - 0x99]).all()
+    # a name of no folder: 400 from /prompt, as LoadImage's
+    g2["1"]["inputs"]["image"] = "missing.png [output]"
+    r = client.post("/prompt", json={"prompt": g2})
+    assert r.status_code == 400 and r.json()["node_errors"]["1"]["errors"][0]["type"] == "value_not_in_list"

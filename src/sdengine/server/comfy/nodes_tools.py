@@ -1,11 +1,12 @@
 """ComfyUI's smaller tool nodes that shared workflows use and the other modules do not cover: the string nodes
 (substring, length, case, trim, contains, compare, regular expressions), the image morphology and YUV split / join,
-the mask and text previews, the latent concat / cut and latent operations (Reinhard tonemap, sharpen), the OptimalSteps
-scheduler, and ModelSamplingContinuousEDM where it restates an EDM model's own sampling.
+the mask and text previews, the image loader of the output folder, the latent concat / cut and latent operations
+(Reinhard tonemap, sharpen), the OptimalSteps scheduler, and ModelSamplingContinuousEDM where it restates an EDM
+model's own sampling.
 
 Each follows the ComfyUI node of the same name (its inputs, defaults, ranges, category and arithmetic: ComfyUI's
-``comfy_extras/nodes_string.py``, ``nodes_morphology.py``, ``nodes_mask.py``, ``nodes_latent.py`` and
-``nodes_optimalsteps.py``, ``nodes_model_advanced.py``, ``nodes_preview_any.py``), written here
+``comfy_extras/nodes_string.py``, ``nodes_morphology.py``, ``nodes_mask.py``, ``nodes_latent.py``,
+``nodes_optimalsteps.py``, ``nodes_model_advanced.py``, ``nodes_preview_any.py`` and ``nodes.py``), written here
 from that description. IMAGE is float (B, H, W, C) in [0, 1]; MASK is float (B, H, W); a LATENT is sdengine's dict
 (see :mod:`nodes`; ``samples`` None is an empty latent, made once the model is known). Where ComfyUI answers a bad
 input with a silent empty result (a regular expression that does not compile) or with a tensor error or a cut of the
@@ -20,6 +21,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,13 +29,18 @@ import torch.nn.functional as F
 
 from sdengine.server.comfy.nodes import (
     ANY_TYPE,
+    IMAGE_SUFFIXES,
     Input,
     ModelHandle,
     NodeDef,
     NodeError,
     RunContext,
     Sigmas,
+    annotated_image_exists,
     composite_latents,
+    input_file_token,
+    input_files,
+    load_image,
     preview_image,
     repeat_to_batch,
     with_samples,
@@ -313,6 +320,30 @@ def preview_any(ctx: RunContext, source: Any) -> dict[str, Any]:
     ``ui`` text) and given as a STRING."""
     text = preview_text(source)
     return {"ui": {"text": [text]}, "result": (text,)}
+
+
+MAX_OUTPUT_CHOICES = 1000  # the newest output images LoadImageOutput lists (an output folder grows without end)
+
+
+def output_images(env: Any) -> list[str]:
+    """The output folder's images, newest first, as ``name [output]`` (subfolders as ``sub/name``): what ComfyUI's
+    page lists for LoadImageOutput (its /internal/files/output, the newest first); at most MAX_OUTPUT_CHOICES."""
+    root = Path(env.folders.output)
+    if not root.is_dir():
+        return []
+    base = root.resolve()
+    found = []
+    for p in root.rglob("*"):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.resolve().is_relative_to(base):
+            found.append((p.stat().st_mtime, p.relative_to(root).as_posix()))
+    found.sort(key=lambda t: (-t[0], t[1]))
+    return [f"{name} [output]" for _, name in found[:MAX_OUTPUT_CHOICES]]
+
+
+def _loadable_image(env: Any, value: str) -> bool:
+    """A LoadImageOutput value ComfyUI's LoadImage code reads: an annotated name of any folder ("x.png [temp]") or
+    a plain name of the input folder (ComfyUI's default folder for an unannotated name)."""
+    return annotated_image_exists(env, value) or value in input_files(env)
 
 
 # ---------------------------------------------------------------------------------------------- latents
@@ -835,6 +866,17 @@ TOOL_NODES: dict[str, NodeDef] = {
             output_node=True,
             description="Any value as text on the page (and as a STRING): strings as they are, numbers as Python "
             "prints them, lists / dicts as JSON, tensors as torch prints them.",
+        ),
+        NodeDef(
+            "LoadImageOutput",
+            "Load Image (from Outputs)",
+            "image",
+            (Input("image", "COMBO", choices=output_images, also_valid=_loadable_image, upload=True),),
+            ("IMAGE", "MASK"),
+            load_image,
+            description='An image from the output folder ("name [output]", the newest first; any annotated or '
+            "input-folder name too), read as LoadImage reads it; MASK = 1 - alpha.",
+            changed=input_file_token,
         ),
     )
 }
