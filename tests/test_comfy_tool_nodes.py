@@ -277,7 +277,7 @@ def test_the_nodes_are_registered_with_comfyuis_inputs():
         "RegexMatch", "RegexExtract", "RegexReplace", "Morphology", "ImageRGBToYUV", "ImageYUVToRGB", "MaskPreview",
         "LatentConcat", "LatentCut", "LatentApplyOperation", "LatentOperationTonemapReinhard",
         "LatentOperationSharpen", "OptimalStepsScheduler", "ModelSamplingContinuousEDM", "PreviewAny",
-        "LoadImageOutput",
+        "LoadImageOutput", "TorchCompileModel",
     ):  # fmt: skip
         assert NODES[name] is nt.TOOL_NODES[name]
     km = NODES["Morphology"].input("kernel_size")
@@ -543,3 +543,34 @@ def test_load_image_output_lists_the_output_folder_and_loads_as_load_image(clien
     g2["1"]["inputs"]["image"] = "missing.png [output]"
     r = client.post("/prompt", json={"prompt": g2})
     assert r.status_code == 400 and r.json()["node_errors"]["1"]["errors"][0]["type"] == "value_not_in_list"
+
+
+def test_torch_compile_model_passes_the_model_through(client):
+    from sdengine.server.comfy.nodes import ModelHandle
+
+    m = ModelHandle(ref="builtin:x")
+    assert nt.torch_compile_model(CTX, m, "cudagraphs") == (m,)
+    with pytest.raises(NodeError) as e:
+        nt.torch_compile_model(CTX, m, "eager")
+    assert "unknown backend 'eager'" in one_line(e)
+    sample = {"seed": 5, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
+        "5": {"class_type": "TorchCompileModel", "inputs": {"model": ["1", 0], "backend": "inductor"}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], **sample}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "compiled"}},
+    }  # fmt: skip
+    h = run_prompt(client, g)
+    assert h["status"]["status_str"] == "success", h["status"]
+    g["6"]["inputs"]["model"] = ["1", 0]
+    del g["5"]
+    h2 = run_prompt(client, g)
+    assert h2["status"]["status_str"] == "success", h2["status"]
+    a = view_image(client, h["outputs"]["8"]["images"][0])
+    b = view_image(client, h2["outputs"]["8"]["images"][0])
+    assert np.array_equal(a, b) and a.std() > 0

@@ -1,12 +1,13 @@
 """ComfyUI's smaller tool nodes that shared workflows use and the other modules do not cover: the string nodes
 (substring, length, case, trim, contains, compare, regular expressions), the image morphology and YUV split / join,
 the mask and text previews, the image loader of the output folder, the latent concat / cut and latent operations
-(Reinhard tonemap, sharpen), the OptimalSteps scheduler, and ModelSamplingContinuousEDM where it restates an EDM
-model's own sampling.
+(Reinhard tonemap, sharpen), the OptimalSteps scheduler, ModelSamplingContinuousEDM where it restates an EDM
+model's own sampling, and TorchCompileModel (the same model, run uncompiled).
 
 Each follows the ComfyUI node of the same name (its inputs, defaults, ranges, category and arithmetic: ComfyUI's
 ``comfy_extras/nodes_string.py``, ``nodes_morphology.py``, ``nodes_mask.py``, ``nodes_latent.py``,
-``nodes_optimalsteps.py``, ``nodes_model_advanced.py``, ``nodes_preview_any.py`` and ``nodes.py``), written here
+``nodes_optimalsteps.py``, ``nodes_model_advanced.py``, ``nodes_preview_any.py``, ``nodes_torch_compile.py``
+and ``nodes.py``), written here
 from that description. IMAGE is float (B, H, W, C) in [0, 1]; MASK is float (B, H, W); a LATENT is sdengine's dict
 (see :mod:`nodes`; ``samples`` None is an empty latent, made once the model is known). Where ComfyUI answers a bad
 input with a silent empty result (a regular expression that does not compile) or with a tensor error or a cut of the
@@ -593,6 +594,18 @@ def model_sampling_continuous_edm(
     return (model,)
 
 
+TORCH_COMPILE_BACKENDS = ("inductor", "cudagraphs")
+
+
+def torch_compile_model(ctx: RunContext, model: ModelHandle, backend: str) -> tuple[Any]:
+    """ComfyUI's TorchCompileModel wraps the diffusion model in torch.compile: the same function, compiled for
+    speed. Here the model passes through unchanged and runs as sdengine runs it (its own compiled paths are the
+    server's settings, not a node's): the same images up to float rounding, none of the compile time."""
+    if backend not in TORCH_COMPILE_BACKENDS:
+        raise NodeError(f"TorchCompileModel: unknown backend {backend!r}; one of {', '.join(TORCH_COMPILE_BACKENDS)}")
+    return (model,)
+
+
 # ----------------------------------------------------------------------------------------------- registry
 
 _STRING = "utils/string"
@@ -877,6 +890,16 @@ TOOL_NODES: dict[str, NodeDef] = {
             description='An image from the output folder ("name [output]", the newest first; any annotated or '
             "input-folder name too), read as LoadImage reads it; MASK = 1 - alpha.",
             changed=input_file_token,
+        ),
+        NodeDef(
+            "TorchCompileModel",
+            "TorchCompileModel",
+            "_for_testing",
+            (Input("model", "MODEL"), Input("backend", "COMBO", "inductor", choices=TORCH_COMPILE_BACKENDS)),
+            ("MODEL",),
+            torch_compile_model,
+            description="ComfyUI compiles the model with torch.compile; here it passes through and runs uncompiled "
+            "(the same model: its images up to float rounding).",
         ),
     )
 }
