@@ -218,7 +218,7 @@ def _erode(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def morphology(ctx: RunContext, image: torch.Tensor, operation: str, kernel_size: int) -> tuple[Any]:
-    """ComfyUI's Morphology (ImageMorphology): grey-scale erosion / dilation with a flat ``kernel_size`` square
+    """ComfyUI's Morphology (Apply Morphology): grey-scale erosion / dilation with a flat ``kernel_size`` square
     (each channel on its own, pixels outside the image never taken), opening (erode then dilate), closing, gradient
     (dilation - erosion), top hat (image - opening) and bottom hat (closing - image)."""
     x = _image(image, "Morphology").movedim(-1, 1)
@@ -736,8 +736,8 @@ TOOL_NODES: dict[str, NodeDef] = {
         ),
         NodeDef(
             "Morphology",
-            "ImageMorphology",
-            "image/postprocessing",
+            "Apply Morphology",
+            "image/filters",
             (
                 Input("image", "IMAGE"),
                 Input("operation", "COMBO", MORPHOLOGY_OPS[0], choices=MORPHOLOGY_OPS),
