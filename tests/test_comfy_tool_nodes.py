@@ -469,6 +469,11 @@ def test_preview_any_gives_comfyuis_text():
     assert nt.preview_text(torch.zeros(2000)) == "tensor([0., 0., 0., 0., 0., 0.,  ..., 0., 0., 0., 0., 0., 0.])"
     assert str(torch.zeros(2000)) == "tensor([0., 0., 0.,  ..., 0., 0., 0.])"
     assert nt.preview_any(CTX, 7) == {"ui": {"text": ["7"]}, "result": ("7",)}
+    # a dict with tensors (a LATENT): Python's text of it, its tensors at 6 edge items too
+    assert (
+        nt.preview_text({"samples": torch.zeros(2000)})
+        == "{'samples': tensor([0., 0., 0., 0., 0., 0.,  ..., 0., 0., 0., 0., 0., 0.])}"
+    )
 
 
 def test_preview_any_takes_any_link_through_the_api(client):

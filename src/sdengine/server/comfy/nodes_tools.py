@@ -282,19 +282,23 @@ def mask_preview(ctx: RunContext, mask: torch.Tensor) -> dict[str, Any]:
 _PRINT_LOCK = threading.Lock()  # torch's print options are global: one PreviewAny at a time sets them
 
 
-def _tensor_text(t: torch.Tensor) -> str:
+def _printed(value: Any) -> str:
+    """``str(value)`` with torch printing 6 items at each end of a long tensor (ComfyUI's PreviewAny sets that while
+    it prints, tensors inside a LATENT dict too)."""
     with _PRINT_LOCK:
-        torch.set_printoptions(edgeitems=6)  # ComfyUI's PreviewAny prints tensors so
+        torch.set_printoptions(edgeitems=6)
         try:
-            return str(t)
+            return str(value.values if isinstance(getattr(value, "values", None), torch.Tensor) else value)
+        except Exception:  # noqa: BLE001 - ComfyUI's wording for a value that cannot be printed
+            return "source exists, but could not be serialized."
         finally:
             torch.set_printoptions(profile="default")
 
 
 def preview_text(source: Any) -> str:
     """ComfyUI's PreviewAny text: a string as it is; an INT / FLOAT / BOOLEAN as Python prints it; what JSON can
-    hold as JSON indented 4; a tensor (IMAGE, MASK, SIGMAS' values) as torch prints it with 6 edge items; any other
-    value (sdengine's MODEL, CLIP, LATENT...) as its Python text, which is sdengine's, not ComfyUI's objects'."""
+    hold as JSON indented 4; anything else as Python prints it with torch's tensors at 6 edge items (IMAGE, MASK,
+    SIGMAS' values, a LATENT's dict); sdengine's MODEL, CLIP... print as sdengine's objects, not ComfyUI's."""
     if source is None:
         return "None"
     if isinstance(source, str):
@@ -304,16 +308,7 @@ def preview_text(source: Any) -> str:
     try:
         return json.dumps(source, indent=4)
     except (TypeError, ValueError):
-        pass
-    if isinstance(source, torch.Tensor):
-        return _tensor_text(source)
-    values = getattr(source, "values", None)
-    if isinstance(values, torch.Tensor):  # SIGMAS
-        return _tensor_text(values)
-    try:
-        return str(source)
-    except Exception:  # noqa: BLE001 - ComfyUI's wording for a value that cannot be printed
-        return "source exists, but could not be serialized."
+        return _printed(source)
 
 
 def preview_any(ctx: RunContext, source: Any) -> dict[str, Any]:
