@@ -526,6 +526,7 @@ def test_openapi_document_matches_the_openai_routes(server):
         # modules: test_server_dit_files.py; the edit's Kontext switch: test_flux_kontext_server.py
         family_only = ("distilled_cfg_scale", "shift", "sd3", "modules", "reference_images", "reference_auto_resize")
         family_only += ("control_image", "control_preprocessor")  # Depth / Canny: test_flux_control_preprocess.py
+        family_only += ("sdxl",)  # SDXL's settings: test_sdxl_server_ui.py
         sent = {k: DOC_VALUES[k] for k in props if k not in ("image", "image[]", "mask", *family_only)}
         with_files = {**sent, **{k: "(the file)" for k in ("image", "mask") if k in props}}
         assert not problems(spec, body, with_files), problems(spec, body, with_files)  # documented values

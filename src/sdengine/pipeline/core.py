@@ -83,6 +83,7 @@ from sdengine.pipeline.latents import (
     DifferentialMask,
     InpaintBlend,
     blur_mask,
+    cat_start_latents,
     differential_latent_mask,
     image_latent,
     start_latents,
@@ -216,6 +217,10 @@ class Prepared:
     # A1111's latent_mask (request.latent_mask): float32 (h, w) in [0, 1] at its own size, white = repaint; None:
     # the latent mask is made from ``mask``
     latent_mask: np.ndarray | None = None
+    # per-row init images and masks (request.init_image / mask given as lists; ``init`` / ``mask`` are row 0's),
+    # fitted as ``init`` / ``mask``; None: ``init`` / ``mask`` is every row's
+    inits: list[Image.Image] | None = None
+    masks: list[np.ndarray] | None = None
 
 
 def _no_extra_tokens(encoder: Any) -> Any:
@@ -277,6 +282,8 @@ class Pipeline:
     _tiling = False  # a call with tiling runs: the convolutions pad circularly, no recorded graph replays
     _zero_snr = False  # a call with zero_terminal_snr runs: noise_schedule is A1111's Zero Terminal SNR rescale
     weight_dtype = "default"  # load_pipeline(weight_dtype=...): the diffusion network's weights in fp8 (nn/fp8_storage)
+    # init_image / mask as lists, one per row (each row's start latents its own image's: _sample_rows): U-Net models
+    per_row_init_images = True
 
     def __init__(
         self,
@@ -836,6 +843,7 @@ class Pipeline:
         width = self._check_size("width", self.default_size if r.width is None else r.width)
         height = self._check_size("height", self.default_size if r.height is None else r.height)
         r.validate()
+        self.refuse_row_images(r)
         if r.control_image is not None and not self.takes_control_image:
             raise GenerationError(
                 f"control_image is the control map of a FLUX.1 Depth / Canny model; {self.name} takes none (a "
@@ -962,8 +970,14 @@ class Pipeline:
         if hires is not None:
             self._check_work(big_w, big_h)
         init = mask = None
-        if r.init_image is not None:
-            init = load_image(r.init_image, "init image", mode="RGB", error=GenerationError)
+        inits: list[Image.Image] | None = None
+        masks: list[np.ndarray] | None = None
+
+        def once(text: str) -> None:  # per-row images of one size: their fitting said once
+            if text not in notes:
+                _note(notes, text)
+
+        def fit_init(init: Image.Image) -> Image.Image:
             if r.init_latent_resize and init.size != (width, height):
                 # A1111's "Just resize (latent upscale)": encoded at its own size, the latent resized (start_latents)
                 f = self.vae_scale_factor
@@ -977,11 +991,19 @@ class Pipeline:
                         f"init_latent_resize: {self.name} is an inpainting model (9-channel U-Net), whose masked "
                         f"image must have the output size; give the init image at {width}x{height}"
                     )
-                _note(notes, f"init image {init.size[0]}x{init.size[1]}: its latent resized to {width}x{height}")
+                once(f"init image {init.size[0]}x{init.size[1]}: its latent resized to {width}x{height}")
             elif init.size != (width, height):
                 mode = resize_mode_name(r.resize_mode)
-                _note(notes, f"init image {init.size[0]}x{init.size[1]} fitted to {width}x{height} ({mode})")
+                once(f"init image {init.size[0]}x{init.size[1]} fitted to {width}x{height} ({mode})")
                 init = resize_image(init, width, height, mode)
+            return init
+
+        if r.init_image is not None:
+            if r.row_images:  # one per row: read once per distinct image, of one size, each fitted as one alone
+                inits = _row_images(r.init_images(), "init image", "RGB", fit_init)
+                init = inits[0]
+            else:
+                init = fit_init(load_image(r.one_init_image(), "init image", mode="RGB", error=GenerationError))
         if r.differential_diffusion and self.inpainting:
             raise GenerationError(
                 f"differential_diffusion: {self.name} is an inpainting model (9-channel U-Net), which takes the mask "
@@ -994,14 +1016,22 @@ class Pipeline:
                     f"soft_inpainting: {self.name} is not a U-Net on a discrete noise schedule (SD 1.x / 2.x / SDXL), "
                     "the models A1111's soft inpainting reads sigma of; not done for it in sdengine"
                 )
-        if r.mask is not None:
-            m = load_image(r.mask, "mask", mode="L", error=GenerationError)
+
+        def fit_mask(m: Image.Image) -> np.ndarray:
             if m.size != (width, height):
-                _note(notes, f"mask {m.size[0]}x{m.size[1]} resized to {width}x{height} (the image size)")
+                once(f"mask {m.size[0]}x{m.size[1]} resized to {width}x{height} (the image size)")
                 m = m.resize((width, height), Image.Resampling.LANCZOS)
-            mask = np.asarray(m, dtype=np.float32) / 255.0
+            out = np.asarray(m, dtype=np.float32) / 255.0
             if r.mask_blur > 0:
-                mask = blur_mask(mask, float(r.mask_blur))
+                out = blur_mask(out, float(r.mask_blur))
+            return out
+
+        if r.mask is not None:
+            if r.row_images:
+                masks = _row_images(r.masks(), "mask", "L", fit_mask)
+                mask = masks[0]
+            else:
+                mask = fit_mask(load_image(r.one_mask(), "mask", mode="L", error=GenerationError))
         latent_mask = None
         if r.latent_mask is not None:  # A1111's: shrunk to the latent from its own size, neither blurred nor fitted
             lm = load_image(r.latent_mask, "latent mask", mode="L", error=GenerationError)
@@ -1043,7 +1073,17 @@ class Pipeline:
             hires,
             vae_tiles=None if vae_tiles is None else HyperTileRun(vae_tiles, int(seeds[0]), self.vae_scale_factor),
             latent_mask=latent_mask,
+            inits=inits,
+            masks=masks,
         )
+
+    def refuse_row_images(self, r: GenerationRequest) -> None:
+        """One line where ``r`` gives an init image (or mask) per row and this model takes one per call."""
+        if r.row_images and not self.per_row_init_images:
+            raise GenerationError(
+                f"init_image / mask as a list (one per row) is for U-Net models (SD 1.x, 2.x, SDXL); {self.name} "
+                "takes one init image per call"
+            )
 
     # -- the call -------------------------------------------------------------------------------------
 
@@ -1055,6 +1095,7 @@ class Pipeline:
         ``hr_model``: another loaded pipeline that runs the hires fix's second pass (A1111's
         ``hr_checkpoint_name``; it must share this model's latent space), None for this one."""
         request = as_request(prompt, negative_prompt, kwargs)
+        self.refuse_row_images(request)  # before a family's own prepare reads the init image
         p = self.prepare(request)
         if hr_model is self:
             hr_model = None
@@ -1356,15 +1397,11 @@ class Pipeline:
         steps, strength, cfg_scale = _grid_steps(p), float(r.strength), ip2p_cfg(self, r)
         gens = [make_generator(p.seeds[i], r.noise_source) for i in rows]
         pure_noise = _ip2p_pure_noise(self, r)  # diffusers' instruct-pix2pix: the image in the concat only
-        start = start_latents(
-            self.vae,
-            generators=gens,
+        common: dict[str, Any] = dict(
             latent_channels=self.latent_channels,
             width=p.width,
             height=p.height,
             scale_factor=self.vae_scale_factor,
-            init=None if pure_noise else p.init,
-            mask=p.mask,
             mask_blur=float(r.mask_blur),
             strength=strength,
             nine_channels=self.inpainting,
@@ -1378,6 +1415,30 @@ class Pipeline:
             mask_round=bool(r.mask_round) and r.soft_inpainting_settings() is None,
             **self.start_latent_options(p),
         )
+        if p.inits is None:
+            start = start_latents(self.vae, generators=gens, init=None if pure_noise else p.init, mask=p.mask, **common)
+        else:  # an init image (and mask) per row: each run of rows sharing one is started as that image's call alone
+            inits = p.inits
+            row_masks: list[np.ndarray | None] = list(p.masks) if p.masks is not None else [None] * len(inits)
+            runs: list[list[int]] = []  # positions in ``rows`` of consecutive rows with the same image and mask
+            for k, i in enumerate(rows):
+                j = rows[runs[-1][0]] if runs else None  # the current run's first row (its image read once)
+                if j is not None and inits[i] is inits[j] and row_masks[i] is row_masks[j]:
+                    runs[-1].append(k)
+                else:
+                    runs.append([k])
+            start = cat_start_latents(
+                [
+                    start_latents(
+                        self.vae,
+                        generators=[gens[k] for k in run],
+                        init=inits[rows[run[0]]],
+                        mask=row_masks[rows[run[0]]],
+                        **common,
+                    )
+                    for run in runs
+                ]
+            )
         if init_latent is not None:
             start.init_latent, start.from_init = init_latent.to(dev, start.noise.dtype), True
         subseeds = None if p.subseeds is None else [p.subseeds[i] for i in rows]
@@ -1991,6 +2052,8 @@ def check_instruct_pix2pix(pipe: Any, r: GenerationRequest, notes: list[str]) ->
         return
     if r.init_image is None:
         raise GenerationError(f"{pipe.name} is an instruct-pix2pix model: it edits an init image, give one")
+    if r.row_images:
+        raise GenerationError(f"{pipe.name} is an instruct-pix2pix model: it takes one init image, not one per row")
     for on, what in ((r.mask is not None, "a mask (inpainting)"), (r.init_latent_resize, "init_latent_resize")):
         if on:  # (the hires fix takes no init image: refused by the request)
             raise GenerationError(f"{pipe.name} is an instruct-pix2pix model: it does not take {what}")
@@ -2007,6 +2070,27 @@ def check_instruct_pix2pix(pipe: Any, r: GenerationRequest, notes: list[str]) ->
                 )
     if _ip2p_pure_noise(pipe, r) and r.strength != GenerationRequest.defaults()["strength"]:
         _note(notes, "instruct-pix2pix starts from pure noise under strength_rule 'diffusers': strength is not used")
+
+
+def _row_images(sources: list[Any], what: str, mode: str, fit: Callable[[Image.Image], Any]) -> list[Any]:
+    """Each row's image (request.init_image / mask as a list) read and fitted by ``fit`` once per distinct source
+    (a server batch repeats a job's image over its rows); one line where two rows' images differ in size."""
+    done: dict[int, Any] = {}
+    first: tuple[int, int] | None = None
+    out = []
+    for k, src in enumerate(sources):
+        if id(src) not in done:
+            img = load_image(src, f"{what} {k}", mode=mode, error=GenerationError)
+            if first is None:
+                first = img.size
+            elif img.size != first:
+                raise GenerationError(
+                    f"the {what}s of one call must have one size: row 0's is {first[0]}x{first[1]}, row {k}'s "
+                    f"{img.size[0]}x{img.size[1]}"
+                )
+            done[id(src)] = fit(img)
+        out.append(done[id(src)])
+    return out
 
 
 def _silent(_: str) -> None:

@@ -223,6 +223,7 @@ class FluxPipeline(Pipeline):
     # reference images add; class defaults, so that a subclass with its own constructor (Chroma) has them too
     _call_references: list[Tensor] | None = None
     _reference_tokens = 0
+    per_row_init_images = False  # one init image per call (Pipeline.refuse_row_images)
 
     def __init__(
         self,

@@ -80,7 +80,7 @@ def prepare_init(r: GenerationRequest, multiple: int, notes: list[str]) -> Gener
     and an init image over the area limit resized to it first (as diffusers resizes it twice), with a note."""
     if r.init_image is None or (r.width is not None and r.height is not None):
         return r
-    image = load_image(r.init_image, "init image", mode="RGB", error=GenerationError)
+    image = load_image(r.one_init_image(), "init image", mode="RGB", error=GenerationError)
     resized, (w, h) = init_size(image.width, image.height, multiple)
     if resized is not None:
         notes.append(f"init image {image.width}x{image.height} resized to {resized[0]}x{resized[1]} (1024x1024 area)")

@@ -139,7 +139,7 @@ def output_size(r: GenerationRequest, multiple: int, references: list[Image.Imag
     (:func:`kontext_size`; diffusers' ``FluxKontextInpaintPipeline`` edits at it), else the first reference's."""
     if r.init_image is None:
         return references[0].size
-    init = load_image(r.init_image, "init image", mode="RGB", error=GenerationError)
+    init = load_image(r.one_init_image(), "init image", mode="RGB", error=GenerationError)
     return kontext_size(init.width, init.height, multiple, bool(r.reference_auto_resize))
 
 

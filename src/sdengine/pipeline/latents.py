@@ -83,9 +83,10 @@ class StartLatents:
     noise: Tensor  # (B, C, h, w) unit noise, row i from generator i
     init_latent: Tensor | None  # (B, C, h, w) the scaled init latent (img2img / 4-channel inpainting)
     from_init: bool  # whether sampling starts from init_latent (False: pure noise)
-    blend_mask: Tensor | None  # (1, 1, h, w) for 4-channel inpainting: 1 = repaint
+    blend_mask: Tensor | None  # (1, 1, h, w) for 4-channel inpainting: 1 = repaint ((B, 1, h, w): a mask per row)
     concat: Tensor | None  # (B, 5, h, w) mask + masked-image latent for a 9-channel U-Net; FLUX.1 Fill / Control's
-    # (1, 1, h, w) A1111's latent mask (rounded, 1 = repaint) of an inpainting call, for any U-Net (A1111Blend)
+    # (1, 1, h, w) A1111's latent mask (rounded, 1 = repaint) of an inpainting call, for any U-Net (A1111Blend);
+    # (B, 1, h, w) with a mask per row (cat_start_latents)
     rounded_mask: Tensor | None = None
 
 
@@ -210,6 +211,28 @@ def start_latents(
     full = mask_full is not None and strength >= 1.0 and pure_noise_at_full_strength
     from_init = init_latent is not None and not full
     return StartLatents(noise, init_latent, from_init, blend, concat, rounded)
+
+
+def cat_start_latents(parts: Sequence[StartLatents]) -> StartLatents:
+    """The start of a batch whose rows were made in parts (an init image and mask per row: one :func:`start_latents`
+    call per run of rows sharing an image, with those rows' generators): their tensors stacked along the rows, a
+    part's one mask repeated over its rows. The rows share the call's settings, so each part has the same fields set
+    (and the same ``from_init``)."""
+
+    def cat(ts: list[Tensor | None]) -> Tensor | None:  # a part's one mask for all its rows: one per row
+        if ts[0] is None:
+            return None
+        rows = [t.expand(s.noise.shape[0], *t.shape[1:]) for t, s in zip(ts, parts, strict=True) if t is not None]
+        return torch.cat(rows)
+
+    return StartLatents(
+        torch.cat([s.noise for s in parts]),
+        cat([s.init_latent for s in parts]),
+        parts[0].from_init,
+        cat([s.blend_mask for s in parts]),
+        cat([s.concat for s in parts]),
+        cat([s.rounded_mask for s in parts]),
+    )
 
 
 def image_latent(vae: Any, image: Image.Image, *, tiled: bool | None, device: torch.device, tiny: Any = None) -> Tensor:
@@ -437,6 +460,7 @@ __all__ = [
     "LatentBlend",
     "StartLatents",
     "blur_mask",
+    "cat_start_latents",
     "comfy_timestep",
     "differential_latent_mask",
     "posterior_rows",

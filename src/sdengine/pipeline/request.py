@@ -96,12 +96,15 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     batch_size: int = 1
-    init_image: ImageInput | None = None
+    # one image for every row, or a list / tuple of them, one per row (a U-Net model's img2img / inpainting; each
+    # row is then the call of its own image alone: the server's batches of img2img jobs); row images are of one size
+    init_image: ImageInput | Sequence[ImageInput] | None = None
     strength: float = 0.75
     # how ``strength`` counts the img2img (and hires second-pass) steps: "diffusers" (int(steps * strength)
     # steps) or "a1111" (A1111's, sdengine.diffusion.schedules.img2img_start / hires_steps)
     strength_rule: str = "diffusers"
-    mask: ImageInput | None = None
+    # one mask, or a list / tuple of them, one per row (needs init_image as a list too; masks of one size)
+    mask: ImageInput | Sequence[ImageInput] | None = None
     mask_blur: float = 0
     controlnets: Sequence[ControlUnit | tuple[Any, ...]] | None = None
     guess_mode: bool = False
@@ -351,6 +354,55 @@ class GenerationRequest:
 
     def prompts(self) -> list[str]:
         return _per_row(self.prompt, self.n_rows)
+
+    @property
+    def row_images(self) -> bool:
+        """Whether ``init_image`` (and ``mask``) hold one image per row (a list or tuple) rather than one image."""
+        return _is_list(self.init_image) or _is_list(self.mask)
+
+    def init_images(self) -> list[Any]:
+        """The init image of each row: the list given, or the one image for every row; [] without one."""
+        return _row_images(self.init_image, self.n_rows)
+
+    def masks(self) -> list[Any]:
+        """The mask of each row: the list given, or the one mask for every row; [] without one."""
+        return _row_images(self.mask, self.n_rows)
+
+    def one_init_image(self) -> ImageInput:
+        """The call's one init image (where one per row is not taken: a one-line error for a list)."""
+        return _one_image(self.init_image, "init_image")
+
+    def one_mask(self) -> ImageInput:
+        """The call's one mask (where one per row is not taken: a one-line error for a list)."""
+        return _one_image(self.mask, "mask")
+
+    def _validate_row_images(self) -> None:
+        """Per-row init images and masks (lists): one per row, none empty, a mask list only with an init list,
+        and none of the options that read one image for the whole call."""
+        init, mask = self.init_image, self.mask
+        if not self.row_images:
+            return
+        rows = self.n_rows
+        for what, v in (("init_image", init), ("mask", mask)):
+            if not _is_list(v):
+                continue
+            n = len(v)  # type: ignore[arg-type]
+            if n != rows:
+                raise GenerationError(
+                    f"{what} holds {n} images for {rows} rows: give one per row (or one image for every row)"
+                )
+            if any(x is None for x in v):  # type: ignore[union-attr]
+                raise GenerationError(f"{what} holds an empty entry (None): give one image per row")
+        if _is_list(mask) and not _is_list(init):
+            raise GenerationError("a list of masks (one per row) needs a list of init images (one per row)")
+        for what, on in (
+            ("init_latent_resize", bool(self.init_latent_resize)),
+            ("soft_inpainting", self.soft_inpainting not in (None, False)),
+            ("differential_diffusion", _is_number(self.differential_diffusion) and self.differential_diffusion > 0),
+            ("enable_hr", bool(self.enable_hr)),
+        ):
+            if on:
+                raise GenerationError(f"{what} takes one init image for the call, not one per row (a list)")
 
     def negative_prompts(self) -> list[str]:
         return _per_row(self.negative_prompt, self.n_rows)
@@ -625,6 +677,7 @@ class GenerationRequest:
             raise GenerationError(f"sag_blur_sigma must be a number in (0, {MAX_SAG_BLUR_SIGMA:g}], got {sag_blur!r}")
         if not isinstance(self.sag_rule, str) or self.sag_rule not in SAG_RULES:
             raise GenerationError(f"unknown sag_rule {self.sag_rule!r}; use one of: {', '.join(SAG_RULES)}")
+        self._validate_row_images()
         self._validate_image_cfg()
         self.validate_references()
         if self.control_preprocessor != "none" or self.control_image is not None:
@@ -797,7 +850,12 @@ class GenerationRequest:
             for w in part_weights(weight) if isinstance(weight, LoRAWeight) else (weight,):
                 if _is_number(w) and (not math.isfinite(w) or abs(w) > WEIGHT_LIMIT):
                     check_weight(w, name)
-        images = [("init image", self.init_image), ("mask", self.mask), ("control image", self.control_image)]
+        images: list[tuple[str, Any]] = [("control image", self.control_image)]
+        for what, v in (("init image", self.init_image), ("mask", self.mask)):
+            if _is_list(v):
+                images += [(f"{what} {k}", x) for k, x in enumerate(v)]  # type: ignore[arg-type]
+            else:
+                images.append((what, v))
         images.append(("latent mask", self.latent_mask))
         images += [(f"ControlNet unit {k} image", u.image) for k, u in enumerate(self.control_units())]
         images += [(f"reference image {k}", x) for k, x in enumerate(self.reference_list())]
@@ -815,6 +873,18 @@ class GenerationRequest:
 
 def _is_list(v: Any) -> bool:
     return isinstance(v, list | tuple)
+
+
+def _one_image(v: Any, what: str) -> ImageInput:
+    if _is_list(v):
+        raise GenerationError(f"{what} is a list (one per row) where this call takes one image")
+    return v  # type: ignore[no-any-return]
+
+
+def _row_images(v: Any, n: int) -> list[Any]:
+    if v is None:
+        return []
+    return list(v) if _is_list(v) else [v] * n
 
 
 def _per_row(v: TextOrList | None, n: int) -> list[str]:

@@ -282,6 +282,8 @@ class SD3Pipeline(Pipeline):
     """Stable Diffusion 3 / 3.5 (Medium, Large, Large Turbo). Build it with
     :func:`sdengine.pipeline.load_pipeline` on an SD3 folder or single file; call it as any pipeline."""
 
+    per_row_init_images = False  # one init image per call (Pipeline.refuse_row_images)
+
     def __init__(
         self,
         *,

@@ -236,6 +236,8 @@ class SDXLPipeline(Pipeline):
         hr_model: Any,
     ) -> GenerationResult:
         check_hand_off(request, switch_at, switch_rule, hires_pass)
+        if request.row_images:  # each row's hand-off reads the call's one init image
+            raise GenerationError("a refiner hand-off takes one init image for the call, not one per row (a list)")
         if refiner.latent_channels != self.latent_channels or refiner.vae_scale_factor != self.vae_scale_factor:
             raise GenerationError(f"{refiner.name} does not share {self.name}'s latent space")
         p = self.prepare(request)

@@ -1053,6 +1053,40 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         except SdengineError as e:
             raise BadRequest(str(e)) from None
 
+    def native_refiner(generation: Generation, req: JobRequest) -> None:
+        """The job's ``refiner`` (an SDXL base -> refiner hand-off, the Python API's ``generate_with_refiner``):
+        what the hand-off cannot run is a 400 before any job is queued (its settings, by the pipeline's own check;
+        a model that is not SDXL, by the loaded pipeline or the model's files; the job's own model). A switch at 1
+        leaves the refiner no step: the job's model runs alone, said in the job's notes."""
+        from sdengine.errors import SdengineError
+        from sdengine.pipeline import GenerationRequest
+        from sdengine.pipeline.sdxl import check_hand_off
+        from sdengine.server.page_api import sdxl_before_load
+
+        assert req.refiner is not None
+        ref = services.catalog.resolve_model(req.refiner)  # a 400 naming the models for an unknown one
+        name = services.catalog.model_name_of(ref)
+        if ref == generation.model:
+            raise BadRequest(f"refiner: {name!r} is the job's own model; name another SDXL model, or leave refiner out")
+        loaded = loaded_pipe(generation)
+        base = hasattr(loaded, "generate_with_refiner") if loaded is not None else sdxl_before_load(generation.model)
+        if base is False:
+            raise BadRequest(f"refiner: a refiner needs an SDXL base model; {generation.model_name!r} is not one")
+        if sdxl_before_load(ref) is False:
+            raise BadRequest(f"refiner: {name!r} is not an SDXL model (a refiner must be one)")
+        if req.refiner_switch_at >= 1:  # no step reaches the switch (A1111 runs no refiner then either)
+            generation.notes.append(f"refiner_switch_at 1: no step reaches the refiner {name!r}; the model ran alone")
+            return
+        try:
+            request = GenerationRequest(**generation.kwargs)
+            check_hand_off(request, req.refiner_switch_at, req.refiner_switch_rule, req.refiner_hires_pass)
+        except SdengineError as e:
+            raise BadRequest(f"refiner: {e}") from None
+        generation.refiner, generation.refiner_name = ref, name
+        generation.refiner_switch_at = float(req.refiner_switch_at)
+        generation.refiner_switch_rule = req.refiner_switch_rule
+        generation.hires_refiner_pass = req.refiner_hires_pass
+
     def precheck(generation: Generation) -> None:
         check_family_settings(generation)
         check_size_multiple(generation)
@@ -1071,7 +1105,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     @app.post("/v1/jobs", status_code=202, tags=["native"])
     async def create_job(req: JobRequest) -> dict[str, Any]:
         """Queue a generation; answers at once with the job id and its place in the queue (0 = next)."""
-        fields = req.model_dump(exclude={"controlnets", "loras", "ip_adapters"})
+        hand_off = {"refiner", "refiner_switch_at", "refiner_switch_rule", "refiner_hires_pass"}
+        fields = req.model_dump(exclude={"controlnets", "loras", "ip_adapters", *hand_off})
         # an SD3 / Flux model's own defaults for the settings the request leaves out (SD's are the schema's)
         given = req.model_fields_set
         fields.update({k: v for k, v in services.family_defaults(req.model).items() if k not in given})
@@ -1115,6 +1150,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         else:
             generation = await asyncio.to_thread(lambda: services.build(**fields))
         precheck(generation)
+        if req.refiner is not None:
+            native_refiner(generation, req)
         job, position = services.submit(generation, protocol="native", save=True)
         return {
             "id": job.id,

@@ -17,8 +17,9 @@ A job that fails (bad input found late, out of memory, a bug) fails alone; the w
 
 Batching: a worker takes the job at the head of the queue and, when ``max_batch_jobs`` > 1, the later queued jobs that
 :func:`batch_key` says are compatible with it (up to ``max_batch_jobs`` jobs and ``max_batch_rows`` images), and
-runs them as ONE pipeline call with a prompt, negative prompt and seed per row (each row's image equals the same
-job run alone: the pipeline gives every row its own generator). The result is split back per job. Cancelling
+runs them as ONE pipeline call with a prompt, negative prompt and seed per row, and an img2img / inpainting job's
+init image and mask on its rows (each row's image equals the same job run alone: the pipeline gives every row its
+own generator and starts it from its own image). The result is split back per job. Cancelling
 (or A1111-skipping) one job of a running batch stops the batch at the end of the step; that job ends, the
 others go back to the FRONT of the queue in their order and run again from the start (no image is lost or
 mixed up; they only lose the steps already done).
@@ -111,6 +112,7 @@ class Job:
     def __post_init__(self) -> None:
         self.steps = int(self.generation.kwargs["steps"]) * self.generation.n_iter
         self.task_id = self.task_id or self.id
+        self.notes.extend(n for n in getattr(self.generation, "notes", ()) if n not in self.notes)  # the route's
 
     # -- change notification ---------------------------------------------------------------------------
 
@@ -268,20 +270,32 @@ _BATCH_SETTINGS = (
     "freeu",  # FreeU: one set of factors, version and rule per call (left out when off)
     "freeu_version",
     "freeu_rule",
+    "strength_rule",  # how strength counts the steps (A1111's grid and Brownian noise are per row too)
+    "resize_mode",  # img2img / inpainting: how each row's init image is fitted, what the mask's latent fill is, ...
+    "masked_content",
+    "mask_round",
+    "noise_multiplier",
 )
-_PER_ROW = ("prompt", "negative_prompt", "seed", "batch_size")
-_NEVER_BATCHED = ("init_image", "mask", "controlnets")
+_PER_ROW = ("prompt", "negative_prompt", "seed", "batch_size", "init_image", "mask")
+_NEVER_BATCHED = ("controlnets",)
+
+
+def _image_size(v: Any) -> tuple[int, int] | None:
+    """A decoded image's (width, height); None for anything else (a job with such an input runs alone)."""
+    return tuple(v.size) if isinstance(v, Image.Image) else None  # type: ignore[return-value]
 
 
 def batch_key(job: Job) -> tuple[Any, ...] | None:
     """What must be equal for jobs to share one pipeline call; None = this job always runs alone.
 
-    Conservative on purpose: only txt2img jobs of one iteration (``n_iter`` 1), with no init image, mask or
-    ControlNet (their images and units would have to be compared and stacked per row), batch together, and
-    only when the model and every setting that is one per call (size, sampler, schedule, steps, cfg, clip
-    skip, the LoRAs and their weights, ...) are equal. What may differ per row is only the prompt, the
-    negative prompt and the seed (and ``batch_size``: a job's rows stay consecutive). A job that runs itself
-    (a ComfyUI graph, ``run_on``) never batches."""
+    Conservative on purpose: only txt2img, img2img and inpainting jobs of one iteration (``n_iter`` 1), with no
+    ControlNet (its units would have to be compared and stacked per row), batch together, and only when the
+    model and every setting that is one per call (size, sampler, schedule, steps, cfg, strength, mask blur, clip
+    skip, the LoRAs and their weights, ...) are equal. What may differ per row is only the prompt, the negative
+    prompt, the seed (and ``batch_size``: a job's rows stay consecutive) and the init image and mask (each row
+    its own job's: ``Pipeline`` takes them as lists), which must be there or not alike and of one size each (an
+    init image of another size, or a mask beside none, is another batch). A job that runs itself (a ComfyUI
+    graph, ``run_on``) never batches."""
     if getattr(job, "run_on", None) is not None:
         return None
     g = job.generation
@@ -295,12 +309,16 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
         return None
     if set(kw) - set(_BATCH_SETTINGS) - set(_PER_ROW) - set(_NEVER_BATCHED):
         return None
+    init, mask = kw.get("init_image"), kw.get("mask")
+    images = (_image_size(init) if init is not None else None, _image_size(mask) if mask is not None else None)
+    if (init is not None and images[0] is None) or (mask is not None and images[1] is None):
+        return None  # an input that is not a decoded image: alone
     loras = kw.get("loras")
     # a weight is a float or a LoRAWeight (separate text-encoder / U-Net multipliers): both hashable, compared as is
     lora_key = tuple((str(p), w) for p, w in loras) if loras else ()
     xl = tuple(sorted((g.sdxl_options or {}).items()))  # an A1111 job and a native one zero differently
     vae = (getattr(g, "vae", None), getattr(g, "checkpoint_vae", False))  # one VAE per call
-    return (g.model, *(kw.get(k) for k in _BATCH_SETTINGS if k != "loras"), lora_key, xl, vae)
+    return (g.model, *(kw.get(k) for k in _BATCH_SETTINGS if k != "loras"), lora_key, xl, vae, images)
 
 
 def sdxl_request(g: Any, pipe: Any, refiner: Any, negatives: list[Any]) -> dict[str, Any] | None:
@@ -937,7 +955,7 @@ class Worker(threading.Thread):
                 return pipe.generate_with_refiner(
                     refiner,
                     switch_at=g.refiner_switch_at,
-                    switch_rule="a1111",
+                    switch_rule=getattr(g, "refiner_switch_rule", "a1111"),
                     hires_pass=g.hires_refiner_pass,
                     hr_model=hr,
                     **kw,
@@ -1075,6 +1093,8 @@ class Worker(threading.Thread):
         prompts: list[str] = []
         negatives: list[str] = []
         seeds: list[int] = []
+        inits: list[Any] = []  # each row's job's init image and mask (img2img / inpainting jobs: batch_key)
+        masks: list[Any] = []
         spans: list[tuple[int, int]] = []  # each job's rows
         for job in jobs:
             kw = job.generation.kwargs
@@ -1083,7 +1103,19 @@ class Worker(threading.Thread):
             prompts += [kw["prompt"]] * n
             negatives += [kw["negative_prompt"]] * n
             seeds += [seed + r for r in range(n)]  # as the pipeline numbers one job's rows
+            inits += [kw.get("init_image")] * n
+            masks += [kw.get("mask")] * n
         kwargs = dict(g0.kwargs, prompt=prompts, negative_prompt=negatives, seed=seeds, batch_size=len(seeds))
+        if g0.kwargs.get("init_image") is not None:
+            one_per_call = not getattr(pipe, "per_row_init_images", False) or getattr(pipe, "instruct_pix2pix", False)
+            if one_per_call:  # a model that takes one init image per call (a DiT, instruct-pix2pix)
+                for job in jobs:
+                    self.current = job
+                    self.run_job(job)
+                return
+            kwargs["init_image"] = inits
+            if g0.kwargs.get("mask") is not None:
+                kwargs["mask"] = masks
         xl = sdxl_request(g0, pipe, None, negatives)  # the jobs' sdxl_options are equal (batch_key)
         if xl is not None:
             kwargs["sdxl"] = xl
@@ -1107,7 +1139,7 @@ class Worker(threading.Thread):
                     preview = None
             for job, (a, _) in zip(jobs, spans, strict=True):
                 if first[0]:
-                    job.steps = info.steps  # img2img would run fewer steps than asked (not batched today)
+                    job.steps = info.steps  # img2img runs fewer steps than asked
                 job.step = info.step
                 if preview is not None:
                     try:

@@ -54,7 +54,9 @@ What the ``openai`` client sends maps onto the pipeline this way:
   JSON object), ``ip_adapters`` (IP-Adapter units, the native job's list of objects; in a form one JSON string),
   ``distilled_cfg_scale`` (FLUX.1 [dev]'s distilled guidance), ``shift`` and ``sd3`` (SD3's time shift and
   skip-layer guidance; in a form ``sd3`` is a JSON object), each as the native job's (a model of another family
-  answers a 400), and ``strength`` (edits, variations).
+  answers a 400), ``sdxl`` (SDXL's second prompts, micro-conditioning and a refiner's aesthetic scores, the native
+  job's object; in a form a JSON object; an unknown setting or a bad value is a 400 with ``param`` ``sdxl``, a model
+  that is not SDXL fails the job as the native job does), and ``strength`` (edits, variations).
 * ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
   (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
   VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
@@ -120,6 +122,7 @@ EXTENSIONS += ("deep_shrink", "hypertile", "hypertile_hires_only", "hypertile_ru
 EXTENSIONS += ("hypertile_vae", "tiled_diffusion")
 EXTENSIONS += ("ip_adapters",)
 EXTENSIONS += ("distilled_cfg_scale", "shift", "sd3")  # the model family's own (Flux [dev]; SD3)
+EXTENSIONS += ("sdxl",)  # SDXL's second prompts, micro-conditioning, refiner scores (the native job's object)
 EXTENSIONS += ("modules",)  # an SD3 / Flux file's text encoders and VAE (server.dit_parts)
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
@@ -193,6 +196,7 @@ class GenerationsRequest(BaseModel):
     distilled_cfg_scale: Any = None  # Flux [dev]'s; SD3's shift and sd3 settings: checked by patch_fields, the builder
     shift: Any = None
     sd3: Any = None
+    sdxl: Any = None  # SDXL's settings (the native job's object, or a JSON string): checked by patch_fields, builder
     modules: Any = None  # an SD3 / Flux file's text encoders and VAE: checked by the request builder
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
@@ -371,10 +375,18 @@ def family_number(value: Any, key: str) -> float | None:
     return float(value)
 
 
-def sd3_of(value: Any) -> dict[str, Any] | None:
-    """The ``sd3`` extension (SD3's skip-layer guidance) as the native job's object: an object, or a string (a form
-    field) holding one; "" or null: none. Its keys and ranges are checked by the request builder."""
-    shape = "sd3 must be an object {skip_guidance_layers, skip_layer_guidance_scale, _start, _stop}"
+OBJECT_SHAPES = {
+    "sd3": "sd3 must be an object {skip_guidance_layers, skip_layer_guidance_scale, _start, _stop}",
+    "sdxl": "sdxl must be an object {prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, "
+    "negative_*, aesthetic_score, negative_aesthetic_score}",
+}
+
+
+def sd3_of(value: Any, key: str = "sd3") -> dict[str, Any] | None:
+    """The ``sd3`` extension (SD3's skip-layer guidance; ``key`` "sdxl": SDXL's settings) as the native job's object:
+    an object, or a string (a form field) holding one; "" or null: none. Its keys and ranges are checked by the
+    request builder."""
+    shape = OBJECT_SHAPES[key]
     if isinstance(value, str):
         text = value.strip()
         if not text:
@@ -382,9 +394,9 @@ def sd3_of(value: Any) -> dict[str, Any] | None:
         try:
             value = json.loads(text)
         except ValueError:
-            raise ParamError(f"{shape}; got {text[:100]!r} (not JSON)", "sd3") from None
+            raise ParamError(f"{shape}; got {text[:100]!r} (not JSON)", key) from None
     if not isinstance(value, dict):
-        raise ParamError(f"{shape}; got {repr(value)[:100]}", "sd3")
+        raise ParamError(f"{shape}; got {repr(value)[:100]}", key)
     return value
 
 
@@ -404,8 +416,9 @@ def patch_fields(out: dict[str, Any]) -> dict[str, Any]:
     for key in ("distilled_cfg_scale", "shift"):  # numbers (a form's as text), as the native job's
         if key in out:
             out[key] = family_number(out[key], key)
-    if "sd3" in out:
-        out["sd3"] = sd3_of(out["sd3"])
+    for key in ("sd3", "sdxl"):
+        if key in out:
+            out[key] = sd3_of(out[key], key)
     for key in ("hypertile_hires_only", "hypertile_scale_depth"):
         if key in out and not isinstance(out[key], bool):
             raise ParamError(f"{key} must be true or false, got {repr(out[key])[:100]}", key)
@@ -807,6 +820,7 @@ def install(app: FastAPI, services: Any) -> None:
                     "distilled_cfg_scale": fields.get("distilled_cfg_scale") or None,  # Flux [dev]'s
                     "shift": fields.get("shift") or None,  # SD3's
                     "sd3": fields.get("sd3") or None,  # a JSON object
+                    "sdxl": fields.get("sdxl") or None,  # a JSON object
                     # "clip_l.safetensors,t5xxl.safetensors": an SD3 / Flux file's text encoders and VAE
                     "modules": [m.strip() for m in fields["modules"].split(",")] if fields.get("modules") else None,
                 }
@@ -1213,6 +1227,14 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             "description": "sdengine: SD3 models only, skip-layer guidance {skip_guidance_layers, "
             "skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop}, as the native job's sd3 "
             "(in a form: one JSON string); another model answers a 400",
+        },
+        "sdxl": {
+            "oneOf": [{"type": "object"}, text],
+            "description": "sdengine: SDXL models only, the second prompts, micro-conditioning and a refiner's "
+            "aesthetic scores {prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, "
+            "negative_original_size, negative_crops_coords_top_left, negative_target_size, aesthetic_score, "
+            "negative_aesthetic_score} ([height, width] pixels), as the native job's sdxl (in a form: one JSON "
+            "string); a bad one answers a 400",
         },
         "modules": {
             "oneOf": [{"type": "array", "maxItems": 8, "items": {"type": "string"}}, text],

@@ -73,7 +73,7 @@ class Generation:
     model_name: str  # as listed
     kwargs: dict[str, Any]
     n_iter: int = 1
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the route's notes about the job (copied into the Job's)
     # applied to every image before it is saved or answered (A1111's inpainting overlay), None: as generated; where
     # the pipeline answers with composite masks (soft inpainting: GenerationResult.composite_masks) it is called
     # with the image's mask too (see finished)
@@ -83,6 +83,9 @@ class Generation:
     refiner: str | None = None
     refiner_name: str | None = None
     refiner_switch_at: float | None = None
+    # the switch's rule (sdengine.pipeline.sdxl.SWITCH_RULES): A1111's on the A1111 routes, the request's on the
+    # native one (diffusers' by default, as the Python API's)
+    refiner_switch_rule: str = "a1111"
     # A1111's hires_fix_refiner_pass: which pass of the hires fix hands off ("first pass", "second pass", "both
     # passes"; sdengine.pipeline.sdxl.HIRES_REFINER_PASSES)
     hires_refiner_pass: str = "second pass"

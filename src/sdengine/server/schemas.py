@@ -375,6 +375,36 @@ class JobRequest(BaseModel):
         "negative_target_size, aesthetic_score, negative_aesthetic_score (a refiner's), as diffusers' "
         "StableDiffusionXLPipeline arguments",
     )
+    refiner: str | None = Field(
+        None,
+        max_length=512,
+        description="SDXL models only: a base -> refiner hand-off (the Python API's "
+        "SDXLPipeline.generate_with_refiner, A1111's refiner_checkpoint): a name from GET /v1/models, an SDXL model "
+        "other than the job's; the job's model runs the noisy part of the steps, this one the rest, and its VAE "
+        "decodes. No LoRA, ControlNet, IP-Adapter, tiny VAE decode or variation seed with it; DDIM, PLMS, LCM, DDPM "
+        "and restart are refused (400). Infotext 'Refiner', 'Refiner switch at'",
+    )
+    refiner_switch_at: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="the fraction of the steps the job's model runs before the refiner takes over (generate_with_"
+        "refiner's switch_at, A1111's refiner_switch_at): 0 the refiner runs every step, 1 no step reaches it (the "
+        "model runs alone, said in the job's notes). Read only with refiner",
+    )
+    refiner_switch_rule: Literal["diffusers", "a1111"] = Field(
+        "diffusers",
+        description="how refiner_switch_at picks the step: 'diffusers' (denoising_end / denoising_start: the steps "
+        "whose timestep is at least (1 - switch) x 1000 are the model's) or 'a1111' (A1111's: the first step whose "
+        "sigma's nearest training timestep t has (999 - t) / 1000 >= switch). Read only with refiner; infotext "
+        "'Refiner switch rule' when 'a1111'",
+    )
+    refiner_hires_pass: Literal["first pass", "second pass", "both passes"] = Field(
+        "second pass",
+        description="with hires: which pass hands off to the refiner (A1111's hires_fix_refiner_pass). Read only with "
+        "refiner and hires; infotext 'Hires refiner' when not 'second pass'",
+    )
     modules: list[Annotated[str, Field(min_length=1, max_length=512)]] | None = Field(
         None,
         max_length=8,

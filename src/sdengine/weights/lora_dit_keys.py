@@ -5,7 +5,9 @@ A LoRA (Hu et al. 2021) for a diffusion transformer names its layers in one of t
 
 * diffusers' module names, which are sdengine's (:mod:`sdengine.models.mmdit`, :mod:`sdengine.models.flux`):
   ``transformer.transformer_blocks.0.attn.to_q`` (diffusers/PEFT, ai-toolkit, SimpleTuner), the same name with
-  underscores behind ``lora_transformer_`` (OneTrainer), or behind PEFT's ``base_model.model.``;
+  underscores behind ``lora_transformer_`` (OneTrainer) or ``lycoris_`` (LyCORIS' own wrapper on diffusers'
+  transformer, as SimpleTuner drives it; ComfyUI reads these for every diffusion transformer, diffusers for FLUX.2's
+  LoKr files), or behind PEFT's ``base_model.model.``;
 * the original checkpoints' names (Black Forest Labs' for Flux, Stability's for SD3, Esser et al. 2024), as the
   model's own single files spell them: ``double_blocks.0.img_attn.qkv``, ``single_blocks.3.linear1``,
   ``joint_blocks.5.x_block.attn.qkv`` -- behind ``diffusion_model.`` (ComfyUI; with ``lora_down`` / ``lora_up``
@@ -379,11 +381,11 @@ def _sd3_native(model: MMDiT) -> Iterator[tuple[str, tuple[Route, ...]]]:
 def dit_routes(model: nn.Module) -> dict[str, tuple[Route, ...]]:
     """Every layer name a LoRA file may give a layer of this diffusion transformer -> where its rows go.
 
-    diffusers' names of every Linear/Conv2d (behind ``transformer.``, ``base_model.model.``, ``lora_transformer_``
-    with underscores, or bare) route one-to-one; the original checkpoint's names (behind ``diffusion_model.``,
-    ``lora_unet_`` with underscores, ``base_model.model.``, or bare) route as :func:`_flux_native` /
-    :func:`_sd3_native` / :func:`_chroma_native` say. Qwen-Image's names are its modules' in every layout (also
-    ``lycoris_`` with underscores, ComfyUI's). Empty for a model that is not a diffusion transformer."""
+    diffusers' names of every Linear/Conv2d (behind ``transformer.``, ``base_model.model.``, ``lora_transformer_`` or
+    ``lycoris_`` with underscores, or bare) route one-to-one; the original checkpoint's names (behind
+    ``diffusion_model.``, ``lora_unet_`` with underscores, ``base_model.model.``, or bare) route as
+    :func:`_flux_native` / :func:`_sd3_native` / :func:`_chroma_native` say. Qwen-Image's names are its modules' in
+    every layout. Empty for a model that is not a diffusion transformer."""
     if isinstance(model, QwenImageTransformer):  # the original names are diffusers': every layout routes one-to-one
         native: dict[str, tuple[Route, ...]] = {
             name: (Route(name),) for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)
@@ -405,14 +407,19 @@ def dit_routes(model: nn.Module) -> dict[str, tuple[Route, ...]]:
         if isinstance(m, nn.Linear | nn.Conv2d):
             route = (Route(name),)
             flat = name.replace(".", "_")
-            for alias in (DIT_PREFIX + name, "base_model.model." + name, "lora_transformer_" + flat, name):
+            aliases = (
+                DIT_PREFIX + name,
+                "base_model.model." + name,
+                "lora_transformer_" + flat,
+                "lycoris_" + flat,
+                name,
+            )
+            for alias in aliases:
                 out.setdefault(alias, route)
     for name, routes in native.items():
         flat = name.replace(".", "_")
         for alias in ("diffusion_model." + name, "lora_unet_" + flat, "base_model.model." + name, name):
             out.setdefault(alias, routes)
-        if isinstance(model, QwenImageTransformer):
-            out.setdefault("lycoris_" + flat, routes)  # ComfyUI reads Qwen-Image's LyCORIS names so
     return out
 
 

@@ -12,7 +12,8 @@ in ``keymaps``) and looks names up exactly. PEFT/diffusers files use the dotted 
 
 Every file gets a :class:`LoRAReport` of matched and unmatched names. No match at all, a layer whose shape differs
 from the model's, or names of another architecture (SDXL's second text encoder, DiT blocks) are errors naming the
-mismatch; a partial match is logged as a warning and listed in the report.
+mismatch; a partial match is logged as a warning and listed in the report, but on FLUX.2 and Z-Image (whose LoRAs adapt
+the transformer alone) it is an error too.
 """
 
 from __future__ import annotations
@@ -420,6 +421,11 @@ def _some(items: Sequence[str], n: int = 4) -> str:
 
 # --------------------------------------------------------------------------------------------- matching
 
+# families whose LoRAs adapt the transformer alone (text-encoder layers refused by check_dit_family): every layer of
+# such a file must find its module, so a name that matches none (another size's block, a LyCORIS ``lycoris_`` name of
+# another model) refuses the file instead of applying the rest of it
+_WHOLE_FAMILIES = frozenset({FLUX2_FAMILY, Z_IMAGE_FAMILY})
+
 
 def match_lora(
     lf: LoRAFile, index: ModelIndex
@@ -487,7 +493,13 @@ def match_lora(
         raise LoRAFileError(
             f"{where}: none of its {len(names)} layers match this model's layer names (e.g. {_some(names, 2)}){why}"
         )
-    return matched, unmatched + lf.unknown, lycoris
+    left = unmatched + lf.unknown
+    if left and index.dit in _WHOLE_FAMILIES:
+        raise LoRAFileError(
+            f"{where}: {len(left)} of its layers match no layer of this {index.dit} transformer "
+            f"(e.g. {_some(left, 2)}): a LoRA for another size or layout; refused rather than half applied"
+        )
+    return matched, left, lycoris
 
 
 __all__ = [

@@ -24,6 +24,15 @@ FIELDS.push("deep_shrink", "deep_shrink_block", "deep_shrink_factor", "deep_shri
 FIELDS.push("hypertile", "hypertile_tile", "hypertile_swap", "hypertile_depth", "hypertile_rule",
   "hypertile_scale_depth"); // HyperTile (off, on, hires fix's second pass only) and its settings
 FIELDS.push("ipa-model", "ipa-clip", "ipa-scale", "ipa-start", "ipa-end", "ipa-rule"); // the IP-Adapter unit
+// SDXL's own: the second prompts, the micro-conditioning (sizes WIDTHxHEIGHT, crops "top, left"; empty = the
+// model's defaults) and the refiner hand-off (the job's sdxl, refiner, refiner_switch_at, refiner_switch_rule)
+const SDXL_TEXTS = { sdxl_prompt_2: "prompt_2", sdxl_negative_prompt_2: "negative_prompt_2" };
+const SDXL_SIZES = { sdxl_original_size: "original_size", sdxl_target_size: "target_size",
+  sdxl_negative_original_size: "negative_original_size", sdxl_negative_target_size: "negative_target_size" };
+const SDXL_CROPS = { sdxl_crop: "crops_coords_top_left", sdxl_negative_crop: "negative_crops_coords_top_left" };
+const SDXL_SCORES = { sdxl_aesthetic_score: "aesthetic_score", sdxl_negative_aesthetic_score: "negative_aesthetic_score" };
+const SDXL_INPUTS = { ...SDXL_TEXTS, ...SDXL_SIZES, ...SDXL_CROPS, ...SDXL_SCORES };
+FIELDS.push(...Object.keys(SDXL_INPUTS), "refiner", "refiner_switch_at", "refiner_switch_rule");
 // (its picture is not kept)
 FIELDS.push("hypertile_vae_tile", "hypertile_vae_swap", "hypertile_vae_depth"); // HyperTile VAE's settings
 FIELDS.push("distilled_cfg_scale", "shift", "slg_layers", "slg_scale", "slg_start", "slg_stop"); // SD3's, Flux's
@@ -264,6 +273,11 @@ const ERROR_FIELDS = [
   [/reference_image|reference image|kontext/i, "reference_images"], // FLUX.1 Kontext's (their lines name others)
   [/control_image|depth \/ canny/i, "control_image"], // FLUX.1 Depth / Canny's map, before the ControlNet's
   [/ip-adapter|ip_adapters|clip vision/i, "ip_adapter"], // first: its lines name widths, models and images
+  // SDXL's settings ("sdxl original_size must be ...") and the refiner hand-off ("refiner: ... takes no LoRA")
+  ...Object.entries(SDXL_INPUTS).map(([id, key]) => [new RegExp(`^sdxl ${key}\\b`), id]),
+  [/^refiner_switch_at|refiner_switch_at must/i, "refiner_switch_at"],
+  [/^refiner\b|a refiner needs/i, "refiner"],
+  [/^sdxl |unknown sdxl settings|sdxl settings/i, "sdxl"],
   // Deep Shrink's and HyperTile's first: their lines name blocks, sizes and the ControlNets they cannot run with
   [/deep shrink block|deep_shrink\.block/i, "deep_shrink_block"],
   [/deep shrink factor|deep_shrink\.factor/i, "deep_shrink_factor"],
@@ -627,6 +641,11 @@ async function loadPickers() {
   vae.replaceChildren();
   option(vae, "", "The model's");
   for (const v of vaes.vaes) option(vae, v.name);
+  // the SDXL refiners a job may hand off to: the server's SDXL models ("": none)
+  const refiner = $("refiner");
+  refiner.replaceChildren();
+  option(refiner, "", "None");
+  for (const m of models.data) if (m.family === "sdxl") option(refiner, m.id);
   // the hires fix's upscalers (GET /v1/upscalers): the latent modes, None, Lanczos, the --upscalers-dir models
   const hrUp = $("hr-upscaler");
   const hrChosen = hrUp.value;
@@ -901,6 +920,7 @@ function applyInfotext(text) {
     fitFamily();
   }
   applyHires(f, put, missing);
+  applySdxl(f, put, missing);
   applyControlNet(f, put, missing, own);
   applyIpAdapter(f, put, missing);
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
@@ -1214,6 +1234,7 @@ function familySettings() {
   if (guided && $("distilled_cfg_scale").value.trim() !== "") {
     out.distilled_cfg_scale = number("distilled_cfg_scale", "Distilled guidance", false);
   }
+  if (family === "sdxl") Object.assign(out, sdxlSettings());
   if (family !== "sd3") return out;
   if ($("shift").value.trim() !== "") out.shift = number("shift", "Shift", false);
   const layers = $("slg_layers").value.trim();
@@ -1227,6 +1248,57 @@ function familySettings() {
       skip_layer_guidance_stop: number("slg_stop", "Skip-layer guidance stop", false) };
   }
   return out;
+}
+
+// SDXL's settings as the job's fields: ``sdxl`` with the inputs that are not empty (none: not sent), and the refiner
+// with its switch when one is chosen. A size is WIDTHxHEIGHT (sent as [height, width]), a crop "top, left".
+function sdxlSettings() {
+  const out = {};
+  const sdxl = {};
+  for (const [id, key] of Object.entries(SDXL_TEXTS)) if ($(id).value !== "") sdxl[key] = $(id).value;
+  const pair = (id, re, what) => {
+    const m = $(id).value.trim().match(re);
+    if (!m) throw new ApiError(400, `${$(id).labels[0].textContent}: ${what}, or nothing (the default)`, id);
+    return [Number(m[1]), Number(m[2])];
+  };
+  for (const [id, key] of Object.entries(SDXL_SIZES)) {
+    if ($(id).value.trim() === "") continue;
+    const [w, h] = pair(id, /^(\d+)\s*[x×,]\s*(\d+)$/i, "WIDTHxHEIGHT in pixels (e.g. 1024x1024)");
+    sdxl[key] = [h, w];
+  }
+  for (const [id, key] of Object.entries(SDXL_CROPS)) {
+    if ($(id).value.trim() !== "") sdxl[key] = pair(id, /^(\d+)\s*,\s*(\d+)$/, "TOP, LEFT in pixels (e.g. 0, 0)");
+  }
+  for (const [id, key] of Object.entries(SDXL_SCORES)) {
+    if ($(id).value.trim() !== "") sdxl[key] = number(id, $(id).labels[0].textContent, false);
+  }
+  if (Object.keys(sdxl).length) out.sdxl = sdxl;
+  if ($("refiner").value) {
+    out.refiner = $("refiner").value;
+    out.refiner_switch_at = number("refiner_switch_at", "Refiner switch at", false);
+    if ($("refiner_switch_rule").value !== "diffusers") out.refiner_switch_rule = $("refiner_switch_rule").value;
+  }
+  return out;
+}
+
+// An image's SDXL settings (sdengine's "SDXL options" JSON, A1111's "Refiner" / "Refiner switch at") into the inputs;
+// empty where the image has none. A refiner this server lacks is said missing.
+function applySdxl(f, put, missing) {
+  let xl = {};
+  try { xl = f["SDXL options"] ? JSON.parse(f["SDXL options"]) : {}; } catch (e) { missing.push("SDXL options (not JSON)"); }
+  const text = (v) => (typeof v === "string" ? v : "");
+  const size = (v) => (Array.isArray(v) && v.length === 2 ? `${v[1]}x${v[0]}` : "");
+  const crop = (v) => (Array.isArray(v) && v.length === 2 ? `${v[0]}, ${v[1]}` : "");
+  for (const [id, key] of Object.entries(SDXL_TEXTS)) put(id, text(xl[key]));
+  for (const [id, key] of Object.entries(SDXL_SIZES)) put(id, size(xl[key]));
+  for (const [id, key] of Object.entries(SDXL_CROPS)) put(id, crop(xl[key]));
+  for (const [id, key] of Object.entries(SDXL_SCORES)) put(id, typeof xl[key] === "number" ? xl[key] : "");
+  const refiner = (f.Refiner || "").replace(/\s*\[[0-9a-f]+\]\s*$/i, "").trim();
+  put("refiner", "");
+  if (refiner && !put("refiner", refiner)) missing.push(`refiner ${refiner}`);
+  // A1111 writes no switch for its None (the refiner from the first step)
+  put("refiner_switch_at", refiner ? parseFloat(f["Refiner switch at"] || "0") : 0.8);
+  put("refiner_switch_rule", (f["Refiner switch rule"] || (refiner && !/^sdengine/.test((f.Version || "").trim()) ? "a1111" : "diffusers")).trim());
 }
 
 // FLUX.1 Kontext's reference images and FLUX.1 Depth / Canny's control image: uploaded and sent for a Flux model
