@@ -378,3 +378,22 @@ def test_playground_vae_given_apart_keeps_the_models_latent_statistics(models, t
     apart = sdengine.load_pipeline(cos_folder, device="cpu", fast_path="none", vae=vae_dir)
     assert apart.vae.config.latents_mean is None
     np.testing.assert_allclose(_ours_float(apart, "euler", "normal"), _ours_float(cos, "euler", "normal"), atol=1e-5)
+
+
+def test_comfyuis_model_sampling_continuous_edm_restating_the_model_passes_it(models):
+    """ComfyUI's ModelSamplingContinuousEDM on real EDM pipelines: CosXL's own reading (v_prediction, ComfyUI's
+    defaults 0.002..120) and Playground's (edm_playground_v2.5, 0.002..80) pass the model through; another reading
+    of them is a one-line node error (nodes_tools.py)."""
+    from sdengine.server.comfy.nodes import ModelHandle, NodeError, RunContext
+    from sdengine.server.comfy.nodes_tools import model_sampling_continuous_edm
+
+    m = ModelHandle(ref="edm")
+    for kind, sampling, hi in (("cosxl", "v_prediction", 120.0), ("cosxl_edit", "v_prediction", 120.0),
+                               ("playground", "edm_playground_v2.5", 80.0)):  # fmt: skip
+        pipe = models[kind][1]
+        ctx = RunContext(pipeline=lambda ref, pipe=pipe: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+        assert model_sampling_continuous_edm(ctx, m, sampling, hi, 0.002) == (m,)
+        wrong = "edm" if kind == "playground" else "edm_playground_v2.5"
+        with pytest.raises(NodeError) as e:
+            model_sampling_continuous_edm(ctx, m, wrong, hi, 0.002)
+        assert "\n" not in str(e.value) and "which is not supported here" in str(e.value)

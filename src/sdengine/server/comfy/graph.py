@@ -23,6 +23,7 @@ import torch
 
 from sdengine.errors import SdengineError
 from sdengine.server.comfy.nodes import (
+    ANY_TYPE,
     Input,
     NodeDef,
     NodeError,
@@ -309,7 +310,7 @@ def validate(prompt: Any, env: Any, targets: list[str] | None = None) -> tuple[P
                     continue
                 got = src_def.outputs[v[1]]
                 want = inp.type if inp.is_link_type else inp.type
-                if got != want:
+                if got != want and want != ANY_TYPE:  # ComfyUI's "*" input (PreviewAny's) takes any output
                     add(
                         nid,
                         "return_type_mismatch",

@@ -172,6 +172,9 @@ class Input:
         return self.type not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
+ANY_TYPE = "*"  # ComfyUI's any-type input (PreviewAny's source): a link from any output
+
+
 @dataclass(frozen=True)
 class NodeDef:
     name: str

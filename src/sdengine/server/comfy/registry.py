@@ -23,6 +23,7 @@ from sdengine.server.comfy.nodes_patches import PATCH_NODES
 from sdengine.server.comfy.nodes_qwen import QWEN_NODES
 from sdengine.server.comfy.nodes_sampling import NODES as SAMPLING_NODES
 from sdengine.server.comfy.nodes_sd3_flux import SD3_FLUX_NODES
+from sdengine.server.comfy.nodes_tools import TOOL_NODES
 from sdengine.server.comfy.nodes_utility import UTILITY_NODES
 from sdengine.server.comfy.nodes_z_image_control import Z_IMAGE_CONTROL_NODES
 
@@ -37,6 +38,7 @@ NODES: dict[str, NodeDef] = {
     **PATCH_NODES,
     **HYPERTILE_NODES,
     **UTILITY_NODES,
+    **TOOL_NODES,
     **CLIP_VISION_NODES,
     **IPADAPTER_NODES,
     **EDIT_NODES,

@@ -15,7 +15,8 @@ docs/comfyui.md ("UI-format workflows and `sdengine comfy run`"):
   a converted widget whose link leads nowhere (a Reroute or a bypassed node's input fed by nothing) keeps its
   widget value;
 * ``Reroute`` nodes are followed to the node that feeds them; a ``PrimitiveNode``'s value (its first widget value)
-  becomes the literal value of every input it feeds; ``Note`` and ``MarkdownNote`` are dropped;
+  becomes the literal value of every input it feeds; ``Note`` and ``MarkdownNote`` are dropped; a PreviewAny's
+  display widgets (up to three nulls after its inputs' widget values) are no inputs;
 * a muted node (mode 2) is dropped, and every input linked to it is left out (as the page's last pass does);
 * a bypassed node (mode 4) is dropped and passed through: an input linked to it reads the bypassed node's input
   of the same type as the consuming input, trying its input at the output's index first, then each in order;
@@ -59,6 +60,9 @@ NOTES = ("Note", "MarkdownNote")
 REROUTE = "Reroute"
 PRIMITIVE = "PrimitiveNode"
 MUTED, BYPASSED = 2, 4
+# node types whose page adds display-only widgets after their inputs' (PreviewAny's text preview: saved as up to
+# three nulls in widgets_values); those values are no inputs and are dropped
+PAGE_ONLY_WIDGETS = {"PreviewAny": 3}
 MAX_HOPS = 10_000  # Reroutes and bypassed nodes followed from one input (a loop of Reroutes is an error)
 SUBGRAPH_IN, SUBGRAPH_OUT = "-10", "-20"  # the ids of a subgraph's input and output nodes in its links
 GROUP_PREFIXES = ("workflow>", "workflow/")  # a group node's type: the prefix and its name in extra.groupNodes
@@ -408,6 +412,10 @@ def convert(workflow: Any, object_info: dict[str, Any] | None = None) -> dict[st
                     what = "a node type the object_info does not list"
                 raise WorkflowError(f"{label}: unknown node type: {what}")
             display_name, names = definition
+            raw_values = node.get("widgets_values")
+            shown = PAGE_ONLY_WIDGETS.get(kind, 0)
+            if shown and isinstance(raw_values, list) and len(names) < len(raw_values) <= len(names) + shown:
+                node = {**node, "widgets_values": raw_values[: len(names)]}  # the page's display widgets: no inputs
             inputs = _widget_values(node, names, label, _optional_widgets(kind, object_info))
             for entry in inputs_of(scope, node):
                 widget = entry.get("widget")
