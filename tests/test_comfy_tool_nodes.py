@@ -103,6 +103,27 @@ def test_bad_regexes_and_modes_are_one_line_errors():
     assert "must be a STRING" in one_line(e)
 
 
+def test_a_pattern_that_backtracks_without_end_is_stopped_in_one_line(monkeypatch):
+    """`(a|aa)+$` on a run of a's and one b backtracks exponentially (hours with Python's re at 40 a's): each node
+    stops it after REGEX_SECONDS with a one-line node error instead of holding the worker."""
+    import time
+
+    monkeypatch.setattr(nt, "REGEX_SECONDS", 0.2)
+    evil, s = "(a|aa)+$", "a" * 40 + "b"
+    for fn, args in (
+        (nt.regex_match, (s, evil, False, False, False)),
+        (nt.regex_extract, (s, evil, "All Groups", False, False, False, 1)),
+        (nt.regex_replace, (s, evil, "x")),
+    ):
+        t0 = time.monotonic()
+        with pytest.raises(NodeError) as e:
+            fn(CTX, *args)
+        assert time.monotonic() - t0 < 10
+        assert "took over 0.2 s" in one_line(e) and "(a|aa)+$" in one_line(e)
+    # an ordinary pattern under the same limit still answers
+    assert nt.regex_replace(CTX, "a cat", "c(a)t", r"d\1g")[0] == "a dag"
+
+
 # ------------------------------------------------------------------------------------------------- images
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import regex as re  # Python's re with a time limit per call (a backtracking pattern cannot hold a worker)
 import torch
 import torch.nn.functional as F
 
@@ -127,7 +127,24 @@ def _flags(case_insensitive: bool, multiline: bool, dotall: bool) -> int:
     )
 
 
-def _compile(pattern: Any, flags: int, node: str) -> re.Pattern[str]:
+REGEX_SECONDS = 2.0  # the most one regex call of a node may take
+
+
+def _timed(node: str, pattern: str, call: Any, *args: Any, **kw: Any) -> Any:
+    """``call(*args, **kw)`` (a compiled pattern's search / findall / finditer / sub) stopped after
+    :data:`REGEX_SECONDS`: a pattern that backtracks without end (``(a|aa)+$``) is a node error, not a held worker
+    (ComfyUI's nodes have no limit)."""
+    try:
+        out = call(*args, timeout=REGEX_SECONDS, **kw)
+        return list(out) if call.__name__ == "finditer" else out
+    except TimeoutError:
+        raise NodeError(
+            f"{node}: regex_pattern {pattern!r} took over {REGEX_SECONDS:g} s on this string (a pattern that "
+            "backtracks without end?)"
+        ) from None
+
+
+def _compile(pattern: Any, flags: int, node: str) -> Any:
     """The pattern compiled; one that does not compile is a node error (ComfyUI's RegexMatch / RegexExtract answer
     False / "" for it, a silent result that hides the typo)."""
     p = _text(pattern, node, "regex_pattern")
@@ -142,7 +159,7 @@ def regex_match(
 ) -> tuple[Any]:
     """ComfyUI's RegexMatch: whether the pattern matches anywhere in the string (Python's re.search)."""
     rx = _compile(regex_pattern, _flags(case_insensitive, multiline, dotall), "RegexMatch")
-    return (rx.search(_text(string, "RegexMatch", "string")) is not None,)
+    return (_timed("RegexMatch", rx.pattern, rx.search, _text(string, "RegexMatch", "string")) is not None,)
 
 
 def regex_extract(
@@ -162,16 +179,17 @@ def regex_extract(
     rx = _compile(regex_pattern, _flags(case_insensitive, multiline, dotall), "RegexExtract")
     s, g = _text(string, "RegexExtract", "string"), int(group_index)
     if mode == "First Match":
-        m = rx.search(s)
+        m = _timed("RegexExtract", rx.pattern, rx.search, s)
         return (m.group(0) if m else "",)
     if mode == "All Matches":
-        found = rx.findall(s)
+        found = _timed("RegexExtract", rx.pattern, rx.findall, s)
         return ("\n".join(f[0] if isinstance(f, tuple) else f for f in found),)
     if mode == "First Group":
-        m = rx.search(s)
+        m = _timed("RegexExtract", rx.pattern, rx.search, s)
         return ((m.group(g) or "") if m and len(m.groups()) >= g else "",)
     if mode == "All Groups":
-        return ("\n".join(m.group(g) or "" for m in rx.finditer(s) if m.groups() and len(m.groups()) >= g),)
+        every = _timed("RegexExtract", rx.pattern, rx.finditer, s)
+        return ("\n".join(m.group(g) or "" for m in every if m.groups() and len(m.groups()) >= g),)
     raise NodeError(f"RegexExtract: unknown mode {mode!r}; one of {', '.join(EXTRACT_MODES)}")
 
 
@@ -190,7 +208,7 @@ def regex_replace(
     rx = _compile(regex_pattern, _flags(case_insensitive, multiline, dotall), "RegexReplace")
     s, rep = _text(string, "RegexReplace", "string"), _text(replace, "RegexReplace", "replace")
     try:
-        return (rx.sub(rep, s, count=int(count)),)
+        return (_timed("RegexReplace", rx.pattern, rx.sub, rep, s, count=int(count)),)
     except (re.error, IndexError) as e:
         raise NodeError(f"RegexReplace: replace {rep!r} does not fit the pattern ({e})") from None
 
