@@ -51,15 +51,16 @@ class Refused(Exception):
     """Not raised: the marker of an input that must be refused."""
 
 
-def _outcome(fn: Callable[[], Any], path: Path) -> Any:
-    """fn()'s result, or the SdengineError it raised: one line, naming the file; any other exception fails."""
+def _outcome(fn: Callable[[], Any], path: Path | None) -> Any:
+    """fn()'s result, or the SdengineError it raised: one line, naming the file (``path``: what is loaded; None: a
+    model run on an input, whose error names the input); any other exception fails."""
     start = time.monotonic()
     try:
         out = fn()
     except SdengineError as e:
         msg = str(e).strip()
         assert msg and "\n" not in msg, repr(msg)
-        assert path.name in msg, f"the error does not name {path.name}: {msg}"
+        assert path is None or path.name in msg, f"the error does not name {path.name}: {msg}"
         out = e
     assert time.monotonic() - start < SECONDS, f"took {time.monotonic() - start:.1f} s"
     return out
@@ -242,7 +243,7 @@ def _check(case: Case, path: Path, load: Callable[[], Any], run: Callable[[Any],
         assert isinstance(model, SdengineError), f"{path.name}: loaded, but a model from it would be wrong"
     if isinstance(model, SdengineError):
         return
-    out = _outcome(lambda: run(model), path)
+    out = _outcome(lambda: run(model), None)
     if isinstance(out, torch.Tensor) and not case.nonfinite:
         assert bool(torch.isfinite(out).all()), "a model with finite weights gave non-finite outputs"
 
@@ -535,7 +536,7 @@ def _tekken(texts, root, data) -> None:
     if isinstance(tok, SdengineError):
         return
     for text in ("a red apple on a wooden table", "héllo wörld ☃ 日本語 🍎", "[SYSTEM_PROMPT]x[/SYSTEM_PROMPT]"):
-        ids = _outcome(lambda: tok.encode(text), path)  # noqa: B023
+        ids = _outcome(lambda: tok.encode(text), None)  # noqa: B023
         assert isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids), ids
         assert tok.decode(ids) == text or isinstance(ids, list)
     assert tok.pad_token_id == tok.token_id("<pad>")
@@ -592,6 +593,15 @@ def others() -> Built:
                  models=models, vae=vae)  # fmt: skip
 
 
+def _run_lora_model(family: str, model) -> torch.Tensor:
+    from test_fuzz_dit_files import _z_image_inputs
+
+    if family == "flux2":
+        return _run_dev(model)
+    with torch.no_grad():
+        return model(*_z_image_inputs(model))
+
+
 def _other_file(others, root, data) -> None:
     from sdengine.control.dit_files import read_dit_controlnet
     from sdengine.weights.flux2_file import load_flux2_vae
@@ -622,7 +632,12 @@ def _other_file(others, root, data) -> None:
         if isinstance(lf, LoRAFile):
             handle = _outcome(lambda: apply_loras(model, None, [(lf, 0.7)]), path)
             if not isinstance(handle, SdengineError):
-                handle.remove()
+                try:
+                    out = _outcome(lambda: _run_lora_model(family, model), None)
+                    if isinstance(out, torch.Tensor) and not case.nonfinite:
+                        assert bool(torch.isfinite(out).all()), "a LoRA of finite weights gave non-finite outputs"
+                finally:
+                    handle.remove()
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
 
