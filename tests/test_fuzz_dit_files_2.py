@@ -173,7 +173,7 @@ def _break_bytes(raw: bytes, op: str, pick: int) -> bytes:
         return struct.pack("<Q", wrong) + raw[8:]
     if op == "header byte":
         at = 8 + (pick * 7919) % n
-        return raw[:at] + bytes([b"{}[]\",: x0\xff"[pick % 11]]) + raw[at + 1 :]
+        return raw[:at] + bytes([b'{}[]",: x0\xff'[pick % 11]]) + raw[at + 1 :]
     at = 8 + n + (pick * 104729) % max(len(raw) - 8 - n, 1)  # data byte: flipped (a changed weight is not seen)
     return raw[:at] + bytes([raw[at] ^ 0x40]) + raw[at + 1 :] if at < len(raw) else raw
 
@@ -190,7 +190,9 @@ def tensor_steps(draw, keys: list[str]) -> list[tuple[str, str, int]]:
     ]
 
 
-def _apply_steps(sd: dict[str, torch.Tensor], steps: list[tuple[str, str, int]]) -> tuple[dict[str, torch.Tensor], bool]:
+def _apply_steps(
+    sd: dict[str, torch.Tensor], steps: list[tuple[str, str, int]]
+) -> tuple[dict[str, torch.Tensor], bool]:
     """(the broken state dict, whether a weight was made non-finite)."""
     nonfinite = False
     for op, key, pick in steps:
@@ -309,9 +311,18 @@ def _qwen25_vl(seed: int):
 
     from test_qwen_text import _randomize
 
-    text = dict(vocab_size=300, hidden_size=256, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
-                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]})
+    text = dict(
+        vocab_size=300,
+        hidden_size=256,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+    )
     vision = dict(depth=1, hidden_size=64, intermediate_size=32, num_heads=16, out_hidden_size=256)
     model = transformers.Qwen2_5_VLForConditionalGeneration(
         transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision)
@@ -476,7 +487,9 @@ def test_qwen25_vl_vision_towers_load_or_give_a_named_error_many(texts, root, da
 
 # -- the tekken.json a Mistral file carries -----------------------------------------------------------------------
 
-_JUNK = st.sampled_from(["x", "", None, True, [], {}, 1.5, -1, 0, 1, 5, 19, 10**7, "YQ==", "!!", "<pad>", [1], {"a": 1}])
+_JUNK = st.sampled_from(
+    ["x", "", None, True, [], {}, 1.5, -1, 0, 1, 5, 19, 10**7, "YQ==", "!!", "<pad>", [1], {"a": 1}]
+)
 
 
 @st.composite
@@ -515,7 +528,9 @@ def tekken_breakages(draw, good: dict[str, Any]) -> dict[str, Any] | bytes:
                 items[i] = value
                 continue
             target = items[i]
-            field = draw(st.sampled_from(["rank", "token_str", "is_control"] if where == "special" else ["rank", "token_bytes"]))
+            field = draw(
+                st.sampled_from(["rank", "token_str", "is_control"] if where == "special" else ["rank", "token_bytes"])
+            )
         if value == "<missing>":
             target.pop(field, None)
         else:
@@ -529,7 +544,9 @@ def _tekken(texts, root, data) -> None:
     broken = data.draw(tekken_breakages(texts["tekken"]), label="tekken")
     raw = broken if isinstance(broken, bytes) else json.dumps(broken).encode()
     sd = {k: v for k, v in texts["files"]["mistral"].items() if k != "tekken_model"}
-    sd["tekken_model"] = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+    sd["tekken_model"] = (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+    )
     path = root / "mistral_tekken_broken.safetensors"
     save_safetensors(sd, path)
     tok = _outcome(lambda: read_tekken(path), path)
@@ -653,3 +670,91 @@ def test_controlnet_lora_and_vae_files_load_or_give_a_named_error(others, root, 
 @given(data=st.data())
 def test_controlnet_lora_and_vae_files_load_or_give_a_named_error_many(others, root, data) -> None:
     _other_file(others, root, data)
+
+
+# -- what the fuzz tests found (each loaded a wrong model, or raised another exception, before) -----------------------
+
+
+def _one_line_error(fn: Callable[[], Any], path: Path, match: str) -> None:
+    import re
+
+    with pytest.raises(SdengineError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and path.name in msg and re.search(match, msg), msg
+
+
+_BAD_SCALES = [
+    ("scale nan", r"weight_scale holds nan: a scale must be finite and above 0"),
+    ("scale inf", r"weight_scale holds inf: a scale must be finite and above 0"),
+    ("scale zero", r"weight_scale holds 0.0: a scale must be finite and above 0"),
+    ("scale negative", r"weight_scale holds -0\.0\d*: a scale must be finite and above 0"),
+    ("scale int", r"weight_scale holds torch.int64, not a floating-point scale"),
+    ("scale rows + 1", r"weight_scale is \(\d+,\), not one scale or one per row of \(\d+, \d+\)"),
+]
+
+
+@pytest.mark.parametrize("op, match", [*_BAD_SCALES, ("weight int", r"weight is torch.int64 \(\d+, \d+\), not a quantized"),
+                                       ("weight 0-d", r"weight is torch\.\w+ \(\), not a quantized")])  # fmt: skip
+def test_a_flux2_dev_fp8_mixed_file_with_a_bad_scale_or_weight_is_one_line(dev, root, op: str, match: str) -> None:
+    """A FLUX.2 [dev] float8 mixed file (``flux2_dev_fp8mixed``) whose layer's ``weight_scale`` is NaN, infinite, 0,
+    negative, an integer or one too many rows, or whose quantized weight is an integer or 0-d tensor: loaded as a
+    transformer of NaN / zero / sign-flipped / truncated weights without a word before (a 0-d weight an IndexError);
+    found by the fuzz test."""
+    from sdengine.weights.flux2_file import load_flux2_transformer
+
+    layer = "model.diffusion_model.double_blocks.0.img_attn.proj"
+    path = root / "flux2_dev_fp8mixed_bad.safetensors"
+    save_safetensors(_break_quant(dev["layouts"]["fp8 mixed"], op, layer), path)
+    _one_line_error(
+        lambda: load_flux2_transformer(path), path, f"{layer.removeprefix('model.diffusion_model.')}.{match}"
+    )
+
+
+@pytest.mark.parametrize("name", ["mistral fp8 mixed", "qwen2.5-vl fp8 mixed"])
+@pytest.mark.parametrize("op, match", [*_BAD_SCALES, ("drop scale", r"comfy_quant marks layers.0.mlp.down_proj "
+                                                                     r"quantized, but it has no weight and weight_scale")])  # fmt: skip
+def test_a_mixed_text_encoder_file_without_a_usable_scale_is_one_line(
+    texts, root, name: str, op: str, match: str
+) -> None:
+    """A Mistral Small 3 / Qwen2.5-VL float8 mixed file (``mistral_3_small_flux2_fp8``) whose layer has lost its
+    ``weight_scale`` (its float8 weight was read as the weight: 448 times too large), or whose scale is NaN, infinite,
+    0, negative, an integer or one too many rows: loaded as a wrong encoder without a word before; found by the fuzz
+    test."""
+    from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+
+    path = root / f"{name.split()[0].replace('.', '')}_fp8mixed_bad.safetensors"
+    save_safetensors(_break_quant(texts["files"][name], op, "model.layers.0.mlp.down_proj"), path)
+    _one_line_error(lambda: load_qwen_text_encoder(path), path, match)
+
+
+def test_a_quantized_norm_with_a_scale_per_entry_is_scaled_entry_by_entry(texts, root) -> None:
+    """A 1-d weight marked quantized with one scale per entry (the final norm) is weight x scale entry by entry
+    (before: the scale reshaped to a column, a (n, n) outer product and a multi-line RuntimeError)."""
+    from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+
+    sd = dict(texts["files"]["qwen2.5-vl fp8 mixed"])
+    norm = sd["model.norm.weight"]
+    scale = torch.linspace(0.5, 1.5, norm.shape[0])
+    sd |= {"model.norm.weight_scale": scale, "model.norm.comfy_quant": sd["model.layers.0.mlp.down_proj.comfy_quant"]}
+    path = root / "qwen_25_vl_norm_scaled.safetensors"
+    save_safetensors(sd, path)
+    got = load_qwen_text_encoder(path).state_dict()["norm.weight"]
+    assert torch.equal(got, norm.float() * scale)
+
+
+@pytest.mark.parametrize(
+    "op, key, match",
+    [
+        ("drop", "control_all_x_embedder.2-1.bias", "not a Z-Image ControlNet of its config \\(missing"),
+        ("scalar", "control_layers.0.attention.norm_q.weight", "norm_q.weight should be 1-d, it is \\(\\)"),
+    ],
+)
+def test_z_image_controlnet_file_errors_name_the_file(others, root, op: str, key: str, match: str) -> None:
+    """A Z-Image ControlNet file missing a tensor, or whose shapes say no config: the error named the file without
+    its suffix, or not at all; found by the fuzz test."""
+    from sdengine.control.dit_files import read_dit_controlnet
+
+    path = root / "z_image_union_bad.safetensors"
+    save_safetensors(_break(others["control"], op, key, 0), path)
+    _one_line_error(lambda: read_dit_controlnet(path), path, f"^ControlNet z_image_union_bad.safetensors: .*{match}")

@@ -297,7 +297,7 @@ def read_dit_controlnet(path: str | Path) -> DiTControlNet:
                 "z_image": ZImageControlNetConfig,
             }[kind]
             config: Any = reader.from_diffusers(raw)
-            return _build(kind, config, sd, name, p.name)
+            return _build(kind, config, sd, name, f"ControlNet {p.name}")
         if p.suffix.lower() != ".safetensors":
             raise ControlNetError(
                 f"ControlNet {p.name}: an SD3 / Flux / Qwen-Image / Z-Image ControlNet file must be .safetensors"
@@ -323,7 +323,7 @@ def read_dit_controlnet(path: str | Path) -> DiTControlNet:
             raise ControlNetError(
                 f"ControlNet {p.name}: its tensors' shapes do not describe a {LABELS[found]} ControlNet"
             ) from None
-        return _build(found, config, sd, name, p.name)
+        return _build(found, config, sd, name, f"ControlNet {p.name}")
     except (ConfigError, WeightsError) as e:
         raise ControlNetError(f"ControlNet {p.name}: {e}") from None
     except ControlNetError as e:  # (what the shapes say is wrong, told without the file's name)
