@@ -501,8 +501,16 @@ def tekken_breakages(draw, good: dict[str, Any]) -> dict[str, Any] | bytes:
         data = json.dumps(raw).encode()
         return data[: draw(st.integers(0, len(data) - 1))]
     for _ in range(draw(st.integers(1, 2))):
-        where = draw(st.sampled_from(["top", "config", "special", "vocab", "vocab"]))
+        where = draw(st.sampled_from(["top", "config", "special", "vocab", "vocab", "cut"]))
         value = draw(st.one_of(st.just("<missing>"), _JUNK))
+        if where == "cut":  # the vocabulary cut short, by its list or by default_vocab_size
+            vocab, config = raw.get("vocab"), raw.get("config")
+            n = draw(st.integers(0, 300))
+            if isinstance(vocab, list) and draw(st.booleans()):
+                raw["vocab"] = vocab[:n]
+            elif isinstance(config, dict) and type(config.get("default_num_special_tokens")) is int:
+                config["default_vocab_size"] = config["default_num_special_tokens"] + n
+            continue
         if where == "top":
             target, field = raw, draw(st.sampled_from(["config", "vocab", "special_tokens"]))
         elif where == "config":
@@ -552,10 +560,16 @@ def _tekken(texts, root, data) -> None:
     tok = _outcome(lambda: read_tekken(path), path)
     if isinstance(tok, SdengineError):
         return
-    for text in ("a red apple on a wooden table", "héllo wörld ☃ 日本語 🍎", "[SYSTEM_PROMPT]x[/SYSTEM_PROMPT]"):
+    specials = [t.get("token_str") for t in broken.get("special_tokens", []) if isinstance(t, dict)]
+    for text in (
+        "a red apple on a wooden table",
+        "héllo wörld ☃ 日本語 🍎 \x00\x7f",
+        "[SYSTEM_PROMPT]x[/SYSTEM_PROMPT]",
+    ):
         ids = _outcome(lambda: tok.encode(text), None)  # noqa: B023
         assert isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids), ids
-        assert tok.decode(ids) == text or isinstance(ids, list)
+        if not any(isinstance(s, str) and s in text for s in specials):  # every byte of plain text is kept
+            assert tok.decode(ids) == text, (text, ids)
     assert tok.pad_token_id == tok.token_id("<pad>")
 
 
@@ -758,3 +772,45 @@ def test_z_image_controlnet_file_errors_name_the_file(others, root, op: str, key
     path = root / "z_image_union_bad.safetensors"
     save_safetensors(_break(others["control"], op, key, 0), path)
     _one_line_error(lambda: read_dit_controlnet(path), path, f"^ControlNet z_image_union_bad.safetensors: .*{match}")
+
+
+def test_tekken_files_that_would_tokenize_wrongly_are_one_line(texts) -> None:
+    """A tekken.json whose vocabulary lacks single bytes (cut short by its list or by ``default_vocab_size``: text
+    with those bytes was dropped without a word, "a red apple" encoded as no tokens), a special token given twice
+    or empty (the later one silently won), ``default_num_special_tokens`` in the hundreds of thousands (a million
+    added tokens took 11 s); found by the fuzz test."""
+    from sdengine.text.tekken import TekkenError, tekken_tokenizer
+
+    good = texts["tekken"]
+
+    def with_config(**kw: Any) -> dict[str, Any]:
+        return {**good, "config": {**good["config"], **kw}}
+
+    cases = [
+        ({**good, "vocab": good["vocab"][:50]}, "its 50 vocab tokens lack the byte 0x"),
+        (with_config(default_vocab_size=19), "its 0 vocab tokens lack the byte 0x00; a tekken vocab holds all 256"),
+        ({**good, "special_tokens": [*good["special_tokens"], {"rank": 5, "token_str": "<pad>"}]}, "given twice"),
+        (
+            {
+                **good,
+                "special_tokens": [{**t, "token_str": ""} if t["rank"] == 3 else t for t in good["special_tokens"]],
+            },
+            "a special token without token_str",
+        ),  # fmt: skip
+        (with_config(default_num_special_tokens=999_000, default_vocab_size=1_000_000), "not 0 to 100000"),
+        (
+            {
+                **with_config(default_num_special_tokens=25),
+                "special_tokens": [*good["special_tokens"], {"rank": 20, "token_str": "<SPECIAL_21>"}],
+            },  # fmt: skip
+            "special token '<SPECIAL_21>' is at two ranks",
+        ),
+    ]
+    for raw, needle in cases:
+        with pytest.raises(TekkenError) as e:
+            tekken_tokenizer(json.dumps(raw).encode(), name="t.json")
+        assert str(e.value).startswith("t.json: not a Mistral tekken tokenizer (") and needle in str(e.value)
+        assert "\n" not in str(e.value)
+    explicit = {**with_config(default_num_special_tokens=25),
+                "special_tokens": [*good["special_tokens"], {"rank": 20, "token_str": "<SPECIAL_20>"}]}  # fmt: skip
+    assert tekken_tokenizer(json.dumps(explicit).encode()).token_id("<SPECIAL_20>") == 20  # named as it would be
