@@ -740,8 +740,14 @@ _BAD_SCALES = [
 ]
 
 
-@pytest.mark.parametrize("op, match", [*_BAD_SCALES, ("weight int", r"weight is torch.int64 \(\d+, \d+\), not a quantized"),
-                                       ("weight 0-d", r"weight is torch\.\w+ \(\), not a quantized")])  # fmt: skip
+_BAD_WEIGHTS = [
+    ("weight int", r"weight is torch.int64 \(\d+, \d+\), not a quantized"),
+    ("weight 0-d", r"weight is torch\.\w+ \(\), not a quantized"),
+]
+_NO_SCALE = ("drop scale", r"comfy_quant marks layers.0.mlp.down_proj quantized, but it has no weight and weight_scale")
+
+
+@pytest.mark.parametrize("op, match", [*_BAD_SCALES, *_BAD_WEIGHTS])
 def test_a_flux2_dev_fp8_mixed_file_with_a_bad_scale_or_weight_is_one_line(dev, root, op: str, match: str) -> None:
     """A FLUX.2 [dev] float8 mixed file (``flux2_dev_fp8mixed``) whose layer's ``weight_scale`` is NaN, infinite, 0,
     negative, an integer or one too many rows, or whose quantized weight is an integer or 0-d tensor: loaded as a
@@ -758,8 +764,7 @@ def test_a_flux2_dev_fp8_mixed_file_with_a_bad_scale_or_weight_is_one_line(dev, 
 
 
 @pytest.mark.parametrize("name", ["mistral fp8 mixed", "qwen2.5-vl fp8 mixed"])
-@pytest.mark.parametrize("op, match", [*_BAD_SCALES, ("drop scale", r"comfy_quant marks layers.0.mlp.down_proj "
-                                                                     r"quantized, but it has no weight and weight_scale")])  # fmt: skip
+@pytest.mark.parametrize("op, match", [*_BAD_SCALES, _NO_SCALE])
 def test_a_mixed_text_encoder_file_without_a_usable_scale_is_one_line(
     texts, root, name: str, op: str, match: str
 ) -> None:

@@ -45,6 +45,7 @@ from sdengine.models.config_checks import ConfigError
 from sdengine.models.flux2 import Flux2Config, Flux2Transformer
 from sdengine.models.flux2_vae import Flux2VAE, Flux2VAEConfig
 
+from .encoder_files import checked_scale
 from .flux_file import (
     build_from_state,
     compute_dtype,
@@ -54,7 +55,6 @@ from .flux_file import (
     swap_halves,
     tensor_shape,
 )
-from .encoder_files import checked_scale
 from .io import WeightsError, parse_dtype
 from .loading import check_keys, component_weight_files, parameters_on_meta
 
