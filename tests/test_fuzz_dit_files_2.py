@@ -851,3 +851,18 @@ def test_tekken_files_that_would_tokenize_wrongly_are_one_line(texts) -> None:
     explicit = {**with_config(default_num_special_tokens=25),
                 "special_tokens": [*good["special_tokens"], {"rank": 20, "token_str": "<SPECIAL_20>"}]}  # fmt: skip
     assert tekken_tokenizer(json.dumps(explicit).encode()).token_id("<SPECIAL_20>") == 20  # named as it would be
+
+
+def test_a_scale_of_one_number_in_more_dimensions_scales_the_weight(texts, root) -> None:
+    """A scaled-fp8 Qwen3 file whose ``scale_weight`` is one number stored as (1, 1, 1): the weight x that number
+    (before: broadcast to a (1, 48, 96) weight, a multi-line ``RuntimeError`` from ``load_state_dict``); found by the
+    fuzz test."""
+    from sdengine.weights.qwen_text_file import load_qwen_text_encoder
+
+    sd = dict(texts["files"]["qwen3 scaled fp8"])
+    key = "model.layers.0.mlp.down_proj"
+    sd[f"{key}.scale_weight"] = sd[f"{key}.scale_weight"].reshape(1, 1, 1)
+    path = root / "qwen_3_scaled_fp8_3d_scale.safetensors"
+    save_safetensors(sd, path)
+    got = load_qwen_text_encoder(path).state_dict()["layers.0.mlp.down_proj.weight"]
+    assert torch.equal(got, sd[f"{key}.weight"].float() * sd[f"{key}.scale_weight"].reshape(()))

@@ -164,7 +164,7 @@ def scaled_weight(
     if scale is None:
         return t
     s = checked_scale(source.read(scale), scale, t, where, error)
-    return t.float() * (s if s.numel() == 1 else s.reshape(t.shape[0], *([1] * (t.ndim - 1))))
+    return t.float() * (s.reshape(()) if s.numel() == 1 else s.reshape(t.shape[0], *([1] * (t.ndim - 1))))
 
 
 def checked_scale(s: torch.Tensor, name: str, weight: torch.Tensor, where: str, error: Error) -> torch.Tensor:
