@@ -31,7 +31,7 @@ from sdengine.text.qwen_tokenizer import QwenTokenizer
 
 PAD = "<pad>"
 MAX_TOKENS = 1_000_000
-MAX_SPECIAL = 100_000  # Mistral's tekken files have 1000 (each is an added token: a million would take a minute)
+MAX_SPECIAL = 100_000  # Mistral's tekken files have 1000 (each is an added token: 999,000 took 11 s to add)
 
 
 class TekkenError(UsageError):
