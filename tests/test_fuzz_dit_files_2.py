@@ -534,7 +534,7 @@ def tekken_breakages(draw, good: dict[str, Any]) -> dict[str, Any] | bytes:
         return data[: draw(st.integers(0, len(data) - 1))]
     for _ in range(draw(st.integers(1, 2))):
         where = draw(st.sampled_from(["top", "config", "special", "vocab", "vocab", "cut"]))
-        value = draw(st.one_of(st.just("<missing>"), _JUNK))
+        value = copy.deepcopy(draw(st.one_of(st.just("<missing>"), _JUNK)))  # (a fresh {} or [] each time)
         if where == "cut":  # the vocabulary cut short, by its list or by default_vocab_size
             vocab, config = raw.get("vocab"), raw.get("config")
             n = draw(st.integers(0, 300))
