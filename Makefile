@@ -75,4 +75,5 @@ fuzz: dev
 	SDENGINE_FUZZ_EXAMPLES=$${SDENGINE_FUZZ_EXAMPLES:-5000} $(VPY) -m pytest -q -p no:cacheprovider \
 		--hypothesis-show-statistics tests/test_fuzz_parsers.py tests/test_fuzz_server.py tests/test_metadata_hostile.py \
 		tests/test_fuzz_lora_infotext.py tests/test_fuzz_embeddings.py tests/test_fuzz_prompt_editing.py \
-		tests/test_fuzz_dit_files.py tests/test_prompt_editing.py::test_parser_never_raises_other_errors_and_is_fast
+		tests/test_fuzz_dit_files.py tests/test_fuzz_dit_files_2.py \
+		tests/test_prompt_editing.py::test_parser_never_raises_other_errors_and_is_fast

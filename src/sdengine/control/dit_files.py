@@ -206,7 +206,8 @@ def z_image_config_from_weights(sd: Mapping[str, Tensor]) -> tuple[ZImageControl
     return config, tensors
 
 
-def _build(kind: str, config: Any, sd: Mapping[str, Tensor], name: str) -> DiTControlNet:
+def _build(kind: str, config: Any, sd: Mapping[str, Tensor], name: str, where: str) -> DiTControlNet:
+    """The ControlNet ``name`` (its display name) of ``sd``; ``where`` (the file or folder name) in its errors."""
     net: DiTControlNet
     with torch.device("meta"):
         if kind == "z_image":
@@ -224,20 +225,20 @@ def _build(kind: str, config: Any, sd: Mapping[str, Tensor], name: str) -> DiTCo
             parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
         if extra:
             parts.append(f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""))
-        raise ControlNetError(f"{name}: not a {LABELS[kind]} ControlNet of its config ({'; '.join(parts)})")
+        raise ControlNetError(f"{where}: not a {LABELS[kind]} ControlNet of its config ({'; '.join(parts)})")
     for k, v in sd.items():  # (load_state_dict would raise a multi-line RuntimeError for these)
         if not isinstance(v, Tensor) or not v.is_floating_point():
             have = v.dtype if isinstance(v, Tensor) else type(v).__name__
-            raise ControlNetError(f"{name}: {k} holds {have}, not floating-point weights")
+            raise ControlNetError(f"{where}: {k} holds {have}, not floating-point weights")
         if tuple(v.shape) != tuple(own[k].shape):
             raise ControlNetError(
-                f"{name}: {k} is {tuple(v.shape)}, a {LABELS[kind]} ControlNet of its config needs "
+                f"{where}: {k} is {tuple(v.shape)}, a {LABELS[kind]} ControlNet of its config needs "
                 f"{tuple(own[k].shape)}"
             )
     net.load_state_dict(dict(sd), strict=True, assign=True)
     for mod_name, buf in list(net.named_buffers()):
         if buf.is_meta:
-            raise ControlNetError(f"{name}: no weights for {mod_name}")
+            raise ControlNetError(f"{where}: no weights for {mod_name}")
     net.name = name
     return net.eval().requires_grad_(False)
 
@@ -296,7 +297,7 @@ def read_dit_controlnet(path: str | Path) -> DiTControlNet:
                 "z_image": ZImageControlNetConfig,
             }[kind]
             config: Any = reader.from_diffusers(raw)
-            return _build(kind, config, sd, name)
+            return _build(kind, config, sd, name, f"ControlNet {p.name}")
         if p.suffix.lower() != ".safetensors":
             raise ControlNetError(
                 f"ControlNet {p.name}: an SD3 / Flux / Qwen-Image / Z-Image ControlNet file must be .safetensors"
@@ -322,8 +323,12 @@ def read_dit_controlnet(path: str | Path) -> DiTControlNet:
             raise ControlNetError(
                 f"ControlNet {p.name}: its tensors' shapes do not describe a {LABELS[found]} ControlNet"
             ) from None
-        return _build(found, config, sd, name)
+        return _build(found, config, sd, name, f"ControlNet {p.name}")
     except (ConfigError, WeightsError) as e:
+        raise ControlNetError(f"ControlNet {p.name}: {e}") from None
+    except ControlNetError as e:  # (what the shapes say is wrong, told without the file's name)
+        if p.name in str(e):
+            raise
         raise ControlNetError(f"ControlNet {p.name}: {e}") from None
 
 

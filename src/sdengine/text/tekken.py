@@ -31,6 +31,7 @@ from sdengine.text.qwen_tokenizer import QwenTokenizer
 
 PAD = "<pad>"
 MAX_TOKENS = 1_000_000
+MAX_SPECIAL = 100_000  # Mistral's tekken files have 1000 (each is an added token: 999,000 took 11 s to add)
 
 
 class TekkenError(UsageError):
@@ -74,15 +75,24 @@ def tekken_tokenizer(data: bytes, *, name: str = "tekken.json") -> QwenTokenizer
         raise _fail(name, "no config.pattern")
     if not isinstance(vocab_list, list) or not isinstance(special_list, list):
         raise _fail(name, "no vocab / special_tokens lists")
-    n_special = _int(config.get("default_num_special_tokens", len(special_list)), name, "default_num_special_tokens")
+    n_special = config.get("default_num_special_tokens", len(special_list))
+    if type(n_special) is not int or not 0 <= n_special <= MAX_SPECIAL:
+        raise _fail(name, f"default_num_special_tokens is {n_special!r}, not 0 to {MAX_SPECIAL}")
     specials = [f"<SPECIAL_{i}>" for i in range(n_special)]
+    given: dict[str, int] = {}
     for entry in special_list:
-        if not isinstance(entry, dict) or not isinstance(entry.get("token_str"), str):
+        if not isinstance(entry, dict) or not isinstance(entry.get("token_str"), str) or not entry["token_str"]:
             raise _fail(name, "a special token without token_str")
         rank = _int(entry.get("rank"), name, "a special token's rank")
         if rank >= n_special:
             raise _fail(name, f"special token rank {rank} past default_num_special_tokens={n_special}")
+        if rank in given.values() or entry["token_str"] in given:
+            raise _fail(name, f"special token {entry['token_str']!r} (rank {rank}) is given twice")
+        given[entry["token_str"]] = rank
         specials[rank] = entry["token_str"]
+    if len(set(specials)) < len(specials):
+        twice = next(t for i, t in enumerate(specials) if t in specials[:i])
+        raise _fail(name, f"special token {twice!r} is at two ranks")
     size = config.get("default_vocab_size")
     inner = vocab_list if size is None else vocab_list[: _int(size, name, "default_vocab_size", n_special) - n_special]
     chars = _byte_chars()
@@ -97,6 +107,10 @@ def tekken_tokenizer(data: bytes, *, name: str = "tekken.json") -> QwenTokenizer
         if not piece or piece in ranks:
             raise _fail(name, f"vocab entry {rank}: an empty or repeated token")
         ranks[piece] = rank
+
+    lost = next((b for b in range(256) if bytes([b]) not in ranks), None)
+    if lost is not None:  # (text holding that byte would be dropped without a word)
+        raise _fail(name, f"its {len(ranks)} vocab tokens lack the byte {lost:#04x}; a tekken vocab holds all 256")
 
     def text(piece: bytes) -> str:
         return "".join(chars[b] for b in piece)

@@ -163,11 +163,24 @@ def scaled_weight(
     scale = scales.get(key[: -len(".weight")])
     if scale is None:
         return t
-    s = source.read(scale).float()
-    rows = t.shape[0]
-    if s.numel() != 1 and tuple(s.shape) not in ((rows,), (rows, 1)):
-        raise error(f"{where}: {scale} is {tuple(s.shape)}, not one scale or one per row of {key}")
-    return t.float() * (s if s.numel() == 1 else s.reshape(rows, 1))
+    s = checked_scale(source.read(scale), scale, t, where, error)
+    return t.float() * (s.reshape(()) if s.numel() == 1 else s.reshape(t.shape[0], *([1] * (t.ndim - 1))))
+
+
+def checked_scale(s: torch.Tensor, name: str, weight: torch.Tensor, where: str, error: Error) -> torch.Tensor:
+    """A quantized weight's scale (``name``) as float32, checked: floating-point, one number or one per row of a
+    weight of at least one dimension, every one finite and above 0 (a NaN, zero or negative scale would make a
+    layer of NaN, zeros or flipped signs without a word); else one line."""
+    if not s.is_floating_point():
+        raise error(f"{where}: {name} holds {s.dtype}, not a floating-point scale")
+    rows = weight.shape[0] if weight.ndim else None
+    if s.numel() != 1 and (rows is None or tuple(s.shape) not in ((rows,), (rows, 1))):
+        raise error(f"{where}: {name} is {tuple(s.shape)}, not one scale or one per row of {tuple(weight.shape)}")
+    s = s.float()
+    if not bool((torch.isfinite(s) & (s > 0)).all()):
+        bad = s.reshape(-1)[~(torch.isfinite(s) & (s > 0)).reshape(-1)][0]
+        raise error(f"{where}: {name} holds {float(bad)}: a scale must be finite and above 0")
+    return s
 
 
 __all__ = [
@@ -177,6 +190,7 @@ __all__ = [
     "SHARD_INDEX",
     "TensorSource",
     "check_scales_used",
+    "checked_scale",
     "compute_dtype",
     "encoder_tensors",
     "folder_weight_files",

@@ -45,6 +45,7 @@ from sdengine.models.config_checks import ConfigError
 from sdengine.models.flux2 import Flux2Config, Flux2Transformer
 from sdengine.models.flux2_vae import Flux2VAE, Flux2VAEConfig
 
+from .encoder_files import checked_scale
 from .flux_file import (
     build_from_state,
     compute_dtype,
@@ -233,11 +234,13 @@ def dequantize_comfy(sd: Mapping[str, Any], where: str, target: torch.dtype) -> 
         out.pop(layer + ".input_scale", None)
         if not isinstance(weight, torch.Tensor) or not isinstance(scale, torch.Tensor):
             raise WeightsError(f"{where}: {layer} is quantized ({fmt}) without its weight and weight_scale")
-        rows = weight.shape[0]
-        if scale.numel() != 1 and tuple(scale.shape) not in ((rows,), (rows, 1)):
-            raise WeightsError(f"{where}: {layer}.weight_scale is {tuple(scale.shape)}, not one scale or one per row")
-        one = scale.numel() == 1
-        factor = scale.float().reshape(()) if one else scale.float().reshape(rows, *([1] * (weight.ndim - 1)))
+        if not weight.is_floating_point() or weight.ndim == 0:
+            raise WeightsError(
+                f"{where}: {layer}.weight is {weight.dtype} {tuple(weight.shape)}, not a quantized ({fmt}) matrix"
+            )
+        factor = checked_scale(scale, f"{layer}.weight_scale", weight, where, WeightsError)
+        rows = (weight.shape[0], *([1] * (weight.ndim - 1)))
+        factor = factor.reshape(()) if factor.numel() == 1 else factor.reshape(rows)
         out[layer + ".weight"] = (weight.float() * factor).to(target)
     return out
 

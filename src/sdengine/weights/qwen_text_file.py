@@ -303,6 +303,9 @@ def comfy_quant_names(source: TensorSource, chosen: Mapping[str, str], where: st
                     f"{where}: {v} says format {fmt!r}: ComfyUI's quantized weights are read in float8 only "
                     f"({', '.join(COMFY_FLOAT8)})"
                 )
+            layer = k[: -len(COMFY_QUANT)]
+            if layer + ".weight_scale" not in chosen or layer + ".weight" not in chosen:
+                raise QwenTextFileError(f"{where}: {v} marks {layer} quantized, but it has no weight and weight_scale")
             continue
         for old, new in ((".weight_scale", ".scale_weight"), (".input_scale", ".scale_input")):
             if k.endswith(old):
