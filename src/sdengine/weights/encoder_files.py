@@ -169,17 +169,18 @@ def scaled_weight(
 
 def checked_scale(s: torch.Tensor, name: str, weight: torch.Tensor, where: str, error: Error) -> torch.Tensor:
     """A quantized weight's scale (``name``) as float32, checked: floating-point, one number or one per row of a
-    weight of at least one dimension, every one finite and above 0 (a NaN, zero or negative scale would make a
-    layer of NaN, zeros or flipped signs without a word); else one line."""
+    weight of at least one dimension, every one finite and not negative (a NaN or negative scale would make a
+    layer of NaN or flipped signs without a word; 0 is kept: a quantizer gives it to a layer of zeros); else one
+    line."""
     if not s.is_floating_point():
         raise error(f"{where}: {name} holds {s.dtype}, not a floating-point scale")
     rows = weight.shape[0] if weight.ndim else None
     if s.numel() != 1 and (rows is None or tuple(s.shape) not in ((rows,), (rows, 1))):
         raise error(f"{where}: {name} is {tuple(s.shape)}, not one scale or one per row of {tuple(weight.shape)}")
     s = s.float()
-    if not bool((torch.isfinite(s) & (s > 0)).all()):
-        bad = s.reshape(-1)[~(torch.isfinite(s) & (s > 0)).reshape(-1)][0]
-        raise error(f"{where}: {name} holds {float(bad)}: a scale must be finite and above 0")
+    if not bool((torch.isfinite(s) & (s >= 0)).all()):
+        bad = s.reshape(-1)[~(torch.isfinite(s) & (s >= 0)).reshape(-1)][0]
+        raise error(f"{where}: {name} holds {float(bad)}: a scale must be finite and not negative")
     return s
 
 
