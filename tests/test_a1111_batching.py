@@ -254,3 +254,46 @@ def test_sd_upscale_jobs_never_share_a_call(tmp_path):
     assert all(not isinstance(g, Exception) for g in got), got
     assert all(isinstance(p, str) for p in prompts(rec))  # no call of several jobs' rows
     assert {p for p in prompts(rec)} == {"one", "two"}
+
+
+class SDXLRecorder(Recorder):
+    """The Recorder over a tiny SDXL base whose conditioner does not zero an empty negative prompt by itself (as a
+    model folder saying force_zeros_for_empty_prompt false), so that A1111's rule (zeros) changes a call."""
+
+    def __init__(self, pipe: Any) -> None:
+        super().__init__()
+        self.pipe = pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from _sdxl_models import make_sdxl_folder
+    from sdengine.pipeline import load_pipeline
+
+    pipe = load_pipeline(make_sdxl_folder(tmp_path_factory.mktemp("xl") / "xl"), device="cpu")
+    assert pipe.text_kind == "sdxl"
+    pipe.conditioner.force_zeros = False
+    return pipe
+
+
+def test_a1111_sdxl_jobs_with_and_without_an_empty_negative_prompt_run_as_two_calls(tmp_path, sdxl_pipe):
+    """A1111's empty-negative rule goes into a call (and its infotext) only when a row has an empty negative prompt:
+    the jobs with one and the jobs without run as two calls, each infotext as its request's alone."""
+    xl = {**COMMON, "width": 32, "height": 32}
+    requests = [
+        ("txt2img", {**xl, "prompt": "an apple", "seed": 1}),
+        ("txt2img", {**xl, "prompt": "a car", "negative_prompt": "blurry", "seed": 2}),
+        ("txt2img", {**xl, "prompt": "a tree", "seed": 3}),
+        ("txt2img", {**xl, "prompt": "a star", "negative_prompt": "dark", "seed": 4}),
+    ]
+    rec = SDXLRecorder(sdxl_pipe)
+    got = queued_behind_a_blocker(tmp_path / "b", rec, requests)
+    assert prompts(rec) == [["an apple", "a tree"], ["a car", "a star"]]
+    assert [k.get("sdxl") for k in rec.calls[1:]] == [{"force_zeros_for_empty_prompt": True}, None]
+    single_rec = SDXLRecorder(sdxl_pipe)
+    with live_server(server_config(tmp_path / "a", max_batch_jobs=1), loader=lambda ref, device: single_rec) as s:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=s.port)
+        single = [call(api, kind, kw) for kind, kw in requests]
+    for (call_no, row), g, s_, res in zip(((1, 0), (2, 0), (1, 1), (2, 1)), got, single, single_rec.results, strict=True):
+        assert_equal_alone(g, s_, rec.results[call_no].arrays[row : row + 1], res.arrays)
+    assert "SDXL options" in got[0].info["infotexts"][0] and "SDXL options" not in got[1].info["infotexts"][0]
