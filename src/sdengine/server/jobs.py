@@ -295,7 +295,9 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     prompt, the seed (and ``batch_size``: a job's rows stay consecutive) and the init image and mask (each row
     its own job's: ``Pipeline`` takes them as lists), which must be there or not alike and of one size each (an
     init image of another size, or a mask beside none, is another batch). A job that runs itself (a ComfyUI
-    graph, ``run_on``) never batches."""
+    graph, ``run_on``) or through a script (A1111's SD upscale, ``Generation.script``) never batches. What an
+    A1111 job has beside its call (``finish``: the inpainting overlay and "only masked" paste; ``infotext_extra``)
+    is applied per job by :meth:`Worker.run_batch`, so it is not in the key."""
     if getattr(job, "run_on", None) is not None:
         return None
     g = job.generation
