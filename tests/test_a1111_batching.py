@@ -248,7 +248,10 @@ def test_sd_upscale_jobs_never_share_a_call(tmp_path):
     """Two SD upscale requests of equal settings: each its own script (a call per tile), never one batch."""
     request = {**COMMON, "images": [ramp(32, 32)], "denoising_strength": 0.5, "script_name": "SD upscale",
                "script_args": [None, 16, 1, 2]}  # fmt: skip
-    requests = [("img2img", {**request, "prompt": "one", "seed": 1}), ("img2img", {**request, "prompt": "two", "seed": 2})]
+    requests = [
+        ("img2img", {**request, "prompt": "one", "seed": 1}),
+        ("img2img", {**request, "prompt": "two", "seed": 2}),
+    ]
     rec = Recorder()
     got = queued_behind_a_blocker(tmp_path, rec, requests)
     assert all(not isinstance(g, Exception) for g in got), got
@@ -294,6 +297,8 @@ def test_a1111_sdxl_jobs_with_and_without_an_empty_negative_prompt_run_as_two_ca
     with live_server(server_config(tmp_path / "a", max_batch_jobs=1), loader=lambda ref, device: single_rec) as s:
         api = webuiapi.WebUIApi(host="127.0.0.1", port=s.port)
         single = [call(api, kind, kw) for kind, kw in requests]
-    for (call_no, row), g, s_, res in zip(((1, 0), (2, 0), (1, 1), (2, 1)), got, single, single_rec.results, strict=True):
+    for (call_no, row), g, s_, res in zip(
+        ((1, 0), (2, 0), (1, 1), (2, 1)), got, single, single_rec.results, strict=True
+    ):
         assert_equal_alone(g, s_, rec.results[call_no].arrays[row : row + 1], res.arrays)
     assert "SDXL options" in got[0].info["infotexts"][0] and "SDXL options" not in got[1].info["infotexts"][0]
