@@ -9,6 +9,7 @@ which jobs shared one, and holds the first call on a gate while the test queues 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -302,3 +303,68 @@ def test_a1111_sdxl_jobs_with_and_without_an_empty_negative_prompt_run_as_two_ca
     ):
         assert_equal_alone(g, s_, rec.results[call_no].arrays[row : row + 1], res.arrays)
     assert "SDXL options" in got[0].info["infotexts"][0] and "SDXL options" not in got[1].info["infotexts"][0]
+
+
+class HeldAtStep(Recorder):
+    """The Recorder, holding a call of several jobs' rows at ``step`` (before its callback looks at the jobs) until
+    ``go`` is set: a test sends its interrupt and skip there, at a known step."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step, self.reached, self.go = step, threading.Event(), threading.Event()
+
+    def __call__(self, **kw: Any) -> Any:
+        inner = kw.get("callback")
+        if isinstance(kw["prompt"], list) and inner is not None:
+
+            def callback(info: Any) -> bool:
+                if info.step == self.step and not self.reached.is_set():
+                    self.reached.set()
+                    assert self.go.wait(120), "the test never let the batch go on"
+                return bool(inner(info))
+
+            kw = dict(kw, callback=callback)
+        return super().__call__(**kw)
+
+
+def test_interrupt_and_skip_of_batched_a1111_jobs(tmp_path):
+    """/sdapi/v1/interrupt of one job of a running batch and /sdapi/v1/skip of another: the batch stops at the end
+    of the step; the interrupted job answers `interrupted` with its preview, the skipped one is done without an image
+    of its own (its last preview, as alone), and the third runs again alone, equal to its request alone."""
+    bodies = [{**COMMON, "steps": 12, "prompt": p, "seed": 60 + k, "force_task_id": f"t{k}"} for k, p in
+              enumerate(["a dog", "a cat", "a fox"])]  # fmt: skip
+    rec = HeldAtStep(3)
+    out: list[Any] = [None] * 3
+    with live_server(server_config(tmp_path / "b", max_queue=16), loader=lambda ref, device: rec) as s:
+        manager = s.services.manager
+        rec.gate.clear()
+        assert httpx.post(f"{s.url}/v1/jobs", json=BLOCKER, timeout=60).status_code == 202
+
+        def send(k: int) -> None:
+            out[k] = httpx.post(f"{s.url}/sdapi/v1/txt2img", json=bodies[k], timeout=300)
+
+        threads = [threading.Thread(target=send, args=(k,), daemon=True) for k in range(3)]
+        deadline = time.monotonic() + 120
+        for k, t in enumerate(threads):
+            t.start()
+            while manager.queued_count() < k + 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        rec.gate.set()
+        assert rec.reached.wait(120)
+        assert httpx.post(f"{s.url}/sdapi/v1/interrupt", json={"id_task": "t1"}, timeout=60).status_code == 200
+        assert httpx.post(f"{s.url}/sdapi/v1/skip", json={"id_task": "t2"}, timeout=60).status_code == 200
+        rec.go.set()
+        for t in threads:
+            t.join(300)
+    assert prompts(rec) == [["a dog", "a cat", "a fox"], "a dog"]
+    assert [r.status_code for r in out] == [200, 200, 200]
+    answers = [r.json() for r in out]
+    infos = [json.loads(a["info"]) for a in answers]
+    assert [i["interrupted"] for i in infos] == [False, True, False]
+    assert [len(a["images"]) for a in answers] == [1, 1, 1]  # the two stopped ones: their previews
+    one = {k: v for k, v in bodies[0].items() if k != "force_task_id"}
+    single_rec, single = alone(tmp_path / "a", [("txt2img", one)])
+    assert float(np.abs(rec.results[-1].arrays - single_rec.results[0].arrays).max()) <= ROW_TOL
+    assert infos[0]["infotexts"] == single[0].info["infotexts"]
+    assert infos[0]["all_seeds"] == single[0].info["all_seeds"] == [60]
