@@ -1099,7 +1099,7 @@ class Worker(threading.Thread):
         if any(x != own_xl[0] for x in own_xl):
             groups: dict[str, list[Job]] = {}
             for job, x in zip(jobs, own_xl, strict=True):
-                groups.setdefault(repr(sorted((x or {}).items())), []).append(job)
+                groups.setdefault(repr(None if x is None else sorted(x.items())), []).append(job)  # equal: one
             for group in groups.values():
                 self.run_batch(group)
             return
