@@ -275,6 +275,7 @@ _BATCH_SETTINGS = (
     "masked_content",
     "mask_round",
     "noise_multiplier",
+    "image_cfg_scale",  # A1111's img2img sends it always (instruct-pix2pix's; other models ignore it, with a note)
 )
 _PER_ROW = ("prompt", "negative_prompt", "seed", "batch_size", "init_image", "mask")
 _NEVER_BATCHED = ("controlnets",)
@@ -295,12 +296,15 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     prompt, the seed (and ``batch_size``: a job's rows stay consecutive) and the init image and mask (each row
     its own job's: ``Pipeline`` takes them as lists), which must be there or not alike and of one size each (an
     init image of another size, or a mask beside none, is another batch). A job that runs itself (a ComfyUI
-    graph, ``run_on``) never batches."""
+    graph, ``run_on``) or through a script (A1111's SD upscale, ``Generation.script``) never batches. What an
+    A1111 job has beside its call (``finish``: the inpainting overlay and "only masked" paste; ``infotext_extra``)
+    is applied per job by :meth:`Worker.run_batch`, so it is not in the key."""
     if getattr(job, "run_on", None) is not None:
         return None
     g = job.generation
-    # a base -> refiner hand-off, another hires model, A1111's SDXL options other than its empty-negative rule: alone
-    if g.refiner is not None or getattr(g, "hr_model", None) is not None:
+    # a base -> refiner hand-off, another hires model, a script that calls the pipeline itself (A1111's SD upscale),
+    # A1111's SDXL options other than its empty-negative rule: alone
+    if g.refiner is not None or getattr(g, "hr_model", None) is not None or getattr(g, "script", None) is not None:
         return None
     if set(g.sdxl_options or ()) - {"force_zeros_for_empty_prompt"}:
         return None
@@ -1090,6 +1094,16 @@ class Worker(threading.Thread):
             for job in jobs:
                 m.finish(job, FAILED, failed)
             return
+        # A1111's SDXL empty-negative rule is kept in a call only where a row has an empty negative prompt (and the
+        # infotext then says so): jobs whose own call would keep it and jobs whose own would not run as two batches
+        own_xl = [sdxl_request(j.generation, pipe, None, [j.generation.kwargs["negative_prompt"]]) for j in jobs]
+        if any(x != own_xl[0] for x in own_xl):
+            groups: dict[str, list[Job]] = {}
+            for job, x in zip(jobs, own_xl, strict=True):
+                groups.setdefault(repr(None if x is None else sorted(x.items())), []).append(job)  # equal: one
+            for group in groups.values():
+                self.run_batch(group)
+            return
         prompts: list[str] = []
         negatives: list[str] = []
         seeds: list[int] = []
@@ -1116,7 +1130,7 @@ class Worker(threading.Thread):
             kwargs["init_image"] = inits
             if g0.kwargs.get("mask") is not None:
                 kwargs["mask"] = masks
-        xl = sdxl_request(g0, pipe, None, negatives)  # the jobs' sdxl_options are equal (batch_key)
+        xl = own_xl[0]  # each job's own (equal: above)
         if xl is not None:
             kwargs["sdxl"] = xl
         first = [True]
