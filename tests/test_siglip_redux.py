@@ -143,10 +143,10 @@ def test_refusals(tmp_path):
         load_siglip_vision(redux_file)
     bad = tmp_path / "bad.safetensors"
     sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
-    sd["vision_model.encoder.layers.1.mlp.fc2.weight"] = torch.zeros(32, 41)
+    sd["encoder.layers.1.mlp.fc2.weight"] = torch.zeros(32, 41)
     safetensors_torch.save_file(sd, str(bad))
     with pytest.raises(WeightsError, match=r"fc2.weight is \(32, 41\), expected \(32, 40\)"):
-        load_siglip_vision(bad)
+        load_siglip_vision(bad, num_heads=4)
     folder = tmp_path / "enc"
     hf.save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
