@@ -78,7 +78,6 @@ def test_redux_matches_diffusers_prior_and_flux(redux):
     image = picture(45, 29, seed=2)  # squashed to 32 x 32 as SiglipImageProcessor does
     ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, redux=[ReduxUnit(prior_folder, image)], progress=False)
     want = _theirs(flux, prior, image)
-    print("redux vs diffusers MAD", _mad(ours.arrays, want))
     assert _mad(ours.arrays, want) < TOL
     plain = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, progress=False)
     assert _mad(ours.arrays, plain.arrays) > 10 * TOL  # the image's tokens change the picture

@@ -35,12 +35,12 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g) / (p.shape[-1] if p.ndim else 1) ** 0.25)
 
 
-def hf_siglip(seed: int = 0, *, hidden: int = 32, layers: int = 2, image: int = 16, patch: int = 4):
+def hf_siglip(seed: int = 0, *, hidden: int = 32, layers: int = 2, image: int = 16, patch: int = 4, heads: int = 4):
     cfg = transformers.SiglipVisionConfig(
         hidden_size=hidden,
         intermediate_size=40,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         patch_size=patch,
         image_size=image,
     )

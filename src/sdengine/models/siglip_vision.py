@@ -172,6 +172,11 @@ class SiglipVisionModel(nn.Module):
         self.name = ""  # the file it came from (set by the loader)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.encode(pixel_values)[0]
+
+    def encode(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """(``last_hidden_state``: the last layer's output post-LayerNorm'd, the penultimate layer's output as it
+        is: transformers' ``hidden_states[-2]``), each (B, N, C)."""
         s = self.config.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, s, s):
             raise UsageError(
@@ -179,9 +184,11 @@ class SiglipVisionModel(nn.Module):
             )
         vm = self.vision_model
         x = vm.embeddings(pixel_values)
+        prev = x
         for layer in vm.encoder.layers:
+            prev = x
             x = layer(x)
-        return vm.post_layernorm(x)  # (B, N, C)
+        return vm.post_layernorm(x), prev
 
     def extra_repr(self) -> str:
         c = self.config

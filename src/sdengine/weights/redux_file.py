@@ -58,6 +58,24 @@ def is_siglip_state(sd: Mapping[str, Any]) -> bool:
     )
 
 
+def is_siglip_path(path: str | Path) -> bool:
+    """Whether a vision-encoder file or folder holds SigLIP (its config's ``model_type``, else the tensor names of
+    a ``.safetensors`` header); False for anything it cannot tell (the CLIP reader then says what is wrong)."""
+    from .io import read_safetensors_header
+
+    p = Path(path)
+    try:
+        if p.is_dir():
+            cfg = json.loads((p / "config.json").read_text())
+            return isinstance(cfg, dict) and cfg.get("model_type") in ("siglip_vision_model", "siglip")
+        if p.suffix.lower() == ".safetensors":
+            header = read_safetensors_header(p)[0]
+            return is_siglip_state(dict.fromkeys(header))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError, WeightsError):
+        return False
+    return False
+
+
 def _vision_state(sd: Mapping[str, Any], where: str) -> dict[str, Any]:
     if "embeddings.patch_embedding.weight" in sd and not any(k.startswith(VISION) for k in sd):
         sd = {VISION + k: v for k, v in sd.items()}  # transformers 5 writes a SiglipVisionModel without the prefix
@@ -273,6 +291,7 @@ def load_redux(
 
 
 __all__ = [
+    "is_siglip_path",
     "is_siglip_state",
     "load_redux",
     "load_siglip_vision",
