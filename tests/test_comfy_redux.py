@@ -40,7 +40,10 @@ def redux_files(flux):  # noqa: F811 (the imported fixture)
     root, pipe = flux
     siglip = hf_siglip(seed=11, hidden=64, heads=1, image=SIGLIP_SIDE)
     (root / "clip_vision").mkdir(exist_ok=True)
-    sd = {("vision_model." + k if not k.startswith("vision_model.") else k): v.contiguous() for k, v in siglip.state_dict().items()}
+    sd = {
+        ("vision_model." + k if not k.startswith("vision_model.") else k): v.contiguous()
+        for k, v in siglip.state_dict().items()
+    }
     safetensors_torch.save_file(sd, str(root / "clip_vision" / "sigclip_tiny.safetensors"))
     torch.manual_seed(1)
     embedder = ReduxImageEncoder(redux_dim=64, txt_in_features=32).eval()

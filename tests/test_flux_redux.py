@@ -149,5 +149,7 @@ def test_wrong_widths_and_models_are_refused(redux, tmp_path, tiny_sd1_folder):
     with pytest.raises(GenerationError, match="the image tokens are 48-wide, the Redux encoder takes 24"):
         pipe(PROMPT, redux=[unit], steps=1, width=W, height=H, progress=False)
     sd = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
-    with pytest.raises(GenerationError, match="redux .FLUX.1 Redux image prompts. applies to FLUX.1 models; .* not one"):
+    with pytest.raises(
+        GenerationError, match="redux .FLUX.1 Redux image prompts. applies to FLUX.1 models; .* not one"
+    ):
         sd(PROMPT, steps=1, redux=[ReduxUnit(prior_folder, picture(20, 20))], progress=False)

@@ -118,7 +118,12 @@ def test_redux_matches_diffusers_in_both_layouts(tmp_path):
 def test_refusals(tmp_path):
     clip = transformers.CLIPVisionModelWithProjection(
         transformers.CLIPVisionConfig(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, patch_size=4, image_size=16
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            patch_size=4,
+            image_size=16,
         )
     )
     clip_file = tmp_path / "clip_vision.safetensors"
@@ -153,6 +158,8 @@ def test_refusals(tmp_path):
     (folder / "config.json").write_text(json.dumps(dict(cfg, model_type="clip_vision_model")))
     with pytest.raises(WeightsError, match="not a SigLIP vision config"):
         load_siglip_vision(folder)
-    model = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=40, num_layers=1, num_heads=4, patch_size=4, image_size=16))
+    model = SiglipVisionModel(
+        SiglipVisionConfig(hidden_size=32, intermediate_size=40, num_layers=1, num_heads=4, patch_size=4, image_size=16)
+    )
     with pytest.raises(UsageError, match=r"pixel values of shape \(B, 3, 16, 16\)"):
         model(torch.zeros(1, 3, 32, 32))

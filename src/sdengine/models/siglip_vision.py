@@ -29,7 +29,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from sdengine.errors import UsageError
-from sdengine.models.clip_vision import ImageLike, _to_rgb
+from sdengine.models.clip_vision import ImageLike, processor_rgb
 from sdengine.models.config_checks import ConfigError, check_config
 from sdengine.nn.attention import scaled_dot_product_attention
 
@@ -106,7 +106,9 @@ class SiglipAttention(nn.Module):
         self.out_proj = nn.Linear(c, c)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, N, C) -> (B, N, C), every token to every token
-        return self.out_proj(scaled_dot_product_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads))
+        return self.out_proj(
+            scaled_dot_product_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads)
+        )
 
 
 class SiglipMLP(nn.Module):
@@ -192,7 +194,10 @@ class SiglipVisionModel(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"width={c.hidden_size}, layers={c.num_layers}, heads={c.num_heads}, patch={c.patch_size}, image={c.image_size}"
+        return (
+            f"width={c.hidden_size}, layers={c.num_layers}, heads={c.num_heads}, patch={c.patch_size}, "
+            f"image={c.image_size}"
+        )
 
 
 def siglip_image_tensor(images: ImageLike | Sequence[ImageLike], size: int = 384) -> Tensor:
@@ -209,7 +214,7 @@ def siglip_image_tensor(images: ImageLike | Sequence[ImageLike], size: int = 384
     std = np.asarray(SIGLIP_STD, dtype=np.float32)
     out = []
     for i, item in enumerate(items):
-        im = _to_rgb(item, i).resize((size, size), resample=Image.Resampling.BICUBIC)
+        im = processor_rgb(item, i).resize((size, size), resample=Image.Resampling.BICUBIC)
         x = (np.asarray(im).astype(np.float64) * (1 / 255)).astype(np.float32)  # as transformers rescales
         out.append(torch.from_numpy(((x - mean) / std).transpose(2, 0, 1).copy()))
     return torch.stack(out)

@@ -494,7 +494,9 @@ class FluxPipeline(Pipeline):
         """What FLUX.1 Redux cannot run with, one line (its tokens lengthen the conditional rows' text only)."""
         r = p.request
         if self.text_kind != "flux":
-            raise GenerationError(f"redux (FLUX.1 Redux image prompts) applies to FLUX.1 models; {self.name} is not one")
+            raise GenerationError(
+                f"redux (FLUX.1 Redux image prompts) applies to FLUX.1 models; {self.name} is not one"
+            )
         if float(r.cfg_scale) != 1.0 or p.sampler in sampling.CFG_PP_SAMPLERS:
             raise GenerationError(
                 "redux: true CFG (cfg_scale above 1, or a CFG++ sampler) with Redux image tokens is not supported "
@@ -505,7 +507,9 @@ class FluxPipeline(Pipeline):
 
         for text in p.prompts:
             if len(prompt_schedule(extract_lora_tags(text)[0], int(r.steps), on_literal=lambda _t: None)) > 1:
-                raise GenerationError("redux: prompt editing ([a:b:when], [a|b]) with Redux image tokens is not supported")
+                raise GenerationError(
+                    "redux: prompt editing ([a:b:when], [a|b]) with Redux image tokens is not supported"
+                )
 
     def conditioning_pair(
         self, prompt: str, negative: str, p: Prepared, note: Any

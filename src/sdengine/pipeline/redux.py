@@ -68,8 +68,12 @@ class ReduxUnit:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise GenerationError(f"redux siglip_tokens must be a tensor (N, C) or (1, N, C), got {shape}")
         elif self.siglip is not None and not isinstance(self.siglip, SiglipVisionModel | str | Path):
-            raise GenerationError(f"redux siglip must be a SiglipVisionModel or its file, got {type(self.siglip).__name__}")
-        elif self.siglip is None and not (isinstance(self.redux, str | Path) and (Path(self.redux) / "image_encoder").is_dir()):
+            raise GenerationError(
+                f"redux siglip must be a SiglipVisionModel or its file, got {type(self.siglip).__name__}"
+            )
+        elif self.siglip is None and not (
+            isinstance(self.redux, str | Path) and (Path(self.redux) / "image_encoder").is_dir()
+        ):
             raise GenerationError(
                 "a Redux unit's image needs the SigLIP encoder: give siglip= (sigclip_vision_patch14_384.safetensors "
                 "or an image_encoder/ folder), or redux= a FluxPriorReduxPipeline folder"

@@ -96,7 +96,9 @@ def _vision_state(sd: Mapping[str, Any], where: str) -> dict[str, Any]:
         shown = ", ".join(sorted(unknown)[:4]) or "none"
         raise WeightsError(f"{where}: not a SigLIP vision encoder (no vision_model.* keys; it has {shown})")
     if unknown:
-        raise WeightsError(f"{where}: unexpected keys beside the SigLIP vision encoder: {', '.join(sorted(unknown)[:4])}")
+        raise WeightsError(
+            f"{where}: unexpected keys beside the SigLIP vision encoder: {', '.join(sorted(unknown)[:4])}"
+        )
     return vision
 
 

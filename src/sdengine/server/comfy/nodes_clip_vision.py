@@ -127,6 +127,7 @@ def clip_vision_model(ctx: RunContext, path: str, name: str) -> Any:
         if key in _LOADED:
             _LOADED.move_to_end(key)
             return _LOADED[key]
+    model: Any
     try:
         if is_siglip_path(path):
             model = load_siglip_vision(path, device=ctx.device, dtype=torch.float32)

@@ -158,8 +158,7 @@ REDUX_NODES: dict[str, NodeDef] = {
             (Input("style_model_name", "COMBO", choices=_style_model_names),),
             ("STYLE_MODEL",),
             style_model_loader,
-            description="A FLUX.1 Redux image encoder (flux1-redux-dev.safetensors) from --models-dir's "
-            "style_models/.",
+            description="A FLUX.1 Redux image encoder (flux1-redux-dev.safetensors) from --models-dir's style_models/.",
             changed=style_model_file_token,
         ),
         NodeDef(
