@@ -153,3 +153,36 @@ def test_wrong_widths_and_models_are_refused(redux, tmp_path, tiny_sd1_folder):
         GenerationError, match="redux .FLUX.1 Redux image prompts. applies to FLUX.1 models; .* not one"
     ):
         sd(PROMPT, steps=1, redux=[ReduxUnit(prior_folder, picture(20, 20))], progress=False)
+
+
+def test_cli_redux_image_equals_the_pipeline(redux, tmp_path, capsys):
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    folder, pipe, _, _, prior_folder = redux
+    src = tmp_path / "style.png"
+    picture(36, 28, seed=4).save(src)
+    out = tmp_path / "a.png"
+    args = ["generate", "--model", str(folder), PROMPT, "--steps", "2", "--seed", str(SEED), "--no-progress"]
+    args += ["--width", str(W), "--height", str(H)]
+    redux_args = ["--redux-image", str(src), "--redux-model", str(prior_folder), "--redux-strength", "0.6"]
+    assert main([*args, *redux_args, "--out", str(out)]) == 0
+    got = np.asarray(Image.open(out), dtype=np.float32) / 255
+    unit = ReduxUnit(prior_folder, Image.open(src), strength=0.6)
+    want = pipe(PROMPT, steps=2, seed=SEED, width=W, height=H, redux=[unit], progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
+    assert got.shape == (H, W, 3)
+
+    def refused(argv: list[str]) -> str:
+        capsys.readouterr()
+        assert main(argv) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "--redux-image needs --redux-model" in refused(
+        [*args, "--redux-image", str(src), "--out", str(tmp_path / "b.png")]
+    )
+    assert "--redux-strength has no effect without --redux-image" in refused(
+        [*args, "--redux-strength", "0.5", "--out", str(tmp_path / "c.png")]
+    )
+    assert "is the --redux-image image this run reads" in refused([*args, *redux_args, "--out", str(src)])
