@@ -186,3 +186,15 @@ def test_cli_redux_image_equals_the_pipeline(redux, tmp_path, capsys):
         [*args, "--redux-strength", "0.5", "--out", str(tmp_path / "c.png")]
     )
     assert "is the --redux-image image this run reads" in refused([*args, *redux_args, "--out", str(src)])
+
+
+def test_chroma_refuses_redux(redux, tmp_path):
+    """Chroma is a FluxPipeline subclass (T5 tokens too) without Redux: refused in one line."""
+    from _chroma_models import make_chroma_folder
+
+    _, _, _, _, prior_folder = redux
+    pipe = sdengine.load_pipeline(make_chroma_folder(tmp_path / "tiny-chroma"), device="cpu")
+    with pytest.raises(
+        GenerationError, match="redux .FLUX.1 Redux image prompts. applies to FLUX.1 models; .* not one"
+    ):
+        pipe(PROMPT, steps=1, width=W, height=H, redux=[ReduxUnit(prior_folder, picture(20, 20))], progress=False)
