@@ -443,6 +443,7 @@ def _refuse_overwriting_an_input(out: Path, a: argparse.Namespace) -> None:
             parts.pop()
         inputs.append(("--control", ":".join(parts)))
     inputs += [("--reference-image", x) for x in getattr(a, "reference_image", None) or []]
+    inputs += [("--redux-image", x) for x in getattr(a, "redux_image", None) or []]
     for text in getattr(a, "ip_image", None) or []:  # IMAGE[+IMAGE...]
         inputs += [("--ip-image", text)] + [("--ip-image", part) for part in text.split("+")]
     for flag, given in inputs:
@@ -892,6 +893,9 @@ def _refuse_flags_without_effect(
         ("--vae-encode", a.vae_encode, img2img or hires, second_pass),
         ("--mask", a.mask, a.init_image is not None, "--init-image (the image to inpaint)"),
         ("--no-reference-resize", a.reference_auto_resize, bool(a.reference_image), "--reference-image"),
+        ("--redux-model", a.redux_model, bool(a.redux_image), "--redux-image"),
+        ("--redux-siglip", a.redux_siglip, bool(a.redux_image), "--redux-image"),
+        ("--redux-strength", a.redux_strength, bool(a.redux_image), "--redux-image"),
         ("--image-cfg-scale", a.image_cfg_scale, a.init_image is not None, "--init-image (the image to edit)"),
         ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
         ("--differential-diffusion", a.differential_diffusion, a.mask is not None, "--mask (a grey inpainting mask)"),
@@ -1095,6 +1099,16 @@ def run(a: argparse.Namespace) -> int:
         kwargs["reference_images"] = list(a.reference_image)
     if a.reference_auto_resize is not None:
         kwargs["reference_auto_resize"] = a.reference_auto_resize
+    if a.redux_image:  # FLUX.1 Redux: each image a unit of the same encoder, SigLIP encoder and strength
+        if not a.redux_model:
+            raise GenerationError(
+                "--redux-image needs --redux-model (flux1-redux-dev.safetensors with --redux-siglip, or a "
+                "FLUX.1-Redux-dev diffusers folder)"
+            )
+        from ..pipeline.redux import ReduxUnit
+
+        strength = 1.0 if a.redux_strength is None else a.redux_strength
+        kwargs["redux"] = [ReduxUnit(a.redux_model, x, a.redux_siglip, strength) for x in a.redux_image]
     if getattr(a, "control_image", None) is not None:  # FLUX.1 Depth / Canny's control map
         kwargs["control_image"] = a.control_image
     if getattr(a, "control_preprocessor", None) is not None:  # its map made from a photo (canny)
@@ -1447,6 +1461,33 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "Kontext resolution of its aspect ratio unless --no-reference-resize; the output takes the first one's "
         "size unless --width/--height. Qwen-Image-Edit: the one image to edit (fitted to about 1024x1024 at its "
         "aspect ratio, which the output takes unless --width/--height)",
+    )
+    p.add_argument(
+        "--redux-image",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="FLUX.1 Redux: an image whose SigLIP tokens join the prompt's (repeat for several); needs --redux-model",
+    )
+    p.add_argument(
+        "--redux-model",
+        default=None,
+        metavar="PATH",
+        help="FLUX.1 Redux's image encoder: flux1-redux-dev.safetensors (with --redux-siglip) or a FLUX.1-Redux-dev "
+        "diffusers folder (its image_encoder/ is the SigLIP encoder)",
+    )
+    p.add_argument(
+        "--redux-siglip",
+        default=None,
+        metavar="PATH",
+        help="the SigLIP encoder of --redux-image: sigclip_vision_patch14_384.safetensors or a transformers folder",
+    )
+    p.add_argument(
+        "--redux-strength",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the factor on the Redux image tokens, 0 to 10 (default 1; ComfyUI's StyleModelApply multiply)",
     )
     p.add_argument(
         "--no-reference-resize",

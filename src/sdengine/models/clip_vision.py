@@ -275,8 +275,9 @@ class CLIPVisionModel(nn.Module):
 ImageLike = Image.Image | np.ndarray
 
 
-def _to_rgb(image: ImageLike, index: int) -> Image.Image:
-    """An RGB PIL image; transparency is composited onto white (what transformers' ``convert_rgb`` does)."""
+def processor_rgb(image: ImageLike, index: int) -> Image.Image:
+    """An RGB PIL image of a processor's input (``index``: its place in the list, for errors); transparency is
+    composited onto white (what transformers' ``convert_rgb`` does)."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise UsageError(f"image {index}: a uint8 array is expected, got {image.dtype}")
@@ -317,7 +318,7 @@ def clip_image_tensor(images: ImageLike | Sequence[ImageLike], size: int = 224) 
     std = np.asarray(CLIP_STD, dtype=np.float32)
     out = []
     for i, item in enumerate(items):
-        im = _to_rgb(item, i)
+        im = processor_rgb(item, i)
         w, h = im.size
         short, long = min(w, h), max(w, h)
         new_long = int(size * long / short)
@@ -345,4 +346,5 @@ __all__ = [
     "CLIPVisionOutput",
     "clip_image_tensor",
     "hf_key",
+    "processor_rgb",
 ]

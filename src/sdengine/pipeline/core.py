@@ -908,6 +908,10 @@ class Pipeline:
             raise GenerationError(
                 f"reference_images (--reference-image) are FLUX.1 Kontext's; {self.name} is not a Flux model"
             )
+        if r.redux and self.text_kind != "flux":
+            raise GenerationError(
+                f"redux (FLUX.1 Redux image prompts) applies to FLUX.1 models; {self.name} is not one"
+            )
         if r.sd3 is not None and self.text_kind != "sd3":
             raise GenerationError(f"sd3 settings apply to SD3 models only; {self.name} is not one")
         if r.shift is not None and isinstance(self.base_schedule, NoiseSchedule | EDMSchedule):

@@ -79,7 +79,7 @@ from sdengine.diffusion.flow import (
     flux_image_seq_len,
 )
 from sdengine.errors import GenerationError, UsageError
-from sdengine.pipeline import flux_fill, flux_kontext
+from sdengine.pipeline import flux_fill, flux_kontext, redux
 from sdengine.pipeline.core import Pipeline, Prepared, a1111_changes_run
 from sdengine.pipeline.infotext import files_hash_cached, hashed_files
 from sdengine.pipeline.request import GenerationRequest
@@ -93,6 +93,7 @@ DEV_STEPS = 28  # diffusers' FLUX.1 [dev] example
 SCHNELL_STEPS = 4  # diffusers' FLUX.1 [schnell] example (timestep-distilled: 1-4 steps)
 MAX_DISTILLED_CFG = 100.0
 PATCH = 2  # the transformer's 2x2 latent patches
+REDUX_TOKENS = 729  # FLUX.1 Redux: SigLIP so400m-patch14-384's 27 x 27 tokens per image (the memory estimate)
 
 
 class FluxAdapter:
@@ -223,6 +224,8 @@ class FluxPipeline(Pipeline):
     # reference images add; class defaults, so that a subclass with its own constructor (Chroma) has them too
     _call_references: list[Tensor] | None = None
     _reference_tokens = 0
+    _call_redux: Tensor | None = None  # FLUX.1 Redux's tokens of the call under way (1, N, joint_attention_dim)
+    _redux_units: list[Any] = []  # while prepare checks memory: the call's Redux units
     per_row_init_images = False  # one init image per call (Pipeline.refuse_row_images)
 
     def __init__(
@@ -401,6 +404,7 @@ class FluxPipeline(Pipeline):
         cfg = self.transformer.config
         n = (h // PATCH) * (w // PATCH) + int(self.conditioner.max_sequence_length)  # type: ignore[attr-defined]
         n += self._reference_tokens  # FLUX.1 Kontext's reference images' tokens
+        n += REDUX_TOKENS * len(self._redux_units)  # FLUX.1 Redux's image tokens (SigLIP so400m's 27 x 27 each)
         width = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
         scores = min(CHUNK_SCORES, int(cfg.num_attention_heads) * n * n) * 4
         return rows * (n * width * bytes_per * 12 + scores)
@@ -455,10 +459,14 @@ class FluxPipeline(Pipeline):
                 # server's precheck too); a model that takes no references (Chroma) says so in Pipeline.prepare
                 raise GenerationError(why)
             self._reference_tokens = flux_kontext.reference_tokens(sizes, self.vae_scale_factor, PATCH)
+        self._redux_units = redux.check_units(request.redux)
         try:
             p = super().prepare(request)
         finally:
             self._reference_tokens = 0
+            self._redux_units = []
+        if request.redux:
+            self._check_redux(p)
         p.references = references
         for text in notes:
             p.notes.append(text)
@@ -482,17 +490,45 @@ class FluxPipeline(Pipeline):
             p.hires = dataclasses.replace(p.hires, start=start)
         return p
 
+    def _check_redux(self, p: Prepared) -> None:
+        """What FLUX.1 Redux cannot run with, one line (its tokens lengthen the conditional rows' text only)."""
+        r = p.request
+        if self.text_kind != "flux":
+            raise GenerationError(
+                f"redux (FLUX.1 Redux image prompts) applies to FLUX.1 models; {self.name} is not one"
+            )
+        if float(r.cfg_scale) != 1.0 or p.sampler in sampling.CFG_PP_SAMPLERS:
+            raise GenerationError(
+                "redux: true CFG (cfg_scale above 1, or a CFG++ sampler) with Redux image tokens is not supported "
+                "(the conditional rows' text is longer than the negative's): leave cfg_scale at 1"
+            )
+        from sdengine.prompts import extract_lora_tags
+        from sdengine.text.schedule import prompt_schedule
+
+        for text in p.prompts:
+            if len(prompt_schedule(extract_lora_tags(text)[0], int(r.steps), on_literal=lambda _t: None)) > 1:
+                raise GenerationError(
+                    "redux: prompt editing ([a:b:when], [a|b]) with Redux image tokens is not supported"
+                )
+
     def conditioning_pair(
         self, prompt: str, negative: str, p: Prepared, note: Any
     ) -> tuple[Conditioning, Conditioning]:
-        """(cond, uncond) of a row with the request's distilled guidance ([dev])."""
+        """(cond, uncond) of a row with the request's distilled guidance ([dev]); FLUX.1 Redux's tokens of the call
+        appended to the conditional row's T5 tokens."""
         conditioner: FluxConditioner = self.conditioner  # type: ignore[assignment]
         guidance = self.distilled_guidance(p.request)
         if float(p.request.cfg_scale) == 1.0 and p.sampler not in sampling.CFG_PP_SAMPLERS:
             # one pass per step: the unconditional half is never run (CFGDenoiser at scale 1), so T5 does not
             # encode the (empty) negative prompt for it
             cond = conditioner.with_guidance(conditioner.text(prompt, note=note), guidance)
+            if self._call_redux is not None:
+                text = cond["crossattn"]
+                tokens = self._call_redux.to(device=text.device, dtype=text.dtype).expand(text.shape[0], -1, -1)
+                cond = {**cond, "crossattn": torch.cat([text, tokens], dim=1)}
             return cond, cond
+        if self._call_redux is not None:  # prepare refuses it; never a silent image without the tokens
+            raise GenerationError("redux: true CFG with Redux image tokens is not supported")
         return conditioner.pair(prompt, negative, note=note, guidance=guidance)
 
     def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
@@ -507,6 +543,9 @@ class FluxPipeline(Pipeline):
         self._call_schedule = self.flow_schedule(p.width, p.height)
         conditioner.call_guidance = self.distilled_guidance(p.request)
         graphs = self._cuda_graphs
+        if p.request.redux:  # FLUX.1 Redux: the images' tokens, made once for the call
+            width = int(self.transformer.config.joint_attention_dim)
+            self._call_redux = redux.redux_tokens(redux.check_units(p.request.redux), width, self.device, self.dtype)
         if p.references:  # FLUX.1 Kontext: the references' latents, made once for the call's every step
             self._call_references = flux_kontext.encode_references(self, p.references, p.tiled)
             if graphs and "loop" in graphs:  # a recorded loop would replay another call's references
@@ -516,6 +555,7 @@ class FluxPipeline(Pipeline):
         finally:
             self._call_schedule = None
             self._call_references = None
+            self._call_redux = None
             self._cuda_graphs = graphs
             conditioner.call_guidance = None
 

@@ -33,6 +33,7 @@ from sdengine.nn.freeu import FREEU_RULES, FreeU
 from sdengine.nn.hypertile import HYPERTILE_RULES, MAX_DEPTH, MAX_SWAP_SIZE, MAX_TILE_SIZE, HyperTile
 from sdengine.pipeline.control import ControlUnit
 from sdengine.pipeline.ip_adapter import IPAdapterUnit
+from sdengine.pipeline.redux import ReduxUnit, check_units
 from sdengine.pipeline.result import StepCallback
 from sdengine.pipeline.soft_inpaint import SoftInpainting
 from sdengine.text.conditioners import CLIP_SKIP_RULES
@@ -130,6 +131,9 @@ class GenerationRequest:
     # _auto_resize); off: its own size, sides floored to the size multiple. Infotext "Reference images"
     reference_images: ImageInput | Sequence[ImageInput] | None = None
     reference_auto_resize: bool = True
+    # FLUX.1 Redux (Flux only; sdengine.pipeline.redux): image prompts whose SigLIP tokens, through the Redux image
+    # encoder and times their strength, are appended to the prompt's T5 tokens; None / [] = none
+    redux: Sequence[ReduxUnit] | None = None
     # FLUX.1 [dev] and FLUX.2 [dev] only: the distilled guidance scale, an input of their transformers
     # (sdengine.pipeline.flux, sdengine.pipeline.flux2); None = the model's default (3.5; 4 for FLUX.2 [dev]).
     # Infotext "Distilled CFG Scale" (Forge's name)
@@ -769,6 +773,7 @@ class GenerationRequest:
                 if not isinstance(unit, IPAdapterUnit):
                     raise GenerationError(f"ip_adapters takes IPAdapterUnit values, got {type(unit).__name__}")
                 unit.check()
+        check_units(self.redux)
         from sdengine.io.resize import resize_mode_name
 
         if self.vae_decode not in VAE_DECODE_METHODS:

@@ -30,6 +30,7 @@ FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a diffusers image
 # ComfyUI's model sub-folders, looked for inside --models-dir (its checkpoints sit at the top, as ever)
 DIFFUSION_MODEL_FOLDERS = ("diffusion_models", "unet")
 TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
+STYLE_MODEL_FOLDERS = ("style_models",)  # ComfyUI's models/style_models (FLUX.1 Redux)
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")  # A1111 titles: "name [hash]"
 
 
@@ -370,6 +371,13 @@ class Catalog:
 
     def resolve_text_encoder(self, name: str) -> Path:
         return _resolve_sub(self.models_dir, TEXT_ENCODER_FOLDERS, name, "text encoder", self.text_encoders)
+
+    def style_models(self) -> list[Entry]:
+        """StyleModelLoader's files (FLUX.1 Redux): ``--models-dir``'s ``style_models/`` (ComfyUI's name)."""
+        return self._sub_entries(STYLE_MODEL_FOLDERS)
+
+    def resolve_style_model(self, name: str) -> Path:
+        return _resolve_sub(self.models_dir, STYLE_MODEL_FOLDERS, name, "style model", self.style_models)
 
     @staticmethod
     def _safetensors_inside(root: Path, name: str, what: str, folders: bool = False) -> Path:

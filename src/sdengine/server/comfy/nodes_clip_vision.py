@@ -7,8 +7,13 @@ The image goes through ComfyUI's own preprocessing (:func:`comfy_clip_preprocess
 with torch's antialiased bicubic interpolation, where the processor resizes the 8-bit image with PIL's bicubic
 filter, so the two differ by a few 8-bit levels at some pixels.
 
+A SigLIP file (ComfyUI's ``sigclip_vision_patch14_384.safetensors``, FLUX.1 Redux's image encoder) loads too
+(:func:`sdengine.weights.redux_file.load_siglip_vision`): its images are normalised with SigLIP's mean and std
+(0.5) at its 384 side, and its output is ComfyUI's for SigLIP: ``last_hidden_state`` and ``image_embeds`` both the
+post-LayerNorm'd tokens, ``penultimate_hidden_states`` the second-to-last layer's output.
+
 Where sdengine differs: the encoder runs in float32 on the worker's device (ComfyUI: its text encoder dtype,
-float16 on most GPUs); only CLIP vision towers load (ComfyUI's SigLIP and DINO encoders are refused by the
+float16 on most GPUs); only CLIP and SigLIP vision towers load (ComfyUI's DINO encoders are refused by the
 file reader, one line).
 """
 
@@ -64,7 +69,13 @@ class ClipVisionOutput:
         return f"CLIP_VISION_OUTPUT(batch {self.image_embeds.shape[0]}, embeds {self.image_embeds.shape[-1]})"
 
 
-def comfy_clip_preprocess(image: torch.Tensor, size: int = 224, crop: bool = True) -> torch.Tensor:
+def comfy_clip_preprocess(
+    image: torch.Tensor,
+    size: int = 224,
+    crop: bool = True,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
+) -> torch.Tensor:
     """ComfyUI's ``clip_preprocess`` rule, in the image's dtype and on its device: an IMAGE ``(B, H, W, C)`` with
     values in [0, 1] (a fourth channel, alpha, is dropped) -> ``(B, 3, size, size)`` normalised pixel values.
 
@@ -72,7 +83,8 @@ def comfy_clip_preprocess(image: torch.Tensor, size: int = 224, crop: bool = Tru
     (each rounded with Python's ``round``) and the centre ``size`` x ``size`` is cut (offsets ``(side - size) // 2``);
     without, the image is resized to ``size`` x ``size`` (its aspect not kept). The resize is torch's bicubic
     interpolation with ``antialias=True`` (half-pixel centres). Then the values are rounded to 8-bit levels
-    (``round(clip(255 x, 0, 255)) / 255``) and normalised by OpenAI CLIP's mean and std."""
+    (``round(clip(255 x, 0, 255)) / 255``) and normalised by ``mean`` and ``std`` (OpenAI CLIP's unless given;
+    SigLIP's are 0.5)."""
     if image.ndim != 4 or image.shape[-1] not in (3, 4):
         raise NodeError(f"image must be an IMAGE of shape (B, H, W, 3 or 4), got {tuple(image.shape)}")
     if not image.is_floating_point():
@@ -89,9 +101,9 @@ def comfy_clip_preprocess(image: torch.Tensor, size: int = 224, crop: bool = Tru
         top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
         x = x[:, :, top : top + size, left : left + size]
     x = torch.clip(255.0 * x, 0, 255).round() / 255.0
-    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(3, 1, 1)
-    return (x - mean) / std
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    return (x - m) / s
 
 
 def _clip_vision_names(env: Any) -> list[str]:
@@ -100,11 +112,12 @@ def _clip_vision_names(env: Any) -> list[str]:
 
 
 def clip_vision_model(ctx: RunContext, path: str, name: str) -> Any:
-    """The encoder of ``path`` in float32 on the worker's device, loaded once per file state (path, size,
-    modification time) and device; a file that is not a CLIP vision encoder is a one-line NodeError."""
+    """The encoder of ``path`` (CLIP, or SigLIP) in float32 on the worker's device, loaded once per file state
+    (path, size, modification time) and device; a file that is neither is a one-line NodeError."""
     from sdengine.errors import SdengineError
     from sdengine.io.paths import file_state
     from sdengine.weights.clip_vision_file import load_clip_vision
+    from sdengine.weights.redux_file import is_siglip_path, load_siglip_vision
 
     try:
         key = (path, str(ctx.device), *file_state(path))
@@ -114,8 +127,12 @@ def clip_vision_model(ctx: RunContext, path: str, name: str) -> Any:
         if key in _LOADED:
             _LOADED.move_to_end(key)
             return _LOADED[key]
+    model: Any
     try:
-        model = load_clip_vision(path, device=ctx.device, dtype=torch.float32)
+        if is_siglip_path(path):
+            model = load_siglip_vision(path, device=ctx.device, dtype=torch.float32)
+        else:
+            model = load_clip_vision(path, device=ctx.device, dtype=torch.float32)
     except (OSError, SdengineError) as e:
         raise NodeError(
             f"clip vision file {name!r} is invalid and does not contain a valid vision model: {e}"
@@ -152,8 +169,23 @@ def clip_vision_encode(ctx: RunContext, clip_vision: Any, image: torch.Tensor, c
         raise NodeError("clip_vision must come from CLIPVisionLoader")
     if crop not in CROP_CHOICES:
         raise NodeError(f"crop must be one of {', '.join(CROP_CHOICES)}, got {crop!r}")
+    from sdengine.models.siglip_vision import SIGLIP_MEAN, SIGLIP_STD, SiglipVisionModel
+
     model = clip_vision_model(ctx, clip_vision.path, clip_vision.name)
-    pixels = comfy_clip_preprocess(image.to(ctx.device), clip_vision.image_size, crop == "center").float()
+    siglip = isinstance(model, SiglipVisionModel)
+    stats = (SIGLIP_MEAN, SIGLIP_STD) if siglip else (CLIP_MEAN, CLIP_STD)
+    pixels = comfy_clip_preprocess(image.to(ctx.device), clip_vision.image_size, crop == "center", *stats).float()
+    if siglip:  # ComfyUI's SigLIP: no projection, its "pooled" output the post-LayerNorm'd tokens themselves
+        with torch.inference_mode():
+            last, penultimate = model.encode(pixels)
+        return (
+            ClipVisionOutput(
+                image_embeds=last.float().cpu(),
+                last_hidden_state=last.float().cpu(),
+                penultimate_hidden_states=penultimate.float().cpu(),
+                image_sizes=tuple(tuple(pixels.shape[1:]) for _ in range(pixels.shape[0])),
+            ),
+        )
     with torch.inference_mode():
         out = model(pixels)
     return (
@@ -190,7 +222,8 @@ CLIP_VISION_NODES: dict[str, NodeDef] = {
             ("CLIP_VISION",),
             clip_vision_loader,
             description="A CLIP vision encoder (IP-Adapter's image encoder) from --clip-vision-dir: a transformers "
-            "CLIPVisionModelWithProjection file (.safetensors, .bin read weights-only) or image_encoder folder.",
+            "CLIPVisionModelWithProjection file (.safetensors, .bin read weights-only) or image_encoder folder; or "
+            "SigLIP's (FLUX.1 Redux's sigclip_vision_patch14_384.safetensors).",
             changed=clip_vision_file_token,
         ),
         NodeDef(

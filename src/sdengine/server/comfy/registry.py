@@ -21,6 +21,7 @@ from sdengine.server.comfy.nodes_latent import LATENT_NODES
 from sdengine.server.comfy.nodes_merge import NODES as MERGE_NODES
 from sdengine.server.comfy.nodes_patches import PATCH_NODES
 from sdengine.server.comfy.nodes_qwen import QWEN_NODES
+from sdengine.server.comfy.nodes_redux import REDUX_NODES
 from sdengine.server.comfy.nodes_sampling import NODES as SAMPLING_NODES
 from sdengine.server.comfy.nodes_sd3_flux import SD3_FLUX_NODES
 from sdengine.server.comfy.nodes_tools import TOOL_NODES
@@ -40,6 +41,7 @@ NODES: dict[str, NodeDef] = {
     **UTILITY_NODES,
     **TOOL_NODES,
     **CLIP_VISION_NODES,
+    **REDUX_NODES,
     **IPADAPTER_NODES,
     **EDIT_NODES,
     **SD3_FLUX_NODES,

@@ -989,6 +989,9 @@ def apply_free(st: ComfyState, services: Any, own: Any = None) -> None:
         from sdengine.server.comfy.nodes_clip_vision import forget_clip_visions
 
         forget_clip_visions()  # CLIPVisionLoader's kept encoders are models too (a later encode reloads its file)
+        from sdengine.server.comfy.nodes_redux import forget_style_models
+
+        forget_style_models()  # StyleModelLoader's kept Redux encoders: the same
         from sdengine.server.comfy.nodes_ipadapter import forget_ipadapters
 
         forget_ipadapters()  # IPAdapterModelLoader's kept adapters: the same

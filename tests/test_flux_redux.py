@@ -1,0 +1,200 @@
+"""FLUX.1 Redux on the Flux pipeline against diffusers' FluxPriorReduxPipeline (with the text encoders) whose
+prompt embeds are handed to FluxPipeline, on a tiny random Flux [dev] folder and a tiny SigLIP / Redux encoder;
+the strength rule (ComfyUI's "multiply": the image's tokens only), several units side by side, the units given
+SigLIP tokens, and the one-line refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+import sdengine  # noqa: E402
+from _flux_models import diffusers_flux, make_flux_folder  # noqa: E402
+from _pipeline_models import picture  # noqa: E402
+from sdengine.errors import GenerationError, SdengineError  # noqa: E402
+from sdengine.pipeline.redux import ReduxUnit, redux_tokens  # noqa: E402
+from sdengine.weights.redux_file import load_redux, load_siglip_vision  # noqa: E402
+from test_siglip_redux import _randomize, hf_siglip  # noqa: E402
+
+TOL = 1e-4  # mean absolute difference on 0..1 pixels (fp32, CPU)
+PROMPT = "a red apple"
+SEED = 3
+W, H = 32, 32
+SIGLIP_SIZE = 32  # the tiny SigLIP's image side (so400m's is 384): 8 x 8 patches of 4
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+@pytest.fixture(scope="module")
+def redux(tmp_path_factory):
+    """(flux folder, our pipeline, diffusers' FluxPipeline, diffusers' prior, the prior's folder)."""
+    import diffusers
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+
+    root = tmp_path_factory.mktemp("redux")
+    folder = make_flux_folder(root / "tiny-flux", guidance=True, seed=4)
+    flux = diffusers_flux(folder)
+    siglip = hf_siglip(seed=7, hidden=48, image=SIGLIP_SIZE)
+    torch.manual_seed(0)
+    embedder = ReduxImageEncoder(redux_dim=48, txt_in_features=32).eval()  # the tiny T5's width
+    _randomize(embedder, 9)
+    prior = diffusers.FluxPriorReduxPipeline(
+        image_encoder=siglip,
+        feature_extractor=transformers.SiglipImageProcessor(size={"height": SIGLIP_SIZE, "width": SIGLIP_SIZE}),
+        image_embedder=embedder,
+        text_encoder=flux.text_encoder,
+        tokenizer=flux.tokenizer,
+        text_encoder_2=flux.text_encoder_2,
+        tokenizer_2=flux.tokenizer_2,
+    )
+    prior.set_progress_bar_config(disable=True)
+    prior_folder = root / "tiny-redux"
+    prior.save_pretrained(prior_folder)
+    return folder, sdengine.load_pipeline(folder, device="cpu"), flux, prior, prior_folder
+
+
+def _theirs(flux, prior, image, *, steps=3) -> np.ndarray:
+    out = prior(image, prompt=PROMPT, prompt_2=PROMPT)
+    return flux(
+        prompt_embeds=out.prompt_embeds,
+        pooled_prompt_embeds=out.pooled_prompt_embeds,
+        num_inference_steps=steps,
+        width=W,
+        height=H,
+        generator=torch.Generator().manual_seed(SEED),
+        output_type="np",
+    ).images
+
+
+def test_redux_matches_diffusers_prior_and_flux(redux):
+    _, pipe, flux, prior, prior_folder = redux
+    image = picture(45, 29, seed=2)  # squashed to 32 x 32 as SiglipImageProcessor does
+    ours = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, redux=[ReduxUnit(prior_folder, image)], progress=False)
+    want = _theirs(flux, prior, image)
+    assert _mad(ours.arrays, want) < TOL
+    plain = pipe(PROMPT, steps=3, seed=SEED, width=W, height=H, progress=False)
+    assert _mad(ours.arrays, plain.arrays) > 10 * TOL  # the image's tokens change the picture
+
+
+def test_strength_scales_the_image_tokens_only_and_units_join(redux):
+    _, pipe, _, prior, prior_folder = redux
+    embedder = load_redux(prior_folder / "image_embedder")
+    siglip = load_siglip_vision(prior_folder / "image_encoder")
+    a, b = picture(40, 40, seed=1), picture(33, 50, seed=5)
+    one = redux_tokens([ReduxUnit(embedder, a, siglip)], 32, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        want = prior.image_embedder(prior.encode_image(a, "cpu", 1)).image_embeds
+    assert one.shape == (1, 64, 32) and (one - want).abs().max().item() < 1e-5
+    both = redux_tokens(
+        [ReduxUnit(embedder, a, siglip, strength=0.5), ReduxUnit(embedder, b, siglip, strength=2.0)],
+        32,
+        torch.device("cpu"),
+        torch.float32,
+    )
+    two = redux_tokens([ReduxUnit(embedder, b, siglip)], 32, torch.device("cpu"), torch.float32)
+    assert both.shape == (1, 128, 32)
+    assert torch.allclose(both[:, :64], 0.5 * one, atol=1e-6) and torch.allclose(both[:, 64:], 2 * two, atol=1e-6)
+    # SigLIP's tokens given in place of the image: the same picture
+    with torch.no_grad():
+        states = siglip(prior.feature_extractor(a, return_tensors="pt").pixel_values)
+    args = dict(steps=2, seed=SEED, width=W, height=H, progress=False)
+    by_image = pipe(PROMPT, redux=[ReduxUnit(embedder, a, siglip, strength=0.7)], **args)
+    by_tokens = pipe(PROMPT, redux=[ReduxUnit(embedder, siglip_tokens=states[0], strength=0.7)], **args)
+    np.testing.assert_allclose(by_image.arrays, by_tokens.arrays, atol=1e-6)
+    zero = pipe(PROMPT, redux=[ReduxUnit(embedder, a, siglip, strength=0.0)], **args)
+    assert _mad(zero.arrays, by_image.arrays) > 10 * TOL
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"cfg_scale": 3.0, "negative_prompt": "blurry"}, r"redux: true CFG .* leave cfg_scale at 1"),
+        ({"prompt": "a [red:green:0.5] apple", "steps": 4}, r"redux: prompt editing"),
+        ({"redux": ReduxUnit("x")}, "redux must be a list of ReduxUnit, got ReduxUnit"),
+        ({"redux": ["x"]}, "redux takes ReduxUnit values, got str"),
+        ({"redux": [ReduxUnit("x", picture(8, 8), "y", strength=-1)]}, "redux strength must be a number from 0 to 10"),
+        ({"redux": [ReduxUnit("x")]}, "a Redux unit takes an image or siglip_tokens"),
+        ({"redux": [ReduxUnit("/nonexistent", picture(8, 8))]}, "a Redux unit's image needs the SigLIP encoder"),
+        ({"redux": [ReduxUnit("/nonexistent/r.safetensors", picture(8, 8), "/x")]}, "no such Redux file or folder"),
+        ({"redux": [ReduxUnit("x", siglip_tokens=torch.zeros(2, 3, 4))]}, r"siglip_tokens must be a tensor \(N, C\)"),
+    ],
+)
+def test_refusals(redux, kwargs, message):
+    _, pipe, _, _, prior_folder = redux
+    args = {"prompt": PROMPT, "redux": [ReduxUnit(prior_folder, picture(20, 20))], "steps": 1, "width": W, "height": H}
+    args.update(kwargs)
+    with pytest.raises(SdengineError, match=message):  # WeightsError for a file, GenerationError else
+        pipe(progress=False, **args)
+
+
+def test_wrong_widths_and_models_are_refused(redux, tmp_path, tiny_sd1_folder):
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+
+    _, pipe, _, _, prior_folder = redux
+    wide = ReduxImageEncoder(redux_dim=48, txt_in_features=40)
+    wide.save_pretrained(tmp_path / "wide")
+    unit = ReduxUnit(tmp_path / "wide", picture(20, 20), prior_folder / "image_encoder")
+    with pytest.raises(GenerationError, match="makes 40-wide tokens, the Flux transformer reads 32-wide T5 tokens"):
+        pipe(PROMPT, redux=[unit], steps=1, width=W, height=H, progress=False)
+    narrow = ReduxImageEncoder(redux_dim=24, txt_in_features=32)
+    narrow.save_pretrained(tmp_path / "narrow")
+    unit = ReduxUnit(tmp_path / "narrow", picture(20, 20), prior_folder / "image_encoder")
+    with pytest.raises(GenerationError, match="the image tokens are 48-wide, the Redux encoder takes 24"):
+        pipe(PROMPT, redux=[unit], steps=1, width=W, height=H, progress=False)
+    sd = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+    with pytest.raises(
+        GenerationError, match="redux .FLUX.1 Redux image prompts. applies to FLUX.1 models; .* not one"
+    ):
+        sd(PROMPT, steps=1, redux=[ReduxUnit(prior_folder, picture(20, 20))], progress=False)
+
+
+def test_cli_redux_image_equals_the_pipeline(redux, tmp_path, capsys):
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    folder, pipe, _, _, prior_folder = redux
+    src = tmp_path / "style.png"
+    picture(36, 28, seed=4).save(src)
+    out = tmp_path / "a.png"
+    args = ["generate", "--model", str(folder), PROMPT, "--steps", "2", "--seed", str(SEED), "--no-progress"]
+    args += ["--width", str(W), "--height", str(H)]
+    redux_args = ["--redux-image", str(src), "--redux-model", str(prior_folder), "--redux-strength", "0.6"]
+    assert main([*args, *redux_args, "--out", str(out)]) == 0
+    got = np.asarray(Image.open(out), dtype=np.float32) / 255
+    unit = ReduxUnit(prior_folder, Image.open(src), strength=0.6)
+    want = pipe(PROMPT, steps=2, seed=SEED, width=W, height=H, redux=[unit], progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
+    assert got.shape == (H, W, 3)
+
+    def refused(argv: list[str]) -> str:
+        capsys.readouterr()
+        assert main(argv) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "--redux-image needs --redux-model" in refused(
+        [*args, "--redux-image", str(src), "--out", str(tmp_path / "b.png")]
+    )
+    assert "--redux-strength has no effect without --redux-image" in refused(
+        [*args, "--redux-strength", "0.5", "--out", str(tmp_path / "c.png")]
+    )
+    assert "is the --redux-image image this run reads" in refused([*args, *redux_args, "--out", str(src)])
+
+
+def test_chroma_refuses_redux(redux, tmp_path):
+    """Chroma is a FluxPipeline subclass (T5 tokens too) without Redux: refused in one line."""
+    from _chroma_models import make_chroma_folder
+
+    _, _, _, _, prior_folder = redux
+    pipe = sdengine.load_pipeline(make_chroma_folder(tmp_path / "tiny-chroma"), device="cpu")
+    with pytest.raises(
+        GenerationError, match="redux .FLUX.1 Redux image prompts. applies to FLUX.1 models; .* not one"
+    ):
+        pipe(PROMPT, steps=1, width=W, height=H, redux=[ReduxUnit(prior_folder, picture(20, 20))], progress=False)
