@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from sdengine.server.catalog import Catalog
-from sdengine.server.comfy.graph import Executor, NodeFailed, PromptInvalid, _calls, validate
+from sdengine.server.comfy.graph import Executor, NodeFailed, PromptInvalid, node_calls, validate
 from sdengine.server.comfy.nodes import NodeError, Outputs, RunContext, object_info
 from sdengine.server.comfy.nodes_lists import rebatch_images, rebatch_latents
 from sdengine.server.comfy.registry import NODES
@@ -78,7 +78,11 @@ def test_rebatch_latents_cuts_rows_keeps_indices_and_masks():
     # a latent's own batch_index is kept; a new size closes the batch being filled
     c = _latent(2, batch_index=[7, 9])
     (out,) = rebatch_latents(CTX, [c, _latent(1, 64, 64), _latent(1)], [4])
-    assert [(o["size"], o["batch_index"]) for o in out] == [((2, 32, 32), [7, 9]), ((1, 64, 64), [2]), ((1, 32, 32), [3])]
+    assert [(o["size"], o["batch_index"]) for o in out] == [
+        ((2, 32, 32), [7, 9]),
+        ((1, 64, 64), [2]),
+        ((1, 32, 32), [3]),
+    ]
     # an empty latent (no samples yet) rebatches by its rows
     (out,) = rebatch_latents(CTX, [{"samples": None, "size": (3, 32, 32), "posterior": None}], [2])
     assert [(o["samples"], o["size"][0], o["batch_index"]) for o in out] == [(None, 2, [0, 1]), (None, 1, [2])]
@@ -100,12 +104,16 @@ def test_rebatch_images_and_their_refusals():
 
 def test_calls_follow_comfyuis_mapping_over_lists():
     plain, listed = NODES["ImageBlend"], NODES["RebatchImages"]
-    calls = _calls(plain, {"image1": [1, 2, 3], "image2": ["a", "b"], "blend_factor": [0.5]})
-    assert [(c["image1"], c["image2"], c["blend_factor"]) for c in calls] == [(1, "a", 0.5), (2, "b", 0.5), (3, "b", 0.5)]
-    assert _calls(listed, {"images": [1, 2], "batch_size": [3]}) == [{"images": [1, 2], "batch_size": [3]}]
-    assert _calls(NODES["EmptyImage"], {}) == [{}]
+    calls = node_calls(plain, {"image1": [1, 2, 3], "image2": ["a", "b"], "blend_factor": [0.5]})
+    assert [(c["image1"], c["image2"], c["blend_factor"]) for c in calls] == [
+        (1, "a", 0.5),
+        (2, "b", 0.5),
+        (3, "b", 0.5),
+    ]
+    assert node_calls(listed, {"images": [1, 2], "batch_size": [3]}) == [{"images": [1, 2], "batch_size": [3]}]
+    assert node_calls(NODES["EmptyImage"], {}) == [{}]
     with pytest.raises(NodeError, match="^input image2 is an empty list: nothing to run the node on$"):
-        _calls(plain, {"image1": [1], "image2": []})
+        node_calls(plain, {"image1": [1], "image2": []})
 
 
 # --------------------------------------------------------------------------------------------- the executor
@@ -116,13 +124,19 @@ def _colours(*groups: tuple[int, int]) -> dict:
     g: dict[str, Any] = {}
     prev = None
     for i, (rows, colour) in enumerate(groups):
-        g[f"e{i}"] = {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": rows, "color": colour}}
+        g[f"e{i}"] = {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": rows, "color": colour},
+        }
         if prev is None:
             prev = [f"e{i}", 0]
         else:
             g[f"b{i}"] = {"class_type": "ImageBatch", "inputs": {"image1": prev, "image2": [f"e{i}", 0]}}
             prev = [f"b{i}", 0]
-    g["b"] = {"class_type": "ImageScaleBy", "inputs": {"image": prev, "upscale_method": "nearest-exact", "scale_by": 1.0}}
+    g["b"] = {
+        "class_type": "ImageScaleBy",
+        "inputs": {"image": prev, "upscale_method": "nearest-exact", "scale_by": 1.0},
+    }
     return g
 
 
@@ -179,7 +193,10 @@ def test_a_bad_element_fails_the_node_in_one_line(tmp_path):
     with pytest.raises(NodeFailed) as e:
         _run(g, tmp_path)
     assert e.value.node_id == "m" and "\n" not in str(e.value)
-    assert str(e.value) == "node m (ImageBlend): ImageBlend: image1 has 2 rows and image2 3; give batches of the same size, or one row"
+    assert (
+        str(e.value)
+        == "node m (ImageBlend): ImageBlend: image1 has 2 rows and image2 3; give batches of the same size, or one row"
+    )
     assert e.value.inputs["image1"] == ["tensor of shape (2, 8, 8, 3)"] * 2 + ["tensor of shape (1, 8, 8, 3)"]
     assert e.value.inputs["blend_factor"] == [0.5]
 

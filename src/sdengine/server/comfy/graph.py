@@ -488,7 +488,7 @@ def _merge_ui(uis: list[dict[str, Any]]) -> dict[str, Any] | None:
     return merged
 
 
-def _calls(ndef: NodeDef, lists: dict[str, list[Any]]) -> list[dict[str, Any]]:
+def node_calls(ndef: NodeDef, lists: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """The keyword sets a node is called with (ComfyUI's ``_map_node_over_list``): an INPUT_IS_LIST node once with
     the whole lists; any other once per element of its longest input list, a shorter list giving its last
     element again; a node without inputs once."""
@@ -558,7 +558,7 @@ class Executor:
         output nodes' UI outputs ``{node_id: {"images": [...]}}``. Raises NodeFailed or Interrupted."""
         order = topological_order(graph)
         sig = self.signatures(graph, ctx)
-        values: dict[str, tuple[list[Any], ...]] = {}  # each output as a list, ComfyUI's way (see _calls)
+        values: dict[str, tuple[list[Any], ...]] = {}  # each output as a list, ComfyUI's way (see node_calls)
         cached = [n for n in order if n in self.cache and self.cache[n].signature == sig[n]]
         event("execution_cached", {"nodes": cached})
         executed: list[str] = []  # the nodes run (not reused) so far: ComfyUI's `executed` of an error
@@ -585,7 +585,7 @@ class Executor:
             results: list[tuple[Any, ...]] = []
             uis: list[dict[str, Any]] = []
             try:
-                for i, kwargs in enumerate(_calls(ndef, lists)):
+                for i, kwargs in enumerate(node_calls(ndef, lists)):
                     if i and cancelled():
                         raise Interrupted(nid, ct)
                     _check_linked(ndef, node["inputs"], kwargs, ctx)
