@@ -273,3 +273,26 @@ def test_a_rebatched_latent_samples_each_batch_as_its_slice_alone(sd1, tmp_path)
     fresh = _sampling({"5": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}}})
     one, _, _ = _run(fresh, tmp_path / "fresh", sd1)
     assert (one.cache["6"].outputs[0]["samples"] - got[1]).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------ through the API
+
+
+def test_through_the_api_the_history_lists_every_elements_images(tmp_path):
+    from _comfy_live import live_client, run_prompt, view_image
+    from _live_server import server_config
+
+    g = _colours((2, 0x00FF00), (1, 0xFFFFFF))
+    g["r"] = {"class_type": "RebatchImages", "inputs": {"images": ["b", 0], "batch_size": 1}}
+    g["s"] = {"class_type": "SaveImage", "inputs": {"images": ["r", 0], "filename_prefix": "api"}}
+    with live_client(server_config(tmp_path)) as (_, c):
+        info = c.get("/object_info/RebatchLatents").json()["RebatchLatents"]
+        assert info["output_is_list"] == [True] and info["is_input_list"] is True
+        h = run_prompt(c, g)
+        assert h["status"]["status_str"] == "success", h["status"]
+        images = h["outputs"]["s"]["images"]
+        assert len(images) == 3
+        assert [view_image(c, i, mode="RGB")[0, 0].tolist() for i in images] == [[0, 255, 0]] * 2 + [[255] * 3]
+        bad = {**g, "r": {**g["r"], "inputs": {"images": ["b", 0], "batch_size": 5000}}}
+        r = c.post("/prompt", json={"prompt": bad})
+        assert r.status_code == 400 and r.json()["node_errors"]["r"]["errors"][0]["type"] == "value_bigger_than_max"
