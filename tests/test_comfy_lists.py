@@ -212,6 +212,15 @@ def test_batch_size_out_of_range_is_a_validation_error(tmp_path):
         validate(g, env)
     (err,) = e.value.body["node_errors"]["r"]["errors"]
     assert err["type"] == "value_smaller_than_min" and err["message"] == "Value 0 smaller than min of 1"
+    # linked, the value is checked as a literal when the node runs (each element of an INPUT_IS_LIST node's list)
+    g = _colours((2, 0))
+    g["n"] = {"class_type": "PrimitiveInt", "inputs": {"value": 0}}
+    g["r"] = {"class_type": "RebatchImages", "inputs": {"images": ["b", 0], "batch_size": ["n", 0]}}
+    g["s"] = {"class_type": "SaveImage", "inputs": {"images": ["r", 0], "filename_prefix": "x"}}
+    with pytest.raises(NodeFailed) as f:
+        _run(g, tmp_path)
+    assert str(f.value) == "node r (RebatchImages): linked input batch_size: Value 0 smaller than min of 1 (0)"
+    assert not list(tmp_path.glob("out/x_*.png"))
 
 
 def test_a_ui_workflow_with_list_nodes_converts_as_any_other():
