@@ -70,6 +70,8 @@ def render_nodes(info: dict[str, Any]) -> str:
         line = f"*{node['display_name']}* ({node['category']})"
         if node.get("output_node"):
             line += ", output node"
+        if node.get("is_input_list"):
+            line += ", takes its inputs as whole lists"
         if node.get("description"):
             line += f". {node['description']}"
         out.append(line)
@@ -80,10 +82,11 @@ def render_nodes(info: dict[str, Any]) -> str:
             for iname, spec in node["input"].get(group, {}).items():
                 kind, rest = _spec(spec, iname)
                 out.append(f"| `{iname}`{' (optional)' if group == 'optional' else ''} | {kind} | {rest} |")
+        listed = node.get("output_is_list") or [False] * len(node["output"])
         outs = (
             ", ".join(
-                f"{t}" + (f" (`{n}`)" if n != t else "")
-                for t, n in zip(node["output"], node["output_name"], strict=True)
+                f"{t}" + (f" (`{n}`)" if n != t else "") + (", a list" if is_list else "")
+                for t, n, is_list in zip(node["output"], node["output_name"], listed, strict=True)
             )
             or "none"
         )

@@ -430,6 +430,20 @@ class _Limits:
 
 
 def _check_linked(ndef: NodeDef, inputs: dict[str, Any], kwargs: dict[str, Any], ctx: RunContext) -> None:
+    if ndef.input_is_list:  # each element of a list checked as a single value
+        for name, v in inputs.items():
+            if isinstance(v, list):
+                items = list(kwargs[name])
+                for j, item in enumerate(items):
+                    one = {name: item}
+                    _check_one(ndef, {name: v}, one, ctx)
+                    items[j] = one[name]
+                kwargs[name] = items
+        return
+    _check_one(ndef, inputs, kwargs, ctx)
+
+
+def _check_one(ndef: NodeDef, inputs: dict[str, Any], kwargs: dict[str, Any], ctx: RunContext) -> None:
     """A value that reached a widget input (INT, FLOAT, STRING, BOOLEAN) through a link (a PrimitiveInt,
     GetImageSize's width) converted and checked as a literal is at validation (type, min, max, the server's
     limits, text length); a bad one fails the node in one line. ComfyUI checks only literals, passing a linked
@@ -446,9 +460,63 @@ def _check_linked(ndef: NodeDef, inputs: dict[str, Any], kwargs: dict[str, Any],
 
 @dataclass
 class CacheEntry:
+    """A node's outputs kept for the next prompt. ``lists``: each output as ComfyUI holds it, the list of what the
+    node's calls returned (one element when it ran once on single values; an OUTPUT_IS_LIST output's lists joined);
+    ``outputs``: each output's one value where its list has one element, else the list."""
+
     signature: str
     outputs: tuple[Any, ...]
     ui: dict[str, Any] | None
+    lists: tuple[list[Any], ...] = ()
+
+
+def _single(lists: tuple[list[Any], ...]) -> tuple[Any, ...]:
+    return tuple(v[0] if len(v) == 1 else v for v in lists)
+
+
+def _merge_ui(uis: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The UI outputs of a node's calls as ComfyUI joins them: each key's lists one after the other (a SaveImage
+    run once per list element reports every image it saved)."""
+    if not uis:
+        return None
+    if len(uis) == 1:
+        return uis[0]
+    merged: dict[str, Any] = {}
+    for ui in uis:
+        for k, v in ui.items():
+            merged.setdefault(k, []).extend(v if isinstance(v, list | tuple) else [v])
+    return merged
+
+
+def node_calls(ndef: NodeDef, lists: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The keyword sets a node is called with (ComfyUI's ``_map_node_over_list``): an INPUT_IS_LIST node once with
+    the whole lists; any other once per element of its longest input list, a shorter list giving its last
+    element again; a node without inputs once."""
+    for name, v in lists.items():
+        if not v:
+            raise NodeError(f"input {name} is an empty list: nothing to run the node on")
+    if ndef.input_is_list:
+        return [dict(lists)]
+    n = max((len(v) for v in lists.values()), default=1)
+    return [{k: v[min(i, len(v) - 1)] for k, v in lists.items()} for i in range(n)]
+
+
+def _merge_results(ndef: NodeDef, results: list[tuple[Any, ...]]) -> tuple[list[Any], ...]:
+    """Each output's list over the calls (ComfyUI's ``merge_result_data``): an OUTPUT_IS_LIST output's lists
+    joined, any other's values one per call."""
+    count = len(results[0]) if results else 0
+    merged: list[list[Any]] = []
+    for i in range(count):
+        if ndef.is_list_output(i):
+            value: list[Any] = []
+            for r in results:
+                if not isinstance(r[i], list | tuple):
+                    raise NodeError(f"output {i} should be a list, got {type(r[i]).__name__}")
+                value.extend(r[i])
+            merged.append(value)
+        else:
+            merged.append([r[i] for r in results])
+    return tuple(merged)
 
 
 @dataclass
@@ -490,7 +558,7 @@ class Executor:
         output nodes' UI outputs ``{node_id: {"images": [...]}}``. Raises NodeFailed or Interrupted."""
         order = topological_order(graph)
         sig = self.signatures(graph, ctx)
-        values: dict[str, tuple[Any, ...]] = {}
+        values: dict[str, tuple[list[Any], ...]] = {}  # each output as a list, ComfyUI's way (see node_calls)
         cached = [n for n in order if n in self.cache and self.cache[n].signature == sig[n]]
         event("execution_cached", {"nodes": cached})
         executed: list[str] = []  # the nodes run (not reused) so far: ComfyUI's `executed` of an error
@@ -501,7 +569,7 @@ class Executor:
             ct = node["class_type"]
             if nid in cached:
                 entry = self.cache[nid]
-                values[nid] = entry.outputs
+                values[nid] = entry.lists or tuple([v] for v in entry.outputs)
                 new_cache[nid] = entry
                 if entry.ui is not None:  # as ComfyUI: a cached output node still tells its client its images
                     ui_outputs[nid] = entry.ui
@@ -510,11 +578,24 @@ class Executor:
             if cancelled():
                 raise _with_outputs(Interrupted(nid, ct, executed), ui_outputs)
             event("executing", {"node": nid, "display_node": nid})
-            kwargs = {k: (values[str(v[0])][v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
+            ndef = NODES[ct]
+            lists = {k: (values[str(v[0])][v[1]] if isinstance(v, list) else [v]) for k, v in node["inputs"].items()}
             ctx.current_node = nid
+            kwargs: dict[str, Any] = {}
+            results: list[tuple[Any, ...]] = []
+            uis: list[dict[str, Any]] = []
             try:
-                _check_linked(NODES[ct], node["inputs"], kwargs, ctx)
-                result = NODES[ct].fn(ctx, **kwargs)
+                for i, kwargs in enumerate(node_calls(ndef, lists)):
+                    if i and cancelled():
+                        raise Interrupted(nid, ct)
+                    _check_linked(ndef, node["inputs"], kwargs, ctx)
+                    result = ndef.fn(ctx, **kwargs)
+                    if isinstance(result, dict):
+                        if result.get("ui") is not None:
+                            uis.append(result["ui"])
+                        result = tuple(result.get("result", ()))
+                    results.append(tuple(result))
+                merged = _merge_results(ndef, results)
             except Interrupted as e:
                 raise _with_outputs(Interrupted(e.node_id, e.class_type, executed), ui_outputs) from None
             except Exception as e:  # noqa: BLE001 - every failure is reported with its node
@@ -523,15 +604,12 @@ class Executor:
                 if isinstance(e, SamplingStopped) or cancelled():
                     raise _with_outputs(Interrupted(nid, ct, executed), ui_outputs) from None
                 self.cache = new_cache | {k: v for k, v in self.cache.items() if k not in new_cache}
-                shown = {k: [_shown(v)] for k, v in kwargs.items()}
+                shown = {k: [_shown(x) for x in v] for k, v in lists.items()}
                 raise _with_outputs(NodeFailed(nid, ct, e, executed, shown, cached), ui_outputs) from e
-            ui = None
-            if isinstance(result, dict):
-                ui = result.get("ui")
-                result = tuple(result.get("result", ()))
-            values[nid] = tuple(result)
+            ui = _merge_ui(uis)
+            values[nid] = merged
             executed.append(nid)
-            new_cache[nid] = CacheEntry(sig[nid], values[nid], ui)
+            new_cache[nid] = CacheEntry(sig[nid], _single(merged), ui, merged)
             if ui is not None:
                 ui_outputs[nid] = ui
                 event("executed", {"node": nid, "display_node": nid, "output": ui})

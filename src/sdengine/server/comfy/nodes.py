@@ -189,6 +189,14 @@ class NodeDef:
     # What the node reads besides its inputs, as a token the executor's cache key includes (ComfyUI's
     # IS_CHANGED): a LoadImage whose file was replaced under the same name runs again.
     changed: Callable[[RunContext, dict[str, Any]], str] | None = None
+    # ComfyUI's list semantics (see ``graph.Executor``): ``output_is_list[i]`` (OUTPUT_IS_LIST) when output ``i`` is
+    # a list whose elements each run the nodes downstream once (() = none is); ``input_is_list`` (INPUT_IS_LIST)
+    # when the node is called once with every input as the whole list (a widget's value as a list of one)
+    output_is_list: tuple[bool, ...] = ()
+    input_is_list: bool = False
+
+    def is_list_output(self, i: int) -> bool:
+        return i < len(self.output_is_list) and self.output_is_list[i]
 
     def input(self, name: str) -> Input | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -3816,7 +3824,8 @@ def object_info(node: NodeDef, env: Any) -> dict[str, Any]:
             **({"optional": [i.name for i in node.inputs if i.optional]} if optional else {}),
         },
         "output": list(node.outputs),
-        "output_is_list": [False] * len(node.outputs),
+        "is_input_list": node.input_is_list,
+        "output_is_list": [node.is_list_output(i) for i in range(len(node.outputs))],
         "output_name": list(node.output_names or node.outputs),
         "name": node.name,
         "display_name": node.display_name,

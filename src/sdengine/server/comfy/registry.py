@@ -18,6 +18,7 @@ from sdengine.server.comfy.nodes_hypertile import HYPERTILE_NODES
 from sdengine.server.comfy.nodes_image import IMAGE_NODES
 from sdengine.server.comfy.nodes_ipadapter import IPADAPTER_NODES
 from sdengine.server.comfy.nodes_latent import LATENT_NODES
+from sdengine.server.comfy.nodes_lists import LIST_NODES
 from sdengine.server.comfy.nodes_merge import NODES as MERGE_NODES
 from sdengine.server.comfy.nodes_patches import PATCH_NODES
 from sdengine.server.comfy.nodes_qwen import QWEN_NODES
@@ -48,4 +49,5 @@ NODES: dict[str, NodeDef] = {
     **QWEN_NODES,
     **Z_IMAGE_CONTROL_NODES,
     **FLUX2_NODES,
+    **LIST_NODES,
 }
