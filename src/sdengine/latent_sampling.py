@@ -593,6 +593,7 @@ def sample_latents(
     deep_shrink: Any = None,
     ip_adapters: Sequence[Any] = (),
     differential: float | None = None,
+    cfg_hooks: Sequence[Any] = (),
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -651,6 +652,8 @@ def sample_latents(
     ``noise_mask`` is kept grey (resized bilinearly, as ComfyUI's prepare_mask) and each model call repaints where it
     is at or above a threshold falling from 1 to 0 over the run
     (:class:`sdengine.pipeline.latents.DifferentialBlend`); without a noise mask it does nothing, as there.
+    ``cfg_hooks``: :class:`sdengine.diffusion.cfg_hooks.CFGHook` values (ComfyUI's pre- and post-CFG functions: APG,
+    TCFG, CFGZeroStar, Mahiro, Epsilon Scaling) in the order applied, with one plain positive and negative only.
     """
     if guidance_rule is not None and not third:
         raise LatentSamplingError("a guider over three conditionings needs its third conditioning")
@@ -694,6 +697,14 @@ def sample_latents(
             "self-attention guidance takes one whole-latent negative conditioning and no area, mask or strength (its "
             "map and degraded pass are the whole latent's); combine the entries first"
         )
+    if cfg_hooks and (regional or len(positive) > 1):
+        raise LatentSamplingError(
+            "APG, TCFG, CFGZeroStar, Mahiro and Epsilon Scaling take one whole-latent positive and negative "
+            "conditioning here (no areas, masks, strengths, several entries or a guider over three conditionings)"
+        )
+    from sdengine.diffusion.cfg_hooks import start_hooks
+
+    hooks = start_hooks(cfg_hooks)
     prediction = pipe.prediction_type if prediction is None else prediction
     rule = "comfyui" if seed_rule == "comfyui" else "diffusers"
     perturb = None
@@ -1063,6 +1074,7 @@ def sample_latents(
                 sag_blur_sigma=sag_blur_sigma,
                 attention_map=attention_map,
                 sag_rule=sag_rule,
+                hooks=hooks,
             )
             parts.append((guide, extra))
         guided: Any = parts[0][0] if len(parts) == 1 else _MeanOfGuided(parts)
@@ -1342,6 +1354,7 @@ def sample_flow_latents(
     noise_mask: Tensor | None = None,
     differential: float | None = None,
     cfg_norm: float | None = None,
+    cfg_hooks: Sequence[Any] = (),
 ) -> Tensor:
     """Sample a flow model from ``latent`` (B, C, h, w) in its scaled latent space along ``sigmas`` (decreasing, at
     most 1: :func:`flow_sigmas`, or a SamplerCustom's list), as ComfyUI's samplers run a flow model: the start is
@@ -1356,7 +1369,8 @@ def sample_flow_latents(
     plain model (:class:`_FlowInpaint`, the mask as :func:`flow_noise_mask` fits it); ``differential``: Differential
     Diffusion's strength on that mask (None = off; see :func:`sample_latents`), the threshold in the flow's timestep
     (sigma) between ``sigmas[0]`` and the larger of ``sigmas[-1]`` and the table's sigma_min. ``cfg_norm``:
-    ComfyUI's CFGNorm strength (:class:`_CFGNormed`, after the CFG). A positive and a negative of different token
+    ComfyUI's CFGNorm strength (:class:`_CFGNormed`, after the CFG). ``cfg_hooks``: as :func:`sample_latents`'s, not
+    with CFGNorm or skip-layer guidance (their order against the hooks is not kept here). A positive and a negative of different token
     counts run apart where the negative runs, each at its own length in a call of its own (ComfyUI's ``CONDRegular``,
     :func:`texts_concat`'s ``"equal"`` rule); at cfg 1 the positive runs alone at its own length."""
     from sdengine.diffusion.flow import FlowDenoiser
@@ -1413,7 +1427,14 @@ def sample_flow_latents(
         extra[key] = pos[key].to(dev).expand(b, *pos[key].shape[1:])
         uncond[key] = neg[key].to(dev)
     den = FlowDenoiser(network, model.schedule)
-    guided: Any = CFGDenoiser(den, float(cfg), uncond, rule="comfyui")
+    if cfg_hooks and (cfg_norm is not None or skip_layer_guidance is not None):
+        raise LatentSamplingError(
+            "APG, TCFG, CFGZeroStar, Mahiro and Epsilon Scaling do not run with CFGNorm or SkipLayerGuidanceSD3 here: "
+            "use one or the other"
+        )
+    from sdengine.diffusion.cfg_hooks import start_hooks
+
+    guided: Any = CFGDenoiser(den, float(cfg), uncond, rule="comfyui", hooks=start_hooks(cfg_hooks))
     if cfg_norm is not None:
         guided = _CFGNormed(guided, float(cfg), float(cfg_norm))
     slg = skip_layer_guidance

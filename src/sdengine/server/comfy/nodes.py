@@ -242,6 +242,9 @@ class ModelHandle:
     # ZImageFunControlnet's patches: sdengine.server.comfy.nodes_z_image_control.ZImageControl values, one per node in
     # the order applied (their residuals add up, as ComfyUI's patch lists)
     z_image_controls: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    # ComfyUI's pre- / post-CFG functions of APG, TCFG, CFGZeroStar, Mahiro and Epsilon Scaling:
+    # sdengine.diffusion.cfg_hooks.CFGHook values in the order applied (sdengine.server.comfy.nodes_guidance)
+    cfg_hooks: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -822,7 +825,17 @@ def rescale_cfg(ctx: RunContext, model: ModelHandle, multiplier: float) -> tuple
 def perturbed_attention_guidance(ctx: RunContext, model: ModelHandle, scale: float) -> tuple[Any]:
     """ComfyUI's PerturbedAttentionGuidance: ``scale * (cond - perturbed)`` added after CFG, the perturbed pass
     running the middle block's self-attention with the identity map (sdengine.nn.attention)."""
+    after_post_cfg_hooks("PerturbedAttentionGuidance", model)
     return (replace(model, pag_scale=model.pag_scale + float(scale)),)
+
+
+def after_post_cfg_hooks(node: str, model: ModelHandle) -> None:
+    """A post-CFG patch that sdengine runs before the hooks of CFGZeroStar, Mahiro and Epsilon Scaling: refused on a
+    model that has one of those already (ComfyUI would run it after them)."""
+    if any(not h.pre for h in getattr(model, "cfg_hooks", ())):
+        raise NodeError(
+            f"{node} after CFGZeroStar, Mahiro or Epsilon Scaling is not supported here: apply {node} before them"
+        )
 
 
 def free_u(ctx: RunContext, model: ModelHandle, b1: float, b2: float, s1: float, s2: float) -> tuple[Any]:
@@ -1225,6 +1238,7 @@ def _sample(
             deep_shrink=deep_shrink_chain(model.deep_shrink) or None,
             ip_adapters=getattr(model, "ip_adapters", ()),
             differential=model.differential,
+            cfg_hooks=model.cfg_hooks,
             callback=report,
             batch_index=latent_image.get("batch_index"),
             guidance_rule=guidance_rule,

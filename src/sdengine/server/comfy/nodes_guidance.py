@@ -1,8 +1,15 @@
-"""ComfyUI's guidance model patches that live outside the core node list: SelfAttentionGuidance.
+"""ComfyUI's guidance model patches that live outside the core node list: SelfAttentionGuidance, and the pre- /
+post-CFG functions of APG, TCFG, CFGZeroStar, Mahiro and Epsilon Scaling.
 
 Self-attention guidance (Hong et al. 2023) is the engine's (:mod:`sdengine.diffusion.sag`,
 :class:`sdengine.diffusion.guidance.CFGDenoiser` under the "comfyui" rule): the node only records its settings on the
 MODEL handle, and the samplers (KSampler, KSamplerAdvanced, SamplerCustom) run it.
+
+The CFG hooks (:mod:`sdengine.diffusion.cfg_hooks`) are appended to the MODEL handle's ``cfg_hooks`` in the order the
+nodes are applied, as ComfyUI appends its functions; they run on U-Nets and on the flow models (SD3, Flux, ...), with
+one plain positive and negative. The pre-CFG ones (APG, TCFG) run before the CFG whatever the order against the
+others, as in ComfyUI; the post-CFG ones run after PerturbedAttentionGuidance and SelfAttentionGuidance, which are
+therefore refused after them (a node error), and not with CFGNorm or SkipLayerGuidanceSD3 (an error at the sampler).
 """
 
 from __future__ import annotations
@@ -11,8 +18,9 @@ import math
 from dataclasses import replace
 from typing import Any
 
+from sdengine.diffusion.cfg_hooks import CFGHook
 from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA
-from sdengine.server.comfy.nodes import Input, ModelHandle, NodeDef, NodeError, RunContext
+from sdengine.server.comfy.nodes import Input, ModelHandle, NodeDef, NodeError, RunContext, after_post_cfg_hooks
 
 
 def self_attention_guidance(ctx: RunContext, model: ModelHandle, scale: float, blur_sigma: float) -> tuple[Any]:
@@ -20,6 +28,7 @@ def self_attention_guidance(ctx: RunContext, model: ModelHandle, scale: float, b
     ``blurred`` is the unconditional x0 blurred (9 x 9, ``blur_sigma``) where the middle block's self-attention looks
     most and ``degraded`` that noised back; the unconditional pass runs at cfg 1 too."""
     scale, blur_sigma = float(scale), float(blur_sigma)
+    after_post_cfg_hooks("SelfAttentionGuidance", model)
     if model.sag:
         # ComfyUI's second node replaces the first one's attention recorder, whose post-CFG function then fails
         raise NodeError("SelfAttentionGuidance: the model already has one; apply it once (set its scale there)")
@@ -31,7 +40,110 @@ def self_attention_guidance(ctx: RunContext, model: ModelHandle, scale: float, b
     return (replace(model, sag=(scale, blur_sigma)),)
 
 
+def _finite(node: str, **values: float) -> None:
+    for name, v in values.items():
+        if not math.isfinite(float(v)):
+            raise NodeError(f"{node}: {name} must be a finite number, got {v!r}")
+
+
+def _hooked(model: ModelHandle, hook: CFGHook) -> tuple[Any]:
+    return (replace(model, cfg_hooks=(*model.cfg_hooks, hook)),)
+
+
+def apg(ctx: RunContext, model: ModelHandle, eta: float, norm_threshold: float, momentum: float) -> tuple[Any]:
+    """ComfyUI's APG (adaptive projected guidance, a pre-CFG function): the guidance ``cond - uncond`` (a running
+    average with ``momentum``, reset when sigma rises; its norm capped at ``norm_threshold``) split along the
+    conditional x0 and across it, the part along it times ``eta`` (sdengine.diffusion.cfg_hooks)."""
+    _finite("APG", eta=eta, norm_threshold=norm_threshold, momentum=momentum)
+    return _hooked(model, CFGHook("apg", (float(eta), float(norm_threshold), float(momentum))))
+
+
+def tcfg(ctx: RunContext, model: ModelHandle) -> tuple[Any]:
+    """ComfyUI's TCFG (tangential damping CFG, a pre-CFG function): the unconditional score projected on the first
+    right singular vector of the two scores (sdengine.diffusion.cfg_hooks)."""
+    return _hooked(model, CFGHook("tcfg"))
+
+
+def cfg_zero_star(ctx: RunContext, model: ModelHandle) -> tuple[Any]:
+    """ComfyUI's CFGZeroStar (a post-CFG function): the unconditional part rescaled by the optimised scale
+    ``<x - cond, x - uncond> / |x - uncond|^2`` (sdengine.diffusion.cfg_hooks)."""
+    return _hooked(model, CFGHook("cfg_zero_star"))
+
+
+def mahiro(ctx: RunContext, model: ModelHandle) -> tuple[Any]:
+    """ComfyUI's Mahiro (a post-CFG function): the guided x0 blended with ``cfg * cond`` by the similarity of the
+    unconditional and merged predictions (sdengine.diffusion.cfg_hooks)."""
+    return _hooked(model, CFGHook("mahiro"))
+
+
+def epsilon_scaling(ctx: RunContext, model: ModelHandle, scaling_factor: float) -> tuple[Any]:
+    """ComfyUI's Epsilon Scaling (a post-CFG function): the guided noise ``x - x0`` divided by ``scaling_factor``
+    (sdengine.diffusion.cfg_hooks)."""
+    _finite("Epsilon Scaling", scaling_factor=scaling_factor)
+    return _hooked(model, CFGHook("epsilon_scaling", (float(scaling_factor),)))
+
+
+_PATCHED = ("patched_model",)
+
 GUIDANCE_NODES: dict[str, NodeDef] = {
+    "CFGZeroStar": NodeDef(
+        "CFGZeroStar",
+        "CFGZeroStar",
+        "advanced/guidance",
+        (Input("model", "MODEL"),),
+        ("MODEL",),
+        cfg_zero_star,
+        output_names=_PATCHED,
+        description="CFG-Zero* as ComfyUI's post-CFG function: the unconditional x0 rescaled by the optimised scale "
+        "of the two noise predictions. U-Nets and flow models; one plain positive and negative.",
+    ),
+    "APG": NodeDef(
+        "APG",
+        "Adaptive Projected Guidance",
+        "sampling/custom_sampling",
+        (
+            Input("model", "MODEL"),
+            Input("eta", "FLOAT", 1.0, -10.0, 10.0, 0.01),
+            Input("norm_threshold", "FLOAT", 5.0, 0.0, 50.0, 0.1),
+            Input("momentum", "FLOAT", 0.0, 0.0, 1.0, 0.01),
+        ),
+        ("MODEL",),
+        apg,
+        description="Adaptive projected guidance as ComfyUI's pre-CFG function: the guidance's norm capped, its part "
+        "along the conditional x0 scaled by eta, a running average with momentum. U-Nets and flow models.",
+    ),
+    "TCFG": NodeDef(
+        "TCFG",
+        "Tangential Damping CFG",
+        "advanced/guidance",
+        (Input("model", "MODEL"),),
+        ("MODEL",),
+        tcfg,
+        output_names=_PATCHED,
+        description="Tangential damping CFG as ComfyUI's pre-CFG function: the unconditional score kept along the "
+        "two scores' first singular direction only; nothing at cfg 1. U-Nets and flow models.",
+    ),
+    "Mahiro": NodeDef(
+        "Mahiro",
+        "Mahiro is so cute that she deserves a better guidance function!! (。・ω・。)",
+        "_for_testing",
+        (Input("model", "MODEL"),),
+        ("MODEL",),
+        mahiro,
+        output_names=_PATCHED,
+        description="Mahiro as ComfyUI's post-CFG function: the guided x0 steered towards cfg times the conditional "
+        "one by their similarity. U-Nets and flow models.",
+    ),
+    "Epsilon Scaling": NodeDef(
+        "Epsilon Scaling",
+        "Epsilon Scaling",
+        "model/patch/unet",
+        (Input("model", "MODEL"), Input("scaling_factor", "FLOAT", 1.005, 0.5, 1.5, 0.001)),
+        ("MODEL",),
+        epsilon_scaling,
+        description="Epsilon scaling (exposure bias) as ComfyUI's post-CFG function: the guided noise prediction "
+        "divided by scaling_factor. U-Nets and flow models.",
+    ),
     "SelfAttentionGuidance": NodeDef(
         "SelfAttentionGuidance",
         "Self-Attention Guidance",

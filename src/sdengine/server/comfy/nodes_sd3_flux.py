@@ -1371,6 +1371,7 @@ def sample_flow(
                 noise_mask=latent_image.get("noise_mask"),
                 differential=getattr(model, "differential", None),
                 cfg_norm=model.cfg_norm,
+                cfg_hooks=model.cfg_hooks,
             )
     except LatentSamplingError as e:
         raise NodeError(str(e)) from None

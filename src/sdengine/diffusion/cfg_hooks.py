@@ -1,0 +1,141 @@
+"""ComfyUI's guidance hooks around classifier-free guidance, as its model-patch nodes register them.
+
+ComfyUI's sampling function predicts the conditional and unconditional x0 (the unconditional one all zeros where it
+skips that pass, at cfg 1), runs every *pre-CFG* function on the pair in the order the nodes were applied, combines
+the pair (CFG, or RescaleCFG's function), then runs every *post-CFG* function on the guided x0 in order. The hooks
+here are those functions, in sdengine's terms: :class:`CFGHook` is a node's settings (frozen, part of a MODEL handle
+and its cache key); :meth:`CFGHook.start` answers the hook for one sampling run (APG keeps a running average across
+the run's calls), which :class:`sdengine.diffusion.guidance.CFGDenoiser` calls with its x0s.
+
+- ``apg`` (APG, adaptive projected guidance; pre-CFG): ``g = cond - uncond``, a running average ``m * avg + g``
+  when the momentum ``m`` is above 0 (reset when sigma rises), scaled down to an L2 norm (over C, H, W) of at most
+  ``norm_threshold`` (above 0), split into the part along ``cond`` and the rest; the conditional x0 becomes
+  ``uncond + (rest + eta * along) + (cond - uncond) / cfg``, so that the CFG gives ``uncond + cfg * modified``.
+- ``tcfg`` (TCFG, tangential damping; pre-CFG): the scores ``x - cond`` and ``x - uncond`` of each row stacked as two
+  rows of a matrix; the unconditional score projected onto the matrix's first right singular vector; skipped where
+  the unconditional pass does not run.
+- ``cfg_zero_star`` (CFGZeroStar; post-CFG): ``alpha = <x - cond, x - uncond> / (|x - uncond|^2 + 1e-8)`` per row;
+  ``out + uncond (alpha - 1) + cfg uncond (1 - alpha)``.
+- ``mahiro`` (Mahiro; post-CFG): ``leap = cfg cond``, ``merge = (leap + out) / 2``; the mean cosine similarity
+  (over the channels, averaged over everything) of the signed square roots of ``cfg uncond`` and ``merge`` gives
+  ``s = 2 (sim + 1)``; ``(s out + (4 - s) leap) / 4``.
+- ``epsilon_scaling`` (Epsilon Scaling; post-CFG): ``x - (x - out) / factor``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sdengine.errors import UsageError
+
+PRE_HOOKS = ("apg", "tcfg")
+POST_HOOKS = ("cfg_zero_star", "mahiro", "epsilon_scaling")
+
+
+@dataclass(frozen=True)
+class CFGHook:
+    """One hook: ``kind`` (one of :data:`PRE_HOOKS` / :data:`POST_HOOKS`) and its settings (APG: eta,
+    norm_threshold, momentum; Epsilon Scaling: its factor)."""
+
+    kind: str
+    params: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in PRE_HOOKS + POST_HOOKS:
+            raise UsageError(f"unknown CFG hook {self.kind!r}; use one of {', '.join(PRE_HOOKS + POST_HOOKS)}")
+
+    @property
+    def pre(self) -> bool:
+        return self.kind in PRE_HOOKS
+
+    def start(self) -> Callable[..., Any]:
+        """The hook for one sampling run. A pre-CFG hook: ``(x, sigma, cond, uncond, scale, has_uncond) ->
+        (cond, uncond)``; a post-CFG one: ``(x, sigma, out, cond, uncond, scale) -> out``."""
+        if self.kind == "apg":
+            return _APG(*self.params)
+        fn: Callable[..., Any] = {
+            "tcfg": _tcfg,
+            "cfg_zero_star": _cfg_zero_star,
+            "mahiro": _mahiro,
+        }.get(self.kind) or _EpsilonScaling(*self.params)
+        return fn
+
+
+def start_hooks(hooks: Any) -> tuple[tuple[bool, Callable[..., Any]], ...]:
+    """The hooks of one sampling run, in the order given: (is a pre-CFG hook, the hook)."""
+    out = []
+    for h in hooks:
+        if not isinstance(h, CFGHook):
+            raise UsageError(f"a CFG hook must be a CFGHook, got {type(h).__name__}")
+        out.append((h.pre, h.start()))
+    return tuple(out)
+
+
+class _APG:
+    def __init__(self, eta: float, norm_threshold: float, momentum: float) -> None:
+        self.eta, self.threshold, self.momentum = float(eta), float(norm_threshold), float(momentum)
+        self.avg: Tensor | None = None
+        self.prev: float | None = None
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor, uncond: Tensor, scale: float, has: bool) -> Any:
+        s = float(torch.as_tensor(sigma).reshape(-1)[0])
+        if self.prev is not None and s > self.prev:
+            self.avg = None
+        self.prev = s
+        g = cond - uncond
+        if self.momentum > 0:
+            self.avg = g if self.avg is None else self.momentum * self.avg + g
+            g = self.avg
+        dims = [-1, -2, -3]
+        if self.threshold > 0:
+            n = g.norm(p=2, dim=dims, keepdim=True)
+            g = g * torch.minimum(torch.ones_like(n), self.threshold / n)
+        unit = F.normalize(cond, dim=dims)
+        along = (g * unit).sum(dim=dims, keepdim=True) * unit
+        modified = (g - along) + self.eta * along
+        return (uncond + modified) + (cond - uncond) / scale, uncond
+
+
+def _tcfg(x: Tensor, sigma: Tensor, cond: Tensor, uncond: Tensor, scale: float, has: bool) -> Any:
+    if not has:
+        return cond, uncond
+    b = cond.shape[0]
+    sc = (x - cond).reshape(b, 1, -1).float()
+    su = (x - uncond).reshape(b, 1, -1).float()
+    _, _, vh = torch.linalg.svd(torch.cat((su, sc), dim=1), full_matrices=False)
+    v1 = vh[:, 0:1, :]
+    damped = ((su @ v1.transpose(-2, -1)) * v1).reshape_as(uncond).to(uncond.dtype)
+    return cond, x - damped
+
+
+def _cfg_zero_star(x: Tensor, sigma: Tensor, out: Tensor, cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    b = x.shape[0]
+    p, n = (x - cond).reshape(b, -1), (x - uncond).reshape(b, -1)
+    alpha = (p * n).sum(dim=1, keepdim=True) / ((n**2).sum(dim=1, keepdim=True) + 1e-8)
+    alpha = alpha.reshape([b] + [1] * (x.ndim - 1))
+    return out + uncond * (alpha - 1.0) + scale * uncond * (1.0 - alpha)
+
+
+def _mahiro(x: Tensor, sigma: Tensor, out: Tensor, cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    leap = cond * scale
+    u_leap = uncond * scale
+    merge = (leap + out) / 2
+    normu = torch.sqrt(u_leap.abs()) * u_leap.sign()
+    normm = torch.sqrt(merge.abs()) * merge.sign()
+    sim = F.cosine_similarity(normu, normm).mean()
+    s = 2 * (sim + 1)
+    return (s * out + (4 - s) * leap) / 4
+
+
+class _EpsilonScaling:
+    def __init__(self, factor: float) -> None:
+        self.factor = float(factor) if float(factor) != 0 else 1e-9  # ComfyUI's guard against a zero
+
+    def __call__(self, x: Tensor, sigma: Tensor, out: Tensor, cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+        return x - (x - out) / self.factor
