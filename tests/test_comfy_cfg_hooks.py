@@ -328,3 +328,86 @@ def test_bad_inputs_are_one_line_errors(sd1):
         with pytest.raises(PromptInvalid) as info:
             validate(unet_graph([(node, inputs)], 6.0), Env())
         assert name in str(info.value.body)
+
+
+# ------------------------------------------------------------------------------------------- SD3 graphs (a DiT)
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from test_comfy_sd3_flux import save_sd3_files
+
+    root = tmp_path_factory.mktemp("cfg_hooks_sd3")
+    return root, sdengine.load_pipeline(save_sd3_files(root), device="cpu")
+
+
+def _sd3_run(sd3: Any, model_patches: list[tuple[str, dict[str, Any]]]) -> torch.Tensor:
+    """The SD3 checkpoint's graph (euler, simple, cfg 4) with the patches chained before KSampler: its LATENT."""
+    from test_comfy_sd3_flux import _run as sd3_run
+    from test_comfy_sd3_flux import sd3_graph
+
+    root, pipe = sd3
+    ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3-tiny.safetensors"}}}
+    model = ["1", 0]
+    patches = {}
+    for n, (kind, inputs) in enumerate(model_patches):
+        patches[f"2{n}"] = {"class_type": kind, "inputs": {"model": model, **inputs}}
+        model = [f"2{n}", 0]
+    g = {**sd3_graph(ckpt, model, ["1", 1], ["1", 2]), **patches}
+    ref = str((root / "models" / "sd3-tiny.safetensors").resolve())
+    return sd3_run(root, g, {ref: pipe})["6"][0]["samples"].float()
+
+
+def _sd3_reference(sd3: Any, pres: list, posts: list, slg: tuple | None = None) -> torch.Tensor:
+    """Euler on SD3's simple sigmas (shift 3), ComfyUI's noise and sampling function, its LATENT's raw scaling;
+    ``slg`` (layers, scale, start, end, rescaling): SkipLayerGuidanceDiT's post-CFG function."""
+    from functools import partial
+
+    from test_comfy_sd3_flux import NEGATIVE, PROMPT, STEPS
+
+    from sdengine.diffusion.flow import flow_grid
+    from sdengine.pipeline.sd3 import MMDiTAdapter
+    from sdengine.server.comfy.nodes_sd3_flux import _raw_out
+
+    root, pipe = sd3
+    schedule = FlowSchedule.sd3(3.0)
+    cond, uncond = pipe.conditioner.pair(PROMPT, NEGATIVE)
+    plain = FlowDenoiser(pipe.network_adapter(pipe.unet), schedule)
+    sigmas = flow_grid(schedule, STEPS, "simple", comfy=True).sigmas
+    x = make_noise((1, 16, 8, 8), 5, "comfyui")
+    with torch.inference_mode():
+        for i in range(sigmas.shape[0] - 1):
+            s, nxt = float(sigmas[i]), float(sigmas[i + 1])
+            x0_c, x0_u = plain(x, s, **cond), plain(x, s, **uncond)
+            x0 = reference_step(x, s, x0_c, x0_u, 4.0, pres, posts)
+            if slg is not None:
+                layers, scale, start, end, r = slg
+                if schedule.percent_to_sigma(end) <= s <= schedule.percent_to_sigma(start):
+                    net = MMDiTAdapter(partial(pipe.unet, skip_layers=layers), pipe.dtype)
+                    x0 = x0 + (x0_c - FlowDenoiser(net, schedule)(x, s, **cond)) * scale
+                    if r != 0:
+                        x0 = x0 * (r * x0_c.std() / x0.std() + (1 - r))
+            x = x + (nxt - s) * (x - x0) / s
+    return _raw_out(x, "sd3")
+
+
+def test_sd3_graph_hooks_equal_comfyuis_functions(sd3):
+    """CFGZeroStar then APG on SD3's MMDiT (a flow model: x0 = x - sigma v), as ComfyUI's functions."""
+    apg = {"eta": 0.3, "norm_threshold": 4.0, "momentum": 0.2}
+    got = _sd3_run(sd3, [("CFGZeroStar", {}), ("APG", apg)])
+    want = _sd3_reference(sd3, [ref_apg(0.3, 4.0, 0.2)], [ref_zero_star])
+    assert rel(got, want) < 1e-5
+    assert (got - _sd3_run(sd3, [])).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("rescaling", [0.0, 0.7])
+def test_skip_layer_guidance_dit_on_sd3_equals_comfyuis_function(sd3, rescaling):
+    slg = {"double_layers": "[1]", "single_layers": "7, 8, 9", "scale": 2.5, "start_percent": 0.2,
+           "end_percent": 0.7, "rescaling_scale": rescaling}  # fmt: skip
+    got = _sd3_run(sd3, [("SkipLayerGuidanceDiT", slg)])
+    want = _sd3_reference(sd3, [], [], slg=((1,), 2.5, 0.2, 0.7, rescaling))
+    assert rel(got, want) < 1e-5
+    assert (got - _sd3_run(sd3, [])).abs().max().item() > 1e-3
+    if rescaling:
+        assert (got - _sd3_run(sd3, [("SkipLayerGuidanceDiT", {**slg, "rescaling_scale": 0.0})])).abs().max() > 1e-3

@@ -1191,12 +1191,16 @@ class SkipLayerGuidance:
     """ComfyUI's SkipLayerGuidanceSD3 (SkipLayerGuidanceDiT, after Stability's SD3.5 recipe): at the model calls whose
     sigma lies in ``[percent_to_sigma(end_percent), percent_to_sigma(start_percent)]``, the guided x0 gets
     ``scale * (x0_cond - x0_cond_skipped)``, the conditional rows run once more with ``layers`` left out (a post-CFG
-    term, as PAG's; at cfg 1 too)."""
+    term, as PAG's; at cfg 1 too). ``rescaling_scale`` (SkipLayerGuidanceDiT's): the result then times
+    ``r * std(x0_cond) / std(result) + (1 - r)`` (stds over the whole batch); with it and no ``layers`` the term is
+    0 and the rescaling alone acts (ComfyUI's SkipLayerGuidanceDiT with only single blocks named on SD3's MMDiT,
+    which has none)."""
 
     layers: tuple[int, ...]
     scale: float
     start_percent: float = 0.01
     end_percent: float = 0.15
+    rescaling_scale: float = 0.0
 
 
 class _CFGNormed:
@@ -1229,9 +1233,11 @@ class _CFGNormed:
 class _SkipLayerGuided:
     """A guided flow denoiser with :class:`SkipLayerGuidance`'s term added in its sigma window."""
 
-    def __init__(self, guided: Any, cond: Any, skipped: Any, scale: float, high: float, low: float) -> None:
+    def __init__(
+        self, guided: Any, cond: Any, skipped: Any, scale: float, high: float, low: float, rescaling: float = 0.0
+    ) -> None:
         self.guided, self.cond, self.skipped = guided, cond, skipped
-        self.scale, self.high, self.low = scale, high, low
+        self.scale, self.high, self.low, self.rescaling = scale, high, low, rescaling
 
     def __getattr__(self, name: str) -> Any:  # what the samplers ask of the guided denoiser
         return getattr(self.guided, name)
@@ -1241,7 +1247,12 @@ class _SkipLayerGuided:
         s = float(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[0])
         if self.scale > 0 and self.low <= s <= self.high:
             args = {k: v for k, v in kw.items() if k not in ("guidance_parts", "step")}
-            out = out + (self.cond(x, sigma, **args) - self.skipped(x, sigma, **args)) * self.scale
+            cond = self.cond(x, sigma, **args)
+            skipped = cond if self.skipped is None else self.skipped(x, sigma, **args)
+            out = out + (cond - skipped) * self.scale
+            if self.rescaling != 0:
+                factor = cond.std() / out.std()
+                out = out * (self.rescaling * factor + (1 - self.rescaling))
         return out
 
 
@@ -1438,13 +1449,13 @@ def sample_flow_latents(
     if cfg_norm is not None:
         guided = _CFGNormed(guided, float(cfg), float(cfg_norm))
     slg = skip_layer_guidance
-    if slg is not None and slg.layers and slg.scale > 0:
+    if slg is not None and (slg.layers or slg.rescaling_scale) and slg.scale > 0:
         if skipping is None:
             raise LatentSamplingError(f"{model.name} cannot leave blocks out: skip-layer guidance is SD3's (MMDiT)")
-        skipped = FlowDenoiser(skipping(tuple(slg.layers)), model.schedule)
+        skipped = FlowDenoiser(skipping(tuple(slg.layers)), model.schedule) if slg.layers else None
         high = model.schedule.percent_to_sigma(float(slg.start_percent))
         low = model.schedule.percent_to_sigma(float(slg.end_percent))
-        guided = _SkipLayerGuided(guided, den, skipped, float(slg.scale), high, low)
+        guided = _SkipLayerGuided(guided, den, skipped, float(slg.scale), high, low, float(slg.rescaling_scale))
     if noise_mask is not None:
         fitted = flow_noise_mask(noise_mask, latent.shape).to(dev)
         rule = None

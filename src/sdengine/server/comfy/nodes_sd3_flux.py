@@ -813,6 +813,31 @@ def skip_layer_guidance_sd3(
     return (replace(model, skip_layer_guidance=(numbers, float(scale), float(start_percent), float(end_percent))),)
 
 
+def skip_layer_guidance_dit(
+    ctx: RunContext,
+    model: ModelHandle,
+    double_layers: str,
+    single_layers: str,
+    scale: float,
+    start_percent: float,
+    end_percent: float,
+    rescaling_scale: float,
+) -> tuple[Any]:
+    """ComfyUI's SkipLayerGuidanceDiT: SkipLayerGuidanceSD3's term with the double (joint) blocks ``double_layers``
+    left out, then the result times ``rescaling_scale * std(x0_cond) / std(result) + (1 - rescaling_scale)``. The
+    single blocks it names exist on Flux only (SD3's MMDiT has none, so they leave nothing out there, as in ComfyUI);
+    Flux's skip-layer guidance is not implemented here (a node error when it samples)."""
+    for name, v in (("scale", scale), ("rescaling_scale", rescaling_scale)):
+        if not math.isfinite(float(v)):
+            raise NodeError(f"SkipLayerGuidanceDiT: {name} must be a finite number, got {v!r}")
+    double = tuple(int(n) for n in re.findall(r"\d+", str(double_layers)))
+    single = tuple(int(n) for n in re.findall(r"\d+", str(single_layers)))
+    if (not double and not single) or float(scale) == 0.0:  # ComfyUI: the model as it was (its term needs scale > 0)
+        return (model,)
+    slg = (double, float(scale), float(start_percent), float(end_percent), float(rescaling_scale))
+    return (replace(model, skip_layer_guidance=slg),)
+
+
 def _schedule(family: str, guidance_embeds: bool, model: ModelHandle) -> Any:
     """The flow schedule ComfyUI samples this model on (see the module docstring)."""
     from sdengine.diffusion.flow import FlowSchedule
@@ -1883,6 +1908,25 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         description="Skip-layer guidance on SD3's MMDiT as ComfyUI's: where the sigma lies between start_percent and "
         "end_percent of the schedule, scale x (x0_cond - x0_cond with the joint blocks in layers left out) added after "
         "CFG; on Flux: a node error when it samples.",
+    ),
+    "SkipLayerGuidanceDiT": NodeDef(
+        "SkipLayerGuidanceDiT",
+        "SkipLayerGuidanceDiT",
+        "advanced/guidance",
+        (
+            Input("model", "MODEL"),
+            Input("double_layers", "STRING", "7, 8, 9"),
+            Input("single_layers", "STRING", "7, 8, 9"),
+            Input("scale", "FLOAT", 3.0, 0.0, 10.0, 0.1),
+            Input("start_percent", "FLOAT", 0.01, 0.0, 1.0, 0.001),
+            Input("end_percent", "FLOAT", 0.15, 0.0, 1.0, 0.001),
+            Input("rescaling_scale", "FLOAT", 0.0, 0.0, 10.0, 0.01),
+        ),
+        ("MODEL",),
+        skip_layer_guidance_dit,
+        description="Skip-layer guidance as ComfyUI's generic DiT node, on SD3's MMDiT: SkipLayerGuidanceSD3's term "
+        "with the double_layers joint blocks left out (SD3 has no single blocks: single_layers leave nothing out), "
+        "then rescaled towards the conditional x0's std by rescaling_scale; on Flux and U-Nets: a node error.",
     ),
     "ModelSamplingFlux": NodeDef(
         "ModelSamplingFlux",
