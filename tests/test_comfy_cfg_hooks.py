@@ -411,3 +411,54 @@ def test_skip_layer_guidance_dit_on_sd3_equals_comfyuis_function(sd3, rescaling)
     assert (got - _sd3_run(sd3, [])).abs().max().item() > 1e-3
     if rescaling:
         assert (got - _sd3_run(sd3, [("SkipLayerGuidanceDiT", {**slg, "rescaling_scale": 0.0})])).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------- FluxDisableGuidance
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from _flux_models import make_flux_folder
+    from test_comfy_sd3_flux import save_comfy_files
+
+    root = tmp_path_factory.mktemp("cfg_hooks_flux")
+    folder = make_flux_folder(root / "flux-folder", guidance=True)
+    save_comfy_files(folder, root)
+    return root, sdengine.load_pipeline(folder, device="cpu")
+
+
+def test_flux_disable_guidance_leaves_the_guidance_embedding_out(flux, monkeypatch):
+    """FluxDisableGuidance (ComfyUI: guidance None) on FLUX.1 [dev]: the transformer runs without its guidance
+    embedding; an Euler loop over the same sigmas calling it with that embedding made zero gives the same
+    LATENT."""
+    from test_comfy_sd3_flux import PROMPT, STEPS, flux_graph
+    from test_comfy_sd3_flux import _run as flux_run
+
+    from sdengine.diffusion.flow import flow_grid
+    from sdengine.pipeline.flux import FluxAdapter
+    from sdengine.server.comfy.nodes_sd3_flux import _raw_out
+
+    root, pipe = flux
+    g = flux_graph()
+    g["4"] = {"class_type": "FluxDisableGuidance", "inputs": {"conditioning": ["3", 0]}}
+    out = flux_run(root, g)
+    got = out["8"][0]["samples"].float()
+    schedule = FlowSchedule.flux(mu=float(out["6"][0].flow_sampling[1]))
+    cond = dict(pipe.conditioner.with_guidance(pipe.conditioner.text(PROMPT), 3.5))
+    den = FlowDenoiser(FluxAdapter(pipe.unet, pipe.dtype), schedule)
+    sigmas = flow_grid(schedule, STEPS, "simple", comfy=True).sigmas
+    x = make_noise((1, 16, 8, 8), 5, "comfyui")
+    embedder = pipe.unet.time_text_embed.guidance_embedder
+    with monkeypatch.context() as mp, torch.inference_mode():
+        mp.setattr(embedder, "forward", lambda h: torch.zeros_like(embedder.__class__.forward(embedder, h)))
+        for i in range(sigmas.shape[0] - 1):
+            s, nxt = float(sigmas[i]), float(sigmas[i + 1])
+            x = x + (nxt - s) * (x - den(x, s, **cond)) / s
+    assert rel(got, _raw_out(x, "flux")) < 1e-5
+    plain = flux_run(root, flux_graph())["8"][0]["samples"].float()
+    assert (got - plain).abs().max().item() > 1e-3  # the guidance embedding mattered
+    # FluxGuidance after it sets a guidance again (ComfyUI's conditioning values: the last one set counts)
+    g["12"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": 3.5}}
+    g["8"]["inputs"]["positive"] = ["12", 0]
+    assert torch.equal(flux_run(root, g)["8"][0]["samples"].float(), plain)

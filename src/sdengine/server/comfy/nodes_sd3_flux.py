@@ -692,6 +692,19 @@ def clip_text_encode_flux(ctx: RunContext, clip: ClipHandle, clip_l: str, t5xxl:
     return ([TextCondition(out, pooled_width=int(vector.shape[-1]))],)
 
 
+def guidance_disabled(g: Any) -> bool:
+    """FluxDisableGuidance's mark on an entry's ``guidance`` (ComfyUI's None: the guidance embedding left out)."""
+    return isinstance(g, torch.Tensor) and g.numel() > 0 and bool(torch.isnan(g).all())
+
+
+def flux_disable_guidance(ctx: RunContext, conditioning: list[Any]) -> tuple[Any]:
+    """ComfyUI's FluxDisableGuidance: the entries' guidance set to None, so that FLUX.1 [dev]'s transformer adds no
+    guidance embedding (here a NaN, which :class:`sdengine.models.flux.TimeTextEmbedding` reads as that, row by
+    row); the models without distilled guidance ignore it, as there."""
+    g = torch.tensor([float("nan")], dtype=torch.float32)
+    return ([replace(c, cond={**c.cond, "guidance": g}) for c in conditioning],)
+
+
 def flux_guidance(ctx: RunContext, conditioning: list[Any], guidance: float) -> tuple[Any]:
     """ComfyUI's FluxGuidance: FLUX.1 [dev]'s distilled guidance scale on every entry."""
     g = torch.tensor([float(guidance)], dtype=torch.float32)
@@ -1179,13 +1192,15 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
             if int(x.shape[-1]) != joint or "vector" in cond:
                 raise NodeError("this conditioning is not this Chroma model's (encode it with CLIPLoader type chroma)")
             g = cond.pop("guidance", None)
-            if g is not None and bool(torch.any(g != 0)):
+            if g is not None and not guidance_disabled(g) and bool(torch.any(g != 0)):
                 raise NodeError(
                     "FluxGuidance on a Chroma model: sdengine's Chroma runs its guidance input at 0 (ComfyUI's "
                     "default); leave FluxGuidance out"
                 )
             out.append(replace(e, cond=cond))
             continue
+        if family == "sd3" and guidance_disabled(cond.get("guidance")):  # FluxDisableGuidance: SD3 reads none
+            cond.pop("guidance")
         vector = cond.get("vector")
         label = "SD3" if family == "sd3" else "Flux"
         if vector is None or int(vector.shape[-1]) != pooled or (family == "sd3" and "guidance" in cond):
@@ -1203,7 +1218,7 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
                 raise NodeError(f"this conditioning is not this {label} model's (encode it with its CLIP)")
             if guidance and "guidance" not in cond:
                 cond["guidance"] = torch.tensor([FLUX_GUIDANCE])
-            elif not guidance:
+            elif not guidance:  # (FluxDisableGuidance's NaN: the transformer's rows without the guidance embedding)
                 cond.pop("guidance", None)
         out.append(replace(e, cond=cond))
     return out
@@ -1824,6 +1839,16 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         clip_text_encode_flux,
         description="Flux's CLIP-L pooled output of clip_l, T5's states of t5xxl, and FLUX.1 [dev]'s distilled "
         "guidance.",
+    ),
+    "FluxDisableGuidance": NodeDef(
+        "FluxDisableGuidance",
+        "FluxDisableGuidance",
+        "advanced/conditioning/flux",
+        (Input("conditioning", "CONDITIONING"),),
+        ("CONDITIONING",),
+        flux_disable_guidance,
+        description="FLUX.1 [dev]'s guidance embedding left out altogether (ComfyUI's guidance None); models without "
+        "distilled guidance ignore it; on FLUX.2 [dev]: a node error when it samples.",
     ),
     "FluxGuidance": NodeDef(
         "FluxGuidance",
