@@ -79,6 +79,32 @@ def ref_mahiro(x, sigma, out, c, u, scale):
     return (s * out + (4 - s) * leap) / 4
 
 
+def ref_tonemap(latent, multiplier):
+    mag = torch.linalg.vector_norm(latent, dim=(1)) + 0.0000000001
+    mag = mag[:, None]
+    norm = latent / mag
+    mean, std = torch.mean(mag, dim=(1, 2, 3), keepdim=True), torch.std(mag, dim=(1, 2, 3), keepdim=True)
+    top = (std * 5 + mean) * multiplier
+    mag = mag * (1.0 / top)
+    return norm * (mag / (mag + 1.0) * top)
+
+
+def ref_sharpen(latent, radius, sigma, alpha):
+    lum = (torch.linalg.vector_norm(latent, dim=(1)) + 1e-6)[:, None]
+    norm, c, k = latent / lum, latent.shape[1], radius * 2 + 1
+    xs, ys = torch.meshgrid(torch.linspace(-1, 1, k), torch.linspace(-1, 1, k), indexing="ij")
+    g = torch.exp(-(xs * xs + ys * ys) / (2.0 * sigma * sigma))
+    kernel = g / g.sum() * (alpha * -10)
+    kernel[k // 2, k // 2] = kernel[k // 2, k // 2] - kernel.sum() + 1.0
+    padded = F.pad(norm, (radius,) * 4, "reflect")
+    out = F.conv2d(padded, kernel.repeat(c, 1, 1).unsqueeze(1), padding=k // 2, groups=c)
+    return lum * out[:, :, radius:-radius, radius:-radius]
+
+
+def ref_latent_op_cfg(op):
+    return lambda x, sigma, c, u, scale: (op(c - u) + u, u)
+
+
 def ref_eps(factor: float):
     return lambda x, sigma, out, c, u, scale: x - (x - out) / factor
 
@@ -198,7 +224,7 @@ def sd1(tmp_path_factory, tiny_sd1_folder):
     return root, {str((root / "models" / "sd1").resolve()): pipe}, pipe
 
 
-def unet_graph(patches: list[tuple[str, dict[str, Any]]], cfg: float) -> dict[str, Any]:
+def unet_graph(patches: list[tuple[str, dict[str, Any]]], cfg: float, **extra: Any) -> dict[str, Any]:
     g: dict[str, Any] = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1"}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["1", 1]}},
@@ -214,6 +240,7 @@ def unet_graph(patches: list[tuple[str, dict[str, Any]]], cfg: float) -> dict[st
         "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "denoise": 1.0}}  # fmt: skip
     g["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 2]}}
     g["9"] = {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}
+    g.update(extra)
     return g
 
 
@@ -257,12 +284,23 @@ UNET_NODES: dict[str, Any] = {
 }
 
 
+OPS = {
+    "30": {"class_type": "LatentOperationTonemapReinhard", "inputs": {"multiplier": 0.8}},
+    "31": {"class_type": "LatentOperationSharpen", "inputs": {"sharpen_radius": 2, "sigma": 1.5, "alpha": 0.4}},
+}
+UNET_NODES["latent_op_cfg"] = (
+    [("LatentApplyOperationCFG", {"operation": ["30", 0]}), ("LatentApplyOperationCFG", {"operation": ["31", 0]})],
+    [ref_latent_op_cfg(lambda z: ref_tonemap(z, 0.8)), ref_latent_op_cfg(lambda z: ref_sharpen(z, 2, 1.5, 0.4))],
+    [],
+)
+
+
 @pytest.mark.parametrize("case", sorted(UNET_NODES))
 def test_unet_graph_nodes_equal_comfyuis_functions(sd1, case):
     root, pipes, pipe = sd1
     patches, pres, posts = UNET_NODES[case]
     pres = [ref_apg(0.5, 5.0, 0.5) if p == "apg" else ref_apg(0.0, 2.0, 0.0) if p == "apg0" else p for p in pres]
-    outs = _run(root, unet_graph(patches, 6.0), pipes)
+    outs = _run(root, unet_graph(patches, 6.0, **OPS), pipes)
     got = outs["3"][0]["samples"].float()
     want = _unet_reference(pipe, outs, 6.0, pres, posts)
     assert rel(got, want) < 1e-5

@@ -20,6 +20,9 @@ the run's calls), which :class:`sdengine.diffusion.guidance.CFGDenoiser` calls w
   (over the channels, averaged over everything) of the signed square roots of ``cfg uncond`` and ``merge`` gives
   ``s = 2 (sim + 1)``; ``(s out + (4 - s) leap) / 4``.
 - ``epsilon_scaling`` (Epsilon Scaling; post-CFG): ``x - (x - out) / factor``.
+- ``latent_op`` (LatentApplyOperationCFG; pre-CFG): the conditional x0 becomes ``op(cond - uncond) + uncond`` for
+  its latent operation ``op`` (a LATENT_OPERATION: a latent -> latent callable; the unconditional x0 zeros where
+  that pass is skipped, as ComfyUI's).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch import Tensor
 
 from sdengine.errors import UsageError
 
-PRE_HOOKS = ("apg", "tcfg")
+PRE_HOOKS = ("apg", "tcfg", "latent_op")
 POST_HOOKS = ("cfg_zero_star", "mahiro", "epsilon_scaling")
 
 
@@ -44,7 +47,7 @@ class CFGHook:
     norm_threshold, momentum; Epsilon Scaling: its factor)."""
 
     kind: str
-    params: tuple[float, ...] = ()
+    params: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in PRE_HOOKS + POST_HOOKS:
@@ -59,6 +62,8 @@ class CFGHook:
         (cond, uncond)``; a post-CFG one: ``(x, sigma, out, cond, uncond, scale) -> out``."""
         if self.kind == "apg":
             return _APG(*self.params)
+        if self.kind == "latent_op":
+            return _LatentOpHook(self.params[0])
         fn: Callable[..., Any] = {
             "tcfg": _tcfg,
             "cfg_zero_star": _cfg_zero_star,
@@ -100,6 +105,16 @@ class _APG:
         along = (g * unit).sum(dim=dims, keepdim=True) * unit
         modified = (g - along) + self.eta * along
         return (uncond + modified) + (cond - uncond) / scale, uncond
+
+
+class _LatentOpHook:
+    def __init__(self, op: Callable[[Tensor], Tensor]) -> None:
+        if not callable(op):
+            raise UsageError(f"LatentApplyOperationCFG takes a latent operation, got {type(op).__name__}")
+        self.op = op
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor, uncond: Tensor, scale: float, has: bool) -> Any:
+        return self.op(cond - uncond) + uncond, uncond
 
 
 def _tcfg(x: Tensor, sigma: Tensor, cond: Tensor, uncond: Tensor, scale: float, has: bool) -> Any:

@@ -83,9 +83,27 @@ def epsilon_scaling(ctx: RunContext, model: ModelHandle, scaling_factor: float) 
     return _hooked(model, CFGHook("epsilon_scaling", (float(scaling_factor),)))
 
 
+def latent_apply_operation_cfg(ctx: RunContext, model: ModelHandle, operation: Any) -> tuple[Any]:
+    """ComfyUI's LatentApplyOperationCFG (a pre-CFG function): the conditional x0 becomes ``op(cond - uncond) +
+    uncond`` at every model call (sdengine.diffusion.cfg_hooks)."""
+    if not callable(operation):
+        raise NodeError(f"LatentApplyOperationCFG: operation must be a LATENT_OPERATION, got {type(operation).__name__}")
+    return _hooked(model, CFGHook("latent_op", (operation,)))
+
+
 _PATCHED = ("patched_model",)
 
 GUIDANCE_NODES: dict[str, NodeDef] = {
+    "LatentApplyOperationCFG": NodeDef(
+        "LatentApplyOperationCFG",
+        "LatentApplyOperationCFG",
+        "latent/advanced/operations",
+        (Input("model", "MODEL"), Input("operation", "LATENT_OPERATION")),
+        ("MODEL",),
+        latent_apply_operation_cfg,
+        description="A latent operation on the guidance before CFG (ComfyUI's pre-CFG function): the conditional x0 "
+        "becomes op(cond - uncond) + uncond. U-Nets and flow models; one plain positive and negative.",
+    ),
     "CFGZeroStar": NodeDef(
         "CFGZeroStar",
         "CFGZeroStar",
