@@ -132,8 +132,13 @@ CASES: dict[str, Any] = {
     "epsilon_scaling": lambda: ([CFGHook("epsilon_scaling", (1.2,))], [], [ref_eps(1.2)]),
     # stacked in the order applied: the posts in their order, the pres before the CFG whatever their place
     "stacked": lambda: (
-        [CFGHook("cfg_zero_star"), CFGHook("tcfg"), CFGHook("epsilon_scaling", (1.1,)), CFGHook("apg", (0.7, 3.0, 0.5)),
-         CFGHook("mahiro")],
+        [
+            CFGHook("cfg_zero_star"),
+            CFGHook("tcfg"),
+            CFGHook("epsilon_scaling", (1.1,)),
+            CFGHook("apg", (0.7, 3.0, 0.5)),
+            CFGHook("mahiro"),
+        ],
         [ref_tcfg, ref_apg(0.7, 3.0, 0.5)],
         [ref_zero_star, ref_eps(1.1), ref_mahiro],
     ),  # fmt: skip
@@ -245,8 +250,8 @@ def unet_graph(patches: list[tuple[str, dict[str, Any]]], cfg: float, **extra: A
 
 
 def _unet_reference(pipe: Any, outs: dict[str, Any], cfg: float, pres: list, posts: list) -> torch.Tensor:
-    """Euler over the karras sigmas (BasicScheduler's) on ComfyUI's noise (scaled by sqrt(1 + sigma_max^2), a full denoise),
-    the U-Net's x0 (epsilon, ComfyUI's nearest timestep) per half, ComfyUI's sampling function."""
+    """Euler over the karras sigmas (BasicScheduler's) on ComfyUI's noise (scaled by sqrt(1 + sigma_max^2): a full
+    denoise), the U-Net's x0 (epsilon, ComfyUI's nearest timestep) per half, ComfyUI's sampling function."""
     from sdengine.diffusion.denoisers import Denoiser
     from sdengine.pipeline.unet_adapter import UNetAdapter
 
@@ -276,8 +281,12 @@ UNET_NODES: dict[str, Any] = {
     "mahiro": ([("Mahiro", {})], [], [ref_mahiro]),
     "epsilon_scaling": ([("Epsilon Scaling", {"scaling_factor": 1.005})], [], [ref_eps(1.005)]),
     "stacked": (
-        [("CFGZeroStar", {}), ("TCFG", {}), ("APG", {"eta": 0.0, "norm_threshold": 2.0, "momentum": 0.0}),
-         ("Epsilon Scaling", {"scaling_factor": 1.2})],
+        [
+            ("CFGZeroStar", {}),
+            ("TCFG", {}),
+            ("APG", {"eta": 0.0, "norm_threshold": 2.0, "momentum": 0.0}),
+            ("Epsilon Scaling", {"scaling_factor": 1.2}),
+        ],
         [ref_tcfg, "apg0"],
         [ref_zero_star, ref_eps(1.2)],
     ),  # fmt: skip
@@ -351,9 +360,8 @@ def test_bad_inputs_are_one_line_errors(sd1):
     g["3"]["inputs"]["positive"] = ["10", 0]
     assert "one whole-latent positive and negative" in _node_error(root, g, pipes)
     # out of ComfyUI's ranges: refused at validation, naming the input
-    from sdengine.server.comfy.graph import PromptInvalid
-
     from sdengine.server.catalog import Catalog
+    from sdengine.server.comfy.graph import PromptInvalid
 
     class Env:
         catalog, folders, limits = Catalog(root / "models", None, None), None, {}
@@ -402,11 +410,10 @@ def _sd3_reference(sd3: Any, pres: list, posts: list, slg: tuple | None = None) 
     ``slg`` (layers, scale, start, end, rescaling): SkipLayerGuidanceDiT's post-CFG function."""
     from functools import partial
 
-    from test_comfy_sd3_flux import NEGATIVE, PROMPT, STEPS
-
     from sdengine.diffusion.flow import flow_grid
     from sdengine.pipeline.sd3 import MMDiTAdapter
     from sdengine.server.comfy.nodes_sd3_flux import _raw_out
+    from test_comfy_sd3_flux import NEGATIVE, PROMPT, STEPS
 
     root, pipe = sd3
     schedule = FlowSchedule.sd3(3.0)
@@ -470,12 +477,11 @@ def test_flux_disable_guidance_leaves_the_guidance_embedding_out(flux, monkeypat
     """FluxDisableGuidance (ComfyUI: guidance None) on FLUX.1 [dev]: the transformer runs without its guidance
     embedding; an Euler loop over the same sigmas calling it with that embedding made zero gives the same
     LATENT."""
-    from test_comfy_sd3_flux import PROMPT, STEPS, flux_graph
-    from test_comfy_sd3_flux import _run as flux_run
-
     from sdengine.diffusion.flow import flow_grid
     from sdengine.pipeline.flux import FluxAdapter
     from sdengine.server.comfy.nodes_sd3_flux import _raw_out
+    from test_comfy_sd3_flux import PROMPT, STEPS, flux_graph
+    from test_comfy_sd3_flux import _run as flux_run
 
     root, pipe = flux
     g = flux_graph()

@@ -1381,9 +1381,10 @@ def sample_flow_latents(
     Diffusion's strength on that mask (None = off; see :func:`sample_latents`), the threshold in the flow's timestep
     (sigma) between ``sigmas[0]`` and the larger of ``sigmas[-1]`` and the table's sigma_min. ``cfg_norm``:
     ComfyUI's CFGNorm strength (:class:`_CFGNormed`, after the CFG). ``cfg_hooks``: as :func:`sample_latents`'s, not
-    with CFGNorm or skip-layer guidance (their order against the hooks is not kept here). A positive and a negative of different token
-    counts run apart where the negative runs, each at its own length in a call of its own (ComfyUI's ``CONDRegular``,
-    :func:`texts_concat`'s ``"equal"`` rule); at cfg 1 the positive runs alone at its own length."""
+    with CFGNorm or skip-layer guidance (their order against the hooks is not kept here). A positive and a negative
+    of different token counts run apart where the negative runs, each at its own length in a call of its own
+    (ComfyUI's ``CONDRegular``, :func:`texts_concat`'s ``"equal"`` rule);
+    at cfg 1 the positive runs alone at its own length."""
     from sdengine.diffusion.flow import FlowDenoiser
 
     if seed_rule not in SEED_RULES:

@@ -87,7 +87,9 @@ def latent_apply_operation_cfg(ctx: RunContext, model: ModelHandle, operation: A
     """ComfyUI's LatentApplyOperationCFG (a pre-CFG function): the conditional x0 becomes ``op(cond - uncond) +
     uncond`` at every model call (sdengine.diffusion.cfg_hooks)."""
     if not callable(operation):
-        raise NodeError(f"LatentApplyOperationCFG: operation must be a LATENT_OPERATION, got {type(operation).__name__}")
+        raise NodeError(
+            f"LatentApplyOperationCFG: operation must be a LATENT_OPERATION, got {type(operation).__name__}"
+        )
     return _hooked(model, CFGHook("latent_op", (operation,)))
 
 
