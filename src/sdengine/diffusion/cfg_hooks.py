@@ -64,12 +64,10 @@ class CFGHook:
             return _APG(*self.params)
         if self.kind == "latent_op":
             return _LatentOpHook(self.params[0])
-        fn: Callable[..., Any] = {
-            "tcfg": _tcfg,
-            "cfg_zero_star": _cfg_zero_star,
-            "mahiro": _mahiro,
-        }.get(self.kind) or _EpsilonScaling(*self.params)
-        return fn
+        if self.kind == "epsilon_scaling":
+            return _EpsilonScaling(*self.params)
+        fns: dict[str, Callable[..., Any]] = {"tcfg": _tcfg, "cfg_zero_star": _cfg_zero_star, "mahiro": _mahiro}
+        return fns[self.kind]
 
 
 def start_hooks(hooks: Any) -> tuple[tuple[bool, Callable[..., Any]], ...]:
@@ -101,7 +99,8 @@ class _APG:
         if self.threshold > 0:
             n = g.norm(p=2, dim=dims, keepdim=True)
             g = g * torch.minimum(torch.ones_like(n), self.threshold / n)
-        unit = F.normalize(cond, dim=dims)
+        # F.normalize over the three dims: cond / max(|cond|, 1e-12), its L2 norm per row
+        unit = cond / cond.norm(p=2, dim=dims, keepdim=True).clamp_min(1e-12)
         along = (g * unit).sum(dim=dims, keepdim=True) * unit
         modified = (g - along) + self.eta * along
         return (uncond + modified) + (cond - uncond) / scale, uncond
