@@ -249,7 +249,9 @@ def unet_graph(patches: list[tuple[str, dict[str, Any]]], cfg: float, **extra: A
     return g
 
 
-def _unet_reference(pipe: Any, outs: dict[str, Any], cfg: float, pres: list, posts: list) -> torch.Tensor:
+def _unet_reference(
+    pipe: Any, outs: dict[str, Any], cfg: float, pres: list, posts: list, cfg_fn: Any = None
+) -> torch.Tensor:
     """Euler over the karras sigmas (BasicScheduler's) on ComfyUI's noise (scaled by sqrt(1 + sigma_max^2): a full
     denoise), the U-Net's x0 (epsilon, ComfyUI's nearest timestep) per half, ComfyUI's sampling function."""
     from sdengine.diffusion.denoisers import Denoiser
@@ -269,7 +271,10 @@ def _unet_reference(pipe: Any, outs: dict[str, Any], cfg: float, pres: list, pos
             s, nxt = float(sigmas[i]), float(sigmas[i + 1])
             x0_c = den(x, s, **{k: v for k, v in pos.cond.items()})
             x0_u = None if cfg == 1.0 else den(x, s, **{k: v for k, v in neg.cond.items()})
-            x0 = reference_step(x, s, x0_c, x0_u, cfg, pres, posts)
+            if cfg_fn is not None:
+                x0 = reference_cfg_fn_step(x, s, x0_c, x0_u, cfg, cfg_fn)
+            else:
+                x0 = reference_step(x, s, x0_c, x0_u, cfg, pres, posts)
             x = x + (nxt - s) * (x - x0) / s
     return x
 
@@ -405,7 +410,7 @@ def _sd3_run(sd3: Any, model_patches: list[tuple[str, dict[str, Any]]]) -> torch
     return sd3_run(root, g, {ref: pipe})["6"][0]["samples"].float()
 
 
-def _sd3_reference(sd3: Any, pres: list, posts: list, slg: tuple | None = None) -> torch.Tensor:
+def _sd3_reference(sd3: Any, pres: list, posts: list, slg: tuple | None = None, cfg_fn: Any = None) -> torch.Tensor:
     """Euler on SD3's simple sigmas (shift 3), ComfyUI's noise and sampling function, its LATENT's scaling;
     ``slg`` (layers, scale, start, end, rescaling): SkipLayerGuidanceDiT's post-CFG function."""
     from functools import partial
@@ -424,7 +429,10 @@ def _sd3_reference(sd3: Any, pres: list, posts: list, slg: tuple | None = None) 
         for i in range(sigmas.shape[0] - 1):
             s, nxt = float(sigmas[i]), float(sigmas[i + 1])
             x0_c, x0_u = plain(x, s, **cond), plain(x, s, **uncond)
-            x0 = reference_step(x, s, x0_c, x0_u, 4.0, pres, posts)
+            if cfg_fn is not None:
+                x0 = reference_cfg_fn_step(x, s, x0_c, x0_u, 4.0, cfg_fn)
+            else:
+                x0 = reference_step(x, s, x0_c, x0_u, 4.0, pres, posts)
             if slg is not None:
                 layers, scale, start, end, r = slg
                 if schedule.percent_to_sigma(end) <= s <= schedule.percent_to_sigma(start):
@@ -504,3 +512,57 @@ def test_flux_disable_guidance_leaves_the_guidance_embedding_out(flux, monkeypat
     g["12"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["4", 0], "guidance": 3.5}}
     g["8"]["inputs"]["positive"] = ["12", 0]
     assert torch.equal(flux_run(root, g)["8"][0]["samples"].float(), plain)
+
+
+# ------------------------------------------------------------------------------------------- RenormCFG
+
+
+def ref_renorm(trunc: float, renorm: float):
+    """ComfyUI's RenormCFG cfg function (comfy_extras/nodes_lumina2.py), in x0 terms."""
+
+    def fn(x, sigma, c, u, scale):
+        if not sigma < trunc:
+            return c
+        half = u + scale * (c - u)
+        if renorm > 0.0:
+            cap = torch.linalg.vector_norm(c, dim=tuple(range(1, c.ndim)), keepdim=True) * renorm
+            n = torch.linalg.vector_norm(half, dim=tuple(range(1, half.ndim)), keepdim=True)
+            if n >= cap:
+                half = half * (cap / n)
+        return half
+
+    return fn
+
+
+def reference_cfg_fn_step(x, sigma, x0_c, x0_u, scale, fn):
+    return fn(x, sigma, x0_c, x0_u if x0_u is not None else torch.zeros_like(x0_c), scale)
+
+
+@pytest.mark.parametrize(("trunc", "renorm"), [(100.0, 1.0), (0.6, 0.5), (100.0, 0.0)])
+def test_renorm_cfg_on_sd3_equals_comfyuis_function(sd3, trunc, renorm):
+    got = _sd3_run(sd3, [("RenormCFG", {"cfg_trunc": trunc, "renorm_cfg": renorm})])
+    fn = ref_renorm(trunc, renorm)
+    want = _sd3_reference(sd3, [], [], cfg_fn=fn)
+    assert rel(got, want) < 1e-5
+    plain = _sd3_run(sd3, [])
+    if renorm == 0.0 and trunc == 100.0:  # plain CFG
+        assert rel(got, plain) < 1e-5
+    else:
+        assert (got - plain).abs().max().item() > 1e-3
+
+
+def test_renorm_cfg_and_rescale_cfg_the_last_counts(sd1):
+    root, pipes, pipe = sd1
+    renorm = ("RenormCFG", {"cfg_trunc": 100.0, "renorm_cfg": 0.5})
+    both = _run(root, unet_graph([("RescaleCFG", {"multiplier": 0.7}), renorm], 6.0), pipes)
+    want = _unet_reference(pipe, both, 6.0, [], [], cfg_fn=ref_renorm(100.0, 0.5))
+    assert rel(both["3"][0]["samples"].float(), want) < 1e-5
+    back = unet_graph(
+        [("RenormCFG", {"cfg_trunc": 100.0, "renorm_cfg": 0.5}), ("RescaleCFG", {"multiplier": 0.7})], 6.0
+    )
+    alone = unet_graph([("RescaleCFG", {"multiplier": 0.7})], 6.0)
+    assert torch.equal(_run(root, back, pipes)["3"][0]["samples"], _run(root, alone, pipes)["3"][0]["samples"])
+    # a batch of two: ComfyUI's comparison fails; here one line
+    g = unet_graph([("RenormCFG", {"cfg_trunc": 100.0, "renorm_cfg": 0.5})], 6.0)
+    g["6"]["inputs"]["batch_size"] = 2
+    assert "batch of one latent" in _node_error(root, g, pipes)

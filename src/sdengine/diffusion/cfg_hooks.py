@@ -20,6 +20,9 @@ the run's calls), which :class:`sdengine.diffusion.guidance.CFGDenoiser` calls w
   (over the channels, averaged over everything) of the signed square roots of ``cfg uncond`` and ``merge`` gives
   ``s = 2 (sim + 1)``; ``(s out + (4 - s) leap) / 4``.
 - ``epsilon_scaling`` (Epsilon Scaling; post-CFG): ``x - (x - out) / factor``.
+- ``renorm_cfg`` (RenormCFG; ComfyUI's CFG function, in place of the CFG): where sigma is below ``cfg_trunc`` the
+  CFG, its norm (over C, H, W) then capped at ``renorm_cfg`` times the conditional x0's when ``renorm_cfg`` is above
+  0; from ``cfg_trunc`` up the conditional x0 alone. A batch of one row (ComfyUI's comparison fails on more).
 - ``latent_op`` (LatentApplyOperationCFG; pre-CFG): the conditional x0 becomes ``op(cond - uncond) + uncond`` for
   its latent operation ``op`` (a LATENT_OPERATION: a latent -> latent callable; the unconditional x0 zeros where
   that pass is skipped, as ComfyUI's).
@@ -39,6 +42,7 @@ from sdengine.errors import UsageError
 
 PRE_HOOKS = ("apg", "tcfg", "latent_op")
 POST_HOOKS = ("cfg_zero_star", "mahiro", "epsilon_scaling")
+CFG_FUNCTIONS = ("renorm_cfg",)  # in place of the CFG combination (ComfyUI's sampler_cfg_function: one, the last)
 
 
 @dataclass(frozen=True)
@@ -50,12 +54,14 @@ class CFGHook:
     params: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in PRE_HOOKS + POST_HOOKS:
-            raise UsageError(f"unknown CFG hook {self.kind!r}; use one of {', '.join(PRE_HOOKS + POST_HOOKS)}")
+        kinds = PRE_HOOKS + POST_HOOKS + CFG_FUNCTIONS
+        if self.kind not in kinds:
+            raise UsageError(f"unknown CFG hook {self.kind!r}; use one of {', '.join(kinds)}")
 
     @property
-    def pre(self) -> bool:
-        return self.kind in PRE_HOOKS
+    def pre(self) -> bool | None:
+        """True: a pre-CFG hook; False: a post-CFG one; None: a CFG function."""
+        return None if self.kind in CFG_FUNCTIONS else self.kind in PRE_HOOKS
 
     def start(self) -> Callable[..., Any]:
         """The hook for one sampling run. A pre-CFG hook: ``(x, sigma, cond, uncond, scale, has_uncond) ->
@@ -64,14 +70,17 @@ class CFGHook:
             return _APG(*self.params)
         if self.kind == "latent_op":
             return _LatentOpHook(self.params[0])
+        if self.kind == "renorm_cfg":
+            return _RenormCFG(*self.params)
         if self.kind == "epsilon_scaling":
             return _EpsilonScaling(*self.params)
         fns: dict[str, Callable[..., Any]] = {"tcfg": _tcfg, "cfg_zero_star": _cfg_zero_star, "mahiro": _mahiro}
         return fns[self.kind]
 
 
-def start_hooks(hooks: Any) -> tuple[tuple[bool, Callable[..., Any]], ...]:
-    """The hooks of one sampling run, in the order given: (is a pre-CFG hook, the hook)."""
+def start_hooks(hooks: Any) -> tuple[tuple[bool | None, Callable[..., Any]], ...]:
+    """The hooks of one sampling run, in the order given: (:attr:`CFGHook.pre`, the hook). A CFG function
+    ``(x, sigma, cond, uncond, scale) -> guided`` replaces the CFG; of several, the last counts (as ComfyUI's)."""
     out = []
     for h in hooks:
         if not isinstance(h, CFGHook):
@@ -104,6 +113,27 @@ class _APG:
         along = (g * unit).sum(dim=dims, keepdim=True) * unit
         modified = (g - along) + self.eta * along
         return (uncond + modified) + (cond - uncond) / scale, uncond
+
+
+class _RenormCFG:
+    def __init__(self, cfg_trunc: float, renorm: float) -> None:
+        self.trunc, self.renorm = float(cfg_trunc), float(renorm)
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+        if cond.shape[0] != 1:
+            raise UsageError(
+                f"RenormCFG takes a batch of one latent (ComfyUI's norm comparison fails on more), got {cond.shape[0]}"
+            )
+        if not float(torch.as_tensor(sigma).reshape(-1)[0]) < self.trunc:
+            return cond
+        out = uncond + scale * (cond - uncond)
+        if self.renorm > 0.0:
+            dims = tuple(range(1, cond.ndim))
+            cap = torch.linalg.vector_norm(cond, dim=dims, keepdim=True) * self.renorm
+            norm = torch.linalg.vector_norm(out, dim=dims, keepdim=True)
+            if bool(norm >= cap):
+                out = out * (cap / norm)
+        return out
 
 
 class _LatentOpHook:

@@ -114,7 +114,7 @@ class CFGDenoiser(GuidedDenoiser):
         sag_blur_sigma: float = 1.0,
         attention_map: AttentionMap | None = None,
         sag_rule: str | None = None,
-        hooks: tuple[tuple[bool, Callable[..., Any]], ...] = (),
+        hooks: tuple[tuple[bool | None, Callable[..., Any]], ...] = (),
     ) -> None:
         if scale < 0:
             raise UsageError(f"guidance scale must be >= 0, got {scale}")
@@ -202,11 +202,15 @@ class CFGDenoiser(GuidedDenoiser):
         x0_u = parts[1] if uncond_pass else x0_c
         hook_u = x0_u if uncond_pass else torch.zeros_like(x0_c)  # ComfyUI's x0 of a pass it skips: zeros
         for pre, fn in hooks:  # ComfyUI's pre-CFG functions, in the order applied
-            if pre:
+            if pre is True:
                 x0_c, hook_u = fn(x, sigma, x0_c, hook_u, self.scale, uncond_pass)
         if uncond_pass:
             x0_u = hook_u
-        guided = x0_c if self.scale == 1.0 else x0_u + self.scale * (x0_c - x0_u)
+        cfg_fns = [fn for pre, fn in hooks if pre is None]
+        if cfg_fns:  # ComfyUI's sampler_cfg_function (RenormCFG) in place of the CFG: the last one counts
+            guided = cfg_fns[-1](x, sigma, x0_c, hook_u, self.scale)
+        else:
+            guided = x0_c if self.scale == 1.0 else x0_u + self.scale * (x0_c - x0_u)
         if guidance_parts is not None:
             guidance_parts.uncond = x0_u
         sag_term = None
@@ -225,7 +229,7 @@ class CFGDenoiser(GuidedDenoiser):
         if sag_term is not None and sag_comfy:
             guided = guided + sag_term
         for pre, fn in hooks:  # ComfyUI's post-CFG functions (applied after PAG's and SAG's: the nodes see to it)
-            if not pre:
+            if pre is False:
                 guided = fn(x, sigma, guided, x0_c, hook_u, self.scale)
         return guided
 

@@ -818,8 +818,10 @@ def model_sampling_discrete(ctx: RunContext, model: ModelHandle, sampling: str, 
 
 def rescale_cfg(ctx: RunContext, model: ModelHandle, multiplier: float) -> tuple[Any]:
     """ComfyUI's RescaleCFG: the guided prediction's std pulled towards the conditional one's by ``multiplier``,
-    matched on the v-prediction (sdengine.diffusion.guidance, rule "comfyui")."""
-    return (replace(model, cfg_rescale=float(multiplier)),)
+    matched on the v-prediction (sdengine.diffusion.guidance, rule "comfyui"). It replaces a RenormCFG applied
+    before it (ComfyUI's one CFG function)."""
+    hooks = tuple(h for h in getattr(model, "cfg_hooks", ()) if h.kind != "renorm_cfg")
+    return (replace(model, cfg_rescale=float(multiplier), cfg_hooks=hooks),)
 
 
 def perturbed_attention_guidance(ctx: RunContext, model: ModelHandle, scale: float) -> tuple[Any]:

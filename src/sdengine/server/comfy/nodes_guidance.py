@@ -93,9 +93,34 @@ def latent_apply_operation_cfg(ctx: RunContext, model: ModelHandle, operation: A
     return _hooked(model, CFGHook("latent_op", (operation,)))
 
 
+def renorm_cfg(ctx: RunContext, model: ModelHandle, cfg_trunc: float, renorm_cfg: float) -> tuple[Any]:
+    """ComfyUI's RenormCFG (Lumina 2's; a CFG function, in place of the CFG): below ``cfg_trunc`` (sigma) the CFG with
+    its norm capped at ``renorm_cfg`` times the conditional x0's, from it up the conditional x0 alone. It replaces
+    RescaleCFG's function and an earlier RenormCFG, as ComfyUI's one CFG function (sdengine.diffusion.cfg_hooks)."""
+    _finite("RenormCFG", cfg_trunc=cfg_trunc, renorm_cfg=renorm_cfg)
+    kept = tuple(h for h in model.cfg_hooks if h.kind != "renorm_cfg")
+    hook = CFGHook("renorm_cfg", (float(cfg_trunc), float(renorm_cfg)))
+    return (replace(model, cfg_rescale=0.0, cfg_hooks=(*kept, hook)),)
+
+
 _PATCHED = ("patched_model",)
 
 GUIDANCE_NODES: dict[str, NodeDef] = {
+    "RenormCFG": NodeDef(
+        "RenormCFG",
+        "RenormCFG",
+        "advanced/model",
+        (
+            Input("model", "MODEL"),
+            Input("cfg_trunc", "FLOAT", 100.0, 0.0, 100.0, 0.01),
+            Input("renorm_cfg", "FLOAT", 1.0, 0.0, 100.0, 0.01),
+        ),
+        ("MODEL",),
+        renorm_cfg,
+        description="Lumina 2's renormalised CFG as ComfyUI's CFG function: below cfg_trunc (sigma) the CFG with its "
+        "norm capped at renorm_cfg x the conditional x0's (0: no cap), from it up the conditional x0 alone; replaces "
+        "RescaleCFG. A latent batch of one (ComfyUI's fails on more).",
+    ),
     "LatentApplyOperationCFG": NodeDef(
         "LatentApplyOperationCFG",
         "LatentApplyOperationCFG",
