@@ -566,3 +566,23 @@ def test_renorm_cfg_and_rescale_cfg_the_last_counts(sd1):
     g = unet_graph([("RenormCFG", {"cfg_trunc": 100.0, "renorm_cfg": 0.5})], 6.0)
     g["6"]["inputs"]["batch_size"] = 2
     assert "batch of one latent" in _node_error(root, g, pipes)
+
+
+def test_skip_layer_guidance_dit_refusals(sd1, flux):
+    """SkipLayerGuidanceDiT on a U-Net, and on Flux (its double / single blocks are not left out here): one line."""
+    from test_comfy_sd3_flux import flux_graph
+    from test_comfy_sd3_flux import _run as flux_run
+
+    from sdengine.server.comfy.graph import NodeFailed
+
+    root, pipes, _ = sd1
+    slg = {"double_layers": "1", "single_layers": "", "scale": 3.0, "start_percent": 0.01, "end_percent": 0.15,
+           "rescaling_scale": 0.0}  # fmt: skip
+    assert "this model is a U-Net" in _node_error(root, unet_graph([("SkipLayerGuidanceDiT", slg)], 6.0), pipes)
+    froot, _ = flux
+    g = flux_graph()
+    g["12"] = {"class_type": "SkipLayerGuidanceDiT", "inputs": {"model": ["6", 0], **slg}}
+    g["8"]["inputs"]["model"] = ["12", 0]
+    with pytest.raises(NodeFailed) as info:
+        flux_run(froot, g)
+    assert "skip-layer guidance is SD3's" in str(info.value) and "\n" not in str(info.value)
