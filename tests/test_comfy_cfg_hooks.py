@@ -570,10 +570,9 @@ def test_renorm_cfg_and_rescale_cfg_the_last_counts(sd1):
 
 def test_skip_layer_guidance_dit_refusals(sd1, flux):
     """SkipLayerGuidanceDiT on a U-Net, and on Flux (its double / single blocks are not left out here): one line."""
-    from test_comfy_sd3_flux import flux_graph
-    from test_comfy_sd3_flux import _run as flux_run
-
     from sdengine.server.comfy.graph import NodeFailed
+    from test_comfy_sd3_flux import _run as flux_run
+    from test_comfy_sd3_flux import flux_graph
 
     root, pipes, _ = sd1
     slg = {"double_layers": "1", "single_layers": "", "scale": 3.0, "start_percent": 0.01, "end_percent": 0.15,
