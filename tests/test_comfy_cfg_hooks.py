@@ -105,6 +105,25 @@ def ref_latent_op_cfg(op):
     return lambda x, sigma, c, u, scale: (op(c - u) + u, u)
 
 
+def ref_tsr(k: float, tsr_sigma: float, flow: bool):
+    """ComfyUI's TemporalScoreRescaling (comfy_extras/nodes_eps.py), sigma_to_half_log_snr of a CONST (flow) model or
+    another."""
+
+    def fn(x, sigma, out, c, u, scale):
+        sig = torch.tensor([sigma], dtype=torch.float32)[0]
+        if k == 1 or sig.item() == 0:
+            return out
+        hls = sig.logit().neg() if flow else sig.log().neg()
+        snr = (2 * hls).exp()
+        if snr.item() == 0:
+            return out
+        var = tsr_sigma**2
+        r = torch.where(torch.isposinf(snr), k, (snr * var + 1) / (snr * var / k + 1))
+        return torch.lerp(x / (sig * hls.exp()), out, r)
+
+    return fn
+
+
 def ref_eps(factor: float):
     return lambda x, sigma, out, c, u, scale: x - (x - out) / factor
 
@@ -130,6 +149,7 @@ CASES: dict[str, Any] = {
     "tcfg": lambda: ([CFGHook("tcfg")], [ref_tcfg], []),
     "mahiro": lambda: ([CFGHook("mahiro")], [], [ref_mahiro]),
     "epsilon_scaling": lambda: ([CFGHook("epsilon_scaling", (1.2,))], [], [ref_eps(1.2)]),
+    "tsr": lambda: ([CFGHook("tsr", (0.8, 0.5))], [], [ref_tsr(0.8, 0.5, flow=True)]),
     # stacked in the order applied: the posts in their order, the pres before the CFG whatever their place
     "stacked": lambda: (
         [
@@ -285,6 +305,7 @@ UNET_NODES: dict[str, Any] = {
     "tcfg": ([("TCFG", {})], [ref_tcfg], []),
     "mahiro": ([("Mahiro", {})], [], [ref_mahiro]),
     "epsilon_scaling": ([("Epsilon Scaling", {"scaling_factor": 1.005})], [], [ref_eps(1.005)]),
+    "tsr": ([("TemporalScoreRescaling", {"tsr_k": 0.9, "tsr_sigma": 2.0})], [], [ref_tsr(0.9, 2.0, flow=False)]),
     "stacked": (
         [
             ("CFGZeroStar", {}),
@@ -356,6 +377,10 @@ def test_bad_inputs_are_one_line_errors(sd1):
     # PAG / SAG after a post-CFG hook: ComfyUI would run them after it, sdengine before
     g = unet_graph([("CFGZeroStar", {}), ("PerturbedAttentionGuidance", {"scale": 3.0})], 6.0)
     assert "apply PerturbedAttentionGuidance before them" in _node_error(root, g, pipes)
+    # after a CFG function (RenormCFG) or a pre-CFG hook the order does not matter: it runs
+    ok = [("RenormCFG", {"cfg_trunc": 100.0, "renorm_cfg": 1.0}), ("APG", {"eta": 1.0, "norm_threshold": 5.0,
+          "momentum": 0.0}), ("PerturbedAttentionGuidance", {"scale": 1.0})]  # fmt: skip
+    assert _run(root, unet_graph(ok, 6.0), pipes)["3"][0]["samples"].isfinite().all()
     g = unet_graph([("Mahiro", {}), ("SelfAttentionGuidance", {"scale": 0.5, "blur_sigma": 2.0})], 6.0)
     assert "apply SelfAttentionGuidance before them" in _node_error(root, g, pipes)
     # an area conditioning

@@ -1446,7 +1446,7 @@ def sample_flow_latents(
         )
     from sdengine.diffusion.cfg_hooks import start_hooks
 
-    guided: Any = CFGDenoiser(den, float(cfg), uncond, rule="comfyui", hooks=start_hooks(cfg_hooks))
+    guided: Any = CFGDenoiser(den, float(cfg), uncond, rule="comfyui", hooks=start_hooks(cfg_hooks, flow=True))
     if cfg_norm is not None:
         guided = _CFGNormed(guided, float(cfg), float(cfg_norm))
     slg = skip_layer_guidance

@@ -20,6 +20,9 @@ the run's calls), which :class:`sdengine.diffusion.guidance.CFGDenoiser` calls w
   (over the channels, averaged over everything) of the signed square roots of ``cfg uncond`` and ``merge`` gives
   ``s = 2 (sim + 1)``; ``(s out + (4 - s) leap) / 4``.
 - ``epsilon_scaling`` (Epsilon Scaling; post-CFG): ``x - (x - out) / factor``.
+- ``tsr`` (TemporalScoreRescaling; post-CFG): with the half log-SNR ``h`` of sigma (``-log sigma``; a flow model's
+  ``-logit sigma``), ``snr = exp(2 h)``, ``r = (snr v + 1) / (snr v / k + 1)`` (``v = tsr_sigma^2``) and ``alpha =
+  sigma exp(h)``: ``lerp(x / alpha, out, r)``; nothing at ``k`` 1, at sigma 0 or where ``snr`` is 0.
 - ``renorm_cfg`` (RenormCFG; ComfyUI's CFG function, in place of the CFG): where sigma is below ``cfg_trunc`` the
   CFG, its norm (over C, H, W) then capped at ``renorm_cfg`` times the conditional x0's when ``renorm_cfg`` is above
   0; from ``cfg_trunc`` up the conditional x0 alone. A batch of one row (ComfyUI's comparison fails on more).
@@ -41,7 +44,7 @@ from torch import Tensor
 from sdengine.errors import UsageError
 
 PRE_HOOKS = ("apg", "tcfg", "latent_op")
-POST_HOOKS = ("cfg_zero_star", "mahiro", "epsilon_scaling")
+POST_HOOKS = ("cfg_zero_star", "mahiro", "epsilon_scaling", "tsr")
 CFG_FUNCTIONS = ("renorm_cfg",)  # in place of the CFG combination (ComfyUI's sampler_cfg_function: one, the last)
 
 
@@ -63,29 +66,32 @@ class CFGHook:
         """True: a pre-CFG hook; False: a post-CFG one; None: a CFG function."""
         return None if self.kind in CFG_FUNCTIONS else self.kind in PRE_HOOKS
 
-    def start(self) -> Callable[..., Any]:
-        """The hook for one sampling run. A pre-CFG hook: ``(x, sigma, cond, uncond, scale, has_uncond) ->
-        (cond, uncond)``; a post-CFG one: ``(x, sigma, out, cond, uncond, scale) -> out``."""
+    def start(self, flow: bool = False) -> Callable[..., Any]:
+        """The hook for one sampling run (``flow``: on a flow model, ComfyUI's CONST sampling). A pre-CFG hook:
+        ``(x, sigma, cond, uncond, scale, has_uncond) -> (cond, uncond)``; a post-CFG one: ``(x, sigma, out, cond,
+        uncond, scale) -> out``; a CFG function: ``(x, sigma, cond, uncond, scale) -> guided``."""
         if self.kind == "apg":
             return _APG(*self.params)
         if self.kind == "latent_op":
             return _LatentOpHook(self.params[0])
         if self.kind == "renorm_cfg":
             return _RenormCFG(*self.params)
+        if self.kind == "tsr":
+            return _TSR(*self.params, flow=flow)
         if self.kind == "epsilon_scaling":
             return _EpsilonScaling(*self.params)
         fns: dict[str, Callable[..., Any]] = {"tcfg": _tcfg, "cfg_zero_star": _cfg_zero_star, "mahiro": _mahiro}
         return fns[self.kind]
 
 
-def start_hooks(hooks: Any) -> tuple[tuple[bool | None, Callable[..., Any]], ...]:
+def start_hooks(hooks: Any, flow: bool = False) -> tuple[tuple[bool | None, Callable[..., Any]], ...]:
     """The hooks of one sampling run, in the order given: (:attr:`CFGHook.pre`, the hook). A CFG function
     ``(x, sigma, cond, uncond, scale) -> guided`` replaces the CFG; of several, the last counts (as ComfyUI's)."""
     out = []
     for h in hooks:
         if not isinstance(h, CFGHook):
             raise UsageError(f"a CFG hook must be a CFGHook, got {type(h).__name__}")
-        out.append((h.pre, h.start()))
+        out.append((h.pre, h.start(flow)))
     return tuple(out)
 
 
@@ -113,6 +119,24 @@ class _APG:
         along = (g * unit).sum(dim=dims, keepdim=True) * unit
         modified = (g - along) + self.eta * along
         return (uncond + modified) + (cond - uncond) / scale, uncond
+
+
+class _TSR:
+    def __init__(self, k: float, tsr_sigma: float, *, flow: bool) -> None:
+        self.k, self.var, self.flow = float(k), float(tsr_sigma) ** 2, flow
+
+    def __call__(self, x: Tensor, sigma: Tensor, out: Tensor, cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+        s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[0]
+        if self.k == 1 or float(s) == 0:
+            return out
+        h = s.logit().neg() if self.flow else s.log().neg()
+        snr = (2 * h).exp()
+        if float(snr) == 0:
+            return out
+        r = (snr * self.var + 1) / (snr * self.var / self.k + 1)
+        r = torch.where(torch.isposinf(snr), torch.tensor(self.k), r)
+        alpha = (s * h.exp()).to(x.device)
+        return torch.lerp(x / alpha, out, r.to(device=x.device, dtype=out.dtype))
 
 
 class _RenormCFG:

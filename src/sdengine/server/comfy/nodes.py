@@ -832,11 +832,12 @@ def perturbed_attention_guidance(ctx: RunContext, model: ModelHandle, scale: flo
 
 
 def after_post_cfg_hooks(node: str, model: ModelHandle) -> None:
-    """A post-CFG patch that sdengine runs before the hooks of CFGZeroStar, Mahiro and Epsilon Scaling: refused on a
-    model that has one of those already (ComfyUI would run it after them)."""
-    if any(not h.pre for h in getattr(model, "cfg_hooks", ())):
+    """A post-CFG patch that sdengine runs before the hooks of CFGZeroStar, Mahiro, Epsilon Scaling and
+    TemporalScoreRescaling: refused on a model that has one of those already (ComfyUI would run it after them)."""
+    if any(h.pre is False for h in getattr(model, "cfg_hooks", ())):
         raise NodeError(
-            f"{node} after CFGZeroStar, Mahiro or Epsilon Scaling is not supported here: apply {node} before them"
+            f"{node} after CFGZeroStar, Mahiro, Epsilon Scaling or TemporalScoreRescaling is not supported here: "
+            f"apply {node} before them"
         )
 
 

@@ -1,5 +1,6 @@
-"""ComfyUI's guidance model patches that live outside the core node list: SelfAttentionGuidance, and the pre- /
-post-CFG functions of APG, TCFG, CFGZeroStar, Mahiro and Epsilon Scaling.
+"""ComfyUI's guidance model patches that live outside the core node list: SelfAttentionGuidance; the pre- / post-CFG
+functions of APG, TCFG, LatentApplyOperationCFG, CFGZeroStar, Mahiro, Epsilon Scaling and TemporalScoreRescaling;
+RenormCFG's CFG function.
 
 Self-attention guidance (Hong et al. 2023) is the engine's (:mod:`sdengine.diffusion.sag`,
 :class:`sdengine.diffusion.guidance.CFGDenoiser` under the "comfyui" rule): the node only records its settings on the
@@ -93,6 +94,13 @@ def latent_apply_operation_cfg(ctx: RunContext, model: ModelHandle, operation: A
     return _hooked(model, CFGHook("latent_op", (operation,)))
 
 
+def temporal_score_rescaling(ctx: RunContext, model: ModelHandle, tsr_k: float, tsr_sigma: float) -> tuple[Any]:
+    """ComfyUI's TemporalScoreRescaling (a post-CFG function): the guided x0 moved towards ``x / alpha`` by the
+    rescaling ratio of the step's SNR (sdengine.diffusion.cfg_hooks)."""
+    _finite("TemporalScoreRescaling", tsr_k=tsr_k, tsr_sigma=tsr_sigma)
+    return _hooked(model, CFGHook("tsr", (float(tsr_k), float(tsr_sigma))))
+
+
 def renorm_cfg(ctx: RunContext, model: ModelHandle, cfg_trunc: float, renorm_cfg: float) -> tuple[Any]:
     """ComfyUI's RenormCFG (Lumina 2's; a CFG function, in place of the CFG): below ``cfg_trunc`` (sigma) the CFG with
     its norm capped at ``renorm_cfg`` times the conditional x0's, from it up the conditional x0 alone. It replaces
@@ -106,6 +114,22 @@ def renorm_cfg(ctx: RunContext, model: ModelHandle, cfg_trunc: float, renorm_cfg
 _PATCHED = ("patched_model",)
 
 GUIDANCE_NODES: dict[str, NodeDef] = {
+    "TemporalScoreRescaling": NodeDef(
+        "TemporalScoreRescaling",
+        "TSR - Temporal Score Rescaling",
+        "model/patch/unet",
+        (
+            Input("model", "MODEL"),
+            Input("tsr_k", "FLOAT", 0.95, 0.01, 100.0, 0.001),
+            Input("tsr_sigma", "FLOAT", 1.0, 0.01, 100.0, 0.001),
+        ),
+        ("MODEL",),
+        temporal_score_rescaling,
+        output_names=("patched_model",),
+        description="Temporal score rescaling as ComfyUI's post-CFG function: the guided x0 moved towards x / alpha "
+        "by r = (snr v + 1) / (snr v / tsr_k + 1), v = tsr_sigma^2; U-Nets (snr = 1 / sigma^2) and flow models "
+        "(snr = ((1 - sigma) / sigma)^2).",
+    ),
     "RenormCFG": NodeDef(
         "RenormCFG",
         "RenormCFG",
