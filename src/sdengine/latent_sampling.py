@@ -593,6 +593,7 @@ def sample_latents(
     deep_shrink: Any = None,
     ip_adapters: Sequence[Any] = (),
     differential: float | None = None,
+    cfg_hooks: Sequence[Any] = (),
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -651,6 +652,8 @@ def sample_latents(
     ``noise_mask`` is kept grey (resized bilinearly, as ComfyUI's prepare_mask) and each model call repaints where it
     is at or above a threshold falling from 1 to 0 over the run
     (:class:`sdengine.pipeline.latents.DifferentialBlend`); without a noise mask it does nothing, as there.
+    ``cfg_hooks``: :class:`sdengine.diffusion.cfg_hooks.CFGHook` values (ComfyUI's pre- and post-CFG functions: APG,
+    TCFG, CFGZeroStar, Mahiro, Epsilon Scaling) in the order applied, with one plain positive and negative only.
     """
     if guidance_rule is not None and not third:
         raise LatentSamplingError("a guider over three conditionings needs its third conditioning")
@@ -694,6 +697,14 @@ def sample_latents(
             "self-attention guidance takes one whole-latent negative conditioning and no area, mask or strength (its "
             "map and degraded pass are the whole latent's); combine the entries first"
         )
+    if cfg_hooks and (regional or len(positive) > 1):
+        raise LatentSamplingError(
+            "APG, TCFG, CFGZeroStar, Mahiro and Epsilon Scaling take one whole-latent positive and negative "
+            "conditioning here (no areas, masks, strengths, several entries or a guider over three conditionings)"
+        )
+    from sdengine.diffusion.cfg_hooks import start_hooks
+
+    hooks = start_hooks(cfg_hooks)
     prediction = pipe.prediction_type if prediction is None else prediction
     rule = "comfyui" if seed_rule == "comfyui" else "diffusers"
     perturb = None
@@ -1063,6 +1074,7 @@ def sample_latents(
                 sag_blur_sigma=sag_blur_sigma,
                 attention_map=attention_map,
                 sag_rule=sag_rule,
+                hooks=hooks,
             )
             parts.append((guide, extra))
         guided: Any = parts[0][0] if len(parts) == 1 else _MeanOfGuided(parts)
@@ -1179,12 +1191,16 @@ class SkipLayerGuidance:
     """ComfyUI's SkipLayerGuidanceSD3 (SkipLayerGuidanceDiT, after Stability's SD3.5 recipe): at the model calls whose
     sigma lies in ``[percent_to_sigma(end_percent), percent_to_sigma(start_percent)]``, the guided x0 gets
     ``scale * (x0_cond - x0_cond_skipped)``, the conditional rows run once more with ``layers`` left out (a post-CFG
-    term, as PAG's; at cfg 1 too)."""
+    term, as PAG's; at cfg 1 too). ``rescaling_scale`` (SkipLayerGuidanceDiT's): the result then times
+    ``r * std(x0_cond) / std(result) + (1 - r)`` (stds over the whole batch); with it and no ``layers`` the term is
+    0 and the rescaling alone acts (ComfyUI's SkipLayerGuidanceDiT with only single blocks named on SD3's MMDiT,
+    which has none)."""
 
     layers: tuple[int, ...]
     scale: float
     start_percent: float = 0.01
     end_percent: float = 0.15
+    rescaling_scale: float = 0.0
 
 
 class _CFGNormed:
@@ -1217,9 +1233,11 @@ class _CFGNormed:
 class _SkipLayerGuided:
     """A guided flow denoiser with :class:`SkipLayerGuidance`'s term added in its sigma window."""
 
-    def __init__(self, guided: Any, cond: Any, skipped: Any, scale: float, high: float, low: float) -> None:
+    def __init__(
+        self, guided: Any, cond: Any, skipped: Any, scale: float, high: float, low: float, rescaling: float = 0.0
+    ) -> None:
         self.guided, self.cond, self.skipped = guided, cond, skipped
-        self.scale, self.high, self.low = scale, high, low
+        self.scale, self.high, self.low, self.rescaling = scale, high, low, rescaling
 
     def __getattr__(self, name: str) -> Any:  # what the samplers ask of the guided denoiser
         return getattr(self.guided, name)
@@ -1229,7 +1247,12 @@ class _SkipLayerGuided:
         s = float(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[0])
         if self.scale > 0 and self.low <= s <= self.high:
             args = {k: v for k, v in kw.items() if k not in ("guidance_parts", "step")}
-            out = out + (self.cond(x, sigma, **args) - self.skipped(x, sigma, **args)) * self.scale
+            cond = self.cond(x, sigma, **args)
+            skipped = cond if self.skipped is None else self.skipped(x, sigma, **args)
+            out = out + (cond - skipped) * self.scale
+            if self.rescaling != 0:
+                factor = cond.std() / out.std()
+                out = out * (self.rescaling * factor + (1 - self.rescaling))
         return out
 
 
@@ -1342,6 +1365,7 @@ def sample_flow_latents(
     noise_mask: Tensor | None = None,
     differential: float | None = None,
     cfg_norm: float | None = None,
+    cfg_hooks: Sequence[Any] = (),
 ) -> Tensor:
     """Sample a flow model from ``latent`` (B, C, h, w) in its scaled latent space along ``sigmas`` (decreasing, at
     most 1: :func:`flow_sigmas`, or a SamplerCustom's list), as ComfyUI's samplers run a flow model: the start is
@@ -1356,9 +1380,11 @@ def sample_flow_latents(
     plain model (:class:`_FlowInpaint`, the mask as :func:`flow_noise_mask` fits it); ``differential``: Differential
     Diffusion's strength on that mask (None = off; see :func:`sample_latents`), the threshold in the flow's timestep
     (sigma) between ``sigmas[0]`` and the larger of ``sigmas[-1]`` and the table's sigma_min. ``cfg_norm``:
-    ComfyUI's CFGNorm strength (:class:`_CFGNormed`, after the CFG). A positive and a negative of different token
-    counts run apart where the negative runs, each at its own length in a call of its own (ComfyUI's ``CONDRegular``,
-    :func:`texts_concat`'s ``"equal"`` rule); at cfg 1 the positive runs alone at its own length."""
+    ComfyUI's CFGNorm strength (:class:`_CFGNormed`, after the CFG). ``cfg_hooks``: as :func:`sample_latents`'s, not
+    with CFGNorm or skip-layer guidance (their order against the hooks is not kept here). A positive and a negative
+    of different token counts run apart where the negative runs, each at its own length in a call of its own
+    (ComfyUI's ``CONDRegular``, :func:`texts_concat`'s ``"equal"`` rule);
+    at cfg 1 the positive runs alone at its own length."""
     from sdengine.diffusion.flow import FlowDenoiser
 
     if seed_rule not in SEED_RULES:
@@ -1413,17 +1439,24 @@ def sample_flow_latents(
         extra[key] = pos[key].to(dev).expand(b, *pos[key].shape[1:])
         uncond[key] = neg[key].to(dev)
     den = FlowDenoiser(network, model.schedule)
-    guided: Any = CFGDenoiser(den, float(cfg), uncond, rule="comfyui")
+    if cfg_hooks and (cfg_norm is not None or skip_layer_guidance is not None):
+        raise LatentSamplingError(
+            "APG, TCFG, CFGZeroStar, Mahiro and Epsilon Scaling do not run with CFGNorm or SkipLayerGuidanceSD3 here: "
+            "use one or the other"
+        )
+    from sdengine.diffusion.cfg_hooks import start_hooks
+
+    guided: Any = CFGDenoiser(den, float(cfg), uncond, rule="comfyui", hooks=start_hooks(cfg_hooks, flow=True))
     if cfg_norm is not None:
         guided = _CFGNormed(guided, float(cfg), float(cfg_norm))
     slg = skip_layer_guidance
-    if slg is not None and slg.layers and slg.scale > 0:
+    if slg is not None and (slg.layers or slg.rescaling_scale) and slg.scale > 0:
         if skipping is None:
             raise LatentSamplingError(f"{model.name} cannot leave blocks out: skip-layer guidance is SD3's (MMDiT)")
-        skipped = FlowDenoiser(skipping(tuple(slg.layers)), model.schedule)
+        skipped = FlowDenoiser(skipping(tuple(slg.layers)), model.schedule) if slg.layers else None
         high = model.schedule.percent_to_sigma(float(slg.start_percent))
         low = model.schedule.percent_to_sigma(float(slg.end_percent))
-        guided = _SkipLayerGuided(guided, den, skipped, float(slg.scale), high, low)
+        guided = _SkipLayerGuided(guided, den, skipped, float(slg.scale), high, low, float(slg.rescaling_scale))
     if noise_mask is not None:
         fitted = flow_noise_mask(noise_mask, latent.shape).to(dev)
         rule = None

@@ -114,6 +114,7 @@ class CFGDenoiser(GuidedDenoiser):
         sag_blur_sigma: float = 1.0,
         attention_map: AttentionMap | None = None,
         sag_rule: str | None = None,
+        hooks: tuple[tuple[bool | None, Callable[..., Any]], ...] = (),
     ) -> None:
         if scale < 0:
             raise UsageError(f"guidance scale must be >= 0, got {scale}")
@@ -143,6 +144,8 @@ class CFGDenoiser(GuidedDenoiser):
         self.sag_blur_sigma = check_blur_sigma(sag_blur_sigma)
         self.attention_map = attention_map
         self.sag_rule = rule if sag_rule is None else sag_rule
+        # ComfyUI's pre- and post-CFG functions of the model-patch nodes (sdengine.diffusion.cfg_hooks.start_hooks)
+        self.hooks = tuple(hooks)
 
     def _over(self, inner: Any) -> CFGDenoiser:
         """The same guidance over another inner denoiser."""
@@ -158,6 +161,7 @@ class CFGDenoiser(GuidedDenoiser):
             sag_blur_sigma=self.sag_blur_sigma,
             attention_map=self.attention_map,
             sag_rule=self.sag_rule,
+            hooks=self.hooks,
         )
         den.pag_schedule = self.pag_schedule
         return den
@@ -169,7 +173,8 @@ class CFGDenoiser(GuidedDenoiser):
         pag = self.pag_scale > 0
         comfy = self.rule == "comfyui"
         sag = self.sag_scale != 0
-        if self.scale == 1.0 and guidance_parts is None and not pag and not sag:
+        hooks = self.hooks
+        if self.scale == 1.0 and guidance_parts is None and not pag and not sag and not hooks:
             if tags:
                 cond["row_kinds"] = ("cond",) * x.shape[0]
             return self.inner(x, sigma, **cond)
@@ -195,7 +200,17 @@ class CFGDenoiser(GuidedDenoiser):
         parts = out.chunk(n)
         x0_c = parts[0]
         x0_u = parts[1] if uncond_pass else x0_c
-        guided = x0_c if self.scale == 1.0 else x0_u + self.scale * (x0_c - x0_u)
+        hook_u = x0_u if uncond_pass else torch.zeros_like(x0_c)  # ComfyUI's x0 of a pass it skips: zeros
+        for pre, fn in hooks:  # ComfyUI's pre-CFG functions, in the order applied
+            if pre is True:
+                x0_c, hook_u = fn(x, sigma, x0_c, hook_u, self.scale, uncond_pass)
+        if uncond_pass:
+            x0_u = hook_u
+        cfg_fns = [fn for pre, fn in hooks if pre is None]
+        if cfg_fns:  # ComfyUI's sampler_cfg_function (RenormCFG) in place of the CFG: the last one counts
+            guided = cfg_fns[-1](x, sigma, x0_c, hook_u, self.scale)
+        else:
+            guided = x0_c if self.scale == 1.0 else x0_u + self.scale * (x0_c - x0_u)
         if guidance_parts is not None:
             guidance_parts.uncond = x0_u
         sag_term = None
@@ -213,6 +228,9 @@ class CFGDenoiser(GuidedDenoiser):
             guided = guided + pag_scale * (x0_c - parts[-1])
         if sag_term is not None and sag_comfy:
             guided = guided + sag_term
+        for pre, fn in hooks:  # ComfyUI's post-CFG functions (applied after PAG's and SAG's: the nodes see to it)
+            if pre is False:
+                guided = fn(x, sigma, guided, x0_c, hook_u, self.scale)
         return guided
 
     def _rows(self, cond: Mapping[str, Any], kinds: tuple[str, ...], b: int, tags: bool) -> dict[str, Any]:

@@ -520,7 +520,8 @@ class TimeTextEmbedding(nn.Module):
         self.text_embedder = TimestepEmbedding(pooled_dim, dim)  # the same Linear-SiLU-Linear
 
     def forward(self, timestep: Tensor, guidance: Tensor | None, pooled: Tensor) -> Tensor:
-        """timestep (B,) on the 0..1000 scale, guidance (B,) the scale itself, pooled (B, pooled_dim) -> (B, dim).
+        """timestep (B,) on the 0..1000 scale, guidance (B,) the scale itself (NaN: that row without the guidance
+        embedding), pooled (B, pooled_dim) -> (B, dim).
 
         The numbers fed to the sinusoid are rounded as BFL's and diffusers' code rounds them: t in 0..1 and the
         guidance scale are cast to the model's dtype and multiplied by 1000 in it. In float32 that is t itself;
@@ -530,8 +531,11 @@ class TimeTextEmbedding(nn.Module):
         t = (timestep.float() / 1000).to(dtype) * 1000
         vec = self.timestep_embedder(timestep_embedding(t, TIME_FEATURES).to(dtype))
         if self.guidance_embedder is not None and guidance is not None:
-            g = guidance.to(dtype) * GUIDANCE_SCALE
-            vec = vec + self.guidance_embedder(timestep_embedding(g, TIME_FEATURES).to(dtype))
+            # a NaN row: that row without the guidance embedding (ComfyUI's guidance None, FluxDisableGuidance)
+            off = torch.isnan(guidance.float()).reshape(-1, 1)
+            g = torch.nan_to_num(guidance.float(), nan=0.0).to(dtype) * GUIDANCE_SCALE
+            emb = self.guidance_embedder(timestep_embedding(g, TIME_FEATURES).to(dtype))
+            vec = vec + (torch.where(off, torch.zeros_like(emb), emb) if bool(off.any()) else emb)
         return vec + self.text_embedder(pooled)
 
 
@@ -553,7 +557,12 @@ class FinalLayer(nn.Module):
 
 
 def _batch_vector(
-    value: Tensor | float, batch: int, name: str, device: torch.device, what: str = "Flux transformer"
+    value: Tensor | float,
+    batch: int,
+    name: str,
+    device: torch.device,
+    what: str = "Flux transformer",
+    nan_ok: bool = False,
 ) -> Tensor:
     """A per-row number as a (B,) float32 tensor on ``device``: a scalar (Python or 0-d) is repeated, a (B,) kept.
     Numbers given on the CPU are checked to be finite (one on the GPU is not: that check would wait for the GPU
@@ -563,7 +572,7 @@ def _batch_vector(
         t = t.expand(batch)
     if t.shape != (batch,):
         raise UsageError(f"{what}: {name} must be a number or have shape ({batch},), got {tuple(t.shape)}")
-    if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
+    if t.device.type == "cpu" and not bool((torch.isfinite(t) | (torch.isnan(t) & nan_ok)).all()):
         raise UsageError(f"{what}: {name} must be finite, got {t.tolist()}")
     return t.to(device=device, dtype=torch.float32)
 
@@ -720,7 +729,8 @@ class FluxTransformer(FluxLikeTransformer):
             )
         device, dtype = hidden_states.device, self.dtype
         t = _batch_vector(timestep, B, "timestep", device)
-        g = _batch_vector(guidance, B, "guidance", device) if guidance is not None else None
+        # a NaN row: no guidance embedding there (ComfyUI's guidance None: FluxDisableGuidance)
+        g = _batch_vector(guidance, B, "guidance", device, nan_ok=True) if guidance is not None else None
 
         tokens = pack_latents(hidden_states.to(dtype))  # (B, N, 4C), N = H/2 * W/2
         N = tokens.shape[1]

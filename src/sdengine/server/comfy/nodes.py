@@ -250,6 +250,9 @@ class ModelHandle:
     # ZImageFunControlnet's patches: sdengine.server.comfy.nodes_z_image_control.ZImageControl values, one per node in
     # the order applied (their residuals add up, as ComfyUI's patch lists)
     z_image_controls: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    # ComfyUI's pre- / post-CFG functions of APG, TCFG, CFGZeroStar, Mahiro and Epsilon Scaling:
+    # sdengine.diffusion.cfg_hooks.CFGHook values in the order applied (sdengine.server.comfy.nodes_guidance)
+    cfg_hooks: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -823,14 +826,27 @@ def model_sampling_discrete(ctx: RunContext, model: ModelHandle, sampling: str, 
 
 def rescale_cfg(ctx: RunContext, model: ModelHandle, multiplier: float) -> tuple[Any]:
     """ComfyUI's RescaleCFG: the guided prediction's std pulled towards the conditional one's by ``multiplier``,
-    matched on the v-prediction (sdengine.diffusion.guidance, rule "comfyui")."""
-    return (replace(model, cfg_rescale=float(multiplier)),)
+    matched on the v-prediction (sdengine.diffusion.guidance, rule "comfyui"). It replaces a RenormCFG applied
+    before it (ComfyUI's one CFG function)."""
+    hooks = tuple(h for h in getattr(model, "cfg_hooks", ()) if h.kind != "renorm_cfg")
+    return (replace(model, cfg_rescale=float(multiplier), cfg_hooks=hooks),)
 
 
 def perturbed_attention_guidance(ctx: RunContext, model: ModelHandle, scale: float) -> tuple[Any]:
     """ComfyUI's PerturbedAttentionGuidance: ``scale * (cond - perturbed)`` added after CFG, the perturbed pass
     running the middle block's self-attention with the identity map (sdengine.nn.attention)."""
+    after_post_cfg_hooks("PerturbedAttentionGuidance", model)
     return (replace(model, pag_scale=model.pag_scale + float(scale)),)
+
+
+def after_post_cfg_hooks(node: str, model: ModelHandle) -> None:
+    """A post-CFG patch that sdengine runs before the hooks of CFGZeroStar, Mahiro, Epsilon Scaling and
+    TemporalScoreRescaling: refused on a model that has one of those already (ComfyUI would run it after them)."""
+    if any(h.pre is False for h in getattr(model, "cfg_hooks", ())):
+        raise NodeError(
+            f"{node} after CFGZeroStar, Mahiro, Epsilon Scaling or TemporalScoreRescaling is not supported here: "
+            f"apply {node} before them"
+        )
 
 
 def free_u(ctx: RunContext, model: ModelHandle, b1: float, b2: float, s1: float, s2: float) -> tuple[Any]:
@@ -1233,6 +1249,7 @@ def _sample(
             deep_shrink=deep_shrink_chain(model.deep_shrink) or None,
             ip_adapters=getattr(model, "ip_adapters", ()),
             differential=model.differential,
+            cfg_hooks=model.cfg_hooks,
             callback=report,
             batch_index=latent_image.get("batch_index"),
             guidance_rule=guidance_rule,

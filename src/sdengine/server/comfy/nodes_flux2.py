@@ -289,6 +289,10 @@ def fit_conditioning(entries: list[Any], width: int, guidance: bool = False) -> 
             cond["crossattn"] = torch.nn.functional.pad(x, (0, 0, MIN_TOKENS - int(x.shape[1]), 0))
         if guidance:
             g = cond.get("guidance")
+            from sdengine.server.comfy.nodes_sd3_flux import guidance_disabled
+
+            if guidance_disabled(g):
+                raise NodeError("FluxDisableGuidance on FLUX.2 [dev] is not supported here: leave it out")
             cond["guidance"] = torch.tensor([FLUX_GUIDANCE]) if g is None else g
         else:
             cond.pop("guidance", None)

@@ -573,7 +573,10 @@ def fit_conditioning(entries: list[Any], joint: int) -> list[Any]:
                 f"this conditioning is not this Qwen-Image model's (its states are {int(x.shape[-1])} wide, the "
                 f"transformer's {joint}): encode it with CLIPLoader type qwen_image's CLIP"
             )
-        if cond.pop("guidance", None) is not None:
+        from sdengine.server.comfy.nodes_sd3_flux import guidance_disabled
+
+        g = cond.pop("guidance", None)
+        if g is not None and not guidance_disabled(g):  # FluxDisableGuidance's mark: nothing to leave out
             raise NodeError("FluxGuidance does not apply to Qwen-Image (it has no distilled guidance): leave it out")
         out.append(replace(e, cond=cond))
     return out

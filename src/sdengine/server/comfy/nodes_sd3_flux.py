@@ -692,6 +692,19 @@ def clip_text_encode_flux(ctx: RunContext, clip: ClipHandle, clip_l: str, t5xxl:
     return ([TextCondition(out, pooled_width=int(vector.shape[-1]))],)
 
 
+def guidance_disabled(g: Any) -> bool:
+    """FluxDisableGuidance's mark on an entry's ``guidance`` (ComfyUI's None: the guidance embedding left out)."""
+    return isinstance(g, torch.Tensor) and g.numel() > 0 and bool(torch.isnan(g).all())
+
+
+def flux_disable_guidance(ctx: RunContext, conditioning: list[Any]) -> tuple[Any]:
+    """ComfyUI's FluxDisableGuidance: the entries' guidance set to None, so that FLUX.1 [dev]'s transformer adds no
+    guidance embedding (here a NaN, which :class:`sdengine.models.flux.TimeTextEmbedding` reads as that, row by
+    row); the models without distilled guidance ignore it, as there."""
+    g = torch.tensor([float("nan")], dtype=torch.float32)
+    return ([replace(c, cond={**c.cond, "guidance": g}) for c in conditioning],)
+
+
 def flux_guidance(ctx: RunContext, conditioning: list[Any], guidance: float) -> tuple[Any]:
     """ComfyUI's FluxGuidance: FLUX.1 [dev]'s distilled guidance scale on every entry."""
     g = torch.tensor([float(guidance)], dtype=torch.float32)
@@ -811,6 +824,31 @@ def skip_layer_guidance_sd3(
     if not numbers or float(scale) == 0.0:  # ComfyUI: the model as it was
         return (model,)
     return (replace(model, skip_layer_guidance=(numbers, float(scale), float(start_percent), float(end_percent))),)
+
+
+def skip_layer_guidance_dit(
+    ctx: RunContext,
+    model: ModelHandle,
+    double_layers: str,
+    single_layers: str,
+    scale: float,
+    start_percent: float,
+    end_percent: float,
+    rescaling_scale: float,
+) -> tuple[Any]:
+    """ComfyUI's SkipLayerGuidanceDiT: SkipLayerGuidanceSD3's term with the double (joint) blocks ``double_layers``
+    left out, then the result times ``rescaling_scale * std(x0_cond) / std(result) + (1 - rescaling_scale)``. The
+    single blocks it names exist on Flux only (SD3's MMDiT has none, so they leave nothing out there, as in ComfyUI);
+    Flux's skip-layer guidance is not implemented here (a node error when it samples)."""
+    for name, v in (("scale", scale), ("rescaling_scale", rescaling_scale)):
+        if not math.isfinite(float(v)):
+            raise NodeError(f"SkipLayerGuidanceDiT: {name} must be a finite number, got {v!r}")
+    double = tuple(int(n) for n in re.findall(r"\d+", str(double_layers)))
+    single = tuple(int(n) for n in re.findall(r"\d+", str(single_layers)))
+    if (not double and not single) or float(scale) == 0.0:  # ComfyUI: the model as it was (its term needs scale > 0)
+        return (model,)
+    slg = (double, float(scale), float(start_percent), float(end_percent), float(rescaling_scale))
+    return (replace(model, skip_layer_guidance=slg),)
 
 
 def _schedule(family: str, guidance_embeds: bool, model: ModelHandle) -> Any:
@@ -1154,13 +1192,15 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
             if int(x.shape[-1]) != joint or "vector" in cond:
                 raise NodeError("this conditioning is not this Chroma model's (encode it with CLIPLoader type chroma)")
             g = cond.pop("guidance", None)
-            if g is not None and bool(torch.any(g != 0)):
+            if g is not None and not guidance_disabled(g) and bool(torch.any(g != 0)):
                 raise NodeError(
                     "FluxGuidance on a Chroma model: sdengine's Chroma runs its guidance input at 0 (ComfyUI's "
                     "default); leave FluxGuidance out"
                 )
             out.append(replace(e, cond=cond))
             continue
+        if family == "sd3" and guidance_disabled(cond.get("guidance")):  # FluxDisableGuidance: SD3 reads none
+            cond.pop("guidance")
         vector = cond.get("vector")
         label = "SD3" if family == "sd3" else "Flux"
         if vector is None or int(vector.shape[-1]) != pooled or (family == "sd3" and "guidance" in cond):
@@ -1178,7 +1218,7 @@ def _fit_conditioning(entries: list[Any], family: str, guidance: bool, widths: t
                 raise NodeError(f"this conditioning is not this {label} model's (encode it with its CLIP)")
             if guidance and "guidance" not in cond:
                 cond["guidance"] = torch.tensor([FLUX_GUIDANCE])
-            elif not guidance:
+            elif not guidance:  # (FluxDisableGuidance's NaN: the transformer's rows without the guidance embedding)
                 cond.pop("guidance", None)
         out.append(replace(e, cond=cond))
     return out
@@ -1371,6 +1411,7 @@ def sample_flow(
                 noise_mask=latent_image.get("noise_mask"),
                 differential=getattr(model, "differential", None),
                 cfg_norm=model.cfg_norm,
+                cfg_hooks=model.cfg_hooks,
             )
     except LatentSamplingError as e:
         raise NodeError(str(e)) from None
@@ -1799,6 +1840,16 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         description="Flux's CLIP-L pooled output of clip_l, T5's states of t5xxl, and FLUX.1 [dev]'s distilled "
         "guidance.",
     ),
+    "FluxDisableGuidance": NodeDef(
+        "FluxDisableGuidance",
+        "FluxDisableGuidance",
+        "advanced/conditioning/flux",
+        (Input("conditioning", "CONDITIONING"),),
+        ("CONDITIONING",),
+        flux_disable_guidance,
+        description="FLUX.1 [dev]'s guidance embedding left out altogether (ComfyUI's guidance None); models without "
+        "distilled guidance ignore it; on FLUX.2 [dev]: a node error when it samples.",
+    ),
     "FluxGuidance": NodeDef(
         "FluxGuidance",
         "FluxGuidance",
@@ -1882,6 +1933,25 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         description="Skip-layer guidance on SD3's MMDiT as ComfyUI's: where the sigma lies between start_percent and "
         "end_percent of the schedule, scale x (x0_cond - x0_cond with the joint blocks in layers left out) added after "
         "CFG; on Flux: a node error when it samples.",
+    ),
+    "SkipLayerGuidanceDiT": NodeDef(
+        "SkipLayerGuidanceDiT",
+        "SkipLayerGuidanceDiT",
+        "advanced/guidance",
+        (
+            Input("model", "MODEL"),
+            Input("double_layers", "STRING", "7, 8, 9"),
+            Input("single_layers", "STRING", "7, 8, 9"),
+            Input("scale", "FLOAT", 3.0, 0.0, 10.0, 0.1),
+            Input("start_percent", "FLOAT", 0.01, 0.0, 1.0, 0.001),
+            Input("end_percent", "FLOAT", 0.15, 0.0, 1.0, 0.001),
+            Input("rescaling_scale", "FLOAT", 0.0, 0.0, 10.0, 0.01),
+        ),
+        ("MODEL",),
+        skip_layer_guidance_dit,
+        description="Skip-layer guidance as ComfyUI's generic DiT node, on SD3's MMDiT: SkipLayerGuidanceSD3's term "
+        "with the double_layers joint blocks left out (SD3 has no single blocks: single_layers leave nothing out), "
+        "then rescaled towards the conditional x0's std by rescaling_scale; on Flux and U-Nets: a node error.",
     ),
     "ModelSamplingFlux": NodeDef(
         "ModelSamplingFlux",

@@ -190,7 +190,10 @@ def fit_conditioning(entries: list[Any], width: int) -> list[Any]:
                 f"this conditioning is not this Z-Image model's (its states are {int(x.shape[-1])} wide, the "
                 f"transformer reads {width}): encode it with CLIPLoader type {CLIP_TYPE}'s CLIP (Qwen3-4B)"
             )
-        if cond.pop("guidance", None) is not None:
+        from sdengine.server.comfy.nodes_sd3_flux import guidance_disabled
+
+        g = cond.pop("guidance", None)
+        if g is not None and not guidance_disabled(g):  # FluxDisableGuidance's mark: nothing to leave out
             raise NodeError("FluxGuidance does not apply to Z-Image (it has no distilled guidance): leave it out")
         out.append(replace(e, cond=cond))
     return out
