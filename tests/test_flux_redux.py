@@ -112,10 +112,52 @@ def test_strength_scales_the_image_tokens_only_and_units_join(redux):
     assert _mad(zero.arrays, by_image.arrays) > 10 * TOL
 
 
+def test_true_cfg_runs_the_longer_positive_apart_as_diffusers(redux):
+    """cfg_scale above 1 with a negative prompt: the positive (T5 + Redux tokens) and the negative (T5 only) run
+    as two transformer calls, as diffusers' FluxPipeline runs true CFG (``true_cfg_scale``, the negative's own
+    embeds and text ids, its two passes apart) given FluxPriorReduxPipeline's prompt embeds; two rows with their
+    own seeds (the negative given as text: diffusers asks embeds given for both of one shape)."""
+    _, pipe, flux, prior, prior_folder = redux
+    image = picture(45, 29, seed=2)
+    ours = pipe(
+        [PROMPT, PROMPT],
+        "blurry",
+        steps=3,
+        seed=[SEED, 8],
+        width=W,
+        height=H,
+        cfg_scale=2.5,
+        redux=[ReduxUnit(prior_folder, image, strength=0.8)],
+        progress=False,
+    )
+    out = prior(image, prompt=PROMPT, prompt_2=PROMPT)
+    embeds, pooled = out.prompt_embeds, out.pooled_prompt_embeds
+    t5 = flux.encode_prompt(PROMPT, PROMPT)[0]
+    embeds = torch.cat([embeds[:, : t5.shape[1]], 0.8 * embeds[:, t5.shape[1] :]], dim=1)  # the strength
+    for row, seed in enumerate((SEED, 8)):
+        want = flux(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            negative_prompt="blurry",
+            true_cfg_scale=2.5,
+            num_inference_steps=3,
+            width=W,
+            height=H,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).images
+        assert _mad(ours.arrays[row : row + 1], want) < TOL
+    plain = pipe(PROMPT, "blurry", steps=3, seed=SEED, width=W, height=H, cfg_scale=2.5, progress=False)
+    assert _mad(ours.arrays[:1], plain.arrays) > 10 * TOL
+    # a CFG++ sampler reads the unconditional pass at scale 1: it runs too
+    pp = pipe(PROMPT, steps=2, seed=SEED, width=W, height=H, sampler="euler_cfg_pp",
+              redux=[ReduxUnit(prior_folder, image)], progress=False)  # fmt: skip
+    assert np.isfinite(pp.arrays).all()
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"cfg_scale": 3.0, "negative_prompt": "blurry"}, r"redux: true CFG .* leave cfg_scale at 1"),
         ({"prompt": "a [red:green:0.5] apple", "steps": 4}, r"redux: prompt editing"),
         ({"redux": ReduxUnit("x")}, "redux must be a list of ReduxUnit, got ReduxUnit"),
         ({"redux": ["x"]}, "redux takes ReduxUnit values, got str"),
