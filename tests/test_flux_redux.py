@@ -240,3 +240,57 @@ def test_chroma_refuses_redux(redux, tmp_path):
         GenerationError, match="redux .FLUX.1 Redux image prompts. applies to FLUX.1 models; .* not one"
     ):
         pipe(PROMPT, steps=1, width=W, height=H, redux=[ReduxUnit(prior_folder, picture(20, 20))], progress=False)
+
+
+def test_infotext_records_redux_and_from_png_makes_the_image_again(redux, tmp_path, capsys, monkeypatch):
+    """``Redux N``: the image's file name and pixel hash, the strength, the model's name and hash; ``--from-png``
+    finds the image beside the PNG by that name and hash (or takes --redux-image), the model from --redux-model
+    (its hash checked), and makes the same pixels; a missing image or another model: one line."""
+    import shutil
+
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters, read_png_parameters, recorded_redux
+    from sdengine.pipeline.redux import image_hash
+
+    folder, _, _, _, prior_folder = redux
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "style.png"
+    picture(36, 28, seed=4).save(src)
+    out = tmp_path / "a.png"
+    args = ["generate", "--model", str(folder), "--seed", str(SEED), "--no-progress", "--steps", "2"]
+    first = [*args, PROMPT, "--width", str(W), "--height", str(H), "--cfg", "2", "--negative", "dull"]
+    redux_args = ["--redux-image", str(src), "--redux-model", str(prior_folder), "--redux-strength", "0.6"]
+    assert main([*first, *redux_args, "--out", str(out)]) == 0
+    text = read_png_parameters(out)
+    (r,) = recorded_redux(parse_parameters(text))
+    assert (r.image, r.image_hash, r.strength, r.model) == ("style.png", image_hash(src), 0.6, "tiny-redux")
+    assert r.model_hash is not None and r.siglip is None
+    again = tmp_path / "b.png"
+    assert main(["generate", "--from-png", str(out), "--model", str(folder), "--redux-model", str(prior_folder),
+                 "--no-progress", "--out", str(again)]) == 0  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+
+    def refused(argv: list[str]) -> str:
+        capsys.readouterr()
+        assert main(argv) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(out, elsewhere / "a.png")
+    monkeypatch.chdir(elsewhere)
+    base = ["generate", "--from-png", str(elsewhere / "a.png"), "--model", str(folder), "--no-progress"]
+    base += ["--out", str(elsewhere / "c.png")]
+    assert "was made with the Redux image 'style.png'" in refused([*base, "--redux-model", str(prior_folder)])
+    assert "give it with --redux-model" in refused(base)
+    picture(36, 28, seed=5).save(elsewhere / "style.png")  # the same name, other pixels
+    assert "not beside it or in the working folder with those pixels" in refused(
+        [*base, "--redux-model", str(prior_folder)]
+    )
+    other = tmp_path / "other-redux"
+    shutil.copytree(prior_folder, other)
+    w = other / "image_embedder" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
+    assert "but --redux-model" in refused([*base, "--redux-image", str(src), "--redux-model", str(other)])

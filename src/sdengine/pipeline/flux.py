@@ -578,6 +578,8 @@ class FluxPipeline(Pipeline):
             out.update(flux_kontext.infotext_fields(request, sizes))
         if request.control_preprocessor != "none":  # FLUX.1 Depth / Canny's map made from a photo
             out["Control preprocessor"] = request.control_preprocessor
+        if request.redux:  # FLUX.1 Redux's units: the image's file name and pixel hash, the models', the strength
+            out.update(redux.infotext_fields(request.redux))
         return out
 
     def __call__(self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any) -> Any:
