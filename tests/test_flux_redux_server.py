@@ -140,3 +140,21 @@ def test_openai_extra_body_redux_equals_the_python_call(served):
     )
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
     np.testing.assert_array_equal(got, _python(pipe, redux_file, siglip_file, image))
+
+
+def test_a1111_txt2img_top_level_redux_equals_the_python_call(served):
+    """A1111's txt2img with sdengine's top-level ``redux`` (the native job's units, images base64)."""
+    _, client, pipe, redux_file, siglip_file = served
+    image = picture(40, 24, seed=3)
+    unit = {"model": "flux1-redux-tiny.safetensors", "image": base64.b64encode(_png(image)).decode(), "strength": 1.5}
+    body = {"prompt": PROMPT, "steps": STEPS, "seed": 5, "width": W, "height": H, "cfg_scale": 1,
+            "sampler_name": "Euler", "scheduler": "Simple", "override_settings": {"sd_model_checkpoint": "tiny-flux"},
+            "redux": [unit]}  # fmt: skip
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+    want = _python(pipe, redux_file, siglip_file, image, 1.5, sampler="euler", schedule="simple")
+    np.testing.assert_array_equal(got, want)
+    assert "Redux 0: " in r.json()["info"]
+    r = client.post("/sdapi/v1/txt2img", json={**body, "redux": [{"image": "x"}]})
+    _one_line_400(r, "redux[0].model must be a non-empty string")
