@@ -34,7 +34,9 @@ def parse_units(raw: Any, what: str = "redux") -> list[dict[str, Any]]:
         try:
             raw = json.loads(raw)
         except ValueError:
-            raise BadRequest(f"{what} must be a JSON list of units ({{model, image, ...}}), got {raw[:100]!r}") from None
+            raise BadRequest(
+                f"{what} must be a JSON list of units ({{model, image, ...}}), got {raw[:100]!r}"
+            ) from None
     if not isinstance(raw, list | tuple):
         raise BadRequest(f"{what} must be a list of units ({{model, image, siglip, strength}})")
     if len(raw) > MAX_REDUX_UNITS:
@@ -64,7 +66,9 @@ def _siglip_of(catalog: Catalog, name: str | None, label: str) -> Path:
     from sdengine.weights.redux_file import is_siglip_path
 
     if catalog.clip_vision_dir is None:
-        raise BadRequest(f"{label}: Redux needs the SigLIP encoder and the server has none (serve --clip-vision-dir DIR)")
+        raise BadRequest(
+            f"{label}: Redux needs the SigLIP encoder and the server has none (serve --clip-vision-dir DIR)"
+        )
     if name is not None:
         path = catalog.resolve_clip_vision(name)
         if not is_siglip_path(path):
@@ -95,7 +99,9 @@ def build_units(
     for k, u in enumerate(units):
         label = f"{what}[{k}]"
         if catalog.models_dir is None:
-            raise BadRequest(f"{label}: the server has no style_models/ folder for Redux files (serve --models-dir DIR)")
+            raise BadRequest(
+                f"{label}: the server has no style_models/ folder for Redux files (serve --models-dir DIR)"
+            )
         model = catalog.resolve_style_model(u["model"])
         siglip = _siglip_of(catalog, u["siglip"], label)
         picture = image(u["image"], f"{label} image")
