@@ -46,12 +46,12 @@ def _find_image(name: str, digest: str | None, png: str) -> str:
 
 
 def _check_hash(path: str, digest: str | None, what: str, recorded: str, png: str) -> None:
-    from ..pipeline.redux import _REDUX_WEIGHTS, _weights_named
+    from ..pipeline.redux import REDUX_WEIGHTS, weights_named
 
     if digest is None:
         return
-    weights = _REDUX_WEIGHTS if what == "--redux-model" else ("model.safetensors",)
-    _, got = _weights_named(path, weights)
+    weights = REDUX_WEIGHTS if what == "--redux-model" else ("model.safetensors",)
+    _, got = weights_named(path, weights)
     if got != digest:
         raise GenerationError(
             f"{png} was made with the Redux {'model' if what == '--redux-model' else 'SigLIP encoder'} {recorded!r} "

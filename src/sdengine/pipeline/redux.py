@@ -169,14 +169,14 @@ def image_name(image: Any) -> str:
     return Path(name).name if isinstance(name, str) and name else "image"
 
 
-_REDUX_WEIGHTS = (
+REDUX_WEIGHTS = (
     "image_embedder/diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.safetensors",
     "model.safetensors",
 )
 
 
-def _weights_named(source: Any, weights: tuple[str, ...]) -> tuple[str, str | None]:
+def weights_named(source: Any, weights: tuple[str, ...]) -> tuple[str, str | None]:
     """(name, hash) of a model as the infotext names it: a file's stem and :func:`model_hash`; a folder's name and
     the hash of its weights file; a loaded model its file's stem (no hash)."""
     from sdengine.pipeline.infotext import files_hash_cached
@@ -194,10 +194,10 @@ def unit_infotext(unit: ReduxUnit) -> str:
     """The ``Redux N`` value of a unit (:func:`sdengine.metadata.format_redux`)."""
     from sdengine.metadata import format_redux
 
-    model, model_digest = _weights_named(unit.redux, _REDUX_WEIGHTS)
+    model, model_digest = weights_named(unit.redux, REDUX_WEIGHTS)
     siglip = siglip_digest = None
     if unit.siglip is not None and unit.image is not None:
-        siglip, siglip_digest = _weights_named(unit.siglip, ("model.safetensors",))
+        siglip, siglip_digest = weights_named(unit.siglip, ("model.safetensors",))
     image = None if unit.image is None else image_name(unit.image)
     return format_redux(
         image=image,
@@ -274,6 +274,7 @@ def run_text_groups(net: Any, x: Tensor, t: Tensor, text_len: Tensor, *, crossat
 __all__ = [
     "MAX_REDUX_UNITS",
     "MAX_STRENGTH",
+    "REDUX_WEIGHTS",
     "ReduxUnit",
     "check_units",
     "image_hash",
@@ -283,4 +284,5 @@ __all__ = [
     "redux_tokens",
     "run_text_groups",
     "unit_infotext",
+    "weights_named",
 ]
