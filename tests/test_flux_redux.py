@@ -294,3 +294,22 @@ def test_infotext_records_redux_and_from_png_makes_the_image_again(redux, tmp_pa
     w = other / "image_embedder" / "diffusion_pytorch_model.safetensors"
     w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
     assert "but --redux-model" in refused([*base, "--redux-image", str(src), "--redux-model", str(other)])
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("Image: a.png [0123456789], Strength: 1", "no Redux model or image recorded"),
+        ("Strength: 1, Model: r [0123456789]", "no Redux model or image recorded"),
+        ("Image: a.png, Strength: much, Model: r", "Strength must be a number from 0 to 10"),
+        ("Image: a.png, Strength: 11, Model: r", "Strength must be a number from 0 to 10"),
+    ],
+)
+def test_recorded_redux_refuses_fields_it_cannot_run_again(value, message):
+    from sdengine.metadata import MetadataError, format_redux, recorded_redux
+
+    with pytest.raises(MetadataError, match=message):
+        recorded_redux({"Redux 0": value})
+    text = format_redux(image="a, b.png", image_hash="0123456789", strength=0.25, model="r:x", siglip="s")
+    (r,) = recorded_redux({"Redux 0": text})  # separators removed from the names, as A1111's readers split on them
+    assert (r.image, r.image_hash, r.strength, r.model, r.siglip) == ("a b.png", "0123456789", 0.25, "rx", "s")
