@@ -112,10 +112,52 @@ def test_strength_scales_the_image_tokens_only_and_units_join(redux):
     assert _mad(zero.arrays, by_image.arrays) > 10 * TOL
 
 
+def test_true_cfg_runs_the_longer_positive_apart_as_diffusers(redux):
+    """cfg_scale above 1 with a negative prompt: the positive (T5 + Redux tokens) and the negative (T5 only) run
+    as two transformer calls, as diffusers' FluxPipeline runs true CFG (``true_cfg_scale``, the negative's own
+    embeds and text ids, its two passes apart) given FluxPriorReduxPipeline's prompt embeds; two rows with their
+    own seeds (the negative given as text: diffusers asks embeds given for both of one shape)."""
+    _, pipe, flux, prior, prior_folder = redux
+    image = picture(45, 29, seed=2)
+    ours = pipe(
+        [PROMPT, PROMPT],
+        "blurry",
+        steps=3,
+        seed=[SEED, 8],
+        width=W,
+        height=H,
+        cfg_scale=2.5,
+        redux=[ReduxUnit(prior_folder, image, strength=0.8)],
+        progress=False,
+    )
+    out = prior(image, prompt=PROMPT, prompt_2=PROMPT)
+    embeds, pooled = out.prompt_embeds, out.pooled_prompt_embeds
+    t5 = flux.encode_prompt(PROMPT, PROMPT)[0]
+    embeds = torch.cat([embeds[:, : t5.shape[1]], 0.8 * embeds[:, t5.shape[1] :]], dim=1)  # the strength
+    for row, seed in enumerate((SEED, 8)):
+        want = flux(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            negative_prompt="blurry",
+            true_cfg_scale=2.5,
+            num_inference_steps=3,
+            width=W,
+            height=H,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        ).images
+        assert _mad(ours.arrays[row : row + 1], want) < TOL
+    plain = pipe(PROMPT, "blurry", steps=3, seed=SEED, width=W, height=H, cfg_scale=2.5, progress=False)
+    assert _mad(ours.arrays[:1], plain.arrays) > 10 * TOL
+    # a CFG++ sampler reads the unconditional pass at scale 1: it runs too
+    pp = pipe(PROMPT, steps=2, seed=SEED, width=W, height=H, sampler="euler_cfg_pp",
+              redux=[ReduxUnit(prior_folder, image)], progress=False)  # fmt: skip
+    assert np.isfinite(pp.arrays).all()
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"cfg_scale": 3.0, "negative_prompt": "blurry"}, r"redux: true CFG .* leave cfg_scale at 1"),
         ({"prompt": "a [red:green:0.5] apple", "steps": 4}, r"redux: prompt editing"),
         ({"redux": ReduxUnit("x")}, "redux must be a list of ReduxUnit, got ReduxUnit"),
         ({"redux": ["x"]}, "redux takes ReduxUnit values, got str"),
@@ -198,3 +240,76 @@ def test_chroma_refuses_redux(redux, tmp_path):
         GenerationError, match="redux .FLUX.1 Redux image prompts. applies to FLUX.1 models; .* not one"
     ):
         pipe(PROMPT, steps=1, width=W, height=H, redux=[ReduxUnit(prior_folder, picture(20, 20))], progress=False)
+
+
+def test_infotext_records_redux_and_from_png_makes_the_image_again(redux, tmp_path, capsys, monkeypatch):
+    """``Redux N``: the image's file name and pixel hash, the strength, the model's name and hash; ``--from-png``
+    finds the image beside the PNG by that name and hash (or takes --redux-image), the model from --redux-model
+    (its hash checked), and makes the same pixels; a missing image or another model: one line."""
+    import shutil
+
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters, read_png_parameters, recorded_redux
+    from sdengine.pipeline.redux import image_hash
+
+    folder, _, _, _, prior_folder = redux
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "style.png"
+    picture(36, 28, seed=4).save(src)
+    out = tmp_path / "a.png"
+    args = ["generate", "--model", str(folder), "--seed", str(SEED), "--no-progress", "--steps", "2"]
+    first = [*args, PROMPT, "--width", str(W), "--height", str(H), "--cfg", "2", "--negative", "dull"]
+    redux_args = ["--redux-image", str(src), "--redux-model", str(prior_folder), "--redux-strength", "0.6"]
+    assert main([*first, *redux_args, "--out", str(out)]) == 0
+    text = read_png_parameters(out)
+    (r,) = recorded_redux(parse_parameters(text))
+    assert (r.image, r.image_hash, r.strength, r.model) == ("style.png", image_hash(src), 0.6, "tiny-redux")
+    assert r.model_hash is not None and r.siglip is None
+    again = tmp_path / "b.png"
+    assert main(["generate", "--from-png", str(out), "--model", str(folder), "--redux-model", str(prior_folder),
+                 "--no-progress", "--out", str(again)]) == 0  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+
+    def refused(argv: list[str]) -> str:
+        capsys.readouterr()
+        assert main(argv) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(out, elsewhere / "a.png")
+    monkeypatch.chdir(elsewhere)
+    base = ["generate", "--from-png", str(elsewhere / "a.png"), "--model", str(folder), "--no-progress"]
+    base += ["--out", str(elsewhere / "c.png")]
+    assert "was made with the Redux image 'style.png'" in refused([*base, "--redux-model", str(prior_folder)])
+    assert "give it with --redux-model" in refused(base)
+    picture(36, 28, seed=5).save(elsewhere / "style.png")  # the same name, other pixels
+    assert "not beside it or in the working folder with those pixels" in refused(
+        [*base, "--redux-model", str(prior_folder)]
+    )
+    other = tmp_path / "other-redux"
+    shutil.copytree(prior_folder, other)
+    w = other / "image_embedder" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
+    assert "but --redux-model" in refused([*base, "--redux-image", str(src), "--redux-model", str(other)])
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("Image: a.png [0123456789], Strength: 1", "no Redux model or image recorded"),
+        ("Strength: 1, Model: r [0123456789]", "no Redux model or image recorded"),
+        ("Image: a.png, Strength: much, Model: r", "Strength must be a number from 0 to 10"),
+        ("Image: a.png, Strength: 11, Model: r", "Strength must be a number from 0 to 10"),
+    ],
+)
+def test_recorded_redux_refuses_fields_it_cannot_run_again(value, message):
+    from sdengine.metadata import MetadataError, format_redux, recorded_redux
+
+    with pytest.raises(MetadataError, match=message):
+        recorded_redux({"Redux 0": value})
+    text = format_redux(image="a, b.png", image_hash="0123456789", strength=0.25, model="r:x", siglip="s")
+    (r,) = recorded_redux({"Redux 0": text})  # separators removed from the names, as A1111's readers split on them
+    assert (r.image, r.image_hash, r.strength, r.model, r.siglip) == ("a b.png", "0123456789", 0.25, "rx", "s")

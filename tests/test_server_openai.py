@@ -459,6 +459,7 @@ DOC_VALUES = {
     "schedule": "karras",
     "vae": "None",  # the model file's own VAE: valid on a server without --vaes-dir
     "ip_adapters": [],  # no unit: valid on a server without --ip-adapters-dir (a form sends "[]")
+    "redux": [],  # no unit: FLUX.1 Redux (tests/test_flux_redux_server.py runs units)
     "strength": 0.8,
     "sag_scale": 0.5,  # self-attention guidance (the job runs it)
     "sag_blur_sigma": 2.0,

@@ -1333,6 +1333,69 @@ def recorded_ip_adapters(parsed: Mapping[str, str]) -> list[RecordedIPAdapter]:
     return [r for _, r in sorted(out, key=lambda t: t[0])]
 
 
+_RE_REDUX = re.compile(r"^Redux (\d+)$")
+
+
+def format_redux(
+    *,
+    image: str | None,
+    image_hash: str | None,
+    strength: float,
+    model: str,
+    model_hash: str | None = None,
+    siglip: str | None = None,
+    siglip_hash: str | None = None,
+) -> str:
+    """A ``Redux N`` field's value (sdengine's own field, as A1111 / Forge extensions write theirs): ``Image: NAME
+    [HASH], Strength: S, Model: NAME [HASH], SigLIP: NAME [HASH]``. The image cannot be embedded: its file name and
+    the hash of its pixels (:func:`sdengine.pipeline.redux.image_hash`) name it; ``image`` None: the unit was given
+    SigLIP tokens (``Tokens: given``). ``siglip`` None: the SigLIP encoder beside a FluxPriorReduxPipeline folder."""
+    parts: list[str] = [f"Image: {_named(image, image_hash)}" if image is not None else "Tokens: given"]
+    parts.append(f"Strength: {_number(float(strength))}")
+    parts.append(f"Model: {_named(model, model_hash)}")
+    if siglip is not None:
+        parts.append(f"SigLIP: {_named(siglip, siglip_hash)}")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class RecordedRedux:
+    """One ``Redux N`` field of an infotext (:func:`format_redux`); ``image`` None: SigLIP tokens were given."""
+
+    image: str | None
+    image_hash: str | None
+    strength: float
+    model: str
+    model_hash: str | None
+    siglip: str | None = None
+    siglip_hash: str | None = None
+
+
+def recorded_redux(parsed: Mapping[str, str]) -> list[RecordedRedux]:
+    """The FLUX.1 Redux units an infotext records (``Redux N`` fields), in their order; a field without a model or
+    an image, or whose strength is not a number from 0 to 10, is a MetadataError."""
+    out: list[tuple[int, RecordedRedux]] = []
+    for key, value in parsed.items():
+        m = _RE_REDUX.match(key)
+        if m is None:
+            continue
+        fields = {k.strip(): v.strip() for k, v in parse_fields(value)}
+        if not fields.get("Model") or not (fields.get("Image") or fields.get("Tokens")):
+            raise MetadataError(f"{key}: no Redux model or image recorded in {value!r}")
+        try:
+            strength = float(fields.get("Strength", "1"))
+        except ValueError:
+            strength = float("nan")
+        if not 0 <= strength <= 10:
+            raise MetadataError(f"{key}: Strength must be a number from 0 to 10 in {value!r}")
+        image, image_digest = _name_and_hash(fields["Image"]) if fields.get("Image") else (None, None)
+        model, model_digest = _name_and_hash(fields["Model"])
+        siglip, siglip_digest = _name_and_hash(fields["SigLIP"]) if fields.get("SigLIP") else (None, None)
+        unit = RecordedRedux(image, image_digest, strength, model, model_digest, siglip, siglip_digest)
+        out.append((int(m.group(1)), unit))
+    return [r for _, r in sorted(out, key=lambda t: t[0])]
+
+
 # ---------------------------------------------------------------------------------------- files
 
 
@@ -1427,6 +1490,9 @@ def lora_hash(path: str | Path) -> str:
 
 
 __all__ = [
+    "RecordedRedux",
+    "format_redux",
+    "recorded_redux",
     "CONTROL_MODE_NAMES",
     "MASKED_CONTENT",
     "SOFT_INPAINTING_ENABLED",

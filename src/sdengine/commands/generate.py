@@ -893,9 +893,9 @@ def _refuse_flags_without_effect(
         ("--vae-encode", a.vae_encode, img2img or hires, second_pass),
         ("--mask", a.mask, a.init_image is not None, "--init-image (the image to inpaint)"),
         ("--no-reference-resize", a.reference_auto_resize, bool(a.reference_image), "--reference-image"),
-        ("--redux-model", a.redux_model, bool(a.redux_image), "--redux-image"),
-        ("--redux-siglip", a.redux_siglip, bool(a.redux_image), "--redux-image"),
-        ("--redux-strength", a.redux_strength, bool(a.redux_image), "--redux-image"),
+        ("--redux-model", a.redux_model, bool(a.redux_image or a.from_png), "--redux-image (or --from-png)"),
+        ("--redux-siglip", a.redux_siglip, bool(a.redux_image or a.from_png), "--redux-image (or --from-png)"),
+        ("--redux-strength", a.redux_strength, bool(a.redux_image or a.from_png), "--redux-image (or --from-png)"),
         ("--image-cfg-scale", a.image_cfg_scale, a.init_image is not None, "--init-image (the image to edit)"),
         ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
         ("--differential-diffusion", a.differential_diffusion, a.mask is not None, "--mask (a grey inpainting mask)"),
@@ -1099,16 +1099,12 @@ def run(a: argparse.Namespace) -> int:
         kwargs["reference_images"] = list(a.reference_image)
     if a.reference_auto_resize is not None:
         kwargs["reference_auto_resize"] = a.reference_auto_resize
-    if a.redux_image:  # FLUX.1 Redux: each image a unit of the same encoder, SigLIP encoder and strength
-        if not a.redux_model:
-            raise GenerationError(
-                "--redux-image needs --redux-model (flux1-redux-dev.safetensors with --redux-siglip, or a "
-                "FLUX.1-Redux-dev diffusers folder)"
-            )
-        from ..pipeline.redux import ReduxUnit
+    # FLUX.1 Redux: each image a unit of the same encoder, SigLIP encoder and strength; a PNG's made again
+    from . import generate_redux
 
-        strength = 1.0 if a.redux_strength is None else a.redux_strength
-        kwargs["redux"] = [ReduxUnit(a.redux_model, x, a.redux_siglip, strength) for x in a.redux_image]
+    redux_units = generate_redux.units_from_png(a, parsed) if a.from_png else generate_redux.units_from_cli(a)
+    if redux_units:
+        kwargs["redux"] = redux_units
     if getattr(a, "control_image", None) is not None:  # FLUX.1 Depth / Canny's control map
         kwargs["control_image"] = a.control_image
     if getattr(a, "control_preprocessor", None) is not None:  # its map made from a photo (canny)

@@ -103,7 +103,10 @@ class FluxAdapter:
     ``concat`` (FLUX.1 Fill's masked image and mask, Depth / Canny's control latent)
     appended to the noisy latent's channels. The network runs in ``dtype``; its velocity comes back in float32.
     ``references``: FLUX.1 Kontext's reference latents, the same for every row (the transformer's
-    ``reference_latents``)."""
+    ``reference_latents``). ``text_len``: each row's own text token count where the rows' ``crossattn`` are
+    zero-padded to the longest (FLUX.1 Redux's tokens lengthen the positive text only): the rows run in one call
+    of the transformer per count, each with its own text unpadded, as diffusers' FluxPipeline runs true CFG's two
+    passes apart."""
 
     def __init__(self, net: Any, dtype: torch.dtype, references: list[Tensor] | None = None) -> None:
         self.net = net
@@ -128,7 +131,13 @@ class FluxAdapter:
         ip_tokens: Tensor | None = None,
         step: Any = None,
         row_kinds: Any = None,
+        text_len: Tensor | None = None,
     ) -> Tensor:
+        if text_len is not None:  # rows whose texts are of several token counts (FLUX.1 Redux under true CFG)
+            return redux.run_text_groups(
+                self, x, t, text_len, crossattn=crossattn, vector=vector, guidance=guidance, concat=concat,
+                ip_tokens=ip_tokens, step=step, row_kinds=row_kinds,
+            )  # fmt: skip
         control: dict[str, Any] = {"step": step} if self.takes_step else {}
         if self.takes_row_kinds:
             control["row_kinds"] = row_kinds
@@ -225,6 +234,7 @@ class FluxPipeline(Pipeline):
     _call_references: list[Tensor] | None = None
     _reference_tokens = 0
     _call_redux: Tensor | None = None  # FLUX.1 Redux's tokens of the call under way (1, N, joint_attention_dim)
+    _redux_apart = False  # the call's texts under true CFG are of two lengths (Redux's tokens): run apart
     _redux_units: list[Any] = []  # while prepare checks memory: the call's Redux units
     per_row_init_images = False  # one init image per call (Pipeline.refuse_row_images)
 
@@ -297,8 +307,8 @@ class FluxPipeline(Pipeline):
     def graphed(self, name: str) -> Any:
         """As the core's, but the transformer runs as it is in a call with reference images (its step graphs and
         compiled packages take no reference tokens)."""
-        if name == "unet" and self._call_references:
-            return None
+        if name == "unet" and (self._call_references or self._redux_apart):
+            return None  # (FLUX.1 Redux under true CFG: texts of two lengths, run apart)
         return super().graphed(name)
 
     @property
@@ -497,11 +507,6 @@ class FluxPipeline(Pipeline):
             raise GenerationError(
                 f"redux (FLUX.1 Redux image prompts) applies to FLUX.1 models; {self.name} is not one"
             )
-        if float(r.cfg_scale) != 1.0 or p.sampler in sampling.CFG_PP_SAMPLERS:
-            raise GenerationError(
-                "redux: true CFG (cfg_scale above 1, or a CFG++ sampler) with Redux image tokens is not supported "
-                "(the conditional rows' text is longer than the negative's): leave cfg_scale at 1"
-            )
         from sdengine.prompts import extract_lora_tags
         from sdengine.text.schedule import prompt_schedule
 
@@ -527,9 +532,10 @@ class FluxPipeline(Pipeline):
                 tokens = self._call_redux.to(device=text.device, dtype=text.dtype).expand(text.shape[0], -1, -1)
                 cond = {**cond, "crossattn": torch.cat([text, tokens], dim=1)}
             return cond, cond
-        if self._call_redux is not None:  # prepare refuses it; never a silent image without the tokens
-            raise GenerationError("redux: true CFG with Redux image tokens is not supported")
-        return conditioner.pair(prompt, negative, note=note, guidance=guidance)
+        pair = conditioner.pair(prompt, negative, note=note, guidance=guidance)
+        if self._call_redux is not None:  # the positive text longer than the negative: the two run apart
+            return redux.padded_pair(pair[0], pair[1], self._call_redux)
+        return pair
 
     def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
         with self._call_settings(p):
@@ -546,6 +552,9 @@ class FluxPipeline(Pipeline):
         if p.request.redux:  # FLUX.1 Redux: the images' tokens, made once for the call
             width = int(self.transformer.config.joint_attention_dim)
             self._call_redux = redux.redux_tokens(redux.check_units(p.request.redux), width, self.device, self.dtype)
+            self._redux_apart = float(p.request.cfg_scale) != 1.0 or p.sampler in sampling.CFG_PP_SAMPLERS
+            if graphs and "loop" in graphs and self._redux_apart:  # a recorded loop runs the two texts together
+                self._cuda_graphs = {k: v for k, v in graphs.items() if k != "loop"}
         if p.references:  # FLUX.1 Kontext: the references' latents, made once for the call's every step
             self._call_references = flux_kontext.encode_references(self, p.references, p.tiled)
             if graphs and "loop" in graphs:  # a recorded loop would replay another call's references
@@ -556,6 +565,7 @@ class FluxPipeline(Pipeline):
             self._call_schedule = None
             self._call_references = None
             self._call_redux = None
+            self._redux_apart = False
             self._cuda_graphs = graphs
             conditioner.call_guidance = None
 
@@ -568,6 +578,8 @@ class FluxPipeline(Pipeline):
             out.update(flux_kontext.infotext_fields(request, sizes))
         if request.control_preprocessor != "none":  # FLUX.1 Depth / Canny's map made from a photo
             out["Control preprocessor"] = request.control_preprocessor
+        if request.redux:  # FLUX.1 Redux's units: the image's file name and pixel hash, the models', the strength
+            out.update(redux.infotext_fields(request.redux))
         return out
 
     def __call__(self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any) -> Any:

@@ -148,4 +148,141 @@ def redux_tokens(units: list[ReduxUnit], width: int, device: torch.device, dtype
     return torch.cat(out, dim=1)
 
 
-__all__ = ["MAX_REDUX_UNITS", "MAX_STRENGTH", "ReduxUnit", "check_units", "redux_tokens"]
+def image_hash(image: Any, what: str = "redux image") -> str:
+    """The first 10 hex digits of the SHA-256 of an image's RGB pixels and size (what the infotext's ``Redux N``
+    names it by: the same picture in another file format or under another name has the same hash)."""
+    import hashlib
+
+    import numpy as np
+
+    im = load_image(image, what).convert("RGB")
+    digest = hashlib.sha256(f"{im.width}x{im.height}:".encode())
+    digest.update(np.ascontiguousarray(np.asarray(im, dtype=np.uint8)).tobytes())
+    return digest.hexdigest()[:10]
+
+
+def image_name(image: Any) -> str:
+    """The file name an image was read from (a path's, a PIL image's ``filename``), else "image"."""
+    if isinstance(image, str | Path):
+        return Path(image).name
+    name = getattr(image, "filename", "")
+    return Path(name).name if isinstance(name, str) and name else "image"
+
+
+REDUX_WEIGHTS = (
+    "image_embedder/diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+)
+
+
+def weights_named(source: Any, weights: tuple[str, ...]) -> tuple[str, str | None]:
+    """(name, hash) of a model as the infotext names it: a file's stem and :func:`model_hash`; a folder's name and
+    the hash of its weights file; a loaded model its file's stem (no hash)."""
+    from sdengine.pipeline.infotext import files_hash_cached
+
+    if not isinstance(source, str | Path):
+        return Path(getattr(source, "name", "") or type(source).__name__).stem, None
+    path = Path(source)
+    if path.is_dir():
+        found = [path / w for w in weights if (path / w).is_file()]
+        return path.name, files_hash_cached(found[:1]) if found else None
+    return path.stem, files_hash_cached([path]) if path.is_file() else None
+
+
+def unit_infotext(unit: ReduxUnit) -> str:
+    """The ``Redux N`` value of a unit (:func:`sdengine.metadata.format_redux`)."""
+    from sdengine.metadata import format_redux
+
+    model, model_digest = weights_named(unit.redux, REDUX_WEIGHTS)
+    siglip = siglip_digest = None
+    if unit.siglip is not None and unit.image is not None:
+        siglip, siglip_digest = weights_named(unit.siglip, ("model.safetensors",))
+    image = None if unit.image is None else image_name(unit.image)
+    return format_redux(
+        image=image,
+        image_hash=None if unit.image is None else image_hash(unit.image),
+        strength=float(unit.strength),
+        model=model,
+        model_hash=model_digest,
+        siglip=siglip,
+        siglip_hash=siglip_digest,
+    )
+
+
+def infotext_fields(units: Any) -> dict[str, str]:
+    """``Redux 0``, ``Redux 1`` ... of a request's units."""
+    return {f"Redux {k}": unit_infotext(u) for k, u in enumerate(check_units(units))}
+
+
+def padded_pair(cond: dict[str, Tensor], uncond: dict[str, Tensor], tokens: Tensor) -> tuple[dict, dict]:
+    """(cond, uncond) of a row under true CFG with the call's Redux ``tokens`` (1, N, C) appended to the
+    conditional text: both texts zero-padded to the longer, each with ``text_len`` (its own token count, one per
+    row, on the CPU) so that the network runs the two apart (:func:`run_text_groups`)."""
+    text, neg = cond["crossattn"], uncond["crossattn"]
+    text = torch.cat([text, tokens.to(device=text.device, dtype=text.dtype).expand(text.shape[0], -1, -1)], dim=1)
+    m = max(text.shape[1], neg.shape[1])
+
+    def pad(t: Tensor) -> Tensor:
+        return torch.nn.functional.pad(t, (0, 0, 0, m - t.shape[1]))
+
+    def lengths(t: Tensor) -> Tensor:
+        return torch.full((t.shape[0],), t.shape[1], dtype=torch.long)
+
+    return (
+        {**cond, "crossattn": pad(text), "text_len": lengths(text)},
+        {**uncond, "crossattn": pad(neg), "text_len": lengths(neg)},
+    )
+
+
+def run_text_groups(net: Any, x: Tensor, t: Tensor, text_len: Tensor, *, crossattn: Tensor, **kw: Any) -> Tensor:
+    """``net(x, t, crossattn=..., **kw)`` for rows whose texts are zero-padded to the longest, ``text_len`` (N,)
+    each row's own count: one call per count, each row's text cut back to it, the outputs put back in their rows
+    (row arguments, tensors of N rows and tuples of N, follow their rows; others go to every call as they are)."""
+    n = x.shape[0]
+    lengths = [int(v) for v in text_len.reshape(-1).tolist()]
+    if len(lengths) != n or crossattn.shape[0] != n:
+        raise GenerationError(f"{len(lengths)} text lengths and {crossattn.shape[0]} texts for {n} rows")
+    counts = list(dict.fromkeys(lengths))
+    if len(counts) == 1:
+        return net(x, t, crossattn=crossattn[:, : counts[0]], **kw)
+
+    def rows(v: Any, idx: list[int], index: Tensor) -> Any:
+        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n:
+            return v.index_select(0, index.to(v.device))
+        if isinstance(v, tuple | list) and len(v) == n:  # row_kinds
+            return type(v)(v[i] for i in idx)
+        return v
+
+    out: Tensor | None = None
+    for count in counts:
+        idx = [i for i, m in enumerate(lengths) if m == count]
+        index = torch.tensor(idx, dtype=torch.long)
+        got = net(
+            rows(x, idx, index),
+            rows(t, idx, index),
+            crossattn=rows(crossattn, idx, index)[:, :count],
+            **{k: rows(v, idx, index) for k, v in kw.items()},
+        )
+        if out is None:
+            out = got.new_empty((n, *got.shape[1:]))
+        out.index_copy_(0, index.to(got.device), got)
+    assert out is not None
+    return out
+
+
+__all__ = [
+    "MAX_REDUX_UNITS",
+    "MAX_STRENGTH",
+    "REDUX_WEIGHTS",
+    "ReduxUnit",
+    "check_units",
+    "image_hash",
+    "image_name",
+    "infotext_fields",
+    "padded_pair",
+    "redux_tokens",
+    "run_text_groups",
+    "unit_infotext",
+    "weights_named",
+]

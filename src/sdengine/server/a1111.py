@@ -489,6 +489,7 @@ USED = {
     "reference_auto_resize",
     "control_image",
     "control_preprocessor",
+    "redux",  # sdengine's (as its native job's): FLUX.1 Redux units {model, image, siglip, strength}
 }
 
 
@@ -520,6 +521,11 @@ def kontext_fields(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(preprocessor, str):
             raise BadRequest(f"control_preprocessor must be a name (none, canny), got {preprocessor!r}")
         out["control_preprocessor"] = preprocessor.strip().lower() or "none"
+    redux = body.get("redux")
+    if redux:  # FLUX.1 Redux: the native job's units (their images base64; checked again by the build)
+        from sdengine.server.redux import parse_units
+
+        out["redux"] = parse_units(redux)
     return out
 
 
@@ -2439,7 +2445,7 @@ def install(app: FastAPI, services: Any) -> None:
         sd_vae = fields.pop("sd_vae", "Automatic")
         script = fields.pop("sd_upscale", None)
         infotext_extra = fields.pop("infotext_extra", None)
-        images = ("controlnets", "ip_adapters", "reference_images", "control_image")
+        images = ("controlnets", "ip_adapters", "reference_images", "control_image", "redux")
         if fields.get("init_image") is None and not any(fields.get(k) for k in images):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:

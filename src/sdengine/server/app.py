@@ -984,6 +984,10 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 f"control_image is the control map of FLUX.1 Depth / Canny; {name} is not a Flux model (a ControlNet "
                 "takes its map in controlnets)"
             )
+        if kw.get("redux"):  # FLUX.1 Redux: FLUX.1 models only
+            from sdengine.server.redux import check_family
+
+            check_family(kw["redux"], family, name)
         if kw.get("ip_adapters") and family not in ("sd3", "chroma", "qwen_image", "z_image", "flux2"):  # (refuse all)
             from sdengine.server.ip_adapters import check_adapter_family
 
@@ -1138,7 +1142,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         fields["loras"] = [
             (lo.name, lo.weight if lo.unet_weight is None else (lo.weight, lo.unet_weight)) for lo in req.loras
         ]
-        cheap = not req.controlnets and not req.ip_adapters and req.vae is None
+        cheap = not req.controlnets and not req.ip_adapters and not req.redux and req.vae is None
         if (
             req.init_image is None
             and req.mask is None
@@ -1310,6 +1314,11 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     def clip_visions() -> dict[str, Any]:
         """The CLIP vision encoders of --clip-vision-dir by their path in it (no server path is told)."""
         return {"clip_vision": [{"name": e.name} for e in catalog.clip_visions()]}
+
+    @app.get("/v1/style_models", tags=["native"])
+    def style_models() -> dict[str, Any]:
+        """FLUX.1 Redux's image encoders (--models-dir's style_models/, ComfyUI's StyleModelLoader's) by name."""
+        return {"style_models": [{"name": e.name} for e in catalog.style_models()]}
 
     @app.get("/v1/ip_adapters", tags=["native"])
     def ip_adapters() -> dict[str, Any]:

@@ -52,6 +52,7 @@ What the ``openai`` client sends maps onto the pipeline this way:
   (HyperTile on the VAE's decoder, as the native job's; in a form "tile_size,swap_size,max_depth"),
   ``tiled_diffusion`` (MultiDiffusion, the native job's object, the defaults for settings left out; in a form a
   JSON object), ``ip_adapters`` (IP-Adapter units, the native job's list of objects; in a form one JSON string),
+  ``redux`` (FLUX.1 Redux units, the native job's list of objects; in a form one JSON string),
   ``distilled_cfg_scale`` (FLUX.1 [dev]'s distilled guidance), ``shift`` and ``sd3`` (SD3's time shift and
   skip-layer guidance; in a form ``sd3`` is a JSON object), each as the native job's (a model of another family
   answers a 400), ``sdxl`` (SDXL's second prompts, micro-conditioning and a refiner's aesthetic scores, the native
@@ -120,7 +121,7 @@ EXTENSIONS += ("freeu", "freeu_version", "freeu_rule")
 EXTENSIONS += ("sag_scale", "sag_blur_sigma", "sag_rule")
 EXTENSIONS += ("deep_shrink", "hypertile", "hypertile_hires_only", "hypertile_rule", "hypertile_scale_depth")
 EXTENSIONS += ("hypertile_vae", "tiled_diffusion")
-EXTENSIONS += ("ip_adapters",)
+EXTENSIONS += ("ip_adapters", "redux")
 EXTENSIONS += ("distilled_cfg_scale", "shift", "sd3")  # the model family's own (Flux [dev]; SD3)
 EXTENSIONS += ("sdxl",)  # SDXL's second prompts, micro-conditioning, refiner scores (the native job's object)
 EXTENSIONS += ("modules",)  # an SD3 / Flux file's text encoders and VAE (server.dit_parts)
@@ -193,6 +194,7 @@ class GenerationsRequest(BaseModel):
     hypertile_vae: Any = None
     tiled_diffusion: Any = None  # the native job's object (or a JSON string, as in a form): checked by patch_fields
     ip_adapters: Any = None  # the native job's list of units (checked by the request builder)
+    redux: Any = None  # FLUX.1 Redux: the native job's list of units (checked by the request builder)
     distilled_cfg_scale: Any = None  # Flux [dev]'s; SD3's shift and sd3 settings: checked by patch_fields, the builder
     shift: Any = None
     sd3: Any = None
@@ -817,6 +819,7 @@ def install(app: FastAPI, services: Any) -> None:
                     "hypertile_vae": fields.get("hypertile_vae") or None,  # "tile_size,swap_size,max_depth"
                     "tiled_diffusion": fields.get("tiled_diffusion") or None,  # a JSON object
                     "ip_adapters": fields.get("ip_adapters") or None,  # a JSON list of units
+                    "redux": fields.get("redux") or None,  # a JSON list of units
                     "distilled_cfg_scale": fields.get("distilled_cfg_scale") or None,  # Flux [dev]'s
                     "shift": fields.get("shift") or None,  # SD3's
                     "sd3": fields.get("sd3") or None,  # a JSON object
@@ -1246,6 +1249,11 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             "oneOf": [{"type": "array", "maxItems": 4, "items": {"type": "object"}}, text],
             "description": "sdengine: IP-Adapter units {model, image, scale, clip_vision, negative_rule}, as the "
             "native job's ip_adapters (in a form: one JSON string)",
+        },
+        "redux": {
+            "oneOf": [{"type": "array", "maxItems": 8, "items": {"type": "object"}}, text],
+            "description": "sdengine: FLUX.1 Redux units {model, image, siglip, strength}, as the native job's redux "
+            "(in a form: one JSON string)",
         },
     }
     for key, allowed in CHOICES.items():  # transparent: refused, so not listed

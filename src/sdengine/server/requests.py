@@ -140,6 +140,9 @@ class Generation:
         ip_units = self.kwargs.get("ip_adapters")
         if ip_units:
             self.kwargs["ip_adapters"] = [dataclasses.replace(u, images=None) for u in ip_units]
+        redux = self.kwargs.get("redux")
+        if redux:
+            self.kwargs["redux"] = [dataclasses.replace(u, image=None) for u in redux]
         self.finish = None
 
 
@@ -352,6 +355,7 @@ def build_generation(
     modules: Sequence[str] | None = None,
     reference_images: Sequence[ImageRef] | None = None,
     reference_auto_resize: bool = True,
+    redux: Any = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
@@ -370,7 +374,8 @@ def build_generation(
     GenerationRequest.validate; such a job runs alone). ``distilled_cfg_scale`` (FLUX.1 [dev]'s distilled guidance),
     ``shift`` (SD3's flow time shift) and ``sd3`` (SD3's skip-layer guidance, :class:`sdengine.pipeline.sd3.SD3Options`
     keys): the model family's own settings, None: the model's defaults; their ranges are checked here, whether the
-    job's model takes them by the precheck (``app.check_family_settings``)."""
+    job's model takes them by the precheck (``app.check_family_settings``). ``redux``: FLUX.1 Redux units (the
+    native job's list of objects: :mod:`sdengine.server.redux`), names resolved in their folders, pictures decoded."""
     from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.pipeline.request import MAX_SAG_SCALE
@@ -557,6 +562,9 @@ def build_generation(
     if not (isinstance(ip_adapters, list | tuple) and all(isinstance(u, IPAdapterRequest) for u in ip_adapters)):
         ip_requests = parse_units(ip_adapters)  # the native job's objects (OpenAI's extra_body, a form's JSON)
     ip_units = build_units(catalog, ip_requests, image)
+    from sdengine.server import redux as redux_units
+
+    redux_list = redux_units.build_units(catalog, redux, image)
 
     chosen = model if model else (default_model or config.model)
     ref = catalog.resolve_model(chosen)
@@ -594,6 +602,8 @@ def build_generation(
         kwargs["control_preprocessor"] = control_preprocessor
     if ip_units:  # left out without units (such a job runs alone: batch_key knows no ip_adapters)
         kwargs["ip_adapters"] = ip_units
+    if redux_list:  # FLUX.1 Redux (such a job runs alone: batch_key knows no redux)
+        kwargs["redux"] = redux_list
     if vae_decode != "full":  # checked by GenerationRequest.validate below; whether the model has one, by the job
         kwargs["vae_decode"] = vae_decode
     if vae_encode != "full":

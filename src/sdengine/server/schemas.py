@@ -80,6 +80,26 @@ class ControlNetSpec(BaseModel):
     )
 
 
+class ReduxSpec(BaseModel):
+    """One FLUX.1 Redux unit (docs/flux.md#redux-image-variation): the Redux image encoder, its image, the SigLIP
+    encoder, the strength."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(
+        ..., min_length=1, max_length=512, description="a name from GET /v1/style_models (--models-dir's style_models/)"
+    )
+    image: str = Field(..., min_length=1, description="an upload id (POST /v1/uploads) or a base64 image")
+    siglip: str | None = Field(
+        None,
+        max_length=512,
+        description="a name from GET /v1/clip_vision (sigclip_vision_patch14_384); null: the one SigLIP encoder of "
+        "--clip-vision-dir",
+    )
+    strength: float = Field(
+        1.0, ge=0, le=10, allow_inf_nan=False, description="the factor on the image's tokens (ComfyUI's 'multiply')"
+    )
+
+
 class IPAdapterSpec(BaseModel):
     """One IP-Adapter unit (docs/ip-adapter.md#server): the adapter, its picture, the CLIP vision encoder."""
 
@@ -358,6 +378,12 @@ class JobRequest(BaseModel):
         default_factory=list,
         max_length=MAX_IP_ADAPTERS,
         description="IP-Adapter units (an image prompt each): needs serve --ip-adapters-dir and --clip-vision-dir",
+    )
+    redux: list[ReduxSpec] = Field(
+        default_factory=list,
+        max_length=8,
+        description="FLUX.1 Redux units (an image prompt each, FLUX.1 models only): needs serve --models-dir (its "
+        "style_models/) and --clip-vision-dir (the SigLIP encoder)",
     )
     loras: list[LoRASpec] = Field(default_factory=list, max_length=MAX_LORAS)
     clip_skip: int = Field(1, ge=1, le=24)
