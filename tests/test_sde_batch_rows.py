@@ -2,9 +2,10 @@
 
 The server's request batching runs compatible jobs as one pipeline call (docs/server.md); a row's image equals
 its job alone up to float32 summation order. With the stochastic samplers that order is amplified: DPM++ 2M SDE
-rows were seen up to 1.1e-4 off their job alone on the [0, 1] arrays (10 steps, 5 rows). Every row draws its own noise (its own
-generator, or its own Brownian tree under A1111's strength rule), so the difference is float order only: in
-float64 the rows equal their calls alone exactly (0 measured for every sampler and rule; 1e-12 asserted), while float32 holds the measured bound per sampler below.
+rows were seen up to 1.1e-4 off their job alone on the [0, 1] arrays (10 steps, 5 rows). Every row draws its own
+noise (its own generator, or its own Brownian tree under A1111's strength rule), so the difference is float order
+only: in float64 the rows equal their calls alone exactly (0 measured for every sampler and rule; 1e-12 asserted),
+while float32 holds the measured bound per sampler below.
 """
 
 from __future__ import annotations
