@@ -86,3 +86,11 @@ def test_flux1_qk_norm_diff_is_w_plus_diff(tmp_path):
 def test_flux2_qk_norm_diff_is_w_plus_diff(tmp_path):
     pipe = sdengine.load_pipeline(make_klein_folder(tmp_path / "klein-tiny", seed=5), device="cpu")
     _check(pipe, tmp_path, negative_prompt="", cfg_scale=CFG)
+
+
+def test_chroma_qk_norm_diff_is_w_plus_diff(tmp_path):
+    """Chroma's blocks are Flux's (the same q/k norm names)."""
+    from _chroma_models import make_chroma_folder
+
+    pipe = sdengine.load_pipeline(make_chroma_folder(tmp_path / "tiny-chroma", seed=4), device="cpu")
+    _check(pipe, tmp_path, negative_prompt="", cfg_scale=CFG)
