@@ -440,7 +440,12 @@ def dits() -> Built:
         "flux2": Flux2Transformer(Flux2Config(**FLUX2_TRANSFORMER)).eval(),
         "qwen_image": QwenImageTransformer(QwenImageConfig(**QWEN_TRANSFORMER)).eval(),
     }
-    return Built(models=models, routes={k: dit_routes(m) for k, m in models.items()})
+    # the routes onto Linear layers: the LoRA pairs drawn here (a q/k norm's route takes a 1-d diff only)
+    routes = {
+        k: {n: rs for n, rs in dit_routes(m).items() if isinstance(m.get_submodule(rs[0].target), torch.nn.Linear)}
+        for k, m in models.items()
+    }
+    return Built(models=models, routes=routes)
 
 
 def _run_dit(name: str, model) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from _live_server import live_server, server_config, shared_loader, wait_job
@@ -265,13 +266,41 @@ def test_vae_encode_tiny_is_the_python_apis_image(client):
     assert client.post("/v1/jobs", json={**BASE, "vae_encode": "taesd"}).status_code == 422
 
 
-def test_a_late_failure_fails_alone(client):
-    # SDXL settings on a model that is not SDXL: found by the pipeline once the model is loaded (a hires schedule
-    # over the model's 1000 steps, the example here once, is a 400 up front now: test_a1111_fields.py)
-    bad = run(client, {**BASE, "sdxl": {"prompt_2": "a green pear"}})
-    assert bad["state"] == "failed" and "SDXL models only" in bad["error"], bad
-    good = run(client, {**BASE, "seed": 5})
-    assert good["state"] == "done"
+def test_a_late_failure_fails_alone(tmp_path):
+    """A LoRA file that is found by name but matches none of the model's layers: only loading it into the model
+    finds that, so the job is queued and fails once it runs; the next job runs as usual. (SDXL settings on a model
+    that is not SDXL, the example here once, are a 400 up front now: test_sdxl_settings_on_another_model_are_a_400;
+    a hires schedule over the model's 1000 steps, the one before: test_a1111_fields.py.)"""
+    from safetensors.torch import save_file
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file(
+        {
+            "lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 8),
+            "lora_unet_no_such_layer.lora_up.weight": torch.zeros(8, 2),
+        },
+        str(loras / "elsewhere.safetensors"),
+    )
+    with (
+        live_server(server_config(tmp_path, max_queue=4, loras_dir=loras)) as s,
+        httpx.Client(base_url=s.url, timeout=120) as c,
+    ):
+        bad = run(c, {**BASE, "loras": [{"name": "elsewhere"}]})
+        assert bad["state"] == "failed", bad
+        assert "none of its 1 layers match this model's layer names" in bad["error"], bad
+        good = run(c, {**BASE, "seed": 5})
+        assert good["state"] == "done"
+
+
+def test_sdxl_settings_on_another_model_are_a_400(client):
+    """The native field sdxl (SDXL's second prompts and micro-conditioning) on the emoji model (an SD 1.x-style
+    model, its family read before it loads): a one-line 400 before the job is queued, as sd3 settings on a model
+    that is not SD3, with the pipeline's own words."""
+    r = client.post("/v1/jobs", json={**BASE, "sdxl": {"prompt_2": "a green pear"}})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == "sdxl settings apply to SDXL models only; emoji is not one"
+    assert client.get("/healthz").json()["queued"] == 0
 
 
 def test_a_size_the_model_cannot_make_is_a_400_not_a_failed_job(client):

@@ -437,6 +437,7 @@ def _refuse_overwriting_an_input(out: Path, a: argparse.Namespace) -> None:
         return
     inputs = [("--init-image", a.init_image), ("--mask", a.mask), ("--from-png", a.from_png)]
     inputs.append(("--control-image", getattr(a, "control_image", None)))
+    inputs.append(("--latent-mask", getattr(a, "latent_mask", None)))
     for text in a.control or []:  # TYPE:IMAGE[:WEIGHT[:START:END]], the image as parse_control_spec_full finds it
         parts = text.partition(":")[2].split(":")
         while len(parts) > 1 and _number(parts[-1]) is not None:
@@ -900,6 +901,8 @@ def _refuse_flags_without_effect(
         ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
         ("--differential-diffusion", a.differential_diffusion, a.mask is not None, "--mask (a grey inpainting mask)"),
         ("--soft-inpainting", a.soft_inpainting, a.mask is not None, "--mask (a grey inpainting mask)"),
+        ("--no-mask-round", getattr(a, "mask_round", None), a.mask is not None, "--mask (A1111's latent mask)"),
+        ("--latent-mask", getattr(a, "latent_mask", None), a.mask is not None, "--mask (inpainting)"),
         ("--resize-mode", a.resize_mode, img2img or bool(a.control), "--init-image or --control"),
         ("--refiner-switch-at", a.refiner_switch_at, a.refiner is not None, "--refiner"),
         ("--hr-checkpoint", a.hr_checkpoint, hires, "the hires fix (--hires)"),
@@ -1095,6 +1098,10 @@ def run(a: argparse.Namespace) -> int:
         kwargs.pop("strength", None)
     if a.mask is not None:
         kwargs["mask"] = a.mask
+    if getattr(a, "mask_round", None) is not None:  # A1111's mask_round off
+        kwargs["mask_round"] = a.mask_round
+    if getattr(a, "latent_mask", None) is not None:  # A1111's latent_mask
+        kwargs["latent_mask"] = a.latent_mask
     if a.reference_image:  # FLUX.1 Kontext's reference images
         kwargs["reference_images"] = list(a.reference_image)
     if a.reference_auto_resize is not None:
@@ -1566,6 +1573,22 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "mask and the result laid over the init image where it changed little; SETTINGS up to six numbers in "
         "A1111's order (schedule bias, preservation strength, transition contrast boost, mask influence, difference "
         "threshold, difference contrast) or NAME=VALUE pairs, default A1111's 1,0.5,4,0,0.5,2",
+    )
+    p.add_argument(
+        "--no-mask-round",
+        dest="mask_round",
+        action="store_const",
+        const=False,
+        default=None,
+        help="A1111's mask_round off (with --mask and --strength-rule a1111): the latent mask the steps blend by, and "
+        "an inpainting model's mask input, stay grey instead of rounded to 0 / 1",
+    )
+    p.add_argument(
+        "--latent-mask",
+        default=None,
+        metavar="FILE",
+        help="A1111's latent_mask (with --mask and --strength-rule a1111): a separate mask (white = repaint, any size, "
+        "not blurred or fitted) that the latent mask is shrunk from in place of --mask's",
     )
     p.add_argument(
         "--resize-mode",

@@ -38,9 +38,9 @@ update is kept until the weight, the base weight or the input's device/dtype cha
 rebuild); ``fuse`` folds it into the weight as for LoRA. File layouts and key names are
 :mod:`sdengine.weights.lycoris_file`.
 
-Differences of 1-d parameters (a GroupNorm/LayerNorm's weight and bias, or a Linear/Conv2d bias alone) are a
-:class:`DiffLayer`: patched, it adds ``normalize(x) * m dw + m db`` to the layer's output; fused, the parameters
-change.
+Differences of 1-d parameters (a GroupNorm/LayerNorm's weight and bias, an RMSNorm's scale, or a Linear/Conv2d
+bias alone) are a :class:`DiffLayer`: patched, it adds ``normalize(x) * m dw + m db`` to the layer's output;
+fused, the parameters change.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ from torch import nn
 from .lora import LayerUpdate, LoRAError
 
 ALGORITHMS = ("loha", "lokr", "ia3", "locon_tucker", "lora", "full", "glora", "oft", "boft")
-NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)  # the norm layers whose weight and bias a file may change
+# the norm layers whose weight and bias a file may change (RMSNorm: the diffusion transformers' q/k norms, a scale only)
+NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 # the algorithms whose update is built from the file's factors alone (no base weight, no DoRA): their rows can be
 # cut into the parts of a fused layer (Flux's qkv), each part's layer taking its rows (LycorisLayer's ``rows``)
 FACTOR_ONLY = frozenset({"loha", "lokr", "locon_tucker", "lora"})
@@ -412,6 +413,8 @@ class DiffLayer(LayerUpdate):
             xf = x.to(dtype)
             if isinstance(base, nn.GroupNorm):
                 normed = F.group_norm(xf, base.num_groups, None, None, base.eps)
+            elif isinstance(base, nn.RMSNorm):
+                normed = F.rms_norm(xf, base.normalized_shape, None, base.eps)
             else:
                 assert isinstance(base, nn.LayerNorm)
                 normed = F.layer_norm(xf, base.normalized_shape, None, None, base.eps)

@@ -940,9 +940,9 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     def check_family_settings(generation: Generation) -> None:
         """What the job's model family does not take is a 400 now (never a setting silently dropped, nor a job
         that fails once it runs): a family's own settings on another family (distilled_cfg_scale on anything but
-        FLUX.1 [dev], shift or sd3 settings on anything but SD3) and the U-Net settings SD3 and Flux refuse (their
-        pipelines' one-line reasons). The family is the loaded pipeline's, else read from the model's folder or
-        file; when it cannot be told the job says it when it runs."""
+        FLUX.1 [dev], shift or sd3 settings on anything but SD3, sdxl settings on anything but SDXL) and the U-Net
+        settings SD3 and Flux refuse (their pipelines' one-line reasons). The family is the loaded pipeline's, else
+        read from the model's folder or file; when it cannot be told the job says it when it runs."""
         from sdengine.errors import SdengineError
         from sdengine.pipeline import GenerationRequest
         from sdengine.server.page_api import (
@@ -976,6 +976,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             raise BadRequest(f"shift applies to SD3 models only; {why}")
         if kw.get("sd3") is not None and family != "sd3":
             raise BadRequest(f"sd3 settings apply to SD3 models only; {name} is not one")
+        if kw.get("sdxl") is not None and family != "sdxl":  # (an SDXL refiner file reads "sdxl": its job says it)
+            raise BadRequest(f"sdxl settings apply to SDXL models only; {name} is not one")
         edit = family == "qwen_image" and is_qwen_edit(generation, loaded)
         if kw.get("reference_images") and family not in ("flux", "flux2") and not edit:  # (flux2: klein edit)
             raise BadRequest(f"reference_images are FLUX.1 Kontext's; {name} is not a Flux model")

@@ -357,6 +357,20 @@ class JobRequest(BaseModel):
         "(the rest at A1111's defaults); the result laid over the init image by its composite mask. Needs a mask and "
         "a 4-channel U-Net; not with differential_diffusion. Infotext A1111's 'Soft inpainting ...' keys",
     )
+    mask_round: bool = Field(
+        True,
+        description="A1111's mask_round: true rounds the latent mask the steps blend by (and an inpainting model's "
+        "mask input) to 0 / 1; false leaves both grey. false needs a mask and strength_rule 'a1111' / "
+        "'a1111_fix_steps' (the Python API's mask_round; the A1111 img2img route's field)",
+    )
+    latent_mask: str | None = Field(
+        None,
+        min_length=1,
+        description="A1111's latent_mask: a separate mask (white = repaint; an upload id or a base64 image; any size, "
+        "read as grey, not blurred or fitted) that the latent mask is shrunk from in place of mask's; mask still makes "
+        "an inpainting model's mask input. Needs a mask and strength_rule 'a1111' / 'a1111_fix_steps' (the Python "
+        "API's latent_mask)",
+    )
     noise_multiplier: float = Field(
         1.0,
         ge=0,

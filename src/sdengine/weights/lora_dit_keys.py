@@ -90,8 +90,8 @@ from ..models.flux2 import Flux2Transformer
 from ..models.mmdit import MMDiT
 from ..models.qwen_image import QwenImageTransformer
 from ..models.z_image import PATCH_KEY, ZImageTransformer
-from ..nn.lycoris import FACTOR_ONLY
-from .flux_file import DOUBLE_RENAMES
+from ..nn.lycoris import FACTOR_ONLY, NORM_TYPES
+from .flux_file import DOUBLE_NORMS, DOUBLE_RENAMES, SINGLE_NORMS
 from .lora_file import LoRAFile, LoRAFileError, LoRALayerWeights
 from .lycoris_file import LycorisLayerWeights
 
@@ -157,6 +157,23 @@ def _swapped(model: nn.Module, target: str) -> tuple[Route, ...]:
     n = _rows_of(model, target)
     half = n // 2
     return (Route(target, ((half, n), (0, half))),)
+
+
+def _qk_norms(model: nn.Module) -> Iterator[tuple[str, tuple[Route, ...]]]:
+    """BFL's names of the q/k RMS norms of a Flux-like transformer's blocks (``double_blocks.N.img_attn.norm.
+    query_norm``, ``single_blocks.N.norm.key_norm``, ...) -> its (diffusers') norm modules: a full difference
+    (``diff``) of their scale routes there, as ComfyUI maps these names."""
+    modules = dict(model.named_modules())
+    blocks = (
+        ("double_blocks", "transformer_blocks", DOUBLE_NORMS),
+        ("single_blocks", "single_transformer_blocks", SINGLE_NORMS),
+    )
+    for native_list, ours_list, norms in blocks:
+        for i in range(len(getattr(model, ours_list))):
+            for native, ours in norms.items():
+                target = f"{ours_list}.{i}." + ours.removesuffix(".weight")
+                if target in modules:
+                    yield f"{native_list}.{i}." + native.removesuffix(".scale"), (Route(target),)
 
 
 def _flux_native(model: FluxTransformer) -> Iterator[tuple[str, tuple[Route, ...]]]:
@@ -393,18 +410,21 @@ def dit_routes(model: nn.Module) -> dict[str, tuple[Route, ...]]:
     elif isinstance(model, ZImageTransformer):
         native = dict(_z_image_native(model))
     elif isinstance(model, Flux2Transformer):
-        native = dict(_flux2_native(model))
+        native = {**dict(_flux2_native(model)), **dict(_qk_norms(model))}
     elif isinstance(model, ChromaTransformer):
-        native = dict(_chroma_native(model))
+        native = {**dict(_chroma_native(model)), **dict(_qk_norms(model))}
     elif isinstance(model, FluxTransformer):
-        native = dict(_flux_native(model))
+        native = {**dict(_flux_native(model)), **dict(_qk_norms(model))}
     elif isinstance(model, MMDiT):
         native = dict(_sd3_native(model))
     else:
         return {}
     out: dict[str, tuple[Route, ...]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear | nn.Conv2d):
+        # every Linear/Conv2d, and the norm layers with a weight (their weight/bias differences: diff, diff_b)
+        if isinstance(m, nn.Linear | nn.Conv2d) or (
+            isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None
+        ):
             route = (Route(name),)
             flat = name.replace(".", "_")
             aliases = (

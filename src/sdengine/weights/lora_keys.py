@@ -479,6 +479,8 @@ def match_lora(
         family = model  # diffusers' transformer names: the shapes tell SD3 from Flux
     if family == FLUX_FAMILY and index.dit == CHROMA_FAMILY:
         family = model  # Chroma's blocks carry Flux's names (check_dit_family refused Flux's own layers)
+    if family == FLUX_FAMILY and index.dit == FLUX2_FAMILY:
+        family = model  # FLUX.2's BFL names are FLUX.1's (a q/k norm's diff): check_dit_family told FLUX.1's own
     hint = f"; it looks like a LoRA for {family}, the model is {model}" if family and family != model else ""
     if wrong:
         raise LoRAFileError(f"{where}: shapes do not match this model: {_some(wrong, 2)}{hint}")
