@@ -23,9 +23,9 @@ OpenAI CLIP's mean and std.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -146,8 +146,38 @@ class CLIPVisionOutput(NamedTuple):
     hidden_states: tuple[Tensor, ...] | None = None  # pre_layrnorm'd embeddings, then each layer's output
 
 
+class ViTLayers(Protocol):
+    """The numbers a ViT's pre-LayerNorm layer stack reads (CLIP's and SigLIP's towers share it)."""
+
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def intermediate_size(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def layer_norm_eps(self) -> float: ...
+    @property
+    def hidden_act(self) -> str: ...
+
+
+def _tanh_gelu(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# the MLP's activation by transformers' ``hidden_act`` name: exact (erf) GELU for OpenCLIP, tanh-approximated for
+# SigLIP
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": _tanh_gelu,
+}
+
+
 class VisionAttention(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig) -> None:
+    def __init__(self, cfg: ViTLayers) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         c = cfg.hidden_size
@@ -163,11 +193,11 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig) -> None:
+    def __init__(self, cfg: ViTLayers) -> None:
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu  # exact (erf) GELU for OpenCLIP
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -176,7 +206,7 @@ class VisionMLP(nn.Module):
 class VisionEncoderLayer(nn.Module):
     """Pre-LN block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, cfg: CLIPVisionConfig) -> None:
+    def __init__(self, cfg: ViTLayers) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = VisionAttention(cfg)
@@ -189,7 +219,9 @@ class VisionEncoderLayer(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig) -> None:
+    """The stack of :class:`VisionEncoderLayer` (``layers.N``), transformers' names."""
+
+    def __init__(self, cfg: ViTLayers) -> None:
         super().__init__()
         self.layers = nn.ModuleList(VisionEncoderLayer(cfg) for _ in range(cfg.num_layers))
 
@@ -334,6 +366,7 @@ def clip_image_tensor(images: ImageLike | Sequence[ImageLike], size: int = 224) 
 
 
 __all__ = [
+    "ACTIVATIONS",
     "CLIP_MEAN",
     "CLIP_STD",
     "PRESETS",
@@ -344,6 +377,8 @@ __all__ = [
     "CLIPVisionConfig",
     "CLIPVisionModel",
     "CLIPVisionOutput",
+    "VisionEncoder",
+    "ViTLayers",
     "clip_image_tensor",
     "hf_key",
     "processor_rgb",

@@ -24,14 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
 from sdengine.errors import UsageError
-from sdengine.models.clip_vision import ImageLike, processor_rgb
+from sdengine.models.clip_vision import ImageLike, VisionEncoder, processor_rgb
 from sdengine.models.config_checks import ConfigError, check_config
-from sdengine.nn.attention import scaled_dot_product_attention
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -48,9 +46,14 @@ class SiglipVisionConfig:
     patch_size: int = 14
     image_size: int = 384
     layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"  # SigLIP's only activation (from_transformers refuses others)
 
     def __post_init__(self) -> None:
         check_config("clip_vision", self)  # the same fields and bounds as CLIP's tower
+        if self.hidden_act != "gelu_pytorch_tanh":
+            raise ConfigError(
+                f"SigLIP vision config: hidden_act {self.hidden_act!r} is not supported (gelu_pytorch_tanh)"
+            )
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"SigLIP vision config: hidden_size {self.hidden_size} not divisible by {self.num_heads} heads"
@@ -95,53 +98,6 @@ SO400M_384 = SiglipVisionConfig()
 TINY = SiglipVisionConfig(hidden_size=32, intermediate_size=40, num_layers=2, num_heads=4, patch_size=4, image_size=16)
 
 
-class SiglipAttention(nn.Module):
-    def __init__(self, cfg: SiglipVisionConfig) -> None:
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        c = cfg.hidden_size
-        self.q_proj = nn.Linear(c, c)
-        self.k_proj = nn.Linear(c, c)
-        self.v_proj = nn.Linear(c, c)
-        self.out_proj = nn.Linear(c, c)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, N, C) -> (B, N, C), every token to every token
-        return self.out_proj(
-            scaled_dot_product_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads)
-        )
-
-
-class SiglipMLP(nn.Module):
-    def __init__(self, cfg: SiglipVisionConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class SiglipEncoderLayer(nn.Module):
-    """Pre-LN block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
-
-    def __init__(self, cfg: SiglipVisionConfig) -> None:
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = SiglipAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = SiglipMLP(cfg)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class SiglipEncoder(nn.Module):
-    def __init__(self, cfg: SiglipVisionConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_layers))
-
-
 class SiglipEmbeddings(nn.Module):
     def __init__(self, cfg: SiglipVisionConfig) -> None:
         super().__init__()
@@ -159,7 +115,7 @@ class SiglipTransformer(nn.Module):
     def __init__(self, cfg: SiglipVisionConfig) -> None:
         super().__init__()
         self.embeddings = SiglipEmbeddings(cfg)
-        self.encoder = SiglipEncoder(cfg)
+        self.encoder = VisionEncoder(cfg)  # CLIP's layer stack, with SigLIP's tanh GELU
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
