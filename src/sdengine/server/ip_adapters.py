@@ -16,7 +16,6 @@ not taken (a ViT-bigG module with an adapter that reads ViT-H's width is a 400 s
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from PIL import Image, ImageOps
 
 from sdengine.server.catalog import Catalog, strip_title
 from sdengine.server.errors import BadRequest, redact_paths
+from sdengine.server.units import unit_objects
 
 MAX_IP_ADAPTERS = 4  # IP-Adapter units of one request
 SCALE_RANGE = (-1.0, 5.0)  # a unit's scale (ComfyUI_IPAdapter_plus's weight range; A1111's 0-2 lies inside it)
@@ -73,27 +73,8 @@ class IPAdapterRequest:
 def parse_units(raw: Any, what: str = "ip_adapters") -> list[IPAdapterRequest]:
     """A list of unit objects (the native job's shape, as OpenAI's JSON body or a form's JSON string sends it) ->
     requests; one-line 400s for another shape (the values are checked by :func:`build_units`)."""
-    if raw is None:
-        return []
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            raise BadRequest(
-                f"{what} must be a JSON list of units ({{model, image, ...}}), got {raw[:100]!r}"
-            ) from None
-    if not isinstance(raw, list):
-        raise BadRequest(f"{what} must be a list of units ({{model, image, scale, clip_vision, negative_rule}})")
     out = []
-    for k, u in enumerate(raw):
-        if not isinstance(u, Mapping):
-            raise BadRequest(f"{what}[{k}] must be an object {{model, image, ...}}, got {type(u).__name__}")
-        unknown = sorted(set(u) - set(UNIT_KEYS))
-        if unknown:
-            raise BadRequest(f"{what}[{k}]: unknown field {unknown[0]!r}; a unit takes {', '.join(UNIT_KEYS)}")
-        for key in ("model", "image"):
-            if not isinstance(u.get(key), str) or not u.get(key):
-                raise BadRequest(f"{what}[{k}].{key} must be a non-empty string")
+    for k, u in enumerate(unit_objects(raw, what, UNIT_KEYS)):
         clip = u.get("clip_vision")
         if clip is not None and not isinstance(clip, str):
             raise BadRequest(f"{what}[{k}].clip_vision must be a name of GET /v1/clip_vision or null")

@@ -9,9 +9,8 @@ headers), its image (an upload id or base64, as the job's other images) and its 
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from PIL import Image, ImageOps
 
 from sdengine.server.catalog import Catalog
 from sdengine.server.errors import BadRequest
+from sdengine.server.units import unit_objects
 
 MAX_REDUX_UNITS = 8  # sdengine.pipeline.redux.MAX_REDUX_UNITS (torch-free here)
 MAX_STRENGTH = 10.0
@@ -28,29 +28,8 @@ UNIT_KEYS = ("model", "image", "siglip", "strength")
 def parse_units(raw: Any, what: str = "redux") -> list[dict[str, Any]]:
     """A list of unit objects (the native job's shape, as OpenAI's JSON body or a form's JSON string sends it) ->
     checked dicts; one-line 400s for another shape or value."""
-    if raw is None:
-        return []
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            raise BadRequest(
-                f"{what} must be a JSON list of units ({{model, image, ...}}), got {raw[:100]!r}"
-            ) from None
-    if not isinstance(raw, list | tuple):
-        raise BadRequest(f"{what} must be a list of units ({{model, image, siglip, strength}})")
-    if len(raw) > MAX_REDUX_UNITS:
-        raise BadRequest(f"at most {MAX_REDUX_UNITS} {what} units per request, got {len(raw)}")
     out = []
-    for k, u in enumerate(raw):
-        if not isinstance(u, Mapping):
-            raise BadRequest(f"{what}[{k}] must be an object {{model, image, ...}}, got {type(u).__name__}")
-        unknown = sorted(set(u) - set(UNIT_KEYS))
-        if unknown:
-            raise BadRequest(f"{what}[{k}]: unknown field {unknown[0]!r}; a unit takes {', '.join(UNIT_KEYS)}")
-        for key in ("model", "image"):
-            if not isinstance(u.get(key), str) or not u.get(key):
-                raise BadRequest(f"{what}[{k}].{key} must be a non-empty string")
+    for k, u in enumerate(unit_objects(raw, what, UNIT_KEYS, MAX_REDUX_UNITS)):
         siglip = u.get("siglip")
         if siglip is not None and (not isinstance(siglip, str) or not siglip):
             raise BadRequest(f"{what}[{k}].siglip must be a name of GET /v1/clip_vision or null")
