@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule
+from sdengine.diffusion.text_groups import text_length_groups, texts_concat
 from sdengine.latent_sampling import (
     FlowModel,
     SkipLayerGuidance,
     TextCondition,
     make_noise,
     sample_flow_latents,
-    text_length_groups,
-    texts_concat,
 )
 
 WIDTH = 8

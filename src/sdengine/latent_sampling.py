@@ -42,6 +42,7 @@ from sdengine.diffusion.edm import EDMDenoiser, EDMSchedule
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import BatchNoise, SamplingInterrupted
 from sdengine.diffusion.schedules import img2img_start
+from sdengine.diffusion.text_groups import run_text_groups, texts_concat
 from sdengine.errors import SdengineError
 
 SEED_RULES = ("comfyui", "sdengine")
@@ -389,34 +390,6 @@ def _match_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
 
 
-TEXT_CONCAT_RULES = ("equal", "lcm")
-
-
-def texts_concat(a: int, b: int, rule: str) -> bool:
-    """Whether texts of ``a`` and ``b`` tokens share one model call under ComfyUI's rule for the model's text
-    conditioning: ``"lcm"``, a U-Net's (its ``CONDCrossAttn.can_concat``: equal, or repeated to their least common
-    multiple where that is at most 4 x the shorter); ``"equal"``, a diffusion transformer's (SD3, Flux, FLUX.2,
-    Chroma, Qwen-Image, Z-Image hold their text in a ``CONDRegular``, which batches equal shapes only)."""
-    if rule not in TEXT_CONCAT_RULES:
-        raise LatentSamplingError(f"unknown text batching rule {rule!r}; use one of {', '.join(TEXT_CONCAT_RULES)}")
-    if a == b:
-        return True
-    return rule == "lcm" and math.lcm(a, b) // min(a, b) <= 4
-
-
-def text_length_groups(lengths: Sequence[int], rule: str) -> list[list[int]]:
-    """ComfyUI's calc_cond_batch over conditionings of these text lengths: the first one left takes every other
-    left that it can share a call with (:func:`texts_concat`), and so on; one model call per group (each text
-    repeated to the group's least common multiple)."""
-    left = list(dict.fromkeys(int(n) for n in lengths))
-    groups: list[list[int]] = []
-    while left:
-        group = [n for n in left if texts_concat(left[0], n, rule)]
-        left = [n for n in left if n not in group]
-        groups.append(group)
-    return groups
-
-
 class _TextGroups:
     """A network ``(x, t, *, crossattn, text_len, **kw)`` whose rows hold texts of several token counts, run as
     ComfyUI runs them: ``crossattn`` holds every row's text zero-padded to the longest, ``text_len`` (N,) its own
@@ -431,33 +404,7 @@ class _TextGroups:
         return getattr(self.inner, name)
 
     def __call__(self, x: Tensor, t: Tensor, *, crossattn: Tensor, text_len: Tensor, **kw: Any) -> Tensor:
-        n = x.shape[0]
-        lengths = [int(v) for v in text_len.reshape(-1).tolist()]
-        if len(lengths) != n or crossattn.shape[0] != n:
-            raise LatentSamplingError(f"{len(lengths)} text lengths and {crossattn.shape[0]} texts for {n} rows")
-
-        def rows(v: Any, idx: list[int], index: Tensor) -> Any:
-            if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n:
-                return v.index_select(0, index.to(v.device))
-            if isinstance(v, tuple | list) and len(v) == n:  # row_kinds
-                return type(v)(v[i] for i in idx)
-            return v
-
-        out: Tensor | None = None
-        for group in text_length_groups(lengths, self.rule):
-            idx = [i for i, m in enumerate(lengths) if m in group]
-            span = functools.reduce(math.lcm, group)
-            text = torch.cat([crossattn[i : i + 1, : lengths[i]].repeat(1, span // lengths[i], 1) for i in idx])
-            if len(idx) == n:  # one call for every row: as a batch of one length
-                return self.inner(x, t, crossattn=text, **kw)
-            index = torch.tensor(idx, dtype=torch.long)
-            got = self.inner(rows(x, idx, index), rows(t, idx, index), crossattn=text,
-                             **{k: rows(v, idx, index) for k, v in kw.items()})  # fmt: skip
-            if out is None:
-                out = got.new_empty((n, *got.shape[1:]))
-            out.index_copy_(0, index.to(got.device), got)
-        assert out is not None
-        return out
+        return run_text_groups(self.inner, x, t, crossattn=crossattn, text_len=text_len, rule=self.rule, **kw)
 
 
 def _grouped_skipping(skipping: Callable[[tuple[int, ...]], Callable[..., Tensor]], layers: tuple[int, ...]) -> Any:

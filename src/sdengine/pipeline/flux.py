@@ -78,6 +78,7 @@ from sdengine.diffusion.flow import (
     flow_sampler_view,
     flux_image_seq_len,
 )
+from sdengine.diffusion.text_groups import run_text_groups
 from sdengine.errors import GenerationError, UsageError
 from sdengine.pipeline import flux_fill, flux_kontext, redux
 from sdengine.pipeline.core import Pipeline, Prepared, a1111_changes_run
@@ -134,8 +135,8 @@ class FluxAdapter:
         text_len: Tensor | None = None,
     ) -> Tensor:
         if text_len is not None:  # rows whose texts are of several token counts (FLUX.1 Redux under true CFG)
-            return redux.run_text_groups(
-                self, x, t, text_len, crossattn=crossattn, vector=vector, guidance=guidance, concat=concat,
+            return run_text_groups(
+                self, x, t, text_len=text_len, crossattn=crossattn, vector=vector, guidance=guidance, concat=concat,
                 ip_tokens=ip_tokens, step=step, row_kinds=row_kinds,
             )  # fmt: skip
         control: dict[str, Any] = {"step": step} if self.takes_step else {}

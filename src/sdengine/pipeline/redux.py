@@ -218,7 +218,7 @@ def infotext_fields(units: Any) -> dict[str, str]:
 def padded_pair(cond: dict[str, Tensor], uncond: dict[str, Tensor], tokens: Tensor) -> tuple[dict, dict]:
     """(cond, uncond) of a row under true CFG with the call's Redux ``tokens`` (1, N, C) appended to the
     conditional text: both texts zero-padded to the longer, each with ``text_len`` (its own token count, one per
-    row, on the CPU) so that the network runs the two apart (:func:`run_text_groups`)."""
+    row, on the CPU) so that the network runs the two apart (:func:`sdengine.diffusion.text_groups.run_text_groups`)."""
     text, neg = cond["crossattn"], uncond["crossattn"]
     text = torch.cat([text, tokens.to(device=text.device, dtype=text.dtype).expand(text.shape[0], -1, -1)], dim=1)
     m = max(text.shape[1], neg.shape[1])
@@ -235,42 +235,6 @@ def padded_pair(cond: dict[str, Tensor], uncond: dict[str, Tensor], tokens: Tens
     )
 
 
-def run_text_groups(net: Any, x: Tensor, t: Tensor, text_len: Tensor, *, crossattn: Tensor, **kw: Any) -> Tensor:
-    """``net(x, t, crossattn=..., **kw)`` for rows whose texts are zero-padded to the longest, ``text_len`` (N,)
-    each row's own count: one call per count, each row's text cut back to it, the outputs put back in their rows
-    (row arguments, tensors of N rows and tuples of N, follow their rows; others go to every call as they are)."""
-    n = x.shape[0]
-    lengths = [int(v) for v in text_len.reshape(-1).tolist()]
-    if len(lengths) != n or crossattn.shape[0] != n:
-        raise GenerationError(f"{len(lengths)} text lengths and {crossattn.shape[0]} texts for {n} rows")
-    counts = list(dict.fromkeys(lengths))
-    if len(counts) == 1:
-        return net(x, t, crossattn=crossattn[:, : counts[0]], **kw)
-
-    def rows(v: Any, idx: list[int], index: Tensor) -> Any:
-        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n:
-            return v.index_select(0, index.to(v.device))
-        if isinstance(v, tuple | list) and len(v) == n:  # row_kinds
-            return type(v)(v[i] for i in idx)
-        return v
-
-    out: Tensor | None = None
-    for count in counts:
-        idx = [i for i, m in enumerate(lengths) if m == count]
-        index = torch.tensor(idx, dtype=torch.long)
-        got = net(
-            rows(x, idx, index),
-            rows(t, idx, index),
-            crossattn=rows(crossattn, idx, index)[:, :count],
-            **{k: rows(v, idx, index) for k, v in kw.items()},
-        )
-        if out is None:
-            out = got.new_empty((n, *got.shape[1:]))
-        out.index_copy_(0, index.to(got.device), got)
-    assert out is not None
-    return out
-
-
 __all__ = [
     "MAX_REDUX_UNITS",
     "MAX_STRENGTH",
@@ -282,7 +246,6 @@ __all__ = [
     "infotext_fields",
     "padded_pair",
     "redux_tokens",
-    "run_text_groups",
     "unit_infotext",
     "weights_named",
 ]
