@@ -113,7 +113,7 @@ def test_web_page_redux_section_sends_the_unit_and_shows_the_apis_image(page, cl
     assert "several SigLIP encoders" in shown_errors(page)["err-redux"], shown_errors(page)
     page.select_option("#redux-siglip", SIGLIPS[0])
     body = sent_body(page)
-    unit = body["redux"][0]
+    unit = dict(body["redux"][0])
     assert len(body["redux"]) == 1 and isinstance(unit.pop("image"), str), body["redux"]
     assert unit == {"model": REDUX, "strength": 0.7, "siglip": SIGLIPS[0]}, unit
     params = wait_result(page)
