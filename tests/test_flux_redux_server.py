@@ -158,3 +158,33 @@ def test_a1111_txt2img_top_level_redux_equals_the_python_call(served):
     assert "Redux 0: " in r.json()["info"]
     r = client.post("/sdapi/v1/txt2img", json={**body, "redux": [{"image": "x"}]})
     _one_line_400(r, "redux[0].model must be a non-empty string")
+
+
+def test_web_page_hides_the_siglip_choice_with_one_siglip_file(served):
+    """One SigLIP file on the server: the page's Redux section has no SigLIP choice (the server takes its one) and
+    the unit is sent without ``siglip``; the image shown is the native API's for the same body (max abs 0)."""
+    pytest.importorskip("playwright")
+    from _webpage import chromium, tab
+    from test_webui import shown_image, wait_result
+
+    url, client, _, _, _ = served
+    with chromium() as browser, tab(browser, url) as page:
+        page.select_option("#model", "tiny-flux")
+        assert page.is_visible("#redux-file") and page.is_visible("#redux-strength")
+        assert page.is_hidden("#redux-siglip")
+        for sel, value in (("#prompt", PROMPT), ("#steps", str(STEPS)), ("#seed", "5"), ("#width", str(W)),
+                           ("#height", str(H))):  # fmt: skip
+            page.fill(sel, value)
+        page.set_input_files("#redux-file", files=[{"name": "r.png", "mimeType": "image/png",
+                                                    "buffer": _png(picture(40, 24, seed=3))}])  # fmt: skip
+        with page.expect_request(lambda rq: rq.url.endswith("/v1/jobs") and rq.method == "POST") as sent:
+            page.click("#generate")
+        body = sent.value.post_data_json
+        assert {k: v for k, v in body["redux"][0].items() if k != "image"} == {
+            "model": "flux1-redux-tiny.safetensors",
+            "strength": 1,
+        }, body
+        wait_result(page)
+        shown = shown_image(page, "#results img")
+    got, _ = run_job(client, body)
+    np.testing.assert_array_equal(shown, got)

@@ -24,6 +24,7 @@ FIELDS.push("deep_shrink", "deep_shrink_block", "deep_shrink_factor", "deep_shri
 FIELDS.push("hypertile", "hypertile_tile", "hypertile_swap", "hypertile_depth", "hypertile_rule",
   "hypertile_scale_depth"); // HyperTile (off, on, hires fix's second pass only) and its settings
 FIELDS.push("ipa-model", "ipa-clip", "ipa-scale", "ipa-start", "ipa-end", "ipa-rule"); // the IP-Adapter unit
+FIELDS.push("redux-model", "redux-strength", "redux-siglip"); // the FLUX.1 Redux unit (its image: picked each time)
 // SDXL's own: the second prompts, the micro-conditioning (sizes WIDTHxHEIGHT, crops "top, left"; empty = the
 // model's defaults) and the refiner hand-off (the job's sdxl, refiner, refiner_switch_at, refiner_switch_rule)
 const SDXL_TEXTS = { sdxl_prompt_2: "prompt_2", sdxl_negative_prompt_2: "negative_prompt_2" };
@@ -224,7 +225,7 @@ async function api(path, options = {}) {
 const getJSON = async (path) => (await api(path)).json();
 
 const UPLOAD_LABELS = { init_image: "init image", mask: "mask", controlnet: "ControlNet control image",
-  ip_adapter: "IP-Adapter image", reference_images: "reference image", control_image: "control image (Depth / Canny)" };
+  ip_adapter: "IP-Adapter image", reference_images: "reference image", control_image: "control image (Depth / Canny)", redux: "Redux image" };
 
 /** The image as the server takes it: a PNG, JPEG or WebP as it is; another format the browser can show (GIF,
  * BMP, AVIF, ...; A1111 takes them) as a PNG of its pixels. Such a file was shown, painted on, and then refused. */
@@ -270,6 +271,7 @@ const ERROR_FIELDS = [
   [/distilled_cfg_scale|distilled guidance/i, "distilled_cfg_scale"],
   [/^shift\b|^shift applies/i, "shift"],
   [/^sd3 |sd3 settings|skip_guidance_layers|skip_layer_guidance/i, "slg_layers"],
+  [/^redux\b|\bredux\[|siglip|style_models/i, "redux"], // FLUX.1 Redux's ("redux[0]: ..."), first: they name models
   [/reference_image|reference image|kontext/i, "reference_images"], // FLUX.1 Kontext's (their lines name others)
   [/control_image|depth \/ canny/i, "control_image"], // FLUX.1 Depth / Canny's map, before the ControlNet's
   [/ip-adapter|ip_adapters|clip vision/i, "ip_adapter"], // first: its lines name widths, models and images
@@ -675,6 +677,17 @@ async function loadPickers() {
   for (const id of ["ipa-enabled", "ipa-model", "ipa-clip", "ipa-scale", "ipa-start", "ipa-end", "ipa-rule",
     "ipa-file"]) $(id).disabled = none;
   if (none) $("ipa-enabled").checked = false;
+  // FLUX.1 Redux: its encoders (GET /v1/style_models) and the SigLIP choice, shown only when the CLIP vision folder
+  // holds more than one file (Automatic: the server takes its one SigLIP encoder)
+  const styles = await getJSON("/v1/style_models");
+  const redux = $("redux-model");
+  redux.replaceChildren();
+  for (const m of styles.style_models) option(redux, m.name);
+  const siglip = $("redux-siglip");
+  siglip.replaceChildren();
+  option(siglip, "", "Automatic (the one SigLIP file)");
+  for (const c of encoders.clip_vision) option(siglip, c.name);
+  state.siglipChoice = encoders.clip_vision.length > 1;
 }
 
 // ----------------------------------------------------------------------------------- settings
@@ -923,6 +936,7 @@ function applyInfotext(text) {
   applySdxl(f, put, missing);
   applyControlNet(f, put, missing, own);
   applyIpAdapter(f, put, missing);
+  applyRedux(f, put, missing);
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
   // (twice the weight).
   state.loras.forEach((l, i) => { $(`lora-use-${i}`).checked = false; });
@@ -993,6 +1007,28 @@ function fileByStem(select, name) {
   const stem = (path) => path.split("/").pop().replace(/\.(safetensors|bin|pt|pth|ckpt)$/i, "");
   const found = [...select.options].filter((o) => o.value && stem(o.value) === name);
   return found.length === 1 ? found[0].value : null;
+}
+
+/** The FLUX.1 Redux unit of an infotext (sdengine's "Redux 0: "Image: NAME [hash], Strength: s, Model: NAME [hash],
+ * SigLIP: NAME [hash]"", as sdengine.metadata.recorded_redux reads it): its model, strength and SigLIP encoder (the
+ * image is not in the infotext: the one picked stays). What this page cannot set is said: a model or encoder this
+ * server lacks, a second unit. */
+function applyRedux(f, put, missing) {
+  const keys = Object.keys(f).filter((k) => /^Redux \d+$/.test(k)).sort((a, b) => parseInt(a.slice(6), 10)
+    - parseInt(b.slice(6), 10));
+  if (!keys.length) { $("redux-file").value = ""; return; } // made without Redux: none sent
+  const unit = {};
+  for (const m of String(f[keys[0]]).matchAll(/\s*([^:,]+):\s*([^,]*)/g)) unit[m[1].trim()] = m[2].trim();
+  const nameOf = (text) => (text || "").replace(/\s*\[[0-9a-fA-F]+\]$/, "").trim();
+  if (unit.Strength !== undefined) put("redux-strength", parseFloat(unit.Strength));
+  const model = fileByStem($("redux-model"), nameOf(unit.Model));
+  if (!model || !put("redux-model", model)) missing.push(`Redux model ${nameOf(unit.Model)}`);
+  if (unit.SigLIP) {
+    const siglip = fileByStem($("redux-siglip"), nameOf(unit.SigLIP));
+    if (!siglip || !put("redux-siglip", state.siglipChoice ? siglip : "")) missing.push(`Redux SigLIP ${nameOf(unit.SigLIP)}`);
+  }
+  if (unit.Tokens) missing.push("Redux SigLIP tokens (given, not an image)");
+  for (const k of keys.slice(1)) missing.push(`${k} (this page runs one Redux image)`);
 }
 
 /** The IP-Adapter of an infotext (sdengine's "IP-Adapter 0: "Model: NAME [HASH], Weight: w, CLIP vision: NAME [HASH],
@@ -1317,6 +1353,16 @@ async function fluxImages() {
     // each its own size (Kontext's choice; FLUX.2 fits its references as diffusers does)
     if (family === "flux" && !$("reference-resize").checked) out.reference_auto_resize = false;
   }
+  const reduxFile = $("redux-file").closest(".field").hidden ? null : $("redux-file").files[0];
+  if (reduxFile) { // FLUX.1 Redux: one unit (the job's redux)
+    if (!$("redux-model").value) {
+      throw new ApiError(400, "Redux: this server has no Redux model (put one in --models-dir's style_models/)", "redux");
+    }
+    const unit = { model: $("redux-model").value, image: await upload(reduxFile, "redux"),
+      strength: number("redux-strength", "Redux strength", false) };
+    if (state.siglipChoice && $("redux-siglip").value) unit.siglip = $("redux-siglip").value;
+    out.redux = [unit];
+  }
   const control = $("control-image-file").closest(".field").hidden ? null : $("control-image-file").files[0];
   if (control) {
     out.control_image = await upload(control, "control_image");
@@ -1358,6 +1404,7 @@ function fitFamily() {
     el.hidden = !el.dataset.family.split(" ").includes(family) || Boolean(kinds && kind && !kinds.includes(kind));
     if (el.classList.contains("field")) any ||= !el.hidden;
   }
+  if (!state.siglipChoice) $("redux-siglip").closest(".field").hidden = true; // one SigLIP or none: nothing to choose
   $("family-settings").hidden = !any;
   $("family-title").hidden = !any;
   for (const id of U_NET_ONLY) $(id).hidden = FLOW_FAMILIES.includes(family);
