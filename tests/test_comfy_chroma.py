@@ -220,8 +220,8 @@ def test_skip_layer_guidance_dit_on_chroma_equals_comfyuis_function(chroma):
     import torch
 
     from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule, flow_grid
-    from sdengine.pipeline.chroma import ChromaAdapter
     from sdengine.latent_sampling import make_noise
+    from sdengine.pipeline.chroma import ChromaAdapter
     from test_comfy_cfg_hooks import rel, without_blocks
 
     root, pipe = chroma

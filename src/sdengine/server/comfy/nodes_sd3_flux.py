@@ -1294,6 +1294,7 @@ def odd_sides(flow: Any, family: str, z: torch.Tensor, controls: list[Any], mode
             "without a ControlNet only: use an image side that is a multiple of 16 with a ControlNet"
         )
     skipping = flow.skipping
+
     def padded_skipping(layers: tuple[int, ...], single: tuple[int, ...]) -> Any:
         assert skipping is not None
         net = skipping(layers, single)
