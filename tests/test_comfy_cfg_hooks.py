@@ -593,8 +593,104 @@ def test_renorm_cfg_and_rescale_cfg_the_last_counts(sd1):
     assert "batch of one latent" in _node_error(root, g, pipes)
 
 
+def without_blocks(net: Any, double: tuple[int, ...], single: tuple[int, ...]) -> Any:
+    """A copy of a Flux / Chroma transformer whose blocks ``double`` / ``single`` hand their tokens on unchanged (as
+    ComfyUI's ``dit`` block patch that returns its input), written apart from the transformer's own skipping."""
+    import copy
+
+    net = copy.deepcopy(net)
+    for i in double:
+        net.transformer_blocks[i].forward = lambda x, context, *a: (x, context)
+    for i in single:
+        net.single_transformer_blocks[i].forward = lambda seq, *a: seq
+    return net
+
+
+def test_flux_transformer_leaves_blocks_out(flux):
+    """The Flux transformer's skip_layers / skip_single_layers: its default is the plain path bit for bit, a block
+    left out is a block handing its tokens on, a block it lacks is one line naming its counts."""
+    from sdengine.errors import UsageError
+
+    _, pipe = flux
+    net = pipe.unet
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, 16, 4, 4, generator=g), torch.tensor([500.0]), torch.randn(1, 5, 32, generator=g),
+            torch.randn(1, 64, generator=g))  # fmt: skip
+    with torch.inference_mode():
+        plain = net(*args, guidance=3.5)
+        assert torch.equal(net(*args, guidance=3.5, skip_layers=(), skip_single_layers=()), plain)
+        for double, single in (((0,), ()), ((), (1,)), ((0,), (0, 1))):
+            got = net(*args, guidance=3.5, skip_layers=double, skip_single_layers=single)
+            want = without_blocks(net, double, single)(*args, guidance=3.5)
+            assert torch.equal(got, want) and (got - plain).abs().max() > 1e-3
+    for kw in ({"skip_layers": (1,)}, {"skip_single_layers": (2,)}, {"skip_layers": (-1,)}):
+        with pytest.raises(UsageError, match=r"\(1 double blocks 0-0, 2 single blocks 0-1\)$"):
+            net(*args, guidance=3.5, **kw)
+
+
+def _flux_reference(flux: Any, mu: float, slg: tuple) -> torch.Tensor:
+    """Euler on Flux's simple sigmas at cfg 1 (FluxGuidance 3.5), ComfyUI's noise, SkipLayerGuidanceDiT's post-CFG
+    function written out (``slg``: double, single, scale, start, end, rescaling), its LATENT's scaling."""
+    from sdengine.diffusion.flow import flow_grid
+    from sdengine.pipeline.flux import FluxAdapter
+    from test_comfy_sd3_flux import PROMPT, STEPS
+
+    _, pipe = flux
+    double, single, scale, start, end, r = slg
+    schedule = FlowSchedule.flux(mu=mu)
+    cond = dict(pipe.conditioner.with_guidance(pipe.conditioner.text(PROMPT), 3.5))
+    den = FlowDenoiser(FluxAdapter(pipe.unet, pipe.dtype), schedule)
+    skipped = FlowDenoiser(FluxAdapter(without_blocks(pipe.unet, double, single), pipe.dtype), schedule)
+    sigmas = flow_grid(schedule, STEPS, "simple", comfy=True).sigmas
+    x = make_noise((1, 16, 8, 8), 5, "comfyui")
+    inside = 0
+    with torch.inference_mode():
+        for i in range(sigmas.shape[0] - 1):
+            s, nxt = float(sigmas[i]), float(sigmas[i + 1])
+            x0_c = den(x, s, **cond)
+            x0 = x0_c  # cfg 1: the conditional x0 alone
+            if schedule.percent_to_sigma(end) <= s <= schedule.percent_to_sigma(start):
+                inside += 1
+                x0 = x0 + (x0_c - skipped(x, s, **cond)) * scale
+                if r != 0:
+                    x0 = x0 * (r * x0_c.std() / x0.std() + (1 - r))
+            x = x + (nxt - s) * (x - x0) / s
+    assert 0 < inside < sigmas.shape[0] - 1  # the window holds some steps, not all
+    return x / 0.3611 + 0.1159  # ComfyUI's Flux latent format (process_out)
+
+
+@pytest.mark.parametrize("rescaling", [0.0, 0.7])
+def test_skip_layer_guidance_dit_on_flux_equals_comfyuis_function(flux, rescaling):
+    """SkipLayerGuidanceDiT on FLUX.1 [dev]: the double and single blocks named left out of the extra conditional
+    pass, its term and rescaling as ComfyUI's post-CFG function; SkipLayerGuidanceSD3 leaves double blocks out."""
+    from test_comfy_sd3_flux import _run as flux_run
+    from test_comfy_sd3_flux import flux_graph
+
+    root, _ = flux
+    plain = flux_run(root, flux_graph())["8"][0]["samples"].float()
+    slg = {"double_layers": "0", "single_layers": "[1]", "scale": 2.5, "start_percent": 0.2, "end_percent": 0.7,
+           "rescaling_scale": rescaling}  # fmt: skip
+    g = flux_graph()
+    g["12"] = {"class_type": "SkipLayerGuidanceDiT", "inputs": {"model": ["6", 0], **slg}}
+    g["8"]["inputs"]["model"] = ["12", 0]
+    out = flux_run(root, g)
+    got = out["8"][0]["samples"].float()
+    mu = float(out["6"][0].flow_sampling[1])
+    assert rel(got, _flux_reference(flux, mu, ((0,), (1,), 2.5, 0.2, 0.7, rescaling))) < 1e-5
+    assert (got - plain).abs().max().item() > 1e-3
+    g["12"]["inputs"] = {"model": ["6", 0], **slg, "double_layers": ""}  # single blocks alone
+    alone = flux_run(root, g)["8"][0]["samples"].float()
+    assert rel(alone, _flux_reference(flux, mu, ((), (1,), 2.5, 0.2, 0.7, rescaling))) < 1e-5
+    if not rescaling:
+        g["12"] = {"class_type": "SkipLayerGuidanceSD3", "inputs": {"model": ["6", 0], "layers": "0", "scale": 2.5,
+                   "start_percent": 0.2, "end_percent": 0.7}}  # fmt: skip
+        sd3 = flux_run(root, g)["8"][0]["samples"].float()
+        assert rel(sd3, _flux_reference(flux, mu, ((0,), (), 2.5, 0.2, 0.7, 0.0))) < 1e-5
+
+
 def test_skip_layer_guidance_dit_refusals(sd1, flux):
-    """SkipLayerGuidanceDiT on a U-Net, and on Flux (its double / single blocks are not left out here): one line."""
+    """SkipLayerGuidanceDiT on a U-Net, and on Flux with a block the transformer lacks: one line naming its
+    block counts."""
     from sdengine.server.comfy.graph import NodeFailed
     from test_comfy_sd3_flux import _run as flux_run
     from test_comfy_sd3_flux import flux_graph
@@ -607,6 +703,9 @@ def test_skip_layer_guidance_dit_refusals(sd1, flux):
     g = flux_graph()
     g["12"] = {"class_type": "SkipLayerGuidanceDiT", "inputs": {"model": ["6", 0], **slg}}
     g["8"]["inputs"]["model"] = ["12", 0]
-    with pytest.raises(NodeFailed) as info:
-        flux_run(froot, g)
-    assert "skip-layer guidance is SD3's" in str(info.value) and "\n" not in str(info.value)
+    for double, single in (("1", ""), ("", "0, 2")):
+        g["12"]["inputs"] |= {"double_layers": double, "single_layers": single}
+        with pytest.raises(NodeFailed) as info:
+            flux_run(froot, g)
+        msg = str(info.value)
+        assert "(1 double blocks 0-0, 2 single blocks 0-1)" in msg and "\n" not in msg, msg

@@ -211,3 +211,52 @@ def test_lora_loader_on_chroma_equals_the_pipelines_lora(chroma, monkeypatch):
     assert error.startswith("node 8 (KSampler): LoRA: ") and "flux-mod.safetensors: a LoRA for Flux.1" in error
     assert f"it adapts {layer}, a layer Chroma does not have" in error
     assert np.abs(_pixels(_run(root, chroma_graph())["10"][0]) - plain).max() < TOL  # nothing was applied
+
+
+def test_skip_layer_guidance_dit_on_chroma_equals_comfyuis_function(chroma):
+    """SkipLayerGuidanceDiT on Chroma (Flux's block structure; ComfyUI's Chroma takes the same ``dit`` block
+    patches): the transformer's skipped blocks hand their tokens on, the extra conditional pass's term as ComfyUI's
+    post-CFG function at cfg 1 (an Euler loop written here), not a no-op; a block it lacks: one line."""
+    import torch
+
+    from sdengine.diffusion.flow import FlowDenoiser, FlowSchedule, flow_grid
+    from sdengine.latent_sampling import make_noise
+    from sdengine.pipeline.chroma import ChromaAdapter
+    from test_comfy_cfg_hooks import rel, without_blocks
+
+    root, pipe = chroma
+    net = pipe.unet
+    D, S = len(net.transformer_blocks), len(net.single_transformer_blocks)
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, 16, 4, 4, generator=g), torch.tensor([500.0]), torch.randn(1, 5, 32, generator=g))
+    with torch.inference_mode():
+        plain = net(*args)
+        assert torch.equal(net(*args, skip_layers=(), skip_single_layers=()), plain)
+        got = net(*args, skip_layers=(0,), skip_single_layers=(S - 1,))
+        assert torch.equal(got, without_blocks(net, (0,), (S - 1,))(*args)) and (got - plain).abs().max() > 1e-4
+    slg = {"double_layers": "0", "single_layers": str(S - 1), "scale": 2.0, "start_percent": 0.2,
+           "end_percent": 0.7, "rescaling_scale": 0.5}  # fmt: skip
+    graph = chroma_graph(cfg=1.0)
+    graph["12"] = {"class_type": "SkipLayerGuidanceDiT", "inputs": {"model": ["6", 0], **slg}}
+    graph["8"]["inputs"]["model"] = ["12", 0]
+    out = _run(root, graph)
+    got = out["8"][0]["samples"].float()
+    schedule = FlowSchedule.flux(mu=float(out["6"][0].flow_sampling[1]))
+    cond = dict(out["3"][0][0].cond)
+    den = FlowDenoiser(ChromaAdapter(net, pipe.dtype), schedule)
+    skipped = FlowDenoiser(ChromaAdapter(without_blocks(net, (0,), (S - 1,)), pipe.dtype), schedule)
+    sigmas = flow_grid(schedule, STEPS, "simple", comfy=True).sigmas
+    x = make_noise((1, 16, 8, 8), SEED, "comfyui")
+    with torch.inference_mode():
+        for i in range(sigmas.shape[0] - 1):
+            s, nxt = float(sigmas[i]), float(sigmas[i + 1])
+            x0 = x0_c = den(x, s, **cond)
+            if schedule.percent_to_sigma(0.7) <= s <= schedule.percent_to_sigma(0.2):
+                x0 = x0 + (x0_c - skipped(x, s, **cond)) * 2.0
+                x0 = x0 * (0.5 * x0_c.std() / x0.std() + 0.5)
+            x = x + (nxt - s) * (x - x0) / s
+    assert rel(got, x / 0.3611 + 0.1159) < 1e-5
+    assert (got - _run(root, chroma_graph(cfg=1.0))["8"][0]["samples"].float()).abs().max() > 1e-3
+    graph["12"]["inputs"]["single_layers"] = str(S)
+    msg = _node_error(root, graph)
+    assert f"({D} double blocks 0-{D - 1}, {S} single blocks 0-{S - 1})" in msg and "\n" not in msg, msg

@@ -243,8 +243,8 @@ def test_an_odd_latent_with_a_controlnet_is_one_line():
     assert odd_sides(flow, "flux2", z, [], ModelHandle("m")) is flow  # FLUX.2: patch size 1
     padded = odd_sides(flow, "sd3", z, [], ModelHandle("m")).network
     assert isinstance(padded, PatchPadded)
-    skipping = replace(flow, skipping=lambda layers: flow.network)  # SD3's skip-layer guidance: padded too
-    assert isinstance(odd_sides(skipping, "sd3", z, [], ModelHandle("m")).skipping((1,)), PatchPadded)
+    skipping = replace(flow, skipping=lambda layers, single: flow.network)  # SD3's skip-layer guidance: padded too
+    assert isinstance(odd_sides(skipping, "sd3", z, [], ModelHandle("m")).skipping((1,), ()), PatchPadded)
     x = torch.arange(45.0).reshape(1, 1, 5, 9)
     seen: list[tuple[int, ...]] = []
     wrapped = PatchPadded(lambda x, t, concat: (seen.append(tuple(concat.shape)), x + concat)[1])

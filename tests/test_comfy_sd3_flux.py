@@ -360,7 +360,7 @@ def test_refusals_are_one_line_node_errors(sd3, flux, tiny_sd1_folder):
     sd1_pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
     sd1_ref = {str((root / "models" / "sd1").resolve()): sd1_pipe}
     assert "not SD3's" in _node_error(root, g, sd1_ref)
-    # SkipLayerGuidanceSD3 on a U-Net, and on Flux
+    # SkipLayerGuidanceSD3 on a U-Net, and on Flux with a block it lacks
     g = sd3_graph(sd1, ["10", 0], ["1", 1], ["1", 2])
     g["10"] = {"class_type": "SkipLayerGuidanceSD3", "inputs": {"model": ["1", 0], "layers": "1", "scale": 3.0,
                "start_percent": 0.01, "end_percent": 0.15}}  # fmt: skip
@@ -372,7 +372,7 @@ def test_refusals_are_one_line_node_errors(sd3, flux, tiny_sd1_folder):
     assert "ModelSamplingSD3 is for SD3 models" in _node_error(froot, fg)
     fg["6"] = {"class_type": "SkipLayerGuidanceSD3", "inputs": {"model": ["1", 0], "layers": "1", "scale": 3.0,
                "start_percent": 0.01, "end_percent": 0.15}}  # fmt: skip
-    assert "skip-layer guidance is SD3's" in _node_error(froot, fg)
+    assert "(1 double blocks 0-0, 2 single blocks 0-1)" in _node_error(froot, fg)  # Flux's one double block
 
 
 # -- more loaders and nodes -------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def test_skip_layer_guidance_and_cfg_pp_with_texts_apart():
     schedule = FlowSchedule.sd3(3.0)
     slg = SkipLayerGuidance((1,), 2.0, 0.0, 0.6)
     high, low = schedule.percent_to_sigma(0.0), schedule.percent_to_sigma(0.6)
-    got = _sample(net, c, u, 4.0, skipping=lambda layers: skipped, skip_layer_guidance=slg)
+    got = _sample(net, c, u, 4.0, skipping=lambda layers, single: skipped, skip_layer_guidance=slg)
     assert {n for n, _ in skipped.seen} == {40} and {n for n, _ in net.seen} == {40, 9}
     want = _reference(JointNet(), c, u, 4.0, slg=(JointNet(skip=True), 2.0, high, low))
     assert (got - want).abs().max() <= 1e-5, (got - want).abs().max()

@@ -407,9 +407,11 @@ class _TextGroups:
         return run_text_groups(self.inner, x, t, crossattn=crossattn, text_len=text_len, rule=self.rule, **kw)
 
 
-def _grouped_skipping(skipping: Callable[[tuple[int, ...]], Callable[..., Tensor]], layers: tuple[int, ...]) -> Any:
-    """A flow model's network with ``layers`` left out, its texts run as :class:`_TextGroups` runs them."""
-    return _TextGroups(skipping(layers), "equal")
+def _grouped_skipping(skipping: Skipping, layers: tuple[int, ...], single: tuple[int, ...]) -> Any:
+    """A flow model's network with ``layers`` (and ``single``) left out, its texts run as :class:`_TextGroups`
+    runs them (None: nothing is left out of this model)."""
+    net = skipping(layers, single)
+    return None if net is None else _TextGroups(net, "equal")
 
 
 def _padded_texts(c: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -1129,8 +1131,13 @@ class FlowModel:
     channels: int
     device: Any
     name: str = "model"
-    # layers -> the network with those blocks left out (SD3's MMDiT: skip-layer guidance), None where it has none
-    skipping: Callable[[tuple[int, ...]], Callable[..., Tensor]] | None = None
+    # (double, single) block indices -> the network with those blocks left out (skip-layer guidance: SD3's MMDiT,
+    # the joint blocks; Flux's / Chroma's transformer, both kinds) or None where that leaves nothing out; None where
+    # the model cannot leave blocks out
+    skipping: Skipping | None = None
+
+
+Skipping = Callable[[tuple[int, ...], tuple[int, ...]], "Callable[..., Tensor] | None"]
 
 
 @dataclass(frozen=True)
@@ -1139,15 +1146,16 @@ class SkipLayerGuidance:
     sigma lies in ``[percent_to_sigma(end_percent), percent_to_sigma(start_percent)]``, the guided x0 gets
     ``scale * (x0_cond - x0_cond_skipped)``, the conditional rows run once more with ``layers`` left out (a post-CFG
     term, as PAG's; at cfg 1 too). ``rescaling_scale`` (SkipLayerGuidanceDiT's): the result then times
-    ``r * std(x0_cond) / std(result) + (1 - r)`` (stds over the whole batch); with it and no ``layers`` the term is
-    0 and the rescaling alone acts (ComfyUI's SkipLayerGuidanceDiT with only single blocks named on SD3's MMDiT,
-    which has none)."""
+    ``r * std(x0_cond) / std(result) + (1 - r)`` (stds over the whole batch); with it and nothing left out the term
+    is 0 and the rescaling alone acts (ComfyUI's SkipLayerGuidanceDiT with only single blocks named on SD3's MMDiT,
+    which has none). ``single_layers``: single-stream blocks left out too (Flux, Chroma)."""
 
     layers: tuple[int, ...]
     scale: float
     start_percent: float = 0.01
     end_percent: float = 0.15
     rescaling_scale: float = 0.0
+    single_layers: tuple[int, ...] = ()
 
 
 class _CFGNormed:
@@ -1397,13 +1405,17 @@ def sample_flow_latents(
     if cfg_norm is not None:
         guided = _CFGNormed(guided, float(cfg), float(cfg_norm))
     slg = skip_layer_guidance
-    if slg is not None and (slg.layers or slg.rescaling_scale) and slg.scale > 0:
+    if slg is not None and (slg.layers or slg.single_layers or slg.rescaling_scale) and slg.scale > 0:
         if skipping is None:
-            raise LatentSamplingError(f"{model.name} cannot leave blocks out: skip-layer guidance is SD3's (MMDiT)")
-        skipped = FlowDenoiser(skipping(tuple(slg.layers)), model.schedule) if slg.layers else None
+            raise LatentSamplingError(
+                f"{model.name} cannot leave blocks out: skip-layer guidance runs on SD3, Flux and Chroma"
+            )
+        net = skipping(tuple(slg.layers), tuple(slg.single_layers)) if slg.layers or slg.single_layers else None
+        skipped = None if net is None else FlowDenoiser(net, model.schedule)
         high = model.schedule.percent_to_sigma(float(slg.start_percent))
         low = model.schedule.percent_to_sigma(float(slg.end_percent))
-        guided = _SkipLayerGuided(guided, den, skipped, float(slg.scale), high, low, float(slg.rescaling_scale))
+        if skipped is not None or slg.rescaling_scale:  # else the term is 0 (nothing left out) and nothing acts
+            guided = _SkipLayerGuided(guided, den, skipped, float(slg.scale), high, low, float(slg.rescaling_scale))
     if noise_mask is not None:
         fitted = flow_noise_mask(noise_mask, latent.shape).to(dev)
         rule = None

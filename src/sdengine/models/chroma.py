@@ -27,7 +27,7 @@ The parameter names are diffusers' ``ChromaTransformer2DModel``; Chroma's single
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -208,9 +208,13 @@ class ChromaTransformer(FluxLikeTransformer):
         timestep: Tensor | float,
         encoder_hidden_states: Tensor,
         text_mask: Tensor | None = None,
+        skip_layers: Sequence[int] = (),
+        skip_single_layers: Sequence[int] = (),
     ) -> Tensor:
         """The velocity for the latent (B, C, H, W) at ``timestep`` (a number or (B,), 0..1000 scale), given T5's
-        states (B, L, 4096) and ``text_mask`` (B, L) (True / 1: attended; None: every text token) -> (B, C, H, W)."""
+        states (B, L, 4096) and ``text_mask`` (B, L) (True / 1: attended; None: every text token) -> (B, C, H, W).
+        ``skip_layers`` / ``skip_single_layers``: blocks left out, as the Flux transformer's."""
+        skip, skip_single = self.skip_sets(skip_layers, skip_single_layers)
         B, H, W = self.check_latent(hidden_states, encoder_hidden_states)
         if text_mask is not None and tuple(text_mask.shape) != (B, encoder_hidden_states.shape[1]):
             raise UsageError(
@@ -232,11 +236,15 @@ class ChromaTransformer(FluxLikeTransformer):
         S, D = len(self.single_transformer_blocks), len(self.transformer_blocks)
         img0, txt0 = 3 * S, 3 * S + 6 * D
         for i, block in enumerate(self.transformer_blocks):
+            if i in skip:
+                continue
             img_mod = mods[:, img0 + 6 * i : img0 + 6 * i + 6]
             txt_mod = mods[:, txt0 + 6 * i : txt0 + 6 * i + 6]
             x, context = block(x, context, img_mod, txt_mod, rope, mask)
         seq = torch.cat([context, x], dim=1)
         for i, single in enumerate(self.single_transformer_blocks):
+            if i in skip_single:
+                continue
             seq = single(seq, mods[:, 3 * i : 3 * i + 3], rope, mask)
         x = seq[:, L:]
         shift, scale = _rows(mods[:, -2:])

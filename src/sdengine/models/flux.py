@@ -648,6 +648,20 @@ class FluxLikeTransformer(nn.Module):
         """A per-row number as a (B,) float32 tensor on ``device`` (:func:`_batch_vector`)."""
         return _batch_vector(value, batch, name, device, self.LABEL)
 
+    def skip_sets(self, double: Sequence[int], single: Sequence[int]) -> tuple[frozenset[int], frozenset[int]]:
+        """The double- and single-stream block indices left out (skip-layer guidance: a skipped block passes its
+        tokens on unchanged, as ComfyUI's ``dit`` block patches that return their input), or one line naming the
+        model's block counts."""
+        counts = (len(self.transformer_blocks), len(self.single_transformer_blocks))  # type: ignore[arg-type]
+        for kind, layers, n in (("double", double, counts[0]), ("single", single, counts[1])):
+            for i in layers:
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+                    raise UsageError(
+                        f"{self.LABEL}: {kind}-stream block {i!r} to leave out is not a block of this model "
+                        f"({counts[0]} double blocks 0-{counts[0] - 1}, {counts[1]} single blocks 0-{counts[1] - 1})"
+                    )
+        return frozenset(double), frozenset(single)
+
 
 class FluxTransformer(FluxLikeTransformer):
     """Flux.1's transformer (see the module docstring); diffusers' ``FluxTransformer2DModel`` parameter names."""
@@ -702,6 +716,8 @@ class FluxTransformer(FluxLikeTransformer):
         controlnet_single_block_samples: Sequence[Tensor] | None = None,
         reference_latents: Sequence[Tensor] | None = None,
         reference_method: str = "offset",
+        skip_layers: Sequence[int] = (),
+        skip_single_layers: Sequence[int] = (),
     ) -> Tensor:
         """The velocity prediction for the latent ``hidden_states`` (B, C, H, W) at ``timestep`` (B,) on the
         0..1000 scale (1000 x the flow's t; 1000 is pure noise), given T5 states ``encoder_hidden_states``
@@ -714,8 +730,13 @@ class FluxTransformer(FluxLikeTransformer):
 
         ``reference_latents``: FLUX.1 Kontext's reference images' latents (1 or B, C, h, w), scaled as the input;
         their tokens follow the image's with the ids of :func:`reference_ids`, and the network's output for them
-        is dropped; ``reference_method``: how several are laid out (ComfyUI's, :data:`REFERENCE_METHODS`)."""
+        is dropped; ``reference_method``: how several are laid out (ComfyUI's, :data:`REFERENCE_METHODS`).
+
+        ``skip_layers`` / ``skip_single_layers``: double- / single-stream blocks left out (skip-layer guidance, as
+        ComfyUI's SkipLayerGuidanceDiT): a skipped block passes its tokens on unchanged, a ControlNet's residual
+        after it is still added."""
         cfg = self.config
+        skip, skip_single = self.skip_sets(skip_layers, skip_single_layers)
         B, H, W = self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections)
         if cfg.guidance_embeds and guidance is None:
             raise UsageError(
@@ -756,13 +777,15 @@ class FluxTransformer(FluxLikeTransformer):
         double, single = controlnet_block_samples, controlnet_single_block_samples
         every = math.ceil(len(self.transformer_blocks) / len(double)) if double else 0
         for i, block in enumerate(self.transformer_blocks):
-            x, context = block(x, context, vec, rope)
+            if i not in skip:
+                x, context = block(x, context, vec, rope)
             if double:  # a ControlNet's residual on the image tokens
                 x = x + double[i // every].to(x.dtype)
         seq = torch.cat([context, x], dim=1)  # (B, L + N, dim)
         every = math.ceil(len(self.single_transformer_blocks) / len(single)) if single else 0
         for i, block in enumerate(self.single_transformer_blocks):
-            seq = block(seq, vec, rope)
+            if i not in skip_single:
+                seq = block(seq, vec, rope)
             if single:
                 seq = torch.cat([seq[:, :L], seq[:, L:] + single[i // every].to(seq.dtype)], dim=1)
         x = seq[:, L : L + N]  # the image's tokens (a reference's output is dropped)

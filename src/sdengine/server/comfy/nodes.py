@@ -240,7 +240,7 @@ class ModelHandle:
     diffusion_model: str = ""
     weight_dtype: str = "default"
     flow_sampling: tuple[Any, ...] = ()
-    # SkipLayerGuidanceSD3: (layers, scale, start_percent, end_percent), () = off
+    # SkipLayerGuidanceSD3 / DiT: (double layers, scale, start, end[, rescaling, single layers]), () = off
     skip_layer_guidance: tuple[Any, ...] = ()
     # DifferentialDiffusion: its strength, None = off (the last node applied counts, as ComfyUI's one mask function;
     # sdengine.server.comfy.nodes_patches)

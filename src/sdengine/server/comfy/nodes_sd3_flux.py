@@ -837,9 +837,10 @@ def skip_layer_guidance_dit(
     rescaling_scale: float,
 ) -> tuple[Any]:
     """ComfyUI's SkipLayerGuidanceDiT: SkipLayerGuidanceSD3's term with the double (joint) blocks ``double_layers``
-    left out, then the result times ``rescaling_scale * std(x0_cond) / std(result) + (1 - rescaling_scale)``. The
-    single blocks it names exist on Flux only (SD3's MMDiT has none, so they leave nothing out there, as in ComfyUI);
-    Flux's skip-layer guidance is not implemented here (a node error when it samples)."""
+    and the single blocks ``single_layers`` left out, then the result times
+    ``rescaling_scale * std(x0_cond) / std(result) + (1 - rescaling_scale)``. Single blocks exist on Flux and Chroma
+    (SD3's MMDiT has none, so they leave nothing out there, as in ComfyUI); a block the model lacks is a node error
+    when it samples."""
     for name, v in (("scale", scale), ("rescaling_scale", rescaling_scale)):
         if not math.isfinite(float(v)):
             raise NodeError(f"SkipLayerGuidanceDiT: {name} must be a finite number, got {v!r}")
@@ -847,7 +848,7 @@ def skip_layer_guidance_dit(
     single = tuple(int(n) for n in re.findall(r"\d+", str(single_layers)))
     if (not double and not single) or float(scale) == 0.0:  # ComfyUI: the model as it was (its term needs scale > 0)
         return (model,)
-    slg = (double, float(scale), float(start_percent), float(end_percent), float(rescaling_scale))
+    slg = (double, float(scale), float(start_percent), float(end_percent), float(rescaling_scale), single)
     return (replace(model, skip_layer_guidance=slg),)
 
 
@@ -926,8 +927,27 @@ def _flow_parts(ctx: RunContext, model: ModelHandle) -> tuple[str, Any, bool, An
     skipping = None
     if family == "sd3":  # the MMDiT with blocks left out (SkipLayerGuidanceSD3), through the same adapter
 
-        def skipping(layers: tuple[int, ...]) -> Any:
-            return MMDiTAdapter(partial(net, skip_layers=layers), dtype)
+        def skipping(layers: tuple[int, ...], single: tuple[int, ...]) -> Any:
+            # SD3's MMDiT has no single blocks: those named leave nothing out (as ComfyUI)
+            return MMDiTAdapter(partial(net, skip_layers=layers), dtype) if layers else None
+
+    elif family in ("flux", "chroma"):  # the double / single blocks left out (SkipLayerGuidanceDiT), same adapter
+
+        def skipping(layers: tuple[int, ...], single: tuple[int, ...]) -> Any:
+            from sdengine.errors import UsageError
+
+            try:
+                net.skip_sets(layers, single)
+            except UsageError as e:
+                raise NodeError(f"skip-layer guidance: {e}") from None
+            skipped = partial(net, skip_layers=layers, skip_single_layers=single)
+            if family == "chroma":
+                from sdengine.pipeline.chroma import ChromaAdapter
+
+                return ChromaAdapter(skipped, dtype)
+            other = FluxAdapter(skipped, dtype, adapter.references)  # FLUX.1 Kontext's references too
+            other.reference_method = adapter.reference_method
+            return other
 
     c = int(net.config.in_channels) if family == "flux2" else FLOW_CHANNELS
     flow = FlowModel(adapter, _schedule(family, guidance and family != "flux2", model), c, dev, name, skipping)
@@ -1274,8 +1294,13 @@ def odd_sides(flow: Any, family: str, z: torch.Tensor, controls: list[Any], mode
             "without a ControlNet only: use an image side that is a multiple of 16 with a ControlNet"
         )
     skipping = flow.skipping
-    padded_skipping = None if skipping is None else (lambda layers: PatchPadded(skipping(layers)))
-    return replace(flow, network=PatchPadded(flow.network), skipping=padded_skipping)
+
+    def padded_skipping(layers: tuple[int, ...], single: tuple[int, ...]) -> Any:
+        assert skipping is not None
+        net = skipping(layers, single)
+        return None if net is None else PatchPadded(net)
+
+    return replace(flow, network=PatchPadded(flow.network), skipping=None if skipping is None else padded_skipping)
 
 
 def sample_flow(
@@ -1932,7 +1957,7 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         skip_layer_guidance_sd3,
         description="Skip-layer guidance on SD3's MMDiT as ComfyUI's: where the sigma lies between start_percent and "
         "end_percent of the schedule, scale x (x0_cond - x0_cond with the joint blocks in layers left out) added after "
-        "CFG; on Flux: a node error when it samples.",
+        "CFG; on Flux and Chroma the double blocks in layers left out (ComfyUI's rule).",
     ),
     "SkipLayerGuidanceDiT": NodeDef(
         "SkipLayerGuidanceDiT",
@@ -1951,7 +1976,9 @@ SD3_FLUX_NODES: dict[str, NodeDef] = {
         skip_layer_guidance_dit,
         description="Skip-layer guidance as ComfyUI's generic DiT node, on SD3's MMDiT: SkipLayerGuidanceSD3's term "
         "with the double_layers joint blocks left out (SD3 has no single blocks: single_layers leave nothing out), "
-        "then rescaled towards the conditional x0's std by rescaling_scale; on Flux and U-Nets: a node error.",
+        "then rescaled towards the conditional x0's std by rescaling_scale; on Flux and Chroma the double_layers "
+        "double-stream and single_layers single-stream blocks left out; a block the model lacks, or a U-Net: a node "
+        "error.",
     ),
     "ModelSamplingFlux": NodeDef(
         "ModelSamplingFlux",
