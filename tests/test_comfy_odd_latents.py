@@ -29,6 +29,7 @@ from test_comfy_sd3_flux import (  # noqa: E402, F401
     sd3_graph,
     sd3_parts,
 )
+from test_comfy_dit_controlnet import flux_cn, sd3_cn  # noqa: E402, F401
 from test_comfy_z_image import z_graph, zimg  # noqa: E402, F401
 
 WIDTH, HEIGHT = 72, 40  # EmptySD3LatentImage: a 9 x 5 latent (both sides odd)
@@ -225,8 +226,8 @@ def test_flux2_odd_latent_and_reference_run_unpadded(monkeypatch, request):
     assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
 
 
-def test_an_odd_latent_with_a_controlnet_is_one_line():
-    """A ControlNet (or Z-Image's Fun ControlNet patch) beside an odd latent side: one line (not built here)."""
+def test_an_odd_latent_with_z_image_fun_controlnet_is_one_line():
+    """Z-Image's Fun ControlNet patch beside an odd latent side: one line (not built here)."""
     from sdengine.latent_sampling import FlowModel
     from sdengine.server.comfy.nodes import ModelHandle, NodeError
     from sdengine.server.comfy.nodes_sd3_flux import PatchPadded, odd_sides
@@ -234,11 +235,12 @@ def test_an_odd_latent_with_a_controlnet_is_one_line():
     flow = FlowModel(lambda x, t, **c: x * 2, None, 16, "cpu", "tiny.safetensors")
     z = torch.zeros(1, 16, 5, 9)
     with pytest.raises(NodeError) as e:
-        odd_sides(flow, "flux", z, [object()], ModelHandle("m"))
+        odd_sides(flow, "z_image", z, [], replace(ModelHandle("m"), z_image_controls=(object(),)))
     assert str(e.value) == (
         "tiny.safetensors: a latent of 9x5 has an odd side; ComfyUI pads it to the 2x2 patches, which runs here "
-        "without a ControlNet only: use an image side that is a multiple of 16 with a ControlNet"
+        "without ZImageFunControlnet only: use an image side that is a multiple of 16 with it"
     )
+    assert isinstance(odd_sides(flow, "flux", z, [object()], ModelHandle("m")).network, PatchPadded)  # ControlNets
     assert odd_sides(flow, "flux", torch.zeros(1, 16, 4, 8), [object()], ModelHandle("m")) is flow  # even: as is
     assert odd_sides(flow, "flux2", z, [], ModelHandle("m")) is flow  # FLUX.2: patch size 1
     padded = odd_sides(flow, "sd3", z, [], ModelHandle("m")).network
@@ -249,6 +251,60 @@ def test_an_odd_latent_with_a_controlnet_is_one_line():
     seen: list[tuple[int, ...]] = []
     wrapped = PatchPadded(lambda x, t, concat: (seen.append(tuple(concat.shape)), x + concat)[1])
     assert torch.equal(wrapped(x, torch.zeros(1), concat=x), 2 * x) and seen == [(1, 1, 6, 10)]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_an_odd_latent_with_a_controlnet_runs_as_comfyui(family, request, monkeypatch):
+    """ControlNetApplyAdvanced (SD3 / Flux ControlNets) on a 9 x 5 latent: ComfyUI's ``get_control`` scales the
+    hint to the latent's size x 8 (72 x 40) and VAE-encodes it to a 9 x 5 latent, and its ControlNet's forward pads
+    that hint latent circularly to the patches as it pads the latent (Flux: ``pad_to_patch_size``; SD3:
+    ``pos_embed_input``'s PatchEmbed, circular); the residuals join the padded transformer's tokens, the output cut
+    back. The reference: that rule written out here (this file's ``ComfyPad`` around the controlled network, the
+    hint latent padded by ``ComfyPad.pad``)."""
+    import test_comfy_dit_controlnet as dc
+    from sdengine.server.comfy import nodes_sd3_flux
+
+    if family == "sd3":
+        root = request.getfixturevalue("sd3_cn")[0]
+        make, latent_node, sampler = dc.sd3_cn_graph, "5", "6"
+    else:
+        root = request.getfixturevalue("flux_cn")[0]
+        make, latent_node, sampler = (lambda: dc._flux_cn_graph("flux-cn")), "7", "8"
+    ours = dc._run(root, _odd(make(), latent_node))[sampler][0]["samples"]
+    assert tuple(ours.shape[-2:]) == LATENT and bool(torch.isfinite(ours).all())
+    plain = make()  # the same graph without the ControlNet: the hint acts
+    plain[sampler]["inputs"]["positive"], plain[sampler]["inputs"]["negative"] = (
+        plain["a"]["inputs"]["positive"],
+        plain["a"]["inputs"]["negative"],
+    )
+    for node in ("a", "c", "h"):
+        plain.pop(node)
+    bare = dc._run(root, _odd(plain, latent_node))[sampler][0]["samples"]
+    assert (ours - bare).abs().max().item() > 1e-4
+    seen: list[tuple[int, ...]] = []
+    hints: list[tuple[int, ...]] = []
+
+    def comfy_hints(units: list[Any]) -> list[Any]:
+        hints.extend(tuple(u.latent.shape[-2:]) for u in units)
+        return [replace(u, latent=ComfyPad.pad(u.latent)) for u in units]
+
+    comfy_reference(monkeypatch, seen)
+    monkeypatch.setattr(nodes_sd3_flux, "pad_control_latents", comfy_hints)
+    theirs = dc._run(root, _odd(make(), latent_node))[sampler][0]["samples"]
+    assert hints == [LATENT], hints  # the hint encoded at the latent's own (odd) size
+    assert seen and all(s[-2:] == (LATENT[0] + 1, LATENT[1] + 1) for s in seen), seen
+    gap = (ours - theirs).abs().max().item()
+    print(f"{family} ControlNet on a 9x5 latent vs ComfyUI's rule: max abs {gap:.2e}")
+    assert gap < 1e-5, gap
+    # zeros in the hint's padded row / column (not ComfyUI's) give another latent
+    monkeypatch.setattr(
+        nodes_sd3_flux,
+        "pad_control_latents",
+        lambda units: [replace(u, latent=torch.nn.functional.pad(u.latent, (0, 1, 0, 1))) for u in units],
+    )
+    zeros = dc._run(root, _odd(make(), latent_node))[sampler][0]["samples"]
+    print(f"{family}: zeros in the hint's pad: max abs {(ours - zeros).abs().max().item():.2e}")
+    assert (ours - zeros).abs().max().item() > 1e-6
 
 
 def comfy_qwen_layout(shapes: list[tuple[int, int]], method: str = "index") -> tuple[tuple[int, int, int], ...]:
