@@ -30,6 +30,7 @@ from test_comfy_sd3_flux import (  # noqa: E402, F401
     sd3_parts,
 )
 from test_comfy_dit_controlnet import flux_cn, sd3_cn  # noqa: E402, F401
+from test_comfy_qwen_controlnet import qwen_cn  # noqa: E402, F401
 from test_comfy_z_image import z_graph, zimg  # noqa: E402, F401
 
 WIDTH, HEIGHT = 72, 40  # EmptySD3LatentImage: a 9 x 5 latent (both sides odd)
@@ -253,24 +254,29 @@ def test_an_odd_latent_with_z_image_fun_controlnet_is_one_line():
     assert torch.equal(wrapped(x, torch.zeros(1), concat=x), 2 * x) and seen == [(1, 1, 6, 10)]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image"])
 def test_an_odd_latent_with_a_controlnet_runs_as_comfyui(family, request, monkeypatch):
-    """ControlNetApplyAdvanced (SD3 / Flux ControlNets) on a 9 x 5 latent: ComfyUI's ``get_control`` scales the
-    hint to the latent's size x 8 (72 x 40) and VAE-encodes it to a 9 x 5 latent, and its ControlNet's forward pads
-    that hint latent circularly to the patches as it pads the latent (Flux: ``pad_to_patch_size``; SD3:
-    ``pos_embed_input``'s PatchEmbed, circular); the residuals join the padded transformer's tokens, the output cut
+    """ControlNetApplyAdvanced (SD3 / Flux / Qwen-Image ControlNets) on a 9 x 5 latent: ComfyUI's ``get_control``
+    scales the hint to the latent's size x 8 (72 x 40) and VAE-encodes it to a 9 x 5 latent, and its ControlNet's
+    forward pads that hint latent circularly to the patches as it pads the latent (Flux: ``pad_to_patch_size``; SD3:
+    ``pos_embed_input``'s PatchEmbed, circular; Qwen-Image: ``process_img``); the residuals join the padded transformer's tokens, the output cut
     back. The reference: that rule written out here (this file's ``ComfyPad`` around the controlled network, the
     hint latent padded by ``ComfyPad.pad``)."""
     import test_comfy_dit_controlnet as dc
+    import test_comfy_qwen_controlnet as qc
     from sdengine.server.comfy import nodes_sd3_flux
 
+    run = dc._run
     if family == "sd3":
         root = request.getfixturevalue("sd3_cn")[0]
         make, latent_node, sampler = dc.sd3_cn_graph, "5", "6"
-    else:
+    elif family == "flux":
         root = request.getfixturevalue("flux_cn")[0]
         make, latent_node, sampler = (lambda: dc._flux_cn_graph("flux-cn")), "7", "8"
-    ours = dc._run(root, _odd(make(), latent_node))[sampler][0]["samples"]
+    else:
+        root, run = request.getfixturevalue("qwen_cn")[0], qc._run
+        make, latent_node, sampler = qc.cn_graph, "58", "3"
+    ours = run(root, _odd(make(), latent_node))[sampler][0]["samples"]
     assert tuple(ours.shape[-2:]) == LATENT and bool(torch.isfinite(ours).all())
     plain = make()  # the same graph without the ControlNet: the hint acts
     plain[sampler]["inputs"]["positive"], plain[sampler]["inputs"]["negative"] = (
@@ -279,7 +285,7 @@ def test_an_odd_latent_with_a_controlnet_runs_as_comfyui(family, request, monkey
     )
     for node in ("a", "c", "h"):
         plain.pop(node)
-    bare = dc._run(root, _odd(plain, latent_node))[sampler][0]["samples"]
+    bare = run(root, _odd(plain, latent_node))[sampler][0]["samples"]
     assert (ours - bare).abs().max().item() > 1e-4
     seen: list[tuple[int, ...]] = []
     hints: list[tuple[int, ...]] = []
@@ -290,7 +296,7 @@ def test_an_odd_latent_with_a_controlnet_runs_as_comfyui(family, request, monkey
 
     comfy_reference(monkeypatch, seen)
     monkeypatch.setattr(nodes_sd3_flux, "pad_control_latents", comfy_hints)
-    theirs = dc._run(root, _odd(make(), latent_node))[sampler][0]["samples"]
+    theirs = run(root, _odd(make(), latent_node))[sampler][0]["samples"]
     assert hints == [LATENT], hints  # the hint encoded at the latent's own (odd) size
     assert seen and all(s[-2:] == (LATENT[0] + 1, LATENT[1] + 1) for s in seen), seen
     gap = (ours - theirs).abs().max().item()
@@ -302,7 +308,7 @@ def test_an_odd_latent_with_a_controlnet_runs_as_comfyui(family, request, monkey
         "pad_control_latents",
         lambda units: [replace(u, latent=torch.nn.functional.pad(u.latent, (0, 1, 0, 1))) for u in units],
     )
-    zeros = dc._run(root, _odd(make(), latent_node))[sampler][0]["samples"]
+    zeros = run(root, _odd(make(), latent_node))[sampler][0]["samples"]
     print(f"{family}: zeros in the hint's pad: max abs {(ours - zeros).abs().max().item():.2e}")
     assert (ours - zeros).abs().max().item() > 1e-6
 
