@@ -18,7 +18,9 @@ import torch
 pytest.importorskip("diffusers")
 
 from test_comfy_chroma import chroma, chroma_graph  # noqa: E402, F401
+from test_comfy_dit_controlnet import flux_cn, sd3_cn  # noqa: E402, F401
 from test_comfy_flux2 import klein  # noqa: E402, F401
+from test_comfy_qwen_controlnet import qwen_cn  # noqa: E402, F401
 from test_comfy_qwen_image import qwen, qwen_graph  # noqa: E402, F401
 from test_comfy_sd3_flux import (  # noqa: E402, F401
     _node_error,
@@ -29,8 +31,6 @@ from test_comfy_sd3_flux import (  # noqa: E402, F401
     sd3_graph,
     sd3_parts,
 )
-from test_comfy_dit_controlnet import flux_cn, sd3_cn  # noqa: E402, F401
-from test_comfy_qwen_controlnet import qwen_cn  # noqa: E402, F401
 from test_comfy_z_image import z_graph, zimg  # noqa: E402, F401
 
 WIDTH, HEIGHT = 72, 40  # EmptySD3LatentImage: a 9 x 5 latent (both sides odd)
@@ -258,10 +258,10 @@ def test_an_odd_latent_with_z_image_fun_controlnet_is_one_line():
 def test_an_odd_latent_with_a_controlnet_runs_as_comfyui(family, request, monkeypatch):
     """ControlNetApplyAdvanced (SD3 / Flux / Qwen-Image ControlNets) on a 9 x 5 latent: ComfyUI's ``get_control``
     scales the hint to the latent's size x 8 (72 x 40) and VAE-encodes it to a 9 x 5 latent, and its ControlNet's
-    forward pads that hint latent circularly to the patches as it pads the latent (Flux: ``pad_to_patch_size``; SD3:
-    ``pos_embed_input``'s PatchEmbed, circular; Qwen-Image: ``process_img``); the residuals join the padded transformer's tokens, the output cut
-    back. The reference: that rule written out here (this file's ``ComfyPad`` around the controlled network, the
-    hint latent padded by ``ComfyPad.pad``)."""
+    forward pads that hint latent circularly to the patches as it pads the latent (Flux: ``pad_to_patch_size``;
+    SD3: ``pos_embed_input``'s PatchEmbed, circular; Qwen-Image: ``process_img``); the residuals join the padded
+    transformer's tokens, the output cut back. The reference: that rule written out here (this file's ``ComfyPad``
+    around the controlled network, the hint latent padded by ``ComfyPad.pad``)."""
     import test_comfy_dit_controlnet as dc
     import test_comfy_qwen_controlnet as qc
     from sdengine.server.comfy import nodes_sd3_flux

@@ -1346,7 +1346,9 @@ def sample_flow(
     elif z.shape[1] != FLOW_CHANNELS:
         raise NodeError(f"the latent has {z.shape[1]} channels, {flow.name}'s have {FLOW_CHANNELS}")
     if model.z_image_controls:
-        odd_sides(flow, family, z, controls, model)  # (its refusal of an odd side)  # ZImageFunControlnet's patches, their control latents at this latent's size
+        odd_sides(
+            flow, family, z, controls, model
+        )  # (its refusal of an odd side)  # ZImageFunControlnet's patches, their control latents at this latent's size
         if family != "z_image":
             raise NodeError("ZImageFunControlnet's patch is on a model that is not Z-Image")
         from sdengine.server.comfy.nodes_z_image_control import controlled_flow
@@ -1655,7 +1657,8 @@ def _controlled_flow(
     run_sigmas = torch.as_tensor(sigmas, dtype=torch.float32).reshape(-1)
     fit = HINT_NEAREST_CENTRE if ctx.seed_rule == "comfyui" else "crop and resize"
     scale, shift = LATENT_FORMATS.get(family, (1.0, 0.0))  # Qwen-Image's: Wan 2.1's per-channel normalisation
-    units, windows = [], []
+    units: list[Any] = []
+    windows: list[tuple[float, float]] = []
     for hint in hints:
         path = str(hint.model)
         name = Path(path).name
