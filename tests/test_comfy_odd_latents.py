@@ -227,8 +227,9 @@ def test_flux2_odd_latent_and_reference_run_unpadded(monkeypatch, request):
     assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
 
 
-def test_an_odd_latent_with_z_image_fun_controlnet_is_one_line():
-    """Z-Image's Fun ControlNet patch beside an odd latent side: one line (not built here)."""
+def test_an_odd_latent_with_a_controlnet_is_one_line():
+    """Z-Image's Fun ControlNet patch (ZImageFunControlnet) beside an odd latent side: one line (not built here);
+    the SD3 / Flux / Qwen-Image ControlNets run (the next test)."""
     from sdengine.latent_sampling import FlowModel
     from sdengine.server.comfy.nodes import ModelHandle, NodeError
     from sdengine.server.comfy.nodes_sd3_flux import PatchPadded, odd_sides
