@@ -32,6 +32,7 @@ from test_comfy_sd3_flux import (  # noqa: E402, F401
     sd3_parts,
 )
 from test_comfy_z_image import z_graph, zimg  # noqa: E402, F401
+from test_comfy_z_image_controlnet import zcn  # noqa: E402, F401
 
 WIDTH, HEIGHT = 72, 40  # EmptySD3LatentImage: a 9 x 5 latent (both sides odd)
 LATENT = (HEIGHT // 8, WIDTH // 8)
@@ -227,21 +228,18 @@ def test_flux2_odd_latent_and_reference_run_unpadded(monkeypatch, request):
     assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
 
 
-def test_an_odd_latent_with_a_controlnet_is_one_line():
-    """Z-Image's Fun ControlNet patch (ZImageFunControlnet) beside an odd latent side: one line (not built here);
-    the SD3 / Flux / Qwen-Image ControlNets run (the next test)."""
+def test_odd_sides_pads_every_network_with_or_without_controlnets():
+    """:func:`odd_sides` wraps the (controlled or plain) network in :class:`PatchPadded` on an odd side of a 2 x 2
+    patch family, leaves an even latent and FLUX.2 as they are; ZImageFunControlnet's patch runs at the padded size
+    (:func:`patch_grid`)."""
     from sdengine.latent_sampling import FlowModel
-    from sdengine.server.comfy.nodes import ModelHandle, NodeError
-    from sdengine.server.comfy.nodes_sd3_flux import PatchPadded, odd_sides
+    from sdengine.server.comfy.nodes import ModelHandle
+    from sdengine.server.comfy.nodes_sd3_flux import PatchPadded, odd_sides, patch_grid
 
     flow = FlowModel(lambda x, t, **c: x * 2, None, 16, "cpu", "tiny.safetensors")
     z = torch.zeros(1, 16, 5, 9)
-    with pytest.raises(NodeError) as e:
-        odd_sides(flow, "z_image", z, [], replace(ModelHandle("m"), z_image_controls=(object(),)))
-    assert str(e.value) == (
-        "tiny.safetensors: a latent of 9x5 has an odd side; ComfyUI pads it to the 2x2 patches, which runs here "
-        "without ZImageFunControlnet only: use an image side that is a multiple of 16 with it"
-    )
+    assert patch_grid("z_image", 5, 9) == (6, 10) and patch_grid("z_image", 4, 8) == (4, 8)
+    assert patch_grid("flux2", 5, 9) == (5, 9)
     assert isinstance(odd_sides(flow, "flux", z, [object()], ModelHandle("m")).network, PatchPadded)  # ControlNets
     assert odd_sides(flow, "flux", torch.zeros(1, 16, 4, 8), [object()], ModelHandle("m")) is flow  # even: as is
     assert odd_sides(flow, "flux2", z, [], ModelHandle("m")) is flow  # FLUX.2: patch size 1
@@ -312,6 +310,45 @@ def test_an_odd_latent_with_a_controlnet_runs_as_comfyui(family, request, monkey
     zeros = run(root, _odd(make(), latent_node))[sampler][0]["samples"]
     print(f"{family}: zeros in the hint's pad: max abs {(ours - zeros).abs().max().item():.2e}")
     assert (ours - zeros).abs().max().item() > 1e-6
+
+
+def test_an_odd_latent_with_z_image_fun_controlnet_runs_as_comfyui(zcn, monkeypatch):  # noqa: F811
+    """ZImageFunControlnet on a 9 x 5 latent: ComfyUI's Lumina2 ``_forward`` pads the latent to 10 x 6 and hands the
+    patch that padded ``x``, so ``ZImageControlPatch`` scales its image to 10 x 6 x the VAE's factor and encodes it
+    there (no hint padding); the output cut back. The reference: this file's ``ComfyPad`` around the controlled
+    network, the control latents made at the padded size the test computes (6 x 10)."""
+    import test_comfy_z_image_controlnet as zc
+    from sdengine.server.comfy import nodes_z_image_control as zic
+
+    root = zcn[0]
+    ours = zc._run(root, _odd(zc.z_graph(), "13"))["3"][0]["samples"]
+    assert tuple(ours.shape[-2:]) == LATENT and bool(torch.isfinite(ours).all())
+    bare = zc._run(root, _odd(zc.z_graph(None), "13"))["3"][0]["samples"]
+    assert (ours - bare).abs().max().item() > 1e-4  # the patch acts
+    made = zic.controlled_flow
+    sizes: list[tuple[int, int]] = []
+
+    def comfy_sizes(ctx: Any, model: Any, flow: Any, height: int, width: int) -> Any:
+        sizes.append((height, width))
+        return made(ctx, model, flow, LATENT[0] + 1, LATENT[1] + 1)  # the padded latent ComfyUI's patch reads
+
+    seen: list[tuple[int, ...]] = []
+    comfy_reference(monkeypatch, seen)
+    monkeypatch.setattr(zic, "controlled_flow", comfy_sizes)
+    theirs = zc._run(root, _odd(zc.z_graph(), "13"))["3"][0]["samples"]
+    assert sizes == [(LATENT[0] + 1, LATENT[1] + 1)], sizes  # sdengine asks for the padded size too
+    assert seen and all(s[-2:] == (LATENT[0] + 1, LATENT[1] + 1) for s in seen), seen
+    gap = (ours - theirs).abs().max().item()
+    print(f"Z-Image Fun ControlNet on a 9x5 latent vs ComfyUI's rule: max abs {gap:.2e}")
+    assert gap < 1e-5, gap
+    # another rule (the image encoded at the odd 9 x 5 and its latent padded circularly) gives another latent
+    latent_at = zic.control_latent
+    monkeypatch.setattr(
+        zic, "control_latent", lambda c, n, v, h, w: ComfyPad.pad(latent_at(c, n, v, LATENT[0], LATENT[1]))
+    )
+    other = zc._run(root, _odd(zc.z_graph(), "13"))["3"][0]["samples"]
+    print(f"Z-Image: the hint encoded at 9x5 and padded instead: max abs {(ours - other).abs().max().item():.2e}")
+    assert (ours - other).abs().max().item() > 1e-6
 
 
 def comfy_qwen_layout(shapes: list[tuple[int, int]], method: str = "index") -> tuple[tuple[int, int, int], ...]:

@@ -1265,18 +1265,22 @@ def odd_sides(flow: Any, family: str, z: torch.Tensor, controls: list[Any], mode
     circularly at every model call and the output cut back (:class:`PatchPadded`); FLUX.2's transformer reads the
     latent one token a latent pixel (ComfyUI's patch size 1: nothing to pad). An SD3 / Flux / Qwen-Image ControlNet's
     hint latent is padded likewise (:func:`pad_control_latents`, in :func:`_controlled_flow`); Z-Image's Fun
-    ControlNet patch beside an odd side is one line (not built here)."""
+    ControlNet patch is handed the padded latent, its image encoded at that size (:func:`patch_grid`)."""
     h, w = int(z.shape[-2]), int(z.shape[-1])
     if family not in PATCHED_FAMILIES or not (h % 2 or w % 2):
         return flow
-    if model.z_image_controls:
-        raise NodeError(
-            f"{flow.name}: a latent of {w}x{h} has an odd side; ComfyUI pads it to the 2x2 patches, which runs here "
-            "without ZImageFunControlnet only: use an image side that is a multiple of 16 with it"
-        )
     skipping = flow.skipping
     padded_skipping = None if skipping is None else (lambda layers: PatchPadded(skipping(layers)))
     return replace(flow, network=PatchPadded(flow.network), skipping=padded_skipping)
+
+
+def patch_grid(family: str, h: int, w: int) -> tuple[int, int]:
+    """The latent size a ``family`` transformer runs a ``h`` x ``w`` latent at: each side up to the 2 x 2 patches
+    (:func:`pad_to_patches`), as it is for FLUX.2 (patch size 1). ZImageFunControlnet's patch reads this padded
+    latent in ComfyUI (Lumina2's ``_forward`` hands the patches the padded ``x``), so its image is scaled to it x 8."""
+    if family not in PATCHED_FAMILIES:
+        return h, w
+    return h + h % 2, w + w % 2
 
 
 def pad_control_latents(units: list[Any]) -> list[Any]:
@@ -1345,15 +1349,12 @@ def sample_flow(
         nodes_flux2.check_latent(z, flow.channels, flow.name)
     elif z.shape[1] != FLOW_CHANNELS:
         raise NodeError(f"the latent has {z.shape[1]} channels, {flow.name}'s have {FLOW_CHANNELS}")
-    if model.z_image_controls:
-        odd_sides(
-            flow, family, z, controls, model
-        )  # (its refusal of an odd side)  # ZImageFunControlnet's patches, their control latents at this latent's size
+    if model.z_image_controls:  # ZImageFunControlnet's patches, their control latents at the padded latent's size
         if family != "z_image":
             raise NodeError("ZImageFunControlnet's patch is on a model that is not Z-Image")
         from sdengine.server.comfy.nodes_z_image_control import controlled_flow
 
-        flow = controlled_flow(ctx, model, flow, int(z.shape[-2]), int(z.shape[-1]))
+        flow = controlled_flow(ctx, model, flow, *patch_grid(family, int(z.shape[-2]), int(z.shape[-1])))
     for k, ref in enumerate(references):  # one reference for every row, or one per row
         if ref.shape[0] not in (1, z.shape[0]):
             raise NodeError(
