@@ -18,7 +18,9 @@ import torch
 pytest.importorskip("diffusers")
 
 from test_comfy_chroma import chroma, chroma_graph  # noqa: E402, F401
+from test_comfy_dit_controlnet import flux_cn, sd3_cn  # noqa: E402, F401
 from test_comfy_flux2 import klein  # noqa: E402, F401
+from test_comfy_qwen_controlnet import qwen_cn  # noqa: E402, F401
 from test_comfy_qwen_image import qwen, qwen_graph  # noqa: E402, F401
 from test_comfy_sd3_flux import (  # noqa: E402, F401
     _node_error,
@@ -30,6 +32,7 @@ from test_comfy_sd3_flux import (  # noqa: E402, F401
     sd3_parts,
 )
 from test_comfy_z_image import z_graph, zimg  # noqa: E402, F401
+from test_comfy_z_image_controlnet import zcn  # noqa: E402, F401
 
 WIDTH, HEIGHT = 72, 40  # EmptySD3LatentImage: a 9 x 5 latent (both sides odd)
 LATENT = (HEIGHT // 8, WIDTH // 8)
@@ -225,20 +228,19 @@ def test_flux2_odd_latent_and_reference_run_unpadded(monkeypatch, request):
     assert gap.mean() < TOL and gap.max() < 1e-4, (gap.mean(), gap.max())
 
 
-def test_an_odd_latent_with_a_controlnet_is_one_line():
-    """A ControlNet (or Z-Image's Fun ControlNet patch) beside an odd latent side: one line (not built here)."""
+def test_odd_sides_pads_every_network_with_or_without_controlnets():
+    """:func:`odd_sides` wraps the (controlled or plain) network in :class:`PatchPadded` on an odd side of a 2 x 2
+    patch family, leaves an even latent and FLUX.2 as they are; ZImageFunControlnet's patch runs at the padded size
+    (:func:`patch_grid`)."""
     from sdengine.latent_sampling import FlowModel
-    from sdengine.server.comfy.nodes import ModelHandle, NodeError
-    from sdengine.server.comfy.nodes_sd3_flux import PatchPadded, odd_sides
+    from sdengine.server.comfy.nodes import ModelHandle
+    from sdengine.server.comfy.nodes_sd3_flux import PatchPadded, odd_sides, patch_grid
 
     flow = FlowModel(lambda x, t, **c: x * 2, None, 16, "cpu", "tiny.safetensors")
     z = torch.zeros(1, 16, 5, 9)
-    with pytest.raises(NodeError) as e:
-        odd_sides(flow, "flux", z, [object()], ModelHandle("m"))
-    assert str(e.value) == (
-        "tiny.safetensors: a latent of 9x5 has an odd side; ComfyUI pads it to the 2x2 patches, which runs here "
-        "without a ControlNet only: use an image side that is a multiple of 16 with a ControlNet"
-    )
+    assert patch_grid("z_image", 5, 9) == (6, 10) and patch_grid("z_image", 4, 8) == (4, 8)
+    assert patch_grid("flux2", 5, 9) == (5, 9)
+    assert isinstance(odd_sides(flow, "flux", z, [object()], ModelHandle("m")).network, PatchPadded)  # ControlNets
     assert odd_sides(flow, "flux", torch.zeros(1, 16, 4, 8), [object()], ModelHandle("m")) is flow  # even: as is
     assert odd_sides(flow, "flux2", z, [], ModelHandle("m")) is flow  # FLUX.2: patch size 1
     padded = odd_sides(flow, "sd3", z, [], ModelHandle("m")).network
@@ -249,6 +251,104 @@ def test_an_odd_latent_with_a_controlnet_is_one_line():
     seen: list[tuple[int, ...]] = []
     wrapped = PatchPadded(lambda x, t, concat: (seen.append(tuple(concat.shape)), x + concat)[1])
     assert torch.equal(wrapped(x, torch.zeros(1), concat=x), 2 * x) and seen == [(1, 1, 6, 10)]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image"])
+def test_an_odd_latent_with_a_controlnet_runs_as_comfyui(family, request, monkeypatch):
+    """ControlNetApplyAdvanced (SD3 / Flux / Qwen-Image ControlNets) on a 9 x 5 latent: ComfyUI's ``get_control``
+    scales the hint to the latent's size x 8 (72 x 40) and VAE-encodes it to a 9 x 5 latent, and its ControlNet's
+    forward pads that hint latent circularly to the patches as it pads the latent (Flux: ``pad_to_patch_size``;
+    SD3: ``pos_embed_input``'s PatchEmbed, circular; Qwen-Image: ``process_img``); the residuals join the padded
+    transformer's tokens, the output cut back. The reference: that rule written out here (this file's ``ComfyPad``
+    around the controlled network, the hint latent padded by ``ComfyPad.pad``)."""
+    import test_comfy_dit_controlnet as dc
+    import test_comfy_qwen_controlnet as qc
+    from sdengine.server.comfy import nodes_sd3_flux
+
+    run = dc._run
+    if family == "sd3":
+        root = request.getfixturevalue("sd3_cn")[0]
+        make, latent_node, sampler = dc.sd3_cn_graph, "5", "6"
+    elif family == "flux":
+        root = request.getfixturevalue("flux_cn")[0]
+        make, latent_node, sampler = (lambda: dc._flux_cn_graph("flux-cn")), "7", "8"
+    else:
+        root, run = request.getfixturevalue("qwen_cn")[0], qc._run
+        make, latent_node, sampler = qc.cn_graph, "58", "3"
+    ours = run(root, _odd(make(), latent_node))[sampler][0]["samples"]
+    assert tuple(ours.shape[-2:]) == LATENT and bool(torch.isfinite(ours).all())
+    plain = make()  # the same graph without the ControlNet: the hint acts
+    plain[sampler]["inputs"]["positive"], plain[sampler]["inputs"]["negative"] = (
+        plain["a"]["inputs"]["positive"],
+        plain["a"]["inputs"]["negative"],
+    )
+    for node in ("a", "c", "h"):
+        plain.pop(node)
+    bare = run(root, _odd(plain, latent_node))[sampler][0]["samples"]
+    assert (ours - bare).abs().max().item() > 1e-4
+    seen: list[tuple[int, ...]] = []
+    hints: list[tuple[int, ...]] = []
+
+    def comfy_hints(units: list[Any]) -> list[Any]:
+        hints.extend(tuple(u.latent.shape[-2:]) for u in units)
+        return [replace(u, latent=ComfyPad.pad(u.latent)) for u in units]
+
+    comfy_reference(monkeypatch, seen)
+    monkeypatch.setattr(nodes_sd3_flux, "pad_control_latents", comfy_hints)
+    theirs = run(root, _odd(make(), latent_node))[sampler][0]["samples"]
+    assert hints == [LATENT], hints  # the hint encoded at the latent's own (odd) size
+    assert seen and all(s[-2:] == (LATENT[0] + 1, LATENT[1] + 1) for s in seen), seen
+    gap = (ours - theirs).abs().max().item()
+    print(f"{family} ControlNet on a 9x5 latent vs ComfyUI's rule: max abs {gap:.2e}")
+    assert gap < 1e-5, gap
+    # zeros in the hint's padded row / column (not ComfyUI's) give another latent
+    monkeypatch.setattr(
+        nodes_sd3_flux,
+        "pad_control_latents",
+        lambda units: [replace(u, latent=torch.nn.functional.pad(u.latent, (0, 1, 0, 1))) for u in units],
+    )
+    zeros = run(root, _odd(make(), latent_node))[sampler][0]["samples"]
+    print(f"{family}: zeros in the hint's pad: max abs {(ours - zeros).abs().max().item():.2e}")
+    assert (ours - zeros).abs().max().item() > 1e-6
+
+
+def test_an_odd_latent_with_z_image_fun_controlnet_runs_as_comfyui(zcn, monkeypatch):  # noqa: F811
+    """ZImageFunControlnet on a 9 x 5 latent: ComfyUI's Lumina2 ``_forward`` pads the latent to 10 x 6 and hands the
+    patch that padded ``x``, so ``ZImageControlPatch`` scales its image to 10 x 6 x the VAE's factor and encodes it
+    there (no hint padding); the output cut back. The reference: this file's ``ComfyPad`` around the controlled
+    network, the control latents made at the padded size the test computes (6 x 10)."""
+    import test_comfy_z_image_controlnet as zc
+    from sdengine.server.comfy import nodes_z_image_control as zic
+
+    root = zcn[0]
+    ours = zc._run(root, _odd(zc.z_graph(), "13"))["3"][0]["samples"]
+    assert tuple(ours.shape[-2:]) == LATENT and bool(torch.isfinite(ours).all())
+    bare = zc._run(root, _odd(zc.z_graph(None), "13"))["3"][0]["samples"]
+    assert (ours - bare).abs().max().item() > 1e-4  # the patch acts
+    made = zic.controlled_flow
+    sizes: list[tuple[int, int]] = []
+
+    def comfy_sizes(ctx: Any, model: Any, flow: Any, height: int, width: int) -> Any:
+        sizes.append((height, width))
+        return made(ctx, model, flow, LATENT[0] + 1, LATENT[1] + 1)  # the padded latent ComfyUI's patch reads
+
+    seen: list[tuple[int, ...]] = []
+    comfy_reference(monkeypatch, seen)
+    monkeypatch.setattr(zic, "controlled_flow", comfy_sizes)
+    theirs = zc._run(root, _odd(zc.z_graph(), "13"))["3"][0]["samples"]
+    assert sizes == [(LATENT[0] + 1, LATENT[1] + 1)], sizes  # sdengine asks for the padded size too
+    assert seen and all(s[-2:] == (LATENT[0] + 1, LATENT[1] + 1) for s in seen), seen
+    gap = (ours - theirs).abs().max().item()
+    print(f"Z-Image Fun ControlNet on a 9x5 latent vs ComfyUI's rule: max abs {gap:.2e}")
+    assert gap < 1e-5, gap
+    # another rule (the image encoded at the odd 9 x 5 and its latent padded circularly) gives another latent
+    latent_at = zic.control_latent
+    monkeypatch.setattr(
+        zic, "control_latent", lambda c, n, v, h, w: ComfyPad.pad(latent_at(c, n, v, LATENT[0], LATENT[1]))
+    )
+    other = zc._run(root, _odd(zc.z_graph(), "13"))["3"][0]["samples"]
+    print(f"Z-Image: the hint encoded at 9x5 and padded instead: max abs {(ours - other).abs().max().item():.2e}")
+    assert (ours - other).abs().max().item() > 1e-6
 
 
 def comfy_qwen_layout(shapes: list[tuple[int, int]], method: str = "index") -> tuple[tuple[int, int, int], ...]:

@@ -1283,16 +1283,12 @@ class PatchPadded:
 def odd_sides(flow: Any, family: str, z: torch.Tensor, controls: list[Any], model: ModelHandle) -> Any:
     """``flow`` as ComfyUI runs it on ``z``: a latent side that is not a multiple of the 2 x 2 patches padded
     circularly at every model call and the output cut back (:class:`PatchPadded`); FLUX.2's transformer reads the
-    latent one token a latent pixel (ComfyUI's patch size 1: nothing to pad). With a ControlNet an odd side is one
-    line (ComfyUI pads the hint with the latent; not built here)."""
+    latent one token a latent pixel (ComfyUI's patch size 1: nothing to pad). An SD3 / Flux / Qwen-Image ControlNet's
+    hint latent is padded likewise (:func:`pad_control_latents`, in :func:`_controlled_flow`); Z-Image's Fun
+    ControlNet patch is handed the padded latent, its image encoded at that size (:func:`patch_grid`)."""
     h, w = int(z.shape[-2]), int(z.shape[-1])
     if family not in PATCHED_FAMILIES or not (h % 2 or w % 2):
         return flow
-    if controls or model.z_image_controls:
-        raise NodeError(
-            f"{flow.name}: a latent of {w}x{h} has an odd side; ComfyUI pads it to the 2x2 patches, which runs here "
-            "without a ControlNet only: use an image side that is a multiple of 16 with a ControlNet"
-        )
     skipping = flow.skipping
 
     def padded_skipping(layers: tuple[int, ...], single: tuple[int, ...]) -> Any:
@@ -1301,6 +1297,23 @@ def odd_sides(flow: Any, family: str, z: torch.Tensor, controls: list[Any], mode
         return None if net is None else PatchPadded(net)
 
     return replace(flow, network=PatchPadded(flow.network), skipping=None if skipping is None else padded_skipping)
+
+
+def patch_grid(family: str, h: int, w: int) -> tuple[int, int]:
+    """The latent size a ``family`` transformer runs a ``h`` x ``w`` latent at: each side up to the 2 x 2 patches
+    (:func:`pad_to_patches`), as it is for FLUX.2 (patch size 1). ZImageFunControlnet's patch reads this padded
+    latent in ComfyUI (Lumina2's ``_forward`` hands the patches the padded ``x``), so its image is scaled to it x 8."""
+    if family not in PATCHED_FAMILIES:
+        return h, w
+    return h + h % 2, w + w % 2
+
+
+def pad_control_latents(units: list[Any]) -> list[Any]:
+    """Prepared SD3 / Flux / Qwen-Image ControlNet units whose control latent (the hint encoded at the sampled
+    latent's size, ComfyUI's ``get_control``: the hint scaled to the latent's size x 8) is padded circularly at the
+    bottom / right to the 2 x 2 patches, as ComfyUI's ControlNets pad it in their forward (Flux's and Qwen-Image's
+    ``pad_to_patch_size`` / ``process_img``, SD3's ``pos_embed_input`` PatchEmbed) beside the padded latent."""
+    return [replace(u, latent=pad_to_patches(u.latent)) for u in units]
 
 
 def sample_flow(
@@ -1361,13 +1374,12 @@ def sample_flow(
         nodes_flux2.check_latent(z, flow.channels, flow.name)
     elif z.shape[1] != FLOW_CHANNELS:
         raise NodeError(f"the latent has {z.shape[1]} channels, {flow.name}'s have {FLOW_CHANNELS}")
-    flow = odd_sides(flow, family, z, controls, model)
-    if model.z_image_controls:  # ZImageFunControlnet's patches, their control latents at this latent's size
+    if model.z_image_controls:  # ZImageFunControlnet's patches, their control latents at the padded latent's size
         if family != "z_image":
             raise NodeError("ZImageFunControlnet's patch is on a model that is not Z-Image")
         from sdengine.server.comfy.nodes_z_image_control import controlled_flow
 
-        flow = controlled_flow(ctx, model, flow, int(z.shape[-2]), int(z.shape[-1]))
+        flow = controlled_flow(ctx, model, flow, *patch_grid(family, int(z.shape[-2]), int(z.shape[-1])))
     for k, ref in enumerate(references):  # one reference for every row, or one per row
         if ref.shape[0] not in (1, z.shape[0]):
             raise NodeError(
@@ -1396,6 +1408,7 @@ def sample_flow(
             flow, positive, negative = _controlled_flow(
                 ctx, model, family, flow, positive, negative, cfg, latent_image, sigmas, third
             )
+        flow = odd_sides(flow, family, z, controls, model)  # the whole call (ControlNets too) padded to the patches
 
         def report(r: Any) -> bool:
             if last_denoised is not None:
@@ -1670,7 +1683,8 @@ def _controlled_flow(
     run_sigmas = torch.as_tensor(sigmas, dtype=torch.float32).reshape(-1)
     fit = HINT_NEAREST_CENTRE if ctx.seed_rule == "comfyui" else "crop and resize"
     scale, shift = LATENT_FORMATS.get(family, (1.0, 0.0))  # Qwen-Image's: Wan 2.1's per-channel normalisation
-    units, windows = [], []
+    units: list[Any] = []
+    windows: list[tuple[float, float]] = []
     for hint in hints:
         path = str(hint.model)
         name = Path(path).name
@@ -1713,7 +1727,7 @@ def _controlled_flow(
                 first = (f"{'an' if family == 'sd3' else 'a'} {label} inpainting ControlNet: apply it with "
                          "ControlNetInpaintingAliMamaApply (its mask)")  # fmt: skip
             raise NodeError(f"ControlNet {name}: {first}") from None
-        units.extend(built.units)
+        units.extend(pad_control_latents(built.units) if h % 2 or w % 2 else built.units)
         sched = flow.schedule
         windows.append((sched.percent_to_sigma(float(hint.end)), sched.percent_to_sigma(float(hint.start))))
     if family == "qwen_image":
