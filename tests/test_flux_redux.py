@@ -155,10 +155,61 @@ def test_true_cfg_runs_the_longer_positive_apart_as_diffusers(redux):
     assert np.isfinite(pp.arrays).all()
 
 
+def _switched_reference(pipe, monkeypatch, x: str, y: str, switch: int, **kw) -> np.ndarray:
+    """The plain prompt ``x`` with Redux, its conditional rows' T5 tokens and pooled vector swapped for ``y``'s from
+    sampler step ``switch`` on (the steps told apart by their timestep): A1111's ``[x:y:when]`` run by hand."""
+    from sdengine.pipeline import flux as flux_module
+
+    real = flux_module.FluxAdapter.__call__
+    with torch.no_grad():
+        xs, ys = pipe.conditioner.text(x), pipe.conditioner.text(y)
+    n = xs["crossattn"].shape[1]
+    seen: list[float] = []
+
+    def call(self, x_, t, *, crossattn, vector, **more):
+        key = float(t.reshape(-1)[0])
+        if key not in seen:
+            seen.append(key)
+        if seen.index(key) >= switch:
+            crossattn, vector = crossattn.clone(), vector.clone()
+            for row in range(crossattn.shape[0]):
+                if torch.equal(crossattn[row, :n], xs["crossattn"][0].to(crossattn.dtype)):
+                    crossattn[row, :n] = ys["crossattn"][0]
+                    vector[row] = ys["vector"][0]
+        return real(self, x_, t, crossattn=crossattn, vector=vector, **more)
+
+    with monkeypatch.context() as m:
+        m.setattr(flux_module.FluxAdapter, "__call__", call)
+        out = pipe(x, **kw).arrays
+    assert len(seen) == kw["steps"]
+    return out
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_prompt_editing_adds_the_redux_tokens_to_every_steps_positive(redux, monkeypatch, cfg):
+    """``[x:y:0.5]`` with Redux: each step's positive T5 tokens with the image's tokens after them (the negative
+    without), at cfg 1 and under true CFG (the longer positive run apart): equal to a run that swaps x's text for
+    y's at the switch; an edit between two equal texts gives the plain prompt's image."""
+    _, pipe, _, _, prior_folder = redux
+    unit = ReduxUnit(prior_folder, picture(45, 29, seed=2), strength=0.8)
+    kw = dict(steps=4, seed=SEED, width=W, height=H, cfg_scale=cfg, redux=[unit], progress=False)
+    kw["negative_prompt"] = "blurry"
+    plain = pipe(PROMPT, **kw).arrays
+    same = pipe(f"[{PROMPT}:{PROMPT}:0.5]", **kw).arrays
+    assert np.abs(same - plain).max() <= 1e-6
+    edited = pipe(f"[{PROMPT}:a green pear:0.5]", **kw).arrays
+    # A1111's schedule: [(2, x), (4, y)], a step reads the first entry whose end is >= its 0-based index
+    want = _switched_reference(pipe, monkeypatch, PROMPT, "a green pear", 3, **kw)
+    assert np.abs(edited - want).max() <= 1e-5
+    assert _mad(want, _switched_reference(pipe, monkeypatch, PROMPT, "a green pear", 4, **kw)) > TOL  # it swaps
+    assert _mad(edited, plain) > 10 * TOL  # the second text changes the picture
+    without = pipe(f"[{PROMPT}:a green pear:0.5]", **{**kw, "redux": None}).arrays
+    assert _mad(edited, without) > 10 * TOL  # the Redux tokens are there after the switch too
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"prompt": "a [red:green:0.5] apple", "steps": 4}, r"redux: prompt editing"),
         ({"redux": ReduxUnit("x")}, "redux must be a list of ReduxUnit, got ReduxUnit"),
         ({"redux": ["x"]}, "redux takes ReduxUnit values, got str"),
         ({"redux": [ReduxUnit("x", picture(8, 8), "y", strength=-1)]}, "redux strength must be a number from 0 to 10"),

@@ -1299,7 +1299,13 @@ class Pipeline:
 
         negatives = self.encoded_negatives(p)
         schedules = row_schedules(
-            self.conditioner, p.prompts, negatives, int(r.steps), clip_skip=self.clip_skip_of(r), note=note
+            self.conditioner,
+            p.prompts,
+            negatives,
+            int(r.steps),
+            clip_skip=self.clip_skip_of(r),
+            note=note,
+            positive=self.edited_positive(p),
         )
         if schedules is not None:  # prompt editing: each row's texts switch per step (A1111's [a:b:when], [a|b])
             by_length: dict[int, list[int]] = {}
@@ -1381,6 +1387,11 @@ class Pipeline:
         """(cond, uncond) of one row's prompts; a family that conditions on more than the text (SDXL: the
         image size) overrides this."""
         return self.conditioner.pair(prompt, negative, clip_skip=self.clip_skip_of(p.request), note=note)
+
+    def edited_positive(self, p: Prepared) -> Callable[[Conditioning], Conditioning] | None:
+        """Under prompt editing, what each step's positive text's conditioning becomes (None: as encoded); a
+        family that adds to the conditional rows' text (FLUX.1 Redux's image tokens) overrides this."""
+        return None
 
     def clip_skip_of(self, r: GenerationRequest) -> Any:
         """The conditioner's clip_skip for a request: its own, or A1111's mapped (``clip_skip_rule``; SDXL's

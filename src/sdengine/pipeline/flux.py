@@ -10,7 +10,7 @@ VAE decode with its fp32 fall-back, infotext); what Flux changes goes through th
 
 * the conditioning: :class:`sdengine.text.flux_conditioner.FluxConditioner` (T5's states as ``crossattn``,
   CLIP-L's pooled output as ``vector``, the distilled guidance scale as ``guidance`` for [dev]; prompt editing's
-  texts each with the call's guidance);
+  texts each with the call's guidance, the positive ones with FLUX.1 Redux's image tokens);
 * the network's arguments: :class:`FluxAdapter` (``crossattn`` -> ``encoder_hidden_states``, ``vector`` ->
   ``pooled_projections``, ``guidance`` -> ``guidance``);
 * the denoiser and schedule: the flow's (:mod:`sdengine.diffusion.flow`, ``x0 = x - s v``), with the grid
@@ -60,7 +60,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -503,19 +503,24 @@ class FluxPipeline(Pipeline):
 
     def _check_redux(self, p: Prepared) -> None:
         """What FLUX.1 Redux cannot run with, one line (its tokens lengthen the conditional rows' text only)."""
-        r = p.request
         if self.text_kind != "flux":
             raise GenerationError(
                 f"redux (FLUX.1 Redux image prompts) applies to FLUX.1 models; {self.name} is not one"
             )
-        from sdengine.prompts import extract_lora_tags
-        from sdengine.text.schedule import prompt_schedule
 
-        for text in p.prompts:
-            if len(prompt_schedule(extract_lora_tags(text)[0], int(r.steps), on_literal=lambda _t: None)) > 1:
-                raise GenerationError(
-                    "redux: prompt editing ([a:b:when], [a|b]) with Redux image tokens is not supported"
-                )
+    def edited_positive(self, p: Prepared) -> Callable[[Conditioning], Conditioning] | None:
+        """Under prompt editing with FLUX.1 Redux: the call's image tokens appended to each step's positive T5
+        tokens, as to a plain prompt's (:meth:`conditioning_pair`); the negative texts as they are."""
+        tokens = self._call_redux
+        if tokens is None:
+            return None
+
+        def add(cond: Conditioning) -> Conditioning:
+            text = cond["crossattn"]
+            more = tokens.to(device=text.device, dtype=text.dtype).expand(text.shape[0], -1, -1)
+            return {**cond, "crossattn": torch.cat([text, more], dim=1)}
+
+        return add
 
     def conditioning_pair(
         self, prompt: str, negative: str, p: Prepared, note: Any

@@ -5,7 +5,9 @@
 distinct text of the whole call once (a cache by text, shared by prompts and negative prompts), and pads all
 of a row's conditionings to one length with the empty prompt's chunk (A1111 encodes a prompt's schedule texts
 in one batch, which pads them the same way). Rows without any editing get the same tensors as
-``conditioner.pair``.
+``conditioner.pair``. ``positive`` (FLUX.1 Redux: its image tokens appended) makes the conditional texts'
+conditioning from their encoding; where the positive and negative texts then differ in length, all are
+zero-padded to the longest with ``text_len`` (each row's own count), and the network adapter runs them apart.
 
 :class:`StepTexts` sits between the denoiser and the U-Net adapter. The sampler tells it the step
 (``SamplerStep.index``, 0-based over the steps that run: img2img counts from its first step, as A1111's
@@ -17,7 +19,7 @@ reads them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,18 +30,20 @@ from sdengine.prompts import extract_lora_tags, pad_to_length
 from sdengine.text.conditioners import Conditioning, TextConditioner, cat_conditioning
 from sdengine.text.schedule import prompt_schedule, text_at_step
 
-TEXT_KEYS = ("crossattn", "vector")  # what a text decides; "concat" (inpainting) is not text
+TEXT_KEYS = ("crossattn", "vector", "text_len")  # what a text decides; "concat" (inpainting) is not text
 
 
 @dataclass
 class RowSchedule:
     """One row's texts over the steps: A1111's ``(end_at_step, text)`` lists and the conditioning of each text
-    (every one ``length`` tokens long)."""
+    (every one ``length`` tokens long); ``positive``: the prompt texts' own where they differ from ``encoded``
+    (FLUX.1 Redux's image tokens appended)."""
 
     prompt: list[tuple[int, str]]
     negative: list[tuple[int, str]]
     encoded: dict[str, Conditioning]
     length: int
+    positive: dict[str, Conditioning] = field(default_factory=dict)
 
     @property
     def edits(self) -> bool:
@@ -51,7 +55,7 @@ class RowSchedule:
 
     def at(self, index: int) -> tuple[Conditioning, Conditioning]:
         p, n = self.texts_at(index)
-        return self.encoded[p], self.encoded[n]
+        return (self.positive[p] if p in self.positive else self.encoded[p]), self.encoded[n]
 
 
 def row_schedules(
@@ -62,9 +66,10 @@ def row_schedules(
     *,
     clip_skip: int = 1,
     note: Callable[[str], None],
+    positive: Callable[[Conditioning], Conditioning] | None = None,
 ) -> list[RowSchedule] | None:
     """Every row's schedule, or None when no prompt or negative prompt of the call edits (the plain path
-    then runs unchanged)."""
+    then runs unchanged). ``positive``: the conditional texts' conditioning made from their encoding."""
     parsed: dict[tuple[str, str], list[tuple[int, str]]] = {}  # each text read (and noted) once per call
 
     def schedule(text: str, what: str) -> list[tuple[int, str]]:
@@ -94,8 +99,28 @@ def row_schedules(
         if any(int(c["crossattn"].shape[1]) != length for c in encoded.values()):
             empty = encode("", "prompt")["crossattn"]
             encoded = {t: {**c, "crossattn": pad_to_length(c["crossattn"], length, empty)} for t, c in encoded.items()}
-        rows.append(RowSchedule(p_sched, n_sched, encoded, length))
+        own: dict[str, Conditioning] = {}
+        if positive is not None:
+            own = {text: positive(encoded[text]) for _, text in p_sched}
+            encoded = {text: encoded[text] for _, text in n_sched}  # the negative texts as encoded
+            length = _apart(own, encoded)
+        rows.append(RowSchedule(p_sched, n_sched, encoded, length, own))
     return rows
+
+
+def _apart(*groups: dict[str, Conditioning]) -> int:
+    """The longest text of ``groups``; where their texts differ in length, every one zero-padded to it in place,
+    with ``text_len`` its own count (one per row, on the CPU: the network adapter runs the lengths apart)."""
+    counts = {int(c["crossattn"].shape[1]) for g in groups for c in g.values()}
+    length = max(counts)
+    if len(counts) > 1:
+        for g in groups:
+            for text, c in g.items():
+                t = c["crossattn"]
+                own = torch.full((t.shape[0],), t.shape[1], dtype=torch.long)
+                padded = torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1]))
+                g[text] = {**c, "crossattn": padded, "text_len": own}
+    return length
 
 
 def _prefixed(note: Callable[[str], None], what: str) -> Callable[[str], None]:
