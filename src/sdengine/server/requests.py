@@ -435,6 +435,11 @@ def build_generation(
         _, negative_tags = extract_lora_tags(negative_prompt)
     except ValueError as e:
         raise BadRequest(str(e)) from None
+    # the spaces a tag at the start or end leaves are dropped, as the pipeline drops them where it takes the tags
+    # out itself (Qwen2's and Qwen3's tokenizers read spaces: "a cat <lora:x:1>" reads as "a cat"; CLIP's and T5's
+    # drop them anyway), so that a served image is the Python call's with the same prompt
+    if tags and isinstance(clean_prompt, str):
+        clean_prompt = clean_prompt.strip()
     if negative_tags:
         raise BadRequest("<lora:...> tags belong in the prompt, not the negative prompt")
     lora_list = []
